@@ -1,0 +1,498 @@
+"""Unbiased estimators of the gradient noise scale.
+
+Every estimator here measures the squared norm of the mean gradient at two batch sizes, a small
+``b`` and a big ``B``, and turns the pair into unbiased estimates of ``|G|²`` and ``tr(Σ)``
+(McCandlish et al. 2018, appendix A)::
+
+    |G|²  ≈ (B·|G_B|² − b·|G_b|²) / (B − b)
+    tr(Σ) ≈ (|G_b|² − |G_B|²) / (1/b − 1/B)
+
+The estimators differ only in where the two norms come from:
+
+==================  =========================================  ==================================
+estimator           small batch                                big batch
+==================  =========================================  ==================================
+``per_example``     each example (``b = 1``), ``jax.vmap``      the whole (global) batch
+``microbatch``      each of ``k`` microbatches (``b = B/k``)    the whole (global) batch
+``across_devices``  each device's local batch                  the all-reduced (global) batch
+==================  =========================================  ==================================
+
+Each returns ``(stats, grads)``: ``stats`` a :class:`NoiseStats` and ``grads`` the mean gradient
+of the whole (global) batch, computed in the same pass, so a train step takes its update from it
+and pays for one backward pass, not two.
+
+``loss_fn(params, batch) -> scalar`` is the ordinary training loss: the **mean** over the
+examples of the batch. ``per_example`` calls it on batches of one example; that is only the
+per-example loss when examples do not interact, so models with BatchNorm must use
+``microbatch`` or ``across_devices`` (each small batch then normalizes over itself, as in
+training).
+
+One estimate is unbiased but noisy, and can be negative: never average ``b_simple`` over steps.
+Average ``g_sq`` and ``trace_cov`` separately (see :mod:`gns.smoothing`) and divide at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+__all__ = [
+    "NoiseStats",
+    "from_two_batches",
+    "per_example",
+    "microbatch",
+    "across_devices",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseStats:
+    """Unbiased gradient statistics from one batch.
+
+    Attributes:
+      g_sq: unbiased estimate of ``|G|²``, the squared norm of the true gradient. Can be
+        negative when the gradient is small against the noise.
+      trace_cov: unbiased estimate of ``tr(Σ)``, the trace of the per-example gradient
+        covariance (sum of per-parameter variances).
+      small_batch_size: the small batch size ``b`` of the estimate (1 for ``per_example``).
+      big_batch_size: the big batch size ``B`` (the global batch).
+      per_layer: the same statistics for each parameter leaf, keyed by its path
+        (e.g. ``"params/Conv_0/kernel"``); their ``g_sq`` and ``trace_cov`` sum exactly to the
+        totals. Empty when built by :func:`from_two_batches` from scalars.
+
+    ``g_sq`` and ``trace_cov`` are arrays (traced inside ``jit``); the batch sizes are static
+    Python numbers. ``NoiseStats`` is a pytree, so it can be returned from ``jit``/``pmap`` and
+    averaged with ``jax.tree.map``.
+    """
+
+    g_sq: jax.Array
+    trace_cov: jax.Array
+    small_batch_size: float
+    big_batch_size: float
+    per_layer: dict[str, NoiseStats] = dataclasses.field(default_factory=dict)
+
+    @property
+    def b_simple(self) -> jax.Array:
+        """``B_simple = tr(Σ)/|G|²``.
+
+        ``+inf`` when the ``g_sq`` estimate is not positive (the gradient is not resolved above
+        the noise at this batch size: the noise scale is larger than anything this estimate can
+        tell apart), ``nan`` when either statistic is ``nan``. A negative value means the
+        ``trace_cov`` estimate came out negative: pool more batches.
+        """
+        return simple_noise_scale(self.g_sq, self.trace_cov)
+
+    def to_dict(self) -> dict[str, float]:
+        """The statistics as plain Python floats, for logging (not jit-able)."""
+        return {
+            "g_sq": float(self.g_sq),
+            "trace_cov": float(self.trace_cov),
+            "b_simple": float(self.b_simple),
+            "small_batch_size": float(self.small_batch_size),
+            "big_batch_size": float(self.big_batch_size),
+        }
+
+
+jax.tree_util.register_dataclass(
+    NoiseStats,
+    data_fields=["g_sq", "trace_cov", "per_layer"],
+    meta_fields=["small_batch_size", "big_batch_size"],
+)
+
+
+def simple_noise_scale(g_sq: jax.Array, trace_cov: jax.Array) -> jax.Array:
+    """``trace_cov / g_sq``, with ``+inf`` for ``g_sq <= 0`` and ``nan`` propagated."""
+    g_sq, trace_cov = jnp.asarray(g_sq), jnp.asarray(trace_cov)
+    safe = jnp.where(g_sq > 0, g_sq, 1.0)
+    ratio = jnp.where(g_sq > 0, trace_cov / safe, jnp.inf)
+    return jnp.where(jnp.isnan(g_sq) | jnp.isnan(trace_cov), jnp.nan, ratio)
+
+
+def from_two_batches(
+    small_sq_norm: jax.Array,
+    big_sq_norm: jax.Array,
+    small_size: float,
+    big_size: float,
+) -> NoiseStats:
+    """Unbiased ``|G|²`` and ``tr(Σ)`` from squared gradient norms at two batch sizes.
+
+    Args:
+      small_sq_norm: ``E|G_b|²`` estimate: the squared norm of a mean gradient over ``small_size``
+        examples (or the mean of several such squared norms).
+      big_sq_norm: ``|G_B|²``: the squared norm of a mean gradient over ``big_size`` examples.
+      small_size: ``b``, the small batch size.
+      big_size: ``B``, the big batch size; must be larger than ``b``.
+
+    Returns:
+      A :class:`NoiseStats` with no per-layer breakdown. The formulas are linear, so passing
+      arrays of per-layer norms gives per-layer statistics elementwise.
+
+    Example:
+      >>> s = from_two_batches(small_sq_norm=3.0, big_sq_norm=1.5, small_size=1, big_size=4)
+      >>> float(s.g_sq), float(s.trace_cov), float(s.b_simple)
+      (1.0, 2.0, 2.0)
+
+    Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018),
+    appendix A.
+    """
+    b, big = float(small_size), float(big_size)
+    if not (b > 0 and big > b):
+        raise ValueError(
+            f"from_two_batches needs 0 < small_size < big_size, got small_size={small_size}, "
+            f"big_size={big_size}: measure the two squared norms at two different batch sizes."
+        )
+    small_sq_norm, big_sq_norm = jnp.asarray(small_sq_norm), jnp.asarray(big_sq_norm)
+    g_sq = (big * big_sq_norm - b * small_sq_norm) / (big - b)
+    trace_cov = (small_sq_norm - big_sq_norm) / (1.0 / b - 1.0 / big)
+    return NoiseStats(g_sq, trace_cov, b, big)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the estimators.
+
+
+def _leaf_name(path) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts) or "."
+
+
+def batch_size(batch: PyTree, argname: str = "batch") -> int:
+    """The common leading size of the leaves of ``batch``, with clear errors otherwise."""
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
+        raise ValueError(f"`{argname}` has no arrays: pass a pytree of arrays with a batch axis.")
+    sizes = {}
+    for path, leaf in leaves:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"`{argname}` leaf {_leaf_name(path)!r} is a scalar: every leaf needs a leading "
+                "batch axis (reshape it to [batch, ...] or close over it in loss_fn)."
+            )
+        sizes.setdefault(shape[0], []).append(_leaf_name(path))
+    if len(sizes) > 1:
+        desc = "; ".join(f"{n}: {', '.join(names)}" for n, names in sorted(sizes.items()))
+        raise ValueError(
+            f"`{argname}` leaves have different leading (batch) sizes ({desc}): every leaf must "
+            "hold the same number of examples along axis 0."
+        )
+    (size,) = sizes
+    if size == 0:
+        raise ValueError(f"`{argname}` is empty (batch size 0): pass at least two examples.")
+    return int(size)
+
+
+def _sq_norms(tree: PyTree) -> PyTree:
+    """Per-leaf squared norm, float32 accumulation. On stacked per-example gradients this is the
+    sum over examples of their squared norms."""
+    return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))), tree)
+
+
+def _axis_size(axis_name) -> int:
+    if axis_name is None:
+        return 1
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError as e:  # unbound axis name
+        raise ValueError(
+            f"axis_name={axis_name!r} is not bound: call this inside jax.pmap/jax.shard_map over "
+            f"an axis of that name, or pass axis_name=None on a single device. ({e})"
+        ) from e
+
+
+def _to_varying(tree: PyTree, axis_name) -> PyTree:
+    """Mark replicated params as device-varying before differentiating.
+
+    Inside ``shard_map``, the gradient of an unvarying (replicated) input is summed over the
+    axis by JAX itself: the per-device and per-example gradients would silently become sums
+    over devices. Casting to varying first keeps them local; we reduce explicitly afterwards.
+    Under ``pmap`` (no varying-type check) this is a no-op.
+    """
+    if axis_name is None:
+        return tree
+
+    def cast(x):
+        try:
+            return jax.lax.pcast(x, axis_name, to="varying")
+        except (ValueError, TypeError, NotImplementedError):
+            return x  # already varying, or a context without varying-type tracking
+
+    return jax.tree.map(cast, tree)
+
+
+def _psum(tree: PyTree, axis_name) -> PyTree:
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+def _finish(
+    grad_sum: PyTree,
+    small_sq_sum: PyTree,
+    num_small: int,
+    small_size: float,
+    axis_name,
+) -> tuple[NoiseStats, PyTree]:
+    """Reduce over devices and build the statistics from local sums.
+
+    Args:
+      grad_sum: sum over this device's small batches of their mean gradients.
+      small_sq_sum: per-leaf sum over this device's small batches of their squared norms.
+      num_small: number of small batches on this device.
+      small_size: examples per small batch.
+    """
+    n_dev = _axis_size(axis_name)
+    grad_sum, small_sq_sum = _psum((grad_sum, small_sq_sum), axis_name)
+    total_small = num_small * n_dev
+    grads = jax.tree.map(lambda g: g / total_small, grad_sum)
+    small_sq = jax.tree.map(lambda s: s / total_small, small_sq_sum)
+    big_sq = _sq_norms(grads)
+    big_size = small_size * total_small
+
+    paths_and_small = jax.tree_util.tree_leaves_with_path(small_sq)
+    big_leaves = jax.tree.leaves(big_sq)
+    per_layer = {
+        _leaf_name(path): from_two_batches(s, bg, small_size, big_size)
+        for (path, s), bg in zip(paths_and_small, big_leaves, strict=True)
+    }
+    g_sq = sum(s.g_sq for s in per_layer.values())
+    trace_cov = sum(s.trace_cov for s in per_layer.values())
+    stats = NoiseStats(
+        jnp.asarray(g_sq, jnp.float32),
+        jnp.asarray(trace_cov, jnp.float32),
+        float(small_size),
+        float(big_size),
+        per_layer,
+    )
+    return stats, grads
+
+
+def _zero_sums(params: PyTree, axis_name) -> tuple[PyTree, PyTree]:
+    """Zero accumulators (gradient sum, per-leaf squared-norm sum) for a scan carry."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    sq = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    return _to_varying((zeros, sq), axis_name)
+
+
+def _split_leading(batch: PyTree, k: int) -> PyTree:
+    return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+
+
+def _grad_fn(loss_fn: LossFn, has_aux: bool):
+    g = jax.grad(loss_fn, has_aux=has_aux)
+    return g if has_aux else (lambda p, b: (g(p, b), None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators.
+
+
+def per_example(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    chunk_size: int | None = None,
+    axis_name: str | None = None,
+    has_aux: bool = False,
+):
+    """Noise statistics from per-example gradients (``jax.vmap`` of ``jax.grad``).
+
+    Each example is passed to ``loss_fn`` as a batch of one; the small batch is one example
+    (``b = 1``), the big batch the whole (global) batch. Unbiased for any ``loss_fn`` that is a
+    mean of independent per-example losses. Not for BatchNorm in training mode (a batch of one
+    normalizes over itself): use :func:`microbatch` there.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss (or ``(loss, aux)`` with
+        ``has_aux=True``).
+      params: the parameters (any pytree).
+      batch: pytree of arrays sharing a leading batch axis of size ``>= 2`` (per device).
+      chunk_size: process the batch ``chunk_size`` examples at a time (``jax.lax.scan``), so
+        that at most ``chunk_size`` per-example gradients exist at once. A remainder that does
+        not fill a chunk is processed as one smaller chunk. ``None``: all at once.
+      axis_name: inside ``jax.pmap``/``jax.shard_map``, the data-parallel axis: statistics and
+        gradients are then those of the global batch, identical on every device.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux of every example is returned
+        stacked along a leading axis.
+
+    Returns:
+      ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``): the statistics and the
+      mean gradient of the (global) batch, equal to ``jax.grad(loss_fn)(params, batch)``.
+
+    Example:
+      >>> def loss_fn(w, batch):
+      ...     x, y = batch
+      ...     return jnp.mean((x @ w - y) ** 2)
+      >>> x = jax.random.normal(jax.random.key(0), (64, 3))
+      >>> stats, grads = per_example(loss_fn, jnp.zeros(3), (x, x @ jnp.ones(3)))
+      >>> float(stats.b_simple) > 0
+      True
+    """
+    n = batch_size(batch)
+    if n < 2:
+        raise ValueError(
+            "per_example needs at least 2 examples per batch (per device with axis_name): "
+            "with one example the gradient variance cannot be estimated. Pass a larger batch."
+        )
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    chunk = n if chunk_size is None else min(chunk_size, n)
+    params = _to_varying(params, axis_name)
+    grad_fn = _grad_fn(loss_fn, has_aux)
+
+    def one_example(example):
+        return grad_fn(params, jax.tree.map(lambda x: x[None], example))
+
+    def chunk_sums(examples):
+        grads, aux = jax.vmap(one_example)(examples)
+        grad_sum = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+        return grad_sum, _sq_norms(grads), aux
+
+    num_chunks, rem = divmod(n, chunk)
+    head = jax.tree.map(lambda x: x[: num_chunks * chunk], batch)
+    if num_chunks == 1:
+        grad_sum, sq_sum, aux = chunk_sums(head)
+    else:
+
+        def body(carry, examples):
+            g, s, a = chunk_sums(examples)
+            return jax.tree.map(jnp.add, carry, (g, s)), a
+
+        init = _zero_sums(params, axis_name)
+        (grad_sum, sq_sum), aux = jax.lax.scan(body, init, _split_leading(head, num_chunks))
+        aux = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), aux)
+    if rem:
+        g, s, a = chunk_sums(jax.tree.map(lambda x: x[num_chunks * chunk :], batch))
+        grad_sum, sq_sum = jax.tree.map(jnp.add, (grad_sum, sq_sum), (g, s))
+        aux = jax.tree.map(lambda u, v: jnp.concatenate([u, v]), aux, a)
+
+    stats, grads = _finish(grad_sum, sq_sum, n, 1.0, axis_name)
+    return (stats, grads, aux) if has_aux else (stats, grads)
+
+
+def microbatch(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    num_microbatches: int = 8,
+    axis_name: str | None = None,
+    has_aux: bool = False,
+):
+    """Noise statistics from microbatch gradients (gradient accumulation).
+
+    The batch is split into ``k = num_microbatches`` equal microbatches whose gradients are
+    accumulated with ``jax.lax.scan`` (memory of one microbatch at a time); the small batch is
+    one microbatch (``b = B/k``), the big batch the whole (global) batch. Costs nearly nothing
+    over plain gradient accumulation. Suits BatchNorm: each microbatch normalizes over itself.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss (or ``(loss, aux)``).
+      params: the parameters.
+      batch: pytree of arrays with a leading batch axis divisible by ``num_microbatches``.
+      num_microbatches: ``k >= 2`` microbatches per device.
+      axis_name: inside ``jax.pmap``/``jax.shard_map``: statistics and gradients of the global
+        batch (``k`` microbatches on every device).
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux of each microbatch is returned
+        stacked along a leading axis of size ``k``.
+
+    Returns:
+      ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``).
+
+    Example:
+      >>> def loss_fn(w, batch):
+      ...     x, y = batch
+      ...     return jnp.mean((x @ w - y) ** 2)
+      >>> x = jax.random.normal(jax.random.key(0), (64, 3))
+      >>> stats, grads = microbatch(loss_fn, jnp.zeros(3), (x, x @ jnp.ones(3)),
+      ...                           num_microbatches=8)
+      >>> stats.small_batch_size, stats.big_batch_size
+      (8.0, 64.0)
+    """
+    n = batch_size(batch)
+    k = num_microbatches
+    if not isinstance(k, int) or k < 2:
+        raise ValueError(
+            f"num_microbatches must be an int >= 2, got {k!r}: one microbatch gives no second "
+            "batch size to compare with."
+        )
+    if n % k:
+        raise ValueError(
+            f"num_microbatches={k} does not divide the batch size {n}: pick a divisor of the "
+            "batch size (the microbatches must be equal for the estimator to be unbiased)."
+        )
+    return _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux)
+
+
+def across_devices(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    axis_name: str = "batch",
+    has_aux: bool = False,
+):
+    """Noise statistics from data parallelism itself: local versus all-reduced gradients.
+
+    Call inside ``jax.pmap``/``jax.shard_map`` over ``axis_name``. Each device takes one ordinary
+    backward pass on its local batch (the small batch, ``b = B_local``); the all-reduced mean
+    gradient is the big batch (``B = B_local · devices``). The extra cost over a plain
+    data-parallel step is one all-reduce of one scalar per parameter leaf.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss (or ``(loss, aux)``).
+      params: the (replicated) parameters.
+      batch: this device's shard of the batch.
+      axis_name: the data-parallel axis; at least 2 devices on it.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; this device's aux is returned.
+
+    Returns:
+      ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``), identical on every device.
+    """
+    n = batch_size(batch)
+    if axis_name is None:
+        raise ValueError("across_devices needs axis_name: the data-parallel axis of pmap/shard_map.")
+    if _axis_size(axis_name) < 2:
+        raise ValueError(
+            f"across_devices needs at least 2 devices on axis {axis_name!r}, got 1: use "
+            "microbatch() on a single device."
+        )
+    out = _accumulate(loss_fn, params, batch, n, 1, axis_name, has_aux)
+    if has_aux:
+        stats, grads, aux = out
+        return stats, grads, jax.tree.map(lambda a: a[0], aux)
+    return out
+
+
+def _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux):
+    """Accumulate ``k`` microbatch gradients and their squared norms, then reduce."""
+    params = _to_varying(params, axis_name)
+    grad_fn = _grad_fn(loss_fn, has_aux)
+
+    def body(carry, micro):
+        g, aux = grad_fn(params, micro)
+        grad_sum, sq_sum = carry
+        return (jax.tree.map(jnp.add, grad_sum, g), jax.tree.map(jnp.add, sq_sum, _sq_norms(g))), aux
+
+    if k == 1:
+        g, aux = grad_fn(params, batch)
+        grad_sum, sq_sum, aux = g, _sq_norms(g), jax.tree.map(lambda a: a[None], aux)
+    else:
+        init = _zero_sums(params, axis_name)
+        (grad_sum, sq_sum), aux = jax.lax.scan(body, init, _split_leading(batch, k))
+    stats, grads = _finish(grad_sum, sq_sum, k, n / k, axis_name)
+    return (stats, grads, aux) if has_aux else (stats, grads)
