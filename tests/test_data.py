@@ -1,0 +1,457 @@
+"""Tests of experiments/data.py: sources, cache, errors, normalization, batches, augmentation."""
+
+import gc
+import os
+import tarfile
+import threading
+
+import chex
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import data
+
+# Class directories are created in this (unsorted) order; labels must follow the sorted names.
+CLASSES = ("dog", "airplane", "cat")
+COLOURS = {"airplane": (200, 30, 30), "cat": (30, 200, 30), "dog": (30, 30, 200)}
+SIZE = 8
+
+
+def _write_folder(root, per_class=None, size=SIZE, fmt="png"):
+    """root/split/class/NNNN.fmt; image = class colour + the file index in pixel [0, 0]."""
+    per_class = per_class or {"train": 3, "test": 2}
+    for split, n in per_class.items():
+        for cls in CLASSES:
+            os.makedirs(root / split / cls)
+            for i in range(n):
+                pixels = np.empty((size, size, 3), np.uint8)
+                pixels[:] = COLOURS[cls]
+                pixels[0, 0] = (i, i, i)
+                Image.fromarray(pixels).save(root / split / cls / f"{i:04d}.{fmt}")
+    return root
+
+
+def _tar(folder, out, prefix="."):
+    """Archives folder with members in file-system creation order (test before train, dog first)."""
+    with tarfile.open(out, "w:gz") as tar:
+        for split in sorted(os.listdir(folder), reverse=True):
+            classes = sorted(os.listdir(folder / split), key=lambda c: (c not in CLASSES, c))
+            classes.sort(key=lambda c: CLASSES.index(c) if c in CLASSES else len(CLASSES))
+            for cls in classes:
+                tar.add(folder / split / cls, arcname=f"{prefix}/{split}/{cls}")
+    return out
+
+
+def _expected_labels(images):
+    """Labels implied by the pixel colours, with the sorted class order."""
+    names = sorted(CLASSES)
+    colours = np.array([COLOURS[c] for c in names])
+    centre = images[:, SIZE // 2, SIZE // 2].astype(int)
+    return np.abs(centre[:, None, :] - colours[None]).sum(-1).argmin(1)
+
+
+def _folder_cfg(path, cache_dir, **kw):
+    return {"source": "folder", "path": str(path), "cache_dir": str(cache_dir), **kw}
+
+
+# --- folder source ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_folder_source_labels_shapes_and_pixels(tmp_path, as_tar):
+    folder = _write_folder(tmp_path / "imgs")
+    path = _tar(folder, tmp_path / "imgs.tar.gz") if as_tar else folder
+    ds = data.load(_folder_cfg(path, tmp_path / "cache"))
+    assert ds.class_names == ("airplane", "cat", "dog")
+    assert ds.num_classes == 3
+    chex.assert_shape(ds.train_images, (9, SIZE, SIZE, 3))
+    chex.assert_shape(ds.test_images, (6, SIZE, SIZE, 3))
+    assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
+    np.testing.assert_array_equal(ds.train_labels, _expected_labels(ds.train_images))
+    np.testing.assert_array_equal(ds.test_labels, _expected_labels(ds.test_images))
+    np.testing.assert_array_equal(np.bincount(ds.train_labels), [3, 3, 3])
+    # PNG is lossless: pixels are exact, ordered by (class, file name).
+    np.testing.assert_array_equal(ds.train_images[:, 0, 0, 0], [0, 1, 2] * 3)
+    np.testing.assert_array_equal(ds.train_images[0, 1, 1], COLOURS["airplane"])
+    ref = ds.train_images.astype(np.float64) / 255
+    np.testing.assert_allclose(ds.mean, ref.mean(axis=(0, 1, 2)), atol=1e-6)
+    np.testing.assert_allclose(ds.std, ref.std(axis=(0, 1, 2)), atol=1e-6)
+
+
+def test_folder_jpeg_in_tar_with_wrapping_directory(tmp_path):
+    folder = _write_folder(tmp_path / "imgs", fmt="jpg")
+    path = _tar(folder, tmp_path / "imgs.tgz", prefix="cifar")  # cifar/train/dog/0000.jpg
+    ds = data.load(_folder_cfg(path, tmp_path / "cache"))
+    np.testing.assert_array_equal(ds.train_labels, _expected_labels(ds.train_images))
+    # JPEG is lossy, but a flat colour survives to within a few levels.
+    assert np.abs(ds.train_images[0, 4, 4].astype(int) - COLOURS["airplane"]).max() <= 8
+
+
+def test_folder_cache_is_used_and_invalidated(tmp_path, monkeypatch):
+    folder = _write_folder(tmp_path / "imgs")
+    path = _tar(folder, tmp_path / "imgs.tar.gz")
+    cache = tmp_path / "cache"
+    first = data.load(_folder_cfg(path, cache))
+    cached = [f for f in os.listdir(cache) if f.endswith(".npz")]
+    assert len(cached) == 1 and not [f for f in os.listdir(cache) if f.endswith(".tmp")]
+
+    def fail(_):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(data, "_decode_image", fail)
+    second = data.load(_folder_cfg(path, cache))
+    np.testing.assert_array_equal(second.train_images, first.train_images)
+    np.testing.assert_array_equal(second.test_labels, first.test_labels)
+    assert second.class_names == first.class_names
+    # A changed archive (new size and mtime) has a new key: it is decoded again.
+    _write_folder(tmp_path / "more", per_class={"train": 4, "test": 2})
+    _tar(tmp_path / "more", path)
+    with pytest.raises(ValueError, match="decoded again"):
+        data.load(_folder_cfg(path, cache))
+    monkeypatch.undo()
+    assert len(data.load(_folder_cfg(path, cache)).train_labels) == 12
+
+
+def test_folder_subsample_is_stratified_and_fixed(tmp_path):
+    folder = _write_folder(tmp_path / "imgs", per_class={"train": 4, "test": 2})
+    cfg = _folder_cfg(folder, tmp_path / "cache", num_train=6, num_test=3)
+    ds = data.load(cfg)
+    np.testing.assert_array_equal(np.bincount(ds.train_labels, minlength=3), [2, 2, 2])
+    np.testing.assert_array_equal(np.bincount(ds.test_labels, minlength=3), [1, 1, 1])
+    np.testing.assert_array_equal(ds.train_labels, _expected_labels(ds.train_images))
+    np.testing.assert_array_equal(data.load(cfg).train_images, ds.train_images)
+    with pytest.raises(ValueError, match="num_train"):
+        data.load(_folder_cfg(folder, tmp_path / "cache", num_train=13))
+
+
+def test_subsample_class_counts_differ_by_at_most_one():
+    labels = np.repeat(np.arange(5), [40, 30, 30, 20, 10])
+    for n in (1, 7, 25, 49, 130):
+        idx = data.subsample(labels, n)
+        assert len(np.unique(idx)) == n and np.all(np.diff(idx) > 0)
+        counts = np.bincount(labels[idx], minlength=5)
+        sizes = np.bincount(labels)
+        not_full = counts < sizes  # classes that still had examples left
+        if not_full.any():
+            assert counts.max() - counts[not_full].min() <= 1
+        else:
+            assert n == len(labels)
+    np.testing.assert_array_equal(data.subsample(labels, 25), data.subsample(labels, 25))
+
+
+def _assert_layout_error(excinfo):
+    assert "split/class/image.jpg" in str(excinfo.value)
+
+
+def test_folder_bad_paths_error_clearly(tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(FileNotFoundError) as e:
+        data.load(_folder_cfg(tmp_path / "nope.tar.gz", cache))
+    _assert_layout_error(e)
+    with pytest.raises(ValueError) as e:
+        data.load({"source": "folder", "path": None})
+    _assert_layout_error(e)
+
+    only_train = _write_folder(tmp_path / "only_train", per_class={"train": 1})
+    with pytest.raises(ValueError, match="no test directory") as e:
+        data.load(_folder_cfg(only_train, cache))
+    _assert_layout_error(e)
+    with pytest.raises(ValueError, match="test/") as e:
+        data.load(_folder_cfg(_tar(only_train, tmp_path / "only_train.tar.gz"), cache))
+    _assert_layout_error(e)
+
+    empty_class = _write_folder(tmp_path / "empty_class", per_class={"train": 1, "test": 1})
+    os.makedirs(empty_class / "test" / "zebra")
+    os.makedirs(empty_class / "train" / "zebra")
+    with pytest.raises(ValueError, match="zebra") as e:
+        data.load(_folder_cfg(empty_class, cache))
+    _assert_layout_error(e)
+
+    mixed = _write_folder(tmp_path / "mixed", per_class={"train": 1, "test": 1})
+    Image.fromarray(np.zeros((SIZE + 2, SIZE, 3), np.uint8)).save(mixed / "test" / "cat" / "x.png")
+    with pytest.raises(ValueError, match="one size") as e:
+        data.load(_folder_cfg(mixed, cache))
+    _assert_layout_error(e)
+
+    flat = tmp_path / "flat"
+    os.makedirs(flat / "train")
+    os.makedirs(flat / "test")
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(flat / "train" / "a.png")
+    with pytest.raises(ValueError, match="not in a class dir") as e:
+        data.load(_folder_cfg(flat, cache))
+    _assert_layout_error(e)
+
+    not_tar = tmp_path / "notes.txt"
+    not_tar.write_text("hello")
+    with pytest.raises(ValueError) as e:
+        data.load(_folder_cfg(not_tar, cache))
+    _assert_layout_error(e)
+    assert not os.path.exists(cache) or not os.listdir(cache)  # nothing cached on errors
+
+    with pytest.raises(ValueError, match="data.source"):
+        data.load({"source": "csv"})
+    with pytest.raises(ValueError, match="num_train"):
+        data.load({"source": "synthetic", "num_train": 0})
+
+
+# --- tfds source ------------------------------------------------------------------------------
+
+
+def test_tfds_source_with_mock_data(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = {
+        "source": "tfds",
+        "name": "cifar10",
+        "tfds_data_dir": str(tmp_path / "tfds"),
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    with tfds.testing.mock_data(num_examples=12):
+        ds = data.load(cfg)
+        ref = tfds.data_source("cifar10", split="train")
+        ref_images = np.stack([ref[i]["image"] for i in range(len(ref))])
+        ref_labels = np.array([ref[i]["label"] for i in range(len(ref))])
+        monkeypatch.setattr(data, "_read_data_source", None)  # a second load must use the cache
+        again = data.load(cfg)
+    np.testing.assert_array_equal(again.test_images, ds.test_images)
+    assert again.class_names == ds.class_names
+    assert ds.num_classes == 10 and len(ds.class_names) == 10
+    chex.assert_shape(ds.train_images, (12, 32, 32, 3))
+    chex.assert_shape(ds.test_images, (12, 32, 32, 3))
+    assert ds.train_labels.dtype == np.int32
+    np.testing.assert_array_equal(ds.train_images, ref_images)
+    np.testing.assert_array_equal(ds.train_labels, ref_labels)
+    np.testing.assert_allclose(ds.mean, (ref_images / 255).mean(axis=(0, 1, 2)), atol=1e-6)
+
+
+def test_tfds_unprepared_without_tensorflow_says_what_to_do(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "_tensorflow_available", lambda: False)
+    cfg = {"source": "tfds", "tfds_data_dir": str(tmp_path), "cache_dir": str(tmp_path / "c")}
+    with pytest.raises(RuntimeError) as e:
+        data.load(cfg)  # name defaults to cifar10
+    message = str(e.value)
+    assert "pip install -e '.[tfds]'" in message
+    assert "data.source=folder" in message and "split/class/image.jpg" in message
+
+
+# --- synthetic, normalization -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    cfg = ml_collections.ConfigDict(
+        {
+            "source": "synthetic",
+            "num_train": 1000,
+            "num_test": 500,
+            "cache_dir": ml_collections.config_dict.placeholder(str),  # None: unused here
+            "synthetic": {"image_size": 16, "num_classes": 10},
+        }
+    )
+    return data.load(cfg)
+
+
+def test_synthetic_shapes_and_balance(synthetic):
+    chex.assert_shape(synthetic.train_images, (1000, 16, 16, 3))
+    chex.assert_shape(synthetic.test_images, (500, 16, 16, 3))
+    np.testing.assert_array_equal(np.bincount(synthetic.train_labels), [100] * 10)
+    np.testing.assert_array_equal(np.bincount(synthetic.test_labels), [50] * 10)
+
+
+def test_synthetic_is_learnable_by_nearest_class_mean(synthetic):
+    ds = synthetic
+    x = data.normalize(ds.train_images, ds.mean, ds.std).reshape(len(ds.train_labels), -1)
+    xt = data.normalize(ds.test_images, ds.mean, ds.std).reshape(len(ds.test_labels), -1)
+    centres = np.stack([x[ds.train_labels == k].mean(0) for k in range(ds.num_classes)])
+    dists = ((xt[:, None, :] - centres[None]) ** 2).sum(-1)
+    accuracy = (dists.argmin(1) == ds.test_labels).mean()
+    assert accuracy > 0.5  # chance is 0.1
+
+
+def test_normalize_gives_zero_mean_unit_std(synthetic):
+    x = data.normalize(synthetic.train_images, synthetic.mean, synthetic.std)
+    assert x.dtype == np.float32
+    x64 = x.astype(np.float64)  # float32 reductions over 768k values lose ~1e-4
+    np.testing.assert_allclose(x64.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(x64.std(axis=(0, 1, 2)), 1.0, atol=1e-5)
+    ref = (synthetic.train_images / 255.0 - synthetic.mean) / synthetic.std
+    np.testing.assert_allclose(x, ref, atol=1e-5)
+
+
+# --- train batches ----------------------------------------------------------------------------
+
+
+def _indexed_dataset(n, size=8):
+    """Image i is filled with value i, so batches reveal which examples they hold."""
+    images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, size, size, 3))
+    images = np.ascontiguousarray(images)
+    labels = (np.arange(n) % 4).astype(np.int32)
+    mean, std = data.channel_stats(images)
+    return data.Dataset(images, labels, images[:10], labels[:10], 4, mean, std)
+
+
+def _random_dataset(n, size=8):
+    images = np.random.default_rng(n).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    labels = (np.arange(n) % 5).astype(np.int32)
+    mean, std = data.channel_stats(images)
+    return data.Dataset(images, labels, images, labels, 5, mean, std)
+
+
+def _example_ids(ds, batch):
+    pixels = batch["image"] * ds.std + ds.mean  # back to [0, 1]
+    return np.rint(pixels[:, 0, 0, 0] * 255).astype(int)
+
+
+def _take(iterator, n):
+    out = [next(iterator) for _ in range(n)]
+    iterator.close()
+    return out
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_train_batches_resume_equals_uninterrupted(augment):
+    ds = _random_dataset(50)  # random pixels, so crops and flips show
+    full = _take(data.train_batches(ds, 8, seed=3, augment=augment), 20)
+    resumed = _take(data.train_batches(ds, 8, seed=3, start_step=7, augment=augment), 13)
+    for a, b in zip(full[7:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    unprefetched = data.train_batches(ds, 8, seed=3, start_step=7, augment=augment, prefetch=0)
+    np.testing.assert_array_equal(next(unprefetched)["image"], full[7]["image"])
+    other_seed = _take(data.train_batches(ds, 8, seed=4, augment=augment), 1)[0]
+    assert not np.array_equal(other_seed["image"], full[0]["image"])
+
+
+def test_every_example_once_per_epoch():
+    ds = _indexed_dataset(48)
+    batches = _take(data.train_batches(ds, 8, seed=0, augment=False), 18)  # 3 epochs
+    for b in batches:
+        chex.assert_shape(b["image"], (8, 8, 8, 3))
+        assert b["image"].dtype == np.float32 and b["label"].dtype == np.int32
+        np.testing.assert_array_equal(b["label"], _example_ids(ds, b) % 4)
+    ids = [
+        np.concatenate([_example_ids(ds, b) for b in batches[e * 6 : (e + 1) * 6]])
+        for e in range(3)
+    ]
+    for epoch_ids in ids:
+        np.testing.assert_array_equal(np.sort(epoch_ids), np.arange(48))
+    assert not np.array_equal(ids[0], ids[1])  # a fresh permutation every epoch
+    np.testing.assert_array_equal(ids[0], np.random.default_rng([0, 0]).permutation(48))
+
+
+def test_incomplete_epoch_tail_is_dropped():
+    ds = _indexed_dataset(50)  # 6 steps of 8 per epoch, 2 examples dropped
+    batches = _take(data.train_batches(ds, 8, seed=1, augment=False), 12)
+    for e in range(2):
+        ids = np.concatenate([_example_ids(ds, b) for b in batches[e * 6 : (e + 1) * 6]])
+        assert len(np.unique(ids)) == 48
+        np.testing.assert_array_equal(ids, np.random.default_rng([1, e]).permutation(50)[:48])
+    assert data.epochs_of(12, 8, 50) == pytest.approx(12 * 8 / 50)
+
+
+def test_crop_and_flip_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 6, 5, 2), dtype=np.uint8)
+    offsets = np.array([[0, 8], [4, 4], [7, 1]])
+    flips = np.array([False, False, True])
+    out = data.crop_and_flip(images, offsets, flips, pad=4)
+    for i in range(3):
+        padded = np.pad(images[i], ((4, 4), (4, 4), (0, 0)), mode="reflect")
+        r, c = offsets[i]
+        expected = padded[r : r + 6, c : c + 5]
+        if flips[i]:
+            expected = expected[:, ::-1]
+        np.testing.assert_array_equal(out[i], expected)
+    np.testing.assert_array_equal(out[1], images[1])  # offset (pad, pad), no flip: identity
+
+
+def test_augmented_batch_is_a_crop_or_flip_of_the_plain_batch():
+    ds = _random_dataset(40)
+    images, mean, std = ds.train_images, ds.mean, ds.std
+    seed, step, b = 5, 6, 16
+    plain = data.train_batch(ds, b, seed=seed, step=step, augment=False)
+    aug = data.train_batch(ds, b, seed=seed, step=step, augment=True)
+    np.testing.assert_array_equal(aug["label"], plain["label"])
+    chex.assert_equal_shape([aug["image"], plain["image"]])
+    # The documented recipe, by hand.
+    epoch, i = divmod(step, 40 // b)
+    idx = np.random.default_rng([seed, epoch]).permutation(40)[i * b : (i + 1) * b]
+    offsets, flips = data.augment_params(seed, step, b)
+    expected = data.normalize(data.crop_and_flip(images[idx], offsets, flips), mean, std)
+    np.testing.assert_array_equal(aug["image"], expected)
+    assert flips.any() and not flips.all()
+    assert (offsets != 4).any() and offsets.min() >= 0 and offsets.max() <= 8
+    # Independently of the recipe: each image is one of the 9 x 9 x 2 crops/flips of its source.
+    raw = np.rint((aug["image"] * std + mean) * 255).astype(np.uint8)
+    for k, i in enumerate(idx):
+        padded = np.pad(images[i], ((4, 4), (4, 4), (0, 0)), mode="reflect")
+        candidates = [
+            view
+            for r in range(9)
+            for c in range(9)
+            for view in (padded[r : r + 8, c : c + 8], padded[r : r + 8, c : c + 8][:, ::-1])
+        ]
+        assert any(np.array_equal(raw[k], v) for v in candidates)
+
+
+def _prefetch_threads():
+    return {t for t in threading.enumerate() if t.name.startswith("gns-prefetch")}
+
+
+def test_prefetch_thread_stops_on_close_and_on_gc():
+    ds = _indexed_dataset(32)
+    before = _prefetch_threads()
+    it = data.train_batches(ds, 4, seed=0, prefetch=2)
+    next(it)
+    started = _prefetch_threads() - before
+    assert len(started) == 1
+    it.close()
+    assert not any(t.is_alive() for t in started)
+
+    it = data.train_batches(ds, 4, seed=0, prefetch=2)
+    next(it)
+    started = _prefetch_threads() - before
+    del it
+    gc.collect()
+    assert not any(t.is_alive() for t in started)
+
+
+def test_train_batches_errors():
+    ds = _indexed_dataset(10)
+    with pytest.raises(ValueError, match="batch_size"):
+        data.train_batches(ds, 11, seed=0)
+    with pytest.raises(ValueError, match="start_step"):
+        data.train_batches(ds, 2, seed=0, start_step=-1)
+
+
+# --- eval batches -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_eval_batches_cover_the_split_in_order(pad):
+    ds = _indexed_dataset(23)
+    batches = list(
+        data.eval_batches(ds.train_images, ds.train_labels, 10, ds.mean, ds.std, pad=pad)
+    )
+    assert [len(b["label"]) for b in batches] == ([10, 10, 10] if pad else [10, 10, 3])
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == 23 and mask[:23].all()
+    ids = np.concatenate([_example_ids(ds, b) for b in batches])[mask]
+    np.testing.assert_array_equal(ids, np.arange(23))
+    labels = np.concatenate([b["label"] for b in batches])[mask]
+    np.testing.assert_array_equal(labels, ds.train_labels)
+    np.testing.assert_allclose(
+        batches[0]["image"], data.normalize(ds.train_images[:10], ds.mean, ds.std)
+    )
+
+
+def test_prefetch_reraises_producer_errors_in_the_caller():
+    ds = _indexed_dataset(16)
+    broken = data.Dataset(
+        ds.train_images, ds.train_labels, ds.test_images, ds.test_labels, 4, ds.mean[:2], ds.std
+    )  # a 2-channel mean cannot broadcast against 3 channels
+    it = data.train_batches(broken, 4, seed=0, prefetch=2)
+    with pytest.raises(ValueError, match="broadcast"):
+        next(it)
