@@ -1,0 +1,499 @@
+"""Tests of gns.estimate: closed form, independent references, invariants, bad input.
+
+Every reference here is computed independently of the library: Python loops over examples or
+microbatches calling ``jax.grad`` of the ordinary mean loss, with the two-batch formulas of
+McCandlish et al. (2018, appendix A) evaluated in float64 NumPy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gns import estimate, smoothing
+
+HYPOTHESIS = settings(max_examples=10, deadline=None, derandomize=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and independent references.
+
+
+def linreg_loss(w, batch):
+    """½ mean squared error of a linear model."""
+    x, y = batch
+    return 0.5 * jnp.mean((x @ w - y) ** 2)
+
+
+def mlp_init(key, sizes):
+    params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        key, k1, k2 = jax.random.split(key, 3)
+        params[f"dense{i}"] = {
+            "w": jax.random.normal(k1, (fan_in, fan_out)) / np.sqrt(fan_in),
+            "b": 0.1 * jax.random.normal(k2, (fan_out,)),
+        }
+    return params
+
+
+def mlp_loss(params, batch):
+    """Tanh MLP regression, ½ mean squared error."""
+    x, y = batch
+    h = x
+    for i in range(len(params)):
+        layer = params[f"dense{i}"]
+        h = h @ layer["w"] + layer["b"]
+        if i < len(params) - 1:
+            h = jnp.tanh(h)
+    return 0.5 * jnp.mean(jnp.sum((h - y) ** 2, axis=-1))
+
+
+def mlp_problem(seed, batch_size, dim, hidden=4, out=2):
+    key = jax.random.key(seed)
+    kp, kx, ky = jax.random.split(key, 3)
+    params = mlp_init(kp, [dim, hidden, out])
+    x = jax.random.normal(kx, (batch_size, dim))
+    y = jax.random.normal(ky, (batch_size, out))
+    return params, (x, y)
+
+
+@functools.cache
+def _jitted_grad(loss_fn):
+    return jax.jit(jax.grad(loss_fn))
+
+
+def reference(loss_fn, params, batch, num_parts):
+    """Two-batch statistics from a Python loop over ``num_parts`` equal parts of the batch.
+
+    Returns (per-leaf g_sq list, per-leaf trace_cov list, mean gradient leaves, mean over parts of
+    the squared norm of each part's gradient), all float64 NumPy.
+    """
+    n = jax.tree.leaves(batch)[0].shape[0]
+    m = n // num_parts
+    grad = _jitted_grad(loss_fn)
+    parts = []
+    for j in range(num_parts):
+        part = jax.tree.map(lambda x, j=j: x[j * m : (j + 1) * m], batch)
+        parts.append([np.asarray(g, np.float64) for g in jax.tree.leaves(grad(params, part))])
+    g_sq, trace_cov, mean_grads = [], [], []
+    small_total = 0.0
+    for leaf in zip(*parts, strict=True):
+        stacked = np.stack(leaf)
+        small = np.mean([np.sum(g**2) for g in leaf])  # mean over parts of |g_part|²
+        mean_grad = stacked.mean(axis=0)
+        big = np.sum(mean_grad**2)
+        b, big_b = float(m), float(n)
+        g_sq.append((big_b * big - b * small) / (big_b - b))
+        trace_cov.append((small - big) / (1 / b - 1 / big_b))
+        mean_grads.append(mean_grad)
+        small_total += small
+    return g_sq, trace_cov, mean_grads, small_total
+
+
+def assert_stats_match(stats, grads, ref, rtol=2e-4):
+    g_sq, trace_cov, mean_grads, _ = ref
+    scale = max(abs(sum(g_sq)), abs(sum(trace_cov)), 1e-3)
+    atol = 1e-5 * scale
+    np.testing.assert_allclose(float(stats.g_sq), sum(g_sq), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(float(stats.trace_cov), sum(trace_cov), rtol=rtol, atol=atol)
+    layers = list(stats.per_layer.values())
+    assert len(layers) == len(g_sq)
+    for layer, gs, tc in zip(layers, g_sq, trace_cov, strict=True):
+        np.testing.assert_allclose(float(layer.g_sq), gs, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(float(layer.trace_cov), tc, rtol=rtol, atol=atol)
+    for got, want in zip(jax.tree.leaves(grads), mean_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+# Jitted entry points, compiled once per shape (loss functions are static).
+per_example_jit = jax.jit(
+    estimate.per_example, static_argnums=0, static_argnames=("chunk_size", "axis_name")
+)
+microbatch_jit = jax.jit(
+    estimate.microbatch, static_argnums=0, static_argnames=("num_microbatches", "axis_name")
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed form: linear regression with Gaussian inputs.
+#
+# x ~ N(0, I_d), y = x·w* + ε, ε ~ N(0, s²), loss ½(x·w − y)², at w = w* + δ:
+#   g = (x·δ − ε) x,  G = E[x xᵀ] δ = δ,
+#   E|g|² = E[(x·δ)²|x|²] + s² E|x|² = (d + 2)|δ|² + d s²   (Isserlis: E x₁⁴ = 3),
+#   tr Σ = E|g|² − |G|² = d(|δ|² + s²) + |δ|².
+
+D, NOISE_STD, BATCH, NUM_BATCHES = 8, 0.5, 32, 1000
+
+
+def closed_form_estimates():
+    key = jax.random.key(42)
+    kd, kw, kx, ke = jax.random.split(key, 4)
+    delta = jax.random.normal(kd, (D,))
+    delta = delta / jnp.linalg.norm(delta)  # |δ| = 1
+    w_star = jax.random.normal(kw, (D,))
+    x = jax.random.normal(kx, (NUM_BATCHES, BATCH, D))
+    y = x @ w_star + NOISE_STD * jax.random.normal(ke, (NUM_BATCHES, BATCH))
+    w = w_star + delta
+
+    @jax.jit
+    def run(x, y):
+        def one(xb, yb):
+            pe, _ = estimate.per_example(linreg_loss, w, (xb, yb))
+            mb, _ = estimate.microbatch(linreg_loss, w, (xb, yb), num_microbatches=4)
+            return pe, mb
+
+        return jax.vmap(one)(x, y)
+
+    pe, mb = run(x, y)
+    d_sq = float(jnp.sum(delta**2))
+    truth = {"g_sq": d_sq, "trace_cov": D * (d_sq + NOISE_STD**2) + d_sq}
+    return pe, mb, truth
+
+
+@pytest.mark.timeout(60)
+def test_closed_form_linear_regression():
+    pe, mb, truth = closed_form_estimates()
+    lines = []
+    for name, stats in (("per_example", pe), ("microbatch(k=4)", mb)):
+        for field in ("g_sq", "trace_cov"):
+            series = np.asarray(getattr(stats, field), np.float64)
+            assert series.shape == (NUM_BATCHES,)
+            mean = series.mean()
+            se = series.std(ddof=1) / np.sqrt(series.size)
+            lines.append(
+                f"{name:16s} {field:9s} = {mean:.4f} ± {se:.4f} (truth {truth[field]:.4f}, "
+                f"{(mean - truth[field]) / se:+.2f} s.e.)"
+            )
+            assert abs(mean - truth[field]) < 4 * se, lines[-1]
+        # The ratio of the pooled means recovers B_simple = tr Σ / |G|².
+        res = smoothing.interval(stats.g_sq, stats.trace_cov, block_size=1, confidence=0.99)
+        b_true = truth["trace_cov"] / truth["g_sq"]
+        lines.append(
+            f"{name:16s} b_simple  = {res.estimate:.3f} [{res.low:.3f}, {res.high:.3f}] "
+            f"(truth {b_true:.3f})"
+        )
+        assert res.low < b_true < res.high, lines[-1]
+    print("\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Equality with independent computations.
+
+
+def test_per_example_grads_equal_jax_grad_and_loop():
+    params, batch = mlp_problem(0, batch_size=8, dim=3)
+    stats, grads = per_example_jit(mlp_loss, params, batch)
+    chex.assert_trees_all_close(grads, jax.grad(mlp_loss)(params, batch), rtol=1e-5, atol=1e-6)
+    ref = reference(mlp_loss, params, batch, num_parts=8)
+    assert_stats_match(stats, grads, ref)
+    # Per-example squared norms: with b = 1, E|g_i|² = g_sq + trace_cov.
+    np.testing.assert_allclose(float(stats.g_sq + stats.trace_cov), ref[3], rtol=1e-4)
+    assert list(stats.per_layer) == ["dense0/b", "dense0/w", "dense1/b", "dense1/w"]
+    assert (stats.small_batch_size, stats.big_batch_size) == (1.0, 8.0)
+
+
+def test_microbatch_equals_loop_over_microbatches():
+    params, batch = mlp_problem(1, batch_size=12, dim=3)
+    stats, grads = microbatch_jit(mlp_loss, params, batch, num_microbatches=3)
+    assert (stats.small_batch_size, stats.big_batch_size) == (4.0, 12.0)
+    chex.assert_trees_all_close(grads, jax.grad(mlp_loss)(params, batch), rtol=1e-5, atol=1e-6)
+    assert_stats_match(stats, grads, reference(mlp_loss, params, batch, num_parts=3))
+
+
+def test_microbatch_with_one_example_per_microbatch_equals_per_example():
+    params, batch = mlp_problem(2, batch_size=6, dim=3)
+    pe, pe_grads = per_example_jit(mlp_loss, params, batch)
+    mb, mb_grads = microbatch_jit(mlp_loss, params, batch, num_microbatches=6)
+    chex.assert_trees_all_close(mb, pe, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(mb_grads, pe_grads, rtol=1e-5, atol=1e-6)
+
+
+def test_has_aux_returns_the_aux_of_every_call():
+    params, batch = mlp_problem(8, batch_size=8, dim=3)
+
+    def loss_with_aux(p, b):
+        loss = mlp_loss(p, b)
+        return loss, {"loss": loss}
+
+    pe, pe_grads, pe_aux = jax.jit(
+        lambda p, b: estimate.per_example(
+            loss_with_aux, p, b, chunk_size=3, has_aux=True, method="vmap"
+        )
+    )(params, batch)
+    mb, _, mb_aux = jax.jit(
+        lambda p, b: estimate.microbatch(loss_with_aux, p, b, num_microbatches=4, has_aux=True)
+    )(params, batch)
+    per_example_losses = [
+        mlp_loss(params, jax.tree.map(lambda x, i=i: x[i : i + 1], batch)) for i in range(8)
+    ]
+    np.testing.assert_allclose(pe_aux["loss"], per_example_losses, rtol=1e-5)
+    microbatch_losses = [
+        mlp_loss(params, jax.tree.map(lambda x, j=j: x[2 * j : 2 * j + 2], batch)) for j in range(4)
+    ]
+    np.testing.assert_allclose(mb_aux["loss"], microbatch_losses, rtol=1e-5)
+    # The statistics are those without aux.
+    chex.assert_trees_all_close(
+        (pe, pe_grads), per_example_jit(mlp_loss, params, batch), rtol=1e-5, atol=1e-6
+    )
+    chex.assert_trees_all_close(
+        mb, microbatch_jit(mlp_loss, params, batch, num_microbatches=4)[0], rtol=1e-5, atol=1e-6
+    )
+
+
+class VariantsTest(chex.TestCase):
+    """jit and no-jit give the same statistics (both equal the independent reference)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_per_example_and_microbatch(self):
+        params, batch = mlp_problem(3, batch_size=8, dim=2)
+        pe = self.variant(lambda p, b: estimate.per_example(mlp_loss, p, b, chunk_size=3))
+        mb = self.variant(lambda p, b: estimate.microbatch(mlp_loss, p, b, num_microbatches=4))
+        assert_stats_match(*pe(params, batch), reference(mlp_loss, params, batch, 8))
+        assert_stats_match(*mb(params, batch), reference(mlp_loss, params, batch, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariants (hypothesis over shapes and seeds).
+
+shapes = st.tuples(st.sampled_from([4, 6, 8]), st.sampled_from([2, 3]))
+seeds = st.integers(0, 2**16)
+
+
+@HYPOTHESIS
+@given(shape=shapes, seed=seeds)
+def test_permuting_examples_changes_nothing(shape, seed):
+    batch_size, dim = shape
+    params, batch = mlp_problem(seed, batch_size, dim)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(batch_size)
+    permuted = jax.tree.map(lambda x: x[perm], batch)
+    chex.assert_trees_all_close(
+        per_example_jit(mlp_loss, params, permuted),
+        per_example_jit(mlp_loss, params, batch),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    # Microbatch: permute the microbatches and the examples inside each of them.
+    k = 2
+    m = batch_size // k
+    block_perm = np.concatenate([j * m + rng.permutation(m) for j in rng.permutation(k)])
+    permuted = jax.tree.map(lambda x: x[block_perm], batch)
+    chex.assert_trees_all_close(
+        microbatch_jit(mlp_loss, params, permuted, num_microbatches=k),
+        microbatch_jit(mlp_loss, params, batch, num_microbatches=k),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+@jax.jit
+def _scaled_stats(params, batch, c):
+    def scaled(p, b):
+        return c * mlp_loss(p, b)
+
+    pe, _ = estimate.per_example(scaled, params, batch)
+    mb, _ = estimate.microbatch(scaled, params, batch, num_microbatches=2)
+    return pe, mb
+
+
+@HYPOTHESIS
+@given(shape=shapes, seed=seeds, c=st.floats(0.1, 10.0))
+def test_scaling_the_loss(shape, seed, c):
+    params, batch = mlp_problem(seed, *shape)
+    base = _scaled_stats(params, batch, 1.0)
+    scaled = _scaled_stats(params, batch, c)
+    for s0, s1 in zip(base, scaled, strict=True):
+        np.testing.assert_allclose(s1.g_sq, c**2 * s0.g_sq, rtol=1e-4, atol=1e-6 * c**2)
+        np.testing.assert_allclose(s1.trace_cov, c**2 * s0.trace_cov, rtol=1e-4)
+        if abs(float(s0.g_sq)) > 1e-3 * float(s0.trace_cov):  # ratio well conditioned
+            np.testing.assert_allclose(s1.b_simple, s0.b_simple, rtol=1e-3)
+        else:
+            assert np.sign(s1.g_sq) == np.sign(s0.g_sq) or abs(float(s1.g_sq)) < 1e-6
+
+
+@HYPOTHESIS
+@given(shape=shapes, seed=seeds)
+def test_per_layer_sums_to_totals(shape, seed):
+    params, batch = mlp_problem(seed, *shape)
+    for stats, _ in (
+        per_example_jit(mlp_loss, params, batch),
+        microbatch_jit(mlp_loss, params, batch, num_microbatches=2),
+    ):
+        assert len(stats.per_layer) == len(jax.tree.leaves(params))
+        layers = stats.per_layer.values()
+        np.testing.assert_allclose(sum(float(s.g_sq) for s in layers), stats.g_sq, rtol=1e-5)
+        np.testing.assert_allclose(
+            sum(float(s.trace_cov) for s in layers), stats.trace_cov, rtol=1e-5
+        )
+
+
+@HYPOTHESIS
+@given(shape=shapes, seed=seeds, chunk=st.integers(1, 8))
+def test_chunk_size_does_not_change_the_result(shape, seed, chunk):
+    # chunk_size covers dividing, non-dividing (remainder chunk) and >= batch size.
+    params, batch = mlp_problem(seed, *shape)
+    chunked = per_example_jit(mlp_loss, params, batch, chunk_size=chunk)
+    whole = per_example_jit(mlp_loss, params, batch)
+    chex.assert_trees_all_close(chunked, whole, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frameworks: Flax Linen (closing over model.apply) and Flax NNX (nnx.split / nnx.merge).
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(jnp.tanh(nn.Dense(5)(x)))
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(3, 5, rngs=rngs)
+        self.out = nnx.Linear(5, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jnp.tanh(self.hidden(x)))
+
+
+def test_flax_linen():
+    _, (x, y) = mlp_problem(4, batch_size=8, dim=3)
+    model = LinenMLP()
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(params, batch):
+        x, y = batch
+        return 0.5 * jnp.mean(jnp.sum((model.apply({"params": params}, x) - y) ** 2, -1))
+
+    ref = reference(loss_fn, params, (x, y), num_parts=8)
+    names = {"Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel"}
+    for method in ("auto", "vmap"):  # "auto" takes the fast path of gns.ghost for Linen Dense
+        fn = jax.jit(lambda p, b, m=method: estimate.per_example(loss_fn, p, b, method=m))
+        stats, grads = fn(params, (x, y))
+        assert_stats_match(stats, grads, ref)
+        assert set(stats.per_layer) == names
+    mb, _ = jax.jit(lambda p, b: estimate.microbatch(loss_fn, p, b, num_microbatches=4))(
+        params, (x, y)
+    )
+    assert_stats_match(mb, grads, reference(loss_fn, params, (x, y), num_parts=4))
+
+
+def test_flax_nnx():
+    _, (x, y) = mlp_problem(5, batch_size=8, dim=3)
+    graphdef, state = nnx.split(NnxMLP(nnx.Rngs(0)))
+
+    def loss_fn(state, batch):
+        model = nnx.merge(graphdef, state)
+        x, y = batch
+        return 0.5 * jnp.mean(jnp.sum((model(x) - y) ** 2, -1))
+
+    stats, grads = jax.jit(lambda s, b: estimate.per_example(loss_fn, s, b))(state, (x, y))
+    assert jax.tree.structure(grads) == jax.tree.structure(state)
+    assert_stats_match(stats, grads, reference(loss_fn, state, (x, y), num_parts=8))
+    # Keys are the state paths (NNX adds a trailing "/value" for the Variable's array).
+    layers = {"/".join(k.split("/")[:2]) for k in stats.per_layer}
+    assert layers == {"hidden/bias", "hidden/kernel", "out/bias", "out/kernel"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: chunking bounds the per-example gradients held at once.
+
+
+def test_chunking_reduces_compiled_temp_memory():
+    params = mlp_init(jax.random.key(0), [64, 256, 128, 10])  # ~50k parameters
+    batch = (jnp.zeros((512, 64)), jnp.zeros((512, 10)))
+
+    def temp_bytes(chunk_size):
+        fn = jax.jit(lambda p, b: estimate.per_example(mlp_loss, p, b, chunk_size=chunk_size))
+        analysis = fn.lower(params, batch).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend reports no memory analysis")
+        return analysis.temp_size_in_bytes
+
+    whole, chunked = temp_bytes(None), temp_bytes(16)
+    # 512 per-example gradients of 50k float32 parameters are ~100 MB; 16 of them ~3 MB.
+    assert chunked * 4 < whole, (chunked, whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument.
+
+_x = jnp.ones((8, 3))
+_y = jnp.ones((8, 2))
+_params, _ = mlp_problem(0, batch_size=8, dim=3)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: estimate.per_example(mlp_loss, _params, (_x[:1], _y[:1])), "at least 2 examples"),
+        (lambda: estimate.per_example(mlp_loss, _params, (_x, _y), chunk_size=0), "chunk_size"),
+        (lambda: estimate.per_example(mlp_loss, _params, (_x[:0], _y[:0])), "`batch` is empty"),
+        (lambda: estimate.per_example(mlp_loss, _params, {}), "`batch` has no arrays"),
+        (lambda: estimate.per_example(mlp_loss, _params, (_x, _y[:4])), "different leading"),
+        (lambda: estimate.per_example(mlp_loss, _params, (_x, jnp.ones(()))), "is a scalar"),
+        (
+            lambda: estimate.per_example(mlp_loss, _params, (_x, _y), axis_name="nope"),
+            "axis_name",
+        ),
+        (lambda: estimate.microbatch(mlp_loss, _params, (_x, _y), num_microbatches=1), "num_mic"),
+        (lambda: estimate.microbatch(mlp_loss, _params, (_x, _y), num_microbatches=2.0), "num_mic"),
+        (lambda: estimate.microbatch(mlp_loss, _params, (_x, _y), num_microbatches=3), "divide"),
+        (lambda: estimate.microbatch(mlp_loss, _params, (_x[:0], _y[:0])), "`batch` is empty"),
+        (lambda: estimate.microbatch(mlp_loss, _params, (_x, _y[:4])), "different leading"),
+        (lambda: estimate.across_devices(mlp_loss, _params, (_x, _y), axis_name=None), "axis_name"),
+        (lambda: estimate.from_two_batches(1.0, 0.5, 8, 8), "small_size"),
+        (lambda: estimate.from_two_batches(1.0, 0.5, 16, 8), "small_size"),
+        (lambda: estimate.from_two_batches(1.0, 0.5, 0, 8), "small_size"),
+    ],
+)
+def test_bad_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate results are reported, not hidden.
+
+
+def test_non_positive_g_sq_gives_infinite_b_simple():
+    # Two examples with opposite gradients: the batch gradient is 0, so g_sq = -|g_i|² < 0.
+    w = jnp.ones(1)
+    batch = (jnp.ones((2, 1)), jnp.array([2.0, 0.0]))  # residuals -1 and +1
+    stats, grads = estimate.per_example(linreg_loss, w, batch)
+    np.testing.assert_allclose(grads, 0.0)
+    assert float(stats.g_sq) < 0 and float(stats.trace_cov) > 0
+    assert float(stats.b_simple) == np.inf
+    # g_sq exactly 0 also reads as inf; from_two_batches reports the same way.
+    assert float(estimate.from_two_batches(4.0, 1.0, 1, 4).b_simple) == np.inf
+    assert float(estimate.from_two_batches(3.0, 0.5, 1, 4).b_simple) == np.inf
+
+
+def test_nan_loss_propagates_and_tracker_skips_it():
+    params, (x, y) = mlp_problem(7, batch_size=8, dim=3)
+    x = x.at[3, 0].set(jnp.nan)
+    stats, _ = per_example_jit(mlp_loss, params, (x, y))
+    for value in (stats.g_sq, stats.trace_cov, stats.b_simple):
+        assert np.isnan(float(value))
+    assert all(np.isnan(float(s.g_sq)) for s in stats.per_layer.values())
+
+    good, _ = per_example_jit(mlp_loss, *mlp_problem(7, batch_size=8, dim=3))
+    tracker = smoothing.ema(decay=0.9)
+    update = jax.jit(tracker.update)
+    state = update(good, tracker.init())
+    state = update(stats, state)  # NaN statistics: skipped and counted
+    assert (int(state.count), int(state.skipped)) == (1, 1)
+    np.testing.assert_allclose(state.g_sq, good.g_sq)
+    np.testing.assert_allclose(state.b_simple, good.b_simple, rtol=1e-6)
+    unsafe = smoothing.ema(decay=0.9, skip_nonfinite=False)
+    state = unsafe.update(stats, unsafe.update(good, unsafe.init()))
+    assert int(state.skipped) == 0 and np.isnan(float(state.b_simple))
