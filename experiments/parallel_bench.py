@@ -1,0 +1,173 @@
+"""Overhead of ``gns.estimate.across_devices`` over a plain data-parallel train step.
+
+Times two ``jax.pmap`` train steps of the SmallCNN with Adam on random CIFAR-shaped data, built
+by :func:`gns.parallel.make_train_step` and identical but for the gradient: the plain step uses
+the all-reduced mean of ``jax.grad``, the other takes it from ``estimate.across_devices`` (which
+also returns the noise statistics). Both are compiled and warmed up, then timed interleaved
+(alternating which goes first), and the median of the paired ratios is reported.
+
+Simulates 4 CPU devices: importing this module adds
+``--xla_force_host_platform_device_count=4`` to ``XLA_FLAGS`` and sets ``JAX_PLATFORMS=cpu``
+unless they are already set (on a machine with several accelerators, run with
+``JAX_PLATFORMS=cuda`` or ``tpu`` to time those instead).
+
+Command (about 1 minute on 2 CPU cores)::
+
+    python -m experiments.parallel_bench --batch_size_per_device=32 --repeats=20 \\
+        --out=/tmp/parallel_bench.json
+
+Writes (atomically) and prints ``{"across_devices_over_plain": r, "detail": {...}}``.
+``experiments/bench.py`` calls :func:`run` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=4"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments.models import SmallCNN  # noqa: E402
+from gns import estimate, parallel  # noqa: E402
+
+WARMUP = 2
+
+
+def _time_call(step, state, batch) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    params, opt_state, stats = step(*state, batch)
+    jax.block_until_ready((params, opt_state, stats))
+    return time.perf_counter() - t0, (params, opt_state)
+
+
+def run(batch_size_per_device: int, repeats: int, *, seed: int = 0) -> dict[str, Any]:
+    """Median time of the ``across_devices`` step over the plain step, on all local devices.
+
+    Args:
+      batch_size_per_device: examples per device (global batch = this × devices).
+      repeats: timed calls of each step after ``WARMUP`` untimed ones (at least 3).
+      seed: for the parameters and the random data.
+
+    Returns:
+      ``{"across_devices_over_plain": median of per-repeat ratios, "detail": {...}}`` with the
+      raw times (ms), their medians, the ratio of medians, devices and sizes.
+    """
+    if batch_size_per_device < 1 or repeats < 3:
+        raise ValueError(
+            f"need batch_size_per_device >= 1 and repeats >= 3, got {batch_size_per_device} "
+            f"and {repeats}."
+        )
+    n_dev = jax.local_device_count()
+    if n_dev < 2:
+        raise ValueError(
+            f"across_devices needs at least 2 devices, found {n_dev} ({jax.default_backend()}): "
+            "run with JAX_PLATFORMS=cpu to simulate 4 CPU devices."
+        )
+    global_batch = batch_size_per_device * n_dev
+    model = SmallCNN()
+    kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
+    params = model.init(kp, jnp.zeros((1, 32, 32, 3)))["params"]
+    images = jax.random.normal(kx, (global_batch, 32, 32, 3))
+    labels = jax.random.randint(ky, (global_batch,), 0, 10)
+
+    def loss_fn(p, batch):
+        x, y = batch
+        logits = model.apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    optimizer = optax.adam(1e-3)
+    batch = parallel.shard_batch((images, labels))
+    steps = {
+        name: parallel.make_train_step(loss_fn, optimizer, estimator=est, axis_name="batch")
+        for name, est in (("plain", None), ("across_devices", estimate.across_devices))
+    }
+    states = {name: (params, optimizer.init(params)) for name in steps}
+
+    compile_s = {}
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        for _ in range(WARMUP):
+            _, states[name] = _time_call(step, states[name], batch)
+        compile_s[name] = time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            t, states[name] = _time_call(steps[name], states[name], batch)
+            times[name].append(t)
+
+    # Same start, same batch, same number of updates: the two steps must agree.
+    diff = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))),
+        states["plain"][0],
+        states["across_devices"][0],
+    )
+    max_diff = max(jax.tree.leaves(diff))
+    paired = [a / p for a, p in zip(times["across_devices"], times["plain"], strict=True)]
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return {
+        "across_devices_over_plain": statistics.median(paired),
+        "detail": {
+            "ratio_of_medians": med["across_devices"] / med["plain"],
+            "median_ms": {name: 1e3 * m for name, m in med.items()},
+            "times_ms": {name: [1e3 * t for t in ts] for name, ts in times.items()},
+            "warmup_s_incl_compile": compile_s,
+            "max_abs_param_diff": max_diff,
+            "batch_size_per_device": batch_size_per_device,
+            "global_batch_size": global_batch,
+            "num_devices": n_dev,
+            "platform": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind,
+            "repeats": repeats,
+            "warmup": WARMUP,
+            "model": "SmallCNN(32, 64, 128), Adam(1e-3), pmap",
+            "jax_version": jax.__version__,
+        },
+    }
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".parallel_bench.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+_BATCH = flags.DEFINE_integer("batch_size_per_device", 32, "Examples per device.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls of each step after warm-up.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON result (optional).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    result = run(_BATCH.value, _REPEATS.value)
+    if _OUT.value:
+        write_json_atomic(_OUT.value, result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,432 @@
+"""The estimators with ``axis_name`` under ``jax.pmap`` and ``jax.shard_map`` on 4 devices.
+
+Uses the 4 simulated CPU devices set by ``tests/conftest.py``. Every data-parallel result is
+compared with an independent single-device computation on the concatenated (global) batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gns import estimate, parallel
+
+N_DEV = 4
+AXIS = "i"
+LOCAL = 8  # examples per device
+GLOBAL = N_DEV * LOCAL
+
+pytestmark = [
+    pytest.mark.skipif(
+        jax.device_count() != N_DEV,
+        reason=(
+            f"needs {N_DEV} devices, found {jax.device_count()}: tests/conftest.py sets "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={N_DEV} before JAX starts; run "
+            "with pytest from the repository root, and do not import JAX in an earlier plugin."
+        ),
+    ),
+    pytest.mark.timeout(300),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# A small 2-layer MLP in plain JAX (softmax cross-entropy, mean over the batch).
+
+
+def init_params(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "hidden": {
+            "kernel": 0.5 * jax.random.normal(k1, (5, 8)),
+            "bias": 0.1 * jax.random.normal(k2, (8,)),
+        },
+        "out": {"kernel": 0.5 * jax.random.normal(k3, (8, 3)), "bias": jnp.zeros(3)},
+    }
+
+
+def loss_fn(params, batch):
+    x, y = batch
+    h = jnp.tanh(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+    logits = h @ params["out"]["kernel"] + params["out"]["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_batch(key, n=GLOBAL):
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (n, 5)), jax.random.randint(ky, (n,), 0, 3)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return init_params(jax.random.key(0)), make_batch(jax.random.key(1))
+
+
+def mesh_1d(n=N_DEV):
+    return jax.make_mesh((n,), (AXIS,), devices=jax.devices()[:n])
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a function f(params, local_batch) data-parallel; each returns the (replicated) output.
+
+
+def run_pmap(f, params, batch, n=N_DEV):
+    sharded = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+    out = jax.pmap(f, axis_name=AXIS, in_axes=(None, 0), devices=jax.devices()[:n])(params, sharded)
+    # Identical on every device: compare each device's copy with device 0's.
+    for leaf in jax.tree.leaves(out):
+        for d in range(1, n):
+            np.testing.assert_array_equal(leaf[d], leaf[0])
+    return jax.tree.map(lambda x: x[0], out)
+
+
+def run_shard_map(f, params, batch, n=N_DEV, check_vma=True):
+    mesh = mesh_1d(n)
+    batch = jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
+    # out_specs=P(): with check_vma=True, JAX checks the outputs are replicated (unvarying).
+    fn = jax.shard_map(f, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=check_vma)
+    return jax.jit(fn)(params, batch)
+
+
+RUNNERS = {
+    "pmap": run_pmap,
+    "shard_map": run_shard_map,
+    "shard_map_no_vma": functools.partial(run_shard_map, check_vma=False),
+}
+
+
+def assert_stats_close(
+    got: estimate.NoiseStats, want: estimate.NoiseStats, rtol=2e-5, num_layers=4
+):
+    assert got.small_batch_size == want.small_batch_size
+    assert got.big_batch_size == want.big_batch_size
+    scale = float(abs(want.g_sq) + abs(want.trace_cov) / want.small_batch_size)
+    close = functools.partial(np.testing.assert_allclose, rtol=rtol, atol=rtol * scale)
+    close(got.g_sq, want.g_sq, err_msg="g_sq")
+    close(got.trace_cov, want.trace_cov, err_msg="trace_cov")
+    assert got.per_layer.keys() == want.per_layer.keys()
+    assert len(got.per_layer) == num_layers
+    for name, s in got.per_layer.items():
+        close(s.g_sq, want.per_layer[name].g_sq, err_msg=f"{name} g_sq")
+        close(s.trace_cov, want.per_layer[name].trace_cov, err_msg=f"{name} trace_cov")
+
+
+# ---------------------------------------------------------------------------------------------
+# Equality with one device.
+
+# name -> (estimator on each device's shard, same estimator on one device over the global batch)
+ESTIMATORS = {
+    "per_example": (
+        functools.partial(estimate.per_example, axis_name=AXIS),
+        estimate.per_example,
+    ),
+    # 8 local examples in chunks of 3: two scanned chunks and a remainder of 2.
+    "per_example_chunked": (
+        functools.partial(estimate.per_example, chunk_size=3, axis_name=AXIS),
+        estimate.per_example,
+    ),
+    # 2 microbatches of 4 per device = 8 microbatches of 4 over the global batch.
+    "microbatch": (
+        functools.partial(estimate.microbatch, num_microbatches=2, axis_name=AXIS),
+        functools.partial(estimate.microbatch, num_microbatches=2 * N_DEV),
+    ),
+    # Each device's batch is one small batch: 4 microbatches of 8 over the global batch.
+    "across_devices": (
+        functools.partial(estimate.across_devices, axis_name=AXIS),
+        functools.partial(estimate.microbatch, num_microbatches=N_DEV),
+    ),
+}
+
+
+@pytest.mark.parametrize("runner", list(RUNNERS))
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_data_parallel_equals_single_device(problem, name, runner):
+    params, batch = problem
+    parallel_est, single_est = ESTIMATORS[name]
+    stats, grads = RUNNERS[runner](lambda p, b: parallel_est(loss_fn, p, b), params, batch)
+    want_stats, want_grads = jax.jit(lambda p, b: single_est(loss_fn, p, b))(params, batch)
+    assert_stats_close(stats, want_stats)
+    assert stats.big_batch_size == GLOBAL
+    chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(grads, jax.grad(loss_fn)(params, batch), rtol=1e-5, atol=1e-7)
+
+
+class TinyCNN(nn.Module):
+    """Conv + GroupNorm + Dense: per_example takes its fast (ghost-norm) path for these."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), strides=(2, 2))(x)
+        x = nn.relu(nn.GroupNorm(num_groups=2)(x))
+        return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("runner", ["shard_map"])  # where the cast matters (pmap: same code)
+def test_per_example_flax_fast_path_equals_single_device_vmap(runner):
+    model = TinyCNN()
+    kx, ky, kp = jax.random.split(jax.random.key(2), 3)
+    batch = jax.random.normal(kx, (16, 6, 6, 2)), jax.random.randint(ky, (16,), 0, 3)
+    params = model.init(kp, batch[0][:1])["params"]
+
+    def cnn_loss(p, b):
+        logits = model.apply({"params": p}, b[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
+
+    stats, grads = RUNNERS[runner](
+        lambda p, b: estimate.per_example(cnn_loss, p, b, axis_name=AXIS), params, batch
+    )
+    reference = jax.jit(lambda p, b: estimate.per_example(cnn_loss, p, b, method="vmap"))
+    want_stats, want_grads = reference(params, batch)
+    assert_stats_close(stats, want_stats, rtol=1e-4, num_layers=6)
+    chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_tuple_axis_name_on_2d_mesh(problem):
+    """axis_name=('a', 'b') over a 2x2 mesh is one data-parallel axis of 4 devices."""
+    params, batch = problem
+    mesh = jax.make_mesh((2, 2), ("a", "b"))
+    f = jax.shard_map(
+        lambda p, b: estimate.per_example(loss_fn, p, b, axis_name=("a", "b")),
+        mesh=mesh,
+        in_specs=(P(), P(("a", "b"))),
+        out_specs=P(),
+    )
+    stats, grads = jax.jit(f)(params, jax.device_put(batch, NamedSharding(mesh, P(("a", "b")))))
+    want_stats, want_grads = jax.jit(functools.partial(estimate.per_example, loss_fn))(
+        params, batch
+    )
+    assert_stats_close(stats, want_stats)
+    chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shard_map pitfall: gradients of replicated params are summed over the axis by JAX.
+
+
+def _per_example_sq_norms(params, batch):
+    """|g_i|² of each example, from a plain vmap of grad (no gns code)."""
+    one = lambda p, x, y: loss_fn(p, (x[None], y[None]))
+    grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, *batch)
+    return sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree.leaves(grads))
+
+
+def test_shard_map_plain_grad_sums_per_example_grads_over_devices(problem):
+    """Without a cast to varying, a per-example gradient under shard_map is the SUM over the 4
+    devices of the gradients of the examples at the same local position (JAX transposes the
+    implicit broadcast of the replicated params into a psum); estimate.per_example keeps them
+    local: its mean |g_i|² matches one device."""
+    params, batch = problem
+    mesh = mesh_1d()
+    sharded = jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
+    naive = jax.jit(
+        jax.shard_map(_per_example_sq_norms, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+    )(params, sharded)
+
+    # The single-device per-example gradients, and their sums over devices at equal positions.
+    one = lambda p, x, y: loss_fn(p, (x[None], y[None]))
+    g = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))(params, *batch)
+    true_sq = jax.jit(_per_example_sq_norms)(params, batch)
+    summed = jax.tree.map(lambda a: a.reshape((N_DEV, LOCAL, -1)).sum(0), g)
+    summed_sq = sum(jnp.sum(a**2, axis=1) for a in jax.tree.leaves(summed))
+
+    np.testing.assert_allclose(naive, jnp.tile(summed_sq, N_DEV), rtol=1e-5)
+    assert float(jnp.mean(naive)) > 1.5 * float(jnp.mean(true_sq))  # inflated, not just noisy
+
+    # estimate.per_example under the same shard_map: mean |g_i|² = g_sq + trace_cov (b = 1).
+    def est(p, b):
+        return estimate.per_example(loss_fn, p, b, axis_name=AXIS)[0]
+
+    stats = run_shard_map(est, params, batch)
+    np.testing.assert_allclose(stats.g_sq + stats.trace_cov, jnp.mean(true_sq), rtol=1e-5)
+    wrong = jnp.mean(naive)
+    assert abs(float(stats.g_sq + stats.trace_cov) - float(wrong)) > 0.3 * float(wrong)
+
+
+def test_per_example_without_its_cast_would_be_inflated(problem, monkeypatch):
+    """Remove the cast inside gns: the shard_map statistics stop matching one device."""
+    params, batch = problem
+    want, _ = jax.jit(functools.partial(estimate.per_example, loss_fn))(params, batch)
+
+    def est(p, b):
+        return estimate.per_example(loss_fn, p, b, axis_name=AXIS)[0]
+
+    monkeypatch.setattr(estimate, "_to_varying", lambda tree, axis_name: tree)
+    broken = run_shard_map(est, params, batch)
+    assert float(broken.trace_cov) > 1.5 * float(want.trace_cov)
+    # pmap has no implicit sum: the cast is a no-op there and the result is still right.
+    assert_stats_close(run_pmap(est, params, batch), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# across_devices: unbiased on linear regression with a closed form.
+
+
+def test_across_devices_unbiased_linear_regression():
+    """loss ½(x·w − y)², x ~ N(0, I_d), y = x·w* + s·ε, at w = w* + δ: the per-example gradient
+    is g = x(x·δ) − s·ε·x, so G = δ and Σ = |δ|²I + δδᵀ + s²I, tr Σ = d(|δ|² + s²) + |δ|²."""
+    d, local, num_batches, s = 4, 4, 2000, 1.0
+    w_star = jnp.arange(1.0, d + 1.0)
+    delta = jnp.array([0.5, -0.5, 0.5, -0.5])
+    g_sq_true = float(delta @ delta)
+    tr_true = d * (g_sq_true + s**2) + g_sq_true
+
+    def loss(w, batch):
+        x, y = batch
+        return 0.5 * jnp.mean((x @ w - y) ** 2)
+
+    kx, ke = jax.random.split(jax.random.key(7))
+    x = jax.random.normal(kx, (N_DEV, num_batches, local, d))
+    y = x @ w_star + s * jax.random.normal(ke, (N_DEV, num_batches, local))
+
+    def per_device(xs, ys):  # all batches at once: vmap over batches inside the pmap
+        def one(xb, yb):
+            stats, _ = estimate.across_devices(loss, w_star + delta, (xb, yb), axis_name=AXIS)
+            big = jax.lax.pmean(jax.grad(loss)(w_star + delta, (xb, yb)), AXIS)
+            return stats.g_sq, stats.trace_cov, big @ big
+
+        return jax.vmap(one)(xs, ys)
+
+    g_sq, tr, naive = (a[0] for a in jax.pmap(per_device, axis_name=AXIS)(x, y))
+    assert g_sq.shape == (num_batches,)
+    for est, truth, name in ((g_sq, g_sq_true, "g_sq"), (tr, tr_true, "trace_cov")):
+        se = float(jnp.std(est)) / np.sqrt(num_batches)
+        assert se < 0.1 * truth, f"{name}: too few batches for a meaningful test"
+        assert abs(float(jnp.mean(est)) - truth) < 4 * se, (name, float(jnp.mean(est)), truth)
+    # The test has power: the naive |G_B|² is biased by tr Σ / B and is rejected.
+    se = float(jnp.std(naive)) / np.sqrt(num_batches)
+    assert abs(float(jnp.mean(naive)) - g_sq_true) > 4 * se
+    np.testing.assert_allclose(jnp.mean(naive), g_sq_true + tr_true / (N_DEV * local), rtol=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def _estimator_calls(axis_name):
+    return {
+        "per_example": lambda p, b: estimate.per_example(loss_fn, p, b, axis_name=axis_name),
+        "microbatch": lambda p, b: estimate.microbatch(
+            loss_fn, p, b, num_microbatches=2, axis_name=axis_name
+        ),
+        "across_devices": lambda p, b: estimate.across_devices(loss_fn, p, b, axis_name=axis_name),
+    }
+
+
+@pytest.mark.parametrize("runner", ["pmap", "shard_map"])
+@pytest.mark.parametrize("name", ["per_example", "microbatch", "across_devices"])
+def test_unbound_axis_name_is_a_clear_error(problem, name, runner):
+    params, batch = problem
+    f = _estimator_calls("nope")[name]
+    with pytest.raises(ValueError, match=re.escape("axis_name='nope' is not bound")):
+        RUNNERS[runner](f, params, batch)
+
+
+@pytest.mark.parametrize("name", ["per_example", "microbatch", "across_devices"])
+def test_axis_name_outside_any_map_is_a_clear_error(problem, name):
+    params, batch = problem
+    with pytest.raises(ValueError, match=re.escape(f"axis_name={AXIS!r} is not bound")):
+        _estimator_calls(AXIS)[name](params, batch)
+
+
+@pytest.mark.parametrize("runner", ["pmap", "shard_map"])
+def test_per_example_local_batch_of_one_errors_as_on_one_device(problem, runner):
+    params, batch = problem
+    one_each = jax.tree.map(lambda x: x[:N_DEV], batch)  # one example per device
+    with pytest.raises(ValueError) as single:
+        estimate.per_example(loss_fn, params, jax.tree.map(lambda x: x[:1], batch))
+    with pytest.raises(ValueError) as mapped:
+        RUNNERS[runner](_estimator_calls(AXIS)["per_example"], params, one_each)
+    assert str(mapped.value) == str(single.value)
+    assert "at least 2 examples" in str(mapped.value)
+
+
+@pytest.mark.parametrize("runner", ["pmap", "shard_map"])
+def test_across_devices_on_one_device_errors(problem, runner):
+    params, batch = problem
+    with pytest.raises(ValueError, match="at least 2 devices"):
+        RUNNERS[runner](_estimator_calls(AXIS)["across_devices"], params, batch, n=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data-parallel train step (gns.parallel) and the recipe in docs/data-parallel.md.
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_make_train_step_without_estimator_is_plain_data_parallel(problem, mode):
+    params, _ = problem
+    b = make_batch(jax.random.key(3))
+    optimizer = optax.sgd(0.1)
+    mesh = mesh_1d() if mode == "shard_map" else None
+    step = parallel.make_train_step(loss_fn, optimizer, estimator=None, axis_name=AXIS, mesh=mesh)
+    p, _, stats = step(params, optimizer.init(params), parallel.shard_batch(b, mesh=mesh))
+    assert stats is None
+    want = jax.tree.map(lambda w, g: w - 0.1 * g, params, jax.grad(loss_fn)(params, b))
+    chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+
+
+def test_make_train_step_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="axis_name"):
+        parallel.make_train_step(loss_fn, optax.sgd(0.1), estimator=None, axis_name=None)
+    with pytest.raises(ValueError, match="not an axis of the mesh"):
+        parallel.make_train_step(
+            loss_fn, optax.sgd(0.1), estimator=None, axis_name="batch", mesh=mesh_1d()
+        )
+    with pytest.raises(ValueError, match="devices"):
+        parallel.shard_batch(make_batch(jax.random.key(0), n=6), mesh=None)
+
+
+def _doc_code_blocks() -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data-parallel.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_doc_recipe_runs_and_matches_single_device():
+    """Runs every Python block of docs/data-parallel.md, in order, in one namespace."""
+    blocks = _doc_code_blocks()
+    assert len(blocks) >= 3
+    ns: dict = {}
+    for code in blocks:
+        exec(compile(code, "docs/data-parallel.md", "exec"), ns)  # noqa: S102
+    # The doc trains the same model with pmap and with shard_map from the same start: the two
+    # runs (and their logged statistics) agree.
+    chex.assert_trees_all_close(ns["params_pmap"], ns["params_shard_map"], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(ns["params_by_hand"], ns["params_shard_map"], rtol=1e-5, atol=1e-6)
+    # ... equal to three Adam steps on one device, and the logged statistics are those of 4
+    # microbatches on one device (across_devices on 4 devices), whose grads are jax.grad's.
+    loss_fn, optimizer = ns["loss_fn"], ns["optimizer"]
+
+    @jax.jit
+    def reference_step(p, opt_state, batch):
+        want, grads = estimate.microbatch(loss_fn, p, batch, num_microbatches=4)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, want, grads, jax.grad(loss_fn)(p, batch)
+
+    p, opt_state = ns["params"], optimizer.init(ns["params"])
+    for i, logged in enumerate(ns["log_pmap"]):
+        p, opt_state, want, grads, plain = reference_step(p, opt_state, ns["get_batch"](i))
+        chex.assert_trees_all_close(grads, plain, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            [logged["g_sq"], logged["trace_cov"]],
+            [want.g_sq, want.trace_cov],
+            rtol=1e-4,
+            atol=1e-4 * float(want.trace_cov / want.small_batch_size),
+        )
+        assert logged["big_batch_size"] == want.big_batch_size == 64
+        assert logged["small_batch_size"] == want.small_batch_size == 16
+    chex.assert_trees_all_close(ns["params_pmap"], p, rtol=1e-5, atol=1e-6)
+    assert len(ns["log_pmap"]) == len(ns["log_shard_map"]) > 0
+    for a, b in zip(ns["log_pmap"], ns["log_shard_map"], strict=True):
+        assert a.keys() == b.keys() >= {"step", "g_sq", "trace_cov", "b_simple"}
+        np.testing.assert_allclose(
+            [a["g_sq"], a["trace_cov"]], [b["g_sq"], b["trace_cov"]], rtol=1e-4, atol=1e-6
+        )

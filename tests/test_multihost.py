@@ -1,0 +1,133 @@
+"""Multi-host: the estimators under ``jax.distributed`` with 2 processes on localhost.
+
+Starts ``tests/multihost_worker.py`` twice (process 0 and 1, 2 CPU devices each, gloo CPU
+collectives, loopback coordinator). Each process holds only its own half of the batch; both
+must print the same global statistics, equal to one process computing over the whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import multihost_worker as worker
+import numpy as np
+import optax
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_PROCESSES = 2
+LOCAL_DEVICES = 2
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The pytest session forces 4 simulated devices through XLA_FLAGS (tests/conftest.py); the
+    # workers choose their device count themselves (--local_devices), so drop that flag.
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _run_workers(tmp_path: Path) -> list[dict]:
+    port = _free_port()
+    procs, logs = [], []
+    try:
+        for pid in range(NUM_PROCESSES):
+            out = open(tmp_path / f"worker{pid}.out", "w+")
+            err = open(tmp_path / f"worker{pid}.err", "w+")
+            logs.append((out, err))
+            cmd = [
+                sys.executable,
+                str(REPO / "tests" / "multihost_worker.py"),
+                f"--port={port}",
+                f"--process_id={pid}",
+                f"--num_processes={NUM_PROCESSES}",
+                f"--local_devices={LOCAL_DEVICES}",
+                f"--timeout_s={TIMEOUT_S // 2}",
+            ]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_worker_env(), stdout=out, stderr=err))
+        for p in procs:
+            p.wait(timeout=TIMEOUT_S)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    results = []
+    for pid, (p, (out, err)) in enumerate(zip(procs, logs, strict=True)):
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+        out.close()
+        err.close()
+        assert p.returncode == 0, f"worker {pid} exited {p.returncode}:\n{stderr[-4000:]}"
+        lines = [ln for ln in stdout.splitlines() if ln.startswith(worker.RESULT_PREFIX)]
+        assert len(lines) == 1, f"worker {pid} printed no result:\n{stdout}\n{stderr[-4000:]}"
+        results.append(json.loads(lines[0][len(worker.RESULT_PREFIX) :]))
+    return results
+
+
+def _close(a, b, what):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6, err_msg=what)
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
+def test_two_processes_match_one_process(tmp_path):
+    results = _run_workers(tmp_path)
+    assert [r["process_id"] for r in results] == list(range(NUM_PROCESSES))
+    num_devices = NUM_PROCESSES * LOCAL_DEVICES
+    assert all(r["num_devices"] == num_devices for r in results)
+
+    # Both processes print the same global statistics (the all-reduce is the same on both).
+    first = {k: v for k, v in results[0].items() if k != "process_id"}
+    for r in results[1:]:
+        assert {k: v for k, v in r.items() if k != "process_id"} == first
+
+    # ... and they are those of one process computing over the whole batch.
+    params, batch = worker.make_problem()
+    expected_grads = jax.grad(worker.loss_fn)(params, batch)
+    for name, (_, single) in worker.estimators(num_devices).items():
+        got = first[name]
+        want = worker.result_to_json(*single(worker.loss_fn, params, batch))
+        assert got["small_batch_size"] == want["small_batch_size"], name
+        assert got["big_batch_size"] == want["big_batch_size"] == worker.GLOBAL_BATCH, name
+        _close(got["g_sq"], want["g_sq"], f"{name} g_sq")
+        _close(got["trace_cov"], want["trace_cov"], f"{name} trace_cov")
+        assert got["per_layer"].keys() == want["per_layer"].keys()
+        for layer, value in got["per_layer"].items():
+            _close(value, want["per_layer"][layer], f"{name} {layer}")
+        is_list = lambda x: isinstance(x, list)
+        for g, w, e in zip(
+            jax.tree.leaves(got["grads"], is_leaf=is_list),
+            jax.tree.leaves(want["grads"], is_leaf=is_list),
+            jax.tree.leaves(expected_grads),
+            strict=True,
+        ):
+            _close(g, w, f"{name} grads")
+            _close(g, np.ravel(e), f"{name} grads vs jax.grad")
+
+    # gns.parallel.make_train_step across the two processes: Adam from the global gradient.
+    optimizer = optax.adam(worker.TRAIN_LR)
+    p, opt_state = params, optimizer.init(params)
+    for _ in range(worker.TRAIN_STEPS):
+        updates, opt_state = optimizer.update(jax.grad(worker.loss_fn)(p, batch), opt_state, p)
+        p = optax.apply_updates(p, updates)
+    for g, w in zip(
+        jax.tree.leaves(first["train"]["grads"], is_leaf=is_list), jax.tree.leaves(p), strict=True
+    ):
+        _close(g, np.ravel(w), "params after make_train_step")
