@@ -1,0 +1,177 @@
+"""The batch-size sweep: noise scale, throughput and memory, tradeoff, recommendation.
+
+``get_config(arg)``: ``arg`` picks a variant (``smoke``, ``cpu``; default ``cpu``). Every field is
+overridable on the command line, e.g. ``--config.tradeoff.target_accuracy=0.5``, and the
+training sub-config too: ``--config.train.data.source=folder``. :func:`base` documents the
+fields.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import cifar10
+
+VARIANTS = ("smoke", "cpu")
+
+
+def base(train_variant: str) -> ml_collections.ConfigDict:
+    """Fields shared by the variants.
+
+    ``compilation_cache``: use JAX's persistent compilation cache in ``workdir/jax_cache`` (the
+    trainings compile the same programs at every batch size; a re-run compiles nothing).
+
+    ``train``: a ``configs/cifar10.py`` config: model, data, optimizer and the reference
+    ``batch_size``/``learning_rate`` (the learning rate tuned at that batch; other batch sizes
+    scale it by the rule of :func:`gns.recommend.scale_learning_rate`).
+
+    ``noise``: measure the noise scale on the parameters after ``warmup_steps`` of training at
+    ``train.batch_size``: ``num_batches`` independent batches of ``batch_size`` examples, the
+    ``method`` of ``gns.estimate`` (``auto``: per-example without BatchNorm, else microbatch
+    with ``train.gns_microbatches``), pooled into one ``b_simple`` with a ``confidence`` bootstrap
+    interval (``gns.smoothing.interval``, iid since the batches are independent).
+
+    ``throughput``: candidate batch sizes are the powers of two from ``min_batch_size`` to
+    ``max_batch_size``; each is predicted against ``memory_budget_bytes`` (``None``: the device's
+    capacity, or half the free host RAM on CPU), confirmed by running, then timed (``warmup``,
+    ``repeats``). ``accumulation_factors``: above the largest that fits, batches of
+    ``factor × largest`` are timed as gradient accumulation.
+
+    ``tradeoff``: short trainings at ``batch_sizes`` (a list; ``None`` = every power of two from
+    ``min_batch_size`` to the largest that fits, at most ``max_runs`` of them, spread evenly)
+    until the test accuracy reaches ``target_accuracy`` or ``max_steps``/``max_wall_time_s``;
+    evaluation every ``eval_every_examples`` training examples (so the resolution of
+    steps-to-target is the same across batch sizes), ``num_bootstrap`` refits for the intervals.
+
+    ``recommend``: ``price_per_hour`` (``None``: compute in device-seconds), ``objective``
+    (``time`` or ``cost``), and extra ``candidates`` (``None``: the measured batches and the
+    accumulation ones).
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.compilation_cache = True
+    c.train = cifar10.get_config(train_variant)
+    c.train.schedule = "constant"  # steps-to-target must not depend on a decay horizon
+    c.train.warmup_steps = 0
+    c.train.gns_every = 0  # the sweep measures the noise scale itself
+    c.train.checkpoint_every = 0
+    c.train.progress_bar = False
+
+    c.noise = ml_collections.ConfigDict()
+    c.noise.warmup_steps = 100
+    c.noise.batch_size = 128
+    c.noise.num_batches = 16
+    c.noise.method = "auto"
+    c.noise.chunk_size = config_dict.placeholder(int)
+    c.noise.confidence = 0.9
+
+    c.throughput = ml_collections.ConfigDict()
+    c.throughput.min_batch_size = 16
+    c.throughput.max_batch_size = 1024
+    c.throughput.memory_budget_bytes = config_dict.placeholder(int)
+    c.throughput.warmup = 2
+    c.throughput.repeats = 5
+    c.throughput.accumulation_factors = (2, 4)
+
+    c.tradeoff = ml_collections.ConfigDict()
+    c.tradeoff.batch_sizes = config_dict.placeholder(tuple)
+    c.tradeoff.min_batch_size = 16
+    c.tradeoff.max_runs = 5
+    c.tradeoff.target_accuracy = 0.5
+    c.tradeoff.max_steps = 5000
+    c.tradeoff.max_wall_time_s = 120.0
+    c.tradeoff.eval_every_examples = 4096
+    c.tradeoff.num_bootstrap = 1000
+
+    c.recommend = ml_collections.ConfigDict()
+    c.recommend.price_per_hour = config_dict.placeholder(float)
+    c.recommend.objective = "time"
+    c.recommend.candidates = config_dict.placeholder(tuple)
+    return c
+
+
+def smoke() -> ml_collections.ConfigDict:
+    """Tiny CNN on synthetic data: every stage of the sweep, fast.
+
+    Command (about 30-45 s on 2 CPU cores)::
+
+        python -m experiments.sweep --config configs/sweep.py:smoke --workdir /tmp/sweep_smoke
+
+    On real images add ``--config.train.data.source=folder
+    --config.train.data.path=../shared/data/cifar10-jpeg.tar.gz`` (the first run decodes and
+    caches them, about 20 s more; lower ``tradeoff.target_accuracy`` to 0.25).
+    """
+    c = base("smoke")
+    c.train.data.source = "synthetic"
+    c.train.data.num_train = 1024
+    c.train.data.num_test = 256
+    c.train.batch_size = 16
+    c.train.learning_rate = 3e-3
+    c.train.eval_examples = 256
+    c.noise.warmup_steps = 10
+    c.noise.batch_size = 32
+    c.noise.num_batches = 6
+    c.throughput.min_batch_size = 8
+    c.throughput.max_batch_size = 64
+    # The tiny model's step is predicted at ~6 MiB at batch 32 and ~12 MiB at 64 on CPU: an
+    # 8 MiB budget makes 32 the largest that fits, so 64 and 128 run as accumulation.
+    c.throughput.memory_budget_bytes = 8 * 2**20
+    c.throughput.warmup = 1
+    c.throughput.repeats = 3
+    c.tradeoff.batch_sizes = (8, 16, 32)
+    c.tradeoff.target_accuracy = 0.4
+    c.tradeoff.max_steps = 400
+    c.tradeoff.max_wall_time_s = 30.0
+    c.tradeoff.eval_every_examples = 256
+    c.tradeoff.num_bootstrap = 200
+    return c
+
+
+def cpu() -> ml_collections.ConfigDict:
+    """SmallCNN (95k parameters) with Adam on CIFAR-10: a full sweep sized for 2 CPU cores.
+
+    Noise scale from 16 batches of 128 after 200 steps; step time at batch 16-1024; trainings to
+    45% test accuracy (5,000-image eval subset) at batches 16-128. About 10 minutes on 2 idle
+    CPU cores (measured: about 20 minutes on 2 cores shared with three other busy processes,
+    where big batches slow down most). Command::
+
+        python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
+          --config.train.data.source=folder \
+          --config.train.data.path=../shared/data/cifar10-jpeg.tar.gz
+    """
+    c = base("cpu")
+    c.train.num_epochs = None
+    c.train.batch_size = 64
+    c.train.learning_rate = 2e-3
+    c.train.eval_examples = 5000
+    c.noise.warmup_steps = 200
+    c.noise.batch_size = 128
+    c.noise.num_batches = 16
+    c.noise.chunk_size = 64
+    c.throughput.min_batch_size = 16
+    c.throughput.max_batch_size = 1024
+    c.throughput.memory_budget_bytes = 4 * 2**30
+    c.tradeoff.batch_sizes = (16, 32, 64, 128)
+    c.tradeoff.target_accuracy = 0.45
+    c.tradeoff.max_steps = 6000
+    c.tradeoff.max_wall_time_s = 300.0
+    c.tradeoff.eval_every_examples = 4096
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config of variant ``arg`` (``smoke`` or ``cpu``; default ``cpu``).
+
+    Example::
+
+        python -m experiments.sweep --config configs/sweep.py:smoke --workdir /tmp/sweep_smoke
+    """
+    arg = arg or "cpu"
+    variants = {"smoke": smoke, "cpu": cpu}
+    if arg not in variants:
+        raise ValueError(
+            f"Unknown configs/sweep.py variant {arg!r}: use one of {', '.join(VARIANTS)} "
+            "(e.g. --config configs/sweep.py:smoke)."
+        )
+    return variants[arg]()

@@ -1,0 +1,418 @@
+"""From noise scale + step time + memory limit to one batch size and learning rate.
+
+With ``B_noise`` the noise scale and ``t(B)`` the measured time of one optimizer step at batch
+``B`` on the devices at hand, the McCandlish tradeoff ``S(B) = S_min(1 + B_noise/B)`` gives::
+
+    time to target     T(B) = S(B)·t(B)        ∝ (1 + B_noise/B) · t(B)
+    compute to target  C(B) = S(B)·t(B)·price  ∝ (1 + B/B_noise) · t(B)/B      (× E_min, price)
+
+``S_min`` (and ``E_min``) cancel: the noise scale and the throughput curve alone pick the batch
+size. The time-optimal batch minimizes ``T``, the cost-optimal one ``C``. For ``t(B) = a + b·B``
+(a fixed overhead plus a per-example cost), ``T`` is minimal at ``B* = sqrt(a·B_noise/b)``.
+
+Above the largest batch that fits, a step is gradient accumulation over
+``k = ceil(B/max_batch_size)`` microbatches, ``t(B) = k·t(B/k)``
+(:func:`gns.hardware.accumulated_step_time`). On the same devices accumulation never shortens
+the time to target: ``(1 + N/(k·m))·k·t(m) = (k + N/m)·t(m) ≥ (1 + N/m)·t(m)`` for any micro
+batch ``m``, and it never lowers the compute either. It is what you do when a recipe fixes a
+batch size larger than memory allows; the table shows its price.
+
+Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018),
+sections 2.2-2.3 (eq. 2.6 for the SGD learning rate, eq. 2.11 for the tradeoff).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from gns.hardware import accumulated_step_time
+
+__all__ = ["Recommendation", "recommend", "scale_learning_rate", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "lamb", "lars")
+_ADAPTIVE = ("adam", "adamw", "lamb")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendation:
+    """The recommended batch size, with the evidence.
+
+    Attributes:
+      batch_size: the recommended (effective) batch size: ``time_optimal`` or ``cost_optimal``
+        depending on ``objective``.
+      time_optimal: the candidate with the smallest predicted time to target.
+      cost_optimal: the candidate with the smallest predicted compute (device-hours, or money
+        with a price) to target.
+      accumulation_steps: gradient-accumulation steps for ``batch_size`` (1: one batch per step).
+      micro_batch_size: examples per accumulation step.
+      learning_rate: the learning rate for ``batch_size`` from ``base_lr`` at
+        ``base_batch_size``.
+      lr_rule: the rule that gave it, in words (and whether it is a heuristic).
+      predicted_speedup_vs_baseline: ``T(base_batch_size) / T(batch_size)``.
+      near_optimal_range: ``(smallest, largest)`` candidate whose predicted time is within
+        ``near_optimal_tolerance`` (10%) of the best: how sharply the answer is determined.
+      batch_size_under_interval: ``(batch at the low end, batch at the high end)`` of the
+        noise-scale interval, when one was given, else ``None``.
+      reason: the recommendation in plain English.
+      table: one dict per candidate: ``batch_size``, ``fits``, ``accumulation_steps``,
+        ``micro_batch_size``, ``step_time_s``, ``relative_steps`` (``S/S_min``),
+        ``relative_time`` (``T/T_best``), ``relative_cost`` (``C/C_best``) and, with ``s_min``,
+        ``time_to_target_s``; with a price, ``cost_to_target`` (``cost_per_s_min`` without
+        ``s_min``: the cost per minimal step).
+    """
+
+    batch_size: int
+    time_optimal: int
+    cost_optimal: int
+    accumulation_steps: int
+    micro_batch_size: int
+    learning_rate: float
+    lr_rule: str
+    predicted_speedup_vs_baseline: float
+    near_optimal_range: tuple[int, int]
+    batch_size_under_interval: tuple[int, int] | None
+    reason: str
+    table: list[dict]
+    b_noise: float
+    objective: str
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["near_optimal_range"] = list(self.near_optimal_range)
+        if self.batch_size_under_interval is not None:
+            out["batch_size_under_interval"] = list(self.batch_size_under_interval)
+        return out
+
+
+def scale_learning_rate(
+    base_lr: float, base_batch_size: float, batch_size: float, b_noise: float, optimizer: str
+) -> tuple[float, str]:
+    """Learning rate for ``batch_size`` from one tuned at ``base_batch_size``.
+
+    * SGD (and momentum, LARS): McCandlish eq. 2.6, ``ε_opt(B) = ε_max / (1 + B_noise/B)``;
+      ``ε_max = base_lr·(1 + B_noise/base_batch_size)`` from the tuned rate, so
+      ``lr(B) = base_lr·(1 + B_noise/B_base)/(1 + B_noise/B)``: linear scaling well below the
+      noise scale, saturating above it. With ``B_noise`` infinite this is linear scaling; with
+      ``B_noise <= 0`` the rate is kept.
+    * Adam-family (Adam, AdamW, LAMB): square-root scaling ``lr(B) = base_lr·sqrt(B/B_base)``,
+      a heuristic (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive gradient
+      algorithms"; Hoffer et al. 2017), not derived from the noise scale. Re-tune around it.
+
+    Returns:
+      ``(learning_rate, rule in words)``.
+    """
+    opt = optimizer.lower()
+    if opt not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+    if not (base_lr > 0 and base_batch_size > 0 and batch_size > 0):
+        raise ValueError(
+            f"base_lr, base_batch_size and batch_size must be positive, got {base_lr}, "
+            f"{base_batch_size}, {batch_size}."
+        )
+    if opt in _ADAPTIVE:
+        lr = base_lr * math.sqrt(batch_size / base_batch_size)
+        rule = (
+            f"square-root scaling lr = {base_lr:g}·sqrt(B/{base_batch_size:g}) for {opt}: a "
+            "heuristic for adaptive optimizers (Malladi et al. 2022), not derived from the noise "
+            "scale; re-tune within a factor of 2 around it."
+        )
+        return lr, rule
+    if math.isinf(b_noise):
+        lr = base_lr * batch_size / base_batch_size
+        rule = (
+            f"linear scaling lr = {base_lr:g}·B/{base_batch_size:g}: the limit of "
+            "eps_opt(B) = eps_max/(1 + B_noise/B) for an unresolved (infinite) noise scale."
+        )
+        return lr, rule
+    if b_noise <= 0:
+        return base_lr, (
+            "lr kept at the tuned value: with no measurable gradient noise, eps_opt(B) = "
+            "eps_max/(1 + B_noise/B) does not depend on B."
+        )
+    eps_max = base_lr * (1.0 + b_noise / base_batch_size)
+    lr = eps_max / (1.0 + b_noise / batch_size)
+    rule = (
+        f"eps_opt(B) = eps_max/(1 + B_noise/B) (McCandlish et al. 2018, eq. 2.6) with "
+        f"B_noise = {b_noise:.4g} and eps_max = {eps_max:.4g} solved from lr {base_lr:g} tuned at "
+        f"batch {base_batch_size:g}; exact for SGD on a locally quadratic loss."
+    )
+    return lr, rule
+
+
+def _objectives(b: np.ndarray, t: np.ndarray, n: float):
+    """Relative steps ``1 + N/B`` and per-``S_min`` time and compute for noise scale ``n``."""
+    if math.isinf(n):
+        # S ∝ 1/B: every factor of B_noise cancels after dividing by it; compare t(B)/B.
+        rel_steps = np.full_like(b, np.inf)
+        return rel_steps, t / b, t / b
+    n = max(n, 0.0)
+    rel_steps = 1.0 + n / b
+    # (1 + B/N)·t(B)/B · E_min = S_min·(1 + N/B)·t(B): per device, compute is the time.
+    return rel_steps, rel_steps * t, rel_steps * t
+
+
+def _argmin_batch(b: np.ndarray, values: np.ndarray) -> int:
+    """Smallest batch among the minima (ties, e.g. flat curves, go to the smaller batch)."""
+    best = values.min()
+    return int(b[np.flatnonzero(values <= best * (1 + 1e-12))[0]])
+
+
+def _pick(b, t, n, objective, devices):
+    _, time_obj, compute = _objectives(b, t, n)
+    return _argmin_batch(b, time_obj if objective == "time" else compute * devices)
+
+
+def recommend(
+    b_noise: float,
+    step_time: Mapping[int, float] | tuple[Sequence[int], Sequence[float]],
+    *,
+    max_batch_size: int,
+    base_lr: float,
+    base_batch_size: int,
+    optimizer: str = "sgd",
+    b_noise_interval: tuple[float, float] | None = None,
+    price_per_hour: float | None = None,
+    num_devices: int | Callable[[int], float] = 1,
+    s_min: float | None = None,
+    candidates: Sequence[int] | None = None,
+    objective: str = "time",
+    near_optimal_tolerance: float = 0.1,
+) -> Recommendation:
+    """Recommend a batch size (and learning rate) for the time (or cost) to a target.
+
+    Args:
+      b_noise: the noise scale (``B_simple`` as a stand-in for ``B_noise``). ``inf`` (gradient
+        not resolved above the noise) is allowed: steps then fall like ``1/B`` and the batch
+        with the best throughput wins. A negative or zero value (the ``tr Σ`` estimate came out
+        non-positive) is treated as no noise: steps do not depend on ``B``. ``nan`` is refused.
+      step_time: measured seconds per step at batch sizes that fit, ``{batch: seconds}`` or
+        ``(batch_sizes, seconds)``.
+      max_batch_size: the largest batch that fits; bigger candidates use gradient accumulation.
+      base_lr: learning rate tuned at ``base_batch_size``.
+      base_batch_size: the reference batch (the baseline of ``predicted_speedup_vs_baseline``).
+      optimizer: ``"sgd"``, ``"momentum"``, ``"lars"`` (noise-scale rule) or ``"adam"``,
+        ``"adamw"``, ``"lamb"`` (square-root heuristic).
+      b_noise_interval: ``(low, high)`` of the noise scale; the recommendation under each end is
+        reported.
+      price_per_hour: price of one device-hour; adds money columns to the table.
+      num_devices: devices the step runs on (compute = time × devices), or a function
+        ``B -> devices`` when the device count grows with the batch (data parallelism at a
+        fixed per-device batch; ``step_time`` must then be measured that way too). With a fixed
+        device count the cost-optimal batch is the time-optimal one: the devices are paid for
+        the whole wall time, and ``(1 + B/N)·t(B)/B·E_min = S_min·(1 + N/B)·t(B)``.
+      s_min: fitted ``S_min`` (steps), to report absolute times to target in the table.
+      candidates: batch sizes to consider; default the measured ones and 2×, 4× the largest
+        that fits (accumulation), and the base batch size.
+      objective: ``"time"`` or ``"cost"``: which optimum ``batch_size`` is.
+      near_optimal_tolerance: relative slack defining ``near_optimal_range``.
+
+    Returns:
+      A :class:`Recommendation`.
+
+    Example:
+      >>> # t(B) = 0.01 + 0.001·B and B_noise = 400: the optimum is sqrt(0.01·400/0.001) = 63.2
+      >>> times = {b: 0.01 + 0.001 * b for b in (16, 32, 64, 128, 256)}
+      >>> r = recommend(400.0, times, max_batch_size=256, base_lr=0.1, base_batch_size=32)
+      >>> r.batch_size, r.accumulation_steps
+      (64, 1)
+    """
+    if isinstance(b_noise, bool) or b_noise is None:
+        raise ValueError(f"b_noise must be a number, got {b_noise!r}.")
+    n = float(b_noise)
+    if math.isnan(n):
+        raise ValueError(
+            "b_noise is nan: the noise-scale statistics are not finite (a diverged run, or no "
+            "finite steps). Measure the noise scale again on finite gradients, over more batches."
+        )
+    if objective not in ("time", "cost"):
+        raise ValueError(f"objective must be 'time' or 'cost', got {objective!r}.")
+    if isinstance(step_time, Mapping):
+        measured = {int(k): float(v) for k, v in step_time.items()}
+    else:
+        bs, ts = step_time
+        measured = {int(k): float(v) for k, v in zip(bs, ts, strict=True)}
+    if not measured:
+        raise ValueError("step_time is empty: time at least one batch size that fits.")
+    bad = {k: v for k, v in measured.items() if not (k >= 1 and math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"step_time needs positive batch sizes and finite positive seconds: {bad}")
+    if not (isinstance(max_batch_size, int | np.integer) and max_batch_size >= 1):
+        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}.")
+    measured = {k: v for k, v in measured.items() if k <= max_batch_size}
+    if not measured:
+        raise ValueError(
+            f"no step time measured at or below max_batch_size={max_batch_size}: time batch "
+            "sizes that fit."
+        )
+    if price_per_hour is not None and not price_per_hour > 0:
+        raise ValueError(f"price_per_hour must be positive or None, got {price_per_hour!r}.")
+    if candidates is None:
+        cands = set(measured) | {max_batch_size * 2, max_batch_size * 4, int(base_batch_size)}
+    else:
+        cands = {int(c) for c in candidates}
+    if not cands or min(cands) < 1:
+        raise ValueError(f"candidates must be positive batch sizes, got {candidates!r}.")
+    b = np.array(sorted(cands), dtype=np.float64)
+    timed = [accumulated_step_time(measured, int(x), max_batch_size) for x in b]
+    t = np.array([x[0] for x in timed])
+    accum = [x[1] for x in timed]
+    micro = [x[2] for x in timed]
+
+    rel_steps, time_obj, compute = _objectives(b, t, n)
+    if callable(num_devices):
+        devices = np.array([float(num_devices(int(x))) for x in b])
+    else:
+        devices = np.full_like(b, float(num_devices))
+    if np.any(~np.isfinite(devices)) or np.any(devices <= 0):
+        raise ValueError(f"num_devices must be positive, got {devices.tolist()} for {b.tolist()}.")
+    compute = compute * devices
+    time_opt = _argmin_batch(b, time_obj)
+    cost_opt = _argmin_batch(b, compute)
+    chosen = time_opt if objective == "time" else cost_opt
+    i = int(np.flatnonzero(b == chosen)[0])
+    near = b[time_obj <= time_obj.min() * (1.0 + near_optimal_tolerance)]
+
+    base_t, _, _ = accumulated_step_time(measured, int(base_batch_size), max_batch_size)
+    _, base_time, _ = _objectives(np.array([float(base_batch_size)]), np.array([base_t]), n)
+    speedup = float(base_time[0] / time_obj[i])
+    lr, lr_rule = scale_learning_rate(base_lr, base_batch_size, chosen, n, optimizer)
+
+    under = None
+    if b_noise_interval is not None:
+        lo, hi = (float(v) for v in b_noise_interval)
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            raise ValueError(
+                f"b_noise_interval must be (low, high) with low <= high, got {b_noise_interval!r}."
+            )
+        under = (_pick(b, t, lo, objective, devices), _pick(b, t, hi, objective, devices))
+
+    table = []
+    for j, x in enumerate(b):
+        row = {
+            "batch_size": int(x),
+            "fits": bool(x <= max_batch_size),
+            "accumulation_steps": int(accum[j]),
+            "micro_batch_size": int(micro[j]),
+            "step_time_s": float(t[j]),
+            "examples_per_s": float(x / t[j] * 1.0),
+            "relative_steps": float(rel_steps[j]),
+            "relative_time": float(time_obj[j] / time_obj.min()),
+            "relative_cost": float(compute[j] / compute.min()),
+        }
+        if s_min is not None and math.isfinite(n):
+            row["time_to_target_s"] = float(s_min * time_obj[j])
+        if price_per_hour is not None:
+            key = "cost_to_target" if s_min is not None and math.isfinite(n) else "cost_per_s_min"
+            scale = s_min if key == "cost_to_target" else 1.0
+            row[key] = float(scale * compute[j] * price_per_hour / 3600.0)
+        table.append(row)
+
+    reason = _reason(
+        n,
+        chosen,
+        time_opt,
+        cost_opt,
+        objective,
+        accum[i],
+        micro[i],
+        max_batch_size,
+        (int(near.min()), int(near.max())),
+        near_optimal_tolerance,
+        speedup,
+        int(base_batch_size),
+        under,
+        t[i],
+        b,
+    )
+    return Recommendation(
+        batch_size=int(chosen),
+        time_optimal=int(time_opt),
+        cost_optimal=int(cost_opt),
+        accumulation_steps=int(accum[i]),
+        micro_batch_size=int(micro[i]),
+        learning_rate=float(lr),
+        lr_rule=lr_rule,
+        predicted_speedup_vs_baseline=speedup,
+        near_optimal_range=(int(near.min()), int(near.max())),
+        batch_size_under_interval=under,
+        reason=reason,
+        table=table,
+        b_noise=n,
+        objective=objective,
+    )
+
+
+def _reason(
+    n,
+    chosen,
+    time_opt,
+    cost_opt,
+    objective,
+    k,
+    micro,
+    max_b,
+    near,
+    tol,
+    speedup,
+    base,
+    under,
+    t_chosen,
+    b,
+) -> str:
+    parts = []
+    if math.isinf(n):
+        parts.append(
+            "The noise scale is not resolved (infinite): gradient noise dominates at every "
+            "candidate batch, so steps to target fall like 1/B and the batch with the highest "
+            f"throughput wins: {chosen}."
+        )
+    elif n <= 0:
+        parts.append(
+            f"The noise-scale estimate is {n:.3g} (not positive): no gradient noise was "
+            "measured, so bigger batches do not save steps and the fastest step wins: "
+            f"{chosen}. A non-positive estimate is usually sampling noise: pool more batches."
+        )
+    else:
+        what = "time to target" if objective == "time" else "compute to target"
+        parts.append(
+            f"Batch {chosen} minimizes the predicted {what} (1 + B_noise/B)·t(B) with "
+            f"B_noise = {n:.4g} and t({chosen}) = {t_chosen * 1e3:.3g} ms per step on this device."
+        )
+        if chosen < n:
+            parts.append(
+                "It is below the noise scale: each step is still noise-dominated, but a bigger "
+                "batch would cost more time per step than it saves in steps here."
+            )
+    if k > 1:
+        parts.append(
+            f"It does not fit in memory (largest that fits: {max_b}), so run it as {k} "
+            f"accumulation steps of {micro} examples."
+        )
+    elif chosen == max_b and b.max() > max_b:
+        parts.append(
+            "It is the largest batch that fits in memory; accumulation beyond it does "
+            "not shorten the time to target on these devices."
+        )
+    if near[0] == near[1]:
+        parts.append(f"No other candidate is within {round(100 * tol)}% of its predicted time.")
+    else:
+        parts.append(
+            f"Batches {near[0]}-{near[1]} are within {round(100 * tol)}% of the best predicted "
+            "time."
+        )
+    if cost_opt != time_opt:
+        other = cost_opt if objective == "time" else time_opt
+        parts.append(
+            f"The {'cheapest in compute' if objective == 'time' else 'fastest'} is batch {other}."
+        )
+    parts.append(f"Predicted speedup over batch {base}: {speedup:.2f}x.")
+    if under is not None:
+        parts.append(
+            f"Across the noise-scale interval the recommendation ranges from {under[0]} "
+            f"(low end) to {under[1]} (high end)."
+        )
+    return " ".join(parts)

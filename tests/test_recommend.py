@@ -1,0 +1,275 @@
+"""Tests for gns.recommend: analytic optima, memory limit and accumulation, cost, LR rules."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gns import hardware, recommend
+
+POW2 = [2**i for i in range(3, 13)]  # 8 .. 4096
+
+
+def linear_times(a, b, batches=POW2):
+    """t(B) = a + b·B: a fixed per-step overhead plus a per-example cost."""
+    return {B: a + b * B for B in batches}
+
+
+def brute_force_best(n, t, batches):
+    """Independent computation: argmin over batches of (1 + n/B)·t(B), smallest on ties."""
+    vals = [(1 + n / B) * t[B] for B in batches]
+    return batches[int(np.argmin(vals))]
+
+
+@pytest.mark.parametrize("a, b, n", [(0.01, 1e-4, 1000.0), (0.05, 1e-4, 300.0), (1e-3, 1e-3, 50.0)])
+def test_time_optimum_is_the_analytic_one_on_a_fine_grid(a, b, n):
+    # (1 + N/B)(a + bB) is minimal at B* = sqrt(aN/b); with every integer a candidate, the
+    # recommendation must land next to it.
+    b_star = math.sqrt(a * n / b)
+    grid = list(range(1, 4 * int(b_star) + 10))
+    times = linear_times(a, b, grid)
+    r = recommend.recommend(
+        n, times, max_batch_size=max(grid), base_lr=0.1, base_batch_size=1, candidates=grid
+    )
+    assert abs(r.batch_size - b_star) <= 1.0, (r.batch_size, b_star)
+    assert r.accumulation_steps == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    log_a=st.floats(-6, 0),
+    log_b=st.floats(-7, -2),
+    log_n=st.floats(0, 4),
+)
+def test_time_optimum_matches_brute_force_among_powers_of_two(log_a, log_b, log_n):
+    a, b, n = 10**log_a, 10**log_b, 10**log_n
+    times = linear_times(a, b)
+    r = recommend.recommend(
+        n, times, max_batch_size=4096, base_lr=0.1, base_batch_size=32, candidates=POW2
+    )
+    assert r.batch_size == brute_force_best(n, times, POW2)
+    # The continuous optimum sqrt(aN/b) lies within a factor 2 of the best power of two
+    # (when it is inside the candidate range).
+    b_star = math.sqrt(a * n / b)
+    if POW2[0] <= b_star <= POW2[-1]:
+        assert b_star / 2 <= r.batch_size <= 2 * b_star
+
+
+def test_memory_limit_is_respected_and_accumulation_used_above_it():
+    a, b, n = 0.01, 1e-5, 10_000.0  # B* = sqrt(0.01 * 1e4 / 1e-5) = 3162
+    times = linear_times(a, b, [8, 16, 32, 64, 128, 256])  # only these fit
+    r = recommend.recommend(
+        n, times, max_batch_size=256, base_lr=0.1, base_batch_size=32, candidates=POW2
+    )
+    # Accumulation never shortens the time to target, so the largest batch that fits wins.
+    assert r.batch_size == 256 and r.accumulation_steps == 1
+    rows = {row["batch_size"]: row for row in r.table}
+    for B in (512, 1024, 4096):
+        k = B // 256
+        assert not rows[B]["fits"]
+        assert rows[B]["accumulation_steps"] == k
+        assert rows[B]["micro_batch_size"] == 256
+        assert rows[B]["step_time_s"] == pytest.approx(k * times[256])
+        assert rows[B]["relative_time"] > 1.0
+    # The unconstrained optimum (3162) would have been picked without the limit.
+    r_free = recommend.recommend(
+        n, linear_times(a, b), max_batch_size=4096, base_lr=0.1, base_batch_size=32, candidates=POW2
+    )
+    assert r_free.batch_size == brute_force_best(n, linear_times(a, b), POW2) == 4096
+    # When only batches above the limit are allowed, the answer is accumulation.
+    r_acc = recommend.recommend(
+        n, times, max_batch_size=256, base_lr=0.1, base_batch_size=32, candidates=[512, 1024]
+    )
+    assert r_acc.batch_size == 512
+    assert r_acc.accumulation_steps == 2 and r_acc.micro_batch_size == 256
+    assert "accumulation" in r_acc.reason
+
+
+def test_accumulated_step_time_uneven_division():
+    # B = 600 with max 256: k = 3 microbatches of 200, timed by log-log interpolation.
+    t, k, micro = hardware.accumulated_step_time({128: 0.1, 256: 0.4}, 600, 256)
+    assert (k, micro) == (3, 200)
+    expected = math.exp(
+        np.interp(math.log(200), [math.log(128), math.log(256)], [math.log(0.1), math.log(0.4)])
+    )
+    assert t == pytest.approx(3 * expected)
+
+
+def test_cost_optimum_fixed_devices_equals_time_optimum_and_scale_out_differs():
+    a, b, n = 0.01, 1e-4, 1000.0
+    times = linear_times(a, b)
+    r = recommend.recommend(
+        n,
+        times,
+        max_batch_size=4096,
+        base_lr=0.1,
+        base_batch_size=32,
+        candidates=POW2,
+        price_per_hour=3.0,
+        num_devices=8,
+    )
+    # (1 + B/N)·t(B)/B·E_min == S_min·(1 + N/B)·t(B): on a fixed device set they coincide.
+    assert r.cost_optimal == r.time_optimal == brute_force_best(n, times, POW2)
+    costs = [row["cost_per_s_min"] for row in r.table]
+    expected = [8 * 3.0 / 3600 * (1 + n / B) * times[B] for B in POW2]
+    np.testing.assert_allclose(costs, expected, rtol=1e-12)
+    # Data parallel at 8 examples per device with perfect scaling (t constant): time falls
+    # with B (largest batch), compute (1 + N/B)·(B/8)·t ∝ B + N grows (smallest batch).
+    flat = {B: 0.02 for B in POW2}
+    r = recommend.recommend(
+        n,
+        flat,
+        max_batch_size=4096,
+        base_lr=0.1,
+        base_batch_size=32,
+        candidates=POW2,
+        num_devices=lambda B: B / 8,
+        objective="cost",
+    )
+    assert r.time_optimal == 4096
+    assert r.cost_optimal == r.batch_size == 8
+    assert "fastest is batch 4096" in r.reason
+
+
+def test_absolute_time_to_target_with_s_min():
+    times = linear_times(0.01, 1e-4)
+    r = recommend.recommend(
+        1000.0,
+        times,
+        max_batch_size=4096,
+        base_lr=0.1,
+        base_batch_size=32,
+        s_min=250.0,
+        candidates=POW2,
+    )
+    for row in r.table:
+        B = row["batch_size"]
+        assert row["time_to_target_s"] == pytest.approx(250.0 * (1 + 1000.0 / B) * times[B])
+
+
+def test_speedup_and_near_optimal_range():
+    times = linear_times(0.01, 1e-4)
+    n = 1000.0
+    r = recommend.recommend(
+        n, times, max_batch_size=4096, base_lr=0.1, base_batch_size=32, candidates=POW2
+    )
+    T = {B: (1 + n / B) * times[B] for B in POW2}
+    best = min(T.values())
+    assert r.predicted_speedup_vs_baseline == pytest.approx(T[32] / best)
+    near = [B for B in POW2 if T[B] <= 1.1 * best]
+    assert r.near_optimal_range == (min(near), max(near))
+    assert r.near_optimal_range[0] <= r.batch_size <= r.near_optimal_range[1]
+
+
+def test_interval_ends_move_the_recommendation_monotonically():
+    times = linear_times(0.01, 1e-4)
+    r = recommend.recommend(
+        1000.0,
+        times,
+        max_batch_size=4096,
+        base_lr=0.1,
+        base_batch_size=32,
+        candidates=POW2,
+        b_noise_interval=(100.0, 10_000.0),
+    )
+    lo, hi = r.batch_size_under_interval
+    assert lo == brute_force_best(100.0, times, POW2)
+    assert hi == brute_force_best(10_000.0, times, POW2)
+    assert lo <= r.batch_size <= hi and lo < hi
+
+
+def test_sgd_lr_rule_closed_form_and_limits():
+    n, base_lr, base_b = 500.0, 0.1, 64
+    eps_max = base_lr * (1 + n / base_b)
+    for B in (16, 64, 512, 8192):
+        lr, rule = recommend.scale_learning_rate(base_lr, base_b, B, n, "sgd")
+        assert lr == pytest.approx(eps_max / (1 + n / B))
+        assert "eps_opt" in rule
+    lr, _ = recommend.scale_learning_rate(base_lr, base_b, base_b, n, "sgd")
+    assert lr == pytest.approx(base_lr)  # the tuned point is reproduced
+    # Far above the noise scale the rate saturates at eps_max; infinite noise: linear scaling.
+    lr, _ = recommend.scale_learning_rate(base_lr, base_b, 1e9, n, "momentum")
+    assert lr == pytest.approx(eps_max, rel=1e-6)
+    lr, rule = recommend.scale_learning_rate(base_lr, base_b, 256, math.inf, "sgd")
+    assert lr == pytest.approx(0.4) and "linear" in rule
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw", "lamb"])
+def test_adaptive_lr_rule_is_square_root_and_says_heuristic(opt):
+    lr, rule = recommend.scale_learning_rate(2e-3, 64, 256, 500.0, opt)
+    assert lr == pytest.approx(4e-3)
+    assert "heuristic" in rule and "square-root" in rule
+    times = linear_times(0.01, 1e-4)
+    r = recommend.recommend(
+        500.0,
+        times,
+        max_batch_size=4096,
+        base_lr=2e-3,
+        base_batch_size=64,
+        optimizer=opt,
+        candidates=POW2,
+    )
+    assert r.learning_rate == pytest.approx(2e-3 * math.sqrt(r.batch_size / 64))
+    assert "heuristic" in r.lr_rule
+
+
+def test_infinite_noise_scale_picks_best_throughput():
+    # Throughput (B/t) peaks at 128 (as on the 2-core CPU): with S ∝ 1/B that batch wins.
+    times = {32: 0.0156, 64: 0.0238, 128: 0.0527 * 0.9, 256: 0.134, 512: 0.351}
+    r = recommend.recommend(math.inf, times, max_batch_size=512, base_lr=0.1, base_batch_size=32)
+    best = max(times, key=lambda B: B / times[B])
+    assert r.batch_size == best == 128
+    assert "not resolved" in r.reason
+
+
+def test_non_positive_noise_scale_is_no_noise():
+    times = linear_times(0.01, 1e-4)
+    r = recommend.recommend(
+        -3.0, times, max_batch_size=4096, base_lr=0.1, base_batch_size=32, candidates=POW2
+    )
+    assert r.batch_size == min(POW2)  # steps do not depend on B: the fastest step wins
+    assert "not positive" in r.reason and "pool more batches" in r.reason
+    assert r.learning_rate == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"b_noise": math.nan}, "nan"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+        ({"step_time": {}}, "empty"),
+        ({"step_time": {64: -1.0}}, "finite positive"),
+        ({"max_batch_size": 16}, "no step time measured at or below"),
+        ({"b_noise_interval": (500.0, 100.0)}, "low <= high"),
+        ({"objective": "energy"}, "objective"),
+    ],
+)
+def test_recommend_refuses_bad_input(kwargs, match):
+    args = dict(
+        b_noise=100.0,
+        step_time={64: 0.1, 128: 0.2},
+        max_batch_size=128,
+        base_lr=0.1,
+        base_batch_size=64,
+    )
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        recommend.recommend(args.pop("b_noise"), args.pop("step_time"), **args)
+
+
+def test_to_dict_is_json_ready():
+    import json
+
+    r = recommend.recommend(
+        100.0,
+        {64: 0.1, 128: 0.15},
+        max_batch_size=128,
+        base_lr=0.1,
+        base_batch_size=64,
+        b_noise_interval=(50.0, math.inf),
+    )
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["batch_size"] == r.batch_size and d["reason"] == r.reason
+    assert len(d["table"]) == len(r.table)
