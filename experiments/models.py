@@ -1,15 +1,40 @@
 """Flax Linen models for the CIFAR-10 experiments.
 
 Parameters are a plain pytree (``variables["params"]``), which is what ``gns.estimate`` wants
-from a ``loss_fn(params, batch)``.
+from a ``loss_fn(params, batch)``. Models with BatchNorm keep their running statistics in
+``variables["batch_stats"]`` and say so with the class attribute ``has_batch_norm`` (per-example
+gradients are not valid for them: use the microbatch estimator).
+
+Every model is called as ``model.apply(variables, images, train=...)`` and returns logits
+``[batch, num_classes]``; ``train=True`` uses batch statistics (pass ``mutable=["batch_stats"]``
+for BatchNorm models) and dropout (pass ``rngs={"dropout": key}`` when a dropout rate is set).
+
+Example:
+  >>> model = get_model({"name": "resnet18"}, num_classes=10)
+  >>> model.has_batch_norm
+  True
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+__all__ = [
+    "SmallCNN",
+    "ResNet",
+    "EfficientNet",
+    "EFFICIENTNET_B0_BLOCKS",
+    "get_model",
+    "has_batch_norm",
+    "MODEL_NAMES",
+]
 
 
 class SmallCNN(nn.Module):
@@ -24,6 +49,8 @@ class SmallCNN(nn.Module):
     num_classes: int = 10
     groups: int = 8
 
+    has_batch_norm: ClassVar[bool] = False
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train  # no dropout or batch statistics
@@ -33,3 +60,280 @@ class SmallCNN(nn.Module):
             x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes)(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet (He et al. 2016), CIFAR variant.
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and an identity (or 1x1 projection) shortcut."""
+
+    filters: int
+    strides: int = 1
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5
+        )
+        s = (self.strides, self.strides)
+        y = nn.Conv(self.filters, (3, 3), s, padding="SAME", use_bias=False)(x)
+        y = nn.relu(norm()(y))
+        y = nn.Conv(self.filters, (3, 3), padding="SAME", use_bias=False)(y)
+        y = norm(scale_init=nn.initializers.zeros)(y)  # zero-init the residual branch (Goyal+17)
+        if x.shape[-1] != self.filters or self.strides != 1:
+            x = nn.Conv(self.filters, (1, 1), s, use_bias=False, name="proj_conv")(x)
+            x = norm(name="proj_bn")(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """ResNet with basic blocks for 32x32 images (ResNet-18 with the defaults).
+
+    The CIFAR variant (as in Kuang Liu's widely used pytorch-cifar): a 3x3 stride-1 stem
+    without max-pooling, four stages of ``stage_sizes`` basic blocks with ``num_filters * 2**i``
+    channels (stride 2 from the second stage on), global average pooling and a dense head.
+    With the defaults and 10 classes: 11,173,962 parameters.
+
+    Reference: He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition" (2016).
+    """
+
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    num_filters: int = 64
+    num_classes: int = 10
+    bn_momentum: float = 0.9
+
+    has_batch_norm: ClassVar[bool] = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(self.num_filters, (3, 3), padding="SAME", use_bias=False, name="stem_conv")(x)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, name="stem_bn"
+        )(x)
+        x = nn.relu(x)
+        for i, num_blocks in enumerate(self.stage_sizes):
+            for j in range(num_blocks):
+                strides = 2 if i > 0 and j == 0 else 1
+                x = BasicBlock(self.num_filters * 2**i, strides, self.bn_momentum)(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# EfficientNet (Tan & Le 2019).
+
+# (expand_ratio, kernel, strides, input_filters, output_filters, repeats), EfficientNet-B0,
+# Table 1 of the paper (with the squeeze-excitation ratio 0.25 of every stage).
+EFFICIENTNET_B0_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+)
+
+
+def round_filters(filters: int, width_coefficient: float, divisor: int = 8) -> int:
+    """Channel count scaled by ``width_coefficient`` and rounded to a multiple of ``divisor``
+    (as in the reference implementation)."""
+    filters *= width_coefficient
+    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
+    if new < 0.9 * filters:
+        new += divisor
+    return int(new)
+
+
+def round_repeats(repeats: int, depth_coefficient: float) -> int:
+    """Block repeats scaled by ``depth_coefficient`` (rounded up)."""
+    return int(math.ceil(depth_coefficient * repeats))
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck: 1x1 expand, depthwise kxk, squeeze-excitation, 1x1 project."""
+
+    input_filters: int
+    output_filters: int
+    expand_ratio: int
+    kernel: int
+    strides: int
+    se_ratio: float = 0.25
+    drop_connect_rate: float = 0.0
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+        )
+        inputs = x
+        filters = self.input_filters * self.expand_ratio
+        if self.expand_ratio != 1:
+            x = nn.Conv(filters, (1, 1), use_bias=False, name="expand_conv")(x)
+            x = nn.swish(norm(name="expand_bn")(x))
+        k, s = (self.kernel, self.kernel), (self.strides, self.strides)
+        x = nn.Conv(
+            filters, k, s, padding="SAME", feature_group_count=filters, use_bias=False, name="dw"
+        )(x)
+        x = nn.swish(norm(name="dw_bn")(x))
+        if self.se_ratio:
+            se_filters = max(1, int(self.input_filters * self.se_ratio))
+            se = jnp.mean(x, axis=(1, 2), keepdims=True)
+            se = nn.swish(nn.Conv(se_filters, (1, 1), name="se_reduce")(se))
+            se = nn.Conv(filters, (1, 1), name="se_expand")(se)
+            x = x * nn.sigmoid(se)
+        x = nn.Conv(self.output_filters, (1, 1), use_bias=False, name="project_conv")(x)
+        x = norm(name="project_bn")(x)
+        if self.strides == 1 and self.input_filters == self.output_filters:
+            if train and self.drop_connect_rate > 0:
+                # Stochastic depth: drop the whole residual branch per example.
+                keep = 1.0 - self.drop_connect_rate
+                mask = jax.random.bernoulli(
+                    self.make_rng("dropout"), keep, (x.shape[0], 1, 1, 1)
+                ).astype(x.dtype)
+                x = x * mask / keep
+            x = x + inputs
+        return x
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet with BatchNorm, swish and squeeze-excitation (B0 with the defaults).
+
+    As in the paper and its reference TensorFlow code: 3x3 stride-2 stem of 32 channels, the
+    MBConv stages of :data:`EFFICIENTNET_B0_BLOCKS`, a 1x1 head of 1280 channels, global
+    average pooling, dropout and a dense classifier; BatchNorm momentum 0.99 and epsilon 1e-3;
+    stochastic depth with a rate rising linearly to ``drop_connect_rate`` over the blocks.
+    EfficientNet-B0 has 5.29M parameters with a 1000-class head and 4,020,358 with a 10-class
+    head. On 32x32 images the total stride 32 leaves a 1x1 feature map; ``stem_strides=1``
+    keeps 2x2 (a common CIFAR adaptation that does not change the parameter count).
+
+    Reference: Tan, Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural
+    Networks" (ICML 2019).
+    """
+
+    num_classes: int = 10
+    width_coefficient: float = 1.0
+    depth_coefficient: float = 1.0
+    dropout_rate: float = 0.2
+    drop_connect_rate: float = 0.2
+    stem_strides: int = 2
+    head_filters: int = 1280
+    blocks: Sequence[Sequence[int]] = EFFICIENTNET_B0_BLOCKS
+    bn_momentum: float = 0.99
+
+    has_batch_norm: ClassVar[bool] = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-3
+        )
+        wc, dc = self.width_coefficient, self.depth_coefficient
+        stem = round_filters(self.blocks[0][3], wc)
+        s = (self.stem_strides, self.stem_strides)
+        x = nn.Conv(stem, (3, 3), s, padding="SAME", use_bias=False, name="stem_conv")(x)
+        x = nn.swish(norm(name="stem_bn")(x))
+        total = sum(round_repeats(b[5], dc) for b in self.blocks)
+        index = 0
+        for expand, kernel, strides, f_in, f_out, repeats in self.blocks:
+            f_in, f_out = round_filters(f_in, wc), round_filters(f_out, wc)
+            for r in range(round_repeats(repeats, dc)):
+                x = MBConv(
+                    input_filters=f_in if r == 0 else f_out,
+                    output_filters=f_out,
+                    expand_ratio=expand,
+                    kernel=kernel,
+                    strides=strides if r == 0 else 1,
+                    drop_connect_rate=self.drop_connect_rate * index / total,
+                    bn_momentum=self.bn_momentum,
+                )(x, train)
+                index += 1
+        x = nn.Conv(round_filters(self.head_filters, wc), (1, 1), use_bias=False, name="head")(x)
+        x = nn.swish(norm(name="head_bn")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        if self.dropout_rate > 0:
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Factory.
+
+MODEL_NAMES = ("small_cnn", "resnet", "resnet18", "efficientnet", "efficientnet_b0")
+
+
+def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def get_model(model_config: Any, num_classes: int | None = None) -> nn.Module:
+    """Build a model from ``config.model``.
+
+    Args:
+      model_config: a ``ConfigDict`` (or dict) with ``name`` in :data:`MODEL_NAMES` and
+        optional fields: ``num_classes``; for ``small_cnn`` ``widths`` and ``groups``; for
+        ``resnet``/``resnet18`` ``stage_sizes`` and ``num_filters``; for
+        ``efficientnet``/``efficientnet_b0`` ``width_coefficient``, ``depth_coefficient``,
+        ``dropout_rate``, ``drop_connect_rate``, ``stem_strides``, ``head_filters`` and
+        ``blocks``. Missing fields take the model's defaults (ResNet-18, EfficientNet-B0).
+      num_classes: overrides ``model_config.num_classes`` (the dataset's class count).
+
+    Returns:
+      An unbound Flax module; ``type(model).has_batch_norm`` says whether it has BatchNorm.
+
+    Example:
+      >>> get_model({"name": "small_cnn", "widths": (8, 16)}, num_classes=10).widths
+      (8, 16)
+    """
+    name = _cfg_get(model_config, "name", None)
+    classes = num_classes if num_classes is not None else _cfg_get(model_config, "num_classes", 10)
+
+    def opt(*keys):
+        out = {}
+        for key in keys:
+            value = _cfg_get(model_config, key, None)
+            if value is not None:
+                out[key] = tuple(value) if isinstance(value, list) else value
+        return out
+
+    if name == "small_cnn":
+        return SmallCNN(num_classes=classes, **opt("widths", "groups"))
+    if name in ("resnet", "resnet18"):
+        return ResNet(num_classes=classes, **opt("stage_sizes", "num_filters", "bn_momentum"))
+    if name in ("efficientnet", "efficientnet_b0"):
+        kw = opt(
+            "width_coefficient",
+            "depth_coefficient",
+            "dropout_rate",
+            "drop_connect_rate",
+            "stem_strides",
+            "head_filters",
+            "bn_momentum",
+        )
+        if _cfg_get(model_config, "blocks", None) is not None:
+            kw["blocks"] = tuple(tuple(b) for b in model_config["blocks"])
+        return EfficientNet(num_classes=classes, **kw)
+    raise ValueError(
+        f"config.model.name={name!r} is not a known model: use one of {', '.join(MODEL_NAMES)}."
+    )
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` keeps BatchNorm statistics (then per-example gradients are invalid)."""
+    return bool(getattr(type(model), "has_batch_norm", False))
+
+
+def uses_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` draws from the ``"dropout"`` RNG stream in training mode."""
+    return isinstance(model, EfficientNet) and (
+        model.dropout_rate > 0 or model.drop_connect_rate > 0
+    )

@@ -1,0 +1,402 @@
+"""Tests of the CIFAR-10 training code (experiments/train.py, experiments/cifar10.py,
+configs/cifar10.py, gns/plots.py), on tiny models and synthetic data."""
+
+import json
+import math
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import cifar10 as cifar10_config
+from experiments import data, models, train
+from gns import plots, smoothing
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Persistent compilation cache for this module: the resume runs compile the same programs
+    as each other (closures differ, HLO does not)."""
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(keys[1], 0.0)
+    jax.config.update(keys[2], 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+def tiny_config(**overrides):
+    """The smoke config on small synthetic images (learnable: class colour + pattern)."""
+    c = cifar10_config.get_config("smoke")
+    c.data.source = "synthetic"
+    c.data.synthetic.image_size = 16
+    c.data.num_train = 512
+    c.data.num_test = 256
+    c.progress_bar = False
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def _restored_state(workdir):
+    manager = train._checkpoint_manager(workdir)
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, restored.state
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: the smoke config on synthetic data.
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    config = tiny_config(num_steps=120, eval_every=40)
+    summary = train.train_and_evaluate(config, workdir)
+    return config, workdir, summary
+
+
+@pytest.mark.timeout(240)
+def test_smoke_run_learns(smoke_run):
+    config, _, summary = smoke_run
+    chance = 1.0 / config.data.synthetic.num_classes
+    assert summary["test_accuracy"] > 2 * chance
+    assert summary["test_examples"] == config.data.num_test  # final eval on the full test set
+    assert summary["steps"] == config.num_steps
+    assert summary["examples"] == config.num_steps * config.batch_size
+    assert summary["epochs"] == pytest.approx(summary["examples"] / config.data.num_train)
+    assert summary["best_test_accuracy"] >= summary["test_accuracy"]
+    assert summary["gns_method"] == "per_example"  # SmallCNN has no BatchNorm
+
+
+@pytest.mark.timeout(240)
+def test_smoke_run_files_and_rows(smoke_run):
+    config, workdir, summary = smoke_run
+    for name in ("config.json", "metrics.jsonl", "summary.json", "training.png", "noise_scale.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["batch_size"] == config.batch_size
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["test_accuracy"] == summary["test_accuracy"]
+
+    rows = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == config.num_steps
+    for r in rows:
+        assert r["examples_seen"] == r["step"] * config.batch_size
+    walls = [r["wall_time_s"] for r in rows]
+    assert all(b >= a for a, b in zip(walls, walls[1:], strict=False))
+    assert summary["wall_time_s"] == pytest.approx(walls[-1])
+
+    measured = [r for r in rows if "g_sq" in r]
+    expected = [s for s in range(1, config.num_steps + 1) if (s - 1) % config.gns_every == 0]
+    assert [r["step"] for r in measured] == expected
+    for r in measured:
+        assert math.isfinite(r["g_sq"]) and math.isfinite(r["trace_cov"])
+        # An estimate is +inf exactly when its g_sq is not positive (gradient not resolved
+        # above the noise at this batch size), raw or smoothed.
+        assert math.isfinite(r["b_simple"]) == (r["g_sq"] > 0)
+        assert math.isfinite(r["ema_b_simple"]) == (r["ema_g_sq"] > 0)
+        if r["g_sq"] > 0:
+            assert r["b_simple"] == pytest.approx(r["trace_cov"] / r["g_sq"], rel=1e-5)
+        if r["ema_g_sq"] > 0:
+            assert r["ema_b_simple"] == pytest.approx(r["ema_trace_cov"] / r["ema_g_sq"], rel=1e-5)
+    assert np.mean([math.isfinite(r["b_simple"]) for r in measured]) > 0.5
+    assert np.mean([math.isfinite(r["ema_b_simple"]) for r in measured]) > 0.8
+    assert measured[0]["ema_g_sq"] == pytest.approx(measured[0]["g_sq"])  # bias-corrected EMA
+
+    evals = [r for r in rows if "test_accuracy" in r]
+    assert [r["step"] for r in evals] == list(range(40, config.num_steps + 1, 40))
+
+    # noise_scale: ratio of means of the logged per-step statistics, inside its interval.
+    ns = summary["noise_scale"]
+    g = np.array([r["g_sq"] for r in measured])
+    t = np.array([r["trace_cov"] for r in measured])
+    assert ns["num_measurements"] == len(measured)
+    assert ns["b_simple"] == pytest.approx(t.mean() / g.mean(), rel=1e-6)
+    assert 0 < ns["b_simple"] < math.inf
+    lo, hi = ns["interval"]
+    assert lo <= ns["b_simple"] <= hi
+
+
+@pytest.mark.timeout(240)
+def test_stops_at_target_and_at_wall_time_budget(tmp_path):
+    s = train.train_and_evaluate(
+        tiny_config(num_steps=100, eval_every=5, target_accuracy=0.0), str(tmp_path / "t")
+    )
+    rows = train.read_metrics(str(tmp_path / "t" / "metrics.jsonl"))
+    assert (s["stop_reason"], s["steps"], s["steps_to_target"]) == ("target_accuracy", 5, 5)
+    assert rows[-1]["step"] == 5 and s["time_to_target_s"] == rows[-1]["wall_time_s"]
+    assert s["eval_time_s"] > 0
+
+    s = train.train_and_evaluate(
+        tiny_config(num_steps=100, max_wall_time_s=1e-9), str(tmp_path / "w")
+    )
+    rows = train.read_metrics(str(tmp_path / "w" / "metrics.jsonl"))
+    assert (s["stop_reason"], s["steps"], s["steps_to_target"]) == ("max_wall_time_s", 1, None)
+    assert [r["step"] for r in rows] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: N steps, then 2N in the same workdir (with a KeyboardInterrupt in between), equals an
+# uninterrupted 2N-step run.
+
+
+@pytest.mark.timeout(300)
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    n = 8
+    common = dict(
+        log_every=1, gns_every=3, checkpoint_every=5, eval_every=0, num_steps=2 * n, plots=False
+    )
+    resumed, fresh = str(tmp_path / "resumed"), str(tmp_path / "fresh")
+
+    train.train_and_evaluate(tiny_config(**{**common, "num_steps": n}), resumed)
+    assert _restored_state(resumed)[0] == n
+
+    # Second leg: interrupted (as by Ctrl-C) while fetching the batch of step n + 3.
+    real_batches = data.train_batches
+
+    def interrupted_batches(ds, batch_size, *, seed, start_step=0, **kw):
+        for step, batch in enumerate(
+            real_batches(ds, batch_size, seed=seed, start_step=start_step, **kw), start_step
+        ):
+            if step == n + 3:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(data, "train_batches", interrupted_batches)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny_config(**common), resumed)
+    monkeypatch.setattr(data, "train_batches", real_batches)
+    assert _restored_state(resumed)[0] == n + 3  # checkpoint written on exit
+
+    summary = train.train_and_evaluate(tiny_config(**common), resumed)
+    train.train_and_evaluate(tiny_config(**common), fresh)
+
+    rows_r = train.read_metrics(os.path.join(resumed, "metrics.jsonl"))
+    rows_f = train.read_metrics(os.path.join(fresh, "metrics.jsonl"))
+    assert [r["step"] for r in rows_r] == list(range(1, 2 * n + 1))  # each step exactly once
+    assert [r["step"] for r in rows_f] == list(range(1, 2 * n + 1))
+    for a, b in zip(rows_r, rows_f, strict=True):
+        for key in ("train_loss", "train_accuracy", "g_sq", "trace_cov", "ema_b_simple"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+    assert summary["steps"] == 2 * n
+
+    (step_r, state_r), (step_f, state_f) = _restored_state(resumed), _restored_state(fresh)
+    assert step_r == step_f == 2 * n
+    chex.assert_trees_all_equal(state_r["params"], state_f["params"])
+    chex.assert_trees_all_equal(state_r["opt_state"], state_f["opt_state"])
+    chex.assert_trees_all_equal(state_r["gns"], state_f["gns"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The noise-scale step makes the same update as the plain step.
+
+
+def _state_for(model, image_shape, optimizer, tracker, seed=0):
+    """A TrainState with NumPy-random parameters (no flax initializer to compile)."""
+    x = jnp.zeros((1,) + image_shape)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(
+        lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), shapes["params"]
+    )
+    batch_stats = jax.tree.map(
+        lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32), shapes.get("batch_stats", {})
+    )
+    return train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=optimizer.init(params),
+        gns=tracker.init(),
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+def _independent_grads(model, params, batch_stats, batch, groups):
+    """Gradient of the mean cross-entropy over `groups` equal groups, each normalizing over
+    itself (BatchNorm in training mode), written with a Python loop."""
+
+    def loss(p):
+        total, new_stats = 0.0, []
+        for images, labels in zip(
+            np.split(batch["image"], groups), np.split(batch["label"], groups), strict=True
+        ):
+            if batch_stats:
+                logits, upd = model.apply(
+                    {"params": p, "batch_stats": batch_stats}, images, train=True,
+                    mutable=["batch_stats"],
+                )  # fmt: skip
+                new_stats.append(upd["batch_stats"])
+            else:
+                logits = model.apply({"params": p}, images, train=True)
+            total += optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return total / groups, new_stats
+
+    grads, new_stats = jax.jit(jax.grad(loss, has_aux=True))(params)
+    mean_stats = jax.tree.map(lambda *s: sum(s) / len(s), *new_stats) if new_stats else {}
+    return grads, mean_stats
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    "model, method",
+    [
+        (models.SmallCNN(widths=(4, 8), groups=2), "per_example"),
+        (models.ResNet(stage_sizes=(1,), num_filters=4), "microbatch"),
+    ],
+    ids=["small_cnn-per_example", "resnet-microbatch"],
+)
+def test_gns_step_equals_plain_step(model, method):
+    lr, k, batch_size, image_shape = 0.1, 2, 8, (8, 8, 3)
+    optimizer = optax.sgd(lr)  # update = -lr * gradient
+    tracker = smoothing.ema(0.9)
+    state = _state_for(model, image_shape, optimizer, tracker)
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": rng.normal(size=(batch_size,) + image_shape).astype(np.float32),
+        "label": rng.integers(0, 10, batch_size).astype(np.int32),
+    }
+    plain_step, gns_step = train.make_train_steps(
+        model, optimizer, tracker, method=method, num_microbatches=k
+    )
+    # No donation here: the same state goes into both steps.
+    plain_state, plain_m = jax.jit(plain_step)(state, batch)
+    gns_state, gns_m = jax.jit(gns_step)(state, batch)
+
+    groups = k if models.has_batch_norm(model) else 1
+    grads, new_stats = _independent_grads(model, state.params, state.batch_stats, batch, groups)
+    expected = jax.tree.map(lambda p, g: p - lr * g, state.params, grads)
+    tol = dict(rtol=2e-5, atol=2e-6)
+    chex.assert_trees_all_close(plain_state.params, expected, **tol)
+    chex.assert_trees_all_close(gns_state.params, expected, **tol)
+    chex.assert_trees_all_close(gns_state.params, plain_state.params, **tol)
+    chex.assert_trees_all_close(gns_state.batch_stats, plain_state.batch_stats, **tol)
+    if groups > 1:
+        chex.assert_trees_all_close(gns_state.batch_stats, new_stats, **tol)
+    assert int(gns_state.step) == int(plain_state.step) == 1
+    assert float(gns_m["train_loss"]) == pytest.approx(float(plain_m["train_loss"]), rel=1e-5)
+    # The plain step leaves the tracker alone; the gns step's first EMA equals the raw stats.
+    chex.assert_trees_all_equal(plain_state.gns, state.gns)
+    assert int(gns_state.gns.count) == 1
+    assert float(gns_m["ema_g_sq"]) == pytest.approx(float(gns_m["g_sq"]), rel=1e-6)
+    g_sq, trace_cov = float(gns_m["g_sq"]), float(gns_m["trace_cov"])
+    expected_b = trace_cov / g_sq if g_sq > 0 else math.inf  # +inf: g_sq not resolved
+    assert float(gns_m["b_simple"]) == pytest.approx(expected_b, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces.
+
+
+def test_schedule_warmup_cosine_closed_form():
+    c = tiny_config(learning_rate=0.4, warmup_steps=10, schedule="cosine")
+    s = train.make_schedule(c, num_steps=110)
+    assert float(s(0)) == 0.0
+    assert float(s(5)) == pytest.approx(0.2)
+    assert float(s(10)) == pytest.approx(0.4)
+    assert float(s(60)) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 0.5)), abs=1e-7)
+    assert float(s(110)) == pytest.approx(0.0, abs=1e-7)
+    const = train.make_schedule(tiny_config(learning_rate=0.3), num_steps=50)
+    assert float(const(0)) == float(const(49)) == pytest.approx(0.3)
+
+
+def test_num_steps_from_epochs():
+    assert train.resolve_num_steps(tiny_config(num_steps=7), 1000) == 7
+    c = tiny_config(batch_size=128, num_epochs=2.5)
+    assert train.resolve_num_steps(c, 1000) == math.ceil(2.5 * 1000 / 128)
+
+
+def test_gns_method_resolution_and_errors():
+    cnn, resnet = models.SmallCNN(), models.ResNet()
+    assert train.resolve_gns_method(tiny_config(gns_method="auto"), cnn) == "per_example"
+    assert train.resolve_gns_method(tiny_config(gns_method="auto"), resnet) == "microbatch"
+    assert train.resolve_gns_method(tiny_config(gns_method="microbatch"), cnn) == "microbatch"
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train.resolve_gns_method(tiny_config(gns_method="per_example"), resnet)
+    with pytest.raises(ValueError, match="gns_method"):
+        train.resolve_gns_method(tiny_config(gns_method="bogus"), cnn)
+    with pytest.raises(ValueError, match="config.optimizer"):
+        train.make_optimizer(tiny_config(optimizer="rmsprop"), optax.constant_schedule(1.0))
+
+
+@pytest.mark.parametrize("name", train.OPTIMIZERS)
+def test_optimizers_decay_kernels_only(name):
+    """With zero gradients, only weight decay moves parameters: kernels shrink, biases stay."""
+    c = tiny_config(optimizer=name, weight_decay=0.1, learning_rate=0.5)
+    opt = train.make_optimizer(c, optax.constant_schedule(0.5))
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    assert float(jnp.max(updates["kernel"])) < 0
+    chex.assert_trees_all_equal(updates["bias"], jnp.zeros(2))
+
+
+def test_mode_dispatch_rejects_unknown_modes(tmp_path):
+    from experiments import cifar10
+
+    with pytest.raises(ValueError, match="config.mode='bogus'.*train"):
+        cifar10.run(tiny_config(mode="bogus"), str(tmp_path))
+
+
+def test_config_variants():
+    for arg in cifar10_config.VARIANTS:
+        c = cifar10_config.get_config(arg)
+        doc = getattr(cifar10_config, arg).__doc__
+        assert f"configs/cifar10.py:{arg}" in doc and "python -m experiments.cifar10" in doc
+        models.get_model(c.model, num_classes=10)  # every variant names a buildable model
+    seed = cifar10_config.get_config("seed")
+    assert (seed.model.name, seed.optimizer, seed.batch_size, seed.learning_rate) == (
+        "efficientnet_b0", "lamb", 64, 1e-3,
+    )  # fmt: skip
+    assert cifar10_config.get_config("gpu").model.name == "resnet18"
+    c = cifar10_config.get_config("cpu")
+    c.batch_size = 256  # overridable
+    c.max_wall_time_s = 60.0
+    c.data.path = "/x.tar.gz"
+    with pytest.raises(ValueError, match="smoke"):
+        cifar10_config.get_config("huge")
+
+
+def test_metrics_truncation_drops_later_rows_and_torn_lines(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    with open(path, "w") as f:
+        for s in (1, 2, 3, 4):
+            f.write(json.dumps({"step": s}) + "\n")
+        f.write('{"step": 5, "tra')  # torn by a kill
+    assert [r["step"] for r in train.read_metrics(path)] == [1, 2, 3, 4]
+    kept = train._truncate_metrics(path, 2)
+    assert [r["step"] for r in kept] == [1, 2]
+    assert [r["step"] for r in train.read_metrics(path)] == [1, 2]
+
+
+def test_windowed_band():
+    # Constant ratio: centre and band collapse onto it.
+    c, lo, hi = plots.windowed_band(np.full(30, 2.0), np.full(30, 10.0), window=10)
+    assert np.isnan(c[0])  # one measurement: no band yet
+    np.testing.assert_allclose(c[1:], 5.0)
+    np.testing.assert_allclose(lo[1:], 5.0)
+    np.testing.assert_allclose(hi[1:], 5.0)
+    # Noisy series: the centre is the ratio of the window means, inside the band.
+    rng = np.random.default_rng(0)
+    g, t = 1.0 + 0.3 * rng.normal(size=50), 20.0 + 5 * rng.normal(size=50)
+    c, lo, hi = plots.windowed_band(g, t, window=10)
+    np.testing.assert_allclose(c[-1], t[-10:].mean() / g[-10:].mean())
+    assert np.all(lo[1:] <= c[1:]) and np.all(c[1:] <= hi[1:])
