@@ -1,0 +1,83 @@
+"""Cost of the noise-scale estimators over a plain train step (``make bench``).
+
+``get_config(arg)``: ``arg`` picks a variant (``default`` or ``tiny``). Every field is
+overridable on the command line, e.g. ``--config.repeats=50``.
+
+Fields:
+  ``model``: the reference model (``experiments.models.get_model`` config: the ``small_cnn`` of
+  the ``cpu`` CIFAR-10 config). ``image_size``/``channels``/``num_classes``: synthetic data
+  shape. ``batch_sizes``: the batch sizes timed; ``reference_batch_size``: the one whose ratios
+  are reported at the top level. ``learning_rate``: Adam's. ``num_microbatches``: ``k`` of the
+  microbatch estimator. ``chunk_size``: ``per_example`` chunk size (``None``: all at once).
+  ``warmup``: untimed calls of each step after compilation. ``repeats``: timed rounds; each
+  round times every variant once, in turn (interleaved), and the median is reported.
+  ``parallel``: also run ``experiments/parallel_bench.py`` in a subprocess with 4 simulated
+  devices (``across_devices_over_plain``); ``parallel_batch_size_per_device`` and
+  ``parallel_repeats`` are passed to it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+VARIANTS = ("default", "tiny")
+
+
+def default() -> ml_collections.ConfigDict:
+    """The reference benchmark: SmallCNN (32, 64, 128), Adam, batches 128 and 512.
+
+    Command (27 minutes on 2 busy CPU cores, most of it the rolled microbatch loop at batch 512:
+    about 60 s per step, XLA:CPU runs convolutions inside a rolled loop ~10x slower)::
+
+        make bench   # = python -m experiments.bench --config configs/bench.py --workdir runs/bench
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "small_cnn"
+    c.model.widths = (32, 64, 128)
+    c.model.groups = 8
+    c.image_size = 32
+    c.channels = 3
+    c.num_classes = 10
+    c.batch_sizes = (128, 512)
+    c.reference_batch_size = 128
+    c.learning_rate = 2e-3
+    c.num_microbatches = 8
+    c.chunk_size = config_dict.placeholder(int)
+    c.warmup = 2
+    c.repeats = 11
+    c.parallel = True
+    c.parallel_batch_size_per_device = 32
+    c.parallel_repeats = 11
+    return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+    """A seconds-long run for the schema test: a one-conv CNN on 8x8 images, batch 8.
+
+    Command (about 10 s on 2 CPU cores; mostly compilation)::
+
+        python -m experiments.bench --config configs/bench.py:tiny --workdir /tmp/bench_tiny
+    """
+    c = default()
+    c.model.widths = (4,)
+    c.model.groups = 2
+    c.image_size = 8
+    c.batch_sizes = (8,)
+    c.reference_batch_size = 8
+    c.warmup = 1
+    c.repeats = 2
+    c.parallel = False
+    c.parallel_batch_size_per_device = 8
+    c.parallel_repeats = 3
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The ``arg`` variant (``default`` when empty)."""
+    name = arg or "default"
+    if name not in VARIANTS:
+        raise ValueError(f"unknown bench config variant {name!r}: use one of {VARIANTS}.")
+    return globals()[name]()

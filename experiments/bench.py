@@ -1,0 +1,296 @@
+r"""``make bench``: the cost of the noise-scale estimators over a plain train step.
+
+On the reference model (the SmallCNN of the ``cpu`` CIFAR-10 config) with Adam, at each batch
+size, in one process: a plain jit'd train step, and the same step taking its gradient from
+``gns.estimate.per_example`` (fast path), ``microbatch`` (``k`` microbatches; also with the
+accumulation loop unrolled, ``microbatch_unrolled``: rolled loops of convolutions are slow on
+XLA:CPU) and the naive vmap reference (``per_example(method="vmap")``). After compilation and
+warm-up the variants are timed in turn (interleaved), ``repeats`` rounds, and the median per
+variant is reported, with the compiled temporary memory
+(``memory_analysis().temp_size_in_bytes``). The ``across_devices`` ratio comes from
+``experiments/parallel_bench.py``, run in a subprocess because it needs 4 simulated devices
+(an XLA flag set before JAX starts).
+
+Writes ``WORKDIR/bench.json`` (atomically)::
+
+    {"per_example_over_plain": ..., "microbatch_over_plain": ..., "naive_vmap_over_plain": ...,
+     "microbatch_unrolled_over_plain": ...,
+     "memory_per_example_over_plain": ..., "across_devices_over_plain": ...,
+     "reference_batch_size": 128, "device": {...}, "jax_version": ...,
+     "detail": {"128": {"seconds": {...}, "over_plain": {...}, "temp_bytes": {...},
+                        "memory_over_plain": {...}, ...}, "512": {...}}}
+
+Usage::
+
+    python -m experiments.bench --config configs/bench.py --workdir runs/bench
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import models
+from gns import estimate
+
+VARIANTS = ("plain", "per_example", "microbatch", "microbatch_unrolled", "naive_vmap")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for bench.json.")
+config_flags.DEFINE_config_file("config", None, "configs/bench.py[:variant]", lock_config=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps.
+
+
+def make_steps(model, optimizer, config) -> dict[str, Any]:
+    """The train steps of :data:`VARIANTS` (not jitted).
+
+    Each is ``step(params, opt_state, batch) -> (params, opt_state, metrics)``; every step
+    applies the same Adam update from the mean gradient, and the estimator steps also return
+    ``g_sq`` and ``trace_cov``.
+    """
+
+    def loss_fn(params, batch):
+        images, labels = batch
+        logits = model.apply({"params": params}, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def update(params, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def plain(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        params, opt_state = update(params, opt_state, grads)
+        return params, opt_state, {"loss": loss}
+
+    def with_estimator(estimator):
+        def step(params, opt_state, batch):
+            stats, grads = estimator(params, batch)
+            params, opt_state = update(params, opt_state, grads)
+            return params, opt_state, {"g_sq": stats.g_sq, "trace_cov": stats.trace_cov}
+
+        return step
+
+    chunk = config.chunk_size
+    return {
+        "plain": plain,
+        "per_example": with_estimator(
+            lambda p, b: estimate.per_example(loss_fn, p, b, chunk_size=chunk, method="ghost")
+        ),
+        "microbatch": with_estimator(
+            lambda p, b: estimate.microbatch(
+                loss_fn, p, b, num_microbatches=config.num_microbatches
+            )
+        ),
+        "microbatch_unrolled": with_estimator(
+            lambda p, b: estimate.microbatch(
+                loss_fn, p, b, num_microbatches=config.num_microbatches, unroll=True
+            )
+        ),
+        "naive_vmap": with_estimator(
+            lambda p, b: estimate.per_example(loss_fn, p, b, chunk_size=chunk, method="vmap")
+        ),
+    }
+
+
+def _block(tree):
+    return jax.tree.map(lambda x: x.block_until_ready(), tree)
+
+
+def time_steps(compiled: dict, args: tuple, warmup: int, repeats: int) -> dict[str, list]:
+    """Seconds per call of each compiled step: ``warmup`` untimed calls each, then ``repeats``
+    rounds timing every step once, in turn (interleaved, so load changes hit all alike)."""
+    for fn in compiled.values():
+        for _ in range(warmup):
+            _block(fn(*args))
+    times = {name: [] for name in compiled}
+    for r in range(repeats):
+        names = list(compiled)
+        if r % 2:  # alternate the order, so no variant always runs after the same one
+            names.reverse()
+        for name in names:
+            t0 = time.perf_counter()
+            _block(compiled[name](*args))
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_batch_size(config, batch_size: int) -> dict[str, Any]:
+    """Timings and compiled temp memory of the steps at one batch size."""
+    model = models.get_model(config.model, num_classes=config.num_classes)
+    rng = np.random.default_rng(config.seed)
+    shape = (batch_size, config.image_size, config.image_size, config.channels)
+    images = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    labels = jnp.asarray(rng.integers(0, config.num_classes, batch_size), dtype=jnp.int32)
+    params = model.init(jax.random.key(config.seed), images[:1])["params"]
+    optimizer = optax.adam(config.learning_rate)
+    opt_state = optimizer.init(params)
+    args = (params, opt_state, (images, labels))
+
+    compiled, temp_bytes, compile_s = {}, {}, {}
+    for name, step in make_steps(model, optimizer, config).items():
+        t0 = time.perf_counter()
+        compiled[name] = jax.jit(step).lower(*args).compile()
+        compile_s[name] = time.perf_counter() - t0
+        mem = compiled[name].memory_analysis()
+        temp_bytes[name] = int(mem.temp_size_in_bytes) if mem is not None else None
+    times = time_steps(compiled, args, config.warmup, config.repeats)
+    seconds = {name: float(np.median(t)) for name, t in times.items()}
+    plain_s, plain_mem = seconds["plain"], temp_bytes["plain"]
+    return {
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "seconds_iqr": {
+            name: float(np.percentile(t, 75) - np.percentile(t, 25)) for name, t in times.items()
+        },
+        "examples_per_second": {name: batch_size / s for name, s in seconds.items()},
+        "over_plain": {name: s / plain_s for name, s in seconds.items()},
+        "temp_bytes": temp_bytes,
+        "memory_over_plain": {
+            name: (b / plain_mem if b is not None and plain_mem else None)
+            for name, b in temp_bytes.items()
+        },
+        "compile_seconds": compile_s,
+        "repeats": config.repeats,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# across_devices, in a subprocess with 4 simulated devices.
+
+_PARALLEL_SNIPPET = (
+    "import json, sys\n"
+    "from experiments import parallel_bench\n"
+    "out = parallel_bench.run(int(sys.argv[2]), int(sys.argv[3]))\n"
+    "json.dump(out, open(sys.argv[1], 'w'))\n"
+)
+
+
+def run_parallel_bench(batch_size_per_device: int, repeats: int, timeout_s: float = 1200) -> dict:
+    """``experiments.parallel_bench.run(batch_size_per_device, repeats)`` in a fresh process.
+
+    Raises:
+      RuntimeError: the module is missing or the subprocess failed (with its stderr tail).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "experiments", "parallel_bench.py")):
+        raise RuntimeError(
+            "experiments/parallel_bench.py is missing: it measures across_devices_over_plain "
+            "with 4 simulated devices. Add it, or run with --config.parallel=False."
+        )
+    env = dict(os.environ)
+    flag = "--xla_force_host_platform_device_count=4"
+    if flag not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "parallel.json")
+        cmd = [sys.executable, "-c", _PARALLEL_SNIPPET, out]
+        cmd += [str(batch_size_per_device), str(repeats)]
+        proc = subprocess.run(
+            cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"experiments.parallel_bench failed (exit {proc.returncode}):\n"
+                + proc.stderr[-3000:]
+            )
+        with open(out) as f:
+            return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main.
+
+
+def device_info() -> dict[str, Any]:
+    devices = jax.devices()
+    return {
+        "platform": devices[0].platform,
+        "kind": devices[0].device_kind,
+        "count": len(devices),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Run the benchmark of ``config`` and write ``workdir/bench.json``; returns its content."""
+    if config.reference_batch_size not in config.batch_sizes:
+        raise ValueError(
+            f"config.reference_batch_size={config.reference_batch_size} is not one of "
+            f"config.batch_sizes={tuple(config.batch_sizes)}: add it or pick one of them."
+        )
+    detail = {}
+    for bs in config.batch_sizes:
+        logging.info("bench: batch size %d", bs)
+        detail[str(bs)] = bench_batch_size(config, int(bs))
+        logging.info("bench: %s", json.dumps(detail[str(bs)]["over_plain"]))
+    ref = detail[str(config.reference_batch_size)]
+    result = {
+        "reference_batch_size": int(config.reference_batch_size),
+        "per_example_over_plain": ref["over_plain"]["per_example"],
+        "microbatch_over_plain": ref["over_plain"]["microbatch"],
+        "microbatch_unrolled_over_plain": ref["over_plain"]["microbatch_unrolled"],
+        "naive_vmap_over_plain": ref["over_plain"]["naive_vmap"],
+        "memory_per_example_over_plain": ref["memory_over_plain"]["per_example"],
+        "across_devices_over_plain": None,
+        "detail": detail,
+        "device": device_info(),
+        "jax_version": jax.__version__,
+        "config": json.loads(config.to_json()),
+    }
+    if config.parallel:
+        try:
+            par = run_parallel_bench(config.parallel_batch_size_per_device, config.parallel_repeats)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            logging.error("bench: across_devices not measured: %s", e)
+            result["across_devices_error"] = str(e)[-2000:]
+        else:
+            result["across_devices_over_plain"] = par["across_devices_over_plain"]
+            result["across_devices_detail"] = par
+    write_json_atomic(os.path.join(workdir, "bench.json"), result)
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required (bench.json is written there).")
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    summary = {k: v for k, v in result.items() if k.endswith("_over_plain")}
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
