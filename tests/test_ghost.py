@@ -192,7 +192,7 @@ def test_weight_penalty_in_loss_goes_to_fallback():
 
 
 def test_cost_model_picks_cheaper_form():
-    # SmallCNN layers at 32x32: stride-1 first conv (T=1024) direct, last conv (T=64) Gram.
+    # A stride-1 first conv at 32x32 (T=1024) is direct, a conv at 8x8 (T=64) Gram.
     assert ghost._pick("auto", 1024, 27, 32) == "direct"
     assert ghost._pick("auto", 64, 576, 128) == "gram"
     assert ghost._pick("auto", 1, 128, 10) == "gram"  # Dense: rank one
