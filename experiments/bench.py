@@ -42,7 +42,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import models
+from experiments import models, train
 from gns import estimate
 
 VARIANTS = ("plain", "per_example", "microbatch", "microbatch_unrolled", "naive_vmap")
@@ -228,21 +228,6 @@ def device_info() -> dict[str, Any]:
     }
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Run the benchmark of ``config`` and write ``workdir/bench.json``; returns its content."""
     if config.reference_batch_size not in config.batch_sizes:
@@ -278,7 +263,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         else:
             result["across_devices_over_plain"] = par["across_devices_over_plain"]
             result["across_devices_detail"] = par
-    write_json_atomic(os.path.join(workdir, "bench.json"), result)
+    train.write_json(os.path.join(workdir, "bench.json"), result)
     return result
 
 

@@ -16,7 +16,6 @@ command resumes from the last checkpoint (and measurements) in ``--workdir``.
 from __future__ import annotations
 
 import json
-import logging as std_logging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -54,17 +53,10 @@ def run(config, workdir: str) -> dict:
     return MODES[mode](config, workdir)
 
 
-class _QuietOrbax(std_logging.Filter):
-    """Drop orbax's INFO chatter (several lines per checkpoint); keep its warnings."""
-
-    def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    logging.get_absl_handler().addFilter(train.QuietOrbax())
     summary = run(FLAGS.config, FLAGS.workdir)
     if summary.get("mode") in ("compare", "tradeoff"):
         print(compare.report(summary))

@@ -327,7 +327,7 @@ def _train_run(config, workdir, plan, batch_size, learning_rate) -> dict:
 
 def run_compare(config, workdir: str) -> dict:
     """The compare mode: measure, recommend, train the three runs; returns ``summary.json``."""
-    from gns import plots_compare
+    from gns import plots
 
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
@@ -364,7 +364,7 @@ def run_compare(config, workdir: str) -> dict:
         "total_time_s": time.perf_counter() - t0,
     }
     try:
-        summary["plot"] = plots_compare.plot_compare(runs, os.path.join(workdir, "compare.png"))
+        summary["plot"] = plots.plot_compare(runs, os.path.join(workdir, "compare.png"))
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the compare plot: %s", e)
     train.write_json(os.path.join(workdir, SUMMARY_FILE), summary)

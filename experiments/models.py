@@ -55,7 +55,7 @@ class SmallCNN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train  # no dropout or batch statistics
-        for i, width in enumerate(self.widths):
+        for width in self.widths:
             x = nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME")(x)
             x = nn.GroupNorm(num_groups=min(self.groups, width))(x)
             x = nn.relu(x)

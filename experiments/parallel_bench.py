@@ -31,7 +31,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -41,6 +40,7 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments.models import SmallCNN  # noqa: E402
+from experiments.train import write_json  # noqa: E402
 from gns import estimate, parallel  # noqa: E402
 
 WARMUP = 2
@@ -140,21 +140,6 @@ def run(batch_size_per_device: int, repeats: int, *, seed: int = 0) -> dict[str,
     }
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".parallel_bench.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 _BATCH = flags.DEFINE_integer("batch_size_per_device", 32, "Examples per device.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls of each step after warm-up.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON result (optional).")
@@ -165,7 +150,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     result = run(_BATCH.value, _REPEATS.value)
     if _OUT.value:
-        write_json_atomic(_OUT.value, result)
+        write_json(_OUT.value, result)
     print(json.dumps(result))
 
 

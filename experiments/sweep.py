@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging as std_logging
 import math
 import os
 import sys
@@ -397,7 +396,7 @@ def run_sweep(config, workdir: str) -> dict:
     from tqdm import tqdm
 
     from experiments import data
-    from gns import hardware, plots_sweep, recommend
+    from gns import hardware, plots, recommend
 
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
@@ -564,7 +563,7 @@ def run_sweep(config, workdir: str) -> dict:
     }
     train.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
     try:
-        sweep["plots"] = plots_sweep.sweep_plots(sweep, workdir)
+        sweep["plots"] = plots.sweep_plots(sweep, workdir)
     except Exception as e:  # plots are a convenience: never lose a finished sweep to them
         logging.warning("Could not write the sweep plots: %s", e)
     return sweep
@@ -668,17 +667,10 @@ def _define_flags():
     )
 
 
-class _QuietOrbax(std_logging.Filter):
-    """Drop orbax's INFO chatter (several lines per checkpoint); keep its warnings."""
-
-    def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    logging.get_absl_handler().addFilter(train.QuietOrbax())
     sweep = run_sweep(FLAGS.config, FLAGS.workdir)
     print(summary_table(sweep))
     print(f"\nwrote {os.path.join(FLAGS.workdir, SWEEP_FILE)}")

@@ -37,6 +37,7 @@ Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Traini
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import os
 import sys
@@ -111,9 +112,18 @@ def _get(config, key, default=None):
     return default if value is None else value
 
 
+class QuietOrbax(std_logging.Filter):
+    """A logging filter for the mains: drops orbax's INFO chatter (several lines per
+    checkpoint), keeps its warnings."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (temp file in the same directory, then ``os.replace``)."""
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
@@ -657,6 +667,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 step += 1
                 seg_examples += batch_size
                 pending.append(m)
+                if max_wall is not None and len(pending) > 1:
+                    # Keep at most one step in flight, so the clock read below is the device's
+                    # (asynchronous dispatch would otherwise let a budget overshoot).
+                    jax.block_until_ready(pending[-2])
                 do_eval = eval_every > 0 and (step % eval_every == 0 or step == num_steps)
                 do_save = checkpoint_every > 0 and step % checkpoint_every == 0
                 last = step == num_steps

@@ -515,7 +515,9 @@ def across_devices(
     """
     n = batch_size(batch)
     if axis_name is None:
-        raise ValueError("across_devices needs axis_name: the data-parallel axis of pmap/shard_map.")
+        raise ValueError(
+            "across_devices needs axis_name: the data-parallel axis of pmap/shard_map."
+        )
     if _axis_size(axis_name) < 2:
         raise ValueError(
             f"across_devices needs at least 2 devices on axis {axis_name!r}, got 1: use "
@@ -536,15 +538,16 @@ def _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll=1):
     def body(carry, micro):
         g, aux = grad_fn(params, micro)
         grad_sum, sq_sum = carry
-        return (jax.tree.map(jnp.add, grad_sum, g), jax.tree.map(jnp.add, sq_sum, _sq_norms(g))), aux
+        return (
+            jax.tree.map(jnp.add, grad_sum, g),
+            jax.tree.map(jnp.add, sq_sum, _sq_norms(g)),
+        ), aux
 
     if k == 1:
         g, aux = grad_fn(params, batch)
         grad_sum, sq_sum, aux = g, _sq_norms(g), jax.tree.map(lambda a: a[None], aux)
     else:
         init = _zero_sums(params, axis_name)
-        (grad_sum, sq_sum), aux = jax.lax.scan(
-            body, init, _split_leading(batch, k), unroll=unroll
-        )
+        (grad_sum, sq_sum), aux = jax.lax.scan(body, init, _split_leading(batch, k), unroll=unroll)
     stats, grads = _finish(grad_sum, sq_sum, k, n / k, axis_name)
     return (stats, grads, aux) if has_aux else (stats, grads)

@@ -31,7 +31,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path):
     with open(tmp_path / "bench.json") as f:
         written = json.load(f)
     assert written == json.loads(json.dumps(result))
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp_")]  # atomic write
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # atomic write
 
     for key in RATIOS:
         assert positive_finite(written[key]), key

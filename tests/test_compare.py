@@ -1,4 +1,4 @@
-"""Tests of the compare and tradeoff modes (experiments/compare.py, gns/plots_compare.py): the
+"""Tests of the compare and tradeoff modes (experiments/compare.py, gns/plots.py): the
 pure budget logic on fake timings, and both modes end to end on the smoke config with
 synthetic data."""
 
