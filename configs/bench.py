@@ -27,8 +27,8 @@ VARIANTS = ("default", "tiny")
 def default() -> ml_collections.ConfigDict:
     """The reference benchmark: SmallCNN (32, 64, 128), Adam, batches 128 and 512.
 
-    Command (27 minutes on 2 busy CPU cores, most of it the rolled microbatch loop at batch 512:
-    about 60 s per step, XLA:CPU runs convolutions inside a rolled loop ~10x slower)::
+    Command (about 2 minutes on 2 idle CPU cores, most of it the rolled microbatch loop at batch
+    512: XLA:CPU runs convolutions inside a rolled loop ~15x slower)::
 
         make bench   # = python -m experiments.bench --config configs/bench.py --workdir runs/bench
     """

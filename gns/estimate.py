@@ -436,7 +436,7 @@ def microbatch(
     num_microbatches: int = 8,
     axis_name: str | None = None,
     has_aux: bool = False,
-    unroll: int | bool = 1,
+    unroll: int | bool | None = None,
 ):
     """Noise statistics from microbatch gradients (gradient accumulation).
 
@@ -454,11 +454,13 @@ def microbatch(
         batch (``k`` microbatches on every device).
       has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux of each microbatch is returned
         stacked along a leading axis of size ``k``.
-      unroll: passed to ``jax.lax.scan``. ``1`` (default) keeps one microbatch in memory at a
-        time. ``True`` unrolls the loop: on XLA:CPU convolutions inside a rolled loop ran
-        ~17x slower than unrolled (SmallCNN, batch 128, k=8, 2 cores: 8.6 s vs 0.52 s per
-        gradient), but the unrolled program may keep every microbatch's activations alive
-        at once (there: 94 MB temporaries, as much as the plain step, against 12 MB rolled).
+      unroll: passed to ``jax.lax.scan``. ``1`` keeps one microbatch in memory at a time (the
+        memory bound of gradient accumulation). ``True`` unrolls the loop, which may keep
+        every microbatch's activations alive at once. ``None`` (default): ``True`` when JAX's
+        default backend is the CPU, ``1`` elsewhere, because XLA:CPU runs convolutions inside a
+        rolled loop an order of magnitude slower (jax-ml/jax#12868; SmallCNN, batch 128,
+        k = 8, 2 cores: 13.6x a plain step rolled, 0.67x unrolled, see ``make bench``).
+        The results are the same either way.
 
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``).
@@ -485,6 +487,8 @@ def microbatch(
             f"num_microbatches={k} does not divide the batch size {n}: pick a divisor of the "
             "batch size (the microbatches must be equal for the estimator to be unbiased)."
         )
+    if unroll is None:
+        unroll = True if jax.default_backend() == "cpu" else 1
     return _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll)
 
 

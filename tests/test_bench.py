@@ -15,7 +15,7 @@ RATIOS = (
     "per_example_over_plain",
     "microbatch_over_plain",
     "naive_vmap_over_plain",
-    "microbatch_unrolled_over_plain",
+    "microbatch_rolled_over_plain",
     "memory_per_example_over_plain",
 )
 

@@ -119,7 +119,9 @@ per_example_jit = jax.jit(
     estimate.per_example, static_argnums=0, static_argnames=("chunk_size", "axis_name")
 )
 microbatch_jit = jax.jit(
-    estimate.microbatch, static_argnums=0, static_argnames=("num_microbatches", "axis_name")
+    estimate.microbatch,
+    static_argnums=0,
+    static_argnames=("num_microbatches", "axis_name", "unroll"),
 )
 
 
@@ -201,9 +203,10 @@ def test_per_example_grads_equal_jax_grad_and_loop():
     assert (stats.small_batch_size, stats.big_batch_size) == (1.0, 8.0)
 
 
-def test_microbatch_equals_loop_over_microbatches():
+@pytest.mark.parametrize("unroll", [None, 1, True])
+def test_microbatch_equals_loop_over_microbatches(unroll):
     params, batch = mlp_problem(1, batch_size=12, dim=3)
-    stats, grads = microbatch_jit(mlp_loss, params, batch, num_microbatches=3)
+    stats, grads = microbatch_jit(mlp_loss, params, batch, num_microbatches=3, unroll=unroll)
     assert (stats.small_batch_size, stats.big_batch_size) == (4.0, 12.0)
     chex.assert_trees_all_close(grads, jax.grad(mlp_loss)(params, batch), rtol=1e-5, atol=1e-6)
     assert_stats_match(stats, grads, reference(mlp_loss, params, batch, num_parts=3))
