@@ -222,6 +222,33 @@ def seed() -> ml_collections.ConfigDict:
     return c
 
 
+def add_measurement_stages(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds ``c.noise``, ``c.throughput`` and ``c.recommend``: the measurement and
+    recommendation stages shared by the sweep (``configs/sweep.py``, where they are documented)
+    and the ``compare``/``tradeoff`` modes, with their defaults for the ``cpu`` model."""
+    c.noise = ml_collections.ConfigDict()
+    c.noise.warmup_steps = 200
+    c.noise.batch_size = 128
+    c.noise.num_batches = 16
+    c.noise.method = "auto"
+    c.noise.chunk_size = config_dict.placeholder(int)
+    c.noise.confidence = 0.9
+
+    c.throughput = ml_collections.ConfigDict()
+    c.throughput.min_batch_size = 16
+    c.throughput.max_batch_size = 1024
+    c.throughput.memory_budget_bytes = config_dict.placeholder(int)
+    c.throughput.warmup = 2
+    c.throughput.repeats = 5
+    c.throughput.accumulation_factors = (2, 4)
+
+    c.recommend = ml_collections.ConfigDict()
+    c.recommend.price_per_hour = config_dict.placeholder(float)
+    c.recommend.objective = "time"
+    c.recommend.candidates = config_dict.placeholder(tuple)
+    return c
+
+
 def compare_config(variant: str) -> ml_collections.ConfigDict:
     """``config.compare``: the ``compare`` and ``tradeoff`` modes (:mod:`experiments.compare`).
 
@@ -251,26 +278,7 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
     c.eval_every_examples = 25000
     c.eval_examples = config_dict.placeholder(int)
 
-    c.noise = ml_collections.ConfigDict()
-    c.noise.warmup_steps = 200
-    c.noise.batch_size = 128
-    c.noise.num_batches = 16
-    c.noise.method = "auto"
-    c.noise.chunk_size = config_dict.placeholder(int)
-    c.noise.confidence = 0.9
-
-    c.throughput = ml_collections.ConfigDict()
-    c.throughput.min_batch_size = 16
-    c.throughput.max_batch_size = 1024
-    c.throughput.memory_budget_bytes = config_dict.placeholder(int)
-    c.throughput.warmup = 2
-    c.throughput.repeats = 5
-    c.throughput.accumulation_factors = (2, 4)
-
-    c.recommend = ml_collections.ConfigDict()
-    c.recommend.price_per_hour = config_dict.placeholder(float)
-    c.recommend.objective = "time"
-    c.recommend.candidates = config_dict.placeholder(tuple)
+    add_measurement_stages(c)
 
     c.tradeoff = ml_collections.ConfigDict()
     c.tradeoff.batch_sizes = (16, 32, 64, 128, 256)

@@ -58,21 +58,8 @@ def base(train_variant: str) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 0
     c.train.progress_bar = False
 
-    c.noise = ml_collections.ConfigDict()
+    cifar10.add_measurement_stages(c)  # noise, throughput, recommend
     c.noise.warmup_steps = 100
-    c.noise.batch_size = 128
-    c.noise.num_batches = 16
-    c.noise.method = "auto"
-    c.noise.chunk_size = config_dict.placeholder(int)
-    c.noise.confidence = 0.9
-
-    c.throughput = ml_collections.ConfigDict()
-    c.throughput.min_batch_size = 16
-    c.throughput.max_batch_size = 1024
-    c.throughput.memory_budget_bytes = config_dict.placeholder(int)
-    c.throughput.warmup = 2
-    c.throughput.repeats = 5
-    c.throughput.accumulation_factors = (2, 4)
 
     c.tradeoff = ml_collections.ConfigDict()
     c.tradeoff.batch_sizes = config_dict.placeholder(tuple)
@@ -83,11 +70,6 @@ def base(train_variant: str) -> ml_collections.ConfigDict:
     c.tradeoff.max_wall_time_s = 120.0
     c.tradeoff.eval_every_examples = 4096
     c.tradeoff.num_bootstrap = 1000
-
-    c.recommend = ml_collections.ConfigDict()
-    c.recommend.price_per_hour = config_dict.placeholder(float)
-    c.recommend.objective = "time"
-    c.recommend.candidates = config_dict.placeholder(tuple)
     return c
 
 
