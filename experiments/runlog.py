@@ -10,6 +10,9 @@ the code that produced it documents what ``null`` means there (e.g. "no finite e
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging as std_logging
 import math
@@ -20,7 +23,21 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-__all__ = ["QuietOrbax", "to_strict_json", "write_json", "read_json", "read_jsonl", "dumps"]
+from experiments.cli import UserError
+
+__all__ = [
+    "QuietOrbax",
+    "to_strict_json",
+    "dumps",
+    "write_json",
+    "read_json",
+    "read_jsonl",
+    "workdir_lock",
+    "fingerprint",
+    "differing_fields",
+]
+
+LOCK_FILE = ".lock"
 
 
 class QuietOrbax(std_logging.Filter):
@@ -93,3 +110,61 @@ def read_jsonl(path: str) -> list[dict]:
             except json.JSONDecodeError:
                 logging.warning("Skipping a malformed line of %s: %r", path, line[:80])
     return rows
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold ``workdir`` for this process: a second run in the same workdir stops at once with a
+    :class:`~experiments.cli.UserError` that names the holder's pid.
+
+    An advisory ``flock`` on ``workdir/.lock``: the kernel releases it when the holder exits,
+    however it exits (SIGKILL included), so a stale lock never blocks a new run.
+
+    Example::
+
+        with workdir_lock("runs/cpu"):
+            ...  # train, write files
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(
+                f"another run (pid {holder}) is using the workdir {workdir}",
+                hint="wait for it to finish, stop it, or pass another --workdir",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def fingerprint(fields: dict) -> str:
+    """A short stable hash of ``fields`` (canonical strict JSON): equal fields, equal hash."""
+    text = dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def differing_fields(old: dict, new: dict) -> list[str]:
+    """Dotted names of the fields whose values differ between two nested dicts, e.g.
+    ``['batch_size: 64 -> 128', 'data.num_train: None -> 512']``."""
+    a, b = _flatten(to_strict_json(old)), _flatten(to_strict_json(new))
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
