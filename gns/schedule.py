@@ -56,6 +56,21 @@ of candidates, no Python control flow on values). Reasons are integer codes in t
 :attr:`BatchSizeSchedule.explain` turns a :class:`Decision` into words on the host and
 :class:`ScheduleLog` keeps the changes for a run's summary.
 
+In a training loop (host side; the step for each batch size compiled once and cached)::
+
+    sched = schedule.batch_size_schedule(step_times, max_batch_size=fits, lr_rule="sqrt",
+                                         base_lr=config.lr, base_batch_size=config.batch_size)
+    s_state, log = sched.init(), schedule.ScheduleLog(sched)
+    decision = sched.current(s_state)                  # initial batch and learning rate
+    ...
+    if step % every == 0:                              # patience counts these updates
+        decision, s_state = sched.update(ema_state.b_simple, s_state)
+        log.record(step, decision)
+        batch, lr = int(decision.batch_size), float(decision.learning_rate)
+
+The EMA tracker need not be reset at a change: ``|G|²`` and ``tr(Σ)`` do not depend on the
+batch they were measured at (in expectation), so the smoothed noise scale carries over.
+
 Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018);
 Merrill et al. 2025 (arXiv 2505.23971, batch-size warmup from the measured critical batch).
 """
