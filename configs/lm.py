@@ -100,7 +100,9 @@ def smoke() -> ml_collections.ConfigDict:
     """A 1-block width-32 Transformer, context 32, on 300 KB of the standard library, 100 steps:
     a check that everything runs.
 
-    Command (an estimate, not yet measured: 10-20 s on 2 CPU cores including start-up)::
+    A stand-in model of this shape (see :func:`cpu`) trained the 100 steps in 0.3 s (1.2 ms per
+    step, 2026-11-30, 2 idle CPU cores) to 4.4 held-out bits per byte. Command (an estimate,
+    not yet measured: 10-20 s on 2 CPU cores, mostly start-up and compilation)::
 
         python -m experiments.lm --config configs/lm.py:smoke --workdir /tmp/lm_smoke
     """
@@ -126,13 +128,17 @@ def smoke() -> ml_collections.ConfigDict:
 
 
 def cpu() -> ml_collections.ConfigDict:
-    """A 2-block width-128 Transformer (4 heads, MLP 512; about 0.46M parameters), context 64,
+    """A 2-block width-128 Transformer (4 heads, MLP 512; about 0.47M parameters), context 64,
     AdamW 2e-3 (weight decay 0.01) with 100 warmup steps and cosine decay, batch 32, 1,500 steps
     (48,000 windows, 3.1M bytes: about 0.3 epoch of the ~11 MB standard library).
 
     Noise scale from per-example gradients every 20 steps (75 measurements); held-out bits per
-    byte on 1,024 windows every 250 steps. Command (an estimate, not yet measured: 3-6 minutes
-    on 2 idle CPU cores)::
+    byte on 1,024 windows every 250 steps. Measured (2026-11-30, 2 idle CPU cores, Python
+    3.11.7) with a stand-in pre-LayerNorm Transformer of this shape (Flax ``SelfAttention``,
+    learned positions, untied output), not yet with ``experiments.models``' own and without the
+    noise-scale measurements: 46 ms per plain step, 94 s for the 1,500 steps; held-out bits per
+    byte 8.2 at start, 2.9 at step 250, 2.5 at 500, 2.2 at 1,000, 2.07 at the end. Expected run
+    time of the command (an estimate): 2-4 minutes::
 
         python -m experiments.lm --config configs/lm.py:cpu --workdir /tmp/lm_cpu
     """
@@ -146,7 +152,7 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
     """
     c = cifar10.compare_config("smoke" if variant == "smoke" else "cpu")
     del c.tradeoff.target_accuracy
-    c.tradeoff.target_bits_per_byte = 3.5
+    c.tradeoff.target_bits_per_byte = 2.5
     if variant == "smoke":
         c.baseline_batch_size = 16
         c.baseline_learning_rate = 3e-3
@@ -154,7 +160,7 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
         c.throughput.min_batch_size = 8
         c.throughput.max_batch_size = 16
         c.tradeoff.batch_sizes = (8, 16)
-        c.tradeoff.target_bits_per_byte = 6.0
+        c.tradeoff.target_bits_per_byte = 5.0
     else:
         c.baseline_batch_size = 32
         c.baseline_learning_rate = 2e-3

@@ -389,8 +389,8 @@ def _read_text(path: str, max_bytes: int | None) -> bytes:
     if problem:
         raise UserError(
             f"{path} is a binary file ({problem}), not text.",
-            hint="data.path must be text; in a directory, data.extensions (e.g. "
-            "--config.data.extensions=.py,.txt) selects the text files.",
+            hint="data.path must be text; in a directory, data.extensions selects the text "
+            "files, e.g. --config.data.extensions=\"('.py', '.txt')\".",
         )
     return data
 

@@ -2,6 +2,7 @@
 
 import math
 import os
+import pathlib
 import platform
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_stdlib_cap_takes_files_in_order():
         (ds.train_files, ds.train, cap - test_cap),
         (ds.test_files, ds.test, test_cap),
     ):
-        expected = b"".join(open(os.path.join(root, f), "rb").read() for f in files)[:limit]
+        expected = b"".join(pathlib.Path(root, f).read_bytes() for f in files)[:limit]
         assert part.tobytes() == expected
     assert (
         ds.train_files[0]
