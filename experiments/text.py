@@ -1,0 +1,549 @@
+"""Byte-level text corpora for a character-level language model: loading, splits, batches.
+
+The tokens are bytes (vocabulary 256), held as ``uint8`` arrays in memory (a corpus here is a
+few MB). Two sources, picked by ``config.data.path``:
+
+* ``None`` (default): the ``.py`` files of the Python standard library of the running
+  interpreter (``sysconfig.get_paths()['stdlib']``), a corpus that exists on every machine
+  without a download. ``site-packages``/``dist-packages``, test directories (``test``,
+  ``tests``, ``idle_test``), ``__pycache__`` and hidden directories are left out, as is any file
+  that cannot be read or is not text. **The corpus, hence the test loss, depends on the Python
+  version**: compare held-out losses only between runs whose ``ds.source['python']`` (and
+  ``ds.source['sha256']``) agree.
+* a file: its bytes, the last ``test_fraction`` of them held out as the test split.
+* a directory: its files (or those with ``data.extensions``), like the standard library.
+
+Files are read in sorted order of their relative (``/``-separated) paths and concatenated
+without separators. A directory is split **by file**: a file goes to the test split when a
+SHA-256 hash of its relative path falls below ``test_fraction`` (:func:`is_test_file`), so the
+two splits never share a file and the split of a file does not depend on the other files.
+``data.max_bytes`` caps each split at its share of the cap (train ``(1 - test_fraction) *
+max_bytes``, test the rest), taking files in order and cutting the last one.
+
+Training examples are windows of ``context + 1`` bytes: tokens are the first ``context``,
+targets the last ``context`` (the next byte of each token). Epoch ``e`` covers the train split
+with ``N // (context + 1)`` non-overlapping windows, shifted by a random offset and visited in a
+random order, both drawn from ``(seed, e)``: example ``i`` is window ``i % per_epoch`` of epoch
+``i // per_epoch`` (:func:`train_offsets`). The batch of examples ``[i, i + B)`` is therefore a
+pure function of ``(seed, i, B)``, and a run that changes its batch size mid-way, or resumes,
+sees every example exactly once in the order of an uninterrupted run. Evaluation uses fixed,
+non-overlapping windows of the test split (:func:`eval_arrays`).
+
+Example::
+
+    ds = text.load(config.data, context=config.model.context)
+    spans = text.constant_spans(config.batch_size, start_example=step * config.batch_size)
+    for batch in text.train_batches(ds, spans, seed=config.seed):
+      ...  # batch['tokens'], batch['targets']: int32 [B, context]
+    held_out = text.eval_arrays(ds, config.eval_examples)
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import itertools
+import math
+import os
+import platform
+import sysconfig
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from experiments.cli import UserError
+
+__all__ = [
+    "VOCAB_SIZE",
+    "TextDataset",
+    "load",
+    "stdlib_root",
+    "list_files",
+    "is_test_file",
+    "train_offsets",
+    "train_batch",
+    "train_batches",
+    "constant_spans",
+    "eval_arrays",
+    "bits_per_byte",
+]
+
+VOCAB_SIZE = 256
+DEFAULT_TEST_FRACTION = 0.05
+STDLIB_EXTENSIONS = (".py",)
+# Directories never read: installed packages, test suites (the stdlib's hold binary fixtures
+# and deliberately broken encodings), byte-code caches.
+EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+)
+# A file is binary when it holds a NUL byte or more than this fraction of undecodable bytes.
+MAX_UNDECODABLE_FRACTION = 0.1
+# Keeps the epoch stream apart from other users of np.random.default_rng([seed, epoch]).
+_EPOCH_TAG = 0x74657874
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextDataset:
+    """A byte corpus split into train and test bytes.
+
+    Attributes:
+      train: uint8 ``[N]``, the train split (read-only).
+      test: uint8 ``[M]``, the test split (read-only).
+      context: tokens per example; a window is ``context + 1`` bytes.
+      source: JSON-able record of where the bytes came from: ``kind`` (``'stdlib'``, ``'file'``
+        or ``'directory'``), ``path``, ``split`` (``'file'``: by file, ``'bytes'``: the tail of
+        the bytes), ``test_fraction``, ``max_bytes``, ``num_train_files``, ``num_test_files``,
+        ``train_bytes``, ``test_bytes``, ``sha256`` (of the train then the test bytes, 16 hex
+        digits) and ``python`` (the interpreter's version; it decides the stdlib corpus).
+      train_files: relative paths of the train files in corpus order (empty for a file).
+      test_files: relative paths of the test files (empty for a file).
+    """
+
+    train: np.ndarray
+    test: np.ndarray
+    context: int
+    source: Mapping[str, Any]
+    train_files: tuple[str, ...] = ()
+    test_files: tuple[str, ...] = ()
+
+    vocab_size = VOCAB_SIZE
+
+    @property
+    def window(self) -> int:
+        """Bytes per example: ``context + 1``."""
+        return self.context + 1
+
+    @property
+    def examples_per_epoch(self) -> int:
+        """Train examples per epoch: ``len(train) // (context + 1)``."""
+        return len(self.train) // self.window
+
+    @property
+    def num_eval_windows(self) -> int:
+        """Non-overlapping windows in the test split: ``len(test) // (context + 1)``."""
+        return len(self.test) // self.window
+
+    def train_batch(self, start_example: int, batch_size: int, seed: int) -> dict:
+        """:func:`train_batch` of this dataset."""
+        return train_batch(self, start_example, batch_size, seed)
+
+    def eval_arrays(self, max_windows: int | None = None) -> dict:
+        """:func:`eval_arrays` of this dataset."""
+        return eval_arrays(self, max_windows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load(cfg, *, context: int) -> TextDataset:
+    """Loads the corpus described by ``cfg`` (the ``config.data`` ConfigDict or a mapping).
+
+    Args:
+      cfg: fields ``path`` (a text file or a directory; ``None``: the Python standard library),
+        ``max_bytes`` (cap on the bytes read, ``None``: all), ``test_fraction`` (held-out share
+        of the files or bytes, default 0.05), ``extensions`` (for a directory: read only files
+        whose names end with one of these, e.g. ``('.py', '.txt')``; ``None``: every file).
+      context: tokens per example (``config.model.context``); each split needs at least
+        ``context + 1`` bytes.
+
+    Returns:
+      A :class:`TextDataset`.
+
+    Raises:
+      UserError: a path that does not exist, an empty corpus, a binary file (named), a split
+        shorter than ``context + 1`` bytes, or a bad field.
+
+    Example::
+
+        ds = load({"path": None, "max_bytes": 300_000}, context=64)
+        ds.source["python"], len(ds.train), len(ds.test)
+    """
+    path = _field(cfg, "path", None)
+    max_bytes = _field(cfg, "max_bytes", None)
+    test_fraction = float(_field(cfg, "test_fraction", DEFAULT_TEST_FRACTION))
+    extensions = _field(cfg, "extensions", None)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise UserError(f"context={context!r} must be a positive integer.")
+    if not 0.0 < test_fraction < 1.0:
+        raise UserError(
+            f"data.test_fraction={test_fraction} must be in (0, 1).",
+            hint="e.g. --config.data.test_fraction=0.05",
+        )
+    if max_bytes is not None and (isinstance(max_bytes, bool) or int(max_bytes) < 2):
+        raise UserError(f"data.max_bytes={max_bytes!r} must be >= 2 or None (no cap).")
+    max_bytes = None if max_bytes is None else int(max_bytes)
+    if isinstance(extensions, str):
+        extensions = (extensions,)
+
+    if path is None:
+        root = stdlib_root()
+        files = list_files(root, STDLIB_EXTENSIONS, exclude_dirs=EXCLUDED_DIRS)
+        record = {"kind": "stdlib", "path": root}
+        arrays = _split_by_file(root, files, test_fraction, max_bytes, strict=False)
+    else:
+        path = os.path.abspath(os.path.expanduser(str(path)))
+        if not os.path.exists(path):
+            raise UserError(
+                f"data.path {path} does not exist.",
+                hint="pass a text file or a directory of text files, or leave data.path unset "
+                "for the Python standard library.",
+            )
+        if os.path.isdir(path):
+            files = list_files(path, extensions)
+            if not files:
+                what = f"files ending in {', '.join(extensions)}" if extensions else "files"
+                raise UserError(
+                    f"data.path {path} is an empty corpus: the directory has no {what}.",
+                    hint="point data.path at a directory with text files (or set "
+                    "data.extensions to match them).",
+                )
+            record = {"kind": "directory", "path": path}
+            if len(files) == 1:  # one file: split its bytes
+                data = _read_text(os.path.join(path, files[0]), max_bytes)
+                arrays = _split_bytes(data, test_fraction, files[0])
+            else:
+                arrays = _split_by_file(path, files, test_fraction, max_bytes, strict=True)
+        else:
+            record = {"kind": "file", "path": path}
+            arrays = _split_bytes(_read_text(path, max_bytes), test_fraction, None)
+
+    train, test, train_files, test_files, split = arrays
+    where = record["path"]
+    if len(train) + len(test) == 0:
+        raise UserError(
+            f"data.path {where} is an empty corpus (0 bytes).", hint="give it some text."
+        )
+    for name, part in (("train", train), ("test", test)):
+        if len(part) < context + 1:
+            raise UserError(
+                f"the {name} split of {where} has {len(part)} bytes, fewer than context + 1 = "
+                f"{context + 1} (corpus: {len(train)} train + {len(test)} test bytes, split by "
+                f"{split}).",
+                hint="use more text (or a larger data.max_bytes / data.test_fraction), or a "
+                "smaller --config.model.context.",
+            )
+    digest = hashlib.sha256(train.tobytes())
+    digest.update(test.tobytes())
+    record.update(
+        split=split,
+        test_fraction=test_fraction,
+        max_bytes=max_bytes,
+        num_train_files=len(train_files),
+        num_test_files=len(test_files),
+        train_bytes=len(train),
+        test_bytes=len(test),
+        sha256=digest.hexdigest()[:16],
+        python=platform.python_version(),
+        python_implementation=platform.python_implementation(),
+    )
+    for a in (train, test):
+        a.flags.writeable = False
+    logging.info(
+        "text corpus %s (%s): %d train bytes (%d files), %d test bytes (%d files), python %s",
+        where,
+        record["kind"],
+        len(train),
+        len(train_files),
+        len(test),
+        len(test_files),
+        record["python"],
+    )
+    return TextDataset(
+        train=train,
+        test=test,
+        context=context,
+        source=record,
+        train_files=tuple(train_files),
+        test_files=tuple(test_files),
+    )
+
+
+def _field(cfg, name: str, default: Any) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default) if cfg is not None else default
+
+
+def stdlib_root() -> str:
+    """The directory of the running interpreter's standard library."""
+    return os.path.realpath(sysconfig.get_paths()["stdlib"])
+
+
+def list_files(
+    root: str,
+    extensions: Iterable[str] | None = None,
+    *,
+    exclude_dirs: Iterable[str] = ("__pycache__",),
+) -> list[str]:
+    """Relative ``/``-separated paths of the regular files under ``root``, sorted.
+
+    Hidden files and directories (names starting with ``.``) and directories named in
+    ``exclude_dirs`` are skipped; ``extensions`` (``None``: all) filters by name suffix.
+    """
+    exclude = frozenset(exclude_dirs)
+    suffixes = tuple(extensions) if extensions else None
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in exclude and not d.startswith(".")]
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if name.startswith(".") or (suffixes and not name.endswith(suffixes)):
+                continue
+            if os.path.isfile(os.path.join(dirpath, name)):
+                rel = name if rel_dir == "." else os.path.join(rel_dir, name)
+                out.append(rel.replace(os.sep, "/"))
+    return sorted(out)
+
+
+def is_test_file(rel_path: str, test_fraction: float) -> bool:
+    """Whether a file belongs to the test split: a pure function of its relative path.
+
+    The first 8 bytes of ``sha256(rel_path)``, read as a fraction of 2**64, below
+    ``test_fraction``.
+    """
+    return _path_hash(rel_path) < test_fraction
+
+
+def _path_hash(rel_path: str) -> float:
+    digest = hashlib.sha256(rel_path.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _split_by_file(root, files, test_fraction, max_bytes, *, strict):
+    """(train, test, train_files, test_files, 'file'): files read in order, capped per split.
+
+    With ``strict`` a binary or unreadable file raises; otherwise (the standard library) it is
+    skipped. When no file hashes into the test split, the one with the smallest hash goes there.
+    """
+    test_set = {f for f in files if is_test_file(f, test_fraction)}
+    if not test_set:
+        test_set = {min(files, key=_path_hash)}
+    if len(test_set) == len(files):
+        test_set.discard(max(files, key=_path_hash))
+    caps = (None, None)
+    if max_bytes is not None:
+        test_cap = max(1, round(max_bytes * test_fraction))
+        caps = (max_bytes - test_cap, test_cap)
+    parts = []
+    for names, cap in zip(
+        ([f for f in files if f not in test_set], [f for f in files if f in test_set]),
+        caps,
+        strict=True,
+    ):
+        chunks, used, total = [], [], 0
+        for name in names:
+            if cap is not None and total >= cap:
+                break
+            try:
+                data = _read_text(os.path.join(root, name), None if cap is None else cap - total)
+            except (UserError, OSError) as e:
+                if strict:
+                    raise
+                logging.info("skipping %s: %s", name, e)
+                continue
+            if data:
+                chunks.append(data)
+                used.append(name)
+                total += len(data)
+        parts.append((np.frombuffer(b"".join(chunks), np.uint8).copy(), used))
+    (train, train_files), (test, test_files) = parts
+    return train, test, train_files, test_files, "file"
+
+
+def _split_bytes(data: bytes, test_fraction: float, name: str | None):
+    """(train, test, files, files, 'bytes'): the last ``test_fraction`` of the bytes is test."""
+    if not data:
+        return np.zeros(0, np.uint8), np.zeros(0, np.uint8), [], [], "bytes"
+    arr = np.frombuffer(data, np.uint8).copy()
+    cut = len(arr) - max(1, round(len(arr) * test_fraction))
+    files = [name] if name else []
+    return arr[:cut], arr[cut:], files, files, "bytes"
+
+
+def _read_text(path: str, max_bytes: int | None) -> bytes:
+    """The first ``max_bytes`` bytes of a text file.
+
+    Raises:
+      UserError: the file is binary: it holds a NUL byte or more than
+        ``MAX_UNDECODABLE_FRACTION`` of bytes that are not UTF-8.
+      OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes)
+    problem = None
+    if b"\x00" in data:
+        problem = "it holds NUL bytes"
+    else:
+        # Not final: a cut at max_bytes may split the last multi-byte character.
+        decoded = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
+        bad = decoded.count("\ufffd") - data.count("\ufffd".encode())
+        if bad > MAX_UNDECODABLE_FRACTION * len(data):
+            problem = f"{bad} of its {len(data)} bytes are not UTF-8"
+    if problem:
+        raise UserError(
+            f"{path} is a binary file ({problem}), not text.",
+            hint="data.path must be text; in a directory, data.extensions selects the text "
+            "files, e.g. --config.data.extensions=\"('.py', '.txt')\".",
+        )
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches.
+
+
+def train_offsets(
+    num_bytes: int, window: int, seed: int, start_example: int, batch_size: int
+) -> np.ndarray:
+    """Start offsets (int64 ``[batch_size]``) of train examples ``[start_example, +batch_size)``.
+
+    Epoch ``e`` has ``per_epoch = num_bytes // window`` windows at ``shift_e + window * k``;
+    ``np.random.default_rng([seed, e, tag])`` draws ``shift_e`` in ``[0, num_bytes - per_epoch
+    * window]`` and the order of ``k`` (a permutation of ``range(per_epoch)``). Example ``i`` is
+    position ``i % per_epoch`` of epoch ``i // per_epoch``: a pure function of ``(seed, i)``.
+
+    Args:
+      num_bytes: bytes of the train split.
+      window: bytes per example (``context + 1``), at most ``num_bytes``.
+      seed: non-negative seed.
+      start_example: index of the first example (examples seen before this batch).
+      batch_size: number of examples.
+
+    Returns:
+      The offsets; window ``o`` is ``train[o : o + window]``.
+    """
+    if not 1 <= window <= num_bytes:
+        raise ValueError(f"window={window} must be in [1, num_bytes={num_bytes}].")
+    if seed < 0 or start_example < 0 or batch_size < 0:
+        raise ValueError(
+            f"seed={seed}, start_example={start_example} and batch_size={batch_size} must be >= 0."
+        )
+    per_epoch = num_bytes // window
+    slack = num_bytes - per_epoch * window
+    index = np.arange(start_example, start_example + batch_size, dtype=np.int64)
+    epoch, position = np.divmod(index, per_epoch)
+    out = np.empty(batch_size, np.int64)
+    for e in np.unique(epoch):
+        shift, order = _epoch_order(seed, int(e), per_epoch, slack)
+        mask = epoch == e
+        out[mask] = shift + window * order[position[mask]]
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, per_epoch: int, slack: int) -> tuple[int, np.ndarray]:
+    rng = np.random.default_rng([seed, epoch, _EPOCH_TAG])
+    shift = int(rng.integers(0, slack + 1))
+    order = rng.permutation(per_epoch)
+    order.flags.writeable = False
+    return shift, order
+
+
+def _windows(data: np.ndarray, offsets: np.ndarray, window: int) -> dict:
+    w = data[offsets[:, None] + np.arange(window)]
+    return {"tokens": w[:, :-1].astype(np.int32), "targets": w[:, 1:].astype(np.int32)}
+
+
+def train_batch(ds: TextDataset, start_example: int, batch_size: int, seed: int) -> dict:
+    """The train examples ``[start_example, start_example + batch_size)``.
+
+    A pure function of ``(ds, start_example, batch_size, seed)`` (see :func:`train_offsets`):
+    the batch of ``[i, i + B)`` is the concatenation of those of ``[i, i + k)`` and
+    ``[i + k, i + B)``.
+
+    Args:
+      ds: the dataset.
+      start_example: examples seen before this batch.
+      batch_size: examples in the batch.
+      seed: non-negative seed of the shuffle.
+
+    Returns:
+      ``{'tokens': int32 [B, context], 'targets': int32 [B, context]}``; ``targets[:, t]`` is
+      the byte after ``tokens[:, t]``.
+
+    Example::
+
+        batch = train_batch(ds, start_example=step * 32, batch_size=32, seed=0)
+    """
+    offsets = train_offsets(len(ds.train), ds.window, seed, start_example, batch_size)
+    return _windows(ds.train, offsets, ds.window)
+
+
+def constant_spans(batch_size: int, start_example: int = 0) -> Iterator[tuple[int, int]]:
+    """Endless ``(start_example, batch_size)`` pairs of a run at a constant batch size."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    return ((s, batch_size) for s in itertools.count(start_example, batch_size))
+
+
+def train_batches(
+    ds: TextDataset, spans: Iterable[tuple[int, int]], *, seed: int, prefetch: int = 2
+) -> Iterator[dict]:
+    """:func:`train_batch` of each ``(start_example, batch_size)`` in ``spans``, prefetched.
+
+    A background thread computes up to ``prefetch`` batches ahead; ``spans`` is read (in the
+    caller's thread) that many items ahead, so a batch size decided from the previous step's
+    results needs ``prefetch=0`` or direct :func:`train_batch` calls. Closing or dropping the
+    iterator stops the thread.
+
+    Args:
+      ds: the dataset.
+      spans: ``(start_example, batch_size)`` pairs, e.g. :func:`constant_spans`.
+      seed: seed of the shuffle.
+      prefetch: batches computed ahead; 0 computes each in the caller's thread when asked.
+
+    Returns:
+      An iterator of ``{'tokens', 'targets'}`` batches, one per span.
+    """
+    spans = iter(spans)
+    if prefetch <= 0:
+        for start, size in spans:
+            yield train_batch(ds, start, size, seed)
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gns-text") as pool:
+        pending = collections.deque(
+            pool.submit(train_batch, ds, start, size, seed)
+            for start, size in itertools.islice(spans, prefetch)
+        )
+        try:
+            while pending:
+                batch = pending.popleft().result()
+                for start, size in itertools.islice(spans, 1):
+                    pending.append(pool.submit(train_batch, ds, start, size, seed))
+                yield batch
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def eval_arrays(ds: TextDataset, max_windows: int | None = None) -> dict:
+    """Fixed held-out windows: non-overlapping ``context + 1``-byte windows of the test split.
+
+    All ``num_eval_windows`` windows (at offsets ``k * (context + 1)``), or ``max_windows`` of
+    them spread evenly over the split (``k = j * num_eval_windows // max_windows``).
+
+    Args:
+      ds: the dataset.
+      max_windows: cap on the number of windows (``None``: all).
+
+    Returns:
+      ``{'tokens': int32 [W, context], 'targets': int32 [W, context]}``.
+    """
+    total = ds.num_eval_windows
+    n = total if max_windows is None else min(int(max_windows), total)
+    if n < 1:
+        raise ValueError(f"max_windows={max_windows} must be >= 1.")
+    offsets = (np.arange(n, dtype=np.int64) * total // n) * ds.window
+    return _windows(ds.test, offsets, ds.window)
+
+
+def bits_per_byte(loss: float) -> float:
+    """Bits per byte of a mean next-byte cross-entropy ``loss`` in nats: ``loss / ln 2``."""
+    return loss / math.log(2.0)
