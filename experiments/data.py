@@ -587,9 +587,23 @@ def _folder_arrays(path: str | None, cache_dir: str | None) -> dict[str, Any]:
     path = _existing_path(path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
     if not os.path.isdir(path) and not _is_tar(path):
         raise _layout_error(path, "is neither a directory nor a tar archive (.tar.gz)")
+    if _is_cifar10_binary(path):
+        return _binary_cached(cache_dir, path)
     return _cached(
         cache_dir, f"folder-{_source_fingerprint(path)}", functools.partial(decode_folder, path)
     )
+
+
+def _is_cifar10_binary(path: str) -> bool:
+    """Whether a directory or archive is the CIFAR-10 binary version (its first entry, for an
+    archive, is ``cifar-10-batches-bin``; a directory holds ``test_batch.bin``)."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, "cifar-10-batches-bin")
+        return any(os.path.isfile(os.path.join(d, CIFAR10_TEST_BATCH)) for d in (path, inner))
+    for member, _ in _tar_entries(path, lambda name: False):
+        parts = [p for p in member.name.split("/") if p not in ("", ".")]
+        return bool(parts) and parts[0] == "cifar-10-batches-bin"
+    return False
 
 
 def _is_image(name: str) -> bool:
@@ -750,38 +764,50 @@ def decode_folder(path: str) -> dict[str, Any]:
 def _cifar10_binary_arrays(
     path: str | None, cache_dir: str | None, *, url: str, md5: str | None
 ) -> dict[str, Any]:
-    """Arrays of ``cifar-10-binary.tar.gz`` at ``path``, or downloaded into the cache directory."""
-    if path:
-        path = _existing_path(path, "'cifar10_binary': cifar-10-binary.tar.gz or its directory")
-        check_md5 = False  # the user's own file: any intact copy will do
-    else:
-        directory = _cache_dir(cache_dir)
-        name = os.path.basename(url.split("?")[0].rstrip("/")) or "cifar-10-binary.tar.gz"
-        path = os.path.join(directory, name)
-        check_md5 = os.path.exists(path)  # placed by hand, or damaged since: check before decoding
-        if not check_md5:  # a fresh download is checked by fetch
-            try:
-                download.fetch(url, path, md5=md5)
-            except download.DownloadError as err:
-                raise UserError(
-                    f"{err} {ALTERNATIVES}",
-                    hint=f"or copy cifar-10-binary.tar.gz (from {CIFAR10_BINARY_URL}, MD5 "
-                    f"{CIFAR10_BINARY_MD5}) to {path} yourself, or set data.path to it.",
-                ) from err
+    """Arrays of ``cifar-10-binary.tar.gz`` at ``path``, or downloaded into the cache directory.
 
-    def decode() -> dict[str, Any]:
-        if check_md5 and md5 is not None:
-            actual = download.file_md5(path)
-            if actual != md5.lower():
-                raise UserError(
-                    f"{path} has MD5 {actual}, not the expected {md5.lower()}: it is not the "
-                    f"official cifar-10-binary.tar.gz, or it is damaged.",
-                    hint=f"delete it (it is downloaded again), or set data.path={path} to use "
-                    f"it without the check.",
-                )
+    A file the user names is used as it is (any intact copy will do). The one in the cache
+    directory is downloaded when absent (checked by :func:`download.fetch`); when it was already
+    there (placed by hand, or damaged since) its MD5 is checked before it is decoded.
+    """
+    if path:
+        return _binary_cached(cache_dir, _existing_path(path, "cifar-10-binary.tar.gz"))
+    path = os.path.join(
+        _cache_dir(cache_dir),
+        os.path.basename(url.split("?")[0].rstrip("/")) or "cifar-10-binary.tar.gz",
+    )
+    if not os.path.exists(path):
+        try:
+            download.fetch(url, path, md5=md5)
+        except download.DownloadError as err:
+            raise UserError(
+                f"{err} {ALTERNATIVES}",
+                hint=f"or copy cifar-10-binary.tar.gz (from {CIFAR10_BINARY_URL}, MD5 "
+                f"{CIFAR10_BINARY_MD5}) to {path} yourself, or set data.path to it.",
+            ) from err
+        return _binary_cached(cache_dir, path)
+
+    def checked_decode(path: str) -> dict[str, Any]:
+        actual = download.file_md5(path)
+        if md5 is not None and actual != md5.lower():
+            raise UserError(
+                f"{path} has MD5 {actual}, not the expected {md5.lower()}: it is not the "
+                f"official cifar-10-binary.tar.gz, or it is damaged.",
+                hint=f"delete it (it is downloaded again), or set data.path={path} to use it "
+                f"without the check.",
+            )
         return decode_cifar10_binary(path)
 
-    return _cached(cache_dir, f"cifar10_binary-{_source_fingerprint(path)}", decode)
+    return _binary_cached(cache_dir, path, checked_decode)
+
+
+def _binary_cached(
+    cache_dir: str | None, path: str, decode: Callable[[str], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The cached arrays of a CIFAR-10 binary archive or directory, else ``decode(path)``."""
+    decode = decode or decode_cifar10_binary
+    stem = f"cifar10_binary-{_source_fingerprint(path)}"
+    return _cached(cache_dir, stem, functools.partial(decode, path))
 
 
 def _parse_cifar10_batch(path: str, name: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
