@@ -1,17 +1,27 @@
 """CIFAR-style image data for the experiments: loading, normalization, batches.
 
-Three sources, picked by ``config.data.source``:
+Four sources, picked by ``config.data.source``:
 
-* ``'tfds'``: a prepared ``tensorflow-datasets`` dataset read with ``tfds.data_source``
-  (array_record; reading needs no TensorFlow). Preparing it the first time does need TensorFlow
-  (``pip install -e '.[tfds]'``); without it :func:`load` raises an error that says so. The
-  decoded arrays are cached in ``config.data.cache_dir`` too.
+* ``'cifar10_binary'``: the official CIFAR-10 binary version (``cifar-10-binary.tar.gz``,
+  Krizhevsky 2009), parsed with numpy (no pickle, no TensorFlow). ``data.path`` names the
+  archive (or its extracted ``cifar-10-batches-bin`` directory); without it the archive is taken
+  from the cache directory, downloaded there from ``data.url`` the first time (checked against
+  ``data.md5``, see :func:`experiments.download.fetch`).
 * ``'folder'``: a directory or a ``.tar.gz`` laid out ``split/class/image.jpg`` with splits
   ``train`` and ``test`` (like ``cifar10-jpeg.tar.gz``). Labels are the indices of the sorted class
   directory names (alphabetical, which is the standard CIFAR-10 order). Images are decoded once
-  with PIL and cached as ``.npz`` arrays in ``config.data.cache_dir``.
+  with PIL.
+* ``'tfds'``: a prepared ``tensorflow-datasets`` dataset read with ``tfds.data_source``
+  (array_record; reading needs no TensorFlow). Preparing it the first time does need TensorFlow
+  (``pip install -e '.[tfds]'``); without it :func:`load` raises an error that says so.
 * ``'synthetic'``: a learnable toy problem (class-dependent colours and low-frequency patterns
   plus noise), for tests and smoke runs.
+
+The decoded arrays of the first three are cached as ``.npz`` files in ``config.data.cache_dir``
+(default: :func:`user_cache_dir`), written atomically; an unreadable cache file is removed with
+a warning and decoded again, abandoned temporary files of killed writers are removed, and an
+unwritable cache directory only costs a warning. Every problem with the user's data raises
+:class:`~experiments.cli.UserError` naming the path (and the archive member) and the fix.
 
 Everything here is numpy on the host. :func:`train_batches` is a pure function of
 ``(seed, step, batch_size)`` (resuming at ``start_step`` repeats an uninterrupted run exactly)
@@ -35,16 +45,20 @@ import io
 import itertools
 import os
 import queue
+import re
 import tarfile
 import threading
 import time
-import uuid
-import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import logging
+
+from experiments import download
+from experiments.cli import UserError
 
 LAYOUT = (
     "split/class/image.jpg (splits 'train' and 'test', one subdirectory per class, e.g. "
@@ -52,14 +66,38 @@ LAYOUT = (
 )
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
-DEFAULT_CACHE_DIR = "~/.cache/gns"
 CROP_PADDING = 4
+# The official CIFAR-10 binary version, as published on https://www.cs.toronto.edu/~kriz/cifar.html
+CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR10_TEST_BATCH = "test_batch.bin"
+_CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte, then the R, G and B planes of 32 x 32
+# Where data.source='cifar10_binary' can be replaced when the download is impossible.
+ALTERNATIVES = (
+    "Use local data instead: DATA= a folder or archive laid out split/class/image.jpg (e.g. "
+    "`make demo DATA=path/to/cifar10-jpeg.tar.gz`, i.e. --config.data.source=folder "
+    "--config.data.path=...), or --config.data.source=tfds."
+)
 # Seeds: epoch permutation from default_rng([seed, epoch]); augmentation from
 # default_rng([seed, step, _AUGMENT_TAG]). The tag keeps the two streams apart (SeedSequence pads
 # entropy with zeros, so [seed, s, 0] would equal [seed, s]).
 _AUGMENT_TAG = 0x61756720
 _SUBSAMPLE_SEED = 0
 _SYNTHETIC_SEED = 0
+_CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,44 +133,52 @@ def load(cfg) -> Dataset:
     """Loads the dataset described by ``cfg`` (the ``config.data`` ConfigDict).
 
     Args:
-      cfg: ``ml_collections.ConfigDict`` (or a mapping) with fields ``source`` (``'tfds'``,
-        ``'folder'`` or ``'synthetic'``); ``name`` (tfds name, default ``'cifar10'``);
-        ``tfds_data_dir`` (tfds ``data_dir``, None = tfds default); ``path`` (a directory or
-        ``.tar.gz`` laid out ``split/class/image.jpg``, for ``'folder'``); ``cache_dir`` (where
-        decoded folder and tfds arrays are cached, default ``~/.cache/gns``); ``num_train`` and
-        ``num_test`` (None = all; otherwise a class-stratified subset, see :func:`subsample`;
-        for ``'synthetic'`` the split sizes, default 2048 and 512); ``synthetic.image_size``
-        (default 32), ``synthetic.num_classes`` (default 10), ``synthetic.seed`` (default 0).
+      cfg: ``ml_collections.ConfigDict`` (a mapping is converted) with fields ``source``
+        (``'cifar10_binary'``, ``'folder'``, ``'tfds'`` or ``'synthetic'``); ``path`` (for
+        ``'folder'``: a directory or ``.tar.gz`` laid out ``split/class/image.jpg``; for
+        ``'cifar10_binary'``: ``cifar-10-binary.tar.gz`` or its extracted directory, None =
+        download into ``cache_dir``); ``cache_dir`` (decoded arrays and downloads, None =
+        :func:`user_cache_dir`); ``name`` and ``tfds_data_dir`` (tfds name and ``data_dir``,
+        None = tfds default); ``num_train`` and ``num_test`` (None = all; otherwise a
+        class-stratified subset, see :func:`subsample`; for ``'synthetic'`` the split sizes,
+        None = 2048 and 512); ``synthetic.image_size``, ``synthetic.num_classes``. Optional
+        fields (defaults when absent): ``url`` and ``md5`` (where and what to download,
+        :data:`CIFAR10_BINARY_URL`, :data:`CIFAR10_BINARY_MD5`), ``synthetic.seed`` (0).
 
     Returns:
       A :class:`Dataset`; ``mean`` and ``std`` are computed on the (subsampled) train images.
 
     Raises:
-      FileNotFoundError, ValueError: a missing or malformed ``path`` (the message names the
-        expected layout ``split/class/image.jpg``), or a bad field.
-      RuntimeError: ``source='tfds'`` with an unprepared dataset and no TensorFlow to prepare it.
+      UserError: a missing, truncated or malformed ``path`` or archive member (the message
+        names it and the expected layout), a failed download (naming the alternatives), an
+        unprepared tfds dataset without TensorFlow, or a bad field.
     """
-    source = _field(cfg, "source", "tfds")
-    num_train = _field(cfg, "num_train", None)
-    num_test = _field(cfg, "num_test", None)
+    if isinstance(cfg, Mapping):
+        cfg = ml_collections.ConfigDict(dict(cfg))
+    source, num_train, num_test = cfg.source, cfg.num_train, cfg.num_test
     if source == "synthetic":
         arrays = _synthetic_arrays(
-            _field(cfg, "synthetic", None),
+            cfg.synthetic,
             num_train=2048 if num_train is None else _check_count("num_train", num_train),
             num_test=512 if num_test is None else _check_count("num_test", num_test),
         )
         num_train = num_test = None  # generated at the requested sizes
     elif source == "folder":
-        arrays = _folder_arrays(_field(cfg, "path", None), _field(cfg, "cache_dir", None))
-    elif source == "tfds":
-        arrays = _tfds_arrays(
-            _field(cfg, "name", "cifar10"),
-            _field(cfg, "tfds_data_dir", None),
-            _field(cfg, "cache_dir", None),
+        arrays = _folder_arrays(cfg.path, cfg.cache_dir)
+    elif source == "cifar10_binary":
+        arrays = _cifar10_binary_arrays(
+            cfg.path,
+            cfg.cache_dir,
+            url=_optional(cfg, "url", CIFAR10_BINARY_URL),
+            md5=_optional(cfg, "md5", CIFAR10_BINARY_MD5),
         )
+    elif source == "tfds":
+        arrays = _tfds_arrays(cfg.name, cfg.tfds_data_dir, cfg.cache_dir)
     else:
-        raise ValueError(
-            f"Unknown data.source={source!r}; use 'tfds', 'folder' (with data.path) or 'synthetic'."
+        raise UserError(
+            f"Unknown data.source={source!r}.",
+            hint="use 'cifar10_binary' (downloads CIFAR-10), 'folder' (with data.path), 'tfds' "
+            "or 'synthetic'.",
         )
     train_images, train_labels = arrays["train_images"], arrays["train_labels"]
     test_images, test_labels = arrays["test_images"], arrays["test_labels"]
@@ -157,24 +203,19 @@ def load(cfg) -> Dataset:
     )
 
 
-def _field(cfg, name: str, default: Any) -> Any:
-    """``cfg.name`` for a ConfigDict or ``cfg[name]`` for a mapping; ``default`` when absent."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        value = cfg.get(name, default)
-    else:
-        value = getattr(cfg, name, default)
+def _optional(cfg, name: str, default: Any) -> Any:
+    """``cfg.name``, or ``default`` for a field that older configs lack (or that is None)."""
+    value = cfg.get(name, None)
     return default if value is None else value
 
 
 def _check_count(name: str, n: Any, available: int | None = None) -> int:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        raise ValueError(f"data.{name} must be a positive int or None (all), got {n!r}.")
+        raise UserError(f"data.{name} must be a positive int or None (all), got {n!r}.")
     if available is not None and n > available:
-        raise ValueError(
-            f"data.{name}={n} but the split has only {available} examples; "
-            f"use data.{name}=None for all of them."
+        raise UserError(
+            f"data.{name}={n} but the split has only {available} examples.",
+            hint=f"use data.{name}=None for all of them, or a smaller number.",
         )
     return int(n)
 
@@ -239,11 +280,11 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _synthetic_arrays(scfg, num_train: int, num_test: int) -> dict[str, Any]:
     """Class-dependent colour + low-frequency pattern, with per-example colour jitter and noise."""
-    image_size = int(_field(scfg, "image_size", 32))
-    num_classes = int(_field(scfg, "num_classes", 10))
-    seed = int(_field(scfg, "seed", _SYNTHETIC_SEED))
+    image_size = int(scfg.image_size)
+    num_classes = int(scfg.num_classes)
+    seed = int(_optional(scfg, "seed", _SYNTHETIC_SEED))
     if num_classes < 2 or image_size < 4:
-        raise ValueError(
+        raise UserError(
             f"data.synthetic needs num_classes >= 2 and image_size >= 4, got "
             f"num_classes={num_classes}, image_size={image_size}."
         )
@@ -297,14 +338,15 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
     except Exception as err:  # tfds raises several types for "not prepared"
         if not _tensorflow_available():
             where = data_dir or "the tfds default data_dir (~/tensorflow_datasets)"
-            raise RuntimeError(
+            raise UserError(
                 f"tfds dataset {name!r} is not prepared in {where}, and preparing it needs "
-                f"TensorFlow, which is not installed ({type(err).__name__}: {err}). Either "
-                f"install it once with `pip install -e '.[tfds]'` and prepare the data with "
+                f"TensorFlow, which is not installed ({type(err).__name__}: {err}).",
+                hint=f"install it once with `pip install -e '.[tfds]'` and prepare the data with "
                 f'`python -c "import tensorflow_datasets as tfds; '
-                f"tfds.data_source('{name}', data_dir={data_dir!r})\"` (this downloads), or "
-                f"read an image folder instead: --config.data.source=folder "
-                f"--config.data.path=/path/to/cifar10-jpeg.tar.gz (layout {LAYOUT})."
+                f"tfds.data_source('{name}', data_dir={data_dir!r})\"` (this downloads); or "
+                f"--config.data.source=cifar10_binary (downloads CIFAR-10 without TensorFlow); "
+                f"or read an image folder: --config.data.source=folder "
+                f"--config.data.path=/path/to/cifar10-jpeg.tar.gz (layout {LAYOUT}).",
             ) from err
         logging.info("tfds dataset %r not prepared; downloading and preparing it.", name)
         sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir, download=True)
@@ -312,19 +354,18 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
     key = hashlib.sha256(
         f"{name}\0{info.version}\0{info.data_dir}\0{[len(s) for s in sources]}".encode()
     ).hexdigest()[:16]
-    cache_path = os.path.join(_cache_dir(cache_dir), f"tfds-{name.replace('/', '_')}-{key}.npz")
-    cached = _read_cache(cache_path)
-    if cached is not None:
-        return cached
-    out: dict[str, Any] = {}
-    for split, source in zip(SPLITS, sources, strict=True):
-        images, labels = _read_data_source(source, desc=f"tfds {name} {split}")
-        out[f"{split}_images"], out[f"{split}_labels"] = images, labels
-    label_feature = info.features["label"]
-    out["num_classes"] = int(label_feature.num_classes)
-    out["class_names"] = list(label_feature.names)
-    _write_cache(cache_path, out)
-    return out
+
+    def decode() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for split, source in zip(SPLITS, sources, strict=True):
+            images, labels = _read_data_source(source, desc=f"tfds {name} {split}")
+            out[f"{split}_images"], out[f"{split}_labels"] = images, labels
+        label_feature = info.features["label"]
+        out["num_classes"] = int(label_feature.num_classes)
+        out["class_names"] = list(label_feature.names)
+        return out
+
+    return _cached(cache_dir, f"tfds-{name.replace('/', '_')}-{key}", decode)
 
 
 def _read_data_source(source, desc: str) -> tuple[np.ndarray, np.ndarray]:
@@ -333,7 +374,7 @@ def _read_data_source(source, desc: str) -> tuple[np.ndarray, np.ndarray]:
 
     n = len(source)
     if n == 0:
-        raise ValueError(f"{desc}: the split is empty.")
+        raise UserError(f"{desc}: the split is empty.")
     first = np.asarray(source[0]["image"])
     images = np.empty((n, *first.shape), dtype=np.uint8)
     labels = np.empty((n,), dtype=np.int32)
@@ -344,45 +385,47 @@ def _read_data_source(source, desc: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-# --- folder -----------------------------------------------------------------------------------
+# --- the array cache --------------------------------------------------------------------------
 
 
-def _layout_error(path: str, problem: str) -> ValueError:
-    return ValueError(f"data.path={path!r}: {problem}. Expected the layout {LAYOUT}.")
+def user_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/gns``, or ``~/.cache/gns`` (the XDG base directory convention)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, empty or relative: ignored, as the spec says
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gns")
 
 
-def _folder_arrays(path: str | None, cache_dir: str | None) -> dict[str, Any]:
-    """Decoded arrays of an image folder or archive, from the cache when it is fresh."""
-    if not path:
-        raise ValueError(
-            f"data.source='folder' needs data.path: a directory or .tar.gz laid out {LAYOUT}."
-        )
-    path = os.path.abspath(os.path.expanduser(str(path)))
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"data.path={path!r} does not exist. Expected a directory or .tar.gz laid out {LAYOUT}."
-        )
-    if not os.path.isdir(path) and not tarfile.is_tarfile(path):
-        raise _layout_error(path, "is neither a directory nor a tar archive (.tar.gz)")
-    cache_path = os.path.join(_cache_dir(cache_dir), f"folder-{_source_fingerprint(path)}.npz")
+def _cache_dir(cache_dir: str | None) -> str:
+    """The cache directory, after removing abandoned temporaries of killed writers in it."""
+    path = os.path.abspath(os.path.expanduser(str(cache_dir))) if cache_dir else user_cache_dir()
+    download.remove_stale_temps(path)
+    return path
+
+
+def _cached(
+    cache_dir: str | None, stem: str, decode: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """``decode()``'s arrays, read from ``<cache_dir>/<stem>.npz`` when there, else written there.
+
+    An unreadable cache file is removed (one warning naming it) and the arrays decoded again;
+    an unwritable cache directory costs one warning and the arrays are returned uncached.
+    """
+    cache_path = os.path.join(_cache_dir(cache_dir), f"{stem}.npz")
     cached = _read_cache(cache_path)
     if cached is not None:
         return cached
     start = time.perf_counter()
-    arrays = decode_folder(path)
+    arrays = decode()
     logging.info(
-        "Decoded %d train and %d test images from %s in %.1f s.",
+        "Decoded %d train and %d test images in %.1f s; caching them in %s.",
         len(arrays["train_labels"]),
         len(arrays["test_labels"]),
-        path,
         time.perf_counter() - start,
+        cache_path,
     )
     _write_cache(cache_path, arrays)
     return arrays
-
-
-def _cache_dir(cache_dir: str | None) -> str:
-    return os.path.expanduser(str(cache_dir or DEFAULT_CACHE_DIR))
 
 
 def _source_fingerprint(path: str) -> str:
@@ -402,43 +445,165 @@ def _source_fingerprint(path: str) -> str:
     return f"{stem}-{h.hexdigest()[:16]}"
 
 
+def _check_cached_arrays(arrays: dict[str, Any]) -> None:
+    """Raises ValueError unless the arrays are what a decoder returns (shapes, types, labels)."""
+    num_classes = int(arrays["num_classes"])
+    if num_classes < 1 or len(arrays["class_names"]) not in (0, num_classes):
+        raise ValueError(f"num_classes={num_classes} and {len(arrays['class_names'])} names")
+    for split in SPLITS:
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.dtype != np.uint8 or images.ndim != 4 or labels.ndim != 1:
+            raise ValueError(f"{split}: images {images.dtype}{images.shape}, labels {labels.shape}")
+        if len(images) != len(labels) or len(labels) == 0:
+            raise ValueError(f"{split}: {len(images)} images, {len(labels)} labels")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"{split}: labels outside [0, {num_classes})")
+
+
 def _read_cache(cache_path: str) -> dict[str, Any] | None:
-    if not os.path.exists(cache_path):
+    """The cached arrays, or None when absent; an unreadable file is removed with a warning."""
+    if not os.path.isfile(cache_path):  # absent, or its directory is unusable (warned on write)
         return None
     start = time.perf_counter()
     try:
         with np.load(cache_path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        arrays["num_classes"] = int(arrays["num_classes"])
-        arrays["class_names"] = [str(c) for c in arrays["class_names"]]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        logging.warning("Ignoring unreadable cache %s (%s); decoding again.", cache_path, err)
+            missing = [k for k in (*_CACHE_KEYS, "num_classes", "class_names") if k not in f]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)} in {sorted(f.files)}")
+            arrays = {k: f[k] for k in _CACHE_KEYS}
+            arrays["num_classes"] = int(f["num_classes"])
+            arrays["class_names"] = [str(c) for c in f["class_names"]]
+        _check_cached_arrays(arrays)
+    except FileNotFoundError:  # removed meanwhile
+        return None
+    except MemoryError:
+        raise
+    except Exception as err:  # zero-length, truncated, wrong keys, wrong arrays: decode again
+        logging.warning(
+            "The cache file %s is unreadable (%s: %s); removing it and decoding the data again.",
+            cache_path,
+            type(err).__name__,
+            err,
+        )
+        try:
+            os.remove(cache_path)
+        except OSError as rm_err:
+            logging.warning("Could not remove %s (%s).", cache_path, rm_err)
         return None
     logging.info("Loaded cached arrays %s in %.2f s.", cache_path, time.perf_counter() - start)
     return arrays
 
 
 def _write_cache(cache_path: str, arrays: dict[str, Any]) -> None:
-    """Writes the arrays as an uncompressed ``.npz`` atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    # A unique name beside the target (same file system, so the rename is atomic); plain
-    # open() so the file gets the usual permissions, unlike tempfile.mkstemp's 0600.
-    tmp = f"{cache_path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    """Writes the arrays as an uncompressed ``.npz`` atomically (:func:`download.atomic_file`).
+
+    A cache that cannot be written (unwritable or full directory, a file in the way) is skipped
+    with one warning: the data are still returned, the next run decodes again.
+    """
     try:
-        with open(tmp, "xb") as f:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with download.atomic_file(cache_path) as f:
             np.savez(
                 f,
-                **{k: v for k, v in arrays.items() if k not in ("num_classes", "class_names")},
+                **{k: arrays[k] for k in _CACHE_KEYS},
                 num_classes=np.int64(arrays["num_classes"]),
                 class_names=np.asarray(arrays["class_names"], dtype=np.str_),
             )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    except OSError as err:
+        logging.warning(
+            "Cannot write the data cache %s (%s); continuing without it, so the next run decodes "
+            "the data again. Set --config.data.cache_dir to a writable directory to cache it.",
+            cache_path,
+            err,
+        )
+
+
+# --- archives ---------------------------------------------------------------------------------
+
+
+def _archive_error(path: str, where: str, err: BaseException) -> UserError:
+    return UserError(
+        f"data.path={path!r}: the archive is truncated or corrupt ({where}: "
+        f"{type(err).__name__}: {err}).",
+        hint="copy or download the archive again (compare its size or checksum with the "
+        "original), or point data.path at an intact copy.",
+    )
+
+
+def _is_tar(path: str) -> bool:
+    """Whether ``path`` is a tar archive; a truncated or corrupt compressed file raises."""
+    try:
+        return tarfile.is_tarfile(path)
+    except (EOFError, OSError, zlib.error, tarfile.TarError) as err:
+        raise _archive_error(path, "at its start", err) from err
+
+
+def _tar_entries(
+    path: str, wanted: Callable[[str], bool]
+) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+    """Streams ``(member, bytes)`` of a tar archive (any compression), bytes only if ``wanted``.
+
+    A truncated or corrupt archive raises :class:`UserError` naming the archive and the member
+    being read (or the last one read).
+    """
+    where = "at the first member"
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                where = f"in member {member.name!r}"
+                data = None
+                if member.isfile() and wanted(member.name):
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    data = f.read()
+                yield member, data
+                where = f"after member {member.name!r}"
+    except (EOFError, OSError, zlib.error, tarfile.TarError) as err:
+        raise _archive_error(path, where, err) from err
+
+
+# --- folder -----------------------------------------------------------------------------------
+
+
+def _layout_error(path: str, problem: str) -> UserError:
+    return UserError(
+        f"data.path={path!r}: {problem}.",
+        hint=f"Expected a directory or .tar.gz with the layout {LAYOUT}.",
+    )
+
+
+def _existing_path(path: str | None, what: str) -> str:
+    """The absolute ``data.path``; a missing one raises :class:`UserError` saying ``what``."""
+    if not path:
+        raise UserError(f"data.source={what} needs data.path.")
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.exists(path):
+        raise UserError(f"data.path={path!r} does not exist.", hint=f"Expected {what}.")
+    return path
+
+
+def _folder_arrays(path: str | None, cache_dir: str | None) -> dict[str, Any]:
+    """Decoded arrays of an image folder or archive, from the cache when it is fresh."""
+    path = _existing_path(path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
+    if not os.path.isdir(path) and not _is_tar(path):
+        raise _layout_error(path, "is neither a directory nor a tar archive (.tar.gz)")
+    if _is_cifar10_binary(path):
+        return _binary_cached(cache_dir, path)
+    return _cached(
+        cache_dir, f"folder-{_source_fingerprint(path)}", functools.partial(decode_folder, path)
+    )
+
+
+def _is_cifar10_binary(path: str) -> bool:
+    """Whether a directory or archive is the CIFAR-10 binary version (its first entry, for an
+    archive, is ``cifar-10-batches-bin``; a directory holds ``test_batch.bin``)."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, "cifar-10-batches-bin")
+        return any(os.path.isfile(os.path.join(d, CIFAR10_TEST_BATCH)) for d in (path, inner))
+    for member, _ in _tar_entries(path, lambda name: False):
+        parts = [p for p in member.name.split("/") if p not in ("", ".")]
+        return bool(parts) and parts[0] == "cifar-10-batches-bin"
+    return False
 
 
 def _is_image(name: str) -> bool:
@@ -446,10 +611,15 @@ def _is_image(name: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _iter_directory(path: str) -> Iterator[tuple[str, str, str, bytes | None]]:
-    """Yields ``(split, class, file name, None)`` for the class directories of a folder.
+# An image file found in a folder or archive: (split, class, file name, bytes or None to read
+# from the folder, where it is: the archive member name or the path inside the folder).
+_Entry = tuple[str, str, str, bytes | None, str]
 
-    Empty class directories are yielded as ``(split, class, '', None)`` so that they can be
+
+def _iter_directory(path: str) -> Iterator[_Entry]:
+    """Yields the image files of the class directories of a folder (bytes None).
+
+    Empty class directories are yielded as ``(split, class, '', None, '')`` so that they can be
     reported.
     """
     missing = [s for s in SPLITS if not os.path.isdir(os.path.join(path, s))]
@@ -462,37 +632,39 @@ def _iter_directory(path: str) -> Iterator[tuple[str, str, str, bytes | None]]:
             if entry.is_dir():
                 names = [n for n in os.listdir(entry.path) if _is_image(n)]
                 if not names:
-                    yield split, entry.name, "", None
+                    yield split, entry.name, "", None, ""
                 for name in names:
-                    yield split, entry.name, name, None
+                    yield split, entry.name, name, None, f"{split}/{entry.name}/{name}"
             elif _is_image(entry.name):
                 raise _layout_error(
                     path, f"image {entry.path!r} lies directly in {split}/, not in a class dir"
                 )
 
 
-def _iter_tar(path: str) -> Iterator[tuple[str, str, str, bytes | None]]:
-    """Streams ``(split, class, file name, bytes)`` from a tar archive (any compression).
+def _iter_tar(path: str) -> Iterator[_Entry]:
+    """Streams the image files of a tar archive laid out ``split/class/image.jpg``.
 
     Member names may carry a leading ``./`` or one wrapping directory (``cifar10/train/...``).
     """
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            parts = [p for p in member.name.split("/") if p not in ("", ".")]
-            if member.isdir():
-                if len(parts) >= 2 and parts[-2] in SPLITS:
-                    yield parts[-2], parts[-1], "", None  # class dir: may stay empty
-                continue
-            if not member.isfile() or not _is_image(member.name):
-                continue
-            if len(parts) >= 3 and parts[-3] in SPLITS:
-                f = tar.extractfile(member)
-                assert f is not None
-                yield parts[-3], parts[-2], parts[-1], f.read()
-            elif len(parts) >= 2 and parts[-2] in SPLITS:
-                raise _layout_error(
-                    path, f"image {member.name!r} lies directly in {parts[-2]}/, not in a class dir"
-                )
+    for member, data in _tar_entries(path, _is_image):
+        parts = [p for p in member.name.split("/") if p not in ("", ".")]
+        if member.isdir():
+            if len(parts) >= 2 and parts[-2] in SPLITS:
+                yield parts[-2], parts[-1], "", None, ""  # class dir: may stay empty
+            continue
+        if parts and (parts[-1] in CIFAR10_TRAIN_BATCHES or parts[-1] == CIFAR10_TEST_BATCH):
+            raise UserError(
+                f"data.path={path!r} is the CIFAR-10 binary version, not an image folder.",
+                hint="read it with --config.data.source=cifar10_binary.",
+            )
+        if data is None:
+            continue
+        if len(parts) >= 3 and parts[-3] in SPLITS:
+            yield parts[-3], parts[-2], parts[-1], data, member.name
+        elif len(parts) >= 2 and parts[-2] in SPLITS:
+            raise _layout_error(
+                path, f"image {member.name!r} lies directly in {parts[-2]}/, not in a class dir"
+            )
 
 
 def _decode_image(data: bytes) -> np.ndarray:
@@ -519,18 +691,19 @@ def decode_folder(path: str) -> dict[str, Any]:
       ``train_labels``/``test_labels`` (int32), ``num_classes`` and ``class_names``.
 
     Raises:
-      ValueError: a missing split, an empty class directory, no images, differing class sets,
-        images of different sizes or an undecodable file; the message names the layout.
+      UserError: a missing split, an empty class directory, no images, differing class sets,
+        images of different sizes, an undecodable image (named with the archive member or the
+        file) or a truncated or corrupt archive; the message names the layout.
     """
     from tqdm import tqdm  # noqa: PLC0415
 
     is_dir = os.path.isdir(path)
     entries = _iter_directory(path) if is_dir else _iter_tar(path)
-    files: dict[str, dict[str, list[tuple[str, bytes | None]]]] = {s: {} for s in SPLITS}
-    for split, cls, name, data in entries:
+    files: dict[str, dict[str, list[tuple[str, bytes | None, str]]]] = {s: {} for s in SPLITS}
+    for split, cls, name, data, origin in entries:
         items = files[split].setdefault(cls, [])
         if name:
-            items.append((name, data))
+            items.append((name, data, origin))
     for split in SPLITS:
         if not files[split]:
             raise _layout_error(path, f"no class directories with images under {split}/")
@@ -548,29 +721,34 @@ def decode_folder(path: str) -> dict[str, Any]:
     shape = None
     for split in SPLITS:
         listing = [
-            (label, cls, name, data)
+            (label, item)
             for label, cls in enumerate(class_names)
-            for name, data in sorted(files[split][cls], key=lambda item: item[0])
+            for item in sorted(files[split][cls], key=lambda item: item[0])
         ]
-        labels = np.array([item[0] for item in listing], dtype=np.int32)
+        labels = np.array([label for label, _ in listing], dtype=np.int32)
         images = None
-        for i, (_, cls, name, data) in enumerate(
+        for i, (_, (_, data, origin)) in enumerate(
             tqdm(listing, desc=f"decode {split}", unit="img", mininterval=1.0, leave=False)
         ):
-            rel = f"{split}/{cls}/{name}"
-            if data is None:
-                with open(os.path.join(path, split, cls, name), "rb") as f:
-                    data = f.read()
             try:
+                if data is None:
+                    with open(os.path.join(path, origin), "rb") as f:
+                        data = f.read()
                 image = _decode_image(data)
             except Exception as err:
-                raise _layout_error(path, f"cannot decode {rel!r} ({err})") from err
+                kind = "the member" if not is_dir else "the file"
+                raise UserError(
+                    f"data.path={path!r}: cannot decode {kind} {origin!r} "
+                    f"({type(err).__name__}: {err}).",
+                    hint="the image is corrupt or not an image: replace or delete it"
+                    + (" and re-create the archive." if not is_dir else "."),
+                ) from err
             if shape is None:
                 shape = image.shape
             if image.shape != shape:
                 raise _layout_error(
                     path,
-                    f"images must all have one size; {rel!r} is {image.shape[:2]} but the "
+                    f"images must all have one size; {origin!r} is {image.shape[:2]} but the "
                     f"first image is {shape[:2]} (resize them first)",
                 )
             if images is None:
@@ -578,6 +756,136 @@ def decode_folder(path: str) -> dict[str, Any]:
             images[i] = image
         out[f"{split}_images"], out[f"{split}_labels"] = images, labels
     return out
+
+
+# --- CIFAR-10 binary version ------------------------------------------------------------------
+
+
+def _cifar10_binary_arrays(
+    path: str | None, cache_dir: str | None, *, url: str, md5: str | None
+) -> dict[str, Any]:
+    """Arrays of ``cifar-10-binary.tar.gz`` at ``path``, or downloaded into the cache directory.
+
+    A file the user names is used as it is (any intact copy will do). The one in the cache
+    directory is downloaded when absent (checked by :func:`download.fetch`); when it was already
+    there (placed by hand, or damaged since) its MD5 is checked before it is decoded.
+    """
+    if path:
+        return _binary_cached(cache_dir, _existing_path(path, "cifar-10-binary.tar.gz"))
+    path = os.path.join(
+        _cache_dir(cache_dir),
+        os.path.basename(url.split("?")[0].rstrip("/")) or "cifar-10-binary.tar.gz",
+    )
+    if not os.path.exists(path):
+        try:
+            download.fetch(url, path, md5=md5)
+        except download.DownloadError as err:
+            raise UserError(
+                f"{err} {ALTERNATIVES}",
+                hint=f"or copy cifar-10-binary.tar.gz (from {CIFAR10_BINARY_URL}, MD5 "
+                f"{CIFAR10_BINARY_MD5}) to {path} yourself, or set data.path to it.",
+            ) from err
+        return _binary_cached(cache_dir, path)
+
+    def checked_decode(path: str) -> dict[str, Any]:
+        actual = download.file_md5(path)
+        if md5 is not None and actual != md5.lower():
+            raise UserError(
+                f"{path} has MD5 {actual}, not the expected {md5.lower()}: it is not the "
+                f"official cifar-10-binary.tar.gz, or it is damaged.",
+                hint=f"delete it (it is downloaded again), or set data.path={path} to use it "
+                f"without the check.",
+            )
+        return decode_cifar10_binary(path)
+
+    return _binary_cached(cache_dir, path, checked_decode)
+
+
+def _binary_cached(
+    cache_dir: str | None, path: str, decode: Callable[[str], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The cached arrays of a CIFAR-10 binary archive or directory, else ``decode(path)``."""
+    decode = decode or decode_cifar10_binary
+    stem = f"cifar10_binary-{_source_fingerprint(path)}"
+    return _cached(cache_dir, stem, functools.partial(decode, path))
+
+
+def _parse_cifar10_batch(path: str, name: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    if len(raw) == 0 or len(raw) % _CIFAR10_RECORD:
+        raise UserError(
+            f"data.path={path!r}: {name!r} has {len(raw)} bytes, not a multiple of the "
+            f"{_CIFAR10_RECORD}-byte CIFAR-10 record (1 label byte + 3 x 32 x 32 pixels).",
+            hint="the file is truncated or not the CIFAR-10 binary version: get it again.",
+        )
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR10_RECORD)
+    labels = records[:, 0].astype(np.int32)
+    if labels.max() >= len(CIFAR10_CLASSES):
+        raise UserError(
+            f"data.path={path!r}: {name!r} has label {labels.max()}; CIFAR-10 has "
+            f"{len(CIFAR10_CLASSES)} classes.",
+            hint="this is not the CIFAR-10 binary version (CIFAR-100's records differ).",
+        )
+    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes -> HWC
+    return np.ascontiguousarray(images), labels
+
+
+def decode_cifar10_binary(path: str) -> dict[str, Any]:
+    """Decodes the CIFAR-10 binary version with numpy (no pickle).
+
+    Each record of ``data_batch_1.bin`` ... ``data_batch_5.bin`` (train, in this order) and
+    ``test_batch.bin`` is 1 label byte followed by the 1024 red, 1024 green and 1024 blue bytes
+    of a 32 x 32 image, row-major (https://www.cs.toronto.edu/~kriz/cifar.html).
+
+    Args:
+      path: ``cifar-10-binary.tar.gz`` (members ``cifar-10-batches-bin/*.bin``), or a directory
+        holding the ``.bin`` files (directly or in ``cifar-10-batches-bin/``).
+
+    Returns:
+      A dict like :func:`decode_folder`'s, with the 10 CIFAR-10 class names (from
+      ``batches.meta.txt`` when present).
+
+    Raises:
+      UserError: a truncated or corrupt archive, a missing batch file, or a file that is not in
+        the CIFAR-10 record format.
+    """
+    wanted = (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH, "batches.meta.txt")
+    found: dict[str, bytes] = {}
+    if os.path.isdir(path):
+        inner = os.path.join(path, "cifar-10-batches-bin")
+        directory = inner if os.path.isdir(inner) else path
+        for name in wanted:
+            if os.path.isfile(os.path.join(directory, name)):
+                with open(os.path.join(directory, name), "rb") as f:
+                    found[name] = f.read()
+    elif _is_tar(path):
+        for member, data in _tar_entries(path, lambda n: os.path.basename(n) in wanted):
+            if data is not None:
+                found[os.path.basename(member.name)] = data
+    else:
+        raise UserError(
+            f"data.path={path!r} is neither a directory nor a tar archive.",
+            hint="data.source=cifar10_binary reads cifar-10-binary.tar.gz or its directory.",
+        )
+    missing = [n for n in wanted[:-1] if n not in found]
+    if missing:
+        raise UserError(
+            f"data.path={path!r} has no {', '.join(missing)}: not the CIFAR-10 binary version.",
+            hint="use cifar-10-binary.tar.gz (members cifar-10-batches-bin/data_batch_1.bin ... "
+            "test_batch.bin), or data.source=folder for an image folder.",
+        )
+    train = [_parse_cifar10_batch(path, n, found[n]) for n in CIFAR10_TRAIN_BATCHES]
+    test_images, test_labels = _parse_cifar10_batch(
+        path, CIFAR10_TEST_BATCH, found[CIFAR10_TEST_BATCH]
+    )
+    names = re.findall(r"\S+", found.get("batches.meta.txt", b"").decode("utf-8", "replace"))
+    return {
+        "train_images": np.concatenate([images for images, _ in train]),
+        "train_labels": np.concatenate([labels for _, labels in train]),
+        "test_images": test_images,
+        "test_labels": test_labels,
+        "num_classes": len(CIFAR10_CLASSES),
+        "class_names": names if len(names) == len(CIFAR10_CLASSES) else list(CIFAR10_CLASSES),
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
 """Tests of experiments/data.py: sources, cache, errors, normalization, batches, augmentation."""
 
 import gc
+import io
 import os
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 
 import chex
 import ml_collections
@@ -11,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import data
+from experiments import data, download
+from experiments.cli import UserError
 
 # Class directories are created in this (unsorted) order; labels must follow the sorted names.
 CLASSES = ("dog", "airplane", "cat")
@@ -52,8 +57,34 @@ def _expected_labels(images):
     return np.abs(centre[:, None, :] - colours[None]).sum(-1).argmin(1)
 
 
+def data_cfg(**overrides):
+    """A complete ``config.data`` (every field :func:`data.load` reads), with overrides."""
+    cfg = ml_collections.ConfigDict(
+        {
+            "source": "folder",
+            "name": "cifar10",
+            "path": None,
+            "cache_dir": None,
+            "tfds_data_dir": None,
+            "num_train": None,
+            "num_test": None,
+            "augment": True,
+            "url": None,
+            "md5": None,
+            "synthetic": {"image_size": 32, "num_classes": 10, "seed": 0},
+        }
+    )
+    cfg.update(overrides)
+    return cfg
+
+
 def _folder_cfg(path, cache_dir, **kw):
-    return {"source": "folder", "path": str(path), "cache_dir": str(cache_dir), **kw}
+    return data_cfg(source="folder", path=str(path), cache_dir=str(cache_dir), **kw)
+
+
+def _message(excinfo):
+    """What the user sees: the message and the hint."""
+    return f"{excinfo.value} {getattr(excinfo.value, 'hint', '') or ''}"
 
 
 # --- folder source ----------------------------------------------------------------------------
@@ -94,8 +125,8 @@ def test_folder_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     path = _tar(folder, tmp_path / "imgs.tar.gz")
     cache = tmp_path / "cache"
     first = data.load(_folder_cfg(path, cache))
-    cached = [f for f in os.listdir(cache) if f.endswith(".npz")]
-    assert len(cached) == 1 and not [f for f in os.listdir(cache) if f.endswith(".tmp")]
+    assert [f for f in os.listdir(cache) if f.endswith(".npz")] == os.listdir(cache)
+    assert len(os.listdir(cache)) == 1  # no temporary file left
 
     def fail(_):
         raise AssertionError("decoded again instead of reading the cache")
@@ -142,16 +173,17 @@ def test_subsample_class_counts_differ_by_at_most_one():
 
 
 def _assert_layout_error(excinfo):
-    assert "split/class/image.jpg" in str(excinfo.value)
+    assert isinstance(excinfo.value, UserError)
+    assert "split/class/image.jpg" in _message(excinfo)
 
 
 def test_folder_bad_paths_error_clearly(tmp_path):
     cache = tmp_path / "cache"
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(UserError, match="nope.tar.gz.*does not exist") as e:
         data.load(_folder_cfg(tmp_path / "nope.tar.gz", cache))
     _assert_layout_error(e)
-    with pytest.raises(ValueError) as e:
-        data.load({"source": "folder", "path": None})
+    with pytest.raises(UserError, match="needs data.path") as e:
+        data.load(data_cfg(source="folder", path=None))
     _assert_layout_error(e)
 
     only_train = _write_folder(tmp_path / "only_train", per_class={"train": 1})
@@ -190,10 +222,10 @@ def test_folder_bad_paths_error_clearly(tmp_path):
     _assert_layout_error(e)
     assert not os.path.exists(cache) or not os.listdir(cache)  # nothing cached on errors
 
-    with pytest.raises(ValueError, match="data.source"):
-        data.load({"source": "csv"})
-    with pytest.raises(ValueError, match="num_train"):
-        data.load({"source": "synthetic", "num_train": 0})
+    with pytest.raises(UserError, match="data.source"):
+        data.load(data_cfg(source="csv"))
+    with pytest.raises(UserError, match="num_train"):
+        data.load(data_cfg(source="synthetic", num_train=0))
 
 
 # --- tfds source ------------------------------------------------------------------------------
@@ -201,12 +233,9 @@ def test_folder_bad_paths_error_clearly(tmp_path):
 
 def test_tfds_source_with_mock_data(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
-    cfg = {
-        "source": "tfds",
-        "name": "cifar10",
-        "tfds_data_dir": str(tmp_path / "tfds"),
-        "cache_dir": str(tmp_path / "cache"),
-    }
+    cfg = data_cfg(
+        source="tfds", tfds_data_dir=str(tmp_path / "tfds"), cache_dir=str(tmp_path / "cache")
+    )
     with tfds.testing.mock_data(num_examples=12):
         ds = data.load(cfg)
         ref = tfds.data_source("cifar10", split="train")
@@ -228,10 +257,10 @@ def test_tfds_source_with_mock_data(tmp_path, monkeypatch):
 def test_tfds_unprepared_without_tensorflow_says_what_to_do(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
     monkeypatch.setattr(data, "_tensorflow_available", lambda: False)
-    cfg = {"source": "tfds", "tfds_data_dir": str(tmp_path), "cache_dir": str(tmp_path / "c")}
-    with pytest.raises(RuntimeError) as e:
-        data.load(cfg)  # name defaults to cifar10
-    message = str(e.value)
+    cfg = data_cfg(source="tfds", tfds_data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError) as e:
+        data.load(cfg)
+    message = _message(e)
     assert "pip install -e '.[tfds]'" in message
     assert "data.source=folder" in message and "split/class/image.jpg" in message
 
@@ -241,15 +270,8 @@ def test_tfds_unprepared_without_tensorflow_says_what_to_do(tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def synthetic():
-    cfg = ml_collections.ConfigDict(
-        {
-            "source": "synthetic",
-            "num_train": 1000,
-            "num_test": 500,
-            "cache_dir": ml_collections.config_dict.placeholder(str),  # None: unused here
-            "synthetic": {"image_size": 16, "num_classes": 10},
-        }
-    )
+    cfg = data_cfg(source="synthetic", num_train=1000, num_test=500)
+    cfg.synthetic.image_size = 16
     return data.load(cfg)
 
 
@@ -455,3 +477,143 @@ def test_prefetch_reraises_producer_errors_in_the_caller():
     it = data.train_batches(broken, 4, seed=0, prefetch=2)
     with pytest.raises(ValueError, match="broadcast"):
         next(it)
+
+
+# --- damaged inputs and caches: UserError naming the path and member, recovery ----------------
+
+
+def test_truncated_archive_names_the_archive_and_member(tmp_path):
+    folder = _write_folder(tmp_path / "imgs", per_class={"train": 20, "test": 2}, fmt="jpg")
+    # Incompressible pixels, so that a cut lands in the middle of the archive's members.
+    rng = np.random.default_rng(0)
+    for name in sorted(os.listdir(folder / "train" / "cat")):
+        noise = rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(folder / "train" / "cat" / name, quality=100)
+    archive = _tar(folder, tmp_path / "imgs.tar.gz")
+    whole = archive.read_bytes()
+    archive.write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(UserError, match="truncated or corrupt") as e:
+        data.load(_folder_cfg(archive, tmp_path / "cache"))
+    assert str(archive) in str(e.value)
+    assert "member './train/" in str(e.value)  # the member being read, or the last one read
+    assert "again" in e.value.hint
+    archive.write_bytes(whole[:5])  # not even a gzip header: fails already when probing the type
+    with pytest.raises(UserError, match="truncated or corrupt") as e:
+        data.load(_folder_cfg(archive, tmp_path / "cache"))
+    assert str(archive) in str(e.value)
+    assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
+
+
+def _corrupt(path, how):
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if how == "truncated" else b"not an image" * 10)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_corrupt_jpeg_member_names_the_archive_and_member(tmp_path, how):
+    folder = _write_folder(tmp_path / "imgs", fmt="jpg")
+    _corrupt(folder / "train" / "cat" / "0001.jpg", how)
+    archive = _tar(folder, tmp_path / "imgs.tar.gz")
+    with pytest.raises(UserError, match="cannot decode the member") as e:
+        data.load(_folder_cfg(archive, tmp_path / "cache"))
+    assert str(archive) in str(e.value) and "'./train/cat/0001.jpg'" in str(e.value)
+    assert "replace or delete it" in e.value.hint
+    with pytest.raises(UserError, match="cannot decode the file") as e:  # the same, as a folder
+        data.load(_folder_cfg(folder, tmp_path / "cache"))
+    assert str(folder) in str(e.value) and "'train/cat/0001.jpg'" in str(e.value)
+
+
+def test_binary_archive_given_as_an_image_folder_says_which_source(tmp_path):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("repacked/data_batch_1.bin")  # not the official first entry
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(UserError, match="binary version") as e:
+        data.load(_folder_cfg(archive, tmp_path / "cache"))
+    assert "source=cifar10_binary" in e.value.hint
+
+
+def _damage_cache(path, how):
+    if how == "zero-length":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif how == "wrong keys":
+        np.savez(path.open("wb"), images=np.zeros(3), num_classes=3, class_names=np.array(["a"]))
+    elif how == "bad labels":  # readable, but not what the decoder wrote
+        with np.load(path) as f:
+            arrays = dict(f)
+        arrays["train_labels"] = arrays["train_labels"] + 7
+        with path.open("wb") as f:
+            np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize("how", ["zero-length", "truncated", "wrong keys", "bad labels"])
+def test_unreadable_cache_is_removed_with_a_warning_and_decoded_again(tmp_path, caplog, how):
+    folder = _write_folder(tmp_path / "imgs")
+    cache = tmp_path / "cache"
+    first = data.load(_folder_cfg(folder, cache))
+    (cache_file,) = cache.iterdir()
+    good = cache_file.read_bytes()
+    _damage_cache(cache_file, how)
+    with caplog.at_level("WARNING"):
+        again = data.load(_folder_cfg(folder, cache))
+    np.testing.assert_array_equal(again.train_images, first.train_images)
+    np.testing.assert_array_equal(again.train_labels, first.train_labels)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(cache_file) in warnings[0], warnings
+    assert cache_file.read_bytes() == good  # rewritten whole
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data.load(_folder_cfg(folder, cache))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # once, not every run
+
+
+def test_orphan_temporary_files_are_removed_when_the_cache_is_used(tmp_path):
+    folder = _write_folder(tmp_path / "imgs")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = os.getppid()
+    host = download._host_tag()
+    stale_pid = cache / f".gns-tmp.{host}.{dead.pid}.0123abcd.folder-imgs-x.npz"
+    stale_age = cache / f".gns-tmp.{host}.{live}.89abcdef.folder-imgs-y.npz"
+    legacy = cache / f"folder-imgs-z.npz.{dead.pid}.0badcafe.tmp"  # the earlier writer's name
+    fresh = cache / f".gns-tmp.{host}.{live}.fedcba98.folder-imgs-w.npz"  # a live writer's
+    other_host = cache / f".gns-tmp.00000000.{dead.pid}.12345678.folder-imgs-v.npz"
+    unrelated = cache / "notes.tmp"
+    for f in (stale_pid, stale_age, legacy, fresh, other_host, unrelated):
+        f.write_bytes(b"\0" * 1000)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale_age, (hours_ago, hours_ago))
+    data.load(_folder_cfg(folder, cache))
+    left = set(os.listdir(cache))
+    assert not left & {stale_pid.name, stale_age.name, legacy.name}
+    assert {fresh.name, other_host.name, unrelated.name} <= left  # may still be being written
+    assert len(left) == 4  # and the new cache file
+
+
+def test_unwritable_cache_dir_warns_once_and_still_loads(tmp_path, caplog):
+    folder = _write_folder(tmp_path / "imgs")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")  # works as root too, unlike chmod
+    with caplog.at_level("WARNING"):
+        ds = data.load(_folder_cfg(folder, blocker / "cache"))
+    assert len(ds.train_labels) == 9
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cache_dir" in warnings[0] and str(blocker) in warnings[0]
+
+
+def test_interrupted_cache_write_leaves_nothing(tmp_path, monkeypatch):
+    folder = _write_folder(tmp_path / "imgs")
+    cache = tmp_path / "cache"
+
+    def interrupted(f, **arrays):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.load(_folder_cfg(folder, cache))
+    assert os.listdir(cache) == []

@@ -1,0 +1,304 @@
+"""Files in a shared cache directory: atomic writes, stale temporaries, checked downloads.
+
+Every file that ``experiments`` writes into a cache directory (decoded arrays, downloaded
+archives) is written under a temporary name in the same directory, ``.gns-tmp.<host>.<pid>.
+<random>.<final name>``, then renamed: a reader sees the old file or the complete new one, never
+a torn one. A writer killed mid-write (SIGKILL, power loss) leaves its temporary behind;
+:func:`remove_stale_temps` removes those whose writer is dead (same host) or that have not been
+written to for :data:`STALE_AFTER_S`, and runs whenever a cache directory is used.
+
+:func:`fetch` downloads a URL that way: streamed with a progress bar, checked against its
+length and MD5, renamed only when complete and correct. Every failure raises
+:class:`DownloadError` (an :class:`~experiments.cli.UserError`) and leaves nothing under the
+final name.
+
+Example::
+
+    path = download.fetch(
+        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+        os.path.expanduser("~/.cache/gns/cifar-10-binary.tar.gz"),
+        md5="c32a1d4ab5d03f1284b67883e8d87530",
+    )
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import http.client
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from absl import logging
+
+from experiments.cli import UserError
+
+__all__ = [
+    "DownloadError",
+    "STALE_AFTER_S",
+    "TEMP_PREFIX",
+    "atomic_file",
+    "fetch",
+    "file_md5",
+    "remove_stale_temps",
+    "temp_path",
+]
+
+TEMP_PREFIX = ".gns-tmp."
+# A temporary not written to for this long is abandoned, whoever wrote it (a writer on another
+# host of a shared file system, or a reused pid). Live writers touch theirs every few seconds.
+STALE_AFTER_S = 30 * 60
+TIMEOUT_S = 60.0  # per socket operation (connect, each read), not for the whole transfer
+CHUNK = 1 << 20
+_TEMP_RE = re.compile(r"^\.gns-tmp\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]{8}\.")
+# The temporaries of the earlier cache writer: ``<name>.npz.<pid>.<8 hex>.tmp``.
+_LEGACY_TEMP_RE = re.compile(r"^.+\.npz\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+class DownloadError(UserError):
+    """A download that failed; nothing was left under its destination name.
+
+    Attributes:
+      offline: True when the server could not be reached at all (connection refused, DNS
+        failure, timeout), False when it answered but the transfer or the file was wrong.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, *, offline: bool = False):
+        super().__init__(message, hint=hint)
+        self.offline = offline
+
+
+# --- temporary files --------------------------------------------------------------------------
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_path(final: str) -> str:
+    """A unique temporary name beside ``final`` (same directory, so the rename is atomic)."""
+    directory, name = os.path.split(final)
+    tag = f"{TEMP_PREFIX}{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:8]}."
+    return os.path.join(directory, tag + name)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str) -> Iterator[BinaryIO]:
+    """Opens a temporary file for writing that becomes ``final`` when the block succeeds.
+
+    On success the file is flushed, fsynced and renamed to ``final`` (replacing it). On any
+    exception (including KeyboardInterrupt) the temporary is removed and ``final`` is untouched.
+    Plain ``open`` (not ``tempfile.mkstemp``), so the file gets the usual permissions.
+
+    Args:
+      final: the destination path; its directory must exist.
+
+    Returns:
+      A context manager yielding the binary file object.
+    """
+    tmp = temp_path(final)
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def _is_stale(name: str, mtime: float, now: float) -> bool:
+    match = _TEMP_RE.match(name) or _LEGACY_TEMP_RE.match(name)
+    if match is None:
+        return False
+    if now - mtime > STALE_AFTER_S:
+        return True
+    same_host = match.groupdict().get("host", _host_tag()) == _host_tag()
+    pid = int(match["pid"])
+    return same_host and pid != os.getpid() and not _pid_alive(pid)
+
+
+def remove_stale_temps(directory: str) -> list[str]:
+    """Removes the abandoned temporary files of :func:`atomic_file` in ``directory``.
+
+    A temporary is abandoned when its writer (pid in the name) is no longer running on this
+    host, or when it has not been modified for :data:`STALE_AFTER_S` seconds. Other files, and
+    the temporaries of live writers, are left alone. Errors (a missing or unreadable directory,
+    a file removed meanwhile) are ignored: this is housekeeping.
+
+    Args:
+      directory: a cache directory.
+
+    Returns:
+      The paths removed (logged in one warning with their total size).
+    """
+    removed, size = [], 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if _is_stale(entry.name, st.st_mtime, now):
+                os.remove(entry.path)
+                removed.append(entry.path)
+                size += st.st_size
+        except OSError:
+            continue
+    if removed:
+        logging.warning(
+            "Removed %d abandoned temporary file(s) (%.1f MB) of interrupted writes: %s",
+            len(removed),
+            size / 1e6,
+            ", ".join(removed),
+        )
+    return removed
+
+
+# --- downloads --------------------------------------------------------------------------------
+
+
+def file_md5(path: str) -> str:
+    """Hex MD5 of a file, read in 1 MiB chunks."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unreachable(url: str, err: BaseException) -> DownloadError:
+    reason = getattr(err, "reason", err)
+    return DownloadError(
+        f"cannot download {url}: {reason or type(err).__name__} (no network connection?).",
+        offline=True,
+    )
+
+
+def fetch(
+    url: str,
+    dest: str,
+    *,
+    md5: str | None = None,
+    timeout_s: float = TIMEOUT_S,
+    progress: bool = True,
+) -> str:
+    """Downloads ``url`` to ``dest`` atomically, checked; returns ``dest`` at once if it exists.
+
+    The body is streamed in 1 MiB chunks to a temporary file beside ``dest`` (with a tqdm
+    progress bar), its length compared with ``Content-Length`` and its MD5 with ``md5``; only a
+    complete, matching file is renamed to ``dest``. Abandoned temporaries of earlier, killed
+    downloads in the directory are removed first (:func:`remove_stale_temps`).
+
+    Args:
+      url: ``http(s)://`` URL (proxies from the usual environment variables apply).
+      dest: destination path; its directory is created.
+      md5: expected hex MD5 of the file, or None to skip the check.
+      timeout_s: limit for connecting and for each read, in seconds.
+      progress: show a progress bar (on a terminal).
+
+    Returns:
+      ``dest``.
+
+    Raises:
+      DownloadError: the server cannot be reached (``offline=True``), answers with an HTTP
+        error, the transfer stops early, the checksum differs, or ``dest`` cannot be written.
+        Nothing is left under ``dest`` or a temporary name.
+    """
+    from tqdm import tqdm  # noqa: PLC0415
+
+    if os.path.exists(dest):
+        return dest
+    directory = os.path.dirname(os.path.abspath(dest))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise DownloadError(
+            f"cannot create the download directory {directory!r} ({err.strerror or err})."
+        ) from err
+    remove_stale_temps(directory)
+    logging.info("Downloading %s to %s.", url, dest)
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        raise DownloadError(f"cannot download {url}: the server answered HTTP {err.code}.") from err
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        raise _unreachable(url, err) from err
+    with response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        h = hashlib.md5(usedforsecurity=False)
+        received = 0
+        try:
+            with (
+                atomic_file(dest) as f,
+                tqdm(
+                    total=total,
+                    desc=f"download {os.path.basename(dest)}",
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    mininterval=0.5,
+                    disable=None if progress else True,
+                ) as bar,
+            ):
+                while True:
+                    try:
+                        chunk = response.read(CHUNK)
+                    except (http.client.HTTPException, OSError) as err:
+                        raise DownloadError(
+                            f"the download of {url} broke off after {received} bytes "
+                            f"({type(err).__name__}: {err}); nothing was kept, run again."
+                        ) from err
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    h.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+                if total is not None and received != total:
+                    raise DownloadError(
+                        f"the download of {url} stopped after {received} of {total} bytes "
+                        f"(the connection closed early); nothing was kept, run again."
+                    )
+                if md5 is not None and h.hexdigest() != md5.lower():
+                    raise DownloadError(
+                        f"the file downloaded from {url} has MD5 {h.hexdigest()}, not the "
+                        f"expected {md5.lower()} (a wrong or damaged file); it was removed."
+                    )
+        except DownloadError:
+            raise
+        except OSError as err:  # writing: disk full, read-only, permissions
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise DownloadError(
+                f"cannot write the download to {directory!r} "
+                f"({'the disk is full' if full else err.strerror or err}); nothing was kept."
+            ) from err
+    logging.info("Downloaded %s (%.1f MB, MD5 checked: %s).", dest, received / 1e6, md5 is not None)
+    return dest
