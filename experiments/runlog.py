@@ -347,8 +347,7 @@ class RunLog:
         if not truncate:
             return []
         kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
-        if kept or os.path.exists(self.metrics_path):
-            _rewrite_jsonl(self.metrics_path, kept)
+        _rewrite_jsonl(self.metrics_path, kept)
         return kept
 
     def meta(self) -> dict:

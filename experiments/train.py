@@ -682,10 +682,12 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
     test_idx = _subset(len(ds.test_labels), config.eval_examples, 1)
     try:
         log.clock.charge("compile")
+        logging.info("Compiling the training steps (batch size %d).", bs)
         batch = next(batches)
         plain = jax.jit(setup.plain_fn, donate_argnums=0).lower(state, batch).compile()
         if gns_every > 0:
             measure = jax.jit(setup.gns_fn, donate_argnums=0).lower(state, batch).compile()
+        stop = _stop_reason(config, log, setup.num_steps, interrupted)  # Ctrl-C meanwhile
         log.clock.charge("train")
         pending: list[dict] = []  # device metrics since the last row
         while stop is None:
