@@ -57,7 +57,7 @@ def _is_user_error(e: BaseException) -> bool:
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"the disk is full ({e.filename or e}): free space or choose another --workdir"
+        return f"the disk is full ({e.filename or e}): free space there or write elsewhere"
     if isinstance(e, OSError) and not isinstance(e, UserError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
     return " ".join(str(e).split()) or type(e).__name__
