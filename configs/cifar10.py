@@ -149,6 +149,17 @@ def cpu() -> ml_collections.ConfigDict:
     return c
 
 
+def _accelerator_defaults(c: ml_collections.ConfigDict) -> None:
+    """Evaluation, logging and noise-scale fields of the accelerator setups (BatchNorm models:
+    the noise scale from 8 microbatches, which are also the ghost-BatchNorm groups)."""
+    c.eval_examples = 10000
+    c.log_every = 100
+    c.checkpoint_every = 2000
+    c.gns_every = 20
+    c.gns_method = "microbatch"
+    c.gns_microbatches = 8
+
+
 def gpu() -> ml_collections.ConfigDict:
     """ResNet-18 (CIFAR variant, BatchNorm, 11.2M parameters), SGD+Nesterov 0.1, batch 128.
 
@@ -171,12 +182,7 @@ def gpu() -> ml_collections.ConfigDict:
     c.num_epochs = 30.0
     c.warmup_steps = 780
     c.eval_every = 1000
-    c.eval_examples = 10000
-    c.log_every = 100
-    c.checkpoint_every = 2000
-    c.gns_every = 20
-    c.gns_method = "microbatch"
-    c.gns_microbatches = 8
+    _accelerator_defaults(c)
     c.model.name = "resnet18"
     c.model.stage_sizes = (2, 2, 2, 2)
     c.model.num_filters = 64
@@ -213,12 +219,7 @@ def effnet_lamb() -> ml_collections.ConfigDict:
     c.warmup_steps = 500
     c.num_epochs = 30.0
     c.eval_every = 2000
-    c.eval_examples = 10000
-    c.log_every = 100
-    c.checkpoint_every = 2000
-    c.gns_every = 20
-    c.gns_method = "microbatch"
-    c.gns_microbatches = 8
+    _accelerator_defaults(c)
     c.model.name = "efficientnet_b0"
     c.model.width_coefficient = 1.0
     c.model.depth_coefficient = 1.0

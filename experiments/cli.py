@@ -68,7 +68,7 @@ def _verbose(argv: list[str] | None = None) -> bool:
         return True
     if FLAGS.is_parsed():
         return bool(FLAGS.verbose)
-    return any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv or sys.argv)
+    return any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv or ())
 
 
 def _exit(message: str, hint: str | None = None, code: int = EXIT_USER_ERROR):

@@ -101,10 +101,13 @@ def dumps(obj: Any, **kwargs) -> str:
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as strict JSON atomically (temp file in the same directory, fsync, then
     ``os.replace``): a killed run leaves the old file or the new one, never a torn one."""
+    _write_atomic(path, dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _write_atomic(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    text = dumps(obj, indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -197,19 +200,6 @@ def differing_fields(old: dict, new: dict) -> list[str]:
         for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k)
     ]
-
-
-def _rewrite_jsonl(path: str, rows: list[dict]) -> None:
-    """Replace the JSON-lines file at ``path`` by ``rows`` atomically."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(dumps(r) + "\n" for r in rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class Clock:
@@ -347,7 +337,7 @@ class RunLog:
         if not truncate:
             return []
         kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
-        _rewrite_jsonl(self.metrics_path, kept)
+        _write_atomic(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
         return kept
 
     def meta(self) -> dict:

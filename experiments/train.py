@@ -31,6 +31,8 @@ target compare fairly across batch sizes. Ctrl-C stops at the next step boundary
 step's row, a checkpoint and the summary written (exit code 130); a non-finite loss or one above
 ``config.divergence_factor`` times the initial loss stops the run with :class:`Diverged`.
 
+Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
+
 Example (as in the tests)::
 
     from configs import cifar10
@@ -38,8 +40,6 @@ Example (as in the tests)::
     config.data.source = "synthetic"
     summary = train_and_evaluate(config, "/tmp/run")
     summary["test_accuracy"], summary["noise_scale"]["b_simple"]
-
-Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
 """
 
 from __future__ import annotations
@@ -635,7 +635,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             log.resume(0 if state is None else int(state.step), meta)
             # Distinct buffers per leaf: the steps donate the state, and init functions may
             # share one array between leaves (e.g. two zeros), which donation rejects.
-            state = jax.tree.map(lambda x: jnp.array(x, copy=True), state or setup.state)
+            state = setup.state if state is None else state
+            state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
             state, stop = _train(config, ds, setup, state, log, ckpt, interrupted)
             if stop != "diverged" and log.step > 0:
                 ckpt.save(log.step, state, log.meta())
