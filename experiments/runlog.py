@@ -261,9 +261,9 @@ class RunLog:
 
         log = RunLog(workdir, target=0.6)
         log.check_identity(config, identity_fn, resuming=ckpt.latest_step() is not None)
-        log.write_config(config)
-        state, meta = ckpt.restore(state)
+        state, meta = ckpt.restore(state, check=log.check_meta)
         log.resume(int(state.step), meta)
+        log.write_config(config)
         ...
         log.advance(batch_size)          # after each step
         row = log.row(train_loss=...)     # at a logged step, clock read after blocking
@@ -277,6 +277,7 @@ class RunLog:
         self.metrics_path = os.path.join(workdir, METRICS_FILE)
         self.config_path = os.path.join(workdir, CONFIG_FILE)
         self.target = target
+        self.identity: dict | None = None
         self.resume(0, None, truncate=False)
 
     # Identity.
@@ -295,6 +296,7 @@ class RunLog:
         Raises:
           UserError: listing the differing fields and how to start fresh.
         """
+        self.identity = to_strict_json(identity(config))  # also checked against the checkpoint
         if not resuming or not os.path.exists(self.config_path):
             return
         try:
@@ -304,7 +306,16 @@ class RunLog:
                 f"cannot read {self.config_path} to check the run to resume ({e})",
                 hint=f"delete {self.workdir} to start over, or pass another --workdir",
             ) from None
-        diffs = differing_fields(identity(old), identity(config))
+        self._refuse_if_different(identity(old))
+
+    def check_meta(self, meta: dict) -> None:
+        """:meth:`check_identity` against a checkpoint's metadata (which holds the identity
+        of the run that wrote it), e.g. when ``config.json`` was deleted."""
+        if meta.get("identity") is not None and self.identity is not None:
+            self._refuse_if_different(meta["identity"])
+
+    def _refuse_if_different(self, old_identity: dict) -> None:
+        diffs = differing_fields(old_identity, self.identity)
         if diffs:
             raise UserError(
                 f"{self.workdir} holds a run with a different config ({'; '.join(diffs)})",
@@ -313,7 +324,7 @@ class RunLog:
             )
 
     def write_config(self, config: dict) -> None:
-        """Write ``config.json`` (after :meth:`check_identity`)."""
+        """Write ``config.json`` (after :meth:`check_identity` and :meth:`resume`)."""
         write_json(self.config_path, config)
 
     # Resume and checkpoint metadata.
@@ -322,10 +333,14 @@ class RunLog:
         """Continue the record of the checkpoint at ``step`` with metadata ``meta`` (``step``
         0 and ``None``: a fresh run); drops the metrics rows after ``step``.
 
+        Raises:
+          UserError: the checkpoint's identity differs from :meth:`check_identity`'s config.
+
         Returns:
           The rows kept.
         """
         meta = meta or {}
+        self.check_meta(meta)
         self.step = int(step)
         self.examples_seen = int(meta.get("examples_seen") or 0)
         self.clock = Clock(meta.get("clock"))
@@ -350,6 +365,7 @@ class RunLog:
                 "best": self.best,
                 "to_target": self.to_target,
                 "initial_loss": self.initial_loss,
+                "identity": self.identity,
             }
         )
 
@@ -462,34 +478,54 @@ class Checkpoints:
         self._manager.save(step, args=args)
         self._manager.wait_until_finished()
 
-    def restore(self, target: Any) -> tuple[Any, dict | None]:
+    def restore(
+        self, target: Any, check: Callable[[dict], None] | None = None
+    ) -> tuple[Any, dict | None]:
         """The newest readable checkpoint as ``(state, meta)`` shaped like ``target``;
-        ``(None, None)`` when there is none."""
+        ``(None, None)`` when there is none.
+
+        Args:
+          target: a state with the structure, shapes and dtypes to restore.
+          check: called with the metadata before the state is read (e.g.
+            :meth:`RunLog.check_meta`); its errors propagate.
+
+        Raises:
+          UserError: there are checkpoints but none is readable.
+        """
         import jax
         import orbax.checkpoint as ocp
 
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-        )
-        for step in sorted(self._manager.all_steps(), reverse=True):
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for step in steps:
             try:
                 with _silenced("orbax", "absl"):
-                    restored = self._manager.restore(step, args=args)
-                return restored.state, dict(restored.meta)
-            except Exception as e:  # any unreadable checkpoint: fall back to the previous one
-                moved = self._set_aside(step)
-                logging.warning(
-                    "The checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
-                    "falling back to the previous one.",
-                    step,
-                    type(e).__name__,
-                    " ".join(str(e).split())[:200],
-                    moved,
-                )
+                    meta = dict(self._read(step, meta=ocp.args.JsonRestore()).meta)
+            except Exception as e:  # unreadable: fall back to the previous one
+                self._set_aside(step, e)
+                continue
+            if check is not None:
+                check(meta)
+            try:
+                with _silenced("orbax", "absl"):
+                    state = self._read(step, state=ocp.args.StandardRestore(abstract)).state
+                return state, meta
+            except Exception as e:
+                self._set_aside(step, e)
+        if steps:
+            raise UserError(
+                f"no readable checkpoint in {self.directory} (set aside in {UNREADABLE_DIR}/)",
+                hint="pass another --workdir or delete this one to start over",
+            )
         return None, None
 
-    def _set_aside(self, step: int) -> str:
+    def _read(self, step: int, **items):
+        import orbax.checkpoint as ocp
+
+        return self._manager.restore(step, args=ocp.args.Composite(**items))
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Move the unreadable checkpoint out of the way (kept, for a post-mortem)."""
         src = os.path.join(self.directory, str(step))
         dst = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR, str(step))
         if os.path.exists(dst):
@@ -497,7 +533,14 @@ class Checkpoints:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.replace(src, dst)
         self._manager.reload()
-        return dst
+        logging.warning(
+            "The checkpoint at step %d is unreadable (%s: %s); moved it to %s and falling "
+            "back to the previous one.",
+            step,
+            type(error).__name__,
+            " ".join(str(error).split())[:200],
+            dst,
+        )
 
 
 @contextlib.contextmanager

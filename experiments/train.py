@@ -261,7 +261,8 @@ def run_identity(config: dict) -> dict:
         runlog.differing_fields(run_identity(old), run_identity(new))
     """
     ident = copy.deepcopy(config)
-    drop = NOT_IDENTITY + (("num_steps", "num_epochs") if config["schedule"] == "constant" else ())
+    constant = config.get("schedule") == "constant"
+    drop = NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ())
     for path in drop:
         *parents, last = path.split(".")
         node = ident
@@ -628,11 +629,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
         ds = data.load(config.data)
         setup = _setup(config, ds)
-        log.write_config(config_dict)
         with runlog.deferred_interrupt() as interrupted:
             log.clock.charge("pause")
-            state, meta = ckpt.restore(setup.state)
+            state, meta = ckpt.restore(setup.state, check=log.check_meta)
             log.resume(0 if state is None else int(state.step), meta)
+            log.write_config(config_dict)
             # Distinct buffers per leaf: the steps donate the state, and init functions may
             # share one array between leaves (e.g. two zeros), which donation rejects.
             state = setup.state if state is None else state

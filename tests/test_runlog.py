@@ -136,17 +136,21 @@ def test_deferred_interrupt_sets_a_flag_then_restores_the_handler():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def corrupt(ckpt: runlog.Checkpoints, step: int) -> None:
+    """Overwrite the array data of a checkpoint's state (as a bad disk or a torn copy would)."""
+    for root, _, files in os.walk(os.path.join(ckpt.directory, str(step), "state")):
+        for name in files:
+            if "ocdbt" in root or name.endswith(".ocdbt"):
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"\x00garbage")
+
+
 def test_checkpoint_fallback_to_the_previous_readable_one(tmp_path, caplog):
     ckpt = runlog.Checkpoints(str(tmp_path))
     state = {"w": jnp.arange(4.0), "step": jnp.zeros((), jnp.int32)}
     for step in (1, 2):
         ckpt.save(step, {"w": state["w"] * step, "step": jnp.int32(step)}, {"step": step})
-    latest = os.path.join(ckpt.directory, "2", "state")
-    for root, _, files in os.walk(latest):
-        for name in files:
-            if "ocdbt" in root or name.endswith(".ocdbt"):
-                with open(os.path.join(root, name), "wb") as f:
-                    f.write(b"\x00garbage")
+    corrupt(ckpt, 2)
     with caplog.at_level(logging.WARNING):
         restored, meta = runlog.Checkpoints(str(tmp_path)).restore(state)
     assert meta == {"step": 1} and int(restored["step"]) == 1
@@ -156,3 +160,20 @@ def test_checkpoint_fallback_to_the_previous_readable_one(tmp_path, caplog):
     assert "Traceback" not in caplog.text
     assert os.path.isdir(os.path.join(tmp_path, runlog.UNREADABLE_DIR, "2"))
     assert runlog.Checkpoints(str(tmp_path)).latest_step() == 1
+    corrupt(ckpt, 1)  # none readable: say so rather than silently start over
+    with pytest.raises(UserError, match="no readable checkpoint"):
+        runlog.Checkpoints(str(tmp_path)).restore(state)
+
+
+def test_checkpoint_identity_is_checked_before_its_state_is_read(tmp_path):
+    """With config.json gone, the identity in the checkpoint still stops a mixed resume, and a
+    checkpoint of another model (other shapes) is not mistaken for an unreadable one."""
+    first = runlog.RunLog(str(tmp_path))
+    first.check_identity({"batch_size": 32, "width": 2}, identity, resuming=False)
+    runlog.Checkpoints(str(tmp_path)).save(1, {"w": jnp.zeros(2)}, first.meta())
+    second = runlog.RunLog(str(tmp_path))
+    second.check_identity({"batch_size": 64, "width": 3}, identity, resuming=True)
+    ckpt = runlog.Checkpoints(str(tmp_path))
+    with pytest.raises(UserError, match="batch_size: 32 -> 64; width: 2 -> 3"):
+        ckpt.restore({"w": jnp.zeros(3)}, check=second.check_meta)
+    assert ckpt.latest_step() == 1 and not os.path.exists(tmp_path / runlog.UNREADABLE_DIR)
