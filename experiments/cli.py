@@ -156,8 +156,8 @@ def _chain(e: BaseException) -> list[BaseException]:
 
 def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
     """``(message, hint)`` of a flag-parsing failure."""
-    user = [x for x in _chain(e) if isinstance(x, UserError) and x.hint]
-    if user:
+    user = [x for x in _chain(e) if isinstance(x, UserError)]
+    if user:  # the innermost: config_flags re-raises it with the traceback as its message
         return " ".join(str(user[-1]).split()), user[-1].hint
     for name, value in _flag_values(argv):
         if name in _config_flags(present_only=False):
@@ -202,6 +202,6 @@ def _unknown_field(argv: list[str]) -> tuple[str, str] | None:
         hint = f"did you mean {close[0]!r}? " if close else ""
         return (
             f"unknown config field {field}",
-            hint + "the fields are documented in the config file's base()",
+            hint + "see the fields and their documentation in the config file",
         )
     return None
