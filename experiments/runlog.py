@@ -372,7 +372,8 @@ class RunLog:
     # Progress.
 
     def advance(self, batch_size: int) -> None:
-        """One optimizer step of ``batch_size`` examples was taken."""
+        """One optimizer step of ``batch_size`` examples was taken (``examples_seen`` is
+        counted apart from ``step``, so a batch size that changes during a run adds up)."""
         self.step += 1
         self.examples_seen += int(batch_size)
 
