@@ -166,6 +166,36 @@ def _choice(config, field: str, options: tuple[str, ...]) -> str:
     return value
 
 
+def _optional(ok: Callable) -> Callable:
+    return lambda v: v is None or ok(v)
+
+
+def _count(lo: int) -> Callable:
+    return lambda v: _is_int(v) and v >= lo
+
+
+# (field, valid(value), what a valid value is): the checks of validate_config.
+_RULES = (
+    ("learning_rate", lambda v: _is_number(v) and v > 0, "must be a positive finite number"),
+    ("batch_size", _count(2), "must be an int >= 2 (the noise scale compares examples)"),
+    ("num_epochs", _optional(lambda v: _is_number(v) and v > 0), "must be > 0 or None"),
+    ("warmup_steps", _count(0), "must be an int >= 0"),
+    ("eval_every", _count(0), "must be an int >= 0 (0: only at the end)"),
+    ("checkpoint_every", _count(0), "must be an int >= 0 (0: only at the end)"),
+    ("gns_every", _count(0), "must be an int >= 0 (0: never)"),
+    ("log_every", _count(1), "must be an int >= 1"),
+    ("weight_decay", lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
+    ("momentum", lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
+    ("gns_ema_decay", lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
+    ("divergence_factor", _optional(lambda v: _is_number(v) and v > 1),
+     "must be a number > 1, or None to stop only on a non-finite loss"),
+    ("target_accuracy", _optional(lambda v: _is_number(v) and 0 <= v <= 1),
+     "must be an accuracy in [0, 1] or None"),
+    ("max_wall_time_s", _optional(lambda v: _is_number(v) and v > 0),
+     "must be a positive number of seconds or None"),
+)  # fmt: skip
+
+
 def validate_config(config) -> None:
     """Check the fields :func:`train_and_evaluate` reads, before anything is written.
 
@@ -174,80 +204,16 @@ def validate_config(config) -> None:
         positive finite number, ``batch_size < 2``, an unknown optimizer, schedule, model or
         noise-scale method).
     """
-    _require(
-        config,
-        "learning_rate",
-        _is_number(config.learning_rate) and config.learning_rate > 0,
-        "must be a positive finite number (e.g. 1e-3)",
-    )
-    _require(
-        config,
-        "batch_size",
-        _is_int(config.batch_size) and config.batch_size >= 2,
-        "must be an int >= 2 (the noise scale compares examples within a batch)",
-    )
-    for field, options in (
-        ("optimizer", OPTIMIZERS),
-        ("schedule", SCHEDULES),
-        ("gns_method", GNS_METHODS),
-        ("model.name", models.MODEL_NAMES),
-    ):
+    for field, valid, fix in _RULES:
+        _require(config, field, valid(_value(config, field)), fix)
+    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "gns_method": GNS_METHODS}
+    for field, options in {**choices, "model.name": models.MODEL_NAMES}.items():
         _choice(config, field, options)
     if config.num_epochs is None:
         resolve_num_steps(config, 1)
-    else:
-        _require(
-            config,
-            "num_epochs",
-            _is_number(config.num_epochs) and config.num_epochs > 0,
-            "must be a positive number (or None to use config.num_steps)",
-        )
-    for field in ("warmup_steps", "eval_every", "checkpoint_every", "gns_every"):
-        _require(
-            config,
-            field,
-            _is_int(config[field]) and config[field] >= 0,
-            "must be an int >= 0 (0: never)",
-        )
-    _require(
-        config,
-        "log_every",
-        _is_int(config.log_every) and config.log_every >= 1,
-        "must be an int >= 1",
-    )
-    _require(
-        config,
-        "weight_decay",
-        _is_number(config.weight_decay) and config.weight_decay >= 0,
-        "must be a finite number >= 0",
-    )
-    for field in ("momentum", "gns_ema_decay"):
-        _require(
-            config, field, _is_number(config[field]) and 0 <= config[field] < 1, "must be in [0, 1)"
-        )
-    _require(
-        config,
-        "divergence_factor",
-        config.divergence_factor is None
-        or (_is_number(config.divergence_factor) and config.divergence_factor > 1),
-        "must be a number > 1, or None to stop only on a non-finite loss",
-    )
-    target = config.target_accuracy
-    _require(
-        config,
-        "target_accuracy",
-        target is None or (_is_number(target) and 0 <= target <= 1),
-        "must be an accuracy in [0, 1] or None",
-    )
-    _require(
-        config,
-        "eval_every",
-        target is None or config.eval_every > 0,
-        "must be > 0 when config.target_accuracy is set (the target is checked there)",
-    )
-    budget = config.max_wall_time_s
-    _require(config, "max_wall_time_s", budget is None or (_is_number(budget) and budget > 0),
-             "must be a positive number of seconds or None")  # fmt: skip
+    needs_eval = config.target_accuracy is not None
+    _require(config, "eval_every", not needs_eval or config.eval_every > 0,
+             "must be > 0 when config.target_accuracy is set (it is checked there)")  # fmt: skip
 
 
 def run_identity(config: dict) -> dict:
