@@ -1,9 +1,10 @@
 """CIFAR-10 with the gradient noise scale tracked during training.
 
-``get_config(arg)``: ``arg`` picks a variant (``smoke``, ``cpu``, ``gpu``, ``seed``; default
-``cpu``). Every field is overridable on the command line, e.g. ``--config.batch_size=256``.
-Each variant's docstring gives its command and expected run time; :func:`base` documents the
-fields.
+``get_config(arg)``: ``arg`` picks a setup (``smoke``, ``cpu``, ``gpu``, ``effnet_lamb``;
+default ``cpu``). Every field is overridable on the command line, e.g.
+``--config.batch_size=256``. :func:`base` holds every field the code reads, each with its
+default and what it means (as flax's ``configs/default.py``); each setup's function overrides
+some of them, and its docstring gives its command and expected run time.
 """
 
 from __future__ import annotations
@@ -11,78 +12,84 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from experiments.cli import UserError
+
 DATA = "../shared/data/cifar10-jpeg.tar.gz"
-VARIANTS = ("smoke", "cpu", "gpu", "seed")
+VARIANTS = ("smoke", "cpu", "gpu", "effnet_lamb")
+RENAMED = {"seed": "effnet_lamb"}  # old variant names
 
 
 def base() -> ml_collections.ConfigDict:
-    """Fields shared by all variants (defaults of the ``cpu`` variant).
-
-    Training: ``seed``, ``batch_size``, ``learning_rate``, ``optimizer`` (``sgd`` with
-    ``momentum``/``nesterov``, ``adam``, ``adamw``, ``lamb``), ``weight_decay`` (kernels only),
-    ``warmup_steps``, ``schedule`` (``constant``/``cosine``), ``num_steps`` or ``num_epochs``
-    (wins when set), ``max_wall_time_s`` (training-time budget), ``target_accuracy`` (stop when
-    the periodic test accuracy reaches it).
-    Evaluation and logging: ``eval_every`` (steps; 0 = only at the end), ``eval_examples``
-    (fixed random test subset for periodic evaluation; the final one uses the full test set),
-    ``eval_batch_size``, ``log_every``, ``checkpoint_every``, ``progress_bar``, ``plots`` (PNGs).
-    Noise scale: ``gns_every`` (measure every N steps; 0 = never), ``gns_method`` (``auto``:
-    ``per_example`` without BatchNorm, ``microbatch`` with), ``gns_microbatches``,
-    ``gns_chunk_size``, ``gns_ema_decay``.
-    ``mode``: ``train`` (other modes are dispatched by ``experiments/cifar10.py``).
-    """
+    """Every field, with its default (the ``cpu`` setup's training fields)."""
     c = ml_collections.ConfigDict()
+    # What experiments/cifar10.py runs: 'train' (experiments.train.train_and_evaluate),
+    # 'compare' or 'tradeoff' (experiments.compare, configured by config.compare).
     c.mode = "train"
-    c.seed = 0
-    c.batch_size = 128
-    c.learning_rate = 2e-3
-    c.optimizer = "adam"
-    c.momentum = 0.9
-    c.nesterov = False
-    c.weight_decay = 0.0
-    c.warmup_steps = 0
-    c.schedule = "constant"
-    c.num_steps = 1000
-    c.num_epochs = config_dict.placeholder(float)
-    c.max_wall_time_s = config_dict.placeholder(float)
-    c.target_accuracy = config_dict.placeholder(float)
-    c.eval_every = 500
-    c.eval_examples = 5000
+
+    # Training. A resume must keep every field that changes the results (all but logging,
+    # checkpoints, plots, budgets and cache locations; see experiments.train.run_identity).
+    c.seed = 0  # initialization, data order, augmentation, dropout
+    c.batch_size = 128  # examples per step (>= 2: the noise scale compares examples)
+    c.learning_rate = 2e-3  # peak learning rate (after warmup)
+    c.optimizer = "adam"  # 'sgd' (with momentum/nesterov), 'adam', 'adamw', 'lamb'
+    c.momentum = 0.9  # sgd only; 0 = plain SGD
+    c.nesterov = False  # sgd only
+    c.weight_decay = 0.0  # on kernels only: L2 for sgd/adam, decoupled for adamw/lamb
+    c.warmup_steps = 0  # linear warmup from 0
+    c.schedule = "constant"  # after warmup: 'constant' or 'cosine' (decay to 0 at the end)
+    c.num_steps = 1000  # length of the run in steps...
+    c.num_epochs = config_dict.placeholder(float)  # ...or in epochs (wins when set)
+    c.max_wall_time_s = config_dict.placeholder(float)  # training-time budget (None: none)
+    c.target_accuracy = config_dict.placeholder(float)  # stop when the periodic test
+    # accuracy reaches it (needs eval_every > 0); None: no target
+    c.divergence_factor = 10.0  # stop when the training loss exceeds this multiple of the
+    # initial loss (a non-finite loss always stops the run); None: only non-finite losses
+
+    # Evaluation, logging and outputs.
+    c.eval_every = 500  # steps between test evaluations (0: only the final one)
+    c.eval_examples = 5000  # fixed random test subset of the periodic evaluations and train
+    # subset of the final train accuracy (None: all); the final test accuracy uses all
     c.eval_batch_size = 500
-    c.log_every = 50
-    c.checkpoint_every = 1000
-    c.progress_bar = True
-    c.plots = True
-    c.gns_every = 10
-    c.gns_method = "auto"
-    c.gns_microbatches = 8
-    c.gns_chunk_size = config_dict.placeholder(int)
-    c.gns_ema_decay = 0.95
+    c.log_every = 50  # steps between metrics rows (measured/evaluated steps always get one)
+    c.checkpoint_every = 1000  # steps between checkpoints (0: only at the end)
+    c.progress_bar = True  # a tqdm bar when stderr is a terminal
+    c.plots = True  # training.png and noise_scale.png
 
+    # Noise scale, measured during training (gns.estimate) and smoothed (gns.smoothing.ema).
+    c.gns_every = 10  # measure every N steps (0: never)
+    c.gns_method = "auto"  # 'auto' (per_example without BatchNorm, else microbatch),
+    # 'per_example' or 'microbatch'
+    c.gns_microbatches = 8  # microbatches of the estimator (and ghost-BatchNorm groups)
+    c.gns_chunk_size = config_dict.placeholder(int)  # per_example chunk (None: one chunk)
+    c.gns_ema_decay = 0.95  # EMA of g_sq and trace_cov (bias-corrected)
+
+    # Model (experiments.models.get_model; None: the model's default).
     c.model = ml_collections.ConfigDict()
-    c.model.name = "small_cnn"
-    c.model.widths = (32, 64, 128)
-    c.model.groups = 8
-    c.model.stage_sizes = config_dict.placeholder(tuple)
-    c.model.num_filters = config_dict.placeholder(int)
-    c.model.width_coefficient = config_dict.placeholder(float)
-    c.model.depth_coefficient = config_dict.placeholder(float)
-    c.model.dropout_rate = config_dict.placeholder(float)
-    c.model.drop_connect_rate = config_dict.placeholder(float)
-    c.model.stem_strides = config_dict.placeholder(int)
+    c.model.name = "small_cnn"  # small_cnn, resnet18 (resnet), efficientnet_b0 (efficientnet)
+    c.model.widths = (32, 64, 128)  # small_cnn: conv widths (stride 2 each)
+    c.model.groups = 8  # small_cnn: GroupNorm groups
+    c.model.stage_sizes = config_dict.placeholder(tuple)  # resnet: blocks per stage
+    c.model.num_filters = config_dict.placeholder(int)  # resnet: stem width
+    c.model.width_coefficient = config_dict.placeholder(float)  # efficientnet
+    c.model.depth_coefficient = config_dict.placeholder(float)  # efficientnet
+    c.model.dropout_rate = config_dict.placeholder(float)  # efficientnet
+    c.model.drop_connect_rate = config_dict.placeholder(float)  # efficientnet
+    c.model.stem_strides = config_dict.placeholder(int)  # efficientnet (1 for 32x32 inputs)
 
+    # Data (experiments.data.load).
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"
-    c.data.name = "cifar10"
-    c.data.path = config_dict.placeholder(str)
-    c.data.cache_dir = config_dict.placeholder(str)
-    c.data.tfds_data_dir = config_dict.placeholder(str)
-    c.data.num_train = config_dict.placeholder(int)
-    c.data.num_test = config_dict.placeholder(int)
-    c.data.augment = True
-    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # 'tfds', 'folder' (data.path) or 'synthetic'
+    c.data.name = "cifar10"  # tfds name
+    c.data.path = config_dict.placeholder(str)  # folder or .tar.gz laid out split/class/x.jpg
+    c.data.cache_dir = config_dict.placeholder(str)  # decoded arrays (None: ~/.cache/gns)
+    c.data.tfds_data_dir = config_dict.placeholder(str)  # tfds data_dir (None: its default)
+    c.data.num_train = config_dict.placeholder(int)  # class-stratified subset (None: all)
+    c.data.num_test = config_dict.placeholder(int)  # same for the test split
+    c.data.augment = True  # random crop (reflect padding 4) and horizontal flip
+    c.data.synthetic = ml_collections.ConfigDict()  # source='synthetic' only
     c.data.synthetic.image_size = 32
     c.data.synthetic.num_classes = 10
+    c.data.synthetic.seed = 0
     return c
 
 
@@ -142,6 +149,17 @@ def cpu() -> ml_collections.ConfigDict:
     return c
 
 
+def _accelerator_defaults(c: ml_collections.ConfigDict) -> None:
+    """Evaluation, logging and noise-scale fields of the accelerator setups (BatchNorm models:
+    the noise scale from 8 microbatches, which are also the ghost-BatchNorm groups)."""
+    c.eval_examples = 10000
+    c.log_every = 100
+    c.checkpoint_every = 2000
+    c.gns_every = 20
+    c.gns_method = "microbatch"
+    c.gns_microbatches = 8
+
+
 def gpu() -> ml_collections.ConfigDict:
     """ResNet-18 (CIFAR variant, BatchNorm, 11.2M parameters), SGD+Nesterov 0.1, batch 128.
 
@@ -164,20 +182,14 @@ def gpu() -> ml_collections.ConfigDict:
     c.num_epochs = 30.0
     c.warmup_steps = 780
     c.eval_every = 1000
-    c.eval_examples = 10000
-    c.log_every = 100
-    c.checkpoint_every = 2000
-    c.gns_every = 20
-    c.gns_method = "microbatch"
-    c.gns_microbatches = 8
-    c.model = ml_collections.ConfigDict()
+    _accelerator_defaults(c)
     c.model.name = "resnet18"
     c.model.stage_sizes = (2, 2, 2, 2)
     c.model.num_filters = 64
     return c
 
 
-def seed() -> ml_collections.ConfigDict:
+def effnet_lamb() -> ml_collections.ConfigDict:
     """EfficientNet-B0 (BatchNorm, as in the paper; 4.0M parameters with a 10-class head),
     LAMB, batch 64, learning rate 1e-3: the setting of the study that motivates the project.
 
@@ -185,16 +197,17 @@ def seed() -> ml_collections.ConfigDict:
     BatchNorm of 8) every 20 steps. Runs on an accelerator (hours on a CPU); on one modern
     GPU roughly 30-60 minutes (not timed here). Command::
 
-        python -m experiments.cifar10 --config configs/cifar10.py:seed --workdir runs/seed \
-          --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
+        python -m experiments.cifar10 --config configs/cifar10.py:effnet_lamb \
+          --workdir runs/effnet_lamb --config.data.source=folder \
+          --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
     The study's comparison (batch 64 against the recommended batch, ``config.compare``: a
     2.5-hour baseline budget, then the recommended batch for the baseline's time to its best and
     the baseline again for the recommended run's time to target; the study took 7416 + 1914 +
     1928 s of training, so plan on 3-4 hours of one GPU, not timed here)::
 
-        python -m experiments.cifar10 --config configs/cifar10.py:seed --config.mode=compare \
-          --workdir runs/seed_compare --config.data.source=folder \
+        python -m experiments.cifar10 --config configs/cifar10.py:effnet_lamb \
+          --config.mode=compare --workdir runs/effnet_lamb_compare --config.data.source=folder \
           --config.data.path=../shared/data/cifar10-jpeg.tar.gz
     """
     c = base()
@@ -206,13 +219,7 @@ def seed() -> ml_collections.ConfigDict:
     c.warmup_steps = 500
     c.num_epochs = 30.0
     c.eval_every = 2000
-    c.eval_examples = 10000
-    c.log_every = 100
-    c.checkpoint_every = 2000
-    c.gns_every = 20
-    c.gns_method = "microbatch"
-    c.gns_microbatches = 8
-    c.model = ml_collections.ConfigDict()
+    _accelerator_defaults(c)
     c.model.name = "efficientnet_b0"
     c.model.width_coefficient = 1.0
     c.model.depth_coefficient = 1.0
@@ -338,19 +345,25 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of variant ``arg`` (``smoke``, ``cpu``, ``gpu``, ``seed``; default ``cpu``).
+    """The config of setup ``arg`` (``smoke``, ``cpu``, ``gpu``, ``effnet_lamb``; default
+    ``cpu``), with ``config.compare`` for the compare and tradeoff modes.
 
     Example::
 
         python -m experiments.cifar10 --config configs/cifar10.py:smoke --workdir /tmp/smoke
     """
     arg = arg or "cpu"
-    variants = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "seed": seed}
-    if arg not in variants:
-        raise ValueError(
-            f"Unknown configs/cifar10.py variant {arg!r}: use one of {', '.join(VARIANTS)} "
-            "(e.g. --config configs/cifar10.py:smoke)."
+    if arg in RENAMED:
+        raise UserError(
+            f"the configs/cifar10.py variant {arg!r} is now called {RENAMED[arg]!r}",
+            hint=f"use --config configs/cifar10.py:{RENAMED[arg]}",
         )
-    config = variants[arg]()
-    config.compare = compare_config(arg)
+    if arg not in VARIANTS:
+        raise UserError(
+            f"unknown configs/cifar10.py variant {arg!r}: use one of {', '.join(VARIANTS)}",
+            hint="e.g. --config configs/cifar10.py:smoke",
+        )
+    config = globals()[arg]()
+    # compare_config still names the effnet_lamb setup by its old name.
+    config.compare = compare_config({v: k for k, v in RENAMED.items()}.get(arg, arg))
     return config

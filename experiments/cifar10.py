@@ -5,24 +5,29 @@ Usage::
     python -m experiments.cifar10 --config configs/cifar10.py:smoke --workdir /tmp/smoke \
       --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-``--config`` takes ``configs/cifar10.py:VARIANT`` (``smoke``, ``cpu``, ``gpu``, ``seed``); any
-field is overridable (``--config.batch_size=256``). ``config.mode`` picks what runs: ``train``
-(:func:`experiments.train.train_and_evaluate`), ``compare`` (the baseline against the recommended
-batch size, :func:`experiments.compare.run_compare`; ``make demo``) or ``tradeoff`` (time to a
-target at several batch sizes, :func:`experiments.compare.run_tradeoff`). Re-running the same
-command resumes from the last checkpoint (and measurements) in ``--workdir``.
+``--config`` takes ``configs/cifar10.py:VARIANT`` (``smoke``, ``cpu``, ``gpu``,
+``effnet_lamb``); any field is overridable (``--config.batch_size=256``). ``config.mode`` picks
+what runs: ``train`` (:func:`experiments.train.train_and_evaluate`), ``compare`` (the baseline
+against the recommended batch size, :func:`experiments.compare.run_compare`; ``make demo``) or
+``tradeoff`` (time to a target at several batch sizes, :func:`experiments.compare.run_tradeoff`).
+Re-running the same command resumes from the last checkpoint (and measurements) in
+``--workdir``; Ctrl-C stops at the next step with everything saved (exit code 130).
+
+A mistake (a missing config file, an unknown variant, field or mode, a bad data path, an
+unwritable workdir, a full disk, a diverged run) prints one line and a hint and exits with code
+2; ``--verbose`` shows the traceback (:mod:`experiments.cli`).
 """
 
 from __future__ import annotations
 
-import json
-
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments import compare, train
+from experiments import cli, runlog
+from experiments.cli import UserError
 
 FLAGS = flags.FLAGS
+MODES = ("train", "compare", "tradeoff")
 
 
 def _define_flags():
@@ -35,37 +40,44 @@ def _define_flags():
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-MODES = {
-    "train": train.train_and_evaluate,
-    "compare": compare.run_compare,
-    "tradeoff": compare.run_tradeoff,
-}
+def _check_mode(config) -> str:
+    if config.mode not in MODES:
+        raise UserError(
+            f"config.mode={config.mode!r} is not available: use one of {', '.join(MODES)}",
+            hint="e.g. --config.mode=train",
+        )
+    return config.mode
 
 
 def run(config, workdir: str) -> dict:
     """Dispatch on ``config.mode``; returns the mode's summary."""
-    mode = config.get("mode", "train")
-    if mode not in MODES:
-        raise ValueError(
-            f"config.mode={mode!r} is not available: use one of {', '.join(sorted(MODES))} "
-            "(--config.mode=train)."
-        )
-    return MODES[mode](config, workdir)
+    mode = _check_mode(config)
+    if mode == "train":
+        from experiments import train
+
+        return train.train_and_evaluate(config, workdir)
+    from experiments import compare
+
+    return {"compare": compare.run_compare, "tradeoff": compare.run_tradeoff}[mode](config, workdir)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(train.QuietOrbax())
+        raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
+    _check_mode(FLAGS.config)  # before the slow imports
+    logging.get_absl_handler().addFilter(runlog.QuietOrbax())
     summary = run(FLAGS.config, FLAGS.workdir)
     if summary.get("mode") in ("compare", "tradeoff"):
+        from experiments import compare
+
         print(compare.report(summary))
         return
     keys = ("test_accuracy", "wall_time_s", "steps", "epochs", "stop_reason", "noise_scale")
-    logging.info("Summary: %s", json.dumps({k: summary.get(k) for k in keys}))
-    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+    picked = {k: summary.get(k) for k in keys}
+    logging.info("Summary: %s", runlog.dumps(picked))
+    print(runlog.dumps(picked, indent=2))
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -2,21 +2,40 @@
 
 A mistake a user can fix (a missing file, an unknown variant, a bad value) raises
 :class:`UserError` (or ``FileNotFoundError``/``PermissionError``/a full disk) with a message
-that names the problem and the fix. :func:`main` turns those into one line on stderr and exit
-code 2; anything else is a bug and keeps its traceback. ``--verbose`` (or ``GNS_VERBOSE=1``)
-keeps tracebacks for everything.
+that names the problem and the fix. :func:`main` turns those into one line on stderr (plus a
+``hint:`` line) and exit code 2; anything else is a bug and keeps its traceback. ``--verbose``
+(or ``GNS_VERBOSE=1``) keeps tracebacks for everything.
+
+Some mistakes surface while absl parses the flags, before ``main`` runs (a missing config file,
+an unknown ``configs/*.py`` variant, an unknown ``--config.field``, a value of the wrong type):
+:func:`run` parses them with :func:`parse_flags`, which reports those the same way.
+
+Example (the end of a main module)::
+
+    if __name__ == "__main__":
+        _define_flags()
+        cli.run(main)  # = absl.app.run(cli.main(main), flags_parser=cli.parse_flags)
 """
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
+import re
 import sys
 from collections.abc import Callable
 
-__all__ = ["UserError", "main", "EXIT_USER_ERROR"]
+from absl import app, flags
+
+__all__ = ["UserError", "main", "run", "parse_flags", "EXIT_USER_ERROR", "EXIT_INTERRUPTED"]
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+FLAGS = flags.FLAGS
+
+if "verbose" not in FLAGS:
+    flags.DEFINE_bool("verbose", False, "Print tracebacks for every error, user errors included.")
 
 
 class UserError(ValueError):
@@ -27,40 +46,162 @@ class UserError(ValueError):
         self.hint = hint
 
 
+_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EISDIR)
+
+
 def _is_user_error(e: BaseException) -> bool:
-    if isinstance(e, UserError | FileNotFoundError | PermissionError | IsADirectoryError):
+    if isinstance(e, UserError | FileNotFoundError | PermissionError | app.UsageError):
         return True
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    return isinstance(e, OSError) and e.errno in _OS_ERRNOS
 
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"the disk is full ({e.filename or e}): free space or choose another --workdir"
+        return f"the disk is full ({e.filename or e}): free space there or write elsewhere"
     if isinstance(e, OSError) and not isinstance(e, UserError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _verbose(argv: list[str] | None = None) -> bool:
+    if os.environ.get("GNS_VERBOSE") == "1":
+        return True
+    if FLAGS.is_parsed():
+        return bool(FLAGS.verbose)
+    return any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv or ())
+
+
+def _exit(message: str, hint: str | None = None, code: int = EXIT_USER_ERROR):
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """Wrap an absl ``main(argv)``: user errors print ``error: ...`` (and ``hint: ...``) on
-    stderr and exit with code 2, without a traceback."""
+    stderr and exit with code 2, without a traceback; Ctrl-C exits with 130."""
 
     def wrapped(argv):
-        verbose = "--verbose" in sys.argv or os.environ.get("GNS_VERBOSE") == "1"
         try:
             return fn(argv)
         except KeyboardInterrupt:
+            if _verbose(argv):
+                raise
             print(
                 "interrupted: the run saved what it had; re-run the command to resume.",
                 file=sys.stderr,
             )
-            sys.exit(130)
-        except BaseException as e:
-            if verbose or not _is_user_error(e):
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:
+            if _verbose(argv) or not _is_user_error(e):
                 raise
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-            if getattr(e, "hint", None):
-                print(f"hint: {e.hint}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            _exit(_one_line(e), getattr(e, "hint", None))
 
     return wrapped
+
+
+def run(fn: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`."""
+    app.run(main(fn), argv=argv, flags_parser=parse_flags)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (``FLAGS(argv)``), with the mistakes reported as one line and exit
+    code 2: a missing config file, an error in its ``get_config`` (e.g. an unknown variant), an
+    unknown ``--config.field``, a bad value, an unknown or missing flag."""
+    try:
+        args = FLAGS(argv)
+        for name in _config_flags():
+            getattr(FLAGS[name].value, "keys", None)  # raises config_flags' deferred error
+        return args
+    except Exception as e:
+        if _verbose(argv):
+            raise
+        _exit(*_flag_error(e, argv))
+
+
+def _config_flags(present_only: bool = True) -> list[str]:
+    """Names of the ``config_flags.DEFINE_config_file`` flags."""
+    from ml_collections.config_flags import config_flags
+
+    return [
+        name
+        for name in FLAGS
+        if isinstance(FLAGS[name].parser, config_flags.ConfigFileFlagParser)
+        and (FLAGS[name].present or not present_only)
+    ]
+
+
+def _flag_values(argv: list[str]) -> list[tuple[str, str]]:
+    """``(name, value)`` of the ``--name=value`` and ``--name value`` arguments."""
+    out = []
+    for i, arg in enumerate(argv[1:], 1):
+        m = re.match(r"--([\w.]+)(?:=(.*))?$", arg)
+        if m and m.group(2) is not None:
+            out.append((m.group(1), m.group(2)))
+        elif m and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            out.append((m.group(1), argv[i + 1]))
+    return out
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and its causes/contexts, outermost first."""
+    out = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
+    """``(message, hint)`` of a flag-parsing failure."""
+    user = [x for x in _chain(e) if isinstance(x, UserError)]
+    if user:  # the innermost: config_flags re-raises it with the traceback as its message
+        return " ".join(str(user[-1]).split()), user[-1].hint
+    for name, value in _flag_values(argv):
+        if name in _config_flags(present_only=False):
+            path = value.split(":", 1)[0]
+            if not os.path.isfile(path):
+                return (
+                    f"config file not found: {path}",
+                    f"pass --{name}=path/to/config.py[:variant], e.g. configs/cifar10.py:smoke",
+                )
+    unknown = _unknown_field(argv)
+    if unknown:
+        return unknown
+    if isinstance(e, flags.Error):
+        return " ".join(str(e).split()), "see --helpfull for the flags and their types"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__), "run with --verbose for the traceback"
+
+
+def _unknown_field(argv: list[str]) -> tuple[str, str] | None:
+    """The first ``--NAME.a.b=...`` override whose field is not in the config ``NAME``."""
+    given = dict(_flag_values(argv))
+    for arg in given:
+        m = re.match(r"(\w+)\.([\w.]+)", arg)
+        if not m or m.group(1) not in _config_flags(present_only=False):
+            continue
+        node = FLAGS[m.group(1)].value
+        if node is None and m.group(1) in given:  # the override failed before the config
+            try:
+                node = FLAGS[m.group(1)].parser.parse(given[m.group(1)])
+            except Exception:
+                continue
+        if not hasattr(node, "keys"):
+            continue
+        *parents, last = m.group(2).split(".")
+        for part in parents:
+            node = node.get(part) if hasattr(node, "get") else None
+        if hasattr(node, "keys") and last in node.keys():
+            continue
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(last, keys, 1, 0.6)
+        field = f"--{m.group(1)}.{m.group(2)}"
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return (
+            f"unknown config field {field}",
+            hint + "see the fields and their documentation in the config file",
+        )
+    return None

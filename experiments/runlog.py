@@ -1,7 +1,23 @@
-"""The record of a run: strict JSON files and the metrics log.
+"""The record of a run: strict JSON files, the metrics log, the clock and the checkpoints.
 
 This module is the one owner of what a run leaves in its workdir. Everything that writes or
 reads ``config.json``, ``summary.json``, ``sweep.json`` or ``metrics.jsonl`` goes through it.
+A training run keeps its record in a :class:`RunLog` (in the spirit of big_vision's
+``utils.Chrono`` and clu's metric writers): the run's identity checked on resume, the
+:class:`Clock`, best and target tracking, and the metrics rows, all tied to the
+:class:`Checkpoints` so that a resumed run continues one consistent record.
+
+Invariants a run keeps (and the tests check):
+
+- a checkpoint at step ``s`` is saved only after the metrics row of step ``s`` is written, and
+  resuming from it drops the rows after ``s``: the rows always cover exactly the steps the
+  checkpoint holds;
+- the clock, the best accuracy and the target crossing travel in the checkpoint's metadata, so
+  an interrupted and resumed run reports what an uninterrupted one would;
+- ``config.json`` is written only after the identity check, so it always describes the run the
+  checkpoint and the rows belong to;
+- :func:`deferred_interrupt` turns the first Ctrl-C into a flag the loop reads at a step
+  boundary (no ``KeyboardInterrupt`` inside XLA or between a checkpoint and its row).
 
 JSON convention: files are strict JSON (RFC 8259), so any parser reads them. A non-finite float
 (``NaN``, ``Infinity``) is written as ``null``; the key that holds it says what was measured, and
@@ -17,7 +33,12 @@ import json
 import logging as std_logging
 import math
 import os
+import shutil
+import signal
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,9 +56,17 @@ __all__ = [
     "workdir_lock",
     "fingerprint",
     "differing_fields",
+    "Clock",
+    "RunLog",
+    "Checkpoints",
+    "deferred_interrupt",
 ]
 
 LOCK_FILE = ".lock"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "checkpoints-unreadable"
 
 
 class QuietOrbax(std_logging.Filter):
@@ -72,10 +101,13 @@ def dumps(obj: Any, **kwargs) -> str:
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as strict JSON atomically (temp file in the same directory, fsync, then
     ``os.replace``): a killed run leaves the old file or the new one, never a torn one."""
+    _write_atomic(path, dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _write_atomic(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    text = dumps(obj, indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -168,3 +200,395 @@ def differing_fields(old: dict, new: dict) -> list[str]:
         for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k)
     ]
+
+
+class Clock:
+    """Where a run's time goes: from :meth:`charge` on, time counts as one of :data:`KINDS`.
+
+    ``train``: data and steps, read after the device has finished them; ``eval``: periodic
+    evaluation; ``compile``; ``pause``: everything else (restoring, checkpoints, rows). The
+    totals continue across resumed legs through :meth:`state` and the ``totals`` argument (the
+    checkpoint metadata), like big_vision's ``Chrono``.
+
+    Example::
+
+        clock = Clock()
+        clock.charge("compile")
+        step = jax.jit(f).lower(state, batch).compile()
+        clock.charge("train")
+        state = step(state, batch)
+        jax.block_until_ready(state)
+        clock.charge("pause")
+        clock.total("train")  # seconds of training so far
+    """
+
+    KINDS = ("train", "eval", "compile", "pause")
+
+    def __init__(self, totals: dict | None = None):
+        totals = totals or {}
+        self._totals = {k: float(totals.get(f"{k}_time_s") or 0.0) for k in self.KINDS}
+        self._kind: str | None = None
+        self._since = 0.0
+
+    def charge(self, kind: str | None) -> None:
+        """Charge the time from now on to ``kind`` (``None``: stop the clock)."""
+        if kind is not None and kind not in self.KINDS:
+            raise ValueError(f"kind={kind!r}: use one of {', '.join(self.KINDS)}.")
+        now = time.perf_counter()
+        if self._kind is not None:
+            self._totals[self._kind] += now - self._since
+        self._kind, self._since = kind, now
+
+    def total(self, kind: str) -> float:
+        """Seconds charged to ``kind`` so far, the running stretch included."""
+        running = time.perf_counter() - self._since if self._kind == kind else 0.0
+        return self._totals[kind] + running
+
+    def state(self) -> dict[str, float]:
+        """``{'train_time_s', 'eval_time_s', 'compile_time_s', 'pause_time_s'}``."""
+        return {f"{k}_time_s": self.total(k) for k in self.KINDS}
+
+
+class RunLog:
+    """The record of one training run in ``workdir``: identity, clock, best and target,
+    initial loss and the metrics rows, saved with (and restored from) its checkpoints.
+
+    Args:
+      workdir: the run's directory.
+      target: accuracy at which the run counts as having reached its target (``None``: none).
+
+    Example::
+
+        log = RunLog(workdir, target=0.6)
+        log.check_identity(config, identity_fn, resuming=ckpt.latest_step() is not None)
+        state, meta = ckpt.restore(state, check=log.check_meta)
+        log.resume(int(state.step), meta)
+        log.write_config(config)
+        ...
+        log.advance(batch_size)          # after each step
+        row = log.row(train_loss=...)     # at a logged step, clock read after blocking
+        log.record_eval(accuracy)         # True when this evaluation reaches the target
+        log.write_row(row)
+        ckpt.save(log.step, state, log.meta())
+    """
+
+    def __init__(self, workdir: str, target: float | None = None):
+        self.workdir = workdir
+        self.metrics_path = os.path.join(workdir, METRICS_FILE)
+        self.config_path = os.path.join(workdir, CONFIG_FILE)
+        self.target = target
+        self.identity: dict | None = None
+        self.resume(0, None, truncate=False)
+
+    # Identity.
+
+    def check_identity(
+        self, config: dict, identity: Callable[[dict], dict], *, resuming: bool
+    ) -> None:
+        """Stop when the run to resume was trained with a different config.
+
+        Args:
+          config: the new run's config (a plain dict).
+          identity: ``config -> dict`` of the fields that change the results.
+          resuming: whether there is something to resume (a checkpoint); without one nothing
+            mixes and the new config simply replaces the old.
+
+        Raises:
+          UserError: listing the differing fields and how to start fresh.
+        """
+        self.identity = to_strict_json(identity(config))  # also checked against the checkpoint
+        if not resuming or not os.path.exists(self.config_path):
+            return
+        try:
+            old = read_json(self.config_path)
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"cannot read {self.config_path} to check the run to resume ({e})",
+                hint=f"delete {self.workdir} to start over, or pass another --workdir",
+            ) from None
+        self._refuse_if_different(identity(old))
+
+    def check_meta(self, meta: dict) -> None:
+        """:meth:`check_identity` against a checkpoint's metadata (which holds the identity
+        of the run that wrote it), e.g. when ``config.json`` was deleted."""
+        if meta.get("identity") is not None and self.identity is not None:
+            self._refuse_if_different(meta["identity"])
+
+    def _refuse_if_different(self, old_identity: dict) -> None:
+        diffs = differing_fields(old_identity, self.identity)
+        if diffs:
+            raise UserError(
+                f"{self.workdir} holds a run with a different config ({'; '.join(diffs)})",
+                hint=f"pass another --workdir to start a new run, delete {self.workdir} to "
+                "start over, or re-run with the old values to resume",
+            )
+
+    def write_config(self, config: dict) -> None:
+        """Write ``config.json`` (after :meth:`check_identity` and :meth:`resume`)."""
+        write_json(self.config_path, config)
+
+    # Resume and checkpoint metadata.
+
+    def resume(self, step: int, meta: dict | None, *, truncate: bool = True) -> list[dict]:
+        """Continue the record of the checkpoint at ``step`` with metadata ``meta`` (``step``
+        0 and ``None``: a fresh run); drops the metrics rows after ``step``.
+
+        Raises:
+          UserError: the checkpoint's identity differs from :meth:`check_identity`'s config.
+
+        Returns:
+          The rows kept.
+        """
+        meta = meta or {}
+        self.check_meta(meta)
+        self.step = int(step)
+        self.examples_seen = int(meta.get("examples_seen") or 0)
+        self.clock = Clock(meta.get("clock"))
+        self.best = dict(meta.get("best") or {"accuracy": None, "step": None, "time_s": None})
+        self.to_target = dict(meta.get("to_target") or {"steps": None, "time_s": None})
+        self.initial_loss = meta.get("initial_loss")
+        self.diverged: str | None = None
+        self._last_row = (self.clock.total("train"), self.examples_seen)
+        if not truncate:
+            return []
+        kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
+        _write_atomic(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
+        return kept
+
+    def meta(self) -> dict:
+        """What a checkpoint stores besides the state: the inverse of :meth:`resume`."""
+        return to_strict_json(
+            {
+                "step": self.step,
+                "examples_seen": self.examples_seen,
+                "clock": self.clock.state(),
+                "best": self.best,
+                "to_target": self.to_target,
+                "initial_loss": self.initial_loss,
+                "identity": self.identity,
+            }
+        )
+
+    # Progress.
+
+    def advance(self, batch_size: int) -> None:
+        """One optimizer step of ``batch_size`` examples was taken (``examples_seen`` is
+        counted apart from ``step``, so a batch size that changes during a run adds up)."""
+        self.step += 1
+        self.examples_seen += int(batch_size)
+
+    @property
+    def reached(self) -> bool:
+        """Whether an evaluation has reached the target."""
+        return self.to_target["steps"] is not None
+
+    def record_eval(self, accuracy: float) -> bool:
+        """Best and target tracking of an evaluation at the current step (train clock read
+        now). Returns whether it crosses the target for the first time."""
+        t = self.clock.total("train")
+        if self.best["accuracy"] is None or accuracy > self.best["accuracy"]:
+            self.best = {"accuracy": accuracy, "step": self.step, "time_s": t}
+        if self.target is None or self.reached or not accuracy >= self.target:
+            return False
+        self.to_target = {"steps": self.step, "time_s": t}
+        return True
+
+    def check_losses(self, losses, factor: float | None) -> str | None:
+        """Divergence check of the per-step training losses since the last row.
+
+        The first loss of the run is the reference. Sets (and returns) :attr:`diverged`, a
+        message, when a loss is not finite or exceeds ``factor`` times the reference
+        (``factor=None``: only non-finite losses count); else returns ``None``.
+        """
+        losses = [float(x) for x in losses]
+        if self.initial_loss is None and losses:
+            self.initial_loss = losses[0]
+        for loss in losses:
+            if not math.isfinite(loss):
+                self.diverged = f"the training loss is {loss} (initial {self.initial_loss:.4g})"
+            elif factor is not None and loss > factor * self.initial_loss:
+                self.diverged = (
+                    f"the training loss {loss:.4g} exceeds {factor:g} x the initial "
+                    f"{self.initial_loss:.4g} (config.divergence_factor)"
+                )
+            if self.diverged:
+                return self.diverged
+        return None
+
+    # Rows.
+
+    def row(self, **metrics) -> dict:
+        """A metrics row for the current step: ``step``, ``examples_seen``,
+        ``wall_time_s`` (training time), ``examples_per_s`` since the last row, and
+        ``metrics``. Read the clock after the device has finished the step."""
+        t = self.clock.total("train")
+        dt, dn = t - self._last_row[0], self.examples_seen - self._last_row[1]
+        self._last_row = (t, self.examples_seen)
+        return {
+            "step": self.step,
+            "examples_seen": self.examples_seen,
+            "wall_time_s": t,
+            "examples_per_s": dn / max(dt, 1e-9),
+            **metrics,
+        }
+
+    def write_row(self, row: dict) -> None:
+        """Append ``row`` to ``metrics.jsonl`` (strict JSON, one line)."""
+        with open(self.metrics_path, "a") as f:
+            f.write(dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        """The metrics rows written so far."""
+        return read_jsonl(self.metrics_path)
+
+
+class Checkpoints:
+    """Orbax checkpoints of a run's state with the :meth:`RunLog.meta` beside it.
+
+    :meth:`restore` falls back to the previous checkpoint when the latest is unreadable
+    (moved to ``checkpoints-unreadable/`` with one warning naming it).
+
+    Args:
+      workdir: the run's directory (checkpoints in ``workdir/checkpoints``).
+      max_to_keep: checkpoints kept (at least 2, so one can fall back).
+    """
+
+    def __init__(self, workdir: str, max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Save ``state`` and ``meta`` at ``step`` (no-op when that step is saved)."""
+        import orbax.checkpoint as ocp
+
+        if step in self._manager.all_steps():
+            return
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(to_strict_json(meta))
+        )
+        self._manager.save(step, args=args)
+        self._manager.wait_until_finished()
+
+    def restore(
+        self, target: Any, check: Callable[[dict], None] | None = None
+    ) -> tuple[Any, dict | None]:
+        """The newest readable checkpoint as ``(state, meta)`` shaped like ``target``;
+        ``(None, None)`` when there is none.
+
+        Args:
+          target: a state with the structure, shapes and dtypes to restore.
+          check: called with the metadata before the state is read (e.g.
+            :meth:`RunLog.check_meta`); its errors propagate.
+
+        Raises:
+          UserError: there are checkpoints but none is readable.
+        """
+        import jax
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                with _silenced("orbax", "absl"):
+                    meta = dict(self._read(step, meta=ocp.args.JsonRestore()).meta)
+            except Exception as e:  # unreadable: fall back to the previous one
+                self._set_aside(step, e)
+                continue
+            if check is not None:
+                check(meta)
+            try:
+                with _silenced("orbax", "absl"):
+                    state = self._read(step, state=ocp.args.StandardRestore(abstract)).state
+                return state, meta
+            except Exception as e:
+                self._set_aside(step, e)
+        if steps:
+            raise UserError(
+                f"no readable checkpoint in {self.directory} (set aside in {UNREADABLE_DIR}/)",
+                hint="pass another --workdir or delete this one to start over",
+            )
+        return None, None
+
+    def _read(self, step: int, **items):
+        import orbax.checkpoint as ocp
+
+        return self._manager.restore(step, args=ocp.args.Composite(**items))
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Move the unreadable checkpoint out of the way (kept, for a post-mortem)."""
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR, str(step))
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        self._manager.reload()
+        logging.warning(
+            "The checkpoint at step %d is unreadable (%s: %s); moved it to %s and falling "
+            "back to the previous one.",
+            step,
+            type(error).__name__,
+            " ".join(str(error).split())[:200],
+            dst,
+        )
+
+
+@contextlib.contextmanager
+def _silenced(*loggers: str):
+    """Raise the level of the named Python loggers to CRITICAL inside the block."""
+    saved = [(std_logging.getLogger(n), std_logging.getLogger(n).level) for n in loggers]
+    for lg, _ in saved:
+        lg.setLevel(std_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Inside the block the first SIGINT (Ctrl-C) sets the yielded ``threading.Event``
+    instead of raising, so the loop stops at a step boundary with its row and checkpoint
+    written; a second one raises ``KeyboardInterrupt`` at once. The previous handler is
+    restored on exit. Outside the main thread (where Python delivers no signals) the event
+    simply never gets set.
+
+    Example::
+
+        with deferred_interrupt() as interrupted:
+            while not interrupted.is_set():
+                ...  # one step
+    """
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag.is_set():
+            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+            raise KeyboardInterrupt
+        flag.set()
+        logging.warning(
+            "Interrupted: stopping after this step with its row and a checkpoint "
+            "(Ctrl-C again to abort at once)."
+        )
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous or signal.default_int_handler)

@@ -1,16 +1,22 @@
 """Plain training code shared by the CIFAR-10 main, the sweep driver and the compare mode.
 
 ``train_and_evaluate(config, workdir)`` trains ``config.model`` on ``config.data`` with the
-noise scale measured along the way and writes into ``workdir``:
+noise scale measured along the way and writes into ``workdir`` (through
+:mod:`experiments.runlog`, which keeps the record consistent across interruptions and resumes):
 
-- ``config.json``: the config of the run;
-- ``metrics.jsonl``: one JSON object per logged step (``step``, ``examples_seen``, ``epoch``,
-  ``wall_time_s``, ``train_loss``, ``train_accuracy``, ``learning_rate``, ``test_accuracy`` on
-  evaluation rows, and on noise-scale rows the raw ``g_sq``, ``trace_cov``, ``b_simple`` and the
-  smoothed ``ema_g_sq``, ``ema_trace_cov``, ``ema_b_simple``);
-- ``summary.json``: final full-test-set accuracy, times, steps, and the noise scale with its
-  bootstrap interval;
-- ``checkpoints/``: orbax checkpoints; re-running the same command resumes from the last one;
+- ``config.json``: the config of the run (written after the resume check, see below);
+- ``metrics.jsonl``: one strict-JSON object per logged step (``step``, ``examples_seen``,
+  ``batch_size``, ``epoch``, ``wall_time_s``, ``examples_per_s``, ``train_loss``,
+  ``train_accuracy``, ``learning_rate``, ``test_accuracy``/``test_loss`` on evaluation rows, on
+  noise-scale rows the raw ``g_sq``, ``trace_cov``, ``b_simple`` and the smoothed ``ema_g_sq``,
+  ``ema_trace_cov``, ``ema_b_simple``, and ``stop_reason`` on the row where a run stops);
+  ``null`` stands for a non-finite value (``b_simple`` is ``null`` when ``g_sq <= 0``: the
+  gradient is not resolved above the noise);
+- ``summary.json``: final full-test-set accuracy, times, steps, ``stop_reason``
+  (``num_steps``, ``target_accuracy``, ``max_wall_time_s``, ``interrupted``, ``diverged``), and
+  the noise scale with its bootstrap interval;
+- ``checkpoints/``: orbax checkpoints; re-running the same command resumes from the last
+  readable one, after checking that the config's identity (:func:`run_identity`) is the same;
 - ``training.png`` and ``noise_scale.png``.
 
 Every ``config.gns_every`` steps the step takes its gradient from ``gns.estimate`` (per-example
@@ -19,9 +25,13 @@ second backward pass and the update is the one a plain step would make. Models w
 train with "ghost" BatchNorm over ``config.gns_microbatches`` equal groups of the batch on every
 step, plain or measured, so the measured gradient is the training gradient.
 
-``wall_time_s`` counts training only (data and steps, compilation excluded and reported as
-``compile_time_s``); periodic evaluation is timed separately (``eval_time_s``), so times to a
-target compare fairly across batch sizes.
+``wall_time_s`` counts training only (data and steps; compilation, evaluation and checkpoints
+are reported apart as ``compile_time_s``, ``eval_time_s``, ``pause_time_s``), so times to a
+target compare fairly across batch sizes. Ctrl-C stops at the next step boundary with that
+step's row, a checkpoint and the summary written (exit code 130); a non-finite loss or one above
+``config.divergence_factor`` times the initial loss stops the run with :class:`Diverged`.
+
+Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
 
 Example (as in the tests)::
 
@@ -30,20 +40,16 @@ Example (as in the tests)::
     config.data.source = "synthetic"
     summary = train_and_evaluate(config, "/tmp/run")
     summary["test_accuracy"], summary["noise_scale"]["b_simple"]
-
-Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
 """
 
 from __future__ import annotations
 
-import json
-import logging as std_logging
+import copy
 import math
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -52,13 +58,18 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import models
+from experiments import models, runlog
+from experiments.cli import UserError
 
 PyTree = Any
 
 __all__ = [
     "TrainState",
+    "Diverged",
     "train_and_evaluate",
+    "validate_config",
+    "run_identity",
+    "init_state",
     "make_schedule",
     "make_optimizer",
     "make_loss_fn",
@@ -66,17 +77,39 @@ __all__ = [
     "make_train_steps",
     "resolve_gns_method",
     "resolve_num_steps",
-    "read_metrics",
-    "write_json",
+    "noise_scale_summary",
 ]
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = runlog.METRICS_FILE
 SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = runlog.CONFIG_FILE
 GNS_METHODS = ("auto", "per_example", "microbatch")
 OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
 SCHEDULES = ("constant", "cosine")
+# Fields that do not change what a run computes: a resume may change them (see run_identity).
+NOT_IDENTITY = (
+    "mode",
+    "log_every",
+    "checkpoint_every",
+    "progress_bar",
+    "plots",
+    "max_wall_time_s",
+    "eval_batch_size",
+    "divergence_factor",
+    "data.cache_dir",
+    "data.tfds_data_dir",
+    "compare",
+)
+
+# Until experiments/{sweep,compare,bench,parallel_bench}.py import them from runlog.
+write_json = runlog.write_json
+read_metrics = runlog.read_jsonl
+QuietOrbax = runlog.QuietOrbax
+
+
+class Diverged(UserError):
+    """The training loss became non-finite or exceeded ``config.divergence_factor`` times its
+    initial value; raised after the metrics row and ``summary.json`` that record it."""
 
 
 class TrainState(NamedTuple):
@@ -100,81 +133,109 @@ class TrainState(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers: config, JSON.
+# Config: validation and identity.
 
 
-def _get(config, key, default=None):
-    """``config.key`` or ``default`` when missing or ``None``."""
-    try:
-        value = config[key]
-    except (KeyError, AttributeError, TypeError):
-        value = getattr(config, key, default)
-    return default if value is None else value
+def _is_int(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
-class QuietOrbax(std_logging.Filter):
-    """A logging filter for the mains: drops orbax's INFO chatter (several lines per
-    checkpoint), keeps its warnings."""
-
-    def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+def _is_number(x) -> bool:
+    return isinstance(x, int | float | np.number) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temp file in the same directory, then ``os.replace``)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=True, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _value(config, field: str):
+    for part in field.split("."):
+        config = config[part]
+    return config
 
 
-def _json_default(x):
-    if isinstance(x, np.generic | jax.Array):
-        return np.asarray(x).tolist()
-    if isinstance(x, tuple):
-        return list(x)
-    return str(x)
+def _require(config, field: str, ok: bool, fix: str) -> None:
+    """Raise a :class:`UserError` naming ``config.<field>`` and its value unless ``ok``."""
+    if not ok:
+        raise UserError(
+            f"config.{field}={_value(config, field)!r} {fix}",
+            hint=f"set it on the command line: --config.{field}=...",
+        )
 
 
-def read_metrics(path: str) -> list[dict]:
-    """Rows of a ``metrics.jsonl`` file; a torn last line (killed run) is skipped."""
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                logging.warning("Skipping a malformed line of %s: %r", path, line[:80])
-    return rows
+def _choice(config, field: str, options: tuple[str, ...]) -> str:
+    """``config.<field>``, checked to be one of ``options``."""
+    value = _value(config, field)
+    _require(config, field, value in options, f"is not one of {', '.join(options)}")
+    return value
 
 
-def _truncate_metrics(path: str, last_step: int) -> list[dict]:
-    """Keep only rows with ``step <= last_step`` (atomic rewrite); returns the kept rows."""
-    rows = [r for r in read_metrics(path) if int(r.get("step", -1)) <= last_step]
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-    return rows
+def _optional(ok: Callable) -> Callable:
+    return lambda v: v is None or ok(v)
 
 
-def _float(x) -> float:
-    return float(np.asarray(x))
+def _count(lo: int) -> Callable:
+    return lambda v: _is_int(v) and v >= lo
+
+
+# (field, valid(value), what a valid value is): the checks of validate_config.
+_RULES = (
+    ("learning_rate", lambda v: _is_number(v) and v > 0, "must be a positive finite number"),
+    ("batch_size", _count(2), "must be an int >= 2 (the noise scale compares examples)"),
+    ("num_epochs", _optional(lambda v: _is_number(v) and v > 0), "must be > 0 or None"),
+    ("warmup_steps", _count(0), "must be an int >= 0"),
+    ("eval_every", _count(0), "must be an int >= 0 (0: only at the end)"),
+    ("checkpoint_every", _count(0), "must be an int >= 0 (0: only at the end)"),
+    ("gns_every", _count(0), "must be an int >= 0 (0: never)"),
+    ("log_every", _count(1), "must be an int >= 1"),
+    ("weight_decay", lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
+    ("momentum", lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
+    ("gns_ema_decay", lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
+    ("divergence_factor", _optional(lambda v: _is_number(v) and v > 1),
+     "must be a number > 1, or None to stop only on a non-finite loss"),
+    ("target_accuracy", _optional(lambda v: _is_number(v) and 0 <= v <= 1),
+     "must be an accuracy in [0, 1] or None"),
+    ("max_wall_time_s", _optional(lambda v: _is_number(v) and v > 0),
+     "must be a positive number of seconds or None"),
+)  # fmt: skip
+
+
+def validate_config(config) -> None:
+    """Check the fields :func:`train_and_evaluate` reads, before anything is written.
+
+    Raises:
+      UserError: naming the field, its value and the fix (e.g. a learning rate that is not a
+        positive finite number, ``batch_size < 2``, an unknown optimizer, schedule, model or
+        noise-scale method).
+    """
+    for field, valid, fix in _RULES:
+        _require(config, field, valid(_value(config, field)), fix)
+    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "gns_method": GNS_METHODS}
+    for field, options in {**choices, "model.name": models.MODEL_NAMES}.items():
+        _choice(config, field, options)
+    if config.num_epochs is None:
+        resolve_num_steps(config, 1)
+    needs_eval = config.target_accuracy is not None
+    _require(config, "eval_every", not needs_eval or config.eval_every > 0,
+             "must be > 0 when config.target_accuracy is set (it is checked there)")  # fmt: skip
+
+
+def run_identity(config: dict) -> dict:
+    """The fields of a config (as a dict) that change what a run computes: all of them except
+    :data:`NOT_IDENTITY` (logging, checkpoints, plots, budgets, cache locations), and except
+    ``num_steps``/``num_epochs`` with a constant schedule (there they only say where the run
+    stops, so a finished run can be extended). A resume must have the same identity.
+
+    Example::
+
+        runlog.differing_fields(run_identity(old), run_identity(new))
+    """
+    ident = copy.deepcopy(config)
+    constant = config.get("schedule") == "constant"
+    drop = NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ())
+    for path in drop:
+        *parents, last = path.split(".")
+        node = ident
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(last, None)
+    return ident
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,16 +244,11 @@ def _float(x) -> float:
 
 def resolve_num_steps(config, num_train: int) -> int:
     """``config.num_epochs`` (if set) converted to steps, else ``config.num_steps``."""
-    epochs = _get(config, "num_epochs")
-    if epochs is not None:
-        return max(1, math.ceil(float(epochs) * num_train / config.batch_size))
-    steps = _get(config, "num_steps")
-    if steps is None or int(steps) < 1:
-        raise ValueError(
-            f"config.num_steps={steps!r}: set config.num_steps to a positive int or "
-            "config.num_epochs to a positive number."
-        )
-    return int(steps)
+    if config.num_epochs is not None:
+        return max(1, math.ceil(float(config.num_epochs) * num_train / config.batch_size))
+    _require(config, "num_steps", _is_int(config.num_steps) and config.num_steps >= 1,
+             "must be a positive int (or set config.num_epochs)")  # fmt: skip
+    return int(config.num_steps)
 
 
 def make_schedule(config, num_steps: int) -> optax.Schedule:
@@ -207,10 +263,8 @@ def make_schedule(config, num_steps: int) -> optax.Schedule:
       An optax schedule ``step -> learning rate``.
     """
     lr = float(config.learning_rate)
-    warmup = int(_get(config, "warmup_steps", 0))
-    kind = _get(config, "schedule", "constant")
-    if kind not in SCHEDULES:
-        raise ValueError(f"config.schedule={kind!r}: use one of {', '.join(SCHEDULES)}.")
+    warmup = int(config.warmup_steps)
+    kind = _choice(config, "schedule", SCHEDULES)
     if kind == "constant":
         after = optax.constant_schedule(lr)
     else:
@@ -232,21 +286,16 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
     ``config.weight_decay``; ``adam``: Adam with L2 weight decay; ``adamw``: AdamW (decoupled
     decay); ``lamb``: LAMB (You et al. 2020). Weight decay applies to kernels only.
     """
-    name = _get(config, "optimizer", "adam")
-    wd = float(_get(config, "weight_decay", 0.0))
-    momentum = float(_get(config, "momentum", 0.9))
+    name = _choice(config, "optimizer", OPTIMIZERS)
+    wd = float(config.weight_decay)
     if name == "sgd":
-        opt = optax.sgd(
-            schedule, momentum=momentum or None, nesterov=bool(_get(config, "nesterov"))
-        )
+        opt = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
     elif name == "adam":
         opt = optax.adam(schedule)
     elif name == "adamw":
         return optax.adamw(schedule, weight_decay=wd, mask=_decay_mask)
-    elif name == "lamb":
+    else:  # lamb
         return optax.lamb(schedule, weight_decay=wd, mask=_decay_mask)
-    else:
-        raise ValueError(f"config.optimizer={name!r}: use one of {', '.join(OPTIMIZERS)}.")
     if wd:
         opt = optax.chain(optax.add_decayed_weights(wd, mask=_decay_mask), opt)
     return opt
@@ -259,14 +308,12 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
 def resolve_gns_method(config, model) -> str:
     """``config.gns_method`` with ``'auto'`` resolved: per_example without BatchNorm, else
     microbatch. Explicit per_example on a BatchNorm model is an error."""
-    method = _get(config, "gns_method", "auto")
-    if method not in GNS_METHODS:
-        raise ValueError(f"config.gns_method={method!r}: use one of {', '.join(GNS_METHODS)}.")
+    method = _choice(config, "gns_method", GNS_METHODS)
     bn = models.has_batch_norm(model)
     if method == "auto":
         return "microbatch" if bn else "per_example"
     if method == "per_example" and bn:
-        raise ValueError(
+        raise UserError(
             f"config.gns_method='per_example' is invalid for {type(model).__name__}, which has "
             "BatchNorm (a batch of one normalizes over itself): use 'microbatch' or 'auto'."
         )
@@ -443,70 +490,12 @@ def _evaluate(eval_step, state, images, labels, mean, std, batch_size) -> dict[s
     for batch in data.eval_batches(images, labels, batch_size, mean, std, pad=True):
         mask = np.asarray(batch["mask"], np.float32)
         c, s = eval_step(state.params, state.batch_stats, batch["image"], batch["label"], mask)
-        correct, loss, n = correct + _float(c), loss + _float(s), n + int(mask.sum())
+        correct, loss, n = correct + float(c), loss + float(s), n + int(mask.sum())
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "examples": n}
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def _checkpoint_manager(workdir: str):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=True, enable_async_checkpointing=False
-        ),
-    )
-
-
-def _save_checkpoint(manager, state: TrainState, meta: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    step = int(state.step)
-    if manager.latest_step() == step:
-        return
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-    )
-    manager.wait_until_finished()
-
-
-def _restore_checkpoint(manager, target: TrainState):
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return None, None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-        ),
-    )
-    return restored.state, dict(restored.meta)
-
-
-# ---------------------------------------------------------------------------------------------
 # The training loop.
-
-
-def _progress_bar(config, total: int, initial: int):
-    from tqdm import tqdm
-
-    enabled = bool(_get(config, "progress_bar", True)) and sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
-
-
-def _subset(n_total: int, n: int | None, seed: int) -> np.ndarray:
-    """Indices of a fixed random subset (sorted); all of them when ``n`` is None or too big."""
-    if n is None or n >= n_total:
-        return np.arange(n_total)
-    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
 
 
 def init_state(config, model, optimizer, tracker, image_shape) -> TrainState:
@@ -517,15 +506,66 @@ def init_state(config, model, optimizer, tracker, image_shape) -> TrainState:
         init_rng
     )
     params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=batch_stats,
+        batch_stats=variables.get("batch_stats", {}),
         opt_state=optimizer.init(params),
         gns=tracker.init(),
         rng=dropout_rng,
     )
+
+
+class _Setup(NamedTuple):
+    """What the loop needs besides the config: built before anything is written."""
+
+    method: str
+    num_steps: int
+    plain_fn: Callable
+    gns_fn: Callable
+    evaluate: Callable  # (state, images, labels) -> {'accuracy', 'loss', 'examples'}
+    state: TrainState  # the fresh state (the template a checkpoint restores into)
+
+
+def _setup(config, ds) -> _Setup:
+    from gns import smoothing
+
+    model = models.get_model(config.model, num_classes=ds.num_classes)
+    method = resolve_gns_method(config, model)
+    k = config.gns_microbatches
+    _require(config, "gns_microbatches", method != "microbatch" or (
+             _is_int(k) and k >= 2 and config.batch_size % k == 0),
+             f"must be >= 2 and divide config.batch_size={config.batch_size} (equal "
+             "microbatches for the estimator and ghost BatchNorm)")  # fmt: skip
+    num_steps = resolve_num_steps(config, len(ds.train_labels))
+    schedule = make_schedule(config, num_steps)
+    optimizer = make_optimizer(config, schedule)
+    tracker = smoothing.ema(config.gns_ema_decay)
+    plain_fn, gns_fn = make_train_steps(
+        model,
+        optimizer,
+        tracker,
+        method=method,
+        num_microbatches=k,
+        chunk_size=config.gns_chunk_size,
+        use_dropout=models.uses_dropout(model),
+        schedule=schedule,
+    )
+    eval_step = jax.jit(make_eval_step(model))
+    eval_batch = min(config.eval_batch_size, len(ds.test_labels))
+
+    def evaluate(state, images, labels):
+        return _evaluate(eval_step, state, images, labels, ds.mean, ds.std, eval_batch)
+
+    state = init_state(config, model, optimizer, tracker, ds.train_images.shape[1:])
+    return _Setup(method, num_steps, plain_fn, gns_fn, evaluate, state)
+
+
+def _subset(n_total: int, n: int | None, seed: int) -> np.ndarray:
+    """Indices of a fixed random subset (sorted); all of them when ``n`` is None or too big."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -533,296 +573,260 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     Args:
       config: an ``ml_collections.ConfigDict`` from ``configs/cifar10.py``.
-      workdir: output directory; if it holds a checkpoint the run resumes from it (metrics
-        rows after the checkpoint are dropped, the data stream restarts at that step).
+      workdir: output directory; if it holds a checkpoint the run resumes from it (the config
+        must have the same :func:`run_identity`; rows after the checkpoint are dropped and the
+        data stream restarts at its step). One run at a time per workdir.
 
     Returns:
       The summary dict (also written to ``workdir/summary.json``).
+
+    Raises:
+      UserError: a bad config, a resume with a different config, a workdir in use.
+      Diverged: the loss diverged (after writing the row and the summary that say so).
+      KeyboardInterrupt: after Ctrl-C, once the row, checkpoint and summary are written.
     """
     from experiments import data
-    from gns import plots, smoothing
 
-    os.makedirs(workdir, exist_ok=True)
-    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    write_json(os.path.join(workdir, CONFIG_FILE), config_dict)
-
-    ds = data.load(config.data)
-    num_train = int(ds.train_labels.shape[0])
-    image_shape = tuple(ds.train_images.shape[1:])
-    batch_size = int(config.batch_size)
-    if batch_size < 2:
-        raise ValueError(f"config.batch_size={batch_size}: the noise scale needs batch_size >= 2.")
-    model = models.get_model(config.model, num_classes=ds.num_classes)
-    method = resolve_gns_method(config, model)
-    k = int(_get(config, "gns_microbatches", 8))
-    if method == "microbatch" and (k < 2 or batch_size % k):
-        raise ValueError(
-            f"config.gns_microbatches={k} must be >= 2 and divide config.batch_size="
-            f"{batch_size} (equal microbatches for the estimator and for ghost BatchNorm): "
-            "pick a divisor of the batch size."
-        )
-    num_steps = resolve_num_steps(config, num_train)
-    schedule = make_schedule(config, num_steps)
-    optimizer = make_optimizer(config, schedule)
-    tracker = smoothing.ema(float(_get(config, "gns_ema_decay", 0.95)))
-    gns_every = int(_get(config, "gns_every", 0))
-    log_every = max(1, int(_get(config, "log_every", 100)))
-    eval_every = int(_get(config, "eval_every", 0))
-    checkpoint_every = int(_get(config, "checkpoint_every", 0))
-    target = _get(config, "target_accuracy")
-    max_wall = _get(config, "max_wall_time_s")
-    eval_batch = min(int(_get(config, "eval_batch_size", 500)), int(ds.test_labels.shape[0]))
-    if target is not None and eval_every <= 0:
-        raise ValueError("config.target_accuracy is set but config.eval_every <= 0: set both.")
-
-    plain_fn, gns_fn = make_train_steps(
-        model,
-        optimizer,
-        tracker,
-        method=method,
-        num_microbatches=k,
-        chunk_size=_get(config, "gns_chunk_size"),
-        use_dropout=models.uses_dropout(model),
-        schedule=schedule,
-    )
-    eval_step = jax.jit(make_eval_step(model))
-
-    state = init_state(config, model, optimizer, tracker, image_shape)
-    manager = _checkpoint_manager(workdir)
-    restored, meta = _restore_checkpoint(manager, state)
-    meta = meta or {}
-    if restored is not None:
-        state = restored
-        logging.info("Resumed from the checkpoint at step %d.", int(state.step))
-    # Distinct buffers per leaf: state is donated to the steps, and init functions may share
-    # one array between leaves (e.g. two zeros), which donation rejects.
-    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-    start_step = int(state.step)
-    metrics_path = os.path.join(workdir, METRICS_FILE)
-    _truncate_metrics(metrics_path, start_step)
-
-    wall = float(meta.get("wall_time_s", 0.0))
-    eval_time = float(meta.get("eval_time_s", 0.0))
-    best = {
-        "accuracy": meta.get("best_test_accuracy"),
-        "time": meta.get("time_to_best_s"),
-        "step": meta.get("best_step"),
-    }
-    to_target = {"time": meta.get("time_to_target_s"), "steps": meta.get("steps_to_target")}
-    test_idx = _subset(int(ds.test_labels.shape[0]), _get(config, "eval_examples"), 1)
-    train_idx = _subset(num_train, _get(config, "eval_examples", 5000), 2)
-    mean, std = ds.mean, ds.std
-
-    def evaluate(images, labels):
-        return _evaluate(eval_step, state, images, labels, mean, std, eval_batch)
-
-    # Compile both steps before the clock starts (compilation is not training time).
-    batches: Iterator = data.train_batches(
-        ds,
-        batch_size,
-        seed=int(config.seed),
-        start_step=start_step,
-        augment=bool(_get(config.data, "augment", True)),
-    )
-    t_compile = time.perf_counter()
-    example = next(batches)
-    plain_step = jax.jit(plain_fn, donate_argnums=0).lower(state, example).compile()
-    gns_step = (
-        jax.jit(gns_fn, donate_argnums=0).lower(state, example).compile() if gns_every else None
-    )
-    compile_time = time.perf_counter() - t_compile
-
-    def meta_now():
-        return {
-            "wall_time_s": wall,
-            "eval_time_s": eval_time,
-            "best_test_accuracy": best["accuracy"],
-            "time_to_best_s": best["time"],
-            "best_step": best["step"],
-            "time_to_target_s": to_target["time"],
-            "steps_to_target": to_target["steps"],
-        }
-
-    pending: list[dict] = []  # device metrics since the last row
-    bar = _progress_bar(config, num_steps, start_step)
-    stop_reason = "num_steps"
-    step = start_step
-    seg_start = time.perf_counter()
-    seg_examples = 0
-    pending_batch = example
-    reached = to_target["steps"] is not None
-    try:
-        with open(metrics_path, "a") as metrics_file:
-            while step < num_steps:
-                if reached and target is not None:
-                    stop_reason = "target_accuracy"
-                    break
-                if max_wall is not None and wall >= max_wall:  # resumed past the budget
-                    stop_reason = "max_wall_time_s"
-                    break
-                batch = pending_batch if pending_batch is not None else next(batches)
-                pending_batch = None
-                measured = bool(gns_every) and step % gns_every == 0
-                state, m = (gns_step if measured else plain_step)(state, batch)
-                step += 1
-                seg_examples += batch_size
-                pending.append(m)
-                if max_wall is not None and len(pending) > 1:
-                    # Keep at most one step in flight, so the clock read below is the device's
-                    # (asynchronous dispatch would otherwise let a budget overshoot).
-                    jax.block_until_ready(pending[-2])
-                do_eval = eval_every > 0 and (step % eval_every == 0 or step == num_steps)
-                do_save = checkpoint_every > 0 and step % checkpoint_every == 0
-                last = step == num_steps
-                over = max_wall is not None and wall + time.perf_counter() - seg_start >= max_wall
-                if not (measured or do_eval or do_save or last or over or step % log_every == 0):
-                    bar.update(1)
-                    continue
-                # A row: block, account time, then (outside the clock) evaluate and write.
-                jax.block_until_ready(state.params)
-                now = time.perf_counter()
-                wall += now - seg_start
-                host = jax.device_get(pending)
-                pending = []
-                row = {
-                    "step": step,
-                    "examples_seen": step * batch_size,
-                    "epoch": data.epochs_of(step, batch_size, num_train),
-                    "wall_time_s": wall,
-                    "examples_per_s": seg_examples / max(now - seg_start, 1e-9),
-                    "train_loss": float(np.mean([h["train_loss"] for h in host])),
-                    "train_accuracy": float(np.mean([h["train_accuracy"] for h in host])),
-                    "learning_rate": float(host[-1]["learning_rate"]),
-                }
-                if measured:
-                    for key in ("g_sq", "trace_cov", "b_simple") + tuple(
-                        "ema_" + s for s in ("g_sq", "trace_cov", "b_simple")
-                    ):
-                        row[key] = float(host[-1][key])
-                if do_eval:
-                    t_eval = time.perf_counter()
-                    res = evaluate(ds.test_images[test_idx], ds.test_labels[test_idx])
-                    eval_time += time.perf_counter() - t_eval
-                    row["test_accuracy"], row["test_loss"] = res["accuracy"], res["loss"]
-                    if best["accuracy"] is None or res["accuracy"] > best["accuracy"]:
-                        best.update(accuracy=res["accuracy"], time=wall, step=step)
-                    if target is not None and not reached and res["accuracy"] >= float(target):
-                        reached = True
-                        to_target.update(time=wall, steps=step)
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(
-                    loss=f"{row['train_loss']:.3f}",
-                    acc=f"{row['train_accuracy']:.3f}",
-                    ex_s=f"{row['examples_per_s']:.0f}",
-                    b_simple=f"{row.get('ema_b_simple', float('nan')):.4g}",
-                    refresh=False,
+    validate_config(config)
+    with runlog.workdir_lock(workdir):
+        ckpt = runlog.Checkpoints(workdir)
+        log = runlog.RunLog(workdir, target=config.target_accuracy)
+        config_dict = config.to_dict()
+        log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
+        ds = data.load(config.data)
+        setup = _setup(config, ds)
+        with runlog.deferred_interrupt() as interrupted:
+            log.clock.charge("pause")
+            state, meta = ckpt.restore(setup.state, check=log.check_meta)
+            log.resume(0 if state is None else int(state.step), meta)
+            log.write_config(config_dict)
+            # Distinct buffers per leaf: the steps donate the state, and init functions may
+            # share one array between leaves (e.g. two zeros), which donation rejects.
+            state = setup.state if state is None else state
+            state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+            state, stop = _train(config, ds, setup, state, log, ckpt, interrupted)
+            if stop != "diverged" and log.step > 0:
+                ckpt.save(log.step, state, log.meta())
+            summary = _summarize(config, ds, setup, state, log, stop, evaluate=stop in (
+                "num_steps", "target_accuracy", "max_wall_time_s"))  # fmt: skip
+            if stop == "diverged":
+                raise Diverged(
+                    f"training diverged at step {log.step}: {log.diverged}",
+                    hint=f"lower config.learning_rate (now {config.learning_rate:g}) or add "
+                    f"warmup; the metrics and summary are in {workdir}",
                 )
-                bar.update(1)
-                if do_save and step < num_steps:
-                    _save_checkpoint(manager, state, meta_now())
-                seg_start, seg_examples = time.perf_counter(), 0
-                if over and wall >= max_wall:  # the last row is the step that used the budget
-                    stop_reason = "max_wall_time_s"
-                    break
-    except KeyboardInterrupt:
-        logging.warning("Interrupted at step %d: saving a checkpoint, then exiting.", step)
-        _save_on_exit(manager, state, meta_now)
-        raise
-    finally:
-        bar.close()
-        batches.close()
-    if pending:  # defensive: every way out of the loop follows a row
-        jax.block_until_ready(state.params)
-        wall += time.perf_counter() - seg_start
-    _save_checkpoint(manager, state, meta_now())
-
-    # Final evaluation on the full test set and a train subset (eval mode, no augmentation).
-    t_eval = time.perf_counter()
-    final = evaluate(ds.test_images, ds.test_labels)
-    train_eval = evaluate(ds.train_images[train_idx], ds.train_labels[train_idx])
-    final_eval_time = time.perf_counter() - t_eval
-    if best["accuracy"] is None or final["accuracy"] > best["accuracy"]:
-        best.update(accuracy=final["accuracy"], time=wall, step=step)
-    if target is not None and to_target["steps"] is None and final["accuracy"] >= float(target):
-        to_target.update(time=wall, steps=step)
-
-    rows = read_metrics(metrics_path)
-    summary = {
-        "test_accuracy": final["accuracy"],
-        "test_loss": final["loss"],
-        "test_examples": final["examples"],
-        "train_accuracy": train_eval["accuracy"],
-        "train_accuracy_examples": train_eval["examples"],
-        "best_test_accuracy": best["accuracy"],
-        "best_step": best["step"],
-        "time_to_best_s": best["time"],
-        "wall_time_s": wall,
-        "eval_time_s": eval_time,
-        "final_eval_time_s": final_eval_time,
-        "compile_time_s": compile_time,
-        "steps": step,
-        "examples": step * batch_size,
-        "epochs": data.epochs_of(step, batch_size, num_train),
-        "batch_size": batch_size,
-        "learning_rate": float(config.learning_rate),
-        "optimizer": _get(config, "optimizer"),
-        "model": _get(config.model, "name"),
-        "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
-        "gns_method": method,
-        "target_accuracy": target,
-        "time_to_target_s": to_target["time"],
-        "steps_to_target": to_target["steps"],
-        "stop_reason": stop_reason,
-        "noise_scale": noise_scale_summary(rows, smoothing),
-    }
-    write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-    try:
-        if _get(config, "plots", True):
-            plots.training_plots(rows, workdir)
-    except Exception as e:  # plots are a convenience: never lose a finished run to them
-        logging.warning("Could not write the plots: %s", e)
+            if interrupted.is_set():
+                raise KeyboardInterrupt
     return summary
 
 
-def _save_on_exit(manager, state, meta_now):
+def _stop_reason(config, log: runlog.RunLog, num_steps: int, interrupted) -> str | None:
+    """Why the run stops now (checked at rows only, so a row exists where it stops)."""
+    if interrupted.is_set():
+        return "interrupted"
+    if log.step >= num_steps:
+        return "num_steps"
+    if config.target_accuracy is not None and log.reached:
+        return "target_accuracy"
+    budget = config.max_wall_time_s
+    if budget is not None and log.clock.total("train") >= budget:
+        return "max_wall_time_s"
+    return None
+
+
+def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupted):
+    """Steps until a stop reason; a row at every logged, measured, evaluated, checkpointed or
+    last step. Returns ``(state, stop_reason)``."""
+    from experiments import data
+
+    stop = _stop_reason(config, log, setup.num_steps, interrupted)
+    if stop is not None:
+        return state, stop
+    bs, gns_every, eval_every = config.batch_size, config.gns_every, config.eval_every
+    batches = data.train_batches(
+        ds, bs, seed=config.seed, start_step=log.step, augment=config.data.augment
+    )
+    bar = _progress_bar(config, setup.num_steps, log.step)
+    test_idx = _subset(len(ds.test_labels), config.eval_examples, 1)
     try:
-        jax.block_until_ready(state.params)
-        _save_checkpoint(manager, state, meta_now())
-    except Exception as e:  # e.g. buffers donated to a step that was interrupted
-        logging.error("Could not save a checkpoint on exit (%s); the last periodic one stays.", e)
+        log.clock.charge("compile")
+        logging.info("Compiling the training steps (batch size %d).", bs)
+        batch = next(batches)
+        plain = jax.jit(setup.plain_fn, donate_argnums=0).lower(state, batch).compile()
+        if gns_every > 0:
+            measure = jax.jit(setup.gns_fn, donate_argnums=0).lower(state, batch).compile()
+        stop = _stop_reason(config, log, setup.num_steps, interrupted)  # Ctrl-C meanwhile
+        log.clock.charge("train")
+        pending: list[dict] = []  # device metrics since the last row
+        while stop is None:
+            measured = gns_every > 0 and log.step % gns_every == 0
+            state, m = (measure if measured else plain)(
+                state, next(batches) if batch is None else batch
+            )
+            batch = None
+            log.advance(bs)
+            pending.append(m)
+            if config.max_wall_time_s is not None and len(pending) > 1:
+                # At most one step in flight, so that the clock below is the device's.
+                jax.block_until_ready(pending[-2])
+            step = log.step
+            do_eval = eval_every > 0 and (step % eval_every == 0 or step == setup.num_steps)
+            do_save = config.checkpoint_every > 0 and step % config.checkpoint_every == 0
+            due = measured or do_eval or do_save or step % config.log_every == 0
+            if not (due or _stop_reason(config, log, setup.num_steps, interrupted)):
+                bar.update(1)
+                continue
+            jax.block_until_ready(state)
+            log.clock.charge("pause")
+            host, pending = jax.device_get(pending), []
+            row = log.row(**_row_metrics(host, measured), batch_size=bs,
+                          epoch=log.examples_seen / len(ds.train_labels))  # fmt: skip
+            log.check_losses([h["train_loss"] for h in host], config.divergence_factor)
+            if do_eval and not log.diverged:
+                log.clock.charge("eval")
+                res = setup.evaluate(state, ds.test_images[test_idx], ds.test_labels[test_idx])
+                log.clock.charge("pause")
+                row.update(test_accuracy=res["accuracy"], test_loss=res["loss"])
+                log.record_eval(res["accuracy"])
+            stop = "diverged" if log.diverged else _stop_reason(
+                config, log, setup.num_steps, interrupted)  # fmt: skip
+            if stop is not None:
+                row["stop_reason"] = stop
+            log.write_row(row)
+            if do_save and not log.diverged:
+                ckpt.save(step, state, log.meta())
+            _show(bar, row)
+            if stop is None:
+                log.clock.charge("train")
+    finally:
+        log.clock.charge("pause")
+        bar.close()
+        batches.close()
+    return state, stop
+
+
+_GNS_KEYS = ("g_sq", "trace_cov", "b_simple", "ema_g_sq", "ema_trace_cov", "ema_b_simple")
+
+
+def _row_metrics(host: list[dict], measured: bool) -> dict:
+    """Row fields from the steps since the last row: mean loss and accuracy, the last
+    learning rate, and the noise-scale statistics of the last step when it measured them."""
+    out = {
+        "train_loss": float(np.mean([h["train_loss"] for h in host])),
+        "train_accuracy": float(np.mean([h["train_accuracy"] for h in host])),
+        "learning_rate": float(host[-1]["learning_rate"]),
+    }
+    if measured:
+        out.update({k: float(host[-1][k]) for k in _GNS_KEYS})
+    return out
+
+
+def _progress_bar(config, total: int, initial: int):
+    from tqdm import tqdm
+
+    enabled = config.progress_bar and sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def _show(bar, row: dict) -> None:
+    bar.set_postfix(
+        loss=f"{row['train_loss']:.3f}",
+        acc=f"{row['train_accuracy']:.3f}",
+        ex_s=f"{row['examples_per_s']:.0f}",
+        b_simple=f"{row.get('ema_b_simple', math.nan):.4g}",
+        refresh=False,
+    )
+    bar.update(1)
+
+
+def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, evaluate: bool):
+    """Final evaluation (full test set and a train subset; skipped when ``evaluate`` is
+    false: interrupted or diverged runs), ``summary.json`` and the plots."""
+    from gns import plots, smoothing
+
+    final, train_eval, t0 = {}, {}, time.perf_counter()
+    if evaluate:
+        final = setup.evaluate(state, ds.test_images, ds.test_labels)
+        train_idx = _subset(len(ds.train_labels), config.eval_examples, 2)
+        train_eval = setup.evaluate(state, ds.train_images[train_idx], ds.train_labels[train_idx])
+        log.record_eval(final["accuracy"])
+    rows = log.rows()
+    clock = log.clock.state()
+    summary = {
+        "test_accuracy": final.get("accuracy"),
+        "test_loss": final.get("loss"),
+        "test_examples": final.get("examples"),
+        "train_accuracy": train_eval.get("accuracy"),
+        "train_accuracy_examples": train_eval.get("examples"),
+        "best_test_accuracy": log.best["accuracy"],
+        "best_step": log.best["step"],
+        "time_to_best_s": log.best["time_s"],
+        "wall_time_s": clock["train_time_s"],
+        "eval_time_s": clock["eval_time_s"],
+        "compile_time_s": clock["compile_time_s"],
+        "pause_time_s": clock["pause_time_s"],
+        "final_eval_time_s": time.perf_counter() - t0,
+        "steps": log.step,
+        "examples": log.examples_seen,
+        "epochs": log.examples_seen / len(ds.train_labels),
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "optimizer": config.optimizer,
+        "model": config.model.name,
+        "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
+        "gns_method": setup.method,
+        "target_accuracy": config.target_accuracy,
+        "time_to_target_s": log.to_target["time_s"],
+        "steps_to_target": log.to_target["steps"],
+        "stop_reason": stop,
+        "diverged": log.diverged,
+        "noise_scale": noise_scale_summary(rows, smoothing),
+    }
+    runlog.write_json(os.path.join(log.workdir, SUMMARY_FILE), summary)
+    if config.plots and evaluate:
+        try:
+            plots.training_plots(rows, log.workdir)
+        except Exception as e:  # plots are a convenience: never lose a finished run to them
+            logging.warning("Could not write the plots: %s", e)
+    return runlog.to_strict_json(summary)
 
 
 def noise_scale_summary(rows: list[dict], smoothing) -> dict:
-    """``b_simple`` over all measured steps (ratio of means) with its bootstrap interval.
+    """``b_simple`` over the measured steps (ratio of means) with its bootstrap interval.
 
     Args:
-      rows: metrics rows; those with ``g_sq`` and ``trace_cov`` are the measurements.
+      rows: metrics rows; those with a ``g_sq`` key are the measurements. A measurement whose
+        ``g_sq`` or ``trace_cov`` is not finite (``null`` in the file, e.g. a diverging run) is
+        dropped and counted in ``num_dropped``.
       smoothing: the :mod:`gns.smoothing` module.
 
     Returns:
-      ``{'b_simple', 'interval': [lo, hi], 'g_sq', 'trace_cov', 'num_measurements',
-      'last_ema_b_simple'}`` (``None`` values when fewer than 2 finite measurements).
+      ``{'b_simple', 'interval': [lo, hi], 'g_sq', 'trace_cov', 'num_measurements' (used),
+      'num_dropped', 'last_ema_b_simple', 'block_size'}`` (``None`` values when fewer than 2
+      finite measurements).
     """
-    meas = [r for r in rows if "g_sq" in r and "trace_cov" in r]
-    g = np.array([r["g_sq"] for r in meas], np.float64)
-    t = np.array([r["trace_cov"] for r in meas], np.float64)
+    meas = [r for r in rows if "g_sq" in r]
+    g = np.array([r["g_sq"] for r in meas], np.float64)  # None -> nan
+    t = np.array([r.get("trace_cov") for r in meas], np.float64)
+    finite = np.isfinite(g) & np.isfinite(t)
+    g, t = g[finite], t[finite]
     out = {
         "b_simple": None,
         "interval": None,
         "g_sq": None,
         "trace_cov": None,
-        "num_measurements": len(meas),
+        "block_size": None,
+        "num_measurements": int(finite.sum()),
+        "num_dropped": int((~finite).sum()),
         "last_ema_b_simple": meas[-1].get("ema_b_simple") if meas else None,
     }
-    finite = np.isfinite(g) & np.isfinite(t)
-    if finite.sum() >= 2:
+    if len(g) >= 2:
         res = smoothing.interval(g, t)
         out.update(
             b_simple=res.estimate,
             interval=[res.low, res.high],
-            g_sq=float(np.mean(g[finite])),
-            trace_cov=float(np.mean(t[finite])),
+            g_sq=float(np.mean(g)),
+            trace_cov=float(np.mean(t)),
             block_size=res.block_size,
         )
     return out

@@ -1,0 +1,120 @@
+"""Tests of experiments/cli.py and the main of experiments/cifar10.py: every user mistake ends
+in one line (plus a hint) on stderr and exit code 2, without a traceback.
+
+The mistakes caught while absl parses the flags run the real command in a subprocess (it stops
+before JAX is imported, so each takes well under a second); the later ones call the wrapped
+main in-process."""
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import cifar10 as cifar10_config
+from experiments import cifar10, cli, data, runlog
+from experiments.cli import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def command(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "experiments.cifar10", *args]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line(stderr: str, *needles: str) -> None:
+    lines = [ln for ln in stderr.splitlines() if not ln.startswith(("I", "W")) or ":" not in ln]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: ")
+    for needle in needles:
+        assert needle in stderr, (needle, stderr)
+
+
+SMOKE = "--config=configs/cifar10.py:smoke"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--config=configs/nosuch.py:smoke"], ["config file not found: configs/nosuch.py"]),
+        (["--config=configs/cifar10.py:huge"], ["variant 'huge'", "smoke"]),
+        (["--config=configs/cifar10.py:seed"], ["now called 'effnet_lamb'"]),
+        ([SMOKE, "--config.nosuchfield=1"], ["unknown config field --config.nosuchfield"]),
+        ([SMOKE, "--config.data.sourse=x"], ["--config.data.sourse", "did you mean 'source'"]),
+        ([SMOKE, "--config.batch_size=abc"], ["--config.batch_size=abc"]),
+        ([SMOKE, "--config.mode=trian"], ["config.mode='trian'", "train"]),
+        ([SMOKE, "--nosuchflag"], ["nosuchflag"]),
+    ],
+    ids=["no_file", "variant", "old_variant", "field", "nested_field", "value", "mode", "flag"],
+)
+def test_command_line_mistakes_are_one_line_with_exit_2(tmp_path, args, needles):
+    res = command(*args, f"--workdir={tmp_path / 'w'}")
+    assert res.returncode == cli.EXIT_USER_ERROR, res.stderr
+    assert_one_line(res.stderr, *needles)
+    assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.timeout(60)
+def test_verbose_keeps_the_traceback(tmp_path):
+    res = command("--config=configs/cifar10.py:huge", "--verbose", f"--workdir={tmp_path}")
+    assert res.returncode != 0 and "Traceback" in res.stderr and "'huge'" in res.stderr
+
+
+def run_main(capsys, config, workdir: str) -> list[str]:
+    """The wrapped main in-process: returns the stderr lines; asserts exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(lambda argv: cifar10.run(config, workdir))(["cifar10"])
+    assert e.value.code == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()
+
+
+def smoke(**fields):
+    config = cifar10_config.get_config("smoke")
+    config.update_from_flattened_dict({"data.source": "synthetic", **fields})
+    return config
+
+
+def test_bad_data_path(tmp_path, capsys):
+    config = smoke(**{"data.source": "folder", "data.path": str(tmp_path / "missing.tar.gz")})
+    err = run_main(capsys, config, str(tmp_path / "w"))
+    assert err[0].startswith("error: ") and "missing.tar.gz" in err[0] and len(err) <= 2
+
+
+def test_unwritable_workdir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = run_main(capsys, smoke(), str(blocker / "w"))  # a workdir under a plain file
+    assert err == [f"error: Not a directory: {blocker / 'w'}"]
+
+
+def test_full_disk(tmp_path, capsys, monkeypatch):
+    def full(cfg):  # as when the decoded images are cached on a full disk
+        raise OSError(errno.ENOSPC, "No space left on device", "/cache/cifar10.npz")
+
+    monkeypatch.setattr(data, "load", full)
+    err = run_main(capsys, smoke(), str(tmp_path / "w"))
+    assert (
+        err[0]
+        == "error: the disk is full (/cache/cifar10.npz): free space there or write elsewhere"
+    )
+    assert not os.path.exists(tmp_path / "w" / runlog.CONFIG_FILE)
+
+
+def test_bugs_keep_their_traceback(capsys):
+    def bug(argv):
+        raise ZeroDivisionError("a bug")
+
+    def mistake(argv):
+        raise UserError("bad  value\n of x", hint="fix it")
+
+    with pytest.raises(ZeroDivisionError):
+        cli.main(bug)(["x"])
+    with pytest.raises(SystemExit):  # while a user error is one line
+        cli.main(mistake)(["x"])
+    assert capsys.readouterr().err == "error: bad value of x\nhint: fix it\n"

@@ -1,0 +1,179 @@
+"""Tests of experiments/runlog.py: strict JSON, the clock, the run record, the identity check,
+the deferred Ctrl-C and the checkpoint fallback (no training here; see test_train.py)."""
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import runlog
+from experiments.cli import UserError
+
+
+def strict_load(text: str):
+    """json.loads that rejects NaN/Infinity, as strict parsers do."""
+
+    def reject(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_write_json_is_strict_and_atomic(tmp_path):
+    path = str(tmp_path / "out.json")
+    obj = {
+        "nan": float("nan"),
+        "inf": np.float32(np.inf),
+        "arr": np.array([1.0, -np.inf]),
+        "t": (1, 2),
+    }
+    runlog.write_json(path, obj)
+    with open(path) as f:
+        assert strict_load(f.read()) == {"nan": None, "inf": None, "arr": [1.0, None], "t": [1, 2]}
+    assert os.listdir(tmp_path) == ["out.json"]  # no temporary file left
+
+
+def test_clock_charges_each_moment_to_one_kind_and_resumes():
+    clock = runlog.Clock()
+    clock.charge("compile")
+    time.sleep(0.02)
+    clock.charge("train")
+    time.sleep(0.03)
+    assert clock.total("train") >= 0.03  # the running stretch counts
+    clock.charge("pause")
+    state = clock.state()
+    assert state["compile_time_s"] >= 0.02 and state["eval_time_s"] == 0.0
+    frozen = clock.total("train")
+    time.sleep(0.01)
+    assert clock.total("train") == frozen  # not charged while paused
+    resumed = runlog.Clock(state)
+    assert resumed.state() == pytest.approx(state)  # totals travel through the metadata
+    with pytest.raises(ValueError, match="kind"):
+        clock.charge("lunch")
+
+
+def _log_with_rows(workdir, steps):
+    log = runlog.RunLog(str(workdir))
+    for s in steps:
+        log.write_row({"step": s})
+    return log
+
+
+def test_resume_keeps_exactly_the_rows_of_the_checkpoint(tmp_path):
+    log = _log_with_rows(tmp_path, [1, 2, 3, 4])
+    with open(log.metrics_path, "a") as f:
+        f.write('{"step": 5, "tra')  # torn by a kill
+    assert [r["step"] for r in log.rows()] == [1, 2, 3, 4]
+    meta = {"step": 2, "examples_seen": 64, "clock": {"train_time_s": 3.0}}
+    kept = log.resume(2, meta)
+    assert [r["step"] for r in kept] == [1, 2]
+    assert [r["step"] for r in log.rows()] == [1, 2]
+    assert (log.step, log.examples_seen, log.clock.total("train")) == (2, 64, 3.0)
+    log.advance(32)
+    row = log.row(train_loss=1.0)
+    assert (row["step"], row["examples_seen"], row["wall_time_s"]) == (3, 96, 3.0)
+
+
+def test_target_crossing_recorded_once_at_its_step(tmp_path):
+    log = runlog.RunLog(str(tmp_path), target=0.5)
+    accuracies = {5: 0.3, 10: 0.55, 15: 0.4, 20: 0.7}
+    crossed = []
+    for step in range(1, 21):
+        log.advance(8)
+        if step in accuracies:
+            crossed.append(log.record_eval(accuracies[step]))
+    assert crossed == [False, True, False, False]
+    assert log.to_target["steps"] == 10 and log.reached
+    assert (log.best["accuracy"], log.best["step"]) == (0.7, 20)
+    again = runlog.RunLog(str(tmp_path), target=0.5)
+    again.resume(20, log.meta())  # through the checkpoint metadata
+    assert again.to_target == log.to_target and again.best == log.best
+
+
+def test_check_losses_non_finite_and_factor(tmp_path):
+    log = runlog.RunLog(str(tmp_path))
+    assert log.check_losses([2.0, 2.5, 15.0], factor=10.0) is None  # 15 < 10 x 2
+    assert log.initial_loss == 2.0
+    assert "exceeds 10 x the initial 2" in log.check_losses([20.5], factor=10.0)
+    log = runlog.RunLog(str(tmp_path))
+    assert log.check_losses([2.0, 1e30], factor=None) is None  # factor None: finite is fine
+    assert "nan" in log.check_losses([float("nan")], factor=None)
+
+
+def identity(config):
+    return {k: v for k, v in config.items() if k != "log_every"}
+
+
+def test_identity_check_lists_fields_and_keeps_config_json(tmp_path):
+    log = runlog.RunLog(str(tmp_path))
+    old = {"batch_size": 32, "learning_rate": 1e-3, "log_every": 10, "data": {"num_train": 512}}
+    log.write_config(old)
+    before = open(log.config_path).read()
+    log.check_identity({**old, "log_every": 5}, identity, resuming=True)  # not an identity field
+    new = {**old, "batch_size": 64, "data": {"num_train": 256}}
+    log.check_identity(new, identity, resuming=False)  # nothing to resume: anything goes
+    with pytest.raises(UserError) as e:
+        log.check_identity(new, identity, resuming=True)
+    assert "batch_size: 32 -> 64" in str(e.value) and "data.num_train: 512 -> 256" in str(e.value)
+    assert "\n" not in str(e.value) and "--workdir" in e.value.hint
+    assert open(log.config_path).read() == before
+
+
+def test_deferred_interrupt_sets_a_flag_then_restores_the_handler():
+    before = signal.getsignal(signal.SIGINT)
+    with runlog.deferred_interrupt() as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs in the main thread at the next bytecode
+        assert interrupted.is_set()
+        with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def corrupt(ckpt: runlog.Checkpoints, step: int) -> None:
+    """Overwrite the array data of a checkpoint's state (as a bad disk or a torn copy would)."""
+    for root, _, files in os.walk(os.path.join(ckpt.directory, str(step), "state")):
+        for name in files:
+            if "ocdbt" in root or name.endswith(".ocdbt"):
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"\x00garbage")
+
+
+def test_checkpoint_fallback_to_the_previous_readable_one(tmp_path, caplog):
+    ckpt = runlog.Checkpoints(str(tmp_path))
+    state = {"w": jnp.arange(4.0), "step": jnp.zeros((), jnp.int32)}
+    for step in (1, 2):
+        ckpt.save(step, {"w": state["w"] * step, "step": jnp.int32(step)}, {"step": step})
+    corrupt(ckpt, 2)
+    with caplog.at_level(logging.WARNING):
+        restored, meta = runlog.Checkpoints(str(tmp_path)).restore(state)
+    assert meta == {"step": 1} and int(restored["step"]) == 1
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "step 2" in warnings[0].getMessage()
+    assert "Traceback" not in caplog.text
+    assert os.path.isdir(os.path.join(tmp_path, runlog.UNREADABLE_DIR, "2"))
+    assert runlog.Checkpoints(str(tmp_path)).latest_step() == 1
+    corrupt(ckpt, 1)  # none readable: say so rather than silently start over
+    with pytest.raises(UserError, match="no readable checkpoint"):
+        runlog.Checkpoints(str(tmp_path)).restore(state)
+
+
+def test_checkpoint_identity_is_checked_before_its_state_is_read(tmp_path):
+    """With config.json gone, the identity in the checkpoint still stops a mixed resume, and a
+    checkpoint of another model (other shapes) is not mistaken for an unreadable one."""
+    first = runlog.RunLog(str(tmp_path))
+    first.check_identity({"batch_size": 32, "width": 2}, identity, resuming=False)
+    runlog.Checkpoints(str(tmp_path)).save(1, {"w": jnp.zeros(2)}, first.meta())
+    second = runlog.RunLog(str(tmp_path))
+    second.check_identity({"batch_size": 64, "width": 3}, identity, resuming=True)
+    ckpt = runlog.Checkpoints(str(tmp_path))
+    with pytest.raises(UserError, match="batch_size: 32 -> 64; width: 2 -> 3"):
+        ckpt.restore({"w": jnp.zeros(3)}, check=second.check_meta)
+    assert ckpt.latest_step() == 1 and not os.path.exists(tmp_path / runlog.UNREADABLE_DIR)
