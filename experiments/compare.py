@@ -42,6 +42,7 @@ Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Traini
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -332,26 +333,31 @@ def _train_run(config, workdir, plan, batch_size, learning_rate) -> dict:
     return row
 
 
-def _measure(config, workdir: str) -> dict:
-    """Record ``config`` and run (or reuse) the measurements in
-    ``workdir/sweep``; the caller holds the workdir lock."""
-    runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    mcfg = measurement_config(config)
-    return sweep.run_sweep(mcfg, os.path.join(workdir, "sweep"), trainings=False)
+def _mode(body):
+    """A mode ``run(config, workdir) -> summary`` from ``body(config, workdir, sw, t0)``: it
+    validates ``config`` before anything is written, holds the workdir
+    (:func:`experiments.runlog.workdir_lock`), records ``config.json``, runs (or reuses) the
+    measurements in ``workdir/sweep`` and passes their ``sweep.json`` dict ``sw`` on."""
+
+    @functools.wraps(body)
+    def run(config, workdir: str) -> dict:
+        t0 = time.perf_counter()
+        validate_config(config)
+        with runlog.workdir_lock(workdir):
+            runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+            mcfg = measurement_config(config)
+            sw = sweep.run_sweep(mcfg, os.path.join(workdir, "sweep"), trainings=False)
+            return body(config, workdir, sw, t0)
+
+    del run.__wrapped__  # its signature is (config, workdir), not the body's
+    return run
 
 
-def run_compare(config, workdir: str) -> dict:
+@_mode
+def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
     """The compare mode: measure, recommend, train the three runs; returns ``summary.json``."""
-    validate_config(config)
-    with runlog.workdir_lock(workdir):
-        return _run_compare(config, workdir)
-
-
-def _run_compare(config, workdir: str) -> dict:
     from gns import plots
 
-    t0 = time.perf_counter()
-    sw = _measure(config, workdir)
     rec = sw["recommendation"]
     if rec["accumulation_steps"] > 1:
         raise UserError(
@@ -452,17 +458,10 @@ def compare_table(summary: dict) -> str:
 # The tradeoff mode.
 
 
-def run_tradeoff(config, workdir: str) -> dict:
+@_mode
+def run_tradeoff(config, workdir: str, sw: dict, t0: float) -> dict:
     """The tradeoff mode: measure, recommend, train to the target at each batch size, fit, and
     check the recommendation; returns ``summary.json``."""
-    validate_config(config)
-    with runlog.workdir_lock(workdir):
-        return _run_tradeoff(config, workdir)
-
-
-def _run_tradeoff(config, workdir: str) -> dict:
-    t0 = time.perf_counter()
-    sw = _measure(config, workdir)
     mcfg = measurement_config(config)
     rec = sw["recommendation"]
     b_simple = sweep.noise_scale_value(sw["noise_scale"])
