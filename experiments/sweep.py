@@ -309,8 +309,16 @@ def measure_noise_scale(view, ds) -> dict:
             per_batch.append({"g_sq": float(g), "trace_cov": float(tc), "b_simple": float(b)})
     finally:
         batches.close()
-    g_sq = [p["g_sq"] for p in per_batch]
-    trace_cov = [p["trace_cov"] for p in per_batch]
+    g_sq = np.array([p["g_sq"] for p in per_batch])
+    trace_cov = np.array([p["trace_cov"] for p in per_batch])
+    finite = np.isfinite(g_sq) & np.isfinite(trace_cov)
+    if finite.sum() < 2:
+        raise UserError(
+            f"the noise scale could not be measured: {int(finite.sum())} of {len(per_batch)} "
+            f"batches gave finite statistics after {ncfg.warmup_steps} warm-up steps (the "
+            "training diverged or the gradients overflow)",
+            hint="lower config.train.learning_rate or config.noise.warmup_steps",
+        )
     pooled = smoothing.interval(
         g_sq, trace_cov, confidence=ncfg.confidence, block_size=1, seed=t.seed
     )
@@ -318,12 +326,13 @@ def measure_noise_scale(view, ds) -> dict:
         "b_simple": pooled.estimate,
         "interval": [pooled.low, pooled.high],
         "confidence": float(ncfg.confidence),
-        "g_sq": float(np.mean(g_sq)),
-        "trace_cov": float(np.mean(trace_cov)),
+        "g_sq": float(np.mean(g_sq[finite])),
+        "trace_cov": float(np.mean(trace_cov[finite])),
         "per_batch": per_batch,
         "batch_size": int(ncfg.batch_size),
         "num_batches": int(ncfg.num_batches),
-        "num_used": pooled.n,
+        "num_used": pooled.n,  # the finite ones; the others are dropped and counted
+        "num_nonfinite_dropped": pooled.nonfinite_dropped,
         "method": method,
         "after_warmup_steps": int(ncfg.warmup_steps),
         "time_s": time.perf_counter() - t0,
@@ -636,7 +645,10 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     noise = stage("noise_scale", "value", measure_noise_scale)
     b_noise = noise_scale_value(noise)
     if math.isnan(b_noise):
-        raise RuntimeError("The noise scale came out nan (non-finite gradients): check the model.")
+        raise UserError(
+            f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
+            hint=f"delete {workdir} and run again",
+        )
     tput = stage("throughput", "table", measure_throughput)
     max_batch = tput["max_batch_size"]
     if max_batch is None:

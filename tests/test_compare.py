@@ -2,6 +2,7 @@
 pure budget logic on fake timings, and both modes end to end on the smoke config with
 synthetic data."""
 
+import json
 import math
 import os
 import shutil
@@ -223,7 +224,8 @@ def test_tradeoff_mode_reuses_the_measurements_and_checks_the_recommendation(com
     rec_b = s["recommendation"]["batch_size"]
     batches = [p["batch_size"] for p in s["points"]]
     assert batches == sorted({16, 32, rec_b})
-    written = runlog.read_json(os.path.join(workdir, compare.SUMMARY_FILE))
+    with open(os.path.join(workdir, compare.SUMMARY_FILE)) as f:  # strict: no NaN/Infinity
+        written = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"not strict: {c}"))
     assert written == runlog.to_strict_json(s)
     # t(B) of every trained batch comes from the one timing table of the measurements.
     table = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))["throughput"]

@@ -15,6 +15,7 @@ import pytest
 from configs import cifar10 as cifar10_config
 from configs import sweep as sweep_config
 from experiments import compare, runlog, sweep
+from experiments.cli import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -410,3 +411,15 @@ def test_validate_config_names_the_field():
     config.throughput.min_batch_size = 128
     with pytest.raises(ValueError, match="throughput.max_batch_size=64 must be an int >= 128"):
         sweep.validate_config(config)
+
+
+def test_a_diverged_noise_stage_is_a_clear_error_not_a_number():
+    from experiments import data
+
+    config = sweep_config.get_config("smoke")
+    config.train.learning_rate = 1e30  # finite and positive: passes validation, then diverges
+    config.train.data.num_train = 128
+    config.noise.update(warmup_steps=3, batch_size=16, num_batches=3)
+    view = sweep.stage_config(config, "noise_scale")
+    with pytest.raises(UserError, match=r"could not be measured: 0 of 3 batches gave finite"):
+        sweep.measure_noise_scale(view, data.load(view.train.data))
