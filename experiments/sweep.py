@@ -28,7 +28,10 @@ On the model and data of ``config.train`` (a ``configs/cifar10.py`` config) it
    another process on a shared machine cannot skew from one run to the next;
 4. **recommends** a batch size and learning rate (:func:`gns.recommend.recommend`).
 
-It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite number as ``null``),
+It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite number as ``null``:
+an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled
+``g_sq`` is not positive; ``time_to_target`` ranks the trainings by device time, and
+``measured_time_to_target``/``measured_wall_time_to_target`` give both times per batch),
 ``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png``, and prints a
 summary table. Each finished measurement is kept in ``DIR/sweep_state.json`` with the
 fingerprint of exactly the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
@@ -80,16 +83,25 @@ __all__ = [
 # stage times the step from seed 0 at a constant learning rate (the time of a step does not
 # depend on the values of the parameters or of the rate), so neither is among its fields.
 # ``tradeoff.max_steps`` is the horizon of the schedule the noise stage warms up with.
-TRAIN_SETUP = ("model", "data", "optimizer", "momentum", "nesterov", "weight_decay")
-TRAIN_SETUP += ("gns_method", "gns_microbatches")
+TRAIN_SETUP = "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches"
+
+
+def _fields(**sections: str) -> tuple[str, ...]:
+    """``_fields(train="a b", noise="")`` -> ``("train.a", "train.b", "noise")``."""
+    return tuple(f"{s}.{f}" if f else s for s, fs in sections.items() for f in fs.split() or [""])
+
+
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "noise_scale": tuple(f"train.{f}" for f in TRAIN_SETUP)
-    + tuple(f"train.{f}" for f in ("seed", "batch_size", "learning_rate", "schedule"))
-    + ("train.warmup_steps", "tradeoff.max_steps", "noise"),
-    "throughput": tuple(f"train.{f}" for f in TRAIN_SETUP)
-    + ("train.batch_size", "tradeoff.batch_sizes")
-    + tuple(f"throughput.{f}" for f in ("min_batch_size", "max_batch_size", "warmup", "repeats"))
-    + ("throughput.memory_budget_bytes",),
+    "noise_scale": _fields(
+        train=TRAIN_SETUP + " seed batch_size learning_rate schedule warmup_steps",
+        tradeoff="max_steps",
+        noise="",
+    ),
+    "throughput": _fields(
+        train=TRAIN_SETUP + " batch_size",
+        tradeoff="batch_sizes",
+        throughput="min_batch_size max_batch_size memory_budget_bytes warmup repeats",
+    ),
 }
 TIMING_SEED, TIMING_LEARNING_RATE = 0, 1e-3
 

@@ -323,7 +323,7 @@ def test_stage_config_holds_only_the_listed_fields():
     view = sweep.stage_config(config, "throughput")
     flat = set(runlog.to_strict_json(view.to_dict()))
     assert flat == {"train", "tradeoff", "throughput"}
-    assert set(view.train) == set(sweep.TRAIN_SETUP) | {"batch_size"}
+    assert set(view.train) == set(sweep.TRAIN_SETUP.split()) | {"batch_size"}
     assert "learning_rate" not in view.train and "seed" not in view.train
     # Reading a field the stage did not declare fails loudly instead of escaping the cache key.
     with pytest.raises(AttributeError):
