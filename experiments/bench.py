@@ -6,12 +6,13 @@ size, in one process: a plain jit'd train step, and the same step taking its gra
 ``unroll``; also with the accumulation loop rolled, ``microbatch_rolled``: on XLA:CPU the
 default unrolls it, because rolled loops of convolutions are slow there) and the naive vmap
 reference (``per_example(method="vmap")``). After compilation and warm-up the variants are
-timed in turn (interleaved), ``repeats`` rounds, and the median per variant is reported, with
+timed in turn (:func:`interleaved_times`, the one timer of ``parallel_bench`` and of the
+sweep's timing table too), ``repeats`` rounds, and the median per variant is reported, with
 the compiled temporary memory (``memory_analysis().temp_size_in_bytes``). The
 ``across_devices`` ratio comes from ``experiments/parallel_bench.py``, run in a subprocess
 because it needs 4 simulated devices (an XLA flag set before JAX starts).
 
-Writes ``WORKDIR/bench.json`` (atomically)::
+Writes ``WORKDIR/bench.json`` (atomically, strict JSON: :func:`experiments.runlog.write_json`)::
 
     {"per_example_over_plain": ..., "microbatch_over_plain": ..., "naive_vmap_over_plain": ...,
      "microbatch_rolled_over_plain": ...,
