@@ -237,16 +237,6 @@ def run_parallel_bench(batch_size_per_device: int, repeats: int, timeout_s: floa
 # Main.
 
 
-def device_info() -> dict[str, Any]:
-    devices = jax.devices()
-    return {
-        "platform": devices[0].platform,
-        "kind": devices[0].device_kind,
-        "count": len(devices),
-        "cpu_count": os.cpu_count(),
-    }
-
-
 def validate_config(config) -> None:
     """Check the bench config up front; a :class:`~experiments.cli.UserError` names the field
     and the fix."""
@@ -284,7 +274,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         "memory_per_example_over_plain": ref["memory_over_plain"]["per_example"],
         "across_devices_over_plain": None,
         "detail": detail,
-        "device": device_info(),
+        "device": hardware.detect_devices().to_dict() | {"cpu_count": os.cpu_count()},
         "jax_version": jax.__version__,
         "config": config.to_dict(),
     }
