@@ -62,16 +62,9 @@ def tiny() -> ml_collections.ConfigDict:
         python -m experiments.bench --config configs/bench.py:tiny --workdir /tmp/bench_tiny
     """
     c = default()
-    c.model.widths = (4,)
-    c.model.groups = 2
-    c.image_size = 8
-    c.batch_sizes = (8,)
-    c.reference_batch_size = 8
-    c.warmup = 1
-    c.repeats = 2
-    c.parallel = False
-    c.parallel_batch_size_per_device = 8
-    c.parallel_repeats = 3
+    c.model.update(widths=(4,), groups=2)
+    c.update(image_size=8, batch_sizes=(8,), reference_batch_size=8, warmup=1, repeats=2)
+    c.update(parallel=False, parallel_batch_size_per_device=8, parallel_repeats=3)
     return c
 
 

@@ -1,9 +1,11 @@
 """The batch-size sweep: noise scale, throughput and memory, tradeoff, recommendation.
 
-``get_config(arg)``: ``arg`` picks a variant (``smoke``, ``cpu``; default ``cpu``). Every field is
-overridable on the command line, e.g. ``--config.tradeoff.target_accuracy=0.5``, and the
-training sub-config too: ``--config.train.data.source=folder``. :func:`base` documents the
-fields.
+``get_config(arg)``: ``arg`` picks a variant (``smoke``, ``cpu``; default ``cpu``). The training
+setup is not copied here: ``config.train`` is ``configs/cifar10.py:get_config(arg)`` itself
+(:func:`training_config`), without its ``compare`` subtree (the sweep never reads it) and with
+the few fields the sweep changes. Every field is overridable on the command line, e.g.
+``--config.tradeoff.target_accuracy=0.5`` or ``--config.train.data.source=folder``.
+:func:`base` documents the fields.
 """
 
 from __future__ import annotations
@@ -16,15 +18,30 @@ from configs import cifar10
 VARIANTS = ("smoke", "cpu")
 
 
-def base(train_variant: str) -> ml_collections.ConfigDict:
+def training_config(variant: str) -> ml_collections.ConfigDict:
+    """``configs/cifar10.py:get_config(variant)`` as the sweep trains it.
+
+    Without ``compare`` (the modes of ``experiments.cifar10``, not read here), with a constant
+    learning rate and no warmup (steps-to-target must not depend on a decay horizon), no
+    noise-scale tracking during the trainings (the sweep measures it itself), no periodic
+    checkpoints and no progress bar.
+    """
+    t = cifar10.get_config(variant)
+    del t["compare"]
+    t.update(schedule="constant", warmup_steps=0, gns_every=0, checkpoint_every=0)
+    t.progress_bar = False
+    return t
+
+
+def base(variant: str) -> ml_collections.ConfigDict:
     """Fields shared by the variants.
 
     ``compilation_cache``: use JAX's persistent compilation cache in ``workdir/jax_cache`` (the
     trainings compile the same programs at every batch size; a re-run compiles nothing).
 
-    ``train``: a ``configs/cifar10.py`` config: model, data, optimizer and the reference
-    ``batch_size``/``learning_rate`` (the learning rate tuned at that batch; other batch sizes
-    scale it by the rule of :func:`gns.recommend.scale_learning_rate`).
+    ``train``: the training config (:func:`training_config`): model, data, optimizer, ``seed``
+    and the reference ``batch_size``/``learning_rate`` (the learning rate tuned at that batch;
+    other batch sizes scale it by the rule of :func:`gns.recommend.scale_learning_rate`).
 
     ``noise``: measure the noise scale on the parameters after ``warmup_steps`` of training at
     ``train.batch_size``: ``num_batches`` independent batches of ``batch_size`` examples, the
@@ -34,9 +51,11 @@ def base(train_variant: str) -> ml_collections.ConfigDict:
 
     ``throughput``: candidate batch sizes are the powers of two from ``min_batch_size`` to
     ``max_batch_size``; each is predicted against ``memory_budget_bytes`` (``None``: the device's
-    capacity, or half the free host RAM on CPU), confirmed by running, then timed (``warmup``,
-    ``repeats``). ``accumulation_factors``: above the largest that fits, batches of
-    ``factor × largest`` are timed as gradient accumulation.
+    capacity, or half the free host RAM on CPU) and confirmed by running. Then all that fit, the
+    trained batch sizes and ``train.batch_size`` are timed in one interleaved table: ``warmup``
+    untimed calls each, then ``repeats`` rounds timing every batch size once in turn, median.
+    ``accumulation_factors``: above the largest that fits, batches of ``factor × largest`` are
+    timed as gradient accumulation.
 
     ``tradeoff``: short trainings at ``batch_sizes`` (a list; ``None`` = every power of two from
     ``min_batch_size`` to the largest that fits, at most ``max_runs`` of them, spread evenly)
@@ -49,27 +68,12 @@ def base(train_variant: str) -> ml_collections.ConfigDict:
     accumulation ones).
     """
     c = ml_collections.ConfigDict()
-    c.seed = 0
     c.compilation_cache = True
-    c.train = cifar10.get_config(train_variant)
-    c.train.schedule = "constant"  # steps-to-target must not depend on a decay horizon
-    c.train.warmup_steps = 0
-    c.train.gns_every = 0  # the sweep measures the noise scale itself
-    c.train.checkpoint_every = 0
-    c.train.progress_bar = False
-
+    c.train = training_config(variant)
     cifar10.add_measurement_stages(c)  # noise, throughput, recommend
-    c.noise.warmup_steps = 100
-
-    c.tradeoff = ml_collections.ConfigDict()
-    c.tradeoff.batch_sizes = config_dict.placeholder(tuple)
-    c.tradeoff.min_batch_size = 16
-    c.tradeoff.max_runs = 5
-    c.tradeoff.target_accuracy = 0.5
-    c.tradeoff.max_steps = 5000
-    c.tradeoff.max_wall_time_s = 120.0
-    c.tradeoff.eval_every_examples = 4096
-    c.tradeoff.num_bootstrap = 1000
+    c.tradeoff = ml_collections.ConfigDict({"batch_sizes": config_dict.placeholder(tuple)})
+    c.tradeoff.update(min_batch_size=16, max_runs=5, target_accuracy=0.5, max_steps=5000)
+    c.tradeoff.update(max_wall_time_s=120.0, eval_every_examples=4096, num_bootstrap=1000)
     return c
 
 
@@ -85,28 +89,15 @@ def smoke() -> ml_collections.ConfigDict:
     caches them, about 20 s more; lower ``tradeoff.target_accuracy`` to 0.25).
     """
     c = base("smoke")
-    c.train.data.source = "synthetic"
-    c.train.data.num_train = 1024
-    c.train.data.num_test = 256
-    c.train.batch_size = 16
-    c.train.learning_rate = 3e-3
-    c.train.eval_examples = 256
-    c.noise.warmup_steps = 10
-    c.noise.batch_size = 32
-    c.noise.num_batches = 6
-    c.throughput.min_batch_size = 8
-    c.throughput.max_batch_size = 64
+    c.train.update(batch_size=16, learning_rate=3e-3, eval_examples=256)
+    c.train.data.update(source="synthetic", num_train=1024, num_test=256)
+    c.noise.update(warmup_steps=10, batch_size=32, num_batches=6)
     # The tiny model's step is predicted at ~2 MiB at batch 32 and ~4 MiB at 64 on CPU: a
     # 3 MiB budget makes 32 the largest that fits, so 64 and 128 run as accumulation.
-    c.throughput.memory_budget_bytes = 3 * 2**20
-    c.throughput.warmup = 1
-    c.throughput.repeats = 3
-    c.tradeoff.batch_sizes = (8, 16, 32)
-    c.tradeoff.target_accuracy = 0.4
-    c.tradeoff.max_steps = 400
-    c.tradeoff.max_wall_time_s = 30.0
-    c.tradeoff.eval_every_examples = 256
-    c.tradeoff.num_bootstrap = 200
+    c.throughput.update(min_batch_size=8, max_batch_size=64, memory_budget_bytes=3 * 2**20)
+    c.throughput.update(warmup=1, repeats=3)
+    c.tradeoff.update(batch_sizes=(8, 16, 32), target_accuracy=0.4, max_steps=400)
+    c.tradeoff.update(max_wall_time_s=30.0, eval_every_examples=256, num_bootstrap=200)
     return c
 
 
@@ -124,22 +115,11 @@ def cpu() -> ml_collections.ConfigDict:
           --config.train.data.path=../shared/data/cifar10-jpeg.tar.gz
     """
     c = base("cpu")
-    c.train.num_epochs = None
-    c.train.batch_size = 64
-    c.train.learning_rate = 2e-3
-    c.train.eval_examples = 5000
-    c.noise.warmup_steps = 200
-    c.noise.batch_size = 128
-    c.noise.num_batches = 16
-    c.noise.chunk_size = 64
-    c.throughput.min_batch_size = 16
-    c.throughput.max_batch_size = 1024
-    c.throughput.memory_budget_bytes = 4 * 2**30
-    c.tradeoff.batch_sizes = (16, 32, 64, 128)
-    c.tradeoff.target_accuracy = 0.45
-    c.tradeoff.max_steps = 6000
-    c.tradeoff.max_wall_time_s = 300.0
-    c.tradeoff.eval_every_examples = 4096
+    c.train.update(num_epochs=None, batch_size=64, learning_rate=2e-3, eval_examples=5000)
+    c.noise.update(warmup_steps=200, batch_size=128, num_batches=16, chunk_size=64)
+    c.throughput.update(min_batch_size=16, max_batch_size=1024, memory_budget_bytes=4 * 2**30)
+    c.tradeoff.update(batch_sizes=(16, 32, 64, 128), target_accuracy=0.45, max_steps=6000)
+    c.tradeoff.update(max_wall_time_s=300.0, eval_every_examples=4096)
     return c
 
 

@@ -6,12 +6,13 @@ size, in one process: a plain jit'd train step, and the same step taking its gra
 ``unroll``; also with the accumulation loop rolled, ``microbatch_rolled``: on XLA:CPU the
 default unrolls it, because rolled loops of convolutions are slow there) and the naive vmap
 reference (``per_example(method="vmap")``). After compilation and warm-up the variants are
-timed in turn (interleaved), ``repeats`` rounds, and the median per variant is reported, with
+timed in turn (:func:`interleaved_times`, the one timer of ``parallel_bench`` and of the
+sweep's timing table too), ``repeats`` rounds, and the median per variant is reported, with
 the compiled temporary memory (``memory_analysis().temp_size_in_bytes``). The
 ``across_devices`` ratio comes from ``experiments/parallel_bench.py``, run in a subprocess
 because it needs 4 simulated devices (an XLA flag set before JAX starts).
 
-Writes ``WORKDIR/bench.json`` (atomically)::
+Writes ``WORKDIR/bench.json`` (atomically, strict JSON: :func:`experiments.runlog.write_json`)::
 
     {"per_example_over_plain": ..., "microbatch_over_plain": ..., "naive_vmap_over_plain": ...,
      "microbatch_rolled_over_plain": ...,
@@ -27,12 +28,12 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -42,14 +43,52 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import models, train
-from gns import estimate
+from experiments import cli, models, runlog
+from experiments.cli import UserError
+from gns import estimate, hardware
 
 VARIANTS = ("plain", "per_example", "microbatch", "microbatch_rolled", "naive_vmap")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for bench.json.")
-config_flags.DEFINE_config_file("config", None, "configs/bench.py[:variant]", lock_config=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one interleaved timer (bench, parallel_bench and the sweep's timing table).
+
+
+def interleaved_times(
+    calls: dict[Hashable, tuple[Callable, Sequence[Any]]], *, warmup: int, rounds: int
+) -> dict[Hashable, list[float]]:
+    """Seconds per call of each ``fn(*args)`` in ``calls``, timed round-robin.
+
+    Each is warmed up (``warmup`` untimed calls), then every round times each once, in turn,
+    alternating the order from round to round: a load that comes and goes hits all of them
+    alike, and no call always follows the same one. One timed call is
+    :func:`gns.hardware.time_step` with one repeat (``block_until_ready`` on the output; a
+    compiled executable is not compiled again). Round ``r`` of every list is one round, so
+    paired ratios are ``a[r] / b[r]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.ones((64, 64))
+      >>> t = interleaved_times({"mm": (lambda x: x @ x, (x,)), "add": (lambda x: x + x, (x,))},
+      ...                       warmup=1, rounds=3)
+      >>> sorted(t), len(t["mm"])
+      (['add', 'mm'], 3)
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}.")
+    fns = {}
+    for key, (fn, args) in calls.items():  # compile once, warm up
+        fns[key] = fn if hasattr(fn, "memory_analysis") else hardware.compile_step(fn, *args)
+        if warmup:
+            hardware.time_step(fns[key], args, warmup=warmup - 1, repeats=1)
+    times: dict[Hashable, list[float]] = {key: [] for key in calls}
+    for r in range(rounds):
+        for key in list(calls)[:: 1 if r % 2 == 0 else -1]:
+            (t,) = hardware.time_step(fns[key], calls[key][1], warmup=0, repeats=1).times_s
+            times[key].append(t)
+    return times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,28 +147,6 @@ def make_steps(model, optimizer, config) -> dict[str, Any]:
     }
 
 
-def _block(tree):
-    return jax.tree.map(lambda x: x.block_until_ready(), tree)
-
-
-def time_steps(compiled: dict, args: tuple, warmup: int, repeats: int) -> dict[str, list]:
-    """Seconds per call of each compiled step: ``warmup`` untimed calls each, then ``repeats``
-    rounds timing every step once, in turn (interleaved, so load changes hit all alike)."""
-    for fn in compiled.values():
-        for _ in range(warmup):
-            _block(fn(*args))
-    times = {name: [] for name in compiled}
-    for r in range(repeats):
-        names = list(compiled)
-        if r % 2:  # alternate the order, so no variant always runs after the same one
-            names.reverse()
-        for name in names:
-            t0 = time.perf_counter()
-            _block(compiled[name](*args))
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def bench_batch_size(config, batch_size: int) -> dict[str, Any]:
     """Timings and compiled temp memory of the steps at one batch size."""
     model = models.get_model(config.model, num_classes=config.num_classes)
@@ -149,7 +166,11 @@ def bench_batch_size(config, batch_size: int) -> dict[str, Any]:
         compile_s[name] = time.perf_counter() - t0
         mem = compiled[name].memory_analysis()
         temp_bytes[name] = int(mem.temp_size_in_bytes) if mem is not None else None
-    times = time_steps(compiled, args, config.warmup, config.repeats)
+    times = interleaved_times(
+        {name: (fn, args) for name, fn in compiled.items()},
+        warmup=config.warmup,
+        rounds=config.repeats,
+    )
     seconds = {name: float(np.median(t)) for name, t in times.items()}
     plain_s, plain_mem = seconds["plain"], temp_bytes["plain"]
     return {
@@ -175,10 +196,9 @@ def bench_batch_size(config, batch_size: int) -> dict[str, Any]:
 # across_devices, in a subprocess with 4 simulated devices.
 
 _PARALLEL_SNIPPET = (
-    "import json, sys\n"
-    "from experiments import parallel_bench\n"
-    "out = parallel_bench.run(int(sys.argv[2]), int(sys.argv[3]))\n"
-    "json.dump(out, open(sys.argv[1], 'w'))\n"
+    "import sys\n"
+    "from experiments import parallel_bench, runlog\n"
+    "runlog.write_json(sys.argv[1], parallel_bench.run(int(sys.argv[2]), int(sys.argv[3])))\n"
 )
 
 
@@ -210,36 +230,40 @@ def run_parallel_bench(batch_size_per_device: int, repeats: int, timeout_s: floa
                 f"experiments.parallel_bench failed (exit {proc.returncode}):\n"
                 + proc.stderr[-3000:]
             )
-        with open(out) as f:
-            return json.load(f)
+        return runlog.read_json(out)
 
 
 # ---------------------------------------------------------------------------------------------
 # Main.
 
 
-def device_info() -> dict[str, Any]:
-    devices = jax.devices()
-    return {
-        "platform": devices[0].platform,
-        "kind": devices[0].device_kind,
-        "count": len(devices),
-        "cpu_count": os.cpu_count(),
-    }
+def validate_config(config) -> None:
+    """Check the bench config up front; a :class:`~experiments.cli.UserError` names the field
+    and the fix."""
+    sizes, k = tuple(config.batch_sizes), config.num_microbatches
+    checks = (
+        (config.repeats >= 1 and config.warmup >= 0, "repeats", "need repeats >= 1, warmup >= 0"),
+        (sizes and all(b >= 2 and b % k == 0 for b in sizes), "batch_sizes",
+         f"must be ints >= 2 divisible by config.num_microbatches={k}"),
+        (config.reference_batch_size in sizes, "reference_batch_size",
+         f"is not one of config.batch_sizes={sizes}: add it or pick one of them"),
+        (config.parallel_repeats >= 3, "parallel_repeats", "must be >= 3"),
+    )  # fmt: skip
+    for ok, field, fix in checks:
+        if not ok:
+            raise UserError(
+                f"config.{field}={config[field]!r}: {fix}", hint=f"--config.{field}=..."
+            )
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Run the benchmark of ``config`` and write ``workdir/bench.json``; returns its content."""
-    if config.reference_batch_size not in config.batch_sizes:
-        raise ValueError(
-            f"config.reference_batch_size={config.reference_batch_size} is not one of "
-            f"config.batch_sizes={tuple(config.batch_sizes)}: add it or pick one of them."
-        )
+    validate_config(config)
     detail = {}
     for bs in config.batch_sizes:
         logging.info("bench: batch size %d", bs)
         detail[str(bs)] = bench_batch_size(config, int(bs))
-        logging.info("bench: %s", json.dumps(detail[str(bs)]["over_plain"]))
+        logging.info("bench: %s", runlog.dumps(detail[str(bs)]["over_plain"]))
     ref = detail[str(config.reference_batch_size)]
     result = {
         "reference_batch_size": int(config.reference_batch_size),
@@ -250,9 +274,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         "memory_per_example_over_plain": ref["memory_over_plain"]["per_example"],
         "across_devices_over_plain": None,
         "detail": detail,
-        "device": device_info(),
+        "device": hardware.detect_devices().to_dict() | {"cpu_count": os.cpu_count()},
         "jax_version": jax.__version__,
-        "config": json.loads(config.to_json()),
+        "config": config.to_dict(),
     }
     if config.parallel:
         try:
@@ -263,19 +287,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         else:
             result["across_devices_over_plain"] = par["across_devices_over_plain"]
             result["across_devices_detail"] = par
-    train.write_json(os.path.join(workdir, "bench.json"), result)
+    runlog.write_json(os.path.join(workdir, "bench.json"), result)
     return result
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.workdir is None:
-        raise app.UsageError("--workdir is required (bench.json is written there).")
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     summary = {k: v for k, v in result.items() if k.endswith("_over_plain")}
-    print(json.dumps(summary, indent=2))
+    print(runlog.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flags.DEFINE_string("workdir", None, "Directory for bench.json.", required=True)
+    config_flags.DEFINE_config_file("config", None, "configs/bench.py[:variant]", lock_config=True)
+    flags.mark_flag_as_required("config")
+    app.run(cli.main(main))

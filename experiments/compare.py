@@ -22,8 +22,12 @@ training time) and the runs in ``WORKDIR/runs/<role>``; the table is :func:`comp
 **tradeoff** trains to ``compare.tradeoff.target_accuracy`` at ``compare.tradeoff.batch_sizes``
 and at the recommended batch (:func:`experiments.sweep.run_training`), fits ``S(B) = S_min +
 E_min/B`` (:func:`experiments.sweep.fit_tradeoff`), and checks the recommendation
-(:func:`check_recommendation`): the recommended batch's measured time to target over the best
-measured one, and ``B_crit`` of the fit over the measured ``B_simple``.
+(:func:`check_recommendation`): the recommended batch's time to target over the best measured
+one, and ``B_crit`` of the fit over the measured ``B_simple``. Time to target is reported two
+ways: the wall clock of each run (``time_to_target_s``) and ``steps_to_target(B) × t(B)``
+(``device_time_to_target_s``) with ``t(B)`` from the measurements' one interleaved timing table
+(:func:`experiments.sweep.measure_throughput`); the ranking and the ratios use the second, which
+a busy machine does not skew from one run to the next.
 
 Times are training time only (``wall_time_s`` of :func:`experiments.train.train_and_evaluate`:
 compilation and evaluation excluded), so they compare fairly across batch sizes.
@@ -38,7 +42,7 @@ Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Traini
 
 from __future__ import annotations
 
-import copy
+import functools
 import math
 import os
 import time
@@ -46,19 +50,8 @@ import time
 import ml_collections
 from absl import logging
 
-from experiments import sweep, train
-
-__all__ = [
-    "ROLES",
-    "plan_runs",
-    "check_recommendation",
-    "measurement_config",
-    "run_compare",
-    "run_tradeoff",
-    "compare_table",
-    "tradeoff_table",
-    "report",
-]
+from experiments import runlog, sweep, train
+from experiments.cli import UserError
 
 ROLES = ("baseline", "recommended", "baseline_same_time")
 SUMMARY_FILE = "summary.json"
@@ -119,7 +112,7 @@ def plan_runs(
       [300.0, 250.0, 90.0]
     """
     if not (isinstance(baseline_budget_s, int | float) and baseline_budget_s > 0):
-        raise ValueError(
+        raise UserError(
             f"baseline_budget_s must be a positive number of seconds, got {baseline_budget_s!r}: "
             "set --config.compare.baseline_budget_s."
         )
@@ -177,59 +170,60 @@ def check_recommendation(
 ) -> dict:
     """How the recommended batch size did against the best one measured.
 
+    The ranking and ``time_ratio`` use the device time to target ``steps × t(B)``
+    (``device_time_to_target_s``, :func:`experiments.sweep.with_device_time`), which load on a
+    shared machine does not skew from run to run; the wall-clock ones are reported beside them.
+
     Args:
-      points: trainings to the target (:func:`experiments.sweep.run_training` dicts:
-        ``batch_size``, ``reached``, ``time_to_target_s``, ``steps``).
+      points: trainings to the target (:func:`experiments.sweep.run_training` dicts with
+        :func:`experiments.sweep.with_device_time`: ``batch_size``, ``reached``,
+        ``device_time_to_target_s``, ``time_to_target_s``).
       recommended_batch_size: the recommended batch (one of the points).
       b_simple: the measured noise scale.
       b_crit: ``B_crit`` of the fitted tradeoff, or ``None`` when it could not be fitted.
 
     Returns:
-      ``recommended_time_to_target_s``, ``best_batch_size``, ``best_time_to_target_s``,
-      ``time_ratio`` (recommended over best: 1 means the recommendation was the fastest
-      measured; ``None`` when the recommended run missed the target), ``rank`` (1 = fastest
-      among those that reached it), ``b_simple``, ``b_crit`` and ``b_crit_over_b_simple``.
+      ``recommended_device_time_to_target_s``, ``recommended_time_to_target_s`` (wall),
+      ``best_batch_size``, ``best_device_time_to_target_s``, ``time_ratio`` (recommended over
+      best in device time: 1 means the recommendation was the fastest measured; ``None`` when
+      it missed the target), ``wall_time_ratio`` (the same in wall-clock time, over the
+      fastest wall clock), ``rank`` (1 = fastest in device time), ``ranking``
+      (:func:`experiments.sweep.rank_time_to_target`), ``b_simple``, ``b_crit`` and
+      ``b_crit_over_b_simple``.
 
     Example:
-      >>> pts = [{"batch_size": 32, "reached": True, "time_to_target_s": 20.0},
-      ...        {"batch_size": 64, "reached": True, "time_to_target_s": 25.0}]
-      >>> check_recommendation(pts, 64, 100.0, 50.0)["time_ratio"]
-      1.25
+      >>> pts = [{"batch_size": 32, "device_time_to_target_s": 20.0, "time_to_target_s": 30.0},
+      ...        {"batch_size": 64, "device_time_to_target_s": 25.0, "time_to_target_s": 24.0}]
+      >>> c = check_recommendation(pts, 64, 100.0, 50.0)
+      >>> c["time_ratio"], c["wall_time_ratio"], c["rank"]
+      (1.25, 1.0, 2)
     """
-    rec = [p for p in points if p["batch_size"] == recommended_batch_size]
-    if not rec:
+    if not any(p["batch_size"] == recommended_batch_size for p in points):
         raise ValueError(
             f"recommended_batch_size={recommended_batch_size} is not among the trained batch "
             f"sizes {[p['batch_size'] for p in points]}: train it too."
         )
-    reached = sorted(
-        (p for p in points if p["reached"] and p.get("time_to_target_s") is not None),
-        key=lambda p: p["time_to_target_s"],
-    )
-    out = {
+    ranking = sweep.rank_time_to_target(points)
+    walls = sweep.rank_time_to_target(points, key="time_to_target_s")
+    rec = next((r for r in ranking if r["batch_size"] == recommended_batch_size), {})
+    rec_wall = next((r for r in walls if r["batch_size"] == recommended_batch_size), {})
+    finite = b_crit is not None and b_simple is not None and 0 < b_simple < math.inf
+    return {
         "recommended_batch_size": int(recommended_batch_size),
-        "recommended_time_to_target_s": None,
-        "best_batch_size": None,
-        "best_time_to_target_s": None,
-        "time_ratio": None,
-        "rank": None,
-        "num_reached": len(reached),
+        "recommended_device_time_to_target_s": rec.get("device_time_to_target_s"),
+        "recommended_time_to_target_s": rec.get("time_to_target_s"),
+        "best_batch_size": ranking[0]["batch_size"] if ranking else None,
+        "best_device_time_to_target_s": ranking[0]["device_time_to_target_s"] if ranking else None,
+        "time_ratio": rec.get("device_over_best"),
+        "wall_time_ratio": rec_wall.get("wall_over_best"),
+        "rank": rec.get("rank"),
+        "ranking": ranking,
+        "num_reached": len(ranking),
         "num_trained": len(points),
         "b_simple": b_simple,
         "b_crit": b_crit,
-        "b_crit_over_b_simple": None,
+        "b_crit_over_b_simple": float(b_crit) / float(b_simple) if finite else None,
     }
-    if reached:
-        out["best_batch_size"] = int(reached[0]["batch_size"])
-        out["best_time_to_target_s"] = float(reached[0]["time_to_target_s"])
-    r = rec[0]
-    if r["reached"] and r.get("time_to_target_s") is not None:
-        out["recommended_time_to_target_s"] = float(r["time_to_target_s"])
-        out["time_ratio"] = out["recommended_time_to_target_s"] / out["best_time_to_target_s"]
-        out["rank"] = 1 + sum(p["time_to_target_s"] < r["time_to_target_s"] for p in reached)
-    if b_crit is not None and b_simple is not None and b_simple > 0 and math.isfinite(b_simple):
-        out["b_crit_over_b_simple"] = float(b_crit) / float(b_simple)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,18 +259,32 @@ def _train_config(config) -> ml_collections.ConfigDict:
 
 
 def measurement_config(config) -> ml_collections.ConfigDict:
-    """The ``configs/sweep.py``-shaped config of the measurements (no trainings)."""
+    """The ``configs/sweep.py``-shaped config of the measurements and of the tradeoff mode's
+    trainings: ``train`` is :func:`_train_config`, the stages are ``config.compare``'s
+    (``tradeoff.batch_sizes`` are timed in the sweep's table; trained only by the tradeoff
+    mode)."""
     cc = config.compare
-    s = ml_collections.ConfigDict()
-    s.seed = int(config.seed)
-    s.compilation_cache = True
-    s.train = _train_config(config)
+    s = ml_collections.ConfigDict({"compilation_cache": True, "train": _train_config(config)})
     for section in ("noise", "throughput", "recommend", "tradeoff"):
         s[section] = ml_collections.ConfigDict(cc[section].to_dict())
-    s.tradeoff.batch_sizes = None
-    s.tradeoff.min_batch_size = 1
-    s.tradeoff.max_runs = 0  # run_sweep trains nothing: the modes train themselves
+    s.tradeoff.update(min_batch_size=1, max_runs=0)  # (only for batch_sizes=None)
     return s
+
+
+def validate_config(config) -> None:
+    """Check the ``compare`` fields both modes read (and the measurement stages, through
+    :func:`experiments.sweep.validate_config`); a :class:`~experiments.cli.UserError` names
+    the field and the fix."""
+    cc = config.compare
+    plan_runs(cc.baseline_budget_s)
+    for field in ("max_epochs", "eval_every_examples"):
+        if not (isinstance(cc[field], int | float) and cc[field] > 0):
+            raise UserError(
+                f"config.compare.{field}={cc[field]!r} must be a positive number",
+                hint=f"--config.compare.{field}=...",
+            )
+    names = {"train": "", **{s: f"compare.{s}" for s in ("noise", "throughput", "tradeoff")}}
+    sweep.validate_config(measurement_config(config), names | {"recommend": "compare.recommend"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +292,7 @@ def measurement_config(config) -> ml_collections.ConfigDict:
 
 
 def _curve(workdir: str) -> list[list[float]]:
-    rows = train.read_metrics(os.path.join(workdir, train.METRICS_FILE))
+    rows = runlog.read_jsonl(os.path.join(workdir, sweep.METRICS_FILE))
     return [[r["wall_time_s"], r["test_accuracy"]] for r in rows if "test_accuracy" in r]
 
 
@@ -325,17 +333,34 @@ def _train_run(config, workdir, plan, batch_size, learning_rate) -> dict:
     return row
 
 
-def run_compare(config, workdir: str) -> dict:
+def _mode(body):
+    """A mode ``run(config, workdir) -> summary`` from ``body(config, workdir, sw, t0)``: it
+    validates ``config`` before anything is written, holds the workdir
+    (:func:`experiments.runlog.workdir_lock`), records ``config.json``, runs (or reuses) the
+    measurements in ``workdir/sweep`` and passes their ``sweep.json`` dict ``sw`` on."""
+
+    @functools.wraps(body)
+    def run(config, workdir: str) -> dict:
+        t0 = time.perf_counter()
+        validate_config(config)
+        with runlog.workdir_lock(workdir):
+            runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+            mcfg = measurement_config(config)
+            sw = sweep.run_sweep(mcfg, os.path.join(workdir, "sweep"), trainings=False)
+            return body(config, workdir, sw, t0)
+
+    del run.__wrapped__  # its signature is (config, workdir), not the body's
+    return run
+
+
+@_mode
+def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
     """The compare mode: measure, recommend, train the three runs; returns ``summary.json``."""
     from gns import plots
 
-    t0 = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
-    train.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    sw = sweep.run_sweep(measurement_config(config), os.path.join(workdir, "sweep"))
     rec = sw["recommendation"]
     if rec["accumulation_steps"] > 1:
-        raise ValueError(
+        raise UserError(
             f"The recommended batch {rec['batch_size']} needs gradient accumulation "
             f"({rec['accumulation_steps']} x {rec['micro_batch_size']}), which "
             "experiments.train does not do: lower compare.throughput.max_batch_size or set "
@@ -367,7 +392,7 @@ def run_compare(config, workdir: str) -> dict:
         summary["plot"] = plots.plot_compare(runs, os.path.join(workdir, "compare.png"))
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the compare plot: %s", e)
-    train.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return summary
 
 
@@ -433,71 +458,77 @@ def compare_table(summary: dict) -> str:
 # The tradeoff mode.
 
 
-def run_tradeoff(config, workdir: str) -> dict:
+@_mode
+def run_tradeoff(config, workdir: str, sw: dict, t0: float) -> dict:
     """The tradeoff mode: measure, recommend, train to the target at each batch size, fit, and
     check the recommendation; returns ``summary.json``."""
-    t0 = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
-    train.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     mcfg = measurement_config(config)
-    sw = sweep.run_sweep(mcfg, os.path.join(workdir, "sweep"))
     rec = sw["recommendation"]
-    b_simple = float(sw["noise_scale"]["b_simple"])
-    tcfg = copy.deepcopy(mcfg)
-    tcfg.tradeoff.batch_sizes = tuple(int(b) for b in config.compare.tradeoff.batch_sizes)
-    batches = sorted(set(tcfg.tradeoff.batch_sizes) | {int(rec["batch_size"])})
+    b_simple = sweep.noise_scale_value(sw["noise_scale"])
+    batches = sorted({int(b) for b in mcfg.tradeoff.batch_sizes} | {int(rec["batch_size"])})
     too_big = [b for b in batches if b > sw["max_batch_size"]]
     if too_big:
-        raise ValueError(
-            f"Batch sizes {too_big} do not fit in memory (largest that fits: "
-            f"{sw['max_batch_size']}): remove them from compare.tradeoff.batch_sizes."
+        raise UserError(
+            f"batch sizes {too_big} do not fit in memory (largest that fits: "
+            f"{sw['max_batch_size']})",
+            hint="remove them from --config.compare.tradeoff.batch_sizes",
         )
     st = sweep.SweepState(workdir)  # finished trainings, reused when the command is re-run
-    fp = sweep.section_fingerprints(tcfg, b_simple)["trainings"]
     points = []
     for b in batches:
-        p = st.get("trainings", fp, b)
+        cfg, rule = sweep.training_config(mcfg, b, b_simple)
+        fp = runlog.fingerprint(cfg.to_dict())
+        p = st.get("trainings", b, fp)
         if p is None:
-            p = sweep.run_training(tcfg, os.path.join(workdir, "train", f"B{b}"), b, b_simple)
-            st.put("trainings", fp, p, b)
+            p = sweep.run_training(cfg, os.path.join(workdir, "train", f"B{b}-{fp[:8]}"), rule)
+            st.put("trainings", b, fp, p)
         points.append(p)
-    fit = sweep.fit_tradeoff(points, int(tcfg.tradeoff.num_bootstrap), int(config.seed))
+    points = sweep.with_device_time(
+        points, sweep.step_times(sw["throughput"]), sw["max_batch_size"]
+    )
+    fit = sweep.fit_tradeoff(points, mcfg.tradeoff.num_bootstrap, mcfg.train.seed)
     check = check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"])
     summary = {
         "mode": "tradeoff",
         "device": sw["device"],
         "noise_scale": {k: sw["noise_scale"][k] for k in ("b_simple", "interval", "confidence")},
         "recommendation": rec,
-        "target_accuracy": float(tcfg.tradeoff.target_accuracy),
+        "target_accuracy": float(mcfg.tradeoff.target_accuracy),
         "points": points,
         "tradeoff": fit,
         "check": check,
         "measurement_time_s": sum(sw["stage_time_s"].values()),
         "total_time_s": time.perf_counter() - t0,
     }
-    train.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return summary
 
 
 def tradeoff_table(summary: dict) -> str:
     """Time to target per batch size, the fit, and the check of the recommendation."""
     rec_b = summary["recommendation"]["batch_size"]
-    head = f"{'batch':>6} {'lr':>9} {'steps':>7} {'to target s':>12} {'final acc':>10}"
+    head = (
+        f"{'batch':>6} {'lr':>9} {'steps':>7} {'to target s':>12} {'steps x t(B) s':>15} "
+        f"{'final acc':>10}"
+    )
     lines = [f"target test accuracy: {100 * summary['target_accuracy']:.1f}%", head]
     for p in summary["points"]:
         mark = "  <- recommended" if p["batch_size"] == rec_b else ""
         lines.append(
             f"{p['batch_size']:>6d} {p['learning_rate']:>9.3g} {_fmt(p['steps'], '7.0f'):>7} "
             f"{_fmt(p['time_to_target_s'], '12.1f'):>12} "
+            f"{_fmt(p['device_time_to_target_s'], '15.2f'):>15} "
             f"{_fmt(100 * (p['final_test_accuracy'] or 0.0), '9.1f', '%'):>10}{mark}"
         )
     ch, fit = summary["check"], summary["tradeoff"]
     lines.append("")
     if ch["time_ratio"] is not None:
         lines.append(
-            f"recommended batch {rec_b}: {ch['recommended_time_to_target_s']:.1f} s to target, "
-            f"{ch['time_ratio']:.2f}x the best measured ({ch['best_time_to_target_s']:.1f} s at "
-            f"batch {ch['best_batch_size']}); rank {ch['rank']} of {ch['num_reached']}."
+            f"recommended batch {rec_b}: {ch['recommended_device_time_to_target_s']:.2f} s of "
+            f"steps x t(B) to target, {ch['time_ratio']:.2f}x the best measured "
+            f"({ch['best_device_time_to_target_s']:.2f} s at batch {ch['best_batch_size']}); "
+            f"rank {ch['rank']} of {ch['num_reached']} (wall clock: "
+            f"{_fmt(ch['wall_time_ratio'], '.2f')}x the fastest)."
         )
     else:
         lines.append(f"recommended batch {rec_b} did not reach the target.")

@@ -29,9 +29,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import json  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -39,18 +37,13 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import cli, runlog  # noqa: E402
+from experiments.bench import interleaved_times  # noqa: E402
+from experiments.cli import UserError  # noqa: E402
 from experiments.models import SmallCNN  # noqa: E402
-from experiments.train import write_json  # noqa: E402
 from gns import estimate, parallel  # noqa: E402
 
 WARMUP = 2
-
-
-def _time_call(step, state, batch) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    params, opt_state, stats = step(*state, batch)
-    jax.block_until_ready((params, opt_state, stats))
-    return time.perf_counter() - t0, (params, opt_state)
 
 
 def run(batch_size_per_device: int, repeats: int, *, seed: int = 0) -> dict[str, Any]:
@@ -58,7 +51,8 @@ def run(batch_size_per_device: int, repeats: int, *, seed: int = 0) -> dict[str,
 
     Args:
       batch_size_per_device: examples per device (global batch = this × devices).
-      repeats: timed calls of each step after ``WARMUP`` untimed ones (at least 3).
+      repeats: timed rounds (:func:`experiments.bench.interleaved_times`) after ``WARMUP``
+        untimed calls of each step (at least 3).
       seed: for the parameters and the random data.
 
     Returns:
@@ -66,13 +60,13 @@ def run(batch_size_per_device: int, repeats: int, *, seed: int = 0) -> dict[str,
       raw times (ms), their medians, the ratio of medians, devices and sizes.
     """
     if batch_size_per_device < 1 or repeats < 3:
-        raise ValueError(
+        raise UserError(
             f"need batch_size_per_device >= 1 and repeats >= 3, got {batch_size_per_device} "
             f"and {repeats}."
         )
     n_dev = jax.local_device_count()
     if n_dev < 2:
-        raise ValueError(
+        raise UserError(
             f"across_devices needs at least 2 devices, found {n_dev} ({jax.default_backend()}): "
             "run with JAX_PLATFORMS=cpu to simulate 4 CPU devices."
         )
@@ -94,27 +88,14 @@ def run(batch_size_per_device: int, repeats: int, *, seed: int = 0) -> dict[str,
         name: parallel.make_train_step(loss_fn, optimizer, estimator=est, axis_name="batch")
         for name, est in (("plain", None), ("across_devices", estimate.across_devices))
     }
-    states = {name: (params, optimizer.init(params)) for name in steps}
-
-    compile_s = {}
-    for name, step in steps.items():
-        t0 = time.perf_counter()
-        for _ in range(WARMUP):
-            _, states[name] = _time_call(step, states[name], batch)
-        compile_s[name] = time.perf_counter() - t0
-
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    for r in range(repeats):
-        for name in order if r % 2 == 0 else order[::-1]:
-            t, states[name] = _time_call(steps[name], states[name], batch)
-            times[name].append(t)
-
-    # Same start, same batch, same number of updates: the two steps must agree.
+    args = (params, optimizer.init(params), batch)
+    times = interleaved_times(
+        {name: (step, args) for name, step in steps.items()}, warmup=WARMUP, rounds=repeats
+    )
+    # Same start, same batch: the two steps must make the same update.
+    new = {name: step(*args)[0] for name, step in steps.items()}
     diff = jax.tree.map(
-        lambda a, b: float(jnp.max(jnp.abs(a - b))),
-        states["plain"][0],
-        states["across_devices"][0],
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), new["plain"], new["across_devices"]
     )
     max_diff = max(jax.tree.leaves(diff))
     paired = [a / p for a, p in zip(times["across_devices"], times["plain"], strict=True)]
@@ -125,7 +106,6 @@ def run(batch_size_per_device: int, repeats: int, *, seed: int = 0) -> dict[str,
             "ratio_of_medians": med["across_devices"] / med["plain"],
             "median_ms": {name: 1e3 * m for name, m in med.items()},
             "times_ms": {name: [1e3 * t for t in ts] for name, ts in times.items()},
-            "warmup_s_incl_compile": compile_s,
             "max_abs_param_diff": max_diff,
             "batch_size_per_device": batch_size_per_device,
             "global_batch_size": global_batch,
@@ -150,9 +130,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     result = run(_BATCH.value, _REPEATS.value)
     if _OUT.value:
-        write_json(_OUT.value, result)
-    print(json.dumps(result))
+        runlog.write_json(_OUT.value, result)
+    print(runlog.dumps(result))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.main(main))

@@ -13,30 +13,36 @@ On the model and data of ``config.train`` (a ``configs/cifar10.py`` config) it
    estimates ``|G|²`` and ``tr(Σ)`` on ``noise.num_batches`` independent batches
    (:mod:`gns.estimate`) and pools them into ``b_simple`` with a bootstrap interval
    (:func:`gns.smoothing.interval`);
-2. **sweeps step time and memory**: for powers of two up to the largest batch that fits
-   (:mod:`gns.hardware`: predicted from the compiled step, confirmed by running it), the median
-   time of one training step; batches above it are gradient accumulation (``k × t(B/k)``);
+2. **sweeps step time and memory**: predicts the memory of powers of two up to the largest
+   batch that fits (:mod:`gns.hardware`: from the compiled step, confirmed by running it), then
+   times all of them, the trained batch sizes and ``train.batch_size`` in **one interleaved
+   table** (round-robin over the batch sizes, several rounds, median: a load that comes and
+   goes hits every batch size alike); batches above the largest that fits are gradient
+   accumulation (``k × t(B/k)``);
 3. **runs short trainings** to ``tradeoff.target_accuracy`` at several batch sizes, the
    learning rate scaled from ``train.learning_rate`` at ``train.batch_size`` by the rule of
    :func:`gns.recommend.scale_learning_rate`, and fits ``S(B) = S_min + E_min/B``
-   (:func:`gns.tradeoff.fit`);
+   (:func:`gns.tradeoff.fit`). Time to target is reported two ways: the wall clock of the run
+   (``time_to_target_s``, training time only) and ``steps_to_target(B) × t(B)`` with ``t(B)``
+   from the table (``device_time_to_target_s``). Rankings and ratios use the second, which
+   another process on a shared machine cannot skew from one run to the next;
 4. **recommends** a batch size and learning rate (:func:`gns.recommend.recommend`).
 
-It writes ``DIR/sweep.json`` (every number above), ``DIR/throughput.png``, ``DIR/tradeoff.png``
-and ``DIR/time_to_target.png``, and prints a summary table. Each finished measurement is kept in
-``DIR/sweep_state.json`` (written atomically); re-running the same command after an
-interruption reuses them and only measures what is missing (a training interrupted with
-Ctrl-C saves a checkpoint in ``DIR/train/<hash>/B<batch>`` and resumes from it; a killed one starts
-over). Each stage is keyed by the part of the config it depends on: changing, say, the target
-accuracy re-runs the trainings (in a new ``DIR/train/<hash>/``) but reuses the noise scale and
-the step times.
+It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite number as ``null``:
+an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled
+``g_sq`` is not positive; ``time_to_target`` ranks the trainings by device time, and
+``measured_time_to_target``/``measured_wall_time_to_target`` give both times per batch),
+``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png``, and prints a
+summary table. Each finished measurement is kept in ``DIR/sweep_state.json`` with the
+fingerprint of exactly the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
+the same command after an interruption reuses them and only measures what is missing, and a
+change to a field a stage never reads keeps its measurement. A training interrupted with
+Ctrl-C resumes from its checkpoint in ``DIR/train/B<batch>-<fingerprint>``.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import sys
@@ -45,159 +51,252 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import train
+from experiments import cli, runlog, train
+from experiments.cli import UserError
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
 SWEEP_FILE = "sweep.json"
+METRICS_FILE = "metrics.jsonl"
 
-__all__ = ["run_sweep", "SweepState", "candidate_batch_sizes", "summary_table"]
+__all__ = [
+    "STAGE_FIELDS",
+    "stage_config",
+    "stage_fingerprint",
+    "validate_config",
+    "SweepState",
+    "candidate_batch_sizes",
+    "training_config",
+    "with_device_time",
+    "rank_time_to_target",
+    "run_sweep",
+    "summary_table",
+]
+
+# The config fields each stage reads, and nothing else: a stage gets only these
+# (:func:`stage_config`), and its cached result is keyed by their fingerprint. The throughput
+# stage times the step from seed 0 at a constant learning rate (the time of a step does not
+# depend on the values of the parameters or of the rate), so neither is among its fields.
+# ``tradeoff.max_steps`` is the horizon of the schedule the noise stage warms up with.
+TRAIN_SETUP = "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches"
+
+
+def _fields(**sections: str) -> tuple[str, ...]:
+    """``_fields(train="a b", noise="")`` -> ``("train.a", "train.b", "noise")``."""
+    return tuple(f"{s}.{f}" if f else s for s, fs in sections.items() for f in fs.split() or [""])
+
+
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "noise_scale": _fields(
+        train=TRAIN_SETUP + " seed batch_size learning_rate schedule warmup_steps",
+        tradeoff="max_steps",
+        noise="",
+    ),
+    "throughput": _fields(
+        train=TRAIN_SETUP + " batch_size",
+        tradeoff="batch_sizes",
+        throughput="min_batch_size max_batch_size memory_budget_bytes warmup repeats",
+    ),
+}
+TIMING_SEED, TIMING_LEARNING_RATE = 0, 1e-3
+
+
+def _get_path(config, path: str):
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def stage_config(config, stage: str) -> ml_collections.ConfigDict:
+    """The part of ``config`` that ``stage`` reads (:data:`STAGE_FIELDS`), as a ConfigDict.
+
+    Example:
+      >>> from configs import sweep as sweep_config
+      >>> view = stage_config(sweep_config.get_config("smoke"), "noise_scale")
+      >>> sorted(view.keys()), "eval_every" in view.train
+      (['noise', 'tradeoff', 'train'], False)
+    """
+    out: dict[str, Any] = {}
+    for path in STAGE_FIELDS[stage]:
+        *parents, last = path.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        value = _get_path(config, path)
+        node[last] = value.to_dict() if hasattr(value, "to_dict") else copy.deepcopy(value)
+    return ml_collections.ConfigDict(out)
+
+
+def stage_fingerprint(config, stage: str) -> str:
+    """:func:`experiments.runlog.fingerprint` of :func:`stage_config`."""
+    return runlog.fingerprint(stage_config(config, stage).to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every field the sweep itself reads, before anything runs or is written.
+
+
+def _is_int(lo: int):
+    def ok(x):
+        return isinstance(x, int | np.integer) and not isinstance(x, bool) and x >= lo
+
+    return ok, f"must be an int >= {lo}"
+
+
+def _is_pos(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def validate_config(config, names: dict[str, str] | None = None) -> None:
+    """Check the fields the sweep reads, before anything runs or is written.
+
+    Args:
+      config: a ``configs/sweep.py`` config (the training fields beyond the reference batch
+        size and learning rate are checked by ``train_and_evaluate``).
+      names: the command-line name of a section where it differs (the compare modes:
+        ``{"train": "", "noise": "compare.noise", ...}``), for the messages.
+
+    Raises:
+      UserError: naming the field (as on the command line), its value and the fix.
+    """
+    tp = config.throughput
+    checks = [
+        ("train.learning_rate", _is_pos, "must be a positive finite number"),
+        ("train.batch_size", *_is_int(2)),
+        ("noise.warmup_steps", *_is_int(0)),
+        ("noise.batch_size", *_is_int(2)),
+        ("noise.num_batches", *_is_int(2)),
+        ("noise.confidence", lambda x: _is_pos(x) and x < 1, "must be in (0, 1), e.g. 0.9"),
+        ("throughput.min_batch_size", *_is_int(1)),
+        ("throughput.max_batch_size", *_is_int(tp.min_batch_size)),
+        ("throughput.warmup", *_is_int(0)),
+        ("throughput.repeats", *_is_int(1)),
+        ("tradeoff.batch_sizes", lambda x: x is None or (len(x) and all(map(_is_int(2)[0], x))),
+         "must be None or a tuple of ints >= 2, e.g. '(16, 32, 64)'"),
+        ("tradeoff.min_batch_size", *_is_int(1)),
+        ("tradeoff.max_runs", *_is_int(0)),
+        ("tradeoff.max_steps", *_is_int(1)),
+        ("tradeoff.eval_every_examples", *_is_int(1)),
+        ("tradeoff.num_bootstrap", *_is_int(1)),
+        ("tradeoff.target_accuracy", lambda x: _is_pos(x) and x <= 1, "must be in (0, 1]"),
+        ("tradeoff.max_wall_time_s", lambda x: x is None or _is_pos(x), "must be > 0 or None"),
+        ("recommend.objective", lambda x: x in ("time", "cost"), "must be 'time' or 'cost'"),
+        ("recommend.price_per_hour", lambda x: x is None or _is_pos(x), "must be > 0 or None"),
+    ]  # fmt: skip
+    for path, ok, fix in checks:
+        value = _get_path(config, path)
+        if not ok(value):
+            section, rest = path.split(".", 1)
+            name = ".".join(x for x in ((names or {}).get(section, section), rest) if x)
+            raise UserError(f"config.{name}={value!r} {fix}", hint=f"set --config.{name}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Persistent state: one JSON file, rewritten atomically after every finished measurement.
 
 
-def fingerprint(*parts) -> str:
-    """A short hash of config parts (ConfigDicts or JSON-able values)."""
-    plain = [p.to_dict() if hasattr(p, "to_dict") else p for p in parts]
-    blob = json.dumps(plain, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def section_fingerprints(config, b_noise: float | None = None) -> dict[str, str]:
-    """What each stage's measurements depend on; a stage is re-measured when its part changes.
-
-    ``noise_scale``: the seed, the training config and ``noise``. ``throughput``: the model,
-    data, optimizer and ``throughput`` (not the seed or the learning rate). ``trainings``: the
-    seed, the training config, ``tradeoff`` and the measured noise scale (the learning rates
-    are scaled with it).
-    """
-    t = config.train
-    return {
-        "noise_scale": fingerprint(config.seed, t, config.noise),
-        "throughput": fingerprint(
-            t.model, t.data, t.optimizer, t.gns_microbatches, config.throughput
-        ),
-        # 6 significant digits: a re-measured noise scale equal up to float noise keeps them.
-        "trainings": fingerprint(
-            config.seed, t, config.tradeoff, None if b_noise is None else f"{b_noise:.6g}"
-        ),
-    }
-
-
 class SweepState:
     """Finished measurements of a sweep, persisted in ``workdir/sweep_state.json``.
 
-    Sections: ``noise_scale`` (one value), ``throughput`` and ``trainings`` (items keyed by the
-    batch size). Each section carries the fingerprint of the config it was measured under
-    (:func:`section_fingerprints`): a section measured under another config is not reused, and
-    is replaced by the first new measurement. :meth:`put` rewrites the file atomically, so a
-    killed sweep loses at most the measurement in progress.
+    Each item (``noise_scale/value``, ``throughput/table``, ``trainings/<batch>``) carries the
+    fingerprint of the config it was measured under: an item measured under another config is
+    not reused, and is replaced by the new measurement. :meth:`put` rewrites the file
+    atomically (:func:`experiments.runlog.write_json`), so a killed sweep loses at most the
+    measurement in progress.
     """
+
+    VERSION = 2
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, STATE_FILE)
-        self.data: dict[str, Any] = {"version": 1, "sections": {}}
+        self.data: dict[str, Any] = {"version": self.VERSION, "sections": {}}
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                old = json.load(f)
-            if isinstance(old.get("sections"), dict):
+            try:
+                old = runlog.read_json(self.path)
+            except ValueError:
+                old = {}
+            if old.get("version") == self.VERSION:
                 self.data = old
             else:
-                logging.warning("Ignoring %s: not a sweep state file of this version.", self.path)
+                logging.warning("Ignoring %s: not a sweep state of this version.", self.path)
         self.reused: list[str] = []
         self.stale: list[str] = []
 
-    def _section(self, section: str, fp: str) -> dict | None:
-        sec = self.data["sections"].get(section)
-        if sec is not None and sec.get("fingerprint") != fp:
+    def get(self, section: str, key, fp: str):
+        """The stored value of ``section[key]`` if it was measured under fingerprint ``fp``."""
+        item = self.data["sections"].get(section, {}).get(str(key))
+        name = f"{section}[{key}]"
+        if item is None:
+            return None
+        if item["fingerprint"] != fp:
             if section not in self.stale:
                 self.stale.append(section)
-                logging.info("The config of %s changed: measuring it again.", section)
+                logging.info("The config of %s changed: measuring it again.", name)
             return None
-        return sec
+        self.reused.append(name)
+        return copy.deepcopy(item["value"])  # callers may annotate it; the record stays
 
-    def get(self, section: str, fp: str, key=None):
-        sec = self._section(section, fp)
-        if sec is None:
-            return None
-        value = sec.get("value") if key is None else sec.get("items", {}).get(str(key))
-        if value is not None:
-            self.reused.append(section if key is None else f"{section}[{key}]")
-        return copy.deepcopy(value)  # callers may annotate it; the stored record stays as measured
-
-    def put(self, section: str, fp: str, value, key=None) -> None:
-        sec = self._section(section, fp)
-        if sec is None:
-            sec = {"fingerprint": fp, "value": None, "items": {}}
-            self.data["sections"][section] = sec
-        value = copy.deepcopy(value)  # later annotations by the caller must not leak in
-        if key is None:
-            sec["value"] = value
-        else:
-            sec["items"][str(key)] = value
-        train.write_json(self.path, self.data)
+    def put(self, section: str, key, fp: str, value) -> None:
+        items = self.data["sections"].setdefault(section, {})
+        items[str(key)] = {"fingerprint": fp, "value": copy.deepcopy(value)}
+        runlog.write_json(self.path, self.data)
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, optimizer and steps shared by the stages.
+# Stage 1: the noise scale.
 
 
-def _setup(config, ds):
+def _setup(t, ds, schedule):
+    """Model, plain train step and initial state of the training setup ``t``."""
     from experiments import models
     from gns import smoothing
 
-    model = models.get_model(config.train.model, num_classes=ds.num_classes)
-    schedule = train.make_schedule(config.train, int(config.tradeoff.max_steps))
-    optimizer = train.make_optimizer(config.train, schedule)
+    model = models.get_model(t.model, num_classes=ds.num_classes)
+    optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
     plain_fn, _ = train.make_train_steps(
         model,
         optimizer,
         tracker,
-        method=train.resolve_gns_method(config.train, model),
-        num_microbatches=int(config.train.gns_microbatches),
+        method=train.resolve_gns_method(t, model),
+        num_microbatches=int(t.gns_microbatches),
         use_dropout=models.uses_dropout(model),
         schedule=schedule,
     )
-    state = train.init_state(
-        config.train, model, optimizer, tracker, tuple(ds.train_images.shape[1:])
-    )
+    state = train.init_state(t, model, optimizer, tracker, tuple(ds.train_images.shape[1:]))
     return model, plain_fn, state
 
 
-def _noise_method(config, model) -> str:
-    cfg = copy.deepcopy(config.train)
-    cfg.gns_method = config.noise.method
-    return train.resolve_gns_method(cfg, model)
+def measure_noise_scale(view, ds) -> dict:
+    """Stage 1: warm up, then estimate ``b_simple`` on independent batches with an interval.
 
-
-def measure_noise_scale(config, ds, model, plain_fn, state) -> dict:
-    """Stage 1: warm up, then estimate ``b_simple`` on independent batches with an interval."""
+    Args:
+      view: :func:`stage_config` of ``noise_scale``.
+      ds: the dataset (:func:`experiments.data.load`).
+    """
     from experiments import data, models
     from gns import estimate, smoothing
 
-    ncfg = config.noise
-    augment = bool(config.train.data.get("augment", True))
+    t, ncfg = view.train, view.noise
     t0 = time.perf_counter()
-    step = jax.jit(plain_fn)  # no donation: the caller's state stays valid for the timing
-    warm = data.train_batches(
-        ds, int(config.train.batch_size), seed=int(config.seed), augment=augment
-    )
+    model, plain_fn, state = _setup(t, ds, train.make_schedule(t, view.tradeoff.max_steps))
+    step = jax.jit(plain_fn)
+    warm = data.train_batches(ds, t.batch_size, seed=t.seed, augment=t.data.augment)
     try:
-        for _ in range(int(ncfg.warmup_steps)):
+        for _ in range(ncfg.warmup_steps):
             state, _ = step(state, next(warm))
     finally:
         warm.close()
-    jax.block_until_ready(state.params)
-    method = _noise_method(config, model)
-    rng = jax.random.PRNGKey(int(config.seed)) if models.uses_dropout(model) else None
-    k = int(config.train.gns_microbatches)
+    mcfg = copy.deepcopy(t)
+    mcfg.gns_method = ncfg.method
+    method = train.resolve_gns_method(mcfg, model)
+    rng = jax.random.PRNGKey(t.seed) if models.uses_dropout(model) else None
 
     @jax.jit
     def measure(params, batch_stats, batch):
@@ -210,125 +309,198 @@ def measure_noise_scale(config, ds, model, plain_fn, state) -> dict:
             )
         else:
             stats, _, _ = estimate.microbatch(
-                loss_fn, params, batch, num_microbatches=k, has_aux=True
+                loss_fn, params, batch, num_microbatches=t.gns_microbatches, has_aux=True
             )
-        return stats.g_sq, stats.trace_cov
+        return stats.g_sq, stats.trace_cov, stats.b_simple
 
-    batches = data.train_batches(
-        ds, int(ncfg.batch_size), seed=int(config.seed) + 1, augment=augment
-    )
-    g_sq, trace_cov = [], []
+    batches = data.train_batches(ds, ncfg.batch_size, seed=t.seed + 1, augment=t.data.augment)
+    per_batch = []
     try:
-        for _ in range(int(ncfg.num_batches)):
-            g, t = measure(state.params, state.batch_stats, next(batches))
-            g_sq.append(float(g))
-            trace_cov.append(float(t))
+        for _ in range(ncfg.num_batches):
+            g, tc, b = measure(state.params, state.batch_stats, next(batches))
+            per_batch.append({"g_sq": float(g), "trace_cov": float(tc), "b_simple": float(b)})
     finally:
         batches.close()
+    g_sq = np.array([p["g_sq"] for p in per_batch])
+    trace_cov = np.array([p["trace_cov"] for p in per_batch])
+    finite = np.isfinite(g_sq) & np.isfinite(trace_cov)
+    if finite.sum() < 2:
+        raise UserError(
+            f"the noise scale could not be measured: {int(finite.sum())} of {len(per_batch)} "
+            f"batches gave finite statistics after {ncfg.warmup_steps} warm-up steps (the "
+            "training diverged or the gradients overflow)",
+            hint="lower config.train.learning_rate or config.noise.warmup_steps",
+        )
     pooled = smoothing.interval(
-        g_sq, trace_cov, confidence=float(ncfg.confidence), block_size=1, seed=int(config.seed)
+        g_sq, trace_cov, confidence=ncfg.confidence, block_size=1, seed=t.seed
     )
     return {
         "b_simple": pooled.estimate,
         "interval": [pooled.low, pooled.high],
         "confidence": float(ncfg.confidence),
-        "g_sq": float(np.mean(g_sq)),
-        "trace_cov": float(np.mean(trace_cov)),
-        "per_batch": [
-            {"g_sq": g, "trace_cov": t, "b_simple": (t / g if g > 0 else math.inf)}
-            for g, t in zip(g_sq, trace_cov, strict=True)
-        ],
+        "g_sq": float(np.mean(g_sq[finite])),
+        "trace_cov": float(np.mean(trace_cov[finite])),
+        "per_batch": per_batch,
         "batch_size": int(ncfg.batch_size),
         "num_batches": int(ncfg.num_batches),
+        "num_used": pooled.n,  # the finite ones; the others are dropped and counted
+        "num_nonfinite_dropped": pooled.nonfinite_dropped,
         "method": method,
         "after_warmup_steps": int(ncfg.warmup_steps),
         "time_s": time.perf_counter() - t0,
     }
 
 
+def noise_scale_value(noise: dict) -> float:
+    """``b_simple`` of a noise-scale record as a float. Strict JSON stores a non-finite value
+    as ``null``; read back, it is ``+inf`` when the pooled ``g_sq`` is not positive (the
+    gradient is not resolved above the noise), else ``nan``."""
+    if noise["b_simple"] is not None:
+        return float(noise["b_simple"])
+    return math.inf if noise["g_sq"] is not None and noise["g_sq"] <= 0 else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: memory and the one interleaved timing table.
+
+
 def candidate_batch_sizes(lo: int, hi: int) -> list[int]:
     """Powers of two from ``lo`` (rounded up to one) to ``hi``."""
     if not 1 <= lo <= hi:
-        raise ValueError(f"need 1 <= min_batch_size <= max_batch_size, got {lo}, {hi}.")
-    b = 1 << max(0, math.ceil(math.log2(lo)))
-    out = []
-    while b <= hi:
-        out.append(b)
-        b *= 2
-    return out
+        raise UserError(
+            f"need 1 <= min_batch_size <= max_batch_size, got {lo}, {hi}",
+            hint="set --config.throughput.min_batch_size / max_batch_size",
+        )
+    return [1 << e for e in range(math.ceil(math.log2(lo)), math.floor(math.log2(hi)) + 1)]
 
 
-def measure_throughput_one(config, plain_fn, state, image_shape, batch_size: int) -> dict:
-    """Stage 2 for one batch: predicted memory, fits (confirmed by running), median step time."""
+def measure_throughput(view, ds) -> dict:
+    """Stage 2: memory of each candidate, then one interleaved timing table.
+
+    The candidates are the powers of two of ``view.throughput`` plus ``train.batch_size`` and
+    the fixed ``tradeoff.batch_sizes`` (so that every trained batch has its ``t(B)`` from the
+    same table). Each is predicted against the memory budget and confirmed by running
+    (:func:`gns.hardware.largest_batch_that_fits`); those that fit are timed round-robin,
+    ``throughput.repeats`` rounds after ``throughput.warmup`` untimed calls
+    (:func:`experiments.bench.interleaved_times`), reusing the executables compiled for the
+    prediction.
+
+    Returns:
+      ``{"rows": [...], "max_batch_size": int | None}``: one row per candidate with
+      ``batch_size``, ``fits``, ``predicted_bytes``, ``budget_bytes``, ``budget_source``,
+      ``reason``, ``step_time_s`` (median), ``step_time_iqr_s``, ``times_s`` (one per round)
+      and ``examples_per_s``.
+    """
+    import optax
+
+    from experiments import bench
     from gns import hardware
 
-    tcfg = config.throughput
+    tp, t = view.throughput, copy.deepcopy(view.train)
+    t.seed = TIMING_SEED
+    _, plain_fn, state = _setup(t, ds, optax.constant_schedule(TIMING_LEARNING_RATE))
+    image_shape = tuple(ds.train_images.shape[1:])
+    cands = set(candidate_batch_sizes(tp.min_batch_size, tp.max_batch_size))
+    cands |= {
+        b for b in [t.batch_size, *(view.tradeoff.batch_sizes or ())] if b <= tp.max_batch_size
+    }
 
     def make_args(b):  # traceable: under jax.eval_shape it allocates nothing
-        images = jnp.zeros((b,) + tuple(image_shape), jnp.float32)
+        images = jnp.zeros((b,) + image_shape, jnp.float32)
         return state, {"image": images, "label": jnp.zeros((b,), jnp.int32)}
 
     res = hardware.largest_batch_that_fits(
-        make_args, plain_fn, [batch_size], tcfg.memory_budget_bytes
+        make_args, plain_fn, sorted(cands), tp.memory_budget_bytes
     )
-    rec = res.records[0]
-    row = {
-        "batch_size": batch_size,
-        "fits": rec.fits,
-        "predicted_bytes": rec.predicted_bytes,
-        "budget_bytes": res.budget_bytes,
-        "budget_source": res.budget_source,
-        "reason": rec.reason,
-        "accumulation_steps": 1,
-        "step_time_s": None,
-        "examples_per_s": None,
-        "times_s": [],
-    }
-    if rec.fits:
-        timing = hardware.time_step(
-            rec.compiled, make_args(batch_size), warmup=int(tcfg.warmup), repeats=int(tcfg.repeats)
-        )
+    fitting = {r.batch_size: r.compiled for r in res.records if r.fits}
+    times = bench.interleaved_times(
+        {b: (fn, make_args(b)) for b, fn in fitting.items()}, warmup=tp.warmup, rounds=tp.repeats
+    )
+    rows = []
+    for rec in res.records:
+        row = rec.to_dict() | {"budget_source": res.budget_source, "accumulation_steps": 1}
+        ts = times.get(rec.batch_size)
+        med = float(np.median(ts)) if ts else None
         row.update(
-            step_time_s=timing.median_s,
-            examples_per_s=batch_size / timing.median_s,
-            times_s=list(timing.times_s),
+            step_time_s=med,
+            step_time_iqr_s=float(np.subtract(*np.percentile(ts, [75, 25]))) if ts else None,
+            times_s=list(ts or []),
+            examples_per_s=None if med is None else rec.batch_size / med,
         )
-    return row
+        rows.append(row)
+    return {"rows": rows, "max_batch_size": res.max_batch_size}
 
 
-def run_training(config, workdir: str, batch_size: int, b_noise: float) -> dict:
-    """Stage 3 for one batch: train to the target; steps and time to it (``None`` if missed)."""
-    from gns import recommend, tradeoff
+def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dict]:
+    """``rows`` plus the batches ``factor × max_batch`` timed as gradient accumulation
+    (:func:`gns.hardware.accumulated_step_time` on the measured table)."""
+    from gns import hardware
 
-    tcfg = config.tradeoff
+    rows = [dict(r) for r in rows]
+    times = step_times(rows)
+    for factor in factors:
+        b = int(factor) * max_batch
+        row = next((r for r in rows if r["batch_size"] == b), None)
+        if row is None:
+            row = {"batch_size": b, "fits": False, "predicted_bytes": None, "reason": ""}
+            rows.append(row)
+        t, k, micro = hardware.accumulated_step_time(times, b, max_batch)
+        note = f"timed as gradient accumulation {k} x {micro}"
+        row.update(
+            accumulation_steps=k,
+            micro_batch_size=micro,
+            step_time_s=t,
+            examples_per_s=b / t,
+            reason="; ".join(x for x in (row.get("reason"), note) if x),
+        )
+    return sorted(rows, key=lambda r: r["batch_size"])
+
+
+def step_times(rows: list[dict]) -> dict[int, float]:
+    """``{batch: median seconds per step}`` of the timed rows that fit."""
+    return {r["batch_size"]: r["step_time_s"] for r in rows if r["fits"] and r["step_time_s"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: trainings to the target, and time to target two ways.
+
+
+def training_config(config, batch_size: int, b_noise: float) -> tuple[Any, str]:
+    """The training config of the run at ``batch_size``: ``config.train`` with the scaled
+    learning rate, the target and the caps of ``config.tradeoff``, evaluation every
+    ``tradeoff.eval_every_examples`` examples (its fingerprint keys the cached result), and the
+    learning-rate rule in words."""
+    from gns import recommend
+
+    t, tr = config.train, config.tradeoff
     lr, rule = recommend.scale_learning_rate(
-        float(config.train.learning_rate),
-        int(config.train.batch_size),
-        batch_size,
-        b_noise,
-        str(config.train.optimizer),
+        t.learning_rate, t.batch_size, batch_size, b_noise, t.optimizer
     )
-    cfg = copy.deepcopy(config.train)
-    cfg.batch_size = int(batch_size)
-    cfg.learning_rate = float(lr)
-    cfg.seed = int(config.seed)
-    cfg.target_accuracy = float(tcfg.target_accuracy)
-    cfg.num_epochs = None
-    cfg.num_steps = int(tcfg.max_steps)
-    cfg.max_wall_time_s = float(tcfg.max_wall_time_s)
-    cfg.eval_every = max(1, round(int(tcfg.eval_every_examples) / batch_size))
-    cfg.log_every = cfg.eval_every
+    cfg = copy.deepcopy(t)
+    eval_every = max(1, round(tr.eval_every_examples / batch_size))
+    cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None)
+    cfg.update(num_steps=tr.max_steps, max_wall_time_s=tr.max_wall_time_s)
+    cfg.update(target_accuracy=tr.target_accuracy, eval_every=eval_every, log_every=eval_every)
+    return cfg, rule
+
+
+def run_training(cfg, workdir: str, lr_rule: str) -> dict:
+    """Stage 3 for one batch: train ``cfg`` to its target; steps and wall-clock time to it
+    (``None`` if missed) and the test-accuracy curve."""
+    from gns import tradeoff
+
     summary = train.train_and_evaluate(cfg, workdir)
-    rows = train.read_metrics(os.path.join(workdir, train.METRICS_FILE))
-    evals = [r for r in rows if "test_accuracy" in r]
+    evals = [
+        r for r in runlog.read_jsonl(os.path.join(workdir, METRICS_FILE)) if "test_accuracy" in r
+    ]
     steps = tradeoff.steps_to_target(
-        [r["step"] for r in evals], [r["test_accuracy"] for r in evals], float(tcfg.target_accuracy)
+        [r["step"] for r in evals], [r["test_accuracy"] for r in evals], cfg.target_accuracy
     )
     return {
-        "batch_size": int(batch_size),
+        "batch_size": int(cfg.batch_size),
         "workdir": workdir,
-        "learning_rate": float(lr),
-        "lr_rule": rule,
+        "learning_rate": float(cfg.learning_rate),
+        "lr_rule": lr_rule,
         "reached": steps is not None,
         "steps": steps,
         "time_to_target_s": summary.get("time_to_target_s") if steps is not None else None,
@@ -342,30 +514,73 @@ def run_training(config, workdir: str, batch_size: int, b_noise: float) -> dict:
     }
 
 
+def with_device_time(points: list[dict], times: dict[int, float], max_batch: int) -> list[dict]:
+    """Copies of ``points`` with ``step_time_s`` (``t(B)`` from the timing table; gradient
+    accumulation above ``max_batch``) and ``device_time_to_target_s = steps × t(B)``
+    (``None`` for a point that missed the target).
+
+    Example:
+      >>> with_device_time([{"batch_size": 32, "steps": 100}], {32: 0.02}, 32)[0][
+      ...     "device_time_to_target_s"]
+      2.0
+    """
+    from gns import hardware
+
+    out = []
+    for p in points:
+        t = hardware.accumulated_step_time(times, p["batch_size"], max_batch)[0]
+        steps = p.get("steps")
+        out.append(
+            p | {"step_time_s": t, "device_time_to_target_s": None if steps is None else steps * t}
+        )
+    return out
+
+
+def rank_time_to_target(points: list[dict], key: str = "device_time_to_target_s") -> list[dict]:
+    """The points that reached the target, fastest first by ``key``, each as ``batch_size``,
+    ``rank``, ``device_time_to_target_s``, ``time_to_target_s`` (wall clock) and both over the
+    fastest's (``device_over_best``, ``wall_over_best``; ties share a rank).
+
+    Example:
+      >>> pts = [{"batch_size": 16, "device_time_to_target_s": 3.0, "time_to_target_s": 2.0},
+      ...        {"batch_size": 32, "device_time_to_target_s": 2.0, "time_to_target_s": 4.0}]
+      >>> [(r["batch_size"], r["rank"], r["wall_over_best"]) for r in rank_time_to_target(pts)]
+      [(32, 1, 1.0), (16, 2, 0.5)]
+    """
+    done = sorted((p for p in points if p.get(key) is not None), key=lambda p: p[key])
+    if not done:
+        return []
+    best = done[0]
+
+    def over(p, k):
+        return None if p.get(k) is None or not best.get(k) else p[k] / best[k]
+
+    return [
+        {
+            "batch_size": int(p["batch_size"]),
+            "rank": 1 + sum(q[key] < p[key] for q in done),
+            "device_time_to_target_s": p.get("device_time_to_target_s"),
+            "time_to_target_s": p.get("time_to_target_s"),
+            "device_over_best": over(p, "device_time_to_target_s"),
+            "wall_over_best": over(p, "time_to_target_s"),
+        }
+        for p in done
+    ]
+
+
 def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     """Fit ``S(B)`` to the reached points; an ``error`` entry instead when it cannot be fitted."""
     from gns import tradeoff
 
     reached = [p for p in points if p["reached"]]
+    keys = ("batch_size", "steps", "time_to_target_s", "device_time_to_target_s")
+    keys += ("step_time_s", "learning_rate", "reached", "workdir")
     out = {
         "s_min": None,
         "e_min": None,
         "b_crit": None,
         "intervals": {},
-        "points": [
-            {
-                k: p.get(k)
-                for k in (
-                    "batch_size",
-                    "steps",
-                    "time_to_target_s",
-                    "learning_rate",
-                    "reached",
-                    "workdir",
-                )
-            }
-            for p in points
-        ],
+        "points": [{k: p.get(k) for k in keys} for p in points],
     }
     try:
         f = tradeoff.fit(
@@ -379,160 +594,124 @@ def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
         return out
     d = f.to_dict()
     d.pop("points")
-    out.update(d)
-    return out
+    return out | d
 
 
-def _step_times(throughput: list[dict]) -> dict[int, float]:
-    return {r["batch_size"]: r["step_time_s"] for r in throughput if r["fits"]}
+def train_batch_sizes(config, fitting: list[int]) -> list[int]:
+    """``tradeoff.batch_sizes``, or at most ``tradeoff.max_runs`` of the batches that fit from
+    ``tradeoff.min_batch_size`` up, evenly spread, ends included."""
+    tr = config.tradeoff
+    if tr.batch_sizes:
+        return [int(b) for b in tr.batch_sizes]
+    values = [b for b in fitting if b >= tr.min_batch_size]
+    if len(values) <= tr.max_runs:
+        return values
+    idx = np.unique(np.round(np.linspace(0, len(values) - 1, tr.max_runs)).astype(int))
+    return [values[i] for i in idx]
 
 
 # ---------------------------------------------------------------------------------------------
 # The sweep.
 
 
-def run_sweep(config, workdir: str) -> dict:
-    """Run (or resume) the sweep of ``config`` in ``workdir``; returns the ``sweep.json`` dict."""
+def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
+    """Run (or resume) the sweep of ``config`` in ``workdir``; returns the ``sweep.json`` dict.
+
+    ``trainings=False`` measures and recommends only (the ``compare``/``tradeoff`` modes train
+    themselves).
+    """
+    validate_config(config)
+    with runlog.workdir_lock(workdir):
+        return _run_sweep(config, workdir, trainings)
+
+
+def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     from tqdm import tqdm
 
     from experiments import data
     from gns import hardware, plots, recommend
 
     t_start = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
     st = SweepState(workdir)
-    fps = section_fingerprints(config)
-    if config.get("compilation_cache", True):
+    fps: dict[str, Any] = {s: stage_fingerprint(config, s) for s in STAGE_FIELDS}
+    if config.compilation_cache:
         _enable_compilation_cache(os.path.join(workdir, "jax_cache"))
-    train.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     device = hardware.detect_devices()
-    tcfg = config.throughput
-    cands = candidate_batch_sizes(int(tcfg.min_batch_size), int(tcfg.max_batch_size))
-    fixed = config.tradeoff.batch_sizes
-    n_train = len(fixed) if fixed else int(config.tradeoff.max_runs)
-    bar = tqdm(
-        total=1 + len(cands) + n_train + 1,
-        desc="sweep",
-        unit="task",
-        disable=not sys.stderr.isatty(),
-        dynamic_ncols=True,
-    )
-
+    bar = tqdm(total=4, desc="sweep", unit="stage", disable=not sys.stderr.isatty())
     ds = data.load(config.train.data)
-    image_shape = tuple(ds.train_images.shape[1:])
-    model, plain_fn, state0 = _setup(config, ds)
-
     stage_t = {"setup": time.perf_counter() - t_start}
-    # 1. Noise scale.
-    bar.set_description("noise scale")
-    noise = st.get("noise_scale", fps["noise_scale"])
-    if noise is None:
-        noise = measure_noise_scale(config, ds, model, plain_fn, state0)
-        st.put("noise_scale", fps["noise_scale"], noise)
-    b_noise = float(noise["b_simple"])
-    fps = section_fingerprints(config, b_noise)
-    if math.isnan(b_noise):
-        raise ValueError("The noise scale came out nan (non-finite gradients): check the model.")
-    bar.update(1)
-    stage_t["noise_scale"] = time.perf_counter() - t_start - sum(stage_t.values())
 
-    # 2. Throughput and memory.
-    throughput = []
-    failed = False
-    for b in cands:
-        bar.set_description(f"step time B={b}")
-        row = st.get("throughput", fps["throughput"], b)
-        if row is None and failed:
-            row = {
-                "batch_size": b,
-                "fits": False,
-                "predicted_bytes": None,
-                "step_time_s": None,
-                "examples_per_s": None,
-                "accumulation_steps": 1,
-                "reason": "not tried: a smaller batch did not fit",
-            }
-        elif row is None:
-            row = measure_throughput_one(config, plain_fn, state0, image_shape, b)
-            st.put("throughput", fps["throughput"], row, b)
-        failed = failed or not row["fits"]
-        throughput.append(row)
+    def stage(name, key, measure):
+        bar.set_description(name)
+        value = st.get(name, key, fps[name])
+        if value is None:
+            # As stored (strict JSON): a fresh result reads the same as a reused one.
+            value = runlog.to_strict_json(measure(stage_config(config, name), ds))
+            st.put(name, key, fps[name], value)
+        stage_t[name] = time.perf_counter() - t_start - sum(stage_t.values())
         bar.update(1)
-    fitting = [r["batch_size"] for r in throughput if r["fits"]]
-    if not fitting:
-        raise RuntimeError(
-            f"No candidate batch size fits in memory ({throughput[0].get('reason')}): lower "
-            "config.throughput.min_batch_size or raise config.throughput.memory_budget_bytes."
-        )
-    max_batch = max(fitting)
-    times = _step_times(throughput)
-    for factor in tcfg.accumulation_factors:
-        b = int(factor) * max_batch
-        if any(r["batch_size"] == b for r in throughput):
-            row = next(r for r in throughput if r["batch_size"] == b)
-        else:
-            row = {"batch_size": b, "fits": False, "predicted_bytes": None, "reason": ""}
-            throughput.append(row)
-        t, k, micro = hardware.accumulated_step_time(times, b, max_batch)
-        row.update(
-            accumulation_steps=k,
-            micro_batch_size=micro,
-            step_time_s=t,
-            examples_per_s=b / t,
-            reason="; ".join(
-                x for x in (row.get("reason"), f"timed as gradient accumulation {k} x {micro}") if x
-            ),
-        )
+        return value
 
-    stage_t["throughput"] = time.perf_counter() - t_start - sum(stage_t.values())
+    # 1. Noise scale; 2. memory and the timing table.
+    noise = stage("noise_scale", "value", measure_noise_scale)
+    b_noise = noise_scale_value(noise)
+    if math.isnan(b_noise):
+        raise UserError(
+            f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
+            hint=f"delete {workdir} and run again",
+        )
+    tput = stage("throughput", "table", measure_throughput)
+    max_batch = tput["max_batch_size"]
+    if max_batch is None:
+        raise UserError(
+            f"no candidate batch size fits in memory ({tput['rows'][0]['reason']})",
+            hint="lower config.throughput.min_batch_size or raise "
+            "config.throughput.memory_budget_bytes",
+        )
+    rows = add_accumulation_rows(tput["rows"], config.throughput.accumulation_factors, max_batch)
+    times = step_times(rows)
 
     # 3. Trainings to the target and the tradeoff fit.
-    train_batches = (
-        list(fixed)
-        if fixed
-        else _spread([b for b in fitting if b >= int(config.tradeoff.min_batch_size)], n_train)
-    )
+    fps["trainings"] = {}
     points = []
-    for b in train_batches:
+    fitting = [r["batch_size"] for r in rows if r["fits"]]
+    for b in train_batch_sizes(config, fitting) if trainings else []:
         bar.set_description(f"training B={b}")
-        p = st.get("trainings", fps["trainings"], b)
+        if b > max_batch:
+            logging.warning("Skipping the training at batch %d: above the largest that fits.", b)
+            continue
+        cfg, rule = training_config(config, b, b_noise)
+        fp = fps["trainings"][str(b)] = runlog.fingerprint(cfg.to_dict())
+        p = st.get("trainings", b, fp)
         if p is None:
-            if b > max_batch:
-                logging.warning(
-                    "Skipping the training at batch %d: above the largest that fits.", b
-                )
-                bar.update(1)
-                continue
-            run_dir = os.path.join(workdir, "train", fps["trainings"][:8], f"B{b}")
-            p = run_training(config, run_dir, b, b_noise)
-            st.put("trainings", fps["trainings"], p, b)
+            p = runlog.to_strict_json(
+                run_training(cfg, os.path.join(workdir, "train", f"B{b}-{fp[:8]}"), rule)
+            )
+            st.put("trainings", b, fp, p)
         points.append(p)
-        bar.update(1)
-    tradeoff_out = fit_tradeoff(points, int(config.tradeoff.num_bootstrap), int(config.seed))
-
+    points = with_device_time(points, times, max_batch)
+    tradeoff_out = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.train.seed)
+    bar.update(1)
     stage_t["trainings"] = time.perf_counter() - t_start - sum(stage_t.values())
 
     # 4. Recommendation, from the noise scale (primary) and from the fitted curve (check).
-    bar.set_description("recommend")
-    rcfg = config.recommend
+    rcfg, t = config.recommend, config.train
     common = dict(
         max_batch_size=max_batch,
-        base_lr=float(config.train.learning_rate),
-        base_batch_size=int(config.train.batch_size),
-        optimizer=str(config.train.optimizer),
+        base_lr=t.learning_rate,
+        base_batch_size=t.batch_size,
+        optimizer=t.optimizer,
         price_per_hour=rcfg.price_per_hour,
         candidates=list(rcfg.candidates)
         if rcfg.candidates
-        else sorted(
-            {r["batch_size"] for r in throughput if r["step_time_s"] is not None}
-            | {int(config.train.batch_size)}
-        ),
-        objective=str(rcfg.objective),
+        else sorted({r["batch_size"] for r in rows if r["step_time_s"]} | {t.batch_size}),
+        objective=rcfg.objective,
     )
     rec = recommend.recommend(
         b_noise,
         times,
-        b_noise_interval=tuple(noise["interval"]),
+        b_noise_interval=tuple(math.inf if x is None else x for x in noise["interval"]),
         s_min=tradeoff_out["s_min"],
         **common,
     )
@@ -544,24 +723,29 @@ def run_sweep(config, workdir: str) -> dict:
     bar.update(1)
     bar.close()
     stage_t["recommend"] = time.perf_counter() - t_start - sum(stage_t.values())
-
+    reached = [p for p in points if p["reached"]]
     sweep = {
         "device": device.to_dict(),
         "fingerprints": fps,
-        "throughput": sorted(throughput, key=lambda r: r["batch_size"]),
+        "throughput": rows,
         "max_batch_size": max_batch,
         "noise_scale": noise,
         "tradeoff": tradeoff_out,
+        "time_to_target": rank_time_to_target(points),
         "recommendation": rec.to_dict(),
         "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
+        # Device time (steps x t(B)): comparable to the predicted curve S(B) t(B).
         "measured_time_to_target": {
-            str(p["batch_size"]): p["time_to_target_s"] for p in points if p["reached"]
+            str(p["batch_size"]): p["device_time_to_target_s"] for p in reached
+        },
+        "measured_wall_time_to_target": {
+            str(p["batch_size"]): p["time_to_target_s"] for p in reached
         },
         "reused": st.reused,
         "remeasured_after_config_change": st.stale,
         "stage_time_s": stage_t,
     }
-    train.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
+    runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
     try:
         sweep["plots"] = plots.sweep_plots(sweep, workdir)
     except Exception as e:  # plots are a convenience: never lose a finished sweep to them
@@ -580,20 +764,8 @@ def _enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _spread(values: list[int], n: int) -> list[int]:
-    """At most ``n`` of ``values`` (sorted), evenly spread, ends included."""
-    if len(values) <= n:
-        return values
-    idx = np.unique(np.round(np.linspace(0, len(values) - 1, n)).astype(int))
-    return [values[i] for i in idx]
-
-
 def _fmt(x, spec: str) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return format(x, spec)
+    return "-" if x is None else format(x, spec)
 
 
 def summary_table(sweep: dict) -> str:
@@ -620,17 +792,18 @@ def summary_table(sweep: dict) -> str:
         f"{_fmt(n['interval'][1], '.4g')}]  ({n['num_batches']} batches of {n['batch_size']}, "
         f"{n['method']}, after {n['after_warmup_steps']} steps)",
         "",
-        f"{'batch':>7} {'lr':>10} {'steps to target':>16} {'time to target s':>17}",
+        f"{'batch':>7} {'lr':>10} {'steps to target':>16} {'steps x t(B) s':>15} {'wall s':>8}",
     ]
     t = sweep["tradeoff"]
     for p in t["points"]:
         lines.append(
             f"{p['batch_size']:>7} {p['learning_rate']:>10.3g} {_fmt(p['steps'], '16.0f'):>16} "
-            f"{_fmt(p['time_to_target_s'], '17.1f'):>17}"
+            f"{_fmt(p['device_time_to_target_s'], '15.2f'):>15} "
+            f"{_fmt(p['time_to_target_s'], '8.1f'):>8}"
         )
     if t.get("b_crit") is not None:
         iv = t.get("intervals", {}).get("b_crit")
-        ivs = "" if not iv else f"  interval [{iv[0]:.4g}, {iv[1]:.4g}]"
+        ivs = "" if not iv else f"  interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]"
         lines.append(
             f"fit: S_min = {t['s_min']:.4g}, E_min = {t['e_min']:.4g}, B_crit = {t['b_crit']:.4g}"
             + ivs
@@ -670,7 +843,7 @@ def _define_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(train.QuietOrbax())
+    logging.get_absl_handler().addFilter(runlog.QuietOrbax())
     sweep = run_sweep(FLAGS.config, FLAGS.workdir)
     print(summary_table(sweep))
     print(f"\nwrote {os.path.join(FLAGS.workdir, SWEEP_FILE)}")
@@ -679,4 +852,4 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(cli.main(main))

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
 from configs import bench as bench_config
 from experiments import bench
+from gns import hardware
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RATIOS = (
     "per_example_over_plain",
@@ -29,7 +34,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path):
     config = bench_config.get_config("tiny")
     result = bench.train_and_evaluate(config, str(tmp_path))
     with open(tmp_path / "bench.json") as f:
-        written = json.load(f)
+        written = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"not strict: {c}"))
     assert written == json.loads(json.dumps(result))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # atomic write
 
@@ -71,3 +76,42 @@ def test_missing_parallel_bench_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(bench.os.path, "exists", lambda path: False)
     with pytest.raises(RuntimeError, match="parallel_bench.py is missing"):
         bench.run_parallel_bench(8, 1)
+
+
+def test_interleaved_times_round_robin_alternating_order(monkeypatch):
+    """One timer: warm-up first, then every round times each call once, the order reversed
+    from one round to the next, and every call goes through gns.hardware.time_step."""
+    log = []
+
+    def fake_time_step(fn, args, *, warmup, repeats):
+        log.append((args[0], warmup, repeats))
+        return hardware.StepTiming(float(len(log)), (float(len(log)),) * repeats, 0.0)
+
+    monkeypatch.setattr(hardware, "time_step", fake_time_step)
+
+    class Compiled:  # stands for a compiled executable: not compiled again
+        def memory_analysis(self):
+            return None
+
+    calls = {k: (Compiled(), (k,)) for k in ("a", "b", "c")}
+    times = bench.interleaved_times(calls, warmup=3, rounds=4)
+    warm, timed = log[:3], log[3:]
+    assert warm == [("a", 2, 1), ("b", 2, 1), ("c", 2, 1)]  # 3 untimed calls each
+    order = [k for k, w, r in timed]
+    assert order == list("abccbaabccba") and all(r == 1 and w == 0 for _, w, r in timed)
+    # Each list holds one time per round, in round order (the fake returns the call index).
+    assert times["a"] == [4.0, 9.0, 10.0, 15.0] and times["c"] == [6.0, 7.0, 12.0, 13.0]
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        bench.interleaved_times(calls, warmup=0, rounds=0)
+
+
+def test_bad_config_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "experiments.bench", "--config", "configs/bench.py:tiny"]
+    cmd += ["--workdir", str(tmp_path / "w"), "--config.reference_batch_size=7"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    (line,) = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert "config.reference_batch_size=7" in line and "batch_sizes" in line
+    assert not (tmp_path / "w").exists()

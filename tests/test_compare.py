@@ -2,6 +2,7 @@
 pure budget logic on fake timings, and both modes end to end on the smoke config with
 synthetic data."""
 
+import json
 import math
 import os
 import shutil
@@ -11,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs import cifar10 as cifar10_config
-from experiments import cifar10, compare
+from experiments import cifar10, compare, runlog, sweep
+from experiments.cli import UserError
 
 # ---------------------------------------------------------------------------------------------
 # plan_runs: who gets which budget.
@@ -81,23 +83,42 @@ def test_plan_budgets_never_exceed_the_previous_runs_time(t_best, slack, frac):
 # check_recommendation: the tradeoff mode's verdict.
 
 
-def _pt(b, t):
-    return {"batch_size": b, "reached": t is not None, "time_to_target_s": t}
+def _pt(b, device, wall):
+    return {
+        "batch_size": b,
+        "reached": device is not None,
+        "device_time_to_target_s": device,
+        "time_to_target_s": wall,
+    }
 
 
-def test_check_recommendation_ratio_and_rank_on_fake_timings():
-    points = [_pt(16, 30.0), _pt(32, 20.0), _pt(64, 25.0), _pt(128, None)]
+def test_check_recommendation_ranks_by_device_time_on_fake_timings():
+    # Batch 64's wall clock was the fastest (a quiet moment), its steps x t(B) is not.
+    points = [_pt(16, 30.0, 31.0), _pt(32, 20.0, 26.0), _pt(64, 25.0, 19.0), _pt(128, None, None)]
     c = compare.check_recommendation(points, 64, b_simple=100.0, b_crit=40.0)
-    assert (c["best_batch_size"], c["best_time_to_target_s"]) == (32, 20.0)
+    assert (c["best_batch_size"], c["best_device_time_to_target_s"]) == (32, 20.0)
     assert c["time_ratio"] == pytest.approx(25.0 / 20.0)
+    assert c["wall_time_ratio"] == 1.0
     assert (c["rank"], c["num_reached"], c["num_trained"]) == (2, 3, 4)
+    assert [r["batch_size"] for r in c["ranking"]] == [32, 64, 16]
     assert c["b_crit_over_b_simple"] == pytest.approx(0.4)
     best = compare.check_recommendation(points, 32, b_simple=100.0, b_crit=None)
     assert (best["time_ratio"], best["rank"], best["b_crit_over_b_simple"]) == (1.0, 1, None)
+    assert best["wall_time_ratio"] == pytest.approx(26.0 / 19.0)
     missed = compare.check_recommendation(points, 128, b_simple=100.0, b_crit=40.0)
     assert missed["time_ratio"] is None and missed["best_batch_size"] == 32
+    noisy = compare.check_recommendation(points, 32, b_simple=math.inf, b_crit=40.0)
+    assert noisy["b_crit_over_b_simple"] is None
     with pytest.raises(ValueError, match="recommended_batch_size=8"):
         compare.check_recommendation(points, 8, b_simple=100.0, b_crit=40.0)
+
+
+def test_compare_config_mistake_is_a_user_error_naming_the_field(tmp_path):
+    c = smoke_config("tradeoff")
+    c.compare.tradeoff.batch_sizes = (16, 0)
+    with pytest.raises(UserError, match="compare.tradeoff.batch_sizes|tradeoff.batch_sizes"):
+        cifar10.run(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +224,20 @@ def test_tradeoff_mode_reuses_the_measurements_and_checks_the_recommendation(com
     rec_b = s["recommendation"]["batch_size"]
     batches = [p["batch_size"] for p in s["points"]]
     assert batches == sorted({16, 32, rec_b})
+    with open(os.path.join(workdir, compare.SUMMARY_FILE)) as f:  # strict: no NaN/Infinity
+        written = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"not strict: {c}"))
+    assert written == runlog.to_strict_json(s)
+    # t(B) of every trained batch comes from the one timing table of the measurements.
+    table = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))["throughput"]
+    t_b = {r["batch_size"]: r["step_time_s"] for r in table if r["fits"]}
     for p in s["points"]:
         assert p["reached"] == (p["time_to_target_s"] is not None)
+        assert p["step_time_s"] == t_b[p["batch_size"]]
         if p["reached"]:
             assert 0 < p["time_to_target_s"] <= p["wall_time_s"]
-    # The verdict, recomputed independently from the points.
-    reached = {p["batch_size"]: p["time_to_target_s"] for p in s["points"] if p["reached"]}
+            assert p["device_time_to_target_s"] == pytest.approx(p["steps"] * p["step_time_s"])
+    # The verdict, recomputed independently from the points: device time ranks.
+    reached = {p["batch_size"]: p["device_time_to_target_s"] for p in s["points"] if p["reached"]}
     ch = s["check"]
     if rec_b in reached:
         assert ch["time_ratio"] == pytest.approx(reached[rec_b] / min(reached.values()))

@@ -1,5 +1,6 @@
 """Tests for the sweep driver: the smoke config end to end (every key of sweep.json, checked
-against independent recomputations), the command line, and reuse of finished measurements."""
+against independent recomputations), the command line, reuse of finished measurements, the
+stage fingerprints, and the pure pieces (device time to target, ranking)."""
 
 import json
 import math
@@ -11,10 +12,22 @@ import time
 import numpy as np
 import pytest
 
+from configs import cifar10 as cifar10_config
 from configs import sweep as sweep_config
-from experiments import sweep, train
+from experiments import compare, runlog, sweep
+from experiments.cli import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def strict_json(path):
+    """Parse ``path`` with a parser that rejects NaN and Infinity (as strict parsers do)."""
+
+    def reject(name):
+        raise ValueError(f"{path} is not strict JSON: it contains {name}")
+
+    with open(path) as f:
+        return json.loads(f.read(), parse_constant=reject)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +45,9 @@ def smoke_run(tmp_path_factory):
 def test_smoke_sweep_writes_every_key_within_budget(smoke_run):
     config, workdir, _, elapsed = smoke_run
     assert elapsed < 180, f"the smoke sweep took {elapsed:.0f} s (issue: < 3 minutes)"
-    with open(os.path.join(workdir, sweep.SWEEP_FILE)) as f:
-        s = json.load(f)
+    s = strict_json(os.path.join(workdir, sweep.SWEEP_FILE))
+    for name in (sweep.STATE_FILE, "config.json"):
+        strict_json(os.path.join(workdir, name))
     assert {"platform", "kind", "count"} <= set(s["device"])
     assert s["device"]["platform"] == "cpu"
     for row in s["throughput"]:
@@ -76,7 +90,8 @@ def test_throughput_memory_and_accumulation_are_consistent(smoke_run):
             k = math.ceil(b / max_b)
             assert not r["fits"] and r["accumulation_steps"] == k
             assert r["step_time_s"] == pytest.approx(k * rows[max_b]["step_time_s"])
-        else:
+        else:  # one interleaved table: every batch timed once per round, median
+            assert len(r["times_s"]) == config.throughput.repeats
             assert r["step_time_s"] == pytest.approx(float(np.median(r["times_s"])))
     assert sorted(rows) == [8, 16, 32, 64, 128]
 
@@ -90,7 +105,11 @@ def test_noise_scale_is_the_ratio_of_pooled_means(smoke_run):
     t = np.mean([p["trace_cov"] for p in n["per_batch"]])
     assert n["b_simple"] == pytest.approx(t / g if g > 0 else math.inf)
     lo, hi = n["interval"]
-    assert lo <= n["b_simple"] <= hi
+    assert lo <= n["b_simple"] <= (math.inf if hi is None else hi)  # null: unbounded above
+    for p in n["per_batch"]:  # strict JSON: +inf (g_sq <= 0) is stored as null
+        want = p["trace_cov"] / p["g_sq"] if p["g_sq"] > 0 else None
+        assert p["b_simple"] == (want if want is None else pytest.approx(want, rel=1e-5))
+    assert n["num_used"] == config.noise.num_batches  # all finite here
     assert n["method"] == "per_example"  # SmallCNN has no BatchNorm
 
 
@@ -106,11 +125,22 @@ def test_trainings_and_fit_match_the_runs_on_disk(smoke_run):
         # Adam: square-root scaling from the reference batch.
         assert p["learning_rate"] == pytest.approx(base_lr * math.sqrt(b / base_b))
         assert p["workdir"].startswith(os.path.join(workdir, "train"))
-        rows = train.read_metrics(os.path.join(p["workdir"], train.METRICS_FILE))
+        rows = runlog.read_jsonl(os.path.join(p["workdir"], sweep.METRICS_FILE))
         evals = [r for r in rows if "test_accuracy" in r]
         first = next((r["step"] for r in evals if r["test_accuracy"] >= target), None)
         assert p["steps"] == first
         assert p["reached"] == (first is not None)
+        # Time to target two ways: wall clock of the run, and steps x t(B) from the table.
+        t_b = next(r["step_time_s"] for r in s["throughput"] if r["batch_size"] == b)
+        assert p["step_time_s"] == t_b
+        if p["reached"]:
+            assert p["device_time_to_target_s"] == pytest.approx(first * t_b)
+            assert p["time_to_target_s"] > 0
+    ranked = s["time_to_target"]
+    device = {p["batch_size"]: p["device_time_to_target_s"] for p in t["points"] if p["reached"]}
+    assert [r["batch_size"] for r in ranked] == sorted(device, key=device.get)
+    assert ranked[0]["device_over_best"] == 1.0
+    assert s["measured_time_to_target"] == {str(b): v for b, v in device.items()}
     reached = [p for p in t["points"] if p["reached"]]
     assert len(reached) >= 3, t  # the smoke target is within reach at every batch
     assert t["b_crit"] == pytest.approx(t["e_min"] / t["s_min"])
@@ -147,45 +177,48 @@ def test_recommendation_is_the_argmin_of_predicted_time(smoke_run):
 def test_rerun_reuses_what_was_measured(smoke_run, monkeypatch):
     config, workdir, first, _ = smoke_run
     state_path = os.path.join(workdir, sweep.STATE_FILE)
-    with open(state_path) as f:
-        state = json.load(f)
-    # Simulate an interruption after the noise scale, three step times and two trainings.
-    del state["sections"]["throughput"]["items"]["16"]
-    del state["sections"]["trainings"]["items"]["32"]
-    train.write_json(state_path, state)
+    state = runlog.read_json(state_path)
+    # Simulate an interruption after the noise scale and two trainings, before the timing
+    # table was stored.
+    del state["sections"]["throughput"]["table"]
+    del state["sections"]["trainings"]["32"]
+    runlog.write_json(state_path, state)
+    # And change fields no stage's measurement reads: the fit's bootstrap, the objective.
+    config = sweep_config.get_config("smoke")
+    config.tradeoff.num_bootstrap = 100
+    config.recommend.objective = "cost"
 
-    calls = {"throughput": [], "training": [], "noise": 0}
-    real_tp, real_train = sweep.measure_throughput_one, sweep.run_training
+    calls = {"throughput": 0, "training": [], "noise": 0}
+    real_tp, real_train = sweep.measure_throughput, sweep.run_training
 
-    def count_tp(cfg, fn, st, shape, b):
-        calls["throughput"].append(b)
-        return real_tp(cfg, fn, st, shape, b)
+    def count_tp(view, ds):
+        calls["throughput"] += 1
+        return real_tp(view, ds)
 
-    def count_train(cfg, wd, b, n):
-        calls["training"].append(b)
-        return real_train(cfg, wd, b, n)
+    def count_train(cfg, wd, rule):
+        calls["training"].append(cfg.batch_size)
+        return real_train(cfg, wd, rule)
 
     def no_noise(*args, **kwargs):
         calls["noise"] += 1
         raise AssertionError("the noise scale was measured again")
 
-    monkeypatch.setattr(sweep, "measure_throughput_one", count_tp)
+    monkeypatch.setattr(sweep, "measure_throughput", count_tp)
     monkeypatch.setattr(sweep, "run_training", count_train)
     monkeypatch.setattr(sweep, "measure_noise_scale", no_noise)
     again = sweep.run_sweep(config, workdir)
-    assert calls == {"throughput": [16], "training": [32], "noise": 0}
+    assert calls == {"throughput": 1, "training": [32], "noise": 0}
     assert again["noise_scale"] == first["noise_scale"]
-    keep = {b: r for b, r in zip([8, 32, 64], [0, 2, 3], strict=True)}
-    for b, i in keep.items():
-        assert again["throughput"][i] == first["throughput"][i], b
+    assert again["remeasured_after_config_change"] == []
     # The training at 32 resumed from its final checkpoint: same steps to target.
     p_first = {p["batch_size"]: p for p in first["tradeoff"]["points"]}
     p_again = {p["batch_size"]: p for p in again["tradeoff"]["points"]}
     assert p_again[32]["steps"] == p_first[32]["steps"]
-    assert p_again[8] == p_first[8] and p_again[16] == p_first[16]
-    assert "noise_scale" in again["reused"] and "trainings[8]" in again["reused"]
-    with open(state_path) as f:
-        assert set(json.load(f)["sections"]["throughput"]["items"]) == {"8", "16", "32", "64"}
+    for b in (8, 16):  # reused as measured; device time from the new table
+        assert p_again[b]["steps"] == p_first[b]["steps"]
+        assert p_again[b]["time_to_target_s"] == p_first[b]["time_to_target_s"]
+    assert {"noise_scale[value]", "trainings[8]", "trainings[16]"} <= set(again["reused"])
+    assert set(runlog.read_json(state_path)["sections"]["throughput"]) == {"table"}
 
 
 @pytest.mark.timeout(300)
@@ -215,13 +248,12 @@ def test_command_line_reuses_per_stage_after_a_config_change(smoke_run):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "recommended batch size:" in out.stdout and "noise scale b_simple" in out.stdout
-    with open(os.path.join(workdir, sweep.SWEEP_FILE)) as f:
-        s2 = json.load(f)
+    s2 = strict_json(os.path.join(workdir, sweep.SWEEP_FILE))
     assert s2["remeasured_after_config_change"] == ["noise_scale"]
-    assert "noise_scale" not in s2["reused"]
+    assert "noise_scale[value]" not in s2["reused"]
     assert s2["noise_scale"]["confidence"] == 0.8
     assert s2["noise_scale"]["b_simple"] == pytest.approx(first["noise_scale"]["b_simple"])
-    assert {"throughput[8]", "throughput[32]", "trainings[8]", "trainings[32]"} <= set(s2["reused"])
+    assert {"throughput[table]", "trainings[8]", "trainings[32]"} <= set(s2["reused"])
     assert s2["fingerprints"]["noise_scale"] != first["fingerprints"]["noise_scale"]
     assert s2["fingerprints"]["throughput"] == first["fingerprints"]["throughput"]
     assert s2["fingerprints"]["trainings"] == first["fingerprints"]["trainings"]
@@ -232,5 +264,162 @@ def test_candidate_batch_sizes_and_spread():
     assert sweep.candidate_batch_sizes(12, 100) == [16, 32, 64]
     with pytest.raises(ValueError, match="min_batch_size"):
         sweep.candidate_batch_sizes(64, 32)
-    assert sweep._spread([16, 32, 64, 128, 256, 512, 1024], 3) == [16, 128, 1024]
-    assert sweep._spread([16, 32], 5) == [16, 32]
+    config = sweep_config.get_config("cpu")
+    config.tradeoff.update(batch_sizes=None, max_runs=3, min_batch_size=16)
+    fitting = [8, 16, 32, 64, 128, 256, 512, 1024]
+    assert sweep.train_batch_sizes(config, fitting) == [16, 128, 1024]
+    config.tradeoff.max_runs = 5
+    assert sweep.train_batch_sizes(config, [16, 32]) == [16, 32]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage fingerprints cover exactly the fields each stage reads.
+
+
+def _fps(config):
+    fps = {s: sweep.stage_fingerprint(config, s) for s in sweep.STAGE_FIELDS}
+    cfg, _ = sweep.training_config(config, 32, 100.0)
+    fps["trainings"] = runlog.fingerprint(cfg.to_dict())
+    return fps
+
+
+@pytest.mark.parametrize(
+    "field, value, changed",
+    [
+        # Fields no stage measures with: every cached measurement is kept.
+        ("tradeoff.num_bootstrap", 7, set()),
+        ("tradeoff.max_runs", 2, set()),
+        ("recommend.objective", "cost", set()),
+        ("throughput.accumulation_factors", (8,), set()),
+        ("compilation_cache", False, set()),
+        # Read by one stage only.
+        ("noise.confidence", 0.8, {"noise_scale"}),
+        ("throughput.repeats", 9, {"throughput"}),
+        ("tradeoff.batch_sizes", (8, 16), {"throughput"}),
+        ("tradeoff.target_accuracy", 0.3, {"trainings"}),
+        ("train.eval_examples", 128, {"trainings"}),
+        # Read by two or all three.
+        ("tradeoff.max_steps", 300, {"noise_scale", "trainings"}),
+        ("train.learning_rate", 1e-3, {"noise_scale", "trainings"}),
+        ("train.seed", 1, {"noise_scale", "trainings"}),
+        ("train.model.widths", (4, 8), {"noise_scale", "throughput", "trainings"}),
+        ("train.data.num_train", 512, {"noise_scale", "throughput", "trainings"}),
+    ],
+)
+def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field, value, changed):
+    config = sweep_config.get_config("smoke")
+    before = _fps(config)
+    *parents, last = field.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    after = _fps(config)
+    assert {s for s in before if before[s] != after[s]} == changed
+
+
+def test_stage_config_holds_only_the_listed_fields():
+    config = sweep_config.get_config("smoke")
+    view = sweep.stage_config(config, "throughput")
+    flat = set(runlog.to_strict_json(view.to_dict()))
+    assert flat == {"train", "tradeoff", "throughput"}
+    assert set(view.train) == set(sweep.TRAIN_SETUP.split()) | {"batch_size"}
+    assert "learning_rate" not in view.train and "seed" not in view.train
+    # Reading a field the stage did not declare fails loudly instead of escaping the cache key.
+    with pytest.raises(AttributeError):
+        _ = view.train.learning_rate
+
+
+def test_the_sweep_config_references_the_training_config_without_compare():
+    config = sweep_config.get_config("smoke")
+    assert "compare" not in config.train
+    reference = cifar10_config.get_config("smoke")
+    for key in ("model", "optimizer", "gns_method", "eval_batch_size"):
+        assert config.train[key] == reference[key], key
+    # The compare modes: changing a compare-only field keeps every measurement stage's key.
+    c = cifar10_config.get_config("smoke")
+    fps = {s: sweep.stage_fingerprint(compare.measurement_config(c), s) for s in sweep.STAGE_FIELDS}
+    c.compare.baseline_budget_s = 99.0
+    c.compare.max_epochs = 3.0
+    again = {s: sweep.stage_fingerprint(compare.measurement_config(c), s) for s in fps}
+    assert again == fps
+
+
+# ---------------------------------------------------------------------------------------------
+# Time to target two ways: pure pieces.
+
+
+def test_device_time_is_steps_times_the_tables_step_time():
+    points = [
+        {"batch_size": 16, "steps": 300, "time_to_target_s": 9.0},
+        {"batch_size": 32, "steps": 100, "time_to_target_s": 8.0},
+        {"batch_size": 64, "steps": None, "time_to_target_s": None},
+        {"batch_size": 128, "steps": 40, "time_to_target_s": 5.0},
+    ]
+    times = {16: 0.01, 32: 0.03, 64: 0.05}
+    out = sweep.with_device_time(points, times, max_batch=64)
+    assert [p["step_time_s"] for p in out] == [0.01, 0.03, 0.05, 0.1]  # 128: 2 x t(64)
+    dev = [p["device_time_to_target_s"] for p in out]
+    assert dev[0] == pytest.approx(3.0) and dev[1] == pytest.approx(3.0)
+    assert dev[2] is None and dev[3] == pytest.approx(4.0)
+    assert "device_time_to_target_s" not in points[0]  # copies
+    ranked = sweep.rank_time_to_target(out)
+    # The busy-machine case: batch 128 had the best wall clock, but not the best device time.
+    assert [(r["batch_size"], r["rank"]) for r in ranked] == [(16, 1), (32, 1), (128, 3)]
+    assert ranked[2]["device_over_best"] == pytest.approx(4.0 / 3.0)
+    assert ranked[2]["wall_over_best"] == pytest.approx(5.0 / 9.0)
+    assert sweep.rank_time_to_target([{"batch_size": 8, "device_time_to_target_s": None}]) == []
+
+
+def test_noise_scale_read_back_from_strict_json():
+    assert sweep.noise_scale_value({"b_simple": 12.5, "g_sq": 1.0}) == 12.5
+    assert sweep.noise_scale_value({"b_simple": None, "g_sq": -0.1}) == math.inf
+    assert math.isnan(sweep.noise_scale_value({"b_simple": None, "g_sq": None}))
+
+
+# ---------------------------------------------------------------------------------------------
+# User mistakes: one line, exit code 2, no traceback.
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.noise.num_batches=1", "config.noise.num_batches=1 must be an int >= 2"),
+        ("--config.tradeoff.target_accuracy=1.5", "config.tradeoff.target_accuracy=1.5"),
+    ],
+)
+def test_command_line_config_mistake_is_one_line_and_exit_2(tmp_path, flag, message):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "experiments.sweep", "--config", "configs/sweep.py:smoke"]
+    out = subprocess.run(
+        cmd + ["--workdir", str(tmp_path / "w"), flag],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+    assert not (tmp_path / "w").exists()  # validated before anything is written
+
+
+def test_validate_config_names_the_field():
+    config = sweep_config.get_config("smoke")
+    config.throughput.min_batch_size = 128
+    with pytest.raises(ValueError, match="throughput.max_batch_size=64 must be an int >= 128"):
+        sweep.validate_config(config)
+
+
+def test_a_diverged_noise_stage_is_a_clear_error_not_a_number():
+    from experiments import data
+
+    config = sweep_config.get_config("smoke")
+    config.train.learning_rate = 1e30  # finite and positive: passes validation, then diverges
+    config.train.data.num_train = 128
+    config.noise.update(warmup_steps=3, batch_size=16, num_batches=3)
+    view = sweep.stage_config(config, "noise_scale")
+    with pytest.raises(UserError, match=r"could not be measured: 0 of 3 batches gave finite"):
+        sweep.measure_noise_scale(view, data.load(view.train.data))
