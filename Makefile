@@ -3,6 +3,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= runs
+# DATA: an image folder/.tar.gz (split/class/image.jpg) or cifar-10-binary.tar.gz. Default: the
+# shared JPEG archive when present, else CIFAR-10 downloaded once into ~/.cache/gns (MD5-checked).
+DATA ?= $(wildcard ../shared/data/cifar10-jpeg.tar.gz)
+DATA_FLAGS = $(if $(DATA),--config.data.source=folder --config.data.path=$(DATA),--config.data.source=cifar10_binary)
 
 .PHONY: install test lint demo bench clean
 
@@ -23,8 +27,7 @@ lint: install
 
 demo: install
 	$(PY) -m experiments.cifar10 --config configs/cifar10.py:cpu --config.mode=compare \
-	  --config.data.source=folder --config.data.path=$(or $(DATA),../shared/data/cifar10-jpeg.tar.gz) \
-	  --workdir $(WORKDIR)/demo
+	  $(DATA_FLAGS) --workdir $(WORKDIR)/demo
 
 bench: install
 	$(PY) -m experiments.bench --config configs/bench.py --workdir $(WORKDIR)/bench
