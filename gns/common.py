@@ -106,10 +106,10 @@ def sq_norms(tree: PyTree) -> PyTree:
     """Per-leaf squared norm in float32, computed in a scaled form.
 
     ``‖g‖² = (m·‖g/m‖)²`` with ``m = max|g|``: the squares are taken of numbers of size at most
-    1, so a gradient whose elements square below the smallest normal float (a loss scaled by
-    1e-19) or above the largest (elements beyond 1e19) keeps its norm whenever the norm itself
-    is representable. On stacked per-example gradients this is the sum over examples of their
-    squared norms.
+    1, so a gradient whose elements square below the smallest normal float32 (1.2e-38, e.g. a
+    loss scaled by 1e-19; XLA flushes smaller values to 0) keeps its norm whenever the squared
+    norm itself is representable. On stacked per-example gradients this is the sum over
+    examples of their squared norms.
     """
 
     def one(g):
