@@ -12,7 +12,8 @@ common``) without a cycle.
 * the per-example gradients by ``jax.vmap`` that every fallback uses: :func:`grad_fn`,
   :func:`zero_sums`, :func:`vmap_sums`;
 * argument checks: :func:`check_int`;
-* the one noise-scale ratio, :func:`noise_scale_ratio`, for NumPy and JAX arrays alike.
+* the one noise-scale ratio, :func:`noise_scale_ratio`, for NumPy and JAX arrays alike, and
+  the percentile step of every bootstrap here, :func:`percentile_interval`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "grad_fn",
     "vmap_sums",
     "noise_scale_ratio",
+    "percentile_interval",
 ]
 
 
@@ -264,3 +266,20 @@ def noise_scale_ratio(trace_cov, g_sq):
     with np.errstate(invalid="ignore", divide="ignore"):  # inf/inf: nan, as wanted
         ratio = xp.where(positive, trace_cov / xp.where(positive, g_sq, 1.0), xp.inf)
     return xp.where(xp.isnan(g_sq) | xp.isnan(trace_cov), xp.nan, ratio)
+
+
+def percentile_interval(samples, confidence: float) -> tuple[float, float]:
+    """The two-sided ``confidence`` percentile interval of bootstrap ``samples``.
+
+    Quantiles are order statistics (the lower one for the low end, the higher one for the
+    high end), never interpolated: an infinite sample (a resample whose mean ``g_sq`` is not
+    positive) gives an infinite end, never ``nan``.
+
+    Example:
+      >>> percentile_interval([1.0, 2.0, 3.0, np.inf], 0.5)
+      (1.0, inf)
+    """
+    alpha = 1.0 - float(confidence)
+    x = np.asarray(samples, np.float64).ravel()
+    low = float(np.quantile(x, alpha / 2, method="lower"))
+    return low, float(np.quantile(x, 1.0 - alpha / 2, method="higher"))

@@ -326,9 +326,9 @@ def microbatch(
         memory bound of gradient accumulation). ``True`` unrolls the loop, which may keep
         every microbatch's activations alive at once. ``None`` (default): ``True`` when JAX's
         default backend is the CPU, ``1`` elsewhere, because XLA:CPU runs convolutions inside a
-        rolled loop an order of magnitude slower (jax-ml/jax#12868; SmallCNN, batch 128,
-        k = 8, 2 cores: 13.6x a plain step rolled, 0.67x unrolled, see ``make bench``).
-        The results are the same either way.
+        rolled loop an order of magnitude slower (jax-ml/jax#12868; the measured ratios are
+        the ``microbatch`` rows of ``make bench``, in the README). The results are the same
+        either way.
 
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``).

@@ -1,4 +1,4 @@
-"""Matplotlib figures from the JSON outputs of a run (imports no JAX).
+"""Matplotlib figures from the JSON outputs of a run.
 
 Training plots read the rows of ``metrics.jsonl`` (one dict per logged step):
 
@@ -42,6 +42,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gns import common, smoothing  # noqa: E402
+
 __all__ = [
     "windowed_band",
     "plot_training",
@@ -64,11 +66,6 @@ def _series(rows: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps, np.float64), np.asarray(values, np.float64)
 
 
-def _ratio(trace_cov: np.ndarray, g_sq: np.ndarray) -> np.ndarray:
-    safe = np.where(g_sq > 0, g_sq, 1.0)
-    return np.where(g_sq > 0, trace_cov / safe, np.inf)
-
-
 def windowed_band(
     g_sq: np.ndarray,
     trace_cov: np.ndarray,
@@ -83,7 +80,7 @@ def windowed_band(
     At measurement ``i`` the window holds the finite measurements ``max(0, i-window+1) .. i``;
     the centre is ``mean(trace_cov) / mean(g_sq)`` over it (ratio of means, never mean of
     ratios) and the band the ``confidence`` percentile interval of that ratio over iid
-    resamples of the window.
+    resamples of the window: :func:`gns.smoothing.interval` with ``block_size=1`` per window.
 
     Args:
       g_sq: per-measurement ``g_sq`` ``[n]``.
@@ -111,19 +108,19 @@ def windowed_band(
     n = g.size
     centre, low, high = (np.full(n, np.nan) for _ in range(3))
     rng = np.random.default_rng(seed)
-    alpha = 1.0 - confidence
     for i in range(n):
-        gw, tw = g[max(0, i - window + 1) : i + 1], t[max(0, i - window + 1) : i + 1]
-        ok = np.isfinite(gw) & np.isfinite(tw)
-        gw, tw = gw[ok], tw[ok]
-        m = gw.size
-        if m < 2:
+        window_g, window_t = g[max(0, i - window + 1) : i + 1], t[max(0, i - window + 1) : i + 1]
+        if np.sum(np.isfinite(window_g) & np.isfinite(window_t)) < 2:
             continue
-        centre[i] = _ratio(tw.mean(), gw.mean())
-        idx = rng.integers(0, m, size=(num_resamples, m))
-        ratios = _ratio(tw[idx].mean(axis=1), gw[idx].mean(axis=1))
-        low[i] = np.quantile(ratios, alpha / 2, method="lower")
-        high[i] = np.quantile(ratios, 1 - alpha / 2, method="higher")
+        res = smoothing.interval(
+            window_g,
+            window_t,
+            confidence=confidence,
+            block_size=1,
+            num_resamples=num_resamples,
+            seed=rng,
+        )
+        centre[i], low[i], high[i] = res.estimate, res.low, res.high
     return centre, low, high
 
 
@@ -179,7 +176,7 @@ def plot_noise_scale(rows: Sequence[dict], path: str | None = None, *, window: i
         steps = np.asarray([r["step"] for r in meas], np.float64)
         g = np.asarray([r["g_sq"] for r in meas], np.float64)
         t = np.asarray([r["trace_cov"] for r in meas], np.float64)
-        raw = _ratio(t, g)
+        raw = common.noise_scale_ratio(t, g)
         shown = np.isfinite(raw) & (raw > 0)
         ax.plot(steps[shown], raw[shown], ".", alpha=0.25, color="gray", label="per-step")
         centre, low, high = windowed_band(g, t, window=window)
