@@ -135,25 +135,19 @@ def plot_training(rows: Sequence[dict], path: str | None = None):
     Returns:
       The matplotlib ``Figure``.
     """
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    steps, loss = _series(rows, "train_loss")
-    ax_loss.plot(steps, loss, label="train loss")
-    steps_t, test_loss = _series(rows, "test_loss")
-    if test_loss.size:
-        ax_loss.plot(steps_t, test_loss, "o-", label="test loss (eval subset)")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("cross-entropy")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    steps, acc = _series(rows, "train_accuracy")
-    ax_acc.plot(steps, acc, label="train accuracy (training batches)")
-    steps_t, test_acc = _series(rows, "test_accuracy")
-    if test_acc.size:
-        ax_acc.plot(steps_t, test_acc, "o-", label="test accuracy (eval subset)")
-    ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("accuracy")
-    ax_acc.legend()
-    ax_acc.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = (("loss", "cross-entropy", " loss"), ("accuracy", "accuracy", " accuracy"))
+    for ax, (key, ylabel, what) in zip(axes, panels, strict=True):
+        steps, train_values = _series(rows, f"train_{key}")
+        train_label = "train" + what + (" (training batches)" if key == "accuracy" else "")
+        ax.plot(steps, train_values, label=train_label)
+        steps_t, test_values = _series(rows, f"test_{key}")
+        if test_values.size:
+            ax.plot(steps_t, test_values, "o-", label="test" + what + " (eval subset)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return _finish(fig, path)
 

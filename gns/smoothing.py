@@ -80,13 +80,9 @@ class EmaState(NamedTuple):
 
     def to_dict(self) -> dict[str, float]:
         """Smoothed values as Python floats, for logging (not jit-able)."""
-        return {
-            "g_sq_ema": float(self.g_sq),
-            "trace_cov_ema": float(self.trace_cov),
-            "b_simple_ema": float(self.b_simple),
-            "ema_count": int(self.count),
-            "ema_skipped": int(self.skipped),
-        }
+        smoothed = {"g_sq": self.g_sq, "trace_cov": self.trace_cov, "b_simple": self.b_simple}
+        out = {f"{k}_ema": float(v) for k, v in smoothed.items()}
+        return {**out, "ema_count": int(self.count), "ema_skipped": int(self.skipped)}
 
 
 class NoiseScaleTracker(NamedTuple):

@@ -32,13 +32,7 @@ import scipy.optimize
 
 from gns.common import percentile_interval
 
-__all__ = [
-    "TradeoffFit",
-    "steps_to_target",
-    "fit",
-    "predict_steps",
-    "predict_examples",
-]
+__all__ = ["TradeoffFit", "steps_to_target", "fit", "predict_steps", "predict_examples"]
 
 # How far (in nats) the fitted log-parameters may move from the scale of the data. e^-30 ≈ 1e-13:
 # a parameter at the lower bound is zero for every practical purpose (a plateau, see `fit`).
