@@ -17,6 +17,15 @@ the time to target: ``(1 + N/(k·m))·k·t(m) = (k + N/m)·t(m) ≥ (1 + N/m)·t
 batch ``m``, and it never lowers the compute either. It is what you do when a recipe fixes a
 batch size larger than memory allows; the table shows its price.
 
+Neither input is exact. The noise scale has an interval and each measured step time a spread
+(the quartiles of interleaved repeats, :func:`gns.hardware.time_batch_sizes`), so the answer is
+a set: every candidate that is optimal for *some* noise scale in its interval combined with
+*some* step times within their spreads (``plausible_batch_sizes``; each pairwise comparison is
+linear in ``B_noise``, so the set is exact, not sampled). A pick at an end of the timed batch
+sizes is flagged with the batch to time next (``at_range_end``, ``extend_range_to``), and step
+times that fall with the batch (``t(8) > t(16)``) are warned about. ``basis`` says which
+evidence the noise scale came from and ``evidence`` lists every measurement with its ratio to it.
+
 Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018),
 sections 2.2-2.3 (eq. 2.6 for the SGD learning rate, eq. 2.11 for the tradeoff).
 """
