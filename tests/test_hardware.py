@@ -334,6 +334,11 @@ def test_time_batch_sizes_compiles_each_shape_once_and_reports_spread():
     assert hardware.time_step(step, make(8), warmup=0, repeats=1, cache=cache).compile_s == 0.0
     assert traces == [(4, 16), (8, 16), (16, 16)] and cache.compiles == 3
     json.dumps(again.to_dict())
+    # The memory check compiles from abstract shapes; timing its batch sizes compiles nothing.
+    fit = hardware.largest_batch_that_fits(make, step, [32, 64], 2**30, cache=cache)
+    assert cache.compiles == 5 and fit.max_batch_size == 64
+    hardware.time_batch_sizes(step, make, [32, 64], rounds=1, cache=cache)
+    assert cache.compiles == 5 and len(traces) == 5
 
 
 def test_time_step_does_not_recompile_on_every_call():
