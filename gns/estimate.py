@@ -34,15 +34,16 @@ Average ``g_sq`` and ``trace_cov`` separately (see :mod:`gns.smoothing`) and div
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from gns import common, ghost
+from gns.common import LossFn, PyTree, batch_size
+
+# `batch_size` is part of this module's API (it was defined here); `_leaf_name` is kept for
+# tests/test_ghost.py until it uses `gns.common.leaf_name`.
+_leaf_name = common.leaf_name
 
 __all__ = [
     "NoiseStats",
@@ -109,11 +110,9 @@ jax.tree_util.register_dataclass(
 
 
 def simple_noise_scale(g_sq: jax.Array, trace_cov: jax.Array) -> jax.Array:
-    """``trace_cov / g_sq``, with ``+inf`` for ``g_sq <= 0`` and ``nan`` propagated."""
-    g_sq, trace_cov = jnp.asarray(g_sq), jnp.asarray(trace_cov)
-    safe = jnp.where(g_sq > 0, g_sq, 1.0)
-    ratio = jnp.where(g_sq > 0, trace_cov / safe, jnp.inf)
-    return jnp.where(jnp.isnan(g_sq) | jnp.isnan(trace_cov), jnp.nan, ratio)
+    """``trace_cov / g_sq`` as a JAX array, with ``+inf`` for ``g_sq <= 0`` and ``nan``
+    propagated (:func:`gns.common.noise_scale_ratio`)."""
+    return common.noise_scale_ratio(jnp.asarray(trace_cov), jnp.asarray(g_sq))
 
 
 def from_two_batches(
@@ -150,100 +149,18 @@ def from_two_batches(
             f"big_size={big_size}: measure the two squared norms at two different batch sizes."
         )
     small_sq_norm, big_sq_norm = jnp.asarray(small_sq_norm), jnp.asarray(big_sq_norm)
-    g_sq = (big * big_sq_norm - b * small_sq_norm) / (big - b)
-    trace_cov = (small_sq_norm - big_sq_norm) / (1.0 / b - 1.0 / big)
+    # Scaled form: divide by the larger magnitude first, so that B·|G_B|² cannot overflow
+    # (3e38 and 1.5e38 in float32) and the result is only as large or small as it truly is.
+    scale = jnp.maximum(jnp.abs(small_sq_norm), jnp.abs(big_sq_norm))
+    scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+    small_n, big_n = small_sq_norm / scale, big_sq_norm / scale
+    g_sq = scale * ((big * big_n - b * small_n) / (big - b))
+    trace_cov = scale * ((small_n - big_n) / (1.0 / b - 1.0 / big))
     return NoiseStats(g_sq, trace_cov, b, big)
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers shared by the estimators.
-
-
-def _leaf_name(path) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts) or "."
-
-
-def batch_size(batch: PyTree, argname: str = "batch") -> int:
-    """The common leading size of the leaves of ``batch``, with clear errors otherwise."""
-    leaves = jax.tree_util.tree_leaves_with_path(batch)
-    if not leaves:
-        raise ValueError(f"`{argname}` has no arrays: pass a pytree of arrays with a batch axis.")
-    sizes = {}
-    for path, leaf in leaves:
-        shape = np.shape(leaf)
-        if len(shape) == 0:
-            raise ValueError(
-                f"`{argname}` leaf {_leaf_name(path)!r} is a scalar: every leaf needs a leading "
-                "batch axis (reshape it to [batch, ...] or close over it in loss_fn)."
-            )
-        sizes.setdefault(shape[0], []).append(_leaf_name(path))
-    if len(sizes) > 1:
-        desc = "; ".join(f"{n}: {', '.join(names)}" for n, names in sorted(sizes.items()))
-        raise ValueError(
-            f"`{argname}` leaves have different leading (batch) sizes ({desc}): every leaf must "
-            "hold the same number of examples along axis 0."
-        )
-    (size,) = sizes
-    if size == 0:
-        raise ValueError(f"`{argname}` is empty (batch size 0): pass at least two examples.")
-    return int(size)
-
-
-def _sq_norms(tree: PyTree) -> PyTree:
-    """Per-leaf squared norm, float32 accumulation. On stacked per-example gradients this is the
-    sum over examples of their squared norms."""
-    return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))), tree)
-
-
-def _axis_size(axis_name) -> int:
-    if axis_name is None:
-        return 1
-    try:
-        return jax.lax.axis_size(axis_name)
-    except NameError as e:  # unbound axis name
-        raise ValueError(
-            f"axis_name={axis_name!r} is not bound: call this inside jax.pmap/jax.shard_map over "
-            f"an axis of that name, or pass axis_name=None on a single device. ({e})"
-        ) from e
-
-
-def _to_varying(tree: PyTree, axis_name) -> PyTree:
-    """Mark replicated params as device-varying before differentiating.
-
-    Inside ``shard_map``, the gradient of an unvarying (replicated) input is summed over the
-    axis by JAX itself: the per-device and per-example gradients would silently become sums
-    over devices. Casting to varying first keeps them local; we reduce explicitly afterwards.
-    Under ``pmap`` (no varying-type check) this is a no-op.
-    Also correct with ``shard_map(..., check_vma=False)`` (nothing is tracked, nothing is
-    summed implicitly), and for a tuple of axis names: each name is cast separately, so a leaf
-    already varying over some of them is still cast over the others.
-    """
-    if axis_name is None:
-        return tree
-    _axis_size(axis_name)  # a clear ValueError for an unbound name (pcast would assert)
-    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
-
-    def cast(x):
-        for name in names:
-            try:
-                x = jax.lax.pcast(x, name, to="varying")
-            except (ValueError, TypeError, NotImplementedError):
-                pass  # already varying over `name`, or no varying-type tracking here
-        return x
-
-    return jax.tree.map(cast, tree)
-
-
-def _psum(tree: PyTree, axis_name) -> PyTree:
-    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+# Reduction shared by the estimators.
 
 
 def _finish(
@@ -261,18 +178,18 @@ def _finish(
       num_small: number of small batches on this device.
       small_size: examples per small batch.
     """
-    n_dev = _axis_size(axis_name)
-    grad_sum, small_sq_sum = _psum((grad_sum, small_sq_sum), axis_name)
+    n_dev = common.axis_size(axis_name)
+    grad_sum, small_sq_sum = common.psum((grad_sum, small_sq_sum), axis_name)
     total_small = num_small * n_dev
     grads = jax.tree.map(lambda g: g / total_small, grad_sum)
     small_sq = jax.tree.map(lambda s: s / total_small, small_sq_sum)
-    big_sq = _sq_norms(grads)
+    big_sq = common.sq_norms(grads)
     big_size = small_size * total_small
 
     paths_and_small = jax.tree_util.tree_leaves_with_path(small_sq)
     big_leaves = jax.tree.leaves(big_sq)
     per_layer = {
-        _leaf_name(path): from_two_batches(s, bg, small_size, big_size)
+        common.leaf_name(path): from_two_batches(s, bg, small_size, big_size)
         for (path, s), bg in zip(paths_and_small, big_leaves, strict=True)
     }
     g_sq = sum(s.g_sq for s in per_layer.values())
@@ -285,22 +202,6 @@ def _finish(
         per_layer,
     )
     return stats, grads
-
-
-def _zero_sums(params: PyTree, axis_name) -> tuple[PyTree, PyTree]:
-    """Zero accumulators (gradient sum, per-leaf squared-norm sum) for a scan carry."""
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    sq = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
-    return _to_varying((zeros, sq), axis_name)
-
-
-def _split_leading(batch: PyTree, k: int) -> PyTree:
-    return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
-
-
-def _grad_fn(loss_fn: LossFn, has_aux: bool):
-    g = jax.grad(loss_fn, has_aux=has_aux)
-    return g if has_aux else (lambda p, b: (g(p, b), None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,17 +269,17 @@ def per_example(
             "per_example needs at least 2 examples per batch (per device with axis_name): "
             "with one example the gradient variance cannot be estimated. Pass a larger batch."
         )
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    if chunk_size is not None:
+        chunk_size = common.check_int(chunk_size, "chunk_size", 1, "or None for no chunking")
     chunk = n if chunk_size is None else min(chunk_size, n)
     if method not in ("auto", "vmap", "ghost", "fast"):
         raise ValueError(
             f"method must be 'auto', 'vmap' or 'ghost' (alias 'fast'), got {method!r}."
         )
-    params = _to_varying(params, axis_name)
+    if has_aux:  # a clear error before any path indexes into a missing aux
+        jax.eval_shape(common.checked_aux(loss_fn), params, batch)
+    params = common.to_varying(params, axis_name)
     if method != "vmap":
-        from gns import ghost  # noqa: PLC0415 (ghost imports this module)
-
         try:
             plan = ghost.plan(loss_fn, params, batch, has_aux=has_aux)
         except ghost.NotApplicableError as e:
@@ -390,42 +291,9 @@ def per_example(
             aux = jax.tree.map(lambda a: jnp.asarray(a)[None], aux)
             stats, grads = _finish(grad_sum, sq_sum, n, 1.0, axis_name)
             return (stats, grads, aux) if has_aux else (stats, grads)
-    grad_sum, sq_sum, aux = _vmap_sums(loss_fn, params, batch, n, chunk, axis_name, has_aux)
+    grad_sum, sq_sum, aux = common.vmap_sums(loss_fn, params, batch, n, chunk, axis_name, has_aux)
     stats, grads = _finish(grad_sum, sq_sum, n, 1.0, axis_name)
     return (stats, grads, aux) if has_aux else (stats, grads)
-
-
-def _vmap_sums(loss_fn, params, batch, n, chunk, axis_name, has_aux):
-    """Per-example gradients by ``jax.vmap``, ``chunk`` examples at a time: the local gradient
-    sum, per-leaf sum of squared norms, and the stacked per-example aux."""
-    grad_fn = _grad_fn(loss_fn, has_aux)
-
-    def one_example(example):
-        return grad_fn(params, jax.tree.map(lambda x: x[None], example))
-
-    def chunk_sums(examples):
-        grads, aux = jax.vmap(one_example)(examples)
-        grad_sum = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
-        return grad_sum, _sq_norms(grads), aux
-
-    num_chunks, rem = divmod(n, chunk)
-    head = jax.tree.map(lambda x: x[: num_chunks * chunk], batch)
-    if num_chunks == 1:
-        grad_sum, sq_sum, aux = chunk_sums(head)
-    else:
-
-        def body(carry, examples):
-            g, s, a = chunk_sums(examples)
-            return jax.tree.map(jnp.add, carry, (g, s)), a
-
-        init = _zero_sums(params, axis_name)
-        (grad_sum, sq_sum), aux = jax.lax.scan(body, init, _split_leading(head, num_chunks))
-        aux = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), aux)
-    if rem:
-        g, s, a = chunk_sums(jax.tree.map(lambda x: x[num_chunks * chunk :], batch))
-        grad_sum, sq_sum = jax.tree.map(jnp.add, (grad_sum, sq_sum), (g, s))
-        aux = jax.tree.map(lambda u, v: jnp.concatenate([u, v]), aux, a)
-    return grad_sum, sq_sum, aux
 
 
 def microbatch(
@@ -458,9 +326,9 @@ def microbatch(
         memory bound of gradient accumulation). ``True`` unrolls the loop, which may keep
         every microbatch's activations alive at once. ``None`` (default): ``True`` when JAX's
         default backend is the CPU, ``1`` elsewhere, because XLA:CPU runs convolutions inside a
-        rolled loop an order of magnitude slower (jax-ml/jax#12868; SmallCNN, batch 128,
-        k = 8, 2 cores: 13.6x a plain step rolled, 0.67x unrolled, see ``make bench``).
-        The results are the same either way.
+        rolled loop an order of magnitude slower (jax-ml/jax#12868; the measured ratios are
+        the ``microbatch`` rows of ``make bench``, in the README). The results are the same
+        either way.
 
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``).
@@ -476,12 +344,9 @@ def microbatch(
       (8.0, 64.0)
     """
     n = batch_size(batch)
-    k = num_microbatches
-    if not isinstance(k, int) or k < 2:
-        raise ValueError(
-            f"num_microbatches must be an int >= 2, got {k!r}: one microbatch gives no second "
-            "batch size to compare with."
-        )
+    k = common.check_int(
+        num_microbatches, "num_microbatches", 2, "one microbatch gives no second batch size."
+    )
     if n % k:
         raise ValueError(
             f"num_microbatches={k} does not divide the batch size {n}: pick a divisor of the "
@@ -522,7 +387,7 @@ def across_devices(
         raise ValueError(
             "across_devices needs axis_name: the data-parallel axis of pmap/shard_map."
         )
-    if _axis_size(axis_name) < 2:
+    if common.axis_size(axis_name) < 2:
         raise ValueError(
             f"across_devices needs at least 2 devices on axis {axis_name!r}, got 1: use "
             "microbatch() on a single device."
@@ -536,22 +401,24 @@ def across_devices(
 
 def _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll=1):
     """Accumulate ``k`` microbatch gradients and their squared norms, then reduce."""
-    params = _to_varying(params, axis_name)
-    grad_fn = _grad_fn(loss_fn, has_aux)
+    params = common.to_varying(params, axis_name)
+    grad_fn = common.grad_fn(loss_fn, has_aux)
 
     def body(carry, micro):
         g, aux = grad_fn(params, micro)
         grad_sum, sq_sum = carry
         return (
             jax.tree.map(jnp.add, grad_sum, g),
-            jax.tree.map(jnp.add, sq_sum, _sq_norms(g)),
+            jax.tree.map(jnp.add, sq_sum, common.sq_norms(g)),
         ), aux
 
     if k == 1:
         g, aux = grad_fn(params, batch)
-        grad_sum, sq_sum, aux = g, _sq_norms(g), jax.tree.map(lambda a: a[None], aux)
+        grad_sum, sq_sum, aux = g, common.sq_norms(g), jax.tree.map(lambda a: a[None], aux)
     else:
-        init = _zero_sums(params, axis_name)
-        (grad_sum, sq_sum), aux = jax.lax.scan(body, init, _split_leading(batch, k), unroll=unroll)
+        init = common.zero_sums(params, axis_name)
+        (grad_sum, sq_sum), aux = jax.lax.scan(
+            body, init, common.split_leading(batch, k), unroll=unroll
+        )
     stats, grads = _finish(grad_sum, sq_sum, k, n / k, axis_name)
     return (stats, grads, aux) if has_aux else (stats, grads)

@@ -66,7 +66,7 @@ import jax.extend.core
 import jax.numpy as jnp
 from jax import lax
 
-from gns import estimate
+from gns import common
 
 PyTree = Any
 
@@ -331,7 +331,7 @@ def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
     Returns:
       A :class:`Plan`; ``print(plan(...).describe())`` says what is covered and why not.
     """
-    n = estimate.batch_size(batch)
+    n = common.batch_size(batch)
     calls = _record_calls(loss_fn, params, batch, has_aux)
     one = jax.tree.map(lambda x: x[:1], batch)
     calls_one = _record_calls(loss_fn, params, one, has_aux)
@@ -502,12 +502,12 @@ def sums(
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}.")
-    n = estimate.batch_size(batch)
+    n = common.batch_size(batch)
     calls = the_plan.calls
     covered = [c for c in calls if c.covered]
     slot_of = {id(c): k for k, c in enumerate(covered)}
     slots = [{name: jnp.zeros((n,), jnp.float32) for name, _ in c.leaves} for c in covered]
-    slots = estimate._to_varying(slots, axis_name)  # keep their gradients device-local
+    slots = common.to_varying(slots, axis_name)  # keep their gradients device-local
 
     def tapped(p, zs):
         class Tap(_Interceptor):
@@ -585,7 +585,7 @@ def _with_fallback(
 
         sub = [params_leaves[j] for j in fb]
         chunk = n if chunk_size is None else min(chunk_size, n)
-        _, sub_sq, _ = estimate._vmap_sums(loss_fb, sub, batch, n, chunk, axis_name, has_aux)
+        _, sub_sq, _ = common.vmap_sums(loss_fb, sub, batch, n, chunk, axis_name, has_aux)
         for j, s in zip(fb, sub_sq, strict=True):
             sq[j] = s
     grad_sum = jax.tree.map(lambda g: g * n, grads)

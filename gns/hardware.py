@@ -8,8 +8,11 @@
   raising), then confirms the ones predicted to fit by running them, recording an accelerator
   out-of-memory error (``RESOURCE_EXHAUSTED``) instead of crashing;
 * :func:`time_step` times one step (compile excluded, warm-up, ``block_until_ready``, median);
-* :func:`accumulated_step_time` extends a step-time curve above the largest batch that fits, as
-  gradient accumulation.
+* :func:`time_batch_sizes` times all candidate batch sizes interleaved (round-robin, several
+  rounds), with the median and the spread of each, re-timing the noisy ones; every step is
+  compiled once per shape (:class:`CompileCache`);
+* :func:`accumulated_step_time` (from :mod:`gns.recommend`) extends a step-time curve above the
+  largest batch that fits, as gradient accumulation.
 
 The memory and the speed of a step are measured, not assumed: on a 2-core CPU the throughput of
 a small CNN peaks near batch 64-128 and falls beyond, while a GPU keeps gaining up to its memory.
@@ -18,14 +21,22 @@ a small CNN peaks near batch 64-128 and falls beyond, while a GPU keeps gaining 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+
+from gns.common import check_int
+
+# The step-time curve helpers live with the decision logic; re-exported here.
+from gns.recommend import accumulated_step_time, interpolate_step_time
 
 __all__ = [
     "DeviceInfo",
@@ -38,6 +49,11 @@ __all__ = [
     "largest_batch_that_fits",
     "StepTiming",
     "time_step",
+    "CompileCache",
+    "BatchTiming",
+    "TimingTable",
+    "interleaved_timing",
+    "time_batch_sizes",
     "accumulated_step_time",
     "interpolate_step_time",
     "is_out_of_memory",
@@ -126,13 +142,60 @@ def _abstract(args: Sequence[Any]) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)), args)
 
 
-def compile_step(step_fn: Callable, *example_args) -> Any:
+def _is_compiled(step_fn: Callable) -> bool:
+    return hasattr(step_fn, "memory_analysis") and not hasattr(step_fn, "lower")
+
+
+class CompileCache:
+    """Compiled executables, by step function and the shapes/dtypes of its arguments.
+
+    A step is compiled once per signature: timing it again, predicting its memory again or
+    timing it in more rounds reuses the executable (compiling costs seconds per batch size on a
+    CPU). Entries live as long as the step function does (weak keys); a function that cannot be
+    weakly referenced is compiled every time.
+
+    Attributes:
+      compiles: how many compilations this cache has done.
+      compile_s: the seconds they took.
+    """
+
+    def __init__(self):
+        self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.compiles = 0
+        self.compile_s = 0.0
+
+    def get(self, step_fn: Callable, *example_args) -> tuple[Any, float]:
+        """``(executable, seconds spent compiling now)``: ``0.0`` when it was cached."""
+        if _is_compiled(step_fn):
+            return step_fn, 0.0
+        shapes = _abstract(example_args)
+        leaves, treedef = jax.tree.flatten(shapes)
+        key = (treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
+        try:
+            per_fn = self._entries.setdefault(step_fn, {})
+        except TypeError:  # not weakly referenceable: nothing to key on safely
+            per_fn = {}
+        if key not in per_fn:
+            t0 = time.perf_counter()
+            per_fn[key] = _as_jitted(step_fn).lower(*shapes).compile()
+            dt = time.perf_counter() - t0
+            self.compiles += 1
+            self.compile_s += dt
+            return per_fn[key], dt
+        return per_fn[key], 0.0
+
+
+_CACHE = CompileCache()
+
+
+def compile_step(step_fn: Callable, *example_args, cache: CompileCache | None = None) -> Any:
     """``jax.jit(step_fn).lower(*example_args).compile()``: an executable callable on the args.
 
-    ``example_args`` may be arrays or ``jax.ShapeDtypeStruct`` (nothing is allocated). Keep
-    the result: calling it runs the step without compiling again.
+    ``example_args`` may be arrays or ``jax.ShapeDtypeStruct`` (nothing is allocated). The
+    executable is cached (``cache``, default the module's :class:`CompileCache`): compiling the
+    same function for the same shapes again returns it without compiling.
     """
-    return _as_jitted(step_fn).lower(*_abstract(example_args)).compile()
+    return (cache or _CACHE).get(step_fn, *example_args)[0]
 
 
 def _prediction(compiled) -> MemoryPrediction:
@@ -264,6 +327,7 @@ def largest_batch_that_fits(
     *,
     confirm: bool = True,
     stop_at_first_failure: bool = True,
+    cache: CompileCache | None = None,
 ) -> FitResult:
     """The largest candidate batch size whose step fits in memory.
 
@@ -284,6 +348,8 @@ def largest_batch_that_fits(
         it, else (CPU) half the host RAM available now.
       confirm: run the candidates predicted to fit.
       stop_at_first_failure: do not try candidates above the first that does not fit.
+      cache: where the compiled steps are kept (default: the module's :class:`CompileCache`),
+        so that timing them later compiles nothing.
 
     Returns:
       A :class:`FitResult`.
@@ -301,7 +367,6 @@ def largest_batch_that_fits(
         raise ValueError(f"candidates must be positive batch sizes, got {list(candidates)!r}.")
     info = detect_devices()
     budget, source = _default_budget(info, budget_bytes)
-    jitted = _as_jitted(step_fn)
     records: list[FitRecord] = []
     failed = False
     for b in cands:
@@ -314,7 +379,7 @@ def largest_batch_that_fits(
             shapes = jax.eval_shape(lambda b=b: tuple(make_args_for_batch(b)))
         except Exception:  # noqa: BLE001 - not traceable (e.g. NumPy data): build it for real
             shapes = _abstract(tuple(make_args_for_batch(b)))
-        compiled = compile_step(jitted, *shapes)
+        compiled = compile_step(step_fn, *shapes, cache=cache)
         pred = _prediction(compiled).total_bytes
         if pred > budget:
             failed = True
@@ -365,9 +430,17 @@ class StepTiming:
 
 
 def time_step(
-    step_fn: Callable, args: Sequence[Any], *, warmup: int = 2, repeats: int = 5
+    step_fn: Callable,
+    args: Sequence[Any],
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    cache: CompileCache | None = None,
 ) -> StepTiming:
     """Time ``step_fn(*args)``: compile excluded, ``warmup`` untimed calls, median of ``repeats``.
+
+    One batch size at a time: on a shared machine prefer :func:`time_batch_sizes`, which
+    interleaves the candidates so that a burst of load hits them all alike.
 
     Each call is followed by ``jax.block_until_ready`` on its output, so the time covers the
     computation, not only its dispatch. The same ``args`` are passed every time (the step must
@@ -378,6 +451,8 @@ def time_step(
       args: the positional arguments.
       warmup: untimed calls after compiling (caches, allocator, thread pools).
       repeats: timed calls, at least 1.
+      cache: where compiled executables are kept (default: the module's); a step already
+        compiled for these shapes is not compiled again (``compile_s`` is then 0).
 
     Returns:
       A :class:`StepTiming`.
@@ -393,11 +468,7 @@ def time_step(
             f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}."
         )
     args = tuple(args)
-    compile_s = 0.0
-    if hasattr(step_fn, "lower") or not hasattr(step_fn, "memory_analysis"):
-        t0 = time.perf_counter()
-        step_fn = compile_step(step_fn, *args)
-        compile_s = time.perf_counter() - t0
+    step_fn, compile_s = (cache or _CACHE).get(step_fn, *args)
     for _ in range(warmup):
         jax.block_until_ready(step_fn(*args))
     times = []
@@ -408,52 +479,200 @@ def time_step(
     return StepTiming(float(statistics.median(times)), tuple(times), compile_s)
 
 
-def accumulated_step_time(
-    step_time: dict[int, float], batch_size: int, max_batch_size: int
-) -> tuple[float, int, int]:
-    """Time of one optimizer step at ``batch_size`` on the measured step-time curve.
+@dataclasses.dataclass(frozen=True)
+class BatchTiming:
+    """The interleaved timing of one batch size (see :func:`time_batch_sizes`).
 
-    Up to ``max_batch_size`` the step runs as one batch: its time is the measured one, or a
-    log-log interpolation between the nearest measured batch sizes (clamped extrapolation at
-    the ends, proportional to the batch). Above it the step is **gradient accumulation** of
-    ``k = ceil(B / max_batch_size)`` microbatches of ``ceil(B / k)`` examples, timed as
-    ``k × t(ceil(B/k))``. That counts the optimizer update ``k`` times instead of once, a
-    slight overestimate when the update is cheap next to the backward pass (it is for the
-    models here); it needs no extra measurement and makes no assumption about the memory
-    behaviour of a ``scan`` over microbatches.
+    Attributes:
+      batch_size: the batch size.
+      median_s: median seconds per step over all timed calls.
+      q25_s, q75_s: the quartiles of the timed calls: the step-time range to pass to
+        :func:`gns.recommend.recommend` (``step_time_range``).
+      spread: ``(q75 − q25) / median``, the relative interquartile range.
+      times_s: every timed call, in order.
+      extra_rounds: rounds added because the spread was above ``max_spread`` (a re-time).
+      stable: whether the spread ended at or below ``max_spread``.
+      compile_s: seconds spent compiling this batch's step now (0 when it was cached).
+    """
+
+    batch_size: int
+    median_s: float
+    q25_s: float
+    q75_s: float
+    spread: float
+    times_s: tuple[float, ...]
+    extra_rounds: int
+    stable: bool
+    compile_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "times_s": list(self.times_s)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingTable:
+    """Step times of several batch sizes, timed interleaved (:func:`time_batch_sizes`).
+
+    Attributes:
+      timings: ``{batch_size: BatchTiming}``, ascending.
+      rounds: the interleaved rounds every batch size got.
+      max_spread: the spread above which a batch size was re-timed.
+    """
+
+    timings: dict[int, BatchTiming]
+    rounds: int
+    max_spread: float
+
+    def step_time(self) -> dict[int, float]:
+        """``{batch: median seconds}``, the ``step_time`` of :func:`gns.recommend.recommend`."""
+        return {b: t.median_s for b, t in self.timings.items()}
+
+    def step_time_range(self) -> dict[int, tuple[float, float]]:
+        """``{batch: (q25, q75)}``, the ``step_time_range`` of :func:`gns.recommend.recommend`."""
+        return {b: (t.q25_s, t.q75_s) for b, t in self.timings.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "rounds": self.rounds,
+            "max_spread": self.max_spread,
+            "batch_sizes": [t.to_dict() for t in self.timings.values()],
+        }
+
+
+def _summary(times: Sequence[float]) -> tuple[float, float, float, float]:
+    q25, med, q75 = (
+        float(q) for q in np.quantile(np.asarray(times, np.float64), [0.25, 0.5, 0.75])
+    )
+    return med, q25, q75, (q75 - q25) / med if med > 0 else math.inf
+
+
+def interleaved_timing(
+    runs: Mapping[int, Callable[[], Any]],
+    *,
+    rounds: int = 5,
+    warmup: int = 1,
+    max_spread: float = 0.1,
+    max_extra_rounds: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[int, tuple[tuple[float, ...], int]]:
+    """Time several callables round-robin; re-time the noisy ones in extra rounds.
+
+    Every round calls each of ``runs`` once, timed by ``clock`` (forward in even rounds,
+    backward in odd ones, so no batch size always follows the same neighbour). After
+    ``rounds`` rounds, the keys whose relative interquartile range exceeds ``max_spread`` get
+    more rounds (among themselves, still interleaved), until their spread is small or
+    ``max_extra_rounds`` is spent. Pure Python: ``runs`` and ``clock`` can be fakes.
 
     Args:
-      step_time: measured ``{batch size: seconds per step}`` at batch sizes that fit.
-      batch_size: the (effective) batch size to time.
-      max_batch_size: the largest batch that fits.
+      runs: ``{key: run}``; ``run()`` does one step and returns when it is done.
+      rounds: interleaved timed rounds for every key (at least 1).
+      warmup: untimed interleaved rounds first.
+      max_spread: re-time a key while ``(q75 − q25)/median`` is above it.
+      max_extra_rounds: at most this many extra rounds.
+      clock: seconds, monotonic.
 
     Returns:
-      ``(seconds, accumulation_steps, micro_batch_size)``.
+      ``{key: (times, extra_rounds)}``.
 
     Example:
-      >>> accumulated_step_time({64: 0.1, 128: 0.2}, 512, 128)
-      (0.8, 4, 128)
+      >>> ticks = iter(range(100))
+      >>> out = interleaved_timing({8: lambda: None}, rounds=3, clock=lambda: next(ticks))
+      >>> out[8]
+      ((1.0, 1.0, 1.0), 0)
     """
-    if not step_time:
-        raise ValueError("step_time is empty: measure at least one batch size that fits.")
-    if batch_size < 1 or max_batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got {batch_size}, max {max_batch_size}.")
-    k = max(1, math.ceil(batch_size / max_batch_size))
-    micro = math.ceil(batch_size / k)
-    return k * interpolate_step_time(step_time, micro), k, micro
+    rounds = check_int(rounds, "rounds", 1)
+    warmup = check_int(warmup, "warmup", 0)
+    max_extra_rounds = check_int(max_extra_rounds, "max_extra_rounds", 0)
+    if not max_spread > 0:
+        raise ValueError(f"max_spread must be positive (e.g. 0.1 for 10%), got {max_spread!r}.")
+    keys = list(runs)
+    times: dict[int, list[float]] = {k: [] for k in keys}
+    extra = dict.fromkeys(keys, 0)
+    round_index = itertools.count()
+
+    def one_round(order, timed=True):
+        for k in order if next(round_index) % 2 == 0 else order[::-1]:
+            t0 = clock()
+            runs[k]()
+            if timed:
+                times[k].append(float(clock() - t0))
+
+    for _ in range(warmup):
+        one_round(keys, timed=False)
+    for _ in range(rounds):
+        one_round(keys)
+    for _ in range(max_extra_rounds):
+        noisy = [k for k in keys if _summary(times[k])[3] > max_spread]
+        if not noisy:
+            break
+        one_round(noisy)
+        for k in noisy:
+            extra[k] += 1
+    return {k: (tuple(times[k]), extra[k]) for k in keys}
 
 
-def interpolate_step_time(step_time: dict[int, float], batch_size: float) -> float:
-    """Measured step time at ``batch_size``, else log-log interpolation (see above)."""
-    bs = np.array(sorted(step_time), dtype=np.float64)
-    ts = np.array([step_time[b] for b in sorted(step_time)], dtype=np.float64)
-    if np.any(~np.isfinite(ts)) or np.any(ts <= 0):
-        raise ValueError(f"step times must be finite and positive, got {dict(step_time)!r}.")
-    b = float(batch_size)
-    if b in step_time:
-        return float(step_time[b])
-    if b <= bs[0]:
-        return float(ts[0])  # a smaller batch is not faster than the smallest measured one
-    if b >= bs[-1]:
-        return float(ts[-1] * b / bs[-1])  # no better throughput than the largest measured
-    return float(np.exp(np.interp(np.log(b), np.log(bs), np.log(ts))))
+def time_batch_sizes(
+    step_fn: Callable | Mapping[int, Callable],
+    make_args_for_batch: Callable[[int], Sequence[Any]],
+    batch_sizes: Sequence[int],
+    *,
+    rounds: int = 5,
+    warmup: int = 1,
+    max_spread: float = 0.1,
+    max_extra_rounds: int = 10,
+    cache: CompileCache | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> TimingTable:
+    """Step times of all candidate batch sizes, timed interleaved, median and spread each.
+
+    Timing one batch size after another lets a burst of load on a shared machine land on some
+    of them only (re-timing minutes apart moved a step time by 40% here). Interleaving them
+    (round-robin, several rounds) spreads any burst over all of them; the median of each is
+    robust to a stray slow call, and a batch size whose interquartile range stays large is
+    re-timed in extra rounds (:func:`interleaved_timing`). Each step is compiled once per
+    shape (``cache``): a batch size compiled before (e.g. by :func:`largest_batch_that_fits`)
+    is not compiled again. Each call is followed by ``jax.block_until_ready``.
+
+    Args:
+      step_fn: the step (function, jitted function or compiled executable), or
+        ``{batch_size: step}`` (e.g. the ``compiled`` of :class:`FitRecord`).
+      make_args_for_batch: ``B -> args`` for ``step(*args)``; called once per batch size, the
+        arguments are kept for all rounds (the step must not donate them).
+      batch_sizes: the candidates.
+      rounds, warmup, max_spread, max_extra_rounds, clock: as for :func:`interleaved_timing`.
+      cache: where compiled executables are kept (default: the module's).
+
+    Returns:
+      A :class:`TimingTable`; ``.step_time()`` and ``.step_time_range()`` feed
+      :func:`gns.recommend.recommend`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> table = time_batch_sizes(lambda x: x @ x.T, lambda b: (jnp.ones((b, 8)),), [8, 16])
+      >>> sorted(table.step_time()), table.rounds
+      ([8, 16], 5)
+    """
+    cands = sorted({check_int(b, "batch size", 1) for b in batch_sizes})
+    if not cands:
+        raise ValueError("batch_sizes is empty: pass the candidate batch sizes to time.")
+    runs, compile_s = {}, {}
+    for b in cands:
+        fn = step_fn[b] if isinstance(step_fn, Mapping) else step_fn
+        args = tuple(make_args_for_batch(b))
+        compiled, compile_s[b] = (cache or _CACHE).get(fn, *args)
+        runs[b] = functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
+    raw = interleaved_timing(
+        runs,
+        rounds=rounds,
+        warmup=warmup,
+        max_spread=max_spread,
+        max_extra_rounds=max_extra_rounds,
+        clock=clock,
+    )
+    timings = {}
+    for b, (times, extra) in raw.items():
+        med, q25, q75, spread = _summary(times)
+        timings[b] = BatchTiming(
+            b, med, q25, q75, spread, times, extra, spread <= max_spread, compile_s[b]
+        )
+    return TimingTable(timings, rounds, float(max_spread))

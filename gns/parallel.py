@@ -35,17 +35,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gns.estimate import LossFn, NoiseStats, _to_varying
+from gns.common import LossFn, axis_names, to_varying
+from gns.estimate import NoiseStats
 
 PyTree = Any
 Estimator = Callable[..., tuple[NoiseStats, PyTree]]
 TrainStep = Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree, NoiseStats | None]]
 
 __all__ = ["make_train_step", "shard_batch"]
-
-
-def _axis_names(axis_name) -> tuple:
-    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
 def make_train_step(
@@ -83,7 +80,7 @@ def make_train_step(
             "device call the estimator directly."
         )
     if mesh is not None:
-        missing = [n for n in _axis_names(axis_name) if n not in mesh.axis_names]
+        missing = [n for n in axis_names(axis_name) if n not in mesh.axis_names]
         if missing:
             raise ValueError(
                 f"axis_name {missing} is not an axis of the mesh (axes {mesh.axis_names}): pass "
@@ -94,7 +91,7 @@ def make_train_step(
         if estimator is None:
             # Cast to varying: under shard_map, jax.grad of replicated params would already be
             # summed over devices, and pmean would then return that sum, not the mean.
-            local_grads = jax.grad(loss_fn)(_to_varying(params, axis_name), batch)
+            local_grads = jax.grad(loss_fn)(to_varying(params, axis_name), batch)
             stats, grads = None, jax.lax.pmean(local_grads, axis_name)
         else:
             stats, grads = estimator(loss_fn, params, batch, axis_name=axis_name)
@@ -150,6 +147,6 @@ def shard_batch(
             return x.reshape((n, x.shape[0] // n) + x.shape[1:])
 
         return jax.tree.map(split, batch)
-    names = mesh.axis_names if axis_name is None else _axis_names(axis_name)
+    names = mesh.axis_names if axis_name is None else axis_names(axis_name)
     sharding = NamedSharding(mesh, P(names[0] if len(names) == 1 else tuple(names)))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -1,4 +1,4 @@
-"""Matplotlib figures from the JSON outputs of a run (imports no JAX).
+"""Matplotlib figures from the JSON outputs of a run.
 
 Training plots read the rows of ``metrics.jsonl`` (one dict per logged step):
 
@@ -42,6 +42,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gns import common, smoothing  # noqa: E402
+
 __all__ = [
     "windowed_band",
     "plot_training",
@@ -64,11 +66,6 @@ def _series(rows: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps, np.float64), np.asarray(values, np.float64)
 
 
-def _ratio(trace_cov: np.ndarray, g_sq: np.ndarray) -> np.ndarray:
-    safe = np.where(g_sq > 0, g_sq, 1.0)
-    return np.where(g_sq > 0, trace_cov / safe, np.inf)
-
-
 def windowed_band(
     g_sq: np.ndarray,
     trace_cov: np.ndarray,
@@ -83,7 +80,7 @@ def windowed_band(
     At measurement ``i`` the window holds the finite measurements ``max(0, i-window+1) .. i``;
     the centre is ``mean(trace_cov) / mean(g_sq)`` over it (ratio of means, never mean of
     ratios) and the band the ``confidence`` percentile interval of that ratio over iid
-    resamples of the window.
+    resamples of the window: :func:`gns.smoothing.interval` with ``block_size=1`` per window.
 
     Args:
       g_sq: per-measurement ``g_sq`` ``[n]``.
@@ -111,19 +108,19 @@ def windowed_band(
     n = g.size
     centre, low, high = (np.full(n, np.nan) for _ in range(3))
     rng = np.random.default_rng(seed)
-    alpha = 1.0 - confidence
     for i in range(n):
-        gw, tw = g[max(0, i - window + 1) : i + 1], t[max(0, i - window + 1) : i + 1]
-        ok = np.isfinite(gw) & np.isfinite(tw)
-        gw, tw = gw[ok], tw[ok]
-        m = gw.size
-        if m < 2:
+        window_g, window_t = g[max(0, i - window + 1) : i + 1], t[max(0, i - window + 1) : i + 1]
+        if np.sum(np.isfinite(window_g) & np.isfinite(window_t)) < 2:
             continue
-        centre[i] = _ratio(tw.mean(), gw.mean())
-        idx = rng.integers(0, m, size=(num_resamples, m))
-        ratios = _ratio(tw[idx].mean(axis=1), gw[idx].mean(axis=1))
-        low[i] = np.quantile(ratios, alpha / 2, method="lower")
-        high[i] = np.quantile(ratios, 1 - alpha / 2, method="higher")
+        res = smoothing.interval(
+            window_g,
+            window_t,
+            confidence=confidence,
+            block_size=1,
+            num_resamples=num_resamples,
+            seed=rng,
+        )
+        centre[i], low[i], high[i] = res.estimate, res.low, res.high
     return centre, low, high
 
 
@@ -138,25 +135,19 @@ def plot_training(rows: Sequence[dict], path: str | None = None):
     Returns:
       The matplotlib ``Figure``.
     """
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    steps, loss = _series(rows, "train_loss")
-    ax_loss.plot(steps, loss, label="train loss")
-    steps_t, test_loss = _series(rows, "test_loss")
-    if test_loss.size:
-        ax_loss.plot(steps_t, test_loss, "o-", label="test loss (eval subset)")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("cross-entropy")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    steps, acc = _series(rows, "train_accuracy")
-    ax_acc.plot(steps, acc, label="train accuracy (training batches)")
-    steps_t, test_acc = _series(rows, "test_accuracy")
-    if test_acc.size:
-        ax_acc.plot(steps_t, test_acc, "o-", label="test accuracy (eval subset)")
-    ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("accuracy")
-    ax_acc.legend()
-    ax_acc.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = (("loss", "cross-entropy", " loss"), ("accuracy", "accuracy", " accuracy"))
+    for ax, (key, ylabel, what) in zip(axes, panels, strict=True):
+        steps, train_values = _series(rows, f"train_{key}")
+        train_label = "train" + what + (" (training batches)" if key == "accuracy" else "")
+        ax.plot(steps, train_values, label=train_label)
+        steps_t, test_values = _series(rows, f"test_{key}")
+        if test_values.size:
+            ax.plot(steps_t, test_values, "o-", label="test" + what + " (eval subset)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return _finish(fig, path)
 
@@ -179,7 +170,7 @@ def plot_noise_scale(rows: Sequence[dict], path: str | None = None, *, window: i
         steps = np.asarray([r["step"] for r in meas], np.float64)
         g = np.asarray([r["g_sq"] for r in meas], np.float64)
         t = np.asarray([r["trace_cov"] for r in meas], np.float64)
-        raw = _ratio(t, g)
+        raw = common.noise_scale_ratio(t, g)
         shown = np.isfinite(raw) & (raw > 0)
         ax.plot(steps[shown], raw[shown], ".", alpha=0.25, color="gray", label="per-step")
         centre, low, high = windowed_band(g, t, window=window)

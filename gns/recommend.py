@@ -12,10 +12,19 @@ size. The time-optimal batch minimizes ``T``, the cost-optimal one ``C``. For ``
 
 Above the largest batch that fits, a step is gradient accumulation over
 ``k = ceil(B/max_batch_size)`` microbatches, ``t(B) = k·t(B/k)``
-(:func:`gns.hardware.accumulated_step_time`). On the same devices accumulation never shortens
+(:func:`accumulated_step_time`). On the same devices accumulation never shortens
 the time to target: ``(1 + N/(k·m))·k·t(m) = (k + N/m)·t(m) ≥ (1 + N/m)·t(m)`` for any micro
 batch ``m``, and it never lowers the compute either. It is what you do when a recipe fixes a
 batch size larger than memory allows; the table shows its price.
+
+Neither input is exact. The noise scale has an interval and each measured step time a spread
+(the quartiles of interleaved repeats, :func:`gns.hardware.time_batch_sizes`), so the answer is
+a set: every candidate that is optimal for *some* noise scale in its interval combined with
+*some* step times within their spreads (``plausible_batch_sizes``; each pairwise comparison is
+linear in ``B_noise``, so the set is exact, not sampled). A pick at an end of the timed batch
+sizes is flagged with the batch to time next (``at_range_end``, ``extend_range_to``), and step
+times that fall with the batch (``t(8) > t(16)``) are warned about. ``basis`` says which
+evidence the noise scale came from and ``evidence`` lists every measurement with its ratio to it.
 
 Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018),
 sections 2.2-2.3 (eq. 2.6 for the SGD learning rate, eq. 2.11 for the tradeoff).
@@ -24,14 +33,20 @@ sections 2.2-2.3 (eq. 2.6 for the SGD learning rate, eq. 2.11 for the tradeoff).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from gns.hardware import accumulated_step_time
-
-__all__ = ["Recommendation", "recommend", "scale_learning_rate", "OPTIMIZERS"]
+__all__ = [
+    "Recommendation",
+    "recommend",
+    "scale_learning_rate",
+    "accumulated_step_time",
+    "interpolate_step_time",
+    "OPTIMIZERS",
+]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "lamb", "lars")
 _ADAPTIVE = ("adam", "adamw", "lamb")
@@ -57,6 +72,25 @@ class Recommendation:
         ``near_optimal_tolerance`` (10%) of the best: how sharply the answer is determined.
       batch_size_under_interval: ``(batch at the low end, batch at the high end)`` of the
         noise-scale interval, when one was given, else ``None``.
+      plausible_batch_sizes: every candidate that is optimal for some noise scale in its
+        interval combined with some step times within their spreads (``step_time_range``):
+        the recommendation's interval from both sources of uncertainty. Just the pick when
+        neither interval is given.
+      batch_size_range: ``(min, max)`` of ``plausible_batch_sizes``.
+      at_range_end: ``"smallest"`` or ``"largest"`` when the pick is at (or beyond) that end of
+        the timed batch sizes, so a batch outside them might be better; else ``None``.
+      extend_range_to: with ``at_range_end``, the batch size to time next (half the smallest,
+        or twice the largest timed one, if it fits); the caller times it and recommends once
+        more.
+      warnings: things that make the answer less trustworthy, in words: step times that fall
+        with the batch size (``t(8) > t(16)``), a pick at an end of the timed range.
+      basis: which evidence gave ``b_noise`` (e.g. ``"branched"``, ``"trajectory"``,
+        ``"b_simple"``).
+      evidence: every noise-scale measurement the caller passed (and the basis), as
+        ``{name: {"value", "low", "high", "ratio_to_basis"}}``.
+      noise_scale_status: ``"positive"``, ``"infinite"`` (not resolved: ``+inf``) or
+        ``"non-positive"`` (a degenerate estimate, zero, negative or ``-inf``: treated as no
+        noise, and said so in ``reason``).
       reason: the recommendation in plain English.
       table: one dict per candidate: ``batch_size``, ``fits``, ``accumulation_steps``,
         ``micro_batch_size``, ``step_time_s``, ``relative_steps`` (``S/S_min``),
@@ -79,12 +113,21 @@ class Recommendation:
     table: list[dict]
     b_noise: float
     objective: str
+    plausible_batch_sizes: tuple[int, ...] = ()
+    batch_size_range: tuple[int, int] = (0, 0)
+    at_range_end: str | None = None
+    extend_range_to: int | None = None
+    warnings: tuple[str, ...] = ()
+    basis: str = "b_simple"
+    evidence: dict = dataclasses.field(default_factory=dict)
+    noise_scale_status: str = "positive"
 
     def to_dict(self) -> dict:
+        """Plain JSON-able dict (tuples as lists; non-finite floats stay floats)."""
         out = dataclasses.asdict(self)
-        out["near_optimal_range"] = list(self.near_optimal_range)
-        if self.batch_size_under_interval is not None:
-            out["batch_size_under_interval"] = list(self.batch_size_under_interval)
+        for k, v in out.items():
+            if isinstance(v, tuple):
+                out[k] = list(v)
         return out
 
 
@@ -96,22 +139,28 @@ def scale_learning_rate(
     * SGD (and momentum, LARS): McCandlish eq. 2.6, ``ε_opt(B) = ε_max / (1 + B_noise/B)``;
       ``ε_max = base_lr·(1 + B_noise/base_batch_size)`` from the tuned rate, so
       ``lr(B) = base_lr·(1 + B_noise/B_base)/(1 + B_noise/B)``: linear scaling well below the
-      noise scale, saturating above it. With ``B_noise`` infinite this is linear scaling; with
-      ``B_noise <= 0`` the rate is kept.
+      noise scale, saturating above it. With ``B_noise = +inf`` this is linear scaling; with
+      ``B_noise <= 0`` (zero, negative or ``-inf``: a degenerate estimate, read as no noise)
+      the rate is kept; ``nan`` raises a ``ValueError`` (there is no rate to derive).
     * Adam-family (Adam, AdamW, LAMB): square-root scaling ``lr(B) = base_lr·sqrt(B/B_base)``,
       a heuristic (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive gradient
       algorithms"; Hoffer et al. 2017), not derived from the noise scale. Re-tune around it.
 
     Returns:
       ``(learning_rate, rule in words)``.
+
+    Example:
+      >>> lr, _ = scale_learning_rate(0.1, 64, 256, 128.0, "sgd")
+      >>> round(lr, 4)
+      0.2
     """
     opt = optimizer.lower()
     if opt not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-    if not (base_lr > 0 and base_batch_size > 0 and batch_size > 0):
+    if not all(0 < x < math.inf for x in (base_lr, base_batch_size, batch_size)):
         raise ValueError(
-            f"base_lr, base_batch_size and batch_size must be positive, got {base_lr}, "
-            f"{base_batch_size}, {batch_size}."
+            f"base_lr, base_batch_size and batch_size must be finite and positive, got "
+            f"{base_lr}, {base_batch_size}, {batch_size}."
         )
     if opt in _ADAPTIVE:
         lr = base_lr * math.sqrt(batch_size / base_batch_size)
@@ -121,17 +170,23 @@ def scale_learning_rate(
             "scale; re-tune within a factor of 2 around it."
         )
         return lr, rule
-    if math.isinf(b_noise):
+    if math.isnan(b_noise):
+        raise ValueError(
+            f"b_noise is nan: the {opt} rule eps_opt(B) = eps_max/(1 + B_noise/B) needs a noise "
+            "scale. Measure it again on finite gradients (over more batches), or keep base_lr."
+        )
+    if b_noise == math.inf:
         lr = base_lr * batch_size / base_batch_size
         rule = (
             f"linear scaling lr = {base_lr:g}·B/{base_batch_size:g}: the limit of "
             "eps_opt(B) = eps_max/(1 + B_noise/B) for an unresolved (infinite) noise scale."
         )
         return lr, rule
-    if b_noise <= 0:
+    if b_noise <= 0:  # zero, negative or -inf: a degenerate estimate, read as no noise
         return base_lr, (
-            "lr kept at the tuned value: with no measurable gradient noise, eps_opt(B) = "
-            "eps_max/(1 + B_noise/B) does not depend on B."
+            f"lr kept at the tuned value: the noise-scale estimate {b_noise:.4g} is not positive "
+            "(no measurable gradient noise), and then eps_opt(B) = eps_max/(1 + B_noise/B) does "
+            "not depend on B."
         )
     eps_max = base_lr * (1.0 + b_noise / base_batch_size)
     lr = eps_max / (1.0 + b_noise / batch_size)
@@ -145,7 +200,7 @@ def scale_learning_rate(
 
 def _objectives(b: np.ndarray, t: np.ndarray, n: float):
     """Relative steps ``1 + N/B`` and per-``S_min`` time and compute for noise scale ``n``."""
-    if math.isinf(n):
+    if n == math.inf:
         # S ∝ 1/B: every factor of B_noise cancels after dividing by it; compare t(B)/B.
         rel_steps = np.full_like(b, np.inf)
         return rel_steps, t / b, t / b
@@ -175,6 +230,9 @@ def recommend(
     base_batch_size: int,
     optimizer: str = "sgd",
     b_noise_interval: tuple[float, float] | None = None,
+    step_time_range: Mapping[int, tuple[float, float]] | None = None,
+    basis: str = "b_simple",
+    evidence: Mapping[str, float | Sequence[float]] | None = None,
     price_per_hour: float | None = None,
     num_devices: int | Callable[[int], float] = 1,
     s_min: float | None = None,
@@ -185,19 +243,30 @@ def recommend(
     """Recommend a batch size (and learning rate) for the time (or cost) to a target.
 
     Args:
-      b_noise: the noise scale (``B_simple`` as a stand-in for ``B_noise``). ``inf`` (gradient
-        not resolved above the noise) is allowed: steps then fall like ``1/B`` and the batch
-        with the best throughput wins. A negative or zero value (the ``tr Σ`` estimate came out
-        non-positive) is treated as no noise: steps do not depend on ``B``. ``nan`` is refused.
+      b_noise: the noise scale (``B_simple`` as a stand-in for ``B_noise``, or better evidence:
+        see ``basis``). ``+inf`` (gradient not resolved above the noise) is allowed: steps then
+        fall like ``1/B`` and the batch with the best throughput wins. Zero, negative or
+        ``-inf`` (a degenerate estimate: the ``tr Σ`` estimate came out non-positive) is
+        reported as such (``noise_scale_status="non-positive"``) and treated as no noise: steps
+        do not depend on ``B``. ``nan`` is refused.
       step_time: measured seconds per step at batch sizes that fit, ``{batch: seconds}`` or
-        ``(batch_sizes, seconds)``.
+        ``(batch_sizes, seconds)`` (e.g. the medians of :func:`gns.hardware.time_batch_sizes`).
       max_batch_size: the largest batch that fits; bigger candidates use gradient accumulation.
       base_lr: learning rate tuned at ``base_batch_size``.
       base_batch_size: the reference batch (the baseline of ``predicted_speedup_vs_baseline``).
       optimizer: ``"sgd"``, ``"momentum"``, ``"lars"`` (noise-scale rule) or ``"adam"``,
         ``"adamw"``, ``"lamb"`` (square-root heuristic).
       b_noise_interval: ``(low, high)`` of the noise scale; the recommendation under each end is
-        reported.
+        reported, and the interval enters ``plausible_batch_sizes``.
+      step_time_range: ``{batch: (low, high)}`` seconds per step (e.g. the quartiles of the
+        timed repeats) for measured batch sizes; enters ``plausible_batch_sizes``. Batches
+        left out count as exact.
+      basis: which evidence ``b_noise`` comes from, in words the caller chooses; by convention
+        ``"branched"`` (branched critical batch along the path), ``"trajectory"`` (effective
+        noise scale of the pilot's trajectory) or ``"b_simple"`` (one early measurement).
+      evidence: every noise-scale measurement the caller has, ``{name: value}`` or
+        ``{name: (value, low, high)}``; reported with its ratio to ``b_noise``. An entry named
+        ``basis`` must equal ``b_noise``.
       price_per_hour: price of one device-hour; adds money columns to the table.
       num_devices: devices the step runs on (compute = time × devices), or a function
         ``B -> devices`` when the device count grows with the batch (data parallelism at a
@@ -217,8 +286,8 @@ def recommend(
       >>> # t(B) = 0.01 + 0.001·B and B_noise = 400: the optimum is sqrt(0.01·400/0.001) = 63.2
       >>> times = {b: 0.01 + 0.001 * b for b in (16, 32, 64, 128, 256)}
       >>> r = recommend(400.0, times, max_batch_size=256, base_lr=0.1, base_batch_size=32)
-      >>> r.batch_size, r.accumulation_steps
-      (64, 1)
+      >>> r.batch_size, r.accumulation_steps, r.at_range_end
+      (64, 1, None)
     """
     if isinstance(b_noise, bool) or b_noise is None:
         raise ValueError(f"b_noise must be a number, got {b_noise!r}.")
@@ -230,24 +299,10 @@ def recommend(
         )
     if objective not in ("time", "cost"):
         raise ValueError(f"objective must be 'time' or 'cost', got {objective!r}.")
-    if isinstance(step_time, Mapping):
-        measured = {int(k): float(v) for k, v in step_time.items()}
-    else:
-        bs, ts = step_time
-        measured = {int(k): float(v) for k, v in zip(bs, ts, strict=True)}
-    if not measured:
-        raise ValueError("step_time is empty: time at least one batch size that fits.")
-    bad = {k: v for k, v in measured.items() if not (k >= 1 and math.isfinite(v) and v > 0)}
-    if bad:
-        raise ValueError(f"step_time needs positive batch sizes and finite positive seconds: {bad}")
-    if not (isinstance(max_batch_size, int | np.integer) and max_batch_size >= 1):
-        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}.")
-    measured = {k: v for k, v in measured.items() if k <= max_batch_size}
-    if not measured:
-        raise ValueError(
-            f"no step time measured at or below max_batch_size={max_batch_size}: time batch "
-            "sizes that fit."
-        )
+    if not (isinstance(basis, str) and basis):
+        raise ValueError(f"basis must be a non-empty string (e.g. 'b_simple'), got {basis!r}.")
+    measured = _measured(step_time, max_batch_size)
+    ranges = _ranges(step_time_range, measured)
     if price_per_hour is not None and not price_per_hour > 0:
         raise ValueError(f"price_per_hour must be positive or None, got {price_per_hour!r}.")
     if candidates is None:
@@ -281,7 +336,7 @@ def recommend(
     speedup = float(base_time[0] / time_obj[i])
     lr, lr_rule = scale_learning_rate(base_lr, base_batch_size, chosen, n, optimizer)
 
-    under = None
+    under, n_range = None, (n, n)
     if b_noise_interval is not None:
         lo, hi = (float(v) for v in b_noise_interval)
         if math.isnan(lo) or math.isnan(hi) or lo > hi:
@@ -289,6 +344,19 @@ def recommend(
                 f"b_noise_interval must be (low, high) with low <= high, got {b_noise_interval!r}."
             )
         under = (_pick(b, t, lo, objective, devices), _pick(b, t, hi, objective, devices))
+        n_range = (lo, hi)
+    weight = devices if objective == "cost" else np.ones_like(b)
+    t_lo, t_hi = (
+        np.array([accumulated_step_time(r, int(x), max_batch_size)[0] for x in b]) for r in ranges
+    )
+    plausible = _plausible(b, t_lo * weight, t_hi * weight, n_range) | {chosen}
+    plausible = tuple(sorted(plausible))
+
+    end, extend_to, end_note = _range_end(chosen, accum[i], measured)
+    warnings = _monotone_warnings(measured, ranges)
+    if end_note:
+        warnings.append(end_note)
+    evid = _evidence(basis, n, n_range if b_noise_interval is not None else None, evidence)
 
     table = []
     for j, x in enumerate(b):
@@ -298,10 +366,12 @@ def recommend(
             "accumulation_steps": int(accum[j]),
             "micro_batch_size": int(micro[j]),
             "step_time_s": float(t[j]),
+            "step_time_range_s": [float(t_lo[j]), float(t_hi[j])],
             "examples_per_s": float(x / t[j] * 1.0),
             "relative_steps": float(rel_steps[j]),
             "relative_time": float(time_obj[j] / time_obj.min()),
             "relative_cost": float(compute[j] / compute.min()),
+            "plausible": int(x) in plausible,
         }
         if s_min is not None and math.isfinite(n):
             row["time_to_target_s"] = float(s_min * time_obj[j])
@@ -311,6 +381,7 @@ def recommend(
             row[key] = float(scale * compute[j] * price_per_hour / 3600.0)
         table.append(row)
 
+    status = "infinite" if n == math.inf else ("positive" if n > 0 else "non-positive")
     reason = _reason(
         n,
         chosen,
@@ -328,6 +399,13 @@ def recommend(
         t[i],
         b,
     )
+    extra = [f"Basis: {basis}."]
+    if len(plausible) > 1:
+        extra.append(
+            f"Within the noise-scale interval and the step-time spreads, any of {list(plausible)} "
+            "can be the best."
+        )
+    reason = " ".join([reason, *extra, *warnings])
     return Recommendation(
         batch_size=int(chosen),
         time_optimal=int(time_opt),
@@ -343,7 +421,148 @@ def recommend(
         table=table,
         b_noise=n,
         objective=objective,
+        plausible_batch_sizes=plausible,
+        batch_size_range=(plausible[0], plausible[-1]),
+        at_range_end=end,
+        extend_range_to=extend_to,
+        warnings=tuple(warnings),
+        basis=basis,
+        evidence=evid,
+        noise_scale_status=status,
     )
+
+
+def _measured(step_time, max_batch_size) -> dict[int, float]:
+    """``{batch: seconds}`` at or below ``max_batch_size``, validated."""
+    if isinstance(step_time, Mapping):
+        measured = {int(k): float(v) for k, v in step_time.items()}
+    else:
+        bs, ts = step_time
+        measured = {int(k): float(v) for k, v in zip(bs, ts, strict=True)}
+    if not measured:
+        raise ValueError("step_time is empty: time at least one batch size that fits.")
+    bad = {k: v for k, v in measured.items() if not (k >= 1 and math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"step_time needs positive batch sizes and finite positive seconds: {bad}")
+    if not (isinstance(max_batch_size, int | np.integer) and max_batch_size >= 1):
+        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}.")
+    measured = {k: v for k, v in measured.items() if k <= max_batch_size}
+    if not measured:
+        raise ValueError(
+            f"no step time measured at or below max_batch_size={max_batch_size}: time batch "
+            "sizes that fit."
+        )
+    return measured
+
+
+def _ranges(step_time_range, measured) -> tuple[dict[int, float], dict[int, float]]:
+    """The low and the high step-time curves (the measured one where no range is given)."""
+    low, high = dict(measured), dict(measured)
+    for k, v in (step_time_range or {}).items():
+        if int(k) not in measured:
+            continue
+        lo, hi = (float(x) for x in v)
+        if not (0 < lo <= hi < math.inf):
+            raise ValueError(
+                f"step_time_range[{k}] must be (low, high) seconds with 0 < low <= high, got {v!r}."
+            )
+        low[int(k)], high[int(k)] = min(lo, measured[int(k)]), max(hi, measured[int(k)])
+    return low, high
+
+
+def _plausible(b, w_lo, w_hi, n_range) -> set[int]:
+    """The candidates that minimize ``(1 + N/B)·w(B)`` for some ``N`` in ``n_range`` and some
+    ``w`` between ``w_lo`` and ``w_hi`` (a candidate is most favoured at its own ``w_lo`` against
+    everyone else's ``w_hi``). Each pairwise condition is linear in ``N``, so the feasible ``N``
+    of a candidate is an interval, intersected exactly."""
+    n_lo, n_hi = max(n_range[0], 0.0), max(n_range[1], 0.0)
+    out = set()
+    for i in range(b.size):
+        lower, upper = n_lo, n_hi
+        ok = True
+        for j in range(b.size):
+            if j == i:
+                continue
+            a = w_lo[i] - w_hi[j]  # condition a + c·N <= 0
+            c = w_lo[i] / b[i] - w_hi[j] / b[j]
+            if c > 0:
+                upper = min(upper, -a / c)
+            elif c < 0:
+                lower = max(lower, -a / c)
+            elif a > 0:
+                ok = False
+        tol = 1e-12 * max(1.0, abs(lower)) if math.isfinite(lower) else 0.0
+        if ok and lower <= upper + tol:
+            out.add(int(b[i]))
+    return out
+
+
+def _range_end(chosen, k, measured) -> tuple[str | None, int | None, str]:
+    """Whether the pick sits at an end of the timed batch sizes, and what to time next."""
+    lo, hi = min(measured), max(measured)
+    if k == 1 and chosen <= lo and lo > 1:
+        nxt = max(1, lo // 2)
+        return (
+            "smallest",
+            nxt,
+            (
+                f"The pick {chosen} is at the small end of the timed batch sizes ({lo}): a smaller "
+                f"batch might be faster; time batch {nxt} and recommend again."
+            ),
+        )
+    if k == 1 and chosen >= hi:
+        nxt = 2 * hi
+        return (
+            "largest",
+            nxt,
+            (
+                f"The pick {chosen} is at the large end of the timed batch sizes ({hi}): a larger "
+                f"batch might be faster; time batch {nxt} (if it fits) and recommend again."
+            ),
+        )
+    return None, None, ""
+
+
+def _monotone_warnings(measured, ranges) -> list[str]:
+    """A warning for each pair of neighbouring timed batches where the bigger one is faster."""
+    out = []
+    bs = sorted(measured)
+    low, high = ranges
+    for small, big in itertools.pairwise(bs):
+        if measured[small] > measured[big]:
+            beyond = low[small] > high[big]
+            out.append(
+                f"Step time falls with the batch: t({small}) = {measured[small] * 1e3:.3g} ms > "
+                f"t({big}) = {measured[big] * 1e3:.3g} ms"
+                + (" (beyond the timing spreads)" if beyond else "")
+                + ": a busy machine or a noisy timing; re-time them interleaved."
+            )
+    return out
+
+
+def _evidence(basis, n, n_range, evidence) -> dict[str, dict]:
+    """``{name: {value, low, high, ratio_to_basis}}``, the basis included."""
+    rows: dict[str, dict] = {}
+    for name, v in (evidence or {}).items():
+        if isinstance(v, int | float | np.number):
+            value, lo, hi = float(v), None, None
+        else:
+            value, lo, hi = (float(x) for x in v)
+        rows[str(name)] = {"value": value, "low": lo, "high": hi}
+    if basis in rows:
+        given = rows[basis]["value"]
+        if not (given == n or math.isclose(given, n, rel_tol=1e-9)):
+            raise ValueError(
+                f"evidence[{basis!r}] = {given!r} but b_noise = {n!r}: the basis must be the "
+                "value the recommendation uses."
+            )
+    else:
+        lo, hi = n_range if n_range is not None else (None, None)
+        rows[basis] = {"value": n, "low": lo, "high": hi}
+    for row in rows.values():
+        ok = math.isfinite(n) and n > 0
+        row["ratio_to_basis"] = row["value"] / n if ok else math.nan
+    return rows
 
 
 def _reason(
@@ -364,17 +583,19 @@ def _reason(
     b,
 ) -> str:
     parts = []
-    if math.isinf(n):
+    if n == math.inf:
         parts.append(
             "The noise scale is not resolved (infinite): gradient noise dominates at every "
             "candidate batch, so steps to target fall like 1/B and the batch with the highest "
             f"throughput wins: {chosen}."
         )
     elif n <= 0:
+        sign = "negative" if n < 0 else "zero"
         parts.append(
-            f"The noise-scale estimate is {n:.3g} (not positive): no gradient noise was "
-            "measured, so bigger batches do not save steps and the fastest step wins: "
-            f"{chosen}. A non-positive estimate is usually sampling noise: pool more batches."
+            f"The noise-scale estimate is {n:.3g} ({sign}, not positive: a degenerate estimate, "
+            "read as no gradient noise), so bigger batches do not save steps and the fastest "
+            f"step wins: {chosen}. A non-positive estimate is usually sampling noise (the tr(Σ) "
+            "estimate came out non-positive): pool more batches."
         )
     else:
         what = "time to target" if objective == "time" else "compute to target"
@@ -416,3 +637,54 @@ def _reason(
             f"(low end) to {under[1]} (high end)."
         )
     return " ".join(parts)
+
+
+def accumulated_step_time(
+    step_time: dict[int, float], batch_size: int, max_batch_size: int
+) -> tuple[float, int, int]:
+    """Time of one optimizer step at ``batch_size`` on the measured step-time curve.
+
+    Up to ``max_batch_size`` the step runs as one batch: its time is the measured one, or a
+    log-log interpolation between the nearest measured batch sizes (clamped extrapolation at
+    the ends, proportional to the batch). Above it the step is **gradient accumulation** of
+    ``k = ceil(B / max_batch_size)`` microbatches of ``ceil(B / k)`` examples, timed as
+    ``k × t(ceil(B/k))``. That counts the optimizer update ``k`` times instead of once, a
+    slight overestimate when the update is cheap next to the backward pass (it is for the
+    models here); it needs no extra measurement and makes no assumption about the memory
+    behaviour of a ``scan`` over microbatches.
+
+    Args:
+      step_time: measured ``{batch size: seconds per step}`` at batch sizes that fit.
+      batch_size: the (effective) batch size to time.
+      max_batch_size: the largest batch that fits.
+
+    Returns:
+      ``(seconds, accumulation_steps, micro_batch_size)``.
+
+    Example:
+      >>> accumulated_step_time({64: 0.1, 128: 0.2}, 512, 128)
+      (0.8, 4, 128)
+    """
+    if not step_time:
+        raise ValueError("step_time is empty: measure at least one batch size that fits.")
+    if batch_size < 1 or max_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {batch_size}, max {max_batch_size}.")
+    k = max(1, math.ceil(batch_size / max_batch_size))
+    micro = math.ceil(batch_size / k)
+    return k * interpolate_step_time(step_time, micro), k, micro
+
+
+def interpolate_step_time(step_time: dict[int, float], batch_size: float) -> float:
+    """Measured step time at ``batch_size``, else log-log interpolation (see above)."""
+    bs = np.array(sorted(step_time), dtype=np.float64)
+    ts = np.array([step_time[b] for b in sorted(step_time)], dtype=np.float64)
+    if np.any(~np.isfinite(ts)) or np.any(ts <= 0):
+        raise ValueError(f"step times must be finite and positive, got {dict(step_time)!r}.")
+    b = float(batch_size)
+    if b in step_time:
+        return float(step_time[b])
+    if b <= bs[0]:
+        return float(ts[0])  # a smaller batch is not faster than the smallest measured one
+    if b >= bs[-1]:
+        return float(ts[-1] * b / bs[-1])  # no better throughput than the largest measured
+    return float(np.exp(np.interp(np.log(b), np.log(bs), np.log(ts))))

@@ -30,13 +30,9 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.optimize
 
-__all__ = [
-    "TradeoffFit",
-    "steps_to_target",
-    "fit",
-    "predict_steps",
-    "predict_examples",
-]
+from gns.common import percentile_interval
+
+__all__ = ["TradeoffFit", "steps_to_target", "fit", "predict_steps", "predict_examples"]
 
 # How far (in nats) the fitted log-parameters may move from the scale of the data. e^-30 ≈ 1e-13:
 # a parameter at the lower bound is zero for every practical purpose (a plateau, see `fit`).
@@ -330,12 +326,9 @@ def fit(
                         break
                 bb, ss = b[idx], s[idx]
             samples[i] = _fit_log(bb, ss, theta, bounds)
-        alpha = (1.0 - confidence) / 2.0
-        qs = (100 * alpha, 100 * (1 - alpha))
         s_boot, e_boot = np.exp(samples[:, 0]), np.exp(samples[:, 1])
         for name, vals in (("s_min", s_boot), ("e_min", e_boot), ("b_crit", e_boot / s_boot)):
-            lo, hi = np.percentile(vals, qs)
-            intervals[name] = (float(lo), float(hi))
+            intervals[name] = percentile_interval(vals, confidence)
 
     return TradeoffFit(
         s_min=s_min,

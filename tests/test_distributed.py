@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gns import estimate, parallel
+from gns import common, estimate, parallel
 
 N_DEV = 4
 AXIS = "i"
@@ -260,7 +260,7 @@ def test_per_example_without_its_cast_would_be_inflated(problem, monkeypatch):
     def est(p, b):
         return estimate.per_example(loss_fn, p, b, axis_name=AXIS)[0]
 
-    monkeypatch.setattr(estimate, "_to_varying", lambda tree, axis_name: tree)
+    monkeypatch.setattr(common, "to_varying", lambda tree, axis_name: tree)
     broken = run_shard_map(est, params, batch)
     assert float(broken.trace_cov) > 1.5 * float(want.trace_cov)
     # pmap has no implicit sum: the cast is a no-op there and the result is still right.

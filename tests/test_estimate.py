@@ -500,3 +500,68 @@ def test_nan_loss_propagates_and_tracker_skips_it():
     unsafe = smoothing.ema(decay=0.9, skip_nonfinite=False)
     state = unsafe.update(stats, unsafe.update(good, unsafe.init()))
     assert int(state.skipped) == 0 and np.isnan(float(state.b_simple))
+
+
+# ---------------------------------------------------------------------------------------------
+# Library edge cases (issue 10): integer types, a missing aux, float32 range.
+
+
+def test_numpy_integers_are_accepted_and_bools_refused():
+    params, batch = mlp_problem(3, batch_size=8, dim=3)
+    want, _ = estimate.per_example(mlp_loss, params, batch, chunk_size=3, method="vmap")
+    got, _ = estimate.per_example(mlp_loss, params, batch, chunk_size=np.int64(3), method="vmap")
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
+    want, _ = estimate.microbatch(mlp_loss, params, batch, num_microbatches=2)
+    got, _ = estimate.microbatch(mlp_loss, params, batch, num_microbatches=np.int64(2))
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
+    assert got.small_batch_size == 4.0
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got True"):
+        estimate.per_example(mlp_loss, params, batch, chunk_size=True)
+    with pytest.raises(ValueError, match="num_microbatches must be an int >= 2, got True"):
+        estimate.microbatch(mlp_loss, params, batch, num_microbatches=True)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p, b: estimate.per_example(mlp_loss, p, b, has_aux=True, method="vmap"),
+        lambda p, b: estimate.per_example(mlp_loss, p, b, has_aux=True),
+        lambda p, b: estimate.microbatch(mlp_loss, p, b, num_microbatches=2, has_aux=True),
+    ],
+)
+def test_has_aux_without_aux_is_a_clear_error(call):
+    params, batch = mlp_problem(3, batch_size=8, dim=3)
+    with pytest.raises(ValueError, match=r"has_aux=True but loss_fn returned .* \(loss, aux\)"):
+        call(params, batch)
+
+
+def test_from_two_batches_does_not_overflow_near_the_float32_maximum():
+    # B·|G_B|² = 6e38 overflows float32 when formed directly; the result itself is in range.
+    s = estimate.from_two_batches(3e38, 1.5e38, 1, 4)
+    small, big, b, B = 3e38, 1.5e38, 1.0, 4.0
+    np.testing.assert_allclose(float(s.g_sq), (B * big - b * small) / (B - b), rtol=1e-6)
+    np.testing.assert_allclose(float(s.trace_cov), (small - big) / (1 / b - 1 / B), rtol=1e-6)
+    assert float(s.b_simple) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_tiny_loss_scale_does_not_underflow():
+    # Mean-gradient elements ~1e-20 square below float32's smallest normal (flushed to 0),
+    # yet |G|² (~8e-38, summed over 20,000 parameters) is representable: the scaled norms keep
+    # it. Reference: the two-batch formulas on per-example gradients in float64 NumPy.
+    rng = np.random.default_rng(0)
+    n, d, c = 16, 20_000, 1e-20
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (10 * rng.normal(size=n)).astype(np.float32)
+
+    def loss(w, batch):
+        xb, yb = batch
+        return c * 0.5 * jnp.mean((xb @ w - yb) ** 2)
+
+    stats, _ = estimate.per_example(loss, jnp.zeros(d), (jnp.asarray(x), jnp.asarray(y)))
+    g = -c * y.astype(np.float64)[:, None] * x.astype(np.float64)  # per-example grads at w=0
+    small, big = np.mean(np.sum(g**2, axis=1)), np.sum(g.mean(0) ** 2)
+    g_sq, trace_cov = (n * big - small) / (n - 1), (small - big) / (1 - 1 / n)
+    assert 0 < g_sq < 1e-36  # the regime of the issue: below 1e-38 per element
+    np.testing.assert_allclose(float(stats.g_sq), g_sq, rtol=1e-4)
+    np.testing.assert_allclose(float(stats.trace_cov), trace_cov, rtol=1e-4)
+    np.testing.assert_allclose(float(stats.b_simple), trace_cov / g_sq, rtol=1e-4)

@@ -256,3 +256,99 @@ def test_prediction_matches_resident_memory_growth_of_a_subprocess(tmp_path):
     predicted, growth = res["predicted"], res["growth"]
     assert predicted > 300 * 2**20  # the step is big enough to dominate runtime noise
     assert 0.75 * predicted <= growth <= 1.25 * predicted + 64 * 2**20, res
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved timing (issue 11) and compile-once (issue 14).
+
+
+class FakeClock:
+    """A clock that only moves when a fake step says how long it took."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.calls = []
+
+    def __call__(self):
+        return self.now
+
+    def step(self, key, durations):
+        it = iter(durations)
+
+        def run():
+            self.calls.append(key)
+            self.now += next(it)
+
+        return run
+
+
+def test_interleaved_rounds_and_a_noisy_batch_is_retimed():
+    clock = FakeClock()
+    # Batch 16 is steady; batch 32 is hit by a burst of load in 3 of its first 5 rounds and
+    # steady afterwards; batch 64 stays noisy for good.
+    runs = {
+        16: clock.step(16, [1.0] * 100),
+        32: clock.step(32, [9.0, 2.0, 6.0, 2.0, 7.0, 2.0] + [2.0] * 100),
+        64: clock.step(64, [4.0, 8.0] * 100),
+    }
+    out = hardware.interleaved_timing(
+        runs, rounds=5, warmup=1, max_spread=0.1, max_extra_rounds=6, clock=clock
+    )
+    # Warm-up and the 5 rounds are round-robin over all three (direction alternating).
+    first = clock.calls[: 3 * 6]
+    assert [sorted(first[i : i + 3]) for i in range(0, 18, 3)] == [[16, 32, 64]] * 6
+    assert first[:6] == [16, 32, 64, 64, 32, 16]
+    times16, extra16 = out[16]
+    times32, extra32 = out[32]
+    times64, extra64 = out[64]
+    assert extra16 == 0 and times16 == (1.0,) * 5
+    assert 0 < extra32 < 6 and len(times32) == 5 + extra32  # re-timed until steady
+    assert np.median(times32) == 2.0
+    assert extra64 == 6  # bounded: gave up after max_extra_rounds
+    with pytest.raises(ValueError, match="rounds must be an int >= 1"):
+        hardware.interleaved_timing(runs, rounds=0, clock=clock)
+
+
+def test_time_batch_sizes_compiles_each_shape_once_and_reports_spread():
+    traces = []
+
+    def step(x):
+        traces.append(x.shape)  # runs at trace (compile) time only
+        return jnp.tanh(x) @ x.T
+
+    make = lambda b: (jnp.ones((b, 16), jnp.float32),)
+    cache = hardware.CompileCache()
+    table = hardware.time_batch_sizes(step, make, [8, 4], rounds=3, cache=cache)
+    assert traces == [(4, 16), (8, 16)] and cache.compiles == 2
+    assert list(table.timings) == [4, 8]
+    for b, t in table.timings.items():
+        assert len(t.times_s) == 3 + t.extra_rounds and t.compile_s > 0
+        assert t.q25_s <= t.median_s <= t.q75_s
+        assert t.spread == pytest.approx((t.q75_s - t.q25_s) / t.median_s)
+        assert t.stable == (t.spread <= table.max_spread)
+        assert table.step_time()[b] == t.median_s
+        assert table.step_time_range()[b] == (t.q25_s, t.q75_s)
+    # Timing again, with time_step, with a new shape: only the new shape compiles.
+    again = hardware.time_batch_sizes(step, make, [4, 8, 16], rounds=2, cache=cache)
+    assert [again.timings[b].compile_s for b in (4, 8)] == [0.0, 0.0]
+    assert hardware.time_step(step, make(8), warmup=0, repeats=1, cache=cache).compile_s == 0.0
+    assert traces == [(4, 16), (8, 16), (16, 16)] and cache.compiles == 3
+    json.dumps(again.to_dict())
+    # The memory check compiles from abstract shapes; timing its batch sizes compiles nothing.
+    fit = hardware.largest_batch_that_fits(make, step, [32, 64], 2**30, cache=cache)
+    assert cache.compiles == 5 and fit.max_batch_size == 64
+    hardware.time_batch_sizes(step, make, [32, 64], rounds=1, cache=cache)
+    assert cache.compiles == 5 and len(traces) == 5
+
+
+def test_time_step_does_not_recompile_on_every_call():
+    traces = []
+
+    def step(x):
+        traces.append(1)
+        return x * 2.0
+
+    args = (jnp.ones((32,)),)
+    first = hardware.time_step(step, args, warmup=0, repeats=1)
+    second = hardware.time_step(step, args, warmup=0, repeats=1)
+    assert len(traces) == 1 and first.compile_s > 0 and second.compile_s == 0.0

@@ -273,3 +273,135 @@ def test_to_dict_is_json_ready():
     d = json.loads(json.dumps(r.to_dict()))
     assert d["batch_size"] == r.batch_size and d["reason"] == r.reason
     assert len(d["table"]) == len(r.table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate noise scales (issue 10).
+
+
+def test_minus_infinity_is_a_degenerate_negative_estimate_not_plus_infinity():
+    times = linear_times(0.01, 1e-4)
+    kw = dict(max_batch_size=4096, base_lr=0.1, base_batch_size=32, candidates=POW2)
+    r = recommend.recommend(-math.inf, times, **kw)
+    plus = recommend.recommend(math.inf, times, **kw)
+    assert r.noise_scale_status == "non-positive" and plus.noise_scale_status == "infinite"
+    assert r.batch_size == min(POW2) != plus.batch_size  # no noise: the fastest step wins
+    assert "negative" in r.reason and "degenerate" in r.reason and "not resolved" not in r.reason
+    assert r.learning_rate == pytest.approx(0.1)  # kept, not linearly scaled as for +inf
+    lr, rule = recommend.scale_learning_rate(0.1, 32, 256, -math.inf, "sgd")
+    assert lr == 0.1 and "not positive" in rule
+
+
+def test_nan_noise_scale_never_gives_a_nan_learning_rate():
+    for opt in ("sgd", "momentum", "lars"):
+        with pytest.raises(ValueError, match="b_noise is nan"):
+            recommend.scale_learning_rate(0.1, 32, 256, math.nan, opt)
+    lr, _ = recommend.scale_learning_rate(0.1, 32, 128, math.nan, "adam")  # rule ignores it
+    assert lr == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="finite and positive"):
+        recommend.scale_learning_rate(math.nan, 32, 128, 100.0, "sgd")
+
+
+# ---------------------------------------------------------------------------------------------
+# Uncertainty, range ends, monotonicity, basis and evidence (issue 11).
+
+
+def brute_force_plausible(times, ranges, n_lo, n_hi, batches):
+    """Candidate i is plausible if, at its own low time against every other's high time, it
+    is the argmin for some N on a fine grid of [n_lo, n_hi]."""
+    out = set()
+    for n in np.geomspace(n_lo, n_hi, 4001):
+        for i, B in enumerate(batches):
+            vals = [(1 + n / c) * (ranges[c][0] if c == B else ranges[c][1]) for c in batches]
+            if int(np.argmin(vals)) == i:
+                out.add(B)
+    return out
+
+
+def test_plausible_set_from_both_uncertainties_matches_brute_force():
+    batches = [8, 16, 32, 64, 128, 256]
+    times = linear_times(0.01, 1e-4, batches)
+    ranges = {B: (0.9 * t, 1.15 * t) for B, t in times.items()}
+    kw = dict(max_batch_size=256, base_lr=0.1, base_batch_size=32, candidates=batches)
+    exact = recommend.recommend(300.0, times, **kw)
+    assert exact.plausible_batch_sizes == (exact.batch_size,)  # no uncertainty given
+    noise_only = recommend.recommend(300.0, times, b_noise_interval=(100.0, 1000.0), **kw)
+    both = recommend.recommend(
+        300.0, times, b_noise_interval=(100.0, 1000.0), step_time_range=ranges, **kw
+    )
+    exact_ranges = {B: (t, t) for B, t in times.items()}
+    assert set(noise_only.plausible_batch_sizes) == brute_force_plausible(
+        times, exact_ranges, 100.0, 1000.0, batches
+    )
+    assert set(both.plausible_batch_sizes) == brute_force_plausible(
+        times, ranges, 100.0, 1000.0, batches
+    )
+    # More uncertainty never narrows the set; both ends under the interval are in it.
+    assert set(noise_only.plausible_batch_sizes) < set(both.plausible_batch_sizes)
+    assert set(noise_only.batch_size_under_interval) <= set(noise_only.plausible_batch_sizes)
+    assert both.batch_size_range == (
+        min(both.plausible_batch_sizes),
+        max(both.plausible_batch_sizes),
+    )
+    assert [row["plausible"] for row in both.table] == [
+        B in both.plausible_batch_sizes for B in batches
+    ]
+    assert "can be the best" in both.reason
+
+
+def test_pick_at_an_end_of_the_timed_range_is_flagged_with_the_batch_to_time_next():
+    kw = dict(base_lr=0.1, base_batch_size=64)
+    timed = [64, 128, 256]
+    # B* = sqrt(a·N/b): 10 (below the range), 2000 (above), 141 (inside).
+    low = recommend.recommend(10.0, linear_times(0.01, 1e-3, timed), max_batch_size=256, **kw)
+    assert (low.batch_size, low.at_range_end, low.extend_range_to) == (64, "smallest", 32)
+    high = recommend.recommend(4000.0, linear_times(0.01, 1e-5, timed), max_batch_size=1024, **kw)
+    assert (high.batch_size, high.at_range_end, high.extend_range_to) == (256, "largest", 512)
+    assert any("large end" in w for w in high.warnings) and "large end" in high.reason
+    mid = recommend.recommend(200.0, linear_times(0.01, 1e-4, timed), max_batch_size=256, **kw)
+    assert (mid.batch_size, mid.at_range_end, mid.extend_range_to) == (128, None, None)
+    assert mid.warnings == ()
+
+
+def test_step_times_falling_with_the_batch_warn():
+    times = {8: 0.012, 16: 0.010, 32: 0.02, 64: 0.04}
+    r = recommend.recommend(50.0, times, max_batch_size=64, base_lr=0.1, base_batch_size=16)
+    (w,) = [w for w in r.warnings if "falls with the batch" in w]
+    assert "t(8)" in w and "t(16)" in w and "beyond the timing spreads" in w
+    # Within the spreads: still warned, without claiming it is beyond them.
+    r = recommend.recommend(
+        50.0,
+        times,
+        max_batch_size=64,
+        base_lr=0.1,
+        base_batch_size=16,
+        step_time_range={8: (0.009, 0.013), 16: (0.009, 0.011)},
+    )
+    (w,) = [w for w in r.warnings if "falls with the batch" in w]
+    assert "beyond" not in w
+
+
+def test_basis_and_evidence_with_ratios():
+    times = linear_times(0.01, 1e-4)
+    kw = dict(max_batch_size=4096, base_lr=0.1, base_batch_size=32, candidates=POW2)
+    evidence = {"b_simple": 183.0, "trajectory": (250.0, 200.0, 310.0), "branched": 364.0}
+    r = recommend.recommend(364.0, times, basis="branched", evidence=evidence, **kw)
+    assert r.basis == "branched" and "Basis: branched" in r.reason
+    assert set(r.evidence) == {"b_simple", "trajectory", "branched"}
+    assert r.evidence["b_simple"]["ratio_to_basis"] == pytest.approx(183.0 / 364.0)
+    assert r.evidence["trajectory"] == {
+        "value": 250.0,
+        "low": 200.0,
+        "high": 310.0,
+        "ratio_to_basis": pytest.approx(250.0 / 364.0),
+    }
+    assert r.evidence["branched"]["ratio_to_basis"] == 1.0
+    # The basis joins the evidence when it is not in it; a mismatch is a caller's bug.
+    r = recommend.recommend(183.0, times, b_noise_interval=(150.0, 220.0), **kw)
+    assert r.evidence == {
+        "b_simple": {"value": 183.0, "low": 150.0, "high": 220.0, "ratio_to_basis": 1.0}
+    }
+    with pytest.raises(ValueError, match="basis must be the value"):
+        recommend.recommend(200.0, times, basis="branched", evidence=evidence, **kw)
+    with pytest.raises(ValueError, match="basis must be a non-empty string"):
+        recommend.recommend(200.0, times, basis="", **kw)

@@ -1,0 +1,285 @@
+"""Helpers shared by the estimators (:mod:`gns.estimate`, :mod:`gns.ghost`, :mod:`gns.parallel`)
+and the statistics on top of them (:mod:`gns.smoothing`, :mod:`gns.plots`).
+
+The bottom of the package: it imports no other ``gns`` module, so ``estimate``, ``ghost`` and
+``parallel`` import it (and each other, one way down: ``parallel -> estimate -> ghost ->
+common``) without a cycle.
+
+* pytree reductions: :func:`sq_norms` (per-leaf squared norms in a scaled, overflow- and
+  underflow-safe form), :func:`leaf_name`, :func:`batch_size`, :func:`split_leading`;
+* named axes (``pmap``/``shard_map``): :func:`axis_names`, :func:`axis_size`,
+  :func:`to_varying`, :func:`psum`;
+* the per-example gradients by ``jax.vmap`` that every fallback uses: :func:`grad_fn`,
+  :func:`zero_sums`, :func:`vmap_sums`;
+* argument checks: :func:`check_int`;
+* the one noise-scale ratio, :func:`noise_scale_ratio`, for NumPy and JAX arrays alike, and
+  the percentile step of every bootstrap here, :func:`percentile_interval`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+__all__ = [
+    "PyTree",
+    "LossFn",
+    "leaf_name",
+    "batch_size",
+    "check_int",
+    "sq_norms",
+    "axis_names",
+    "axis_size",
+    "to_varying",
+    "psum",
+    "zero_sums",
+    "split_leading",
+    "grad_fn",
+    "vmap_sums",
+    "noise_scale_ratio",
+    "percentile_interval",
+]
+
+
+def leaf_name(path) -> str:
+    """``"params/Conv_0/kernel"`` from a ``jax.tree_util`` key path (``"."`` for the root)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts) or "."
+
+
+def batch_size(batch: PyTree, argname: str = "batch") -> int:
+    """The common leading size of the leaves of ``batch``, with clear errors otherwise."""
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
+        raise ValueError(f"`{argname}` has no arrays: pass a pytree of arrays with a batch axis.")
+    sizes = {}
+    for path, leaf in leaves:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"`{argname}` leaf {leaf_name(path)!r} is a scalar: every leaf needs a leading "
+                "batch axis (reshape it to [batch, ...] or close over it in loss_fn)."
+            )
+        sizes.setdefault(shape[0], []).append(leaf_name(path))
+    if len(sizes) > 1:
+        desc = "; ".join(f"{n}: {', '.join(names)}" for n, names in sorted(sizes.items()))
+        raise ValueError(
+            f"`{argname}` leaves have different leading (batch) sizes ({desc}): every leaf must "
+            "hold the same number of examples along axis 0."
+        )
+    (size,) = sizes
+    if size == 0:
+        raise ValueError(f"`{argname}` is empty (batch size 0): pass at least two examples.")
+    return int(size)
+
+
+def check_int(value, name: str, minimum: int, hint: str = "") -> int:
+    """``value`` as a Python int when it is an integer (``int`` or a NumPy integer, not a
+    ``bool``) of at least ``minimum``; a ``ValueError`` naming ``name`` otherwise.
+
+    Example:
+      >>> check_int(np.int64(3), "chunk_size", 1)
+      3
+    """
+    ok = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+    if not ok or value < minimum:
+        raise ValueError(
+            f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})"
+            + (f": {hint}" if hint else ".")
+        )
+    return int(value)
+
+
+def sq_norms(tree: PyTree) -> PyTree:
+    """Per-leaf squared norm in float32, computed in a scaled form.
+
+    ``‖g‖² = (m·‖g/m‖)²`` with ``m = max|g|``: the squares are taken of numbers of size at most
+    1, so a gradient whose elements square below the smallest normal float32 (1.2e-38, e.g. a
+    loss scaled by 1e-19; XLA flushes smaller values to 0) keeps its norm whenever the squared
+    norm itself is representable. On stacked per-example gradients this is the sum over
+    examples of their squared norms.
+    """
+
+    def one(g):
+        g = g.astype(jnp.float32)
+        m = jnp.max(jnp.abs(g)) if g.size else jnp.zeros((), jnp.float32)
+        safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
+        return jnp.square(safe * jnp.sqrt(jnp.sum(jnp.square(g / safe))))
+
+    return jax.tree.map(one, tree)
+
+
+def axis_names(axis_name) -> tuple:
+    """``axis_name`` as a tuple of names (a tuple or list of names, or one name)."""
+    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
+def axis_size(axis_name) -> int:
+    """Devices on the named axis (1 for ``None``); a clear error for an unbound name."""
+    if axis_name is None:
+        return 1
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError as e:  # unbound axis name
+        raise ValueError(
+            f"axis_name={axis_name!r} is not bound: call this inside jax.pmap/jax.shard_map over "
+            f"an axis of that name, or pass axis_name=None on a single device. ({e})"
+        ) from e
+
+
+def to_varying(tree: PyTree, axis_name) -> PyTree:
+    """Mark replicated params as device-varying before differentiating.
+
+    Inside ``shard_map``, the gradient of an unvarying (replicated) input is summed over the
+    axis by JAX itself: the per-device and per-example gradients would silently become sums
+    over devices. Casting to varying first keeps them local; the callers reduce explicitly
+    afterwards. Under ``pmap`` (no varying-type check) this is a no-op. Also correct with
+    ``shard_map(..., check_vma=False)`` (nothing is tracked, nothing is summed implicitly), and
+    for a tuple of axis names: each name is cast separately, so a leaf already varying over
+    some of them is still cast over the others.
+    """
+    if axis_name is None:
+        return tree
+    axis_size(axis_name)  # a clear ValueError for an unbound name (pcast would assert)
+    names = axis_names(axis_name)
+
+    def cast(x):
+        for name in names:
+            try:
+                x = jax.lax.pcast(x, name, to="varying")
+            except (ValueError, TypeError, NotImplementedError):
+                pass  # already varying over `name`, or no varying-type tracking here
+        return x
+
+    return jax.tree.map(cast, tree)
+
+
+def psum(tree: PyTree, axis_name) -> PyTree:
+    """``jax.lax.psum`` over ``axis_name``; the identity for ``None``."""
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+def zero_sums(params: PyTree, axis_name) -> tuple[PyTree, PyTree]:
+    """Zero accumulators (gradient sum, per-leaf squared-norm sum) for a scan carry."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    sq = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    return to_varying((zeros, sq), axis_name)
+
+
+def split_leading(batch: PyTree, k: int) -> PyTree:
+    """Reshape every leaf ``[n, ...]`` to ``[k, n/k, ...]``."""
+    return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+
+
+def grad_fn(loss_fn: LossFn, has_aux: bool):
+    """``(params, batch) -> (grads, aux)`` (``aux`` ``None`` without ``has_aux``), with a clear
+    error when ``has_aux=True`` and ``loss_fn`` does not return a ``(loss, aux)`` pair."""
+    if not has_aux:
+        g = jax.grad(loss_fn)
+        return lambda p, b: (g(p, b), None)
+    return jax.grad(checked_aux(loss_fn), has_aux=True)
+
+
+def checked_aux(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` that raises a clear ``ValueError`` unless it returns ``(loss, aux)``."""
+
+    def checked(p, b):
+        out = loss_fn(p, b)
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            what = type(out).__name__ + (
+                f" of length {len(out)}" if isinstance(out, tuple | list) else ""
+            )
+            raise ValueError(
+                f"has_aux=True but loss_fn returned a {what}, not a (loss, aux) pair: return "
+                "(loss, aux) from loss_fn, or pass has_aux=False."
+            )
+        return tuple(out)
+
+    return checked
+
+
+def vmap_sums(loss_fn, params, batch, n, chunk, axis_name, has_aux):
+    """Per-example gradients by ``jax.vmap``, ``chunk`` examples at a time.
+
+    Returns:
+      ``(grad_sum, sq_sum, aux)``: the sum over the ``n`` local examples of their gradients,
+      the per-leaf sum of their squared norms, and the per-example aux stacked along axis 0.
+    """
+    one_grad = grad_fn(loss_fn, has_aux)
+
+    def one_example(example):
+        return one_grad(params, jax.tree.map(lambda x: x[None], example))
+
+    def chunk_sums(examples):
+        grads, aux = jax.vmap(one_example)(examples)
+        grad_sum = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+        return grad_sum, sq_norms(grads), aux
+
+    num_chunks, rem = divmod(n, chunk)
+    head = jax.tree.map(lambda x: x[: num_chunks * chunk], batch)
+    if num_chunks == 1:
+        grad_sum, sq_sum, aux = chunk_sums(head)
+    else:
+
+        def body(carry, examples):
+            g, s, a = chunk_sums(examples)
+            return jax.tree.map(jnp.add, carry, (g, s)), a
+
+        init = zero_sums(params, axis_name)
+        (grad_sum, sq_sum), aux = jax.lax.scan(body, init, split_leading(head, num_chunks))
+        aux = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), aux)
+    if rem:
+        g, s, a = chunk_sums(jax.tree.map(lambda x: x[num_chunks * chunk :], batch))
+        grad_sum, sq_sum = jax.tree.map(jnp.add, (grad_sum, sq_sum), (g, s))
+        aux = jax.tree.map(lambda u, v: jnp.concatenate([u, v]), aux, a)
+    return grad_sum, sq_sum, aux
+
+
+def noise_scale_ratio(trace_cov, g_sq):
+    """``trace_cov / g_sq`` with the noise-scale conventions: ``+inf`` where ``g_sq <= 0`` (the
+    gradient is not resolved above the noise), ``nan`` where either input is ``nan``.
+
+    The one ratio of the package: JAX arrays (also inside ``jit``) give a JAX array, anything
+    else (NumPy arrays, Python floats) a NumPy array, computed in the inputs' precision.
+
+    Example:
+      >>> noise_scale_ratio(np.array([8.0, 8.0, np.nan]), np.array([2.0, -1.0, 1.0]))
+      array([ 4., inf, nan])
+    """
+    xp = jnp if isinstance(trace_cov, jax.Array) or isinstance(g_sq, jax.Array) else np
+    trace_cov, g_sq = xp.asarray(trace_cov), xp.asarray(g_sq)
+    positive = g_sq > 0
+    with np.errstate(invalid="ignore", divide="ignore"):  # inf/inf: nan, as wanted
+        ratio = xp.where(positive, trace_cov / xp.where(positive, g_sq, 1.0), xp.inf)
+    return xp.where(xp.isnan(g_sq) | xp.isnan(trace_cov), xp.nan, ratio)
+
+
+def percentile_interval(samples, confidence: float) -> tuple[float, float]:
+    """The two-sided ``confidence`` percentile interval of bootstrap ``samples``.
+
+    Quantiles are order statistics (the lower one for the low end, the higher one for the
+    high end), never interpolated: an infinite sample (a resample whose mean ``g_sq`` is not
+    positive) gives an infinite end, never ``nan``.
+
+    Example:
+      >>> percentile_interval([1.0, 2.0, 3.0, np.inf], 0.5)
+      (1.0, inf)
+    """
+    alpha = 1.0 - float(confidence)
+    x = np.asarray(samples, np.float64).ravel()
+    low = float(np.quantile(x, alpha / 2, method="lower"))
+    return low, float(np.quantile(x, 1.0 - alpha / 2, method="higher"))
