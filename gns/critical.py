@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 from gns import recommend, smoothing
 
@@ -656,6 +657,12 @@ def _b_tolerance(batch_sizes, start_loss, final, tolerance):
     return float(2.0 ** (lo + (hi - lo) * min(max(frac, 0.0), 1.0)))
 
 
+def _expanded_alpha(alpha: float, n: int) -> float:
+    """Hesterberg's expanded percentile level: Φ⁻¹(1 − α'/2) = sqrt(n/(n−1))·t_{n−1}(1 − α/2)."""
+    t = scipy.stats.t.ppf(1 - alpha / 2, n - 1)
+    return float(2 * scipy.stats.norm.sf(math.sqrt(n / (n - 1)) * t))
+
+
 def branched_critical_batch(
     state,
     make_step: Callable[[int, float], Callable[[Any, Any], Any]],
@@ -798,33 +805,52 @@ def branched_critical_batch(
     ruler_x = np.array([0.0] + [k * sizes[0] for k in ruler_steps])
     n_r = len(ruler_steps)
 
-    def read(curve, start_loss):
-        """curve: (num_pts,) mean losses -> (ratios, final losses)."""
-        final = np.concatenate([[curve[n_r - 1]], curve[n_r:]])
-        ruler_y = np.concatenate([[start_loss], curve[:n_r]])
-        return _examples_ratio(ruler_x, ruler_y, final, num_examples), final
+    def log_ratios(w):
+        """Held-out weights (num_h,) -> log r (num_repeats, J), each repeat on its own ruler."""
+        curves, start_w = losses @ w, float(start @ w)
+        out = np.empty((num_repeats, len(sizes)))
+        for r in range(num_repeats):
+            final_r = np.concatenate([[curves[r, n_r - 1]], curves[r, n_r:]])
+            ruler_y = np.concatenate([[start_w], curves[r, :n_r]])
+            out[r] = np.log(_examples_ratio(ruler_x, ruler_y, final_r, num_examples))
+        out[:, 0] = 0.0  # the ruler itself (its envelope may end below its last point)
+        return out
 
-    start_loss = float(start.mean())
-    ratios, final = read(losses.mean(axis=(0, 2)), start_loss)
+    # Each repeat's forks share its data, so each repeat is read on its own ruler (the noise
+    # common to its forks cancels); the repeats' log ratios are then averaged.
+    num_h = start.size
+    uniform = np.full(num_h, 1.0 / num_h)
+    log_r = log_ratios(uniform)
+    ratios = np.exp(log_r.mean(0))
     b_crit = float(_fit_b_crit(sizes, ratios)[0])
+    start_loss = float(start.mean())
+    final = losses.mean(axis=(0, 2))
+    final = np.concatenate([[final[n_r - 1]], final[n_r:]])
     b_tol = _b_tolerance(sizes, start_loss, final, tolerance)
 
-    num_h = start.size
     if num_repeats >= 2 or num_h >= 2:
         rng = np.random.default_rng(seed)
         boot = np.empty((num_resamples, len(sizes)))
         for i in range(num_resamples):
-            reps = rng.integers(0, num_repeats, num_repeats) if num_repeats >= 2 else [0]
-            w = np.bincount(rng.integers(0, num_h, num_h), minlength=num_h) / num_h
-            boot[i] = read(losses[reps].mean(0) @ w, float(start @ w))[0]
+            reps = rng.integers(0, num_repeats, num_repeats)
+            if num_h >= 2:
+                w = np.bincount(rng.integers(0, num_h, num_h), minlength=num_h) / num_h
+                log_r = log_ratios(w)
+            boot[i] = np.exp(log_r[reps].mean(0))
         fits = _fit_b_crit(sizes, boot)
-        alpha = 1 - float(confidence)
+        # Expanded percentile interval (Hesterberg 2015): the percentile interval of a mean of
+        # n draws is too narrow by sqrt((n-1)/n) and by z/t_{n-1}; read it at the level whose
+        # normal quantile is sqrt(n/(n-1))·t_{n-1}, n the number of repeats (or held-out
+        # examples with one repeat).
+        n_eff = num_repeats if num_repeats >= 2 else num_h
+        alpha = _expanded_alpha(1 - float(confidence), n_eff)
         low = float(np.quantile(fits, alpha / 2, method="lower"))
         high = float(np.quantile(fits, 1 - alpha / 2, method="higher"))
-        parts = [f"{num_repeats} fork repeats (data offsets)"] if num_repeats >= 2 else []
+        parts = [f"{num_repeats} fork repeats (data offsets)"]
+        parts = parts if num_repeats >= 2 else []
         parts += [f"{num_h} held-out examples"] if num_h >= 2 else []
         method = (
-            f"{confidence:.0%} percentile bootstrap ({num_resamples} resamples) over "
+            f"{confidence:.0%} expanded percentile bootstrap ({num_resamples} resamples) over "
             + " and ".join(parts)
         )
     else:
