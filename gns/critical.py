@@ -436,7 +436,8 @@ class BranchedCriticalBatch(NamedTuple):
         fitted (least squares in log) to the examples each fork needs to reach the loss the
         smallest fork ``B_0`` reached; ``inf`` when no fork was slower (beyond the forked
         range), ``0`` when even the second fork made no progress (below it).
-      low: lower end of the bootstrap interval (``nan`` with one repeat and a scalar eval).
+      low: lower end of the (expanded percentile) bootstrap interval (``nan`` with one repeat
+        and a scalar eval).
       high: upper end of the bootstrap interval.
       b_tolerance: Merrill's rule on the same forks: the largest batch (interpolated in
         ``log2 B``) whose final loss stays within ``tolerance × (loss decrease of the smallest
@@ -444,9 +445,10 @@ class BranchedCriticalBatch(NamedTuple):
       batch_sizes: the forked batch sizes (increasing).
       lr_multipliers: the learning-rate multiplier of each fork (relative to the pilot's).
       start_loss: the held-out loss at the checkpoint.
-      final_loss: mean held-out loss of each fork after ``num_examples`` examples.
-      examples_ratio: ``E(B)/E(B_0)`` per fork (1 for the smallest; capped where a fork made
-        no progress).
+      final_loss: mean held-out loss of each fork after ``num_examples`` examples (over the
+        repeats and the held-out batch).
+      examples_ratio: ``E(B)/E(B_0)`` per fork, the geometric mean over the repeats (1 for the
+        smallest; capped at ``N/B_0`` where a fork made no progress).
       num_examples: examples per fork ``N``.
       num_repeats: forks per batch size on disjoint data offsets.
       examples_forked: training examples consumed by all forks.
@@ -602,14 +604,34 @@ def _ruler_points(num_steps: int, num_points: int) -> list[int]:
     return sorted(x for x in grid if 1 <= x <= num_steps)
 
 
+def _nonincreasing(y: np.ndarray) -> np.ndarray:
+    """Least-squares non-increasing fit of ``y`` (pool adjacent violators); ``inf`` stays put."""
+    finite = np.isfinite(y)
+    if not finite.all():  # a diverged point: everything from there on is "no better than inf"
+        first = int(np.argmin(finite))
+        head = _nonincreasing(y[:first]) if first else y[:0]
+        return np.concatenate([head, np.full(y.size - first, np.inf)])
+    values, weights, sizes = [], [], []
+    for v in y:
+        values.append(float(v)), weights.append(1.0), sizes.append(1)
+        while len(values) > 1 and values[-2] < values[-1]:
+            w = weights[-2] + weights[-1]
+            values[-2] = (weights[-2] * values[-2] + weights[-1] * values[-1]) / w
+            weights[-2], sizes[-2] = w, sizes[-2] + sizes[-1]
+            del values[-1], weights[-1], sizes[-1]
+    return np.repeat(values, sizes)
+
+
 def _examples_ratio(ruler_x, ruler_y, final, n_examples):
     """``N / E_0(L)`` per fork: ``E_0(L)`` the examples the smallest fork needed to reach ``L``.
 
     ``ruler_x`` starts with 0 (the checkpoint), ``ruler_y`` is the smallest fork's loss there.
-    A fork the ruler never matches (better than the smallest) gets ratio 1; one with no progress
-    (or a non-finite loss) gets the cap ``N / ruler_x[1]``.
+    The ruler is read on its non-increasing least-squares fit (isotonic regression): a running
+    minimum would reach each level early on a noisy curve and bias the ratios up. A fork the
+    ruler never matches (better than the smallest) gets ratio 1; one with no progress (or a
+    non-finite loss) gets the cap ``N / ruler_x[1]``.
     """
-    env = np.minimum.accumulate(np.where(np.isfinite(ruler_y), ruler_y, np.inf))
+    env = _nonincreasing(np.where(np.isfinite(ruler_y), ruler_y, np.inf))
     cap = n_examples / ruler_x[1]
     out = np.empty(final.shape)
     for j, loss in enumerate(final):
@@ -696,13 +718,17 @@ def branched_critical_batch(
     The rule (a local fit of McCandlish's tradeoff, ``docs/critical-batch.md``): the smallest
     fork's loss curve is the ruler; for each fork, ``E_0(L_j)`` is the number of examples the
     smallest fork needed to reach that fork's final loss ``L_j``, so ``r_j = N/E_0(L_j)`` is the
-    examples batch ``B_j`` needs relative to ``B_0`` for equal loss, and
+    examples batch ``B_j`` needs relative to ``B_0`` for equal loss. Each repeat is read on its
+    own ruler (its forks share its data), ``log r_j`` is averaged over the repeats, and
     ``r(B) = (1 + B/B_crit)/(1 + B_0/B_crit)`` is fitted by least squares in ``log r``.
-    Merrill's tolerance rule is reported beside it (``b_tolerance``).
+    Merrill's tolerance rule is reported beside it (``b_tolerance``). The result is the critical
+    batch of the recipe (optimizer and learning-rate rule), see ``docs/critical-batch.md``.
 
-    Interval: percentile bootstrap over the repeats (iid, ``num_repeats`` data offsets) and, when
-    ``eval_fn`` returns per-example losses, over the held-out examples (the same draw for every
-    fork and ruler point); each resample averages, re-reads the ratios and refits.
+    Interval: expanded percentile bootstrap (Hesterberg 2015) over the repeats (iid,
+    ``num_repeats`` data offsets) and, when ``eval_fn`` returns per-example losses, over the
+    held-out examples (the same draw for every fork and ruler point); each resample re-reads
+    the ratios and refits. Measured coverage at nominal 0.9 with 8 repeats on a noisy
+    quadratic: see ``docs/critical-batch.md``.
 
     Args:
       state: the checkpoint pytree; never modified.

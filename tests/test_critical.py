@@ -158,6 +158,13 @@ def test_examples_ratio_reads_the_ruler():
     r = critical._examples_ratio(x, y, final, n)
     # 1.5 reached at n/2 (ratio 2), 1.75 at n/4 (4); better than the ruler: 1; no progress: cap.
     np.testing.assert_allclose(r, [1.0, 2.0, 4.0, 1.0, n / x[1]])
+    # A noisy ruler is read on its isotonic (non-increasing least-squares) fit, not on its
+    # running minimum: [2, 1.6, 1.8, 1.2, 1] -> [2, 1.7, 1.7, 1.2, 1], so 1.55 is reached at
+    # 2.3 (the running minimum [2, 1.6, 1.6, 1.2, 1] would say 2.125).
+    noisy = np.array([2.0, 1.6, 1.8, 1.2, 1.0])
+    np.testing.assert_allclose(critical._nonincreasing(noisy), [2.0, 1.7, 1.7, 1.2, 1.0])
+    r = critical._examples_ratio(np.arange(5.0), noisy, np.array([1.0, 1.55]), 4.0)
+    np.testing.assert_allclose(r, [1.0, 4.0 / 2.3])
 
 
 # ---------------------------------------------------------------------------------------------
