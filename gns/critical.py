@@ -75,6 +75,18 @@ BASIS_NONE = "none"  # no usable point: value is nan
 # 1. The noise scale along the path.
 
 
+def _plain(record) -> dict[str, Any]:
+    """A NamedTuple as a dict of Python scalars, lists and strings (for JSON writers)."""
+    out = {}
+    for key, value in record._asdict().items():
+        if isinstance(value, np.ndarray | tuple):
+            value = np.asarray(value).tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
 class Trajectory(NamedTuple):
     """A pilot's noise scale by stretch of training (arrays of length ``k``).
 
@@ -96,6 +108,18 @@ class Trajectory(NamedTuple):
     low: np.ndarray
     high: np.ndarray
     num_rows: np.ndarray
+
+    def rows(self) -> list[dict[str, float]]:
+        """One dict per stretch: ``step`` (its end), ``start``, ``b_simple``, ``low``, ``high``,
+        ``num_rows``: the ``noise_scale.trajectory`` rows of ``sweep.json``."""
+        return [
+            {"step": float(e), "start": float(s), "b_simple": float(b), "low": float(lo),
+             "high": float(hi), "num_rows": int(n)}
+            for s, e, b, lo, hi, n in zip(
+                self.start, self.end, self.b_noise, self.low, self.high, self.num_rows,
+                strict=True,
+            )
+        ]  # fmt: skip
 
 
 class EffectiveNoiseScale(NamedTuple):
@@ -128,6 +152,10 @@ class EffectiveNoiseScale(NamedTuple):
     note: str
     weights: np.ndarray
     confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (floats, ints, lists, str), for JSON."""
+        return _plain(self)
 
 
 def stretch_lengths(steps, *, start: float = 0.0, end: float | None = None) -> np.ndarray:
@@ -474,6 +502,10 @@ class BranchedCriticalBatch(NamedTuple):
     confidence: float
     interval_method: str
     note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (floats, ints, lists, str), for JSON."""
+        return _plain(self)
 
 
 def lr_multipliers(

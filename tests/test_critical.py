@@ -135,6 +135,11 @@ def test_trajectory_from_metrics_pools_stretches_as_ratio_of_means():
     assert eff.basis == "single_point" and eff.num_dropped == 2
     with pytest.raises(ValueError, match="g_sq"):
         critical.trajectory_from_metrics([{"step": 1, "loss": 2.0}])
+    rows_out = traj.rows()
+    assert [r["step"] for r in rows_out] == [100.0, 200.0, 300.0]
+    assert rows_out[1]["b_simple"] == ref.estimate and rows_out[1]["num_rows"] == 100
+    as_dict = eff.to_dict()
+    assert as_dict["basis"] == "single_point" and isinstance(as_dict["weights"], list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +353,8 @@ def test_branching_leaves_the_checkpoint_untouched_and_compiles_once_per_batch()
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert res.lr_multipliers == (1.0, 1.0, 1.0) and res.examples_forked == 256 * 2 * 3
+    as_dict = res.to_dict()
+    assert as_dict["batch_sizes"] == [8, 16, 32] and isinstance(as_dict["final_loss"], list)
     assert math.isnan(res.cost_fraction)  # no pilot_examples given
 
 
