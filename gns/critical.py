@@ -484,6 +484,10 @@ class BranchedCriticalBatch(NamedTuple):
       confidence: two-sided level of the interval.
       interval_method: the interval in words.
       note: the rule and anything to be careful about, in words.
+      resolved: ``True`` when the value can be used as evidence: within ``[B_0/2, 2·B_max]``
+        of the forked batches, an interval with ``0 < low`` and a finite ``high``, and a
+        smallest fork that made progress. ``False`` says to fork other batch sizes, longer, or
+        with more repeats (see ``note``).
     """
 
     b_crit: float
@@ -502,6 +506,7 @@ class BranchedCriticalBatch(NamedTuple):
     confidence: float
     interval_method: str
     note: str
+    resolved: bool
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (floats, ints, lists, str), for JSON."""
@@ -921,8 +926,12 @@ def branched_critical_batch(
         notes.append(f"no progress at B = {sizes[1]}: B_crit is below the forked range")
     elif not sizes[0] / 2 <= b_crit <= 2 * sizes[-1]:
         notes.append(f"B_crit extrapolated outside the forked batches [{sizes[0]}, {sizes[-1]}]")
-    if start_loss - final[0] <= 0:
+    progress = start_loss - final[0] > 0
+    if not progress:
         notes.append("the smallest fork made no progress: the forks are too short or diverge")
+    resolved = bool(
+        progress and sizes[0] / 2 <= b_crit <= 2 * sizes[-1] and low > 0 and math.isfinite(high)
+    )
     forked = num_examples * num_repeats * len(sizes)
     cost = float(forked / pilot_examples) if pilot_examples else float("nan")
     return BranchedCriticalBatch(
@@ -942,6 +951,7 @@ def branched_critical_batch(
         confidence=float(confidence),
         interval_method=method,
         note="; ".join(notes),
+        resolved=resolved,
     )
 
 
@@ -950,6 +960,7 @@ def effective_critical_batch(
     delta_steps,
     ref_batch_size,
     *,
+    drop_unresolved: bool = False,
     confidence: float = 0.9,
     num_resamples: int = 2000,
     seed: int = 0,
@@ -966,6 +977,8 @@ def effective_critical_batch(
       delta_steps: pilot steps each checkpoint stands for (e.g.
         ``stretch_lengths(checkpoint_steps, end=target_step)``).
       ref_batch_size: the pilot's batch size.
+      drop_unresolved: drop (and count) checkpoints whose result is not ``resolved``, instead
+        of weighing them in with their (wide) intervals.
       confidence, num_resamples, seed: as in :func:`effective_noise_scale`.
 
     Returns:
@@ -978,7 +991,7 @@ def effective_critical_batch(
     """
     if len(results) == 0:
         raise ValueError("results is empty: branch at least one checkpoint.")
-    b = [r.b_crit for r in results]
+    b = [r.b_crit if (r.resolved or not drop_unresolved) else math.nan for r in results]
     lo = [r.low for r in results]
     hi = [r.high for r in results]
     return _effective(

@@ -238,6 +238,7 @@ def test_branched_b_crit_on_noisy_quadratic_contains_the_truth():
     expected = [(B_NOISE + b) / (B_NOISE + 8) for b in res.batch_sizes]
     np.testing.assert_allclose(res.examples_ratio, expected, rtol=0.08)
     assert res.examples_forked == 4096 * 8 * 6 and res.cost_fraction == pytest.approx(0.48)
+    assert res.resolved
     assert "bootstrap" in res.interval_method and "8 fork repeats" in res.interval_method
     # Merrill's rule at a 10% tolerance sits near δ/(1−δ)·B_crit, well below B_crit.
     assert 8 < res.b_tolerance < B_NOISE / 2
@@ -374,6 +375,7 @@ def test_per_example_eval_gives_a_held_out_bootstrap_with_one_repeat():
         ref_batch_size=16, num_examples=128, exponents=(0, 1), num_repeats=1,
     )  # fmt: skip
     assert math.isnan(scalar.low) and scalar.interval_method.startswith("none")
+    assert not scalar.resolved  # no interval: not usable as evidence
     assert scalar.b_crit == res.b_crit  # same forks, same mean losses
 
 
@@ -438,7 +440,7 @@ def test_step_that_changes_the_structure_is_named():
 def fake_result(b_crit, low, high):
     return critical.BranchedCriticalBatch(
         b_crit, low, high, b_crit, (8, 16), (1.0, 1.0), 1.0, (0.5, 0.6), (1.0, 1.2), 64, 2, 256,
-        float("nan"), 0.9, "", "",
+        float("nan"), 0.9, "", "", math.isfinite(b_crit),
     )  # fmt: skip
 
 
@@ -456,6 +458,13 @@ def test_effective_critical_batch_uses_the_same_weighting():
         [results[0], fake_result(math.inf, 300.0, math.inf)], delta, 64
     )
     assert one.basis == "branched_single_checkpoint" and one.num_dropped == 1
+    unresolved = results[1]._replace(resolved=False)
+    kept = critical.effective_critical_batch([results[0], unresolved], delta, 64, seed=1)
+    assert kept.num_points == 2 and kept.value == eff.value
+    cut = critical.effective_critical_batch(
+        [results[0], unresolved], delta, 64, drop_unresolved=True
+    )
+    assert cut.num_points == 1 and cut.num_dropped == 1 and cut.value == 30.0
     with pytest.raises(ValueError, match="empty"):
         critical.effective_critical_batch([], [], 64)
 
