@@ -732,7 +732,7 @@ def branched_critical_batch(
     num_examples: int,
     exponents: Sequence[int] = (-2, -1, 0, 1, 2, 3),
     lr_multiplier: Callable[[int], float] | Sequence[float] | None = None,
-    num_repeats: int = 2,
+    num_repeats: int = 4,
     tolerance: float = 0.1,
     num_ruler_points: int = 32,
     template=None,
@@ -782,7 +782,7 @@ def branched_critical_batch(
       lr_multiplier: the learning-rate rule: ``f(batch_size) -> lr(B)/lr(B_ref)`` or one value
         per exponent; default 1 everywhere. :func:`lr_multipliers` gives the configured rule.
       num_repeats: forks per batch size on disjoint data (``>= 2`` for an interval with a
-        scalar ``eval_fn``).
+        scalar ``eval_fn``; with 2 the expanded interval is wide: 4 or more is better).
       tolerance: Merrill's rule tolerance, a fraction of the smallest fork's loss decrease.
       num_ruler_points: evaluations of the smallest fork (plus the powers of 2 of its steps).
       template: optional expected state (e.g. the freshly initialized train state):
