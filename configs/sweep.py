@@ -49,6 +49,17 @@ def base(variant: str) -> ml_collections.ConfigDict:
     with ``train.gns_microbatches``), pooled into one ``b_simple`` with a ``confidence`` bootstrap
     interval (``gns.smoothing.interval``, iid since the batches are independent).
 
+    ``noise`` (pilot fields): the pilot trains ``pilot_steps`` steps at ``train.batch_size``
+    (``None``: ``warmup_steps``), measuring the noise scale every ``every`` steps; its
+    measurements give ``noise_scale.trajectory`` (``num_stretches`` equal stretches) and the
+    effective noise scale along the path (``gns.critical.effective_noise_scale``).
+
+    ``critical``: the branched critical batch (``gns.critical.branched_critical_batch``) at
+    ``num_checkpoints`` states of the pilot (0: off), forks at ``train.batch_size·2^j`` for
+    ``j`` in ``exponents``, each ``fork_steps`` steps of the largest fork's batch in examples,
+    ``num_repeats`` repeats on disjoint data (stream seed ``train.seed + seed_offset``), held-out
+    loss on ``eval_examples`` test images, ``confidence`` of the intervals.
+
     ``throughput``: candidate batch sizes are the powers of two from ``min_batch_size`` to
     ``max_batch_size``; each is predicted against ``memory_budget_bytes`` (``None``: the device's
     capacity, or half the free host RAM on CPU) and confirmed by running. Then all that fit, the
@@ -71,6 +82,11 @@ def base(variant: str) -> ml_collections.ConfigDict:
     c.compilation_cache = True
     c.train = training_config(variant)
     cifar10.add_measurement_stages(c)  # noise, throughput, recommend
+    c.noise.update(pilot_steps=config_dict.placeholder(int), every=1, num_stretches=3)
+    c.critical = ml_collections.ConfigDict(
+        {"num_checkpoints": 3, "exponents": (-2, -1, 0, 1, 2), "fork_steps": 8, "num_repeats": 2}
+    )
+    c.critical.update(eval_examples=1000, confidence=0.9, seed_offset=7)
     c.tradeoff = ml_collections.ConfigDict({"batch_sizes": config_dict.placeholder(tuple)})
     c.tradeoff.update(min_batch_size=16, max_runs=5, target_accuracy=0.5, max_steps=5000)
     c.tradeoff.update(max_wall_time_s=120.0, eval_every_examples=4096, num_bootstrap=1000)
@@ -91,7 +107,8 @@ def smoke() -> ml_collections.ConfigDict:
     c = base("smoke")
     c.train.update(batch_size=16, learning_rate=3e-3, eval_examples=256)
     c.train.data.update(source="synthetic", num_train=1024, num_test=256)
-    c.noise.update(warmup_steps=10, batch_size=32, num_batches=6)
+    c.noise.update(warmup_steps=10, batch_size=32, num_batches=6, pilot_steps=60)
+    c.critical.update(exponents=(-1, 0, 1), fork_steps=2, eval_examples=128)
     # The tiny model's step is predicted at ~2 MiB at batch 32 and ~4 MiB at 64 on CPU: a
     # 3 MiB budget makes 32 the largest that fits, so 64 and 128 run as accumulation.
     c.throughput.update(min_batch_size=8, max_batch_size=64, memory_budget_bytes=3 * 2**20)
@@ -117,6 +134,7 @@ def cpu() -> ml_collections.ConfigDict:
     c = base("cpu")
     c.train.update(num_epochs=None, batch_size=64, learning_rate=2e-3, eval_examples=5000)
     c.noise.update(warmup_steps=200, batch_size=128, num_batches=16, chunk_size=64)
+    c.noise.update(pilot_steps=1500, every=5)  # ~2 epochs at batch 64, measured every 5 steps
     c.throughput.update(min_batch_size=16, max_batch_size=1024, memory_budget_bytes=4 * 2**30)
     c.tradeoff.update(batch_sizes=(16, 32, 64, 128), target_accuracy=0.45, max_steps=6000)
     c.tradeoff.update(max_wall_time_s=300.0, eval_every_examples=4096)

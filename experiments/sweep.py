@@ -91,11 +91,13 @@ def _fields(**sections: str) -> tuple[str, ...]:
     return tuple(f"{s}.{f}" if f else s for s, fs in sections.items() for f in fs.split() or [""])
 
 
+PILOT_TRAIN = TRAIN_SETUP + " seed batch_size learning_rate schedule warmup_steps"
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "noise_scale": _fields(
-        train=TRAIN_SETUP + " seed batch_size learning_rate schedule warmup_steps",
-        tradeoff="max_steps",
-        noise="",
+    "noise_scale": _fields(train=PILOT_TRAIN, tradeoff="max_steps", noise=""),
+    # The forks start from the pilot's states: they depend on what shapes the pilot's path
+    # (its training setup, its length, which of its steps measure) and on ``critical``.
+    "critical_batch": _fields(
+        train=PILOT_TRAIN, tradeoff="max_steps", noise="warmup_steps pilot_steps every", critical=""
     ),
     "throughput": _fields(
         train=TRAIN_SETUP + " batch_size",
@@ -104,12 +106,37 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     ),
 }
 TIMING_SEED, TIMING_LEARNING_RATE = 0, 1e-3
+PILOT_FIELDS = _fields(
+    train=PILOT_TRAIN, tradeoff="max_steps", noise="warmup_steps pilot_steps every"
+)
+
+# Fields of the pilot and of the branched stage that configs made before them lack (the
+# ``compare`` modes' ``configs/cifar10.py`` sections): a pilot as long as the warm-up, measured
+# at every step, and no branching.
+PATH_DEFAULTS: dict[str, Any] = {
+    "noise.pilot_steps": None,
+    "noise.every": 1,
+    "noise.num_stretches": 3,
+    "critical": {
+        "num_checkpoints": 0, "exponents": (-1, 0, 1, 2), "fork_steps": 8, "num_repeats": 2,
+        "eval_examples": 512, "confidence": 0.9, "seed_offset": 7,
+    },
+}  # fmt: skip
 
 
 def _get_path(config, path: str):
     node = config
-    for part in path.split("."):
-        node = node[part]
+    try:
+        for part in path.split("."):
+            node = node[part]
+    except (KeyError, AttributeError):
+        for prefix, default in PATH_DEFAULTS.items():
+            if path == prefix or path.startswith(prefix + "."):
+                node = copy.deepcopy(default)
+                for part in path[len(prefix) + 1 :].split(".") if path != prefix else []:
+                    node = node[part]
+                return node
+        raise
     return node
 
 
@@ -130,6 +157,13 @@ def stage_config(config, stage: str) -> ml_collections.ConfigDict:
             node = node.setdefault(p, {})
         value = _get_path(config, path)
         node[last] = value.to_dict() if hasattr(value, "to_dict") else copy.deepcopy(value)
+    for path, default in PATH_DEFAULTS.items():  # a whole section: its fields added since
+        *parents, last = path.split(".")
+        if ".".join(parents) in STAGE_FIELDS[stage]:
+            section = out
+            for p in parents:
+                section = section[p]
+            section.setdefault(last, copy.deepcopy(default))
     return ml_collections.ConfigDict(out)
 
 
@@ -173,6 +207,16 @@ def validate_config(config, names: dict[str, str] | None = None) -> None:
         ("noise.batch_size", *_is_int(2)),
         ("noise.num_batches", *_is_int(2)),
         ("noise.confidence", lambda x: _is_pos(x) and x < 1, "must be in (0, 1), e.g. 0.9"),
+        ("noise.pilot_steps", lambda x: x is None or _is_int(0)[0](x), "must be None or >= 0"),
+        ("noise.every", *_is_int(1)),
+        ("noise.num_stretches", *_is_int(1)),
+        ("critical.num_checkpoints", *_is_int(0)),
+        ("critical.exponents", lambda x: len(x) >= 2 and list(x) == sorted(set(x)),
+         "must be at least 2 increasing ints, e.g. '(-1, 0, 1, 2)'"),
+        ("critical.fork_steps", *_is_int(1)),
+        ("critical.num_repeats", *_is_int(1)),
+        ("critical.eval_examples", *_is_int(1)),
+        ("critical.confidence", lambda x: _is_pos(x) and x < 1, "must be in (0, 1), e.g. 0.9"),
         ("throughput.min_batch_size", *_is_int(1)),
         ("throughput.max_batch_size", *_is_int(tp.min_batch_size)),
         ("throughput.warmup", *_is_int(0)),
@@ -252,15 +296,16 @@ class SweepState:
 # Stage 1: the noise scale.
 
 
-def _setup(t, ds, schedule):
-    """Model, plain train step and initial state of the training setup ``t``."""
+def _setup(t, ds, schedule, *, both: bool = False):
+    """Model, plain train step and initial state of the training setup ``t`` (with ``both``:
+    model, plain step, measuring step, state)."""
     from experiments import models
     from gns import smoothing
 
     model = models.get_model(t.model, num_classes=ds.num_classes)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
-    plain_fn, _ = train.make_train_steps(
+    plain_fn, gns_fn = train.make_train_steps(
         model,
         optimizer,
         tracker,
@@ -270,29 +315,102 @@ def _setup(t, ds, schedule):
         schedule=schedule,
     )
     state = train.init_state(t, model, optimizer, tracker, tuple(ds.train_images.shape[1:]))
-    return model, plain_fn, state
+    return (model, plain_fn, gns_fn, state) if both else (model, plain_fn, state)
 
 
-def measure_noise_scale(view, ds) -> dict:
-    """Stage 1: warm up, then estimate ``b_simple`` on independent batches with an interval.
+def pilot_length(ncfg) -> int:
+    """Steps of the pilot: ``noise.pilot_steps`` (``None``: the warm-up), at least the
+    warm-up."""
+    return max(int(ncfg.pilot_steps or 0), int(ncfg.warmup_steps))
+
+
+def checkpoint_steps(num_steps: int, num_checkpoints: int) -> list[int]:
+    """The pilot steps to branch from: the middles of ``num_checkpoints`` equal stretches.
+
+    Example:
+      >>> checkpoint_steps(60, 3)
+      [10, 30, 50]
+    """
+    k = int(num_checkpoints)
+    return sorted({max(1, round(num_steps * (2 * i + 1) / (2 * k))) for i in range(k)})
+
+
+_PILOT_STATES: dict[str, dict[int, Any]] = {}  # pilot fingerprint -> {step: state}, in-process
+
+
+def _pilot_key(view) -> str:
+    return runlog.fingerprint({p: _get_path(view, p) for p in PILOT_FIELDS})
+
+
+def run_pilot(view, ds, *, keep_steps=(), on_step=None) -> tuple[list[dict], dict[int, Any]]:
+    """The pilot: ``pilot_length`` steps at ``train.batch_size`` from seed ``train.seed``, the
+    measuring step (:mod:`gns.estimate`, ``train.gns_method``) every ``noise.every`` steps and
+    the plain step otherwise. Deterministic: a replay gives the same states (CPU).
+
+    Args:
+      view: a stage view with the :data:`PILOT_FIELDS`.
+      ds: the dataset.
+      keep_steps: steps after which to keep the state (in memory, also in ``_PILOT_STATES``).
+      on_step: ``on_step(step, state)`` called at step 0 and after every step (e.g. the
+        independent-batch measurement after the warm-up).
+
+    Returns:
+      ``(rows, {step: state})``: rows ``step``, ``g_sq``, ``trace_cov``, ``b_simple`` and the
+      EMA values of the measured steps.
+    """
+    from experiments import data
+
+    t, ncfg = view.train, view.noise
+    n_steps, every = pilot_length(ncfg), max(1, int(ncfg.every))
+    _, plain_fn, gns_fn, state = _setup(
+        t, ds, train.make_schedule(t, view.tradeoff.max_steps), both=True
+    )
+    plain, meas = jax.jit(plain_fn), jax.jit(gns_fn)
+    rows, kept, wanted = [], {}, set(keep_steps)
+    batches = data.train_batches(ds, t.batch_size, seed=t.seed, augment=t.data.augment)
+    try:
+        if on_step is not None:
+            on_step(0, state)
+        for i in range(1, n_steps + 1):
+            if i % every == 0:
+                state, m = meas(state, next(batches))
+                m = jax.device_get(m)
+                keys = ("g_sq", "trace_cov", "b_simple", "ema_g_sq", "ema_trace_cov")
+                rows.append({"step": i} | {k: float(m[k]) for k in (*keys, "ema_b_simple")})
+            else:
+                state, _ = plain(state, next(batches))
+            if i in wanted:
+                kept[i] = state
+            if on_step is not None:
+                on_step(i, state)
+    finally:
+        batches.close()
+    if kept:
+        _PILOT_STATES[_pilot_key(view)] = kept
+    return rows, kept
+
+
+def measure_noise_scale(view, ds, keep_steps=()) -> dict:
+    """Stage 1: the pilot, and ``b_simple`` on independent batches after its warm-up.
+
+    The pilot (:func:`run_pilot`) trains ``pilot_length`` steps at ``train.batch_size``,
+    measuring every ``noise.every`` steps; its measurements give the noise scale along the path
+    (``trajectory``: ``noise.num_stretches`` stretches, and ``effective``:
+    :func:`gns.finder.noise_evidence`). After ``noise.warmup_steps`` steps, ``b_simple`` is
+    estimated on ``noise.num_batches`` independent batches (the early single value).
 
     Args:
       view: :func:`stage_config` of ``noise_scale``.
       ds: the dataset (:func:`experiments.data.load`).
+      keep_steps: pilot steps whose states the ``critical_batch`` stage forks from (kept in
+        memory; they do not change the measurement).
     """
     from experiments import data, models
-    from gns import estimate, smoothing
+    from gns import estimate, finder, smoothing
 
     t, ncfg = view.train, view.noise
     t0 = time.perf_counter()
-    model, plain_fn, state = _setup(t, ds, train.make_schedule(t, view.tradeoff.max_steps))
-    step = jax.jit(plain_fn)
-    warm = data.train_batches(ds, t.batch_size, seed=t.seed, augment=t.data.augment)
-    try:
-        for _ in range(ncfg.warmup_steps):
-            state, _ = step(state, next(warm))
-    finally:
-        warm.close()
+    model = models.get_model(t.model, num_classes=ds.num_classes)
     mcfg = copy.deepcopy(t)
     mcfg.gns_method = ncfg.method
     method = train.resolve_gns_method(mcfg, model)
@@ -313,14 +431,32 @@ def measure_noise_scale(view, ds) -> dict:
             )
         return stats.g_sq, stats.trace_cov, stats.b_simple
 
-    batches = data.train_batches(ds, ncfg.batch_size, seed=t.seed + 1, augment=t.data.augment)
     per_batch = []
+
+    def after_warmup(step, state):
+        if step != ncfg.warmup_steps:
+            return
+        batches = data.train_batches(ds, ncfg.batch_size, seed=t.seed + 1, augment=t.data.augment)
+        try:
+            for _ in range(ncfg.num_batches):
+                g, tc, b = measure(state.params, state.batch_stats, next(batches))
+                per_batch.append({"g_sq": float(g), "trace_cov": float(tc), "b_simple": float(b)})
+        finally:
+            batches.close()
+
+    rows, _ = run_pilot(view, ds, keep_steps=keep_steps, on_step=after_warmup)
+    n_steps = pilot_length(ncfg)
     try:
-        for _ in range(ncfg.num_batches):
-            g, tc, b = measure(state.params, state.batch_stats, next(batches))
-            per_batch.append({"g_sq": float(g), "trace_cov": float(tc), "b_simple": float(b)})
-    finally:
-        batches.close()
+        path = finder.noise_evidence(
+            rows, int(t.batch_size), num_stretches=int(ncfg.num_stretches), end_step=n_steps,
+            confidence=float(ncfg.confidence), seed=int(t.seed),
+        )  # fmt: skip
+        trajectory, effective = path["trajectory"].rows(), path["effective"].to_dict()
+    except ValueError as e:  # fewer than 2 finite measurements along the path
+        trajectory, effective = [], {"value": None, "basis": "none", "note": str(e)}
+    pilot = {"steps": n_steps, "every": int(ncfg.every), "batch_size": int(t.batch_size)}
+    pilot["rows"] = [{k: r[k] for k in ("step", "g_sq", "trace_cov")} for r in rows]
+
     g_sq = np.array([p["g_sq"] for p in per_batch])
     trace_cov = np.array([p["trace_cov"] for p in per_batch])
     finite = np.isfinite(g_sq) & np.isfinite(trace_cov)
@@ -347,8 +483,111 @@ def measure_noise_scale(view, ds) -> dict:
         "num_nonfinite_dropped": pooled.nonfinite_dropped,
         "method": method,
         "after_warmup_steps": int(ncfg.warmup_steps),
+        "trajectory": trajectory,
+        "effective": effective,
+        "pilot": pilot,
         "time_s": time.perf_counter() - t0,
     }
+
+
+def measure_critical_batch(view, ds) -> dict:
+    """Stage 1b: the branched critical batch at ``critical.num_checkpoints`` states of the pilot.
+
+    From each checkpoint (the pilot's state at the middle of equal stretches, held in memory by
+    the noise stage or replayed exactly by :func:`run_pilot`), forks at ``train.batch_size·2^j``
+    (``critical.exponents``), the learning rate scaled by the rule of
+    :func:`gns.recommend.scale_learning_rate` (:func:`gns.critical.lr_multipliers`; linear for
+    SGD), each for ``critical.fork_steps`` steps of the largest fork's batch in examples,
+    ``critical.num_repeats`` repeats on disjoint data of one stream, evaluated on the first
+    ``critical.eval_examples`` test images (:func:`gns.finder.branch`).
+
+    Returns:
+      ``{"checkpoints": [], "effective": None, "note"}`` when ``critical.num_checkpoints`` is
+      0, else ``{"checkpoints": [rows with step,
+      b_crit, low, high, b_tolerance, resolved, cost_fraction], "effective": the path average
+      of the resolved checkpoints, "points": every fork result, "cost_fraction": examples forked
+      / pilot examples, "replayed_pilot": bool, ...}``.
+    """
+    from experiments import data
+    from gns import critical, finder
+
+    t, ccfg = view.train, view.critical
+    if int(ccfg.num_checkpoints) <= 0:
+        return {"checkpoints": [], "effective": None, "note": "not measured: "
+                "critical.num_checkpoints = 0 (set it to branch from the pilot)"}  # fmt: skip
+    t0 = time.perf_counter()
+    n_steps = pilot_length(view.noise)
+    steps = checkpoint_steps(n_steps, ccfg.num_checkpoints)
+    states = _PILOT_STATES.get(_pilot_key(view), {})
+    replayed = not set(steps) <= set(states)
+    if replayed:  # the noise stage ran in another process: replay the pilot (deterministic)
+        _, states = run_pilot(view, ds, keep_steps=steps)
+    schedule = train.make_schedule(t, view.tradeoff.max_steps)
+    model, _, template = _setup(t, ds, schedule)
+    steps_by_mult: dict[float, Any] = {}
+
+    def make_step(size, mult):
+        if mult not in steps_by_mult:
+            tm = copy.deepcopy(t)
+            tm.learning_rate = float(t.learning_rate) * mult
+            plain_fn = _setup(tm, ds, train.make_schedule(tm, view.tradeoff.max_steps))[1]
+            steps_by_mult[mult] = lambda state, batch: plain_fn(state, batch)[0]
+        return steps_by_mult[mult]
+
+    seed = int(t.seed) + int(ccfg.seed_offset)
+
+    def batch_fn(size, index):  # one shuffled stream, the same order at every batch size
+        return data.train_batch(ds, size, seed=seed, step=index, augment=t.data.augment)
+
+    n_eval = min(int(ccfg.eval_examples), len(ds.test_labels))
+    images = jnp.asarray(data.normalize(ds.test_images[:n_eval], ds.mean, ds.std))
+    labels, mask = jnp.asarray(ds.test_labels[:n_eval]), jnp.ones((n_eval,), jnp.float32)
+    eval_step = jax.jit(train.make_eval_step(model))
+
+    def eval_fn(state):
+        return eval_step(state.params, state.batch_stats, images, labels, mask)[1] / n_eval
+
+    critical.check_state(states[steps[0]], template, name=f"pilot state at step {steps[0]}")
+    b_ref = int(t.batch_size)
+    exps = [int(e) for e in ccfg.exponents]
+    n_fork = int(ccfg.fork_steps) * b_ref * 2 ** max(exps)
+    out = finder.branch(
+        {s: states[s] for s in steps}, make_step, batch_fn, eval_fn, ref_batch_size=b_ref,
+        end_step=n_steps, num_examples=n_fork, exponents=exps,
+        lr_multiplier=lambda b: critical.lr_multipliers(b_ref, [b], t.optimizer)[0],
+        num_repeats=int(ccfg.num_repeats), pilot_examples=n_steps * b_ref,
+        confidence=float(ccfg.confidence), seed=int(t.seed),
+    )  # fmt: skip
+    forked = sum(p.examples_forked for p in out["points"])
+    return {
+        "checkpoints": finder.checkpoint_rows(out["steps"], out["points"]),
+        "effective": out["effective"].to_dict(),
+        "points": [p.to_dict() for p in out["points"]],
+        "batch_sizes": [int(b_ref * 2.0**e) for e in exps],
+        "examples_per_fork": n_fork,
+        "examples_forked": forked,
+        "pilot_examples": n_steps * b_ref,
+        "cost_fraction": forked / (n_steps * b_ref),
+        "replayed_pilot": replayed,
+        "time_s": time.perf_counter() - t0,
+    }
+
+
+def _effective_from_json(d: dict | None):
+    """A stored :class:`gns.critical.EffectiveNoiseScale` dict back as the NamedTuple (strict
+    JSON stores non-finite numbers as ``null``: a missing high end is ``+inf``)."""
+    from gns import critical
+
+    if not d or d.get("value") is None and d.get("basis") == "none" and "s_min" not in d:
+        return None
+
+    def num(x, default=math.nan):
+        return default if x is None else x
+
+    fields = dict(d)
+    fields.update(value=num(d["value"]), low=num(d["low"]), high=num(d["high"], math.inf))
+    fields.update(s_min=num(d["s_min"]), e_min=num(d["e_min"]), weights=np.asarray(d["weights"]))
+    return critical.EffectiveNoiseScale(**fields)
 
 
 def noise_scale_value(noise: dict) -> float:
@@ -454,6 +693,16 @@ def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dic
             reason="; ".join(x for x in (row.get("reason"), note) if x),
         )
     return sorted(rows, key=lambda r: r["batch_size"])
+
+
+def step_time_ranges(rows: list[dict]) -> dict[int, tuple[float, float]]:
+    """``{batch: (q25, q75)}`` of the timed rows that fit: the spread the recommendation's
+    ``plausible_batch_sizes`` allows for."""
+    return {
+        r["batch_size"]: tuple(float(q) for q in np.quantile(r["times_s"], [0.25, 0.75]))
+        for r in rows
+        if r["fits"] and r["step_time_s"] and r.get("times_s")
+    }
 
 
 def step_times(rows: list[dict]) -> dict[int, float]:
@@ -629,7 +878,7 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     from tqdm import tqdm
 
     from experiments import data
-    from gns import hardware, plots, recommend
+    from gns import finder, hardware, plots, recommend
 
     t_start = time.perf_counter()
     st = SweepState(workdir)
@@ -638,7 +887,7 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         _enable_compilation_cache(os.path.join(workdir, "jax_cache"))
     runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     device = hardware.detect_devices()
-    bar = tqdm(total=4, desc="sweep", unit="stage", disable=not sys.stderr.isatty())
+    bar = tqdm(total=5, desc="sweep", unit="stage", disable=not sys.stderr.isatty())
     ds = data.load(config.train.data)
     stage_t = {"setup": time.perf_counter() - t_start}
 
@@ -653,14 +902,21 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         bar.update(1)
         return value
 
-    # 1. Noise scale; 2. memory and the timing table.
-    noise = stage("noise_scale", "value", measure_noise_scale)
+    # 1. Noise scale along the pilot, branched critical batch; 2. memory and the timing table.
+    ccfg = stage_config(config, "critical_batch")
+    ck = checkpoint_steps(pilot_length(ccfg.noise), ccfg.critical.num_checkpoints)
+    ck = ck if ccfg.critical.num_checkpoints > 0 else []
+    noise = stage(
+        "noise_scale", "value", lambda view, ds: measure_noise_scale(view, ds, keep_steps=ck)
+    )
     b_noise = noise_scale_value(noise)
     if math.isnan(b_noise):
         raise UserError(
             f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
             hint=f"delete {workdir} and run again",
         )
+    crit = stage("critical_batch", "value", lambda view, ds: measure_critical_batch(view, ds))
+    _PILOT_STATES.clear()
     tput = stage("throughput", "table", measure_throughput)
     max_batch = tput["max_batch_size"]
     if max_batch is None:
@@ -708,10 +964,18 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         else sorted({r["batch_size"] for r in rows if r["step_time_s"]} | {t.batch_size}),
         objective=rcfg.objective,
     )
+    basis, value, evidence, basis_note = finder.choose_basis(
+        (b_noise, *(math.inf if x is None else x for x in noise["interval"])),
+        _effective_from_json(noise.get("effective")),
+        _effective_from_json(crit.get("effective")),
+    )
     rec = recommend.recommend(
-        b_noise,
+        value[0],
         times,
-        b_noise_interval=tuple(math.inf if x is None else x for x in noise["interval"]),
+        b_noise_interval=(value[1], value[2]) if not math.isnan(value[1]) else None,
+        step_time_range=step_time_ranges(rows),
+        basis=basis,
+        evidence=evidence,
         s_min=tradeoff_out["s_min"],
         **common,
     )
@@ -732,7 +996,8 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         "noise_scale": noise,
         "tradeoff": tradeoff_out,
         "time_to_target": rank_time_to_target(points),
-        "recommendation": rec.to_dict(),
+        "critical_batch": crit,
+        "recommendation": rec.to_dict() | {"basis_note": basis_note},
         "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
         # Device time (steps x t(B)): comparable to the predicted curve S(B) t(B).
         "measured_time_to_target": {

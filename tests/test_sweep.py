@@ -114,6 +114,91 @@ def test_noise_scale_is_the_ratio_of_pooled_means(smoke_run):
 
 
 @pytest.mark.timeout(300)
+def test_noise_trajectory_is_pooled_from_the_pilots_own_measurements(smoke_run):
+    from gns import critical
+
+    config, workdir, _, _ = smoke_run
+    n = strict_json(os.path.join(workdir, sweep.SWEEP_FILE))["noise_scale"]
+    pilot, k = n["pilot"], config.noise.num_stretches
+    assert pilot["steps"] == config.noise.pilot_steps and len(pilot["rows"]) == pilot["steps"]
+    rows = n["trajectory"]
+    assert len(rows) == k and all({"step", "b_simple", "low", "high"} <= set(r) for r in rows)
+    width = pilot["steps"] / k
+    for i, r in enumerate(rows):  # ratio of means of the stretch's own rows
+        inside = [p for p in pilot["rows"] if i * width < p["step"] <= (i + 1) * width]
+        want = np.mean([p["trace_cov"] for p in inside]) / np.mean([p["g_sq"] for p in inside])
+        assert r["step"] == (i + 1) * width and r["b_simple"] == pytest.approx(want)
+        assert r["low"] <= r["b_simple"] <= (math.inf if r["high"] is None else r["high"])
+    # The effective value: ΔS_min-weighted mean, ΔS_min = ΔS_ref / (1 + B/B_ref).
+    b = np.array([r["b_simple"] for r in rows])
+    s_min = width / (1 + b / config.train.batch_size)
+    assert n["effective"]["value"] == pytest.approx((s_min * b).sum() / s_min.sum())
+    assert n["effective"]["basis"] == critical.BASIS_TRAJECTORY
+
+
+@pytest.mark.timeout(300)
+def test_critical_batch_rows_and_the_recommendations_basis(smoke_run):
+    from gns import critical
+
+    config, workdir, _, _ = smoke_run
+    s = strict_json(os.path.join(workdir, sweep.SWEEP_FILE))
+    c, cc = s["critical_batch"], config.critical
+    steps = sweep.checkpoint_steps(config.noise.pilot_steps, cc.num_checkpoints)
+    assert steps == [10, 30, 50] and [r["step"] for r in c["checkpoints"]] == steps
+    for r in c["checkpoints"]:
+        assert {"b_crit", "low", "high", "resolved"} <= set(r)
+    sizes = [config.train.batch_size * 2**e for e in cc.exponents]
+    assert c["batch_sizes"] == sizes and c["examples_per_fork"] == cc.fork_steps * max(sizes)
+    forked = len(steps) * len(sizes) * cc.num_repeats * c["examples_per_fork"]
+    assert c["examples_forked"] == forked
+    assert c["cost_fraction"] == pytest.approx(
+        forked / (config.noise.pilot_steps * config.train.batch_size)
+    )
+    # The path average weighs the resolved checkpoints only, each by its ΔS_min.
+    delta = critical.stretch_lengths(steps, end=config.noise.pilot_steps)
+    res = [(d, r["b_crit"]) for d, r in zip(delta, c["checkpoints"], strict=True) if r["resolved"]]
+    eff = c["effective"]
+    if len(res) >= 2:
+        d, b = np.array(res).T
+        w = d / (1 + b / config.train.batch_size)
+        assert eff["value"] == pytest.approx((w * b).sum() / w.sum())
+    # The basis is the best evidence measured, and every value is reported with its ratio.
+    r = s["recommendation"]
+    want = (
+        "branched" if eff["basis"] == critical.BASIS_BRANCHED
+        else "trajectory" if s["noise_scale"]["effective"]["basis"] == critical.BASIS_TRAJECTORY
+        else "b_simple"
+    )  # fmt: skip
+    assert r["basis"] == want and set(r["evidence"]) == {"b_simple", "trajectory", "branched"}
+    for name, value in (
+        ("b_simple", s["noise_scale"]["b_simple"]),
+        ("trajectory", s["noise_scale"]["effective"]["value"]),
+        ("branched", eff["value"]),
+    ):
+        ev = r["evidence"][name]
+        assert ev["value"] == pytest.approx(value)
+        assert ev["ratio_to_basis"] == pytest.approx(value / r["b_noise"])
+
+
+def test_the_pilot_replays_exactly():
+    """The critical stage forks from states of the pilot: replayed in another process, they
+    are bitwise those the noise stage kept."""
+    import jax
+
+    from experiments import data
+
+    config = sweep_config.get_config("smoke")
+    config.noise.update(warmup_steps=2, pilot_steps=4, every=2)
+    view = sweep.stage_config(config, "critical_batch")
+    ds = data.load(view.train.data)
+    rows1, kept1 = sweep.run_pilot(view, ds, keep_steps=[3])
+    rows2, kept2 = sweep.run_pilot(view, ds, keep_steps=[3])
+    assert rows1 == rows2 and [r["step"] for r in rows1] == [2, 4]
+    for a, b in zip(jax.tree.leaves(kept1[3]), jax.tree.leaves(kept2[3]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.timeout(300)
 def test_trainings_and_fit_match_the_runs_on_disk(smoke_run):
     config, workdir, s, _ = smoke_run
     t = s["tradeoff"]
@@ -156,7 +241,8 @@ def test_trainings_and_fit_match_the_runs_on_disk(smoke_run):
 def test_recommendation_is_the_argmin_of_predicted_time(smoke_run):
     config, _, s, _ = smoke_run
     r = s["recommendation"]
-    n = s["noise_scale"]["b_simple"]
+    n = r["b_noise"]  # the value of the basis (the best evidence measured)
+    assert n == pytest.approx(r["evidence"][r["basis"]]["value"])
     # Independent recomputation over the throughput table (accumulated rows included).
     times = {row["batch_size"]: row["step_time_s"] for row in s["throughput"]}
     times.setdefault(config.train.batch_size, times.get(config.train.batch_size))
@@ -299,11 +385,19 @@ def _fps(config):
         ("tradeoff.target_accuracy", 0.3, {"trainings"}),
         ("train.eval_examples", 128, {"trainings"}),
         # Read by two or all three.
-        ("tradeoff.max_steps", 300, {"noise_scale", "trainings"}),
-        ("train.learning_rate", 1e-3, {"noise_scale", "trainings"}),
-        ("train.seed", 1, {"noise_scale", "trainings"}),
-        ("train.model.widths", (4, 8), {"noise_scale", "throughput", "trainings"}),
-        ("train.data.num_train", 512, {"noise_scale", "throughput", "trainings"}),
+        ("critical.num_repeats", 3, {"critical_batch"}),
+        ("noise.num_stretches", 2, {"noise_scale"}),
+        ("noise.pilot_steps", 30, {"noise_scale", "critical_batch"}),
+        ("noise.every", 2, {"noise_scale", "critical_batch"}),
+        ("tradeoff.max_steps", 300, {"noise_scale", "critical_batch", "trainings"}),
+        ("train.learning_rate", 1e-3, {"noise_scale", "critical_batch", "trainings"}),
+        ("train.seed", 1, {"noise_scale", "critical_batch", "trainings"}),
+        (
+            "train.model.widths",
+            (4, 8),
+            {"noise_scale", "critical_batch", "throughput", "trainings"},
+        ),
+        ("train.data.num_train", 512, {"noise_scale", "critical_batch", "throughput", "trainings"}),
     ],
 )
 def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field, value, changed):
