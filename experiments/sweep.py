@@ -9,16 +9,24 @@ Usage::
 
 On the model and data of ``config.train`` (a ``configs/cifar10.py`` config) it
 
-1. **measures the noise scale**: trains ``noise.warmup_steps`` steps, then on those parameters
-   estimates ``|G|²`` and ``tr(Σ)`` on ``noise.num_batches`` independent batches
-   (:mod:`gns.estimate`) and pools them into ``b_simple`` with a bootstrap interval
+1. **measures the noise scale along a pilot**: trains ``noise.pilot_steps`` steps at
+   ``train.batch_size``, measuring ``|G|²`` and ``tr(Σ)`` every ``noise.every`` steps
+   (:mod:`gns.estimate`): ``noise_scale.trajectory`` (``noise.num_stretches`` stretches, each
+   ``b_simple`` with its interval) and ``noise_scale.effective``, the effective noise scale
+   for a run to the end of the pilot (:func:`gns.finder.noise_evidence`); after
+   ``noise.warmup_steps`` steps it also estimates the early ``b_simple`` on
+   ``noise.num_batches`` independent batches with a bootstrap interval
    (:func:`gns.smoothing.interval`);
+   **and the branched critical batch**: forks from ``critical.num_checkpoints`` states of the
+   pilot (kept in memory, or replayed exactly) at ``train.batch_size·2^j``
+   (:func:`gns.finder.branch`, :func:`gns.critical.branched_critical_batch`):
+   ``critical_batch.checkpoints`` and its path average ``critical_batch.effective``;
 2. **sweeps step time and memory**: predicts the memory of powers of two up to the largest
    batch that fits (:mod:`gns.hardware`: from the compiled step, confirmed by running it), then
    times all of them, the trained batch sizes and ``train.batch_size`` in **one interleaved
-   table** (round-robin over the batch sizes, several rounds, median: a load that comes and
-   goes hits every batch size alike); batches above the largest that fits are gradient
-   accumulation (``k × t(B/k)``);
+   table** (round-robin over the batch sizes, several rounds, median, noisy ones re-timed:
+   :func:`gns.finder.time_candidates`; a load that comes and goes hits every batch size
+   alike); batches above the largest that fits are gradient accumulation (``k × t(B/k)``);
 3. **runs short trainings** to ``tradeoff.target_accuracy`` at several batch sizes, the
    learning rate scaled from ``train.learning_rate`` at ``train.batch_size`` by the rule of
    :func:`gns.recommend.scale_learning_rate`, and fits ``S(B) = S_min + E_min/B``
@@ -26,7 +34,11 @@ On the model and data of ``config.train`` (a ``configs/cifar10.py`` config) it
    (``time_to_target_s``, training time only) and ``steps_to_target(B) × t(B)`` with ``t(B)``
    from the table (``device_time_to_target_s``). Rankings and ratios use the second, which
    another process on a shared machine cannot skew from one run to the next;
-4. **recommends** a batch size and learning rate (:func:`gns.recommend.recommend`).
+4. **recommends** a batch size and learning rate (:func:`gns.recommend.recommend`) on the best
+   evidence measured (:func:`gns.finder.choose_basis`: branched > trajectory > b_simple):
+   ``recommendation.basis`` names it, ``recommendation.basis_note`` says why a better one was
+   not used, ``recommendation.evidence`` holds every measured value with its ratio to the
+   basis. (The trainings' learning rates scale with the early ``b_simple``, as before.)
 
 It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite number as ``null``:
 an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled
@@ -620,20 +632,20 @@ def measure_throughput(view, ds) -> dict:
     the fixed ``tradeoff.batch_sizes`` (so that every trained batch has its ``t(B)`` from the
     same table). Each is predicted against the memory budget and confirmed by running
     (:func:`gns.hardware.largest_batch_that_fits`); those that fit are timed round-robin,
-    ``throughput.repeats`` rounds after ``throughput.warmup`` untimed calls
-    (:func:`experiments.bench.interleaved_times`), reusing the executables compiled for the
-    prediction.
+    ``throughput.repeats`` rounds after ``throughput.warmup`` untimed rounds, and a batch whose
+    relative interquartile range stays above 10% gets extra rounds
+    (:func:`gns.finder.time_candidates`, :func:`gns.hardware.time_batch_sizes`), reusing the
+    executables compiled for the prediction.
 
     Returns:
       ``{"rows": [...], "max_batch_size": int | None}``: one row per candidate with
       ``batch_size``, ``fits``, ``predicted_bytes``, ``budget_bytes``, ``budget_source``,
-      ``reason``, ``step_time_s`` (median), ``step_time_iqr_s``, ``times_s`` (one per round)
-      and ``examples_per_s``.
+      ``reason``, ``step_time_s`` (median), ``step_time_iqr_s``, ``times_s`` (one per round),
+      ``extra_rounds`` (re-timing rounds), ``stable`` and ``examples_per_s``.
     """
     import optax
 
-    from experiments import bench
-    from gns import hardware
+    from gns import finder
 
     tp, t = view.throughput, copy.deepcopy(view.train)
     t.seed = TIMING_SEED
@@ -648,23 +660,22 @@ def measure_throughput(view, ds) -> dict:
         images = jnp.zeros((b,) + image_shape, jnp.float32)
         return state, {"image": images, "label": jnp.zeros((b,), jnp.int32)}
 
-    res = hardware.largest_batch_that_fits(
-        make_args, plain_fn, sorted(cands), tp.memory_budget_bytes
-    )
-    fitting = {r.batch_size: r.compiled for r in res.records if r.fits}
-    times = bench.interleaved_times(
-        {b: (fn, make_args(b)) for b, fn in fitting.items()}, warmup=tp.warmup, rounds=tp.repeats
-    )
+    res, table = finder.time_candidates(
+        plain_fn, make_args, sorted(cands), memory_budget_bytes=tp.memory_budget_bytes,
+        rounds=tp.repeats, warmup=tp.warmup,
+    )  # fmt: skip
+    timings = {} if table is None else table.timings
     rows = []
     for rec in res.records:
         row = rec.to_dict() | {"budget_source": res.budget_source, "accumulation_steps": 1}
-        ts = times.get(rec.batch_size)
-        med = float(np.median(ts)) if ts else None
+        bt = timings.get(rec.batch_size)
         row.update(
-            step_time_s=med,
-            step_time_iqr_s=float(np.subtract(*np.percentile(ts, [75, 25]))) if ts else None,
-            times_s=list(ts or []),
-            examples_per_s=None if med is None else rec.batch_size / med,
+            step_time_s=None if bt is None else bt.median_s,
+            step_time_iqr_s=None if bt is None else bt.q75_s - bt.q25_s,
+            times_s=[] if bt is None else list(bt.times_s),
+            extra_rounds=None if bt is None else bt.extra_rounds,
+            stable=None if bt is None else bt.stable,
+            examples_per_s=None if bt is None else rec.batch_size / bt.median_s,
         )
         rows.append(row)
     return {"rows": rows, "max_batch_size": res.max_batch_size}
@@ -1056,6 +1067,22 @@ def summary_table(sweep: dict) -> str:
         f"{round(100 * n['confidence'])}% interval [{_fmt(n['interval'][0], '.4g')}, "
         f"{_fmt(n['interval'][1], '.4g')}]  ({n['num_batches']} batches of {n['batch_size']}, "
         f"{n['method']}, after {n['after_warmup_steps']} steps)",
+        "along the pilot: "
+        + ", ".join(
+            f"{_fmt(r['b_simple'], '.4g')} (to step {r['step']:g})" for r in n.get("trajectory", [])
+        )
+        + f"; effective {_fmt((n.get('effective') or {}).get('value'), '.4g')}",
+    ]
+    c = sweep.get("critical_batch") or {}
+    if c.get("checkpoints"):
+        lines.append(
+            "branched B_crit: "
+            + ", ".join(f"{_fmt(r['b_crit'], '.4g')} (step {r['step']}"
+                        + ("" if r["resolved"] else ", unresolved") + ")" for r in c["checkpoints"])
+            + f"; effective {_fmt(c['effective']['value'], '.4g')} "
+            f"(forks cost {c['cost_fraction']:.2f}x the pilot's examples)"
+        )  # fmt: skip
+    lines += [
         "",
         f"{'batch':>7} {'lr':>10} {'steps to target':>16} {'steps x t(B) s':>15} {'wall s':>8}",
     ]
@@ -1081,6 +1108,11 @@ def summary_table(sweep: dict) -> str:
         f"recommended batch size: {r['batch_size']} (accumulation steps {r['accumulation_steps']}),"
         f" learning rate {r['learning_rate']:.4g}, predicted speedup vs baseline "
         f"{r['predicted_speedup_vs_baseline']:.2f}x",
+        f"  basis: {r['basis']} ({r.get('basis_note') or 'the best evidence measured'}); "
+        + ", ".join(
+            f"{k} {_fmt(v['value'], '.4g')} (x{_fmt(v['ratio_to_basis'], '.2f')})"
+            for k, v in r.get("evidence", {}).items()
+        ),
         f"  {r['reason']}",
         f"  lr rule: {r['lr_rule']}",
     ]

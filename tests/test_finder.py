@@ -184,3 +184,24 @@ def test_a_budget_too_small_to_measure_anything_is_a_clear_error(kw, message):
 def test_power_of_two_candidates():
     assert finder.power_of_two_candidates(3, 40) == [4, 8, 16, 32]
     assert finder.power_of_two_candidates(5, 6) == [8]
+
+
+def test_nnx_model_through_split_and_merge():
+    from flax import nnx
+
+    model = nnx.Sequential(
+        nnx.Linear(D, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 1, rngs=nnx.Rngs(1))
+    )
+    graphdef, state = nnx.split(model)
+
+    def loss_fn(state, batch):
+        return jnp.mean((nnx.merge(graphdef, state)(batch["x"])[:, 0] - batch["y"]) ** 2)
+
+    res = finder.find_batch_size(
+        loss_fn, state, optax.sgd(0.01), linreg_batches, ref_batch_size=8, pilot_steps=8,
+        num_stretches=2, candidates=(8, 16), timing_rounds=2, progress=False,
+    )  # fmt: skip
+    stats, _ = estimate.per_example(loss_fn, state, linreg_batches(8, 0), method="vmap")
+    assert res.pilot_rows[0]["g_sq"] == pytest.approx(float(stats.g_sq), rel=1e-5)
+    assert res.basis in finder.BASIS_ORDER and len(res.trajectory.b_noise) == 2
+    assert res.batch_size in {r["batch_size"] for r in res.recommendation.table}
