@@ -625,7 +625,7 @@ def candidate_batch_sizes(lo: int, hi: int) -> list[int]:
     return [1 << e for e in range(math.ceil(math.log2(lo)), math.floor(math.log2(hi)) + 1)]
 
 
-def measure_throughput(view, ds) -> dict:
+def measure_throughput(view, ds, extra=()) -> dict:
     """Stage 2: memory of each candidate, then one interleaved timing table.
 
     The candidates are the powers of two of ``view.throughput`` plus ``train.batch_size`` and
@@ -655,6 +655,7 @@ def measure_throughput(view, ds) -> dict:
     cands |= {
         b for b in [t.batch_size, *(view.tradeoff.batch_sizes or ())] if b <= tp.max_batch_size
     }
+    cands |= {int(b) for b in extra}  # the range extended past an end (``run_sweep``)
 
     def make_args(b):  # traceable: under jax.eval_shape it allocates nothing
         images = jnp.zeros((b,) + image_shape, jnp.float32)
@@ -929,15 +930,50 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     crit = stage("critical_batch", "value", lambda view, ds: measure_critical_batch(view, ds))
     _PILOT_STATES.clear()
     tput = stage("throughput", "table", measure_throughput)
-    max_batch = tput["max_batch_size"]
-    if max_batch is None:
-        raise UserError(
-            f"no candidate batch size fits in memory ({tput['rows'][0]['reason']})",
-            hint="lower config.throughput.min_batch_size or raise "
-            "config.throughput.memory_budget_bytes",
-        )
-    rows = add_accumulation_rows(tput["rows"], config.throughput.accumulation_factors, max_batch)
-    times = step_times(rows)
+    rcfg, t = config.recommend, config.train
+    basis, value, evidence, basis_note = finder.choose_basis(
+        (b_noise, *(math.inf if x is None else x for x in noise["interval"])),
+        _effective_from_json(noise.get("effective")),
+        _effective_from_json(crit.get("effective")),
+    )
+
+    def table_of(tp):
+        if tp["max_batch_size"] is None:
+            raise UserError(
+                f"no candidate batch size fits in memory ({tp['rows'][0]['reason']})",
+                hint="lower config.throughput.min_batch_size or raise "
+                "config.throughput.memory_budget_bytes",
+            )
+        mb = tp["max_batch_size"]
+        r = add_accumulation_rows(tp["rows"], config.throughput.accumulation_factors, mb)
+        return mb, r, step_times(r)
+
+    def recommend_on(b_noise, interval=None, s_min=None, **kw):
+        cands = sorted({r["batch_size"] for r in rows if r["step_time_s"]} | {t.batch_size})
+        return recommend.recommend(
+            b_noise, times, max_batch_size=max_batch, base_lr=t.learning_rate,
+            base_batch_size=t.batch_size, optimizer=t.optimizer,
+            price_per_hour=rcfg.price_per_hour, objective=rcfg.objective,
+            candidates=list(rcfg.candidates) if rcfg.candidates else cands,
+            b_noise_interval=interval, s_min=s_min, **kw,
+        )  # fmt: skip
+
+    interval = (value[1], value[2]) if not math.isnan(value[1]) else None
+    basis_kw = dict(step_time_range=None, basis=basis, evidence=evidence)
+    max_batch, rows, times = table_of(tput)
+    # A pick at an end of the timed range: time the next batch (in one new interleaved table
+    # with all the others, cached like the first) and recommend on it, once.
+    nxt, extended_to = recommend_on(value[0], interval, **basis_kw).extend_range_to, None
+    if nxt is not None and nxt not in {r["batch_size"] for r in tput["rows"]}:
+        key = f"extended_to_{nxt}"
+        ext = st.get("throughput", key, fps["throughput"])
+        if ext is None:
+            view = stage_config(config, "throughput")
+            ext = runlog.to_strict_json(measure_throughput(view, ds, extra=(nxt,)))
+            st.put("throughput", key, fps["throughput"], ext)
+        if any(r["batch_size"] == nxt and r["fits"] for r in ext["rows"]):
+            tput, extended_to = ext, nxt
+            max_batch, rows, times = table_of(tput)
 
     # 3. Trainings to the target and the tradeoff fit.
     fps["trainings"] = {}
@@ -962,38 +998,13 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     bar.update(1)
     stage_t["trainings"] = time.perf_counter() - t_start - sum(stage_t.values())
 
-    # 4. Recommendation, from the noise scale (primary) and from the fitted curve (check).
-    rcfg, t = config.recommend, config.train
-    common = dict(
-        max_batch_size=max_batch,
-        base_lr=t.learning_rate,
-        base_batch_size=t.batch_size,
-        optimizer=t.optimizer,
-        price_per_hour=rcfg.price_per_hour,
-        candidates=list(rcfg.candidates)
-        if rcfg.candidates
-        else sorted({r["batch_size"] for r in rows if r["step_time_s"]} | {t.batch_size}),
-        objective=rcfg.objective,
-    )
-    basis, value, evidence, basis_note = finder.choose_basis(
-        (b_noise, *(math.inf if x is None else x for x in noise["interval"])),
-        _effective_from_json(noise.get("effective")),
-        _effective_from_json(crit.get("effective")),
-    )
-    rec = recommend.recommend(
-        value[0],
-        times,
-        b_noise_interval=(value[1], value[2]) if not math.isnan(value[1]) else None,
-        step_time_range=step_time_ranges(rows),
-        basis=basis,
-        evidence=evidence,
-        s_min=tradeoff_out["s_min"],
-        **common,
-    )
+    # 4. Recommendation, from the best evidence (primary) and from the fitted curve (check).
+    basis_kw["step_time_range"] = step_time_ranges(rows)
+    rec = recommend_on(value[0], interval, s_min=tradeoff_out["s_min"], **basis_kw)
     rec_fit = None
     if tradeoff_out["b_crit"] is not None:
-        rec_fit = recommend.recommend(
-            tradeoff_out["b_crit"], times, s_min=tradeoff_out["s_min"], **common
+        rec_fit = recommend_on(
+            tradeoff_out["b_crit"], s_min=tradeoff_out["s_min"], basis="tradeoff_fit"
         )
     bar.update(1)
     bar.close()
@@ -1004,6 +1015,7 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         "fingerprints": fps,
         "throughput": rows,
         "max_batch_size": max_batch,
+        "throughput_extended_to": extended_to,
         "noise_scale": noise,
         "tradeoff": tradeoff_out,
         "time_to_target": rank_time_to_target(points),

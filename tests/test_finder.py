@@ -205,3 +205,12 @@ def test_nnx_model_through_split_and_merge():
     assert res.pilot_rows[0]["g_sq"] == pytest.approx(float(stats.g_sq), rel=1e-5)
     assert res.basis in finder.BASIS_ORDER and len(res.trajectory.b_noise) == 2
     assert res.batch_size in {r["batch_size"] for r in res.recommendation.table}
+
+
+def test_a_pick_at_an_end_of_the_timed_range_extends_it_once():
+    # One candidate: the pick is at both ends; the range is extended once, to half of it.
+    res = _find(pilot_steps=8, timing_rounds=2)
+    assert res.extended_to == 4 and sorted(res.timing.timings) == [4, 8]
+    assert res.to_dict()["extended_to"] == 4
+    if res.batch_size == 4:  # at the end again: said, not extended a second time
+        assert res.recommendation.at_range_end == "smallest"
