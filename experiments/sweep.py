@@ -337,14 +337,10 @@ def pilot_length(ncfg) -> int:
 
 
 def checkpoint_steps(num_steps: int, num_checkpoints: int) -> list[int]:
-    """The pilot steps to branch from: the middles of ``num_checkpoints`` equal stretches.
+    """:func:`gns.finder.checkpoint_steps` (the middles of equal stretches of the pilot)."""
+    from gns import finder
 
-    Example:
-      >>> checkpoint_steps(60, 3)
-      [10, 30, 50]
-    """
-    k = int(num_checkpoints)
-    return sorted({max(1, round(num_steps * (2 * i + 1) / (2 * k))) for i in range(k)})
+    return finder.checkpoint_steps(num_steps, num_checkpoints)
 
 
 _PILOT_STATES: dict[str, dict[int, Any]] = {}  # pilot fingerprint -> {step: state}, in-process

@@ -55,6 +55,8 @@ __all__ = [
     "run_pilot",
     "noise_evidence",
     "branch",
+    "checkpoint_steps",
+    "checkpoint_rows",
     "choose_basis",
     "power_of_two_candidates",
     "time_candidates",
@@ -316,6 +318,17 @@ def branch(
         points, delta, ref_batch_size, drop_unresolved=True, confidence=confidence, seed=seed
     )
     return {"steps": steps, "points": points, "effective": eff}
+
+
+def checkpoint_steps(num_steps: int, num_checkpoints: int) -> list[int]:
+    """The pilot steps to branch from: the middles of ``num_checkpoints`` equal stretches.
+
+    Example:
+      >>> checkpoint_steps(60, 3)
+      [10, 30, 50]
+    """
+    k = max(1, int(num_checkpoints))
+    return sorted({max(1, round(num_steps * (2 * i + 1) / (2 * k))) for i in range(k)})
 
 
 def checkpoint_rows(steps: Sequence[int], points: Sequence[critical.BranchedCriticalBatch]):
@@ -772,9 +785,7 @@ def find_batch_size(
         branched if branched is not None else fork_examples <= branch_max_cost * pilot_examples
     )
     k_pts = max(1, int(branch_points))
-    ckpt_steps = sorted(
-        {max(1, round(pilot_steps * (2 * i + 1) / (2 * k_pts))) for i in range(k_pts)}
-    )
+    ckpt_steps = checkpoint_steps(pilot_steps, k_pts)
 
     bar = tqdm(
         total=pilot_steps + (k_pts if run_branched else 0) + 1, desc="pilot", unit="step",
