@@ -121,10 +121,14 @@ def smoke() -> ml_collections.ConfigDict:
 def cpu() -> ml_collections.ConfigDict:
     """SmallCNN (95k parameters) with Adam on CIFAR-10: a full sweep sized for 2 CPU cores.
 
-    Noise scale from 16 batches of 128 after 200 steps; step time at batch 16-1024; trainings to
-    45% test accuracy (5,000-image eval subset) at batches 16-128. Measured 2026-11-24: 1 min
-    42 s on 2 idle CPU cores (recommended batch 32, B_simple 183, B_crit 184); about 20 minutes
-    on 2 cores shared with three other busy processes, where big batches slow down most.
+    Noise scale from 16 batches of 128 after 200 steps, and along a 1,500-step pilot (every 5
+    steps, 3 stretches); branched critical batch at 3 states of the pilot (forks at 16-256,
+    2,048 examples each, 2 repeats: 61,440 examples, 0.64x the pilot's); step time at batch
+    16-1024; trainings to 45% test accuracy (5,000-image eval subset) at batches 16-128.
+    Measured 2026-11-24, before the pilot and the branched stage: 1 min 42 s on 2 idle CPU cores
+    (recommended batch 32, B_simple 183, B_crit 184); about 20 minutes on 2 cores shared with
+    three other busy processes, where big batches slow down most. The pilot and the forks add
+    about 2 minutes by estimate (not yet measured).
     Command::
 
         python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
