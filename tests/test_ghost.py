@@ -79,8 +79,8 @@ class ConvNet(nn.Module):
 
 
 class Mixed(nn.Module):
-    """Covered layers (Conv, GroupNorm, Dense) mixed with uncovered ones (a custom param, an
-    Embed) and a layer called twice (shared weights)."""
+    """Covered layers (Conv, GroupNorm, Embed, Dense) mixed with an uncovered custom param and
+    a layer called twice (shared weights)."""
 
     @nn.compact
     def __call__(self, x):
@@ -89,7 +89,7 @@ class Mixed(nn.Module):
         h = nn.GroupNorm(num_groups=2)(h)
         h = h * self.param("gain", nn.initializers.ones, (4,))  # uncovered
         h = jnp.mean(nn.relu(h), axis=(1, 2))
-        h = h + nn.Embed(7, 4)(tokens)  # uncovered
+        h = h + nn.Embed(7, 4)(tokens)  # one token per example
         shared = nn.Dense(4)
         h = shared(nn.tanh(shared(h)))  # shared: fallback
         return nn.Dense(5)(h)
@@ -167,14 +167,18 @@ def test_mixed_model_routes_uncovered_leaves_to_vmap():
     loss_fn, params, batch = setup(Mixed(), x)
     plan = ghost.plan(loss_fn, params, batch)
     status = {c.path: c.covered for c in plan.calls}
-    assert status == {"Conv_0": True, "GroupNorm_0": True, "Dense_0": False, "Dense_1": True}
+    assert status == {
+        "Conv_0": True,
+        "GroupNorm_0": True,
+        "Embed_0": True,
+        "Dense_0": False,
+        "Dense_1": True,
+    }
     names = [estimate._leaf_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    assert sorted(names[j] for j in plan.fallback) == [
-        "Dense_0/bias",
-        "Dense_0/kernel",
-        "Embed_0/embedding",
-        "gain",
-    ]
+    assert sorted(names[j] for j in plan.fallback) == ["Dense_0/bias", "Dense_0/kernel", "gain"]
+    described = plan.describe()
+    assert "Dense_0 (Dense): fallback: parameters shared with another call" in described
+    assert "leaf gain: per-example gradients by vmap: read by no covered layer" in described
     check_equal_to_vmap(loss_fn, params, batch)
 
 
