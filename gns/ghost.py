@@ -123,6 +123,13 @@ _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 FLOPS_PER_BYTE = {"cpu": 8.0, "gpu": 100.0, "tpu": 200.0}
 
 
+# How much slower than the plain step's one large weight-gradient product ``vmap``'s batch of
+# per-example products runs, as extra multiples of its FLOPs. Calibrated on 2 CPU cores
+# (``make bench``): per-example convolutions (a grouped convolution per batch) made vmap 3.6x a
+# plain SmallCNN step, batched matmuls made it 2.2x a plain 2-layer Transformer step.
+_VMAP_SLOWDOWN = {"conv": 4.0, "dense": 1.0}
+
+
 class NotApplicableError(ValueError):
     """The fast path cannot cover any parameter of this ``loss_fn``."""
 
@@ -243,13 +250,15 @@ class Plan:
         ``method`` (``"ghost"`` or ``"vmap"``) over one plain backward pass.
 
         ``"vmap"``: the per-example gradients of every leaf (written once, read for the sum and
-        for the squared norm). ``"ghost"``: each covered call in its chosen form, plus, when
-        leaves fall back, a ``vmap`` pass (the whole backward pass again, per example, and the
-        per-example gradients of the fallback leaves).
+        for the squared norm), and the extra time of the per-example weight-gradient products
+        of the covered calls (:func:`_form_cost`). ``"ghost"``: each covered call in its
+        chosen form, plus, when leaves fall back, a ``vmap`` pass (the whole backward pass
+        again, per example, and the per-example gradients of the fallback leaves).
         """
         w, n = self.flops_per_byte, self.batch_size
         if method == "vmap":
-            return 12.0 * n * sum(self.leaf_sizes) * w
+            slow_products = sum(fl for c in self.calls for f, fl, _ in c.costs if f == "vmap")
+            return 12.0 * n * sum(self.leaf_sizes) * w + slow_products
         if method != "ghost":
             raise ValueError(f"method must be 'ghost' or 'vmap', got {method!r}.")
         total = 0.0
@@ -575,19 +584,21 @@ def _extra_uses(loss_fn, params, batch, has_aux, calls) -> set[int]:
             y = next_fun(*args, **kwargs)
             return lax.stop_gradient(y) if calls[i].covered else y
 
-    def detached(values):
-        new = list(leaves)
+    def detached(values, new, b):
+        new = list(new)
         for j, v in zip(owned, values, strict=True):
             new[j] = v
         with nn.intercept_methods(Detach()):
-            return loss(jax.tree.unflatten(treedef, new), batch)
+            return loss(jax.tree.unflatten(treedef, new), b)
+
+    def tangent_out(v, t, new, b):  # every leaf an argument: ShapeDtypeStruct params work
+        return jax.jvp(lambda v: detached(v, new, b), (v,), (t,))[1]
 
     values = [leaves[j] for j in owned]
-    closed = jax.make_jaxpr(lambda v, t: jax.jvp(detached, (v,), (t,))[1])(values, values)
-    jaxpr = closed.jaxpr
+    jaxpr = jax.make_jaxpr(tangent_out)(values, values, leaves, batch).jaxpr
     n_in = len(owned)
     deps: dict[Any, frozenset] = {}
-    for k, var in enumerate(jaxpr.invars[n_in:]):  # the tangents
+    for k, var in enumerate(jaxpr.invars[n_in : 2 * n_in]):  # the tangents
         deps[var] = frozenset([owned[k]])
 
     def dep(v):
@@ -731,8 +742,8 @@ def _form_cost(call: _Call, form: str) -> tuple[str, float, float]:
 
     ``"vmap"``: what per-example gradients of the call's parameters cost beyond a plain
     backward pass: their bytes (written, read for the sum and for the norm) and, for kernels,
-    the per-example weight-gradient products again (a batch of small products runs at about
-    half the speed of the one large product of the plain step).
+    the per-example weight-gradient products counted again times :data:`_VMAP_SLOWDOWN` (a
+    batch of small products runs slower than the one large product of the plain step).
     """
     if call.kind in ("dense", "conv"):
         n, t, k, c = _contraction_dims(call)
@@ -743,7 +754,8 @@ def _form_cost(call: _Call, form: str) -> tuple[str, float, float]:
             if t == 1:
                 return form, 2.0 * n * (k + c), 8.0 * n + patches
             return form, 2.0 * n * t * t * (k + c + 1), 12.0 * n * t * t + patches
-        return form, 2.0 * n * t * k * c, 12.0 * n * (k * c + c)
+        slow = _VMAP_SLOWDOWN[call.kind]
+        return form, slow * 2.0 * n * t * k * c, 12.0 * n * (k * c + c)
     b = call.in_shape[0]
     t = _prod(call.in_shape[1:]) if call.kind == "embed" else _prod(call.out_shape[1:-1])
     d = call.out_shape[-1]
@@ -872,6 +884,11 @@ def _embed_sq(tokens: jax.Array, g: jax.Array, vocab: int, form: str) -> jax.Arr
     return jnp.sum(jnp.where(same, gg, 0.0), axis=(1, 2))
 
 
+def _acc_dtype(dtype):
+    """Accumulation dtype: at least float32 (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _call_sq_norms(call: _Call, x: jax.Array, g: jax.Array, form: str) -> dict[str, jax.Array]:
     """Per-example squared norms ``[B]`` of each parameter of one covered call.
 
@@ -879,7 +896,7 @@ def _call_sq_norms(call: _Call, x: jax.Array, g: jax.Array, form: str) -> dict[s
     if form == "auto":
         form = call.form or "auto"
     b = g.shape[0]
-    g = g.astype(jnp.float32)
+    g = g.astype(_acc_dtype(g.dtype))
     names = dict(call.leaves)
     out = {}
     if call.kind == "position":
@@ -889,7 +906,7 @@ def _call_sq_norms(call: _Call, x: jax.Array, g: jax.Array, form: str) -> dict[s
         return {"embedding": _embed_sq(tokens, g.reshape(b, tokens.shape[1], -1), call.vocab, form)}
     if call.kind == "dense":
         lay = call.layout
-        x = jnp.transpose(x.astype(jnp.float32), lay.x_perm).reshape(b * lay.s, lay.t, lay.k)
+        x = jnp.transpose(x.astype(g.dtype), lay.x_perm).reshape(b * lay.s, lay.t, lay.k)
         gk = jnp.transpose(g, lay.g_perm).reshape(b * lay.s, lay.t, lay.c)
         out["kernel"] = jnp.sum(_kernel_sq([x], gk, form).reshape(b, lay.s), axis=1)
         if "bias" in names:
@@ -898,7 +915,7 @@ def _call_sq_norms(call: _Call, x: jax.Array, g: jax.Array, form: str) -> dict[s
         return out
     c = g.shape[-1]
     g = g.reshape(b, -1, c)
-    x = x.astype(jnp.float32)
+    x = x.astype(g.dtype)
     if call.kind == "norm":
         xhat = x.reshape(b, -1, c)
         if "scale" in names:
@@ -949,7 +966,8 @@ def sums(
     calls = the_plan.calls
     covered = [c for c in calls if c.covered]
     slot_of = {id(c): k for k, c in enumerate(covered)}
-    slots = [{name: jnp.zeros((n,), jnp.float32) for name, _ in c.leaves} for c in covered]
+    dtypes = [_acc_dtype(leaf.dtype) for leaf in jax.tree.leaves(params)]
+    slots = [{name: jnp.zeros((n,), dtypes[j]) for name, j in c.leaves} for c in covered]
     slots = estimate._to_varying(slots, axis_name)  # keep their gradients device-local
 
     def tapped(p, zs):
