@@ -43,11 +43,13 @@ def lm_loss(model):
 
 
 def lm_steps(loss_fn, optimizer, params, tokens, num_microbatches: int = 8) -> dict[str, Any]:
-    """The train steps of :data:`LM_VARIANTS` (not jitted), each
-    ``step(params, opt_state, tokens) -> (params, opt_state, metrics)`` with the same update.
+    """The train steps of :data:`LM_VARIANTS` (not jitted), and what ``auto`` picked.
 
-    ``per_example_auto`` runs what ``per_example(method="auto")`` runs, decided by
-    :func:`gns.ghost.select` (the fast path when its cost model says it is cheaper than vmap).
+    Returns:
+      ``(steps, auto)``: ``steps[name]`` is ``step(params, opt_state, tokens) -> (params,
+      opt_state, metrics)``, all with the same AdamW update; ``auto`` is ``"ghost"`` or
+      ``"vmap"``: what ``per_example(method="auto")`` runs, decided by
+      :func:`gns.ghost.select` (the fast path when its cost model says it is cheaper).
     """
     auto = "ghost" if ghost.select(loss_fn, params, tokens) is not None else "vmap"
 
@@ -112,8 +114,8 @@ def measure(
 
     Example:
       >>> out = measure((8,), width=16, depth=1, context=8, repeats=1, warmup=0)
-      >>> out["8"]["auto_method"]
-      'ghost'
+      >>> sorted(out["8"]["over_plain"])
+      ['microbatch', 'per_example_auto', 'per_example_vmap', 'plain']
     """
     model = models.TransformerLM(
         vocab_size=vocab_size, context=context, width=width, depth=depth, num_heads=num_heads
