@@ -783,14 +783,15 @@ def _with_costs(call: _Call, flops_per_byte: float) -> _Call:
 
 
 def _backward_flops(calls) -> float:
-    """FLOPs of one forward and backward pass through the intercepted layers (the fallback's
-    ``vmap`` pass repeats it per example); other operations (attention scores, activations)
-    are not counted, so this is a lower bound."""
+    """FLOPs of one forward pass and one input-gradient pass through the intercepted layers:
+    what the fallback's ``vmap`` pass repeats per example (it differentiates the fallback
+    leaves only, so no other layer's weight-gradient product). Other operations (attention
+    scores, activations) are not counted."""
     total = 0.0
     for c in calls:
         if c.kind in ("dense", "conv") and (c.layout is not None or c.conv is not None):
             n, t, k, cc = _contraction_dims(c)
-            total += 6.0 * n * t * k * cc
+            total += 4.0 * n * t * k * cc
         elif c.out_shape:
             total += 10.0 * _prod(c.out_shape)
     return total

@@ -483,7 +483,7 @@ def test_transformer_lm_equals_vmap(tie):
 class BarePositionModel(nn.Module):
     """A bare self.param position embedding at the input of a long-sequence model: the fallback
     backpropagates per example through the whole network, so the fast path would cost a plain
-    backward pass more than vmap."""
+    backward pass more than vmap (measured at batch 8, 2 CPU cores: 0.61 ms against 0.38)."""
 
     @nn.compact
     def __call__(self, x):  # [B, T, D]
