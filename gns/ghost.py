@@ -252,8 +252,9 @@ class Plan:
         ``"vmap"``: the per-example gradients of every leaf (written once, read for the sum and
         for the squared norm), and the extra time of the per-example weight-gradient products
         of the covered calls (:func:`_form_cost`). ``"ghost"``: each covered call in its
-        chosen form, plus, when leaves fall back, a ``vmap`` pass (the whole backward pass
-        again, per example, and the per-example gradients of the fallback leaves).
+        chosen form, plus, when leaves fall back, a ``vmap`` pass (a forward and an
+        input-gradient pass again, per example, and the fallback leaves' per-example
+        gradients).
         """
         w, n = self.flops_per_byte, self.batch_size
         if method == "vmap":
@@ -288,7 +289,7 @@ class Plan:
                 lines.append(head + f"fallback: {c.reason}")
                 continue
             costs = ", ".join(f"{f} {(fl + w * b) / 1e6:.3g}" for f, fl, b in c.costs)
-            lines.append(head + f"covered, {c.form} form ({costs})")
+            lines.append(head + f"covered, {c.form} form (MFLOP-equivalents: {costs})")
         owned_by_uncovered = {j: c for c in self.calls if not c.covered for _, j in c.leaves}
         for j in self.fallback:
             name = self.leaf_names[j] if self.leaf_names else str(j)
