@@ -257,6 +257,9 @@ def test_plain_jax_loss_falls_back_or_errors():
         estimate.per_example(plain_loss, w, batch, method="ghost")
     with pytest.raises(ValueError, match="method must be"):
         estimate.per_example(plain_loss, w, batch, method="ghosts")
+    assert ghost.select(plain_loss, w, batch) is None  # "auto": vmap
+    with pytest.raises(ValueError, match="method='ghost'.*covers no parameter"):
+        ghost.select(plain_loss, w, batch, method="ghost")
 
 
 def test_axis_name_in_shard_map_matches_global_vmap():
