@@ -1,13 +1,15 @@
-"""Flax Linen models for the CIFAR-10 experiments.
+"""Flax Linen models for the CIFAR-10 and language-model experiments.
 
 Parameters are a plain pytree (``variables["params"]``), which is what ``gns.estimate`` wants
 from a ``loss_fn(params, batch)``. Models with BatchNorm keep their running statistics in
 ``variables["batch_stats"]`` and say so with the class attribute ``has_batch_norm`` (per-example
 gradients are not valid for them: use the microbatch estimator).
 
-Every model is called as ``model.apply(variables, images, train=...)`` and returns logits
-``[batch, num_classes]``; ``train=True`` uses batch statistics (pass ``mutable=["batch_stats"]``
-for BatchNorm models) and dropout (pass ``rngs={"dropout": key}`` when a dropout rate is set).
+Every image model is called as ``model.apply(variables, images, train=...)`` and returns logits
+``[batch, num_classes]`` (the language model :class:`TransformerLM` takes tokens
+``[batch, length]`` and returns next-token logits ``[batch, length, vocab_size]``);
+``train=True`` uses batch statistics (pass ``mutable=["batch_stats"]`` for BatchNorm models)
+and dropout (pass ``rngs={"dropout": key}`` when a dropout rate is set).
 
 Example:
   >>> model = get_model({"name": "resnet18"}, num_classes=10)
@@ -26,11 +28,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gns.ghost import AddPositionEmbedding
+
 __all__ = [
     "SmallCNN",
     "ResNet",
     "EfficientNet",
     "EFFICIENTNET_B0_BLOCKS",
+    "TransformerLM",
     "get_model",
     "has_batch_norm",
     "MODEL_NAMES",
@@ -266,9 +271,83 @@ class EfficientNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# A small decoder-only Transformer language model.
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: causal multi-head self-attention, then a GELU MLP, each residual."""
+
+    num_heads: int
+    mlp_ratio: int = 4
+
+    @nn.compact
+    def __call__(self, x, mask):
+        width = x.shape[-1]
+        h = nn.LayerNorm(name="attn_norm")(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attn")(h, mask=mask)
+        h = nn.LayerNorm(name="mlp_norm")(x)
+        h = nn.gelu(nn.Dense(self.mlp_ratio * width, name="mlp_in")(h))
+        return x + nn.Dense(width, name="mlp_out")(h)
+
+
+class TransformerLM(nn.Module):
+    """Character/byte-level decoder-only Transformer (GPT-style, pre-LayerNorm).
+
+    Token ``nn.Embed``, a learned position embedding (:class:`gns.ghost.AddPositionEmbedding`,
+    so that the fast per-example path covers it), ``depth`` blocks of causal
+    ``nn.MultiHeadDotProductAttention`` and a ``mlp_ratio``-times-wide GELU MLP, a final
+    LayerNorm and a dense head (or the embedding transposed, ``tie_embeddings``). Every
+    parameterized layer is one the fast path of :mod:`gns.ghost` covers (a tied head is not:
+    its embedding is read twice, so it falls back to per-example gradients).
+
+    Parameters (untied): ``V·D + L·D + depth·(12·D² + 13·D) + 2·D + D·V + V`` for vocabulary
+    ``V``, context ``L``, width ``D`` and ``mlp_ratio`` 4 (a block has ``(4 + 2r)·D² + (9 + r)·D``
+    for ``mlp_ratio`` ``r``); the tied head drops ``D·V + V``.
+
+    Reference: Vaswani et al., "Attention is all you need" (2017); Radford et al., "Language
+    models are unsupervised multitask learners" (2019, pre-LayerNorm GPT-2).
+    """
+
+    vocab_size: int = 256
+    context: int = 64
+    width: int = 128
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: int = 4
+    tie_embeddings: bool = False
+
+    has_batch_norm: ClassVar[bool] = False
+
+    @nn.compact
+    def __call__(self, tokens, train: bool = False):
+        del train  # no dropout
+        if tokens.ndim != 2 or tokens.shape[1] > self.context:
+            raise ValueError(
+                f"TransformerLM needs tokens [batch, length] with length <= context="
+                f"{self.context}, got shape {tuple(tokens.shape)}."
+            )
+        embed = nn.Embed(self.vocab_size, self.width, name="embed")
+        x = AddPositionEmbedding(self.context, name="position")(embed(tokens))
+        mask = nn.make_causal_mask(tokens)
+        for i in range(self.depth):
+            x = TransformerBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}")(x, mask)
+        x = nn.LayerNorm(name="final_norm")(x)
+        if self.tie_embeddings:
+            return embed.attend(x)
+        return nn.Dense(self.vocab_size, name="head")(x)
+
+
+# ---------------------------------------------------------------------------------------------
 # Factory.
 
-MODEL_NAMES = ("small_cnn", "resnet", "resnet18", "efficientnet", "efficientnet_b0")
+MODEL_NAMES = (
+    "small_cnn",
+    "resnet",
+    "resnet18",
+    "efficientnet",
+    "efficientnet_b0",
+    "transformer",
+)
 
 
 def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
@@ -285,8 +364,11 @@ def get_model(model_config: Any, num_classes: int | None = None) -> nn.Module:
         ``resnet``/``resnet18`` ``stage_sizes`` and ``num_filters``; for
         ``efficientnet``/``efficientnet_b0`` ``width_coefficient``, ``depth_coefficient``,
         ``dropout_rate``, ``drop_connect_rate``, ``stem_strides``, ``head_filters`` and
-        ``blocks``. Missing fields take the model's defaults (ResNet-18, EfficientNet-B0).
-      num_classes: overrides ``model_config.num_classes`` (the dataset's class count).
+        ``blocks``; for ``transformer`` ``vocab_size``, ``context``, ``width``, ``depth``,
+        ``num_heads``, ``mlp_ratio`` and ``tie_embeddings``. Missing fields take the model's
+        defaults (ResNet-18, EfficientNet-B0, a 2-layer byte-level Transformer of width 128).
+      num_classes: overrides ``model_config.num_classes`` (the dataset's class count); not
+        used by ``transformer`` (its output size is ``vocab_size``).
 
     Returns:
       An unbound Flax module; ``type(model).has_batch_norm`` says whether it has BatchNorm.
@@ -323,6 +405,9 @@ def get_model(model_config: Any, num_classes: int | None = None) -> nn.Module:
         if _cfg_get(model_config, "blocks", None) is not None:
             kw["blocks"] = tuple(tuple(b) for b in model_config["blocks"])
         return EfficientNet(num_classes=classes, **kw)
+    if name == "transformer":
+        keys = ("vocab_size", "context", "width", "depth", "num_heads", "mlp_ratio")
+        return TransformerLM(**opt(*keys, "tie_embeddings"))
     raise ValueError(
         f"config.model.name={name!r} is not a known model: use one of {', '.join(MODEL_NAMES)}."
     )

@@ -191,3 +191,46 @@ def test_tiny_batchnorm_models_run_in_both_modes():
         assert all(jax.tree.leaves(changed))  # every running statistic moved
         chex.assert_trees_all_equal(out1, out2)
         assert not np.allclose(out1, logits)  # train mode: batch statistics and dropout
+
+
+def transformer_lm_count(vocab, context, width, depth, mlp_ratio=4, tied=False):
+    """Independent count from the architecture: embeddings, blocks, final LayerNorm, head."""
+    ln = 2 * width  # scale + bias
+    attention = 4 * (width * width + width)  # query, key, value, out: kernel + bias each
+    mlp = width * mlp_ratio * width + mlp_ratio * width + mlp_ratio * width * width + width
+    block = 2 * ln + attention + mlp
+    head = 0 if tied else width * vocab + vocab
+    return vocab * width + context * width + depth * block + ln + head
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_transformer_lm_shapes_and_count(tied):
+    cfg = {"name": "transformer", "vocab_size": 256, "context": 64, "width": 128, "depth": 2}
+    model = models.get_model(cfg | {"num_heads": 4, "tie_embeddings": tied})
+    assert isinstance(model, models.TransformerLM) and not models.has_batch_norm(model)
+    tokens = jnp.zeros((2, 64), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
+    logits = jax.eval_shape(lambda v: model.apply(v, tokens), variables)
+    assert logits.shape == (2, 64, 256)
+    assert set(variables) == {"params"}
+    assert _count(variables["params"]) == transformer_lm_count(256, 64, 128, 2, tied=tied)
+    if not tied:  # the closed form of the docstring: V·D + L·D + depth·(12·D² + 13·D) + ...
+        assert (
+            _count(variables["params"])
+            == 2 * 256 * 128 + 64 * 128 + 2 * (12 * 128**2 + 13 * 128) + 2 * 128 + 256
+        )
+
+
+def test_transformer_lm_is_causal_and_checks_length():
+    model = models.TransformerLM(vocab_size=11, context=6, width=8, depth=1, num_heads=2)
+    tokens = jnp.array([[1, 2, 3, 4, 5, 6]])
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+    rng = np.random.default_rng(0)  # NumPy parameters: no compilation of flax's initializers
+    params = jax.tree.map(lambda s: rng.normal(0, 0.5, s.shape).astype(np.float32), shapes)
+    changed = tokens.at[0, 4].set(9)  # change a late token: earlier logits must not move
+    apply = jax.jit(lambda t: model.apply({"params": params}, t))
+    a, b = apply(tokens), apply(changed)
+    np.testing.assert_allclose(a[0, :4], b[0, :4], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(a[0, 4:], b[0, 4:])
+    with pytest.raises(ValueError, match="context=6"):
+        model.apply({"params": params}, jnp.zeros((1, 7), jnp.int32))
