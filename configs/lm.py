@@ -29,20 +29,24 @@ def base() -> ml_collections.ConfigDict:
     ``num_epochs`` (wins when set; an epoch is ``ds.examples_per_epoch`` windows, one pass over
     the train bytes), ``max_wall_time_s`` (training-time budget), ``target_bits_per_byte`` (stop
     when the periodic held-out bits per byte reach it or fall below; bits per byte = the mean
-    next-byte cross-entropy in nats / ln 2).
+    next-byte cross-entropy in nats / ln 2), ``divergence_factor`` (stop when the training loss
+    exceeds this multiple of the initial loss; ``None``: only on a non-finite loss).
     Evaluation and logging: ``eval_every`` (steps; 0 = only at the end), ``eval_examples``
     (held-out windows of ``context + 1`` bytes, non-overlapping and spread evenly over the test
     split; ``None``: all of them), ``eval_batch_size``, ``log_every``, ``checkpoint_every``,
     ``progress_bar``, ``plots`` (PNGs).
-    Noise scale: ``gns_every`` (measure every N steps; 0 = never), ``gns_method`` (``auto``:
-    ``per_example``, since the model has no BatchNorm; ``microbatch``; ``vmap``),
-    ``gns_microbatches``, ``gns_chunk_size``, ``gns_ema_decay``.
-    ``mode``: ``train``, or another mode of the experiment (``compare``/``tradeoff``, see
-    ``config.compare``).
+    Noise scale: ``gns_every`` (measure every N steps; 0 = never), ``gns_method`` (``auto`` or
+    ``per_example``: per-example gradient norms, on the fast path of :mod:`gns.ghost` for the
+    layers it covers and by ``jax.vmap`` for the rest; ``microbatch``), ``gns_microbatches``,
+    ``gns_chunk_size``, ``gns_ema_decay``.
+    ``task``: ``lm`` (:mod:`experiments.tasks`: byte windows, held-out bits per byte).
+    ``mode``: ``train`` (the only mode of ``experiments.lm`` so far; ``config.compare`` holds
+    the settings of the ``compare``/``tradeoff`` modes for when they take this task).
 
     ``model`` (``experiments.models.get_model``): ``name`` (``transformer``), ``vocab_size``
     (256: bytes), ``context`` (tokens per example), ``width`` (embedding size), ``depth``
-    (blocks), ``num_heads``, ``mlp_ratio`` (MLP hidden size / ``width``), ``dropout``.
+    (blocks), ``num_heads``, ``mlp_ratio`` (MLP hidden size / ``width``), ``tie_embeddings``
+    (the output layer is the token embedding transposed).
 
     ``data`` (:func:`experiments.text.load`): ``path`` (a text file, split by bytes with the last
     ``test_fraction`` held out, or a directory, split by file; ``None``: the Python standard
@@ -51,6 +55,7 @@ def base() -> ml_collections.ConfigDict:
     e.g. ``('.py', '.txt')``; ``None``: every file).
     """
     c = ml_collections.ConfigDict()
+    c.task = "lm"
     c.mode = "train"
     c.seed = 0
     c.batch_size = 32
@@ -65,6 +70,7 @@ def base() -> ml_collections.ConfigDict:
     c.num_epochs = config_dict.placeholder(float)
     c.max_wall_time_s = config_dict.placeholder(float)
     c.target_bits_per_byte = config_dict.placeholder(float)
+    c.divergence_factor = 10.0
     c.eval_every = 250
     c.eval_examples = 1024
     c.eval_batch_size = 256
@@ -86,7 +92,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.depth = 2
     c.model.num_heads = 4
     c.model.mlp_ratio = 4
-    c.model.dropout = 0.0
+    c.model.tie_embeddings = False
 
     c.data = ml_collections.ConfigDict()
     c.data.path = config_dict.placeholder(str)
