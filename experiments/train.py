@@ -15,7 +15,8 @@ also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
   ``ema_trace_cov``, ``ema_b_simple``, and ``stop_reason`` on the row where a run stops);
   ``null`` stands for a non-finite value (``b_simple`` is ``null`` when ``g_sq <= 0``: the
   gradient is not resolved above the noise);
-- ``summary.json``: final full-test-set accuracy, times, steps, ``stop_reason``
+- ``summary.json``: final full-test-set accuracy (``config.final_eval_examples`` of the test
+  examples when the config has that field and it is set), times, steps, ``stop_reason``
   (``num_steps``, ``target_accuracy``, ``max_wall_time_s``, ``interrupted``, ``diverged``), and
   the noise scale with its bootstrap interval;
 - ``checkpoints/``: orbax checkpoints; re-running the same command resumes from the last
@@ -754,7 +755,8 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
     task = setup.task
     final, train_eval, t0 = {}, {}, time.perf_counter()
     if evaluate:
-        final = setup.evaluate(state, task.eval_arrays(config, ds, "test", None))
+        n_final = config.get("final_eval_examples")  # None (or no such field): all
+        final = setup.evaluate(state, task.eval_arrays(config, ds, "test", n_final))
         train_eval = setup.evaluate(state, task.eval_arrays(config, ds, "train",
                                                             config.eval_examples))  # fmt: skip
         log.record_eval(task.score(final[task.metric]))

@@ -248,14 +248,15 @@ def test_final_held_out_loss_equals_a_direct_computation(smoke_run):
 
 
 @pytest.mark.timeout(120)
-def test_target_bits_per_byte_stops_the_run_lower_is_better(corpus, cache_dir, tmp_path):
-    config = tiny_config(corpus, eval_every=10, target_bits_per_byte=7.5)
+def test_target_bits_per_byte_stops_the_run_and_final_eval_cap(corpus, cache_dir, tmp_path):
+    config = tiny_config(corpus, eval_every=10, target_bits_per_byte=7.5, final_eval_examples=32)
     summary = lm.run(config, str(tmp_path))
     rows = _rows(str(tmp_path))
     first = next(r for r in rows if "test_bits_per_byte" in r and r["test_bits_per_byte"] <= 7.5)
     assert summary["stop_reason"] == "target_bits_per_byte"
     assert summary["steps"] == summary["steps_to_target"] == first["step"] < 60
     assert summary["best_test_bits_per_byte"] <= 7.5  # a value in bits, not a negated score
+    assert summary["test_examples"] == 32  # config.final_eval_examples
 
 
 # ---------------------------------------------------------------------------------------------
