@@ -14,7 +14,11 @@ standard library unless ``--config.data.path`` names a text file or a directory 
 ``metrics.jsonl`` (train loss, held-out ``test_loss`` and ``test_bits_per_byte`` on evaluation
 rows, noise-scale rows), ``summary.json`` (with the corpus record under ``data``),
 ``checkpoints/`` and the plots. ``config.target_bits_per_byte`` stops the run when a periodic
-held-out evaluation reaches it. Re-running the same command resumes from the last checkpoint;
+held-out evaluation reaches it.
+
+An example of the noise scale is a window of ``context`` tokens (its loss is the mean over
+them), so ``b_simple`` counts windows, as ``batch_size`` does; multiply by ``context`` for
+tokens. Re-running the same command resumes from the last checkpoint;
 Ctrl-C stops at the next step with everything saved (exit code 130).
 
 A mistake (a corpus path that does not exist, an empty or binary corpus, an unknown variant or

@@ -34,18 +34,33 @@ import numpy as np
 
 from experiments.cli import UserError
 
-__all__ = ["Task", "TASKS", "get", "split_batch", "BATCH_KEYS", "padded_batches", "subset"]
+__all__ = [
+    "Task",
+    "TASKS",
+    "get",
+    "batch_keys",
+    "split_batch",
+    "BATCH_KEYS",
+    "padded_batches",
+    "subset",
+]
 
 # (inputs, targets) keys of the batches of each task.
 BATCH_KEYS = (("image", "label"), ("tokens", "targets"))
 
 
-def split_batch(batch: dict) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch of any task (the keys of :data:`BATCH_KEYS`)."""
-    for inputs, targets in BATCH_KEYS:
-        if inputs in batch:
-            return batch[inputs], batch[targets]
+def batch_keys(batch: dict) -> tuple[str, str]:
+    """The ``(inputs, targets)`` keys of a batch of any task (a pair of :data:`BATCH_KEYS`)."""
+    for keys in BATCH_KEYS:
+        if keys[0] in batch:
+            return keys
     raise KeyError(f"a batch needs one of the key pairs {BATCH_KEYS}, got {sorted(batch)}")
+
+
+def split_batch(batch: dict) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch of any task."""
+    inputs, targets = batch_keys(batch)
+    return batch[inputs], batch[targets]
 
 
 class Task(NamedTuple):

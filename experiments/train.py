@@ -17,7 +17,8 @@ also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
   gradient is not resolved above the noise);
 - ``summary.json``: final full-test-set accuracy (``config.final_eval_examples`` of the test
   examples when the config has that field and it is set), times, steps, ``stop_reason``
-  (``num_steps``, ``target_accuracy``, ``max_wall_time_s``, ``interrupted``, ``diverged``), and
+  (``num_steps``, ``target_accuracy`` or ``target_bits_per_byte``, ``max_wall_time_s``,
+  ``interrupted``, ``diverged``), and
   the noise scale with its bootstrap interval;
 - ``checkpoints/``: orbax checkpoints; re-running the same command resumes from the last
   readable one, after checking that the config's identity (:func:`run_identity`) is the same;
@@ -395,9 +396,9 @@ def make_plain_loss_fn(model, batch_stats, rng, groups: int = 1) -> Callable:
 
 
 def _with_index(batch):
-    keys = next(k for k in tasks.BATCH_KEYS if k[0] in batch)
-    n = batch[keys[1]].shape[0]
-    return {keys[0]: batch[keys[0]], keys[1]: batch[keys[1]], "index": jnp.arange(n)}
+    inputs, targets = tasks.batch_keys(batch)
+    n = batch[targets].shape[0]
+    return {inputs: batch[inputs], targets: batch[targets], "index": jnp.arange(n)}
 
 
 def make_train_steps(
