@@ -19,7 +19,7 @@ Example::
 
     task = tasks.get(config)
     ds = task.load(config)
-    batches = task.train_batches(config, ds, start_example=0)
+    batches = task.train_batches(config, ds, config.batch_size, start_example=0)
     held_out = task.eval_arrays(config, ds, "test", config.eval_examples)
     for batch in task.eval_batches(ds, held_out, 256):  # padded, with 'mask'
         inputs, targets = tasks.split_batch(batch)
@@ -74,9 +74,11 @@ class Task(NamedTuple):
       load: ``load(config) -> dataset``.
       num_train: ``num_train(ds)``: train examples per epoch.
       input_spec: ``input_spec(ds) -> (shape, dtype)`` of one example's model input.
-      train_batches: ``train_batches(config, ds, start_example)``: endless batches of
-        ``config.batch_size`` from train example ``start_example`` on (a pure function of the
-        seed and the position, so a resume sees the batches of an uninterrupted run).
+      train_batches: ``train_batches(config, ds, batch_size, start_example)``: endless
+        batches of ``batch_size`` from train example ``start_example`` on (a pure function of
+        the seed and the position, so a resume sees the batches of an uninterrupted run; the
+        image stream is indexed by steps, so ``start_example`` must be a multiple of
+        ``batch_size`` there).
       eval_arrays: ``eval_arrays(config, ds, split, n) -> arrays``: a fixed set of ``n``
         examples (``None``: all) of ``split`` (``'test'``, or ``'train'`` for the final train
         metrics).
@@ -143,12 +145,14 @@ def _image_load(config):
     return data.load(config.data)
 
 
-def _image_train_batches(config, ds, start_example: int) -> Iterator[dict]:
+def _image_train_batches(config, ds, batch_size: int, start_example: int) -> Iterator[dict]:
     from experiments import data
 
-    bs = config.batch_size
+    step, rest = divmod(start_example, batch_size)
+    if rest:
+        raise ValueError(f"start_example={start_example} is not a multiple of {batch_size}.")
     return data.train_batches(
-        ds, bs, seed=config.seed, start_step=start_example // bs, augment=config.data.augment
+        ds, batch_size, seed=config.seed, start_step=step, augment=config.data.augment
     )
 
 
@@ -193,10 +197,10 @@ def _text_load(config):
     return text.load(config.data, context=config.model.context)
 
 
-def _text_train_batches(config, ds, start_example: int) -> Iterator[dict]:
+def _text_train_batches(config, ds, batch_size: int, start_example: int) -> Iterator[dict]:
     from experiments import text
 
-    spans = text.constant_spans(config.batch_size, start_example)
+    spans = text.constant_spans(batch_size, start_example)
     return text.train_batches(ds, spans, seed=config.seed)
 
 

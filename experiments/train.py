@@ -547,9 +547,10 @@ class _Setup(NamedTuple):
     task: tasks.Task
 
 
-def _setup(config, ds, task: tasks.Task) -> _Setup:
+def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
     from gns import smoothing
 
+    task = task or tasks.get(config)
     model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None))
     method = resolve_gns_method(config, model)
     k = config.gns_microbatches
@@ -654,7 +655,7 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
     if stop is not None:
         return state, stop
     bs, gns_every, eval_every = config.batch_size, config.gns_every, config.eval_every
-    batches = setup.task.train_batches(config, ds, log.examples_seen)
+    batches = setup.task.train_batches(config, ds, bs, log.examples_seen)
     bar = _progress_bar(config, setup.num_steps, log.step)
     held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
     try:

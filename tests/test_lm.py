@@ -401,3 +401,24 @@ def test_summary_json_is_strict(smoke_run):
     _, workdir, _ = smoke_run
     with open(os.path.join(workdir, "summary.json")) as f:
         json.loads(f.read(), parse_constant=lambda name: pytest.fail(name))
+
+
+def test_lm_task_streams_and_eval_arrays_are_the_corpus_windows(corpus):
+    config = tiny_config(corpus, seed=3)
+    ds = tasks.LM.load(config)
+    stream = tasks.LM.train_batches(config, ds, 4, 12)  # examples 12-15, 16-19, ...
+    try:
+        first, second = next(stream), next(stream)
+    finally:
+        stream.close()
+    both = text.train_batch(ds, 12, 8, seed=3)
+    np.testing.assert_array_equal(
+        np.concatenate([first["tokens"], second["tokens"]]), both["tokens"]
+    )
+    np.testing.assert_array_equal(first["targets"][:, :-1], first["tokens"][:, 1:])
+    held_out = tasks.LM.eval_arrays(config, ds, "test", 5)
+    np.testing.assert_array_equal(held_out["tokens"], ds.eval_arrays(5)["tokens"])
+    train_part = tasks.LM.eval_arrays(config, ds, "train", 6)
+    np.testing.assert_array_equal(train_part["tokens"], text.train_batch(ds, 0, 6, 3)["tokens"])
+    assert tasks.LM.input_spec(ds) == ((16,), np.int32)
+    assert tasks.LM.num_train(ds) == len(ds.train) // 17
