@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import cifar10
+from experiments.cli import UserError
 
 VARIANTS = ("smoke", "cpu")
 
@@ -200,9 +201,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = arg or "cpu"
     variants = {"smoke": smoke, "cpu": cpu}
     if arg not in variants:
-        raise ValueError(
-            f"Unknown configs/lm.py variant {arg!r}: use one of {', '.join(VARIANTS)} "
-            "(e.g. --config configs/lm.py:smoke)."
+        raise UserError(
+            f"unknown configs/lm.py variant {arg!r}: use one of {', '.join(VARIANTS)}",
+            hint="e.g. --config configs/lm.py:smoke",
         )
     config = variants[arg]()
     config.compare = compare_config(arg)
