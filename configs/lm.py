@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import cifar10
+from experiments.cli import UserError
 
 VARIANTS = ("smoke", "cpu")
 
@@ -29,20 +30,28 @@ def base() -> ml_collections.ConfigDict:
     ``num_epochs`` (wins when set; an epoch is ``ds.examples_per_epoch`` windows, one pass over
     the train bytes), ``max_wall_time_s`` (training-time budget), ``target_bits_per_byte`` (stop
     when the periodic held-out bits per byte reach it or fall below; bits per byte = the mean
-    next-byte cross-entropy in nats / ln 2).
+    next-byte cross-entropy in nats / ln 2), ``divergence_factor`` (stop when the training loss
+    exceeds this multiple of the initial loss; ``None``: only on a non-finite loss).
     Evaluation and logging: ``eval_every`` (steps; 0 = only at the end), ``eval_examples``
-    (held-out windows of ``context + 1`` bytes, non-overlapping and spread evenly over the test
-    split; ``None``: all of them), ``eval_batch_size``, ``log_every``, ``checkpoint_every``,
-    ``progress_bar``, ``plots`` (PNGs).
-    Noise scale: ``gns_every`` (measure every N steps; 0 = never), ``gns_method`` (``auto``:
-    ``per_example``, since the model has no BatchNorm; ``microbatch``; ``vmap``),
-    ``gns_microbatches``, ``gns_chunk_size``, ``gns_ema_decay``.
-    ``mode``: ``train``, or another mode of the experiment (``compare``/``tradeoff``, see
-    ``config.compare``).
+    (held-out windows of ``context + 1`` bytes of the periodic evaluations, non-overlapping and
+    spread evenly over the test split; ``None``: all of them; also the number of train windows
+    of the final ``train_bits_per_byte``), ``final_eval_examples`` (the same for the final
+    held-out evaluation of ``summary.json``; ``None``: all, 18,840 windows of 65 bytes for the
+    Python 3.11 standard library, 40 s on 2 busy CPU cores with the ``cpu`` model),
+    ``eval_batch_size``, ``log_every``, ``checkpoint_every``, ``progress_bar``, ``plots``
+    (PNGs).
+    Noise scale: ``gns_every`` (measure every N steps; 0 = never), ``gns_method`` (``auto`` or
+    ``per_example``: per-example gradient norms, on the fast path of :mod:`gns.ghost` for the
+    layers it covers and by ``jax.vmap`` for the rest; ``microbatch``), ``gns_microbatches``,
+    ``gns_chunk_size``, ``gns_ema_decay``.
+    ``task``: ``lm`` (:mod:`experiments.tasks`: byte windows, held-out bits per byte).
+    ``mode``: ``train`` (the only mode of ``experiments.lm`` so far; ``config.compare`` holds
+    the settings of the ``compare``/``tradeoff`` modes for when they take this task).
 
     ``model`` (``experiments.models.get_model``): ``name`` (``transformer``), ``vocab_size``
     (256: bytes), ``context`` (tokens per example), ``width`` (embedding size), ``depth``
-    (blocks), ``num_heads``, ``mlp_ratio`` (MLP hidden size / ``width``), ``dropout``.
+    (blocks), ``num_heads``, ``mlp_ratio`` (MLP hidden size / ``width``), ``tie_embeddings``
+    (the output layer is the token embedding transposed).
 
     ``data`` (:func:`experiments.text.load`): ``path`` (a text file, split by bytes with the last
     ``test_fraction`` held out, or a directory, split by file; ``None``: the Python standard
@@ -51,6 +60,7 @@ def base() -> ml_collections.ConfigDict:
     e.g. ``('.py', '.txt')``; ``None``: every file).
     """
     c = ml_collections.ConfigDict()
+    c.task = "lm"
     c.mode = "train"
     c.seed = 0
     c.batch_size = 32
@@ -65,8 +75,10 @@ def base() -> ml_collections.ConfigDict:
     c.num_epochs = config_dict.placeholder(float)
     c.max_wall_time_s = config_dict.placeholder(float)
     c.target_bits_per_byte = config_dict.placeholder(float)
+    c.divergence_factor = 10.0
     c.eval_every = 250
     c.eval_examples = 1024
+    c.final_eval_examples = 4096
     c.eval_batch_size = 256
     c.log_every = 50
     c.checkpoint_every = 500
@@ -86,7 +98,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.depth = 2
     c.model.num_heads = 4
     c.model.mlp_ratio = 4
-    c.model.dropout = 0.0
+    c.model.tie_embeddings = False
 
     c.data = ml_collections.ConfigDict()
     c.data.path = config_dict.placeholder(str)
@@ -100,9 +112,11 @@ def smoke() -> ml_collections.ConfigDict:
     """A 1-block width-32 Transformer, context 32, on 300 KB of the standard library, 100 steps:
     a check that everything runs.
 
-    A stand-in model of this shape (see :func:`cpu`) trained the 100 steps in 0.3 s (1.2 ms per
-    step, 2026-11-30, 2 idle CPU cores) to 4.4 held-out bits per byte. Command (an estimate,
-    not yet measured: 10-20 s on 2 CPU cores, mostly start-up and compilation)::
+    Measured (2026-11-30, 2 CPU cores shared with other jobs, Python 3.11.7,
+    ``experiments.models.TransformerLM`` of 26,272 parameters with the fast per-example path):
+    7.1 s for the command at load average ~2 (9.3 s of CPU; 12.6 s at load ~4), of which 3.0 s
+    compile the two steps, 0.23 s train the 100 steps and 0.3 s evaluate; held-out 4.43 bits
+    per byte (train 4.27), next-byte accuracy 0.30. Command::
 
         python -m experiments.lm --config configs/lm.py:smoke --workdir /tmp/lm_smoke
     """
@@ -133,12 +147,14 @@ def cpu() -> ml_collections.ConfigDict:
     (48,000 windows, 3.1M bytes: about 0.3 epoch of the ~11 MB standard library).
 
     Noise scale from per-example gradients every 20 steps (75 measurements); held-out bits per
-    byte on 1,024 windows every 250 steps. Measured (2026-11-30, 2 idle CPU cores, Python
-    3.11.7) with a stand-in pre-LayerNorm Transformer of this shape (Flax ``SelfAttention``,
-    learned positions, untied output), not yet with ``experiments.models``' own and without the
-    noise-scale measurements: 46 ms per plain step, 94 s for the 1,500 steps; held-out bits per
-    byte 8.2 at start, 2.9 at step 250, 2.5 at 500, 2.2 at 1,000, 2.07 at the end. Expected run
-    time of the command (an estimate): 2-4 minutes::
+    byte on 1,024 windows every 250 steps and on 4,096 at the end. Measured with a stand-in
+    Transformer of this shape (2 idle CPU cores, no noise-scale steps): 46 ms per plain step, 94
+    s for the 1,500 steps; held-out bits per byte 8.2 at start, 2.9 at step 250, 2.5 at 500, 2.2
+    at 1,000, 2.07 at the end. With ``experiments.models.TransformerLM`` (the fast per-example
+    path) and the noise-scale steps, the first 200 steps (2026-11-30, 2 CPU cores shared with
+    other jobs, load average ~5): 250-390 windows per second (80-130 ms per step), 5 s of
+    compilation, training loss 2.26 nats at step 200. Expected run time of the command (an
+    estimate from these): 2-4 minutes on a busy machine, less on an idle one::
 
         python -m experiments.lm --config configs/lm.py:cpu --workdir /tmp/lm_cpu
     """
@@ -186,9 +202,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = arg or "cpu"
     variants = {"smoke": smoke, "cpu": cpu}
     if arg not in variants:
-        raise ValueError(
-            f"Unknown configs/lm.py variant {arg!r}: use one of {', '.join(VARIANTS)} "
-            "(e.g. --config configs/lm.py:smoke)."
+        raise UserError(
+            f"unknown configs/lm.py variant {arg!r}: use one of {', '.join(VARIANTS)}",
+            hint="e.g. --config configs/lm.py:smoke",
         )
     config = variants[arg]()
     config.compare = compare_config(arg)

@@ -2,7 +2,10 @@
 
 ``train_and_evaluate(config, workdir)`` trains ``config.model`` on ``config.data`` with the
 noise scale measured along the way and writes into ``workdir`` (through
-:mod:`experiments.runlog`, which keeps the record consistent across interruptions and resumes):
+:mod:`experiments.runlog`, which keeps the record consistent across interruptions and resumes).
+``config.task`` (:mod:`experiments.tasks`; default ``cifar10``) says what the data are: images
+(``test_accuracy``, target ``target_accuracy``) or byte windows of a language model (``lm``:
+also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
 
 - ``config.json``: the config of the run (written after the resume check, see below);
 - ``metrics.jsonl``: one strict-JSON object per logged step (``step``, ``examples_seen``,
@@ -12,8 +15,10 @@ noise scale measured along the way and writes into ``workdir`` (through
   ``ema_trace_cov``, ``ema_b_simple``, and ``stop_reason`` on the row where a run stops);
   ``null`` stands for a non-finite value (``b_simple`` is ``null`` when ``g_sq <= 0``: the
   gradient is not resolved above the noise);
-- ``summary.json``: final full-test-set accuracy, times, steps, ``stop_reason``
-  (``num_steps``, ``target_accuracy``, ``max_wall_time_s``, ``interrupted``, ``diverged``), and
+- ``summary.json``: final full-test-set accuracy (``config.final_eval_examples`` of the test
+  examples when the config has that field and it is set), times, steps, ``stop_reason``
+  (``num_steps``, ``target_accuracy`` or ``target_bits_per_byte``, ``max_wall_time_s``,
+  ``interrupted``, ``diverged``), and
   the noise scale with its bootstrap interval;
 - ``checkpoints/``: orbax checkpoints; re-running the same command resumes from the last
   readable one, after checking that the config's identity (:func:`run_identity`) is the same;
@@ -58,7 +63,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import models, runlog
+from experiments import models, runlog, tasks
 from experiments.cli import UserError
 
 PyTree = Any
@@ -189,11 +194,18 @@ _RULES = (
     ("gns_ema_decay", lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
     ("divergence_factor", _optional(lambda v: _is_number(v) and v > 1),
      "must be a number > 1, or None to stop only on a non-finite loss"),
-    ("target_accuracy", _optional(lambda v: _is_number(v) and 0 <= v <= 1),
-     "must be an accuracy in [0, 1] or None"),
     ("max_wall_time_s", _optional(lambda v: _is_number(v) and v > 0),
      "must be a positive number of seconds or None"),
 )  # fmt: skip
+
+
+# The target field of each task (experiments.tasks), checked as _RULES are.
+_TARGET_RULES = {
+    "cifar10": (("target_accuracy", _optional(lambda v: _is_number(v) and 0 <= v <= 1),
+                 "must be an accuracy in [0, 1] or None"),),
+    "lm": (("target_bits_per_byte", _optional(lambda v: _is_number(v) and v > 0),
+            "must be a positive number of bits per byte or None"),),
+}  # fmt: skip
 
 
 def validate_config(config) -> None:
@@ -204,16 +216,16 @@ def validate_config(config) -> None:
         positive finite number, ``batch_size < 2``, an unknown optimizer, schedule, model or
         noise-scale method).
     """
-    for field, valid, fix in _RULES:
+    for field, valid, fix in _RULES + _TARGET_RULES[tasks.get(config).name]:
         _require(config, field, valid(_value(config, field)), fix)
     choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "gns_method": GNS_METHODS}
     for field, options in {**choices, "model.name": models.MODEL_NAMES}.items():
         _choice(config, field, options)
     if config.num_epochs is None:
         resolve_num_steps(config, 1)
-    needs_eval = config.target_accuracy is not None
-    _require(config, "eval_every", not needs_eval or config.eval_every > 0,
-             "must be > 0 when config.target_accuracy is set (it is checked there)")  # fmt: skip
+    target = tasks.get(config).target_field
+    _require(config, "eval_every", config[target] is None or config.eval_every > 0,
+             f"must be > 0 when config.{target} is set (it is checked there)")  # fmt: skip
 
 
 def run_identity(config: dict) -> dict:
@@ -344,15 +356,18 @@ def make_loss_fn(model, batch_stats: PyTree, rng: jax.Array | None) -> Callable:
         different masks.
 
     Returns:
-      ``loss_fn`` with ``batch = {'image', 'label', 'index'}``: mean cross-entropy and
-      ``aux = {'loss', 'accuracy', 'batch_stats'}`` (the updated BatchNorm statistics).
+      ``loss_fn`` with ``batch = {'image', 'label', 'index'}`` (or ``{'tokens', 'targets',
+      'index'}``, see :func:`experiments.tasks.split_batch`): mean cross-entropy (over examples,
+      and over the positions of a token sequence) and ``aux = {'loss', 'accuracy',
+      'batch_stats'}`` (the updated BatchNorm statistics).
     """
 
     def loss_fn(params, batch):
         key = None if rng is None else jax.random.fold_in(rng, batch["index"][0])
-        logits, new_stats = _forward(model, params, batch_stats, batch["image"], key, True)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        inputs, targets = tasks.split_batch(batch)
+        logits, new_stats = _forward(model, params, batch_stats, inputs, key, True)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
         return loss, {"loss": loss, "accuracy": accuracy, "batch_stats": new_stats}
 
     return loss_fn
@@ -381,8 +396,9 @@ def make_plain_loss_fn(model, batch_stats, rng, groups: int = 1) -> Callable:
 
 
 def _with_index(batch):
-    n = batch["label"].shape[0]
-    return {"image": batch["image"], "label": batch["label"], "index": jnp.arange(n)}
+    inputs, targets = tasks.batch_keys(batch)
+    n = batch[targets].shape[0]
+    return {inputs: batch[inputs], targets: batch[targets], "index": jnp.arange(n)}
 
 
 def make_train_steps(
@@ -470,26 +486,29 @@ def make_train_steps(
 
 
 def make_eval_step(model):
-    """``eval_step(params, batch_stats, images, labels, mask) -> (correct, loss_sum)``."""
+    """``eval_step(params, batch_stats, inputs, targets, mask) -> (correct, loss_sum)``: sums
+    over the examples in ``mask`` of each example's accuracy and loss (means over its
+    positions for token sequences)."""
 
-    def eval_step(params, batch_stats, images, labels, mask):
-        logits, _ = _forward(model, params, batch_stats, images, None, False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    def eval_step(params, batch_stats, inputs, targets, mask):
+        logits, _ = _forward(model, params, batch_stats, inputs, None, False)
+        n = targets.shape[0]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+        losses, correct = losses.reshape(n, -1).mean(1), correct.reshape(n, -1).mean(1)
         return jnp.sum(correct * mask), jnp.sum(losses * mask)
 
     return eval_step
 
 
-def _evaluate(eval_step, state, images, labels, mean, std, batch_size) -> dict[str, float]:
-    """Accuracy and mean loss over ``images`` (the last batch padded to a fixed shape)."""
-    from experiments import data
-
+def _evaluate(eval_step, state, batches) -> dict[str, float]:
+    """Accuracy and mean loss over padded ``batches`` with a ``mask`` (Task.eval_batches)."""
     correct = loss = 0.0
     n = 0
-    for batch in data.eval_batches(images, labels, batch_size, mean, std, pad=True):
+    for batch in batches:
         mask = np.asarray(batch["mask"], np.float32)
-        c, s = eval_step(state.params, state.batch_stats, batch["image"], batch["label"], mask)
+        inputs, targets = tasks.split_batch(batch)
+        c, s = eval_step(state.params, state.batch_stats, inputs, targets, mask)
         correct, loss, n = correct + float(c), loss + float(s), n + int(mask.sum())
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "examples": n}
 
@@ -498,13 +517,13 @@ def _evaluate(eval_step, state, images, labels, mean, std, batch_size) -> dict[s
 # The training loop.
 
 
-def init_state(config, model, optimizer, tracker, image_shape) -> TrainState:
-    """A fresh :class:`TrainState` from ``config.seed``."""
+def init_state(config, model, optimizer, tracker, image_shape, dtype=jnp.float32) -> TrainState:
+    """A fresh :class:`TrainState` from ``config.seed`` (``image_shape``, ``dtype``: one
+    example's model input, e.g. ``((context,), jnp.int32)`` for tokens)."""
     rng = jax.random.PRNGKey(int(config.seed))
     init_rng, dropout_rng = jax.random.split(rng)
-    variables = jax.jit(lambda r: model.init(r, jnp.zeros((1,) + tuple(image_shape)), train=False))(
-        init_rng
-    )
+    x = jnp.zeros((1,) + tuple(image_shape), dtype)
+    variables = jax.jit(lambda r: model.init(r, x, train=False))(init_rng)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -523,21 +542,23 @@ class _Setup(NamedTuple):
     num_steps: int
     plain_fn: Callable
     gns_fn: Callable
-    evaluate: Callable  # (state, images, labels) -> {'accuracy', 'loss', 'examples'}
+    evaluate: Callable  # (state, arrays) -> {'accuracy', 'loss', 'examples', task metrics}
     state: TrainState  # the fresh state (the template a checkpoint restores into)
+    task: tasks.Task
 
 
-def _setup(config, ds) -> _Setup:
+def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
     from gns import smoothing
 
-    model = models.get_model(config.model, num_classes=ds.num_classes)
+    task = task or tasks.get(config)
+    model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None))
     method = resolve_gns_method(config, model)
     k = config.gns_microbatches
     _require(config, "gns_microbatches", method != "microbatch" or (
              _is_int(k) and k >= 2 and config.batch_size % k == 0),
              f"must be >= 2 and divide config.batch_size={config.batch_size} (equal "
              "microbatches for the estimator and ghost BatchNorm)")  # fmt: skip
-    num_steps = resolve_num_steps(config, len(ds.train_labels))
+    num_steps = resolve_num_steps(config, task.num_train(ds))
     schedule = make_schedule(config, num_steps)
     optimizer = make_optimizer(config, schedule)
     tracker = smoothing.ema(config.gns_ema_decay)
@@ -552,20 +573,14 @@ def _setup(config, ds) -> _Setup:
         schedule=schedule,
     )
     eval_step = jax.jit(make_eval_step(model))
-    eval_batch = min(config.eval_batch_size, len(ds.test_labels))
 
-    def evaluate(state, images, labels):
-        return _evaluate(eval_step, state, images, labels, ds.mean, ds.std, eval_batch)
+    def evaluate(state, arrays):
+        size = min(config.eval_batch_size, len(tasks.split_batch(arrays)[1]))
+        res = _evaluate(eval_step, state, task.eval_batches(ds, arrays, size))
+        return {**res, **task.metrics(res)}
 
-    state = init_state(config, model, optimizer, tracker, ds.train_images.shape[1:])
-    return _Setup(method, num_steps, plain_fn, gns_fn, evaluate, state)
-
-
-def _subset(n_total: int, n: int | None, seed: int) -> np.ndarray:
-    """Indices of a fixed random subset (sorted); all of them when ``n`` is None or too big."""
-    if n is None or n >= n_total:
-        return np.arange(n_total)
-    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
+    state = init_state(config, model, optimizer, tracker, *task.input_spec(ds))
+    return _Setup(method, num_steps, plain_fn, gns_fn, evaluate, state, task)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -585,16 +600,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
       Diverged: the loss diverged (after writing the row and the summary that say so).
       KeyboardInterrupt: after Ctrl-C, once the row, checkpoint and summary are written.
     """
-    from experiments import data
-
     validate_config(config)
+    task = tasks.get(config)
     with runlog.workdir_lock(workdir):
         ckpt = runlog.Checkpoints(workdir)
-        log = runlog.RunLog(workdir, target=config.target_accuracy)
+        log = runlog.RunLog(workdir, target=task.target(config))
         config_dict = config.to_dict()
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
-        ds = data.load(config.data)
-        setup = _setup(config, ds)
+        ds = task.load(config)
+        setup = _setup(config, ds, task)
         with runlog.deferred_interrupt() as interrupted:
             log.clock.charge("pause")
             state, meta = ckpt.restore(setup.state, check=log.check_meta)
@@ -608,7 +622,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if stop != "diverged" and log.step > 0:
                 ckpt.save(log.step, state, log.meta())
             summary = _summarize(config, ds, setup, state, log, stop, evaluate=stop in (
-                "num_steps", "target_accuracy", "max_wall_time_s"))  # fmt: skip
+                "num_steps", task.target_field, "max_wall_time_s"))  # fmt: skip
             if stop == "diverged":
                 raise Diverged(
                     f"training diverged at step {log.step}: {log.diverged}",
@@ -626,8 +640,8 @@ def _stop_reason(config, log: runlog.RunLog, num_steps: int, interrupted) -> str
         return "interrupted"
     if log.step >= num_steps:
         return "num_steps"
-    if config.target_accuracy is not None and log.reached:
-        return "target_accuracy"
+    if log.target is not None and log.reached:
+        return tasks.get(config).target_field
     budget = config.max_wall_time_s
     if budget is not None and log.clock.total("train") >= budget:
         return "max_wall_time_s"
@@ -637,17 +651,13 @@ def _stop_reason(config, log: runlog.RunLog, num_steps: int, interrupted) -> str
 def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupted):
     """Steps until a stop reason; a row at every logged, measured, evaluated, checkpointed or
     last step. Returns ``(state, stop_reason)``."""
-    from experiments import data
-
     stop = _stop_reason(config, log, setup.num_steps, interrupted)
     if stop is not None:
         return state, stop
     bs, gns_every, eval_every = config.batch_size, config.gns_every, config.eval_every
-    batches = data.train_batches(
-        ds, bs, seed=config.seed, start_step=log.step, augment=config.data.augment
-    )
+    batches = setup.task.train_batches(config, ds, bs, log.examples_seen)
     bar = _progress_bar(config, setup.num_steps, log.step)
-    test_idx = _subset(len(ds.test_labels), config.eval_examples, 1)
+    held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
     try:
         log.clock.charge("compile")
         logging.info("Compiling the training steps (batch size %d).", bs)
@@ -680,14 +690,14 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
             log.clock.charge("pause")
             host, pending = jax.device_get(pending), []
             row = log.row(**_row_metrics(host, measured), batch_size=bs,
-                          epoch=log.examples_seen / len(ds.train_labels))  # fmt: skip
+                          epoch=log.examples_seen / setup.task.num_train(ds))  # fmt: skip
             log.check_losses([h["train_loss"] for h in host], config.divergence_factor)
             if do_eval and not log.diverged:
                 log.clock.charge("eval")
-                res = setup.evaluate(state, ds.test_images[test_idx], ds.test_labels[test_idx])
+                res = setup.evaluate(state, held_out)
                 log.clock.charge("pause")
-                row.update(test_accuracy=res["accuracy"], test_loss=res["loss"])
-                log.record_eval(res["accuracy"])
+                row.update({f"test_{k}": v for k, v in res.items() if k != "examples"})
+                log.record_eval(setup.task.score(res[setup.task.metric]))
             stop = "diverged" if log.diverged else _stop_reason(
                 config, log, setup.num_steps, interrupted)  # fmt: skip
             if stop is not None:
@@ -744,21 +754,25 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
     false: interrupted or diverged runs), ``summary.json`` and the plots."""
     from gns import plots, smoothing
 
+    task = setup.task
     final, train_eval, t0 = {}, {}, time.perf_counter()
     if evaluate:
-        final = setup.evaluate(state, ds.test_images, ds.test_labels)
-        train_idx = _subset(len(ds.train_labels), config.eval_examples, 2)
-        train_eval = setup.evaluate(state, ds.train_images[train_idx], ds.train_labels[train_idx])
-        log.record_eval(final["accuracy"])
+        n_final = config.get("final_eval_examples")  # None (or no such field): all
+        final = setup.evaluate(state, task.eval_arrays(config, ds, "test", n_final))
+        train_eval = setup.evaluate(state, task.eval_arrays(config, ds, "train",
+                                                            config.eval_examples))  # fmt: skip
+        log.record_eval(task.score(final[task.metric]))
     rows = log.rows()
     clock = log.clock.state()
     summary = {
         "test_accuracy": final.get("accuracy"),
         "test_loss": final.get("loss"),
+        **{f"test_{k}": v for k, v in task.metrics(final).items()},
         "test_examples": final.get("examples"),
         "train_accuracy": train_eval.get("accuracy"),
+        **{f"train_{k}": v for k, v in task.metrics(train_eval).items()},
         "train_accuracy_examples": train_eval.get("examples"),
-        "best_test_accuracy": log.best["accuracy"],
+        f"best_test_{task.metric}": task.score(log.best["accuracy"]),
         "best_step": log.best["step"],
         "time_to_best_s": log.best["time_s"],
         "wall_time_s": clock["train_time_s"],
@@ -768,20 +782,22 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
         "final_eval_time_s": time.perf_counter() - t0,
         "steps": log.step,
         "examples": log.examples_seen,
-        "epochs": log.examples_seen / len(ds.train_labels),
+        "epochs": log.examples_seen / task.num_train(ds),
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
         "optimizer": config.optimizer,
         "model": config.model.name,
         "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
         "gns_method": setup.method,
-        "target_accuracy": config.target_accuracy,
+        task.target_field: config[task.target_field],
         "time_to_target_s": log.to_target["time_s"],
         "steps_to_target": log.to_target["steps"],
         "stop_reason": stop,
         "diverged": log.diverged,
         "noise_scale": noise_scale_summary(rows, smoothing),
     }
+    if task.describe(ds) is not None:
+        summary["data"] = task.describe(ds)
     runlog.write_json(os.path.join(log.workdir, SUMMARY_FILE), summary)
     if config.plots and evaluate:
         try:

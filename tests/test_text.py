@@ -286,5 +286,5 @@ def test_config_variants(variant):
 
 
 def test_config_unknown_variant():
-    with pytest.raises(ValueError, match="smoke"):
+    with pytest.raises(UserError, match="smoke"):
         lm.get_config("gpu")
