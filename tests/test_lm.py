@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,69 +21,11 @@ from experiments import lm, models, runlog, tasks, text, train
 from experiments.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL_MODEL = "transformer" in models.MODEL_NAMES  # before the stand_in fixture patches it
-
-
-# ---------------------------------------------------------------------------------------------
-# A stand-in Transformer, used only while experiments/models.py has no "transformer".
-
-
-class StandInLM(nn.Module):
-    """Embed + learned positions + pre-LayerNorm causal self-attention blocks + dense head."""
-
-    vocab_size: int = 256
-    context: int = 64
-    width: int = 128
-    depth: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4
-    tie_embeddings: bool = False
-
-    @nn.compact
-    def __call__(self, tokens, train: bool = False):
-        x = nn.Embed(self.vocab_size, self.width)(tokens)
-        pos = self.param("position", nn.initializers.normal(0.02), (self.context, self.width))
-        x = x + pos[: tokens.shape[1]]
-        for _ in range(self.depth):
-            h = nn.LayerNorm()(x)
-            x = x + nn.MultiHeadDotProductAttention(self.num_heads)(
-                h, mask=nn.make_causal_mask(tokens)
-            )
-            h = nn.gelu(nn.Dense(self.mlp_ratio * self.width)(nn.LayerNorm()(x)))
-            x = x + nn.Dense(self.width)(h)
-        return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))
-
-
-def install_stand_in(patch=None) -> None:
-    """Registers :class:`StandInLM` as ``transformer`` in experiments.models, unless it has its
-    own (``patch``: a ``pytest.MonkeyPatch``; ``None``: for good, in a subprocess)."""
-    if "transformer" in models.MODEL_NAMES:
-        return
-    setattr_ = patch.setattr if patch is not None else setattr
-    get_model = models.get_model
-
-    def patched(cfg, num_classes=None):
-        if cfg.get("name") != "transformer":
-            return get_model(cfg, num_classes)
-        keys = ("vocab_size", "context", "width", "depth", "num_heads", "mlp_ratio")
-        return StandInLM(**{k: cfg[k] for k in keys if cfg.get(k) is not None})
-
-    setattr_(models, "MODEL_NAMES", (*models.MODEL_NAMES, "transformer"))
-    setattr_(models, "get_model", patched)
-
-
-# The main as a subprocess (through the stand-in while the real model is missing).
-_BOOT = (
-    "import sys; from tests import test_lm; test_lm.install_stand_in(); "
-    "from experiments import cli, lm; lm._define_flags(); "
-    "cli.run(lm.main, argv=['experiments.lm', *sys.argv[1:]])"
-)
 
 
 def _main(*args):
-    if REAL_MODEL:
-        return [sys.executable, "-m", "experiments.lm", *args]
-    return [sys.executable, "-c", _BOOT, *args]
+    """The main as a subprocess."""
+    return [sys.executable, "-m", "experiments.lm", *args]
 
 
 def _env(cache_dir=None):
@@ -96,13 +37,6 @@ def _env(cache_dir=None):
             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         )
     return env
-
-
-@pytest.fixture(scope="module", autouse=True)
-def stand_in():
-    with pytest.MonkeyPatch.context() as m:
-        install_stand_in(m)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +200,7 @@ def test_target_bits_per_byte_stops_the_run_and_final_eval_cap(corpus, cache_dir
 # The main in a subprocess whose batches take at least 20 ms each (the data are unchanged), so
 # that a kill lands mid-run however fast the steps are.
 _SLOW_BOOT = (
-    "import sys, time; from tests import test_lm; test_lm.install_stand_in(); "
+    "import sys, time; "
     "from experiments import cli, lm, text; batch = text.train_batch; "
     "text.train_batch = lambda *a, **k: (time.sleep(0.02), batch(*a, **k))[1]; "
     "lm._define_flags(); cli.run(lm.main, argv=['experiments.lm', *sys.argv[1:]])"
