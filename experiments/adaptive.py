@@ -2,7 +2,7 @@
 
 **Training side** (used by :func:`experiments.train.train_and_evaluate` when
 ``config.adaptive.enabled``): the :class:`gns.schedule.BatchSizeSchedule` built from
-``config.adaptive`` (:func:`make_schedule`), its state carried in the optimizer state
+``config.adaptive`` (:func:`make_batch_schedule`), its state carried in the optimizer state
 (:func:`with_batch_schedule`: the learning-rate multiplier scales the updates, so a change of
 learning rate needs no recompilation, and the schedule is checkpointed with the train state),
 one compiled step per batch size (:class:`StepCache`: compiled on first use, cached, compile
@@ -72,7 +72,7 @@ __all__ = [
     "ScheduledOptState",
     "enabled",
     "candidates",
-    "make_schedule",
+    "make_batch_schedule",
     "validate",
     "with_batch_schedule",
     "StepCache",
@@ -136,7 +136,7 @@ def candidates(config) -> list[int]:
     return cands
 
 
-def make_schedule(config, step_times: Sequence[float] | None = None):
+def make_batch_schedule(config, step_times: Sequence[float] | None = None):
     """The :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``.
 
     Args:
@@ -183,7 +183,7 @@ def make_schedule(config, step_times: Sequence[float] | None = None):
 
 
 def validate(config, num_train: int, microbatches: int | None) -> None:
-    """The checks of an adaptive training config beyond :func:`make_schedule`'s.
+    """The checks of an adaptive training config beyond :func:`make_batch_schedule`'s.
 
     Args:
       config: the training config.
@@ -192,7 +192,7 @@ def validate(config, num_train: int, microbatches: int | None) -> None:
         and ghost BatchNorm), or ``None``.
     """
     cands = candidates(config)
-    make_schedule(config)
+    make_batch_schedule(config)
     if config.gns_every <= 0 and len(cands) > 1:
         raise UserError(
             "config.adaptive.enabled needs config.gns_every > 0 (the schedule follows the "

@@ -31,6 +31,18 @@ target compare fairly across batch sizes. Ctrl-C stops at the next step boundary
 step's row, a checkpoint and the summary written (exit code 130); a non-finite loss or one above
 ``config.divergence_factor`` times the initial loss stops the run with :class:`Diverged`.
 
+With ``config.adaptive.enabled`` the batch size changes during the run
+(:mod:`experiments.adaptive`): at each noise-scale measurement the smoothed ``ema_b_simple``
+updates a :func:`gns.schedule.batch_size_schedule` whose state (and learning-rate multiplier)
+lives in the optimizer state, so it is checkpointed with the train state; a change takes effect
+at the next step, with one compiled step per batch size (compiled on first use, charged to
+``compile_time_s``). Such a run reads the example-indexed stream
+(:func:`experiments.data.stream_indices`), evaluates every
+``config.adaptive.eval_every_examples`` examples, stops after ``num_steps x batch_size``
+examples, and its rows also carry ``schedule_reason`` (each measurement) and
+``schedule_change`` (each change). Without it the loop is the fixed-batch one (same batches,
+same updates, bit for bit).
+
 Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
 
 Example (as in the tests)::
@@ -552,7 +564,9 @@ def _setup(config, ds) -> _Setup:
     optimizer = make_optimizer(config, schedule)
     if adaptive.enabled(config):  # lr multiplier and batch-size schedule in the opt state
         adaptive.validate(config, len(ds.train_labels), k if method == "microbatch" else None)
-        optimizer = adaptive.with_batch_schedule(optimizer, adaptive.make_schedule(config).init())
+        optimizer = adaptive.with_batch_schedule(
+            optimizer, adaptive.make_batch_schedule(config).init()
+        )
     tracker = smoothing.ema(config.gns_ema_decay)
     plain_fn, gns_fn = make_train_steps(
         model,
@@ -671,7 +685,7 @@ def _batch_control(config, ds, setup: _Setup, state, log: runlog.RunLog):
             rounds=int(config.adaptive.timing_rounds),
         )
         times = [table[b]["step_time_s"] for b in cands]
-    return adaptive.BatchControl(config, adaptive.make_schedule(config, times), log.rows())
+    return adaptive.BatchControl(config, adaptive.make_batch_schedule(config, times), log.rows())
 
 
 def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupted):
@@ -689,7 +703,8 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
     gns_every, eval_every = config.gns_every, config.eval_every
     bs = config.batch_size if ctl is None else ctl.batch_size(state)
     lr_scale = 1.0 if ctl is None else ctl.lr_multiplier(state)
-    eval_examples = None if ctl is None else config.adaptive.eval_every_examples or eval_every * bs
+    every = config.adaptive.eval_every_examples if ctl is not None else None
+    eval_examples = every or eval_every * config.batch_size  # (adaptive runs only)
 
     def stream(batch_size):
         if ctl is None:  # the step-indexed stream (bitwise as before the schedule existed)

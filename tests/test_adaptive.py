@@ -82,7 +82,7 @@ class _State(NamedTuple):
 def test_lr_multiplier_scales_the_update_and_one_leaves_it_bitwise():
     params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5)}
     grads = {"w": jnp.array([0.3, 0.1, -0.2]), "b": jnp.array(1.0)}
-    sched = adaptive.make_schedule(adaptive_config())
+    sched = adaptive.make_batch_schedule(adaptive_config())
     for inner in (optax.adam(1e-2), optax.sgd(0.1, momentum=0.9)):
         opt = adaptive.with_batch_schedule(inner, sched.init())
         s = opt.init(params)
@@ -102,7 +102,7 @@ def test_lr_multiplier_scales_the_update_and_one_leaves_it_bitwise():
 def test_unusable_noise_keeps_the_batch_and_says_why(noise, reason, words):
     config = adaptive_config()
     config.adaptive.patience = 1
-    sched = adaptive.make_schedule(config)
+    sched = adaptive.make_batch_schedule(config)
     ctl = adaptive.BatchControl(config, sched)
     opt = adaptive.with_batch_schedule(optax.sgd(0.1), sched.init())
     state = _State(opt.init({"w": jnp.zeros(2)}))
