@@ -30,6 +30,10 @@ same evaluation interval in examples:
                    target (``config.adaptive.tradeoff_summary``), when that file exists
 =================  ==========================================================================
 
+Only the ``adaptive`` runs measure the noise scale (every ``config.gns_every`` steps; its cost
+is in their wall clock, not in their device time); the fixed batches train plain steps, as in
+the ``compare`` mode. Every run is a schedule run (a fixed batch is the schedule with one
+candidate), so all read the same example stream and evaluate at the same examples.
 Time to target is reported as training wall clock (``time_to_target_s``) and as
 ``device_time_to_target_s = Σ_B steps(B)·t(B)`` with ``t(B)`` from the one timing table
 (robust to a machine that is busy at different times for different runs). Writes
@@ -702,8 +706,8 @@ def adaptive_table(summary: dict) -> str:
         b = f"{r['batch_size']}->{r['final_batch_size']}"
         lines.append(
             f"{r['policy']:<14}{r['seed']:>5}{b:>12}{_fmt(r['learning_rate'], '.3g'):>10}"
-            f"{_fmt(r['steps_to_target'], 'd'):>8}{_fmt(r['time_to_target_s'], '.1f'):>9}"
-            f"{_fmt(r['device_time_to_target_s'], '.1f'):>10}  {r['reached']}"
+            f"{_fmt(r['steps_to_target'], 'd'):>8}{_fmt(r['time_to_target_s'], '.4g'):>9}"
+            f"{_fmt(r['device_time_to_target_s'], '.4g'):>10}  {r['reached']}"
         )
     c = summary["comparison"]
     for key, what in (
