@@ -23,7 +23,8 @@ def base() -> ml_collections.ConfigDict:
     """Every field, with its default (the ``cpu`` setup's training fields)."""
     c = ml_collections.ConfigDict()
     # What experiments/cifar10.py runs: 'train' (experiments.train.train_and_evaluate),
-    # 'compare' or 'tradeoff' (experiments.compare, configured by config.compare).
+    # 'compare' or 'tradeoff' (experiments.compare, configured by config.compare), 'adaptive'
+    # (experiments.adaptive: the batch-size schedule against fixed batches, config.adaptive).
     c.mode = "train"
 
     # Training. A resume must keep every field that changes the results (all but logging,
@@ -62,6 +63,39 @@ def base() -> ml_collections.ConfigDict:
     c.gns_microbatches = 8  # microbatches of the estimator (and ghost-BatchNorm groups)
     c.gns_chunk_size = config_dict.placeholder(int)  # per_example chunk (None: one chunk)
     c.gns_ema_decay = 0.95  # EMA of g_sq and trace_cov (bias-corrected)
+
+    # Batch-size schedule (gns.schedule.batch_size_schedule; experiments/adaptive.py): with
+    # adaptive.enabled the batch size follows the smoothed noise scale (updated at each
+    # noise-scale measurement, so gns_every > 0), the learning rate is config.learning_rate
+    # (tuned at config.batch_size) times the schedule's multiplier, the data come from the
+    # example-indexed stream, and the run stops after num_steps x batch_size examples (or
+    # num_epochs). --config.mode=adaptive runs it against fixed batch sizes.
+    c.adaptive = ml_collections.ConfigDict()
+    c.adaptive.enabled = False  # train with the schedule (mode=adaptive sets it for its runs)
+    c.adaptive.candidates = config_dict.placeholder(tuple)  # compiled batch sizes, strictly
+    # increasing (None: the powers of two in [min_batch_size, max_batch_size])
+    c.adaptive.min_batch_size = 16
+    c.adaptive.max_batch_size = 512  # also capped by what fits (the mode's sweep)
+    c.adaptive.initial_batch_size = config_dict.placeholder(int)  # None: smallest candidate
+    c.adaptive.step_times = config_dict.placeholder(tuple)  # seconds per step of each
+    # candidate, in order (None: timed, interleaved, before training)
+    c.adaptive.lr_rule = "sqrt"  # 'linear', 'sgd', 'sqrt' (Adam-family), 'seesaw', 'constant'
+    c.adaptive.margin = 0.05  # predicted relative saving a change needs
+    c.adaptive.patience = 3  # consecutive measurements that must agree before a change
+    c.adaptive.allow_shrink = False  # a ramp only grows
+    c.adaptive.noise_scale_factor = 1.0  # multiplies the smoothed B_simple fed to the schedule
+    c.adaptive.eval_every_examples = config_dict.placeholder(int)  # evaluation interval in
+    # examples (None: eval_every x batch_size)
+    # The adaptive mode (experiments.adaptive.run_adaptive): the schedule against fixed batches.
+    c.adaptive.policies = ("adaptive", "config", "recommended", "tradeoff_best")
+    c.adaptive.seeds = (0,)  # every policy is trained once per seed
+    c.adaptive.target_accuracy = 0.5  # the target of time-to-target
+    c.adaptive.max_epochs = 20.0  # cap of every run (in epochs of examples)
+    c.adaptive.max_wall_time_s = config_dict.placeholder(float)  # cap of every run
+    c.adaptive.timing_warmup = 2  # untimed calls per batch size before the timing rounds
+    c.adaptive.timing_rounds = 7  # interleaved rounds (each times every batch size once)
+    c.adaptive.tradeoff_summary = config_dict.placeholder(str)  # a tradeoff mode's
+    # summary.json for the 'tradeoff_best' policy (None: WORKDIR/tradeoff/summary.json)
 
     # Model (experiments.models.get_model; None: the model's default).
     c.model = ml_collections.ConfigDict()
@@ -118,6 +152,14 @@ def smoke() -> ml_collections.ConfigDict:
     c.data.num_train = 512
     c.data.num_test = 256
     c.data.augment = False
+    c.adaptive.min_batch_size = 8
+    c.adaptive.max_batch_size = 32
+    c.adaptive.patience = 2
+    c.adaptive.eval_every_examples = 512
+    c.adaptive.target_accuracy = 0.2
+    c.adaptive.max_epochs = 4.0
+    c.adaptive.timing_warmup = 1
+    c.adaptive.timing_rounds = 2
     return c
 
 
@@ -132,6 +174,13 @@ def cpu() -> ml_collections.ConfigDict:
 
         python -m experiments.cifar10 --config configs/cifar10.py:cpu --workdir /tmp/cpu \
           --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
+
+    The batch-size schedule (16 -> 256) against fixed batches, 2 seeds, to 55% test accuracy
+    (``config.adaptive``; not timed here: roughly 15 minutes estimated on 2 idle cores)::
+
+        python -m experiments.cifar10 --config configs/cifar10.py:cpu --config.mode=adaptive \
+          --workdir /tmp/cpu_adaptive --config.data.source=folder \
+          --config.data.path=../shared/data/cifar10-jpeg.tar.gz
     """
     c = base()
     c.batch_size = 128
@@ -146,6 +195,12 @@ def cpu() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.gns_every = 20
     c.gns_chunk_size = 64
+    c.adaptive.seeds = (0, 1)
+    c.adaptive.max_batch_size = 256
+    c.adaptive.eval_every_examples = 10000
+    c.adaptive.target_accuracy = 0.55
+    c.adaptive.max_epochs = 10.0
+    c.adaptive.max_wall_time_s = 300.0
     return c
 
 

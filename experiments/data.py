@@ -966,12 +966,78 @@ def _epoch_permutation(seed: int, epoch: int, num_train: int) -> np.ndarray:
     return perm
 
 
-def train_batch(ds: Dataset, batch_size: int, *, seed: int, step: int, augment: bool) -> dict:
-    """The batch of one step: a pure function of ``(ds, batch_size, seed, step, augment)``."""
-    idx = train_indices(seed, step, batch_size, len(ds.train_labels))
+def stream_indices(seed: int, start: int, batch_size: int, num_train: int) -> np.ndarray:
+    """Indices of the examples ``[start, start + batch_size)`` of the example stream.
+
+    The stream is the epoch permutations of :func:`train_indices`
+    (``np.random.default_rng([seed, e]).permutation(num_train)``) laid end to end, with no tail
+    dropped: position ``i`` is example ``perm_e[i % num_train]`` of epoch ``e = i // num_train``,
+    and a batch may straddle two epochs. A batch is a pure function of ``(seed, start,
+    batch_size)``, and the stream does not depend on how it is cut into batches, so a batch
+    size that changes during a run still sees every example exactly once per epoch.
+    """
+    pos = np.arange(start, start + batch_size)
+    epochs, offsets = np.divmod(pos, num_train)
+    out = np.empty(batch_size, np.int64)
+    for e in np.unique(epochs).tolist():
+        here = epochs == e
+        out[here] = _epoch_permutation(seed, e, num_train)[offsets[here]]
+    return out
+
+
+def stream_augment_params(
+    seed: int, start: int, batch_size: int, num_train: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop offsets ``[B, 2]`` and flips ``[B]`` of the stream positions
+    ``[start, start + batch_size)``: one draw per position (``default_rng([seed, e,
+    _AUGMENT_TAG])`` for all positions of epoch ``e``), so independent of the batch sizes."""
+    pos = np.arange(start, start + batch_size)
+    epochs, at = np.divmod(pos, num_train)
+    offsets = np.empty((batch_size, 2), np.int64)
+    flips = np.empty(batch_size, bool)
+    for e in np.unique(epochs).tolist():
+        here = epochs == e
+        o, f = _epoch_augment(seed, e, num_train)
+        offsets[here], flips[here] = o[at[here]], f[at[here]]
+    return offsets, flips
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_augment(seed: int, epoch: int, num_train: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, epoch, _AUGMENT_TAG])
+    offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(num_train, 2))
+    flips = rng.random(num_train) < 0.5
+    offsets.flags.writeable = flips.flags.writeable = False
+    return offsets, flips
+
+
+def train_batch(
+    ds: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    step: int | None = None,
+    augment: bool,
+    start_example: int | None = None,
+) -> dict:
+    """The batch of one step: a pure function of ``(ds, batch_size, seed, step, augment)``, or
+    with ``start_example`` (instead of ``step``) the examples ``[start_example, start_example +
+    batch_size)`` of the example stream (:func:`stream_indices`, :func:`stream_augment_params`)."""
+    n = len(ds.train_labels)
+    if (step is None) == (start_example is None):
+        raise ValueError("pass exactly one of step= (step stream) and start_example= (examples).")
+    if start_example is None:
+        idx = train_indices(seed, step, batch_size, n)
+    else:
+        idx = stream_indices(seed, start_example, batch_size, n)
     images = ds.train_images[idx]
     if augment:
-        images = crop_and_flip(images, *augment_params(seed, step, batch_size))
+        params = (
+            augment_params(seed, step, batch_size)
+            if start_example is None
+            else stream_augment_params(seed, start_example, batch_size, n)
+        )
+        images = crop_and_flip(images, *params)
     return {
         "image": normalize(images, ds.mean, ds.std),
         "label": ds.train_labels[idx].astype(np.int32),
@@ -986,6 +1052,7 @@ def train_batches(
     start_step: int = 0,
     augment: bool = True,
     prefetch: int = 2,
+    start_example: int | None = None,
 ) -> Iterator[dict]:
     """Endless train batches for steps ``start_step, start_step + 1, ...``, prefetched.
 
@@ -994,6 +1061,15 @@ def train_batches(
     dropped; and :func:`augment_params`), so resuming at ``start_step`` yields exactly the
     batches of an uninterrupted run. Augmentation: random crop from the image padded by 4
     pixels (reflect) and a random horizontal flip.
+
+    With ``start_example`` set (a run whose batch size changes: ``start_step`` is then
+    ignored), the batches are consecutive pieces of the *example stream* from that example on:
+    batch ``k`` covers examples ``[start_example + k·B, start_example + (k+1)·B)``, a pure
+    function of ``(seed, first example, B)`` (:func:`stream_indices`: no epoch tail dropped,
+    augmentation drawn per stream position). To change the batch size, close the iterator and
+    open a new one at the examples seen so far. For a ``batch_size`` that divides the number of
+    train examples it yields the same examples as the step stream (the augmentation draws
+    differ).
 
     A background thread prepares up to ``prefetch`` batches ahead; it stops when the generator
     is closed or garbage-collected.
@@ -1005,6 +1081,7 @@ def train_batches(
       start_step: first step to yield.
       augment: random crop + flip.
       prefetch: queue size of the background thread; 0 computes batches in the caller's thread.
+      start_example: first example of the example stream (``None``: the step stream).
 
     Returns:
       An iterator of ``{'image': float32 [B, H, W, C] normalized, 'label': int32 [B]}``.
@@ -1016,11 +1093,18 @@ def train_batches(
         )
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0.")
+    if start_example is not None and start_example < 0:
+        raise ValueError(f"start_example={start_example} must be >= 0.")
     make = functools.partial(train_batch, ds, batch_size, seed=seed, augment=augment)
-    steps = itertools.count(start_step)
+    if start_example is None:
+        steps = itertools.count(start_step)
+        produce = lambda: make(step=next(steps))  # noqa: E731
+    else:
+        starts = itertools.count(start_example, batch_size)
+        produce = lambda: make(start_example=next(starts))  # noqa: E731
     if prefetch <= 0:
-        return (make(step=s) for s in steps)
-    return _prefetched(lambda: make(step=next(steps)), prefetch)
+        return (produce() for _ in itertools.count())
+    return _prefetched(produce, prefetch)
 
 
 _thread_ids = itertools.count()

@@ -74,11 +74,12 @@ class Task(NamedTuple):
       load: ``load(config) -> dataset``.
       num_train: ``num_train(ds)``: train examples per epoch.
       input_spec: ``input_spec(ds) -> (shape, dtype)`` of one example's model input.
-      train_batches: ``train_batches(config, ds, batch_size, start_example)``: endless
-        batches of ``batch_size`` from train example ``start_example`` on (a pure function of
-        the seed and the position, so a resume sees the batches of an uninterrupted run; the
-        image stream is indexed by steps, so ``start_example`` must be a multiple of
-        ``batch_size`` there).
+      train_batches: ``train_batches(config, ds, batch_size, start_example, by_example)``:
+        endless batches of ``batch_size`` from train example ``start_example`` on (a pure
+        function of the seed and the position, so a resume sees the batches of an uninterrupted
+        run). The image stream is indexed by steps unless ``by_example`` (a changing batch
+        size: :func:`experiments.data.stream_indices`), so ``start_example`` must then be a
+        multiple of ``batch_size``; the text stream is always indexed by examples.
       eval_arrays: ``eval_arrays(config, ds, split, n) -> arrays``: a fixed set of ``n``
         examples (``None``: all) of ``split`` (``'test'``, or ``'train'`` for the final train
         metrics).
@@ -145,9 +146,15 @@ def _image_load(config):
     return data.load(config.data)
 
 
-def _image_train_batches(config, ds, batch_size: int, start_example: int) -> Iterator[dict]:
+def _image_train_batches(
+    config, ds, batch_size: int, start_example: int, by_example: bool = False
+) -> Iterator[dict]:
     from experiments import data
 
+    if by_example:  # the example stream (a changing batch size)
+        return data.train_batches(
+            ds, batch_size, seed=config.seed, start_example=start_example,
+            augment=config.data.augment)  # fmt: skip
     step, rest = divmod(start_example, batch_size)
     if rest:
         raise ValueError(f"start_example={start_example} is not a multiple of {batch_size}.")
@@ -197,7 +204,9 @@ def _text_load(config):
     return text.load(config.data, context=config.model.context)
 
 
-def _text_train_batches(config, ds, batch_size: int, start_example: int) -> Iterator[dict]:
+def _text_train_batches(
+    config, ds, batch_size: int, start_example: int, by_example: bool = True
+) -> Iterator[dict]:
     from experiments import text
 
     spans = text.constant_spans(batch_size, start_example)

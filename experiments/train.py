@@ -36,6 +36,18 @@ target compare fairly across batch sizes. Ctrl-C stops at the next step boundary
 step's row, a checkpoint and the summary written (exit code 130); a non-finite loss or one above
 ``config.divergence_factor`` times the initial loss stops the run with :class:`Diverged`.
 
+With ``config.adaptive.enabled`` the batch size changes during the run
+(:mod:`experiments.adaptive`): at each noise-scale measurement the smoothed ``ema_b_simple``
+updates a :func:`gns.schedule.batch_size_schedule` whose state (and learning-rate multiplier)
+lives in the optimizer state, so it is checkpointed with the train state; a change takes effect
+at the next step, with one compiled step per batch size (compiled on first use, charged to
+``compile_time_s``). Such a run reads the example-indexed stream
+(:func:`experiments.data.stream_indices`), evaluates every
+``config.adaptive.eval_every_examples`` examples, stops after ``num_steps x batch_size``
+examples, and its rows also carry ``schedule_reason`` (each measurement) and
+``schedule_change`` (each change). Without it the loop is the fixed-batch one (same batches,
+same updates, bit for bit).
+
 Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
 
 Example (as in the tests)::
@@ -104,6 +116,15 @@ NOT_IDENTITY = (
     "data.cache_dir",
     "data.tfds_data_dir",
     "compare",
+    # The adaptive mode's fields (experiments/adaptive.py), not the schedule's.
+    "adaptive.policies",
+    "adaptive.seeds",
+    "adaptive.target_accuracy",
+    "adaptive.max_epochs",
+    "adaptive.max_wall_time_s",
+    "adaptive.timing_warmup",
+    "adaptive.timing_rounds",
+    "adaptive.tradeoff_summary",
 )
 
 # Until experiments/{sweep,compare,bench,parallel_bench}.py import them from runlog.
@@ -548,6 +569,7 @@ class _Setup(NamedTuple):
 
 
 def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
+    from experiments import adaptive
     from gns import smoothing
 
     task = task or tasks.get(config)
@@ -561,6 +583,11 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
     num_steps = resolve_num_steps(config, task.num_train(ds))
     schedule = make_schedule(config, num_steps)
     optimizer = make_optimizer(config, schedule)
+    if adaptive.enabled(config):  # lr multiplier and batch-size schedule in the opt state
+        adaptive.validate(config, task.num_train(ds), k if method == "microbatch" else None)
+        optimizer = adaptive.with_batch_schedule(
+            optimizer, adaptive.make_batch_schedule(config).init()
+        )
     tracker = smoothing.ema(config.gns_ema_decay)
     plain_fn, gns_fn = make_train_steps(
         model,
@@ -634,11 +661,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return summary
 
 
-def _stop_reason(config, log: runlog.RunLog, num_steps: int, interrupted) -> str | None:
-    """Why the run stops now (checked at rows only, so a row exists where it stops)."""
+def _stop_reason(
+    config, log: runlog.RunLog, num_steps: int, interrupted, num_examples: int | None = None
+) -> str | None:
+    """Why the run stops now (checked at rows only, so a row exists where it stops). With
+    ``num_examples`` (a changing batch size) the length of the run is in examples."""
     if interrupted.is_set():
         return "interrupted"
-    if log.step >= num_steps:
+    if log.step >= num_steps if num_examples is None else log.examples_seen >= num_examples:
         return "num_steps"
     if log.target is not None and log.reached:
         return tasks.get(config).target_field
@@ -648,24 +678,61 @@ def _stop_reason(config, log: runlog.RunLog, num_steps: int, interrupted) -> str
     return None
 
 
+def _batch_control(config, ds, setup: _Setup, state, log: runlog.RunLog):
+    """The :class:`experiments.adaptive.BatchControl` of an adaptive run (``None`` otherwise);
+    without ``config.adaptive.step_times`` the candidates are timed first (charged to
+    ``pause``)."""
+    from experiments import adaptive
+
+    if not adaptive.enabled(config):
+        return None
+    times = config.adaptive.step_times
+    if times is None:
+        cands = adaptive.candidates(config)
+        logging.info("Timing the batch sizes %s (config.adaptive.step_times is None).", cands)
+        table = adaptive.time_batch_sizes(
+            setup.plain_fn,
+            state,
+            lambda b: next(setup.task.train_batches(config, ds, b, 0, by_example=True)),
+            cands,
+            warmup=int(config.adaptive.timing_warmup),
+            rounds=int(config.adaptive.timing_rounds),
+        )
+        times = [table[b]["step_time_s"] for b in cands]
+    return adaptive.BatchControl(config, adaptive.make_batch_schedule(config, times), log.rows())
+
+
 def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupted):
     """Steps until a stop reason; a row at every logged, measured, evaluated, checkpointed or
-    last step. Returns ``(state, stop_reason)``."""
-    stop = _stop_reason(config, log, setup.num_steps, interrupted)
+    last step. With ``config.adaptive.enabled`` the batch size follows the schedule (updated
+    at each measured row; a change takes effect at the next step, on the example stream).
+    Returns ``(state, stop_reason)``."""
+    from experiments import adaptive
+
+    ctl = _batch_control(config, ds, setup, state, log)
+    num_examples = None if ctl is None else setup.num_steps * config.batch_size
+    stop = _stop_reason(config, log, setup.num_steps, interrupted, num_examples)
     if stop is not None:
         return state, stop
-    bs, gns_every, eval_every = config.batch_size, config.gns_every, config.eval_every
-    batches = setup.task.train_batches(config, ds, bs, log.examples_seen)
+    gns_every, eval_every = config.gns_every, config.eval_every
+    bs = config.batch_size if ctl is None else ctl.batch_size(state)
+    lr_scale = 1.0 if ctl is None else ctl.lr_multiplier(state)
+    every = config.adaptive.eval_every_examples if ctl is not None else None
+    eval_examples = every or eval_every * config.batch_size  # (adaptive runs only)
+
+    def stream(batch_size):  # by example with a schedule, else the step stream (bitwise as before)
+        return setup.task.train_batches(
+            config, ds, batch_size, log.examples_seen, by_example=ctl is not None
+        )
+
+    batches = stream(bs)
+    steps = adaptive.StepCache(setup.plain_fn, setup.gns_fn if gns_every > 0 else None, log.clock)
     bar = _progress_bar(config, setup.num_steps, log.step)
     held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
     try:
-        log.clock.charge("compile")
-        logging.info("Compiling the training steps (batch size %d).", bs)
         batch = next(batches)
-        plain = jax.jit(setup.plain_fn, donate_argnums=0).lower(state, batch).compile()
-        if gns_every > 0:
-            measure = jax.jit(setup.gns_fn, donate_argnums=0).lower(state, batch).compile()
-        stop = _stop_reason(config, log, setup.num_steps, interrupted)  # Ctrl-C meanwhile
+        plain, measure = steps.get(bs, state, batch, after="pause")
+        stop = _stop_reason(config, log, setup.num_steps, interrupted, num_examples)
         log.clock.charge("train")
         pending: list[dict] = []  # device metrics since the last row
         while stop is None:
@@ -674,24 +741,34 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
                 state, next(batches) if batch is None else batch
             )
             batch = None
+            before = log.examples_seen
             log.advance(bs)
             pending.append(m)
             if config.max_wall_time_s is not None and len(pending) > 1:
                 # At most one step in flight, so that the clock below is the device's.
                 jax.block_until_ready(pending[-2])
             step = log.step
-            do_eval = eval_every > 0 and (step % eval_every == 0 or step == setup.num_steps)
+            if ctl is None:
+                do_eval = eval_every > 0 and (step % eval_every == 0 or step == setup.num_steps)
+            else:
+                seen = log.examples_seen
+                do_eval = eval_examples > 0 and (
+                    seen // eval_examples > before // eval_examples or seen >= num_examples
+                )
             do_save = config.checkpoint_every > 0 and step % config.checkpoint_every == 0
             due = measured or do_eval or do_save or step % config.log_every == 0
-            if not (due or _stop_reason(config, log, setup.num_steps, interrupted)):
+            if not (due or _stop_reason(config, log, setup.num_steps, interrupted, num_examples)):
                 bar.update(1)
                 continue
             jax.block_until_ready(state)
             log.clock.charge("pause")
             host, pending = jax.device_get(pending), []
-            row = log.row(**_row_metrics(host, measured), batch_size=bs,
+            row = log.row(**_row_metrics(host, measured, lr_scale), batch_size=bs,
                           epoch=log.examples_seen / setup.task.num_train(ds))  # fmt: skip
             log.check_losses([h["train_loss"] for h in host], config.divergence_factor)
+            if ctl is not None and measured and not log.diverged:
+                state, fields = ctl.update(state, row["ema_b_simple"], step)
+                row.update(fields)
             if do_eval and not log.diverged:
                 log.clock.charge("eval")
                 res = setup.evaluate(state, held_out)
@@ -699,13 +776,21 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
                 row.update({f"test_{k}": v for k, v in res.items() if k != "examples"})
                 log.record_eval(setup.task.score(res[setup.task.metric]))
             stop = "diverged" if log.diverged else _stop_reason(
-                config, log, setup.num_steps, interrupted)  # fmt: skip
+                config, log, setup.num_steps, interrupted, num_examples)  # fmt: skip
             if stop is not None:
                 row["stop_reason"] = stop
             log.write_row(row)
             if do_save and not log.diverged:
                 ckpt.save(step, state, log.meta())
             _show(bar, row)
+            if stop is None and ctl is not None and ctl.batch_size(state) != bs:
+                bs, lr_scale = ctl.batch_size(state), ctl.lr_multiplier(state)
+                batches.close()
+                batches = stream(bs)
+                batch = next(batches)
+                plain, measure = steps.get(bs, state, batch, after="pause")
+            elif ctl is not None:
+                lr_scale = ctl.lr_multiplier(state)
             if stop is None:
                 log.clock.charge("train")
     finally:
@@ -718,13 +803,14 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
 _GNS_KEYS = ("g_sq", "trace_cov", "b_simple", "ema_g_sq", "ema_trace_cov", "ema_b_simple")
 
 
-def _row_metrics(host: list[dict], measured: bool) -> dict:
+def _row_metrics(host: list[dict], measured: bool, lr_scale: float = 1.0) -> dict:
     """Row fields from the steps since the last row: mean loss and accuracy, the last
-    learning rate, and the noise-scale statistics of the last step when it measured them."""
+    learning rate (times the batch-size schedule's multiplier ``lr_scale``), and the
+    noise-scale statistics of the last step when it measured them."""
     out = {
         "train_loss": float(np.mean([h["train_loss"] for h in host])),
         "train_accuracy": float(np.mean([h["train_accuracy"] for h in host])),
-        "learning_rate": float(host[-1]["learning_rate"]),
+        "learning_rate": float(host[-1]["learning_rate"]) * lr_scale,
     }
     if measured:
         out.update({k: float(host[-1][k]) for k in _GNS_KEYS})

@@ -449,3 +449,53 @@ def plot_compare(runs: Sequence[dict], path: str | None = None):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_POLICY_COLORS = {
+    "adaptive": "tab:red",
+    "config": "tab:blue",
+    "recommended": "tab:orange",
+    "tradeoff_best": "tab:green",
+}
+
+
+def plot_adaptive(runs: Sequence[dict], path: str | None = None):
+    """Test accuracy and batch size against training time, one line per run.
+
+    Args:
+      runs: the ``runs`` of an adaptive ``summary.json`` (``experiments/adaptive.py``): each
+        with ``policy``, ``seed``, ``batch_size``, ``curve`` (``[[wall_time_s, test_accuracy],
+        ...]``), ``batch_curve`` (``[[wall_time_s, batch_size], ...]``) and optionally
+        ``time_to_target_s`` and ``target_accuracy`` (drawn as a star).
+      path: where to write the PNG; ``None`` returns the figure open.
+
+    Returns:
+      ``path`` when given, else the figure.
+    """
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    styles = ("-", "--", ":", "-.")
+    seeds = sorted({r["seed"] for r in runs})
+    for r in runs:
+        color = _POLICY_COLORS.get(r["policy"], "k")
+        ls = styles[seeds.index(r["seed"]) % len(styles)]
+        label = f"{r['policy']} (batch {r['batch_size']}), seed {r['seed']}"
+        if r.get("curve"):
+            t, acc = zip(*r["curve"], strict=True)
+            top.plot(t, [100 * a for a in acc], color=color, ls=ls, marker="o", ms=3, label=label)
+        if r.get("time_to_target_s") is not None and r.get("target_accuracy") is not None:
+            top.plot([r["time_to_target_s"]], [100 * r["target_accuracy"]], marker="*", ms=12,
+                     color=color, ls="none")  # fmt: skip
+        if r.get("batch_curve"):
+            t, b = zip(*r["batch_curve"], strict=True)
+            bottom.step(t, b, where="pre", color=color, ls=ls, label=label)
+    top.set_ylabel("test accuracy (%)")
+    top.set_title("Accuracy against training time (star: time to target)")
+    top.grid(alpha=0.3)
+    _legend(top, fontsize=7, loc="lower right")
+    bottom.set_yscale("log", base=2)
+    bottom.set_ylabel("batch size")
+    bottom.set_xlabel("training time (s, compilation and evaluation excluded)")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    _finish(fig, path)
+    return fig if path is None else path

@@ -574,3 +574,30 @@ def test_windowed_band():
     c, lo, hi = plots.windowed_band(g, t, window=10)
     np.testing.assert_allclose(c[-1], t[-10:].mean() / g[-10:].mean())
     assert np.all(lo[1:] <= c[1:]) and np.all(c[1:] <= hi[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch-size schedule's config (experiments/adaptive.py; its loop is tested in
+# tests/test_adaptive.py): off by default, and then the rows are those of a fixed batch.
+
+
+def test_fixed_batch_rows_carry_batch_size_and_learning_rate(smoke_run):
+    config, workdir, _ = smoke_run
+    rows = runlog.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert {r["batch_size"] for r in rows} == {config.batch_size}
+    assert all(r["learning_rate"] == pytest.approx(config.learning_rate) for r in rows)
+    assert not any("schedule_reason" in r for r in rows)
+
+
+def test_adaptive_fields_of_the_variants_and_the_identity():
+    from experiments import adaptive, cifar10
+
+    for arg in cifar10_config.VARIANTS:
+        c = cifar10_config.get_config(arg)
+        assert not adaptive.enabled(c)
+        cands = adaptive.candidates(c)
+        assert cands == sorted(set(cands)) and all(b & (b - 1) == 0 for b in cands)
+    assert adaptive.candidates(cifar10_config.get_config("cpu")) == [16, 32, 64, 128, 256]
+    ident = train.run_identity(tiny_config().to_dict())
+    assert "seeds" not in ident["adaptive"] and "candidates" in ident["adaptive"]
+    assert cifar10._check_mode(tiny_config(mode="adaptive")) == "adaptive"

@@ -1,0 +1,323 @@
+"""Tests of training with a changing batch size and of the adaptive mode
+(experiments/adaptive.py, the example stream of experiments/data.py, gns.plots.plot_adaptive),
+on the smoke config with synthetic data."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_train import _restored_state, compilation_cache, interrupt_at, tiny_config  # noqa: F401
+
+from experiments import adaptive, data, runlog, train
+from experiments.cli import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def adaptive_config(**overrides):
+    """tiny_config training with the schedule: from 8 to 32, constant lr 3e-3 tuned at 32."""
+    c = tiny_config(plots=False, log_every=1, gns_every=2, eval_every=10, **overrides)
+    c.adaptive.enabled = True
+    c.adaptive.candidates = (8, 32)
+    c.adaptive.step_times = (1.0, 1.0)  # flat: any positive noise scale favours 32
+    c.adaptive.patience = 2
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# The example stream.
+
+
+def test_example_stream_is_cut_by_any_batch_sizes_into_the_same_examples():
+    n, seed = 40, 3
+    sizes = [8, 8, 16, 4, 32, 12, 24, 16]  # 120 examples: 3 epochs, batches straddle them
+    starts = np.cumsum([0] + sizes[:-1])
+    pieces = [data.stream_indices(seed, int(s), b, n) for s, b in zip(starts, sizes, strict=True)]
+    whole = np.concatenate(pieces)
+    np.testing.assert_array_equal(whole, data.stream_indices(seed, 0, sum(sizes), n))
+    for e in range(3):  # every example once per epoch, in the epoch's permutation
+        np.testing.assert_array_equal(
+            whole[e * n : (e + 1) * n], np.random.default_rng([seed, e]).permutation(n)
+        )
+    aug = [
+        data.stream_augment_params(seed, int(s), b, n) for s, b in zip(starts, sizes, strict=True)
+    ]
+    offsets, flips = data.stream_augment_params(seed, 0, sum(sizes), n)
+    np.testing.assert_array_equal(np.concatenate([a[0] for a in aug]), offsets)
+    np.testing.assert_array_equal(np.concatenate([a[1] for a in aug]), flips)
+
+
+def test_example_stream_equals_the_step_stream_when_the_batch_divides_the_epoch():
+    c = tiny_config()
+    ds = data.load(c.data)
+    by_step = data.train_batches(ds, 32, seed=1, start_step=5, augment=False, prefetch=0)
+    by_example = data.train_batches(ds, 32, seed=1, start_example=5 * 32, augment=False)
+    for _ in range(20):  # across an epoch boundary (16 steps per epoch)
+        a, b = next(by_step), next(by_example)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    by_example.close()
+    with pytest.raises(ValueError, match="exactly one"):
+        data.train_batch(ds, 8, seed=0, step=0, start_example=0, augment=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The learning-rate multiplier and the host-side control.
+
+
+class _State(NamedTuple):
+    opt_state: Any
+
+
+def test_lr_multiplier_scales_the_update_and_one_leaves_it_bitwise():
+    params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5)}
+    grads = {"w": jnp.array([0.3, 0.1, -0.2]), "b": jnp.array(1.0)}
+    sched = adaptive.make_batch_schedule(adaptive_config())
+    for inner in (optax.adam(1e-2), optax.sgd(0.1, momentum=0.9)):
+        opt = adaptive.with_batch_schedule(inner, sched.init())
+        s = opt.init(params)
+        assert float(s.lr_multiplier) == 0.5  # sqrt(8/32): the initial batch 8, base 32
+        u1, _ = opt.update(grads, s._replace(lr_multiplier=jnp.float32(1.0)), params)
+        ref, _ = inner.update(grads, inner.init(params), params)
+        chex.assert_trees_all_equal(u1, ref)
+        u, _ = opt.update(grads, s._replace(lr_multiplier=jnp.float32(0.25)), params)
+        chex.assert_trees_all_close(u, jax.tree.map(lambda x: 0.25 * x, ref), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "noise,reason,words",
+    [(math.nan, "kept_nan", "nan"), (None, "kept_nan", "nan"), (math.inf, "kept_inf", "+inf"),
+     (-3.0, "kept_nonpositive", "not positive")],
+)  # fmt: skip
+def test_unusable_noise_keeps_the_batch_and_says_why(noise, reason, words):
+    config = adaptive_config()
+    config.adaptive.patience = 1
+    sched = adaptive.make_batch_schedule(config)
+    ctl = adaptive.BatchControl(config, sched)
+    opt = adaptive.with_batch_schedule(optax.sgd(0.1), sched.init())
+    state = _State(opt.init({"w": jnp.zeros(2)}))
+    new, fields = ctl.update(state, noise, step=7)
+    assert (ctl.batch_size(new), ctl.lr_multiplier(new)) == (8, 0.5)
+    assert fields == {"schedule_reason": reason}
+    assert words in ctl.log.last["reason"] and ctl.log.last["step"] == 7
+    grown, fields = ctl.update(new, 100.0, step=9)  # a usable one: grows at once (patience 1)
+    assert ctl.batch_size(grown) == 32 and ctl.lr_multiplier(grown) == 1.0
+    assert fields["schedule_change"]["new_batch_size"] == 32
+    assert adaptive.schedule_from_rows([{"schedule_reason": reason}, fields]) == {
+        "changes": [fields["schedule_change"]],
+        "reason_counts": {reason: 1, "grew": 1},
+    }
+
+
+@pytest.mark.parametrize("candidates", [(), (32, 16), (8, 8, 16), (1, 8)])
+def test_bad_candidates_are_a_user_error_before_training(tmp_path, candidates):
+    config = adaptive_config()
+    config.adaptive.candidates = candidates
+    with pytest.raises(UserError, match="config.adaptive.candidates"):
+        adaptive.candidates(config)
+    with pytest.raises(UserError, match="config.adaptive.candidates"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_bad_adaptive_fields_are_user_errors(tmp_path):
+    for field, value, match in [
+        ("adaptive.step_times", (1.0,), "step_times has 1 entries"),
+        ("adaptive.lr_rule", "cubic", "lr_rule"),
+        ("gns_every", 0, "gns_every > 0"),
+        ("adaptive.max_batch_size", 1024, "exceeds the 512 train examples"),
+    ]:
+        config = adaptive_config()
+        if field == "adaptive.max_batch_size":
+            config.adaptive.candidates = None
+            config.adaptive.step_times = None
+        *parents, last = field.split(".")
+        (config[parents[0]] if parents else config)[last] = value
+        with pytest.raises(UserError, match=match):
+            train.train_and_evaluate(config, str(tmp_path / last))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: lazily compiled steps, rows, resume across a batch change.
+
+
+def _scripted_noise(monkeypatch, values):
+    """Feed the schedule ``values`` (one per update, the last one repeated) instead of the
+    measured noise scale, so that the batch sizes a run visits are known."""
+    update = adaptive.BatchControl.update
+    calls = []
+
+    def scripted(self, state, noise, step):
+        calls.append(step)
+        return update(self, state, values[min(len(calls), len(values)) - 1], step)
+
+    monkeypatch.setattr(adaptive.BatchControl, "update", scripted)
+
+
+@pytest.mark.timeout(300)
+def test_each_batch_size_compiles_once_and_rows_carry_batch_and_lr(tmp_path, monkeypatch):
+    config = adaptive_config(num_steps=12)
+    a = config.adaptive
+    a.candidates, a.step_times = (8, 16, 32), (2.0**1.5, 4.0, 2.0**2.5)  # t(B) = sqrt(B)
+    a.margin, a.patience, a.allow_shrink = 0.0, 1, True
+    # score (1 + N/B)·sqrt(B) is least at B = N: N = 16 -> 16, 64 -> 32, 4 -> 8, 64 -> 32.
+    _scripted_noise(monkeypatch, [16.0, 64.0, 64.0, 4.0, 64.0])
+    caches = []
+    get = adaptive.StepCache.get
+
+    def recording_get(self, *args, **kwargs):
+        if self not in caches:
+            caches.append(self)
+        return get(self, *args, **kwargs)
+
+    monkeypatch.setattr(adaptive.StepCache, "get", recording_get)
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    rows = runlog.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    changes = [(r["step"], r["schedule_change"]["new_batch_size"]) for r in rows
+               if "schedule_change" in r]  # fmt: skip
+    assert changes == [(1, 16), (3, 32), (7, 8), (9, 32)]
+    assert len(caches) == 1 and caches[0].compiles == {8: 1, 16: 1, 32: 1}
+    assert [r["step"] for r in rows] == list(range(1, summary["steps"] + 1))  # log_every=1
+    seen = 0
+    for r in rows:  # each step's batch: the size the last change set; lr = 3e-3·sqrt(B/32)
+        seen += r["batch_size"]
+        assert r["examples_seen"] == seen
+        expected_b = [b for s, b in [(0, 8), *changes] if s < r["step"]][-1]
+        assert r["batch_size"] == expected_b, r["step"]
+        assert r["learning_rate"] == pytest.approx(3e-3 * math.sqrt(expected_b / 32), rel=1e-6)
+    assert seen >= 12 * 32 > seen - rows[-1]["batch_size"]  # the budget is in examples
+    assert summary["stop_reason"] == "num_steps" and summary["compile_time_s"] > 0
+    evals = [r["examples_seen"] for r in rows if "test_accuracy" in r]
+    assert len(evals) == 1 and evals[0] == seen  # every 512 examples (and at the end)
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_adaptive import adaptive_config
+from experiments import runlog, train
+advance = runlog.RunLog.advance
+def advance_and_die(self, batch_size):
+    advance(self, batch_size)
+    if self.step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+runlog.RunLog.advance = advance_and_die
+train.train_and_evaluate(adaptive_config(**{overrides!r}), {workdir!r})
+"""
+
+
+@pytest.mark.timeout(300)
+def test_resume_across_a_batch_change_after_ctrl_c_and_sigkill(tmp_path, monkeypatch):
+    """8 -> 32 after the measurement row of step 3; Ctrl-C at step 6, SIGKILL at step 10
+    (checkpoints every 4 steps): the resumed run is the uninterrupted one, step for step."""
+    common = dict(num_steps=12, checkpoint_every=4)
+    resumed, fresh = str(tmp_path / "resumed"), str(tmp_path / "fresh")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 6)
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(adaptive_config(**common), resumed)
+    rows = runlog.read_jsonl(os.path.join(resumed, "metrics.jsonl"))
+    assert [r["batch_size"] for r in rows] == [8, 8, 8, 32, 32, 32]  # changed, then stopped
+    assert _restored_state(resumed)[0] == 6
+
+    script = _KILL_SCRIPT.format(
+        tests=os.path.join(ROOT, "tests"), step=10, overrides=common, workdir=resumed
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT,
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    rows = runlog.read_jsonl(os.path.join(resumed, "metrics.jsonl"))
+    assert rows[-1]["step"] == 9  # killed in step 10, before its row
+    assert _restored_state(resumed)[0] == 8  # the rows after it are dropped on resume
+
+    s_r = train.train_and_evaluate(adaptive_config(**common), resumed)
+    s_f = train.train_and_evaluate(adaptive_config(**common), fresh)
+    rows_r = runlog.read_jsonl(os.path.join(resumed, "metrics.jsonl"))
+    rows_f = runlog.read_jsonl(os.path.join(fresh, "metrics.jsonl"))
+    assert [r["step"] for r in rows_r] == list(range(1, s_f["steps"] + 1))  # each step once
+    keys = ("examples_seen", "batch_size", "learning_rate", "train_loss", "g_sq", "ema_b_simple",
+            "schedule_reason", "schedule_change", "test_accuracy")  # fmt: skip
+    for a, b in zip(rows_r, rows_f, strict=True):
+        for key in keys:
+            assert a.get(key) == b.get(key), (a["step"], key)
+    starts = [r["examples_seen"] - r["batch_size"] for r in rows_r]  # every example once
+    assert starts == [0] + [r["examples_seen"] for r in rows_r[:-1]]
+    for key in ("steps", "examples", "test_accuracy", "stop_reason"):
+        assert s_r[key] == s_f[key], key
+    (step_r, state_r), (step_f, state_f) = _restored_state(resumed), _restored_state(fresh)
+    assert step_r == step_f == s_f["steps"]
+    chex.assert_trees_all_equal(state_r["params"], state_f["params"])
+    chex.assert_trees_all_equal(state_r["opt_state"], state_f["opt_state"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The adaptive mode, end to end.
+
+
+@pytest.mark.timeout(600)
+def test_adaptive_mode_smoke_run_writes_consistent_summary(tmp_path):
+    workdir = str(tmp_path)
+    config = tiny_config(plots=True)
+    config.mode = "adaptive"
+    config.adaptive.patience = 1
+    os.makedirs(os.path.join(workdir, "tradeoff"))
+    fake = {"mode": "tradeoff", "points": [
+        {"batch_size": 16, "learning_rate": 2e-3, "time_to_target_s": 1.0},
+        {"batch_size": 32, "learning_rate": 3e-3, "time_to_target_s": 2.0},
+        {"batch_size": 8, "learning_rate": 1e-3, "time_to_target_s": None}]}  # fmt: skip
+    runlog.write_json(os.path.join(workdir, "tradeoff", "summary.json"), fake)
+    summary = adaptive.run_adaptive(config, workdir)
+
+    with open(os.path.join(workdir, "summary.json")) as f:
+        saved = json.loads(f.read(), parse_constant=lambda name: pytest.fail(name))
+    assert saved == summary
+    assert os.path.getsize(os.path.join(workdir, "adaptive.png")) > 0
+    by_policy = {r["policy"]: r for r in summary["runs"]}
+    assert set(by_policy) <= set(adaptive.POLICIES) and "adaptive" in by_policy
+    assert by_policy["tradeoff_best"]["batch_size"] == 16  # the fastest reached point
+    assert by_policy["tradeoff_best"]["learning_rate"] == pytest.approx(2e-3)
+    assert by_policy["config"]["batch_size"] == config.batch_size
+    assert by_policy["adaptive"]["batch_size"] == 8  # the smallest candidate
+    step_time = {int(b): v["step_time_s"] for b, v in summary["timing"].items()}
+    assert set(summary["candidates"]) | {r["batch_size"] for r in summary["runs"]} <= set(step_time)
+    for r in summary["runs"]:
+        for key in ("policy", "batch_size", "seed", "time_to_target_s",
+                    "device_time_to_target_s", "steps_to_target", "reached"):  # fmt: skip
+            assert key in r, key
+        rows = runlog.read_jsonl(os.path.join(r["workdir"], "metrics.jsonl"))
+        if not r["reached"]:
+            assert r["device_time_to_target_s"] is None and r["time_to_target_s"] is None
+            continue
+        upto = [x for x in rows if x["step"] <= r["steps_to_target"]]
+        assert upto[-1]["test_accuracy"] >= summary["target_accuracy"]
+        # Recomputed independently: each step since the previous row at the row's batch size.
+        steps = np.diff([0] + [x["step"] for x in upto])
+        sizes = [x["batch_size"] for x in upto]
+        expected = sum(n * step_time[b] for n, b in zip(steps, sizes, strict=True))
+        assert r["device_time_to_target_s"] == pytest.approx(expected, rel=1e-9)
+        assert sum(n * b for n, b in zip(steps, sizes, strict=True)) == r["examples_to_target"]
+        assert r["time_to_target_s"] == pytest.approx(upto[-1]["wall_time_s"])
+    changes = [x["schedule_change"] for x in
+               runlog.read_jsonl(os.path.join(by_policy["adaptive"]["workdir"], "metrics.jsonl"))
+               if "schedule_change" in x]  # fmt: skip
+    assert summary["schedule"]["changes"] == changes
+    for change in changes:
+        assert change["new_batch_size"] > change["old_batch_size"] and change["reason"]
+    table = adaptive.adaptive_table(summary)
+    assert all(p in table for p in by_policy)
