@@ -57,9 +57,21 @@ def base() -> ml_collections.ConfigDict:
 
     # Noise scale, measured during training (gns.estimate) and smoothed (gns.smoothing.ema).
     c.gns_every = 10  # measure every N steps (0: never)
-    c.gns_method = "auto"  # 'auto' (per_example without BatchNorm, else microbatch),
-    # 'per_example' or 'microbatch'
-    c.gns_microbatches = 8  # microbatches of the estimator (and ghost-BatchNorm groups)
+    c.gns_method = "auto"  # 'auto' (across_devices on >= 2 devices; on one device
+    # per_example without BatchNorm, else microbatch), 'per_example', 'microbatch' or
+    # 'across_devices' (each device's batch against the global one: free)
+    c.gns_microbatches = 8  # microbatches of the estimator in the global batch (and
+    # ghost-BatchNorm groups); a multiple of the device count with 'microbatch'
+
+    # Devices and precision (experiments.mesh; docs/data-parallel.md).
+    c.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16' (mixed precision:
+    # parameters, optimizer state and noise-scale sums stay float32)
+    c.num_devices = config_dict.placeholder(int)  # devices of the data-parallel mesh; the
+    # global batch_size is split over them (None: all devices of all hosts)
+    c.distributed = False  # call jax.distributed.initialize() first (also done when
+    # JAX_COORDINATOR_ADDRESS is set); only process 0 writes files
+    c.step_time_repeats = 0  # after training, time the step alone N times and report
+    # device utilization (training examples/s over step-alone examples/s); 0: skip
     c.gns_chunk_size = config_dict.placeholder(int)  # per_example chunk (None: one chunk)
     c.gns_ema_decay = 0.95  # EMA of g_sq and trace_cov (bias-corrected)
 
@@ -86,6 +98,8 @@ def base() -> ml_collections.ConfigDict:
     c.data.num_train = config_dict.placeholder(int)  # class-stratified subset (None: all)
     c.data.num_test = config_dict.placeholder(int)  # same for the test split
     c.data.augment = True  # random crop (reflect padding 4) and horizontal flip
+    c.data.on_device = False  # decoded train arrays kept on the devices and batches gathered
+    # there (same batches as the host pipeline; no host work between steps)
     c.data.synthetic = ml_collections.ConfigDict()  # source='synthetic' only
     c.data.synthetic.image_size = 32
     c.data.synthetic.num_classes = 10
