@@ -1,6 +1,7 @@
 """CIFAR-10 with the gradient noise scale tracked during training.
 
-``get_config(arg)``: ``arg`` picks a setup (``smoke``, ``cpu``, ``gpu``, ``effnet_lamb``;
+``get_config(arg)``: ``arg`` picks a setup (``smoke``, ``cpu``, ``gpu``, ``gpu_study``,
+``effnet_lamb``;
 default ``cpu``). Every field is overridable on the command line, e.g.
 ``--config.batch_size=256``. :func:`base` holds every field the code reads, each with its
 default and what it means (as flax's ``configs/default.py``); each setup's function overrides
@@ -15,7 +16,7 @@ from ml_collections import config_dict
 from experiments.cli import UserError
 
 DATA = "../shared/data/cifar10-jpeg.tar.gz"
-VARIANTS = ("smoke", "cpu", "gpu", "effnet_lamb")
+VARIANTS = ("smoke", "cpu", "gpu", "gpu_study", "effnet_lamb")
 RENAMED = {"seed": "effnet_lamb"}  # old variant names
 
 
@@ -165,12 +166,13 @@ def cpu() -> ml_collections.ConfigDict:
 
 def _accelerator_defaults(c: ml_collections.ConfigDict) -> None:
     """Evaluation, logging and noise-scale fields of the accelerator setups (BatchNorm models:
-    the noise scale from 8 microbatches, which are also the ghost-BatchNorm groups)."""
+    the noise scale from 8 microbatches, which are also the ghost-BatchNorm groups; on 2 or
+    more devices from the devices' batches, each its own BatchNorm group)."""
     c.eval_examples = 10000
     c.log_every = 100
     c.checkpoint_every = 2000
     c.gns_every = 20
-    c.gns_method = "microbatch"
+    c.gns_method = "auto"
     c.gns_microbatches = 8
 
 
@@ -240,6 +242,38 @@ def effnet_lamb() -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.2
     c.model.drop_connect_rate = 0.2
     c.model.stem_strides = 2
+    return c
+
+
+def gpu_study() -> ml_collections.ConfigDict:
+    """The study's claim on one modern GPU in about 10 minutes: ResNet-18 on CIFAR-10 in
+    bfloat16, batch 64 against the recommended batch, to the same accuracy (``compare`` mode).
+
+    The measurements (noise scale from 4 microbatches, step time at batch 64..2048), then the
+    baseline at batch 64 (SGD + Nesterov 0.05, constant learning rate, 2 minutes of training),
+    the recommended batch until the baseline's best accuracy, and the baseline again for the
+    recommended run's time. Data stay on the GPU (``data.on_device``: batches gathered and
+    augmented there); every run's ``summary.json`` reports ``device_utilization``
+    (training examples/s over the step alone). Not yet run on a GPU; on CPU it is tested with
+    a tiny ResNet. Command::
+
+        python -m experiments.cifar10 --config configs/cifar10.py:gpu_study \
+          --workdir runs/gpu_study --config.data.source=folder \
+          --config.data.path=../shared/data/cifar10-jpeg.tar.gz
+    """
+    c = gpu()
+    c.mode = "compare"
+    c.dtype = "bfloat16"
+    c.data.on_device = True
+    c.step_time_repeats = 20
+    c.batch_size = 64
+    c.learning_rate = 0.05
+    c.warmup_steps = 0
+    c.num_epochs = 15.0
+    c.eval_every = 500
+    c.eval_examples = 5000
+    c.gns_microbatches = 4  # ghost BatchNorm of 16 at batch 64
+    c.progress_bar = False
     return c
 
 
@@ -338,6 +372,21 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
         c.throughput.max_batch_size = 512
         c.throughput.memory_budget_bytes = 4 * 2**30
         c.throughput.accumulation_factors = ()
+    elif variant == "gpu_study":
+        # About 10 minutes on one modern GPU: few batch sizes to compile, 2-minute baseline.
+        c.baseline_batch_size = 64
+        c.baseline_budget_s = 120.0
+        c.max_epochs = 15.0
+        c.eval_every_examples = 10000
+        c.eval_examples = 5000
+        c.noise.warmup_steps = 200
+        c.noise.batch_size = 256
+        c.noise.num_batches = 8
+        c.throughput.min_batch_size = 64
+        c.throughput.max_batch_size = 2048
+        c.throughput.repeats = 5
+        c.throughput.accumulation_factors = ()
+        c.recommend.candidates = (64, 128, 256, 512, 1024, 2048)
     elif variant in ("gpu", "seed"):
         # seed: EfficientNet-B0 + LAMB at batch 64, lr 1e-3 as in the study; candidates up to
         # 4096 (above what fits: gradient accumulation). The study's baseline ran 7416 s to its

@@ -698,6 +698,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     validate_config(config)
     mesh_lib.initialize_distributed(bool(_get(config, "distributed", False)))
     primary = jax.process_index() == 0  # the one process that writes files
+    mesh_lib.check_batch(config.batch_size, mesh_lib.make_mesh(_get(config, "num_devices", None)))
     with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():
         ckpt = runlog.Checkpoints(workdir)
         log = runlog.RunLog(workdir, target=config.target_accuracy, primary=primary)
