@@ -143,35 +143,18 @@ def test_bfloat16_statistics_within_one_percent_of_float32(path):
     def stats(model, p):
         loss_fn = train.make_loss_fn(model, {}, None)
         fn = jax.jit(lambda p: estimate.per_example(loss_fn, p, batch, has_aux=True,
-                                                    method=path)[0])  # fmt: skip
+                                                    method=path, chunk_size=16)[0])  # fmt: skip
         s = fn(p)
         return float(s.g_sq), float(s.trace_cov)
 
     ref = stats(f32, params)
     got = stats(bf16, params)  # bf16 compute, float32 parameters (as in training)
-    print(f"{path}: float32 {ref}, bfloat16 {got}")
+    params_bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    got_params = stats(bf16, params_bf16)  # bf16 parameters too
+    print(f"{path}: float32 {ref}, bfloat16 compute {got}, bfloat16 params {got_params}")
     assert ref[0] > 0 and ref[1] > 0
     np.testing.assert_allclose(got, ref, rtol=0.01)
-
-
-@pytest.mark.timeout(120)
-def test_bfloat16_training_keeps_float32_state_and_ends_finite(tmp_path):
-    config = tiny_config(num_steps=6, gns_every=2, log_every=1, eval_every=3, plots=False)
-    config.dtype = "bfloat16"
-    s = train.train_and_evaluate(config, str(tmp_path))
-    assert s["dtype"] == "bfloat16" and s["stop_reason"] == "num_steps"
-    rows = runlog.read_jsonl(str(tmp_path / "metrics.jsonl"))
-    for r in rows:
-        assert math.isfinite(r["train_loss"])
-        if "g_sq" in r:
-            assert math.isfinite(r["g_sq"]) and math.isfinite(r["trace_cov"])
-    assert math.isfinite(s["test_loss"]) and s["test_loss"] < 10 * rows[0]["train_loss"]
-    manager = ocp.CheckpointManager(str(tmp_path / runlog.CHECKPOINT_DIR))
-    state = manager.restore(
-        manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    ).state
-    for leaf in jax.tree.leaves((state["params"], state["opt_state"])):
-        assert np.asarray(leaf).dtype in (np.float32, np.int32), np.asarray(leaf).dtype
+    np.testing.assert_allclose(got_params, ref, rtol=0.01)
 
 
 # ---------------------------------------------------------------------------------------------
