@@ -116,6 +116,11 @@ def smoke() -> ml_collections.ConfigDict:
 
         python -m experiments.cifar10 --config configs/cifar10.py:smoke --workdir /tmp/smoke \
           --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
+
+    It trains on every device it sees: with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
+    on 4 simulated CPU devices (batch 8 each, noise scale ``across_devices``; ``summary.json``
+    records the mesh), with the same test accuracy as on one device (0.207 both, measured
+    2026-11-30 on the real images).
     """
     c = base()
     c.batch_size = 32
