@@ -620,6 +620,9 @@ def _setup(config, ds) -> _Setup:
              f"must be >= 2, divide config.batch_size={config.batch_size} (equal microbatches "
              f"for the estimator and ghost BatchNorm) and be a multiple of the {mesh.size} "
              "device(s)")  # fmt: skip
+    _require(config, "batch_size", method != "per_example" or config.batch_size >= 2 * mesh.size,
+             f"leaves fewer than 2 examples on each of the {mesh.size} devices, which "
+             "gns_method='per_example' needs: use a larger batch or another method")  # fmt: skip
     num_steps = resolve_num_steps(config, len(ds.train_labels))
     schedule = make_schedule(config, num_steps)
     optimizer = make_optimizer(config, schedule)
