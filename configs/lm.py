@@ -44,6 +44,11 @@ def base() -> ml_collections.ConfigDict:
     ``per_example``: per-example gradient norms, on the fast path of :mod:`gns.ghost` for the
     layers it covers and by ``jax.vmap`` for the rest; ``microbatch``), ``gns_microbatches``,
     ``gns_chunk_size``, ``gns_ema_decay``.
+    Devices and precision: ``dtype`` (``float32`` or ``bfloat16`` computation, float32
+    parameters), ``num_devices`` (the data-parallel mesh; ``None``: every device, with the
+    global ``batch_size`` split over them and ``gns_method='auto'`` then ``across_devices``),
+    ``distributed`` (``jax.distributed.initialize`` first), ``step_time_repeats`` (time the step
+    alone after training; 0: skip), as in ``configs/cifar10.py``.
     ``task``: ``lm`` (:mod:`experiments.tasks`: byte windows, held-out bits per byte).
     ``mode``: ``train`` (the only mode of ``experiments.lm`` so far; ``config.compare`` holds
     the settings of the ``compare``/``tradeoff`` modes for when they take this task).
@@ -89,6 +94,11 @@ def base() -> ml_collections.ConfigDict:
     c.gns_microbatches = 8
     c.gns_chunk_size = config_dict.placeholder(int)
     c.gns_ema_decay = 0.95
+    # Devices and precision, as in configs/cifar10.py (experiments.mesh, docs/data-parallel.md).
+    c.dtype = "float32"
+    c.num_devices = config_dict.placeholder(int)
+    c.distributed = False
+    c.step_time_repeats = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "transformer"

@@ -491,7 +491,7 @@ def _tradeoff_best(config, workdir: str) -> dict | None:
 def _timing(config, workdir: str, batch_sizes: list[int]) -> dict[int, dict]:
     """The interleaved timing table of ``batch_sizes`` (``WORKDIR/timing.json``, reused when
     it holds the same batch sizes)."""
-    from experiments import data, train
+    from experiments import data, mesh, train
 
     path = os.path.join(workdir, TIMING_FILE)
     if os.path.exists(path):
@@ -503,11 +503,16 @@ def _timing(config, workdir: str, batch_sizes: list[int]) -> dict[int, dict]:
     cfg = _policy_config(config, batch_size=b0, learning_rate=config.learning_rate,
                          seed=config.seed, schedule={"enabled": False})  # fmt: skip
     setup = train._setup(cfg, ds)
+    for b in batch_sizes:  # global batches, split over the devices of training's mesh
+        train._check_candidate(b, setup.mesh, setup.method)
     logging.info("adaptive: timing batch sizes %s, interleaved.", batch_sizes)
     table = time_batch_sizes(
         setup.plain_fn,
         setup.state,
-        lambda b: data.train_batch(ds, b, seed=int(config.seed), start_example=0, augment=False),
+        lambda b: mesh.shard(
+            data.train_batch(ds, b, seed=int(config.seed), start_example=0, augment=False),
+            setup.mesh,
+        ),
         batch_sizes,
         warmup=int(config.adaptive.timing_warmup),
         rounds=int(config.adaptive.timing_rounds),

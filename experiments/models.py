@@ -54,6 +54,7 @@ class SmallCNN(nn.Module):
     widths: Sequence[int] = (32, 64, 128)
     num_classes: int = 10
     groups: int = 8
+    dtype: Any = jnp.float32  # computation dtype (parameters stay float32)
 
     has_batch_norm: ClassVar[bool] = False
 
@@ -61,11 +62,11 @@ class SmallCNN(nn.Module):
     def __call__(self, x, train: bool = False):
         del train  # no dropout or batch statistics
         for width in self.widths:
-            x = nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME")(x)
-            x = nn.GroupNorm(num_groups=min(self.groups, width))(x)
+            x = nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype)(x)
+            x = nn.GroupNorm(num_groups=min(self.groups, width), dtype=self.dtype)(x)
             x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,19 +79,22 @@ class BasicBlock(nn.Module):
     filters: int
     strides: int = 1
     bn_momentum: float = 0.9
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5
-        )
+            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
+            dtype=self.dtype,
+        )  # fmt: skip
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
         s = (self.strides, self.strides)
-        y = nn.Conv(self.filters, (3, 3), s, padding="SAME", use_bias=False)(x)
+        y = conv(self.filters, (3, 3), s, padding="SAME")(x)
         y = nn.relu(norm()(y))
-        y = nn.Conv(self.filters, (3, 3), padding="SAME", use_bias=False)(y)
+        y = conv(self.filters, (3, 3), padding="SAME")(y)
         y = norm(scale_init=nn.initializers.zeros)(y)  # zero-init the residual branch (Goyal+17)
         if x.shape[-1] != self.filters or self.strides != 1:
-            x = nn.Conv(self.filters, (1, 1), s, use_bias=False, name="proj_conv")(x)
+            x = conv(self.filters, (1, 1), s, name="proj_conv")(x)
             x = norm(name="proj_bn")(x)
         return nn.relu(x + y)
 
@@ -110,22 +114,29 @@ class ResNet(nn.Module):
     num_filters: int = 64
     num_classes: int = 10
     bn_momentum: float = 0.9
+    dtype: Any = jnp.float32  # computation dtype (parameters stay float32)
 
     has_batch_norm: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(self.num_filters, (3, 3), padding="SAME", use_bias=False, name="stem_conv")(x)
+        x = nn.Conv(
+            self.num_filters, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+            name="stem_conv",
+        )(x)  # fmt: skip
         x = nn.BatchNorm(
-            use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, name="stem_bn"
-        )(x)
+            use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
+            dtype=self.dtype, name="stem_bn",
+        )(x)  # fmt: skip
         x = nn.relu(x)
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = BasicBlock(self.num_filters * 2**i, strides, self.bn_momentum)(x, train)
+                x = BasicBlock(self.num_filters * 2**i, strides, self.bn_momentum, self.dtype)(
+                    x, train
+                )
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +182,7 @@ class MBConv(nn.Module):
     drop_connect_rate: float = 0.0
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -179,24 +191,26 @@ class MBConv(nn.Module):
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
+            dtype=self.dtype,
         )
+        conv = functools.partial(nn.Conv, dtype=self.dtype)
         inputs = x
         filters = self.input_filters * self.expand_ratio
         if self.expand_ratio != 1:
-            x = nn.Conv(filters, (1, 1), use_bias=False, name="expand_conv")(x)
+            x = conv(filters, (1, 1), use_bias=False, name="expand_conv")(x)
             x = nn.swish(norm(name="expand_bn")(x))
         k, s = (self.kernel, self.kernel), (self.strides, self.strides)
-        x = nn.Conv(
+        x = conv(
             filters, k, s, padding="SAME", feature_group_count=filters, use_bias=False, name="dw"
         )(x)
         x = nn.swish(norm(name="dw_bn")(x))
         if self.se_ratio:
             se_filters = max(1, int(self.input_filters * self.se_ratio))
             se = jnp.mean(x, axis=(1, 2), keepdims=True)
-            se = nn.swish(nn.Conv(se_filters, (1, 1), name="se_reduce")(se))
-            se = nn.Conv(filters, (1, 1), name="se_expand")(se)
+            se = nn.swish(conv(se_filters, (1, 1), name="se_reduce")(se))
+            se = conv(filters, (1, 1), name="se_expand")(se)
             x = x * nn.sigmoid(se)
-        x = nn.Conv(self.output_filters, (1, 1), use_bias=False, name="project_conv")(x)
+        x = conv(self.output_filters, (1, 1), use_bias=False, name="project_conv")(x)
         x = norm(name="project_bn")(x)
         if self.strides == 1 and self.input_filters == self.output_filters:
             if train and self.drop_connect_rate > 0:
@@ -234,18 +248,21 @@ class EfficientNet(nn.Module):
     head_filters: int = 1280
     blocks: Sequence[Sequence[int]] = EFFICIENTNET_B0_BLOCKS
     bn_momentum: float = 0.99
+    dtype: Any = jnp.float32  # computation dtype (parameters stay float32)
 
     has_batch_norm: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-3
-        )
+            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-3,
+            dtype=self.dtype,
+        )  # fmt: skip
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
         wc, dc = self.width_coefficient, self.depth_coefficient
         stem = round_filters(self.blocks[0][3], wc)
         s = (self.stem_strides, self.stem_strides)
-        x = nn.Conv(stem, (3, 3), s, padding="SAME", use_bias=False, name="stem_conv")(x)
+        x = conv(stem, (3, 3), s, padding="SAME", name="stem_conv")(x)
         x = nn.swish(norm(name="stem_bn")(x))
         total = sum(round_repeats(b[5], dc) for b in self.blocks)
         index = 0
@@ -260,14 +277,15 @@ class EfficientNet(nn.Module):
                     strides=strides if r == 0 else 1,
                     drop_connect_rate=self.drop_connect_rate * index / total,
                     bn_momentum=self.bn_momentum,
+                    dtype=self.dtype,
                 )(x, train)
                 index += 1
-        x = nn.Conv(round_filters(self.head_filters, wc), (1, 1), use_bias=False, name="head")(x)
+        x = conv(round_filters(self.head_filters, wc), (1, 1), name="head")(x)
         x = nn.swish(norm(name="head_bn")(x))
         x = jnp.mean(x, axis=(1, 2))
         if self.dropout_rate > 0:
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, name="classifier")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,15 +297,20 @@ class TransformerBlock(nn.Module):
 
     num_heads: int
     mlp_ratio: int = 4
+    dtype: Any = jnp.float32  # computation dtype (parameters stay float32)
 
     @nn.compact
     def __call__(self, x, mask):
         width = x.shape[-1]
-        h = nn.LayerNorm(name="attn_norm")(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attn")(h, mask=mask)
-        h = nn.LayerNorm(name="mlp_norm")(x)
-        h = nn.gelu(nn.Dense(self.mlp_ratio * width, name="mlp_in")(h))
-        return x + nn.Dense(width, name="mlp_out")(h)
+        norm = functools.partial(nn.LayerNorm, dtype=self.dtype)
+        dense = functools.partial(nn.Dense, dtype=self.dtype)
+        h = norm(name="attn_norm")(x)
+        attn = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
+                                               name="attn")  # fmt: skip
+        x = x + attn(h, mask=mask)
+        h = norm(name="mlp_norm")(x)
+        h = nn.gelu(dense(self.mlp_ratio * width, name="mlp_in")(h))
+        return x + dense(width, name="mlp_out")(h)
 
 
 class TransformerLM(nn.Module):
@@ -315,6 +338,7 @@ class TransformerLM(nn.Module):
     num_heads: int = 4
     mlp_ratio: int = 4
     tie_embeddings: bool = False
+    dtype: Any = jnp.float32  # computation dtype (parameters stay float32)
 
     has_batch_norm: ClassVar[bool] = False
 
@@ -326,15 +350,16 @@ class TransformerLM(nn.Module):
                 f"TransformerLM needs tokens [batch, length] with length <= context="
                 f"{self.context}, got shape {tuple(tokens.shape)}."
             )
-        embed = nn.Embed(self.vocab_size, self.width, name="embed")
+        embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="embed")
         x = AddPositionEmbedding(self.context, name="position")(embed(tokens))
         mask = nn.make_causal_mask(tokens)
         for i in range(self.depth):
-            x = TransformerBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}")(x, mask)
-        x = nn.LayerNorm(name="final_norm")(x)
+            block = TransformerBlock(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")
+            x = block(x, mask)
+        x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
         if self.tie_embeddings:
             return embed.attend(x)
-        return nn.Dense(self.vocab_size, name="head")(x)
+        return nn.Dense(self.vocab_size, dtype=self.dtype, name="head")(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +380,7 @@ def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def get_model(model_config: Any, num_classes: int | None = None) -> nn.Module:
+def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = None) -> nn.Module:
     """Build a model from ``config.model``.
 
     Args:
@@ -369,6 +394,8 @@ def get_model(model_config: Any, num_classes: int | None = None) -> nn.Module:
         defaults (ResNet-18, EfficientNet-B0, a 2-layer byte-level Transformer of width 128).
       num_classes: overrides ``model_config.num_classes`` (the dataset's class count); not
         used by ``transformer`` (its output size is ``vocab_size``).
+      dtype: computation dtype, e.g. ``"bfloat16"`` for mixed precision (parameters stay
+        float32, as in flax's ImageNet example); ``None``: float32.
 
     Returns:
       An unbound Flax module; ``type(model).has_batch_norm`` says whether it has BatchNorm.
@@ -386,6 +413,8 @@ def get_model(model_config: Any, num_classes: int | None = None) -> nn.Module:
             value = _cfg_get(model_config, key, None)
             if value is not None:
                 out[key] = tuple(value) if isinstance(value, list) else value
+        if dtype is not None:
+            out["dtype"] = jnp.dtype(dtype)
         return out
 
     if name == "small_cnn":

@@ -256,6 +256,8 @@ class RunLog:
     Args:
       workdir: the run's directory.
       target: accuracy at which the run counts as having reached its target (``None``: none).
+      primary: whether this process writes the files (``False`` on the other processes of a
+        multi-host run: they keep the same record in memory and write nothing).
 
     Example::
 
@@ -272,8 +274,10 @@ class RunLog:
         ckpt.save(log.step, state, log.meta())
     """
 
-    def __init__(self, workdir: str, target: float | None = None):
+    def __init__(self, workdir: str, target: float | None = None, *, primary: bool = True):
         self.workdir = workdir
+        self.primary = primary
+        self._memory_rows: list[dict] = []  # the rows of a non-primary process
         self.metrics_path = os.path.join(workdir, METRICS_FILE)
         self.config_path = os.path.join(workdir, CONFIG_FILE)
         self.target = target
@@ -325,7 +329,8 @@ class RunLog:
 
     def write_config(self, config: dict) -> None:
         """Write ``config.json`` (after :meth:`check_identity` and :meth:`resume`)."""
-        write_json(self.config_path, config)
+        if self.primary:
+            write_json(self.config_path, config)
 
     # Resume and checkpoint metadata.
 
@@ -352,7 +357,10 @@ class RunLog:
         if not truncate:
             return []
         kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
-        _write_atomic(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
+        if self.primary:
+            _write_atomic(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
+        else:
+            self._memory_rows = [to_strict_json(r) for r in kept]
         return kept
 
     def meta(self) -> dict:
@@ -433,13 +441,17 @@ class RunLog:
         }
 
     def write_row(self, row: dict) -> None:
-        """Append ``row`` to ``metrics.jsonl`` (strict JSON, one line)."""
+        """Append ``row`` to ``metrics.jsonl`` (strict JSON, one line; kept in memory on a
+        non-primary process)."""
+        if not self.primary:
+            self._memory_rows.append(json.loads(dumps(row)))
+            return
         with open(self.metrics_path, "a") as f:
             f.write(dumps(row) + "\n")
 
     def rows(self) -> list[dict]:
         """The metrics rows written so far."""
-        return read_jsonl(self.metrics_path)
+        return read_jsonl(self.metrics_path) if self.primary else list(self._memory_rows)
 
 
 class Checkpoints:

@@ -61,7 +61,9 @@ Example (as in the tests)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import os
 import sys
@@ -75,6 +77,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments import mesh as mesh_lib
 from experiments import models, runlog, tasks
 from experiments.cli import UserError
 
@@ -100,7 +103,8 @@ __all__ = [
 METRICS_FILE = runlog.METRICS_FILE
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = runlog.CONFIG_FILE
-GNS_METHODS = ("auto", "per_example", "microbatch")
+GNS_METHODS = ("auto", "per_example", "microbatch", "across_devices")
+DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
 SCHEDULES = ("constant", "cosine")
 # Fields that do not change what a run computes: a resume may change them (see run_identity).
@@ -115,6 +119,9 @@ NOT_IDENTITY = (
     "divergence_factor",
     "data.cache_dir",
     "data.tfds_data_dir",
+    "data.on_device",
+    "distributed",
+    "step_time_repeats",
     "compare",
     # The adaptive mode's fields (experiments/adaptive.py), not the schedule's.
     "adaptive.policies",
@@ -192,6 +199,15 @@ def _choice(config, field: str, options: tuple[str, ...]) -> str:
     return value
 
 
+def _get(config, field: str, default):
+    """``config.<field>``, or ``default`` for a config made before the field existed."""
+    try:
+        value = _value(config, field)
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None else value
+
+
 def _optional(ok: Callable) -> Callable:
     return lambda v: v is None or ok(v)
 
@@ -242,6 +258,13 @@ def validate_config(config) -> None:
     choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "gns_method": GNS_METHODS}
     for field, options in {**choices, "model.name": models.MODEL_NAMES}.items():
         _choice(config, field, options)
+    for field, ok, fix in (
+        ("dtype", lambda v: v in DTYPES, f"is not one of {', '.join(DTYPES)}"),
+        ("num_devices", _optional(_count(1)), "must be an int >= 1 or None (all devices)"),
+        ("step_time_repeats", _count(0), "must be an int >= 0 (0: do not time the step)"),
+    ):
+        if _get(config, field, None) is not None:
+            _require(config, field, ok(_value(config, field)), fix)
     if config.num_epochs is None:
         resolve_num_steps(config, 1)
     target = tasks.get(config).target_field
@@ -338,13 +361,22 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
 # Losses and steps.
 
 
-def resolve_gns_method(config, model) -> str:
-    """``config.gns_method`` with ``'auto'`` resolved: per_example without BatchNorm, else
-    microbatch. Explicit per_example on a BatchNorm model is an error."""
+def resolve_gns_method(config, model, num_devices: int = 1) -> str:
+    """``config.gns_method`` with ``'auto'`` resolved: ``across_devices`` on 2 or more devices
+    (free: data parallelism computes it), else per_example without BatchNorm and microbatch
+    with it. Explicit per_example on a BatchNorm model, or across_devices on one device, is an
+    error."""
     method = _choice(config, "gns_method", GNS_METHODS)
     bn = models.has_batch_norm(model)
     if method == "auto":
+        if num_devices >= 2:
+            return "across_devices"
         return "microbatch" if bn else "per_example"
+    if method == "across_devices" and num_devices < 2:
+        raise UserError(
+            "config.gns_method='across_devices' needs at least 2 devices, this run has "
+            f"{num_devices}: use 'auto', 'microbatch' or 'per_example'"
+        )
     if method == "per_example" and bn:
         raise UserError(
             f"config.gns_method='per_example' is invalid for {type(model).__name__}, which has "
@@ -362,8 +394,9 @@ def _forward(model, params, batch_stats, images, dropout_key, train):
         logits, updates = model.apply(
             variables, images, train=True, rngs=rngs, mutable=["batch_stats"]
         )
-        return logits, updates["batch_stats"]
-    return model.apply(variables, images, train=train, rngs=rngs), batch_stats
+        return logits.astype(jnp.float32), updates["batch_stats"]
+    # float32 logits: the loss and softmax of a bfloat16 model are computed in float32.
+    return model.apply(variables, images, train=train, rngs=rngs).astype(jnp.float32), batch_stats
 
 
 def make_loss_fn(model, batch_stats: PyTree, rng: jax.Array | None) -> Callable:
@@ -416,10 +449,13 @@ def make_plain_loss_fn(model, batch_stats, rng, groups: int = 1) -> Callable:
     return loss_fn
 
 
-def _with_index(batch):
+def _with_index(batch, axis_name=None):
+    """The batch with each example's position in the global batch (``'index'``: dropout keys
+    depend on it, so they do not depend on how the batch is split over devices)."""
     inputs, targets = tasks.batch_keys(batch)
     n = batch[targets].shape[0]
-    return {inputs: batch[inputs], targets: batch[targets], "index": jnp.arange(n)}
+    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
+    return {inputs: batch[inputs], targets: batch[targets], "index": offset + jnp.arange(n)}
 
 
 def make_train_steps(
@@ -432,6 +468,7 @@ def make_train_steps(
     chunk_size: int | None = None,
     use_dropout: bool = False,
     schedule: optax.Schedule | None = None,
+    mesh=None,
 ):
     """The two (unjitted) step functions ``step(state, batch) -> (state, metrics)``.
 
@@ -439,22 +476,45 @@ def make_train_steps(
       model: the Flax module.
       optimizer: the optax optimizer.
       tracker: a :func:`gns.smoothing.ema` tracker.
-      method: ``'per_example'`` or ``'microbatch'`` (see :func:`resolve_gns_method`).
-      num_microbatches: microbatches of the estimator; BatchNorm models also use them as
+      method: ``'per_example'``, ``'microbatch'`` or ``'across_devices'`` (see
+        :func:`resolve_gns_method`).
+      num_microbatches: microbatches of the estimator **in the global batch** (on a mesh of
+        ``n`` devices, ``num_microbatches / n`` per device; with one per device the estimate
+        is the ``across_devices`` one, the same numbers); BatchNorm models also use them as
         ghost-BatchNorm groups in the plain step.
       chunk_size: ``gns.estimate.per_example`` chunk size.
       use_dropout: draw dropout keys (the model has dropout).
       schedule: to report the learning rate of the step.
+      mesh: ``None``: steps on one device, as plain functions of a local state and batch.
+        A mesh from :func:`experiments.mesh.make_mesh`: the steps are ``jax.shard_map`` over
+        it (state replicated, batch sharded over :data:`experiments.mesh.AXIS`, metrics
+        replicated); gradients, losses and BatchNorm statistics are averaged over devices and
+        the noise statistics are those of the global batch. With ``across_devices`` each
+        device's batch is one BatchNorm group.
 
     Returns:
       ``(plain_step, gns_step)``. Both apply the same update for the same batch; ``gns_step``
       takes its gradient from ``gns.estimate`` and adds ``g_sq``, ``trace_cov``, ``b_simple``
       and the smoothed ``ema_*`` values to its metrics.
     """
-    from gns import estimate
+    from gns import common, estimate
 
+    axis = None if mesh is None else mesh_lib.AXIS
+    n_dev = 1 if mesh is None else mesh.size
+    if method not in GNS_METHODS[1:]:
+        raise ValueError(f"method={method!r}: use 'per_example', 'microbatch' or 'across_devices'.")
+    if method == "microbatch" and num_microbatches % n_dev:
+        raise ValueError(
+            f"num_microbatches={num_microbatches} is not divisible by the {n_dev} devices."
+        )
+    k_local = num_microbatches // n_dev if method == "microbatch" else 1
+    if method == "microbatch" and k_local == 1:
+        method = "across_devices"  # one microbatch per device: the same estimate
     bn = models.has_batch_norm(model)
-    groups = num_microbatches if (bn and method == "microbatch") else 1
+    groups = k_local if bn else 1
+
+    def mean_over_devices(tree):
+        return tree if axis is None else jax.lax.pmean(tree, axis)
 
     def step_key(state):
         return jax.random.fold_in(state.rng, state.step) if use_dropout else None
@@ -472,25 +532,29 @@ def make_train_steps(
         return {"train_loss": aux["loss"], "train_accuracy": aux["accuracy"], "learning_rate": lr}
 
     def plain_step(state, batch):
-        batch = _with_index(batch)
+        batch = _with_index(batch, axis)
         loss_fn = make_plain_loss_fn(model, state.batch_stats, step_key(state), groups)
-        grads, aux = jax.grad(loss_fn, has_aux=True)(state.params, batch)
+        params = state.params if axis is None else common.to_varying(state.params, axis)
+        grads, aux = mean_over_devices(jax.grad(loss_fn, has_aux=True)(params, batch))
         return apply_update(state, grads, aux), base_metrics(state, aux)
 
     def gns_step(state, batch):
-        batch = _with_index(batch)
+        batch = _with_index(batch, axis)
         loss_fn = make_loss_fn(model, state.batch_stats, step_key(state))
+        kw = dict(has_aux=True, axis_name=axis)
         if method == "per_example":
             stats, grads, aux = estimate.per_example(
-                loss_fn, state.params, batch, chunk_size=chunk_size, has_aux=True
+                loss_fn, state.params, batch, chunk_size=chunk_size, **kw
             )
         elif method == "microbatch":
             stats, grads, aux = estimate.microbatch(
-                loss_fn, state.params, batch, num_microbatches=num_microbatches, has_aux=True
+                loss_fn, state.params, batch, num_microbatches=k_local, **kw
             )
         else:
-            raise ValueError(f"method={method!r}: use 'per_example' or 'microbatch'.")
-        aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)  # equal-size pieces
+            stats, grads, aux = estimate.across_devices(loss_fn, state.params, batch, **kw)
+            aux = jax.tree.map(lambda a: a[None], aux)
+        # Equal-size pieces: the mean over them (and over devices) is the batch mean.
+        aux = mean_over_devices(jax.tree.map(lambda a: jnp.mean(a, axis=0), aux))
         gns_state = tracker.update(stats, state.gns)
         metrics = base_metrics(state, aux)
         metrics.update(
@@ -503,7 +567,14 @@ def make_train_steps(
         )
         return apply_update(state, grads, aux)._replace(gns=gns_state), metrics
 
-    return plain_step, gns_step
+    if mesh is None:
+        return plain_step, gns_step
+    from jax.sharding import PartitionSpec as P
+
+    def data_parallel(step):
+        return jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P())
+
+    return data_parallel(plain_step), data_parallel(gns_step)
 
 
 def make_eval_step(model):
@@ -538,15 +609,19 @@ def _evaluate(eval_step, state, batches) -> dict[str, float]:
 # The training loop.
 
 
-def init_state(config, model, optimizer, tracker, image_shape, dtype=jnp.float32) -> TrainState:
+def init_state(
+    config, model, optimizer, tracker, image_shape, dtype=jnp.float32, mesh=None
+) -> TrainState:
     """A fresh :class:`TrainState` from ``config.seed`` (``image_shape``, ``dtype``: one
-    example's model input, e.g. ``((context,), jnp.int32)`` for tokens)."""
+    example's model input, e.g. ``((context,), jnp.int32)`` for tokens): float32 parameters
+    and optimizer state, whatever the model's computation dtype; replicated over ``mesh`` when
+    given."""
     rng = jax.random.PRNGKey(int(config.seed))
     init_rng, dropout_rng = jax.random.split(rng)
     x = jnp.zeros((1,) + tuple(image_shape), dtype)
     variables = jax.jit(lambda r: model.init(r, x, train=False))(init_rng)
     params = variables["params"]
-    return TrainState(
+    state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
@@ -554,6 +629,7 @@ def init_state(config, model, optimizer, tracker, image_shape, dtype=jnp.float32
         gns=tracker.init(),
         rng=dropout_rng,
     )
+    return state if mesh is None else mesh_lib.replicate(state, mesh)
 
 
 class _Setup(NamedTuple):
@@ -566,6 +642,12 @@ class _Setup(NamedTuple):
     evaluate: Callable  # (state, arrays) -> {'accuracy', 'loss', 'examples', task metrics}
     state: TrainState  # the fresh state (the template a checkpoint restores into)
     task: tasks.Task
+    mesh: Any  # the data-parallel mesh (experiments.mesh)
+    place: Callable  # state -> the state replicated over the mesh, as fresh buffers
+    # (batch_size, start_example, by_example=False) -> endless batches on the mesh (the
+    # task's train_batches, or gathered on the devices with config.data.on_device)
+    train_batches: Callable
+    time_step: Callable  # state -> {'step_time_s', 'step_examples_per_s'} or {}
 
 
 def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
@@ -573,18 +655,28 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
     from gns import smoothing
 
     task = task or tasks.get(config)
-    model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None))
-    method = resolve_gns_method(config, model)
+    mesh = mesh_lib.make_mesh(_get(config, "num_devices", None))
+    mesh_lib.check_batch(config.batch_size, mesh)
+    model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None),
+                             dtype=_get(config, "dtype", None))  # fmt: skip
+    method = resolve_gns_method(config, model, mesh.size)
     k = config.gns_microbatches
     _require(config, "gns_microbatches", method != "microbatch" or (
-             _is_int(k) and k >= 2 and config.batch_size % k == 0),
-             f"must be >= 2 and divide config.batch_size={config.batch_size} (equal "
-             "microbatches for the estimator and ghost BatchNorm)")  # fmt: skip
+             _is_int(k) and k >= max(2, mesh.size) and config.batch_size % k == 0
+             and k % mesh.size == 0),
+             f"must be >= 2, divide config.batch_size={config.batch_size} (equal microbatches "
+             f"for the estimator and ghost BatchNorm) and be a multiple of the {mesh.size} "
+             "device(s)")  # fmt: skip
+    _require(config, "batch_size", method != "per_example" or config.batch_size >= 2 * mesh.size,
+             f"leaves fewer than 2 examples on each of the {mesh.size} devices, which "
+             "gns_method='per_example' needs: use a larger batch or another method")  # fmt: skip
     num_steps = resolve_num_steps(config, task.num_train(ds))
     schedule = make_schedule(config, num_steps)
     optimizer = make_optimizer(config, schedule)
     if adaptive.enabled(config):  # lr multiplier and batch-size schedule in the opt state
         adaptive.validate(config, task.num_train(ds), k if method == "microbatch" else None)
+        for b in adaptive.candidates(config):  # every candidate is split over the devices
+            _check_candidate(b, mesh, method)
         optimizer = adaptive.with_batch_schedule(
             optimizer, adaptive.make_batch_schedule(config).init()
         )
@@ -598,16 +690,72 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
         chunk_size=config.gns_chunk_size,
         use_dropout=models.uses_dropout(model),
         schedule=schedule,
+        mesh=mesh,
     )
-    eval_step = jax.jit(make_eval_step(model))
+    eval_jit = jax.jit(make_eval_step(model))
+
+    def eval_step(params, batch_stats, inputs, targets, mask):  # the batch sharded on the mesh
+        return eval_jit(params, batch_stats, *mesh_lib.shard((inputs, targets, mask), mesh))
 
     def evaluate(state, arrays):
         size = min(config.eval_batch_size, len(tasks.split_batch(arrays)[1]))
+        size = -(-size // mesh.size) * mesh.size  # padded batches split evenly over devices
         res = _evaluate(eval_step, state, task.eval_batches(ds, arrays, size))
         return {**res, **task.metrics(res)}
 
-    state = init_state(config, model, optimizer, tracker, *task.input_spec(ds))
-    return _Setup(method, num_steps, plain_fn, gns_fn, evaluate, state, task)
+    on_device = bool(_get(config, "data.on_device", False))
+    if on_device and task.name != "cifar10":
+        raise UserError(
+            f"config.data.on_device=True is for image data, not config.task={task.name!r}",
+            hint="--config.data.on_device=False (token batches are small: the host sends them)",
+        )
+
+    def train_batches(batch_size: int, start_example: int, by_example: bool = False):
+        if not on_device:
+            host = task.train_batches(config, ds, batch_size, start_example, by_example=by_example)
+            return mesh_lib.placed_batches(host, mesh)
+        if not by_example and start_example % batch_size:
+            raise ValueError(f"start_example={start_example} is not a multiple of {batch_size}.")
+        return mesh_lib.device_train_batches(
+            ds, batch_size, seed=config.seed, augment=config.data.augment, mesh=mesh,
+            start_step=start_example // batch_size,
+            start_example=start_example if by_example else None)  # fmt: skip
+
+    def time_step(state):
+        repeats = _get(config, "step_time_repeats", 0)
+        if not repeats:
+            return {}
+        batch = _first_batch(train_batches, config.batch_size)
+        step = jax.jit(plain_fn, donate_argnums=0)
+        t = mesh_lib.time_step(step, state, batch, repeats, mesh)
+        return {"step_time_s": t, "step_examples_per_s": config.batch_size / t}
+
+    state = init_state(config, model, optimizer, tracker, *task.input_spec(ds), mesh=mesh)
+    place = functools.partial(mesh_lib.replicate, mesh=mesh)
+    return _Setup(method, num_steps, plain_fn, gns_fn, evaluate, state, task, mesh, place,
+                  train_batches, time_step)  # fmt: skip
+
+
+def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = False):
+    """The first batch of ``train_batches`` (:attr:`_Setup.train_batches`), on the mesh."""
+    batches = train_batches(batch_size, 0, by_example=by_example)
+    try:
+        return next(batches)
+    finally:
+        batches.close()
+
+
+def _check_candidate(batch_size: int, mesh, method: str) -> None:
+    """A batch size of the adaptive schedule must split evenly over the devices (and leave 2
+    examples per device for ``per_example``): a :class:`UserError` naming both numbers
+    otherwise (the schedule is not silently changed by skipping it)."""
+    mesh_lib.check_batch(batch_size, mesh, field="adaptive.candidates")
+    if method == "per_example" and batch_size < 2 * mesh.size:
+        raise UserError(
+            f"config.adaptive.candidates: batch {batch_size} leaves fewer than 2 examples on "
+            f"each of the {mesh.size} devices, which gns_method='per_example' needs",
+            hint=f"use candidates >= {2 * mesh.size}",
+        )
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -629,9 +777,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """
     validate_config(config)
     task = tasks.get(config)
-    with runlog.workdir_lock(workdir):
+    mesh_lib.initialize_distributed(bool(_get(config, "distributed", False)))
+    primary = jax.process_index() == 0  # the one process that writes files
+    mesh_lib.check_batch(config.batch_size, mesh_lib.make_mesh(_get(config, "num_devices", None)))
+    with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():
         ckpt = runlog.Checkpoints(workdir)
-        log = runlog.RunLog(workdir, target=task.target(config))
+        log = runlog.RunLog(workdir, target=task.target(config), primary=primary)
         config_dict = config.to_dict()
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
         ds = task.load(config)
@@ -641,10 +792,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             state, meta = ckpt.restore(setup.state, check=log.check_meta)
             log.resume(0 if state is None else int(state.step), meta)
             log.write_config(config_dict)
-            # Distinct buffers per leaf: the steps donate the state, and init functions may
-            # share one array between leaves (e.g. two zeros), which donation rejects.
-            state = setup.state if state is None else state
-            state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+            # Distinct buffers per leaf, replicated over the mesh: the steps donate the state,
+            # and init functions may share one array between leaves, which donation rejects.
+            state = setup.place(setup.state if state is None else state)
             state, stop = _train(config, ds, setup, state, log, ckpt, interrupted)
             if stop != "diverged" and log.step > 0:
                 ckpt.save(log.step, state, log.meta())
@@ -693,7 +843,7 @@ def _batch_control(config, ds, setup: _Setup, state, log: runlog.RunLog):
         table = adaptive.time_batch_sizes(
             setup.plain_fn,
             state,
-            lambda b: next(setup.task.train_batches(config, ds, b, 0, by_example=True)),
+            lambda b: _first_batch(setup.train_batches, b, by_example=True),
             cands,
             warmup=int(config.adaptive.timing_warmup),
             rounds=int(config.adaptive.timing_rounds),
@@ -721,9 +871,7 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
     eval_examples = every or eval_every * config.batch_size  # (adaptive runs only)
 
     def stream(batch_size):  # by example with a schedule, else the step stream (bitwise as before)
-        return setup.task.train_batches(
-            config, ds, batch_size, log.examples_seen, by_example=ctl is not None
-        )
+        return setup.train_batches(batch_size, log.examples_seen, by_example=ctl is not None)
 
     batches = stream(bs)
     steps = adaptive.StepCache(setup.plain_fn, setup.gns_fn if gns_every > 0 else None, log.clock)
@@ -848,6 +996,7 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
         train_eval = setup.evaluate(state, task.eval_arrays(config, ds, "train",
                                                             config.eval_examples))  # fmt: skip
         log.record_eval(task.score(final[task.metric]))
+        final.update(setup.time_step(state))
     rows = log.rows()
     clock = log.clock.state()
     summary = {
@@ -881,16 +1030,34 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
         "stop_reason": stop,
         "diverged": log.diverged,
         "noise_scale": noise_scale_summary(rows, smoothing),
+        "dtype": _get(config, "dtype", "float32"),
+        "mesh": mesh_lib.describe(setup.mesh),
+        **_utilization(final, clock["train_time_s"], log.examples_seen),
     }
     if task.describe(ds) is not None:
         summary["data"] = task.describe(ds)
-    runlog.write_json(os.path.join(log.workdir, SUMMARY_FILE), summary)
-    if config.plots and evaluate:
+    if log.primary:
+        runlog.write_json(os.path.join(log.workdir, SUMMARY_FILE), summary)
+    if config.plots and evaluate and log.primary:
         try:
             plots.training_plots(rows, log.workdir)
         except Exception as e:  # plots are a convenience: never lose a finished run to them
             logging.warning("Could not write the plots: %s", e)
     return runlog.to_strict_json(summary)
+
+
+def _utilization(timed: dict, train_time_s: float, examples: int) -> dict:
+    """Training throughput (data and steps) against the step alone: how busy the pipeline
+    keeps the devices (``config.step_time_repeats > 0``; empty otherwise)."""
+    if "step_time_s" not in timed:
+        return {}
+    train_rate = examples / max(train_time_s, 1e-9)
+    return {
+        "step_time_s": timed["step_time_s"],
+        "step_examples_per_s": timed["step_examples_per_s"],
+        "train_examples_per_s": train_rate,
+        "device_utilization": train_rate / timed["step_examples_per_s"],
+    }
 
 
 def noise_scale_summary(rows: list[dict], smoothing) -> dict:

@@ -13,6 +13,11 @@ Run by hand (two shells)::
 
 The problem (``make_problem``, ``loss_fn``, ``ESTIMATORS``, ``result_to_json``) is importable
 without side effects, so the test computes the single-process reference with the same code.
+
+With ``--train_workdir DIR`` the process instead trains :func:`smoke_config` with
+``experiments.train.train_and_evaluate`` and ``config.distributed=True`` (the coordinator,
+process count and id passed as ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``, as a launcher would), and prints its summary and metrics rows.
 """
 
 from __future__ import annotations
@@ -29,6 +34,30 @@ GLOBAL_BATCH = 32
 AXIS = "batch"
 TRAIN_STEPS = 2
 TRAIN_LR = 1e-2
+
+
+def smoke_config():
+    """The smoke config, tiny and on synthetic data (the multi-host training run)."""
+    from configs import cifar10
+
+    c = cifar10.get_config("smoke")
+    c.data.source = "synthetic"
+    c.data.synthetic.image_size = 16
+    c.data.num_train, c.data.num_test = 256, 128
+    c.num_steps, c.gns_every, c.log_every, c.eval_every, c.checkpoint_every = 6, 2, 1, 3, 3
+    c.progress_bar = c.plots = False
+    return c
+
+
+def train_smoke(workdir: str) -> dict:
+    """Train :func:`smoke_config` on every device of the job; summary and rows as JSON."""
+    from experiments import train
+
+    config = smoke_config()
+    config.distributed = True
+    summary = train.train_and_evaluate(config, workdir)
+    rows = train.runlog.read_jsonl(f"{workdir}/{train.METRICS_FILE}")
+    return {"summary": summary, "rows": rows}
 
 
 def make_problem() -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
@@ -108,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num_processes", type=int, default=2)
     parser.add_argument("--local_devices", type=int, default=2, help="CPU devices per process")
     parser.add_argument("--timeout_s", type=int, default=60, help="init/heartbeat timeout")
+    parser.add_argument("--train_workdir", default=None, help="train the smoke config there")
     args = parser.parse_args(argv)
 
     import jax
@@ -115,6 +145,18 @@ def main(argv=None) -> int:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.local_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.train_workdir:
+        import os
+
+        os.environ.update(
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{args.port}",
+            JAX_NUM_PROCESSES=str(args.num_processes),
+            JAX_PROCESS_ID=str(args.process_id),
+        )
+        out = {"process_id": args.process_id, **train_smoke(args.train_workdir)}
+        out["num_devices"] = jax.device_count()
+        print(RESULT_PREFIX + json.dumps(out), flush=True)
+        return 0
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{args.port}",
         num_processes=args.num_processes,

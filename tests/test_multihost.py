@@ -43,7 +43,7 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _run_workers(tmp_path: Path) -> list[dict]:
+def _run_workers(tmp_path: Path, *extra: str, timeout_s: int = TIMEOUT_S) -> list[dict]:
     port = _free_port()
     procs, logs = [], []
     try:
@@ -58,11 +58,12 @@ def _run_workers(tmp_path: Path) -> list[dict]:
                 f"--process_id={pid}",
                 f"--num_processes={NUM_PROCESSES}",
                 f"--local_devices={LOCAL_DEVICES}",
-                f"--timeout_s={TIMEOUT_S // 2}",
+                f"--timeout_s={timeout_s // 2}",
+                *extra,
             ]
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=_worker_env(), stdout=out, stderr=err))
         for p in procs:
-            p.wait(timeout=TIMEOUT_S)
+            p.wait(timeout=timeout_s)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -131,3 +132,40 @@ def test_two_processes_match_one_process(tmp_path):
         jax.tree.leaves(first["train"]["grads"], is_leaf=is_list), jax.tree.leaves(p), strict=True
     ):
         _close(g, np.ravel(w), "params after make_train_step")
+
+
+TRAIN_TIMEOUT_S = 240
+
+
+@pytest.mark.timeout(TRAIN_TIMEOUT_S + 120)
+def test_smoke_training_on_two_processes_matches_one_process_with_four_devices(tmp_path):
+    """config.distributed=True, 2 processes x 2 CPU devices, one workdir: process 0 writes the
+    files, and the run equals one process training on 4 devices."""
+    from experiments import runlog, train
+
+    workdir = tmp_path / "two"
+    results = _run_workers(tmp_path, f"--train_workdir={workdir}", timeout_s=TRAIN_TIMEOUT_S)
+    assert [r["num_devices"] for r in results] == [4, 4]
+    assert results[0]["summary"]["mesh"] == {
+        "devices": 4, "kind": "cpu", "platform": "cpu", "hosts": 2, "shape": {"batch": 4},
+        "axis": "batch",
+    }  # fmt: skip
+    assert runlog.read_json(str(workdir / "summary.json")) == results[0]["summary"]
+    rows = results[0]["rows"]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # each row once: one writer
+    assert {"3", "6"} <= set(os.listdir(workdir / runlog.CHECKPOINT_DIR))  # orbax, 2 processes
+
+    config = worker.smoke_config()
+    config.num_devices = 4
+    single = train.train_and_evaluate(config, str(tmp_path / "one"))
+    want = runlog.read_jsonl(str(tmp_path / "one" / train.METRICS_FILE))
+    assert single["gns_method"] == results[0]["summary"]["gns_method"] == "across_devices"
+    for got, ref in zip(rows, want, strict=True):
+        for key in ("train_loss", "train_accuracy", "g_sq", "trace_cov", "test_accuracy"):
+            if ref.get(key) is None:
+                assert got.get(key) is None, (ref["step"], key)
+            else:
+                _close(got[key], ref[key], f"step {ref['step']} {key}")
+    for key in ("test_accuracy", "test_loss", "steps", "examples"):
+        _close(results[0]["summary"][key], single[key], key)
+        _close(results[1]["summary"][key], single[key], f"process 1 {key}")

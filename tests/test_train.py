@@ -4,6 +4,7 @@ configs/cifar10.py, gns/plots.py), on tiny models and synthetic data."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,7 +105,9 @@ def test_smoke_run_learns(smoke_run):
     assert summary["examples"] == config.num_steps * config.batch_size
     assert summary["epochs"] == pytest.approx(summary["examples"] / config.data.num_train)
     assert summary["best_test_accuracy"] >= summary["test_accuracy"]
-    assert summary["gns_method"] == "per_example"  # SmallCNN has no BatchNorm
+    # On the 4 simulated devices: across_devices; on one, per_example (no BatchNorm).
+    assert summary["gns_method"] == ("across_devices" if jax.device_count() > 1 else "per_example")
+    assert summary["mesh"]["devices"] == jax.device_count()
 
 
 @pytest.mark.timeout(240)
@@ -364,7 +367,8 @@ def test_bad_config_stops_before_anything_is_written(tmp_path, field, value):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(
     "optimizer, lr, why",
-    [("sgd", 1e38, "the training loss is inf"), ("adam", 1e6, "exceeds 10 x the initial")],
+    # inf on one device; nan when the devices' losses (inf and nan) are averaged.
+    [("sgd", 1e38, "the training loss is (inf|nan)"), ("adam", 1e6, "exceeds 10 x the initial")],
     ids=["non_finite", "exploding"],
 )
 def test_divergence_stops_with_a_one_line_error(tmp_path, capsys, optimizer, lr, why):
@@ -376,7 +380,7 @@ def test_divergence_stops_with_a_one_line_error(tmp_path, capsys, optimizer, lr,
     assert e.value.code == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("error: training diverged at step"), err
-    assert why in err[0] and "lower config.learning_rate" in err[1]
+    assert re.search(why, err[0]) and "lower config.learning_rate" in err[1]
     _, summary, rows = strict_outputs(str(tmp_path))
     assert (summary["stop_reason"], rows[-1]["stop_reason"]) == ("diverged", "diverged")
     assert summary["steps"] == rows[-1]["step"] < config.num_steps
@@ -601,3 +605,26 @@ def test_adaptive_fields_of_the_variants_and_the_identity():
     ident = train.run_identity(tiny_config().to_dict())
     assert "seeds" not in ident["adaptive"] and "candidates" in ident["adaptive"]
     assert cifar10._check_mode(tiny_config(mode="adaptive")) == "adaptive"
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and precision (the data-parallel tests are in tests/test_mesh.py).
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("dtype", "float16", "config.dtype='float16' is not one of float32, bfloat16"),
+     ("num_devices", 0, "config.num_devices=0 must be an int >= 1"),
+     ("num_devices", 5, "config.num_devices=5 is not available: this run sees 4 devices"),
+     ("step_time_repeats", -1, "config.step_time_repeats=-1 must be an int >= 0")],
+)  # fmt: skip
+def test_bad_device_and_precision_fields_stop_before_anything_is_written(
+    tmp_path, field, value, message
+):
+    if jax.device_count() != 4:
+        pytest.skip("needs the 4 simulated devices of tests/conftest.py")
+    config = tiny_config()
+    config.update_from_flattened_dict({field: value})
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
