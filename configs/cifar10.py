@@ -410,17 +410,10 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
         c.throughput.accumulation_factors = ()
     elif variant == "gpu_study":
         # About 10 minutes on one modern GPU: few batch sizes to compile, 2-minute baseline.
-        c.baseline_batch_size = 64
-        c.baseline_budget_s = 120.0
-        c.max_epochs = 15.0
-        c.eval_every_examples = 10000
-        c.eval_examples = 5000
-        c.noise.warmup_steps = 200
-        c.noise.batch_size = 256
-        c.noise.num_batches = 8
-        c.throughput.min_batch_size = 64
-        c.throughput.max_batch_size = 2048
-        c.throughput.repeats = 5
+        c.update(baseline_batch_size=64, baseline_budget_s=120.0, max_epochs=15.0)
+        c.update(eval_every_examples=10000, eval_examples=5000)
+        c.noise.update(warmup_steps=200, batch_size=256, num_batches=8)
+        c.throughput.update(min_batch_size=64, max_batch_size=2048, repeats=5)
         c.throughput.accumulation_factors = ()
         c.recommend.candidates = (64, 128, 256, 512, 1024, 2048)
     elif variant in ("gpu", "seed", "effnet_lamb"):

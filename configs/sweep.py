@@ -60,9 +60,12 @@ def base(variant: str) -> ml_collections.ConfigDict:
     ``num_repeats`` repeats on disjoint data (stream seed ``train.seed + seed_offset``), held-out
     loss on ``eval_examples`` test images, ``confidence`` of the intervals.
 
-    ``throughput``: candidate batch sizes are the powers of two from ``min_batch_size`` to
-    ``max_batch_size``; each is predicted against ``memory_budget_bytes`` (``None``: the device's
-    capacity, or half the free host RAM on CPU) and confirmed by running. Then all that fit, the
+    ``throughput``: candidate (global) batch sizes are the powers of two from
+    ``min_batch_size`` to ``max_batch_size``, each split over the devices of the mesh
+    (``train.num_devices``, all by default; one that does not divide is skipped, with the
+    reason in ``sweep.json``); each is predicted against ``memory_budget_bytes`` per device
+    (``None``: the device's capacity, or half the free host RAM on CPU, shared by simulated
+    devices) and confirmed by running. Then all that fit, the
     trained batch sizes and ``train.batch_size`` are timed in one interleaved table: ``warmup``
     untimed calls each, then ``repeats`` rounds timing every batch size once in turn, median.
     ``accumulation_factors``: above the largest that fits, batches of ``factor × largest`` are
@@ -109,9 +112,10 @@ def smoke() -> ml_collections.ConfigDict:
     c.train.data.update(source="synthetic", num_train=1024, num_test=256)
     c.noise.update(warmup_steps=10, batch_size=32, num_batches=6, pilot_steps=60)
     c.critical.update(exponents=(-1, 0, 1), fork_steps=2, eval_examples=128)
-    # The tiny model's step is predicted at ~2 MiB at batch 32 and ~4 MiB at 64 on CPU: a
-    # 3 MiB budget makes 32 the largest that fits, so 64 and 128 run as accumulation.
-    c.throughput.update(min_batch_size=8, max_batch_size=64, memory_budget_bytes=3 * 2**20)
+    # The tiny model's step is predicted at ~2 MiB at batch 32 and ~4 MiB at 64 per device on
+    # CPU: a 3 MiB budget (per device) makes 32 the largest that fits on one device (64 and
+    # 128 run as accumulation) and 128 = 32 x 4 on 4 devices (the tests), 256 over it.
+    c.throughput.update(min_batch_size=8, max_batch_size=256, memory_budget_bytes=3 * 2**20)
     c.throughput.update(warmup=1, repeats=3)
     c.tradeoff.update(batch_sizes=(8, 16, 32), target_accuracy=0.4, max_steps=400)
     c.tradeoff.update(max_wall_time_s=30.0, eval_every_examples=256, num_bootstrap=200)

@@ -21,7 +21,11 @@ On the model and data of ``config.train`` (a ``configs/cifar10.py`` config) it
    pilot (kept in memory, or replayed exactly) at ``train.batch_size·2^j``
    (:func:`gns.finder.branch`, :func:`gns.critical.branched_critical_batch`):
    ``critical_batch.checkpoints`` and its path average ``critical_batch.effective``;
-2. **sweeps step time and memory**: predicts the memory of powers of two up to the largest
+2. **sweeps step time and memory** of the **global** batch on the mesh of training
+   (:mod:`experiments.mesh`, all devices by default; per device ``B / devices``, a ``B`` that
+   does not split evenly is skipped with the reason in its row; memory per device, so the
+   largest batch that fits is per device x devices; ``sweep.json`` records ``mesh``):
+   predicts the memory of powers of two up to the largest
    batch that fits (:mod:`gns.hardware`: from the compiled step, confirmed by running it), then
    times all of them, the trained batch sizes and ``train.batch_size`` in **one interleaved
    table** (round-robin over the batch sizes, several rounds, median, noisy ones re-timed:
@@ -69,6 +73,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import cli, runlog, train
+from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 
 FLAGS = flags.FLAGS
@@ -95,7 +100,9 @@ __all__ = [
 # stage times the step from seed 0 at a constant learning rate (the time of a step does not
 # depend on the values of the parameters or of the rate), so neither is among its fields.
 # ``tradeoff.max_steps`` is the horizon of the schedule the noise stage warms up with.
-TRAIN_SETUP = "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches"
+TRAIN_SETUP = (
+    "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches dtype"
+)
 
 
 def _fields(**sections: str) -> tuple[str, ...]:
@@ -111,8 +118,9 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "critical_batch": _fields(
         train=PILOT_TRAIN, tradeoff="max_steps", noise="warmup_steps pilot_steps every", critical=""
     ),
+    # On the mesh (experiments.mesh): its record is part of this stage's key (run_sweep).
     "throughput": _fields(
-        train=TRAIN_SETUP + " batch_size",
+        train=TRAIN_SETUP + " batch_size num_devices",
         tradeoff="batch_sizes",
         throughput="min_batch_size max_batch_size memory_budget_bytes warmup repeats",
     ),
@@ -126,6 +134,8 @@ PILOT_FIELDS = _fields(
 # ``compare`` modes' ``configs/cifar10.py`` sections): a pilot as long as the warm-up, measured
 # at every step, and no branching.
 PATH_DEFAULTS: dict[str, Any] = {
+    "train.dtype": "float32",
+    "train.num_devices": None,
     "noise.pilot_steps": None,
     "noise.every": 1,
     "noise.num_stretches": 3,
@@ -179,9 +189,14 @@ def stage_config(config, stage: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
-def stage_fingerprint(config, stage: str) -> str:
-    """:func:`experiments.runlog.fingerprint` of :func:`stage_config`."""
-    return runlog.fingerprint(stage_config(config, stage).to_dict())
+def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
+    """:func:`experiments.runlog.fingerprint` of :func:`stage_config` (and, for the stage that
+    runs on the mesh, ``throughput``, of the ``mesh`` record when given: a table timed on
+    another set of devices is not reused)."""
+    view = stage_config(config, stage).to_dict()
+    if mesh is not None and stage == "throughput":
+        view = {"config": view, "mesh": mesh}
+    return runlog.fingerprint(view)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,25 +323,28 @@ class SweepState:
 # Stage 1: the noise scale.
 
 
-def _setup(t, ds, schedule, *, both: bool = False):
+def _setup(t, ds, schedule, *, both: bool = False, mesh=None):
     """Model, plain train step and initial state of the training setup ``t`` (with ``both``:
-    model, plain step, measuring step, state)."""
+    model, plain step, measuring step, state); with ``mesh`` the steps are the data-parallel
+    ones of :func:`experiments.train.make_train_steps` and the state is replicated on it."""
     from experiments import models
     from gns import smoothing
 
-    model = models.get_model(t.model, num_classes=ds.num_classes)
+    model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
     plain_fn, gns_fn = train.make_train_steps(
         model,
         optimizer,
         tracker,
-        method=train.resolve_gns_method(t, model),
+        method=train.resolve_gns_method(t, model, 1 if mesh is None else mesh.size),
         num_microbatches=int(t.gns_microbatches),
         use_dropout=models.uses_dropout(model),
         schedule=schedule,
+        mesh=mesh,
     )
-    state = train.init_state(t, model, optimizer, tracker, tuple(ds.train_images.shape[1:]))
+    shape = tuple(ds.train_images.shape[1:])
+    state = train.init_state(t, model, optimizer, tracker, shape, mesh=mesh)
     return (model, plain_fn, gns_fn, state) if both else (model, plain_fn, state)
 
 
@@ -622,11 +640,18 @@ def candidate_batch_sizes(lo: int, hi: int) -> list[int]:
 
 
 def measure_throughput(view, ds, extra=()) -> dict:
-    """Stage 2: memory of each candidate, then one interleaved timing table.
+    """Stage 2: memory of each candidate, then one interleaved timing table, on the mesh.
 
-    The candidates are the powers of two of ``view.throughput`` plus ``train.batch_size`` and
-    the fixed ``tradeoff.batch_sizes`` (so that every trained batch has its ``t(B)`` from the
-    same table). Each is predicted against the memory budget and confirmed by running
+    The candidates are **global** batch sizes: the powers of two of ``view.throughput`` plus
+    ``train.batch_size`` and the fixed ``tradeoff.batch_sizes`` (so that every trained batch
+    has its ``t(B)`` from the same table). The step is the data-parallel one of training
+    (:mod:`experiments.mesh`: ``train.num_devices`` devices, all by default), each device
+    holding ``B / devices`` examples; a candidate that does not split evenly over the devices
+    is skipped, with the reason in its row. Memory is per device (XLA's analysis of the
+    partitioned step, against a per-device budget: ``throughput.memory_budget_bytes``, or the
+    device's memory, or on CPU half the available host RAM shared by the simulated devices),
+    so the largest global batch that fits is the largest per-device batch times the devices.
+    Each is predicted against the memory budget and confirmed by running
     (:func:`gns.hardware.largest_batch_that_fits`); those that fit are timed round-robin,
     ``throughput.repeats`` rounds after ``throughput.warmup`` untimed rounds, and a batch whose
     relative interquartile range stays above 10% gets extra rounds
@@ -634,37 +659,63 @@ def measure_throughput(view, ds, extra=()) -> dict:
     executables compiled for the prediction.
 
     Returns:
-      ``{"rows": [...], "max_batch_size": int | None}``: one row per candidate with
-      ``batch_size``, ``fits``, ``predicted_bytes``, ``budget_bytes``, ``budget_source``,
-      ``reason``, ``step_time_s`` (median), ``step_time_iqr_s``, ``times_s`` (one per round),
-      ``extra_rounds`` (re-timing rounds), ``stable`` and ``examples_per_s``.
+      ``{"rows": [...], "max_batch_size": int | None, "max_batch_size_per_device": int |
+      None, "mesh": dict}``: one row per candidate, ascending, with ``batch_size`` (global),
+      ``per_device_batch_size``, ``fits``, ``predicted_bytes`` (per device), ``budget_bytes``,
+      ``budget_source``, ``reason``, ``step_time_s`` (median), ``step_time_iqr_s``,
+      ``times_s`` (one per round), ``extra_rounds`` (re-timing rounds), ``stable`` and
+      ``examples_per_s`` (global); ``mesh`` is :func:`experiments.mesh.describe`.
     """
     import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from gns import finder
 
     tp, t = view.throughput, copy.deepcopy(view.train)
     t.seed = TIMING_SEED
-    _, plain_fn, state = _setup(t, ds, optax.constant_schedule(TIMING_LEARNING_RATE))
+    mesh = mesh_lib.make_mesh(t.num_devices)
+    n = mesh.size
+    schedule = optax.constant_schedule(TIMING_LEARNING_RATE)
+    _, plain_fn, state = _setup(t, ds, schedule, mesh=mesh)
+    # The batch sharded over the devices, the state replicated: what XLA compiles (and its
+    # memory analysis counts) is one device's part of the step.
+    step = jax.jit(
+        plain_fn, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh_lib.AXIS)))
+    )
     image_shape = tuple(ds.train_images.shape[1:])
     cands = set(candidate_batch_sizes(tp.min_batch_size, tp.max_batch_size))
     cands |= {
         b for b in [t.batch_size, *(view.tradeoff.batch_sizes or ())] if b <= tp.max_batch_size
     }
     cands |= {int(b) for b in extra}  # the range extended past an end (``run_sweep``)
+    skipped = {b: mesh_lib.split_reason(b, mesh) for b in cands}
+    skipped = {b: why for b, why in skipped.items() if why}
 
     def make_args(b):  # traceable: under jax.eval_shape it allocates nothing
         images = jnp.zeros((b,) + image_shape, jnp.float32)
         return state, {"image": images, "label": jnp.zeros((b,), jnp.int32)}
 
+    def placed_args(b):  # the timed batch on the devices, split as in training
+        batch = {"image": np.zeros((b,) + image_shape, np.float32), "label": np.zeros(b, np.int32)}
+        return state, mesh_lib.shard(batch, mesh)
+
+    budget, budget_source = tp.memory_budget_bytes, None
+    if budget is None and mesh.devices.flat[0].platform == "cpu" and n > 1:
+        budget, budget_source = _shared_host_budget(n)
+    timed = sorted(cands - set(skipped))
     res, table = finder.time_candidates(
-        plain_fn, make_args, sorted(cands), memory_budget_bytes=tp.memory_budget_bytes,
-        rounds=tp.repeats, warmup=tp.warmup,
-    )  # fmt: skip
+        step, placed_args, timed, memory_budget_bytes=budget, rounds=tp.repeats,
+        warmup=tp.warmup, make_shape_args=make_args,
+    ) if timed else (None, None)  # fmt: skip
     timings = {} if table is None else table.timings
     rows = []
-    for rec in res.records:
-        row = rec.to_dict() | {"budget_source": res.budget_source, "accumulation_steps": 1}
+    for rec in [] if res is None else res.records:
+        row = rec.to_dict() | {
+            "budget_source": budget_source or res.budget_source,
+            "accumulation_steps": 1,
+            "per_device_batch_size": rec.batch_size // n,
+        }
         bt = timings.get(rec.batch_size)
         row.update(
             step_time_s=None if bt is None else bt.median_s,
@@ -675,7 +726,34 @@ def measure_throughput(view, ds, extra=()) -> dict:
             examples_per_s=None if bt is None else rec.batch_size / bt.median_s,
         )
         rows.append(row)
-    return {"rows": rows, "max_batch_size": res.max_batch_size}
+    for b, why in skipped.items():
+        rows.append(
+            {"batch_size": b, "per_device_batch_size": None, "predicted_bytes": None,
+             "budget_bytes": None if res is None else res.budget_bytes, "fits": False,
+             "confirmed": False, "reason": why, "budget_source": None, "accumulation_steps": 1,
+             "step_time_s": None, "step_time_iqr_s": None, "times_s": [], "extra_rounds": None,
+             "stable": None, "examples_per_s": None, "skipped": True}
+        )  # fmt: skip
+    max_b = None if res is None else res.max_batch_size
+    return {
+        "rows": sorted(rows, key=lambda r: r["batch_size"]),
+        "max_batch_size": max_b,
+        "max_batch_size_per_device": None if max_b is None else max_b // n,
+        "mesh": mesh_lib.describe(mesh),
+    }
+
+
+def _shared_host_budget(num_devices: int) -> tuple[int, str]:
+    """The per-device memory budget of ``num_devices`` simulated CPU devices: their share of
+    the default CPU budget (:data:`gns.hardware.DEFAULT_CPU_BUDGET_FRACTION` of the available
+    host RAM), since they all allocate from the one host."""
+    import psutil
+
+    from gns import hardware
+
+    frac = hardware.DEFAULT_CPU_BUDGET_FRACTION
+    budget = int(frac * psutil.virtual_memory().available / num_devices)
+    return budget, f"{round(100 * frac)}% of available host RAM / {num_devices} devices"
 
 
 def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dict]:
@@ -890,7 +968,9 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
 
     t_start = time.perf_counter()
     st = SweepState(workdir)
-    fps: dict[str, Any] = {s: stage_fingerprint(config, s) for s in STAGE_FIELDS}
+    mesh = mesh_lib.make_mesh(config.train.get("num_devices"))
+    mesh_record = mesh_lib.describe(mesh)
+    fps: dict[str, Any] = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
     if config.compilation_cache:
         _enable_compilation_cache(os.path.join(workdir, "jax_cache"))
     runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -975,10 +1055,15 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     fps["trainings"] = {}
     points = []
     fitting = [r["batch_size"] for r in rows if r["fits"]]
+    skipped_trainings = {}
     for b in train_batch_sizes(config, fitting) if trainings else []:
         bar.set_description(f"training B={b}")
-        if b > max_batch:
-            logging.warning("Skipping the training at batch %d: above the largest that fits.", b)
+        why = mesh_lib.split_reason(b, mesh)
+        if why is None and b > max_batch:
+            why = f"skipped: above the largest batch that fits ({max_batch})"
+        if why is not None:
+            logging.warning("The training at batch %d is %s.", b, why)
+            skipped_trainings[str(b)] = why
             continue
         cfg, rule = training_config(config, b, b_noise)
         fp = fps["trainings"][str(b)] = runlog.fingerprint(cfg.to_dict())
@@ -1008,9 +1093,15 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     reached = [p for p in points if p["reached"]]
     sweep = {
         "device": device.to_dict(),
+        "mesh": mesh_record,
         "fingerprints": fps,
         "throughput": rows,
         "max_batch_size": max_batch,
+        "max_batch_size_per_device": max_batch // mesh.size,
+        "skipped_batch_sizes": {
+            str(r["batch_size"]): r["reason"] for r in rows if r.get("skipped")
+        },
+        "skipped_trainings": skipped_trainings,
         "throughput_extended_to": extended_to,
         "noise_scale": noise,
         "tradeoff": tradeoff_out,
@@ -1054,8 +1145,14 @@ def _fmt(x, spec: str) -> str:
 
 def summary_table(sweep: dict) -> str:
     """A plain-text summary: device, throughput, noise scale, tradeoff, recommendation."""
-    d = sweep["device"]
-    lines = [f"device: {d['platform']} / {d['kind']} x{d['count']}", ""]
+    d, m = sweep["device"], sweep.get("mesh") or {}
+    lines = [f"device: {d['platform']} / {d['kind']} x{d['count']}"]
+    if m:
+        lines.append(
+            f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are global "
+            f"(per device: batch / {m['devices']})"
+        )
+    lines.append("")
     lines.append(
         f"{'batch':>7} {'fits':>5} {'accum':>5} {'step ms':>9} {'examples/s':>11} {'pred. MiB':>10}"
     )
@@ -1070,7 +1167,9 @@ def summary_table(sweep: dict) -> str:
     n = sweep["noise_scale"]
     lines += [
         "",
-        f"max batch that fits: {sweep['max_batch_size']}",
+        f"max batch that fits: {sweep['max_batch_size']}"
+        + (f" ({sweep['max_batch_size_per_device']} per device)" if m else ""),
+        *(f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()),
         f"noise scale b_simple: {_fmt(n['b_simple'], '.4g')}  "
         f"{round(100 * n['confidence'])}% interval [{_fmt(n['interval'][0], '.4g')}, "
         f"{_fmt(n['interval'][1], '.4g')}]  ({n['num_batches']} batches of {n['batch_size']}, "

@@ -71,6 +71,20 @@ def _steps(model, method, k, mesh_, tracker, optimizer):
     return jax.jit(plain), jax.jit(measured)
 
 
+def _four_devices_vs_microbatch_k4(model, state, batch, optimizer, tracker):
+    """One measured step with across_devices on 4 devices and with microbatch (k = 4) on one:
+    the same statistics, loss, accuracy and parameters. Returns both ``(state, metrics)``."""
+    four, one = mesh.make_mesh(4), mesh.make_mesh(1)
+    _, gns4 = _steps(model, "across_devices", 8, four, tracker, optimizer)
+    _, gns1 = _steps(model, "microbatch", 4, one, tracker, optimizer)
+    s4, m4 = gns4(mesh.replicate(state, four), mesh.shard(batch, four))
+    s1, m1 = gns1(mesh.replicate(state, one), mesh.shard(batch, one))
+    for key in ("g_sq", "trace_cov", "train_loss", "train_accuracy"):
+        assert float(m4[key]) == pytest.approx(float(m1[key]), rel=1e-4, abs=1e-7), key
+    chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-5, atol=1e-6)
+    return (s4, m4), (s1, m1)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "model",
@@ -78,7 +92,7 @@ def _steps(model, method, k, mesh_, tracker, optimizer):
     ids=["small_cnn", "resnet-batchnorm"],
 )
 def test_across_devices_is_the_default_and_equals_microbatch_k4_on_one_device(model):
-    four, one = mesh.make_mesh(4), mesh.make_mesh(1)
+    one = mesh.make_mesh(1)
     config = tiny_config(gns_method="auto")
     assert train.resolve_gns_method(config, model, num_devices=4) == "across_devices"
     with pytest.raises(UserError, match="at least 2 devices"):
@@ -91,13 +105,8 @@ def test_across_devices_is_the_default_and_equals_microbatch_k4_on_one_device(mo
         "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
         "label": rng.integers(0, 10, 16).astype(np.int32),
     }
-    _, gns4 = _steps(model, "across_devices", 8, four, tracker, optimizer)
-    plain1, gns1 = _steps(model, "microbatch", 4, one, tracker, optimizer)
-    s4, m4 = gns4(mesh.replicate(state, four), mesh.shard(batch, four))
-    s1, m1 = gns1(mesh.replicate(state, one), mesh.shard(batch, one))
-    for key in ("g_sq", "trace_cov", "train_loss", "train_accuracy"):
-        assert float(m4[key]) == pytest.approx(float(m1[key]), rel=1e-4, abs=1e-7), key
-    chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-5, atol=1e-6)
+    (s4, m4), (s1, _) = _four_devices_vs_microbatch_k4(model, state, batch, optimizer, tracker)
+    plain1, _ = _steps(model, "microbatch", 4, one, tracker, optimizer)
     # Each device's batch normalizes over itself: BatchNorm groups of 4 either way.
     chex.assert_trees_all_close(s4.batch_stats, s1.batch_stats, rtol=1e-5, atol=1e-6)
     # ... and the plain step makes the same update as the measured one.
@@ -167,14 +176,7 @@ def test_text_task_steps_on_four_devices_equal_one_device():
         "tokens": rng.integers(0, 16, (16, 8)).astype(np.int32),
         "targets": rng.integers(0, 16, (16, 8)).astype(np.int32),
     }
-    four, one = mesh.make_mesh(4), mesh.make_mesh(1)
-    _, gns4 = _steps(model, "across_devices", 4, four, tracker, optimizer)
-    _, gns1 = _steps(model, "microbatch", 4, one, tracker, optimizer)
-    s4, m4 = gns4(mesh.replicate(state, four), mesh.shard(batch, four))
-    s1, m1 = gns1(mesh.replicate(state, one), mesh.shard(batch, one))
-    for key in ("g_sq", "trace_cov", "train_loss", "train_accuracy"):
-        assert float(m4[key]) == pytest.approx(float(m1[key]), rel=1e-4, abs=1e-7), key
-    chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-5, atol=1e-6)
+    _four_devices_vs_microbatch_k4(model, state, batch, optimizer, tracker)
 
 
 # ---------------------------------------------------------------------------------------------

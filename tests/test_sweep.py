@@ -95,11 +95,37 @@ def test_throughput_memory_and_accumulation_are_consistent(smoke_run):
             assert len(r["times_s"]) == config.throughput.repeats + r["extra_rounds"]
             assert r["stable"] or r["extra_rounds"] == 10
             assert r["step_time_s"] == pytest.approx(float(np.median(r["times_s"])))
-    # The configured candidates, and the batch the range was extended to when the pick was at
-    # an end of it (timed in one new interleaved table with the others).
+    # The configured candidates, the accumulation rows, and the batch the range was extended
+    # to when the pick was at an end of it (timed in one new interleaved table with the others).
     ext = s["throughput_extended_to"]
-    assert sorted(rows) == sorted({8, 16, 32, 64, 128} | ({ext} if ext else set()))
-    assert ext is None or ext in (4, 64)
+    tp = config.throughput
+    expected = set(sweep.candidate_batch_sizes(tp.min_batch_size, tp.max_batch_size))
+    expected |= {f * max_b for f in tp.accumulation_factors} | ({ext} if ext else set())
+    assert sorted(rows) == sorted(expected)
+    assert ext is None or ext in (tp.min_batch_size // 2, 2 * max_b)
+
+
+@pytest.mark.timeout(300)
+def test_the_sweep_runs_on_the_mesh_and_records_it(smoke_run):
+    """On the 4 simulated devices of tests/conftest.py: global batches, 4 x the per-device
+    largest batch that fits, the mesh record of experiments.mesh in sweep.json."""
+    import jax
+
+    from experiments import mesh
+
+    _, workdir, s, _ = smoke_run
+    n = jax.device_count()
+    assert (
+        s["mesh"]
+        == mesh.describe(mesh.make_mesh())
+        == strict_json(os.path.join(workdir, sweep.SWEEP_FILE))["mesh"]
+    )
+    assert (s["mesh"]["devices"], s["mesh"]["hosts"], s["mesh"]["shape"]) == (n, 1, {"batch": n})
+    assert s["max_batch_size"] == n * s["max_batch_size_per_device"]
+    for r in s["throughput"]:
+        if r["fits"]:
+            assert r["per_device_batch_size"] * n == r["batch_size"]
+    assert s["skipped_batch_sizes"] == {} and s["skipped_trainings"] == {}
 
 
 @pytest.mark.timeout(300)
@@ -184,6 +210,43 @@ def test_critical_batch_rows_and_the_recommendations_basis(smoke_run):
         ev = r["evidence"][name]
         assert ev["value"] == pytest.approx(value)
         assert ev["ratio_to_basis"] == pytest.approx(value / r["b_noise"])
+
+
+@pytest.mark.timeout(120)
+def test_throughput_rows_are_global_batches_and_skip_what_does_not_split():
+    """Memory is per device: global batch 4b on 4 devices is predicted exactly as batch b on
+    one, so with one budget the largest batch that fits on 4 devices is 4 x that on one; a
+    candidate that 4 does not divide is skipped, with the reason in its row."""
+    import jax
+
+    from experiments import data
+
+    if jax.device_count() != 4:
+        pytest.skip("needs the 4 simulated devices of tests/conftest.py")
+    config = sweep_config.get_config("smoke")
+    config.train.model.widths = (8,)  # per device ~0.12 MB at 2 examples, ~0.24 MB at 4
+    config.throughput.update(warmup=0, repeats=1, memory_budget_bytes=200_000)
+    ds = data.load(config.train.data)
+    out = {}
+    for n, lo, hi in ((1, 2, 4), (4, 8, 16)):
+        config.train.update(num_devices=n, batch_size=lo)
+        config.throughput.update(min_batch_size=lo, max_batch_size=hi)
+        config.tradeoff.batch_sizes = (6,) if n == 4 else None
+        out[n] = sweep.measure_throughput(sweep.stage_config(config, "throughput"), ds)
+    one = {r["batch_size"]: r for r in out[1]["rows"]}
+    four = {r["batch_size"]: r for r in out[4]["rows"]}
+    assert out[1]["mesh"]["devices"] == 1 and out[4]["mesh"]["shape"] == {"batch": 4}
+    assert sorted(one) == [2, 4] and sorted(four) == [6, 8, 16]
+    assert out[1]["max_batch_size"] == 2 and out[4]["max_batch_size"] == 8 == 4 * 2
+    assert out[4]["max_batch_size_per_device"] == 2
+    assert four[8]["predicted_bytes"] == one[2]["predicted_bytes"] <= 200_000
+    assert four[16]["predicted_bytes"] == one[4]["predicted_bytes"] > 200_000
+    assert not (four[16]["fits"] or one[4]["fits"])
+    assert four[8]["per_device_batch_size"] == 2 and four[8]["fits"]
+    assert four[8]["examples_per_s"] == pytest.approx(8 / four[8]["step_time_s"])
+    # 6 does not split over 4 devices: skipped, never compiled or timed.
+    assert four[6]["skipped"] and not four[6]["fits"] and four[6]["step_time_s"] is None
+    assert four[6]["reason"] == "skipped: global batch 6 is not divisible by the 4 devices"
 
 
 def test_the_pilot_replays_exactly():
@@ -405,6 +468,8 @@ def _fps(config):
             {"noise_scale", "critical_batch", "throughput", "trainings"},
         ),
         ("train.data.num_train", 512, {"noise_scale", "critical_batch", "throughput", "trainings"}),
+        ("train.dtype", "bfloat16", {"noise_scale", "critical_batch", "throughput", "trainings"}),
+        ("train.num_devices", 2, {"throughput", "trainings"}),
     ],
 )
 def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field, value, changed):
@@ -424,7 +489,7 @@ def test_stage_config_holds_only_the_listed_fields():
     view = sweep.stage_config(config, "throughput")
     flat = set(runlog.to_strict_json(view.to_dict()))
     assert flat == {"train", "tradeoff", "throughput"}
-    assert set(view.train) == set(sweep.TRAIN_SETUP.split()) | {"batch_size"}
+    assert set(view.train) == set(sweep.TRAIN_SETUP.split()) | {"batch_size", "num_devices"}
     assert "learning_rate" not in view.train and "seed" not in view.train
     # Reading a field the stage did not declare fails loudly instead of escaping the cache key.
     with pytest.raises(AttributeError):
@@ -509,8 +574,8 @@ def test_command_line_config_mistake_is_one_line_and_exit_2(tmp_path, flag, mess
 
 def test_validate_config_names_the_field():
     config = sweep_config.get_config("smoke")
-    config.throughput.min_batch_size = 128
-    with pytest.raises(ValueError, match="throughput.max_batch_size=64 must be an int >= 128"):
+    config.throughput.min_batch_size = 512
+    with pytest.raises(ValueError, match="throughput.max_batch_size=256 must be an int >= 512"):
         sweep.validate_config(config)
 
 
