@@ -190,6 +190,7 @@ def cpu() -> ml_collections.ConfigDict:
     c.gns_chunk_size = 64
     c.adaptive.max_batch_size = 256
     c.adaptive.eval_every_examples = 10000
+    c.adaptive.timing_rounds = 15  # the demo's one timing table (a busy machine: more rounds)
     return c
 
 

@@ -44,8 +44,9 @@ evaluation excluded) and as device time ``Σ_B steps(B)·t(B)`` (``device_time_t
 with ``t(B)`` from one interleaved timing table of every batch size involved
 (:func:`experiments.adaptive.time_batch_sizes`), which a machine busy at different times for
 different runs does not skew. :func:`verdict` (pure) ranks the policies by their mean device
-time over the seeds, names the fastest and the ratio of each other policy to it with its seed
-range, and says "tie" when a difference is inside the seed spread.
+time over the seeds, names the fastest and the ratio of each other policy to it with its range
+paired by seed and timing round, and says "tie" when a difference is inside the seed spread or
+the order flips on a seed or under a round of the timing table.
 
 Writes ``WORKDIR/summary.json`` (``runs``: one per policy and seed with ``policy``,
 ``batch_size``, ``seed``, ``time_to_target_s``, ``device_time_to_target_s``, ``reached``...;
@@ -117,8 +118,8 @@ def smoothed_crossing(accuracies: Sequence[float], target: float, window: int) -
     ``target`` (``None``: never).
 
     Example:
-      >>> smoothed_crossing([0.5, 0.62, 0.55, 0.61], 0.58, 2)
-      3
+      >>> smoothed_crossing([0.5, 0.62, 0.55, 0.61], 0.58, 2)  # means -, .56, .585, .58
+      2
     """
     for i, m in enumerate(trailing_means(accuracies, window)):
         if m is not None and m >= target:
@@ -134,14 +135,18 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     """The policies ranked by mean device time to target over their seeds.
 
     A policy counts as reaching the target when every one of its runs did. Its spread is half
-    the range of its runs' device times; a policy ties with the fastest when the difference of
-    their means is at most the sum of their spreads (their seed ranges overlap). With one seed
-    the spread is 0.
+    the range of its runs' device times. The fastest wins decisively over another policy only
+    when it is faster in every paired comparison: on each seed (runs of the same seed see the
+    same data), and, where the runs carry ``device_time_by_round``, under each round of the
+    timing table (a busy machine moves step times from round to round). Otherwise, or when the
+    difference of their means is at most the sum of their spreads (their seed ranges overlap),
+    the two tie. With one seed the spread is 0.
 
     Args:
       runs: one dict per (policy, seed): ``policy``, ``batch_size``, ``seed``, ``reached``,
-        ``device_time_to_target_s``, ``time_to_target_s`` (``None`` when not reached) and
-        ``best_smoothed_accuracy`` (``None`` when there were too few evaluations).
+        ``device_time_to_target_s``, ``time_to_target_s`` (``None`` when not reached),
+        ``best_smoothed_accuracy`` (``None`` when there were too few evaluations) and
+        optionally ``device_time_by_round`` (the device time under each timing round).
       target_accuracy: for the text only.
 
     Returns:
@@ -150,8 +155,9 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
       none), ``ranking`` (reached policies, fastest first), ``policies`` (per policy:
       ``batch_size``, ``seeds``, ``num_reached``, ``reached``, ``device_time_to_target_s``
       and ``time_to_target_s`` (means), ``spread_s``, ``ratio`` (mean over the fastest's
-      mean), ``ratio_range`` (per-seed ratios to the fastest's run of the same seed, min and
-      max), ``tie``, ``best_smoothed_accuracy``) and ``text`` (the lines to print).
+      mean), ``ratio_range`` (min and max of the paired ratios to the fastest: per seed, and
+      per timing round where given), ``tie``, ``best_smoothed_accuracy``) and ``text`` (the
+      lines to print).
 
     Example:
       >>> runs = [dict(policy=p, batch_size=b, seed=s, reached=True, time_to_target_s=t,
@@ -159,8 +165,8 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
       ...         for p, b, ts in (("a", 32, (10.0, 12.0)), ("b", 512, (40.0, 44.0)))
       ...         for s, t in enumerate(ts)]
       >>> v = verdict(runs)
-      >>> v["fastest"], v["policies"]["b"]["ratio"], v["tie"]
-      ('a', 3.818181818181818, [])
+      >>> v["fastest"], round(v["policies"]["b"]["ratio"], 3), v["tie"]
+      ('a', 3.818, [])
     """
     by: dict[str, list[dict]] = {}
     for r in runs:
@@ -189,15 +195,16 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     fastest = ranking[0] if ranking else None
     if fastest is not None:
         f = stats[fastest]
-        f_by_seed = {r["seed"]: r["device_time_to_target_s"] for r in by[fastest]}
+        f_by_seed = {r["seed"]: r for r in by[fastest]}
         for p in ranking:
             s = stats[p]
             s["ratio"] = s["device_time_to_target_s"] / f["device_time_to_target_s"]
-            paired = [r["device_time_to_target_s"] / f_by_seed[r["seed"]] for r in by[p]
-                      if r["seed"] in f_by_seed]  # fmt: skip
+            paired = [x for r in by[p] if r["seed"] in f_by_seed
+                      for x in _paired_ratios(r, f_by_seed[r["seed"]])]  # fmt: skip
             s["ratio_range"] = [min(paired), max(paired)] if paired else None
             gap = s["device_time_to_target_s"] - f["device_time_to_target_s"]
-            s["tie"] = p != fastest and gap <= s["spread_s"] + f["spread_s"]
+            inside = gap <= s["spread_s"] + f["spread_s"] or bool(paired and min(paired) <= 1)
+            s["tie"] = p != fastest and inside
     tie = [p for p in ranking if stats[p]["tie"]]
     out = {
         "fastest": fastest,
@@ -207,6 +214,15 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     }
     out["text"] = _verdict_text(out, target_accuracy)
     return out
+
+
+def _paired_ratios(run: dict, fastest: dict) -> list[float]:
+    """Device time of ``run`` over the fastest's run of the same seed: under each timing round
+    when both carry ``device_time_by_round``, else the one ratio of their device times."""
+    a, b = run.get("device_time_by_round"), fastest.get("device_time_by_round")
+    if a and b and len(a) == len(b):
+        return [x / y for x, y in zip(a, b, strict=True)]
+    return [run["device_time_to_target_s"] / fastest["device_time_to_target_s"]]
 
 
 def _verdict_text(v: dict, target: float | None) -> list[str]:
@@ -225,8 +241,8 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
         s = stats[p]
         lo, hi = s["ratio_range"] or (s["ratio"], s["ratio"])
         lines.append(
-            f"  {p} (batch {s['batch_size']}): {s['ratio']:.2f}x the fastest (per seed "
-            f"{lo:.2f}-{hi:.2f}x){': tie, inside the seed spread' if s['tie'] else ''}"
+            f"  {p} (batch {s['batch_size']}): {s['ratio']:.2f}x the fastest (paired by seed and "
+            f"timing round {lo:.2f}-{hi:.2f}x){': tie, inside the spread' if s['tie'] else ''}"
         )
     for p, s in stats.items():
         if not s["reached"]:
@@ -237,7 +253,10 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
                 f"smoothed accuracy {'-' if best is None else f'{100 * best:.1f}%'}"
             )
     if v["tie"]:
-        lines.append(f"verdict: tie between {', '.join(v['tie'])} (difference inside the spread).")
+        lines.append(
+            f"verdict: tie between {', '.join(v['tie'])} (the difference is inside the seed "
+            "spread, or the order flips on a seed or a timing round)."
+        )
     elif fastest is not None:
         lines.append(f"verdict: {fastest} is the fastest.")
     return lines
@@ -547,8 +566,11 @@ def _train_to_target(cfg, run_dir: str, cc, limit_s: float) -> tuple[dict, list[
 
 
 def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict], cc,
-                step_time: dict[int, float]) -> dict:  # fmt: skip
-    """One run of the summary: the smoothed crossing, times to it, the curves."""
+                table: dict[int, dict]) -> dict:  # fmt: skip
+    """One run of the summary: the smoothed crossing, times to it (device time also under
+    each round of the timing table, ``device_time_by_round``), the curves."""
+    step_time = {b: v["step_time_s"] for b, v in table.items()}
+    rounds = min(len(v["times_s"]) for v in table.values())
     evals = [r for r in rows if "test_accuracy" in r]
     smooth = trailing_means([r["test_accuracy"] for r in evals], cc.target_window)
     hit = smoothed_crossing([r["test_accuracy"] for r in evals], cc.target_accuracy,
@@ -569,6 +591,12 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
         "reached": at is not None,
         "time_to_target_s": at["wall_time_s"] if at else None,
         "device_time_to_target_s": adaptive.device_time(by_b, step_time) if at else None,
+        "device_time_by_round": [
+            adaptive.device_time(by_b, {b: v["times_s"][k] for b, v in table.items()})
+            for k in range(rounds)
+        ]
+        if at
+        else None,
         "steps_to_target": at["step"] if at else None,
         "examples_to_target": at["examples_seen"] if at else None,
         "steps_by_batch_size": {str(b): n for b, n in sorted(by_b.items())},
@@ -635,7 +663,7 @@ def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
                          seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
             cfg = _run_config(config, plan, int(seed), step_time)
             s, rows = _train_to_target(cfg, run_dir, cc, limit)
-            runs.append(_run_record(policy, int(seed), run_dir, s, rows, cc, step_time))
+            runs.append(_run_record(policy, int(seed), run_dir, s, rows, cc, table))
     n = len(ds.test_labels) if cc.eval_examples is None else min(cc.eval_examples,
                                                                    len(ds.test_labels))  # fmt: skip
     t = float(cc.target_accuracy)

@@ -449,7 +449,7 @@ def plot_policies(runs: Sequence[dict], target: float | None = None, path: str |
     _legend(top, fontsize=7, loc="lower right")
     bottom.set_yscale("log", base=2)
     bottom.set_ylabel("batch size")
-    bottom.set_xlabel("device time to reach it, steps x t(B) (s)")
+    bottom.set_xlabel("device time, steps x t(B) from the timing table (s)")
     bottom.grid(alpha=0.3)
     fig.tight_layout()
     _finish(fig, path)

@@ -79,7 +79,9 @@ def test_verdict_names_the_winner_with_ratios_and_seed_ranges():
     assert p["default"]["time_to_target_s"] == pytest.approx(1.5 * 32.0)
     text = "\n".join(v["text"])
     assert "fastest to 55.0%: recommended (batch 32), 21.0 s" in text
-    assert "default (batch 64): 1.52x the fastest (per seed 1.50-1.55x)" in text
+    assert (
+        "default (batch 64): 1.52x the fastest (paired by seed and timing round 1.50-1.55x)" in text
+    )
     assert "verdict: recommended is the fastest." in text and "tie" not in text
 
 
@@ -99,6 +101,27 @@ def test_verdict_says_tie_when_the_difference_is_inside_the_spread():
     # One seed: no spread, so only an exact equality is a tie.
     one = compare.verdict([_run("a", 0, 10.0), _run("b", 0, 10.0001)])
     assert one["tie"] == [] and one["fastest"] == "a"
+
+
+def test_verdict_pairs_by_timing_round_a_flip_under_one_round_is_a_tie():
+    # Seed ranges far apart (20-22 against 30-34), but under the second timing round the
+    # machine was busy while timing batch 32: there the default (64) was as fast. A tie.
+    runs = [
+        *(_run("recommended", s, d, 32) for s, d in ((0, 20.0), (1, 22.0))),
+        *(_run("default", s, d, 64) for s, d in ((0, 30.0), (1, 34.0))),
+    ]
+    for r, rounds in zip(runs, ([19, 21, 20], [21, 35, 22], [29, 31, 30], [33, 34, 35]),
+                         strict=True):  # fmt: skip
+        r["device_time_by_round"] = [float(x) for x in rounds]
+    v = compare.verdict(runs)
+    d = v["policies"]["default"]
+    assert d["ratio_range"] == pytest.approx([34 / 35, 35 / 22])
+    assert d["tie"] and v["tie"] == ["recommended", "default"]
+    assert d["ratio"] == pytest.approx(32.0 / 21.0)  # the means still use the median table
+    # Faster under every round of every seed: decisive.
+    runs[1]["device_time_by_round"] = [21.0, 22.0, 22.5]
+    v = compare.verdict(runs)
+    assert v["tie"] == [] and v["policies"]["default"]["ratio_range"][0] > 1
 
 
 def test_verdict_reports_a_policy_that_never_reached_the_target_with_its_best_accuracy():
