@@ -739,7 +739,8 @@ def policy_table(summary: dict) -> str:
         lines.append(f"skipped {policy}: {why}")
     r, n = summary["recommendation"], summary["noise_scale"]
     lines.append(
-        f"recommendation: batch {r['batch_size']}, lr {r['learning_rate']:.3g} (B_simple = "
+        f"recommendation: batch {r['batch_size']}, lr {r['learning_rate']:.3g} (B_noise = "
+        f"{_fmt(r.get('b_noise'), '.4g')} from {r.get('basis', 'b_simple')}; B_simple = "
         f"{_fmt(n['b_simple'], '.4g')}); {summary['total_time_s']:.0f} s in all"
     )
     return "\n".join(lines)
