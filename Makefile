@@ -25,9 +25,13 @@ lint: install
 	$(VENV)/bin/ruff check gns experiments configs tests
 	$(VENV)/bin/ruff format --check gns experiments configs tests
 
+# demo: every batch-size policy to the same smoothed target, 2 seeds (experiments/compare.py).
+# DEMO_CONFIG/DEMO_FLAGS: another setup or overrides (the test runs the smoke setup).
+DEMO_CONFIG ?= configs/cifar10.py:cpu
+DEMO_FLAGS ?=
 demo: install
-	$(PY) -m experiments.cifar10 --config configs/cifar10.py:cpu --config.mode=compare \
-	  $(DATA_FLAGS) --workdir $(WORKDIR)/demo
+	$(PY) -m experiments.cifar10 --config $(DEMO_CONFIG) --config.mode=compare \
+	  $(DATA_FLAGS) $(DEMO_FLAGS) --workdir $(WORKDIR)/demo
 
 bench: install
 	$(PY) -m experiments.bench --config configs/bench.py --workdir $(WORKDIR)/bench

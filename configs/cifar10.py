@@ -24,8 +24,8 @@ def base() -> ml_collections.ConfigDict:
     """Every field, with its default (the ``cpu`` setup's training fields)."""
     c = ml_collections.ConfigDict()
     # What experiments/cifar10.py runs: 'train' (experiments.train.train_and_evaluate),
-    # 'compare' or 'tradeoff' (experiments.compare, configured by config.compare), 'adaptive'
-    # (experiments.adaptive: the batch-size schedule against fixed batches, config.adaptive).
+    # 'compare' (every batch-size policy to one smoothed target; 'adaptive' is another name for
+    # it) or 'tradeoff' (experiments.compare, configured by config.compare).
     c.mode = "train"
 
     # Training. A resume must keep every field that changes the results (all but logging,
@@ -99,16 +99,9 @@ def base() -> ml_collections.ConfigDict:
     c.adaptive.noise_scale_factor = 1.0  # multiplies the smoothed B_simple fed to the schedule
     c.adaptive.eval_every_examples = config_dict.placeholder(int)  # evaluation interval in
     # examples (None: eval_every x batch_size)
-    # The adaptive mode (experiments.adaptive.run_adaptive): the schedule against fixed batches.
-    c.adaptive.policies = ("adaptive", "config", "recommended", "tradeoff_best")
-    c.adaptive.seeds = (0,)  # every policy is trained once per seed
-    c.adaptive.target_accuracy = 0.5  # the target of time-to-target
-    c.adaptive.max_epochs = 20.0  # cap of every run (in epochs of examples)
-    c.adaptive.max_wall_time_s = config_dict.placeholder(float)  # cap of every run
     c.adaptive.timing_warmup = 2  # untimed calls per batch size before the timing rounds
     c.adaptive.timing_rounds = 7  # interleaved rounds (each times every batch size once)
-    c.adaptive.tradeoff_summary = config_dict.placeholder(str)  # a tradeoff mode's
-    # summary.json for the 'tradeoff_best' policy (None: WORKDIR/tradeoff/summary.json)
+    # (The policy comparison it runs in, --config.mode=compare or adaptive: config.compare.)
 
     # Model (experiments.models.get_model; None: the model's default).
     c.model = ml_collections.ConfigDict()
@@ -176,8 +169,6 @@ def smoke() -> ml_collections.ConfigDict:
     c.adaptive.max_batch_size = 32
     c.adaptive.patience = 2
     c.adaptive.eval_every_examples = 512
-    c.adaptive.target_accuracy = 0.2
-    c.adaptive.max_epochs = 4.0
     c.adaptive.timing_warmup = 1
     c.adaptive.timing_rounds = 2
     return c
@@ -195,11 +186,13 @@ def cpu() -> ml_collections.ConfigDict:
         python -m experiments.cifar10 --config configs/cifar10.py:cpu --workdir /tmp/cpu \
           --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-    The batch-size schedule (16 -> 256) against fixed batches, 2 seeds, to 55% test accuracy
-    (``config.adaptive``; not timed here: roughly 15 minutes estimated on 2 idle cores)::
+    ``make demo`` (``--config.mode=compare``, ``config.compare``): the batch-size policies
+    (recommended, default 64, the adaptive schedule 16 -> 256, the largest batch that fits),
+    2 seeds each, to a smoothed 55% on the whole test set (sized for about 10-15 minutes on 2
+    idle cores; the measured time is in the README)::
 
-        python -m experiments.cifar10 --config configs/cifar10.py:cpu --config.mode=adaptive \
-          --workdir /tmp/cpu_adaptive --config.data.source=folder \
+        python -m experiments.cifar10 --config configs/cifar10.py:cpu --config.mode=compare \
+          --workdir /tmp/cpu_compare --config.data.source=folder \
           --config.data.path=../shared/data/cifar10-jpeg.tar.gz
     """
     c = base()
@@ -215,12 +208,9 @@ def cpu() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.gns_every = 20
     c.gns_chunk_size = 64
-    c.adaptive.seeds = (0, 1)
     c.adaptive.max_batch_size = 256
     c.adaptive.eval_every_examples = 10000
-    c.adaptive.target_accuracy = 0.55
-    c.adaptive.max_epochs = 10.0
-    c.adaptive.max_wall_time_s = 300.0
+    c.adaptive.timing_rounds = 15  # the demo's one timing table (a busy machine: more rounds)
     return c
 
 
@@ -277,10 +267,10 @@ def effnet_lamb() -> ml_collections.ConfigDict:
           --workdir runs/effnet_lamb --config.data.source=folder \
           --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-    The study's comparison (batch 64 against the recommended batch, ``config.compare``: a
-    2.5-hour baseline budget, then the recommended batch for the baseline's time to its best and
-    the baseline again for the recommended run's time to target; the study took 7416 + 1914 +
-    1928 s of training, so plan on 3-4 hours of one GPU, not timed here)::
+    The policy comparison (``config.compare``: batch 64, the recommended batch, the schedule
+    and the largest batch that fits, 2 seeds each, to a smoothed 85% test accuracy, each run
+    capped at 2.5 hours; the study's batch-64 run took 7416 s to its best, so plan on many
+    hours of one GPU, not timed here)::
 
         python -m experiments.cifar10 --config configs/cifar10.py:effnet_lamb \
           --config.mode=compare --workdir runs/effnet_lamb_compare --config.data.source=folder \
@@ -367,50 +357,66 @@ def add_measurement_stages(c: ml_collections.ConfigDict) -> ml_collections.Confi
 def compare_config(variant: str) -> ml_collections.ConfigDict:
     """``config.compare``: the ``compare`` and ``tradeoff`` modes (:mod:`experiments.compare`).
 
-    ``baseline_batch_size``/``baseline_learning_rate`` (``None``: ``config.batch_size`` and
-    ``config.learning_rate``): the baseline, and the reference the learning rate of other batch
-    sizes is scaled from (:func:`gns.recommend.scale_learning_rate`). ``baseline_budget_s``:
-    training-time budget of the baseline run (a); ``max_epochs`` caps every run and is the
-    horizon of a cosine ``schedule``. ``schedule`` and ``warmup_steps`` replace the config's
-    (``None``: keep them); the default is a constant learning rate without warmup, so that a
-    wall-clock budget does not cut a decay short and a warmup counted in steps does not
-    penalize the larger batch sizes.
-    ``eval_every_examples``: evaluation interval in training examples (the time resolution of
-    time-to-target, the same for every batch size); ``eval_examples``: test examples per
-    evaluation (``None``: the config's). ``noise``, ``throughput``, ``recommend``: the
-    measurement and recommendation stages of ``configs/sweep.py`` (documented there);
-    ``tradeoff``: the trainings to ``target_accuracy`` of the ``tradeoff`` mode at
-    ``batch_sizes`` (plus the recommended one), each capped by ``max_steps`` and
-    ``max_wall_time_s``, evaluated every ``eval_every_examples``, ``num_bootstrap`` refits.
+    The policy comparison (``compare``, also run by ``--config.mode=adaptive``): ``policies``
+    trained in this order (``recommended``, ``default``, ``adaptive``, ``best_measured``,
+    ``largest_fits``), each once per seed in ``seeds``. ``baseline_batch_size`` /
+    ``baseline_learning_rate`` (``None``: ``config.batch_size`` and ``config.learning_rate``):
+    the ``default`` policy, and the reference every other batch size's learning rate is scaled
+    from (:func:`gns.recommend.scale_learning_rate`, the same rule for every policy). The
+    target: the trailing mean of the last ``target_window`` test evaluations reaches
+    ``target_accuracy``; evaluations every ``eval_every_examples`` training examples on
+    ``eval_examples`` test images (``None``: the config's). Each run trains in segments of
+    ``first_budget_s`` seconds of training, times ``budget_growth`` each time, until it reaches
+    the target, ``max_epochs``, ``max_wall_time_s`` or ``give_up_factor`` times the fastest
+    time to target before it (``None``: no such cap). ``tradeoff_summary``: the summary of a
+    ``tradeoff`` run for ``best_measured`` (``None``: ``WORKDIR/tradeoff/summary.json``).
+    ``schedule`` and ``warmup_steps`` replace the config's (``None``: keep them); the default
+    is a constant learning rate without warmup, so that a budget does not cut a decay short and
+    a warmup counted in steps does not penalize the larger batch sizes.
+
+    ``noise``, ``throughput``, ``recommend``: the measurement and recommendation stages of
+    ``configs/sweep.py`` (documented there); ``tradeoff``: the trainings to
+    ``target_accuracy`` of the ``tradeoff`` mode at ``batch_sizes`` (plus the recommended
+    one), each capped by ``max_steps`` and ``max_wall_time_s``, evaluated every
+    ``eval_every_examples``, ``num_bootstrap`` refits.
     """
     c = ml_collections.ConfigDict()
+    c.policies = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
+    c.seeds = (0, 1)
     c.baseline_batch_size = config_dict.placeholder(int)
     c.baseline_learning_rate = config_dict.placeholder(float)
-    c.update(baseline_budget_s=240.0, max_epochs=100.0, schedule="constant", warmup_steps=0)
-    c.eval_every_examples = 25000
+    c.update(target_accuracy=0.5, target_window=3, eval_every_examples=25000)
     c.eval_examples = config_dict.placeholder(int)
+    c.update(first_budget_s=60.0, budget_growth=1.5, give_up_factor=3.0, max_wall_time_s=600.0)
+    c.update(max_epochs=100.0, schedule="constant", warmup_steps=0)
+    c.tradeoff_summary = config_dict.placeholder(str)
     add_measurement_stages(c)
     c.tradeoff = ml_collections.ConfigDict(
         dict(batch_sizes=(16, 32, 64, 128, 256), target_accuracy=0.5, max_steps=5000)
     )
     c.tradeoff.update(max_wall_time_s=150.0, eval_every_examples=4096, num_bootstrap=1000)
     if variant == "smoke":
-        c.update(baseline_budget_s=3.0, max_epochs=50.0, eval_every_examples=512)
+        # Seconds: one seed, the synthetic target of the tests, budgets of a second or two.
+        c.update(seeds=(0,), target_accuracy=0.2, target_window=2, eval_every_examples=512)
+        c.update(first_budget_s=1.0, max_wall_time_s=3.0, max_epochs=8.0)
         c.noise.update(warmup_steps=5, batch_size=32, num_batches=3)
         c.throughput.update(min_batch_size=16, max_batch_size=32, accumulation_factors=())
         c.throughput.update(warmup=1, repeats=2)
         c.tradeoff.update(batch_sizes=(16, 32), target_accuracy=0.2, max_steps=200)
         c.tradeoff.update(max_wall_time_s=3.0, eval_every_examples=256, num_bootstrap=50)
     elif variant == "cpu":
-        # make demo: about 15-20 minutes on 2 shared CPU cores (see experiments/compare.py).
-        c.update(baseline_batch_size=64, baseline_learning_rate=2e-3, baseline_budget_s=210.0)
-        c.update(eval_every_examples=10000, eval_examples=5000)
+        # make demo. The target on the whole test set (n = 10,000: standard error <= 0.5
+        # points), smoothed over 3 evaluations 10,000 examples apart; the largest batch that
+        # fits (512) is given at most 3x the fastest time to target.
+        c.update(baseline_batch_size=64, baseline_learning_rate=2e-3)
+        c.update(target_accuracy=0.55, eval_every_examples=10000, eval_examples=10000)
+        c.update(first_budget_s=30.0, max_wall_time_s=150.0)
         c.noise.chunk_size = 64
         c.throughput.update(max_batch_size=512, memory_budget_bytes=4 * 2**30)
         c.throughput.accumulation_factors = ()
     elif variant == "gpu_study":
         # About 10 minutes on one modern GPU: few batch sizes to compile, 2-minute baseline.
-        c.update(baseline_batch_size=64, baseline_budget_s=120.0, max_epochs=15.0)
+        c.update(baseline_batch_size=64, max_epochs=15.0)
         c.update(eval_every_examples=10000, eval_examples=5000)
         c.noise.update(warmup_steps=200, batch_size=256, num_batches=8)
         c.throughput.update(min_batch_size=64, max_batch_size=2048, repeats=5)
@@ -418,9 +424,9 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
         c.recommend.candidates = (64, 128, 256, 512, 1024, 2048)
     elif variant in ("gpu", "seed", "effnet_lamb"):
         # seed: EfficientNet-B0 + LAMB at batch 64, lr 1e-3 as in the study; candidates up to
-        # 4096 (above what fits: gradient accumulation). The study's baseline ran 7416 s to its
-        # best: a budget of 2.5 h lets it converge.
-        c.update(baseline_budget_s=9000.0, max_epochs=100.0, eval_every_examples=50000)
+        # 4096 (above what fits: gradient accumulation).
+        c.update(target_accuracy=0.85, max_wall_time_s=9000.0, first_budget_s=600.0)
+        c.update(max_epochs=100.0, eval_every_examples=50000)
         c.eval_examples = 10000
         c.noise.update(batch_size=256, num_batches=16)
         c.throughput.update(min_batch_size=32, max_batch_size=4096)

@@ -190,7 +190,6 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
     else:
         c.baseline_batch_size = 32
         c.baseline_learning_rate = 2e-3
-        c.baseline_budget_s = 180.0
         c.eval_every_examples = 8192
         c.eval_examples = 512
         c.noise.warmup_steps = 100

@@ -13,33 +13,11 @@ metrics row (``schedule_reason``; ``schedule_change`` where the batch changed, s
 example-indexed stream (:func:`experiments.data.stream_indices`), so a run resumed after a
 batch change sees the same examples at the same batch size as an uninterrupted one.
 
-**The mode** (``--config.mode=adaptive``, :func:`run_adaptive`): the sweep's measurements
-(:func:`experiments.sweep.run_sweep` without trainings, as :mod:`experiments.compare` does:
-the static recommendation and the largest batch that fits), one interleaved timing table of
-every batch size involved (:func:`time_batch_sizes`), then for each seed the schedule and the
-fixed-batch policies it competes with, trained to ``config.adaptive.target_accuracy`` with the
-same evaluation interval in examples:
-
-=================  ==========================================================================
-``adaptive``       the schedule, from ``config.adaptive.initial_batch_size`` (default the
-                   smallest candidate), learning rate ``config.learning_rate`` at
-                   ``config.batch_size`` times the ``lr_rule`` multiplier
-``config``         ``config.batch_size`` at ``config.learning_rate``
-``recommended``    the sweep's recommendation (its batch size and learning rate)
-``tradeoff_best``  the batch of a ``tradeoff`` mode's summary with the shortest time to its
-                   target (``config.adaptive.tradeoff_summary``), when that file exists
-=================  ==========================================================================
-
-Only the ``adaptive`` runs measure the noise scale (every ``config.gns_every`` steps; its cost
-is in their wall clock, not in their device time); the fixed batches train plain steps, as in
-the ``compare`` mode. Every run is a schedule run (a fixed batch is the schedule with one
-candidate), so all read the same example stream and evaluate at the same examples.
-Time to target is reported as training wall clock (``time_to_target_s``) and as
-``device_time_to_target_s = Σ_B steps(B)·t(B)`` with ``t(B)`` from the one timing table
-(robust to a machine that is busy at different times for different runs). Writes
-``WORKDIR/summary.json`` (``runs``, ``schedule``, ``timing``, ``comparison``),
-``WORKDIR/adaptive.png`` and the runs in ``WORKDIR/runs/<policy>-s<seed>``; re-running the
-command reuses the timing table and resumes or reuses the runs.
+**The mode** (``--config.mode=adaptive``) is another name for the policy comparison of
+:mod:`experiments.compare` (``--config.mode=compare``): the schedule (policy ``adaptive``)
+trained to the same smoothed target as the fixed-batch policies it competes with, timed on one
+interleaved table (:func:`time_batch_sizes`), its device time ``Σ_B steps(B)·t(B)``
+(:func:`steps_by_batch_size`, :func:`device_time`).
 
 Example::
 
@@ -53,7 +31,6 @@ Merrill et al. 2025 (arXiv 2505.23971); Meterez et al. 2025 (Seesaw, arXiv 2510.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -61,18 +38,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
-from experiments import runlog
 from experiments.cli import UserError
 from gns import schedule as gschedule
 
 PyTree = Any
 
 __all__ = [
-    "POLICIES",
     "ScheduledOptState",
     "enabled",
     "candidates",
@@ -85,13 +59,7 @@ __all__ = [
     "steps_by_batch_size",
     "device_time",
     "time_batch_sizes",
-    "run_adaptive",
-    "adaptive_table",
 ]
-
-POLICIES = ("adaptive", "config", "recommended", "tradeoff_best")
-SUMMARY_FILE = "summary.json"
-TIMING_FILE = "timing.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,289 +408,3 @@ def time_batch_sizes(
         }
         for b in batch_sizes
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# The adaptive mode.
-
-
-def _policy_config(config, *, batch_size: int, learning_rate: float, seed: int, schedule: dict):
-    """The training config of one policy run: ``config`` as the compare mode trains it
-    (:func:`experiments.compare.measurement_config`: its lr schedule and warmup, no checkpoints
-    but the last, no progress bar), to ``config.adaptive.target_accuracy``, capped by
-    ``max_epochs``/``max_wall_time_s``, on the example stream with evaluations every
-    ``adaptive.eval_every_examples``; ``schedule`` sets the ``adaptive`` fields (a fixed batch
-    is the schedule with one candidate)."""
-    from experiments import compare
-
-    a = config.adaptive
-    c = compare.measurement_config(config).train
-    c.batch_size, c.learning_rate, c.seed = int(batch_size), float(learning_rate), int(seed)
-    c.target_accuracy = float(a.target_accuracy)
-    c.num_epochs = float(a.max_epochs)
-    c.max_wall_time_s = None if a.max_wall_time_s is None else float(a.max_wall_time_s)
-    every = a.eval_every_examples or int(config.eval_every) * int(config.batch_size)
-    c.adaptive.eval_every_examples = int(every)
-    c.eval_every = max(1, round(every / batch_size))  # unused on the example stream
-    c.log_every = min(int(c.log_every), c.eval_every)
-    c.adaptive.enabled = True
-    for key, value in schedule.items():
-        c.adaptive[key] = value
-    return c
-
-
-def _tradeoff_best(config, workdir: str) -> dict | None:
-    """The point of a tradeoff mode's summary with the shortest time to its target, or
-    ``None`` when there is no such summary (or no point reached the target)."""
-    path = config.adaptive.tradeoff_summary or os.path.join(workdir, "tradeoff", SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
-    s = runlog.read_json(path)
-    if s.get("mode") != "tradeoff":
-        raise UserError(
-            f"{path} is not the summary of a tradeoff run (mode={s.get('mode')!r})",
-            hint="point config.adaptive.tradeoff_summary at WORKDIR/summary.json of "
-            "--config.mode=tradeoff",
-        )
-    reached = [p for p in s.get("points", []) if p.get("time_to_target_s") is not None]
-    return min(reached, key=lambda p: p["time_to_target_s"]) if reached else None
-
-
-def _timing(config, workdir: str, batch_sizes: list[int]) -> dict[int, dict]:
-    """The interleaved timing table of ``batch_sizes`` (``WORKDIR/timing.json``, reused when
-    it holds the same batch sizes)."""
-    from experiments import data, mesh, train
-
-    path = os.path.join(workdir, TIMING_FILE)
-    if os.path.exists(path):
-        saved = {int(b): v for b, v in runlog.read_json(path)["table"].items()}
-        if sorted(saved) == sorted(batch_sizes):
-            return saved
-    ds = data.load(config.data)
-    b0 = int(config.batch_size)
-    cfg = _policy_config(config, batch_size=b0, learning_rate=config.learning_rate,
-                         seed=config.seed, schedule={"enabled": False})  # fmt: skip
-    setup = train._setup(cfg, ds)
-    for b in batch_sizes:  # global batches, split over the devices of training's mesh
-        train._check_candidate(b, setup.mesh, setup.method)
-    logging.info("adaptive: timing batch sizes %s, interleaved.", batch_sizes)
-    table = time_batch_sizes(
-        setup.plain_fn,
-        setup.state,
-        lambda b: mesh.shard(
-            data.train_batch(ds, b, seed=int(config.seed), start_example=0, augment=False),
-            setup.mesh,
-        ),
-        batch_sizes,
-        warmup=int(config.adaptive.timing_warmup),
-        rounds=int(config.adaptive.timing_rounds),
-    )
-    runlog.write_json(path, {"table": {str(b): v for b, v in table.items()}})
-    return table
-
-
-def _run_record(policy: str, seed: int, run_dir: str, s: dict, step_time: dict) -> dict:
-    rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
-    reached = s.get("steps_to_target") is not None
-    upto = s["steps_to_target"] if reached else s["steps"]
-    by_b = steps_by_batch_size(rows, upto)
-    at = [r for r in rows if r["step"] == upto]
-    rec = {
-        "policy": policy,
-        "seed": seed,
-        "batch_size": rows[0]["batch_size"] if rows else None,
-        "final_batch_size": rows[-1]["batch_size"] if rows else None,
-        "learning_rate": rows[0]["learning_rate"] if rows else None,
-        "reached": reached,
-        "target_accuracy": s.get("target_accuracy"),
-        "time_to_target_s": s.get("time_to_target_s") if reached else None,
-        "device_time_to_target_s": device_time(by_b, step_time) if reached else None,
-        "steps_to_target": s.get("steps_to_target"),
-        "examples_to_target": at[0]["examples_seen"] if (reached and at) else None,
-        "steps_by_batch_size": {str(b): n for b, n in sorted(by_b.items())},
-        "steps": s.get("steps"),
-        "wall_time_s": s.get("wall_time_s"),
-        "compile_time_s": s.get("compile_time_s"),
-        "test_accuracy": s.get("test_accuracy"),
-        "best_test_accuracy": s.get("best_test_accuracy"),
-        "stop_reason": s.get("stop_reason"),
-        "workdir": run_dir,
-        "curve": [[r["wall_time_s"], r["test_accuracy"]] for r in rows if "test_accuracy" in r],
-        "batch_curve": [[r["wall_time_s"], r["batch_size"]] for r in rows],
-    }
-    if policy == "adaptive":
-        rec["schedule"] = schedule_from_rows(rows)
-    return rec
-
-
-def _comparison(runs: list[dict]) -> dict:
-    """Per-policy means over seeds (of runs that all reached the target) and the ratios of
-    the adaptive run to the best fixed batch (time) and to the config's batch (steps)."""
-    by_policy: dict[str, dict] = {}
-    for policy in dict.fromkeys(r["policy"] for r in runs):
-        rs = [r for r in runs if r["policy"] == policy]
-        all_reached = all(r["reached"] for r in rs)
-
-        def mean(key, rs=rs, ok=all_reached):
-            return float(np.mean([r[key] for r in rs])) if ok else None
-
-        by_policy[policy] = {
-            "batch_size": rs[0]["batch_size"],
-            "seeds": len(rs),
-            "all_reached": all_reached,
-            "time_to_target_s": mean("time_to_target_s"),
-            "device_time_to_target_s": mean("device_time_to_target_s"),
-            "steps_to_target": mean("steps_to_target"),
-        }
-    out: dict[str, Any] = {"policies": by_policy}
-    ad = by_policy.get("adaptive")
-    fixed = {p: v for p, v in by_policy.items() if p != "adaptive" and v["all_reached"]}
-    if ad and ad["all_reached"] and fixed:
-        for key in ("device_time_to_target_s", "time_to_target_s"):
-            best = min(fixed, key=lambda p, k=key: fixed[p][k])
-            out[f"best_fixed_by_{key}"] = best
-            out[f"{key}_ratio"] = ad[key] / fixed[best][key]
-        if "config" in fixed:
-            out["steps_ratio_vs_config"] = (
-                ad["steps_to_target"] / fixed["config"]["steps_to_target"]
-            )
-    return out
-
-
-def run_adaptive(config, workdir: str) -> dict:
-    """The adaptive mode (module docstring); returns the ``summary.json`` dict.
-
-    Raises:
-      UserError: a bad ``config.adaptive`` (e.g. empty or non-monotone candidates, an unknown
-        policy), or a tradeoff summary that is not one.
-    """
-    from experiments import compare, sweep
-    from gns import plots
-
-    t0 = time.perf_counter()
-    a = config.adaptive
-    policies = tuple(a.policies)
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown or "adaptive" not in policies:
-        raise UserError(
-            f"config.adaptive.policies={policies!r}: need 'adaptive' and only {POLICIES}",
-            hint='e.g. --config.adaptive.policies=\'("adaptive", "config")\'',
-        )
-    if a.candidates is not None:
-        candidates(config)  # checked before the measurements
-    os.makedirs(workdir, exist_ok=True)
-    runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    sw = sweep.run_sweep(compare.measurement_config(config), os.path.join(workdir, "sweep"))
-    rec, fits = sw["recommendation"], int(sw["max_batch_size"])
-    if a.candidates is not None:
-        cands = candidates(config)
-    else:
-        lo, hi = int(a.min_batch_size), min(int(a.max_batch_size), fits)
-        cands = list(gschedule.powers_of_two(lo, hi)) if lo <= hi else []
-        if not cands:
-            raise UserError(
-                f"no power-of-two batch in [{lo}, {hi}] (config.adaptive.min_batch_size, and "
-                f"max_batch_size capped by the largest batch that fits, {fits})",
-                hint="lower config.adaptive.min_batch_size",
-            )
-    fixed = {"config": (int(config.batch_size), float(config.learning_rate))}
-    skipped = {}
-    if rec["accumulation_steps"] == 1:
-        fixed["recommended"] = (int(rec["batch_size"]), float(rec["learning_rate"]))
-    else:
-        skipped["recommended"] = "needs gradient accumulation, which the runs do not do"
-    best = _tradeoff_best(config, workdir) if "tradeoff_best" in policies else None
-    if best is not None:
-        fixed["tradeoff_best"] = (int(best["batch_size"]), float(best["learning_rate"]))
-    elif "tradeoff_best" in policies:
-        skipped["tradeoff_best"] = "no tradeoff summary with a point at its target"
-    fixed = {p: v for p, v in fixed.items() if p in policies}
-    sizes = sorted(set(cands) | {b for b, _ in fixed.values()})
-    table = _timing(config, workdir, sizes)
-    step_time = {b: v["step_time_s"] for b, v in table.items()}
-    schedules = {
-        p: {"candidates": (b,), "step_times": (step_time[b],), "initial_batch_size": b}
-        for p, (b, _) in fixed.items()
-    }
-    # policy -> (batch size, learning rate, config.adaptive fields, gns_every): the fixed
-    # batches measure no noise scale (as in the compare mode), the schedule needs it.
-    plan = {p: (b, lr, schedules[p], 0) for p, (b, lr) in fixed.items()}
-    adaptive_fields = {"candidates": tuple(cands), "step_times": tuple(step_time[b] for b in cands)}
-    plan["adaptive"] = (
-        int(config.batch_size),
-        float(config.learning_rate),
-        adaptive_fields,
-        int(config.gns_every),
-    )
-    runs = []
-    for seed in a.seeds:
-        for policy in [p for p in policies if p in plan]:
-            b, lr, fields, gns_every = plan[policy]
-            cfg = _policy_config(
-                config, batch_size=b, learning_rate=lr, seed=int(seed), schedule=fields
-            )
-            cfg.gns_every = gns_every
-            run_dir = os.path.join(workdir, "runs", f"{policy}-s{seed}")
-            logging.info("adaptive: %s run, seed %d, batch %d, lr %.4g", policy, seed, b, lr)
-            s = _train(cfg, run_dir)
-            runs.append(_run_record(policy, int(seed), run_dir, s, step_time))
-    first = next(r for r in runs if r["policy"] == "adaptive")
-    summary = {
-        "mode": "adaptive",
-        "device": sw["device"],
-        "target_accuracy": float(a.target_accuracy),
-        "noise_scale": {k: sw["noise_scale"][k] for k in ("b_simple", "interval", "confidence")},
-        "recommendation": rec,
-        "candidates": cands,
-        "timing": {str(b): v for b, v in sorted(table.items())},
-        "runs": runs,
-        "skipped": skipped,
-        "schedule": {**first["schedule"], "seed": first["seed"]},
-        "comparison": _comparison(runs),
-        "total_time_s": time.perf_counter() - t0,
-    }
-    try:
-        summary["plot"] = plots.plot_adaptive(runs, os.path.join(workdir, "adaptive.png"))
-    except Exception as e:  # a plot is a convenience: never lose the finished runs to it
-        logging.warning("Could not write the adaptive plot: %s", e)
-    runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-    return runlog.to_strict_json(summary)
-
-
-def _train(cfg, run_dir: str) -> dict:
-    from experiments import train
-
-    return train.train_and_evaluate(cfg, run_dir)
-
-
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def adaptive_table(summary: dict) -> str:
-    """The runs and the comparison of an adaptive ``summary.json``, as text."""
-    lines = [
-        f"target test accuracy {summary['target_accuracy']:.3f}; device time = "
-        "sum over steps of t(B) from one interleaved timing table",
-        f"{'policy':<14}{'seed':>5}{'batch':>12}{'lr':>10}{'steps':>8}{'wall s':>9}"
-        f"{'device s':>10}  reached",
-    ]
-    for r in summary["runs"]:
-        b = f"{r['batch_size']}->{r['final_batch_size']}"
-        lines.append(
-            f"{r['policy']:<14}{r['seed']:>5}{b:>12}{_fmt(r['learning_rate'], '.3g'):>10}"
-            f"{_fmt(r['steps_to_target'], 'd'):>8}{_fmt(r['time_to_target_s'], '.4g'):>9}"
-            f"{_fmt(r['device_time_to_target_s'], '.4g'):>10}  {r['reached']}"
-        )
-    c = summary["comparison"]
-    for key, what in (
-        ("device_time_to_target_s_ratio", "adaptive / best fixed, device time (target <= 0.9)"),
-        ("time_to_target_s_ratio", "adaptive / best fixed, wall clock"),
-        ("steps_ratio_vs_config", "adaptive / config batch, steps (target <= 0.7)"),
-    ):
-        lines.append(f"{what}: {_fmt(c.get(key), '.3f')}")
-    for change in summary["schedule"]["changes"]:
-        lines.append(f"  step {change['step']}: {change['reason']}")
-    for policy, why in summary.get("skipped", {}).items():
-        lines.append(f"skipped {policy}: {why}")
-    return "\n".join(lines)

@@ -7,11 +7,11 @@ Usage::
 
 ``--config`` takes ``configs/cifar10.py:VARIANT`` (``smoke``, ``cpu``, ``gpu``,
 ``effnet_lamb``); any field is overridable (``--config.batch_size=256``). ``config.mode`` picks
-what runs: ``train`` (:func:`experiments.train.train_and_evaluate`), ``compare`` (the baseline
-against the recommended batch size, :func:`experiments.compare.run_compare`; ``make demo``) or
-``tradeoff`` (time to a target at several batch sizes, :func:`experiments.compare.run_tradeoff`)
-or ``adaptive`` (the noise-scale-driven batch-size schedule against fixed batch sizes,
-:func:`experiments.adaptive.run_adaptive`).
+what runs: ``train`` (:func:`experiments.train.train_and_evaluate`), ``compare`` (every
+batch-size policy, the adaptive schedule included, trained to the same smoothed target, with a
+verdict: :func:`experiments.compare.run_compare`; ``make demo``; ``adaptive`` is another name
+for it) or ``tradeoff`` (time to a target at several batch sizes,
+:func:`experiments.compare.run_tradeoff`).
 Re-running the same command resumes from the last checkpoint (and measurements) in
 ``--workdir``; Ctrl-C stops at the next step with everything saved (exit code 130).
 
@@ -58,13 +58,10 @@ def run(config, workdir: str) -> dict:
         from experiments import train
 
         return train.train_and_evaluate(config, workdir)
-    if mode == "adaptive":
-        from experiments import adaptive
-
-        return adaptive.run_adaptive(config, workdir)
     from experiments import compare
 
-    return {"compare": compare.run_compare, "tradeoff": compare.run_tradeoff}[mode](config, workdir)
+    run_mode = {"compare": compare.run_compare, "adaptive": compare.run_compare}
+    return run_mode.get(mode, compare.run_tradeoff)(config, workdir)
 
 
 def main(argv):
@@ -73,11 +70,6 @@ def main(argv):
     _check_mode(FLAGS.config)  # before the slow imports
     logging.get_absl_handler().addFilter(runlog.QuietOrbax())
     summary = run(FLAGS.config, FLAGS.workdir)
-    if summary.get("mode") == "adaptive":
-        from experiments import adaptive
-
-        print(adaptive.adaptive_table(summary))
-        return
     if summary.get("mode") in ("compare", "tradeoff"):
         from experiments import compare
 

@@ -1,43 +1,72 @@
-"""The seed's claim end to end: does the recommended batch size really train fastest?
+"""Which batch-size policy trains fastest on this machine? The ``compare`` and ``tradeoff`` modes.
 
-Two modes of ``experiments.cifar10`` (``--config.mode=compare`` / ``tradeoff``), both starting
-with the measurements of the sweep (:func:`experiments.sweep.run_sweep` without its trainings:
-noise scale, step time and memory at each batch size, the recommendation), kept in
-``WORKDIR/sweep`` and reused when the command is re-run.
+Two modes of ``experiments.cifar10`` (``--config.mode=compare`` / ``tradeoff``; ``adaptive`` is
+a name for ``compare``), both starting with the measurements of the sweep
+(:func:`experiments.sweep.run_sweep` without its trainings: noise scale, step time and memory
+at each batch size, the recommendation), kept in ``WORKDIR/sweep`` and reused when the command
+is re-run.
 
-**compare** (``make demo``) trains three runs, with the learning rate of each batch size from
-:func:`gns.recommend.scale_learning_rate` (the recommended one's from the recommendation):
+**compare** (``make demo``) trains every batch-size policy a user would try to the same target,
+``compare.seeds`` times each, in the order of ``compare.policies``:
 
-a. ``baseline``: ``compare.baseline_batch_size`` until ``compare.max_epochs`` or
-   ``compare.baseline_budget_s`` seconds of training; its best test accuracy is the target and
-   the time it reached it (``time_to_best_s``) the budget of
-b. ``recommended``: the recommended batch size, stopped at the target or at that budget;
-c. ``baseline_same_time``: the baseline again, for the time (b) took to the target (its whole
-   training time when it never got there): what the baseline reaches in the same time.
+==================  =========================================================================
+``recommended``     the sweep's static recommendation
+``default``         the usual default, ``compare.baseline_batch_size`` (64 in ``cpu``) at
+                    ``compare.baseline_learning_rate`` (the config's rate)
+``adaptive``        the noise-scale-driven schedule of :mod:`experiments.adaptive` over the
+                    powers of two in ``[adaptive.min_batch_size, adaptive.max_batch_size]``
+                    that fit, from ``adaptive.initial_batch_size`` (default the smallest)
+``best_measured``   the batch of a ``tradeoff`` summary with the shortest device time to its
+                    target (``compare.tradeoff_summary``, default
+                    ``WORKDIR/tradeoff/summary.json``; skipped when there is none;
+                    ``tradeoff_best`` is an old name for it)
+``largest_fits``    the largest timed batch that fits the memory budget (what Lightning's
+                    ``scale_batch_size`` and accelerate's ``find_executable_batch_size`` give)
+==================  =========================================================================
 
-:func:`plan_runs` decides the budgets (a pure function). Writes ``WORKDIR/summary.json``
-(``recommendation``, ``runs``, ``speedup``), ``WORKDIR/compare.png`` (test accuracy against
-training time) and the runs in ``WORKDIR/runs/<role>``; the table is :func:`compare_table`.
+Every learning rate comes from one rule, :func:`gns.recommend.scale_learning_rate` from the
+default policy's batch and rate (square root for Adam-family optimizers, McCandlish's
+``ε_max/(1 + B_noise/B)`` for SGD); the schedule applies the same rule at each change.
+
+**The target** is a smoothed accuracy: the trailing mean of the last ``compare.target_window``
+periodic evaluations (every ``compare.eval_every_examples`` examples, on
+``compare.eval_examples`` test images; the ``cpu`` config uses the whole test set, n = 10,000,
+whose binomial standard error is at most 0.5 points) reaches ``compare.target_accuracy``
+(:func:`smoothed_crossing`). A run trains in segments of growing training-time budget
+(``first_budget_s`` times ``budget_growth`` each time, resumed exactly from its checkpoint)
+until its smoothed accuracy reaches the target, or it hits ``compare.max_wall_time_s``,
+``compare.max_epochs``, or ``compare.give_up_factor`` times the fastest wall-clock time to
+target of the runs before it (so a hopeless policy costs a bounded time; it is reported as not
+reached, with its best smoothed accuracy).
+
+**Time to target** is reported as training wall clock (``time_to_target_s``, compilation and
+evaluation excluded) and as device time ``Σ_B steps(B)·t(B)`` (``device_time_to_target_s``)
+with ``t(B)`` from one interleaved timing table of every batch size involved
+(:func:`experiments.adaptive.time_batch_sizes`), which a machine busy at different times for
+different runs does not skew. :func:`verdict` (pure) ranks the policies by their mean device
+time over the seeds, names the fastest and the ratio of each other policy to it with its range
+paired by seed and timing round, and says "tie" when a difference is inside the seed spread or
+the order flips on a seed or under a round of the timing table.
+
+Writes ``WORKDIR/summary.json`` (``runs``: one per policy and seed with ``policy``,
+``batch_size``, ``seed``, ``time_to_target_s``, ``device_time_to_target_s``, ``reached``...;
+``verdict``; ``timing``; ``schedule``), ``WORKDIR/compare.png`` (:func:`gns.plots.plot_policies`)
+and the runs in ``WORKDIR/runs/<policy>-s<seed>``; the table is :func:`policy_table`.
+Re-running the command reuses the measurements, the timing table and the finished runs.
 
 **tradeoff** trains to ``compare.tradeoff.target_accuracy`` at ``compare.tradeoff.batch_sizes``
 and at the recommended batch (:func:`experiments.sweep.run_training`), fits ``S(B) = S_min +
 E_min/B`` (:func:`experiments.sweep.fit_tradeoff`), and checks the recommendation
-(:func:`check_recommendation`): the recommended batch's time to target over the best measured
-one, and ``B_crit`` of the fit over the measured ``B_simple``. Time to target is reported two
-ways: the wall clock of each run (``time_to_target_s``) and ``steps_to_target(B) × t(B)``
-(``device_time_to_target_s``) with ``t(B)`` from the measurements' one interleaved timing table
-(:func:`experiments.sweep.measure_throughput`); the ranking and the ratios use the second, which
-a busy machine does not skew from one run to the next.
-
-Times are training time only (``wall_time_s`` of :func:`experiments.train.train_and_evaluate`:
-compilation and evaluation excluded), so they compare fairly across batch sizes.
+(:func:`check_recommendation`): the recommended batch's device time to target over the best
+measured one, and ``B_crit`` of the fit over the measured ``B_simple``.
 
 Example::
 
-    python -m experiments.cifar10 --config configs/cifar10.py:smoke --config.mode=compare \
+    python -m experiments.cifar10 --config configs/cifar10.py:smoke --config.mode=compare \\
       --config.data.source=synthetic --workdir /tmp/compare
 
-Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
+References: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018);
+Merrill et al. 2025 (arXiv 2505.23971).
 """
 
 from __future__ import annotations
@@ -45,124 +74,192 @@ from __future__ import annotations
 import functools
 import math
 import os
+import statistics
 import time
+from collections.abc import Sequence
 
 import ml_collections
 from absl import logging
 
-from experiments import runlog, sweep, train
+from experiments import adaptive, runlog, sweep, train
 from experiments.cli import UserError
 
-ROLES = ("baseline", "recommended", "baseline_same_time")
+POLICIES = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
+ALIASES = {"tradeoff_best": "best_measured"}  # old names
 SUMMARY_FILE = "summary.json"
-RUN_FIELDS = (
-    "role",
-    "batch_size",
-    "learning_rate",
-    "budget_s",
-    "target_accuracy",
-    "wall_time_s",
-    "epochs",
-    "steps",
-    "train_accuracy",
-    "test_accuracy",
-    "best_test_accuracy",
-    "time_to_best_s",
-    "time_to_target_s",
-    "stop_reason",
-)
+TIMING_FILE = "timing.json"
+PLOT_FILE = "compare.png"
+_ADAM_FAMILY = ("adam", "adamw", "lamb")  # sqrt rule in gns.recommend.scale_learning_rate
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure logic: who gets which budget, and how the recommendation did.
+# Pure logic: the smoothed target, the verdict, how the recommendation did.
 
 
-def plan_runs(
-    baseline_budget_s: float, baseline: dict | None = None, recommended: dict | None = None
-) -> list[dict]:
-    """The budgets and targets of the compare runs, from the results known so far.
-
-    Call it with no results for the first run, then again with each finished one:
-
-    * ``baseline``: ``baseline_budget_s`` seconds, no target (it runs to convergence, i.e. the
-      epoch cap, or to the budget).
-    * ``recommended``: the baseline's ``time_to_best_s`` (the time it first reached its best
-      test accuracy), target the baseline's ``best_test_accuracy``. Fallback: the baseline's
-      whole ``wall_time_s`` when it has no time to best (no evaluation happened).
-    * ``baseline_same_time``: the recommended run's ``time_to_target_s``, same target.
-      Fallback: when the recommended run never reached the target, its whole ``wall_time_s``
-      (the time it was given), so both batch sizes are compared at equal time anyway.
-
-    Args:
-      baseline_budget_s: training-time budget of the baseline (> 0).
-      baseline: the baseline's summary (``time_to_best_s``, ``best_test_accuracy``,
-        ``wall_time_s``), or ``None`` if it has not run yet.
-      recommended: the recommended run's summary (``time_to_target_s``, ``wall_time_s``), or
-        ``None``.
-
-    Returns:
-      One dict per run that can be planned, in order: ``role``, ``budget_s``,
-      ``target_accuracy`` (``None``: no target) and ``budget_from`` (where the budget comes
-      from, in words).
+def trailing_means(values: Sequence[float], window: int) -> list[float | None]:
+    """The mean of the last ``window`` values at each position (``None`` until ``window``
+    values exist).
 
     Example:
-      >>> [p["budget_s"] for p in plan_runs(300.0, {"time_to_best_s": 250.0,
-      ...     "best_test_accuracy": 0.7, "wall_time_s": 300.0}, {"time_to_target_s": 90.0,
-      ...     "wall_time_s": 90.0})]
-      [300.0, 250.0, 90.0]
+      >>> trailing_means([0.1, 0.3, 0.5, 0.4], 2)
+      [None, 0.2, 0.4, 0.45]
     """
-    if not (isinstance(baseline_budget_s, int | float) and baseline_budget_s > 0):
-        raise UserError(
-            f"baseline_budget_s must be a positive number of seconds, got {baseline_budget_s!r}: "
-            "set --config.compare.baseline_budget_s."
-        )
-    plans = [
-        {
-            "role": "baseline",
-            "budget_s": float(baseline_budget_s),
-            "target_accuracy": None,
-            "budget_from": "compare.baseline_budget_s",
+    if not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"window={window!r}: need an int >= 1.")
+    out: list[float | None] = []
+    for i in range(len(values)):
+        last = values[i - window + 1 : i + 1] if i + 1 >= window else None
+        out.append(None if last is None else float(sum(last)) / window)
+    return out
+
+
+def smoothed_crossing(accuracies: Sequence[float], target: float, window: int) -> int | None:
+    """Index of the first evaluation whose trailing mean of ``window`` evaluations reaches
+    ``target`` (``None``: never).
+
+    Example:
+      >>> smoothed_crossing([0.5, 0.62, 0.55, 0.61], 0.58, 2)  # means -, .56, .585, .58
+      2
+    """
+    for i, m in enumerate(trailing_means(accuracies, window)):
+        if m is not None and m >= target:
+            return i
+    return None
+
+
+def _spread(values: Sequence[float]) -> float:
+    return (max(values) - min(values)) / 2 if values else 0.0
+
+
+def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
+    """The policies ranked by mean device time to target over their seeds.
+
+    A policy counts as reaching the target when every one of its runs did. Its spread is half
+    the range of its runs' device times. The fastest wins decisively over another policy only
+    when it is faster in every paired comparison: on each seed (runs of the same seed see the
+    same data), and, where the runs carry ``device_time_by_round``, under each round of the
+    timing table (a busy machine moves step times from round to round). Otherwise, or when the
+    difference of their means is at most the sum of their spreads (their seed ranges overlap),
+    the two tie. With one seed the spread is 0.
+
+    Args:
+      runs: one dict per (policy, seed): ``policy``, ``batch_size``, ``seed``, ``reached``,
+        ``device_time_to_target_s``, ``time_to_target_s`` (``None`` when not reached),
+        ``best_smoothed_accuracy`` (``None`` when there were too few evaluations) and
+        optionally ``device_time_by_round`` (the device time under each timing round).
+      target_accuracy: for the text only.
+
+    Returns:
+      ``fastest`` (a policy, ``None`` when none reached the target), ``tie`` (the policies
+      whose difference to the fastest is inside the spread, the fastest first; ``[]`` when
+      none), ``ranking`` (reached policies, fastest first), ``policies`` (per policy:
+      ``batch_size``, ``seeds``, ``num_reached``, ``reached``, ``device_time_to_target_s``
+      and ``time_to_target_s`` (means), ``spread_s``, ``ratio`` (mean over the fastest's
+      mean), ``ratio_range`` (min and max of the paired ratios to the fastest: per seed, and
+      per timing round where given), ``tie``, ``best_smoothed_accuracy``) and ``text`` (the
+      lines to print).
+
+    Example:
+      >>> runs = [dict(policy=p, batch_size=b, seed=s, reached=True, time_to_target_s=t,
+      ...              device_time_to_target_s=t, best_smoothed_accuracy=0.6)
+      ...         for p, b, ts in (("a", 32, (10.0, 12.0)), ("b", 512, (40.0, 44.0)))
+      ...         for s, t in enumerate(ts)]
+      >>> v = verdict(runs)
+      >>> v["fastest"], round(v["policies"]["b"]["ratio"], 3), v["tie"]
+      ('a', 3.818, [])
+    """
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["policy"], []).append(r)
+    stats: dict[str, dict] = {}
+    for p, rs in by.items():
+        reached = all(r["reached"] for r in rs)
+        dev = [float(r["device_time_to_target_s"]) for r in rs] if reached else []
+        wall = [float(r["time_to_target_s"]) for r in rs] if reached else []
+        best = [r["best_smoothed_accuracy"] for r in rs if r["best_smoothed_accuracy"] is not None]
+        stats[p] = {
+            "batch_size": rs[0]["batch_size"],
+            "seeds": [r["seed"] for r in rs],
+            "num_reached": sum(bool(r["reached"]) for r in rs),
+            "reached": reached,
+            "device_time_to_target_s": statistics.fmean(dev) if dev else None,
+            "time_to_target_s": statistics.fmean(wall) if wall else None,
+            "spread_s": _spread(dev) if dev else None,
+            "ratio": None,
+            "ratio_range": None,
+            "tie": False,
+            "best_smoothed_accuracy": max(best) if best else None,
         }
-    ]
-    if baseline is None:
-        return plans
-    best = baseline.get("best_test_accuracy")
-    t_best = baseline.get("time_to_best_s")
-    if t_best is not None and t_best > 0:
-        plans.append(
-            {
-                "role": "recommended",
-                "budget_s": float(t_best),
-                "target_accuracy": best,
-                "budget_from": "the baseline's time to its best test accuracy",
-            }
-        )
+    ranking = sorted((p for p in stats if stats[p]["reached"]),
+                     key=lambda p: stats[p]["device_time_to_target_s"])  # fmt: skip
+    fastest = ranking[0] if ranking else None
+    if fastest is not None:
+        f = stats[fastest]
+        f_by_seed = {r["seed"]: r for r in by[fastest]}
+        for p in ranking:
+            s = stats[p]
+            s["ratio"] = s["device_time_to_target_s"] / f["device_time_to_target_s"]
+            paired = [x for r in by[p] if r["seed"] in f_by_seed
+                      for x in _paired_ratios(r, f_by_seed[r["seed"]])]  # fmt: skip
+            s["ratio_range"] = [min(paired), max(paired)] if paired else None
+            gap = s["device_time_to_target_s"] - f["device_time_to_target_s"]
+            inside = gap <= s["spread_s"] + f["spread_s"] or bool(paired and min(paired) <= 1)
+            s["tie"] = p != fastest and inside
+    tie = [p for p in ranking if stats[p]["tie"]]
+    out = {
+        "fastest": fastest,
+        "tie": [fastest, *tie] if tie else [],
+        "ranking": ranking,
+        "policies": stats,
+    }
+    out["text"] = _verdict_text(out, target_accuracy)
+    return out
+
+
+def _paired_ratios(run: dict, fastest: dict) -> list[float]:
+    """Device time of ``run`` over the fastest's run of the same seed: under each timing round
+    when both carry ``device_time_by_round``, else the one ratio of their device times."""
+    a, b = run.get("device_time_by_round"), fastest.get("device_time_by_round")
+    if a and b and len(a) == len(b):
+        return [x / y for x, y in zip(a, b, strict=True)]
+    return [run["device_time_to_target_s"] / fastest["device_time_to_target_s"]]
+
+
+def _verdict_text(v: dict, target: float | None) -> list[str]:
+    stats, fastest = v["policies"], v["fastest"]
+    what = "the target" if target is None else f"{100 * target:.1f}%"
+    if fastest is None:
+        lines = [f"verdict: no policy reached {what} (smoothed test accuracy) in every seed."]
     else:
-        plans.append(
-            {
-                "role": "recommended",
-                "budget_s": float(baseline["wall_time_s"]),
-                "target_accuracy": best,
-                "budget_from": "the baseline's whole training time (it has no time to best)",
-            }
+        f = stats[fastest]
+        lines = [
+            f"fastest to {what}: {fastest} (batch {f['batch_size']}), "
+            f"{f['device_time_to_target_s']:.1f} s of steps x t(B) (mean of {len(f['seeds'])} "
+            f"seed(s), spread +/- {f['spread_s']:.1f} s; wall clock {f['time_to_target_s']:.1f} s)"
+        ]
+    for p in v["ranking"][1:]:
+        s = stats[p]
+        lo, hi = s["ratio_range"] or (s["ratio"], s["ratio"])
+        lines.append(
+            f"  {p} (batch {s['batch_size']}): {s['ratio']:.2f}x the fastest (paired by seed and "
+            f"timing round {lo:.2f}-{hi:.2f}x){': tie, inside the spread' if s['tie'] else ''}"
         )
-    if recommended is None:
-        return plans
-    t_target = recommended.get("time_to_target_s")
-    if t_target is not None and t_target > 0:
-        budget, source = float(t_target), "the recommended run's time to target"
-    else:
-        budget = float(recommended["wall_time_s"])
-        source = "the recommended run's whole training time (it never reached the target)"
-    plans.append(
-        {
-            "role": "baseline_same_time",
-            "budget_s": budget,
-            "target_accuracy": best,
-            "budget_from": source,
-        }
-    )
-    return plans
+    for p, s in stats.items():
+        if not s["reached"]:
+            best = s["best_smoothed_accuracy"]
+            lines.append(
+                f"  {p} (batch {s['batch_size']}): never reached {what} in "
+                f"{len(s['seeds']) - s['num_reached']} of {len(s['seeds'])} seed(s); best "
+                f"smoothed accuracy {'-' if best is None else f'{100 * best:.1f}%'}"
+            )
+    if v["tie"]:
+        lines.append(
+            f"verdict: tie between {', '.join(v['tie'])} (the difference is inside the seed "
+            "spread, or the order flips on a seed or a timing round)."
+        )
+    elif fastest is not None:
+        lines.append(f"verdict: {fastest} is the fastest.")
+    return lines
 
 
 def check_recommendation(
@@ -271,66 +368,261 @@ def measurement_config(config) -> ml_collections.ConfigDict:
     return s
 
 
+def policies(config) -> tuple[str, ...]:
+    """``config.compare.policies`` with old names replaced (checked: known, no repeats)."""
+    names = tuple(ALIASES.get(p, p) for p in config.compare.policies)
+    unknown = [p for p in names if p not in POLICIES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise UserError(
+            f"config.compare.policies={tuple(config.compare.policies)!r}: need distinct names "
+            f"among {POLICIES}",
+            hint='e.g. --config.compare.policies=\'("recommended", "default")\'',
+        )
+    return names
+
+
 def validate_config(config) -> None:
     """Check the ``compare`` fields both modes read (and the measurement stages, through
     :func:`experiments.sweep.validate_config`); a :class:`~experiments.cli.UserError` names
     the field and the fix."""
     cc = config.compare
-    plan_runs(cc.baseline_budget_s)
-    for field in ("max_epochs", "eval_every_examples"):
-        if not (isinstance(cc[field], int | float) and cc[field] > 0):
-            raise UserError(
-                f"config.compare.{field}={cc[field]!r} must be a positive number",
-                hint=f"--config.compare.{field}=...",
-            )
+    policies(config)
+    for field in ("max_epochs", "eval_every_examples", "first_budget_s", "max_wall_time_s"):
+        _require(cc, field, _is_num(cc[field]) and cc[field] > 0, "a positive number")
+    _require(cc, "budget_growth", _is_num(cc.budget_growth) and cc.budget_growth > 1, "> 1")
+    g = cc.give_up_factor
+    _require(cc, "give_up_factor", g is None or (_is_num(g) and g >= 1), "None or >= 1")
+    t = cc.target_accuracy
+    _require(cc, "target_accuracy", _is_num(t) and 0 < t <= 1, "in (0, 1]")
+    w = cc.target_window
+    _require(cc, "target_window", isinstance(w, int) and w >= 1, "an int >= 1")
+    ok = bool(cc.seeds) and all(isinstance(s, int) for s in cc.seeds)
+    _require(cc, "seeds", ok, "a non-empty tuple of ints, e.g. '(0, 1)'")
+    if "adaptive" in policies(config) and config.adaptive.candidates is not None:
+        adaptive.candidates(config)
     names = {"train": "", **{s: f"compare.{s}" for s in ("noise", "throughput", "tradeoff")}}
     sweep.validate_config(measurement_config(config), names | {"recommend": "compare.recommend"})
 
 
+def _require(cc, field: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise UserError(f"config.compare.{field}={cc[field]!r} must be {what}",
+                        hint=f"--config.compare.{field}=...")  # fmt: skip
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
 # ---------------------------------------------------------------------------------------------
-# The compare mode.
+# The compare mode: every policy to the smoothed target.
 
 
-def _curve(workdir: str) -> list[list[float]]:
-    rows = runlog.read_jsonl(os.path.join(workdir, sweep.METRICS_FILE))
-    return [[r["wall_time_s"], r["test_accuracy"]] for r in rows if "test_accuracy" in r]
+def _lr_rule(config, b_noise: float):
+    """``batch -> learning rate`` of the one rule (:func:`gns.recommend.scale_learning_rate`
+    from the default policy's batch and rate), and the schedule's name of the same rule."""
+    from gns import recommend
+
+    base_b, base_lr = _baseline(config)
+
+    def lr(b: int) -> float:
+        return float(
+            recommend.scale_learning_rate(base_lr, base_b, b, b_noise, config.optimizer)[0]
+        )
+
+    return lr, "sqrt" if config.optimizer in _ADAM_FAMILY else "sgd"
 
 
-def _train_run(config, workdir, plan, batch_size, learning_rate) -> dict:
+def _best_measured(config, workdir: str) -> dict | None:
+    """The point of a tradeoff mode's summary with the shortest device time to its target
+    (wall clock when it has none), or ``None`` when there is no such summary or no point
+    reached its target."""
+    path = config.compare.tradeoff_summary or os.path.join(workdir, "tradeoff", SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    s = runlog.read_json(path)
+    if s.get("mode") != "tradeoff":
+        raise UserError(
+            f"{path} is not the summary of a tradeoff run (mode={s.get('mode')!r})",
+            hint="point config.compare.tradeoff_summary at WORKDIR/summary.json of "
+            "--config.mode=tradeoff",
+        )
+    reached = [p for p in s.get("points", []) if p.get("time_to_target_s") is not None]
+
+    def key(p):
+        return p.get("device_time_to_target_s") or p["time_to_target_s"]
+
+    return min(reached, key=key) if reached else None
+
+
+def plan_policies(config, workdir: str, sw: dict) -> tuple[dict, dict, list[int]]:
+    """What each policy trains: ``({policy: {'batch_size', 'learning_rate', 'adaptive'
+    (the config.adaptive fields), 'gns_every'}}, {policy: why skipped}, adaptive
+    candidates)`` from the measurements ``sw`` (a ``sweep.json`` dict)."""
+    names = policies(config)
+    rec = sw["recommendation"]
+    lr, rule = _lr_rule(config, sweep.noise_scale_value(sw["noise_scale"]))
+    fits = [r["batch_size"] for r in sw["throughput"]
+            if r["fits"] and r["step_time_s"] and r.get("accumulation_steps", 1) == 1]  # fmt: skip
+    batch: dict[str, int] = {"default": _baseline(config)[0]}
+    skipped: dict[str, str] = {}
+    if rec["accumulation_steps"] == 1:
+        batch["recommended"] = int(rec["batch_size"])
+    else:
+        skipped["recommended"] = "needs gradient accumulation, which the runs do not do"
+    if fits:
+        batch["largest_fits"] = int(max(fits))
+    else:
+        skipped["largest_fits"] = "no timed batch size fits the memory budget"
+    best = _best_measured(config, workdir) if "best_measured" in names else None
+    if best is not None:
+        batch["best_measured"] = int(best["batch_size"])
+    else:
+        skipped["best_measured"] = "no tradeoff summary with a point at its target"
+    a = config.adaptive
+    if a.candidates is not None:
+        cands = adaptive.candidates(config)
+    else:
+        lo, hi = int(a.min_batch_size), min([int(a.max_batch_size), *([max(fits)] if fits else [])])
+        cands = [b for b in sorted(fits) if lo <= b <= hi and b & (b - 1) == 0]
+        if "adaptive" in names and not cands:
+            raise UserError(
+                f"no power-of-two batch in [{lo}, {hi}] was timed (config.adaptive.min_batch_size,"
+                f" and max_batch_size capped by the largest batch that fits)",
+                hint="lower config.adaptive.min_batch_size or widen compare.throughput",
+            )
+    plans = {}
+    for p in names:
+        if p == "adaptive":
+            fields = {"candidates": tuple(cands), "lr_rule": rule}
+            plans[p] = dict(batch_size=_baseline(config)[0], learning_rate=_baseline(config)[1],
+                            adaptive=fields, gns_every=int(config.gns_every))  # fmt: skip
+        elif p in batch:
+            b = batch[p]
+            fields = {"candidates": (b,), "initial_batch_size": b}
+            plans[p] = dict(batch_size=b, learning_rate=lr(b), adaptive=fields, gns_every=0)
+    return plans, {p: why for p, why in skipped.items() if p in names}, cands
+
+
+def _run_config(config, plan: dict, seed: int, step_time: dict[int, float]):
+    """The training config of one policy run: :func:`_train_config` with the plan's batch,
+    rate and schedule fields (a fixed batch is the schedule with one candidate, so every run
+    reads the same example stream and evaluates at the same examples), no target of its own
+    (the smoothed target is checked here), capped by ``compare.max_epochs``."""
     cc = config.compare
-    cfg = _train_config(config)
-    cfg.batch_size = int(batch_size)
-    cfg.learning_rate = float(learning_rate)
-    cfg.num_epochs = float(cc.max_epochs)
-    cfg.max_wall_time_s = float(plan["budget_s"])
-    cfg.target_accuracy = plan["target_accuracy"]
-    cfg.eval_every = max(1, round(int(cc.eval_every_examples) / int(batch_size)))
-    cfg.log_every = min(int(cfg.log_every), cfg.eval_every)
-    run_dir = os.path.join(workdir, "runs", plan["role"])
-    logging.info(
-        "compare: %s run at batch %d, lr %.4g, budget %.1f s (%s), target %s",
-        plan["role"],
-        batch_size,
-        learning_rate,
-        plan["budget_s"],
-        plan["budget_from"],
-        plan["target_accuracy"],
+    c = _train_config(config)
+    b = int(plan["batch_size"])
+    c.batch_size, c.learning_rate, c.seed = b, float(plan["learning_rate"]), int(seed)
+    c.target_accuracy = None
+    c.num_epochs = float(cc.max_epochs)
+    c.eval_every = max(1, round(int(cc.eval_every_examples) / b))  # unused on the stream
+    c.log_every = min(int(c.log_every), c.eval_every)
+    c.gns_every = int(plan["gns_every"])
+    c.adaptive.enabled = True
+    c.adaptive.eval_every_examples = int(cc.eval_every_examples)
+    c.adaptive.update(plan["adaptive"])
+    c.adaptive.step_times = tuple(step_time[b] for b in c.adaptive.candidates)
+    return c
+
+
+def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]:
+    """The interleaved timing table of the global ``batch_sizes`` on training's mesh
+    (``WORKDIR/timing.json``, reused when it holds the same batch sizes on the same mesh)."""
+    from experiments import data, mesh
+
+    setup = train._setup(_train_config(config), ds)
+    where = mesh.describe(setup.mesh)
+    path = os.path.join(workdir, TIMING_FILE)
+    if os.path.exists(path):
+        saved = runlog.read_json(path)
+        table = {int(b): v for b, v in saved["table"].items()}
+        if sorted(table) == sorted(batch_sizes) and saved.get("mesh") == where:
+            return table
+    for b in batch_sizes:  # global batches, split over the devices of training's mesh
+        train._check_candidate(b, setup.mesh, setup.method)
+    logging.info("compare: timing batch sizes %s, interleaved.", batch_sizes)
+    table = adaptive.time_batch_sizes(
+        setup.plain_fn,
+        setup.state,
+        lambda b: mesh.shard(
+            data.train_batch(ds, b, seed=int(config.seed), start_example=0, augment=False),
+            setup.mesh,
+        ),
+        batch_sizes,
+        warmup=int(config.adaptive.timing_warmup),
+        rounds=int(config.adaptive.timing_rounds),
     )
-    s = train.train_and_evaluate(cfg, run_dir)
-    row = {k: s.get(k) for k in RUN_FIELDS if k in s}
-    row.update(
-        role=plan["role"],
-        budget_s=plan["budget_s"],
-        budget_from=plan["budget_from"],
-        target_accuracy=plan["target_accuracy"],
-        workdir=run_dir,
-        curve=_curve(run_dir),
-    )
-    if plan["role"] == "baseline":
-        # The baseline's target is its own best: it reached it at its time to best.
-        row["target_accuracy"] = s.get("best_test_accuracy")
-        row["time_to_target_s"] = s.get("time_to_best_s")
-    return row
+    runlog.write_json(path, {"mesh": where, "table": {str(b): v for b, v in table.items()}})
+    return table
+
+
+def _train_to_target(cfg, run_dir: str, cc, limit_s: float) -> tuple[dict, list[dict]]:
+    """Train ``cfg`` in ``run_dir`` in segments of growing training-time budget until the
+    smoothed test accuracy reaches ``cc.target_accuracy`` or the run stops for another reason
+    (epochs, ``limit_s``); each segment resumes the previous one's exit checkpoint."""
+    budget = float(cc.first_budget_s)
+    while True:
+        cfg.max_wall_time_s = min(budget, limit_s)
+        s = train.train_and_evaluate(cfg, run_dir)
+        rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
+        acc = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
+        hit = smoothed_crossing(acc, cc.target_accuracy, cc.target_window)
+        if hit is not None or s["stop_reason"] != "max_wall_time_s" or budget >= limit_s:
+            return s, rows
+        budget *= float(cc.budget_growth)
+
+
+def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict], cc,
+                table: dict[int, dict]) -> dict:  # fmt: skip
+    """One run of the summary: the smoothed crossing, times to it (device time also under
+    each round of the timing table, ``device_time_by_round``), the curves."""
+    step_time = {b: v["step_time_s"] for b, v in table.items()}
+    rounds = min(len(v["times_s"]) for v in table.values())
+    evals = [r for r in rows if "test_accuracy" in r]
+    smooth = trailing_means([r["test_accuracy"] for r in evals], cc.target_window)
+    hit = smoothed_crossing([r["test_accuracy"] for r in evals], cc.target_accuracy,
+                            cc.target_window)  # fmt: skip
+    device, prev, total = {}, 0, 0.0  # device time at each row's step
+    for r in rows:
+        total += (r["step"] - prev) * step_time[int(r["batch_size"])]
+        device[r["step"]], prev = total, r["step"]
+    at = evals[hit] if hit is not None else None
+    by_b = adaptive.steps_by_batch_size(rows, at["step"] if at else s["steps"])
+    known = [m for m in smooth if m is not None]
+    rec = {
+        "policy": policy,
+        "seed": seed,
+        "batch_size": rows[0]["batch_size"] if rows else None,
+        "final_batch_size": rows[-1]["batch_size"] if rows else None,
+        "learning_rate": rows[0]["learning_rate"] if rows else None,
+        "reached": at is not None,
+        "time_to_target_s": at["wall_time_s"] if at else None,
+        "device_time_to_target_s": adaptive.device_time(by_b, step_time) if at else None,
+        "device_time_by_round": [
+            adaptive.device_time(by_b, {b: v["times_s"][k] for b, v in table.items()})
+            for k in range(rounds)
+        ]
+        if at
+        else None,
+        "steps_to_target": at["step"] if at else None,
+        "examples_to_target": at["examples_seen"] if at else None,
+        "steps_by_batch_size": {str(b): n for b, n in sorted(by_b.items())},
+        "best_smoothed_accuracy": max(known) if known else None,
+        "steps": s.get("steps"),
+        "wall_time_s": s.get("wall_time_s"),
+        "compile_time_s": s.get("compile_time_s"),
+        "final_test_accuracy": s.get("test_accuracy"),
+        "stop_reason": s.get("stop_reason"),
+        "workdir": run_dir,
+        "curve": [
+            [r["wall_time_s"], device[r["step"]], r["test_accuracy"], m]
+            for r, m in zip(evals, smooth, strict=True)
+        ],  # fmt: skip
+        "batch_curve": [[device[r["step"]], r["batch_size"]] for r in rows],
+    }
+    if policy == "adaptive":
+        rec["schedule"] = adaptive.schedule_from_rows(rows)
+    return rec
 
 
 def _mode(body):
@@ -355,49 +647,61 @@ def _mode(body):
 
 @_mode
 def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
-    """The compare mode: measure, recommend, train the three runs; returns ``summary.json``."""
+    """The compare mode: measure, time, train every policy to the smoothed target per seed;
+    returns ``summary.json``."""
+    from experiments import data
     from gns import plots
 
-    rec = sw["recommendation"]
-    if rec["accumulation_steps"] > 1:
-        raise UserError(
-            f"The recommended batch {rec['batch_size']} needs gradient accumulation "
-            f"({rec['accumulation_steps']} x {rec['micro_batch_size']}), which "
-            "experiments.train does not do: lower compare.throughput.max_batch_size or set "
-            "compare.recommend.candidates to batch sizes that fit."
-        )
-    base_b, base_lr = _baseline(config)
-    budget = float(config.compare.baseline_budget_s)
-    a = _train_run(config, workdir, plan_runs(budget)[0], base_b, base_lr)
-    b = _train_run(
-        config, workdir, plan_runs(budget, a)[1], rec["batch_size"], rec["learning_rate"]
-    )
-    c = _train_run(config, workdir, plan_runs(budget, a, b)[2], base_b, base_lr)
-    runs = [a, b, c]
-    speedup = None
-    if b["time_to_target_s"] and a["time_to_target_s"]:
-        speedup = a["time_to_target_s"] / b["time_to_target_s"]
+    cc = config.compare
+    plans, skipped, cands = plan_policies(config, workdir, sw)
+    ds = data.load(config.data)
+    sizes = sorted({b for p in plans.values() for b in p["adaptive"]["candidates"]})
+    table = _timing(config, workdir, ds, sizes)
+    step_time = {b: v["step_time_s"] for b, v in table.items()}
+    runs: list[dict] = []
+    for seed in cc.seeds:
+        for policy, plan in plans.items():
+            walls = [r["time_to_target_s"] for r in runs if r["reached"]]
+            limit = float(cc.max_wall_time_s)
+            if walls and cc.give_up_factor is not None:
+                limit = min(limit, float(cc.give_up_factor) * min(walls))
+            run_dir = os.path.join(workdir, "runs", f"{policy}-s{seed}")
+            logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
+                         seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
+            cfg = _run_config(config, plan, int(seed), step_time)
+            s, rows = _train_to_target(cfg, run_dir, cc, limit)
+            runs.append(_run_record(policy, int(seed), run_dir, s, rows, cc, table))
+    n = len(ds.test_labels) if cc.eval_examples is None else min(cc.eval_examples,
+                                                                   len(ds.test_labels))  # fmt: skip
+    t = float(cc.target_accuracy)
+    first = next((r for r in runs if r["policy"] == "adaptive"), None)
     summary = {
         "mode": "compare",
         "device": sw["device"],
+        "target_accuracy": t,
+        "target_window": int(cc.target_window),
+        "eval_examples": int(n),
+        "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
         "noise_scale": {k: sw["noise_scale"][k] for k in ("b_simple", "interval", "confidence")},
-        "recommendation": rec,
-        "baseline": {"batch_size": base_b, "learning_rate": base_lr},
+        "recommendation": sw["recommendation"],
+        "policies": {
+            p: {k: v for k, v in plan.items() if k != "adaptive"} for p, plan in plans.items()
+        },  # fmt: skip
+        "skipped": skipped,
+        "candidates": cands,
+        "timing": {str(b): v for b, v in sorted(table.items())},
         "runs": runs,
-        "speedup": speedup,
+        "verdict": verdict(runs, t),
+        "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
         "measurement_time_s": sum(sw["stage_time_s"].values()),
         "total_time_s": time.perf_counter() - t0,
     }
     try:
-        summary["plot"] = plots.plot_compare(runs, os.path.join(workdir, "compare.png"))
+        summary["plot"] = plots.plot_policies(runs, t, os.path.join(workdir, PLOT_FILE))
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the compare plot: %s", e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-    return summary
-
-
-def _secs(x: float) -> str:
-    return f"{x:.1f} s" if x < 100 else f"{x:.0f} s"
+    return runlog.to_strict_json(summary)
 
 
 def _fmt(x, spec: str, suffix: str = "") -> str:
@@ -406,50 +710,45 @@ def _fmt(x, spec: str, suffix: str = "") -> str:
     return format(x, spec) + suffix
 
 
-def compare_table(summary: dict) -> str:
-    """The seed-style table of a compare summary, one line per run.
+def _pct(x):
+    return None if x is None else 100 * x
 
-    Columns: role, batch size, learning rate, training time, epochs, train accuracy,
-    validation (test) accuracy, time to the target (the baseline's best accuracy).
-    """
+
+def policy_table(summary: dict) -> str:
+    """The runs of a compare summary (one line per policy and seed) and the verdict."""
     head = (
-        f"{'run':<19} {'batch':>6} {'lr':>9} {'time s':>8} {'epochs':>7} "
-        f"{'train acc':>10} {'val acc':>8} {'to target s':>12}"
+        f"{'policy':<14}{'seed':>5}{'batch':>11}{'lr':>10}{'steps':>8}{'wall s':>9}"
+        f"{'device s':>10}{'best acc':>10}"
     )
-    lines = [head, "-" * len(head)]
+    lines = [
+        f"target: {100 * summary['target_accuracy']:.1f}% test accuracy, trailing mean of "
+        f"{summary['target_window']} evaluations on {summary['eval_examples']} test images "
+        f"(standard error {summary['standard_error_points']:.2f} points); device s = steps x "
+        "t(B) from one interleaved timing table",
+        head,
+        "-" * len(head),
+    ]
     for r in summary["runs"]:
-        lines.append(
-            f"{r['role']:<19} {r['batch_size']:>6d} {r['learning_rate']:>9.3g} "
-            f"{_fmt(r['wall_time_s'], '8.1f'):>8} {_fmt(r['epochs'], '7.2f'):>7} "
-            f"{_fmt(100 * r['train_accuracy'], '9.1f', '%'):>10} "
-            f"{_fmt(100 * r['test_accuracy'], '7.1f', '%'):>8} "
-            f"{_fmt(r['time_to_target_s'], '12.1f'):>12}"
+        b = f"{r['batch_size']}" + (
+            f"->{r['final_batch_size']}" if r["final_batch_size"] != r["batch_size"] else ""
         )
-    a, b, c = summary["runs"]
-    target = a["best_test_accuracy"]
-    lines.append("")
-    if b["time_to_target_s"] is not None:
         lines.append(
-            f"batch {b['batch_size']} reached the baseline's best validation accuracy "
-            f"({100 * target:.1f}%, after {_secs(a['time_to_target_s'])} at batch "
-            f"{a['batch_size']}) in {_secs(b['time_to_target_s'])} "
-            f"({100 * (1 - b['time_to_target_s'] / a['time_to_target_s']):.0f}% less time); "
-            f"batch {c['batch_size']} given {_secs(c['budget_s'])} reached "
-            f"{100 * c['test_accuracy']:.1f}%."
+            f"{r['policy']:<14}{r['seed']:>5}{b:>11}{_fmt(r['learning_rate'], '.3g'):>10}"
+            f"{_fmt(r['steps_to_target'], 'd'):>8}{_fmt(r['time_to_target_s'], '.1f'):>9}"
+            f"{_fmt(r['device_time_to_target_s'], '.1f'):>10}"
+            f"{_fmt(_pct(r['best_smoothed_accuracy']), '.1f', '%'):>10}"
         )
-    else:
-        lines.append(
-            f"batch {b['batch_size']} did not reach the baseline's best validation accuracy "
-            f"({100 * target:.1f}%) within {_secs(b['budget_s'])}: it reached "
-            f"{100 * b['test_accuracy']:.1f}%; batch {c['batch_size']} given the same time "
-            f"reached {100 * c['test_accuracy']:.1f}%."
-        )
-    r = summary["recommendation"]
-    n = summary["noise_scale"]
+    lines += ["", *summary["verdict"]["text"]]
+    for change in (summary.get("schedule") or {}).get("changes", []):
+        lines.append(f"  adaptive, seed {summary['schedule']['seed']}, step {change['step']}: "
+                     f"{change['reason']}")  # fmt: skip
+    for policy, why in summary.get("skipped", {}).items():
+        lines.append(f"skipped {policy}: {why}")
+    r, n = summary["recommendation"], summary["noise_scale"]
     lines.append(
-        f"recommendation: batch {r['batch_size']}, lr {r['learning_rate']:.3g} "
-        f"(B_simple = {_fmt(n['b_simple'], '.4g')}, predicted speedup "
-        f"{r['predicted_speedup_vs_baseline']:.2f}x over batch {summary['baseline']['batch_size']})"
+        f"recommendation: batch {r['batch_size']}, lr {r['learning_rate']:.3g} (B_noise = "
+        f"{_fmt(r.get('b_noise'), '.4g')} from {r.get('basis', 'b_simple')}; B_simple = "
+        f"{_fmt(n['b_simple'], '.4g')}); {summary['total_time_s']:.0f} s in all"
     )
     return "\n".join(lines)
 
@@ -546,7 +845,7 @@ def tradeoff_table(summary: dict) -> str:
 def report(summary: dict) -> str:
     """The table of a compare or tradeoff summary."""
     if summary.get("mode") == "compare":
-        return compare_table(summary)
+        return policy_table(summary)
     if summary.get("mode") == "tradeoff":
         return tradeoff_table(summary)
     raise ValueError(f"summary of mode {summary.get('mode')!r}: expected compare or tradeoff.")

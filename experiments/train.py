@@ -123,15 +123,9 @@ NOT_IDENTITY = (
     "distributed",
     "step_time_repeats",
     "compare",
-    # The adaptive mode's fields (experiments/adaptive.py), not the schedule's.
-    "adaptive.policies",
-    "adaptive.seeds",
-    "adaptive.target_accuracy",
-    "adaptive.max_epochs",
-    "adaptive.max_wall_time_s",
+    # How the compare mode times the schedule's candidates, not the schedule itself.
     "adaptive.timing_warmup",
     "adaptive.timing_rounds",
-    "adaptive.tradeoff_summary",
 )
 
 # Until experiments/{sweep,compare,bench,parallel_bench}.py import them from runlog.

@@ -19,8 +19,8 @@ Sweep plots read the ``sweep.json`` dict of ``experiments.sweep``:
   tradeoff, the measured times), the recommendation marked;
 - :func:`sweep_plots`: all three, written as PNGs.
 
-:func:`plot_compare` draws test accuracy against training time for the runs of the compare
-mode (``summary["runs"]``).
+:func:`plot_policies` draws the smoothed test accuracy and the batch size against device time
+for the runs of the compare mode (``summary["runs"]``), the target marked.
 
 Example::
 
@@ -53,7 +53,7 @@ __all__ = [
     "plot_tradeoff",
     "plot_time_to_target",
     "sweep_plots",
-    "plot_compare",
+    "plot_policies",
 ]
 
 
@@ -393,108 +393,63 @@ def sweep_plots(sweep: Mapping, directory: str) -> list[str]:
     return paths
 
 
-_STYLE = {
-    "baseline": dict(color="tab:blue", ls="-"),
-    "recommended": dict(color="tab:orange", ls="-"),
-    "baseline_same_time": dict(color="tab:green", ls="--", marker="s"),
-}
-
-
-def plot_compare(runs: Sequence[dict], path: str | None = None):
-    """Test accuracy against training wall-clock time, one line per run.
-
-    Args:
-      runs: the ``runs`` of a compare ``summary.json``: each with ``role``, ``batch_size``,
-        ``learning_rate``, ``curve`` (``[[wall_time_s, test_accuracy], ...]``, the periodic
-        evaluations) and optionally ``wall_time_s`` and ``test_accuracy`` (the final evaluation,
-        drawn as the last point), ``time_to_target_s`` and ``target_accuracy``.
-      path: where to write the PNG; ``None`` returns the figure open.
-
-    Returns:
-      ``path`` when given, else the figure.
-    """
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    target = None
-    for r in runs:
-        curve = r.get("curve") or []
-        style = _STYLE.get(r["role"], {})
-        label = f"{r['role']}: batch {r['batch_size']}, lr {r['learning_rate']:.3g}"
-        final = (r.get("wall_time_s"), r.get("test_accuracy"))
-        if None not in final and (not curve or final[0] > curve[-1][0]):
-            curve = [*curve, list(final)]  # the final evaluation, at the end of training
-        if curve:
-            t, acc = zip(*curve, strict=True)
-            ax.plot(t, [100 * a for a in acc], ms=4, label=label, **{"marker": "o", **style})
-        if r.get("time_to_target_s") is not None and r.get("target_accuracy") is not None:
-            ax.plot(
-                [r["time_to_target_s"]],
-                [100 * r["target_accuracy"]],
-                marker="*",
-                ms=12,
-                color=style.get("color", "k"),
-                ls="none",
-            )
-        if r["role"] == "baseline" and r.get("best_test_accuracy") is not None:
-            target = r["best_test_accuracy"]
-    if target is not None:
-        ax.axhline(100 * target, color="gray", lw=0.8, ls=":", label="target: baseline's best")
-    ax.set_xlabel("training time (s, evaluation excluded)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against wall-clock time (star: time to target)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    if path is None:
-        return fig
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 _POLICY_COLORS = {
-    "adaptive": "tab:red",
-    "config": "tab:blue",
     "recommended": "tab:orange",
-    "tradeoff_best": "tab:green",
+    "default": "tab:blue",
+    "adaptive": "tab:red",
+    "best_measured": "tab:green",
+    "largest_fits": "tab:purple",
 }
 
 
-def plot_adaptive(runs: Sequence[dict], path: str | None = None):
-    """Test accuracy and batch size against training time, one line per run.
+def plot_policies(runs: Sequence[dict], target: float | None = None, path: str | None = None):
+    """Smoothed test accuracy and batch size against device time, one line per run.
+
+    The x axis is the device time ``Σ steps(B)·t(B)`` with ``t(B)`` from one interleaved timing
+    table (the time the verdict ranks by); one colour per policy, one line style per seed.
 
     Args:
-      runs: the ``runs`` of an adaptive ``summary.json`` (``experiments/adaptive.py``): each
-        with ``policy``, ``seed``, ``batch_size``, ``curve`` (``[[wall_time_s, test_accuracy],
-        ...]``), ``batch_curve`` (``[[wall_time_s, batch_size], ...]``) and optionally
-        ``time_to_target_s`` and ``target_accuracy`` (drawn as a star).
+      runs: the ``runs`` of a compare ``summary.json`` (``experiments/compare.py``): each with
+        ``policy``, ``seed``, ``batch_size``, ``curve`` (``[[wall_time_s, device_time_s,
+        test_accuracy, smoothed_accuracy or None], ...]`` at each evaluation), ``batch_curve``
+        (``[[device_time_s, batch_size], ...]``) and ``device_time_to_target_s`` (a star at
+        the target when reached).
+      target: the target accuracy (a horizontal line), or ``None``.
       path: where to write the PNG; ``None`` returns the figure open.
 
     Returns:
       ``path`` when given, else the figure.
+
+    Example::
+
+        plot_policies(summary["runs"], summary["target_accuracy"], "compare.png")
     """
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, height_ratios=(3, 1))
     styles = ("-", "--", ":", "-.")
     seeds = sorted({r["seed"] for r in runs})
     for r in runs:
         color = _POLICY_COLORS.get(r["policy"], "k")
         ls = styles[seeds.index(r["seed"]) % len(styles)]
         label = f"{r['policy']} (batch {r['batch_size']}), seed {r['seed']}"
-        if r.get("curve"):
-            t, acc = zip(*r["curve"], strict=True)
+        pts = [(c[1], c[3]) for c in r.get("curve") or [] if c[3] is not None]
+        if pts:
+            t, acc = zip(*pts, strict=True)
             top.plot(t, [100 * a for a in acc], color=color, ls=ls, marker="o", ms=3, label=label)
-        if r.get("time_to_target_s") is not None and r.get("target_accuracy") is not None:
-            top.plot([r["time_to_target_s"]], [100 * r["target_accuracy"]], marker="*", ms=12,
+        if r.get("device_time_to_target_s") is not None and target is not None:
+            top.plot([r["device_time_to_target_s"]], [100 * target], marker="*", ms=12,
                      color=color, ls="none")  # fmt: skip
         if r.get("batch_curve"):
             t, b = zip(*r["batch_curve"], strict=True)
-            bottom.step(t, b, where="pre", color=color, ls=ls, label=label)
-    top.set_ylabel("test accuracy (%)")
-    top.set_title("Accuracy against training time (star: time to target)")
+            bottom.step(t, b, where="pre", color=color, ls=ls)
+    if target is not None:
+        top.axhline(100 * target, color="gray", lw=0.8, ls=":", label="target")
+    top.set_ylabel("test accuracy, trailing mean (%)")
+    top.set_title("Accuracy against device time (star: target reached)")
     top.grid(alpha=0.3)
     _legend(top, fontsize=7, loc="lower right")
     bottom.set_yscale("log", base=2)
     bottom.set_ylabel("batch size")
-    bottom.set_xlabel("training time (s, compilation and evaluation excluded)")
+    bottom.set_xlabel("device time, steps x t(B) from the timing table (s)")
     bottom.grid(alpha=0.3)
     fig.tight_layout()
     _finish(fig, path)

@@ -1,8 +1,7 @@
-"""Tests of training with a changing batch size and of the adaptive mode
-(experiments/adaptive.py, the example stream of experiments/data.py, gns.plots.plot_adaptive),
-on the smoke config with synthetic data."""
+"""Tests of training with a changing batch size (experiments/adaptive.py, the example stream of
+experiments/data.py) on a tiny config with synthetic data. The adaptive mode is the policy
+comparison of experiments/compare.py: tests/test_compare.py runs it."""
 
-import json
 import math
 import os
 import signal
@@ -264,60 +263,3 @@ def test_resume_across_a_batch_change_after_ctrl_c_and_sigkill(tmp_path, monkeyp
     assert step_r == step_f == s_f["steps"]
     chex.assert_trees_all_equal(state_r["params"], state_f["params"])
     chex.assert_trees_all_equal(state_r["opt_state"], state_f["opt_state"])
-
-
-# ---------------------------------------------------------------------------------------------
-# The adaptive mode, end to end.
-
-
-@pytest.mark.timeout(600)
-def test_adaptive_mode_smoke_run_writes_consistent_summary(tmp_path):
-    workdir = str(tmp_path)
-    config = tiny_config(plots=True)
-    config.mode = "adaptive"
-    config.adaptive.patience = 1
-    os.makedirs(os.path.join(workdir, "tradeoff"))
-    fake = {"mode": "tradeoff", "points": [
-        {"batch_size": 16, "learning_rate": 2e-3, "time_to_target_s": 1.0},
-        {"batch_size": 32, "learning_rate": 3e-3, "time_to_target_s": 2.0},
-        {"batch_size": 8, "learning_rate": 1e-3, "time_to_target_s": None}]}  # fmt: skip
-    runlog.write_json(os.path.join(workdir, "tradeoff", "summary.json"), fake)
-    summary = adaptive.run_adaptive(config, workdir)
-
-    with open(os.path.join(workdir, "summary.json")) as f:
-        saved = json.loads(f.read(), parse_constant=lambda name: pytest.fail(name))
-    assert saved == summary
-    assert os.path.getsize(os.path.join(workdir, "adaptive.png")) > 0
-    by_policy = {r["policy"]: r for r in summary["runs"]}
-    assert set(by_policy) <= set(adaptive.POLICIES) and "adaptive" in by_policy
-    assert by_policy["tradeoff_best"]["batch_size"] == 16  # the fastest reached point
-    assert by_policy["tradeoff_best"]["learning_rate"] == pytest.approx(2e-3)
-    assert by_policy["config"]["batch_size"] == config.batch_size
-    assert by_policy["adaptive"]["batch_size"] == 8  # the smallest candidate
-    step_time = {int(b): v["step_time_s"] for b, v in summary["timing"].items()}
-    assert set(summary["candidates"]) | {r["batch_size"] for r in summary["runs"]} <= set(step_time)
-    for r in summary["runs"]:
-        for key in ("policy", "batch_size", "seed", "time_to_target_s",
-                    "device_time_to_target_s", "steps_to_target", "reached"):  # fmt: skip
-            assert key in r, key
-        rows = runlog.read_jsonl(os.path.join(r["workdir"], "metrics.jsonl"))
-        if not r["reached"]:
-            assert r["device_time_to_target_s"] is None and r["time_to_target_s"] is None
-            continue
-        upto = [x for x in rows if x["step"] <= r["steps_to_target"]]
-        assert upto[-1]["test_accuracy"] >= summary["target_accuracy"]
-        # Recomputed independently: each step since the previous row at the row's batch size.
-        steps = np.diff([0] + [x["step"] for x in upto])
-        sizes = [x["batch_size"] for x in upto]
-        expected = sum(n * step_time[b] for n, b in zip(steps, sizes, strict=True))
-        assert r["device_time_to_target_s"] == pytest.approx(expected, rel=1e-9)
-        assert sum(n * b for n, b in zip(steps, sizes, strict=True)) == r["examples_to_target"]
-        assert r["time_to_target_s"] == pytest.approx(upto[-1]["wall_time_s"])
-    changes = [x["schedule_change"] for x in
-               runlog.read_jsonl(os.path.join(by_policy["adaptive"]["workdir"], "metrics.jsonl"))
-               if "schedule_change" in x]  # fmt: skip
-    assert summary["schedule"]["changes"] == changes
-    for change in changes:
-        assert change["new_batch_size"] > change["old_batch_size"] and change["reason"]
-    table = adaptive.adaptive_table(summary)
-    assert all(p in table for p in by_policy)

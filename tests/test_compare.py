@@ -1,12 +1,14 @@
-"""Tests of the compare and tradeoff modes (experiments/compare.py, gns/plots.py): the
-pure budget logic on fake timings, and both modes end to end on the smoke config with
-synthetic data."""
+"""Tests of the compare and tradeoff modes (experiments/compare.py, gns/plots.py): the smoothed
+target and the verdict on fake results, the recommendation check on fake timings, and both
+modes on the smoke config with synthetic data (the compare mode through ``make demo`` is in
+tests/test_demo.py)."""
 
 import json
 import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,67 +18,132 @@ from experiments import cifar10, compare, runlog, sweep
 from experiments.cli import UserError
 
 # ---------------------------------------------------------------------------------------------
-# plan_runs: who gets which budget.
+# The smoothed target.
 
 
-def test_plan_baseline_first_gets_the_configured_budget_and_no_target():
-    (plan,) = compare.plan_runs(300.0)
-    assert (plan["role"], plan["budget_s"], plan["target_accuracy"]) == ("baseline", 300.0, None)
-
-
-def test_plan_recommended_gets_the_baselines_time_to_best_and_its_best_as_target():
-    baseline = {"time_to_best_s": 250.0, "best_test_accuracy": 0.7, "wall_time_s": 300.0}
-    plans = compare.plan_runs(300.0, baseline)
-    assert [p["role"] for p in plans] == ["baseline", "recommended"]
-    assert plans[1]["budget_s"] == 250.0
-    assert plans[1]["target_accuracy"] == 0.7
-
-
-def test_plan_baseline_again_gets_the_recommended_time_to_target():
-    baseline = {"time_to_best_s": 250.0, "best_test_accuracy": 0.7, "wall_time_s": 300.0}
-    rec = {"time_to_target_s": 90.0, "wall_time_s": 90.5}
-    plans = compare.plan_runs(300.0, baseline, rec)
-    assert [p["role"] for p in plans] == list(compare.ROLES)
-    assert plans[2]["budget_s"] == 90.0
-    assert plans[2]["target_accuracy"] == 0.7
-    assert plans[2]["budget_from"] == "the recommended run's time to target"
-
-
-def test_plan_fallbacks_when_a_time_is_missing():
-    # The recommended run never reached the target: the baseline gets its whole time.
-    baseline = {"time_to_best_s": 250.0, "best_test_accuracy": 0.7, "wall_time_s": 300.0}
-    plans = compare.plan_runs(300.0, baseline, {"time_to_target_s": None, "wall_time_s": 251.0})
-    assert plans[2]["budget_s"] == 251.0 and "never reached" in plans[2]["budget_from"]
-    # The baseline has no time to best (never evaluated): the recommended gets its whole time.
-    plans = compare.plan_runs(
-        300.0, {"time_to_best_s": None, "best_test_accuracy": None, "wall_time_s": 301.0}
-    )
-    assert plans[1]["budget_s"] == 301.0 and plans[1]["target_accuracy"] is None
-
-
-@pytest.mark.parametrize("bad", [0.0, -5.0, None, "60"])
-def test_plan_rejects_a_bad_budget_naming_the_field(bad):
-    with pytest.raises(ValueError, match="baseline_budget_s"):
-        compare.plan_runs(bad)
+def test_trailing_means_and_the_smoothed_crossing_need_a_full_window():
+    acc = [0.2, 0.6, 0.4, 0.5, 0.7]
+    assert compare.trailing_means(acc, 3) == pytest.approx([None, None, 0.4, 0.5, 0.5333333])
+    # A single evaluation above the target is not enough: the mean of 2 is at 0.5 first.
+    assert compare.smoothed_crossing(acc, 0.5, 2) == 2
+    assert compare.smoothed_crossing(acc, 0.5, 1) == 1
+    assert compare.smoothed_crossing(acc, 0.6, 2) == 4
+    assert compare.smoothed_crossing(acc, 0.61, 2) is None
+    assert compare.smoothed_crossing(acc[:2], 0.1, 3) is None
+    with pytest.raises(ValueError, match="window=0"):
+        compare.trailing_means(acc, 0)
 
 
 @settings(max_examples=50, deadline=None)
-@given(
-    t_best=st.floats(0.1, 1e4),
-    slack=st.floats(0.0, 1e3),
-    frac=st.one_of(st.none(), st.floats(0.01, 1.0)),
-)
-def test_plan_budgets_never_exceed_the_previous_runs_time(t_best, slack, frac):
-    """Each run's budget is a time the previous run actually used: (b) <= (a)'s training time,
-    and (c) <= (b)'s training time."""
-    wall_a = t_best + slack
-    baseline = {"time_to_best_s": t_best, "best_test_accuracy": 0.5, "wall_time_s": wall_a}
-    plans = compare.plan_runs(wall_a, baseline)
-    wall_b = plans[1]["budget_s"]
-    rec = {"time_to_target_s": None if frac is None else frac * wall_b, "wall_time_s": wall_b}
-    plans = compare.plan_runs(wall_a, baseline, rec)
-    assert plans[1]["budget_s"] <= wall_a
-    assert 0 < plans[2]["budget_s"] <= wall_b
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=30), st.integers(1, 5), st.floats(0, 1))
+def test_smoothed_crossing_is_the_first_full_window_mean_at_the_target(acc, w, target):
+    i = compare.smoothed_crossing(acc, target, w)
+    means = [np.mean(acc[j - w + 1 : j + 1]) for j in range(w - 1, len(acc))]
+    hits = [j + w - 1 for j, m in enumerate(means) if m >= target - 1e-12]
+    expected = hits[0] if hits else None
+    if i != expected:  # only a rounding tie at the target itself may differ
+        assert abs(means[(i if i is not None else expected) - w + 1] - target) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdict on fake results.
+
+
+def _run(policy, seed, device, batch=32, best=0.6):
+    return {
+        "policy": policy,
+        "batch_size": batch,
+        "seed": seed,
+        "reached": device is not None,
+        "device_time_to_target_s": device,
+        "time_to_target_s": None if device is None else 1.5 * device,
+        "best_smoothed_accuracy": best,
+    }
+
+
+def test_verdict_names_the_winner_with_ratios_and_seed_ranges():
+    runs = [
+        *(_run("recommended", s, d, 32) for s, d in ((0, 20.0), (1, 22.0))),
+        *(_run("default", s, d, 64) for s, d in ((0, 30.0), (1, 34.0))),
+        *(_run("largest_fits", s, d, 512) for s, d in ((0, 80.0), (1, 100.0))),
+    ]
+    v = compare.verdict(runs, 0.55)
+    assert v["fastest"] == "recommended" and v["tie"] == []
+    assert v["ranking"] == ["recommended", "default", "largest_fits"]
+    p = v["policies"]
+    assert p["recommended"]["device_time_to_target_s"] == 21.0
+    assert p["recommended"]["spread_s"] == 1.0 and p["default"]["spread_s"] == 2.0
+    assert p["default"]["ratio"] == pytest.approx(32.0 / 21.0)
+    assert p["default"]["ratio_range"] == pytest.approx([30 / 20, 34 / 22])  # paired by seed
+    assert p["largest_fits"]["ratio"] == pytest.approx(90.0 / 21.0)
+    assert p["default"]["time_to_target_s"] == pytest.approx(1.5 * 32.0)
+    text = "\n".join(v["text"])
+    assert "fastest to 55.0%: recommended (batch 32), 21.0 s" in text
+    assert (
+        "default (batch 64): 1.52x the fastest (paired by seed and timing round 1.50-1.55x)" in text
+    )
+    assert "verdict: recommended is the fastest." in text and "tie" not in text
+
+
+def test_verdict_says_tie_when_the_difference_is_inside_the_spread():
+    # 21 +/- 1 against 23.5 +/- 2: a gap of 2.5 <= 3; a third policy just outside (gap 4 > 3.5).
+    runs = [
+        *(_run("recommended", s, d) for s, d in ((0, 20.0), (1, 22.0))),
+        *(_run("adaptive", s, d) for s, d in ((0, 21.5), (1, 25.5))),
+        *(_run("default", s, d) for s, d in ((0, 22.5), (1, 27.5))),
+    ]
+    v = compare.verdict(runs)
+    assert v["fastest"] == "recommended"
+    assert v["tie"] == ["recommended", "adaptive"]
+    assert v["policies"]["adaptive"]["tie"] and not v["policies"]["default"]["tie"]
+    assert not v["policies"]["recommended"]["tie"]
+    assert "verdict: tie between recommended, adaptive" in v["text"][-1]
+    # One seed: no spread, so only an exact equality is a tie.
+    one = compare.verdict([_run("a", 0, 10.0), _run("b", 0, 10.0001)])
+    assert one["tie"] == [] and one["fastest"] == "a"
+
+
+def test_verdict_pairs_by_timing_round_a_flip_under_one_round_is_a_tie():
+    # Seed ranges far apart (20-22 against 30-34), but under the second timing round the
+    # machine was busy while timing batch 32: there the default (64) was as fast. A tie.
+    runs = [
+        *(_run("recommended", s, d, 32) for s, d in ((0, 20.0), (1, 22.0))),
+        *(_run("default", s, d, 64) for s, d in ((0, 30.0), (1, 34.0))),
+    ]
+    for r, rounds in zip(runs, ([19, 21, 20], [21, 35, 22], [29, 31, 30], [33, 34, 35]),
+                         strict=True):  # fmt: skip
+        r["device_time_by_round"] = [float(x) for x in rounds]
+    v = compare.verdict(runs)
+    d = v["policies"]["default"]
+    assert d["ratio_range"] == pytest.approx([34 / 35, 35 / 22])
+    assert d["tie"] and v["tie"] == ["recommended", "default"]
+    assert d["ratio"] == pytest.approx(32.0 / 21.0)  # the means still use the median table
+    # Faster under every round of every seed: decisive.
+    runs[1]["device_time_by_round"] = [21.0, 22.0, 22.5]
+    v = compare.verdict(runs)
+    assert v["tie"] == [] and v["policies"]["default"]["ratio_range"][0] > 1
+
+
+def test_verdict_reports_a_policy_that_never_reached_the_target_with_its_best_accuracy():
+    runs = [
+        *(_run("recommended", s, d) for s, d in ((0, 20.0), (1, 22.0))),
+        _run("largest_fits", 0, None, 512, best=0.512),
+        _run("largest_fits", 1, 95.0, 512, best=0.56),  # one seed of two: not reached
+    ]
+    v = compare.verdict(runs, 0.55)
+    lf = v["policies"]["largest_fits"]
+    assert not lf["reached"] and lf["num_reached"] == 1 and lf["ratio"] is None
+    assert lf["best_smoothed_accuracy"] == 0.56 and lf["device_time_to_target_s"] is None
+    assert v["ranking"] == ["recommended"]
+    assert any(
+        "largest_fits (batch 512): never reached 55.0% in 1 of 2 seed(s); best smoothed "
+        "accuracy 56.0%" in line
+        for line in v["text"]
+    )
+    none = compare.verdict([_run("default", 0, None, best=None)], 0.55)
+    assert none["fastest"] is None and none["tie"] == [] and none["ranking"] == []
+    assert none["text"][0].startswith("verdict: no policy reached 55.0%")
+    assert "best smoothed accuracy -" in none["text"][1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,16 +180,8 @@ def test_check_recommendation_ranks_by_device_time_on_fake_timings():
         compare.check_recommendation(points, 8, b_simple=100.0, b_crit=40.0)
 
 
-def test_compare_config_mistake_is_a_user_error_naming_the_field(tmp_path):
-    c = smoke_config("tradeoff")
-    c.compare.tradeoff.batch_sizes = (16, 0)
-    with pytest.raises(UserError, match="compare.tradeoff.batch_sizes|tradeoff.batch_sizes"):
-        cifar10.run(c, str(tmp_path / "w"))
-    assert not (tmp_path / "w").exists()
-
-
 # ---------------------------------------------------------------------------------------------
-# Both modes end to end on the smoke config (synthetic data, budgets of a few seconds).
+# Config mistakes.
 
 
 def smoke_config(mode):
@@ -132,13 +191,48 @@ def smoke_config(mode):
     c.data.synthetic.image_size = 16
     c.data.num_train = 512
     c.data.num_test = 256
-    c.compare.baseline_budget_s = 2.0
     c.compare.tradeoff.max_wall_time_s = 2.0
     return c
 
 
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("tradeoff.batch_sizes", (16, 0), "tradeoff.batch_sizes"),
+        ("policies", ("default", "fastest"), "compare.policies"),
+        ("policies", ("default", "default"), "compare.policies"),
+        ("target_accuracy", 1.5, "compare.target_accuracy=1.5"),
+        ("target_window", 0, "compare.target_window=0"),
+        ("budget_growth", 1.0, "compare.budget_growth=1.0"),
+        ("first_budget_s", -1.0, "compare.first_budget_s=-1.0"),
+        ("seeds", (), "compare.seeds"),
+    ],
+)
+def test_compare_config_mistake_is_a_user_error_naming_the_field(tmp_path, field, value, words):
+    c = smoke_config("compare")
+    *parents, last = field.split(".")
+    node = c.compare
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    with pytest.raises(UserError, match=words.replace("(", r"\(")):
+        cifar10.run(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_old_policy_name_is_an_alias():
+    c = smoke_config("compare")
+    c.compare.policies = ("tradeoff_best", "default")
+    assert compare.policies(c) == ("best_measured", "default")
+
+
+# ---------------------------------------------------------------------------------------------
+# Both modes on the smoke config: the tradeoff mode, then the policies of the compare mode
+# (as --config.mode=adaptive, its other name) in the same workdir with its measurements.
+
+
 @pytest.fixture(scope="module")
-def compare_run(tmp_path_factory):
+def tradeoff_run(tmp_path_factory):
     import jax
 
     keys = (
@@ -147,80 +241,18 @@ def compare_run(tmp_path_factory):
         "jax_persistent_cache_min_entry_size_bytes",
     )
     old = {k: getattr(jax.config, k) for k in keys}
-    workdir = str(tmp_path_factory.mktemp("compare"))
-    summary = cifar10.run(smoke_config("compare"), workdir)
+    workdir = str(tmp_path_factory.mktemp("modes"))
+    summary = cifar10.run(smoke_config("tradeoff"), os.path.join(workdir, "tradeoff"))
     yield workdir, summary
     for k, v in old.items():  # run_sweep set a process-wide cache in workdir: undo it
         jax.config.update(k, v)
 
 
-def _num(cell):
-    return None if cell == "-" else float(cell.rstrip("%"))
-
-
 @pytest.mark.timeout(120)
-def test_compare_mode_summary_budgets_and_table(compare_run):
-    workdir, s = compare_run
-    assert s["mode"] == "compare"
-    assert os.path.exists(os.path.join(workdir, compare.SUMMARY_FILE))
-    assert os.path.exists(os.path.join(workdir, "compare.png"))
-    rec = s["recommendation"]
-    assert rec["batch_size"] >= 1 and rec["learning_rate"] > 0
-    a, b, c = s["runs"]
-    assert [r["role"] for r in s["runs"]] == list(compare.ROLES)
-    for r in s["runs"]:
-        for key in (
-            "batch_size",
-            "learning_rate",
-            "wall_time_s",
-            "epochs",
-            "train_accuracy",
-            "test_accuracy",
-            "time_to_target_s",
-        ):
-            assert key in r, (r["role"], key)
-        assert r["wall_time_s"] > 0 and r["epochs"] > 0
-        assert 0 <= r["train_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
-        if r["time_to_target_s"] is not None:
-            assert 0 < r["time_to_target_s"] <= r["wall_time_s"]
-        if r["stop_reason"] == "max_wall_time_s":  # stops on the step that used the budget
-            assert r["wall_time_s"] >= r["budget_s"]
-    assert (a["batch_size"], b["batch_size"], c["batch_size"]) == (
-        32,
-        rec["batch_size"],
-        32,
-    )  # smoke baseline = config.batch_size
-    assert (a["learning_rate"], b["learning_rate"]) == (3e-3, rec["learning_rate"])
-    # The budgets as plan_runs defines them, from the runs' own timings.
-    assert a["budget_s"] == 2.0 and a["time_to_target_s"] == a["time_to_best_s"]
-    assert b["budget_s"] == a["time_to_best_s"] <= a["wall_time_s"]
-    assert b["target_accuracy"] == c["target_accuracy"] == a["best_test_accuracy"]
-    assert c["budget_s"] == (b["time_to_target_s"] or b["wall_time_s"])
-    # The table: one row per run with its numbers.
-    table = compare.report(s)
-    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:5]}
-    assert set(rows) == set(compare.ROLES)
-    for r in s["runs"]:
-        cells = rows[r["role"]]
-        assert int(cells[1]) == r["batch_size"]
-        assert float(cells[2]) == pytest.approx(r["learning_rate"], rel=1e-2)
-        assert _num(cells[3]) == pytest.approx(r["wall_time_s"], abs=0.051)
-        assert _num(cells[5]) == pytest.approx(100 * r["train_accuracy"], abs=0.051)
-        assert _num(cells[6]) == pytest.approx(100 * r["test_accuracy"], abs=0.051)
-        t = r["time_to_target_s"]
-        assert _num(cells[7]) == (None if t is None else pytest.approx(t, abs=0.051))
-
-
-@pytest.mark.timeout(120)
-def test_tradeoff_mode_reuses_the_measurements_and_checks_the_recommendation(compare_run, tmp_path):
-    src, cmp_summary = compare_run
-    workdir = str(tmp_path / "tradeoff")
-    # Same config apart from the mode: the measurements of the compare run are reused.
-    shutil.copytree(os.path.join(src, "sweep"), os.path.join(workdir, "sweep"))
-    s = cifar10.run(smoke_config("tradeoff"), workdir)
+def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
+    root, s = tradeoff_run
+    workdir = os.path.join(root, "tradeoff")
     assert s["mode"] == "tradeoff"
-    assert s["recommendation"]["batch_size"] == cmp_summary["recommendation"]["batch_size"]
-    assert s["measurement_time_s"] < 1.0  # nothing measured again
     rec_b = s["recommendation"]["batch_size"]
     batches = [p["batch_size"] for p in s["points"]]
     assert batches == sorted({16, 32, rec_b})
@@ -255,3 +287,66 @@ def test_tradeoff_mode_reuses_the_measurements_and_checks_the_recommendation(com
         cell = row.split()[3]
         assert (cell == "-") if t is None else math.isclose(float(cell), t, abs_tol=0.051)
     assert "<- recommended" in next(ln for ln in lines if ln.split()[:1] == [str(rec_b)])
+
+
+@pytest.mark.timeout(300)
+def test_policies_to_the_smoothed_target_in_segments_with_best_measured(tradeoff_run):
+    root, trade = tradeoff_run
+    workdir = os.path.join(root, "policies")
+    shutil.copytree(os.path.join(root, "tradeoff", "sweep"), os.path.join(workdir, "sweep"))
+    c = smoke_config("adaptive")  # the same runner as --config.mode=compare
+    c.compare.policies = ("best_measured", "default", "adaptive")
+    c.compare.tradeoff_summary = os.path.join(root, "tradeoff", compare.SUMMARY_FILE)
+    c.compare.seeds = (0, 1)
+    c.compare.update(first_budget_s=0.05, budget_growth=4.0, give_up_factor=None)
+    s = cifar10.run(c, workdir)
+    assert s["mode"] == "compare" and s["measurement_time_s"] < 1.0  # measurements reused
+    with open(os.path.join(workdir, compare.SUMMARY_FILE)) as f:  # strict: no NaN/Infinity
+        assert json.loads(f.read(), parse_constant=pytest.fail) == s
+    # best_measured: the tradeoff point with the least device time; every rate by one rule.
+    reached = [p for p in trade["points"] if p["reached"]]
+    if reached:
+        best = min(reached, key=lambda p: p["device_time_to_target_s"])["batch_size"]
+        assert s["policies"]["best_measured"]["batch_size"] == best
+    else:
+        assert "best_measured" in s["skipped"]
+    for p, plan in s["policies"].items():
+        if p != "adaptive":  # smoke: Adam, default batch 32 at 3e-3, square-root rule
+            assert plan["learning_rate"] == pytest.approx(3e-3 * math.sqrt(plan["batch_size"] / 32))
+    assert [(r["policy"], r["seed"]) for r in s["runs"]] == [
+        (p, seed) for seed in (0, 1) for p in s["policies"]
+    ]
+    step_time = {int(b): v["step_time_s"] for b, v in s["timing"].items()}
+    segments = 0
+    for r in s["runs"]:
+        rows = runlog.read_jsonl(os.path.join(r["workdir"], runlog.METRICS_FILE))
+        steps = [x["step"] for x in rows]
+        assert steps == sorted(set(steps))  # the segments resumed exactly: no repeated row
+        segments += sum(x.get("stop_reason") == "max_wall_time_s" for x in rows[:-1])
+        evals = [x for x in rows if "test_accuracy" in x]
+        acc = [x["test_accuracy"] for x in evals]
+        means = [np.mean(acc[i - 1 : i + 1]) for i in range(1, len(acc))]  # window 2
+        hit = next((i + 1 for i, m in enumerate(means) if m >= s["target_accuracy"]), None)
+        assert r["reached"] == (hit is not None)
+        assert r["best_smoothed_accuracy"] == (pytest.approx(max(means)) if means else None)
+        if hit is None:
+            assert r["device_time_to_target_s"] is None and r["time_to_target_s"] is None
+            continue
+        at = evals[hit]
+        assert r["steps_to_target"] == at["step"] and r["time_to_target_s"] == at["wall_time_s"]
+        upto = [x for x in rows if x["step"] <= at["step"]]
+        n = np.diff([0] + [x["step"] for x in upto])
+        expected = sum(k * step_time[x["batch_size"]] for k, x in zip(n, upto, strict=True))
+        assert r["device_time_to_target_s"] == pytest.approx(expected, rel=1e-9)
+    assert segments >= 1  # at least one run stopped at a budget and was resumed
+    assert s["verdict"] == runlog.to_strict_json(compare.verdict(s["runs"], s["target_accuracy"]))
+    ad = [r for r in s["runs"] if r["policy"] == "adaptive"]
+    changes = ad[0]["schedule"]["changes"]
+    assert s["schedule"]["changes"] == changes
+    for change in changes:
+        assert change["new_batch_size"] > change["old_batch_size"] and change["reason"]
+    table = compare.report(s)
+    for r in s["runs"]:
+        assert any(line.split()[:2] == [r["policy"], str(r["seed"])] for line in table.splitlines())
+    assert table.count("\n".join(s["verdict"]["text"])) == 1
+    assert os.path.getsize(os.path.join(workdir, compare.PLOT_FILE)) > 0
