@@ -103,13 +103,10 @@ NOT_IDENTITY = (
     "divergence_factor",
     "data.cache_dir",
     "data.tfds_data_dir",
+    "data.url",
+    "data.md5",
     "compare",
 )
-
-# Until experiments/{sweep,compare,bench,parallel_bench}.py import them from runlog.
-write_json = runlog.write_json
-read_metrics = runlog.read_jsonl
-QuietOrbax = runlog.QuietOrbax
 
 
 class Diverged(UserError):
