@@ -14,6 +14,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from experiments.cli import UserError
+from experiments.data import CIFAR10_BINARY_MD5, CIFAR10_BINARY_URL
 
 DATA = "../shared/data/cifar10-jpeg.tar.gz"
 VARIANTS = ("smoke", "cpu", "gpu", "gpu_study", "effnet_lamb")
@@ -118,11 +119,15 @@ def base() -> ml_collections.ConfigDict:
 
     # Data (experiments.data.load).
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # 'tfds', 'folder' (data.path) or 'synthetic'
+    c.data.source = "tfds"  # 'tfds', 'folder' (data.path), 'cifar10_binary' (the official
+    # binary archive: data.path, or downloaded once from data.url into the cache, MD5-checked)
+    # or 'synthetic'
     c.data.name = "cifar10"  # tfds name
     c.data.path = config_dict.placeholder(str)  # folder or .tar.gz laid out split/class/x.jpg
     c.data.cache_dir = config_dict.placeholder(str)  # decoded arrays (None: ~/.cache/gns)
     c.data.tfds_data_dir = config_dict.placeholder(str)  # tfds data_dir (None: its default)
+    c.data.url = CIFAR10_BINARY_URL  # cifar10_binary: where to download it from...
+    c.data.md5 = CIFAR10_BINARY_MD5  # ...and its published checksum (None: unchecked)
     c.data.num_train = config_dict.placeholder(int)  # class-stratified subset (None: all)
     c.data.num_test = config_dict.placeholder(int)  # same for the test split
     c.data.augment = True  # random crop (reflect padding 4) and horizontal flip

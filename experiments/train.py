@@ -119,6 +119,8 @@ NOT_IDENTITY = (
     "divergence_factor",
     "data.cache_dir",
     "data.tfds_data_dir",
+    "data.url",
+    "data.md5",
     "data.on_device",
     "distributed",
     "step_time_repeats",
@@ -127,11 +129,6 @@ NOT_IDENTITY = (
     "adaptive.timing_warmup",
     "adaptive.timing_rounds",
 )
-
-# Until experiments/{sweep,compare,bench,parallel_bench}.py import them from runlog.
-write_json = runlog.write_json
-read_metrics = runlog.read_jsonl
-QuietOrbax = runlog.QuietOrbax
 
 
 class Diverged(UserError):
