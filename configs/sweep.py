@@ -129,12 +129,12 @@ def cpu() -> ml_collections.ConfigDict:
 
     Noise scale from 16 batches of 128 after 200 steps, and along a 1,500-step pilot (every 5
     steps, 3 stretches); branched critical batch at 3 states of the pilot (forks at 16-256,
-    2,048 examples each, 2 repeats: 61,440 examples, 0.64x the pilot's); step time at batch
-    16-1024; trainings to 45% test accuracy (5,000-image eval subset) at batches 16-128.
+    16,384 examples each, 2 repeats: 491,520 examples, 5.1x the pilot's); step time at batch
+    16-1024; trainings to 45% test accuracy (5,000-image eval subset) at batches 16-256, and a
+    second seed at the 3 fastest.
     Measured 2026-11-24, before the pilot and the branched stage: 1 min 42 s on 2 idle CPU cores
-    (recommended batch 32, B_simple 183, B_crit 184); about 20 minutes on 2 cores shared with
-    three other busy processes, where big batches slow down most. The pilot and the forks add
-    about 2 minutes by estimate (not yet measured).
+    (recommended batch 32, B_simple 183, B_crit 184). Measured 2026-12-01 on 2 cores at load
+    8-11: the branched stage alone 8.6 minutes, the rest of the sweep about 7 minutes.
     Command::
 
         python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
@@ -166,9 +166,9 @@ def resnet_sgd() -> ml_collections.ConfigDict:
     noise scale from 2 microbatches, which are also the ghost-BatchNorm groups of every step
     (``train.gns_microbatches = 2``, so a batch of 16 still normalizes over 8 examples).
     Pilot of 600 steps at batch 64 (~0.8 epoch, past the target), every 5 steps; branched
-    critical batch at 3 states (forks at 16-256, 2,048 examples each, 2 repeats); step time at
-    batch 16-512; trainings at 16-256, a second seed at the 3 fastest. Sized for about 15-20
-    minutes on 2 busy CPU cores. Command::
+    critical batch at 3 states (forks at 16-256, 8,192 examples each, 2 repeats: 6.4x the
+    pilot's examples); step time at batch 16-512; trainings at 16-256, a second seed at the 3
+    fastest. Command::
 
         python -m experiments.sweep --config configs/sweep.py:resnet_sgd --workdir runs/resnet \
           --config.train.data.source=folder \
@@ -179,7 +179,7 @@ def resnet_sgd() -> ml_collections.ConfigDict:
     c.train.update(gns_microbatches=2, eval_examples=2000)
     c.train.model.update(name="resnet", stage_sizes=(1, 1, 1), num_filters=8)
     c.noise.update(chunk_size=None, pilot_steps=600, every=5)
-    c.critical.update(eval_examples=1000)
+    c.critical.update(eval_examples=1000, fork_steps=32)  # 8,192 examples per fork
     c.throughput.update(max_batch_size=512)
     c.tradeoff.update(target_accuracy=0.35, max_steps=4000, max_wall_time_s=400.0)
     return c
