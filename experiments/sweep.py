@@ -502,16 +502,17 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
     }
 
 
-def measure_critical_batch(view, ds) -> dict:
+def measure_critical_batch(view, ds, b_noise: float = math.inf) -> dict:
     """Stage 1b: the branched critical batch at ``critical.num_checkpoints`` states of the pilot.
 
     From each checkpoint (the pilot's state at the middle of equal stretches, held in memory by
     the noise stage or replayed exactly by :func:`run_pilot`), forks at ``train.batch_size·2^j``
     (``critical.exponents``), the learning rate scaled by the rule of
-    :func:`gns.recommend.scale_learning_rate` (:func:`gns.critical.lr_multipliers`; linear for
-    SGD), each for ``critical.fork_steps`` steps of the largest fork's batch in examples,
-    ``critical.num_repeats`` repeats on disjoint data of one stream, evaluated on the first
-    ``critical.eval_examples`` test images (:func:`gns.finder.branch`).
+    :func:`gns.recommend.scale_learning_rate` (:func:`gns.critical.lr_multipliers`; for SGD
+    with ``b_noise``, the early ``b_simple`` the trainings scale with; ``inf``: linear), each
+    for ``critical.fork_steps`` steps of the largest fork's batch in examples,
+    ``critical.num_repeats`` repeats on disjoint data of one stream, evaluated on a fixed
+    random subset of ``critical.eval_examples`` test images (:func:`gns.finder.branch`).
 
     Returns:
       ``{"checkpoints": [], "effective": None, "note"}`` when ``critical.num_checkpoints`` is
@@ -569,7 +570,7 @@ def measure_critical_batch(view, ds) -> dict:
     out = finder.branch(
         {s: states[s] for s in steps}, make_step, batch_fn, eval_fn, ref_batch_size=b_ref,
         end_step=n_steps, num_examples=n_fork, exponents=exps,
-        lr_multiplier=lambda b: critical.lr_multipliers(b_ref, [b], t.optimizer)[0],
+        lr_multiplier=lambda b: critical.lr_multipliers(b_ref, [b], t.optimizer, b_noise)[0],
         num_repeats=int(ccfg.num_repeats), pilot_examples=n_steps * b_ref,
         confidence=float(ccfg.confidence), seed=int(t.seed),
     )  # fmt: skip
@@ -586,6 +587,27 @@ def measure_critical_batch(view, ds) -> dict:
         "replayed_pilot": replayed,
         "time_s": time.perf_counter() - t0,
     }
+
+
+def critical_fingerprint(config, b_noise: float) -> str:
+    """The key of the branched stage's cached result: :func:`stage_fingerprint`, with
+    ``b_noise`` folded in where the forks' learning-rate rule uses it (SGD: the McCandlish rule
+    with the early ``b_simple``, as the trainings), so a new noise scale forks again.
+
+    Example:
+      >>> from configs import sweep as sweep_config
+      >>> c = sweep_config.get_config("smoke")  # Adam: square-root rule, no noise scale
+      >>> critical_fingerprint(c, 100.0) == stage_fingerprint(c, "critical_batch")
+      True
+    """
+    from gns import critical
+
+    fp, t = stage_fingerprint(config, "critical_batch"), config.train
+    sizes = [int(t.batch_size * 2.0**e) for e in _get_path(config, "critical.exponents")]
+    rule = critical.lr_multipliers(t.batch_size, sizes, t.optimizer, b_noise)
+    if rule == critical.lr_multipliers(t.batch_size, sizes, t.optimizer):
+        return fp
+    return runlog.fingerprint({"fields": fp, "lr_rule_b_noise": b_noise})
 
 
 def _effective_from_json(d: dict | None):
@@ -935,7 +957,10 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
             f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
             hint=f"delete {workdir} and run again",
         )
-    crit = stage("critical_batch", "value", lambda view, ds: measure_critical_batch(view, ds))
+    fps["critical_batch"] = critical_fingerprint(config, b_noise)
+    crit = stage(
+        "critical_batch", "value", lambda view, ds: measure_critical_batch(view, ds, b_noise)
+    )
     _PILOT_STATES.clear()
     tput = stage("throughput", "table", measure_throughput)
     rcfg, t = config.recommend, config.train

@@ -146,3 +146,22 @@ def test_unmeasured_bases_and_no_reached_training_are_reported_not_crashed():
     assert v["targets"]["branched_over_fitted_met"] is None  # no critical_batch stage
     missed = [point(b, 0, 1, 1.0, reached=False) for b in (32, 64)]
     assert "error" in validation.validation(fake_sweep(missed, by_basis))
+
+
+def test_branched_stage_is_keyed_by_the_noise_scale_only_where_its_rule_uses_it():
+    from configs import sweep as sweep_config
+    from experiments import sweep
+
+    adam = sweep_config.get_config("smoke")
+    plain = sweep.stage_fingerprint(adam, "critical_batch")
+    assert sweep.critical_fingerprint(adam, 50.0) == plain
+    assert sweep.critical_fingerprint(adam, 500.0) == plain
+    sgd = sweep_config.get_config("resnet_sgd")
+    fp = sweep.critical_fingerprint(sgd, 176.0)
+    assert fp == sweep.critical_fingerprint(sgd, 176.0)
+    assert fp != sweep.critical_fingerprint(sgd, 200.0)
+    assert fp != sweep.stage_fingerprint(sgd, "critical_batch")
+    # inf: the SGD rule is linear scaling, the rule's default: nothing to fold in.
+    assert sweep.critical_fingerprint(sgd, float("inf")) == sweep.stage_fingerprint(
+        sgd, "critical_batch"
+    )
