@@ -316,10 +316,9 @@ def test_rerun_reuses_what_was_measured(smoke_run, monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_second_seed_at_the_fastest_batches_and_the_validation_block(smoke_run, monkeypatch):
-    config, workdir, first, _ = smoke_run
+    config, workdir, _, _ = smoke_run
     config = sweep_config.get_config("smoke")
     config.tradeoff.update(extra_seeds=1, reseed_best=1)
-    fastest = first["time_to_target"][0]["batch_size"]
     trained = []
     real_train = sweep.run_training
 
@@ -329,7 +328,11 @@ def test_second_seed_at_the_fastest_batches_and_the_validation_block(smoke_run, 
 
     monkeypatch.setattr(sweep, "run_training", count_train)
     s = sweep.run_sweep(config, workdir)
-    # Only the new seed at the fastest batch trains; the first seed's trainings are reused.
+    # Only the new seed at the fastest batch (by device time, on this sweep's timing table)
+    # trains; the first seed's trainings are reused.
+    dev0 = {p["batch_size"]: p["device_time_to_target_s"] for p in s["tradeoff"]["points"]
+            if p["seed"] == config.train.seed and p["reached"]}  # fmt: skip
+    fastest = min(dev0, key=lambda b: (dev0[b], b))
     assert trained == [(fastest, config.train.seed + 1)]
     assert s["tradeoff"]["reseeded"] == [fastest]
     pts = [p for p in s["tradeoff"]["points"] if p["batch_size"] == fastest]
