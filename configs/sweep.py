@@ -135,7 +135,8 @@ def cpu() -> ml_collections.ConfigDict:
     second seed at the 3 fastest.
     Measured 2026-11-24, before the pilot and the branched stage: 1 min 42 s on 2 idle CPU cores
     (recommended batch 32, B_simple 183, B_crit 184). Measured 2026-12-01 on 2 cores at load
-    8-11: the branched stage alone 8.6 minutes, the rest of the sweep about 7 minutes.
+    4-11, stage by stage (resumed runs): noise 22 s, branched 5.4 min, timing 53 s, the 8
+    trainings 6 min: about 12.5 minutes in all.
     Command::
 
         python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
@@ -171,7 +172,9 @@ def resnet_sgd() -> ml_collections.ConfigDict:
     Pilot of 600 steps at batch 64 (~0.8 epoch, past the target), every 5 steps; branched
     critical batch at 3 states (forks at 16-256, 8,192 examples each, 2 repeats: 6.4x the
     pilot's examples); step time at batch 16-512; trainings at 16-256, a second seed at the 3
-    fastest. Command::
+    fastest. Measured 2026-12-01 on 2 cores at load 5-11, stage by stage (resumed runs): noise
+    2.3 min, branched 8.1 min, timing 1.9 min, the 8 trainings 9.8 min: about 22 minutes.
+    Command::
 
         python -m experiments.sweep --config configs/sweep.py:resnet_sgd --workdir runs/resnet \
           --config.train.data.source=folder \
