@@ -1,6 +1,7 @@
 """The batch-size sweep: noise scale, throughput and memory, tradeoff, recommendation.
 
-``get_config(arg)``: ``arg`` picks a variant (``smoke``, ``cpu``; default ``cpu``). The training
+``get_config(arg)``: ``arg`` picks a variant (``smoke``, ``cpu``, ``resnet_sgd``; default
+``cpu``). The training
 setup is not copied here: ``config.train`` is ``configs/cifar10.py:get_config(arg)`` itself
 (:func:`training_config`), without its ``compare`` subtree (the sweep never reads it) and with
 the few fields the sweep changes. Every field is overridable on the command line, e.g.
@@ -15,7 +16,7 @@ from ml_collections import config_dict
 
 from configs import cifar10
 
-VARIANTS = ("smoke", "cpu")
+VARIANTS = ("smoke", "cpu", "resnet_sgd")
 
 
 def training_config(variant: str) -> ml_collections.ConfigDict:
@@ -76,6 +77,10 @@ def base(variant: str) -> ml_collections.ConfigDict:
     until the test accuracy reaches ``target_accuracy`` or ``max_steps``/``max_wall_time_s``;
     evaluation every ``eval_every_examples`` training examples (so the resolution of
     steps-to-target is the same across batch sizes), ``num_bootstrap`` refits for the intervals.
+    ``extra_seeds`` more trainings (seeds ``train.seed + 1, ...``) at the ``reseed_best``
+    batches that reached the target in the least device time: ``tradeoff.by_batch`` gives the
+    mean and spread over seeds, and ``validation`` the recommendations read against them
+    (:func:`experiments.validation.validation`).
 
     ``recommend``: ``price_per_hour`` (``None``: compute in device-seconds), ``objective``
     (``time`` or ``cost``), and extra ``candidates`` (``None``: the measured batches and the
@@ -93,6 +98,7 @@ def base(variant: str) -> ml_collections.ConfigDict:
     c.tradeoff = ml_collections.ConfigDict({"batch_sizes": config_dict.placeholder(tuple)})
     c.tradeoff.update(min_batch_size=16, max_runs=5, target_accuracy=0.5, max_steps=5000)
     c.tradeoff.update(max_wall_time_s=120.0, eval_every_examples=4096, num_bootstrap=1000)
+    c.tradeoff.update(extra_seeds=0, reseed_best=3)
     return c
 
 
@@ -125,14 +131,16 @@ def smoke() -> ml_collections.ConfigDict:
 def cpu() -> ml_collections.ConfigDict:
     """SmallCNN (95k parameters) with Adam on CIFAR-10: a full sweep sized for 2 CPU cores.
 
-    Noise scale from 16 batches of 128 after 200 steps, and along a 1,500-step pilot (every 5
-    steps, 3 stretches); branched critical batch at 3 states of the pilot (forks at 16-256,
-    2,048 examples each, 2 repeats: 61,440 examples, 0.64x the pilot's); step time at batch
-    16-1024; trainings to 45% test accuracy (5,000-image eval subset) at batches 16-128.
+    Noise scale from 16 batches of 128 after 200 steps, and along a 500-step pilot (every 5
+    steps, 3 stretches: about the path to the target); branched critical batch at 3 states of
+    the pilot (forks at 16-256, 16,384 examples each, 2 repeats: 491,520 examples, 15x the
+    pilot's); step time at batch
+    16-1024; trainings to 45% test accuracy (5,000-image eval subset) at batches 16-256, and a
+    second seed at the 3 fastest.
     Measured 2026-11-24, before the pilot and the branched stage: 1 min 42 s on 2 idle CPU cores
-    (recommended batch 32, B_simple 183, B_crit 184); about 20 minutes on 2 cores shared with
-    three other busy processes, where big batches slow down most. The pilot and the forks add
-    about 2 minutes by estimate (not yet measured).
+    (recommended batch 32, B_simple 183, B_crit 184). Measured 2026-12-01 on 2 cores at load
+    4-11, stage by stage (resumed runs): noise 22 s, branched 5.4 min, timing 53 s, the 8
+    trainings 6 min: about 12.5 minutes in all.
     Command::
 
         python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
@@ -142,22 +150,60 @@ def cpu() -> ml_collections.ConfigDict:
     c = base("cpu")
     c.train.update(num_epochs=None, batch_size=64, learning_rate=2e-3, eval_examples=5000)
     c.noise.update(warmup_steps=200, batch_size=128, num_batches=16, chunk_size=64)
-    c.noise.update(pilot_steps=1500, every=5)  # ~2 epochs at batch 64, measured every 5 steps
+    # The pilot runs to about the target: the trainings at batch 64 reach it at step 448 and
+    # 576 (seeds 0, 1; 2026-12-01), so the path averages describe the run to the target.
+    c.noise.update(pilot_steps=500, every=5)
+    # Forks of 64 steps at the largest batch (16,384 examples): 8-step forks (2,048 examples)
+    # were shorter than the held-out loss's step-to-step jitter at a constant rate (every
+    # checkpoint unresolved, 2026-12-01).
+    c.critical.update(fork_steps=64)
     c.throughput.update(min_batch_size=16, max_batch_size=1024, memory_budget_bytes=4 * 2**30)
-    c.tradeoff.update(batch_sizes=(16, 32, 64, 128), target_accuracy=0.45, max_steps=6000)
-    c.tradeoff.update(max_wall_time_s=300.0, eval_every_examples=4096)
+    c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256), target_accuracy=0.45, max_steps=6000)
+    c.tradeoff.update(max_wall_time_s=600.0, eval_every_examples=4096)
+    c.tradeoff.update(extra_seeds=1, reseed_best=3)
+    return c
+
+
+def resnet_sgd() -> ml_collections.ConfigDict:
+    """A second setup for the validation: a small ResNet (BatchNorm) with SGD + momentum 0.9.
+
+    ResNet with one basic block per stage, 3 stages, 8 filters (19,954 parameters; the CIFAR
+    stem, no max-pooling), SGD with momentum 0.9 at 0.05 for batch 64 (other batches: the
+    McCandlish rule of :func:`gns.recommend.scale_learning_rate` with the early ``B_simple``),
+    constant rate, trainings to 35% test accuracy (2,000-image eval subset). BatchNorm: the
+    noise scale from 2 microbatches, which are also the ghost-BatchNorm groups of every step
+    (``train.gns_microbatches = 2``, so a batch of 16 still normalizes over 8 examples).
+    Pilot of 600 steps at batch 64 (~0.8 epoch, past the target), every 5 steps; branched
+    critical batch at 3 states (forks at 16-256, 8,192 examples each, 2 repeats: 6.4x the
+    pilot's examples); step time at batch 16-512; trainings at 16-256, a second seed at the 3
+    fastest. Measured 2026-12-01 on 2 cores at load 5-11, stage by stage (resumed runs): noise
+    2.3 min, branched 8.1 min, timing 1.9 min, the 8 trainings 9.8 min: about 22 minutes.
+    Command::
+
+        python -m experiments.sweep --config configs/sweep.py:resnet_sgd --workdir runs/resnet \
+          --config.train.data.source=folder \
+          --config.train.data.path=../shared/data/cifar10-jpeg.tar.gz
+    """
+    c = cpu()
+    c.train.update(optimizer="sgd", momentum=0.9, nesterov=False, learning_rate=0.05)
+    c.train.update(gns_microbatches=2, eval_examples=2000)
+    c.train.model.update(name="resnet", stage_sizes=(1, 1, 1), num_filters=8)
+    c.noise.update(chunk_size=None, pilot_steps=600, every=5)
+    c.critical.update(eval_examples=1000, fork_steps=32)  # 8,192 examples per fork
+    c.throughput.update(max_batch_size=512)
+    c.tradeoff.update(target_accuracy=0.35, max_steps=4000, max_wall_time_s=400.0)
     return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of variant ``arg`` (``smoke`` or ``cpu``; default ``cpu``).
+    """The config of variant ``arg`` (``smoke``, ``cpu`` or ``resnet_sgd``; default ``cpu``).
 
     Example::
 
         python -m experiments.sweep --config configs/sweep.py:smoke --workdir /tmp/sweep_smoke
     """
     arg = arg or "cpu"
-    variants = {"smoke": smoke, "cpu": cpu}
+    variants = {"smoke": smoke, "cpu": cpu, "resnet_sgd": resnet_sgd}
     if arg not in variants:
         raise ValueError(
             f"Unknown configs/sweep.py variant {arg!r}: use one of {', '.join(VARIANTS)} "

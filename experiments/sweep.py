@@ -72,7 +72,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, runlog, train
+from experiments import cli, runlog, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 
@@ -139,6 +139,8 @@ PATH_DEFAULTS: dict[str, Any] = {
     "noise.pilot_steps": None,
     "noise.every": 1,
     "noise.num_stretches": 3,
+    "tradeoff.extra_seeds": 0,
+    "tradeoff.reseed_best": 3,
     "critical": {
         "num_checkpoints": 0, "exponents": (-1, 0, 1, 2), "fork_steps": 8, "num_repeats": 2,
         "eval_examples": 512, "confidence": 0.9, "seed_offset": 7,
@@ -255,6 +257,8 @@ def validate_config(config, names: dict[str, str] | None = None) -> None:
         ("tradeoff.max_steps", *_is_int(1)),
         ("tradeoff.eval_every_examples", *_is_int(1)),
         ("tradeoff.num_bootstrap", *_is_int(1)),
+        ("tradeoff.extra_seeds", *_is_int(0)),
+        ("tradeoff.reseed_best", *_is_int(1)),
         ("tradeoff.target_accuracy", lambda x: _is_pos(x) and x <= 1, "must be in (0, 1]"),
         ("tradeoff.max_wall_time_s", lambda x: x is None or _is_pos(x), "must be > 0 or None"),
         ("recommend.objective", lambda x: x in ("time", "cost"), "must be 'time' or 'cost'"),
@@ -516,16 +520,17 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
     }
 
 
-def measure_critical_batch(view, ds) -> dict:
+def measure_critical_batch(view, ds, b_noise: float = math.inf) -> dict:
     """Stage 1b: the branched critical batch at ``critical.num_checkpoints`` states of the pilot.
 
     From each checkpoint (the pilot's state at the middle of equal stretches, held in memory by
     the noise stage or replayed exactly by :func:`run_pilot`), forks at ``train.batch_size·2^j``
     (``critical.exponents``), the learning rate scaled by the rule of
-    :func:`gns.recommend.scale_learning_rate` (:func:`gns.critical.lr_multipliers`; linear for
-    SGD), each for ``critical.fork_steps`` steps of the largest fork's batch in examples,
-    ``critical.num_repeats`` repeats on disjoint data of one stream, evaluated on the first
-    ``critical.eval_examples`` test images (:func:`gns.finder.branch`).
+    :func:`gns.recommend.scale_learning_rate` (:func:`gns.critical.lr_multipliers`; for SGD
+    with ``b_noise``, the early ``b_simple`` the trainings scale with; ``inf``: linear), each
+    for ``critical.fork_steps`` steps of the largest fork's batch in examples,
+    ``critical.num_repeats`` repeats on disjoint data of one stream, evaluated on a fixed
+    random subset of ``critical.eval_examples`` test images (:func:`gns.finder.branch`).
 
     Returns:
       ``{"checkpoints": [], "effective": None, "note"}`` when ``critical.num_checkpoints`` is
@@ -534,7 +539,7 @@ def measure_critical_batch(view, ds) -> dict:
       of the resolved checkpoints, "points": every fork result, "cost_fraction": examples forked
       / pilot examples, "replayed_pilot": bool, ...}``.
     """
-    from experiments import data
+    from experiments import data, tasks
     from gns import critical, finder
 
     t, ccfg = view.train, view.critical
@@ -565,9 +570,12 @@ def measure_critical_batch(view, ds) -> dict:
     def batch_fn(size, index):  # one shuffled stream, the same order at every batch size
         return data.train_batch(ds, size, seed=seed, step=index, augment=t.data.augment)
 
-    n_eval = min(int(ccfg.eval_examples), len(ds.test_labels))
-    images = jnp.asarray(data.normalize(ds.test_images[:n_eval], ds.mean, ds.std))
-    labels, mask = jnp.asarray(ds.test_labels[:n_eval]), jnp.ones((n_eval,), jnp.float32)
+    # A fixed random subset of the test set (the trainings' own, for the same size): the
+    # test split is stored class by class, so its first images are all of one class.
+    idx = tasks.subset(len(ds.test_labels), int(ccfg.eval_examples), 1)
+    n_eval = len(idx)
+    images = jnp.asarray(data.normalize(ds.test_images[idx], ds.mean, ds.std))
+    labels, mask = jnp.asarray(ds.test_labels[idx]), jnp.ones((n_eval,), jnp.float32)
     eval_step = jax.jit(train.make_eval_step(model))
 
     def eval_fn(state):
@@ -580,7 +588,7 @@ def measure_critical_batch(view, ds) -> dict:
     out = finder.branch(
         {s: states[s] for s in steps}, make_step, batch_fn, eval_fn, ref_batch_size=b_ref,
         end_step=n_steps, num_examples=n_fork, exponents=exps,
-        lr_multiplier=lambda b: critical.lr_multipliers(b_ref, [b], t.optimizer)[0],
+        lr_multiplier=lambda b: critical.lr_multipliers(b_ref, [b], t.optimizer, b_noise)[0],
         num_repeats=int(ccfg.num_repeats), pilot_examples=n_steps * b_ref,
         confidence=float(ccfg.confidence), seed=int(t.seed),
     )  # fmt: skip
@@ -597,6 +605,27 @@ def measure_critical_batch(view, ds) -> dict:
         "replayed_pilot": replayed,
         "time_s": time.perf_counter() - t0,
     }
+
+
+def critical_fingerprint(config, b_noise: float) -> str:
+    """The key of the branched stage's cached result: :func:`stage_fingerprint`, with
+    ``b_noise`` folded in where the forks' learning-rate rule uses it (SGD: the McCandlish rule
+    with the early ``b_simple``, as the trainings), so a new noise scale forks again.
+
+    Example:
+      >>> from configs import sweep as sweep_config
+      >>> c = sweep_config.get_config("smoke")  # Adam: square-root rule, no noise scale
+      >>> critical_fingerprint(c, 100.0) == stage_fingerprint(c, "critical_batch")
+      True
+    """
+    from gns import critical
+
+    fp, t = stage_fingerprint(config, "critical_batch"), config.train
+    sizes = [int(t.batch_size * 2.0**e) for e in _get_path(config, "critical.exponents")]
+    rule = critical.lr_multipliers(t.batch_size, sizes, t.optimizer, b_noise)
+    if rule == critical.lr_multipliers(t.batch_size, sizes, t.optimizer):
+        return fp
+    return runlog.fingerprint({"fields": fp, "lr_rule_b_noise": b_noise})
 
 
 def _effective_from_json(d: dict | None):
@@ -800,11 +829,13 @@ def step_times(rows: list[dict]) -> dict[int, float]:
 # Stage 3: trainings to the target, and time to target two ways.
 
 
-def training_config(config, batch_size: int, b_noise: float) -> tuple[Any, str]:
+def training_config(
+    config, batch_size: int, b_noise: float, seed_offset: int = 0
+) -> tuple[Any, str]:
     """The training config of the run at ``batch_size``: ``config.train`` with the scaled
     learning rate, the target and the caps of ``config.tradeoff``, evaluation every
-    ``tradeoff.eval_every_examples`` examples (its fingerprint keys the cached result), and the
-    learning-rate rule in words."""
+    ``tradeoff.eval_every_examples`` examples, seed ``train.seed + seed_offset`` (its
+    fingerprint keys the cached result), and the learning-rate rule in words."""
     from gns import recommend
 
     t, tr = config.train, config.tradeoff
@@ -814,6 +845,8 @@ def training_config(config, batch_size: int, b_noise: float) -> tuple[Any, str]:
     cfg = copy.deepcopy(t)
     eval_every = max(1, round(tr.eval_every_examples / batch_size))
     cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None)
+    if seed_offset:
+        cfg.seed = int(t.seed) + int(seed_offset)
     cfg.update(num_steps=tr.max_steps, max_wall_time_s=tr.max_wall_time_s)
     cfg.update(target_accuracy=tr.target_accuracy, eval_every=eval_every, log_every=eval_every)
     return cfg, rule
@@ -833,6 +866,7 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     )
     return {
         "batch_size": int(cfg.batch_size),
+        "seed": int(cfg.seed),
         "workdir": workdir,
         "learning_rate": float(cfg.learning_rate),
         "lr_rule": lr_rule,
@@ -908,7 +942,7 @@ def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     from gns import tradeoff
 
     reached = [p for p in points if p["reached"]]
-    keys = ("batch_size", "steps", "time_to_target_s", "device_time_to_target_s")
+    keys = ("batch_size", "seed", "steps", "time_to_target_s", "device_time_to_target_s")
     keys += ("step_time_s", "learning_rate", "reached", "workdir")
     out = {
         "s_min": None,
@@ -1003,7 +1037,10 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
             f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
             hint=f"delete {workdir} and run again",
         )
-    crit = stage("critical_batch", "value", lambda view, ds: measure_critical_batch(view, ds))
+    fps["critical_batch"] = critical_fingerprint(config, b_noise)
+    crit = stage(
+        "critical_batch", "value", lambda view, ds: measure_critical_batch(view, ds, b_noise)
+    )
     _PILOT_STATES.clear()
     tput = stage("throughput", "table", measure_throughput)
     rcfg, t = config.recommend, config.train
@@ -1051,13 +1088,27 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
             tput, extended_to = ext, nxt
             max_batch, rows, times = table_of(tput)
 
-    # 3. Trainings to the target and the tradeoff fit.
+    # 3. Trainings to the target (``tradeoff.extra_seeds`` more seeds at the
+    # ``tradeoff.reseed_best`` fastest batches) and the tradeoff fit on every training.
     fps["trainings"] = {}
+
+    def train_at(b, seed_offset=0):
+        bar.set_description(f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
+        cfg, rule = training_config(config, b, b_noise, seed_offset)
+        key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: as before
+        fp = fps["trainings"][key] = runlog.fingerprint(cfg.to_dict())
+        p = st.get("trainings", key, fp)
+        if p is None:
+            p = runlog.to_strict_json(
+                run_training(cfg, os.path.join(workdir, "train", f"B{b}-{fp[:8]}"), rule)
+            )
+            st.put("trainings", key, fp, p)
+        return with_device_time([p | {"seed": int(cfg.seed)}], times, max_batch)[0]
+
     points = []
     fitting = [r["batch_size"] for r in rows if r["fits"]]
     skipped_trainings = {}
     for b in train_batch_sizes(config, fitting) if trainings else []:
-        bar.set_description(f"training B={b}")
         why = mesh_lib.split_reason(b, mesh)
         if why is None and b > max_batch:
             why = f"skipped: above the largest batch that fits ({max_batch})"
@@ -1065,17 +1116,13 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
             logging.warning("The training at batch %d is %s.", b, why)
             skipped_trainings[str(b)] = why
             continue
-        cfg, rule = training_config(config, b, b_noise)
-        fp = fps["trainings"][str(b)] = runlog.fingerprint(cfg.to_dict())
-        p = st.get("trainings", b, fp)
-        if p is None:
-            p = runlog.to_strict_json(
-                run_training(cfg, os.path.join(workdir, "train", f"B{b}-{fp[:8]}"), rule)
-            )
-            st.put("trainings", b, fp, p)
-        points.append(p)
-    points = with_device_time(points, times, max_batch)
+        points.append(train_at(b))
+    reseed = validation.reseed_batch_sizes(points, _get_path(config, "tradeoff.reseed_best"))
+    for offset in range(1, _get_path(config, "tradeoff.extra_seeds") + 1):
+        points += [train_at(b, offset) for b in reseed]
+    by_batch = validation.mean_over_seeds(points)
     tradeoff_out = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.train.seed)
+    tradeoff_out.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
     bar.update(1)
     stage_t["trainings"] = time.perf_counter() - t_start - sum(stage_t.values())
 
@@ -1087,10 +1134,25 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         rec_fit = recommend_on(
             tradeoff_out["b_crit"], s_min=tradeoff_out["s_min"], basis="tradeoff_fit"
         )
+    # The pick under every basis measured (the validation compares them on the trainings).
+    by_basis = {}
+    fit_iv = tradeoff_out["intervals"].get("b_crit") or (None, None)
+    for name, (v, lo, hi) in [
+        *evidence.items(),
+        ("tradeoff_fit", (tradeoff_out["b_crit"], *fit_iv)),
+    ]:
+        r = {basis: rec, "tradeoff_fit": rec_fit}.get(name)
+        if r is None and name != "tradeoff_fit" and not math.isnan(v):
+            iv = None if math.isnan(lo) else (lo, hi)
+            r = recommend_on(v, iv, s_min=tradeoff_out["s_min"], step_time_range=None, basis=name)
+        by_basis[name] = {"b_noise": v, "low": lo, "high": hi}
+        by_basis[name] |= {"batch_size": None} if r is None else {
+            "batch_size": r.batch_size, "batch_size_range": r.batch_size_range,
+        }  # fmt: skip
     bar.update(1)
     bar.close()
     stage_t["recommend"] = time.perf_counter() - t_start - sum(stage_t.values())
-    reached = [p for p in points if p["reached"]]
+    reached = [p for p in by_batch if p["reached"]]
     sweep = {
         "device": device.to_dict(),
         "mesh": mesh_record,
@@ -1105,11 +1167,12 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         "throughput_extended_to": extended_to,
         "noise_scale": noise,
         "tradeoff": tradeoff_out,
-        "time_to_target": rank_time_to_target(points),
+        "time_to_target": rank_time_to_target(reached),
         "critical_batch": crit,
         "recommendation": rec.to_dict() | {"basis_note": basis_note},
         "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
-        # Device time (steps x t(B)): comparable to the predicted curve S(B) t(B).
+        "recommendation_by_basis": by_basis,
+        # Device time (steps x t(B)), mean over seeds: comparable to the predicted S(B) t(B).
         "measured_time_to_target": {
             str(p["batch_size"]): p["device_time_to_target_s"] for p in reached
         },
@@ -1120,6 +1183,8 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         "remeasured_after_config_change": st.stale,
         "stage_time_s": stage_t,
     }
+    if trainings:
+        sweep["validation"] = validation.validation(runlog.to_strict_json(sweep))
     runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
     try:
         sweep["plots"] = plots.sweep_plots(sweep, workdir)
@@ -1191,13 +1256,14 @@ def summary_table(sweep: dict) -> str:
         )  # fmt: skip
     lines += [
         "",
-        f"{'batch':>7} {'lr':>10} {'steps to target':>16} {'steps x t(B) s':>15} {'wall s':>8}",
+        f"{'batch':>7} {'seed':>4} {'lr':>10} {'steps to target':>16} {'steps x t(B) s':>15} "
+        f"{'wall s':>8}",
     ]
     t = sweep["tradeoff"]
     for p in t["points"]:
         lines.append(
-            f"{p['batch_size']:>7} {p['learning_rate']:>10.3g} {_fmt(p['steps'], '16.0f'):>16} "
-            f"{_fmt(p['device_time_to_target_s'], '15.2f'):>15} "
+            f"{p['batch_size']:>7} {_fmt(p.get('seed'), 'd'):>4} {p['learning_rate']:>10.3g} "
+            f"{_fmt(p['steps'], '16.0f'):>16} {_fmt(p['device_time_to_target_s'], '15.2f'):>15} "
             f"{_fmt(p['time_to_target_s'], '8.1f'):>8}"
         )
     if t.get("b_crit") is not None:
@@ -1228,7 +1294,43 @@ def summary_table(sweep: dict) -> str:
         lines.append(
             f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + validation_lines(sweep.get("validation")))
+
+
+def validation_lines(v: dict | None) -> list[str]:
+    """The ``validation`` block of ``sweep.json`` as summary lines (none without one)."""
+    if not v:
+        return []
+    if "error" in v:
+        return ["", f"validation: {v['error']}"]
+    best = v["best_measured"]
+    lines = [
+        "",
+        f"validation (device time to target over the best measured, batch {best['batch_size']}"
+        f" at {best['device_time_to_target_s']:.2f} s, mean of seeds {best['seeds']}):",
+    ]
+    for name, r in v["by_basis"].items():
+        if r.get("batch_size") is None:
+            lines.append(f"  {name:>12}: not measured")
+            continue
+        rng = r.get("over_best_range")
+        spread = "" if not rng else f" [seeds {rng[0]:.2f}-{rng[1]:.2f}]"
+        lines.append(
+            f"  {name:>12}: batch {r['batch_size']:>5} (noise scale "
+            f"{_fmt(r['b_noise'], '.4g')}): {_fmt(r['over_best'], '.2f')}x{spread}, {r['source']}"
+        )
+    c, g = v["branched_over_fitted"], v["targets"]
+    lines.append(
+        f"  branched B_crit / fitted B_crit: {_fmt(c['value'], '.2f')} "
+        f"[{_fmt(c['low'], '.2f')}, {_fmt(c['high'], '.2f')}]; per checkpoint "
+        + ", ".join(f"{_fmt(x['ratio'], '.2f')} (step {x['step']})" for x in c["per_checkpoint"])
+    )
+    lines.append(
+        f"  targets: branched over best <= {g['branched_over_best_max']:.2f}: "
+        f"{g['branched_over_best_met']}; branched within {g['branched_over_fitted_max_factor']}x "
+        f"of fitted: {g['branched_over_fitted_met']}"
+    )
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

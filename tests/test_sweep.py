@@ -378,6 +378,63 @@ def test_rerun_reuses_what_was_measured(smoke_run, monkeypatch):
 
 
 @pytest.mark.timeout(300)
+def test_second_seed_at_the_fastest_batches_and_the_validation_block(smoke_run, monkeypatch):
+    config, workdir, _, _ = smoke_run
+    config = sweep_config.get_config("smoke")
+    config.tradeoff.update(extra_seeds=1, reseed_best=1)
+    trained = []
+    real_train = sweep.run_training
+
+    def count_train(cfg, wd, rule):
+        trained.append((cfg.batch_size, cfg.seed))
+        return real_train(cfg, wd, rule)
+
+    monkeypatch.setattr(sweep, "run_training", count_train)
+    s = sweep.run_sweep(config, workdir)
+    # Only the new seed at the fastest batch (by device time, on this sweep's timing table)
+    # trains; the first seed's trainings are reused.
+    dev0 = {p["batch_size"]: p["device_time_to_target_s"] for p in s["tradeoff"]["points"]
+            if p["seed"] == config.train.seed and p["reached"]}  # fmt: skip
+    fastest = min(dev0, key=lambda b: (dev0[b], b))
+    assert trained == [(fastest, config.train.seed + 1)]
+    assert s["tradeoff"]["reseeded"] == [fastest]
+    pts = [p for p in s["tradeoff"]["points"] if p["batch_size"] == fastest]
+    assert sorted(p["seed"] for p in pts) == [config.train.seed, config.train.seed + 1]
+    row = next(r for r in s["tradeoff"]["by_batch"] if r["batch_size"] == fastest)
+    dev = [p["device_time_to_target_s"] for p in pts if p["reached"]]
+    if len(dev) == 2:
+        assert row["device_time_to_target_s"] == pytest.approx(np.mean(dev))
+        assert row["device_time_range"] == pytest.approx([min(dev), max(dev)])
+    # The fit uses every training, both seeds included.
+    assert len(s["tradeoff"]["points"]) == len(config.tradeoff.batch_sizes) + 1
+    # Validation: every basis measured, each pick read against the trainings independently.
+    v = s["validation"]
+    assert set(v["by_basis"]) == set(s["recommendation"]["evidence"]) | {"tradeoff_fit"}
+    assert (
+        v["by_basis"][s["recommendation"]["basis"]]["batch_size"]
+        == s["recommendation"]["batch_size"]
+    )
+    means = {r["batch_size"]: r["device_time_to_target_s"] for r in s["tradeoff"]["by_batch"]
+             if r["reached"]}  # fmt: skip
+    best = min(means, key=lambda b: (means[b], b))
+    assert v["best_measured"]["batch_size"] == best
+    for r in v["by_basis"].values():
+        b = r["batch_size"]
+        if b is None:  # a basis that gave no number (e.g. unresolved branched forks)
+            continue
+        if b in means:
+            assert r["trained"] and r["over_best"] == pytest.approx(means[b] / means[best])
+        else:  # interpolated on the fitted curve: S(B) t(B)
+            t_b = next(x["step_time_s"] for x in s["throughput"] if x["batch_size"] == b)
+            fit = s["tradeoff"]
+            pred = (fit["s_min"] + fit["e_min"] / b) * t_b
+            assert not r["trained"] and r["over_best"] == pytest.approx(pred / means[best])
+    out = sweep.summary_table(s)
+    assert "validation (device time to target over the best measured" in out
+    assert f"batch {v['by_basis']['tradeoff_fit']['batch_size']:>5}" in out
+
+
+@pytest.mark.timeout(300)
 def test_command_line_reuses_per_stage_after_a_config_change(smoke_run):
     _, workdir, first, _ = smoke_run
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)  # same XLA_FLAGS as here

@@ -1,0 +1,252 @@
+"""Does the recommendation hold? The sweep's trainings read against its own recommendations.
+
+Pure functions on the dicts of ``experiments.sweep`` (the trainings' points and ``sweep.json``):
+
+* :func:`reseed_batch_sizes`: the batch sizes that get a second seed (the fastest to the target);
+* :func:`mean_over_seeds`: one row per batch size, the mean and spread over its seeds;
+* :func:`validation`: the ``validation`` block of ``sweep.json``: the recommended batch under
+  each basis, its device time to target over the best measured (with the spread over seeds),
+  and the branched critical batch over the fitted one.
+
+The time to target is always the device time ``steps_to_target(B) × t(B)`` (``t(B)`` from the
+sweep's one interleaved timing table), which another process on a shared machine cannot skew
+from one training to the next. Reference: McCandlish et al. 2018, "An Empirical Model of
+Large-Batch Training" (arXiv 1812.06162), ``S(B) = S_min + E_min/B``; Merrill et al. 2025,
+"Critical Batch Size Revisited" (arXiv 2505.23971), the branched critical batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# The targets of issue 11: with the branched basis, the recommended batch's device time to
+# target within 10% of the best measured; branched B_crit within 1.5x of the fitted B_crit.
+MAX_OVER_BEST = 1.10
+MAX_CRIT_FACTOR = 1.5
+BASES = ("b_simple", "trajectory", "branched", "tradeoff_fit")
+DEVICE = "device_time_to_target_s"
+
+__all__ = [
+    "BASES",
+    "MAX_CRIT_FACTOR",
+    "MAX_OVER_BEST",
+    "mean_over_seeds",
+    "reseed_batch_sizes",
+    "validation",
+]
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def reseed_batch_sizes(points: list[dict], k: int) -> list[int]:
+    """The ``k`` batch sizes whose trainings reached the target in the least device time.
+
+    Args:
+      points: trainings of one seed, each with ``batch_size`` and ``device_time_to_target_s``
+        (``None``: missed the target).
+      k: how many.
+
+    Returns:
+      Their batch sizes, fastest first (ties: the smaller batch first).
+
+    Example:
+      >>> pts = [{"batch_size": 16, "device_time_to_target_s": 9.0},
+      ...        {"batch_size": 32, "device_time_to_target_s": 5.0},
+      ...        {"batch_size": 64, "device_time_to_target_s": None}]
+      >>> reseed_batch_sizes(pts, 3)
+      [32, 16]
+    """
+    done = [p for p in points if p.get(DEVICE) is not None]
+    return [int(p["batch_size"]) for p in sorted(done, key=lambda p: (p[DEVICE], p["batch_size"]))][
+        : max(0, int(k))
+    ]
+
+
+def mean_over_seeds(points: list[dict]) -> list[dict]:
+    """One row per batch size: the mean over its seeds and their spread.
+
+    Args:
+      points: trainings, each with ``batch_size``, ``seed``, ``reached``, ``steps``,
+        ``device_time_to_target_s`` and ``time_to_target_s`` (wall clock).
+
+    Returns:
+      Rows sorted by batch size with ``batch_size``, ``seeds``, ``num_reached``, ``reached``
+      (every seed reached the target), ``steps``, ``device_time_to_target_s`` and
+      ``time_to_target_s`` (means over the seeds that reached it; ``None`` if none did),
+      ``device_time_per_seed`` (``{seed: seconds or None}``) and ``device_time_range``
+      (``[min, max]`` over the seeds that reached it).
+
+    Example:
+      >>> pts = [{"batch_size": 32, "seed": 0, "reached": True, "steps": 100,
+      ...         "device_time_to_target_s": 2.0, "time_to_target_s": 3.0},
+      ...        {"batch_size": 32, "seed": 1, "reached": True, "steps": 120,
+      ...         "device_time_to_target_s": 2.4, "time_to_target_s": 3.2}]
+      >>> r = mean_over_seeds(pts)[0]
+      >>> r["steps"], r["device_time_to_target_s"], r["device_time_range"]
+      (110.0, 2.2, [2.0, 2.4])
+    """
+    out = []
+    for b in sorted({int(p["batch_size"]) for p in points}):
+        mine = sorted((p for p in points if int(p["batch_size"]) == b), key=lambda p: p["seed"])
+        ok = [p for p in mine if p.get("reached") and p.get(DEVICE) is not None]
+        dev = [p[DEVICE] for p in ok]
+        walls = [p["time_to_target_s"] for p in ok if p.get("time_to_target_s") is not None]
+        out.append(
+            {
+                "batch_size": b,
+                "seeds": [int(p["seed"]) for p in mine],
+                "num_reached": len(ok),
+                "reached": len(ok) == len(mine),
+                "steps": _mean([p["steps"] for p in ok]),
+                DEVICE: _mean(dev),
+                "time_to_target_s": _mean(walls),
+                "device_time_per_seed": {str(p["seed"]): p.get(DEVICE) for p in mine},
+                "device_time_range": [min(dev), max(dev)] if dev else None,
+            }
+        )
+    return out
+
+
+def _step_time(sweep: dict, b: int) -> float | None:
+    row = next((r for r in sweep["throughput"] if r["batch_size"] == b), None)
+    return None if row is None else row.get("step_time_s")
+
+
+def _fitted_time(fit: dict, t: float | None, b: int) -> float | None:
+    """``S(B) × t(B)`` on the fitted curve."""
+    if fit.get("s_min") is None or fit.get("e_min") is None or t is None:
+        return None
+    return (fit["s_min"] + fit["e_min"] / b) * t
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
+    """Device time to target at batch ``b`` over the best measured: measured (mean over seeds)
+    where ``b`` was trained, else interpolated on the fitted curve, and said so."""
+    fit = sweep["tradeoff"]
+    t_b = _step_time(sweep, b)
+    fitted = _fitted_time(fit, t_b, b)
+    fitted_trained = [
+        x for x in (_fitted_time(fit, _step_time(sweep, c), c) for c in rows) if x is not None
+    ]
+    out: dict[str, Any] = {
+        "step_time_s": t_b,
+        "fitted_device_time_s": fitted,
+        # Model against model: the fitted curve at b over its minimum over the trained batches.
+        "fitted_over_fitted_best": _ratio(fitted, min(fitted_trained, default=None)),
+    }
+    row = rows.get(b)
+    if row is not None and row["reached"]:
+        out.update(trained=True, source=f"trained ({len(row['seeds'])} seed(s), mean)")
+        out[DEVICE] = row[DEVICE]
+        per_seed = {}
+        for seed, v in row["device_time_per_seed"].items():
+            # Over the fastest batch trained with the same seed (seed 0: every batch).
+            same = [r["device_time_per_seed"].get(seed) for r in rows.values()]
+            same = [x for x in same if x is not None]
+            if v is not None and same:
+                per_seed[seed] = v / min(same)
+    else:
+        why = "not trained" if row is None else "trained, but a seed missed the target"
+        out.update(trained=False, source=f"interpolated: fitted S(B) x t(B) ({why})")
+        out[DEVICE] = fitted
+        per_seed = {
+            s: fitted / v
+            for s, v in best["device_time_per_seed"].items()
+            if fitted is not None and v
+        }
+    out["over_best"] = _ratio(out[DEVICE], best[DEVICE])
+    out["over_best_per_seed"] = per_seed
+    out["over_best_range"] = [min(per_seed.values()), max(per_seed.values())] if per_seed else None
+    return out
+
+
+def validation(sweep: dict) -> dict:
+    """The ``validation`` block of ``sweep.json``: does the recommendation hold on the trainings?
+
+    Args:
+      sweep: a ``sweep.json`` dict with ``throughput`` (rows with ``batch_size`` and
+        ``step_time_s``), ``tradeoff`` (the fit's ``s_min``, ``e_min``, ``b_crit``,
+        ``intervals`` and ``by_batch``: :func:`mean_over_seeds` of the trainings),
+        ``recommendation_by_basis`` (``{basis: {"batch_size", "b_noise", ...}}``) and
+        ``critical_batch`` (``effective`` and ``checkpoints``; may be absent).
+
+    Returns:
+      ``best_measured`` (the batch with the least mean device time to target among those whose
+      every seed reached it); ``by_basis``: for each basis measured, the recommended
+      ``batch_size``, its ``device_time_to_target_s``, ``over_best`` (mean over the best's
+      mean), ``over_best_per_seed`` (``{seed: time over the fastest batch trained with that
+      seed}``; for an interpolated batch, the fitted time over the best's time at each seed),
+      ``over_best_range`` (their min and max), ``trained`` and ``source`` (measured, or
+      interpolated on the fitted ``S(B) × t(B)`` where that batch was not trained);
+      ``branched_over_fitted`` (the branched effective ``B_crit`` over the fitted one, with the
+      interval from both intervals' ends, and per checkpoint); ``targets`` (issue 11:
+      ``branched`` over best <= 1.10, branched within 1.5x of fitted), each ``met`` or not
+      (``None`` where it could not be measured).
+
+    Example:
+      >>> rows = [{"batch_size": b, "step_time_s": 0.01 * (1 + b / 64)} for b in (32, 64, 128)]
+      >>> by_batch = [{"batch_size": b, "seeds": [0], "reached": True,
+      ...              "device_time_to_target_s": s * 0.01 * (1 + b / 64),
+      ...              "device_time_per_seed": {"0": s * 0.01 * (1 + b / 64)}}
+      ...             for b, s in ((32, 300), (64, 200), (128, 150))]
+      >>> sweep = {"throughput": rows, "tradeoff": {"s_min": 100.0, "e_min": 6400.0,
+      ...          "b_crit": 64.0, "intervals": {}, "by_batch": by_batch},
+      ...          "recommendation_by_basis": {"b_simple": {"batch_size": 128, "b_noise": 90.0}}}
+      >>> v = validation(sweep)
+      >>> v["best_measured"]["batch_size"], round(v["by_basis"]["b_simple"]["over_best"], 3)
+      (64, 1.125)
+    """
+    rows = {int(r["batch_size"]): r for r in sweep["tradeoff"].get("by_batch") or []}
+    done = [r for r in rows.values() if r["reached"] and r.get(DEVICE) is not None]
+    if not done:
+        return {"error": "no batch size reached the target with every seed: nothing to compare"}
+    best = min(done, key=lambda r: (r[DEVICE], r["batch_size"]))
+    out: dict[str, Any] = {
+        "best_measured": {
+            k: best[k] for k in ("batch_size", DEVICE, "device_time_per_seed", "seeds")
+        },
+        "by_basis": {},
+    }
+    for name, rec in (sweep.get("recommendation_by_basis") or {}).items():
+        if rec.get("batch_size") is None:
+            out["by_basis"][name] = dict(rec)
+            continue
+        b = int(rec["batch_size"])
+        out["by_basis"][name] = {"batch_size": b, "b_noise": rec.get("b_noise")} | _over_best(
+            sweep, b, rows, best
+        )
+    fit = sweep["tradeoff"]
+    eff = (sweep.get("critical_batch") or {}).get("effective") or {}
+    f_lo, f_hi = (fit.get("intervals") or {}).get("b_crit") or (None, None)
+    ratio = {
+        "value": _ratio(eff.get("value"), fit.get("b_crit")),
+        "low": _ratio(eff.get("low"), f_hi),
+        "high": _ratio(eff.get("high"), f_lo),
+        "per_checkpoint": [
+            {"step": c["step"], "ratio": _ratio(c.get("b_crit"), fit.get("b_crit"))}
+            for c in (sweep.get("critical_batch") or {}).get("checkpoints") or []
+        ],
+    }
+    out["branched_over_fitted"] = ratio
+    br = out["by_basis"].get("branched", {}).get("over_best")
+    r = ratio["value"]
+    out["targets"] = {
+        "branched_over_best": br,
+        "branched_over_best_max": MAX_OVER_BEST,
+        "branched_over_best_met": None if br is None else br <= MAX_OVER_BEST,
+        "branched_over_fitted": r,
+        "branched_over_fitted_max_factor": MAX_CRIT_FACTOR,
+        "branched_over_fitted_met": (
+            None
+            if r is None or not math.isfinite(r)
+            else 1 / MAX_CRIT_FACTOR <= r <= MAX_CRIT_FACTOR
+        ),
+    }
+    return out
