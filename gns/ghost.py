@@ -959,8 +959,9 @@ def sums(
 
     Returns:
       ``(grad_sum, sq_sum, aux)``: the sum over this device's examples of their gradients
-      (``n`` times the mean gradient), the per-leaf sum of their squared norms, and the aux of
-      the one ``loss_fn`` call on the whole local batch (``None`` without ``has_aux``).
+      (``n`` times the mean gradient), the per-leaf sum of their squared norms (both in float32
+      at least, whatever the parameters' dtype: bfloat16 sums would round), and the aux of the
+      one ``loss_fn`` call on the whole local batch (``None`` without ``has_aux``).
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}.")
@@ -1025,7 +1026,8 @@ def _tap_fwd(call, n, form, y, x, slots):
 
 def _tap_bwd(call, n, form, res, g):
     x, slots = res
-    norms = _call_sq_norms(call, x, g * n, form)  # the loss is a mean: scale by n
+    # The loss is a mean: scale by n, in float32 at least (a bfloat16 product would round).
+    norms = _call_sq_norms(call, x, g.astype(_acc_dtype(g.dtype)) * n, form)
     cot = {name: norms[name].astype(slots[name].dtype) for name in slots}
     return g, None, cot  # x is detached (and may be integer tokens): no cotangent
 
@@ -1053,7 +1055,8 @@ def _with_fallback(
         _, sub_sq, _ = common.vmap_sums(loss_fb, sub, batch, n, chunk, axis_name, has_aux)
         for j, s in zip(fb, sub_sq, strict=True):
             sq[j] = s
-    grad_sum = jax.tree.map(lambda g: g * n, grads)
+    grad_sum = jax.tree.map(lambda g: g.astype(_acc_dtype(g.dtype)) * n, grads)
+    sq = [s.astype(_acc_dtype(s.dtype)) for s in sq]
     return grad_sum, jax.tree.unflatten(treedef, sq), aux
 
 
