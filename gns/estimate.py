@@ -168,8 +168,13 @@ def _acc_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _is_narrow(dtype) -> bool:
+    """A floating dtype narrower than float32 (bfloat16, float16)."""
+    return jnp.issubdtype(dtype, jnp.floating) and _acc_dtype(dtype) != dtype
+
+
 def _to_acc(x: jax.Array) -> jax.Array:
-    return x.astype(_acc_dtype(x.dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return x.astype(_acc_dtype(x.dtype)) if _is_narrow(x.dtype) else x
 
 
 def _upcast(loss_fn: LossFn, params: PyTree) -> tuple[LossFn, PyTree]:
@@ -181,10 +186,7 @@ def _upcast(loss_fn: LossFn, params: PyTree) -> tuple[LossFn, PyTree]:
     per-example (or per-microbatch) gradients are then summed in float32. The identity (no
     copy, the same ``loss_fn``) when every leaf is at least float32.
     """
-    leaves = jax.tree.leaves(params)
-    narrow = [jnp.issubdtype(x.dtype, jnp.floating) and _acc_dtype(x.dtype) != x.dtype
-              for x in leaves]  # fmt: skip
-    if not any(narrow):
+    if not any(_is_narrow(x.dtype) for x in jax.tree.leaves(params)):
         return loss_fn, params
     dtypes = jax.tree.map(lambda x: x.dtype, params)
     wide = jax.tree.map(_to_acc, params)
@@ -286,9 +288,9 @@ def per_example(
       method: ``"auto"`` (default): the fast path (:mod:`gns.ghost`) when ``loss_fn`` calls
         Flax Linen layers it covers and its cost model estimates it cheaper than ``vmap``
         (:func:`gns.ghost.select`; ``print(gns.ghost.plan(...).describe())`` says why), else
-        ``vmap``. ``"vmap"``: always per-example gradients
-        by ``jax.vmap``. ``"ghost"`` (alias ``"fast"``): always the fast path; a
-        ``ValueError`` when it covers no parameter (e.g. a plain-JAX ``loss_fn``).
+        ``vmap``. ``"vmap"``: always per-example gradients by ``jax.vmap``. ``"ghost"``
+        (alias ``"fast"``): always the fast path; a ``ValueError`` when it covers no parameter
+        (e.g. a plain-JAX ``loss_fn``).
 
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``): the statistics and the

@@ -69,7 +69,7 @@ materialize for it), and picks the cheaper form at ``flops + FLOPS_PER_BYTE[back
 For the whole ``loss_fn`` it compares the fast path (one backward pass, the chosen forms, and
 the fallback's ``vmap`` pass when any leaf falls back) with plain ``vmap`` (same backward work
 per example plus ``B × params`` per-example gradients); :attr:`Plan.method` is the cheaper,
-which :func:`select` (``per_example(method="auto")``) follows. A layer whose per-example
+which :func:`select` (``per_example(method="auto")``) follows. A convolution whose per-example
 intermediates (in its chosen form) would exceed :data:`CHUNK_BYTES` for the whole batch
 computes its norms over example chunks in turn (``jax.lax.map``), which bounds the extra
 memory. ``Plan.describe()`` prints every call (covered, in which form, in how many chunks, at
@@ -120,11 +120,11 @@ __all__ = [
 FORMS = ("auto", "direct", "gram")
 _NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
-# The per-example intermediates of one layer's kernel norms (patches, Gram matrices, per-example
-# kernel gradients) are computed over example chunks in turn (a rolled loop) when they would
-# exceed this many bytes for the whole batch: it bounds the fast path's extra memory, and on
-# 2 CPU cores it was also faster (SmallCNN at batch 128: 1.75x -> 1.34x the compiled temp
-# memory of a plain gradient; conv layers of 9 MB, 4 MB and 5 MB in 4, 2 and 2 chunks).
+# A convolution's kernel norms (patches, Gram matrices or per-example kernel gradients) are
+# computed over example chunks in turn (a rolled loop) when these intermediates would exceed
+# this many bytes for the whole batch: it bounds the fast path's extra memory (SmallCNN at
+# batch 128: 1.75x -> 1.40x the compiled temp memory of a plain gradient, its convolutions of
+# 4, 9 and 5 MB in 2, 4 and 2 chunks), at the same speed on 2 CPU cores (paired medians).
 CHUNK_BYTES = 4 * 2**20
 
 # Rough machine balance (FLOPs one byte of memory traffic costs in time), by JAX backend: the
@@ -797,10 +797,16 @@ def _with_costs(call: _Call, flops_per_byte: float) -> _Call:
 
 
 def _num_chunks(call: _Call, nbytes: float) -> int:
-    """The fewest example chunks (a divisor of the batch) that keep a dense/conv call's
-    per-example intermediates (``nbytes`` for the batch) within :data:`CHUNK_BYTES`."""
+    """The fewest example chunks (a divisor of the batch) that keep a convolution's per-example
+    intermediates (``nbytes`` for the batch) within :data:`CHUNK_BYTES`.
+
+    Convolutions only: their patches are the large intermediates, and chunks bound them. A dense
+    layer's are a Gram or a per-example kernel gradient; measured on the ``lm`` ``cpu``
+    Transformer at batch 128 (2 CPU cores), chunking its dense layers raised the compiled temp
+    memory (1.18x -> 1.32x a plain gradient: the loop's stacked inputs) and did not make it
+    faster, so they are computed on the whole batch."""
     b = call.in_shape[0] if call.in_shape else 1
-    if call.kind not in ("dense", "conv") or nbytes <= CHUNK_BYTES:
+    if call.kind != "conv" or nbytes <= CHUNK_BYTES:
         return 1
     return next(d for d in range(2, b + 1) if b % d == 0 and nbytes / d <= CHUNK_BYTES or d == b)
 
