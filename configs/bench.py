@@ -36,9 +36,9 @@ def default() -> ml_collections.ConfigDict:
 
     Command (CNN rows about 2 minutes on 2 idle CPU cores, most of it the rolled microbatch loop
     at batch 512: XLA:CPU runs convolutions inside a rolled loop ~15x slower). Measured
-    2026-12-01 on the 2 shared cores at load average 8-10 (the run got a quarter of a core):
-    832 s wall, 213 s of CPU time, of which the Transformer rows 260 s wall, most of it
-    compiling their 8 steps (the unrolled 8-microbatch step the longest)::
+    2026-12-01 on the 2 cores shared with other jobs: 214 s wall at load average 4-6 (of which
+    the Transformer rows 62 s, about half of it compiling their 8 steps, the unrolled
+    8-microbatch step the longest); 832 s at load average 8-10::
 
         make bench   # = python -m experiments.bench --config configs/bench.py --workdir runs/bench
     """
