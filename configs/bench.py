@@ -14,6 +14,10 @@ Fields:
   ``parallel``: also run ``experiments/parallel_bench.py`` in a subprocess with 4 simulated
   devices (``across_devices_over_plain``); ``parallel_batch_size_per_device`` and
   ``parallel_repeats`` are passed to it.
+  ``lm``: the Transformer rows (``experiments.bench_lm.measure``): ``enabled``, ``model`` (the
+  ``transformer`` of ``configs/lm.py:cpu``: vocabulary 256, context 64, width 128, 2 blocks of 4
+  heads, MLP ratio 4; AdamW), ``batch_sizes`` (sequences of ``context`` bytes),
+  ``num_microbatches``, ``warmup`` and ``repeats`` (interleaved rounds, median).
 """
 
 from __future__ import annotations
@@ -21,14 +25,20 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from configs import lm
+
 VARIANTS = ("default", "tiny")
 
 
 def default() -> ml_collections.ConfigDict:
-    """The reference benchmark: SmallCNN (32, 64, 128), Adam, batches 128 and 512.
+    """The reference benchmark: SmallCNN (32, 64, 128), Adam, batches 128 and 512; and the
+    ``lm`` ``cpu`` Transformer, AdamW, batches 32 and 128.
 
-    Command (about 2 minutes on 2 idle CPU cores, most of it the rolled microbatch loop at batch
-    512: XLA:CPU runs convolutions inside a rolled loop ~15x slower)::
+    Command (CNN rows about 2 minutes on 2 idle CPU cores, most of it the rolled microbatch loop
+    at batch 512: XLA:CPU runs convolutions inside a rolled loop ~15x slower). Measured
+    2026-12-01 on the 2 cores shared with other jobs: 214 s wall at load average 4-6 (of which
+    the Transformer rows 62 s, about half of it compiling their 8 steps, the unrolled
+    8-microbatch step the longest); 832 s at load average 8-10::
 
         make bench   # = python -m experiments.bench --config configs/bench.py --workdir runs/bench
     """
@@ -51,6 +61,13 @@ def default() -> ml_collections.ConfigDict:
     c.parallel = True
     c.parallel_batch_size_per_device = 32
     c.parallel_repeats = 11
+    c.lm = ml_collections.ConfigDict()
+    c.lm.enabled = True
+    c.lm.model = lm.cpu().model
+    c.lm.batch_sizes = (32, 128)
+    c.lm.num_microbatches = 8
+    c.lm.warmup = 2
+    c.lm.repeats = 7
     return c
 
 
@@ -65,6 +82,8 @@ def tiny() -> ml_collections.ConfigDict:
     c.model.update(widths=(4,), groups=2)
     c.update(image_size=8, batch_sizes=(8,), reference_batch_size=8, warmup=1, repeats=2)
     c.update(parallel=False, parallel_batch_size_per_device=8, parallel_repeats=3)
+    c.lm.model.update(context=8, width=8, depth=1, num_heads=2, mlp_ratio=2, vocab_size=16)
+    c.lm.update(batch_sizes=(8,), num_microbatches=2, warmup=1, repeats=2)
     return c
 
 

@@ -12,6 +12,11 @@ the compiled temporary memory (``memory_analysis().temp_size_in_bytes``). The
 ``across_devices`` ratio comes from ``experiments/parallel_bench.py``, run in a subprocess
 because it needs 4 simulated devices (an XLA flag set before JAX starts).
 
+The Transformer rows (``config.lm``): :func:`experiments.bench_lm.measure` on the ``lm``
+``cpu`` model (``configs/lm.py:cpu``) with AdamW at batch 32 and 128: a plain step against
+``per_example(method="auto")`` (what the cost model of :func:`gns.ghost.select` picks),
+``per_example(method="vmap")`` and ``microbatch``, timed the same way, under ``"transformer"``.
+
 Writes ``WORKDIR/bench.json`` (atomically, strict JSON: :func:`experiments.runlog.write_json`)::
 
     {"per_example_over_plain": ..., "microbatch_over_plain": ..., "naive_vmap_over_plain": ...,
@@ -19,7 +24,12 @@ Writes ``WORKDIR/bench.json`` (atomically, strict JSON: :func:`experiments.runlo
      "memory_per_example_over_plain": ..., "across_devices_over_plain": ...,
      "reference_batch_size": 128, "device": {...}, "jax_version": ...,
      "detail": {"128": {"seconds": {...}, "over_plain": {...}, "temp_bytes": {...},
-                        "memory_over_plain": {...}, ...}, "512": {...}}}
+                        "memory_over_plain": {...}, ...}, "512": {...}},
+     "transformer": {"32": {"over_plain": {...}, "memory_over_plain": {...},
+                            "auto_method": "ghost", ...}, "128": {...}, "model": {...}},
+     "seconds": ...}
+
+and prints the ratios as a table (:func:`format_table`).
 
 Usage::
 
@@ -249,16 +259,65 @@ def validate_config(config) -> None:
          f"is not one of config.batch_sizes={sizes}: add it or pick one of them"),
         (config.parallel_repeats >= 3, "parallel_repeats", "must be >= 3"),
     )  # fmt: skip
+    if config.lm.enabled:
+        lm, k_lm = config.lm, config.lm.num_microbatches
+        checks += (
+            (lm.repeats >= 1 and lm.warmup >= 0, "lm.repeats", "need lm.repeats >= 1, warmup >= 0"),
+            (lm.batch_sizes and all(b >= 2 and b % k_lm == 0 for b in lm.batch_sizes),
+             "lm.batch_sizes", f"must be ints >= 2 divisible by config.lm.num_microbatches={k_lm}"),
+        )  # fmt: skip
     for ok, field, fix in checks:
         if not ok:
             raise UserError(
-                f"config.{field}={config[field]!r}: {fix}", hint=f"--config.{field}=..."
+                f"config.{field}={_field(config, field)!r}: {fix}", hint=f"--config.{field}=..."
             )
+
+
+def _field(config, dotted: str):
+    for key in dotted.split("."):
+        config = config[key]
+    return config
+
+
+def bench_transformer(lm_config) -> dict[str, Any]:
+    """The Transformer rows: :func:`experiments.bench_lm.measure` with ``config.lm``."""
+    from experiments import bench_lm  # noqa: PLC0415 (bench_lm imports this module's timer)
+
+    m = lm_config.model
+    return bench_lm.measure(
+        tuple(int(b) for b in lm_config.batch_sizes), width=m.width, depth=m.depth,
+        context=m.context, num_heads=m.num_heads, vocab_size=m.vocab_size,
+        mlp_ratio=m.mlp_ratio, repeats=lm_config.repeats, warmup=lm_config.warmup,
+        num_microbatches=lm_config.num_microbatches,
+    )  # fmt: skip
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The time and compiled temp-memory ratios over a plain step, one row per model, batch
+    size and variant (``per_example_auto`` says which path ``auto`` ran)."""
+    rows = [("model", "batch", "variant", "ms/step", "time/plain", "memory/plain")]
+
+    def add(model, bs, d):
+        for name, s in d["seconds"].items():
+            mem = d["memory_over_plain"].get(name)
+            mem = "-" if mem is None else f"{mem:.2f}x"
+            label = name + (f" ({d['auto_method']})" if name.endswith("_auto") else "")
+            rows.append((model, bs, label, f"{1e3 * s:.1f}", f"{d['over_plain'][name]:.2f}x", mem))
+
+    for bs, d in result["detail"].items():
+        add("cnn", bs, d)
+    for bs, d in (result.get("transformer") or {}).items():
+        if isinstance(d, dict) and "seconds" in d:
+            add("transformer", bs, d)
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Run the benchmark of ``config`` and write ``workdir/bench.json``; returns its content."""
     validate_config(config)
+    t_start = time.perf_counter()
     detail = {}
     for bs in config.batch_sizes:
         logging.info("bench: batch size %d", bs)
@@ -287,6 +346,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         else:
             result["across_devices_over_plain"] = par["across_devices_over_plain"]
             result["across_devices_detail"] = par
+    result["transformer"] = None
+    if config.lm.enabled:
+        logging.info("bench: Transformer (lm cpu model) at batch sizes %s", config.lm.batch_sizes)
+        result["transformer"] = bench_transformer(config.lm)
+    result["seconds"] = time.perf_counter() - t_start
     runlog.write_json(os.path.join(workdir, "bench.json"), result)
     return result
 
@@ -297,6 +361,8 @@ def main(argv):
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     summary = {k: v for k, v in result.items() if k.endswith("_over_plain")}
     print(runlog.dumps(summary, indent=2))
+    print(format_table(result))
+    print(f"bench: {result['seconds']:.0f} s, load average {os.getloadavg()}")
 
 
 if __name__ == "__main__":

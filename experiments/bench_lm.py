@@ -11,6 +11,12 @@ variant, with the compiled temporary memory (``memory_analysis().temp_size_in_by
 Usage (prints JSON)::
 
     python -m experiments.bench_lm 32 128
+
+:func:`find` runs the library call :func:`gns.find_batch_size` on the ``lm`` model of
+``configs/lm.py`` (its corpus, optimizer and reference batch) with a small budget and prints
+the recommendation::
+
+    python -m experiments.bench_lm --find [VARIANT [MAX_SECONDS]]   # default: cpu 60
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import jax
 import numpy as np
 import optax
 
-from experiments import models
+import gns
+from configs import lm as lm_config
+from experiments import models, text, train
 from experiments.bench import interleaved_times
 from gns import estimate, ghost
 
@@ -91,6 +99,7 @@ def measure(
     context: int = 64,
     num_heads: int = 4,
     vocab_size: int = 256,
+    mlp_ratio: int = 4,
     repeats: int = 10,
     warmup: int = 2,
     num_microbatches: int = 8,
@@ -101,7 +110,8 @@ def measure(
 
     Args:
       batch_sizes: the batch sizes (sequences of ``context`` tokens).
-      width, depth, context, num_heads, vocab_size: the model.
+      width, depth, context, num_heads, vocab_size, mlp_ratio: the model (the defaults are
+        the ``cpu`` model of ``configs/lm.py``).
       repeats: timed rounds (interleaved); the median is reported.
       warmup: untimed calls per step first.
       num_microbatches: ``k`` of the microbatch variant (must divide every batch size).
@@ -109,21 +119,24 @@ def measure(
       seed: of the parameters and the random tokens.
 
     Returns:
-      ``{"<batch>": {"seconds", "over_plain", "temp_bytes", "memory_over_plain",
-      "auto_method", "auto_describe", "compile_seconds"}, "load": os.getloadavg(), ...}``.
+      ``{"<batch>": {"seconds", "seconds_iqr", "examples_per_second", "over_plain",
+      "temp_bytes", "memory_over_plain", "auto_method", "auto_describe", "compile_seconds",
+      "num_params"}, "model": {...}, "load_before"/"load_after": os.getloadavg(), "device",
+      "seconds"}`` (``"seconds"``: the wall clock of the whole measurement).
 
     Example:
       >>> out = measure((8,), width=16, depth=1, context=8, repeats=1, warmup=0)
       >>> sorted(out["8"]["over_plain"])
       ['microbatch', 'per_example_auto', 'per_example_vmap', 'plain']
     """
-    model = models.TransformerLM(
-        vocab_size=vocab_size, context=context, width=width, depth=depth, num_heads=num_heads
-    )
+    t_start = time.perf_counter()
+    spec = dict(vocab_size=vocab_size, context=context, width=width, depth=depth)
+    spec |= dict(num_heads=num_heads, mlp_ratio=mlp_ratio)
+    model = models.TransformerLM(**spec)
     loss_fn = lm_loss(model)
     optimizer = optax.adamw(3e-4)
     rng = np.random.default_rng(seed)
-    out: dict[str, Any] = {"load_before": list(os.getloadavg())}
+    out: dict[str, Any] = {"model": spec, "load_before": list(os.getloadavg())}
     for bs in batch_sizes:
         tokens = rng.integers(0, vocab_size, (bs, context + 1), dtype=np.int32)
         params = model.init(jax.random.key(seed), tokens[:1, :-1])["params"]
@@ -144,6 +157,10 @@ def measure(
         seconds = {n: float(np.median(t)) for n, t in times.items()}
         out[str(bs)] = {
             "seconds": seconds,
+            "seconds_iqr": {
+                n: float(np.subtract(*np.percentile(t, [75, 25]))) for n, t in times.items()
+            },
+            "examples_per_second": {n: bs / s for n, s in seconds.items()},
             "over_plain": {n: s / seconds["plain"] for n, s in seconds.items()},
             "temp_bytes": temp,
             "memory_over_plain": {
@@ -157,9 +174,94 @@ def measure(
         }
     out["load_after"] = list(os.getloadavg())
     out["device"] = f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} cpus"
+    out["seconds"] = time.perf_counter() - t_start
     return out
 
 
+def find(
+    variant: str = "cpu",
+    *,
+    max_seconds: float = 60.0,
+    pilot_steps: int = 300,
+    candidates=(16, 32, 64, 128),
+    timing_rounds: int = 3,
+    warmup_steps: int = 20,
+    progress: bool = False,
+):
+    """:func:`gns.find_batch_size` on the ``lm`` model of ``configs/lm.py:VARIANT``.
+
+    The model, corpus (:mod:`experiments.text`, the Python standard library by default),
+    optimizer (``config.optimizer``, AdamW with weight decay on kernels) and reference batch
+    (``config.batch_size``) of the variant; the learning rate warms up linearly over
+    ``warmup_steps`` then stays at ``config.learning_rate`` (the pilot is a short run, not a
+    full schedule). A batch of ``size`` is the train windows ``[index·size, (index+1)·size)``
+    (``context + 1`` bytes each) of the experiment's shuffled stream.
+
+    Args:
+      variant: the ``configs/lm.py`` variant (``smoke`` or ``cpu``).
+      max_seconds: the pilot's time budget (compilation included).
+      pilot_steps: the pilot's step budget.
+      candidates: batch sizes timed (each compiled twice: memory, then timing).
+      timing_rounds: interleaved timing rounds.
+      warmup_steps: linear learning-rate warmup of the pilot.
+      progress: show the progress bar.
+
+    Returns:
+      ``(result, seconds)``: the :class:`gns.finder.BatchSizeResult` and the wall clock.
+    """
+    t0 = time.perf_counter()
+    config = lm_config.get_config(variant)
+    config.warmup_steps, config.schedule = warmup_steps, "constant"
+    ds = text.load(config.data, context=config.model.context)
+    model = models.get_model(config.model)
+    optimizer = train.make_optimizer(config, train.make_schedule(config, pilot_steps))
+
+    def batch_fn(size, index):
+        b = ds.train_batch(index * size, size, seed=config.seed)
+        return np.concatenate([b["tokens"], b["targets"][:, -1:]], axis=1)  # [size, context+1]
+
+    init = batch_fn(1, 0)[:, :-1]
+    params = jax.jit(model.init)(jax.random.key(config.seed), init)["params"]
+    result = gns.find_batch_size(
+        lm_loss(model), params, optimizer, batch_fn, ref_batch_size=config.batch_size,
+        pilot_steps=pilot_steps, max_seconds=max_seconds, candidates=candidates,
+        timing_rounds=timing_rounds, learning_rate=config.learning_rate,
+        optimizer_name=config.optimizer, progress=progress,
+    )  # fmt: skip
+    return result, time.perf_counter() - t0
+
+
+def describe_result(result, seconds: float) -> str:
+    """The recommendation of :func:`find` in a few lines."""
+    rec = result.recommendation
+    b = result.b_simple
+    lines = [
+        f"recommended batch size: {rec.batch_size} (accumulation steps {rec.accumulation_steps})",
+        f"learning rate: {rec.learning_rate:.3g} ({rec.lr_rule})",
+        f"basis: {result.basis} ({result.basis_note or 'the best evidence measured'})",
+        f"plausible batch sizes: {list(rec.plausible_batch_sizes)}, "
+        f"near-optimal range: {rec.near_optimal_range}",
+        f"B_simple over the pilot: {b.estimate:.4g} (interval {b.low:.4g} .. {b.high:.4g}, "
+        f"{b.n} steps)",
+        f"effective noise scale: {result.effective_noise_scale.to_dict()}",
+        f"step times (s): { {k: round(v, 4) for k, v in result.timing.step_time().items()} }",
+        f"largest batch that fits: {result.memory.max_batch_size}",
+        f"pilot: {result.settings['pilot_steps_done']} steps "
+        f"({result.settings['pilot_stop_reason']}); seconds: "
+        f"{ {k: round(v, 1) for k, v in result.seconds.items()} }; wall {seconds:.1f} s",
+        f"reason: {rec.reason}",
+    ]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    sizes = tuple(int(a) for a in sys.argv[1:]) or (32, 128)
-    print(json.dumps(measure(sizes), indent=1))
+    if sys.argv[1:2] == ["--find"]:
+        # python -m experiments.bench_lm --find [VARIANT [MAX_SECONDS]]
+        args = sys.argv[2:]
+        res, wall = find(
+            args[0] if args else "cpu", max_seconds=float(args[1]) if args[1:] else 60.0
+        )
+        print(describe_result(res, wall))
+    else:
+        sizes = tuple(int(a) for a in sys.argv[1:]) or (32, 128)
+        print(json.dumps(measure(sizes), indent=1))

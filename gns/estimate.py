@@ -163,12 +163,47 @@ def from_two_batches(
 # Reduction shared by the estimators.
 
 
+def _acc_dtype(dtype):
+    """Accumulation dtype of a leaf: at least float32 (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _is_narrow(dtype) -> bool:
+    """A floating dtype narrower than float32 (bfloat16, float16)."""
+    return jnp.issubdtype(dtype, jnp.floating) and _acc_dtype(dtype) != dtype
+
+
+def _to_acc(x: jax.Array) -> jax.Array:
+    return x.astype(_acc_dtype(x.dtype)) if _is_narrow(x.dtype) else x
+
+
+def _upcast(loss_fn: LossFn, params: PyTree) -> tuple[LossFn, PyTree]:
+    """``(loss_fn, params)`` whose gradients come out in float32 when leaves are narrower.
+
+    Floating leaves narrower than float32 (bfloat16, float16) are passed as float32 copies and
+    cast back inside the loss (exactly: the narrow values are representable), so the model
+    computes as before, and each gradient is converted to float32 where it leaves the model:
+    per-example (or per-microbatch) gradients are then summed in float32. The identity (no
+    copy, the same ``loss_fn``) when every leaf is at least float32.
+    """
+    if not any(_is_narrow(x.dtype) for x in jax.tree.leaves(params)):
+        return loss_fn, params
+    dtypes = jax.tree.map(lambda x: x.dtype, params)
+    wide = jax.tree.map(_to_acc, params)
+
+    def loss_wide(p, batch):
+        return loss_fn(jax.tree.map(lambda x, d: x.astype(d), p, dtypes), batch)
+
+    return loss_wide, wide
+
+
 def _finish(
     grad_sum: PyTree,
     small_sq_sum: PyTree,
     num_small: int,
     small_size: float,
     axis_name,
+    params: PyTree,
 ) -> tuple[NoiseStats, PyTree]:
     """Reduce over devices and build the statistics from local sums.
 
@@ -177,13 +212,18 @@ def _finish(
       small_sq_sum: per-leaf sum over this device's small batches of their squared norms.
       num_small: number of small batches on this device.
       small_size: examples per small batch.
+      params: the parameters: the mean gradient is returned in their dtypes (as ``jax.grad``).
     """
     n_dev = common.axis_size(axis_name)
+    # Sums, the all-reduce and the mean gradient of the statistics in float32 (or wider): with
+    # bfloat16 parameters a bfloat16 mean would round |G_B|² before the subtraction.
+    grad_sum, small_sq_sum = jax.tree.map(_to_acc, (grad_sum, small_sq_sum))
     grad_sum, small_sq_sum = common.psum((grad_sum, small_sq_sum), axis_name)
     total_small = num_small * n_dev
     grads = jax.tree.map(lambda g: g / total_small, grad_sum)
     small_sq = jax.tree.map(lambda s: s / total_small, small_sq_sum)
     big_sq = common.sq_norms(grads)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)  # jax.grad's dtypes
     big_size = small_size * total_small
 
     paths_and_small = jax.tree_util.tree_leaves_with_path(small_sq)
@@ -246,13 +286,18 @@ def per_example(
         mean over that axis of a per-example mean (loss, accuracy) is its batch mean; pass
         ``method="vmap"`` when you need the aux of every example.
       method: ``"auto"`` (default): the fast path (:mod:`gns.ghost`) when ``loss_fn`` calls
-        Flax Linen layers it covers, else ``vmap``. ``"vmap"``: always per-example gradients
-        by ``jax.vmap``. ``"ghost"`` (alias ``"fast"``): always the fast path; a
-        ``ValueError`` when it covers no parameter (e.g. a plain-JAX ``loss_fn``).
+        Flax Linen layers it covers and its cost model estimates it cheaper than ``vmap``
+        (:func:`gns.ghost.select`; ``print(gns.ghost.plan(...).describe())`` says why), else
+        ``vmap``. ``"vmap"``: always per-example gradients by ``jax.vmap``. ``"ghost"``
+        (alias ``"fast"``): always the fast path; a ``ValueError`` when it covers no parameter
+        (e.g. a plain-JAX ``loss_fn``).
 
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``): the statistics and the
-      mean gradient of the (global) batch, equal to ``jax.grad(loss_fn)(params, batch)``.
+      mean gradient of the (global) batch, equal to ``jax.grad(loss_fn)(params, batch)`` (and
+      in its dtypes). With parameters narrower than float32 (bfloat16) the per-example squared
+      norms, the gradient sums and the mean gradient of the statistics are accumulated in
+      float32; the statistics are float32.
 
     Example:
       >>> def loss_fn(w, batch):
@@ -279,20 +324,17 @@ def per_example(
     if has_aux:  # a clear error before any path indexes into a missing aux
         jax.eval_shape(common.checked_aux(loss_fn), params, batch)
     params = common.to_varying(params, axis_name)
-    if method != "vmap":
-        try:
-            plan = ghost.plan(loss_fn, params, batch, has_aux=has_aux)
-        except ghost.NotApplicableError as e:
-            if method != "auto":
-                raise ValueError(f"per_example(method={method!r}): {e}") from e
-        else:
-            kw = dict(has_aux=has_aux, axis_name=axis_name, chunk_size=chunk_size)
-            grad_sum, sq_sum, aux = ghost.sums(loss_fn, params, batch, plan, **kw)
-            aux = jax.tree.map(lambda a: jnp.asarray(a)[None], aux)
-            stats, grads = _finish(grad_sum, sq_sum, n, 1.0, axis_name)
-            return (stats, grads, aux) if has_aux else (stats, grads)
-    grad_sum, sq_sum, aux = common.vmap_sums(loss_fn, params, batch, n, chunk, axis_name, has_aux)
-    stats, grads = _finish(grad_sum, sq_sum, n, 1.0, axis_name)
+    plan = ghost.select(loss_fn, params, batch, has_aux=has_aux, method=method)
+    if plan is not None:  # the fast path: chosen ("ghost"), or cheaper by the cost model
+        kw = dict(has_aux=has_aux, axis_name=axis_name, chunk_size=chunk_size)
+        grad_sum, sq_sum, aux = ghost.sums(loss_fn, params, batch, plan, **kw)
+        aux = jax.tree.map(lambda a: jnp.asarray(a)[None], aux)
+    else:
+        wide_loss, wide_params = _upcast(loss_fn, params)
+        grad_sum, sq_sum, aux = common.vmap_sums(
+            wide_loss, wide_params, batch, n, chunk, axis_name, has_aux
+        )
+    stats, grads = _finish(grad_sum, sq_sum, n, 1.0, axis_name, params)
     return (stats, grads, aux) if has_aux else (stats, grads)
 
 
@@ -400,12 +442,14 @@ def across_devices(
 
 
 def _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll=1):
-    """Accumulate ``k`` microbatch gradients and their squared norms, then reduce."""
+    """Accumulate ``k`` microbatch gradients and their squared norms (in float32 at least),
+    then reduce."""
     params = common.to_varying(params, axis_name)
-    grad_fn = common.grad_fn(loss_fn, has_aux)
+    wide_loss, wide_params = _upcast(loss_fn, params)
+    grad_fn = common.grad_fn(wide_loss, has_aux)
 
     def body(carry, micro):
-        g, aux = grad_fn(params, micro)
+        g, aux = grad_fn(wide_params, micro)
         grad_sum, sq_sum = carry
         return (
             jax.tree.map(jnp.add, grad_sum, g),
@@ -413,12 +457,12 @@ def _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll=1):
         ), aux
 
     if k == 1:
-        g, aux = grad_fn(params, batch)
+        g, aux = grad_fn(wide_params, batch)
         grad_sum, sq_sum, aux = g, common.sq_norms(g), jax.tree.map(lambda a: a[None], aux)
     else:
-        init = common.zero_sums(params, axis_name)
+        init = common.zero_sums(wide_params, axis_name)
         (grad_sum, sq_sum), aux = jax.lax.scan(
             body, init, common.split_leading(batch, k), unroll=unroll
         )
-    stats, grads = _finish(grad_sum, sq_sum, k, n / k, axis_name)
+    stats, grads = _finish(grad_sum, sq_sum, k, n / k, axis_name, params)
     return (stats, grads, aux) if has_aux else (stats, grads)

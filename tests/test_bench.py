@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from configs import bench as bench_config
-from experiments import bench
+from experiments import bench, bench_lm
 from gns import hardware
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,11 +64,46 @@ def test_tiny_bench_writes_consistent_json(tmp_path):
     assert written["naive_vmap_over_plain"] == ref["over_plain"]["naive_vmap"]
     assert written["memory_per_example_over_plain"] == ref["memory_over_plain"]["per_example"]
 
+    # The Transformer rows (issue 14): the lm model of the config, every variant, both ratios.
+    tr = written["transformer"]
+    assert tr["model"]["width"] == config.lm.model.width and positive_finite(tr["seconds"])
+    for bs in config.lm.batch_sizes:
+        d = tr[str(bs)]
+        assert set(d["seconds"]) == set(bench_lm.LM_VARIANTS)
+        assert d["auto_method"] in ("ghost", "vmap") and d["auto_describe"].count("auto: ") == 1
+        for name, s in d["seconds"].items():
+            assert d["over_plain"][name] == pytest.approx(s / d["seconds"]["plain"])
+            assert d["memory_over_plain"][name] == pytest.approx(
+                d["temp_bytes"][name] / d["temp_bytes"]["plain"]
+            )
+    table = bench.format_table(written).splitlines()
+    assert table[0].split() == [
+        "model",
+        "batch",
+        "variant",
+        "ms/step",
+        "time/plain",
+        "memory/plain",
+    ]
+    n_cnn = len(config.batch_sizes) * len(bench.VARIANTS)
+    assert len(table) == 1 + n_cnn + len(config.lm.batch_sizes) * len(bench_lm.LM_VARIANTS)
+    auto_row = next(r.split() for r in table if "per_example_auto" in r)
+    assert auto_row[:4] == ["transformer", "8", "per_example_auto", f"({d['auto_method']})"]
+    assert auto_row[-2] == f"{d['over_plain']['per_example_auto']:.2f}x"
+
 
 def test_reference_batch_size_must_be_timed(tmp_path):
     config = bench_config.get_config("tiny")
     config.reference_batch_size = 7
     with pytest.raises(ValueError, match="reference_batch_size=7"):
+        bench.train_and_evaluate(config, str(tmp_path))
+
+
+def test_transformer_batch_sizes_must_divide_into_microbatches(tmp_path):
+    config = bench_config.get_config("tiny")
+    config.lm.batch_sizes = (8, 12)
+    config.lm.num_microbatches = 8
+    with pytest.raises(ValueError, match=r"config.lm.batch_sizes=\(8, 12\).*num_microbatches=8"):
         bench.train_and_evaluate(config, str(tmp_path))
 
 

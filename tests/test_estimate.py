@@ -565,3 +565,81 @@ def test_tiny_loss_scale_does_not_underflow():
     np.testing.assert_allclose(float(stats.g_sq), g_sq, rtol=1e-4)
     np.testing.assert_allclose(float(stats.trace_cov), trace_cov, rtol=1e-4)
     np.testing.assert_allclose(float(stats.b_simple), trace_cov / g_sq, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision: the sums accumulate in float32 whatever the parameters' dtype.
+
+
+def test_bfloat16_sums_accumulate_in_float32():
+    """512 per-example gradients of 1 or 2 summed one chunk (or microbatch) at a time: a
+    bfloat16 running sum stalls at 256 (256 + 1 is not a bfloat16); a float32 one is exact."""
+    n, d = 512, 4
+    scale = np.where(np.arange(n) % 2 == 0, 1.0, 2.0)
+    x = jnp.asarray(np.ones((n, d)) * scale[:, None], jnp.bfloat16)
+    w = jnp.zeros(d, jnp.bfloat16)
+
+    def loss_fn(w, x):  # per-example gradient: scale_i * ones(d), exact in bfloat16
+        return jnp.mean(x @ w)
+
+    # Closed form: mean gradient 1.5, mean squared per-example norm d * (1 + 4) / 2.
+    big, small = d * 1.5**2, d * 2.5
+    want_g_sq = (n * big - small) / (n - 1)
+    want_trace = (small - big) / (1 - 1 / n)
+    runs = {
+        "vmap": lambda w, x: estimate.per_example(loss_fn, w, x, method="vmap", chunk_size=1),
+        "microbatch": lambda w, x: estimate.microbatch(
+            loss_fn, w, x, num_microbatches=n // 2, unroll=1
+        ),
+    }
+    for name, fn in runs.items():
+        stats, grads = jax.jit(fn)(w, x)
+        assert grads.dtype == jnp.bfloat16, name  # jax.grad's dtype
+        np.testing.assert_allclose(grads, np.full(d, 1.5), rtol=0, err_msg=name)
+        if name == "vmap":
+            np.testing.assert_allclose(stats.g_sq, want_g_sq, rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(stats.trace_cov, want_trace, rtol=1e-5, err_msg=name)
+        else:  # microbatches of 2 examples: b = 2, each microbatch's mean gradient is 1.5
+            np.testing.assert_allclose(stats.g_sq, big, rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(stats.trace_cov, 0.0, atol=1e-5, err_msg=name)
+
+
+class BF16Net(nn.Module):
+    """Dense -> LayerNorm -> Dense, computing in the dtype of its inputs and parameters."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(nn.LayerNorm()(nn.relu(nn.Dense(32)(x))))
+
+
+def test_bfloat16_statistics_within_one_percent_of_float32():
+    """Issue 15: bf16 parameters and activations, fast path and vmap, on a fixed batch."""
+    n = 128
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 24)).astype(np.float32)
+    logits = x @ rng.standard_normal((24, 10)) + 3 * rng.standard_normal((n, 10))
+    y = jnp.asarray(np.argmax(logits, 1))  # learnable, noisy labels: B_simple ~ 100
+    model = BF16Net()
+    params = model.init(jax.random.key(0), x[:1])["params"]
+
+    def loss_fn(p, batch):
+        xs, ys = batch
+        out = model.apply({"params": p}, xs).astype(jnp.float32)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), ys[:, None], 1))
+
+    def all_stats(p, b):
+        return [estimate.per_example(loss_fn, p, b, method=m)[0] for m in ("ghost", "vmap")]
+
+    def cast(dtype):
+        return jax.tree.map(lambda a: a.astype(dtype), params), (jnp.asarray(x, dtype), y)
+
+    want = jax.jit(all_stats)(*cast(jnp.float32))
+    got = jax.jit(all_stats)(*cast(jnp.bfloat16))
+    np.testing.assert_allclose(want[0].trace_cov, want[1].trace_cov, rtol=1e-4)
+    for method, w, g in zip(("ghost", "vmap"), want, got, strict=True):
+        assert g.g_sq.dtype == jnp.float32, method
+        assert 20 < float(w.b_simple) < 1000, method  # the statistics are both resolved
+        for field in ("g_sq", "trace_cov", "b_simple"):
+            np.testing.assert_allclose(
+                getattr(g, field), getattr(w, field), rtol=0.01, err_msg=f"{method} {field}"
+            )

@@ -214,3 +214,25 @@ def test_a_pick_at_an_end_of_the_timed_range_extends_it_once():
     assert res.to_dict()["extended_to"] == 4
     if res.batch_size == 4:  # at the end again: said, not extended a second time
         assert res.recommendation.at_range_end == "smallest"
+
+
+def test_find_batch_size_is_a_lazy_attribute_of_the_package():
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    import gns  # noqa: PLC0415
+    from gns import BatchSizeResult, find_batch_size  # noqa: PLC0415
+
+    assert find_batch_size is gns.find_batch_size is finder.find_batch_size
+    assert BatchSizeResult is finder.BatchSizeResult and "find_batch_size" in dir(gns)
+    with pytest.raises(AttributeError, match="no attribute 'find_batch_sizes'"):
+        gns.find_batch_sizes  # noqa: B018
+    # `import gns` alone imports no JAX; the attribute imports gns.finder on first use.
+    code = (
+        "import sys, gns\nassert 'jax' not in sys.modules and 'gns.finder' not in sys.modules\n"
+        "from gns import find_batch_size\nassert find_batch_size.__module__ == 'gns.finder'\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gns.__file__)))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)

@@ -160,6 +160,21 @@ def test_sequence_dense_and_norm_layers_equal_vmap():
     check_equal_to_vmap(loss_fn, params, batch, forms=("direct", "gram"))
 
 
+def test_kernel_norms_in_example_chunks_equal_vmap(monkeypatch):
+    """Convolutions whose per-example intermediates exceed ghost.CHUNK_BYTES are computed over
+    example chunks in turn: the same norms (a tiny budget here forces chunking)."""
+    monkeypatch.setattr(ghost, "CHUNK_BYTES", 100)
+    loss_fn, params, batch = setup(ConvNet(norm="group"), images((6, 7, 7, 3)))
+    plan = ghost.plan(loss_fn, params, batch)
+    chunks = {c.path: c.chunks for c in plan.calls if c.kind == "conv"}
+    assert min(chunks.values()) > 1 and all(6 % k == 0 for k in chunks.values()), chunks
+    assert all(c.chunks == 1 for c in plan.calls if c.kind != "conv")  # dense: whole batch
+    assert f"in {max(chunks.values())} example chunks" in plan.describe()
+    check_equal_to_vmap(loss_fn, params, batch, forms=("auto", "direct", "gram"))
+    monkeypatch.setattr(ghost, "CHUNK_BYTES", 4 * 2**20)  # the default: no chunks at this size
+    assert all(c.chunks == 1 for c in ghost.plan(loss_fn, params, batch).calls)
+
+
 def test_mixed_model_routes_uncovered_leaves_to_vmap():
     x = images((4, 6, 6, 4))
     tokens = jnp.arange(4) % 7
@@ -528,6 +543,46 @@ def test_cost_model_picks_the_fast_path_for_transformer_and_cnn():
     cnn_params = jax.eval_shape(lambda: cnn.init(jax.random.key(0), x[:1])["params"])
     cnn_batch = (x, jnp.zeros(128, jnp.int32))
     assert ghost.plan(classifier_loss(cnn), cnn_params, cnn_batch).method == "ghost"
+
+
+def with_aux(loss_fn):
+    def loss_aux(p, b):
+        loss = loss_fn(p, b)
+        return loss, loss
+
+    return loss_aux
+
+
+def check_auto_runs(method, loss_fn, params, batch, rtol):
+    """per_example(method="auto") runs ``method`` (the fast path returns one aux, vmap one per
+    example) and gives vmap's statistics and jax.grad's mean gradient."""
+    n = estimate.batch_size(batch)
+
+    def run(p, b):
+        auto = estimate.per_example(with_aux(loss_fn), p, b, has_aux=True)
+        return auto, estimate.per_example(loss_fn, p, b, method="vmap"), jax.grad(loss_fn)(p, b)
+
+    (stats, grads, aux), (ref, ref_grads), true_grads = jax.jit(run)(params, batch)
+    assert aux.shape == ((1,) if method == "ghost" else (n,))
+    np.testing.assert_allclose(stats.g_sq, ref.g_sq, rtol=rtol)
+    np.testing.assert_allclose(stats.trace_cov, ref.trace_cov, rtol=rtol)
+    assert_trees_close(grads, true_grads, rtol=1e-5, atol=1e-7)
+    assert_trees_close(ref_grads, true_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_per_example_auto_follows_the_cost_model():
+    # Slower fast path (the bare position embedding falls back at the input): auto runs vmap.
+    x = jax.random.normal(jax.random.key(2), (8, 128, 16))
+    model = BarePositionModel()
+    loss_fn, params, batch = setup(model, x)
+    assert ghost.plan(loss_fn, params, batch).method == "vmap"
+    check_auto_runs("vmap", loss_fn, params, batch, rtol=1e-6)
+    # Faster fast path (the Transformer, every layer covered): auto runs it.
+    loss_fn, shapes, tokens = lm_setup(batch=16, context=16, vocab=32, abstract=True)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), s.dtype), shapes)
+    assert ghost.plan(loss_fn, params, tokens).method == "ghost"
+    check_auto_runs("ghost", loss_fn, params, tokens, rtol=2e-4)
 
 
 def test_cost_model_forms_for_embed_and_dense():
