@@ -54,7 +54,7 @@ class SmallCNN(nn.Module):
     widths: Sequence[int] = (32, 64, 128)
     num_classes: int = 10
     groups: int = 8
-    dtype: Any = jnp.float32  # computation dtype (parameters stay float32)
+    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
 
     has_batch_norm: ClassVar[bool] = False
 
@@ -79,7 +79,7 @@ class BasicBlock(nn.Module):
     filters: int
     strides: int = 1
     bn_momentum: float = 0.9
-    dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -114,7 +114,7 @@ class ResNet(nn.Module):
     num_filters: int = 64
     num_classes: int = 10
     bn_momentum: float = 0.9
-    dtype: Any = jnp.float32  # computation dtype (parameters stay float32)
+    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
 
     has_batch_norm: ClassVar[bool] = True
 
@@ -182,7 +182,7 @@ class MBConv(nn.Module):
     drop_connect_rate: float = 0.0
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
-    dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -248,7 +248,7 @@ class EfficientNet(nn.Module):
     head_filters: int = 1280
     blocks: Sequence[Sequence[int]] = EFFICIENTNET_B0_BLOCKS
     bn_momentum: float = 0.99
-    dtype: Any = jnp.float32  # computation dtype (parameters stay float32)
+    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
 
     has_batch_norm: ClassVar[bool] = True
 
@@ -297,7 +297,7 @@ class TransformerBlock(nn.Module):
 
     num_heads: int
     mlp_ratio: int = 4
-    dtype: Any = jnp.float32  # computation dtype (parameters stay float32)
+    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
 
     @nn.compact
     def __call__(self, x, mask):
@@ -338,7 +338,7 @@ class TransformerLM(nn.Module):
     num_heads: int = 4
     mlp_ratio: int = 4
     tie_embeddings: bool = False
-    dtype: Any = jnp.float32  # computation dtype (parameters stay float32)
+    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
 
     has_batch_norm: ClassVar[bool] = False
 
