@@ -147,6 +147,16 @@ def test_windowed_target_resumed_mid_window_crosses_at_the_same_step(tmp_path, s
     assert again.to_target == whole.to_target and again.best == whole.best
 
 
+def test_windowed_target_of_a_lower_is_better_metric(tmp_path):
+    """The text task's target (bits per byte, lower is better) as Task.score gives it: negated.
+    The mean of 2 falls under 3.0 at the 5th evaluation ((3.2 + 2.7) / 2), the raw one at the
+    2nd."""
+    bits = [4.0, 2.9, 3.3, 3.2, 2.7]
+    log = runlog.RunLog(str(tmp_path), target=-3.0, window=2)
+    assert _crossings(log, [-b for b in bits]) == [50]
+    assert (log.best["accuracy"], log.best["step"]) == (-2.7, 50)
+
+
 def test_window_must_be_a_positive_int(tmp_path):
     for bad in (0, 1.5, None):
         with pytest.raises(ValueError, match="window"):

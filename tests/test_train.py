@@ -332,7 +332,7 @@ def test_ctrl_c_during_compilation_exits_cleanly(tmp_path):
 @pytest.mark.parametrize(
     "field, value",
     [("batch_size", 16), ("learning_rate", 1e-2), ("seed", 1), ("data.num_train", 256),
-     ("model.widths", (4, 8)), ("schedule", "cosine")],
+     ("model.widths", (4, 8)), ("schedule", "cosine"), ("target_window", 3)],
 )  # fmt: skip
 def test_resume_with_a_different_config_stops(smoke_run, field, value):
     config, workdir, _ = smoke_run
