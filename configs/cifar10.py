@@ -45,6 +45,8 @@ def base() -> ml_collections.ConfigDict:
     c.max_wall_time_s = config_dict.placeholder(float)  # training-time budget (None: none)
     c.target_accuracy = config_dict.placeholder(float)  # stop when the periodic test
     # accuracy reaches it (needs eval_every > 0); None: no target
+    c.target_window = 1  # ...the mean of the last N periodic evaluations reaches it (1: the
+    # evaluation itself); steps_to_target and time_to_target_s are taken at that crossing
     c.divergence_factor = 10.0  # stop when the training loss exceeds this multiple of the
     # initial loss (a non-finite loss always stops the run); None: only non-finite losses
 
@@ -370,11 +372,12 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
     from (:func:`gns.recommend.scale_learning_rate`, the same rule for every policy). The
     target: the trailing mean of the last ``target_window`` test evaluations reaches
     ``target_accuracy``; evaluations every ``eval_every_examples`` training examples on
-    ``eval_examples`` test images (``None``: the config's). Each run trains in segments of
-    ``first_budget_s`` seconds of training, times ``budget_growth`` each time, until it reaches
-    the target, ``max_epochs``, ``max_wall_time_s`` or ``give_up_factor`` times the fastest
-    time to target before it (``None``: no such cap). ``tradeoff_summary``: the summary of a
-    ``tradeoff`` run for ``best_measured`` (``None``: ``WORKDIR/tradeoff/summary.json``).
+    ``eval_examples`` test images (``None``: the config's). Each run is one training (its
+    ``target_accuracy`` and ``target_window`` are these) that stops at the target,
+    ``max_epochs``, or a training-time budget: ``max_wall_time_s``, or ``give_up_factor``
+    times the fastest time to target before it when that is less (``None``: no such cap).
+    ``tradeoff_summary``: the summary of a ``tradeoff`` run for ``best_measured`` (``None``:
+    ``WORKDIR/tradeoff/summary.json``).
     ``schedule`` and ``warmup_steps`` replace the config's (``None``: keep them); the default
     is a constant learning rate without warmup, so that a budget does not cut a decay short and
     a warmup counted in steps does not penalize the larger batch sizes.
@@ -392,7 +395,7 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
     c.baseline_learning_rate = config_dict.placeholder(float)
     c.update(target_accuracy=0.5, target_window=3, eval_every_examples=25000)
     c.eval_examples = config_dict.placeholder(int)
-    c.update(first_budget_s=60.0, budget_growth=1.5, give_up_factor=3.0, max_wall_time_s=600.0)
+    c.update(give_up_factor=3.0, max_wall_time_s=600.0)
     c.update(max_epochs=100.0, schedule="constant", warmup_steps=0)
     c.tradeoff_summary = config_dict.placeholder(str)
     add_measurement_stages(c)
@@ -403,7 +406,7 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
     if variant == "smoke":
         # Seconds: one seed, the synthetic target of the tests, budgets of a second or two.
         c.update(seeds=(0,), target_accuracy=0.2, target_window=2, eval_every_examples=512)
-        c.update(first_budget_s=1.0, max_wall_time_s=3.0, max_epochs=8.0)
+        c.update(max_wall_time_s=3.0, max_epochs=8.0)
         c.noise.update(warmup_steps=5, batch_size=32, num_batches=3)
         c.throughput.update(min_batch_size=16, max_batch_size=32, accumulation_factors=())
         c.throughput.update(warmup=1, repeats=2)
@@ -415,7 +418,7 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
         # fits (512) is given at most 3x the fastest time to target.
         c.update(baseline_batch_size=64, baseline_learning_rate=2e-3)
         c.update(target_accuracy=0.55, eval_every_examples=10000, eval_examples=10000)
-        c.update(first_budget_s=30.0, max_wall_time_s=150.0)
+        c.update(max_wall_time_s=150.0)
         c.noise.chunk_size = 64
         c.throughput.update(max_batch_size=512, memory_budget_bytes=4 * 2**30)
         c.throughput.accumulation_factors = ()
@@ -430,7 +433,7 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
     elif variant in ("gpu", "seed", "effnet_lamb"):
         # seed: EfficientNet-B0 + LAMB at batch 64, lr 1e-3 as in the study; candidates up to
         # 4096 (above what fits: gradient accumulation).
-        c.update(target_accuracy=0.85, max_wall_time_s=9000.0, first_budget_s=600.0)
+        c.update(target_accuracy=0.85, max_wall_time_s=9000.0)
         c.update(max_epochs=100.0, eval_every_examples=50000)
         c.eval_examples = 10000
         c.noise.update(batch_size=256, num_batches=16)

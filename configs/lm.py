@@ -30,8 +30,10 @@ def base() -> ml_collections.ConfigDict:
     ``num_epochs`` (wins when set; an epoch is ``ds.examples_per_epoch`` windows, one pass over
     the train bytes), ``max_wall_time_s`` (training-time budget), ``target_bits_per_byte`` (stop
     when the periodic held-out bits per byte reach it or fall below; bits per byte = the mean
-    next-byte cross-entropy in nats / ln 2), ``divergence_factor`` (stop when the training loss
-    exceeds this multiple of the initial loss; ``None``: only on a non-finite loss).
+    next-byte cross-entropy in nats / ln 2), ``target_window`` (the target is on the mean of
+    the last N periodic evaluations; 1: each evaluation itself), ``divergence_factor`` (stop
+    when the training loss exceeds this multiple of the initial loss; ``None``: only on a
+    non-finite loss).
     Evaluation and logging: ``eval_every`` (steps; 0 = only at the end), ``eval_examples``
     (held-out windows of ``context + 1`` bytes of the periodic evaluations, non-overlapping and
     spread evenly over the test split; ``None``: all of them; also the number of train windows
@@ -80,6 +82,7 @@ def base() -> ml_collections.ConfigDict:
     c.num_epochs = config_dict.placeholder(float)
     c.max_wall_time_s = config_dict.placeholder(float)
     c.target_bits_per_byte = config_dict.placeholder(float)
+    c.target_window = 1
     c.divergence_factor = 10.0
     c.eval_every = 250
     c.eval_examples = 1024

@@ -32,10 +32,10 @@ default policy's batch and rate (square root for Adam-family optimizers, McCandl
 periodic evaluations (every ``compare.eval_every_examples`` examples, on
 ``compare.eval_examples`` test images; the ``cpu`` config uses the whole test set, n = 10,000,
 whose binomial standard error is at most 0.5 points) reaches ``compare.target_accuracy``
-(:func:`smoothed_crossing`). A run trains in segments of growing training-time budget
-(``first_budget_s`` times ``budget_growth`` each time, resumed exactly from its checkpoint)
-until its smoothed accuracy reaches the target, or it hits ``compare.max_wall_time_s``,
-``compare.max_epochs``, or ``compare.give_up_factor`` times the fastest wall-clock time to
+(:func:`smoothed_crossing`). Each run is one training that stops there (the training's own
+``target_accuracy`` and ``target_window``: :meth:`experiments.runlog.RunLog.record_eval`), or
+at ``compare.max_epochs``, or at a training-time budget (``max_wall_time_s``): the smaller of
+``compare.max_wall_time_s`` and ``compare.give_up_factor`` times the fastest wall-clock time to
 target of the runs before it (so a hopeless policy costs a bounded time; it is reported as not
 reached, with its best smoothed accuracy).
 
@@ -387,9 +387,8 @@ def validate_config(config) -> None:
     the field and the fix."""
     cc = config.compare
     policies(config)
-    for field in ("max_epochs", "eval_every_examples", "first_budget_s", "max_wall_time_s"):
+    for field in ("max_epochs", "eval_every_examples", "max_wall_time_s"):
         _require(cc, field, _is_num(cc[field]) and cc[field] > 0, "a positive number")
-    _require(cc, "budget_growth", _is_num(cc.budget_growth) and cc.budget_growth > 1, "> 1")
     g = cc.give_up_factor
     _require(cc, "give_up_factor", g is None or (_is_num(g) and g >= 1), "None or >= 1")
     t = cc.target_accuracy
@@ -504,16 +503,18 @@ def plan_policies(config, workdir: str, sw: dict) -> tuple[dict, dict, list[int]
     return plans, {p: why for p, why in skipped.items() if p in names}, cands
 
 
-def _run_config(config, plan: dict, seed: int, step_time: dict[int, float]):
+def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limit_s: float):
     """The training config of one policy run: :func:`_train_config` with the plan's batch,
     rate and schedule fields (a fixed batch is the schedule with one candidate, so every run
-    reads the same example stream and evaluates at the same examples), no target of its own
-    (the smoothed target is checked here), capped by ``compare.max_epochs``."""
+    reads the same example stream and evaluates at the same examples), stopping at the
+    smoothed target (``compare.target_accuracy`` and ``target_window``), after
+    ``compare.max_epochs`` or ``limit_s`` seconds of training."""
     cc = config.compare
     c = _train_config(config)
     b = int(plan["batch_size"])
     c.batch_size, c.learning_rate, c.seed = b, float(plan["learning_rate"]), int(seed)
-    c.target_accuracy = None
+    c.target_accuracy, c.target_window = float(cc.target_accuracy), int(cc.target_window)
+    c.max_wall_time_s = float(limit_s)
     c.num_epochs = float(cc.max_epochs)
     c.eval_every = max(1, round(int(cc.eval_every_examples) / b))  # unused on the stream
     c.log_every = min(int(c.log_every), c.eval_every)
@@ -554,22 +555,6 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
     )
     runlog.write_json(path, {"mesh": where, "table": {str(b): v for b, v in table.items()}})
     return table
-
-
-def _train_to_target(cfg, run_dir: str, cc, limit_s: float) -> tuple[dict, list[dict]]:
-    """Train ``cfg`` in ``run_dir`` in segments of growing training-time budget until the
-    smoothed test accuracy reaches ``cc.target_accuracy`` or the run stops for another reason
-    (epochs, ``limit_s``); each segment resumes the previous one's exit checkpoint."""
-    budget = float(cc.first_budget_s)
-    while True:
-        cfg.max_wall_time_s = min(budget, limit_s)
-        s = train.train_and_evaluate(cfg, run_dir)
-        rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
-        acc = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
-        hit = smoothed_crossing(acc, cc.target_accuracy, cc.target_window)
-        if hit is not None or s["stop_reason"] != "max_wall_time_s" or budget >= limit_s:
-            return s, rows
-        budget *= float(cc.budget_growth)
 
 
 def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict], cc,
@@ -668,8 +653,9 @@ def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
             run_dir = os.path.join(workdir, "runs", f"{policy}-s{seed}")
             logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
                          seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
-            cfg = _run_config(config, plan, int(seed), step_time)
-            s, rows = _train_to_target(cfg, run_dir, cc, limit)
+            cfg = _run_config(config, plan, int(seed), step_time, limit)
+            s = train.train_and_evaluate(cfg, run_dir)
+            rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
             runs.append(_run_record(policy, int(seed), run_dir, s, rows, cc, table))
     n = len(ds.test_labels) if cc.eval_examples is None else min(cc.eval_examples,
                                                                    len(ds.test_labels))  # fmt: skip

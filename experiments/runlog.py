@@ -255,13 +255,17 @@ class RunLog:
 
     Args:
       workdir: the run's directory.
-      target: accuracy at which the run counts as having reached its target (``None``: none).
+      target: score (an accuracy, or a negated loss: :meth:`experiments.tasks.Task.score`)
+        at which the run counts as having reached its target (``None``: none).
+      window: the target is on the mean of the last ``window`` periodic evaluations (a
+        trailing mean, which evaluation noise crosses less easily than one evaluation); 1:
+        on each evaluation itself.
       primary: whether this process writes the files (``False`` on the other processes of a
         multi-host run: they keep the same record in memory and write nothing).
 
     Example::
 
-        log = RunLog(workdir, target=0.6)
+        log = RunLog(workdir, target=0.6, window=3)
         log.check_identity(config, identity_fn, resuming=ckpt.latest_step() is not None)
         state, meta = ckpt.restore(state, check=log.check_meta)
         log.resume(int(state.step), meta)
@@ -269,13 +273,18 @@ class RunLog:
         ...
         log.advance(batch_size)          # after each step
         row = log.row(train_loss=...)     # at a logged step, clock read after blocking
-        log.record_eval(accuracy)         # True when this evaluation reaches the target
+        log.record_eval(accuracy)         # True when the mean of the last 3 reaches it
         log.write_row(row)
         ckpt.save(log.step, state, log.meta())
     """
 
-    def __init__(self, workdir: str, target: float | None = None, *, primary: bool = True):
+    def __init__(
+        self, workdir: str, target: float | None = None, *, window: int = 1, primary: bool = True
+    ):
+        if not (isinstance(window, int | np.integer) and window >= 1):
+            raise ValueError(f"window={window!r}: need an int >= 1 (evaluations averaged).")
         self.workdir = workdir
+        self.window = int(window)
         self.primary = primary
         self._memory_rows: list[dict] = []  # the rows of a non-primary process
         self.metrics_path = os.path.join(workdir, METRICS_FILE)
@@ -351,6 +360,8 @@ class RunLog:
         self.clock = Clock(meta.get("clock"))
         self.best = dict(meta.get("best") or {"accuracy": None, "step": None, "time_s": None})
         self.to_target = dict(meta.get("to_target") or {"steps": None, "time_s": None})
+        recent = meta.get("recent_evals") or []  # null: a non-finite score
+        self.recent_evals = [math.nan if x is None else float(x) for x in recent][-self.window :]
         self.initial_loss = meta.get("initial_loss")
         self.diverged: str | None = None
         self._last_row = (self.clock.total("train"), self.examples_seen)
@@ -372,6 +383,7 @@ class RunLog:
                 "clock": self.clock.state(),
                 "best": self.best,
                 "to_target": self.to_target,
+                "recent_evals": self.recent_evals,
                 "initial_loss": self.initial_loss,
                 "identity": self.identity,
             }
@@ -387,16 +399,45 @@ class RunLog:
 
     @property
     def reached(self) -> bool:
-        """Whether an evaluation has reached the target."""
+        """Whether the run has reached the target (:meth:`record_eval`)."""
         return self.to_target["steps"] is not None
 
-    def record_eval(self, accuracy: float) -> bool:
+    def record_eval(self, score: float, *, periodic: bool = True) -> bool:
         """Best and target tracking of an evaluation at the current step (train clock read
-        now). Returns whether it crosses the target for the first time."""
+        now).
+
+        The target is reached at the first periodic evaluation where the mean of the last
+        ``window`` periodic evaluations (this one included; none before ``window`` of them)
+        is at least ``target``: that step and time are :attr:`to_target`. The last ``window``
+        scores travel in :meth:`meta`, so a run resumed mid-window crosses where an
+        uninterrupted one does. A final evaluation (``periodic=False``, e.g. on another set
+        of examples) updates the best and, with ``window`` 1 only, can reach the target; it
+        never enters the window.
+
+        Args:
+          score: the evaluation as a higher-is-better score (an accuracy, or a negated loss).
+          periodic: whether it is one of the run's periodic evaluations.
+
+        Returns:
+          Whether this evaluation reaches the target for the first time.
+
+        Example::
+
+            log = RunLog(workdir, target=0.5, window=2)
+            [log.record_eval(a) for a in (0.6, 0.3, 0.8)]  # means -, .45, .55
+            # [False, False, True]
+        """
         t = self.clock.total("train")
-        if self.best["accuracy"] is None or accuracy > self.best["accuracy"]:
-            self.best = {"accuracy": accuracy, "step": self.step, "time_s": t}
-        if self.target is None or self.reached or not accuracy >= self.target:
+        if self.best["accuracy"] is None or score > self.best["accuracy"]:
+            self.best = {"accuracy": score, "step": self.step, "time_s": t}
+        if periodic:
+            self.recent_evals = [*self.recent_evals, float(score)][-self.window :]
+            last = self.recent_evals if len(self.recent_evals) == self.window else None
+        else:
+            last = [float(score)] if self.window == 1 else None
+        if self.target is None or self.reached or last is None:
+            return False
+        if not float(sum(last)) / len(last) >= self.target:
             return False
         self.to_target = {"steps": self.step, "time_s": t}
         return True

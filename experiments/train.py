@@ -18,7 +18,9 @@ also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
 - ``summary.json``: final full-test-set accuracy (``config.final_eval_examples`` of the test
   examples when the config has that field and it is set), times, steps, ``stop_reason``
   (``num_steps``, ``target_accuracy`` or ``target_bits_per_byte``, ``max_wall_time_s``,
-  ``interrupted``, ``diverged``), and
+  ``interrupted``, ``diverged``), ``steps_to_target`` and ``time_to_target_s`` (where the mean
+  of the last ``config.target_window`` periodic evaluations first reached the target; the run
+  stops there), and
   the noise scale with its bootstrap interval;
 - ``checkpoints/``: orbax checkpoints; re-running the same command resumes from the last
   readable one, after checking that the config's identity (:func:`run_identity`) is the same;
@@ -224,6 +226,8 @@ _RULES = (
      "must be a number > 1, or None to stop only on a non-finite loss"),
     ("max_wall_time_s", _optional(lambda v: _is_number(v) and v > 0),
      "must be a positive number of seconds or None"),
+    ("target_window", _count(1),
+     "must be an int >= 1 (the target is on the mean of the last target_window evaluations)"),
 )  # fmt: skip
 
 
@@ -267,7 +271,9 @@ def run_identity(config: dict) -> dict:
     """The fields of a config (as a dict) that change what a run computes: all of them except
     :data:`NOT_IDENTITY` (logging, checkpoints, plots, budgets, cache locations), and except
     ``num_steps``/``num_epochs`` with a constant schedule (there they only say where the run
-    stops, so a finished run can be extended). A resume must have the same identity.
+    stops, so a finished run can be extended). ``target_window`` counts (it changes where the
+    run stops and its time to target), except at its default 1, so that runs recorded before
+    the field existed still resume. A resume must have the same identity.
 
     Example::
 
@@ -276,6 +282,8 @@ def run_identity(config: dict) -> dict:
     ident = copy.deepcopy(config)
     constant = config.get("schedule") == "constant"
     drop = NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ())
+    if config.get("target_window") == 1:  # the default: the record of runs made before it
+        drop += ("target_window",)
     for path in drop:
         *parents, last = path.split(".")
         node = ident
@@ -773,7 +781,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh_lib.check_batch(config.batch_size, mesh_lib.make_mesh(_get(config, "num_devices", None)))
     with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():
         ckpt = runlog.Checkpoints(workdir)
-        log = runlog.RunLog(workdir, target=task.target(config), primary=primary)
+        log = runlog.RunLog(workdir, target=task.target(config),
+                            window=int(config.target_window), primary=primary)  # fmt: skip
         config_dict = config.to_dict()
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
         ds = task.load(config)
@@ -986,7 +995,7 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
         final = setup.evaluate(state, task.eval_arrays(config, ds, "test", n_final))
         train_eval = setup.evaluate(state, task.eval_arrays(config, ds, "train",
                                                             config.eval_examples))  # fmt: skip
-        log.record_eval(task.score(final[task.metric]))
+        log.record_eval(task.score(final[task.metric]), periodic=False)
         final.update(setup.time_step(state))
     rows = log.rows()
     clock = log.clock.state()

@@ -95,6 +95,74 @@ def test_target_crossing_recorded_once_at_its_step(tmp_path):
     assert again.to_target == log.to_target and again.best == log.best
 
 
+def _crossings(log, scores, first_step=1):
+    """Record ``scores`` as periodic evaluations 10 steps apart; the steps where they cross."""
+    out = []
+    for step, score in enumerate(scores, start=first_step):
+        while log.step < 10 * step:
+            log.advance(8)
+        if log.record_eval(score):
+            out.append(log.step)
+    return out
+
+
+def _first_window_mean_at(scores, target, window):
+    """The 1-based index of the first full trailing mean of ``window`` scores >= ``target``
+    (computed independently of RunLog)."""
+    for i in range(window, len(scores) + 1):
+        if np.mean(scores[i - window : i]) >= target:
+            return i
+    return None
+
+
+SCORES = [0.3, 0.62, 0.45, 0.57, 0.61, 0.7, 0.4]  # raw crosses 0.55 at #2, mean of 3 at #6
+
+
+@pytest.mark.parametrize("window, expected", [(1, 2), (3, 6), (7, None)])
+def test_windowed_target_crosses_where_the_trailing_mean_does(tmp_path, window, expected):
+    assert _first_window_mean_at(SCORES, 0.55, window) == expected  # the sequence's premise
+    log = runlog.RunLog(str(tmp_path), target=0.55, window=window)
+    crossed = _crossings(log, SCORES)
+    assert crossed == ([] if expected is None else [10 * expected])  # once, at that step
+    assert log.to_target["steps"] == (None if expected is None else 10 * expected)
+    assert log.reached == (expected is not None)
+    assert (log.best["accuracy"], log.best["step"]) == (0.7, 60)  # best: raw, any window
+    # A final (non-periodic) evaluation enters no window: it crosses with window 1 only.
+    final = runlog.RunLog(str(tmp_path), target=0.55, window=window)
+    assert final.record_eval(0.9, periodic=False) == (window == 1)
+    assert final.recent_evals == []
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, 4])
+def test_windowed_target_resumed_mid_window_crosses_at_the_same_step(tmp_path, stop_after):
+    whole = runlog.RunLog(str(tmp_path / "a"), target=0.55, window=3)
+    expected = _crossings(whole, SCORES)
+    first = runlog.RunLog(str(tmp_path / "b"), target=0.55, window=3)
+    _crossings(first, SCORES[:stop_after])
+    meta = json.loads(runlog.dumps(first.meta()))  # as the checkpoint stores it
+    assert meta["recent_evals"] == SCORES[max(0, stop_after - 3) : stop_after]
+    again = runlog.RunLog(str(tmp_path / "b"), target=0.55, window=3)
+    again.resume(10 * stop_after, meta)
+    assert _crossings(again, SCORES[stop_after:], first_step=stop_after + 1) == expected
+    assert again.to_target == whole.to_target and again.best == whole.best
+
+
+def test_windowed_target_of_a_lower_is_better_metric(tmp_path):
+    """The text task's target (bits per byte, lower is better) as Task.score gives it: negated.
+    The mean of 2 falls under 3.0 at the 5th evaluation ((3.2 + 2.7) / 2), the raw one at the
+    2nd."""
+    bits = [4.0, 2.9, 3.3, 3.2, 2.7]
+    log = runlog.RunLog(str(tmp_path), target=-3.0, window=2)
+    assert _crossings(log, [-b for b in bits]) == [50]
+    assert (log.best["accuracy"], log.best["step"]) == (-2.7, 50)
+
+
+def test_window_must_be_a_positive_int(tmp_path):
+    for bad in (0, 1.5, None):
+        with pytest.raises(ValueError, match="window"):
+            runlog.RunLog(str(tmp_path), target=0.5, window=bad)
+
+
 def test_check_losses_non_finite_and_factor(tmp_path):
     log = runlog.RunLog(str(tmp_path))
     assert log.check_losses([2.0, 2.5, 15.0], factor=10.0) is None  # 15 < 10 x 2

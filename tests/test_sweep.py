@@ -562,7 +562,7 @@ def test_the_sweep_config_references_the_training_config_without_compare():
     # The compare modes: changing a compare-only field keeps every measurement stage's key.
     c = cifar10_config.get_config("smoke")
     fps = {s: sweep.stage_fingerprint(compare.measurement_config(c), s) for s in sweep.STAGE_FIELDS}
-    c.compare.first_budget_s = 99.0
+    c.compare.give_up_factor = 9.0
     c.compare.max_epochs = 3.0
     again = {s: sweep.stage_fingerprint(compare.measurement_config(c), s) for s in fps}
     assert again == fps

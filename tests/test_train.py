@@ -175,6 +175,25 @@ def test_stops_at_target_and_at_wall_time_budget(tmp_path):
     assert [r["step"] for r in rows] == [1]
 
 
+@pytest.mark.timeout(240)
+def test_stops_where_the_trailing_mean_of_evaluations_reaches_the_target(tmp_path):
+    # Target 0: every evaluation reaches it, so the raw target would stop at the first one
+    # (step 5, as above); the mean of 3 needs 3 evaluations.
+    workdir = str(tmp_path / "t")
+    config = tiny_config(num_steps=100, eval_every=5, target_accuracy=0.0, target_window=3)
+    s = train.train_and_evaluate(config, workdir)
+    _, _, rows = strict_outputs(workdir)
+    evals = [r for r in rows if "test_accuracy" in r]
+    means = [
+        sum(a["test_accuracy"] for a in evals[i - 3 : i]) / 3 for i in range(3, len(evals) + 1)
+    ]
+    hit = evals[next(i for i, m in enumerate(means) if m >= 0.0) + 2]  # recomputed from rows
+    assert (s["stop_reason"], s["steps_to_target"], s["steps"]) == ("target_accuracy", 15, 15)
+    assert hit is rows[-1] and hit["step"] == 15 and hit["stop_reason"] == "target_accuracy"
+    assert s["time_to_target_s"] == hit["wall_time_s"]
+    assert [r["step"] for r in evals] == [5, 10, 15]
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume: N steps, then 2N in the same workdir (with a Ctrl-C in between), equals an
 # uninterrupted 2N-step run.
@@ -313,7 +332,7 @@ def test_ctrl_c_during_compilation_exits_cleanly(tmp_path):
 @pytest.mark.parametrize(
     "field, value",
     [("batch_size", 16), ("learning_rate", 1e-2), ("seed", 1), ("data.num_train", 256),
-     ("model.widths", (4, 8)), ("schedule", "cosine")],
+     ("model.widths", (4, 8)), ("schedule", "cosine"), ("target_window", 3)],
 )  # fmt: skip
 def test_resume_with_a_different_config_stops(smoke_run, field, value):
     config, workdir, _ = smoke_run
@@ -353,7 +372,8 @@ def test_a_second_run_in_the_workdir_stops_naming_the_first(tmp_path):
     [("learning_rate", 0.0), ("learning_rate", -1e-3), ("learning_rate", math.nan),
      ("learning_rate", math.inf), ("batch_size", 1), ("optimizer", "rmsprop"),
      ("schedule", "linear"), ("model.name", "vgg"), ("gns_method", "bogus"),
-     ("divergence_factor", 0.5), ("num_steps", 0), ("target_accuracy", 1.5)],
+     ("divergence_factor", 0.5), ("num_steps", 0), ("target_accuracy", 1.5),
+     ("target_window", 0)],
 )  # fmt: skip
 def test_bad_config_stops_before_anything_is_written(tmp_path, field, value):
     config = tiny_config()
