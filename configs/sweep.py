@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+import configs
 from configs import cifar10
 
 VARIANTS = ("smoke", "cpu")
@@ -156,11 +157,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
         python -m experiments.sweep --config configs/sweep.py:smoke --workdir /tmp/sweep_smoke
     """
-    arg = arg or "cpu"
-    variants = {"smoke": smoke, "cpu": cpu}
-    if arg not in variants:
-        raise ValueError(
-            f"Unknown configs/sweep.py variant {arg!r}: use one of {', '.join(VARIANTS)} "
-            "(e.g. --config configs/sweep.py:smoke)."
-        )
-    return variants[arg]()
+    return configs.select("configs/sweep.py", {"smoke": smoke, "cpu": cpu}, arg)
