@@ -25,6 +25,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+import configs
 from configs import lm
 
 VARIANTS = ("default", "tiny")
@@ -89,7 +90,4 @@ def tiny() -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The ``arg`` variant (``default`` when empty)."""
-    name = arg or "default"
-    if name not in VARIANTS:
-        raise ValueError(f"unknown bench config variant {name!r}: use one of {VARIANTS}.")
-    return globals()[name]()
+    return configs.select("configs/bench.py", {"default": default, "tiny": tiny}, arg, "default")

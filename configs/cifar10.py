@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+import configs
 from experiments.cli import UserError
 from experiments.data import CIFAR10_BINARY_MD5, CIFAR10_BINARY_URL
 
@@ -157,27 +158,13 @@ def smoke() -> ml_collections.ConfigDict:
     2026-11-30 on the real images).
     """
     c = base()
-    c.batch_size = 32
-    c.learning_rate = 3e-3
-    c.num_steps = 150
-    c.eval_every = 50
-    c.eval_examples = 256
-    c.eval_batch_size = 256
-    c.log_every = 10
-    c.checkpoint_every = 50
-    c.gns_every = 3
-    c.gns_ema_decay = 0.9
-    c.model.widths = (8, 16)
-    c.model.groups = 4
-    c.data.num_train = 512
-    c.data.num_test = 256
-    c.data.augment = False
-    c.adaptive.min_batch_size = 8
-    c.adaptive.max_batch_size = 32
-    c.adaptive.patience = 2
-    c.adaptive.eval_every_examples = 512
-    c.adaptive.timing_warmup = 1
-    c.adaptive.timing_rounds = 2
+    c.update(batch_size=32, learning_rate=3e-3, num_steps=150, gns_every=3, gns_ema_decay=0.9)
+    c.update(eval_every=50, eval_examples=256, eval_batch_size=256)
+    c.update(log_every=10, checkpoint_every=50)
+    c.model.update(widths=(8, 16), groups=4)
+    c.data.update(num_train=512, num_test=256, augment=False)
+    c.adaptive.update(min_batch_size=8, max_batch_size=32, patience=2, eval_every_examples=512)
+    c.adaptive.update(timing_warmup=1, timing_rounds=2)
     return c
 
 
@@ -203,18 +190,10 @@ def cpu() -> ml_collections.ConfigDict:
           --config.data.path=../shared/data/cifar10-jpeg.tar.gz
     """
     c = base()
-    c.batch_size = 128
-    c.learning_rate = 2e-3
-    c.optimizer = "adam"
-    c.schedule = "cosine"
-    c.warmup_steps = 100
-    c.num_epochs = 8.0
-    c.eval_every = 500
-    c.eval_examples = 5000
-    c.log_every = 50
-    c.checkpoint_every = 1000
-    c.gns_every = 20
-    c.gns_chunk_size = 64
+    c.update(batch_size=128, learning_rate=2e-3, optimizer="adam")
+    c.update(schedule="cosine", warmup_steps=100, num_epochs=8.0)
+    c.update(eval_every=500, eval_examples=5000, log_every=50, checkpoint_every=1000)
+    c.update(gns_every=20, gns_chunk_size=64)
     c.adaptive.max_batch_size = 256
     c.adaptive.eval_every_examples = 10000
     c.adaptive.timing_rounds = 15  # the demo's one timing table (a busy machine: more rounds)
@@ -225,12 +204,8 @@ def _accelerator_defaults(c: ml_collections.ConfigDict) -> None:
     """Evaluation, logging and noise-scale fields of the accelerator setups (BatchNorm models:
     the noise scale from 8 microbatches, which are also the ghost-BatchNorm groups; on 2 or
     more devices from the devices' batches, each its own BatchNorm group)."""
-    c.eval_examples = 10000
-    c.log_every = 100
-    c.checkpoint_every = 2000
-    c.gns_every = 20
-    c.gns_method = "auto"
-    c.gns_microbatches = 8
+    c.update(eval_examples=10000, log_every=100, checkpoint_every=2000)
+    c.update(gns_every=20, gns_method="auto", gns_microbatches=8)
 
 
 def gpu() -> ml_collections.ConfigDict:
@@ -245,20 +220,11 @@ def gpu() -> ml_collections.ConfigDict:
           --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
     """
     c = base()
-    c.batch_size = 128
-    c.learning_rate = 0.1
-    c.optimizer = "sgd"
-    c.momentum = 0.9
-    c.nesterov = True
-    c.weight_decay = 5e-4
-    c.schedule = "cosine"
-    c.num_epochs = 30.0
-    c.warmup_steps = 780
+    c.update(batch_size=128, learning_rate=0.1, optimizer="sgd", momentum=0.9, nesterov=True)
+    c.update(weight_decay=5e-4, schedule="cosine", num_epochs=30.0, warmup_steps=780)
     c.eval_every = 1000
     _accelerator_defaults(c)
-    c.model.name = "resnet18"
-    c.model.stage_sizes = (2, 2, 2, 2)
-    c.model.num_filters = 64
+    c.model.update(name="resnet18", stage_sizes=(2, 2, 2, 2), num_filters=64)
     return c
 
 
@@ -284,21 +250,12 @@ def effnet_lamb() -> ml_collections.ConfigDict:
           --config.data.path=../shared/data/cifar10-jpeg.tar.gz
     """
     c = base()
-    c.batch_size = 64
-    c.learning_rate = 1e-3
-    c.optimizer = "lamb"
-    c.weight_decay = 1e-2
-    c.schedule = "cosine"
-    c.warmup_steps = 500
-    c.num_epochs = 30.0
+    c.update(batch_size=64, learning_rate=1e-3, optimizer="lamb", weight_decay=1e-2)
+    c.update(schedule="cosine", warmup_steps=500, num_epochs=30.0)
     c.eval_every = 2000
     _accelerator_defaults(c)
-    c.model.name = "efficientnet_b0"
-    c.model.width_coefficient = 1.0
-    c.model.depth_coefficient = 1.0
-    c.model.dropout_rate = 0.2
-    c.model.drop_connect_rate = 0.2
-    c.model.stem_strides = 2
+    c.model.update(name="efficientnet_b0", width_coefficient=1.0, depth_coefficient=1.0)
+    c.model.update(dropout_rate=0.2, drop_connect_rate=0.2, stem_strides=2)
     return c
 
 
@@ -319,18 +276,11 @@ def gpu_study() -> ml_collections.ConfigDict:
           --config.data.path=../shared/data/cifar10-jpeg.tar.gz
     """
     c = gpu()
-    c.mode = "compare"
-    c.dtype = "bfloat16"
+    c.update(mode="compare", dtype="bfloat16", step_time_repeats=20, progress_bar=False)
     c.data.on_device = True
-    c.step_time_repeats = 20
-    c.batch_size = 64
-    c.learning_rate = 0.05
-    c.warmup_steps = 0
-    c.num_epochs = 15.0
-    c.eval_every = 500
-    c.eval_examples = 5000
+    c.update(batch_size=64, learning_rate=0.05, warmup_steps=0, num_epochs=15.0)
+    c.update(eval_every=500, eval_examples=5000)
     c.gns_microbatches = 4  # ghost BatchNorm of 16 at batch 64
-    c.progress_bar = False
     return c
 
 
@@ -457,12 +407,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             f"the configs/cifar10.py variant {arg!r} is now called {RENAMED[arg]!r}",
             hint=f"use --config configs/cifar10.py:{RENAMED[arg]}",
         )
-    if arg not in VARIANTS:
-        raise UserError(
-            f"unknown configs/cifar10.py variant {arg!r}: use one of {', '.join(VARIANTS)}",
-            hint="e.g. --config configs/cifar10.py:smoke",
-        )
-    config = globals()[arg]()
+    config = configs.select("configs/cifar10.py", {v: globals()[v] for v in VARIANTS}, arg)
     # compare_config still names the effnet_lamb setup by its old name.
     config.compare = compare_config({v: k for k, v in RENAMED.items()}.get(arg, arg))
     return config

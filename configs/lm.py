@@ -14,8 +14,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+import configs
 from configs import cifar10
-from experiments.cli import UserError
 
 VARIANTS = ("smoke", "cpu")
 
@@ -134,22 +134,10 @@ def smoke() -> ml_collections.ConfigDict:
         python -m experiments.lm --config configs/lm.py:smoke --workdir /tmp/lm_smoke
     """
     c = base()
-    c.batch_size = 16
-    c.learning_rate = 3e-3
-    c.warmup_steps = 10
-    c.num_steps = 100
-    c.eval_every = 50
-    c.eval_examples = 128
-    c.eval_batch_size = 128
-    c.log_every = 10
-    c.checkpoint_every = 50
-    c.gns_every = 5
-    c.gns_ema_decay = 0.9
-    c.model.context = 32
-    c.model.width = 32
-    c.model.depth = 1
-    c.model.num_heads = 2
-    c.model.mlp_ratio = 2
+    c.update(batch_size=16, learning_rate=3e-3, warmup_steps=10, num_steps=100)
+    c.update(eval_every=50, eval_examples=128, eval_batch_size=128, log_every=10)
+    c.update(checkpoint_every=50, gns_every=5, gns_ema_decay=0.9)
+    c.model.update(context=32, width=32, depth=1, num_heads=2, mlp_ratio=2)
     c.data.max_bytes = 300_000
     return c
 
@@ -183,24 +171,17 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
     del c.tradeoff.target_accuracy
     c.tradeoff.target_bits_per_byte = 2.5
     if variant == "smoke":
-        c.baseline_batch_size = 16
-        c.baseline_learning_rate = 3e-3
+        c.update(baseline_batch_size=16, baseline_learning_rate=3e-3)
         c.noise.batch_size = 16
-        c.throughput.min_batch_size = 8
-        c.throughput.max_batch_size = 16
-        c.tradeoff.batch_sizes = (8, 16)
-        c.tradeoff.target_bits_per_byte = 5.0
+        c.throughput.update(min_batch_size=8, max_batch_size=16)
+        c.tradeoff.update(batch_sizes=(8, 16), target_bits_per_byte=5.0)
     else:
-        c.baseline_batch_size = 32
-        c.baseline_learning_rate = 2e-3
-        c.eval_every_examples = 8192
-        c.eval_examples = 512
-        c.noise.warmup_steps = 100
-        c.noise.batch_size = 64
+        c.update(baseline_batch_size=32, baseline_learning_rate=2e-3)
+        c.update(eval_every_examples=8192, eval_examples=512)
+        c.noise.update(warmup_steps=100, batch_size=64)
         c.noise.chunk_size = config_dict.placeholder(int)
         c.throughput.max_batch_size = 256
-        c.tradeoff.batch_sizes = (16, 32, 64, 128, 256)
-        c.tradeoff.eval_every_examples = 2048
+        c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256), eval_every_examples=2048)
     return c
 
 
@@ -212,12 +193,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         python -m experiments.lm --config configs/lm.py:smoke --workdir /tmp/lm_smoke
     """
     arg = arg or "cpu"
-    variants = {"smoke": smoke, "cpu": cpu}
-    if arg not in variants:
-        raise UserError(
-            f"unknown configs/lm.py variant {arg!r}: use one of {', '.join(VARIANTS)}",
-            hint="e.g. --config configs/lm.py:smoke",
-        )
-    config = variants[arg]()
+    config = configs.select("configs/lm.py", {"smoke": smoke, "cpu": cpu}, arg)
     config.compare = compare_config(arg)
     return config

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+import configs
 from configs import cifar10
 
 VARIANTS = ("smoke", "cpu", "resnet_sgd")
@@ -202,11 +203,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
         python -m experiments.sweep --config configs/sweep.py:smoke --workdir /tmp/sweep_smoke
     """
-    arg = arg or "cpu"
-    variants = {"smoke": smoke, "cpu": cpu, "resnet_sgd": resnet_sgd}
-    if arg not in variants:
-        raise ValueError(
-            f"Unknown configs/sweep.py variant {arg!r}: use one of {', '.join(VARIANTS)} "
-            "(e.g. --config configs/sweep.py:smoke)."
-        )
-    return variants[arg]()
+    setups = {"smoke": smoke, "cpu": cpu, "resnet_sgd": resnet_sgd}
+    return configs.select("configs/sweep.py", setups, arg)

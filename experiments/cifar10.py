@@ -30,6 +30,7 @@ from experiments.cli import UserError
 
 FLAGS = flags.FLAGS
 MODES = ("train", "compare", "tradeoff", "adaptive")
+SUMMARY_KEYS = ("test_accuracy", "wall_time_s", "steps", "epochs", "stop_reason", "noise_scale")
 
 
 def _define_flags():
@@ -75,10 +76,7 @@ def main(argv):
 
         print(compare.report(summary))
         return
-    keys = ("test_accuracy", "wall_time_s", "steps", "epochs", "stop_reason", "noise_scale")
-    picked = {k: summary.get(k) for k in keys}
-    logging.info("Summary: %s", runlog.dumps(picked))
-    print(runlog.dumps(picked, indent=2))
+    cli.print_summary(summary, SUMMARY_KEYS)
 
 
 if __name__ == "__main__":

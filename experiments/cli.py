@@ -24,11 +24,20 @@ import errno
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 
-__all__ = ["UserError", "main", "run", "parse_flags", "EXIT_USER_ERROR", "EXIT_INTERRUPTED"]
+__all__ = [
+    "UserError",
+    "main",
+    "run",
+    "parse_flags",
+    "print_summary",
+    "EXIT_USER_ERROR",
+    "EXIT_INTERRUPTED",
+]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -104,6 +113,21 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 def run(fn: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
     """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`."""
     app.run(main(fn), argv=argv, flags_parser=parse_flags)
+
+
+def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """The last output of a main: the ``keys`` of a run's summary, logged on one line and printed
+    as indented strict JSON (non-finite numbers as ``null``; a missing key as ``null``).
+
+    Example::
+
+        print_summary(train.train_and_evaluate(config, workdir), ("test_accuracy", "steps"))
+    """
+    from experiments import runlog  # noqa: PLC0415 (runlog imports this module's UserError)
+
+    picked = {k: summary.get(k) for k in keys}
+    logging.info("Summary: %s", runlog.dumps(picked))
+    print(runlog.dumps(picked, indent=2))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1016,8 +1016,8 @@ def train_batch(
     batch_size: int,
     *,
     seed: int,
-    step: int | None = None,
     augment: bool,
+    step: int | None = None,
     start_example: int | None = None,
 ) -> dict:
     """The batch of one step: a pure function of ``(ds, batch_size, seed, step, augment)``, or

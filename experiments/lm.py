@@ -79,10 +79,7 @@ def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
     logging.get_absl_handler().addFilter(runlog.QuietOrbax())
-    summary = run(FLAGS.config, FLAGS.workdir)
-    picked = {k: summary.get(k) for k in SUMMARY_KEYS}
-    logging.info("Summary: %s", runlog.dumps(picked))
-    print(runlog.dumps(picked, indent=2))
+    cli.print_summary(run(FLAGS.config, FLAGS.workdir), SUMMARY_KEYS)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -56,8 +56,6 @@ class SmallCNN(nn.Module):
     groups: int = 8
     dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
 
-    has_batch_norm: ClassVar[bool] = False
-
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train  # no dropout or batch statistics
@@ -67,6 +65,14 @@ class SmallCNN(nn.Module):
             x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+def _batch_norm(train: bool, momentum: float, epsilon: float, dtype: Any) -> Callable:
+    """``nn.BatchNorm`` with these settings, on batch statistics when ``train`` (updating the
+    running averages in ``batch_stats``), else on the running averages."""
+    return functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,10 +89,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
-            dtype=self.dtype,
-        )  # fmt: skip
+        norm = _batch_norm(train, self.bn_momentum, 1e-5, self.dtype)
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
         s = (self.strides, self.strides)
         y = conv(self.filters, (3, 3), s, padding="SAME")(x)
@@ -124,10 +127,7 @@ class ResNet(nn.Module):
             self.num_filters, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
             name="stem_conv",
         )(x)  # fmt: skip
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
-            dtype=self.dtype, name="stem_bn",
-        )(x)  # fmt: skip
+        x = _batch_norm(train, self.bn_momentum, 1e-5, self.dtype)(name="stem_bn")(x)
         x = nn.relu(x)
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
@@ -186,13 +186,7 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-        )
+        norm = _batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
         conv = functools.partial(nn.Conv, dtype=self.dtype)
         inputs = x
         filters = self.input_filters * self.expand_ratio
@@ -254,10 +248,7 @@ class EfficientNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-3,
-            dtype=self.dtype,
-        )  # fmt: skip
+        norm = _batch_norm(train, self.bn_momentum, 1e-3, self.dtype)
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
         wc, dc = self.width_coefficient, self.depth_coefficient
         stem = round_filters(self.blocks[0][3], wc)
@@ -334,13 +325,11 @@ class TransformerLM(nn.Module):
     vocab_size: int = 256
     context: int = 64
     width: int = 128
+    tie_embeddings: bool = False
     depth: int = 2
     num_heads: int = 4
     mlp_ratio: int = 4
-    tie_embeddings: bool = False
     dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
-
-    has_batch_norm: ClassVar[bool] = False
 
     @nn.compact
     def __call__(self, tokens, train: bool = False):
@@ -398,7 +387,7 @@ def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = No
         float32, as in flax's ImageNet example); ``None``: float32.
 
     Returns:
-      An unbound Flax module; ``type(model).has_batch_norm`` says whether it has BatchNorm.
+      An unbound Flax module; :func:`has_batch_norm` says whether it has BatchNorm.
 
     Example:
       >>> get_model({"name": "small_cnn", "widths": (8, 16)}, num_classes=10).widths
@@ -443,7 +432,8 @@ def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = No
 
 
 def has_batch_norm(model: nn.Module) -> bool:
-    """Whether ``model`` keeps BatchNorm statistics (then per-example gradients are invalid)."""
+    """Whether ``model`` keeps BatchNorm statistics (then per-example gradients are invalid): its
+    class attribute ``has_batch_norm`` (``False`` when it has none)."""
     return bool(getattr(type(model), "has_batch_norm", False))
 
 

@@ -179,10 +179,7 @@ def _image_eval_batches(ds, arrays: dict, batch_size: int) -> Iterator[dict]:
 
 
 IMAGE = Task(
-    name="cifar10",
-    metric="accuracy",
-    lower_is_better=False,
-    target_field="target_accuracy",
+    name="cifar10", metric="accuracy", lower_is_better=False, target_field="target_accuracy",
     load=_image_load,
     num_train=lambda ds: len(ds.train_labels),
     input_spec=lambda ds: (tuple(ds.train_images.shape[1:]), np.float32),
@@ -191,7 +188,7 @@ IMAGE = Task(
     eval_batches=_image_eval_batches,
     metrics=lambda result: {},
     describe=lambda ds: None,
-)
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,10 +227,7 @@ def _bits_per_byte(result: dict) -> dict:
 
 
 LM = Task(
-    name="lm",
-    metric="bits_per_byte",
-    lower_is_better=True,
-    target_field="target_bits_per_byte",
+    name="lm", metric="bits_per_byte", lower_is_better=True, target_field="target_bits_per_byte",
     load=_text_load,
     num_train=lambda ds: ds.examples_per_epoch,
     input_spec=lambda ds: ((ds.context,), np.int32),
@@ -242,7 +236,7 @@ LM = Task(
     eval_batches=lambda ds, arrays, batch_size: padded_batches(arrays, batch_size),
     metrics=_bits_per_byte,
     describe=lambda ds: dict(ds.source),
-)
+)  # fmt: skip
 
 TASKS = {task.name: task for task in (IMAGE, LM)}
 

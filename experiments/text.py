@@ -255,14 +255,7 @@ def load(cfg, *, context: int) -> TextDataset:
         len(test_files),
         record["python"],
     )
-    return TextDataset(
-        train=train,
-        test=test,
-        context=context,
-        source=record,
-        train_files=tuple(train_files),
-        test_files=tuple(test_files),
-    )
+    return TextDataset(train, test, context, record, tuple(train_files), tuple(test_files))
 
 
 def _field(cfg, name: str, default: Any) -> Any:

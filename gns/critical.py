@@ -730,6 +730,7 @@ def branched_critical_batch(
     *,
     ref_batch_size: int,
     num_examples: int,
+    pilot_examples: float | None = None,
     exponents: Sequence[int] = (-2, -1, 0, 1, 2, 3),
     lr_multiplier: Callable[[int], float] | Sequence[float] | None = None,
     num_repeats: int = 4,
@@ -737,7 +738,6 @@ def branched_critical_batch(
     num_ruler_points: int = 32,
     template=None,
     checkpoint_name: str = "state",
-    pilot_examples: float | None = None,
     confidence: float = 0.9,
     num_resamples: int = 1000,
     seed: int = 0,
@@ -778,6 +778,7 @@ def branched_critical_batch(
         per-example losses (enables the held-out bootstrap).
       ref_batch_size: the pilot's batch ``B_ref``.
       num_examples: ``N``, a multiple of the largest fork batch.
+      pilot_examples: examples of the whole pilot run to the target, for ``cost_fraction``.
       exponents: increasing ints ``j`` (at least 2).
       lr_multiplier: the learning-rate rule: ``f(batch_size) -> lr(B)/lr(B_ref)`` or one value
         per exponent; default 1 everywhere. :func:`lr_multipliers` gives the configured rule.
@@ -788,7 +789,6 @@ def branched_critical_batch(
       template: optional expected state (e.g. the freshly initialized train state):
         :func:`check_state` checks ``state`` against it first.
       checkpoint_name: what ``state`` is, for error messages (e.g. its checkpoint path).
-      pilot_examples: examples of the whole pilot run to the target, for ``cost_fraction``.
       confidence: level of the interval.
       num_resamples: bootstrap resamples.
       seed: NumPy seed of the bootstrap.

@@ -202,9 +202,9 @@ class _Layout:
     g_perm: tuple[int, ...]
     s: int
     t: int
+    t_axes: tuple[int, ...]
     k: int
     c: int
-    t_axes: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
