@@ -1358,4 +1358,4 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(cli.main(main))
+    cli.run(main)
