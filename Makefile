@@ -6,7 +6,8 @@ WORKDIR ?= runs
 # DATA: an image folder/.tar.gz (split/class/image.jpg) or cifar-10-binary.tar.gz. Default: the
 # shared JPEG archive when present, else CIFAR-10 downloaded once into ~/.cache/gns (MD5-checked).
 DATA ?= $(wildcard ../shared/data/cifar10-jpeg.tar.gz)
-DATA_FLAGS = $(if $(DATA),--config.data.source=folder --config.data.path=$(DATA),--config.data.source=cifar10_binary)
+SOURCE = $(if $(findstring cifar-10-binary,$(DATA)),cifar10_binary,folder)
+DATA_FLAGS = $(if $(DATA),--config.data.source=$(SOURCE) --config.data.path=$(DATA),--config.data.source=cifar10_binary)
 
 .PHONY: install test lint demo bench clean
 
