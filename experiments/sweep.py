@@ -1002,7 +1002,7 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
 
     t_start = time.perf_counter()
     st = SweepState(workdir)
-    mesh = mesh_lib.make_mesh(config.train.get("num_devices"))
+    mesh = mesh_lib.make_mesh(config.train.num_devices)
     mesh_record = mesh_lib.describe(mesh)
     fps: dict[str, Any] = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
     if config.compilation_cache:

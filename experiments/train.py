@@ -192,15 +192,6 @@ def _choice(config, field: str, options: tuple[str, ...]) -> str:
     return value
 
 
-def _get(config, field: str, default):
-    """``config.<field>``, or ``default`` for a config made before the field existed."""
-    try:
-        value = _value(config, field)
-    except (KeyError, AttributeError):
-        return default
-    return default if value is None else value
-
-
 def _optional(ok: Callable) -> Callable:
     return lambda v: v is None or ok(v)
 
@@ -228,6 +219,9 @@ _RULES = (
      "must be a positive number of seconds or None"),
     ("target_window", _count(1),
      "must be an int >= 1 (the target is on the mean of the last target_window evaluations)"),
+    ("dtype", lambda v: v in DTYPES, f"is not one of {', '.join(DTYPES)}"),
+    ("num_devices", _optional(_count(1)), "must be an int >= 1 or None (all devices)"),
+    ("step_time_repeats", _count(0), "must be an int >= 0 (0: do not time the step)"),
 )  # fmt: skip
 
 
@@ -253,13 +247,6 @@ def validate_config(config) -> None:
     choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "gns_method": GNS_METHODS}
     for field, options in {**choices, "model.name": models.MODEL_NAMES}.items():
         _choice(config, field, options)
-    for field, ok, fix in (
-        ("dtype", lambda v: v in DTYPES, f"is not one of {', '.join(DTYPES)}"),
-        ("num_devices", _optional(_count(1)), "must be an int >= 1 or None (all devices)"),
-        ("step_time_repeats", _count(0), "must be an int >= 0 (0: do not time the step)"),
-    ):
-        if _get(config, field, None) is not None:
-            _require(config, field, ok(_value(config, field)), fix)
     if config.num_epochs is None:
         resolve_num_steps(config, 1)
     target = tasks.get(config).target_field
@@ -654,10 +641,10 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
     from gns import smoothing
 
     task = task or tasks.get(config)
-    mesh = mesh_lib.make_mesh(_get(config, "num_devices", None))
+    mesh = mesh_lib.make_mesh(config.num_devices)
     mesh_lib.check_batch(config.batch_size, mesh)
     model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None),
-                             dtype=_get(config, "dtype", None))  # fmt: skip
+                             dtype=config.dtype)  # fmt: skip
     method = resolve_gns_method(config, model, mesh.size)
     k = config.gns_microbatches
     _require(config, "gns_microbatches", method != "microbatch" or (
@@ -702,7 +689,7 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
         res = _evaluate(eval_step, state, task.eval_batches(ds, arrays, size))
         return {**res, **task.metrics(res)}
 
-    on_device = bool(_get(config, "data.on_device", False))
+    on_device = bool(config.data.get("on_device", False))  # a field of image configs only
     if on_device and task.name != "cifar10":
         raise UserError(
             f"config.data.on_device=True is for image data, not config.task={task.name!r}",
@@ -721,7 +708,7 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
             start_example=start_example if by_example else None)  # fmt: skip
 
     def time_step(state):
-        repeats = _get(config, "step_time_repeats", 0)
+        repeats = config.step_time_repeats
         if not repeats:
             return {}
         batch = _first_batch(train_batches, config.batch_size)
@@ -776,9 +763,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """
     validate_config(config)
     task = tasks.get(config)
-    mesh_lib.initialize_distributed(bool(_get(config, "distributed", False)))
+    mesh_lib.initialize_distributed(bool(config.distributed))
     primary = jax.process_index() == 0  # the one process that writes files
-    mesh_lib.check_batch(config.batch_size, mesh_lib.make_mesh(_get(config, "num_devices", None)))
+    mesh_lib.check_batch(config.batch_size, mesh_lib.make_mesh(config.num_devices))
     with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():
         ckpt = runlog.Checkpoints(workdir)
         log = runlog.RunLog(workdir, target=task.target(config),
@@ -1030,7 +1017,7 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
         "stop_reason": stop,
         "diverged": log.diverged,
         "noise_scale": noise_scale_summary(rows, smoothing),
-        "dtype": _get(config, "dtype", "float32"),
+        "dtype": config.dtype,
         "mesh": mesh_lib.describe(setup.mesh),
         **_utilization(final, clock["train_time_s"], log.examples_seen),
     }
