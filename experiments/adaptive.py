@@ -96,7 +96,7 @@ def candidates(config) -> list[int]:
         return cands
     cands = list(a.candidates)
     try:
-        cands = list(gschedule._check_candidates(cands))  # the schedule's own check
+        cands = list(gschedule.check_candidates(cands))  # the schedule's own check
     except ValueError as e:
         raise UserError(f"config.adaptive.candidates={a.candidates!r}: {e}", hint=hint) from None
     if cands[0] < 2:

@@ -540,7 +540,7 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
         if sorted(table) == sorted(batch_sizes) and saved.get("mesh") == where:
             return table
     for b in batch_sizes:  # global batches, split over the devices of training's mesh
-        train._check_candidate(b, setup.mesh, setup.method)
+        train.check_candidate(b, setup.mesh, setup.method)
     logging.info("compare: timing batch sizes %s, interleaved.", batch_sizes)
     table = adaptive.time_batch_sizes(
         setup.plain_fn,

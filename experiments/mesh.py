@@ -158,12 +158,15 @@ def split_reason(batch_size: int, mesh: Mesh) -> str | None:
     return None
 
 
-def check_batch(batch_size: int, mesh: Mesh, field: str = "batch_size") -> int:
+def check_batch(
+    batch_size: int, mesh: Mesh, field: str = "batch_size", per_example: bool = False
+) -> int:
     """The per-device batch of a global ``batch_size`` on ``mesh``.
 
     Raises:
       UserError: naming both numbers, when the global batch is smaller than the device count
-        or not divisible by it.
+        or not divisible by it, or (``per_example``: the estimator compares the examples of
+        each device) leaves fewer than 2 examples per device.
     """
     n = mesh.size
     hint = (
@@ -181,6 +184,12 @@ def check_batch(batch_size: int, mesh: Mesh, field: str = "batch_size") -> int:
             f"config.{field}={batch_size} is not divisible by the {n} devices of the mesh "
             "(the global batch is split evenly)",
             hint=hint,
+        )
+    if per_example and batch_size < 2 * n:
+        raise UserError(
+            f"config.{field}={batch_size} leaves fewer than 2 examples on each of the {n} "
+            "devices, which gns_method='per_example' needs",
+            hint=f"use a batch of at least {2 * n}, or another gns_method",
         )
     return batch_size // n
 

@@ -642,7 +642,6 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
 
     task = task or tasks.get(config)
     mesh = mesh_lib.make_mesh(config.num_devices)
-    mesh_lib.check_batch(config.batch_size, mesh)
     model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None),
                              dtype=config.dtype)  # fmt: skip
     method = resolve_gns_method(config, model, mesh.size)
@@ -653,16 +652,14 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
              f"must be >= 2, divide config.batch_size={config.batch_size} (equal microbatches "
              f"for the estimator and ghost BatchNorm) and be a multiple of the {mesh.size} "
              "device(s)")  # fmt: skip
-    _require(config, "batch_size", method != "per_example" or config.batch_size >= 2 * mesh.size,
-             f"leaves fewer than 2 examples on each of the {mesh.size} devices, which "
-             "gns_method='per_example' needs: use a larger batch or another method")  # fmt: skip
+    mesh_lib.check_batch(config.batch_size, mesh, per_example=method == "per_example")
     num_steps = resolve_num_steps(config, task.num_train(ds))
     schedule = make_schedule(config, num_steps)
     optimizer = make_optimizer(config, schedule)
     if adaptive.enabled(config):  # lr multiplier and batch-size schedule in the opt state
         adaptive.validate(config, task.num_train(ds), k if method == "microbatch" else None)
         for b in adaptive.candidates(config):  # every candidate is split over the devices
-            _check_candidate(b, mesh, method)
+            check_candidate(b, mesh, method)
         optimizer = adaptive.with_batch_schedule(
             optimizer, adaptive.make_batch_schedule(config).init()
         )
@@ -731,17 +728,13 @@ def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = Fa
         batches.close()
 
 
-def _check_candidate(batch_size: int, mesh, method: str) -> None:
+def check_candidate(batch_size: int, mesh, method: str) -> None:
     """A batch size of the adaptive schedule must split evenly over the devices (and leave 2
     examples per device for ``per_example``): a :class:`UserError` naming both numbers
     otherwise (the schedule is not silently changed by skipping it)."""
-    mesh_lib.check_batch(batch_size, mesh, field="adaptive.candidates")
-    if method == "per_example" and batch_size < 2 * mesh.size:
-        raise UserError(
-            f"config.adaptive.candidates: batch {batch_size} leaves fewer than 2 examples on "
-            f"each of the {mesh.size} devices, which gns_method='per_example' needs",
-            hint=f"use candidates >= {2 * mesh.size}",
-        )
+    mesh_lib.check_batch(
+        batch_size, mesh, field="adaptive.candidates", per_example=method == "per_example"
+    )
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -104,6 +104,7 @@ __all__ = [
     "ScheduleState",
     "Decision",
     "BatchSizeSchedule",
+    "check_candidates",
     "batch_size_schedule",
     "powers_of_two",
     "lr_multiplier",
@@ -292,7 +293,9 @@ def _int_list(name: str, values) -> list[int]:
     return out
 
 
-def _check_candidates(candidates: Sequence[int]) -> list[int]:
+def check_candidates(candidates: Sequence[int]) -> list[int]:
+    """``candidates`` as a list of ints, checked as :func:`batch_size_schedule` checks them
+    (non-empty, positive, strictly increasing); ``ValueError`` naming the problem otherwise."""
     cands = _int_list("candidates", candidates)
     if not cands:
         raise ValueError(
@@ -418,7 +421,7 @@ def batch_size_schedule(
                 "candidates explicitly."
             )
     else:
-        cands = _check_candidates(candidates)
+        cands = check_candidates(candidates)
     if lr_rule not in LR_RULES:
         raise ValueError(f"lr_rule must be one of {LR_RULES}, got {lr_rule!r}.")
     if isinstance(margin, bool) or not (0.0 <= float(margin) < 1.0):
