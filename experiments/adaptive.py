@@ -31,8 +31,6 @@ Merrill et al. 2025 (arXiv 2505.23971); Meterez et al. 2025 (Seesaw, arXiv 2510.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -367,44 +365,29 @@ def time_batch_sizes(
     warmup: int = 2,
     rounds: int = 7,
 ) -> dict[int, dict]:
-    """One timing table, measured interleaved: every batch size compiled (no donation) and
-    warmed up, then ``rounds`` rounds that each time one step of every batch size, so a
-    machine that gets busier or quieter over time affects all sizes alike.
+    """One timing table, measured interleaved (:func:`gns.hardware.time_batch_sizes`, without
+    its re-timing rounds, so every batch size has the same rounds): every batch size compiled
+    once (no donation) and warmed up, then ``rounds`` rounds that each time one step of every
+    batch size, so a machine that gets busier or quieter over time affects all sizes alike.
 
     Args:
       step_fn: ``step(state, batch) -> outputs`` (unjitted or jitted).
       state: the state passed to every call (not donated).
       make_batch: ``batch_size -> batch``.
       batch_sizes: the sizes to time.
-      warmup: untimed calls per size.
+      warmup: untimed rounds.
       rounds: timed rounds, at least 1.
 
     Returns:
-      ``{batch_size: {'step_time_s' (median), 'times_s', 'compile_s'}}``.
+      ``{batch_size: {'step_time_s' (median), 'times_s' (round r of every size is one round),
+      'compile_s'}}``.
     """
     from gns import hardware
 
-    if rounds < 1:
-        raise ValueError(f"rounds={rounds}: need at least one timing round.")
-    compiled, args, compile_s = {}, {}, {}
-    for b in batch_sizes:
-        args[b] = (state, make_batch(b))
-        t0 = time.perf_counter()
-        compiled[b] = hardware.compile_step(step_fn, *args[b])
-        compile_s[b] = time.perf_counter() - t0
-        for _ in range(warmup):
-            jax.block_until_ready(compiled[b](*args[b]))
-    times: dict[int, list[float]] = {b: [] for b in batch_sizes}
-    for _ in range(rounds):
-        for b in batch_sizes:
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled[b](*args[b]))
-            times[b].append(time.perf_counter() - t0)
+    table = hardware.time_batch_sizes(
+        step_fn, lambda b: (state, make_batch(b)), batch_sizes, rounds=rounds, warmup=warmup,
+        max_extra_rounds=0, cache=hardware.CompileCache())  # fmt: skip
     return {
-        int(b): {
-            "step_time_s": float(statistics.median(times[b])),
-            "times_s": times[b],
-            "compile_s": compile_s[b],
-        }
-        for b in batch_sizes
+        b: {"step_time_s": t.median_s, "times_s": list(t.times_s), "compile_s": t.compile_s}
+        for b, t in table.timings.items()
     }
