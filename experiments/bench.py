@@ -292,17 +292,29 @@ def _field(config, dotted: str):
     return config
 
 
-def bench_transformer(lm_config) -> dict[str, Any]:
-    """The Transformer rows: :func:`experiments.bench_lm.measure` with ``config.lm``."""
+def bench_transformer_and_rows(config) -> tuple[dict | None, dict | None]:
+    """The Transformer rows (:func:`experiments.bench_lm.measure` with ``config.lm``) and the
+    other models' rows (:func:`experiments.bench_lm.measure_rows` with ``config.rows``), each
+    ``None`` when not enabled."""
     from experiments import bench_lm  # noqa: PLC0415 (bench_lm imports this module's timer)
 
-    m = lm_config.model
-    return bench_lm.measure(
-        tuple(int(b) for b in lm_config.batch_sizes), width=m.width, depth=m.depth,
-        context=m.context, num_heads=m.num_heads, vocab_size=m.vocab_size,
-        mlp_ratio=m.mlp_ratio, repeats=lm_config.repeats, warmup=lm_config.warmup,
-        num_microbatches=lm_config.num_microbatches,
-    )  # fmt: skip
+    transformer = rows = None
+    if config.lm.enabled:
+        lm, m = config.lm, config.lm.model
+        logging.info("bench: Transformer (lm cpu model) at batch sizes %s", lm.batch_sizes)
+        transformer = bench_lm.measure(
+            tuple(int(b) for b in lm.batch_sizes), width=m.width, depth=m.depth,
+            context=m.context, num_heads=m.num_heads, vocab_size=m.vocab_size,
+            mlp_ratio=m.mlp_ratio, repeats=lm.repeats, warmup=lm.warmup,
+            num_microbatches=lm.num_microbatches,
+        )  # fmt: skip
+    if config.rows.enabled:
+        logging.info("bench: rows %s", list(config.rows.models))
+        rows = bench_lm.measure_rows(
+            config.rows.models.to_dict(), repeats=config.rows.repeats,
+            warmup=config.rows.warmup, num_microbatches=config.rows.num_microbatches,
+        )  # fmt: skip
+    return transformer, rows
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -362,20 +374,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         else:
             result["across_devices_over_plain"] = par["across_devices_over_plain"]
             result["across_devices_detail"] = par
-    result["transformer"] = None
-    if config.lm.enabled:
-        logging.info("bench: Transformer (lm cpu model) at batch sizes %s", config.lm.batch_sizes)
-        result["transformer"] = bench_transformer(config.lm)
-    result["rows"] = None
-    if config.rows.enabled:
-        from experiments import bench_lm  # noqa: PLC0415 (bench_lm imports this module's timer)
-
-        rows = config.rows
-        logging.info("bench: rows %s", list(rows.models))
-        result["rows"] = bench_lm.measure_rows(
-            rows.models.to_dict(), repeats=rows.repeats, warmup=rows.warmup,
-            num_microbatches=rows.num_microbatches,
-        )  # fmt: skip
+    result["transformer"], result["rows"] = bench_transformer_and_rows(config)
     result["seconds"] = time.perf_counter() - t_start
     runlog.write_json(os.path.join(workdir, "bench.json"), result)
     return result
