@@ -1113,8 +1113,13 @@ def _tap_fwd(consumer, n, form, y, x, slot):
 def _tap_bwd(consumer, n, form, res, g):
     x, slot = res
     # The loss is a mean: scale by n, in float32 at least (a bfloat16 product would round).
-    norms = _consumer_sq_norms(consumer, x, g.astype(_acc_dtype(g.dtype)) * n, form)
-    return g, None, norms.astype(slot.dtype)  # x is detached (and may be integer indices)
+    # Scaled by max|g| so that squares of tiny gradients (a loss scaled by 1e-20) do not
+    # underflow when the squared norm itself is representable (as common.sq_norms).
+    g = g.astype(_acc_dtype(g.dtype))
+    m = jnp.max(jnp.abs(g))
+    scale = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
+    norms = _consumer_sq_norms(consumer, x, g * (n / scale), form)
+    return g, None, (norms * jnp.square(scale)).astype(slot.dtype)
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)

@@ -531,10 +531,8 @@ class LogScaleModel(nn.Module):
 def test_bare_position_parameter_is_covered_and_equals_vmap():
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(2), (3, 4, 2), jnp.float64)
-        model = BarePositionModel()
-        params = init64(model, x[:1])
-        loss_fn = classifier_loss(model)
-        batch = (x, jnp.arange(3) % 5)
+        loss_fn, _, batch = setup(BarePositionModel(), x)
+        params = init64(BarePositionModel(), x[:1])
         the_plan = ghost.plan(loss_fn, params, batch)
         assert the_plan.fallback == () and the_plan.clear, the_plan.describe()
         pos = next(c for c in the_plan.consumers if the_plan.leaf_names[c.leaf] == "pos")
