@@ -1119,7 +1119,7 @@ def _tap_bwd(consumer, n, form, res, g):
     m = jnp.max(jnp.abs(g))
     scale = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
     norms = _consumer_sq_norms(consumer, x, g * (n / scale), form)
-    return g, None, (norms * jnp.square(scale)).astype(slot.dtype)
+    return g, None, jnp.square(jnp.sqrt(norms) * scale).astype(slot.dtype)  # scale² may underflow
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
