@@ -91,12 +91,12 @@ def test_tiny_bench_writes_consistent_json(tmp_path):
     n_rows = 0
     for name, row in config.rows.models.items():
         assert set(rows[name]) == {str(b) for b in row.batch_sizes}
-        for d in rows[name].values():
-            assert set(d["seconds"]) == set(bench_lm.LM_VARIANTS)
-            assert d["auto_method"] in ("ghost", "vmap")
-            assert "fallback" not in d["auto_describe"]  # every leaf covered
-            assert d["over_plain"]["microbatch"] == pytest.approx(
-                d["seconds"]["microbatch"] / d["seconds"]["plain"]
+        for rd in rows[name].values():
+            assert set(rd["seconds"]) == set(bench_lm.LM_VARIANTS)
+            assert rd["auto_method"] in ("ghost", "vmap")
+            assert "fallback" not in rd["auto_describe"]  # every leaf covered
+            assert rd["over_plain"]["microbatch"] == pytest.approx(
+                rd["seconds"]["microbatch"] / rd["seconds"]["plain"]
             )
             n_rows += len(bench_lm.LM_VARIANTS)
     n_cnn = len(config.batch_sizes) * len(bench.VARIANTS)
