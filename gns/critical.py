@@ -514,7 +514,7 @@ class BranchedCriticalBatch(NamedTuple):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (floats, ints, lists, str), for JSON."""
-        return _plain(self)
+        return _plain(self) | {"excluded": [[int(b), why] for b, why in self.excluded]}
 
 
 def lr_multipliers(
