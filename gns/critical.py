@@ -872,11 +872,8 @@ def branched_critical_batch(
 
     n_r = len(ruler_steps)
     start_loss = float(start.mean())
-    excluded, ruler_diverged = _diverged_forks(sizes, losses[:, n_r - 1 :].mean(axis=2), start_loss)
-    if excluded:  # fit the forks that kept their loss below the checkpoint's, name the others
-        keep = [j for j, b in enumerate(sizes) if j == 0 or b not in excluded]
-        losses = losses[:, list(range(n_r)) + [n_r + j - 1 for j in keep[1:]]]
-        sizes, mults = [sizes[j] for j in keep], [mults[j] for j in keep]
+    sizes, mults, losses, excluded = _without_diverged(sizes, mults, losses, n_r, start_loss)
+    ruler_diverged = sizes[0] in excluded
     ruler_x = np.array([0.0] + [k * sizes[0] for k in ruler_steps])
 
     def log_ratios(w):
@@ -929,22 +926,7 @@ def branched_critical_batch(
     else:
         low = high = float("nan")
         method = "none: one repeat and a scalar eval_fn; use num_repeats >= 2 or per-example losses"
-    notes = ["local fit of r(B) = (1 + B/B_crit)/(1 + B_0/B_crit) to the examples ratios"]
-    notes += [
-        f"fork at B = {b} excluded: {why} (diverged under its learning-rate multiplier)"
-        for b, why in excluded.items()
-    ]
-    if len(sizes) < 2:
-        notes.append("fewer than 2 forks kept: nothing to fit; fork smaller batches or lower rates")
-    elif math.isinf(b_crit):
-        notes.append(f"no slowdown up to B = {sizes[-1]}: B_crit is beyond the forked range")
-    elif b_crit == 0.0:
-        notes.append(
-            f"the forks at B >= {sizes[1]} needed B/B_0 times the examples of B = {sizes[0]} or "
-            "more (no fewer steps at a larger batch): B_crit is below the forked range"
-        )
-    elif not sizes[0] / 2 <= b_crit <= 2 * sizes[-1]:
-        notes.append(f"B_crit extrapolated outside the forked batches [{sizes[0]}, {sizes[-1]}]")
+    notes = _range_notes(sizes, excluded, b_crit)
     progress = start_loss - final[0] > 0
     if not progress:
         notes.append("the smallest fork made no progress: the forks are too short or diverge")
@@ -978,17 +960,38 @@ def branched_critical_batch(
     )
 
 
-def _diverged_forks(sizes, final, start_loss) -> tuple[dict[int, str], bool]:
-    """The forks whose mean held-out loss (``final``: repeats × forks, the smallest first) is
-    non-finite or above the checkpoint's ``start_loss`` in any repeat: ``({B: why}, whether the
-    smallest fork is one of them)``."""
-    out = {}
+def _range_notes(sizes, excluded, b_crit) -> list[str]:
+    """The rule, the diverged forks and where ``b_crit`` lies against the forked range."""
+    notes = ["local fit of r(B) = (1 + B/B_crit)/(1 + B_0/B_crit) to the examples ratios"]
+    notes += [f"fork at B = {b} excluded: {why} (diverged)" for b, why in excluded.items()]
+    if len(sizes) < 2:
+        notes.append("fewer than 2 forks kept: nothing to fit; fork smaller batches or lower rates")
+    elif math.isinf(b_crit):
+        notes.append(f"no slowdown up to B = {sizes[-1]}: B_crit is beyond the forked range")
+    elif b_crit == 0.0:
+        notes.append(
+            f"the forks at B >= {sizes[1]} needed B/B_0 times the examples of B = {sizes[0]} or "
+            "more (no fewer steps at a larger batch): B_crit is below the forked range"
+        )
+    elif not sizes[0] / 2 <= b_crit <= 2 * sizes[-1]:
+        notes.append(f"B_crit extrapolated outside the forked batches [{sizes[0]}, {sizes[-1]}]")
+    return notes
+
+
+def _without_diverged(sizes, mults, losses, num_ruler, start_loss):
+    """The forks (and their columns of ``losses``) whose mean held-out loss stayed finite and at
+    or below the checkpoint's ``start_loss`` in every repeat, and ``{B: why}`` for the others
+    (the smallest fork, the ruler, is kept and named when it diverged)."""
+    final = losses[:, num_ruler - 1 :].mean(axis=2)  # repeats × forks, the smallest first
+    excluded = {}
     for j, b in enumerate(sizes):
         worst = float(np.max(np.where(np.isfinite(final[:, j]), final[:, j], np.inf)))
         if worst > start_loss:
             shown = "non-finite" if math.isinf(worst) else f"{worst:.4g}"
-            out[int(b)] = f"held-out loss {shown} above the checkpoint's {start_loss:.4g}"
-    return out, int(sizes[0]) in out
+            excluded[int(b)] = f"held-out loss {shown} above the checkpoint's {start_loss:.4g}"
+    keep = [j for j, b in enumerate(sizes) if j == 0 or b not in excluded]
+    losses = losses[:, list(range(num_ruler)) + [num_ruler + j - 1 for j in keep[1:]]]
+    return [sizes[j] for j in keep], [mults[j] for j in keep], losses, excluded
 
 
 def effective_critical_batch(

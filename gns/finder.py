@@ -17,11 +17,22 @@
    ``branch_max_cost`` times the pilot (``branched=None``), on with ``branched=True``;
 4. the **memory and step time** of the candidate batch sizes on the local device
    (:func:`gns.hardware.largest_batch_that_fits`, :func:`gns.hardware.time_batch_sizes`:
-   powers of two up to the largest that fits, timed interleaved, each compiled once);
+   powers of two up to the largest that fits, timed interleaved, each compiled once, the sizes
+   that cannot win pruned after two rounds);
 5. the **recommendation** (:func:`gns.recommend.recommend`) on the best evidence measured, in
    the order branched > trajectory > b_simple (``basis``, every value in ``evidence`` with its
    ratio to the basis); when the pick is at an end of the timed range, that range is extended
    once (the batch ``extend_range_to``) and the recommendation made again.
+
+Nothing measured is thrown away: the pilot is the start of the run, its state comes back as
+``.state`` (:class:`TrainState`) and :func:`continue_training` goes on from it at the pick.
+Every argument is checked before any work (:func:`resolve_lr_rule` reads the learning-rate rule
+from the optimizer's state or takes it, :mod:`gns.scaling`). The cost is bounded and stated:
+``budget_s`` (or ``budget_fraction`` of ``run_steps``) bounds the forks and the timing, the
+timing stops timing sizes that cannot win (:func:`dominated_sizes`) and reuses the timings of
+the same step on the same device (:class:`gns.hardware.TimingCache`), and ``.seconds`` holds
+each phase. ``progress(phase, done, total)`` reports every phase; gns draws nothing. Diverged
+forks, unresolved checkpoints and unstable step times are named in ``.warnings``.
 
 The pieces are public too (:func:`run_pilot`, :func:`noise_evidence`, :func:`branch`,
 :func:`choose_basis`, :func:`time_candidates`, :func:`decide`): ``experiments/sweep.py`` calls
@@ -62,6 +73,10 @@ __all__ = [
     "time_candidates",
     "decide",
     "find_batch_size",
+    "TrainState",
+    "continue_training",
+    "resolve_lr_rule",
+    "dominated_sizes",
 ]
 
 BASIS_ORDER = ("branched", "trajectory", "b_simple")  # best evidence first
@@ -759,11 +774,11 @@ def continue_training(
     loss_fn: Callable,
     optimizer,
     batch_fn,
-    state: TrainState,
-    *,
-    batch_size: int,
+    state: TrainState | BatchSizeResult,
     num_steps: int,
-    accumulation_steps: int = 1,
+    *,
+    batch_size: int | None = None,
+    accumulation_steps: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[TrainState, np.ndarray]:
     """Train ``num_steps`` more plain steps from ``state`` at ``batch_size``.
@@ -778,17 +793,26 @@ def continue_training(
       optimizer: an optax ``GradientTransformation`` whose state has ``state.opt_state``'s
         structure (e.g. the same optimizer at another rate).
       batch_fn: as for :func:`find_batch_size`.
-      state: a :class:`TrainState` (``find_batch_size(...).state``, or this function's).
-      batch_size: the batch of every step (the recommendation's ``batch_size``).
+      state: a :class:`TrainState` (this function's), or the :class:`BatchSizeResult` of
+        :func:`find_batch_size`: its ``.state`` at its recommended batch and accumulation.
       num_steps: steps to train.
-      accumulation_steps: split each batch into this many micro-batches (the
-        recommendation's ``accumulation_steps``, above the largest batch that fits) and average
-        their gradients: one optimizer step per batch.
+      batch_size: the batch of every step (default: the recommendation's, with a result).
+      accumulation_steps: split each batch into this many micro-batches and average their
+        gradients, one optimizer step per batch (default: the recommendation's with a
+        result, else 1): above the largest batch that fits.
       progress: ``progress("train", done, num_steps)`` after every step.
 
     Returns:
       ``(TrainState, losses)``: the state after the last step and each step's training loss.
     """
+    if isinstance(state, BatchSizeResult):
+        rec = state.recommendation
+        batch_size = rec.batch_size if batch_size is None else batch_size
+        accumulation_steps = accumulation_steps or rec.accumulation_steps
+        state = state.state
+    if batch_size is None:
+        raise ValueError("batch_size is needed to continue from a TrainState.")
+    accumulation_steps = accumulation_steps or 1
     import optax  # the optimizer's own library: needed only to apply its updates
 
     get = as_batch_fn(batch_fn)
@@ -807,7 +831,9 @@ def continue_training(
 
         zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
         (loss, grads), _ = jax.lax.scan(add, zero, micro)
-        updates, opt_state = optimizer.update(jax.tree.map(lambda g: g / k, grads), opt_state, params)
+        updates, opt_state = optimizer.update(
+            jax.tree.map(lambda g: g / k, grads), opt_state, params
+        )
         return optax.apply_updates(params, updates), opt_state, loss / k
 
     params, opt_state = state.params, state.opt_state
@@ -939,7 +965,7 @@ def _check_arguments(a: dict) -> dict:
     if progress is True or (progress not in (None, False) and not callable(progress)):
         raise ValueError(
             f"progress must be a callable progress(phase, done, total) or None, got "
-            f"{progress!r}: gns draws nothing itself; e.g. experiments.cli.progress_bar()."
+            f"{progress!r}: gns draws nothing itself (e.g. update a tqdm bar per phase in it)."
         )
     get = as_batch_fn(a["batch_fn"])
     first = _check_batch_fn(get, ref, max(1, ref // 2))
@@ -1032,7 +1058,7 @@ def _branch_stage(plan, make_step, loss_fn, pilot, noise, a, budget_s):
                 f"take more than half the budget of {budget_s:.3g} s; pass branched=True"
             )
     if not pilot.checkpoints:
-        return None, "branched critical batch not measured: the pilot stopped before its checkpoints"
+        return None, "branched critical batch not measured: the pilot stopped before checkpoints"
     offset = math.ceil(pilot.steps * ref / b_max) * b_max  # past the pilot's examples
     n_eval = int(a["eval_batch_size"] or 4 * ref)
     eval_batch = _checked_batch(
@@ -1077,9 +1103,7 @@ def _branch_warnings(branched, basis: str) -> list[str]:
 
 def _timing_warnings(table, rec, timing_only) -> list[str]:
     """Step times whose spread stayed above ``max_spread``, and how far that moves the pick."""
-    shaky = {
-        b: t.spread for b, t in table.timings.items() if not t.stable and not t.pruned
-    }
+    shaky = {b: t.spread for b, t in table.timings.items() if not t.stable and not t.pruned}
     if not shaky:
         return []
     moves = sorted(set(timing_only.plausible_batch_sizes) | {rec.batch_size})
@@ -1287,7 +1311,8 @@ def find_batch_size(
     k_pts = max(1, int(branch_points))
     fork_examples = branch_steps * ref * 2 ** max(plan["exps"]) * branch_repeats * k_pts
     may_branch = branched or (
-        branched is None and fork_examples * len(plan["exps"]) <= branch_max_cost * pilot_steps * ref
+        branched is None
+        and fork_examples * len(plan["exps"]) <= branch_max_cost * pilot_steps * ref
     )
     pilot = run_pilot(
         (params, opt_state, tracker.init()), measure_step, plan["get"], batch_size=ref,
@@ -1318,11 +1343,15 @@ def find_batch_size(
         None if branched_out is None else branched_out["effective"],
     )  # fmt: skip
     note = "; ".join(x for x in (note, why) if x)
-    rec, fit, table, extended, timing_warn, cands = _hardware_stage(
-        plan, train_step, pilot, basis, value, evidence, a, budget_s, seconds
-    )
+    hw = _hardware_stage(plan, train_step, pilot, basis, value, evidence, a, budget_s, seconds)
     seconds["total"] = time.perf_counter() - t_start
     seconds["overhead"] = seconds["total"] - seconds["pilot"]
+    return _result(plan, a, pilot, noise, branched_out, basis, note, hw, seconds, budget_s)
+
+
+def _result(plan, a, pilot, noise, branched_out, basis, note, hw, seconds, budget_s):
+    """The :class:`BatchSizeResult`, with every warning and the settings."""
+    rec, fit, table, extended, timing_warn, cands = hw
     warn = _branch_warnings(branched_out, basis) + timing_warn
     if budget_s is not None and seconds["overhead"] > budget_s:
         warn.append(
@@ -1330,23 +1359,26 @@ def find_batch_size(
             f"{budget_s:.3g} s (compiling each candidate is not bounded: pass fewer candidates)"
         )
     rec = dataclasses.replace(rec, warnings=tuple(rec.warnings) + tuple(warn))
+    ref = plan["ref"]
     settings = {
-        "ref_batch_size": ref, "pilot_steps": pilot_steps, "pilot_steps_done": pilot.steps,
-        "pilot_stop_reason": pilot.stop_reason, "max_seconds": max_seconds, "method": method,
-        "num_stretches": num_stretches, "branched": branched_out is not None,
+        "ref_batch_size": ref, "pilot_steps": a["pilot_steps"], "pilot_steps_done": pilot.steps,
+        "pilot_stop_reason": pilot.stop_reason, "max_seconds": a["max_seconds"],
+        "method": a["method"], "num_stretches": a["num_stretches"],
+        "branched": branched_out is not None,
         "branch_checkpoint_steps": sorted(pilot.checkpoints) if branched_out else [],
-        "branch_exponents": plan["exps"], "branch_repeats": branch_repeats,
+        "branch_exponents": plan["exps"], "branch_repeats": a["branch_repeats"],
         "branch_examples_per_fork": None if branched_out is None
         else branched_out["examples_per_fork"],
         "branch_lr_rule": plan["fork_rule"], "candidates": cands,
-        "learning_rate": learning_rate, "optimizer_name": optimizer_name, "lr_rule": plan["rule"],
-        "lr_rule_source": plan["rule_source"], "objective": objective, "confidence": confidence,
+        "learning_rate": a["learning_rate"], "optimizer_name": a["optimizer_name"],
+        "lr_rule": plan["rule"], "lr_rule_source": plan["rule_source"],
+        "objective": a["objective"], "confidence": a["confidence"],
     }  # fmt: skip
     state = TrainState(pilot.state[0], pilot.state[1], pilot.steps, pilot.steps * ref)
     return BatchSizeResult(
         recommendation=rec, basis=basis, basis_note=note, pilot_rows=pilot.rows,
-        b_simple=bi, trajectory=noise["trajectory"], effective_noise_scale=noise["effective"],
-        branched=branched_out, memory=fit, timing=table, extended_to=extended,
-        device=hardware.detect_devices(), settings=settings, seconds=seconds, state=state,
-        budget_s=budget_s,
+        b_simple=noise["b_simple"], trajectory=noise["trajectory"],
+        effective_noise_scale=noise["effective"], branched=branched_out, memory=fit,
+        timing=table, extended_to=extended, device=hardware.detect_devices(),
+        settings=settings, seconds=seconds, state=state, budget_s=budget_s,
     )  # fmt: skip

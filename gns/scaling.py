@@ -115,7 +115,8 @@ def infer_rule(opt_state) -> str | None:
 
     Example:
       >>> import optax, jax.numpy as jnp
-      >>> infer_rule(optax.adamw(1e-3).init(jnp.zeros(3))), infer_rule(optax.sgd(0.1, 0.9).init(jnp.zeros(3)))
+      >>> w = jnp.zeros(3)
+      >>> infer_rule(optax.adamw(1e-3).init(w)), infer_rule(optax.sgd(0.1, 0.9).init(w))
       ('sqrt', 'sgd')
     """
     names = _state_names(opt_state, set())

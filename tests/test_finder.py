@@ -132,7 +132,8 @@ def test_linen_model_with_branching_and_an_iterator_factory(tmp_path):
     # The forks follow the run's rule (Adam, read from its state: square root).
     assert res.settings["lr_rule"] == res.settings["branch_lr_rule"] == "sqrt"
     assert d["critical_batch"]["points"][0]["lr_multipliers"] == pytest.approx(
-        [math.sqrt(0.5), 1.0, math.sqrt(2.0)])
+        [math.sqrt(0.5), 1.0, math.sqrt(2.0)]
+    )
     assert {c[0] for c in calls} >= {"pilot", "branched", "memory", "timing"}
     assert res.batch_size in {r["batch_size"] for r in res.recommendation.table}
     paths = res.plot(str(tmp_path))
@@ -265,7 +266,7 @@ def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_res
     # Continue at batch 32 with the recommended rate: the stream goes on at example 384.
     opt = optax.sgd(res.recommendation.learning_rate)
     state, losses = finder.continue_training(
-        linreg_loss, opt, linreg_batches, res.state, batch_size=32, num_steps=3
+        linreg_loss, opt, linreg_batches, res.state, 3, batch_size=32
     )
     want = res.state.params
     for i in range(12, 15):
@@ -277,10 +278,19 @@ def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_res
     assert losses[0] == pytest.approx(float(linreg_loss(res.state.params, linreg_batches(32, 12))))
     # Accumulating 2 micro-batches of 16 is the same step.
     acc, _ = finder.continue_training(
-        linreg_loss, opt, linreg_batches, res.state, batch_size=32, num_steps=3,
-        accumulation_steps=2,
-    )  # fmt: skip
+        linreg_loss, opt, linreg_batches, res.state, 3, batch_size=32, accumulation_steps=2
+    )
     np.testing.assert_allclose(acc.params, state.params, rtol=1e-5, atol=1e-6)
+    # From the result itself: its state at its recommended batch and accumulation.
+    rec = res.recommendation
+    a, _ = finder.continue_training(linreg_loss, opt, linreg_batches, res, 2)
+    b, _ = finder.continue_training(linreg_loss, opt, linreg_batches, res.state, 2,
+                                    batch_size=rec.batch_size,
+                                    accumulation_steps=rec.accumulation_steps)  # fmt: skip
+    np.testing.assert_array_equal(a.params, b.params)
+    assert (
+        a.examples_seen == b.examples_seen == math.ceil(384 / rec.batch_size + 2) * rec.batch_size
+    )
 
 
 @pytest.mark.parametrize(
@@ -352,8 +362,10 @@ def test_a_budget_bounds_the_timing_and_says_when_it_is_exceeded():
     assert all(len(t.times_s) == 1 for t in res.timing.timings.values())  # one round, then stop
     assert any("over the budget of" in w for w in res.warnings) and res.budget_s == 1e-6
     assert strict(res.to_dict())["warnings"] == list(res.warnings)
-    res = _find(pilot_steps=6, budget_fraction=0.5, run_steps=1000, timing_cache=None)
-    assert res.budget_s > 0 and not any("over the budget" in w for w in res.warnings)
+    # A fraction of the planned run, timed by the pilot's steps after the first (compile).
+    res = _find(pilot_steps=6, budget_fraction=0.5, run_steps=10**6, timing_cache=None)
+    assert 0 < res.budget_s <= 0.5 * 10**6 * res.seconds["pilot"] / 5
+    assert not any("over the budget" in w for w in res.warnings)
 
 
 def test_dominated_sizes_drop_exactly_what_loses_at_every_noise_scale():

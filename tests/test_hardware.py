@@ -414,14 +414,14 @@ def test_time_candidates_reuses_a_cached_table_without_compiling():
     store, seconds = hardware.TimingCache(), {}
     cache1 = hardware.CompileCache()
     fit1, table1 = finder.time_candidates(
-        make_step(), make_args, [8, 16], memory_budget_bytes=2**30, rounds=2, max_extra_rounds=0, cache=cache1,
-        timing_cache=store, seconds=seconds,
+        make_step(), make_args, [8, 16], memory_budget_bytes=2**30, rounds=2,
+        max_extra_rounds=0, cache=cache1, timing_cache=store, seconds=seconds,
     )  # fmt: skip
     assert cache1.compiles == 2 and len(store) == 2 and set(seconds) == {"memory", "timing"}
     cache2 = hardware.CompileCache()
     fit2, table2 = finder.time_candidates(
-        make_step(), make_args, [8, 16, 32], memory_budget_bytes=2**30, rounds=2, max_extra_rounds=0, cache=cache2,
-        timing_cache=store,
+        make_step(), make_args, [8, 16, 32], memory_budget_bytes=2**30, rounds=2,
+        max_extra_rounds=0, cache=cache2, timing_cache=store,
     )  # fmt: skip
     assert cache2.compiles == 1  # only the new batch size
     for b in (8, 16):
