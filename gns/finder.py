@@ -527,8 +527,8 @@ def time_candidates(
       cache: compiled executables (each shape compiles once).
       timing_cache: a :class:`gns.hardware.TimingCache`: a candidate whose step signature
         (:func:`gns.hardware.step_signature`, with the memory budget) is in it is neither
-        compiled nor timed again (``BatchTiming.cached``); the others are measured and stored
-        (a pruned size is not stored: its timing was cut short).
+        compiled nor timed again (``BatchTiming.cached``; a size pruned then keeps its reason
+        and its shorter timing); the others are measured and stored.
       progress: ``progress(phase, done, total)`` with phases ``"memory"`` and ``"timing"``.
       seconds: a dict to add the wall time of each phase to (``"memory"``, ``"timing"``).
 
@@ -568,7 +568,7 @@ def time_candidates(
         bt = None if table is None else table.timings.get(rec.batch_size)
         records[rec.batch_size] = rec
         timings.update({} if bt is None else {rec.batch_size: bt})
-        if timing_cache is not None and keys[rec.batch_size][0] and not (bt and bt.pruned):
+        if timing_cache is not None and keys[rec.batch_size][0]:
             plain = dataclasses.replace(rec, compiled=None)
             timing_cache[keys[rec.batch_size]] = (plain, bt, fit.budget_source)
     budget, source = (fit.budget_bytes, fit.budget_source) if fit else (
