@@ -45,6 +45,7 @@ Merrill et al., "Critical Batch Size Revisited" (2025, arXiv 2505.23971).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -770,6 +771,31 @@ class TrainState(NamedTuple):
     examples_seen: int
 
 
+@functools.lru_cache(maxsize=16)
+def _plain_step(loss_fn: Callable, optimizer, batch_size: int, accumulation_steps: int):
+    """The jitted step of :func:`continue_training`, one per loss, optimizer and shape (kept, so
+    that training on in chunks compiles once)."""
+    import optax  # the optimizer's own library: needed only to apply its updates
+
+    b, k = batch_size, accumulation_steps
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        micro = jax.tree.map(lambda x: x.reshape((k, b // k) + x.shape[1:]), batch)
+
+        def add(acc, mb):
+            loss, g = jax.value_and_grad(loss_fn)(params, mb)
+            return jax.tree.map(jnp.add, acc, (loss, g)), None
+
+        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add, zero, micro)
+        grads = jax.tree.map(lambda g: g / k, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss / k
+
+    return step
+
+
 def continue_training(
     loss_fn: Callable,
     optimizer,
@@ -813,29 +839,12 @@ def continue_training(
     if batch_size is None:
         raise ValueError("batch_size is needed to continue from a TrainState.")
     accumulation_steps = accumulation_steps or 1
-    import optax  # the optimizer's own library: needed only to apply its updates
-
     get = as_batch_fn(batch_fn)
     b = common.check_int(batch_size, "batch_size", 1)
     k = common.check_int(accumulation_steps, "accumulation_steps", 1)
     if b % k:
         raise ValueError(f"batch_size={b} is not a multiple of accumulation_steps={k}.")
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        micro = jax.tree.map(lambda x: x.reshape((k, b // k) + x.shape[1:]), batch)
-
-        def add(acc, mb):
-            loss, g = jax.value_and_grad(loss_fn)(params, mb)
-            return jax.tree.map(jnp.add, acc, (loss, g)), None
-
-        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(add, zero, micro)
-        updates, opt_state = optimizer.update(
-            jax.tree.map(lambda g: g / k, grads), opt_state, params
-        )
-        return optax.apply_updates(params, updates), opt_state, loss / k
-
+    step = _plain_step(loss_fn, optimizer, b, k)
     params, opt_state = state.params, state.opt_state
     first = math.ceil(state.examples_seen / b)
     losses = []
