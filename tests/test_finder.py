@@ -289,7 +289,8 @@ def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_res
                                     accumulation_steps=rec.accumulation_steps)  # fmt: skip
     np.testing.assert_array_equal(a.params, b.params)
     hits = finder._plain_step.cache_info().hits  # training on in chunks reuses the jitted step
-    finder.continue_training(linreg_loss, opt, linreg_batches, a, 1)
+    finder.continue_training(linreg_loss, opt, linreg_batches, a, 1, batch_size=rec.batch_size,
+                             accumulation_steps=rec.accumulation_steps)  # fmt: skip
     assert finder._plain_step.cache_info().hits == hits + 1
     assert (
         a.examples_seen == b.examples_seen == math.ceil(384 / rec.batch_size + 2) * rec.batch_size
