@@ -9,8 +9,11 @@
   out-of-memory error (``RESOURCE_EXHAUSTED``) instead of crashing;
 * :func:`time_step` times one step (compile excluded, warm-up, ``block_until_ready``, median);
 * :func:`time_batch_sizes` times all candidate batch sizes interleaved (round-robin, several
-  rounds), with the median and the spread of each, re-timing the noisy ones; every step is
+  rounds), with the median and the spread of each, re-timing the noisy ones, dropping those a
+  caller's ``prune`` rule says cannot win and stopping at a time budget; every step is
   compiled once per shape (:class:`CompileCache`);
+* :func:`step_signature` names a step by its lowered program on this device, the key of the
+  in-memory :class:`TimingCache` that lets a later search reuse a measurement;
 * :func:`accumulated_step_time` extends a step-time curve above the largest batch that fits, as
   gradient accumulation (:mod:`gns.recommend` reads step times through it).
 
