@@ -784,8 +784,8 @@ def branched_critical_batch(
     held-out examples (the same draw for every fork and ruler point); each resample re-reads
     the ratios and refits. The percentiles are read at the level ``1 - α'`` whose normal
     quantile is ``sqrt(n/(n−1))·t_{n−1}(1 − α/2)`` (``α = 1 - confidence``, ``n`` the repeats,
-    or the held-out examples with one repeat), and the interval contains ``b_crit``. Measured coverage at nominal 0.9 with 8 repeats on a noisy
-    quadratic: see ``docs/critical-batch.md``.
+    or the held-out examples with one repeat), and the interval contains ``b_crit``. Measured
+    coverage at nominal 0.9 with 8 repeats on a noisy quadratic: see ``docs/critical-batch.md``.
 
     Args:
       state: the checkpoint pytree; never modified.

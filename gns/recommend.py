@@ -59,9 +59,10 @@ class Recommendation:
     Attributes:
       batch_size: the recommended (effective) batch size: ``time_optimal`` or ``cost_optimal``
         depending on ``objective``.
-      time_optimal: the candidate with the smallest predicted time to target.
+      time_optimal: the candidate with the smallest predicted time to target (of equal
+        predicted times, the smaller batch).
       cost_optimal: the candidate with the smallest predicted compute (device-hours, or money
-        with a price) to target.
+        with a price) to target (of equal ones, the smaller batch).
       accumulation_steps: gradient-accumulation steps for ``batch_size`` (1: one batch per step).
       micro_batch_size: examples per accumulation step.
       learning_rate: the learning rate for ``batch_size`` from ``base_lr`` at
@@ -145,6 +146,10 @@ def scale_learning_rate(
     * Adam-family (Adam, AdamW, LAMB): square-root scaling ``lr(B) = base_lr·sqrt(B/B_base)``,
       a heuristic (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive gradient
       algorithms"; Hoffer et al. 2017), not derived from the noise scale. Re-tune around it.
+
+    The ratio ``(1 + N/B_base)/(1 + N/B)`` is formed in units of ``N`` when ``N >= 1``, so a
+    huge ``N`` (1e308) gives the linear-scaling limit, not ``inf/inf``; a rate that overflows
+    float64 raises a ``ValueError``, never returns ``inf``.
 
     Returns:
       ``(learning_rate, rule in words)``.
@@ -292,15 +297,19 @@ def recommend(
       evidence: every noise-scale measurement the caller has, ``{name: value}`` or
         ``{name: (value, low, high)}``; reported with its ratio to ``b_noise``. An entry named
         ``basis`` must equal ``b_noise``.
-      price_per_hour: price of one device-hour; adds money columns to the table.
+      price_per_hour: price of one device-hour, finite and positive; adds money columns to the
+        table (a value there beyond float64 is ``inf`` and named in ``warnings``).
       num_devices: devices the step runs on (compute = time × devices), or a function
         ``B -> devices`` when the device count grows with the batch (data parallelism at a
         fixed per-device batch; ``step_time`` must then be measured that way too). With a fixed
         device count the cost-optimal batch is the time-optimal one: the devices are paid for
         the whole wall time, and ``(1 + B/N)·t(B)/B·E_min = S_min·(1 + N/B)·t(B)``.
-      s_min: fitted ``S_min`` (steps), to report absolute times to target in the table.
+      s_min: fitted ``S_min`` (steps), to report absolute times to target in the table; finite
+        and positive (``nan``, negative or ``inf`` is refused).
       candidates: batch sizes to consider; default the measured ones and 2×, 4× the largest
-        that fits (accumulation), and the base batch size.
+        that fits (accumulation), and the base batch size. Every batch size here, in
+        ``step_time`` and ``base_batch_size`` is a whole number (``64`` or ``64.0``); ``3.5``
+        is refused, never truncated.
       objective: ``"time"`` or ``"cost"``: which optimum ``batch_size`` is.
       near_optimal_tolerance: relative slack defining ``near_optimal_range``.
 
@@ -328,13 +337,7 @@ def recommend(
         raise ValueError(f"basis must be a non-empty string (e.g. 'b_simple'), got {basis!r}.")
     measured = _measured(step_time, max_batch_size)
     ranges = _ranges(step_time_range, measured)
-    _check_positive(price_per_hour, "price_per_hour", "the price of one device-hour, e.g. 2.5")
-    _check_positive(s_min, "s_min", "the fitted minimal steps, e.g. TradeoffFit.s_min")
-    if isinstance(near_optimal_tolerance, bool) or not 0 <= near_optimal_tolerance < math.inf:
-        raise ValueError(
-            f"near_optimal_tolerance must be a finite fraction >= 0 (e.g. 0.1), got "
-            f"{near_optimal_tolerance!r}."
-        )
+    _check_options(price_per_hour, s_min, near_optimal_tolerance)
     base = _whole(base_batch_size, "base_batch_size")
     if candidates is None:
         cands = set(measured) | {max_batch_size * 2, max_batch_size * 4, base}
@@ -414,13 +417,7 @@ def recommend(
                 scale = s_min if key == "cost_to_target" else 1.0
                 row[key] = float(scale * compute[j] * _unit(n) * (price_per_hour / 3600.0))
         table.append(row)
-    overflow = sorted({k for row in table for k, v in row.items() if v == math.inf} - {
-        "relative_steps"})  # fmt: skip
-    if overflow:
-        warnings.append(
-            f"Table values beyond the float64 range (inf) in {overflow}: the inputs (s_min, "
-            "price_per_hour, step times) are too large or small to multiply; rescale them."
-        )
+    warnings += _overflow_warnings(table)
 
     status = "infinite" if n == math.inf else ("positive" if n > 0 else "non-positive")
     reason = _reason(
@@ -514,13 +511,39 @@ def _whole(value, name: str) -> int:
     return int(value)
 
 
+def _check_options(price_per_hour, s_min, near_optimal_tolerance) -> None:
+    """A ``ValueError`` for a price or ``S_min`` that is not finite and positive (or ``None``),
+    or a negative or non-finite tolerance."""
+    _check_positive(price_per_hour, "price_per_hour", "the price of one device-hour, e.g. 2.5")
+    _check_positive(s_min, "s_min", "the fitted minimal steps, e.g. TradeoffFit.s_min")
+    if isinstance(near_optimal_tolerance, bool) or not 0 <= near_optimal_tolerance < math.inf:
+        raise ValueError(
+            f"near_optimal_tolerance must be a finite fraction >= 0 (e.g. 0.1), got "
+            f"{near_optimal_tolerance!r}."
+        )
+
+
+def _overflow_warnings(table: list[dict]) -> list[str]:
+    """A warning naming the table columns with a value beyond float64 (``inf``), if any
+    (``relative_steps`` is ``inf`` by design for an infinite noise scale)."""
+    columns = {k for row in table for k, v in row.items() if v == math.inf} - {"relative_steps"}
+    if not columns:
+        return []
+    return [
+        f"Table values beyond the float64 range (inf) in {sorted(columns)}: the inputs (s_min, "
+        "price_per_hour, step times) are too large or small to multiply; rescale them."
+    ]
+
+
 def _check_positive(value, name: str, what: str) -> None:
     """``None``, or a finite positive number; a ``ValueError`` naming ``name`` otherwise."""
     if value is None:
         return
     number = isinstance(value, int | float | np.integer | np.floating)
     if not number or isinstance(value, bool | np.bool_) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite positive number ({what}) or None, got {value!r}.")
+        raise ValueError(
+            f"{name} must be a finite positive number ({what}) or None, got {value!r}."
+        )
 
 
 def _ranges(step_time_range, measured) -> tuple[dict[int, float], dict[int, float]]:

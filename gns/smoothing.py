@@ -112,7 +112,9 @@ def ema(decay: float = 0.95, *, skip_nonfinite: bool = True, dtype=jnp.float32):
         ``0`` keeps only the last update.
       skip_nonfinite: if ``True``, an update whose ``g_sq`` or ``trace_cov`` is ``nan``/``inf``
         (a diverging step) leaves the averages unchanged and increments ``state.skipped``; if
-        ``False`` it is averaged in, so the smoothed values become non-finite for good.
+        ``False`` it is averaged in, so the smoothed values become non-finite for good. A value
+        beyond the range of ``dtype`` (above 3.4e38 for float32) is ``inf`` in the state, so
+        it counts as non-finite too.
       dtype: floating dtype of the state (e.g. ``jnp.float32``); an integer or bool dtype is
         refused (it would truncate the averages).
 

@@ -16,7 +16,7 @@ import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gns import critical, estimate, finder, recommend, smoothing
+from gns import critical, estimate, finder, recommend, smoothing, tradeoff
 
 PROPS = settings(max_examples=40, deadline=None)
 TIMES = {b: 0.01 + 0.001 * b for b in (16, 32, 64, 128, 256)}
@@ -128,15 +128,6 @@ def test_recommend_is_finite_and_picks_the_minimum_of_its_own_table(n, a, c, k):
 def test_ema_refuses_a_non_float_dtype(dtype):
     with pytest.raises(ValueError, match="dtype must be a floating dtype"):
         smoothing.ema(dtype=dtype)
-
-
-def test_ema_float_dtypes_keep_fractions():
-    tracker = smoothing.ema(0.5, dtype=jnp.bfloat16)
-    state = tracker.init()
-    for g in (1.0, 2.0):
-        state = tracker.update(estimate.NoiseStats(jnp.array(g), jnp.array(3.0 * g), 1.0, 8.0), state)
-    # m_2 = m_1 + (1-d)/w_2·(x_2 - m_1) = 1 + 0.5/0.75·1 = 5/3: not truncated to 1.
-    assert float(state.g_sq) == pytest.approx(5 / 3, rel=1e-2)
 
 
 def test_interval_refuses_a_block_of_the_whole_series_and_too_few_resamples():
@@ -262,15 +253,32 @@ def test_from_two_batches_matches_exact_arithmetic(small, big, b, extra, k):
 
 
 # ---------------------------------------------------------------------------------------------
+# tradeoff.fit: equivariant to the units of B and S at any magnitude.
+
+
+@pytest.mark.parametrize("cb, cs", [(1e-310, 1.0), (1e300, 1.0), (1.0, 1e300), (1e150, 1e150)])
+def test_tradeoff_fit_is_equivariant_to_units_at_extreme_magnitudes(cb, cs):
+    b, s = np.array([32.0, 64.0, 128.0, 256.0]), np.array([3000.0, 2000.0, 1500.0, 1250.0])
+    ref = tradeoff.fit(b, s, num_bootstrap=30)
+    got = tradeoff.fit(b * cb, s * cs, num_bootstrap=30)
+    assert got.s_min == pytest.approx(ref.s_min * cs, rel=1e-9)
+    assert got.b_crit == pytest.approx(ref.b_crit * cb, rel=1e-9)
+    np.testing.assert_allclose(got.intervals["b_crit"], np.array(ref.intervals["b_crit"]) * cb,
+                               rtol=1e-9)  # fmt: skip
+    if math.isfinite(ref.e_min * cs * cb):
+        assert got.e_min == pytest.approx(ref.e_min * cs * cb, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
 # critical.effective_noise_scale: no cancellation at B_noise/B_ref ~ 1e30, no overflow of ΔS·B.
 
 
 def exact_effective(delta, b, ref):
-    s = sum(Fraction(d) * Fraction(ref) / (Fraction(ref) + Fraction(x)) for d, x in zip(delta, b))
-    e = sum(
-        Fraction(d) * Fraction(ref) * Fraction(x) / (Fraction(ref) + Fraction(x))
-        for d, x in zip(delta, b)
-    )
+    """E_min/S_min of the points in exact rational arithmetic."""
+    r = Fraction(ref)
+    pairs = [(Fraction(d), Fraction(x)) for d, x in zip(delta, b, strict=True)]
+    s = sum(d * r / (r + x) for d, x in pairs)
+    e = sum(d * r * x / (r + x) for d, x in pairs)
     return float(e / s)
 
 
