@@ -29,6 +29,8 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from experiments import interrupt
+
 __all__ = [
     "UserError",
     "main",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = interrupt.EXIT_INTERRUPTED
 FLAGS = flags.FLAGS
 
 if "verbose" not in FLAGS:
@@ -89,7 +91,8 @@ def _exit(message: str, hint: str | None = None, code: int = EXIT_USER_ERROR):
 
 def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """Wrap an absl ``main(argv)``: user errors print ``error: ...`` (and ``hint: ...``) on
-    stderr and exit with code 2, without a traceback; Ctrl-C exits with 130."""
+    stderr and exit with code 2, without a traceback; Ctrl-C exits with 130 and one line
+    (:func:`experiments.interrupt.exit_now`)."""
 
     def wrapped(argv):
         try:
@@ -97,11 +100,7 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         except KeyboardInterrupt:
             if _verbose(argv):
                 raise
-            print(
-                "interrupted: the run saved what it had; re-run the command to resume.",
-                file=sys.stderr,
-            )
-            sys.exit(EXIT_INTERRUPTED)
+            interrupt.exit_now()  # no interpreter teardown of XLA (it can crash)
         except Exception as e:
             if _verbose(argv) or not _is_user_error(e):
                 raise

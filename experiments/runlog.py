@@ -614,9 +614,12 @@ def _silenced(*loggers: str):
 def deferred_interrupt():
     """Inside the block the first SIGINT (Ctrl-C) sets the yielded ``threading.Event``
     instead of raising, so the loop stops at a step boundary with its row and checkpoint
-    written; a second one raises ``KeyboardInterrupt`` at once. The previous handler is
-    restored on exit. Outside the main thread (where Python delivers no signals) the event
-    simply never gets set.
+    written; a second one goes to the handler the block replaced (Python's: a
+    ``KeyboardInterrupt`` at once; a main's :func:`experiments.interrupt.install`: exit 130
+    at once, which loses at most the unfinished step). The previous handler is restored on
+    exit. Outside the main thread (where Python delivers no signals) the event simply never
+    gets set. The handler writes nothing (the main reports the interrupt in one line when it
+    exits).
 
     Example::
 
@@ -628,20 +631,17 @@ def deferred_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
 
     def handler(signum, frame):
         if flag.is_set():
-            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
-            raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, previous)
+            if callable(previous):
+                previous(signum, frame)
         flag.set()
-        logging.warning(
-            "Interrupted: stopping after this step with its row and a checkpoint "
-            "(Ctrl-C again to abort at once)."
-        )
 
     signal.signal(signal.SIGINT, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)
