@@ -39,6 +39,7 @@ __all__ = [
     "print_summary",
     "EXIT_USER_ERROR",
     "EXIT_INTERRUPTED",
+    "write_fault",
 ]
 
 EXIT_USER_ERROR = 2
@@ -57,13 +58,61 @@ class UserError(ValueError):
         self.hint = hint
 
 
-_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EISDIR)
+_OS_ERRNOS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+)
+# How tensorstore (under orbax) words the same faults in the ValueError it raises.
+_FAULT_WORDS = {
+    "the disk is full": ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded"),
+    "the file system is read-only": ("Read-only file system",),
+    "no permission to write there": ("PERMISSION_DENIED", "Permission denied"),
+    # An orbax writer thread that fails (e.g. on a full disk) while Python shuts down.
+    "the write was cut short (a full disk?)": ("sys.meta_path is None",),
+}
+_FAULT_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk is full",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "no permission to write there",
+    errno.EPERM: "no permission to write there",
+}
+
+
+def write_fault(e: BaseException) -> str | None:
+    """What a failed write ran into when it is the disk or its permissions, not a bug (``'the
+    disk is full'``, ``'the file system is read-only'``, ``'no permission to write there'``);
+    ``None`` otherwise. Looks through ``e``'s causes; besides ``OSError`` it knows the
+    ``ValueError('RESOURCE_EXHAUSTED: ...')`` of tensorstore and the ``ImportError('sys.meta_path
+    is None')`` of an orbax writer cut short.
+
+    Example::
+
+        write_fault(ValueError("RESOURCE_EXHAUSTED: writing ...: No space left"))
+        # 'the disk is full'
+    """
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in _FAULT_ERRNOS:
+            return _FAULT_ERRNOS[x.errno]
+        if isinstance(x, OSError | ValueError | ImportError | RuntimeError):
+            for fault, words in _FAULT_WORDS.items():
+                if any(w in str(x) for w in words):
+                    return fault
+    return None
 
 
 def _is_user_error(e: BaseException) -> bool:
     if isinstance(e, UserError | FileNotFoundError | PermissionError | app.UsageError):
         return True
-    return isinstance(e, OSError) and e.errno in _OS_ERRNOS
+    if isinstance(e, OSError) and e.errno in _OS_ERRNOS:
+        return True
+    return write_fault(e) is not None
 
 
 def _one_line(e: BaseException) -> str:
@@ -71,7 +120,11 @@ def _one_line(e: BaseException) -> str:
         return f"the disk is full ({e.filename or e}): free space there or write elsewhere"
     if isinstance(e, OSError) and not isinstance(e, UserError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
-    return " ".join(str(e).split()) or type(e).__name__
+    fault = None if isinstance(e, UserError | OSError) else write_fault(e)
+    text = " ".join(str(e).split()) or type(e).__name__
+    if fault is not None:
+        return f"{fault} ({type(e).__name__}: {text[:200]}): free space or write elsewhere"
+    return text
 
 
 def _verbose(argv: list[str] | None = None) -> bool:
@@ -110,8 +163,15 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 
 
 def run(fn: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
-    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`."""
-    app.run(main(fn), argv=argv, flags_parser=parse_flags)
+    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`. A main that ends in an error
+    line (exit code 2) leaves without Python's finalizers, so that a writer thread cut short
+    by the fault (orbax's, on a full disk) adds no traceback at shutdown."""
+    try:
+        app.run(main(fn), argv=argv, flags_parser=parse_flags)
+    except SystemExit as e:
+        if e.code == EXIT_USER_ERROR:
+            interrupt.exit_now(None, EXIT_USER_ERROR)
+        raise
 
 
 def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:

@@ -36,18 +36,19 @@ EXIT_INTERRUPTED = 130
 MESSAGE = "interrupted: the run saved what it had; re-run the command to resume."
 
 
-def exit_now(message: str = MESSAGE) -> NoReturn:
-    """Flush stdout and stderr, write ``message`` on stderr and end the process with code
-    :data:`EXIT_INTERRUPTED`, without running Python's finalizers."""
+def exit_now(message: str | None = MESSAGE, code: int = EXIT_INTERRUPTED) -> NoReturn:
+    """Flush stdout and stderr, write ``message`` (if any) on stderr and end the process with
+    ``code``, without running Python's finalizers."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # a closed stream, or one the interrupted code was writing to
             pass
     try:
-        os.write(2, (message + "\n").encode())  # unbuffered: safe inside a signal handler
+        if message is not None:
+            os.write(2, (message + "\n").encode())  # unbuffered: safe inside a signal handler
     finally:
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(code)
 
 
 def _handler(signum, frame) -> NoReturn:

@@ -27,6 +27,7 @@ the code that produced it documents what ``null`` means there (e.g. "no finite e
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,6 +36,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -44,6 +46,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from experiments import cli
 from experiments.cli import UserError
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "write_json",
     "read_json",
     "read_jsonl",
+    "make_workdir",
     "workdir_lock",
     "fingerprint",
     "differing_fields",
@@ -144,23 +148,53 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def make_workdir(workdir: str) -> None:
+    """Create ``workdir`` (and its parents) when missing.
+
+    Raises:
+      UserError: ``workdir`` exists and is not a directory.
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(
+            f"--workdir {workdir} is a file, not a directory",
+            hint="pass a directory (it is created when missing)",
+        )
+    os.makedirs(workdir, exist_ok=True)
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
     """Hold ``workdir`` for this process: a second run in the same workdir stops at once with a
     :class:`~experiments.cli.UserError` that names the holder's pid.
 
     An advisory ``flock`` on ``workdir/.lock``: the kernel releases it when the holder exits,
-    however it exits (SIGKILL included), so a stale lock never blocks a new run.
+    however it exits (SIGKILL included), so a stale lock never blocks a new run. The workdir is
+    untrusted: the lock file is opened without following a symbolic link (``O_NOFOLLOW``) and
+    must be a regular file with one link, so a ``.lock`` planted to point at another file
+    stops the run instead of getting that file overwritten with a pid.
 
     Example::
 
         with workdir_lock("runs/cpu"):
             ...  # train, write files
     """
-    os.makedirs(workdir, exist_ok=True)
+    make_workdir(workdir)
     path = os.path.join(workdir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    refuse = UserError(
+        f"{path} is not a plain lock file (a symbolic link, a hard link or a special file): "
+        "refusing to write to it",
+        hint=f"delete {path} (a run creates its own), or pass another --workdir",
+    )
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise refuse from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise refuse
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -521,7 +555,12 @@ class Checkpoints:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save ``state`` and ``meta`` at ``step`` (no-op when that step is saved)."""
+        """Save ``state`` and ``meta`` at ``step`` (no-op when that step is saved).
+
+        Raises:
+          UserError: the disk is full, read-only or not writable
+            (:func:`experiments.cli.write_fault`; orbax leaves the previous checkpoints).
+        """
         import orbax.checkpoint as ocp
 
         if step in self._manager.all_steps():
@@ -529,8 +568,19 @@ class Checkpoints:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(to_strict_json(meta))
         )
-        self._manager.save(step, args=args)
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=args)
+            self._manager.wait_until_finished()
+        except Exception as e:
+            fault = cli.write_fault(e)
+            if fault is None:
+                raise
+            raise UserError(
+                f"cannot write the checkpoint of step {step} in {self.directory}: {fault} "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:160]})",
+                hint="free space there (or fix its permissions) or pass another --workdir; "
+                "re-running the command resumes from the last checkpoint",
+            ) from e
 
     def restore(
         self, target: Any, check: Callable[[dict], None] | None = None

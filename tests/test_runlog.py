@@ -245,3 +245,16 @@ def test_checkpoint_identity_is_checked_before_its_state_is_read(tmp_path):
     with pytest.raises(UserError, match="batch_size: 32 -> 64; width: 2 -> 3"):
         ckpt.restore({"w": jnp.zeros(3)}, check=second.check_meta)
     assert ckpt.latest_step() == 1 and not os.path.exists(tmp_path / runlog.UNREADABLE_DIR)
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symlink", "hardlink"])
+def test_workdir_lock_never_writes_through_a_planted_link(tmp_path, link):
+    """An untrusted workdir's ``.lock`` pointing at another file: refused, the file intact."""
+    victim, workdir = tmp_path / "victim", tmp_path / "w"
+    victim.write_text("precious")
+    workdir.mkdir()
+    link(victim, workdir / runlog.LOCK_FILE)
+    with pytest.raises(UserError, match="not a plain lock file") as e:
+        with runlog.workdir_lock(str(workdir)):
+            pass
+    assert victim.read_text() == "precious" and "delete" in e.value.hint
