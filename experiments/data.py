@@ -46,6 +46,7 @@ import itertools
 import os
 import queue
 import re
+import stat
 import tarfile
 import threading
 import time
@@ -394,6 +395,32 @@ def user_cache_dir() -> str:
     if not os.path.isabs(base):  # unset, empty or relative: ignored, as the spec says
         base = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "gns")
+
+
+def private_cache_dir(name: str) -> str | None:
+    """``user_cache_dir()/name``, a directory of this user alone (created with mode 0700; an
+    existing one of this user made 0700), for a cache whose content is executed (compiled
+    code); ``None`` with one warning when it cannot be: a symbolic link, not a directory,
+    owned by another user, or not creatable. (Never a workdir: that is untrusted input.)"""
+    path = os.path.join(user_cache_dir(), name)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o700, follow_symlinks=False)
+            st = os.lstat(path)
+    except OSError as e:
+        logging.warning("Not using the cache %s (%s).", path, e)
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        logging.warning(
+            "Not using the cache %s: not a directory of this user alone (mode %o, owner %d).",
+            path,
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+        )
+        return None
+    return path
 
 
 def _cache_dir(cache_dir: str | None) -> str:

@@ -617,3 +617,18 @@ def test_interrupted_cache_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         data.load(_folder_cfg(folder, cache))
     assert os.listdir(cache) == []
+
+
+def test_private_cache_dir_is_the_users_alone(tmp_path, monkeypatch):
+    """The compiled-code cache: mode 0700 in the user's cache; never a symlink or a directory
+    another user owns (which could plant executables)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = data.private_cache_dir("jax")
+    assert path == str(tmp_path / "gns" / "jax") and os.stat(path).st_mode & 0o777 == 0o700
+    os.chmod(path, 0o777)  # made by an older version, or by hand: tightened
+    assert data.private_cache_dir("jax") == path and os.stat(path).st_mode & 0o777 == 0o700
+    os.symlink(tmp_path, tmp_path / "gns" / "link")
+    assert data.private_cache_dir("link") is None
+    if os.getuid() == 0:  # only root can give a directory to another user
+        os.chown(path, 12345, -1)
+        assert data.private_cache_dir("jax") is None
