@@ -144,7 +144,8 @@ def load(cfg) -> Dataset:
         class-stratified subset, see :func:`subsample`; for ``'synthetic'`` the split sizes,
         None = 2048 and 512); ``synthetic.image_size``, ``synthetic.num_classes``. Optional
         fields (defaults when absent): ``url`` and ``md5`` (where and what to download,
-        :data:`CIFAR10_BINARY_URL`, :data:`CIFAR10_BINARY_MD5`), ``synthetic.seed`` (0).
+        :data:`CIFAR10_BINARY_URL`, :data:`CIFAR10_BINARY_MD5`; ``md5=None`` checks nothing,
+        with a warning, as a plain ``http://`` URL gets), ``synthetic.seed`` (0).
 
     Returns:
       A :class:`Dataset`; ``mean`` and ``std`` are computed on the (subsampled) train images.
@@ -171,7 +172,7 @@ def load(cfg) -> Dataset:
             cfg.path,
             cfg.cache_dir,
             url=_optional(cfg, "url", CIFAR10_BINARY_URL),
-            md5=_optional(cfg, "md5", CIFAR10_BINARY_MD5),
+            md5=cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5,  # None: unchecked (warned)
         )
     elif source == "tfds":
         arrays = _tfds_arrays(cfg.name, cfg.tfds_data_dir, cfg.cache_dir)
@@ -815,6 +816,7 @@ def _cifar10_binary_arrays(
         return _binary_cached(cache_dir, path)
 
     def checked_decode(path: str) -> dict[str, Any]:
+        download.warn_unverified(None, md5, path)
         actual = download.file_md5(path)
         if md5 is not None and actual != md5.lower():
             raise UserError(
