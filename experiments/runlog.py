@@ -296,6 +296,8 @@ class RunLog:
         on each evaluation itself.
       primary: whether this process writes the files (``False`` on the other processes of a
         multi-host run: they keep the same record in memory and write nothing).
+      devices: the number of devices the run trains on (kept in the checkpoints: a resume
+        on another number is refused; ``None``: not checked).
 
     Example::
 
@@ -313,7 +315,13 @@ class RunLog:
     """
 
     def __init__(
-        self, workdir: str, target: float | None = None, *, window: int = 1, primary: bool = True
+        self,
+        workdir: str,
+        target: float | None = None,
+        *,
+        window: int = 1,
+        primary: bool = True,
+        devices: int | None = None,
     ):
         if not (isinstance(window, int | np.integer) and window >= 1):
             raise ValueError(f"window={window!r}: need an int >= 1 (evaluations averaged).")
@@ -324,6 +332,7 @@ class RunLog:
         self.metrics_path = os.path.join(workdir, METRICS_FILE)
         self.config_path = os.path.join(workdir, CONFIG_FILE)
         self.target = target
+        self.devices = devices
         self.identity: dict | None = None
         self.resume(0, None, truncate=False)
 
@@ -357,9 +366,25 @@ class RunLog:
 
     def check_meta(self, meta: dict) -> None:
         """:meth:`check_identity` against a checkpoint's metadata (which holds the identity
-        of the run that wrote it), e.g. when ``config.json`` was deleted."""
+        of the run that wrote it, e.g. when ``config.json`` was deleted), and its number of
+        devices against this run's (a checkpoint without one is not checked).
+
+        Raises:
+          UserError: a different identity, or a different number of devices (the global
+            batch splits differently, the noise-scale method and the order of the sums may
+            change: one record would mix two setups).
+        """
         if meta.get("identity") is not None and self.identity is not None:
             self._refuse_if_different(meta["identity"])
+        old = meta.get("devices")
+        if old is not None and self.devices is not None and int(old) != self.devices:
+            raise UserError(
+                f"{self.workdir} holds a run trained on {old} device(s); this run sees "
+                f"{self.devices} (devices: {old} -> {self.devices}: the batch would split "
+                "differently and the record would mix the two)",
+                hint=f"resume with {old} device(s) (e.g. --config.num_devices={old}), or pass "
+                "another --workdir to start a new run",
+            )
 
     def _refuse_if_different(self, old_identity: dict) -> None:
         diffs = differing_fields(old_identity, self.identity)
@@ -420,6 +445,7 @@ class RunLog:
                 "recent_evals": self.recent_evals,
                 "initial_loss": self.initial_loss,
                 "identity": self.identity,
+                "devices": self.devices,
             }
         )
 

@@ -750,7 +750,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       The summary dict (also written to ``workdir/summary.json``).
 
     Raises:
-      UserError: a bad config, a resume with a different config, a workdir in use.
+      UserError: a bad config, a resume with a different config or device count, a workdir
+        in use.
       Diverged: the loss diverged (after writing the row and the summary that say so).
       KeyboardInterrupt: after Ctrl-C, once the row, checkpoint and summary are written.
     """
@@ -762,7 +763,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():
         ckpt = runlog.Checkpoints(workdir)
         log = runlog.RunLog(workdir, target=task.target(config),
-                            window=int(config.target_window), primary=primary)  # fmt: skip
+                            window=int(config.target_window), primary=primary,
+                            devices=mesh_lib.make_mesh(config.num_devices).size)  # fmt: skip
         config_dict = config.to_dict()
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
         ds = task.load(config)

@@ -258,3 +258,15 @@ def test_workdir_lock_never_writes_through_a_planted_link(tmp_path, link):
         with runlog.workdir_lock(str(workdir)):
             pass
     assert victim.read_text() == "precious" and "delete" in e.value.hint
+
+
+def test_a_resume_on_another_number_of_devices_is_refused(tmp_path):
+    one = runlog.RunLog(str(tmp_path), devices=1)
+    one.advance(8)
+    meta = json.loads(runlog.dumps(one.meta()))  # as the checkpoint stores it
+    runlog.RunLog(str(tmp_path), devices=1).resume(1, meta)  # same count: resumes
+    with pytest.raises(UserError, match="devices: 1 -> 4") as e:
+        runlog.RunLog(str(tmp_path), devices=4).resume(1, meta)
+    assert "--config.num_devices=1" in e.value.hint
+    meta.pop("devices")  # a checkpoint that predates the field: not checked
+    assert runlog.RunLog(str(tmp_path), devices=4).resume(1, meta) == []

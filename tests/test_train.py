@@ -19,6 +19,7 @@ import pytest
 
 from configs import cifar10 as cifar10_config
 from experiments import cli, models, runlog, train
+from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from gns import plots, smoothing
 
@@ -345,6 +346,22 @@ def test_resume_with_a_different_config_stops(smoke_run, field, value):
     message = str(e.value)
     assert f"{field}: " in message and "\n" not in message  # cosine: num_steps counts too
     assert "another --workdir" in e.value.hint and workdir in e.value.hint
+    assert {n: open(os.path.join(workdir, n)).read() for n in names} == before
+
+
+@pytest.mark.timeout(120)
+def test_resume_on_another_number_of_devices_stops(smoke_run, monkeypatch):
+    """The smoke run trained on every device (4 simulated); the same command on 1 device is
+    refused before anything is written (summary.json would report only the new mesh)."""
+    config, workdir, summary = smoke_run
+    if summary["mesh"]["devices"] == 1:
+        pytest.skip("needs several devices (tests/conftest.py simulates 4)")
+    names = ("config.json", "metrics.jsonl", "summary.json")
+    before = {n: open(os.path.join(workdir, n)).read() for n in names}
+    make_mesh = mesh_lib.make_mesh
+    monkeypatch.setattr(mesh_lib, "make_mesh", lambda num_devices=None: make_mesh(1))
+    with pytest.raises(UserError, match=f"devices: {summary['mesh']['devices']} -> 1"):
+        train.train_and_evaluate(tiny_config(num_steps=config.num_steps, eval_every=40), workdir)
     assert {n: open(os.path.join(workdir, n)).read() for n in names} == before
 
 
