@@ -1054,7 +1054,8 @@ def noise_scale_summary(rows: list[dict], smoothing) -> dict:
     Returns:
       ``{'b_simple', 'interval': [lo, hi], 'g_sq', 'trace_cov', 'num_measurements' (used),
       'num_dropped', 'last_ema_b_simple', 'block_size'}`` (``None`` values when fewer than 2
-      finite measurements).
+      finite measurements). Dropped measurements, or a majority with ``g_sq <= 0`` (``b_simple``
+      null in the rows), are also logged as a warning.
     """
     meas = [r for r in rows if "g_sq" in r]
     g = np.array([r["g_sq"] for r in meas], np.float64)  # None -> nan
@@ -1071,6 +1072,7 @@ def noise_scale_summary(rows: list[dict], smoothing) -> dict:
         "num_dropped": int((~finite).sum()),
         "last_ema_b_simple": meas[-1].get("ema_b_simple") if meas else None,
     }
+    _warn_null_measurements(len(meas), out["num_dropped"], int(np.sum(g <= 0)))
     if len(g) >= 2:
         res = smoothing.interval(g, t)
         out.update(
@@ -1081,3 +1083,26 @@ def noise_scale_summary(rows: list[dict], smoothing) -> dict:
             block_size=res.block_size,
         )
     return out
+
+
+def _warn_null_measurements(num: int, dropped: int, unresolved: int) -> None:
+    """A warning for noise-scale values that are null in the rows: ``dropped`` of ``num``
+    measurements not finite (overflowing gradients: e.g. a run past divergence that a large
+    ``config.divergence_factor`` lets go on), or most of the finite ones ``unresolved``
+    (``g_sq <= 0``: ``b_simple`` null)."""
+    if dropped:
+        logging.warning(
+            "%d of %d noise-scale measurements are not finite (null in metrics.jsonl, left out "
+            "of the summary): the gradients overflowed and the run is likely diverging; lower "
+            "config.learning_rate, or a config.divergence_factor nearer 1 stops such a run.",
+            dropped,
+            num,
+        )
+    if unresolved and 2 * unresolved > num - dropped:
+        logging.warning(
+            "%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null in "
+            "metrics.jsonl): the gradient is not resolved above its noise, or the run is "
+            "diverging (see config.divergence_factor).",
+            unresolved,
+            num - dropped,
+        )

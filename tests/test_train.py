@@ -429,6 +429,23 @@ def test_divergence_stops_with_a_one_line_error(tmp_path, capsys, optimizer, lr,
         assert ns["num_dropped"] >= 1 and rows[-1]["train_loss"] is None  # inf -> null
 
 
+@pytest.mark.parametrize(
+    "g_sq, needle",
+    [([1.0, None, None, None], "3 of 4 noise-scale measurements are not finite"),
+     ([1.0, -1.0, -2.0, 0.0], "3 of 4 finite noise-scale measurements have g_sq <= 0"),
+     ([1.0, -1.0, 2.0, 3.0], None)],
+    ids=["overflow", "unresolved", "fine"],
+)  # fmt: skip
+def test_null_noise_scale_values_are_warned(caplog, g_sq, needle):
+    """Null noise-scale values (a run a huge divergence_factor lets go on) get a warning."""
+    rows = [{"step": i, "g_sq": g, "trace_cov": 1.0} for i, g in enumerate(g_sq)]
+    with caplog.at_level("WARNING"):
+        ns = train.noise_scale_summary(rows, smoothing)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert ns["num_dropped"] == sum(g is None for g in g_sq)
+    assert [needle in w for w in warnings] == ([] if needle is None else [True]), warnings
+
+
 # ---------------------------------------------------------------------------------------------
 # The noise-scale step makes the same update as the plain step.
 
