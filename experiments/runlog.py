@@ -333,6 +333,7 @@ class RunLog:
         self.config_path = os.path.join(workdir, CONFIG_FILE)
         self.target = target
         self.devices = devices
+        self.data: dict | None = None  # the data's record, set once loaded (checked like devices)
         self.identity: dict | None = None
         self.resume(0, None, truncate=False)
 
@@ -366,16 +367,27 @@ class RunLog:
 
     def check_meta(self, meta: dict) -> None:
         """:meth:`check_identity` against a checkpoint's metadata (which holds the identity
-        of the run that wrote it, e.g. when ``config.json`` was deleted), and its number of
-        devices against this run's (a checkpoint without one is not checked).
+        of the run that wrote it, e.g. when ``config.json`` was deleted), and its data
+        record (:attr:`data`: the content's fingerprint) and number of devices against this
+        run's (a checkpoint without them is not checked on them).
 
         Raises:
-          UserError: a different identity, or a different number of devices (the global
+          UserError: a different identity, other data behind the same config (e.g. an archive
+            replaced at the same path), or a different number of devices (the global
             batch splits differently, the noise-scale method and the order of the sums may
             change: one record would mix two setups).
         """
         if meta.get("identity") is not None and self.identity is not None:
             self._refuse_if_different(meta["identity"])
+        if meta.get("data") is not None and self.data is not None:
+            diffs = differing_fields({"data": meta["data"]}, {"data": self.data})
+            if diffs:
+                raise UserError(
+                    f"{self.workdir} holds a run trained on other data ({'; '.join(diffs)}): "
+                    "the source behind the config's data fields changed",
+                    hint="resume with the original data, or pass another --workdir to start a "
+                    "new run on these",
+                )
         old = meta.get("devices")
         if old is not None and self.devices is not None and int(old) != self.devices:
             raise UserError(
@@ -446,6 +458,7 @@ class RunLog:
                 "initial_loss": self.initial_loss,
                 "identity": self.identity,
                 "devices": self.devices,
+                "data": self.data,
             }
         )
 

@@ -750,8 +750,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       The summary dict (also written to ``workdir/summary.json``).
 
     Raises:
-      UserError: a bad config, a resume with a different config or device count, a workdir
-        in use.
+      UserError: a bad config, a resume with a different config, data content or device
+        count, a workdir in use.
       Diverged: the loss diverged (after writing the row and the summary that say so).
       KeyboardInterrupt: after Ctrl-C, once the row, checkpoint and summary are written.
     """
@@ -768,6 +768,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         config_dict = config.to_dict()
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
         ds = task.load(config)
+        log.data = task.describe(ds)  # the content's identity, checked against the checkpoint
         setup = _setup(config, ds, task)
         with runlog.deferred_interrupt() as interrupted:
             log.clock.charge("pause")

@@ -270,3 +270,16 @@ def test_a_resume_on_another_number_of_devices_is_refused(tmp_path):
     assert "--config.num_devices=1" in e.value.hint
     meta.pop("devices")  # a checkpoint that predates the field: not checked
     assert runlog.RunLog(str(tmp_path), devices=4).resume(1, meta) == []
+
+
+def test_a_resume_on_other_data_is_refused_naming_the_field(tmp_path):
+    first = runlog.RunLog(str(tmp_path))
+    first.data = {"fingerprint": "aaaa", "kind": "folder"}
+    meta = json.loads(runlog.dumps(first.meta()))
+    again = runlog.RunLog(str(tmp_path))
+    again.data = {"fingerprint": "bbbb", "kind": "folder"}
+    with pytest.raises(UserError, match="data.fingerprint: 'aaaa' -> 'bbbb'") as e:
+        again.resume(0, meta)
+    assert "kind" not in str(e.value) and "another --workdir" in e.value.hint
+    again.data = dict(first.data)
+    again.resume(0, meta)  # the same data: resumes

@@ -1,6 +1,7 @@
 """Tests of the CIFAR-10 training code (experiments/train.py, experiments/cifar10.py,
 configs/cifar10.py, gns/plots.py), on tiny models and synthetic data."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import cifar10 as cifar10_config
-from experiments import cli, models, runlog, train
+from experiments import cli, data, models, runlog, train
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from gns import plots, smoothing
@@ -361,6 +362,22 @@ def test_resume_on_another_number_of_devices_stops(smoke_run, monkeypatch):
     make_mesh = mesh_lib.make_mesh
     monkeypatch.setattr(mesh_lib, "make_mesh", lambda num_devices=None: make_mesh(1))
     with pytest.raises(UserError, match=f"devices: {summary['mesh']['devices']} -> 1"):
+        train.train_and_evaluate(tiny_config(num_steps=config.num_steps, eval_every=40), workdir)
+    assert {n: open(os.path.join(workdir, n)).read() for n in names} == before
+
+
+@pytest.mark.timeout(120)
+def test_resume_on_other_data_behind_the_same_config_stops(smoke_run, monkeypatch):
+    """The same config, other images (an archive replaced at the same path): refused, naming
+    the data's fingerprint, before anything is written."""
+    config, workdir, summary = smoke_run
+    names = ("config.json", "metrics.jsonl", "summary.json")
+    before = {n: open(os.path.join(workdir, n)).read() for n in names}
+    load = data.load
+    monkeypatch.setattr(data, "load", lambda cfg: dataclasses.replace(
+        load(cfg), train_images=load(cfg).train_images[::-1]))  # fmt: skip
+    old = summary["data"]["fingerprint"]
+    with pytest.raises(UserError, match=f"data.fingerprint: '{old}' -> '[0-9a-f]{{16}}'"):
         train.train_and_evaluate(tiny_config(num_steps=config.num_steps, eval_every=40), workdir)
     assert {n: open(os.path.join(workdir, n)).read() for n in names} == before
 
