@@ -23,7 +23,9 @@ also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
   stops there), and
   the noise scale with its bootstrap interval;
 - ``checkpoints/``: orbax checkpoints; re-running the same command resumes from the last
-  readable one, after checking that the config's identity (:func:`run_identity`) is the same;
+  readable one, after checking that the config's identity (:func:`run_identity`), the data's
+  (its content's fingerprint, ``summary.json``'s ``data``) and the number of devices are the
+  same;
 - ``training.png`` and ``noise_scale.png``.
 
 Every ``config.gns_every`` steps the step takes its gradient from ``gns.estimate`` (per-example
