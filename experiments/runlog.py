@@ -152,8 +152,10 @@ def make_workdir(workdir: str) -> None:
     """Create ``workdir`` (and its parents) when missing.
 
     Raises:
-      UserError: ``workdir`` exists and is not a directory.
+      UserError: ``workdir`` is empty, or exists and is not a directory.
     """
+    if not workdir:
+        raise UserError("--workdir is empty", hint="pass a directory, e.g. --workdir=runs/cpu")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(
             f"--workdir {workdir} is a file, not a directory",

@@ -126,6 +126,7 @@ def test_workdir_that_is_a_file(tmp_path, capsys):
     err = run_main(capsys, smoke(), str(blocker))
     assert err[0] == f"error: --workdir {blocker} is a file, not a directory"
     assert len(err) == 2 and err[1].startswith("hint: ") and blocker.read_text() == "keep"
+    assert run_main(capsys, smoke(), "")[0] == "error: --workdir is empty"
 
 
 WRITE_FAULTS = [
