@@ -63,7 +63,6 @@ _OS_ERRNOS = (
     errno.EDQUOT,
     errno.EROFS,
     errno.EACCES,
-    errno.EPERM,
     errno.ENOTDIR,
     errno.EISDIR,
     errno.EEXIST,
@@ -123,7 +122,8 @@ def _one_line(e: BaseException) -> str:
     fault = None if isinstance(e, UserError | OSError) else write_fault(e)
     text = " ".join(str(e).split()) or type(e).__name__
     if fault is not None:
-        return f"{fault} ({type(e).__name__}: {text[:200]}): free space or write elsewhere"
+        fix = "free space there" if "full" in fault else "fix its permissions"
+        return f"{fault} ({type(e).__name__}: {text[:200]}): {fix} or write elsewhere"
     return text
 
 
