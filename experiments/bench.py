@@ -43,24 +43,24 @@ from experiments import interrupt
 if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
     interrupt.install()
 
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Hashable, Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from experiments import cli, models, runlog  # noqa: E402
-from experiments.cli import UserError  # noqa: E402
-from gns import estimate, hardware  # noqa: E402
+from experiments import cli, models, runlog
+from experiments.cli import UserError
+from gns import estimate, hardware
 
 VARIANTS = ("plain", "per_example", "microbatch", "microbatch_rolled", "naive_vmap")
 

@@ -27,11 +27,11 @@ from experiments import interrupt
 if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
     interrupt.install()
 
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags, logging
+from ml_collections import config_flags
 
-from experiments import cli, runlog  # noqa: E402
-from experiments.cli import UserError  # noqa: E402
+from experiments import cli, runlog
+from experiments.cli import UserError
 
 FLAGS = flags.FLAGS
 MODES = ("train", "compare", "tradeoff", "adaptive")

@@ -63,23 +63,23 @@ from experiments import interrupt
 if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
     interrupt.install()
 
-import copy  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import copy
+import math
+import os
+import sys
+import time
+from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from experiments import cli, runlog, train, validation  # noqa: E402
-from experiments import mesh as mesh_lib  # noqa: E402
-from experiments.cli import UserError  # noqa: E402
+from experiments import cli, runlog, train, validation
+from experiments import mesh as mesh_lib
+from experiments.cli import UserError
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
