@@ -19,7 +19,7 @@ Example (the top of a main module)::
     if __name__ == "__main__":
         interrupt.install()
 
-    import jax  # a Ctrl-C from here on: one line, exit 130 (E402 is off for the mains)
+    import jax  # a Ctrl-C from here on: one line, exit 130
 """
 
 from __future__ import annotations
