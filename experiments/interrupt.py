@@ -1,5 +1,8 @@
 """Ctrl-C from the first line of a main to its last: one line on stderr and exit code 130.
 
+(Before the main's first line runs, during the interpreter's own start-up, a few tens of
+milliseconds on an idle machine, Python's default handler is the only one there is.)
+
 A main installs :func:`install` before it imports anything else (standard library only here,
 so the handler is in place before JAX loads). Until the run's own handling takes over
 (:func:`experiments.runlog.deferred_interrupt`, around the training loop) a SIGINT ends the
