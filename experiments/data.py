@@ -18,10 +18,13 @@ Four sources, picked by ``config.data.source``:
   plus noise), for tests and smoke runs.
 
 The decoded arrays of the first three are cached as ``.npz`` files in ``config.data.cache_dir``
-(default: :func:`user_cache_dir`), written atomically; an unreadable cache file is removed with
-a warning and decoded again, abandoned temporary files of killed writers are removed, and an
-unwritable cache directory only costs a warning. Every problem with the user's data raises
-:class:`~experiments.cli.UserError` naming the path (and the archive member) and the fix.
+(default: :func:`user_cache_dir`), written atomically and keyed by the source's path, size,
+mtime and sampled content; a cache file that holds another source's arrays (copied or renamed)
+or is unreadable is decoded again with a warning, abandoned temporary files of killed writers
+are removed, and an unwritable cache directory only costs a warning. :attr:`Dataset.fingerprint`
+(a hash of the arrays) is the data's identity that a resumed run checks. Every problem with the
+user's data raises :class:`~experiments.cli.UserError` naming the path (and the archive member)
+and the fix.
 
 Everything here is numpy on the host. :func:`train_batches` is a pure function of
 ``(seed, step, batch_size)`` (resuming at ``start_step`` repeats an uninterrupted run exactly)
