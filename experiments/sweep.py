@@ -58,6 +58,11 @@ Ctrl-C resumes from its checkpoint in ``DIR/train/B<batch>-<fingerprint>``.
 
 from __future__ import annotations
 
+from experiments import interrupt
+
+if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
+    interrupt.install()
+
 import copy
 import math
 import os
@@ -1005,8 +1010,8 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     mesh = mesh_lib.make_mesh(config.train.num_devices)
     mesh_record = mesh_lib.describe(mesh)
     fps: dict[str, Any] = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
-    if config.compilation_cache:
-        _enable_compilation_cache(os.path.join(workdir, "jax_cache"))
+    if config.compilation_cache:  # the user's own cache: never compiled code from the workdir
+        _enable_compilation_cache(data.private_cache_dir("jax"))
     runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     device = hardware.detect_devices()
     bar = tqdm(total=5, desc="sweep", unit="stage", disable=not sys.stderr.isatty())
@@ -1193,11 +1198,12 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     return sweep
 
 
-def _enable_compilation_cache(path: str) -> None:
-    """JAX's persistent compilation cache in ``path``: the trainings compile the same model
-    init, train and eval programs at every batch size, and a re-run compiles nothing again.
-    (Process-wide, and only where JAX has no cache directory configured yet.)"""
-    if jax.config.jax_compilation_cache_dir:
+def _enable_compilation_cache(path: str | None) -> None:
+    """JAX's persistent compilation cache in ``path`` (``None``: none): the trainings compile
+    the same model init, train and eval programs at every batch size, and a re-run compiles
+    nothing again. JAX keys each entry by the program, its compile options, the jaxlib version
+    and the device. (Process-wide, and only where JAX has no cache directory configured yet.)"""
+    if path is None or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -23,7 +23,9 @@ also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
   stops there), and
   the noise scale with its bootstrap interval;
 - ``checkpoints/``: orbax checkpoints; re-running the same command resumes from the last
-  readable one, after checking that the config's identity (:func:`run_identity`) is the same;
+  readable one, after checking that the config's identity (:func:`run_identity`), the data's
+  (its content's fingerprint, ``summary.json``'s ``data``) and the number of devices are the
+  same;
 - ``training.png`` and ``noise_scale.png``.
 
 Every ``config.gns_every`` steps the step takes its gradient from ``gns.estimate`` (per-example
@@ -750,7 +752,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       The summary dict (also written to ``workdir/summary.json``).
 
     Raises:
-      UserError: a bad config, a resume with a different config, a workdir in use.
+      UserError: a bad config, a resume with a different config, data content or device
+        count, a workdir in use.
       Diverged: the loss diverged (after writing the row and the summary that say so).
       KeyboardInterrupt: after Ctrl-C, once the row, checkpoint and summary are written.
     """
@@ -762,10 +765,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():
         ckpt = runlog.Checkpoints(workdir)
         log = runlog.RunLog(workdir, target=task.target(config),
-                            window=int(config.target_window), primary=primary)  # fmt: skip
+                            window=int(config.target_window), primary=primary,
+                            devices=mesh_lib.make_mesh(config.num_devices).size)  # fmt: skip
         config_dict = config.to_dict()
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
         ds = task.load(config)
+        log.data = task.describe(ds)  # the content's identity, checked against the checkpoint
         setup = _setup(config, ds, task)
         with runlog.deferred_interrupt() as interrupted:
             log.clock.charge("pause")
@@ -1052,7 +1057,8 @@ def noise_scale_summary(rows: list[dict], smoothing) -> dict:
     Returns:
       ``{'b_simple', 'interval': [lo, hi], 'g_sq', 'trace_cov', 'num_measurements' (used),
       'num_dropped', 'last_ema_b_simple', 'block_size'}`` (``None`` values when fewer than 2
-      finite measurements).
+      finite measurements). Dropped measurements, or a majority with ``g_sq <= 0`` (``b_simple``
+      null in the rows), are also logged as a warning.
     """
     meas = [r for r in rows if "g_sq" in r]
     g = np.array([r["g_sq"] for r in meas], np.float64)  # None -> nan
@@ -1069,6 +1075,7 @@ def noise_scale_summary(rows: list[dict], smoothing) -> dict:
         "num_dropped": int((~finite).sum()),
         "last_ema_b_simple": meas[-1].get("ema_b_simple") if meas else None,
     }
+    _warn_null_measurements(len(meas), out["num_dropped"], int(np.sum(g <= 0)))
     if len(g) >= 2:
         res = smoothing.interval(g, t)
         out.update(
@@ -1079,3 +1086,26 @@ def noise_scale_summary(rows: list[dict], smoothing) -> dict:
             block_size=res.block_size,
         )
     return out
+
+
+def _warn_null_measurements(num: int, dropped: int, unresolved: int) -> None:
+    """A warning for noise-scale values that are null in the rows: ``dropped`` of ``num``
+    measurements not finite (overflowing gradients: e.g. a run past divergence that a large
+    ``config.divergence_factor`` lets go on), or most of the finite ones ``unresolved``
+    (``g_sq <= 0``: ``b_simple`` null)."""
+    if dropped:
+        logging.warning(
+            "%d of %d noise-scale measurements are not finite (null in metrics.jsonl, left out "
+            "of the summary): the gradients overflowed and the run is likely diverging; lower "
+            "config.learning_rate, or a config.divergence_factor nearer 1 stops such a run.",
+            dropped,
+            num,
+        )
+    if unresolved and 2 * unresolved > num - dropped:
+        logging.warning(
+            "%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null in "
+            "metrics.jsonl): the gradient is not resolved above its noise, or the run is "
+            "diverging (see config.divergence_factor).",
+            unresolved,
+            num - dropped,
+        )

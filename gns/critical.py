@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from gns import scaling, smoothing
+from gns import common, scaling, smoothing
 
 __all__ = [
     "BASIS_TRAJECTORY",
@@ -214,7 +214,8 @@ def trajectory_from_metrics(
       start_step: start of the path (0: initialization).
       end_step: end of the path (the step the pilot reached the target); default the last
         measured step.
-      confidence, block_size, num_resamples, seed: passed to :func:`gns.smoothing.interval`.
+      confidence, block_size, num_resamples, seed: passed to :func:`gns.smoothing.interval`
+        (``block_size`` capped at a stretch's finite rows minus one).
 
     Returns:
       A :class:`Trajectory`. A stretch with fewer than 2 finite rows has ``b_noise = nan``
@@ -262,7 +263,7 @@ def trajectory_from_metrics(
             gi,
             ti,
             confidence=confidence,
-            block_size=None if block_size is None else min(block_size, n[i]),
+            block_size=None if block_size is None else min(block_size, n[i] - 1),
             num_resamples=num_resamples,
             seed=seed + i,
         )
@@ -271,10 +272,17 @@ def trajectory_from_metrics(
 
 
 def _path_sums(delta, b, ref):
-    """``(S_min, E_min)`` contributions per point; ``b = inf`` takes its limit (0, ΔS·B_ref)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        frac = np.where(np.isinf(b), 1.0, b / (ref + b))  # B_noise / (B_ref + B_noise)
-    s_min = delta * (1.0 - frac)  # ΔS_ref / (1 + B_noise/B_ref)
+    """``(S_min, E_min)`` contributions per point; ``b = inf`` takes its limit (0, ΔS·B_ref).
+
+    ``B_ref/(B_ref + B_noise)`` and ``B_noise/(B_ref + B_noise)`` are each formed from the
+    smaller of ``B_noise/B_ref`` and its inverse, never as ``1 - x``: at ``B_noise/B_ref``
+    near ``1e30`` the difference would round to 0 and ``S_min`` vanish."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore", under="ignore"):
+        big = b >= ref
+        q = np.where(big, ref / np.where(big, b, 1.0), b / ref)  # in [0, 1]
+        frac = np.where(big, 1.0, q) / (1.0 + q)  # B_noise / (B_ref + B_noise)
+        rest = np.where(big, q, 1.0) / (1.0 + q)  # B_ref / (B_ref + B_noise)
+    s_min = delta * rest  # ΔS_ref / (1 + B_noise/B_ref)
     e_min = delta * ref * frac  # ΔS_min · B_noise
     return s_min, e_min
 
@@ -365,10 +373,7 @@ def _effective(
         raise ValueError("pass both low and high (the per-point interval) or neither.")
     if not 0.0 < float(confidence) < 1.0 or not 0.0 < float(point_confidence) < 1.0:
         raise ValueError(f"confidence levels must be in (0, 1), got {confidence!r}.")
-    if isinstance(num_resamples, bool) or not (
-        isinstance(num_resamples, int | np.integer) and num_resamples >= 1
-    ):
-        raise ValueError(f"num_resamples must be a positive int, got {num_resamples!r}.")
+    common.check_resamples(num_resamples, confidence)
     if low is not None:
         lo = np.broadcast_to(np.asarray(low, np.float64), b.shape).copy()
         hi = np.broadcast_to(np.asarray(high, np.float64), b.shape).copy()
@@ -404,10 +409,19 @@ def _effective(
         )  # fmt: skip
 
     d, bk, rk, lk, hk = delta[keep], b[keep], ref[keep], lo[keep], hi[keep]
-    s_i, e_i = _path_sums(d, bk, rk)
-    s_min, e_min = float(s_i.sum()), float(e_i.sum())
-    value = float(_ratio(e_min, s_min))
-    weights[keep] = s_i / s_min if s_min > 0 else 0.0
+    # In units of the largest ΔS_ref and B_ref (the value scales with B_ref and not with ΔS),
+    # so neither ΔS·B_ref nor the sums overflow or underflow before the ratio.
+    d_scale, r_scale = float(d.max()), float(rk.max())
+
+    def scaled_sums(delta_i, b_i, ref_i):
+        with np.errstate(over="ignore", under="ignore"):
+            return _path_sums(delta_i / d_scale, b_i / r_scale, ref_i / r_scale)
+
+    s_i, e_i = scaled_sums(d, bk, rk)
+    with np.errstate(over="ignore", under="ignore"):
+        s_min, e_min = d_scale * float(s_i.sum()), d_scale * r_scale * float(e_i.sum())
+        value = float(r_scale * _ratio(e_i.sum(), s_i.sum()))
+    weights[keep] = s_i / s_i.sum() if s_i.sum() > 0 else 0.0
 
     if n == 1:
         value = float(bk[0])  # E_min/S_min is this exactly, up to rounding
@@ -435,18 +449,19 @@ def _effective(
         spread = np.where(z < 0, z * sd_lo[idx], z * sd_hi[idx])
         spread = np.where(z == 0, 0.0, spread)
         b_star = np.where(bk[idx] > 0, np.exp(log_b[idx] + spread), 0.0)
-    s_star, e_star = _path_sums(d[idx], b_star, rk[idx])
-    ratios = _ratio(e_star.sum(1), s_star.sum(1))
-    alpha = 1.0 - float(confidence)
-    low_v = float(np.quantile(ratios, alpha / 2, method="lower"))
-    high_v = float(np.quantile(ratios, 1 - alpha / 2, method="higher"))
+    s_star, e_star = scaled_sums(d[idx], b_star, rk[idx])
+    with np.errstate(over="ignore"):
+        ratios = r_scale * _ratio(e_star.sum(1), s_star.sum(1))
+    low_v, high_v = common.percentile_interval(ratios, confidence, value)
     has_pt = low is not None
     note = (
         f"{what} along the path: ΔS_min-weighted mean of {n} points; {confidence:.0%} "
         f"percentile bootstrap ({num_resamples} resamples) over the points iid"
         + (" and each point's own interval (split log-normal)" if has_pt else "")
         + drop_note
-    )
+        + ("" if math.isfinite(s_min) and math.isfinite(e_min) else
+           "; S_min or E_min is beyond the float64 range (inf), the value is not (scaled form)")
+    )  # fmt: skip
     return EffectiveNoiseScale(
         value, low_v, high_v, s_min, e_min, n, dropped, multi, note, weights, float(confidence)
     )
@@ -754,8 +769,11 @@ def branched_critical_batch(
     run per batch size ``B_j = ref_batch_size·2^j`` for the same ``N = num_examples`` examples
     (``N/B_j`` steps) with the learning rate scaled by ``lr_multiplier``. Every fork at every
     batch size consumes the same examples: repeat ``r`` takes examples ``[r·N, (r+1)·N)`` of the
-    caller's stream (batch indices ``r·N/B_j + i``). The smallest fork is evaluated on the fixed
-    held-out batch at ``num_ruler_points`` points along the way; every fork at its end.
+    caller's stream (batch indices ``r·N/B_j + i``), so the forks train on examples
+    ``[0, num_repeats·N)`` of ``batch_fn`` and nothing else: take the held-out batch of
+    ``eval_fn`` from outside them (e.g. from index ``num_repeats·N`` on, or another split). The
+    smallest fork is evaluated on the fixed held-out batch at ``num_ruler_points`` points along
+    the way; every fork at its end.
 
     The rule (a local fit of McCandlish's tradeoff, ``docs/critical-batch.md``): the smallest
     fork's loss curve is the ruler; for each fork, ``E_0(L_j)`` is the number of examples the
@@ -769,8 +787,10 @@ def branched_critical_batch(
     Interval: expanded percentile bootstrap (Hesterberg 2015) over the repeats (iid,
     ``num_repeats`` data offsets) and, when ``eval_fn`` returns per-example losses, over the
     held-out examples (the same draw for every fork and ruler point); each resample re-reads
-    the ratios and refits. Measured coverage at nominal 0.9 with 8 repeats on a noisy
-    quadratic: see ``docs/critical-batch.md``.
+    the ratios and refits. The percentiles are read at the level ``1 - α'`` whose normal
+    quantile is ``sqrt(n/(n−1))·t_{n−1}(1 − α/2)`` (``α = 1 - confidence``, ``n`` the repeats,
+    or the held-out examples with one repeat), and the interval contains ``b_crit``. Measured
+    coverage at nominal 0.9 with 8 repeats on a noisy quadratic: see ``docs/critical-batch.md``.
 
     Args:
       state: the checkpoint pytree; never modified.
@@ -914,8 +934,7 @@ def branched_critical_batch(
         # examples with one repeat).
         n_eff = num_repeats if num_repeats >= 2 else num_h
         alpha = _expanded_alpha(1 - float(confidence), n_eff)
-        low = float(np.quantile(fits, alpha / 2, method="lower"))
-        high = float(np.quantile(fits, 1 - alpha / 2, method="higher"))
+        low, high = common.percentile_interval(fits, 1 - alpha, b_crit)
         parts = [f"{num_repeats} fork repeats (data offsets)"]
         parts = parts if num_repeats >= 2 else []
         parts += [f"{num_h} held-out examples"] if num_h >= 2 else []
