@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from gns import common, recommend, smoothing
+from gns import common, scaling, smoothing
 
 __all__ = [
     "BASIS_TRAJECTORY",
@@ -501,8 +501,11 @@ class BranchedCriticalBatch(NamedTuple):
       note: the rule and anything to be careful about, in words.
       resolved: ``True`` when the value can be used as evidence: within ``[B_0/2, 2·B_max]``
         of the forked batches, an interval with ``0 < low`` and a finite ``high``, and a
-        smallest fork that made progress. ``False`` says to fork other batch sizes, longer, or
-        with more repeats (see ``note``).
+        smallest fork that made progress and did not diverge. ``False`` (``note`` then starts
+        with ``unresolved``) says to fork other batch sizes, longer, or with more repeats.
+      excluded: ``((B, why), ...)``: forks whose held-out loss was non-finite or ended above the
+        checkpoint's in any repeat (diverged); they are left out of the fit (``batch_sizes``,
+        ``final_loss`` and ``examples_ratio`` hold the kept forks only).
     """
 
     b_crit: float
@@ -522,22 +525,24 @@ class BranchedCriticalBatch(NamedTuple):
     interval_method: str
     note: str
     resolved: bool
+    excluded: tuple[tuple[int, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (floats, ints, lists, str), for JSON."""
-        return _plain(self)
+        return _plain(self) | {"excluded": [[int(b), why] for b, why in self.excluded]}
 
 
 def lr_multipliers(
     ref_batch_size: int, batch_sizes: Sequence[int], optimizer: str, b_noise: float = math.inf
 ) -> tuple[float, ...]:
-    """Learning-rate multipliers ``lr(B)/lr(B_ref)`` from :func:`gns.recommend.scale_learning_rate`.
+    """Learning-rate multipliers ``lr(B)/lr(B_ref)`` of a rule (:func:`gns.scaling.multiplier`).
 
     Args:
       ref_batch_size: the pilot's batch size.
       batch_sizes: the fork batch sizes.
-      optimizer: as in :func:`gns.recommend.scale_learning_rate` (``sgd``, ``adam``, ...).
-      b_noise: the noise scale for the SGD rule (``inf``: linear scaling).
+      optimizer: an optimizer name (``sgd``, ``momentum``, ``adam``, ...) or a rule name
+        (``sgd``, ``linear``, ``sqrt``, ``constant``): :func:`gns.scaling.rule_for`.
+      b_noise: the noise scale of the ``sgd`` rule (``inf``: linear scaling).
 
     Returns:
       One multiplier per batch size (1 at ``ref_batch_size``).
@@ -546,9 +551,9 @@ def lr_multipliers(
       >>> lr_multipliers(64, [32, 64, 256], "adam")
       (0.7071067811865476, 1.0, 2.0)
     """
+    rule = scaling.rule_for(optimizer, "optimizer")
     return tuple(
-        recommend.scale_learning_rate(1.0, ref_batch_size, b, b_noise, optimizer)[0]
-        for b in batch_sizes
+        float(scaling.multiplier(rule, b, ref_batch_size, b_noise, xp=np)) for b in batch_sizes
     )
 
 
@@ -885,8 +890,11 @@ def branched_critical_batch(
             else:
                 losses[r, len(ruler_steps) + j - 1] = ev[n_steps]
 
-    ruler_x = np.array([0.0] + [k * sizes[0] for k in ruler_steps])
     n_r = len(ruler_steps)
+    start_loss = float(start.mean())
+    sizes, mults, losses, excluded = _without_diverged(sizes, mults, losses, n_r, start_loss)
+    ruler_diverged = sizes[0] in excluded
+    ruler_x = np.array([0.0] + [k * sizes[0] for k in ruler_steps])
 
     def log_ratios(w):
         """Held-out weights (num_h,) -> log r (num_repeats, J), each repeat on its own ruler."""
@@ -905,13 +913,12 @@ def branched_critical_batch(
     uniform = np.full(num_h, 1.0 / num_h)
     log_r = log_ratios(uniform)
     ratios = np.exp(log_r.mean(0))
-    b_crit = float(_fit_b_crit(sizes, ratios)[0])
-    start_loss = float(start.mean())
+    b_crit = float(_fit_b_crit(sizes, ratios)[0]) if len(sizes) >= 2 else math.nan
     final = losses.mean(axis=(0, 2))
     final = np.concatenate([[final[n_r - 1]], final[n_r:]])
     b_tol = _b_tolerance(sizes, start_loss, final, tolerance)
 
-    if num_repeats >= 2 or num_h >= 2:
+    if len(sizes) >= 2 and (num_repeats >= 2 or num_h >= 2):
         rng = np.random.default_rng(seed)
         boot = np.empty((num_resamples, len(sizes)))
         for i in range(num_resamples):
@@ -938,20 +945,17 @@ def branched_critical_batch(
     else:
         low = high = float("nan")
         method = "none: one repeat and a scalar eval_fn; use num_repeats >= 2 or per-example losses"
-    notes = ["local fit of r(B) = (1 + B/B_crit)/(1 + B_0/B_crit) to the examples ratios"]
-    if math.isinf(b_crit):
-        notes.append(f"no slowdown up to B = {sizes[-1]}: B_crit is beyond the forked range")
-    elif b_crit == 0.0:
-        notes.append(f"no progress at B = {sizes[1]}: B_crit is below the forked range")
-    elif not sizes[0] / 2 <= b_crit <= 2 * sizes[-1]:
-        notes.append(f"B_crit extrapolated outside the forked batches [{sizes[0]}, {sizes[-1]}]")
+    notes = _range_notes(sizes, excluded, b_crit)
     progress = start_loss - final[0] > 0
     if not progress:
         notes.append("the smallest fork made no progress: the forks are too short or diverge")
     resolved = bool(
-        progress and sizes[0] / 2 <= b_crit <= 2 * sizes[-1] and low > 0 and math.isfinite(high)
-    )
-    forked = num_examples * num_repeats * len(sizes)
+        progress and not ruler_diverged and sizes[0] / 2 <= b_crit <= 2 * sizes[-1] and low > 0
+        and math.isfinite(high)
+    )  # fmt: skip
+    if not resolved:
+        notes.insert(0, "unresolved")
+    forked = num_examples * num_repeats * (len(sizes) + len(excluded) - ruler_diverged)
     cost = float(forked / pilot_examples) if pilot_examples else float("nan")
     return BranchedCriticalBatch(
         b_crit=b_crit,
@@ -971,7 +975,42 @@ def branched_critical_batch(
         interval_method=method,
         note="; ".join(notes),
         resolved=resolved,
+        excluded=tuple(excluded.items()),
     )
+
+
+def _range_notes(sizes, excluded, b_crit) -> list[str]:
+    """The rule, the diverged forks and where ``b_crit`` lies against the forked range."""
+    notes = ["local fit of r(B) = (1 + B/B_crit)/(1 + B_0/B_crit) to the examples ratios"]
+    notes += [f"fork at B = {b} excluded: {why} (diverged)" for b, why in excluded.items()]
+    if len(sizes) < 2:
+        notes.append("fewer than 2 forks kept: nothing to fit; fork smaller batches or lower rates")
+    elif math.isinf(b_crit):
+        notes.append(f"no slowdown up to B = {sizes[-1]}: B_crit is beyond the forked range")
+    elif b_crit == 0.0:
+        notes.append(
+            f"the forks at B >= {sizes[1]} needed B/B_0 times the examples of B = {sizes[0]} or "
+            "more (no fewer steps at a larger batch): B_crit is below the forked range"
+        )
+    elif not sizes[0] / 2 <= b_crit <= 2 * sizes[-1]:
+        notes.append(f"B_crit extrapolated outside the forked batches [{sizes[0]}, {sizes[-1]}]")
+    return notes
+
+
+def _without_diverged(sizes, mults, losses, num_ruler, start_loss):
+    """The forks (and their columns of ``losses``) whose mean held-out loss stayed finite and at
+    or below the checkpoint's ``start_loss`` in every repeat, and ``{B: why}`` for the others
+    (the smallest fork, the ruler, is kept and named when it diverged)."""
+    final = losses[:, num_ruler - 1 :].mean(axis=2)  # repeats × forks, the smallest first
+    excluded = {}
+    for j, b in enumerate(sizes):
+        worst = float(np.max(np.where(np.isfinite(final[:, j]), final[:, j], np.inf)))
+        if worst > start_loss:
+            shown = "non-finite" if math.isinf(worst) else f"{worst:.4g}"
+            excluded[int(b)] = f"held-out loss {shown} above the checkpoint's {start_loss:.4g}"
+    keep = [j for j, b in enumerate(sizes) if j == 0 or b not in excluded]
+    losses = losses[:, list(range(num_ruler)) + [num_ruler + j - 1 for j in keep[1:]]]
+    return [sizes[j] for j in keep], [mults[j] for j in keep], losses, excluded
 
 
 def effective_critical_batch(

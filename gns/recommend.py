@@ -39,6 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from gns.hardware import accumulated_step_time, interpolate_step_time
+
 __all__ = [
     "Recommendation",
     "recommend",
@@ -728,54 +730,3 @@ def _reason(
             f"(low end) to {under[1]} (high end)."
         )
     return " ".join(parts)
-
-
-def accumulated_step_time(
-    step_time: dict[int, float], batch_size: int, max_batch_size: int
-) -> tuple[float, int, int]:
-    """Time of one optimizer step at ``batch_size`` on the measured step-time curve.
-
-    Up to ``max_batch_size`` the step runs as one batch: its time is the measured one, or a
-    log-log interpolation between the nearest measured batch sizes (clamped extrapolation at
-    the ends, proportional to the batch). Above it the step is **gradient accumulation** of
-    ``k = ceil(B / max_batch_size)`` microbatches of ``ceil(B / k)`` examples, timed as
-    ``k × t(ceil(B/k))``. That counts the optimizer update ``k`` times instead of once, a
-    slight overestimate when the update is cheap next to the backward pass (it is for the
-    models here); it needs no extra measurement and makes no assumption about the memory
-    behaviour of a ``scan`` over microbatches.
-
-    Args:
-      step_time: measured ``{batch size: seconds per step}`` at batch sizes that fit.
-      batch_size: the (effective) batch size to time.
-      max_batch_size: the largest batch that fits.
-
-    Returns:
-      ``(seconds, accumulation_steps, micro_batch_size)``.
-
-    Example:
-      >>> accumulated_step_time({64: 0.1, 128: 0.2}, 512, 128)
-      (0.8, 4, 128)
-    """
-    if not step_time:
-        raise ValueError("step_time is empty: measure at least one batch size that fits.")
-    if batch_size < 1 or max_batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got {batch_size}, max {max_batch_size}.")
-    k = max(1, math.ceil(batch_size / max_batch_size))
-    micro = math.ceil(batch_size / k)
-    return k * interpolate_step_time(step_time, micro), k, micro
-
-
-def interpolate_step_time(step_time: dict[int, float], batch_size: float) -> float:
-    """Measured step time at ``batch_size``, else log-log interpolation (see above)."""
-    bs = np.array(sorted(step_time), dtype=np.float64)
-    ts = np.array([step_time[b] for b in sorted(step_time)], dtype=np.float64)
-    if np.any(~np.isfinite(ts)) or np.any(ts <= 0):
-        raise ValueError(f"step times must be finite and positive, got {dict(step_time)!r}.")
-    b = float(batch_size)
-    if b in step_time:
-        return float(step_time[b])
-    if b <= bs[0]:
-        return float(ts[0])  # a smaller batch is not faster than the smallest measured one
-    if b >= bs[-1]:
-        return float(ts[-1] * b / bs[-1])  # no better throughput than the largest measured
-    return float(np.exp(np.interp(np.log(b), np.log(bs), np.log(ts))))
