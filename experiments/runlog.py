@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from experiments import events as events_lib
 from experiments.cli import UserError
 
 __all__ = [
@@ -109,6 +110,7 @@ def _write_atomic(path: str, text: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the umask decides, as open() does
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -118,6 +120,13 @@ def _write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str) -> Any:
@@ -291,6 +300,7 @@ class RunLog:
         self.config_path = os.path.join(workdir, CONFIG_FILE)
         self.target = target
         self.identity: dict | None = None
+        self.events = events_lib.EventLog(workdir)  # TensorBoard files (primary only)
         self.resume(0, None, truncate=False)
 
     # Identity.
@@ -370,6 +380,7 @@ class RunLog:
         kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
         if self.primary:
             _write_atomic(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
+            self.events.reset(kept)
         else:
             self._memory_rows = [to_strict_json(r) for r in kept]
         return kept
@@ -482,13 +493,19 @@ class RunLog:
         }
 
     def write_row(self, row: dict) -> None:
-        """Append ``row`` to ``metrics.jsonl`` (strict JSON, one line; kept in memory on a
-        non-primary process)."""
+        """Append ``row`` to ``metrics.jsonl`` (strict JSON, one line) and its scalars to the
+        TensorBoard files (:mod:`experiments.events`); kept in memory on a non-primary
+        process."""
         if not self.primary:
             self._memory_rows.append(json.loads(dumps(row)))
             return
         with open(self.metrics_path, "a") as f:
             f.write(dumps(row) + "\n")
+        self.events.write(json.loads(dumps(row)))
+
+    def close(self) -> None:
+        """Close the TensorBoard files (:mod:`experiments.events`); written rows stay."""
+        self.events.close()
 
     def rows(self) -> list[dict]:
         """The metrics rows written so far."""

@@ -53,15 +53,15 @@ summary table. Each finished measurement is kept in ``DIR/sweep_state.json`` wit
 fingerprint of exactly the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
 the same command after an interruption reuses them and only measures what is missing, and a
 change to a field a stage never reads keeps its measurement. A training interrupted with
-Ctrl-C resumes from its checkpoint in ``DIR/train/B<batch>-<fingerprint>``.
+Ctrl-C resumes from its checkpoint in ``DIR/train/B<batch>-seed<seed>-<fingerprint>``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -72,7 +72,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, runlog, train, validation
+from experiments import cli, progress, runlog, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 
@@ -89,6 +89,7 @@ __all__ = [
     "SweepState",
     "candidate_batch_sizes",
     "training_config",
+    "training_dir",
     "with_device_time",
     "rank_time_to_target",
     "run_sweep",
@@ -852,6 +853,12 @@ def training_config(
     return cfg, rule
 
 
+def training_dir(workdir: str, cfg, fingerprint: str) -> str:
+    """``workdir/train/B<batch>-seed<seed>-<fingerprint[:8]>``: the directory of one training
+    (and its run name in ``tensorboard --logdir workdir``)."""
+    return os.path.join(workdir, "train", f"B{cfg.batch_size}-seed{cfg.seed}-{fingerprint[:8]}")
+
+
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     """Stage 3 for one batch: train ``cfg`` to its target; steps and wall-clock time to it
     (``None`` if missed) and the test-accuracy curve."""
@@ -990,15 +997,14 @@ def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
     themselves).
     """
     validate_config(config)
-    with runlog.workdir_lock(workdir):
-        return _run_sweep(config, workdir, trainings)
+    bar = progress.Progress(5, desc="sweep", unit="stages", rate=False)
+    with runlog.workdir_lock(workdir), contextlib.closing(bar):
+        return _run_sweep(config, workdir, trainings, bar)
 
 
-def _run_sweep(config, workdir: str, trainings: bool) -> dict:
-    from tqdm import tqdm
-
-    from experiments import data
-    from gns import finder, hardware, plots, recommend
+def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
+    from experiments import data, report
+    from gns import finder, hardware, recommend
 
     t_start = time.perf_counter()
     st = SweepState(workdir)
@@ -1009,12 +1015,11 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         _enable_compilation_cache(os.path.join(workdir, "jax_cache"))
     runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     device = hardware.detect_devices()
-    bar = tqdm(total=5, desc="sweep", unit="stage", disable=not sys.stderr.isatty())
     ds = data.load(config.train.data)
     stage_t = {"setup": time.perf_counter() - t_start}
 
     def stage(name, key, measure):
-        bar.set_description(name)
+        bar.set(phase=name)
         value = st.get(name, key, fps[name])
         if value is None:
             # As stored (strict JSON): a fresh result reads the same as a reused one.
@@ -1093,15 +1098,13 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     fps["trainings"] = {}
 
     def train_at(b, seed_offset=0):
-        bar.set_description(f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
+        bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
         cfg, rule = training_config(config, b, b_noise, seed_offset)
         key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: as before
         fp = fps["trainings"][key] = runlog.fingerprint(cfg.to_dict())
         p = st.get("trainings", key, fp)
         if p is None:
-            p = runlog.to_strict_json(
-                run_training(cfg, os.path.join(workdir, "train", f"B{b}-{fp[:8]}"), rule)
-            )
+            p = runlog.to_strict_json(run_training(cfg, training_dir(workdir, cfg, fp), rule))
             st.put("trainings", key, fp, p)
         return with_device_time([p | {"seed": int(cfg.seed)}], times, max_batch)[0]
 
@@ -1150,7 +1153,6 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
             "batch_size": r.batch_size, "batch_size_range": r.batch_size_range,
         }  # fmt: skip
     bar.update(1)
-    bar.close()
     stage_t["recommend"] = time.perf_counter() - t_start - sum(stage_t.values())
     reached = [p for p in by_batch if p["reached"]]
     sweep = {
@@ -1187,7 +1189,7 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         sweep["validation"] = validation.validation(runlog.to_strict_json(sweep))
     runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
     try:
-        sweep["plots"] = plots.sweep_plots(sweep, workdir)
+        sweep["plots"] = report.sweep_plots(sweep, workdir)
     except Exception as e:  # plots are a convenience: never lose a finished sweep to them
         logging.warning("Could not write the sweep plots: %s", e)
     return sweep

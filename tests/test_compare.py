@@ -254,7 +254,7 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
     assert s["mode"] == "tradeoff"
     rec_b = s["recommendation"]["batch_size"]
     batches = [p["batch_size"] for p in s["points"]]
-    assert batches == sorted({16, 32, rec_b})
+    assert batches == sorted({8, 16, 32, rec_b})
     with open(os.path.join(workdir, compare.SUMMARY_FILE)) as f:  # strict: no NaN/Infinity
         written = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"not strict: {c}"))
     assert written == runlog.to_strict_json(s)
