@@ -1096,6 +1096,7 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     # 3. Trainings to the target (``tradeoff.extra_seeds`` more seeds at the
     # ``tradeoff.reseed_best`` fastest batches) and the tradeoff fit on every training.
     fps["trainings"] = {}
+    bar.set(phase="trainings" if trainings else "recommend")
 
     def train_at(b, seed_offset=0):
         bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
@@ -1130,6 +1131,7 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     stage_t["trainings"] = time.perf_counter() - t_start - sum(stage_t.values())
 
     # 4. Recommendation, from the best evidence (primary) and from the fitted curve (check).
+    bar.set(phase="recommend")
     basis_kw["step_time_range"] = step_time_ranges(rows)
     rec = recommend_on(value[0], interval, s_min=tradeoff_out["s_min"], **basis_kw)
     rec_fit = None
