@@ -16,4 +16,4 @@ def batch_fn(size, index):  # examples [index*size, (index+1)*size) of one strea
 
 result = find_batch_size(loss_fn, params, optax.adam(1e-3), batch_fn, learning_rate=1e-3)
 print(f"batch {result.batch_size}, lr {result.recommendation.learning_rate:.2g}, {result.basis}")
-print(result.recommendation.reason)  # result.to_dict(), result.plot("plots/") for the rest
+print(result.recommendation.reason)  # result.to_dict(), result.plot() (figures) for more

@@ -52,8 +52,8 @@ Writes ``WORKDIR/summary.json`` (``runs``: one per policy and seed with ``policy
 ``batch_size``, ``seed``, ``time_to_target_s``, ``device_time_to_target_s``, ``reached``...;
 ``verdict``; ``timing``; ``schedule``), ``WORKDIR/compare.png`` (:func:`gns.plots.plot_policies`;
 policies that picked the same batch and learning rate share one line)
-and the runs in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`; the names of the
-runs in ``tensorboard --logdir WORKDIR``); the table is :func:`policy_table`.
+and the runs in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`; the names of
+the runs in ``tensorboard --logdir WORKDIR``); the table is :func:`policy_table`.
 Re-running the command reuses the measurements, the timing table and the finished runs.
 
 **tradeoff** trains to ``compare.tradeoff.target_accuracy`` at ``compare.tradeoff.batch_sizes``
@@ -617,10 +617,12 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
     return rec
 
 
-def run_name(policy: str, batch_size: int, seed: int) -> str:
-    """The directory (and TensorBoard run) name of a compare run, e.g. ``adaptive-B8-seed0``
-    (the batch it starts at)."""
-    return f"{policy}-B{int(batch_size)}-seed{int(seed)}"
+def run_name(policy: str, batch_sizes, seed: int) -> str:
+    """The directory (and TensorBoard run) name of a compare run: ``default-B32-seed0`` for a
+    fixed batch, ``adaptive-B8-32-seed0`` for a schedule over the batch sizes 8 .. 32."""
+    lo, hi = min(batch_sizes), max(batch_sizes)
+    batch = f"B{lo}" if lo == hi else f"B{lo}-{hi}"
+    return f"{policy}-{batch}-seed{int(seed)}"
 
 
 def _mode(body):
@@ -655,7 +657,8 @@ def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list
             limit = float(cc.max_wall_time_s)
             if walls and cc.give_up_factor is not None:
                 limit = min(limit, float(cc.give_up_factor) * min(walls))
-            run_dir = os.path.join(workdir, "runs", run_name(policy, plan["batch_size"], seed))
+            name = run_name(policy, plan["adaptive"]["candidates"], seed)
+            run_dir = os.path.join(workdir, "runs", name)
             logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
                          seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
             cfg = _run_config(config, plan, int(seed), step_time, limit)

@@ -1189,11 +1189,11 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     }
     if trainings:
         sweep["validation"] = validation.validation(runlog.to_strict_json(sweep))
-    runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
-    try:
-        sweep["plots"] = report.sweep_plots(sweep, workdir)
+    try:  # {name: path, or why it was not drawn}
+        sweep["plots"] = report.sweep_plots(runlog.to_strict_json(sweep), workdir)
     except Exception as e:  # plots are a convenience: never lose a finished sweep to them
         logging.warning("Could not write the sweep plots: %s", e)
+    runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
     return sweep
 
 
@@ -1233,10 +1233,12 @@ def summary_table(sweep: dict) -> str:
             f"{_fmt(ms, '9.2f'):>9} {_fmt(r.get('examples_per_s'), '11.0f'):>11} "
             f"{_fmt(mib, '10.1f'):>10}"
         )
+    from gns import plots
+
     n = sweep["noise_scale"]
     lines += [
         "",
-        f"max batch that fits: {sweep['max_batch_size']}"
+        plots.largest_fits(sweep)[1]
         + (f" ({sweep['max_batch_size_per_device']} per device)" if m else ""),
         *(f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()),
         f"noise scale b_simple: {_fmt(n['b_simple'], '.4g')}  "

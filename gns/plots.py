@@ -240,6 +240,13 @@ def plot_noise_scale(rows: Sequence[dict], *, window: int | None = None):
     return fig
 
 
+def _plain_log_ticks(axis) -> None:
+    """Tick labels of a log axis as plain numbers (``1.5``, not ``1.5 x 10^0``)."""
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(fmt)
+
+
 def _legend(ax, **kwargs):
     """A legend only when something is labelled (no warning on an empty plot)."""
     if ax.get_legend_handles_labels()[0]:
@@ -303,6 +310,7 @@ def plot_throughput(sweep: Mapping):
         ax.axvline(mb, color="gray", ls=":", label=what)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlabel("batch size")
     ax.set_ylabel("step time (ms)", color="C0")
     ax2.set_ylabel("examples / s", color="C1")
@@ -415,6 +423,7 @@ def plot_time_to_target(sweep: Mapping):
         ax.axvline(mbs, color="gray", ls=":", label=what)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlabel("batch size")
     ax.set_ylabel("time to target (s)" if absolute else
                   f"time to target, relative to batch {rec['batch_size']}")  # fmt: skip
