@@ -87,7 +87,7 @@ from collections.abc import Sequence
 import ml_collections
 from absl import logging
 
-from experiments import adaptive, progress, runlog, sweep, train
+from experiments import adaptive, figures, progress, runlog, sweep, train
 from experiments.cli import UserError
 
 POLICIES = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
@@ -674,7 +674,7 @@ def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list
 def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
     """The compare mode: measure, time, train every policy to the smoothed target per seed;
     returns ``summary.json``."""
-    from experiments import data, report
+    from experiments import data
 
     cc = config.compare
     plans, skipped, cands = plan_policies(config, workdir, sw)
@@ -711,7 +711,7 @@ def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
         "total_time_s": time.perf_counter() - t0,
     }
     try:
-        summary["plot"] = report.compare_plot(runs, t, os.path.join(workdir, PLOT_FILE))
+        summary["plot"] = figures.compare_plot(runs, t, os.path.join(workdir, PLOT_FILE))
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the compare plot: %s", e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
@@ -775,8 +775,6 @@ def policy_table(summary: dict) -> str:
 def run_tradeoff(config, workdir: str, sw: dict, t0: float) -> dict:
     """The tradeoff mode: measure, recommend, train to the target at each batch size, fit, and
     check the recommendation; returns ``summary.json`` (and ``tradeoff.png``, the fit)."""
-    from experiments import report
-
     mcfg = measurement_config(config)
     rec = sw["recommendation"]
     b_simple = sweep.noise_scale_value(sw["noise_scale"])
@@ -816,7 +814,7 @@ def run_tradeoff(config, workdir: str, sw: dict, t0: float) -> dict:
         "total_time_s": time.perf_counter() - t0,
     }
     try:
-        summary["plot"] = report.tradeoff_plot(fit, os.path.join(workdir, TRADEOFF_PLOT_FILE))
+        summary["plot"] = figures.tradeoff_plot(fit, os.path.join(workdir, TRADEOFF_PLOT_FILE))
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the tradeoff plot: %s", e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)

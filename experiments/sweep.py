@@ -72,9 +72,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, progress, runlog, train, validation
+from experiments import cli, figures, progress, runlog, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
+from gns import plots
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
@@ -1003,7 +1004,7 @@ def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
 
 
 def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
-    from experiments import data, report
+    from experiments import data
     from gns import finder, hardware, recommend
 
     t_start = time.perf_counter()
@@ -1190,7 +1191,7 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     if trainings:
         sweep["validation"] = validation.validation(runlog.to_strict_json(sweep))
     try:  # {name: path, or why it was not drawn}
-        sweep["plots"] = report.sweep_plots(runlog.to_strict_json(sweep), workdir)
+        sweep["plots"] = figures.sweep_plots(runlog.to_strict_json(sweep), workdir)
     except Exception as e:  # plots are a convenience: never lose a finished sweep to them
         logging.warning("Could not write the sweep plots: %s", e)
     runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
@@ -1233,8 +1234,6 @@ def summary_table(sweep: dict) -> str:
             f"{_fmt(ms, '9.2f'):>9} {_fmt(r.get('examples_per_s'), '11.0f'):>11} "
             f"{_fmt(mib, '10.1f'):>10}"
         )
-    from gns import plots
-
     n = sweep["noise_scale"]
     lines += [
         "",

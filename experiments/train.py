@@ -79,8 +79,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments import adaptive, figures, models, progress, runlog, tasks
 from experiments import mesh as mesh_lib
-from experiments import models, progress, runlog, tasks
 from experiments.cli import UserError
 
 PyTree = Any
@@ -799,8 +799,6 @@ def _already_complete(config, setup: _Setup, log: runlog.RunLog) -> dict | None:
     """The stored summary when the run in ``log.workdir`` finished (it stopped for a reason
     other than an interruption or divergence, at the checkpoint's step, and that reason still
     holds under ``config``); ``None`` when there is training or a summary left to do."""
-    from experiments import adaptive
-
     path = os.path.join(log.workdir, SUMMARY_FILE)
     if not (log.primary and log.step > 0 and os.path.exists(path)):
         return None
@@ -1003,7 +1001,6 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
     """Final evaluation (full test set and a train subset; skipped when ``evaluate`` is
     false: interrupted or diverged runs), ``summary.json`` and the plots. ``t_call``: when
     :func:`train_and_evaluate` was called (``perf_counter``), for ``wall_time_s``."""
-    from experiments import report
     from gns import smoothing
 
     task = setup.task
@@ -1059,7 +1056,7 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
         runlog.write_json(os.path.join(log.workdir, SUMMARY_FILE), summary)
     if config.plots and evaluate and log.primary:
         try:
-            report.training_plots(rows, log.workdir)
+            figures.training_plots(rows, log.workdir)
         except Exception as e:  # plots are a convenience: never lose a finished run to them
             logging.warning("Could not write the plots: %s", e)
     return runlog.to_strict_json(summary)

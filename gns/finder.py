@@ -576,7 +576,7 @@ class BatchSizeResult:
 
     def plot(self) -> list:
         """The noise scale over the pilot and the throughput curve (:mod:`gns.plots`), as two
-        matplotlib figures (``fig.savefig("noise_scale.png")`` to keep one)."""
+        matplotlib figures."""
         from gns import plots
 
         return [plots.plot_noise_scale(self.pilot_rows), plots.plot_throughput(self.to_dict())]

@@ -1,5 +1,5 @@
 """Matplotlib figures from the JSON outputs of a run. Every function returns a ``Figure`` (the
-library writes no files: ``experiments.report`` saves them), or raises :class:`NothingToPlot`
+library writes no files: ``experiments.figures`` saves them), or raises :class:`NothingToPlot`
 with the reason in words when there is nothing to draw (no empty chart).
 
 Training plots read the rows of ``metrics.jsonl`` (one dict per logged step):
@@ -27,8 +27,7 @@ for the runs of the compare mode (``summary["runs"]``), the target marked.
 
 Example::
 
-    rows = [json.loads(line) for line in open("run/metrics.jsonl")]
-    plot_training(rows).savefig("training.png")
+    fig = plot_training(rows)  # rows: the dicts of a run's metrics.jsonl
 
 Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
 """
@@ -485,7 +484,7 @@ def plot_policies(runs: Sequence[dict], target: float | None = None):
 
     Example::
 
-        plot_policies(summary["runs"], summary["target_accuracy"]).savefig("compare.png")
+        fig = plot_policies(summary["runs"], summary["target_accuracy"])
     """
     if not any(r.get("curve") for r in runs):
         raise NothingToPlot("no run has an evaluation to draw")

@@ -1,4 +1,4 @@
-"""The plots (gns/plots.py draws, experiments/report.py writes): each drawn from inputs in the
+"""The plots (gns/plots.py draws, experiments/figures.py writes): each drawn from inputs in the
 formats of the smoke outputs, checked for its labels and the data it shows; nothing to draw
 writes no chart but says why."""
 
@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from experiments import report
+from experiments import figures
 from gns import plots, smoothing
 
 
@@ -88,12 +88,12 @@ def test_nothing_to_draw_writes_no_chart_and_says_why(tmp_path):
     path = tmp_path / "noise_scale.png"
     path.write_bytes(b"an old chart")
     no_measurements = [{k: v for k, v in r.items() if k != "g_sq"} for r in rows()]
-    out = report.save(plots.plot_noise_scale, str(path), no_measurements)
+    out = figures.save(plots.plot_noise_scale, str(path), no_measurements)
     assert out.startswith("not drawn: no noise-scale measurement") and not path.exists()
-    out = report.tradeoff_plot({"points": [], "s_min": None}, str(tmp_path / "tradeoff.png"))
+    out = figures.tradeoff_plot({"points": [], "s_min": None}, str(tmp_path / "tradeoff.png"))
     assert out == "not drawn: no training to the target was run (measurements only)"
     assert os.listdir(tmp_path) == []
-    written = report.training_plots(rows(), str(tmp_path))
+    written = figures.training_plots(rows(), str(tmp_path))
     assert all(os.path.getsize(p) > 5000 for p in written.values())
 
 
