@@ -1,7 +1,9 @@
 """The record of a run: strict JSON files, the metrics log, the clock and the checkpoints.
 
 This module is the one owner of what a run leaves in its workdir. Everything that writes or
-reads ``config.json``, ``summary.json``, ``sweep.json`` or ``metrics.jsonl`` goes through it.
+reads ``config.json``, ``summary.json``, ``sweep.json`` or ``metrics.jsonl`` goes through it;
+the TensorBoard event files follow the metrics rows (:mod:`experiments.events`). Files are
+created with the permissions the umask gives (``0644`` under the usual ``022``).
 A training run keeps its record in a :class:`RunLog` (in the spirit of big_vision's
 ``utils.Chrono`` and clu's metric writers): the run's identity checked on resume, the
 :class:`Clock`, best and target tracking, and the metrics rows, all tied to the

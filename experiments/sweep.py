@@ -48,8 +48,10 @@ It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite numb
 an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled
 ``g_sq`` is not positive; ``time_to_target`` ranks the trainings by device time, and
 ``measured_time_to_target``/``measured_wall_time_to_target`` give both times per batch),
-``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png``, and prints a
-summary table. Each finished measurement is kept in ``DIR/sweep_state.json`` with the
+``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png`` (``plots`` in
+``sweep.json``: each path, or why it was not drawn, e.g. no tradeoff chart without trainings),
+and prints a summary table; the trainings' TensorBoard runs are ``DIR/train/*``. Off a terminal
+it logs its stage every few seconds (:mod:`experiments.progress`). Each finished measurement is kept in ``DIR/sweep_state.json`` with the
 fingerprint of exactly the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
 the same command after an interruption reuses them and only measures what is missing, and a
 change to a field a stage never reads keeps its measurement. A training interrupted with

@@ -15,8 +15,12 @@ also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
   ``ema_trace_cov``, ``ema_b_simple``, and ``stop_reason`` on the row where a run stops);
   ``null`` stands for a non-finite value (``b_simple`` is ``null`` when ``g_sq <= 0``: the
   gradient is not resolved above the noise);
+- TensorBoard event files (``events.out.tfevents.*``, :mod:`experiments.events`): the scalars
+  of the rows, rewritten from the rows kept on a resume;
 - ``summary.json``: final full-test-set accuracy (``config.final_eval_examples`` of the test
-  examples when the config has that field and it is set), times, steps, ``stop_reason``
+  examples when the config has that field and it is set), times (``wall_time_s``: this call,
+  from start to summary; ``train_time_s``, ``eval_time_s``, ``compile_time_s``,
+  ``pause_time_s``: the clock's shares), steps, ``stop_reason``
   (``num_steps``, ``target_accuracy`` or ``target_bits_per_byte``, ``max_wall_time_s``,
   ``interrupted``, ``diverged``), ``steps_to_target`` and ``time_to_target_s`` (where the mean
   of the last ``config.target_window`` periodic evaluations first reached the target; the run
@@ -24,7 +28,11 @@ also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
   the noise scale with its bootstrap interval;
 - ``checkpoints/``: orbax checkpoints; re-running the same command resumes from the last
   readable one, after checking that the config's identity (:func:`run_identity`) is the same;
-- ``training.png`` and ``noise_scale.png``.
+- ``training.png`` and ``noise_scale.png`` (:mod:`experiments.figures`).
+
+Re-running a finished run (its summary's stop reason still holds at the checkpoint's step)
+logs that it is already complete and returns the stored summary. Progress: a bar on a
+terminal, else a log line every few seconds (:mod:`experiments.progress`).
 
 Every ``config.gns_every`` steps the step takes its gradient from ``gns.estimate`` (per-example
 gradients for models without BatchNorm, microbatches otherwise), so the measurement costs no
@@ -32,9 +40,9 @@ second backward pass and the update is the one a plain step would make. Models w
 train with "ghost" BatchNorm over ``config.gns_microbatches`` equal groups of the batch on every
 step, plain or measured, so the measured gradient is the training gradient.
 
-``wall_time_s`` counts training only (data and steps; compilation, evaluation and checkpoints
-are reported apart as ``compile_time_s``, ``eval_time_s``, ``pause_time_s``), so times to a
-target compare fairly across batch sizes. Ctrl-C stops at the next step boundary with that
+The rows' ``wall_time_s`` (and ``train_time_s`` of the summary) counts training only (data and
+steps; compilation, evaluation and checkpoints are reported apart as ``compile_time_s``,
+``eval_time_s``, ``pause_time_s``), so times to a target compare fairly across batch sizes. Ctrl-C stops at the next step boundary with that
 step's row, a checkpoint and the summary written (exit code 130); a non-finite loss or one above
 ``config.divergence_factor`` times the initial loss stops the run with :class:`Diverged`.
 
