@@ -51,7 +51,8 @@ an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf``
 ``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png`` (``plots`` in
 ``sweep.json``: each path, or why it was not drawn, e.g. no tradeoff chart without trainings),
 and prints a summary table; the trainings' TensorBoard runs are ``DIR/train/*``. Off a terminal
-it logs its stage every few seconds (:mod:`experiments.progress`). Each finished measurement is kept in ``DIR/sweep_state.json`` with the
+it logs its stage every few seconds (:mod:`experiments.progress`).
+Each finished measurement is kept in ``DIR/sweep_state.json`` with the
 fingerprint of exactly the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
 the same command after an interruption reuses them and only measures what is missing, and a
 change to a field a stage never reads keeps its measurement. A training interrupted with

@@ -42,7 +42,8 @@ step, plain or measured, so the measured gradient is the training gradient.
 
 The rows' ``wall_time_s`` (and ``train_time_s`` of the summary) counts training only (data and
 steps; compilation, evaluation and checkpoints are reported apart as ``compile_time_s``,
-``eval_time_s``, ``pause_time_s``), so times to a target compare fairly across batch sizes. Ctrl-C stops at the next step boundary with that
+``eval_time_s``, ``pause_time_s``), so times to a target compare fairly across batch sizes.
+Ctrl-C stops at the next step boundary with that
 step's row, a checkpoint and the summary written (exit code 130); a non-finite loss or one above
 ``config.divergence_factor`` times the initial loss stops the run with :class:`Diverged`.
 
