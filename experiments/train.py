@@ -807,9 +807,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _already_complete(config, setup: _Setup, log: runlog.RunLog) -> dict | None:
     """The stored summary when the run in ``log.workdir`` finished (it stopped for a reason
     other than an interruption or divergence, at the checkpoint's step, and that reason still
-    holds under ``config``); ``None`` when there is training or a summary left to do."""
+    holds under ``config``); ``None`` when there is training or a summary left to do, and
+    always in a multi-process run (which evaluates and summarizes again)."""
     path = os.path.join(log.workdir, SUMMARY_FILE)
-    if not (log.primary and log.step > 0 and os.path.exists(path)):
+    # One process only: the others of a multi-host run cannot see the file, and every process
+    # must take the same path (the final evaluation is collective).
+    if not (jax.process_count() == 1 and log.step > 0 and os.path.exists(path)):
         return None
     stored = runlog.read_json(path)
     num_examples = setup.num_steps * config.batch_size if adaptive.enabled(config) else None
