@@ -896,9 +896,9 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
         initial=log.examples_seen,
         bar=config.progress_bar,
     )
-    bar.set(phase="compiling", step=log.step)
-    held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
     try:
+        bar.set(phase="compiling", step=log.step)
+        held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
         batch = next(batches)
         plain, measure = steps.get(bs, state, batch, after="pause")
         stop = _stop_reason(config, log, setup.num_steps, interrupted, num_examples)
