@@ -1002,7 +1002,7 @@ def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
     """
     validate_config(config)
     bar = progress.Progress(5, desc="sweep", unit="stages", rate=False)
-    with runlog.workdir_lock(workdir), contextlib.closing(bar):
+    with contextlib.closing(bar), runlog.workdir_lock(workdir):
         return _run_sweep(config, workdir, trainings, bar)
 
 
