@@ -354,7 +354,11 @@ def plot_tradeoff(tradeoff: Mapping):
                 label=f"S = {s_min:.3g} + {e_min:.3g}/B")  # fmt: skip
         ax.plot(grid, np.full_like(grid, s_min), "--", color="gray", lw=0.8, label="S_min")
         ax.plot(grid, e_min / grid, "-.", color="gray", lw=0.8, label="E_min / B")
-        ax.axvline(t["b_crit"], color="C2", ls=":", label=f"B_crit = {t['b_crit']:.3g}")
+        if grid[0] <= t["b_crit"] <= grid[-1]:
+            ax.axvline(t["b_crit"], color="C2", ls=":", label=f"B_crit = {t['b_crit']:.3g}")
+        else:  # named, not drawn: a line far outside would squeeze the measured range
+            ax.plot([], [], ls=":", color="C2",
+                    label=f"B_crit = {t['b_crit']:.3g} (outside the range measured)")  # fmt: skip
         ax.set_ylim(0.5 * min(p["steps"] for p in pts), 2 * max(p["steps"] for p in pts))
     else:
         ax.set_title(f"no fit: {t.get('error') or 'not available'}"[:90], fontsize=7, loc="left")

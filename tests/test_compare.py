@@ -295,10 +295,8 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
     assert sw["plots"]["tradeoff.png"].startswith("not drawn: no training to the target")
     assert not os.path.exists(os.path.join(workdir, "sweep", "tradeoff.png"))
     # Each training in its own TensorBoard run, named by batch and seed.
-    assert sorted(os.path.basename(p["workdir"]).split("-")[0] for p in s["points"]) == [
-        f"B{b}" for b in sorted(batches)
-    ]
-    assert all("-seed0-" in p["workdir"] for p in s["points"])
+    for p in s["points"]:
+        assert os.path.basename(p["workdir"]).startswith(f"B{p['batch_size']}-seed0-")
 
 
 @pytest.mark.timeout(300)

@@ -159,6 +159,9 @@ def test_tradeoff_plot_draws_the_points_and_the_fit():
     assert {"S = 100 + 1.6e+03/B", "B_crit = 16", "target not reached"} <= set(
         ax.get_legend_handles_labels()[1]
     )
+    far = plots.plot_tradeoff(fit | {"b_crit": 1e9}).axes[0]
+    assert "B_crit = 1e+09 (outside the range measured)" in far.get_legend_handles_labels()[1]
+    assert far.get_xlim()[1] < 1e3  # the axis stays on the measured batch sizes
     with pytest.raises(plots.NothingToPlot, match="none of the 1 trainings"):
         plots.plot_tradeoff({"points": pts[3:], "s_min": None})
 
