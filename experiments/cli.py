@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import interrupt
 
@@ -175,8 +175,8 @@ def run(fn: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
 
 
 def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
-    """The last output of a main: the ``keys`` of a run's summary, logged on one line and printed
-    as indented strict JSON (non-finite numbers as ``null``; a missing key as ``null``).
+    """The last output of a main: the ``keys`` of a run's summary printed once, on stdout, as
+    indented strict JSON (non-finite numbers as ``null``; a missing key as ``null``).
 
     Example::
 
@@ -185,7 +185,6 @@ def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
     from experiments import runlog  # noqa: PLC0415 (runlog imports this module's UserError)
 
     picked = {k: summary.get(k) for k in keys}
-    logging.info("Summary: %s", runlog.dumps(picked))
     print(runlog.dumps(picked, indent=2))
 
 
