@@ -360,7 +360,7 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
         c.noise.update(warmup_steps=5, batch_size=32, num_batches=3)
         c.throughput.update(min_batch_size=16, max_batch_size=32, accumulation_factors=())
         c.throughput.update(warmup=1, repeats=2)
-        c.tradeoff.update(batch_sizes=(16, 32), target_accuracy=0.2, max_steps=200)
+        c.tradeoff.update(batch_sizes=(8, 16, 32), target_accuracy=0.2, max_steps=200)
         c.tradeoff.update(max_wall_time_s=3.0, eval_every_examples=256, num_bootstrap=50)
     elif variant == "cpu":
         # make demo. The target on the whole test set (n = 10,000: standard error <= 0.5

@@ -38,7 +38,8 @@ def training_config(variant: str) -> ml_collections.ConfigDict:
 def base(variant: str) -> ml_collections.ConfigDict:
     """Fields shared by the variants.
 
-    ``compilation_cache``: use JAX's persistent compilation cache in ``workdir/jax_cache`` (the
+    ``compilation_cache``: use JAX's persistent compilation cache in the user's
+    ``$XDG_CACHE_HOME/gns/jax`` (mode 0700; never in the workdir, which is untrusted input; the
     trainings compile the same programs at every batch size; a re-run compiles nothing).
 
     ``train``: the training config (:func:`training_config`): model, data, optimizer, ``seed``

@@ -1,9 +1,8 @@
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
-from gns.finder import find_batch_size
+from gns.finder import continue_training, find_batch_size
 
-rng = np.random.default_rng(0)
-x = rng.normal(size=(50_000, 16)).astype(np.float32)
-y = x.sum(1) + rng.normal(size=len(x)).astype(np.float32)  # y = x·1 + noise
+x = np.random.default_rng(0).normal(size=(50_000, 16)).astype(np.float32)
+y = x.sum(1) + np.random.default_rng(1).normal(size=len(x)).astype(np.float32)  # y = x·1 + noise
 model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(1)])
 params = model.init(jax.random.key(0), x[:1])
 
@@ -15,5 +14,6 @@ def batch_fn(size, index):  # examples [index*size, (index+1)*size) of one strea
     return {"x": x[i], "y": y[i]}
 
 result = find_batch_size(loss_fn, params, optax.adam(1e-3), batch_fn, learning_rate=1e-3)
-print(f"batch {result.batch_size}, lr {result.recommendation.learning_rate:.2g}, {result.basis}")
-print(result.recommendation.reason)  # result.to_dict(), result.plot("plots/") for the rest
+rec = result.recommendation  # also result.warnings, .seconds, .to_dict(), .plot() (figures)
+print(f"batch {rec.batch_size}, lr {rec.learning_rate:.2g}, {result.basis}\n{rec.reason}")
+state, losses = continue_training(loss_fn, optax.adam(rec.learning_rate), batch_fn, result, 300)

@@ -44,6 +44,11 @@ Usage::
 
 from __future__ import annotations
 
+from experiments import interrupt
+
+if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
+    interrupt.install()
+
 import os
 import subprocess
 import sys

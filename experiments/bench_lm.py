@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm.auto import tqdm
 
 import gns
 from configs import lm as lm_config
@@ -360,9 +361,21 @@ def find(
         lm_loss(model), params, optimizer, batch_fn, ref_batch_size=config.batch_size,
         pilot_steps=pilot_steps, max_seconds=max_seconds, candidates=candidates,
         timing_rounds=timing_rounds, learning_rate=config.learning_rate,
-        optimizer_name=config.optimizer, progress=progress,
+        optimizer_name=config.optimizer, progress=progress_bars() if progress else None,
     )  # fmt: skip
     return result, time.perf_counter() - t0
+
+
+def progress_bars():
+    """``progress(phase, done, total)`` for :func:`gns.find_batch_size`: a tqdm bar per phase."""
+    bars = {}
+
+    def progress(phase, done, total):
+        bar = bars.setdefault(phase, tqdm(total=total, desc=phase, leave=False))
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    return progress
 
 
 def describe_result(result, seconds: float) -> str:

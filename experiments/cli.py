@@ -27,7 +27,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import interrupt
 
 __all__ = [
     "UserError",
@@ -37,10 +39,11 @@ __all__ = [
     "print_summary",
     "EXIT_USER_ERROR",
     "EXIT_INTERRUPTED",
+    "write_fault",
 ]
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = interrupt.EXIT_INTERRUPTED
 FLAGS = flags.FLAGS
 
 if "verbose" not in FLAGS:
@@ -55,13 +58,60 @@ class UserError(ValueError):
         self.hint = hint
 
 
-_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EISDIR)
+_OS_ERRNOS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+)
+# How tensorstore (under orbax) words the same faults in the ValueError it raises.
+_FAULT_WORDS = {
+    "the disk is full": ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded"),
+    "the file system is read-only": ("Read-only file system",),
+    "no permission to write there": ("PERMISSION_DENIED", "Permission denied"),
+    # An orbax writer thread that fails (e.g. on a full disk) while Python shuts down.
+    "the write was cut short (a full disk?)": ("sys.meta_path is None",),
+}
+_FAULT_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk is full",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "no permission to write there",
+    errno.EPERM: "no permission to write there",
+}
+
+
+def write_fault(e: BaseException) -> str | None:
+    """What a failed write ran into when it is the disk or its permissions, not a bug (``'the
+    disk is full'``, ``'the file system is read-only'``, ``'no permission to write there'``);
+    ``None`` otherwise. Looks through ``e``'s causes; besides ``OSError`` it knows the
+    ``ValueError('RESOURCE_EXHAUSTED: ...')`` of tensorstore and the ``ImportError('sys.meta_path
+    is None')`` of an orbax writer cut short.
+
+    Example::
+
+        write_fault(ValueError("RESOURCE_EXHAUSTED: writing ...: No space left"))
+        # 'the disk is full'
+    """
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in _FAULT_ERRNOS:
+            return _FAULT_ERRNOS[x.errno]
+        if isinstance(x, OSError | ValueError | ImportError | RuntimeError):
+            for fault, words in _FAULT_WORDS.items():
+                if any(w in str(x) for w in words):
+                    return fault
+    return None
 
 
 def _is_user_error(e: BaseException) -> bool:
     if isinstance(e, UserError | FileNotFoundError | PermissionError | app.UsageError):
         return True
-    return isinstance(e, OSError) and e.errno in _OS_ERRNOS
+    if isinstance(e, OSError) and e.errno in _OS_ERRNOS:
+        return True
+    return write_fault(e) is not None
 
 
 def _one_line(e: BaseException) -> str:
@@ -69,7 +119,12 @@ def _one_line(e: BaseException) -> str:
         return f"the disk is full ({e.filename or e}): free space there or write elsewhere"
     if isinstance(e, OSError) and not isinstance(e, UserError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
-    return " ".join(str(e).split()) or type(e).__name__
+    fault = None if isinstance(e, UserError | OSError) else write_fault(e)
+    text = " ".join(str(e).split()) or type(e).__name__
+    if fault is not None:
+        fix = "free space there" if "full" in fault else "fix its permissions"
+        return f"{fault} ({type(e).__name__}: {text[:200]}): {fix} or write elsewhere"
+    return text
 
 
 def _verbose(argv: list[str] | None = None) -> bool:
@@ -89,7 +144,8 @@ def _exit(message: str, hint: str | None = None, code: int = EXIT_USER_ERROR):
 
 def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """Wrap an absl ``main(argv)``: user errors print ``error: ...`` (and ``hint: ...``) on
-    stderr and exit with code 2, without a traceback; Ctrl-C exits with 130."""
+    stderr and exit with code 2, without a traceback; Ctrl-C exits with 130 and one line
+    (:func:`experiments.interrupt.exit_now`)."""
 
     def wrapped(argv):
         try:
@@ -97,11 +153,7 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         except KeyboardInterrupt:
             if _verbose(argv):
                 raise
-            print(
-                "interrupted: the run saved what it had; re-run the command to resume.",
-                file=sys.stderr,
-            )
-            sys.exit(EXIT_INTERRUPTED)
+            interrupt.exit_now()  # no interpreter teardown of XLA (it can crash)
         except Exception as e:
             if _verbose(argv) or not _is_user_error(e):
                 raise
@@ -111,13 +163,20 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 
 
 def run(fn: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
-    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`."""
-    app.run(main(fn), argv=argv, flags_parser=parse_flags)
+    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`. A main that ends in an error
+    line (exit code 2) leaves without Python's finalizers, so that a writer thread cut short
+    by the fault (orbax's, on a full disk) adds no traceback at shutdown."""
+    try:
+        app.run(main(fn), argv=argv, flags_parser=parse_flags)
+    except SystemExit as e:
+        if e.code == EXIT_USER_ERROR:
+            interrupt.exit_now(None, EXIT_USER_ERROR)
+        raise
 
 
 def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
-    """The last output of a main: the ``keys`` of a run's summary, logged on one line and printed
-    as indented strict JSON (non-finite numbers as ``null``; a missing key as ``null``).
+    """The last output of a main: the ``keys`` of a run's summary printed once, on stdout, as
+    indented strict JSON (non-finite numbers as ``null``; a missing key as ``null``).
 
     Example::
 
@@ -126,7 +185,6 @@ def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
     from experiments import runlog  # noqa: PLC0415 (runlog imports this module's UserError)
 
     picked = {k: summary.get(k) for k in keys}
-    logging.info("Summary: %s", runlog.dumps(picked))
     print(runlog.dumps(picked, indent=2))
 
 

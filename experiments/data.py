@@ -18,10 +18,13 @@ Four sources, picked by ``config.data.source``:
   plus noise), for tests and smoke runs.
 
 The decoded arrays of the first three are cached as ``.npz`` files in ``config.data.cache_dir``
-(default: :func:`user_cache_dir`), written atomically; an unreadable cache file is removed with
-a warning and decoded again, abandoned temporary files of killed writers are removed, and an
-unwritable cache directory only costs a warning. Every problem with the user's data raises
-:class:`~experiments.cli.UserError` naming the path (and the archive member) and the fix.
+(default: :func:`user_cache_dir`), written atomically and keyed by the source's path, size,
+mtime and sampled content; a cache file that holds another source's arrays (copied or renamed)
+or is unreadable is decoded again with a warning, abandoned temporary files of killed writers
+are removed, and an unwritable cache directory only costs a warning. :attr:`Dataset.fingerprint`
+(a hash of the arrays) is the data's identity that a resumed run checks. Every problem with the
+user's data raises :class:`~experiments.cli.UserError` naming the path (and the archive member)
+and the fix.
 
 Everything here is numpy on the host. :func:`train_batches` is a pure function of
 ``(seed, step, batch_size)`` (resuming at ``start_step`` repeats an uninterrupted run exactly)
@@ -46,6 +49,7 @@ import itertools
 import os
 import queue
 import re
+import stat
 import tarfile
 import threading
 import time
@@ -124,6 +128,18 @@ class Dataset:
     std: np.ndarray
     class_names: tuple[str, ...] = ()
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The data's identity: SHA-256 (16 hex digits) of the images and labels of both
+        splits with their shapes and dtypes (0.3 s for all of CIFAR-10); a run resumes only
+        on the same one."""
+        h = hashlib.sha256()
+        for a in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.data)
+        return h.hexdigest()[:16]
+
 
 # ----------------------------------------------------------------------------------------------
 # Loading.
@@ -143,7 +159,8 @@ def load(cfg) -> Dataset:
         class-stratified subset, see :func:`subsample`; for ``'synthetic'`` the split sizes,
         None = 2048 and 512); ``synthetic.image_size``, ``synthetic.num_classes``. Optional
         fields (defaults when absent): ``url`` and ``md5`` (where and what to download,
-        :data:`CIFAR10_BINARY_URL`, :data:`CIFAR10_BINARY_MD5`), ``synthetic.seed`` (0).
+        :data:`CIFAR10_BINARY_URL`, :data:`CIFAR10_BINARY_MD5`; ``md5=None`` checks nothing,
+        with a warning, as a plain ``http://`` URL gets), ``synthetic.seed`` (0).
 
     Returns:
       A :class:`Dataset`; ``mean`` and ``std`` are computed on the (subsampled) train images.
@@ -170,7 +187,7 @@ def load(cfg) -> Dataset:
             cfg.path,
             cfg.cache_dir,
             url=_optional(cfg, "url", CIFAR10_BINARY_URL),
-            md5=_optional(cfg, "md5", CIFAR10_BINARY_MD5),
+            md5=cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5,  # None: unchecked (warned)
         )
     elif source == "tfds":
         arrays = _tfds_arrays(cfg.name, cfg.tfds_data_dir, cfg.cache_dir)
@@ -396,6 +413,32 @@ def user_cache_dir() -> str:
     return os.path.join(base, "gns")
 
 
+def private_cache_dir(name: str) -> str | None:
+    """``user_cache_dir()/name``, a directory of this user alone (created with mode 0700; an
+    existing one of this user made 0700), for a cache whose content is executed (compiled
+    code); ``None`` with one warning when it cannot be: a symbolic link, not a directory,
+    owned by another user, or not creatable. (Never a workdir: that is untrusted input.)"""
+    path = os.path.join(user_cache_dir(), name)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o700, follow_symlinks=False)
+            st = os.lstat(path)
+    except OSError as e:
+        logging.warning("Not using the cache %s (%s).", path, e)
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        logging.warning(
+            "Not using the cache %s: not a directory of this user alone (mode %o, owner %d).",
+            path,
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+        )
+        return None
+    return path
+
+
 def _cache_dir(cache_dir: str | None) -> str:
     """The cache directory, after removing abandoned temporaries of killed writers in it."""
     path = os.path.abspath(os.path.expanduser(str(cache_dir))) if cache_dir else user_cache_dir()
@@ -408,11 +451,13 @@ def _cached(
 ) -> dict[str, Any]:
     """``decode()``'s arrays, read from ``<cache_dir>/<stem>.npz`` when there, else written there.
 
-    An unreadable cache file is removed (one warning naming it) and the arrays decoded again;
-    an unwritable cache directory costs one warning and the arrays are returned uncached.
+    ``stem`` names the source (with its fingerprint: :func:`_source_fingerprint`) and is
+    stored in the file: a file that holds another source's arrays (copied or renamed) is
+    decoded again with one warning, as is an unreadable one (removed); an unwritable cache
+    directory costs one warning and the arrays are returned uncached.
     """
     cache_path = os.path.join(_cache_dir(cache_dir), f"{stem}.npz")
-    cached = _read_cache(cache_path)
+    cached = _read_cache(cache_path, stem)
     if cached is not None:
         return cached
     start = time.perf_counter()
@@ -424,23 +469,51 @@ def _cached(
         time.perf_counter() - start,
         cache_path,
     )
-    _write_cache(cache_path, arrays)
+    _write_cache(cache_path, arrays, stem)
     return arrays
 
 
+# Content sampled by _source_fingerprint: a file's first, last and evenly spread blocks (all of
+# a file up to _SAMPLE_BLOCKS blocks), and that many files of a directory, spread evenly.
+_SAMPLE_BLOCKS, _BLOCK = 16, 1 << 16
+
+
+def _update_with_content(h, path: str, size: int) -> None:
+    """Feed ``h`` the content of the file ``path`` (``size`` bytes): all of it up to
+    ``_SAMPLE_BLOCKS`` blocks, else that many blocks spread evenly, the first and last
+    included."""
+    with open(path, "rb") as f:
+        if size <= _SAMPLE_BLOCKS * _BLOCK:
+            h.update(f.read())
+            return
+        for i in range(_SAMPLE_BLOCKS):
+            f.seek((size - _BLOCK) * i // (_SAMPLE_BLOCKS - 1))
+            h.update(f.read(_BLOCK))
+
+
 def _source_fingerprint(path: str) -> str:
-    """Cache key: the path and the size and mtime of the archive (of every file, for a dir)."""
+    """Cache key of a data source: its path, the size and mtime of the archive (of every file,
+    for a directory), and its content: sampled blocks of the archive (1 MiB, read on every
+    start), or of a directory the content of ``_SAMPLE_BLOCKS`` files spread evenly. A
+    source replaced behind the same path gets another key, even with the old size and mtime
+    (unless the new one differs only between the samples)."""
     h = hashlib.sha256(path.encode())
     if os.path.isdir(path):
+        found = []
         for root, dirs, files in os.walk(path):
             dirs.sort()
             for name in sorted(files):
                 st = os.stat(os.path.join(root, name))
                 rel = os.path.relpath(os.path.join(root, name), path)
                 h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+                found.append((os.path.join(root, name), st.st_size))
+        step = max(1, len(found) // _SAMPLE_BLOCKS)
+        for file, size in found[::step][:_SAMPLE_BLOCKS]:
+            _update_with_content(h, file, size)
     else:
         st = os.stat(path)
         h.update(f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        _update_with_content(h, path, st.st_size)
     stem = os.path.basename(path.rstrip(os.sep)).split(".")[0] or "data"
     return f"{stem}-{h.hexdigest()[:16]}"
 
@@ -460,8 +533,10 @@ def _check_cached_arrays(arrays: dict[str, Any]) -> None:
             raise ValueError(f"{split}: labels outside [0, {num_classes})")
 
 
-def _read_cache(cache_path: str) -> dict[str, Any] | None:
-    """The cached arrays, or None when absent; an unreadable file is removed with a warning."""
+def _read_cache(cache_path: str, source: str) -> dict[str, Any] | None:
+    """The cached arrays, or None when absent; an unreadable file is removed with a warning,
+    and a file made from another ``source`` than its name says is left to be overwritten,
+    with a warning."""
     if not os.path.isfile(cache_path):  # absent, or its directory is unusable (warned on write)
         return None
     start = time.perf_counter()
@@ -473,6 +548,7 @@ def _read_cache(cache_path: str) -> dict[str, Any] | None:
             arrays = {k: f[k] for k in _CACHE_KEYS}
             arrays["num_classes"] = int(f["num_classes"])
             arrays["class_names"] = [str(c) for c in f["class_names"]]
+            made_from = str(f["source"]) if "source" in f else None
         _check_cached_arrays(arrays)
     except FileNotFoundError:  # removed meanwhile
         return None
@@ -490,12 +566,22 @@ def _read_cache(cache_path: str) -> dict[str, Any] | None:
         except OSError as rm_err:
             logging.warning("Could not remove %s (%s).", cache_path, rm_err)
         return None
+    if made_from != source:
+        logging.warning(
+            "The cache file %s holds the arrays of another source (%s, not %s: copied or "
+            "renamed); decoding the data again.",
+            cache_path,
+            made_from,
+            source,
+        )
+        return None
     logging.info("Loaded cached arrays %s in %.2f s.", cache_path, time.perf_counter() - start)
     return arrays
 
 
-def _write_cache(cache_path: str, arrays: dict[str, Any]) -> None:
-    """Writes the arrays as an uncompressed ``.npz`` atomically (:func:`download.atomic_file`).
+def _write_cache(cache_path: str, arrays: dict[str, Any], source: str) -> None:
+    """Writes the arrays as an uncompressed ``.npz`` atomically (:func:`download.atomic_file`),
+    with the name of their ``source``.
 
     A cache that cannot be written (unwritable or full directory, a file in the way) is skipped
     with one warning: the data are still returned, the next run decodes again.
@@ -508,6 +594,7 @@ def _write_cache(cache_path: str, arrays: dict[str, Any]) -> None:
                 **{k: arrays[k] for k in _CACHE_KEYS},
                 num_classes=np.int64(arrays["num_classes"]),
                 class_names=np.asarray(arrays["class_names"], dtype=np.str_),
+                source=np.str_(source),
             )
     except OSError as err:
         logging.warning(
@@ -788,6 +875,7 @@ def _cifar10_binary_arrays(
         return _binary_cached(cache_dir, path)
 
     def checked_decode(path: str) -> dict[str, Any]:
+        download.warn_unverified(None, md5, path)
         actual = download.file_md5(path)
         if md5 is not None and actual != md5.lower():
             raise UserError(

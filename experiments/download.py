@@ -48,6 +48,7 @@ __all__ = [
     "atomic_file",
     "fetch",
     "file_md5",
+    "warn_unverified",
     "remove_stale_temps",
     "temp_path",
 ]
@@ -193,6 +194,24 @@ def file_md5(path: str) -> str:
     return h.hexdigest()
 
 
+def warn_unverified(url: str | None, md5: str | None, what: str) -> None:
+    """One warning each for a plain ``http://`` ``url`` and for ``md5=None`` (no checksum):
+    either lets a wrong or tampered file through unnoticed. ``what`` names the file."""
+    if url is not None and url.lower().startswith("http://"):
+        logging.warning(
+            "%s comes over plain http (%s): it can be altered on the way; use an https:// URL%s.",
+            what,
+            url,
+            "" if md5 else " and set its MD5",
+        )
+    if md5 is None:
+        logging.warning(
+            "%s is used without a checksum (md5=None, e.g. config.data.md5): a wrong or "
+            "tampered file goes unnoticed; set the expected MD5 to check it.",
+            what,
+        )
+
+
 def _unreachable(url: str, err: BaseException) -> DownloadError:
     reason = getattr(err, "reason", err)
     return DownloadError(
@@ -219,7 +238,8 @@ def fetch(
     Args:
       url: ``http(s)://`` URL (proxies from the usual environment variables apply).
       dest: destination path; its directory is created.
-      md5: expected hex MD5 of the file, or None to skip the check.
+      md5: expected hex MD5 of the file, or None to skip the check (with a warning, as for
+        a plain ``http://`` URL: :func:`warn_unverified`).
       timeout_s: limit for connecting and for each read, in seconds.
       progress: show a progress bar (on a terminal).
 
@@ -243,6 +263,7 @@ def fetch(
             f"cannot create the download directory {directory!r} ({err.strerror or err})."
         ) from err
     remove_stale_temps(directory)
+    warn_unverified(url, md5, f"The download of {dest}")
     logging.info("Downloading %s to %s.", url, dest)
     try:
         response = urllib.request.urlopen(url, timeout=timeout_s)

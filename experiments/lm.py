@@ -28,6 +28,11 @@ field, an unwritable workdir, a diverged run) prints one line and a hint and exi
 
 from __future__ import annotations
 
+from experiments import interrupt
+
+if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
+    interrupt.install()
+
 from absl import flags, logging
 from ml_collections import config_flags
 

@@ -1,7 +1,9 @@
 """The record of a run: strict JSON files, the metrics log, the clock and the checkpoints.
 
 This module is the one owner of what a run leaves in its workdir. Everything that writes or
-reads ``config.json``, ``summary.json``, ``sweep.json`` or ``metrics.jsonl`` goes through it.
+reads ``config.json``, ``summary.json``, ``sweep.json`` or ``metrics.jsonl`` goes through it;
+the TensorBoard event files follow the metrics rows (:mod:`experiments.events`). Files are
+created with the permissions the umask gives (``0644`` under the usual ``022``).
 A training run keeps its record in a :class:`RunLog` (in the spirit of big_vision's
 ``utils.Chrono`` and clu's metric writers): the run's identity checked on resume, the
 :class:`Clock`, best and target tracking, and the metrics rows, all tied to the
@@ -27,6 +29,7 @@ the code that produced it documents what ``null`` means there (e.g. "no finite e
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,6 +38,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -44,6 +48,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from experiments import cli
+from experiments import events as events_lib
 from experiments.cli import UserError
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "write_json",
     "read_json",
     "read_jsonl",
+    "make_workdir",
     "workdir_lock",
     "fingerprint",
     "differing_fields",
@@ -109,6 +116,7 @@ def _write_atomic(path: str, text: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the umask decides, as open() does
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -118,6 +126,13 @@ def _write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str) -> Any:
@@ -144,23 +159,55 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def make_workdir(workdir: str) -> None:
+    """Create ``workdir`` (and its parents) when missing.
+
+    Raises:
+      UserError: ``workdir`` is empty, or exists and is not a directory.
+    """
+    if not workdir:
+        raise UserError("--workdir is empty", hint="pass a directory, e.g. --workdir=runs/cpu")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(
+            f"--workdir {workdir} is a file, not a directory",
+            hint="pass a directory (it is created when missing)",
+        )
+    os.makedirs(workdir, exist_ok=True)
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
     """Hold ``workdir`` for this process: a second run in the same workdir stops at once with a
     :class:`~experiments.cli.UserError` that names the holder's pid.
 
     An advisory ``flock`` on ``workdir/.lock``: the kernel releases it when the holder exits,
-    however it exits (SIGKILL included), so a stale lock never blocks a new run.
+    however it exits (SIGKILL included), so a stale lock never blocks a new run. The workdir is
+    untrusted: the lock file is opened without following a symbolic link (``O_NOFOLLOW``) and
+    must be a regular file with one link, so a ``.lock`` planted to point at another file
+    stops the run instead of getting that file overwritten with a pid.
 
     Example::
 
         with workdir_lock("runs/cpu"):
             ...  # train, write files
     """
-    os.makedirs(workdir, exist_ok=True)
+    make_workdir(workdir)
     path = os.path.join(workdir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    refuse = UserError(
+        f"{path} is not a plain lock file (a symbolic link, a hard link or a special file): "
+        "refusing to write to it",
+        hint=f"delete {path} (a run creates its own), or pass another --workdir",
+    )
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise refuse from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise refuse
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -262,6 +309,8 @@ class RunLog:
         on each evaluation itself.
       primary: whether this process writes the files (``False`` on the other processes of a
         multi-host run: they keep the same record in memory and write nothing).
+      devices: the number of devices the run trains on (kept in the checkpoints: a resume
+        on another number is refused; ``None``: not checked).
 
     Example::
 
@@ -279,7 +328,13 @@ class RunLog:
     """
 
     def __init__(
-        self, workdir: str, target: float | None = None, *, window: int = 1, primary: bool = True
+        self,
+        workdir: str,
+        target: float | None = None,
+        *,
+        window: int = 1,
+        primary: bool = True,
+        devices: int | None = None,
     ):
         if not (isinstance(window, int | np.integer) and window >= 1):
             raise ValueError(f"window={window!r}: need an int >= 1 (evaluations averaged).")
@@ -290,7 +345,10 @@ class RunLog:
         self.metrics_path = os.path.join(workdir, METRICS_FILE)
         self.config_path = os.path.join(workdir, CONFIG_FILE)
         self.target = target
+        self.devices = devices
+        self.data: dict | None = None  # the data's record, set once loaded (checked like devices)
         self.identity: dict | None = None
+        self.events = events_lib.EventLog(workdir)  # TensorBoard files (primary only)
         self.resume(0, None, truncate=False)
 
     # Identity.
@@ -323,9 +381,36 @@ class RunLog:
 
     def check_meta(self, meta: dict) -> None:
         """:meth:`check_identity` against a checkpoint's metadata (which holds the identity
-        of the run that wrote it), e.g. when ``config.json`` was deleted."""
+        of the run that wrote it, e.g. when ``config.json`` was deleted), and its data
+        record (:attr:`data`: the content's fingerprint) and number of devices against this
+        run's (a checkpoint without them is not checked on them).
+
+        Raises:
+          UserError: a different identity, other data behind the same config (e.g. an archive
+            replaced at the same path), or a different number of devices (the global
+            batch splits differently, the noise-scale method and the order of the sums may
+            change: one record would mix two setups).
+        """
         if meta.get("identity") is not None and self.identity is not None:
             self._refuse_if_different(meta["identity"])
+        if meta.get("data") is not None and self.data is not None:
+            diffs = differing_fields({"data": meta["data"]}, {"data": self.data})
+            if diffs:
+                raise UserError(
+                    f"{self.workdir} holds a run trained on other data ({'; '.join(diffs)}): "
+                    "the source behind the config's data fields changed",
+                    hint="resume with the original data, or pass another --workdir to start a "
+                    "new run on these",
+                )
+        old = meta.get("devices")
+        if old is not None and self.devices is not None and int(old) != self.devices:
+            raise UserError(
+                f"{self.workdir} holds a run trained on {old} device(s); this run sees "
+                f"{self.devices} (devices: {old} -> {self.devices}: the batch would split "
+                "differently and the record would mix the two)",
+                hint=f"resume with {old} device(s) (e.g. --config.num_devices={old}), or pass "
+                "another --workdir to start a new run",
+            )
 
     def _refuse_if_different(self, old_identity: dict) -> None:
         diffs = differing_fields(old_identity, self.identity)
@@ -370,6 +455,7 @@ class RunLog:
         kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
         if self.primary:
             _write_atomic(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
+            self.events.reset(kept)
         else:
             self._memory_rows = [to_strict_json(r) for r in kept]
         return kept
@@ -386,6 +472,8 @@ class RunLog:
                 "recent_evals": self.recent_evals,
                 "initial_loss": self.initial_loss,
                 "identity": self.identity,
+                "devices": self.devices,
+                "data": self.data,
             }
         )
 
@@ -482,13 +570,19 @@ class RunLog:
         }
 
     def write_row(self, row: dict) -> None:
-        """Append ``row`` to ``metrics.jsonl`` (strict JSON, one line; kept in memory on a
-        non-primary process)."""
+        """Append ``row`` to ``metrics.jsonl`` (strict JSON, one line) and its scalars to the
+        TensorBoard files (:mod:`experiments.events`); kept in memory on a non-primary
+        process."""
         if not self.primary:
             self._memory_rows.append(json.loads(dumps(row)))
             return
         with open(self.metrics_path, "a") as f:
             f.write(dumps(row) + "\n")
+        self.events.write(json.loads(dumps(row)))
+
+    def close(self) -> None:
+        """Close the TensorBoard files (:mod:`experiments.events`); written rows stay."""
+        self.events.close()
 
     def rows(self) -> list[dict]:
         """The metrics rows written so far."""
@@ -521,7 +615,12 @@ class Checkpoints:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save ``state`` and ``meta`` at ``step`` (no-op when that step is saved)."""
+        """Save ``state`` and ``meta`` at ``step`` (no-op when that step is saved).
+
+        Raises:
+          UserError: the disk is full, read-only or not writable
+            (:func:`experiments.cli.write_fault`; orbax leaves the previous checkpoints).
+        """
         import orbax.checkpoint as ocp
 
         if step in self._manager.all_steps():
@@ -529,8 +628,19 @@ class Checkpoints:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(to_strict_json(meta))
         )
-        self._manager.save(step, args=args)
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=args)
+            self._manager.wait_until_finished()
+        except Exception as e:
+            fault = cli.write_fault(e)
+            if fault is None:
+                raise
+            raise UserError(
+                f"cannot write the checkpoint of step {step} in {self.directory}: {fault} "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:160]})",
+                hint="free space there (or fix its permissions) or pass another --workdir; "
+                "re-running the command resumes from the last checkpoint",
+            ) from e
 
     def restore(
         self, target: Any, check: Callable[[dict], None] | None = None
@@ -614,9 +724,12 @@ def _silenced(*loggers: str):
 def deferred_interrupt():
     """Inside the block the first SIGINT (Ctrl-C) sets the yielded ``threading.Event``
     instead of raising, so the loop stops at a step boundary with its row and checkpoint
-    written; a second one raises ``KeyboardInterrupt`` at once. The previous handler is
-    restored on exit. Outside the main thread (where Python delivers no signals) the event
-    simply never gets set.
+    written; a second one goes to the handler the block replaced (Python's: a
+    ``KeyboardInterrupt`` at once; a main's :func:`experiments.interrupt.install`: exit 130
+    at once, which loses at most the unfinished step). The previous handler is restored on
+    exit. Outside the main thread (where Python delivers no signals) the event simply never
+    gets set. The handler writes nothing (the main reports the interrupt in one line when it
+    exits).
 
     Example::
 
@@ -628,20 +741,17 @@ def deferred_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
 
     def handler(signum, frame):
         if flag.is_set():
-            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
-            raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, previous)
+            if callable(previous):
+                previous(signum, frame)
         flag.set()
-        logging.warning(
-            "Interrupted: stopping after this step with its row and a checkpoint "
-            "(Ctrl-C again to abort at once)."
-        )
 
     signal.signal(signal.SIGINT, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)

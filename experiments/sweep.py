@@ -48,20 +48,28 @@ It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite numb
 an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled
 ``g_sq`` is not positive; ``time_to_target`` ranks the trainings by device time, and
 ``measured_time_to_target``/``measured_wall_time_to_target`` give both times per batch),
-``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png``, and prints a
-summary table. Each finished measurement is kept in ``DIR/sweep_state.json`` with the
+``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png`` (``plots`` in
+``sweep.json``: each path, or why it was not drawn, e.g. no tradeoff chart without trainings),
+and prints a summary table; the trainings' TensorBoard runs are ``DIR/train/*``. Off a terminal
+it logs its stage every few seconds (:mod:`experiments.progress`).
+Each finished measurement is kept in ``DIR/sweep_state.json`` with the
 fingerprint of exactly the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
 the same command after an interruption reuses them and only measures what is missing, and a
 change to a field a stage never reads keeps its measurement. A training interrupted with
-Ctrl-C resumes from its checkpoint in ``DIR/train/B<batch>-<fingerprint>``.
+Ctrl-C resumes from its checkpoint in ``DIR/train/B<batch>-seed<seed>-<fingerprint>``.
 """
 
 from __future__ import annotations
 
+from experiments import interrupt
+
+if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
+    interrupt.install()
+
+import contextlib
 import copy
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -72,9 +80,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, runlog, train, validation
+from experiments import cli, figures, progress, runlog, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
+from gns import plots
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
@@ -89,6 +98,7 @@ __all__ = [
     "SweepState",
     "candidate_batch_sizes",
     "training_config",
+    "training_dir",
     "with_device_time",
     "rank_time_to_target",
     "run_sweep",
@@ -852,6 +862,12 @@ def training_config(
     return cfg, rule
 
 
+def training_dir(workdir: str, cfg, fingerprint: str) -> str:
+    """``workdir/train/B<batch>-seed<seed>-<fingerprint[:8]>``: the directory of one training
+    (and its run name in ``tensorboard --logdir workdir``)."""
+    return os.path.join(workdir, "train", f"B{cfg.batch_size}-seed{cfg.seed}-{fingerprint[:8]}")
+
+
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     """Stage 3 for one batch: train ``cfg`` to its target; steps and wall-clock time to it
     (``None`` if missed) and the test-accuracy curve."""
@@ -990,31 +1006,29 @@ def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
     themselves).
     """
     validate_config(config)
-    with runlog.workdir_lock(workdir):
-        return _run_sweep(config, workdir, trainings)
+    bar = progress.Progress(5, desc="sweep", unit="stages", rate=False)
+    with contextlib.closing(bar), runlog.workdir_lock(workdir):
+        return _run_sweep(config, workdir, trainings, bar)
 
 
-def _run_sweep(config, workdir: str, trainings: bool) -> dict:
-    from tqdm import tqdm
-
+def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
     from experiments import data
-    from gns import finder, hardware, plots, recommend
+    from gns import finder, hardware, recommend
 
     t_start = time.perf_counter()
     st = SweepState(workdir)
     mesh = mesh_lib.make_mesh(config.train.num_devices)
     mesh_record = mesh_lib.describe(mesh)
     fps: dict[str, Any] = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
-    if config.compilation_cache:
-        _enable_compilation_cache(os.path.join(workdir, "jax_cache"))
+    if config.compilation_cache:  # the user's own cache: never compiled code from the workdir
+        _enable_compilation_cache(data.private_cache_dir("jax"))
     runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     device = hardware.detect_devices()
-    bar = tqdm(total=5, desc="sweep", unit="stage", disable=not sys.stderr.isatty())
     ds = data.load(config.train.data)
     stage_t = {"setup": time.perf_counter() - t_start}
 
     def stage(name, key, measure):
-        bar.set_description(name)
+        bar.set(phase=name)
         value = st.get(name, key, fps[name])
         if value is None:
             # As stored (strict JSON): a fresh result reads the same as a reused one.
@@ -1091,17 +1105,16 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     # 3. Trainings to the target (``tradeoff.extra_seeds`` more seeds at the
     # ``tradeoff.reseed_best`` fastest batches) and the tradeoff fit on every training.
     fps["trainings"] = {}
+    bar.set(phase="trainings" if trainings else "recommend")
 
     def train_at(b, seed_offset=0):
-        bar.set_description(f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
+        bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
         cfg, rule = training_config(config, b, b_noise, seed_offset)
         key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: as before
         fp = fps["trainings"][key] = runlog.fingerprint(cfg.to_dict())
         p = st.get("trainings", key, fp)
         if p is None:
-            p = runlog.to_strict_json(
-                run_training(cfg, os.path.join(workdir, "train", f"B{b}-{fp[:8]}"), rule)
-            )
+            p = runlog.to_strict_json(run_training(cfg, training_dir(workdir, cfg, fp), rule))
             st.put("trainings", key, fp, p)
         return with_device_time([p | {"seed": int(cfg.seed)}], times, max_batch)[0]
 
@@ -1127,6 +1140,7 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     stage_t["trainings"] = time.perf_counter() - t_start - sum(stage_t.values())
 
     # 4. Recommendation, from the best evidence (primary) and from the fitted curve (check).
+    bar.set(phase="recommend")
     basis_kw["step_time_range"] = step_time_ranges(rows)
     rec = recommend_on(value[0], interval, s_min=tradeoff_out["s_min"], **basis_kw)
     rec_fit = None
@@ -1150,7 +1164,6 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
             "batch_size": r.batch_size, "batch_size_range": r.batch_size_range,
         }  # fmt: skip
     bar.update(1)
-    bar.close()
     stage_t["recommend"] = time.perf_counter() - t_start - sum(stage_t.values())
     reached = [p for p in by_batch if p["reached"]]
     sweep = {
@@ -1185,19 +1198,20 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     }
     if trainings:
         sweep["validation"] = validation.validation(runlog.to_strict_json(sweep))
-    runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
-    try:
-        sweep["plots"] = plots.sweep_plots(sweep, workdir)
+    try:  # {name: path, or why it was not drawn}
+        sweep["plots"] = figures.sweep_plots(runlog.to_strict_json(sweep), workdir)
     except Exception as e:  # plots are a convenience: never lose a finished sweep to them
         logging.warning("Could not write the sweep plots: %s", e)
+    runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
     return sweep
 
 
-def _enable_compilation_cache(path: str) -> None:
-    """JAX's persistent compilation cache in ``path``: the trainings compile the same model
-    init, train and eval programs at every batch size, and a re-run compiles nothing again.
-    (Process-wide, and only where JAX has no cache directory configured yet.)"""
-    if jax.config.jax_compilation_cache_dir:
+def _enable_compilation_cache(path: str | None) -> None:
+    """JAX's persistent compilation cache in ``path`` (``None``: none): the trainings compile
+    the same model init, train and eval programs at every batch size, and a re-run compiles
+    nothing again. JAX keys each entry by the program, its compile options, the jaxlib version
+    and the device. (Process-wide, and only where JAX has no cache directory configured yet.)"""
+    if path is None or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -1232,7 +1246,7 @@ def summary_table(sweep: dict) -> str:
     n = sweep["noise_scale"]
     lines += [
         "",
-        f"max batch that fits: {sweep['max_batch_size']}"
+        plots.largest_fits(sweep)[1]
         + (f" ({sweep['max_batch_size_per_device']} per device)" if m else ""),
         *(f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()),
         f"noise scale b_simple: {_fmt(n['b_simple'], '.4g')}  "

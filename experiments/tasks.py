@@ -88,7 +88,8 @@ class Task(NamedTuple):
       metrics: ``metrics(result) -> dict``: task metrics of an evaluation result (``loss``,
         ``accuracy``), e.g. ``{'bits_per_byte': ...}`` (``None`` values for ``{}``: no
         evaluation).
-      describe: ``describe(ds) -> dict | None``: where the data came from, for the summary.
+      describe: ``describe(ds) -> dict | None``: where the data came from and its content's
+        fingerprint, for the summary and the run's data identity (checked on resume).
     """
 
     name: str
@@ -187,7 +188,7 @@ IMAGE = Task(
     eval_arrays=_image_eval_arrays,
     eval_batches=_image_eval_batches,
     metrics=lambda result: {},
-    describe=lambda ds: None,
+    describe=lambda ds: {"fingerprint": ds.fingerprint},
 )  # fmt: skip
 
 

@@ -11,13 +11,14 @@ common``) without a cycle.
   :func:`to_varying`, :func:`psum`;
 * the per-example gradients by ``jax.vmap`` that every fallback uses: :func:`grad_fn`,
   :func:`zero_sums`, :func:`vmap_sums`;
-* argument checks: :func:`check_int`;
+* argument checks: :func:`check_int`, :func:`check_resamples`;
 * the one noise-scale ratio, :func:`noise_scale_ratio`, for NumPy and JAX arrays alike, and
   the percentile step of every bootstrap here, :func:`percentile_interval`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "leaf_name",
     "batch_size",
     "check_int",
+    "check_resamples",
     "sq_norms",
     "axis_names",
     "axis_size",
@@ -102,6 +104,31 @@ def check_int(value, name: str, minimum: int, hint: str = "") -> int:
             + (f": {hint}" if hint else ".")
         )
     return int(value)
+
+
+def check_resamples(num_resamples, confidence: float, name: str = "num_resamples") -> int:
+    """``num_resamples`` as an int when it is enough for a two-sided ``confidence`` percentile
+    interval, a ``ValueError`` naming ``name`` otherwise.
+
+    Each tail of the interval must hold a resample: with fewer than ``2/(1 - confidence)``
+    resamples both ends are just the smallest and the largest one (one resample: a single
+    number), whatever the level asked for.
+
+    Example:
+      >>> check_resamples(20, 0.9)
+      20
+    """
+    alpha = 1.0 - float(confidence)
+    need = max(2, math.ceil(2.0 / alpha - 1e-9))
+    ok = isinstance(num_resamples, int | np.integer) and not isinstance(
+        num_resamples, bool | np.bool_
+    )
+    if not ok or num_resamples < need:
+        raise ValueError(
+            f"{name} must be an int >= {need} for a {float(confidence):.4g} interval (each tail "
+            f"needs a resample), got {num_resamples!r}: use the default (1000 or more)."
+        )
+    return int(num_resamples)
 
 
 def sq_norms(tree: PyTree) -> PyTree:
@@ -268,18 +295,26 @@ def noise_scale_ratio(trace_cov, g_sq):
     return xp.where(xp.isnan(g_sq) | xp.isnan(trace_cov), xp.nan, ratio)
 
 
-def percentile_interval(samples, confidence: float) -> tuple[float, float]:
+def percentile_interval(samples, confidence: float, estimate=None) -> tuple[float, float]:
     """The two-sided ``confidence`` percentile interval of bootstrap ``samples``.
 
     Quantiles are order statistics (the lower one for the low end, the higher one for the
     high end), never interpolated: an infinite sample (a resample whose mean ``g_sq`` is not
-    positive) gives an infinite end, never ``nan``.
+    positive) gives an infinite end, never ``nan``. With ``estimate`` (the point estimate the
+    samples resample), the interval always contains it: an end that misses it (rounding when
+    every resample gives the same value, or a strongly skewed bootstrap distribution) is moved
+    to it, so no interval here ever excludes its own estimate.
 
     Example:
       >>> percentile_interval([1.0, 2.0, 3.0, np.inf], 0.5)
       (1.0, inf)
+      >>> percentile_interval([1.0, 2.0, 3.0], 0.5, estimate=0.5)
+      (0.5, 3.0)
     """
     alpha = 1.0 - float(confidence)
     x = np.asarray(samples, np.float64).ravel()
     low = float(np.quantile(x, alpha / 2, method="lower"))
-    return low, float(np.quantile(x, 1.0 - alpha / 2, method="higher"))
+    high = float(np.quantile(x, 1.0 - alpha / 2, method="higher"))
+    if estimate is not None and not math.isnan(float(estimate)):
+        low, high = min(low, float(estimate)), max(high, float(estimate))
+    return low, high

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from gns import recommend, smoothing
+from gns import common, scaling, smoothing
 
 __all__ = [
     "BASIS_TRAJECTORY",
@@ -214,7 +214,8 @@ def trajectory_from_metrics(
       start_step: start of the path (0: initialization).
       end_step: end of the path (the step the pilot reached the target); default the last
         measured step.
-      confidence, block_size, num_resamples, seed: passed to :func:`gns.smoothing.interval`.
+      confidence, block_size, num_resamples, seed: passed to :func:`gns.smoothing.interval`
+        (``block_size`` capped at a stretch's finite rows minus one).
 
     Returns:
       A :class:`Trajectory`. A stretch with fewer than 2 finite rows has ``b_noise = nan``
@@ -262,7 +263,7 @@ def trajectory_from_metrics(
             gi,
             ti,
             confidence=confidence,
-            block_size=None if block_size is None else min(block_size, n[i]),
+            block_size=None if block_size is None else min(block_size, n[i] - 1),
             num_resamples=num_resamples,
             seed=seed + i,
         )
@@ -271,10 +272,17 @@ def trajectory_from_metrics(
 
 
 def _path_sums(delta, b, ref):
-    """``(S_min, E_min)`` contributions per point; ``b = inf`` takes its limit (0, ΔS·B_ref)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        frac = np.where(np.isinf(b), 1.0, b / (ref + b))  # B_noise / (B_ref + B_noise)
-    s_min = delta * (1.0 - frac)  # ΔS_ref / (1 + B_noise/B_ref)
+    """``(S_min, E_min)`` contributions per point; ``b = inf`` takes its limit (0, ΔS·B_ref).
+
+    ``B_ref/(B_ref + B_noise)`` and ``B_noise/(B_ref + B_noise)`` are each formed from the
+    smaller of ``B_noise/B_ref`` and its inverse, never as ``1 - x``: at ``B_noise/B_ref``
+    near ``1e30`` the difference would round to 0 and ``S_min`` vanish."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore", under="ignore"):
+        big = b >= ref
+        q = np.where(big, ref / np.where(big, b, 1.0), b / ref)  # in [0, 1]
+        frac = np.where(big, 1.0, q) / (1.0 + q)  # B_noise / (B_ref + B_noise)
+        rest = np.where(big, q, 1.0) / (1.0 + q)  # B_ref / (B_ref + B_noise)
+    s_min = delta * rest  # ΔS_ref / (1 + B_noise/B_ref)
     e_min = delta * ref * frac  # ΔS_min · B_noise
     return s_min, e_min
 
@@ -365,10 +373,7 @@ def _effective(
         raise ValueError("pass both low and high (the per-point interval) or neither.")
     if not 0.0 < float(confidence) < 1.0 or not 0.0 < float(point_confidence) < 1.0:
         raise ValueError(f"confidence levels must be in (0, 1), got {confidence!r}.")
-    if isinstance(num_resamples, bool) or not (
-        isinstance(num_resamples, int | np.integer) and num_resamples >= 1
-    ):
-        raise ValueError(f"num_resamples must be a positive int, got {num_resamples!r}.")
+    common.check_resamples(num_resamples, confidence)
     if low is not None:
         lo = np.broadcast_to(np.asarray(low, np.float64), b.shape).copy()
         hi = np.broadcast_to(np.asarray(high, np.float64), b.shape).copy()
@@ -404,10 +409,19 @@ def _effective(
         )  # fmt: skip
 
     d, bk, rk, lk, hk = delta[keep], b[keep], ref[keep], lo[keep], hi[keep]
-    s_i, e_i = _path_sums(d, bk, rk)
-    s_min, e_min = float(s_i.sum()), float(e_i.sum())
-    value = float(_ratio(e_min, s_min))
-    weights[keep] = s_i / s_min if s_min > 0 else 0.0
+    # In units of the largest ΔS_ref and B_ref (the value scales with B_ref and not with ΔS),
+    # so neither ΔS·B_ref nor the sums overflow or underflow before the ratio.
+    d_scale, r_scale = float(d.max()), float(rk.max())
+
+    def scaled_sums(delta_i, b_i, ref_i):
+        with np.errstate(over="ignore", under="ignore"):
+            return _path_sums(delta_i / d_scale, b_i / r_scale, ref_i / r_scale)
+
+    s_i, e_i = scaled_sums(d, bk, rk)
+    with np.errstate(over="ignore", under="ignore"):
+        s_min, e_min = d_scale * float(s_i.sum()), d_scale * r_scale * float(e_i.sum())
+        value = float(r_scale * _ratio(e_i.sum(), s_i.sum()))
+    weights[keep] = s_i / s_i.sum() if s_i.sum() > 0 else 0.0
 
     if n == 1:
         value = float(bk[0])  # E_min/S_min is this exactly, up to rounding
@@ -435,18 +449,19 @@ def _effective(
         spread = np.where(z < 0, z * sd_lo[idx], z * sd_hi[idx])
         spread = np.where(z == 0, 0.0, spread)
         b_star = np.where(bk[idx] > 0, np.exp(log_b[idx] + spread), 0.0)
-    s_star, e_star = _path_sums(d[idx], b_star, rk[idx])
-    ratios = _ratio(e_star.sum(1), s_star.sum(1))
-    alpha = 1.0 - float(confidence)
-    low_v = float(np.quantile(ratios, alpha / 2, method="lower"))
-    high_v = float(np.quantile(ratios, 1 - alpha / 2, method="higher"))
+    s_star, e_star = scaled_sums(d[idx], b_star, rk[idx])
+    with np.errstate(over="ignore"):
+        ratios = r_scale * _ratio(e_star.sum(1), s_star.sum(1))
+    low_v, high_v = common.percentile_interval(ratios, confidence, value)
     has_pt = low is not None
     note = (
         f"{what} along the path: ΔS_min-weighted mean of {n} points; {confidence:.0%} "
         f"percentile bootstrap ({num_resamples} resamples) over the points iid"
         + (" and each point's own interval (split log-normal)" if has_pt else "")
         + drop_note
-    )
+        + ("" if math.isfinite(s_min) and math.isfinite(e_min) else
+           "; S_min or E_min is beyond the float64 range (inf), the value is not (scaled form)")
+    )  # fmt: skip
     return EffectiveNoiseScale(
         value, low_v, high_v, s_min, e_min, n, dropped, multi, note, weights, float(confidence)
     )
@@ -486,8 +501,11 @@ class BranchedCriticalBatch(NamedTuple):
       note: the rule and anything to be careful about, in words.
       resolved: ``True`` when the value can be used as evidence: within ``[B_0/2, 2·B_max]``
         of the forked batches, an interval with ``0 < low`` and a finite ``high``, and a
-        smallest fork that made progress. ``False`` says to fork other batch sizes, longer, or
-        with more repeats (see ``note``).
+        smallest fork that made progress and did not diverge. ``False`` (``note`` then starts
+        with ``unresolved``) says to fork other batch sizes, longer, or with more repeats.
+      excluded: ``((B, why), ...)``: forks whose held-out loss was non-finite or ended above the
+        checkpoint's in any repeat (diverged); they are left out of the fit (``batch_sizes``,
+        ``final_loss`` and ``examples_ratio`` hold the kept forks only).
     """
 
     b_crit: float
@@ -507,22 +525,24 @@ class BranchedCriticalBatch(NamedTuple):
     interval_method: str
     note: str
     resolved: bool
+    excluded: tuple[tuple[int, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (floats, ints, lists, str), for JSON."""
-        return _plain(self)
+        return _plain(self) | {"excluded": [[int(b), why] for b, why in self.excluded]}
 
 
 def lr_multipliers(
     ref_batch_size: int, batch_sizes: Sequence[int], optimizer: str, b_noise: float = math.inf
 ) -> tuple[float, ...]:
-    """Learning-rate multipliers ``lr(B)/lr(B_ref)`` from :func:`gns.recommend.scale_learning_rate`.
+    """Learning-rate multipliers ``lr(B)/lr(B_ref)`` of a rule (:func:`gns.scaling.multiplier`).
 
     Args:
       ref_batch_size: the pilot's batch size.
       batch_sizes: the fork batch sizes.
-      optimizer: as in :func:`gns.recommend.scale_learning_rate` (``sgd``, ``adam``, ...).
-      b_noise: the noise scale for the SGD rule (``inf``: linear scaling).
+      optimizer: an optimizer name (``sgd``, ``momentum``, ``adam``, ...) or a rule name
+        (``sgd``, ``linear``, ``sqrt``, ``constant``): :func:`gns.scaling.rule_for`.
+      b_noise: the noise scale of the ``sgd`` rule (``inf``: linear scaling).
 
     Returns:
       One multiplier per batch size (1 at ``ref_batch_size``).
@@ -531,9 +551,9 @@ def lr_multipliers(
       >>> lr_multipliers(64, [32, 64, 256], "adam")
       (0.7071067811865476, 1.0, 2.0)
     """
+    rule = scaling.rule_for(optimizer, "optimizer")
     return tuple(
-        recommend.scale_learning_rate(1.0, ref_batch_size, b, b_noise, optimizer)[0]
-        for b in batch_sizes
+        float(scaling.multiplier(rule, b, ref_batch_size, b_noise, xp=np)) for b in batch_sizes
     )
 
 
@@ -749,8 +769,11 @@ def branched_critical_batch(
     run per batch size ``B_j = ref_batch_size·2^j`` for the same ``N = num_examples`` examples
     (``N/B_j`` steps) with the learning rate scaled by ``lr_multiplier``. Every fork at every
     batch size consumes the same examples: repeat ``r`` takes examples ``[r·N, (r+1)·N)`` of the
-    caller's stream (batch indices ``r·N/B_j + i``). The smallest fork is evaluated on the fixed
-    held-out batch at ``num_ruler_points`` points along the way; every fork at its end.
+    caller's stream (batch indices ``r·N/B_j + i``), so the forks train on examples
+    ``[0, num_repeats·N)`` of ``batch_fn`` and nothing else: take the held-out batch of
+    ``eval_fn`` from outside them (e.g. from index ``num_repeats·N`` on, or another split). The
+    smallest fork is evaluated on the fixed held-out batch at ``num_ruler_points`` points along
+    the way; every fork at its end.
 
     The rule (a local fit of McCandlish's tradeoff, ``docs/critical-batch.md``): the smallest
     fork's loss curve is the ruler; for each fork, ``E_0(L_j)`` is the number of examples the
@@ -764,8 +787,10 @@ def branched_critical_batch(
     Interval: expanded percentile bootstrap (Hesterberg 2015) over the repeats (iid,
     ``num_repeats`` data offsets) and, when ``eval_fn`` returns per-example losses, over the
     held-out examples (the same draw for every fork and ruler point); each resample re-reads
-    the ratios and refits. Measured coverage at nominal 0.9 with 8 repeats on a noisy
-    quadratic: see ``docs/critical-batch.md``.
+    the ratios and refits. The percentiles are read at the level ``1 - α'`` whose normal
+    quantile is ``sqrt(n/(n−1))·t_{n−1}(1 − α/2)`` (``α = 1 - confidence``, ``n`` the repeats,
+    or the held-out examples with one repeat), and the interval contains ``b_crit``. Measured
+    coverage at nominal 0.9 with 8 repeats on a noisy quadratic: see ``docs/critical-batch.md``.
 
     Args:
       state: the checkpoint pytree; never modified.
@@ -865,8 +890,11 @@ def branched_critical_batch(
             else:
                 losses[r, len(ruler_steps) + j - 1] = ev[n_steps]
 
-    ruler_x = np.array([0.0] + [k * sizes[0] for k in ruler_steps])
     n_r = len(ruler_steps)
+    start_loss = float(start.mean())
+    sizes, mults, losses, excluded = _without_diverged(sizes, mults, losses, n_r, start_loss)
+    ruler_diverged = sizes[0] in excluded
+    ruler_x = np.array([0.0] + [k * sizes[0] for k in ruler_steps])
 
     def log_ratios(w):
         """Held-out weights (num_h,) -> log r (num_repeats, J), each repeat on its own ruler."""
@@ -885,13 +913,12 @@ def branched_critical_batch(
     uniform = np.full(num_h, 1.0 / num_h)
     log_r = log_ratios(uniform)
     ratios = np.exp(log_r.mean(0))
-    b_crit = float(_fit_b_crit(sizes, ratios)[0])
-    start_loss = float(start.mean())
+    b_crit = float(_fit_b_crit(sizes, ratios)[0]) if len(sizes) >= 2 else math.nan
     final = losses.mean(axis=(0, 2))
     final = np.concatenate([[final[n_r - 1]], final[n_r:]])
     b_tol = _b_tolerance(sizes, start_loss, final, tolerance)
 
-    if num_repeats >= 2 or num_h >= 2:
+    if len(sizes) >= 2 and (num_repeats >= 2 or num_h >= 2):
         rng = np.random.default_rng(seed)
         boot = np.empty((num_resamples, len(sizes)))
         for i in range(num_resamples):
@@ -907,8 +934,7 @@ def branched_critical_batch(
         # examples with one repeat).
         n_eff = num_repeats if num_repeats >= 2 else num_h
         alpha = _expanded_alpha(1 - float(confidence), n_eff)
-        low = float(np.quantile(fits, alpha / 2, method="lower"))
-        high = float(np.quantile(fits, 1 - alpha / 2, method="higher"))
+        low, high = common.percentile_interval(fits, 1 - alpha, b_crit)
         parts = [f"{num_repeats} fork repeats (data offsets)"]
         parts = parts if num_repeats >= 2 else []
         parts += [f"{num_h} held-out examples"] if num_h >= 2 else []
@@ -919,20 +945,17 @@ def branched_critical_batch(
     else:
         low = high = float("nan")
         method = "none: one repeat and a scalar eval_fn; use num_repeats >= 2 or per-example losses"
-    notes = ["local fit of r(B) = (1 + B/B_crit)/(1 + B_0/B_crit) to the examples ratios"]
-    if math.isinf(b_crit):
-        notes.append(f"no slowdown up to B = {sizes[-1]}: B_crit is beyond the forked range")
-    elif b_crit == 0.0:
-        notes.append(f"no progress at B = {sizes[1]}: B_crit is below the forked range")
-    elif not sizes[0] / 2 <= b_crit <= 2 * sizes[-1]:
-        notes.append(f"B_crit extrapolated outside the forked batches [{sizes[0]}, {sizes[-1]}]")
+    notes = _range_notes(sizes, excluded, b_crit)
     progress = start_loss - final[0] > 0
     if not progress:
         notes.append("the smallest fork made no progress: the forks are too short or diverge")
     resolved = bool(
-        progress and sizes[0] / 2 <= b_crit <= 2 * sizes[-1] and low > 0 and math.isfinite(high)
-    )
-    forked = num_examples * num_repeats * len(sizes)
+        progress and not ruler_diverged and sizes[0] / 2 <= b_crit <= 2 * sizes[-1] and low > 0
+        and math.isfinite(high)
+    )  # fmt: skip
+    if not resolved:
+        notes.insert(0, "unresolved")
+    forked = num_examples * num_repeats * (len(sizes) + len(excluded) - ruler_diverged)
     cost = float(forked / pilot_examples) if pilot_examples else float("nan")
     return BranchedCriticalBatch(
         b_crit=b_crit,
@@ -952,7 +975,42 @@ def branched_critical_batch(
         interval_method=method,
         note="; ".join(notes),
         resolved=resolved,
+        excluded=tuple(excluded.items()),
     )
+
+
+def _range_notes(sizes, excluded, b_crit) -> list[str]:
+    """The rule, the diverged forks and where ``b_crit`` lies against the forked range."""
+    notes = ["local fit of r(B) = (1 + B/B_crit)/(1 + B_0/B_crit) to the examples ratios"]
+    notes += [f"fork at B = {b} excluded: {why} (diverged)" for b, why in excluded.items()]
+    if len(sizes) < 2:
+        notes.append("fewer than 2 forks kept: nothing to fit; fork smaller batches or lower rates")
+    elif math.isinf(b_crit):
+        notes.append(f"no slowdown up to B = {sizes[-1]}: B_crit is beyond the forked range")
+    elif b_crit == 0.0:
+        notes.append(
+            f"the forks at B >= {sizes[1]} needed B/B_0 times the examples of B = {sizes[0]} or "
+            "more (no fewer steps at a larger batch): B_crit is below the forked range"
+        )
+    elif not sizes[0] / 2 <= b_crit <= 2 * sizes[-1]:
+        notes.append(f"B_crit extrapolated outside the forked batches [{sizes[0]}, {sizes[-1]}]")
+    return notes
+
+
+def _without_diverged(sizes, mults, losses, num_ruler, start_loss):
+    """The forks (and their columns of ``losses``) whose mean held-out loss stayed finite and at
+    or below the checkpoint's ``start_loss`` in every repeat, and ``{B: why}`` for the others
+    (the smallest fork, the ruler, is kept and named when it diverged)."""
+    final = losses[:, num_ruler - 1 :].mean(axis=2)  # repeats × forks, the smallest first
+    excluded = {}
+    for j, b in enumerate(sizes):
+        worst = float(np.max(np.where(np.isfinite(final[:, j]), final[:, j], np.inf)))
+        if worst > start_loss:
+            shown = "non-finite" if math.isinf(worst) else f"{worst:.4g}"
+            excluded[int(b)] = f"held-out loss {shown} above the checkpoint's {start_loss:.4g}"
+    keep = [j for j, b in enumerate(sizes) if j == 0 or b not in excluded]
+    losses = losses[:, list(range(num_ruler)) + [num_ruler + j - 1 for j in keep[1:]]]
+    return [sizes[j] for j in keep], [mults[j] for j in keep], losses, excluded
 
 
 def effective_critical_batch(

@@ -37,6 +37,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gns import common, ghost
 from gns.common import LossFn, PyTree, batch_size
@@ -110,9 +111,10 @@ jax.tree_util.register_dataclass(
 
 
 def simple_noise_scale(g_sq: jax.Array, trace_cov: jax.Array) -> jax.Array:
-    """``trace_cov / g_sq`` as a JAX array, with ``+inf`` for ``g_sq <= 0`` and ``nan``
-    propagated (:func:`gns.common.noise_scale_ratio`)."""
-    return common.noise_scale_ratio(jnp.asarray(trace_cov), jnp.asarray(g_sq))
+    """``trace_cov / g_sq``, with ``+inf`` for ``g_sq <= 0`` and ``nan`` propagated
+    (:func:`gns.common.noise_scale_ratio`): a JAX array for JAX inputs, NumPy (in the inputs'
+    precision, e.g. float64) for host numbers."""
+    return common.noise_scale_ratio(trace_cov, g_sq)
 
 
 def from_two_batches(
@@ -132,7 +134,16 @@ def from_two_batches(
 
     Returns:
       A :class:`NoiseStats` with no per-layer breakdown. The formulas are linear, so passing
-      arrays of per-layer norms gives per-layer statistics elementwise.
+      arrays of per-layer norms gives per-layer statistics elementwise. The arithmetic is in a
+      scaled form (divided by the larger norm first), so nothing overflows before the result
+      does. JAX arrays (also traced, inside ``jit``) give JAX arrays in their dtype (float32:
+      results below its normal range, ~1.2e-38, flush to 0); host numbers (Python floats,
+      NumPy) give NumPy float64, and a finite input whose result is not finite (beyond
+      float64) raises.
+
+    Raises:
+      ValueError: sizes that are not finite numbers with ``0 < small_size < big_size``, or
+        finite host norms whose statistics overflow float64.
 
     Example:
       >>> s = from_two_batches(small_sq_norm=3.0, big_sq_norm=1.5, small_size=1, big_size=4)
@@ -142,20 +153,41 @@ def from_two_batches(
     Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018),
     appendix A.
     """
-    b, big = float(small_size), float(big_size)
-    if not (b > 0 and big > b):
+    if any(isinstance(x, bool | str) for x in (small_size, big_size)):
         raise ValueError(
-            f"from_two_batches needs 0 < small_size < big_size, got small_size={small_size}, "
-            f"big_size={big_size}: measure the two squared norms at two different batch sizes."
+            f"small_size and big_size must be numbers, got {small_size!r} and {big_size!r}."
         )
-    small_sq_norm, big_sq_norm = jnp.asarray(small_sq_norm), jnp.asarray(big_sq_norm)
+    b, big = float(small_size), float(big_size)
+    if not (0 < b < big < np.inf):
+        raise ValueError(
+            f"from_two_batches needs finite 0 < small_size < big_size, got small_size="
+            f"{small_size}, big_size={big_size}: measure the two squared norms at two different "
+            "(finite) batch sizes."
+        )
+    host = not any(isinstance(x, jax.Array) for x in (small_sq_norm, big_sq_norm))
+    xp = np if host else jnp
+    if host:
+        small_sq_norm = np.asarray(small_sq_norm, np.float64)
+        big_sq_norm = np.asarray(big_sq_norm, np.float64)
+    else:
+        small_sq_norm, big_sq_norm = jnp.asarray(small_sq_norm), jnp.asarray(big_sq_norm)
     # Scaled form: divide by the larger magnitude first, so that B·|G_B|² cannot overflow
     # (3e38 and 1.5e38 in float32) and the result is only as large or small as it truly is.
-    scale = jnp.maximum(jnp.abs(small_sq_norm), jnp.abs(big_sq_norm))
-    scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
-    small_n, big_n = small_sq_norm / scale, big_sq_norm / scale
-    g_sq = scale * ((big * big_n - b * small_n) / (big - b))
-    trace_cov = scale * ((small_n - big_n) / (1.0 / b - 1.0 / big))
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        scale = xp.maximum(xp.abs(small_sq_norm), xp.abs(big_sq_norm))
+        scale = xp.where((scale > 0) & xp.isfinite(scale), scale, 1.0)
+        small_n, big_n = small_sq_norm / scale, big_sq_norm / scale
+        g_sq = scale * ((big * big_n - b * small_n) / (big - b))
+        trace_cov = scale * ((small_n - big_n) / (1.0 / b - 1.0 / big))
+    if host:
+        finite_in = np.isfinite(small_sq_norm) & np.isfinite(big_sq_norm)
+        if np.any(finite_in & ~(np.isfinite(g_sq) & np.isfinite(trace_cov))):
+            raise ValueError(
+                f"from_two_batches: the statistics of the finite norms "
+                f"{np.ravel(small_sq_norm)[:4].tolist()} and {np.ravel(big_sq_norm)[:4].tolist()} "
+                f"at sizes {b:g} and {big:g} overflow float64: divide both "
+                "norms by a common factor (b_simple does not change) and scale back."
+            )
     return NoiseStats(g_sq, trace_cov, b, big)
 
 

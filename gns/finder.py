@@ -17,11 +17,22 @@
    ``branch_max_cost`` times the pilot (``branched=None``), on with ``branched=True``;
 4. the **memory and step time** of the candidate batch sizes on the local device
    (:func:`gns.hardware.largest_batch_that_fits`, :func:`gns.hardware.time_batch_sizes`:
-   powers of two up to the largest that fits, timed interleaved, each compiled once);
+   powers of two up to the largest that fits, timed interleaved, each compiled once, the sizes
+   that cannot win pruned after two rounds);
 5. the **recommendation** (:func:`gns.recommend.recommend`) on the best evidence measured, in
    the order branched > trajectory > b_simple (``basis``, every value in ``evidence`` with its
    ratio to the basis); when the pick is at an end of the timed range, that range is extended
    once (the batch ``extend_range_to``) and the recommendation made again.
+
+Nothing measured is thrown away: the pilot is the start of the run, its state comes back as
+``.state`` (:class:`TrainState`) and :func:`continue_training` goes on from it at the pick.
+Every argument is checked before any work (:func:`resolve_lr_rule` reads the learning-rate rule
+from the optimizer's state or takes it, :mod:`gns.scaling`). The cost is bounded and stated:
+``budget_s`` (or ``budget_fraction`` of ``run_steps``) bounds the forks and the timing, the
+timing stops timing sizes that cannot win (:func:`dominated_sizes`) and reuses the timings of
+the same step on the same device (:class:`gns.hardware.TimingCache`), and ``.seconds`` holds
+each phase. ``progress(phase, done, total)`` reports every phase; gns draws nothing. Diverged
+forks, unresolved checkpoints and unstable step times are named in ``.warnings``.
 
 The pieces are public too (:func:`run_pilot`, :func:`noise_evidence`, :func:`branch`,
 :func:`choose_basis`, :func:`time_candidates`, :func:`decide`): ``experiments/sweep.py`` calls
@@ -34,9 +45,9 @@ Merrill et al., "Critical Batch Size Revisited" (2025, arXiv 2505.23971).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -45,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gns import common, critical, estimate, hardware, recommend, smoothing
+from gns import common, critical, estimate, hardware, recommend, scaling, smoothing
 
 __all__ = [
     "BASIS_ORDER",
@@ -62,6 +73,10 @@ __all__ = [
     "time_candidates",
     "decide",
     "find_batch_size",
+    "TrainState",
+    "continue_training",
+    "resolve_lr_rule",
+    "dominated_sizes",
 ]
 
 BASIS_ORDER = ("branched", "trajectory", "b_simple")  # best evidence first
@@ -157,6 +172,8 @@ class Pilot(NamedTuple):
       steps: steps done.
       seconds: wall time of the pilot (compile included).
       stop_reason: ``"steps"`` or ``"time"``.
+      step_s: mean wall time of one step after the first (the first compiles); ``nan`` with
+        one step.
     """
 
     rows: list[dict]
@@ -165,6 +182,7 @@ class Pilot(NamedTuple):
     steps: int
     seconds: float
     stop_reason: str
+    step_s: float = math.nan
 
 
 def run_pilot(
@@ -176,7 +194,7 @@ def run_pilot(
     num_steps: int,
     max_seconds: float | None = None,
     checkpoint_steps: Sequence[int] = (),
-    bar=None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Pilot:
     """Run ``measure_step`` for ``num_steps`` steps (or ``max_seconds``), recording its stats.
 
@@ -189,26 +207,29 @@ def run_pilot(
       num_steps: steps to run at most.
       max_seconds: stop after this wall time (checked after each step).
       checkpoint_steps: keep the state after these steps (for :func:`branch`).
-      bar: an optional tqdm bar, advanced once per step.
+      progress: ``progress(done, num_steps)`` after every step.
 
     Returns:
       A :class:`Pilot`.
     """
     t0 = time.perf_counter()
     rows, keep, wanted = [], {}, set(int(s) for s in checkpoint_steps)
-    stop = "steps"
+    stop, t1 = "steps", t0
     for i in range(num_steps):
         state, m = measure_step(state, batch_fn(batch_size, i))
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         rows.append({"step": i + 1, **m})
+        t1 = t1 if i else time.perf_counter()
         if i + 1 in wanted:
             keep[i + 1] = state
-        if bar is not None:
-            bar.update(1)
+        if progress is not None:
+            progress(i + 1, num_steps)
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             stop = "time"
             break
-    return Pilot(rows, state, keep, len(rows), time.perf_counter() - t0, stop)
+    t_end = time.perf_counter()
+    step_s = (t_end - t1) / (len(rows) - 1) if len(rows) > 1 else math.nan
+    return Pilot(rows, state, keep, len(rows), t_end - t0, stop, step_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +302,7 @@ def branch(
     pilot_examples: float | None = None,
     confidence: float = 0.9,
     seed: int = 0,
-    bar=None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The branched critical batch at each checkpoint and its path average.
 
@@ -293,26 +314,36 @@ def branch(
       end_step: end of the path (the pilot's last step): each checkpoint stands for the steps
         around it (:func:`gns.critical.stretch_lengths`).
       seed: bootstrap seed.
-      bar: an optional tqdm bar, advanced once per checkpoint.
+      progress: ``progress(done, total)`` as each fork batch size of each checkpoint starts
+        (``total``: checkpoints × fork batch sizes).
 
     Returns:
       ``{"steps": [...], "points": [BranchedCriticalBatch], "effective":
       EffectiveNoiseScale}``; the effective value weighs only the ``resolved`` checkpoints
-      (``docs/critical-batch.md``, "which basis to trust"), the others are dropped and counted.
+      (``docs/critical-batch.md``, "which basis to trust"), the others are dropped and counted;
+      a fork that diverged is excluded from its checkpoint's fit and named there
+      (``BranchedCriticalBatch.excluded``).
     """
     steps = sorted(int(s) for s in checkpoints)
-    points = []
+    points, total, started = [], len(steps) * len(exponents), [0]
+
+    def counting_step(size, mult):  # make_step is called once per fork batch size
+        if progress is not None:
+            progress(started[0], total)
+        started[0] += 1
+        return make_step(size, mult)
+
     for s in steps:
         points.append(
             critical.branched_critical_batch(
-                checkpoints[s], make_step, batch_fn, eval_fn, ref_batch_size=ref_batch_size,
+                checkpoints[s], counting_step, batch_fn, eval_fn, ref_batch_size=ref_batch_size,
                 num_examples=num_examples, exponents=exponents, lr_multiplier=lr_multiplier,
                 num_repeats=num_repeats, pilot_examples=pilot_examples, confidence=confidence,
                 checkpoint_name=f"pilot state at step {s}", seed=seed,
             )
         )  # fmt: skip
-        if bar is not None:
-            bar.update(1)
+    if progress is not None:
+        progress(total, total)
     delta = critical.stretch_lengths(steps, end=max(end_step, steps[-1]))
     eff = critical.effective_critical_batch(
         points, delta, ref_batch_size, drop_unresolved=True, confidence=confidence, seed=seed
@@ -333,10 +364,13 @@ def checkpoint_steps(num_steps: int, num_checkpoints: int) -> list[int]:
 
 def checkpoint_rows(steps: Sequence[int], points: Sequence[critical.BranchedCriticalBatch]):
     """``critical_batch`` rows: ``step``, ``b_crit``, ``low``, ``high``, ``b_tolerance``,
-    ``resolved``, ``cost_fraction`` per checkpoint."""
+    ``resolved``, ``status`` (``"resolved"`` or ``"unresolved"``), ``excluded_forks`` (the fork
+    batch sizes that diverged) and ``cost_fraction`` per checkpoint."""
     return [
         {"step": int(s), "b_crit": p.b_crit, "low": p.low, "high": p.high,
-         "b_tolerance": p.b_tolerance, "resolved": p.resolved, "cost_fraction": p.cost_fraction}
+         "b_tolerance": p.b_tolerance, "resolved": p.resolved,
+         "status": "resolved" if p.resolved else "unresolved",
+         "excluded_forks": [int(b) for b, _ in p.excluded], "cost_fraction": p.cost_fraction}
         for s, p in zip(steps, points, strict=True)
     ]  # fmt: skip
 
@@ -410,6 +444,58 @@ def power_of_two_candidates(lo: int, hi: int) -> list[int]:
     return out or [1 << math.ceil(math.log2(lo))]
 
 
+def dominated_sizes(
+    b_noise_interval: tuple[float, float], objective: str = "time"
+) -> Callable[[Mapping[int, Sequence[float]]], dict[int, str]]:
+    """The pruning rule of the timing stage: which batch sizes cannot win.
+
+    With the noise scale ``n`` anywhere in ``[low, high]`` and each step time anywhere in its
+    quartiles ``[q25, q75]``, batch ``B`` cannot win when another size ``B'`` is faster at both
+    ends of the interval even with ``B`` at its fastest and ``B'`` at its slowest step time:
+    ``(1 + n/B)·q25(B) > (1 + n/B')·q75(B')`` for ``n = low`` and ``n = high`` (time to target up
+    to ``S_min``; for ``objective="cost"`` the compute ``(1 + B/n)·t(B)/B``). Both sides are
+    monotone in ``n`` (or ``1/n``), so the two ends decide for the whole interval. This drops
+    everything the rule of the issue drops (``B``'s best case worse than ``B'``'s worst case),
+    and sizes that lose at every noise scale of the interval.
+
+    Args:
+      b_noise_interval: ``(low, high)`` of the noise scale; no pruning unless
+        ``0 < low <= high < inf``.
+      objective: ``"time"`` or ``"cost"``.
+
+    Returns:
+      ``prune({batch: times}) -> {batch: reason}`` for :func:`gns.hardware.time_batch_sizes`.
+
+    Example:
+      >>> prune = dominated_sizes((40.0, 60.0))
+      >>> prune({8: [1.0, 1.1], 64: [1.2, 1.3], 1024: [30.0, 31.0]})  # doctest: +ELLIPSIS
+      {8: 'cannot win against B=64 ...', 1024: 'cannot win against B=64 ...'}
+    """
+    lo, hi = (float(x) for x in b_noise_interval)
+    usable = 0 < lo <= hi < math.inf
+
+    def cost(b, n, t):
+        return (1 + n / b) * t if objective == "time" else (1 + b / n) * t / b
+
+    def prune(times):
+        if not usable:
+            return {}
+        q = {b: np.quantile(np.asarray(t, np.float64), [0.25, 0.75]) for b, t in times.items()}
+        out = {}
+        for b in q:
+            for c in q:
+                if c != b and all(cost(b, n, q[b][0]) > cost(c, n, q[c][1]) for n in (lo, hi)):
+                    out[b] = (
+                        f"cannot win against B={c} after {len(times[b])} rounds: slower at both "
+                        f"ends of the noise-scale interval [{lo:.4g}, {hi:.4g}] even at its "
+                        "fastest step time"
+                    )
+                    break
+        return out
+
+    return prune
+
+
 def time_candidates(
     step_fn: Callable,
     make_args: Callable[[int], Sequence[Any]],
@@ -420,6 +506,12 @@ def time_candidates(
     warmup: int = 1,
     make_shape_args: Callable[[int], Sequence[Any]] | None = None,
     cache: hardware.CompileCache | None = None,
+    max_extra_rounds: int = 10,
+    prune: Callable | None = None,
+    max_seconds: float | None = None,
+    timing_cache: hardware.TimingCache | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    seconds: dict | None = None,
 ) -> tuple[hardware.FitResult, hardware.TimingTable | None]:
     """Memory of every candidate, then one interleaved timing table of those that fit.
 
@@ -428,25 +520,68 @@ def time_candidates(
       make_args: ``B -> args`` with real data, for the timing.
       candidates: batch sizes.
       memory_budget_bytes: see :func:`gns.hardware.largest_batch_that_fits`.
-      rounds, warmup: interleaved timed rounds and untimed warm-up rounds.
+      rounds, warmup, max_extra_rounds, prune, max_seconds: as for
+        :func:`gns.hardware.time_batch_sizes` (``prune``: e.g. :func:`dominated_sizes`).
       make_shape_args: ``B -> args`` that is traceable (e.g. ``jnp.zeros``) for the memory
         prediction and its confirming run; default ``make_args``.
       cache: compiled executables (each shape compiles once).
+      timing_cache: a :class:`gns.hardware.TimingCache`: a candidate whose step signature
+        (:func:`gns.hardware.step_signature`, with the memory budget) is in it is neither
+        compiled nor timed again (``BatchTiming.cached``; a size pruned then keeps its reason
+        and its shorter timing); the others are measured and stored.
+      progress: ``progress(phase, done, total)`` with phases ``"memory"`` and ``"timing"``.
+      seconds: a dict to add the wall time of each phase to (``"memory"``, ``"timing"``).
 
     Returns:
       ``(FitResult, TimingTable or None when nothing fits)``.
     """
     cache = cache or hardware.CompileCache()
+    shape_args = make_shape_args or make_args
+    seconds = {} if seconds is None else seconds
+    cands = sorted({int(c) for c in candidates})
+    t0 = time.perf_counter()
+    keys, hits = {}, {}
+    if timing_cache is not None:
+        for b in cands:
+            sig = hardware.step_signature(step_fn, *hardware.abstract_args(shape_args, b))
+            keys[b] = (sig, memory_budget_bytes)
+            if sig is not None and keys[b] in timing_cache:
+                hits[b] = timing_cache[keys[b]]
+    todo = [b for b in cands if b not in hits]
+    report = None if progress is None else (lambda phase: lambda d, t: progress(phase, d, t))
     fit = hardware.largest_batch_that_fits(
-        make_shape_args or make_args, step_fn, candidates, memory_budget_bytes, cache=cache
-    )
-    fitting = [r.batch_size for r in fit.records if r.fits]
-    if not fitting:
-        return fit, None
+        shape_args, step_fn, todo, memory_budget_bytes, cache=cache,
+        progress=None if report is None else report("memory"),
+    ) if todo else None  # fmt: skip
+    seconds["memory"] = seconds.get("memory", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fitting = [] if fit is None else [r.batch_size for r in fit.records if r.fits]
     table = hardware.time_batch_sizes(
-        step_fn, make_args, fitting, rounds=rounds, warmup=warmup, cache=cache
+        step_fn, make_args, fitting, rounds=rounds, warmup=warmup, cache=cache,
+        max_extra_rounds=max_extra_rounds, prune=prune, max_seconds=max_seconds,
+        progress=None if report is None else report("timing"),
+    ) if fitting else None  # fmt: skip
+    seconds["timing"] = seconds.get("timing", 0.0) + time.perf_counter() - t0
+    records = {b: rec for b, (rec, _, _) in hits.items()}
+    timings = {b: dataclasses.replace(t, cached=True) for b, (_, t, _) in hits.items() if t}
+    for rec in [] if fit is None else fit.records:
+        bt = None if table is None else table.timings.get(rec.batch_size)
+        records[rec.batch_size] = rec
+        timings.update({} if bt is None else {rec.batch_size: bt})
+        if timing_cache is not None and keys[rec.batch_size][0]:
+            plain = dataclasses.replace(rec, compiled=None)
+            timing_cache[keys[rec.batch_size]] = (plain, bt, fit.budget_source)
+    budget, source = (fit.budget_bytes, fit.budget_source) if fit else (
+        next(iter(hits.values()))[0].budget_bytes, next(iter(hits.values()))[2])  # fmt: skip
+    fits = [b for b, r in records.items() if r.fits]
+    result = hardware.FitResult(
+        max(fits) if fits else None, budget, source, [records[b] for b in sorted(records)]
     )
-    return fit, table
+    if not timings:
+        return result, None
+    rounds_done = table.rounds if table is not None else rounds
+    max_spread = table.max_spread if table is not None else 0.1
+    return result, hardware.TimingTable(dict(sorted(timings.items())), rounds_done, max_spread)
 
 
 def decide(
@@ -507,7 +642,12 @@ class BatchSizeResult:
       extended_to: the batch the timed range was extended to (``None``: not extended).
       device: :class:`gns.hardware.DeviceInfo`.
       settings: the arguments that shaped the measurement.
-      seconds: wall time of each phase.
+      seconds: wall time of each phase: ``pilot`` (training that :attr:`state` keeps),
+        ``noise``, ``branched``, ``memory``, ``timing``, ``decide``, ``total`` and ``overhead``
+        (``total − pilot``: what the search cost beyond the training it hands back).
+      state: the trained state after the pilot (:class:`TrainState`): continue the run from it
+        (:func:`continue_training`) instead of starting over.
+      budget_s: the overhead budget in seconds (``None``: not bounded).
     """
 
     recommendation: recommend.Recommendation
@@ -524,11 +664,20 @@ class BatchSizeResult:
     device: hardware.DeviceInfo
     settings: dict
     seconds: dict
+    state: TrainState | None = None
+    budget_s: float | None = None
 
     @property
     def batch_size(self) -> int:
         """The recommended batch size."""
         return self.recommendation.batch_size
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What makes the answer less trustworthy, in words (the recommendation's
+        ``warnings``: unstable step times and how far the pick could move, unresolved or
+        diverged forks and the fallback, an overhead over budget, a pick at a range end)."""
+        return self.recommendation.warnings
 
     def throughput_rows(self) -> list[dict]:
         """One row per candidate: memory verdict and step time (``plots.plot_throughput``)."""
@@ -566,7 +715,11 @@ class BatchSizeResult:
             "device": self.device.to_dict(),
             "settings": self.settings,
             "seconds": self.seconds,
-        }
+            "warnings": list(self.warnings),
+            "budget_s": self.budget_s,
+            "state": None if self.state is None else {
+                "step": self.state.step, "examples_seen": self.state.examples_seen},
+        }  # fmt: skip
         if self.branched is not None:
             out["critical_batch"] = {
                 "checkpoints": checkpoint_rows(self.branched["steps"], self.branched["points"]),
@@ -575,25 +728,246 @@ class BatchSizeResult:
             }
         return _json(out)
 
-    def plot(self, path: str | None = None) -> list:
-        """The noise scale over the pilot and the throughput curve (:mod:`gns.plots`).
-
-        Args:
-          path: a directory: writes ``noise_scale.png`` and ``throughput.png`` there and
-            returns their paths. ``None``: returns the two matplotlib figures.
-        """
+    def plot(self) -> list:
+        """The noise scale over the pilot and the throughput curve (:mod:`gns.plots`), as two
+        matplotlib figures."""
         from gns import plots
 
-        d = self.to_dict()
-        files = [None, None]
-        if path is not None:
-            os.makedirs(path, exist_ok=True)
-            files = [os.path.join(path, n) for n in ("noise_scale.png", "throughput.png")]
-        figs = [
-            plots.plot_noise_scale(self.pilot_rows, files[0]),
-            plots.plot_throughput(d, files[1]),
-        ]
-        return files if path is not None else figs
+        return [plots.plot_noise_scale(self.pilot_rows), plots.plot_throughput(self.to_dict())]
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuing the run.
+
+
+class TrainState(NamedTuple):
+    """Where the pilot left the run: continue training from here.
+
+    Attributes:
+      params: the parameters after the pilot.
+      opt_state: the optimizer state after the pilot.
+      step: optimizer steps done.
+      examples_seen: position in the ``batch_fn`` stream: the examples ``[0, examples_seen)``
+        were trained on (or skipped, to continue at another batch size).
+    """
+
+    params: Any
+    opt_state: Any
+    step: int
+    examples_seen: int
+
+
+@functools.lru_cache(maxsize=16)
+def _plain_step(loss_fn: Callable, optimizer, batch_size: int, accumulation_steps: int):
+    """The jitted step of :func:`continue_training`, one per loss, optimizer and shape (kept, so
+    that training on in chunks compiles once)."""
+    import optax  # the optimizer's own library: needed only to apply its updates
+
+    b, k = batch_size, accumulation_steps
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        micro = jax.tree.map(lambda x: x.reshape((k, b // k) + x.shape[1:]), batch)
+
+        def add(acc, mb):
+            loss, g = jax.value_and_grad(loss_fn)(params, mb)
+            return jax.tree.map(jnp.add, acc, (loss, g)), None
+
+        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add, zero, micro)
+        grads = jax.tree.map(lambda g: g / k, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss / k
+
+    return step
+
+
+def continue_training(
+    loss_fn: Callable,
+    optimizer,
+    batch_fn,
+    state: TrainState | BatchSizeResult,
+    num_steps: int,
+    *,
+    batch_size: int | None = None,
+    accumulation_steps: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[TrainState, np.ndarray]:
+    """Train ``num_steps`` more plain steps from ``state`` at ``batch_size``.
+
+    The stream continues where ``state`` left it: the first batch is ``batch_fn(batch_size,
+    ceil(examples_seen / batch_size))`` (fewer than ``batch_size`` examples are skipped when the
+    batch changes). Build ``optimizer`` at the recommended learning rate: the state of optax's
+    ``sgd``/``adam``/``adamw`` does not hold the rate, so the pilot's state carries over.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, as for :func:`find_batch_size`.
+      optimizer: an optax ``GradientTransformation`` whose state has ``state.opt_state``'s
+        structure (e.g. the same optimizer at another rate).
+      batch_fn: as for :func:`find_batch_size`.
+      state: a :class:`TrainState` (this function's), or the :class:`BatchSizeResult` of
+        :func:`find_batch_size`: its ``.state`` at its recommended batch and accumulation.
+      num_steps: steps to train.
+      batch_size: the batch of every step (default: the recommendation's, with a result).
+      accumulation_steps: split each batch into this many micro-batches and average their
+        gradients, one optimizer step per batch (default: the recommendation's with a
+        result, else 1): above the largest batch that fits.
+      progress: ``progress("train", done, num_steps)`` after every step.
+
+    Returns:
+      ``(TrainState, losses)``: the state after the last step and each step's training loss.
+    """
+    if isinstance(state, BatchSizeResult):
+        rec = state.recommendation
+        batch_size = rec.batch_size if batch_size is None else batch_size
+        accumulation_steps = accumulation_steps or rec.accumulation_steps
+        state = state.state
+    if batch_size is None:
+        raise ValueError("batch_size is needed to continue from a TrainState.")
+    accumulation_steps = accumulation_steps or 1
+    get = as_batch_fn(batch_fn)
+    b = common.check_int(batch_size, "batch_size", 1)
+    k = common.check_int(accumulation_steps, "accumulation_steps", 1)
+    if b % k:
+        raise ValueError(f"batch_size={b} is not a multiple of accumulation_steps={k}.")
+    step = _plain_step(loss_fn, optimizer, b, k)
+    params, opt_state = state.params, state.opt_state
+    first = math.ceil(state.examples_seen / b)
+    losses = []
+    for i in range(num_steps):
+        params, opt_state, loss = step(params, opt_state, _checked_batch(get, b, first + i))
+        losses.append(loss)
+        if progress is not None:
+            progress("train", i + 1, num_steps)
+    out = TrainState(params, opt_state, state.step + num_steps, (first + num_steps) * b)
+    return out, np.asarray(jax.device_get(losses), np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking every argument before any work.
+
+
+def resolve_lr_rule(lr_rule: str | None, optimizer_name: str | None, opt_state) -> tuple[str, str]:
+    """The learning-rate rule (:mod:`gns.scaling`) and where it came from.
+
+    ``lr_rule`` when given, else the rule of ``optimizer_name``, else the rule read from the
+    optax state (:func:`gns.scaling.infer_rule`); an optimizer whose rule cannot be read is an
+    error: a wrong rule (Adam's square root for SGD, or the reverse) silently mis-scales every
+    rate.
+
+    Returns:
+      ``(rule, source in words)``.
+
+    Example:
+      >>> import optax
+      >>> resolve_lr_rule(None, None, optax.sgd(0.1, momentum=0.9).init(jnp.zeros(2)))[0]
+      'sgd'
+    """
+    if lr_rule is not None:
+        if optimizer_name is not None:
+            scaling.rule_for(optimizer_name)
+        return scaling.check_rule(lr_rule), "lr_rule"
+    if optimizer_name is not None:
+        return scaling.rule_for(optimizer_name), f"optimizer_name={optimizer_name!r}"
+    rule = scaling.infer_rule(opt_state)
+    if rule is None:
+        raise ValueError(
+            "cannot tell this optimizer's learning-rate rule from its state: pass "
+            "lr_rule='sgd' (SGD, momentum, LARS: the noise-scale rule), 'sqrt' (Adam-family), "
+            "'linear' or 'constant' (or optimizer_name='sgd', 'adam', ...)."
+        )
+    return rule, "inferred from the optimizer state"
+
+
+def _check_batch_fn(get, ref: int, other: int):
+    """Batch 0 at ``ref`` and batch 1 at ``other``: exactly the examples asked, and the same
+    structure, per-example shapes and dtypes (one stream). Returns batch 0."""
+    first, second = _checked_batch(get, ref, 0), _checked_batch(get, other, 1)
+
+    def spec(batch):
+        leaves, tree = jax.tree.flatten(batch)
+        return tree, [(np.shape(x)[1:], jnp.result_type(x)) for x in leaves]
+
+    if spec(first) != spec(second):
+        raise ValueError(
+            f"batch_fn({ref}, 0) and batch_fn({other}, 1) differ in structure, per-example shape "
+            f"or dtype ({spec(first)} vs {spec(second)}): batch_fn must serve one stream, the "
+            "same kind of example at every batch size."
+        )
+    return first
+
+
+def _positive(value, name: str, hint: str) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf
+    ):
+        raise ValueError(f"{name} must be a positive finite number or None, got {value!r}: {hint}")
+
+
+def _check_arguments(a: dict) -> dict:
+    """Every argument of :func:`find_batch_size` (``a``: its locals), before any work.
+
+    Returns the derived plan: ``ref``, ``get``, ``first``, ``rule``, ``rule_source``,
+    ``fork_rule``, ``exps``, ``cands`` (``None``: default), ``progress``."""
+    ref = common.check_int(a["ref_batch_size"], "ref_batch_size", 2)
+    steps = a["pilot_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 2:
+        raise ValueError(
+            f"the budget is too small to measure anything: pilot_steps={steps!r}; the noise "
+            "scale needs at least 2 measured steps (a trajectory 2 per stretch): use "
+            f"pilot_steps >= {2 * a['num_stretches']}, e.g. 200."
+        )
+    if a["max_seconds"] is not None and not a["max_seconds"] > 0:
+        raise ValueError(
+            f"the budget is too small to measure anything: max_seconds={a['max_seconds']!r}; "
+            "give a positive time budget (or None for pilot_steps alone)."
+        )
+    if a["method"] not in ("auto", "vmap", "microbatch"):
+        raise ValueError(f"method must be 'auto', 'vmap' or 'microbatch', got {a['method']!r}.")
+    if a["method"] == "microbatch" and ref % a["num_microbatches"]:
+        raise ValueError(
+            f"ref_batch_size={ref} is not a multiple of num_microbatches={a['num_microbatches']}."
+        )
+    if a["objective"] not in ("time", "cost"):
+        raise ValueError(f"objective must be 'time' or 'cost', got {a['objective']!r}.")
+    if not 0 < a["confidence"] < 1:
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.9, got {a['confidence']!r}.")
+    _positive(a["learning_rate"], "learning_rate", "the rate of `optimizer` at ref_batch_size.")
+    _positive(a["budget_s"], "budget_s", "the seconds the search may cost beyond the pilot.")
+    _positive(a["budget_fraction"], "budget_fraction", "e.g. 0.1 for 10% of the planned run.")
+    if a["budget_fraction"] is not None and (a["budget_s"] is not None or not a["run_steps"]):
+        raise ValueError(
+            "budget_fraction needs run_steps (the planned run's length in steps at "
+            "ref_batch_size) and no budget_s: pass one budget, e.g. budget_fraction=0.1, "
+            "run_steps=5000."
+        )
+    if a["run_steps"] is not None:
+        common.check_int(a["run_steps"], "run_steps", 1)
+    rule, source = resolve_lr_rule(a["lr_rule"], a["optimizer_name"], a["opt_state"])
+    fork_rule = scaling.check_rule(a["branch_lr_rule"] or rule, "branch_lr_rule")
+    exps = sorted(int(e) for e in a["branch_exponents"])
+    if len(set(exps)) < 2 or any(ref * 2.0**e != int(ref * 2.0**e) for e in exps):
+        raise ValueError(
+            f"branch_exponents must be at least 2 distinct ints with ref_batch_size·2^j whole "
+            f"batch sizes, got {list(a['branch_exponents'])} at ref_batch_size={ref}."
+        )
+    cands = a["candidates"]
+    if cands is not None:
+        cands = sorted({common.check_int(c, "candidate batch size", 1) for c in cands})
+        if not cands:
+            raise ValueError("candidates is empty: pass batch sizes to time, or None.")
+    progress = a["progress"]
+    if progress is True or (progress not in (None, False) and not callable(progress)):
+        raise ValueError(
+            f"progress must be a callable progress(phase, done, total) or None, got "
+            f"{progress!r}: gns draws nothing itself (e.g. update a tqdm bar per phase in it)."
+        )
+    get = as_batch_fn(a["batch_fn"])
+    first = _check_batch_fn(get, ref, max(1, ref // 2))
+    _check_loss(a["loss_fn"], a["params"], first)
+    return {"ref": ref, "get": get, "first": first, "rule": rule, "rule_source": source,
+            "fork_rule": fork_rule, "exps": exps, "cands": cands,
+            "progress": progress or (lambda phase, done, total: None)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,138 +980,9 @@ def _zeros_like_batch(template, size: int):
     )
 
 
-def find_batch_size(
-    loss_fn: Callable,
-    params,
-    optimizer,
-    batch_fn,
-    *,
-    ref_batch_size: int = 32,
-    pilot_steps: int = 200,
-    max_seconds: float | None = None,
-    opt_state=None,
-    method: str = "auto",
-    num_microbatches: int = 4,
-    num_stretches: int = 3,
-    branched: bool | None = None,
-    branch_points: int = 3,
-    branch_exponents: Sequence[int] = (-1, 0, 1, 2),
-    branch_steps: int = 8,
-    branch_repeats: int = 2,
-    branch_max_cost: float = 1.0,
-    eval_batch_size: int | None = None,
-    candidates: Sequence[int] | None = None,
-    min_batch_size: int | None = None,
-    max_batch_size: int | None = None,
-    memory_budget_bytes: int | None = None,
-    timing_rounds: int = 5,
-    learning_rate: float | None = None,
-    optimizer_name: str = "adam",
-    objective: str = "time",
-    confidence: float = 0.9,
-    seed: int = 0,
-    progress: bool = True,
-) -> BatchSizeResult:
-    """Find the batch size that trains ``loss_fn`` fastest on the local device.
-
-    Runs a pilot at ``ref_batch_size`` measuring the noise scale at every step, turns it into
-    the trajectory and the effective noise scale, optionally measures the branched critical
-    batch from states of the pilot, measures memory and step time of the candidate batch sizes,
-    and recommends on the best evidence (module docstring). Nothing is written to disk.
-
-    Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch (Flax Linen
-        ``model.apply``, NNX via ``nnx.split``/``nnx.merge``, plain JAX).
-      params: the initial parameters (a pytree). From a train state pass its ``params`` and
-        ``opt_state=``.
-      optimizer: an optax ``GradientTransformation``.
-      batch_fn: ``batch_fn(size, index) -> batch`` (examples ``[index·size, (index+1)·size)``
-        of one stream, any pytree with a leading batch axis), or ``batch_fn(size) -> iterator``.
-      ref_batch_size: the pilot's batch ``B_ref`` (and the baseline of the speedup).
-      pilot_steps: pilot steps (the budget in steps; at least 2).
-      max_seconds: stop the pilot after this many seconds (the budget in time).
-      opt_state: the optimizer state to start from (default ``optimizer.init(params)``).
-      method: the noise estimator: ``"auto"`` or ``"vmap"`` (:func:`gns.estimate.per_example`)
-        or ``"microbatch"`` (:func:`gns.estimate.microbatch` with ``num_microbatches``; for
-        BatchNorm-like losses where examples interact).
-      num_microbatches: microbatches of the ``microbatch`` estimator.
-      num_stretches: stretches of the trajectory.
-      branched: measure the branched critical batch: ``True``/``False``, or ``None`` (default)
-        to run it only if its forks cost at most ``branch_max_cost`` times the pilot's examples.
-      branch_points: checkpoints of the pilot to branch from (mid-stretch steps).
-      branch_exponents: forks at ``ref_batch_size·2^j``.
-      branch_steps: steps of the largest fork (each fork sees ``branch_steps·B_max`` examples).
-      branch_repeats: forks per batch size on disjoint data.
-      branch_max_cost: see ``branched``.
-      eval_batch_size: held-out examples for the forks (default ``4·ref_batch_size``), taken from
-        the stream past everything the pilot and the forks use.
-      candidates: batch sizes to time (default powers of two in ``[min_batch_size,
-        max_batch_size]``, default ``[B_ref/8, 8·B_ref]``), up to the largest that fits.
-      memory_budget_bytes: see :func:`gns.hardware.largest_batch_that_fits`.
-      timing_rounds: interleaved timing rounds.
-      learning_rate: the learning rate of ``optimizer`` at ``ref_batch_size``, to scale the
-        recommended rate (default: the recommendation's ``learning_rate`` is relative, 1.0 at
-        ``ref_batch_size``).
-      optimizer_name: the learning-rate rule (:func:`gns.recommend.scale_learning_rate`:
-        ``adam``/``adamw``/``lamb`` square root, ``sgd``/``momentum``/``lars`` the noise-scale
-        rule); also the rule of the forks' learning rates (updates scaled by the multiplier).
-      objective: ``"time"`` or ``"cost"``.
-      confidence: level of every interval.
-      seed: bootstrap seed.
-      progress: show a tqdm progress bar.
-
-    Returns:
-      A :class:`BatchSizeResult`: ``.batch_size``, ``.recommendation``, ``.basis``,
-      ``.to_dict()`` (strict JSON), ``.plot(path)``.
-
-    Raises:
-      ValueError: a ``batch_fn`` that returns another number of examples than asked, a
-        ``loss_fn`` that does not return a scalar, a budget too small to measure anything
-        (fewer than 2 pilot steps), or nothing that fits in memory.
-
-    Example:
-      >>> def loss_fn(w, batch):
-      ...     return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
-      >>> def batch_fn(size, index):
-      ...     x = jax.random.normal(jax.random.key(index), (size, 4))
-      ...     return {"x": x, "y": x.sum(1) + jax.random.normal(jax.random.key(-index), (size,))}
-      >>> res = find_batch_size(loss_fn, jnp.zeros(4), optax.adam(1e-2), batch_fn,
-      ...                       pilot_steps=40, progress=False)  # doctest: +SKIP
-      >>> res.batch_size, res.basis  # doctest: +SKIP
-
-    Reference: McCandlish et al. (2018); Merrill et al. (2025), arXiv 2505.23971.
-    """
-    import optax
-    from tqdm.auto import tqdm
-
-    t_start = time.perf_counter()
-    ref = common.check_int(ref_batch_size, "ref_batch_size", 2)
-    if (
-        isinstance(pilot_steps, bool)
-        or not isinstance(pilot_steps, int | np.integer)
-        or (pilot_steps < 2)
-    ):
-        raise ValueError(
-            f"the budget is too small to measure anything: pilot_steps={pilot_steps!r}; the "
-            "noise scale needs at least 2 measured steps (a trajectory 2 per stretch): use "
-            f"pilot_steps >= {2 * num_stretches}, e.g. 200."
-        )
-    if max_seconds is not None and not max_seconds > 0:
-        raise ValueError(
-            f"the budget is too small to measure anything: max_seconds={max_seconds!r}; give a "
-            "positive time budget (or None for pilot_steps alone)."
-        )
-    if method not in ("auto", "vmap", "microbatch"):
-        raise ValueError(f"method must be 'auto', 'vmap' or 'microbatch', got {method!r}.")
-    get = as_batch_fn(batch_fn)
-    first = _checked_batch(get, ref, 0)
-    _check_loss(loss_fn, params, first)
-    if method == "microbatch" and ref % num_microbatches:
-        raise ValueError(
-            f"ref_batch_size={ref} is not a multiple of num_microbatches={num_microbatches}."
-        )
-    opt_state = optimizer.init(params) if opt_state is None else opt_state
-    tracker = smoothing.ema()
+def _make_steps(loss_fn, optimizer, method: str, num_microbatches: int, tracker):
+    """``(measure_step, train_step, make_step)`` of the pilot, the timing and the forks."""
+    import optax  # the optimizer's own library: needed only to apply its updates
 
     def update(params, opt_state, grads, mult=1.0):
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -774,96 +1019,120 @@ def find_batch_size(
             fork_steps[mult] = step
         return fork_steps[mult]
 
-    # Branching plan and its cost.
-    exps = sorted(int(e) for e in branch_exponents)
-    sizes = [ref * 2.0**e for e in exps]
-    b_max = int(max(sizes))
-    n_fork = int(branch_steps) * b_max
-    fork_examples = n_fork * branch_repeats * len(exps) * branch_points
-    pilot_examples = pilot_steps * ref
-    run_branched = (
-        branched if branched is not None else fork_examples <= branch_max_cost * pilot_examples
+    return measure_step, train_step, make_step
+
+
+def _fork_noise(noise) -> float:
+    """The noise scale of the forks' ``sgd`` rule: the pilot's effective value, else its
+    ``B_simple``, else ``inf`` (linear)."""
+    for v in (noise["effective"].value, noise["b_simple"].estimate):
+        if np.isfinite(v) and v > 0:
+            return float(v)
+    return math.inf
+
+
+def _branch_stage(plan, make_step, loss_fn, pilot, noise, a, budget_s):
+    """The branched forks when asked for (or cheap enough): ``(branch dict or None, note)``."""
+    ref, exps, get = plan["ref"], plan["exps"], plan["get"]
+    b_max = int(max(ref * 2.0**e for e in exps))
+    n_fork = int(a["branch_steps"]) * b_max
+    fork_examples = n_fork * a["branch_repeats"] * len(exps) * max(1, int(a["branch_points"]))
+    est_s = fork_examples / ref * pilot.step_s if np.isfinite(pilot.step_s) else math.nan
+    if a["branched"] is False:
+        return None, "branched critical batch not measured: branched=False"
+    if a["branched"] is None:
+        if fork_examples > a["branch_max_cost"] * pilot.steps * ref:
+            return None, (
+                f"branched critical batch not measured: its forks ({fork_examples} examples) "
+                f"would cost more than {a['branch_max_cost']}x the pilot's {pilot.steps * ref}; "
+                "pass branched=True"
+            )
+        if budget_s is not None and not est_s <= 0.5 * budget_s:
+            return None, (
+                f"branched critical batch not measured: its forks (about {est_s:.3g} s) would "
+                f"take more than half the budget of {budget_s:.3g} s; pass branched=True"
+            )
+    if not pilot.checkpoints:
+        return None, "branched critical batch not measured: the pilot stopped before checkpoints"
+    offset = math.ceil(pilot.steps * ref / b_max) * b_max  # past the pilot's examples
+    n_eval = int(a["eval_batch_size"] or 4 * ref)
+    eval_batch = _checked_batch(
+        get, n_eval, math.ceil((offset + a["branch_repeats"] * n_fork) / n_eval)
     )
-    k_pts = max(1, int(branch_points))
-    ckpt_steps = checkpoint_steps(pilot_steps, k_pts)
+    jitted_loss = jax.jit(loss_fn)
+    fork_noise = _fork_noise(noise)
+    rule = plan["fork_rule"]
 
-    bar = tqdm(
-        total=pilot_steps + (k_pts if run_branched else 0) + 1, desc="pilot", unit="step",
-        disable=not progress,
+    def fork_batch(size, index):
+        return get(size, offset // size + index)
+
+    out = branch(
+        {s: pilot.checkpoints[s][:2] for s in pilot.checkpoints}, make_step, fork_batch,
+        lambda st: jitted_loss(st[0], eval_batch), ref_batch_size=ref, end_step=pilot.steps,
+        num_examples=n_fork, exponents=exps,
+        lr_multiplier=lambda b: critical.lr_multipliers(ref, [b], rule, fork_noise)[0],
+        num_repeats=a["branch_repeats"], pilot_examples=pilot.steps * ref,
+        confidence=a["confidence"], seed=a["seed"],
+        progress=lambda d, t: plan["progress"]("branched", d, t),
     )  # fmt: skip
-    seconds = {}
-    pilot = run_pilot(
-        (params, opt_state, tracker.init()), measure_step, get, batch_size=ref,
-        num_steps=pilot_steps, max_seconds=max_seconds,
-        checkpoint_steps=ckpt_steps if run_branched else (), bar=bar,
-    )  # fmt: skip
-    seconds["pilot"] = pilot.seconds
-    if pilot.steps < 2:
-        bar.close()
-        raise ValueError(
-            f"the budget is too small to measure anything: the pilot ran {pilot.steps} step in "
-            f"max_seconds={max_seconds} (compilation included); raise max_seconds."
+    out |= {"lr_rule": rule, "lr_rule_noise_scale": fork_noise, "examples_per_fork": n_fork}
+    return out, ""
+
+
+def _branch_warnings(branched, basis: str) -> list[str]:
+    """Diverged forks (excluded, named), unresolved checkpoints and the basis fallback."""
+    if branched is None:
+        return []
+    out = []
+    for s, p in zip(branched["steps"], branched["points"], strict=True):
+        out += [f"pilot step {s}: fork at B = {b} excluded, {why}" for b, why in p.excluded]
+    bad = [s for s, p in zip(branched["steps"], branched["points"], strict=True) if not p.resolved]
+    if bad:
+        where = "basis falls back to " + basis if basis != "branched" else "left out of the fit"
+        out.append(
+            f"branched critical batch unresolved at pilot step(s) {bad} ({where}): fork other "
+            "batch sizes (branch_exponents), longer (branch_steps) or more repeats"
         )
-    noise = noise_evidence(
-        pilot.rows, ref, num_stretches=num_stretches, end_step=pilot.steps,
-        confidence=confidence, seed=seed,
-    )  # fmt: skip
+    return out
 
-    branched_out = None
-    if run_branched and pilot.checkpoints:
-        bar.set_description("branched critical batch")
-        t0 = time.perf_counter()
-        offset = math.ceil(pilot.steps * ref / b_max) * b_max  # past the pilot's examples
-        n_eval = int(eval_batch_size or 4 * ref)
-        eval_batch = _checked_batch(
-            get, n_eval, math.ceil((offset + branch_repeats * n_fork) / n_eval)
-        )
-        jitted_loss = jax.jit(loss_fn)
 
-        def fork_batch(size, index):
-            return get(size, offset // size + index)
+def _timing_warnings(table, rec, timing_only) -> list[str]:
+    """Step times whose spread stayed above ``max_spread``, and how far that moves the pick."""
+    shaky = {b: t.spread for b, t in table.timings.items() if not t.stable and not t.pruned}
+    if not shaky:
+        return []
+    moves = sorted(set(timing_only.plausible_batch_sizes) | {rec.batch_size})
+    rel = {r["batch_size"]: r.get("relative_time") for r in rec.table}
+    worst = max((rel.get(b) or 1.0) for b in moves)
+    return [
+        f"step times unstable at B = {sorted(shaky)} (interquartile range up to "
+        f"{max(shaky.values()):.0%} of the median, above {table.max_spread:.0%}): within their "
+        f"quartiles the pick could move to any of {moves}, up to {worst - 1:.0%} slower than "
+        f"the pick by the medians; re-time on a quieter machine or raise timing_rounds"
+    ]
 
-        branched_out = branch(
-            {s: pilot.checkpoints[s][:2] for s in pilot.checkpoints}, make_step, fork_batch,
-            lambda st: jitted_loss(st[0], eval_batch), ref_batch_size=ref,
-            end_step=pilot.steps, num_examples=n_fork, exponents=exps,
-            lr_multiplier=lambda b: critical.lr_multipliers(ref, [b], optimizer_name)[0],
-            num_repeats=branch_repeats, pilot_examples=pilot.steps * ref,
-            confidence=confidence, seed=seed, bar=bar,
-        )  # fmt: skip
-        seconds["branched"] = time.perf_counter() - t0
 
-    bi = noise["b_simple"]
-    basis, value, evidence, note = choose_basis(
-        (bi.estimate, bi.low, bi.high), noise["effective"],
-        None if branched_out is None else branched_out["effective"],
-    )  # fmt: skip
-    if not run_branched:
-        why = "branched=False" if branched is False else (
-            f"its forks ({fork_examples} examples) would cost more than {branch_max_cost}x the "
-            f"pilot's {pilot_examples}; pass branched=True"
-        )  # fmt: skip
-        note = "; ".join(x for x in (note, f"branched critical batch not measured: {why}") if x)
-
-    # Memory and step time.
-    bar.set_description("memory and step time")
-    t0 = time.perf_counter()
-    if candidates is None:
-        lo = min_batch_size or max(1, ref // 8)
-        candidates = power_of_two_candidates(lo, max_batch_size or 8 * ref)
+def _hardware_stage(plan, train_step, pilot, basis, value, evidence, a, budget_s, seconds):
+    """Memory, interleaved timing (pruned, cached), the decision and its widening once."""
+    ref, get, first = plan["ref"], plan["get"], plan["first"]
+    cands = plan["cands"] or power_of_two_candidates(
+        a["min_batch_size"] or max(1, ref // 8), a["max_batch_size"] or 8 * ref
+    )
     cache = hardware.CompileCache()
     p0, o0 = pilot.state[0], pilot.state[1]
+    interval = (min(value[1], value[0]), max(value[2], value[0]))
+    spent = sum(seconds.get(k, 0.0) for k in ("noise", "branched"))
 
-    def real_args(b):
-        return p0, o0, _checked_batch(get, b, 0)
-
-    def shape_args(b):
-        return p0, o0, _zeros_like_batch(first, b)
-
-    def measure(cands):
+    def measure(cs):
+        left = None if budget_s is None else max(budget_s - spent - seconds.get("memory", 0.0)
+                                                 - seconds.get("timing", 0.0), 1e-9)  # fmt: skip
         fit, table = time_candidates(
-            train_step, real_args, cands, memory_budget_bytes=memory_budget_bytes,
-            rounds=timing_rounds, make_shape_args=shape_args, cache=cache,
+            train_step, lambda b: (p0, o0, _checked_batch(get, b, 0)), cs,
+            memory_budget_bytes=a["memory_budget_bytes"], rounds=a["timing_rounds"],
+            make_shape_args=lambda b: (p0, o0, _zeros_like_batch(first, b)), cache=cache,
+            max_extra_rounds=2, prune=dominated_sizes(interval, a["objective"]),
+            max_seconds=left, timing_cache=a["timing_cache"], progress=plan["progress"],
+            seconds=seconds,
         )  # fmt: skip
         if table is None:
             raise ValueError(
@@ -872,36 +1141,239 @@ def find_batch_size(
             )
         return fit, table
 
-    cands = sorted(set(int(c) for c in candidates))
     fit, table = measure(cands)
-    common_kw = dict(
-        base_batch_size=ref, base_lr=learning_rate or 1.0, optimizer=optimizer_name,
-        objective=objective,
-    )  # fmt: skip
-    rec = decide(basis, value, evidence, table, fit.max_batch_size, **common_kw)
-    extended = None
-    nxt = rec.extend_range_to
+    rule, base_lr = plan["rule"], a["learning_rate"] or 1.0
+    kw = dict(base_batch_size=ref, base_lr=base_lr, objective=a["objective"],
+              optimizer={"sgd": "sgd", "sqrt": "adam"}.get(rule, "sgd"))  # fmt: skip
+    rec = decide(basis, value, evidence, table, fit.max_batch_size, **kw)
+    extended, nxt = None, rec.extend_range_to
     if nxt is not None and nxt not in cands and nxt >= 1:
         fit2, table2 = measure(sorted({*cands, nxt}))
         if nxt in table2.timings:  # it fits: recommend once more on the wider table
             extended, fit, table = nxt, fit2, table2
-            rec = decide(basis, value, evidence, table, fit.max_batch_size, **common_kw)
-    seconds["hardware"] = time.perf_counter() - t0
-    bar.update(1)
-    bar.close()
+            rec = decide(basis, value, evidence, table, fit.max_batch_size, **kw)
+    t0 = time.perf_counter()
+    if rule not in ("sgd", "sqrt"):
+        m = float(scaling.multiplier(rule, rec.batch_size, ref, rec.b_noise, xp=np))
+        rec = dataclasses.replace(
+            rec, learning_rate=base_lr * m, lr_rule=f"{rule} rule: lr = {base_lr:g} x {m:.4g}"
+        )
+    timing_only = decide(basis, (value[0], math.nan, math.nan), evidence, table,
+                         fit.max_batch_size, **kw)  # fmt: skip
+    seconds["decide"] = time.perf_counter() - t0
+    return rec, fit, table, extended, _timing_warnings(table, rec, timing_only), cands
+
+
+def find_batch_size(
+    loss_fn: Callable,
+    params,
+    optimizer,
+    batch_fn,
+    *,
+    ref_batch_size: int = 32,
+    pilot_steps: int = 200,
+    max_seconds: float | None = None,
+    opt_state=None,
+    method: str = "auto",
+    num_microbatches: int = 4,
+    num_stretches: int = 3,
+    branched: bool | None = None,
+    branch_points: int = 3,
+    branch_exponents: Sequence[int] = (-1, 0, 1, 2),
+    branch_steps: int = 8,
+    branch_repeats: int = 2,
+    branch_max_cost: float = 1.0,
+    branch_lr_rule: str | None = None,
+    eval_batch_size: int | None = None,
+    candidates: Sequence[int] | None = None,
+    min_batch_size: int | None = None,
+    max_batch_size: int | None = None,
+    memory_budget_bytes: int | None = None,
+    timing_rounds: int = 5,
+    timing_cache: hardware.TimingCache | None = hardware.TIMING_CACHE,
+    budget_s: float | None = None,
+    budget_fraction: float | None = None,
+    run_steps: int | None = None,
+    learning_rate: float | None = None,
+    optimizer_name: str | None = None,
+    lr_rule: str | None = None,
+    objective: str = "time",
+    confidence: float = 0.9,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> BatchSizeResult:
+    """Find the batch size that trains ``loss_fn`` fastest on the local device.
+
+    Every argument is checked first (a wrong name or shape costs no training). Then a pilot at
+    ``ref_batch_size`` trains and measures the noise scale at every step; its state is handed
+    back (``.state``: continue the run from it, :func:`continue_training`). The trajectory
+    and the effective noise scale follow, optionally the branched critical batch from states of
+    the pilot, then memory and step time of the candidate batch sizes (sizes that cannot win are
+    pruned, timings of the same step on the same device are reused), and the recommendation on
+    the best evidence (module docstring). Nothing is written to disk, nothing is drawn.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch (Flax Linen
+        ``model.apply``, NNX via ``nnx.split``/``nnx.merge``, plain JAX).
+      params: the initial parameters (a pytree). From a train state pass its ``params`` and
+        ``opt_state=``.
+      optimizer: an optax ``GradientTransformation``.
+      batch_fn: ``batch_fn(size, index) -> batch`` (examples ``[index·size, (index+1)·size)``
+        of one stream, any pytree with a leading batch axis), or ``batch_fn(size) -> iterator``.
+      ref_batch_size: the pilot's batch ``B_ref`` (and the baseline of the speedup).
+      pilot_steps: pilot steps (at least 2): the start of the run, kept in ``.state``.
+      max_seconds: stop the pilot after this many seconds.
+      opt_state: the optimizer state to start from (default ``optimizer.init(params)``).
+      method: the noise estimator: ``"auto"`` or ``"vmap"`` (:func:`gns.estimate.per_example`)
+        or ``"microbatch"`` (:func:`gns.estimate.microbatch` with ``num_microbatches``; for
+        BatchNorm-like losses where examples interact).
+      num_microbatches: microbatches of the ``microbatch`` estimator.
+      num_stretches: stretches of the trajectory.
+      branched: measure the branched critical batch: ``True``/``False``, or ``None`` (default)
+        to run it only if its forks cost at most ``branch_max_cost`` times the pilot's examples
+        (and at most half the budget, when one is given).
+      branch_points: checkpoints of the pilot to branch from (mid-stretch steps).
+      branch_exponents: forks at ``ref_batch_size·2^j``.
+      branch_steps: steps of the largest fork (each fork sees ``branch_steps·B_max`` examples).
+      branch_repeats: forks per batch size on disjoint data.
+      branch_max_cost: see ``branched``.
+      branch_lr_rule: the forks' learning-rate rule (:data:`gns.scaling.RULES`); default the
+        run's rule (``lr_rule``). The ``sgd`` rule uses the pilot's effective noise scale. A
+        fork that diverges under it is excluded and named in ``warnings``.
+      eval_batch_size: held-out examples for the forks (default ``4·ref_batch_size``), taken from
+        the stream past everything the pilot and the forks use.
+      candidates: batch sizes to time (default powers of two in ``[min_batch_size,
+        max_batch_size]``, default ``[B_ref/8, 8·B_ref]``), up to the largest that fits.
+      memory_budget_bytes: see :func:`gns.hardware.largest_batch_that_fits`.
+      timing_rounds: interleaved timing rounds (at most 2 more for noisy sizes); a size that
+        cannot win stops being timed (:func:`dominated_sizes`).
+      timing_cache: where step timings are kept across calls (default the process-wide
+        :data:`gns.hardware.TIMING_CACHE`; ``None`` re-times everything).
+      budget_s: the seconds the search may cost beyond the pilot (forks, memory, timing): the
+        forks are skipped (``branched=None``) when they would take over half of it, and timing
+        rounds stop when it is spent. ``None``: not bounded.
+      budget_fraction: the budget as a fraction of the planned run, with ``run_steps`` (its
+        length in steps at ``ref_batch_size``, timed by the pilot's step time).
+      run_steps: see ``budget_fraction``.
+      learning_rate: the learning rate of ``optimizer`` at ``ref_batch_size``, to scale the
+        recommended rate (default: the recommendation's ``learning_rate`` is relative, 1.0 at
+        ``ref_batch_size``).
+      optimizer_name: an optimizer name (``sgd``, ``momentum``, ``lars``, ``adam``, ``adamw``,
+        ``lamb``) naming the rule: :func:`gns.scaling.rule_for`.
+      lr_rule: the learning-rate rule of the run (:data:`gns.scaling.RULES`: ``sgd``,
+        ``linear``, ``sqrt``, ``seesaw``, ``constant``). Default: from ``optimizer_name``, else
+        read from the optimizer's state (Adam-family: ``sqrt``; SGD/momentum: ``sgd``), else an
+        error asking for it.
+      objective: ``"time"`` or ``"cost"``.
+      confidence: level of every interval.
+      seed: bootstrap seed.
+      progress: ``progress(phase, done, total)`` for every phase (``"pilot"``, ``"branched"``,
+        ``"memory"``, ``"timing"``): draw a bar with it (gns draws nothing).
+
+    Returns:
+      A :class:`BatchSizeResult`: ``.batch_size``, ``.recommendation``, ``.basis``, ``.state``,
+      ``.warnings``, ``.seconds``, ``.to_dict()`` (strict JSON), ``.plot(path)``.
+
+    Raises:
+      ValueError: before any work, for a ``batch_fn`` that returns another number of examples
+        than asked or another kind of example at another size, a ``loss_fn`` that does not
+        return a scalar, an unknown name (``optimizer_name``, ``lr_rule``, ``method``,
+        ``objective``), a rule that cannot be read from the optimizer, a non-positive rate or
+        budget, a budget too small to measure anything (fewer than 2 pilot steps); after the
+        pilot, for nothing that fits in memory.
+
+    Example:
+      >>> def loss_fn(w, batch):
+      ...     return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
+      >>> def batch_fn(size, index):
+      ...     x = jax.random.normal(jax.random.key(index), (size, 4))
+      ...     return {"x": x, "y": x.sum(1) + jax.random.normal(jax.random.key(-index), (size,))}
+      >>> res = find_batch_size(loss_fn, jnp.zeros(4), optax.adam(1e-2), batch_fn,
+      ...                       pilot_steps=40)  # doctest: +SKIP
+      >>> res.batch_size, res.basis, res.state.step  # doctest: +SKIP
+
+    Reference: McCandlish et al. (2018); Merrill et al. (2025), arXiv 2505.23971.
+    """
+    t_start = time.perf_counter()
+    opt_state = optimizer.init(params) if opt_state is None else opt_state
+    a = dict(locals())
+    plan = _check_arguments(a)
+    ref, report = plan["ref"], plan["progress"]
+    tracker = smoothing.ema()
+    measure_step, train_step, make_step = _make_steps(
+        loss_fn, optimizer, method, num_microbatches, tracker
+    )
+    k_pts = max(1, int(branch_points))
+    fork_examples = branch_steps * ref * 2 ** max(plan["exps"]) * branch_repeats * k_pts
+    may_branch = branched or (
+        branched is None
+        and fork_examples * len(plan["exps"]) <= branch_max_cost * pilot_steps * ref
+    )
+    pilot = run_pilot(
+        (params, opt_state, tracker.init()), measure_step, plan["get"], batch_size=ref,
+        num_steps=pilot_steps, max_seconds=max_seconds,
+        checkpoint_steps=checkpoint_steps(pilot_steps, k_pts) if may_branch else (),
+        progress=lambda d, t: report("pilot", d, t),
+    )  # fmt: skip
+    seconds = {"pilot": pilot.seconds}
+    if pilot.steps < 2:
+        raise ValueError(
+            f"the budget is too small to measure anything: the pilot ran {pilot.steps} step in "
+            f"max_seconds={max_seconds} (compilation included); raise max_seconds."
+        )
+    t0 = time.perf_counter()
+    noise = noise_evidence(
+        pilot.rows, ref, num_stretches=num_stretches, end_step=pilot.steps,
+        confidence=confidence, seed=seed,
+    )  # fmt: skip
+    seconds["noise"] = time.perf_counter() - t0
+    if budget_fraction is not None:
+        budget_s = budget_fraction * run_steps * pilot.step_s
+    t0 = time.perf_counter()
+    branched_out, why = _branch_stage(plan, make_step, loss_fn, pilot, noise, a, budget_s)
+    seconds["branched"] = time.perf_counter() - t0
+    bi = noise["b_simple"]
+    basis, value, evidence, note = choose_basis(
+        (bi.estimate, bi.low, bi.high), noise["effective"],
+        None if branched_out is None else branched_out["effective"],
+    )  # fmt: skip
+    note = "; ".join(x for x in (note, why) if x)
+    hw = _hardware_stage(plan, train_step, pilot, basis, value, evidence, a, budget_s, seconds)
     seconds["total"] = time.perf_counter() - t_start
+    seconds["overhead"] = seconds["total"] - seconds["pilot"]
+    return _result(plan, a, pilot, noise, branched_out, basis, note, hw, seconds, budget_s)
+
+
+def _result(plan, a, pilot, noise, branched_out, basis, note, hw, seconds, budget_s):
+    """The :class:`BatchSizeResult`, with every warning and the settings."""
+    rec, fit, table, extended, timing_warn, cands = hw
+    warn = _branch_warnings(branched_out, basis) + timing_warn
+    if budget_s is not None and seconds["overhead"] > budget_s:
+        warn.append(
+            f"the search cost {seconds['overhead']:.3g} s beyond the pilot, over the budget of "
+            f"{budget_s:.3g} s (compiling each candidate is not bounded: pass fewer candidates)"
+        )
+    rec = dataclasses.replace(rec, warnings=tuple(rec.warnings) + tuple(warn))
+    ref = plan["ref"]
     settings = {
-        "ref_batch_size": ref, "pilot_steps": pilot_steps, "pilot_steps_done": pilot.steps,
-        "pilot_stop_reason": pilot.stop_reason, "max_seconds": max_seconds, "method": method,
-        "num_stretches": num_stretches, "branched": bool(run_branched),
-        "branch_checkpoint_steps": sorted(pilot.checkpoints), "branch_exponents": exps,
-        "branch_examples_per_fork": n_fork, "branch_repeats": branch_repeats,
-        "candidates": cands, "learning_rate": learning_rate, "optimizer_name": optimizer_name,
-        "objective": objective, "confidence": confidence,
+        "ref_batch_size": ref, "pilot_steps": a["pilot_steps"], "pilot_steps_done": pilot.steps,
+        "pilot_stop_reason": pilot.stop_reason, "max_seconds": a["max_seconds"],
+        "method": a["method"], "num_stretches": a["num_stretches"],
+        "branched": branched_out is not None,
+        "branch_checkpoint_steps": sorted(pilot.checkpoints) if branched_out else [],
+        "branch_exponents": plan["exps"], "branch_repeats": a["branch_repeats"],
+        "branch_examples_per_fork": None if branched_out is None
+        else branched_out["examples_per_fork"],
+        "branch_lr_rule": plan["fork_rule"], "candidates": cands,
+        "learning_rate": a["learning_rate"], "optimizer_name": a["optimizer_name"],
+        "lr_rule": plan["rule"], "lr_rule_source": plan["rule_source"],
+        "objective": a["objective"], "confidence": a["confidence"],
     }  # fmt: skip
+    state = TrainState(pilot.state[0], pilot.state[1], pilot.steps, pilot.steps * ref)
     return BatchSizeResult(
         recommendation=rec, basis=basis, basis_note=note, pilot_rows=pilot.rows,
-        b_simple=bi, trajectory=noise["trajectory"], effective_noise_scale=noise["effective"],
-        branched=branched_out, memory=fit, timing=table, extended_to=extended,
-        device=hardware.detect_devices(), settings=settings, seconds=seconds,
+        b_simple=noise["b_simple"], trajectory=noise["trajectory"],
+        effective_noise_scale=noise["effective"], branched=branched_out, memory=fit,
+        timing=table, extended_to=extended, device=hardware.detect_devices(),
+        settings=settings, seconds=seconds, state=state, budget_s=budget_s,
     )  # fmt: skip

@@ -9,10 +9,13 @@
   out-of-memory error (``RESOURCE_EXHAUSTED``) instead of crashing;
 * :func:`time_step` times one step (compile excluded, warm-up, ``block_until_ready``, median);
 * :func:`time_batch_sizes` times all candidate batch sizes interleaved (round-robin, several
-  rounds), with the median and the spread of each, re-timing the noisy ones; every step is
+  rounds), with the median and the spread of each, re-timing the noisy ones, dropping those a
+  caller's ``prune`` rule says cannot win and stopping at a time budget; every step is
   compiled once per shape (:class:`CompileCache`);
-* :func:`accumulated_step_time` (from :mod:`gns.recommend`) extends a step-time curve above the
-  largest batch that fits, as gradient accumulation.
+* :func:`step_signature` names a step by its lowered program on this device, the key of the
+  in-memory :class:`TimingCache` that lets a later search reuse a measurement;
+* :func:`accumulated_step_time` extends a step-time curve above the largest batch that fits, as
+  gradient accumulation (:mod:`gns.recommend` reads step times through it).
 
 The memory and the speed of a step are measured, not assumed: on a 2-core CPU the throughput of
 a small CNN peaks near batch 64-128 and falls beyond, while a GPU keeps gaining up to its memory.
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import math
+import re
 import statistics
 import time
 import weakref
@@ -35,15 +40,13 @@ import numpy as np
 
 from gns.common import check_int
 
-# The step-time curve helpers live with the decision logic; re-exported here.
-from gns.recommend import accumulated_step_time, interpolate_step_time
-
 __all__ = [
     "DeviceInfo",
     "detect_devices",
     "MemoryPrediction",
     "predict_step_bytes",
     "compile_step",
+    "abstract_args",
     "FitRecord",
     "FitResult",
     "largest_batch_that_fits",
@@ -54,6 +57,9 @@ __all__ = [
     "TimingTable",
     "interleaved_timing",
     "time_batch_sizes",
+    "step_signature",
+    "TimingCache",
+    "TIMING_CACHE",
     "accumulated_step_time",
     "interpolate_step_time",
     "is_out_of_memory",
@@ -140,6 +146,15 @@ def _as_jitted(step_fn: Callable) -> Any:
 def _abstract(args: Sequence[Any]) -> Any:
     """Shapes and dtypes of ``args`` (arrays or ShapeDtypeStructs), allocating nothing."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)), args)
+
+
+def abstract_args(make_args_for_batch: Callable[[int], Sequence[Any]], batch_size: int):
+    """The shapes and dtypes of ``make_args_for_batch(batch_size)``: traced under
+    ``jax.eval_shape`` (nothing allocated) when it is traceable, else built and described."""
+    try:
+        return jax.eval_shape(lambda: tuple(make_args_for_batch(batch_size)))
+    except Exception:  # noqa: BLE001 - not traceable (e.g. NumPy data): build it for real
+        return _abstract(tuple(make_args_for_batch(batch_size)))
 
 
 def _is_compiled(step_fn: Callable) -> bool:
@@ -328,6 +343,7 @@ def largest_batch_that_fits(
     confirm: bool = True,
     stop_at_first_failure: bool = True,
     cache: CompileCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """The largest candidate batch size whose step fits in memory.
 
@@ -350,6 +366,7 @@ def largest_batch_that_fits(
       stop_at_first_failure: do not try candidates above the first that does not fit.
       cache: where the compiled steps are kept (default: the module's :class:`CompileCache`),
         so that timing them later compiles nothing.
+      progress: ``progress(done, total)`` after each candidate.
 
     Returns:
       A :class:`FitResult`.
@@ -370,15 +387,14 @@ def largest_batch_that_fits(
     records: list[FitRecord] = []
     failed = False
     for b in cands:
+        if progress is not None and records:
+            progress(len(records), len(cands))
         if failed and stop_at_first_failure:
             records.append(
                 FitRecord(b, None, budget, False, False, "not tried: a smaller batch did not fit")
             )
             continue
-        try:
-            shapes = jax.eval_shape(lambda b=b: tuple(make_args_for_batch(b)))
-        except Exception:  # noqa: BLE001 - not traceable (e.g. NumPy data): build it for real
-            shapes = _abstract(tuple(make_args_for_batch(b)))
+        shapes = abstract_args(make_args_for_batch, b)
         compiled = compile_step(step_fn, *shapes, cache=cache)
         pred = _prediction(compiled).total_bytes
         if pred > budget:
@@ -410,6 +426,8 @@ def largest_batch_that_fits(
             records.append(
                 FitRecord(b, pred, budget, False, True, f"out of memory when run: {first_line}")
             )
+    if progress is not None:
+        progress(len(records), len(cands))
     fitting = [r.batch_size for r in records if r.fits]
     return FitResult(max(fitting) if fitting else None, budget, source, records)
 
@@ -493,6 +511,9 @@ class BatchTiming:
       extra_rounds: rounds added because the spread was above ``max_spread`` (a re-time).
       stable: whether the spread ended at or below ``max_spread``.
       compile_s: seconds spent compiling this batch's step now (0 when it was cached).
+      pruned: why it stopped being timed before the others (``prune`` of
+        :func:`time_batch_sizes`: it cannot win), ``""`` when it was timed to the end.
+      cached: taken from a :class:`TimingCache` (measured by an earlier call), not timed now.
     """
 
     batch_size: int
@@ -504,6 +525,8 @@ class BatchTiming:
     extra_rounds: int
     stable: bool
     compile_s: float = 0.0
+    pruned: str = ""
+    cached: bool = False
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "times_s": list(self.times_s)}
@@ -554,6 +577,9 @@ def interleaved_timing(
     max_spread: float = 0.1,
     max_extra_rounds: int = 10,
     clock: Callable[[], float] = time.perf_counter,
+    prune: Callable[[dict[int, tuple[float, ...]]], Mapping[int, str]] | None = None,
+    max_seconds: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[int, tuple[tuple[float, ...], int]]:
     """Time several callables round-robin; re-time the noisy ones in extra rounds.
 
@@ -570,6 +596,13 @@ def interleaved_timing(
       max_spread: re-time a key while ``(q75 − q25)/median`` is above it.
       max_extra_rounds: at most this many extra rounds.
       clock: seconds, monotonic.
+      prune: called after every timed round from the second on with ``{key: times}`` of the
+        keys still timed; the keys it returns (``{key: reason}``) are timed no more (they
+        cannot win). At least one key is always kept.
+      max_seconds: stop after the round in which the timed rounds' wall time (``clock``)
+        passes it (at least one round is timed).
+      progress: ``progress(done, total)`` after every round (``total`` grows when noisy keys
+        get extra rounds).
 
     Returns:
       ``{key: (times, extra_rounds)}``.
@@ -589,21 +622,36 @@ def interleaved_timing(
     times: dict[int, list[float]] = {k: [] for k in keys}
     extra = dict.fromkeys(keys, 0)
     round_index = itertools.count()
+    active, spent, done = list(keys), [0.0], [0]
 
     def one_round(order, timed=True):
+        t_round = clock()
         for k in order if next(round_index) % 2 == 0 else order[::-1]:
             t0 = clock()
             runs[k]()
             if timed:
                 times[k].append(float(clock() - t0))
+        if timed:
+            spent[0] += clock() - t_round
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], rounds + done[0] - min(done[0], rounds))
+            if prune is not None and done[0] >= 2:
+                drop = prune({k: tuple(times[k]) for k in active})
+                active[:] = [k for k in active if k not in drop] or active[:1]
+
+    def over_budget():
+        return max_seconds is not None and spent[0] > max_seconds
 
     for _ in range(warmup):
         one_round(keys, timed=False)
     for _ in range(rounds):
-        one_round(keys)
+        one_round(list(active))
+        if over_budget():
+            break
     for _ in range(max_extra_rounds):
-        noisy = [k for k in keys if _summary(times[k])[3] > max_spread]
-        if not noisy:
+        noisy = [k for k in active if _summary(times[k])[3] > max_spread]
+        if not noisy or over_budget():
             break
         one_round(noisy)
         for k in noisy:
@@ -622,6 +670,9 @@ def time_batch_sizes(
     max_extra_rounds: int = 10,
     cache: CompileCache | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    prune: Callable[[dict[int, tuple[float, ...]]], Mapping[int, str]] | None = None,
+    max_seconds: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TimingTable:
     """Step times of all candidate batch sizes, timed interleaved, median and spread each.
 
@@ -639,8 +690,11 @@ def time_batch_sizes(
       make_args_for_batch: ``B -> args`` for ``step(*args)``; called once per batch size, the
         arguments are kept for all rounds (the step must not donate them).
       batch_sizes: the candidates.
-      rounds, warmup, max_spread, max_extra_rounds, clock: as for :func:`interleaved_timing`.
+      rounds, warmup, max_spread, max_extra_rounds, clock, max_seconds, progress: as for
+        :func:`interleaved_timing`.
       cache: where compiled executables are kept (default: the module's).
+      prune: as for :func:`interleaved_timing`; a pruned batch keeps the times it got and its
+        reason (``BatchTiming.pruned``).
 
     Returns:
       A :class:`TimingTable`; ``.step_time()`` and ``.step_time_range()`` feed
@@ -661,18 +715,111 @@ def time_batch_sizes(
         args = tuple(make_args_for_batch(b))
         compiled, compile_s[b] = (cache or _CACHE).get(fn, *args)
         runs[b] = functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
+    pruned: dict[int, str] = {}
+
+    def recording_prune(times):
+        drop = prune(times)
+        pruned.update({b: why for b, why in drop.items() if b not in pruned})
+        return drop
+
     raw = interleaved_timing(
-        runs,
-        rounds=rounds,
-        warmup=warmup,
-        max_spread=max_spread,
-        max_extra_rounds=max_extra_rounds,
-        clock=clock,
-    )
+        runs, rounds=rounds, warmup=warmup, max_spread=max_spread,
+        max_extra_rounds=max_extra_rounds, clock=clock,
+        prune=None if prune is None else recording_prune, max_seconds=max_seconds,
+        progress=progress,
+    )  # fmt: skip
     timings = {}
     for b, (times, extra) in raw.items():
         med, q25, q75, spread = _summary(times)
         timings[b] = BatchTiming(
-            b, med, q25, q75, spread, times, extra, spread <= max_spread, compile_s[b]
-        )
+            b, med, q25, q75, spread, times, extra, spread <= max_spread, compile_s[b],
+            pruned.get(b, ""),
+        )  # fmt: skip
     return TimingTable(timings, rounds, float(max_spread))
+
+
+def step_signature(step_fn: Callable, *example_args) -> str | None:
+    """A key for ``step_fn`` at these argument shapes on this backend's devices.
+
+    The SHA-256 of the device kind and count and of the step's lowered program (StableHLO,
+    without its module name): two steps that compute the same thing for the same shapes share
+    it, whatever their Python identity. Lowering traces the step but compiles nothing.
+    ``None`` for an already compiled executable (nothing to lower).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+      >>> step_signature(lambda x: x * 2, x) == step_signature(lambda y: y * 2, x)
+      True
+    """
+    if _is_compiled(step_fn):
+        return None
+    text = _as_jitted(step_fn).lower(*_abstract(example_args)).as_text()
+    text = re.sub(r"^module @\S+", "module", text)
+    dev = jax.devices()[0]
+    key = f"{dev.platform}|{dev.device_kind}|{jax.device_count()}|{text}"
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class TimingCache(dict):
+    """Measurements of earlier calls in this process, by :func:`step_signature` (in memory).
+
+    ``{signature: value}``: :func:`gns.finder.time_candidates` keeps ``(FitRecord,
+    BatchTiming)`` per batch size here, so a second search for the same step on the same device
+    (the same model at another budget, a re-run in a notebook) measures nothing again. A step
+    time measured under another load is reused as it was: clear the cache to re-time.
+    """
+
+
+TIMING_CACHE = TimingCache()
+
+
+def accumulated_step_time(
+    step_time: dict[int, float], batch_size: int, max_batch_size: int
+) -> tuple[float, int, int]:
+    """Time of one optimizer step at ``batch_size`` on the measured step-time curve.
+
+    Up to ``max_batch_size`` the step runs as one batch: its time is the measured one, or a
+    log-log interpolation between the nearest measured batch sizes (clamped extrapolation at
+    the ends, proportional to the batch). Above it the step is **gradient accumulation** of
+    ``k = ceil(B / max_batch_size)`` microbatches of ``ceil(B / k)`` examples, timed as
+    ``k × t(ceil(B/k))``. That counts the optimizer update ``k`` times instead of once, a
+    slight overestimate when the update is cheap next to the backward pass (it is for the
+    models here); it needs no extra measurement and makes no assumption about the memory
+    behaviour of a ``scan`` over microbatches.
+
+    Args:
+      step_time: measured ``{batch size: seconds per step}`` at batch sizes that fit.
+      batch_size: the (effective) batch size to time.
+      max_batch_size: the largest batch that fits.
+
+    Returns:
+      ``(seconds, accumulation_steps, micro_batch_size)``.
+
+    Example:
+      >>> accumulated_step_time({64: 0.1, 128: 0.2}, 512, 128)
+      (0.8, 4, 128)
+    """
+    if not step_time:
+        raise ValueError("step_time is empty: measure at least one batch size that fits.")
+    if batch_size < 1 or max_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {batch_size}, max {max_batch_size}.")
+    k = max(1, math.ceil(batch_size / max_batch_size))
+    micro = math.ceil(batch_size / k)
+    return k * interpolate_step_time(step_time, micro), k, micro
+
+
+def interpolate_step_time(step_time: dict[int, float], batch_size: float) -> float:
+    """Measured step time at ``batch_size``, else log-log interpolation (see above)."""
+    bs = np.array(sorted(step_time), dtype=np.float64)
+    ts = np.array([step_time[b] for b in sorted(step_time)], dtype=np.float64)
+    if np.any(~np.isfinite(ts)) or np.any(ts <= 0):
+        raise ValueError(f"step times must be finite and positive, got {dict(step_time)!r}.")
+    b = float(batch_size)
+    if b in step_time:
+        return float(step_time[b])
+    if b <= bs[0]:
+        return float(ts[0])  # a smaller batch is not faster than the smallest measured one
+    if b >= bs[-1]:
+        return float(ts[-1] * b / bs[-1])  # no better throughput than the largest measured
+    return float(np.exp(np.interp(np.log(b), np.log(bs), np.log(ts))))

@@ -39,6 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from gns.hardware import accumulated_step_time, interpolate_step_time
+
 __all__ = [
     "Recommendation",
     "recommend",
@@ -59,9 +61,10 @@ class Recommendation:
     Attributes:
       batch_size: the recommended (effective) batch size: ``time_optimal`` or ``cost_optimal``
         depending on ``objective``.
-      time_optimal: the candidate with the smallest predicted time to target.
+      time_optimal: the candidate with the smallest predicted time to target (of equal
+        predicted times, the smaller batch).
       cost_optimal: the candidate with the smallest predicted compute (device-hours, or money
-        with a price) to target.
+        with a price) to target (of equal ones, the smaller batch).
       accumulation_steps: gradient-accumulation steps for ``batch_size`` (1: one batch per step).
       micro_batch_size: examples per accumulation step.
       learning_rate: the learning rate for ``batch_size`` from ``base_lr`` at
@@ -146,6 +149,10 @@ def scale_learning_rate(
       a heuristic (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive gradient
       algorithms"; Hoffer et al. 2017), not derived from the noise scale. Re-tune around it.
 
+    The ratio ``(1 + N/B_base)/(1 + N/B)`` is formed in units of ``N`` when ``N >= 1``, so a
+    huge ``N`` (1e308) gives the linear-scaling limit, not ``inf/inf``; a rate that overflows
+    float64 raises a ``ValueError``, never returns ``inf``.
+
     Returns:
       ``(learning_rate, rule in words)``.
 
@@ -163,7 +170,7 @@ def scale_learning_rate(
             f"{base_lr}, {base_batch_size}, {batch_size}."
         )
     if opt in _ADAPTIVE:
-        lr = base_lr * math.sqrt(batch_size / base_batch_size)
+        lr = _finite_lr(base_lr * math.sqrt(batch_size / base_batch_size), base_lr)
         rule = (
             f"square-root scaling lr = {base_lr:g}·sqrt(B/{base_batch_size:g}) for {opt}: a "
             "heuristic for adaptive optimizers (Malladi et al. 2022), not derived from the noise "
@@ -176,7 +183,7 @@ def scale_learning_rate(
             "scale. Measure it again on finite gradients (over more batches), or keep base_lr."
         )
     if b_noise == math.inf:
-        lr = base_lr * batch_size / base_batch_size
+        lr = _finite_lr(base_lr * (batch_size / base_batch_size), base_lr)
         rule = (
             f"linear scaling lr = {base_lr:g}·B/{base_batch_size:g}: the limit of "
             "eps_opt(B) = eps_max/(1 + B_noise/B) for an unresolved (infinite) noise scale."
@@ -188,8 +195,14 @@ def scale_learning_rate(
             "(no measurable gradient noise), and then eps_opt(B) = eps_max/(1 + B_noise/B) does "
             "not depend on B."
         )
-    eps_max = base_lr * (1.0 + b_noise / base_batch_size)
-    lr = eps_max / (1.0 + b_noise / batch_size)
+    # lr = base_lr·(1 + N/B_0)/(1 + N/B), with the ratio formed in units of N when N >= 1, so
+    # a huge N (1e308) neither overflows eps_max nor turns the ratio into inf/inf.
+    if b_noise >= 1.0:
+        ratio = (1.0 / b_noise + 1.0 / base_batch_size) / (1.0 / b_noise + 1.0 / batch_size)
+    else:
+        ratio = (1.0 + b_noise / base_batch_size) / (1.0 + b_noise / batch_size)
+    lr = _finite_lr(base_lr * ratio, base_lr)
+    eps_max = lr * (1.0 + b_noise / batch_size)
     rule = (
         f"eps_opt(B) = eps_max/(1 + B_noise/B) (McCandlish et al. 2018, eq. 2.6) with "
         f"B_noise = {b_noise:.4g} and eps_max = {eps_max:.4g} solved from lr {base_lr:g} tuned at "
@@ -198,16 +211,35 @@ def scale_learning_rate(
     return lr, rule
 
 
+def _finite_lr(lr: float, base_lr: float) -> float:
+    """``lr``, or a ``ValueError`` when it overflowed float64 (never a silent ``inf``)."""
+    if not math.isfinite(lr):
+        raise ValueError(
+            f"the scaled learning rate overflows float64 (inf) from base_lr={base_lr!r}: pass "
+            "a learning rate in its usual units."
+        )
+    return lr
+
+
+def _unit(n: float) -> float:
+    """The factor :func:`_objectives` divides by: ``max(N, 1)`` for a finite ``N``, else 1."""
+    return max(n, 1.0) if math.isfinite(n) else 1.0
+
+
 def _objectives(b: np.ndarray, t: np.ndarray, n: float):
-    """Relative steps ``1 + N/B`` and per-``S_min`` time and compute for noise scale ``n``."""
+    """Relative steps ``1 + N/B``, and the per-``S_min`` time and compute for noise scale ``n``
+    divided by ``_unit(n)`` (a factor common to every candidate: rankings and ratios do not
+    change, and a huge ``N`` such as 1e308 cannot overflow them)."""
     if n == math.inf:
         # S ∝ 1/B: every factor of B_noise cancels after dividing by it; compare t(B)/B.
         rel_steps = np.full_like(b, np.inf)
         return rel_steps, t / b, t / b
     n = max(n, 0.0)
     rel_steps = 1.0 + n / b
+    unit = _unit(n)
+    per_unit = (1.0 / unit + (n / unit) / b) * t  # (1 + N/B)·t(B) / unit
     # (1 + B/N)·t(B)/B · E_min = S_min·(1 + N/B)·t(B): per device, compute is the time.
-    return rel_steps, rel_steps * t, rel_steps * t
+    return rel_steps, per_unit, per_unit
 
 
 def _argmin_batch(b: np.ndarray, values: np.ndarray) -> int:
@@ -267,15 +299,19 @@ def recommend(
       evidence: every noise-scale measurement the caller has, ``{name: value}`` or
         ``{name: (value, low, high)}``; reported with its ratio to ``b_noise``. An entry named
         ``basis`` must equal ``b_noise``.
-      price_per_hour: price of one device-hour; adds money columns to the table.
+      price_per_hour: price of one device-hour, finite and positive; adds money columns to the
+        table (a value there beyond float64 is ``inf`` and named in ``warnings``).
       num_devices: devices the step runs on (compute = time × devices), or a function
         ``B -> devices`` when the device count grows with the batch (data parallelism at a
         fixed per-device batch; ``step_time`` must then be measured that way too). With a fixed
         device count the cost-optimal batch is the time-optimal one: the devices are paid for
         the whole wall time, and ``(1 + B/N)·t(B)/B·E_min = S_min·(1 + N/B)·t(B)``.
-      s_min: fitted ``S_min`` (steps), to report absolute times to target in the table.
+      s_min: fitted ``S_min`` (steps), to report absolute times to target in the table; finite
+        and positive (``nan``, negative or ``inf`` is refused).
       candidates: batch sizes to consider; default the measured ones and 2×, 4× the largest
-        that fits (accumulation), and the base batch size.
+        that fits (accumulation), and the base batch size. Every batch size here, in
+        ``step_time`` and ``base_batch_size`` is a whole number (``64`` or ``64.0``); ``3.5``
+        is refused, never truncated.
       objective: ``"time"`` or ``"cost"``: which optimum ``batch_size`` is.
       near_optimal_tolerance: relative slack defining ``near_optimal_range``.
 
@@ -303,13 +339,13 @@ def recommend(
         raise ValueError(f"basis must be a non-empty string (e.g. 'b_simple'), got {basis!r}.")
     measured = _measured(step_time, max_batch_size)
     ranges = _ranges(step_time_range, measured)
-    if price_per_hour is not None and not price_per_hour > 0:
-        raise ValueError(f"price_per_hour must be positive or None, got {price_per_hour!r}.")
+    _check_options(price_per_hour, s_min, near_optimal_tolerance)
+    base = _whole(base_batch_size, "base_batch_size")
     if candidates is None:
-        cands = set(measured) | {max_batch_size * 2, max_batch_size * 4, int(base_batch_size)}
+        cands = set(measured) | {max_batch_size * 2, max_batch_size * 4, base}
     else:
-        cands = {int(c) for c in candidates}
-    if not cands or min(cands) < 1:
+        cands = {_whole(c, "each of candidates") for c in candidates}
+    if not cands:
         raise ValueError(f"candidates must be positive batch sizes, got {candidates!r}.")
     b = np.array(sorted(cands), dtype=np.float64)
     timed = [accumulated_step_time(measured, int(x), max_batch_size) for x in b]
@@ -331,10 +367,10 @@ def recommend(
     i = int(np.flatnonzero(b == chosen)[0])
     near = b[time_obj <= time_obj.min() * (1.0 + near_optimal_tolerance)]
 
-    base_t, _, _ = accumulated_step_time(measured, int(base_batch_size), max_batch_size)
-    _, base_time, _ = _objectives(np.array([float(base_batch_size)]), np.array([base_t]), n)
+    base_t, _, _ = accumulated_step_time(measured, base, max_batch_size)
+    _, base_time, _ = _objectives(np.array([float(base)]), np.array([base_t]), n)
     speedup = float(base_time[0] / time_obj[i])
-    lr, lr_rule = scale_learning_rate(base_lr, base_batch_size, chosen, n, optimizer)
+    lr, lr_rule = scale_learning_rate(base_lr, base, chosen, n, optimizer)
 
     under, n_range = None, (n, n)
     if b_noise_interval is not None:
@@ -359,6 +395,8 @@ def recommend(
     evid = _evidence(basis, n, n_range if b_noise_interval is not None else None, evidence)
 
     table = []
+    with np.errstate(over="ignore"):
+        per_s = b / t
     for j, x in enumerate(b):
         row = {
             "batch_size": int(x),
@@ -367,19 +405,21 @@ def recommend(
             "micro_batch_size": int(micro[j]),
             "step_time_s": float(t[j]),
             "step_time_range_s": [float(t_lo[j]), float(t_hi[j])],
-            "examples_per_s": float(x / t[j] * 1.0),
+            "examples_per_s": float(per_s[j]),
             "relative_steps": float(rel_steps[j]),
             "relative_time": float(time_obj[j] / time_obj.min()),
             "relative_cost": float(compute[j] / compute.min()),
             "plausible": int(x) in plausible,
         }
-        if s_min is not None and math.isfinite(n):
-            row["time_to_target_s"] = float(s_min * time_obj[j])
-        if price_per_hour is not None:
-            key = "cost_to_target" if s_min is not None and math.isfinite(n) else "cost_per_s_min"
-            scale = s_min if key == "cost_to_target" else 1.0
-            row[key] = float(scale * compute[j] * price_per_hour / 3600.0)
+        with np.errstate(over="ignore"):
+            if s_min is not None and math.isfinite(n):
+                row["time_to_target_s"] = float(s_min * time_obj[j] * _unit(n))
+            if price_per_hour is not None:
+                key = "cost_to_target" if "time_to_target_s" in row else "cost_per_s_min"
+                scale = s_min if key == "cost_to_target" else 1.0
+                row[key] = float(scale * compute[j] * _unit(n) * (price_per_hour / 3600.0))
         table.append(row)
+    warnings += _overflow_warnings(table)
 
     status = "infinite" if n == math.inf else ("positive" if n > 0 else "non-positive")
     reason = _reason(
@@ -394,7 +434,7 @@ def recommend(
         (int(near.min()), int(near.max())),
         near_optimal_tolerance,
         speedup,
-        int(base_batch_size),
+        base,
         under,
         t[i],
         b,
@@ -434,11 +474,8 @@ def recommend(
 
 def _measured(step_time, max_batch_size) -> dict[int, float]:
     """``{batch: seconds}`` at or below ``max_batch_size``, validated."""
-    if isinstance(step_time, Mapping):
-        measured = {int(k): float(v) for k, v in step_time.items()}
-    else:
-        bs, ts = step_time
-        measured = {int(k): float(v) for k, v in zip(bs, ts, strict=True)}
+    pairs = step_time.items() if isinstance(step_time, Mapping) else zip(*step_time, strict=True)
+    measured = {_whole(k, "each step_time batch size"): float(v) for k, v in pairs}
     if not measured:
         raise ValueError("step_time is empty: time at least one batch size that fits.")
     bad = {k: v for k, v in measured.items() if not (k >= 1 and math.isfinite(v) and v > 0)}
@@ -453,6 +490,62 @@ def _measured(step_time, max_batch_size) -> dict[int, float]:
             "sizes that fit."
         )
     return measured
+
+
+def _whole(value, name: str) -> int:
+    """A batch size as an ``int``: an integer, or a float without a fraction (``64.0`` from
+    JSON), at least 1; a ``ValueError`` naming ``name`` otherwise (``3.5`` is never truncated).
+
+    Example:
+      >>> _whole(64.0, "base_batch_size")
+      64
+    """
+    number = isinstance(value, int | float | np.integer | np.floating)
+    if not number or isinstance(value, bool | np.bool_) or not (1 <= value < math.inf):
+        ok = False
+    else:
+        ok = float(value) == math.floor(value)
+    if not ok:
+        raise ValueError(
+            f"{name} must be a whole number of examples >= 1, got {value!r}: a batch size has "
+            "no fraction (round it yourself if that is what you mean)."
+        )
+    return int(value)
+
+
+def _check_options(price_per_hour, s_min, near_optimal_tolerance) -> None:
+    """A ``ValueError`` for a price or ``S_min`` that is not finite and positive (or ``None``),
+    or a negative or non-finite tolerance."""
+    _check_positive(price_per_hour, "price_per_hour", "the price of one device-hour, e.g. 2.5")
+    _check_positive(s_min, "s_min", "the fitted minimal steps, e.g. TradeoffFit.s_min")
+    if isinstance(near_optimal_tolerance, bool) or not 0 <= near_optimal_tolerance < math.inf:
+        raise ValueError(
+            f"near_optimal_tolerance must be a finite fraction >= 0 (e.g. 0.1), got "
+            f"{near_optimal_tolerance!r}."
+        )
+
+
+def _overflow_warnings(table: list[dict]) -> list[str]:
+    """A warning naming the table columns with a value beyond float64 (``inf``), if any
+    (``relative_steps`` is ``inf`` by design for an infinite noise scale)."""
+    columns = {k for row in table for k, v in row.items() if v == math.inf} - {"relative_steps"}
+    if not columns:
+        return []
+    return [
+        f"Table values beyond the float64 range (inf) in {sorted(columns)}: the inputs (s_min, "
+        "price_per_hour, step times) are too large or small to multiply; rescale them."
+    ]
+
+
+def _check_positive(value, name: str, what: str) -> None:
+    """``None``, or a finite positive number; a ``ValueError`` naming ``name`` otherwise."""
+    if value is None:
+        return
+    number = isinstance(value, int | float | np.integer | np.floating)
+    if not number or isinstance(value, bool | np.bool_) or not 0 < value < math.inf:
+        raise ValueError(
+            f"{name} must be a finite positive number ({what}) or None, got {value!r}."
+        )
 
 
 def _ranges(step_time_range, measured) -> tuple[dict[int, float], dict[int, float]]:
@@ -637,54 +730,3 @@ def _reason(
             f"(low end) to {under[1]} (high end)."
         )
     return " ".join(parts)
-
-
-def accumulated_step_time(
-    step_time: dict[int, float], batch_size: int, max_batch_size: int
-) -> tuple[float, int, int]:
-    """Time of one optimizer step at ``batch_size`` on the measured step-time curve.
-
-    Up to ``max_batch_size`` the step runs as one batch: its time is the measured one, or a
-    log-log interpolation between the nearest measured batch sizes (clamped extrapolation at
-    the ends, proportional to the batch). Above it the step is **gradient accumulation** of
-    ``k = ceil(B / max_batch_size)`` microbatches of ``ceil(B / k)`` examples, timed as
-    ``k × t(ceil(B/k))``. That counts the optimizer update ``k`` times instead of once, a
-    slight overestimate when the update is cheap next to the backward pass (it is for the
-    models here); it needs no extra measurement and makes no assumption about the memory
-    behaviour of a ``scan`` over microbatches.
-
-    Args:
-      step_time: measured ``{batch size: seconds per step}`` at batch sizes that fit.
-      batch_size: the (effective) batch size to time.
-      max_batch_size: the largest batch that fits.
-
-    Returns:
-      ``(seconds, accumulation_steps, micro_batch_size)``.
-
-    Example:
-      >>> accumulated_step_time({64: 0.1, 128: 0.2}, 512, 128)
-      (0.8, 4, 128)
-    """
-    if not step_time:
-        raise ValueError("step_time is empty: measure at least one batch size that fits.")
-    if batch_size < 1 or max_batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got {batch_size}, max {max_batch_size}.")
-    k = max(1, math.ceil(batch_size / max_batch_size))
-    micro = math.ceil(batch_size / k)
-    return k * interpolate_step_time(step_time, micro), k, micro
-
-
-def interpolate_step_time(step_time: dict[int, float], batch_size: float) -> float:
-    """Measured step time at ``batch_size``, else log-log interpolation (see above)."""
-    bs = np.array(sorted(step_time), dtype=np.float64)
-    ts = np.array([step_time[b] for b in sorted(step_time)], dtype=np.float64)
-    if np.any(~np.isfinite(ts)) or np.any(ts <= 0):
-        raise ValueError(f"step times must be finite and positive, got {dict(step_time)!r}.")
-    b = float(batch_size)
-    if b in step_time:
-        return float(step_time[b])
-    if b <= bs[0]:
-        return float(ts[0])  # a smaller batch is not faster than the smallest measured one
-    if b >= bs[-1]:
-        return float(ts[-1] * b / bs[-1])  # no better throughput than the largest measured
-    return float(np.exp(np.interp(np.log(b), np.log(bs), np.log(ts))))

@@ -86,6 +86,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gns import scaling
 from gns.hardware import accumulated_step_time
 
 __all__ = [
@@ -112,7 +113,7 @@ __all__ = [
     "ScheduleLog",
 ]
 
-LR_RULES = ("linear", "sgd", "sqrt", "seesaw", "constant")
+LR_RULES = scaling.RULES
 
 # Reason codes (int32 in the state; words on the host via REASONS and explain).
 INITIAL = 0
@@ -257,7 +258,7 @@ def powers_of_two(low: int, high: int) -> tuple[int, ...]:
 
 def lr_multiplier(rule: str, batch_size, base_batch_size, noise=jnp.inf) -> jax.Array:
     """Learning-rate multiplier at ``batch_size`` relative to the rate tuned at
-    ``base_batch_size`` (jnp; jit-able). See the table in the module docstring.
+    ``base_batch_size`` (jnp; jit-able): :func:`gns.scaling.multiplier`.
 
     For ``"sgd"`` it is :func:`gns.recommend.scale_learning_rate`'s noise-scale rule divided by
     the base rate: ``(1 + N/B_0)/(1 + N/B)``, linear for ``N = inf`` and ``1`` for ``N <= 0``.
@@ -266,22 +267,7 @@ def lr_multiplier(rule: str, batch_size, base_batch_size, noise=jnp.inf) -> jax.
       >>> round(float(lr_multiplier("seesaw", 256, 128)), 4)  # batch x2 -> lr x 1/sqrt(2)
       0.7071
     """
-    b = jnp.asarray(batch_size, jnp.float32)
-    b0 = jnp.asarray(base_batch_size, jnp.float32)
-    if rule == "linear":
-        return b / b0
-    if rule == "sqrt":
-        return jnp.sqrt(b / b0)
-    if rule == "seesaw":
-        return jnp.sqrt(b0 / b)
-    if rule == "constant":
-        return jnp.ones((), jnp.float32)
-    if rule == "sgd":
-        n = jnp.asarray(noise, jnp.float32)
-        finite = jnp.where(jnp.isfinite(n) & (n > 0), n, 1.0)
-        saturating = (1.0 + finite / b0) / (1.0 + finite / b)
-        return jnp.where(jnp.isposinf(n), b / b0, jnp.where(n > 0, saturating, 1.0))
-    raise ValueError(f"lr_rule must be one of {LR_RULES}, got {rule!r}.")
+    return scaling.multiplier(rule, batch_size, base_batch_size, noise)
 
 
 def _int_list(name: str, values) -> list[int]:

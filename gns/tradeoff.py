@@ -256,7 +256,10 @@ def fit(
     A **plateau** (steps no longer fall with the batch size) is a legitimate answer, not an
     error: ``E_min`` then goes to (numerically) zero and ``B_crit`` to a tiny number; steps that
     halve with every doubling send ``S_min`` to zero and ``B_crit`` to a huge one. Both are
-    bounded ``e^30`` away from the data's scale, so the result stays finite.
+    bounded ``e^30`` away from the data's scale, so the result stays finite. The fit runs in
+    units of the geometric means of the batch sizes and the steps, so any magnitude (1e±300)
+    fits alike; ``S_min`` or ``E_min`` is ``inf`` only where it is beyond float64 itself
+    (``B_crit`` is formed from the logarithms and stays finite).
 
     Intervals come from the bootstrap, refitting ``num_bootstrap`` resampled data sets:
 
@@ -297,6 +300,11 @@ def fit(
     if method not in ("residuals", "pairs"):
         raise ValueError(f"method must be 'residuals' or 'pairs', got {method!r}.")
 
+    # Fit in units of the geometric means of B and S (the fit is equivariant to them), so
+    # neither S·B nor 1/B overflows or underflows at any magnitude (1e±300).
+    log_cb, log_cs = float(np.mean(np.log(b))), float(np.mean(np.log(s)))
+    b_all, s_all = b, s
+    b, s = np.exp(np.log(b) - log_cb), np.exp(np.log(s) - log_cs)
     scale_s = np.log(s.min())
     scale_e = np.log((s * b).min())
     bounds = (
@@ -304,7 +312,10 @@ def fit(
         np.array([np.log(s.max()) + 5.0, np.log((s * b).max()) + 5.0]),
     )
     theta = _fit_log(b, s, _initial_guess(b, s), bounds)
-    s_min, e_min = (float(v) for v in np.exp(theta))
+    unscale = np.array([log_cs, log_cs + log_cb])  # log S_min, log E_min back in units
+    with np.errstate(over="ignore"):
+        s_min, e_min = (float(v) for v in np.exp(theta + unscale))
+    b_crit = float(np.exp(theta[1] - theta[0] + log_cb))
     fitted = np.logaddexp(theta[0], theta[1] - np.log(b))
     resid = np.log(s) - fitted
     dof = b.size - 2
@@ -326,18 +337,20 @@ def fit(
                         break
                 bb, ss = b[idx], s[idx]
             samples[i] = _fit_log(bb, ss, theta, bounds)
-        s_boot, e_boot = np.exp(samples[:, 0]), np.exp(samples[:, 1])
-        for name, vals in (("s_min", s_boot), ("e_min", e_boot), ("b_crit", e_boot / s_boot)):
+        with np.errstate(over="ignore"):
+            s_boot, e_boot = np.exp(samples + unscale).T
+        bc_boot = np.exp(samples[:, 1] - samples[:, 0] + log_cb)
+        for name, vals in (("s_min", s_boot), ("e_min", e_boot), ("b_crit", bc_boot)):
             intervals[name] = percentile_interval(vals, confidence)
 
     return TradeoffFit(
         s_min=s_min,
         e_min=e_min,
-        b_crit=e_min / s_min,
+        b_crit=b_crit,
         intervals=intervals,
         confidence=float(confidence),
-        batch_sizes=tuple(float(v) for v in b),
-        steps=tuple(float(v) for v in s),
+        batch_sizes=tuple(float(v) for v in b_all),
+        steps=tuple(float(v) for v in s_all),
         residual_std=residual_std,
         num_bootstrap=int(num_bootstrap),
     )

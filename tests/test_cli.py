@@ -118,3 +118,54 @@ def test_bugs_keep_their_traceback(capsys):
     with pytest.raises(SystemExit):  # while a user error is one line
         cli.main(mistake)(["x"])
     assert capsys.readouterr().err == "error: bad value of x\nhint: fix it\n"
+
+
+def test_workdir_that_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    err = run_main(capsys, smoke(), str(blocker))
+    assert err[0] == f"error: --workdir {blocker} is a file, not a directory"
+    assert len(err) == 2 and err[1].startswith("hint: ") and blocker.read_text() == "keep"
+    assert run_main(capsys, smoke(), "")[0] == "error: --workdir is empty"
+
+
+WRITE_FAULTS = [
+    (OSError(errno.EROFS, "Read-only file system", "/w/config.json"), "Read-only file system"),
+    (PermissionError(errno.EACCES, "Permission denied", "/w/.lock"), "Permission denied: /w/.lock"),
+    (ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space"), "the disk is full"),
+    (ImportError("sys.meta_path is None, Python is likely shutting down"), "cut short"),
+    (ValueError("PERMISSION_DENIED: Error opening file"), "no permission to write there"),
+]
+
+
+@pytest.mark.parametrize("fault, needle", WRITE_FAULTS, ids=lambda x: type(x).__name__)
+def test_write_faults_anywhere_are_one_line(capsys, fault, needle):
+    def main(argv):
+        raise fault
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(main)(["x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == cli.EXIT_USER_ERROR and len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("fault, needle", WRITE_FAULTS[2:], ids=["full", "shutdown", "denied"])
+def test_checkpoint_write_faults_are_user_errors(tmp_path, monkeypatch, fault, needle):
+    """orbax/tensorstore report a full disk as ValueError or ImportError, not OSError."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    def failing_save(self, *args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
+    ckpt = runlog.Checkpoints(str(tmp_path))
+    with pytest.raises(UserError) as e:
+        ckpt.save(1, {"x": np.zeros(2)}, {})
+    assert needle in str(e.value) and "step 1" in str(e.value) and "--workdir" in e.value.hint
+    assert ckpt.latest_step() is None
+
+
+def test_bugs_that_mention_no_fault_keep_their_traceback():
+    assert cli.write_fault(ValueError("shapes (2,) and (3,) differ")) is None
+    assert cli.write_fault(OSError(errno.ENOSPC, "No space")) == "the disk is full"

@@ -488,3 +488,45 @@ def test_docs_example_runs_as_printed(capsys):
     # (see the doc's "What the branched value measures").
     assert low <= b_crit <= high and 4 <= b_crit <= 16
     assert "forks cost 16% of the pilot" in out and "branched_single_checkpoint" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Diverged forks and unresolved checkpoints.
+
+
+def test_a_diverged_fork_is_excluded_named_and_not_fitted():
+    # SGD on the quadratic diverges at lr·H > 2: a 1000x multiplier at B = 64 (lr 3.3).
+    state, make_step, batch_fn, eval_fn = nqm(seed=0)
+    kw = dict(ref_batch_size=B_REF, num_examples=256, num_repeats=2, num_resamples=100, seed=0)
+    res = critical.branched_critical_batch(
+        state, make_step, batch_fn, eval_fn, exponents=(-2, -1, 0, 1),
+        lr_multiplier=[0.25, 0.5, 1.0, 1000.0], **kw,
+    )  # fmt: skip
+    kept = critical.branched_critical_batch(
+        state, make_step, batch_fn, eval_fn, exponents=(-2, -1, 0),
+        lr_multiplier=[0.25, 0.5, 1.0], **kw,
+    )  # fmt: skip
+    assert [b for b, _ in res.excluded] == [64] and "above the checkpoint's" in res.excluded[0][1]
+    assert "fork at B = 64 excluded" in res.note
+    # Fitted on the forks that kept their loss below the checkpoint's, as if 64 was never forked.
+    assert res.batch_sizes == kept.batch_sizes == (8, 16, 32)
+    assert (res.b_crit, res.low, res.high) == (kept.b_crit, kept.low, kept.high)
+    assert res.examples_ratio == kept.examples_ratio and res.resolved == kept.resolved
+    assert res.examples_forked == 256 * 2 * 4  # the diverged fork's examples were spent
+    assert res.to_dict()["excluded"][0][0] == 64
+
+
+def test_a_diverged_smallest_fork_is_unresolved_and_says_so():
+    state, make_step, batch_fn, eval_fn = nqm(seed=0)
+    res = critical.branched_critical_batch(
+        state, make_step, batch_fn, eval_fn, ref_batch_size=B_REF, num_examples=256,
+        exponents=(-1, 0, 1), lr_multiplier=[1000.0, 1.0, 2.0], num_repeats=2, num_resamples=50,
+    )  # fmt: skip
+    assert not res.resolved and res.note.startswith("unresolved")
+    assert [b for b, _ in res.excluded] == [16]
+    # Every fork diverged: nothing to fit, nan (not a number that looks measured).
+    res = critical.branched_critical_batch(
+        state, make_step, batch_fn, eval_fn, ref_batch_size=B_REF, num_examples=256,
+        exponents=(0, 1), lr_multiplier=[1000.0, 1000.0], num_repeats=2, num_resamples=50,
+    )  # fmt: skip
+    assert math.isnan(res.b_crit) and not res.resolved and "fewer than 2 forks" in res.note

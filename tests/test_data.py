@@ -617,3 +617,57 @@ def test_interrupted_cache_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         data.load(_folder_cfg(folder, cache))
     assert os.listdir(cache) == []
+
+
+def test_private_cache_dir_is_the_users_alone(tmp_path, monkeypatch):
+    """The compiled-code cache: mode 0700 in the user's cache; never a symlink or a directory
+    another user owns (which could plant executables)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = data.private_cache_dir("jax")
+    assert path == str(tmp_path / "gns" / "jax") and os.stat(path).st_mode & 0o777 == 0o700
+    os.chmod(path, 0o777)  # made by an older version, or by hand: tightened
+    assert data.private_cache_dir("jax") == path and os.stat(path).st_mode & 0o777 == 0o700
+    os.symlink(tmp_path, tmp_path / "gns" / "link")
+    assert data.private_cache_dir("link") is None
+    if os.getuid() == 0:  # only root can give a directory to another user
+        os.chown(path, 12345, -1)
+        assert data.private_cache_dir("jax") is None
+
+
+def test_a_cache_file_of_another_source_is_decoded_again(tmp_path, caplog):
+    """Dataset A's cache file under dataset B's name (copied, renamed): B is decoded again."""
+    a = data.load(_folder_cfg(_write_folder(tmp_path / "a", size=SIZE), tmp_path / "ca"))
+    folder_b = _write_folder(tmp_path / "b", size=SIZE + 2)
+    b = data.load(_folder_cfg(folder_b, tmp_path / "cb"))
+    ((cache_a,), (cache_b,)) = (list((tmp_path / d).iterdir()) for d in ("ca", "cb"))
+    cache_b.write_bytes(cache_a.read_bytes())
+    with caplog.at_level("WARNING"):
+        again = data.load(_folder_cfg(folder_b, tmp_path / "cb"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "another source" in warnings[0], warnings
+    np.testing.assert_array_equal(again.train_images, b.train_images)
+    assert again.fingerprint == b.fingerprint != a.fingerprint
+
+
+def test_a_replaced_source_with_the_same_size_and_mtime_is_decoded_again(tmp_path):
+    """The content is part of the cache key, not only the path, the size and the mtime."""
+    folder, cache = _write_folder(tmp_path / "imgs", fmt="bmp"), tmp_path / "cache"
+    first = data.load(_folder_cfg(folder, cache))
+    image = folder / "train" / "cat" / "0001.bmp"  # BMP: the same size whatever the pixels
+    st = os.stat(image)
+    Image.fromarray(np.full((SIZE, SIZE, 3), 99, np.uint8)).save(image)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(image).st_size == st.st_size
+    again = data.load(_folder_cfg(folder, cache))
+    assert again.fingerprint != first.fingerprint and len(list(cache.iterdir())) == 2
+    assert (again.train_images == 99).all(axis=(1, 2, 3)).sum() == 1
+
+
+def test_the_data_fingerprint_is_the_content(tmp_path):
+    ds = data.load(data_cfg(source="synthetic", num_train=64, num_test=32))
+    same = data.load(data_cfg(source="synthetic", num_train=64, num_test=32))
+    other = data.load(data_cfg(source="synthetic", num_train=64, num_test=16))
+    assert ds.fingerprint == same.fingerprint != other.fingerprint
+    flipped = data.Dataset(ds.train_images[::-1], ds.train_labels, ds.test_images,
+                           ds.test_labels, ds.num_classes, ds.mean, ds.std)  # fmt: skip
+    assert flipped.fingerprint != ds.fingerprint

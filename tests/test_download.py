@@ -319,3 +319,26 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
     with download.atomic_file(str(final)) as f:
         f.write(b"new")
     assert final.read_bytes() == b"new" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_plain_http_and_no_checksum_are_warned(tmp_path, archive, caplog):
+    """The test server is plain http: one warning; without data.md5 one more, and the cached
+    archive decoded later without a checksum warns again."""
+    with serve(archive["payload"]) as (url, _), caplog.at_level("WARNING"):
+        data.load(_binary_cfg(tmp_path / "c1", url, archive["md5"]))
+    assert len(_warnings(caplog)) == 1 and "plain http" in _warnings(caplog)[0]
+    caplog.clear()
+    with serve(archive["payload"]) as (url, _), caplog.at_level("WARNING"):
+        data.load(_binary_cfg(tmp_path / "c2", url, None))
+    assert len(_warnings(caplog)) == 2 and "md5=None" in _warnings(caplog)[1]
+    for name in os.listdir(tmp_path / "c2"):  # the decoded arrays: decode the archive again
+        if name.endswith(".npz"):
+            os.remove(tmp_path / "c2" / name)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data.load(_binary_cfg(tmp_path / "c2", _closed_port_url(), None))
+    assert len(_warnings(caplog)) == 1 and "without a checksum" in _warnings(caplog)[0]

@@ -105,10 +105,11 @@ def test_linen_model_with_branching_and_an_iterator_factory(tmp_path):
             yield linreg_batches(size, i)
             i += 1
 
+    calls = []
     res = finder.find_batch_size(
         loss_fn, params, optax.adam(1e-2), stream, ref_batch_size=8, pilot_steps=12,
         num_stretches=2, branched=True, branch_points=2, branch_exponents=(-1, 0, 1),
-        branch_steps=2, candidates=(8, 16), timing_rounds=2, progress=False,
+        branch_steps=2, candidates=(8, 16), timing_rounds=2, progress=lambda *c: calls.append(c),
     )  # fmt: skip
     d = strict(res.to_dict())
     assert d["settings"]["branched"] and d["settings"]["branch_checkpoint_steps"] == [3, 9]
@@ -122,9 +123,23 @@ def test_linen_model_with_branching_and_an_iterator_factory(tmp_path):
     assert (res.basis == "branched") == (n_resolved >= 2)
     if res.basis != "branched":
         assert "branched not used" in res.basis_note
+    # An unresolved checkpoint says so, in its row and in the warnings (with the fallback).
+    assert all(r["status"] == ("resolved" if r["resolved"] else "unresolved") for r in rows)
+    unresolved = [w for w in res.warnings if "unresolved at pilot step" in w]
+    assert bool(unresolved) == (n_resolved < 2 or n_resolved < len(rows))
+    if res.basis != "branched":
+        assert "basis falls back to " + res.basis in unresolved[0]
+    # The forks follow the run's rule (Adam, read from its state: square root).
+    assert res.settings["lr_rule"] == res.settings["branch_lr_rule"] == "sqrt"
+    assert d["critical_batch"]["points"][0]["lr_multipliers"] == pytest.approx(
+        [math.sqrt(0.5), 1.0, math.sqrt(2.0)]
+    )
+    assert {c[0] for c in calls} >= {"pilot", "branched", "memory", "timing"}
     assert res.batch_size in {r["batch_size"] for r in res.recommendation.table}
-    paths = res.plot(str(tmp_path))
-    assert all((tmp_path / p.split("/")[-1]).stat().st_size > 5000 for p in paths)
+    noise_fig, throughput_fig = res.plot()
+    measured = [ln for ln in noise_fig.axes[0].get_lines() if ln.get_label() == "per-step"]
+    assert len(measured) == 1 and len(measured[0].get_xdata()) > 0
+    assert throughput_fig.axes[0].get_xlabel() == "batch size"
 
 
 def test_iterator_factory_serves_the_same_stream_as_indices():
@@ -236,3 +251,164 @@ def test_find_batch_size_is_a_lazy_attribute_of_the_package():
     root = os.path.dirname(os.path.dirname(os.path.abspath(gns.__file__)))
     env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pilot is the start of the run; arguments are checked first; progress, budget, warnings.
+
+
+def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_result):
+    res = plain_result
+    assert (res.state.step, res.state.examples_seen) == (24, 24 * 16)
+    w = jnp.zeros(D)  # the pilot recomputed as plain SGD: per-example grads average to grad
+    for i in range(24):
+        w = w - 0.05 * jax.grad(linreg_loss)(w, linreg_batches(16, i))
+    np.testing.assert_allclose(res.state.params, w, rtol=2e-5, atol=1e-6)
+    assert res.to_dict()["state"] == {"step": 24, "examples_seen": 384}
+    # Continue at batch 32 with the recommended rate: the stream goes on at example 384.
+    opt = optax.sgd(res.recommendation.learning_rate)
+    state, losses = finder.continue_training(
+        linreg_loss, opt, linreg_batches, res.state, 3, batch_size=32
+    )
+    want = res.state.params
+    for i in range(12, 15):
+        want = want - res.recommendation.learning_rate * jax.grad(linreg_loss)(
+            want, linreg_batches(32, i)
+        )
+    np.testing.assert_allclose(state.params, want, rtol=2e-5, atol=1e-6)
+    assert (state.step, state.examples_seen) == (27, 15 * 32) and losses.shape == (3,)
+    assert losses[0] == pytest.approx(float(linreg_loss(res.state.params, linreg_batches(32, 12))))
+    # Accumulating 2 micro-batches of 16 is the same step.
+    acc, _ = finder.continue_training(
+        linreg_loss, opt, linreg_batches, res.state, 3, batch_size=32, accumulation_steps=2
+    )
+    np.testing.assert_allclose(acc.params, state.params, rtol=1e-5, atol=1e-6)
+    # From the result itself: its state at its recommended batch and accumulation.
+    rec = res.recommendation
+    a, _ = finder.continue_training(linreg_loss, opt, linreg_batches, res, 2)
+    b, _ = finder.continue_training(linreg_loss, opt, linreg_batches, res.state, 2,
+                                    batch_size=rec.batch_size,
+                                    accumulation_steps=rec.accumulation_steps)  # fmt: skip
+    np.testing.assert_array_equal(a.params, b.params)
+    hits = finder._plain_step.cache_info().hits  # training on in chunks reuses the jitted step
+    finder.continue_training(linreg_loss, opt, linreg_batches, a, 1, batch_size=rec.batch_size,
+                             accumulation_steps=rec.accumulation_steps)  # fmt: skip
+    assert finder._plain_step.cache_info().hits == hits + 1
+    assert (
+        a.examples_seen == b.examples_seen == math.ceil(384 / rec.batch_size + 2) * rec.batch_size
+    )
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"optimizer_name": "adamx"}, "optimizer_name must be an optimizer name"),
+     ({"lr_rule": "cosine"}, "lr_rule must be one of"),
+     ({"branch_lr_rule": "cosine"}, "branch_lr_rule must be one of"),
+     ({"learning_rate": -1.0}, "learning_rate must be a positive finite number"),
+     ({"budget_s": 0.0}, "budget_s must be a positive"),
+     ({"budget_fraction": 0.1}, "budget_fraction needs run_steps"),
+     ({"objective": "money"}, "objective must be 'time' or 'cost'"),
+     ({"progress": True}, "gns draws nothing itself"),
+     ({"branch_exponents": (0,)}, "branch_exponents must be at least 2"),
+     ({"batch_fn": lambda size, index: {"x": _X[:size, : 4 + (size == 8)], "y": _Y[:size]}},
+      r"batch_fn\(8, 0\) and batch_fn\(4, 1\) differ")],
+)  # fmt: skip
+def test_every_argument_is_checked_before_any_work(kw, message):
+    calls = []
+    batch_fn = kw.pop("batch_fn", linreg_batches)
+
+    def counting(size, index):
+        calls.append(size)
+        return batch_fn(size, index)
+
+    with pytest.raises(ValueError, match=message):
+        _find(batch_fn=counting, **kw)
+    assert len(calls) <= 2  # the two batches of the check; no pilot step ran
+
+
+def test_the_learning_rate_rule_is_read_from_the_optimizer_or_asked_for():
+    from gns import scaling  # noqa: PLC0415
+
+    w = jnp.zeros(3)
+    for opt, rule in [(optax.sgd(0.1), "sgd"), (optax.sgd(0.1, momentum=0.9), "sgd"),
+                      (optax.adam(1e-3), "sqrt"), (optax.adamw(1e-3), "sqrt"),
+                      (optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), "sqrt"),
+                      (optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), "sgd"),
+                      (optax.adafactor(1e-3), None)]:  # fmt: skip
+        assert scaling.infer_rule(opt.init(w)) == rule
+    # An explicit rule or optimizer name wins over the state; an unreadable one is an error.
+    assert finder.resolve_lr_rule("linear", None, optax.adam(1.0).init(w))[0] == "linear"
+    assert finder.resolve_lr_rule(None, "momentum", optax.adam(1.0).init(w))[0] == "sgd"
+    with pytest.raises(ValueError, match="cannot tell this optimizer's learning-rate rule"):
+        finder.find_batch_size(linreg_loss, jnp.zeros(D), optax.adafactor(1e-3), linreg_batches)
+    # The forks' rule is the run's (SGD here, read from the state), and the multipliers follow it.
+    assert scaling.rule_for("adamw") == "sqrt" and scaling.rule_for("sgd") == "sgd"
+    assert critical.lr_multipliers(32, [64], "sgd", 32.0) == pytest.approx(((1 + 1) / 1.5,))
+
+
+def test_progress_covers_every_phase_and_seconds_add_up():
+    calls = []
+    res = _find(pilot_steps=6, candidates=(8, 16), timing_rounds=2, timing_cache=None,
+                progress=lambda *c: calls.append(c))  # fmt: skip
+    phases = [c[0] for c in calls]
+    assert phases[0] == "pilot" and {"pilot", "memory", "timing"} <= set(phases)
+    for phase in set(phases):  # each phase reaches its own total: no 98% then minutes of work
+        done, total = [c[1:] for c in calls if c[0] == phase][-1]
+        assert done == total
+    assert [c[1] for c in calls if c[0] == "pilot"] == list(range(1, 7))
+    s = res.seconds
+    assert {"pilot", "noise", "branched", "memory", "timing", "decide", "total"} <= set(s)
+    assert s["overhead"] == pytest.approx(s["total"] - s["pilot"])
+    assert sum(s[k] for k in ("pilot", "noise", "branched", "memory", "timing")) <= s["total"]
+
+
+def test_a_budget_bounds_the_timing_and_says_when_it_is_exceeded():
+    res = _find(pilot_steps=6, candidates=(8, 16), timing_rounds=5, timing_cache=None,
+                budget_s=1e-6)  # fmt: skip
+    assert all(len(t.times_s) == 1 for t in res.timing.timings.values())  # one round, then stop
+    assert any("over the budget of" in w for w in res.warnings) and res.budget_s == 1e-6
+    assert strict(res.to_dict())["warnings"] == list(res.warnings)
+    # A fraction of the planned run, timed by the pilot's steps after the first (compile).
+    res = _find(pilot_steps=6, budget_fraction=0.5, run_steps=10**6, timing_cache=None)
+    assert 0 < res.budget_s <= 0.5 * 10**6 * res.seconds["pilot"] / 5
+    assert not any("over the budget" in w for w in res.warnings)
+
+
+def test_dominated_sizes_drop_exactly_what_loses_at_every_noise_scale():
+    rng = np.random.default_rng(3)
+    times = {b: list(rng.uniform(0.5, 1.5, 4) * (0.2 + b / 64)) for b in (8, 16, 32, 64, 256)}
+    for objective in ("time", "cost"):
+        pruned = finder.dominated_sizes((20.0, 90.0), objective)(times)
+
+        def cost(b, n, t, objective=objective):
+            return (1 + n / b) * t if objective == "time" else (1 + b / n) * t / b
+
+        q = {b: np.quantile(t, [0.25, 0.75]) for b, t in times.items()}
+        grid = np.linspace(20.0, 90.0, 201)
+        brute = {b for b in q if any(all(cost(b, n, q[b][0]) > cost(c, n, q[c][1]) for n in grid)
+                                     for c in q if c != b)}  # fmt: skip
+        assert set(pruned) == brute and len(brute) < len(times)
+    # 8 is faster at n = 20 (3.5 vs 3.825), 16 at n = 90 (11.26 vs 12.25): both stay.
+    assert finder.dominated_sizes((20.0, 90.0))({8: [1.0], 16: [1.7]}) == {}
+    assert finder.dominated_sizes((math.nan, 90.0))(times) == {}  # no interval: nothing pruned
+
+
+def test_unstable_step_times_warn_how_far_the_pick_could_move():
+    from gns import hardware  # noqa: PLC0415
+
+    def timing(b, med, spread):
+        return hardware.BatchTiming(b, med, med * (1 - spread / 2), med * (1 + spread / 2),
+                                    spread, (med,), 0, spread <= 0.1)  # fmt: skip
+
+    table = hardware.TimingTable(
+        {8: timing(8, 1.0, 0.02), 16: timing(16, 1.3, 0.6), 32: timing(32, 2.6, 0.02)}, 5, 0.1
+    )
+    kw = {"base_batch_size": 16, "optimizer": "adam"}
+    rec = finder.decide("b_simple", (16.0, 12.0, 20.0), {}, table, 32, **kw)
+    timing_only = finder.decide("b_simple", (16.0, math.nan, math.nan), {}, table, 32, **kw)
+    (warning,) = finder._timing_warnings(table, rec, timing_only)
+    moves = sorted(set(timing_only.plausible_batch_sizes) | {rec.batch_size})
+    assert "B = [16]" in warning and "60%" in warning and f"any of {moves}" in warning
+    assert len(moves) >= 2  # batch 16's quartiles reach below batch 8's time: the pick can move
+    stable = hardware.TimingTable({8: timing(8, 1.0, 0.02)}, 5, 0.1)
+    assert finder._timing_warnings(stable, rec, timing_only) == []

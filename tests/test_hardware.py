@@ -352,3 +352,84 @@ def test_time_step_does_not_recompile_on_every_call():
     first = hardware.time_step(step, args, warmup=0, repeats=1)
     second = hardware.time_step(step, args, warmup=0, repeats=1)
     assert len(traces) == 1 and first.compile_s > 0 and second.compile_s == 0.0
+
+
+# Pruning, a time budget and a timing cache across calls (issue 19).
+
+
+def test_a_pruned_size_is_timed_no_more_and_keeps_its_reason():
+    clock = FakeClock()
+    runs = {8: clock.step(8, [1.0] * 50), 16: clock.step(16, [1.5] * 50),
+            64: clock.step(64, [9.0] * 50)}  # fmt: skip
+    seen = []
+
+    def prune(times):  # drop 64 once it has 2 times; record what the rule was shown
+        seen.append({b: len(t) for b, t in times.items()})
+        return {64: "slow"} if len(times.get(64, ())) >= 2 else {}
+
+    ticks = []
+    out = hardware.interleaved_timing(
+        runs, rounds=5, warmup=1, clock=clock, prune=prune, progress=lambda d, t: ticks.append(d)
+    )
+    assert clock.calls.count(64) == 1 + 2  # warm-up and the first 2 rounds, then pruned
+    assert len(out[64][0]) == 2 and len(out[8][0]) == len(out[16][0]) == 5
+    assert seen[0] == {8: 2, 16: 2, 64: 2} and all(64 not in s for s in seen[1:])
+    assert ticks == [1, 2, 3, 4, 5]
+    # The same through time_batch_sizes: the reason is kept, the others timed to the end.
+    table = hardware.time_batch_sizes(
+        lambda x: x * 2.0, lambda b: (jnp.ones((b,)),), [8, 16, 64], rounds=4,
+        prune=lambda t: {64: "slow"} if 64 in t else {},
+    )  # fmt: skip
+    assert table.timings[64].pruned == "slow" and len(table.timings[64].times_s) == 2
+    assert table.timings[8].pruned == "" and len(table.timings[8].times_s) >= 4
+
+
+def test_a_time_budget_stops_the_rounds():
+    clock = FakeClock()
+    runs = {8: clock.step(8, [1.0, 3.0] * 50), 16: clock.step(16, [2.0, 1.0] * 50)}
+    out = hardware.interleaved_timing(runs, rounds=10, warmup=0, max_spread=0.01,
+                                      max_seconds=7.0, clock=clock)  # fmt: skip
+    # Rounds take 3, 4, 3 s: the third passes 7 s; noisy keys get no extra rounds after it.
+    assert [len(out[b][0]) for b in (8, 16)] == [3, 3] and out[8][1] == 0
+
+
+def test_step_signature_names_the_computation_not_the_function():
+    x8, x16 = (jax.ShapeDtypeStruct((b, 4), jnp.float32) for b in (8, 16))
+    sig = hardware.step_signature(lambda x: jnp.tanh(x) * 2, x8)
+    assert sig == hardware.step_signature(lambda y: jnp.tanh(y) * 2, x8)
+    assert sig != hardware.step_signature(lambda x: jnp.tanh(x) * 3, x8)
+    assert sig != hardware.step_signature(lambda x: jnp.tanh(x) * 2, x16)
+    assert hardware.step_signature(hardware.compile_step(lambda x: x, x8), x8) is None
+
+
+def test_time_candidates_reuses_a_cached_table_without_compiling():
+    from gns import finder
+
+    def make_step():  # a new Python function each call, the same computation
+        return lambda x: jnp.tanh(x) @ x.T
+
+    def make_args(b):
+        return (jnp.ones((b, 8), jnp.float32),)
+
+    store, seconds = hardware.TimingCache(), {}
+    cache1 = hardware.CompileCache()
+    fit1, table1 = finder.time_candidates(
+        make_step(), make_args, [8, 16], memory_budget_bytes=2**30, rounds=2,
+        max_extra_rounds=0, cache=cache1, timing_cache=store, seconds=seconds,
+    )  # fmt: skip
+    assert cache1.compiles == 2 and len(store) == 2 and set(seconds) == {"memory", "timing"}
+    cache2 = hardware.CompileCache()
+    fit2, table2 = finder.time_candidates(
+        make_step(), make_args, [8, 16, 32], memory_budget_bytes=2**30, rounds=2,
+        max_extra_rounds=0, cache=cache2, timing_cache=store,
+    )  # fmt: skip
+    assert cache2.compiles == 1  # only the new batch size
+    for b in (8, 16):
+        assert table2.timings[b].cached and table2.timings[b].times_s == table1.timings[b].times_s
+        assert fit2.records[[r.batch_size for r in fit2.records].index(b)].fits
+    assert not table2.timings[32].cached and fit2.max_batch_size == 32
+    # Another memory budget is another key: measured again.
+    cache3 = hardware.CompileCache()
+    finder.time_candidates(make_step(), make_args, [8], memory_budget_bytes=2**29, rounds=1,
+                           cache=cache3, timing_cache=store)  # fmt: skip
+    assert cache3.compiles == 1

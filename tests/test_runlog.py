@@ -245,3 +245,41 @@ def test_checkpoint_identity_is_checked_before_its_state_is_read(tmp_path):
     with pytest.raises(UserError, match="batch_size: 32 -> 64; width: 2 -> 3"):
         ckpt.restore({"w": jnp.zeros(3)}, check=second.check_meta)
     assert ckpt.latest_step() == 1 and not os.path.exists(tmp_path / runlog.UNREADABLE_DIR)
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symlink", "hardlink"])
+def test_workdir_lock_never_writes_through_a_planted_link(tmp_path, link):
+    """An untrusted workdir's ``.lock`` pointing at another file: refused, the file intact."""
+    victim, workdir = tmp_path / "victim", tmp_path / "w"
+    victim.write_text("precious")
+    workdir.mkdir()
+    link(victim, workdir / runlog.LOCK_FILE)
+    with pytest.raises(UserError, match="not a plain lock file") as e:
+        with runlog.workdir_lock(str(workdir)):
+            pass
+    assert victim.read_text() == "precious" and "delete" in e.value.hint
+
+
+def test_a_resume_on_another_number_of_devices_is_refused(tmp_path):
+    one = runlog.RunLog(str(tmp_path), devices=1)
+    one.advance(8)
+    meta = json.loads(runlog.dumps(one.meta()))  # as the checkpoint stores it
+    runlog.RunLog(str(tmp_path), devices=1).resume(1, meta)  # same count: resumes
+    with pytest.raises(UserError, match="devices: 1 -> 4") as e:
+        runlog.RunLog(str(tmp_path), devices=4).resume(1, meta)
+    assert "--config.num_devices=1" in e.value.hint
+    meta.pop("devices")  # a checkpoint that predates the field: not checked
+    assert runlog.RunLog(str(tmp_path), devices=4).resume(1, meta) == []
+
+
+def test_a_resume_on_other_data_is_refused_naming_the_field(tmp_path):
+    first = runlog.RunLog(str(tmp_path))
+    first.data = {"fingerprint": "aaaa", "kind": "folder"}
+    meta = json.loads(runlog.dumps(first.meta()))
+    again = runlog.RunLog(str(tmp_path))
+    again.data = {"fingerprint": "bbbb", "kind": "folder"}
+    with pytest.raises(UserError, match="data.fingerprint: 'aaaa' -> 'bbbb'") as e:
+        again.resume(0, meta)
+    assert "kind" not in str(e.value) and "another --workdir" in e.value.hint
+    again.data = dict(first.data)
+    again.resume(0, meta)  # the same data: resumes

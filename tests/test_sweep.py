@@ -66,6 +66,7 @@ def test_smoke_sweep_writes_every_key_within_budget(smoke_run):
     } <= set(s["recommendation"])
     for name in ("throughput.png", "tradeoff.png", "time_to_target.png"):
         assert os.path.getsize(os.path.join(workdir, name)) > 5000, name
+        assert s["plots"][name] == os.path.join(workdir, name)
 
 
 @pytest.mark.timeout(300)

@@ -1,6 +1,7 @@
 """Tests of the CIFAR-10 training code (experiments/train.py, experiments/cifar10.py,
 configs/cifar10.py, gns/plots.py), on tiny models and synthetic data."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import cifar10 as cifar10_config
-from experiments import cli, models, runlog, train
+from experiments import cli, data, events, models, runlog, train
+from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from gns import plots, smoothing
 
@@ -124,7 +126,10 @@ def test_smoke_run_files_and_rows(smoke_run):
         assert r["examples_seen"] == r["step"] * config.batch_size
     walls = [r["wall_time_s"] for r in rows]
     assert all(b >= a for a, b in zip(walls, walls[1:], strict=False))
-    assert summary["wall_time_s"] == pytest.approx(walls[-1])
+    # The rows' wall_time_s is the training clock; the summary has it as train_time_s, and
+    # its wall_time_s is the whole call's (data, compilation, evaluation, checkpoints too).
+    assert summary["train_time_s"] == pytest.approx(walls[-1])
+    assert summary["wall_time_s"] > summary["train_time_s"] + summary["compile_time_s"]
 
     measured = [r for r in rows if "g_sq" in r]
     expected = [s for s in range(1, config.num_steps + 1) if (s - 1) % config.gns_every == 0]
@@ -155,6 +160,40 @@ def test_smoke_run_files_and_rows(smoke_run):
     assert 0 < ns["b_simple"] < math.inf
     lo, hi = ns["interval"]
     assert lo <= ns["b_simple"] <= hi
+    # recent: the ratio of means over the last recent_window measurements, where they start.
+    k = smoothing.recent_window(len(measured))
+    assert ns["recent"]["num_measurements"] == k
+    assert ns["recent"]["from_step"] == measured[-k]["step"]
+    assert ns["recent"]["b_simple"] == pytest.approx(t[-k:].mean() / g[-k:].mean(), rel=1e-6)
+
+
+@pytest.mark.timeout(240)
+def test_smoke_run_tensorboard_files_hold_the_rows_and_files_are_readable(smoke_run):
+    _, workdir, _ = smoke_run
+    _, _, rows = strict_outputs(workdir)
+    got = events.read_scalars(workdir)
+    for key in ("train_loss", "test_accuracy", "b_simple", "ema_b_simple", "learning_rate"):
+        tag = events.STEP_TAGS.get(key, "test/accuracy")
+        assert got[tag] == [(r["step"], float(np.float32(r[key]))) for r in rows
+                            if r.get(key) is not None], key  # fmt: skip
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(workdir):  # files as open() makes them: the umask decides
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path):
+            assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, name
+
+
+@pytest.mark.timeout(240)
+def test_rerunning_a_finished_run_says_already_complete(smoke_run, caplog):
+    config, workdir, summary = smoke_run
+    summary_path = os.path.join(workdir, "summary.json")
+    before = os.stat(summary_path).st_mtime_ns
+    with caplog.at_level("INFO"):
+        again = train.train_and_evaluate(config, workdir)
+    assert again == summary
+    assert "is already complete (num_steps at step 120)" in caplog.text
+    assert os.stat(summary_path).st_mtime_ns == before  # not evaluated or written again
 
 
 @pytest.mark.timeout(240)
@@ -348,6 +387,38 @@ def test_resume_with_a_different_config_stops(smoke_run, field, value):
     assert {n: open(os.path.join(workdir, n)).read() for n in names} == before
 
 
+@pytest.mark.timeout(120)
+def test_resume_on_another_number_of_devices_stops(smoke_run, monkeypatch):
+    """The smoke run trained on every device (4 simulated); the same command on 1 device is
+    refused before anything is written (summary.json would report only the new mesh)."""
+    config, workdir, summary = smoke_run
+    if summary["mesh"]["devices"] == 1:
+        pytest.skip("needs several devices (tests/conftest.py simulates 4)")
+    names = ("config.json", "metrics.jsonl", "summary.json")
+    before = {n: open(os.path.join(workdir, n)).read() for n in names}
+    make_mesh = mesh_lib.make_mesh
+    monkeypatch.setattr(mesh_lib, "make_mesh", lambda num_devices=None: make_mesh(1))
+    with pytest.raises(UserError, match=f"devices: {summary['mesh']['devices']} -> 1"):
+        train.train_and_evaluate(tiny_config(num_steps=config.num_steps, eval_every=40), workdir)
+    assert {n: open(os.path.join(workdir, n)).read() for n in names} == before
+
+
+@pytest.mark.timeout(120)
+def test_resume_on_other_data_behind_the_same_config_stops(smoke_run, monkeypatch):
+    """The same config, other images (an archive replaced at the same path): refused, naming
+    the data's fingerprint, before anything is written."""
+    config, workdir, summary = smoke_run
+    names = ("config.json", "metrics.jsonl", "summary.json")
+    before = {n: open(os.path.join(workdir, n)).read() for n in names}
+    load = data.load
+    monkeypatch.setattr(data, "load", lambda cfg: dataclasses.replace(
+        load(cfg), train_images=load(cfg).train_images[::-1]))  # fmt: skip
+    old = summary["data"]["fingerprint"]
+    with pytest.raises(UserError, match=f"data.fingerprint: '{old}' -> '[0-9a-f]{{16}}'"):
+        train.train_and_evaluate(tiny_config(num_steps=config.num_steps, eval_every=40), workdir)
+    assert {n: open(os.path.join(workdir, n)).read() for n in names} == before
+
+
 @pytest.mark.timeout(60)
 def test_a_second_run_in_the_workdir_stops_naming_the_first(tmp_path):
     workdir = str(tmp_path / "w")
@@ -410,6 +481,23 @@ def test_divergence_stops_with_a_one_line_error(tmp_path, capsys, optimizer, lr,
     assert (ns["num_measurements"], ns["num_dropped"]) == (len(used), len(measured) - len(used))
     if optimizer == "sgd":
         assert ns["num_dropped"] >= 1 and rows[-1]["train_loss"] is None  # inf -> null
+
+
+@pytest.mark.parametrize(
+    "g_sq, needle",
+    [([1.0, None, None, None], "3 of 4 noise-scale measurements are not finite"),
+     ([1.0, -1.0, -2.0, 0.0], "3 of 4 finite noise-scale measurements have g_sq <= 0"),
+     ([1.0, -1.0, 2.0, 3.0], None)],
+    ids=["overflow", "unresolved", "fine"],
+)  # fmt: skip
+def test_null_noise_scale_values_are_warned(caplog, g_sq, needle):
+    """Null noise-scale values (a run a huge divergence_factor lets go on) get a warning."""
+    rows = [{"step": i, "g_sq": g, "trace_cov": 1.0} for i, g in enumerate(g_sq)]
+    with caplog.at_level("WARNING"):
+        ns = train.noise_scale_summary(rows, smoothing)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert ns["num_dropped"] == sum(g is None for g in g_sq)
+    assert [needle in w for w in warnings] == ([] if needle is None else [True]), warnings
 
 
 # ---------------------------------------------------------------------------------------------

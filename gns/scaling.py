@@ -1,0 +1,153 @@
+"""The learning-rate rules: how the rate tuned at one batch size moves to another.
+
+One vocabulary for every place that moves a batch size (the finder's forks and its recommended
+rate, :mod:`gns.schedule`, :mod:`gns.critical`): a **rule** names the multiplier
+``lr(B)/lr(B_0)``:
+
+==============  ==================================  =============================================
+rule            ``lr(B)/lr(B_0)``                   for
+==============  ==================================  =============================================
+``"sgd"``       ``(1 + N/B_0)/(1 + N/B)``           SGD, momentum, LARS: McCandlish eq. 2.6 with
+                                                    the noise scale ``N`` (linear for ``N = inf``,
+                                                    1 for ``N <= 0`` or ``nan``)
+``"linear"``    ``B/B_0``                           SGD far below the noise scale (Goyal 2017)
+``"sqrt"``      ``sqrt(B/B_0)``                     Adam-family, a heuristic (Malladi et al. 2022)
+``"seesaw"``    ``sqrt(B_0/B)``                     growing the batch in place of decaying the
+                                                    rate (Meterez et al. 2025)
+``"constant"``  ``1``                               a rate the user keeps
+==============  ==================================  =============================================
+
+An optimizer name maps to its rule (:data:`OPTIMIZER_RULES`), and :func:`infer_rule` reads it
+from an optax optimizer state when it can tell (Adam's second moment, or SGD's momentum trace
+only), and says it cannot otherwise: a wrong rule silently mis-scales the rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "RULES",
+    "OPTIMIZER_RULES",
+    "check_rule",
+    "rule_for",
+    "infer_rule",
+    "multiplier",
+]
+
+RULES = ("sgd", "linear", "sqrt", "seesaw", "constant")
+OPTIMIZER_RULES = {
+    "sgd": "sgd",
+    "momentum": "sgd",
+    "lars": "sgd",
+    "adam": "sqrt",
+    "adamw": "sqrt",
+    "lamb": "sqrt",
+}
+
+# optax state classes that decide the rule: a second-moment estimate means an adaptive rate
+# (square-root rule); momentum traces and stateless transforms alone mean SGD.
+_ADAPTIVE_STATES = frozenset({"ScaleByAdamState", "ScaleByAmsgradState", "ScaleByLambState"})
+_SGD_STATES = frozenset(
+    {"EmptyState", "TraceState", "ScaleByTrustRatioState", "ScaleByScheduleState",
+     "ScaleByLearningRateState", "AddDecayedWeightsState", "ApplyIfFiniteState"}
+)  # fmt: skip
+_WRAPPERS = frozenset({"InjectHyperparamsState", "InjectStatefulHyperparamsState", "MaskedState"})
+
+
+def check_rule(rule: str, name: str = "lr_rule") -> str:
+    """``rule`` if it is one of :data:`RULES`, else a ``ValueError`` naming them."""
+    if rule not in RULES:
+        raise ValueError(
+            f"{name} must be one of {RULES} ('sgd' for SGD/momentum/LARS, 'sqrt' for "
+            f"Adam-family), got {rule!r}."
+        )
+    return rule
+
+
+def rule_for(name: str, what: str = "optimizer_name") -> str:
+    """The rule of an optimizer name (:data:`OPTIMIZER_RULES`) or a rule name itself.
+
+    Example:
+      >>> rule_for("adamw"), rule_for("momentum"), rule_for("linear")
+      ('sqrt', 'sgd', 'linear')
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key in OPTIMIZER_RULES:
+        return OPTIMIZER_RULES[key]
+    if key in RULES:
+        return key
+    raise ValueError(
+        f"{what} must be an optimizer name {tuple(OPTIMIZER_RULES)} or a learning-rate rule "
+        f"{RULES}, got {name!r}."
+    )
+
+
+def _state_names(state, out: set[str]) -> set[str]:
+    """Class names of the NamedTuple nodes of an optax state (wrappers looked through)."""
+    if hasattr(state, "_fields"):
+        name = type(state).__name__
+        if name not in _WRAPPERS:
+            out.add(name)
+        if name in _WRAPPERS or name not in _ADAPTIVE_STATES | _SGD_STATES:
+            for child in state:
+                _state_names(child, out)
+    elif isinstance(state, list | tuple):
+        for child in state:
+            _state_names(child, out)
+    elif isinstance(state, Mapping):
+        for child in state.values():
+            _state_names(child, out)
+    return out
+
+
+def infer_rule(opt_state) -> str | None:
+    """The rule of an optax optimizer from its state, or ``None`` when it cannot tell.
+
+    ``"sqrt"`` when the state holds a second-moment estimate (Adam, AdamW, LAMB, AMSGrad);
+    ``"sgd"`` when it holds only momentum traces and stateless transforms (SGD, momentum,
+    LARS); ``None`` for anything else (Adafactor, Lion, RMSProp, a custom state...): pass the
+    rule.
+
+    Example:
+      >>> import optax, jax.numpy as jnp
+      >>> w = jnp.zeros(3)
+      >>> infer_rule(optax.adamw(1e-3).init(w)), infer_rule(optax.sgd(0.1, 0.9).init(w))
+      ('sqrt', 'sgd')
+    """
+    names = _state_names(opt_state, set())
+    if names & _ADAPTIVE_STATES:
+        return "sqrt"
+    if names <= _SGD_STATES and names:
+        return "sgd"
+    return None
+
+
+def multiplier(rule: str, batch_size, base_batch_size, noise=math.inf, xp=jnp):
+    """``lr(B)/lr(B_0)`` of ``rule``: with ``xp=jnp`` jit-able (float32), with ``xp=numpy``
+    in float64 on the host; Python numbers in, a 0-d array out.
+
+    Example:
+      >>> float(multiplier("sqrt", 256, 64)), float(multiplier("sgd", 256, 64, 64.0))
+      (2.0, 1.6)
+    """
+    check_rule(rule)
+    dtype = jnp.float32 if xp is jnp else np.float64
+    b = xp.asarray(batch_size, dtype)
+    b0 = xp.asarray(base_batch_size, dtype)
+    if rule == "linear":
+        return b / b0
+    if rule == "sqrt":
+        return xp.sqrt(b / b0)
+    if rule == "seesaw":
+        return xp.sqrt(b0 / b)
+    if rule == "constant":
+        return xp.ones((), dtype)
+    n = xp.asarray(noise, dtype)
+    finite = xp.where(xp.isfinite(n) & (n > 0), n, 1.0)
+    saturating = (1.0 + finite / b0) / (1.0 + finite / b)
+    return xp.where(xp.isposinf(n), b / b0, xp.where(n > 0, saturating, 1.0))
