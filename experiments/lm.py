@@ -31,7 +31,7 @@ from __future__ import annotations
 from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, runlog
+from experiments import cli, rules, runlog
 from experiments.cli import UserError
 
 FLAGS = flags.FLAGS
@@ -78,10 +78,11 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
+    rules.check(FLAGS.config, "lm")  # every field, before the slow imports
     logging.get_absl_handler().addFilter(runlog.QuietOrbax())
     cli.print_summary(run(FLAGS.config, FLAGS.workdir), SUMMARY_KEYS)
 
 
 if __name__ == "__main__":
     _define_flags()
-    cli.run(main)
+    cli.run(main, "configs/lm.py", "lm")
