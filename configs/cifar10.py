@@ -10,6 +10,8 @@ some of them, and its docstring gives its command and expected run time.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -17,9 +19,22 @@ import configs
 from experiments.cli import UserError
 from experiments.data import CIFAR10_BINARY_MD5, CIFAR10_BINARY_URL
 
-DATA = "../shared/data/cifar10-jpeg.tar.gz"
+DATA = "../shared/data/cifar10-jpeg.tar.gz"  # the shared JPEG archive, beside the repository
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("smoke", "cpu", "gpu", "gpu_study", "effnet_lamb")
 RENAMED = {"seed": "effnet_lamb"}  # old variant names
+
+
+def default_data() -> tuple[str, str | None]:
+    """The data source as ``make demo`` finds it: ``('folder', DATA)`` when the shared JPEG
+    archive exists (from the current directory, else beside the repository), else
+    ``('cifar10_binary', None)`` (the official archive, downloaded once into the cache; offline
+    it says what to pass instead). ``tfds`` only when asked for
+    (``--config.data.source=tfds``)."""
+    for path in (DATA, os.path.join(ROOT, DATA)):
+        if os.path.exists(path):
+            return "folder", path
+    return "cifar10_binary", None
 
 
 def base() -> ml_collections.ConfigDict:
@@ -122,11 +137,12 @@ def base() -> ml_collections.ConfigDict:
 
     # Data (experiments.data.load).
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # 'tfds', 'folder' (data.path), 'cifar10_binary' (the official
-    # binary archive: data.path, or downloaded once from data.url into the cache, MD5-checked)
-    # or 'synthetic'
+    c.data.source, path = default_data()  # 'folder' (data.path), 'cifar10_binary' (the
+    # official binary archive: data.path, or downloaded once from data.url into the cache,
+    # MD5-checked), 'tfds' (a prepared tfds dataset) or 'synthetic'
     c.data.name = "cifar10"  # tfds name
     c.data.path = config_dict.placeholder(str)  # folder or .tar.gz laid out split/class/x.jpg
+    c.data.path = path
     c.data.cache_dir = config_dict.placeholder(str)  # decoded arrays (None: ~/.cache/gns)
     c.data.tfds_data_dir = config_dict.placeholder(str)  # tfds data_dir (None: its default)
     c.data.url = CIFAR10_BINARY_URL  # cifar10_binary: where to download it from...

@@ -1,4 +1,4 @@
-"""CIFAR-10 with the gradient noise scale tracked during training.
+r"""CIFAR-10 with the gradient noise scale tracked during training.
 
 Usage::
 

@@ -19,8 +19,10 @@ Example (the end of a main module)::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
+import json
 import os
 import re
 import sys
@@ -38,6 +40,7 @@ __all__ = [
     "plain_text",
     "resolve_config_paths",
     "config_fields",
+    "under",
     "print_summary",
     "EXIT_USER_ERROR",
     "EXIT_INTERRUPTED",
@@ -119,6 +122,30 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     return wrapped
 
 
+@contextlib.contextmanager
+def under(section: str) -> Iterator[None]:
+    """Inside, a :class:`UserError` that names config fields as a training config has them
+    (``config.x``, ``--config.x``, ``data.x``) names them under ``section`` instead: the
+    sweep reads the training config at ``config.train``.
+
+    Example::
+
+        with cli.under("train"):
+            ds = data.load(config.train.data)  # hints say --config.train.data.source=...
+    """
+    try:
+        yield
+    except UserError as e:
+
+        def fix(text: str | None) -> str | None:
+            if text is None:
+                return None
+            text = re.sub(rf"\b(--config|config)\.(?!{section}\.)", rf"\1.{section}.", text)
+            return re.sub(r"(?<![\w.])data\.", f"{section}.data.", text)
+
+        raise UserError(fix(str(e)), hint=fix(e.hint)) from e
+
+
 def run(
     fn: Callable[[list[str]], None], config: str, kind: str, argv: list[str] | None = None
 ) -> None:
@@ -134,7 +161,11 @@ def run(
     """
     argv = resolve_config_paths(list(sys.argv if argv is None else argv))
     if any(a in HELP_FLAGS for a in argv[1:]):
-        print_help([a for a in argv if a not in HELP_FLAGS], config, kind)
+        try:
+            print_help([a for a in argv if a not in HELP_FLAGS], config, kind)
+            sys.stdout.flush()
+        except BrokenPipeError:  # e.g. piped into head
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     app.run(main(fn), argv=argv, flags_parser=lambda a: _parse_or_print(a, kind))
 
@@ -160,7 +191,7 @@ def _parse_or_print(argv: list[str], kind: str) -> list[str]:
         if "workdir" in FLAGS and not any(a.startswith("--workdir") for a in argv):
             argv = [*argv, "--workdir=unused"]
         parse_flags(argv)
-        print(FLAGS.config)
+        print(json.dumps(FLAGS.config.to_dict(), indent=2))
         sys.exit(0)
     args = parse_flags(argv)
     if "workdir" in FLAGS and not FLAGS.workdir:
@@ -205,11 +236,12 @@ def _config_name(argv: list[str]) -> str:
 
 
 def plain_text(doc: str) -> str:
-    """A docstring without reStructuredText markup: ``:func:`~a.b``` -> ``b``, ````x```` ->
-    ``x``, a paragraph's closing ``::`` -> ``:``; the layout (indentation) kept."""
+    """A docstring without reStructuredText markup: ``:func:`~a.b``` -> ``b``, ````x```` and
+    ``**x**`` -> ``x``, a paragraph's closing ``::`` -> ``:``; the layout (indentation)
+    kept."""
     doc = re.sub(r":\w+:`~?([^`]+)`", lambda m: m.group(1).split(".")[-1]
                  if m.group(0).count("~") else m.group(1), doc)  # fmt: skip
-    doc = doc.replace("``", "")
+    doc = doc.replace("``", "").replace("**", "")
     return re.sub(r"(\S)::$", r"\1:", doc, flags=re.M)
 
 

@@ -1,4 +1,4 @@
-"""A byte-level Transformer language model with the gradient noise scale tracked in training.
+r"""A byte-level Transformer language model with the gradient noise scale tracked in training.
 
 Usage::
 

@@ -356,7 +356,6 @@ class TransformerLM(nn.Module):
 # Factory.
 
 
-
 def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
     value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
     return default if value is None else value

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -401,93 +402,127 @@ BENCH_LM_MODEL += (("model.vocab_size", count(2, hi=65536), "vocabulary (synthet
 
 
 # ---------------------------------------------------------------------------------------------
-# The rules between fields: (fields, ok(node, devices), what is wrong, hint or None).
+# The rules between fields: functions (node, devices, prefix) -> (message, hint) or None, made
+# by cross() from (fields, ok(node, devices), what is wrong, hint); checked once every field
+# is valid.
+
+
+def cross(fields: tuple[str, ...], ok: Callable, what: str, hint: str | None = None) -> Callable:
+    """The rule that ``ok(node, devices)`` holds, about ``fields`` (named in the message);
+    skipped when one of them is missing."""
+
+    def rule(node, devices, prefix):
+        if not all(_present(node, f) for f in fields) or _safe(lambda n: ok(n, devices), node):
+            return None
+        given = ", ".join(f"config.{prefix}{f}={get(node, f)!r}" for f in fields)
+        fix = " or ".join(f"--config.{prefix}{f}" for f in fields)
+        return f"{given}: {what}", hint or f"change {fix}"
+
+    return rule
+
+
+def batch_problem(batch_size: int, devices: int, field: str) -> tuple[str, str] | None:
+    """Why the global batch ``config.<field>`` does not split over ``devices``, with the
+    hint, or ``None`` (:func:`experiments.mesh.check_batch`)."""
+    n = devices
+    hint = (
+        f"use a multiple of {n} (e.g. --config.{field}={max(n, batch_size // n * n)} or "
+        f"{(batch_size // n + 1) * n}), or fewer devices with --config.num_devices"
+    )
+    if batch_size < n:
+        return (f"config.{field}={batch_size} is smaller than the {n} devices of the mesh: "
+                "every device needs at least one example", hint)  # fmt: skip
+    if batch_size % n:
+        return (f"config.{field}={batch_size} is not divisible by the {n} devices of the mesh "
+                "(the global batch is split evenly)", hint)  # fmt: skip
+    return None
+
+
+def _on_devices(field: str) -> Callable:
+    """``field``, a global batch, splits evenly over the mesh's devices (when known)."""
+
+    def rule(node, devices, prefix):
+        value = get(node, field)
+        if devices is None or not _is_int(value):
+            return None
+        return batch_problem(int(value), devices, prefix + field)
+
+    return rule
 
 
 def _divides(k, values) -> bool:
     return all(v % k == 0 for v in values)
 
 
-def _on_devices(field: str):
-    """``field`` splits evenly over the mesh's devices (known: ``devices`` not ``None``)."""
-    return (
-        (field,),
-        lambda c, d: d is None or (c[field] >= d and c[field] % d == 0),
-        "the global batch must split evenly over the devices of the mesh",
-        "use a multiple of the device count, or set --config.num_devices",
-    )
-
-
-def _target_needs_eval(target: str):
-    return (
+def _target_needs_eval(target: str) -> Callable:
+    return cross(
         (target, "eval_every"),
         lambda c, d: c[target] is None or c.eval_every > 0,
-        f"{target} is checked at the periodic evaluations: eval_every must be > 0",
-        None,
+        f"{target} is checked at the periodic evaluations: it needs eval_every > 0",
     )
 
 
 TRAIN_CROSS = (
     _on_devices("batch_size"),
-    (("gns_method", "gns_microbatches", "batch_size"),
-     lambda c, d: c.gns_method != "microbatch"
-     or (c.gns_microbatches >= 2 and c.batch_size % c.gns_microbatches == 0),
-     "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size", None),
+    cross(("gns_method", "gns_microbatches", "batch_size"),
+          lambda c, d: c.gns_method != "microbatch"
+          or (c.gns_microbatches >= 2 and c.batch_size % c.gns_microbatches == 0),
+          "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size"),
 )  # fmt: skip
 
 IMAGE_CROSS = (
     _target_needs_eval("target_accuracy"),
-    (("data.num_train", "batch_size"),
-     lambda c, d: c.data.num_train is None or c.data.num_train >= c.batch_size,
-     "a batch cannot be larger than the train subset", None),
-    (("model.widths", "model.groups"),
-     lambda c, d: c.model.name != "small_cnn" or _divides(c.model.groups, c.model.widths),
-     "model.groups must divide every one of model.widths (GroupNorm)", None),
-    (("data.source", "data.path"),
-     lambda c, d: c.data.source != "folder" or c.data.path is not None,
-     "data.source='folder' reads data.path",
-     "set --config.data.path=path/to/folder_or.tar.gz (laid out split/class/image.jpg)"),
-    (("adaptive.min_batch_size", "adaptive.max_batch_size"),
-     lambda c, d: c.adaptive.min_batch_size <= c.adaptive.max_batch_size,
-     "adaptive.min_batch_size must be <= adaptive.max_batch_size", None),
-    (("adaptive.enabled", "gns_every"),
-     lambda c, d: not c.adaptive.enabled or c.gns_every > 0,
-     "the batch-size schedule follows the measured noise scale: gns_every must be > 0", None),
+    cross(("data.num_train", "batch_size"),
+          lambda c, d: c.data.num_train is None or c.data.num_train >= c.batch_size,
+          "a batch cannot be larger than the train subset"),
+    cross(("model.widths", "model.groups"),
+          lambda c, d: c.model.name != "small_cnn" or _divides(c.model.groups, c.model.widths),
+          "model.groups must divide every one of model.widths (GroupNorm)"),
+    cross(("data.source", "data.path"),
+          lambda c, d: c.data.source != "folder" or c.data.path is not None,
+          "data.source='folder' reads data.path",
+          "set --config.data.path=path/to/folder_or.tar.gz (laid out split/class/image.jpg)"),
+    cross(("adaptive.min_batch_size", "adaptive.max_batch_size"),
+          lambda c, d: c.adaptive.min_batch_size <= c.adaptive.max_batch_size,
+          "adaptive.min_batch_size must be <= adaptive.max_batch_size"),
+    cross(("adaptive.enabled", "gns_every"),
+          lambda c, d: not c.adaptive.enabled or c.gns_every > 0,
+          "the batch-size schedule follows the measured noise scale: it needs gns_every > 0"),
 )  # fmt: skip
 
 LM_MODEL_CROSS = (
-    (("model.width", "model.num_heads"),
-     lambda c, d: c.model.width % c.model.num_heads == 0,
-     "model.num_heads must divide model.width (each head gets width / num_heads)", None),
+    cross(("model.width", "model.num_heads"),
+          lambda c, d: c.model.width % c.model.num_heads == 0,
+          "model.num_heads must divide model.width (each head gets width / num_heads)"),
 )  # fmt: skip
 
 TEXT_CROSS = (_target_needs_eval("target_bits_per_byte"),) + LM_MODEL_CROSS
 
 MEASURE_CROSS = (
-    (("throughput.min_batch_size", "throughput.max_batch_size"),
-     lambda c, d: c.throughput.min_batch_size <= c.throughput.max_batch_size,
-     "throughput.min_batch_size must be <= throughput.max_batch_size", None),
+    cross(("throughput.min_batch_size", "throughput.max_batch_size"),
+          lambda c, d: c.throughput.min_batch_size <= c.throughput.max_batch_size,
+          "throughput.min_batch_size must be <= throughput.max_batch_size"),
     _on_devices("noise.batch_size"),
 )  # fmt: skip
 
 SWEEP_CROSS = (
-    (("critical.exponents",), lambda c, d: len(c.critical.exponents) >= 2,
-     "the branched critical batch needs at least 2 fork sizes", "e.g. '(-1, 0, 1, 2)'"),
+    cross(("critical.exponents",), lambda c, d: len(c.critical.exponents) >= 2,
+          "the branched critical batch needs at least 2 fork sizes", "e.g. '(-1, 0, 1, 2)'"),
 )  # fmt: skip
 
 BENCH_CROSS = (
-    (("batch_sizes", "num_microbatches"),
-     lambda c, d: _divides(c.num_microbatches, c.batch_sizes),
-     "every batch size must split into num_microbatches equal microbatches", None),
-    (("reference_batch_size", "batch_sizes"),
-     lambda c, d: c.reference_batch_size in c.batch_sizes,
-     "reference_batch_size must be one of batch_sizes", None),
-    (("model.widths", "model.groups"),
-     lambda c, d: _divides(c.model.groups, c.model.widths),
-     "model.groups must divide every one of model.widths (GroupNorm)", None),
-    (("lm.batch_sizes", "lm.num_microbatches"),
-     lambda c, d: _divides(c.lm.num_microbatches, c.lm.batch_sizes),
-     "every lm batch size must split into lm.num_microbatches equal microbatches", None),
+    cross(("batch_sizes", "num_microbatches"),
+          lambda c, d: _divides(c.num_microbatches, c.batch_sizes),
+          "every batch size must split into num_microbatches equal microbatches"),
+    cross(("reference_batch_size", "batch_sizes"),
+          lambda c, d: c.reference_batch_size in c.batch_sizes,
+          "reference_batch_size must be one of batch_sizes"),
+    cross(("model.widths", "model.groups"),
+          lambda c, d: _divides(c.model.groups, c.model.widths),
+          "model.groups must divide every one of model.widths (GroupNorm)"),
+    cross(("lm.batch_sizes", "lm.num_microbatches"),
+          lambda c, d: _divides(c.lm.num_microbatches, c.lm.batch_sizes),
+          "every lm batch size must split into lm.num_microbatches equal microbatches"),
 )  # fmt: skip
 
 # kind -> [(prefix, rules, cross)]: the sections of each entry point's config.
@@ -552,20 +587,17 @@ def check(config, kind: str, devices: int | None = None) -> None:
             value = get(node, field)
             if not _safe(kind_.valid, value):
                 name = prefix + field
+                verb = "is not" if kind_.what.startswith("one of") else "must be"
                 raise UserError(
-                    f"config.{name}={value!r} must be {kind_.what}",
+                    f"config.{name}={value!r} {verb} {kind_.what}",
                     hint=f"set --config.{name}=... (--help lists every field and its values)",
                 )
-    for prefix, _, cross in sections:
+    for prefix, _, rules_between in sections:
         node = get(config, prefix.rstrip("."))
-        for names_, ok, what, hint in cross:
-            if node is None or not all(_present(node, f) for f in names_):
-                continue
-            if not _safe(lambda n: ok(n, devices), node):  # noqa: B023
-                given = ", ".join(f"config.{prefix}{f}={get(node, f)!r}" for f in names_)
-                on = f" on {devices} device(s)" if "devices" in what else ""
-                fix = " or ".join(f"--config.{prefix}{f}" for f in names_)
-                raise UserError(f"{given}{on}: {what}", hint=hint or f"change {fix}")
+        for rule in rules_between if node is not None else ():
+            problem = rule(node, devices, prefix)
+            if problem:
+                raise UserError(*problem)
 
 
 def _safe(fn, value) -> bool:
@@ -584,5 +616,8 @@ def describe(config, kind: str) -> list[str]:
     lines = []
     for name, value in config_fields(config):
         doc, what = docs.get(name, ("(no rule)", "any value"))
-        lines += [f"  --config.{name}={value!r}", f"      {doc}; {what}."]
+        lines.append(f"  --config.{name}={value!r}")
+        lines += textwrap.wrap(
+            f"{doc}; {what}.", 96, initial_indent=" " * 6, subsequent_indent=" " * 6
+        )
     return lines

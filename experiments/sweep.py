@@ -1,4 +1,4 @@
-"""The batch-size sweep: which batch size trains this model fastest on this device, and why.
+r"""The batch-size sweep: which batch size trains this model fastest on this device, and why.
 
 Usage::
 
@@ -955,7 +955,8 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     device = hardware.detect_devices()
     bar = tqdm(total=5, desc="sweep", unit="stage", disable=not sys.stderr.isatty())
-    ds = data.load(config.train.data)
+    with cli.under("train"):  # the hints name --config.train.data.*
+        ds = data.load(config.train.data)
     stage_t = {"setup": time.perf_counter() - t_start}
 
     def stage(name, key, measure):

@@ -189,7 +189,7 @@ def validate_config(config) -> None:
         noise-scale method, a batch that does not split over the devices).
     """
     devices = config.num_devices if _is_int(config.get("num_devices")) else jax.device_count()
-    rules.check(config, "lm" if config.get("task") == "lm" else "cifar10", devices)
+    rules.check(config, tasks.get(config).name, devices)
 
 
 def run_identity(config: dict) -> dict:
