@@ -140,14 +140,17 @@ def under(section: str) -> Iterator[None]:
         def fix(text: str | None) -> str | None:
             if text is None:
                 return None
-            text = re.sub(rf"\b(--config|config)\.(?!{section}\.)", rf"\1.{section}.", text)
+            text = re.sub(rf"\bconfig\.(?!{section}\.)", f"config.{section}.", text)
             return re.sub(r"(?<![\w.])data\.", f"{section}.data.", text)
 
         raise UserError(fix(str(e)), hint=fix(e.hint)) from e
 
 
 def run(
-    fn: Callable[[list[str]], None], config: str, kind: str, argv: list[str] | None = None
+    fn: Callable[[list[str]], None],
+    config: str | None = None,
+    kind: str | None = None,
+    argv: list[str] | None = None,
 ) -> None:
     """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, plus ``--help`` (the module's
     usage, its flags and the config's fields: exit 0) and ``--print_config``.
@@ -155,7 +158,7 @@ def run(
     Args:
       fn: the absl main.
       config: the config file whose default variant ``--help`` describes when no ``--config``
-        is given, e.g. ``configs/cifar10.py``.
+        is given, e.g. ``configs/cifar10.py`` (``None``: ``--help`` lists no fields).
       kind: its table in :mod:`experiments.rules` (``cifar10``, ``lm``, ``sweep``, ``bench``).
       argv: the command line (``sys.argv``).
     """
@@ -167,7 +170,7 @@ def run(
         except BrokenPipeError:  # e.g. piped into head
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    app.run(main(fn), argv=argv, flags_parser=lambda a: _parse_or_print(a, kind))
+    app.run(main(fn), argv=argv, flags_parser=_parse_or_print)
 
 
 def resolve_config_paths(argv: list[str]) -> list[str]:
@@ -184,7 +187,7 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
     return out
 
 
-def _parse_or_print(argv: list[str], kind: str) -> list[str]:
+def _parse_or_print(argv: list[str]) -> list[str]:
     """:func:`parse_flags`; with ``--print_config`` prints the resolved config and exits 0
     (``--workdir`` is not needed for it)."""
     if any(re.match(r"--print_config(=(true|1))?$", a) for a in argv[1:]):
@@ -199,12 +202,15 @@ def _parse_or_print(argv: list[str], kind: str) -> list[str]:
     return args
 
 
-def print_help(argv: list[str], config: str, kind: str) -> None:
+def print_help(argv: list[str], config: str | None, kind: str | None) -> None:
     """The usage of the ``__main__`` module (its docstring as plain text), its flags, and the
     fields of its config (``--config`` of ``argv``, else ``config``'s default variant) with
     their values, meaning and valid values (:func:`experiments.rules.describe`)."""
     from experiments import rules  # noqa: PLC0415 (rules imports this module's UserError)
 
+    if config is None or kind is None:
+        print(plain_text(sys.modules["__main__"].__doc__ or "").strip())
+        return
     if _config_arg(argv) is None:
         argv = [*argv, f"--config={os.path.join(ROOT, config)}"]
     if "workdir" in FLAGS and not any(a.startswith("--workdir") for a in argv):

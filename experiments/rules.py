@@ -70,7 +70,7 @@ def _or_none(kind: Kind, none: str | None) -> Kind:
 
 def count(lo: int = 0, none: str | None = None, hi: int = INT_MAX) -> Kind:
     """An int in ``[lo, hi]`` (``none``: what ``None`` means, when it is valid)."""
-    what = f"an int >= {lo}" if hi == INT_MAX else f"an int in [{lo}, {hi}]"
+    what = f"an int >= {lo}" if hi >= INT_MAX else f"an int in [{lo}, {hi}]"
     return _or_none(Kind(lambda v: _is_int(v) and lo <= v <= hi, what), none)
 
 
