@@ -4,8 +4,10 @@
 ``effnet_lamb``;
 default ``cpu``). Every field is overridable on the command line, e.g.
 ``--config.batch_size=256``. :func:`base` holds every field the code reads, each with its
-default and what it means (as flax's ``configs/default.py``); each setup's function overrides
-some of them, and its docstring gives its command and expected run time.
+default (as flax's ``configs/default.py``); each setup's function overrides some of them, and
+its docstring gives its command and expected run time. Each field's meaning and valid values
+are in the table of :mod:`experiments.rules`, which checks them before a run and which
+``python -m experiments.cifar10 --help`` prints; a new field needs a row there.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval_every = 500  # steps between test evaluations (0: only the final one)
     c.eval_examples = 5000  # fixed random test subset of the periodic evaluations and train
     # subset of the final train accuracy (None: all); the final test accuracy uses all
-    c.eval_batch_size = 500
+    c.eval_batch_size = 500  # examples per evaluation batch (memory only)
     c.log_every = 50  # steps between metrics rows (measured/evaluated steps always get one)
     c.checkpoint_every = 1000  # steps between checkpoints (0: only at the end)
     c.progress_bar = True  # a tqdm bar when stderr is a terminal
@@ -106,7 +108,7 @@ def base() -> ml_collections.ConfigDict:
     c.adaptive.enabled = False  # train with the schedule (mode=adaptive sets it for its runs)
     c.adaptive.candidates = config_dict.placeholder(tuple)  # compiled batch sizes, strictly
     # increasing (None: the powers of two in [min_batch_size, max_batch_size])
-    c.adaptive.min_batch_size = 16
+    c.adaptive.min_batch_size = 16  # smallest candidate (when candidates is None)
     c.adaptive.max_batch_size = 512  # also capped by what fits (the mode's sweep)
     c.adaptive.initial_batch_size = config_dict.placeholder(int)  # None: smallest candidate
     c.adaptive.step_times = config_dict.placeholder(tuple)  # seconds per step of each
@@ -153,9 +155,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.on_device = False  # decoded train arrays kept on the devices and batches gathered
     # there (same batches as the host pipeline; no host work between steps)
     c.data.synthetic = ml_collections.ConfigDict()  # source='synthetic' only
-    c.data.synthetic.image_size = 32
+    c.data.synthetic.image_size = 32  # image side in pixels
     c.data.synthetic.num_classes = 10
-    c.data.synthetic.seed = 0
+    c.data.synthetic.seed = 0  # the data's seed
     return c
 
 
