@@ -342,4 +342,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Directory for bench.json.", required=True)
     config_flags.DEFINE_config_file("config", None, "configs/bench.py[:variant]", lock_config=True)
     flags.mark_flag_as_required("config")
-    cli.run(main, "configs/bench.py", "bench")
+    cli.run(main, "configs/bench.py", rules.describer("bench"))

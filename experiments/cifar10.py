@@ -81,4 +81,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    cli.run(main, "configs/cifar10.py", "cifar10")
+    cli.run(main, "configs/cifar10.py", rules.describer("cifar10"))

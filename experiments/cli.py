@@ -14,7 +14,7 @@ Example (the end of a main module)::
 
     if __name__ == "__main__":
         _define_flags()
-        cli.run(main, "configs/cifar10.py", "cifar10")  # absl.app.run with parse_flags
+        cli.run(main, "configs/cifar10.py", rules.describer("cifar10"))  # absl.app.run
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def under(section: str) -> Iterator[None]:
 def run(
     fn: Callable[[list[str]], None],
     config: str | None = None,
-    kind: str | None = None,
+    describe: Callable[[Any], list[str]] | None = None,
     argv: list[str] | None = None,
 ) -> None:
     """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, plus ``--help`` (the module's
@@ -159,13 +159,14 @@ def run(
       fn: the absl main.
       config: the config file whose default variant ``--help`` describes when no ``--config``
         is given, e.g. ``configs/cifar10.py`` (``None``: ``--help`` lists no fields).
-      kind: its table in :mod:`experiments.rules` (``cifar10``, ``lm``, ``sweep``, ``bench``).
+      describe: ``config -> lines`` of ``--help``'s config fields
+        (:func:`experiments.rules.describe` of the config's table).
       argv: the command line (``sys.argv``).
     """
     argv = resolve_config_paths(list(sys.argv if argv is None else argv))
     if any(a in HELP_FLAGS for a in argv[1:]):
         try:
-            print_help([a for a in argv if a not in HELP_FLAGS], config, kind)
+            print_help([a for a in argv if a not in HELP_FLAGS], config, describe)
             sys.stdout.flush()
         except BrokenPipeError:  # e.g. piped into head
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -202,13 +203,11 @@ def _parse_or_print(argv: list[str]) -> list[str]:
     return args
 
 
-def print_help(argv: list[str], config: str | None, kind: str | None) -> None:
+def print_help(argv: list[str], config: str | None, describe: Callable | None) -> None:
     """The usage of the ``__main__`` module (its docstring as plain text), its flags, and the
     fields of its config (``--config`` of ``argv``, else ``config``'s default variant) with
-    their values, meaning and valid values (:func:`experiments.rules.describe`)."""
-    from experiments import rules  # noqa: PLC0415 (rules imports this module's UserError)
-
-    if config is None or kind is None:
+    their values, meaning and valid values (``describe(config)``)."""
+    if config is None or describe is None:
         print(plain_text(sys.modules["__main__"].__doc__ or "").strip())
         return
     if _config_arg(argv) is None:
@@ -222,7 +221,7 @@ def print_help(argv: list[str], config: str | None, kind: str | None) -> None:
             print(f"  --{name}: {FLAGS[name].help}")
     print("  --helpfull: every flag, absl's included\n")
     print(f"Config fields ({_config_name(argv)}; set any with --config.FIELD=VALUE):")
-    print("\n".join(rules.describe(FLAGS.config, kind)))
+    print("\n".join(describe(FLAGS.config)))
 
 
 def _config_arg(argv: list[str]) -> str | None:

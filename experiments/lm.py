@@ -85,4 +85,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    cli.run(main, "configs/lm.py", "lm")
+    cli.run(main, "configs/lm.py", rules.describer("lm"))

@@ -10,9 +10,12 @@ device count), so a bad value costs one line and a ``hint:``
 
 A table (:data:`TABLES`) is a list of sections ``(prefix, rules, cross)``: ``rules`` are
 ``(field, kind, doc)`` with ``field`` relative to ``prefix`` (the sweep's training fields are the
-CIFAR-10 ones under ``train.``); ``cross`` are ``(fields, ok(node, devices), what)``, the rules
-between fields, checked after every field is valid (``devices``: the data-parallel mesh's
-size, or ``None`` before it is known, which skips the rules that need it).
+CIFAR-10 ones under ``train.``) and ``kind`` a :class:`Kind` (valid values); ``cross`` are the
+rules between fields, functions ``(node, devices, prefix) -> (message, hint)`` or ``None``
+(most made by :func:`cross`), checked after every field is valid (``devices``: the
+data-parallel mesh's size, or ``None`` before it is known, which skips the rules that need
+it). A field a config lacks is skipped; a config field without a row fails the tests
+(``tests/test_config.py``).
 
 Example::
 
@@ -31,7 +34,7 @@ import numpy as np
 
 from experiments.cli import UserError, config_fields
 
-__all__ = ["Kind", "TABLES", "check", "rules_of", "describe", "get"]
+__all__ = ["Kind", "TABLES", "check", "rules_of", "describe", "describer", "get"]
 
 GNS_METHODS = ("auto", "per_example", "microbatch", "across_devices")
 DTYPES = ("float32", "bfloat16")
@@ -121,7 +124,10 @@ def ints(lo: int, *, increasing=False, empty=False, none: str | None = None) -> 
 
 def reals(lo: float, none: str | None = None) -> Kind:
     """A non-empty tuple of finite numbers > ``lo``."""
-    ok = lambda v: isinstance(v, tuple | list) and v and all(_is_real(x) and x > lo for x in v)  # noqa: E731
+
+    def ok(v):
+        return isinstance(v, tuple | list) and v and all(_is_real(x) and x > lo for x in v)
+
     return _or_none(Kind(ok, f"a non-empty tuple of numbers > {lo}"), none)
 
 
@@ -135,7 +141,7 @@ def names(options, *, distinct=True, none: str | None = None) -> Kind:
             return False
         return not distinct or len(set(v)) == len(v)
 
-    what = "a non-empty tuple of " + ("texts" if options is None else f"of {', '.join(options)}")
+    what = "a non-empty tuple of " + ("texts" if options is None else f"{', '.join(options)}")
     return _or_none(Kind(ok, what + (", no repeats" if distinct else "")), none)
 
 
@@ -607,6 +613,12 @@ def _safe(fn, value) -> bool:
         return bool(fn(value))
     except Exception:  # a wrong type of another field: that field's own rule names it
         return False
+
+
+def describer(kind: str) -> Callable[[Any], list[str]]:
+    """``config -> describe(config, kind)``: the ``--help`` of an entry point
+    (:func:`experiments.cli.run`)."""
+    return lambda config: describe(config, kind)
 
 
 def describe(config, kind: str) -> list[str]:

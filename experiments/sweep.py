@@ -1304,4 +1304,4 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main, "configs/sweep.py", "sweep")
+    cli.run(main, "configs/sweep.py", rules.describer("sweep"))
