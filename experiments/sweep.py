@@ -213,8 +213,8 @@ def validate_config(config) -> None:
     Raises:
       UserError: naming the field (as on the command line), its value and the fix.
     """
-    n = config.train.get("num_devices")
-    rules.check(config, "sweep", n if isinstance(n, int) and n >= 1 else jax.device_count())
+    rules.check(config, "sweep")  # every field, num_devices included, then the mesh's size
+    rules.check(config, "sweep", mesh_lib.make_mesh(config.train.num_devices).size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,8 +188,9 @@ def validate_config(config) -> None:
         positive finite number, ``batch_size < 2``, an unknown optimizer, schedule, model or
         noise-scale method, a batch that does not split over the devices).
     """
-    devices = config.num_devices if _is_int(config.get("num_devices")) else jax.device_count()
-    rules.check(config, tasks.get(config).name, devices)
+    kind = tasks.get(config).name
+    rules.check(config, kind)  # every field, num_devices included, then the mesh's size
+    rules.check(config, kind, mesh_lib.make_mesh(config.num_devices).size)
 
 
 def run_identity(config: dict) -> dict:
