@@ -403,6 +403,21 @@ BENCH = (
     ("lm.warmup", count(0), "untimed calls of each step"),
     ("lm.repeats", count(1), "interleaved timed rounds (median)"),
 )  # fmt: skip
+# config.rows of configs/bench.py: more models, each with its batch sizes (checked when present).
+BENCH_ROWS = (
+    ("rows.enabled", FLAG, "also time the rows of more models (experiments.bench_lm.measure_rows)"),
+    ("rows.num_microbatches", count(2), "k of the microbatch estimator of the rows"),
+    ("rows.warmup", count(0), "untimed calls of each step"),
+    ("rows.repeats", count(1), "interleaved timed rounds (median)"),
+    *((f"rows.models.{m}.batch_sizes", ints(2), f"{m}: batch sizes timed (multiples of "
+       "rows.num_microbatches)") for m in ("lm1b", "nnx_mlp", "plain_mlp")),
+    *((f"rows.models.{m}.dims", ints(1), f"{m}: layer widths") for m in ("nnx_mlp", "plain_mlp")),
+    *((f"rows.models.lm1b.{f}", count(1), f"lm1b-style Transformer: {doc}") for f, doc in (
+        ("context", "tokens per sequence"), ("depth", "blocks"), ("num_heads", "attention heads "
+         "(divides width)"), ("mlp_ratio", "MLP hidden size / width"), ("vocab_size",
+         "vocabulary"), ("width", "embedding size"))),
+)  # fmt: skip
+BENCH += BENCH_ROWS
 BENCH_LM_MODEL = tuple(r for r in TEXT if r[0].startswith("model.") and r[0] != "model.vocab_size")
 BENCH_LM_MODEL += (("model.vocab_size", count(2, hi=65536), "vocabulary (synthetic tokens)"),)
 
@@ -528,6 +543,13 @@ BENCH_CROSS = (
     cross(("model.widths", "model.groups"),
           lambda c, d: _divides(c.model.groups, c.model.widths),
           "model.groups must divide every one of model.widths (GroupNorm)"),
+    *(cross((f"rows.models.{m}.batch_sizes", "rows.num_microbatches"),
+            lambda c, d, m=m: _divides(c.rows.num_microbatches, c.rows.models[m].batch_sizes),
+            "every batch size must split into rows.num_microbatches equal microbatches")
+      for m in ("lm1b", "nnx_mlp", "plain_mlp")),
+    cross(("rows.models.lm1b.width", "rows.models.lm1b.num_heads"),
+          lambda c, d: c.rows.models.lm1b.width % c.rows.models.lm1b.num_heads == 0,
+          "rows.models.lm1b.num_heads must divide its width"),
     cross(("lm.batch_sizes", "lm.num_microbatches"),
           lambda c, d: _divides(c.lm.num_microbatches, c.lm.batch_sizes),
           "every lm batch size must split into lm.num_microbatches equal microbatches"),
