@@ -1,7 +1,8 @@
 """Cost of the noise-scale estimators over a plain train step (``make bench``).
 
 ``get_config(arg)``: ``arg`` picks a variant (``default`` or ``tiny``). Every field is
-overridable on the command line, e.g. ``--config.repeats=50``.
+overridable on the command line, e.g. ``--config.repeats=50``; the valid values of each are
+in the table of :mod:`experiments.rules` (``python -m experiments.bench --help``).
 
 Fields:
   ``model``: the reference model (``experiments.models.get_model`` config: the ``small_cnn`` of

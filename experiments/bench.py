@@ -64,8 +64,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, models, runlog
-from experiments.cli import UserError
+from experiments import cli, models, rules, runlog
 from gns import estimate, hardware
 
 VARIANTS = ("plain", "per_example", "microbatch", "microbatch_rolled", "naive_vmap")
@@ -259,42 +258,9 @@ def run_parallel_bench(batch_size_per_device: int, repeats: int, timeout_s: floa
 
 
 def validate_config(config) -> None:
-    """Check the bench config up front; a :class:`~experiments.cli.UserError` names the field
-    and the fix."""
-    sizes, k = tuple(config.batch_sizes), config.num_microbatches
-    checks = (
-        (config.repeats >= 1 and config.warmup >= 0, "repeats", "need repeats >= 1, warmup >= 0"),
-        (sizes and all(b >= 2 and b % k == 0 for b in sizes), "batch_sizes",
-         f"must be ints >= 2 divisible by config.num_microbatches={k}"),
-        (config.reference_batch_size in sizes, "reference_batch_size",
-         f"is not one of config.batch_sizes={sizes}: add it or pick one of them"),
-        (config.parallel_repeats >= 3, "parallel_repeats", "must be >= 3"),
-    )  # fmt: skip
-    if config.lm.enabled:
-        lm, k_lm = config.lm, config.lm.num_microbatches
-        checks += (
-            (lm.repeats >= 1 and lm.warmup >= 0, "lm.repeats", "need lm.repeats >= 1, warmup >= 0"),
-            (lm.batch_sizes and all(b >= 2 and b % k_lm == 0 for b in lm.batch_sizes),
-             "lm.batch_sizes", f"must be ints >= 2 divisible by config.lm.num_microbatches={k_lm}"),
-        )  # fmt: skip
-    if config.rows.enabled:
-        k_rows = config.rows.num_microbatches
-        for name, row in config.rows.models.items():
-            sizes = tuple(row.batch_sizes)
-            fix = f"must be ints >= 2 divisible by config.rows.num_microbatches={k_rows}"
-            ok = sizes and all(b >= 2 and b % k_rows == 0 for b in sizes)
-            checks += ((ok, f"rows.models.{name}.batch_sizes", fix),)
-    for ok, field, fix in checks:
-        if not ok:
-            raise UserError(
-                f"config.{field}={_field(config, field)!r}: {fix}", hint=f"--config.{field}=..."
-            )
-
-
-def _field(config, dotted: str):
-    for key in dotted.split("."):
-        config = config[key]
-    return config
+    """Check the bench config up front (the table of :mod:`experiments.rules`); a
+    :class:`~experiments.cli.UserError` names the field and the fix."""
+    rules.check(config, "bench")
 
 
 def bench_transformer_and_rows(config) -> tuple[dict | None, dict | None]:
@@ -399,4 +365,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Directory for bench.json.", required=True)
     config_flags.DEFINE_config_file("config", None, "configs/bench.py[:variant]", lock_config=True)
     flags.mark_flag_as_required("config")
-    cli.run(main)
+    cli.run(main, "configs/bench.py", rules.describer("bench"))

@@ -89,9 +89,8 @@ from absl import logging
 
 from experiments import adaptive, figures, progress, runlog, sweep, train
 from experiments.cli import UserError
+from experiments.rules import ALIASES, POLICIES
 
-POLICIES = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
-ALIASES = {"tradeoff_best": "best_measured"}  # old names
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
 PLOT_FILE = "compare.png"
@@ -389,35 +388,12 @@ def policies(config) -> tuple[str, ...]:
 
 
 def validate_config(config) -> None:
-    """Check the ``compare`` fields both modes read (and the measurement stages, through
-    :func:`experiments.sweep.validate_config`); a :class:`~experiments.cli.UserError` names
-    the field and the fix."""
-    cc = config.compare
-    policies(config)
-    for field in ("max_epochs", "eval_every_examples", "max_wall_time_s"):
-        _require(cc, field, _is_num(cc[field]) and cc[field] > 0, "a positive number")
-    g = cc.give_up_factor
-    _require(cc, "give_up_factor", g is None or (_is_num(g) and g >= 1), "None or >= 1")
-    t = cc.target_accuracy
-    _require(cc, "target_accuracy", _is_num(t) and 0 < t <= 1, "in (0, 1]")
-    w = cc.target_window
-    _require(cc, "target_window", isinstance(w, int) and w >= 1, "an int >= 1")
-    ok = bool(cc.seeds) and all(isinstance(s, int) for s in cc.seeds)
-    _require(cc, "seeds", ok, "a non-empty tuple of ints, e.g. '(0, 1)'")
+    """Check the config of both modes (the table of :mod:`experiments.rules`, ``compare``
+    included, with the device count) and the adaptive policy's candidates; a
+    :class:`~experiments.cli.UserError` names the field and the fix."""
+    train.validate_config(config)
     if "adaptive" in policies(config) and config.adaptive.candidates is not None:
         adaptive.candidates(config)
-    names = {"train": "", **{s: f"compare.{s}" for s in ("noise", "throughput", "tradeoff")}}
-    sweep.validate_config(measurement_config(config), names | {"recommend": "compare.recommend"})
-
-
-def _require(cc, field: str, ok: bool, what: str) -> None:
-    if not ok:
-        raise UserError(f"config.compare.{field}={cc[field]!r} must be {what}",
-                        hint=f"--config.compare.{field}=...")  # fmt: skip
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The batch-size sweep: which batch size trains this model fastest on this device, and why.
+r"""The batch-size sweep: which batch size trains this model fastest on this device, and why.
 
 Usage::
 
@@ -80,7 +80,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, figures, progress, runlog, train, validation
+from experiments import cli, figures, progress, rules, runlog, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from gns import plots
@@ -215,71 +215,16 @@ def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
 # Validation: every field the sweep itself reads, before anything runs or is written.
 
 
-def _is_int(lo: int):
-    def ok(x):
-        return isinstance(x, int | np.integer) and not isinstance(x, bool) and x >= lo
-
-    return ok, f"must be an int >= {lo}"
-
-
-def _is_pos(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
-def validate_config(config, names: dict[str, str] | None = None) -> None:
-    """Check the fields the sweep reads, before anything runs or is written.
-
-    Args:
-      config: a ``configs/sweep.py`` config (the training fields beyond the reference batch
-        size and learning rate are checked by ``train_and_evaluate``).
-      names: the command-line name of a section where it differs (the compare modes:
-        ``{"train": "", "noise": "compare.noise", ...}``), for the messages.
+def validate_config(config) -> None:
+    """Check every field of a ``configs/sweep.py`` config (the table of
+    :mod:`experiments.rules`, with the device count: ``train.batch_size`` and
+    ``noise.batch_size`` must split over the mesh), before anything runs or is written.
 
     Raises:
       UserError: naming the field (as on the command line), its value and the fix.
     """
-    tp = config.throughput
-    checks = [
-        ("train.learning_rate", _is_pos, "must be a positive finite number"),
-        ("train.batch_size", *_is_int(2)),
-        ("noise.warmup_steps", *_is_int(0)),
-        ("noise.batch_size", *_is_int(2)),
-        ("noise.num_batches", *_is_int(2)),
-        ("noise.confidence", lambda x: _is_pos(x) and x < 1, "must be in (0, 1), e.g. 0.9"),
-        ("noise.pilot_steps", lambda x: x is None or _is_int(0)[0](x), "must be None or >= 0"),
-        ("noise.every", *_is_int(1)),
-        ("noise.num_stretches", *_is_int(1)),
-        ("critical.num_checkpoints", *_is_int(0)),
-        ("critical.exponents", lambda x: len(x) >= 2 and list(x) == sorted(set(x)),
-         "must be at least 2 increasing ints, e.g. '(-1, 0, 1, 2)'"),
-        ("critical.fork_steps", *_is_int(1)),
-        ("critical.num_repeats", *_is_int(1)),
-        ("critical.eval_examples", *_is_int(1)),
-        ("critical.confidence", lambda x: _is_pos(x) and x < 1, "must be in (0, 1), e.g. 0.9"),
-        ("throughput.min_batch_size", *_is_int(1)),
-        ("throughput.max_batch_size", *_is_int(tp.min_batch_size)),
-        ("throughput.warmup", *_is_int(0)),
-        ("throughput.repeats", *_is_int(1)),
-        ("tradeoff.batch_sizes", lambda x: x is None or (len(x) and all(map(_is_int(2)[0], x))),
-         "must be None or a tuple of ints >= 2, e.g. '(16, 32, 64)'"),
-        ("tradeoff.min_batch_size", *_is_int(1)),
-        ("tradeoff.max_runs", *_is_int(0)),
-        ("tradeoff.max_steps", *_is_int(1)),
-        ("tradeoff.eval_every_examples", *_is_int(1)),
-        ("tradeoff.num_bootstrap", *_is_int(1)),
-        ("tradeoff.extra_seeds", *_is_int(0)),
-        ("tradeoff.reseed_best", *_is_int(1)),
-        ("tradeoff.target_accuracy", lambda x: _is_pos(x) and x <= 1, "must be in (0, 1]"),
-        ("tradeoff.max_wall_time_s", lambda x: x is None or _is_pos(x), "must be > 0 or None"),
-        ("recommend.objective", lambda x: x in ("time", "cost"), "must be 'time' or 'cost'"),
-        ("recommend.price_per_hour", lambda x: x is None or _is_pos(x), "must be > 0 or None"),
-    ]  # fmt: skip
-    for path, ok, fix in checks:
-        value = _get_path(config, path)
-        if not ok(value):
-            section, rest = path.split(".", 1)
-            name = ".".join(x for x in ((names or {}).get(section, section), rest) if x)
-            raise UserError(f"config.{name}={value!r} {fix}", hint=f"set --config.{name}")
+    rules.check(config, "sweep")  # every field, num_devices included, then the mesh's size
+    rules.check(config, "sweep", mesh_lib.make_mesh(config.train.num_devices).size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1024,7 +969,8 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
         _enable_compilation_cache(data.private_cache_dir("jax"))
     runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     device = hardware.detect_devices()
-    ds = data.load(config.train.data)
+    with cli.under("train"):  # the hints name --config.train.data.*
+        ds = data.load(config.train.data)
     stage_t = {"setup": time.perf_counter() - t_start}
 
     def stage(name, key, measure):
@@ -1372,4 +1318,4 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main)
+    cli.run(main, "configs/sweep.py", rules.describer("sweep"))

@@ -90,9 +90,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import adaptive, figures, models, progress, runlog, tasks
+from experiments import adaptive, figures, models, progress, rules, runlog, tasks
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
+from experiments.rules import GNS_METHODS, OPTIMIZERS, SCHEDULES
 
 PyTree = Any
 
@@ -116,10 +117,6 @@ __all__ = [
 METRICS_FILE = runlog.METRICS_FILE
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = runlog.CONFIG_FILE
-GNS_METHODS = ("auto", "per_example", "microbatch", "across_devices")
-DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
-SCHEDULES = ("constant", "cosine")
 # Fields that do not change what a run computes: a resume may change them (see run_identity).
 NOT_IDENTITY = (
     "mode",
@@ -177,92 +174,34 @@ def _is_int(x) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, int | float | np.number) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _value(config, field: str):
-    for part in field.split("."):
-        config = config[part]
-    return config
-
-
 def _require(config, field: str, ok: bool, fix: str) -> None:
     """Raise a :class:`UserError` naming ``config.<field>`` and its value unless ``ok``."""
     if not ok:
         raise UserError(
-            f"config.{field}={_value(config, field)!r} {fix}",
+            f"config.{field}={rules.get(config, field)!r} {fix}",
             hint=f"set it on the command line: --config.{field}=...",
         )
 
 
 def _choice(config, field: str, options: tuple[str, ...]) -> str:
     """``config.<field>``, checked to be one of ``options``."""
-    value = _value(config, field)
+    value = rules.get(config, field)
     _require(config, field, value in options, f"is not one of {', '.join(options)}")
     return value
 
 
-def _optional(ok: Callable) -> Callable:
-    return lambda v: v is None or ok(v)
-
-
-def _count(lo: int) -> Callable:
-    return lambda v: _is_int(v) and v >= lo
-
-
-# (field, valid(value), what a valid value is): the checks of validate_config.
-_RULES = (
-    ("learning_rate", lambda v: _is_number(v) and v > 0, "must be a positive finite number"),
-    ("batch_size", _count(2), "must be an int >= 2 (the noise scale compares examples)"),
-    ("num_epochs", _optional(lambda v: _is_number(v) and v > 0), "must be > 0 or None"),
-    ("warmup_steps", _count(0), "must be an int >= 0"),
-    ("eval_every", _count(0), "must be an int >= 0 (0: only at the end)"),
-    ("checkpoint_every", _count(0), "must be an int >= 0 (0: only at the end)"),
-    ("gns_every", _count(0), "must be an int >= 0 (0: never)"),
-    ("log_every", _count(1), "must be an int >= 1"),
-    ("weight_decay", lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
-    ("momentum", lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
-    ("gns_ema_decay", lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
-    ("divergence_factor", _optional(lambda v: _is_number(v) and v > 1),
-     "must be a number > 1, or None to stop only on a non-finite loss"),
-    ("max_wall_time_s", _optional(lambda v: _is_number(v) and v > 0),
-     "must be a positive number of seconds or None"),
-    ("target_window", _count(1),
-     "must be an int >= 1 (the target is on the mean of the last target_window evaluations)"),
-    ("dtype", lambda v: v in DTYPES, f"is not one of {', '.join(DTYPES)}"),
-    ("num_devices", _optional(_count(1)), "must be an int >= 1 or None (all devices)"),
-    ("step_time_repeats", _count(0), "must be an int >= 0 (0: do not time the step)"),
-)  # fmt: skip
-
-
-# The target field of each task (experiments.tasks), checked as _RULES are.
-_TARGET_RULES = {
-    "cifar10": (("target_accuracy", _optional(lambda v: _is_number(v) and 0 <= v <= 1),
-                 "must be an accuracy in [0, 1] or None"),),
-    "lm": (("target_bits_per_byte", _optional(lambda v: _is_number(v) and v > 0),
-            "must be a positive number of bits per byte or None"),),
-}  # fmt: skip
-
-
 def validate_config(config) -> None:
-    """Check the fields :func:`train_and_evaluate` reads, before anything is written.
+    """Check every field :func:`train_and_evaluate` reads (the table of
+    :mod:`experiments.rules`, with the device count), before anything is written.
 
     Raises:
       UserError: naming the field, its value and the fix (e.g. a learning rate that is not a
         positive finite number, ``batch_size < 2``, an unknown optimizer, schedule, model or
-        noise-scale method).
+        noise-scale method, a batch that does not split over the devices).
     """
-    for field, valid, fix in _RULES + _TARGET_RULES[tasks.get(config).name]:
-        _require(config, field, valid(_value(config, field)), fix)
-    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "gns_method": GNS_METHODS}
-    for field, options in {**choices, "model.name": models.MODEL_NAMES}.items():
-        _choice(config, field, options)
-    if config.num_epochs is None:
-        resolve_num_steps(config, 1)
-    target = tasks.get(config).target_field
-    _require(config, "eval_every", config[target] is None or config.eval_every > 0,
-             f"must be > 0 when config.{target} is set (it is checked there)")  # fmt: skip
+    kind = tasks.get(config).name
+    rules.check(config, kind)  # every field, num_devices included, then the mesh's size
+    rules.check(config, kind, mesh_lib.make_mesh(config.num_devices).size)
 
 
 def run_identity(config: dict) -> dict:
@@ -664,6 +603,8 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
              f"for the estimator and ghost BatchNorm) and be a multiple of the {mesh.size} "
              "device(s)")  # fmt: skip
     mesh_lib.check_batch(config.batch_size, mesh, per_example=method == "per_example")
+    _require(config, "batch_size", config.batch_size <= task.num_train(ds),
+             f"is larger than the {task.num_train(ds)} train examples")  # fmt: skip
     num_steps = resolve_num_steps(config, task.num_train(ds))
     schedule = make_schedule(config, num_steps)
     optimizer = make_optimizer(config, schedule)
