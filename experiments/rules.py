@@ -45,8 +45,8 @@ ALIASES = {"tradeoff_best": "best_measured"}  # other names of POLICIES
 MODES = ("train", "compare", "tradeoff", "adaptive")
 DATA_SOURCES = ("folder", "cifar10_binary", "tfds", "synthetic")
 MODEL_NAMES = ("small_cnn", "resnet", "resnet18", "efficientnet", "efficientnet_b0", "transformer")
-# gns.schedule.LR_RULES, named here so that checking a config imports no JAX (a test pins them).
-LR_RULES = ("linear", "sgd", "sqrt", "seesaw", "constant")
+# gns.scaling.RULES, named here so that checking a config imports no JAX (a test pins them).
+LR_RULES = ("sgd", "linear", "sqrt", "seesaw", "constant")
 INT_MAX = 2**31 - 1  # indices and step counters are int32 on the devices
 
 
