@@ -3,11 +3,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= runs
-# DATA: an image folder/.tar.gz (split/class/image.jpg) or cifar-10-binary.tar.gz. Default: the
-# shared JPEG archive when present, else CIFAR-10 downloaded once into ~/.cache/gns (MD5-checked).
-DATA ?= $(wildcard ../shared/data/cifar10-jpeg.tar.gz)
+# DATA: an image folder/.tar.gz (split/class/image.jpg) or cifar-10-binary.tar.gz. Default (the
+# config's, configs/cifar10.py default_data): the shared JPEG archive when present, else
+# CIFAR-10 downloaded once into ~/.cache/gns (MD5-checked).
+DATA ?=
 SOURCE = $(if $(findstring cifar-10-binary,$(DATA)),cifar10_binary,folder)
-DATA_FLAGS = $(if $(DATA),--config.data.source=$(SOURCE) --config.data.path=$(DATA),--config.data.source=cifar10_binary)
+DATA_FLAGS = $(if $(DATA),--config.data.source=$(SOURCE) --config.data.path=$(DATA))
 
 .PHONY: install test lint demo bench clean
 

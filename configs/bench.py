@@ -1,7 +1,8 @@
 """Cost of the noise-scale estimators over a plain train step (``make bench``).
 
 ``get_config(arg)``: ``arg`` picks a variant (``default`` or ``tiny``). Every field is
-overridable on the command line, e.g. ``--config.repeats=50``.
+overridable on the command line, e.g. ``--config.repeats=50``; the valid values of each are
+in the table of :mod:`experiments.rules` (``python -m experiments.bench --help``).
 
 Fields:
   ``model``: the reference model (``experiments.models.get_model`` config: the ``small_cnn`` of
@@ -18,6 +19,12 @@ Fields:
   ``transformer`` of ``configs/lm.py:cpu``: vocabulary 256, context 64, width 128, 2 blocks of 4
   heads, MLP ratio 4; AdamW), ``batch_sizes`` (sequences of ``context`` bytes),
   ``num_microbatches``, ``warmup`` and ``repeats`` (interleaved rounds, median).
+  ``rows``: more models, written as a new user would (``experiments.bench_lm.measure_rows``):
+  ``enabled``, ``num_microbatches``, ``warmup``, ``repeats`` and ``models``: ``lm1b`` (a
+  Transformer in the style of the Flax lm1b example: a bare ``self.param`` position embedding,
+  ``nn.MultiHeadDotProductAttention``; the size of the ``lm`` model), ``nnx_mlp`` and
+  ``plain_mlp`` (an NNX MLP and a dict of weights with ``jnp.dot`` + bias, 3072-512-512-10),
+  each with its ``batch_sizes``.
 """
 
 from __future__ import annotations
@@ -69,11 +76,22 @@ def default() -> ml_collections.ConfigDict:
     c.lm.num_microbatches = 8
     c.lm.warmup = 2
     c.lm.repeats = 7
+    c.rows = ml_collections.ConfigDict()
+    c.rows.enabled = True
+    c.rows.num_microbatches = 8
+    c.rows.warmup = 2
+    c.rows.repeats = 7
+    c.rows.models = ml_collections.ConfigDict()
+    lm1b = dict(vocab_size=256, context=64, width=128, depth=2, num_heads=4, mlp_ratio=4)
+    c.rows.models.lm1b = dict(batch_sizes=(32,), **lm1b)
+    c.rows.models.nnx_mlp = dict(batch_sizes=(128,), dims=(3072, 512, 512, 10))
+    c.rows.models.plain_mlp = dict(batch_sizes=(128,), dims=(3072, 512, 512, 10))
     return c
 
 
 def tiny() -> ml_collections.ConfigDict:
-    """A seconds-long run for the schema test: a one-conv CNN on 8x8 images, batch 8.
+    """A seconds-long run for the schema test: a one-conv CNN on 8x8 images, batch 8; tiny
+    Transformer and MLP rows.
 
     Command (about 10 s on 2 CPU cores; mostly compilation)::
 
@@ -85,6 +103,11 @@ def tiny() -> ml_collections.ConfigDict:
     c.update(parallel=False, parallel_batch_size_per_device=8, parallel_repeats=3)
     c.lm.model.update(context=8, width=8, depth=1, num_heads=2, mlp_ratio=2, vocab_size=16)
     c.lm.update(batch_sizes=(8,), num_microbatches=2, warmup=1, repeats=2)
+    c.rows.update(num_microbatches=2, warmup=1, repeats=2)
+    # The MLP rows only (the lm1b model's compilation would double the test's time; its
+    # statistics are tested in tests/test_ghost.py).
+    mlp = dict(batch_sizes=(4,), dims=(6, 5, 3))
+    c.rows.models = ml_collections.ConfigDict({"nnx_mlp": mlp, "plain_mlp": dict(mlp)})
     return c
 
 

@@ -4,11 +4,15 @@
 ``effnet_lamb``;
 default ``cpu``). Every field is overridable on the command line, e.g.
 ``--config.batch_size=256``. :func:`base` holds every field the code reads, each with its
-default and what it means (as flax's ``configs/default.py``); each setup's function overrides
-some of them, and its docstring gives its command and expected run time.
+default (as flax's ``configs/default.py``); each setup's function overrides some of them, and
+its docstring gives its command and expected run time. Each field's meaning and valid values
+are in the table of :mod:`experiments.rules`, which checks them before a run and which
+``python -m experiments.cifar10 --help`` prints; a new field needs a row there.
 """
 
 from __future__ import annotations
+
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -17,9 +21,22 @@ import configs
 from experiments.cli import UserError
 from experiments.data import CIFAR10_BINARY_MD5, CIFAR10_BINARY_URL
 
-DATA = "../shared/data/cifar10-jpeg.tar.gz"
+DATA = "../shared/data/cifar10-jpeg.tar.gz"  # the shared JPEG archive, beside the repository
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("smoke", "cpu", "gpu", "gpu_study", "effnet_lamb", "mlp_sgd", "mlp_adam")
 RENAMED = {"seed": "effnet_lamb"}  # old variant names
+
+
+def default_data() -> tuple[str, str | None]:
+    """The data source as ``make demo`` finds it: ``('folder', DATA)`` when the shared JPEG
+    archive exists (from the current directory, else beside the repository), else
+    ``('cifar10_binary', None)`` (the official archive, downloaded once into the cache; offline
+    it says what to pass instead). ``tfds`` only when asked for
+    (``--config.data.source=tfds``)."""
+    for path in (DATA, os.path.join(ROOT, DATA)):
+        if os.path.exists(path):
+            return "folder", path
+    return "cifar10_binary", None
 
 
 def base() -> ml_collections.ConfigDict:
@@ -55,7 +72,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval_every = 500  # steps between test evaluations (0: only the final one)
     c.eval_examples = 5000  # fixed random test subset of the periodic evaluations and train
     # subset of the final train accuracy (None: all); the final test accuracy uses all
-    c.eval_batch_size = 500
+    c.eval_batch_size = 500  # examples per evaluation batch (memory only)
     c.log_every = 50  # steps between metrics rows (measured/evaluated steps always get one)
     c.checkpoint_every = 1000  # steps between checkpoints (0: only at the end)
     c.progress_bar = True  # a tqdm bar when stderr is a terminal
@@ -91,7 +108,7 @@ def base() -> ml_collections.ConfigDict:
     c.adaptive.enabled = False  # train with the schedule (mode=adaptive sets it for its runs)
     c.adaptive.candidates = config_dict.placeholder(tuple)  # compiled batch sizes, strictly
     # increasing (None: the powers of two in [min_batch_size, max_batch_size])
-    c.adaptive.min_batch_size = 16
+    c.adaptive.min_batch_size = 16  # smallest candidate (when candidates is None)
     c.adaptive.max_batch_size = 512  # also capped by what fits (the mode's sweep)
     c.adaptive.initial_batch_size = config_dict.placeholder(int)  # None: smallest candidate
     c.adaptive.step_times = config_dict.placeholder(tuple)  # seconds per step of each
@@ -122,11 +139,12 @@ def base() -> ml_collections.ConfigDict:
 
     # Data (experiments.data.load).
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # 'tfds', 'folder' (data.path), 'cifar10_binary' (the official
-    # binary archive: data.path, or downloaded once from data.url into the cache, MD5-checked)
-    # or 'synthetic'
+    c.data.source, path = default_data()  # 'folder' (data.path), 'cifar10_binary' (the
+    # official binary archive: data.path, or downloaded once from data.url into the cache,
+    # MD5-checked), 'tfds' (a prepared tfds dataset) or 'synthetic'
     c.data.name = "cifar10"  # tfds name
     c.data.path = config_dict.placeholder(str)  # folder or .tar.gz laid out split/class/x.jpg
+    c.data.path = path
     c.data.cache_dir = config_dict.placeholder(str)  # decoded arrays (None: ~/.cache/gns)
     c.data.tfds_data_dir = config_dict.placeholder(str)  # tfds data_dir (None: its default)
     c.data.url = CIFAR10_BINARY_URL  # cifar10_binary: where to download it from...
@@ -137,9 +155,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.on_device = False  # decoded train arrays kept on the devices and batches gathered
     # there (same batches as the host pipeline; no host work between steps)
     c.data.synthetic = ml_collections.ConfigDict()  # source='synthetic' only
-    c.data.synthetic.image_size = 32
+    c.data.synthetic.image_size = 32  # image side in pixels
     c.data.synthetic.num_classes = 10
-    c.data.synthetic.seed = 0
+    c.data.synthetic.seed = 0  # the data's seed
     return c
 
 
@@ -393,7 +411,7 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
         c.noise.update(warmup_steps=5, batch_size=32, num_batches=3)
         c.throughput.update(min_batch_size=16, max_batch_size=32, accumulation_factors=())
         c.throughput.update(warmup=1, repeats=2)
-        c.tradeoff.update(batch_sizes=(16, 32), target_accuracy=0.2, max_steps=200)
+        c.tradeoff.update(batch_sizes=(8, 16, 32), target_accuracy=0.2, max_steps=200)
         c.tradeoff.update(max_wall_time_s=3.0, eval_every_examples=256, num_bootstrap=50)
     elif variant == "cpu":
         # make demo. The target on the whole test set (n = 10,000: standard error <= 0.5

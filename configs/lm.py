@@ -2,7 +2,9 @@
 
 ``get_config(arg)``: ``arg`` picks a variant (``smoke``, ``cpu``; default ``cpu``). Every field is
 overridable on the command line, e.g. ``--config.data.path=corpus.txt``. Each variant's
-docstring gives its command and expected run time; :func:`base` documents the fields.
+docstring gives its command and expected run time; :func:`base` documents the fields, and the
+table of :mod:`experiments.rules` (``python -m experiments.lm --help``) gives each one's valid
+values.
 
 The default corpus is the ``.py`` files of the running interpreter's standard library
 (:mod:`experiments.text`): no download, but it differs between Python versions, and so do the

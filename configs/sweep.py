@@ -6,7 +6,8 @@ setup is not copied here: ``config.train`` is ``configs/cifar10.py:get_config(ar
 (:func:`training_config`), without its ``compare`` subtree (the sweep never reads it) and with
 the few fields the sweep changes. Every field is overridable on the command line, e.g.
 ``--config.tradeoff.target_accuracy=0.5`` or ``--config.train.data.source=folder``.
-:func:`base` documents the fields.
+:func:`base` documents the fields, and the table of :mod:`experiments.rules`
+(``python -m experiments.sweep --help``) gives each one's valid values.
 """
 
 from __future__ import annotations

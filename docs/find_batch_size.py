@@ -14,6 +14,6 @@ def batch_fn(size, index):  # examples [index*size, (index+1)*size) of one strea
     return {"x": x[i], "y": y[i]}
 
 result = find_batch_size(loss_fn, params, optax.adam(1e-3), batch_fn, learning_rate=1e-3)
-rec = result.recommendation  # also result.warnings, .seconds, .to_dict(), .plot("plots/")
+rec = result.recommendation  # also result.warnings, .seconds, .to_dict(), .plot() (figures)
 print(f"batch {rec.batch_size}, lr {rec.learning_rate:.2g}, {result.basis}\n{rec.reason}")
 state, losses = continue_training(loss_fn, optax.adam(rec.learning_rate), batch_fn, result, 300)

@@ -2,7 +2,8 @@ r"""``make bench``: the cost of the noise-scale estimators over a plain train st
 
 On the reference model (the SmallCNN of the ``cpu`` CIFAR-10 config) with Adam, at each batch
 size, in one process: a plain jit'd train step, and the same step taking its gradient from
-``gns.estimate.per_example`` (fast path), ``microbatch`` (``k`` microbatches, the default
+``gns.estimate.per_example`` (``method="auto"``: the fast path of :mod:`gns.ghost` unless it
+is timed slower than ``vmap``), ``microbatch`` (``k`` microbatches, the default
 ``unroll``; also with the accumulation loop rolled, ``microbatch_rolled``: on XLA:CPU the
 default unrolls it, because rolled loops of convolutions are slow there) and the naive vmap
 reference (``per_example(method="vmap")``). After compilation and warm-up the variants are
@@ -17,6 +18,10 @@ The Transformer rows (``config.lm``): :func:`experiments.bench_lm.measure` on th
 ``per_example(method="auto")`` (what the cost model of :func:`gns.ghost.select` picks),
 ``per_example(method="vmap")`` and ``microbatch``, timed the same way, under ``"transformer"``.
 
+The other rows (``config.rows``): :func:`experiments.bench_lm.measure_rows` on a Transformer in
+the style of the Flax lm1b example, an NNX MLP and a plain-JAX MLP, the same variants as the
+Transformer rows, under ``"rows"``.
+
 Writes ``WORKDIR/bench.json`` (atomically, strict JSON: :func:`experiments.runlog.write_json`)::
 
     {"per_example_over_plain": ..., "microbatch_over_plain": ..., "naive_vmap_over_plain": ...,
@@ -27,6 +32,7 @@ Writes ``WORKDIR/bench.json`` (atomically, strict JSON: :func:`experiments.runlo
                         "memory_over_plain": {...}, ...}, "512": {...}},
      "transformer": {"32": {"over_plain": {...}, "memory_over_plain": {...},
                             "auto_method": "ghost", ...}, "128": {...}, "model": {...}},
+     "rows": {"lm1b": {"32": {...}}, "nnx_mlp": {"128": {...}}, "plain_mlp": {...}},
      "seconds": ...}
 
 and prints the ratios as a table (:func:`format_table`).
@@ -58,8 +64,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, models, runlog
-from experiments.cli import UserError
+from experiments import cli, models, rules, runlog
 from gns import estimate, hardware
 
 VARIANTS = ("plain", "per_example", "microbatch", "microbatch_rolled", "naive_vmap")
@@ -144,7 +149,7 @@ def make_steps(model, optimizer, config) -> dict[str, Any]:
     return {
         "plain": plain,
         "per_example": with_estimator(
-            lambda p, b: estimate.per_example(loss_fn, p, b, chunk_size=chunk, method="ghost")
+            lambda p, b: estimate.per_example(loss_fn, p, b, chunk_size=chunk, method="auto")
         ),
         "microbatch": with_estimator(
             lambda p, b: estimate.microbatch(
@@ -253,48 +258,34 @@ def run_parallel_bench(batch_size_per_device: int, repeats: int, timeout_s: floa
 
 
 def validate_config(config) -> None:
-    """Check the bench config up front; a :class:`~experiments.cli.UserError` names the field
-    and the fix."""
-    sizes, k = tuple(config.batch_sizes), config.num_microbatches
-    checks = (
-        (config.repeats >= 1 and config.warmup >= 0, "repeats", "need repeats >= 1, warmup >= 0"),
-        (sizes and all(b >= 2 and b % k == 0 for b in sizes), "batch_sizes",
-         f"must be ints >= 2 divisible by config.num_microbatches={k}"),
-        (config.reference_batch_size in sizes, "reference_batch_size",
-         f"is not one of config.batch_sizes={sizes}: add it or pick one of them"),
-        (config.parallel_repeats >= 3, "parallel_repeats", "must be >= 3"),
-    )  # fmt: skip
-    if config.lm.enabled:
-        lm, k_lm = config.lm, config.lm.num_microbatches
-        checks += (
-            (lm.repeats >= 1 and lm.warmup >= 0, "lm.repeats", "need lm.repeats >= 1, warmup >= 0"),
-            (lm.batch_sizes and all(b >= 2 and b % k_lm == 0 for b in lm.batch_sizes),
-             "lm.batch_sizes", f"must be ints >= 2 divisible by config.lm.num_microbatches={k_lm}"),
-        )  # fmt: skip
-    for ok, field, fix in checks:
-        if not ok:
-            raise UserError(
-                f"config.{field}={_field(config, field)!r}: {fix}", hint=f"--config.{field}=..."
-            )
+    """Check the bench config up front (the table of :mod:`experiments.rules`); a
+    :class:`~experiments.cli.UserError` names the field and the fix."""
+    rules.check(config, "bench")
 
 
-def _field(config, dotted: str):
-    for key in dotted.split("."):
-        config = config[key]
-    return config
-
-
-def bench_transformer(lm_config) -> dict[str, Any]:
-    """The Transformer rows: :func:`experiments.bench_lm.measure` with ``config.lm``."""
+def bench_transformer_and_rows(config) -> tuple[dict | None, dict | None]:
+    """The Transformer rows (:func:`experiments.bench_lm.measure` with ``config.lm``) and the
+    other models' rows (:func:`experiments.bench_lm.measure_rows` with ``config.rows``), each
+    ``None`` when not enabled."""
     from experiments import bench_lm  # noqa: PLC0415 (bench_lm imports this module's timer)
 
-    m = lm_config.model
-    return bench_lm.measure(
-        tuple(int(b) for b in lm_config.batch_sizes), width=m.width, depth=m.depth,
-        context=m.context, num_heads=m.num_heads, vocab_size=m.vocab_size,
-        mlp_ratio=m.mlp_ratio, repeats=lm_config.repeats, warmup=lm_config.warmup,
-        num_microbatches=lm_config.num_microbatches,
-    )  # fmt: skip
+    transformer = rows = None
+    if config.lm.enabled:
+        lm, m = config.lm, config.lm.model
+        logging.info("bench: Transformer (lm cpu model) at batch sizes %s", lm.batch_sizes)
+        transformer = bench_lm.measure(
+            tuple(int(b) for b in lm.batch_sizes), width=m.width, depth=m.depth,
+            context=m.context, num_heads=m.num_heads, vocab_size=m.vocab_size,
+            mlp_ratio=m.mlp_ratio, repeats=lm.repeats, warmup=lm.warmup,
+            num_microbatches=lm.num_microbatches,
+        )  # fmt: skip
+    if config.rows.enabled:
+        logging.info("bench: rows %s", list(config.rows.models))
+        rows = bench_lm.measure_rows(
+            config.rows.models.to_dict(), repeats=config.rows.repeats,
+            warmup=config.rows.warmup, num_microbatches=config.rows.num_microbatches,
+        )  # fmt: skip
+    return transformer, rows
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -314,6 +305,9 @@ def format_table(result: dict[str, Any]) -> str:
     for bs, d in (result.get("transformer") or {}).items():
         if isinstance(d, dict) and "seconds" in d:
             add("transformer", bs, d)
+    for name, sizes in (result.get("rows") or {}).items():
+        for bs, d in sizes.items() if isinstance(sizes, dict) else ():
+            add(name, bs, d)
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
     return "\n".join(line.rstrip() for line in lines)
@@ -351,10 +345,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         else:
             result["across_devices_over_plain"] = par["across_devices_over_plain"]
             result["across_devices_detail"] = par
-    result["transformer"] = None
-    if config.lm.enabled:
-        logging.info("bench: Transformer (lm cpu model) at batch sizes %s", config.lm.batch_sizes)
-        result["transformer"] = bench_transformer(config.lm)
+    result["transformer"], result["rows"] = bench_transformer_and_rows(config)
     result["seconds"] = time.perf_counter() - t_start
     runlog.write_json(os.path.join(workdir, "bench.json"), result)
     return result
@@ -374,4 +365,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Directory for bench.json.", required=True)
     config_flags.DEFINE_config_file("config", None, "configs/bench.py[:variant]", lock_config=True)
     flags.mark_flag_as_required("config")
-    cli.run(main)
+    cli.run(main, "configs/bench.py", rules.describer("bench"))

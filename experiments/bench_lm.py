@@ -27,16 +27,19 @@ import sys
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from tqdm.auto import tqdm
 
 import gns
 from configs import lm as lm_config
 from experiments import models, text, train
 from experiments.bench import interleaved_times
-from gns import estimate, ghost
+from gns import common, estimate, ghost
 
 LM_VARIANTS = ("plain", "per_example_auto", "per_example_vmap", "microbatch")
 
@@ -141,41 +144,172 @@ def measure(
     for bs in batch_sizes:
         tokens = rng.integers(0, vocab_size, (bs, context + 1), dtype=np.int32)
         params = model.init(jax.random.key(seed), tokens[:1, :-1])["params"]
-        opt_state = optimizer.init(params)
-        steps, auto = lm_steps(loss_fn, optimizer, params, tokens, num_microbatches)
-        names = ["plain", *(v for v in variants if v != "plain")]
-        compiled, temp, compile_s = {}, {}, {}
-        args = (params, opt_state, tokens)
-        for name in names:
-            t0 = time.perf_counter()
-            compiled[name] = jax.jit(steps[name]).lower(*args).compile()
-            compile_s[name] = time.perf_counter() - t0
-            mem = compiled[name].memory_analysis()
-            temp[name] = int(mem.temp_size_in_bytes) if mem is not None else None
-        times = interleaved_times(
-            {n: (c, args) for n, c in compiled.items()}, warmup=warmup, rounds=repeats
-        )
-        seconds = {n: float(np.median(t)) for n, t in times.items()}
-        out[str(bs)] = {
-            "seconds": seconds,
-            "seconds_iqr": {
-                n: float(np.subtract(*np.percentile(t, [75, 25]))) for n, t in times.items()
-            },
-            "examples_per_second": {n: bs / s for n, s in seconds.items()},
-            "over_plain": {n: s / seconds["plain"] for n, s in seconds.items()},
-            "temp_bytes": temp,
-            "memory_over_plain": {
-                n: (b / temp["plain"] if b is not None and temp["plain"] else None)
-                for n, b in temp.items()
-            },
-            "auto_method": auto,
-            "auto_describe": ghost.plan(loss_fn, params, tokens).describe(),
-            "compile_seconds": compile_s,
-            "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-        }
+        out[str(bs)] = time_steps(
+            loss_fn, optimizer, params, tokens, num_microbatches=num_microbatches,
+            repeats=repeats, warmup=warmup, variants=variants,
+        )  # fmt: skip
     out["load_after"] = list(os.getloadavg())
     out["device"] = f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} cpus"
     out["seconds"] = time.perf_counter() - t_start
+    return out
+
+
+def time_steps(
+    loss_fn, optimizer, params, batch, *, num_microbatches, repeats, warmup, variants=LM_VARIANTS
+) -> dict[str, Any]:
+    """Compile the steps of :func:`lm_steps` on one batch and time them interleaved.
+
+    Returns:
+      ``{"seconds", "seconds_iqr", "examples_per_second", "over_plain", "temp_bytes",
+      "memory_over_plain", "auto_method", "auto_describe", "compile_seconds", "num_params"}``.
+    """
+    bs = common.batch_size(batch)
+    opt_state = optimizer.init(params)
+    steps, auto = lm_steps(loss_fn, optimizer, params, batch, num_microbatches)
+    names = ["plain", *(v for v in variants if v != "plain")]
+    compiled, temp, compile_s = {}, {}, {}
+    args = (params, opt_state, batch)
+    for name in names:
+        t0 = time.perf_counter()
+        compiled[name] = jax.jit(steps[name]).lower(*args).compile()
+        compile_s[name] = time.perf_counter() - t0
+        mem = compiled[name].memory_analysis()
+        temp[name] = int(mem.temp_size_in_bytes) if mem is not None else None
+    times = interleaved_times(
+        {n: (c, args) for n, c in compiled.items()}, warmup=warmup, rounds=repeats
+    )
+    seconds = {n: float(np.median(t)) for n, t in times.items()}
+    try:
+        described = ghost.plan(loss_fn, params, batch).describe()
+    except ghost.NotApplicableError as e:
+        described = f"auto: vmap ({e})"
+    return {
+        "seconds": seconds,
+        "seconds_iqr": {
+            n: float(np.subtract(*np.percentile(t, [75, 25]))) for n, t in times.items()
+        },
+        "examples_per_second": {n: bs / s for n, s in seconds.items()},
+        "over_plain": {n: s / seconds["plain"] for n, s in seconds.items()},
+        "temp_bytes": temp,
+        "memory_over_plain": {
+            n: (b / temp["plain"] if b is not None and temp["plain"] else None)
+            for n, b in temp.items()
+        },
+        "auto_method": auto,
+        "auto_describe": described,
+        "compile_seconds": compile_s,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# More models, written as a new user would: a Transformer in the style of the Flax lm1b
+# example, an NNX MLP and a plain-JAX MLP.
+
+
+class Lm1bTransformer(nn.Module):
+    """A decoder in the style of the Flax ``lm1b`` example: ``nn.Embed``, a learned position
+    embedding as a bare ``self.param`` added to the input, pre-LayerNorm blocks of causal
+    ``nn.MultiHeadDotProductAttention`` and a GELU MLP, an untied ``nn.Dense`` head."""
+
+    vocab_size: int = 256
+    context: int = 64
+    width: int = 128
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: int = 4
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab_size, self.width)(tokens)
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(0.02), (1, self.context, self.width)
+        )
+        x = x + pos[:, : tokens.shape[1]]
+        mask = nn.make_causal_mask(tokens)
+        for _ in range(self.depth):
+            y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(
+                nn.LayerNorm()(x), mask=mask
+            )
+            x = x + y
+            y = nn.Dense(self.width)(
+                nn.gelu(nn.Dense(self.mlp_ratio * self.width)(nn.LayerNorm()(x)))
+            )
+            x = x + y
+        return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))
+
+
+class NnxMLP(nnx.Module):
+    """An NNX MLP with ReLU."""
+
+    def __init__(self, dims, rngs: nnx.Rngs):
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+        )
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = jax.nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def _cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def row_problem(name: str, batch_size: int, dims=(3072, 512, 512, 10), seed: int = 0, **lm):
+    """``(loss_fn, params, batch)`` of a bench row's model: ``"lm1b"`` (:class:`Lm1bTransformer`
+    with ``lm`` fields, next-token loss on random tokens), ``"nnx_mlp"`` (:class:`NnxMLP`,
+    ``nnx.split`` state as params) or ``"plain_mlp"`` (a dict of weights, ``jnp.dot`` + bias,
+    ReLU), both MLPs of ``dims`` on random features with labels."""
+    rng = np.random.default_rng(seed)
+    if name == "lm1b":
+        model = Lm1bTransformer(**lm)
+        tokens = rng.integers(0, model.vocab_size, (batch_size, model.context + 1), dtype=np.int32)
+        params = jax.jit(model.init)(jax.random.key(seed), tokens[:1, :-1])["params"]
+        return lm_loss(model), params, tokens
+    x = rng.standard_normal((batch_size, dims[0]), dtype=np.float32)
+    batch = (x, rng.integers(0, dims[-1], batch_size).astype(np.int32))
+    if name == "nnx_mlp":
+        graphdef, state = nnx.split(NnxMLP(dims, nnx.Rngs(seed)))
+
+        def nnx_loss(state, batch):
+            return _cross_entropy(nnx.merge(graphdef, state)(batch[0]), batch[1])
+
+        return nnx_loss, state, batch
+    if name != "plain_mlp":
+        raise ValueError(f"unknown bench row {name!r}: use lm1b, nnx_mlp or plain_mlp.")
+    params = {}
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        params[f"w{i}"] = jnp.asarray(rng.standard_normal((a, b), dtype=np.float32) / np.sqrt(a))
+        params[f"b{i}"] = jnp.zeros(b)
+    layers = len(dims) - 1
+
+    def plain_loss(p, batch):
+        h = batch[0]
+        for i in range(layers):
+            h = jnp.dot(h, p[f"w{i}"]) + p[f"b{i}"]
+            h = jax.nn.relu(h) if i < layers - 1 else h
+        return _cross_entropy(h, batch[1])
+
+    return plain_loss, params, batch
+
+
+def measure_rows(rows, *, repeats: int, warmup: int, num_microbatches: int) -> dict[str, Any]:
+    """:func:`time_steps` (AdamW) on each row of ``rows``: ``{name: {"batch_sizes", ...model
+    fields}}``; returns ``{name: {"<batch>": {...}}, "load_before", "load_after"}``."""
+    out: dict[str, Any] = {"load_before": list(os.getloadavg())}
+    for name, row in rows.items():
+        fields = dict(row)
+        sizes = fields.pop("batch_sizes")
+        out[name] = {}
+        for bs in sizes:
+            loss_fn, params, batch = row_problem(name, int(bs), **fields)
+            out[name][str(bs)] = time_steps(
+                loss_fn, optax.adamw(3e-4), params, batch, num_microbatches=num_microbatches,
+                repeats=repeats, warmup=warmup,
+            )  # fmt: skip
+    out["load_after"] = list(os.getloadavg())
     return out
 
 

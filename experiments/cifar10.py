@@ -1,4 +1,4 @@
-"""CIFAR-10 with the gradient noise scale tracked during training.
+r"""CIFAR-10 with the gradient noise scale tracked during training.
 
 Usage::
 
@@ -30,11 +30,11 @@ if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one li
 from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, runlog
+from experiments import cli, rules, runlog
 from experiments.cli import UserError
+from experiments.rules import MODES
 
 FLAGS = flags.FLAGS
-MODES = ("train", "compare", "tradeoff", "adaptive")
 SUMMARY_KEYS = ("test_accuracy", "wall_time_s", "steps", "epochs", "stop_reason", "noise_scale")
 
 
@@ -73,7 +73,7 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
-    _check_mode(FLAGS.config)  # before the slow imports
+    rules.check(FLAGS.config, "cifar10")  # every field, before the slow imports
     logging.get_absl_handler().addFilter(runlog.QuietOrbax())
     summary = run(FLAGS.config, FLAGS.workdir)
     if summary.get("mode") in ("compare", "tradeoff"):
@@ -86,4 +86,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    cli.run(main)
+    cli.run(main, "configs/cifar10.py", rules.describer("cifar10"))

@@ -14,20 +14,22 @@ Example (the end of a main module)::
 
     if __name__ == "__main__":
         _define_flags()
-        cli.run(main)  # = absl.app.run(cli.main(main), flags_parser=cli.parse_flags)
+        cli.run(main, "configs/cifar10.py", rules.describer("cifar10"))  # absl.app.run
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
+import json
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import interrupt
 
@@ -36,6 +38,11 @@ __all__ = [
     "main",
     "run",
     "parse_flags",
+    "print_help",
+    "plain_text",
+    "resolve_config_paths",
+    "config_fields",
+    "under",
     "print_summary",
     "EXIT_USER_ERROR",
     "EXIT_INTERRUPTED",
@@ -48,6 +55,11 @@ FLAGS = flags.FLAGS
 
 if "verbose" not in FLAGS:
     flags.DEFINE_bool("verbose", False, "Print tracebacks for every error, user errors included.")
+if "print_config" not in FLAGS:
+    flags.DEFINE_bool("print_config", False, "Print the resolved config (the file's variant "
+                      "with the --config.* overrides) and exit.")  # fmt: skip
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
 
 
 class UserError(ValueError):
@@ -162,21 +174,144 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     return wrapped
 
 
-def run(fn: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
-    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`. A main that ends in an error
-    line (exit code 2) leaves without Python's finalizers, so that a writer thread cut short
-    by the fault (orbax's, on a full disk) adds no traceback at shutdown."""
+@contextlib.contextmanager
+def under(section: str) -> Iterator[None]:
+    """Inside, a :class:`UserError` that names config fields as a training config has them
+    (``config.x``, ``--config.x``, ``data.x``) names them under ``section`` instead: the
+    sweep reads the training config at ``config.train``.
+
+    Example::
+
+        with cli.under("train"):
+            ds = data.load(config.train.data)  # hints say --config.train.data.source=...
+    """
     try:
-        app.run(main(fn), argv=argv, flags_parser=parse_flags)
+        yield
+    except UserError as e:
+
+        def fix(text: str | None) -> str | None:
+            if text is None:
+                return None
+            text = re.sub(rf"\bconfig\.(?!{section}\.)", f"config.{section}.", text)
+            return re.sub(r"(?<![\w.])data\.", f"{section}.data.", text)
+
+        raise UserError(fix(str(e)), hint=fix(e.hint)) from e
+
+
+def run(
+    fn: Callable[[list[str]], None],
+    config: str | None = None,
+    describe: Callable[[Any], list[str]] | None = None,
+    argv: list[str] | None = None,
+) -> None:
+    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, plus ``--help`` (the module's
+    usage, its flags and the config's fields: exit 0) and ``--print_config``. A main that ends
+    in an error line (exit code 2) leaves without Python's finalizers, so that a writer thread
+    cut short by the fault (orbax's, on a full disk) adds no traceback at shutdown.
+
+    Args:
+      fn: the absl main.
+      config: the config file whose default variant ``--help`` describes when no ``--config``
+        is given, e.g. ``configs/cifar10.py`` (``None``: ``--help`` lists no fields).
+      describe: ``config -> lines`` of ``--help``'s config fields
+        (:func:`experiments.rules.describe` of the config's table).
+      argv: the command line (``sys.argv``).
+    """
+    argv = resolve_config_paths(list(sys.argv if argv is None else argv))
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        try:
+            print_help([a for a in argv if a not in HELP_FLAGS], config, describe)
+            sys.stdout.flush()
+        except BrokenPipeError:  # e.g. piped into head
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    try:
+        app.run(main(fn), argv=argv, flags_parser=_parse_or_print)
     except SystemExit as e:
         if e.code == EXIT_USER_ERROR:
             interrupt.exit_now(None, EXIT_USER_ERROR)
         raise
 
 
+def resolve_config_paths(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config=PATH[:VARIANT]`` (or ``--config PATH...``) that is not a
+    file from the current directory but is one in the repository replaced by that file."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        m = re.match(r"(--config=)(.*)$", arg)
+        if m or (arg == "--config" and i + 1 < len(out)):
+            j, prefix, value = (i, m.group(1), m.group(2)) if m else (i + 1, "", out[i + 1])
+            path, sep, variant = value.partition(":")
+            if path and not os.path.exists(path) and os.path.isfile(os.path.join(ROOT, path)):
+                out[j] = prefix + os.path.join(ROOT, path) + sep + variant
+    return out
+
+
+def _parse_or_print(argv: list[str]) -> list[str]:
+    """:func:`parse_flags`; with ``--print_config`` prints the resolved config and exits 0
+    (``--workdir`` is not needed for it)."""
+    if any(re.match(r"--print_config(=(true|1))?$", a) for a in argv[1:]):
+        if "workdir" in FLAGS and not any(a.startswith("--workdir") for a in argv):
+            argv = [*argv, "--workdir=unused"]
+        parse_flags(argv)
+        print(json.dumps(FLAGS.config.to_dict(), indent=2))
+        sys.exit(0)
+    args = parse_flags(argv)
+    if "workdir" in FLAGS and not FLAGS.workdir:
+        _exit("--workdir is empty", hint="pass the run's directory, e.g. --workdir runs/smoke")
+    return args
+
+
+def print_help(argv: list[str], config: str | None, describe: Callable | None) -> None:
+    """The usage of the ``__main__`` module (its docstring as plain text), its flags, and the
+    fields of its config (``--config`` of ``argv``, else ``config``'s default variant) with
+    their values, meaning and valid values (``describe(config)``)."""
+    if config is None or describe is None:
+        print(plain_text(sys.modules["__main__"].__doc__ or "").strip())
+        return
+    if _config_arg(argv) is None:
+        argv = [*argv, f"--config={os.path.join(ROOT, config)}"]
+    if "workdir" in FLAGS and not any(a.startswith("--workdir") for a in argv):
+        argv = [*argv, "--workdir=unused"]
+    parse_flags(argv)
+    print(plain_text(sys.modules["__main__"].__doc__ or "").strip() + "\n\nFlags:")
+    for name in ("config", "workdir", "print_config", "verbose"):
+        if name in FLAGS:
+            print(f"  --{name}: {FLAGS[name].help}")
+    print("  --helpfull: every flag, absl's included\n")
+    print(f"Config fields ({_config_name(argv)}; set any with --config.FIELD=VALUE):")
+    print("\n".join(describe(FLAGS.config)))
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    """The value of the last ``--config=VALUE`` or ``--config VALUE`` of ``argv``."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _config_name(argv: list[str]) -> str:
+    path, _, variant = _config_arg(argv).partition(":")
+    return os.path.relpath(path, ROOT) + (f":{variant}" if variant else " (default variant)")
+
+
+def plain_text(doc: str) -> str:
+    """A docstring without reStructuredText markup: ``:func:`~a.b``` -> ``b``, ````x```` and
+    ``**x**`` -> ``x``, a paragraph's closing ``::`` -> ``:``; the layout (indentation)
+    kept."""
+    doc = re.sub(r":\w+:`~?([^`]+)`", lambda m: m.group(1).split(".")[-1]
+                 if m.group(0).count("~") else m.group(1), doc)  # fmt: skip
+    doc = doc.replace("``", "").replace("**", "")
+    return re.sub(r"(\S)::$", r"\1:", doc, flags=re.M)
+
+
 def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
-    """The last output of a main: the ``keys`` of a run's summary, logged on one line and printed
-    as indented strict JSON (non-finite numbers as ``null``; a missing key as ``null``).
+    """The last output of a main: the ``keys`` of a run's summary printed once, on stdout, as
+    indented strict JSON (non-finite numbers as ``null``; a missing key as ``null``).
 
     Example::
 
@@ -185,7 +320,6 @@ def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
     from experiments import runlog  # noqa: PLC0415 (runlog imports this module's UserError)
 
     picked = {k: summary.get(k) for k in keys}
-    logging.info("Summary: %s", runlog.dumps(picked))
     print(runlog.dumps(picked, indent=2))
 
 
@@ -274,17 +408,37 @@ def _unknown_field(argv: list[str]) -> tuple[str, str] | None:
                 continue
         if not hasattr(node, "keys"):
             continue
-        *parents, last = m.group(2).split(".")
-        for part in parents:
-            node = node.get(part) if hasattr(node, "get") else None
-        if hasattr(node, "keys") and last in node.keys():
+        paths = [p for p, _ in config_fields(node)]
+        if m.group(2) in paths or any(p.startswith(m.group(2) + ".") for p in paths):
             continue
-        keys = list(node.keys()) if hasattr(node, "keys") else []
-        close = difflib.get_close_matches(last, keys, 1, 0.6)
-        field = f"--{m.group(1)}.{m.group(2)}"
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        return (
-            f"unknown config field {field}",
-            hint + "see the fields and their documentation in the config file",
+        return f"unknown config field --{m.group(1)}.{m.group(2)}", _did_you_mean(
+            m.group(1), m.group(2), paths
         )
     return None
+
+
+def _did_you_mean(flag: str, field: str, paths: list[str]) -> str:
+    """The hint for an unknown ``--flag.field``: the field under another section (e.g. the
+    sweep's ``train.data.source`` for ``data.source``), else the closest name."""
+    nested = [p for p in paths if p.endswith("." + field)]
+    parent, _, last = field.rpartition(".")
+    siblings = [p.rpartition(".")[2] for p in paths if p.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(last, siblings, 1, 0.6)
+    if nested:
+        guess = f"did you mean --{flag}.{nested[0]}? "
+    elif close:
+        guess = f"did you mean {close[0]!r}? "
+    else:
+        close = difflib.get_close_matches(field, paths, 1, 0.6)
+        guess = f"did you mean --{flag}.{close[0]}? " if close else ""
+    return guess + "--help lists every field"
+
+
+def config_fields(config, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted name, value)`` of every leaf of a config (nested dicts flattened), in order."""
+    for key in config.keys():
+        value = config[key]
+        if hasattr(value, "keys"):
+            yield from config_fields(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

@@ -50,15 +50,20 @@ the order flips on a seed or under a round of the timing table.
 
 Writes ``WORKDIR/summary.json`` (``runs``: one per policy and seed with ``policy``,
 ``batch_size``, ``seed``, ``time_to_target_s``, ``device_time_to_target_s``, ``reached``...;
-``verdict``; ``timing``; ``schedule``), ``WORKDIR/compare.png`` (:func:`gns.plots.plot_policies`)
-and the runs in ``WORKDIR/runs/<policy>-s<seed>``; the table is :func:`policy_table`.
+``verdict``; ``timing``; ``schedule``), ``WORKDIR/compare.png`` (:func:`gns.plots.plot_policies`;
+policies that picked the same batch and learning rate share one line)
+and the runs in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`; the names of
+the runs in ``tensorboard --logdir WORKDIR``); the table is :func:`policy_table`.
 Re-running the command reuses the measurements, the timing table and the finished runs.
 
 **tradeoff** trains to ``compare.tradeoff.target_accuracy`` at ``compare.tradeoff.batch_sizes``
 and at the recommended batch (:func:`experiments.sweep.run_training`), fits ``S(B) = S_min +
 E_min/B`` (:func:`experiments.sweep.fit_tradeoff`), and checks the recommendation
 (:func:`check_recommendation`): the recommended batch's device time to target over the best
-measured one, and ``B_crit`` of the fit over the measured ``B_simple``.
+measured one, and ``B_crit`` of the fit over the measured ``B_simple``. It writes
+``WORKDIR/summary.json``, ``WORKDIR/tradeoff.png`` (the fit; not drawn, with the reason in
+``summary["plot"]``, when no training reached the target) and the trainings in
+``WORKDIR/train/B<batch>-seed<seed>-<fingerprint>``.
 
 Example::
 
@@ -71,6 +76,7 @@ Merrill et al. 2025 (arXiv 2505.23971).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -81,14 +87,14 @@ from collections.abc import Sequence
 import ml_collections
 from absl import logging
 
-from experiments import adaptive, runlog, sweep, train
+from experiments import adaptive, figures, progress, runlog, sweep, train
 from experiments.cli import UserError
+from experiments.rules import ALIASES, POLICIES
 
-POLICIES = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
-ALIASES = {"tradeoff_best": "best_measured"}  # old names
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
 PLOT_FILE = "compare.png"
+TRADEOFF_PLOT_FILE = "tradeoff.png"
 _ADAM_FAMILY = ("adam", "adamw", "lamb")  # sqrt rule in gns.recommend.scale_learning_rate
 
 
@@ -382,35 +388,12 @@ def policies(config) -> tuple[str, ...]:
 
 
 def validate_config(config) -> None:
-    """Check the ``compare`` fields both modes read (and the measurement stages, through
-    :func:`experiments.sweep.validate_config`); a :class:`~experiments.cli.UserError` names
-    the field and the fix."""
-    cc = config.compare
-    policies(config)
-    for field in ("max_epochs", "eval_every_examples", "max_wall_time_s"):
-        _require(cc, field, _is_num(cc[field]) and cc[field] > 0, "a positive number")
-    g = cc.give_up_factor
-    _require(cc, "give_up_factor", g is None or (_is_num(g) and g >= 1), "None or >= 1")
-    t = cc.target_accuracy
-    _require(cc, "target_accuracy", _is_num(t) and 0 < t <= 1, "in (0, 1]")
-    w = cc.target_window
-    _require(cc, "target_window", isinstance(w, int) and w >= 1, "an int >= 1")
-    ok = bool(cc.seeds) and all(isinstance(s, int) for s in cc.seeds)
-    _require(cc, "seeds", ok, "a non-empty tuple of ints, e.g. '(0, 1)'")
+    """Check the config of both modes (the table of :mod:`experiments.rules`, ``compare``
+    included, with the device count) and the adaptive policy's candidates; a
+    :class:`~experiments.cli.UserError` names the field and the fix."""
+    train.validate_config(config)
     if "adaptive" in policies(config) and config.adaptive.candidates is not None:
         adaptive.candidates(config)
-    names = {"train": "", **{s: f"compare.{s}" for s in ("noise", "throughput", "tradeoff")}}
-    sweep.validate_config(measurement_config(config), names | {"recommend": "compare.recommend"})
-
-
-def _require(cc, field: str, ok: bool, what: str) -> None:
-    if not ok:
-        raise UserError(f"config.compare.{field}={cc[field]!r} must be {what}",
-                        hint=f"--config.compare.{field}=...")  # fmt: skip
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,6 +593,14 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
     return rec
 
 
+def run_name(policy: str, batch_sizes, seed: int) -> str:
+    """The directory (and TensorBoard run) name of a compare run: ``default-B32-seed0`` for a
+    fixed batch, ``adaptive-B8-32-seed0`` for a schedule over the batch sizes 8 .. 32."""
+    lo, hi = min(batch_sizes), max(batch_sizes)
+    batch = f"B{lo}" if lo == hi else f"B{lo}-{hi}"
+    return f"{policy}-{batch}-seed{int(seed)}"
+
+
 def _mode(body):
     """A mode ``run(config, workdir) -> summary`` from ``body(config, workdir, sw, t0)``: it
     validates ``config`` before anything is written, holds the workdir
@@ -630,18 +621,10 @@ def _mode(body):
     return run
 
 
-@_mode
-def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
-    """The compare mode: measure, time, train every policy to the smoothed target per seed;
-    returns ``summary.json``."""
-    from experiments import data
-    from gns import plots
-
+def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list[dict]:
+    """Each policy's run per seed (reused when finished), in order; the records of
+    :func:`_run_record`."""
     cc = config.compare
-    plans, skipped, cands = plan_policies(config, workdir, sw)
-    ds = data.load(config.data)
-    sizes = sorted({b for p in plans.values() for b in p["adaptive"]["candidates"]})
-    table = _timing(config, workdir, ds, sizes)
     step_time = {b: v["step_time_s"] for b, v in table.items()}
     runs: list[dict] = []
     for seed in cc.seeds:
@@ -650,13 +633,34 @@ def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
             limit = float(cc.max_wall_time_s)
             if walls and cc.give_up_factor is not None:
                 limit = min(limit, float(cc.give_up_factor) * min(walls))
-            run_dir = os.path.join(workdir, "runs", f"{policy}-s{seed}")
+            name = run_name(policy, plan["adaptive"]["candidates"], seed)
+            run_dir = os.path.join(workdir, "runs", name)
             logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
                          seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
             cfg = _run_config(config, plan, int(seed), step_time, limit)
+            bar.set(phase=f"{policy} seed {seed}")
             s = train.train_and_evaluate(cfg, run_dir)
             rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
             runs.append(_run_record(policy, int(seed), run_dir, s, rows, cc, table))
+            bar.update(1)
+    return runs
+
+
+@_mode
+def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
+    """The compare mode: measure, time, train every policy to the smoothed target per seed;
+    returns ``summary.json``."""
+    from experiments import data
+
+    cc = config.compare
+    plans, skipped, cands = plan_policies(config, workdir, sw)
+    ds = data.load(config.data)
+    sizes = sorted({b for p in plans.values() for b in p["adaptive"]["candidates"]})
+    bar = progress.Progress(len(cc.seeds) * len(plans), desc="compare", unit="runs", rate=False)
+    with contextlib.closing(bar):
+        bar.set(phase=f"timing batch sizes {sizes}")
+        table = _timing(config, workdir, ds, sizes)
+        runs = _train_policies(config, workdir, plans, table, bar)
     n = len(ds.test_labels) if cc.eval_examples is None else min(cc.eval_examples,
                                                                    len(ds.test_labels))  # fmt: skip
     t = float(cc.target_accuracy)
@@ -683,7 +687,7 @@ def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
         "total_time_s": time.perf_counter() - t0,
     }
     try:
-        summary["plot"] = plots.plot_policies(runs, t, os.path.join(workdir, PLOT_FILE))
+        summary["plot"] = figures.compare_plot(runs, t, os.path.join(workdir, PLOT_FILE))
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the compare plot: %s", e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
@@ -746,7 +750,7 @@ def policy_table(summary: dict) -> str:
 @_mode
 def run_tradeoff(config, workdir: str, sw: dict, t0: float) -> dict:
     """The tradeoff mode: measure, recommend, train to the target at each batch size, fit, and
-    check the recommendation; returns ``summary.json``."""
+    check the recommendation; returns ``summary.json`` (and ``tradeoff.png``, the fit)."""
     mcfg = measurement_config(config)
     rec = sw["recommendation"]
     b_simple = sweep.noise_scale_value(sw["noise_scale"])
@@ -765,7 +769,7 @@ def run_tradeoff(config, workdir: str, sw: dict, t0: float) -> dict:
         fp = runlog.fingerprint(cfg.to_dict())
         p = st.get("trainings", b, fp)
         if p is None:
-            p = sweep.run_training(cfg, os.path.join(workdir, "train", f"B{b}-{fp[:8]}"), rule)
+            p = sweep.run_training(cfg, sweep.training_dir(workdir, cfg, fp), rule)
             st.put("trainings", b, fp, p)
         points.append(p)
     points = sweep.with_device_time(
@@ -785,6 +789,10 @@ def run_tradeoff(config, workdir: str, sw: dict, t0: float) -> dict:
         "measurement_time_s": sum(sw["stage_time_s"].values()),
         "total_time_s": time.perf_counter() - t0,
     }
+    try:
+        summary["plot"] = figures.tradeoff_plot(fit, os.path.join(workdir, TRADEOFF_PLOT_FILE))
+    except Exception as e:  # a plot is a convenience: never lose the finished runs to it
+        logging.warning("Could not write the tradeoff plot: %s", e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return summary
 

@@ -1,4 +1,4 @@
-"""A byte-level Transformer language model with the gradient noise scale tracked in training.
+r"""A byte-level Transformer language model with the gradient noise scale tracked in training.
 
 Usage::
 
@@ -36,7 +36,7 @@ if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one li
 from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, runlog
+from experiments import cli, rules, runlog
 from experiments.cli import UserError
 
 FLAGS = flags.FLAGS
@@ -83,10 +83,11 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
+    rules.check(FLAGS.config, "lm")  # every field, before the slow imports
     logging.get_absl_handler().addFilter(runlog.QuietOrbax())
     cli.print_summary(run(FLAGS.config, FLAGS.workdir), SUMMARY_KEYS)
 
 
 if __name__ == "__main__":
     _define_flags()
-    cli.run(main)
+    cli.run(main, "configs/lm.py", rules.describer("lm"))

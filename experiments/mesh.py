@@ -39,6 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from experiments import rules
 from experiments.cli import UserError
 
 PyTree = Any
@@ -169,22 +170,9 @@ def check_batch(
         each device) leaves fewer than 2 examples per device.
     """
     n = mesh.size
-    hint = (
-        f"use a multiple of {n} (e.g. --config.{field}={max(n, batch_size // n * n)} or "
-        f"{(batch_size // n + 1) * n}), or fewer devices with --config.num_devices"
-    )
-    if batch_size < n:
-        raise UserError(
-            f"config.{field}={batch_size} is smaller than the {n} devices of the mesh: every "
-            "device needs at least one example",
-            hint=hint,
-        )
-    if batch_size % n:
-        raise UserError(
-            f"config.{field}={batch_size} is not divisible by the {n} devices of the mesh "
-            "(the global batch is split evenly)",
-            hint=hint,
-        )
+    problem = rules.batch_problem(batch_size, n, field)
+    if problem:
+        raise UserError(*problem)
     if per_example and batch_size < 2 * n:
         raise UserError(
             f"config.{field}={batch_size} leaves fewer than 2 examples on each of the {n} "

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from experiments.rules import MODEL_NAMES
 from gns.ghost import AddPositionEmbedding
 
 __all__ = [
@@ -376,16 +377,6 @@ class TransformerLM(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Factory.
-
-MODEL_NAMES = (
-    "mlp",
-    "small_cnn",
-    "resnet",
-    "resnet18",
-    "efficientnet",
-    "efficientnet_b0",
-    "transformer",
-)
 
 
 def _cfg_get(cfg: Any, key: str, default: Any) -> Any:

@@ -1,7 +1,9 @@
 """The record of a run: strict JSON files, the metrics log, the clock and the checkpoints.
 
 This module is the one owner of what a run leaves in its workdir. Everything that writes or
-reads ``config.json``, ``summary.json``, ``sweep.json`` or ``metrics.jsonl`` goes through it.
+reads ``config.json``, ``summary.json``, ``sweep.json`` or ``metrics.jsonl`` goes through it;
+the TensorBoard event files follow the metrics rows (:mod:`experiments.events`). Files are
+created with the permissions the umask gives (``0644`` under the usual ``022``).
 A training run keeps its record in a :class:`RunLog` (in the spirit of big_vision's
 ``utils.Chrono`` and clu's metric writers): the run's identity checked on resume, the
 :class:`Clock`, best and target tracking, and the metrics rows, all tied to the
@@ -47,6 +49,7 @@ import numpy as np
 from absl import logging
 
 from experiments import cli
+from experiments import events as events_lib
 from experiments.cli import UserError
 
 __all__ = [
@@ -113,6 +116,7 @@ def _write_atomic(path: str, text: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the umask decides, as open() does
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -122,6 +126,13 @@ def _write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str) -> Any:
@@ -337,6 +348,7 @@ class RunLog:
         self.devices = devices
         self.data: dict | None = None  # the data's record, set once loaded (checked like devices)
         self.identity: dict | None = None
+        self.events = events_lib.EventLog(workdir)  # TensorBoard files (primary only)
         self.resume(0, None, truncate=False)
 
     # Identity.
@@ -443,6 +455,7 @@ class RunLog:
         kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
         if self.primary:
             _write_atomic(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
+            self.events.reset(kept)
         else:
             self._memory_rows = [to_strict_json(r) for r in kept]
         return kept
@@ -557,13 +570,19 @@ class RunLog:
         }
 
     def write_row(self, row: dict) -> None:
-        """Append ``row`` to ``metrics.jsonl`` (strict JSON, one line; kept in memory on a
-        non-primary process)."""
+        """Append ``row`` to ``metrics.jsonl`` (strict JSON, one line) and its scalars to the
+        TensorBoard files (:mod:`experiments.events`); kept in memory on a non-primary
+        process."""
         if not self.primary:
             self._memory_rows.append(json.loads(dumps(row)))
             return
         with open(self.metrics_path, "a") as f:
             f.write(dumps(row) + "\n")
+        self.events.write(json.loads(dumps(row)))
+
+    def close(self) -> None:
+        """Close the TensorBoard files (:mod:`experiments.events`); written rows stay."""
+        self.events.close()
 
     def rows(self) -> list[dict]:
         """The metrics rows written so far."""

@@ -1,4 +1,4 @@
-"""The batch-size sweep: which batch size trains this model fastest on this device, and why.
+r"""The batch-size sweep: which batch size trains this model fastest on this device, and why.
 
 Usage::
 
@@ -48,12 +48,15 @@ It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite numb
 an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled
 ``g_sq`` is not positive; ``time_to_target`` ranks the trainings by device time, and
 ``measured_time_to_target``/``measured_wall_time_to_target`` give both times per batch),
-``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png``, and prints a
-summary table. Each finished measurement is kept in ``DIR/sweep_state.json`` with the
+``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png`` (``plots`` in
+``sweep.json``: each path, or why it was not drawn, e.g. no tradeoff chart without trainings),
+and prints a summary table; the trainings' TensorBoard runs are ``DIR/train/*``. Off a terminal
+it logs its stage every few seconds (:mod:`experiments.progress`).
+Each finished measurement is kept in ``DIR/sweep_state.json`` with the
 fingerprint of exactly the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
 the same command after an interruption reuses them and only measures what is missing, and a
 change to a field a stage never reads keeps its measurement. A training interrupted with
-Ctrl-C resumes from its checkpoint in ``DIR/train/B<batch>-<fingerprint>``.
+Ctrl-C resumes from its checkpoint in ``DIR/train/B<batch>-seed<seed>-<fingerprint>``.
 """
 
 from __future__ import annotations
@@ -63,10 +66,10 @@ from experiments import interrupt
 if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
     interrupt.install()
 
+import contextlib
 import copy
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -77,9 +80,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, runlog, train, validation
+from experiments import cli, figures, progress, rules, runlog, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
+from gns import plots
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
@@ -94,6 +98,7 @@ __all__ = [
     "SweepState",
     "candidate_batch_sizes",
     "training_config",
+    "training_dir",
     "with_device_time",
     "rank_time_to_target",
     "run_sweep",
@@ -210,71 +215,16 @@ def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
 # Validation: every field the sweep itself reads, before anything runs or is written.
 
 
-def _is_int(lo: int):
-    def ok(x):
-        return isinstance(x, int | np.integer) and not isinstance(x, bool) and x >= lo
-
-    return ok, f"must be an int >= {lo}"
-
-
-def _is_pos(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
-def validate_config(config, names: dict[str, str] | None = None) -> None:
-    """Check the fields the sweep reads, before anything runs or is written.
-
-    Args:
-      config: a ``configs/sweep.py`` config (the training fields beyond the reference batch
-        size and learning rate are checked by ``train_and_evaluate``).
-      names: the command-line name of a section where it differs (the compare modes:
-        ``{"train": "", "noise": "compare.noise", ...}``), for the messages.
+def validate_config(config) -> None:
+    """Check every field of a ``configs/sweep.py`` config (the table of
+    :mod:`experiments.rules`, with the device count: ``train.batch_size`` and
+    ``noise.batch_size`` must split over the mesh), before anything runs or is written.
 
     Raises:
       UserError: naming the field (as on the command line), its value and the fix.
     """
-    tp = config.throughput
-    checks = [
-        ("train.learning_rate", _is_pos, "must be a positive finite number"),
-        ("train.batch_size", *_is_int(2)),
-        ("noise.warmup_steps", *_is_int(0)),
-        ("noise.batch_size", *_is_int(2)),
-        ("noise.num_batches", *_is_int(2)),
-        ("noise.confidence", lambda x: _is_pos(x) and x < 1, "must be in (0, 1), e.g. 0.9"),
-        ("noise.pilot_steps", lambda x: x is None or _is_int(0)[0](x), "must be None or >= 0"),
-        ("noise.every", *_is_int(1)),
-        ("noise.num_stretches", *_is_int(1)),
-        ("critical.num_checkpoints", *_is_int(0)),
-        ("critical.exponents", lambda x: len(x) >= 2 and list(x) == sorted(set(x)),
-         "must be at least 2 increasing ints, e.g. '(-1, 0, 1, 2)'"),
-        ("critical.fork_steps", *_is_int(1)),
-        ("critical.num_repeats", *_is_int(1)),
-        ("critical.eval_examples", *_is_int(1)),
-        ("critical.confidence", lambda x: _is_pos(x) and x < 1, "must be in (0, 1), e.g. 0.9"),
-        ("throughput.min_batch_size", *_is_int(1)),
-        ("throughput.max_batch_size", *_is_int(tp.min_batch_size)),
-        ("throughput.warmup", *_is_int(0)),
-        ("throughput.repeats", *_is_int(1)),
-        ("tradeoff.batch_sizes", lambda x: x is None or (len(x) and all(map(_is_int(2)[0], x))),
-         "must be None or a tuple of ints >= 2, e.g. '(16, 32, 64)'"),
-        ("tradeoff.min_batch_size", *_is_int(1)),
-        ("tradeoff.max_runs", *_is_int(0)),
-        ("tradeoff.max_steps", *_is_int(1)),
-        ("tradeoff.eval_every_examples", *_is_int(1)),
-        ("tradeoff.num_bootstrap", *_is_int(1)),
-        ("tradeoff.extra_seeds", *_is_int(0)),
-        ("tradeoff.reseed_best", *_is_int(1)),
-        ("tradeoff.target_accuracy", lambda x: _is_pos(x) and x <= 1, "must be in (0, 1]"),
-        ("tradeoff.max_wall_time_s", lambda x: x is None or _is_pos(x), "must be > 0 or None"),
-        ("recommend.objective", lambda x: x in ("time", "cost"), "must be 'time' or 'cost'"),
-        ("recommend.price_per_hour", lambda x: x is None or _is_pos(x), "must be > 0 or None"),
-    ]  # fmt: skip
-    for path, ok, fix in checks:
-        value = _get_path(config, path)
-        if not ok(value):
-            section, rest = path.split(".", 1)
-            name = ".".join(x for x in ((names or {}).get(section, section), rest) if x)
-            raise UserError(f"config.{name}={value!r} {fix}", hint=f"set --config.{name}")
+    rules.check(config, "sweep")  # every field, num_devices included, then the mesh's size
+    rules.check(config, "sweep", mesh_lib.make_mesh(config.train.num_devices).size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,6 +807,12 @@ def training_config(
     return cfg, rule
 
 
+def training_dir(workdir: str, cfg, fingerprint: str) -> str:
+    """``workdir/train/B<batch>-seed<seed>-<fingerprint[:8]>``: the directory of one training
+    (and its run name in ``tensorboard --logdir workdir``)."""
+    return os.path.join(workdir, "train", f"B{cfg.batch_size}-seed{cfg.seed}-{fingerprint[:8]}")
+
+
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     """Stage 3 for one batch: train ``cfg`` to its target; steps and wall-clock time to it
     (``None`` if missed) and the test-accuracy curve."""
@@ -995,15 +951,14 @@ def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
     themselves).
     """
     validate_config(config)
-    with runlog.workdir_lock(workdir):
-        return _run_sweep(config, workdir, trainings)
+    bar = progress.Progress(5, desc="sweep", unit="stages", rate=False)
+    with contextlib.closing(bar), runlog.workdir_lock(workdir):
+        return _run_sweep(config, workdir, trainings, bar)
 
 
-def _run_sweep(config, workdir: str, trainings: bool) -> dict:
-    from tqdm import tqdm
-
+def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
     from experiments import data
-    from gns import finder, hardware, plots, recommend
+    from gns import finder, hardware, recommend
 
     t_start = time.perf_counter()
     st = SweepState(workdir)
@@ -1014,12 +969,12 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
         _enable_compilation_cache(data.private_cache_dir("jax"))
     runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     device = hardware.detect_devices()
-    bar = tqdm(total=5, desc="sweep", unit="stage", disable=not sys.stderr.isatty())
-    ds = data.load(config.train.data)
+    with cli.under("train"):  # the hints name --config.train.data.*
+        ds = data.load(config.train.data)
     stage_t = {"setup": time.perf_counter() - t_start}
 
     def stage(name, key, measure):
-        bar.set_description(name)
+        bar.set(phase=name)
         value = st.get(name, key, fps[name])
         if value is None:
             # As stored (strict JSON): a fresh result reads the same as a reused one.
@@ -1096,17 +1051,16 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     # 3. Trainings to the target (``tradeoff.extra_seeds`` more seeds at the
     # ``tradeoff.reseed_best`` fastest batches) and the tradeoff fit on every training.
     fps["trainings"] = {}
+    bar.set(phase="trainings" if trainings else "recommend")
 
     def train_at(b, seed_offset=0):
-        bar.set_description(f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
+        bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
         cfg, rule = training_config(config, b, b_noise, seed_offset)
         key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: as before
         fp = fps["trainings"][key] = runlog.fingerprint(cfg.to_dict())
         p = st.get("trainings", key, fp)
         if p is None:
-            p = runlog.to_strict_json(
-                run_training(cfg, os.path.join(workdir, "train", f"B{b}-{fp[:8]}"), rule)
-            )
+            p = runlog.to_strict_json(run_training(cfg, training_dir(workdir, cfg, fp), rule))
             st.put("trainings", key, fp, p)
         return with_device_time([p | {"seed": int(cfg.seed)}], times, max_batch)[0]
 
@@ -1132,6 +1086,7 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     stage_t["trainings"] = time.perf_counter() - t_start - sum(stage_t.values())
 
     # 4. Recommendation, from the best evidence (primary) and from the fitted curve (check).
+    bar.set(phase="recommend")
     basis_kw["step_time_range"] = step_time_ranges(rows)
     rec = recommend_on(value[0], interval, s_min=tradeoff_out["s_min"], **basis_kw)
     rec_fit = None
@@ -1155,7 +1110,6 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
             "batch_size": r.batch_size, "batch_size_range": r.batch_size_range,
         }  # fmt: skip
     bar.update(1)
-    bar.close()
     stage_t["recommend"] = time.perf_counter() - t_start - sum(stage_t.values())
     reached = [p for p in by_batch if p["reached"]]
     sweep = {
@@ -1190,11 +1144,11 @@ def _run_sweep(config, workdir: str, trainings: bool) -> dict:
     }
     if trainings:
         sweep["validation"] = validation.validation(runlog.to_strict_json(sweep))
-    runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
-    try:
-        sweep["plots"] = plots.sweep_plots(sweep, workdir)
+    try:  # {name: path, or why it was not drawn}
+        sweep["plots"] = figures.sweep_plots(runlog.to_strict_json(sweep), workdir)
     except Exception as e:  # plots are a convenience: never lose a finished sweep to them
         logging.warning("Could not write the sweep plots: %s", e)
+    runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
     return sweep
 
 
@@ -1238,7 +1192,7 @@ def summary_table(sweep: dict) -> str:
     n = sweep["noise_scale"]
     lines += [
         "",
-        f"max batch that fits: {sweep['max_batch_size']}"
+        plots.largest_fits(sweep)[1]
         + (f" ({sweep['max_batch_size_per_device']} per device)" if m else ""),
         *(f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()),
         f"noise scale b_simple: {_fmt(n['b_simple'], '.4g')}  "
@@ -1364,4 +1318,4 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main)
+    cli.run(main, "configs/sweep.py", rules.describer("sweep"))

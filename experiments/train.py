@@ -15,8 +15,12 @@ also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
   ``ema_trace_cov``, ``ema_b_simple``, and ``stop_reason`` on the row where a run stops);
   ``null`` stands for a non-finite value (``b_simple`` is ``null`` when ``g_sq <= 0``: the
   gradient is not resolved above the noise);
+- TensorBoard event files (``events.out.tfevents.*``, :mod:`experiments.events`): the scalars
+  of the rows, rewritten from the rows kept on a resume;
 - ``summary.json``: final full-test-set accuracy (``config.final_eval_examples`` of the test
-  examples when the config has that field and it is set), times, steps, ``stop_reason``
+  examples when the config has that field and it is set), times (``wall_time_s``: this call,
+  from start to summary; ``train_time_s``, ``eval_time_s``, ``compile_time_s``,
+  ``pause_time_s``: the clock's shares), steps, ``stop_reason``
   (``num_steps``, ``target_accuracy`` or ``target_bits_per_byte``, ``max_wall_time_s``,
   ``interrupted``, ``diverged``), ``steps_to_target`` and ``time_to_target_s`` (where the mean
   of the last ``config.target_window`` periodic evaluations first reached the target; the run
@@ -26,7 +30,11 @@ also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
   readable one, after checking that the config's identity (:func:`run_identity`), the data's
   (its content's fingerprint, ``summary.json``'s ``data``) and the number of devices are the
   same;
-- ``training.png`` and ``noise_scale.png``.
+- ``training.png`` and ``noise_scale.png`` (:mod:`experiments.figures`).
+
+Re-running a finished run (its summary's stop reason still holds at the checkpoint's step)
+logs that it is already complete and returns the stored summary. Progress: a bar on a
+terminal, else a log line every few seconds (:mod:`experiments.progress`).
 
 Every ``config.gns_every`` steps the step takes its gradient from ``gns.estimate`` (per-example
 gradients for models without BatchNorm, microbatches otherwise), so the measurement costs no
@@ -34,9 +42,10 @@ second backward pass and the update is the one a plain step would make. Models w
 train with "ghost" BatchNorm over ``config.gns_microbatches`` equal groups of the batch on every
 step, plain or measured, so the measured gradient is the training gradient.
 
-``wall_time_s`` counts training only (data and steps; compilation, evaluation and checkpoints
-are reported apart as ``compile_time_s``, ``eval_time_s``, ``pause_time_s``), so times to a
-target compare fairly across batch sizes. Ctrl-C stops at the next step boundary with that
+The rows' ``wall_time_s`` (and ``train_time_s`` of the summary) counts training only (data and
+steps; compilation, evaluation and checkpoints are reported apart as ``compile_time_s``,
+``eval_time_s``, ``pause_time_s``), so times to a target compare fairly across batch sizes.
+Ctrl-C stops at the next step boundary with that
 step's row, a checkpoint and the summary written (exit code 130); a non-finite loss or one above
 ``config.divergence_factor`` times the initial loss stops the run with :class:`Diverged`.
 
@@ -70,7 +79,7 @@ import copy
 import functools
 import math
 import os
-import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -81,9 +90,10 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments import adaptive, figures, models, progress, rules, runlog, tasks
 from experiments import mesh as mesh_lib
-from experiments import models, runlog, tasks
 from experiments.cli import UserError
+from experiments.rules import GNS_METHODS, OPTIMIZERS, SCHEDULES
 
 PyTree = Any
 
@@ -107,10 +117,6 @@ __all__ = [
 METRICS_FILE = runlog.METRICS_FILE
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = runlog.CONFIG_FILE
-GNS_METHODS = ("auto", "per_example", "microbatch", "across_devices")
-DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
-SCHEDULES = ("constant", "cosine")
 # Fields that do not change what a run computes: a resume may change them (see run_identity).
 NOT_IDENTITY = (
     "mode",
@@ -168,92 +174,34 @@ def _is_int(x) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, int | float | np.number) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _value(config, field: str):
-    for part in field.split("."):
-        config = config[part]
-    return config
-
-
 def _require(config, field: str, ok: bool, fix: str) -> None:
     """Raise a :class:`UserError` naming ``config.<field>`` and its value unless ``ok``."""
     if not ok:
         raise UserError(
-            f"config.{field}={_value(config, field)!r} {fix}",
+            f"config.{field}={rules.get(config, field)!r} {fix}",
             hint=f"set it on the command line: --config.{field}=...",
         )
 
 
 def _choice(config, field: str, options: tuple[str, ...]) -> str:
     """``config.<field>``, checked to be one of ``options``."""
-    value = _value(config, field)
+    value = rules.get(config, field)
     _require(config, field, value in options, f"is not one of {', '.join(options)}")
     return value
 
 
-def _optional(ok: Callable) -> Callable:
-    return lambda v: v is None or ok(v)
-
-
-def _count(lo: int) -> Callable:
-    return lambda v: _is_int(v) and v >= lo
-
-
-# (field, valid(value), what a valid value is): the checks of validate_config.
-_RULES = (
-    ("learning_rate", lambda v: _is_number(v) and v > 0, "must be a positive finite number"),
-    ("batch_size", _count(2), "must be an int >= 2 (the noise scale compares examples)"),
-    ("num_epochs", _optional(lambda v: _is_number(v) and v > 0), "must be > 0 or None"),
-    ("warmup_steps", _count(0), "must be an int >= 0"),
-    ("eval_every", _count(0), "must be an int >= 0 (0: only at the end)"),
-    ("checkpoint_every", _count(0), "must be an int >= 0 (0: only at the end)"),
-    ("gns_every", _count(0), "must be an int >= 0 (0: never)"),
-    ("log_every", _count(1), "must be an int >= 1"),
-    ("weight_decay", lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
-    ("momentum", lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
-    ("gns_ema_decay", lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
-    ("divergence_factor", _optional(lambda v: _is_number(v) and v > 1),
-     "must be a number > 1, or None to stop only on a non-finite loss"),
-    ("max_wall_time_s", _optional(lambda v: _is_number(v) and v > 0),
-     "must be a positive number of seconds or None"),
-    ("target_window", _count(1),
-     "must be an int >= 1 (the target is on the mean of the last target_window evaluations)"),
-    ("dtype", lambda v: v in DTYPES, f"is not one of {', '.join(DTYPES)}"),
-    ("num_devices", _optional(_count(1)), "must be an int >= 1 or None (all devices)"),
-    ("step_time_repeats", _count(0), "must be an int >= 0 (0: do not time the step)"),
-)  # fmt: skip
-
-
-# The target field of each task (experiments.tasks), checked as _RULES are.
-_TARGET_RULES = {
-    "cifar10": (("target_accuracy", _optional(lambda v: _is_number(v) and 0 <= v <= 1),
-                 "must be an accuracy in [0, 1] or None"),),
-    "lm": (("target_bits_per_byte", _optional(lambda v: _is_number(v) and v > 0),
-            "must be a positive number of bits per byte or None"),),
-}  # fmt: skip
-
-
 def validate_config(config) -> None:
-    """Check the fields :func:`train_and_evaluate` reads, before anything is written.
+    """Check every field :func:`train_and_evaluate` reads (the table of
+    :mod:`experiments.rules`, with the device count), before anything is written.
 
     Raises:
       UserError: naming the field, its value and the fix (e.g. a learning rate that is not a
         positive finite number, ``batch_size < 2``, an unknown optimizer, schedule, model or
-        noise-scale method).
+        noise-scale method, a batch that does not split over the devices).
     """
-    for field, valid, fix in _RULES + _TARGET_RULES[tasks.get(config).name]:
-        _require(config, field, valid(_value(config, field)), fix)
-    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "gns_method": GNS_METHODS}
-    for field, options in {**choices, "model.name": models.MODEL_NAMES}.items():
-        _choice(config, field, options)
-    if config.num_epochs is None:
-        resolve_num_steps(config, 1)
-    target = tasks.get(config).target_field
-    _require(config, "eval_every", config[target] is None or config.eval_every > 0,
-             f"must be > 0 when config.{target} is set (it is checked there)")  # fmt: skip
+    kind = tasks.get(config).name
+    rules.check(config, kind)  # every field, num_devices included, then the mesh's size
+    rules.check(config, kind, mesh_lib.make_mesh(config.num_devices).size)
 
 
 def run_identity(config: dict) -> dict:
@@ -655,6 +603,8 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
              f"for the estimator and ghost BatchNorm) and be a multiple of the {mesh.size} "
              "device(s)")  # fmt: skip
     mesh_lib.check_batch(config.batch_size, mesh, per_example=method == "per_example")
+    _require(config, "batch_size", config.batch_size <= task.num_train(ds),
+             f"is larger than the {task.num_train(ds)} train examples")  # fmt: skip
     num_steps = resolve_num_steps(config, task.num_train(ds))
     schedule = make_schedule(config, num_steps)
     optimizer = make_optimizer(config, schedule)
@@ -757,6 +707,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       Diverged: the loss diverged (after writing the row and the summary that say so).
       KeyboardInterrupt: after Ctrl-C, once the row, checkpoint and summary are written.
     """
+    t_call = time.perf_counter()
     validate_config(config)
     task = tasks.get(config)
     mesh_lib.initialize_distributed(bool(config.distributed))
@@ -772,11 +723,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ds = task.load(config)
         log.data = task.describe(ds)  # the content's identity, checked against the checkpoint
         setup = _setup(config, ds, task)
-        with runlog.deferred_interrupt() as interrupted:
+        with runlog.deferred_interrupt() as interrupted, contextlib.closing(log):
             log.clock.charge("pause")
             state, meta = ckpt.restore(setup.state, check=log.check_meta)
             log.resume(0 if state is None else int(state.step), meta)
             log.write_config(config_dict)
+            done = _already_complete(config, setup, log)
+            if done is not None:
+                return done
             # Distinct buffers per leaf, replicated over the mesh: the steps donate the state,
             # and init functions may share one array between leaves, which donation rejects.
             state = setup.place(setup.state if state is None else state)
@@ -784,7 +738,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if stop != "diverged" and log.step > 0:
                 ckpt.save(log.step, state, log.meta())
             summary = _summarize(config, ds, setup, state, log, stop, evaluate=stop in (
-                "num_steps", task.target_field, "max_wall_time_s"))  # fmt: skip
+                "num_steps", task.target_field, "max_wall_time_s"), t_call=t_call)  # fmt: skip
             if stop == "diverged":
                 raise Diverged(
                     f"training diverged at step {log.step}: {log.diverged}",
@@ -794,6 +748,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if interrupted.is_set():
                 raise KeyboardInterrupt
     return summary
+
+
+def _already_complete(config, setup: _Setup, log: runlog.RunLog) -> dict | None:
+    """The stored summary when the run in ``log.workdir`` finished (it stopped for a reason
+    other than an interruption or divergence, at the checkpoint's step, and that reason still
+    holds under ``config``); ``None`` when there is training or a summary left to do, and
+    always in a multi-process run (which evaluates and summarizes again)."""
+    path = os.path.join(log.workdir, SUMMARY_FILE)
+    # One process only: the others of a multi-host run cannot see the file, and every process
+    # must take the same path (the final evaluation is collective).
+    if not (jax.process_count() == 1 and log.step > 0 and os.path.exists(path)):
+        return None
+    stored = runlog.read_json(path)
+    num_examples = setup.num_steps * config.batch_size if adaptive.enabled(config) else None
+    never = threading.Event()
+    stop = _stop_reason(config, log, setup.num_steps, never, num_examples)
+    if stored.get("steps") != log.step or stop is None or stored.get("stop_reason") != stop:
+        return None
+    logging.info("%s is already complete (%s at step %d): nothing to train; its summary is %s.",
+                 log.workdir, stop, log.step, path)  # fmt: skip
+    return stored
 
 
 def _stop_reason(
@@ -860,13 +835,21 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
 
     batches = stream(bs)
     steps = adaptive.StepCache(setup.plain_fn, setup.gns_fn if gns_every > 0 else None, log.clock)
-    bar = _progress_bar(config, setup.num_steps, log.step)
-    held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
+    bar = progress.Progress(
+        num_examples or setup.num_steps * config.batch_size,
+        desc="train",
+        unit="examples",
+        initial=log.examples_seen,
+        bar=config.progress_bar,
+    )
     try:
+        bar.set(phase="compiling", step=log.step)
+        held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
         batch = next(batches)
         plain, measure = steps.get(bs, state, batch, after="pause")
         stop = _stop_reason(config, log, setup.num_steps, interrupted, num_examples)
         log.clock.charge("train")
+        bar.set(phase="training")
         pending: list[dict] = []  # device metrics since the last row
         while stop is None:
             measured = gns_every > 0 and log.step % gns_every == 0
@@ -890,8 +873,8 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
                 )
             do_save = config.checkpoint_every > 0 and step % config.checkpoint_every == 0
             due = measured or do_eval or do_save or step % config.log_every == 0
+            bar.update(bs)
             if not (due or _stop_reason(config, log, setup.num_steps, interrupted, num_examples)):
-                bar.update(1)
                 continue
             jax.block_until_ready(state)
             log.clock.charge("pause")
@@ -904,7 +887,9 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
                 row.update(fields)
             if do_eval and not log.diverged:
                 log.clock.charge("eval")
+                bar.set(phase="evaluating")
                 res = setup.evaluate(state, held_out)
+                bar.set(phase="training")
                 log.clock.charge("pause")
                 row.update({f"test_{k}": v for k, v in res.items() if k != "examples"})
                 log.record_eval(setup.task.score(res[setup.task.metric]))
@@ -917,11 +902,14 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
                 ckpt.save(step, state, log.meta())
             _show(bar, row)
             if stop is None and ctl is not None and ctl.batch_size(state) != bs:
+                bar.set(phase=f"compiling (batch {ctl.batch_size(state)})")
+            if stop is None and ctl is not None and ctl.batch_size(state) != bs:
                 bs, lr_scale = ctl.batch_size(state), ctl.lr_multiplier(state)
                 batches.close()
                 batches = stream(bs)
                 batch = next(batches)
                 plain, measure = steps.get(bs, state, batch, after="pause")
+                bar.set(phase="training")
             elif ctl is not None:
                 lr_scale = ctl.lr_multiplier(state)
             if stop is None:
@@ -950,28 +938,28 @@ def _row_metrics(host: list[dict], measured: bool, lr_scale: float = 1.0) -> dic
     return out
 
 
-def _progress_bar(config, total: int, initial: int):
-    from tqdm import tqdm
-
-    enabled = config.progress_bar and sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
-
-
-def _show(bar, row: dict) -> None:
-    bar.set_postfix(
+def _show(bar: progress.Progress, row: dict) -> None:
+    """The latest row on the bar (or in the next progress line)."""
+    b_simple = row.get("ema_b_simple", bar.fields.get("B_simple"))
+    bar.set(
+        step=row["step"],
         loss=f"{row['train_loss']:.3f}",
-        acc=f"{row['train_accuracy']:.3f}",
-        ex_s=f"{row['examples_per_s']:.0f}",
-        b_simple=f"{row.get('ema_b_simple', math.nan):.4g}",
-        refresh=False,
+        **{"examples/s": f"{row['examples_per_s']:.0f}"},
+        B_simple=b_simple if isinstance(b_simple, str) else _fmt_g(b_simple),
     )
-    bar.update(1)
 
 
-def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, evaluate: bool):
+def _fmt_g(x) -> str:
+    """``x`` with 4 significant digits; ``'-'`` for ``None``, non-finite shown as such."""
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, evaluate: bool,
+               t_call: float):  # fmt: skip
     """Final evaluation (full test set and a train subset; skipped when ``evaluate`` is
-    false: interrupted or diverged runs), ``summary.json`` and the plots."""
-    from gns import plots, smoothing
+    false: interrupted or diverged runs), ``summary.json`` and the plots. ``t_call``: when
+    :func:`train_and_evaluate` was called (``perf_counter``), for ``wall_time_s``."""
+    from gns import smoothing
 
     task = setup.task
     final, train_eval, t0 = {}, {}, time.perf_counter()
@@ -995,11 +983,12 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
         f"best_test_{task.metric}": task.score(log.best["accuracy"]),
         "best_step": log.best["step"],
         "time_to_best_s": log.best["time_s"],
-        "wall_time_s": clock["train_time_s"],
+        "train_time_s": clock["train_time_s"],
         "eval_time_s": clock["eval_time_s"],
         "compile_time_s": clock["compile_time_s"],
         "pause_time_s": clock["pause_time_s"],
         "final_eval_time_s": time.perf_counter() - t0,
+        "wall_time_s": time.perf_counter() - t_call,
         "steps": log.step,
         "examples": log.examples_seen,
         "epochs": log.examples_seen / task.num_train(ds),
@@ -1025,7 +1014,7 @@ def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, 
         runlog.write_json(os.path.join(log.workdir, SUMMARY_FILE), summary)
     if config.plots and evaluate and log.primary:
         try:
-            plots.training_plots(rows, log.workdir)
+            figures.training_plots(rows, log.workdir)
         except Exception as e:  # plots are a convenience: never lose a finished run to them
             logging.warning("Could not write the plots: %s", e)
     return runlog.to_strict_json(summary)
@@ -1056,9 +1045,13 @@ def noise_scale_summary(rows: list[dict], smoothing) -> dict:
 
     Returns:
       ``{'b_simple', 'interval': [lo, hi], 'g_sq', 'trace_cov', 'num_measurements' (used),
-      'num_dropped', 'last_ema_b_simple', 'block_size'}`` (``None`` values when fewer than 2
-      finite measurements). Dropped measurements, or a majority with ``g_sq <= 0`` (``b_simple``
-      null in the rows), are also logged as a warning.
+      'num_dropped', 'last_ema_b_simple', 'block_size', 'recent'}`` (``None`` values when
+      fewer than 2 finite measurements). ``b_simple`` is over the whole run; ``recent`` is
+      ``{'b_simple', 'interval', 'num_measurements', 'from_step'}`` over the last
+      :func:`gns.smoothing.recent_window` measurements (iid bootstrap, as the band of
+      ``noise_scale.png``): where the noise scale is now, when it grows over training.
+      Dropped measurements, or a majority with ``g_sq <= 0`` (``b_simple`` null in the rows),
+      are also logged as a warning.
     """
     meas = [r for r in rows if "g_sq" in r]
     g = np.array([r["g_sq"] for r in meas], np.float64)  # None -> nan
@@ -1074,9 +1067,15 @@ def noise_scale_summary(rows: list[dict], smoothing) -> dict:
         "num_measurements": int(finite.sum()),
         "num_dropped": int((~finite).sum()),
         "last_ema_b_simple": meas[-1].get("ema_b_simple") if meas else None,
+        "recent": None,
     }
     _warn_null_measurements(len(meas), out["num_dropped"], int(np.sum(g <= 0)))
     if len(g) >= 2:
+        k = smoothing.recent_window(len(g))
+        last = smoothing.interval(g[-k:], t[-k:], block_size=1)
+        steps = [r["step"] for r, ok in zip(meas, finite, strict=True) if ok]
+        out["recent"] = {"b_simple": last.estimate, "interval": [last.low, last.high],
+                         "num_measurements": k, "from_step": steps[-k]}  # fmt: skip
         res = smoothing.interval(g, t)
         out.update(
             b_simple=res.estimate,

@@ -297,10 +297,11 @@ def per_example(
     mean of independent per-example losses. Not for BatchNorm in training mode (a batch of one
     normalizes over itself): use :func:`microbatch` there.
 
-    With Flax Linen models the per-example squared norms of ``Dense``/``Conv``/norm-layer
-    parameters come without per-example gradients, from the one backward pass of the mean
-    gradient (:mod:`gns.ghost`); other leaves fall back to ``jax.vmap``. The statistics are the
-    same as the ``vmap`` path's to float rounding.
+    For any JAX ``loss_fn`` (Flax Linen or NNX, plain ``jnp``) the per-example squared norms of
+    parameters read by one operation linear in them (``dot_general``, convolutions, embedding
+    gathers, broadcast biases and scales) come without per-example gradients, from the one
+    backward pass of the mean gradient (:mod:`gns.ghost`); other leaves fall back to
+    ``jax.vmap``. The statistics are the same as the ``vmap`` path's to float rounding.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss (or ``(loss, aux)`` with
@@ -317,12 +318,13 @@ def per_example(
         a single entry (the call on the whole local batch) on the fast path. Either way, the
         mean over that axis of a per-example mean (loss, accuracy) is its batch mean; pass
         ``method="vmap"`` when you need the aux of every example.
-      method: ``"auto"`` (default): the fast path (:mod:`gns.ghost`) when ``loss_fn`` calls
-        Flax Linen layers it covers and its cost model estimates it cheaper than ``vmap``
-        (:func:`gns.ghost.select`; ``print(gns.ghost.plan(...).describe())`` says why), else
+      method: ``"auto"`` (default): the fast path (:mod:`gns.ghost`) when it covers some
+        parameter of ``loss_fn`` and is the faster path: by its cost model when that is clear,
+        else timed once on these shapes and cached (:func:`gns.ghost.select`;
+        ``print(gns.ghost.plan(...).describe())`` says what is covered and why not), else
         ``vmap``. ``"vmap"``: always per-example gradients by ``jax.vmap``. ``"ghost"``
         (alias ``"fast"``): always the fast path; a ``ValueError`` when it covers no parameter
-        (e.g. a plain-JAX ``loss_fn``).
+        (e.g. every parameter used nonlinearly).
 
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``): the statistics and the
@@ -356,7 +358,9 @@ def per_example(
     if has_aux:  # a clear error before any path indexes into a missing aux
         jax.eval_shape(common.checked_aux(loss_fn), params, batch)
     params = common.to_varying(params, axis_name)
-    plan = ghost.select(loss_fn, params, batch, has_aux=has_aux, method=method)
+    plan = ghost.select(
+        loss_fn, params, batch, has_aux=has_aux, method=method, chunk_size=chunk_size
+    )
     if plan is not None:  # the fast path: chosen ("ghost"), or cheaper by the cost model
         kw = dict(has_aux=has_aux, axis_name=axis_name, chunk_size=chunk_size)
         grad_sum, sq_sum, aux = ghost.sums(loss_fn, params, batch, plan, **kw)

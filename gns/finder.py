@@ -48,7 +48,6 @@ import dataclasses
 import functools
 import inspect
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -729,25 +728,12 @@ class BatchSizeResult:
             }
         return _json(out)
 
-    def plot(self, path: str | None = None) -> list:
-        """The noise scale over the pilot and the throughput curve (:mod:`gns.plots`).
-
-        Args:
-          path: a directory: writes ``noise_scale.png`` and ``throughput.png`` there and
-            returns their paths. ``None``: returns the two matplotlib figures.
-        """
+    def plot(self) -> list:
+        """The noise scale over the pilot and the throughput curve (:mod:`gns.plots`), as two
+        matplotlib figures."""
         from gns import plots
 
-        d = self.to_dict()
-        files = [None, None]
-        if path is not None:
-            os.makedirs(path, exist_ok=True)
-            files = [os.path.join(path, n) for n in ("noise_scale.png", "throughput.png")]
-        figs = [
-            plots.plot_noise_scale(self.pilot_rows, files[0]),
-            plots.plot_throughput(d, files[1]),
-        ]
-        return files if path is not None else figs
+        return [plots.plot_noise_scale(self.pilot_rows), plots.plot_throughput(self.to_dict())]
 
 
 # ---------------------------------------------------------------------------------------------

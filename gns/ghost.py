@@ -1,79 +1,62 @@
-"""Per-example squared gradient norms without per-example gradients ("ghost norms").
+"""Per-example squared gradient norms without per-example gradients ("ghost norms"), for any
+JAX ``loss_fn``.
 
 The noise scale needs, for every parameter leaf, the sum over examples of the squared norms of
-the per-example gradients, and the mean gradient. For a ``Dense`` or ``Conv`` layer, one
-example's kernel gradient is ``Σ_t p_t g_tᵀ`` over the output positions ``t``, with ``p_t`` the
-input patch at ``t`` (the input itself for ``Dense``) and ``g_t`` the gradient of that example's
-loss at the layer output. Its squared norm is either
+the per-example gradients, and the mean gradient. ``loss_fn`` is traced to a jaxpr (nested
+``jit`` calls inlined) and, for each leaf, the one operation that consumes it is found (after
+shape-preserving steps that keep gradient norms: casts, reshapes, transposes, slices). Where
+that operation is linear in the parameter and the example axis is on its other operand, one
+example's gradient of the parameter is a contraction of that operand with the example's
+output gradient ``g``, and its squared norm has a closed form:
 
-* **direct**: ``‖Σ_t p_t g_tᵀ‖²`` (cost ``T·K·C`` per example), or
-* **Gram**: ``Σ_{t,t'} (p_t·p_t')(g_t·g_t')`` (cost ``T²·(K+C)``),
+* ``dot_general`` (any dense layer, attention projection, einsum, ``jnp.dot``): one example's
+  kernel gradient is ``Σ_t x_t g_tᵀ`` over the free positions ``t`` of the operand; its
+  squared norm is either **direct** ``‖Σ_t x_t g_tᵀ‖²`` (cost ``T·K·C`` per example) or
+  **Gram** ``Σ_{t,t'} (x_t·x_t')(g_t·g_t')`` (cost ``T²·(K+C)``), the cheaper one per
+  operation. Axes shared by both operands (``dot_general`` batch dimensions, e.g. heads) are
+  summed over outside.
+* ``conv_general_dilated`` (no feature groups, no input dilation): the same, with ``x_t`` the
+  input patch at output position ``t``; patches are strided slices of the padded input, one per
+  kernel offset, never concatenated.
+* ``gather`` of rows of a ``[vocab, D]`` table (an embedding, ``jnp.take``, ``table[tokens]``):
+  the token-equality Gram ``Σ_{t,t'} [tok_t = tok_t'] (g_t·g_t')`` or, when cheaper, a
+  scatter-add into a per-example table. Out-of-range tokens count for nothing (``fill``
+  mode: they get no gradient) or are clamped (``clip`` mode), as the gather does.
+* ``add``/``sub``/``mul`` broadcasting the parameter against an operand with the example axis,
+  or ``broadcast_in_dim`` of the parameter to the example axis (biases, the scale and bias of
+  ``LayerNorm``/``GroupNorm``/``RMSNorm``, a bare ``self.param`` position embedding): one
+  example's gradient is ``g`` (times the other operand, for ``mul``) summed over the broadcast
+  axes.
 
-and the cheaper one is used per layer (``T`` positions, ``K`` patch size, ``C`` outputs). The
-bias gradient is ``Σ_t g_t``. For ``GroupNorm``/``LayerNorm``/``RMSNorm`` (output
-``x̂·scale + bias``) the scale gradient is ``Σ_t g_t ⊙ x̂_t`` and the bias gradient ``Σ_t g_t``.
+**One backward pass.** The jaxpr is evaluated again under ``jax.grad`` with respect to
+``(params, slots)``; the output of each covered operation passes through an identity with a
+custom VJP (``_tap``) holding the other operand. In the backward pass the tap receives
+``∂(mean loss)/∂(output)``, which times ``B`` (the loss is a mean) is the per-example output
+gradient, contracts it per example and returns the squared norms as the gradient of the slot (a
+zero ``[B]`` per leaf): this is the zero-perturbation trick with the contraction done where
+``g`` appears, so no per-example tensor outlives its operation.
 
-Covered layers (Flax Linen):
+**Which axis is the example axis** of each value: the jaxpr is traced at batch sizes ``B`` and
+``B + 1``; an axis that changes from ``B`` to ``B + 1`` (the only one that changes) is the
+example axis. Examples must not interact (the assumption of ``per_example`` itself).
 
-* ``nn.Dense``, ``nn.DenseGeneral`` (any ``axis``/``features`` not touching the example axis,
-  no ``batch_dims``: the query/key/value and output projections of
-  ``nn.MultiHeadDotProductAttention``/``nn.SelfAttention``) and ``nn.Einsum`` (an equation
-  whose letters are the example axis of the input, plus letters shared by input, kernel and
-  output, e.g. heads): all are reduced to the ``[B·S, T, K]`` / ``[B·S, T, C]`` form above.
-* ``nn.Conv`` (no groups, no input dilation).
-* ``nn.GroupNorm``, ``nn.LayerNorm``, ``nn.RMSNorm``.
-* ``nn.Embed``: one example's table gradient is ``Σ_t e_{tok_t} g_tᵀ``, its squared norm the
-  token-equality Gram ``Σ_{t,t'} [tok_t = tok_t'] (g_t·g_t')`` or, when cheaper, the direct
-  scatter-add into a per-example ``[vocab, features]`` table. Tokens outside ``[0, vocab)``
-  (``jnp.take`` fills them, so they get no gradient) count for nothing; a padding token whose
-  loss is masked has ``g_t = 0`` and counts for nothing either.
-* :class:`AddPositionEmbedding`: a learned position embedding added to the input
-  (``x + embedding[:T]``). One example's gradient is its output gradient itself, so its squared
-  norm is ``Σ_t ‖g_t‖²``. A position embedding written as a bare ``self.param`` added to the
-  input is not recognizable as a layer call and falls back; use this module instead (same
-  parameter, same initializer argument).
+**Fallback, per leaf.** A leaf is not covered when it is read by more than one operation
+(shared or tied weights, a weight penalty inside ``loss_fn``: cross terms), by an operation
+nonlinear in it, by one whose other operand has no example axis or contracts it, or inside a
+primitive the analysis does not enter (``scan``, ``while``, ``cond``, ``custom_jvp``/
+``custom_vjp`` calls, ``checkpoint``). Those leaves get per-example gradients by ``jax.vmap``
+restricted to them (chunked with ``chunk_size``); that pass backpropagates per example through
+everything above the deepest such leaf. :meth:`Plan.describe` names every fallback and why.
 
-``loss_fn(params, batch)`` is opaque (it closes over ``model.apply``), so the layers are found
-by intercepting Flax Linen module calls in its dynamic scope (``nn.intercept_methods``):
-
-1. **Plan** (tracing only, no FLOPs): ``jax.eval_shape`` of ``loss_fn`` on the batch and on one
-   example records, in call order, every candidate layer call, its input and output shapes,
-   its configuration, and which leaves of ``params`` it reads (by object identity of the
-   traced leaves). A call is *covered* when its layer is supported, its leading axis is the
-   example axis (size ``B`` on the batch, ``1`` on one example), each of its parameters is a leaf
-   of ``params`` read by no other call (weight sharing has cross terms between calls: such
-   leaves go to the fallback) and used by ``loss_fn`` nowhere else (a weight penalty inside
-   ``loss_fn``, tied embeddings: checked structurally on the JVP jaxpr with the covered layer
-   outputs detached). The plan also holds a **cost model** (below).
-2. **One backward pass**: ``jax.grad`` of ``loss_fn`` with respect to ``(params, slots)``,
-   where the interceptor wraps the output of each covered call in an identity with a custom
-   VJP (``_tap``) holding the layer input (or ``x̂``, or the tokens). In the backward pass the
-   tap receives ``∂(mean loss)/∂(output)``, which times ``B`` (the loss is a mean) is the
-   per-example output gradient ``g``, contracts it with the input per example (step 3), and
-   returns the per-example squared norms as the gradient of ``slots`` (zeros ``[B]`` per
-   parameter). The parameter gradient is the mean gradient. This is the zero-perturbation
-   trick with the contraction done where ``g`` appears, so no per-example tensor outlives its
-   layer.
-3. Contract ``g`` with the layer input per example, as above. Convolution patches are strided
-   slices of the padded input, one per kernel offset, never concatenated (the norms are sums
-   over offsets, the patch Gram a sum of offset Grams).
-
-Leaves no covered call owns (custom ``self.param``, shared layers, layers inside lifted
-transforms, ...) fall back to per-example gradients by ``jax.vmap`` restricted to those leaves
-(chunked with ``chunk_size``). That fallback backpropagates per example through everything
-above its deepest leaf, so a fallback leaf near the input costs about a whole ``vmap`` pass.
-
-**Cost model.** For each covered call the plan counts FLOPs and bytes (of the per-example
-intermediates) of each form (direct, Gram, and the per-example gradient that ``vmap`` would
-materialize for it), and picks the cheaper form at ``flops + FLOPS_PER_BYTE[backend] · bytes``.
-For the whole ``loss_fn`` it compares the fast path (one backward pass, the chosen forms, and
-the fallback's ``vmap`` pass when any leaf falls back) with plain ``vmap`` (same backward work
-per example plus ``B × params`` per-example gradients); :attr:`Plan.method` is the cheaper,
-which :func:`select` (``per_example(method="auto")``) follows. A convolution whose per-example
-intermediates (in its chosen form) would exceed :data:`CHUNK_BYTES` for the whole batch
-computes its norms over example chunks in turn (``jax.lax.map``), which bounds the extra
-memory. ``Plan.describe()`` prints every call (covered, in which form, in how many chunks, at
-what cost, or why not), every fallback leaf and why, and the decision.
+**Cost model.** For each covered operation the plan counts FLOPs and bytes of each form and of
+the per-example gradient ``vmap`` would materialize, and picks the cheaper form at ``flops +
+FLOPS_PER_BYTE[backend] · bytes``; :attr:`Plan.method` compares the fast path with ``vmap`` on
+that model. :func:`select` (``per_example(method="auto")``) takes the model's answer when it is
+clear (every leaf covered and the fast path at most :data:`CLEAR_MARGIN` of ``vmap``'s
+estimated cost) and otherwise times both paths once on the actual shapes and device
+(:func:`calibrate`, cached in memory by the jaxpr and shapes). A convolution whose
+per-example intermediates would exceed :data:`CHUNK_BYTES` for the whole batch computes its
+norms over example chunks in turn (``jax.lax.map``), which bounds the extra memory.
 
 Use it through :func:`gns.estimate.per_example` (``method="auto"`` or ``"ghost"``); this
 module returns the local sums that :func:`gns.estimate.per_example` reduces.
@@ -87,10 +70,10 @@ sufficient to predict gradient noise scale in transformers" (2024).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import itertools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +81,7 @@ import flax.linen as nn
 import jax
 import jax.extend.core
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from gns import common
@@ -109,22 +93,21 @@ __all__ = [
     "Plan",
     "plan",
     "select",
+    "calibrate",
     "sums",
     "per_example_sq_norms",
     "AddPositionEmbedding",
     "FORMS",
     "FLOPS_PER_BYTE",
     "CHUNK_BYTES",
+    "CLEAR_MARGIN",
 ]
 
 FORMS = ("auto", "direct", "gram")
-_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 # A convolution's kernel norms (patches, Gram matrices or per-example kernel gradients) are
 # computed over example chunks in turn (a rolled loop) when these intermediates would exceed
-# this many bytes for the whole batch: it bounds the fast path's extra memory (SmallCNN at
-# batch 128: 1.75x -> 1.40x the compiled temp memory of a plain gradient, its convolutions of
-# 4, 9 and 5 MB in 2, 4 and 2 chunks), at the same speed on 2 CPU cores (paired medians).
+# this many bytes for the whole batch: it bounds the fast path's extra memory.
 CHUNK_BYTES = 4 * 2**20
 
 # Rough machine balance (FLOPs one byte of memory traffic costs in time), by JAX backend: the
@@ -132,12 +115,25 @@ CHUNK_BYTES = 4 * 2**20
 # order of magnitude matters (it decides between forms whose costs differ severalfold).
 FLOPS_PER_BYTE = {"cpu": 8.0, "gpu": 100.0, "tpu": 200.0}
 
+# select(method="auto") trusts the FLOP model without timing when every leaf is covered and
+# the fast path's estimated extra cost is at most this fraction of vmap's; otherwise it times
+# both paths once (calibrate).
+CLEAR_MARGIN = 0.25
 
 # How much slower than the plain step's one large weight-gradient product ``vmap``'s batch of
-# per-example products runs, as extra multiples of its FLOPs. Calibrated on 2 CPU cores
-# (``make bench``): per-example convolutions (a grouped convolution per batch) made vmap 3.6x a
-# plain SmallCNN step, batched matmuls made it 2.2x a plain 2-layer Transformer step.
+# per-example products runs, as extra multiples of its FLOPs (2 CPU cores, ``make bench``).
 _VMAP_SLOWDOWN = {"conv": 4.0, "dense": 1.0}
+
+# Primitives whose inner jaxpr is inlined (plain function calls); every other primitive with
+# an inner jaxpr is evaluated as it is (a parameter reaching it falls back).
+_INLINE = ("pjit", "jit", "closed_call", "core_call")
+
+# Unary steps from a parameter that keep its gradient's norm (J·Jᵀ = I): the parameter
+# reaches its consumer through any number of them.
+_ISOMETRIC = (
+    "convert_element_type", "reshape", "transpose", "squeeze", "slice", "dynamic_slice",
+    "copy", "copy_p", "neg", "rev", "reduce_precision", "pvary", "pcast", "optimization_barrier",
+)  # fmt: skip
 
 
 class NotApplicableError(ValueError):
@@ -145,12 +141,10 @@ class NotApplicableError(ValueError):
 
 
 class AddPositionEmbedding(nn.Module):
-    """``x + embedding[:T]``: a learned position embedding the fast path recognizes.
+    """``x + embedding[:T]``: a learned position embedding as a module.
 
-    The same computation as the usual ``x + self.param("pos", init, (max_length, features))``,
-    as a module, so that :mod:`gns.ghost` intercepts it: one example's gradient of the
-    embedding is that example's output gradient (rows ``0..T-1``), its squared norm
-    ``Σ_t ‖g_t‖²``, computed in the backward pass without per-example gradients.
+    The same computation as ``x + self.param("pos", init, (max_length, features))[:T]``; both
+    are covered by :mod:`gns.ghost` (a parameter broadcast over the example axis).
 
     Attributes:
       max_length: number of positions (rows of the embedding); inputs may be shorter.
@@ -182,537 +176,555 @@ class AddPositionEmbedding(nn.Module):
         return x + embedding[None, : x.shape[1]].astype(x.dtype)
 
 
-_CANDIDATE_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed, AddPositionEmbedding)
-_CANDIDATE_TYPES += _NORM_TYPES
-_KINDS = {nn.Dense: "dense", nn.DenseGeneral: "dense", nn.Einsum: "dense", nn.Conv: "conv"}
-_KINDS |= {nn.Embed: "embed", AddPositionEmbedding: "position"}
-
-
 def _prod(values) -> int:
     return functools.reduce(lambda a, b: a * int(b), values, 1)
 
 
+# ---------------------------------------------------------------------------------------------
+# The loss as one flat list of primitive applications.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lit:
+    """A literal (or constant) operand."""
+
+    value: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Eqn:
+    primitive: Any
+    params: dict
+    ins: tuple  # operand keys (int) or _Lit
+    outs: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class _Flat:
+    """``loss_fn``'s jaxpr with nested calls inlined; values are integer keys."""
+
+    eqns: list[_Eqn]
+    invars: list[int]
+    outvars: list
+    shapes: dict[int, tuple[int, ...]]
+    dtypes: dict[int, Any]
+    consts: dict[int, Any]
+    out_tree: Any
+
+    @property
+    def signature(self) -> tuple:
+        return tuple(e.primitive.name for e in self.eqns)
+
+
+def _trace(loss_fn, params, batch) -> _Flat:
+    """Trace ``loss_fn(params, batch)`` (arrays, tracers or shape structs) to a :class:`_Flat`."""
+    closed, shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, batch)
+    keys = itertools.count()
+    flat = _Flat([], [], [], {}, {}, {}, jax.tree.structure(shape))
+
+    def new(var) -> int:
+        k = next(keys)
+        flat.shapes[k] = tuple(getattr(var.aval, "shape", ()))
+        flat.dtypes[k] = getattr(var.aval, "dtype", None)
+        return k
+
+    def bind_consts(jaxpr, consts, env):
+        for v, c in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = k = new(v)
+            flat.consts[k] = c
+
+    def walk(jaxpr, env):
+        def read(a):
+            return _Lit(a.val) if isinstance(a, jax.extend.core.Literal) else env[a]
+
+        for eqn in jaxpr.eqns:
+            ins = tuple(read(a) for a in eqn.invars)
+            if eqn.primitive.name in _INLINE:
+                inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+                inner_jaxpr = getattr(inner, "jaxpr", inner)
+                sub = dict(zip(inner_jaxpr.invars, ins, strict=True))
+                bind_consts(inner_jaxpr, getattr(inner, "consts", ()), sub)
+                outs = walk(inner_jaxpr, sub)
+                env.update(zip(eqn.outvars, outs, strict=True))
+                continue
+            outs = tuple(new(v) for v in eqn.outvars)
+            env.update(zip(eqn.outvars, outs, strict=True))
+            flat.eqns.append(_Eqn(eqn.primitive, dict(eqn.params), ins, outs))
+        return [read(a) for a in jaxpr.outvars]
+
+    env: dict = {}
+    bind_consts(closed.jaxpr, closed.consts, env)
+    for v in closed.jaxpr.invars:
+        env[v] = k = new(v)
+        flat.invars.append(k)
+    flat.outvars = walk(closed.jaxpr, env)
+    return flat
+
+
+def _run(flat: _Flat, args, hook=None) -> list:
+    """Evaluate ``flat`` on ``args``; ``hook(i, operands, outputs)`` may replace the outputs
+    of equation ``i``."""
+    env = dict(flat.consts)
+    env.update(zip(flat.invars, args, strict=True))
+
+    def read(a):
+        return a.value if isinstance(a, _Lit) else env[a]
+
+    for i, e in enumerate(flat.eqns):
+        vals = [read(a) for a in e.ins]
+        bind_params = e.primitive.get_bind_params(e.params)
+        subfuns = ()
+        if isinstance(bind_params, tuple):  # (subfuns, params) in older JAX versions
+            subfuns, bind_params = bind_params
+        out = e.primitive.bind(*subfuns, *vals, **bind_params)
+        out = list(out) if e.primitive.multiple_results else [out]
+        if hook is not None:
+            out = hook(i, vals, out)
+        env.update(zip(e.outs, out, strict=True))
+    return [read(a) for a in flat.outvars]
+
+
+def _uses(flat: _Flat) -> tuple[dict[int, int], list[bool]]:
+    """How many live equations (and outputs) read each key, and which equations are live
+    (their outputs reach the outputs of ``loss_fn``)."""
+    live_keys = {a for a in flat.outvars if isinstance(a, int)}
+    live = [False] * len(flat.eqns)
+    for i in range(len(flat.eqns) - 1, -1, -1):
+        e = flat.eqns[i]
+        if any(o in live_keys for o in e.outs) or getattr(e.primitive, "effects", None):
+            live[i] = True
+            live_keys.update(a for a in e.ins if isinstance(a, int))
+    uses: dict[int, int] = {}
+    for a in [a for e, ok in zip(flat.eqns, live, strict=True) if ok for a in e.ins]:
+        if isinstance(a, int):
+            uses[a] = uses.get(a, 0) + 1
+    for a in flat.outvars:
+        if isinstance(a, int):
+            uses[a] = uses.get(a, 0) + 1
+    return uses, live
+
+
+def _example_axes(flat: _Flat, alt: _Flat, n: int) -> dict[int, int | None]:
+    """The example axis of every value: the one axis of size ``n`` that is ``n + 1`` in the
+    trace at ``n + 1`` examples; ``None`` when no axis changes; ``-1`` when the change is not
+    one such axis (a flattened or reduced example axis)."""
+    axes: dict[int, int | None] = {}
+    for k, shape in flat.shapes.items():
+        other = alt.shapes[k]
+        changed = [d for d, (a, b) in enumerate(zip(shape, other, strict=True)) if a != b]
+        if not changed:
+            axes[k] = None
+        elif len(changed) == 1 and shape[changed[0]] == n and other[changed[0]] == n + 1:
+            axes[k] = changed[0]
+        else:
+            axes[k] = -1
+    return axes
+
+
+# ---------------------------------------------------------------------------------------------
+# The consumers of the parameters.
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """How a contraction layer's input and output gradient map to ``[B·S, T, K]`` and
-    ``[B·S, T, C]``: transpose by ``x_perm``/``g_perm``, then reshape. ``t_axes``: the axes of
-    the output gradient that the bias gradient sums over (the positions)."""
+    """How a ``dot_general``'s batched operand and output gradient map to ``[B·S, T, K]`` and
+    ``[B·S, T, C]``: transpose by ``x_perm``/``g_perm``, then reshape."""
 
     x_perm: tuple[int, ...]
     g_perm: tuple[int, ...]
     s: int
     t: int
-    t_axes: tuple[int, ...]
     k: int
     c: int
 
 
 @dataclasses.dataclass(frozen=True)
-class _Call:
-    """Static description of one intercepted layer call (no arrays)."""
+class _Consumer:
+    """The one operation reading a covered leaf, static description (no arrays).
 
-    kind: str  # "dense" (Dense/DenseGeneral/Einsum) | "conv" | "norm" | "embed" | "position"
-    path: str  # module path, for messages
-    leaves: tuple[tuple[str, int], ...]  # (param name, flat index in params)
-    in_shape: tuple[int, ...]
+    ``kind``: ``"dense"`` (``dot_general``), ``"conv"``, ``"embed"`` (``gather``) or
+    ``"sum"`` (a broadcast ``add``/``sub``/``mul``/``broadcast_in_dim``: the gradient is the
+    output gradient, times the operand for ``mul``, summed over ``sum_axes``).
+    """
+
+    kind: str
+    leaf: int
+    eqn: int  # index in the flat jaxpr
+    primitive: str
+    x_pos: int | None  # operand index of the batched operand the norm needs (None: none)
     out_shape: tuple[int, ...]
-    out_dtype: Any
-    conv: tuple | None  # (kernel_size, strides, padding, kernel_dilation)
-    reason: str  # "" when covered, else why not
-    layout: _Layout | None = None  # kind "dense"
-    vocab: int = 0  # kind "embed"
-    module: str = ""  # the layer's class name
-    form: str = ""  # the cheaper form (cost model), "" when not covered
+    axis: int  # the example axis of the output
+    layout: _Layout | None = None  # dense
+    conv: tuple | None = None  # (x_perm, g_perm, kernel_size, strides, padding, dilation)
+    vocab: int = 0  # embed: rows of the table
+    clip: bool = False  # embed: out-of-range tokens are clamped (else they count for nothing)
+    sum_axes: tuple[int, ...] = ()  # sum: the broadcast axes of the output
+    form: str = "direct"
     # ((form, flops, bytes), ...) for the whole batch: the forms, and "vmap" (what per-example
-    # gradients of this call's parameters cost on top of the shared backward pass).
+    # gradients of this leaf cost on top of the shared backward pass).
     costs: tuple[tuple[str, float, float], ...] = ()
     chunks: int = 1  # the kernel norms computed over this many example chunks, in turn
 
-    @property
-    def covered(self) -> bool:
-        return not self.reason
+
+def _dense_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
+    """A ``dot_general`` with the parameter at operand ``pos``: its layout, or why not."""
+    xk = e.ins[1 - pos]
+    bx = axes.get(xk) if isinstance(xk, int) else None
+    if bx is None or bx < 0:
+        return None, "dot_general with an operand without a clean example axis"
+    (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+    xc, xb = (lc, lb) if pos == 1 else (rc, rb)
+    vc, vb = (rc, rb) if pos == 1 else (lc, lb)
+    if bx in xc:
+        return None, "dot_general contracts the example axis"
+    xshape, vshape = shapes[xk], shapes[e.ins[pos]]
+    x_free = [d for d in range(len(xshape)) if d not in xc and d not in xb]
+    v_free = [d for d in range(len(vshape)) if d not in vc and d not in vb]
+    nb = len(lb)
+    x_out0 = nb if pos == 1 else nb + len(v_free)  # where the operand's free axes start
+    v_out0 = nb + len(x_free) if pos == 1 else nb
+    t_dims = [d for d in x_free if d != bx]
+    layout = _Layout(
+        x_perm=(bx, *xb, *t_dims, *xc),
+        g_perm=(
+            x_out0 + x_free.index(bx),
+            *range(nb),
+            *(x_out0 + x_free.index(d) for d in t_dims),
+            *(v_out0 + i for i in range(len(v_free))),
+        ),
+        s=_prod(xshape[d] for d in xb),
+        t=_prod(xshape[d] for d in t_dims),
+        k=_prod(xshape[d] for d in xc),
+        c=_prod(vshape[d] for d in v_free),
+    )
+    return {"kind": "dense", "x_pos": 1 - pos, "layout": layout, "axis": layout.g_perm[0]}, ""
+
+
+def _conv_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
+    """A ``conv_general_dilated`` with the parameter as the kernel: its configuration."""
+    p = e.params
+    if pos != 1:
+        return None, "conv_general_dilated with the parameter as its input"
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return None, "grouped convolution"
+    if any(d != 1 for d in p["lhs_dilation"]):
+        return None, "input dilation"
+    lhs, rhs, out = p["dimension_numbers"]
+    xk = e.ins[0]
+    if not isinstance(xk, int) or axes.get(xk) != lhs[0]:
+        return None, "convolution input whose batch dimension is not the example axis"
+    kshape = shapes[e.ins[1]]
+    conv = (
+        (lhs[0], *lhs[2:], lhs[1]),
+        (out[0], *out[2:], out[1]),
+        tuple(kshape[d] for d in rhs[2:]),
+        tuple(p["window_strides"]),
+        tuple(tuple(pad) for pad in p["padding"]),
+        tuple(p["rhs_dilation"]),
+    )
+    return {"kind": "conv", "x_pos": 0, "conv": conv, "axis": out[0]}, ""
+
+
+def _embed_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
+    """A ``gather`` of whole rows of a ``[vocab, D]`` table by batched indices."""
+    dn, vshape = e.params["dimension_numbers"], shapes[e.ins[0]]
+    ik = e.ins[1]
+    bx = axes.get(ik) if isinstance(ik, int) else None
+    out_rank = len(shapes[e.outs[0]])
+    rows = (
+        pos == 0
+        and len(vshape) == 2
+        and tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and not tuple(dn.operand_batching_dims)
+        and tuple(e.params["slice_sizes"]) == (1, vshape[1])
+        and tuple(dn.offset_dims) == (out_rank - 1,)
+        and shapes[ik][-1:] == (1,)
+    )
+    if not rows:
+        return None, "gather that is not a row lookup of a 2-D table"
+    if bx is None or bx < 0 or bx == len(shapes[ik]) - 1:
+        return None, "gather indices without a clean example axis"
+    clip = "FILL" not in str(e.params.get("mode", "")).upper()
+    return {"kind": "embed", "x_pos": 1, "vocab": vshape[0], "clip": clip, "axis": bx}, ""
+
+
+def _sum_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
+    """The parameter broadcast against a batched operand (``add``/``sub``/``mul``) or to the
+    example axis (``broadcast_in_dim``): the axes its gradient sums over."""
+    out = e.outs[0]
+    bo = axes.get(out)
+    if bo is None or bo < 0:
+        return None, f"{e.primitive.name} whose output has no clean example axis"
+    oshape, vshape = shapes[out], shapes[e.ins[pos]]
+    if e.primitive.name == "broadcast_in_dim":
+        dims = tuple(e.params["broadcast_dimensions"])
+        kept = {d for d, size in zip(dims, vshape, strict=True) if size == oshape[d]}
+        sum_axes = tuple(d for d in range(len(oshape)) if d not in kept and d != bo)
+        return {"kind": "sum", "x_pos": None, "sum_axes": sum_axes, "axis": bo}, ""
+    if len(vshape) != len(oshape):
+        return None, f"{e.primitive.name} broadcasting across ranks"
+    sum_axes = tuple(d for d in range(len(oshape)) if vshape[d] != oshape[d] and d != bo)
+    x_pos = 1 - pos if e.primitive.name == "mul" else None
+    return {"kind": "sum", "x_pos": x_pos, "sum_axes": sum_axes, "axis": bo}, ""
+
+
+_CONSUMERS = {
+    "dot_general": _dense_consumer,
+    "conv_general_dilated": _conv_consumer,
+    "gather": _embed_consumer,
+    "add": _sum_consumer,
+    "sub": _sum_consumer,
+    "mul": _sum_consumer,
+    "broadcast_in_dim": _sum_consumer,
+}
+
+
+def _step(e: _Eqn, pos: int, shapes, axes) -> tuple[str, dict | None, str]:
+    """What equation ``e`` does with the parameter-derived operand ``pos``: ``("iso", None,
+    "")`` (a norm-keeping step: follow its output), ``("consumer", fields, "")`` or
+    ``("fallback", None, reason)``."""
+    name = e.primitive.name
+    out_batched = any(axes.get(o) is not None for o in e.outs)
+    if not out_batched:
+        iso = name in _ISOMETRIC or (
+            name == "broadcast_in_dim" and _prod(shapes[e.outs[0]]) == _prod(shapes[e.ins[pos]])
+        )
+        if iso and pos == 0 and len(e.outs) == 1:
+            return "iso", None, ""
+        return "fallback", None, f"{name} of the parameter without the example axis"
+    if name not in _CONSUMERS:
+        return "fallback", None, f"read by {name}, which is not linear in it (or not entered)"
+    fields, reason = _CONSUMERS[name](e, pos, shapes, axes)
+    return ("consumer", fields, "") if fields else ("fallback", None, reason)
+
+
+def _find_consumers(flat: _Flat, axes, num_params: int):
+    """``(consumers by leaf, fallback reasons by leaf)`` of the first ``num_params`` inputs."""
+    uses, live = _uses(flat)
+    source = {flat.invars[j]: j for j in range(num_params)}
+    found: dict[int, _Consumer] = {}
+    reasons: dict[int, str] = {}
+    for i, e in enumerate(flat.eqns):
+        refs = [(p, source[a]) for p, a in enumerate(e.ins) if isinstance(a, int) and a in source]
+        if not live[i] or not refs:
+            continue
+        if len({j for _, j in refs}) > 1 or len(refs) > 1:
+            for _, j in refs:
+                reasons.setdefault(j, f"{e.primitive.name} combines it with another parameter")
+            continue
+        (pos, j), key = refs[0], e.ins[refs[0][0]]
+        if uses.get(key, 0) > 1 or j in found:
+            reasons.setdefault(j, "read by several operations (shared or tied weights, or a "
+                                  "penalty in loss_fn): per-example cross terms")  # fmt: skip
+            continue
+        what, fields, reason = _step(e, pos, flat.shapes, axes)
+        if what == "iso":
+            source[e.outs[0]] = j
+        elif what == "consumer":
+            found[j] = _Consumer(
+                leaf=j, eqn=i, primitive=e.primitive.name, out_shape=flat.shapes[e.outs[0]],
+                **fields,
+            )  # fmt: skip
+        else:
+            reasons.setdefault(j, reason)
+    for key, j in source.items():
+        if key in flat.outvars:
+            reasons.setdefault(j, "returned by loss_fn")
+    return {j: c for j, c in found.items() if j not in reasons}, reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan.
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Which layer calls the fast path covers, and which leaves fall back to vmap.
+    """Which leaves the fast path covers (and by which operation), and which fall back.
 
     Attributes:
-      calls: every intercepted candidate call, in call order.
-      fallback: flat indices (in ``jax.tree.leaves(params)`` order) of the leaves no covered
-        call owns; their per-example norms come from ``jax.vmap``.
+      consumers: the covered leaves' consuming operations, in jaxpr order.
+      fallback: flat indices (in ``jax.tree.leaves(params)`` order) of the leaves whose
+        per-example norms come from ``jax.vmap``.
+      reasons: ``(leaf index, why it falls back)`` for each fallback leaf.
       num_leaves: number of leaves of ``params``.
       leaf_names: the leaves' paths (for :meth:`describe`).
       leaf_sizes: the leaves' sizes.
       batch_size: the (local) batch size planned for.
       flops_per_byte: the machine balance of the cost model.
+      signature: the primitives of the traced jaxpr (a trace for :func:`sums` must match).
     """
 
-    calls: tuple[_Call, ...]
+    consumers: tuple[_Consumer, ...]
     fallback: tuple[int, ...]
+    reasons: tuple[tuple[int, str], ...]
     num_leaves: int
     leaf_names: tuple[str, ...] = ()
     leaf_sizes: tuple[int, ...] = ()
     batch_size: int = 0
     flops_per_byte: float = FLOPS_PER_BYTE["cpu"]
+    signature: tuple = ()
 
     def cost(self, method: str) -> float:
-        """Estimated cost (FLOP-equivalents, bytes weighted by ``flops_per_byte``) of
+        """Estimated extra cost (FLOP-equivalents, bytes weighted by ``flops_per_byte``) of
         ``method`` (``"ghost"`` or ``"vmap"``) over one plain backward pass.
 
         ``"vmap"``: the per-example gradients of every leaf (written once, read for the sum and
         for the squared norm), and the extra time of the per-example weight-gradient products
-        of the covered calls (:func:`_form_cost`). ``"ghost"``: each covered call in its
-        chosen form, plus, when leaves fall back, a ``vmap`` pass (a forward and an
-        input-gradient pass again, per example, and the fallback leaves' per-example
-        gradients).
+        of the covered operations. ``"ghost"``: each covered operation in its chosen form,
+        plus, when leaves fall back, a ``vmap`` pass (a forward and an input-gradient pass
+        again, per example, and the fallback leaves' per-example gradients).
         """
         w, n = self.flops_per_byte, self.batch_size
         if method == "vmap":
-            slow_products = sum(fl for c in self.calls for f, fl, _ in c.costs if f == "vmap")
-            return 12.0 * n * sum(self.leaf_sizes) * w + slow_products
+            slow = sum(fl for c in self.consumers for f, fl, _ in c.costs if f == "vmap")
+            return 12.0 * n * sum(self.leaf_sizes) * w + slow
         if method != "ghost":
             raise ValueError(f"method must be 'ghost' or 'vmap', got {method!r}.")
-        total = 0.0
-        for c in self.calls:
-            if c.covered:
-                _, flops, nbytes = _form_cost(c, c.form)
-                total += flops + w * nbytes
+        total = sum(fl + w * b for c in self.consumers for f, fl, b in c.costs if f == c.form)
         if self.fallback:
-            total += _backward_flops(self.calls)
+            total += sum(_backward_flops(c, self.leaf_sizes[c.leaf]) for c in self.consumers)
             total += 12.0 * n * sum(self.leaf_sizes[j] for j in self.fallback) * w
         return total
 
     @property
     def method(self) -> str:
-        """``"ghost"`` when the fast path is estimated cheaper than plain ``vmap``, else
-        ``"vmap"``: what ``per_example(method="auto")`` runs (:func:`select`)."""
+        """``"ghost"`` when the cost model estimates the fast path cheaper than ``vmap``, else
+        ``"vmap"`` (the prior of :func:`select`)."""
         return "ghost" if self.cost("ghost") <= self.cost("vmap") else "vmap"
 
+    @property
+    def clear(self) -> bool:
+        """Every leaf covered and the fast path's estimated cost at most :data:`CLEAR_MARGIN`
+        of ``vmap``'s: :func:`select` takes the fast path without timing."""
+        return not self.fallback and self.cost("ghost") <= CLEAR_MARGIN * self.cost("vmap")
+
+    def name(self, j: int) -> str:
+        return self.leaf_names[j] if self.leaf_names else str(j)
+
     def describe(self) -> str:
-        """What is covered (in which form, at what cost), what falls back and why, and which
-        method ``"auto"`` picks. Costs in MFLOP-equivalents for the whole batch."""
+        """Every covered leaf (its operation, form, cost), every fallback leaf and why, and
+        what ``method="auto"`` decides from the model. Costs in MFLOP-equivalents for the
+        whole batch."""
         w = self.flops_per_byte
         lines = []
-        for c in self.calls:
-            head = f"{c.path} ({c.module or c.kind}): "
-            if not c.covered:
-                lines.append(head + f"fallback: {c.reason}")
-                continue
+        for c in self.consumers:
             costs = ", ".join(f"{f} {(fl + w * b) / 1e6:.3g}" for f, fl, b in c.costs)
             chunks = f" in {c.chunks} example chunks" if c.chunks > 1 else ""
-            lines.append(head + f"covered, {c.form} form{chunks} (MFLOP-equivalents: {costs})")
-        owned_by_uncovered = {j: c for c in self.calls if not c.covered for _, j in c.leaves}
-        for j in self.fallback:
-            name = self.leaf_names[j] if self.leaf_names else str(j)
-            if j in owned_by_uncovered:
-                why = f"its layer {owned_by_uncovered[j].path} is not covered"
-            else:
-                why = (
-                    "read by no covered layer call (a bare self.param or an unsupported layer; "
-                    "a learned position embedding: use gns.ghost.AddPositionEmbedding)"
-                )
-            lines.append(f"leaf {name}: per-example gradients by vmap: {why}")
+            lines.append(
+                f"leaf {self.name(c.leaf)}: covered by {c.primitive} ({c.kind}), {c.form} form"
+                f"{chunks} (MFLOP-equivalents: {costs})"
+            )
+        for j, why in self.reasons:
+            lines.append(f"leaf {self.name(j)}: fallback (per-example gradients by vmap): {why}")
         ghost, vmap = self.cost("ghost"), self.cost("vmap")
+        decision = "fast path, without timing" if self.clear else "timed once (calibrate)"
+        fb = " incl. a vmap pass for the fallback" if self.fallback else ""
         lines.append(
-            f"auto: {self.method} (estimated extra cost over one backward pass: fast path "
-            f"{ghost / 1e6:.3g}{' incl. a vmap pass for the fallback' if self.fallback else ''}"
-            f", vmap {vmap / 1e6:.3g} MFLOP-equivalents at {w:g} FLOPs/byte)"
+            f"auto: {decision}; model: {self.method} (estimated extra cost over one backward "
+            f"pass: fast path {ghost / 1e6:.3g}{fb}, vmap {vmap / 1e6:.3g} MFLOP-equivalents "
+            f"at {w:g} FLOPs/byte)"
         )
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Interception.
-
-
-def _is_candidate(context) -> bool:
-    return context.method_name == "__call__" and type(context.module) in _CANDIDATE_TYPES
-
-
-def _first_arg(args, kwargs):
-    if args:
-        return args[0]
-    for name in ("inputs", "x", "inputs_q"):
-        if name in kwargs:
-            return kwargs[name]
-    return None
-
-
-def _normalize_axes(axes, ndim: int) -> tuple[int, ...]:
-    axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    return tuple(a % ndim for a in axes)
-
-
-def _dense_layout(module, x, kernel) -> tuple[_Layout | None, str]:
-    """Layout of a ``Dense``/``DenseGeneral`` call, or the reason it is not covered."""
-    if module.dot_general is not None or module.dot_general_cls is not None:
-        return None, "custom dot_general"
-    if x.ndim < 2:
-        return None, "input without batch axis"
-    if isinstance(module, nn.Dense):
-        axis, features = (x.ndim - 1,), (module.features,)
-    else:
-        if tuple(module.batch_dims or ()):
-            return None, "batch_dims (a kernel per batch index)"
-        axis = _normalize_axes(module.axis, x.ndim)
-        f = module.features
-        features = (f,) if isinstance(f, int) else tuple(f)
-    if 0 in axis:
-        return None, "contracts the example axis"
-    if kernel is None or tuple(kernel.shape) != tuple(x.shape[a] for a in axis) + features:
-        return None, "unexpected kernel/input shapes"
-    rest = tuple(d for d in range(1, x.ndim) if d not in axis)
-    n_out = 1 + len(rest) + len(features)
-    layout = _Layout(
-        x_perm=(0, *rest, *axis),
-        g_perm=tuple(range(n_out)),
-        s=1,
-        t=_prod(x.shape[d] for d in rest),
-        k=_prod(x.shape[a] for a in axis),
-        c=_prod(features),
-        t_axes=tuple(range(1, 1 + len(rest))),
-    )
-    return layout, ""
-
-
-def _einsum_layout(module, x, kernel, equation) -> tuple[_Layout | None, str]:
-    """Layout of an ``nn.Einsum`` call: letters of the input's example axis ``b``, shared by
-    input, kernel and output (``S``), by input and output (``T``), by input and kernel
-    (``K``), by kernel and output (``C``); anything else is not covered."""
-    import opt_einsum  # noqa: PLC0415 (a dependency of flax; only needed here)
-
-    if not isinstance(equation, str) or kernel is None:
-        return None, "einsum equation not found"
-    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, x.dtype))
-    try:
-        operands, out, _ = opt_einsum.parser.parse_einsum_input(
-            (equation.replace(" ", ""), *shapes)
-        )
-    except Exception as e:  # noqa: BLE001 (report, don't crash: flax raises its own error)
-        return None, f"einsum equation not parsed ({e})"
-    xs, ks = operands.split(",")
-    if any(len(set(sub)) != len(sub) for sub in (xs, ks, out)):
-        return None, "repeated einsum letter (a diagonal)"
-    b = xs[0]
-    if b in ks or b not in out:
-        return None, "the example axis is contracted or is a kernel axis"
-    groups = {"s": [], "t": [], "k": [], "c": []}
-    for ch in xs[1:]:
-        key = "s" if ch in ks and ch in out else "t" if ch in out else "k" if ch in ks else None
-        if key is None:
-            return None, f"input letter {ch!r} is summed over alone"
-        groups[key].append(ch)
-    for ch in ks:
-        if ch not in xs:
-            if ch not in out:
-                return None, f"kernel letter {ch!r} is summed over alone"
-            groups["c"].append(ch)
-    size = dict(zip(xs, x.shape, strict=True)) | dict(zip(ks, kernel.shape, strict=True))
-    s, t, k, c = (groups[key] for key in "stkc")
-    layout = _Layout(
-        x_perm=tuple(xs.index(ch) for ch in (b, *s, *t, *k)),
-        g_perm=tuple(out.index(ch) for ch in (b, *s, *t, *c)),
-        s=_prod(size[ch] for ch in s),
-        t=_prod(size[ch] for ch in t),
-        k=_prod(size[ch] for ch in k),
-        c=_prod(size[ch] for ch in c),
-        t_axes=tuple(out.index(ch) for ch in t),
-    )
-    return layout, ""
-
-
-def _layer_config(module, x, leaf_ids: dict[int, int], args=(), kwargs=None):
-    """(kind, leaves, conv config, reason, extra) of a candidate call, static information only;
-    ``extra``: the layout of a contraction, the vocabulary size of an embedding."""
-    kind = "norm" if isinstance(module, _NORM_TYPES) else _KINDS[type(module)]
-    variables = module.variables
-    if set(variables) - {"params"}:
-        return kind, (), None, f"has non-param collections {sorted(set(variables))}", None
-    module_params = dict(variables.get("params", {}))
-    leaves = []
-    for name, value in module_params.items():
-        if not isinstance(value, jax.Array) or id(value) not in leaf_ids:
-            reason = f"param {name!r} is not a leaf of params as passed to loss_fn"
-            return kind, (), None, reason, None
-        leaves.append((name, leaf_ids[id(value)]))
-    names = {n for n, _ in leaves}
-    reason = ""
-    conv = extra = None
-    expected = {"dense": {"kernel", "bias"}, "conv": {"kernel", "bias"}}
-    expected |= {"embed": {"embedding"}, "position": {"embedding"}, "norm": {"scale", "bias"}}
-    if x is None or not hasattr(x, "shape"):
-        reason = "input not found"
-    elif names - expected[kind]:
-        reason = f"unexpected params {sorted(names)}"
-    elif kind == "dense":
-        kernel = module_params.get("kernel")
-        if isinstance(module, nn.Einsum):
-            kwargs = kwargs or {}
-            eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-            extra, reason = _einsum_layout(module, x, kernel, eq or module.einsum_str)
-        else:
-            extra, reason = _dense_layout(module, x, kernel)
-    elif kind == "embed":
-        table = module_params.get("embedding")
-        if table is None or table.ndim != 2 or x.ndim < 1:
-            reason = "unexpected embedding/input shapes"
-        elif not jnp.issubdtype(x.dtype, jnp.integer):
-            reason = "non-integer input"
-        else:
-            extra = int(table.shape[0])
-    elif kind == "position":
-        table = module_params.get("embedding")
-        if table is None or x.ndim != 3 or table.shape[1:] != x.shape[2:]:
-            reason = "unexpected embedding/input shapes"
-    elif kind == "conv":
-        kernel = module_params.get("kernel")
-        nsp = x.ndim - 2
-        padding = nn.linear.canonicalize_padding(module.padding, max(nsp, 0))
-
-        def tup(v):
-            return (v,) * nsp if v is None or isinstance(v, int) else tuple(v)
-
-        if kernel is None or kernel.ndim != x.ndim or nsp < 1:
-            reason = "input must have exactly one batch axis"
-        elif module.feature_group_count != 1 or module.mask is not None:
-            reason = "grouped or masked convolution"
-        elif tup(module.input_dilation) not in ((None,) * nsp, (1,) * nsp):
-            reason = "input dilation"
-        elif isinstance(padding, str) and padding not in ("SAME", "VALID"):
-            reason = f"padding {padding!r}"
-        elif module.conv_general_dilated is not None or module.conv_general_dilated_cls:
-            reason = "custom conv_general_dilated"
-        else:
-            strides = tuple(1 if s is None else s for s in tup(module.strides))
-            dil = tuple(1 if d is None else d for d in tup(module.kernel_dilation))
-            pad = padding if isinstance(padding, str) else tuple(map(tuple, padding))
-            conv = (tuple(kernel.shape[:nsp]), strides, pad, dil)
-    else:  # norm: output x̂·scale + bias with scale and bias over the last axis
-        if not names:
-            reason = "no scale/bias params"
-        elif any(module_params[n].shape != (x.shape[-1],) for n in names):
-            reason = "scale/bias not over the last axis only"
-        elif x.ndim < 2:
-            reason = "input without batch axis"
-    return kind, tuple(leaves), conv, reason, extra
-
-
-def _normalized(module, x):
-    """``x̂``: the norm layer applied without its scale and bias (same epsilon, groups, dtype)."""
-    fields = {f: False for f in ("use_scale", "use_bias") if hasattr(module, f)}
-    return module.clone(parent=None, **fields).apply({}, x)
-
-
-class _Interceptor:
-    """Counts candidate calls in order; subclasses decide what to do with each."""
-
-    def __init__(self):
-        self.index = 0
-        self.busy = False  # our own module calls (x̂) are not intercepted
-
-    def __call__(self, next_fun, args, kwargs, context):
-        if self.busy or not _is_candidate(context):
-            return next_fun(*args, **kwargs)
-        i = self.index
-        self.index += 1
-        return self.handle(i, next_fun, args, kwargs, context)
-
-    def handle(self, i, next_fun, args, kwargs, context):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def own_calls(self):
-        self.busy = True
-        try:
-            yield
-        finally:
-            self.busy = False
 
 
 def _loss_only(loss_fn, has_aux):
     return (lambda p, b: loss_fn(p, b)[0]) if has_aux else loss_fn
 
 
-def _record_calls(loss_fn, params, batch, has_aux):
-    """eval_shape ``loss_fn`` under an interceptor; the static info of every candidate call."""
-    records = []
-    loss = _loss_only(loss_fn, has_aux)
+def _grown(batch: PyTree) -> PyTree:
+    """The batch with one more example (shape structs stay abstract)."""
 
-    class Record(_Interceptor):
-        def handle(self, i, next_fun, args, kwargs, context):
-            x = _first_arg(args, kwargs)
-            y = next_fun(*args, **kwargs)
-            module = context.module
-            kind, leaves, conv, reason, extra = _layer_config(
-                module, x, self.leaf_ids, args, kwargs
-            )
-            if not reason and not isinstance(y, jax.Array):
-                reason = "output is not one array"
-            if kind == "norm" and not reason and kwargs.get("mask") is not None:
-                reason = "masked normalization"
-            records.append(
-                _Call(
-                    kind=kind,
-                    path="/".join(module.path) or type(module).__name__,
-                    leaves=leaves,
-                    in_shape=tuple(x.shape) if hasattr(x, "shape") else (),
-                    out_shape=tuple(getattr(y, "shape", ())),
-                    out_dtype=getattr(y, "dtype", None),
-                    conv=conv,
-                    reason=reason,
-                    layout=extra if kind == "dense" else None,
-                    vocab=extra if kind == "embed" and extra else 0,
-                    module=type(module).__name__,
-                )
-            )
-            return y
+    def grow(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), x.dtype)
+        return jnp.concatenate([x, x[:1]])
 
-    def traced(p, b):
-        icpt = Record()
-        icpt.leaf_ids = {id(leaf): j for j, leaf in enumerate(jax.tree.leaves(p))}
-        with nn.intercept_methods(icpt):
-            return loss(p, b)
-
-    jax.eval_shape(traced, params, batch)
-    return records
-
-
-def _extra_uses(loss_fn, params, batch, has_aux, calls) -> set[int]:
-    """Flat indices of covered leaves that reach the loss other than through their layer.
-
-    Differentiates (forward mode, symbolically) the loss with respect to the covered leaves with
-    every covered layer output detached; a leaf whose tangent still reaches the output is used
-    elsewhere (a penalty in ``loss_fn``, a tied weight). Conservative dependency analysis of the
-    traced JVP: a false alarm only costs speed (that leaf goes to the fallback).
-    """
-    owned = sorted({j for c in calls if c.covered for _, j in c.leaves})
-    if not owned:
-        return set()
-    leaves, treedef = jax.tree.flatten(params)
-    loss = _loss_only(loss_fn, has_aux)
-
-    class Detach(_Interceptor):
-        def handle(self, i, next_fun, args, kwargs, context):
-            y = next_fun(*args, **kwargs)
-            return lax.stop_gradient(y) if calls[i].covered else y
-
-    def detached(values, new, b):
-        new = list(new)
-        for j, v in zip(owned, values, strict=True):
-            new[j] = v
-        with nn.intercept_methods(Detach()):
-            return loss(jax.tree.unflatten(treedef, new), b)
-
-    def tangent_out(v, t, new, b):  # every leaf an argument: ShapeDtypeStruct params work
-        return jax.jvp(lambda v: detached(v, new, b), (v,), (t,))[1]
-
-    values = [leaves[j] for j in owned]
-    jaxpr = jax.make_jaxpr(tangent_out)(values, values, leaves, batch).jaxpr
-    n_in = len(owned)
-    deps: dict[Any, frozenset] = {}
-    for k, var in enumerate(jaxpr.invars[n_in : 2 * n_in]):  # the tangents
-        deps[var] = frozenset([owned[k]])
-
-    def dep(v):
-        return deps.get(v, frozenset()) if not isinstance(v, jax.extend.core.Literal) else set()
-
-    for eqn in jaxpr.eqns:
-        d = frozenset().union(*(dep(v) for v in eqn.invars))
-        if d:
-            for v in eqn.outvars:
-                deps[v] = d
-    return set().union(*(dep(v) for v in jaxpr.outvars))
+    return jax.tree.map(grow, batch)
 
 
 def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
-    """Find the Linen layer calls of ``loss_fn`` whose per-example norms have a closed form.
+    """Find the operations of ``loss_fn`` whose per-example norms have a closed form.
 
-    Tracing only (no computation). Raises :class:`NotApplicableError` when no call is covered
-    (no supported Flax Linen layer reading a leaf of ``params``).
+    Tracing only (no computation). Raises :class:`NotApplicableError` when no leaf is covered.
 
     Args:
-      loss_fn: ``loss_fn(params, batch)`` mean loss (``(loss, aux)`` with ``has_aux``).
-      params: the parameters (any pytree; arrays or ``jax.ShapeDtypeStruct``).
+      loss_fn: ``loss_fn(params, batch)`` mean loss (``(loss, aux)`` with ``has_aux``), any JAX
+        code (Flax Linen or NNX, plain ``jnp``, ...).
+      params: the parameters (any pytree; arrays, tracers or ``jax.ShapeDtypeStruct``).
       batch: the batch (leading example axis).
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
 
     Returns:
       A :class:`Plan`; ``print(plan(...).describe())`` says what is covered, in which form,
-      what falls back and why, and whether ``method="auto"`` runs it or ``vmap``.
+      what falls back and why.
     """
     n = common.batch_size(batch)
-    calls = _record_calls(loss_fn, params, batch, has_aux)
-    one = jax.tree.map(lambda x: x[:1], batch)
-    calls_one = _record_calls(loss_fn, params, one, has_aux)
-    if [(c.path, c.kind) for c in calls_one] != [(c.path, c.kind) for c in calls]:
-        calls_one = [None] * len(calls)  # the call sequence depends on the batch size
-    checked = []
-    for c, c1 in zip(calls, calls_one, strict=True):
-        reason = c.reason
-        if not reason:
-            per_example_axis = (
-                c1 is not None
-                and c.in_shape[:1] == c.out_shape[:1] == (n,)
-                and c1.in_shape == (1,) + c.in_shape[1:]
-                and c1.out_shape == (1,) + c.out_shape[1:]
-            )
-            if not per_example_axis:
-                reason = "leading axis of its input/output is not the example axis"
-        checked.append(dataclasses.replace(c, reason=reason))
-    # A leaf read by several calls (weight sharing) goes to the fallback for every such call.
-    readers: dict[int, int] = {}
-    for c in checked:
-        for _, j in c.leaves:
-            readers[j] = readers.get(j, 0) + 1
-    checked = [
-        dataclasses.replace(c, reason="parameters shared with another call")
-        if c.covered and any(readers[j] > 1 for _, j in c.leaves)
-        else c
-        for c in checked
-    ]
-    elsewhere = _extra_uses(loss_fn, params, batch, has_aux, checked)
-    checked = [
-        dataclasses.replace(c, reason="parameters also used outside the layer")
-        if c.covered and any(j in elsewhere for _, j in c.leaves)
-        else c
-        for c in checked
-    ]
-    w = FLOPS_PER_BYTE.get(jax.default_backend(), FLOPS_PER_BYTE["gpu"])
-    checked = tuple(_with_costs(c, w) if c.covered else c for c in checked)
+    loss = _loss_only(loss_fn, has_aux)
+    flat = _trace(loss, params, batch)
+    alt = _trace(loss, params, _grown(batch))
     paths_leaves = jax.tree_util.tree_leaves_with_path(params)
-    num_leaves = len(paths_leaves)
-    owned = {j for c in checked if c.covered for _, j in c.leaves}
-    if not owned:
-        detail = Plan(checked, (), num_leaves).describe().rsplit("\n", 1)[0]
+    names = tuple(common.leaf_name(path) for path, _ in paths_leaves)
+    num = len(paths_leaves)
+    same = flat.signature == alt.signature and all(
+        len(s) == len(alt.shapes[k]) for k, s in flat.shapes.items()
+    )
+    if not same:
         raise NotApplicableError(
-            "the fast per-example path covers no parameter of this loss_fn: it needs Flax Linen "
-            "nn.Dense/nn.DenseGeneral/nn.Einsum/nn.Conv/nn.Embed/nn.GroupNorm/nn.LayerNorm/"
-            "nn.RMSNorm/gns.ghost.AddPositionEmbedding calls reading leaves of `params` inside "
-            "loss_fn"
-            + (f" (intercepted calls:\n{detail}\n)" if checked else " (none were called)")
+            "loss_fn traces to different operations at batch sizes "
+            f"{n} and {n + 1}, so the example axis cannot be found. Use method='vmap'."
+        )
+    found, reasons = _find_consumers(flat, _example_axes(flat, alt, n), num)
+    if not found:
+        why = "; ".join(f"{names[j]}: {r}" for j, r in sorted(reasons.items())[:4])
+        raise NotApplicableError(
+            "the fast per-example path covers no parameter of this loss_fn"
+            + (f" ({why})" if why else " (no parameter reaches the loss)")
             + ". Use method='vmap' (or 'auto', which falls back to it)."
         )
-    fallback = tuple(j for j in range(num_leaves) if j not in owned)
+    w = FLOPS_PER_BYTE.get(jax.default_backend(), FLOPS_PER_BYTE["gpu"])
+    sizes = tuple(_prod(leaf.shape) for _, leaf in paths_leaves)
+    consumers = tuple(
+        _with_costs(c, n, sizes[c.leaf], w) for c in sorted(found.values(), key=lambda c: c.eqn)
+    )
+    fallback = tuple(sorted(reasons))
     return Plan(
-        checked,
+        consumers,
         fallback,
-        num_leaves,
-        leaf_names=tuple(common.leaf_name(path) for path, _ in paths_leaves),
-        leaf_sizes=tuple(_prod(leaf.shape) for _, leaf in paths_leaves),
+        tuple(sorted(reasons.items())),
+        num,
+        leaf_names=names,
+        leaf_sizes=sizes,
         batch_size=n,
         flops_per_byte=w,
+        signature=flat.signature,
     )
 
 
-def select(loss_fn, params, batch, *, has_aux: bool = False, method: str = "auto") -> Plan | None:
+# ---------------------------------------------------------------------------------------------
+# Choosing the path: the FLOP model as prior, a one-off timing when it is not clear.
+
+_CALIBRATED: dict[Any, str] = {}
+
+
+def select(
+    loss_fn,
+    params,
+    batch,
+    *,
+    has_aux: bool = False,
+    method: str = "auto",
+    chunk_size: int | None = None,
+) -> Plan | None:
     """The plan ``per_example(method=...)`` should run, or ``None`` for plain ``vmap``.
 
     Args:
       loss_fn, params, batch, has_aux: as for :func:`plan`.
-      method: ``"auto"``: the plan when the fast path covers something and its cost model
-        (:attr:`Plan.method`) says it is cheaper than ``vmap``, else ``None``. ``"ghost"`` (or
-        ``"fast"``): the plan whatever it costs. ``"vmap"``: ``None``.
+      method: ``"auto"``: the plan when the fast path covers something and is the faster
+        path: at once when the cost model is clear (:attr:`Plan.clear`), else as measured by
+        :func:`calibrate`. ``"ghost"`` (or ``"fast"``): the plan whatever it costs.
+        ``"vmap"``: ``None``.
+      chunk_size: the ``vmap`` chunk size (for the timing).
 
     Returns:
       A :class:`Plan` for :func:`sums`, or ``None``.
@@ -728,128 +740,161 @@ def select(loss_fn, params, batch, *, has_aux: bool = False, method: str = "auto
         if method != "auto":
             raise ValueError(f"per_example(method={method!r}): {e}") from e
         return None
-    return the_plan if method != "auto" or the_plan.method == "ghost" else None
+    if method != "auto" or the_plan.clear:
+        return the_plan
+    chosen = calibrate(loss_fn, params, batch, the_plan, has_aux=has_aux, chunk_size=chunk_size)
+    return the_plan if chosen == "ghost" else None
+
+
+def _signature_key(the_plan: Plan, params, batch, has_aux, chunk_size) -> tuple:
+    def shapes(tree):
+        return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
+
+    structure = (str(jax.tree.structure(params)), str(jax.tree.structure(batch)))
+    return (the_plan.signature, structure, shapes(params), shapes(batch), has_aux, chunk_size)
+
+
+def calibrate(
+    loss_fn,
+    params,
+    batch,
+    the_plan: Plan,
+    *,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    rounds: int = 5,
+) -> str:
+    """``"ghost"`` or ``"vmap"``: whichever computes the local sums faster on these shapes.
+
+    Both paths are compiled and timed (interleaved, ``rounds`` rounds, medians) on zero
+    arrays of the shapes and dtypes of ``params`` and ``batch``, on the default device; the
+    answer is cached in memory by the traced jaxpr, shapes, ``has_aux`` and ``chunk_size``, so
+    each signature is timed once per process. Called inside ``jit`` (and ``shard_map``) it
+    runs eagerly on new arrays. When the paths cannot run outside the caller's trace (e.g. a
+    collective inside ``loss_fn``) the cost model's answer (:attr:`Plan.method`) is used.
+    """
+    key = _signature_key(the_plan, params, batch, has_aux, chunk_size)
+    if key in _CALIBRATED:
+        return _CALIBRATED[key]
+    n = common.batch_size(batch)
+    chunk = n if chunk_size is None else min(chunk_size, n)
+
+    def fast(p, b):
+        return sums(loss_fn, p, b, the_plan, has_aux=has_aux, chunk_size=chunk_size)[:2]
+
+    def vmap(p, b):
+        return common.vmap_sums(loss_fn, p, b, n, chunk, None, has_aux)[:2]
+
+    try:
+        with jax.ensure_compile_time_eval():
+            p0, b0 = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), (params, batch))
+            fns = {
+                m: jax.jit(f).lower(p0, b0).compile() for m, f in (("ghost", fast), ("vmap", vmap))
+            }
+            times = {m: [] for m in fns}
+            for fn in fns.values():
+                jax.block_until_ready(fn(p0, b0))  # warm up
+            for r in range(rounds):
+                for m in list(fns)[:: 1 if r % 2 == 0 else -1]:
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fns[m](p0, b0))
+                    times[m].append(time.perf_counter() - t0)
+        chosen = min(times, key=lambda m: float(np.median(times[m])))
+    except Exception:  # noqa: BLE001 (not runnable outside the caller's trace: the model decides)
+        chosen = the_plan.method
+    _CALIBRATED[key] = chosen
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
 # The cost model.
 
 
-def _contraction_dims(call: _Call) -> tuple[int, int, int, int]:
-    """``(n, T, K, C)`` of a dense/conv call: ``n`` independent products ``[T,K]ᵀ[T,C]``."""
-    b = call.in_shape[0]
-    if call.kind == "dense":
-        lay = call.layout
-        return b * lay.s, lay.t, lay.k, lay.c
-    kernel_size = call.conv[0]
-    t = _prod(call.out_shape[1:-1])
-    return b, t, _prod(kernel_size) * call.in_shape[-1], call.out_shape[-1]
+def _contraction_dims(c: _Consumer, n: int, leaf_size: int) -> tuple[int, int, int, int]:
+    """``(m, T, K, C)`` of a dense/conv consumer: ``m`` independent products ``[T,K]ᵀ[T,C]``
+    (a convolution's ``K``: kernel offsets times input channels)."""
+    if c.kind == "dense":
+        lay = c.layout
+        return n * lay.s, lay.t, lay.k, lay.c
+    g_perm = c.conv[1]
+    cout = c.out_shape[g_perm[-1]]
+    return n, _prod(c.out_shape[d] for d in g_perm[1:-1]), leaf_size // cout, cout
 
 
-def _forms(call: _Call) -> tuple[str, ...]:
-    return ("direct", "gram") if call.kind in ("dense", "conv", "embed") else ("direct",)
+def _form_cost(c: _Consumer, form: str, n: int, leaf_size: int) -> tuple[str, float, float]:
+    """``(form, flops, bytes)`` of one consumer's per-example squared norms for the batch.
 
-
-def _form_cost(call: _Call, form: str) -> tuple[str, float, float]:
-    """``(form, flops, bytes)`` of one call's per-example squared norms for the whole batch.
-
-    ``"vmap"``: what per-example gradients of the call's parameters cost beyond a plain
-    backward pass: their bytes (written, read for the sum and for the norm) and, for kernels,
-    the per-example weight-gradient products counted again times :data:`_VMAP_SLOWDOWN` (a
-    batch of small products runs slower than the one large product of the plain step).
+    ``"vmap"``: what per-example gradients of the leaf cost beyond a plain backward pass: their
+    bytes (written, read for the sum and for the norm) and, for kernels, the per-example
+    weight-gradient products counted again times :data:`_VMAP_SLOWDOWN`.
     """
-    if call.kind in ("dense", "conv"):
-        n, t, k, c = _contraction_dims(call)
-        patches = 4.0 * n * t * k if call.kind == "conv" else 0.0
+    vmap_bytes = 12.0 * n * leaf_size
+    if c.kind in ("dense", "conv"):
+        m, t, k, cc = _contraction_dims(c, n, leaf_size)
+        patches = 4.0 * m * t * k if c.kind == "conv" else 0.0
         if form == "direct":
-            return form, 2.0 * n * t * k * c + 2.0 * n * k * c, 8.0 * n * k * c + patches
+            return form, 2.0 * m * t * k * cc + 2.0 * m * k * cc, 8.0 * m * k * cc + patches
         if form == "gram":
             if t == 1:
-                return form, 2.0 * n * (k + c), 8.0 * n + patches
-            return form, 2.0 * n * t * t * (k + c + 1), 12.0 * n * t * t + patches
-        slow = _VMAP_SLOWDOWN[call.kind]
-        return form, slow * 2.0 * n * t * k * c, 12.0 * n * (k * c + c)
-    b = call.in_shape[0]
-    t = _prod(call.in_shape[1:]) if call.kind == "embed" else _prod(call.out_shape[1:-1])
-    d = call.out_shape[-1]
-    if call.kind == "embed":
-        v = call.vocab
+                return form, 2.0 * m * (k + cc), 8.0 * m + patches
+            return form, 2.0 * m * t * t * (k + cc + 1), 12.0 * m * t * t + patches
+        return form, _VMAP_SLOWDOWN[c.kind] * 2.0 * m * t * k * cc, vmap_bytes
+    size = _prod(c.out_shape)
+    if c.kind == "embed":
+        d = c.out_shape[-1]
+        t = size // (n * d)
         if form == "direct":  # scatter-add into a per-example table
-            return form, b * t * d + 2.0 * b * v * d, 8.0 * b * v * d + 4.0 * b * t * d
+            return form, size + 2.0 * n * c.vocab * d, 8.0 * n * c.vocab * d + 4.0 * size
         if form == "gram":
-            return form, 2.0 * b * t * t * (d + 1), 12.0 * b * t * t
-        return form, 0.0, 12.0 * b * v * d
-    if call.kind == "position":
-        rows = call.in_shape[1]
-        return (form, 2.0 * b * t * d, 0.0) if form != "vmap" else (form, 0.0, 12.0 * b * rows * d)
-    # norm: recompute x̂ and keep it for the backward pass
-    if form == "vmap":
-        return form, 0.0, 24.0 * b * d
-    return form, 10.0 * b * t * d, 4.0 * b * t * d
+            return form, 2.0 * n * t * t * (d + 1), 12.0 * n * t * t
+        return form, 0.0, vmap_bytes
+    return (form, 3.0 * size, 0.0) if form != "vmap" else (form, 0.0, vmap_bytes)
 
 
-def _with_costs(call: _Call, flops_per_byte: float) -> _Call:
-    """``call`` with the costs of its forms (and of vmap), the cheapest form, and the number of
+def _forms(c: _Consumer) -> tuple[str, ...]:
+    return ("direct", "gram") if c.kind in ("dense", "conv", "embed") else ("direct",)
+
+
+def _with_costs(c: _Consumer, n: int, leaf_size: int, flops_per_byte: float) -> _Consumer:
+    """``c`` with the costs of its forms (and of vmap), the cheapest form, and the number of
     example chunks its kernel norms are computed in (:data:`CHUNK_BYTES`)."""
-    costs = tuple(_form_cost(call, f) for f in (*_forms(call), "vmap"))
+    costs = tuple(_form_cost(c, f, n, leaf_size) for f in (*_forms(c), "vmap"))
     best = min(costs[:-1], key=lambda fc: fc[1] + flops_per_byte * fc[2])
-    return dataclasses.replace(call, costs=costs, form=best[0], chunks=_num_chunks(call, best[2]))
+    return dataclasses.replace(c, costs=costs, form=best[0], chunks=_num_chunks(c, n, best[2]))
 
 
-def _num_chunks(call: _Call, nbytes: float) -> int:
+def _num_chunks(c: _Consumer, n: int, nbytes: float) -> int:
     """The fewest example chunks (a divisor of the batch) that keep a convolution's per-example
-    intermediates (``nbytes`` for the batch) within :data:`CHUNK_BYTES`.
-
-    Convolutions only: their patches are the large intermediates, and chunks bound them. A dense
-    layer's are a Gram or a per-example kernel gradient; measured on the ``lm`` ``cpu``
-    Transformer at batch 128 (2 CPU cores), chunking its dense layers raised the compiled temp
-    memory (1.18x -> 1.32x a plain gradient: the loop's stacked inputs) and did not make it
-    faster, so they are computed on the whole batch."""
-    b = call.in_shape[0] if call.in_shape else 1
-    if call.kind != "conv" or nbytes <= CHUNK_BYTES:
+    intermediates (``nbytes`` for the batch) within :data:`CHUNK_BYTES`. Convolutions only:
+    their patches are the large intermediates; a dense layer's are computed on the whole batch
+    (chunking them raised the compiled temp memory of the ``lm`` Transformer, the loop's
+    stacked inputs, and was not faster)."""
+    if c.kind != "conv" or nbytes <= CHUNK_BYTES:
         return 1
-    return next(d for d in range(2, b + 1) if b % d == 0 and nbytes / d <= CHUNK_BYTES or d == b)
+    return next(d for d in range(2, n + 1) if n % d == 0 and nbytes / d <= CHUNK_BYTES or d == n)
 
 
-def _backward_flops(calls) -> float:
-    """FLOPs of one forward pass and one input-gradient pass through the intercepted layers:
-    what the fallback's ``vmap`` pass repeats per example (it differentiates the fallback
-    leaves only, so no other layer's weight-gradient product). Other operations (attention
-    scores, activations) are not counted."""
-    total = 0.0
-    for c in calls:
-        if c.kind in ("dense", "conv") and (c.layout is not None or c.conv is not None):
-            n, t, k, cc = _contraction_dims(c)
-            total += 4.0 * n * t * k * cc
-        elif c.out_shape:
-            total += 10.0 * _prod(c.out_shape)
-    return total
-
-
-def _cost(t: int, k: int, c: int) -> tuple[int, int]:
-    """(direct, Gram) multiply-adds per example of the kernel norm."""
-    return t * k * c, t * t * (k + c)
-
-
-def _pick(form: str, t: int, k: int, c: int) -> str:
-    if form != "auto":
-        return form
-    direct, gram = _cost(t, k, c)
-    return "gram" if gram < direct else "direct"
+def _backward_flops(c: _Consumer, leaf_size: int) -> float:
+    """FLOPs of a forward and an input-gradient pass through one consumer: what the fallback's
+    ``vmap`` pass repeats per example (other operations are not counted)."""
+    if c.kind in ("dense", "conv"):
+        m, t, k, cc = _contraction_dims(c, c.out_shape[c.axis], leaf_size)
+        return 4.0 * m * t * k * cc
+    return 10.0 * _prod(c.out_shape)
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-example squared norms from layer inputs and output gradients.
+# Per-example squared norms from an operand and the output gradient.
 
 
 def _kernel_sq(pieces: list[jax.Array], g: jax.Array, form: str) -> jax.Array:
     """Per-example ``‖Σ_t p_t g_tᵀ‖²``, shape ``[B]``.
 
     Args:
-      pieces: the input patches ``p: [B, T, K]`` split along ``K`` into pieces ``[B, T, K_o]``
-        (one per kernel offset of a convolution, the whole input of a ``Dense``). The squared
-        norm is a sum over pieces (direct) and the patch Gram a sum of piece Grams, so the
-        patches are never concatenated.
+      pieces: the operand (patches) ``p: [B, T, K]`` split along ``K`` into pieces
+        ``[B, T, K_o]`` (one per kernel offset of a convolution, the whole operand of a
+        ``dot_general``). The squared norm is a sum over pieces (direct) and the patch Gram a
+        sum of piece Grams, so the patches are never concatenated.
       g: output gradients ``[B, T, C]``.
       form: ``"direct"``, ``"gram"`` or ``"auto"`` (fewer multiply-adds).
     """
@@ -868,15 +913,20 @@ def _kernel_sq(pieces: list[jax.Array], g: jax.Array, form: str) -> jax.Array:
     return jnp.sum(pp * gg, axis=(1, 2))
 
 
+def _pick(form: str, t: int, k: int, c: int) -> str:
+    """``form``, or for ``"auto"`` the one with fewer multiply-adds per example (direct
+    ``T·K·C``, Gram ``T²·(K+C)``)."""
+    if form != "auto":
+        return form
+    return "gram" if t * t * (k + c) < t * k * c else "direct"
+
+
 def _conv_pieces(x: jax.Array, conv) -> list[jax.Array]:
     """The input patches of a channels-last convolution, one ``[B, T, C_in]`` slice of the
     padded input per kernel offset (strided slices: no patch-extraction convolution, whose
     one-hot filter would cost ``K²`` multiply-adds per position)."""
     kernel_size, strides, padding, dilation = conv
-    spatial = x.shape[1:-1]
     dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=True))
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(spatial, dilated, strides, padding)
     config = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
     xp = lax.pad(x, jnp.zeros((), x.dtype), config)
     out = [(n - w) // s + 1 for n, w, s in zip(xp.shape[1:-1], dilated, strides, strict=True)]
@@ -896,13 +946,11 @@ def _embed_sq(tokens: jax.Array, g: jax.Array, vocab: int, form: str) -> jax.Arr
     Args:
       tokens: ``[B, T]`` integer ids; ids outside ``[0, vocab)`` get no gradient.
       g: output gradients ``[B, T, D]``.
-      vocab: rows of the table (with one row every id reads it, as ``nn.Embed`` does).
+      vocab: rows of the table.
       form: ``"gram"`` (token-equality Gram, ``T²·D``) or ``"direct"`` (scatter-add into a
         per-example ``[vocab, D]`` table).
     """
     b = tokens.shape[0]
-    if vocab == 1:
-        tokens = jnp.zeros_like(tokens)
     valid = (tokens >= 0) & (tokens < vocab)
     if form == "direct":
         rows = jnp.where(valid, tokens, vocab)  # out of range: dropped by the scatter
@@ -919,53 +967,50 @@ def _acc_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _call_sq_norms(call: _Call, x: jax.Array, g: jax.Array, form: str) -> dict[str, jax.Array]:
-    """Per-example squared norms ``[B]`` of each parameter of one covered call.
+def _consumer_sq_norms(c: _Consumer, x, g: jax.Array, form: str) -> jax.Array:
+    """Per-example squared norms ``[B]`` of the leaf of consumer ``c`` from its batched
+    operand ``x`` (``None`` when not needed) and output gradient ``g`` (float32 at least).
 
-    ``form="auto"`` takes the call's planned form (the cost model), else the given one."""
-    if form == "auto":
-        form = call.form or "auto"
-    b = g.shape[0]
-    g = g.astype(_acc_dtype(g.dtype))
-    names = dict(call.leaves)
-    out = {}
-    if call.kind == "position":
-        return {"embedding": jnp.sum(jnp.square(g.reshape(b, -1)), axis=1)}
-    if call.kind == "embed":
-        tokens = x.reshape(b, -1)
-        return {"embedding": _embed_sq(tokens, g.reshape(b, tokens.shape[1], -1), call.vocab, form)}
+    ``form="auto"`` takes the consumer's planned form (the cost model), else the given one
+    (where the consumer has it)."""
+    form = c.form if form == "auto" or form not in _forms(c) else form
+    n = g.shape[c.axis]
+    if c.kind == "sum":
+        h = g * x.astype(g.dtype) if x is not None else g
+        h = jnp.sum(h, axis=c.sum_axes, keepdims=True) if c.sum_axes else h
+        return jnp.sum(jnp.square(jnp.moveaxis(h, c.axis, 0).reshape(n, -1)), axis=1)
+    if c.kind == "embed":
+        tokens = jnp.moveaxis(x[..., 0], c.axis, 0).reshape(n, -1)
+        if c.clip:
+            tokens = jnp.clip(tokens, 0, c.vocab - 1)
+        g = jnp.moveaxis(g, c.axis, 0).reshape(n, tokens.shape[1], -1)
+        return _embed_sq(tokens, g, c.vocab, form)
     x = x.astype(g.dtype)
-    if call.kind in ("dense", "conv"):
-        out["kernel"] = _in_chunks(functools.partial(_kernel_norms, call, form), x, g, call.chunks)
-    if call.kind == "dense":
-        if "bias" in names:
-            bias_grad = jnp.sum(g, axis=call.layout.t_axes).reshape(b, -1)
-            out["bias"] = jnp.sum(jnp.square(bias_grad), axis=1)
-        return out
-    c = g.shape[-1]
-    g = g.reshape(b, -1, c)
-    if call.kind == "norm" and "scale" in names:
-        xhat = x.reshape(b, -1, c)
-        out["scale"] = jnp.sum(jnp.square(jnp.sum(g * xhat, axis=1)), axis=-1)
-    if "bias" in names:
-        out["bias"] = jnp.sum(jnp.square(jnp.sum(g, axis=1)), axis=-1)
-    return out
+    if c.kind == "dense":
+        lay = c.layout
+        x = jnp.transpose(x, lay.x_perm).reshape(n, lay.s, lay.t, lay.k)
+        g = jnp.transpose(g, lay.g_perm).reshape(n, lay.s, lay.t, lay.c)
+        fn = functools.partial(_dense_sq, form)
+    else:
+        x_perm, g_perm, *conv = c.conv
+        x, g = jnp.transpose(x, x_perm), jnp.transpose(g, g_perm)
+        fn = functools.partial(_conv_sq, tuple(conv), form)
+    return _in_chunks(fn, x, g, c.chunks)
 
 
-def _kernel_norms(call: _Call, form: str, x: jax.Array, g: jax.Array) -> jax.Array:
-    """Per-example squared norms ``[b]`` of a dense/conv kernel from (a chunk of) ``b``
-    examples' layer inputs ``x`` and output gradients ``g``."""
-    b = g.shape[0]
-    if call.kind == "dense":
-        lay = call.layout
-        xk = jnp.transpose(x, lay.x_perm).reshape(b * lay.s, lay.t, lay.k)
-        gk = jnp.transpose(g, lay.g_perm).reshape(b * lay.s, lay.t, lay.c)
-        return jnp.sum(_kernel_sq([xk], gk, form).reshape(b, lay.s), axis=1)
-    g = g.reshape(b, -1, g.shape[-1])
-    pieces = _conv_pieces(x, call.conv)
-    if pieces[0].shape[1] != g.shape[1]:
-        raise RuntimeError(f"{call.path}: {pieces[0].shape[1]} input positions, {g.shape[1]} out")
-    return _kernel_sq(pieces, g, form)
+def _dense_sq(form: str, x: jax.Array, g: jax.Array) -> jax.Array:
+    """Per-example squared norms ``[b]`` of a ``dot_general`` parameter from ``x: [b, S, T, K]``
+    and ``g: [b, S, T, C]`` (the ``S`` shared axes are independent products, summed)."""
+    b, s, t, _ = x.shape
+    sq = _kernel_sq([x.reshape(b * s, t, -1)], g.reshape(b * s, t, -1), form)
+    return jnp.sum(sq.reshape(b, s), axis=1)
+
+
+def _conv_sq(conv, form: str, x: jax.Array, g: jax.Array) -> jax.Array:
+    """Per-example squared norms ``[b]`` of a convolution kernel from channels-last ``x`` and
+    ``g``."""
+    pieces = _conv_pieces(x, conv)
+    return _kernel_sq(pieces, g.reshape(g.shape[0], -1, g.shape[-1]), form)
 
 
 def _in_chunks(fn, x: jax.Array, g: jax.Array, chunks: int) -> jax.Array:
@@ -979,6 +1024,10 @@ def _in_chunks(fn, x: jax.Array, g: jax.Array, chunks: int) -> jax.Array:
         return a.reshape((chunks, b // chunks) + a.shape[1:])
 
     return lax.map(lambda xg: fn(*xg), (split(x), split(g))).reshape(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# One backward pass.
 
 
 def sums(
@@ -1001,8 +1050,8 @@ def sums(
       axis_name: the data-parallel axis (the slots are cast to device-varying, so their
         gradients stay local).
       chunk_size: examples per vmap chunk for the fallback leaves.
-      form: ``"auto"`` (each call's cheaper form by the plan's cost model), ``"direct"`` or
-        ``"gram"`` (every call that has that form; for ``nn.Embed`` direct is the scatter).
+      form: ``"auto"`` (each consumer's cheaper form by the plan's cost model), ``"direct"``
+        or ``"gram"`` (every consumer that has that form; for a gather direct is the scatter).
 
     Returns:
       ``(grad_sum, sq_sum, aux)``: the sum over this device's examples of their gradients
@@ -1013,70 +1062,64 @@ def sums(
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}.")
     n = common.batch_size(batch)
-    calls = the_plan.calls
-    covered = [c for c in calls if c.covered]
-    slot_of = {id(c): k for k, c in enumerate(covered)}
-    dtypes = [_acc_dtype(leaf.dtype) for leaf in jax.tree.leaves(params)]
-    slots = [{name: jnp.zeros((n,), dtypes[j]) for name, j in c.leaves} for c in covered]
+    flat = _trace(loss_fn, params, batch)
+    if flat.signature != the_plan.signature:
+        raise RuntimeError(
+            "loss_fn traced to other operations than when planned: the fast path needs the "
+            "same computation on every trace. Use method='vmap'."
+        )
+    leaves, treedef = jax.tree.flatten(params)
+    by_eqn = {c.eqn: (k, c) for k, c in enumerate(the_plan.consumers)}
+    slots = [jnp.zeros((n,), _acc_dtype(leaves[c.leaf].dtype)) for c in the_plan.consumers]
     slots = common.to_varying(slots, axis_name)  # keep their gradients device-local
 
-    def tapped(p, zs):
-        class Tap(_Interceptor):
-            def handle(self, i, next_fun, args, kwargs, context):
-                y = next_fun(*args, **kwargs)
-                if i >= len(calls) or not calls[i].covered:
-                    return y
-                x = _first_arg(args, kwargs)
-                if calls[i].kind == "norm":
-                    with self.own_calls():
-                        x = _normalized(context.module, x)
-                elif calls[i].kind == "position":
-                    x = jnp.zeros((), jnp.float32)  # the norm needs only the output gradient
-                x = lax.stop_gradient(x)
-                return _tap(calls[i], n, form, y, x, zs[slot_of[id(calls[i])]])
+    def tapped(p_leaves, zs):
+        def hook(i, vals, outs):
+            if i not in by_eqn:
+                return outs
+            k, c = by_eqn[i]
+            x = lax.stop_gradient(vals[c.x_pos]) if c.x_pos is not None else None
+            return [_tap(c, n, form, outs[0], x, zs[k]), *outs[1:]]
 
-        icpt = Tap()
-        with nn.intercept_methods(icpt):
-            out = loss_fn(p, batch)
-        if icpt.index != len(calls):
-            raise RuntimeError(
-                f"loss_fn made {icpt.index} layer calls, {len(calls)} when planned: the fast "
-                "path needs the same calls on every trace. Use method='vmap'."
-            )
+        outs = _run(flat, [*p_leaves, *jax.tree.leaves(batch)], hook)
+        out = jax.tree.unflatten(flat.out_tree, outs)
         return out if has_aux else (out, None)
 
-    grad_fn = jax.grad(tapped, argnums=(0, 1), has_aux=True)
-    (grads, slot_grads), aux = grad_fn(params, slots)
-    sq = [None] * the_plan.num_leaves
-    for call, norms in zip(covered, slot_grads, strict=True):
-        for name, j in call.leaves:
-            sq[j] = jnp.sum(norms[name])
+    (grads, slot_grads), aux = jax.grad(tapped, argnums=(0, 1), has_aux=True)(leaves, slots)
+    sq = [jnp.zeros((), _acc_dtype(leaf.dtype)) for leaf in leaves]  # unused leaves: 0
+    for c, norms in zip(the_plan.consumers, slot_grads, strict=True):
+        sq[c.leaf] = jnp.sum(norms)
+    grads = jax.tree.unflatten(treedef, grads)
     return _with_fallback(
         loss_fn, params, batch, the_plan, grads, sq, has_aux, axis_name, chunk_size, n, aux
     )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _tap(call, n, form, y, x, slots):
-    """Identity on ``y``. Its VJP turns the output gradient and the (detached) layer input
-    ``x`` into per-example squared norms, returned as the cotangent of ``slots`` (a zero ``[B]``
-    per parameter): the norms are computed inside the backward pass, as each layer's output
-    gradient arrives, and never leave it as activations."""
-    del call, n, form, x, slots
+def _tap(consumer, n, form, y, x, slot):
+    """Identity on ``y``. Its VJP turns the output gradient and the (detached) operand ``x``
+    into per-example squared norms, returned as the cotangent of ``slot`` (a zero ``[B]``):
+    the norms are computed inside the backward pass, as each output gradient arrives, and
+    never leave it as activations."""
+    del consumer, n, form, x, slot
     return y
 
 
-def _tap_fwd(call, n, form, y, x, slots):
-    del call, n, form
-    return y, (x, slots)
+def _tap_fwd(consumer, n, form, y, x, slot):
+    del consumer, n, form
+    return y, (x, slot)
 
 
-def _tap_bwd(call, n, form, res, g):
-    x, slots = res
+def _tap_bwd(consumer, n, form, res, g):
+    x, slot = res
     # The loss is a mean: scale by n, in float32 at least (a bfloat16 product would round).
-    norms = _call_sq_norms(call, x, g.astype(_acc_dtype(g.dtype)) * n, form)
-    cot = {name: norms[name].astype(slots[name].dtype) for name in slots}
-    return g, None, cot  # x is detached (and may be integer tokens): no cotangent
+    # Scaled by max|g| so that squares of tiny gradients (a loss scaled by 1e-20) do not
+    # underflow when the squared norm itself is representable (as common.sq_norms).
+    g = g.astype(_acc_dtype(g.dtype))
+    m = jnp.max(jnp.abs(g))
+    scale = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
+    norms = _consumer_sq_norms(consumer, x, g * (n / scale), form)
+    return g, None, jnp.square(jnp.sqrt(norms) * scale).astype(slot.dtype)  # scale² may underflow
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
@@ -1113,17 +1156,15 @@ def per_example_sq_norms(
     """The per-leaf sum over examples of per-example squared gradient norms (fast path).
 
     Equal to ``jax.tree.map(lambda g: jnp.sum(g**2), jax.vmap(jax.grad(loss_fn))(...))`` over
-    batches of one example, without materializing per-example gradients of covered layers.
+    batches of one example, without materializing per-example gradients of covered leaves.
 
     Example:
-      >>> model = nn.Dense(3)
-      >>> x = jnp.ones((8, 4))
-      >>> params = model.init(jax.random.key(0), x)["params"]
       >>> def loss_fn(p, x):
-      ...     return jnp.mean(model.apply({"params": p}, x) ** 2)
-      >>> sq = per_example_sq_norms(loss_fn, params, x)
+      ...     return jnp.mean((x @ p["w"] + p["b"]) ** 2)
+      >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+      >>> sq = per_example_sq_norms(loss_fn, params, jnp.ones((8, 4)))
       >>> sorted(sq)
-      ['bias', 'kernel']
+      ['b', 'w']
     """
     the_plan = plan(loss_fn, params, batch, has_aux=has_aux)
     _, sq, _ = sums(loss_fn, params, batch, the_plan, has_aux=has_aux, form=form)

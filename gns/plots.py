@@ -1,31 +1,33 @@
-"""Matplotlib figures from the JSON outputs of a run.
+"""Matplotlib figures from the JSON outputs of a run. Every function returns a ``Figure`` (the
+library writes no files: ``experiments.figures`` saves them), or raises :class:`NothingToPlot`
+with the reason in words when there is nothing to draw (no empty chart).
 
 Training plots read the rows of ``metrics.jsonl`` (one dict per logged step):
 
-- :func:`plot_training`: train loss, train and test accuracy against steps;
+- :func:`plot_training`: train loss and the held-out metric against steps, or against examples
+  seen when the batch size changes during the run (the fair axis then); a language model's
+  (rows with ``test_bits_per_byte``) loss in bits per byte;
 - :func:`plot_noise_scale`: ``b_simple`` over training: the raw per-step estimates, the EMA of
   the tracker (``ema_b_simple``) and a band from a windowed bootstrap of the ratio of means
-  (:func:`windowed_band`);
-- :func:`training_plots`: both, written as PNGs into a directory.
+  (:func:`windowed_band`); measurements with ``|G|² ≤ 0`` (no estimate) are marked and counted.
 
 Sweep plots read the ``sweep.json`` dict of ``experiments.sweep``:
 
-- :func:`plot_throughput`: step time and examples/s against the batch size, the largest batch
-  that fits marked, accumulated batches drawn hollow;
+- :func:`plot_throughput`: step time (median, interquartile bars) and examples/s against the
+  batch size, the largest batch that fits marked (or the largest tried, when all fit),
+  accumulated batches drawn hollow;
 - :func:`plot_tradeoff`: measured steps-to-target with the fitted ``S(B) = S_min + E_min/B``,
   its asymptotes and ``B_crit``;
 - :func:`plot_time_to_target`: predicted time to target ``∝ (1 + B_noise/B)·t(B)`` against the
   batch size (the curves at the ends of the noise-scale interval, the one from the fitted
-  tradeoff, the measured times), the recommendation marked;
-- :func:`sweep_plots`: all three, written as PNGs.
+  tradeoff, the measured times), the recommendation marked.
 
 :func:`plot_policies` draws the smoothed test accuracy and the batch size against device time
 for the runs of the compare mode (``summary["runs"]``), the target marked.
 
 Example::
 
-    rows = [json.loads(line) for line in open("run/metrics.jsonl")]
-    training_plots(rows, "run")   # run/training.png, run/noise_scale.png
+    fig = plot_training(rows)  # rows: the dicts of a run's metrics.jsonl
 
 Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
 """
@@ -33,7 +35,6 @@ Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Traini
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -45,25 +46,29 @@ import numpy as np  # noqa: E402
 from gns import common, smoothing  # noqa: E402
 
 __all__ = [
+    "NothingToPlot",
     "windowed_band",
     "plot_training",
     "plot_noise_scale",
-    "training_plots",
     "plot_throughput",
+    "largest_fits",
     "plot_tradeoff",
     "plot_time_to_target",
-    "sweep_plots",
     "plot_policies",
 ]
 
 
-def _series(rows: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and float values of the rows that have ``key`` (JSON ``null`` skipped)."""
-    pairs = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+class NothingToPlot(ValueError):
+    """The data hold nothing to draw; the message says why (written instead of the chart)."""
+
+
+def _series(rows: Sequence[dict], key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and float values of the rows that have ``key`` (JSON ``null`` skipped)."""
+    pairs = [(r[x], r[key]) for r in rows if r.get(key) is not None]
     if not pairs:
         return np.zeros(0), np.zeros(0)
-    steps, values = zip(*pairs, strict=True)
-    return np.asarray(steps, np.float64), np.asarray(values, np.float64)
+    xs, values = zip(*pairs, strict=True)
+    return np.asarray(xs, np.float64), np.asarray(values, np.float64)
 
 
 def windowed_band(
@@ -124,84 +129,121 @@ def windowed_band(
     return centre, low, high
 
 
-def plot_training(rows: Sequence[dict], path: str | None = None):
-    """Train loss (left) and train/test accuracy (right) against steps.
+def _x_axis(rows: Sequence[dict]) -> tuple[str, str]:
+    """``('examples_seen', 'examples seen')`` when the batch size changes over ``rows``, else
+    ``('step', 'step')``."""
+    sizes = {r.get("batch_size") for r in rows if r.get("batch_size") is not None}
+    if len(sizes) > 1 and all("examples_seen" in r for r in rows):
+        return "examples_seen", "examples seen"
+    return "step", "step"
+
+
+def plot_training(rows: Sequence[dict]):
+    """Train loss (left) and train/test accuracy (right) against steps, or against examples
+    seen when the batch size changes.
+
+    A language model's rows (``test_bits_per_byte`` on evaluation rows) show the loss in bits
+    per byte (train loss in nats / ln 2, and the held-out ``test_bits_per_byte``) and the
+    next-byte accuracy.
 
     Args:
       rows: ``metrics.jsonl`` rows (``step``, ``train_loss``, ``train_accuracy`` and, on
         evaluation rows, ``test_accuracy``).
-      path: if given, the PNG is written there and the figure closed.
 
     Returns:
       The matplotlib ``Figure``.
+
+    Raises:
+      NothingToPlot: no row has a training loss.
     """
+    if not any(r.get("train_loss") is not None for r in rows):
+        raise NothingToPlot("no training rows with a loss (the run took no logged step)")
+    x, xlabel = _x_axis(rows)
+    lm = any(r.get("test_bits_per_byte") is not None for r in rows)
+    scale = 1 / math.log(2) if lm else 1.0
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    panels = (("loss", "cross-entropy", " loss"), ("accuracy", "accuracy", " accuracy"))
-    for ax, (key, ylabel, what) in zip(axes, panels, strict=True):
-        steps, train_values = _series(rows, f"train_{key}")
-        train_label = "train" + what + (" (training batches)" if key == "accuracy" else "")
-        ax.plot(steps, train_values, label=train_label)
-        steps_t, test_values = _series(rows, f"test_{key}")
+    panels = (
+        ("loss", "bits_per_byte" if lm else "loss",
+         "bits per byte (train loss / ln 2)" if lm else "cross-entropy (nats)", scale),
+        ("accuracy", "accuracy", "next-byte accuracy" if lm else "accuracy", 1.0),
+    )  # fmt: skip
+    for ax, (key, test_key, ylabel, train_scale) in zip(axes, panels, strict=True):
+        xs, train_values = _series(rows, f"train_{key}", x)
+        what = " (training batches)" if key == "accuracy" else ""
+        ax.plot(xs, train_scale * train_values, label=f"train{what}")
+        xs_t, test_values = _series(rows, f"test_{test_key}", x)
         if test_values.size:
-            ax.plot(steps_t, test_values, "o-", label="test" + what + " (eval subset)")
-        ax.set_xlabel("step")
+            ax.plot(xs_t, test_values, "o-", label="test (eval subset)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _finish(fig, path)
+    return fig
 
 
-def plot_noise_scale(rows: Sequence[dict], path: str | None = None, *, window: int = 20):
+def plot_noise_scale(rows: Sequence[dict], *, window: int | None = None):
     """``b_simple`` over training: raw estimates, EMA and a windowed bootstrap band.
+
+    A measurement whose ``|G|²`` is not positive has no estimate (the gradient is not resolved
+    above the noise): it is marked along the bottom and counted in the legend, not drawn as a
+    value.
 
     Args:
       rows: ``metrics.jsonl`` rows; the measurement rows carry ``g_sq``, ``trace_cov``,
         ``b_simple`` and ``ema_b_simple``.
-      path: if given, the PNG is written there and the figure closed.
-      window: measurements per window of the band (:func:`windowed_band`).
+      window: measurements per window of the band (default
+        :func:`gns.smoothing.recent_window`).
 
     Returns:
       The matplotlib ``Figure``.
+
+    Raises:
+      NothingToPlot: no measurement row (``config.gns_every`` 0, or too short a run).
     """
     meas = [r for r in rows if r.get("g_sq") is not None and r.get("trace_cov") is not None]
+    if not meas:
+        raise NothingToPlot("no noise-scale measurement in the rows (config.gns_every)")
+    window = smoothing.recent_window(len(meas)) if window is None else window
+    x, xlabel = _x_axis(rows)
     fig, ax = plt.subplots(figsize=(7, 4))
-    if meas:
-        steps = np.asarray([r["step"] for r in meas], np.float64)
-        g = np.asarray([r["g_sq"] for r in meas], np.float64)
-        t = np.asarray([r["trace_cov"] for r in meas], np.float64)
-        raw = common.noise_scale_ratio(t, g)
-        shown = np.isfinite(raw) & (raw > 0)
-        ax.plot(steps[shown], raw[shown], ".", alpha=0.25, color="gray", label="per-step")
-        centre, low, high = windowed_band(g, t, window=window)
-        finite = np.isfinite(low) & np.isfinite(high) & (low > 0)
-        ax.fill_between(
-            steps, np.where(finite, low, np.nan), np.where(finite, high, np.nan),
-            alpha=0.3, label=f"90% band (last {window} measurements)",
-        )  # fmt: skip
-        ax.plot(steps, centre, label=f"ratio of means (last {window})")
-        ema_steps, ema = _series(meas, "ema_b_simple")
-        if ema.size:
-            ax.plot(ema_steps, ema, "--", label="EMA (training tracker)")
-        positive = np.concatenate([raw[shown], centre[np.isfinite(centre) & (centre > 0)]])
-        if positive.size:
-            ax.set_yscale("log")
-    ax.set_xlabel("step")
+    xs = np.asarray([r[x] for r in meas], np.float64)
+    g = np.asarray([r["g_sq"] for r in meas], np.float64)
+    t = np.asarray([r["trace_cov"] for r in meas], np.float64)
+    raw = common.noise_scale_ratio(t, g)
+    shown = np.isfinite(raw) & (raw > 0)
+    ax.plot(xs[shown], raw[shown], ".", alpha=0.25, color="gray", label="per-step")
+    centre, low, high = windowed_band(g, t, window=window)
+    finite = np.isfinite(low) & np.isfinite(high) & (low > 0)
+    ax.fill_between(
+        xs, np.where(finite, low, np.nan), np.where(finite, high, np.nan),
+        alpha=0.3, label=f"90% band (last {window} measurements)",
+    )  # fmt: skip
+    ax.plot(xs, centre, label=f"ratio of means (last {window} measurements)")
+    ema_x, ema = _series(meas, "ema_b_simple", x)
+    if ema.size:
+        ax.plot(ema_x, ema, "--", label="EMA (training tracker)")
+    unresolved = g <= 0
+    if unresolved.any():
+        ax.plot(xs[unresolved], np.zeros(int(unresolved.sum())), "|", color="C3", ms=12,
+                transform=ax.get_xaxis_transform(),
+                label=f"|G|² ≤ 0: no estimate ({int(unresolved.sum())} of {len(g)})")  # fmt: skip
+    if np.any(shown) or np.any(np.isfinite(centre) & (centre > 0)):
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("B_simple = tr(Σ) / |G|²")
     ax.set_title("Simple noise scale over training")
     _legend(ax, fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    return _finish(fig, path)
+    return fig
 
 
-def training_plots(rows: Sequence[dict], directory: str) -> list[str]:
-    """Write ``training.png`` and ``noise_scale.png`` into ``directory``; returns the paths."""
-    os.makedirs(directory, exist_ok=True)
-    paths = [os.path.join(directory, "training.png"), os.path.join(directory, "noise_scale.png")]
-    plot_training(rows, paths[0])
-    plot_noise_scale(rows, paths[1])
-    return paths
+def _plain_log_ticks(axis) -> None:
+    """Tick labels of a log axis as plain numbers (``1.5``, not ``1.5 x 10^0``)."""
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(fmt)
 
 
 def _legend(ax, **kwargs):
@@ -210,20 +252,37 @@ def _legend(ax, **kwargs):
         ax.legend(**kwargs)
 
 
-def _finish(fig, path):
-    if path is not None:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    return fig
-
-
 def _finite(x) -> bool:
     return x is not None and isinstance(x, int | float) and math.isfinite(x)
 
 
-def plot_throughput(sweep: Mapping, path: str | None = None):
-    """Step time (left axis) and examples/s (right axis) against the batch size."""
+def largest_fits(sweep: Mapping) -> tuple[int | None, str]:
+    """The largest batch that fits and how it is known: ``(b, 'largest that fits (b)')`` when
+    a larger candidate was found not to fit in memory, ``(b, 'largest tried (b; all fit)')``
+    when every candidate fit (the limit is above the range tried), ``(None, ...)`` without a
+    throughput table."""
+    mb = sweep.get("max_batch_size")
+    if not mb:
+        return None, "no batch size fits"
+    over = [
+        r for r in sweep.get("throughput") or []
+        if r["batch_size"] > mb and not r.get("skipped") and r.get("accumulation_steps", 1) == 1
+    ]  # fmt: skip
+    if any(not r["fits"] for r in over):
+        return mb, f"largest that fits ({mb})"
+    return mb, f"largest tried ({mb}; all fit)"
+
+
+def plot_throughput(sweep: Mapping):
+    """Step time (left axis; median with interquartile bars) and examples/s (right axis)
+    against the batch size.
+
+    Raises:
+      NothingToPlot: no batch size was timed.
+    """
     rows = [r for r in sweep["throughput"] if _finite(r.get("step_time_s"))]
+    if not rows:
+        raise NothingToPlot("no batch size was timed")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax2 = ax.twinx()
     for fits, style in ((True, "o"), (False, "s")):
@@ -234,18 +293,23 @@ def plot_throughput(sweep: Mapping, path: str | None = None):
         t = np.array([r["step_time_s"] for r in sel], float)
         face = None if fits else "none"
         label = "" if fits else " (accumulation)"
-        ax.plot(b, 1e3 * t, style, color="C0", mfc=face, label="step time" + label)
+        q = np.array([np.quantile(r["times_s"], [0.25, 0.75]) if r.get("times_s") else
+                      (r["step_time_s"], r["step_time_s"]) for r in sel], float)  # fmt: skip
+        err = 1e3 * np.stack([np.maximum(t - q[:, 0], 0), np.maximum(q[:, 1] - t, 0)])
+        ax.errorbar(b, 1e3 * t, yerr=err, fmt=style, color="C0", mfc=face, capsize=3,
+                    label="step time, median and quartiles" + label)  # fmt: skip
         ax2.plot(b, b / t, style, color="C1", mfc=face, label="examples/s" + label)
     b_all = np.array([r["batch_size"] for r in rows], float)
     order = np.argsort(b_all)
     t_all = np.array([r["step_time_s"] for r in rows], float)
     ax.plot(b_all[order], 1e3 * t_all[order], "-", color="C0", alpha=0.5)
     ax2.plot(b_all[order], (b_all / t_all)[order], "-", color="C1", alpha=0.5)
-    mb = sweep.get("max_batch_size")
+    mb, what = largest_fits(sweep)
     if mb:
-        ax.axvline(mb, color="gray", ls=":", label=f"largest that fits ({mb})")
+        ax.axvline(mb, color="gray", ls=":", label=what)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlabel("batch size")
     ax.set_ylabel("step time (ms)", color="C0")
     ax2.set_ylabel("examples / s", color="C1")
@@ -254,143 +318,122 @@ def plot_throughput(sweep: Mapping, path: str | None = None):
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
-    return _finish(fig, path)
+    fig.tight_layout()
+    return fig
 
 
-def plot_tradeoff(sweep: Mapping, path: str | None = None):
-    """Measured steps to target and the fitted ``S(B)`` (log-log)."""
-    t = sweep["tradeoff"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+def plot_tradeoff(tradeoff: Mapping):
+    """Measured steps to target and the fitted ``S(B)`` (log-log).
+
+    Args:
+      tradeoff: ``sweep["tradeoff"]`` (or the tradeoff mode's ``summary["tradeoff"]``):
+        ``points`` and the fit (``s_min``, ``e_min``, ``b_crit``, or ``error``).
+
+    Raises:
+      NothingToPlot: no training was run, or none reached the target.
+    """
+    t = tradeoff
     pts = [p for p in t["points"] if p.get("reached")]
     missed = [p for p in t["points"] if not p.get("reached")]
-    if pts:
-        ax.plot(
-            [p["batch_size"] for p in pts],
-            [p["steps"] for p in pts],
-            "o",
-            color="C0",
-            label="measured steps to target",
-        )
+    if not t["points"]:
+        raise NothingToPlot("no training to the target was run (measurements only)")
+    if not pts:
+        raise NothingToPlot(f"none of the {len(missed)} trainings reached the target")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([p["batch_size"] for p in pts], [p["steps"] for p in pts], "o", color="C0",
+            label="measured steps to target")  # fmt: skip
     for p in missed:
         ax.axvline(p["batch_size"], color="C3", ls=":", alpha=0.6)
     if missed:
         ax.plot([], [], ls=":", color="C3", label="target not reached")
-    if _finite(t.get("s_min")) and pts:
+    if _finite(t.get("s_min")):
         bs = [p["batch_size"] for p in t["points"]]
         grid = np.geomspace(min(bs) / 2, max(bs) * 2, 200)
         s_min, e_min = t["s_min"], t["e_min"]
-        ax.plot(
-            grid, s_min + e_min / grid, "-", color="C0", label=f"S = {s_min:.3g} + {e_min:.3g}/B"
-        )
+        ax.plot(grid, s_min + e_min / grid, "-", color="C0",
+                label=f"S = {s_min:.3g} + {e_min:.3g}/B")  # fmt: skip
         ax.plot(grid, np.full_like(grid, s_min), "--", color="gray", lw=0.8, label="S_min")
         ax.plot(grid, e_min / grid, "-.", color="gray", lw=0.8, label="E_min / B")
-        ax.axvline(t["b_crit"], color="C2", ls=":", label=f"B_crit = {t['b_crit']:.3g}")
+        if grid[0] <= t["b_crit"] <= grid[-1]:
+            ax.axvline(t["b_crit"], color="C2", ls=":", label=f"B_crit = {t['b_crit']:.3g}")
+        else:  # named, not drawn: a line far outside would squeeze the measured range
+            ax.plot([], [], ls=":", color="C2",
+                    label=f"B_crit = {t['b_crit']:.3g} (outside the range measured)")  # fmt: skip
         ax.set_ylim(0.5 * min(p["steps"] for p in pts), 2 * max(p["steps"] for p in pts))
-    elif t.get("error"):
-        ax.text(
-            0.5,
-            0.5,
-            "fit not available:\n" + t["error"][:120],
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            fontsize=8,
-            wrap=True,
-        )
+    else:
+        ax.set_title(f"no fit: {t.get('error') or 'not available'}"[:90], fontsize=7, loc="left")
     ax.set_xscale("log", base=2)
-    if pts:
-        ax.set_yscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("steps to target")
-    ax.set_title("Steps/examples tradeoff (McCandlish et al. 2018)")
+    fig.suptitle("Steps/examples tradeoff (McCandlish et al. 2018)")
     _legend(ax, fontsize=8)
-    return _finish(fig, path)
+    fig.tight_layout()
+    return fig
 
 
-def plot_time_to_target(sweep: Mapping, path: str | None = None):
-    """Predicted time to target against the batch size, the recommendation marked."""
+def plot_time_to_target(sweep: Mapping):
+    """Predicted time to target against the batch size, the recommendation marked.
+
+    In seconds when the sweep measured ``S_min`` (a tradeoff fit); otherwise relative to the
+    recommended batch (1 there): ``(1 + B_noise/B)·t(B)`` fixes the time only up to the factor
+    ``S_min``. The legend sits outside the axes.
+
+    Raises:
+      NothingToPlot: the noise scale is not a number and there is no tradeoff fit.
+    """
     rec = sweep["recommendation"]
-    table = rec["table"]
-    b = np.array([r["batch_size"] for r in table], float)
-    t = np.array([r["step_time_s"] for r in table], float)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    s_min = sweep["tradeoff"].get("s_min")
-    absolute = _finite(s_min)
-    scale = s_min if absolute else 1.0
+    b = np.array([r["batch_size"] for r in rec["table"]], float)
+    t = np.array([r["step_time_s"] for r in rec["table"]], float)
+    tr = sweep["tradeoff"]
+    absolute = _finite(tr.get("s_min"))
+
+    def curve(noise):  # time to target / S_min; None when not a number
+        if not isinstance(noise, int | float) or math.isnan(noise):
+            return None
+        return t / b if math.isinf(noise) else (1 + max(noise, 0.0) / b) * t
+
     n = rec["b_noise"]
-
-    def curve(noise):
-        if noise is None or not isinstance(noise, int | float) or math.isnan(noise):
-            return None
-        if math.isinf(noise):
-            return None
-        return scale * (1 + max(noise, 0.0) / b) * t
-
     main = curve(n)
+    fit = (1 + tr["b_crit"] / b) * t if _finite(tr.get("b_crit")) else None
+    ref = main if main is not None else fit
+    if ref is None or not b.size:
+        raise NothingToPlot("no finite noise scale and no tradeoff fit to predict from")
+    i = int(np.flatnonzero(b == rec["batch_size"])[0]) if rec["batch_size"] in b else None
+    scale = tr["s_min"] if absolute else 1 / ref[i if i is not None else int(np.argmin(ref))]
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
     if main is not None:
-        ax.plot(b, main, "o-", color="C0", label=f"from noise scale (B_noise = {n:.3g})")
+        ax.plot(b, scale * main, "o-", color="C0", label=f"from noise scale (B_noise = {n:.3g})")
         iv = sweep["noise_scale"].get("interval") or [None, None]
         lo, hi = curve(iv[0]), curve(iv[1])
         if lo is not None and hi is not None:
-            ax.fill_between(
-                b,
-                np.minimum(lo, hi),
-                np.maximum(lo, hi),
-                color="C0",
-                alpha=0.15,
-                label="noise-scale interval",
-            )
-    tr = sweep["tradeoff"]
-    if _finite(tr.get("b_crit")):
-        ax.plot(
-            b,
-            tr["s_min"] * (1 + tr["b_crit"] / b) * t,
-            "s--",
-            color="C2",
-            mfc="none",
-            label=f"from fitted tradeoff (B_crit = {tr['b_crit']:.3g})",
-        )
+            ax.fill_between(b, scale * np.minimum(lo, hi), scale * np.maximum(lo, hi),
+                            color="C0", alpha=0.15, label="noise-scale interval")  # fmt: skip
+    if fit is not None:
+        ax.plot(b, scale * fit, "s--", color="C2", mfc="none",
+                label=f"from fitted tradeoff (B_crit = {tr['b_crit']:.3g})")  # fmt: skip
     measured = sweep.get("measured_time_to_target") or {}
     if measured and absolute:
         mb = sorted(int(k) for k in measured)
         ax.plot(mb, [measured[str(k)] for k in mb], "k*", ms=9, label="measured")
-    y = main if main is not None else scale * t / b
-    i = int(np.flatnonzero(b == rec["batch_size"])[0]) if rec["batch_size"] in b else None
     if i is not None:
-        ax.plot(
-            [b[i]],
-            [y[i]],
-            "o",
-            ms=14,
-            mfc="none",
-            mec="C3",
-            mew=2,
-            label=f"recommended: {rec['batch_size']}",
-        )
+        ax.plot([b[i]], [scale * ref[i]], "o", ms=14, mfc="none", mec="C3", mew=2,
+                label=f"recommended: {rec['batch_size']}")  # fmt: skip
     lo_r, hi_r = rec["near_optimal_range"]
     ax.axvspan(lo_r, hi_r, color="C3", alpha=0.08, label="within 10% of best")
-    mbs = sweep.get("max_batch_size")
+    mbs, what = largest_fits(sweep)
     if mbs:
-        ax.axvline(mbs, color="gray", ls=":", label="largest that fits")
+        ax.axvline(mbs, color="gray", ls=":", label=what)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlabel("batch size")
-    ax.set_ylabel("time to target (s)" if absolute else "time to target (relative, x S_min)")
+    ax.set_ylabel("time to target (s)" if absolute else
+                  f"time to target, relative to batch {rec['batch_size']}")  # fmt: skip
     ax.set_title("Predicted time to target")
-    ax.legend(fontsize=7)
-    return _finish(fig, path)
-
-
-def sweep_plots(sweep: Mapping, directory: str) -> list[str]:
-    """Write ``throughput.png``, ``tradeoff.png`` and ``time_to_target.png``; returns paths."""
-    os.makedirs(directory, exist_ok=True)
-    paths = [
-        os.path.join(directory, n) for n in ("throughput.png", "tradeoff.png", "time_to_target.png")
-    ]
-    plot_throughput(sweep, paths[0])
-    plot_tradeoff(sweep, paths[1])
-    plot_time_to_target(sweep, paths[2])
-    return paths
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
 
 
 _POLICY_COLORS = {
@@ -402,35 +445,62 @@ _POLICY_COLORS = {
 }
 
 
-def plot_policies(runs: Sequence[dict], target: float | None = None, path: str | None = None):
+def _batch_label(run: Mapping) -> str:
+    """``'batch 32'``, or ``'batch 8→32'`` for a run whose batch size changed."""
+    sizes = [b for _, b in run.get("batch_curve") or []] or [run["batch_size"]]
+    first, last = run["batch_size"], sizes[-1]
+    return f"batch {first}" if first == last else f"batch {first}→{last}"
+
+
+def _same_runs(runs: Sequence[dict]) -> list[list[dict]]:
+    """The runs grouped by identical curves (policies that picked the same batch and learning
+    rate train the same run, whose lines would hide each other)."""
+    groups: dict = {}
+    for r in runs:
+        key = (r["seed"], repr([c[1:] for c in r.get("curve") or []]),
+               repr(r.get("batch_curve")))  # fmt: skip
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def plot_policies(runs: Sequence[dict], target: float | None = None):
     """Smoothed test accuracy and batch size against device time, one line per run.
 
     The x axis is the device time ``Σ steps(B)·t(B)`` with ``t(B)`` from one interleaved timing
     table (the time the verdict ranks by); one colour per policy, one line style per seed.
+    Policies whose runs are identical (same batch and learning rate) share one line whose
+    label names them all (``default = recommended (batch 32), seed 0``); a run whose batch
+    changed is labelled with its first and last batch (``adaptive (batch 8→32)``).
 
     Args:
       runs: the ``runs`` of a compare ``summary.json`` (``experiments/compare.py``): each with
-        ``policy``, ``seed``, ``batch_size``, ``curve`` (``[[wall_time_s, device_time_s,
+        ``policy``, ``seed``, ``batch_size``, ``curve`` (``[[train_time_s, device_time_s,
         test_accuracy, smoothed_accuracy or None], ...]`` at each evaluation), ``batch_curve``
         (``[[device_time_s, batch_size], ...]``) and ``device_time_to_target_s`` (a star at
         the target when reached).
       target: the target accuracy (a horizontal line), or ``None``.
-      path: where to write the PNG; ``None`` returns the figure open.
 
     Returns:
-      ``path`` when given, else the figure.
+      The matplotlib ``Figure``.
+
+    Raises:
+      NothingToPlot: no run has an evaluation.
 
     Example::
 
-        plot_policies(summary["runs"], summary["target_accuracy"], "compare.png")
+        fig = plot_policies(summary["runs"], summary["target_accuracy"])
     """
+    if not any(r.get("curve") for r in runs):
+        raise NothingToPlot("no run has an evaluation to draw")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, height_ratios=(3, 1))
     styles = ("-", "--", ":", "-.")
     seeds = sorted({r["seed"] for r in runs})
-    for r in runs:
+    for group in _same_runs(runs):
+        r = group[0]
         color = _POLICY_COLORS.get(r["policy"], "k")
         ls = styles[seeds.index(r["seed"]) % len(styles)]
-        label = f"{r['policy']} (batch {r['batch_size']}), seed {r['seed']}"
+        names = " = ".join(g["policy"] for g in group)
+        label = f"{names} ({_batch_label(r)}), seed {r['seed']}"
         pts = [(c[1], c[3]) for c in r.get("curve") or [] if c[3] is not None]
         if pts:
             t, acc = zip(*pts, strict=True)
@@ -452,5 +522,4 @@ def plot_policies(runs: Sequence[dict], target: float | None = None, path: str |
     bottom.set_xlabel("device time, steps x t(B) from the timing table (s)")
     bottom.grid(alpha=0.3)
     fig.tight_layout()
-    _finish(fig, path)
-    return fig if path is None else path
+    return fig

@@ -38,6 +38,7 @@ __all__ = [
     "ema",
     "Interval",
     "interval",
+    "recent_window",
 ]
 
 
@@ -360,3 +361,15 @@ def _block_ratios(t, g, block: int, num_resamples: int, rng) -> np.ndarray:
             t_blocks[starts].mean(axis=1), g_blocks[starts].mean(axis=1)
         )
     return ratios
+
+
+def recent_window(n: int, at_most: int = 20) -> int:
+    """How many of ``n`` measurements make a *recent* window: a quarter of them, at least 2 and
+    at most ``at_most``, so that the window is recent also in a short run (early measurements,
+    with a large ``|G|²``, would otherwise dominate its ratio of means).
+
+    Example:
+      >>> recent_window(200), recent_window(40), recent_window(3)
+      (20, 10, 2)
+    """
+    return int(min(at_most, max(2, n // 4)))

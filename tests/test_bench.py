@@ -85,8 +85,23 @@ def test_tiny_bench_writes_consistent_json(tmp_path):
         "time/plain",
         "memory/plain",
     ]
+    # The other rows: the lm1b-style Transformer, the NNX and the plain-JAX MLP.
+    rows = written["rows"]
+    assert set(rows) == set(config.rows.models) | {"load_before", "load_after"}
+    n_rows = 0
+    for name, row in config.rows.models.items():
+        assert set(rows[name]) == {str(b) for b in row.batch_sizes}
+        for rd in rows[name].values():
+            assert set(rd["seconds"]) == set(bench_lm.LM_VARIANTS)
+            assert rd["auto_method"] in ("ghost", "vmap")
+            assert "fallback" not in rd["auto_describe"]  # every leaf covered
+            assert rd["over_plain"]["microbatch"] == pytest.approx(
+                rd["seconds"]["microbatch"] / rd["seconds"]["plain"]
+            )
+            n_rows += len(bench_lm.LM_VARIANTS)
     n_cnn = len(config.batch_sizes) * len(bench.VARIANTS)
-    assert len(table) == 1 + n_cnn + len(config.lm.batch_sizes) * len(bench_lm.LM_VARIANTS)
+    n_lm = len(config.lm.batch_sizes) * len(bench_lm.LM_VARIANTS)
+    assert len(table) == 1 + n_cnn + n_lm + n_rows
     auto_row = next(r.split() for r in table if "per_example_auto" in r)
     assert auto_row[:4] == ["transformer", "8", "per_example_auto", f"({d['auto_method']})"]
     assert auto_row[-2] == f"{d['over_plain']['per_example_auto']:.2f}x"

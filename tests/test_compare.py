@@ -254,7 +254,7 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
     assert s["mode"] == "tradeoff"
     rec_b = s["recommendation"]["batch_size"]
     batches = [p["batch_size"] for p in s["points"]]
-    assert batches == sorted({16, 32, rec_b})
+    assert batches == sorted({8, 16, 32, rec_b})
     with open(os.path.join(workdir, compare.SUMMARY_FILE)) as f:  # strict: no NaN/Infinity
         written = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"not strict: {c}"))
     assert written == runlog.to_strict_json(s)
@@ -286,6 +286,17 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
         cell = row.split()[3]
         assert (cell == "-") if t is None else math.isclose(float(cell), t, abs_tol=0.051)
     assert "<- recommended" in next(ln for ln in lines if ln.split()[:1] == [str(rec_b)])
+    # The fit is the mode's output: drawn when it exists. The measurements ran no training,
+    # so their sweep wrote no (empty) tradeoff chart and says why.
+    if b_crit is not None:
+        assert s["plot"] == os.path.join(workdir, compare.TRADEOFF_PLOT_FILE)
+        assert os.path.getsize(s["plot"]) > 5000
+    sw = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))
+    assert sw["plots"]["tradeoff.png"].startswith("not drawn: no training to the target")
+    assert not os.path.exists(os.path.join(workdir, "sweep", "tradeoff.png"))
+    # Each training in its own TensorBoard run, named by batch and seed.
+    for p in s["points"]:
+        assert os.path.basename(p["workdir"]).startswith(f"B{p['batch_size']}-seed0-")
 
 
 @pytest.mark.timeout(300)
@@ -349,4 +360,12 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(trad
     for r in s["runs"]:
         assert any(line.split()[:2] == [r["policy"], str(r["seed"])] for line in table.splitlines())
     assert table.count("\n".join(s["verdict"]["text"])) == 1
-    assert os.path.getsize(os.path.join(workdir, compare.PLOT_FILE)) > 0
+    assert s["plot"] == os.path.join(workdir, compare.PLOT_FILE)
+    assert os.path.getsize(s["plot"]) > 5000
+    # One run directory (a TensorBoard run) per policy, batch and seed, with its event files.
+    for r in s["runs"]:
+        sizes = s["policies"][r["policy"]]["batch_size"] if r["policy"] != "adaptive" else None
+        name = os.path.basename(r["workdir"])
+        assert name.startswith(f"{r['policy']}-B") and name.endswith(f"-seed{r['seed']}")
+        assert sizes is None or name == f"{r['policy']}-B{sizes}-seed{r['seed']}"
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(r["workdir"]))

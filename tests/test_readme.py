@@ -1,17 +1,23 @@
-"""The README's examples run as printed: the noise-scale example, and the research-code example
-of ``find_batch_size`` (kept in ``docs/find_batch_size.py``, pasted into the README as is)."""
+"""The README's and docs' examples run as printed: the noise-scale example, the research-code
+example of ``find_batch_size`` (kept in ``docs/find_batch_size.py``, pasted into the README as
+is), docs/estimate.md, docs/data-parallel.md in a fresh Python with the devices it sets up
+itself (docs/critical-batch.md runs in tests/test_critical.py), and the ``gns`` command."""
 
 import contextlib
 import io
 import math
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FINDER_EXAMPLE = ROOT / "docs" / "find_batch_size.py"
+DOCS = ROOT / "docs"
 
 
 def python_blocks(text: str) -> list[str]:
@@ -51,3 +57,44 @@ def test_the_readme_carries_the_find_batch_size_example_as_tested():
     if not blocks:
         pytest.skip("README.md has no find_batch_size block yet (paste docs/find_batch_size.py)")
     assert blocks == [FINDER_EXAMPLE.read_text()]
+
+
+def test_estimate_doc_example_runs_as_printed():
+    (block,) = python_blocks((DOCS / "estimate.md").read_text())
+    out = run(block, "docs/estimate.md")
+    # The EMA state and the interval, whose estimate lies inside [low, high].
+    estimate, low, high = (float(x) for x in re.search(
+        r"estimate=(\S+?), low=(\S+?), high=(\S+?),", out).groups())  # fmt: skip
+    assert low <= estimate <= high and "g_sq" in out
+
+
+@pytest.mark.timeout(120)
+def test_data_parallel_doc_sets_up_its_devices_in_a_fresh_python_on_one_cpu():
+    """As a reader runs it: a fresh interpreter without the test session's 4 simulated
+    devices. The page's first blocks (the device setup, the model and data) give the 4
+    devices its steps need (tests/test_distributed.py runs every block on 4 devices)."""
+    blocks = python_blocks((DOCS / "data-parallel.md").read_text())
+    assert "xla_force_host_platform_device_count=4" in blocks[0]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    code = "\n".join([*blocks[:2], "print(jax.device_count(), len(get_batch(0)[0]))"])
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=100)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["4", "64"]
+
+
+def test_the_gns_command_lists_its_subcommands_and_maps_them_to_the_experiments():
+    proc = subprocess.run([sys.executable, "-m", "experiments", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0
+    from experiments import __main__ as gns_command
+
+    listed = [ln.split()[0] for ln in proc.stdout.splitlines()[2:] if ln.strip()]
+    assert listed == list(gns_command.COMMANDS)
+    module, argv = gns_command.command_line("demo", ["--config.seed=1"], root="/r")
+    assert module == "experiments.cifar10"
+    assert argv == ["gns demo", "--config=/r/configs/cifar10.py:cpu", "--config.mode=compare",
+                    "--workdir=runs/demo", "--config.seed=1"]  # fmt: skip
+    for name, (module, config, *_) in gns_command.COMMANDS.items():
+        assert (ROOT / config.split(":")[0]).is_file(), name
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), name

@@ -66,6 +66,7 @@ def test_smoke_sweep_writes_every_key_within_budget(smoke_run):
     } <= set(s["recommendation"])
     for name in ("throughput.png", "tradeoff.png", "time_to_target.png"):
         assert os.path.getsize(os.path.join(workdir, name)) > 5000, name
+        assert s["plots"][name] == os.path.join(workdir, name)
 
 
 @pytest.mark.timeout(300)
@@ -632,7 +633,8 @@ def test_command_line_config_mistake_is_one_line_and_exit_2(tmp_path, flag, mess
 def test_validate_config_names_the_field():
     config = sweep_config.get_config("smoke")
     config.throughput.min_batch_size = 512
-    with pytest.raises(ValueError, match="throughput.max_batch_size=256 must be an int >= 512"):
+    with pytest.raises(ValueError, match="throughput.min_batch_size=512, config.throughput."
+                       "max_batch_size=256: throughput.min_batch_size must be <="):  # fmt: skip
         sweep.validate_config(config)
 
 

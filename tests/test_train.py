@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import cifar10 as cifar10_config
-from experiments import cli, data, models, runlog, train
+from experiments import cli, data, events, models, runlog, train
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from gns import plots, smoothing
@@ -126,7 +126,10 @@ def test_smoke_run_files_and_rows(smoke_run):
         assert r["examples_seen"] == r["step"] * config.batch_size
     walls = [r["wall_time_s"] for r in rows]
     assert all(b >= a for a, b in zip(walls, walls[1:], strict=False))
-    assert summary["wall_time_s"] == pytest.approx(walls[-1])
+    # The rows' wall_time_s is the training clock; the summary has it as train_time_s, and
+    # its wall_time_s is the whole call's (data, compilation, evaluation, checkpoints too).
+    assert summary["train_time_s"] == pytest.approx(walls[-1])
+    assert summary["wall_time_s"] > summary["train_time_s"] + summary["compile_time_s"]
 
     measured = [r for r in rows if "g_sq" in r]
     expected = [s for s in range(1, config.num_steps + 1) if (s - 1) % config.gns_every == 0]
@@ -157,6 +160,40 @@ def test_smoke_run_files_and_rows(smoke_run):
     assert 0 < ns["b_simple"] < math.inf
     lo, hi = ns["interval"]
     assert lo <= ns["b_simple"] <= hi
+    # recent: the ratio of means over the last recent_window measurements, where they start.
+    k = smoothing.recent_window(len(measured))
+    assert ns["recent"]["num_measurements"] == k
+    assert ns["recent"]["from_step"] == measured[-k]["step"]
+    assert ns["recent"]["b_simple"] == pytest.approx(t[-k:].mean() / g[-k:].mean(), rel=1e-6)
+
+
+@pytest.mark.timeout(240)
+def test_smoke_run_tensorboard_files_hold_the_rows_and_files_are_readable(smoke_run):
+    _, workdir, _ = smoke_run
+    _, _, rows = strict_outputs(workdir)
+    got = events.read_scalars(workdir)
+    for key in ("train_loss", "test_accuracy", "b_simple", "ema_b_simple", "learning_rate"):
+        tag = events.STEP_TAGS.get(key, "test/accuracy")
+        assert got[tag] == [(r["step"], float(np.float32(r[key]))) for r in rows
+                            if r.get(key) is not None], key  # fmt: skip
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(workdir):  # files as open() makes them: the umask decides
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path):
+            assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, name
+
+
+@pytest.mark.timeout(240)
+def test_rerunning_a_finished_run_says_already_complete(smoke_run, caplog):
+    config, workdir, summary = smoke_run
+    summary_path = os.path.join(workdir, "summary.json")
+    before = os.stat(summary_path).st_mtime_ns
+    with caplog.at_level("INFO"):
+        again = train.train_and_evaluate(config, workdir)
+    assert again == summary
+    assert "is already complete (num_steps at step 120)" in caplog.text
+    assert os.stat(summary_path).st_mtime_ns == before  # not evaluated or written again
 
 
 @pytest.mark.timeout(240)

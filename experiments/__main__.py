@@ -1,0 +1,89 @@
+"""The ``gns`` command: one entry point for the experiments.
+
+Usage::
+
+    gns demo  [FLAGS]   # every batch-size policy to the same target (make demo; runs/demo)
+    gns train [FLAGS]   # CIFAR-10 with the noise scale tracked (python -m experiments.cifar10)
+    gns sweep [FLAGS]   # noise scale, throughput, tradeoff and a batch size (experiments.sweep)
+    gns bench [FLAGS]   # cost of each estimator over a plain step (make bench; runs/bench)
+    gns lm    [FLAGS]   # the byte-level Transformer language model (experiments.lm)
+
+``FLAGS`` are those of the experiment (``--config``, ``--workdir``, ``--config.FIELD=...``);
+without ``--config`` a subcommand uses its default config file from this installation
+(:data:`COMMANDS`), so the command works from any directory. From a clone,
+``python -m experiments SUBCOMMAND`` is the same command.
+
+The installed wheel keeps the experiments and their configs inside its own directory
+(``gns_jax/experiments``, ``gns_jax/configs``), not as top-level packages whose names other
+projects use; this entry point puts that directory on ``sys.path`` before it runs one.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+__all__ = ["COMMANDS", "command_line", "main"]
+
+# subcommand -> (module, default config relative to the root, default flags, what it does)
+COMMANDS = {
+    "demo": ("experiments.cifar10", "configs/cifar10.py:cpu",
+             ("--config.mode=compare", "--workdir=runs/demo"),
+             "every batch-size policy trained to the same target, with a verdict"),
+    "train": ("experiments.cifar10", "configs/cifar10.py:cpu", (),
+              "CIFAR-10 with the noise scale tracked (modes: train, compare, tradeoff)"),
+    "sweep": ("experiments.sweep", "configs/sweep.py:cpu", (),
+              "noise scale, throughput, tradeoff fit and a recommended batch size"),
+    "bench": ("experiments.bench", "configs/bench.py", ("--workdir=runs/bench",),
+              "cost of each noise-scale estimator over a plain training step"),
+    "lm": ("experiments.lm", "configs/lm.py:cpu", (),
+           "the byte-level Transformer language model with the noise scale tracked"),
+}  # fmt: skip
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def usage() -> str:
+    """The help text of ``gns``."""
+    lines = ["usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags)", ""]
+    lines += [f"  {name:<6} {spec[3]}" for name, spec in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def command_line(name: str, args: list[str], root: str = ROOT) -> tuple[str, list[str]]:
+    """The module to run and its ``argv`` for ``gns NAME ARGS``: ``args`` after the
+    subcommand's defaults (a flag given in ``args`` wins), ``--config`` from ``root``
+    when ``args`` has none.
+
+    Example:
+      >>> command_line("demo", ["--workdir=/tmp/d"], root="/r")
+      ('experiments.cifar10', ['gns demo', '--config=/r/configs/cifar10.py:cpu', \
+'--config.mode=compare', '--workdir=/tmp/d'])
+    """
+    module, config, defaults, _ = COMMANDS[name]
+    given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    argv = [] if "--config" in given else [f"--config={os.path.join(root, config)}"]
+    argv += [d for d in defaults if d.split("=", 1)[0] not in given]
+    return module, [f"gns {name}", *argv, *args]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``gns SUBCOMMAND [FLAGS]`` (``argv`` defaults to ``sys.argv``)."""
+    argv = sys.argv if argv is None else argv
+    if len(argv) < 2:
+        print(usage(), file=sys.stderr)
+        sys.exit(2)
+    if argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0)
+    if argv[1] not in COMMANDS:
+        print(f"error: unknown subcommand {argv[1]!r}\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)  # the directory that holds experiments/ and configs/
+    module, sys.argv = command_line(argv[1], argv[2:])
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

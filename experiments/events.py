@@ -1,0 +1,175 @@
+"""TensorBoard event files of a run, beside its ``metrics.jsonl`` (tensorboardX: no TensorFlow).
+
+The event files are a view of the metrics rows: :class:`EventLog` writes each row's scalars as
+the row is written, and on a resume rewrites the files from the rows kept, so that they always
+hold exactly the rows of ``metrics.jsonl`` (no duplicated or orphaned steps). Open them with
+``pip install tensorboard`` and ``tensorboard --logdir runs/``: every run directory below is one
+run, named by its path (``runs/demo/runs/adaptive-B8-seed0`` in the compare mode,
+``.../train/B64-seed0-<fingerprint>`` in a sweep).
+
+Tags (x axis: the step), from the row keys of :mod:`experiments.train`:
+
+- ``train/loss``, ``train/accuracy``, ``test/<metric>`` (``test/accuracy``, ``test/loss``,
+  ``test/bits_per_byte``, ...) on evaluation rows;
+- ``noise_scale/b_simple`` (raw), ``noise_scale/ema_b_simple`` (the tracker),
+  ``noise_scale/g_sq``, ``noise_scale/trace_cov`` and ``noise_scale/window``,
+  ``noise_scale/window_low``, ``noise_scale/window_high``: the ratio of means over the last
+  :data:`WINDOW` measurements with its 90% bootstrap interval (as ``noise_scale.png`` draws it;
+  absent while the window's mean ``|G|²`` is not positive);
+- ``schedule/batch_size``, ``schedule/learning_rate``;
+- ``time/examples_per_s``, ``time/step_time_s`` (training time per step since the last row),
+  ``time/train_time_s``;
+- ``by_examples/<key>`` for :data:`BY_EXAMPLES` with the examples seen as the x axis: the fair
+  axis across batch sizes (a run whose batch grows takes fewer steps per example).
+
+Non-finite values (``null`` in the rows) are not written. :func:`read_scalars` reads the files
+back (plain TFRecord framing and the ``Event`` protobuf, no TensorBoard needed).
+
+Example::
+
+    events = EventLog("runs/cpu")
+    events.reset(kept_rows)   # on (re)start: the files hold exactly these rows
+    events.write(row)         # at each row
+    events.close()
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import math
+import os
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from gns import smoothing
+
+__all__ = ["WINDOW", "STEP_TAGS", "BY_EXAMPLES", "EventLog", "read_scalars", "row_scalars"]
+
+WINDOW = 20  # measurements in the trailing window of noise_scale/window*
+STEP_TAGS = {
+    "train_loss": "train/loss",
+    "train_accuracy": "train/accuracy",
+    "b_simple": "noise_scale/b_simple",
+    "ema_b_simple": "noise_scale/ema_b_simple",
+    "g_sq": "noise_scale/g_sq",
+    "trace_cov": "noise_scale/trace_cov",
+    "batch_size": "schedule/batch_size",
+    "learning_rate": "schedule/learning_rate",
+    "examples_per_s": "time/examples_per_s",
+    "wall_time_s": "time/train_time_s",
+}
+BY_EXAMPLES = (
+    "train_loss",
+    "test_accuracy",
+    "test_loss",
+    "test_bits_per_byte",
+    "ema_b_simple",
+    "batch_size",
+    "learning_rate",
+)
+_PATTERN = "events.out.tfevents.*"
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def row_scalars(row: dict, window: Sequence[tuple[float, float]] = ()) -> dict[str, float]:
+    """The step-axis scalars of one row, ``{tag: value}`` (non-finite values left out).
+
+    Args:
+      row: a metrics row.
+      window: the last :data:`WINDOW` finite ``(g_sq, trace_cov)`` measurements, this row's
+        included, for the ``noise_scale/window*`` tags on a measurement row.
+    """
+    out = {tag: float(row[k]) for k, tag in STEP_TAGS.items() if _finite(row.get(k))}
+    for k, v in row.items():
+        if k.startswith("test_") and _finite(v):
+            out[f"test/{k[len('test_') :]}"] = float(v)
+    if _finite(row.get("examples_per_s")) and _finite(row.get("batch_size")):
+        if row["examples_per_s"] > 0:
+            out["time/step_time_s"] = float(row["batch_size"]) / float(row["examples_per_s"])
+    if "g_sq" in row and len(window) >= 2:
+        g, t = (np.asarray(x, np.float64) for x in zip(*window, strict=True))
+        res = smoothing.interval(g, t, confidence=0.9, block_size=1, num_resamples=200, seed=0)
+        for tag, v in (("window", res.estimate), ("window_low", res.low),
+                       ("window_high", res.high)):  # fmt: skip
+            if math.isfinite(v):
+                out[f"noise_scale/{tag}"] = float(v)
+    return out
+
+
+class EventLog:
+    """The event files of the run in ``workdir`` (one writer, opened on first use).
+
+    Args:
+      workdir: the run's directory (the files go there, beside ``metrics.jsonl``).
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self._writer = None
+        self._window: collections.deque = collections.deque(maxlen=WINDOW)
+
+    def reset(self, rows: Sequence[dict]) -> None:
+        """Delete the run's event files and write ``rows`` into a new one."""
+        self.close()
+        for path in glob.glob(os.path.join(self.workdir, _PATTERN)):
+            os.remove(path)
+        self._window.clear()
+        for row in rows:
+            self.write(row, flush=False)
+        self.flush()
+
+    def write(self, row: dict, *, flush: bool = True) -> None:
+        """Write the scalars of ``row`` (:func:`row_scalars` and ``by_examples/*``)."""
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=self.workdir, flush_secs=30)
+        if _finite(row.get("g_sq")) and _finite(row.get("trace_cov")):
+            self._window.append((float(row["g_sq"]), float(row["trace_cov"])))
+        window = self._window if "g_sq" in row else ()
+        step = int(row["step"])
+        for tag, value in row_scalars(row, window).items():
+            self._writer.add_scalar(tag, value, step)
+        examples = row.get("examples_seen")
+        if examples is not None:
+            for k in BY_EXAMPLES:
+                if _finite(row.get(k)):
+                    self._writer.add_scalar(f"by_examples/{k}", float(row[k]), int(examples))
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of the event files in ``directory`` (not its subdirectories), as
+    ``{tag: [(step, value), ...]}`` in the order written (values as stored: float32)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+    for path in sorted(glob.glob(os.path.join(directory, _PATTERN))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            record = data[pos + 12 : pos + 12 + length]  # after length and its CRC
+            pos += 12 + length + 4  # and the data's CRC
+            event = event_pb2.Event.FromString(record)
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out[v.tag].append((int(event.step), float(v.simple_value)))
+    return dict(out)

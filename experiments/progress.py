@@ -1,0 +1,128 @@
+"""Progress of a long command: a bar on a terminal, a log line every few seconds elsewhere.
+
+Under ``nohup``, SLURM, a pipe or a file (stderr is not a terminal) a bar prints nothing useful,
+so :class:`Progress` logs one line every :data:`EVERY_S` seconds instead (environment variable
+``GNS_PROGRESS_EVERY_S``; 0 turns the lines off), from a background thread so that a long
+compilation or evaluation is not silent either::
+
+    I1206 05:40:12 progress.py:88] train: training, 1,536/8,192 examples (19%), 412 examples/s,
+    ETA 16s, step 48, B_simple 212
+
+Example::
+
+    bar = Progress(total=8192, desc="train", unit="examples")
+    bar.set(phase="training", step=1, B_simple="-")
+    bar.update(32)   # 32 more examples done
+    bar.close()
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from absl import logging
+
+__all__ = ["EVERY_S", "Progress", "format_duration"]
+
+EVERY_S = float(os.environ.get("GNS_PROGRESS_EVERY_S", "30"))
+
+
+def format_duration(seconds: float) -> str:
+    """``'2h05m'``, ``'3m07s'`` or ``'42s'`` (``'-'`` when unknown)."""
+    if not (seconds >= 0 and seconds < float("inf")):
+        return "-"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Progress:
+    """A tqdm bar when ``bar`` and stderr is a terminal, else a log line every ``every_s``.
+
+    Args:
+      total: units of the whole task (``None``: unknown, no ETA).
+      desc: what runs (the start of each line, e.g. ``"train"``, ``"sweep"``).
+      unit: what is counted (``"examples"``, ``"stages"``).
+      initial: units already done (a resumed run).
+      bar: whether a terminal may show a bar (``False``: lines even on a terminal).
+      every_s: seconds between lines (default :data:`EVERY_S`; 0: no lines).
+      stream: the stream whose being a terminal decides (default ``sys.stderr``).
+      rate: whether the lines show the rate and the ETA (``False`` for units of very
+        different lengths, e.g. a sweep's stages; the elapsed time is always shown).
+    """
+
+    def __init__(self, total: int | None, *, desc: str, unit: str, initial: int = 0,
+                 bar: bool = True, every_s: float | None = None, stream=None,
+                 rate: bool = True):  # fmt: skip
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.show_rate, self._start = rate, time.perf_counter()
+        self.fields: dict[str, object] = {}
+        self._t0, self._n0 = None, initial  # from the first update (after compiling)
+        self._bar = None
+        if bar and (stream or sys.stderr).isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                             dynamic_ncols=True, unit_scale=unit == "examples")  # fmt: skip
+        every = EVERY_S if every_s is None else every_s
+        self._stop = threading.Event()
+        self._thread = None
+        if self._bar is None and every > 0:
+            self._thread = threading.Thread(target=self._tick, args=(every,), daemon=True)
+            self._thread.start()
+
+    def set(self, **fields) -> None:
+        """Fields shown after the counts (``phase`` first), e.g. ``step=48, B_simple=212``."""
+        self.fields.update(fields)
+        if self._bar is not None:
+            if "phase" in fields:
+                self._bar.set_description(f"{self.desc}: {fields['phase']}", refresh=False)
+            shown = {k: v for k, v in self.fields.items() if k != "phase"}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def update(self, n: int = 1) -> None:
+        """``n`` more units done."""
+        if self._t0 is None:
+            self._t0, self._n0 = time.perf_counter(), self.n
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def rate(self) -> float:
+        """Units per second since the first :meth:`update` (``nan`` before two)."""
+        if self._t0 is None:
+            return float("nan")
+        dt = time.perf_counter() - self._t0
+        done = self.n - self._n0
+        return done / dt if done > 0 and dt > 0 else float("nan")
+
+    def line(self) -> str:
+        """The log line: phase, counts, rate, ETA and the fields."""
+        phase = self.fields.get("phase")
+        head = f"{self.desc}: {phase}, " if phase else f"{self.desc}: "
+        rate = self.rate()
+        parts = [f"{self.n:,}/{self.total:,} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%)"
+                 if self.total else f"{self.n:,} {self.unit}"]  # fmt: skip
+        if self.show_rate:
+            parts.append(f"{rate:,.1f} {self.unit}/s" if rate == rate else f"- {self.unit}/s")
+        if self.total and self.show_rate:
+            parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
+        parts.append(f"elapsed {format_duration(time.perf_counter() - self._start)}")
+        parts += [f"{k} {v}" for k, v in self.fields.items() if k != "phase"]
+        return head + ", ".join(parts)
+
+    def _tick(self, every: float) -> None:
+        while not self._stop.wait(every):
+            logging.info("%s", self.line())
+
+    def close(self) -> None:
+        """Stop the bar or the lines."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._bar is not None:
+            self._bar.close()

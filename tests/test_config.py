@@ -1,0 +1,299 @@
+"""Tests of the config table (experiments/rules.py) and the config side of the command line
+(experiments/cli.py): every field of every config variant has a rule and a description; every
+wrong value is one line with a hint before anything runs; --help, --print_config and --config
+from the repository; the default data source.
+
+The bulk calls the checker in-process (no JAX); a few subprocess runs check the command-line
+path (each stops before JAX is imported)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import bench as bench_config
+from configs import cifar10 as cifar10_config
+from configs import lm as lm_config
+from configs import sweep as sweep_config
+from experiments import cli, data, models, rules
+from experiments.cli import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = {"cifar10": cifar10_config, "lm": lm_config, "sweep": sweep_config, "bench": bench_config}
+VARIANTS = [(kind, v) for kind, module in KINDS.items() for v in module.VARIANTS]
+HUGE = 2**40
+
+
+def documented(config, kind: str) -> dict:
+    """``{dotted field: (kind, doc)}`` of the table for ``config``."""
+    out = {}
+    for prefix, table, _ in rules.rules_of(config, kind):
+        out.update({prefix + field: (k, doc) for field, k, doc in table})
+    return out
+
+
+class Fields(dict):
+    """A config as nested dicts with attribute access: what the checker reads, without
+    ConfigDict's type locking (so a wrong type can be set and undone) and fast."""
+
+    __getattr__ = dict.__getitem__
+
+    @classmethod
+    def of(cls, config) -> "Fields":
+        return cls({k: cls.of(v) if hasattr(v, "keys") else v for k, v in config.items()})
+
+
+def set_field(config, path: str, value) -> None:
+    *parents, last = path.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[last] = value
+
+
+def assert_one_line(e: UserError) -> None:
+    assert "\n" not in str(e) and str(e).startswith("config."), str(e)
+    assert e.hint and "\n" not in e.hint
+
+
+@pytest.mark.parametrize("kind, variant", VARIANTS)
+def test_every_field_has_a_rule_and_a_description_and_the_defaults_pass(kind, variant):
+    config = KINDS[kind].get_config(variant)
+    docs = documented(config, kind)
+    names = [name for name, _ in cli.config_fields(config)]
+    assert [n for n in names if n not in docs] == []
+    assert all(len(doc) > 5 and kind_.what for kind_, doc in docs.values())
+    rules.check(config, kind)
+    lines = rules.describe(config, kind)
+    assert sum(ln.startswith("  --config.") for ln in lines) == len(names)
+    assert "(no rule)" not in "\n".join(lines)
+
+
+def bad_values(default, declared: type) -> list:
+    """Wrong types, 0, negatives, NaN, inf, huge values, empty sequences."""
+    values = [0, -1, -1.5, math.nan, math.inf, HUGE, 1e300, (), ("abc",), "abc", "", 1.5]
+    if declared is not bool:
+        values.append(True)
+    return values
+
+
+def rejected_always(value, declared: type, kind_: rules.Kind) -> bool:
+    """Values no field takes, whatever its range: non-finite numbers, a text where a number,
+    flag or tuple is declared (and the reverse), ints over int32 (but byte counts), an empty
+    tuple unless the table says a tuple may be empty."""
+    what = kind_.what
+    if isinstance(value, float) and not math.isfinite(value):
+        return True
+    if declared in (int, float, bool, tuple) and isinstance(value, str):
+        return True
+    if declared is str and not isinstance(value, str):
+        return True
+    if declared in (int, float) and isinstance(value, tuple | bool):
+        return True
+    if declared is int and isinstance(value, float):
+        return True
+    if declared is int and value == HUGE and not kind_.valid(2**62):
+        return True
+    if value == () and ("non-empty" in what or "tuple" not in what):
+        return True
+    return value == "" and declared is str
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind, variant", VARIANTS)
+def test_every_wrong_value_of_every_field_is_one_line_or_a_documented_accept(kind, variant):
+    """Each field in turn gets each wrong value: the checker raises a UserError of one line
+    with a hint (never another exception), or accepts a value its rule says is valid; the
+    values no field takes are never accepted."""
+    original = KINDS[kind].get_config(variant)
+    docs = documented(original, kind)
+    config = Fields.of(original.to_dict())
+    accepted = []
+    for name, default in list(cli.config_fields(original)):
+        parent, _, last = name.rpartition(".")
+        declared = (rules.get(original, parent) if parent else original).get_type(last)
+        kind_, _ = docs[name]
+        for value in bad_values(default, declared):
+            set_field(config, name, value)
+            try:
+                rules.check(config, kind, devices=1)
+            except UserError as e:
+                assert_one_line(e)
+            else:
+                assert kind_.valid(value), (name, value)  # the table documents the accept
+                assert not rejected_always(value, declared, kind_), (name, value)
+                accepted.append((name, value))
+            finally:
+                set_field(config, name, default)
+    assert accepted  # e.g. 0 steps of warmup, a huge learning rate (it diverges, one line)
+    rules.check(config, kind)  # restored
+
+
+@pytest.mark.parametrize(
+    "kind, fields, words",
+    [
+        ("cifar10", {"eval_batch_size": 0}, "config.eval_batch_size=0 must be an int >= 1"),
+        ("cifar10", {"eval_examples": 0}, "config.eval_examples=0"),
+        ("cifar10", {"eval_examples": -1}, "config.eval_examples=-1"),
+        ("cifar10", {"data.num_train": 5}, "config.data.num_train=5, config.batch_size=32"),
+        ("cifar10", {"model.widths": ("abc",)}, "config.model.widths=('abc',)"),
+        ("cifar10", {"model.widths": ()}, "config.model.widths=()"),
+        ("cifar10", {"model.groups": 3}, "model.groups must divide every one of model.widths"),
+        ("cifar10", {"gns_chunk_size": 0}, "config.gns_chunk_size=0"),
+        ("cifar10", {"data.source": "folder", "data.path": None}, "reads data.path"),
+        ("lm", {"model.num_heads": 3}, "model.num_heads must divide model.width"),
+        ("lm", {"eval_examples": 0}, "config.eval_examples=0"),
+        ("lm", {"final_eval_examples": 0}, "config.final_eval_examples=0"),
+        ("lm", {"eval_batch_size": 0}, "config.eval_batch_size=0"),
+        ("lm", {"model.context": 0}, "config.model.context=0"),
+        ("bench", {"batch_sizes": ("abc",)}, "config.batch_sizes=('abc',)"),
+        ("bench", {"num_microbatches": 0}, "config.num_microbatches=0"),
+        ("bench", {"image_size": 0}, "config.image_size=0"),
+        ("sweep", {"critical.exponents": (1,)}, "at least 2 fork sizes"),
+    ],
+)
+def test_the_reported_mistakes_are_caught(kind, fields, words):
+    config = Fields.of(KINDS[kind].get_config("smoke" if kind != "bench" else "tiny").to_dict())
+    for name, value in fields.items():
+        set_field(config, name, value)
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")) as e:
+        rules.check(config, kind)
+    assert_one_line(e.value)
+
+
+def test_batches_must_split_over_the_devices():
+    """The sweep's reference batch 6 on 4 devices stops the sweep (it is not only skipped)."""
+    config = sweep_config.get_config("smoke")
+    config.train.batch_size = 6
+    rules.check(config, "sweep")  # the device count is not known yet: not checked
+    with pytest.raises(UserError, match=r"config.train.batch_size=6 is not divisible by the 4"):
+        rules.check(config, "sweep", devices=4)
+    rules.check(config, "sweep", devices=2)
+    config.train.batch_size = 8
+    config.noise.batch_size = 2
+    with pytest.raises(UserError, match=r"config.noise.batch_size=2 is smaller than the 4"):
+        rules.check(config, "sweep", devices=4)
+
+
+def test_constants_are_the_library_s():
+    from gns import schedule
+
+    assert rules.LR_RULES == schedule.LR_RULES
+    assert models.MODEL_NAMES is rules.MODEL_NAMES
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def command(module: str, *args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", f"experiments.{module}", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    "module, args, words",
+    [
+        ("cifar10", ["--config=configs/cifar10.py:smoke", "--config.eval_batch_size=0"],
+         "config.eval_batch_size=0"),
+        ("lm", ["--config=configs/lm.py:smoke", "--config.model.num_heads=3"], "num_heads"),
+        ("sweep", ["--config=configs/sweep.py:smoke", "--config.data.source=folder"],
+         "did you mean --config.train.data.source?"),
+        ("cifar10", ["--config=configs/cifar10.py:smoke", "--workdir="], "--workdir is empty"),
+    ],
+)  # fmt: skip
+def test_command_line_mistakes_stop_before_anything_is_written(tmp_path, module, args, words):
+    workdir = tmp_path / "w"
+    res = command(module, *args, *([] if "--workdir=" in args else [f"--workdir={workdir}"]))
+    assert res.returncode == cli.EXIT_USER_ERROR, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and words in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: ")
+    assert not workdir.exists()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("module", list(KINDS))
+def test_help_exits_0_with_plain_usage_and_every_field(module):
+    res = command(module, "--help")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "``" not in out and ":func:" not in out and ":mod:" not in out and "**" not in out
+    assert "--print_config" in out and "--workdir" in out
+    config = KINDS[module].get_config()
+    for name, _ in cli.config_fields(config):
+        assert f"  --config.{name}=" in out, name
+    if module == "cifar10":  # the continuation lines of the usage kept
+        assert "--workdir /tmp/smoke \\\n" in out
+
+
+@pytest.mark.timeout(120)
+def test_print_config_and_config_from_the_repository(tmp_path):
+    """From another directory, --config configs/lm.py:smoke is the repository's file;
+    --print_config prints the resolved config (overrides applied) as JSON, no --workdir
+    needed."""
+    res = command(
+        "lm", "--config", "configs/lm.py:smoke", "--config.batch_size=8", "--print_config",
+        cwd=str(tmp_path),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    expected = lm_config.get_config("smoke")
+    expected.batch_size = 8
+    assert json.loads(res.stdout) == json.loads(json.dumps(expected.to_dict()))
+    assert os.listdir(tmp_path) == []
+
+
+def test_config_paths_resolve_from_the_repository(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["x", "--config", "configs/lm.py:smoke", "--config=configs/sweep.py", "--config=no.py"]
+    out = cli.resolve_config_paths(argv)
+    assert out[2] == os.path.join(cli.ROOT, "configs/lm.py") + ":smoke"
+    assert out[3] == "--config=" + os.path.join(cli.ROOT, "configs/sweep.py")
+    assert out[4] == "--config=no.py"  # not in the repository either: reported as missing
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "lm.py").write_text("")
+    assert cli.resolve_config_paths(argv)[2] == "configs/lm.py:smoke"  # the current directory's
+
+
+def test_plain_text_drops_the_markup_and_keeps_the_layout():
+    doc = "Run :func:`experiments.train.train_and_evaluate` (:mod:`~gns.estimate`)::\n\n" \
+          "    python -m x \\\n      --config ``y``\n**bold**"  # fmt: skip
+    assert cli.plain_text(doc) == (
+        "Run experiments.train.train_and_evaluate (estimate):\n\n"
+        "    python -m x \\\n      --config y\nbold"
+    )
+
+
+def test_errors_under_a_section_name_its_fields():
+    with pytest.raises(UserError) as e, cli.under("train"):
+        raise UserError("data.source=folder needs data.path.", hint=data.ALTERNATIVES)
+    assert str(e.value) == "train.data.source=folder needs train.data.path."
+    assert "--config.train.data.source=folder --config.train.data.path=" in e.value.hint
+    assert "--config.data." not in e.value.hint
+
+
+# ---------------------------------------------------------------------------------------------
+# The default data source.
+
+
+def test_default_data_is_the_shared_archive_when_present_else_the_download(tmp_path, monkeypatch):
+    work = tmp_path / "repo"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(cifar10_config, "ROOT", str(work))
+    assert cifar10_config.default_data() == ("cifar10_binary", None)
+    config = cifar10_config.get_config("smoke")
+    assert (config.data.source, config.data.path) == ("cifar10_binary", None)
+    archive = tmp_path / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"")
+    assert cifar10_config.default_data() == ("folder", cifar10_config.DATA)
+    config = sweep_config.get_config("cpu")
+    assert (config.train.data.source, config.train.data.path) == ("folder", cifar10_config.DATA)
+    monkeypatch.chdir(tmp_path)  # elsewhere: the archive beside the repository
+    assert cifar10_config.default_data() == ("folder", os.path.join(str(work), cifar10_config.DATA))

@@ -1,0 +1,183 @@
+"""The plots (gns/plots.py draws, experiments/figures.py writes): each drawn from inputs in the
+formats of the smoke outputs, checked for its labels and the data it shows; nothing to draw
+writes no chart but says why."""
+
+import math
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from experiments import figures
+from gns import plots, smoothing
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def rows(n=12, batches=None, lm=False, unresolved=()):
+    """metrics.jsonl rows: a measurement at every row, an evaluation every 4th."""
+    batches = batches or [32] * n
+    out, seen = [], 0
+    for i in range(n):
+        seen += batches[i]
+        g = -1.0 if i in unresolved else 100.0 / (i + 1)  # |G|² shrinks: B_simple grows
+        r = {"step": i + 1, "examples_seen": seen, "batch_size": batches[i],
+             "train_loss": 3.0 - 0.1 * i, "train_accuracy": 0.05 * i, "g_sq": g,
+             "trace_cov": 50.0, "b_simple": 50.0 / g if g > 0 else None,
+             "ema_b_simple": 1.0 + i}  # fmt: skip
+        if i % 4 == 3:
+            r["test_accuracy"] = 0.04 * i
+            if lm:
+                r["test_bits_per_byte"] = (3.0 - 0.1 * i) / math.log(2)
+        out.append(r)
+    return out
+
+
+def line(ax, label):
+    (found,) = [ln for ln in ax.get_lines() if ln.get_label() == label]
+    return found
+
+
+def test_training_plot_uses_examples_when_the_batch_changes_and_bits_per_byte_for_the_lm():
+    fixed = plots.plot_training(rows())
+    assert [ax.get_xlabel() for ax in fixed.axes] == ["step", "step"]
+    assert fixed.axes[0].get_ylabel() == "cross-entropy (nats)"
+    grown = rows(batches=[8] * 4 + [16] * 4 + [32] * 4)
+    fig = plots.plot_training(grown)
+    assert fig.axes[0].get_xlabel() == "examples seen"
+    train = line(fig.axes[0], "train")
+    np.testing.assert_array_equal(train.get_xdata(), [r["examples_seen"] for r in grown])
+    lm = rows(lm=True)
+    fig = plots.plot_training(lm)
+    assert "bits per byte" in fig.axes[0].get_ylabel()
+    np.testing.assert_allclose(line(fig.axes[0], "train").get_ydata(),
+                               [r["train_loss"] / math.log(2) for r in lm])  # fmt: skip
+    test = line(fig.axes[0], "test (eval subset)")
+    np.testing.assert_allclose(
+        test.get_ydata(), [r["test_bits_per_byte"] for r in lm if "test_bits_per_byte" in r]
+    )
+    assert fig.axes[1].get_ylabel() == "next-byte accuracy"
+
+
+def test_noise_scale_plot_window_is_recent_and_unresolved_measurements_are_explained():
+    rs = rows(n=24, unresolved=(5, 6))
+    fig = plots.plot_noise_scale(rs)
+    ax = fig.axes[0]
+    k = smoothing.recent_window(24)
+    assert k == 6
+    centre = line(ax, f"ratio of means (last {k} measurements)")
+    # The last value: ratio of means over the last k measurements, not the whole run.
+    g = np.array([r["g_sq"] for r in rs[-k:]])
+    t = np.array([r["trace_cov"] for r in rs[-k:]])
+    assert centre.get_ydata()[-1] == pytest.approx(t.mean() / g.mean())
+    assert centre.get_ydata()[-1] > 3 * np.mean([r["trace_cov"] for r in rs]) / np.mean(
+        [r["g_sq"] for r in rs]
+    )
+    marks = line(ax, "|G|² ≤ 0: no estimate (2 of 24)")
+    np.testing.assert_array_equal(marks.get_xdata(), [6, 7])
+    per_step = line(ax, "per-step")
+    assert 6 not in per_step.get_xdata() and len(per_step.get_xdata()) == 22
+
+
+def test_nothing_to_draw_writes_no_chart_and_says_why(tmp_path):
+    path = tmp_path / "noise_scale.png"
+    path.write_bytes(b"an old chart")
+    no_measurements = [{k: v for k, v in r.items() if k != "g_sq"} for r in rows()]
+    out = figures.save(plots.plot_noise_scale, str(path), no_measurements)
+    assert out.startswith("not drawn: no noise-scale measurement") and not path.exists()
+    out = figures.tradeoff_plot({"points": [], "s_min": None}, str(tmp_path / "tradeoff.png"))
+    assert out == "not drawn: no training to the target was run (measurements only)"
+    assert os.listdir(tmp_path) == []
+    written = figures.training_plots(rows(), str(tmp_path))
+    assert all(os.path.getsize(p) > 5000 for p in written.values())
+
+
+def sweep_record(fits_32=True):
+    """The parts of sweep.json the sweep plots read."""
+    table = [{"batch_size": b, "fits": True, "step_time_s": 0.01 * b / 16,
+              "times_s": [0.009 * b / 16, 0.01 * b / 16, 0.012 * b / 16], "accumulation_steps": 1}
+             for b in (8, 16, 32)]  # fmt: skip
+    if not fits_32:
+        table[-1] |= {"fits": False, "step_time_s": None, "times_s": []}
+    rec_table = [{"batch_size": r["batch_size"], "step_time_s": r["step_time_s"]}
+                 for r in table if r["fits"]]  # fmt: skip
+    return {
+        "throughput": table,
+        "max_batch_size": 32 if fits_32 else 16,
+        "device": {"kind": "cpu", "count": 1},
+        "noise_scale": {"interval": [10.0, 40.0]},
+        "tradeoff": {"points": [], "s_min": None, "e_min": None, "b_crit": None},
+        "recommendation": {
+            "batch_size": 16,
+            "b_noise": 20.0,
+            "table": rec_table,
+            "near_optimal_range": [16, 32],
+        },  # fmt: skip
+    }
+
+
+def test_throughput_plot_has_spread_bars_and_an_honest_largest_batch():
+    fig = plots.plot_throughput(sweep_record())
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "largest tried (32; all fit)" in labels
+    (bars,) = ax.collections  # the interquartile bars, one segment per batch
+    segs = bars.get_segments()
+    for seg, b in zip(segs, (8, 16, 32), strict=True):
+        q25, q75 = np.quantile([0.009 * b / 16, 0.01 * b / 16, 0.012 * b / 16], [0.25, 0.75])
+        np.testing.assert_allclose(sorted(seg[:, 1]), [1e3 * q25, 1e3 * q75])
+    fig = plots.plot_throughput(sweep_record(fits_32=False))
+    assert "largest that fits (16)" in fig.axes[0].get_legend_handles_labels()[1]
+
+
+def test_time_to_target_is_relative_to_the_recommendation_without_s_min_legend_outside():
+    sw = sweep_record()
+    fig = plots.plot_time_to_target(sw)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "time to target, relative to batch 16"
+    curve = line(ax, "from noise scale (B_noise = 20)")
+    b, t = np.array([8, 16, 32.0]), 0.01 * np.array([8, 16, 32.0]) / 16
+    expected = (1 + 20 / b) * t / ((1 + 20 / 16) * t[1])
+    np.testing.assert_allclose(curve.get_ydata(), expected)
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1  # beside the data, not over it
+
+
+def test_tradeoff_plot_draws_the_points_and_the_fit():
+    pts = [{"batch_size": b, "steps": 100 + 1600 / b, "reached": True} for b in (8, 16, 32)]
+    pts.append({"batch_size": 64, "steps": None, "reached": False})
+    fit = {"points": pts, "s_min": 100.0, "e_min": 1600.0, "b_crit": 16.0}
+    ax = plots.plot_tradeoff(fit).axes[0]
+    measured = line(ax, "measured steps to target")
+    np.testing.assert_array_equal(measured.get_ydata(), [300.0, 200.0, 150.0])
+    assert {"S = 100 + 1.6e+03/B", "B_crit = 16", "target not reached"} <= set(
+        ax.get_legend_handles_labels()[1]
+    )
+    far = plots.plot_tradeoff(fit | {"b_crit": 1e9}).axes[0]
+    assert "B_crit = 1e+09 (outside the range measured)" in far.get_legend_handles_labels()[1]
+    assert far.get_xlim()[1] < 1e3  # the axis stays on the measured batch sizes
+    with pytest.raises(plots.NothingToPlot, match="none of the 1 trainings"):
+        plots.plot_tradeoff({"points": pts[3:], "s_min": None})
+
+
+def run(policy, batches, acc, seed=0):
+    return {"policy": policy, "seed": seed, "batch_size": batches[0],
+            "curve": [[1.0 * i, 1.0 * i, a, a] for i, a in enumerate(acc)],
+            "batch_curve": [[1.0 * i, b] for i, b in enumerate(batches)],
+            "device_time_to_target_s": None}  # fmt: skip
+
+
+def test_compare_plot_shows_policies_that_share_a_run_and_a_grown_batch():
+    runs = [run("default", [32, 32], [0.1, 0.3]), run("recommended", [32, 32], [0.1, 0.3]),
+            run("adaptive", [8, 32], [0.1, 0.4])]  # fmt: skip
+    ax = plots.plot_policies(runs, 0.3).axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "default = recommended (batch 32), seed 0" in labels
+    assert "adaptive (batch 8→32), seed 0" in labels
+    np.testing.assert_allclose(line(ax, "adaptive (batch 8→32), seed 0").get_ydata(), [10, 40])

@@ -1,0 +1,53 @@
+"""Progress off a terminal (experiments/progress.py): a log line every few seconds with the
+phase, the counts, the rate, the ETA and the latest fields."""
+
+import io
+import logging
+import re
+import time
+
+from experiments import progress
+
+
+def test_format_duration():
+    assert [progress.format_duration(s) for s in (0.4, 42, 187, 7500, float("inf"), -1)] == [
+        "0s", "42s", "3m07s", "2h05m", "-", "-",
+    ]  # fmt: skip
+
+
+def test_off_a_terminal_it_logs_phase_counts_rate_eta_and_fields(caplog):
+    stream = io.StringIO()  # not a terminal
+    with caplog.at_level(logging.INFO):
+        bar = progress.Progress(100, desc="train", unit="examples", every_s=0.05, stream=stream)
+        bar.set(phase="compiling", step=0)
+        time.sleep(0.2)  # compiling: lines without a rate yet
+        bar.set(phase="training")
+        bar.update(25)
+        time.sleep(0.1)
+        bar.update(25)
+        bar.set(step=2, B_simple="212")
+        time.sleep(0.2)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train:")]
+    assert (
+        lines[0] == "train: compiling, 0/100 examples (0%), - examples/s, ETA -, elapsed 0s, step 0"
+    )
+    last = lines[-1]
+    m = re.fullmatch(r"train: training, 50/100 examples \(50%\), ([\d.]+) examples/s, ETA (\S+), "
+                     r"elapsed \S+, step 2, B_simple 212", last)  # fmt: skip
+    assert m, last
+    rate = float(m.group(1))
+    assert 0 < rate <= 50 / 0.1  # 50 examples over at least the 0.1 s since the first update
+    assert m.group(2) == progress.format_duration(50 / rate)
+    assert stream.getvalue() == ""  # no bar drawn
+    n = len(caplog.records)
+    time.sleep(0.15)
+    assert len(caplog.records) == n  # closed: no more lines
+
+
+def test_stages_show_elapsed_without_a_rate():
+    bar = progress.Progress(5, desc="sweep", unit="stages", every_s=0, rate=False)
+    bar.set(phase="throughput")
+    bar.update(2)
+    assert re.fullmatch(r"sweep: throughput, 2/5 stages \(40%\), elapsed \S+", bar.line())
+    bar.close()
