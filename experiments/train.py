@@ -708,9 +708,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       KeyboardInterrupt: after Ctrl-C, once the row, checkpoint and summary are written.
     """
     t_call = time.perf_counter()
+    mesh_lib.initialize_distributed(bool(config.distributed))  # before any use of the devices
     validate_config(config)
     task = tasks.get(config)
-    mesh_lib.initialize_distributed(bool(config.distributed))
     primary = jax.process_index() == 0  # the one process that writes files
     mesh_lib.check_batch(config.batch_size, mesh_lib.make_mesh(config.num_devices))
     with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():

@@ -252,17 +252,23 @@ def test_shard_map_plain_grad_sums_per_example_grads_over_devices(problem):
     assert abs(float(stats.g_sq + stats.trace_cov) - float(wrong)) > 0.3 * float(wrong)
 
 
-def test_per_example_without_its_cast_would_be_inflated(problem, monkeypatch):
-    """Remove the cast inside gns: the shard_map statistics stop matching one device."""
+@pytest.mark.parametrize("method", ["vmap", "auto"])
+def test_per_example_without_its_cast_is_wrong_or_refused(problem, monkeypatch, method):
+    """Remove the cast inside gns: under shard_map the vmap path's statistics are inflated by
+    the implicit sum, and the fast path's custom VJP no longer type-checks."""
     params, batch = problem
     want, _ = jax.jit(functools.partial(estimate.per_example, loss_fn))(params, batch)
 
     def est(p, b):
-        return estimate.per_example(loss_fn, p, b, axis_name=AXIS)[0]
+        return estimate.per_example(loss_fn, p, b, axis_name=AXIS, method=method)[0]
 
     monkeypatch.setattr(common, "to_varying", lambda tree, axis_name: tree)
-    broken = run_shard_map(est, params, batch)
-    assert float(broken.trace_cov) > 1.5 * float(want.trace_cov)
+    if method == "vmap":
+        broken = run_shard_map(est, params, batch)
+        assert float(broken.trace_cov) > 1.5 * float(want.trace_cov)
+    else:
+        with pytest.raises(ValueError, match="manual axis types"):
+            run_shard_map(est, params, batch)
     # pmap has no implicit sum: the cast is a no-op there and the result is still right.
     assert_stats_close(run_pmap(est, params, batch), want)
 
