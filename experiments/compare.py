@@ -514,7 +514,7 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
     (``WORKDIR/timing.json``, reused when it holds the same batch sizes on the same mesh)."""
     from experiments import data, mesh
 
-    setup = train._setup(_train_config(config), ds)
+    setup = train.build_setup(_train_config(config), ds)
     where = mesh.describe(setup.mesh)
     path = os.path.join(workdir, TIMING_FILE)
     if os.path.exists(path):

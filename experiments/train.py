@@ -99,6 +99,8 @@ PyTree = Any
 
 __all__ = [
     "TrainState",
+    "Setup",
+    "build_setup",
     "Diverged",
     "train_and_evaluate",
     "validate_config",
@@ -568,7 +570,7 @@ def init_state(
     return state if mesh is None else mesh_lib.replicate(state, mesh)
 
 
-class _Setup(NamedTuple):
+class Setup(NamedTuple):
     """What the loop needs besides the config: built before anything is written."""
 
     method: str
@@ -586,7 +588,17 @@ class _Setup(NamedTuple):
     time_step: Callable  # state -> {'step_time_s', 'step_examples_per_s'} or {}
 
 
-def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
+def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
+    """Everything a run of ``config`` on ``ds`` needs before its first step (a :class:`Setup`):
+    the mesh, the estimator method, the jitted plain and measuring steps, the evaluation,
+    the fresh state and the batch stream. Checks the batch size and the estimator's fields
+    against the data and the devices; writes nothing.
+
+    Args:
+      config: a training config (``configs/cifar10.py``).
+      ds: the loaded data set.
+      task: the task (default: ``tasks.get(config)``).
+    """
     from experiments import adaptive
     from gns import smoothing
 
@@ -667,12 +679,12 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
 
     state = init_state(config, model, optimizer, tracker, *task.input_spec(ds), mesh=mesh)
     place = functools.partial(mesh_lib.replicate, mesh=mesh)
-    return _Setup(method, num_steps, plain_fn, gns_fn, evaluate, state, task, mesh, place,
+    return Setup(method, num_steps, plain_fn, gns_fn, evaluate, state, task, mesh, place,
                   train_batches, time_step)  # fmt: skip
 
 
 def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = False):
-    """The first batch of ``train_batches`` (:attr:`_Setup.train_batches`), on the mesh."""
+    """The first batch of ``train_batches`` (:attr:`Setup.train_batches`), on the mesh."""
     batches = train_batches(batch_size, 0, by_example=by_example)
     try:
         return next(batches)
@@ -722,7 +734,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
         ds = task.load(config)
         log.data = task.describe(ds)  # the content's identity, checked against the checkpoint
-        setup = _setup(config, ds, task)
+        setup = build_setup(config, ds, task)
         with runlog.deferred_interrupt() as interrupted, contextlib.closing(log):
             log.clock.charge("pause")
             state, meta = ckpt.restore(setup.state, check=log.check_meta)
@@ -750,7 +762,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return summary
 
 
-def _already_complete(config, setup: _Setup, log: runlog.RunLog) -> dict | None:
+def _already_complete(config, setup: Setup, log: runlog.RunLog) -> dict | None:
     """The stored summary when the run in ``log.workdir`` finished (it stopped for a reason
     other than an interruption or divergence, at the checkpoint's step, and that reason still
     holds under ``config``); ``None`` when there is training or a summary left to do, and
@@ -788,7 +800,7 @@ def _stop_reason(
     return None
 
 
-def _batch_control(config, ds, setup: _Setup, state, log: runlog.RunLog):
+def _batch_control(config, ds, setup: Setup, state, log: runlog.RunLog):
     """The :class:`experiments.adaptive.BatchControl` of an adaptive run (``None`` otherwise);
     without ``config.adaptive.step_times`` the candidates are timed first (charged to
     ``pause``)."""
@@ -812,7 +824,7 @@ def _batch_control(config, ds, setup: _Setup, state, log: runlog.RunLog):
     return adaptive.BatchControl(config, adaptive.make_batch_schedule(config, times), log.rows())
 
 
-def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupted):
+def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupted):
     """Steps until a stop reason; a row at every logged, measured, evaluated, checkpointed or
     last step. With ``config.adaptive.enabled`` the batch size follows the schedule (updated
     at each measured row; a change takes effect at the next step, on the example stream).
@@ -954,7 +966,7 @@ def _fmt_g(x) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, evaluate: bool,
+def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, evaluate: bool,
                t_call: float):  # fmt: skip
     """Final evaluation (full test set and a train subset; skipped when ``evaluate`` is
     false: interrupted or diverged runs), ``summary.json`` and the plots. ``t_call``: when
