@@ -87,9 +87,10 @@ from collections.abc import Sequence
 import ml_collections
 from absl import logging
 
-from experiments import adaptive, figures, progress, runlog, sweep, train
+from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train
 from experiments.cli import UserError
 from experiments.rules import ALIASES, POLICIES
+from gns import recommend
 
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
@@ -403,8 +404,6 @@ def validate_config(config) -> None:
 def _lr_rule(config, b_noise: float):
     """``batch -> learning rate`` of the one rule (:func:`gns.recommend.scale_learning_rate`
     from the default policy's batch and rate), and the schedule's name of the same rule."""
-    from gns import recommend
-
     base_b, base_lr = _baseline(config)
 
     def lr(b: int) -> float:
@@ -512,8 +511,6 @@ def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limi
 def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]:
     """The interleaved timing table of the global ``batch_sizes`` on training's mesh
     (``WORKDIR/timing.json``, reused when it holds the same batch sizes on the same mesh)."""
-    from experiments import data, mesh
-
     setup = train.build_setup(_train_config(config), ds)
     where = mesh.describe(setup.mesh)
     path = os.path.join(workdir, TIMING_FILE)
@@ -650,8 +647,6 @@ def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list
 def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
     """The compare mode: measure, time, train every policy to the smoothed target per seed;
     returns ``summary.json``."""
-    from experiments import data
-
     cc = config.compare
     plans, skipped, cands = plan_policies(config, workdir, sw)
     ds = data.load(config.data)

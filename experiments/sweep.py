@@ -80,10 +80,21 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, figures, progress, rules, runlog, train, validation
+from experiments import (
+    cli,
+    data,
+    figures,
+    models,
+    progress,
+    rules,
+    runlog,
+    tasks,
+    train,
+    validation,
+)
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
-from gns import plots
+from gns import critical, estimate, finder, hardware, plots, recommend, smoothing, tradeoff
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
@@ -286,9 +297,6 @@ def _setup(t, ds, schedule, *, both: bool = False, mesh=None):
     """Model, plain train step and initial state of the training setup ``t`` (with ``both``:
     model, plain step, measuring step, state); with ``mesh`` the steps are the data-parallel
     ones of :func:`experiments.train.make_train_steps` and the state is replicated on it."""
-    from experiments import models
-    from gns import smoothing
-
     model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
@@ -315,8 +323,6 @@ def pilot_length(ncfg) -> int:
 
 def checkpoint_steps(num_steps: int, num_checkpoints: int) -> list[int]:
     """:func:`gns.finder.checkpoint_steps` (the middles of equal stretches of the pilot)."""
-    from gns import finder
-
     return finder.checkpoint_steps(num_steps, num_checkpoints)
 
 
@@ -343,8 +349,6 @@ def run_pilot(view, ds, *, keep_steps=(), on_step=None) -> tuple[list[dict], dic
       ``(rows, {step: state})``: rows ``step``, ``g_sq``, ``trace_cov``, ``b_simple`` and the
       EMA values of the measured steps.
     """
-    from experiments import data
-
     t, ncfg = view.train, view.noise
     n_steps, every = pilot_length(ncfg), max(1, int(ncfg.every))
     _, plain_fn, gns_fn, state = _setup(
@@ -390,9 +394,6 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
       keep_steps: pilot steps whose states the ``critical_batch`` stage forks from (kept in
         memory; they do not change the measurement).
     """
-    from experiments import data, models
-    from gns import estimate, finder, smoothing
-
     t, ncfg = view.train, view.noise
     t0 = time.perf_counter()
     model = models.get_model(t.model, num_classes=ds.num_classes)
@@ -494,9 +495,6 @@ def measure_critical_batch(view, ds, b_noise: float = math.inf) -> dict:
       of the resolved checkpoints, "points": every fork result, "cost_fraction": examples forked
       / pilot examples, "replayed_pilot": bool, ...}``.
     """
-    from experiments import data, tasks
-    from gns import critical, finder
-
     t, ccfg = view.train, view.critical
     if int(ccfg.num_checkpoints) <= 0:
         return {"checkpoints": [], "effective": None, "note": "not measured: "
@@ -573,8 +571,6 @@ def critical_fingerprint(config, b_noise: float) -> str:
       >>> critical_fingerprint(c, 100.0) == stage_fingerprint(c, "critical_batch")
       True
     """
-    from gns import critical
-
     fp, t = stage_fingerprint(config, "critical_batch"), config.train
     sizes = [int(t.batch_size * 2.0**e) for e in _get_path(config, "critical.exponents")]
     rule = critical.lr_multipliers(t.batch_size, sizes, t.optimizer, b_noise)
@@ -586,8 +582,6 @@ def critical_fingerprint(config, b_noise: float) -> str:
 def _effective_from_json(d: dict | None):
     """A stored :class:`gns.critical.EffectiveNoiseScale` dict back as the NamedTuple (strict
     JSON stores non-finite numbers as ``null``: a missing high end is ``+inf``)."""
-    from gns import critical
-
     if not d or d.get("value") is None and d.get("basis") == "none" and "s_min" not in d:
         return None
 
@@ -653,8 +647,6 @@ def measure_throughput(view, ds, extra=()) -> dict:
     import optax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-
-    from gns import finder
 
     tp, t = view.throughput, copy.deepcopy(view.train)
     t.seed = TIMING_SEED
@@ -733,8 +725,6 @@ def _shared_host_budget(num_devices: int) -> tuple[int, str]:
     host RAM), since they all allocate from the one host."""
     import psutil
 
-    from gns import hardware
-
     frac = hardware.DEFAULT_CPU_BUDGET_FRACTION
     budget = int(frac * psutil.virtual_memory().available / num_devices)
     return budget, f"{round(100 * frac)}% of available host RAM / {num_devices} devices"
@@ -743,8 +733,6 @@ def _shared_host_budget(num_devices: int) -> tuple[int, str]:
 def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dict]:
     """``rows`` plus the batches ``factor × max_batch`` timed as gradient accumulation
     (:func:`gns.hardware.accumulated_step_time` on the measured table)."""
-    from gns import hardware
-
     rows = [dict(r) for r in rows]
     times = step_times(rows)
     for factor in factors:
@@ -791,8 +779,6 @@ def training_config(
     learning rate, the target and the caps of ``config.tradeoff``, evaluation every
     ``tradeoff.eval_every_examples`` examples, seed ``train.seed + seed_offset`` (its
     fingerprint keys the cached result), and the learning-rate rule in words."""
-    from gns import recommend
-
     t, tr = config.train, config.tradeoff
     lr, rule = recommend.scale_learning_rate(
         t.learning_rate, t.batch_size, batch_size, b_noise, t.optimizer
@@ -816,8 +802,6 @@ def training_dir(workdir: str, cfg, fingerprint: str) -> str:
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     """Stage 3 for one batch: train ``cfg`` to its target; steps and wall-clock time to it
     (``None`` if missed) and the test-accuracy curve."""
-    from gns import tradeoff
-
     summary = train.train_and_evaluate(cfg, workdir)
     evals = [
         r for r in runlog.read_jsonl(os.path.join(workdir, METRICS_FILE)) if "test_accuracy" in r
@@ -854,8 +838,6 @@ def with_device_time(points: list[dict], times: dict[int, float], max_batch: int
       ...     "device_time_to_target_s"]
       2.0
     """
-    from gns import hardware
-
     out = []
     for p in points:
         t = hardware.accumulated_step_time(times, p["batch_size"], max_batch)[0]
@@ -900,8 +882,6 @@ def rank_time_to_target(points: list[dict], key: str = "device_time_to_target_s"
 
 def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     """Fit ``S(B)`` to the reached points; an ``error`` entry instead when it cannot be fitted."""
-    from gns import tradeoff
-
     reached = [p for p in points if p["reached"]]
     keys = ("batch_size", "seed", "steps", "time_to_target_s", "device_time_to_target_s")
     keys += ("step_time_s", "learning_rate", "reached", "workdir")
@@ -957,9 +937,6 @@ def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
 
 
 def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
-    from experiments import data
-    from gns import finder, hardware, recommend
-
     t_start = time.perf_counter()
     st = SweepState(workdir)
     mesh = mesh_lib.make_mesh(config.train.num_devices)

@@ -94,6 +94,7 @@ from experiments import adaptive, figures, models, progress, rules, runlog, task
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from experiments.rules import GNS_METHODS, OPTIMIZERS, SCHEDULES
+from gns import common, estimate, smoothing
 
 PyTree = Any
 
@@ -435,8 +436,6 @@ def make_train_steps(
       takes its gradient from ``gns.estimate`` and adds ``g_sq``, ``trace_cov``, ``b_simple``
       and the smoothed ``ema_*`` values to its metrics.
     """
-    from gns import common, estimate
-
     axis = None if mesh is None else mesh_lib.AXIS
     n_dev = 1 if mesh is None else mesh.size
     if method not in GNS_METHODS[1:]:
@@ -599,9 +598,6 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
       ds: the loaded data set.
       task: the task (default: ``tasks.get(config)``).
     """
-    from experiments import adaptive
-    from gns import smoothing
-
     task = task or tasks.get(config)
     mesh = mesh_lib.make_mesh(config.num_devices)
     model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None),
@@ -804,8 +800,6 @@ def _batch_control(config, ds, setup: Setup, state, log: runlog.RunLog):
     """The :class:`experiments.adaptive.BatchControl` of an adaptive run (``None`` otherwise);
     without ``config.adaptive.step_times`` the candidates are timed first (charged to
     ``pause``)."""
-    from experiments import adaptive
-
     if not adaptive.enabled(config):
         return None
     times = config.adaptive.step_times
@@ -829,8 +823,6 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
     last step. With ``config.adaptive.enabled`` the batch size follows the schedule (updated
     at each measured row; a change takes effect at the next step, on the example stream).
     Returns ``(state, stop_reason)``."""
-    from experiments import adaptive
-
     ctl = _batch_control(config, ds, setup, state, log)
     num_examples = None if ctl is None else setup.num_steps * config.batch_size
     stop = _stop_reason(config, log, setup.num_steps, interrupted, num_examples)
@@ -971,8 +963,6 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, e
     """Final evaluation (full test set and a train subset; skipped when ``evaluate`` is
     false: interrupted or diverged runs), ``summary.json`` and the plots. ``t_call``: when
     :func:`train_and_evaluate` was called (``perf_counter``), for ``wall_time_s``."""
-    from gns import smoothing
-
     task = setup.task
     final, train_eval, t0 = {}, {}, time.perf_counter()
     if evaluate:
