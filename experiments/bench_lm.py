@@ -1,6 +1,6 @@
 r"""The cost of the noise-scale estimators on a small Transformer language model.
 
-One reusable function, :func:`measure`, for ``make bench``'s Transformer rows (issue 14): on a
+One reusable function, :func:`measure`, for ``make bench``'s Transformer rows: on a
 :class:`experiments.models.TransformerLM` with AdamW, at each batch size, a plain jit'd train
 step and the same step taking its gradient from ``gns.estimate.per_example`` with
 ``method="auto"`` (what :func:`gns.ghost.select` picks: the fast path or ``vmap``),

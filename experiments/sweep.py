@@ -42,7 +42,7 @@ On the model and data of ``config.train`` (a ``configs/cifar10.py`` config) it
    evidence measured (:func:`gns.finder.choose_basis`: branched > trajectory > b_simple):
    ``recommendation.basis`` names it, ``recommendation.basis_note`` says why a better one was
    not used, ``recommendation.evidence`` holds every measured value with its ratio to the
-   basis. (The trainings' learning rates scale with the early ``b_simple``, as before.)
+   basis. (The trainings' learning rates scale with the early ``b_simple``.)
 
 It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite number as ``null``:
 an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled
@@ -315,10 +315,10 @@ def _setup(t, ds, schedule, *, both: bool = False, mesh=None):
     return (model, plain_fn, gns_fn, state) if both else (model, plain_fn, state)
 
 
-def pilot_length(ncfg) -> int:
+def pilot_length(noise) -> int:
     """Steps of the pilot: ``noise.pilot_steps`` (``None``: the warm-up), at least the
     warm-up."""
-    return max(int(ncfg.pilot_steps or 0), int(ncfg.warmup_steps))
+    return max(int(noise.pilot_steps or 0), int(noise.warmup_steps))
 
 
 def checkpoint_steps(num_steps: int, num_checkpoints: int) -> list[int]:
@@ -349,8 +349,8 @@ def run_pilot(view, ds, *, keep_steps=(), on_step=None) -> tuple[list[dict], dic
       ``(rows, {step: state})``: rows ``step``, ``g_sq``, ``trace_cov``, ``b_simple`` and the
       EMA values of the measured steps.
     """
-    t, ncfg = view.train, view.noise
-    n_steps, every = pilot_length(ncfg), max(1, int(ncfg.every))
+    t, noise = view.train, view.noise
+    n_steps, every = pilot_length(noise), max(1, int(noise.every))
     _, plain_fn, gns_fn, state = _setup(
         t, ds, train.make_schedule(t, view.tradeoff.max_steps), both=True
     )
@@ -394,11 +394,11 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
       keep_steps: pilot steps whose states the ``critical_batch`` stage forks from (kept in
         memory; they do not change the measurement).
     """
-    t, ncfg = view.train, view.noise
+    t, noise = view.train, view.noise
     t0 = time.perf_counter()
     model = models.get_model(t.model, num_classes=ds.num_classes)
     mcfg = copy.deepcopy(t)
-    mcfg.gns_method = ncfg.method
+    mcfg.gns_method = noise.method
     method = train.resolve_gns_method(mcfg, model)
     rng = jax.random.PRNGKey(t.seed) if models.uses_dropout(model) else None
 
@@ -409,7 +409,7 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
         loss_fn = train.make_loss_fn(model, batch_stats, rng)
         if method == "per_example":
             stats, _, _ = estimate.per_example(
-                loss_fn, params, batch, chunk_size=ncfg.chunk_size, has_aux=True
+                loss_fn, params, batch, chunk_size=noise.chunk_size, has_aux=True
             )
         else:
             stats, _, _ = estimate.microbatch(
@@ -420,27 +420,27 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
     per_batch = []
 
     def after_warmup(step, state):
-        if step != ncfg.warmup_steps:
+        if step != noise.warmup_steps:
             return
-        batches = data.train_batches(ds, ncfg.batch_size, seed=t.seed + 1, augment=t.data.augment)
+        batches = data.train_batches(ds, noise.batch_size, seed=t.seed + 1, augment=t.data.augment)
         try:
-            for _ in range(ncfg.num_batches):
+            for _ in range(noise.num_batches):
                 g, tc, b = measure(state.params, state.batch_stats, next(batches))
                 per_batch.append({"g_sq": float(g), "trace_cov": float(tc), "b_simple": float(b)})
         finally:
             batches.close()
 
     rows, _ = run_pilot(view, ds, keep_steps=keep_steps, on_step=after_warmup)
-    n_steps = pilot_length(ncfg)
+    n_steps = pilot_length(noise)
     try:
         path = finder.noise_evidence(
-            rows, int(t.batch_size), num_stretches=int(ncfg.num_stretches), end_step=n_steps,
-            confidence=float(ncfg.confidence), seed=int(t.seed),
+            rows, int(t.batch_size), num_stretches=int(noise.num_stretches), end_step=n_steps,
+            confidence=float(noise.confidence), seed=int(t.seed),
         )  # fmt: skip
         trajectory, effective = path["trajectory"].rows(), path["effective"].to_dict()
     except ValueError as e:  # fewer than 2 finite measurements along the path
         trajectory, effective = [], {"value": None, "basis": "none", "note": str(e)}
-    pilot = {"steps": n_steps, "every": int(ncfg.every), "batch_size": int(t.batch_size)}
+    pilot = {"steps": n_steps, "every": int(noise.every), "batch_size": int(t.batch_size)}
     pilot["rows"] = [{k: r[k] for k in ("step", "g_sq", "trace_cov")} for r in rows]
 
     g_sq = np.array([p["g_sq"] for p in per_batch])
@@ -449,26 +449,26 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
     if finite.sum() < 2:
         raise UserError(
             f"the noise scale could not be measured: {int(finite.sum())} of {len(per_batch)} "
-            f"batches gave finite statistics after {ncfg.warmup_steps} warm-up steps (the "
+            f"batches gave finite statistics after {noise.warmup_steps} warm-up steps (the "
             "training diverged or the gradients overflow)",
             hint="lower config.train.learning_rate or config.noise.warmup_steps",
         )
     pooled = smoothing.interval(
-        g_sq, trace_cov, confidence=ncfg.confidence, block_size=1, seed=t.seed
+        g_sq, trace_cov, confidence=noise.confidence, block_size=1, seed=t.seed
     )
     return {
         "b_simple": pooled.estimate,
         "interval": [pooled.low, pooled.high],
-        "confidence": float(ncfg.confidence),
+        "confidence": float(noise.confidence),
         "g_sq": float(np.mean(g_sq[finite])),
         "trace_cov": float(np.mean(trace_cov[finite])),
         "per_batch": per_batch,
-        "batch_size": int(ncfg.batch_size),
-        "num_batches": int(ncfg.num_batches),
+        "batch_size": int(noise.batch_size),
+        "num_batches": int(noise.num_batches),
         "num_used": pooled.n,  # the finite ones; the others are dropped and counted
         "num_nonfinite_dropped": pooled.nonfinite_dropped,
         "method": method,
-        "after_warmup_steps": int(ncfg.warmup_steps),
+        "after_warmup_steps": int(noise.warmup_steps),
         "trajectory": trajectory,
         "effective": effective,
         "pilot": pilot,
@@ -648,7 +648,7 @@ def measure_throughput(view, ds, extra=()) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    tp, t = view.throughput, copy.deepcopy(view.train)
+    timing, t = view.throughput, copy.deepcopy(view.train)
     t.seed = TIMING_SEED
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
@@ -660,9 +660,9 @@ def measure_throughput(view, ds, extra=()) -> dict:
         plain_fn, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh_lib.AXIS)))
     )
     image_shape = tuple(ds.train_images.shape[1:])
-    cands = set(candidate_batch_sizes(tp.min_batch_size, tp.max_batch_size))
+    cands = set(candidate_batch_sizes(timing.min_batch_size, timing.max_batch_size))
     cands |= {
-        b for b in [t.batch_size, *(view.tradeoff.batch_sizes or ())] if b <= tp.max_batch_size
+        b for b in [t.batch_size, *(view.tradeoff.batch_sizes or ())] if b <= timing.max_batch_size
     }
     cands |= {int(b) for b in extra}  # the range extended past an end (``run_sweep``)
     skipped = {b: mesh_lib.split_reason(b, mesh) for b in cands}
@@ -676,13 +676,13 @@ def measure_throughput(view, ds, extra=()) -> dict:
         batch = {"image": np.zeros((b,) + image_shape, np.float32), "label": np.zeros(b, np.int32)}
         return state, mesh_lib.shard(batch, mesh)
 
-    budget, budget_source = tp.memory_budget_bytes, None
+    budget, budget_source = timing.memory_budget_bytes, None
     if budget is None and mesh.devices.flat[0].platform == "cpu" and n > 1:
         budget, budget_source = _shared_host_budget(n)
     timed = sorted(cands - set(skipped))
     res, table = finder.time_candidates(
-        step, placed_args, timed, memory_budget_bytes=budget, rounds=tp.repeats,
-        warmup=tp.warmup, make_shape_args=make_args,
+        step, placed_args, timed, memory_budget_bytes=budget, rounds=timing.repeats,
+        warmup=timing.warmup, make_shape_args=make_args,
     ) if timed else (None, None)  # fmt: skip
     timings = {} if table is None else table.timings
     rows = []
@@ -980,22 +980,22 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     )
     _PILOT_STATES.clear()
     tput = stage("throughput", "table", measure_throughput)
-    rcfg, t = config.recommend, config.train
+    recommend_config, t = config.recommend, config.train
     basis, value, evidence, basis_note = finder.choose_basis(
         (b_noise, *(math.inf if x is None else x for x in noise["interval"])),
         _effective_from_json(noise.get("effective")),
         _effective_from_json(crit.get("effective")),
     )
 
-    def table_of(tp):
-        if tp["max_batch_size"] is None:
+    def table_of(throughput):
+        if throughput["max_batch_size"] is None:
             raise UserError(
-                f"no candidate batch size fits in memory ({tp['rows'][0]['reason']})",
+                f"no candidate batch size fits in memory ({throughput['rows'][0]['reason']})",
                 hint="lower config.throughput.min_batch_size or raise "
                 "config.throughput.memory_budget_bytes",
             )
-        mb = tp["max_batch_size"]
-        r = add_accumulation_rows(tp["rows"], config.throughput.accumulation_factors, mb)
+        mb = throughput["max_batch_size"]
+        r = add_accumulation_rows(throughput["rows"], config.throughput.accumulation_factors, mb)
         return mb, r, step_times(r)
 
     def recommend_on(b_noise, interval=None, s_min=None, **kw):
@@ -1003,8 +1003,8 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
         return recommend.recommend(
             b_noise, times, max_batch_size=max_batch, base_lr=t.learning_rate,
             base_batch_size=t.batch_size, optimizer=t.optimizer,
-            price_per_hour=rcfg.price_per_hour, objective=rcfg.objective,
-            candidates=list(rcfg.candidates) if rcfg.candidates else cands,
+            price_per_hour=recommend_config.price_per_hour, objective=recommend_config.objective,
+            candidates=list(recommend_config.candidates) if recommend_config.candidates else cands,
             b_noise_interval=interval, s_min=s_min, **kw,
         )  # fmt: skip
 
@@ -1033,7 +1033,7 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     def train_at(b, seed_offset=0):
         bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
         cfg, rule = training_config(config, b, b_noise, seed_offset)
-        key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: as before
+        key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: the batch alone
         fp = fps["trainings"][key] = runlog.fingerprint(cfg.to_dict())
         p = st.get("trainings", key, fp)
         if p is None:

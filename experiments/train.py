@@ -834,7 +834,7 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
     every = config.adaptive.eval_every_examples if ctl is not None else None
     eval_examples = every or eval_every * config.batch_size  # (adaptive runs only)
 
-    def stream(batch_size):  # by example with a schedule, else the step stream (bitwise as before)
+    def stream(batch_size):  # by example with a schedule, else by step
         return setup.train_batches(batch_size, log.examples_seen, by_example=ctl is not None)
 
     batches = stream(bs)
