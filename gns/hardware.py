@@ -12,6 +12,8 @@
   rounds), with the median and the spread of each, re-timing the noisy ones, dropping those a
   caller's ``prune`` rule says cannot win and stopping at a time budget; every step is
   compiled once per shape (:class:`CompileCache`);
+* :func:`interleaved_times` times several steps round-robin, each round's times paired (the
+  per-round ratios of the benchmarks);
 * :func:`step_signature` names a step by its lowered program on this device, the key of the
   in-memory :class:`TimingCache` that lets a later search reuse a measurement;
 * :func:`accumulated_step_time` extends a step-time curve above the largest batch that fits, as
@@ -667,9 +669,9 @@ def interleaved_times(
 
     Each is warmed up (``warmup`` untimed calls), then every round times each once, in turn,
     alternating the order from round to round: a load that comes and goes hits all of them
-    alike, and no call always follows the same one. One timed call is
-    :func:`time_step` with one repeat (``block_until_ready`` on the output; a
-    compiled executable is not compiled again). Round ``r`` of every list is one round, so
+    alike, and no call always follows the same one. One timed call is :func:`time_step` with
+    one repeat (``block_until_ready`` on the output; a compiled executable is not compiled
+    again). Round ``r`` of every list is one round, so
     paired ratios are ``a[r] / b[r]``.
 
     Example:
