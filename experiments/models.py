@@ -32,6 +32,7 @@ from experiments.rules import MODEL_NAMES
 from gns.ghost import AddPositionEmbedding
 
 __all__ = [
+    "MLP",
     "SmallCNN",
     "ResNet",
     "EfficientNet",
@@ -65,6 +66,28 @@ class SmallCNN(nn.Module):
             x = nn.GroupNorm(num_groups=min(self.groups, width), dtype=self.dtype)(x)
             x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class MLP(nn.Module):
+    """Flattened pixels, ``Dense(width) + ReLU`` for each of ``widths``, then a dense head.
+
+    A dense-only model: on a CPU its step time per example keeps falling up to batch 512
+    (``CPU_NOTES.md``), unlike the convolutions of :class:`SmallCNN`, so bigger batches keep
+    paying. Parameters: ``sum((n_in + 1)·n_out)`` over the layers, e.g. 3072·256 + 256 +
+    256·256 + 256 + 256·10 + 10 = 855,050 for ``widths=(256, 256)`` on 32x32x3 images.
+    """
+
+    widths: Sequence[int] = (256, 256)
+    num_classes: int = 10
+    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train  # no dropout or batch statistics
+        x = x.reshape((x.shape[0], -1))
+        for width in self.widths:
+            x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
@@ -366,7 +389,8 @@ def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = No
 
     Args:
       model_config: a ``ConfigDict`` (or dict) with ``name`` in :data:`MODEL_NAMES` and
-        optional fields: ``num_classes``; for ``small_cnn`` ``widths`` and ``groups``; for
+        optional fields: ``num_classes``; for ``mlp`` ``widths``; for ``small_cnn``
+        ``widths`` and ``groups``; for
         ``resnet``/``resnet18`` ``stage_sizes`` and ``num_filters``; for
         ``efficientnet``/``efficientnet_b0`` ``width_coefficient``, ``depth_coefficient``,
         ``dropout_rate``, ``drop_connect_rate``, ``stem_strides``, ``head_filters`` and
@@ -398,6 +422,8 @@ def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = No
             out["dtype"] = jnp.dtype(dtype)
         return out
 
+    if name == "mlp":
+        return MLP(num_classes=classes, **opt("widths"))
     if name == "small_cnn":
         return SmallCNN(num_classes=classes, **opt("widths", "groups"))
     if name in ("resnet", "resnet18"):

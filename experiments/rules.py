@@ -43,7 +43,9 @@ SCHEDULES = ("constant", "cosine")
 POLICIES = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
 MODES = ("train", "compare", "tradeoff", "adaptive")
 DATA_SOURCES = ("folder", "cifar10_binary", "tfds", "synthetic")
-MODEL_NAMES = ("small_cnn", "resnet", "resnet18", "efficientnet", "efficientnet_b0", "transformer")
+MODEL_NAMES = (
+    "small_cnn", "mlp", "resnet", "resnet18", "efficientnet", "efficientnet_b0", "transformer",
+)  # fmt: skip
 # gns.scaling.RULES, named here so that checking a config imports no JAX (a test pins them).
 LR_RULES = ("sgd", "linear", "sqrt", "seesaw", "constant")
 INT_MAX = 2**31 - 1  # indices and step counters are int32 on the devices
@@ -227,8 +229,8 @@ IMAGE = (
     ("adaptive.timing_rounds", count(1), "interleaved timing rounds (each times every "
      "candidate once)"),
     ("model.name", choice(*(m for m in MODEL_NAMES if m != "transformer")),
-     "small_cnn, resnet18 (resnet) or efficientnet_b0 (efficientnet)"),
-    ("model.widths", ints(1), "small_cnn: conv widths (stride 2 each)"),
+     "small_cnn, mlp, resnet18 (resnet) or efficientnet_b0 (efficientnet)"),
+    ("model.widths", ints(1), "small_cnn: conv widths (stride 2 each); mlp: hidden widths"),
     ("model.groups", count(1), "small_cnn: GroupNorm groups (divides every width)"),
     ("model.stage_sizes", ints(1, none="ResNet-18's"), "resnet: blocks per stage"),
     ("model.num_filters", count(1, none="64"), "resnet: stem width"),

@@ -121,6 +121,17 @@ def test_small_cnn_has_no_batch_stats():
     assert _count(variables["params"]) == (27 * 8 + 8 + 16) + (72 * 16 + 16 + 32) + (160 + 10)
 
 
+def test_mlp_flattens_pixels_into_dense_layers_of_the_given_widths():
+    model = models.get_model({"name": "mlp", "widths": [256, 256]}, num_classes=10)
+    variables, logits = _abstract_variables(model)
+    assert logits.shape == (2, 10)
+    assert not models.has_batch_norm(model)
+    kernels = [variables["params"][f"Dense_{i}"]["kernel"].shape for i in range(3)]
+    assert kernels == [(32 * 32 * 3, 256), (256, 256), (256, 10)]
+    # the count in the MLP docstring: sum of (inputs + 1) x outputs over the layers
+    assert _count(variables["params"]) == 855_050
+
+
 @pytest.mark.parametrize(
     "cfg, cls, field, value",
     [
