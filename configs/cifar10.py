@@ -18,13 +18,11 @@ import ml_collections
 from ml_collections import config_dict
 
 import configs
-from experiments.cli import UserError
 from experiments.data import CIFAR10_BINARY_MD5, CIFAR10_BINARY_URL
 
 DATA = "../shared/data/cifar10-jpeg.tar.gz"  # the shared JPEG archive, beside the repository
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("smoke", "cpu", "gpu", "gpu_study", "effnet_lamb", "mlp_sgd", "mlp_adam")
-RENAMED = {"seed": "effnet_lamb"}  # old variant names
 
 
 def default_data() -> tuple[str, str | None]:
@@ -439,8 +437,8 @@ def compare_config(variant: str) -> ml_collections.ConfigDict:
         c.throughput.update(min_batch_size=64, max_batch_size=2048, repeats=5)
         c.throughput.accumulation_factors = ()
         c.recommend.candidates = (64, 128, 256, 512, 1024, 2048)
-    elif variant in ("gpu", "seed", "effnet_lamb"):
-        # seed: EfficientNet-B0 + LAMB at batch 64, lr 1e-3 as in the study; candidates up to
+    elif variant in ("gpu", "effnet_lamb"):
+        # effnet_lamb: EfficientNet-B0 + LAMB at batch 64, lr 1e-3 as in the study; candidates up to
         # 4096 (above what fits: gradient accumulation).
         c.update(target_accuracy=0.85, max_wall_time_s=9000.0)
         c.update(max_epochs=100.0, eval_every_examples=50000)
@@ -461,12 +459,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         python -m experiments.cifar10 --config configs/cifar10.py:smoke --workdir /tmp/smoke
     """
     arg = arg or "cpu"
-    if arg in RENAMED:
-        raise UserError(
-            f"the configs/cifar10.py variant {arg!r} is now called {RENAMED[arg]!r}",
-            hint=f"use --config configs/cifar10.py:{RENAMED[arg]}",
-        )
     config = configs.select("configs/cifar10.py", {v: globals()[v] for v in VARIANTS}, arg)
-    # compare_config still names the effnet_lamb setup by its old name.
-    config.compare = compare_config({v: k for k, v in RENAMED.items()}.get(arg, arg))
+    config.compare = compare_config(arg)
     return config

@@ -140,10 +140,8 @@ def cpu() -> ml_collections.ConfigDict:
     pilot's); step time at batch
     16-1024; trainings to 45% test accuracy (5,000-image eval subset) at batches 16-256, and a
     second seed at the 3 fastest.
-    Measured 2026-11-24, before the pilot and the branched stage: 1 min 42 s on 2 idle CPU cores
-    (recommended batch 32, B_simple 183, B_crit 184). Measured 2026-12-01 on 2 cores at load
-    4-11, stage by stage (resumed runs): noise 22 s, branched 5.4 min, timing 53 s, the 8
-    trainings 6 min: about 12.5 minutes in all.
+    Measured 2026-12-01 on 2 cores at load 4-11, stage by stage (resumed runs): noise 22 s,
+    branched 5.4 min, timing 53 s, the 8 trainings 6 min: about 12.5 minutes in all.
     Command::
 
         python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
@@ -154,11 +152,11 @@ def cpu() -> ml_collections.ConfigDict:
     c.train.update(num_epochs=None, batch_size=64, learning_rate=2e-3, eval_examples=5000)
     c.noise.update(warmup_steps=200, batch_size=128, num_batches=16, chunk_size=64)
     # The pilot runs to about the target: the trainings at batch 64 reach it at step 448 and
-    # 576 (seeds 0, 1; 2026-12-01), so the path averages describe the run to the target.
+    # 576 (seeds 0, 1), so the path averages describe the run to the target.
     c.noise.update(pilot_steps=500, every=5)
     # Forks of 64 steps at the largest batch (16,384 examples): 8-step forks (2,048 examples)
     # were shorter than the held-out loss's step-to-step jitter at a constant rate (every
-    # checkpoint unresolved, 2026-12-01).
+    # checkpoint unresolved).
     c.critical.update(fork_steps=64)
     c.throughput.update(min_batch_size=16, max_batch_size=1024, memory_budget_bytes=4 * 2**30)
     c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256), target_accuracy=0.45, max_steps=6000)

@@ -40,6 +40,7 @@ import optax
 from absl import logging
 
 from experiments.cli import UserError
+from gns import hardware
 from gns import schedule as gschedule
 
 PyTree = Any
@@ -382,8 +383,6 @@ def time_batch_sizes(
       ``{batch_size: {'step_time_s' (median), 'times_s' (round r of every size is one round),
       'compile_s'}}``.
     """
-    from gns import hardware
-
     table = hardware.time_batch_sizes(
         step_fn, lambda b: (state, make_batch(b)), batch_sizes, rounds=rounds, warmup=warmup,
         max_extra_rounds=0, cache=hardware.CompileCache())  # fmt: skip

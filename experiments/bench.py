@@ -7,9 +7,9 @@ is timed slower than ``vmap``), ``microbatch`` (``k`` microbatches, the default
 ``unroll``; also with the accumulation loop rolled, ``microbatch_rolled``: on XLA:CPU the
 default unrolls it, because rolled loops of convolutions are slow there) and the naive vmap
 reference (``per_example(method="vmap")``). After compilation and warm-up the variants are
-timed in turn (:func:`interleaved_times`, the one timer of ``parallel_bench`` and of the
-sweep's timing table too), ``repeats`` rounds, and the median per variant is reported, with
-the compiled temporary memory (``memory_analysis().temp_size_in_bytes``). The
+timed in turn (:func:`gns.hardware.interleaved_times`, the one timer of ``parallel_bench`` and
+of the sweep's timing table too), ``repeats`` rounds, and the median per variant is reported,
+with the compiled temporary memory (``memory_analysis().temp_size_in_bytes``). The
 ``across_devices`` ratio comes from ``experiments/parallel_bench.py``, run in a subprocess
 because it needs 4 simulated devices (an XLA flag set before JAX starts).
 
@@ -54,7 +54,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -64,51 +63,12 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, models, rules, runlog
+from experiments import bench_lm, cli, models, rules, runlog
 from gns import estimate, hardware
 
 VARIANTS = ("plain", "per_example", "microbatch", "microbatch_rolled", "naive_vmap")
 
 FLAGS = flags.FLAGS
-
-
-# ---------------------------------------------------------------------------------------------
-# The one interleaved timer (bench, parallel_bench and the sweep's timing table).
-
-
-def interleaved_times(
-    calls: dict[Hashable, tuple[Callable, Sequence[Any]]], *, warmup: int, rounds: int
-) -> dict[Hashable, list[float]]:
-    """Seconds per call of each ``fn(*args)`` in ``calls``, timed round-robin.
-
-    Each is warmed up (``warmup`` untimed calls), then every round times each once, in turn,
-    alternating the order from round to round: a load that comes and goes hits all of them
-    alike, and no call always follows the same one. One timed call is
-    :func:`gns.hardware.time_step` with one repeat (``block_until_ready`` on the output; a
-    compiled executable is not compiled again). Round ``r`` of every list is one round, so
-    paired ratios are ``a[r] / b[r]``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> x = jnp.ones((64, 64))
-      >>> t = interleaved_times({"mm": (lambda x: x @ x, (x,)), "add": (lambda x: x + x, (x,))},
-      ...                       warmup=1, rounds=3)
-      >>> sorted(t), len(t["mm"])
-      (['add', 'mm'], 3)
-    """
-    if rounds < 1 or warmup < 0:
-        raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}.")
-    fns = {}
-    for key, (fn, args) in calls.items():  # compile once, warm up
-        fns[key] = fn if hasattr(fn, "memory_analysis") else hardware.compile_step(fn, *args)
-        if warmup:
-            hardware.time_step(fns[key], args, warmup=warmup - 1, repeats=1)
-    times: dict[Hashable, list[float]] = {key: [] for key in calls}
-    for r in range(rounds):
-        for key in list(calls)[:: 1 if r % 2 == 0 else -1]:
-            (t,) = hardware.time_step(fns[key], calls[key][1], warmup=0, repeats=1).times_s
-            times[key].append(t)
-    return times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +146,7 @@ def bench_batch_size(config, batch_size: int) -> dict[str, Any]:
         compile_s[name] = time.perf_counter() - t0
         mem = compiled[name].memory_analysis()
         temp_bytes[name] = int(mem.temp_size_in_bytes) if mem is not None else None
-    times = interleaved_times(
+    times = hardware.interleaved_times(
         {name: (fn, args) for name, fn in compiled.items()},
         warmup=config.warmup,
         rounds=config.repeats,
@@ -267,8 +227,6 @@ def bench_transformer_and_rows(config) -> tuple[dict | None, dict | None]:
     """The Transformer rows (:func:`experiments.bench_lm.measure` with ``config.lm``) and the
     other models' rows (:func:`experiments.bench_lm.measure_rows` with ``config.rows``), each
     ``None`` when not enabled."""
-    from experiments import bench_lm  # noqa: PLC0415 (bench_lm imports this module's timer)
-
     transformer = rows = None
     if config.lm.enabled:
         lm, m = config.lm, config.lm.model

@@ -1,11 +1,11 @@
 r"""The cost of the noise-scale estimators on a small Transformer language model.
 
-One reusable function, :func:`measure`, for ``make bench``'s Transformer rows (issue 14): on a
+One reusable function, :func:`measure`, for ``make bench``'s Transformer rows: on a
 :class:`experiments.models.TransformerLM` with AdamW, at each batch size, a plain jit'd train
 step and the same step taking its gradient from ``gns.estimate.per_example`` with
 ``method="auto"`` (what :func:`gns.ghost.select` picks: the fast path or ``vmap``),
 ``method="vmap"`` and ``microbatch``. After compilation and warm-up the steps are timed in
-turn (interleaved, :func:`experiments.bench.interleaved_times`), ``repeats`` rounds, median per
+turn (interleaved, :func:`gns.hardware.interleaved_times`), ``repeats`` rounds, median per
 variant, with the compiled temporary memory (``memory_analysis().temp_size_in_bytes``).
 
 Usage (prints JSON)::
@@ -38,8 +38,7 @@ from tqdm.auto import tqdm
 import gns
 from configs import lm as lm_config
 from experiments import models, text, train
-from experiments.bench import interleaved_times
-from gns import common, estimate, ghost
+from gns import common, estimate, ghost, hardware
 
 LM_VARIANTS = ("plain", "per_example_auto", "per_example_vmap", "microbatch")
 
@@ -175,7 +174,7 @@ def time_steps(
         compile_s[name] = time.perf_counter() - t0
         mem = compiled[name].memory_analysis()
         temp[name] = int(mem.temp_size_in_bytes) if mem is not None else None
-    times = interleaved_times(
+    times = hardware.interleaved_times(
         {n: (c, args) for n, c in compiled.items()}, warmup=warmup, rounds=repeats
     )
     seconds = {n: float(np.median(t)) for n, t in times.items()}

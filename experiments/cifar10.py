@@ -81,7 +81,7 @@ def main(argv):
 
         print(compare.report(summary))
         return
-    cli.print_summary(summary, SUMMARY_KEYS)
+    runlog.print_summary(summary, SUMMARY_KEYS)
 
 
 if __name__ == "__main__":

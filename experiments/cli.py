@@ -26,7 +26,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags
@@ -43,7 +43,6 @@ __all__ = [
     "resolve_config_paths",
     "config_fields",
     "under",
-    "print_summary",
     "EXIT_USER_ERROR",
     "EXIT_INTERRUPTED",
     "write_fault",
@@ -307,20 +306,6 @@ def plain_text(doc: str) -> str:
                  if m.group(0).count("~") else m.group(1), doc)  # fmt: skip
     doc = doc.replace("``", "").replace("**", "")
     return re.sub(r"(\S)::$", r"\1:", doc, flags=re.M)
-
-
-def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
-    """The last output of a main: the ``keys`` of a run's summary printed once, on stdout, as
-    indented strict JSON (non-finite numbers as ``null``; a missing key as ``null``).
-
-    Example::
-
-        print_summary(train.train_and_evaluate(config, workdir), ("test_accuracy", "steps"))
-    """
-    from experiments import runlog  # noqa: PLC0415 (runlog imports this module's UserError)
-
-    picked = {k: summary.get(k) for k in keys}
-    print(runlog.dumps(picked, indent=2))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -18,8 +18,7 @@ is re-run.
                     that fit, from ``adaptive.initial_batch_size`` (default the smallest)
 ``best_measured``   the batch of a ``tradeoff`` summary with the shortest device time to its
                     target (``compare.tradeoff_summary``, default
-                    ``WORKDIR/tradeoff/summary.json``; skipped when there is none;
-                    ``tradeoff_best`` is an old name for it)
+                    ``WORKDIR/tradeoff/summary.json``; skipped when there is none)
 ``largest_fits``    the largest timed batch that fits the memory budget (what Lightning's
                     ``scale_batch_size`` and accelerate's ``find_executable_batch_size`` give)
 ==================  =========================================================================
@@ -87,9 +86,10 @@ from collections.abc import Sequence
 import ml_collections
 from absl import logging
 
-from experiments import adaptive, figures, progress, runlog, sweep, train
+from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train
 from experiments.cli import UserError
-from experiments.rules import ALIASES, POLICIES
+from experiments.rules import POLICIES
+from gns import recommend
 
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
@@ -334,27 +334,31 @@ def check_recommendation(
 
 
 def _baseline(config) -> tuple[int, float]:
-    cc = config.compare
-    b = cc.baseline_batch_size if cc.baseline_batch_size is not None else config.batch_size
-    lr = cc.baseline_learning_rate
+    comparison = config.compare
+    b = (
+        comparison.baseline_batch_size
+        if comparison.baseline_batch_size is not None
+        else config.batch_size
+    )
+    lr = comparison.baseline_learning_rate
     return int(b), float(lr if lr is not None else config.learning_rate)
 
 
 def _train_config(config) -> ml_collections.ConfigDict:
     """``config`` without ``compare``, as the runs train it: the baseline's batch size and
     learning rate, ``compare``'s schedule, no noise-scale tracking, no progress bar."""
-    cc = config.compare
+    comparison = config.compare
     d = config.to_dict()
     d.pop("compare")
     c = ml_collections.ConfigDict(d)
     c.mode = "train"
     c.batch_size, c.learning_rate = _baseline(config)
-    if cc.schedule is not None:
-        c.schedule = cc.schedule
-    if cc.warmup_steps is not None:
-        c.warmup_steps = int(cc.warmup_steps)
-    if cc.eval_examples is not None:
-        c.eval_examples = int(cc.eval_examples)
+    if comparison.schedule is not None:
+        c.schedule = comparison.schedule
+    if comparison.warmup_steps is not None:
+        c.warmup_steps = int(comparison.warmup_steps)
+    if comparison.eval_examples is not None:
+        c.eval_examples = int(comparison.eval_examples)
     c.gns_every = 0  # the sweep measured the noise scale; the runs time plain training
     c.checkpoint_every = 0
     c.progress_bar = False
@@ -366,17 +370,17 @@ def measurement_config(config) -> ml_collections.ConfigDict:
     trainings: ``train`` is :func:`_train_config`, the stages are ``config.compare``'s
     (``tradeoff.batch_sizes`` are timed in the sweep's table; trained only by the tradeoff
     mode)."""
-    cc = config.compare
+    comparison = config.compare
     s = ml_collections.ConfigDict({"compilation_cache": True, "train": _train_config(config)})
     for section in ("noise", "throughput", "recommend", "tradeoff"):
-        s[section] = ml_collections.ConfigDict(cc[section].to_dict())
+        s[section] = ml_collections.ConfigDict(comparison[section].to_dict())
     s.tradeoff.update(min_batch_size=1, max_runs=0)  # (only for batch_sizes=None)
     return s
 
 
 def policies(config) -> tuple[str, ...]:
-    """``config.compare.policies`` with old names replaced (checked: known, no repeats)."""
-    names = tuple(ALIASES.get(p, p) for p in config.compare.policies)
+    """``config.compare.policies``, checked: known names, no repeats."""
+    names = tuple(config.compare.policies)
     unknown = [p for p in names if p not in POLICIES]
     if not names or unknown or len(set(names)) != len(names):
         raise UserError(
@@ -403,8 +407,6 @@ def validate_config(config) -> None:
 def _lr_rule(config, b_noise: float):
     """``batch -> learning rate`` of the one rule (:func:`gns.recommend.scale_learning_rate`
     from the default policy's batch and rate), and the schedule's name of the same rule."""
-    from gns import recommend
-
     base_b, base_lr = _baseline(config)
 
     def lr(b: int) -> float:
@@ -437,14 +439,14 @@ def _best_measured(config, workdir: str) -> dict | None:
     return min(reached, key=key) if reached else None
 
 
-def plan_policies(config, workdir: str, sw: dict) -> tuple[dict, dict, list[int]]:
+def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict, list[int]]:
     """What each policy trains: ``({policy: {'batch_size', 'learning_rate', 'adaptive'
     (the config.adaptive fields), 'gns_every'}}, {policy: why skipped}, adaptive
-    candidates)`` from the measurements ``sw`` (a ``sweep.json`` dict)."""
+    candidates)`` from the measurements ``sweep_result`` (a ``sweep.json`` dict)."""
     names = policies(config)
-    rec = sw["recommendation"]
-    lr, rule = _lr_rule(config, sweep.noise_scale_value(sw["noise_scale"]))
-    fits = [r["batch_size"] for r in sw["throughput"]
+    rec = sweep_result["recommendation"]
+    lr, rule = _lr_rule(config, sweep.noise_scale_value(sweep_result["noise_scale"]))
+    fits = [r["batch_size"] for r in sweep_result["throughput"]
             if r["fits"] and r["step_time_s"] and r.get("accumulation_steps", 1) == 1]  # fmt: skip
     batch: dict[str, int] = {"default": _baseline(config)[0]}
     skipped: dict[str, str] = {}
@@ -492,18 +494,21 @@ def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limi
     reads the same example stream and evaluates at the same examples), stopping at the
     smoothed target (``compare.target_accuracy`` and ``target_window``), after
     ``compare.max_epochs`` or ``limit_s`` seconds of training."""
-    cc = config.compare
+    comparison = config.compare
     c = _train_config(config)
     b = int(plan["batch_size"])
     c.batch_size, c.learning_rate, c.seed = b, float(plan["learning_rate"]), int(seed)
-    c.target_accuracy, c.target_window = float(cc.target_accuracy), int(cc.target_window)
+    c.target_accuracy, c.target_window = (
+        float(comparison.target_accuracy),
+        int(comparison.target_window),
+    )
     c.max_wall_time_s = float(limit_s)
-    c.num_epochs = float(cc.max_epochs)
-    c.eval_every = max(1, round(int(cc.eval_every_examples) / b))  # unused on the stream
+    c.num_epochs = float(comparison.max_epochs)
+    c.eval_every = max(1, round(int(comparison.eval_every_examples) / b))  # unused on the stream
     c.log_every = min(int(c.log_every), c.eval_every)
     c.gns_every = int(plan["gns_every"])
     c.adaptive.enabled = True
-    c.adaptive.eval_every_examples = int(cc.eval_every_examples)
+    c.adaptive.eval_every_examples = int(comparison.eval_every_examples)
     c.adaptive.update(plan["adaptive"])
     c.adaptive.step_times = tuple(step_time[b] for b in c.adaptive.candidates)
     return c
@@ -512,9 +517,7 @@ def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limi
 def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]:
     """The interleaved timing table of the global ``batch_sizes`` on training's mesh
     (``WORKDIR/timing.json``, reused when it holds the same batch sizes on the same mesh)."""
-    from experiments import data, mesh
-
-    setup = train._setup(_train_config(config), ds)
+    setup = train.build_setup(_train_config(config), ds)
     where = mesh.describe(setup.mesh)
     path = os.path.join(workdir, TIMING_FILE)
     if os.path.exists(path):
@@ -540,16 +543,16 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
     return table
 
 
-def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict], cc,
+def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict], comparison,
                 table: dict[int, dict]) -> dict:  # fmt: skip
     """One run of the summary: the smoothed crossing, times to it (device time also under
     each round of the timing table, ``device_time_by_round``), the curves."""
     step_time = {b: v["step_time_s"] for b, v in table.items()}
     rounds = min(len(v["times_s"]) for v in table.values())
     evals = [r for r in rows if "test_accuracy" in r]
-    smooth = trailing_means([r["test_accuracy"] for r in evals], cc.target_window)
-    hit = smoothed_crossing([r["test_accuracy"] for r in evals], cc.target_accuracy,
-                            cc.target_window)  # fmt: skip
+    smooth = trailing_means([r["test_accuracy"] for r in evals], comparison.target_window)
+    hit = smoothed_crossing([r["test_accuracy"] for r in evals], comparison.target_accuracy,
+                            comparison.target_window)  # fmt: skip
     device, prev, total = {}, 0, 0.0  # device time at each row's step
     for r in rows:
         total += (r["step"] - prev) * step_time[int(r["batch_size"])]
@@ -602,10 +605,10 @@ def run_name(policy: str, batch_sizes, seed: int) -> str:
 
 
 def _mode(body):
-    """A mode ``run(config, workdir) -> summary`` from ``body(config, workdir, sw, t0)``: it
-    validates ``config`` before anything is written, holds the workdir
+    """A mode ``run(config, workdir) -> summary`` from ``body(config, workdir, sweep_result,
+    t0)``: it validates ``config`` before anything is written, holds the workdir
     (:func:`experiments.runlog.workdir_lock`), records ``config.json``, runs (or reuses) the
-    measurements in ``workdir/sweep`` and passes their ``sweep.json`` dict ``sw`` on."""
+    measurements in ``workdir/sweep`` and passes their ``sweep.json`` dict ``sweep_result`` on."""
 
     @functools.wraps(body)
     def run(config, workdir: str) -> dict:
@@ -614,8 +617,8 @@ def _mode(body):
         with runlog.workdir_lock(workdir):
             runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
             mcfg = measurement_config(config)
-            sw = sweep.run_sweep(mcfg, os.path.join(workdir, "sweep"), trainings=False)
-            return body(config, workdir, sw, t0)
+            sweep_result = sweep.run_sweep(mcfg, os.path.join(workdir, "sweep"), trainings=False)
+            return body(config, workdir, sweep_result, t0)
 
     del run.__wrapped__  # its signature is (config, workdir), not the body's
     return run
@@ -624,15 +627,15 @@ def _mode(body):
 def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list[dict]:
     """Each policy's run per seed (reused when finished), in order; the records of
     :func:`_run_record`."""
-    cc = config.compare
+    comparison = config.compare
     step_time = {b: v["step_time_s"] for b, v in table.items()}
     runs: list[dict] = []
-    for seed in cc.seeds:
+    for seed in comparison.seeds:
         for policy, plan in plans.items():
             walls = [r["time_to_target_s"] for r in runs if r["reached"]]
-            limit = float(cc.max_wall_time_s)
-            if walls and cc.give_up_factor is not None:
-                limit = min(limit, float(cc.give_up_factor) * min(walls))
+            limit = float(comparison.max_wall_time_s)
+            if walls and comparison.give_up_factor is not None:
+                limit = min(limit, float(comparison.give_up_factor) * min(walls))
             name = run_name(policy, plan["adaptive"]["candidates"], seed)
             run_dir = os.path.join(workdir, "runs", name)
             logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
@@ -641,39 +644,41 @@ def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list
             bar.set(phase=f"{policy} seed {seed}")
             s = train.train_and_evaluate(cfg, run_dir)
             rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
-            runs.append(_run_record(policy, int(seed), run_dir, s, rows, cc, table))
+            runs.append(_run_record(policy, int(seed), run_dir, s, rows, comparison, table))
             bar.update(1)
     return runs
 
 
 @_mode
-def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
+def run_compare(config, workdir: str, sweep_result: dict, t0: float) -> dict:
     """The compare mode: measure, time, train every policy to the smoothed target per seed;
     returns ``summary.json``."""
-    from experiments import data
-
-    cc = config.compare
-    plans, skipped, cands = plan_policies(config, workdir, sw)
+    comparison = config.compare
+    plans, skipped, cands = plan_policies(config, workdir, sweep_result)
     ds = data.load(config.data)
     sizes = sorted({b for p in plans.values() for b in p["adaptive"]["candidates"]})
-    bar = progress.Progress(len(cc.seeds) * len(plans), desc="compare", unit="runs", rate=False)
+    bar = progress.Progress(
+        len(comparison.seeds) * len(plans), desc="compare", unit="runs", rate=False
+    )
     with contextlib.closing(bar):
         bar.set(phase=f"timing batch sizes {sizes}")
         table = _timing(config, workdir, ds, sizes)
         runs = _train_policies(config, workdir, plans, table, bar)
-    n = len(ds.test_labels) if cc.eval_examples is None else min(cc.eval_examples,
+    n = len(ds.test_labels) if comparison.eval_examples is None else min(comparison.eval_examples,
                                                                    len(ds.test_labels))  # fmt: skip
-    t = float(cc.target_accuracy)
+    t = float(comparison.target_accuracy)
     first = next((r for r in runs if r["policy"] == "adaptive"), None)
     summary = {
         "mode": "compare",
-        "device": sw["device"],
+        "device": sweep_result["device"],
         "target_accuracy": t,
-        "target_window": int(cc.target_window),
+        "target_window": int(comparison.target_window),
         "eval_examples": int(n),
         "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
-        "noise_scale": {k: sw["noise_scale"][k] for k in ("b_simple", "interval", "confidence")},
-        "recommendation": sw["recommendation"],
+        "noise_scale": {
+            k: sweep_result["noise_scale"][k] for k in ("b_simple", "interval", "confidence")
+        },
+        "recommendation": sweep_result["recommendation"],
         "policies": {
             p: {k: v for k, v in plan.items() if k != "adaptive"} for p, plan in plans.items()
         },  # fmt: skip
@@ -683,7 +688,7 @@ def run_compare(config, workdir: str, sw: dict, t0: float) -> dict:
         "runs": runs,
         "verdict": verdict(runs, t),
         "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
-        "measurement_time_s": sum(sw["stage_time_s"].values()),
+        "measurement_time_s": sum(sweep_result["stage_time_s"].values()),
         "total_time_s": time.perf_counter() - t0,
     }
     try:
@@ -748,18 +753,18 @@ def policy_table(summary: dict) -> str:
 
 
 @_mode
-def run_tradeoff(config, workdir: str, sw: dict, t0: float) -> dict:
+def run_tradeoff(config, workdir: str, sweep_result: dict, t0: float) -> dict:
     """The tradeoff mode: measure, recommend, train to the target at each batch size, fit, and
     check the recommendation; returns ``summary.json`` (and ``tradeoff.png``, the fit)."""
     mcfg = measurement_config(config)
-    rec = sw["recommendation"]
-    b_simple = sweep.noise_scale_value(sw["noise_scale"])
+    rec = sweep_result["recommendation"]
+    b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
     batches = sorted({int(b) for b in mcfg.tradeoff.batch_sizes} | {int(rec["batch_size"])})
-    too_big = [b for b in batches if b > sw["max_batch_size"]]
+    too_big = [b for b in batches if b > sweep_result["max_batch_size"]]
     if too_big:
         raise UserError(
             f"batch sizes {too_big} do not fit in memory (largest that fits: "
-            f"{sw['max_batch_size']})",
+            f"{sweep_result['max_batch_size']})",
             hint="remove them from --config.compare.tradeoff.batch_sizes",
         )
     st = sweep.SweepState(workdir)  # finished trainings, reused when the command is re-run
@@ -773,20 +778,22 @@ def run_tradeoff(config, workdir: str, sw: dict, t0: float) -> dict:
             st.put("trainings", b, fp, p)
         points.append(p)
     points = sweep.with_device_time(
-        points, sweep.step_times(sw["throughput"]), sw["max_batch_size"]
+        points, sweep.step_times(sweep_result["throughput"]), sweep_result["max_batch_size"]
     )
     fit = sweep.fit_tradeoff(points, mcfg.tradeoff.num_bootstrap, mcfg.train.seed)
     check = check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"])
     summary = {
         "mode": "tradeoff",
-        "device": sw["device"],
-        "noise_scale": {k: sw["noise_scale"][k] for k in ("b_simple", "interval", "confidence")},
+        "device": sweep_result["device"],
+        "noise_scale": {
+            k: sweep_result["noise_scale"][k] for k in ("b_simple", "interval", "confidence")
+        },
         "recommendation": rec,
         "target_accuracy": float(mcfg.tradeoff.target_accuracy),
         "points": points,
         "tradeoff": fit,
         "check": check,
-        "measurement_time_s": sum(sw["stage_time_s"].values()),
+        "measurement_time_s": sum(sweep_result["stage_time_s"].values()),
         "total_time_s": time.perf_counter() - t0,
     }
     try:

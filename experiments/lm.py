@@ -85,7 +85,7 @@ def main(argv):
         raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
     rules.check(FLAGS.config, "lm")  # every field, before the slow imports
     logging.get_absl_handler().addFilter(runlog.QuietOrbax())
-    cli.print_summary(run(FLAGS.config, FLAGS.workdir), SUMMARY_KEYS)
+    runlog.print_summary(run(FLAGS.config, FLAGS.workdir), SUMMARY_KEYS)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import rules
+from experiments import data, rules
 from experiments.cli import UserError
 
 PyTree = Any
@@ -241,8 +241,6 @@ def device_train_batches(
       An endless iterator of ``{'image': float32 [B, H, W, C], 'label': int32 [B]}`` global
       arrays sharded over :data:`AXIS`.
     """
-    from experiments import data
-
     num_train = len(ds.train_labels)
     if not 1 <= batch_size <= num_train:
         raise ValueError(

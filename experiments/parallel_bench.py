@@ -38,10 +38,9 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import cli, runlog  # noqa: E402
-from experiments.bench import interleaved_times  # noqa: E402
 from experiments.cli import UserError  # noqa: E402
 from experiments.models import SmallCNN  # noqa: E402
-from gns import estimate, parallel  # noqa: E402
+from gns import estimate, hardware, parallel  # noqa: E402
 
 WARMUP = 2
 
@@ -51,7 +50,7 @@ def run(batch_size_per_device: int, repeats: int, *, seed: int = 0) -> dict[str,
 
     Args:
       batch_size_per_device: examples per device (global batch = this × devices).
-      repeats: timed rounds (:func:`experiments.bench.interleaved_times`) after ``WARMUP``
+      repeats: timed rounds (:func:`gns.hardware.interleaved_times`) after ``WARMUP``
         untimed calls of each step (at least 3).
       seed: for the parameters and the random data.
 
@@ -89,7 +88,7 @@ def run(batch_size_per_device: int, repeats: int, *, seed: int = 0) -> dict[str,
         for name, est in (("plain", None), ("across_devices", estimate.across_devices))
     }
     args = (params, optimizer.init(params), batch)
-    times = interleaved_times(
+    times = hardware.interleaved_times(
         {name: (step, args) for name, step in steps.items()}, warmup=WARMUP, rounds=repeats
     )
     # Same start, same batch: the two steps must make the same update.

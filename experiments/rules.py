@@ -41,7 +41,6 @@ DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
 SCHEDULES = ("constant", "cosine")
 POLICIES = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
-ALIASES = {"tradeoff_best": "best_measured"}  # other names of POLICIES
 MODES = ("train", "compare", "tradeoff", "adaptive")
 DATA_SOURCES = ("folder", "cifar10_binary", "tfds", "synthetic")
 MODEL_NAMES = (
@@ -351,7 +350,7 @@ SWEEP = (
 
 # config.compare of the training configs (experiments.compare), beyond MEASURE.
 COMPARE = (
-    ("policies", names(POLICIES + tuple(ALIASES)), "the policies trained, in this order"),
+    ("policies", names(POLICIES), "the policies trained, in this order"),
     ("seeds", ints(0), "each policy once per seed"),
     ("baseline_batch_size", count(2, none="config.batch_size"), "the default policy's "
      "batch, the reference of every learning rate"),

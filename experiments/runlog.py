@@ -42,7 +42,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,7 @@ __all__ = [
     "QuietOrbax",
     "to_strict_json",
     "dumps",
+    "print_summary",
     "write_json",
     "read_json",
     "read_jsonl",
@@ -103,6 +104,18 @@ def to_strict_json(obj: Any) -> Any:
 def dumps(obj: Any, **kwargs) -> str:
     """One strict-JSON string (non-finite floats as ``null``)."""
     return json.dumps(to_strict_json(obj), allow_nan=False, **kwargs)
+
+
+def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """The last output of a main: the ``keys`` of a run's summary printed once, on stdout, as
+    indented strict JSON (non-finite numbers as ``null``; a missing key as ``null``).
+
+    Example::
+
+        print_summary(train.train_and_evaluate(config, workdir), ("test_accuracy", "steps"))
+    """
+    picked = {k: summary.get(k) for k in keys}
+    print(dumps(picked, indent=2))
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -42,7 +42,7 @@ On the model and data of ``config.train`` (a ``configs/cifar10.py`` config) it
    evidence measured (:func:`gns.finder.choose_basis`: branched > trajectory > b_simple):
    ``recommendation.basis`` names it, ``recommendation.basis_note`` says why a better one was
    not used, ``recommendation.evidence`` holds every measured value with its ratio to the
-   basis. (The trainings' learning rates scale with the early ``b_simple``, as before.)
+   basis. (The trainings' learning rates scale with the early ``b_simple``.)
 
 It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite number as ``null``:
 an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled
@@ -80,10 +80,21 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, figures, progress, rules, runlog, train, validation
+from experiments import (
+    cli,
+    data,
+    figures,
+    models,
+    progress,
+    rules,
+    runlog,
+    tasks,
+    train,
+    validation,
+)
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
-from gns import plots
+from gns import critical, estimate, finder, hardware, plots, recommend, smoothing, tradeoff
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
@@ -286,9 +297,6 @@ def _setup(t, ds, schedule, *, both: bool = False, mesh=None):
     """Model, plain train step and initial state of the training setup ``t`` (with ``both``:
     model, plain step, measuring step, state); with ``mesh`` the steps are the data-parallel
     ones of :func:`experiments.train.make_train_steps` and the state is replicated on it."""
-    from experiments import models
-    from gns import smoothing
-
     model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
@@ -307,16 +315,14 @@ def _setup(t, ds, schedule, *, both: bool = False, mesh=None):
     return (model, plain_fn, gns_fn, state) if both else (model, plain_fn, state)
 
 
-def pilot_length(ncfg) -> int:
+def pilot_length(noise) -> int:
     """Steps of the pilot: ``noise.pilot_steps`` (``None``: the warm-up), at least the
     warm-up."""
-    return max(int(ncfg.pilot_steps or 0), int(ncfg.warmup_steps))
+    return max(int(noise.pilot_steps or 0), int(noise.warmup_steps))
 
 
 def checkpoint_steps(num_steps: int, num_checkpoints: int) -> list[int]:
     """:func:`gns.finder.checkpoint_steps` (the middles of equal stretches of the pilot)."""
-    from gns import finder
-
     return finder.checkpoint_steps(num_steps, num_checkpoints)
 
 
@@ -343,10 +349,8 @@ def run_pilot(view, ds, *, keep_steps=(), on_step=None) -> tuple[list[dict], dic
       ``(rows, {step: state})``: rows ``step``, ``g_sq``, ``trace_cov``, ``b_simple`` and the
       EMA values of the measured steps.
     """
-    from experiments import data
-
-    t, ncfg = view.train, view.noise
-    n_steps, every = pilot_length(ncfg), max(1, int(ncfg.every))
+    t, noise = view.train, view.noise
+    n_steps, every = pilot_length(noise), max(1, int(noise.every))
     _, plain_fn, gns_fn, state = _setup(
         t, ds, train.make_schedule(t, view.tradeoff.max_steps), both=True
     )
@@ -390,14 +394,11 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
       keep_steps: pilot steps whose states the ``critical_batch`` stage forks from (kept in
         memory; they do not change the measurement).
     """
-    from experiments import data, models
-    from gns import estimate, finder, smoothing
-
-    t, ncfg = view.train, view.noise
+    t, noise = view.train, view.noise
     t0 = time.perf_counter()
     model = models.get_model(t.model, num_classes=ds.num_classes)
     mcfg = copy.deepcopy(t)
-    mcfg.gns_method = ncfg.method
+    mcfg.gns_method = noise.method
     method = train.resolve_gns_method(mcfg, model)
     rng = jax.random.PRNGKey(t.seed) if models.uses_dropout(model) else None
 
@@ -408,7 +409,7 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
         loss_fn = train.make_loss_fn(model, batch_stats, rng)
         if method == "per_example":
             stats, _, _ = estimate.per_example(
-                loss_fn, params, batch, chunk_size=ncfg.chunk_size, has_aux=True
+                loss_fn, params, batch, chunk_size=noise.chunk_size, has_aux=True
             )
         else:
             stats, _, _ = estimate.microbatch(
@@ -419,27 +420,27 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
     per_batch = []
 
     def after_warmup(step, state):
-        if step != ncfg.warmup_steps:
+        if step != noise.warmup_steps:
             return
-        batches = data.train_batches(ds, ncfg.batch_size, seed=t.seed + 1, augment=t.data.augment)
+        batches = data.train_batches(ds, noise.batch_size, seed=t.seed + 1, augment=t.data.augment)
         try:
-            for _ in range(ncfg.num_batches):
+            for _ in range(noise.num_batches):
                 g, tc, b = measure(state.params, state.batch_stats, next(batches))
                 per_batch.append({"g_sq": float(g), "trace_cov": float(tc), "b_simple": float(b)})
         finally:
             batches.close()
 
     rows, _ = run_pilot(view, ds, keep_steps=keep_steps, on_step=after_warmup)
-    n_steps = pilot_length(ncfg)
+    n_steps = pilot_length(noise)
     try:
         path = finder.noise_evidence(
-            rows, int(t.batch_size), num_stretches=int(ncfg.num_stretches), end_step=n_steps,
-            confidence=float(ncfg.confidence), seed=int(t.seed),
+            rows, int(t.batch_size), num_stretches=int(noise.num_stretches), end_step=n_steps,
+            confidence=float(noise.confidence), seed=int(t.seed),
         )  # fmt: skip
         trajectory, effective = path["trajectory"].rows(), path["effective"].to_dict()
     except ValueError as e:  # fewer than 2 finite measurements along the path
         trajectory, effective = [], {"value": None, "basis": "none", "note": str(e)}
-    pilot = {"steps": n_steps, "every": int(ncfg.every), "batch_size": int(t.batch_size)}
+    pilot = {"steps": n_steps, "every": int(noise.every), "batch_size": int(t.batch_size)}
     pilot["rows"] = [{k: r[k] for k in ("step", "g_sq", "trace_cov")} for r in rows]
 
     g_sq = np.array([p["g_sq"] for p in per_batch])
@@ -448,26 +449,26 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
     if finite.sum() < 2:
         raise UserError(
             f"the noise scale could not be measured: {int(finite.sum())} of {len(per_batch)} "
-            f"batches gave finite statistics after {ncfg.warmup_steps} warm-up steps (the "
+            f"batches gave finite statistics after {noise.warmup_steps} warm-up steps (the "
             "training diverged or the gradients overflow)",
             hint="lower config.train.learning_rate or config.noise.warmup_steps",
         )
     pooled = smoothing.interval(
-        g_sq, trace_cov, confidence=ncfg.confidence, block_size=1, seed=t.seed
+        g_sq, trace_cov, confidence=noise.confidence, block_size=1, seed=t.seed
     )
     return {
         "b_simple": pooled.estimate,
         "interval": [pooled.low, pooled.high],
-        "confidence": float(ncfg.confidence),
+        "confidence": float(noise.confidence),
         "g_sq": float(np.mean(g_sq[finite])),
         "trace_cov": float(np.mean(trace_cov[finite])),
         "per_batch": per_batch,
-        "batch_size": int(ncfg.batch_size),
-        "num_batches": int(ncfg.num_batches),
+        "batch_size": int(noise.batch_size),
+        "num_batches": int(noise.num_batches),
         "num_used": pooled.n,  # the finite ones; the others are dropped and counted
         "num_nonfinite_dropped": pooled.nonfinite_dropped,
         "method": method,
-        "after_warmup_steps": int(ncfg.warmup_steps),
+        "after_warmup_steps": int(noise.warmup_steps),
         "trajectory": trajectory,
         "effective": effective,
         "pilot": pilot,
@@ -494,9 +495,6 @@ def measure_critical_batch(view, ds, b_noise: float = math.inf) -> dict:
       of the resolved checkpoints, "points": every fork result, "cost_fraction": examples forked
       / pilot examples, "replayed_pilot": bool, ...}``.
     """
-    from experiments import data, tasks
-    from gns import critical, finder
-
     t, ccfg = view.train, view.critical
     if int(ccfg.num_checkpoints) <= 0:
         return {"checkpoints": [], "effective": None, "note": "not measured: "
@@ -573,8 +571,6 @@ def critical_fingerprint(config, b_noise: float) -> str:
       >>> critical_fingerprint(c, 100.0) == stage_fingerprint(c, "critical_batch")
       True
     """
-    from gns import critical
-
     fp, t = stage_fingerprint(config, "critical_batch"), config.train
     sizes = [int(t.batch_size * 2.0**e) for e in _get_path(config, "critical.exponents")]
     rule = critical.lr_multipliers(t.batch_size, sizes, t.optimizer, b_noise)
@@ -586,8 +582,6 @@ def critical_fingerprint(config, b_noise: float) -> str:
 def _effective_from_json(d: dict | None):
     """A stored :class:`gns.critical.EffectiveNoiseScale` dict back as the NamedTuple (strict
     JSON stores non-finite numbers as ``null``: a missing high end is ``+inf``)."""
-    from gns import critical
-
     if not d or d.get("value") is None and d.get("basis") == "none" and "s_min" not in d:
         return None
 
@@ -654,9 +648,7 @@ def measure_throughput(view, ds, extra=()) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from gns import finder
-
-    tp, t = view.throughput, copy.deepcopy(view.train)
+    timing, t = view.throughput, copy.deepcopy(view.train)
     t.seed = TIMING_SEED
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
@@ -668,9 +660,9 @@ def measure_throughput(view, ds, extra=()) -> dict:
         plain_fn, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh_lib.AXIS)))
     )
     image_shape = tuple(ds.train_images.shape[1:])
-    cands = set(candidate_batch_sizes(tp.min_batch_size, tp.max_batch_size))
+    cands = set(candidate_batch_sizes(timing.min_batch_size, timing.max_batch_size))
     cands |= {
-        b for b in [t.batch_size, *(view.tradeoff.batch_sizes or ())] if b <= tp.max_batch_size
+        b for b in [t.batch_size, *(view.tradeoff.batch_sizes or ())] if b <= timing.max_batch_size
     }
     cands |= {int(b) for b in extra}  # the range extended past an end (``run_sweep``)
     skipped = {b: mesh_lib.split_reason(b, mesh) for b in cands}
@@ -684,13 +676,13 @@ def measure_throughput(view, ds, extra=()) -> dict:
         batch = {"image": np.zeros((b,) + image_shape, np.float32), "label": np.zeros(b, np.int32)}
         return state, mesh_lib.shard(batch, mesh)
 
-    budget, budget_source = tp.memory_budget_bytes, None
+    budget, budget_source = timing.memory_budget_bytes, None
     if budget is None and mesh.devices.flat[0].platform == "cpu" and n > 1:
         budget, budget_source = _shared_host_budget(n)
     timed = sorted(cands - set(skipped))
     res, table = finder.time_candidates(
-        step, placed_args, timed, memory_budget_bytes=budget, rounds=tp.repeats,
-        warmup=tp.warmup, make_shape_args=make_args,
+        step, placed_args, timed, memory_budget_bytes=budget, rounds=timing.repeats,
+        warmup=timing.warmup, make_shape_args=make_args,
     ) if timed else (None, None)  # fmt: skip
     timings = {} if table is None else table.timings
     rows = []
@@ -733,8 +725,6 @@ def _shared_host_budget(num_devices: int) -> tuple[int, str]:
     host RAM), since they all allocate from the one host."""
     import psutil
 
-    from gns import hardware
-
     frac = hardware.DEFAULT_CPU_BUDGET_FRACTION
     budget = int(frac * psutil.virtual_memory().available / num_devices)
     return budget, f"{round(100 * frac)}% of available host RAM / {num_devices} devices"
@@ -743,8 +733,6 @@ def _shared_host_budget(num_devices: int) -> tuple[int, str]:
 def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dict]:
     """``rows`` plus the batches ``factor × max_batch`` timed as gradient accumulation
     (:func:`gns.hardware.accumulated_step_time` on the measured table)."""
-    from gns import hardware
-
     rows = [dict(r) for r in rows]
     times = step_times(rows)
     for factor in factors:
@@ -791,8 +779,6 @@ def training_config(
     learning rate, the target and the caps of ``config.tradeoff``, evaluation every
     ``tradeoff.eval_every_examples`` examples, seed ``train.seed + seed_offset`` (its
     fingerprint keys the cached result), and the learning-rate rule in words."""
-    from gns import recommend
-
     t, tr = config.train, config.tradeoff
     lr, rule = recommend.scale_learning_rate(
         t.learning_rate, t.batch_size, batch_size, b_noise, t.optimizer
@@ -816,8 +802,6 @@ def training_dir(workdir: str, cfg, fingerprint: str) -> str:
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     """Stage 3 for one batch: train ``cfg`` to its target; steps and wall-clock time to it
     (``None`` if missed) and the test-accuracy curve."""
-    from gns import tradeoff
-
     summary = train.train_and_evaluate(cfg, workdir)
     evals = [
         r for r in runlog.read_jsonl(os.path.join(workdir, METRICS_FILE)) if "test_accuracy" in r
@@ -854,8 +838,6 @@ def with_device_time(points: list[dict], times: dict[int, float], max_batch: int
       ...     "device_time_to_target_s"]
       2.0
     """
-    from gns import hardware
-
     out = []
     for p in points:
         t = hardware.accumulated_step_time(times, p["batch_size"], max_batch)[0]
@@ -900,8 +882,6 @@ def rank_time_to_target(points: list[dict], key: str = "device_time_to_target_s"
 
 def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     """Fit ``S(B)`` to the reached points; an ``error`` entry instead when it cannot be fitted."""
-    from gns import tradeoff
-
     reached = [p for p in points if p["reached"]]
     keys = ("batch_size", "seed", "steps", "time_to_target_s", "device_time_to_target_s")
     keys += ("step_time_s", "learning_rate", "reached", "workdir")
@@ -957,9 +937,6 @@ def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
 
 
 def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
-    from experiments import data
-    from gns import finder, hardware, recommend
-
     t_start = time.perf_counter()
     st = SweepState(workdir)
     mesh = mesh_lib.make_mesh(config.train.num_devices)
@@ -1003,22 +980,22 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     )
     _PILOT_STATES.clear()
     tput = stage("throughput", "table", measure_throughput)
-    rcfg, t = config.recommend, config.train
+    recommend_config, t = config.recommend, config.train
     basis, value, evidence, basis_note = finder.choose_basis(
         (b_noise, *(math.inf if x is None else x for x in noise["interval"])),
         _effective_from_json(noise.get("effective")),
         _effective_from_json(crit.get("effective")),
     )
 
-    def table_of(tp):
-        if tp["max_batch_size"] is None:
+    def table_of(throughput):
+        if throughput["max_batch_size"] is None:
             raise UserError(
-                f"no candidate batch size fits in memory ({tp['rows'][0]['reason']})",
+                f"no candidate batch size fits in memory ({throughput['rows'][0]['reason']})",
                 hint="lower config.throughput.min_batch_size or raise "
                 "config.throughput.memory_budget_bytes",
             )
-        mb = tp["max_batch_size"]
-        r = add_accumulation_rows(tp["rows"], config.throughput.accumulation_factors, mb)
+        mb = throughput["max_batch_size"]
+        r = add_accumulation_rows(throughput["rows"], config.throughput.accumulation_factors, mb)
         return mb, r, step_times(r)
 
     def recommend_on(b_noise, interval=None, s_min=None, **kw):
@@ -1026,8 +1003,8 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
         return recommend.recommend(
             b_noise, times, max_batch_size=max_batch, base_lr=t.learning_rate,
             base_batch_size=t.batch_size, optimizer=t.optimizer,
-            price_per_hour=rcfg.price_per_hour, objective=rcfg.objective,
-            candidates=list(rcfg.candidates) if rcfg.candidates else cands,
+            price_per_hour=recommend_config.price_per_hour, objective=recommend_config.objective,
+            candidates=list(recommend_config.candidates) if recommend_config.candidates else cands,
             b_noise_interval=interval, s_min=s_min, **kw,
         )  # fmt: skip
 
@@ -1056,7 +1033,7 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     def train_at(b, seed_offset=0):
         bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
         cfg, rule = training_config(config, b, b_noise, seed_offset)
-        key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: as before
+        key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: the batch alone
         fp = fps["trainings"][key] = runlog.fingerprint(cfg.to_dict())
         p = st.get("trainings", key, fp)
         if p is None:

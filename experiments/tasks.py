@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from experiments import data, text
 from experiments.cli import UserError
 
 __all__ = [
@@ -142,16 +143,12 @@ def padded_batches(arrays: dict, batch_size: int) -> Iterator[dict]:
 
 
 def _image_load(config):
-    from experiments import data
-
     return data.load(config.data)
 
 
 def _image_train_batches(
     config, ds, batch_size: int, start_example: int, by_example: bool = False
 ) -> Iterator[dict]:
-    from experiments import data
-
     if by_example:  # the example stream (a changing batch size)
         return data.train_batches(
             ds, batch_size, seed=config.seed, start_example=start_example,
@@ -172,8 +169,6 @@ def _image_eval_arrays(config, ds, split: str, n: int | None) -> dict:
 
 
 def _image_eval_batches(ds, arrays: dict, batch_size: int) -> Iterator[dict]:
-    from experiments import data
-
     return data.eval_batches(
         arrays["image"], arrays["label"], batch_size, ds.mean, ds.std, pad=True
     )
@@ -197,23 +192,17 @@ IMAGE = Task(
 
 
 def _text_load(config):
-    from experiments import text
-
     return text.load(config.data, context=config.model.context)
 
 
 def _text_train_batches(
     config, ds, batch_size: int, start_example: int, by_example: bool = True
 ) -> Iterator[dict]:
-    from experiments import text
-
     spans = text.constant_spans(batch_size, start_example)
     return text.train_batches(ds, spans, seed=config.seed)
 
 
 def _text_eval_arrays(config, ds, split: str, n: int | None) -> dict:
-    from experiments import text
-
     if split == "test":
         return ds.eval_arrays(n)
     n = ds.examples_per_epoch if n is None else min(n, ds.examples_per_epoch)
@@ -221,8 +210,6 @@ def _text_eval_arrays(config, ds, split: str, n: int | None) -> dict:
 
 
 def _bits_per_byte(result: dict) -> dict:
-    from experiments import text
-
     loss = result.get("loss")
     return {"bits_per_byte": None if loss is None else text.bits_per_byte(loss)}
 

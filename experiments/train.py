@@ -94,11 +94,14 @@ from experiments import adaptive, figures, models, progress, rules, runlog, task
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from experiments.rules import GNS_METHODS, OPTIMIZERS, SCHEDULES
+from gns import common, estimate, smoothing
 
 PyTree = Any
 
 __all__ = [
     "TrainState",
+    "Setup",
+    "build_setup",
     "Diverged",
     "train_and_evaluate",
     "validate_config",
@@ -433,8 +436,6 @@ def make_train_steps(
       takes its gradient from ``gns.estimate`` and adds ``g_sq``, ``trace_cov``, ``b_simple``
       and the smoothed ``ema_*`` values to its metrics.
     """
-    from gns import common, estimate
-
     axis = None if mesh is None else mesh_lib.AXIS
     n_dev = 1 if mesh is None else mesh.size
     if method not in GNS_METHODS[1:]:
@@ -568,7 +569,7 @@ def init_state(
     return state if mesh is None else mesh_lib.replicate(state, mesh)
 
 
-class _Setup(NamedTuple):
+class Setup(NamedTuple):
     """What the loop needs besides the config: built before anything is written."""
 
     method: str
@@ -586,10 +587,17 @@ class _Setup(NamedTuple):
     time_step: Callable  # state -> {'step_time_s', 'step_examples_per_s'} or {}
 
 
-def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
-    from experiments import adaptive
-    from gns import smoothing
+def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
+    """Everything a run of ``config`` on ``ds`` needs before its first step (a :class:`Setup`):
+    the mesh, the estimator method, the jitted plain and measuring steps, the evaluation,
+    the fresh state and the batch stream. Checks the batch size and the estimator's fields
+    against the data and the devices; writes nothing.
 
+    Args:
+      config: a training config (``configs/cifar10.py``).
+      ds: the loaded data set.
+      task: the task (default: ``tasks.get(config)``).
+    """
     task = task or tasks.get(config)
     mesh = mesh_lib.make_mesh(config.num_devices)
     model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None),
@@ -667,12 +675,12 @@ def _setup(config, ds, task: tasks.Task | None = None) -> _Setup:
 
     state = init_state(config, model, optimizer, tracker, *task.input_spec(ds), mesh=mesh)
     place = functools.partial(mesh_lib.replicate, mesh=mesh)
-    return _Setup(method, num_steps, plain_fn, gns_fn, evaluate, state, task, mesh, place,
+    return Setup(method, num_steps, plain_fn, gns_fn, evaluate, state, task, mesh, place,
                   train_batches, time_step)  # fmt: skip
 
 
 def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = False):
-    """The first batch of ``train_batches`` (:attr:`_Setup.train_batches`), on the mesh."""
+    """The first batch of ``train_batches`` (:attr:`Setup.train_batches`), on the mesh."""
     batches = train_batches(batch_size, 0, by_example=by_example)
     try:
         return next(batches)
@@ -722,7 +730,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
         ds = task.load(config)
         log.data = task.describe(ds)  # the content's identity, checked against the checkpoint
-        setup = _setup(config, ds, task)
+        setup = build_setup(config, ds, task)
         with runlog.deferred_interrupt() as interrupted, contextlib.closing(log):
             log.clock.charge("pause")
             state, meta = ckpt.restore(setup.state, check=log.check_meta)
@@ -750,7 +758,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return summary
 
 
-def _already_complete(config, setup: _Setup, log: runlog.RunLog) -> dict | None:
+def _already_complete(config, setup: Setup, log: runlog.RunLog) -> dict | None:
     """The stored summary when the run in ``log.workdir`` finished (it stopped for a reason
     other than an interruption or divergence, at the checkpoint's step, and that reason still
     holds under ``config``); ``None`` when there is training or a summary left to do, and
@@ -788,12 +796,10 @@ def _stop_reason(
     return None
 
 
-def _batch_control(config, ds, setup: _Setup, state, log: runlog.RunLog):
+def _batch_control(config, ds, setup: Setup, state, log: runlog.RunLog):
     """The :class:`experiments.adaptive.BatchControl` of an adaptive run (``None`` otherwise);
     without ``config.adaptive.step_times`` the candidates are timed first (charged to
     ``pause``)."""
-    from experiments import adaptive
-
     if not adaptive.enabled(config):
         return None
     times = config.adaptive.step_times
@@ -812,13 +818,11 @@ def _batch_control(config, ds, setup: _Setup, state, log: runlog.RunLog):
     return adaptive.BatchControl(config, adaptive.make_batch_schedule(config, times), log.rows())
 
 
-def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupted):
+def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupted):
     """Steps until a stop reason; a row at every logged, measured, evaluated, checkpointed or
     last step. With ``config.adaptive.enabled`` the batch size follows the schedule (updated
     at each measured row; a change takes effect at the next step, on the example stream).
     Returns ``(state, stop_reason)``."""
-    from experiments import adaptive
-
     ctl = _batch_control(config, ds, setup, state, log)
     num_examples = None if ctl is None else setup.num_steps * config.batch_size
     stop = _stop_reason(config, log, setup.num_steps, interrupted, num_examples)
@@ -830,7 +834,7 @@ def _train(config, ds, setup: _Setup, state, log: runlog.RunLog, ckpt, interrupt
     every = config.adaptive.eval_every_examples if ctl is not None else None
     eval_examples = every or eval_every * config.batch_size  # (adaptive runs only)
 
-    def stream(batch_size):  # by example with a schedule, else the step stream (bitwise as before)
+    def stream(batch_size):  # by example with a schedule, else by step
         return setup.train_batches(batch_size, log.examples_seen, by_example=ctl is not None)
 
     batches = stream(bs)
@@ -954,13 +958,11 @@ def _fmt_g(x) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def _summarize(config, ds, setup: _Setup, state, log: runlog.RunLog, stop: str, evaluate: bool,
+def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, evaluate: bool,
                t_call: float):  # fmt: skip
     """Final evaluation (full test set and a train subset; skipped when ``evaluate`` is
     false: interrupted or diverged runs), ``summary.json`` and the plots. ``t_call``: when
     :func:`train_and_evaluate` was called (``perf_counter``), for ``wall_time_s``."""
-    from gns import smoothing
-
     task = setup.task
     final, train_eval, t0 = {}, {}, time.perf_counter()
     if evaluate:

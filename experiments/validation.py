@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# The targets of issue 11: with the branched basis, the recommended batch's device time to
+# The targets of the validation: with the branched basis, the recommended batch's device time to
 # target within 10% of the best measured; branched B_crit within 1.5x of the fitted B_crit.
 MAX_OVER_BEST = 1.10
 MAX_CRIT_FACTOR = 1.5
@@ -186,8 +186,8 @@ def validation(sweep: dict) -> dict:
       ``over_best_range`` (their min and max), ``trained`` and ``source`` (measured, or
       interpolated on the fitted ``S(B) × t(B)`` where that batch was not trained);
       ``branched_over_fitted`` (the branched effective ``B_crit`` over the fitted one, with the
-      interval from both intervals' ends, and per checkpoint); ``targets`` (issue 11:
-      ``branched`` over best <= 1.10, branched within 1.5x of fitted), each ``met`` or not
+      interval from both intervals' ends, and per checkpoint); ``targets``
+      (``branched`` over best <= 1.10, branched within 1.5x of fitted), each ``met`` or not
       (``None`` where it could not be measured).
 
     Example:

@@ -42,9 +42,7 @@ import numpy as np
 from gns import common, ghost
 from gns.common import LossFn, PyTree, batch_size
 
-# `batch_size` is part of this module's API (it was defined here); `_leaf_name` is kept for
-# tests/test_ghost.py until it uses `gns.common.leaf_name`.
-_leaf_name = common.leaf_name
+# `batch_size` is part of this module's API.
 
 __all__ = [
     "NoiseStats",

@@ -12,6 +12,8 @@
   rounds), with the median and the spread of each, re-timing the noisy ones, dropping those a
   caller's ``prune`` rule says cannot win and stopping at a time budget; every step is
   compiled once per shape (:class:`CompileCache`);
+* :func:`interleaved_times` times several steps round-robin, each round's times paired (the
+  per-round ratios of the benchmarks);
 * :func:`step_signature` names a step by its lowered program on this device, the key of the
   in-memory :class:`TimingCache` that lets a later search reuse a measurement;
 * :func:`accumulated_step_time` extends a step-time curve above the largest batch that fits, as
@@ -32,7 +34,7 @@ import re
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -56,6 +58,7 @@ __all__ = [
     "BatchTiming",
     "TimingTable",
     "interleaved_timing",
+    "interleaved_times",
     "time_batch_sizes",
     "step_signature",
     "TimingCache",
@@ -657,6 +660,41 @@ def interleaved_timing(
         for k in noisy:
             extra[k] += 1
     return {k: (tuple(times[k]), extra[k]) for k in keys}
+
+
+def interleaved_times(
+    calls: Mapping[Hashable, tuple[Callable, Sequence[Any]]], *, warmup: int, rounds: int
+) -> dict[Hashable, list[float]]:
+    """Seconds per call of each ``fn(*args)`` in ``calls``, timed round-robin.
+
+    Each is warmed up (``warmup`` untimed calls), then every round times each once, in turn,
+    alternating the order from round to round: a load that comes and goes hits all of them
+    alike, and no call always follows the same one. One timed call is :func:`time_step` with
+    one repeat (``block_until_ready`` on the output; a compiled executable is not compiled
+    again). Round ``r`` of every list is one round, so
+    paired ratios are ``a[r] / b[r]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.ones((64, 64))
+      >>> t = interleaved_times({"mm": (lambda x: x @ x, (x,)), "add": (lambda x: x + x, (x,))},
+      ...                       warmup=1, rounds=3)
+      >>> sorted(t), len(t["mm"])
+      (['add', 'mm'], 3)
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}.")
+    fns = {}
+    for key, (fn, args) in calls.items():  # compile once, warm up
+        fns[key] = fn if hasattr(fn, "memory_analysis") else compile_step(fn, *args)
+        if warmup:
+            time_step(fns[key], args, warmup=warmup - 1, repeats=1)
+    times: dict[Hashable, list[float]] = {key: [] for key in calls}
+    for r in range(rounds):
+        for key in list(calls)[:: 1 if r % 2 == 0 else -1]:
+            (t,) = time_step(fns[key], calls[key][1], warmup=0, repeats=1).times_s
+            times[key].append(t)
+    return times
 
 
 def time_batch_sizes(

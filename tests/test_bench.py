@@ -144,7 +144,7 @@ def test_interleaved_times_round_robin_alternating_order(monkeypatch):
             return None
 
     calls = {k: (Compiled(), (k,)) for k in ("a", "b", "c")}
-    times = bench.interleaved_times(calls, warmup=3, rounds=4)
+    times = hardware.interleaved_times(calls, warmup=3, rounds=4)
     warm, timed = log[:3], log[3:]
     assert warm == [("a", 2, 1), ("b", 2, 1), ("c", 2, 1)]  # 3 untimed calls each
     order = [k for k, w, r in timed]
@@ -152,7 +152,7 @@ def test_interleaved_times_round_robin_alternating_order(monkeypatch):
     # Each list holds one time per round, in round order (the fake returns the call index).
     assert times["a"] == [4.0, 9.0, 10.0, 15.0] and times["c"] == [6.0, 7.0, 12.0, 13.0]
     with pytest.raises(ValueError, match="rounds >= 1"):
-        bench.interleaved_times(calls, warmup=0, rounds=0)
+        hardware.interleaved_times(calls, warmup=0, rounds=0)
 
 
 def test_bad_config_on_the_command_line_is_one_line_and_exit_2(tmp_path):

@@ -42,7 +42,7 @@ SMOKE = "--config=configs/cifar10.py:smoke"
     [
         (["--config=configs/nosuch.py:smoke"], ["config file not found: configs/nosuch.py"]),
         (["--config=configs/cifar10.py:huge"], ["variant 'huge'", "smoke"]),
-        (["--config=configs/cifar10.py:seed"], ["now called 'effnet_lamb'"]),
+        (["--config=configs/cifar10.py:seed"], ["variant 'seed'", "effnet_lamb"]),
         ([SMOKE, "--config.nosuchfield=1"], ["unknown config field --config.nosuchfield"]),
         ([SMOKE, "--config.data.sourse=x"], ["--config.data.sourse", "did you mean 'source'"]),
         ([SMOKE, "--config.batch_size=abc"], ["--config.batch_size=abc"]),

@@ -1,5 +1,6 @@
-"""Tests of gns.common and of the package's import structure: no cycle, no private name used
-across modules."""
+"""Tests of gns.common and of the project's import structure (gns/, experiments/, configs/): no
+cycle, no private name used across modules, no project import inside a function but the allowed
+ones."""
 
 from __future__ import annotations
 
@@ -16,37 +17,69 @@ import pytest
 
 from gns import common
 
-GNS = pathlib.Path(__file__).resolve().parent.parent / "gns"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GNS = ROOT / "gns"
 MODULES = sorted(p.stem for p in GNS.glob("*.py") if p.stem != "__init__")
+PACKAGES = ("gns", "experiments", "configs")
+# Every module of the project by dotted name (a package's __init__ by the package's name).
+PROJECT = {
+    ".".join(p.relative_to(ROOT).with_suffix("").parts[: -1 if p.stem == "__init__" else None]): p
+    for pkg in PACKAGES
+    for p in sorted((ROOT / pkg).glob("*.py"))
+}
+# Project imports allowed inside a function, (importer, imported): gns.plots needs matplotlib,
+# an optional dependency; the training entry points check the config before training's imports.
+LOCAL_IMPORTS = {
+    ("gns.finder", "gns.plots"),
+    ("experiments.cifar10", "experiments.train"),
+    ("experiments.cifar10", "experiments.compare"),
+    ("experiments.lm", "experiments.train"),
+}
 
 
-def _gns_imports(path: pathlib.Path) -> tuple[set[str], list[str]]:
-    """The gns modules ``path`` imports (anywhere, function-local included) and every use of a
-    private name of another gns module (``from gns.x import _y``, ``x._y``)."""
+def _imports(path: pathlib.Path, name: str) -> tuple[set[str], list[str], set[str]]:
+    """The project modules that module ``name`` (file ``path``) imports (anywhere,
+    function-local included), every use of a private name of another project module
+    (``from gns.x import _y``, ``x._y``), and the project modules imported inside a function."""
     tree = ast.parse(path.read_text())
-    deps, private, aliases = set(), [], {}
+    in_function = {
+        id(c)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for c in ast.walk(f)
+    }
+    deps, private, local, aliases = set(), [], set(), {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "gns":
+        found = []
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
             for a in node.names:
-                deps.add(a.name)
-                aliases[a.asname or a.name] = a.name
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gns."):
-            mod = node.module.split(".")[1]
-            deps.add(mod)
-            private += [f"{mod}.{a.name}" for a in node.names if a.name.startswith("_")]
+                full = f"{node.module}.{a.name}"
+                if full in PROJECT:
+                    found.append(full)
+                    aliases[a.asname or a.name] = full
+                else:
+                    found.append(node.module)
+                    if a.name.startswith("_"):
+                        private.append(full)
         elif isinstance(node, ast.Import):
             for a in node.names:
-                if a.name.startswith("gns."):
-                    deps.add(a.name.split(".")[1])
+                if a.name.split(".")[0] in PACKAGES:
+                    found.append(a.name)
+                    aliases[a.asname or a.name] = a.name
+        deps.update(found)
+        if id(node) in in_function:
+            local.update(found)
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Name)
             and node.value.id in aliases
             and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and aliases[node.value.id] != name
         ):
             private.append(f"{aliases[node.value.id]}.{node.attr}")
-    return deps - {path.stem}, private
+    return deps - {name}, private, local - {name}
 
 
 def test_every_module_imports_first():
@@ -67,34 +100,47 @@ def test_every_module_imports_first():
 
 
 def test_no_import_cycle_and_no_private_names_across_modules():
-    graph, private = {}, {}
-    for name in MODULES:
-        graph[name], private[name] = _gns_imports(GNS / f"{name}.py")
-    assert not any(private.values()), private
-    assert graph["common"] == set()  # the bottom of the package
-    # Depth-first search for a back edge.
-    state = dict.fromkeys(MODULES, 0)  # 0 unseen, 1 on the stack, 2 done
+    """Over gns/, experiments/ and configs/: no import cycle, no private name of another
+    module, project imports inside functions only where LOCAL_IMPORTS allows them."""
+    graph, private, local = {}, {}, {}
+    for name, path in PROJECT.items():
+        graph[name], private[name], local[name] = _imports(path, name)
+    assert not any(private.values()), {k: v for k, v in private.items() if v}
+    unexpected = {(n, m) for n, mods in local.items() for m in mods} - LOCAL_IMPORTS
+    assert not unexpected, sorted(unexpected)
+    assert graph["gns.common"] == set()  # the bottom of the library
+    assert not any(d.startswith(("experiments", "configs")) for n in graph
+                   if n.startswith("gns") for d in graph[n])  # fmt: skip
+    # Depth-first search for a back edge (an edge to a module outside PROJECT is not followed).
+    state = dict.fromkeys(PROJECT, 0)  # 0 unseen, 1 on the stack, 2 done
 
     def visit(node, stack):
         state[node] = 1
-        for dep in sorted(graph[node]):
+        for dep in sorted(graph[node] & set(PROJECT)):
             assert state[dep] != 1, "import cycle: " + " -> ".join([*stack, node, dep])
             if state[dep] == 0:
                 visit(dep, [*stack, node])
         state[node] = 2
 
-    for name in MODULES:
+    for name in PROJECT:
         if state[name] == 0:
             visit(name, [])
-    decisions = {"recommend", "schedule", "finder"}  # measurement never imports a decision
+    # Measurement never imports a decision.
+    decisions = {"gns.recommend", "gns.schedule", "gns.finder"}
     for name in ("common", "estimate", "ghost", "smoothing", "hardware", "tradeoff", "scaling"):
-        assert not graph[name] & decisions, (name, graph[name] & decisions)
+        assert not graph[f"gns.{name}"] & decisions, (name, graph[f"gns.{name}"] & decisions)
 
 
-def test_the_checker_sees_a_cycle_and_a_private_name(tmp_path):
-    (tmp_path / "a.py").write_text("def f():\n    from gns import b\n    return b._x\n")
-    deps, private = _gns_imports(tmp_path / "a.py")
-    assert deps == {"b"} and private == ["b._x"]
+def test_the_checker_sees_a_cycle_a_private_name_and_a_local_import(tmp_path):
+    (tmp_path / "a.py").write_text(
+        "from experiments import cli\n\ndef f():\n    from gns import hardware\n"
+        "    return hardware._x, cli.UserError\n"
+    )
+    deps, private, local = _imports(tmp_path / "a.py", "gns.a")
+    assert deps == {"gns.hardware", "experiments.cli"}
+    assert private == ["gns.hardware._x"] and local == {"gns.hardware"}
+    (tmp_path / "b.py").write_text("from gns.hardware import _x, time_step\n")
+    assert _imports(tmp_path / "b.py", "gns.b") == ({"gns.hardware"}, ["gns.hardware._x"], set())
 
 
 def test_sq_norms_equals_numpy_and_survives_the_float32_range():

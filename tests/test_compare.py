@@ -219,10 +219,13 @@ def test_compare_config_mistake_is_a_user_error_naming_the_field(tmp_path, field
     assert not (tmp_path / "w").exists()
 
 
-def test_old_policy_name_is_an_alias():
+def test_policies_are_checked_names():
     c = smoke_config("compare")
-    c.compare.policies = ("tradeoff_best", "default")
+    c.compare.policies = ("best_measured", "default")
     assert compare.policies(c) == ("best_measured", "default")
+    c.compare.policies = ("tradeoff_best", "default")
+    with pytest.raises(UserError, match="need distinct names among"):
+        compare.policies(c)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -654,7 +654,7 @@ def test_mode_dispatch_rejects_unknown_modes(tmp_path):
 def test_config_variants():
     assert "seed" not in cifar10_config.VARIANTS
     with pytest.raises(UserError, match="effnet_lamb"):
-        cifar10_config.get_config("seed")  # the old name says where it went
+        cifar10_config.get_config("seed")  # an unknown variant names the known ones
     for arg in cifar10_config.VARIANTS:
         c = cifar10_config.get_config(arg)
         doc = getattr(cifar10_config, arg).__doc__
