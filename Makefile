@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The suite in PYTEST_WORKERS processes, one test file each at a time (pytest-xdist).
+PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check gns experiments configs tests
