@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gns import critical, estimate, finder, recommend, smoothing, tradeoff
 
-PROPS = settings(max_examples=40, deadline=None)
+PROPS = settings(max_examples=40, deadline=None, derandomize=True)  # the same cases in CI
 TIMES = {b: 0.01 + 0.001 * b for b in (16, 32, 64, 128, 256)}
 
 
@@ -245,8 +245,8 @@ def test_from_two_batches_matches_exact_arithmetic(small, big, b, extra, k):
     assert abs(Fraction(float(s.g_sq)) - exact_g) <= Fraction(tol)
     assert abs(Fraction(float(s.trace_cov)) - exact_t) <= Fraction(tol * b)
     c = math.ldexp(1.0, k)
-    scaled = estimate.from_two_batches(small * c, big * c, b, big_b)
-    if max(abs(small), abs(big)) * c < 1e300 and (small, big) != (0.0, 0.0):
+    if max(abs(small), abs(big)) * c < 1e300 and (small, big) != (0.0, 0.0):  # no overflow
+        scaled = estimate.from_two_batches(small * c, big * c, b, big_b)
         assert float(scaled.g_sq) == float(s.g_sq) * c
         assert float(scaled.trace_cov) == float(s.trace_cov) * c
         assert float(scaled.b_simple) == float(s.b_simple) or math.isnan(float(s.b_simple))
