@@ -89,13 +89,12 @@ from absl import logging
 from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train
 from experiments.cli import UserError
 from experiments.rules import POLICIES
-from gns import recommend
+from gns import recommend, scaling
 
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
 PLOT_FILE = "compare.png"
 TRADEOFF_PLOT_FILE = "tradeoff.png"
-_ADAM_FAMILY = ("adam", "adamw", "lamb")  # sqrt rule in gns.recommend.scale_learning_rate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +413,7 @@ def _lr_rule(config, b_noise: float):
             recommend.scale_learning_rate(base_lr, base_b, b, b_noise, config.optimizer)[0]
         )
 
-    return lr, "sqrt" if config.optimizer in _ADAM_FAMILY else "sgd"
+    return lr, scaling.rule_for(config.optimizer)
 
 
 def _best_measured(config, workdir: str) -> dict | None:
