@@ -7,56 +7,40 @@ Usage::
       --config.train.data.source=folder \
       --config.train.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-On the model and data of ``config.train`` (a ``configs/cifar10.py`` config) it
+On the task, model and data of ``config.train`` (a ``configs/cifar10.py`` config) it runs the
+measurement of :func:`gns.finder.pipeline`, the one that :func:`gns.finder.find_batch_size`
+runs, with the sweep's steps (:func:`pipeline_steps`, :func:`pipeline_plan`):
 
-1. **measures the noise scale along a pilot**: trains ``noise.pilot_steps`` steps at
-   ``train.batch_size``, measuring ``|G|²`` and ``tr(Σ)`` every ``noise.every`` steps
-   (:mod:`gns.estimate`): ``noise_scale.trajectory`` (``noise.num_stretches`` stretches, each
-   ``b_simple`` with its interval) and ``noise_scale.effective``, the effective noise scale
-   for a run to the end of the pilot (:func:`gns.finder.noise_evidence`); after
-   ``noise.warmup_steps`` steps it also estimates the early ``b_simple`` on
-   ``noise.num_batches`` independent batches with a bootstrap interval
-   (:func:`gns.smoothing.interval`);
-   **and the branched critical batch**: forks from ``critical.num_checkpoints`` states of the
-   pilot (kept in memory, or replayed exactly) at ``train.batch_size·2^j``
-   (:func:`gns.finder.branch`, :func:`gns.critical.branched_critical_batch`):
-   ``critical_batch.checkpoints`` and its path average ``critical_batch.effective``;
-2. **sweeps step time and memory** of the **global** batch on the mesh of training
-   (:mod:`experiments.mesh`, all devices by default; per device ``B / devices``, a ``B`` that
-   does not split evenly is skipped with the reason in its row; memory per device, so the
-   largest batch that fits is per device x devices; ``sweep.json`` records ``mesh``):
-   predicts the memory of powers of two up to the largest
-   batch that fits (:mod:`gns.hardware`: from the compiled step, confirmed by running it), then
-   times all of them, the trained batch sizes and ``train.batch_size`` in **one interleaved
-   table** (round-robin over the batch sizes, several rounds, median, noisy ones re-timed:
-   :func:`gns.finder.time_candidates`; a load that comes and goes hits every batch size
-   alike); batches above the largest that fits are gradient accumulation (``k × t(B/k)``);
-3. **runs short trainings** to ``tradeoff.target_accuracy`` at several batch sizes, the
-   learning rate scaled from ``train.learning_rate`` at ``train.batch_size`` by the rule of
-   :func:`gns.recommend.scale_learning_rate`, and fits ``S(B) = S_min + E_min/B``
-   (:func:`gns.tradeoff.fit`). Time to target is reported two ways: the wall clock of the run
-   (``time_to_target_s``, training time only) and ``steps_to_target(B) × t(B)`` with ``t(B)``
-   from the table (``device_time_to_target_s``). Rankings and ratios use the second, which
-   another process on a shared machine cannot skew from one run to the next;
-4. **recommends** a batch size and learning rate (:func:`gns.recommend.recommend`) on the best
-   evidence measured (:func:`gns.finder.choose_basis`: branched > trajectory > b_simple):
-   ``recommendation.basis`` names it, ``recommendation.basis_note`` says why a better one was
-   not used, ``recommendation.evidence`` holds every measured value with its ratio to the
-   basis. (The trainings' learning rates scale with the early ``b_simple``.)
+1. a **pilot** of ``noise.pilot_steps`` steps at ``train.batch_size``, measuring every
+   ``noise.every`` steps: ``noise_scale.trajectory`` and ``noise_scale.effective``; after
+   ``noise.warmup_steps`` steps the early ``b_simple`` on ``noise.num_batches`` independent
+   batches with a bootstrap interval (:func:`independent_noise`);
+2. the **branched critical batch**: forks from ``critical.num_checkpoints`` states of the pilot
+   at ``train.batch_size·2^j`` (``critical_batch.checkpoints`` and ``.effective``);
+3. **step time and memory** of the **global** batch on the mesh of training
+   (:mod:`experiments.mesh`; per device ``B / devices``, a ``B`` that does not split is
+   skipped with the reason in its row), in one interleaved table (:func:`measure_throughput`);
+   batches above the largest that fits are gradient accumulation (``k × t(B/k)``);
+4. the **recommendation** on the best evidence (branched > trajectory > b_simple:
+   ``recommendation.basis``, ``.basis_note``, ``.evidence``), the timed range extended once
+   past a pick at its end (``throughput_extended_to``);
 
-It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite number as ``null``:
-an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled
-``g_sq`` is not positive; ``time_to_target`` ranks the trainings by device time, and
-``measured_time_to_target``/``measured_wall_time_to_target`` give both times per batch),
-``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png`` (``plots`` in
-``sweep.json``: each path, or why it was not drawn, e.g. no tradeoff chart without trainings),
-and prints a summary table; the trainings' TensorBoard runs are ``DIR/train/*``. Off a terminal
-it logs its stage every few seconds (:mod:`experiments.progress`).
-Each finished measurement is kept in ``DIR/sweep_state.json`` with the
-fingerprint of exactly the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
-the same command after an interruption reuses them and only measures what is missing, and a
-change to a field a stage never reads keeps its measurement. A training interrupted with
-Ctrl-C resumes from its checkpoint in ``DIR/train/B<batch>-seed<seed>-<fingerprint>``.
+then **trainings** to ``tradeoff.target_accuracy`` at several batch sizes (the learning rate
+scaled from ``train.learning_rate`` by :func:`gns.recommend.scale_learning_rate` with the early
+``b_simple``), the fit ``S(B) = S_min + E_min/B`` (:func:`gns.tradeoff.fit`), time to target as
+wall clock (``time_to_target_s``) and as ``steps × t(B)`` from the table
+(``device_time_to_target_s``, which rankings use), and the pick under every basis.
+
+It writes ``DIR/sweep.json`` (strict JSON: a non-finite number is ``null``; an interval end of
+``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled ``g_sq`` is not
+positive), ``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png``
+(``plots``: each path, or why it was not drawn), and prints a summary table; the trainings'
+TensorBoard runs are ``DIR/train/*``. Each finished measurement is kept in
+``DIR/sweep_state.json`` with the fingerprint of exactly the config fields its stage reads
+(:data:`STAGE_FIELDS`): re-running the same command after an interruption measures only what
+is missing (the forks replay the pilot exactly when its record is reused), and a change to a
+field a stage never reads keeps its measurement. A training interrupted with Ctrl-C resumes
+from its checkpoint in ``DIR/train/B<batch>-seed<seed>-<fingerprint>``.
 """
 
 from __future__ import annotations
@@ -107,19 +91,12 @@ SWEEP_FILE = "sweep.json"
 METRICS_FILE = "metrics.jsonl"
 
 __all__ = [
-    "STAGE_FIELDS",
-    "stage_config",
-    "stage_fingerprint",
-    "validate_config",
-    "SweepState",
-    "candidate_batch_sizes",
-    "training_config",
-    "training_dir",
-    "with_device_time",
-    "rank_time_to_target",
-    "run_sweep",
-    "summary_table",
-]
+    "STAGE_FIELDS", "stage_config", "stage_fingerprint", "validate_config", "SweepState",
+    "pipeline_steps", "pipeline_plan", "independent_noise", "critical_fingerprint",
+    "noise_scale_value", "candidate_batch_sizes", "measure_throughput", "training_config",
+    "training_dir", "run_training", "with_device_time", "rank_time_to_target", "fit_tradeoff",
+    "run_sweep", "summary_table",
+]  # fmt: skip
 
 # The config fields each stage reads, and nothing else: a stage gets only these
 # (:func:`stage_config`), and its cached result is keyed by their fingerprint. The throughput
@@ -152,9 +129,6 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     ),
 }
 TIMING_SEED, TIMING_LEARNING_RATE = 0, 1e-3
-PILOT_FIELDS = _fields(
-    train=PILOT_TRAIN, tradeoff="max_steps", noise="warmup_steps pilot_steps every"
-)
 
 # Fields of the pilot and of the branched stage that configs made before them lack (the
 # ``compare`` modes' ``configs/cifar10.py`` sections): a pilot as long as the warm-up, measured
@@ -257,7 +231,7 @@ class SweepState:
     measurement in progress.
     """
 
-    VERSION = 2
+    VERSION = 3
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, STATE_FILE)
@@ -342,14 +316,19 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
     t, ccfg = config.train, _get_path(config, "critical")
     horizon = config.tradeoff.max_steps
     model, plain_fn, gns_fn, state = _setup(t, ds, task, train.make_schedule(t, horizon))
-    by_mult: dict[float, Any] = {1.0: plain_fn}
+    by_mult: dict[float, Any] = {}
 
-    def make_step(size, mult):
+    def make_step(size, mult):  # one function per multiplier: each shape compiles once
         if mult not in by_mult:
             tm = copy.deepcopy(t)
             tm.learning_rate = float(t.learning_rate) * mult
-            by_mult[mult] = _setup(tm, ds, task, train.make_schedule(tm, horizon))[1]
-        return lambda st, batch: by_mult[mult](st, batch)[0]
+            fn = (
+                plain_fn
+                if mult == 1.0
+                else _setup(tm, ds, task, train.make_schedule(tm, horizon))[1]
+            )
+            by_mult[mult] = lambda st, batch: fn(st, batch)[0]
+        return by_mult[mult]
 
     arrays = task.eval_arrays(t, ds, "test", int(ccfg.eval_examples))
     held_out = next(iter(task.eval_batches(ds, arrays, len(next(iter(arrays.values()))))))
@@ -508,31 +487,22 @@ def timing_table(rows: list[dict]) -> hardware.TimingTable:
 
 
 def measure_throughput(view, ds, task, extra=()) -> dict:
-    """Stage 2: memory of each candidate, then one interleaved timing table, on the mesh.
+    """Memory of each candidate, then one interleaved timing table, on the mesh.
 
-    The candidates are **global** batch sizes: the powers of two of ``view.throughput`` plus
-    ``train.batch_size`` and the fixed ``tradeoff.batch_sizes`` (so that every trained batch
-    has its ``t(B)`` from the same table). The step is the data-parallel one of training
-    (:mod:`experiments.mesh`: ``train.num_devices`` devices, all by default), each device
-    holding ``B / devices`` examples; a candidate that does not split evenly over the devices
-    is skipped, with the reason in its row. Memory is per device (XLA's analysis of the
-    partitioned step, against a per-device budget: ``throughput.memory_budget_bytes``, or the
-    device's memory, or on CPU half the available host RAM shared by the simulated devices),
-    so the largest global batch that fits is the largest per-device batch times the devices.
-    Each is predicted against the memory budget and confirmed by running
-    (:func:`gns.hardware.largest_batch_that_fits`); those that fit are timed round-robin,
-    ``throughput.repeats`` rounds after ``throughput.warmup`` untimed rounds, and a batch whose
-    relative interquartile range stays above 10% gets extra rounds
-    (:func:`gns.finder.time_candidates`, :func:`gns.hardware.time_batch_sizes`), reusing the
-    executables compiled for the prediction.
+    The candidates (:func:`throughput_candidates`, and ``extra``) are **global** batch sizes
+    of the data-parallel step of training (``train.num_devices`` devices, all by default),
+    each device holding ``B / devices`` examples; one that does not split evenly is skipped,
+    with the reason in its row. Memory is per device (against ``throughput.memory_budget_bytes``,
+    or the device's memory, or on CPU its share of half the available host RAM), predicted and
+    confirmed by running; those that fit are timed round-robin, ``throughput.repeats`` rounds
+    after ``throughput.warmup`` (:func:`gns.finder.time_candidates`).
 
     Returns:
-      ``{"rows": [...], "max_batch_size": int | None, "max_batch_size_per_device": int |
-      None, "mesh": dict}``: one row per candidate, ascending, with ``batch_size`` (global),
-      ``per_device_batch_size``, ``fits``, ``predicted_bytes`` (per device), ``budget_bytes``,
-      ``budget_source``, ``reason``, ``step_time_s`` (median), ``step_time_iqr_s``,
-      ``times_s`` (one per round), ``extra_rounds`` (re-timing rounds), ``stable`` and
-      ``examples_per_s`` (global); ``mesh`` is :func:`experiments.mesh.describe`.
+      ``{"rows", "max_batch_size", "max_batch_size_per_device", "mesh"}``: one row per
+      candidate, ascending: ``batch_size`` (global), ``per_device_batch_size``, ``fits``,
+      ``predicted_bytes`` (per device), ``budget_bytes``, ``budget_source``, ``reason``,
+      ``step_time_s`` (median), ``step_time_iqr_s``, ``times_s``, ``extra_rounds``,
+      ``stable``, ``examples_per_s`` (global).
     """
     timing, t = view.throughput, copy.deepcopy(view.train)
     t.seed = TIMING_SEED
@@ -569,31 +539,19 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
         warmup=timing.warmup, make_shape_args=make_args,
     ) if timed else (None, None)  # fmt: skip
     timings = {} if table is None else table.timings
-    rows = []
-    for rec in [] if res is None else res.records:
-        row = rec.to_dict() | {
-            "budget_source": budget_source or res.budget_source,
-            "accumulation_steps": 1,
-            "per_device_batch_size": rec.batch_size // n,
-        }
-        bt = timings.get(rec.batch_size)
-        row.update(
-            step_time_s=None if bt is None else bt.median_s,
-            step_time_iqr_s=None if bt is None else bt.q75_s - bt.q25_s,
-            times_s=[] if bt is None else list(bt.times_s),
-            extra_rounds=None if bt is None else bt.extra_rounds,
-            stable=None if bt is None else bt.stable,
-            examples_per_s=None if bt is None else rec.batch_size / bt.median_s,
-        )
-        rows.append(row)
-    for b, why in skipped.items():
-        rows.append(
-            {"batch_size": b, "per_device_batch_size": None, "predicted_bytes": None,
-             "budget_bytes": None if res is None else res.budget_bytes, "fits": False,
-             "confirmed": False, "reason": why, "budget_source": None, "accumulation_steps": 1,
-             "step_time_s": None, "step_time_iqr_s": None, "times_s": [], "extra_rounds": None,
-             "stable": None, "examples_per_s": None, "skipped": True}
-        )  # fmt: skip
+    rows = [
+        rec.to_dict() | _timing_row(timings.get(rec.batch_size), rec.batch_size)
+        | {"budget_source": budget_source or res.budget_source, "accumulation_steps": 1,
+           "per_device_batch_size": rec.batch_size // n}
+        for rec in ([] if res is None else res.records)
+    ]  # fmt: skip
+    rows += [
+        _timing_row(None, b) | {"batch_size": b, "per_device_batch_size": None,
+         "predicted_bytes": None, "budget_bytes": None if res is None else res.budget_bytes,
+         "fits": False, "confirmed": False, "reason": why, "budget_source": None,
+         "accumulation_steps": 1, "skipped": True}
+        for b, why in skipped.items()
+    ]  # fmt: skip
     max_b = None if res is None else res.max_batch_size
     return {
         "rows": sorted(rows, key=lambda r: r["batch_size"]),
@@ -601,6 +559,16 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
         "max_batch_size_per_device": None if max_b is None else max_b // n,
         "mesh": mesh_lib.describe(mesh),
     }
+
+
+def _timing_row(bt: hardware.BatchTiming | None, b: int) -> dict:
+    """The timing fields of a throughput row (``None`` and ``[]`` when not timed)."""
+    if bt is None:
+        return dict(step_time_s=None, step_time_iqr_s=None, times_s=[], extra_rounds=None,
+                    stable=None, examples_per_s=None)  # fmt: skip
+    return dict(step_time_s=bt.median_s, step_time_iqr_s=bt.q75_s - bt.q25_s,
+                times_s=list(bt.times_s), extra_rounds=bt.extra_rounds, stable=bt.stable,
+                examples_per_s=b / bt.median_s)  # fmt: skip
 
 
 def _shared_host_budget(num_devices: int) -> tuple[int, str]:
@@ -1044,10 +1012,6 @@ def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def summary_table(sweep: dict) -> str:
     """A plain-text summary: device, throughput, noise scale, tradeoff, recommendation."""
     return "\n".join(
@@ -1066,7 +1030,8 @@ def _throughput_lines(sweep: dict) -> list[str]:
         )
     lines += [
         "",
-        f"{'batch':>7} {'fits':>5} {'accum':>5} {'step ms':>9} {'examples/s':>11} {'pred. MiB':>10}",
+        f"{'batch':>7} {'fits':>5} {'accum':>5} {'step ms':>9} {'examples/s':>11} "
+        f"{'pred. MiB':>10}",
     ]
     for r in sweep["throughput"]:
         ms = None if r.get("step_time_s") is None else 1e3 * r["step_time_s"]

@@ -1569,34 +1569,34 @@ def find_batch_size(
     opt_state = optimizer.init(params) if opt_state is None else opt_state
     a = dict(locals())
     checked = _check_arguments(a)
-    ref = checked["ref"]
+    ref, rule, base_lr = checked["ref"], checked["rule"], learning_rate or 1.0
     plan = Plan(
         ref, pilot_steps, 1, max_seconds, num_stretches, branched, branch_points,
         tuple(checked["exps"]), branch_steps, branch_repeats, branch_max_cost,
         checked["fork_rule"], budget_s, budget_fraction, run_steps, confidence, None, seed,
     )  # fmt: skip
     tracker = smoothing.ema()
-    measure_step, train_step, make_step = _make_steps(
+    measure, train_step, make_step = _make_steps(
         loss_fn, optimizer, method, num_microbatches, tracker
     )
-    fork_batch, eval_fn = _fork_data(loss_fn, checked["get"], plan, eval_batch_size)
-    steps = Steps(measure_step, make_step, checked["get"], fork_batch, eval_fn)
-    cands = checked["cands"] or power_of_two_candidates(
-        min_batch_size or max(1, ref // 8), max_batch_size or 8 * ref
-    )
-    rule, base_lr = checked["rule"], learning_rate or 1.0
+    forks = _fork_data(loss_fn, checked["get"], plan, eval_batch_size)
     kw = dict(base_batch_size=ref, base_lr=base_lr, objective=objective,
               optimizer={"sgd": "sgd", "sqrt": "adam"}.get(rule, "sgd"))  # fmt: skip
     seconds: dict[str, float] = {}
     m = pipeline(
-        steps, (params, opt_state, tracker.init()), plan,
-        time_fn=_time_fn(train_step, params, opt_state, checked, a, seconds),
-        decide_fn=functools.partial(decide, **kw), candidates=cands,
-        progress=checked["progress"],
+        Steps(measure, make_step, checked["get"], *forks), (params, opt_state, tracker.init()),
+        plan, time_fn=_time_fn(train_step, params, opt_state, checked, a, seconds),
+        decide_fn=functools.partial(decide, **kw), progress=checked["progress"],
+        candidates=checked["cands"] or power_of_two_candidates(
+            min_batch_size or max(1, ref // 8), max_batch_size or 8 * ref),
     )  # fmt: skip
-    seconds |= m.seconds
-    t0 = time.perf_counter()
-    rec = m.recommendation
+    return _result(checked, a, m, kw, seconds | m.seconds, t_start)
+
+
+def _decision(checked, m: Measured, kw: dict) -> tuple[recommend.Recommendation, list[str]]:
+    """The pick at the run's rule (``linear``, ``seesaw``, ``constant``: its multiplier) and
+    the warnings of unstable step times."""
+    rec, rule, ref, base_lr = m.recommendation, checked["rule"], checked["ref"], kw["base_lr"]
     if rule not in ("sgd", "sqrt"):
         mult = float(scaling.multiplier(rule, rec.batch_size, ref, rec.b_noise, xp=np))
         rec = dataclasses.replace(
@@ -1604,14 +1604,16 @@ def find_batch_size(
         )
     max_b, table, _ = m.timed
     timing_only = decide(m.basis, (m.value[0], math.nan, math.nan), m.evidence, table, max_b, **kw)
+    return rec, _timing_warnings(table, rec, timing_only)
+
+
+def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
+    """The :class:`BatchSizeResult`, with every warning and the settings."""
+    t0 = time.perf_counter()
+    rec, timing_warn = _decision(checked, m, kw)
     seconds["decide"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     seconds["overhead"] = seconds["total"] - seconds["pilot"]
-    return _result(checked, a, m, rec, _timing_warnings(table, rec, timing_only), seconds)
-
-
-def _result(checked, a, m: Measured, rec, timing_warn, seconds):
-    """The :class:`BatchSizeResult`, with every warning and the settings."""
     pilot, noise, forks, fit = m.pilot, m.live["noise"], m.live.get("branched"), m.timed[2]
     warn = _branch_warnings(forks, m.basis) + timing_warn
     if m.budget_s is not None and seconds["overhead"] > m.budget_s:
