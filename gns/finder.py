@@ -34,9 +34,12 @@ the same step on the same device (:class:`gns.hardware.TimingCache`), and ``.sec
 each phase. ``progress(phase, done, total)`` reports every phase; gns draws nothing. Diverged
 forks, unresolved checkpoints and unstable step times are named in ``.warnings``.
 
-The pieces are public too (:func:`run_pilot`, :func:`noise_evidence`, :func:`branch`,
-:func:`choose_basis`, :func:`time_candidates`, :func:`decide`): ``experiments/sweep.py`` calls
-them with its own train step and keeps each result in its stage cache.
+The stages are public (:func:`run_pilot`, :func:`noise_evidence`, :func:`branch`,
+:func:`choose_basis`, :func:`time_candidates`, :func:`decide`) and composed once, by
+:func:`pipeline`, over a small interface (:class:`Steps`: a measuring step, a plain step with a
+learning-rate multiplier, ``batch_fn(size, index)``, an evaluation; :class:`Plan`: the
+settings; a ``time_fn`` and a ``decide_fn``): :func:`find_batch_size` runs it on any JAX loss,
+``experiments/sweep.py`` on its task with a stage cache (``cache``) and its mesh's timing.
 
 Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018);
 Merrill et al., "Critical Batch Size Revisited" (2025, arXiv 2505.23971).
@@ -59,25 +62,12 @@ import numpy as np
 from gns import common, critical, estimate, hardware, recommend, scaling, smoothing
 
 __all__ = [
-    "BASIS_ORDER",
-    "Pilot",
-    "BatchSizeResult",
-    "as_batch_fn",
-    "run_pilot",
-    "noise_evidence",
-    "branch",
-    "checkpoint_steps",
-    "checkpoint_rows",
-    "choose_basis",
-    "power_of_two_candidates",
-    "time_candidates",
-    "decide",
-    "find_batch_size",
-    "TrainState",
-    "continue_training",
-    "resolve_lr_rule",
-    "dominated_sizes",
-]
+    "BASIS_ORDER", "Pilot", "BatchSizeResult", "as_batch_fn", "run_pilot", "noise_evidence",
+    "branch", "checkpoint_steps", "checkpoint_rows", "choose_basis", "power_of_two_candidates",
+    "time_candidates", "decide", "Steps", "Plan", "Measured", "pipeline", "noise_record",
+    "branch_record", "effective_from_record", "fork_noise_scale", "find_batch_size",
+    "TrainState", "continue_training", "resolve_lr_rule", "dominated_sizes",
+]  # fmt: skip
 
 BASIS_ORDER = ("branched", "trajectory", "b_simple")  # best evidence first
 
@@ -165,11 +155,11 @@ class Pilot(NamedTuple):
     """A pilot run at the reference batch.
 
     Attributes:
-      rows: one dict per step: ``step`` (1-based), ``g_sq``, ``trace_cov``, ``b_simple`` and the
-        EMA values ``ema_g_sq``, ``ema_trace_cov``, ``ema_b_simple``.
+      rows: one dict per measured step: ``step`` (1-based), ``g_sq``, ``trace_cov``,
+        ``b_simple`` and the EMA values ``ema_g_sq``, ``ema_trace_cov``, ``ema_b_simple``.
       state: the state after the last step.
       checkpoints: ``{step: state}`` at the requested steps (in memory).
-      steps: steps done.
+      steps: steps done (measured or not).
       seconds: wall time of the pilot (compile included).
       stop_reason: ``"steps"`` or ``"time"``.
       step_s: mean wall time of one step after the first (the first compiles); ``nan`` with
