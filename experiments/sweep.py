@@ -272,8 +272,8 @@ class SweepState:
 # The model side of the pipeline (gns.finder.Steps) and the sweep's own noise measurement.
 
 
-def _setup(t, ds, task, schedule, *, mesh=None):
-    """Model, plain step, measuring step and initial state of the training setup ``t``; with
+def _setup(t, ds, task, schedule, *, mesh=None, init: bool = True):
+    """Model, plain step, measuring step and initial state (``init``) of the setup ``t``; with
     ``mesh`` the steps are the data-parallel ones of :func:`experiments.train.make_train_steps`
     and the state is replicated on it."""
     model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
@@ -285,6 +285,8 @@ def _setup(t, ds, task, schedule, *, mesh=None):
         num_microbatches=int(t.gns_microbatches), use_dropout=models.uses_dropout(model),
         schedule=schedule, mesh=mesh,
     )  # fmt: skip
+    if not init:
+        return model, plain_fn, gns_fn, None
     shape, dtype = task.input_spec(ds)
     state = train.init_state(t, model, optimizer, tracker, shape, dtype, mesh=mesh)
     return model, plain_fn, gns_fn, state
@@ -313,8 +315,8 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
     (the trainings' own subset for the same size). Deterministic: a replay gives the same
     states (CPU).
     """
-    t, ccfg = config.train, _get_path(config, "critical")
-    horizon = config.tradeoff.max_steps
+    view = stage_config(config, "critical_batch")  # what shapes the pilot, and the forks
+    t, ccfg, horizon = view.train, view.critical, view.tradeoff.max_steps
     model, plain_fn, gns_fn, state = _setup(t, ds, task, train.make_schedule(t, horizon))
     by_mult: dict[float, Any] = {}
 
@@ -322,12 +324,9 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
         if mult not in by_mult:
             tm = copy.deepcopy(t)
             tm.learning_rate = float(t.learning_rate) * mult
-            fn = (
-                plain_fn
-                if mult == 1.0
-                else _setup(tm, ds, task, train.make_schedule(tm, horizon))[1]
-            )
-            by_mult[mult] = lambda st, batch: fn(st, batch)[0]
+            schedule = train.make_schedule(tm, horizon)
+            fn = plain_fn if mult == 1.0 else _setup(tm, ds, task, schedule, init=False)[1]
+            by_mult[mult] = lambda st, batch, fn=fn: fn(st, batch)[0]
         return by_mult[mult]
 
     arrays = task.eval_arrays(t, ds, "test", int(ccfg.eval_examples))
@@ -348,11 +347,11 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
 def pipeline_plan(config) -> finder.Plan:
     """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise``, the forks of
     ``critical`` (0 checkpoints: none) at the rule of ``train.optimizer``."""
-    t, noise, ccfg = config.train, config.noise, _get_path(config, "critical")
+    view = stage_config(config, "noise_scale")
+    t, noise, ccfg = view.train, view.noise, stage_config(config, "critical_batch").critical
     return finder.Plan(
         ref_batch_size=int(t.batch_size), pilot_steps=pilot_length(noise),
-        every=max(1, int(_get_path(config, "noise.every"))),
-        num_stretches=int(_get_path(config, "noise.num_stretches")),
+        every=max(1, int(noise.every)), num_stretches=int(noise.num_stretches),
         branched=int(ccfg.num_checkpoints) > 0, branch_points=int(ccfg.num_checkpoints),
         branch_exponents=tuple(int(e) for e in ccfg.exponents),
         branch_steps=int(ccfg.fork_steps), branch_repeats=int(ccfg.num_repeats),
@@ -366,7 +365,8 @@ def independent_noise(config, ds, task):
     ``noise.num_batches`` independent batches of ``noise.batch_size`` (seed ``train.seed + 1``),
     pooled with a bootstrap interval (:func:`gns.smoothing.interval`); ``finish(record)`` puts
     it into the noise record (``b_simple``, ``interval``, ``per_batch``, ...)."""
-    t, noise = config.train, config.noise
+    view = stage_config(config, "noise_scale")
+    t, noise = view.train, view.noise
     model = models.get_model(t.model, num_classes=ds.num_classes)
     mcfg = copy.deepcopy(t)
     mcfg.gns_method = noise.method
