@@ -258,25 +258,15 @@ def lr_multiplier(rule: str, batch_size, base_batch_size, noise=jnp.inf) -> jax.
     return scaling.multiplier(rule, batch_size, base_batch_size, noise)
 
 
-def _int_list(name: str, values) -> list[int]:
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not float(v).is_integer():
-            raise ValueError(f"{name} must be integers, got {v!r} in {list(values)!r}.")
-        out.append(int(v))
-    return out
-
-
 def check_candidates(candidates: Sequence[int]) -> list[int]:
     """``candidates`` as a list of ints, checked as :func:`batch_size_schedule` checks them
-    (non-empty, positive, strictly increasing); ``ValueError`` naming the problem otherwise."""
-    cands = _int_list("candidates", candidates)
+    (non-empty, whole batch sizes, strictly increasing); ``ValueError`` naming the problem
+    otherwise."""
+    cands = [common.check_batch_size(b, "each of candidates") for b in candidates]
     if not cands:
         raise ValueError(
             "candidates is empty: pass the batch sizes to compile, e.g. powers_of_two(16, 1024)."
         )
-    if min(cands) < 1:
-        raise ValueError(f"candidates must be positive batch sizes, got {cands}.")
     if any(b <= a for a, b in zip(cands, cands[1:], strict=False)):
         raise ValueError(
             f"candidates must be strictly increasing (sorted, no duplicates), got {cands}: pass "

@@ -353,9 +353,9 @@ def test_candidate_that_does_not_split_into_equal_microbatches_is_an_error():
         ((), "candidates is empty"),
         ((16, 8, 32), "strictly increasing"),
         ((16, 16, 32), "strictly increasing"),
-        ((0, 8), "positive"),
-        ((8, 12.5), "integers"),
-        ((True, 8), "integers"),
+        ((0, 8), "whole number of examples >= 1"),
+        ((8, 12.5), "whole number"),
+        ((True, 8), "whole number"),
     ],
 )
 def test_bad_candidates(candidates, match):
