@@ -1192,13 +1192,13 @@ def train_batches(
         produce = lambda: make(start_example=next(starts))  # noqa: E731
     if prefetch <= 0:
         return (produce() for _ in itertools.count())
-    return _prefetched(produce, prefetch)
+    return prefetched(produce, prefetch)
 
 
 _thread_ids = itertools.count()
 
 
-def _prefetched(produce: Callable[[], Any], size: int) -> Iterator[Any]:
+def prefetched(produce: Callable[[], Any], size: int = 2) -> Iterator[Any]:
     """Yields ``produce()`` results computed ahead by a daemon thread (queue of ``size``).
 
     The thread holds no reference to the generator, so closing or dropping the generator runs
@@ -1234,50 +1234,6 @@ def _prefetched(produce: Callable[[], Any], size: int) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(timeout=10)
-
-
-def eval_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    mean: np.ndarray,
-    std: np.ndarray,
-    *,
-    pad: bool = False,
-) -> Iterator[dict]:
-    """Batches of a whole split in order, no shuffle, no augmentation, every example once.
-
-    Each batch is ``{'image': float32 [b, H, W, C] normalized, 'label': int32 [b],
-    'mask': bool [b]}``. By default the last batch is smaller (``b < batch_size``) and ``mask``
-    is all True. With ``pad=True`` every batch has ``batch_size`` rows (one compiled shape,
-    divisible by the device count when ``batch_size`` is): the last one is filled with zero
-    images and label 0, marked ``mask=False``; weight per-example metrics by ``mask``.
-
-    Args:
-      images: uint8 ``[M, H, W, C]``.
-      labels: int ``[M]``.
-      batch_size: rows per batch.
-      mean: ``[C]``, as for :func:`normalize`.
-      std: ``[C]``.
-      pad: pad the last batch to ``batch_size``.
-
-    Returns:
-      An iterator of batches.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels.")
-    for start in range(0, len(labels), batch_size):
-        image = normalize(images[start : start + batch_size], mean, std)
-        label = np.asarray(labels[start : start + batch_size], np.int32)
-        mask = np.ones(len(label), dtype=bool)
-        if pad and len(label) < batch_size:
-            extra = batch_size - len(label)
-            image = np.concatenate([image, np.zeros((extra, *image.shape[1:]), np.float32)])
-            label = np.concatenate([label, np.zeros(extra, np.int32)])
-            mask = np.concatenate([mask, np.zeros(extra, bool)])
-        yield {"image": image, "label": label, "mask": mask}
 
 
 def epochs_of(step: int, batch_size: int, num_train: int) -> float:
