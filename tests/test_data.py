@@ -448,27 +448,6 @@ def test_train_batches_errors():
         data.train_batches(ds, 2, seed=0, start_step=-1)
 
 
-# --- eval batches -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("pad", [False, True])
-def test_eval_batches_cover_the_split_in_order(pad):
-    ds = _indexed_dataset(23)
-    batches = list(
-        data.eval_batches(ds.train_images, ds.train_labels, 10, ds.mean, ds.std, pad=pad)
-    )
-    assert [len(b["label"]) for b in batches] == ([10, 10, 10] if pad else [10, 10, 3])
-    mask = np.concatenate([b["mask"] for b in batches])
-    assert mask.sum() == 23 and mask[:23].all()
-    ids = np.concatenate([_example_ids(ds, b) for b in batches])[mask]
-    np.testing.assert_array_equal(ids, np.arange(23))
-    labels = np.concatenate([b["label"] for b in batches])[mask]
-    np.testing.assert_array_equal(labels, ds.train_labels)
-    np.testing.assert_allclose(
-        batches[0]["image"], data.normalize(ds.train_images[:10], ds.mean, ds.std)
-    )
-
-
 def test_prefetch_reraises_producer_errors_in_the_caller():
     ds = _indexed_dataset(16)
     broken = data.Dataset(
