@@ -281,23 +281,19 @@ def _synthetic_arrays(scfg, num_train: int, num_test: int) -> dict[str, Any]:
     pattern = np.repeat(np.repeat(coarse, reps, axis=1), reps, axis=2)
     templates = 128.0 + colours + pattern[:, :image_size, :image_size]
 
-    def make(n: int, split_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def make(n: int, part: int) -> tuple[np.ndarray, np.ndarray]:
+        split_rng = np.random.default_rng([seed, part])
         labels = split_rng.permutation(np.arange(n) % num_classes).astype(np.int32)
         jitter = split_rng.normal(0.0, 20.0, size=(n, 1, 1, 3))
         noise = split_rng.normal(0.0, 50.0, size=(n, image_size, image_size, 3))
         images = templates[labels] + jitter + noise
         return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
 
-    train_images, train_labels = make(num_train, np.random.default_rng([seed, 1]))
-    test_images, test_labels = make(num_test, np.random.default_rng([seed, 2]))
-    return dict(
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        num_classes=num_classes,
-        class_names=[f"class_{k}" for k in range(num_classes)],
-    )
+    out: dict[str, Any] = {"num_classes": num_classes,
+                           "class_names": [f"class_{k}" for k in range(num_classes)]}  # fmt: skip
+    for part, (split, n) in enumerate(zip(SPLITS, (num_train, num_test), strict=True), 1):
+        out[f"{split}_images"], out[f"{split}_labels"] = make(n, part)
+    return out
 
 
 # --- tfds -------------------------------------------------------------------------------------

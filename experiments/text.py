@@ -387,16 +387,7 @@ def train_offsets(
     ``np.random.default_rng([seed, e, tag])`` draws ``shift_e`` in ``[0, num_bytes - per_epoch
     * window]`` and the order of ``k`` (a permutation of ``range(per_epoch)``). Example ``i`` is
     position ``i % per_epoch`` of epoch ``i // per_epoch``: a pure function of ``(seed, i)``.
-
-    Args:
-      num_bytes: bytes of the train split.
-      window: bytes per example (``context + 1``), at most ``num_bytes``.
-      seed: non-negative seed.
-      start_example: index of the first example (examples seen before this batch).
-      batch_size: number of examples.
-
-    Returns:
-      The offsets; window ``o`` is ``train[o : o + window]``.
+    Window ``o`` is ``train[o : o + window]`` (``window = context + 1 <= num_bytes``).
     """
     if not 1 <= window <= num_bytes:
         raise ValueError(f"window={window} must be in [1, num_bytes={num_bytes}].")
@@ -431,25 +422,12 @@ def _windows(data: np.ndarray, offsets: np.ndarray, window: int) -> dict:
 
 
 def train_batch(ds: TextDataset, start_example: int, batch_size: int, seed: int) -> dict:
-    """The train examples ``[start_example, start_example + batch_size)``.
+    """The train examples ``[start_example, start_example + batch_size)``: ``{'tokens',
+    'targets'}``, int32 ``[B, context]``, ``targets[:, t]`` the byte after ``tokens[:, t]``.
 
-    A pure function of ``(ds, start_example, batch_size, seed)`` (see :func:`train_offsets`):
-    the batch of ``[i, i + B)`` is the concatenation of those of ``[i, i + k)`` and
-    ``[i + k, i + B)``.
-
-    Args:
-      ds: the dataset.
-      start_example: examples seen before this batch.
-      batch_size: examples in the batch.
-      seed: non-negative seed of the shuffle.
-
-    Returns:
-      ``{'tokens': int32 [B, context], 'targets': int32 [B, context]}``; ``targets[:, t]`` is
-      the byte after ``tokens[:, t]``.
-
-    Example::
-
-        batch = train_batch(ds, start_example=step * 32, batch_size=32, seed=0)
+    A pure function of ``(ds, start_example, batch_size, seed)`` (:func:`train_offsets`): the
+    batch of ``[i, i + B)`` is the concatenation of those of ``[i, i + k)`` and ``[i + k, i +
+    B)``.
     """
     offsets = train_offsets(len(ds.train), ds.window, seed, start_example, batch_size)
     return _windows(ds.train, offsets, ds.window)
@@ -459,14 +437,8 @@ def eval_arrays(ds: TextDataset, max_windows: int | None = None) -> dict:
     """Fixed held-out windows: non-overlapping ``context + 1``-byte windows of the test split.
 
     All ``num_eval_windows`` windows (at offsets ``k * (context + 1)``), or ``max_windows`` of
-    them spread evenly over the split (``k = j * num_eval_windows // max_windows``).
-
-    Args:
-      ds: the dataset.
-      max_windows: cap on the number of windows (``None``: all).
-
-    Returns:
-      ``{'tokens': int32 [W, context], 'targets': int32 [W, context]}``.
+    them spread evenly over the split (``k = j * num_eval_windows // max_windows``), as
+    ``{'tokens', 'targets'}`` (int32 ``[W, context]``).
     """
     total = ds.num_eval_windows
     n = total if max_windows is None else min(int(max_windows), total)

@@ -113,6 +113,14 @@ def subset(n_total: int, n: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
 
 
+def split_subset(train: dict, test: dict, split: str, n: int | None) -> dict:
+    """:attr:`Task.eval_arrays` of a task with its splits in memory: a fixed random subset of
+    ``n`` examples (``None``: all) of the ``test`` arrays, or of the ``train`` ones."""
+    arrays = test if split == "test" else train
+    idx = subset(len(next(iter(arrays.values()))), n, 1 if split == "test" else 2)
+    return {k: v[idx] for k, v in arrays.items()}
+
+
 def padded_batches(arrays: dict, batch_size: int) -> Iterator[dict]:
     """``arrays`` (equal leading axes) in batches of ``batch_size``, the last one padded with
     zeros, each with a bool ``mask`` of the real examples."""

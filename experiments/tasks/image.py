@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from experiments import data
-from experiments.tasks.base import Task, padded_batches, subset
+from experiments.tasks.base import Task, padded_batches, split_subset
 
 
 def _batch(config, ds, size: int, start: int) -> dict:
@@ -25,10 +25,8 @@ def _step_batches(config, ds, batch_size: int, start_step: int) -> Iterator[dict
 
 
 def _eval_arrays(config, ds, split: str, n: int | None) -> dict:
-    images, labels = (ds.test_images, ds.test_labels) if split == "test" else (
-        ds.train_images, ds.train_labels)  # fmt: skip
-    idx = subset(len(labels), n, 1 if split == "test" else 2)
-    return {"image": images[idx], "label": labels[idx]}
+    train = {"image": ds.train_images, "label": ds.train_labels}
+    return split_subset(train, {"image": ds.test_images, "label": ds.test_labels}, split, n)
 
 
 def _eval_batches(ds, arrays: dict, batch_size: int) -> Iterator[dict]:

@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from experiments import data
-from experiments.tasks.base import Task, eval_padded, subset
+from experiments.tasks.base import Task, eval_padded, split_subset
 
 _TEACHER_TAG = 0x74656163  # keeps the teacher's draw apart from the splits' ([seed, 1], [seed, 2])
 
@@ -77,9 +77,8 @@ def _batch(config, ds: TeacherData, size: int, start: int) -> dict:
 
 
 def _eval_arrays(config, ds: TeacherData, split: str, n: int | None) -> dict:
-    x, y = (ds.test_x, ds.test_y) if split == "test" else (ds.train_x, ds.train_y)
-    idx = subset(len(y), n, 1 if split == "test" else 2)
-    return {"features": x[idx], "label": y[idx]}
+    train = {"features": ds.train_x, "label": ds.train_y}
+    return split_subset(train, {"features": ds.test_x, "label": ds.test_y}, split, n)
 
 
 TASK = Task(
