@@ -539,7 +539,11 @@ LM_MODEL_CROSS = (
 
 TEXT_CROSS = (_target_needs_eval("target_bits_per_byte"),) + LM_MODEL_CROSS
 
-TEACHER_CROSS = (_target_needs_eval("target_accuracy"),)
+TEACHER_CROSS = (
+    _target_needs_eval("target_accuracy"),
+    cross(("mode",), lambda c, d: c.mode == "train", "config.task='teacher' trains only: the "
+          "compare and tradeoff modes take image data", "--config.mode=train"),
+)  # fmt: skip
 
 MEASURE_CROSS = (
     cross(("throughput.min_batch_size", "throughput.max_batch_size"),

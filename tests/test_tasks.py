@@ -122,7 +122,10 @@ def test_teacher_config_passes_and_documents_every_field(variant):
     for kind in ("cifar10", "teacher"):  # the entry point's check, then the training's
         rules.check(config, kind)
         assert not [ln for ln in rules.describe(config, kind) if "(no rule)" in ln]
-    config.data.scale = 0.0
+    config.mode = "compare"
+    with pytest.raises(UserError, match="trains only"):
+        rules.check(config, "cifar10")
+    config.mode, config.data.scale = "train", 0.0
     with pytest.raises(UserError, match=r"data\.scale=0\.0"):
         rules.check(config, "cifar10")
 
