@@ -299,10 +299,10 @@ def pilot_length(noise) -> int:
 
 
 def _stream(task, t, ds, seed: int):
-    """``batch_fn(size, index)`` of the task's train stream from ``seed``."""
+    """``batch_fn(size, index)`` of the task's example stream from ``seed``."""
     cfg = copy.deepcopy(t)
     cfg.seed = seed
-    return finder.as_batch_fn(lambda size: task.train_batches(cfg, ds, size, 0))
+    return task.batch_fn(cfg, ds)
 
 
 def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
@@ -516,7 +516,7 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     step = jax.jit(
         plain_fn, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh_lib.AXIS)))
     )
-    template = next(iter(task.train_batches(t, ds, 1, 0)))
+    template = task.batch_fn(t, ds)(1, 0)
     cands = set(throughput_candidates(view)) | {int(b) for b in extra}
     skipped = {b: mesh_lib.split_reason(b, mesh) for b in cands}
     skipped = {b: why for b, why in skipped.items() if why}

@@ -688,19 +688,14 @@ class Measured(NamedTuple):
     """What :func:`pipeline` measured and decided.
 
     Attributes:
-      noise: the noise stage's record (:func:`noise_record`, strict-JSON-able).
-      branched: the forks' record (:func:`branch_record`; ``checkpoints`` empty and a
-        ``note`` when not measured).
+      noise, branched: the records of the noise stage and of the forks (:func:`noise_record`,
+        :func:`branch_record`; a ``note`` and no ``checkpoints`` when the forks did not run).
       basis, value, evidence, note: :func:`choose_basis` on the records.
-      recommendation: :func:`decide`'s, after the widening once.
-      timed: what ``time_fn`` returned for the final table: ``(max_batch_size, TimingTable,
-        extra)``.
-      extended_to: the batch the timed range was extended to, or ``None``.
-      candidates: the batch sizes timed first.
-      pilot: the :class:`Pilot` when it ran in this call (``None``: the noise record came from
-        the cache).
-      live: the objects behind the records of the stages run in this call: ``noise``
-        (:func:`noise_evidence`) and ``branched`` (:func:`branch`).
+      recommendation: :func:`decide`'s, after the widening once (``extended_to``: the batch
+        the timed range was extended to, or ``None``; ``candidates``: the sizes timed first).
+      timed: ``time_fn``'s ``(max_batch_size, TimingTable, extra)`` of the final table.
+      live: the objects of the stages run in this call (not read from the cache): ``pilot``
+        (:class:`Pilot`), ``noise`` (:func:`noise_evidence`), ``branched`` (:func:`branch`).
       budget_s: the budget beyond the pilot in seconds (``None``: not bounded).
       seconds: wall time of ``pilot``, ``noise`` (its evidence) and ``branched``.
     """
@@ -715,7 +710,6 @@ class Measured(NamedTuple):
     timed: tuple
     extended_to: int | None
     candidates: list[int]
-    pilot: Pilot | None
     live: dict
     budget_s: float | None
     seconds: dict
@@ -923,7 +917,7 @@ def pipeline(
                                                               - seconds["pilot"]), 1e-9),
     )  # fmt: skip
     return Measured(noise, forks, basis, value, evidence, note, rec, timed, extended, cands,
-                    live.get("pilot"), live, budget_s, seconds)  # fmt: skip
+                    live, budget_s, seconds)  # fmt: skip
 
 
 def _num(x) -> float:
@@ -1604,7 +1598,7 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
     seconds["decide"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     seconds["overhead"] = seconds["total"] - seconds["pilot"]
-    pilot, noise, forks, fit = m.pilot, m.live["noise"], m.live.get("branched"), m.timed[2]
+    pilot, noise, forks, fit = m.live["pilot"], m.live["noise"], m.live.get("branched"), m.timed[2]
     warn = _branch_warnings(forks, m.basis) + timing_warn
     if m.budget_s is not None and seconds["overhead"] > m.budget_s:
         warn.append(
