@@ -41,7 +41,7 @@ reached, with its best smoothed accuracy).
 **Time to target** is reported as training wall clock (``time_to_target_s``, compilation and
 evaluation excluded) and as device time ``Σ_B steps(B)·t(B)`` (``device_time_to_target_s``)
 with ``t(B)`` from one interleaved timing table of every batch size involved
-(:func:`experiments.adaptive.time_batch_sizes`), which a machine busy at different times for
+(:func:`experiments.train.timing_table`), which a machine busy at different times for
 different runs does not skew. :func:`verdict` (pure) ranks the policies by their mean device
 time over the seeds, names the fastest and the ratio of each other policy to it with its range
 paired by seed and timing round, and says "tie" when a difference is inside the seed spread or
@@ -481,18 +481,21 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
             plans[p] = dict(batch_size=_baseline(config)[0], learning_rate=_baseline(config)[1],
                             adaptive=fields, gns_every=int(config.gns_every))  # fmt: skip
         elif p in batch:
-            b = batch[p]
-            fields = {"candidates": (b,), "initial_batch_size": b}
-            plans[p] = dict(batch_size=b, learning_rate=lr(b), adaptive=fields, gns_every=0)
+            plans[p] = dict(batch_size=batch[p], learning_rate=lr(batch[p]), gns_every=0)
     return plans, {p: why for p, why in skipped.items() if p in names}, cands
 
 
+def plan_batch_sizes(plan: dict) -> list[int]:
+    """The batch sizes a policy's run may train at: the schedule's candidates, or its batch."""
+    return list(plan.get("adaptive", {}).get("candidates", [plan["batch_size"]]))
+
+
 def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limit_s: float):
-    """The training config of one policy run: :func:`_train_config` with the plan's batch,
-    rate and schedule fields (a fixed batch is the schedule with one candidate, so every run
-    reads the same example stream and evaluates at the same examples), stopping at the
-    smoothed target (``compare.target_accuracy`` and ``target_window``), after
-    ``compare.max_epochs`` or ``limit_s`` seconds of training."""
+    """The training config of one policy run: :func:`_train_config` with the plan's batch and
+    rate (and schedule fields: a plan with ``adaptive`` trains the scheduled batch policy),
+    evaluating every ``compare.eval_every_examples`` examples (the nearest whole number of
+    steps for a fixed batch), stopping at the smoothed target (``compare.target_accuracy`` and
+    ``target_window``), after ``compare.max_epochs`` or ``limit_s`` seconds of training."""
     comparison = config.compare
     c = _train_config(config)
     b = int(plan["batch_size"])
@@ -503,13 +506,14 @@ def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limi
     )
     c.max_wall_time_s = float(limit_s)
     c.num_epochs = float(comparison.max_epochs)
-    c.eval_every = max(1, round(int(comparison.eval_every_examples) / b))  # unused on the stream
+    c.eval_every = max(1, round(int(comparison.eval_every_examples) / b))
     c.log_every = min(int(c.log_every), c.eval_every)
     c.gns_every = int(plan["gns_every"])
-    c.adaptive.enabled = True
-    c.adaptive.eval_every_examples = int(comparison.eval_every_examples)
-    c.adaptive.update(plan["adaptive"])
-    c.adaptive.step_times = tuple(step_time[b] for b in c.adaptive.candidates)
+    c.adaptive.enabled = "adaptive" in plan
+    if c.adaptive.enabled:
+        c.adaptive.eval_every_examples = int(comparison.eval_every_examples)
+        c.adaptive.update(plan["adaptive"])
+        c.adaptive.step_times = tuple(step_time[b] for b in c.adaptive.candidates)
     return c
 
 
@@ -527,7 +531,7 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
     for b in batch_sizes:  # global batches, split over the devices of training's mesh
         train.check_candidate(b, setup.mesh, setup.method)
     logging.info("compare: timing batch sizes %s, interleaved.", batch_sizes)
-    table = adaptive.time_batch_sizes(
+    table = train.timing_table(
         setup.plain_fn,
         setup.state,
         lambda b: mesh.shard(
@@ -635,7 +639,7 @@ def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list
             limit = float(comparison.max_wall_time_s)
             if walls and comparison.give_up_factor is not None:
                 limit = min(limit, float(comparison.give_up_factor) * min(walls))
-            name = run_name(policy, plan["adaptive"]["candidates"], seed)
+            name = run_name(policy, plan_batch_sizes(plan), seed)
             run_dir = os.path.join(workdir, "runs", name)
             logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
                          seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
@@ -655,7 +659,7 @@ def run_compare(config, workdir: str, sweep_result: dict, t0: float) -> dict:
     comparison = config.compare
     plans, skipped, cands = plan_policies(config, workdir, sweep_result)
     ds = data.load(config.data)
-    sizes = sorted({b for p in plans.values() for b in p["adaptive"]["candidates"]})
+    sizes = sorted({b for p in plans.values() for b in plan_batch_sizes(p)})
     bar = progress.Progress(
         len(comparison.seeds) * len(plans), desc="compare", unit="runs", rate=False
     )
