@@ -79,14 +79,13 @@ import contextlib
 import functools
 import math
 import os
-import statistics
 import time
 from collections.abc import Sequence
 
 import ml_collections
 from absl import logging
 
-from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train
+from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train, validation
 from experiments.cli import UserError
 from experiments.rules import POLICIES
 from gns import recommend, scaling
@@ -132,10 +131,6 @@ def smoothed_crossing(accuracies: Sequence[float], target: float, window: int) -
     return None
 
 
-def _spread(values: Sequence[float]) -> float:
-    return (max(values) - min(values)) / 2 if values else 0.0
-
-
 def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     """The policies ranked by mean device time to target over their seeds.
 
@@ -177,39 +172,34 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     for r in runs:
         by.setdefault(r["policy"], []).append(r)
     stats: dict[str, dict] = {}
-    for p, rs in by.items():
-        reached = all(r["reached"] for r in rs)
-        dev = [float(r["device_time_to_target_s"]) for r in rs] if reached else []
-        wall = [float(r["time_to_target_s"]) for r in rs] if reached else []
+    for row in validation.mean_over_seeds(runs, key="policy"):
+        rs, ok = by[row["policy"]], row["reached"]
         best = [r["best_smoothed_accuracy"] for r in rs if r["best_smoothed_accuracy"] is not None]
-        stats[p] = {
+        lo, hi = row["device_time_range"] or (0.0, 0.0)
+        stats[row["policy"]] = {
+            **{k: row[k] for k in ("seeds", "num_reached", "reached")},
             "batch_size": rs[0]["batch_size"],
-            "seeds": [r["seed"] for r in rs],
-            "num_reached": sum(bool(r["reached"]) for r in rs),
-            "reached": reached,
-            "device_time_to_target_s": statistics.fmean(dev) if dev else None,
-            "time_to_target_s": statistics.fmean(wall) if wall else None,
-            "spread_s": _spread(dev) if dev else None,
+            "device_time_to_target_s": row[validation.DEVICE] if ok else None,
+            "time_to_target_s": row["time_to_target_s"] if ok else None,
+            "spread_s": (hi - lo) / 2 if ok else None,
             "ratio": None,
             "ratio_range": None,
             "tie": False,
             "best_smoothed_accuracy": max(best) if best else None,
         }
-    ranking = sorted((p for p in stats if stats[p]["reached"]),
-                     key=lambda p: stats[p]["device_time_to_target_s"])  # fmt: skip
+    ranked = validation.rank([{"policy": p, **s} for p, s in stats.items()], key="policy")
+    ranking = [r["policy"] for r in ranked]
     fastest = ranking[0] if ranking else None
-    if fastest is not None:
-        f = stats[fastest]
-        f_by_seed = {r["seed"]: r for r in by[fastest]}
-        for p in ranking:
-            s = stats[p]
-            s["ratio"] = s["device_time_to_target_s"] / f["device_time_to_target_s"]
-            paired = [x for r in by[p] if r["seed"] in f_by_seed
-                      for x in _paired_ratios(r, f_by_seed[r["seed"]])]  # fmt: skip
-            s["ratio_range"] = [min(paired), max(paired)] if paired else None
-            gap = s["device_time_to_target_s"] - f["device_time_to_target_s"]
-            inside = gap <= s["spread_s"] + f["spread_s"] or bool(paired and min(paired) <= 1)
-            s["tie"] = p != fastest and inside
+    for r in ranked:
+        s, f = stats[r["policy"]], stats[fastest]
+        s["ratio"] = r["over_best"]
+        f_by_seed = {x["seed"]: x for x in by[fastest]}
+        paired = [x for run in by[r["policy"]] if run["seed"] in f_by_seed
+                  for x in _paired_ratios(run, f_by_seed[run["seed"]])]  # fmt: skip
+        s["ratio_range"] = [min(paired), max(paired)] if paired else None
+        gap = s["device_time_to_target_s"] - f["device_time_to_target_s"]
+        inside = gap <= s["spread_s"] + f["spread_s"] or bool(paired and min(paired) <= 1)
+        s["tie"] = r["policy"] != fastest and inside
     tie = [p for p in ranking if stats[p]["tie"]]
     out = {
         "fastest": fastest,
@@ -290,12 +280,14 @@ def check_recommendation(
       best in device time: 1 means the recommendation was the fastest measured; ``None`` when
       it missed the target), ``wall_time_ratio`` (the same in wall-clock time, over the
       fastest wall clock), ``rank`` (1 = fastest in device time), ``ranking``
-      (:func:`experiments.sweep.rank_time_to_target`), ``b_simple``, ``b_crit`` and
+      (:func:`experiments.validation.rank`), ``b_simple``, ``b_crit`` and
       ``b_crit_over_b_simple``.
 
     Example:
-      >>> pts = [{"batch_size": 32, "device_time_to_target_s": 20.0, "time_to_target_s": 30.0},
-      ...        {"batch_size": 64, "device_time_to_target_s": 25.0, "time_to_target_s": 24.0}]
+      >>> pts = [{"batch_size": 32, "reached": True, "device_time_to_target_s": 20.0,
+      ...         "time_to_target_s": 30.0},
+      ...        {"batch_size": 64, "reached": True, "device_time_to_target_s": 25.0,
+      ...         "time_to_target_s": 24.0}]
       >>> c = check_recommendation(pts, 64, 100.0, 50.0)
       >>> c["time_ratio"], c["wall_time_ratio"], c["rank"]
       (1.25, 1.0, 2)
@@ -305,10 +297,8 @@ def check_recommendation(
             f"recommended_batch_size={recommended_batch_size} is not among the trained batch "
             f"sizes {[p['batch_size'] for p in points]}: train it too."
         )
-    ranking = sweep.rank_time_to_target(points)
-    walls = sweep.rank_time_to_target(points, key="time_to_target_s")
+    ranking = validation.rank(validation.mean_over_seeds(points))
     rec = next((r for r in ranking if r["batch_size"] == recommended_batch_size), {})
-    rec_wall = next((r for r in walls if r["batch_size"] == recommended_batch_size), {})
     finite = b_crit is not None and b_simple is not None and 0 < b_simple < math.inf
     return {
         "recommended_batch_size": int(recommended_batch_size),
@@ -316,8 +306,8 @@ def check_recommendation(
         "recommended_time_to_target_s": rec.get("time_to_target_s"),
         "best_batch_size": ranking[0]["batch_size"] if ranking else None,
         "best_device_time_to_target_s": ranking[0]["device_time_to_target_s"] if ranking else None,
-        "time_ratio": rec.get("device_over_best"),
-        "wall_time_ratio": rec_wall.get("wall_over_best"),
+        "time_ratio": rec.get("over_best"),
+        "wall_time_ratio": rec.get("wall_over_best"),
         "rank": rec.get("rank"),
         "ranking": ranking,
         "num_reached": len(ranking),
