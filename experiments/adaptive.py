@@ -60,38 +60,17 @@ def enabled(config) -> bool:
 
 
 def candidates(config) -> list[int]:
-    """The compiled batch sizes: ``config.adaptive.candidates`` (checked: a non-empty,
-    strictly increasing list of ints >= 2) or the powers of two in ``[min_batch_size,
-    max_batch_size]``.
-
-    Raises:
-      UserError: naming the field and the fix.
-    """
+    """The compiled batch sizes: ``config.adaptive.candidates`` or the powers of two in
+    ``[min_batch_size, max_batch_size]`` (the fields as :mod:`experiments.rules` checks them:
+    strictly increasing ints >= 2)."""
     a = config.adaptive
-    hint = "e.g. --config.adaptive.candidates='(16, 32, 64, 128)'"
-    if a.candidates is None:
-        lo, hi = a.min_batch_size, a.max_batch_size
-        if not (isinstance(lo, int) and isinstance(hi, int) and 2 <= lo <= hi):
-            raise UserError(
-                f"config.adaptive.min_batch_size={lo!r}, max_batch_size={hi!r}: need ints with "
-                "2 <= min <= max",
-                hint=hint,
-            )
-        cands = list(gschedule.powers_of_two(lo, hi))
-        if not cands:
-            raise UserError(f"no power of two in [{lo}, {hi}] (config.adaptive)", hint=hint)
-        return cands
-    cands = list(a.candidates)
-    try:
-        cands = list(gschedule.check_candidates(cands))  # the schedule's own check
-    except ValueError as e:
-        raise UserError(f"config.adaptive.candidates={a.candidates!r}: {e}", hint=hint) from None
-    if cands[0] < 2:
-        raise UserError(
-            f"config.adaptive.candidates={a.candidates!r}: batch sizes must be >= 2 (the noise "
-            "scale compares examples)",
-            hint=hint,
-        )
+    if a.candidates is not None:
+        return [int(b) for b in a.candidates]
+    cands = list(gschedule.powers_of_two(a.min_batch_size, a.max_batch_size))
+    if not cands:
+        raise UserError(f"no power of two in [{a.min_batch_size}, {a.max_batch_size}] "
+                        "(config.adaptive.min_batch_size, max_batch_size)",
+                        hint="e.g. --config.adaptive.candidates='(16, 32, 64, 128)'")  # fmt: skip
     return cands
 
 
@@ -142,7 +121,8 @@ def make_batch_schedule(config, step_times: Sequence[float] | None = None):
 
 
 def validate(config, num_train: int, microbatches: int | None) -> None:
-    """The checks of an adaptive training config beyond :func:`make_batch_schedule`'s.
+    """The checks of an adaptive training config beyond :mod:`experiments.rules` and
+    :func:`make_batch_schedule`: against the data and the estimator.
 
     Args:
       config: the training config.
@@ -152,12 +132,6 @@ def validate(config, num_train: int, microbatches: int | None) -> None:
     """
     cands = candidates(config)
     make_batch_schedule(config)
-    if config.gns_every <= 0 and len(cands) > 1:
-        raise UserError(
-            "config.adaptive.enabled needs config.gns_every > 0 (the schedule follows the "
-            "measured noise scale)",
-            hint="e.g. --config.gns_every=10",
-        )
     if cands[-1] > num_train:
         raise UserError(
             f"config.adaptive candidate {cands[-1]} exceeds the {num_train} train examples",
@@ -169,9 +143,6 @@ def validate(config, num_train: int, microbatches: int | None) -> None:
             f"{microbatches} equal microbatches",
             hint="use multiples of it",
         )
-    e = config.adaptive.eval_every_examples
-    if e is not None and not (isinstance(e, int) and e >= 1):
-        raise UserError(f"config.adaptive.eval_every_examples={e!r} must be an int >= 1 or None")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_bad_candidates_are_a_user_error_before_training(tmp_path, candidates):
     config = adaptive_config()
     config.adaptive.candidates = candidates
     with pytest.raises(UserError, match="config.adaptive.candidates"):
-        adaptive.candidates(config)
+        train.validate_config(config)
     with pytest.raises(UserError, match="config.adaptive.candidates"):
         train.train_and_evaluate(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "metrics.jsonl")
