@@ -23,7 +23,9 @@ is re-run.
                     ``scale_batch_size`` and accelerate's ``find_executable_batch_size`` give)
 ==================  =========================================================================
 
-Every learning rate comes from one rule, :func:`gns.recommend.scale_learning_rate` from the
+Each run is one training of :func:`experiments.train.train_and_evaluate`, the one training
+loop: a fixed batch for every policy but ``adaptive``, which trains with the schedule's batch
+policy (:class:`experiments.adaptive.ScheduledBatch`). Every learning rate comes from one rule, :func:`gns.recommend.scale_learning_rate` from the
 default policy's batch and rate (square root for Adam-family optimizers, McCandlish's
 ``ε_max/(1 + B_noise/B)`` for SGD); the schedule applies the same rule at each change.
 
@@ -406,10 +408,10 @@ def _lr_rule(config, b_noise: float):
     return lr, scaling.rule_for(config.optimizer)
 
 
-def _best_measured(config, workdir: str) -> dict | None:
-    """The point of a tradeoff mode's summary with the shortest device time to its target
-    (wall clock when it has none), or ``None`` when there is no such summary or no point
-    reached its target."""
+def _best_measured(config, workdir: str) -> int | None:
+    """The batch of a tradeoff mode's summary with the least device time to its target (its
+    ``check``: :func:`experiments.validation.rank`), or ``None`` when there is no such
+    summary or no point reached its target."""
     path = config.compare.tradeoff_summary or os.path.join(workdir, "tradeoff", SUMMARY_FILE)
     if not os.path.exists(path):
         return None
@@ -420,12 +422,7 @@ def _best_measured(config, workdir: str) -> dict | None:
             hint="point config.compare.tradeoff_summary at WORKDIR/summary.json of "
             "--config.mode=tradeoff",
         )
-    reached = [p for p in s.get("points", []) if p.get("time_to_target_s") is not None]
-
-    def key(p):
-        return p.get("device_time_to_target_s") or p["time_to_target_s"]
-
-    return min(reached, key=key) if reached else None
+    return s["check"]["best_batch_size"]
 
 
 def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict, list[int]]:
@@ -449,7 +446,7 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
         skipped["largest_fits"] = "no timed batch size fits the memory budget"
     best = _best_measured(config, workdir) if "best_measured" in names else None
     if best is not None:
-        batch["best_measured"] = int(best["batch_size"])
+        batch["best_measured"] = int(best)
     else:
         skipped["best_measured"] = "no tradeoff summary with a point at its target"
     a = config.adaptive

@@ -211,9 +211,7 @@ def run_identity(config: dict) -> dict:
     """The fields of a config (as a dict) that change what a run computes: all of them except
     :data:`NOT_IDENTITY` (logging, checkpoints, plots, budgets, cache locations), and except
     ``num_steps``/``num_epochs`` with a constant schedule (there they only say where the run
-    stops, so a finished run can be extended). ``target_window`` counts (it changes where the
-    run stops and its time to target), except at its default 1, so that runs recorded before
-    the field existed still resume. A resume must have the same identity.
+    stops, so a finished run can be extended). A resume must have the same identity.
 
     Example::
 
@@ -222,8 +220,6 @@ def run_identity(config: dict) -> dict:
     ident = copy.deepcopy(config)
     constant = config.get("schedule") == "constant"
     drop = NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ())
-    if config.get("target_window") == 1:  # the default: the record of runs made before it
-        drop += ("target_window",)
     for path in drop:
         *parents, last = path.split(".")
         node = ident
