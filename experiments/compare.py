@@ -658,33 +658,43 @@ def run_compare(config, workdir: str, sweep_result: dict, t0: float) -> dict:
                                                                    len(ds.test_labels))  # fmt: skip
     t = float(comparison.target_accuracy)
     first = next((r for r in runs if r["policy"] == "adaptive"), None)
-    summary = {
-        "mode": "compare",
-        "device": sweep_result["device"],
+    return _write_summary(workdir, "compare", sweep_result, t0, {
         "target_accuracy": t,
         "target_window": int(comparison.target_window),
         "eval_examples": int(n),
         "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
-        "noise_scale": {
-            k: sweep_result["noise_scale"][k] for k in ("b_simple", "interval", "confidence")
-        },
-        "recommendation": sweep_result["recommendation"],
         "policies": {
             p: {k: v for k, v in plan.items() if k != "adaptive"} for p, plan in plans.items()
-        },  # fmt: skip
+        },
         "skipped": skipped,
         "candidates": cands,
         "timing": {str(b): v for b, v in sorted(table.items())},
         "runs": runs,
         "verdict": verdict(runs, t),
         "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
+    }, lambda: figures.compare_plot(runs, t, os.path.join(workdir, PLOT_FILE)))  # fmt: skip
+
+
+def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict,
+                   plot) -> dict:  # fmt: skip
+    """``summary.json`` of a mode: the measurements' device, noise scale and recommendation,
+    ``fields``, the times, and ``plot`` (``plot()`` draws it and returns its path or why it
+    was not drawn; a failure is logged, never fatal). Returns the strict-JSON summary."""
+    summary = {
+        "mode": mode,
+        "device": sweep_result["device"],
+        "noise_scale": {
+            k: sweep_result["noise_scale"][k] for k in ("b_simple", "interval", "confidence")
+        },
+        "recommendation": sweep_result["recommendation"],
+        **fields,
         "measurement_time_s": sum(sweep_result["stage_time_s"].values()),
         "total_time_s": time.perf_counter() - t0,
     }
     try:
-        summary["plot"] = figures.compare_plot(runs, t, os.path.join(workdir, PLOT_FILE))
+        summary["plot"] = plot()
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
-        logging.warning("Could not write the compare plot: %s", e)
+        logging.warning("Could not write the %s plot: %s", mode, e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return runlog.to_strict_json(summary)
 
@@ -772,26 +782,12 @@ def run_tradeoff(config, workdir: str, sweep_result: dict, t0: float) -> dict:
     )
     fit = sweep.fit_tradeoff(points, mcfg.tradeoff.num_bootstrap, mcfg.train.seed)
     check = check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"])
-    summary = {
-        "mode": "tradeoff",
-        "device": sweep_result["device"],
-        "noise_scale": {
-            k: sweep_result["noise_scale"][k] for k in ("b_simple", "interval", "confidence")
-        },
-        "recommendation": rec,
+    return _write_summary(workdir, "tradeoff", sweep_result, t0, {
         "target_accuracy": float(mcfg.tradeoff.target_accuracy),
         "points": points,
         "tradeoff": fit,
         "check": check,
-        "measurement_time_s": sum(sweep_result["stage_time_s"].values()),
-        "total_time_s": time.perf_counter() - t0,
-    }
-    try:
-        summary["plot"] = figures.tradeoff_plot(fit, os.path.join(workdir, TRADEOFF_PLOT_FILE))
-    except Exception as e:  # a plot is a convenience: never lose the finished runs to it
-        logging.warning("Could not write the tradeoff plot: %s", e)
-    runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-    return summary
+    }, lambda: figures.tradeoff_plot(fit, os.path.join(workdir, TRADEOFF_PLOT_FILE)))  # fmt: skip
 
 
 def tradeoff_table(summary: dict) -> str:
