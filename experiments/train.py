@@ -843,16 +843,11 @@ def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
 def timing_table(step_fn: Callable, state, make_batch: Callable[[int], Any],
                  batch_sizes: Sequence[int], *, warmup: int, rounds: int) -> dict[int, dict]:  # fmt: skip
     """One interleaved timing table of ``step_fn(state, make_batch(b))``
-    (:func:`gns.hardware.time_batch_sizes` without re-timing rounds, so every size has the
-    same rounds, and round ``r`` of every size is one round): ``{batch_size: {'step_time_s'
-    (median), 'times_s', 'compile_s'}}``. ``state`` is not donated."""
-    table = hardware.time_batch_sizes(
-        step_fn, lambda b: (state, make_batch(b)), batch_sizes, rounds=rounds, warmup=warmup,
-        max_extra_rounds=0, cache=hardware.CompileCache())  # fmt: skip
-    return {
-        b: {"step_time_s": t.median_s, "times_s": list(t.times_s), "compile_s": t.compile_s}
-        for b, t in table.timings.items()
-    }
+    (:func:`gns.hardware.interleaved_times`: round ``r`` of every size is one round):
+    ``{batch_size: {'step_time_s' (median), 'times_s'}}``. ``state`` is not donated."""
+    calls = {int(b): (step_fn, (state, make_batch(b))) for b in batch_sizes}
+    times = hardware.interleaved_times(calls, warmup=warmup, rounds=rounds)
+    return {b: {"step_time_s": float(np.median(t)), "times_s": list(t)} for b, t in times.items()}
 
 
 class StepCache:
