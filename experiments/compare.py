@@ -25,9 +25,10 @@ is re-run.
 
 Each run is one training of :func:`experiments.train.train_and_evaluate`, the one training
 loop: a fixed batch for every policy but ``adaptive``, which trains with the schedule's batch
-policy (:class:`experiments.adaptive.ScheduledBatch`). Every learning rate comes from one rule, :func:`gns.recommend.scale_learning_rate` from the
-default policy's batch and rate (square root for Adam-family optimizers, McCandlish's
-``ε_max/(1 + B_noise/B)`` for SGD); the schedule applies the same rule at each change.
+policy (:class:`experiments.adaptive.ScheduledBatch`). Every learning rate comes from one
+rule, :func:`gns.recommend.scale_learning_rate` from the default policy's batch and rate
+(square root for Adam-family optimizers, McCandlish's ``ε_max/(1 + B_noise/B)`` for SGD); the
+schedule applies the same rule at each change.
 
 **The target** is a smoothed accuracy: the trailing mean of the last ``compare.target_window``
 periodic evaluations (every ``compare.eval_every_examples`` examples, on
@@ -192,10 +193,10 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     ranked = validation.rank([{"policy": p, **s} for p, s in stats.items()], key="policy")
     ranking = [r["policy"] for r in ranked]
     fastest = ranking[0] if ranking else None
+    f_by_seed = {x["seed"]: x for x in by.get(fastest, [])}
     for r in ranked:
         s, f = stats[r["policy"]], stats[fastest]
         s["ratio"] = r["over_best"]
-        f_by_seed = {x["seed"]: x for x in by[fastest]}
         paired = [x for run in by[r["policy"]] if run["seed"] in f_by_seed
                   for x in _paired_ratios(run, f_by_seed[run["seed"]])]  # fmt: skip
         s["ratio_range"] = [min(paired), max(paired)] if paired else None
