@@ -667,7 +667,7 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
             return {}
         batch = _first_batch(train_batches, config.batch_size)
         t = hardware.time_step(jax.jit(plain_fn), (state, batch), warmup=1, repeats=repeats,
-                               cache=hardware.CompileCache())
+                               cache=hardware.CompileCache())  # fmt: skip
         return {"step_time_s": t.median_s, "step_examples_per_s": config.batch_size / t.median_s}
 
     state = init_state(config, model, optimizer, tracker, *task.input_spec(ds), mesh=mesh)
@@ -840,8 +840,15 @@ def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
     return adaptive.ScheduledBatch(config, sched, every, log.rows())
 
 
-def timing_table(step_fn: Callable, state, make_batch: Callable[[int], Any],
-                 batch_sizes: Sequence[int], *, warmup: int, rounds: int) -> dict[int, dict]:  # fmt: skip
+def timing_table(
+    step_fn: Callable,
+    state,
+    make_batch: Callable,
+    batch_sizes: Sequence[int],
+    *,
+    warmup: int,
+    rounds: int,
+) -> dict[int, dict]:
     """One interleaved timing table of ``step_fn(state, make_batch(b))``
     (:func:`gns.hardware.interleaved_times`: round ``r`` of every size is one round):
     ``{batch_size: {'step_time_s' (median), 'times_s'}}``. ``state`` is not donated."""
@@ -961,7 +968,8 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
 
 
 def _write_row(config, setup: Setup, state, log: runlog.RunLog, policy, bar, pending, stop_now,
-               *, measured: bool, do_eval: bool, batch_size: int, lr_scale: float, held_out):  # fmt: skip
+               *, measured: bool, do_eval: bool, batch_size: int, lr_scale: float,
+               held_out):  # fmt: skip
     """The row of the steps in ``pending``: their metrics, the policy's update at a
     measurement, the evaluation, the stop reason (``stop_now()``, or ``diverged``); written to
     the log and shown on the bar. Returns ``(state, row)``."""
