@@ -60,6 +60,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import logging
+from PIL import Image
+from tqdm import tqdm
 
 from experiments import download
 from experiments.cli import UserError
@@ -75,17 +77,8 @@ CROP_PADDING = 4
 CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch.bin"
 _CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte, then the R, G and B planes of 32 x 32
@@ -100,7 +93,6 @@ ALTERNATIVES = (
 # entropy with zeros, so [seed, s, 0] would equal [seed, s]).
 _AUGMENT_TAG = 0x61756720
 _SUBSAMPLE_SEED = 0
-_SYNTHETIC_SEED = 0
 _CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -149,18 +141,14 @@ def load(cfg) -> Dataset:
     """Loads the dataset described by ``cfg`` (the ``config.data`` ConfigDict).
 
     Args:
-      cfg: ``ml_collections.ConfigDict`` (a mapping is converted) with fields ``source``
-        (``'cifar10_binary'``, ``'folder'``, ``'tfds'`` or ``'synthetic'``); ``path`` (for
-        ``'folder'``: a directory or ``.tar.gz`` laid out ``split/class/image.jpg``; for
-        ``'cifar10_binary'``: ``cifar-10-binary.tar.gz`` or its extracted directory, None =
-        download into ``cache_dir``); ``cache_dir`` (decoded arrays and downloads, None =
-        :func:`user_cache_dir`); ``name`` and ``tfds_data_dir`` (tfds name and ``data_dir``,
-        None = tfds default); ``num_train`` and ``num_test`` (None = all; otherwise a
-        class-stratified subset, see :func:`subsample`; for ``'synthetic'`` the split sizes,
-        None = 2048 and 512); ``synthetic.image_size``, ``synthetic.num_classes``. Optional
-        fields (defaults when absent): ``url`` and ``md5`` (where and what to download,
-        :data:`CIFAR10_BINARY_URL`, :data:`CIFAR10_BINARY_MD5`; ``md5=None`` checks nothing,
-        with a warning, as a plain ``http://`` URL gets), ``synthetic.seed`` (0).
+      cfg: ``ml_collections.ConfigDict`` (a mapping is converted) with fields ``source`` (the
+        module docstring), ``path``, ``cache_dir`` (None: :func:`user_cache_dir`), ``name``
+        and ``tfds_data_dir`` (tfds), ``num_train`` and ``num_test`` (None: all; otherwise a
+        class-stratified subset, :func:`subsample`; for ``'synthetic'`` the split sizes, None:
+        2048 and 512), ``synthetic.image_size``, ``synthetic.num_classes``; optional ``url``
+        and ``md5`` (:data:`CIFAR10_BINARY_URL`, :data:`CIFAR10_BINARY_MD5`; ``md5=None``
+        checks nothing, with a warning) and ``synthetic.seed`` (0). Each field's meaning and
+        valid values: :mod:`experiments.rules`.
 
     Returns:
       A :class:`Dataset`; ``mean`` and ``std`` are computed on the (subsampled) train images.
@@ -183,12 +171,9 @@ def load(cfg) -> Dataset:
     elif source == "folder":
         arrays = _folder_arrays(cfg.path, cfg.cache_dir)
     elif source == "cifar10_binary":
-        arrays = _cifar10_binary_arrays(
-            cfg.path,
-            cfg.cache_dir,
-            url=_optional(cfg, "url", CIFAR10_BINARY_URL),
-            md5=cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5,  # None: unchecked (warned)
-        )
+        url = cfg.get("url") or CIFAR10_BINARY_URL
+        md5 = cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5  # None: unchecked (warned)
+        arrays = _cifar10_binary_arrays(cfg.path, cfg.cache_dir, url=url, md5=md5)
     elif source == "tfds":
         arrays = _tfds_arrays(cfg.name, cfg.tfds_data_dir, cfg.cache_dir)
     else:
@@ -197,33 +182,15 @@ def load(cfg) -> Dataset:
             hint="use 'cifar10_binary' (downloads CIFAR-10), 'folder' (with data.path), 'tfds' "
             "or 'synthetic'.",
         )
-    train_images, train_labels = arrays["train_images"], arrays["train_labels"]
-    test_images, test_labels = arrays["test_images"], arrays["test_labels"]
-    class_names = tuple(str(c) for c in arrays["class_names"])
-    num_classes = int(arrays["num_classes"])
-    if num_train is not None:
-        idx = subsample(train_labels, _check_count("num_train", num_train, len(train_labels)))
-        train_images, train_labels = train_images[idx], train_labels[idx]
-    if num_test is not None:
-        idx = subsample(test_labels, _check_count("num_test", num_test, len(test_labels)))
-        test_images, test_labels = test_images[idx], test_labels[idx]
-    mean, std = channel_stats(train_images)
-    return Dataset(
-        train_images=train_images,
-        train_labels=train_labels.astype(np.int32),
-        test_images=test_images,
-        test_labels=test_labels.astype(np.int32),
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-        class_names=class_names,
-    )
-
-
-def _optional(cfg, name: str, default: Any) -> Any:
-    """``cfg.name``, or ``default`` for a field that older configs lack (or that is None)."""
-    value = cfg.get(name, None)
-    return default if value is None else value
+    splits = []
+    for split, n in zip(SPLITS, (num_train, num_test), strict=True):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if n is not None:
+            idx = subsample(labels, _check_count(f"num_{split}", n, len(labels)))
+            images, labels = images[idx], labels[idx]
+        splits += [images, labels.astype(np.int32)]
+    return Dataset(*splits, int(arrays["num_classes"]), *channel_stats(splits[0]),
+                   tuple(str(c) for c in arrays["class_names"]))  # fmt: skip
 
 
 def _check_count(name: str, n: Any, available: int | None = None) -> int:
@@ -299,7 +266,7 @@ def _synthetic_arrays(scfg, num_train: int, num_test: int) -> dict[str, Any]:
     """Class-dependent colour + low-frequency pattern, with per-example colour jitter and noise."""
     image_size = int(scfg.image_size)
     num_classes = int(scfg.num_classes)
-    seed = int(_optional(scfg, "seed", _SYNTHETIC_SEED))
+    seed = int(scfg.get("seed") or 0)
     if num_classes < 2 or image_size < 4:
         raise UserError(
             f"data.synthetic needs num_classes >= 2 and image_size >= 4, got "
@@ -314,23 +281,19 @@ def _synthetic_arrays(scfg, num_train: int, num_test: int) -> dict[str, Any]:
     pattern = np.repeat(np.repeat(coarse, reps, axis=1), reps, axis=2)
     templates = 128.0 + colours + pattern[:, :image_size, :image_size]
 
-    def make(n: int, split_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def make(n: int, part: int) -> tuple[np.ndarray, np.ndarray]:
+        split_rng = np.random.default_rng([seed, part])
         labels = split_rng.permutation(np.arange(n) % num_classes).astype(np.int32)
         jitter = split_rng.normal(0.0, 20.0, size=(n, 1, 1, 3))
         noise = split_rng.normal(0.0, 50.0, size=(n, image_size, image_size, 3))
         images = templates[labels] + jitter + noise
         return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
 
-    train_images, train_labels = make(num_train, np.random.default_rng([seed, 1]))
-    test_images, test_labels = make(num_test, np.random.default_rng([seed, 2]))
-    return dict(
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        num_classes=num_classes,
-        class_names=[f"class_{k}" for k in range(num_classes)],
-    )
+    out: dict[str, Any] = {"num_classes": num_classes,
+                           "class_names": [f"class_{k}" for k in range(num_classes)]}  # fmt: skip
+    for part, (split, n) in enumerate(zip(SPLITS, (num_train, num_test), strict=True), 1):
+        out[f"{split}_images"], out[f"{split}_labels"] = make(n, part)
+    return out
 
 
 # --- tfds -------------------------------------------------------------------------------------
@@ -387,8 +350,6 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
 
 def _read_data_source(source, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Stacks ``source[i]['image']`` and ``['label']`` for all records, with a progress bar."""
-    from tqdm import tqdm  # noqa: PLC0415
-
     n = len(source)
     if n == 0:
         raise UserError(f"{desc}: the split is empty.")
@@ -429,12 +390,8 @@ def private_cache_dir(name: str) -> str | None:
         logging.warning("Not using the cache %s (%s).", path, e)
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        logging.warning(
-            "Not using the cache %s: not a directory of this user alone (mode %o, owner %d).",
-            path,
-            stat.S_IMODE(st.st_mode),
-            st.st_uid,
-        )
+        logging.warning("Not using the cache %s: not a directory of this user alone (mode %o, "
+                        "owner %d).", path, stat.S_IMODE(st.st_mode), st.st_uid)  # fmt: skip
         return None
     return path
 
@@ -462,13 +419,9 @@ def _cached(
         return cached
     start = time.perf_counter()
     arrays = decode()
-    logging.info(
-        "Decoded %d train and %d test images in %.1f s; caching them in %s.",
-        len(arrays["train_labels"]),
-        len(arrays["test_labels"]),
-        time.perf_counter() - start,
-        cache_path,
-    )
+    logging.info("Decoded %d train and %d test images in %.1f s; caching them in %s.",
+                 len(arrays["train_labels"]), len(arrays["test_labels"]),
+                 time.perf_counter() - start, cache_path)  # fmt: skip
     _write_cache(cache_path, arrays, stem)
     return arrays
 
@@ -555,25 +508,17 @@ def _read_cache(cache_path: str, source: str) -> dict[str, Any] | None:
     except MemoryError:
         raise
     except Exception as err:  # zero-length, truncated, wrong keys, wrong arrays: decode again
-        logging.warning(
-            "The cache file %s is unreadable (%s: %s); removing it and decoding the data again.",
-            cache_path,
-            type(err).__name__,
-            err,
-        )
+        logging.warning("The cache file %s is unreadable (%s: %s); removing it and decoding "
+                        "the data again.", cache_path, type(err).__name__, err)  # fmt: skip
         try:
             os.remove(cache_path)
         except OSError as rm_err:
             logging.warning("Could not remove %s (%s).", cache_path, rm_err)
         return None
     if made_from != source:
-        logging.warning(
-            "The cache file %s holds the arrays of another source (%s, not %s: copied or "
-            "renamed); decoding the data again.",
-            cache_path,
-            made_from,
-            source,
-        )
+        logging.warning("The cache file %s holds the arrays of another source (%s, not %s: "
+                        "copied or renamed); decoding the data again.",
+                        cache_path, made_from, source)  # fmt: skip
         return None
     logging.info("Loaded cached arrays %s in %.2f s.", cache_path, time.perf_counter() - start)
     return arrays
@@ -600,9 +545,7 @@ def _write_cache(cache_path: str, arrays: dict[str, Any], source: str) -> None:
         logging.warning(
             "Cannot write the data cache %s (%s); continuing without it, so the next run decodes "
             "the data again. Set --config.data.cache_dir to a writable directory to cache it.",
-            cache_path,
-            err,
-        )
+            cache_path, err)  # fmt: skip
 
 
 # --- archives ---------------------------------------------------------------------------------
@@ -756,8 +699,6 @@ def _iter_tar(path: str) -> Iterator[_Entry]:
 
 def _decode_image(data: bytes) -> np.ndarray:
     """Decodes JPEG/PNG/... bytes into a uint8 ``[H, W, 3]`` RGB array."""
-    from PIL import Image  # noqa: PLC0415
-
     with Image.open(io.BytesIO(data)) as img:
         if img.mode != "RGB":
             img = img.convert("RGB")
@@ -782,8 +723,6 @@ def decode_folder(path: str) -> dict[str, Any]:
         images of different sizes, an undecodable image (named with the archive member or the
         file) or a truncated or corrupt archive; the message names the layout.
     """
-    from tqdm import tqdm  # noqa: PLC0415
-
     is_dir = os.path.isdir(path)
     entries = _iter_directory(path) if is_dir else _iter_tar(path)
     files: dict[str, dict[str, list[tuple[str, bytes | None, str]]]] = {s: {} for s in SPLITS}
@@ -1142,34 +1081,19 @@ def train_batches(
     prefetch: int = 2,
     start_example: int | None = None,
 ) -> Iterator[dict]:
-    """Endless train batches for steps ``start_step, start_step + 1, ...``, prefetched.
+    """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``, or
+    with ``start_example`` (a run whose batch size changes) the consecutive pieces of the
+    example stream from that example on; prefetched.
 
-    The batch of step ``s`` depends only on ``(seed, s, batch_size)`` (see
-    :func:`train_indices`: a fresh full permutation every epoch, incomplete epoch tails
-    dropped; and :func:`augment_params`), so resuming at ``start_step`` yields exactly the
-    batches of an uninterrupted run. Augmentation: random crop from the image padded by 4
-    pixels (reflect) and a random horizontal flip.
+    The batch of step ``s`` depends only on ``(seed, s, batch_size)`` (:func:`train_indices`:
+    a fresh permutation every epoch, its incomplete tail dropped; :func:`augment_params`), so
+    resuming at ``start_step`` yields the batches of an uninterrupted run. The example stream
+    (:func:`stream_indices`: no tail dropped, augmentation drawn per stream position) does not
+    depend on how it is cut into batches. Augmentation (``augment``): a random crop from the
+    image padded by 4 pixels (reflect) and a random horizontal flip.
 
-    With ``start_example`` set (a run whose batch size changes: ``start_step`` is then
-    ignored), the batches are consecutive pieces of the *example stream* from that example on:
-    batch ``k`` covers examples ``[start_example + k·B, start_example + (k+1)·B)``, a pure
-    function of ``(seed, first example, B)`` (:func:`stream_indices`: no epoch tail dropped,
-    augmentation drawn per stream position). To change the batch size, close the iterator and
-    open a new one at the examples seen so far. For a ``batch_size`` that divides the number of
-    train examples it yields the same examples as the step stream (the augmentation draws
-    differ).
-
-    A background thread prepares up to ``prefetch`` batches ahead; it stops when the generator
-    is closed or garbage-collected.
-
-    Args:
-      ds: the dataset.
-      batch_size: examples per batch, at most the number of train examples.
-      seed: seed of the shuffle and the augmentation.
-      start_step: first step to yield.
-      augment: random crop + flip.
-      prefetch: queue size of the background thread; 0 computes batches in the caller's thread.
-      start_example: first example of the example stream (``None``: the step stream).
+    A background thread prepares up to ``prefetch`` batches ahead (0: in the caller's thread);
+    it stops when the generator is closed or garbage-collected.
 
     Returns:
       An iterator of ``{'image': float32 [B, H, W, C] normalized, 'label': int32 [B]}``.
@@ -1192,13 +1116,13 @@ def train_batches(
         produce = lambda: make(start_example=next(starts))  # noqa: E731
     if prefetch <= 0:
         return (produce() for _ in itertools.count())
-    return _prefetched(produce, prefetch)
+    return prefetched(produce, prefetch)
 
 
 _thread_ids = itertools.count()
 
 
-def _prefetched(produce: Callable[[], Any], size: int) -> Iterator[Any]:
+def prefetched(produce: Callable[[], Any], size: int = 2) -> Iterator[Any]:
     """Yields ``produce()`` results computed ahead by a daemon thread (queue of ``size``).
 
     The thread holds no reference to the generator, so closing or dropping the generator runs
@@ -1234,56 +1158,3 @@ def _prefetched(produce: Callable[[], Any], size: int) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(timeout=10)
-
-
-def eval_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    mean: np.ndarray,
-    std: np.ndarray,
-    *,
-    pad: bool = False,
-) -> Iterator[dict]:
-    """Batches of a whole split in order, no shuffle, no augmentation, every example once.
-
-    Each batch is ``{'image': float32 [b, H, W, C] normalized, 'label': int32 [b],
-    'mask': bool [b]}``. By default the last batch is smaller (``b < batch_size``) and ``mask``
-    is all True. With ``pad=True`` every batch has ``batch_size`` rows (one compiled shape,
-    divisible by the device count when ``batch_size`` is): the last one is filled with zero
-    images and label 0, marked ``mask=False``; weight per-example metrics by ``mask``.
-
-    Args:
-      images: uint8 ``[M, H, W, C]``.
-      labels: int ``[M]``.
-      batch_size: rows per batch.
-      mean: ``[C]``, as for :func:`normalize`.
-      std: ``[C]``.
-      pad: pad the last batch to ``batch_size``.
-
-    Returns:
-      An iterator of batches.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels.")
-    for start in range(0, len(labels), batch_size):
-        image = normalize(images[start : start + batch_size], mean, std)
-        label = np.asarray(labels[start : start + batch_size], np.int32)
-        mask = np.ones(len(label), dtype=bool)
-        if pad and len(label) < batch_size:
-            extra = batch_size - len(label)
-            image = np.concatenate([image, np.zeros((extra, *image.shape[1:]), np.float32)])
-            label = np.concatenate([label, np.zeros(extra, np.int32)])
-            mask = np.concatenate([mask, np.zeros(extra, bool)])
-        yield {"image": image, "label": label, "mask": mask}
-
-
-def epochs_of(step: int, batch_size: int, num_train: int) -> float:
-    """Epochs of training after ``step`` steps: examples seen / ``num_train``.
-
-    (With incomplete epoch tails dropped, epoch ``e`` of :func:`train_batches` starts at step
-    ``e * (num_train // batch_size)``, slightly before ``epochs_of`` reaches ``e``.)
-    """
-    return step * batch_size / num_train

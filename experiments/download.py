@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from absl import logging
+from tqdm import tqdm
 
 from experiments.cli import UserError
 
@@ -60,8 +61,6 @@ STALE_AFTER_S = 30 * 60
 TIMEOUT_S = 60.0  # per socket operation (connect, each read), not for the whole transfer
 CHUNK = 1 << 20
 _TEMP_RE = re.compile(r"^\.gns-tmp\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]{8}\.")
-# The temporaries of the earlier cache writer: ``<name>.npz.<pid>.<8 hex>.tmp``.
-_LEGACY_TEMP_RE = re.compile(r"^.+\.npz\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 class DownloadError(UserError):
@@ -131,14 +130,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_stale(name: str, mtime: float, now: float) -> bool:
-    match = _TEMP_RE.match(name) or _LEGACY_TEMP_RE.match(name)
+    match = _TEMP_RE.match(name)
     if match is None:
         return False
     if now - mtime > STALE_AFTER_S:
         return True
-    same_host = match.groupdict().get("host", _host_tag()) == _host_tag()
     pid = int(match["pid"])
-    return same_host and pid != os.getpid() and not _pid_alive(pid)
+    return match["host"] == _host_tag() and pid != os.getpid() and not _pid_alive(pid)
 
 
 def remove_stale_temps(directory: str) -> list[str]:
@@ -173,12 +171,8 @@ def remove_stale_temps(directory: str) -> list[str]:
         except OSError:
             continue
     if removed:
-        logging.warning(
-            "Removed %d abandoned temporary file(s) (%.1f MB) of interrupted writes: %s",
-            len(removed),
-            size / 1e6,
-            ", ".join(removed),
-        )
+        logging.warning("Removed %d abandoned temporary file(s) (%.1f MB) of interrupted "
+                        "writes: %s", len(removed), size / 1e6, ", ".join(removed))  # fmt: skip
     return removed
 
 
@@ -198,12 +192,9 @@ def warn_unverified(url: str | None, md5: str | None, what: str) -> None:
     """One warning each for a plain ``http://`` ``url`` and for ``md5=None`` (no checksum):
     either lets a wrong or tampered file through unnoticed. ``what`` names the file."""
     if url is not None and url.lower().startswith("http://"):
-        logging.warning(
-            "%s comes over plain http (%s): it can be altered on the way; use an https:// URL%s.",
-            what,
-            url,
-            "" if md5 else " and set its MD5",
-        )
+        logging.warning("%s comes over plain http (%s): it can be altered on the way; use "
+                        "an https:// URL%s.", what, url,
+                        "" if md5 else " and set its MD5")  # fmt: skip
     if md5 is None:
         logging.warning(
             "%s is used without a checksum (md5=None, e.g. config.data.md5): a wrong or "
@@ -251,8 +242,6 @@ def fetch(
         error, the transfer stops early, the checksum differs, or ``dest`` cannot be written.
         Nothing is left under ``dest`` or a temporary name.
     """
-    from tqdm import tqdm  # noqa: PLC0415
-
     if os.path.exists(dest):
         return dest
     directory = os.path.dirname(os.path.abspath(dest))
@@ -271,55 +260,53 @@ def fetch(
         raise DownloadError(f"cannot download {url}: the server answered HTTP {err.code}.") from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         raise _unreachable(url, err) from err
-    with response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        h = hashlib.md5(usedforsecurity=False)
-        received = 0
-        try:
-            with (
-                atomic_file(dest) as f,
-                tqdm(
-                    total=total,
-                    desc=f"download {os.path.basename(dest)}",
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    mininterval=0.5,
-                    disable=None if progress else True,
-                ) as bar,
-            ):
-                while True:
-                    try:
-                        chunk = response.read(CHUNK)
-                    except (http.client.HTTPException, OSError) as err:
-                        raise DownloadError(
-                            f"the download of {url} broke off after {received} bytes "
-                            f"({type(err).__name__}: {err}); nothing was kept, run again."
-                        ) from err
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    h.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-                if total is not None and received != total:
-                    raise DownloadError(
-                        f"the download of {url} stopped after {received} of {total} bytes "
-                        f"(the connection closed early); nothing was kept, run again."
-                    )
-                if md5 is not None and h.hexdigest() != md5.lower():
-                    raise DownloadError(
-                        f"the file downloaded from {url} has MD5 {h.hexdigest()}, not the "
-                        f"expected {md5.lower()} (a wrong or damaged file); it was removed."
-                    )
-        except DownloadError:
-            raise
-        except OSError as err:  # writing: disk full, read-only, permissions
-            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise DownloadError(
-                f"cannot write the download to {directory!r} "
-                f"({'the disk is full' if full else err.strerror or err}); nothing was kept."
-            ) from err
+    try:
+        with response, atomic_file(dest) as f:
+            received, digest = _copy(response, f, url, progress and os.path.basename(dest))
+            if md5 is not None and digest != md5.lower():
+                raise DownloadError(
+                    f"the file downloaded from {url} has MD5 {digest}, not the expected "
+                    f"{md5.lower()} (a wrong or damaged file); it was removed."
+                )
+    except DownloadError:
+        raise
+    except OSError as err:  # writing: disk full, read-only, permissions
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise DownloadError(
+            f"cannot write the download to {directory!r} "
+            f"({'the disk is full' if full else err.strerror or err}); nothing was kept."
+        ) from err
     logging.info("Downloaded %s (%.1f MB, MD5 checked: %s).", dest, received / 1e6, md5 is not None)
     return dest
+
+
+def _copy(response, f: BinaryIO, url: str, bar_name: str | bool) -> tuple[int, str]:
+    """Streams the body of ``response`` into ``f`` with a progress bar named ``bar_name``
+    (``False``: none): ``(bytes, MD5 hex)``; a transfer shorter than its ``Content-Length``
+    or broken off raises :class:`DownloadError`."""
+    length = response.headers.get("Content-Length")
+    total = int(length) if length and length.isdigit() else None
+    h, received = hashlib.md5(usedforsecurity=False), 0
+    bar = tqdm(total=total, desc=f"download {bar_name}", unit="B", unit_scale=True,
+               unit_divisor=1024, mininterval=0.5, disable=None if bar_name else True)  # fmt: skip
+    with bar:
+        while True:
+            try:
+                chunk = response.read(CHUNK)
+            except (http.client.HTTPException, OSError) as err:
+                raise DownloadError(
+                    f"the download of {url} broke off after {received} bytes "
+                    f"({type(err).__name__}: {err}); nothing was kept, run again."
+                ) from err
+            if not chunk:
+                break
+            f.write(chunk)
+            h.update(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    if total is not None and received != total:
+        raise DownloadError(
+            f"the download of {url} stopped after {received} of {total} bytes "
+            f"(the connection closed early); nothing was kept, run again."
+        )
+    return received, h.hexdigest()

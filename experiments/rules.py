@@ -289,6 +289,23 @@ TEXT = (
      "these suffixes, e.g. ('.py', '.txt')"),
 )  # fmt: skip
 
+# The synthetic teacher-student task (configs/teacher.py, experiments.tasks.teacher).
+TEACHER = (
+    ("task", choice("teacher"), "what the data are: 'teacher' (a random linear teacher's "
+     "sampled labels)"),
+    ("target_accuracy", real(0, 1, none="no target"), "stop when the periodic test accuracy "
+     "reaches it; needs eval_every > 0"),
+    ("model.name", choice("mlp"), "the student: dense layers"),
+    ("model.widths", ints(1, empty=True), "hidden widths ((): a linear student)"),
+    ("data.num_features", count(1, hi=65536), "input dimension d"),
+    ("data.num_classes", count(2, hi=65536), "classes"),
+    ("data.num_train", count(1, hi=10**7), "train examples"),
+    ("data.num_test", count(1, hi=10**7), "test examples"),
+    ("data.scale", real(0, open_lo=True), "standard deviation of each teacher logit (larger: "
+     "less label noise)"),
+    ("data.seed", count(0), "seed of the teacher and of the examples"),
+)  # fmt: skip
+
 # The measurement and recommendation stages (configs/sweep.py; compare.* of the trainings).
 MEASURE = (
     ("noise.warmup_steps", count(0), "steps of training at train.batch_size before the "
@@ -522,6 +539,12 @@ LM_MODEL_CROSS = (
 
 TEXT_CROSS = (_target_needs_eval("target_bits_per_byte"),) + LM_MODEL_CROSS
 
+TEACHER_CROSS = (
+    _target_needs_eval("target_accuracy"),
+    cross(("mode",), lambda c, d: c.mode == "train", "config.task='teacher' trains only: the "
+          "compare and tradeoff modes take image data", "--config.mode=train"),
+)  # fmt: skip
+
 MEASURE_CROSS = (
     cross(("throughput.min_batch_size", "throughput.max_batch_size"),
           lambda c, d: c.throughput.min_batch_size <= c.throughput.max_batch_size,
@@ -566,6 +589,12 @@ TABLES = {
               ("", MEASURE + SWEEP, MEASURE_CROSS + SWEEP_CROSS)],
     "bench": [("", BENCH, BENCH_CROSS), ("lm.", BENCH_LM_MODEL, LM_MODEL_CROSS)],
 }  # fmt: skip
+# config.task -> (rules, cross) of a training config of a task other than images (trained by
+# experiments.cifar10 or its own entry point, and checked as the task by experiments.train).
+TASK_TABLES = {
+    "lm": (TRAIN + TEXT, TRAIN_CROSS + TEXT_CROSS),
+    "teacher": (TRAIN + TEACHER, TRAIN_CROSS + TEACHER_CROSS),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,14 +611,15 @@ def get(config, path: str, default=None):
 
 
 def rules_of(config, kind: str) -> list[tuple[str, tuple, tuple]]:
-    """The sections of ``kind``'s table (``cifar10``, ``lm``, ``sweep``, ``bench``); a
-    training config is ``lm`` when its ``task`` is (the sweep's ``train`` likewise)."""
-    if kind not in TABLES:
+    """The sections of ``kind``'s table (``cifar10``, ``lm``, ``sweep``, ``bench``, or a task
+    of :data:`TASK_TABLES`); a training config whose ``task`` is in :data:`TASK_TABLES` gets
+    that task's rules (the sweep's ``train`` likewise)."""
+    if kind not in TABLES and kind not in TASK_TABLES:
         raise ValueError(f"unknown config kind {kind!r}: one of {', '.join(TABLES)}")
     task = get(config, "train.task" if kind == "sweep" else "task")
-    if task == "lm" and kind in ("cifar10", "sweep"):
+    if task in TASK_TABLES and kind in ("cifar10", "sweep", *TASK_TABLES):
         prefix = "train." if kind == "sweep" else ""
-        return [(prefix, TRAIN + TEXT, TRAIN_CROSS + TEXT_CROSS)] + TABLES[kind][1:]
+        return [(prefix, *TASK_TABLES[task])] + TABLES.get(kind, TABLES["cifar10"])[1:]
     return TABLES[kind]
 
 

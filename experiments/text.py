@@ -32,26 +32,22 @@ non-overlapping windows of the test split (:func:`eval_arrays`).
 Example::
 
     ds = text.load(config.data, context=config.model.context)
-    spans = text.constant_spans(config.batch_size, start_example=step * config.batch_size)
-    for batch in text.train_batches(ds, spans, seed=config.seed):
-      ...  # batch['tokens'], batch['targets']: int32 [B, context]
+    batch = text.train_batch(ds, step * config.batch_size, config.batch_size, seed=config.seed)
+    # batch['tokens'], batch['targets']: int32 [B, context]
     held_out = text.eval_arrays(ds, config.eval_examples)
 """
 
 from __future__ import annotations
 
 import codecs
-import collections
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
-import itertools
 import math
 import os
 import platform
 import sysconfig
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -68,8 +64,6 @@ __all__ = [
     "is_test_file",
     "train_offsets",
     "train_batch",
-    "train_batches",
-    "constant_spans",
     "eval_arrays",
     "bits_per_byte",
 ]
@@ -133,10 +127,6 @@ class TextDataset:
         """:func:`train_batch` of this dataset."""
         return train_batch(self, start_example, batch_size, seed)
 
-    def eval_arrays(self, max_windows: int | None = None) -> dict:
-        """:func:`eval_arrays` of this dataset."""
-        return eval_arrays(self, max_windows)
-
 
 # ----------------------------------------------------------------------------------------------
 # Loading.
@@ -165,56 +155,10 @@ def load(cfg, *, context: int) -> TextDataset:
         ds = load({"path": None, "max_bytes": 300_000}, context=64)
         ds.source["python"], len(ds.train), len(ds.test)
     """
-    path = _field(cfg, "path", None)
-    max_bytes = _field(cfg, "max_bytes", None)
-    test_fraction = float(_field(cfg, "test_fraction", DEFAULT_TEST_FRACTION))
-    extensions = _field(cfg, "extensions", None)
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise UserError(f"context={context!r} must be a positive integer.")
-    if not 0.0 < test_fraction < 1.0:
-        raise UserError(
-            f"data.test_fraction={test_fraction} must be in (0, 1).",
-            hint="e.g. --config.data.test_fraction=0.05",
-        )
-    if max_bytes is not None and (isinstance(max_bytes, bool) or int(max_bytes) < 2):
-        raise UserError(f"data.max_bytes={max_bytes!r} must be >= 2 or None (no cap).")
-    max_bytes = None if max_bytes is None else int(max_bytes)
-    if isinstance(extensions, str):
-        extensions = (extensions,)
-
-    if path is None:
-        root = stdlib_root()
-        files = list_files(root, STDLIB_EXTENSIONS, exclude_dirs=EXCLUDED_DIRS)
-        record = {"kind": "stdlib", "path": root}
-        arrays = _split_by_file(root, files, test_fraction, max_bytes, strict=False)
-    else:
-        path = os.path.abspath(os.path.expanduser(str(path)))
-        if not os.path.exists(path):
-            raise UserError(
-                f"data.path {path} does not exist.",
-                hint="pass a text file or a directory of text files, or leave data.path unset "
-                "for the Python standard library.",
-            )
-        if os.path.isdir(path):
-            files = list_files(path, extensions)
-            if not files:
-                what = f"files ending in {', '.join(extensions)}" if extensions else "files"
-                raise UserError(
-                    f"data.path {path} is an empty corpus: the directory has no {what}.",
-                    hint="point data.path at a directory with text files (or set "
-                    "data.extensions to match them).",
-                )
-            record = {"kind": "directory", "path": path}
-            if len(files) == 1:  # one file: split its bytes
-                data = _read_text(os.path.join(path, files[0]), max_bytes)
-                arrays = _split_bytes(data, test_fraction, files[0])
-            else:
-                arrays = _split_by_file(path, files, test_fraction, max_bytes, strict=True)
-        else:
-            record = {"kind": "file", "path": path}
-            arrays = _split_bytes(_read_text(path, max_bytes), test_fraction, None)
-
-    train, test, train_files, test_files, split = arrays
+    path, max_bytes, test_fraction, extensions = _options(cfg, context)
+    record, (train, test, train_files, test_files, split) = _read_corpus(
+        path, max_bytes, test_fraction, extensions
+    )
     where = record["path"]
     if len(train) + len(test) == 0:
         raise UserError(
@@ -247,21 +191,63 @@ def load(cfg, *, context: int) -> TextDataset:
         a.flags.writeable = False
     logging.info(
         "text corpus %s (%s): %d train bytes (%d files), %d test bytes (%d files), python %s",
-        where,
-        record["kind"],
-        len(train),
-        len(train_files),
-        len(test),
-        len(test_files),
+        where, record["kind"], len(train), len(train_files), len(test), len(test_files),
         record["python"],
-    )
+    )  # fmt: skip
     return TextDataset(train, test, context, record, tuple(train_files), tuple(test_files))
 
 
-def _field(cfg, name: str, default: Any) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default) if cfg is not None else default
+def _options(cfg, context: int) -> tuple[str | None, int | None, float, tuple | None]:
+    """``(path, max_bytes, test_fraction, extensions)`` of ``cfg`` (a mapping or a
+    ConfigDict), checked."""
+    get = cfg.get if isinstance(cfg, Mapping) else lambda name, default: getattr(cfg, name, default)
+    path, max_bytes, extensions = get("path", None), get("max_bytes", None), get("extensions", None)
+    test_fraction = float(get("test_fraction", DEFAULT_TEST_FRACTION))
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise UserError(f"context={context!r} must be a positive integer.")
+    if not 0.0 < test_fraction < 1.0:
+        raise UserError(
+            f"data.test_fraction={test_fraction} must be in (0, 1).",
+            hint="e.g. --config.data.test_fraction=0.05",
+        )
+    if max_bytes is not None and (isinstance(max_bytes, bool) or int(max_bytes) < 2):
+        raise UserError(f"data.max_bytes={max_bytes!r} must be >= 2 or None (no cap).")
+    max_bytes = None if max_bytes is None else int(max_bytes)
+    extensions = (extensions,) if isinstance(extensions, str) else extensions
+    return path, max_bytes, test_fraction, extensions
+
+
+def _read_corpus(path, max_bytes, test_fraction, extensions) -> tuple[dict, tuple]:
+    """The source record (``kind``, ``path``) and the split of the corpus at ``path``."""
+    if path is None:
+        root = stdlib_root()
+        files = list_files(root, STDLIB_EXTENSIONS, exclude_dirs=EXCLUDED_DIRS)
+        arrays = _split_by_file(root, files, test_fraction, max_bytes, strict=False)
+        return {"kind": "stdlib", "path": root}, arrays
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.exists(path):
+        raise UserError(
+            f"data.path {path} does not exist.",
+            hint="pass a text file or a directory of text files, or leave data.path unset "
+            "for the Python standard library.",
+        )
+    if not os.path.isdir(path):
+        data = _read_text(path, max_bytes)
+        return {"kind": "file", "path": path}, _split_bytes(data, test_fraction, None)
+    files = list_files(path, extensions)
+    if not files:
+        what = f"files ending in {', '.join(extensions)}" if extensions else "files"
+        raise UserError(
+            f"data.path {path} is an empty corpus: the directory has no {what}.",
+            hint="point data.path at a directory with text files (or set "
+            "data.extensions to match them).",
+        )
+    if len(files) == 1:  # one file: split its bytes
+        data = _read_text(os.path.join(path, files[0]), max_bytes)
+        arrays = _split_bytes(data, test_fraction, files[0])
+    else:
+        arrays = _split_by_file(path, files, test_fraction, max_bytes, strict=True)
+    return {"kind": "directory", "path": path}, arrays
 
 
 def stdlib_root() -> str:
@@ -401,16 +387,7 @@ def train_offsets(
     ``np.random.default_rng([seed, e, tag])`` draws ``shift_e`` in ``[0, num_bytes - per_epoch
     * window]`` and the order of ``k`` (a permutation of ``range(per_epoch)``). Example ``i`` is
     position ``i % per_epoch`` of epoch ``i // per_epoch``: a pure function of ``(seed, i)``.
-
-    Args:
-      num_bytes: bytes of the train split.
-      window: bytes per example (``context + 1``), at most ``num_bytes``.
-      seed: non-negative seed.
-      start_example: index of the first example (examples seen before this batch).
-      batch_size: number of examples.
-
-    Returns:
-      The offsets; window ``o`` is ``train[o : o + window]``.
+    Window ``o`` is ``train[o : o + window]`` (``window = context + 1 <= num_bytes``).
     """
     if not 1 <= window <= num_bytes:
         raise ValueError(f"window={window} must be in [1, num_bytes={num_bytes}].")
@@ -445,89 +422,23 @@ def _windows(data: np.ndarray, offsets: np.ndarray, window: int) -> dict:
 
 
 def train_batch(ds: TextDataset, start_example: int, batch_size: int, seed: int) -> dict:
-    """The train examples ``[start_example, start_example + batch_size)``.
+    """The train examples ``[start_example, start_example + batch_size)``: ``{'tokens',
+    'targets'}``, int32 ``[B, context]``, ``targets[:, t]`` the byte after ``tokens[:, t]``.
 
-    A pure function of ``(ds, start_example, batch_size, seed)`` (see :func:`train_offsets`):
-    the batch of ``[i, i + B)`` is the concatenation of those of ``[i, i + k)`` and
-    ``[i + k, i + B)``.
-
-    Args:
-      ds: the dataset.
-      start_example: examples seen before this batch.
-      batch_size: examples in the batch.
-      seed: non-negative seed of the shuffle.
-
-    Returns:
-      ``{'tokens': int32 [B, context], 'targets': int32 [B, context]}``; ``targets[:, t]`` is
-      the byte after ``tokens[:, t]``.
-
-    Example::
-
-        batch = train_batch(ds, start_example=step * 32, batch_size=32, seed=0)
+    A pure function of ``(ds, start_example, batch_size, seed)`` (:func:`train_offsets`): the
+    batch of ``[i, i + B)`` is the concatenation of those of ``[i, i + k)`` and ``[i + k, i +
+    B)``.
     """
     offsets = train_offsets(len(ds.train), ds.window, seed, start_example, batch_size)
     return _windows(ds.train, offsets, ds.window)
-
-
-def constant_spans(batch_size: int, start_example: int = 0) -> Iterator[tuple[int, int]]:
-    """Endless ``(start_example, batch_size)`` pairs of a run at a constant batch size."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    return ((s, batch_size) for s in itertools.count(start_example, batch_size))
-
-
-def train_batches(
-    ds: TextDataset, spans: Iterable[tuple[int, int]], *, seed: int, prefetch: int = 2
-) -> Iterator[dict]:
-    """:func:`train_batch` of each ``(start_example, batch_size)`` in ``spans``, prefetched.
-
-    A background thread computes up to ``prefetch`` batches ahead; ``spans`` is read (in the
-    caller's thread) that many items ahead, so a batch size decided from the previous step's
-    results needs ``prefetch=0`` or direct :func:`train_batch` calls. Closing or dropping the
-    iterator stops the thread.
-
-    Args:
-      ds: the dataset.
-      spans: ``(start_example, batch_size)`` pairs, e.g. :func:`constant_spans`.
-      seed: seed of the shuffle.
-      prefetch: batches computed ahead; 0 computes each in the caller's thread when asked.
-
-    Returns:
-      An iterator of ``{'tokens', 'targets'}`` batches, one per span.
-    """
-    spans = iter(spans)
-    if prefetch <= 0:
-        for start, size in spans:
-            yield train_batch(ds, start, size, seed)
-        return
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gns-text") as pool:
-        pending = collections.deque(
-            pool.submit(train_batch, ds, start, size, seed)
-            for start, size in itertools.islice(spans, prefetch)
-        )
-        try:
-            while pending:
-                batch = pending.popleft().result()
-                for start, size in itertools.islice(spans, 1):
-                    pending.append(pool.submit(train_batch, ds, start, size, seed))
-                yield batch
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 def eval_arrays(ds: TextDataset, max_windows: int | None = None) -> dict:
     """Fixed held-out windows: non-overlapping ``context + 1``-byte windows of the test split.
 
     All ``num_eval_windows`` windows (at offsets ``k * (context + 1)``), or ``max_windows`` of
-    them spread evenly over the split (``k = j * num_eval_windows // max_windows``).
-
-    Args:
-      ds: the dataset.
-      max_windows: cap on the number of windows (``None``: all).
-
-    Returns:
-      ``{'tokens': int32 [W, context], 'targets': int32 [W, context]}``.
+    them spread evenly over the split (``k = j * num_eval_windows // max_windows``), as
+    ``{'tokens', 'targets'}`` (int32 ``[W, context]``).
     """
     total = ds.num_eval_windows
     n = total if max_windows is None else min(int(max_windows), total)

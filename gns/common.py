@@ -11,7 +11,8 @@ common``) without a cycle.
   :func:`to_varying`, :func:`psum`;
 * the per-example gradients by ``jax.vmap`` that every fallback uses: :func:`grad_fn`,
   :func:`zero_sums`, :func:`vmap_sums`;
-* argument checks: :func:`check_int`, :func:`check_resamples`;
+* argument checks: :func:`check_int`, :func:`check_resamples`, :func:`check_batch_size`,
+  :func:`check_step_times`;
 * the one noise-scale ratio, :func:`noise_scale_ratio`, for NumPy and JAX arrays alike, and
   the percentile step of every bootstrap here, :func:`percentile_interval`.
 """
@@ -19,7 +20,7 @@ common``) without a cycle.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -36,6 +37,8 @@ __all__ = [
     "batch_size",
     "check_int",
     "check_resamples",
+    "check_batch_size",
+    "check_step_times",
     "sq_norms",
     "axis_names",
     "axis_size",
@@ -129,6 +132,63 @@ def check_resamples(num_resamples, confidence: float, name: str = "num_resamples
             f"needs a resample), got {num_resamples!r}: use the default (1000 or more)."
         )
     return int(num_resamples)
+
+
+def check_batch_size(value, name: str) -> int:
+    """A batch size as an ``int``: an integer, or a float without a fraction (``64.0`` from
+    JSON), at least 1; a ``ValueError`` naming ``name`` otherwise (``3.5`` is never truncated).
+
+    Example:
+      >>> check_batch_size(64.0, "base_batch_size")
+      64
+    """
+    number = isinstance(value, int | float | np.integer | np.floating)
+    if not number or isinstance(value, bool | np.bool_) or not (1 <= value < math.inf):
+        ok = False
+    else:
+        ok = float(value) == math.floor(value)
+    if not ok:
+        raise ValueError(
+            f"{name} must be a whole number of examples >= 1, got {value!r}: a batch size has "
+            "no fraction (round it yourself if that is what you mean)."
+        )
+    return int(value)
+
+
+def check_step_times(step_time, max_batch_size: int) -> dict[int, float]:
+    """Measured step times ``{batch: seconds}`` at or below ``max_batch_size``, from a
+    ``{batch: seconds}`` mapping or a ``(batch_sizes, seconds)`` pair: whole batch sizes
+    (:func:`check_batch_size`) and finite positive seconds; a ``ValueError`` otherwise.
+
+    Example:
+      >>> check_step_times(([16, 32.0, 64], [0.1, 0.2, 0.4]), 32)
+      {16: 0.1, 32: 0.2}
+    """
+    check_int(max_batch_size, "max_batch_size", 1, "the largest batch that fits")
+    try:
+        pairs = (
+            step_time.items() if isinstance(step_time, Mapping) else zip(*step_time, strict=True)
+        )
+        pairs = list(pairs)
+    except (TypeError, ValueError):
+        pairs = []
+    if not pairs:
+        raise ValueError(
+            "step_time is empty (or not a {batch_size: seconds per step} dict of measured step "
+            f"times, gns.hardware.time_batch_sizes), got {step_time!r}: time at least one batch "
+            "size that fits."
+        )
+    measured = {check_batch_size(k, "each step_time batch size"): float(v) for k, v in pairs}
+    bad = {k: v for k, v in measured.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"step_time needs finite positive seconds per step, got {bad}.")
+    fits = {k: v for k, v in measured.items() if k <= max_batch_size}
+    if not fits:
+        raise ValueError(
+            f"step_time has no batch size at or below max_batch_size={max_batch_size} (timed: "
+            f"{sorted(measured)}): time the batch sizes that fit."
+        )
+    return fits
 
 
 def sq_norms(tree: PyTree) -> PyTree:

@@ -359,6 +359,67 @@ def _effective(
     num_resamples, seed, *, branched: bool,
 ) -> EffectiveNoiseScale:  # fmt: skip
     """:func:`effective_noise_scale`, with the basis names of noise scales or branched values."""
+    delta, b, ref, lo, hi = _path_points(
+        delta_steps, b_noise, ref_batch_size, low, high, point_confidence, confidence,
+        num_resamples,
+    )  # fmt: skip
+    what = "local B_crit" if branched else "B_noise"
+    keep, drop_note = _usable(delta, b, what)
+    dropped, n = int((~keep).sum()), int(keep.sum())
+    weights = np.zeros(b.size)
+    if n == 0:
+        nan = float("nan")
+        return EffectiveNoiseScale(
+            nan, nan, nan, nan, nan, 0, dropped, BASIS_NONE,
+            f"no usable point: no effective {what}{drop_note}", weights, float(confidence),
+        )  # fmt: skip
+
+    d, bk, rk, lk, hk = delta[keep], b[keep], ref[keep], lo[keep], hi[keep]
+    # In units of the largest ΔS_ref and B_ref (the value scales with B_ref and not with ΔS),
+    # so neither ΔS·B_ref nor the sums overflow or underflow before the ratio.
+    scales = float(d.max()), float(rk.max())
+    s_i, e_i = _scaled_sums(d, bk, rk, scales)
+    d_scale, r_scale = scales
+    with np.errstate(over="ignore", under="ignore"):
+        s_min, e_min = d_scale * float(s_i.sum()), d_scale * r_scale * float(e_i.sum())
+        value = float(r_scale * _ratio(e_i.sum(), s_i.sum()))
+    weights[keep] = s_i / s_i.sum() if s_i.sum() > 0 else 0.0
+
+    if n == 1:
+        value = float(bk[0])  # E_min/S_min is this exactly, up to rounding
+        low_v, high_v = float(min(lk[0], value)), float(max(hk[0], value))
+        note = (
+            f"single point: the {what} of the one usable point, no path average; interval is "
+            f"that point's own" + drop_note
+        )
+        basis = BASIS_BRANCHED_SINGLE if branched else BASIS_SINGLE_POINT
+        return EffectiveNoiseScale(
+            value, low_v, high_v, s_min, e_min, 1, dropped, basis, note, weights,
+            float(confidence),
+        )  # fmt: skip
+
+    ratios = _bootstrap_ratios(d, bk, rk, (lk, hk), scales, point_confidence, num_resamples, seed)
+    low_v, high_v = common.percentile_interval(ratios, confidence, value)
+    note = (
+        f"{what} along the path: ΔS_min-weighted mean of {n} points; {confidence:.0%} "
+        f"percentile bootstrap ({num_resamples} resamples) over the points iid"
+        + (" and each point's own interval (split log-normal)" if low is not None else "")
+        + drop_note
+        + ("" if math.isfinite(s_min) and math.isfinite(e_min) else
+           "; S_min or E_min is beyond the float64 range (inf), the value is not (scaled form)")
+    )  # fmt: skip
+    basis = BASIS_BRANCHED if branched else BASIS_TRAJECTORY
+    return EffectiveNoiseScale(
+        value, low_v, high_v, s_min, e_min, n, dropped, basis, note, weights, float(confidence)
+    )
+
+
+def _path_points(
+    delta_steps, b_noise, ref_batch_size, low, high, point_confidence, confidence, num_resamples
+):  # fmt: skip
+    """The checked inputs of :func:`_effective` as float64 arrays of one shape: ``ΔS_ref``,
+    ``B_noise``, ``B_ref`` and the interval ends (the point itself without an interval; an
+    unknown ``nan`` end read as unresolved: 0 below, ``inf`` above)."""
     delta = np.asarray(delta_steps, np.float64)
     b = np.asarray(b_noise, np.float64)
     if delta.ndim != 1 or delta.shape != b.shape or delta.size == 0:
@@ -381,90 +442,54 @@ def _effective(
         lo, hi = b.copy(), b.copy()
     lo = np.where(np.isnan(lo), 0.0, lo)  # an unknown end is an unresolved end
     hi = np.where(np.isnan(hi), np.inf, hi)
+    return delta, b, ref, lo, hi
 
+
+def _usable(delta, b, what: str) -> tuple[np.ndarray, str]:
+    """The usable points (finite, non-negative ``b`` and a positive finite length), and a note
+    on the dropped ones (empty when none is)."""
     bad_b = ~np.isfinite(b) | (b < 0)
     bad_len = ~(np.isfinite(delta) & (delta > 0))
     keep = ~(bad_b | bad_len)
     dropped = int((~keep).sum())
-    n = int(keep.sum())
-    single, multi = (
-        (BASIS_BRANCHED_SINGLE, BASIS_BRANCHED)
-        if branched
-        else (BASIS_SINGLE_POINT, BASIS_TRAJECTORY)
+    if not dropped:
+        return keep, ""
+    return keep, (
+        f"; dropped {dropped} of {b.size} points ({int((bad_b & ~bad_len).sum())} with a "
+        f"non-finite or negative {what} at indices {np.flatnonzero(bad_b).tolist()}, "
+        f"{int(bad_len.sum())} with a non-positive or non-finite length)"
     )
-    what = "local B_crit" if branched else "B_noise"
-    drop_note = ""
-    if dropped:
-        drop_note = (
-            f"; dropped {dropped} of {b.size} points ({int((bad_b & ~bad_len).sum())} with a "
-            f"non-finite or negative {what} at indices {np.flatnonzero(bad_b).tolist()}, "
-            f"{int(bad_len.sum())} with a non-positive or non-finite length)"
-        )
-    weights = np.zeros(b.size)
-    if n == 0:
-        nan = float("nan")
-        return EffectiveNoiseScale(
-            nan, nan, nan, nan, nan, 0, dropped, BASIS_NONE,
-            f"no usable point: no effective {what}{drop_note}", weights, float(confidence),
-        )  # fmt: skip
 
-    d, bk, rk, lk, hk = delta[keep], b[keep], ref[keep], lo[keep], hi[keep]
-    # In units of the largest ΔS_ref and B_ref (the value scales with B_ref and not with ΔS),
-    # so neither ΔS·B_ref nor the sums overflow or underflow before the ratio.
-    d_scale, r_scale = float(d.max()), float(rk.max())
 
-    def scaled_sums(delta_i, b_i, ref_i):
-        with np.errstate(over="ignore", under="ignore"):
-            return _path_sums(delta_i / d_scale, b_i / r_scale, ref_i / r_scale)
-
-    s_i, e_i = scaled_sums(d, bk, rk)
+def _scaled_sums(delta, b, ref, scales):
+    """:func:`_path_sums` in units of ``scales = (ΔS scale, B_ref scale)``."""
+    d_scale, r_scale = scales
     with np.errstate(over="ignore", under="ignore"):
-        s_min, e_min = d_scale * float(s_i.sum()), d_scale * r_scale * float(e_i.sum())
-        value = float(r_scale * _ratio(e_i.sum(), s_i.sum()))
-    weights[keep] = s_i / s_i.sum() if s_i.sum() > 0 else 0.0
+        return _path_sums(delta / d_scale, b / r_scale, ref / r_scale)
 
-    if n == 1:
-        value = float(bk[0])  # E_min/S_min is this exactly, up to rounding
-        low_v, high_v = float(min(lk[0], value)), float(max(hk[0], value))
-        basis = single
-        note = (
-            f"single point: the {what} of the one usable point, no path average; interval is "
-            f"that point's own" + drop_note
-        )
-        return EffectiveNoiseScale(
-            value, low_v, high_v, s_min, e_min, 1, dropped, basis, note, weights,
-            float(confidence),
-        )  # fmt: skip
 
+def _bootstrap_ratios(d, b, ref, interval, scales, point_confidence, num_resamples, seed):
+    """``E_min/S_min`` of each resample: the points drawn iid with replacement, each drawn
+    point's ``B_noise`` from a split log-normal whose central ``point_confidence`` interval is
+    its ``interval`` (see :func:`effective_noise_scale`)."""
+    lo, hi = interval
+    n = b.size
     rng = np.random.default_rng(seed)
     z_pt = statistics.NormalDist().inv_cdf(0.5 + float(point_confidence) / 2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_b = np.log(bk)
-        sd_lo = np.where(lk > 0, np.maximum(log_b - np.log(np.maximum(lk, 1e-300)), 0), np.inf)
-        sd_hi = np.maximum(np.log(hk) - log_b, 0) / z_pt
+        log_b = np.log(b)
+        sd_lo = np.where(lo > 0, np.maximum(log_b - np.log(np.maximum(lo, 1e-300)), 0), np.inf)
+        sd_hi = np.maximum(np.log(hi) - log_b, 0) / z_pt
         sd_lo = sd_lo / z_pt
     idx = rng.integers(0, n, size=(num_resamples, n))
     z = rng.standard_normal((num_resamples, n))
     with np.errstate(invalid="ignore", over="ignore"):
         spread = np.where(z < 0, z * sd_lo[idx], z * sd_hi[idx])
         spread = np.where(z == 0, 0.0, spread)
-        b_star = np.where(bk[idx] > 0, np.exp(log_b[idx] + spread), 0.0)
-    s_star, e_star = scaled_sums(d[idx], b_star, rk[idx])
+        b_star = np.where(b[idx] > 0, np.exp(log_b[idx] + spread), 0.0)
+    s_star, e_star = _scaled_sums(d[idx], b_star, ref[idx], scales)
     with np.errstate(over="ignore"):
-        ratios = r_scale * _ratio(e_star.sum(1), s_star.sum(1))
-    low_v, high_v = common.percentile_interval(ratios, confidence, value)
-    has_pt = low is not None
-    note = (
-        f"{what} along the path: ΔS_min-weighted mean of {n} points; {confidence:.0%} "
-        f"percentile bootstrap ({num_resamples} resamples) over the points iid"
-        + (" and each point's own interval (split log-normal)" if has_pt else "")
-        + drop_note
-        + ("" if math.isfinite(s_min) and math.isfinite(e_min) else
-           "; S_min or E_min is beyond the float64 range (inf), the value is not (scaled form)")
-    )  # fmt: skip
-    return EffectiveNoiseScale(
-        value, low_v, high_v, s_min, e_min, n, dropped, multi, note, weights, float(confidence)
-    )
+        return scales[1] * _ratio(e_star.sum(1), s_star.sum(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -835,6 +860,86 @@ def branched_critical_batch(
     Reference: Merrill et al. (2025), arXiv 2505.23971 (branched runs from checkpoints);
     McCandlish et al. (2018), eq. 2.11 (the tradeoff fitted locally).
     """
+    sizes = _fork_sizes(ref_batch_size, exponents, num_examples, num_repeats)
+    mults = _fork_multipliers(lr_multiplier, sizes)
+    if template is not None:
+        check_state(state, template, name=checkpoint_name)
+
+    start = np.atleast_1d(np.asarray(eval_fn(state), np.float64))
+    ruler_steps = _ruler_points(num_examples // sizes[0], num_ruler_points)
+    forks = (make_step, batch_fn, eval_fn, jit)
+    shape = (num_repeats, len(ruler_steps) + len(sizes) - 1, start.size)
+    losses = _fork_losses(state, forks, sizes, mults, ruler_steps, num_examples, shape)
+    n_r = len(ruler_steps)
+    start_loss = float(start.mean())
+    sizes, mults, losses, excluded = _without_diverged(sizes, mults, losses, n_r, start_loss)
+    ruler_diverged = sizes[0] in excluded
+    ruler_x = np.array([0.0] + [k * sizes[0] for k in ruler_steps])
+    # Each repeat's forks share its data, so each repeat is read on its own ruler (the noise
+    # common to its forks cancels); the repeats' log ratios are then averaged.
+    num_h = start.size
+    log_r = _log_ratios(losses, start, np.full(num_h, 1.0 / num_h), ruler_x, num_examples)
+    ratios = np.exp(log_r.mean(0))
+    b_crit = float(_fit_b_crit(sizes, ratios)[0]) if len(sizes) >= 2 else math.nan
+    final = losses.mean(axis=(0, 2))
+    final = np.concatenate([[final[n_r - 1]], final[n_r:]])
+    if len(sizes) >= 2 and (num_repeats >= 2 or num_h >= 2):
+        boot = _bootstrap_examples_ratios(
+            losses, start, ruler_x, num_examples, log_r, num_resamples, seed
+        )
+        low, high, method = _expanded_interval(
+            _fit_b_crit(sizes, boot), b_crit, confidence, num_repeats, num_h, num_resamples
+        )
+    else:
+        low = high = float("nan")
+        method = "none: one repeat and a scalar eval_fn; use num_repeats >= 2 or per-example losses"
+    progress = start_loss - final[0] > 0
+    resolved, notes = _resolution(sizes, excluded, b_crit, (low, high), progress, ruler_diverged)
+    forked = num_examples * num_repeats * (len(sizes) + len(excluded) - ruler_diverged)
+    return BranchedCriticalBatch(
+        b_crit=b_crit,
+        low=low,
+        high=high,
+        b_tolerance=_b_tolerance(sizes, start_loss, final, tolerance),
+        batch_sizes=tuple(sizes),
+        lr_multipliers=tuple(mults),
+        start_loss=start_loss,
+        final_loss=tuple(float(x) for x in final),
+        examples_ratio=tuple(float(x) for x in ratios),
+        num_examples=int(num_examples),
+        num_repeats=num_repeats,
+        examples_forked=int(forked),
+        cost_fraction=float(forked / pilot_examples) if pilot_examples else float("nan"),
+        confidence=float(confidence),
+        interval_method=method,
+        note="; ".join(notes),
+        resolved=resolved,
+        excluded=tuple(excluded.items()),
+    )
+
+
+def _fork_losses(state, forks, sizes, mults, ruler_steps, num_examples, shape):
+    """``losses[r, p, h]`` of ``shape``: repeat ``r``, point ``p`` (the smallest fork at
+    ``ruler_steps``, then the final loss of every other fork), held-out example ``h``; ``forks``
+    is ``(make_step, batch_fn, eval_fn, jit)``, each batch size compiled once."""
+    make_step, batch_fn, eval_fn, jit = forks
+    losses = np.empty(shape)
+    for j, (b, m) in enumerate(zip(sizes, mults, strict=True)):
+        step = jax.jit(make_step(b, m)) if jit else make_step(b, m)
+        n_steps = num_examples // b
+        at = ruler_steps if j == 0 else (n_steps,)
+        for r in range(shape[0]):
+            _, ev = fork(state, step, batch_fn, b, n_steps, first_index=r * n_steps,
+                         eval_fn=eval_fn, eval_at=at)  # fmt: skip
+            if j == 0:
+                losses[r, : len(ruler_steps)] = np.stack([ev[k] for k in ruler_steps])
+            else:
+                losses[r, len(ruler_steps) + j - 1] = ev[n_steps]
+    return losses
+
+
+def _fork_sizes(ref_batch_size, exponents, num_examples, num_repeats) -> list[int]:
+    """The fork batch sizes ``ref_batch_size·2^j``, checked with the examples and repeats."""
     exps = [int(e) for e in exponents]
     if len(exps) < 2 or any(b <= a for a, b in zip(exps, exps[1:], strict=False)):
         raise ValueError(
@@ -858,6 +963,11 @@ def branched_critical_batch(
         )
     if isinstance(num_repeats, bool) or not (isinstance(num_repeats, int) and num_repeats >= 1):
         raise ValueError(f"num_repeats must be a positive int, got {num_repeats!r}.")
+    return sizes
+
+
+def _fork_multipliers(lr_multiplier, sizes) -> list[float]:
+    """One positive finite learning-rate multiplier per fork batch (1 without a rule)."""
     if lr_multiplier is None:
         mults = [1.0] * len(sizes)
     elif callable(lr_multiplier):
@@ -869,84 +979,63 @@ def branched_critical_batch(
             f"lr_multiplier must give one positive finite multiplier per fork batch {sizes}, got "
             f"{mults}."
         )
-    if template is not None:
-        check_state(state, template, name=checkpoint_name)
+    return mults
 
-    start = np.atleast_1d(np.asarray(eval_fn(state), np.float64))
-    ruler_steps = _ruler_points(num_examples // sizes[0], num_ruler_points)
-    # losses[r, p, h]: repeat r, point p (ruler points, then the final loss of forks 1..J-1).
-    num_pts = len(ruler_steps) + len(sizes) - 1
-    losses = np.empty((num_repeats, num_pts, start.size))
-    for j, (b, m) in enumerate(zip(sizes, mults, strict=True)):
-        step = make_step(b, m)
-        step = jax.jit(step) if jit else step
-        n_steps = num_examples // b
-        for r in range(num_repeats):
-            at = ruler_steps if j == 0 else (n_steps,)
-            _, ev = fork(state, step, batch_fn, b, n_steps, first_index=r * n_steps,
-                         eval_fn=eval_fn, eval_at=at)  # fmt: skip
-            if j == 0:
-                losses[r, : len(ruler_steps)] = np.stack([ev[k] for k in ruler_steps])
-            else:
-                losses[r, len(ruler_steps) + j - 1] = ev[n_steps]
 
-    n_r = len(ruler_steps)
-    start_loss = float(start.mean())
-    sizes, mults, losses, excluded = _without_diverged(sizes, mults, losses, n_r, start_loss)
-    ruler_diverged = sizes[0] in excluded
-    ruler_x = np.array([0.0] + [k * sizes[0] for k in ruler_steps])
+def _log_ratios(losses, start, w, ruler_x, num_examples) -> np.ndarray:
+    """``log r`` (repeats, forks) under held-out weights ``w``, each repeat on its own ruler.
 
-    def log_ratios(w):
-        """Held-out weights (num_h,) -> log r (num_repeats, J), each repeat on its own ruler."""
-        curves, start_w = losses @ w, float(start @ w)
-        out = np.empty((num_repeats, len(sizes)))
-        for r in range(num_repeats):
-            final_r = np.concatenate([[curves[r, n_r - 1]], curves[r, n_r:]])
-            ruler_y = np.concatenate([[start_w], curves[r, :n_r]])
-            out[r] = np.log(_examples_ratio(ruler_x, ruler_y, final_r, num_examples))
-        out[:, 0] = 0.0  # the ruler itself (its envelope may end below its last point)
-        return out
+    ``losses[r, p, h]``: repeat ``r``, point ``p`` (the ruler's points, then the final loss of
+    every fork but the smallest), held-out example ``h``; ``start`` the checkpoint's losses."""
+    n_r = ruler_x.size - 1
+    curves, start_w = losses @ w, float(start @ w)
+    out = np.empty((losses.shape[0], losses.shape[1] - n_r + 1))
+    for r in range(losses.shape[0]):
+        final_r = np.concatenate([[curves[r, n_r - 1]], curves[r, n_r:]])
+        ruler_y = np.concatenate([[start_w], curves[r, :n_r]])
+        out[r] = np.log(_examples_ratio(ruler_x, ruler_y, final_r, num_examples))
+    out[:, 0] = 0.0  # the ruler itself (its envelope may end below its last point)
+    return out
 
-    # Each repeat's forks share its data, so each repeat is read on its own ruler (the noise
-    # common to its forks cancels); the repeats' log ratios are then averaged.
-    num_h = start.size
-    uniform = np.full(num_h, 1.0 / num_h)
-    log_r = log_ratios(uniform)
-    ratios = np.exp(log_r.mean(0))
-    b_crit = float(_fit_b_crit(sizes, ratios)[0]) if len(sizes) >= 2 else math.nan
-    final = losses.mean(axis=(0, 2))
-    final = np.concatenate([[final[n_r - 1]], final[n_r:]])
-    b_tol = _b_tolerance(sizes, start_loss, final, tolerance)
 
-    if len(sizes) >= 2 and (num_repeats >= 2 or num_h >= 2):
-        rng = np.random.default_rng(seed)
-        boot = np.empty((num_resamples, len(sizes)))
-        for i in range(num_resamples):
-            reps = rng.integers(0, num_repeats, num_repeats)
-            if num_h >= 2:
-                w = np.bincount(rng.integers(0, num_h, num_h), minlength=num_h) / num_h
-                log_r = log_ratios(w)
-            boot[i] = np.exp(log_r[reps].mean(0))
-        fits = _fit_b_crit(sizes, boot)
-        # Expanded percentile interval (Hesterberg 2015): the percentile interval of a mean of
-        # n draws is too narrow by sqrt((n-1)/n) and by z/t_{n-1}; read it at the level whose
-        # normal quantile is sqrt(n/(n-1))·t_{n-1}, n the number of repeats (or held-out
-        # examples with one repeat).
-        n_eff = num_repeats if num_repeats >= 2 else num_h
-        alpha = _expanded_alpha(1 - float(confidence), n_eff)
-        low, high = common.percentile_interval(fits, 1 - alpha, b_crit)
-        parts = [f"{num_repeats} fork repeats (data offsets)"]
-        parts = parts if num_repeats >= 2 else []
-        parts += [f"{num_h} held-out examples"] if num_h >= 2 else []
-        method = (
-            f"{confidence:.0%} expanded percentile bootstrap ({num_resamples} resamples) over "
-            + " and ".join(parts)
-        )
-    else:
-        low = high = float("nan")
-        method = "none: one repeat and a scalar eval_fn; use num_repeats >= 2 or per-example losses"
+def _bootstrap_examples_ratios(losses, start, ruler_x, num_examples, log_r, num_resamples, seed):
+    """Examples ratios (resamples, forks): the repeats drawn iid and, with per-example losses,
+    the held-out examples (the same draw for every fork and ruler point)."""
+    num_repeats, num_h = losses.shape[0], start.size
+    rng = np.random.default_rng(seed)
+    boot = np.empty((num_resamples, log_r.shape[1]))
+    for i in range(num_resamples):
+        reps = rng.integers(0, num_repeats, num_repeats)
+        if num_h >= 2:
+            w = np.bincount(rng.integers(0, num_h, num_h), minlength=num_h) / num_h
+            log_r = _log_ratios(losses, start, w, ruler_x, num_examples)
+        boot[i] = np.exp(log_r[reps].mean(0))
+    return boot
+
+
+def _expanded_interval(fits, b_crit, confidence, num_repeats, num_h, num_resamples):
+    """``(low, high, method in words)``: the expanded percentile interval of the fits.
+
+    Hesterberg 2015: the percentile interval of a mean of n draws is too narrow by
+    sqrt((n-1)/n) and by z/t_{n-1}; read it at the level whose normal quantile is
+    sqrt(n/(n-1))·t_{n-1}, n the number of repeats (or held-out examples with one repeat)."""
+    n_eff = num_repeats if num_repeats >= 2 else num_h
+    alpha = _expanded_alpha(1 - float(confidence), n_eff)
+    low, high = common.percentile_interval(fits, 1 - alpha, b_crit)
+    parts = [f"{num_repeats} fork repeats (data offsets)"] if num_repeats >= 2 else []
+    parts += [f"{num_h} held-out examples"] if num_h >= 2 else []
+    method = (
+        f"{confidence:.0%} expanded percentile bootstrap ({num_resamples} resamples) over "
+        + " and ".join(parts)
+    )
+    return low, high, method
+
+
+def _resolution(sizes, excluded, b_crit, interval, progress, ruler_diverged):
+    """``(resolved, notes)``: whether ``b_crit`` can be used as evidence, and the notes on it
+    (``"unresolved"`` first when it cannot)."""
+    low, high = interval
     notes = _range_notes(sizes, excluded, b_crit)
-    progress = start_loss - final[0] > 0
     if not progress:
         notes.append("the smallest fork made no progress: the forks are too short or diverge")
     resolved = bool(
@@ -955,28 +1044,7 @@ def branched_critical_batch(
     )  # fmt: skip
     if not resolved:
         notes.insert(0, "unresolved")
-    forked = num_examples * num_repeats * (len(sizes) + len(excluded) - ruler_diverged)
-    cost = float(forked / pilot_examples) if pilot_examples else float("nan")
-    return BranchedCriticalBatch(
-        b_crit=b_crit,
-        low=low,
-        high=high,
-        b_tolerance=b_tol,
-        batch_sizes=tuple(sizes),
-        lr_multipliers=tuple(mults),
-        start_loss=start_loss,
-        final_loss=tuple(float(x) for x in final),
-        examples_ratio=tuple(float(x) for x in ratios),
-        num_examples=int(num_examples),
-        num_repeats=num_repeats,
-        examples_forked=int(forked),
-        cost_fraction=cost,
-        confidence=float(confidence),
-        interval_method=method,
-        note="; ".join(notes),
-        resolved=resolved,
-        excluded=tuple(excluded.items()),
-    )
+    return resolved, notes
 
 
 def _range_notes(sizes, excluded, b_crit) -> list[str]:

@@ -39,19 +39,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from gns.hardware import accumulated_step_time, interpolate_step_time
+from gns import common, scaling
+from gns.hardware import accumulated_step_time
 
-__all__ = [
-    "Recommendation",
-    "recommend",
-    "scale_learning_rate",
-    "accumulated_step_time",
-    "interpolate_step_time",
-    "OPTIMIZERS",
-]
-
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "lamb", "lars")
-_ADAPTIVE = ("adam", "adamw", "lamb")
+__all__ = ["Recommendation", "recommend", "scale_learning_rate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +128,8 @@ class Recommendation:
 def scale_learning_rate(
     base_lr: float, base_batch_size: float, batch_size: float, b_noise: float, optimizer: str
 ) -> tuple[float, str]:
-    """Learning rate for ``batch_size`` from one tuned at ``base_batch_size``.
+    """Learning rate for ``batch_size`` from one tuned at ``base_batch_size``, by the rule of
+    ``optimizer`` (:func:`gns.scaling.learning_rate`).
 
     * SGD (and momentum, LARS): McCandlish eq. 2.6, ``ε_opt(B) = ε_max / (1 + B_noise/B)``;
       ``ε_max = base_lr·(1 + B_noise/base_batch_size)`` from the tuned rate, so
@@ -148,77 +140,17 @@ def scale_learning_rate(
     * Adam-family (Adam, AdamW, LAMB): square-root scaling ``lr(B) = base_lr·sqrt(B/B_base)``,
       a heuristic (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive gradient
       algorithms"; Hoffer et al. 2017), not derived from the noise scale. Re-tune around it.
-
-    The ratio ``(1 + N/B_base)/(1 + N/B)`` is formed in units of ``N`` when ``N >= 1``, so a
-    huge ``N`` (1e308) gives the linear-scaling limit, not ``inf/inf``; a rate that overflows
-    float64 raises a ``ValueError``, never returns ``inf``.
+    * A rule name (:data:`gns.scaling.RULES`) picks that rule.
 
     Returns:
-      ``(learning_rate, rule in words)``.
+      ``(learning_rate, rule in words)``; a rate that overflows float64 raises a ``ValueError``.
 
     Example:
       >>> lr, _ = scale_learning_rate(0.1, 64, 256, 128.0, "sgd")
       >>> round(lr, 4)
       0.2
     """
-    opt = optimizer.lower()
-    if opt not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-    if not all(0 < x < math.inf for x in (base_lr, base_batch_size, batch_size)):
-        raise ValueError(
-            f"base_lr, base_batch_size and batch_size must be finite and positive, got "
-            f"{base_lr}, {base_batch_size}, {batch_size}."
-        )
-    if opt in _ADAPTIVE:
-        lr = _finite_lr(base_lr * math.sqrt(batch_size / base_batch_size), base_lr)
-        rule = (
-            f"square-root scaling lr = {base_lr:g}·sqrt(B/{base_batch_size:g}) for {opt}: a "
-            "heuristic for adaptive optimizers (Malladi et al. 2022), not derived from the noise "
-            "scale; re-tune within a factor of 2 around it."
-        )
-        return lr, rule
-    if math.isnan(b_noise):
-        raise ValueError(
-            f"b_noise is nan: the {opt} rule eps_opt(B) = eps_max/(1 + B_noise/B) needs a noise "
-            "scale. Measure it again on finite gradients (over more batches), or keep base_lr."
-        )
-    if b_noise == math.inf:
-        lr = _finite_lr(base_lr * (batch_size / base_batch_size), base_lr)
-        rule = (
-            f"linear scaling lr = {base_lr:g}·B/{base_batch_size:g}: the limit of "
-            "eps_opt(B) = eps_max/(1 + B_noise/B) for an unresolved (infinite) noise scale."
-        )
-        return lr, rule
-    if b_noise <= 0:  # zero, negative or -inf: a degenerate estimate, read as no noise
-        return base_lr, (
-            f"lr kept at the tuned value: the noise-scale estimate {b_noise:.4g} is not positive "
-            "(no measurable gradient noise), and then eps_opt(B) = eps_max/(1 + B_noise/B) does "
-            "not depend on B."
-        )
-    # lr = base_lr·(1 + N/B_0)/(1 + N/B), with the ratio formed in units of N when N >= 1, so
-    # a huge N (1e308) neither overflows eps_max nor turns the ratio into inf/inf.
-    if b_noise >= 1.0:
-        ratio = (1.0 / b_noise + 1.0 / base_batch_size) / (1.0 / b_noise + 1.0 / batch_size)
-    else:
-        ratio = (1.0 + b_noise / base_batch_size) / (1.0 + b_noise / batch_size)
-    lr = _finite_lr(base_lr * ratio, base_lr)
-    eps_max = lr * (1.0 + b_noise / batch_size)
-    rule = (
-        f"eps_opt(B) = eps_max/(1 + B_noise/B) (McCandlish et al. 2018, eq. 2.6) with "
-        f"B_noise = {b_noise:.4g} and eps_max = {eps_max:.4g} solved from lr {base_lr:g} tuned at "
-        f"batch {base_batch_size:g}; exact for SGD on a locally quadratic loss."
-    )
-    return lr, rule
-
-
-def _finite_lr(lr: float, base_lr: float) -> float:
-    """``lr``, or a ``ValueError`` when it overflowed float64 (never a silent ``inf``)."""
-    if not math.isfinite(lr):
-        raise ValueError(
-            f"the scaled learning rate overflows float64 (inf) from base_lr={base_lr!r}: pass "
-            "a learning rate in its usual units."
-        )
-    return lr
+    return scaling.learning_rate(optimizer, base_lr, base_batch_size, batch_size, b_noise)
 
 
 def _unit(n: float) -> float:
@@ -287,7 +219,8 @@ def recommend(
       base_lr: learning rate tuned at ``base_batch_size``.
       base_batch_size: the reference batch (the baseline of ``predicted_speedup_vs_baseline``).
       optimizer: ``"sgd"``, ``"momentum"``, ``"lars"`` (noise-scale rule) or ``"adam"``,
-        ``"adamw"``, ``"lamb"`` (square-root heuristic).
+        ``"adamw"``, ``"lamb"`` (square-root heuristic), or a rule of
+        :data:`gns.scaling.RULES`: the learning rate's rule (:func:`scale_learning_rate`).
       b_noise_interval: ``(low, high)`` of the noise scale; the recommendation under each end is
         reported, and the interval enters ``plausible_batch_sizes``.
       step_time_range: ``{batch: (low, high)}`` seconds per step (e.g. the quartiles of the
@@ -325,6 +258,69 @@ def recommend(
       >>> r.batch_size, r.accumulation_steps, r.at_range_end
       (64, 1, None)
     """
+    n = _check_noise(b_noise, objective, basis)
+    measured = common.check_step_times(step_time, max_batch_size)
+    ranges = _ranges(step_time_range, measured)
+    _check_options(price_per_hour, s_min, near_optimal_tolerance)
+    base = common.check_batch_size(base_batch_size, "base_batch_size")
+    b = _candidates(candidates, measured, max_batch_size, base)
+    t, accum, micro = _timed(measured, b, max_batch_size)
+    rel_steps, time_obj, compute = _objectives(b, t, n)
+    devices = _devices(num_devices, b)
+    compute = compute * devices
+    time_opt, cost_opt = _argmin_batch(b, time_obj), _argmin_batch(b, compute)
+    chosen = time_opt if objective == "time" else cost_opt
+    i = int(np.flatnonzero(b == chosen)[0])
+    near = b[time_obj <= time_obj.min() * (1.0 + near_optimal_tolerance)]
+
+    base_t, _, _ = accumulated_step_time(measured, base, max_batch_size)
+    _, base_time, _ = _objectives(np.array([float(base)]), np.array([base_t]), n)
+    speedup = float(base_time[0] / time_obj[i])
+    lr, lr_rule = scale_learning_rate(base_lr, base, chosen, n, optimizer)
+
+    under, n_range = _under_interval(b_noise_interval, n, b, t, objective, devices)
+    weight = devices if objective == "cost" else np.ones_like(b)
+    t_lo, t_hi = (_timed(r, b, max_batch_size)[0] for r in ranges)
+    plausible = _plausible(b, t_lo * weight, t_hi * weight, n_range) | {chosen}
+    plausible = tuple(sorted(plausible))
+
+    end, extend_to, end_note = _range_end(chosen, accum[i], measured)
+    warnings = _monotone_warnings(measured, ranges) + ([end_note] if end_note else [])
+    evid = _evidence(basis, n, n_range if b_noise_interval is not None else None, evidence)
+    columns = {"step_time_s": t, "accumulation_steps": accum, "micro_batch_size": micro,
+               "relative_steps": rel_steps, "time": time_obj, "compute": compute}  # fmt: skip
+    table = _table(b, columns, (t_lo, t_hi), max_batch_size, plausible, n, s_min, price_per_hour)
+    warnings += _overflow_warnings(table)
+    rec = Recommendation(
+        batch_size=int(chosen),
+        time_optimal=int(time_opt),
+        cost_optimal=int(cost_opt),
+        accumulation_steps=int(accum[i]),
+        micro_batch_size=int(micro[i]),
+        learning_rate=float(lr),
+        lr_rule=lr_rule,
+        predicted_speedup_vs_baseline=speedup,
+        near_optimal_range=(int(near.min()), int(near.max())),
+        batch_size_under_interval=under,
+        reason="",
+        table=table,
+        b_noise=n,
+        objective=objective,
+        plausible_batch_sizes=plausible,
+        batch_size_range=(plausible[0], plausible[-1]),
+        at_range_end=end,
+        extend_range_to=extend_to,
+        warnings=tuple(warnings),
+        basis=basis,
+        evidence=evid,
+        noise_scale_status=_status(n),
+    )
+    reason = _reason(rec, max_batch_size, near_optimal_tolerance, base)
+    return dataclasses.replace(rec, reason=reason)
+
+
+def _check_noise(b_noise, objective, basis) -> float:
+    """``b_noise`` as a float; a ``ValueError`` for ``nan`` or a bad ``objective`` or ``basis``."""
     if isinstance(b_noise, bool) or b_noise is None:
         raise ValueError(f"b_noise must be a number, got {b_noise!r}.")
     n = float(b_noise)
@@ -337,76 +333,72 @@ def recommend(
         raise ValueError(f"objective must be 'time' or 'cost', got {objective!r}.")
     if not (isinstance(basis, str) and basis):
         raise ValueError(f"basis must be a non-empty string (e.g. 'b_simple'), got {basis!r}.")
-    measured = _measured(step_time, max_batch_size)
-    ranges = _ranges(step_time_range, measured)
-    _check_options(price_per_hour, s_min, near_optimal_tolerance)
-    base = _whole(base_batch_size, "base_batch_size")
+    return n
+
+
+def _status(n: float) -> str:
+    """``noise_scale_status`` of a (non-nan) noise scale."""
+    return "infinite" if n == math.inf else ("positive" if n > 0 else "non-positive")
+
+
+def _candidates(candidates, measured, max_batch_size, base) -> np.ndarray:
+    """The candidate batch sizes, increasing: the given ones, or the measured ones, 2× and 4×
+    the largest that fits, and the base batch."""
     if candidates is None:
         cands = set(measured) | {max_batch_size * 2, max_batch_size * 4, base}
     else:
-        cands = {_whole(c, "each of candidates") for c in candidates}
+        cands = {common.check_batch_size(c, "each of candidates") for c in candidates}
     if not cands:
         raise ValueError(f"candidates must be positive batch sizes, got {candidates!r}.")
-    b = np.array(sorted(cands), dtype=np.float64)
-    timed = [accumulated_step_time(measured, int(x), max_batch_size) for x in b]
-    t = np.array([x[0] for x in timed])
-    accum = [x[1] for x in timed]
-    micro = [x[2] for x in timed]
+    return np.array(sorted(cands), dtype=np.float64)
 
-    rel_steps, time_obj, compute = _objectives(b, t, n)
+
+def _timed(step_time, b, max_batch_size) -> tuple[np.ndarray, list[int], list[int]]:
+    """Seconds per step, accumulation steps and micro batch of each batch in ``b``."""
+    timed = [accumulated_step_time(step_time, int(x), max_batch_size) for x in b]
+    return np.array([x[0] for x in timed]), [x[1] for x in timed], [x[2] for x in timed]
+
+
+def _devices(num_devices, b) -> np.ndarray:
+    """Devices per candidate batch (a count, or a function of the batch), checked positive."""
     if callable(num_devices):
         devices = np.array([float(num_devices(int(x))) for x in b])
     else:
         devices = np.full_like(b, float(num_devices))
     if np.any(~np.isfinite(devices)) or np.any(devices <= 0):
         raise ValueError(f"num_devices must be positive, got {devices.tolist()} for {b.tolist()}.")
-    compute = compute * devices
-    time_opt = _argmin_batch(b, time_obj)
-    cost_opt = _argmin_batch(b, compute)
-    chosen = time_opt if objective == "time" else cost_opt
-    i = int(np.flatnonzero(b == chosen)[0])
-    near = b[time_obj <= time_obj.min() * (1.0 + near_optimal_tolerance)]
+    return devices
 
-    base_t, _, _ = accumulated_step_time(measured, base, max_batch_size)
-    _, base_time, _ = _objectives(np.array([float(base)]), np.array([base_t]), n)
-    speedup = float(base_time[0] / time_obj[i])
-    lr, lr_rule = scale_learning_rate(base_lr, base, chosen, n, optimizer)
 
-    under, n_range = None, (n, n)
-    if b_noise_interval is not None:
-        lo, hi = (float(v) for v in b_noise_interval)
-        if math.isnan(lo) or math.isnan(hi) or lo > hi:
-            raise ValueError(
-                f"b_noise_interval must be (low, high) with low <= high, got {b_noise_interval!r}."
-            )
-        under = (_pick(b, t, lo, objective, devices), _pick(b, t, hi, objective, devices))
-        n_range = (lo, hi)
-    weight = devices if objective == "cost" else np.ones_like(b)
-    t_lo, t_hi = (
-        np.array([accumulated_step_time(r, int(x), max_batch_size)[0] for x in b]) for r in ranges
-    )
-    plausible = _plausible(b, t_lo * weight, t_hi * weight, n_range) | {chosen}
-    plausible = tuple(sorted(plausible))
+def _under_interval(b_noise_interval, n, b, t, objective, devices):
+    """The pick at each end of the noise-scale interval (``None`` without one), and the
+    interval (``(n, n)`` without one)."""
+    if b_noise_interval is None:
+        return None, (n, n)
+    lo, hi = (float(v) for v in b_noise_interval)
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(
+            f"b_noise_interval must be (low, high) with low <= high, got {b_noise_interval!r}."
+        )
+    return (_pick(b, t, lo, objective, devices), _pick(b, t, hi, objective, devices)), (lo, hi)
 
-    end, extend_to, end_note = _range_end(chosen, accum[i], measured)
-    warnings = _monotone_warnings(measured, ranges)
-    if end_note:
-        warnings.append(end_note)
-    evid = _evidence(basis, n, n_range if b_noise_interval is not None else None, evidence)
 
-    table = []
+def _table(b, columns, spread, max_batch_size, plausible, n, s_min, price_per_hour) -> list[dict]:
+    """One row per candidate (see :class:`Recommendation`'s ``table``)."""
+    time_obj, compute = columns["time"], columns["compute"]
     with np.errstate(over="ignore"):
-        per_s = b / t
+        per_s = b / columns["step_time_s"]
+    table = []
     for j, x in enumerate(b):
         row = {
             "batch_size": int(x),
             "fits": bool(x <= max_batch_size),
-            "accumulation_steps": int(accum[j]),
-            "micro_batch_size": int(micro[j]),
-            "step_time_s": float(t[j]),
-            "step_time_range_s": [float(t_lo[j]), float(t_hi[j])],
+            "accumulation_steps": int(columns["accumulation_steps"][j]),
+            "micro_batch_size": int(columns["micro_batch_size"][j]),
+            "step_time_s": float(columns["step_time_s"][j]),
+            "step_time_range_s": [float(spread[0][j]), float(spread[1][j])],
             "examples_per_s": float(per_s[j]),
-            "relative_steps": float(rel_steps[j]),
+            "relative_steps": float(columns["relative_steps"][j]),
             "relative_time": float(time_obj[j] / time_obj.min()),
             "relative_cost": float(compute[j] / compute.min()),
             "plausible": int(x) in plausible,
@@ -419,98 +411,7 @@ def recommend(
                 scale = s_min if key == "cost_to_target" else 1.0
                 row[key] = float(scale * compute[j] * _unit(n) * (price_per_hour / 3600.0))
         table.append(row)
-    warnings += _overflow_warnings(table)
-
-    status = "infinite" if n == math.inf else ("positive" if n > 0 else "non-positive")
-    reason = _reason(
-        n,
-        chosen,
-        time_opt,
-        cost_opt,
-        objective,
-        accum[i],
-        micro[i],
-        max_batch_size,
-        (int(near.min()), int(near.max())),
-        near_optimal_tolerance,
-        speedup,
-        base,
-        under,
-        t[i],
-        b,
-    )
-    extra = [f"Basis: {basis}."]
-    if len(plausible) > 1:
-        extra.append(
-            f"Within the noise-scale interval and the step-time spreads, any of {list(plausible)} "
-            "can be the best."
-        )
-    reason = " ".join([reason, *extra, *warnings])
-    return Recommendation(
-        batch_size=int(chosen),
-        time_optimal=int(time_opt),
-        cost_optimal=int(cost_opt),
-        accumulation_steps=int(accum[i]),
-        micro_batch_size=int(micro[i]),
-        learning_rate=float(lr),
-        lr_rule=lr_rule,
-        predicted_speedup_vs_baseline=speedup,
-        near_optimal_range=(int(near.min()), int(near.max())),
-        batch_size_under_interval=under,
-        reason=reason,
-        table=table,
-        b_noise=n,
-        objective=objective,
-        plausible_batch_sizes=plausible,
-        batch_size_range=(plausible[0], plausible[-1]),
-        at_range_end=end,
-        extend_range_to=extend_to,
-        warnings=tuple(warnings),
-        basis=basis,
-        evidence=evid,
-        noise_scale_status=status,
-    )
-
-
-def _measured(step_time, max_batch_size) -> dict[int, float]:
-    """``{batch: seconds}`` at or below ``max_batch_size``, validated."""
-    pairs = step_time.items() if isinstance(step_time, Mapping) else zip(*step_time, strict=True)
-    measured = {_whole(k, "each step_time batch size"): float(v) for k, v in pairs}
-    if not measured:
-        raise ValueError("step_time is empty: time at least one batch size that fits.")
-    bad = {k: v for k, v in measured.items() if not (k >= 1 and math.isfinite(v) and v > 0)}
-    if bad:
-        raise ValueError(f"step_time needs positive batch sizes and finite positive seconds: {bad}")
-    if not (isinstance(max_batch_size, int | np.integer) and max_batch_size >= 1):
-        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}.")
-    measured = {k: v for k, v in measured.items() if k <= max_batch_size}
-    if not measured:
-        raise ValueError(
-            f"no step time measured at or below max_batch_size={max_batch_size}: time batch "
-            "sizes that fit."
-        )
-    return measured
-
-
-def _whole(value, name: str) -> int:
-    """A batch size as an ``int``: an integer, or a float without a fraction (``64.0`` from
-    JSON), at least 1; a ``ValueError`` naming ``name`` otherwise (``3.5`` is never truncated).
-
-    Example:
-      >>> _whole(64.0, "base_batch_size")
-      64
-    """
-    number = isinstance(value, int | float | np.integer | np.floating)
-    if not number or isinstance(value, bool | np.bool_) or not (1 <= value < math.inf):
-        ok = False
-    else:
-        ok = float(value) == math.floor(value)
-    if not ok:
-        raise ValueError(
-            f"{name} must be a whole number of examples >= 1, got {value!r}: a batch size has "
-            "no fraction (round it yourself if that is what you mean)."
-        )
-    return int(value)
+    return table
 
 
 def _check_options(price_per_hour, s_min, near_optimal_tolerance) -> None:
@@ -658,59 +559,22 @@ def _evidence(basis, n, n_range, evidence) -> dict[str, dict]:
     return rows
 
 
-def _reason(
-    n,
-    chosen,
-    time_opt,
-    cost_opt,
-    objective,
-    k,
-    micro,
-    max_b,
-    near,
-    tol,
-    speedup,
-    base,
-    under,
-    t_chosen,
-    b,
-) -> str:
-    parts = []
-    if n == math.inf:
-        parts.append(
-            "The noise scale is not resolved (infinite): gradient noise dominates at every "
-            "candidate batch, so steps to target fall like 1/B and the batch with the highest "
-            f"throughput wins: {chosen}."
-        )
-    elif n <= 0:
-        sign = "negative" if n < 0 else "zero"
-        parts.append(
-            f"The noise-scale estimate is {n:.3g} ({sign}, not positive: a degenerate estimate, "
-            "read as no gradient noise), so bigger batches do not save steps and the fastest "
-            f"step wins: {chosen}. A non-positive estimate is usually sampling noise (the tr(Σ) "
-            "estimate came out non-positive): pool more batches."
-        )
-    else:
-        what = "time to target" if objective == "time" else "compute to target"
-        parts.append(
-            f"Batch {chosen} minimizes the predicted {what} (1 + B_noise/B)·t(B) with "
-            f"B_noise = {n:.4g} and t({chosen}) = {t_chosen * 1e3:.3g} ms per step on this device."
-        )
-        if chosen < n:
-            parts.append(
-                "It is below the noise scale: each step is still noise-dominated, but a bigger "
-                "batch would cost more time per step than it saves in steps here."
-            )
+def _reason(rec: Recommendation, max_b: int, tol: float, base: int) -> str:
+    """The recommendation in plain English: the pick and why, then its basis and warnings."""
+    n, chosen, k = rec.b_noise, rec.batch_size, rec.accumulation_steps
+    row = next(r for r in rec.table if r["batch_size"] == chosen)
+    parts = [_noise_words(n, chosen, rec.objective, row["step_time_s"])]
     if k > 1:
         parts.append(
             f"It does not fit in memory (largest that fits: {max_b}), so run it as {k} "
-            f"accumulation steps of {micro} examples."
+            f"accumulation steps of {rec.micro_batch_size} examples."
         )
-    elif chosen == max_b and b.max() > max_b:
+    elif chosen == max_b and max(r["batch_size"] for r in rec.table) > max_b:
         parts.append(
             "It is the largest batch that fits in memory; accumulation beyond it does "
             "not shorten the time to target on these devices."
         )
+    near = rec.near_optimal_range
     if near[0] == near[1]:
         parts.append(f"No other candidate is within {round(100 * tol)}% of its predicted time.")
     else:
@@ -718,15 +582,50 @@ def _reason(
             f"Batches {near[0]}-{near[1]} are within {round(100 * tol)}% of the best predicted "
             "time."
         )
-    if cost_opt != time_opt:
-        other = cost_opt if objective == "time" else time_opt
-        parts.append(
-            f"The {'cheapest in compute' if objective == 'time' else 'fastest'} is batch {other}."
-        )
-    parts.append(f"Predicted speedup over batch {base}: {speedup:.2f}x.")
+    if rec.cost_optimal != rec.time_optimal:
+        time_first = rec.objective == "time"
+        other = rec.cost_optimal if time_first else rec.time_optimal
+        parts.append(f"The {'cheapest in compute' if time_first else 'fastest'} is batch {other}.")
+    parts.append(f"Predicted speedup over batch {base}: {rec.predicted_speedup_vs_baseline:.2f}x.")
+    under = rec.batch_size_under_interval
     if under is not None:
         parts.append(
             f"Across the noise-scale interval the recommendation ranges from {under[0]} "
             f"(low end) to {under[1]} (high end)."
         )
-    return " ".join(parts)
+    parts.append(f"Basis: {rec.basis}.")
+    if len(rec.plausible_batch_sizes) > 1:
+        parts.append(
+            "Within the noise-scale interval and the step-time spreads, any of "
+            f"{list(rec.plausible_batch_sizes)} can be the best."
+        )
+    return " ".join([*parts, *rec.warnings])
+
+
+def _noise_words(n: float, chosen: int, objective: str, t_chosen: float) -> str:
+    """Why ``chosen`` wins at noise scale ``n``, in words."""
+    if n == math.inf:
+        return (
+            "The noise scale is not resolved (infinite): gradient noise dominates at every "
+            "candidate batch, so steps to target fall like 1/B and the batch with the highest "
+            f"throughput wins: {chosen}."
+        )
+    if n <= 0:
+        sign = "negative" if n < 0 else "zero"
+        return (
+            f"The noise-scale estimate is {n:.3g} ({sign}, not positive: a degenerate estimate, "
+            "read as no gradient noise), so bigger batches do not save steps and the fastest "
+            f"step wins: {chosen}. A non-positive estimate is usually sampling noise (the tr(Σ) "
+            "estimate came out non-positive): pool more batches."
+        )
+    what = "time to target" if objective == "time" else "compute to target"
+    words = (
+        f"Batch {chosen} minimizes the predicted {what} (1 + B_noise/B)·t(B) with "
+        f"B_noise = {n:.4g} and t({chosen}) = {t_chosen * 1e3:.3g} ms per step on this device."
+    )
+    if chosen < n:
+        words += (
+            " It is below the noise scale: each step is still noise-dominated, but a bigger "
+            "batch would cost more time per step than it saves in steps here."
+        )
+    return words

@@ -20,6 +20,8 @@ rule            ``lr(B)/lr(B_0)``                   for
 An optimizer name maps to its rule (:data:`OPTIMIZER_RULES`), and :func:`infer_rule` reads it
 from an optax optimizer state when it can tell (Adam's second moment, or SGD's momentum trace
 only), and says it cannot otherwise: a wrong rule silently mis-scales the rate.
+:func:`multiplier` is the rule as a jit-able multiplier; :func:`learning_rate` the rate itself on
+the host, with the rule in words.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "rule_for",
     "infer_rule",
     "multiplier",
+    "learning_rate",
 ]
 
 RULES = ("sgd", "linear", "sqrt", "seesaw", "constant")
@@ -132,7 +135,7 @@ def multiplier(rule: str, batch_size, base_batch_size, noise=math.inf, xp=jnp):
     in float64 on the host; Python numbers in, a 0-d array out.
 
     Example:
-      >>> float(multiplier("sqrt", 256, 64)), float(multiplier("sgd", 256, 64, 64.0))
+      >>> float(multiplier("sqrt", 256, 64)), float(multiplier("sgd", 256, 64, 64.0, xp=np))
       (2.0, 1.6)
     """
     check_rule(rule)
@@ -149,5 +152,84 @@ def multiplier(rule: str, batch_size, base_batch_size, noise=math.inf, xp=jnp):
         return xp.ones((), dtype)
     n = xp.asarray(noise, dtype)
     finite = xp.where(xp.isfinite(n) & (n > 0), n, 1.0)
-    saturating = (1.0 + finite / b0) / (1.0 + finite / b)
+    # (1 + N/B_0)/(1 + N/B) in units of N when N >= 1: a huge N (1e308) stays finite.
+    unit = xp.maximum(finite, 1.0)
+    saturating = (1.0 / unit + (finite / unit) / b0) / (1.0 / unit + (finite / unit) / b)
     return xp.where(xp.isposinf(n), b / b0, xp.where(n > 0, saturating, 1.0))
+
+
+def learning_rate(
+    name: str, base_lr: float, base_batch_size: float, batch_size: float, noise: float = math.inf
+) -> tuple[float, str]:
+    """The learning rate at ``batch_size`` of a rate ``base_lr`` tuned at ``base_batch_size``,
+    by the rule of ``name`` (an optimizer or a rule, :func:`rule_for`), with the rule in words.
+
+    The float64 host form of :func:`multiplier`. The ``"sgd"`` rule is McCandlish eq. 2.6,
+    ``lr(B) = base_lr·(1 + N/B_0)/(1 + N/B)``: linear scaling well below the noise scale ``N``,
+    saturating above it, linear for ``N = +inf``, the rate kept for ``N <= 0`` (a degenerate
+    estimate, read as no noise); ``N = nan`` raises a ``ValueError`` (there is no rate to
+    derive). The other rules ignore ``noise``. A rate that overflows float64 raises a
+    ``ValueError``, never returns ``inf``.
+
+    Example:
+      >>> lr, _ = learning_rate("sgd", 0.1, 64, 256, 128.0)
+      >>> round(lr, 4), learning_rate("adamw", 1e-3, 64, 256)[0]
+      (0.2, 0.002)
+    """
+    rule, name = rule_for(name, "optimizer"), name.lower()
+    if not all(0 < x < math.inf for x in (base_lr, base_batch_size, batch_size)):
+        raise ValueError(
+            f"base_lr, base_batch_size and batch_size must be finite and positive, got "
+            f"{base_lr}, {base_batch_size}, {batch_size}."
+        )
+    if rule == "sgd" and math.isnan(noise):
+        raise ValueError(
+            f"b_noise is nan: the {name} rule eps_opt(B) = eps_max/(1 + B_noise/B) needs a noise "
+            "scale. Measure it again on finite gradients (over more batches), or keep base_lr."
+        )
+    lr = base_lr * float(multiplier(rule, batch_size, base_batch_size, noise, xp=np))
+    if not math.isfinite(lr):
+        raise ValueError(
+            f"the scaled learning rate overflows float64 (inf) from base_lr={base_lr!r}: pass "
+            "a learning rate in its usual units."
+        )
+    return lr, _in_words(rule, name, base_lr, base_batch_size, batch_size, noise, lr)
+
+
+def _in_words(rule, name, base_lr, base_batch_size, batch_size, noise, lr) -> str:
+    """What :func:`learning_rate` did, and on what grounds."""
+    eq = "eps_opt(B) = eps_max/(1 + B_noise/B)"
+    if rule == "sqrt":
+        return (
+            f"square-root scaling lr = {base_lr:g}·sqrt(B/{base_batch_size:g}) for {name}: a "
+            "heuristic for adaptive optimizers (Malladi et al. 2022), not derived from the noise "
+            "scale; re-tune within a factor of 2 around it."
+        )
+    if rule == "linear":
+        return (
+            f"linear scaling lr = {base_lr:g}·B/{base_batch_size:g} (Goyal et al. 2017): SGD far "
+            "below the noise scale."
+        )
+    if rule == "seesaw":
+        return (
+            f"seesaw lr = {base_lr:g}·sqrt({base_batch_size:g}/B) (Meterez et al. 2025): the "
+            "batch grows in place of a learning-rate decay."
+        )
+    if rule == "constant":
+        return f"lr kept at the tuned value {base_lr:g} (constant rule)."
+    if noise == math.inf:
+        return (
+            f"linear scaling lr = {base_lr:g}·B/{base_batch_size:g}: the limit of {eq} for an "
+            "unresolved (infinite) noise scale."
+        )
+    if noise <= 0:
+        return (
+            f"lr kept at the tuned value: the noise-scale estimate {noise:.4g} is not positive "
+            f"(no measurable gradient noise), and then {eq} does not depend on B."
+        )
+    eps_max = lr * (1.0 + noise / batch_size)
+    return (
+        f"{eq} (McCandlish et al. 2018, eq. 2.6) with B_noise = {noise:.4g} and "
+        f"eps_max = {eps_max:.4g} solved from lr {base_lr:g} tuned at batch {base_batch_size:g}; "
+        "exact for SGD on a locally quadratic loss."
+    )

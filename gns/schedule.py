@@ -23,22 +23,10 @@ Above the largest batch that fits, a candidate is run as gradient accumulation a
 shortens the time to target (see :mod:`gns.recommend`), so the schedule only moves there when
 the caller starts there (a recipe's fixed batch).
 
-At every change the learning rate follows one rule, as a multiplier of a base learning rate
-tuned at a base batch ``B_0`` (between changes the multiplier is held):
-
-===========  ===============================================  ==================================
-rule         multiplier at batch ``B``                        for
-===========  ===============================================  ==================================
-"linear"     ``B/B_0``                                        SGD well below the noise scale
-"sgd"        ``(1 + N/B_0) / (1 + N/B)``, ``N`` the noise     SGD: ``eps_max/(1 + B_noise/B)``
-             scale at the change                              (McCandlish et al. 2018, eq. 2.6)
-"sqrt"       ``sqrt(B/B_0)``                                  Adam-family (Malladi et al. 2022)
-"seesaw"     ``sqrt(B_0/B)``                                  Adam-family batch ramp that stands
-                                                              in for lr decay (Meterez et al.
-                                                              2025)
-"constant"   ``1``                                            SGD "increase the batch instead of
-                                                              decaying" (Smith et al. 2018)
-===========  ===============================================  ==================================
+At every change the learning rate follows one rule of :mod:`gns.scaling` (``lr_rule``: "sgd"
+with ``N`` the noise scale at the change, "linear", "sqrt", "seesaw", or "constant", which is
+Smith et al.'s 2018 "increase the batch instead of decaying"), as a multiplier of a base
+learning rate tuned at a base batch ``B_0``; between changes the multiplier is held.
 
 Seesaw (Meterez, Morwani, Wu, Oncescu, Pehlevan, Kakade, "Seesaw: Accelerating Training by
 Balancing Learning Rate and Batch Size Scheduling", arXiv 2510.14717, 2025): wherever a
@@ -86,7 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gns import scaling
+from gns import common, scaling
 from gns.hardware import accumulated_step_time
 
 __all__ = [
@@ -260,8 +248,8 @@ def lr_multiplier(rule: str, batch_size, base_batch_size, noise=jnp.inf) -> jax.
     """Learning-rate multiplier at ``batch_size`` relative to the rate tuned at
     ``base_batch_size`` (jnp; jit-able): :func:`gns.scaling.multiplier`.
 
-    For ``"sgd"`` it is :func:`gns.recommend.scale_learning_rate`'s noise-scale rule divided by
-    the base rate: ``(1 + N/B_0)/(1 + N/B)``, linear for ``N = inf`` and ``1`` for ``N <= 0``.
+    For ``"sgd"`` it is ``(1 + N/B_0)/(1 + N/B)``, linear for ``N = inf`` and ``1`` for
+    ``N <= 0``: :func:`gns.scaling.learning_rate` divided by the base rate.
 
     Example:
       >>> round(float(lr_multiplier("seesaw", 256, 128)), 4)  # batch x2 -> lr x 1/sqrt(2)
@@ -270,25 +258,15 @@ def lr_multiplier(rule: str, batch_size, base_batch_size, noise=jnp.inf) -> jax.
     return scaling.multiplier(rule, batch_size, base_batch_size, noise)
 
 
-def _int_list(name: str, values) -> list[int]:
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not float(v).is_integer():
-            raise ValueError(f"{name} must be integers, got {v!r} in {list(values)!r}.")
-        out.append(int(v))
-    return out
-
-
 def check_candidates(candidates: Sequence[int]) -> list[int]:
     """``candidates`` as a list of ints, checked as :func:`batch_size_schedule` checks them
-    (non-empty, positive, strictly increasing); ``ValueError`` naming the problem otherwise."""
-    cands = _int_list("candidates", candidates)
+    (non-empty, whole batch sizes, strictly increasing); ``ValueError`` naming the problem
+    otherwise."""
+    cands = [common.check_batch_size(b, "each of candidates") for b in candidates]
     if not cands:
         raise ValueError(
             "candidates is empty: pass the batch sizes to compile, e.g. powers_of_two(16, 1024)."
         )
-    if min(cands) < 1:
-        raise ValueError(f"candidates must be positive batch sizes, got {cands}.")
     if any(b <= a for a, b in zip(cands, cands[1:], strict=False)):
         raise ValueError(
             f"candidates must be strictly increasing (sorted, no duplicates), got {cands}: pass "
@@ -297,26 +275,52 @@ def check_candidates(candidates: Sequence[int]) -> list[int]:
     return cands
 
 
-def _check_step_time(step_time: Mapping[int, float], max_batch_size: int) -> dict[int, float]:
-    if not isinstance(step_time, Mapping) or not step_time:
+def _candidate_sizes(candidates, measured: Mapping[int, float]) -> list[int]:
+    """The given candidates, checked, or the powers of two between the timed batch sizes."""
+    if candidates is not None:
+        return check_candidates(candidates)
+    cands = list(powers_of_two(min(measured), max(measured)))
+    if not cands:
         raise ValueError(
-            "step_time must be a non-empty {batch_size: seconds per step} dict of measured step "
-            f"times (gns.hardware.time_step), got {step_time!r}."
+            f"no power of two between the timed batch sizes {sorted(measured)}: pass "
+            "candidates explicitly."
         )
-    keys = _int_list("step_time's batch sizes", step_time.keys())
-    table = {k: float(v) for k, v in zip(keys, step_time.values(), strict=True)}
-    bad = {k: v for k, v in table.items() if not (k >= 1 and math.isfinite(v) and v > 0)}
-    if bad:
-        raise ValueError(
-            f"step_time needs positive batch sizes and finite positive seconds, got {bad}."
+    return cands
+
+
+def _check_settings(lr_rule, margin, patience, base_lr) -> None:
+    scaling.check_rule(lr_rule)
+    if isinstance(margin, bool) or not (0.0 <= float(margin) < 1.0):
+        raise ValueError(f"margin must be in [0, 1) (e.g. 0.05 for 5%), got {margin!r}.")
+    if isinstance(patience, bool) or not (isinstance(patience, int | np.integer) and patience >= 1):
+        raise ValueError(f"patience must be an int >= 1 (consecutive updates), got {patience!r}.")
+    if not (isinstance(base_lr, int | float) and math.isfinite(base_lr) and base_lr > 0):
+        raise ValueError(f"base_lr must be a finite positive number, got {base_lr!r}.")
+
+
+def _candidate_rows(cands, measured, max_batch_size) -> list[dict]:
+    """One :attr:`BatchSizeSchedule.table` row per candidate; a ``ValueError`` for a candidate
+    that does not split into equal microbatches that fit."""
+    rows = []
+    for b in cands:
+        seconds, k, micro = accumulated_step_time(measured, b, max_batch_size)
+        if k * micro != b:
+            raise ValueError(
+                f"candidate {b} does not split into equal microbatches of at most "
+                f"max_batch_size={max_batch_size} ({k} x {micro} != {b}): pick candidates that "
+                "do, e.g. powers of two."
+            )
+        rows.append(
+            {
+                "batch_size": b,
+                "fits": b <= max_batch_size,
+                "accumulation_steps": k,
+                "micro_batch_size": micro,
+                "step_time_s": seconds,
+                "measured": k == 1 and b in measured,
+            }
         )
-    fits = {k: v for k, v in table.items() if k <= max_batch_size}
-    if not fits:
-        raise ValueError(
-            f"step_time has no batch size at or below max_batch_size={max_batch_size} (timed: "
-            f"{sorted(table)}): time the batch sizes that fit."
-        )
-    return fits
+    return rows
 
 
 def batch_size_schedule(
@@ -390,32 +394,10 @@ def batch_size_schedule(
       >>> sched.explain(decision)[:42]
       'grew 16 -> 128: at noise scale 900, batch '
     """
-    if isinstance(max_batch_size, bool) or not (
-        isinstance(max_batch_size, int | np.integer) and max_batch_size >= 1
-    ):
-        raise ValueError(
-            f"max_batch_size must be a positive int (the largest batch that fits), got "
-            f"{max_batch_size!r}."
-        )
+    measured = common.check_step_times(step_time, max_batch_size)
     max_batch_size = int(max_batch_size)
-    measured = _check_step_time(step_time, max_batch_size)
-    if candidates is None:
-        cands = list(powers_of_two(min(measured), max(measured)))
-        if not cands:
-            raise ValueError(
-                f"no power of two between the timed batch sizes {sorted(measured)}: pass "
-                "candidates explicitly."
-            )
-    else:
-        cands = check_candidates(candidates)
-    if lr_rule not in LR_RULES:
-        raise ValueError(f"lr_rule must be one of {LR_RULES}, got {lr_rule!r}.")
-    if isinstance(margin, bool) or not (0.0 <= float(margin) < 1.0):
-        raise ValueError(f"margin must be in [0, 1) (e.g. 0.05 for 5%), got {margin!r}.")
-    if isinstance(patience, bool) or not (isinstance(patience, int | np.integer) and patience >= 1):
-        raise ValueError(f"patience must be an int >= 1 (consecutive updates), got {patience!r}.")
-    if not (isinstance(base_lr, int | float) and math.isfinite(base_lr) and base_lr > 0):
-        raise ValueError(f"base_lr must be a finite positive number, got {base_lr!r}.")
+    cands = _candidate_sizes(candidates, measured)
+    _check_settings(lr_rule, margin, patience, base_lr)
     too_big = [b for b in cands if b > max_batch_size]
     if too_big and not accumulate:
         raise ValueError(
@@ -434,25 +416,7 @@ def batch_size_schedule(
     if isinstance(base_batch_size, bool) or not base_batch_size >= 1:
         raise ValueError(f"base_batch_size must be a positive batch size, got {base_batch_size!r}.")
 
-    rows = []
-    for b in cands:
-        seconds, k, micro = accumulated_step_time(measured, b, max_batch_size)
-        if k * micro != b:
-            raise ValueError(
-                f"candidate {b} does not split into equal microbatches of at most "
-                f"max_batch_size={max_batch_size} ({k} x {micro} != {b}): pick candidates that "
-                "do, e.g. powers of two."
-            )
-        rows.append(
-            {
-                "batch_size": b,
-                "fits": b <= max_batch_size,
-                "accumulation_steps": k,
-                "micro_batch_size": micro,
-                "step_time_s": seconds,
-                "measured": k == 1 and b in measured,
-            }
-        )
+    rows = _candidate_rows(cands, measured, max_batch_size)
     table = tuple(rows)
     n = len(cands)
     sizes = jnp.asarray(cands, jnp.int32)

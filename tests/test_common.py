@@ -25,7 +25,7 @@ PACKAGES = ("gns", "experiments", "configs")
 PROJECT = {
     ".".join(p.relative_to(ROOT).with_suffix("").parts[: -1 if p.stem == "__init__" else None]): p
     for pkg in PACKAGES
-    for p in sorted((ROOT / pkg).glob("*.py"))
+    for p in sorted((ROOT / pkg).rglob("*.py"))
 }
 # Project imports allowed inside a function, (importer, imported): gns.plots needs matplotlib,
 # an optional dependency; the training entry points check the config before training's imports.

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from gns import critical, recommend, smoothing
+from gns import critical, smoothing
 
 # ---------------------------------------------------------------------------------------------
 # The effective noise scale along the path.
@@ -471,8 +471,11 @@ def test_effective_critical_batch_uses_the_same_weighting():
 
 def test_lr_multipliers_follow_the_configured_rule():
     got = critical.lr_multipliers(32, [16, 32, 128], "sgd", 64.0)
-    want = [recommend.scale_learning_rate(1.0, 32, b, 64.0, "sgd")[0] for b in (16, 32, 128)]
-    assert got == tuple(want) and got[1] == 1.0
+    want = [(1 + 64 / 32) / (1 + 64 / b) for b in (16, 32, 128)]  # McCandlish eq. 2.6
+    assert got == pytest.approx(want, rel=1e-15) and got[1] == 1.0
+    # An optimizer name is read as its rule; a huge noise scale is the linear limit.
+    assert critical.lr_multipliers(32, [128], "adamw") == (2.0,)
+    assert critical.lr_multipliers(32, [128], "momentum", 1e308) == pytest.approx((4.0,), 1e-15)
 
 
 def test_docs_example_runs_as_printed(capsys):

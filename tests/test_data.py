@@ -370,7 +370,6 @@ def test_incomplete_epoch_tail_is_dropped():
         ids = np.concatenate([_example_ids(ds, b) for b in batches[e * 6 : (e + 1) * 6]])
         assert len(np.unique(ids)) == 48
         np.testing.assert_array_equal(ids, np.random.default_rng([1, e]).permutation(50)[:48])
-    assert data.epochs_of(12, 8, 50) == pytest.approx(12 * 8 / 50)
 
 
 def test_crop_and_flip_matches_hand_computation():
@@ -446,27 +445,6 @@ def test_train_batches_errors():
         data.train_batches(ds, 11, seed=0)
     with pytest.raises(ValueError, match="start_step"):
         data.train_batches(ds, 2, seed=0, start_step=-1)
-
-
-# --- eval batches -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("pad", [False, True])
-def test_eval_batches_cover_the_split_in_order(pad):
-    ds = _indexed_dataset(23)
-    batches = list(
-        data.eval_batches(ds.train_images, ds.train_labels, 10, ds.mean, ds.std, pad=pad)
-    )
-    assert [len(b["label"]) for b in batches] == ([10, 10, 10] if pad else [10, 10, 3])
-    mask = np.concatenate([b["mask"] for b in batches])
-    assert mask.sum() == 23 and mask[:23].all()
-    ids = np.concatenate([_example_ids(ds, b) for b in batches])[mask]
-    np.testing.assert_array_equal(ids, np.arange(23))
-    labels = np.concatenate([b["label"] for b in batches])[mask]
-    np.testing.assert_array_equal(labels, ds.train_labels)
-    np.testing.assert_allclose(
-        batches[0]["image"], data.normalize(ds.train_images[:10], ds.mean, ds.std)
-    )
 
 
 def test_prefetch_reraises_producer_errors_in_the_caller():
@@ -579,17 +557,16 @@ def test_orphan_temporary_files_are_removed_when_the_cache_is_used(tmp_path):
     host = download._host_tag()
     stale_pid = cache / f".gns-tmp.{host}.{dead.pid}.0123abcd.folder-imgs-x.npz"
     stale_age = cache / f".gns-tmp.{host}.{live}.89abcdef.folder-imgs-y.npz"
-    legacy = cache / f"folder-imgs-z.npz.{dead.pid}.0badcafe.tmp"  # the earlier writer's name
     fresh = cache / f".gns-tmp.{host}.{live}.fedcba98.folder-imgs-w.npz"  # a live writer's
     other_host = cache / f".gns-tmp.00000000.{dead.pid}.12345678.folder-imgs-v.npz"
     unrelated = cache / "notes.tmp"
-    for f in (stale_pid, stale_age, legacy, fresh, other_host, unrelated):
+    for f in (stale_pid, stale_age, fresh, other_host, unrelated):
         f.write_bytes(b"\0" * 1000)
     hours_ago = time.time() - 2 * 3600
     os.utime(stale_age, (hours_ago, hours_ago))
     data.load(_folder_cfg(folder, cache))
     left = set(os.listdir(cache))
-    assert not left & {stale_pid.name, stale_age.name, legacy.name}
+    assert not left & {stale_pid.name, stale_age.name}
     assert {fresh.name, other_host.name, unrelated.name} <= left  # may still be being written
     assert len(left) == 4  # and the new cache file
 

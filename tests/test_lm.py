@@ -1,4 +1,4 @@
-"""Tests of the language-model experiment: experiments/lm.py, experiments/tasks.py and the
+"""Tests of the language-model experiment: experiments/lm.py, experiments/tasks/text.py and the
 ``lm`` task of experiments/train.py, on a tiny Transformer and a small generated corpus."""
 
 import json
@@ -178,7 +178,7 @@ def test_final_held_out_loss_equals_a_direct_computation(smoke_run):
     step, params = _params(workdir)
     assert step == 60
     ds = text.load(config.data, context=config.model.context)
-    windows = ds.eval_arrays()
+    windows = text.eval_arrays(ds)
     model = models.get_model(config.model)
     logits = model.apply({"params": params}, jnp.asarray(windows["tokens"]))
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, windows["targets"]).mean()
@@ -355,7 +355,7 @@ def test_lm_task_streams_and_eval_arrays_are_the_corpus_windows(corpus):
     )
     np.testing.assert_array_equal(first["targets"][:, :-1], first["tokens"][:, 1:])
     held_out = tasks.LM.eval_arrays(config, ds, "test", 5)
-    np.testing.assert_array_equal(held_out["tokens"], ds.eval_arrays(5)["tokens"])
+    np.testing.assert_array_equal(held_out["tokens"], text.eval_arrays(ds, 5)["tokens"])
     train_part = tasks.LM.eval_arrays(config, ds, "train", 6)
     np.testing.assert_array_equal(train_part["tokens"], text.train_batch(ds, 0, 6, 3)["tokens"])
     assert tasks.LM.input_spec(ds) == ((16,), np.int32)

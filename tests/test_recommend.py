@@ -238,10 +238,10 @@ def test_non_positive_noise_scale_is_no_noise():
     "kwargs, match",
     [
         ({"b_noise": math.nan}, "nan"),
-        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+        ({"optimizer": "rmsprop"}, "optimizer must be an optimizer name"),
         ({"step_time": {}}, "empty"),
         ({"step_time": {64: -1.0}}, "finite positive"),
-        ({"max_batch_size": 16}, "no step time measured at or below"),
+        ({"max_batch_size": 16}, "no batch size at or below max_batch_size=16"),
         ({"b_noise_interval": (500.0, 100.0)}, "low <= high"),
         ({"objective": "energy"}, "objective"),
     ],
@@ -290,6 +290,24 @@ def test_minus_infinity_is_a_degenerate_negative_estimate_not_plus_infinity():
     assert r.learning_rate == pytest.approx(0.1)  # kept, not linearly scaled as for +inf
     lr, rule = recommend.scale_learning_rate(0.1, 32, 256, -math.inf, "sgd")
     assert lr == 0.1 and "not positive" in rule
+
+
+def test_rule_names_pick_their_rule_in_words():
+    # lr(B)/lr(B_0) closed forms at B/B_0 = 4, and the rule said in words.
+    for name, factor, word in [
+        ("linear", 4.0, "linear"),
+        ("seesaw", 0.5, "seesaw"),
+        ("constant", 1.0, "constant"),
+        ("sqrt", 2.0, "square-root"),
+    ]:
+        lr, rule = recommend.scale_learning_rate(0.1, 32, 128, 500.0, name)
+        assert lr == pytest.approx(0.1 * factor, rel=1e-15) and word in rule
+    # The recommendation takes a rule name for its learning rate too.
+    r = recommend.recommend(
+        500.0, linear_times(0.01, 1e-4), max_batch_size=4096, base_lr=0.1, base_batch_size=32,
+        optimizer="seesaw", candidates=POW2,
+    )  # fmt: skip
+    assert r.learning_rate == pytest.approx(0.1 * math.sqrt(32 / r.batch_size))
 
 
 def test_nan_noise_scale_never_gives_a_nan_learning_rate():

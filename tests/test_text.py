@@ -224,38 +224,13 @@ def test_batch_of_a_range_is_the_concatenation_of_its_parts(tmp_path, start, siz
     assert not np.array_equal(whole["tokens"], other["tokens"])
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_train_batches_follow_the_spans(tmp_path, prefetch):
-    ds = _corpus(tmp_path)
-    spans = [(0, 16), (16, 16), (32, 48), (80, 8), (88, 40)]  # the batch size changes
-    got = list(text.train_batches(ds, spans, seed=0, prefetch=prefetch))
-    assert len(got) == len(spans)
-    uninterrupted = text.train_batch(ds, 0, 128, seed=0)["tokens"]
-    np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in got]), uninterrupted)
-    # Resume: constant spans from example 48 continue the same stream.
-    resumed = text.train_batches(ds, text.constant_spans(16, start_example=48), seed=0)
-    for i in range(5):
-        np.testing.assert_array_equal(
-            next(resumed)["tokens"], uninterrupted[48 + 16 * i : 64 + 16 * i]
-        )
-    resumed.close()
-
-
-def test_train_batches_raise_errors_of_the_worker(tmp_path):
-    ds = _corpus(tmp_path)
-    batches = text.train_batches(ds, [(0, 4), (-1, 4)], seed=0, prefetch=2)
-    next(batches)
-    with pytest.raises(ValueError, match="start_example=-1"):
-        next(batches)
-
-
 def test_eval_arrays_are_fixed_non_overlapping_windows(tmp_path):
     ds = _corpus(tmp_path)  # 200 test bytes: 25 windows of 8
     full = text.eval_arrays(ds)
     windows = ds.test[: 25 * 8].reshape(25, 8)
     np.testing.assert_array_equal(full["tokens"], windows[:, :-1])
     np.testing.assert_array_equal(full["targets"], windows[:, 1:])
-    capped = ds.eval_arrays(5)
+    capped = text.eval_arrays(ds, 5)
     np.testing.assert_array_equal(capped["tokens"], windows[[0, 5, 10, 15, 20], :-1])
     assert text.eval_arrays(ds, 1000)["tokens"].shape == (25, 7)
 

@@ -1,0 +1,142 @@
+"""The :class:`Task` interface and what its implementations share (a subset, padded batches,
+the example stream, the cross-entropy loss); :mod:`experiments.tasks` holds the registry."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import optax
+
+from experiments import data
+
+
+def cross_entropy(logits, targets):
+    """Per-example softmax cross-entropy of integer ``targets``, the mean over the positions
+    of a sequence (``[B, T, V]`` logits, ``[B, T]`` targets) or of ``[B, C]`` logits."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return losses.reshape(losses.shape[0], -1).mean(1)
+
+
+class Task(NamedTuple):
+    """A task: its data, its batches, its loss and the metric its target is on.
+
+    Attributes:
+      name: the value of ``config.task``.
+      keys: the ``(inputs, targets)`` keys of its batches, e.g. ``('image', 'label')``.
+      metric: the evaluation result the target is on (``accuracy``, ``bits_per_byte``).
+      lower_is_better: whether a lower ``metric`` is better.
+      target_field: the config field of the target (``None`` there: no target).
+      load: ``load(config) -> dataset``.
+      num_train: ``num_train(ds)``: train examples per epoch.
+      input_spec: ``input_spec(ds) -> (shape, dtype)`` of one example's model input.
+      batch: ``batch(config, ds, size, start) -> batch``: train examples ``[start, start +
+        size)`` of the example stream, a pure function of the seed and the positions, so that
+        a run that changes its batch size, or resumes, sees the examples of an uninterrupted
+        run (:meth:`batch_fn`, :meth:`train_batches`).
+      eval_arrays: ``eval_arrays(config, ds, split, n) -> arrays``: a fixed set of ``n``
+        examples (``None``: all) of ``split`` (``'test'``, or ``'train'`` for the final train
+        metrics).
+      eval_batches: ``eval_batches(ds, arrays, batch_size)``: batches of ``batch_size`` in
+        order, the last padded, each with a bool ``mask`` of the real examples.
+      metrics: ``metrics(result) -> dict``: task metrics of an evaluation result (``loss``,
+        ``accuracy``), e.g. ``{'bits_per_byte': ...}`` (``None`` values for ``{}``: no
+        evaluation).
+      describe: ``describe(ds) -> dict | None``: where the data came from and its content's
+        fingerprint, for the summary and the run's data identity (checked on resume).
+      loss: ``loss(logits, targets) -> [B]``: the per-example loss the training step averages
+        (over the positions of a sequence too); softmax cross-entropy for every task so far.
+      step_batches: ``step_batches(config, ds, batch_size, start_step)``, or ``None``: a
+        stream indexed by steps at a fixed batch size (the image task's, with epoch tails
+        dropped), which :meth:`train_batches` yields instead of the example stream.
+    """
+
+    name: str
+    keys: tuple[str, str]
+    metric: str
+    lower_is_better: bool
+    target_field: str
+    load: Callable
+    num_train: Callable
+    input_spec: Callable
+    batch: Callable
+    eval_arrays: Callable
+    eval_batches: Callable
+    metrics: Callable
+    describe: Callable
+    loss: Callable = cross_entropy
+    step_batches: Callable | None = None
+
+    def score(self, value: float | None) -> float | None:
+        """``value`` of :attr:`metric` as a higher-is-better score (negated when lower is
+        better), as :class:`experiments.runlog.RunLog` tracks best and target; its own inverse."""
+        return None if value is None else (-value if self.lower_is_better else value)
+
+    def target(self, config) -> float | None:
+        """The config's target as a :meth:`score` (``None``: no target)."""
+        return self.score(config.get(self.target_field))
+
+    def batch_fn(self, config, ds) -> Callable[[int, int], dict]:
+        """``batch_fn(size, index)``: examples ``[index·size, (index+1)·size)`` of the example
+        stream (the form :func:`gns.finder.as_batch_fn` takes)."""
+        return lambda size, index: self.batch(config, ds, size, index * size)
+
+    def train_batches(
+        self, config, ds, batch_size: int, start_example: int, by_example: bool = False
+    ) -> Iterator[dict]:
+        """Endless train batches of ``batch_size`` from train example ``start_example`` on,
+        computed ahead in a thread: the example stream of :attr:`batch`, or the step stream
+        where the task has one and not ``by_example`` (``start_example`` is then a multiple of
+        ``batch_size``). Close the iterator to stop the thread."""
+        if not 1 <= batch_size <= self.num_train(ds) or start_example < 0:
+            raise ValueError(
+                f"batch_size={batch_size} must be in [1, {self.num_train(ds)}] and "
+                f"start_example={start_example} >= 0."
+            )
+        if self.step_batches is not None and not by_example:
+            step, rest = divmod(start_example, batch_size)
+            if rest:
+                raise ValueError(
+                    f"start_example={start_example} is not a multiple of {batch_size}."
+                )
+            return self.step_batches(config, ds, batch_size, step)
+        starts = itertools.count(start_example, batch_size)
+        return data.prefetched(lambda: self.batch(config, ds, batch_size, next(starts)))
+
+
+def subset(n_total: int, n: int | None, seed: int) -> np.ndarray:
+    """Indices of a fixed random subset (sorted); all of them when ``n`` is None or too big."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
+
+
+def split_subset(train: dict, test: dict, split: str, n: int | None) -> dict:
+    """:attr:`Task.eval_arrays` of a task with its splits in memory: a fixed random subset of
+    ``n`` examples (``None``: all) of the ``test`` arrays, or of the ``train`` ones."""
+    arrays = test if split == "test" else train
+    idx = subset(len(next(iter(arrays.values()))), n, 1 if split == "test" else 2)
+    return {k: v[idx] for k, v in arrays.items()}
+
+
+def padded_batches(arrays: dict, batch_size: int) -> Iterator[dict]:
+    """``arrays`` (equal leading axes) in batches of ``batch_size``, the last one padded with
+    zeros, each with a bool ``mask`` of the real examples."""
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch_size):
+        size = min(batch_size, n - start)
+        pad = batch_size - size
+        batch = {
+            k: np.pad(v[start : start + size], [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+            for k, v in arrays.items()
+        }
+        batch["mask"] = np.arange(batch_size) < size
+        yield batch
+
+
+def eval_padded(ds: Any, arrays: dict, batch_size: int) -> Iterator[dict]:
+    """:attr:`Task.eval_batches` of a task whose arrays are the model's inputs as they are."""
+    del ds
+    return padded_batches(arrays, batch_size)

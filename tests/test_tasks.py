@@ -1,0 +1,144 @@
+"""Tests of experiments/tasks/: the registry, the example stream every task shares, the image
+task's evaluation batches, the loss, and the synthetic teacher-student task end to end
+(configs/teacher.py through experiments.train, on a CPU in seconds)."""
+
+import math
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import teacher as teacher_config
+from experiments import data, rules, tasks, train
+from experiments.cli import UserError
+from experiments.tasks import teacher
+
+
+def _configs(tmp_path) -> dict:
+    """A tiny config of each task."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"".join(b"line %d of the corpus\n" % i for i in range(200)))
+    image = ml_collections.ConfigDict({"seed": 3, "data": {
+        "source": "synthetic", "num_train": 40, "num_test": 12, "augment": True,
+        "synthetic": {"image_size": 8, "num_classes": 4}}})  # fmt: skip
+    lm = ml_collections.ConfigDict({"task": "lm", "seed": 3, "model": {"context": 8},
+                                    "data": {"path": str(corpus)}})  # fmt: skip
+    small = teacher_config.smoke()
+    small.data.update(num_train=50, num_test=20)
+    return {"cifar10": image, "lm": lm, "teacher": small}
+
+
+def test_registry_names_keys_and_errors():
+    assert set(tasks.TASKS) == {"cifar10", "lm", "teacher"}
+    assert tasks.get(ml_collections.ConfigDict({"seed": 0})) is tasks.IMAGE  # no task field
+    assert len({t.keys[0] for t in tasks.TASKS.values()}) == len(tasks.TASKS)  # split_batch
+    assert tasks.split_batch({"features": 1, "label": 2}) == (1, 2)
+    with pytest.raises(UserError, match="config.task='speech'"):
+        tasks.get(ml_collections.ConfigDict({"task": "speech"}))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "lm", "teacher"])
+def test_example_stream_is_the_batches_of_batch_fn_and_resumes(tmp_path, name):
+    config = _configs(tmp_path)[name]
+    task = tasks.TASKS[name]
+    ds = task.load(config)
+    batch_fn = task.batch_fn(config, ds)
+    stream = task.train_batches(config, ds, 6, 12, by_example=True)  # examples 12-17, 18-23...
+    try:
+        got = [next(stream) for _ in range(3)]
+    finally:
+        stream.close()
+    whole = task.batch(config, ds, 18, 12)
+    inputs, targets = task.keys
+    for i, b in enumerate(got):
+        np.testing.assert_array_equal(b[targets], batch_fn(6, 2 + i)[targets])
+        np.testing.assert_array_equal(b[inputs], whole[inputs][6 * i : 6 * (i + 1)])
+    assert task.input_spec(ds)[0] == got[0][inputs].shape[1:]
+    with pytest.raises(ValueError, match="batch_size"):
+        task.train_batches(config, ds, task.num_train(ds) + 1, 0)
+
+
+def test_image_step_stream_is_the_data_step_stream(tmp_path):
+    config = _configs(tmp_path)["cifar10"]
+    ds = tasks.IMAGE.load(config)
+    got = tasks.IMAGE.train_batches(config, ds, 8, 16)  # step 2 of batch 8
+    want = data.train_batches(ds, 8, seed=3, start_step=2, prefetch=0)
+    for _ in range(6):  # past the end of the first epoch (5 steps): its tail is dropped
+        a, b = next(got), next(want)
+        np.testing.assert_array_equal(a["image"], b["image"])
+    got.close()
+    with pytest.raises(ValueError, match="not a multiple"):
+        tasks.IMAGE.train_batches(config, ds, 8, 4)
+
+
+@pytest.mark.parametrize("n", [23, 20])
+def test_image_eval_batches_cover_the_arrays_in_order_normalized(tmp_path, n):
+    config = _configs(tmp_path)["cifar10"]
+    ds = tasks.IMAGE.load(config)
+    arrays = {"image": ds.train_images[:n], "label": ds.train_labels[:n]}
+    batches = list(tasks.IMAGE.eval_batches(ds, arrays, 10))
+    assert [len(b["label"]) for b in batches] == [10] * -(-n // 10)  # padded to one shape
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == n and mask[:n].all()
+    images = np.concatenate([b["image"] for b in batches])[mask]
+    np.testing.assert_allclose(images, data.normalize(arrays["image"], ds.mean, ds.std))
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[mask],
+                                  arrays["label"])  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 3, 7)])
+def test_loss_is_the_mean_negative_log_likelihood_per_example(shape):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=shape)
+    targets = rng.integers(0, shape[-1], size=shape[:-1])
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+    want = nll.reshape(shape[0], -1).mean(1)
+    got = tasks.TEACHER.loss(jnp.asarray(logits), jnp.asarray(targets))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+
+
+def test_teacher_data_is_a_function_of_its_seed_with_closed_form_limits():
+    cfg = teacher_config.smoke().data
+    a, b = teacher.generate(cfg), teacher.generate(cfg)
+    assert teacher.describe(a) == teacher.describe(b)
+    cfg.seed = 1
+    assert (
+        teacher.describe(teacher.generate(cfg))["fingerprint"] != teacher.describe(a)["fingerprint"]
+    )
+    assert 0 < a.bayes_loss < math.log(4)
+    # A teacher of near-zero logits: uniform labels, its loss that of guessing.
+    cfg.update(scale=1e-9, num_train=8000)
+    flat = teacher.generate(cfg)
+    assert flat.bayes_loss == pytest.approx(math.log(4), abs=1e-9)
+    counts = np.bincount(flat.train_y, minlength=4) / 8000
+    np.testing.assert_allclose(counts, 0.25, atol=0.02)  # 4 standard errors
+
+
+@pytest.mark.parametrize("variant", teacher_config.VARIANTS)
+def test_teacher_config_passes_and_documents_every_field(variant):
+    config = teacher_config.get_config(variant)
+    for kind in ("cifar10", "teacher"):  # the entry point's check, then the training's
+        rules.check(config, kind)
+        assert not [ln for ln in rules.describe(config, kind) if "(no rule)" in ln]
+    config.mode = "compare"
+    with pytest.raises(UserError, match="trains only"):
+        rules.check(config, "cifar10")
+    config.mode, config.data.scale = "train", 0.0
+    with pytest.raises(UserError, match=r"data\.scale=0\.0"):
+        rules.check(config, "cifar10")
+
+
+@pytest.mark.timeout(60)
+def test_teacher_trains_from_chance_towards_the_bayes_loss(tmp_path):
+    """configs/teacher.py:smoke, shortened: the student ends well below the loss of guessing
+    (log 4) and cannot beat the teacher's expected loss by more than the test set's noise."""
+    config = teacher_config.get_config("smoke")
+    config.update(num_steps=120, eval_every=0, gns_every=10, checkpoint_every=0)
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    bayes, chance = summary["data"]["bayes_loss"], summary["data"]["chance_loss"]
+    assert chance == pytest.approx(math.log(4))
+    assert bayes - 0.1 < summary["test_loss"] < bayes + 0.4 * (chance - bayes)
+    assert summary["test_accuracy"] > 0.5  # chance: 0.25
+    assert summary["noise_scale"]["num_measurements"] == 12
