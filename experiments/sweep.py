@@ -7,56 +7,40 @@ Usage::
       --config.train.data.source=folder \
       --config.train.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-On the model and data of ``config.train`` (a ``configs/cifar10.py`` config) it
+On the task, model and data of ``config.train`` (a ``configs/cifar10.py`` config) it runs the
+measurement of :func:`gns.finder.pipeline`, the one that :func:`gns.finder.find_batch_size`
+runs, with the sweep's steps (:func:`pipeline_steps`, :func:`pipeline_plan`):
 
-1. **measures the noise scale along a pilot**: trains ``noise.pilot_steps`` steps at
-   ``train.batch_size``, measuring ``|G|²`` and ``tr(Σ)`` every ``noise.every`` steps
-   (:mod:`gns.estimate`): ``noise_scale.trajectory`` (``noise.num_stretches`` stretches, each
-   ``b_simple`` with its interval) and ``noise_scale.effective``, the effective noise scale
-   for a run to the end of the pilot (:func:`gns.finder.noise_evidence`); after
-   ``noise.warmup_steps`` steps it also estimates the early ``b_simple`` on
-   ``noise.num_batches`` independent batches with a bootstrap interval
-   (:func:`gns.smoothing.interval`);
-   **and the branched critical batch**: forks from ``critical.num_checkpoints`` states of the
-   pilot (kept in memory, or replayed exactly) at ``train.batch_size·2^j``
-   (:func:`gns.finder.branch`, :func:`gns.critical.branched_critical_batch`):
-   ``critical_batch.checkpoints`` and its path average ``critical_batch.effective``;
-2. **sweeps step time and memory** of the **global** batch on the mesh of training
-   (:mod:`experiments.mesh`, all devices by default; per device ``B / devices``, a ``B`` that
-   does not split evenly is skipped with the reason in its row; memory per device, so the
-   largest batch that fits is per device x devices; ``sweep.json`` records ``mesh``):
-   predicts the memory of powers of two up to the largest
-   batch that fits (:mod:`gns.hardware`: from the compiled step, confirmed by running it), then
-   times all of them, the trained batch sizes and ``train.batch_size`` in **one interleaved
-   table** (round-robin over the batch sizes, several rounds, median, noisy ones re-timed:
-   :func:`gns.finder.time_candidates`; a load that comes and goes hits every batch size
-   alike); batches above the largest that fits are gradient accumulation (``k × t(B/k)``);
-3. **runs short trainings** to ``tradeoff.target_accuracy`` at several batch sizes, the
-   learning rate scaled from ``train.learning_rate`` at ``train.batch_size`` by the rule of
-   :func:`gns.recommend.scale_learning_rate`, and fits ``S(B) = S_min + E_min/B``
-   (:func:`gns.tradeoff.fit`). Time to target is reported two ways: the wall clock of the run
-   (``time_to_target_s``, training time only) and ``steps_to_target(B) × t(B)`` with ``t(B)``
-   from the table (``device_time_to_target_s``). Rankings and ratios use the second, which
-   another process on a shared machine cannot skew from one run to the next;
-4. **recommends** a batch size and learning rate (:func:`gns.recommend.recommend`) on the best
-   evidence measured (:func:`gns.finder.choose_basis`: branched > trajectory > b_simple):
-   ``recommendation.basis`` names it, ``recommendation.basis_note`` says why a better one was
-   not used, ``recommendation.evidence`` holds every measured value with its ratio to the
-   basis. (The trainings' learning rates scale with the early ``b_simple``.)
+1. a **pilot** of ``noise.pilot_steps`` steps at ``train.batch_size``, measuring every
+   ``noise.every`` steps: ``noise_scale.trajectory`` and ``noise_scale.effective``; after
+   ``noise.warmup_steps`` steps the early ``b_simple`` on ``noise.num_batches`` independent
+   batches with a bootstrap interval (:func:`independent_noise`);
+2. the **branched critical batch**: forks from ``critical.num_checkpoints`` states of the pilot
+   at ``train.batch_size·2^j`` (``critical_batch.checkpoints`` and ``.effective``);
+3. **step time and memory** of the **global** batch on the mesh of training
+   (:mod:`experiments.mesh`; per device ``B / devices``, a ``B`` that does not split is
+   skipped with the reason in its row), in one interleaved table (:func:`measure_throughput`);
+   batches above the largest that fits are gradient accumulation (``k × t(B/k)``);
+4. the **recommendation** on the best evidence (branched > trajectory > b_simple:
+   ``recommendation.basis``, ``.basis_note``, ``.evidence``), the timed range extended once
+   past a pick at its end (``throughput_extended_to``);
 
-It writes ``DIR/sweep.json`` (every number above; strict JSON, a non-finite number as ``null``:
-an interval end of ``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled
-``g_sq`` is not positive; ``time_to_target`` ranks the trainings by device time, and
-``measured_time_to_target``/``measured_wall_time_to_target`` give both times per batch),
-``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png`` (``plots`` in
-``sweep.json``: each path, or why it was not drawn, e.g. no tradeoff chart without trainings),
-and prints a summary table; the trainings' TensorBoard runs are ``DIR/train/*``. Off a terminal
-it logs its stage every few seconds (:mod:`experiments.progress`).
-Each finished measurement is kept in ``DIR/sweep_state.json`` with the
-fingerprint of exactly the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
-the same command after an interruption reuses them and only measures what is missing, and a
-change to a field a stage never reads keeps its measurement. A training interrupted with
-Ctrl-C resumes from its checkpoint in ``DIR/train/B<batch>-seed<seed>-<fingerprint>``.
+then **trainings** to ``tradeoff.target_accuracy`` at several batch sizes (the learning rate
+scaled from ``train.learning_rate`` by :func:`gns.recommend.scale_learning_rate` with the early
+``b_simple``), the fit ``S(B) = S_min + E_min/B`` (:func:`gns.tradeoff.fit`), time to target as
+wall clock (``time_to_target_s``) and as ``steps × t(B)`` from the table
+(``device_time_to_target_s``, which rankings use), and the pick under every basis.
+
+It writes ``DIR/sweep.json`` (strict JSON: a non-finite number is ``null``; an interval end of
+``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled ``g_sq`` is not
+positive), ``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png``
+(``plots``: each path, or why it was not drawn), and prints a summary table; the trainings'
+TensorBoard runs are ``DIR/train/*``. Each finished measurement is kept in
+``DIR/sweep_state.json`` with the fingerprint of exactly the config fields its stage reads
+(:data:`STAGE_FIELDS`): re-running the same command after an interruption measures only what
+is missing (the forks replay the pilot exactly when its record is reused), and a change to a
+field a stage never reads keeps its measurement. A training interrupted with Ctrl-C resumes
+from its checkpoint in ``DIR/train/B<batch>-seed<seed>-<fingerprint>``.
 """
 
 from __future__ import annotations
@@ -68,6 +52,7 @@ if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one li
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import time
@@ -77,7 +62,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+import psutil
 from absl import app, flags, logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from experiments import (
@@ -94,7 +83,7 @@ from experiments import (
 )
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
-from gns import critical, estimate, finder, hardware, plots, recommend, smoothing, tradeoff
+from gns import critical, estimate, finder, hardware, plots, recommend, scaling, smoothing, tradeoff
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
@@ -102,19 +91,12 @@ SWEEP_FILE = "sweep.json"
 METRICS_FILE = "metrics.jsonl"
 
 __all__ = [
-    "STAGE_FIELDS",
-    "stage_config",
-    "stage_fingerprint",
-    "validate_config",
-    "SweepState",
-    "candidate_batch_sizes",
-    "training_config",
-    "training_dir",
-    "with_device_time",
-    "rank_time_to_target",
-    "run_sweep",
-    "summary_table",
-]
+    "STAGE_FIELDS", "stage_config", "stage_fingerprint", "validate_config", "SweepState",
+    "pipeline_steps", "pipeline_plan", "independent_noise", "critical_fingerprint",
+    "noise_scale_value", "candidate_batch_sizes", "measure_throughput", "training_config",
+    "training_dir", "run_training", "with_device_time", "rank_time_to_target", "fit_tradeoff",
+    "run_sweep", "summary_table",
+]  # fmt: skip
 
 # The config fields each stage reads, and nothing else: a stage gets only these
 # (:func:`stage_config`), and its cached result is keyed by their fingerprint. The throughput
@@ -147,9 +129,6 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     ),
 }
 TIMING_SEED, TIMING_LEARNING_RATE = 0, 1e-3
-PILOT_FIELDS = _fields(
-    train=PILOT_TRAIN, tradeoff="max_steps", noise="warmup_steps pilot_steps every"
-)
 
 # Fields of the pilot and of the branched stage that configs made before them lack (the
 # ``compare`` modes' ``configs/cifar10.py`` sections): a pilot as long as the warm-up, measured
@@ -252,7 +231,7 @@ class SweepState:
     measurement in progress.
     """
 
-    VERSION = 2
+    VERSION = 3
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, STATE_FILE)
@@ -290,29 +269,27 @@ class SweepState:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: the noise scale.
+# The model side of the pipeline (gns.finder.Steps) and the sweep's own noise measurement.
 
 
-def _setup(t, ds, schedule, *, both: bool = False, mesh=None):
-    """Model, plain train step and initial state of the training setup ``t`` (with ``both``:
-    model, plain step, measuring step, state); with ``mesh`` the steps are the data-parallel
-    ones of :func:`experiments.train.make_train_steps` and the state is replicated on it."""
+def _setup(t, ds, task, schedule, *, mesh=None, init: bool = True):
+    """Model, plain step, measuring step and initial state (``init``) of the setup ``t``; with
+    ``mesh`` the steps are the data-parallel ones of :func:`experiments.train.make_train_steps`
+    and the state is replicated on it."""
     model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
     plain_fn, gns_fn = train.make_train_steps(
-        model,
-        optimizer,
-        tracker,
+        model, optimizer, tracker,
         method=train.resolve_gns_method(t, model, 1 if mesh is None else mesh.size),
-        num_microbatches=int(t.gns_microbatches),
-        use_dropout=models.uses_dropout(model),
-        schedule=schedule,
-        mesh=mesh,
-    )
-    shape = tuple(ds.train_images.shape[1:])
-    state = train.init_state(t, model, optimizer, tracker, shape, mesh=mesh)
-    return (model, plain_fn, gns_fn, state) if both else (model, plain_fn, state)
+        num_microbatches=int(t.gns_microbatches), use_dropout=models.uses_dropout(model),
+        schedule=schedule, mesh=mesh,
+    )  # fmt: skip
+    if not init:
+        return model, plain_fn, gns_fn, None
+    shape, dtype = task.input_spec(ds)
+    state = train.init_state(t, model, optimizer, tracker, shape, dtype, mesh=mesh)
+    return model, plain_fn, gns_fn, state
 
 
 def pilot_length(noise) -> int:
@@ -321,81 +298,75 @@ def pilot_length(noise) -> int:
     return max(int(noise.pilot_steps or 0), int(noise.warmup_steps))
 
 
-def checkpoint_steps(num_steps: int, num_checkpoints: int) -> list[int]:
-    """:func:`gns.finder.checkpoint_steps` (the middles of equal stretches of the pilot)."""
-    return finder.checkpoint_steps(num_steps, num_checkpoints)
+def _stream(task, t, ds, seed: int):
+    """``batch_fn(size, index)`` of the task's example stream from ``seed``."""
+    cfg = copy.deepcopy(t)
+    cfg.seed = seed
+    return task.batch_fn(cfg, ds)
 
 
-_PILOT_STATES: dict[str, dict[int, Any]] = {}  # pilot fingerprint -> {step: state}, in-process
+def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
+    """The :class:`gns.finder.Steps` of ``config`` and the pilot's initial state.
 
-
-def _pilot_key(view) -> str:
-    return runlog.fingerprint({p: _get_path(view, p) for p in PILOT_FIELDS})
-
-
-def run_pilot(view, ds, *, keep_steps=(), on_step=None) -> tuple[list[dict], dict[int, Any]]:
-    """The pilot: ``pilot_length`` steps at ``train.batch_size`` from seed ``train.seed``, the
-    measuring step (:mod:`gns.estimate`, ``train.gns_method``) every ``noise.every`` steps and
-    the plain step otherwise. Deterministic: a replay gives the same states (CPU).
-
-    Args:
-      view: a stage view with the :data:`PILOT_FIELDS`.
-      ds: the dataset.
-      keep_steps: steps after which to keep the state (in memory, also in ``_PILOT_STATES``).
-      on_step: ``on_step(step, state)`` called at step 0 and after every step (e.g. the
-        independent-batch measurement after the warm-up).
-
-    Returns:
-      ``(rows, {step: state})``: rows ``step``, ``g_sq``, ``trace_cov``, ``b_simple`` and the
-      EMA values of the measured steps.
+    The pilot trains at ``train.batch_size`` from seed ``train.seed`` on the task's stream
+    (measuring step :mod:`gns.estimate`, ``train.gns_method``); the forks take the plain step
+    at the scaled learning rate on the stream of seed ``train.seed + critical.seed_offset``
+    and are evaluated on a fixed random subset of ``critical.eval_examples`` test examples
+    (the trainings' own subset for the same size). Deterministic: a replay gives the same
+    states (CPU).
     """
+    view = stage_config(config, "critical_batch")  # what shapes the pilot, and the forks
+    t, ccfg, horizon = view.train, view.critical, view.tradeoff.max_steps
+    model, plain_fn, gns_fn, state = _setup(t, ds, task, train.make_schedule(t, horizon))
+    by_mult: dict[float, Any] = {}
+
+    def make_step(size, mult):  # one function per multiplier: each shape compiles once
+        if mult not in by_mult:
+            tm = copy.deepcopy(t)
+            tm.learning_rate = float(t.learning_rate) * mult
+            schedule = train.make_schedule(tm, horizon)
+            fn = plain_fn if mult == 1.0 else _setup(tm, ds, task, schedule, init=False)[1]
+            by_mult[mult] = lambda st, batch, fn=fn: fn(st, batch)[0]
+        return by_mult[mult]
+
+    arrays = task.eval_arrays(t, ds, "test", int(ccfg.eval_examples))
+    held_out = next(iter(task.eval_batches(ds, arrays, len(next(iter(arrays.values()))))))
+    inputs, targets = tasks.split_batch(held_out)
+    mask = jnp.asarray(held_out["mask"], jnp.float32)
+    eval_step = jax.jit(train.make_eval_step(model))
+
+    def eval_fn(st):
+        return eval_step(st.params, st.batch_stats, inputs, targets, mask)[1] / mask.sum()
+
+    fork_seed = int(t.seed) + int(ccfg.seed_offset)
+    steps = finder.Steps(jax.jit(gns_fn), make_step, _stream(task, t, ds, int(t.seed)),
+                         _stream(task, t, ds, fork_seed), eval_fn)  # fmt: skip
+    return steps, state
+
+
+def pipeline_plan(config) -> finder.Plan:
+    """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise``, the forks of
+    ``critical`` (0 checkpoints: none) at the rule of ``train.optimizer``."""
+    view = stage_config(config, "noise_scale")
+    t, noise, ccfg = view.train, view.noise, stage_config(config, "critical_batch").critical
+    return finder.Plan(
+        ref_batch_size=int(t.batch_size), pilot_steps=pilot_length(noise),
+        every=max(1, int(noise.every)), num_stretches=int(noise.num_stretches),
+        branched=int(ccfg.num_checkpoints) > 0, branch_points=int(ccfg.num_checkpoints),
+        branch_exponents=tuple(int(e) for e in ccfg.exponents),
+        branch_steps=int(ccfg.fork_steps), branch_repeats=int(ccfg.num_repeats),
+        fork_rule=scaling.rule_for(t.optimizer), confidence=float(noise.confidence),
+        branch_confidence=float(ccfg.confidence), seed=int(t.seed),
+    )  # fmt: skip
+
+
+def independent_noise(config, ds, task):
+    """``(on_step, finish)``: after ``noise.warmup_steps`` pilot steps, ``b_simple`` on
+    ``noise.num_batches`` independent batches of ``noise.batch_size`` (seed ``train.seed + 1``),
+    pooled with a bootstrap interval (:func:`gns.smoothing.interval`); ``finish(record)`` puts
+    it into the noise record (``b_simple``, ``interval``, ``per_batch``, ...)."""
+    view = stage_config(config, "noise_scale")
     t, noise = view.train, view.noise
-    n_steps, every = pilot_length(noise), max(1, int(noise.every))
-    _, plain_fn, gns_fn, state = _setup(
-        t, ds, train.make_schedule(t, view.tradeoff.max_steps), both=True
-    )
-    plain, meas = jax.jit(plain_fn), jax.jit(gns_fn)
-    rows, kept, wanted = [], {}, set(keep_steps)
-    batches = data.train_batches(ds, t.batch_size, seed=t.seed, augment=t.data.augment)
-    try:
-        if on_step is not None:
-            on_step(0, state)
-        for i in range(1, n_steps + 1):
-            if i % every == 0:
-                state, m = meas(state, next(batches))
-                m = jax.device_get(m)
-                keys = ("g_sq", "trace_cov", "b_simple", "ema_g_sq", "ema_trace_cov")
-                rows.append({"step": i} | {k: float(m[k]) for k in (*keys, "ema_b_simple")})
-            else:
-                state, _ = plain(state, next(batches))
-            if i in wanted:
-                kept[i] = state
-            if on_step is not None:
-                on_step(i, state)
-    finally:
-        batches.close()
-    if kept:
-        _PILOT_STATES[_pilot_key(view)] = kept
-    return rows, kept
-
-
-def measure_noise_scale(view, ds, keep_steps=()) -> dict:
-    """Stage 1: the pilot, and ``b_simple`` on independent batches after its warm-up.
-
-    The pilot (:func:`run_pilot`) trains ``pilot_length`` steps at ``train.batch_size``,
-    measuring every ``noise.every`` steps; its measurements give the noise scale along the path
-    (``trajectory``: ``noise.num_stretches`` stretches, and ``effective``:
-    :func:`gns.finder.noise_evidence`). After ``noise.warmup_steps`` steps, ``b_simple`` is
-    estimated on ``noise.num_batches`` independent batches (the early single value).
-
-    Args:
-      view: :func:`stage_config` of ``noise_scale``.
-      ds: the dataset (:func:`experiments.data.load`).
-      keep_steps: pilot steps whose states the ``critical_batch`` stage forks from (kept in
-        memory; they do not change the measurement).
-    """
-    t, noise = view.train, view.noise
-    t0 = time.perf_counter()
     model = models.get_model(t.model, num_classes=ds.num_classes)
     mcfg = copy.deepcopy(t)
     mcfg.gns_method = noise.method
@@ -404,8 +375,7 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
 
     @jax.jit
     def measure(params, batch_stats, batch):
-        n = batch["label"].shape[0]
-        batch = {"image": batch["image"], "label": batch["label"], "index": jnp.arange(n)}
+        batch = batch | {"index": jnp.arange(len(jax.tree.leaves(batch)[0]))}
         loss_fn = train.make_loss_fn(model, batch_stats, rng)
         if method == "per_example":
             stats, _, _ = estimate.per_example(
@@ -417,153 +387,43 @@ def measure_noise_scale(view, ds, keep_steps=()) -> dict:
             )
         return stats.g_sq, stats.trace_cov, stats.b_simple
 
-    per_batch = []
+    per_batch, batch_fn = [], _stream(task, t, ds, int(t.seed) + 1)
 
-    def after_warmup(step, state):
-        if step != noise.warmup_steps:
-            return
-        batches = data.train_batches(ds, noise.batch_size, seed=t.seed + 1, augment=t.data.augment)
-        try:
-            for _ in range(noise.num_batches):
-                g, tc, b = measure(state.params, state.batch_stats, next(batches))
+    def on_step(step, state):
+        if step == noise.warmup_steps:
+            for i in range(noise.num_batches):
+                g, tc, b = measure(state.params, state.batch_stats, batch_fn(noise.batch_size, i))
                 per_batch.append({"g_sq": float(g), "trace_cov": float(tc), "b_simple": float(b)})
-        finally:
-            batches.close()
 
-    rows, _ = run_pilot(view, ds, keep_steps=keep_steps, on_step=after_warmup)
-    n_steps = pilot_length(noise)
-    try:
-        path = finder.noise_evidence(
-            rows, int(t.batch_size), num_stretches=int(noise.num_stretches), end_step=n_steps,
-            confidence=float(noise.confidence), seed=int(t.seed),
-        )  # fmt: skip
-        trajectory, effective = path["trajectory"].rows(), path["effective"].to_dict()
-    except ValueError as e:  # fewer than 2 finite measurements along the path
-        trajectory, effective = [], {"value": None, "basis": "none", "note": str(e)}
-    pilot = {"steps": n_steps, "every": int(noise.every), "batch_size": int(t.batch_size)}
-    pilot["rows"] = [{k: r[k] for k in ("step", "g_sq", "trace_cov")} for r in rows]
+    def finish(record):
+        g = np.array([p["g_sq"] for p in per_batch])
+        tc = np.array([p["trace_cov"] for p in per_batch])
+        finite = np.isfinite(g) & np.isfinite(tc)
+        if finite.sum() < 2:
+            raise UserError(
+                f"the noise scale could not be measured: {int(finite.sum())} of "
+                f"{len(per_batch)} batches gave finite statistics after {noise.warmup_steps} "
+                "warm-up steps (the training diverged or the gradients overflow)",
+                hint="lower config.train.learning_rate or config.noise.warmup_steps",
+            )
+        pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
+        return record | runlog.to_strict_json({
+            "b_simple": pooled.estimate, "interval": [pooled.low, pooled.high],
+            "g_sq": float(np.mean(g[finite])), "trace_cov": float(np.mean(tc[finite])),
+            "per_batch": per_batch, "batch_size": int(noise.batch_size),
+            "num_batches": int(noise.num_batches), "num_used": pooled.n,
+            "num_nonfinite_dropped": pooled.nonfinite_dropped, "method": method,
+            "after_warmup_steps": int(noise.warmup_steps),
+        })  # fmt: skip
 
-    g_sq = np.array([p["g_sq"] for p in per_batch])
-    trace_cov = np.array([p["trace_cov"] for p in per_batch])
-    finite = np.isfinite(g_sq) & np.isfinite(trace_cov)
-    if finite.sum() < 2:
-        raise UserError(
-            f"the noise scale could not be measured: {int(finite.sum())} of {len(per_batch)} "
-            f"batches gave finite statistics after {noise.warmup_steps} warm-up steps (the "
-            "training diverged or the gradients overflow)",
-            hint="lower config.train.learning_rate or config.noise.warmup_steps",
-        )
-    pooled = smoothing.interval(
-        g_sq, trace_cov, confidence=noise.confidence, block_size=1, seed=t.seed
-    )
-    return {
-        "b_simple": pooled.estimate,
-        "interval": [pooled.low, pooled.high],
-        "confidence": float(noise.confidence),
-        "g_sq": float(np.mean(g_sq[finite])),
-        "trace_cov": float(np.mean(trace_cov[finite])),
-        "per_batch": per_batch,
-        "batch_size": int(noise.batch_size),
-        "num_batches": int(noise.num_batches),
-        "num_used": pooled.n,  # the finite ones; the others are dropped and counted
-        "num_nonfinite_dropped": pooled.nonfinite_dropped,
-        "method": method,
-        "after_warmup_steps": int(noise.warmup_steps),
-        "trajectory": trajectory,
-        "effective": effective,
-        "pilot": pilot,
-        "time_s": time.perf_counter() - t0,
-    }
-
-
-def measure_critical_batch(view, ds, b_noise: float = math.inf) -> dict:
-    """Stage 1b: the branched critical batch at ``critical.num_checkpoints`` states of the pilot.
-
-    From each checkpoint (the pilot's state at the middle of equal stretches, held in memory by
-    the noise stage or replayed exactly by :func:`run_pilot`), forks at ``train.batch_size·2^j``
-    (``critical.exponents``), the learning rate scaled by the rule of
-    :func:`gns.recommend.scale_learning_rate` (:func:`gns.critical.lr_multipliers`; for SGD
-    with ``b_noise``, the early ``b_simple`` the trainings scale with; ``inf``: linear), each
-    for ``critical.fork_steps`` steps of the largest fork's batch in examples,
-    ``critical.num_repeats`` repeats on disjoint data of one stream, evaluated on a fixed
-    random subset of ``critical.eval_examples`` test images (:func:`gns.finder.branch`).
-
-    Returns:
-      ``{"checkpoints": [], "effective": None, "note"}`` when ``critical.num_checkpoints`` is
-      0, else ``{"checkpoints": [rows with step,
-      b_crit, low, high, b_tolerance, resolved, cost_fraction], "effective": the path average
-      of the resolved checkpoints, "points": every fork result, "cost_fraction": examples forked
-      / pilot examples, "replayed_pilot": bool, ...}``.
-    """
-    t, ccfg = view.train, view.critical
-    if int(ccfg.num_checkpoints) <= 0:
-        return {"checkpoints": [], "effective": None, "note": "not measured: "
-                "critical.num_checkpoints = 0 (set it to branch from the pilot)"}  # fmt: skip
-    t0 = time.perf_counter()
-    n_steps = pilot_length(view.noise)
-    steps = checkpoint_steps(n_steps, ccfg.num_checkpoints)
-    states = _PILOT_STATES.get(_pilot_key(view), {})
-    replayed = not set(steps) <= set(states)
-    if replayed:  # the noise stage ran in another process: replay the pilot (deterministic)
-        _, states = run_pilot(view, ds, keep_steps=steps)
-    schedule = train.make_schedule(t, view.tradeoff.max_steps)
-    model, _, template = _setup(t, ds, schedule)
-    steps_by_mult: dict[float, Any] = {}
-
-    def make_step(size, mult):
-        if mult not in steps_by_mult:
-            tm = copy.deepcopy(t)
-            tm.learning_rate = float(t.learning_rate) * mult
-            plain_fn = _setup(tm, ds, train.make_schedule(tm, view.tradeoff.max_steps))[1]
-            steps_by_mult[mult] = lambda state, batch: plain_fn(state, batch)[0]
-        return steps_by_mult[mult]
-
-    seed = int(t.seed) + int(ccfg.seed_offset)
-
-    def batch_fn(size, index):  # one shuffled stream, the same order at every batch size
-        return data.train_batch(ds, size, seed=seed, step=index, augment=t.data.augment)
-
-    # A fixed random subset of the test set (the trainings' own, for the same size): the
-    # test split is stored class by class, so its first images are all of one class.
-    idx = tasks.subset(len(ds.test_labels), int(ccfg.eval_examples), 1)
-    n_eval = len(idx)
-    images = jnp.asarray(data.normalize(ds.test_images[idx], ds.mean, ds.std))
-    labels, mask = jnp.asarray(ds.test_labels[idx]), jnp.ones((n_eval,), jnp.float32)
-    eval_step = jax.jit(train.make_eval_step(model))
-
-    def eval_fn(state):
-        return eval_step(state.params, state.batch_stats, images, labels, mask)[1] / n_eval
-
-    critical.check_state(states[steps[0]], template, name=f"pilot state at step {steps[0]}")
-    b_ref = int(t.batch_size)
-    exps = [int(e) for e in ccfg.exponents]
-    n_fork = int(ccfg.fork_steps) * b_ref * 2 ** max(exps)
-    out = finder.branch(
-        {s: states[s] for s in steps}, make_step, batch_fn, eval_fn, ref_batch_size=b_ref,
-        end_step=n_steps, num_examples=n_fork, exponents=exps,
-        lr_multiplier=lambda b: critical.lr_multipliers(b_ref, [b], t.optimizer, b_noise)[0],
-        num_repeats=int(ccfg.num_repeats), pilot_examples=n_steps * b_ref,
-        confidence=float(ccfg.confidence), seed=int(t.seed),
-    )  # fmt: skip
-    forked = sum(p.examples_forked for p in out["points"])
-    return {
-        "checkpoints": finder.checkpoint_rows(out["steps"], out["points"]),
-        "effective": out["effective"].to_dict(),
-        "points": [p.to_dict() for p in out["points"]],
-        "batch_sizes": [int(b_ref * 2.0**e) for e in exps],
-        "examples_per_fork": n_fork,
-        "examples_forked": forked,
-        "pilot_examples": n_steps * b_ref,
-        "cost_fraction": forked / (n_steps * b_ref),
-        "replayed_pilot": replayed,
-        "time_s": time.perf_counter() - t0,
-    }
+    return on_step, finish
 
 
 def critical_fingerprint(config, b_noise: float) -> str:
     """The key of the branched stage's cached result: :func:`stage_fingerprint`, with
-    ``b_noise`` folded in where the forks' learning-rate rule uses it (SGD: the McCandlish rule
-    with the early ``b_simple``, as the trainings), so a new noise scale forks again.
+    ``b_noise`` (:func:`gns.finder.fork_noise_scale` of the noise record) folded in where the
+    forks' learning-rate rule uses it (SGD: the McCandlish rule), so a new noise scale forks
+    again.
 
     Example:
       >>> from configs import sweep as sweep_config
@@ -579,21 +439,6 @@ def critical_fingerprint(config, b_noise: float) -> str:
     return runlog.fingerprint({"fields": fp, "lr_rule_b_noise": b_noise})
 
 
-def _effective_from_json(d: dict | None):
-    """A stored :class:`gns.critical.EffectiveNoiseScale` dict back as the NamedTuple (strict
-    JSON stores non-finite numbers as ``null``: a missing high end is ``+inf``)."""
-    if not d or d.get("value") is None and d.get("basis") == "none" and "s_min" not in d:
-        return None
-
-    def num(x, default=math.nan):
-        return default if x is None else x
-
-    fields = dict(d)
-    fields.update(value=num(d["value"]), low=num(d["low"]), high=num(d["high"], math.inf))
-    fields.update(s_min=num(d["s_min"]), e_min=num(d["e_min"]), weights=np.asarray(d["weights"]))
-    return critical.EffectiveNoiseScale(**fields)
-
-
 def noise_scale_value(noise: dict) -> float:
     """``b_simple`` of a noise-scale record as a float. Strict JSON stores a non-finite value
     as ``null``; read back, it is ``+inf`` when the pooled ``g_sq`` is not positive (the
@@ -604,7 +449,7 @@ def noise_scale_value(noise: dict) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: memory and the one interleaved timing table.
+# Memory and the one interleaved timing table, on the mesh.
 
 
 def candidate_batch_sizes(lo: int, hi: int) -> list[int]:
@@ -614,67 +459,76 @@ def candidate_batch_sizes(lo: int, hi: int) -> list[int]:
             f"need 1 <= min_batch_size <= max_batch_size, got {lo}, {hi}",
             hint="set --config.throughput.min_batch_size / max_batch_size",
         )
-    return [1 << e for e in range(math.ceil(math.log2(lo)), math.floor(math.log2(hi)) + 1)]
+    return [b for b in finder.power_of_two_candidates(lo, hi) if b <= hi]
 
 
-def measure_throughput(view, ds, extra=()) -> dict:
-    """Stage 2: memory of each candidate, then one interleaved timing table, on the mesh.
+def throughput_candidates(view) -> list[int]:
+    """The powers of two of ``throughput``, ``train.batch_size`` and the fixed
+    ``tradeoff.batch_sizes`` (every trained batch has its ``t(B)`` from the same table)."""
+    timing, t = view.throughput, view.train
+    cands = set(candidate_batch_sizes(timing.min_batch_size, timing.max_batch_size))
+    extra = [t.batch_size, *(view.tradeoff.batch_sizes or ())]
+    return sorted(cands | {int(b) for b in extra if b <= timing.max_batch_size})
 
-    The candidates are **global** batch sizes: the powers of two of ``view.throughput`` plus
-    ``train.batch_size`` and the fixed ``tradeoff.batch_sizes`` (so that every trained batch
-    has its ``t(B)`` from the same table). The step is the data-parallel one of training
-    (:mod:`experiments.mesh`: ``train.num_devices`` devices, all by default), each device
-    holding ``B / devices`` examples; a candidate that does not split evenly over the devices
-    is skipped, with the reason in its row. Memory is per device (XLA's analysis of the
-    partitioned step, against a per-device budget: ``throughput.memory_budget_bytes``, or the
-    device's memory, or on CPU half the available host RAM shared by the simulated devices),
-    so the largest global batch that fits is the largest per-device batch times the devices.
-    Each is predicted against the memory budget and confirmed by running
-    (:func:`gns.hardware.largest_batch_that_fits`); those that fit are timed round-robin,
-    ``throughput.repeats`` rounds after ``throughput.warmup`` untimed rounds, and a batch whose
-    relative interquartile range stays above 10% gets extra rounds
-    (:func:`gns.finder.time_candidates`, :func:`gns.hardware.time_batch_sizes`), reusing the
-    executables compiled for the prediction.
+
+def timing_table(rows: list[dict]) -> hardware.TimingTable:
+    """The :class:`gns.hardware.TimingTable` of the timed rows that fit (as stored)."""
+    timings = {}
+    for r in rows:
+        if r["fits"] and r.get("times_s"):
+            q25, q75 = (float(q) for q in np.quantile(r["times_s"], [0.25, 0.75]))
+            med = r["step_time_s"]
+            timings[r["batch_size"]] = hardware.BatchTiming(
+                r["batch_size"], med, q25, q75, (q75 - q25) / med, tuple(r["times_s"]),
+                r["extra_rounds"], r["stable"],
+            )  # fmt: skip
+    return hardware.TimingTable(timings, min((len(t.times_s) for t in timings.values()),
+                                             default=0), 0.1)  # fmt: skip
+
+
+def measure_throughput(view, ds, task, extra=()) -> dict:
+    """Memory of each candidate, then one interleaved timing table, on the mesh.
+
+    The candidates (:func:`throughput_candidates`, and ``extra``) are **global** batch sizes
+    of the data-parallel step of training (``train.num_devices`` devices, all by default),
+    each device holding ``B / devices`` examples; one that does not split evenly is skipped,
+    with the reason in its row. Memory is per device (against ``throughput.memory_budget_bytes``,
+    or the device's memory, or on CPU its share of half the available host RAM), predicted and
+    confirmed by running; those that fit are timed round-robin, ``throughput.repeats`` rounds
+    after ``throughput.warmup`` (:func:`gns.finder.time_candidates`).
 
     Returns:
-      ``{"rows": [...], "max_batch_size": int | None, "max_batch_size_per_device": int |
-      None, "mesh": dict}``: one row per candidate, ascending, with ``batch_size`` (global),
-      ``per_device_batch_size``, ``fits``, ``predicted_bytes`` (per device), ``budget_bytes``,
-      ``budget_source``, ``reason``, ``step_time_s`` (median), ``step_time_iqr_s``,
-      ``times_s`` (one per round), ``extra_rounds`` (re-timing rounds), ``stable`` and
-      ``examples_per_s`` (global); ``mesh`` is :func:`experiments.mesh.describe`.
+      ``{"rows", "max_batch_size", "max_batch_size_per_device", "mesh"}``: one row per
+      candidate, ascending: ``batch_size`` (global), ``per_device_batch_size``, ``fits``,
+      ``predicted_bytes`` (per device), ``budget_bytes``, ``budget_source``, ``reason``,
+      ``step_time_s`` (median), ``step_time_iqr_s``, ``times_s``, ``extra_rounds``,
+      ``stable``, ``examples_per_s`` (global).
     """
-    import optax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     timing, t = view.throughput, copy.deepcopy(view.train)
     t.seed = TIMING_SEED
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
-    schedule = optax.constant_schedule(TIMING_LEARNING_RATE)
-    _, plain_fn, state = _setup(t, ds, schedule, mesh=mesh)
+    _, plain_fn, _, state = _setup(
+        t, ds, task, optax.constant_schedule(TIMING_LEARNING_RATE), mesh=mesh
+    )
     # The batch sharded over the devices, the state replicated: what XLA compiles (and its
     # memory analysis counts) is one device's part of the step.
     step = jax.jit(
         plain_fn, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh_lib.AXIS)))
     )
-    image_shape = tuple(ds.train_images.shape[1:])
-    cands = set(candidate_batch_sizes(timing.min_batch_size, timing.max_batch_size))
-    cands |= {
-        b for b in [t.batch_size, *(view.tradeoff.batch_sizes or ())] if b <= timing.max_batch_size
-    }
-    cands |= {int(b) for b in extra}  # the range extended past an end (``run_sweep``)
+    template = task.batch_fn(t, ds)(1, 0)
+    cands = set(throughput_candidates(view)) | {int(b) for b in extra}
     skipped = {b: mesh_lib.split_reason(b, mesh) for b in cands}
     skipped = {b: why for b, why in skipped.items() if why}
 
+    def zeros(b, xp):  # a batch of b examples shaped as the task's
+        return jax.tree.map(lambda x: xp.zeros((b,) + x.shape[1:], x.dtype), template)
+
     def make_args(b):  # traceable: under jax.eval_shape it allocates nothing
-        images = jnp.zeros((b,) + image_shape, jnp.float32)
-        return state, {"image": images, "label": jnp.zeros((b,), jnp.int32)}
+        return state, zeros(b, jnp)
 
     def placed_args(b):  # the timed batch on the devices, split as in training
-        batch = {"image": np.zeros((b,) + image_shape, np.float32), "label": np.zeros(b, np.int32)}
-        return state, mesh_lib.shard(batch, mesh)
+        return state, mesh_lib.shard(zeros(b, np), mesh)
 
     budget, budget_source = timing.memory_budget_bytes, None
     if budget is None and mesh.devices.flat[0].platform == "cpu" and n > 1:
@@ -685,31 +539,19 @@ def measure_throughput(view, ds, extra=()) -> dict:
         warmup=timing.warmup, make_shape_args=make_args,
     ) if timed else (None, None)  # fmt: skip
     timings = {} if table is None else table.timings
-    rows = []
-    for rec in [] if res is None else res.records:
-        row = rec.to_dict() | {
-            "budget_source": budget_source or res.budget_source,
-            "accumulation_steps": 1,
-            "per_device_batch_size": rec.batch_size // n,
-        }
-        bt = timings.get(rec.batch_size)
-        row.update(
-            step_time_s=None if bt is None else bt.median_s,
-            step_time_iqr_s=None if bt is None else bt.q75_s - bt.q25_s,
-            times_s=[] if bt is None else list(bt.times_s),
-            extra_rounds=None if bt is None else bt.extra_rounds,
-            stable=None if bt is None else bt.stable,
-            examples_per_s=None if bt is None else rec.batch_size / bt.median_s,
-        )
-        rows.append(row)
-    for b, why in skipped.items():
-        rows.append(
-            {"batch_size": b, "per_device_batch_size": None, "predicted_bytes": None,
-             "budget_bytes": None if res is None else res.budget_bytes, "fits": False,
-             "confirmed": False, "reason": why, "budget_source": None, "accumulation_steps": 1,
-             "step_time_s": None, "step_time_iqr_s": None, "times_s": [], "extra_rounds": None,
-             "stable": None, "examples_per_s": None, "skipped": True}
-        )  # fmt: skip
+    rows = [
+        rec.to_dict() | _timing_row(timings.get(rec.batch_size), rec.batch_size)
+        | {"budget_source": budget_source or res.budget_source, "accumulation_steps": 1,
+           "per_device_batch_size": rec.batch_size // n}
+        for rec in ([] if res is None else res.records)
+    ]  # fmt: skip
+    rows += [
+        _timing_row(None, b) | {"batch_size": b, "per_device_batch_size": None,
+         "predicted_bytes": None, "budget_bytes": None if res is None else res.budget_bytes,
+         "fits": False, "confirmed": False, "reason": why, "budget_source": None,
+         "accumulation_steps": 1, "skipped": True}
+        for b, why in skipped.items()
+    ]  # fmt: skip
     max_b = None if res is None else res.max_batch_size
     return {
         "rows": sorted(rows, key=lambda r: r["batch_size"]),
@@ -719,12 +561,20 @@ def measure_throughput(view, ds, extra=()) -> dict:
     }
 
 
+def _timing_row(bt: hardware.BatchTiming | None, b: int) -> dict:
+    """The timing fields of a throughput row (``None`` and ``[]`` when not timed)."""
+    if bt is None:
+        return dict(step_time_s=None, step_time_iqr_s=None, times_s=[], extra_rounds=None,
+                    stable=None, examples_per_s=None)  # fmt: skip
+    return dict(step_time_s=bt.median_s, step_time_iqr_s=bt.q75_s - bt.q25_s,
+                times_s=list(bt.times_s), extra_rounds=bt.extra_rounds, stable=bt.stable,
+                examples_per_s=b / bt.median_s)  # fmt: skip
+
+
 def _shared_host_budget(num_devices: int) -> tuple[int, str]:
     """The per-device memory budget of ``num_devices`` simulated CPU devices: their share of
     the default CPU budget (:data:`gns.hardware.DEFAULT_CPU_BUDGET_FRACTION` of the available
     host RAM), since they all allocate from the one host."""
-    import psutil
-
     frac = hardware.DEFAULT_CPU_BUDGET_FRACTION
     budget = int(frac * psutil.virtual_memory().available / num_devices)
     return budget, f"{round(100 * frac)}% of available host RAM / {num_devices} devices"
@@ -751,16 +601,6 @@ def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dic
             reason="; ".join(x for x in (row.get("reason"), note) if x),
         )
     return sorted(rows, key=lambda r: r["batch_size"])
-
-
-def step_time_ranges(rows: list[dict]) -> dict[int, tuple[float, float]]:
-    """``{batch: (q25, q75)}`` of the timed rows that fit: the spread the recommendation's
-    ``plausible_batch_sizes`` allows for."""
-    return {
-        r["batch_size"]: tuple(float(q) for q in np.quantile(r["times_s"], [0.25, 0.75]))
-        for r in rows
-        if r["fits"] and r["step_time_s"] and r.get("times_s")
-    }
 
 
 def step_times(rows: list[dict]) -> dict[int, float]:
@@ -936,102 +776,100 @@ def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
         return _run_sweep(config, workdir, trainings, bar)
 
 
-def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
-    t_start = time.perf_counter()
-    st = SweepState(workdir)
-    mesh = mesh_lib.make_mesh(config.train.num_devices)
-    mesh_record = mesh_lib.describe(mesh)
-    fps: dict[str, Any] = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
-    if config.compilation_cache:  # the user's own cache: never compiled code from the workdir
-        _enable_compilation_cache(data.private_cache_dir("jax"))
-    runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    device = hardware.detect_devices()
-    with cli.under("train"):  # the hints name --config.train.data.*
-        ds = data.load(config.train.data)
-    stage_t = {"setup": time.perf_counter() - t_start}
+def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
+    """:func:`gns.finder.decide` with the reference run's rate and ``config.recommend``."""
+    t, rc = config.train, config.recommend
+    cands = list(rc.candidates) if rc.candidates else sorted(
+        set(table.step_time()) | {t.batch_size}
+        | {int(f) * max_batch for f in config.throughput.accumulation_factors})  # fmt: skip
+    return finder.decide(
+        basis, value, evidence, table, max_batch, base_batch_size=t.batch_size,
+        base_lr=t.learning_rate, optimizer=t.optimizer, objective=rc.objective,
+        candidates=cands, s_min=s_min, price_per_hour=rc.price_per_hour,
+    )  # fmt: skip
 
-    def stage(name, key, measure):
-        bar.set(phase=name)
-        value = st.get(name, key, fps[name])
-        if value is None:
-            # As stored (strict JSON): a fresh result reads the same as a reused one.
-            value = runlog.to_strict_json(measure(stage_config(config, name), ds))
-            st.put(name, key, fps[name], value)
-        stage_t[name] = time.perf_counter() - t_start - sum(stage_t.values())
-        bar.update(1)
+
+class _Stages:
+    """The sweep's stage cache around :func:`gns.finder.pipeline`: each measurement is read
+    from ``sweep_state.json`` when its fingerprint matches, else measured and stored."""
+
+    def __init__(self, config, ds, task, st: SweepState, fps: dict, bar, stage_t: dict):
+        self.config, self.ds, self.task, self.st, self.fps = config, ds, task, st, fps
+        self.bar, self.t = bar, stage_t
+        self.done: dict[str, Any] = {}
+        self.view = stage_config(config, "throughput")
+        self.base = throughput_candidates(self.view)
+
+    def _timed(self, name: str, value):
+        self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - self.t0
         return value
 
-    # 1. Noise scale along the pilot, branched critical batch; 2. memory and the timing table.
-    ccfg = stage_config(config, "critical_batch")
-    ck = checkpoint_steps(pilot_length(ccfg.noise), ccfg.critical.num_checkpoints)
-    ck = ck if ccfg.critical.num_checkpoints > 0 else []
-    noise = stage(
-        "noise_scale", "value", lambda view, ds: measure_noise_scale(view, ds, keep_steps=ck)
-    )
-    b_noise = noise_scale_value(noise)
-    if math.isnan(b_noise):
-        raise UserError(
-            f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
-            hint=f"delete {workdir} and run again",
-        )
-    fps["critical_batch"] = critical_fingerprint(config, b_noise)
-    crit = stage(
-        "critical_batch", "value", lambda view, ds: measure_critical_batch(view, ds, b_noise)
-    )
-    _PILOT_STATES.clear()
-    tput = stage("throughput", "table", measure_throughput)
-    recommend_config, t = config.recommend, config.train
-    basis, value, evidence, basis_note = finder.choose_basis(
-        (b_noise, *(math.inf if x is None else x for x in noise["interval"])),
-        _effective_from_json(noise.get("effective")),
-        _effective_from_json(crit.get("effective")),
-    )
+    def cache(self, name: str, compute, finish):
+        self.bar.set(phase=name)
+        self.t0 = time.perf_counter()
+        if name == "critical_batch":
+            noise = self.done["noise_scale"]
+            self.fps[name] = critical_fingerprint(self.config, finder.fork_noise_scale(noise))
+        value = self.st.get(name, "value", self.fps[name])
+        if value is None:
+            try:
+                value = runlog.to_strict_json(compute())
+            except ValueError as e:  # a diverged pilot: the independent batches' error first
+                finish({})
+                raise UserError(f"the noise scale could not be measured: {e}",
+                                hint="lower config.train.learning_rate") from e  # fmt: skip
+            value = finish(value) if name == "noise_scale" else value
+            self.st.put(name, "value", self.fps[name], value)
+        self.done[name] = value
+        self.bar.update(1)
+        return self._timed(name, value)
 
-    def table_of(throughput):
-        if throughput["max_batch_size"] is None:
+    def time(self, cands, interval, seconds_left):
+        """``time_fn`` of the pipeline: the table (``extended_to_<B>``: with one batch more)."""
+        self.bar.set(phase="throughput")
+        self.t0 = time.perf_counter()
+        extra = sorted(set(cands) - set(self.base))
+        key, fp = f"extended_to_{extra[-1]}" if extra else "table", self.fps["throughput"]
+        tput = self.st.get("throughput", key, fp)
+        if tput is None:
+            tput = runlog.to_strict_json(
+                measure_throughput(self.view, self.ds, self.task, tuple(extra))
+            )
+            self.st.put("throughput", key, fp, tput)
+        mb = tput["max_batch_size"]
+        if mb is None:
             raise UserError(
-                f"no candidate batch size fits in memory ({throughput['rows'][0]['reason']})",
+                f"no candidate batch size fits in memory ({tput['rows'][0]['reason']})",
                 hint="lower config.throughput.min_batch_size or raise "
                 "config.throughput.memory_budget_bytes",
             )
-        mb = throughput["max_batch_size"]
-        r = add_accumulation_rows(throughput["rows"], config.throughput.accumulation_factors, mb)
-        return mb, r, step_times(r)
+        rows = add_accumulation_rows(tput["rows"], self.config.throughput.accumulation_factors, mb)
+        return self._timed("throughput", (mb, timing_table(rows), tput | {"rows": rows}))
 
-    def recommend_on(b_noise, interval=None, s_min=None, **kw):
-        cands = sorted({r["batch_size"] for r in rows if r["step_time_s"]} | {t.batch_size})
-        return recommend.recommend(
-            b_noise, times, max_batch_size=max_batch, base_lr=t.learning_rate,
-            base_batch_size=t.batch_size, optimizer=t.optimizer,
-            price_per_hour=recommend_config.price_per_hour, objective=recommend_config.objective,
-            candidates=list(recommend_config.candidates) if recommend_config.candidates else cands,
-            b_noise_interval=interval, s_min=s_min, **kw,
+
+def _measure(config, ds, task, stages: _Stages) -> finder.Measured:
+    """Noise scale, branched critical batch, timing and recommendation: the pipeline of
+    :func:`gns.finder.pipeline`, with the sweep's stage cache and independent batches."""
+    on_step, finish = independent_noise(config, ds, task)
+    steps, state = pipeline_steps(config, ds, task)
+    try:
+        return finder.pipeline(
+            steps, state, pipeline_plan(config), time_fn=stages.time,
+            decide_fn=functools.partial(_decide, config), candidates=stages.base,
+            cache=lambda name, compute: stages.cache(name, compute, finish), on_step=on_step,
         )  # fmt: skip
+    finally:
+        stages.bar.update(1)
 
-    interval = (value[1], value[2]) if not math.isnan(value[1]) else None
-    basis_kw = dict(step_time_range=None, basis=basis, evidence=evidence)
-    max_batch, rows, times = table_of(tput)
-    # A pick at an end of the timed range: time the next batch (in one new interleaved table
-    # with all the others, cached like the first) and recommend on it, once.
-    nxt, extended_to = recommend_on(value[0], interval, **basis_kw).extend_range_to, None
-    if nxt is not None and nxt not in {r["batch_size"] for r in tput["rows"]}:
-        key = f"extended_to_{nxt}"
-        ext = st.get("throughput", key, fps["throughput"])
-        if ext is None:
-            view = stage_config(config, "throughput")
-            ext = runlog.to_strict_json(measure_throughput(view, ds, extra=(nxt,)))
-            st.put("throughput", key, fps["throughput"], ext)
-        if any(r["batch_size"] == nxt and r["fits"] for r in ext["rows"]):
-            tput, extended_to = ext, nxt
-            max_batch, rows, times = table_of(tput)
 
-    # 3. Trainings to the target (``tradeoff.extra_seeds`` more seeds at the
-    # ``tradeoff.reseed_best`` fastest batches) and the tradeoff fit on every training.
+def _train_points(config, workdir, stages: _Stages, rows, max_batch, b_noise, mesh):
+    """The trainings to the target (``tradeoff.extra_seeds`` more seeds at the
+    ``tradeoff.reseed_best`` fastest batches): ``(points, reseeded, skipped)``."""
+    st, fps, times = stages.st, stages.fps, step_times(rows)
     fps["trainings"] = {}
-    bar.set(phase="trainings" if trainings else "recommend")
 
     def train_at(b, seed_offset=0):
-        bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
+        stages.bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
         cfg, rule = training_config(config, b, b_noise, seed_offset)
         key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: the batch alone
         fp = fps["trainings"][key] = runlog.fingerprint(cfg.to_dict())
@@ -1041,56 +879,80 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
             st.put("trainings", key, fp, p)
         return with_device_time([p | {"seed": int(cfg.seed)}], times, max_batch)[0]
 
-    points = []
-    fitting = [r["batch_size"] for r in rows if r["fits"]]
-    skipped_trainings = {}
-    for b in train_batch_sizes(config, fitting) if trainings else []:
+    points, skipped = [], {}
+    for b in train_batch_sizes(config, [r["batch_size"] for r in rows if r["fits"]]):
         why = mesh_lib.split_reason(b, mesh)
         if why is None and b > max_batch:
             why = f"skipped: above the largest batch that fits ({max_batch})"
         if why is not None:
             logging.warning("The training at batch %d is %s.", b, why)
-            skipped_trainings[str(b)] = why
+            skipped[str(b)] = why
             continue
         points.append(train_at(b))
     reseed = validation.reseed_batch_sizes(points, _get_path(config, "tradeoff.reseed_best"))
     for offset in range(1, _get_path(config, "tradeoff.extra_seeds") + 1):
         points += [train_at(b, offset) for b in reseed]
-    by_batch = validation.mean_over_seeds(points)
-    tradeoff_out = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.train.seed)
-    tradeoff_out.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
-    bar.update(1)
-    stage_t["trainings"] = time.perf_counter() - t_start - sum(stage_t.values())
+    return points, reseed, skipped
 
-    # 4. Recommendation, from the best evidence (primary) and from the fitted curve (check).
-    bar.set(phase="recommend")
-    basis_kw["step_time_range"] = step_time_ranges(rows)
-    rec = recommend_on(value[0], interval, s_min=tradeoff_out["s_min"], **basis_kw)
-    rec_fit = None
-    if tradeoff_out["b_crit"] is not None:
-        rec_fit = recommend_on(
-            tradeoff_out["b_crit"], s_min=tradeoff_out["s_min"], basis="tradeoff_fit"
-        )
-    # The pick under every basis measured (the validation compares them on the trainings).
-    by_basis = {}
-    fit_iv = tradeoff_out["intervals"].get("b_crit") or (None, None)
-    for name, (v, lo, hi) in [
-        *evidence.items(),
-        ("tradeoff_fit", (tradeoff_out["b_crit"], *fit_iv)),
-    ]:
-        r = {basis: rec, "tradeoff_fit": rec_fit}.get(name)
+
+def _by_basis(config, m: finder.Measured, table, max_batch, fit: dict, rec, rec_fit) -> dict:
+    """The pick under every basis measured (the validation compares them on the trainings)."""
+    out = {}
+    fit_iv = fit["intervals"].get("b_crit") or (None, None)
+    for name, (v, lo, hi) in [*m.evidence.items(), ("tradeoff_fit", (fit["b_crit"], *fit_iv))]:
+        r = {m.basis: rec, "tradeoff_fit": rec_fit}.get(name)
         if r is None and name != "tradeoff_fit" and not math.isnan(v):
-            iv = None if math.isnan(lo) else (lo, hi)
-            r = recommend_on(v, iv, s_min=tradeoff_out["s_min"], step_time_range=None, basis=name)
-        by_basis[name] = {"b_noise": v, "low": lo, "high": hi}
-        by_basis[name] |= {"batch_size": None} if r is None else {
-            "batch_size": r.batch_size, "batch_size_range": r.batch_size_range,
-        }  # fmt: skip
+            r = _decide(config, name, (v, lo, hi), m.evidence, table, max_batch, fit["s_min"])
+        out[name] = {"b_noise": v, "low": lo, "high": hi}
+        out[name] |= {"batch_size": None} if r is None else {
+            "batch_size": r.batch_size, "batch_size_range": r.batch_size_range}  # fmt: skip
+    return out
+
+
+def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
+    t_start = time.perf_counter()
+    st = SweepState(workdir)
+    mesh = mesh_lib.make_mesh(config.train.num_devices)
+    mesh_record = mesh_lib.describe(mesh)
+    fps: dict[str, Any] = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
+    if config.compilation_cache:  # the user's own cache: never compiled code from the workdir
+        _enable_compilation_cache(data.private_cache_dir("jax"))
+    runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    task = tasks.get(config.train)
+    with cli.under("train"):  # the hints name --config.train.data.*
+        ds = task.load(config.train)
+    stage_t = {"setup": time.perf_counter() - t_start}
+    stages = _Stages(config, ds, task, st, fps, bar, stage_t)
+    m = _measure(config, ds, task, stages)
+    b_noise = noise_scale_value(m.noise)
+    if math.isnan(b_noise):
+        raise UserError(
+            f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
+            hint=f"delete {workdir} and run again",
+        )
+    max_batch, table, tput = m.timed
+    rows = tput["rows"]
+    t0 = time.perf_counter()
+    bar.set(phase="trainings" if trainings else "recommend")
+    points, reseed, skipped = _train_points(
+        config, workdir, stages, rows, max_batch, b_noise, mesh
+    ) if trainings else ([], [], {})  # fmt: skip
+    by_batch = validation.mean_over_seeds(points)
+    fit = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.train.seed)
+    fit.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
     bar.update(1)
-    stage_t["recommend"] = time.perf_counter() - t_start - sum(stage_t.values())
+    stage_t["trainings"] = time.perf_counter() - t0
+    # The recommendation from the best evidence (primary) and from the fitted curve (check).
+    bar.set(phase="recommend")
+    rec = _decide(config, m.basis, m.value, m.evidence, table, max_batch, fit["s_min"])
+    rec_fit = None if fit["b_crit"] is None else _decide(
+        config, "tradeoff_fit", (fit["b_crit"], math.nan, math.nan), m.evidence, table,
+        max_batch, fit["s_min"])  # fmt: skip
+    bar.update(1)
+    stage_t["recommend"] = time.perf_counter() - t0 - stage_t["trainings"]
     reached = [p for p in by_batch if p["reached"]]
     sweep = {
-        "device": device.to_dict(),
+        "device": hardware.detect_devices().to_dict(),
         "mesh": mesh_record,
         "fingerprints": fps,
         "throughput": rows,
@@ -1099,15 +961,15 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
         "skipped_batch_sizes": {
             str(r["batch_size"]): r["reason"] for r in rows if r.get("skipped")
         },
-        "skipped_trainings": skipped_trainings,
-        "throughput_extended_to": extended_to,
-        "noise_scale": noise,
-        "tradeoff": tradeoff_out,
+        "skipped_trainings": skipped,
+        "throughput_extended_to": m.extended_to,
+        "noise_scale": m.noise,
+        "tradeoff": fit,
         "time_to_target": rank_time_to_target(reached),
-        "critical_batch": crit,
-        "recommendation": rec.to_dict() | {"basis_note": basis_note},
+        "critical_batch": m.branched,
+        "recommendation": rec.to_dict() | {"basis_note": m.note},
         "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
-        "recommendation_by_basis": by_basis,
+        "recommendation_by_basis": _by_basis(config, m, table, max_batch, fit, rec, rec_fit),
         # Device time (steps x t(B)), mean over seeds: comparable to the predicted S(B) t(B).
         "measured_time_to_target": {
             str(p["batch_size"]): p["device_time_to_target_s"] for p in reached
@@ -1119,6 +981,11 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
         "remeasured_after_config_change": st.stale,
         "stage_time_s": stage_t,
     }
+    return _write_sweep(sweep, workdir, trainings)
+
+
+def _write_sweep(sweep: dict, workdir: str, trainings: bool) -> dict:
+    """``validation`` (with trainings), the plots and ``sweep.json``."""
     if trainings:
         sweep["validation"] = validation.validation(runlog.to_strict_json(sweep))
     try:  # {name: path, or why it was not drawn}
@@ -1147,6 +1014,13 @@ def _fmt(x, spec: str) -> str:
 
 def summary_table(sweep: dict) -> str:
     """A plain-text summary: device, throughput, noise scale, tradeoff, recommendation."""
+    return "\n".join(
+        _throughput_lines(sweep) + _noise_lines(sweep) + _tradeoff_lines(sweep["tradeoff"])
+        + _recommendation_lines(sweep) + validation_lines(sweep.get("validation"))
+    )  # fmt: skip
+
+
+def _throughput_lines(sweep: dict) -> list[str]:
     d, m = sweep["device"], sweep.get("mesh") or {}
     lines = [f"device: {d['platform']} / {d['kind']} x{d['count']}"]
     if m:
@@ -1154,10 +1028,11 @@ def summary_table(sweep: dict) -> str:
             f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are global "
             f"(per device: batch / {m['devices']})"
         )
-    lines.append("")
-    lines.append(
-        f"{'batch':>7} {'fits':>5} {'accum':>5} {'step ms':>9} {'examples/s':>11} {'pred. MiB':>10}"
-    )
+    lines += [
+        "",
+        f"{'batch':>7} {'fits':>5} {'accum':>5} {'step ms':>9} {'examples/s':>11} "
+        f"{'pred. MiB':>10}",
+    ]
     for r in sweep["throughput"]:
         ms = None if r.get("step_time_s") is None else 1e3 * r["step_time_s"]
         mib = None if r.get("predicted_bytes") is None else r["predicted_bytes"] / 2**20
@@ -1166,12 +1041,17 @@ def summary_table(sweep: dict) -> str:
             f"{_fmt(ms, '9.2f'):>9} {_fmt(r.get('examples_per_s'), '11.0f'):>11} "
             f"{_fmt(mib, '10.1f'):>10}"
         )
-    n = sweep["noise_scale"]
-    lines += [
+    return lines + [
         "",
         plots.largest_fits(sweep)[1]
         + (f" ({sweep['max_batch_size_per_device']} per device)" if m else ""),
         *(f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()),
+    ]
+
+
+def _noise_lines(sweep: dict) -> list[str]:
+    n = sweep["noise_scale"]
+    lines = [
         f"noise scale b_simple: {_fmt(n['b_simple'], '.4g')}  "
         f"{round(100 * n['confidence'])}% interval [{_fmt(n['interval'][0], '.4g')}, "
         f"{_fmt(n['interval'][1], '.4g')}]  ({n['num_batches']} batches of {n['batch_size']}, "
@@ -1191,29 +1071,33 @@ def summary_table(sweep: dict) -> str:
             + f"; effective {_fmt(c['effective']['value'], '.4g')} "
             f"(forks cost {c['cost_fraction']:.2f}x the pilot's examples)"
         )  # fmt: skip
-    lines += [
+    return lines
+
+
+def _tradeoff_lines(t: dict) -> list[str]:
+    lines = [
         "",
         f"{'batch':>7} {'seed':>4} {'lr':>10} {'steps to target':>16} {'steps x t(B) s':>15} "
         f"{'wall s':>8}",
     ]
-    t = sweep["tradeoff"]
     for p in t["points"]:
         lines.append(
             f"{p['batch_size']:>7} {_fmt(p.get('seed'), 'd'):>4} {p['learning_rate']:>10.3g} "
             f"{_fmt(p['steps'], '16.0f'):>16} {_fmt(p['device_time_to_target_s'], '15.2f'):>15} "
             f"{_fmt(p['time_to_target_s'], '8.1f'):>8}"
         )
-    if t.get("b_crit") is not None:
-        iv = t.get("intervals", {}).get("b_crit")
-        ivs = "" if not iv else f"  interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]"
-        lines.append(
-            f"fit: S_min = {t['s_min']:.4g}, E_min = {t['e_min']:.4g}, B_crit = {t['b_crit']:.4g}"
-            + ivs
-        )
-    else:
-        lines.append(f"fit: not available ({t.get('error')})")
+    if t.get("b_crit") is None:
+        return lines + [f"fit: not available ({t.get('error')})"]
+    iv = t.get("intervals", {}).get("b_crit")
+    ivs = "" if not iv else f"  interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]"
+    return lines + [
+        f"fit: S_min = {t['s_min']:.4g}, E_min = {t['e_min']:.4g}, B_crit = {t['b_crit']:.4g}" + ivs
+    ]
+
+
+def _recommendation_lines(sweep: dict) -> list[str]:
     r = sweep["recommendation"]
-    lines += [
+    lines = [
         "",
         f"recommended batch size: {r['batch_size']} (accumulation steps {r['accumulation_steps']}),"
         f" learning rate {r['learning_rate']:.4g}, predicted speedup vs baseline "
@@ -1231,7 +1115,7 @@ def summary_table(sweep: dict) -> str:
         lines.append(
             f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
         )
-    return "\n".join(lines + validation_lines(sweep.get("validation")))
+    return lines
 
 
 def validation_lines(v: dict | None) -> list[str]:

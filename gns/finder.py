@@ -34,9 +34,12 @@ the same step on the same device (:class:`gns.hardware.TimingCache`), and ``.sec
 each phase. ``progress(phase, done, total)`` reports every phase; gns draws nothing. Diverged
 forks, unresolved checkpoints and unstable step times are named in ``.warnings``.
 
-The pieces are public too (:func:`run_pilot`, :func:`noise_evidence`, :func:`branch`,
-:func:`choose_basis`, :func:`time_candidates`, :func:`decide`): ``experiments/sweep.py`` calls
-them with its own train step and keeps each result in its stage cache.
+The stages are public (:func:`run_pilot`, :func:`noise_evidence`, :func:`branch`,
+:func:`choose_basis`, :func:`time_candidates`, :func:`decide`) and composed once, by
+:func:`pipeline`, over a small interface (:class:`Steps`: a measuring step, a plain step with a
+learning-rate multiplier, ``batch_fn(size, index)``, an evaluation; :class:`Plan`: the
+settings; a ``time_fn`` and a ``decide_fn``): :func:`find_batch_size` runs it on any JAX loss,
+``experiments/sweep.py`` on its task with a stage cache (``cache``) and its mesh's timing.
 
 Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018);
 Merrill et al., "Critical Batch Size Revisited" (2025, arXiv 2505.23971).
@@ -59,25 +62,12 @@ import numpy as np
 from gns import common, critical, estimate, hardware, recommend, scaling, smoothing
 
 __all__ = [
-    "BASIS_ORDER",
-    "Pilot",
-    "BatchSizeResult",
-    "as_batch_fn",
-    "run_pilot",
-    "noise_evidence",
-    "branch",
-    "checkpoint_steps",
-    "checkpoint_rows",
-    "choose_basis",
-    "power_of_two_candidates",
-    "time_candidates",
-    "decide",
-    "find_batch_size",
-    "TrainState",
-    "continue_training",
-    "resolve_lr_rule",
-    "dominated_sizes",
-]
+    "BASIS_ORDER", "Pilot", "BatchSizeResult", "as_batch_fn", "run_pilot", "noise_evidence",
+    "branch", "checkpoint_steps", "checkpoint_rows", "choose_basis", "power_of_two_candidates",
+    "time_candidates", "decide", "Steps", "Plan", "Measured", "pipeline", "noise_record",
+    "branch_record", "effective_from_record", "fork_noise_scale", "find_batch_size",
+    "TrainState", "continue_training", "resolve_lr_rule", "dominated_sizes",
+]  # fmt: skip
 
 BASIS_ORDER = ("branched", "trajectory", "b_simple")  # best evidence first
 
@@ -165,11 +155,11 @@ class Pilot(NamedTuple):
     """A pilot run at the reference batch.
 
     Attributes:
-      rows: one dict per step: ``step`` (1-based), ``g_sq``, ``trace_cov``, ``b_simple`` and the
-        EMA values ``ema_g_sq``, ``ema_trace_cov``, ``ema_b_simple``.
+      rows: one dict per measured step: ``step`` (1-based), ``g_sq``, ``trace_cov``,
+        ``b_simple`` and the EMA values ``ema_g_sq``, ``ema_trace_cov``, ``ema_b_simple``.
       state: the state after the last step.
       checkpoints: ``{step: state}`` at the requested steps (in memory).
-      steps: steps done.
+      steps: steps done (measured or not).
       seconds: wall time of the pilot (compile included).
       stop_reason: ``"steps"`` or ``"time"``.
       step_s: mean wall time of one step after the first (the first compiles); ``nan`` with
@@ -192,11 +182,14 @@ def run_pilot(
     *,
     batch_size: int,
     num_steps: int,
+    every: int = 1,
+    plain_step: Callable | None = None,
     max_seconds: float | None = None,
     checkpoint_steps: Sequence[int] = (),
+    on_step: Callable[[int, Any], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Pilot:
-    """Run ``measure_step`` for ``num_steps`` steps (or ``max_seconds``), recording its stats.
+    """Run ``num_steps`` steps (or ``max_seconds``), measuring every ``every``-th step.
 
     Args:
       state: the initial state (any pytree).
@@ -205,31 +198,44 @@ def run_pilot(
       batch_fn: ``batch_fn(size, index)``; step ``i`` (0-based) takes batch ``i``.
       batch_size: the pilot's batch ``B_ref``.
       num_steps: steps to run at most.
+      every: measure at steps ``every, 2·every, ...`` (1-based); the others are ``plain_step``.
+      plain_step: ``plain_step(state, batch) -> state`` (jitted here); needed when ``every > 1``.
       max_seconds: stop after this wall time (checked after each step).
       checkpoint_steps: keep the state after these steps (for :func:`branch`).
+      on_step: ``on_step(step, state)`` at step 0 and after every step (e.g. more measurements
+        at one state of the path).
       progress: ``progress(done, num_steps)`` after every step.
 
     Returns:
-      A :class:`Pilot`.
+      A :class:`Pilot` (``rows``: the measured steps).
     """
     t0 = time.perf_counter()
+    plain = None if plain_step is None else jax.jit(plain_step)
     rows, keep, wanted = [], {}, set(int(s) for s in checkpoint_steps)
-    stop, t1 = "steps", t0
+    stop, t1, done = "steps", t0, 0
+    if on_step is not None:
+        on_step(0, state)
     for i in range(num_steps):
-        state, m = measure_step(state, batch_fn(batch_size, i))
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        rows.append({"step": i + 1, **m})
-        t1 = t1 if i else time.perf_counter()
+        batch = batch_fn(batch_size, i)
+        if (i + 1) % max(1, every) == 0 or plain is None:
+            state, m = measure_step(state, batch)
+            m = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
+            rows.append({"step": i + 1, **m})
+        else:
+            state = plain(state, batch)
+        done, t1 = i + 1, t1 if i else time.perf_counter()
         if i + 1 in wanted:
             keep[i + 1] = state
+        if on_step is not None:
+            on_step(i + 1, state)
         if progress is not None:
             progress(i + 1, num_steps)
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             stop = "time"
             break
     t_end = time.perf_counter()
-    step_s = (t_end - t1) / (len(rows) - 1) if len(rows) > 1 else math.nan
-    return Pilot(rows, state, keep, len(rows), t_end - t0, stop, step_s)
+    step_s = (t_end - t1) / (done - 1) if done > 1 else math.nan
+    return Pilot(rows, state, keep, done, t_end - t0, stop, step_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,6 +623,322 @@ def decide(
         basis=basis, evidence=dict(evidence), objective=objective, candidates=candidates,
         s_min=s_min, price_per_hour=price_per_hour,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline: the stages above composed, for find_batch_size and experiments/sweep.py.
+
+
+class Steps(NamedTuple):
+    """What the pipeline trains, measures and evaluates with: the model's side of it.
+
+    Attributes:
+      measure: jitted ``measure(state, batch) -> (state, metrics)``: one optimizer step that
+        also measures ``g_sq`` and ``trace_cov`` (:func:`run_pilot`).
+      make_step: ``make_step(size, lr_multiplier) -> step(state, batch) -> state``: the plain
+        step at the learning rate times the multiplier; the pilot's unmeasured steps are
+        ``make_step(ref_batch_size, 1.0)``, the forks the others (:func:`branch`).
+      batch_fn: ``batch_fn(size, index) -> batch`` of the pilot's stream.
+      fork_batch_fn: ``batch_fn(size, index)`` of the forks' stream (past the pilot's).
+      eval_fn: ``eval_fn(state) -> held-out loss`` of the forks.
+    """
+
+    measure: Callable
+    make_step: Callable[[int, float], Callable]
+    batch_fn: Callable[[int, int], Any]
+    fork_batch_fn: Callable[[int, int], Any]
+    eval_fn: Callable[[Any], Any]
+
+
+class Plan(NamedTuple):
+    """The settings of one measurement (the arguments of :func:`find_batch_size`).
+
+    ``branched``: ``True``/``False``, or ``None`` to fork only when the forks cost at most
+    ``branch_max_cost`` times the pilot's examples and half the budget. ``budget_s`` (or
+    ``budget_fraction`` of ``run_steps`` pilot steps) bounds the search beyond the pilot.
+    """
+
+    ref_batch_size: int
+    pilot_steps: int
+    every: int = 1
+    max_seconds: float | None = None
+    num_stretches: int = 3
+    branched: bool | None = None
+    branch_points: int = 3
+    branch_exponents: tuple[int, ...] = (-1, 0, 1, 2)
+    branch_steps: int = 8
+    branch_repeats: int = 2
+    branch_max_cost: float = 1.0
+    fork_rule: str = "sgd"
+    budget_s: float | None = None
+    budget_fraction: float | None = None
+    run_steps: int | None = None
+    confidence: float = 0.9
+    branch_confidence: float | None = None
+    seed: int = 0
+
+    def fork_examples(self) -> tuple[int, int]:
+        """``(examples per fork, examples of all forks)``."""
+        n = int(self.branch_steps) * int(self.ref_batch_size * 2.0 ** max(self.branch_exponents))
+        k = max(1, int(self.branch_points))
+        return n, n * int(self.branch_repeats) * len(self.branch_exponents) * k
+
+
+class Measured(NamedTuple):
+    """What :func:`pipeline` measured and decided.
+
+    Attributes:
+      noise, branched: the records of the noise stage and of the forks (:func:`noise_record`,
+        :func:`branch_record`; a ``note`` and no ``checkpoints`` when the forks did not run).
+      basis, value, evidence, note: :func:`choose_basis` on the records.
+      recommendation: :func:`decide`'s, after the widening once (``extended_to``: the batch
+        the timed range was extended to, or ``None``; ``candidates``: the sizes timed first).
+      timed: ``time_fn``'s ``(max_batch_size, TimingTable, extra)`` of the final table.
+      live: the objects of the stages run in this call (not read from the cache): ``pilot``
+        (:class:`Pilot`), ``noise`` (:func:`noise_evidence`), ``branched`` (:func:`branch`).
+      budget_s: the budget beyond the pilot in seconds (``None``: not bounded).
+      seconds: wall time of ``pilot``, ``noise`` (its evidence) and ``branched``.
+    """
+
+    noise: dict
+    branched: dict
+    basis: str
+    value: tuple[float, float, float]
+    evidence: dict
+    note: str
+    recommendation: recommend.Recommendation
+    timed: tuple
+    extended_to: int | None
+    candidates: list[int]
+    live: dict
+    budget_s: float | None
+    seconds: dict
+
+
+def noise_record(pilot: Pilot, evidence: Mapping, plan: Plan) -> dict:
+    """The noise stage as plain values: ``b_simple``, ``interval``, ``confidence``,
+    ``num_used``, ``num_nonfinite_dropped``, ``trajectory`` rows, ``effective`` and ``pilot``
+    (``steps``, ``every``, ``batch_size``, ``step_s``, ``stop_reason``, ``rows`` of ``step``,
+    ``g_sq``, ``trace_cov``)."""
+    b = evidence["b_simple"]
+    rows = [{k: r.get(k) for k in ("step", "g_sq", "trace_cov")} for r in pilot.rows]
+    return _json({
+        "b_simple": b.estimate, "interval": [b.low, b.high], "confidence": plan.confidence,
+        "num_used": b.n, "num_nonfinite_dropped": b.nonfinite_dropped,
+        "trajectory": evidence["trajectory"].rows(), "effective": evidence["effective"].to_dict(),
+        "pilot": {"steps": pilot.steps, "every": int(plan.every), "batch_size": plan.ref_batch_size,
+                  "step_s": pilot.step_s, "stop_reason": pilot.stop_reason, "rows": rows},
+    })  # fmt: skip
+
+
+def branch_record(out: Mapping, plan: Plan, pilot: Pilot, replayed: bool) -> dict:
+    """The forks as plain values: ``checkpoints`` (:func:`checkpoint_rows`), ``effective``,
+    ``points``, ``batch_sizes``, ``examples_per_fork``, ``examples_forked``,
+    ``pilot_examples``, ``cost_fraction`` (forked over pilot examples), ``replayed_pilot``,
+    ``lr_rule`` and ``lr_rule_noise_scale``."""
+    forked = sum(p.examples_forked for p in out["points"])
+    pilot_examples = pilot.steps * plan.ref_batch_size
+    ref, exps = plan.ref_batch_size, plan.branch_exponents
+    return _json({
+        "checkpoints": checkpoint_rows(out["steps"], out["points"]),
+        "effective": out["effective"].to_dict(), "points": [p.to_dict() for p in out["points"]],
+        "batch_sizes": [int(ref * 2.0**e) for e in exps],
+        "examples_per_fork": out["examples_per_fork"], "examples_forked": forked,
+        "pilot_examples": pilot_examples, "cost_fraction": forked / pilot_examples,
+        "replayed_pilot": replayed, "lr_rule": out["lr_rule"],
+        "lr_rule_noise_scale": out["lr_rule_noise_scale"],
+    })  # fmt: skip
+
+
+def effective_from_record(d: Mapping | None) -> critical.EffectiveNoiseScale | None:
+    """A stored ``effective`` record back as the NamedTuple (strict JSON stores non-finite
+    numbers as ``null``: a missing high end is ``+inf``); ``None`` for no measurement."""
+    if not d or d.get("value") is None and d.get("basis") == "none" and "s_min" not in d:
+        return None
+
+    def num(x, default=math.nan):
+        return default if x is None else x
+
+    fields = dict(d)
+    fields.update(value=num(d["value"]), low=num(d["low"]), high=num(d["high"], math.inf))
+    fields.update(s_min=num(d["s_min"]), e_min=num(d["e_min"]), weights=np.asarray(d["weights"]))
+    return critical.EffectiveNoiseScale(**fields)
+
+
+def fork_noise_scale(noise: Mapping) -> float:
+    """The noise scale of the forks' ``sgd`` rule, from a noise record: the effective value
+    along the pilot, else ``b_simple``, else ``inf`` (linear)."""
+    for v in ((noise.get("effective") or {}).get("value"), noise.get("b_simple")):
+        if v is not None and np.isfinite(v) and v > 0:
+            return float(v)
+    return math.inf
+
+
+def _fork_note(plan: Plan, pilot_steps: int, step_s: float, budget_s: float | None) -> str:
+    """Why the forks do not run (``""``: they do)."""
+    if plan.branched is False or int(plan.branch_points) <= 0:
+        return "branched critical batch not measured: branched=False"
+    if plan.branched:
+        return ""
+    _, total = plan.fork_examples()
+    pilot_examples = pilot_steps * plan.ref_batch_size
+    est_s = total / plan.ref_batch_size * step_s if np.isfinite(step_s) else math.nan
+    if total > plan.branch_max_cost * pilot_examples:
+        return (
+            f"branched critical batch not measured: its forks ({total} examples) would cost "
+            f"more than {plan.branch_max_cost}x the pilot's {pilot_examples}; pass branched=True"
+        )
+    if budget_s is not None and not est_s <= 0.5 * budget_s:
+        return (
+            f"branched critical batch not measured: its forks (about {est_s:.3g} s) would take "
+            f"more than half the budget of {budget_s:.3g} s; pass branched=True"
+        )
+    return ""
+
+
+def _run_forks(steps: Steps, plan: Plan, pilot: Pilot, noise: Mapping, report) -> dict:
+    """:func:`branch` from the pilot's checkpoints at the forks' rule."""
+    ref, rule, fork_noise = plan.ref_batch_size, plan.fork_rule, fork_noise_scale(noise)
+    n_fork, _ = plan.fork_examples()
+    out = branch(
+        pilot.checkpoints, steps.make_step, steps.fork_batch_fn, steps.eval_fn,
+        ref_batch_size=ref, end_step=pilot.steps, num_examples=n_fork,
+        exponents=plan.branch_exponents,
+        lr_multiplier=lambda b: critical.lr_multipliers(ref, [b], rule, fork_noise)[0],
+        num_repeats=plan.branch_repeats, pilot_examples=pilot.steps * ref,
+        confidence=plan.branch_confidence or plan.confidence, seed=plan.seed,
+        progress=lambda d, t: report("branched", d, t),
+    )  # fmt: skip
+    return out | {"lr_rule": rule, "lr_rule_noise_scale": fork_noise, "examples_per_fork": n_fork}
+
+
+def _no_cache(name: str, compute: Callable[[], Any]) -> Any:
+    return compute()
+
+
+def pipeline(
+    steps: Steps,
+    state,
+    plan: Plan,
+    *,
+    time_fn: Callable,
+    decide_fn: Callable,
+    candidates: Sequence[int],
+    cache: Callable[[str, Callable[[], dict]], dict] = _no_cache,
+    on_step: Callable[[int, Any], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Measured:
+    """Pilot, noise evidence, forks, basis, timing and the decision with its widening once.
+
+    The stages of the module docstring in order; each measuring stage's result is a record of
+    plain values (:func:`noise_record`, :func:`branch_record`) passed through
+    ``cache(name, compute)`` (names ``"noise_scale"`` and ``"critical_batch"``): the default
+    computes it, a stage cache may return a stored record instead. The forks start from states
+    of this call's pilot, or of its exact replay when the noise record came from the cache.
+
+    Args:
+      steps: the :class:`Steps`.
+      state: the state the pilot starts from.
+      plan: the :class:`Plan`.
+      time_fn: ``time_fn(candidates, b_noise_interval, seconds_left) -> (max_batch_size,
+        TimingTable, extra)``: memory and step time of the candidates (raise when none fits).
+      decide_fn: ``decide_fn(basis, value, evidence, table, max_batch_size) ->
+        Recommendation`` (e.g. :func:`decide` with the rate and objective bound).
+      candidates: the batch sizes to time first; the range is extended once past a pick at an
+        end of it (``Recommendation.extend_range_to``).
+      cache: see above.
+      on_step: passed to :func:`run_pilot` (not to a replay).
+      progress: ``progress(phase, done, total)`` for ``"pilot"`` and ``"branched"``.
+
+    Returns:
+      A :class:`Measured`.
+
+    Raises:
+      ValueError: a pilot of fewer than 2 steps or 2 finite measurements.
+    """
+    ref, report = plan.ref_batch_size, progress or (lambda phase, done, total: None)
+    live, seconds, t0 = {}, {}, time.perf_counter()
+    may_fork = not _fork_note(plan, plan.pilot_steps, math.nan, None)
+    ck = checkpoint_steps(plan.pilot_steps, plan.branch_points) if may_fork else ()
+
+    def pilot_run(hook=None):
+        return run_pilot(
+            state, steps.measure, steps.batch_fn, batch_size=ref, num_steps=plan.pilot_steps,
+            every=plan.every, plain_step=steps.make_step(ref, 1.0) if plan.every > 1 else None,
+            max_seconds=plan.max_seconds, checkpoint_steps=ck, on_step=hook,
+            progress=lambda d, t: report("pilot", d, t),
+        )  # fmt: skip
+
+    def noise_stage():
+        pilot = live["pilot"] = pilot_run(on_step)
+        if pilot.steps < 2:
+            raise ValueError(
+                f"the budget is too small to measure anything: the pilot ran {pilot.steps} "
+                f"step in max_seconds={plan.max_seconds} (compilation included); raise it."
+            )
+        t1 = time.perf_counter()
+        live["noise"] = noise_evidence(
+            pilot.rows, ref, num_stretches=plan.num_stretches, end_step=pilot.steps,
+            confidence=plan.confidence, seed=plan.seed,
+        )  # fmt: skip
+        seconds["noise"] = time.perf_counter() - t1
+        return noise_record(pilot, live["noise"], plan)
+
+    noise = cache("noise_scale", noise_stage)
+    seconds["noise"] = seconds.get("noise", 0.0)
+    seconds["pilot"] = time.perf_counter() - t0 - seconds["noise"]
+    pilot_note = noise["pilot"]
+    budget_s = plan.budget_s
+    if plan.budget_fraction is not None:
+        budget_s = plan.budget_fraction * plan.run_steps * _num(pilot_note["step_s"])
+    why = _fork_note(plan, pilot_note["steps"], _num(pilot_note["step_s"]), budget_s)
+
+    def fork_stage():
+        pilot = live.get("pilot") or pilot_run()  # replayed: the same states (deterministic)
+        if not pilot.checkpoints:
+            return {"checkpoints": [], "effective": None, "note": "branched critical batch "
+                    "not measured: the pilot stopped before checkpoints"}  # fmt: skip
+        live["branched"] = _run_forks(steps, plan, pilot, noise, report)
+        return branch_record(live["branched"], plan, pilot, "pilot" not in live)
+
+    t1 = time.perf_counter()
+    forks = {"checkpoints": [], "effective": None, "note": why} if why else cache(
+        "critical_batch", fork_stage)  # fmt: skip
+    seconds["branched"] = time.perf_counter() - t1
+    b_simple = tuple(math.inf if x is None else x for x in (noise["b_simple"], *noise["interval"]))
+    basis, value, evidence, note = choose_basis(
+        b_simple, effective_from_record(noise.get("effective")),
+        effective_from_record(forks.get("effective")),
+    )  # fmt: skip
+    note = "; ".join(x for x in (note, forks.get("note", "")) if x)
+    rec, timed, extended, cands = _widen_once(
+        time_fn, decide_fn, candidates, (basis, value, evidence),
+        lambda: None if budget_s is None else max(budget_s - (time.perf_counter() - t0
+                                                              - seconds["pilot"]), 1e-9),
+    )  # fmt: skip
+    return Measured(noise, forks, basis, value, evidence, note, rec, timed, extended, cands,
+                    live, budget_s, seconds)  # fmt: skip
+
+
+def _num(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _widen_once(time_fn, decide_fn, candidates, chosen, seconds_left):
+    """Time, decide, and when the pick is at an end of the timed range, time the next batch
+    in one new table with the others and decide once more."""
+    basis, value, evidence = chosen
+    interval = (min(value[1], value[0]), max(value[2], value[0]))
+    cands = sorted({int(c) for c in candidates})
+    timed = time_fn(cands, interval, seconds_left())
+    rec = decide_fn(basis, value, evidence, timed[1], timed[0])
+    extended, nxt = None, rec.extend_range_to
+    if nxt is not None and nxt >= 1 and nxt not in cands:
+        wider = time_fn(sorted({*cands, nxt}), interval, seconds_left())
+        if nxt in wider[1].timings:  # it fits: decide once more on the wider table
+            extended, timed = nxt, wider
+            rec = decide_fn(basis, value, evidence, timed[1], timed[0])
+    return rec, timed, extended, cands
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1013,70 +1335,13 @@ def _make_steps(loss_fn, optimizer, method: str, num_microbatches: int, tracker)
         if mult not in fork_steps:
 
             def step(state, batch):
-                p, o = state
-                return update(p, o, jax.grad(loss_fn)(p, batch), mult)
+                p, o, g = state
+                return (*update(p, o, jax.grad(loss_fn)(p, batch), mult), g)
 
             fork_steps[mult] = step
         return fork_steps[mult]
 
     return measure_step, train_step, make_step
-
-
-def _fork_noise(noise) -> float:
-    """The noise scale of the forks' ``sgd`` rule: the pilot's effective value, else its
-    ``B_simple``, else ``inf`` (linear)."""
-    for v in (noise["effective"].value, noise["b_simple"].estimate):
-        if np.isfinite(v) and v > 0:
-            return float(v)
-    return math.inf
-
-
-def _branch_stage(plan, make_step, loss_fn, pilot, noise, a, budget_s):
-    """The branched forks when asked for (or cheap enough): ``(branch dict or None, note)``."""
-    ref, exps, get = plan["ref"], plan["exps"], plan["get"]
-    b_max = int(max(ref * 2.0**e for e in exps))
-    n_fork = int(a["branch_steps"]) * b_max
-    fork_examples = n_fork * a["branch_repeats"] * len(exps) * max(1, int(a["branch_points"]))
-    est_s = fork_examples / ref * pilot.step_s if np.isfinite(pilot.step_s) else math.nan
-    if a["branched"] is False:
-        return None, "branched critical batch not measured: branched=False"
-    if a["branched"] is None:
-        if fork_examples > a["branch_max_cost"] * pilot.steps * ref:
-            return None, (
-                f"branched critical batch not measured: its forks ({fork_examples} examples) "
-                f"would cost more than {a['branch_max_cost']}x the pilot's {pilot.steps * ref}; "
-                "pass branched=True"
-            )
-        if budget_s is not None and not est_s <= 0.5 * budget_s:
-            return None, (
-                f"branched critical batch not measured: its forks (about {est_s:.3g} s) would "
-                f"take more than half the budget of {budget_s:.3g} s; pass branched=True"
-            )
-    if not pilot.checkpoints:
-        return None, "branched critical batch not measured: the pilot stopped before checkpoints"
-    offset = math.ceil(pilot.steps * ref / b_max) * b_max  # past the pilot's examples
-    n_eval = int(a["eval_batch_size"] or 4 * ref)
-    eval_batch = _checked_batch(
-        get, n_eval, math.ceil((offset + a["branch_repeats"] * n_fork) / n_eval)
-    )
-    jitted_loss = jax.jit(loss_fn)
-    fork_noise = _fork_noise(noise)
-    rule = plan["fork_rule"]
-
-    def fork_batch(size, index):
-        return get(size, offset // size + index)
-
-    out = branch(
-        {s: pilot.checkpoints[s][:2] for s in pilot.checkpoints}, make_step, fork_batch,
-        lambda st: jitted_loss(st[0], eval_batch), ref_batch_size=ref, end_step=pilot.steps,
-        num_examples=n_fork, exponents=exps,
-        lr_multiplier=lambda b: critical.lr_multipliers(ref, [b], rule, fork_noise)[0],
-        num_repeats=a["branch_repeats"], pilot_examples=pilot.steps * ref,
-        confidence=a["confidence"], seed=a["seed"],
-        progress=lambda d, t: plan["progress"]("branched", d, t),
-    )  # fmt: skip
-    out |= {"lr_rule": rule, "lr_rule_noise_scale": fork_noise, "examples_per_fork": n_fork}
-    return out, ""
 
 
 def _branch_warnings(branched, basis: str) -> list[str]:
@@ -1112,56 +1377,46 @@ def _timing_warnings(table, rec, timing_only) -> list[str]:
     ]
 
 
-def _hardware_stage(plan, train_step, pilot, basis, value, evidence, a, budget_s, seconds):
-    """Memory, interleaved timing (pruned, cached), the decision and its widening once."""
-    ref, get, first = plan["ref"], plan["get"], plan["first"]
-    cands = plan["cands"] or power_of_two_candidates(
-        a["min_batch_size"] or max(1, ref // 8), a["max_batch_size"] or 8 * ref
+def _fork_data(loss_fn, get, plan: Plan, eval_batch_size: int | None):
+    """The forks' stream (past everything the pilot uses) and their held-out loss (a batch
+    past everything the forks use)."""
+    ref = plan.ref_batch_size
+    b_max = int(ref * 2.0 ** max(plan.branch_exponents))
+    offset = math.ceil(plan.pilot_steps * ref / b_max) * b_max
+    n_fork, _ = plan.fork_examples()
+    n_eval = int(eval_batch_size or 4 * ref)
+    eval_batch = _checked_batch(
+        get, n_eval, math.ceil((offset + plan.branch_repeats * n_fork) / n_eval)
     )
-    cache = hardware.CompileCache()
-    p0, o0 = pilot.state[0], pilot.state[1]
-    interval = (min(value[1], value[0]), max(value[2], value[0]))
-    spent = sum(seconds.get(k, 0.0) for k in ("noise", "branched"))
+    jitted_loss = jax.jit(loss_fn)
 
-    def measure(cs):
-        left = None if budget_s is None else max(budget_s - spent - seconds.get("memory", 0.0)
-                                                 - seconds.get("timing", 0.0), 1e-9)  # fmt: skip
+    def fork_batch(size, index):
+        return get(size, offset // size + index)
+
+    return fork_batch, lambda state: jitted_loss(state[0], eval_batch)
+
+
+def _time_fn(train_step, params, opt_state, checked: dict, a: dict, seconds: dict):
+    """``time_fn`` of :func:`pipeline`: memory and pruned, cached interleaved timing."""
+    get, first, cache = checked["get"], checked["first"], hardware.CompileCache()
+
+    def time_fn(cands, interval, seconds_left):
         fit, table = time_candidates(
-            train_step, lambda b: (p0, o0, _checked_batch(get, b, 0)), cs,
+            train_step, lambda b: (params, opt_state, _checked_batch(get, b, 0)), cands,
             memory_budget_bytes=a["memory_budget_bytes"], rounds=a["timing_rounds"],
-            make_shape_args=lambda b: (p0, o0, _zeros_like_batch(first, b)), cache=cache,
-            max_extra_rounds=2, prune=dominated_sizes(interval, a["objective"]),
-            max_seconds=left, timing_cache=a["timing_cache"], progress=plan["progress"],
-            seconds=seconds,
+            make_shape_args=lambda b: (params, opt_state, _zeros_like_batch(first, b)),
+            cache=cache, max_extra_rounds=2, prune=dominated_sizes(interval, a["objective"]),
+            max_seconds=seconds_left, timing_cache=a["timing_cache"],
+            progress=checked["progress"], seconds=seconds,
         )  # fmt: skip
         if table is None:
             raise ValueError(
                 f"no candidate batch size fits in memory ({fit.records[0].reason}): pass smaller "
                 "candidates (min_batch_size) or a larger memory_budget_bytes."
             )
-        return fit, table
+        return fit.max_batch_size, table, fit
 
-    fit, table = measure(cands)
-    rule, base_lr = plan["rule"], a["learning_rate"] or 1.0
-    kw = dict(base_batch_size=ref, base_lr=base_lr, objective=a["objective"],
-              optimizer={"sgd": "sgd", "sqrt": "adam"}.get(rule, "sgd"))  # fmt: skip
-    rec = decide(basis, value, evidence, table, fit.max_batch_size, **kw)
-    extended, nxt = None, rec.extend_range_to
-    if nxt is not None and nxt not in cands and nxt >= 1:
-        fit2, table2 = measure(sorted({*cands, nxt}))
-        if nxt in table2.timings:  # it fits: recommend once more on the wider table
-            extended, fit, table = nxt, fit2, table2
-            rec = decide(basis, value, evidence, table, fit.max_batch_size, **kw)
-    t0 = time.perf_counter()
-    if rule not in ("sgd", "sqrt"):
-        m = float(scaling.multiplier(rule, rec.batch_size, ref, rec.b_noise, xp=np))
-        rec = dataclasses.replace(
-            rec, learning_rate=base_lr * m, lr_rule=f"{rule} rule: lr = {base_lr:g} x {m:.4g}"
-        )
-    timing_only = decide(basis, (value[0], math.nan, math.nan), evidence, table,
-                         fit.max_batch_size, **kw)  # fmt: skip
-    seconds["decide"] = time.perf_counter() - t0
-    return rec, fit, table, extended, _timing_warnings(table, rec, timing_only), cands
+    return time_fn
 
 
 def find_batch_size(
@@ -1297,83 +1552,79 @@ def find_batch_size(
     t_start = time.perf_counter()
     opt_state = optimizer.init(params) if opt_state is None else opt_state
     a = dict(locals())
-    plan = _check_arguments(a)
-    ref, report = plan["ref"], plan["progress"]
+    checked = _check_arguments(a)
+    ref, rule, base_lr = checked["ref"], checked["rule"], learning_rate or 1.0
+    plan = Plan(
+        ref, pilot_steps, 1, max_seconds, num_stretches, branched, branch_points,
+        tuple(checked["exps"]), branch_steps, branch_repeats, branch_max_cost,
+        checked["fork_rule"], budget_s, budget_fraction, run_steps, confidence, None, seed,
+    )  # fmt: skip
     tracker = smoothing.ema()
-    measure_step, train_step, make_step = _make_steps(
+    measure, train_step, make_step = _make_steps(
         loss_fn, optimizer, method, num_microbatches, tracker
     )
-    k_pts = max(1, int(branch_points))
-    fork_examples = branch_steps * ref * 2 ** max(plan["exps"]) * branch_repeats * k_pts
-    may_branch = branched or (
-        branched is None
-        and fork_examples * len(plan["exps"]) <= branch_max_cost * pilot_steps * ref
-    )
-    pilot = run_pilot(
-        (params, opt_state, tracker.init()), measure_step, plan["get"], batch_size=ref,
-        num_steps=pilot_steps, max_seconds=max_seconds,
-        checkpoint_steps=checkpoint_steps(pilot_steps, k_pts) if may_branch else (),
-        progress=lambda d, t: report("pilot", d, t),
+    forks = _fork_data(loss_fn, checked["get"], plan, eval_batch_size)
+    kw = dict(base_batch_size=ref, base_lr=base_lr, objective=objective,
+              optimizer={"sgd": "sgd", "sqrt": "adam"}.get(rule, "sgd"))  # fmt: skip
+    seconds: dict[str, float] = {}
+    m = pipeline(
+        Steps(measure, make_step, checked["get"], *forks), (params, opt_state, tracker.init()),
+        plan, time_fn=_time_fn(train_step, params, opt_state, checked, a, seconds),
+        decide_fn=functools.partial(decide, **kw), progress=checked["progress"],
+        candidates=checked["cands"] or power_of_two_candidates(
+            min_batch_size or max(1, ref // 8), max_batch_size or 8 * ref),
     )  # fmt: skip
-    seconds = {"pilot": pilot.seconds}
-    if pilot.steps < 2:
-        raise ValueError(
-            f"the budget is too small to measure anything: the pilot ran {pilot.steps} step in "
-            f"max_seconds={max_seconds} (compilation included); raise max_seconds."
+    return _result(checked, a, m, kw, seconds | m.seconds, t_start)
+
+
+def _decision(checked, m: Measured, kw: dict) -> tuple[recommend.Recommendation, list[str]]:
+    """The pick at the run's rule (``linear``, ``seesaw``, ``constant``: its multiplier) and
+    the warnings of unstable step times."""
+    rec, rule, ref, base_lr = m.recommendation, checked["rule"], checked["ref"], kw["base_lr"]
+    if rule not in ("sgd", "sqrt"):
+        mult = float(scaling.multiplier(rule, rec.batch_size, ref, rec.b_noise, xp=np))
+        rec = dataclasses.replace(
+            rec, learning_rate=base_lr * mult, lr_rule=f"{rule} rule: lr = {base_lr:g} x {mult:.4g}"
         )
+    max_b, table, _ = m.timed
+    timing_only = decide(m.basis, (m.value[0], math.nan, math.nan), m.evidence, table, max_b, **kw)
+    return rec, _timing_warnings(table, rec, timing_only)
+
+
+def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
+    """The :class:`BatchSizeResult`, with every warning and the settings."""
     t0 = time.perf_counter()
-    noise = noise_evidence(
-        pilot.rows, ref, num_stretches=num_stretches, end_step=pilot.steps,
-        confidence=confidence, seed=seed,
-    )  # fmt: skip
-    seconds["noise"] = time.perf_counter() - t0
-    if budget_fraction is not None:
-        budget_s = budget_fraction * run_steps * pilot.step_s
-    t0 = time.perf_counter()
-    branched_out, why = _branch_stage(plan, make_step, loss_fn, pilot, noise, a, budget_s)
-    seconds["branched"] = time.perf_counter() - t0
-    bi = noise["b_simple"]
-    basis, value, evidence, note = choose_basis(
-        (bi.estimate, bi.low, bi.high), noise["effective"],
-        None if branched_out is None else branched_out["effective"],
-    )  # fmt: skip
-    note = "; ".join(x for x in (note, why) if x)
-    hw = _hardware_stage(plan, train_step, pilot, basis, value, evidence, a, budget_s, seconds)
+    rec, timing_warn = _decision(checked, m, kw)
+    seconds["decide"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     seconds["overhead"] = seconds["total"] - seconds["pilot"]
-    return _result(plan, a, pilot, noise, branched_out, basis, note, hw, seconds, budget_s)
-
-
-def _result(plan, a, pilot, noise, branched_out, basis, note, hw, seconds, budget_s):
-    """The :class:`BatchSizeResult`, with every warning and the settings."""
-    rec, fit, table, extended, timing_warn, cands = hw
-    warn = _branch_warnings(branched_out, basis) + timing_warn
-    if budget_s is not None and seconds["overhead"] > budget_s:
+    pilot, noise, forks, fit = m.live["pilot"], m.live["noise"], m.live.get("branched"), m.timed[2]
+    warn = _branch_warnings(forks, m.basis) + timing_warn
+    if m.budget_s is not None and seconds["overhead"] > m.budget_s:
         warn.append(
             f"the search cost {seconds['overhead']:.3g} s beyond the pilot, over the budget of "
-            f"{budget_s:.3g} s (compiling each candidate is not bounded: pass fewer candidates)"
+            f"{m.budget_s:.3g} s (compiling each candidate is not bounded: pass fewer candidates)"
         )
     rec = dataclasses.replace(rec, warnings=tuple(rec.warnings) + tuple(warn))
-    ref = plan["ref"]
+    ref = checked["ref"]
     settings = {
         "ref_batch_size": ref, "pilot_steps": a["pilot_steps"], "pilot_steps_done": pilot.steps,
         "pilot_stop_reason": pilot.stop_reason, "max_seconds": a["max_seconds"],
         "method": a["method"], "num_stretches": a["num_stretches"],
-        "branched": branched_out is not None,
-        "branch_checkpoint_steps": sorted(pilot.checkpoints) if branched_out else [],
-        "branch_exponents": plan["exps"], "branch_repeats": a["branch_repeats"],
-        "branch_examples_per_fork": None if branched_out is None
-        else branched_out["examples_per_fork"],
-        "branch_lr_rule": plan["fork_rule"], "candidates": cands,
+        "branched": forks is not None,
+        "branch_checkpoint_steps": sorted(pilot.checkpoints) if forks else [],
+        "branch_exponents": checked["exps"], "branch_repeats": a["branch_repeats"],
+        "branch_examples_per_fork": None if forks is None else forks["examples_per_fork"],
+        "branch_lr_rule": checked["fork_rule"], "candidates": m.candidates,
         "learning_rate": a["learning_rate"], "optimizer_name": a["optimizer_name"],
-        "lr_rule": plan["rule"], "lr_rule_source": plan["rule_source"],
+        "lr_rule": checked["rule"], "lr_rule_source": checked["rule_source"],
         "objective": a["objective"], "confidence": a["confidence"],
     }  # fmt: skip
     state = TrainState(pilot.state[0], pilot.state[1], pilot.steps, pilot.steps * ref)
     return BatchSizeResult(
-        recommendation=rec, basis=basis, basis_note=note, pilot_rows=pilot.rows,
+        recommendation=rec, basis=m.basis, basis_note=m.note, pilot_rows=pilot.rows,
         b_simple=noise["b_simple"], trajectory=noise["trajectory"],
-        effective_noise_scale=noise["effective"], branched=branched_out, memory=fit,
-        timing=table, extended_to=extended, device=hardware.detect_devices(),
-        settings=settings, seconds=seconds, state=state, budget_s=budget_s,
+        effective_noise_scale=noise["effective"], branched=forks, memory=fit,
+        timing=m.timed[1], extended_to=m.extended_to, device=hardware.detect_devices(),
+        settings=settings, seconds=seconds, state=state, budget_s=m.budget_s,
     )  # fmt: skip

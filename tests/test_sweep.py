@@ -14,8 +14,9 @@ import pytest
 
 from configs import cifar10 as cifar10_config
 from configs import sweep as sweep_config
-from experiments import compare, runlog, sweep
+from experiments import compare, runlog, sweep, tasks
 from experiments.cli import UserError
+from gns import finder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,7 +177,7 @@ def test_critical_batch_rows_and_the_recommendations_basis(smoke_run):
     config, workdir, _, _ = smoke_run
     s = strict_json(os.path.join(workdir, sweep.SWEEP_FILE))
     c, cc = s["critical_batch"], config.critical
-    steps = sweep.checkpoint_steps(config.noise.pilot_steps, cc.num_checkpoints)
+    steps = finder.checkpoint_steps(config.noise.pilot_steps, cc.num_checkpoints)
     assert steps == [10, 30, 50] and [r["step"] for r in c["checkpoints"]] == steps
     for r in c["checkpoints"]:
         assert {"b_crit", "low", "high", "resolved"} <= set(r)
@@ -233,7 +234,8 @@ def test_throughput_rows_are_global_batches_and_skip_what_does_not_split():
         config.train.update(num_devices=n, batch_size=lo)
         config.throughput.update(min_batch_size=lo, max_batch_size=hi)
         config.tradeoff.batch_sizes = (6,) if n == 4 else None
-        out[n] = sweep.measure_throughput(sweep.stage_config(config, "throughput"), ds)
+        view = sweep.stage_config(config, "throughput")
+        out[n] = sweep.measure_throughput(view, ds, tasks.get(config.train))
     one = {r["batch_size"]: r for r in out[1]["rows"]}
     four = {r["batch_size"]: r for r in out[4]["rows"]}
     assert out[1]["mesh"]["devices"] == 1 and out[4]["mesh"]["shape"] == {"batch": 4}
@@ -251,19 +253,26 @@ def test_throughput_rows_are_global_batches_and_skip_what_does_not_split():
 
 
 def test_the_pilot_replays_exactly():
-    """The critical stage forks from states of the pilot: replayed in another process, they
-    are bitwise those the noise stage kept."""
+    """The forks start from states of the pilot: replayed in another process (the noise record
+    cached), they are bitwise those of the first run; unmeasured steps are the plain step."""
     import jax
 
     from experiments import data
 
     config = sweep_config.get_config("smoke")
     config.noise.update(warmup_steps=2, pilot_steps=4, every=2)
-    view = sweep.stage_config(config, "critical_batch")
-    ds = data.load(view.train.data)
-    rows1, kept1 = sweep.run_pilot(view, ds, keep_steps=[3])
-    rows2, kept2 = sweep.run_pilot(view, ds, keep_steps=[3])
-    assert rows1 == rows2 and [r["step"] for r in rows1] == [2, 4]
+    ds = data.load(config.train.data)
+    plan = sweep.pipeline_plan(config)
+    runs = []
+    for _ in range(2):
+        steps, state = sweep.pipeline_steps(config, ds, tasks.get(config.train))
+        runs.append(finder.run_pilot(
+            state, steps.measure, steps.batch_fn, batch_size=plan.ref_batch_size,
+            num_steps=plan.pilot_steps, every=plan.every,
+            plain_step=steps.make_step(plan.ref_batch_size, 1.0), checkpoint_steps=[3],
+        ))  # fmt: skip
+    (rows1, kept1), (rows2, kept2) = [(p.rows, p.checkpoints) for p in runs]
+    assert rows1 == rows2 and [r["step"] for r in rows1] == [2, 4] and runs[0].steps == 4
     for a, b in zip(jax.tree.leaves(kept1[3]), jax.tree.leaves(kept2[3]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -347,21 +356,21 @@ def test_rerun_reuses_what_was_measured(smoke_run, monkeypatch):
     calls = {"throughput": 0, "training": [], "noise": 0}
     real_tp, real_train = sweep.measure_throughput, sweep.run_training
 
-    def count_tp(view, ds, extra=()):
+    def count_tp(view, ds, task, extra=()):
         calls["throughput"] += not extra  # (an extension of the range past the pick: apart)
-        return real_tp(view, ds, extra)
+        return real_tp(view, ds, task, extra)
 
     def count_train(cfg, wd, rule):
         calls["training"].append(cfg.batch_size)
         return real_train(cfg, wd, rule)
 
-    def no_noise(*args, **kwargs):
+    def no_noise(*args, **kwargs):  # the pilot: neither the noise scale nor the forks rerun
         calls["noise"] += 1
-        raise AssertionError("the noise scale was measured again")
+        raise AssertionError("the pilot ran again")
 
     monkeypatch.setattr(sweep, "measure_throughput", count_tp)
     monkeypatch.setattr(sweep, "run_training", count_train)
-    monkeypatch.setattr(sweep, "measure_noise_scale", no_noise)
+    monkeypatch.setattr(finder, "run_pilot", no_noise)
     again = sweep.run_sweep(config, workdir)
     assert calls == {"throughput": 1, "training": [32], "noise": 0}
     assert again["noise_scale"] == first["noise_scale"]
@@ -638,13 +647,10 @@ def test_validate_config_names_the_field():
         sweep.validate_config(config)
 
 
-def test_a_diverged_noise_stage_is_a_clear_error_not_a_number():
-    from experiments import data
-
+def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
     config = sweep_config.get_config("smoke")
     config.train.learning_rate = 1e30  # finite and positive: passes validation, then diverges
     config.train.data.num_train = 128
-    config.noise.update(warmup_steps=3, batch_size=16, num_batches=3)
-    view = sweep.stage_config(config, "noise_scale")
+    config.noise.update(warmup_steps=3, batch_size=16, num_batches=3, pilot_steps=6)
     with pytest.raises(UserError, match=r"could not be measured: 0 of 3 batches gave finite"):
-        sweep.measure_noise_scale(view, data.load(view.train.data))
+        sweep.run_sweep(config, str(tmp_path), trainings=False)
