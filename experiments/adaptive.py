@@ -1,28 +1,19 @@
-"""Training with a batch size that follows the measured noise scale, and the ``adaptive`` mode.
+"""The scheduled batch policy: a batch size that follows the measured noise scale.
 
-**Training side** (used by :func:`experiments.train.train_and_evaluate` when
-``config.adaptive.enabled``): the :class:`gns.schedule.BatchSizeSchedule` built from
+With ``config.adaptive.enabled`` the training loop of :mod:`experiments.train` runs with
+:class:`ScheduledBatch` as its batch policy: the :class:`gns.schedule.BatchSizeSchedule` of
 ``config.adaptive`` (:func:`make_batch_schedule`), its state carried in the optimizer state
 (:func:`with_batch_schedule`: the learning-rate multiplier scales the updates, so a change of
-learning rate needs no recompilation, and the schedule is checkpointed with the train state),
-one compiled step per batch size (:class:`StepCache`: compiled on first use, cached, compile
-time charged to the run clock's ``compile``), and :class:`BatchControl`, which feeds the
-smoothed noise scale of each measurement to the schedule and records each decision in the
-metrics row (``schedule_reason``; ``schedule_change`` where the batch changed, so that the
+learning rate needs no recompilation, and the schedule is checkpointed with the train state).
+At each measurement the smoothed noise scale updates the schedule and the decision goes into
+the metrics row (``schedule_reason``; ``schedule_change`` where the batch changed, so that the
 :class:`gns.schedule.ScheduleLog` is rebuilt from the rows on resume). The data come from the
 example-indexed stream (:func:`experiments.data.stream_indices`), so a run resumed after a
 batch change sees the same examples at the same batch size as an uninterrupted one.
 
-**The mode** (``--config.mode=adaptive``) is another name for the policy comparison of
-:mod:`experiments.compare` (``--config.mode=compare``): the schedule (policy ``adaptive``)
-trained to the same smoothed target as the fixed-batch policies it competes with, timed on one
-interleaved table (:func:`time_batch_sizes`), its device time ``Σ_B steps(B)·t(B)``
-(:func:`steps_by_batch_size`, :func:`device_time`).
-
-Example::
-
-    python -m experiments.cifar10 --config configs/cifar10.py:smoke --config.mode=adaptive \\
-      --config.data.source=synthetic --workdir /tmp/adaptive
+The ``adaptive`` mode is another name for the policy comparison of :mod:`experiments.compare`,
+where the device time of a run is ``Σ_B steps(B)·t(B)`` (:func:`steps_by_batch_size`,
+:func:`device_time`).
 
 References: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018);
 Merrill et al. 2025 (arXiv 2505.23971); Meterez et al. 2025 (Seesaw, arXiv 2510.14717).
@@ -31,7 +22,7 @@ Merrill et al. 2025 (arXiv 2505.23971); Meterez et al. 2025 (Seesaw, arXiv 2510.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +31,6 @@ import optax
 from absl import logging
 
 from experiments.cli import UserError
-from gns import hardware
 from gns import schedule as gschedule
 
 PyTree = Any
@@ -52,12 +42,10 @@ __all__ = [
     "make_batch_schedule",
     "validate",
     "with_batch_schedule",
-    "StepCache",
-    "BatchControl",
+    "ScheduledBatch",
     "schedule_from_rows",
     "steps_by_batch_size",
     "device_time",
-    "time_batch_sizes",
 ]
 
 
@@ -72,38 +60,17 @@ def enabled(config) -> bool:
 
 
 def candidates(config) -> list[int]:
-    """The compiled batch sizes: ``config.adaptive.candidates`` (checked: a non-empty,
-    strictly increasing list of ints >= 2) or the powers of two in ``[min_batch_size,
-    max_batch_size]``.
-
-    Raises:
-      UserError: naming the field and the fix.
-    """
+    """The compiled batch sizes: ``config.adaptive.candidates`` or the powers of two in
+    ``[min_batch_size, max_batch_size]`` (the fields as :mod:`experiments.rules` checks them:
+    strictly increasing ints >= 2)."""
     a = config.adaptive
-    hint = "e.g. --config.adaptive.candidates='(16, 32, 64, 128)'"
-    if a.candidates is None:
-        lo, hi = a.min_batch_size, a.max_batch_size
-        if not (isinstance(lo, int) and isinstance(hi, int) and 2 <= lo <= hi):
-            raise UserError(
-                f"config.adaptive.min_batch_size={lo!r}, max_batch_size={hi!r}: need ints with "
-                "2 <= min <= max",
-                hint=hint,
-            )
-        cands = list(gschedule.powers_of_two(lo, hi))
-        if not cands:
-            raise UserError(f"no power of two in [{lo}, {hi}] (config.adaptive)", hint=hint)
-        return cands
-    cands = list(a.candidates)
-    try:
-        cands = list(gschedule.check_candidates(cands))  # the schedule's own check
-    except ValueError as e:
-        raise UserError(f"config.adaptive.candidates={a.candidates!r}: {e}", hint=hint) from None
-    if cands[0] < 2:
-        raise UserError(
-            f"config.adaptive.candidates={a.candidates!r}: batch sizes must be >= 2 (the noise "
-            "scale compares examples)",
-            hint=hint,
-        )
+    if a.candidates is not None:
+        return [int(b) for b in a.candidates]
+    cands = list(gschedule.powers_of_two(a.min_batch_size, a.max_batch_size))
+    if not cands:
+        raise UserError(f"no power of two in [{a.min_batch_size}, {a.max_batch_size}] "
+                        "(config.adaptive.min_batch_size, max_batch_size)",
+                        hint="e.g. --config.adaptive.candidates='(16, 32, 64, 128)'")  # fmt: skip
     return cands
 
 
@@ -154,7 +121,8 @@ def make_batch_schedule(config, step_times: Sequence[float] | None = None):
 
 
 def validate(config, num_train: int, microbatches: int | None) -> None:
-    """The checks of an adaptive training config beyond :func:`make_batch_schedule`'s.
+    """The checks of an adaptive training config beyond :mod:`experiments.rules` and
+    :func:`make_batch_schedule`: against the data and the estimator.
 
     Args:
       config: the training config.
@@ -164,12 +132,6 @@ def validate(config, num_train: int, microbatches: int | None) -> None:
     """
     cands = candidates(config)
     make_batch_schedule(config)
-    if config.gns_every <= 0 and len(cands) > 1:
-        raise UserError(
-            "config.adaptive.enabled needs config.gns_every > 0 (the schedule follows the "
-            "measured noise scale)",
-            hint="e.g. --config.gns_every=10",
-        )
     if cands[-1] > num_train:
         raise UserError(
             f"config.adaptive candidate {cands[-1]} exceeds the {num_train} train examples",
@@ -181,9 +143,6 @@ def validate(config, num_train: int, microbatches: int | None) -> None:
             f"{microbatches} equal microbatches",
             hint="use multiples of it",
         )
-    e = config.adaptive.eval_every_examples
-    if e is not None and not (isinstance(e, int) and e >= 1):
-        raise UserError(f"config.adaptive.eval_every_examples={e!r} must be an int >= 1 or None")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,43 +194,7 @@ def with_batch_schedule(
 
 
 # ---------------------------------------------------------------------------------------------
-# Compiled steps per batch size and the host-side control.
-
-
-class StepCache:
-    """The compiled ``(plain, measure)`` steps of each batch size, compiled on first use.
-
-    Args:
-      plain_fn: ``step(state, batch) -> (state, metrics)``.
-      gns_fn: the measuring step, or ``None`` (never measured).
-      clock: the run's :class:`experiments.runlog.Clock`: compilation is charged to
-        ``compile``, then the clock goes back to ``after`` (see :meth:`get`).
-
-    Attributes:
-      compiles: ``{batch_size: number of compilations}`` (1 each, once used).
-    """
-
-    def __init__(self, plain_fn: Callable, gns_fn: Callable | None, clock):
-        self._plain, self._gns, self._clock = plain_fn, gns_fn, clock
-        self._steps: dict[int, tuple] = {}
-        self.compiles: dict[int, int] = {}
-
-    def get(self, batch_size: int, state, batch, after: str = "train") -> tuple:
-        """``(plain, measure)`` compiled for ``batch_size`` (``measure`` is ``None`` without a
-        measuring step); ``state``/``batch`` give the shapes."""
-        if batch_size not in self._steps:
-            self._clock.charge("compile")
-            logging.info("Compiling the training steps (batch size %d).", batch_size)
-            plain = self._compile(self._plain, state, batch)
-            measure = None if self._gns is None else self._compile(self._gns, state, batch)
-            self._steps[batch_size] = (plain, measure)
-            self.compiles[batch_size] = self.compiles.get(batch_size, 0) + 1
-            self._clock.charge(after)
-        return self._steps[batch_size]
-
-    @staticmethod
-    def _compile(fn, state, batch):
-        return jax.jit(fn, donate_argnums=0).lower(state, batch).compile()
+# The batch policy of the training loop.
 
 
 def schedule_from_rows(rows: Sequence[dict]) -> dict:
@@ -285,17 +208,23 @@ def schedule_from_rows(rows: Sequence[dict]) -> dict:
     return {"changes": changes, "reason_counts": counts}
 
 
-class BatchControl:
-    """Host side of the schedule in the training loop.
+class ScheduledBatch:
+    """The batch policy of the schedule (the interface of
+    :class:`experiments.train.FixedBatch`): the batch size and rate multiplier that the
+    schedule state in the train state stands for, updated at each measurement; the example
+    stream.
 
     Args:
       config: the training config (``adaptive`` enabled).
       sched: the :class:`gns.schedule.BatchSizeSchedule`.
+      eval_every_examples: examples between evaluations (0: none).
       rows: the rows of the run so far (a resumed run's history of decisions).
     """
 
-    def __init__(self, config, sched, rows: Sequence[dict] = ()):
-        self.sched = sched
+    by_example = True
+
+    def __init__(self, config, sched, eval_every_examples: int, rows: Sequence[dict] = ()):
+        self.sched, self.eval_every_examples = sched, int(eval_every_examples)
         past = schedule_from_rows(rows)
         self.log = gschedule.ScheduleLog(sched, past["changes"], past["reason_counts"])
         self.factor = float(config.adaptive.noise_scale_factor)
@@ -355,38 +284,3 @@ def steps_by_batch_size(rows: Sequence[dict], upto_step: int | None = None) -> d
 def device_time(steps: dict[int, int], step_time: dict[int, float]) -> float:
     """``Σ_B steps(B)·t(B)``: the time the steps take on the timing table's device."""
     return float(sum(n * step_time[int(b)] for b, n in steps.items()))
-
-
-def time_batch_sizes(
-    step_fn: Callable,
-    state,
-    make_batch: Callable[[int], dict],
-    batch_sizes: Sequence[int],
-    *,
-    warmup: int = 2,
-    rounds: int = 7,
-) -> dict[int, dict]:
-    """One timing table, measured interleaved (:func:`gns.hardware.time_batch_sizes`, without
-    its re-timing rounds, so every batch size has the same rounds): every batch size compiled
-    once (no donation) and warmed up, then ``rounds`` rounds that each time one step of every
-    batch size, so a machine that gets busier or quieter over time affects all sizes alike.
-
-    Args:
-      step_fn: ``step(state, batch) -> outputs`` (unjitted or jitted).
-      state: the state passed to every call (not donated).
-      make_batch: ``batch_size -> batch``.
-      batch_sizes: the sizes to time.
-      warmup: untimed rounds.
-      rounds: timed rounds, at least 1.
-
-    Returns:
-      ``{batch_size: {'step_time_s' (median), 'times_s' (round r of every size is one round),
-      'compile_s'}}``.
-    """
-    table = hardware.time_batch_sizes(
-        step_fn, lambda b: (state, make_batch(b)), batch_sizes, rounds=rounds, warmup=warmup,
-        max_extra_rounds=0, cache=hardware.CompileCache())  # fmt: skip
-    return {
-        b: {"step_time_s": t.median_s, "times_s": list(t.times_s), "compile_s": t.compile_s}
-        for b, t in table.timings.items()
-    }

@@ -23,9 +23,12 @@ is re-run.
                     ``scale_batch_size`` and accelerate's ``find_executable_batch_size`` give)
 ==================  =========================================================================
 
-Every learning rate comes from one rule, :func:`gns.recommend.scale_learning_rate` from the
-default policy's batch and rate (square root for Adam-family optimizers, McCandlish's
-``ε_max/(1 + B_noise/B)`` for SGD); the schedule applies the same rule at each change.
+Each run is one training of :func:`experiments.train.train_and_evaluate`, the one training
+loop: a fixed batch for every policy but ``adaptive``, which trains with the schedule's batch
+policy (:class:`experiments.adaptive.ScheduledBatch`). Every learning rate comes from one
+rule, :func:`gns.recommend.scale_learning_rate` from the default policy's batch and rate
+(square root for Adam-family optimizers, McCandlish's ``ε_max/(1 + B_noise/B)`` for SGD); the
+schedule applies the same rule at each change.
 
 **The target** is a smoothed accuracy: the trailing mean of the last ``compare.target_window``
 periodic evaluations (every ``compare.eval_every_examples`` examples, on
@@ -41,7 +44,7 @@ reached, with its best smoothed accuracy).
 **Time to target** is reported as training wall clock (``time_to_target_s``, compilation and
 evaluation excluded) and as device time ``Σ_B steps(B)·t(B)`` (``device_time_to_target_s``)
 with ``t(B)`` from one interleaved timing table of every batch size involved
-(:func:`experiments.adaptive.time_batch_sizes`), which a machine busy at different times for
+(:func:`experiments.train.timing_table`), which a machine busy at different times for
 different runs does not skew. :func:`verdict` (pure) ranks the policies by their mean device
 time over the seeds, names the fastest and the ratio of each other policy to it with its range
 paired by seed and timing round, and says "tie" when a difference is inside the seed spread or
@@ -79,14 +82,13 @@ import contextlib
 import functools
 import math
 import os
-import statistics
 import time
 from collections.abc import Sequence
 
 import ml_collections
 from absl import logging
 
-from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train
+from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train, validation
 from experiments.cli import UserError
 from experiments.rules import POLICIES
 from gns import recommend, scaling
@@ -132,10 +134,6 @@ def smoothed_crossing(accuracies: Sequence[float], target: float, window: int) -
     return None
 
 
-def _spread(values: Sequence[float]) -> float:
-    return (max(values) - min(values)) / 2 if values else 0.0
-
-
 def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     """The policies ranked by mean device time to target over their seeds.
 
@@ -177,39 +175,34 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     for r in runs:
         by.setdefault(r["policy"], []).append(r)
     stats: dict[str, dict] = {}
-    for p, rs in by.items():
-        reached = all(r["reached"] for r in rs)
-        dev = [float(r["device_time_to_target_s"]) for r in rs] if reached else []
-        wall = [float(r["time_to_target_s"]) for r in rs] if reached else []
+    for row in validation.mean_over_seeds(runs, key="policy"):
+        rs, ok = by[row["policy"]], row["reached"]
         best = [r["best_smoothed_accuracy"] for r in rs if r["best_smoothed_accuracy"] is not None]
-        stats[p] = {
+        lo, hi = row["device_time_range"] or (0.0, 0.0)
+        stats[row["policy"]] = {
+            **{k: row[k] for k in ("seeds", "num_reached", "reached")},
             "batch_size": rs[0]["batch_size"],
-            "seeds": [r["seed"] for r in rs],
-            "num_reached": sum(bool(r["reached"]) for r in rs),
-            "reached": reached,
-            "device_time_to_target_s": statistics.fmean(dev) if dev else None,
-            "time_to_target_s": statistics.fmean(wall) if wall else None,
-            "spread_s": _spread(dev) if dev else None,
+            "device_time_to_target_s": row[validation.DEVICE] if ok else None,
+            "time_to_target_s": row["time_to_target_s"] if ok else None,
+            "spread_s": (hi - lo) / 2 if ok else None,
             "ratio": None,
             "ratio_range": None,
             "tie": False,
             "best_smoothed_accuracy": max(best) if best else None,
         }
-    ranking = sorted((p for p in stats if stats[p]["reached"]),
-                     key=lambda p: stats[p]["device_time_to_target_s"])  # fmt: skip
+    ranked = validation.rank([{"policy": p, **s} for p, s in stats.items()], key="policy")
+    ranking = [r["policy"] for r in ranked]
     fastest = ranking[0] if ranking else None
-    if fastest is not None:
-        f = stats[fastest]
-        f_by_seed = {r["seed"]: r for r in by[fastest]}
-        for p in ranking:
-            s = stats[p]
-            s["ratio"] = s["device_time_to_target_s"] / f["device_time_to_target_s"]
-            paired = [x for r in by[p] if r["seed"] in f_by_seed
-                      for x in _paired_ratios(r, f_by_seed[r["seed"]])]  # fmt: skip
-            s["ratio_range"] = [min(paired), max(paired)] if paired else None
-            gap = s["device_time_to_target_s"] - f["device_time_to_target_s"]
-            inside = gap <= s["spread_s"] + f["spread_s"] or bool(paired and min(paired) <= 1)
-            s["tie"] = p != fastest and inside
+    f_by_seed = {x["seed"]: x for x in by.get(fastest, [])}
+    for r in ranked:
+        s, f = stats[r["policy"]], stats[fastest]
+        s["ratio"] = r["over_best"]
+        paired = [x for run in by[r["policy"]] if run["seed"] in f_by_seed
+                  for x in _paired_ratios(run, f_by_seed[run["seed"]])]  # fmt: skip
+        s["ratio_range"] = [min(paired), max(paired)] if paired else None
+        gap = s["device_time_to_target_s"] - f["device_time_to_target_s"]
+        inside = gap <= s["spread_s"] + f["spread_s"] or bool(paired and min(paired) <= 1)
+        s["tie"] = r["policy"] != fastest and inside
     tie = [p for p in ranking if stats[p]["tie"]]
     out = {
         "fastest": fastest,
@@ -290,12 +283,14 @@ def check_recommendation(
       best in device time: 1 means the recommendation was the fastest measured; ``None`` when
       it missed the target), ``wall_time_ratio`` (the same in wall-clock time, over the
       fastest wall clock), ``rank`` (1 = fastest in device time), ``ranking``
-      (:func:`experiments.sweep.rank_time_to_target`), ``b_simple``, ``b_crit`` and
+      (:func:`experiments.validation.rank`), ``b_simple``, ``b_crit`` and
       ``b_crit_over_b_simple``.
 
     Example:
-      >>> pts = [{"batch_size": 32, "device_time_to_target_s": 20.0, "time_to_target_s": 30.0},
-      ...        {"batch_size": 64, "device_time_to_target_s": 25.0, "time_to_target_s": 24.0}]
+      >>> pts = [{"batch_size": 32, "reached": True, "device_time_to_target_s": 20.0,
+      ...         "time_to_target_s": 30.0},
+      ...        {"batch_size": 64, "reached": True, "device_time_to_target_s": 25.0,
+      ...         "time_to_target_s": 24.0}]
       >>> c = check_recommendation(pts, 64, 100.0, 50.0)
       >>> c["time_ratio"], c["wall_time_ratio"], c["rank"]
       (1.25, 1.0, 2)
@@ -305,10 +300,8 @@ def check_recommendation(
             f"recommended_batch_size={recommended_batch_size} is not among the trained batch "
             f"sizes {[p['batch_size'] for p in points]}: train it too."
         )
-    ranking = sweep.rank_time_to_target(points)
-    walls = sweep.rank_time_to_target(points, key="time_to_target_s")
+    ranking = validation.rank(validation.mean_over_seeds(points))
     rec = next((r for r in ranking if r["batch_size"] == recommended_batch_size), {})
-    rec_wall = next((r for r in walls if r["batch_size"] == recommended_batch_size), {})
     finite = b_crit is not None and b_simple is not None and 0 < b_simple < math.inf
     return {
         "recommended_batch_size": int(recommended_batch_size),
@@ -316,8 +309,8 @@ def check_recommendation(
         "recommended_time_to_target_s": rec.get("time_to_target_s"),
         "best_batch_size": ranking[0]["batch_size"] if ranking else None,
         "best_device_time_to_target_s": ranking[0]["device_time_to_target_s"] if ranking else None,
-        "time_ratio": rec.get("device_over_best"),
-        "wall_time_ratio": rec_wall.get("wall_over_best"),
+        "time_ratio": rec.get("over_best"),
+        "wall_time_ratio": rec.get("wall_over_best"),
         "rank": rec.get("rank"),
         "ranking": ranking,
         "num_reached": len(ranking),
@@ -416,10 +409,10 @@ def _lr_rule(config, b_noise: float):
     return lr, scaling.rule_for(config.optimizer)
 
 
-def _best_measured(config, workdir: str) -> dict | None:
-    """The point of a tradeoff mode's summary with the shortest device time to its target
-    (wall clock when it has none), or ``None`` when there is no such summary or no point
-    reached its target."""
+def _best_measured(config, workdir: str) -> int | None:
+    """The batch of a tradeoff mode's summary with the least device time to its target (its
+    ``check``: :func:`experiments.validation.rank`), or ``None`` when there is no such
+    summary or no point reached its target."""
     path = config.compare.tradeoff_summary or os.path.join(workdir, "tradeoff", SUMMARY_FILE)
     if not os.path.exists(path):
         return None
@@ -430,12 +423,7 @@ def _best_measured(config, workdir: str) -> dict | None:
             hint="point config.compare.tradeoff_summary at WORKDIR/summary.json of "
             "--config.mode=tradeoff",
         )
-    reached = [p for p in s.get("points", []) if p.get("time_to_target_s") is not None]
-
-    def key(p):
-        return p.get("device_time_to_target_s") or p["time_to_target_s"]
-
-    return min(reached, key=key) if reached else None
+    return s["check"]["best_batch_size"]
 
 
 def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict, list[int]]:
@@ -459,7 +447,7 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
         skipped["largest_fits"] = "no timed batch size fits the memory budget"
     best = _best_measured(config, workdir) if "best_measured" in names else None
     if best is not None:
-        batch["best_measured"] = int(best["batch_size"])
+        batch["best_measured"] = int(best)
     else:
         skipped["best_measured"] = "no tradeoff summary with a point at its target"
     a = config.adaptive
@@ -481,18 +469,21 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
             plans[p] = dict(batch_size=_baseline(config)[0], learning_rate=_baseline(config)[1],
                             adaptive=fields, gns_every=int(config.gns_every))  # fmt: skip
         elif p in batch:
-            b = batch[p]
-            fields = {"candidates": (b,), "initial_batch_size": b}
-            plans[p] = dict(batch_size=b, learning_rate=lr(b), adaptive=fields, gns_every=0)
+            plans[p] = dict(batch_size=batch[p], learning_rate=lr(batch[p]), gns_every=0)
     return plans, {p: why for p, why in skipped.items() if p in names}, cands
 
 
+def plan_batch_sizes(plan: dict) -> list[int]:
+    """The batch sizes a policy's run may train at: the schedule's candidates, or its batch."""
+    return list(plan.get("adaptive", {}).get("candidates", [plan["batch_size"]]))
+
+
 def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limit_s: float):
-    """The training config of one policy run: :func:`_train_config` with the plan's batch,
-    rate and schedule fields (a fixed batch is the schedule with one candidate, so every run
-    reads the same example stream and evaluates at the same examples), stopping at the
-    smoothed target (``compare.target_accuracy`` and ``target_window``), after
-    ``compare.max_epochs`` or ``limit_s`` seconds of training."""
+    """The training config of one policy run: :func:`_train_config` with the plan's batch and
+    rate (and schedule fields: a plan with ``adaptive`` trains the scheduled batch policy),
+    evaluating every ``compare.eval_every_examples`` examples (the nearest whole number of
+    steps for a fixed batch), stopping at the smoothed target (``compare.target_accuracy`` and
+    ``target_window``), after ``compare.max_epochs`` or ``limit_s`` seconds of training."""
     comparison = config.compare
     c = _train_config(config)
     b = int(plan["batch_size"])
@@ -503,13 +494,14 @@ def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limi
     )
     c.max_wall_time_s = float(limit_s)
     c.num_epochs = float(comparison.max_epochs)
-    c.eval_every = max(1, round(int(comparison.eval_every_examples) / b))  # unused on the stream
+    c.eval_every = max(1, round(int(comparison.eval_every_examples) / b))
     c.log_every = min(int(c.log_every), c.eval_every)
     c.gns_every = int(plan["gns_every"])
-    c.adaptive.enabled = True
-    c.adaptive.eval_every_examples = int(comparison.eval_every_examples)
-    c.adaptive.update(plan["adaptive"])
-    c.adaptive.step_times = tuple(step_time[b] for b in c.adaptive.candidates)
+    c.adaptive.enabled = "adaptive" in plan
+    if c.adaptive.enabled:
+        c.adaptive.eval_every_examples = int(comparison.eval_every_examples)
+        c.adaptive.update(plan["adaptive"])
+        c.adaptive.step_times = tuple(step_time[b] for b in c.adaptive.candidates)
     return c
 
 
@@ -527,7 +519,7 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
     for b in batch_sizes:  # global batches, split over the devices of training's mesh
         train.check_candidate(b, setup.mesh, setup.method)
     logging.info("compare: timing batch sizes %s, interleaved.", batch_sizes)
-    table = adaptive.time_batch_sizes(
+    table = train.timing_table(
         setup.plain_fn,
         setup.state,
         lambda b: mesh.shard(
@@ -635,7 +627,7 @@ def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list
             limit = float(comparison.max_wall_time_s)
             if walls and comparison.give_up_factor is not None:
                 limit = min(limit, float(comparison.give_up_factor) * min(walls))
-            name = run_name(policy, plan["adaptive"]["candidates"], seed)
+            name = run_name(policy, plan_batch_sizes(plan), seed)
             run_dir = os.path.join(workdir, "runs", name)
             logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
                          seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
@@ -655,7 +647,7 @@ def run_compare(config, workdir: str, sweep_result: dict, t0: float) -> dict:
     comparison = config.compare
     plans, skipped, cands = plan_policies(config, workdir, sweep_result)
     ds = data.load(config.data)
-    sizes = sorted({b for p in plans.values() for b in p["adaptive"]["candidates"]})
+    sizes = sorted({b for p in plans.values() for b in plan_batch_sizes(p)})
     bar = progress.Progress(
         len(comparison.seeds) * len(plans), desc="compare", unit="runs", rate=False
     )
@@ -667,33 +659,43 @@ def run_compare(config, workdir: str, sweep_result: dict, t0: float) -> dict:
                                                                    len(ds.test_labels))  # fmt: skip
     t = float(comparison.target_accuracy)
     first = next((r for r in runs if r["policy"] == "adaptive"), None)
-    summary = {
-        "mode": "compare",
-        "device": sweep_result["device"],
+    return _write_summary(workdir, "compare", sweep_result, t0, {
         "target_accuracy": t,
         "target_window": int(comparison.target_window),
         "eval_examples": int(n),
         "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
-        "noise_scale": {
-            k: sweep_result["noise_scale"][k] for k in ("b_simple", "interval", "confidence")
-        },
-        "recommendation": sweep_result["recommendation"],
         "policies": {
             p: {k: v for k, v in plan.items() if k != "adaptive"} for p, plan in plans.items()
-        },  # fmt: skip
+        },
         "skipped": skipped,
         "candidates": cands,
         "timing": {str(b): v for b, v in sorted(table.items())},
         "runs": runs,
         "verdict": verdict(runs, t),
         "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
+    }, lambda: figures.compare_plot(runs, t, os.path.join(workdir, PLOT_FILE)))  # fmt: skip
+
+
+def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict,
+                   plot) -> dict:  # fmt: skip
+    """``summary.json`` of a mode: the measurements' device, noise scale and recommendation,
+    ``fields``, the times, and ``plot`` (``plot()`` draws it and returns its path or why it
+    was not drawn; a failure is logged, never fatal). Returns the strict-JSON summary."""
+    summary = {
+        "mode": mode,
+        "device": sweep_result["device"],
+        "noise_scale": {
+            k: sweep_result["noise_scale"][k] for k in ("b_simple", "interval", "confidence")
+        },
+        "recommendation": sweep_result["recommendation"],
+        **fields,
         "measurement_time_s": sum(sweep_result["stage_time_s"].values()),
         "total_time_s": time.perf_counter() - t0,
     }
     try:
-        summary["plot"] = figures.compare_plot(runs, t, os.path.join(workdir, PLOT_FILE))
+        summary["plot"] = plot()
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
-        logging.warning("Could not write the compare plot: %s", e)
+        logging.warning("Could not write the %s plot: %s", mode, e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return runlog.to_strict_json(summary)
 
@@ -781,26 +783,12 @@ def run_tradeoff(config, workdir: str, sweep_result: dict, t0: float) -> dict:
     )
     fit = sweep.fit_tradeoff(points, mcfg.tradeoff.num_bootstrap, mcfg.train.seed)
     check = check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"])
-    summary = {
-        "mode": "tradeoff",
-        "device": sweep_result["device"],
-        "noise_scale": {
-            k: sweep_result["noise_scale"][k] for k in ("b_simple", "interval", "confidence")
-        },
-        "recommendation": rec,
+    return _write_summary(workdir, "tradeoff", sweep_result, t0, {
         "target_accuracy": float(mcfg.tradeoff.target_accuracy),
         "points": points,
         "tradeoff": fit,
         "check": check,
-        "measurement_time_s": sum(sweep_result["stage_time_s"].values()),
-        "total_time_s": time.perf_counter() - t0,
-    }
-    try:
-        summary["plot"] = figures.tradeoff_plot(fit, os.path.join(workdir, TRADEOFF_PLOT_FILE))
-    except Exception as e:  # a plot is a convenience: never lose the finished runs to it
-        logging.warning("Could not write the tradeoff plot: %s", e)
-    runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-    return summary
+    }, lambda: figures.tradeoff_plot(fit, os.path.join(workdir, TRADEOFF_PLOT_FILE)))  # fmt: skip
 
 
 def tradeoff_table(summary: dict) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,7 +56,6 @@ __all__ = [
     "shard",
     "placed_batches",
     "device_train_batches",
-    "time_step",
 ]
 
 
@@ -286,19 +284,3 @@ def device_train_batches(
             yield gather(images, labels, *args)
 
     return batches()
-
-
-def time_step(step, state: PyTree, batch: PyTree, repeats: int, mesh: Mesh) -> float:
-    """Median seconds of one call of the compiled ``step(state, batch) -> (state, metrics)``
-    (which may donate ``state``) on a batch already on the devices: the step time alone,
-    without data loading. Runs on a copy of ``state``."""
-    state = replicate(state, mesh)
-    state, _ = step(state, batch)  # warm-up
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(max(1, int(repeats))):
-        t0 = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))

@@ -49,17 +49,17 @@ Ctrl-C stops at the next step boundary with that
 step's row, a checkpoint and the summary written (exit code 130); a non-finite loss or one above
 ``config.divergence_factor`` times the initial loss stops the run with :class:`Diverged`.
 
-With ``config.adaptive.enabled`` the batch size changes during the run
-(:mod:`experiments.adaptive`): at each noise-scale measurement the smoothed ``ema_b_simple``
-updates a :func:`gns.schedule.batch_size_schedule` whose state (and learning-rate multiplier)
-lives in the optimizer state, so it is checkpointed with the train state; a change takes effect
-at the next step, with one compiled step per batch size (compiled on first use, charged to
-``compile_time_s``). Such a run reads the example-indexed stream
+The batch size is a **batch policy** (:func:`batch_policy`): :class:`FixedBatch`, or with
+``config.adaptive.enabled`` the schedule of :class:`experiments.adaptive.ScheduledBatch`: at
+each noise-scale measurement the smoothed ``ema_b_simple`` updates a
+:func:`gns.schedule.batch_size_schedule` whose state (and learning-rate multiplier) lives in the
+optimizer state, so it is checkpointed with the train state; a change takes effect at the next
+step, with one compiled step per batch size (:class:`StepCache`: compiled on first use, charged
+to ``compile_time_s``). Such a run reads the example-indexed stream
 (:func:`experiments.data.stream_indices`), evaluates every
-``config.adaptive.eval_every_examples`` examples, stops after ``num_steps x batch_size``
-examples, and its rows also carry ``schedule_reason`` (each measurement) and
-``schedule_change`` (each change). Without it the loop is the fixed-batch one (same batches,
-same updates, bit for bit).
+``config.adaptive.eval_every_examples`` examples, and its rows also carry ``schedule_reason``
+(each measurement) and ``schedule_change`` (each change). Either way the run stops after
+``num_steps x batch_size`` examples.
 
 Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
 
@@ -81,7 +81,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -94,7 +94,7 @@ from experiments import adaptive, figures, models, progress, rules, runlog, task
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from experiments.rules import GNS_METHODS, OPTIMIZERS, SCHEDULES
-from gns import common, estimate, smoothing
+from gns import common, estimate, hardware, smoothing
 
 PyTree = Any
 
@@ -211,9 +211,7 @@ def run_identity(config: dict) -> dict:
     """The fields of a config (as a dict) that change what a run computes: all of them except
     :data:`NOT_IDENTITY` (logging, checkpoints, plots, budgets, cache locations), and except
     ``num_steps``/``num_epochs`` with a constant schedule (there they only say where the run
-    stops, so a finished run can be extended). ``target_window`` counts (it changes where the
-    run stops and its time to target), except at its default 1, so that runs recorded before
-    the field existed still resume. A resume must have the same identity.
+    stops, so a finished run can be extended). A resume must have the same identity.
 
     Example::
 
@@ -222,8 +220,6 @@ def run_identity(config: dict) -> dict:
     ident = copy.deepcopy(config)
     constant = config.get("schedule") == "constant"
     drop = NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ())
-    if config.get("target_window") == 1:  # the default: the record of runs made before it
-        drop += ("target_window",)
     for path in drop:
         *parents, last = path.split(".")
         node = ident
@@ -585,6 +581,7 @@ class Setup(NamedTuple):
     # task's train_batches, or gathered on the devices with config.data.on_device)
     train_batches: Callable
     time_step: Callable  # state -> {'step_time_s', 'step_examples_per_s'} or {}
+    num_train: int  # train examples per epoch
 
 
 def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
@@ -669,14 +666,14 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
         if not repeats:
             return {}
         batch = _first_batch(train_batches, config.batch_size)
-        step = jax.jit(plain_fn, donate_argnums=0)
-        t = mesh_lib.time_step(step, state, batch, repeats, mesh)
-        return {"step_time_s": t, "step_examples_per_s": config.batch_size / t}
+        t = hardware.time_step(jax.jit(plain_fn), (state, batch), warmup=1, repeats=repeats,
+                               cache=hardware.CompileCache())  # fmt: skip
+        return {"step_time_s": t.median_s, "step_examples_per_s": config.batch_size / t.median_s}
 
     state = init_state(config, model, optimizer, tracker, *task.input_spec(ds), mesh=mesh)
     place = functools.partial(mesh_lib.replicate, mesh=mesh)
     return Setup(method, num_steps, plain_fn, gns_fn, evaluate, state, task, mesh, place,
-                  train_batches, time_step)  # fmt: skip
+                  train_batches, time_step, task.num_train(ds))  # fmt: skip
 
 
 def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = False):
@@ -769,9 +766,7 @@ def _already_complete(config, setup: Setup, log: runlog.RunLog) -> dict | None:
     if not (jax.process_count() == 1 and log.step > 0 and os.path.exists(path)):
         return None
     stored = runlog.read_json(path)
-    num_examples = setup.num_steps * config.batch_size if adaptive.enabled(config) else None
-    never = threading.Event()
-    stop = _stop_reason(config, log, setup.num_steps, never, num_examples)
+    stop = _stop_reason(config, log, setup.num_steps * config.batch_size, threading.Event())
     if stored.get("steps") != log.step or stop is None or stored.get("stop_reason") != stop:
         return None
     logging.info("%s is already complete (%s at step %d): nothing to train; its summary is %s.",
@@ -779,14 +774,12 @@ def _already_complete(config, setup: Setup, log: runlog.RunLog) -> dict | None:
     return stored
 
 
-def _stop_reason(
-    config, log: runlog.RunLog, num_steps: int, interrupted, num_examples: int | None = None
-) -> str | None:
-    """Why the run stops now (checked at rows only, so a row exists where it stops). With
-    ``num_examples`` (a changing batch size) the length of the run is in examples."""
+def _stop_reason(config, log: runlog.RunLog, num_examples: int, interrupted) -> str | None:
+    """Why the run stops now (checked at rows only, so a row exists where it stops). The
+    length of a run is in examples (``num_steps x batch_size``: the steps of a fixed batch)."""
     if interrupted.is_set():
         return "interrupted"
-    if log.step >= num_steps if num_examples is None else log.examples_seen >= num_examples:
+    if log.examples_seen >= num_examples:
         return "num_steps"
     if log.target is not None and log.reached:
         return tasks.get(config).target_field
@@ -796,17 +789,44 @@ def _stop_reason(
     return None
 
 
-def _batch_control(config, ds, setup: Setup, state, log: runlog.RunLog):
-    """The :class:`experiments.adaptive.BatchControl` of an adaptive run (``None`` otherwise);
-    without ``config.adaptive.step_times`` the candidates are timed first (charged to
-    ``pause``)."""
+# ---------------------------------------------------------------------------------------------
+# The batch policy and the compiled steps of each batch size.
+
+
+class FixedBatch(NamedTuple):
+    """The batch policy of a fixed batch size: the step stream
+    (:func:`experiments.data.train_batches` by step), rate multiplier 1, nothing to update.
+    The interface of every policy (:class:`experiments.adaptive.ScheduledBatch` is the other):
+    ``batch_size(state)``, ``lr_multiplier(state)``, ``update(state, noise, step) -> (state,
+    row fields)``, ``by_example`` (which stream) and ``eval_every_examples`` (0: never)."""
+
+    size: int
+    eval_every_examples: int
+    by_example: bool = False
+
+    def batch_size(self, state) -> int:
+        return self.size
+
+    def lr_multiplier(self, state) -> float:
+        return 1.0
+
+    def update(self, state, noise, step: int) -> tuple[Any, dict]:
+        return state, {}
+
+
+def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
+    """The batch policy of ``config``: :class:`FixedBatch`, or with ``config.adaptive.enabled``
+    the :class:`experiments.adaptive.ScheduledBatch` of its schedule (its decisions so far
+    rebuilt from the rows); without ``config.adaptive.step_times`` the candidates are timed
+    first (charged to ``pause``)."""
+    every = config.eval_every * config.batch_size
     if not adaptive.enabled(config):
-        return None
+        return FixedBatch(config.batch_size, every)
     times = config.adaptive.step_times
     if times is None:
         cands = adaptive.candidates(config)
         logging.info("Timing the batch sizes %s (config.adaptive.step_times is None).", cands)
-        table = adaptive.time_batch_sizes(
+        table = timing_table(
             setup.plain_fn,
             state,
             lambda b: _first_batch(setup.train_batches, b, by_example=True),
@@ -815,114 +835,167 @@ def _batch_control(config, ds, setup: Setup, state, log: runlog.RunLog):
             rounds=int(config.adaptive.timing_rounds),
         )
         times = [table[b]["step_time_s"] for b in cands]
-    return adaptive.BatchControl(config, adaptive.make_batch_schedule(config, times), log.rows())
+    sched = adaptive.make_batch_schedule(config, times)
+    every = config.adaptive.eval_every_examples or every
+    return adaptive.ScheduledBatch(config, sched, every, log.rows())
+
+
+def timing_table(
+    step_fn: Callable,
+    state,
+    make_batch: Callable,
+    batch_sizes: Sequence[int],
+    *,
+    warmup: int,
+    rounds: int,
+) -> dict[int, dict]:
+    """One interleaved timing table of ``step_fn(state, make_batch(b))``
+    (:func:`gns.hardware.interleaved_times`: round ``r`` of every size is one round):
+    ``{batch_size: {'step_time_s' (median), 'times_s'}}``. ``state`` is not donated."""
+    calls = {int(b): (step_fn, (state, make_batch(b))) for b in batch_sizes}
+    times = hardware.interleaved_times(calls, warmup=warmup, rounds=rounds)
+    return {b: {"step_time_s": float(np.median(t)), "times_s": list(t)} for b, t in times.items()}
+
+
+class StepCache:
+    """The compiled ``(plain, measure)`` steps of each batch size, compiled on first use.
+
+    Args:
+      plain_fn: ``step(state, batch) -> (state, metrics)``.
+      gns_fn: the measuring step, or ``None`` (never measured).
+      clock: the run's :class:`experiments.runlog.Clock`: compilation is charged to
+        ``compile``, then the clock goes back to ``after`` (see :meth:`get`).
+
+    Attributes:
+      compiles: ``{batch_size: number of compilations}`` (1 each, once used).
+    """
+
+    def __init__(self, plain_fn: Callable, gns_fn: Callable | None, clock):
+        self.plain_fn, self.gns_fn, self.clock = plain_fn, gns_fn, clock
+        self.steps: dict[int, tuple] = {}
+        self.compiles: dict[int, int] = {}
+
+    def get(self, batch_size: int, state, batch, after: str = "train") -> tuple:
+        """``(plain, measure)`` compiled for ``batch_size`` (``measure`` is ``None`` without a
+        measuring step); ``state``/``batch`` give the shapes."""
+        if batch_size not in self.steps:
+            self.clock.charge("compile")
+            logging.info("Compiling the training steps (batch size %d).", batch_size)
+            fns = (self.plain_fn, self.gns_fn)
+            self.steps[batch_size] = tuple(
+                None if f is None else jax.jit(f, donate_argnums=0).lower(state, batch).compile()
+                for f in fns
+            )
+            self.compiles[batch_size] = self.compiles.get(batch_size, 0) + 1
+            self.clock.charge(after)
+        return self.steps[batch_size]
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop.
 
 
 def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupted):
     """Steps until a stop reason; a row at every logged, measured, evaluated, checkpointed or
-    last step. With ``config.adaptive.enabled`` the batch size follows the schedule (updated
-    at each measured row; a change takes effect at the next step, on the example stream).
-    Returns ``(state, stop_reason)``."""
-    ctl = _batch_control(config, ds, setup, state, log)
-    num_examples = None if ctl is None else setup.num_steps * config.batch_size
-    stop = _stop_reason(config, log, setup.num_steps, interrupted, num_examples)
-    if stop is not None:
-        return state, stop
-    gns_every, eval_every = config.gns_every, config.eval_every
-    bs = config.batch_size if ctl is None else ctl.batch_size(state)
-    lr_scale = 1.0 if ctl is None else ctl.lr_multiplier(state)
-    every = config.adaptive.eval_every_examples if ctl is not None else None
-    eval_examples = every or eval_every * config.batch_size  # (adaptive runs only)
+    last step. The batch size is the policy's (:func:`batch_policy`; it may change at a
+    measured row, taking effect at the next step). Returns ``(state, stop_reason)``."""
+    policy = batch_policy(config, setup, state, log)
+    num_examples = setup.num_steps * config.batch_size
 
-    def stream(batch_size):  # by example with a schedule, else by step
-        return setup.train_batches(batch_size, log.examples_seen, by_example=ctl is not None)
+    def stop_now():
+        return _stop_reason(config, log, num_examples, interrupted)
 
-    batches = stream(bs)
-    steps = adaptive.StepCache(setup.plain_fn, setup.gns_fn if gns_every > 0 else None, log.clock)
-    bar = progress.Progress(
-        num_examples or setup.num_steps * config.batch_size,
-        desc="train",
-        unit="examples",
-        initial=log.examples_seen,
-        bar=config.progress_bar,
-    )
+    if stop_now() is not None:
+        return state, stop_now()
+    gns_every, every = config.gns_every, policy.eval_every_examples
+    steps = StepCache(setup.plain_fn, setup.gns_fn if gns_every > 0 else None, log.clock)
+    bar = progress.Progress(num_examples, desc="train", unit="examples",
+                            initial=log.examples_seen, bar=config.progress_bar)  # fmt: skip
+    batches = None
+
+    def feed(batch_size):  # the stream from here at this batch size, its steps compiled
+        stream = setup.train_batches(batch_size, log.examples_seen, by_example=policy.by_example)
+        batch = next(stream)
+        return stream, batch, steps.get(batch_size, state, batch, after="pause")
+
     try:
         bar.set(phase="compiling", step=log.step)
         held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
-        batch = next(batches)
-        plain, measure = steps.get(bs, state, batch, after="pause")
-        stop = _stop_reason(config, log, setup.num_steps, interrupted, num_examples)
+        bs, lr_scale = policy.batch_size(state), policy.lr_multiplier(state)
+        batches, batch, (plain, measure) = feed(bs)
+        stop, pending = stop_now(), []  # pending: device metrics since the last row
         log.clock.charge("train")
         bar.set(phase="training")
-        pending: list[dict] = []  # device metrics since the last row
         while stop is None:
             measured = gns_every > 0 and log.step % gns_every == 0
             state, m = (measure if measured else plain)(
                 state, next(batches) if batch is None else batch
             )
-            batch = None
-            before = log.examples_seen
+            batch, before = None, log.examples_seen
             log.advance(bs)
             pending.append(m)
             if config.max_wall_time_s is not None and len(pending) > 1:
                 # At most one step in flight, so that the clock below is the device's.
                 jax.block_until_ready(pending[-2])
-            step = log.step
-            if ctl is None:
-                do_eval = eval_every > 0 and (step % eval_every == 0 or step == setup.num_steps)
-            else:
-                seen = log.examples_seen
-                do_eval = eval_examples > 0 and (
-                    seen // eval_examples > before // eval_examples or seen >= num_examples
-                )
-            do_save = config.checkpoint_every > 0 and step % config.checkpoint_every == 0
-            due = measured or do_eval or do_save or step % config.log_every == 0
+            seen = log.examples_seen
+            do_eval = every > 0 and (seen // every > before // every or seen >= num_examples)
+            do_save = config.checkpoint_every > 0 and log.step % config.checkpoint_every == 0
             bar.update(bs)
-            if not (due or _stop_reason(config, log, setup.num_steps, interrupted, num_examples)):
+            if not (measured or do_eval or do_save or log.step % config.log_every == 0
+                    or stop_now()):  # fmt: skip
                 continue
-            jax.block_until_ready(state)
-            log.clock.charge("pause")
-            host, pending = jax.device_get(pending), []
-            row = log.row(**_row_metrics(host, measured, lr_scale), batch_size=bs,
-                          epoch=log.examples_seen / setup.task.num_train(ds))  # fmt: skip
-            log.check_losses([h["train_loss"] for h in host], config.divergence_factor)
-            if ctl is not None and measured and not log.diverged:
-                state, fields = ctl.update(state, row["ema_b_simple"], step)
-                row.update(fields)
-            if do_eval and not log.diverged:
-                log.clock.charge("eval")
-                bar.set(phase="evaluating")
-                res = setup.evaluate(state, held_out)
-                bar.set(phase="training")
-                log.clock.charge("pause")
-                row.update({f"test_{k}": v for k, v in res.items() if k != "examples"})
-                log.record_eval(setup.task.score(res[setup.task.metric]))
-            stop = "diverged" if log.diverged else _stop_reason(
-                config, log, setup.num_steps, interrupted, num_examples)  # fmt: skip
-            if stop is not None:
-                row["stop_reason"] = stop
-            log.write_row(row)
+            state, row = _write_row(config, setup, state, log, policy, bar, pending, stop_now,
+                                    measured=measured, do_eval=do_eval, batch_size=bs,
+                                    lr_scale=lr_scale, held_out=held_out)  # fmt: skip
+            stop, pending = row.get("stop_reason"), []
             if do_save and not log.diverged:
-                ckpt.save(step, state, log.meta())
-            _show(bar, row)
-            if stop is None and ctl is not None and ctl.batch_size(state) != bs:
-                bar.set(phase=f"compiling (batch {ctl.batch_size(state)})")
-            if stop is None and ctl is not None and ctl.batch_size(state) != bs:
-                bs, lr_scale = ctl.batch_size(state), ctl.lr_multiplier(state)
+                ckpt.save(log.step, state, log.meta())
+            if stop is None and policy.batch_size(state) != bs:
+                bs = policy.batch_size(state)
+                bar.set(phase=f"compiling (batch {bs})")
                 batches.close()
-                batches = stream(bs)
-                batch = next(batches)
-                plain, measure = steps.get(bs, state, batch, after="pause")
+                batches, batch, (plain, measure) = feed(bs)
                 bar.set(phase="training")
-            elif ctl is not None:
-                lr_scale = ctl.lr_multiplier(state)
+            lr_scale = policy.lr_multiplier(state)
             if stop is None:
                 log.clock.charge("train")
     finally:
         log.clock.charge("pause")
         bar.close()
-        batches.close()
+        if batches is not None:
+            batches.close()
     return state, stop
+
+
+def _write_row(config, setup: Setup, state, log: runlog.RunLog, policy, bar, pending, stop_now,
+               *, measured: bool, do_eval: bool, batch_size: int, lr_scale: float,
+               held_out):  # fmt: skip
+    """The row of the steps in ``pending``: their metrics, the policy's update at a
+    measurement, the evaluation, the stop reason (``stop_now()``, or ``diverged``); written to
+    the log and shown on the bar. Returns ``(state, row)``."""
+    jax.block_until_ready(state)
+    log.clock.charge("pause")
+    host = jax.device_get(pending)
+    row = log.row(**_row_metrics(host, measured, lr_scale), batch_size=batch_size,
+                  epoch=log.examples_seen / setup.num_train)  # fmt: skip
+    log.check_losses([h["train_loss"] for h in host], config.divergence_factor)
+    if measured and not log.diverged:
+        state, fields = policy.update(state, row["ema_b_simple"], log.step)
+        row.update(fields)
+    if do_eval and not log.diverged:
+        log.clock.charge("eval")
+        bar.set(phase="evaluating")
+        res = setup.evaluate(state, held_out)
+        bar.set(phase="training")
+        log.clock.charge("pause")
+        row.update({f"test_{k}": v for k, v in res.items() if k != "examples"})
+        log.record_eval(setup.task.score(res[setup.task.metric]))
+    stop = "diverged" if log.diverged else stop_now()
+    if stop is not None:
+        row["stop_reason"] = stop
+    log.write_row(row)
+    _show(bar, row)
+    return state, row
 
 
 _GNS_KEYS = ("g_sq", "trace_cov", "b_simple", "ema_g_sq", "ema_trace_cov", "ema_b_simple")

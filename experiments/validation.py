@@ -3,7 +3,8 @@
 Pure functions on the dicts of ``experiments.sweep`` (the trainings' points and ``sweep.json``):
 
 * :func:`reseed_batch_sizes`: the batch sizes that get a second seed (the fastest to the target);
-* :func:`mean_over_seeds`: one row per batch size, the mean and spread over its seeds;
+* :func:`mean_over_seeds`: one row per batch size (or policy), the mean and spread over its seeds;
+* :func:`rank`: who won: the rows that reached the target, fastest first, over the fastest;
 * :func:`validation`: the ``validation`` block of ``sweep.json``: the recommended batch under
   each basis, its device time to target over the best measured (with the spread over seeds),
   and the branched critical batch over the fitted one.
@@ -32,6 +33,7 @@ __all__ = [
     "MAX_CRIT_FACTOR",
     "MAX_OVER_BEST",
     "mean_over_seeds",
+    "rank",
     "reseed_batch_sizes",
     "validation",
 ]
@@ -42,42 +44,34 @@ def _mean(xs):
 
 
 def reseed_batch_sizes(points: list[dict], k: int) -> list[int]:
-    """The ``k`` batch sizes whose trainings reached the target in the least device time.
-
-    Args:
-      points: trainings of one seed, each with ``batch_size`` and ``device_time_to_target_s``
-        (``None``: missed the target).
-      k: how many.
-
-    Returns:
-      Their batch sizes, fastest first (ties: the smaller batch first).
+    """The ``k`` batch sizes whose trainings reached the target in the least device time
+    (:func:`rank`; ties: the smaller batch first).
 
     Example:
-      >>> pts = [{"batch_size": 16, "device_time_to_target_s": 9.0},
-      ...        {"batch_size": 32, "device_time_to_target_s": 5.0},
-      ...        {"batch_size": 64, "device_time_to_target_s": None}]
+      >>> pts = [{"batch_size": 16, "seed": 0, "reached": True, DEVICE: 9.0},
+      ...        {"batch_size": 32, "seed": 0, "reached": True, DEVICE: 5.0},
+      ...        {"batch_size": 64, "seed": 0, "reached": False, DEVICE: None}]
       >>> reseed_batch_sizes(pts, 3)
       [32, 16]
     """
-    done = [p for p in points if p.get(DEVICE) is not None]
-    return [int(p["batch_size"]) for p in sorted(done, key=lambda p: (p[DEVICE], p["batch_size"]))][
-        : max(0, int(k))
-    ]
+    return [r["batch_size"] for r in rank(mean_over_seeds(points))][: max(0, int(k))]
 
 
-def mean_over_seeds(points: list[dict]) -> list[dict]:
-    """One row per batch size: the mean over its seeds and their spread.
+def mean_over_seeds(points: list[dict], key: str = "batch_size") -> list[dict]:
+    """One row per ``key`` (a batch size, or a compare policy): the mean over its seeds and
+    their spread.
 
     Args:
-      points: trainings, each with ``batch_size``, ``seed``, ``reached``, ``steps``,
-        ``device_time_to_target_s`` and ``time_to_target_s`` (wall clock).
+      points: trainings, each with ``key``, ``seed``, ``reached``, ``device_time_to_target_s``
+        and ``time_to_target_s`` (wall clock), and optionally ``steps``.
+      key: what groups the trainings; rows are sorted by it for ``batch_size``, else in the
+        order of first appearance.
 
     Returns:
-      Rows sorted by batch size with ``batch_size``, ``seeds``, ``num_reached``, ``reached``
-      (every seed reached the target), ``steps``, ``device_time_to_target_s`` and
-      ``time_to_target_s`` (means over the seeds that reached it; ``None`` if none did),
-      ``device_time_per_seed`` (``{seed: seconds or None}``) and ``device_time_range``
-      (``[min, max]`` over the seeds that reached it).
+      Rows with ``key``, ``seeds``, ``num_reached``, ``reached`` (every seed reached the
+      target), ``steps``, ``device_time_to_target_s`` and ``time_to_target_s`` (means over the
+      seeds that reached it; ``None`` if none did), ``device_time_per_seed`` (``{seed: seconds
+      or None}``) and ``device_time_range`` (``[min, max]`` over the seeds that reached it).
 
     Example:
       >>> pts = [{"batch_size": 32, "seed": 0, "reached": True, "steps": 100,
@@ -88,26 +82,50 @@ def mean_over_seeds(points: list[dict]) -> list[dict]:
       >>> r["steps"], r["device_time_to_target_s"], r["device_time_range"]
       (110.0, 2.2, [2.0, 2.4])
     """
+    groups: dict[Any, list[dict]] = {}
+    for p in points:
+        groups.setdefault(int(p[key]) if key == "batch_size" else p[key], []).append(p)
     out = []
-    for b in sorted({int(p["batch_size"]) for p in points}):
-        mine = sorted((p for p in points if int(p["batch_size"]) == b), key=lambda p: p["seed"])
+    for g in sorted(groups) if key == "batch_size" else groups:
+        mine = sorted(groups[g], key=lambda p: p.get("seed", 0))
         ok = [p for p in mine if p.get("reached") and p.get(DEVICE) is not None]
         dev = [p[DEVICE] for p in ok]
         walls = [p["time_to_target_s"] for p in ok if p.get("time_to_target_s") is not None]
-        out.append(
-            {
-                "batch_size": b,
-                "seeds": [int(p["seed"]) for p in mine],
-                "num_reached": len(ok),
-                "reached": len(ok) == len(mine),
-                "steps": _mean([p["steps"] for p in ok]),
-                DEVICE: _mean(dev),
-                "time_to_target_s": _mean(walls),
-                "device_time_per_seed": {str(p["seed"]): p.get(DEVICE) for p in mine},
-                "device_time_range": [min(dev), max(dev)] if dev else None,
-            }
-        )
+        out.append({
+            key: g,
+            "seeds": [int(p.get("seed", 0)) for p in mine],
+            "num_reached": len(ok),
+            "reached": len(ok) == len(mine),
+            "steps": _mean([p["steps"] for p in ok if p.get("steps") is not None]),
+            DEVICE: _mean(dev),
+            "time_to_target_s": _mean(walls),
+            "device_time_per_seed": {str(p.get("seed", 0)): p.get(DEVICE) for p in mine},
+            "device_time_range": [min(dev), max(dev)] if dev else None,
+        })  # fmt: skip
     return out
+
+
+def rank(rows, key: str = "batch_size") -> list[dict]:
+    """Who won: the rows of :func:`mean_over_seeds` whose every seed reached the target,
+    fastest first by mean device time (ties: the smaller ``key`` first), each a copy with
+    ``rank`` (1 = fastest; equal times share a rank), ``over_best`` (device time over the
+    fastest's) and ``wall_over_best`` (wall clock over the least wall clock among them).
+
+    Example:
+      >>> rows = [{"batch_size": 16, "reached": True, DEVICE: 3.0, "time_to_target_s": 2.0},
+      ...         {"batch_size": 32, "reached": True, DEVICE: 2.0, "time_to_target_s": 4.0}]
+      >>> [(r["batch_size"], r["rank"], r["wall_over_best"]) for r in rank(rows)]
+      [(32, 1, 2.0), (16, 2, 1.0)]
+    """
+    done = sorted((r for r in rows if r["reached"] and r.get(DEVICE) is not None),
+                  key=lambda r: (r[DEVICE], r[key]))  # fmt: skip
+    walls = [r["time_to_target_s"] for r in done if r.get("time_to_target_s") is not None]
+    return [
+        r | {"rank": 1 + sum(q[DEVICE] < r[DEVICE] for q in done),
+             "over_best": _ratio(r[DEVICE], done[0][DEVICE]),
+             "wall_over_best": _ratio(r.get("time_to_target_s"), min(walls, default=None))}
+        for r in done
+    ]  # fmt: skip
 
 
 def _step_time(sweep: dict, b: int) -> float | None:
@@ -204,10 +222,10 @@ def validation(sweep: dict) -> dict:
       (64, 1.125)
     """
     rows = {int(r["batch_size"]): r for r in sweep["tradeoff"].get("by_batch") or []}
-    done = [r for r in rows.values() if r["reached"] and r.get(DEVICE) is not None]
-    if not done:
+    ranked = rank(rows.values())
+    if not ranked:
         return {"error": "no batch size reached the target with every seed: nothing to compare"}
-    best = min(done, key=lambda r: (r[DEVICE], r["batch_size"]))
+    best = ranked[0]
     out: dict[str, Any] = {
         "best_measured": {
             k: best[k] for k in ("batch_size", DEVICE, "device_time_per_seed", "seeds")

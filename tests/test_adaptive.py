@@ -102,15 +102,15 @@ def test_unusable_noise_keeps_the_batch_and_says_why(noise, reason, words):
     config = adaptive_config()
     config.adaptive.patience = 1
     sched = adaptive.make_batch_schedule(config)
-    ctl = adaptive.BatchControl(config, sched)
+    policy = adaptive.ScheduledBatch(config, sched, eval_every_examples=0)
     opt = adaptive.with_batch_schedule(optax.sgd(0.1), sched.init())
     state = _State(opt.init({"w": jnp.zeros(2)}))
-    new, fields = ctl.update(state, noise, step=7)
-    assert (ctl.batch_size(new), ctl.lr_multiplier(new)) == (8, 0.5)
+    new, fields = policy.update(state, noise, step=7)
+    assert (policy.batch_size(new), policy.lr_multiplier(new)) == (8, 0.5)
     assert fields == {"schedule_reason": reason}
-    assert words in ctl.log.last["reason"] and ctl.log.last["step"] == 7
-    grown, fields = ctl.update(new, 100.0, step=9)  # a usable one: grows at once (patience 1)
-    assert ctl.batch_size(grown) == 32 and ctl.lr_multiplier(grown) == 1.0
+    assert words in policy.log.last["reason"] and policy.log.last["step"] == 7
+    grown, fields = policy.update(new, 100.0, step=9)  # a usable one: grows at once (patience 1)
+    assert policy.batch_size(grown) == 32 and policy.lr_multiplier(grown) == 1.0
     assert fields["schedule_change"]["new_batch_size"] == 32
     assert adaptive.schedule_from_rows([{"schedule_reason": reason}, fields]) == {
         "changes": [fields["schedule_change"]],
@@ -123,7 +123,7 @@ def test_bad_candidates_are_a_user_error_before_training(tmp_path, candidates):
     config = adaptive_config()
     config.adaptive.candidates = candidates
     with pytest.raises(UserError, match="config.adaptive.candidates"):
-        adaptive.candidates(config)
+        train.validate_config(config)
     with pytest.raises(UserError, match="config.adaptive.candidates"):
         train.train_and_evaluate(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "metrics.jsonl")
@@ -153,14 +153,14 @@ def test_bad_adaptive_fields_are_user_errors(tmp_path):
 def _scripted_noise(monkeypatch, values):
     """Feed the schedule ``values`` (one per update, the last one repeated) instead of the
     measured noise scale, so that the batch sizes a run visits are known."""
-    update = adaptive.BatchControl.update
+    update = adaptive.ScheduledBatch.update
     calls = []
 
     def scripted(self, state, noise, step):
         calls.append(step)
         return update(self, state, values[min(len(calls), len(values)) - 1], step)
 
-    monkeypatch.setattr(adaptive.BatchControl, "update", scripted)
+    monkeypatch.setattr(adaptive.ScheduledBatch, "update", scripted)
 
 
 @pytest.mark.timeout(300)
@@ -172,14 +172,14 @@ def test_each_batch_size_compiles_once_and_rows_carry_batch_and_lr(tmp_path, mon
     # score (1 + N/B)·sqrt(B) is least at B = N: N = 16 -> 16, 64 -> 32, 4 -> 8, 64 -> 32.
     _scripted_noise(monkeypatch, [16.0, 64.0, 64.0, 4.0, 64.0])
     caches = []
-    get = adaptive.StepCache.get
+    get = train.StepCache.get
 
     def recording_get(self, *args, **kwargs):
         if self not in caches:
             caches.append(self)
         return get(self, *args, **kwargs)
 
-    monkeypatch.setattr(adaptive.StepCache, "get", recording_get)
+    monkeypatch.setattr(train.StepCache, "get", recording_get)
     summary = train.train_and_evaluate(config, str(tmp_path))
     rows = runlog.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
     changes = [(r["step"], r["schedule_change"]["new_batch_size"]) for r in rows

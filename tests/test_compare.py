@@ -332,6 +332,10 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(trad
     step_time = {int(b): v["step_time_s"] for b, v in s["timing"].items()}
     for r in s["runs"]:
         rows = runlog.read_jsonl(os.path.join(r["workdir"], runlog.METRICS_FILE))
+        # One training loop: a fixed batch policy for all but the schedule's runs.
+        run_config = runlog.read_json(os.path.join(r["workdir"], runlog.CONFIG_FILE))
+        assert run_config["adaptive"]["enabled"] == (r["policy"] == "adaptive")
+        assert (r["policy"] == "adaptive") or {x["batch_size"] for x in rows} == {r["batch_size"]}
         steps = [x["step"] for x in rows]
         assert steps == sorted(set(steps))
         # One training: it stopped once, on its last row (no budget segments resumed).

@@ -165,3 +165,26 @@ def test_branched_stage_is_keyed_by_the_noise_scale_only_where_its_rule_uses_it(
     assert sweep.critical_fingerprint(sgd, float("inf")) == sweep.stage_fingerprint(
         sgd, "critical_batch"
     )
+
+
+def test_rank_is_who_won_fastest_first_ties_share_a_rank_misses_left_out():
+    rows = [
+        {"batch_size": 16, "reached": True, DEVICE: 3.0, "time_to_target_s": 2.0},
+        {"batch_size": 64, "reached": True, DEVICE: 2.0, "time_to_target_s": 5.0},
+        {"batch_size": 32, "reached": True, DEVICE: 2.0, "time_to_target_s": 4.0},
+        {"batch_size": 128, "reached": False, DEVICE: 1.0, "time_to_target_s": 1.0},
+    ]
+    r = validation.rank(rows)
+    assert [x["batch_size"] for x in r] == [32, 64, 16]  # equal times: the smaller batch first
+    assert [x["rank"] for x in r] == [1, 1, 3]
+    assert [x["over_best"] for x in r] == pytest.approx([1.0, 1.0, 1.5])
+    assert [x["wall_over_best"] for x in r] == pytest.approx([2.0, 2.5, 1.0])
+    assert validation.rank(rows[3:]) == []
+    # Grouped by policy (compare): rows in order of first appearance, means over the seeds.
+    times = {"default": (4.0, 5.0), "adaptive": (3.0, 5.0)}
+    runs = [dict(policy=p, seed=s, reached=True, time_to_target_s=t[s], **{DEVICE: t[s]})
+            for s in (0, 1) for p, t in times.items()]  # fmt: skip
+    means = validation.mean_over_seeds(runs, key="policy")
+    assert [m["policy"] for m in means] == ["default", "adaptive"]
+    assert [m[DEVICE] for m in means] == pytest.approx([4.5, 4.0])
+    assert [x["policy"] for x in validation.rank(means, key="policy")] == ["adaptive", "default"]
