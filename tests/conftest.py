@@ -1,4 +1,5 @@
-"""Test set-up: 4 simulated CPU devices for the data-parallel tests.
+"""Test set-up: 4 simulated CPU devices for the data-parallel tests, the order of the files
+(longest first), and a batch runner of commands (the ``commands`` fixture).
 
 The XLA flag must be set before JAX initializes its backend, so it is set here, at import time
 of the test session. Tests that need one device simply use the default device.
@@ -27,9 +28,9 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gns-tests-cache-")
 # with a long file at the end. Files not listed follow in their usual order.
 LONGEST_FIRST = (
     "test_mesh.py", "test_bench.py", "test_sweep.py", "test_compare.py", "test_train.py",
-    "test_ghost.py", "test_lm.py", "test_adaptive.py", "test_demo.py", "test_distributed.py",
-    "test_multihost.py", "test_estimate.py", "test_config.py", "test_cli.py", "test_readme.py",
-    "test_interrupt.py",
+    "test_ghost.py", "test_lm.py", "test_adaptive.py", "test_distributed.py", "test_multihost.py",
+    "test_demo.py", "test_estimate.py", "test_readme.py", "test_interrupt.py", "test_config.py",
+    "test_cli.py",
 )  # fmt: skip
 
 
