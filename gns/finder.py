@@ -58,6 +58,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from gns import common, critical, estimate, hardware, recommend, scaling, smoothing
 
@@ -414,20 +415,18 @@ def choose_basis(
       >>> basis, v
       ('b_simple', (100.0, 80.0, 130.0))
     """
-    evidence = {"b_simple": _triple(*b_simple)}
-    notes = []
+    evidence, notes = {"b_simple": _triple(*b_simple)}, {}
     wanted = {"trajectory": critical.BASIS_TRAJECTORY, "branched": critical.BASIS_BRANCHED}
     for name, eff in (("trajectory", trajectory), ("branched", branched)):
         if eff is None:
             continue
         evidence[name] = _triple(eff.value, eff.low, eff.high)
         if eff.basis != wanted[name] or not np.isfinite(eff.value):
-            notes.append(f"{name} not used ({eff.basis}: {eff.note})")
+            notes[name] = f"{name} not used ({eff.basis}: {eff.note})"
     for name in BASIS_ORDER:
         ev = evidence.get(name)
-        usable = name == "b_simple" or f"{name} not used" not in " ".join(notes)
-        if ev is not None and usable and not math.isnan(ev[0]):
-            return name, ev, evidence, "; ".join(notes)
+        if ev is not None and name not in notes and not math.isnan(ev[0]):
+            return name, ev, evidence, "; ".join(notes.values())
     raise ValueError(
         "no noise scale was measured (every estimate is nan): the pilot diverged or its "
         "gradients are not finite; lower the learning rate or check the loss."
@@ -1084,8 +1083,6 @@ class TrainState(NamedTuple):
 def _plain_step(loss_fn: Callable, optimizer, batch_size: int, accumulation_steps: int):
     """The jitted step of :func:`continue_training`, one per loss, optimizer and shape (kept, so
     that training on in chunks compiles once)."""
-    import optax  # the optimizer's own library: needed only to apply its updates
-
     b, k = batch_size, accumulation_steps
 
     @jax.jit
@@ -1305,7 +1302,6 @@ def _zeros_like_batch(template, size: int):
 
 def _make_steps(loss_fn, optimizer, method: str, num_microbatches: int, tracker):
     """``(measure_step, train_step, make_step)`` of the pilot, the timing and the forks."""
-    import optax  # the optimizer's own library: needed only to apply its updates
 
     def update(params, opt_state, grads, mult=1.0):
         updates, opt_state = optimizer.update(grads, opt_state, params)
