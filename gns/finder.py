@@ -73,21 +73,6 @@ __all__ = [
 BASIS_ORDER = ("branched", "trajectory", "b_simple")  # best evidence first
 
 
-def _json(x):
-    """``x`` as strict-JSON-able Python values (non-finite floats as ``None``)."""
-    if isinstance(x, Mapping):
-        return {str(k): _json(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json(v) for v in x]
-    if hasattr(x, "to_dict"):
-        return _json(x.to_dict())
-    if isinstance(x, np.ndarray | np.generic | jax.Array):
-        return _json(np.asarray(x).tolist())
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    return x if x is None or isinstance(x, bool | int | str) else str(x)
-
-
 # ---------------------------------------------------------------------------------------------
 # Batches.
 
@@ -738,7 +723,7 @@ def noise_record(pilot: Pilot, evidence: Mapping, plan: Plan) -> dict:
     (``steps``, ``every``, ``batch_size``, ``step_s``, ``stop_reason``, ``rows`` of ``step``,
     ``g_sq``, ``trace_cov``)."""
     rows = [{k: r.get(k) for k in ("step", "g_sq", "trace_cov")} for r in pilot.rows]
-    return _json(_noise_fields(evidence) | {
+    return common.to_json(_noise_fields(evidence) | {
         "confidence": plan.confidence,
         "pilot": {"steps": pilot.steps, "every": int(plan.every), "batch_size": plan.ref_batch_size,
                   "step_s": pilot.step_s, "stop_reason": pilot.stop_reason, "rows": rows},
@@ -753,7 +738,7 @@ def branch_record(out: Mapping, plan: Plan, pilot: Pilot, replayed: bool) -> dic
     forked = sum(p.examples_forked for p in out["points"])
     pilot_examples = pilot.steps * plan.ref_batch_size
     ref, exps = plan.ref_batch_size, plan.branch_exponents
-    return _json(_branch_fields(out) | {
+    return common.to_json(_branch_fields(out) | {
         "batch_sizes": [int(ref * 2.0**e) for e in exps],
         "examples_per_fork": out["examples_per_fork"], "examples_forked": forked,
         "pilot_examples": pilot_examples, "cost_fraction": forked / pilot_examples,
@@ -1048,7 +1033,7 @@ class BatchSizeResult:
             "state": None if self.state is None else {
                 "step": self.state.step, "examples_seen": self.state.examples_seen},
         }  # fmt: skip
-        return _json(out)
+        return common.to_json(out)
 
     def plot(self) -> list:
         """The noise scale over the pilot and the throughput curve (:mod:`gns.plots`), as two
