@@ -11,10 +11,11 @@ output gradient ``g``, and its squared norm has a closed form:
 
 * ``dot_general`` (any dense layer, attention projection, einsum, ``jnp.dot``): one example's
   kernel gradient is ``Σ_t x_t g_tᵀ`` over the free positions ``t`` of the operand; its
-  squared norm is either **direct** ``‖Σ_t x_t g_tᵀ‖²`` (cost ``T·K·C`` per example) or
-  **Gram** ``Σ_{t,t'} (x_t·x_t')(g_t·g_t')`` (cost ``T²·(K+C)``), the cheaper one per
-  operation. Axes shared by both operands (``dot_general`` batch dimensions, e.g. heads) are
-  summed over outside.
+  squared norm is either **direct** ``‖Σ_t x_t g_tᵀ‖²`` (the per-example gradients, ``K·C``
+  each, which also give the kernel's gradient) or **Gram** ``Σ_{t,t'} (x_t·x_t')(g_t·g_t')``
+  (cost ``T²·(K+C)`` per example), the cheaper one per operation by the cost model. Axes
+  shared by both operands (``dot_general`` batch dimensions, e.g. heads) are summed over
+  outside.
 * ``conv_general_dilated`` (no feature groups, no input dilation): the same, with ``x_t`` the
   input patch at output position ``t``; patches are strided slices of the padded input, one per
   kernel offset, never concatenated.
@@ -29,12 +30,22 @@ output gradient ``g``, and its squared norm has a closed form:
   axes.
 
 **One backward pass.** The jaxpr is evaluated again under ``jax.grad`` with respect to
-``(params, slots)``; the output of each covered operation passes through an identity with a
-custom VJP (``_tap``) holding the other operand. In the backward pass the tap receives
-``∂(mean loss)/∂(output)``, which times ``B`` (the loss is a mean) is the per-example output
-gradient, contracts it per example and returns the squared norms as the gradient of the slot (a
-zero ``[B]`` per leaf): this is the zero-perturbation trick with the contraction done where
-``g`` appears, so no per-example tensor outlives its operation.
+``(params, slots)`` (a zero ``[B]`` slot per covered leaf, whose gradient receives the
+per-example squared norms); each covered operation is wrapped in a custom VJP. In the backward
+pass it receives ``∂(mean loss)/∂(output)``, which times ``B`` (the loss is a mean) is the
+per-example output gradient ``g``, and contracts it per example, where ``g`` appears, so no
+per-example tensor outlives its operation:
+
+* in the **direct** form (dense and conv kernels) and for broadcast parameters, the
+  per-example parts (the per-example kernel gradients ``Σ_t x_t g_tᵀ``, one batched product;
+  the per-example sums of ``g``) are computed once and give both the squared norms and the
+  parameter's gradient (their sum over examples), in place of the plain step's
+  weight-gradient product or reduction: the norms cost one pass over the parts;
+* in the **Gram** form (and for gathers) the wrapper is an identity on the output (``_tap``):
+  the parameter's gradient is the plain one and the norms come from the Gram matrices.
+
+Squared norms are taken of parts (or ``g``) scaled by their maximum, so that squares of tiny
+gradients (a loss scaled by 1e-20) do not underflow when the squared norm is representable.
 
 **Which axis is the example axis** of each value: the jaxpr is traced at batch sizes ``B`` and
 ``B + 1``; an axis that changes from ``B`` to ``B + 1`` (the only one that changes) is the
@@ -901,38 +912,24 @@ def _backward_flops(c: _Consumer, leaf_size: int) -> float:
 # Per-example squared norms from an operand and the output gradient.
 
 
-def _kernel_sq(pieces: list[jax.Array], g: jax.Array, form: str) -> jax.Array:
-    """Per-example ``‖Σ_t p_t g_tᵀ‖²``, shape ``[B]``.
+def _gram_sq(pieces: list[jax.Array], g: jax.Array) -> jax.Array:
+    """Per-example ``‖Σ_t p_t g_tᵀ‖²`` in the Gram form ``Σ_{t,t'} (p_t·p_t')(g_t·g_t')``,
+    shape ``[B]``.
 
     Args:
       pieces: the operand (patches) ``p: [B, T, K]`` split along ``K`` into pieces
         ``[B, T, K_o]`` (one per kernel offset of a convolution, the whole operand of a
-        ``dot_general``). The squared norm is a sum over pieces (direct) and the patch Gram a
-        sum of piece Grams, so the patches are never concatenated.
+        ``dot_general``): the patch Gram is the sum of the piece Grams, so the patches are
+        never concatenated.
       g: output gradients ``[B, T, C]``.
-      form: ``"direct"``, ``"gram"`` or ``"auto"`` (fewer multiply-adds).
     """
-    t, c = g.shape[1], g.shape[2]
-    form = _pick(form, t, sum(p.shape[-1] for p in pieces), c)
-    if form == "direct":
-        return sum(
-            jnp.sum(jnp.square(jnp.einsum("btk,btc->bkc", p, g)), axis=(1, 2)) for p in pieces
-        )
-    if t == 1:  # rank one: ‖p‖²·‖g‖²
+    if g.shape[1] == 1:  # rank one: ‖p‖²·‖g‖²
         return sum(jnp.sum(jnp.square(p), axis=(1, 2)) for p in pieces) * jnp.sum(
             jnp.square(g), axis=(1, 2)
         )
     pp = sum(jnp.einsum("btk,bsk->bts", p, p) for p in pieces)
     gg = jnp.einsum("btc,bsc->bts", g, g)
     return jnp.sum(pp * gg, axis=(1, 2))
-
-
-def _pick(form: str, t: int, k: int, c: int) -> str:
-    """``form``, or for ``"auto"`` the one with fewer multiply-adds per example (direct
-    ``T·K·C``, Gram ``T²·(K+C)``)."""
-    if form != "auto":
-        return form
-    return "gram" if t * t * (k + c) < t * k * c else "direct"
 
 
 def _conv_pieces(x: jax.Array, conv) -> list[jax.Array]:
@@ -995,10 +992,6 @@ def _consumer_sq_norms(c: _Consumer, x, g: jax.Array, form: str) -> jax.Array:
     (where the consumer has it)."""
     form = _form_of(c, form)
     n = g.shape[c.axis]
-    if c.kind == "sum":
-        h = g * x.astype(g.dtype) if x is not None else g
-        h = jnp.sum(h, axis=c.sum_axes, keepdims=True) if c.sum_axes else h
-        return jnp.sum(jnp.square(jnp.moveaxis(h, c.axis, 0).reshape(n, -1)), axis=1)
     if c.kind == "embed":
         tokens = jnp.moveaxis(x[..., 0], c.axis, 0).reshape(n, -1)
         if c.clip:
@@ -1010,40 +1003,39 @@ def _consumer_sq_norms(c: _Consumer, x, g: jax.Array, form: str) -> jax.Array:
         lay = c.layout
         x = jnp.transpose(x, lay.x_perm).reshape(n, lay.s, lay.t, lay.k)
         g = jnp.transpose(g, lay.g_perm).reshape(n, lay.s, lay.t, lay.c)
-        fn = functools.partial(_dense_sq, form)
+        fn = _dense_sq
     else:
         x_perm, g_perm, *conv = c.conv
         x, g = jnp.transpose(x, x_perm), jnp.transpose(g, g_perm)
-        fn = functools.partial(_conv_sq, tuple(conv), form)
-    return _in_chunks(fn, x, g, c.chunks)
+        fn = functools.partial(_conv_sq, tuple(conv))
+    return _in_chunks(fn, (x, g), c.chunks).reshape(n)
 
 
-def _dense_sq(form: str, x: jax.Array, g: jax.Array) -> jax.Array:
+def _dense_sq(x: jax.Array, g: jax.Array) -> jax.Array:
     """Per-example squared norms ``[b]`` of a ``dot_general`` parameter from ``x: [b, S, T, K]``
     and ``g: [b, S, T, C]`` (the ``S`` shared axes are independent products, summed)."""
     b, s, t, _ = x.shape
-    sq = _kernel_sq([x.reshape(b * s, t, -1)], g.reshape(b * s, t, -1), form)
+    sq = _gram_sq([x.reshape(b * s, t, -1)], g.reshape(b * s, t, -1))
     return jnp.sum(sq.reshape(b, s), axis=1)
 
 
-def _conv_sq(conv, form: str, x: jax.Array, g: jax.Array) -> jax.Array:
+def _conv_sq(conv, x: jax.Array, g: jax.Array) -> jax.Array:
     """Per-example squared norms ``[b]`` of a convolution kernel from channels-last ``x`` and
     ``g``."""
     pieces = _conv_pieces(x, conv)
-    return _kernel_sq(pieces, g.reshape(g.shape[0], -1, g.shape[-1]), form)
+    return _gram_sq(pieces, g.reshape(g.shape[0], -1, g.shape[-1]))
 
 
-def _in_chunks(fn, x: jax.Array, g: jax.Array, chunks: int) -> jax.Array:
-    """``fn(x, g)`` (per-example values ``[B]``) over ``chunks`` equal example chunks in turn
-    (``jax.lax.map``): the per-example intermediates of one chunk exist at a time."""
+def _in_chunks(fn, xg: tuple, chunks: int):
+    """``fn(*xg)`` over ``chunks`` equal example chunks in turn (``jax.lax.map``; the
+    per-example intermediates of one chunk exist at a time), its outputs stacked along a new
+    leading axis (of size 1 for one chunk)."""
     if chunks <= 1:
-        return fn(x, g)
-    b = g.shape[0]
-
-    def split(a):
-        return a.reshape((chunks, b // chunks) + a.shape[1:])
-
-    return lax.map(lambda xg: fn(*xg), (split(x), split(g))).reshape(b)
+        return jax.tree.map(lambda a: a[None], fn(*xg))
+    b = xg[-1].shape[0]
+    return lax.map(
+        lambda a: fn(*a), tuple(a.reshape((chunks, b // chunks) + a.shape[1:]) for a in xg)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1175,8 +1167,8 @@ def _reusing(c: _Consumer, n: int, op, vals: list, slot: jax.Array) -> list:
         if c.kind == "conv":
             x_perm, g_perm, *conv = c.conv
             xg = (jnp.transpose(x, x_perm), jnp.transpose(gs[0], g_perm))
-            gw, norms = _chunk_sums(functools.partial(_conv_parts, tuple(conv), n), xg, c.chunks)
-            gw = jnp.transpose(gw, c.w_perm)
+            gw, norms = _in_chunks(functools.partial(_conv_parts, tuple(conv), n), xg, c.chunks)
+            gw, norms = jnp.transpose(jnp.sum(gw, axis=0), c.w_perm), norms.reshape(n)
         else:
             gw, norms = _norms_of(n, *_per_example_parts(c, n, x, gs[0]))
         return g_others, gw.reshape(w.shape).astype(w.dtype), norms.astype(slot.dtype)
@@ -1206,17 +1198,6 @@ def _conv_parts(conv, n: int, x: jax.Array, g: jax.Array) -> tuple[jax.Array, ja
     )
     gw = jnp.einsum("b,bokc->okc", jnp.ones((g.shape[0],), acc), parts)
     return _norms_of(n, gw.reshape(*conv[0], *gw.shape[1:]), parts)
-
-
-def _chunk_sums(fn, xg: tuple, chunks: int) -> tuple[jax.Array, jax.Array]:
-    """``fn(x, g) -> (sum over examples, per-example values [b])`` over ``chunks`` equal
-    example chunks in turn (``jax.lax.map``): the sums added, the values concatenated."""
-    if chunks <= 1:
-        return fn(*xg)
-    b = xg[1].shape[0]
-    split = [a.reshape((chunks, b // chunks) + a.shape[1:]) for a in xg]
-    sums, values = lax.map(lambda a: fn(*a), tuple(split))
-    return jnp.sum(sums, axis=0), values.reshape(b)
 
 
 def _per_example_parts(c: _Consumer, n: int, x, g) -> tuple[jax.Array, jax.Array]:

@@ -212,11 +212,27 @@ def test_weight_penalty_in_loss_goes_to_fallback():
 
 
 def test_cost_model_picks_cheaper_form():
-    # A stride-1 first conv at 32x32 (T=1024) is direct, a conv at 8x8 (T=64) Gram.
-    assert ghost._pick("auto", 1024, 27, 32) == "direct"
-    assert ghost._pick("auto", 64, 576, 128) == "gram"
-    assert ghost._pick("auto", 1, 128, 10) == "gram"  # Dense: rank one
-    assert ghost._pick("direct", 1, 128, 10) == "direct"
+    # A dense layer on one position per example: the rank-one Gram form (the direct form's
+    # per-example gradients would be B·K·C). A Transformer at context 64: the attention
+    # projections (K = C = 128) direct, the 128 -> 512 MLP Gram (T²·(K+C) < bytes of B·K·C).
+    # A stride-1 first conv at 32x32 (T=1024, K=27): direct; a conv at 8x8 (T=64, K=576): Gram.
+    from experiments import bench_lm, models  # noqa: PLC0415
+
+    loss_fn, params, batch = bench_lm.row_problem("plain_mlp", 128)
+    assert {c.form for c in ghost.plan(loss_fn, params, batch).consumers if c.kind == "dense"} == {
+        "gram"
+    }
+    lm = dict(vocab_size=256, context=64, width=128, depth=1, num_heads=4, mlp_ratio=4)
+    loss_fn, params, batch = bench_lm.row_problem("lm1b", 32, **lm)
+    the_plan = ghost.plan(loss_fn, params, batch)
+    forms = {the_plan.name(c.leaf): c.form for c in the_plan.consumers}
+    assert forms["MultiHeadDotProductAttention_0/query/kernel"] == "direct"
+    assert forms["Dense_0/kernel"] == "gram"
+    model = models.SmallCNN(widths=(32, 64, 128), num_classes=10, groups=8)
+    loss_fn, params, batch = setup(model, images((128, 32, 32, 3)))
+    the_plan = ghost.plan(loss_fn, params, batch)
+    forms = {the_plan.name(c.leaf): c.form for c in the_plan.consumers}
+    assert forms["Conv_0/kernel"] == "direct" and forms["Conv_2/kernel"] == "gram"
 
 
 def test_per_example_auto_and_vmap_give_same_stats_and_grad():
