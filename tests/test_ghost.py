@@ -218,21 +218,24 @@ def test_cost_model_picks_cheaper_form():
     # A stride-1 first conv at 32x32 (T=1024, K=27): direct; a conv at 8x8 (T=64, K=576): Gram.
     from experiments import bench_lm, models  # noqa: PLC0415
 
+    def forms(loss_fn, params, batch):  # tracing only: abstract parameters and batches
+        the_plan = ghost.plan(loss_fn, params, batch)
+        return {the_plan.name(c.leaf): c.form for c in the_plan.consumers}
+
     loss_fn, params, batch = bench_lm.row_problem("plain_mlp", 128)
-    assert {c.form for c in ghost.plan(loss_fn, params, batch).consumers if c.kind == "dense"} == {
-        "gram"
-    }
-    lm = dict(vocab_size=256, context=64, width=128, depth=1, num_heads=4, mlp_ratio=4)
-    loss_fn, params, batch = bench_lm.row_problem("lm1b", 32, **lm)
-    the_plan = ghost.plan(loss_fn, params, batch)
-    forms = {the_plan.name(c.leaf): c.form for c in the_plan.consumers}
-    assert forms["MultiHeadDotProductAttention_0/query/kernel"] == "direct"
-    assert forms["Dense_0/kernel"] == "gram"
-    model = models.SmallCNN(widths=(32, 64, 128), num_classes=10, groups=8)
-    loss_fn, params, batch = setup(model, images((128, 32, 32, 3)))
-    the_plan = ghost.plan(loss_fn, params, batch)
-    forms = {the_plan.name(c.leaf): c.form for c in the_plan.consumers}
-    assert forms["Conv_0/kernel"] == "direct" and forms["Conv_2/kernel"] == "gram"
+    assert {forms(loss_fn, params, batch)[f"w{i}"] for i in range(3)} == {"gram"}
+    lm = bench_lm.Lm1bTransformer(depth=1)
+    tokens = jax.ShapeDtypeStruct((32, 65), jnp.int32)
+    params = jax.eval_shape(lambda: lm.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32)))
+    lm_forms = forms(bench_lm.lm_loss(lm), params["params"], tokens)
+    assert lm_forms["MultiHeadDotProductAttention_0/query/kernel"] == "direct"
+    assert lm_forms["Dense_0/kernel"] == "gram"
+    cnn = models.SmallCNN()
+    x = jax.ShapeDtypeStruct((128, 32, 32, 3), jnp.float32)
+    params = jax.eval_shape(lambda: cnn.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    batch = (x, jax.ShapeDtypeStruct((128,), jnp.int32))
+    cnn_forms = forms(classifier_loss(cnn), params["params"], batch)
+    assert cnn_forms["Conv_0/kernel"] == "direct" and cnn_forms["Conv_2/kernel"] == "gram"
 
 
 def test_per_example_auto_and_vmap_give_same_stats_and_grad():
