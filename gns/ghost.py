@@ -11,10 +11,11 @@ output gradient ``g``, and its squared norm has a closed form:
 
 * ``dot_general`` (any dense layer, attention projection, einsum, ``jnp.dot``): one example's
   kernel gradient is ``Σ_t x_t g_tᵀ`` over the free positions ``t`` of the operand; its
-  squared norm is either **direct** ``‖Σ_t x_t g_tᵀ‖²`` (cost ``T·K·C`` per example) or
-  **Gram** ``Σ_{t,t'} (x_t·x_t')(g_t·g_t')`` (cost ``T²·(K+C)``), the cheaper one per
-  operation. Axes shared by both operands (``dot_general`` batch dimensions, e.g. heads) are
-  summed over outside.
+  squared norm is either **direct** ``‖Σ_t x_t g_tᵀ‖²`` (the per-example gradients, ``K·C``
+  each, which also give the kernel's gradient) or **Gram** ``Σ_{t,t'} (x_t·x_t')(g_t·g_t')``
+  (cost ``T²·(K+C)`` per example), the cheaper one per operation by the cost model. Axes
+  shared by both operands (``dot_general`` batch dimensions, e.g. heads) are summed over
+  outside.
 * ``conv_general_dilated`` (no feature groups, no input dilation): the same, with ``x_t`` the
   input patch at output position ``t``; patches are strided slices of the padded input, one per
   kernel offset, never concatenated.
@@ -29,12 +30,22 @@ output gradient ``g``, and its squared norm has a closed form:
   axes.
 
 **One backward pass.** The jaxpr is evaluated again under ``jax.grad`` with respect to
-``(params, slots)``; the output of each covered operation passes through an identity with a
-custom VJP (``_tap``) holding the other operand. In the backward pass the tap receives
-``∂(mean loss)/∂(output)``, which times ``B`` (the loss is a mean) is the per-example output
-gradient, contracts it per example and returns the squared norms as the gradient of the slot (a
-zero ``[B]`` per leaf): this is the zero-perturbation trick with the contraction done where
-``g`` appears, so no per-example tensor outlives its operation.
+``(params, slots)`` (a zero ``[B]`` slot per covered leaf, whose gradient receives the
+per-example squared norms); each covered operation is wrapped in a custom VJP. In the backward
+pass it receives ``∂(mean loss)/∂(output)``, which times ``B`` (the loss is a mean) is the
+per-example output gradient ``g``, and contracts it per example, where ``g`` appears, so no
+per-example tensor outlives its operation:
+
+* in the **direct** form (dense and conv kernels) and for broadcast parameters, the
+  per-example parts (the per-example kernel gradients ``Σ_t x_t g_tᵀ``, one batched product;
+  the per-example sums of ``g``) are computed once and give both the squared norms and the
+  parameter's gradient (their sum over examples), in place of the plain step's
+  weight-gradient product or reduction: the norms cost one pass over the parts;
+* in the **Gram** form (and for gathers) the wrapper is an identity on the output (``_tap``):
+  the parameter's gradient is the plain one and the norms come from the Gram matrices.
+
+Squared norms are taken of parts (or ``g``) scaled by their maximum, so that squares of tiny
+gradients (a loss scaled by 1e-20) do not underflow when the squared norm is representable.
 
 **Which axis is the example axis** of each value: the jaxpr is traced at batch sizes ``B`` and
 ``B + 1``; an axis that changes from ``B`` to ``B + 1`` (the only one that changes) is the
@@ -272,16 +283,21 @@ def _run(flat: _Flat, args, hook=None) -> list:
 
     for i, e in enumerate(flat.eqns):
         vals = [read(a) for a in e.ins]
-        bind_params = e.primitive.get_bind_params(e.params)
-        subfuns = ()
-        if isinstance(bind_params, tuple):  # (subfuns, params) in older JAX versions
-            subfuns, bind_params = bind_params
-        out = e.primitive.bind(*subfuns, *vals, **bind_params)
-        out = list(out) if e.primitive.multiple_results else [out]
+        out = _bind(e, vals)
         if hook is not None:
             out = hook(i, vals, out)
         env.update(zip(e.outs, out, strict=True))
     return [read(a) for a in flat.outvars]
+
+
+def _bind(e: _Eqn, vals) -> list:
+    """The outputs of equation ``e`` applied to ``vals`` (a list)."""
+    bind_params = e.primitive.get_bind_params(e.params)
+    subfuns = ()
+    if isinstance(bind_params, tuple):  # (subfuns, params) in older JAX versions
+        subfuns, bind_params = bind_params
+    out = e.primitive.bind(*subfuns, *vals, **bind_params)
+    return list(out) if e.primitive.multiple_results else [out]
 
 
 def _uses(flat: _Flat) -> tuple[dict[int, int], list[bool]]:
@@ -328,10 +344,14 @@ def _example_axes(flat: _Flat, alt: _Flat, n: int) -> dict[int, int | None]:
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """How a ``dot_general``'s batched operand and output gradient map to ``[B·S, T, K]`` and
-    ``[B·S, T, C]``: transpose by ``x_perm``/``g_perm``, then reshape."""
+    ``[B·S, T, C]``: transpose by ``x_perm``/``g_perm``, then reshape; and how a gradient
+    ``[S, K, C]`` maps back to the parameter's layout: reshape to ``w_shape``, then transpose
+    by the inverse of ``w_perm``."""
 
     x_perm: tuple[int, ...]
     g_perm: tuple[int, ...]
+    w_perm: tuple[int, ...]
+    w_shape: tuple[int, ...]
     s: int
     t: int
     k: int
@@ -351,11 +371,13 @@ class _Consumer:
     leaf: int
     eqn: int  # index in the flat jaxpr
     primitive: str
+    pos: int  # operand index of the parameter
     x_pos: int | None  # operand index of the batched operand the norm needs (None: none)
     out_shape: tuple[int, ...]
     axis: int  # the example axis of the output
     layout: _Layout | None = None  # dense
     conv: tuple | None = None  # (x_perm, g_perm, kernel_size, strides, padding, dilation)
+    w_perm: tuple[int, ...] = ()  # conv: kernel [*window, in, out] to the kernel's layout
     vocab: int = 0  # embed: rows of the table
     clip: bool = False  # embed: out-of-range tokens are clamped (else they count for nothing)
     sum_axes: tuple[int, ...] = ()  # sum: the broadcast axes of the output
@@ -392,6 +414,8 @@ def _dense_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
             *(x_out0 + x_free.index(d) for d in t_dims),
             *(v_out0 + i for i in range(len(v_free))),
         ),
+        w_perm=(*vb, *vc, *v_free),
+        w_shape=tuple(vshape[d] for d in (*vb, *vc, *v_free)),
         s=_prod(xshape[d] for d in xb),
         t=_prod(xshape[d] for d in t_dims),
         k=_prod(xshape[d] for d in xc),
@@ -422,7 +446,8 @@ def _conv_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
         tuple(tuple(pad) for pad in p["padding"]),
         tuple(p["rhs_dilation"]),
     )
-    return {"kind": "conv", "x_pos": 0, "conv": conv, "axis": out[0]}, ""
+    w_perm = tuple(np.argsort((*rhs[2:], rhs[1], rhs[0])))  # [*window, in, out] -> kernel
+    return {"kind": "conv", "x_pos": 0, "conv": conv, "w_perm": w_perm, "axis": out[0]}, ""
 
 
 def _embed_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
@@ -523,8 +548,8 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
             source[e.outs[0]] = j
         elif what == "consumer":
             found[j] = _Consumer(
-                leaf=j, eqn=i, primitive=e.primitive.name, out_shape=flat.shapes[e.outs[0]],
-                **fields,
+                leaf=j, eqn=i, primitive=e.primitive.name, pos=pos,
+                out_shape=flat.shapes[e.outs[0]], **fields,
             )  # fmt: skip
         else:
             reasons.setdefault(j, reason)
@@ -832,8 +857,8 @@ def _form_cost(c: _Consumer, form: str, n: int, leaf_size: int) -> tuple[str, fl
     if c.kind in ("dense", "conv"):
         m, t, k, cc = _contraction_dims(c, n, leaf_size)
         patches = 4.0 * m * t * k if c.kind == "conv" else 0.0
-        if form == "direct":
-            return form, 2.0 * m * t * k * cc + 2.0 * m * k * cc, 8.0 * m * k * cc + patches
+        if form == "direct":  # the per-example products replace the weight gradient
+            return form, 2.0 * m * k * cc, 12.0 * m * k * cc + patches
         if form == "gram":
             if t == 1:
                 return form, 2.0 * m * (k + cc), 8.0 * m + patches
@@ -887,38 +912,24 @@ def _backward_flops(c: _Consumer, leaf_size: int) -> float:
 # Per-example squared norms from an operand and the output gradient.
 
 
-def _kernel_sq(pieces: list[jax.Array], g: jax.Array, form: str) -> jax.Array:
-    """Per-example ``‖Σ_t p_t g_tᵀ‖²``, shape ``[B]``.
+def _gram_sq(pieces: list[jax.Array], g: jax.Array) -> jax.Array:
+    """Per-example ``‖Σ_t p_t g_tᵀ‖²`` in the Gram form ``Σ_{t,t'} (p_t·p_t')(g_t·g_t')``,
+    shape ``[B]``.
 
     Args:
       pieces: the operand (patches) ``p: [B, T, K]`` split along ``K`` into pieces
         ``[B, T, K_o]`` (one per kernel offset of a convolution, the whole operand of a
-        ``dot_general``). The squared norm is a sum over pieces (direct) and the patch Gram a
-        sum of piece Grams, so the patches are never concatenated.
+        ``dot_general``): the patch Gram is the sum of the piece Grams, so the patches are
+        never concatenated.
       g: output gradients ``[B, T, C]``.
-      form: ``"direct"``, ``"gram"`` or ``"auto"`` (fewer multiply-adds).
     """
-    t, c = g.shape[1], g.shape[2]
-    form = _pick(form, t, sum(p.shape[-1] for p in pieces), c)
-    if form == "direct":
-        return sum(
-            jnp.sum(jnp.square(jnp.einsum("btk,btc->bkc", p, g)), axis=(1, 2)) for p in pieces
-        )
-    if t == 1:  # rank one: ‖p‖²·‖g‖²
+    if g.shape[1] == 1:  # rank one: ‖p‖²·‖g‖²
         return sum(jnp.sum(jnp.square(p), axis=(1, 2)) for p in pieces) * jnp.sum(
             jnp.square(g), axis=(1, 2)
         )
     pp = sum(jnp.einsum("btk,bsk->bts", p, p) for p in pieces)
     gg = jnp.einsum("btc,bsc->bts", g, g)
     return jnp.sum(pp * gg, axis=(1, 2))
-
-
-def _pick(form: str, t: int, k: int, c: int) -> str:
-    """``form``, or for ``"auto"`` the one with fewer multiply-adds per example (direct
-    ``T·K·C``, Gram ``T²·(K+C)``)."""
-    if form != "auto":
-        return form
-    return "gram" if t * t * (k + c) < t * k * c else "direct"
 
 
 def _conv_pieces(x: jax.Array, conv) -> list[jax.Array]:
@@ -967,18 +978,20 @@ def _acc_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _form_of(c: _Consumer, form: str) -> str:
+    """The form consumer ``c`` runs in: its planned one for ``"auto"`` (the cost model) or
+    where it has no such form, else ``form``."""
+    return c.form if form == "auto" or form not in _forms(c) else form
+
+
 def _consumer_sq_norms(c: _Consumer, x, g: jax.Array, form: str) -> jax.Array:
     """Per-example squared norms ``[B]`` of the leaf of consumer ``c`` from its batched
     operand ``x`` (``None`` when not needed) and output gradient ``g`` (float32 at least).
 
     ``form="auto"`` takes the consumer's planned form (the cost model), else the given one
     (where the consumer has it)."""
-    form = c.form if form == "auto" or form not in _forms(c) else form
+    form = _form_of(c, form)
     n = g.shape[c.axis]
-    if c.kind == "sum":
-        h = g * x.astype(g.dtype) if x is not None else g
-        h = jnp.sum(h, axis=c.sum_axes, keepdims=True) if c.sum_axes else h
-        return jnp.sum(jnp.square(jnp.moveaxis(h, c.axis, 0).reshape(n, -1)), axis=1)
     if c.kind == "embed":
         tokens = jnp.moveaxis(x[..., 0], c.axis, 0).reshape(n, -1)
         if c.clip:
@@ -990,40 +1003,39 @@ def _consumer_sq_norms(c: _Consumer, x, g: jax.Array, form: str) -> jax.Array:
         lay = c.layout
         x = jnp.transpose(x, lay.x_perm).reshape(n, lay.s, lay.t, lay.k)
         g = jnp.transpose(g, lay.g_perm).reshape(n, lay.s, lay.t, lay.c)
-        fn = functools.partial(_dense_sq, form)
+        fn = _dense_sq
     else:
         x_perm, g_perm, *conv = c.conv
         x, g = jnp.transpose(x, x_perm), jnp.transpose(g, g_perm)
-        fn = functools.partial(_conv_sq, tuple(conv), form)
-    return _in_chunks(fn, x, g, c.chunks)
+        fn = functools.partial(_conv_sq, tuple(conv))
+    return _in_chunks(fn, (x, g), c.chunks).reshape(n)
 
 
-def _dense_sq(form: str, x: jax.Array, g: jax.Array) -> jax.Array:
+def _dense_sq(x: jax.Array, g: jax.Array) -> jax.Array:
     """Per-example squared norms ``[b]`` of a ``dot_general`` parameter from ``x: [b, S, T, K]``
     and ``g: [b, S, T, C]`` (the ``S`` shared axes are independent products, summed)."""
     b, s, t, _ = x.shape
-    sq = _kernel_sq([x.reshape(b * s, t, -1)], g.reshape(b * s, t, -1), form)
+    sq = _gram_sq([x.reshape(b * s, t, -1)], g.reshape(b * s, t, -1))
     return jnp.sum(sq.reshape(b, s), axis=1)
 
 
-def _conv_sq(conv, form: str, x: jax.Array, g: jax.Array) -> jax.Array:
+def _conv_sq(conv, x: jax.Array, g: jax.Array) -> jax.Array:
     """Per-example squared norms ``[b]`` of a convolution kernel from channels-last ``x`` and
     ``g``."""
     pieces = _conv_pieces(x, conv)
-    return _kernel_sq(pieces, g.reshape(g.shape[0], -1, g.shape[-1]), form)
+    return _gram_sq(pieces, g.reshape(g.shape[0], -1, g.shape[-1]))
 
 
-def _in_chunks(fn, x: jax.Array, g: jax.Array, chunks: int) -> jax.Array:
-    """``fn(x, g)`` (per-example values ``[B]``) over ``chunks`` equal example chunks in turn
-    (``jax.lax.map``): the per-example intermediates of one chunk exist at a time."""
+def _in_chunks(fn, xg: tuple, chunks: int):
+    """``fn(*xg)`` over ``chunks`` equal example chunks in turn (``jax.lax.map``; the
+    per-example intermediates of one chunk exist at a time), its outputs stacked along a new
+    leading axis (of size 1 for one chunk)."""
     if chunks <= 1:
-        return fn(x, g)
-    b = g.shape[0]
-
-    def split(a):
-        return a.reshape((chunks, b // chunks) + a.shape[1:])
-
-    return lax.map(lambda xg: fn(*xg), (split(x), split(g))).reshape(b)
+        return jax.tree.map(lambda a: a[None], fn(*xg))
+    b = xg[-1].shape[0]
+    return lax.map(
+        lambda a: fn(*a), tuple(a.reshape((chunks, b // chunks) + a.shape[1:]) for a in xg)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1078,6 +1090,8 @@ def sums(
             if i not in by_eqn:
                 return outs
             k, c = by_eqn[i]
+            if c.kind == "sum" or (c.kind in ("dense", "conv") and _form_of(c, form) == "direct"):
+                return _reusing(c, n, functools.partial(_bind, flat.eqns[i]), vals, zs[k])
             x = lax.stop_gradient(vals[c.x_pos]) if c.x_pos is not None else None
             return [_tap(c, n, form, outs[0], x, zs[k]), *outs[1:]]
 
@@ -1123,6 +1137,86 @@ def _tap_bwd(consumer, n, form, res, g):
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def _reusing(c: _Consumer, n: int, op, vals: list, slot: jax.Array) -> list:
+    """The outputs of consumer ``c`` (``op(vals)``), differentiated so that the parameter's
+    gradient comes from the per-example pieces of its norm (:func:`_per_example_parts`: the
+    per-example kernel gradients of a ``dot_general`` in the direct form, the per-example sums
+    of a broadcast parameter's gradient): they are computed once, in place of the plain
+    gradient's product or reduction, and give the per-example squared norms (the cotangent of
+    ``slot``). The other operands' gradients are the plain ones."""
+    pos = c.pos
+    others = [jnp.asarray(v) for k, v in enumerate(vals) if k != pos]
+
+    def call(others, w):
+        return op([*others[:pos], w, *others[pos:]])
+
+    @jax.custom_vjp
+    def f(others, w, slot):
+        del slot
+        return call(others, w)
+
+    def fwd(others, w, slot):
+        return call(others, w), (others, w, slot)
+
+    def bwd(res, gs):
+        others, w, slot = res
+        (g_others,) = jax.vjp(lambda o: call(o, w), others)[1](gs)
+        x = others[c.x_pos - (c.x_pos > pos)] if c.x_pos is not None else None
+        if c.kind == "conv":
+            x_perm, g_perm, *conv = c.conv
+            xg = (jnp.transpose(x, x_perm), jnp.transpose(gs[0], g_perm))
+            gw, norms = _in_chunks(functools.partial(_conv_parts, tuple(conv), n), xg, c.chunks)
+            gw, norms = jnp.transpose(jnp.sum(gw, axis=0), c.w_perm), norms.reshape(n)
+        else:
+            gw, norms = _norms_of(n, *_per_example_parts(c, n, x, gs[0]))
+        return g_others, gw.reshape(w.shape).astype(w.dtype), norms.astype(slot.dtype)
+
+    f.defvjp(fwd, bwd)
+    return f(others, vals[pos], slot)
+
+
+def _norms_of(n: int, gw: jax.Array, parts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(gw, squared norms of n·parts per example)`` (a mean loss: one example's gradient is
+    ``n`` times its part), scaled by ``max|parts|`` against underflow."""
+    m = jnp.max(jnp.abs(parts))
+    scale = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
+    norms = jnp.sum(jnp.square(parts * (n / scale)), axis=tuple(range(1, parts.ndim)))
+    return gw, jnp.square(jnp.sqrt(norms) * scale)
+
+
+def _conv_parts(conv, n: int, x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A convolution kernel's gradient ``[*window, in, out]`` and per-example squared norms
+    from channels-last ``x`` and ``g`` (of the mean loss): per kernel offset, the per-example
+    products of the input patches with ``g`` (their sum over examples is the kernel's
+    gradient at that offset)."""
+    acc = _acc_dtype(g.dtype)
+    g = g.reshape(g.shape[0], -1, g.shape[-1]).astype(acc)
+    parts = jnp.stack(
+        [jnp.einsum("btk,btc->bkc", p.astype(acc), g) for p in _conv_pieces(x, conv)], 1
+    )
+    gw = jnp.einsum("b,bokc->okc", jnp.ones((g.shape[0],), acc), parts)
+    return _norms_of(n, gw.reshape(*conv[0], *gw.shape[1:]), parts)
+
+
+def _per_example_parts(c: _Consumer, n: int, x, g) -> tuple[jax.Array, jax.Array]:
+    """``(gradient of the parameter operand w, per-example parts [B, ...])`` of a consumer
+    from the output gradient ``g`` (of the mean loss): the parameter's gradient is the sum of
+    the parts over examples, one example's gradient (over ``n``) is its part."""
+    acc = _acc_dtype(g.dtype)
+    if c.kind == "dense":
+        lay = c.layout
+        xr = jnp.transpose(x, lay.x_perm).reshape(n, lay.s, lay.t, lay.k).astype(acc)
+        gr = jnp.transpose(g, lay.g_perm).reshape(n, lay.s, lay.t, lay.c).astype(acc)
+        parts = jnp.einsum("bstk,bstc->bskc", xr, gr)
+        gw = jnp.einsum("b,bskc->skc", jnp.ones((n,), acc), parts).reshape(lay.w_shape)
+        return jnp.transpose(gw, np.argsort(lay.w_perm)), parts
+    h = g.astype(acc) * x.astype(acc) if x is not None else g.astype(acc)
+    h = jnp.sum(h, axis=c.sum_axes, keepdims=True) if c.sum_axes else h
+    if c.primitive == "sub" and c.pos == 1:
+        h = -h
+    return jnp.sum(h, axis=c.axis), jnp.moveaxis(h, c.axis, 0)
 
 
 def _with_fallback(

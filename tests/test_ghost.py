@@ -212,11 +212,30 @@ def test_weight_penalty_in_loss_goes_to_fallback():
 
 
 def test_cost_model_picks_cheaper_form():
-    # A stride-1 first conv at 32x32 (T=1024) is direct, a conv at 8x8 (T=64) Gram.
-    assert ghost._pick("auto", 1024, 27, 32) == "direct"
-    assert ghost._pick("auto", 64, 576, 128) == "gram"
-    assert ghost._pick("auto", 1, 128, 10) == "gram"  # Dense: rank one
-    assert ghost._pick("direct", 1, 128, 10) == "direct"
+    # A dense layer on one position per example: the rank-one Gram form (the direct form's
+    # per-example gradients would be B·K·C). A Transformer at context 64: the attention
+    # projections (K = C = 128) direct, the 128 -> 512 MLP Gram (T²·(K+C) < bytes of B·K·C).
+    # A stride-1 first conv at 32x32 (T=1024, K=27): direct; a conv at 8x8 (T=64, K=576): Gram.
+    from experiments import bench_lm, models  # noqa: PLC0415
+
+    def forms(loss_fn, params, batch):  # tracing only: abstract parameters and batches
+        the_plan = ghost.plan(loss_fn, params, batch)
+        return {the_plan.name(c.leaf): c.form for c in the_plan.consumers}
+
+    loss_fn, params, batch = bench_lm.row_problem("plain_mlp", 128)
+    assert {forms(loss_fn, params, batch)[f"w{i}"] for i in range(3)} == {"gram"}
+    lm = bench_lm.Lm1bTransformer(depth=1)
+    tokens = jax.ShapeDtypeStruct((32, 65), jnp.int32)
+    params = jax.eval_shape(lambda: lm.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32)))
+    lm_forms = forms(bench_lm.lm_loss(lm), params["params"], tokens)
+    assert lm_forms["MultiHeadDotProductAttention_0/query/kernel"] == "direct"
+    assert lm_forms["Dense_0/kernel"] == "gram"
+    cnn = models.SmallCNN()
+    x = jax.ShapeDtypeStruct((128, 32, 32, 3), jnp.float32)
+    params = jax.eval_shape(lambda: cnn.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    batch = (x, jax.ShapeDtypeStruct((128,), jnp.int32))
+    cnn_forms = forms(classifier_loss(cnn), params["params"], batch)
+    assert cnn_forms["Conv_0/kernel"] == "direct" and cnn_forms["Conv_2/kernel"] == "gram"
 
 
 def test_per_example_auto_and_vmap_give_same_stats_and_grad():
