@@ -194,20 +194,29 @@ def check_step_times(step_time, max_batch_size: int) -> dict[int, float]:
 
 
 def sq_norms(tree: PyTree) -> PyTree:
-    """Per-leaf squared norm in float32, computed in a scaled form.
+    """Per-leaf squared norm in float32, safe over the whole float32 range.
 
-    ``‖g‖² = (m·‖g/m‖)²`` with ``m = max|g|``: the squares are taken of numbers of size at most
-    1, so a gradient whose elements square below the smallest normal float32 (1.2e-38, e.g. a
-    loss scaled by 1e-19; XLA flushes smaller values to 0) keeps its norm whenever the squared
-    norm itself is representable. On stacked per-example gradients this is the sum over
-    examples of their squared norms.
+    One pass, ``sum(g²)``, when that is finite and large enough that squares flushed to zero
+    (below the smallest normal float32, 1.2e-38; XLA flushes them) cannot matter; otherwise the
+    scaled form ``‖g‖² = (m·‖g/m‖)²`` with ``m = max|g|``, whose squares are of numbers of size
+    at most 1, so a gradient of a loss scaled by 1e-19 keeps its norm whenever the squared norm
+    itself is representable. On stacked per-example gradients this is the sum over examples of
+    their squared norms.
     """
+
+    def scaled(g):
+        m = jnp.max(jnp.abs(g))
+        safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
+        return jnp.square(safe * jnp.sqrt(jnp.sum(jnp.square(g / safe))))
 
     def one(g):
         g = g.astype(jnp.float32)
-        m = jnp.max(jnp.abs(g)) if g.size else jnp.zeros((), jnp.float32)
-        safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
-        return jnp.square(safe * jnp.sqrt(jnp.sum(jnp.square(g / safe))))
+        if not g.size:
+            return jnp.zeros((), jnp.float32)
+        plain = jnp.sum(jnp.square(g))
+        # Each flushed square is < 1.2e-38, so together they are < size·1.2e-38 <= 1e-8 x plain.
+        exact = jnp.isfinite(plain) & (plain >= g.size * 1.2e-30)
+        return jax.lax.cond(exact, lambda: plain, lambda: scaled(g))
 
     return jax.tree.map(one, tree)
 
