@@ -4,8 +4,9 @@ a dense student. Generated from a seed, no files; small enough to train on a CPU
 
 ``get_config(arg)``: ``arg`` picks a variant (``smoke``, ``cpu``; default ``cpu``). The
 training fields are those of :func:`configs.common.training`; this file sets what differs and
-the task's fields: ``task``, ``target_accuracy``, ``model`` and ``data``. ``summary.json`` records under ``data`` the teacher's
-expected test loss (``bayes_loss``, the floor) and the loss of guessing (``chance_loss``).
+the task's fields: ``task``, ``target_accuracy``, ``model`` and ``data``. ``summary.json``
+records under ``data`` the teacher's expected test loss (``bayes_loss``, the floor) and the
+loss of guessing (``chance_loss``).
 """
 
 from __future__ import annotations

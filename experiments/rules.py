@@ -37,7 +37,8 @@ import numpy as np
 from experiments.cli import UserError, config_fields
 
 __all__ = [
-    "Kind", "TASK_TABLES", "ENTRY_POINTS", "check", "rules_of", "describe", "describer", "get",
+    "Kind", "TASK_TABLES", "ENTRY_POINTS", "NOT_TRAINING", "check", "rules_of", "describe",
+    "describer", "get",
 ]  # fmt: skip
 
 GNS_METHODS = ("auto", "per_example", "microbatch", "across_devices")
@@ -390,6 +391,10 @@ COMPARE = (
     ("tradeoff_summary", text(none="WORKDIR/tradeoff/summary.json"), "a tradeoff run's "
      "summary, for the best_measured policy"),
 )  # fmt: skip
+
+# The top-level fields that no training reads: experiments.cifar10's mode, the policy
+# comparison and the measurement fields (a training's identity and fingerprint leave them out).
+NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _, _ in MEASURE))
 
 # configs/bench.py.
 BENCH = (
