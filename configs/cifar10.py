@@ -110,27 +110,33 @@ def base() -> ml_collections.ConfigDict:
     common.measurement(c)
     c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256), max_wall_time_s=150.0)
 
-    # The policy comparison (--config.mode=compare or adaptive; experiments.compare):
-    # the policies trained, in this order, each once per seed, to one smoothed target.
-    c.compare = ml_collections.ConfigDict()
-    c.compare.policies = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
-    c.compare.seeds = (0, 1)
-    c.compare.baseline_batch_size = config_dict.placeholder(int)  # the 'default' policy's
+    c.compare = compare()
+    return c
+
+
+def compare() -> ml_collections.ConfigDict:
+    """``config.compare``, the policy comparison (``--config.mode=compare`` or ``adaptive``;
+    :mod:`experiments.compare`): the policies trained, in this order, each once per seed, to
+    one smoothed target."""
+    c = ml_collections.ConfigDict()
+    c.policies = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
+    c.seeds = (0, 1)
+    c.baseline_batch_size = config_dict.placeholder(int)  # the 'default' policy's
     # batch and the reference every learning rate is scaled from (None: batch_size)...
-    c.compare.baseline_learning_rate = config_dict.placeholder(float)  # ...and its learning
+    c.baseline_learning_rate = config_dict.placeholder(float)  # ...and its learning
     # rate (None: learning_rate); also the batch and rate of the measurements' pilot
-    c.compare.target_accuracy = 0.5  # the trailing mean of the last target_window test
-    c.compare.target_window = 3  # evaluations reaches it
-    c.compare.eval_every_examples = 25000  # evaluation interval in training examples
-    c.compare.eval_examples = config_dict.placeholder(int)  # None: eval_examples
-    c.compare.give_up_factor = 3.0  # cap a run at this multiple of the fastest time to
+    c.target_accuracy = 0.5  # the trailing mean of the last target_window test
+    c.target_window = 3  # evaluations reaches it
+    c.eval_every_examples = 25000  # evaluation interval in training examples
+    c.eval_examples = config_dict.placeholder(int)  # None: eval_examples
+    c.give_up_factor = 3.0  # cap a run at this multiple of the fastest time to
     # target before it (None: no such cap)...
-    c.compare.max_wall_time_s = 600.0  # ...and at this training time
-    c.compare.max_epochs = 100.0  # epoch cap of each run
-    c.compare.schedule = "constant"  # the runs' schedule (None: schedule): constant, so that
+    c.max_wall_time_s = 600.0  # ...and at this training time
+    c.max_epochs = 100.0  # epoch cap of each run
+    c.schedule = "constant"  # the runs' schedule (None: schedule): constant, so that
     # a budget does not cut a decay short...
-    c.compare.warmup_steps = 0  # ...and no warmup, which would penalize larger batches
-    c.compare.tradeoff_summary = config_dict.placeholder(str)  # a tradeoff run's summary for
+    c.warmup_steps = 0  # ...and no warmup, which would penalize larger batches
+    c.tradeoff_summary = config_dict.placeholder(str)  # a tradeoff run's summary for
     # best_measured (None: WORKDIR/tradeoff/summary.json)
     return c
 
