@@ -301,7 +301,7 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
 
 def pipeline_plan(config) -> finder.Plan:
     """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise``, the forks of
-    ``critical`` (0 checkpoints: none) at the rule of ``train.optimizer``."""
+    ``critical`` (0 checkpoints: none) at the rule of ``optimizer``."""
     view = stage_config(config, "noise_scale")
     t, noise, ccfg = view, view.noise, stage_config(config, "critical_batch").critical
     return finder.Plan(
