@@ -324,9 +324,7 @@ def test_recommendation_is_the_argmin_of_predicted_time(smoke_run):
     best = min(cost, key=lambda b: (cost[b], b))
     assert r["batch_size"] == best
     assert r["accumulation_steps"] == math.ceil(best / s["max_batch_size"])
-    assert r["predicted_speedup_vs_baseline"] == pytest.approx(
-        cost[config.batch_size] / cost[best]
-    )
+    assert r["predicted_speedup_vs_baseline"] == pytest.approx(cost[config.batch_size] / cost[best])
     assert r["learning_rate"] == pytest.approx(
         config.learning_rate * math.sqrt(best / config.batch_size)
     )
