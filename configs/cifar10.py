@@ -1,12 +1,11 @@
-"""CIFAR-10 with the gradient noise scale tracked during training.
+"""CIFAR-10 (or any image folder) with the gradient noise scale tracked during training.
 
-``get_config(arg)``: ``arg`` picks a setup (``smoke``, ``cpu``, ``gpu``, ``gpu_study``,
-``effnet_lamb``;
-default ``cpu``). Every field is overridable on the command line, e.g.
-``--config.batch_size=256``. :func:`base` holds every field the code reads, each with its
-default (as flax's ``configs/default.py``); each setup's function overrides some of them, and
-its docstring gives its command and expected run time. Each field's meaning and valid values
-are in the table of :mod:`experiments.rules`, which checks them before a run and which
+``get_config(arg)``: ``arg`` picks a setup (one of :data:`VARIANTS`; default ``cpu``). Every
+field is overridable on the command line, e.g. ``--config.batch_size=256``. :func:`base` holds
+every field the code reads, each with its default: the shared training and measurement fields
+of :mod:`configs.common` and the image task's own; each setup's function sets only what differs,
+and its docstring gives its command and expected run time. Each field's valid values are in
+the table of :mod:`experiments.rules`, which checks them before a run and which
 ``python -m experiments.cifar10 --help`` prints; a new field needs a row there.
 """
 
@@ -18,6 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 import configs
+from configs import common
 from experiments.data import CIFAR10_BINARY_MD5, CIFAR10_BINARY_URL
 
 DATA = "../shared/data/cifar10-jpeg.tar.gz"  # the shared JPEG archive, beside the repository
@@ -38,63 +38,12 @@ def default_data() -> tuple[str, str | None]:
 
 
 def base() -> ml_collections.ConfigDict:
-    """Every field, with its default (the ``cpu`` setup's training fields)."""
-    c = ml_collections.ConfigDict()
-    # What experiments/cifar10.py runs: 'train' (experiments.train.train_and_evaluate),
-    # 'compare' (every batch-size policy to one smoothed target; 'adaptive' is another name for
-    # it) or 'tradeoff' (experiments.compare, configured by config.compare).
-    c.mode = "train"
-
-    # Training. A resume must keep every field that changes the results (all but logging,
-    # checkpoints, plots, budgets and cache locations; see experiments.train.run_identity).
-    c.seed = 0  # initialization, data order, augmentation, dropout
-    c.batch_size = 128  # examples per step (>= 2: the noise scale compares examples)
-    c.learning_rate = 2e-3  # peak learning rate (after warmup)
-    c.optimizer = "adam"  # 'sgd' (with momentum/nesterov), 'adam', 'adamw', 'lamb'
-    c.momentum = 0.9  # sgd only; 0 = plain SGD
-    c.nesterov = False  # sgd only
-    c.weight_decay = 0.0  # on kernels only: L2 for sgd/adam, decoupled for adamw/lamb
-    c.warmup_steps = 0  # linear warmup from 0
-    c.schedule = "constant"  # after warmup: 'constant' or 'cosine' (decay to 0 at the end)
-    c.num_steps = 1000  # length of the run in steps...
-    c.num_epochs = config_dict.placeholder(float)  # ...or in epochs (wins when set)
-    c.max_wall_time_s = config_dict.placeholder(float)  # training-time budget (None: none)
+    """Every field, with its default: the training fields (:func:`configs.common.training`),
+    the image task's (target, batch-size schedule, model, data), the measurement fields
+    (:func:`configs.common.measurement`) and ``compare``, the policy comparison."""
+    c = common.training()
     c.target_accuracy = config_dict.placeholder(float)  # stop when the periodic test
-    # accuracy reaches it (needs eval_every > 0); None: no target
-    c.target_window = 1  # ...the mean of the last N periodic evaluations reaches it (1: the
-    # evaluation itself); steps_to_target and time_to_target_s are taken at that crossing
-    c.divergence_factor = 10.0  # stop when the training loss exceeds this multiple of the
-    # initial loss (a non-finite loss always stops the run); None: only non-finite losses
-
-    # Evaluation, logging and outputs.
-    c.eval_every = 500  # steps between test evaluations (0: only the final one)
-    c.eval_examples = 5000  # fixed random test subset of the periodic evaluations and train
-    # subset of the final train accuracy (None: all); the final test accuracy uses all
-    c.eval_batch_size = 500  # examples per evaluation batch (memory only)
-    c.log_every = 50  # steps between metrics rows (measured/evaluated steps always get one)
-    c.checkpoint_every = 1000  # steps between checkpoints (0: only at the end)
-    c.progress_bar = True  # a tqdm bar when stderr is a terminal
-    c.plots = True  # training.png and noise_scale.png
-
-    # Noise scale, measured during training (gns.estimate) and smoothed (gns.smoothing.ema).
-    c.gns_every = 10  # measure every N steps (0: never)
-    c.gns_method = "auto"  # 'auto' (across_devices on >= 2 devices; on one device
-    # per_example without BatchNorm, else microbatch), 'per_example', 'microbatch' or
-    # 'across_devices' (each device's batch against the global one: free)
-    c.gns_microbatches = 8  # microbatches of the estimator in the global batch (and
-    # ghost-BatchNorm groups); a multiple of the device count with 'microbatch'
-
-    # Devices and precision (experiments.mesh; docs/data-parallel.md).
-    c.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16' (mixed precision:
-    # parameters, optimizer state and noise-scale sums stay float32)
-    c.num_devices = config_dict.placeholder(int)  # devices of the data-parallel mesh; the
-    # global batch_size is split over them (None: all devices of all hosts)
-    c.distributed = False  # call jax.distributed.initialize() first (also done when
-    # JAX_COORDINATOR_ADDRESS is set); only process 0 writes files
-    c.step_time_repeats = 0  # after training, time the step alone N times and report
-    # device utilization (training examples/s over step-alone examples/s); 0: skip
-    c.gns_chunk_size = config_dict.placeholder(int)  # per_example chunk (None: one chunk)
-    c.gns_ema_decay = 0.95  # EMA of g_sq and trace_cov (bias-corrected)
+    # accuracy (mean of target_window evaluations) reaches it (needs eval_every > 0)
 
     # Batch-size schedule (gns.schedule.batch_size_schedule; experiments/adaptive.py): with
     # adaptive.enabled the batch size follows the smoothed noise scale (updated at each
@@ -120,7 +69,6 @@ def base() -> ml_collections.ConfigDict:
     # examples (None: eval_every x batch_size)
     c.adaptive.timing_warmup = 2  # untimed calls per batch size before the timing rounds
     c.adaptive.timing_rounds = 7  # interleaved rounds (each times every batch size once)
-    # (The policy comparison it runs in, --config.mode=compare or adaptive: config.compare.)
 
     # Model (experiments.models.get_model; None: the model's default).
     c.model = ml_collections.ConfigDict()
@@ -156,6 +104,40 @@ def base() -> ml_collections.ConfigDict:
     c.data.synthetic.image_size = 32  # image side in pixels
     c.data.synthetic.num_classes = 10
     c.data.synthetic.seed = 0  # the data's seed
+
+    # The measurements of the compare and tradeoff modes: no branched critical batch (the
+    # recommendation from the pilot's noise scale); tradeoff mode: these batch sizes.
+    common.measurement(c)
+    c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256), max_wall_time_s=150.0)
+
+    c.compare = compare()
+    return c
+
+
+def compare() -> ml_collections.ConfigDict:
+    """``config.compare``, the policy comparison (``--config.mode=compare`` or ``adaptive``;
+    :mod:`experiments.compare`): the policies trained, in this order, each once per seed, to
+    one smoothed target."""
+    c = ml_collections.ConfigDict()
+    c.policies = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
+    c.seeds = (0, 1)
+    c.baseline_batch_size = config_dict.placeholder(int)  # the 'default' policy's
+    # batch and the reference every learning rate is scaled from (None: batch_size)...
+    c.baseline_learning_rate = config_dict.placeholder(float)  # ...and its learning
+    # rate (None: learning_rate); also the batch and rate of the measurements' pilot
+    c.target_accuracy = 0.5  # the trailing mean of the last target_window test
+    c.target_window = 3  # evaluations reaches it
+    c.eval_every_examples = 25000  # evaluation interval in training examples
+    c.eval_examples = config_dict.placeholder(int)  # None: eval_examples
+    c.give_up_factor = 3.0  # cap a run at this multiple of the fastest time to
+    # target before it (None: no such cap)...
+    c.max_wall_time_s = 600.0  # ...and at this training time
+    c.max_epochs = 100.0  # epoch cap of each run
+    c.schedule = "constant"  # the runs' schedule (None: schedule): constant, so that
+    # a budget does not cut a decay short...
+    c.warmup_steps = 0  # ...and no warmup, which would penalize larger batches
+    c.tradeoff_summary = config_dict.placeholder(str)  # a tradeoff run's summary for
+    # best_measured (None: WORKDIR/tradeoff/summary.json)
     return c
 
 
@@ -181,6 +163,14 @@ def smoke() -> ml_collections.ConfigDict:
     c.data.update(num_train=512, num_test=256, augment=False)
     c.adaptive.update(min_batch_size=8, max_batch_size=32, patience=2, eval_every_examples=512)
     c.adaptive.update(timing_warmup=1, timing_rounds=2)
+    # compare/tradeoff: seconds, one seed, the synthetic target of the tests.
+    c.compare.update(seeds=(0,), target_accuracy=0.2, target_window=2, eval_every_examples=512)
+    c.compare.update(max_wall_time_s=3.0, max_epochs=8.0)
+    c.noise.update(warmup_steps=5, batch_size=32, num_batches=3)
+    c.throughput.update(min_batch_size=16, max_batch_size=32, accumulation_factors=())
+    c.throughput.update(warmup=1, repeats=2)
+    c.tradeoff.update(batch_sizes=(8, 16, 32), target_accuracy=0.2, max_steps=200)
+    c.tradeoff.update(max_wall_time_s=3.0, eval_every_examples=256, num_bootstrap=50)
     return c
 
 
@@ -213,6 +203,14 @@ def cpu() -> ml_collections.ConfigDict:
     c.adaptive.max_batch_size = 256
     c.adaptive.eval_every_examples = 10000
     c.adaptive.timing_rounds = 15  # the demo's one timing table (a busy machine: more rounds)
+    # make demo: the target on the whole test set (n = 10,000: standard error <= 0.5 points),
+    # smoothed over 3 evaluations 10,000 examples apart; the largest batch that fits (512) is
+    # given at most 3x the fastest time to target.
+    c.compare.update(baseline_batch_size=64, baseline_learning_rate=2e-3, max_wall_time_s=150.0)
+    c.compare.update(target_accuracy=0.55, eval_every_examples=10000, eval_examples=10000)
+    c.noise.chunk_size = 64
+    c.throughput.update(max_batch_size=512, memory_budget_bytes=4 * 2**30)
+    c.throughput.accumulation_factors = ()
     return c
 
 
@@ -233,6 +231,13 @@ def mlp_sgd() -> ml_collections.ConfigDict:
     c.update(gns_every=20, checkpoint_every=0)
     c.model.update(name="mlp", widths=(512, 512))
     c.data.augment = False
+    # Batch 16-512 to a smoothed 47% on 5,000 test images, evaluated every 8,192 examples.
+    c.compare.update(baseline_batch_size=64, target_accuracy=0.47, eval_every_examples=8192)
+    c.compare.update(eval_examples=5000, max_wall_time_s=150.0)
+    c.noise.update(batch_size=64, num_batches=16)
+    c.throughput.update(max_batch_size=512, accumulation_factors=())
+    c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256, 512), target_accuracy=0.47)
+    c.tradeoff.update(max_steps=20000, max_wall_time_s=150.0, eval_every_examples=8192)
     return c
 
 
@@ -250,11 +255,19 @@ def mlp_adam() -> ml_collections.ConfigDict:
 
 
 def _accelerator_defaults(c: ml_collections.ConfigDict) -> None:
-    """Evaluation, logging and noise-scale fields of the accelerator setups (BatchNorm models:
-    the noise scale from 8 microbatches, which are also the ghost-BatchNorm groups; on 2 or
-    more devices from the devices' batches, each its own BatchNorm group)."""
+    """Evaluation, logging, noise-scale and compare fields of the accelerator setups
+    (BatchNorm models: the noise scale from 8 microbatches, which are also the ghost-BatchNorm
+    groups; on 2 or more devices from the devices' batches, each its own BatchNorm group)."""
     c.update(eval_examples=10000, log_every=100, checkpoint_every=2000)
     c.update(gns_every=20, gns_method="auto", gns_microbatches=8)
+    # compare: to a smoothed 85%; tradeoff: to 60%, batch sizes up to 4096 (above what fits:
+    # gradient accumulation).
+    c.compare.update(target_accuracy=0.85, max_wall_time_s=9000.0, max_epochs=100.0)
+    c.compare.update(eval_every_examples=50000, eval_examples=10000)
+    c.noise.update(batch_size=256, num_batches=16)
+    c.throughput.update(min_batch_size=32, max_batch_size=4096)
+    c.tradeoff.update(batch_sizes=(64, 128, 256, 512, 1024, 2048), target_accuracy=0.6)
+    c.tradeoff.update(max_steps=100000, max_wall_time_s=3600.0, eval_every_examples=25000)
 
 
 def gpu() -> ml_collections.ConfigDict:
@@ -330,135 +343,21 @@ def gpu_study() -> ml_collections.ConfigDict:
     c.update(batch_size=64, learning_rate=0.05, warmup_steps=0, num_epochs=15.0)
     c.update(eval_every=500, eval_examples=5000)
     c.gns_microbatches = 4  # ghost BatchNorm of 16 at batch 64
-    return c
-
-
-def add_measurement_stages(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Adds ``c.noise``, ``c.throughput`` and ``c.recommend``: the measurement and
-    recommendation stages shared by the sweep (``configs/sweep.py``, where they are documented)
-    and the ``compare``/``tradeoff`` modes, with their defaults for the ``cpu`` model."""
-    c.noise = ml_collections.ConfigDict()
-    c.noise.warmup_steps = 200
-    c.noise.batch_size = 128
-    c.noise.num_batches = 16
-    c.noise.method = "auto"
-    c.noise.chunk_size = config_dict.placeholder(int)
-    c.noise.confidence = 0.9
-
-    c.throughput = ml_collections.ConfigDict()
-    c.throughput.min_batch_size = 16
-    c.throughput.max_batch_size = 1024
-    c.throughput.memory_budget_bytes = config_dict.placeholder(int)
-    c.throughput.warmup = 2
-    c.throughput.repeats = 5
-    c.throughput.accumulation_factors = (2, 4)
-
-    c.recommend = ml_collections.ConfigDict()
-    c.recommend.price_per_hour = config_dict.placeholder(float)
-    c.recommend.objective = "time"
-    c.recommend.candidates = config_dict.placeholder(tuple)
-    return c
-
-
-def compare_config(variant: str) -> ml_collections.ConfigDict:
-    """``config.compare``: the ``compare`` and ``tradeoff`` modes (:mod:`experiments.compare`).
-
-    The policy comparison (``compare``, also run by ``--config.mode=adaptive``): ``policies``
-    trained in this order (``recommended``, ``default``, ``adaptive``, ``best_measured``,
-    ``largest_fits``), each once per seed in ``seeds``. ``baseline_batch_size`` /
-    ``baseline_learning_rate`` (``None``: ``config.batch_size`` and ``config.learning_rate``):
-    the ``default`` policy, and the reference every other batch size's learning rate is scaled
-    from (:func:`gns.recommend.scale_learning_rate`, the same rule for every policy). The
-    target: the trailing mean of the last ``target_window`` test evaluations reaches
-    ``target_accuracy``; evaluations every ``eval_every_examples`` training examples on
-    ``eval_examples`` test images (``None``: the config's). Each run is one training (its
-    ``target_accuracy`` and ``target_window`` are these) that stops at the target,
-    ``max_epochs``, or a training-time budget: ``max_wall_time_s``, or ``give_up_factor``
-    times the fastest time to target before it when that is less (``None``: no such cap).
-    ``tradeoff_summary``: the summary of a ``tradeoff`` run for ``best_measured`` (``None``:
-    ``WORKDIR/tradeoff/summary.json``).
-    ``schedule`` and ``warmup_steps`` replace the config's (``None``: keep them); the default
-    is a constant learning rate without warmup, so that a budget does not cut a decay short and
-    a warmup counted in steps does not penalize the larger batch sizes.
-
-    ``noise``, ``throughput``, ``recommend``: the measurement and recommendation stages of
-    ``configs/sweep.py`` (documented there); ``tradeoff``: the trainings to
-    ``target_accuracy`` of the ``tradeoff`` mode at ``batch_sizes`` (plus the recommended
-    one), each capped by ``max_steps`` and ``max_wall_time_s``, evaluated every
-    ``eval_every_examples``, ``num_bootstrap`` refits.
-    """
-    c = ml_collections.ConfigDict()
-    c.policies = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
-    c.seeds = (0, 1)
-    c.baseline_batch_size = config_dict.placeholder(int)
-    c.baseline_learning_rate = config_dict.placeholder(float)
-    c.update(target_accuracy=0.5, target_window=3, eval_every_examples=25000)
-    c.eval_examples = config_dict.placeholder(int)
-    c.update(give_up_factor=3.0, max_wall_time_s=600.0)
-    c.update(max_epochs=100.0, schedule="constant", warmup_steps=0)
-    c.tradeoff_summary = config_dict.placeholder(str)
-    add_measurement_stages(c)
-    c.tradeoff = ml_collections.ConfigDict(
-        dict(batch_sizes=(16, 32, 64, 128, 256), target_accuracy=0.5, max_steps=5000)
-    )
-    c.tradeoff.update(max_wall_time_s=150.0, eval_every_examples=4096, num_bootstrap=1000)
-    if variant == "smoke":
-        # Seconds: one seed, the synthetic target of the tests, budgets of a second or two.
-        c.update(seeds=(0,), target_accuracy=0.2, target_window=2, eval_every_examples=512)
-        c.update(max_wall_time_s=3.0, max_epochs=8.0)
-        c.noise.update(warmup_steps=5, batch_size=32, num_batches=3)
-        c.throughput.update(min_batch_size=16, max_batch_size=32, accumulation_factors=())
-        c.throughput.update(warmup=1, repeats=2)
-        c.tradeoff.update(batch_sizes=(8, 16, 32), target_accuracy=0.2, max_steps=200)
-        c.tradeoff.update(max_wall_time_s=3.0, eval_every_examples=256, num_bootstrap=50)
-    elif variant == "cpu":
-        # make demo. The target on the whole test set (n = 10,000: standard error <= 0.5
-        # points), smoothed over 3 evaluations 10,000 examples apart; the largest batch that
-        # fits (512) is given at most 3x the fastest time to target.
-        c.update(baseline_batch_size=64, baseline_learning_rate=2e-3)
-        c.update(target_accuracy=0.55, eval_every_examples=10000, eval_examples=10000)
-        c.update(max_wall_time_s=150.0)
-        c.noise.chunk_size = 64
-        c.throughput.update(max_batch_size=512, memory_budget_bytes=4 * 2**30)
-        c.throughput.accumulation_factors = ()
-    elif variant in ("mlp_sgd", "mlp_adam"):
-        # Batch 16-512 to a smoothed 47% on 5,000 test images, evaluated every 8,192 examples.
-        c.update(baseline_batch_size=64, target_accuracy=0.47, eval_every_examples=8192)
-        c.update(eval_examples=5000, max_wall_time_s=150.0)
-        c.noise.update(batch_size=64, num_batches=16)
-        c.throughput.update(max_batch_size=512, accumulation_factors=())
-        c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256, 512), target_accuracy=0.47)
-        c.tradeoff.update(max_steps=20000, max_wall_time_s=150.0, eval_every_examples=8192)
-    elif variant == "gpu_study":
-        # About 10 minutes on one modern GPU: few batch sizes to compile, 2-minute baseline.
-        c.update(baseline_batch_size=64, max_epochs=15.0)
-        c.update(eval_every_examples=10000, eval_examples=5000)
-        c.noise.update(warmup_steps=200, batch_size=256, num_batches=8)
-        c.throughput.update(min_batch_size=64, max_batch_size=2048, repeats=5)
-        c.throughput.accumulation_factors = ()
-        c.recommend.candidates = (64, 128, 256, 512, 1024, 2048)
-    elif variant in ("gpu", "effnet_lamb"):
-        # effnet_lamb: EfficientNet-B0 + LAMB at batch 64, lr 1e-3 as in the study; candidates up to
-        # 4096 (above what fits: gradient accumulation).
-        c.update(target_accuracy=0.85, max_wall_time_s=9000.0)
-        c.update(max_epochs=100.0, eval_every_examples=50000)
-        c.eval_examples = 10000
-        c.noise.update(batch_size=256, num_batches=16)
-        c.throughput.update(min_batch_size=32, max_batch_size=4096)
-        c.tradeoff.update(batch_sizes=(64, 128, 256, 512, 1024, 2048), target_accuracy=0.6)
-        c.tradeoff.update(max_steps=100000, max_wall_time_s=3600.0, eval_every_examples=25000)
+    # About 10 minutes: few batch sizes to compile, a 2-minute baseline.
+    c.compare.update(baseline_batch_size=64, target_accuracy=0.5, max_epochs=15.0)
+    c.compare.update(max_wall_time_s=600.0, eval_every_examples=10000, eval_examples=5000)
+    c.noise.update(warmup_steps=200, batch_size=256, num_batches=8)
+    c.throughput.update(min_batch_size=64, max_batch_size=2048, repeats=5)
+    c.throughput.accumulation_factors = ()
+    c.recommend.candidates = (64, 128, 256, 512, 1024, 2048)
     return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of setup ``arg`` (``smoke``, ``cpu``, ``gpu``, ``effnet_lamb``; default
-    ``cpu``), with ``config.compare`` for the compare and tradeoff modes.
+    """The config of setup ``arg`` (one of :data:`VARIANTS`; default ``cpu``).
 
     Example::
 
         python -m experiments.cifar10 --config configs/cifar10.py:smoke --workdir /tmp/smoke
     """
-    arg = arg or "cpu"
-    config = configs.select("configs/cifar10.py", {v: globals()[v] for v in VARIANTS}, arg)
-    config.compare = compare_config(arg)
-    return config
+    return configs.select("configs/cifar10.py", {v: globals()[v] for v in VARIANTS}, arg)

@@ -1,19 +1,18 @@
 """The batch-size sweep: noise scale, throughput and memory, tradeoff, recommendation.
 
 ``get_config(arg)``: ``arg`` picks a variant (``smoke``, ``cpu``, ``resnet_sgd``; default
-``cpu``). The training
-setup is not copied here: ``config.train`` is ``configs/cifar10.py:get_config(arg)`` itself
-(:func:`training_config`), without its ``compare`` subtree (the sweep never reads it) and with
-the few fields the sweep changes. Every field is overridable on the command line, e.g.
-``--config.tradeoff.target_accuracy=0.5`` or ``--config.train.data.source=folder``.
-:func:`base` documents the fields, and the table of :mod:`experiments.rules`
-(``python -m experiments.sweep --help``) gives each one's valid values.
+``cpu``). A sweep config has the shape of every training config: the training setup of
+``configs/cifar10.py:get_config(arg)`` at the top level and the measurement fields of
+:func:`configs.common.measurement` (``noise``, ``critical``, ``throughput``, ``recommend``,
+``tradeoff``) at the same paths as there; this file sets only what differs. Every field is
+overridable on the command line, e.g. ``--config.tradeoff.target_accuracy=0.5`` or
+``--config.data.source=folder``; ``python -m experiments.sweep --help`` lists them with their
+meanings and valid values (:mod:`experiments.rules`).
 """
 
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
 
 import configs
 from configs import cifar10
@@ -21,87 +20,19 @@ from configs import cifar10
 VARIANTS = ("smoke", "cpu", "resnet_sgd")
 
 
-def training_config(variant: str) -> ml_collections.ConfigDict:
-    """``configs/cifar10.py:get_config(variant)`` as the sweep trains it.
-
-    Without ``compare`` (the modes of ``experiments.cifar10``, not read here), with a constant
-    learning rate and no warmup (steps-to-target must not depend on a decay horizon), no
-    noise-scale tracking during the trainings (the sweep measures it itself), no periodic
-    checkpoints and no progress bar.
-    """
-    t = cifar10.get_config(variant)
-    del t["compare"]
-    t.update(schedule="constant", warmup_steps=0, gns_every=0, checkpoint_every=0)
-    t.progress_bar = False
-    return t
-
-
 def base(variant: str) -> ml_collections.ConfigDict:
-    """Fields shared by the variants.
-
-    ``compilation_cache``: use JAX's persistent compilation cache in the user's
-    ``$XDG_CACHE_HOME/gns/jax`` (mode 0700; never in the workdir, which is untrusted input; the
-    trainings compile the same programs at every batch size; a re-run compiles nothing).
-
-    ``train``: the training config (:func:`training_config`): model, data, optimizer, ``seed``
-    and the reference ``batch_size``/``learning_rate`` (the learning rate tuned at that batch;
-    other batch sizes scale it by the rule of :func:`gns.recommend.scale_learning_rate`).
-
-    ``noise``: measure the noise scale on the parameters after ``warmup_steps`` of training at
-    ``train.batch_size``: ``num_batches`` independent batches of ``batch_size`` examples, the
-    ``method`` of ``gns.estimate`` (``auto``: per-example without BatchNorm, else microbatch
-    with ``train.gns_microbatches``), pooled into one ``b_simple`` with a ``confidence`` bootstrap
-    interval (``gns.smoothing.interval``, iid since the batches are independent).
-
-    ``noise`` (pilot fields): the pilot trains ``pilot_steps`` steps at ``train.batch_size``
-    (``None``: ``warmup_steps``), measuring the noise scale every ``every`` steps; its
-    measurements give ``noise_scale.trajectory`` (``num_stretches`` equal stretches) and the
-    effective noise scale along the path (``gns.critical.effective_noise_scale``).
-
-    ``critical``: the branched critical batch (``gns.critical.branched_critical_batch``) at
-    ``num_checkpoints`` states of the pilot (0: off), forks at ``train.batch_size·2^j`` for
-    ``j`` in ``exponents``, each ``fork_steps`` steps of the largest fork's batch in examples,
-    ``num_repeats`` repeats on disjoint data (stream seed ``train.seed + seed_offset``), held-out
-    loss on ``eval_examples`` test images, ``confidence`` of the intervals.
-
-    ``throughput``: candidate (global) batch sizes are the powers of two from
-    ``min_batch_size`` to ``max_batch_size``, each split over the devices of the mesh
-    (``train.num_devices``, all by default; one that does not divide is skipped, with the
-    reason in ``sweep.json``); each is predicted against ``memory_budget_bytes`` per device
-    (``None``: the device's capacity, or half the free host RAM on CPU, shared by simulated
-    devices) and confirmed by running. Then all that fit, the
-    trained batch sizes and ``train.batch_size`` are timed in one interleaved table: ``warmup``
-    untimed calls each, then ``repeats`` rounds timing every batch size once in turn, median.
-    ``accumulation_factors``: above the largest that fits, batches of ``factor × largest`` are
-    timed as gradient accumulation.
-
-    ``tradeoff``: short trainings at ``batch_sizes`` (a list; ``None`` = every power of two from
-    ``min_batch_size`` to the largest that fits, at most ``max_runs`` of them, spread evenly)
-    until the test accuracy reaches ``target_accuracy`` or ``max_steps``/``max_wall_time_s``;
-    evaluation every ``eval_every_examples`` training examples (so the resolution of
-    steps-to-target is the same across batch sizes), ``num_bootstrap`` refits for the intervals.
-    ``extra_seeds`` more trainings (seeds ``train.seed + 1, ...``) at the ``reseed_best``
-    batches that reached the target in the least device time: ``tradeoff.by_batch`` gives the
-    mean and spread over seeds, and ``validation`` the recommendations read against them
-    (:func:`experiments.validation.validation`).
-
-    ``recommend``: ``price_per_hour`` (``None``: compute in device-seconds), ``objective``
-    (``time`` or ``cost``), and extra ``candidates`` (``None``: the measured batches and the
-    accumulation ones).
-    """
-    c = ml_collections.ConfigDict()
-    c.compilation_cache = True
-    c.train = training_config(variant)
-    cifar10.add_measurement_stages(c)  # noise, throughput, recommend
-    c.noise.update(pilot_steps=config_dict.placeholder(int), every=1, num_stretches=3)
-    c.critical = ml_collections.ConfigDict(
-        {"num_checkpoints": 3, "exponents": (-2, -1, 0, 1, 2), "fork_steps": 8, "num_repeats": 2}
-    )
-    c.critical.update(eval_examples=1000, confidence=0.9, seed_offset=7)
-    c.tradeoff = ml_collections.ConfigDict({"batch_sizes": config_dict.placeholder(tuple)})
-    c.tradeoff.update(min_batch_size=16, max_runs=5, target_accuracy=0.5, max_steps=5000)
-    c.tradeoff.update(max_wall_time_s=120.0, eval_every_examples=4096, num_bootstrap=1000)
-    c.tradeoff.update(extra_seeds=0, reseed_best=3)
+    """``configs/cifar10.py:get_config(variant)`` as the sweep trains it: a constant learning
+    rate and no warmup (steps-to-target must not depend on a decay horizon), no noise-scale
+    tracking during the trainings (the sweep measures it itself), no periodic checkpoints, no
+    progress bar; the branched critical batch at 3 states of the pilot, and batches of 2 and 4
+    times the largest that fits timed as gradient accumulation. Without ``mode`` and
+    ``compare`` (experiments.cifar10's modes)."""
+    c = cifar10.get_config(variant)
+    del c.mode, c.compare
+    c.update(schedule="constant", warmup_steps=0, gns_every=0, checkpoint_every=0)
+    c.progress_bar = False
+    c.critical.num_checkpoints = 3
+    c.throughput.accumulation_factors = (2, 4)
     return c
 
 
@@ -112,13 +43,13 @@ def smoke() -> ml_collections.ConfigDict:
 
         python -m experiments.sweep --config configs/sweep.py:smoke --workdir /tmp/sweep_smoke
 
-    On real images add ``--config.train.data.source=folder
-    --config.train.data.path=../shared/data/cifar10-jpeg.tar.gz`` (the first run decodes and
+    On real images add ``--config.data.source=folder
+    --config.data.path=../shared/data/cifar10-jpeg.tar.gz`` (the first run decodes and
     caches them, about 20 s more; lower ``tradeoff.target_accuracy`` to 0.25).
     """
     c = base("smoke")
-    c.train.update(batch_size=16, learning_rate=3e-3, eval_examples=256)
-    c.train.data.update(source="synthetic", num_train=1024, num_test=256)
+    c.update(batch_size=16, learning_rate=3e-3, eval_examples=256)
+    c.data.update(source="synthetic", num_train=1024, num_test=256)
     c.noise.update(warmup_steps=10, batch_size=32, num_batches=6, pilot_steps=60)
     c.critical.update(exponents=(-1, 0, 1), fork_steps=2, eval_examples=128)
     # The tiny model's step is predicted at ~2 MiB at batch 32 and ~4 MiB at 64 per device on
@@ -145,11 +76,11 @@ def cpu() -> ml_collections.ConfigDict:
     Command::
 
         python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
-          --config.train.data.source=folder \
-          --config.train.data.path=../shared/data/cifar10-jpeg.tar.gz
+          --config.data.source=folder \
+          --config.data.path=../shared/data/cifar10-jpeg.tar.gz
     """
     c = base("cpu")
-    c.train.update(num_epochs=None, batch_size=64, learning_rate=2e-3, eval_examples=5000)
+    c.update(num_epochs=None, batch_size=64, learning_rate=2e-3, eval_examples=5000)
     c.noise.update(warmup_steps=200, batch_size=128, num_batches=16, chunk_size=64)
     # The pilot runs to about the target: the trainings at batch 64 reach it at step 448 and
     # 576 (seeds 0, 1), so the path averages describe the run to the target.
@@ -173,7 +104,7 @@ def resnet_sgd() -> ml_collections.ConfigDict:
     McCandlish rule of :func:`gns.recommend.scale_learning_rate` with the early ``B_simple``),
     constant rate, trainings to 35% test accuracy (2,000-image eval subset). BatchNorm: the
     noise scale from 2 microbatches, which are also the ghost-BatchNorm groups of every step
-    (``train.gns_microbatches = 2``, so a batch of 16 still normalizes over 8 examples).
+    (``gns_microbatches = 2``, so a batch of 16 still normalizes over 8 examples).
     Pilot of 600 steps at batch 64 (~0.8 epoch, past the target), every 5 steps; branched
     critical batch at 3 states (forks at 16-256, 8,192 examples each, 2 repeats: 6.4x the
     pilot's examples); step time at batch 16-512; trainings at 16-256, a second seed at the 3
@@ -182,13 +113,13 @@ def resnet_sgd() -> ml_collections.ConfigDict:
     Command::
 
         python -m experiments.sweep --config configs/sweep.py:resnet_sgd --workdir runs/resnet \
-          --config.train.data.source=folder \
-          --config.train.data.path=../shared/data/cifar10-jpeg.tar.gz
+          --config.data.source=folder \
+          --config.data.path=../shared/data/cifar10-jpeg.tar.gz
     """
     c = cpu()
-    c.train.update(optimizer="sgd", momentum=0.9, nesterov=False, learning_rate=0.05)
-    c.train.update(gns_microbatches=2, eval_examples=2000)
-    c.train.model.update(name="resnet", stage_sizes=(1, 1, 1), num_filters=8)
+    c.update(optimizer="sgd", momentum=0.9, nesterov=False, learning_rate=0.05)
+    c.update(gns_microbatches=2, eval_examples=2000)
+    c.model.update(name="resnet", stage_sizes=(1, 1, 1), num_filters=8)
     c.noise.update(chunk_size=None, pilot_steps=600, every=5)
     c.critical.update(eval_examples=1000, fork_steps=32)  # 8,192 examples per fork
     c.throughput.update(max_batch_size=512)

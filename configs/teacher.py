@@ -1,13 +1,12 @@
 """A synthetic teacher-student classification (:mod:`experiments.tasks.teacher`): the training
-of ``configs/lm.py`` on feature vectors labelled by a random linear teacher, with a dense
-student. Generated from a seed, no files; small enough to train on a CPU in seconds.
+of :func:`configs.common.training` on feature vectors labelled by a random linear teacher, with
+a dense student. Generated from a seed, no files; small enough to train on a CPU in seconds.
 
 ``get_config(arg)``: ``arg`` picks a variant (``smoke``, ``cpu``; default ``cpu``). The
-training fields are those of :func:`configs.lm.base` (documented there); this file sets what
-differs: ``task``, ``target_accuracy``, ``model`` (``mlp`` with hidden ``widths``) and ``data``
-(``num_features``, ``num_classes``, ``num_train``, ``num_test``, ``scale``: each teacher
-logit's standard deviation, ``seed``). ``summary.json`` records under ``data`` the teacher's
-expected test loss (``bayes_loss``, the floor) and the loss of guessing (``chance_loss``).
+training fields are those of :func:`configs.common.training`; this file sets what differs and
+the task's fields: ``task``, ``target_accuracy``, ``model`` and ``data``. ``summary.json``
+records under ``data`` the teacher's expected test loss (``bayes_loss``, the floor) and the
+loss of guessing (``chance_loss``).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 import configs
-from configs import lm
+from configs import common
 
 VARIANTS = ("smoke", "cpu")
 
@@ -24,18 +23,22 @@ VARIANTS = ("smoke", "cpu")
 def base() -> ml_collections.ConfigDict:
     """The ``cpu`` variant: 16 features, 4 classes, 8,192 train examples, a width-64 student,
     Adam 3e-3, batch 64, 1,000 steps (about 8 epochs)."""
-    c = lm.base()
-    del c.target_bits_per_byte, c.final_eval_examples, c.model, c.data
-    c.update(task="teacher", batch_size=64, learning_rate=3e-3, optimizer="adam")
-    c.update(weight_decay=0.0, warmup_steps=0, schedule="constant", num_steps=1000)
-    c.update(eval_every=200, eval_examples=2048, log_every=50, checkpoint_every=500)
-    c.update(gns_every=10)
-    c.target_accuracy = config_dict.placeholder(float)
-    c.model = ml_collections.ConfigDict({"name": "mlp", "widths": (64,)})
-    c.data = ml_collections.ConfigDict(
-        {"num_features": 16, "num_classes": 4, "num_train": 8192, "num_test": 2048,
-         "scale": 3.0, "seed": 0}
-    )  # fmt: skip
+    c = common.training()
+    c.task = "teacher"  # experiments.tasks.teacher
+    c.update(batch_size=64, learning_rate=3e-3, num_steps=1000, eval_every=200)
+    c.update(eval_examples=2048, eval_batch_size=256, checkpoint_every=500)
+    c.target_accuracy = config_dict.placeholder(float)  # stop when the periodic test
+    # accuracy reaches it (needs eval_every > 0)
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlp"  # the student: dense layers
+    c.model.widths = (64,)  # hidden widths ((): a linear student)
+    c.data = ml_collections.ConfigDict()
+    c.data.num_features = 16  # input dimension
+    c.data.num_classes = 4
+    c.data.num_train = 8192
+    c.data.num_test = 2048
+    c.data.scale = 3.0  # standard deviation of each teacher logit (larger: less label noise)
+    c.data.seed = 0  # seed of the teacher and of the examples
     return c
 
 

@@ -19,7 +19,6 @@ Example (the end of a main module)::
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import errno
 import json
@@ -42,7 +41,6 @@ __all__ = [
     "plain_text",
     "resolve_config_paths",
     "config_fields",
-    "under",
     "EXIT_USER_ERROR",
     "EXIT_INTERRUPTED",
     "write_fault",
@@ -171,30 +169,6 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
             _exit(_one_line(e), getattr(e, "hint", None))
 
     return wrapped
-
-
-@contextlib.contextmanager
-def under(section: str) -> Iterator[None]:
-    """Inside, a :class:`UserError` that names config fields as a training config has them
-    (``config.x``, ``--config.x``, ``data.x``) names them under ``section`` instead: the
-    sweep reads the training config at ``config.train``.
-
-    Example::
-
-        with cli.under("train"):
-            ds = data.load(config.train.data)  # hints say --config.train.data.source=...
-    """
-    try:
-        yield
-    except UserError as e:
-
-        def fix(text: str | None) -> str | None:
-            if text is None:
-                return None
-            text = re.sub(rf"\bconfig\.(?!{section}\.)", f"config.{section}.", text)
-            return re.sub(r"(?<![\w.])data\.", f"{section}.data.", text)
-
-        raise UserError(fix(str(e)), hint=fix(e.hint)) from e
 
 
 def run(
@@ -403,8 +377,8 @@ def _unknown_field(argv: list[str]) -> tuple[str, str] | None:
 
 
 def _did_you_mean(flag: str, field: str, paths: list[str]) -> str:
-    """The hint for an unknown ``--flag.field``: the field under another section (e.g. the
-    sweep's ``train.data.source`` for ``data.source``), else the closest name."""
+    """The hint for an unknown ``--flag.field``: the field under another section (e.g.
+    ``data.source`` for ``source``), else the closest name."""
     nested = [p for p in paths if p.endswith("." + field)]
     parent, _, last = field.rpartition(".")
     siblings = [p.rpartition(".")[2] for p in paths if p.rpartition(".")[0] == parent]

@@ -3,8 +3,8 @@
 Two modes of ``experiments.cifar10`` (``--config.mode=compare`` / ``tradeoff``; ``adaptive`` is
 a name for ``compare``), both starting with the measurements of the sweep
 (:func:`experiments.sweep.run_sweep` without its trainings: noise scale, step time and memory
-at each batch size, the recommendation), kept in ``WORKDIR/sweep`` and reused when the command
-is re-run.
+at each batch size, the recommendation, configured by the same measurement fields as the
+sweep's), kept in ``WORKDIR/sweep`` and reused when the command is re-run.
 
 **compare** (``make demo``) trains every batch-size policy a user would try to the same target,
 ``compare.seeds`` times each, in the order of ``compare.policies``:
@@ -58,7 +58,7 @@ and the runs in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`;
 the runs in ``tensorboard --logdir WORKDIR``); the table is :func:`policy_table`.
 Re-running the command reuses the measurements, the timing table and the finished runs.
 
-**tradeoff** trains to ``compare.tradeoff.target_accuracy`` at ``compare.tradeoff.batch_sizes``
+**tradeoff** trains to ``tradeoff.target_accuracy`` at ``tradeoff.batch_sizes``
 and at the recommended batch (the sweep's training stage, :func:`experiments.sweep.run_trainings`),
 fits ``S(B) = S_min + E_min/B`` (:func:`experiments.sweep.fit_tradeoff`), and checks the
 recommendation (:func:`check_recommendation`): the recommended batch's device time to target
@@ -79,6 +79,7 @@ Merrill et al. 2025 (arXiv 2505.23971).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -337,12 +338,11 @@ def _baseline(config) -> tuple[int, float]:
 
 
 def _train_config(config) -> ml_collections.ConfigDict:
-    """``config`` without ``compare``, as the runs train it: the baseline's batch size and
-    learning rate, ``compare``'s schedule, no noise-scale tracking, no progress bar."""
+    """``config`` as the measurements (:func:`experiments.sweep.run_sweep`) and the runs train
+    it: the baseline's batch size and learning rate, ``compare``'s schedule, no noise-scale
+    tracking, no progress bar."""
     comparison = config.compare
-    d = config.to_dict()
-    d.pop("compare")
-    c = ml_collections.ConfigDict(d)
+    c = copy.deepcopy(config)
     c.mode = "train"
     c.batch_size, c.learning_rate = _baseline(config)
     if comparison.schedule is not None:
@@ -355,19 +355,6 @@ def _train_config(config) -> ml_collections.ConfigDict:
     c.checkpoint_every = 0
     c.progress_bar = False
     return c
-
-
-def measurement_config(config) -> ml_collections.ConfigDict:
-    """The ``configs/sweep.py``-shaped config of the measurements and of the tradeoff mode's
-    trainings: ``train`` is :func:`_train_config`, the stages are ``config.compare``'s
-    (``tradeoff.batch_sizes`` are timed in the sweep's table; trained only by the tradeoff
-    mode)."""
-    comparison = config.compare
-    s = ml_collections.ConfigDict({"compilation_cache": True, "train": _train_config(config)})
-    for section in ("noise", "throughput", "recommend", "tradeoff"):
-        s[section] = ml_collections.ConfigDict(comparison[section].to_dict())
-    s.tradeoff.update(min_batch_size=1, max_runs=0)  # (only for batch_sizes=None)
-    return s
 
 
 def policies(config) -> tuple[str, ...]:
@@ -458,7 +445,7 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
             raise UserError(
                 f"no power-of-two batch in [{lo}, {hi}] was timed (config.adaptive.min_batch_size,"
                 f" and max_batch_size capped by the largest batch that fits)",
-                hint="lower config.adaptive.min_batch_size or widen compare.throughput",
+                hint="lower config.adaptive.min_batch_size or widen config.throughput",
             )
     plans = {}
     for p in names:
@@ -605,8 +592,9 @@ def _mode(body):
         validate_config(config)
         with runlog.workdir_lock(workdir):
             runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-            mcfg = measurement_config(config)
-            sweep_result = sweep.run_sweep(mcfg, os.path.join(workdir, "sweep"), trainings=False)
+            sweep_result = sweep.run_sweep(
+                _train_config(config), os.path.join(workdir, "sweep"), trainings=False
+            )
             return body(config, workdir, sweep_result, t0)
 
     del run.__wrapped__  # its signature is (config, workdir), not the body's
@@ -755,7 +743,7 @@ def policy_table(summary: dict) -> str:
 def run_tradeoff(config, workdir: str, sweep_result: dict, t0: float) -> dict:
     """The tradeoff mode: measure, recommend, train to the target at each batch size, fit, and
     check the recommendation; returns ``summary.json`` (and ``tradeoff.png``, the fit)."""
-    mcfg = measurement_config(config)
+    mcfg = _train_config(config)
     rec = sweep_result["recommendation"]
     b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
     batches = sorted({int(b) for b in mcfg.tradeoff.batch_sizes} | {int(rec["batch_size"])})
@@ -764,12 +752,12 @@ def run_tradeoff(config, workdir: str, sweep_result: dict, t0: float) -> dict:
         raise UserError(
             f"batch sizes {too_big} do not fit in memory (largest that fits: "
             f"{sweep_result['max_batch_size']})",
-            hint="remove them from --config.compare.tradeoff.batch_sizes",
+            hint="remove them from --config.tradeoff.batch_sizes",
         )
     st = sweep.SweepState(workdir)  # finished trainings, reused when the command is re-run
     timing = (sweep.step_times(sweep_result["throughput"]), sweep_result["max_batch_size"])
     points = sweep.run_trainings(mcfg, workdir, st, batches, b_simple, timing)
-    fit = sweep.fit_tradeoff(points, mcfg.tradeoff.num_bootstrap, mcfg.train.seed)
+    fit = sweep.fit_tradeoff(points, mcfg.tradeoff.num_bootstrap, mcfg.seed)
     check = check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"])
     return _write_summary(workdir, "tradeoff", sweep_result, t0, {
         "target_accuracy": float(mcfg.tradeoff.target_accuracy),

@@ -8,9 +8,11 @@ device count), so a bad value costs one line and a ``hint:``
 (:class:`~experiments.cli.UserError`). ``--help`` lists the fields from the same table
 (:func:`describe`).
 
-A table (:data:`TABLES`) is a list of sections ``(prefix, rules, cross)``: ``rules`` are
-``(field, kind, doc)`` with ``field`` relative to ``prefix`` (the sweep's training fields are the
-CIFAR-10 ones under ``train.``) and ``kind`` a :class:`Kind` (valid values); ``cross`` are the
+A config's table (:func:`rules_of`) is a list of sections ``(prefix, rules, cross)``: its task's
+training fields (:data:`TASK_TABLES`), the measurement fields and ``compare.``
+(:data:`MEASURE_SECTIONS`), the same for every entry point but the benchmark. ``rules`` are
+``(field, kind, doc)`` with ``field`` relative to ``prefix`` and ``kind`` a :class:`Kind` (valid
+values); ``cross`` are the
 rules between fields, functions ``(node, devices, prefix) -> (message, hint)`` or ``None``
 (most made by :func:`cross`), checked after every field is valid (``devices``: the
 data-parallel mesh's size, or ``None`` before it is known, which skips the rules that need
@@ -34,7 +36,10 @@ import numpy as np
 
 from experiments.cli import UserError, config_fields
 
-__all__ = ["Kind", "TABLES", "check", "rules_of", "describe", "describer", "get"]
+__all__ = [
+    "Kind", "TASK_TABLES", "ENTRY_POINTS", "NOT_TRAINING", "check", "rules_of", "describe",
+    "describer", "get",
+]  # fmt: skip
 
 GNS_METHODS = ("auto", "per_example", "microbatch", "across_devices")
 DTYPES = ("float32", "bfloat16")
@@ -306,9 +311,11 @@ TEACHER = (
     ("data.seed", count(0), "seed of the teacher and of the examples"),
 )  # fmt: skip
 
-# The measurement and recommendation stages (configs/sweep.py; compare.* of the trainings).
+# The measurement fields (configs/common.py measurement(): the sweep, the compare and tradeoff
+# modes).
 MEASURE = (
-    ("noise.warmup_steps", count(0), "steps of training at train.batch_size before the "
+    ("compilation_cache", FLAG, "JAX's persistent compilation cache for the trainings"),
+    ("noise.warmup_steps", count(0), "steps of training at batch_size before the "
      "noise scale is measured"),
     ("noise.batch_size", count(2), "examples per measured batch"),
     ("noise.num_batches", count(2), "independent batches pooled into one B_simple"),
@@ -339,24 +346,19 @@ MEASURE = (
     ("tradeoff.eval_every_examples", count(1), "evaluation interval in training examples "
      "(the same resolution at every batch)"),
     ("tradeoff.num_bootstrap", count(1), "bootstrap refits of the tradeoff fit"),
-)  # fmt: skip
-
-# configs/sweep.py beyond MEASURE and the training config under train.
-SWEEP = (
-    ("compilation_cache", FLAG, "JAX's persistent compilation cache for the trainings"),
     ("noise.pilot_steps", count(0, none="noise.warmup_steps"), "steps of the pilot "
      "training, measuring the noise scale every noise.every steps"),
     ("noise.every", count(1), "pilot steps between measurements"),
     ("noise.num_stretches", count(1), "equal stretches of the pilot's trajectory"),
     ("critical.num_checkpoints", count(0), "states of the pilot where the branched critical "
      "batch is measured (0: off)"),
-    ("critical.exponents", ints(-64, increasing=True), "forks at train.batch_size x 2^j "
+    ("critical.exponents", ints(-64, increasing=True), "forks at batch_size x 2^j "
      "(at least 2, increasing)"),
     ("critical.fork_steps", count(1), "steps of the largest fork (in its examples for all)"),
     ("critical.num_repeats", count(1), "repeats on disjoint data"),
     ("critical.eval_examples", count(1), "held-out test images of each fork's loss"),
     ("critical.confidence", real(0, 1, open_lo=True, open_hi=True), "level of the intervals"),
-    ("critical.seed_offset", count(0), "fork data stream seed: train.seed + this"),
+    ("critical.seed_offset", count(0), "fork data stream seed: seed + this"),
     ("tradeoff.target_accuracy", real(0, 1, open_lo=True), "test accuracy each training "
      "runs to"),
     ("tradeoff.min_batch_size", count(1), "smallest trained batch when batch_sizes is None"),
@@ -365,7 +367,7 @@ SWEEP = (
     ("tradeoff.reseed_best", count(1), "how many of the fastest batches get extra seeds"),
 )  # fmt: skip
 
-# config.compare of the training configs (experiments.compare), beyond MEASURE.
+# config.compare: the policy comparison of experiments.compare.
 COMPARE = (
     ("policies", names(POLICIES), "the policies trained, in this order"),
     ("seeds", ints(0), "each policy once per seed"),
@@ -388,11 +390,11 @@ COMPARE = (
     ("warmup_steps", count(0, none="config.warmup_steps"), "the runs' warmup"),
     ("tradeoff_summary", text(none="WORKDIR/tradeoff/summary.json"), "a tradeoff run's "
      "summary, for the best_measured policy"),
-    ("tradeoff.target_accuracy", real(0, 1, open_lo=True), "tradeoff mode: test accuracy "
-     "each training runs to"),
-    ("tradeoff.target_bits_per_byte", real(0, open_lo=True), "tradeoff mode (lm): held-out "
-     "bits per byte each training runs to"),
 )  # fmt: skip
+
+# The top-level fields that no training reads: experiments.cifar10's mode, the policy
+# comparison and the measurement fields (a training's identity and fingerprint leave them out).
+NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _, _ in MEASURE))
 
 # configs/bench.py.
 BENCH = (
@@ -548,9 +550,6 @@ MEASURE_CROSS = (
           lambda c, d: c.throughput.min_batch_size <= c.throughput.max_batch_size,
           "throughput.min_batch_size must be <= throughput.max_batch_size"),
     _on_devices("noise.batch_size"),
-)  # fmt: skip
-
-SWEEP_CROSS = (
     cross(("critical.exponents",), lambda c, d: len(c.critical.exponents) >= 2,
           "the branched critical batch needs at least 2 fork sizes", "e.g. '(-1, 0, 1, 2)'"),
 )  # fmt: skip
@@ -577,22 +576,19 @@ BENCH_CROSS = (
           "every lm batch size must split into lm.num_microbatches equal microbatches"),
 )  # fmt: skip
 
-# kind -> [(prefix, rules, cross)]: the sections of each entry point's config.
-TABLES = {
-    "cifar10": [("", TRAIN + IMAGE, TRAIN_CROSS + IMAGE_CROSS),
-                ("compare.", COMPARE + MEASURE, MEASURE_CROSS)],
-    "lm": [("", TRAIN + TEXT, TRAIN_CROSS + TEXT_CROSS),
-           ("compare.", COMPARE + MEASURE, MEASURE_CROSS)],
-    "sweep": [("train.", TRAIN + IMAGE, TRAIN_CROSS + IMAGE_CROSS),
-              ("", MEASURE + SWEEP, MEASURE_CROSS + SWEEP_CROSS)],
-    "bench": [("", BENCH, BENCH_CROSS), ("lm.", BENCH_LM_MODEL, LM_MODEL_CROSS)],
-}  # fmt: skip
-# config.task -> (rules, cross) of a training config of a task other than images (trained by
-# experiments.cifar10 or its own entry point, and checked as the task by experiments.train).
+# config.task -> (rules, cross) of its training fields (a config without ``task`` is the image
+# task's), checked by the entry points and again by experiments.train.
 TASK_TABLES = {
+    "cifar10": (TRAIN + IMAGE, TRAIN_CROSS + IMAGE_CROSS),
     "lm": (TRAIN + TEXT, TRAIN_CROSS + TEXT_CROSS),
     "teacher": (TRAIN + TEACHER, TRAIN_CROSS + TEACHER_CROSS),
 }
+# The sections a training config may have beyond its task's: the measurement fields and the
+# policy comparison (a config without them skips their rows).
+MEASURE_SECTIONS = [("", MEASURE, MEASURE_CROSS), ("compare.", COMPARE, ())]
+BENCH_SECTIONS = [("", BENCH, BENCH_CROSS), ("lm.", BENCH_LM_MODEL, LM_MODEL_CROSS)]
+# The entry points (python -m experiments.X); all but bench read a training config.
+ENTRY_POINTS = ("cifar10", "lm", "sweep", "bench")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,16 +605,15 @@ def get(config, path: str, default=None):
 
 
 def rules_of(config, kind: str) -> list[tuple[str, tuple, tuple]]:
-    """The sections of ``kind``'s table (``cifar10``, ``lm``, ``sweep``, ``bench``, or a task
-    of :data:`TASK_TABLES`); a training config whose ``task`` is in :data:`TASK_TABLES` gets
-    that task's rules (the sweep's ``train`` likewise)."""
-    if kind not in TABLES and kind not in TASK_TABLES:
-        raise ValueError(f"unknown config kind {kind!r}: one of {', '.join(TABLES)}")
-    task = get(config, "train.task" if kind == "sweep" else "task")
-    if task in TASK_TABLES and kind in ("cifar10", "sweep", *TASK_TABLES):
-        prefix = "train." if kind == "sweep" else ""
-        return [(prefix, *TASK_TABLES[task])] + TABLES.get(kind, TABLES["cifar10"])[1:]
-    return TABLES[kind]
+    """The sections ``(prefix, rules, cross)`` of ``config`` as the entry point (or task)
+    ``kind`` reads it: for ``bench`` its own, else those of the config's ``task``
+    (:data:`TASK_TABLES`) and :data:`MEASURE_SECTIONS`."""
+    if kind not in ENTRY_POINTS and kind not in TASK_TABLES:
+        raise ValueError(f"unknown config kind {kind!r}: one of {', '.join(ENTRY_POINTS)}")
+    if kind == "bench":
+        return BENCH_SECTIONS
+    task = get(config, "task")
+    return [("", *TASK_TABLES.get(task, TASK_TABLES["cifar10"]))] + MEASURE_SECTIONS
 
 
 def _present(node, path: str) -> bool:
@@ -631,7 +626,7 @@ _MISSING = object()
 def check(config, kind: str, devices: int | None = None) -> None:
     """Check every field of ``config`` that ``kind``'s table names, then the rules between
     them (those about the mesh only with ``devices``, its size). Fields the config lacks are
-    skipped (the trainings of the sweep and compare modes get parts of a config).
+    skipped (a training config without the measurement fields, the sweep's stage views).
 
     Raises:
       UserError: the first violation: one line naming the field(s), the value(s) and what is

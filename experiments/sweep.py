@@ -4,19 +4,20 @@ Usage::
 
     python -m experiments.sweep --config configs/sweep.py:smoke --workdir /tmp/sweep_smoke
     python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
-      --config.train.data.source=folder \
-      --config.train.data.path=../shared/data/cifar10-jpeg.tar.gz
+      --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-On the task, model and data of ``config.train`` (a ``configs/cifar10.py`` config) it runs the
+On the task, model and data of a training config (``configs/sweep.py``: a
+``configs/cifar10.py`` setup) and with its measurement fields (the same fields as the
+``compare``/``tradeoff`` modes of ``experiments.cifar10``) it runs the
 measurement of :func:`gns.finder.pipeline`, the one that :func:`gns.finder.find_batch_size`
 runs, with the sweep's steps (:func:`pipeline_steps`, :func:`pipeline_plan`):
 
-1. a **pilot** of ``noise.pilot_steps`` steps at ``train.batch_size``, measuring every
+1. a **pilot** of ``noise.pilot_steps`` steps at ``batch_size``, measuring every
    ``noise.every`` steps: ``noise_scale.trajectory`` and ``noise_scale.effective``; after
    ``noise.warmup_steps`` steps the early ``b_simple`` on ``noise.num_batches`` independent
    batches with a bootstrap interval (:func:`independent_noise`);
 2. the **branched critical batch**: forks from ``critical.num_checkpoints`` states of the pilot
-   at ``train.batch_size·2^j`` (``critical_batch.checkpoints`` and ``.effective``);
+   at ``batch_size·2^j`` (``critical_batch.checkpoints`` and ``.effective``);
 3. **step time and memory** of the **global** batch on the mesh of training
    (:mod:`experiments.mesh`; per device ``B / devices``, a ``B`` that does not split is
    skipped with the reason in its row), in one interleaved table (:func:`measure_throughput`);
@@ -26,7 +27,7 @@ runs, with the sweep's steps (:func:`pipeline_steps`, :func:`pipeline_plan`):
    past a pick at its end (``throughput_extended_to``);
 
 then **trainings** to ``tradeoff.target_accuracy`` at several batch sizes (the learning rate
-scaled from ``train.learning_rate`` by :func:`gns.scaling.learning_rate` with the early
+scaled from ``learning_rate`` by :func:`gns.scaling.learning_rate` with the early
 ``b_simple``), the fit ``S(B) = S_min + E_min/B`` (:func:`gns.tradeoff.fit`), time to target as
 wall clock (``time_to_target_s``) and as ``steps × t(B)`` from the table
 (``device_time_to_target_s``, which rankings use), and the pick under every basis.
@@ -103,75 +104,36 @@ __all__ = [
 # stage times the step from seed 0 at a constant learning rate (the time of a step does not
 # depend on the values of the parameters or of the rate), so neither is among its fields.
 # ``tradeoff.max_steps`` is the horizon of the schedule the noise stage warms up with.
-TRAIN_SETUP = (
-    "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches dtype"
-)
-
-
-def _fields(**sections: str) -> tuple[str, ...]:
-    """``_fields(train="a b", noise="")`` -> ``("train.a", "train.b", "noise")``."""
-    return tuple(f"{s}.{f}" if f else s for s, fs in sections.items() for f in fs.split() or [""])
-
-
+TRAIN_SETUP = "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches "
+TRAIN_SETUP += "dtype"
 PILOT_TRAIN = TRAIN_SETUP + " seed batch_size learning_rate schedule warmup_steps"
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "noise_scale": _fields(train=PILOT_TRAIN, tradeoff="max_steps", noise=""),
+    "noise_scale": (*PILOT_TRAIN.split(), "tradeoff.max_steps", "noise"),
     # The forks start from the pilot's states: they depend on what shapes the pilot's path
     # (its training setup, its length, which of its steps measure) and on ``critical``.
-    "critical_batch": _fields(
-        train=PILOT_TRAIN, tradeoff="max_steps", noise="warmup_steps pilot_steps every", critical=""
+    "critical_batch": (
+        *PILOT_TRAIN.split(), "tradeoff.max_steps", "noise.warmup_steps", "noise.pilot_steps",
+        "noise.every", "critical",
     ),
     # On the mesh (experiments.mesh): its record is part of this stage's key (run_sweep).
-    "throughput": _fields(
-        train=TRAIN_SETUP + " batch_size num_devices",
-        tradeoff="batch_sizes",
-        throughput="min_batch_size max_batch_size memory_budget_bytes warmup repeats",
+    "throughput": (
+        *TRAIN_SETUP.split(), "batch_size", "num_devices", "tradeoff.batch_sizes",
+        *(f"throughput.{f}" for f in "min_batch_size max_batch_size memory_budget_bytes "
+          "warmup repeats".split()),
     ),
-}
-TIMING_SEED, TIMING_LEARNING_RATE = 0, 1e-3
-
-# Fields of the pilot and of the branched stage that configs made before them lack (the
-# ``compare`` modes' ``configs/cifar10.py`` sections): a pilot as long as the warm-up, measured
-# at every step, and no branching.
-PATH_DEFAULTS: dict[str, Any] = {
-    "train.dtype": "float32",
-    "train.num_devices": None,
-    "noise.pilot_steps": None,
-    "noise.every": 1,
-    "noise.num_stretches": 3,
-    "tradeoff.extra_seeds": 0,
-    "tradeoff.reseed_best": 3,
-    "critical": {
-        "num_checkpoints": 0, "exponents": (-1, 0, 1, 2), "fork_steps": 8, "num_repeats": 2,
-        "eval_examples": 512, "confidence": 0.9, "seed_offset": 7,
-    },
 }  # fmt: skip
-
-
-def _get_path(config, path: str):
-    node = config
-    try:
-        for part in path.split("."):
-            node = node[part]
-    except (KeyError, AttributeError):
-        for prefix, default in PATH_DEFAULTS.items():
-            if path == prefix or path.startswith(prefix + "."):
-                node = copy.deepcopy(default)
-                for part in path[len(prefix) + 1 :].split(".") if path != prefix else []:
-                    node = node[part]
-                return node
-        raise
-    return node
+TIMING_SEED, TIMING_LEARNING_RATE = 0, 1e-3
 
 
 def stage_config(config, stage: str) -> ml_collections.ConfigDict:
-    """The part of ``config`` that ``stage`` reads (:data:`STAGE_FIELDS`), as a ConfigDict.
+    """The part of ``config`` that ``stage`` reads (:data:`STAGE_FIELDS`), as a ConfigDict of
+    the same shape.
 
     Example:
       >>> from configs import sweep as sweep_config
       >>> view = stage_config(sweep_config.get_config("smoke"), "noise_scale")
-      >>> sorted(view.keys()), "eval_every" in view.train
-      (['noise', 'tradeoff', 'train'], False)
+      >>> sorted(view.keys())[:3], "eval_every" in view
+      (['batch_size', 'data', 'dtype'], False)
     """
     out: dict[str, Any] = {}
     for path in STAGE_FIELDS[stage]:
@@ -179,15 +141,8 @@ def stage_config(config, stage: str) -> ml_collections.ConfigDict:
         node = out
         for p in parents:
             node = node.setdefault(p, {})
-        value = _get_path(config, path)
+        value = rules.get(config, path)
         node[last] = value.to_dict() if hasattr(value, "to_dict") else copy.deepcopy(value)
-    for path, default in PATH_DEFAULTS.items():  # a whole section: its fields added since
-        *parents, last = path.split(".")
-        if ".".join(parents) in STAGE_FIELDS[stage]:
-            section = out
-            for p in parents:
-                section = section[p]
-            section.setdefault(last, copy.deepcopy(default))
     return ml_collections.ConfigDict(out)
 
 
@@ -207,14 +162,14 @@ def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
 
 def validate_config(config) -> None:
     """Check every field of a ``configs/sweep.py`` config (the table of
-    :mod:`experiments.rules`, with the device count: ``train.batch_size`` and
+    :mod:`experiments.rules`, with the device count: ``batch_size`` and
     ``noise.batch_size`` must split over the mesh), before anything runs or is written.
 
     Raises:
       UserError: naming the field (as on the command line), its value and the fix.
     """
     rules.check(config, "sweep")  # every field, num_devices included, then the mesh's size
-    rules.check(config, "sweep", mesh_lib.make_mesh(config.train.num_devices).size)
+    rules.check(config, "sweep", mesh_lib.make_mesh(config.num_devices).size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,15 +257,15 @@ def _stream(task, t, ds, seed: int):
 def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
     """The :class:`gns.finder.Steps` of ``config`` and the pilot's initial state.
 
-    The pilot trains at ``train.batch_size`` from seed ``train.seed`` on the task's stream
-    (measuring step :mod:`gns.estimate`, ``train.gns_method``); the forks take the plain step
-    at the scaled learning rate on the stream of seed ``train.seed + critical.seed_offset``
+    The pilot trains at ``batch_size`` from seed ``seed`` on the task's stream
+    (measuring step :mod:`gns.estimate`, ``gns_method``); the forks take the plain step
+    at the scaled learning rate on the stream of seed ``seed + critical.seed_offset``
     and are evaluated on a fixed random subset of ``critical.eval_examples`` test examples
     (the trainings' own subset for the same size). Deterministic: a replay gives the same
     states (CPU).
     """
     view = stage_config(config, "critical_batch")  # what shapes the pilot, and the forks
-    t, ccfg, horizon = view.train, view.critical, view.tradeoff.max_steps
+    t, ccfg, horizon = view, view.critical, view.tradeoff.max_steps
     model, plain_fn, gns_fn, state = _setup(t, ds, task, train.make_schedule(t, horizon))
     by_mult: dict[float, Any] = {}
 
@@ -341,9 +296,9 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
 def pipeline_plan(config) -> finder.Plan:
     """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise`` (``pilot_steps``,
     ``None``: the warm-up; at least the warm-up), the forks of ``critical`` (0 checkpoints:
-    none) at the rule of ``train.optimizer``."""
+    none) at the rule of ``optimizer``."""
     view = stage_config(config, "noise_scale")
-    t, noise, ccfg = view.train, view.noise, stage_config(config, "critical_batch").critical
+    t, noise, ccfg = view, view.noise, stage_config(config, "critical_batch").critical
     return finder.Plan(
         ref_batch_size=int(t.batch_size),
         pilot_steps=max(int(noise.pilot_steps or 0), int(noise.warmup_steps)),
@@ -358,11 +313,11 @@ def pipeline_plan(config) -> finder.Plan:
 
 def independent_noise(config, ds, task):
     """``(on_step, finish)``: after ``noise.warmup_steps`` pilot steps, ``b_simple`` on
-    ``noise.num_batches`` independent batches of ``noise.batch_size`` (seed ``train.seed + 1``),
+    ``noise.num_batches`` independent batches of ``noise.batch_size`` (seed ``seed + 1``),
     pooled with a bootstrap interval (:func:`gns.smoothing.interval`); ``finish(record)`` puts
     it into the noise record (``b_simple``, ``interval``, ``per_batch``, ...)."""
     view = stage_config(config, "noise_scale")
-    t, noise = view.train, view.noise
+    t, noise = view, view.noise
     model = models.get_model(t.model, num_classes=ds.num_classes)
     mcfg = copy.deepcopy(t)
     mcfg.gns_method = noise.method
@@ -400,7 +355,7 @@ def independent_noise(config, ds, task):
                 f"the noise scale could not be measured: {int(finite.sum())} of "
                 f"{len(per_batch)} batches gave finite statistics after {noise.warmup_steps} "
                 "warm-up steps (the training diverged or the gradients overflow)",
-                hint="lower config.train.learning_rate or config.noise.warmup_steps",
+                hint="lower config.learning_rate or config.noise.warmup_steps",
             )
         pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
         return record | runlog.to_strict_json({
@@ -427,8 +382,8 @@ def critical_fingerprint(config, b_noise: float) -> str:
       >>> critical_fingerprint(c, 100.0) == stage_fingerprint(c, "critical_batch")
       True
     """
-    fp, t = stage_fingerprint(config, "critical_batch"), config.train
-    sizes = [int(t.batch_size * 2.0**e) for e in _get_path(config, "critical.exponents")]
+    fp, t = stage_fingerprint(config, "critical_batch"), config
+    sizes = [int(t.batch_size * 2.0**e) for e in config.critical.exponents]
     rule = critical.lr_multipliers(t.batch_size, sizes, t.optimizer, b_noise)
     if rule == critical.lr_multipliers(t.batch_size, sizes, t.optimizer):
         return fp
@@ -459,9 +414,9 @@ def candidate_batch_sizes(lo: int, hi: int) -> list[int]:
 
 
 def throughput_candidates(view) -> list[int]:
-    """The powers of two of ``throughput``, ``train.batch_size`` and the fixed
+    """The powers of two of ``throughput``, ``batch_size`` and the fixed
     ``tradeoff.batch_sizes`` (every trained batch has its ``t(B)`` from the same table)."""
-    timing, t = view.throughput, view.train
+    timing, t = view.throughput, view
     cands = set(candidate_batch_sizes(timing.min_batch_size, timing.max_batch_size))
     extra = [t.batch_size, *(view.tradeoff.batch_sizes or ())]
     return sorted(cands | {int(b) for b in extra if b <= timing.max_batch_size})
@@ -486,7 +441,7 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     """Memory of each candidate, then one interleaved timing table, on the mesh.
 
     The candidates (:func:`throughput_candidates`, and ``extra``) are **global** batch sizes
-    of the data-parallel step of training (``train.num_devices`` devices, all by default),
+    of the data-parallel step of training (``num_devices`` devices, all by default),
     each device holding ``B / devices`` examples; one that does not split evenly is skipped,
     with the reason in its row. Memory is per device (against ``throughput.memory_budget_bytes``,
     or the device's memory, or on CPU its share of half the available host RAM), predicted and
@@ -500,7 +455,7 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
       ``step_time_s`` (median), ``step_time_iqr_s``, ``times_s``, ``extra_rounds``,
       ``stable``, ``examples_per_s`` (global).
     """
-    timing, t = view.throughput, copy.deepcopy(view.train)
+    timing, t = view.throughput, copy.deepcopy(view)
     t.seed = TIMING_SEED
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
@@ -611,15 +566,17 @@ def step_times(rows: list[dict]) -> dict[int, float]:
 def training_config(
     config, batch_size: int, b_noise: float, seed_offset: int = 0
 ) -> tuple[Any, str]:
-    """The training config of the run at ``batch_size``: ``config.train`` with the scaled
-    learning rate, the target and the caps of ``config.tradeoff``, evaluation every
-    ``tradeoff.eval_every_examples`` examples, seed ``train.seed + seed_offset`` (its
+    """The training config of the run at ``batch_size``: ``config`` without the fields no
+    training reads (:data:`experiments.rules.NOT_TRAINING`), with the scaled learning rate,
+    the target and the caps of ``config.tradeoff``, evaluation every
+    ``tradeoff.eval_every_examples`` examples, seed ``seed + seed_offset`` (its
     fingerprint keys the cached result), and the learning-rate rule in words."""
-    t, tr = config.train, config.tradeoff
+    t, tr = config, config.tradeoff
     lr, rule = scaling.learning_rate(
         t.optimizer, t.learning_rate, t.batch_size, batch_size, b_noise
     )
-    cfg = copy.deepcopy(t)
+    cfg = ml_collections.ConfigDict({k: v for k, v in t.to_dict().items()
+                                     if k not in rules.NOT_TRAINING})  # fmt: skip
     eval_every = max(1, round(tr.eval_every_examples / batch_size))
     cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None)
     if seed_offset:
@@ -668,7 +625,7 @@ def run_trainings(config, workdir: str, st: SweepState, batch_sizes, b_noise: fl
                   timing: tuple[dict[int, float], int], seed_offset: int = 0, *,
                   fingerprints: dict | None = None, bar=None) -> list[dict]:  # fmt: skip
     """The training stage: :func:`run_training` at each of ``batch_sizes`` (the config of
-    :func:`training_config`, seed ``train.seed + seed_offset``, in :func:`training_dir`), each
+    :func:`training_config`, seed ``seed + seed_offset``, in :func:`training_dir`), each
     reused from ``st`` when it finished under the same config (key: the batch, with
     ``/seed<seed>`` for another seed; its fingerprint also put in ``fingerprints``), with
     ``t(B)`` and the device time to target from ``timing = (step times, max batch)``
@@ -783,7 +740,7 @@ def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
 
 def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
     """:func:`gns.finder.decide` with the reference run's rate and ``config.recommend``."""
-    t, rc = config.train, config.recommend
+    t, rc = config, config.recommend
     cands = list(rc.candidates) if rc.candidates else sorted(
         set(table.step_time()) | {t.batch_size}
         | {int(f) * max_batch for f in config.throughput.accumulation_factors})  # fmt: skip
@@ -822,7 +779,7 @@ class _Stages:
             except ValueError as e:  # a diverged pilot: the independent batches' error first
                 finish({})
                 raise UserError(f"the noise scale could not be measured: {e}",
-                                hint="lower config.train.learning_rate") from e  # fmt: skip
+                                hint="lower config.learning_rate") from e  # fmt: skip
             value = finish(value) if name == "noise_scale" else value
             self.st.put(name, "value", self.fps[name], value)
         self.done[name] = value
@@ -885,8 +842,8 @@ def _train_points(config, workdir, stages: _Stages, rows, max_batch, b_noise, me
         else:
             batches.append(b)
     points = train_at(batches)
-    reseed = validation.reseed_batch_sizes(points, _get_path(config, "tradeoff.reseed_best"))
-    for offset in range(1, _get_path(config, "tradeoff.extra_seeds") + 1):
+    reseed = validation.reseed_batch_sizes(points, config.tradeoff.reseed_best)
+    for offset in range(1, config.tradeoff.extra_seeds + 1):
         points += train_at(reseed, seed_offset=offset)
     return points, reseed, skipped
 
@@ -908,15 +865,14 @@ def _by_basis(config, m: finder.Measured, table, max_batch, fit: dict, rec, rec_
 def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
     t_start = time.perf_counter()
     st = SweepState(workdir)
-    mesh = mesh_lib.make_mesh(config.train.num_devices)
+    mesh = mesh_lib.make_mesh(config.num_devices)
     mesh_record = mesh_lib.describe(mesh)
     fps: dict[str, Any] = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
     if config.compilation_cache:  # the user's own cache: never compiled code from the workdir
         _enable_compilation_cache(data.private_cache_dir("jax"))
     runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    task = tasks.get(config.train)
-    with cli.under("train"):  # the hints name --config.train.data.*
-        ds = task.load(config.train)
+    task = tasks.get(config)
+    ds = task.load(config)
     stage_t = {"setup": time.perf_counter() - t_start}
     stages = _Stages(config, ds, task, st, fps, bar, stage_t)
     m = _measure(config, ds, task, stages)
@@ -934,7 +890,7 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
         config, workdir, stages, rows, max_batch, b_noise, mesh
     ) if trainings else ([], [], {})  # fmt: skip
     by_batch = validation.mean_over_seeds(points)
-    fit = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.train.seed)
+    fit = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.seed)
     fit.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
     bar.update(1)
     stage_t["trainings"] = time.perf_counter() - t0

@@ -122,7 +122,7 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = runlog.CONFIG_FILE
 # Fields that do not change what a run computes: a resume may change them (see run_identity).
 NOT_IDENTITY = (
-    "mode",
+    *rules.NOT_TRAINING,
     "log_every",
     "checkpoint_every",
     "progress_bar",
@@ -137,7 +137,6 @@ NOT_IDENTITY = (
     "data.on_device",
     "distributed",
     "step_time_repeats",
-    "compare",
     # How the compare mode times the schedule's candidates, not the schedule itself.
     "adaptive.timing_warmup",
     "adaptive.timing_rounds",

@@ -191,26 +191,26 @@ def smoke_config(mode):
     c.data.synthetic.image_size = 16
     c.data.num_train = 512
     c.data.num_test = 256
-    c.compare.tradeoff.max_wall_time_s = 2.0
+    c.tradeoff.max_wall_time_s = 2.0
     return c
 
 
 @pytest.mark.parametrize(
     "field, value, words",
     [
-        ("tradeoff.batch_sizes", (16, 0), "tradeoff.batch_sizes"),
-        ("policies", ("default", "fastest"), "compare.policies"),
-        ("policies", ("default", "default"), "compare.policies"),
-        ("target_accuracy", 1.5, "compare.target_accuracy=1.5"),
-        ("target_window", 0, "compare.target_window=0"),
-        ("max_wall_time_s", -1.0, "compare.max_wall_time_s=-1.0"),
-        ("seeds", (), "compare.seeds"),
+        ("tradeoff.batch_sizes", (16, 0), "config.tradeoff.batch_sizes"),
+        ("compare.policies", ("default", "fastest"), "compare.policies"),
+        ("compare.policies", ("default", "default"), "compare.policies"),
+        ("compare.target_accuracy", 1.5, "compare.target_accuracy=1.5"),
+        ("compare.target_window", 0, "compare.target_window=0"),
+        ("compare.max_wall_time_s", -1.0, "compare.max_wall_time_s=-1.0"),
+        ("compare.seeds", (), "compare.seeds"),
     ],
 )
 def test_compare_config_mistake_is_a_user_error_naming_the_field(tmp_path, field, value, words):
     c = smoke_config("compare")
     *parents, last = field.split(".")
-    node = c.compare
+    node = c
     for p in parents:
         node = node[p]
     node[last] = value

@@ -10,13 +10,16 @@ import json
 import math
 import os
 
+import ml_collections
 import pytest
 
 from configs import bench as bench_config
 from configs import cifar10 as cifar10_config
+from configs import common
 from configs import lm as lm_config
 from configs import sweep as sweep_config
-from experiments import cli, data, models, rules
+from configs import teacher as teacher_config
+from experiments import cli, models, rules
 from experiments.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,6 +71,28 @@ def test_every_field_has_a_rule_and_a_description_and_the_defaults_pass(kind, va
     lines = rules.describe(config, kind)
     assert sum(ln.startswith("  --config.") for ln in lines) == len(names)
     assert "(no rule)" not in "\n".join(lines)
+
+
+def test_one_shape_training_fields_at_the_top_and_measurement_fields_at_one_path():
+    """Every training config has the training fields of configs/common.py at the top level
+    (with their types); the configs of experiments.cifar10 and of the sweep have the
+    measurement fields at the same paths, and only those of the cifar10 modes differ."""
+    training = dict(cli.config_fields(common.training()))
+    measurement = set(dict(cli.config_fields(common.measurement(ml_collections.ConfigDict()))))
+    modules = (cifar10_config, lm_config, teacher_config, sweep_config)
+    for module in modules:
+        for variant in module.VARIANTS:
+            config = module.get_config(variant)
+            names = dict(cli.config_fields(config))
+            assert set(training) - {"mode"} <= set(names), (module.__name__, variant)
+            for name in set(training) & set(names):
+                assert config.get_type(name) == common.training().get_type(name), name
+            measures = module in (cifar10_config, sweep_config)
+            assert (measurement <= set(names)) == measures, (module.__name__, variant)
+    image = set(dict(cli.config_fields(cifar10_config.get_config("smoke"))))
+    sweep = set(dict(cli.config_fields(sweep_config.get_config("smoke"))))
+    assert image - sweep == {"mode"} | {n for n in image if n.startswith("compare.")}
+    assert sweep <= image
 
 
 def bad_values(default, declared: type) -> list:
@@ -165,12 +190,12 @@ def test_the_reported_mistakes_are_caught(kind, fields, words):
 def test_batches_must_split_over_the_devices():
     """The sweep's reference batch 6 on 4 devices stops the sweep (it is not only skipped)."""
     config = sweep_config.get_config("smoke")
-    config.train.batch_size = 6
+    config.batch_size = 6
     rules.check(config, "sweep")  # the device count is not known yet: not checked
-    with pytest.raises(UserError, match=r"config.train.batch_size=6 is not divisible by the 4"):
+    with pytest.raises(UserError, match=r"config.batch_size=6 is not divisible by the 4"):
         rules.check(config, "sweep", devices=4)
     rules.check(config, "sweep", devices=2)
-    config.train.batch_size = 8
+    config.batch_size = 8
     config.noise.batch_size = 2
     with pytest.raises(UserError, match=r"config.noise.batch_size=2 is smaller than the 4"):
         rules.check(config, "sweep", devices=4)
@@ -191,8 +216,8 @@ MISTAKES = {
     "eval_batch": ("cifar10", ["--config=configs/cifar10.py:smoke", "--config.eval_batch_size=0"],
                    "config.eval_batch_size=0"),
     "heads": ("lm", ["--config=configs/lm.py:smoke", "--config.model.num_heads=3"], "num_heads"),
-    "section": ("sweep", ["--config=configs/sweep.py:smoke", "--config.data.source=folder"],
-                "did you mean --config.train.data.source?"),
+    "section": ("sweep", ["--config=configs/sweep.py:smoke", "--config.source=folder"],
+                "did you mean --config.data.source?"),
     "workdir": ("cifar10", ["--config=configs/cifar10.py:smoke", "--workdir="],
                 "--workdir is empty"),
 }  # fmt: skip
@@ -277,14 +302,6 @@ def test_plain_text_drops_the_markup_and_keeps_the_layout():
     )
 
 
-def test_errors_under_a_section_name_its_fields():
-    with pytest.raises(UserError) as e, cli.under("train"):
-        raise UserError("data.source=folder needs data.path.", hint=data.ALTERNATIVES)
-    assert str(e.value) == "train.data.source=folder needs train.data.path."
-    assert "--config.train.data.source=folder --config.train.data.path=" in e.value.hint
-    assert "--config.data." not in e.value.hint
-
-
 # ---------------------------------------------------------------------------------------------
 # The default data source.
 
@@ -302,6 +319,6 @@ def test_default_data_is_the_shared_archive_when_present_else_the_download(tmp_p
     archive.write_bytes(b"")
     assert cifar10_config.default_data() == ("folder", cifar10_config.DATA)
     config = sweep_config.get_config("cpu")
-    assert (config.train.data.source, config.train.data.path) == ("folder", cifar10_config.DATA)
+    assert (config.data.source, config.data.path) == ("folder", cifar10_config.DATA)
     monkeypatch.chdir(tmp_path)  # elsewhere: the archive beside the repository
     assert cifar10_config.default_data() == ("folder", os.path.join(str(work), cifar10_config.DATA))

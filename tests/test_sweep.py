@@ -13,7 +13,7 @@ import pytest
 
 from configs import cifar10 as cifar10_config
 from configs import sweep as sweep_config
-from experiments import compare, runlog, sweep, tasks, validation
+from experiments import runlog, sweep, tasks, validation
 from experiments.cli import UserError
 from gns import finder
 
@@ -160,7 +160,7 @@ def test_noise_trajectory_is_pooled_from_the_pilots_own_measurements(smoke_run):
         assert r["low"] <= r["b_simple"] <= (math.inf if r["high"] is None else r["high"])
     # The effective value: ΔS_min-weighted mean, ΔS_min = ΔS_ref / (1 + B/B_ref).
     b = np.array([r["b_simple"] for r in rows])
-    s_min = width / (1 + b / config.train.batch_size)
+    s_min = width / (1 + b / config.batch_size)
     assert n["effective"]["value"] == pytest.approx((s_min * b).sum() / s_min.sum())
     assert n["effective"]["basis"] == critical.BASIS_TRAJECTORY
 
@@ -176,12 +176,12 @@ def test_critical_batch_rows_and_the_recommendations_basis(smoke_run):
     assert steps == [10, 30, 50] and [r["step"] for r in c["checkpoints"]] == steps
     for r in c["checkpoints"]:
         assert {"b_crit", "low", "high", "resolved"} <= set(r)
-    sizes = [config.train.batch_size * 2**e for e in cc.exponents]
+    sizes = [config.batch_size * 2**e for e in cc.exponents]
     assert c["batch_sizes"] == sizes and c["examples_per_fork"] == cc.fork_steps * max(sizes)
     forked = len(steps) * len(sizes) * cc.num_repeats * c["examples_per_fork"]
     assert c["examples_forked"] == forked
     assert c["cost_fraction"] == pytest.approx(
-        forked / (config.noise.pilot_steps * config.train.batch_size)
+        forked / (config.noise.pilot_steps * config.batch_size)
     )
     # The path average weighs the resolved checkpoints only, each by its ΔS_min.
     delta = critical.stretch_lengths(steps, end=config.noise.pilot_steps)
@@ -189,7 +189,7 @@ def test_critical_batch_rows_and_the_recommendations_basis(smoke_run):
     eff = c["effective"]
     if len(res) >= 2:
         d, b = np.array(res).T
-        w = d / (1 + b / config.train.batch_size)
+        w = d / (1 + b / config.batch_size)
         assert eff["value"] == pytest.approx((w * b).sum() / w.sum())
     # The basis is the best evidence measured, and every value is reported with its ratio.
     r = s["recommendation"]
@@ -221,16 +221,16 @@ def test_throughput_rows_are_global_batches_and_skip_what_does_not_split():
     if jax.device_count() != 4:
         pytest.skip("needs the 4 simulated devices of tests/conftest.py")
     config = sweep_config.get_config("smoke")
-    config.train.model.widths = (8,)  # per device ~0.12 MB at 2 examples, ~0.24 MB at 4
+    config.model.widths = (8,)  # per device ~0.12 MB at 2 examples, ~0.24 MB at 4
     config.throughput.update(warmup=0, repeats=1, memory_budget_bytes=200_000)
-    ds = data.load(config.train.data)
+    ds = data.load(config.data)
     out = {}
     for n, lo, hi in ((1, 2, 4), (4, 8, 16)):
-        config.train.update(num_devices=n, batch_size=lo)
+        config.update(num_devices=n, batch_size=lo)
         config.throughput.update(min_batch_size=lo, max_batch_size=hi)
         config.tradeoff.batch_sizes = (6,) if n == 4 else None
         view = sweep.stage_config(config, "throughput")
-        out[n] = sweep.measure_throughput(view, ds, tasks.get(config.train))
+        out[n] = sweep.measure_throughput(view, ds, tasks.get(config))
     one = {r["batch_size"]: r for r in out[1]["rows"]}
     four = {r["batch_size"]: r for r in out[4]["rows"]}
     assert out[1]["mesh"]["devices"] == 1 and out[4]["mesh"]["shape"] == {"batch": 4}
@@ -256,11 +256,11 @@ def test_the_pilot_replays_exactly():
 
     config = sweep_config.get_config("smoke")
     config.noise.update(warmup_steps=2, pilot_steps=4, every=2)
-    ds = data.load(config.train.data)
+    ds = data.load(config.data)
     plan = sweep.pipeline_plan(config)
     runs = []
     for _ in range(2):
-        steps, state = sweep.pipeline_steps(config, ds, tasks.get(config.train))
+        steps, state = sweep.pipeline_steps(config, ds, tasks.get(config))
         runs.append(finder.run_pilot(
             state, steps.measure, steps.batch_fn, batch_size=plan.ref_batch_size,
             num_steps=plan.pilot_steps, every=plan.every,
@@ -277,7 +277,7 @@ def test_trainings_and_fit_match_the_runs_on_disk(smoke_run):
     config, workdir, s = smoke_run
     t = s["tradeoff"]
     target = config.tradeoff.target_accuracy
-    base_lr, base_b = config.train.learning_rate, config.train.batch_size
+    base_lr, base_b = config.learning_rate, config.batch_size
     assert [p["batch_size"] for p in t["points"]] == list(config.tradeoff.batch_sizes)
     for p in t["points"]:
         b = p["batch_size"]
@@ -319,16 +319,14 @@ def test_recommendation_is_the_argmin_of_predicted_time(smoke_run):
     assert n == pytest.approx(r["evidence"][r["basis"]]["value"])
     # Independent recomputation over the throughput table (accumulated rows included).
     times = {row["batch_size"]: row["step_time_s"] for row in s["throughput"]}
-    times.setdefault(config.train.batch_size, times.get(config.train.batch_size))
+    times.setdefault(config.batch_size, times.get(config.batch_size))
     cost = {b: (1 + n / b) * t for b, t in times.items()}
     best = min(cost, key=lambda b: (cost[b], b))
     assert r["batch_size"] == best
     assert r["accumulation_steps"] == math.ceil(best / s["max_batch_size"])
-    assert r["predicted_speedup_vs_baseline"] == pytest.approx(
-        cost[config.train.batch_size] / cost[best]
-    )
+    assert r["predicted_speedup_vs_baseline"] == pytest.approx(cost[config.batch_size] / cost[best])
     assert r["learning_rate"] == pytest.approx(
-        config.train.learning_rate * math.sqrt(best / config.train.batch_size)
+        config.learning_rate * math.sqrt(best / config.batch_size)
     )
     assert r["reason"].startswith(f"Batch {best}")
 
@@ -399,12 +397,12 @@ def test_second_seed_at_the_fastest_batches_and_the_validation_block(smoke_run, 
     # Only the new seed at the fastest batch (by device time, on this sweep's timing table)
     # trains; the first seed's trainings are reused.
     dev0 = {p["batch_size"]: p["device_time_to_target_s"] for p in s["tradeoff"]["points"]
-            if p["seed"] == config.train.seed and p["reached"]}  # fmt: skip
+            if p["seed"] == config.seed and p["reached"]}  # fmt: skip
     fastest = min(dev0, key=lambda b: (dev0[b], b))
-    assert trained == [(fastest, config.train.seed + 1)]
+    assert trained == [(fastest, config.seed + 1)]
     assert s["tradeoff"]["reseeded"] == [fastest]
     pts = [p for p in s["tradeoff"]["points"] if p["batch_size"] == fastest]
-    assert sorted(p["seed"] for p in pts) == [config.train.seed, config.train.seed + 1]
+    assert sorted(p["seed"] for p in pts) == [config.seed, config.seed + 1]
     row = next(r for r in s["tradeoff"]["by_batch"] if r["batch_size"] == fastest)
     dev = [p["device_time_to_target_s"] for p in pts if p["reached"]]
     if len(dev) == 2:
@@ -515,23 +513,23 @@ def _fps(config):
         ("throughput.repeats", 9, {"throughput"}),
         ("tradeoff.batch_sizes", (8, 16), {"throughput"}),
         ("tradeoff.target_accuracy", 0.3, {"trainings"}),
-        ("train.eval_examples", 128, {"trainings"}),
+        ("eval_examples", 128, {"trainings"}),
         # Read by two or all three.
         ("critical.num_repeats", 3, {"critical_batch"}),
         ("noise.num_stretches", 2, {"noise_scale"}),
         ("noise.pilot_steps", 30, {"noise_scale", "critical_batch"}),
         ("noise.every", 2, {"noise_scale", "critical_batch"}),
         ("tradeoff.max_steps", 300, {"noise_scale", "critical_batch", "trainings"}),
-        ("train.learning_rate", 1e-3, {"noise_scale", "critical_batch", "trainings"}),
-        ("train.seed", 1, {"noise_scale", "critical_batch", "trainings"}),
+        ("learning_rate", 1e-3, {"noise_scale", "critical_batch", "trainings"}),
+        ("seed", 1, {"noise_scale", "critical_batch", "trainings"}),
         (
-            "train.model.widths",
+            "model.widths",
             (4, 8),
             {"noise_scale", "critical_batch", "throughput", "trainings"},
         ),
-        ("train.data.num_train", 512, {"noise_scale", "critical_batch", "throughput", "trainings"}),
-        ("train.dtype", "bfloat16", {"noise_scale", "critical_batch", "throughput", "trainings"}),
-        ("train.num_devices", 2, {"throughput", "trainings"}),
+        ("data.num_train", 512, {"noise_scale", "critical_batch", "throughput", "trainings"}),
+        ("dtype", "bfloat16", {"noise_scale", "critical_batch", "throughput", "trainings"}),
+        ("num_devices", 2, {"throughput", "trainings"}),
     ],
 )
 def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field, value, changed):
@@ -549,27 +547,28 @@ def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field
 def test_stage_config_holds_only_the_listed_fields():
     config = sweep_config.get_config("smoke")
     view = sweep.stage_config(config, "throughput")
-    flat = set(runlog.to_strict_json(view.to_dict()))
-    assert flat == {"train", "tradeoff", "throughput"}
-    assert set(view.train) == set(sweep.TRAIN_SETUP.split()) | {"batch_size", "num_devices"}
-    assert "learning_rate" not in view.train and "seed" not in view.train
+    setup = set(sweep.TRAIN_SETUP.split()) | {"batch_size", "num_devices"}
+    assert set(view) == setup | {"tradeoff", "throughput"}
+    assert set(view.tradeoff) == {"batch_sizes"}
+    assert "learning_rate" not in view and "seed" not in view
     # Reading a field the stage did not declare fails loudly instead of escaping the cache key.
     with pytest.raises(AttributeError):
-        _ = view.train.learning_rate
+        _ = view.learning_rate
 
 
-def test_the_sweep_config_references_the_training_config_without_compare():
+def test_the_sweep_config_is_the_training_config_without_the_modes():
     config = sweep_config.get_config("smoke")
-    assert "compare" not in config.train
+    assert "compare" not in config and "mode" not in config
     reference = cifar10_config.get_config("smoke")
     for key in ("model", "optimizer", "gns_method", "eval_batch_size"):
-        assert config.train[key] == reference[key], key
+        assert config[key] == reference[key], key
     # The compare modes: changing a compare-only field keeps every measurement stage's key.
     c = cifar10_config.get_config("smoke")
-    fps = {s: sweep.stage_fingerprint(compare.measurement_config(c), s) for s in sweep.STAGE_FIELDS}
+    fps = {s: sweep.stage_fingerprint(c, s) for s in sweep.STAGE_FIELDS}
     c.compare.give_up_factor = 9.0
     c.compare.max_epochs = 3.0
-    again = {s: sweep.stage_fingerprint(compare.measurement_config(c), s) for s in fps}
+    c.compare.baseline_learning_rate = 1e-2
+    again = {s: sweep.stage_fingerprint(c, s) for s in fps}
     assert again == fps
 
 
@@ -647,8 +646,8 @@ def test_validate_config_names_the_field():
 
 def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
     config = sweep_config.get_config("smoke")
-    config.train.learning_rate = 1e30  # finite and positive: passes validation, then diverges
-    config.train.data.num_train = 128
+    config.learning_rate = 1e30  # finite and positive: passes validation, then diverges
+    config.data.num_train = 128
     config.noise.update(warmup_steps=3, batch_size=16, num_batches=3, pilot_steps=6)
     with pytest.raises(UserError, match=r"could not be measured: 0 of 3 batches gave finite"):
         sweep.run_sweep(config, str(tmp_path), trainings=False)
