@@ -3,7 +3,7 @@
 Usage::
 
     gns demo  [FLAGS]   # every batch-size policy to the same target (make demo; runs/demo)
-    gns train [FLAGS]   # CIFAR-10 with the noise scale tracked (python -m experiments.cifar10)
+    gns train [FLAGS]   # any task (config.task) with the noise scale tracked (experiments.run)
     gns sweep [FLAGS]   # noise scale, throughput, tradeoff and a batch size (experiments.sweep)
     gns bench [FLAGS]   # cost of each estimator over a plain step (make bench; runs/bench)
     gns lm    [FLAGS]   # the byte-level Transformer language model (experiments.lm)
@@ -31,8 +31,8 @@ COMMANDS = {
     "demo": ("experiments.cifar10", "configs/cifar10.py:cpu",
              ("--config.mode=compare", "--workdir=runs/demo"),
              "every batch-size policy trained to the same target, with a verdict"),
-    "train": ("experiments.cifar10", "configs/cifar10.py:cpu", (),
-              "CIFAR-10 with the noise scale tracked (modes: train, compare, tradeoff)"),
+    "train": ("experiments.run", "configs/cifar10.py:cpu", (),
+              "any task (config.task; CIFAR-10 by default) with the noise scale tracked"),
     "sweep": ("experiments.sweep", "configs/sweep.py:cpu", (),
               "noise scale, throughput, tradeoff fit and a recommended batch size"),
     "bench": ("experiments.bench", "configs/bench.py", ("--workdir=runs/bench",),

@@ -19,7 +19,7 @@ The tasks (``config.task``; a config without the field is ``cifar10``), one modu
 
 A new task is a module here defining a :class:`Task` (listed in :data:`TASKS`), a config file
 ``configs/<task>.py`` and the rows of its fields in :mod:`experiments.rules`; it trains with
-``python -m experiments.cifar10 --config configs/<task>.py``.
+``python -m experiments.run --config configs/<task>.py`` (``gns train``).
 
 Example::
 
