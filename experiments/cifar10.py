@@ -6,19 +6,14 @@ Usage::
       --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
 ``--config`` takes ``configs/cifar10.py:VARIANT`` (``smoke``, ``cpu``, ``gpu``,
-``effnet_lamb``, ...); any field is overridable (``--config.batch_size=256``). ``config.mode``
-picks what runs: ``train`` (:func:`experiments.train.train_and_evaluate`), ``compare`` (every
-batch-size policy, the adaptive schedule included, trained to the same smoothed target, with a
-verdict: :func:`experiments.compare.run_compare`; ``make demo``; ``adaptive`` is another name
-for it) or ``tradeoff`` (time to a target at several batch sizes,
-:func:`experiments.compare.run_tradeoff`). This is the training main of :mod:`experiments.run`
-(any task), with ``configs/cifar10.py`` as the default of ``--help``.
-
-Re-running the same command resumes from the last checkpoint (and measurements) in
-``--workdir``; Ctrl-C stops at the next step with everything saved (exit code 130). A mistake
-(a missing config file, an unknown variant, field or mode, a bad data path, an unwritable
-workdir, a full disk, a diverged run) prints one line and a hint and exits with code 2;
-``--verbose`` shows the traceback.
+``effnet_lamb``, ...); any field is overridable (``--config.batch_size=256``).
+``config.mode``: ``train``, ``compare`` (every batch-size policy, the adaptive schedule
+included, trained to one smoothed target, with a verdict; ``make demo``; ``adaptive`` is
+another name for it) or ``tradeoff`` (time to a target at several batch sizes). This is the
+training main of :mod:`experiments.run` with ``configs/cifar10.py`` as the default of
+``--help``. Re-running the same command resumes in ``--workdir``; Ctrl-C stops at the next
+step with everything saved (exit code 130); a mistake prints one line and a hint (exit code
+2; ``--verbose``: the traceback).
 """
 
 from __future__ import annotations

@@ -1,24 +1,18 @@
 """CIFAR-style image data for the experiments: loading, normalization, batches.
 
 Four sources, picked by ``config.data.source`` (each field: :mod:`experiments.rules`):
+``'cifar10_binary'`` (the official CIFAR-10 binary version at ``data.path``, or downloaded once
+into the cache from ``data.url`` and checked against ``data.md5``), ``'folder'`` (a directory or
+``.tar.gz`` laid out ``split/class/image.jpg``, splits ``train`` and ``test``; labels index the
+sorted class names), ``'tfds'`` (a prepared ``tensorflow-datasets`` dataset, read without
+TensorFlow) and ``'synthetic'`` (class-dependent colours and patterns plus noise).
 
-* ``'cifar10_binary'``: the official CIFAR-10 binary version, parsed with numpy. ``data.path``
-  names the archive (or its ``cifar-10-batches-bin`` directory); without it the archive is
-  downloaded once into the cache directory from ``data.url``, checked against ``data.md5``.
-* ``'folder'``: a directory or ``.tar.gz`` laid out ``split/class/image.jpg`` (splits ``train``
-  and ``test``); labels index the sorted class names. Decoded once with PIL.
-* ``'tfds'``: a prepared ``tensorflow-datasets`` dataset, read without TensorFlow (preparing
-  it needs TensorFlow: ``pip install -e '.[tfds]'``).
-* ``'synthetic'``: class-dependent colours and patterns plus noise, for tests and smoke runs.
-
-The decoded arrays of the first three are cached as ``.npz`` in ``data.cache_dir`` (default
-:func:`user_cache_dir`), written atomically and keyed by the source's path, size, mtime and
-sampled content; a cache file that is unreadable or holds another source's arrays is decoded
-again with a warning, and an unwritable cache costs a warning. :attr:`Dataset.fingerprint` is
-the data's identity that a resumed run checks. A problem with the user's data raises
-:class:`~experiments.cli.UserError` naming the path (and archive member) and the fix.
-
-Batches are numpy on the host, a pure function of the seed and the step (or the example
+The decoded arrays are cached as ``.npz`` in ``data.cache_dir`` (default
+:func:`user_cache_dir`), keyed by the source's path, size, mtime and sampled content; a cache
+file that is unreadable or holds another source's arrays is decoded again with a warning.
+:attr:`Dataset.fingerprint` is the data's identity that a resumed run checks. A problem with
+the user's data raises :class:`~experiments.cli.UserError` naming the path (and archive
+member) and the fix. Batches are a pure function of the seed and the step (or the example
 positions), so a resumed run sees the batches of an uninterrupted one.
 
 Example::

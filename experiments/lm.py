@@ -9,19 +9,13 @@ Usage::
 ``--config`` takes ``configs/lm.py:VARIANT`` (``smoke``, ``cpu``); any field is overridable
 (``--config.batch_size=64``). The corpus is the ``.py`` files of the running interpreter's
 standard library unless ``--config.data.path`` names a text file or a directory of text files
-(:mod:`experiments.text`). This is the training main of :mod:`experiments.run` (mode
-``train``) with ``configs/lm.py`` as the default of ``--help``, so the outputs are the CIFAR-10
-experiment's: ``metrics.jsonl`` (train loss, held-out ``test_loss`` and ``test_bits_per_byte``
-on evaluation rows, noise-scale rows), ``summary.json`` (with the corpus record under
-``data``), ``checkpoints/`` and the plots. ``config.target_bits_per_byte`` stops the run when a
-periodic held-out evaluation reaches it.
-
-An example of the noise scale is a window of ``context`` tokens (its loss is the mean over
-them), so ``b_simple`` counts windows, as ``batch_size`` does; multiply by ``context`` for
-tokens. Re-running the same command resumes from the last checkpoint; Ctrl-C stops at the next
-step with everything saved (exit code 130). A mistake (a corpus path that does not exist, an
-empty or binary corpus, an unknown variant or field, an unwritable workdir, a diverged run)
-prints one line and a hint and exits with code 2; ``--verbose`` shows the traceback.
+(:mod:`experiments.text`). This is the training main of :mod:`experiments.run` with
+``configs/lm.py`` as the default of ``--help``: the outputs are the CIFAR-10 experiment's,
+with ``test_loss`` and ``test_bits_per_byte`` on evaluation rows and the corpus record under
+``data`` in ``summary.json``; ``config.target_bits_per_byte`` stops the run when a held-out
+evaluation reaches it. ``b_simple`` counts windows of ``context`` tokens, as ``batch_size``
+does. Re-running resumes; Ctrl-C stops with everything saved (exit code 130); a mistake prints
+one line and a hint (exit code 2).
 """
 
 from __future__ import annotations

@@ -162,11 +162,6 @@ def round_filters(filters: int, width_coefficient: float, divisor: int = 8) -> i
     return int(new)
 
 
-def round_repeats(repeats: int, depth_coefficient: float) -> int:
-    """Block repeats scaled by ``depth_coefficient`` (rounded up)."""
-    return int(math.ceil(depth_coefficient * repeats))
-
-
 class MBConv(nn.Module):
     """Mobile inverted bottleneck: 1x1 expand, depthwise kxk, squeeze-excitation, 1x1 project."""
 
@@ -244,11 +239,11 @@ class EfficientNet(nn.Module):
         s = (self.stem_strides, self.stem_strides)
         x = conv(stem, (3, 3), s, padding="SAME", name="stem_conv")(x)
         x = nn.swish(norm(name="stem_bn")(x))
-        total = sum(round_repeats(b[5], dc) for b in self.blocks)
+        total = sum(math.ceil(dc * b[5]) for b in self.blocks)
         index = 0
         for expand, kernel, strides, f_in, f_out, repeats in self.blocks:
             f_in, f_out = round_filters(f_in, wc), round_filters(f_out, wc)
-            for r in range(round_repeats(repeats, dc)):
+            for r in range(math.ceil(dc * repeats)):
                 x = MBConv(
                     input_filters=f_in if r == 0 else f_out,
                     output_filters=f_out,
@@ -361,15 +356,8 @@ def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = No
     if name in ("resnet", "resnet18"):
         return ResNet(num_classes=classes, **opt("stage_sizes", "num_filters", "bn_momentum"))
     if name in ("efficientnet", "efficientnet_b0"):
-        kw = opt(
-            "width_coefficient",
-            "depth_coefficient",
-            "dropout_rate",
-            "drop_connect_rate",
-            "stem_strides",
-            "head_filters",
-            "bn_momentum",
-        )
+        kw = opt("width_coefficient", "depth_coefficient", "dropout_rate", "drop_connect_rate",
+                 "stem_strides", "head_filters", "bn_momentum")  # fmt: skip
         if _cfg_get(model_config, "blocks", None) is not None:
             kw["blocks"] = tuple(tuple(b) for b in model_config["blocks"])
         return EfficientNet(num_classes=classes, **kw)

@@ -4,15 +4,13 @@ Usage::
 
     python -m experiments.run --config configs/teacher.py:smoke --workdir /tmp/teacher
 
-The task comes from the config (``config.task``, :mod:`experiments.tasks`); ``python -m
-experiments.cifar10`` and ``python -m experiments.lm`` are this main with their own config file
-as the default of ``--help``, and ``gns train`` runs it. ``config.mode`` picks what runs:
-``train`` (:func:`experiments.train.train_and_evaluate`), and for the image task also
-``compare`` (every batch-size policy to one smoothed target, with a verdict; ``adaptive`` is
-another name for it) and ``tradeoff`` (time to a target at several batch sizes), both in
-:mod:`experiments.compare`. Re-running the same command resumes from the last checkpoint in
-``--workdir``; Ctrl-C stops at the next step with everything saved (exit code 130). A mistake
-prints one line and a hint and exits with code 2; ``--verbose`` shows the traceback.
+The task comes from the config (``config.task``, :mod:`experiments.tasks`); ``gns train`` runs
+this main, and ``python -m experiments.cifar10`` and ``experiments.lm`` are it with their own
+config file as the default of ``--help``. ``config.mode``: ``train``
+(:func:`experiments.train.train_and_evaluate`), and for images ``compare`` (``adaptive``) and
+``tradeoff`` (:mod:`experiments.compare`). Re-running the same command resumes in
+``--workdir``; Ctrl-C stops at the next step with everything saved (exit code 130); a mistake
+prints one line and a hint (exit code 2; ``--verbose``: the traceback).
 """
 
 from __future__ import annotations

@@ -160,9 +160,8 @@ def load(cfg, *, context: int) -> TextDataset:
 
 def _options(cfg, context: int) -> tuple[str | None, int | None, float, tuple | None]:
     """``(path, max_bytes, test_fraction, extensions)`` of ``cfg``, checked."""
-    get = cfg.get if isinstance(cfg, Mapping) else lambda name, default: getattr(cfg, name, default)
-    path, max_bytes, extensions = get("path", None), get("max_bytes", None), get("extensions", None)
-    test_fraction = float(get("test_fraction", DEFAULT_TEST_FRACTION))
+    path, max_bytes, extensions = cfg.get("path"), cfg.get("max_bytes"), cfg.get("extensions")
+    test_fraction = float(cfg.get("test_fraction", DEFAULT_TEST_FRACTION))
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise UserError(f"context={context!r} must be a positive integer.")
     if not 0.0 < test_fraction < 1.0:
@@ -263,11 +262,8 @@ def _split_by_file(root, files, test_fraction, max_bytes, *, strict):
         test_cap = max(1, round(max_bytes * test_fraction))
         caps = (max_bytes - test_cap, test_cap)
     parts = []
-    for names, cap in zip(
-        ([f for f in files if f not in test_set], [f for f in files if f in test_set]),
-        caps,
-        strict=True,
-    ):
+    splits = ([f for f in files if f not in test_set], [f for f in files if f in test_set])
+    for names, cap in zip(splits, caps, strict=True):
         chunks, used, total = [], [], 0
         for name in names:
             if cap is not None and total >= cap:
