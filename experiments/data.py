@@ -616,8 +616,8 @@ def _decode_folder(path: str) -> dict[str, Any]:
     for split in SPLITS:
         listing = [(label, item) for label, cls in enumerate(class_names)
                    for item in sorted(files[split][cls], key=lambda item: item[0])]  # fmt: skip
-        images = [_read_image(path, origin, data, is_dir) for _, (_, data, origin) in
-                  tqdm(listing, desc=f"decode {split}", unit="img", mininterval=1.0, leave=False)]
+        bar = tqdm(listing, desc=f"decode {split}", unit="img", mininterval=1.0, leave=False)
+        images = [_read_image(path, origin, data, is_dir) for _, (_, data, origin) in bar]
         shape = out["train_images"].shape[1:] if split == "test" else images[0].shape
         for image, (_, (_, _, origin)) in zip(images, listing, strict=True):
             if image.shape != shape:
@@ -853,15 +853,14 @@ def train_batch(ds: Dataset, batch_size: int, *, seed: int, augment: bool,
     if (step is None) == (start_example is None):
         raise ValueError("pass exactly one of step= (step stream) and start_example= (examples).")
     if start_example is None:
-        idx, params = train_indices(seed, step, batch_size, n), (seed, step, batch_size)
+        idx = train_indices(seed, step, batch_size, n)
+        draw = functools.partial(augment_params, seed, step, batch_size)
     else:
         idx = stream_indices(seed, start_example, batch_size, n)
-    images = ds.train_images[idx]
-    if augment:
-        images = crop_and_flip(images, *(augment_params(*params) if start_example is None else
-                               stream_augment_params(seed, start_example, batch_size, n)))
-    return {"image": normalize(images, ds.mean, ds.std),
-            "label": ds.train_labels[idx].astype(np.int32)}
+        draw = functools.partial(stream_augment_params, seed, start_example, batch_size, n)
+    images = crop_and_flip(ds.train_images[idx], *draw()) if augment else ds.train_images[idx]
+    label = ds.train_labels[idx].astype(np.int32)
+    return {"image": normalize(images, ds.mean, ds.std), "label": label}
 
 
 def train_batches(ds: Dataset, batch_size: int, *, seed: int, start_step: int = 0,

@@ -179,22 +179,8 @@ def warn_unverified(url: str | None, md5: str | None, what: str) -> None:
         )
 
 
-def _unreachable(url: str, err: BaseException) -> DownloadError:
-    reason = getattr(err, "reason", err)
-    return DownloadError(
-        f"cannot download {url}: {reason or type(err).__name__} (no network connection?).",
-        offline=True,
-    )
-
-
-def fetch(
-    url: str,
-    dest: str,
-    *,
-    md5: str | None = None,
-    timeout_s: float = TIMEOUT_S,
-    progress: bool = True,
-) -> str:
+def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIMEOUT_S,
+          progress: bool = True) -> str:  # fmt: skip
     """Download ``url`` to ``dest`` (its directory created) and return ``dest``; at once when
     it exists. The body streams to a temporary beside ``dest`` (a progress bar on a terminal
     with ``progress``), checked against ``Content-Length`` and ``md5`` (``None``: unchecked,
@@ -222,7 +208,9 @@ def fetch(
     except urllib.error.HTTPError as err:
         raise DownloadError(f"cannot download {url}: the server answered HTTP {err.code}.") from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-        raise _unreachable(url, err) from err
+        reason = getattr(err, "reason", err) or type(err).__name__
+        raise DownloadError(f"cannot download {url}: {reason} (no network connection?).",
+                            offline=True) from err  # fmt: skip
     try:
         with response, atomic_file(dest) as f:
             received, digest = _copy(response, f, url, progress and os.path.basename(dest))

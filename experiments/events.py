@@ -68,7 +68,7 @@ def _finite(x) -> bool:
 
 def row_scalars(row: dict, window: Sequence[tuple[float, float]] = ()) -> dict[str, float]:
     """The step-axis scalars ``{tag: value}`` of a metrics row; ``window``: the last
-    :data:`WINDOW` finite ``(g_sq, trace_cov)``, this row's included, for ``noise_scale/window*``."""
+    :data:`WINDOW` finite ``(g_sq, trace_cov)``, this row's included."""
     out = {tag: float(row[k]) for k, tag in STEP_TAGS.items() if _finite(row.get(k))}
     for k, v in row.items():
         if k.startswith("test_") and _finite(v):

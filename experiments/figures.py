@@ -59,9 +59,11 @@ def training_plots(rows: Sequence[dict], directory: str) -> dict[str, str]:
 def sweep_plots(sweep: Mapping, directory: str) -> dict[str, str]:
     """``throughput.png``, ``tradeoff.png`` and ``time_to_target.png`` of a ``sweep.json``
     dict in ``directory``."""
-    return _save_all(directory, {"throughput.png": (plots.plot_throughput, sweep),
-                                 "tradeoff.png": (plots.plot_tradeoff, sweep["tradeoff"]),
-                                 "time_to_target.png": (plots.plot_time_to_target, sweep)})  # fmt: skip
+    return _save_all(directory, {
+        "throughput.png": (plots.plot_throughput, sweep),
+        "tradeoff.png": (plots.plot_tradeoff, sweep["tradeoff"]),
+        "time_to_target.png": (plots.plot_time_to_target, sweep),
+    })  # fmt: skip
 
 
 def tradeoff_plot(tradeoff: Mapping, path: str) -> str:

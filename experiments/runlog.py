@@ -271,14 +271,9 @@ class RunLog:
     """The record of one training run in ``workdir``: identity, clock, best and target,
     initial loss and the metrics rows, saved with (and restored from) its checkpoints.
 
-    Args:
-      workdir: the run's directory.
-      target: the score (higher is better: :meth:`experiments.tasks.Task.score`) that counts
-        as reaching the target (``None``: none).
-      window: the target is on the mean of the last ``window`` periodic evaluations.
-      primary: whether this process writes the files (other hosts keep the record in memory).
-      devices: the number of devices (kept in the checkpoints: a resume on another number is
-        refused; ``None``: not checked).
+    ``target``: the score (higher is better) that reaches the target, on the mean of the last
+    ``window`` periodic evaluations; ``primary``: whether this process writes the files (other
+    hosts keep the record in memory); ``devices``: a resume on another number is refused.
 
     Example::
 
@@ -295,15 +290,8 @@ class RunLog:
         ckpt.save(log.step, state, log.meta())
     """
 
-    def __init__(
-        self,
-        workdir: str,
-        target: float | None = None,
-        *,
-        window: int = 1,
-        primary: bool = True,
-        devices: int | None = None,
-    ):
+    def __init__(self, workdir: str, target: float | None = None, *, window: int = 1,
+                 primary: bool = True, devices: int | None = None):  # fmt: skip
         if not (isinstance(window, int | np.integer) and window >= 1):
             raise ValueError(f"window={window!r}: need an int >= 1 (evaluations averaged).")
         self.workdir = workdir
@@ -319,11 +307,7 @@ class RunLog:
         self.events = events_lib.EventLog(workdir)  # TensorBoard files (primary only)
         self.resume(0, None, truncate=False)
 
-    # Identity.
-
-    def check_identity(
-        self, config: dict, identity: Callable[[dict], dict], *, resuming: bool
-    ) -> None:
+    def check_identity(self, config: dict, identity: Callable, *, resuming: bool) -> None:
         """Stop when the run to resume (``resuming``: there is a checkpoint) was trained with
         a config whose ``identity`` (``config -> dict`` of the fields that change the results)
         differs: a :class:`UserError` lists the fields and how to start fresh."""
@@ -378,8 +362,6 @@ class RunLog:
         if self.primary:
             write_json(self.config_path, config)
 
-    # Resume and checkpoint metadata.
-
     def resume(self, step: int, meta: dict | None, *, truncate: bool = True) -> list[dict]:
         """Continue the record of the checkpoint at ``step`` with metadata ``meta`` (``0`` and
         ``None``: a fresh run), :meth:`check_meta` first; returns the rows kept (those after
@@ -408,22 +390,12 @@ class RunLog:
 
     def meta(self) -> dict:
         """What a checkpoint stores besides the state: the inverse of :meth:`resume`."""
-        return to_strict_json(
-            {
-                "step": self.step,
-                "examples_seen": self.examples_seen,
-                "clock": self.clock.state(),
-                "best": self.best,
-                "to_target": self.to_target,
-                "recent_evals": self.recent_evals,
-                "initial_loss": self.initial_loss,
-                "identity": self.identity,
-                "devices": self.devices,
-                "data": self.data,
-            }
-        )
-
-    # Progress.
+        return to_strict_json({
+            "step": self.step, "examples_seen": self.examples_seen, "clock": self.clock.state(),
+            "best": self.best, "to_target": self.to_target, "recent_evals": self.recent_evals,
+            "initial_loss": self.initial_loss, "identity": self.identity,
+            "devices": self.devices, "data": self.data,
+        })  # fmt: skip
 
     def advance(self, batch_size: int) -> None:
         """One optimizer step of ``batch_size`` examples was taken."""
@@ -485,21 +457,14 @@ class RunLog:
                 return self.diverged
         return None
 
-    # Rows.
-
     def row(self, **metrics) -> dict:
         """A metrics row of the current step: ``step``, ``examples_seen``, ``wall_time_s``
         (training time), ``examples_per_s`` since the last row, and ``metrics``."""
         t = self.clock.total("train")
         dt, dn = t - self._last_row[0], self.examples_seen - self._last_row[1]
         self._last_row = (t, self.examples_seen)
-        return {
-            "step": self.step,
-            "examples_seen": self.examples_seen,
-            "wall_time_s": t,
-            "examples_per_s": dn / max(dt, 1e-9),
-            **metrics,
-        }
+        return {"step": self.step, "examples_seen": self.examples_seen, "wall_time_s": t,
+                "examples_per_s": dn / max(dt, 1e-9), **metrics}  # fmt: skip
 
     def write_row(self, row: dict) -> None:
         """Append ``row`` to ``metrics.jsonl`` and the TensorBoard files (in memory only on a
@@ -529,12 +494,9 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
-            ),
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=False)  # fmt: skip
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -563,9 +525,7 @@ class Checkpoints:
                 "re-running the command resumes from the last checkpoint",
             ) from e
 
-    def restore(
-        self, target: Any, check: Callable[[dict], None] | None = None
-    ) -> tuple[Any, dict | None]:
+    def restore(self, target: Any, check: Callable | None = None) -> tuple[Any, dict | None]:
         """The newest readable checkpoint as ``(state, meta)`` shaped like ``target``
         (``(None, None)``: none), ``check(meta)`` called before the state is read; a
         :class:`UserError` when there are checkpoints but none is readable."""
@@ -610,14 +570,9 @@ class Checkpoints:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.replace(src, dst)
         self._manager.reload()
-        logging.warning(
-            "The checkpoint at step %d is unreadable (%s: %s); moved it to %s and falling "
-            "back to the previous one.",
-            step,
-            type(error).__name__,
-            " ".join(str(error).split())[:200],
-            dst,
-        )
+        logging.warning("The checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
+                        "falling back to the previous one.", step, type(error).__name__,
+                        " ".join(str(error).split())[:200], dst)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -117,9 +117,8 @@ def load(cfg, *, context: int) -> TextDataset:
         ds.source["python"], len(ds.train), len(ds.test)
     """
     path, max_bytes, test_fraction, extensions = _options(cfg, context)
-    record, (train, test, train_files, test_files, split) = _read_corpus(
-        path, max_bytes, test_fraction, extensions
-    )
+    record, arrays = _read_corpus(path, max_bytes, test_fraction, extensions)
+    train, test, train_files, test_files, split = arrays
     where = record["path"]
     if len(train) + len(test) == 0:
         raise UserError(
@@ -136,18 +135,11 @@ def load(cfg, *, context: int) -> TextDataset:
             )
     digest = hashlib.sha256(train.tobytes())
     digest.update(test.tobytes())
-    record.update(
-        split=split,
-        test_fraction=test_fraction,
-        max_bytes=max_bytes,
-        num_train_files=len(train_files),
-        num_test_files=len(test_files),
-        train_bytes=len(train),
-        test_bytes=len(test),
-        sha256=digest.hexdigest()[:16],
-        python=platform.python_version(),
-        python_implementation=platform.python_implementation(),
-    )
+    record.update(split=split, test_fraction=test_fraction, max_bytes=max_bytes,
+                  num_train_files=len(train_files), num_test_files=len(test_files),
+                  train_bytes=len(train), test_bytes=len(test), sha256=digest.hexdigest()[:16],
+                  python=platform.python_version(),
+                  python_implementation=platform.python_implementation())  # fmt: skip
     for a in (train, test):
         a.flags.writeable = False
     logging.info(
