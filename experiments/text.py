@@ -1,23 +1,18 @@
 """Byte-level text corpora for a character-level language model: loading, splits, batches.
 
-The tokens are bytes (vocabulary 256), held as ``uint8`` arrays. ``config.data.path`` picks the
-corpus: ``None``, the ``.py`` files of the running interpreter's standard library (no
-download; installed packages, test suites, ``__pycache__``, hidden directories and unreadable
-or binary files left out: **the corpus, hence the test loss, depends on the Python version**,
-recorded in ``ds.source``); a file (its last ``test_fraction`` of bytes held out); or a
-directory (its files, or those with ``data.extensions``).
-
-Files are read in sorted order of their relative paths and concatenated. A directory is split
-**by file**: a file is a test file when a hash of its relative path falls below
-``test_fraction`` (:func:`is_test_file`), so the splits never share a file. ``data.max_bytes``
-caps each split at its share of the cap, cutting the last file read.
+The tokens are bytes (vocabulary 256). ``config.data.path`` picks the corpus: ``None``, the
+``.py`` files of the running interpreter's standard library (no download; installed packages,
+test suites, caches and binary files left out: **the corpus, hence the test loss, depends on
+the Python version**, recorded in ``ds.source``); a file (its last ``test_fraction`` of bytes
+held out); or a directory (its files, or those with ``data.extensions``), split **by file**
+(:func:`is_test_file`: the splits never share a file). Files are read in sorted order and
+concatenated; ``data.max_bytes`` caps each split at its share.
 
 An example is a window of ``context + 1`` bytes (tokens, then the next byte of each as
 targets). Epoch ``e`` covers the train split with non-overlapping windows at a random shift,
 in a random order, both drawn from ``(seed, e)`` (:func:`train_offsets`): the batch of examples
 ``[i, i + B)`` is a pure function of ``(seed, i, B)``, so a run that changes its batch size, or
-resumes, sees the examples of an uninterrupted run. Evaluation uses fixed windows of the test
-split (:func:`eval_arrays`).
+resumes, sees the examples of an uninterrupted run.
 
 Example::
 

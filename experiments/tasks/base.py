@@ -23,28 +23,20 @@ def cross_entropy(logits, targets):
 class Task(NamedTuple):
     """A task: its data, its batches, its loss and the metric its target is on.
 
-    Attributes:
-      name: the value of ``config.task``.
-      keys: the ``(inputs, targets)`` keys of its batches, e.g. ``('image', 'label')``.
-      metric: the evaluation result the target is on; ``lower_is_better`` says which way.
-      target_field: the config field of the target (``None`` there: no target).
-      load: ``load(config) -> ds``; ``num_train(ds)``: train examples per epoch;
-        ``input_spec(ds) -> (shape, dtype)`` of one example's model input.
-      batch: ``batch(config, ds, size, start)``: train examples ``[start, start + size)`` of
-        the example stream, a pure function of the seed and the positions, so a run that
-        changes its batch size, or resumes, sees the examples of an uninterrupted run.
-      eval_arrays: ``eval_arrays(config, ds, split, n)``: a fixed set of ``n`` examples
-        (``None``: all) of ``'test'`` (or ``'train'``, for the final train metrics).
-      eval_batches: ``eval_batches(ds, arrays, batch_size)``: batches in order, the last
-        padded, each with a bool ``mask`` of the real examples.
-      metrics: ``metrics(result) -> dict``: task metrics of an evaluation (``loss``,
-        ``accuracy``), e.g. ``{'bits_per_byte': ...}``.
-      describe: ``describe(ds) -> dict | None``: the data's record (source, fingerprint),
-        for the summary and the data identity a resume checks.
-      loss: ``loss(logits, targets) -> [B]``, the per-example loss.
-      step_batches: ``step_batches(config, ds, batch_size, start_step)`` or ``None``: a
-        stream by steps at a fixed batch size (the image task's, epoch tails dropped), which
-        :meth:`train_batches` yields instead of the example stream.
+    ``name`` is the value of ``config.task``; ``keys`` the ``(inputs, targets)`` keys of its
+    batches; ``metric`` the evaluation result the target (``config[target_field]``) is on,
+    ``lower_is_better`` which way. The functions: ``load(config) -> ds``; ``num_train(ds)``
+    (train examples per epoch); ``input_spec(ds) -> (shape, dtype)`` of one model input;
+    ``batch(config, ds, size, start)``, the train examples ``[start, start + size)`` of the
+    example stream, a pure function of the seed and the positions (so a run that changes its
+    batch size, or resumes, sees the examples of an uninterrupted run);
+    ``eval_arrays(config, ds, split, n)``, a fixed set of ``n`` (``None``: all) examples of
+    ``'test'`` or ``'train'``; ``eval_batches(ds, arrays, batch_size)``, in order, the last
+    padded, each with a bool ``mask``; ``metrics(result) -> dict``, the task's metrics of an
+    evaluation (e.g. ``bits_per_byte``); ``describe(ds) -> dict | None``, the data's record
+    (a resume checks it); ``loss(logits, targets) -> [B]``; and ``step_batches(config, ds,
+    batch_size, start_step)`` or ``None``: a stream by steps at a fixed batch size (the image
+    task's, epoch tails dropped) that :meth:`train_batches` yields instead.
     """
 
     name: str
