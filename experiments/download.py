@@ -1,13 +1,10 @@
 """Files in a shared cache directory: atomic writes, stale temporaries, checked downloads.
 
-Every file written into a cache directory (decoded arrays, downloaded archives) or a run's
-workdir is written under a temporary name beside it, ``.gns-tmp.<host>.<pid>.<random>.<final
-name>``, then renamed: a reader sees the old file or the complete new one. A writer killed
-mid-write leaves its temporary behind; :func:`remove_stale_temps` removes those whose writer
-is dead (same host) or that have not been written to for :data:`STALE_AFTER_S`.
-
-:func:`fetch` downloads a URL that way, checked against its length and MD5; every failure
-raises :class:`DownloadError` (a :class:`~experiments.cli.UserError`) and leaves nothing.
+A file is written under a temporary name beside it, ``.gns-tmp.<host>.<pid>.<random>.<name>``,
+then renamed (:func:`atomic_file`): a reader sees the old file or the complete new one. A writer
+killed mid-write leaves its temporary behind, which :func:`remove_stale_temps` removes. Every
+failure of :func:`fetch` raises :class:`DownloadError` (a :class:`~experiments.cli.UserError`)
+and leaves nothing.
 
 Example::
 
@@ -172,11 +169,9 @@ def warn_unverified(url: str | None, md5: str | None, what: str) -> None:
                         "an https:// URL%s.", what, url,
                         "" if md5 else " and set its MD5")  # fmt: skip
     if md5 is None:
-        logging.warning(
-            "%s is used without a checksum (md5=None, e.g. config.data.md5): a wrong or "
-            "tampered file goes unnoticed; set the expected MD5 to check it.",
-            what,
-        )
+        logging.warning("%s is used without a checksum (md5=None, e.g. config.data.md5): a wrong "
+                        "or tampered file goes unnoticed; set the expected MD5 to check it.",
+                        what)  # fmt: skip
 
 
 def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIMEOUT_S,

@@ -1,12 +1,10 @@
 """Ctrl-C from the first line of a main to its last: one line on stderr and exit code 130.
 
-A main calls :func:`install` before it imports anything else (this module needs only the
-standard library). Until the run's own handling takes over around the training loop
-(:func:`experiments.runlog.deferred_interrupt`), a SIGINT ends the process at once with
-:func:`exit_now`: everything written outside that block is written atomically, so stopping
-loses only the unfinished step and re-running the command resumes. ``os._exit`` after
-flushing: no ``KeyboardInterrupt`` travels through JAX and no interpreter finalization tears
-XLA down while its threads run.
+A main calls :func:`install` before it imports anything else. Until the run's own handling
+takes over around the training loop (:func:`experiments.runlog.deferred_interrupt`), a SIGINT
+ends the process at once with :func:`exit_now`: what a run writes is written atomically, so
+re-running the command resumes. ``os._exit`` after flushing: no ``KeyboardInterrupt`` travels
+through JAX and no interpreter finalization tears XLA down while its threads run.
 
 Example (the top of a main module)::
 
@@ -14,8 +12,6 @@ Example (the top of a main module)::
 
     if __name__ == "__main__":
         interrupt.install()
-
-    import jax  # a Ctrl-C from here on: one line, exit 130
 """
 
 from __future__ import annotations

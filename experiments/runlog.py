@@ -1,20 +1,13 @@
 """The record of a run: strict JSON files, the metrics log, the clock and the checkpoints.
 
 Everything that writes or reads ``config.json``, ``summary.json``, ``sweep.json`` or
-``metrics.jsonl`` goes through this module (the TensorBoard files follow the rows:
-:mod:`experiments.events`). Files are written atomically and get the permissions the umask
-gives. JSON is strict (RFC 8259): a non-finite float is written as ``null``.
-
-A training run keeps its record in a :class:`RunLog`, saved with its :class:`Checkpoints`:
-
-- a checkpoint at step ``s`` is saved only after the row of step ``s`` is written, and resuming
-  from it drops the rows after ``s``: the rows cover exactly the steps the checkpoint holds;
-- the :class:`Clock`, the best score and the target crossing travel in the checkpoint, so an
-  interrupted and resumed run reports what an uninterrupted one would;
-- ``config.json`` is written only after the identity check, so it describes the run the
-  checkpoint and the rows belong to;
-- :func:`deferred_interrupt` turns the first Ctrl-C into a flag the loop reads at a step
-  boundary (no ``KeyboardInterrupt`` inside XLA or between a checkpoint and its row).
+``metrics.jsonl`` goes through this module, atomically and as strict JSON (a non-finite float
+is ``null``). A training run keeps its record in a :class:`RunLog`, saved with its
+:class:`Checkpoints`: a checkpoint at step ``s`` is saved only after the row of step ``s``, and
+resuming from it drops the later rows; the :class:`Clock`, the best score and the target
+crossing travel in the checkpoint, so a resumed run reports what an uninterrupted one would;
+``config.json`` is written only after the identity check; :func:`deferred_interrupt` turns
+Ctrl-C into a flag the loop reads at a step boundary.
 """
 
 from __future__ import annotations
@@ -144,13 +137,9 @@ def read_jsonl(path: str) -> list[dict]:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
-    """Hold ``workdir`` (created when missing) for this process: a second run in the same
-    workdir stops at once with a :class:`~experiments.cli.UserError` naming the holder's pid.
-
-    An advisory ``flock`` on ``workdir/.lock``, which the kernel releases however the holder
-    exits (SIGKILL included). The workdir is untrusted: the lock file is opened without
-    following a symbolic link and must be a regular file with one link, so a planted ``.lock``
-    stops the run instead of getting another file overwritten.
+    """Hold ``workdir`` (created when missing) for this process with an advisory ``flock`` on
+    ``workdir/.lock``, released however the holder exits: a second run there stops at once,
+    naming the holder's pid. A ``.lock`` that is a link or a special file stops the run.
 
     Example::
 
@@ -411,11 +400,9 @@ class RunLog:
         """Best and target tracking of a higher-is-better ``score`` at the current step;
         returns whether it reaches the target for the first time.
 
-        The target is reached at the first periodic evaluation where the mean of the last
-        ``window`` periodic scores (none before ``window`` of them) is at least ``target``:
-        that step and train time are :attr:`to_target`. A final evaluation
-        (``periodic=False``) updates the best and, with ``window`` 1 only, can reach the
-        target; it never enters the window.
+        The target is reached where the mean of the last ``window`` periodic scores first is
+        at least ``target`` (:attr:`to_target`). A final evaluation (``periodic=False``)
+        updates the best and, with ``window`` 1 only, can reach the target.
 
         Example::
 
