@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The suite in PYTEST_WORKERS processes, one test file each at a time (pytest-xdist).
+# The suite in PYTEST_WORKERS processes, one test file each at a time (pytest-xdist), the
+# longest files first (tests/conftest.py, LONGEST_FIRST).
 PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(VENV)/bin/ruff check gns experiments configs tests

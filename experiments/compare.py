@@ -26,7 +26,7 @@ is re-run.
 Each run is one training of :func:`experiments.train.train_and_evaluate`, the one training
 loop: a fixed batch for every policy but ``adaptive``, which trains with the schedule's batch
 policy (:class:`experiments.adaptive.ScheduledBatch`). Every learning rate comes from one
-rule, :func:`gns.recommend.scale_learning_rate` from the default policy's batch and rate
+rule, :func:`gns.scaling.learning_rate` from the default policy's batch and rate
 (square root for Adam-family optimizers, McCandlish's ``ε_max/(1 + B_noise/B)`` for SGD); the
 schedule applies the same rule at each change.
 
@@ -59,10 +59,10 @@ the runs in ``tensorboard --logdir WORKDIR``); the table is :func:`policy_table`
 Re-running the command reuses the measurements, the timing table and the finished runs.
 
 **tradeoff** trains to ``compare.tradeoff.target_accuracy`` at ``compare.tradeoff.batch_sizes``
-and at the recommended batch (:func:`experiments.sweep.run_training`), fits ``S(B) = S_min +
-E_min/B`` (:func:`experiments.sweep.fit_tradeoff`), and checks the recommendation
-(:func:`check_recommendation`): the recommended batch's device time to target over the best
-measured one, and ``B_crit`` of the fit over the measured ``B_simple``. It writes
+and at the recommended batch (the sweep's training stage, :func:`experiments.sweep.run_trainings`),
+fits ``S(B) = S_min + E_min/B`` (:func:`experiments.sweep.fit_tradeoff`), and checks the
+recommendation (:func:`check_recommendation`): the recommended batch's device time to target
+over the best measured one, and ``B_crit`` of the fit over the measured ``B_simple``. It writes
 ``WORKDIR/summary.json``, ``WORKDIR/tradeoff.png`` (the fit; not drawn, with the reason in
 ``summary["plot"]``, when no training reached the target) and the trainings in
 ``WORKDIR/train/B<batch>-seed<seed>-<fingerprint>``.
@@ -91,7 +91,7 @@ from absl import logging
 from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train, validation
 from experiments.cli import UserError
 from experiments.rules import POLICIES
-from gns import recommend, scaling
+from gns import scaling
 
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
@@ -397,14 +397,12 @@ def validate_config(config) -> None:
 
 
 def _lr_rule(config, b_noise: float):
-    """``batch -> learning rate`` of the one rule (:func:`gns.recommend.scale_learning_rate`
-    from the default policy's batch and rate), and the schedule's name of the same rule."""
+    """``batch -> learning rate`` of the one rule (:func:`gns.scaling.learning_rate` from the
+    default policy's batch and rate), and the schedule's name of the same rule."""
     base_b, base_lr = _baseline(config)
 
     def lr(b: int) -> float:
-        return float(
-            recommend.scale_learning_rate(base_lr, base_b, b, b_noise, config.optimizer)[0]
-        )
+        return scaling.learning_rate(config.optimizer, base_lr, base_b, b, b_noise)[0]
 
     return lr, scaling.rule_for(config.optimizer)
 
@@ -769,18 +767,8 @@ def run_tradeoff(config, workdir: str, sweep_result: dict, t0: float) -> dict:
             hint="remove them from --config.compare.tradeoff.batch_sizes",
         )
     st = sweep.SweepState(workdir)  # finished trainings, reused when the command is re-run
-    points = []
-    for b in batches:
-        cfg, rule = sweep.training_config(mcfg, b, b_simple)
-        fp = runlog.fingerprint(cfg.to_dict())
-        p = st.get("trainings", b, fp)
-        if p is None:
-            p = sweep.run_training(cfg, sweep.training_dir(workdir, cfg, fp), rule)
-            st.put("trainings", b, fp, p)
-        points.append(p)
-    points = sweep.with_device_time(
-        points, sweep.step_times(sweep_result["throughput"]), sweep_result["max_batch_size"]
-    )
+    timing = (sweep.step_times(sweep_result["throughput"]), sweep_result["max_batch_size"])
+    points = sweep.run_trainings(mcfg, workdir, st, batches, b_simple, timing)
     fit = sweep.fit_tradeoff(points, mcfg.tradeoff.num_bootstrap, mcfg.train.seed)
     check = check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"])
     return _write_summary(workdir, "tradeoff", sweep_result, t0, {

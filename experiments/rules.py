@@ -525,10 +525,8 @@ IMAGE_CROSS = (
           lambda c, d: c.adaptive.min_batch_size <= c.adaptive.max_batch_size,
           "adaptive.min_batch_size must be <= adaptive.max_batch_size"),
     cross(("adaptive.enabled", "gns_every"),
-          lambda c, d: not c.adaptive.enabled or c.gns_every > 0
-          or (c.adaptive.candidates is not None and len(c.adaptive.candidates) == 1),
-          "the batch-size schedule follows the measured noise scale: it needs gns_every > 0 "
-          "(or a single candidate)"),
+          lambda c, d: not c.adaptive.enabled or c.gns_every > 0,
+          "the batch-size schedule follows the measured noise scale: it needs gns_every > 0"),
 )  # fmt: skip
 
 LM_MODEL_CROSS = (

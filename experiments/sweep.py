@@ -26,7 +26,7 @@ runs, with the sweep's steps (:func:`pipeline_steps`, :func:`pipeline_plan`):
    past a pick at its end (``throughput_extended_to``);
 
 then **trainings** to ``tradeoff.target_accuracy`` at several batch sizes (the learning rate
-scaled from ``train.learning_rate`` by :func:`gns.recommend.scale_learning_rate` with the early
+scaled from ``train.learning_rate`` by :func:`gns.scaling.learning_rate` with the early
 ``b_simple``), the fit ``S(B) = S_min + E_min/B`` (:func:`gns.tradeoff.fit`), time to target as
 wall clock (``time_to_target_s``) and as ``steps × t(B)`` from the table
 (``device_time_to_target_s``, which rankings use), and the pick under every basis.
@@ -83,7 +83,7 @@ from experiments import (
 )
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
-from gns import critical, estimate, finder, hardware, plots, recommend, scaling, smoothing, tradeoff
+from gns import critical, estimate, finder, hardware, plots, scaling, smoothing, tradeoff
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
@@ -94,7 +94,7 @@ __all__ = [
     "STAGE_FIELDS", "stage_config", "stage_fingerprint", "validate_config", "SweepState",
     "pipeline_steps", "pipeline_plan", "independent_noise", "critical_fingerprint",
     "noise_scale_value", "candidate_batch_sizes", "measure_throughput", "training_config",
-    "training_dir", "run_training", "with_device_time", "rank_time_to_target", "fit_tradeoff",
+    "training_dir", "run_training", "run_trainings", "with_device_time", "ranking", "fit_tradeoff",
     "run_sweep", "summary_table",
 ]  # fmt: skip
 
@@ -292,12 +292,6 @@ def _setup(t, ds, task, schedule, *, mesh=None, init: bool = True):
     return model, plain_fn, gns_fn, state
 
 
-def pilot_length(noise) -> int:
-    """Steps of the pilot: ``noise.pilot_steps`` (``None``: the warm-up), at least the
-    warm-up."""
-    return max(int(noise.pilot_steps or 0), int(noise.warmup_steps))
-
-
 def _stream(task, t, ds, seed: int):
     """``batch_fn(size, index)`` of the task's example stream from ``seed``."""
     cfg = copy.deepcopy(t)
@@ -345,12 +339,14 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
 
 
 def pipeline_plan(config) -> finder.Plan:
-    """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise``, the forks of
-    ``critical`` (0 checkpoints: none) at the rule of ``train.optimizer``."""
+    """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise`` (``pilot_steps``,
+    ``None``: the warm-up; at least the warm-up), the forks of ``critical`` (0 checkpoints:
+    none) at the rule of ``train.optimizer``."""
     view = stage_config(config, "noise_scale")
     t, noise, ccfg = view.train, view.noise, stage_config(config, "critical_batch").critical
     return finder.Plan(
-        ref_batch_size=int(t.batch_size), pilot_steps=pilot_length(noise),
+        ref_batch_size=int(t.batch_size),
+        pilot_steps=max(int(noise.pilot_steps or 0), int(noise.warmup_steps)),
         every=max(1, int(noise.every)), num_stretches=int(noise.num_stretches),
         branched=int(ccfg.num_checkpoints) > 0, branch_points=int(ccfg.num_checkpoints),
         branch_exponents=tuple(int(e) for e in ccfg.exponents),
@@ -620,8 +616,8 @@ def training_config(
     ``tradeoff.eval_every_examples`` examples, seed ``train.seed + seed_offset`` (its
     fingerprint keys the cached result), and the learning-rate rule in words."""
     t, tr = config.train, config.tradeoff
-    lr, rule = recommend.scale_learning_rate(
-        t.learning_rate, t.batch_size, batch_size, b_noise, t.optimizer
+    lr, rule = scaling.learning_rate(
+        t.optimizer, t.learning_rate, t.batch_size, batch_size, b_noise
     )
     cfg = copy.deepcopy(t)
     eval_every = max(1, round(tr.eval_every_examples / batch_size))
@@ -668,6 +664,33 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     }
 
 
+def run_trainings(config, workdir: str, st: SweepState, batch_sizes, b_noise: float,
+                  timing: tuple[dict[int, float], int], seed_offset: int = 0, *,
+                  fingerprints: dict | None = None, bar=None) -> list[dict]:  # fmt: skip
+    """The training stage: :func:`run_training` at each of ``batch_sizes`` (the config of
+    :func:`training_config`, seed ``train.seed + seed_offset``, in :func:`training_dir`), each
+    reused from ``st`` when it finished under the same config (key: the batch, with
+    ``/seed<seed>`` for another seed; its fingerprint also put in ``fingerprints``), with
+    ``t(B)`` and the device time to target from ``timing = (step times, max batch)``
+    (:func:`with_device_time`). ``bar``: a :class:`experiments.progress.Progress` told each
+    training's phase."""
+    points = []
+    for b in batch_sizes:
+        if bar is not None:
+            bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
+        cfg, rule = training_config(config, b, b_noise, seed_offset)
+        key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: the batch alone
+        fp = runlog.fingerprint(cfg.to_dict())
+        if fingerprints is not None:
+            fingerprints[key] = fp
+        p = st.get("trainings", key, fp)
+        if p is None:
+            p = runlog.to_strict_json(run_training(cfg, training_dir(workdir, cfg, fp), rule))
+            st.put("trainings", key, fp, p)
+        points.append(p)
+    return with_device_time(points, *timing)
+
+
 def with_device_time(points: list[dict], times: dict[int, float], max_batch: int) -> list[dict]:
     """Copies of ``points`` with ``step_time_s`` (``t(B)`` from the timing table; gradient
     accumulation above ``max_batch``) and ``device_time_to_target_s = steps × t(B)``
@@ -688,36 +711,18 @@ def with_device_time(points: list[dict], times: dict[int, float], max_batch: int
     return out
 
 
-def rank_time_to_target(points: list[dict], key: str = "device_time_to_target_s") -> list[dict]:
-    """The points that reached the target, fastest first by ``key``, each as ``batch_size``,
-    ``rank``, ``device_time_to_target_s``, ``time_to_target_s`` (wall clock) and both over the
-    fastest's (``device_over_best``, ``wall_over_best``; ties share a rank).
-
-    Example:
-      >>> pts = [{"batch_size": 16, "device_time_to_target_s": 3.0, "time_to_target_s": 2.0},
-      ...        {"batch_size": 32, "device_time_to_target_s": 2.0, "time_to_target_s": 4.0}]
-      >>> [(r["batch_size"], r["rank"], r["wall_over_best"]) for r in rank_time_to_target(pts)]
-      [(32, 1, 1.0), (16, 2, 0.5)]
-    """
-    done = sorted((p for p in points if p.get(key) is not None), key=lambda p: p[key])
-    if not done:
-        return []
-    best = done[0]
-
-    def over(p, k):
-        return None if p.get(k) is None or not best.get(k) else p[k] / best[k]
-
+def ranking(by_batch: list[dict]) -> list[dict]:
+    """``sweep.json``'s ``time_to_target``: :func:`experiments.validation.rank` of the rows of
+    :func:`experiments.validation.mean_over_seeds` (the batches whose every seed reached the
+    target, fastest first by mean device time), each as ``batch_size``, ``rank``,
+    ``device_time_to_target_s``, ``time_to_target_s`` (wall clock), ``device_over_best`` and
+    ``wall_over_best`` (over the least wall clock among them)."""
     return [
-        {
-            "batch_size": int(p["batch_size"]),
-            "rank": 1 + sum(q[key] < p[key] for q in done),
-            "device_time_to_target_s": p.get("device_time_to_target_s"),
-            "time_to_target_s": p.get("time_to_target_s"),
-            "device_over_best": over(p, "device_time_to_target_s"),
-            "wall_over_best": over(p, "time_to_target_s"),
-        }
-        for p in done
-    ]
+        {"batch_size": r["batch_size"], "rank": r["rank"], validation.DEVICE: r[validation.DEVICE],
+         "time_to_target_s": r["time_to_target_s"], "device_over_best": r["over_best"],
+         "wall_over_best": r["wall_over_best"]}
+        for r in validation.rank(by_batch)
+    ]  # fmt: skip
 
 
 def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
@@ -863,23 +868,13 @@ def _measure(config, ds, task, stages: _Stages) -> finder.Measured:
 
 
 def _train_points(config, workdir, stages: _Stages, rows, max_batch, b_noise, mesh):
-    """The trainings to the target (``tradeoff.extra_seeds`` more seeds at the
-    ``tradeoff.reseed_best`` fastest batches): ``(points, reseeded, skipped)``."""
-    st, fps, times = stages.st, stages.fps, step_times(rows)
-    fps["trainings"] = {}
-
-    def train_at(b, seed_offset=0):
-        stages.bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
-        cfg, rule = training_config(config, b, b_noise, seed_offset)
-        key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: the batch alone
-        fp = fps["trainings"][key] = runlog.fingerprint(cfg.to_dict())
-        p = st.get("trainings", key, fp)
-        if p is None:
-            p = runlog.to_strict_json(run_training(cfg, training_dir(workdir, cfg, fp), rule))
-            st.put("trainings", key, fp, p)
-        return with_device_time([p | {"seed": int(cfg.seed)}], times, max_batch)[0]
-
-    points, skipped = [], {}
+    """The trainings to the target (:func:`run_trainings`; ``tradeoff.extra_seeds`` more seeds
+    at the ``tradeoff.reseed_best`` fastest batches): ``(points, reseeded, skipped)``."""
+    fps = stages.fps["trainings"] = {}
+    train_at = functools.partial(run_trainings, config, workdir, stages.st, b_noise=b_noise,
+                                 timing=(step_times(rows), max_batch), fingerprints=fps,
+                                 bar=stages.bar)  # fmt: skip
+    batches, skipped = [], {}
     for b in train_batch_sizes(config, [r["batch_size"] for r in rows if r["fits"]]):
         why = mesh_lib.split_reason(b, mesh)
         if why is None and b > max_batch:
@@ -887,11 +882,12 @@ def _train_points(config, workdir, stages: _Stages, rows, max_batch, b_noise, me
         if why is not None:
             logging.warning("The training at batch %d is %s.", b, why)
             skipped[str(b)] = why
-            continue
-        points.append(train_at(b))
+        else:
+            batches.append(b)
+    points = train_at(batches)
     reseed = validation.reseed_batch_sizes(points, _get_path(config, "tradeoff.reseed_best"))
     for offset in range(1, _get_path(config, "tradeoff.extra_seeds") + 1):
-        points += [train_at(b, offset) for b in reseed]
+        points += train_at(reseed, seed_offset=offset)
     return points, reseed, skipped
 
 
@@ -965,7 +961,7 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
         "throughput_extended_to": m.extended_to,
         "noise_scale": m.noise,
         "tradeoff": fit,
-        "time_to_target": rank_time_to_target(reached),
+        "time_to_target": ranking(by_batch),
         "critical_batch": m.branched,
         "recommendation": rec.to_dict() | {"basis_note": m.note},
         "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),

@@ -13,6 +13,7 @@ common``) without a cycle.
   :func:`zero_sums`, :func:`vmap_sums`;
 * argument checks: :func:`check_int`, :func:`check_resamples`, :func:`check_batch_size`,
   :func:`check_step_times`;
+* :func:`to_json`: results as strict-JSON-able values (every JSON file of the project);
 * the one noise-scale ratio, :func:`noise_scale_ratio`, for NumPy and JAX arrays alike, and
   the percentile step of every bootstrap here, :func:`percentile_interval`.
 """
@@ -39,6 +40,7 @@ __all__ = [
     "check_resamples",
     "check_batch_size",
     "check_step_times",
+    "to_json",
     "sq_norms",
     "axis_names",
     "axis_size",
@@ -378,3 +380,28 @@ def percentile_interval(samples, confidence: float, estimate=None) -> tuple[floa
     if estimate is not None and not math.isnan(float(estimate)):
         low, high = min(low, float(estimate)), max(high, float(estimate))
     return low, high
+
+
+def to_json(x: Any) -> Any:
+    """``x`` as strict-JSON-able Python values: mappings with string keys, tuples as lists,
+    NumPy/JAX scalars and arrays as Python values, objects with ``to_dict`` as their dict, every
+    non-finite float as ``None`` (what :func:`json.dumps` writes with ``allow_nan=False``), and
+    anything else as its ``str``.
+
+    Example:
+      >>> to_json({"b": (1.5, float("nan")), 2: np.float32(0.5)})
+      {'b': [1.5, None], '2': 0.5}
+    """
+    if isinstance(x, Mapping):
+        return {str(k): to_json(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [to_json(v) for v in x]
+    if x is None or isinstance(x, bool | int | str):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if hasattr(x, "to_dict"):
+        return to_json(x.to_dict())
+    if hasattr(x, "__array__") or isinstance(x, np.generic):
+        return to_json(np.asarray(x).tolist())
+    return str(x)

@@ -58,6 +58,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from gns import common, critical, estimate, hardware, recommend, scaling, smoothing
 
@@ -70,21 +71,6 @@ __all__ = [
 ]  # fmt: skip
 
 BASIS_ORDER = ("branched", "trajectory", "b_simple")  # best evidence first
-
-
-def _json(x):
-    """``x`` as strict-JSON-able Python values (non-finite floats as ``None``)."""
-    if isinstance(x, Mapping):
-        return {str(k): _json(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json(v) for v in x]
-    if hasattr(x, "to_dict"):
-        return _json(x.to_dict())
-    if isinstance(x, np.ndarray | np.generic | jax.Array):
-        return _json(np.asarray(x).tolist())
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    return x if x is None or isinstance(x, bool | int | str) else str(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,20 +400,18 @@ def choose_basis(
       >>> basis, v
       ('b_simple', (100.0, 80.0, 130.0))
     """
-    evidence = {"b_simple": _triple(*b_simple)}
-    notes = []
+    evidence, notes = {"b_simple": _triple(*b_simple)}, {}
     wanted = {"trajectory": critical.BASIS_TRAJECTORY, "branched": critical.BASIS_BRANCHED}
     for name, eff in (("trajectory", trajectory), ("branched", branched)):
         if eff is None:
             continue
         evidence[name] = _triple(eff.value, eff.low, eff.high)
         if eff.basis != wanted[name] or not np.isfinite(eff.value):
-            notes.append(f"{name} not used ({eff.basis}: {eff.note})")
+            notes[name] = f"{name} not used ({eff.basis}: {eff.note})"
     for name in BASIS_ORDER:
         ev = evidence.get(name)
-        usable = name == "b_simple" or f"{name} not used" not in " ".join(notes)
-        if ev is not None and usable and not math.isnan(ev[0]):
-            return name, ev, evidence, "; ".join(notes)
+        if ev is not None and name not in notes and not math.isnan(ev[0]):
+            return name, ev, evidence, "; ".join(notes.values())
     raise ValueError(
         "no noise scale was measured (every estimate is nan): the pilot diverged or its "
         "gradients are not finite; lower the learning rate or check the loss."
@@ -715,17 +699,32 @@ class Measured(NamedTuple):
     seconds: dict
 
 
+def _noise_fields(evidence: Mapping) -> dict:
+    """``b_simple``, ``interval``, ``num_used``, ``num_nonfinite_dropped``, ``trajectory``
+    rows and ``effective`` of :func:`noise_evidence`'s dict."""
+    b = evidence["b_simple"]
+    return {"b_simple": b.estimate, "interval": [b.low, b.high], "num_used": b.n,
+            "num_nonfinite_dropped": b.nonfinite_dropped,
+            "trajectory": evidence["trajectory"].rows(),
+            "effective": evidence["effective"].to_dict()}  # fmt: skip
+
+
+def _branch_fields(out: Mapping) -> dict:
+    """``checkpoints`` (:func:`checkpoint_rows`), ``effective`` and ``points`` of
+    :func:`branch`'s dict."""
+    return {"checkpoints": checkpoint_rows(out["steps"], out["points"]),
+            "effective": out["effective"].to_dict(),
+            "points": [p.to_dict() for p in out["points"]]}  # fmt: skip
+
+
 def noise_record(pilot: Pilot, evidence: Mapping, plan: Plan) -> dict:
     """The noise stage as plain values: ``b_simple``, ``interval``, ``confidence``,
     ``num_used``, ``num_nonfinite_dropped``, ``trajectory`` rows, ``effective`` and ``pilot``
     (``steps``, ``every``, ``batch_size``, ``step_s``, ``stop_reason``, ``rows`` of ``step``,
     ``g_sq``, ``trace_cov``)."""
-    b = evidence["b_simple"]
     rows = [{k: r.get(k) for k in ("step", "g_sq", "trace_cov")} for r in pilot.rows]
-    return _json({
-        "b_simple": b.estimate, "interval": [b.low, b.high], "confidence": plan.confidence,
-        "num_used": b.n, "num_nonfinite_dropped": b.nonfinite_dropped,
-        "trajectory": evidence["trajectory"].rows(), "effective": evidence["effective"].to_dict(),
+    return common.to_json(_noise_fields(evidence) | {
+        "confidence": plan.confidence,
         "pilot": {"steps": pilot.steps, "every": int(plan.every), "batch_size": plan.ref_batch_size,
                   "step_s": pilot.step_s, "stop_reason": pilot.stop_reason, "rows": rows},
     })  # fmt: skip
@@ -739,9 +738,7 @@ def branch_record(out: Mapping, plan: Plan, pilot: Pilot, replayed: bool) -> dic
     forked = sum(p.examples_forked for p in out["points"])
     pilot_examples = pilot.steps * plan.ref_batch_size
     ref, exps = plan.ref_batch_size, plan.branch_exponents
-    return _json({
-        "checkpoints": checkpoint_rows(out["steps"], out["points"]),
-        "effective": out["effective"].to_dict(), "points": [p.to_dict() for p in out["points"]],
+    return common.to_json(_branch_fields(out) | {
         "batch_sizes": [int(ref * 2.0**e) for e in exps],
         "examples_per_fork": out["examples_per_fork"], "examples_forked": forked,
         "pilot_examples": pilot_examples, "cost_fraction": forked / pilot_examples,
@@ -1013,21 +1010,15 @@ class BatchSizeResult:
 
     def to_dict(self) -> dict:
         """Every measurement as strict-JSON-able values (non-finite numbers as ``None``)."""
-        b = self.b_simple
+        evidence = {"b_simple": self.b_simple, "trajectory": self.trajectory,
+                    "effective": self.effective_noise_scale}  # fmt: skip
         out = {
             "batch_size": self.batch_size,
             "basis": self.basis,
             "basis_note": self.basis_note,
             "recommendation": self.recommendation.to_dict(),
-            "noise_scale": {
-                "b_simple": b.estimate,
-                "interval": [b.low, b.high],
-                "num_used": b.n,
-                "num_nonfinite_dropped": b.nonfinite_dropped,
-                "trajectory": self.trajectory.rows(),
-                "effective": self.effective_noise_scale.to_dict(),
-            },
-            "critical_batch": None,
+            "noise_scale": _noise_fields(evidence),
+            "critical_batch": None if self.branched is None else _branch_fields(self.branched),
             "pilot": self.pilot_rows,
             "memory": self.memory.to_dict(),
             "timing": self.timing.to_dict(),
@@ -1042,13 +1033,7 @@ class BatchSizeResult:
             "state": None if self.state is None else {
                 "step": self.state.step, "examples_seen": self.state.examples_seen},
         }  # fmt: skip
-        if self.branched is not None:
-            out["critical_batch"] = {
-                "checkpoints": checkpoint_rows(self.branched["steps"], self.branched["points"]),
-                "effective": self.branched["effective"].to_dict(),
-                "points": [p.to_dict() for p in self.branched["points"]],
-            }
-        return _json(out)
+        return common.to_json(out)
 
     def plot(self) -> list:
         """The noise scale over the pilot and the throughput curve (:mod:`gns.plots`), as two
@@ -1083,8 +1068,6 @@ class TrainState(NamedTuple):
 def _plain_step(loss_fn: Callable, optimizer, batch_size: int, accumulation_steps: int):
     """The jitted step of :func:`continue_training`, one per loss, optimizer and shape (kept, so
     that training on in chunks compiles once)."""
-    import optax  # the optimizer's own library: needed only to apply its updates
-
     b, k = batch_size, accumulation_steps
 
     @jax.jit
@@ -1304,7 +1287,6 @@ def _zeros_like_batch(template, size: int):
 
 def _make_steps(loss_fn, optimizer, method: str, num_microbatches: int, tracker):
     """``(measure_step, train_step, make_step)`` of the pilot, the timing and the forks."""
-    import optax  # the optimizer's own library: needed only to apply its updates
 
     def update(params, opt_state, grads, mult=1.0):
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -1362,7 +1344,8 @@ def _branch_warnings(branched, basis: str) -> list[str]:
 
 
 def _timing_warnings(table, rec, timing_only) -> list[str]:
-    """Step times whose spread stayed above ``max_spread``, and how far that moves the pick."""
+    """Step times whose spread stayed above ``max_spread``, and how far that moves the pick
+    (``timing_only``: the decision on the step times alone)."""
     shaky = {b: t.spread for b, t in table.timings.items() if not t.stable and not t.pruned}
     if not shaky:
         return []
@@ -1564,8 +1547,7 @@ def find_batch_size(
         loss_fn, optimizer, method, num_microbatches, tracker
     )
     forks = _fork_data(loss_fn, checked["get"], plan, eval_batch_size)
-    kw = dict(base_batch_size=ref, base_lr=base_lr, objective=objective,
-              optimizer={"sgd": "sgd", "sqrt": "adam"}.get(rule, "sgd"))  # fmt: skip
+    kw = dict(base_batch_size=ref, base_lr=base_lr, objective=objective, optimizer=rule)
     seconds: dict[str, float] = {}
     m = pipeline(
         Steps(measure, make_step, checked["get"], *forks), (params, opt_state, tracker.init()),
@@ -1577,29 +1559,16 @@ def find_batch_size(
     return _result(checked, a, m, kw, seconds | m.seconds, t_start)
 
 
-def _decision(checked, m: Measured, kw: dict) -> tuple[recommend.Recommendation, list[str]]:
-    """The pick at the run's rule (``linear``, ``seesaw``, ``constant``: its multiplier) and
-    the warnings of unstable step times."""
-    rec, rule, ref, base_lr = m.recommendation, checked["rule"], checked["ref"], kw["base_lr"]
-    if rule not in ("sgd", "sqrt"):
-        mult = float(scaling.multiplier(rule, rec.batch_size, ref, rec.b_noise, xp=np))
-        rec = dataclasses.replace(
-            rec, learning_rate=base_lr * mult, lr_rule=f"{rule} rule: lr = {base_lr:g} x {mult:.4g}"
-        )
-    max_b, table, _ = m.timed
-    timing_only = decide(m.basis, (m.value[0], math.nan, math.nan), m.evidence, table, max_b, **kw)
-    return rec, _timing_warnings(table, rec, timing_only)
-
-
 def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
     """The :class:`BatchSizeResult`, with every warning and the settings."""
     t0 = time.perf_counter()
-    rec, timing_warn = _decision(checked, m, kw)
+    rec, (max_b, table, fit) = m.recommendation, m.timed
+    timing_only = decide(m.basis, (m.value[0], math.nan, math.nan), m.evidence, table, max_b, **kw)
     seconds["decide"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     seconds["overhead"] = seconds["total"] - seconds["pilot"]
-    pilot, noise, forks, fit = m.live["pilot"], m.live["noise"], m.live.get("branched"), m.timed[2]
-    warn = _branch_warnings(forks, m.basis) + timing_warn
+    pilot, noise, forks = m.live["pilot"], m.live["noise"], m.live.get("branched")
+    warn = _branch_warnings(forks, m.basis) + _timing_warnings(table, rec, timing_only)
     if m.budget_s is not None and seconds["overhead"] > m.budget_s:
         warn.append(
             f"the search cost {seconds['overhead']:.3g} s beyond the pilot, over the budget of "
@@ -1625,6 +1594,6 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
         recommendation=rec, basis=m.basis, basis_note=m.note, pilot_rows=pilot.rows,
         b_simple=noise["b_simple"], trajectory=noise["trajectory"],
         effective_noise_scale=noise["effective"], branched=forks, memory=fit,
-        timing=m.timed[1], extended_to=m.extended_to, device=hardware.detect_devices(),
+        timing=table, extended_to=m.extended_to, device=hardware.detect_devices(),
         settings=settings, seconds=seconds, state=state, budget_s=m.budget_s,
     )  # fmt: skip

@@ -246,6 +246,17 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(fmt)
 
 
+def _batch_axes(ax, sweep: Mapping) -> None:
+    """Log-log axes over the batch size, with the largest batch that fits marked."""
+    mb, what = largest_fits(sweep)
+    if mb:
+        ax.axvline(mb, color="gray", ls=":", label=what)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    ax.set_xlabel("batch size")
+
+
 def _legend(ax, **kwargs):
     """A legend only when something is labelled (no warning on an empty plot)."""
     if ax.get_legend_handles_labels()[0]:
@@ -304,13 +315,7 @@ def plot_throughput(sweep: Mapping):
     t_all = np.array([r["step_time_s"] for r in rows], float)
     ax.plot(b_all[order], 1e3 * t_all[order], "-", color="C0", alpha=0.5)
     ax2.plot(b_all[order], (b_all / t_all)[order], "-", color="C1", alpha=0.5)
-    mb, what = largest_fits(sweep)
-    if mb:
-        ax.axvline(mb, color="gray", ls=":", label=what)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    _plain_log_ticks(ax.yaxis)
-    ax.set_xlabel("batch size")
+    _batch_axes(ax, sweep)
     ax.set_ylabel("step time (ms)", color="C0")
     ax2.set_ylabel("examples / s", color="C1")
     d = sweep.get("device", {})
@@ -421,13 +426,7 @@ def plot_time_to_target(sweep: Mapping):
                 label=f"recommended: {rec['batch_size']}")  # fmt: skip
     lo_r, hi_r = rec["near_optimal_range"]
     ax.axvspan(lo_r, hi_r, color="C3", alpha=0.08, label="within 10% of best")
-    mbs, what = largest_fits(sweep)
-    if mbs:
-        ax.axvline(mbs, color="gray", ls=":", label=what)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    _plain_log_ticks(ax.yaxis)
-    ax.set_xlabel("batch size")
+    _batch_axes(ax, sweep)
     ax.set_ylabel("time to target (s)" if absolute else
                   f"time to target, relative to batch {rec['batch_size']}")  # fmt: skip
     ax.set_title("Predicted time to target")

@@ -14,10 +14,12 @@ Run by hand (two shells)::
 The problem (``make_problem``, ``loss_fn``, ``ESTIMATORS``, ``result_to_json``) is importable
 without side effects, so the test computes the single-process reference with the same code.
 
-With ``--train_workdir DIR`` the process instead trains :func:`smoke_config` with
+With ``--train_workdir DIR`` the process first trains :func:`smoke_config` with
 ``experiments.train.train_and_evaluate`` and ``config.distributed=True`` (the coordinator,
 process count and id passed as ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
-``JAX_PROCESS_ID``, as a launcher would), and prints its summary and metrics rows.
+``JAX_PROCESS_ID``, as a launcher would: the run initializes ``jax.distributed`` itself), then
+computes the estimators on the same runtime, and prints the summary and metrics rows too (one
+start-up of the job for both checks).
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ TRAIN_LR = 1e-2
 
 
 def smoke_config():
-    """The smoke config, tiny and on synthetic data (the multi-host training run)."""
+    """The smoke config, tiny and on synthetic data (the multi-host training run): a one-layer
+    MLP on 8x8 images, quick to compile in each process."""
     from configs import cifar10
 
     c = cifar10.get_config("smoke")
     c.data.source = "synthetic"
-    c.data.synthetic.image_size = 16
+    c.data.synthetic.image_size = 8
+    c.model.update(name="mlp", widths=(16,))
     c.data.num_train, c.data.num_test = 256, 128
     c.num_steps, c.gns_every, c.log_every, c.eval_every, c.checkpoint_every = 6, 2, 1, 3, 3
     c.progress_bar = c.plots = False
@@ -145,6 +149,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.local_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    trained = {}
     if args.train_workdir:
         import os
 
@@ -153,18 +158,16 @@ def main(argv=None) -> int:
             JAX_NUM_PROCESSES=str(args.num_processes),
             JAX_PROCESS_ID=str(args.process_id),
         )
-        out = {"process_id": args.process_id, **train_smoke(args.train_workdir)}
-        out["num_devices"] = jax.device_count()
-        print(RESULT_PREFIX + json.dumps(out), flush=True)
-        return 0
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{args.port}",
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        initialization_timeout=args.timeout_s,
-        heartbeat_timeout_seconds=args.timeout_s,
-        shutdown_timeout_seconds=args.timeout_s,
-    )
+        trained = train_smoke(args.train_workdir)
+    else:
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{args.port}",
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            initialization_timeout=args.timeout_s,
+            heartbeat_timeout_seconds=args.timeout_s,
+            shutdown_timeout_seconds=args.timeout_s,
+        )
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -182,7 +185,7 @@ def main(argv=None) -> int:
         lambda a: jax.make_array_from_process_local_data(NamedSharding(mesh, P()), a), params_np
     )
 
-    out = {"process_id": jax.process_index(), "num_devices": n_dev}
+    out = {"process_id": jax.process_index(), "num_devices": n_dev, **trained}
     for name, (est, _) in estimators(n_dev).items():
         fn = jax.jit(
             jax.shard_map(

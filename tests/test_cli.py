@@ -1,14 +1,12 @@
 """Tests of experiments/cli.py and the main of experiments/cifar10.py: every user mistake ends
 in one line (plus a hint) on stderr and exit code 2, without a traceback.
 
-The mistakes caught while absl parses the flags run the real command in a subprocess (it stops
-before JAX is imported, so each takes well under a second); the later ones call the wrapped
-main in-process."""
+The mistakes caught while absl parses the flags run the real command, each in its own process
+(forked from one interpreter that imported the entry points' dependencies once:
+``tests/conftest.py``, ``run_commands``); the later ones call the wrapped main in-process."""
 
 import errno
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -17,12 +15,6 @@ from experiments import cifar10, cli, data, runlog
 from experiments.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def command(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "experiments.cifar10", *args]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def assert_one_line(stderr: str, *needles: str) -> None:
@@ -36,31 +28,44 @@ def assert_one_line(stderr: str, *needles: str) -> None:
 SMOKE = "--config=configs/cifar10.py:smoke"
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    "args, needles",
-    [
-        (["--config=configs/nosuch.py:smoke"], ["config file not found: configs/nosuch.py"]),
-        (["--config=configs/cifar10.py:huge"], ["variant 'huge'", "smoke"]),
-        (["--config=configs/cifar10.py:seed"], ["variant 'seed'", "effnet_lamb"]),
-        ([SMOKE, "--config.nosuchfield=1"], ["unknown config field --config.nosuchfield"]),
-        ([SMOKE, "--config.data.sourse=x"], ["--config.data.sourse", "did you mean 'source'"]),
-        ([SMOKE, "--config.batch_size=abc"], ["--config.batch_size=abc"]),
-        ([SMOKE, "--config.mode=trian"], ["config.mode='trian'", "train"]),
-        ([SMOKE, "--nosuchflag"], ["nosuchflag"]),
-    ],
-    ids=["no_file", "variant", "old_variant", "field", "nested_field", "value", "mode", "flag"],
-)
-def test_command_line_mistakes_are_one_line_with_exit_2(tmp_path, args, needles):
-    res = command(*args, f"--workdir={tmp_path / 'w'}")
+MISTAKES = {
+    "no_file": (["--config=configs/nosuch.py:smoke"], ["config file not found: configs/nosuch.py"]),
+    "variant": (["--config=configs/cifar10.py:huge"], ["variant 'huge'", "smoke"]),
+    "old_variant": (["--config=configs/cifar10.py:seed"], ["variant 'seed'", "effnet_lamb"]),
+    "field": ([SMOKE, "--config.nosuchfield=1"], ["unknown config field --config.nosuchfield"]),
+    "nested_field": ([SMOKE, "--config.data.sourse=x"],
+                     ["--config.data.sourse", "did you mean 'source'"]),
+    "value": ([SMOKE, "--config.batch_size=abc"], ["--config.batch_size=abc"]),
+    "mode": ([SMOKE, "--config.mode=trian"], ["config.mode='trian'", "train"]),
+    "flag": ([SMOKE, "--nosuchflag"], ["nosuchflag"]),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ran(commands, tmp_path_factory):
+    """Every command of this module, run once: ``(name -> completed process, directory)``;
+    the command ``name`` had ``--workdir=directory/name``."""
+    tmp = tmp_path_factory.mktemp("commands")
+    args = {name: a for name, (a, _) in MISTAKES.items()}
+    args["verbose"] = ["--config=configs/cifar10.py:huge", "--verbose"]
+    runs = [
+        ("experiments.cifar10", [*a, f"--workdir={tmp / name}"], ROOT) for name, a in args.items()
+    ]
+    return dict(zip(args, commands(runs, tmp), strict=True)), tmp
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_command_line_mistakes_are_one_line_with_exit_2(ran, name):
+    res = ran[0][name]
     assert res.returncode == cli.EXIT_USER_ERROR, res.stderr
-    assert_one_line(res.stderr, *needles)
-    assert not os.path.exists(tmp_path / "w")
+    assert_one_line(res.stderr, *MISTAKES[name][1])
+    assert not os.path.exists(ran[1] / name)
 
 
-@pytest.mark.timeout(60)
-def test_verbose_keeps_the_traceback(tmp_path):
-    res = command("--config=configs/cifar10.py:huge", "--verbose", f"--workdir={tmp_path}")
+@pytest.mark.timeout(240)
+def test_verbose_keeps_the_traceback(ran):
+    res = ran[0]["verbose"]
     assert res.returncode != 0 and "Traceback" in res.stderr and "'huge'" in res.stderr
 
 

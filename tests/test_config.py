@@ -3,14 +3,12 @@
 wrong value is one line with a hint before anything runs; --help, --print_config and --config
 from the repository; the default data source.
 
-The bulk calls the checker in-process (no JAX); a few subprocess runs check the command-line
-path (each stops before JAX is imported)."""
+The bulk calls the checker in-process (no JAX); the command-line path runs the real commands,
+each in its own process (one batch: ``tests/conftest.py``, ``run_commands``)."""
 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -189,38 +187,51 @@ def test_constants_are_the_library_s():
 # The command line.
 
 
-def command(module: str, *args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", f"experiments.{module}", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+MISTAKES = {
+    "eval_batch": ("cifar10", ["--config=configs/cifar10.py:smoke", "--config.eval_batch_size=0"],
+                   "config.eval_batch_size=0"),
+    "heads": ("lm", ["--config=configs/lm.py:smoke", "--config.model.num_heads=3"], "num_heads"),
+    "section": ("sweep", ["--config=configs/sweep.py:smoke", "--config.data.source=folder"],
+                "did you mean --config.train.data.source?"),
+    "workdir": ("cifar10", ["--config=configs/cifar10.py:smoke", "--workdir="],
+                "--workdir is empty"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ran(commands, tmp_path_factory):
+    """Every command of this module, run once: ``(name -> completed process, directory)``;
+    a mistake ``name`` had ``--workdir=directory/name`` (unless it gives its own);
+    ``print_config`` ran in ``directory/elsewhere``, an empty directory."""
+    tmp = tmp_path_factory.mktemp("commands")
+    runs = {
+        name: (module, [*args, *([] if "--workdir=" in args else [f"--workdir={tmp / name}"])])
+        for name, (module, args, _) in MISTAKES.items()
+    }
+    runs.update({f"help_{module}": (module, ["--help"]) for module in KINDS})
+    runs["print_config"] = ("lm", ["--config", "configs/lm.py:smoke", "--config.batch_size=8",
+                                   "--print_config"])  # fmt: skip
+    (tmp / "elsewhere").mkdir()
+    jobs = [(f"experiments.{module}", args, tmp / "elsewhere" if name == "print_config" else ROOT)
+            for name, (module, args) in runs.items()]  # fmt: skip
+    return dict(zip(runs, commands(jobs, tmp), strict=True)), tmp
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(
-    "module, args, words",
-    [
-        ("cifar10", ["--config=configs/cifar10.py:smoke", "--config.eval_batch_size=0"],
-         "config.eval_batch_size=0"),
-        ("lm", ["--config=configs/lm.py:smoke", "--config.model.num_heads=3"], "num_heads"),
-        ("sweep", ["--config=configs/sweep.py:smoke", "--config.data.source=folder"],
-         "did you mean --config.train.data.source?"),
-        ("cifar10", ["--config=configs/cifar10.py:smoke", "--workdir="], "--workdir is empty"),
-    ],
-)  # fmt: skip
-def test_command_line_mistakes_stop_before_anything_is_written(tmp_path, module, args, words):
-    workdir = tmp_path / "w"
-    res = command(module, *args, *([] if "--workdir=" in args else [f"--workdir={workdir}"]))
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_command_line_mistakes_stop_before_anything_is_written(ran, name):
+    res, words = ran[0][name], MISTAKES[name][2]
     assert res.returncode == cli.EXIT_USER_ERROR, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and words in res.stderr, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: ")
-    assert not workdir.exists()
+    assert not (ran[1] / name).exists()
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("module", list(KINDS))
-def test_help_exits_0_with_plain_usage_and_every_field(module):
-    res = command(module, "--help")
+def test_help_exits_0_with_plain_usage_and_every_field(ran, module):
+    res = ran[0][f"help_{module}"]
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
     assert "``" not in out and ":func:" not in out and ":mod:" not in out and "**" not in out
@@ -232,20 +243,17 @@ def test_help_exits_0_with_plain_usage_and_every_field(module):
         assert "--workdir /tmp/smoke \\\n" in out
 
 
-@pytest.mark.timeout(120)
-def test_print_config_and_config_from_the_repository(tmp_path):
+@pytest.mark.timeout(240)
+def test_print_config_and_config_from_the_repository(ran):
     """From another directory, --config configs/lm.py:smoke is the repository's file;
     --print_config prints the resolved config (overrides applied) as JSON, no --workdir
     needed."""
-    res = command(
-        "lm", "--config", "configs/lm.py:smoke", "--config.batch_size=8", "--print_config",
-        cwd=str(tmp_path),
-    )  # fmt: skip
+    res = ran[0]["print_config"]
     assert res.returncode == 0, res.stderr[-2000:]
     expected = lm_config.get_config("smoke")
     expected.batch_size = 8
     assert json.loads(res.stdout) == json.loads(json.dumps(expected.to_dict()))
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(ran[1] / "elsewhere") == []
 
 
 def test_config_paths_resolve_from_the_repository(tmp_path, monkeypatch):

@@ -412,3 +412,10 @@ def test_unstable_step_times_warn_how_far_the_pick_could_move():
     assert len(moves) >= 2  # batch 16's quartiles reach below batch 8's time: the pick can move
     stable = hardware.TimingTable({8: timing(8, 1.0, 0.02)}, 5, 0.1)
     assert finder._timing_warnings(stable, rec, timing_only) == []
+    # The run's rule names the recommended rate (gns.scaling), whichever it is.
+    rules = {"linear": lambda b: b / 16, "seesaw": lambda b: math.sqrt(16 / b),
+             "constant": lambda b: 1.0, "sqrt": lambda b: math.sqrt(b / 16)}  # fmt: skip
+    for rule, mult in rules.items():
+        r = finder.decide("b_simple", (16.0, 12.0, 20.0), {}, table, 32, base_batch_size=16,
+                          base_lr=0.1, optimizer=rule)  # fmt: skip
+        assert r.learning_rate == pytest.approx(0.1 * mult(r.batch_size)), rule

@@ -1,8 +1,10 @@
 """Multi-host: the estimators under ``jax.distributed`` with 2 processes on localhost.
 
 Starts ``tests/multihost_worker.py`` twice (process 0 and 1, 2 CPU devices each, gloo CPU
-collectives, loopback coordinator). Each process holds only its own half of the batch; both
-must print the same global statistics, equal to one process computing over the whole batch.
+collectives, loopback coordinator), once for the module: each process trains the smoke config
+with ``config.distributed=True`` into one workdir, then computes the estimators holding only its
+own half of the batch. Both must print the same global statistics, equal to one process
+computing over the whole batch, and the run must equal one process training on 4 devices.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 2
-TIMEOUT_S = 120
+TIMEOUT_S = 240
 
 
 def _free_port() -> int:
@@ -43,7 +45,7 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _run_workers(tmp_path: Path, *extra: str, timeout_s: int = TIMEOUT_S) -> list[dict]:
+def _run_workers(tmp_path: Path, *extra: str) -> list[dict]:
     port = _free_port()
     procs, logs = [], []
     try:
@@ -58,12 +60,12 @@ def _run_workers(tmp_path: Path, *extra: str, timeout_s: int = TIMEOUT_S) -> lis
                 f"--process_id={pid}",
                 f"--num_processes={NUM_PROCESSES}",
                 f"--local_devices={LOCAL_DEVICES}",
-                f"--timeout_s={timeout_s // 2}",
+                f"--timeout_s={TIMEOUT_S // 2}",
                 *extra,
             ]
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=_worker_env(), stdout=out, stderr=err))
         for p in procs:
-            p.wait(timeout=timeout_s)
+            p.wait(timeout=TIMEOUT_S)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -87,17 +89,28 @@ def _close(a, b, what):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6, err_msg=what)
 
 
-@pytest.mark.timeout(TIMEOUT_S + 60)
-def test_two_processes_match_one_process(tmp_path):
-    results = _run_workers(tmp_path)
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """The 2-process job, run once: (its results, its training workdir, a scratch directory)."""
+    tmp_path = tmp_path_factory.mktemp("multihost")
+    workdir = tmp_path / "two"
+    return _run_workers(tmp_path, f"--train_workdir={workdir}"), workdir, tmp_path
+
+
+ESTIMATOR_KEYS = ("num_devices", "per_example", "microbatch", "across_devices", "train")
+
+
+@pytest.mark.timeout(TIMEOUT_S + 120)
+def test_two_processes_match_one_process(job):
+    results = job[0]
     assert [r["process_id"] for r in results] == list(range(NUM_PROCESSES))
     num_devices = NUM_PROCESSES * LOCAL_DEVICES
     assert all(r["num_devices"] == num_devices for r in results)
 
     # Both processes print the same global statistics (the all-reduce is the same on both).
-    first = {k: v for k, v in results[0].items() if k != "process_id"}
+    first = {k: results[0][k] for k in ESTIMATOR_KEYS}
     for r in results[1:]:
-        assert {k: v for k, v in r.items() if k != "process_id"} == first
+        assert {k: r[k] for k in ESTIMATOR_KEYS} == first
 
     # ... and they are those of one process computing over the whole batch.
     params, batch = worker.make_problem()
@@ -134,17 +147,13 @@ def test_two_processes_match_one_process(tmp_path):
         _close(g, np.ravel(w), "params after make_train_step")
 
 
-TRAIN_TIMEOUT_S = 240
-
-
-@pytest.mark.timeout(TRAIN_TIMEOUT_S + 120)
-def test_smoke_training_on_two_processes_matches_one_process_with_four_devices(tmp_path):
+@pytest.mark.timeout(TIMEOUT_S + 120)
+def test_smoke_training_on_two_processes_matches_one_process_with_four_devices(job):
     """config.distributed=True, 2 processes x 2 CPU devices, one workdir: process 0 writes the
     files, and the run equals one process training on 4 devices."""
     from experiments import runlog, train
 
-    workdir = tmp_path / "two"
-    results = _run_workers(tmp_path, f"--train_workdir={workdir}", timeout_s=TRAIN_TIMEOUT_S)
+    results, workdir, tmp_path = job
     assert [r["num_devices"] for r in results] == [4, 4]
     assert results[0]["summary"]["mesh"] == {
         "devices": 4, "kind": "cpu", "platform": "cpu", "hosts": 2, "shape": {"batch": 4},

@@ -13,7 +13,7 @@ import pytest
 
 from configs import cifar10 as cifar10_config
 from configs import sweep as sweep_config
-from experiments import compare, runlog, sweep, tasks
+from experiments import compare, runlog, sweep, tasks, validation
 from experiments.cli import UserError
 from gns import finder
 
@@ -591,12 +591,15 @@ def test_device_time_is_steps_times_the_tables_step_time():
     assert dev[0] == pytest.approx(3.0) and dev[1] == pytest.approx(3.0)
     assert dev[2] is None and dev[3] == pytest.approx(4.0)
     assert "device_time_to_target_s" not in points[0]  # copies
-    ranked = sweep.rank_time_to_target(out)
+    by_batch = validation.mean_over_seeds([p | {"reached": p["steps"] is not None} for p in out])
+    ranked = sweep.ranking(by_batch)
     # The busy-machine case: batch 128 had the best wall clock, but not the best device time.
     assert [(r["batch_size"], r["rank"]) for r in ranked] == [(16, 1), (32, 1), (128, 3)]
     assert ranked[2]["device_over_best"] == pytest.approx(4.0 / 3.0)
-    assert ranked[2]["wall_over_best"] == pytest.approx(5.0 / 9.0)
-    assert sweep.rank_time_to_target([{"batch_size": 8, "device_time_to_target_s": None}]) == []
+    assert [r["wall_over_best"] for r in ranked] == pytest.approx([9.0 / 5.0, 8.0 / 5.0, 1.0])
+    keys = "batch_size rank device_time_to_target_s time_to_target_s"
+    assert set(ranked[0]) == {*keys.split(), "device_over_best", "wall_over_best"}
+    assert sweep.ranking(validation.mean_over_seeds([out[2] | {"reached": False}])) == []
 
 
 def test_noise_scale_read_back_from_strict_json():
