@@ -34,6 +34,7 @@ from absl import logging
 from experiments import cli, download
 from experiments import events as events_lib
 from experiments.cli import UserError
+from gns.common import to_json as to_strict_json  # the one strict-JSON conversion
 
 __all__ = [
     "QuietOrbax",
@@ -65,22 +66,6 @@ class QuietOrbax(std_logging.Filter):
 
     def filter(self, record):
         return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
-def to_strict_json(obj: Any) -> Any:
-    """``obj`` with numpy/JAX scalars and arrays as Python values, tuples as lists and every
-    non-finite float as ``None``: what :func:`json.dumps` writes with ``allow_nan=False``."""
-    if isinstance(obj, dict):
-        return {str(k): to_strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_strict_json(v) for v in obj]
-    if isinstance(obj, bool | int | str) or obj is None:
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "__array__") or isinstance(obj, np.generic):
-        return to_strict_json(np.asarray(obj).tolist())
-    return str(obj)
 
 
 def dumps(obj: Any, **kwargs) -> str:
