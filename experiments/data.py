@@ -114,12 +114,8 @@ def load(cfg) -> Dataset:
     """The dataset of ``cfg`` (``config.data``, or a mapping): ``source``, ``path``,
     ``cache_dir``, ``name`` and ``tfds_data_dir`` (tfds), ``num_train`` and ``num_test``
     (None: all; else a class-stratified subset, :func:`subsample`; the split sizes of
-    ``'synthetic'``, None: 2048 and 512), ``synthetic.*``, optional ``url`` and ``md5``.
-
-    Raises:
-      UserError: a missing, truncated or malformed path or archive member, a failed download,
-        an unprepared tfds dataset without TensorFlow, or a bad field.
-    """
+    ``'synthetic'``, None: 2048 and 512), ``synthetic.*``, optional ``url`` and ``md5``. A
+    :class:`UserError` names a bad path, archive member, download or field."""
     if isinstance(cfg, Mapping):
         cfg = ml_collections.ConfigDict(dict(cfg))
     source, num_train, num_test = cfg.source, cfg.num_train, cfg.num_test

@@ -79,10 +79,8 @@ def temp_path(final: str) -> str:
 
 @contextlib.contextmanager
 def atomic_file(final: str) -> Iterator[BinaryIO]:
-    """A binary file to write that becomes ``final`` (whose directory must exist) when the
-    block succeeds: flushed, fsynced and renamed; on any exception (KeyboardInterrupt
-    included) it is removed and ``final`` untouched. Plain ``open``: the umask decides the
-    permissions.
+    """A binary file to write that becomes ``final`` (its directory must exist) when the block
+    succeeds (fsynced, renamed); on any exception it is removed and ``final`` untouched.
 
     Example::
 

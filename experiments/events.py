@@ -5,14 +5,12 @@ the row is written, and on a resume rewrites the files from the rows kept, so th
 exactly the rows of ``metrics.jsonl``. ``tensorboard --logdir runs/`` shows every run
 directory below as one run. Tags (x axis: the step; non-finite values left out):
 
-- ``train/loss``, ``train/accuracy``, ``test/<metric>`` on evaluation rows;
-- ``noise_scale/b_simple`` (raw), ``noise_scale/ema_b_simple``, ``noise_scale/g_sq``,
-  ``noise_scale/trace_cov``, and ``noise_scale/window`` (``_low``, ``_high``): the ratio of
-  means over the last :data:`WINDOW` measurements with its 90% bootstrap interval;
-- ``schedule/batch_size``, ``schedule/learning_rate``;
-- ``time/examples_per_s``, ``time/step_time_s``, ``time/train_time_s``;
-- ``by_examples/<key>`` for :data:`BY_EXAMPLES`, over the examples seen: the fair axis
-  across batch sizes.
+``train/loss``, ``train/accuracy``, ``test/<metric>``; ``noise_scale/b_simple`` (raw),
+``ema_b_simple``, ``g_sq``, ``trace_cov`` and ``window`` (``_low``, ``_high``: the ratio of
+means over the last :data:`WINDOW` measurements, 90% bootstrap interval);
+``schedule/batch_size``, ``learning_rate``; ``time/examples_per_s``, ``step_time_s``,
+``train_time_s``; ``by_examples/<key>`` of :data:`BY_EXAMPLES` over the examples seen (the fair
+axis across batch sizes).
 
 Example::
 

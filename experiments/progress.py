@@ -2,10 +2,7 @@
 
 Off a terminal (``nohup``, SLURM, a pipe) :class:`Progress` logs one line every
 :data:`EVERY_S` seconds (``GNS_PROGRESS_EVERY_S``; 0: none) from a thread, so a long
-compilation is not silent either::
-
-    I1206 05:40:12 progress.py:88] train: training, 1,536/8,192 examples (19%), 412 examples/s,
-    ETA 16s, step 48, B_simple 212
+compilation is not silent either.
 
 Example::
 

@@ -205,11 +205,8 @@ class Clock:
     Example::
 
         clock = Clock()
-        clock.charge("compile")
-        step = jax.jit(f).lower(state, batch).compile()
         clock.charge("train")
-        state = step(state, batch)
-        jax.block_until_ready(state)
+        jax.block_until_ready(step(state, batch))
         clock.charge("pause")
         clock.total("train")  # seconds of training so far
     """

@@ -102,9 +102,8 @@ def load(cfg, *, context: int) -> TextDataset:
     """The corpus of ``cfg`` (``config.data`` or a mapping: ``path``, ``max_bytes``,
     ``test_fraction`` (default 0.05), ``extensions``) with ``context`` tokens per example.
 
-    Raises:
-      UserError: a path that does not exist, an empty corpus, a binary file (named), a split
-        shorter than ``context + 1`` bytes, or a bad field.
+    A missing path, an empty corpus, a binary file, a split shorter than ``context + 1`` bytes
+    or a bad field raises :class:`UserError`.
 
     Example::
 
