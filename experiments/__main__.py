@@ -1,21 +1,12 @@
-"""The ``gns`` command: one entry point for the experiments.
-
-Usage::
-
-    gns demo  [FLAGS]   # every batch-size policy to the same target (make demo; runs/demo)
-    gns train [FLAGS]   # CIFAR-10 with the noise scale tracked (python -m experiments.cifar10)
-    gns sweep [FLAGS]   # noise scale, throughput, tradeoff and a batch size (experiments.sweep)
-    gns bench [FLAGS]   # cost of each estimator over a plain step (make bench; runs/bench)
-    gns lm    [FLAGS]   # the byte-level Transformer language model (experiments.lm)
+"""The ``gns`` command: ``gns SUBCOMMAND [FLAGS]`` runs one of the experiments of
+:data:`COMMANDS` (``gns --help`` lists them; from a clone, ``python -m experiments
+SUBCOMMAND`` is the same command).
 
 ``FLAGS`` are those of the experiment (``--config``, ``--workdir``, ``--config.FIELD=...``);
-without ``--config`` a subcommand uses its default config file from this installation
-(:data:`COMMANDS`), so the command works from any directory. From a clone,
-``python -m experiments SUBCOMMAND`` is the same command.
-
-The installed wheel keeps the experiments and their configs inside its own directory
-(``gns_jax/experiments``, ``gns_jax/configs``), not as top-level packages whose names other
-projects use; this entry point puts that directory on ``sys.path`` before it runs one.
+without ``--config`` a subcommand uses its default config file from this installation, so the
+command works from any directory. The installed wheel keeps the experiments and their configs
+inside its own directory (``gns_jax/``), not as top-level packages whose names other projects
+use; this entry point puts that directory on ``sys.path`` before it runs one.
 """
 
 from __future__ import annotations
@@ -31,8 +22,8 @@ COMMANDS = {
     "demo": ("experiments.cifar10", "configs/cifar10.py:cpu",
              ("--config.mode=compare", "--workdir=runs/demo"),
              "every batch-size policy trained to the same target, with a verdict"),
-    "train": ("experiments.cifar10", "configs/cifar10.py:cpu", (),
-              "CIFAR-10 with the noise scale tracked (modes: train, compare, tradeoff)"),
+    "train": ("experiments.run", "configs/cifar10.py:cpu", (),
+              "any task (config.task; CIFAR-10 by default) with the noise scale tracked"),
     "sweep": ("experiments.sweep", "configs/sweep.py:cpu", (),
               "noise scale, throughput, tradeoff fit and a recommended batch size"),
     "bench": ("experiments.bench", "configs/bench.py", ("--workdir=runs/bench",),

@@ -67,15 +67,9 @@ class UserError(ValueError):
         self.hint = hint
 
 
-_OS_ERRNOS = (
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EROFS,
-    errno.EACCES,
-    errno.ENOTDIR,
-    errno.EISDIR,
-    errno.EEXIST,
-)
+# The OSErrors a user can fix: a full or read-only disk, permissions, a path of the wrong kind.
+_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EISDIR,
+              errno.EEXIST)  # fmt: skip
 # How tensorstore (under orbax) words the same faults in the ValueError it raises.
 _FAULT_WORDS = {
     "the disk is full": ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded"),
@@ -94,11 +88,9 @@ _FAULT_ERRNOS = {
 
 
 def write_fault(e: BaseException) -> str | None:
-    """What a failed write ran into when it is the disk or its permissions, not a bug (``'the
-    disk is full'``, ``'the file system is read-only'``, ``'no permission to write there'``);
-    ``None`` otherwise. Looks through ``e``'s causes; besides ``OSError`` it knows the
-    ``ValueError('RESOURCE_EXHAUSTED: ...')`` of tensorstore and the ``ImportError('sys.meta_path
-    is None')`` of an orbax writer cut short.
+    """What a failed write ran into when it is the disk or its permissions, not a bug, in
+    words; ``None`` otherwise. Looks through ``e``'s causes, and knows tensorstore's and
+    orbax's wording of the same faults.
 
     Example::
 
@@ -152,9 +144,8 @@ def _exit(message: str, hint: str | None = None, code: int = EXIT_USER_ERROR):
 
 
 def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-    """Wrap an absl ``main(argv)``: user errors print ``error: ...`` (and ``hint: ...``) on
-    stderr and exit with code 2, without a traceback; Ctrl-C exits with 130 and one line
-    (:func:`experiments.interrupt.exit_now`)."""
+    """Wrap an absl ``main(argv)``: a user error prints ``error: ...`` (and ``hint: ...``) on
+    stderr and exits with code 2; Ctrl-C exits with 130 and one line."""
 
     def wrapped(argv):
         try:

@@ -1,41 +1,25 @@
 """CIFAR-style image data for the experiments: loading, normalization, batches.
 
-Four sources, picked by ``config.data.source``:
+Four sources, picked by ``config.data.source`` (each field: :mod:`experiments.rules`):
+``'cifar10_binary'`` (the official CIFAR-10 binary version at ``data.path``, or downloaded once
+into the cache from ``data.url`` and checked against ``data.md5``), ``'folder'`` (a directory or
+``.tar.gz`` laid out ``split/class/image.jpg``, splits ``train`` and ``test``; labels index the
+sorted class names), ``'tfds'`` (a prepared ``tensorflow-datasets`` dataset, read without
+TensorFlow) and ``'synthetic'`` (class-dependent colours and patterns plus noise).
 
-* ``'cifar10_binary'``: the official CIFAR-10 binary version (``cifar-10-binary.tar.gz``,
-  Krizhevsky 2009), parsed with numpy (no pickle, no TensorFlow). ``data.path`` names the
-  archive (or its extracted ``cifar-10-batches-bin`` directory); without it the archive is taken
-  from the cache directory, downloaded there from ``data.url`` the first time (checked against
-  ``data.md5``, see :func:`experiments.download.fetch`).
-* ``'folder'``: a directory or a ``.tar.gz`` laid out ``split/class/image.jpg`` with splits
-  ``train`` and ``test`` (like ``cifar10-jpeg.tar.gz``). Labels are the indices of the sorted class
-  directory names (alphabetical, which is the standard CIFAR-10 order). Images are decoded once
-  with PIL.
-* ``'tfds'``: a prepared ``tensorflow-datasets`` dataset read with ``tfds.data_source``
-  (array_record; reading needs no TensorFlow). Preparing it the first time does need TensorFlow
-  (``pip install -e '.[tfds]'``); without it :func:`load` raises an error that says so.
-* ``'synthetic'``: a learnable toy problem (class-dependent colours and low-frequency patterns
-  plus noise), for tests and smoke runs.
-
-The decoded arrays of the first three are cached as ``.npz`` files in ``config.data.cache_dir``
-(default: :func:`user_cache_dir`), written atomically and keyed by the source's path, size,
-mtime and sampled content; a cache file that holds another source's arrays (copied or renamed)
-or is unreadable is decoded again with a warning, abandoned temporary files of killed writers
-are removed, and an unwritable cache directory only costs a warning. :attr:`Dataset.fingerprint`
-(a hash of the arrays) is the data's identity that a resumed run checks. Every problem with the
-user's data raises :class:`~experiments.cli.UserError` naming the path (and the archive member)
-and the fix.
-
-Everything here is numpy on the host. :func:`train_batches` is a pure function of
-``(seed, step, batch_size)`` (resuming at ``start_step`` repeats an uninterrupted run exactly)
-and prefetches in a background thread.
+The decoded arrays are cached as ``.npz`` in ``data.cache_dir`` (default
+:func:`user_cache_dir`), keyed by the source's path, size, mtime and sampled content; a cache
+file that is unreadable or holds another source's arrays is decoded again with a warning.
+:attr:`Dataset.fingerprint` is the data's identity that a resumed run checks. A problem with
+the user's data raises :class:`~experiments.cli.UserError` naming the path (and archive
+member) and the fix. Batches are a pure function of the seed and the step (or the example
+positions), so a resumed run sees the batches of an uninterrupted one.
 
 Example::
 
     ds = data.load(config.data)
-    for step, batch in zip(range(start, num_steps), data.train_batches(
-        ds, 128, seed=0, start_step=start)):
-      ...  # batch['image']: float32 [128, 32, 32, 3] normalized, batch['label']: int32 [128]
+    batches = data.train_batches(ds, 128, seed=0, start_step=start)
+    # next(batches)['image']: float32 [128, 32, 32, 3] normalized; ['label']: int32 [128]
 """
 
 from __future__ import annotations
@@ -89,27 +73,17 @@ ALTERNATIVES = (
     "--config.data.path=...), or --config.data.source=tfds."
 )
 # Seeds: epoch permutation from default_rng([seed, epoch]); augmentation from
-# default_rng([seed, step, _AUGMENT_TAG]). The tag keeps the two streams apart (SeedSequence pads
-# entropy with zeros, so [seed, s, 0] would equal [seed, s]).
+# default_rng([seed, step or epoch, _AUGMENT_TAG]). The tag keeps the two streams apart
+# (SeedSequence pads entropy with zeros, so [seed, s, 0] would equal [seed, s]).
 _AUGMENT_TAG = 0x61756720
-_SUBSAMPLE_SEED = 0
 _CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """Decoded images and labels of a train and a test split, with train statistics.
-
-    Attributes:
-      train_images: uint8 ``[N, H, W, C]``.
-      train_labels: int32 ``[N]``.
-      test_images: uint8 ``[M, H, W, C]``.
-      test_labels: int32 ``[M]``.
-      num_classes: number of classes; labels are in ``[0, num_classes)``.
-      mean: float32 ``[C]``, per-channel mean of the train images in ``[0, 1]`` scale.
-      std: float32 ``[C]``, per-channel standard deviation of the train images, same scale.
-      class_names: class names in label order (empty where the source has none).
-    """
+    """Decoded uint8 images ``[N, H, W, C]`` and int32 labels of a train and a test split;
+    ``mean`` and ``std`` (float32 ``[C]``, ``[0, 1]`` scale) are the train images' per
+    channel; ``class_names`` in label order (empty where the source has none)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -122,9 +96,8 @@ class Dataset:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """The data's identity: SHA-256 (16 hex digits) of the images and labels of both
-        splits with their shapes and dtypes (0.3 s for all of CIFAR-10); a run resumes only
-        on the same one."""
+        """The data's identity: SHA-256 (16 hex digits) of both splits' arrays, shapes and
+        dtypes; a run resumes only on the same one."""
         h = hashlib.sha256()
         for a in (self.train_images, self.train_labels, self.test_images, self.test_labels):
             a = np.ascontiguousarray(a)
@@ -138,26 +111,11 @@ class Dataset:
 
 
 def load(cfg) -> Dataset:
-    """Loads the dataset described by ``cfg`` (the ``config.data`` ConfigDict).
-
-    Args:
-      cfg: ``ml_collections.ConfigDict`` (a mapping is converted) with fields ``source`` (the
-        module docstring), ``path``, ``cache_dir`` (None: :func:`user_cache_dir`), ``name``
-        and ``tfds_data_dir`` (tfds), ``num_train`` and ``num_test`` (None: all; otherwise a
-        class-stratified subset, :func:`subsample`; for ``'synthetic'`` the split sizes, None:
-        2048 and 512), ``synthetic.image_size``, ``synthetic.num_classes``; optional ``url``
-        and ``md5`` (:data:`CIFAR10_BINARY_URL`, :data:`CIFAR10_BINARY_MD5`; ``md5=None``
-        checks nothing, with a warning) and ``synthetic.seed`` (0). Each field's meaning and
-        valid values: :mod:`experiments.rules`.
-
-    Returns:
-      A :class:`Dataset`; ``mean`` and ``std`` are computed on the (subsampled) train images.
-
-    Raises:
-      UserError: a missing, truncated or malformed ``path`` or archive member (the message
-        names it and the expected layout), a failed download (naming the alternatives), an
-        unprepared tfds dataset without TensorFlow, or a bad field.
-    """
+    """The dataset of ``cfg`` (``config.data``, or a mapping): ``source``, ``path``,
+    ``cache_dir``, ``name`` and ``tfds_data_dir`` (tfds), ``num_train`` and ``num_test``
+    (None: all; else a class-stratified subset, :func:`subsample`; the split sizes of
+    ``'synthetic'``, None: 2048 and 512), ``synthetic.*``, optional ``url`` and ``md5``. A
+    :class:`UserError` names a bad path, archive member, download or field."""
     if isinstance(cfg, Mapping):
         cfg = ml_collections.ConfigDict(dict(cfg))
     source, num_train, num_test = cfg.source, cfg.num_train, cfg.num_test
@@ -204,20 +162,14 @@ def _check_count(name: str, n: Any, available: int | None = None) -> int:
     return int(n)
 
 
-def subsample(labels: np.ndarray, n: int, seed: int = _SUBSAMPLE_SEED) -> np.ndarray:
-    """Indices of a class-stratified subset of size ``n``, in increasing order.
+def subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a class-stratified subset of ``n`` of ``labels``: the examples in a
+    fixed seeded order, taken round-robin over the classes (the first of each class, then the
+    second of each, ...), so class counts differ by at most one where classes have enough.
 
-    The examples are shuffled by a fixed seeded permutation, then taken round-robin over classes
-    (the first of each class in the shuffled order, then the second of each, ...), so class counts
-    in the subset differ by at most one wherever the classes have enough examples.
+    Example::
 
-    Args:
-      labels: int ``[N]``.
-      n: subset size, ``1 <= n <= N``.
-      seed: seed of the shuffle (fixed, so a config always names the same subset).
-
-    Returns:
-      int64 ``[n]`` sorted indices into ``labels``.
+        subsample(np.array([0, 0, 0, 1]), 2)  # one example of each class
     """
     labels = np.asarray(labels)
     perm = np.random.default_rng(seed).permutation(len(labels))
@@ -233,39 +185,24 @@ def subsample(labels: np.ndarray, n: int, seed: int = _SUBSAMPLE_SEED) -> np.nda
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact per-channel mean and standard deviation of uint8 images, in ``[0, 1]`` scale.
-
-    Computed from per-channel histograms of the 256 byte values, so it needs no float copy of
-    the images.
-
-    Args:
-      images: uint8 ``[N, H, W, C]``.
-
-    Returns:
-      ``(mean, std)``, each float32 ``[C]``.
-    """
+    """Exact per-channel ``(mean, std)`` (float32 ``[C]``, ``[0, 1]`` scale) of uint8 images
+    ``[N, H, W, C]``, from histograms of the byte values (no float copy of the images)."""
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}.")
     values = np.arange(256, dtype=np.float64) / 255.0
     means, stds = [], []
     for c in range(images.shape[-1]):
         counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
-        total = counts.sum()
-        mean = (counts @ values) / total
-        var = (counts @ (values - mean) ** 2) / total
+        mean = (counts @ values) / counts.sum()
         means.append(mean)
-        stds.append(np.sqrt(var))
+        stds.append(np.sqrt((counts @ (values - mean) ** 2) / counts.sum()))
     std = np.maximum(np.asarray(stds), 1e-6)  # a constant channel must not divide by zero
     return np.asarray(means, np.float32), std.astype(np.float32)
 
 
-# --- synthetic --------------------------------------------------------------------------------
-
-
 def _synthetic_arrays(scfg, num_train: int, num_test: int) -> dict[str, Any]:
     """Class-dependent colour + low-frequency pattern, with per-example colour jitter and noise."""
-    image_size = int(scfg.image_size)
-    num_classes = int(scfg.num_classes)
+    image_size, num_classes = int(scfg.image_size), int(scfg.num_classes)
     seed = int(scfg.get("seed") or 0)
     if num_classes < 2 or image_size < 4:
         raise UserError(
@@ -280,23 +217,16 @@ def _synthetic_arrays(scfg, num_train: int, num_test: int) -> dict[str, Any]:
     reps = -(-image_size // 4)
     pattern = np.repeat(np.repeat(coarse, reps, axis=1), reps, axis=2)
     templates = 128.0 + colours + pattern[:, :image_size, :image_size]
-
-    def make(n: int, part: int) -> tuple[np.ndarray, np.ndarray]:
+    out: dict[str, Any] = {"num_classes": num_classes,
+                           "class_names": [f"class_{k}" for k in range(num_classes)]}  # fmt: skip
+    for part, (split, n) in enumerate(zip(SPLITS, (num_train, num_test), strict=True), 1):
         split_rng = np.random.default_rng([seed, part])
         labels = split_rng.permutation(np.arange(n) % num_classes).astype(np.int32)
         jitter = split_rng.normal(0.0, 20.0, size=(n, 1, 1, 3))
         noise = split_rng.normal(0.0, 50.0, size=(n, image_size, image_size, 3))
-        images = templates[labels] + jitter + noise
-        return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
-
-    out: dict[str, Any] = {"num_classes": num_classes,
-                           "class_names": [f"class_{k}" for k in range(num_classes)]}  # fmt: skip
-    for part, (split, n) in enumerate(zip(SPLITS, (num_train, num_test), strict=True), 1):
-        out[f"{split}_images"], out[f"{split}_labels"] = make(n, part)
+        images = np.clip(np.rint(templates[labels] + jitter + noise), 0, 255).astype(np.uint8)
+        out[f"{split}_images"], out[f"{split}_labels"] = images, labels
     return out
-
-
-# --- tfds -------------------------------------------------------------------------------------
 
 
 def _tensorflow_available() -> bool:
@@ -304,11 +234,8 @@ def _tensorflow_available() -> bool:
 
 
 def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict[str, Any]:
-    """Reads a prepared tfds dataset through ``tfds.data_source`` (no TensorFlow needed).
-
-    The decoded arrays are cached like a folder's: a prepared tfds version never changes, so the
-    key is the name, version, prepared directory and split sizes.
-    """
+    """A prepared tfds dataset through ``tfds.data_source`` (no TensorFlow needed), cached
+    under its name, version, prepared directory and split sizes."""
     import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy import, only for this source)
 
     if data_dir is not None:
@@ -336,31 +263,22 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
     ).hexdigest()[:16]
 
     def decode() -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        labels = info.features["label"]
+        out = {"num_classes": int(labels.num_classes), "class_names": list(labels.names)}
         for split, source in zip(SPLITS, sources, strict=True):
-            images, labels = _read_data_source(source, desc=f"tfds {name} {split}")
-            out[f"{split}_images"], out[f"{split}_labels"] = images, labels
-        label_feature = info.features["label"]
-        out["num_classes"] = int(label_feature.num_classes)
-        out["class_names"] = list(label_feature.names)
+            if len(source) == 0:
+                raise UserError(f"tfds {name} {split}: the split is empty.")
+            first = np.asarray(source[0]["image"])
+            images = np.empty((len(source), *first.shape), dtype=np.uint8)
+            out[f"{split}_labels"] = np.empty((len(source),), dtype=np.int32)
+            for i in tqdm(range(len(source)), desc=f"tfds {name} {split}", unit="img",
+                          mininterval=1.0, leave=False):  # fmt: skip
+                images[i] = np.asarray(source[i]["image"])
+                out[f"{split}_labels"][i] = int(source[i]["label"])
+            out[f"{split}_images"] = images
         return out
 
     return _cached(cache_dir, f"tfds-{name.replace('/', '_')}-{key}", decode)
-
-
-def _read_data_source(source, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Stacks ``source[i]['image']`` and ``['label']`` for all records, with a progress bar."""
-    n = len(source)
-    if n == 0:
-        raise UserError(f"{desc}: the split is empty.")
-    first = np.asarray(source[0]["image"])
-    images = np.empty((n, *first.shape), dtype=np.uint8)
-    labels = np.empty((n,), dtype=np.int32)
-    for i in tqdm(range(n), desc=desc, unit="img", mininterval=1.0, leave=False):
-        example = source[i]
-        images[i] = np.asarray(example["image"])
-        labels[i] = int(example["label"])
-    return images, labels
 
 
 # --- the array cache --------------------------------------------------------------------------
@@ -375,10 +293,9 @@ def user_cache_dir() -> str:
 
 
 def private_cache_dir(name: str) -> str | None:
-    """``user_cache_dir()/name``, a directory of this user alone (created with mode 0700; an
-    existing one of this user made 0700), for a cache whose content is executed (compiled
-    code); ``None`` with one warning when it cannot be: a symbolic link, not a directory,
-    owned by another user, or not creatable. (Never a workdir: that is untrusted input.)"""
+    """``user_cache_dir()/name``, a directory of this user alone (mode 0700, tightened when
+    looser), for a cache whose content is executed (compiled code); ``None`` with one warning
+    when it is a symbolic link, not a directory, another user's, or not creatable."""
     path = os.path.join(user_cache_dir(), name)
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -403,16 +320,9 @@ def _cache_dir(cache_dir: str | None) -> str:
     return path
 
 
-def _cached(
-    cache_dir: str | None, stem: str, decode: Callable[[], dict[str, Any]]
-) -> dict[str, Any]:
-    """``decode()``'s arrays, read from ``<cache_dir>/<stem>.npz`` when there, else written there.
-
-    ``stem`` names the source (with its fingerprint: :func:`_source_fingerprint`) and is
-    stored in the file: a file that holds another source's arrays (copied or renamed) is
-    decoded again with one warning, as is an unreadable one (removed); an unwritable cache
-    directory costs one warning and the arrays are returned uncached.
-    """
+def _cached(cache_dir: str | None, stem: str, decode: Callable[[], dict]) -> dict[str, Any]:
+    """``decode()``'s arrays, read from ``<cache_dir>/<stem>.npz`` when there (and made from
+    ``stem``, which the file stores), else decoded and written there."""
     cache_path = os.path.join(_cache_dir(cache_dir), f"{stem}.npz")
     cached = _read_cache(cache_path, stem)
     if cached is not None:
@@ -432,9 +342,6 @@ _SAMPLE_BLOCKS, _BLOCK = 16, 1 << 16
 
 
 def _update_with_content(h, path: str, size: int) -> None:
-    """Feed ``h`` the content of the file ``path`` (``size`` bytes): all of it up to
-    ``_SAMPLE_BLOCKS`` blocks, else that many blocks spread evenly, the first and last
-    included."""
     with open(path, "rb") as f:
         if size <= _SAMPLE_BLOCKS * _BLOCK:
             h.update(f.read())
@@ -446,10 +353,8 @@ def _update_with_content(h, path: str, size: int) -> None:
 
 def _source_fingerprint(path: str) -> str:
     """Cache key of a data source: its path, the size and mtime of the archive (of every file,
-    for a directory), and its content: sampled blocks of the archive (1 MiB, read on every
-    start), or of a directory the content of ``_SAMPLE_BLOCKS`` files spread evenly. A
-    source replaced behind the same path gets another key, even with the old size and mtime
-    (unless the new one differs only between the samples)."""
+    for a directory) and sampled content, so a source replaced behind the same path (even with
+    the old size and mtime) gets another key."""
     h = hashlib.sha256(path.encode())
     if os.path.isdir(path):
         found = []
@@ -488,8 +393,7 @@ def _check_cached_arrays(arrays: dict[str, Any]) -> None:
 
 def _read_cache(cache_path: str, source: str) -> dict[str, Any] | None:
     """The cached arrays, or None when absent; an unreadable file is removed with a warning,
-    and a file made from another ``source`` than its name says is left to be overwritten,
-    with a warning."""
+    one made from another ``source`` is left to be overwritten, with a warning."""
     if not os.path.isfile(cache_path):  # absent, or its directory is unusable (warned on write)
         return None
     start = time.perf_counter()
@@ -525,12 +429,8 @@ def _read_cache(cache_path: str, source: str) -> dict[str, Any] | None:
 
 
 def _write_cache(cache_path: str, arrays: dict[str, Any], source: str) -> None:
-    """Writes the arrays as an uncompressed ``.npz`` atomically (:func:`download.atomic_file`),
-    with the name of their ``source``.
-
-    A cache that cannot be written (unwritable or full directory, a file in the way) is skipped
-    with one warning: the data are still returned, the next run decodes again.
-    """
+    """The arrays as an uncompressed ``.npz``, written atomically with the name of their
+    ``source``; a cache that cannot be written costs one warning (the next run decodes)."""
     try:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         with download.atomic_file(cache_path) as f:
@@ -548,7 +448,7 @@ def _write_cache(cache_path: str, arrays: dict[str, Any], source: str) -> None:
             cache_path, err)  # fmt: skip
 
 
-# --- archives ---------------------------------------------------------------------------------
+# --- archives and folders ---------------------------------------------------------------------
 
 
 def _archive_error(path: str, where: str, err: BaseException) -> UserError:
@@ -571,11 +471,8 @@ def _is_tar(path: str) -> bool:
 def _tar_entries(
     path: str, wanted: Callable[[str], bool]
 ) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
-    """Streams ``(member, bytes)`` of a tar archive (any compression), bytes only if ``wanted``.
-
-    A truncated or corrupt archive raises :class:`UserError` naming the archive and the member
-    being read (or the last one read).
-    """
+    """Streams ``(member, bytes)`` of a tar archive (any compression), bytes only if ``wanted``;
+    a truncated or corrupt archive raises naming the member being read (or the last one)."""
     where = "at the first member"
     try:
         with tarfile.open(path, mode="r|*") as tar:
@@ -583,16 +480,11 @@ def _tar_entries(
                 where = f"in member {member.name!r}"
                 data = None
                 if member.isfile() and wanted(member.name):
-                    f = tar.extractfile(member)
-                    assert f is not None
-                    data = f.read()
+                    data = tar.extractfile(member).read()
                 yield member, data
                 where = f"after member {member.name!r}"
     except (EOFError, OSError, zlib.error, tarfile.TarError) as err:
         raise _archive_error(path, where, err) from err
-
-
-# --- folder -----------------------------------------------------------------------------------
 
 
 def _layout_error(path: str, problem: str) -> UserError:
@@ -613,20 +505,20 @@ def _existing_path(path: str | None, what: str) -> str:
 
 
 def _folder_arrays(path: str | None, cache_dir: str | None) -> dict[str, Any]:
-    """Decoded arrays of an image folder or archive, from the cache when it is fresh."""
+    """Decoded arrays of an image folder or archive (or of the CIFAR-10 binary version given
+    as one), from the cache when it is fresh."""
     path = _existing_path(path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
     if not os.path.isdir(path) and not _is_tar(path):
         raise _layout_error(path, "is neither a directory nor a tar archive (.tar.gz)")
     if _is_cifar10_binary(path):
         return _binary_cached(cache_dir, path)
-    return _cached(
-        cache_dir, f"folder-{_source_fingerprint(path)}", functools.partial(decode_folder, path)
-    )
+    return _cached(cache_dir, f"folder-{_source_fingerprint(path)}",
+                   functools.partial(_decode_folder, path))  # fmt: skip
 
 
 def _is_cifar10_binary(path: str) -> bool:
-    """Whether a directory or archive is the CIFAR-10 binary version (its first entry, for an
-    archive, is ``cifar-10-batches-bin``; a directory holds ``test_batch.bin``)."""
+    """Whether a directory holds ``test_batch.bin`` (or ``cifar-10-batches-bin/`` does), or an
+    archive's first entry is ``cifar-10-batches-bin``."""
     if os.path.isdir(path):
         inner = os.path.join(path, "cifar-10-batches-bin")
         return any(os.path.isfile(os.path.join(d, CIFAR10_TEST_BATCH)) for d in (path, inner))
@@ -642,23 +534,18 @@ def _is_image(name: str) -> bool:
 
 
 # An image file found in a folder or archive: (split, class, file name, bytes or None to read
-# from the folder, where it is: the archive member name or the path inside the folder).
+# from the folder, where it is: the archive member name or the path inside the folder). An
+# empty class directory is (split, class, '', None, '').
 _Entry = tuple[str, str, str, bytes | None, str]
 
 
 def _iter_directory(path: str) -> Iterator[_Entry]:
-    """Yields the image files of the class directories of a folder (bytes None).
-
-    Empty class directories are yielded as ``(split, class, '', None, '')`` so that they can be
-    reported.
-    """
     missing = [s for s in SPLITS if not os.path.isdir(os.path.join(path, s))]
     if missing:
         found = sorted(os.listdir(path))[:10]
         raise _layout_error(path, f"no {' or '.join(missing)} directory (found {found})")
     for split in SPLITS:
-        split_dir = os.path.join(path, split)
-        for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        for entry in sorted(os.scandir(os.path.join(path, split)), key=lambda e: e.name):
             if entry.is_dir():
                 names = [n for n in os.listdir(entry.path) if _is_image(n)]
                 if not names:
@@ -672,10 +559,8 @@ def _iter_directory(path: str) -> Iterator[_Entry]:
 
 
 def _iter_tar(path: str) -> Iterator[_Entry]:
-    """Streams the image files of a tar archive laid out ``split/class/image.jpg``.
-
-    Member names may carry a leading ``./`` or one wrapping directory (``cifar10/train/...``).
-    """
+    """The image files of an archive; names may carry a leading ``./`` or one wrapping
+    directory (``cifar10/train/...``)."""
     for member, data in _tar_entries(path, _is_image):
         parts = [p for p in member.name.split("/") if p not in ("", ".")]
         if member.isdir():
@@ -698,35 +583,18 @@ def _iter_tar(path: str) -> Iterator[_Entry]:
 
 
 def _decode_image(data: bytes) -> np.ndarray:
-    """Decodes JPEG/PNG/... bytes into a uint8 ``[H, W, 3]`` RGB array."""
+    """JPEG/PNG/... bytes as a uint8 ``[H, W, 3]`` RGB array."""
     with Image.open(io.BytesIO(data)) as img:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return np.asarray(img)
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def decode_folder(path: str) -> dict[str, Any]:
-    """Decodes all images of a folder or tar archive laid out ``split/class/image.jpg``.
-
-    Images are converted to RGB and ordered by (class name, file name) within each split; labels
-    are indices into the sorted class names, which must be the same in both splits.
-
-    Args:
-      path: a directory or tar archive (``.tar.gz``, ``.tgz``, ``.tar``).
-
-    Returns:
-      A dict with ``train_images``/``test_images`` (uint8 ``[N, H, W, 3]``),
-      ``train_labels``/``test_labels`` (int32), ``num_classes`` and ``class_names``.
-
-    Raises:
-      UserError: a missing split, an empty class directory, no images, differing class sets,
-        images of different sizes, an undecodable image (named with the archive member or the
-        file) or a truncated or corrupt archive; the message names the layout.
-    """
+def _decode_folder(path: str) -> dict[str, Any]:
+    """The images of a folder or tar archive laid out ``split/class/image.jpg``, ordered by
+    (class name, file name) in each split; labels index the sorted class names, which both
+    splits must share. Every problem raises a :class:`UserError` naming the layout."""
     is_dir = os.path.isdir(path)
-    entries = _iter_directory(path) if is_dir else _iter_tar(path)
     files: dict[str, dict[str, list[tuple[str, bytes | None, str]]]] = {s: {} for s in SPLITS}
-    for split, cls, name, data, origin in entries:
+    for split, cls, name, data, origin in _iter_directory(path) if is_dir else _iter_tar(path):
         items = files[split].setdefault(cls, [])
         if name:
             items.append((name, data, origin))
@@ -738,50 +606,39 @@ def decode_folder(path: str) -> dict[str, Any]:
                 raise _layout_error(path, f"the class directory {split}/{cls}/ has no images")
     class_names = sorted(files["train"])
     if sorted(files["test"]) != class_names:
-        raise _layout_error(
-            path,
-            f"train/ and test/ have different class directories: {class_names} vs "
-            f"{sorted(files['test'])}",
-        )
+        raise _layout_error(path, f"train/ and test/ have different class directories: "
+                                  f"{class_names} vs {sorted(files['test'])}")  # fmt: skip
     out: dict[str, Any] = {"num_classes": len(class_names), "class_names": class_names}
-    shape = None
     for split in SPLITS:
-        listing = [
-            (label, item)
-            for label, cls in enumerate(class_names)
-            for item in sorted(files[split][cls], key=lambda item: item[0])
-        ]
-        labels = np.array([label for label, _ in listing], dtype=np.int32)
-        images = None
-        for i, (_, (_, data, origin)) in enumerate(
-            tqdm(listing, desc=f"decode {split}", unit="img", mininterval=1.0, leave=False)
-        ):
-            try:
-                if data is None:
-                    with open(os.path.join(path, origin), "rb") as f:
-                        data = f.read()
-                image = _decode_image(data)
-            except Exception as err:
-                kind = "the member" if not is_dir else "the file"
-                raise UserError(
-                    f"data.path={path!r}: cannot decode {kind} {origin!r} "
-                    f"({type(err).__name__}: {err}).",
-                    hint="the image is corrupt or not an image: replace or delete it"
-                    + (" and re-create the archive." if not is_dir else "."),
-                ) from err
-            if shape is None:
-                shape = image.shape
+        listing = [(label, item) for label, cls in enumerate(class_names)
+                   for item in sorted(files[split][cls], key=lambda item: item[0])]  # fmt: skip
+        bar = tqdm(listing, desc=f"decode {split}", unit="img", mininterval=1.0, leave=False)
+        images = [_read_image(path, origin, data, is_dir) for _, (_, data, origin) in bar]
+        shape = out["train_images"].shape[1:] if split == "test" else images[0].shape
+        for image, (_, (_, _, origin)) in zip(images, listing, strict=True):
             if image.shape != shape:
-                raise _layout_error(
-                    path,
-                    f"images must all have one size; {origin!r} is {image.shape[:2]} but the "
-                    f"first image is {shape[:2]} (resize them first)",
-                )
-            if images is None:
-                images = np.empty((len(listing), *shape), dtype=np.uint8)
-            images[i] = image
-        out[f"{split}_images"], out[f"{split}_labels"] = images, labels
+                raise _layout_error(path, f"images must all have one size; {origin!r} is "
+                                          f"{image.shape[:2]} but the first image is "
+                                          f"{shape[:2]} (resize them first)")  # fmt: skip
+        out[f"{split}_images"] = np.stack(images).astype(np.uint8)
+        out[f"{split}_labels"] = np.array([label for label, _ in listing], dtype=np.int32)
     return out
+
+
+def _read_image(path: str, origin: str, data: bytes | None, is_dir: bool) -> np.ndarray:
+    """The decoded image ``origin`` of the folder or archive ``path`` (``data``: its bytes)."""
+    try:
+        if data is None:
+            with open(os.path.join(path, origin), "rb") as f:
+                data = f.read()
+        return _decode_image(data)
+    except Exception as err:
+        raise UserError(
+            f"data.path={path!r}: cannot decode {'the file' if is_dir else 'the member'} "
+            f"{origin!r} ({type(err).__name__}: {err}).",
+            hint="the image is corrupt or not an image: replace or delete it"
+            + ("." if is_dir else " and re-create the archive."),
+        ) from err
 
 
 # --- CIFAR-10 binary version ------------------------------------------------------------------
@@ -790,12 +647,9 @@ def decode_folder(path: str) -> dict[str, Any]:
 def _cifar10_binary_arrays(
     path: str | None, cache_dir: str | None, *, url: str, md5: str | None
 ) -> dict[str, Any]:
-    """Arrays of ``cifar-10-binary.tar.gz`` at ``path``, or downloaded into the cache directory.
-
-    A file the user names is used as it is (any intact copy will do). The one in the cache
-    directory is downloaded when absent (checked by :func:`download.fetch`); when it was already
-    there (placed by hand, or damaged since) its MD5 is checked before it is decoded.
-    """
+    """Arrays of ``cifar-10-binary.tar.gz`` at ``path`` (used as it is), or of the one in the
+    cache directory: downloaded when absent (:func:`download.fetch` checks it), else its MD5
+    checked before it is decoded (placed by hand, or damaged since)."""
     if path:
         return _binary_cached(cache_dir, _existing_path(path, "cifar-10-binary.tar.gz"))
     path = os.path.join(
@@ -823,18 +677,15 @@ def _cifar10_binary_arrays(
                 hint=f"delete it (it is downloaded again), or set data.path={path} to use it "
                 f"without the check.",
             )
-        return decode_cifar10_binary(path)
+        return _decode_cifar10_binary(path)
 
     return _binary_cached(cache_dir, path, checked_decode)
 
 
-def _binary_cached(
-    cache_dir: str | None, path: str, decode: Callable[[str], dict[str, Any]] | None = None
-) -> dict[str, Any]:
+def _binary_cached(cache_dir: str | None, path: str, decode: Callable | None = None) -> dict:
     """The cached arrays of a CIFAR-10 binary archive or directory, else ``decode(path)``."""
-    decode = decode or decode_cifar10_binary
-    stem = f"cifar10_binary-{_source_fingerprint(path)}"
-    return _cached(cache_dir, stem, functools.partial(decode, path))
+    decode = functools.partial(decode or _decode_cifar10_binary, path)
+    return _cached(cache_dir, f"cifar10_binary-{_source_fingerprint(path)}", decode)
 
 
 def _parse_cifar10_batch(path: str, name: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -856,25 +707,11 @@ def _parse_cifar10_batch(path: str, name: str, raw: bytes) -> tuple[np.ndarray, 
     return np.ascontiguousarray(images), labels
 
 
-def decode_cifar10_binary(path: str) -> dict[str, Any]:
-    """Decodes the CIFAR-10 binary version with numpy (no pickle).
-
-    Each record of ``data_batch_1.bin`` ... ``data_batch_5.bin`` (train, in this order) and
-    ``test_batch.bin`` is 1 label byte followed by the 1024 red, 1024 green and 1024 blue bytes
-    of a 32 x 32 image, row-major (https://www.cs.toronto.edu/~kriz/cifar.html).
-
-    Args:
-      path: ``cifar-10-binary.tar.gz`` (members ``cifar-10-batches-bin/*.bin``), or a directory
-        holding the ``.bin`` files (directly or in ``cifar-10-batches-bin/``).
-
-    Returns:
-      A dict like :func:`decode_folder`'s, with the 10 CIFAR-10 class names (from
-      ``batches.meta.txt`` when present).
-
-    Raises:
-      UserError: a truncated or corrupt archive, a missing batch file, or a file that is not in
-        the CIFAR-10 record format.
-    """
+def _decode_cifar10_binary(path: str) -> dict[str, Any]:
+    """The CIFAR-10 binary version (an archive of ``cifar-10-batches-bin/*.bin``, or a directory
+    of the ``.bin`` files): records of 1 label byte and the 1024 red, green and blue bytes of a
+    32 x 32 image in ``data_batch_1.bin`` ... ``data_batch_5.bin`` (train) and
+    ``test_batch.bin`` (https://www.cs.toronto.edu/~kriz/cifar.html)."""
     wanted = (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH, "batches.meta.txt")
     found: dict[str, bytes] = {}
     if os.path.isdir(path):
@@ -901,9 +738,8 @@ def decode_cifar10_binary(path: str) -> dict[str, Any]:
             "test_batch.bin), or data.source=folder for an image folder.",
         )
     train = [_parse_cifar10_batch(path, n, found[n]) for n in CIFAR10_TRAIN_BATCHES]
-    test_images, test_labels = _parse_cifar10_batch(
-        path, CIFAR10_TEST_BATCH, found[CIFAR10_TEST_BATCH]
-    )
+    test_images, test_labels = _parse_cifar10_batch(path, CIFAR10_TEST_BATCH,
+                                                    found[CIFAR10_TEST_BATCH])  # fmt: skip
     names = re.findall(r"\S+", found.get("batches.meta.txt", b"").decode("utf-8", "replace"))
     return {
         "train_images": np.concatenate([images for images, _ in train]),
@@ -920,18 +756,9 @@ def decode_cifar10_binary(path: str) -> dict[str, Any]:
 
 
 def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """``(images / 255 - mean) / std`` per channel, as float32 (pure numpy).
-
-    Args:
-      images: uint8 ``[..., C]`` in ``[0, 255]``.
-      mean: ``[C]`` in ``[0, 1]`` scale (``Dataset.mean``).
-      std: ``[C]`` in ``[0, 1]`` scale (``Dataset.std``).
-
-    Returns:
-      float32 array of the same shape.
-    """
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
+    """``(images / 255 - mean) / std`` per channel as float32, for uint8 ``images [..., C]``
+    and ``mean``, ``std`` in ``[0, 1]`` scale (:class:`Dataset`'s)."""
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     out = np.multiply(images, np.float32(1.0 / 255.0) / std, dtype=np.float32)  # one pass
     out -= mean / std
     return out
@@ -940,19 +767,10 @@ def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
 def crop_and_flip(
     images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: int = CROP_PADDING
 ) -> np.ndarray:
-    """Crops each image from its reflect-padded copy at ``offsets`` and mirrors where ``flips``.
-
-    Args:
-      images: ``[B, H, W, C]``.
-      offsets: int ``[B, 2]``, (row, column) of each crop's corner in the padded image, each in
-        ``[0, 2 * pad]``; ``(pad, pad)`` is the identity crop.
-      flips: bool ``[B]``, mirror left-right.
-      pad: padding on each side (``numpy.pad`` mode ``'reflect'``).
-
-    Returns:
-      Array like ``images``.
-    """
-    b, h, w, _ = images.shape
+    """Each image ``[B, H, W, C]`` cropped from its reflect-padded copy at ``offsets`` (int
+    ``[B, 2]``, row and column in ``[0, 2 * pad]``; ``(pad, pad)`` is the identity) and mirrored
+    left-right where ``flips`` (bool ``[B]``)."""
+    _, h, w, _ = images.shape
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
     out = np.empty_like(images)
     # A loop of slice copies is ~4x faster than one fancy-indexing gather here.
@@ -963,26 +781,18 @@ def crop_and_flip(
 
 
 def augment_params(seed: int, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Crop offsets ``[B, 2]`` in ``[0, 2 * CROP_PADDING]`` and flips ``[B]`` of a train step.
-
-    Drawn from ``np.random.default_rng([seed, step, _AUGMENT_TAG])``: a pure function of
-    ``(seed, step, batch_size)``.
-    """
+    """Crop offsets ``[B, 2]`` in ``[0, 2 * CROP_PADDING]`` and flips ``[B]`` of a train step,
+    drawn from ``default_rng([seed, step, tag])``: a pure function of its arguments."""
     rng = np.random.default_rng([seed, step, _AUGMENT_TAG])
     offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(batch_size, 2))
-    flips = rng.random(batch_size) < 0.5
-    return offsets, flips
+    return offsets, rng.random(batch_size) < 0.5
 
 
 def train_indices(seed: int, step: int, batch_size: int, num_train: int) -> np.ndarray:
-    """Indices of the train examples of step ``step``.
-
-    Epoch ``e`` is the permutation ``np.random.default_rng([seed, e]).permutation(num_train)``
-    cut into ``num_train // batch_size`` batches; its incomplete tail is dropped (so an example
-    is seen at most once per epoch, and exactly once when ``batch_size`` divides ``num_train``).
-    """
-    steps_per_epoch = num_train // batch_size
-    epoch, i = divmod(step, steps_per_epoch)
+    """Indices of the train examples of step ``step``: epoch ``e`` is the permutation
+    ``default_rng([seed, e]).permutation(num_train)`` cut into ``num_train // batch_size``
+    batches, its incomplete tail dropped (an example is seen at most once per epoch)."""
+    epoch, i = divmod(step, num_train // batch_size)
     return _epoch_permutation(seed, epoch, num_train)[i * batch_size : (i + 1) * batch_size]
 
 
@@ -993,120 +803,76 @@ def _epoch_permutation(seed: int, epoch: int, num_train: int) -> np.ndarray:
     return perm
 
 
-def stream_indices(seed: int, start: int, batch_size: int, num_train: int) -> np.ndarray:
-    """Indices of the examples ``[start, start + batch_size)`` of the example stream.
+# The augmentation of every position of an epoch of the example stream, drawn as a step's.
+_epoch_augment = functools.lru_cache(maxsize=4)(augment_params)
 
-    The stream is the epoch permutations of :func:`train_indices`
-    (``np.random.default_rng([seed, e]).permutation(num_train)``) laid end to end, with no tail
-    dropped: position ``i`` is example ``perm_e[i % num_train]`` of epoch ``e = i // num_train``,
-    and a batch may straddle two epochs. A batch is a pure function of ``(seed, start,
-    batch_size)``, and the stream does not depend on how it is cut into batches, so a batch
-    size that changes during a run still sees every example exactly once per epoch.
-    """
-    pos = np.arange(start, start + batch_size)
-    epochs, offsets = np.divmod(pos, num_train)
-    out = np.empty(batch_size, np.int64)
-    for e in np.unique(epochs).tolist():
-        here = epochs == e
-        out[here] = _epoch_permutation(seed, e, num_train)[offsets[here]]
-    return out
+
+def _stream(start: int, size: int, num_train: int, per_epoch: Callable) -> list[np.ndarray]:
+    """Positions ``[start, start + size)`` of the stream that lays the arrays
+    ``per_epoch(e)`` (a tuple, one value per example of epoch ``e``) end to end."""
+    parts, pos = [], start
+    while pos < start + size:
+        epoch, at = divmod(pos, num_train)
+        n = min(num_train - at, start + size - pos)
+        parts.append([a[at : at + n] for a in per_epoch(epoch)])
+        pos += n
+    return [np.concatenate(column) for column in zip(*parts, strict=True)]
+
+
+def stream_indices(seed: int, start: int, batch_size: int, num_train: int) -> np.ndarray:
+    """Indices of the examples ``[start, start + batch_size)`` of the example stream: the epoch
+    permutations of :func:`train_indices` end to end, no tail dropped (a batch may straddle two
+    epochs). Independent of how the stream is cut into batches, so a batch size that changes
+    during a run still sees every example once per epoch."""
+    perm = lambda e: (_epoch_permutation(seed, e, num_train),)  # noqa: E731
+    return _stream(start, batch_size, num_train, perm)[0]
 
 
 def stream_augment_params(
     seed: int, start: int, batch_size: int, num_train: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Crop offsets ``[B, 2]`` and flips ``[B]`` of the stream positions
-    ``[start, start + batch_size)``: one draw per position (``default_rng([seed, e,
-    _AUGMENT_TAG])`` for all positions of epoch ``e``), so independent of the batch sizes."""
-    pos = np.arange(start, start + batch_size)
-    epochs, at = np.divmod(pos, num_train)
-    offsets = np.empty((batch_size, 2), np.int64)
-    flips = np.empty(batch_size, bool)
-    for e in np.unique(epochs).tolist():
-        here = epochs == e
-        o, f = _epoch_augment(seed, e, num_train)
-        offsets[here], flips[here] = o[at[here]], f[at[here]]
+    """Crop offsets and flips of the stream positions ``[start, start + batch_size)``: one
+    draw per position (those of epoch ``e`` are :func:`augment_params` ``(seed, e,
+    num_train)``), so independent of the batch sizes."""
+    draw = lambda e: _epoch_augment(seed, e, num_train)  # noqa: E731
+    offsets, flips = _stream(start, batch_size, num_train, draw)
     return offsets, flips
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_augment(seed: int, epoch: int, num_train: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng([seed, epoch, _AUGMENT_TAG])
-    offsets = rng.integers(0, 2 * CROP_PADDING + 1, size=(num_train, 2))
-    flips = rng.random(num_train) < 0.5
-    offsets.flags.writeable = flips.flags.writeable = False
-    return offsets, flips
-
-
-def train_batch(
-    ds: Dataset,
-    batch_size: int,
-    *,
-    seed: int,
-    augment: bool,
-    step: int | None = None,
-    start_example: int | None = None,
-) -> dict:
-    """The batch of one step: a pure function of ``(ds, batch_size, seed, step, augment)``, or
-    with ``start_example`` (instead of ``step``) the examples ``[start_example, start_example +
-    batch_size)`` of the example stream (:func:`stream_indices`, :func:`stream_augment_params`)."""
+def train_batch(ds: Dataset, batch_size: int, *, seed: int, augment: bool,
+                step: int | None = None, start_example: int | None = None) -> dict:  # fmt: skip
+    """The batch of step ``step`` (:func:`train_indices`, :func:`augment_params`), or with
+    ``start_example`` instead the examples ``[start_example, start_example + batch_size)`` of
+    the example stream: ``{'image': float32 [B, H, W, C] normalized, 'label': int32 [B]}``,
+    augmented (a crop of the image padded by 4 pixels, a horizontal flip) when ``augment``."""
     n = len(ds.train_labels)
     if (step is None) == (start_example is None):
         raise ValueError("pass exactly one of step= (step stream) and start_example= (examples).")
     if start_example is None:
         idx = train_indices(seed, step, batch_size, n)
+        draw = functools.partial(augment_params, seed, step, batch_size)
     else:
         idx = stream_indices(seed, start_example, batch_size, n)
-    images = ds.train_images[idx]
-    if augment:
-        params = (
-            augment_params(seed, step, batch_size)
-            if start_example is None
-            else stream_augment_params(seed, start_example, batch_size, n)
-        )
-        images = crop_and_flip(images, *params)
-    return {
-        "image": normalize(images, ds.mean, ds.std),
-        "label": ds.train_labels[idx].astype(np.int32),
-    }
+        draw = functools.partial(stream_augment_params, seed, start_example, batch_size, n)
+    images = crop_and_flip(ds.train_images[idx], *draw()) if augment else ds.train_images[idx]
+    label = ds.train_labels[idx].astype(np.int32)
+    return {"image": normalize(images, ds.mean, ds.std), "label": label}
 
 
-def train_batches(
-    ds: Dataset,
-    batch_size: int,
-    *,
-    seed: int,
-    start_step: int = 0,
-    augment: bool = True,
-    prefetch: int = 2,
-    start_example: int | None = None,
-) -> Iterator[dict]:
-    """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``, or
-    with ``start_example`` (a run whose batch size changes) the consecutive pieces of the
-    example stream from that example on; prefetched.
-
-    The batch of step ``s`` depends only on ``(seed, s, batch_size)`` (:func:`train_indices`:
-    a fresh permutation every epoch, its incomplete tail dropped; :func:`augment_params`), so
-    resuming at ``start_step`` yields the batches of an uninterrupted run. The example stream
-    (:func:`stream_indices`: no tail dropped, augmentation drawn per stream position) does not
-    depend on how it is cut into batches. Augmentation (``augment``): a random crop from the
-    image padded by 4 pixels (reflect) and a random horizontal flip.
-
-    A background thread prepares up to ``prefetch`` batches ahead (0: in the caller's thread);
-    it stops when the generator is closed or garbage-collected.
-
-    Returns:
-      An iterator of ``{'image': float32 [B, H, W, C] normalized, 'label': int32 [B]}``.
-    """
+def train_batches(ds: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
+                  augment: bool = True, prefetch: int = 2,
+                  start_example: int | None = None) -> Iterator[dict]:  # fmt: skip
+    """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``
+    (resuming at ``start_step`` yields those of an uninterrupted run), or with
+    ``start_example`` the consecutive pieces of the example stream from there; prepared up to
+    ``prefetch`` ahead in a thread (0: in the caller's)."""
     num_train = len(ds.train_labels)
     if not 1 <= batch_size <= num_train:
         raise ValueError(
             f"batch_size={batch_size} must be in [1, {num_train}] (the number of train examples)."
         )
-    if start_step < 0:
-        raise ValueError(f"start_step={start_step} must be >= 0.")
-    if start_example is not None and start_example < 0:
-        raise ValueError(f"start_example={start_example} must be >= 0.")
+    if start_step < 0 or (start_example or 0) < 0:
+        raise ValueError(f"start_step={start_step} and start_example={start_example} must be >= 0.")
     make = functools.partial(train_batch, ds, batch_size, seed=seed, augment=augment)
     if start_example is None:
         steps = itertools.count(start_step)

@@ -1,16 +1,10 @@
 """Files in a shared cache directory: atomic writes, stale temporaries, checked downloads.
 
-Every file that ``experiments`` writes into a cache directory (decoded arrays, downloaded
-archives) is written under a temporary name in the same directory, ``.gns-tmp.<host>.<pid>.
-<random>.<final name>``, then renamed: a reader sees the old file or the complete new one, never
-a torn one. A writer killed mid-write (SIGKILL, power loss) leaves its temporary behind;
-:func:`remove_stale_temps` removes those whose writer is dead (same host) or that have not been
-written to for :data:`STALE_AFTER_S`, and runs whenever a cache directory is used.
-
-:func:`fetch` downloads a URL that way: streamed with a progress bar, checked against its
-length and MD5, renamed only when complete and correct. Every failure raises
-:class:`DownloadError` (an :class:`~experiments.cli.UserError`) and leaves nothing under the
-final name.
+A file is written under a temporary name beside it, ``.gns-tmp.<host>.<pid>.<random>.<name>``,
+then renamed (:func:`atomic_file`): a reader sees the old file or the complete new one. A writer
+killed mid-write leaves its temporary behind, which :func:`remove_stale_temps` removes. Every
+failure of :func:`fetch` raises :class:`DownloadError` (a :class:`~experiments.cli.UserError`)
+and leaves nothing.
 
 Example::
 
@@ -64,19 +58,12 @@ _TEMP_RE = re.compile(r"^\.gns-tmp\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f
 
 
 class DownloadError(UserError):
-    """A download that failed; nothing was left under its destination name.
-
-    Attributes:
-      offline: True when the server could not be reached at all (connection refused, DNS
-        failure, timeout), False when it answered but the transfer or the file was wrong.
-    """
+    """A download that failed, leaving nothing; ``offline`` when the server could not be
+    reached at all (connection refused, DNS failure, timeout)."""
 
     def __init__(self, message: str, hint: str | None = None, *, offline: bool = False):
         super().__init__(message, hint=hint)
         self.offline = offline
-
-
-# --- temporary files --------------------------------------------------------------------------
 
 
 def _host_tag() -> str:
@@ -92,17 +79,13 @@ def temp_path(final: str) -> str:
 
 @contextlib.contextmanager
 def atomic_file(final: str) -> Iterator[BinaryIO]:
-    """Opens a temporary file for writing that becomes ``final`` when the block succeeds.
+    """A binary file to write that becomes ``final`` (its directory must exist) when the block
+    succeeds (fsynced, renamed); on any exception it is removed and ``final`` untouched.
 
-    On success the file is flushed, fsynced and renamed to ``final`` (replacing it). On any
-    exception (including KeyboardInterrupt) the temporary is removed and ``final`` is untouched.
-    Plain ``open`` (not ``tempfile.mkstemp``), so the file gets the usual permissions.
+    Example::
 
-    Args:
-      final: the destination path; its directory must exist.
-
-    Returns:
-      A context manager yielding the binary file object.
+        with atomic_file("cache/arrays.npz") as f:
+            np.savez(f, x=x)
     """
     tmp = temp_path(final)
     try:
@@ -140,19 +123,10 @@ def _is_stale(name: str, mtime: float, now: float) -> bool:
 
 
 def remove_stale_temps(directory: str) -> list[str]:
-    """Removes the abandoned temporary files of :func:`atomic_file` in ``directory``.
-
-    A temporary is abandoned when its writer (pid in the name) is no longer running on this
-    host, or when it has not been modified for :data:`STALE_AFTER_S` seconds. Other files, and
-    the temporaries of live writers, are left alone. Errors (a missing or unreadable directory,
-    a file removed meanwhile) are ignored: this is housekeeping.
-
-    Args:
-      directory: a cache directory.
-
-    Returns:
-      The paths removed (logged in one warning with their total size).
-    """
+    """Remove the temporaries of :func:`atomic_file` in ``directory`` whose writer (the pid
+    in the name) no longer runs on this host, or that were not modified for
+    :data:`STALE_AFTER_S`; returns their paths (one warning names them). Errors are ignored:
+    this is housekeeping."""
     removed, size = [], 0
     now = time.time()
     try:
@@ -176,9 +150,6 @@ def remove_stale_temps(directory: str) -> list[str]:
     return removed
 
 
-# --- downloads --------------------------------------------------------------------------------
-
-
 def file_md5(path: str) -> str:
     """Hex MD5 of a file, read in 1 MiB chunks."""
     h = hashlib.md5(usedforsecurity=False)
@@ -196,51 +167,22 @@ def warn_unverified(url: str | None, md5: str | None, what: str) -> None:
                         "an https:// URL%s.", what, url,
                         "" if md5 else " and set its MD5")  # fmt: skip
     if md5 is None:
-        logging.warning(
-            "%s is used without a checksum (md5=None, e.g. config.data.md5): a wrong or "
-            "tampered file goes unnoticed; set the expected MD5 to check it.",
-            what,
-        )
+        logging.warning("%s is used without a checksum (md5=None, e.g. config.data.md5): a wrong "
+                        "or tampered file goes unnoticed; set the expected MD5 to check it.",
+                        what)  # fmt: skip
 
 
-def _unreachable(url: str, err: BaseException) -> DownloadError:
-    reason = getattr(err, "reason", err)
-    return DownloadError(
-        f"cannot download {url}: {reason or type(err).__name__} (no network connection?).",
-        offline=True,
-    )
-
-
-def fetch(
-    url: str,
-    dest: str,
-    *,
-    md5: str | None = None,
-    timeout_s: float = TIMEOUT_S,
-    progress: bool = True,
-) -> str:
-    """Downloads ``url`` to ``dest`` atomically, checked; returns ``dest`` at once if it exists.
-
-    The body is streamed in 1 MiB chunks to a temporary file beside ``dest`` (with a tqdm
-    progress bar), its length compared with ``Content-Length`` and its MD5 with ``md5``; only a
-    complete, matching file is renamed to ``dest``. Abandoned temporaries of earlier, killed
-    downloads in the directory are removed first (:func:`remove_stale_temps`).
-
-    Args:
-      url: ``http(s)://`` URL (proxies from the usual environment variables apply).
-      dest: destination path; its directory is created.
-      md5: expected hex MD5 of the file, or None to skip the check (with a warning, as for
-        a plain ``http://`` URL: :func:`warn_unverified`).
-      timeout_s: limit for connecting and for each read, in seconds.
-      progress: show a progress bar (on a terminal).
-
-    Returns:
-      ``dest``.
+def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIMEOUT_S,
+          progress: bool = True) -> str:  # fmt: skip
+    """Download ``url`` to ``dest`` (its directory created) and return ``dest``; at once when
+    it exists. The body streams to a temporary beside ``dest`` (a progress bar on a terminal
+    with ``progress``), checked against ``Content-Length`` and ``md5`` (``None``: unchecked,
+    with a warning), and only a complete, matching file is renamed to ``dest``.
+    ``timeout_s`` bounds connecting and each read.
 
     Raises:
       DownloadError: the server cannot be reached (``offline=True``), answers with an HTTP
         error, the transfer stops early, the checksum differs, or ``dest`` cannot be written.
-        Nothing is left under ``dest`` or a temporary name.
     """
     if os.path.exists(dest):
         return dest
@@ -259,7 +201,9 @@ def fetch(
     except urllib.error.HTTPError as err:
         raise DownloadError(f"cannot download {url}: the server answered HTTP {err.code}.") from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-        raise _unreachable(url, err) from err
+        reason = getattr(err, "reason", err) or type(err).__name__
+        raise DownloadError(f"cannot download {url}: {reason} (no network connection?).",
+                            offline=True) from err  # fmt: skip
     try:
         with response, atomic_file(dest) as f:
             received, digest = _copy(response, f, url, progress and os.path.basename(dest))
@@ -281,9 +225,8 @@ def fetch(
 
 
 def _copy(response, f: BinaryIO, url: str, bar_name: str | bool) -> tuple[int, str]:
-    """Streams the body of ``response`` into ``f`` with a progress bar named ``bar_name``
-    (``False``: none): ``(bytes, MD5 hex)``; a transfer shorter than its ``Content-Length``
-    or broken off raises :class:`DownloadError`."""
+    """``(bytes, MD5 hex)`` of the body of ``response`` streamed into ``f`` (a progress bar
+    named ``bar_name``, ``False``: none); a transfer cut short raises."""
     length = response.headers.get("Content-Length")
     total = int(length) if length and length.isdigit() else None
     h, received = hashlib.md5(usedforsecurity=False), 0

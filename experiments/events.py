@@ -1,29 +1,16 @@
 """TensorBoard event files of a run, beside its ``metrics.jsonl`` (tensorboardX: no TensorFlow).
 
 The event files are a view of the metrics rows: :class:`EventLog` writes each row's scalars as
-the row is written, and on a resume rewrites the files from the rows kept, so that they always
-hold exactly the rows of ``metrics.jsonl`` (no duplicated or orphaned steps). Open them with
-``pip install tensorboard`` and ``tensorboard --logdir runs/``: every run directory below is one
-run, named by its path (``runs/demo/runs/adaptive-B8-seed0`` in the compare mode,
-``.../train/B64-seed0-<fingerprint>`` in a sweep).
+the row is written, and on a resume rewrites the files from the rows kept, so they hold
+exactly the rows of ``metrics.jsonl``. ``tensorboard --logdir runs/`` shows every run
+directory below as one run. Tags (x axis: the step; non-finite values left out):
 
-Tags (x axis: the step), from the row keys of :mod:`experiments.train`:
-
-- ``train/loss``, ``train/accuracy``, ``test/<metric>`` (``test/accuracy``, ``test/loss``,
-  ``test/bits_per_byte``, ...) on evaluation rows;
-- ``noise_scale/b_simple`` (raw), ``noise_scale/ema_b_simple`` (the tracker),
-  ``noise_scale/g_sq``, ``noise_scale/trace_cov`` and ``noise_scale/window``,
-  ``noise_scale/window_low``, ``noise_scale/window_high``: the ratio of means over the last
-  :data:`WINDOW` measurements with its 90% bootstrap interval (as ``noise_scale.png`` draws it;
-  absent while the window's mean ``|G|²`` is not positive);
-- ``schedule/batch_size``, ``schedule/learning_rate``;
-- ``time/examples_per_s``, ``time/step_time_s`` (training time per step since the last row),
-  ``time/train_time_s``;
-- ``by_examples/<key>`` for :data:`BY_EXAMPLES` with the examples seen as the x axis: the fair
-  axis across batch sizes (a run whose batch grows takes fewer steps per example).
-
-Non-finite values (``null`` in the rows) are not written. :func:`read_scalars` reads the files
-back (plain TFRecord framing and the ``Event`` protobuf, no TensorBoard needed).
+``train/loss``, ``train/accuracy``, ``test/<metric>``; ``noise_scale/b_simple`` (raw),
+``ema_b_simple``, ``g_sq``, ``trace_cov`` and ``window`` (``_low``, ``_high``: the ratio of
+means over the last :data:`WINDOW` measurements, 90% bootstrap interval);
+``schedule/batch_size``, ``learning_rate``; ``time/examples_per_s``, ``step_time_s``,
+``train_time_s``; ``by_examples/<key>`` of :data:`BY_EXAMPLES` over the examples seen (the fair
+axis across batch sizes).
 
 Example::
 
@@ -78,13 +65,8 @@ def _finite(x) -> bool:
 
 
 def row_scalars(row: dict, window: Sequence[tuple[float, float]] = ()) -> dict[str, float]:
-    """The step-axis scalars of one row, ``{tag: value}`` (non-finite values left out).
-
-    Args:
-      row: a metrics row.
-      window: the last :data:`WINDOW` finite ``(g_sq, trace_cov)`` measurements, this row's
-        included, for the ``noise_scale/window*`` tags on a measurement row.
-    """
+    """The step-axis scalars ``{tag: value}`` of a metrics row; ``window``: the last
+    :data:`WINDOW` finite ``(g_sq, trace_cov)``, this row's included."""
     out = {tag: float(row[k]) for k, tag in STEP_TAGS.items() if _finite(row.get(k))}
     for k, v in row.items():
         if k.startswith("test_") and _finite(v):
@@ -103,11 +85,7 @@ def row_scalars(row: dict, window: Sequence[tuple[float, float]] = ()) -> dict[s
 
 
 class EventLog:
-    """The event files of the run in ``workdir`` (one writer, opened on first use).
-
-    Args:
-      workdir: the run's directory (the files go there, beside ``metrics.jsonl``).
-    """
+    """The event files of the run in ``workdir`` (one writer, opened on first use)."""
 
     def __init__(self, workdir: str):
         self.workdir = workdir
@@ -155,8 +133,8 @@ class EventLog:
 
 
 def read_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
-    """The scalars of the event files in ``directory`` (not its subdirectories), as
-    ``{tag: [(step, value), ...]}`` in the order written (values as stored: float32)."""
+    """The scalars of the event files in ``directory`` (not below) as ``{tag: [(step,
+    value), ...]}`` in the order written: plain TFRecord framing, no TensorBoard needed."""
     from tensorboardX.proto import event_pb2
 
     out: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)

@@ -1,9 +1,8 @@
 """The PNG plots of a training run, a sweep and the compare and tradeoff modes.
 
-:mod:`gns.plots` draws the figures (and writes nothing); this module writes them. A figure with
-nothing to draw (:class:`gns.plots.NothingToPlot`, e.g. ``tradeoff.png`` of a sweep that ran no
-training) is not written: its entry says why in words instead, and a stale file of an earlier
-run at that path is removed, so a directory never holds an empty or outdated chart.
+:mod:`gns.plots` draws the figures; this module writes them. A figure with nothing to draw
+(:class:`gns.plots.NothingToPlot`) is not written: its entry says why instead, and a stale file
+at that path is removed.
 
 Example::
 
@@ -16,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from absl import logging
 
@@ -25,12 +25,8 @@ __all__ = ["save", "training_plots", "sweep_plots", "compare_plot", "tradeoff_pl
 
 
 def save(draw: Callable, path: str, *args, **kwargs) -> str:
-    """Write the figure of ``draw(*args, **kwargs)`` as a PNG at ``path``.
-
-    Returns:
-      ``path``, or ``'not drawn: <reason>'`` when ``draw`` raised
-      :class:`gns.plots.NothingToPlot` (then nothing is left at ``path``).
-    """
+    """Write the figure of ``draw(*args, **kwargs)`` as a PNG at ``path``; returns ``path``,
+    or ``'not drawn: <reason>'`` (nothing left at ``path``) when there is nothing to draw."""
     import matplotlib.pyplot as plt
 
     try:
@@ -48,29 +44,26 @@ def save(draw: Callable, path: str, *args, **kwargs) -> str:
     return path
 
 
+def _save_all(directory: str, figures: dict[str, tuple[Callable, Any]]) -> dict[str, str]:
+    """``{name: path or 'not drawn: ...'}`` of ``figures``' ``name: (draw, data)``."""
+    return {name: save(draw, os.path.join(directory, name), x)
+            for name, (draw, x) in figures.items()}  # fmt: skip
+
+
 def training_plots(rows: Sequence[dict], directory: str) -> dict[str, str]:
-    """``training.png`` and ``noise_scale.png`` of a run's rows in ``directory``: ``{name:
-    path or 'not drawn: ...'}``."""
-    return {
-        "training.png": save(plots.plot_training, os.path.join(directory, "training.png"), rows),
-        "noise_scale.png": save(
-            plots.plot_noise_scale, os.path.join(directory, "noise_scale.png"), rows
-        ),
-    }
+    """``training.png`` and ``noise_scale.png`` of a run's rows in ``directory``."""
+    return _save_all(directory, {"training.png": (plots.plot_training, rows),
+                                 "noise_scale.png": (plots.plot_noise_scale, rows)})  # fmt: skip
 
 
 def sweep_plots(sweep: Mapping, directory: str) -> dict[str, str]:
     """``throughput.png``, ``tradeoff.png`` and ``time_to_target.png`` of a ``sweep.json``
-    dict in ``directory``: ``{name: path or 'not drawn: ...'}``."""
-    return {
-        "throughput.png": save(
-            plots.plot_throughput, os.path.join(directory, "throughput.png"), sweep
-        ),
-        "tradeoff.png": tradeoff_plot(sweep["tradeoff"], os.path.join(directory, "tradeoff.png")),
-        "time_to_target.png": save(
-            plots.plot_time_to_target, os.path.join(directory, "time_to_target.png"), sweep
-        ),
-    }
+    dict in ``directory``."""
+    return _save_all(directory, {
+        "throughput.png": (plots.plot_throughput, sweep),
+        "tradeoff.png": (plots.plot_tradeoff, sweep["tradeoff"]),
+        "time_to_target.png": (plots.plot_time_to_target, sweep),
+    })  # fmt: skip
 
 
 def tradeoff_plot(tradeoff: Mapping, path: str) -> str:

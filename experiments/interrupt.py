@@ -1,19 +1,10 @@
 """Ctrl-C from the first line of a main to its last: one line on stderr and exit code 130.
 
-(Before the main's first line runs, during the interpreter's own start-up, a few tens of
-milliseconds on an idle machine, Python's default handler is the only one there is.)
-
-A main installs :func:`install` before it imports anything else (standard library only here,
-so the handler is in place before JAX loads). Until the run's own handling takes over
-(:func:`experiments.runlog.deferred_interrupt`, around the training loop) a SIGINT ends the
-process at once with :func:`exit_now`: everything a run writes outside that block is written
-atomically (temporary file, then rename), so stopping there loses nothing but the unfinished
-step, as a SIGKILL would, and re-running the command resumes.
-
-:func:`exit_now` leaves with ``os._exit`` after flushing the output: no ``KeyboardInterrupt``
-travels through JAX (where a garbage-collection callback swallows it, or a C++ frame aborts
-on it) and no interpreter finalization tears XLA down while its threads still run (which can
-crash).
+A main calls :func:`install` before it imports anything else. Until the run's own handling
+takes over around the training loop (:func:`experiments.runlog.deferred_interrupt`), a SIGINT
+ends the process at once with :func:`exit_now`: what a run writes is written atomically, so
+re-running the command resumes. ``os._exit`` after flushing: no ``KeyboardInterrupt`` travels
+through JAX and no interpreter finalization tears XLA down while its threads run.
 
 Example (the top of a main module)::
 
@@ -21,8 +12,6 @@ Example (the top of a main module)::
 
     if __name__ == "__main__":
         interrupt.install()
-
-    import jax  # a Ctrl-C from here on: one line, exit 130
 """
 
 from __future__ import annotations

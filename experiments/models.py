@@ -1,15 +1,10 @@
-"""Flax Linen models for the CIFAR-10 and language-model experiments.
+"""Flax Linen models of the experiments: image classifiers and a byte-level Transformer.
 
-Parameters are a plain pytree (``variables["params"]``), which is what ``gns.estimate`` wants
-from a ``loss_fn(params, batch)``. Models with BatchNorm keep their running statistics in
-``variables["batch_stats"]`` and say so with the class attribute ``has_batch_norm`` (per-example
-gradients are not valid for them: use the microbatch estimator).
-
-Every image model is called as ``model.apply(variables, images, train=...)`` and returns logits
-``[batch, num_classes]`` (the language model :class:`TransformerLM` takes tokens
-``[batch, length]`` and returns next-token logits ``[batch, length, vocab_size]``);
-``train=True`` uses batch statistics (pass ``mutable=["batch_stats"]`` for BatchNorm models)
-and dropout (pass ``rngs={"dropout": key}`` when a dropout rate is set).
+``model.apply(variables, x, train=...)`` returns logits (``[batch, num_classes]``, or for
+:class:`TransformerLM` next-token logits ``[batch, length, vocab_size]`` of tokens ``[batch,
+length]``); ``train=True`` uses batch statistics (``mutable=["batch_stats"]``) and dropout
+(``rngs={"dropout": key}``). Models with BatchNorm say so with ``has_batch_norm`` (their
+per-example gradients are not valid: the microbatch estimator measures them).
 
 Example:
   >>> model = get_model({"name": "resnet18"}, num_classes=10)
@@ -45,13 +40,8 @@ __all__ = [
 
 
 class SmallCNN(nn.Module):
-    """Stride-2 convolutions + GroupNorm + ReLU, then a dense head.
-
-    No max-pooling (slow on XLA:CPU) and no BatchNorm (so per-example gradients are valid).
-    With the default widths (32, 64, 128) it has about 95k parameters; every convolution halves
-    the resolution (32 -> 16 -> 8 -> 4), the model of ``CPU_NOTES.md`` that trains at
-    2,000-2,700 examples/s on 2 CPU cores.
-    """
+    """Stride-2 convolutions + GroupNorm + ReLU, then a dense head: no max-pooling (slow on
+    XLA:CPU), no BatchNorm (per-example gradients stay valid); about 95k parameters."""
 
     widths: Sequence[int] = (32, 64, 128)
     num_classes: int = 10
@@ -70,13 +60,9 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flattened pixels, ``Dense(width) + ReLU`` for each of ``widths``, then a dense head.
-
-    A dense-only model: on a CPU its step time per example keeps falling up to batch 512
-    (``CPU_NOTES.md``), unlike the convolutions of :class:`SmallCNN`, so bigger batches keep
-    paying. Parameters: ``sum((n_in + 1)·n_out)`` over the layers, e.g. 3072·256 + 256 +
-    256·256 + 256 + 256·10 + 10 = 855,050 for ``widths=(256, 256)`` on 32x32x3 images.
-    """
+    """Flattened inputs, ``Dense(width) + ReLU`` for each of ``widths``, then a dense head
+    (``sum((n_in + 1)·n_out)`` parameters: 855,050 for ``widths=(256, 256)`` on 32x32x3). On
+    a CPU its step time per example keeps falling up to batch 512, so bigger batches pay."""
 
     widths: Sequence[int] = (256, 256)
     num_classes: int = 10
@@ -92,15 +78,10 @@ class MLP(nn.Module):
 
 
 def _batch_norm(train: bool, momentum: float, epsilon: float, dtype: Any) -> Callable:
-    """``nn.BatchNorm`` with these settings, on batch statistics when ``train`` (updating the
-    running averages in ``batch_stats``), else on the running averages."""
+    """``nn.BatchNorm`` on batch statistics when ``train``, else on the running averages."""
     return functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# ResNet (He et al. 2016), CIFAR variant.
 
 
 class BasicBlock(nn.Module):
@@ -127,15 +108,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with basic blocks for 32x32 images (ResNet-18 with the defaults).
-
-    The CIFAR variant (as in Kuang Liu's widely used pytorch-cifar): a 3x3 stride-1 stem
-    without max-pooling, four stages of ``stage_sizes`` basic blocks with ``num_filters * 2**i``
-    channels (stride 2 from the second stage on), global average pooling and a dense head.
-    With the defaults and 10 classes: 11,173,962 parameters.
-
-    Reference: He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition" (2016).
-    """
+    """ResNet-18 (He et al. 2016) for 32x32 images, the CIFAR variant of pytorch-cifar: a 3x3
+    stride-1 stem, four stages of ``stage_sizes`` basic blocks of ``num_filters * 2**i``
+    channels (stride 2 from the second on), average pooling, a dense head (11,173,962
+    parameters for 10 classes)."""
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     num_filters: int = 64
@@ -163,9 +139,6 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
-# ---------------------------------------------------------------------------------------------
-# EfficientNet (Tan & Le 2019).
-
 # (expand_ratio, kernel, strides, input_filters, output_filters, repeats), EfficientNet-B0,
 # Table 1 of the paper (with the squeeze-excitation ratio 0.25 of every stage).
 EFFICIENTNET_B0_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
@@ -180,18 +153,13 @@ EFFICIENTNET_B0_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
 
 
 def round_filters(filters: int, width_coefficient: float, divisor: int = 8) -> int:
-    """Channel count scaled by ``width_coefficient`` and rounded to a multiple of ``divisor``
-    (as in the reference implementation)."""
+    """Channels scaled by ``width_coefficient``, rounded to a multiple of ``divisor`` (as the
+    reference implementation does)."""
     filters *= width_coefficient
     new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
     if new < 0.9 * filters:
         new += divisor
     return int(new)
-
-
-def round_repeats(repeats: int, depth_coefficient: float) -> int:
-    """Block repeats scaled by ``depth_coefficient`` (rounded up)."""
-    return int(math.ceil(depth_coefficient * repeats))
 
 
 class MBConv(nn.Module):
@@ -243,19 +211,11 @@ class MBConv(nn.Module):
 
 
 class EfficientNet(nn.Module):
-    """EfficientNet with BatchNorm, swish and squeeze-excitation (B0 with the defaults).
-
-    As in the paper and its reference TensorFlow code: 3x3 stride-2 stem of 32 channels, the
-    MBConv stages of :data:`EFFICIENTNET_B0_BLOCKS`, a 1x1 head of 1280 channels, global
-    average pooling, dropout and a dense classifier; BatchNorm momentum 0.99 and epsilon 1e-3;
-    stochastic depth with a rate rising linearly to ``drop_connect_rate`` over the blocks.
-    EfficientNet-B0 has 5.29M parameters with a 1000-class head and 4,020,358 with a 10-class
-    head. On 32x32 images the total stride 32 leaves a 1x1 feature map; ``stem_strides=1``
-    keeps 2x2 (a common CIFAR adaptation that does not change the parameter count).
-
-    Reference: Tan, Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural
-    Networks" (ICML 2019).
-    """
+    """EfficientNet-B0 (Tan & Le, ICML 2019) as in its reference code: a 3x3 stride-2 stem,
+    the MBConv stages of :data:`EFFICIENTNET_B0_BLOCKS`, a 1x1 head of 1280 channels, average
+    pooling, dropout and a dense classifier; stochastic depth rising to ``drop_connect_rate``
+    over the blocks (4,020,358 parameters for 10 classes). ``stem_strides=1`` keeps a 2x2
+    feature map of 32x32 images (a common CIFAR adaptation)."""
 
     num_classes: int = 10
     width_coefficient: float = 1.0
@@ -279,11 +239,11 @@ class EfficientNet(nn.Module):
         s = (self.stem_strides, self.stem_strides)
         x = conv(stem, (3, 3), s, padding="SAME", name="stem_conv")(x)
         x = nn.swish(norm(name="stem_bn")(x))
-        total = sum(round_repeats(b[5], dc) for b in self.blocks)
+        total = sum(math.ceil(dc * b[5]) for b in self.blocks)
         index = 0
         for expand, kernel, strides, f_in, f_out, repeats in self.blocks:
             f_in, f_out = round_filters(f_in, wc), round_filters(f_out, wc)
-            for r in range(round_repeats(repeats, dc)):
+            for r in range(math.ceil(dc * repeats)):
                 x = MBConv(
                     input_filters=f_in if r == 0 else f_out,
                     output_filters=f_out,
@@ -301,10 +261,6 @@ class EfficientNet(nn.Module):
         if self.dropout_rate > 0:
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
-
-
-# ---------------------------------------------------------------------------------------------
-# A small decoder-only Transformer language model.
 
 
 class TransformerBlock(nn.Module):
@@ -329,22 +285,12 @@ class TransformerBlock(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """Character/byte-level decoder-only Transformer (GPT-style, pre-LayerNorm).
-
-    Token ``nn.Embed``, a learned position embedding (:class:`gns.ghost.AddPositionEmbedding`,
-    so that the fast per-example path covers it), ``depth`` blocks of causal
-    ``nn.MultiHeadDotProductAttention`` and a ``mlp_ratio``-times-wide GELU MLP, a final
-    LayerNorm and a dense head (or the embedding transposed, ``tie_embeddings``). Every
-    parameterized layer is one the fast path of :mod:`gns.ghost` covers (a tied head is not:
-    its embedding is read twice, so it falls back to per-example gradients).
-
-    Parameters (untied): ``V·D + L·D + depth·(12·D² + 13·D) + 2·D + D·V + V`` for vocabulary
-    ``V``, context ``L``, width ``D`` and ``mlp_ratio`` 4 (a block has ``(4 + 2r)·D² + (9 + r)·D``
-    for ``mlp_ratio`` ``r``); the tied head drops ``D·V + V``.
-
-    Reference: Vaswani et al., "Attention is all you need" (2017); Radford et al., "Language
-    models are unsupervised multitask learners" (2019, pre-LayerNorm GPT-2).
-    """
+    """Byte-level decoder-only Transformer, pre-LayerNorm as GPT-2: token embedding, a
+    learned position embedding (:class:`gns.ghost.AddPositionEmbedding`), ``depth`` blocks of
+    causal attention and a GELU MLP, a final LayerNorm and a dense head (or the embedding
+    transposed: ``tie_embeddings``, which :mod:`gns.ghost`'s fast path does not cover).
+    Parameters (untied, ``mlp_ratio`` 4): ``V·D + L·D + depth·(12·D² + 13·D) + 2·D + D·V +
+    V`` for vocabulary ``V``, context ``L``, width ``D``."""
 
     vocab_size: int = 256
     context: int = 64
@@ -375,35 +321,16 @@ class TransformerLM(nn.Module):
         return nn.Dense(self.vocab_size, dtype=self.dtype, name="head")(x)
 
 
-# ---------------------------------------------------------------------------------------------
-# Factory.
-
-
 def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
     value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
     return default if value is None else value
 
 
 def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = None) -> nn.Module:
-    """Build a model from ``config.model``.
-
-    Args:
-      model_config: a ``ConfigDict`` (or dict) with ``name`` in :data:`MODEL_NAMES` and
-        optional fields: ``num_classes``; for ``mlp`` ``widths``; for ``small_cnn``
-        ``widths`` and ``groups``; for
-        ``resnet``/``resnet18`` ``stage_sizes`` and ``num_filters``; for
-        ``efficientnet``/``efficientnet_b0`` ``width_coefficient``, ``depth_coefficient``,
-        ``dropout_rate``, ``drop_connect_rate``, ``stem_strides``, ``head_filters`` and
-        ``blocks``; for ``transformer`` ``vocab_size``, ``context``, ``width``, ``depth``,
-        ``num_heads``, ``mlp_ratio`` and ``tie_embeddings``. Missing fields take the model's
-        defaults (ResNet-18, EfficientNet-B0, a 2-layer byte-level Transformer of width 128).
-      num_classes: overrides ``model_config.num_classes`` (the dataset's class count); not
-        used by ``transformer`` (its output size is ``vocab_size``).
-      dtype: computation dtype, e.g. ``"bfloat16"`` for mixed precision (parameters stay
-        float32, as in flax's ImageNet example); ``None``: float32.
-
-    Returns:
-      An unbound Flax module; :func:`has_batch_norm` says whether it has BatchNorm.
+    """The model of ``config.model`` (a ConfigDict or dict): ``name`` in :data:`MODEL_NAMES`
+    and the module's fields (a missing one takes the module's default); ``num_classes``
+    overrides the config's (not used by ``transformer``); ``dtype`` is the computation dtype
+    (e.g. ``"bfloat16"``; parameters stay float32).
 
     Example:
       >>> get_model({"name": "small_cnn", "widths": (8, 16)}, num_classes=10).widths
@@ -429,15 +356,8 @@ def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = No
     if name in ("resnet", "resnet18"):
         return ResNet(num_classes=classes, **opt("stage_sizes", "num_filters", "bn_momentum"))
     if name in ("efficientnet", "efficientnet_b0"):
-        kw = opt(
-            "width_coefficient",
-            "depth_coefficient",
-            "dropout_rate",
-            "drop_connect_rate",
-            "stem_strides",
-            "head_filters",
-            "bn_momentum",
-        )
+        kw = opt("width_coefficient", "depth_coefficient", "dropout_rate", "drop_connect_rate",
+                 "stem_strides", "head_filters", "bn_momentum")  # fmt: skip
         if _cfg_get(model_config, "blocks", None) is not None:
             kw["blocks"] = tuple(tuple(b) for b in model_config["blocks"])
         return EfficientNet(num_classes=classes, **kw)
@@ -450,8 +370,7 @@ def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = No
 
 
 def has_batch_norm(model: nn.Module) -> bool:
-    """Whether ``model`` keeps BatchNorm statistics (then per-example gradients are invalid): its
-    class attribute ``has_batch_norm`` (``False`` when it has none)."""
+    """Whether ``model`` keeps BatchNorm statistics (then per-example gradients are invalid)."""
     return bool(getattr(type(model), "has_batch_norm", False))
 
 

@@ -1,12 +1,8 @@
 """Progress of a long command: a bar on a terminal, a log line every few seconds elsewhere.
 
-Under ``nohup``, SLURM, a pipe or a file (stderr is not a terminal) a bar prints nothing useful,
-so :class:`Progress` logs one line every :data:`EVERY_S` seconds instead (environment variable
-``GNS_PROGRESS_EVERY_S``; 0 turns the lines off), from a background thread so that a long
-compilation or evaluation is not silent either::
-
-    I1206 05:40:12 progress.py:88] train: training, 1,536/8,192 examples (19%), 412 examples/s,
-    ETA 16s, step 48, B_simple 212
+Off a terminal (``nohup``, SLURM, a pipe) :class:`Progress` logs one line every
+:data:`EVERY_S` seconds (``GNS_PROGRESS_EVERY_S``; 0: none) from a thread, so a long
+compilation is not silent either.
 
 Example::
 
@@ -41,19 +37,10 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """A tqdm bar when ``bar`` and stderr is a terminal, else a log line every ``every_s``.
-
-    Args:
-      total: units of the whole task (``None``: unknown, no ETA).
-      desc: what runs (the start of each line, e.g. ``"train"``, ``"sweep"``).
-      unit: what is counted (``"examples"``, ``"stages"``).
-      initial: units already done (a resumed run).
-      bar: whether a terminal may show a bar (``False``: lines even on a terminal).
-      every_s: seconds between lines (default :data:`EVERY_S`; 0: no lines).
-      stream: the stream whose being a terminal decides (default ``sys.stderr``).
-      rate: whether the lines show the rate and the ETA (``False`` for units of very
-        different lengths, e.g. a sweep's stages; the elapsed time is always shown).
-    """
+    """A tqdm bar when ``bar`` and ``stream`` (stderr) is a terminal, else a log line every
+    ``every_s`` (default :data:`EVERY_S`; 0: none) of the ``total`` (``None``: unknown) ``unit``
+    done (``initial`` at the start), headed ``desc``; ``rate=False`` leaves out the rate and
+    the ETA (for units of very different lengths)."""
 
     def __init__(self, total: int | None, *, desc: str, unit: str, initial: int = 0,
                  bar: bool = True, every_s: float | None = None, stream=None,

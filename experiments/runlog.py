@@ -1,29 +1,13 @@
 """The record of a run: strict JSON files, the metrics log, the clock and the checkpoints.
 
-This module is the one owner of what a run leaves in its workdir. Everything that writes or
-reads ``config.json``, ``summary.json``, ``sweep.json`` or ``metrics.jsonl`` goes through it;
-the TensorBoard event files follow the metrics rows (:mod:`experiments.events`). Files are
-created with the permissions the umask gives (``0644`` under the usual ``022``).
-A training run keeps its record in a :class:`RunLog` (in the spirit of big_vision's
-``utils.Chrono`` and clu's metric writers): the run's identity checked on resume, the
-:class:`Clock`, best and target tracking, and the metrics rows, all tied to the
-:class:`Checkpoints` so that a resumed run continues one consistent record.
-
-Invariants a run keeps (and the tests check):
-
-- a checkpoint at step ``s`` is saved only after the metrics row of step ``s`` is written, and
-  resuming from it drops the rows after ``s``: the rows always cover exactly the steps the
-  checkpoint holds;
-- the clock, the best accuracy and the target crossing travel in the checkpoint's metadata, so
-  an interrupted and resumed run reports what an uninterrupted one would;
-- ``config.json`` is written only after the identity check, so it always describes the run the
-  checkpoint and the rows belong to;
-- :func:`deferred_interrupt` turns the first Ctrl-C into a flag the loop reads at a step
-  boundary (no ``KeyboardInterrupt`` inside XLA or between a checkpoint and its row).
-
-JSON convention: files are strict JSON (RFC 8259), so any parser reads them. A non-finite float
-(``NaN``, ``Infinity``) is written as ``null``; the key that holds it says what was measured, and
-the code that produced it documents what ``null`` means there (e.g. "no finite estimate").
+Everything that writes or reads ``config.json``, ``summary.json``, ``sweep.json`` or
+``metrics.jsonl`` goes through this module, atomically and as strict JSON (a non-finite float
+is ``null``). A training run keeps its record in a :class:`RunLog`, saved with its
+:class:`Checkpoints`: a checkpoint at step ``s`` is saved only after the row of step ``s``, and
+resuming from it drops the later rows; the :class:`Clock`, the best score and the target
+crossing travel in the checkpoint, so a resumed run reports what an uninterrupted one would;
+``config.json`` is written only after the identity check; :func:`deferred_interrupt` turns
+Ctrl-C into a flag the loop reads at a step boundary.
 """
 
 from __future__ import annotations
@@ -39,7 +23,6 @@ import os
 import shutil
 import signal
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,9 +31,10 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from experiments import cli
+from experiments import cli, download
 from experiments import events as events_lib
 from experiments.cli import UserError
+from gns.common import to_json as to_strict_json  # the one strict-JSON conversion
 
 __all__ = [
     "QuietOrbax",
@@ -60,7 +44,6 @@ __all__ = [
     "write_json",
     "read_json",
     "read_jsonl",
-    "make_workdir",
     "workdir_lock",
     "fingerprint",
     "differing_fields",
@@ -85,37 +68,20 @@ class QuietOrbax(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
-def to_strict_json(obj: Any) -> Any:
-    """``obj`` with numpy/JAX scalars and arrays as Python values, tuples as lists and every
-    non-finite float as ``None``: what :func:`json.dumps` writes with ``allow_nan=False``."""
-    if isinstance(obj, dict):
-        return {str(k): to_strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_strict_json(v) for v in obj]
-    if isinstance(obj, bool | int | str) or obj is None:
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "__array__") or isinstance(obj, np.generic):
-        return to_strict_json(np.asarray(obj).tolist())
-    return str(obj)
-
-
 def dumps(obj: Any, **kwargs) -> str:
     """One strict-JSON string (non-finite floats as ``null``)."""
     return json.dumps(to_strict_json(obj), allow_nan=False, **kwargs)
 
 
 def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
-    """The last output of a main: the ``keys`` of a run's summary printed once, on stdout, as
-    indented strict JSON (non-finite numbers as ``null``; a missing key as ``null``).
+    """The last output of a main: the ``keys`` of a run's summary (a missing one ``null``) as
+    indented strict JSON on stdout.
 
     Example::
 
         print_summary(train.train_and_evaluate(config, workdir), ("test_accuracy", "steps"))
     """
-    picked = {k: summary.get(k) for k in keys}
-    print(dumps(picked, indent=2))
+    print(dumps({k: summary.get(k) for k in keys}, indent=2))
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -125,27 +91,9 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the umask decides, as open() does
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with download.atomic_file(path) as f:
+        f.write(text.encode())
 
 
 def read_json(path: str) -> Any:
@@ -172,11 +120,16 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def make_workdir(workdir: str) -> None:
-    """Create ``workdir`` (and its parents) when missing.
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold ``workdir`` (created when missing) for this process with an advisory ``flock`` on
+    ``workdir/.lock``, released however the holder exits: a second run there stops at once,
+    naming the holder's pid. A ``.lock`` that is a link or a special file stops the run.
 
-    Raises:
-      UserError: ``workdir`` is empty, or exists and is not a directory.
+    Example::
+
+        with workdir_lock("runs/cpu"):
+            ...  # train, write files
     """
     if not workdir:
         raise UserError("--workdir is empty", hint="pass a directory, e.g. --workdir=runs/cpu")
@@ -186,25 +139,6 @@ def make_workdir(workdir: str) -> None:
             hint="pass a directory (it is created when missing)",
         )
     os.makedirs(workdir, exist_ok=True)
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str):
-    """Hold ``workdir`` for this process: a second run in the same workdir stops at once with a
-    :class:`~experiments.cli.UserError` that names the holder's pid.
-
-    An advisory ``flock`` on ``workdir/.lock``: the kernel releases it when the holder exits,
-    however it exits (SIGKILL included), so a stale lock never blocks a new run. The workdir is
-    untrusted: the lock file is opened without following a symbolic link (``O_NOFOLLOW``) and
-    must be a regular file with one link, so a ``.lock`` planted to point at another file
-    stops the run instead of getting that file overwritten with a pid.
-
-    Example::
-
-        with workdir_lock("runs/cpu"):
-            ...  # train, write files
-    """
-    make_workdir(workdir)
     path = os.path.join(workdir, LOCK_FILE)
     refuse = UserError(
         f"{path} is not a plain lock file (a symbolic link, a hard link or a special file): "
@@ -263,21 +197,16 @@ def differing_fields(old: dict, new: dict) -> list[str]:
 
 
 class Clock:
-    """Where a run's time goes: from :meth:`charge` on, time counts as one of :data:`KINDS`.
-
-    ``train``: data and steps, read after the device has finished them; ``eval``: periodic
-    evaluation; ``compile``; ``pause``: everything else (restoring, checkpoints, rows). The
-    totals continue across resumed legs through :meth:`state` and the ``totals`` argument (the
-    checkpoint metadata), like big_vision's ``Chrono``.
+    """Where a run's time goes: from :meth:`charge` on, time counts as one of :data:`KINDS`
+    (``train``: data and steps, read after the device finished them; ``eval``; ``compile``;
+    ``pause``: everything else). The totals continue across resumed legs through
+    :meth:`state` and ``totals`` (the checkpoint's), like big_vision's ``Chrono``.
 
     Example::
 
         clock = Clock()
-        clock.charge("compile")
-        step = jax.jit(f).lower(state, batch).compile()
         clock.charge("train")
-        state = step(state, batch)
-        jax.block_until_ready(state)
+        jax.block_until_ready(step(state, batch))
         clock.charge("pause")
         clock.total("train")  # seconds of training so far
     """
@@ -313,17 +242,9 @@ class RunLog:
     """The record of one training run in ``workdir``: identity, clock, best and target,
     initial loss and the metrics rows, saved with (and restored from) its checkpoints.
 
-    Args:
-      workdir: the run's directory.
-      target: score (an accuracy, or a negated loss: :meth:`experiments.tasks.Task.score`)
-        at which the run counts as having reached its target (``None``: none).
-      window: the target is on the mean of the last ``window`` periodic evaluations (a
-        trailing mean, which evaluation noise crosses less easily than one evaluation); 1:
-        on each evaluation itself.
-      primary: whether this process writes the files (``False`` on the other processes of a
-        multi-host run: they keep the same record in memory and write nothing).
-      devices: the number of devices the run trains on (kept in the checkpoints: a resume
-        on another number is refused; ``None``: not checked).
+    ``target``: the score (higher is better) that reaches the target, on the mean of the last
+    ``window`` periodic evaluations; ``primary``: whether this process writes the files (other
+    hosts keep the record in memory); ``devices``: a resume on another number is refused.
 
     Example::
 
@@ -340,15 +261,8 @@ class RunLog:
         ckpt.save(log.step, state, log.meta())
     """
 
-    def __init__(
-        self,
-        workdir: str,
-        target: float | None = None,
-        *,
-        window: int = 1,
-        primary: bool = True,
-        devices: int | None = None,
-    ):
+    def __init__(self, workdir: str, target: float | None = None, *, window: int = 1,
+                 primary: bool = True, devices: int | None = None):  # fmt: skip
         if not (isinstance(window, int | np.integer) and window >= 1):
             raise ValueError(f"window={window!r}: need an int >= 1 (evaluations averaged).")
         self.workdir = workdir
@@ -364,22 +278,10 @@ class RunLog:
         self.events = events_lib.EventLog(workdir)  # TensorBoard files (primary only)
         self.resume(0, None, truncate=False)
 
-    # Identity.
-
-    def check_identity(
-        self, config: dict, identity: Callable[[dict], dict], *, resuming: bool
-    ) -> None:
-        """Stop when the run to resume was trained with a different config.
-
-        Args:
-          config: the new run's config (a plain dict).
-          identity: ``config -> dict`` of the fields that change the results.
-          resuming: whether there is something to resume (a checkpoint); without one nothing
-            mixes and the new config simply replaces the old.
-
-        Raises:
-          UserError: listing the differing fields and how to start fresh.
-        """
+    def check_identity(self, config: dict, identity: Callable, *, resuming: bool) -> None:
+        """Stop when the run to resume (``resuming``: there is a checkpoint) was trained with
+        a config whose ``identity`` (``config -> dict`` of the fields that change the results)
+        differs: a :class:`UserError` lists the fields and how to start fresh."""
         self.identity = to_strict_json(identity(config))  # also checked against the checkpoint
         if not resuming or not os.path.exists(self.config_path):
             return
@@ -393,17 +295,9 @@ class RunLog:
         self._refuse_if_different(identity(old))
 
     def check_meta(self, meta: dict) -> None:
-        """:meth:`check_identity` against a checkpoint's metadata (which holds the identity
-        of the run that wrote it, e.g. when ``config.json`` was deleted), and its data
-        record (:attr:`data`: the content's fingerprint) and number of devices against this
-        run's (a checkpoint without them is not checked on them).
-
-        Raises:
-          UserError: a different identity, other data behind the same config (e.g. an archive
-            replaced at the same path), or a different number of devices (the global
-            batch splits differently, the noise-scale method and the order of the sums may
-            change: one record would mix two setups).
-        """
+        """:meth:`check_identity` against a checkpoint's metadata (the identity of the run
+        that wrote it), and its data record and number of devices against this run's: a
+        :class:`UserError` when any differs (one record would mix two setups)."""
         if meta.get("identity") is not None and self.identity is not None:
             self._refuse_if_different(meta["identity"])
         if meta.get("data") is not None and self.data is not None:
@@ -439,18 +333,10 @@ class RunLog:
         if self.primary:
             write_json(self.config_path, config)
 
-    # Resume and checkpoint metadata.
-
     def resume(self, step: int, meta: dict | None, *, truncate: bool = True) -> list[dict]:
-        """Continue the record of the checkpoint at ``step`` with metadata ``meta`` (``step``
-        0 and ``None``: a fresh run); drops the metrics rows after ``step``.
-
-        Raises:
-          UserError: the checkpoint's identity differs from :meth:`check_identity`'s config.
-
-        Returns:
-          The rows kept.
-        """
+        """Continue the record of the checkpoint at ``step`` with metadata ``meta`` (``0`` and
+        ``None``: a fresh run), :meth:`check_meta` first; returns the rows kept (those after
+        ``step`` are dropped)."""
         meta = meta or {}
         self.check_meta(meta)
         self.step = int(step)
@@ -475,26 +361,15 @@ class RunLog:
 
     def meta(self) -> dict:
         """What a checkpoint stores besides the state: the inverse of :meth:`resume`."""
-        return to_strict_json(
-            {
-                "step": self.step,
-                "examples_seen": self.examples_seen,
-                "clock": self.clock.state(),
-                "best": self.best,
-                "to_target": self.to_target,
-                "recent_evals": self.recent_evals,
-                "initial_loss": self.initial_loss,
-                "identity": self.identity,
-                "devices": self.devices,
-                "data": self.data,
-            }
-        )
-
-    # Progress.
+        return to_strict_json({
+            "step": self.step, "examples_seen": self.examples_seen, "clock": self.clock.state(),
+            "best": self.best, "to_target": self.to_target, "recent_evals": self.recent_evals,
+            "initial_loss": self.initial_loss, "identity": self.identity,
+            "devices": self.devices, "data": self.data,
+        })  # fmt: skip
 
     def advance(self, batch_size: int) -> None:
-        """One optimizer step of ``batch_size`` examples was taken (``examples_seen`` is
-        counted apart from ``step``, so a batch size that changes during a run adds up)."""
+        """One optimizer step of ``batch_size`` examples was taken."""
         self.step += 1
         self.examples_seen += int(batch_size)
 
@@ -504,23 +379,12 @@ class RunLog:
         return self.to_target["steps"] is not None
 
     def record_eval(self, score: float, *, periodic: bool = True) -> bool:
-        """Best and target tracking of an evaluation at the current step (train clock read
-        now).
+        """Best and target tracking of a higher-is-better ``score`` at the current step;
+        returns whether it reaches the target for the first time.
 
-        The target is reached at the first periodic evaluation where the mean of the last
-        ``window`` periodic evaluations (this one included; none before ``window`` of them)
-        is at least ``target``: that step and time are :attr:`to_target`. The last ``window``
-        scores travel in :meth:`meta`, so a run resumed mid-window crosses where an
-        uninterrupted one does. A final evaluation (``periodic=False``, e.g. on another set
-        of examples) updates the best and, with ``window`` 1 only, can reach the target; it
-        never enters the window.
-
-        Args:
-          score: the evaluation as a higher-is-better score (an accuracy, or a negated loss).
-          periodic: whether it is one of the run's periodic evaluations.
-
-        Returns:
-          Whether this evaluation reaches the target for the first time.
+        The target is reached where the mean of the last ``window`` periodic scores first is
+        at least ``target`` (:attr:`to_target`). A final evaluation (``periodic=False``)
+        updates the best and, with ``window`` 1 only, can reach the target.
 
         Example::
 
@@ -544,12 +408,9 @@ class RunLog:
         return True
 
     def check_losses(self, losses, factor: float | None) -> str | None:
-        """Divergence check of the per-step training losses since the last row.
-
-        The first loss of the run is the reference. Sets (and returns) :attr:`diverged`, a
-        message, when a loss is not finite or exceeds ``factor`` times the reference
-        (``factor=None``: only non-finite losses count); else returns ``None``.
-        """
+        """Divergence check of the training losses since the last row: sets and returns
+        :attr:`diverged`, a message, when a loss is not finite or exceeds ``factor`` (``None``:
+        no bound) times the run's first loss; else ``None``."""
         losses = [float(x) for x in losses]
         if self.initial_loss is None and losses:
             self.initial_loss = losses[0]
@@ -565,27 +426,18 @@ class RunLog:
                 return self.diverged
         return None
 
-    # Rows.
-
     def row(self, **metrics) -> dict:
-        """A metrics row for the current step: ``step``, ``examples_seen``,
-        ``wall_time_s`` (training time), ``examples_per_s`` since the last row, and
-        ``metrics``. Read the clock after the device has finished the step."""
+        """A metrics row of the current step: ``step``, ``examples_seen``, ``wall_time_s``
+        (training time), ``examples_per_s`` since the last row, and ``metrics``."""
         t = self.clock.total("train")
         dt, dn = t - self._last_row[0], self.examples_seen - self._last_row[1]
         self._last_row = (t, self.examples_seen)
-        return {
-            "step": self.step,
-            "examples_seen": self.examples_seen,
-            "wall_time_s": t,
-            "examples_per_s": dn / max(dt, 1e-9),
-            **metrics,
-        }
+        return {"step": self.step, "examples_seen": self.examples_seen, "wall_time_s": t,
+                "examples_per_s": dn / max(dt, 1e-9), **metrics}  # fmt: skip
 
     def write_row(self, row: dict) -> None:
-        """Append ``row`` to ``metrics.jsonl`` (strict JSON, one line) and its scalars to the
-        TensorBoard files (:mod:`experiments.events`); kept in memory on a non-primary
-        process."""
+        """Append ``row`` to ``metrics.jsonl`` and the TensorBoard files (in memory only on a
+        non-primary process)."""
         if not self.primary:
             self._memory_rows.append(json.loads(dumps(row)))
             return
@@ -594,7 +446,7 @@ class RunLog:
         self.events.write(json.loads(dumps(row)))
 
     def close(self) -> None:
-        """Close the TensorBoard files (:mod:`experiments.events`); written rows stay."""
+        """Close the TensorBoard files."""
         self.events.close()
 
     def rows(self) -> list[dict]:
@@ -603,37 +455,24 @@ class RunLog:
 
 
 class Checkpoints:
-    """Orbax checkpoints of a run's state with the :meth:`RunLog.meta` beside it.
-
-    :meth:`restore` falls back to the previous checkpoint when the latest is unreadable
-    (moved to ``checkpoints-unreadable/`` with one warning naming it).
-
-    Args:
-      workdir: the run's directory (checkpoints in ``workdir/checkpoints``).
-      max_to_keep: checkpoints kept (at least 2, so one can fall back).
-    """
+    """Orbax checkpoints of a run's state in ``workdir/checkpoints``, with the
+    :meth:`RunLog.meta` beside it; ``max_to_keep`` (at least 2) lets :meth:`restore` fall back
+    to the previous one when the latest is unreadable (moved to ``checkpoints-unreadable/``)."""
 
     def __init__(self, workdir: str, max_to_keep: int = 2):
         import orbax.checkpoint as ocp
 
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
-            ),
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=False)  # fmt: skip
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save ``state`` and ``meta`` at ``step`` (no-op when that step is saved).
-
-        Raises:
-          UserError: the disk is full, read-only or not writable
-            (:func:`experiments.cli.write_fault`; orbax leaves the previous checkpoints).
-        """
+        """Save ``state`` and ``meta`` at ``step`` (no-op when that step is saved); a full,
+        read-only or unwritable disk raises :class:`UserError` (the previous ones stay)."""
         import orbax.checkpoint as ocp
 
         if step in self._manager.all_steps():
@@ -655,20 +494,10 @@ class Checkpoints:
                 "re-running the command resumes from the last checkpoint",
             ) from e
 
-    def restore(
-        self, target: Any, check: Callable[[dict], None] | None = None
-    ) -> tuple[Any, dict | None]:
-        """The newest readable checkpoint as ``(state, meta)`` shaped like ``target``;
-        ``(None, None)`` when there is none.
-
-        Args:
-          target: a state with the structure, shapes and dtypes to restore.
-          check: called with the metadata before the state is read (e.g.
-            :meth:`RunLog.check_meta`); its errors propagate.
-
-        Raises:
-          UserError: there are checkpoints but none is readable.
-        """
+    def restore(self, target: Any, check: Callable | None = None) -> tuple[Any, dict | None]:
+        """The newest readable checkpoint as ``(state, meta)`` shaped like ``target``
+        (``(None, None)``: none), ``check(meta)`` called before the state is read; a
+        :class:`UserError` when there are checkpoints but none is readable."""
         import jax
         import orbax.checkpoint as ocp
 
@@ -710,19 +539,13 @@ class Checkpoints:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.replace(src, dst)
         self._manager.reload()
-        logging.warning(
-            "The checkpoint at step %d is unreadable (%s: %s); moved it to %s and falling "
-            "back to the previous one.",
-            step,
-            type(error).__name__,
-            " ".join(str(error).split())[:200],
-            dst,
-        )
+        logging.warning("The checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
+                        "falling back to the previous one.", step, type(error).__name__,
+                        " ".join(str(error).split())[:200], dst)  # fmt: skip
 
 
 @contextlib.contextmanager
 def _silenced(*loggers: str):
-    """Raise the level of the named Python loggers to CRITICAL inside the block."""
     saved = [(std_logging.getLogger(n), std_logging.getLogger(n).level) for n in loggers]
     for lg, _ in saved:
         lg.setLevel(std_logging.CRITICAL)
@@ -737,12 +560,9 @@ def _silenced(*loggers: str):
 def deferred_interrupt():
     """Inside the block the first SIGINT (Ctrl-C) sets the yielded ``threading.Event``
     instead of raising, so the loop stops at a step boundary with its row and checkpoint
-    written; a second one goes to the handler the block replaced (Python's: a
-    ``KeyboardInterrupt`` at once; a main's :func:`experiments.interrupt.install`: exit 130
-    at once, which loses at most the unfinished step). The previous handler is restored on
-    exit. Outside the main thread (where Python delivers no signals) the event simply never
-    gets set. The handler writes nothing (the main reports the interrupt in one line when it
-    exits).
+    written; a second one goes to the handler the block replaced (a main's
+    :func:`experiments.interrupt.install`: exit 130 at once). Outside the main thread the event
+    never gets set.
 
     Example::
 

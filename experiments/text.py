@@ -1,40 +1,24 @@
 """Byte-level text corpora for a character-level language model: loading, splits, batches.
 
-The tokens are bytes (vocabulary 256), held as ``uint8`` arrays in memory (a corpus here is a
-few MB). Two sources, picked by ``config.data.path``:
+The tokens are bytes (vocabulary 256). ``config.data.path`` picks the corpus: ``None``, the
+``.py`` files of the running interpreter's standard library (no download; installed packages,
+test suites, caches and binary files left out: **the corpus, hence the test loss, depends on
+the Python version**, recorded in ``ds.source``); a file (its last ``test_fraction`` of bytes
+held out); or a directory (its files, or those with ``data.extensions``), split **by file**
+(:func:`is_test_file`: the splits never share a file). Files are read in sorted order and
+concatenated; ``data.max_bytes`` caps each split at its share.
 
-* ``None`` (default): the ``.py`` files of the Python standard library of the running
-  interpreter (``sysconfig.get_paths()['stdlib']``), a corpus that exists on every machine
-  without a download. ``site-packages``/``dist-packages``, test directories (``test``,
-  ``tests``, ``idle_test``), ``__pycache__`` and hidden directories are left out, as is any file
-  that cannot be read or is not text. **The corpus, hence the test loss, depends on the Python
-  version**: compare held-out losses only between runs whose ``ds.source['python']`` (and
-  ``ds.source['sha256']``) agree.
-* a file: its bytes, the last ``test_fraction`` of them held out as the test split.
-* a directory: its files (or those with ``data.extensions``), like the standard library.
-
-Files are read in sorted order of their relative (``/``-separated) paths and concatenated
-without separators. A directory is split **by file**: a file goes to the test split when a
-SHA-256 hash of its relative path falls below ``test_fraction`` (:func:`is_test_file`), so the
-two splits never share a file and the split of a file does not depend on the other files.
-``data.max_bytes`` caps each split at its share of the cap (train ``(1 - test_fraction) *
-max_bytes``, test the rest), taking files in order and cutting the last one.
-
-Training examples are windows of ``context + 1`` bytes: tokens are the first ``context``,
-targets the last ``context`` (the next byte of each token). Epoch ``e`` covers the train split
-with ``N // (context + 1)`` non-overlapping windows, shifted by a random offset and visited in a
-random order, both drawn from ``(seed, e)``: example ``i`` is window ``i % per_epoch`` of epoch
-``i // per_epoch`` (:func:`train_offsets`). The batch of examples ``[i, i + B)`` is therefore a
-pure function of ``(seed, i, B)``, and a run that changes its batch size mid-way, or resumes,
-sees every example exactly once in the order of an uninterrupted run. Evaluation uses fixed,
-non-overlapping windows of the test split (:func:`eval_arrays`).
+An example is a window of ``context + 1`` bytes (tokens, then the next byte of each as
+targets). Epoch ``e`` covers the train split with non-overlapping windows at a random shift,
+in a random order, both drawn from ``(seed, e)`` (:func:`train_offsets`): the batch of examples
+``[i, i + B)`` is a pure function of ``(seed, i, B)``, so a run that changes its batch size, or
+resumes, sees the examples of an uninterrupted run.
 
 Example::
 
     ds = text.load(config.data, context=config.model.context)
     batch = text.train_batch(ds, step * config.batch_size, config.batch_size, seed=config.seed)
     # batch['tokens'], batch['targets']: int32 [B, context]
-    held_out = text.eval_arrays(ds, config.eval_examples)
 """
 
 from __future__ import annotations
@@ -84,20 +68,10 @@ _EPOCH_TAG = 0x74657874
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextDataset:
-    """A byte corpus split into train and test bytes.
-
-    Attributes:
-      train: uint8 ``[N]``, the train split (read-only).
-      test: uint8 ``[M]``, the test split (read-only).
-      context: tokens per example; a window is ``context + 1`` bytes.
-      source: JSON-able record of where the bytes came from: ``kind`` (``'stdlib'``, ``'file'``
-        or ``'directory'``), ``path``, ``split`` (``'file'``: by file, ``'bytes'``: the tail of
-        the bytes), ``test_fraction``, ``max_bytes``, ``num_train_files``, ``num_test_files``,
-        ``train_bytes``, ``test_bytes``, ``sha256`` (of the train then the test bytes, 16 hex
-        digits) and ``python`` (the interpreter's version; it decides the stdlib corpus).
-      train_files: relative paths of the train files in corpus order (empty for a file).
-      test_files: relative paths of the test files (empty for a file).
-    """
+    """A byte corpus: read-only uint8 ``train`` and ``test`` splits, ``context`` tokens per
+    example, the ``source`` record (``kind``: ``stdlib``, ``file`` or ``directory``, ``path``,
+    ``split``: by ``file`` or ``bytes``, sizes, ``sha256`` of the bytes, ``python`` version)
+    and the relative paths of the train and test files (empty for a file)."""
 
     train: np.ndarray
     test: np.ndarray
@@ -109,46 +83,27 @@ class TextDataset:
     vocab_size = VOCAB_SIZE
 
     @property
-    def window(self) -> int:
-        """Bytes per example: ``context + 1``."""
+    def window(self) -> int:  # bytes per example
         return self.context + 1
 
     @property
     def examples_per_epoch(self) -> int:
-        """Train examples per epoch: ``len(train) // (context + 1)``."""
         return len(self.train) // self.window
 
     @property
-    def num_eval_windows(self) -> int:
-        """Non-overlapping windows in the test split: ``len(test) // (context + 1)``."""
+    def num_eval_windows(self) -> int:  # non-overlapping windows of the test split
         return len(self.test) // self.window
 
     def train_batch(self, start_example: int, batch_size: int, seed: int) -> dict:
-        """:func:`train_batch` of this dataset."""
         return train_batch(self, start_example, batch_size, seed)
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading.
-
-
 def load(cfg, *, context: int) -> TextDataset:
-    """Loads the corpus described by ``cfg`` (the ``config.data`` ConfigDict or a mapping).
+    """The corpus of ``cfg`` (``config.data`` or a mapping: ``path``, ``max_bytes``,
+    ``test_fraction`` (default 0.05), ``extensions``) with ``context`` tokens per example.
 
-    Args:
-      cfg: fields ``path`` (a text file or a directory; ``None``: the Python standard library),
-        ``max_bytes`` (cap on the bytes read, ``None``: all), ``test_fraction`` (held-out share
-        of the files or bytes, default 0.05), ``extensions`` (for a directory: read only files
-        whose names end with one of these, e.g. ``('.py', '.txt')``; ``None``: every file).
-      context: tokens per example (``config.model.context``); each split needs at least
-        ``context + 1`` bytes.
-
-    Returns:
-      A :class:`TextDataset`.
-
-    Raises:
-      UserError: a path that does not exist, an empty corpus, a binary file (named), a split
-        shorter than ``context + 1`` bytes, or a bad field.
+    A missing path, an empty corpus, a binary file, a split shorter than ``context + 1`` bytes
+    or a bad field raises :class:`UserError`.
 
     Example::
 
@@ -156,9 +111,8 @@ def load(cfg, *, context: int) -> TextDataset:
         ds.source["python"], len(ds.train), len(ds.test)
     """
     path, max_bytes, test_fraction, extensions = _options(cfg, context)
-    record, (train, test, train_files, test_files, split) = _read_corpus(
-        path, max_bytes, test_fraction, extensions
-    )
+    record, arrays = _read_corpus(path, max_bytes, test_fraction, extensions)
+    train, test, train_files, test_files, split = arrays
     where = record["path"]
     if len(train) + len(test) == 0:
         raise UserError(
@@ -175,18 +129,11 @@ def load(cfg, *, context: int) -> TextDataset:
             )
     digest = hashlib.sha256(train.tobytes())
     digest.update(test.tobytes())
-    record.update(
-        split=split,
-        test_fraction=test_fraction,
-        max_bytes=max_bytes,
-        num_train_files=len(train_files),
-        num_test_files=len(test_files),
-        train_bytes=len(train),
-        test_bytes=len(test),
-        sha256=digest.hexdigest()[:16],
-        python=platform.python_version(),
-        python_implementation=platform.python_implementation(),
-    )
+    record.update(split=split, test_fraction=test_fraction, max_bytes=max_bytes,
+                  num_train_files=len(train_files), num_test_files=len(test_files),
+                  train_bytes=len(train), test_bytes=len(test), sha256=digest.hexdigest()[:16],
+                  python=platform.python_version(),
+                  python_implementation=platform.python_implementation())  # fmt: skip
     for a in (train, test):
         a.flags.writeable = False
     logging.info(
@@ -198,11 +145,9 @@ def load(cfg, *, context: int) -> TextDataset:
 
 
 def _options(cfg, context: int) -> tuple[str | None, int | None, float, tuple | None]:
-    """``(path, max_bytes, test_fraction, extensions)`` of ``cfg`` (a mapping or a
-    ConfigDict), checked."""
-    get = cfg.get if isinstance(cfg, Mapping) else lambda name, default: getattr(cfg, name, default)
-    path, max_bytes, extensions = get("path", None), get("max_bytes", None), get("extensions", None)
-    test_fraction = float(get("test_fraction", DEFAULT_TEST_FRACTION))
+    """``(path, max_bytes, test_fraction, extensions)`` of ``cfg``, checked."""
+    path, max_bytes, extensions = cfg.get("path"), cfg.get("max_bytes"), cfg.get("extensions")
+    test_fraction = float(cfg.get("test_fraction", DEFAULT_TEST_FRACTION))
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise UserError(f"context={context!r} must be a positive integer.")
     if not 0.0 < test_fraction < 1.0:
@@ -261,11 +206,8 @@ def list_files(
     *,
     exclude_dirs: Iterable[str] = ("__pycache__",),
 ) -> list[str]:
-    """Relative ``/``-separated paths of the regular files under ``root``, sorted.
-
-    Hidden files and directories (names starting with ``.``) and directories named in
-    ``exclude_dirs`` are skipped; ``extensions`` (``None``: all) filters by name suffix.
-    """
+    """Relative ``/``-separated paths of the regular files under ``root``, sorted, but hidden
+    ones, those in ``exclude_dirs`` and (with ``extensions``) other suffixes."""
     exclude = frozenset(exclude_dirs)
     suffixes = tuple(extensions) if extensions else None
     out = []
@@ -282,11 +224,8 @@ def list_files(
 
 
 def is_test_file(rel_path: str, test_fraction: float) -> bool:
-    """Whether a file belongs to the test split: a pure function of its relative path.
-
-    The first 8 bytes of ``sha256(rel_path)``, read as a fraction of 2**64, below
-    ``test_fraction``.
-    """
+    """Whether a file belongs to the test split: the first 8 bytes of ``sha256(rel_path)``,
+    as a fraction of 2**64, below ``test_fraction``."""
     return _path_hash(rel_path) < test_fraction
 
 
@@ -296,11 +235,9 @@ def _path_hash(rel_path: str) -> float:
 
 
 def _split_by_file(root, files, test_fraction, max_bytes, *, strict):
-    """(train, test, train_files, test_files, 'file'): files read in order, capped per split.
-
-    With ``strict`` a binary or unreadable file raises; otherwise (the standard library) it is
-    skipped. When no file hashes into the test split, the one with the smallest hash goes there.
-    """
+    """(train, test, train_files, test_files, 'file'): files read in order, capped per split;
+    a binary or unreadable file raises with ``strict``, else is skipped (the standard library).
+    Each split gets a file at least (the smallest or largest hash)."""
     test_set = {f for f in files if is_test_file(f, test_fraction)}
     if not test_set:
         test_set = {min(files, key=_path_hash)}
@@ -311,11 +248,8 @@ def _split_by_file(root, files, test_fraction, max_bytes, *, strict):
         test_cap = max(1, round(max_bytes * test_fraction))
         caps = (max_bytes - test_cap, test_cap)
     parts = []
-    for names, cap in zip(
-        ([f for f in files if f not in test_set], [f for f in files if f in test_set]),
-        caps,
-        strict=True,
-    ):
+    splits = ([f for f in files if f not in test_set], [f for f in files if f in test_set])
+    for names, cap in zip(splits, caps, strict=True):
         chunks, used, total = [], [], 0
         for name in names:
             if cap is not None and total >= cap:
@@ -347,13 +281,8 @@ def _split_bytes(data: bytes, test_fraction: float, name: str | None):
 
 
 def _read_text(path: str, max_bytes: int | None) -> bytes:
-    """The first ``max_bytes`` bytes of a text file.
-
-    Raises:
-      UserError: the file is binary: it holds a NUL byte or more than
-        ``MAX_UNDECODABLE_FRACTION`` of bytes that are not UTF-8.
-      OSError: the file cannot be read.
-    """
+    """The first ``max_bytes`` bytes of a text file; a binary one (a NUL byte, or more than
+    ``MAX_UNDECODABLE_FRACTION`` of bytes not UTF-8) raises :class:`UserError`."""
     with open(path, "rb") as f:
         data = f.read() if max_bytes is None else f.read(max_bytes)
     problem = None
@@ -374,21 +303,13 @@ def _read_text(path: str, max_bytes: int | None) -> bytes:
     return data
 
 
-# ----------------------------------------------------------------------------------------------
-# Batches.
-
-
 def train_offsets(
     num_bytes: int, window: int, seed: int, start_example: int, batch_size: int
 ) -> np.ndarray:
-    """Start offsets (int64 ``[batch_size]``) of train examples ``[start_example, +batch_size)``.
-
-    Epoch ``e`` has ``per_epoch = num_bytes // window`` windows at ``shift_e + window * k``;
-    ``np.random.default_rng([seed, e, tag])`` draws ``shift_e`` in ``[0, num_bytes - per_epoch
-    * window]`` and the order of ``k`` (a permutation of ``range(per_epoch)``). Example ``i`` is
-    position ``i % per_epoch`` of epoch ``i // per_epoch``: a pure function of ``(seed, i)``.
-    Window ``o`` is ``train[o : o + window]`` (``window = context + 1 <= num_bytes``).
-    """
+    """Start offsets (int64) of the train windows ``[start_example, start_example +
+    batch_size)``. Epoch ``e`` has ``per_epoch = num_bytes // window`` windows at ``shift_e +
+    window * k``, the shift and the order of ``k`` drawn from ``default_rng([seed, e, tag])``;
+    example ``i`` is position ``i % per_epoch`` of epoch ``i // per_epoch``."""
     if not 1 <= window <= num_bytes:
         raise ValueError(f"window={window} must be in [1, num_bytes={num_bytes}].")
     if seed < 0 or start_example < 0 or batch_size < 0:
@@ -423,23 +344,16 @@ def _windows(data: np.ndarray, offsets: np.ndarray, window: int) -> dict:
 
 def train_batch(ds: TextDataset, start_example: int, batch_size: int, seed: int) -> dict:
     """The train examples ``[start_example, start_example + batch_size)``: ``{'tokens',
-    'targets'}``, int32 ``[B, context]``, ``targets[:, t]`` the byte after ``tokens[:, t]``.
-
-    A pure function of ``(ds, start_example, batch_size, seed)`` (:func:`train_offsets`): the
-    batch of ``[i, i + B)`` is the concatenation of those of ``[i, i + k)`` and ``[i + k, i +
-    B)``.
-    """
+    'targets'}``, int32 ``[B, context]``, ``targets[:, t]`` the byte after ``tokens[:, t]``
+    (:func:`train_offsets`: the batch of ``[i, i + B)`` is those of ``[i, i + k)`` and
+    ``[i + k, i + B)`` together)."""
     offsets = train_offsets(len(ds.train), ds.window, seed, start_example, batch_size)
     return _windows(ds.train, offsets, ds.window)
 
 
 def eval_arrays(ds: TextDataset, max_windows: int | None = None) -> dict:
-    """Fixed held-out windows: non-overlapping ``context + 1``-byte windows of the test split.
-
-    All ``num_eval_windows`` windows (at offsets ``k * (context + 1)``), or ``max_windows`` of
-    them spread evenly over the split (``k = j * num_eval_windows // max_windows``), as
-    ``{'tokens', 'targets'}`` (int32 ``[W, context]``).
-    """
+    """Fixed held-out windows: the non-overlapping windows of the test split, all of them or
+    ``max_windows`` spread evenly, as ``{'tokens', 'targets'}`` (int32 ``[W, context]``)."""
     total = ds.num_eval_windows
     n = total if max_windows is None else min(int(max_windows), total)
     if n < 1:

@@ -31,9 +31,8 @@ PROJECT = {
 # an optional dependency; the training entry points check the config before training's imports.
 LOCAL_IMPORTS = {
     ("gns.finder", "gns.plots"),
-    ("experiments.cifar10", "experiments.train"),
-    ("experiments.cifar10", "experiments.compare"),
-    ("experiments.lm", "experiments.train"),
+    ("experiments.run", "experiments.train"),
+    ("experiments.run", "experiments.compare"),
 }
 
 

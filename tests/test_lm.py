@@ -205,9 +205,9 @@ def test_target_bits_per_byte_stops_the_run_and_final_eval_cap(corpus, cache_dir
 # that a kill lands mid-run however fast the steps are.
 _SLOW_BOOT = (
     "import sys, time; "
-    "from experiments import cli, lm, text; batch = text.train_batch; "
+    "from experiments import run, text; batch = text.train_batch; "
     "text.train_batch = lambda *a, **k: (time.sleep(0.02), batch(*a, **k))[1]; "
-    "lm._define_flags(); cli.run(lm.main, argv=['experiments.lm', *sys.argv[1:]])"
+    "run.start('configs/lm.py', argv=['experiments.lm', *sys.argv[1:]])"
 )
 
 

@@ -702,7 +702,7 @@ def test_fixed_batch_rows_carry_batch_size_and_learning_rate(smoke_run):
 
 
 def test_adaptive_fields_of_the_variants_and_the_identity():
-    from experiments import adaptive, cifar10
+    from experiments import adaptive, run
 
     for arg in cifar10_config.VARIANTS:
         c = cifar10_config.get_config(arg)
@@ -712,7 +712,7 @@ def test_adaptive_fields_of_the_variants_and_the_identity():
     assert adaptive.candidates(cifar10_config.get_config("cpu")) == [16, 32, 64, 128, 256]
     ident = train.run_identity(tiny_config().to_dict())
     assert "seeds" not in ident["adaptive"] and "candidates" in ident["adaptive"]
-    assert cifar10._check_mode(tiny_config(mode="adaptive")) == "adaptive"
+    assert run.check_mode(tiny_config(mode="adaptive")) == "adaptive"
 
 
 # ---------------------------------------------------------------------------------------------

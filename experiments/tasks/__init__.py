@@ -1,25 +1,15 @@
-"""Tasks: what :func:`experiments.train.train_and_evaluate` (and the sweep and compare) know
-about the data and the objective of a run, behind one interface, :class:`Task`.
-
-A task says how to load its data, the shape of one model input, its train batches (the pure
-``batch(config, ds, size, start)`` of the example stream, hence :meth:`Task.batch_fn` and the
-prefetched :meth:`Task.train_batches`), its held-out arrays and their padded batches, its loss
-(softmax cross-entropy of the model's logits against integer targets for every task so far),
-and the metric its target is on. Everything else (model, noise scale, checkpoints, rows) is
-shared.
+"""Tasks: what training, the sweep and compare know about the data and the objective of a
+run, behind one interface, :class:`Task` (:mod:`experiments.tasks.base`); model, noise scale,
+checkpoints and rows are shared.
 
 The tasks (``config.task``; a config without the field is ``cifar10``), one module each:
-
-* ``cifar10`` (:mod:`experiments.tasks.image`): images of :mod:`experiments.data`,
-  ``target_accuracy``.
-* ``lm`` (:mod:`experiments.tasks.text`): byte windows of :mod:`experiments.text`,
-  ``target_bits_per_byte``.
-* ``teacher`` (:mod:`experiments.tasks.teacher`): a synthetic teacher-student
-  classification, ``target_accuracy``.
-
-A new task is a module here defining a :class:`Task` (listed in :data:`TASKS`), a config file
-``configs/<task>.py`` and the rows of its fields in :mod:`experiments.rules`; it trains with
-``python -m experiments.cifar10 --config configs/<task>.py``.
+``cifar10`` (:mod:`~experiments.tasks.image`: :mod:`experiments.data`'s images,
+``target_accuracy``), ``lm`` (:mod:`~experiments.tasks.text`: byte windows of
+:mod:`experiments.text`, ``target_bits_per_byte``) and ``teacher``
+(:mod:`~experiments.tasks.teacher`: a synthetic teacher-student classification). A new task is
+a module here listed in :data:`TASKS`, a config file ``configs/<task>.py`` and the rows of its
+fields in :mod:`experiments.rules`; it trains with ``python -m experiments.run --config
+configs/<task>.py`` (``gns train``).
 
 Example::
 
@@ -59,11 +49,8 @@ BATCH_KEYS = tuple(task.keys for task in TASKS.values())
 
 
 def get(config) -> Task:
-    """The task of ``config.task`` (``cifar10`` when the config has no such field).
-
-    Raises:
-      UserError: an unknown task name.
-    """
+    """The task of ``config.task`` (``cifar10`` when the config has no such field); an
+    unknown name raises :class:`UserError`."""
     name = config.get("task", "cifar10")
     if name not in TASKS:
         raise UserError(

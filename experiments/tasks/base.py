@@ -23,34 +23,20 @@ def cross_entropy(logits, targets):
 class Task(NamedTuple):
     """A task: its data, its batches, its loss and the metric its target is on.
 
-    Attributes:
-      name: the value of ``config.task``.
-      keys: the ``(inputs, targets)`` keys of its batches, e.g. ``('image', 'label')``.
-      metric: the evaluation result the target is on (``accuracy``, ``bits_per_byte``).
-      lower_is_better: whether a lower ``metric`` is better.
-      target_field: the config field of the target (``None`` there: no target).
-      load: ``load(config) -> dataset``.
-      num_train: ``num_train(ds)``: train examples per epoch.
-      input_spec: ``input_spec(ds) -> (shape, dtype)`` of one example's model input.
-      batch: ``batch(config, ds, size, start) -> batch``: train examples ``[start, start +
-        size)`` of the example stream, a pure function of the seed and the positions, so that
-        a run that changes its batch size, or resumes, sees the examples of an uninterrupted
-        run (:meth:`batch_fn`, :meth:`train_batches`).
-      eval_arrays: ``eval_arrays(config, ds, split, n) -> arrays``: a fixed set of ``n``
-        examples (``None``: all) of ``split`` (``'test'``, or ``'train'`` for the final train
-        metrics).
-      eval_batches: ``eval_batches(ds, arrays, batch_size)``: batches of ``batch_size`` in
-        order, the last padded, each with a bool ``mask`` of the real examples.
-      metrics: ``metrics(result) -> dict``: task metrics of an evaluation result (``loss``,
-        ``accuracy``), e.g. ``{'bits_per_byte': ...}`` (``None`` values for ``{}``: no
-        evaluation).
-      describe: ``describe(ds) -> dict | None``: where the data came from and its content's
-        fingerprint, for the summary and the run's data identity (checked on resume).
-      loss: ``loss(logits, targets) -> [B]``: the per-example loss the training step averages
-        (over the positions of a sequence too); softmax cross-entropy for every task so far.
-      step_batches: ``step_batches(config, ds, batch_size, start_step)``, or ``None``: a
-        stream indexed by steps at a fixed batch size (the image task's, with epoch tails
-        dropped), which :meth:`train_batches` yields instead of the example stream.
+    ``name`` is the value of ``config.task``; ``keys`` the ``(inputs, targets)`` keys of its
+    batches; ``metric`` the evaluation result the target (``config[target_field]``) is on,
+    ``lower_is_better`` which way. The functions: ``load(config) -> ds``; ``num_train(ds)``
+    (train examples per epoch); ``input_spec(ds) -> (shape, dtype)`` of one model input;
+    ``batch(config, ds, size, start)``, the train examples ``[start, start + size)`` of the
+    example stream, a pure function of the seed and the positions (so a run that changes its
+    batch size, or resumes, sees the examples of an uninterrupted run);
+    ``eval_arrays(config, ds, split, n)``, a fixed set of ``n`` (``None``: all) examples of
+    ``'test'`` or ``'train'``; ``eval_batches(ds, arrays, batch_size)``, in order, the last
+    padded, each with a bool ``mask``; ``metrics(result) -> dict``, the task's metrics of an
+    evaluation (e.g. ``bits_per_byte``); ``describe(ds) -> dict | None``, the data's record
+    (a resume checks it); ``loss(logits, targets) -> [B]``; and ``step_batches(config, ds,
+    batch_size, start_step)`` or ``None``: a stream by steps at a fixed batch size (the image
+    task's, epoch tails dropped) that :meth:`train_batches` yields instead.
     """
 
     name: str
@@ -70,8 +56,8 @@ class Task(NamedTuple):
     step_batches: Callable | None = None
 
     def score(self, value: float | None) -> float | None:
-        """``value`` of :attr:`metric` as a higher-is-better score (negated when lower is
-        better), as :class:`experiments.runlog.RunLog` tracks best and target; its own inverse."""
+        """``value`` of :attr:`metric` as a higher-is-better score, as
+        :class:`experiments.runlog.RunLog` tracks it (its own inverse)."""
         return None if value is None else (-value if self.lower_is_better else value)
 
     def target(self, config) -> float | None:
@@ -86,10 +72,9 @@ class Task(NamedTuple):
     def train_batches(
         self, config, ds, batch_size: int, start_example: int, by_example: bool = False
     ) -> Iterator[dict]:
-        """Endless train batches of ``batch_size`` from train example ``start_example`` on,
-        computed ahead in a thread: the example stream of :attr:`batch`, or the step stream
-        where the task has one and not ``by_example`` (``start_example`` is then a multiple of
-        ``batch_size``). Close the iterator to stop the thread."""
+        """Endless train batches of ``batch_size`` from example ``start_example`` on, computed
+        ahead in a thread (close the iterator to stop it): the step stream where the task has
+        one and not ``by_example``, else the example stream of :attr:`batch`."""
         if not 1 <= batch_size <= self.num_train(ds) or start_example < 0:
             raise ValueError(
                 f"batch_size={batch_size} must be in [1, {self.num_train(ds)}] and "

@@ -11,7 +11,7 @@ that learns lands between the two; a linear one (``model.widths=()``) can reach 
 
 Example::
 
-    python -m experiments.cifar10 --config configs/teacher.py:smoke --workdir /tmp/teacher
+    python -m experiments.run --config configs/teacher.py:smoke --workdir /tmp/teacher
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+r"""Train any task with the gradient noise scale tracked: the one training main.
+
+Usage::
+
+    python -m experiments.run --config configs/teacher.py:smoke --workdir /tmp/teacher
+
+The task comes from the config (``config.task``, :mod:`experiments.tasks`); ``gns train`` runs
+this main, and ``python -m experiments.cifar10`` and ``experiments.lm`` are it with their own
+config file as the default of ``--help``. ``config.mode``: ``train``
+(:func:`experiments.train.train_and_evaluate`), and for images ``compare`` (``adaptive``) and
+``tradeoff`` (:mod:`experiments.compare`). Re-running the same command resumes in
+``--workdir``; Ctrl-C stops at the next step with everything saved (exit code 130); a mistake
+prints one line and a hint (exit code 2; ``--verbose``: the traceback).
+"""
+
+from __future__ import annotations
+
+from experiments import interrupt
+
+if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
+    interrupt.install()
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from experiments import cli, rules, runlog, tasks
+from experiments.cli import UserError
+
+__all__ = ["check_mode", "run", "main", "start"]
+
+FLAGS = flags.FLAGS
+
+
+def check_mode(config) -> str:
+    """``config.mode``, when the config's task has it (every mode for images, ``train``
+    otherwise)."""
+    task = tasks.get(config)
+    modes = rules.MODES if task is tasks.IMAGE else ("train",)
+    if config.mode not in modes:
+        raise UserError(
+            f"config.mode={config.mode!r} is not available for the {task.name!r} task: use "
+            f"one of {', '.join(modes)}",
+            hint="e.g. --config.mode=train",
+        )
+    return config.mode
+
+
+def run(config, workdir: str) -> dict:
+    """Dispatch on ``config.mode``; returns the mode's summary."""
+    if check_mode(config) == "train":
+        from experiments import train
+
+        return train.train_and_evaluate(config, workdir)
+    from experiments import compare
+
+    modes = {"compare": compare.run_compare, "adaptive": compare.run_compare}
+    return modes.get(config.mode, compare.run_tradeoff)(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
+    rules.check(FLAGS.config, "cifar10")  # every field of any task, before the slow imports
+    logging.get_absl_handler().addFilter(runlog.QuietOrbax())
+    summary = run(FLAGS.config, FLAGS.workdir)
+    if summary.get("mode") in ("compare", "tradeoff"):
+        from experiments import compare
+
+        print(compare.report(summary))
+        return
+    metric = tasks.get(FLAGS.config).metric
+    keys = ("test_loss", f"test_{metric}", f"train_{metric}", "wall_time_s", "steps", "epochs",
+            "stop_reason", "noise_scale")  # fmt: skip
+    runlog.print_summary(summary, keys)
+
+
+def start(config_file: str, argv: list[str] | None = None) -> None:
+    """Define the flags and run :func:`main` (``config_file``: what ``--help`` describes
+    without ``--config``). The flags are defined only here, by the program's main, so that
+    importing this module next to another main defines no clashing flags."""
+    flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and plots.")
+    config_flags.DEFINE_config_file(
+        "config", None, f"Config file, e.g. {config_file}:smoke.", lock_config=True
+    )
+    flags.mark_flags_as_required(["config", "workdir"])
+    cli.run(main, config_file, rules.describer("cifar10"), argv)
+
+
+if __name__ == "__main__":
+    start("configs/cifar10.py")
