@@ -1,14 +1,10 @@
 """What the command-line mains share: the project's error type and one-line error reports.
 
-A mistake a user can fix (a missing file, an unknown variant, a bad value) raises
-:class:`UserError` (or ``FileNotFoundError``/``PermissionError``/a full disk) with a message
-that names the problem and the fix. :func:`main` turns those into one line on stderr (plus a
-``hint:`` line) and exit code 2; anything else is a bug and keeps its traceback. ``--verbose``
-(or ``GNS_VERBOSE=1``) keeps tracebacks for everything.
-
-Some mistakes surface while absl parses the flags, before ``main`` runs (a missing config file,
-an unknown ``configs/*.py`` variant, an unknown ``--config.field``, a value of the wrong type):
-:func:`run` parses them with :func:`parse_flags`, which reports those the same way.
+A mistake a user can fix raises :class:`UserError` (or ``FileNotFoundError``,
+``PermissionError``, a full disk) naming the problem and the fix; :func:`main` turns it into
+one line on stderr (plus a ``hint:`` line) and exit code 2, and :func:`parse_flags` does the
+same for the flags' mistakes. Anything else is a bug and keeps its traceback, as everything
+does with ``--verbose`` (or ``GNS_VERBOSE=1``).
 
 Example (the end of a main module)::
 
@@ -29,22 +25,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from experiments import interrupt
 
 __all__ = [
-    "UserError",
-    "main",
-    "run",
-    "parse_flags",
-    "print_help",
-    "plain_text",
-    "resolve_config_paths",
-    "config_fields",
-    "EXIT_USER_ERROR",
-    "EXIT_INTERRUPTED",
-    "write_fault",
-]
+    "UserError", "main", "run", "parse_flags", "print_help", "plain_text", "resolve_config_paths",
+    "config_fields", "EXIT_USER_ERROR", "EXIT_INTERRUPTED", "write_fault",
+]  # fmt: skip
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = interrupt.EXIT_INTERRUPTED
@@ -79,24 +67,15 @@ _FAULT_WORDS = {
     "the write was cut short (a full disk?)": ("sys.meta_path is None",),
 }
 _FAULT_ERRNOS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk is full",
+    errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk is full",
     errno.EROFS: "the file system is read-only",
-    errno.EACCES: "no permission to write there",
-    errno.EPERM: "no permission to write there",
-}
+    errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there",
+}  # fmt: skip
 
 
 def write_fault(e: BaseException) -> str | None:
-    """What a failed write ran into when it is the disk or its permissions, not a bug, in
-    words; ``None`` otherwise. Looks through ``e``'s causes, and knows tensorstore's and
-    orbax's wording of the same faults.
-
-    Example::
-
-        write_fault(ValueError("RESOURCE_EXHAUSTED: writing ...: No space left"))
-        # 'the disk is full'
-    """
+    """What a failed write ran into, in words, when it is the disk or its permissions (in
+    ``e`` or its causes, tensorstore's and orbax's wording included); ``None`` otherwise."""
     for x in _chain(e):
         if isinstance(x, OSError) and x.errno in _FAULT_ERRNOS:
             return _FAULT_ERRNOS[x.errno]
@@ -169,18 +148,9 @@ def run(
     argv: list[str] | None = None,
 ) -> None:
     """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, plus ``--help`` (the module's
-    usage, its flags and the config's fields: exit 0) and ``--print_config``. A main that ends
-    in an error line (exit code 2) leaves without Python's finalizers, so that a writer thread
-    cut short by the fault (orbax's, on a full disk) adds no traceback at shutdown.
-
-    Args:
-      fn: the absl main.
-      config: the config file whose default variant ``--help`` describes when no ``--config``
-        is given, e.g. ``configs/cifar10.py`` (``None``: ``--help`` lists no fields).
-      describe: ``config -> lines`` of ``--help``'s config fields
-        (:func:`experiments.rules.describe` of the config's table).
-      argv: the command line (``sys.argv``).
-    """
+    usage, its flags and ``describe(config)`` of ``config``'s default variant or ``--config``:
+    exit 0) and ``--print_config``. An exit with code 2 skips Python's finalizers, so that a
+    writer thread cut short by the fault (orbax's, on a full disk) adds no traceback."""
     argv = resolve_config_paths(list(sys.argv if argv is None else argv))
     if any(a in HELP_FLAGS for a in argv[1:]):
         try:
@@ -290,14 +260,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _config_flags(present_only: bool = True) -> list[str]:
     """Names of the ``config_flags.DEFINE_config_file`` flags."""
-    from ml_collections.config_flags import config_flags
-
-    return [
-        name
-        for name in FLAGS
-        if isinstance(FLAGS[name].parser, config_flags.ConfigFileFlagParser)
-        and (FLAGS[name].present or not present_only)
-    ]
+    return [name for name in FLAGS if isinstance(FLAGS[name].parser, ConfigFileFlagParser)
+            and (FLAGS[name].present or not present_only)]  # fmt: skip
 
 
 def _flag_values(argv: list[str]) -> list[tuple[str, str]]:

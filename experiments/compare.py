@@ -1,79 +1,27 @@
 """Which batch-size policy trains fastest on this machine? The ``compare`` and ``tradeoff`` modes.
 
-Two modes of ``experiments.cifar10`` (``--config.mode=compare`` / ``tradeoff``; ``adaptive`` is
-a name for ``compare``), both starting with the measurements of the sweep
-(:func:`experiments.sweep.run_sweep` without its trainings: noise scale, step time and memory
-at each batch size, the recommendation, configured by the same measurement fields as the
-sweep's), kept in ``WORKDIR/sweep`` and reused when the command is re-run.
+Two modes of ``experiments.cifar10`` (``--config.mode=compare`` / ``tradeoff``), both starting
+with the sweep's measurements (:func:`experiments.sweep.run_sweep` without its trainings), kept
+in ``WORKDIR/sweep`` and reused when the command is re-run.
 
-**compare** (``make demo``) trains every batch-size policy a user would try to the same target,
-``compare.seeds`` times each, in the order of ``compare.policies``:
+**compare** trains each of ``compare.policies`` (``recommended``, ``default``, ``adaptive``,
+``best_measured``, ``largest_fits``; the README's "Results" section) ``compare.seeds`` times to
+a smoothed target (the trailing mean of ``compare.target_window`` evaluations,
+:func:`smoothed_crossing`), each run one :func:`experiments.train.train_and_evaluate` with its
+learning rate from :func:`gns.scaling.learning_rate`. Time to target is wall clock and device
+time ``Σ_B steps(B)·t(B)`` from one interleaved timing table; :func:`verdict` ranks the
+policies. Writes ``WORKDIR/summary.json``, ``WORKDIR/compare.png`` and the runs in
+``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`).
 
-==================  =========================================================================
-``recommended``     the sweep's static recommendation
-``default``         the usual default, ``compare.baseline_batch_size`` (64 in ``cpu``) at
-                    ``compare.baseline_learning_rate`` (the config's rate)
-``adaptive``        the noise-scale-driven schedule of :mod:`experiments.adaptive` over the
-                    powers of two in ``[adaptive.min_batch_size, adaptive.max_batch_size]``
-                    that fit, from ``adaptive.initial_batch_size`` (default the smallest)
-``best_measured``   the batch of a ``tradeoff`` summary with the shortest device time to its
-                    target (``compare.tradeoff_summary``, default
-                    ``WORKDIR/tradeoff/summary.json``; skipped when there is none)
-``largest_fits``    the largest timed batch that fits the memory budget (what Lightning's
-                    ``scale_batch_size`` and accelerate's ``find_executable_batch_size`` give)
-==================  =========================================================================
-
-Each run is one training of :func:`experiments.train.train_and_evaluate`, the one training
-loop: a fixed batch for every policy but ``adaptive``, which trains with the schedule's batch
-policy (:class:`experiments.adaptive.ScheduledBatch`). Every learning rate comes from one
-rule, :func:`gns.scaling.learning_rate` from the default policy's batch and rate
-(square root for Adam-family optimizers, McCandlish's ``ε_max/(1 + B_noise/B)`` for SGD); the
-schedule applies the same rule at each change.
-
-**The target** is a smoothed accuracy: the trailing mean of the last ``compare.target_window``
-periodic evaluations (every ``compare.eval_every_examples`` examples, on
-``compare.eval_examples`` test images; the ``cpu`` config uses the whole test set, n = 10,000,
-whose binomial standard error is at most 0.5 points) reaches ``compare.target_accuracy``
-(:func:`smoothed_crossing`). Each run is one training that stops there (the training's own
-``target_accuracy`` and ``target_window``: :meth:`experiments.runlog.RunLog.record_eval`), or
-at ``compare.max_epochs``, or at a training-time budget (``max_wall_time_s``): the smaller of
-``compare.max_wall_time_s`` and ``compare.give_up_factor`` times the fastest wall-clock time to
-target of the runs before it (so a hopeless policy costs a bounded time; it is reported as not
-reached, with its best smoothed accuracy).
-
-**Time to target** is reported as training wall clock (``time_to_target_s``, compilation and
-evaluation excluded) and as device time ``Σ_B steps(B)·t(B)`` (``device_time_to_target_s``)
-with ``t(B)`` from one interleaved timing table of every batch size involved
-(:func:`experiments.train.timing_table`), which a machine busy at different times for
-different runs does not skew. :func:`verdict` (pure) ranks the policies by their mean device
-time over the seeds, names the fastest and the ratio of each other policy to it with its range
-paired by seed and timing round, and says "tie" when a difference is inside the seed spread or
-the order flips on a seed or under a round of the timing table.
-
-Writes ``WORKDIR/summary.json`` (``runs``: one per policy and seed with ``policy``,
-``batch_size``, ``seed``, ``time_to_target_s``, ``device_time_to_target_s``, ``reached``...;
-``verdict``; ``timing``; ``schedule``), ``WORKDIR/compare.png`` (:func:`gns.plots.plot_policies`;
-policies that picked the same batch and learning rate share one line)
-and the runs in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`; the names of
-the runs in ``tensorboard --logdir WORKDIR``); the table is :func:`policy_table`.
-Re-running the command reuses the measurements, the timing table and the finished runs.
-
-**tradeoff** trains to ``tradeoff.target_accuracy`` at ``tradeoff.batch_sizes``
-and at the recommended batch (the sweep's training stage, :func:`experiments.sweep.run_trainings`),
-fits ``S(B) = S_min + E_min/B`` (:func:`experiments.sweep.fit_tradeoff`), and checks the
-recommendation (:func:`check_recommendation`): the recommended batch's device time to target
-over the best measured one, and ``B_crit`` of the fit over the measured ``B_simple``. It writes
-``WORKDIR/summary.json``, ``WORKDIR/tradeoff.png`` (the fit; not drawn, with the reason in
-``summary["plot"]``, when no training reached the target) and the trainings in
-``WORKDIR/train/B<batch>-seed<seed>-<fingerprint>``.
+**tradeoff** trains to ``tradeoff.target_accuracy`` at ``tradeoff.batch_sizes`` and the
+recommended batch (:func:`experiments.sweep.run_trainings`), fits ``S(B) = S_min + E_min/B``
+and checks the recommendation (:func:`check_recommendation`); writes ``WORKDIR/summary.json``,
+``WORKDIR/tradeoff.png`` and the trainings in ``WORKDIR/train/``.
 
 Example::
 
     python -m experiments.cifar10 --config configs/cifar10.py:smoke --config.mode=compare \\
       --config.data.source=synthetic --workdir /tmp/compare
-
-References: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018);
-Merrill et al. 2025 (arXiv 2505.23971).
 """
 
 from __future__ import annotations
@@ -91,8 +39,7 @@ from absl import logging
 
 from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train, validation
 from experiments.cli import UserError
-from experiments.rules import POLICIES
-from gns import scaling
+from gns import common, scaling
 
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
@@ -138,30 +85,20 @@ def smoothed_crossing(accuracies: Sequence[float], target: float, window: int) -
 def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     """The policies ranked by mean device time to target over their seeds.
 
-    A policy counts as reaching the target when every one of its runs did. Its spread is half
-    the range of its runs' device times. The fastest wins decisively over another policy only
-    when it is faster in every paired comparison: on each seed (runs of the same seed see the
-    same data), and, where the runs carry ``device_time_by_round``, under each round of the
-    timing table (a busy machine moves step times from round to round). Otherwise, or when the
-    difference of their means is at most the sum of their spreads (their seed ranges overlap),
-    the two tie. With one seed the spread is 0.
+    A policy reaches the target when every one of its runs did; its spread is half the range of
+    its runs' device times. Another policy ties with the fastest when the difference of their
+    means is at most the sum of their spreads, or when it is not slower in every paired
+    comparison (on each seed, and under each timing round where the runs carry
+    ``device_time_by_round``).
 
     Args:
-      runs: one dict per (policy, seed): ``policy``, ``batch_size``, ``seed``, ``reached``,
-        ``device_time_to_target_s``, ``time_to_target_s`` (``None`` when not reached),
-        ``best_smoothed_accuracy`` (``None`` when there were too few evaluations) and
-        optionally ``device_time_by_round`` (the device time under each timing round).
+      runs: one dict per (policy, seed), as in ``summary.json``'s ``runs``.
       target_accuracy: for the text only.
 
     Returns:
-      ``fastest`` (a policy, ``None`` when none reached the target), ``tie`` (the policies
-      whose difference to the fastest is inside the spread, the fastest first; ``[]`` when
-      none), ``ranking`` (reached policies, fastest first), ``policies`` (per policy:
-      ``batch_size``, ``seeds``, ``num_reached``, ``reached``, ``device_time_to_target_s``
-      and ``time_to_target_s`` (means), ``spread_s``, ``ratio`` (mean over the fastest's
-      mean), ``ratio_range`` (min and max of the paired ratios to the fastest: per seed, and
-      per timing round where given), ``tie``, ``best_smoothed_accuracy``) and ``text`` (the
-      lines to print).
+      ``fastest`` (``None`` when none reached the target), ``tie`` (the fastest first; ``[]``
+      when none), ``ranking``, ``policies`` (per policy: means, ``spread_s``, ``ratio`` to the
+      fastest and its paired ``ratio_range``, ``tie``...) and ``text`` (the lines to print).
 
     Example:
       >>> runs = [dict(policy=p, batch_size=b, seed=s, reached=True, time_to_target_s=t,
@@ -264,28 +201,11 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
 def check_recommendation(
     points: list[dict], recommended_batch_size: int, b_simple: float, b_crit: float | None
 ) -> dict:
-    """How the recommended batch size did against the best one measured.
-
-    The ranking and ``time_ratio`` use the device time to target ``steps × t(B)``
-    (``device_time_to_target_s``, :func:`experiments.sweep.with_device_time`), which load on a
-    shared machine does not skew from run to run; the wall-clock ones are reported beside them.
-
-    Args:
-      points: trainings to the target (:func:`experiments.sweep.run_training` dicts with
-        :func:`experiments.sweep.with_device_time`: ``batch_size``, ``reached``,
-        ``device_time_to_target_s``, ``time_to_target_s``).
-      recommended_batch_size: the recommended batch (one of the points).
-      b_simple: the measured noise scale.
-      b_crit: ``B_crit`` of the fitted tradeoff, or ``None`` when it could not be fitted.
-
-    Returns:
-      ``recommended_device_time_to_target_s``, ``recommended_time_to_target_s`` (wall),
-      ``best_batch_size``, ``best_device_time_to_target_s``, ``time_ratio`` (recommended over
-      best in device time: 1 means the recommendation was the fastest measured; ``None`` when
-      it missed the target), ``wall_time_ratio`` (the same in wall-clock time, over the
-      fastest wall clock), ``rank`` (1 = fastest in device time), ``ranking``
-      (:func:`experiments.validation.rank`), ``b_simple``, ``b_crit`` and
-      ``b_crit_over_b_simple``.
+    """How the recommended batch size did against the best one measured, in device time to
+    target (``device_time_to_target_s`` of ``points``, :func:`experiments.sweep.with_device_time`)
+    and in wall clock: ``time_ratio`` (recommended over best; ``None`` when it missed the
+    target), ``wall_time_ratio``, ``rank`` (:func:`experiments.validation.rank`), and ``B_crit``
+    of the fit (``b_crit``, ``None`` when not fitted) over the measured ``b_simple``.
 
     Example:
       >>> pts = [{"batch_size": 32, "reached": True, "device_time_to_target_s": 20.0,
@@ -327,14 +247,9 @@ def check_recommendation(
 
 
 def _baseline(config) -> tuple[int, float]:
-    comparison = config.compare
-    b = (
-        comparison.baseline_batch_size
-        if comparison.baseline_batch_size is not None
-        else config.batch_size
-    )
-    lr = comparison.baseline_learning_rate
-    return int(b), float(lr if lr is not None else config.learning_rate)
+    b, lr = config.compare.baseline_batch_size, config.compare.baseline_learning_rate
+    return int(config.batch_size if b is None else b), float(
+        config.learning_rate if lr is None else lr)  # fmt: skip
 
 
 def _train_config(config) -> ml_collections.ConfigDict:
@@ -357,25 +272,11 @@ def _train_config(config) -> ml_collections.ConfigDict:
     return c
 
 
-def policies(config) -> tuple[str, ...]:
-    """``config.compare.policies``, checked: known names, no repeats."""
-    names = tuple(config.compare.policies)
-    unknown = [p for p in names if p not in POLICIES]
-    if not names or unknown or len(set(names)) != len(names):
-        raise UserError(
-            f"config.compare.policies={tuple(config.compare.policies)!r}: need distinct names "
-            f"among {POLICIES}",
-            hint='e.g. --config.compare.policies=\'("recommended", "default")\'',
-        )
-    return names
-
-
 def validate_config(config) -> None:
     """Check the config of both modes (the table of :mod:`experiments.rules`, ``compare``
-    included, with the device count) and the adaptive policy's candidates; a
-    :class:`~experiments.cli.UserError` names the field and the fix."""
+    included, with the device count) and the adaptive policy's candidates."""
     train.validate_config(config)
-    if "adaptive" in policies(config) and config.adaptive.candidates is not None:
+    if "adaptive" in config.compare.policies and config.adaptive.candidates is not None:
         adaptive.candidates(config)
 
 
@@ -415,7 +316,7 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     """What each policy trains: ``({policy: {'batch_size', 'learning_rate', 'adaptive'
     (the config.adaptive fields), 'gns_every'}}, {policy: why skipped}, adaptive
     candidates)`` from the measurements ``sweep_result`` (a ``sweep.json`` dict)."""
-    names = policies(config)
+    names = tuple(config.compare.policies)
     rec = sweep_result["recommendation"]
     lr, rule = _lr_rule(config, sweep.noise_scale_value(sweep_result["noise_scale"]))
     fits = [r["batch_size"] for r in sweep_result["throughput"]
@@ -464,19 +365,15 @@ def plan_batch_sizes(plan: dict) -> list[int]:
 
 
 def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limit_s: float):
-    """The training config of one policy run: :func:`_train_config` with the plan's batch and
-    rate (and schedule fields: a plan with ``adaptive`` trains the scheduled batch policy),
-    evaluating every ``compare.eval_every_examples`` examples (the nearest whole number of
-    steps for a fixed batch), stopping at the smoothed target (``compare.target_accuracy`` and
-    ``target_window``), after ``compare.max_epochs`` or ``limit_s`` seconds of training."""
+    """The training config of one policy run: the plan's batch, rate (and schedule), evaluating
+    every ``compare.eval_every_examples`` examples, stopping at the smoothed target, after
+    ``compare.max_epochs`` or after ``limit_s`` seconds of training."""
     comparison = config.compare
     c = _train_config(config)
     b = int(plan["batch_size"])
     c.batch_size, c.learning_rate, c.seed = b, float(plan["learning_rate"]), int(seed)
-    c.target_accuracy, c.target_window = (
-        float(comparison.target_accuracy),
-        int(comparison.target_window),
-    )
+    c.target_accuracy = float(comparison.target_accuracy)
+    c.target_window = int(comparison.target_window)
     c.max_wall_time_s = float(limit_s)
     c.num_epochs = float(comparison.max_epochs)
     c.eval_every = max(1, round(int(comparison.eval_every_examples) / b))
@@ -504,17 +401,14 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
     for b in batch_sizes:  # global batches, split over the devices of training's mesh
         train.check_candidate(b, setup.mesh, setup.method)
     logging.info("compare: timing batch sizes %s, interleaved.", batch_sizes)
-    table = train.timing_table(
-        setup.plain_fn,
-        setup.state,
-        lambda b: mesh.shard(
-            data.train_batch(ds, b, seed=int(config.seed), start_example=0, augment=False),
-            setup.mesh,
-        ),
-        batch_sizes,
-        warmup=int(config.adaptive.timing_warmup),
-        rounds=int(config.adaptive.timing_rounds),
-    )
+
+    def batch(b):
+        return mesh.shard(data.train_batch(ds, b, seed=int(config.seed), start_example=0,
+                                           augment=False), setup.mesh)  # fmt: skip
+
+    table = train.timing_table(setup.plain_fn, setup.state, batch, batch_sizes,
+                               warmup=int(config.adaptive.timing_warmup),
+                               rounds=int(config.adaptive.timing_rounds))  # fmt: skip
     runlog.write_json(path, {"mesh": where, "table": {str(b): v for b, v in table.items()}})
     return table
 
@@ -545,12 +439,12 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
         "reached": at is not None,
         "time_to_target_s": at["wall_time_s"] if at else None,
         "device_time_to_target_s": adaptive.device_time(by_b, step_time) if at else None,
-        "device_time_by_round": [
+        "device_time_by_round": None
+        if at is None
+        else [
             adaptive.device_time(by_b, {b: v["times_s"][k] for b, v in table.items()})
             for k in range(rounds)
-        ]
-        if at
-        else None,
+        ],
         "steps_to_target": at["step"] if at else None,
         "examples_to_target": at["examples_seen"] if at else None,
         "steps_by_batch_size": {str(b): n for b, n in sorted(by_b.items())},
@@ -582,9 +476,8 @@ def run_name(policy: str, batch_sizes, seed: int) -> str:
 
 def _mode(body):
     """A mode ``run(config, workdir) -> summary`` from ``body(config, workdir, sweep_result,
-    t0)``: it validates ``config`` before anything is written, holds the workdir
-    (:func:`experiments.runlog.workdir_lock`), records ``config.json``, runs (or reuses) the
-    measurements in ``workdir/sweep`` and passes their ``sweep.json`` dict ``sweep_result`` on."""
+    t0)``: validate, lock the workdir, record ``config.json``, run (or reuse) the measurements
+    in ``workdir/sweep`` and pass their ``sweep.json`` dict on."""
 
     @functools.wraps(body)
     def run(config, workdir: str) -> dict:
@@ -664,9 +557,8 @@ def run_compare(config, workdir: str, sweep_result: dict, t0: float) -> dict:
 
 def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict,
                    plot) -> dict:  # fmt: skip
-    """``summary.json`` of a mode: the measurements' device, noise scale and recommendation,
-    ``fields``, the times, and ``plot`` (``plot()`` draws it and returns its path or why it
-    was not drawn; a failure is logged, never fatal). Returns the strict-JSON summary."""
+    """Write and return (strict JSON) ``summary.json`` of a mode: the measurements' device,
+    noise scale and recommendation, ``fields``, the times and ``plot()`` (its path or why not)."""
     summary = {
         "mode": mode,
         "device": sweep_result["device"],
@@ -683,7 +575,7 @@ def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, field
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the %s plot: %s", mode, e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-    return runlog.to_strict_json(summary)
+    return common.to_json(summary)
 
 
 def _fmt(x, spec: str, suffix: str = "") -> str:

@@ -1,28 +1,13 @@
 """The one table of config fields: for every field of every config (``configs/*.py``) its valid
-values and what it means, and the rules between fields; :func:`check` applies it.
+values and what it means, and the rules between fields. :func:`check` applies it before an
+entry point loads or writes anything (a bad value: one line and a ``hint:``); ``--help`` lists
+the fields from it (:func:`describe`).
 
-Each entry point checks its whole config with :func:`check` before anything is loaded or
-written (``experiments.cifar10``, ``experiments.lm``, ``experiments.sweep``,
-``experiments.bench``; :func:`experiments.train.validate_config` and the sweep's again with the
-device count), so a bad value costs one line and a ``hint:``
-(:class:`~experiments.cli.UserError`). ``--help`` lists the fields from the same table
-(:func:`describe`).
-
-A config's table (:func:`rules_of`) is a list of sections ``(prefix, rules, cross)``: its task's
-training fields (:data:`TASK_TABLES`), the measurement fields and ``compare.``
-(:data:`MEASURE_SECTIONS`), the same for every entry point but the benchmark. ``rules`` are
-``(field, kind, doc)`` with ``field`` relative to ``prefix`` and ``kind`` a :class:`Kind` (valid
-values); ``cross`` are the
-rules between fields, functions ``(node, devices, prefix) -> (message, hint)`` or ``None``
-(most made by :func:`cross`), checked after every field is valid (``devices``: the
-data-parallel mesh's size, or ``None`` before it is known, which skips the rules that need
-it). A field a config lacks is skipped; a config field without a row fails the tests
-(``tests/test_config.py``).
-
-Example::
-
-    rules.check(config, "cifar10")             # raises UserError naming the field and the fix
-    print("\\n".join(rules.describe(config, "cifar10")))
+A config's table (:func:`rules_of`) is a list of sections ``(prefix, rules, cross)``: ``rules``
+are ``(field, kind, doc)`` (``kind``: a :class:`Kind`); ``cross`` are functions ``(node,
+devices, prefix) -> (message, hint)`` or ``None`` (:func:`cross`), checked after every field is
+valid (``devices``: the mesh's size, ``None`` skips the rules that need it). A field a config
+lacks is skipped; a config field without a row fails ``tests/test_config.py``.
 """
 
 from __future__ import annotations
@@ -443,9 +428,7 @@ BENCH_LM_MODEL += (("model.vocab_size", count(2, hi=65536), "vocabulary (synthet
 
 
 # ---------------------------------------------------------------------------------------------
-# The rules between fields: functions (node, devices, prefix) -> (message, hint) or None, made
-# by cross() from (fields, ok(node, devices), what is wrong, hint); checked once every field
-# is valid.
+# The rules between fields.
 
 
 def cross(fields: tuple[str, ...], ok: Callable, what: str, hint: str | None = None) -> Callable:
@@ -606,8 +589,7 @@ def get(config, path: str, default=None):
 
 def rules_of(config, kind: str) -> list[tuple[str, tuple, tuple]]:
     """The sections ``(prefix, rules, cross)`` of ``config`` as the entry point (or task)
-    ``kind`` reads it: for ``bench`` its own, else those of the config's ``task``
-    (:data:`TASK_TABLES`) and :data:`MEASURE_SECTIONS`."""
+    ``kind`` reads it."""
     if kind not in ENTRY_POINTS and kind not in TASK_TABLES:
         raise ValueError(f"unknown config kind {kind!r}: one of {', '.join(ENTRY_POINTS)}")
     if kind == "bench":
@@ -625,12 +607,10 @@ _MISSING = object()
 
 def check(config, kind: str, devices: int | None = None) -> None:
     """Check every field of ``config`` that ``kind``'s table names, then the rules between
-    them (those about the mesh only with ``devices``, its size). Fields the config lacks are
-    skipped (a training config without the measurement fields, the sweep's stage views).
+    them (those about the mesh only with ``devices``, its size); fields it lacks are skipped.
 
     Raises:
-      UserError: the first violation: one line naming the field(s), the value(s) and what is
-        valid, and a hint.
+      UserError: the first violation, naming the field(s), the value(s), what is valid and a hint.
     """
     sections = rules_of(config, kind)
     for prefix, rules, _ in sections:

@@ -6,42 +6,20 @@ Usage::
     python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
       --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-On the task, model and data of a training config (``configs/sweep.py``: a
-``configs/cifar10.py`` setup) and with its measurement fields (the same fields as the
-``compare``/``tradeoff`` modes of ``experiments.cifar10``) it runs the
-measurement of :func:`gns.finder.pipeline`, the one that :func:`gns.finder.find_batch_size`
-runs, with the sweep's steps (:func:`pipeline_steps`, :func:`pipeline_plan`):
+On the task, model and data of a training config (``configs/sweep.py``) and its measurement
+fields, it runs :func:`gns.finder.pipeline` (the measurement of
+:func:`gns.finder.find_batch_size`) with the sweep's steps: a pilot at ``batch_size`` (the noise
+scale's trajectory, and ``b_simple`` on independent batches after ``noise.warmup_steps``), the
+branched critical batch (``critical``), step time and memory of each global batch on the
+training mesh (``throughput``; above the largest that fits, gradient accumulation) and the
+recommendation; then trainings to ``tradeoff.target_accuracy`` at several batch sizes, the fit
+``S(B) = S_min + E_min/B`` and the pick under every basis (the README's "Results" section).
 
-1. a **pilot** of ``noise.pilot_steps`` steps at ``batch_size``, measuring every
-   ``noise.every`` steps: ``noise_scale.trajectory`` and ``noise_scale.effective``; after
-   ``noise.warmup_steps`` steps the early ``b_simple`` on ``noise.num_batches`` independent
-   batches with a bootstrap interval (:func:`independent_noise`);
-2. the **branched critical batch**: forks from ``critical.num_checkpoints`` states of the pilot
-   at ``batch_size·2^j`` (``critical_batch.checkpoints`` and ``.effective``);
-3. **step time and memory** of the **global** batch on the mesh of training
-   (:mod:`experiments.mesh`; per device ``B / devices``, a ``B`` that does not split is
-   skipped with the reason in its row), in one interleaved table (:func:`measure_throughput`);
-   batches above the largest that fits are gradient accumulation (``k × t(B/k)``);
-4. the **recommendation** on the best evidence (branched > trajectory > b_simple:
-   ``recommendation.basis``, ``.basis_note``, ``.evidence``), the timed range extended once
-   past a pick at its end (``throughput_extended_to``);
-
-then **trainings** to ``tradeoff.target_accuracy`` at several batch sizes (the learning rate
-scaled from ``learning_rate`` by :func:`gns.scaling.learning_rate` with the early
-``b_simple``), the fit ``S(B) = S_min + E_min/B`` (:func:`gns.tradeoff.fit`), time to target as
-wall clock (``time_to_target_s``) and as ``steps × t(B)`` from the table
-(``device_time_to_target_s``, which rankings use), and the pick under every basis.
-
-It writes ``DIR/sweep.json`` (strict JSON: a non-finite number is ``null``; an interval end of
-``null`` is unbounded, a ``b_simple`` of ``null`` is ``+inf`` when the pooled ``g_sq`` is not
-positive), ``DIR/throughput.png``, ``DIR/tradeoff.png`` and ``DIR/time_to_target.png``
-(``plots``: each path, or why it was not drawn), and prints a summary table; the trainings'
-TensorBoard runs are ``DIR/train/*``. Each finished measurement is kept in
-``DIR/sweep_state.json`` with the fingerprint of exactly the config fields its stage reads
-(:data:`STAGE_FIELDS`): re-running the same command after an interruption measures only what
-is missing (the forks replay the pilot exactly when its record is reused), and a change to a
-field a stage never reads keeps its measurement. A training interrupted with Ctrl-C resumes
-from its checkpoint in ``DIR/train/B<batch>-seed<seed>-<fingerprint>``.
+It writes ``DIR/sweep.json`` (strict JSON: non-finite numbers are ``null``), the plots
+(``throughput.png``, ``tradeoff.png``, ``time_to_target.png``) and prints a summary; the
+trainings are in ``DIR/train/*``. Each finished measurement is kept in ``DIR/sweep_state.json``
+with the fingerprint of the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
+the same command measures only what is missing or what a changed field affects.
 """
 
 from __future__ import annotations
@@ -84,7 +62,7 @@ from experiments import (
 )
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
-from gns import critical, estimate, finder, hardware, plots, scaling, smoothing, tradeoff
+from gns import common, critical, estimate, finder, hardware, plots, scaling, smoothing, tradeoff
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
@@ -99,11 +77,8 @@ __all__ = [
     "run_sweep", "summary_table",
 ]  # fmt: skip
 
-# The config fields each stage reads, and nothing else: a stage gets only these
-# (:func:`stage_config`), and its cached result is keyed by their fingerprint. The throughput
-# stage times the step from seed 0 at a constant learning rate (the time of a step does not
-# depend on the values of the parameters or of the rate), so neither is among its fields.
-# ``tradeoff.max_steps`` is the horizon of the schedule the noise stage warms up with.
+# The config fields each stage reads (:func:`stage_config`), which key its cached result. The
+# throughput stage times the step from seed 0 at a constant rate, so neither is among its fields.
 TRAIN_SETUP = "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches "
 TRAIN_SETUP += "dtype"
 PILOT_TRAIN = TRAIN_SETUP + " seed batch_size learning_rate schedule warmup_steps"
@@ -147,9 +122,8 @@ def stage_config(config, stage: str) -> ml_collections.ConfigDict:
 
 
 def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
-    """:func:`experiments.runlog.fingerprint` of :func:`stage_config` (and, for the stage that
-    runs on the mesh, ``throughput``, of the ``mesh`` record when given: a table timed on
-    another set of devices is not reused)."""
+    """:func:`experiments.runlog.fingerprint` of :func:`stage_config` (for ``throughput``,
+    with the ``mesh`` record when given)."""
     view = stage_config(config, stage).to_dict()
     if mesh is not None and stage == "throughput":
         view = {"config": view, "mesh": mesh}
@@ -161,14 +135,9 @@ def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
 
 
 def validate_config(config) -> None:
-    """Check every field of a ``configs/sweep.py`` config (the table of
-    :mod:`experiments.rules`, with the device count: ``batch_size`` and
-    ``noise.batch_size`` must split over the mesh), before anything runs or is written.
-
-    Raises:
-      UserError: naming the field (as on the command line), its value and the fix.
-    """
-    rules.check(config, "sweep")  # every field, num_devices included, then the mesh's size
+    """:func:`experiments.rules.check` of a ``configs/sweep.py`` config, then again with the
+    mesh's size (``batch_size`` and ``noise.batch_size`` split over it)."""
+    rules.check(config, "sweep")
     rules.check(config, "sweep", mesh_lib.make_mesh(config.num_devices).size)
 
 
@@ -177,14 +146,9 @@ def validate_config(config) -> None:
 
 
 class SweepState:
-    """Finished measurements of a sweep, persisted in ``workdir/sweep_state.json``.
-
-    Each item (``noise_scale/value``, ``throughput/table``, ``trainings/<batch>``) carries the
-    fingerprint of the config it was measured under: an item measured under another config is
-    not reused, and is replaced by the new measurement. :meth:`put` rewrites the file
-    atomically (:func:`experiments.runlog.write_json`), so a killed sweep loses at most the
-    measurement in progress.
-    """
+    """Finished measurements of a sweep in ``workdir/sweep_state.json``, each item with the
+    fingerprint of the config it was measured under (another fingerprint: measured again);
+    :meth:`put` rewrites the file atomically."""
 
     VERSION = 3
 
@@ -228,9 +192,8 @@ class SweepState:
 
 
 def _setup(t, ds, task, schedule, *, mesh=None, init: bool = True):
-    """Model, plain step, measuring step and initial state (``init``) of the setup ``t``; with
-    ``mesh`` the steps are the data-parallel ones of :func:`experiments.train.make_train_steps`
-    and the state is replicated on it."""
+    """Model, plain step, measuring step and initial state (``init``) of the setup ``t`` (on
+    ``mesh``: the data-parallel steps, the state replicated)."""
     model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
@@ -255,15 +218,9 @@ def _stream(task, t, ds, seed: int):
 
 
 def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
-    """The :class:`gns.finder.Steps` of ``config`` and the pilot's initial state.
-
-    The pilot trains at ``batch_size`` from seed ``seed`` on the task's stream
-    (measuring step :mod:`gns.estimate`, ``gns_method``); the forks take the plain step
-    at the scaled learning rate on the stream of seed ``seed + critical.seed_offset``
-    and are evaluated on a fixed random subset of ``critical.eval_examples`` test examples
-    (the trainings' own subset for the same size). Deterministic: a replay gives the same
-    states (CPU).
-    """
+    """The :class:`gns.finder.Steps` of ``config`` and the pilot's initial state: the pilot
+    on the stream of ``seed``, the forks on that of ``seed + critical.seed_offset``, evaluated
+    on ``critical.eval_examples`` test examples."""
     view = stage_config(config, "critical_batch")  # what shapes the pilot, and the forks
     t, ccfg, horizon = view, view.critical, view.tradeoff.max_steps
     model, plain_fn, gns_fn, state = _setup(t, ds, task, train.make_schedule(t, horizon))
@@ -313,9 +270,8 @@ def pipeline_plan(config) -> finder.Plan:
 
 def independent_noise(config, ds, task):
     """``(on_step, finish)``: after ``noise.warmup_steps`` pilot steps, ``b_simple`` on
-    ``noise.num_batches`` independent batches of ``noise.batch_size`` (seed ``seed + 1``),
-    pooled with a bootstrap interval (:func:`gns.smoothing.interval`); ``finish(record)`` puts
-    it into the noise record (``b_simple``, ``interval``, ``per_batch``, ...)."""
+    ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval;
+    ``finish(record)`` puts it into the noise record."""
     view = stage_config(config, "noise_scale")
     t, noise = view, view.noise
     model = models.get_model(t.model, num_classes=ds.num_classes)
@@ -358,7 +314,7 @@ def independent_noise(config, ds, task):
                 hint="lower config.learning_rate or config.noise.warmup_steps",
             )
         pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
-        return record | runlog.to_strict_json({
+        return record | common.to_json({
             "b_simple": pooled.estimate, "interval": [pooled.low, pooled.high],
             "g_sq": float(np.mean(g[finite])), "trace_cov": float(np.mean(tc[finite])),
             "per_batch": per_batch, "batch_size": int(noise.batch_size),
@@ -372,9 +328,7 @@ def independent_noise(config, ds, task):
 
 def critical_fingerprint(config, b_noise: float) -> str:
     """The key of the branched stage's cached result: :func:`stage_fingerprint`, with
-    ``b_noise`` (:func:`gns.finder.fork_noise_scale` of the noise record) folded in where the
-    forks' learning-rate rule uses it (SGD: the McCandlish rule), so a new noise scale forks
-    again.
+    ``b_noise`` folded in where the forks' learning-rate rule uses it (SGD).
 
     Example:
       >>> from configs import sweep as sweep_config
@@ -438,22 +392,13 @@ def timing_table(rows: list[dict]) -> hardware.TimingTable:
 
 
 def measure_throughput(view, ds, task, extra=()) -> dict:
-    """Memory of each candidate, then one interleaved timing table, on the mesh.
-
-    The candidates (:func:`throughput_candidates`, and ``extra``) are **global** batch sizes
-    of the data-parallel step of training (``num_devices`` devices, all by default),
-    each device holding ``B / devices`` examples; one that does not split evenly is skipped,
-    with the reason in its row. Memory is per device (against ``throughput.memory_budget_bytes``,
-    or the device's memory, or on CPU its share of half the available host RAM), predicted and
-    confirmed by running; those that fit are timed round-robin, ``throughput.repeats`` rounds
-    after ``throughput.warmup`` (:func:`gns.finder.time_candidates`).
+    """Memory of each global batch of :func:`throughput_candidates` (and ``extra``) on the
+    training mesh (one that does not split over the devices is skipped, with the reason), then
+    one interleaved timing table of those that fit (:func:`gns.finder.time_candidates`).
 
     Returns:
-      ``{"rows", "max_batch_size", "max_batch_size_per_device", "mesh"}``: one row per
-      candidate, ascending: ``batch_size`` (global), ``per_device_batch_size``, ``fits``,
-      ``predicted_bytes`` (per device), ``budget_bytes``, ``budget_source``, ``reason``,
-      ``step_time_s`` (median), ``step_time_iqr_s``, ``times_s``, ``extra_rounds``,
-      ``stable``, ``examples_per_s`` (global).
+      ``{"rows", "max_batch_size", "max_batch_size_per_device", "mesh"}``, one row per batch,
+      ascending (the fields of ``sweep.json``'s ``throughput``).
     """
     timing, t = view.throughput, copy.deepcopy(view)
     t.seed = TIMING_SEED
@@ -524,8 +469,7 @@ def _timing_row(bt: hardware.BatchTiming | None, b: int) -> dict:
 
 def _shared_host_budget(num_devices: int) -> tuple[int, str]:
     """The per-device memory budget of ``num_devices`` simulated CPU devices: their share of
-    the default CPU budget (:data:`gns.hardware.DEFAULT_CPU_BUDGET_FRACTION` of the available
-    host RAM), since they all allocate from the one host."""
+    the default CPU budget of the one host."""
     frac = hardware.DEFAULT_CPU_BUDGET_FRACTION
     budget = int(frac * psutil.virtual_memory().available / num_devices)
     return budget, f"{round(100 * frac)}% of available host RAM / {num_devices} devices"
@@ -544,13 +488,9 @@ def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dic
             rows.append(row)
         t, k, micro = hardware.accumulated_step_time(times, b, max_batch)
         note = f"timed as gradient accumulation {k} x {micro}"
-        row.update(
-            accumulation_steps=k,
-            micro_batch_size=micro,
-            step_time_s=t,
-            examples_per_s=b / t,
-            reason="; ".join(x for x in (row.get("reason"), note) if x),
-        )
+        reason = "; ".join(x for x in (row.get("reason"), note) if x)
+        row.update(accumulation_steps=k, micro_batch_size=micro, step_time_s=t,
+                   examples_per_s=b / t, reason=reason)  # fmt: skip
     return sorted(rows, key=lambda r: r["batch_size"])
 
 
@@ -566,11 +506,9 @@ def step_times(rows: list[dict]) -> dict[int, float]:
 def training_config(
     config, batch_size: int, b_noise: float, seed_offset: int = 0
 ) -> tuple[Any, str]:
-    """The training config of the run at ``batch_size``: ``config`` without the fields no
-    training reads (:data:`experiments.rules.NOT_TRAINING`), with the scaled learning rate,
-    the target and the caps of ``config.tradeoff``, evaluation every
-    ``tradeoff.eval_every_examples`` examples, seed ``seed + seed_offset`` (its
-    fingerprint keys the cached result), and the learning-rate rule in words."""
+    """The training config at ``batch_size`` (without :data:`experiments.rules.NOT_TRAINING`;
+    the scaled learning rate, ``config.tradeoff``'s target and caps, seed ``seed +
+    seed_offset``) and the learning-rate rule in words."""
     t, tr = config, config.tradeoff
     lr, rule = scaling.learning_rate(
         t.optimizer, t.learning_rate, t.batch_size, batch_size, b_noise
@@ -603,34 +541,24 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
         [r["step"] for r in evals], [r["test_accuracy"] for r in evals], cfg.target_accuracy
     )
     return {
-        "batch_size": int(cfg.batch_size),
-        "seed": int(cfg.seed),
-        "workdir": workdir,
-        "learning_rate": float(cfg.learning_rate),
-        "lr_rule": lr_rule,
-        "reached": steps is not None,
-        "steps": steps,
+        "batch_size": int(cfg.batch_size), "seed": int(cfg.seed), "workdir": workdir,
+        "learning_rate": float(cfg.learning_rate), "lr_rule": lr_rule,
+        "reached": steps is not None, "steps": steps,
         "time_to_target_s": summary.get("time_to_target_s") if steps is not None else None,
-        "eval_every": int(cfg.eval_every),
-        "stop_reason": summary.get("stop_reason"),
-        "steps_run": summary.get("steps"),
-        "wall_time_s": summary.get("wall_time_s"),
+        "eval_every": int(cfg.eval_every), "stop_reason": summary.get("stop_reason"),
+        "steps_run": summary.get("steps"), "wall_time_s": summary.get("wall_time_s"),
         "final_test_accuracy": summary.get("test_accuracy"),
         "best_test_accuracy": summary.get("best_test_accuracy"),
         "curve": [[r["step"], r["test_accuracy"]] for r in evals],
-    }
+    }  # fmt: skip
 
 
 def run_trainings(config, workdir: str, st: SweepState, batch_sizes, b_noise: float,
                   timing: tuple[dict[int, float], int], seed_offset: int = 0, *,
                   fingerprints: dict | None = None, bar=None) -> list[dict]:  # fmt: skip
-    """The training stage: :func:`run_training` at each of ``batch_sizes`` (the config of
-    :func:`training_config`, seed ``seed + seed_offset``, in :func:`training_dir`), each
-    reused from ``st`` when it finished under the same config (key: the batch, with
-    ``/seed<seed>`` for another seed; its fingerprint also put in ``fingerprints``), with
-    ``t(B)`` and the device time to target from ``timing = (step times, max batch)``
-    (:func:`with_device_time`). ``bar``: a :class:`experiments.progress.Progress` told each
-    training's phase."""
+    """:func:`run_training` of :func:`training_config` at each of ``batch_sizes``, reused from
+    ``st`` when it finished under the same config (fingerprints also put in ``fingerprints``),
+    with the device time to target from ``timing = (step times, max batch)``."""
     points = []
     for b in batch_sizes:
         if bar is not None:
@@ -642,7 +570,7 @@ def run_trainings(config, workdir: str, st: SweepState, batch_sizes, b_noise: fl
             fingerprints[key] = fp
         p = st.get("trainings", key, fp)
         if p is None:
-            p = runlog.to_strict_json(run_training(cfg, training_dir(workdir, cfg, fp), rule))
+            p = common.to_json(run_training(cfg, training_dir(workdir, cfg, fp), rule))
             st.put("trainings", key, fp, p)
         points.append(p)
     return with_device_time(points, *timing)
@@ -670,10 +598,7 @@ def with_device_time(points: list[dict], times: dict[int, float], max_batch: int
 
 def ranking(by_batch: list[dict]) -> list[dict]:
     """``sweep.json``'s ``time_to_target``: :func:`experiments.validation.rank` of the rows of
-    :func:`experiments.validation.mean_over_seeds` (the batches whose every seed reached the
-    target, fastest first by mean device time), each as ``batch_size``, ``rank``,
-    ``device_time_to_target_s``, ``time_to_target_s`` (wall clock), ``device_over_best`` and
-    ``wall_over_best`` (over the least wall clock among them)."""
+    :func:`experiments.validation.mean_over_seeds`."""
     return [
         {"batch_size": r["batch_size"], "rank": r["rank"], validation.DEVICE: r[validation.DEVICE],
          "time_to_target_s": r["time_to_target_s"], "device_over_best": r["over_best"],
@@ -687,20 +612,11 @@ def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     reached = [p for p in points if p["reached"]]
     keys = ("batch_size", "seed", "steps", "time_to_target_s", "device_time_to_target_s")
     keys += ("step_time_s", "learning_rate", "reached", "workdir")
-    out = {
-        "s_min": None,
-        "e_min": None,
-        "b_crit": None,
-        "intervals": {},
-        "points": [{k: p.get(k) for k in keys} for p in points],
-    }
+    out = {"s_min": None, "e_min": None, "b_crit": None, "intervals": {},
+           "points": [{k: p.get(k) for k in keys} for p in points]}  # fmt: skip
     try:
-        f = tradeoff.fit(
-            [p["batch_size"] for p in reached],
-            [p["steps"] for p in reached],
-            num_bootstrap=num_bootstrap,
-            seed=seed,
-        )
+        f = tradeoff.fit([p["batch_size"] for p in reached], [p["steps"] for p in reached],
+                         num_bootstrap=num_bootstrap, seed=seed)  # fmt: skip
     except ValueError as e:
         out["error"] = f"{e} ({len(reached)} of {len(points)} trainings reached the target)"
         return out
@@ -727,11 +643,8 @@ def train_batch_sizes(config, fitting: list[int]) -> list[int]:
 
 
 def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
-    """Run (or resume) the sweep of ``config`` in ``workdir``; returns the ``sweep.json`` dict.
-
-    ``trainings=False`` measures and recommends only (the ``compare``/``tradeoff`` modes train
-    themselves).
-    """
+    """Run (or resume) the sweep of ``config`` in ``workdir``; returns the ``sweep.json`` dict
+    (``trainings=False``: measure and recommend only)."""
     validate_config(config)
     bar = progress.Progress(5, desc="sweep", unit="stages", rate=False)
     with contextlib.closing(bar), runlog.workdir_lock(workdir):
@@ -775,7 +688,7 @@ class _Stages:
         value = self.st.get(name, "value", self.fps[name])
         if value is None:
             try:
-                value = runlog.to_strict_json(compute())
+                value = common.to_json(compute())
             except ValueError as e:  # a diverged pilot: the independent batches' error first
                 finish({})
                 raise UserError(f"the noise scale could not be measured: {e}",
@@ -794,9 +707,7 @@ class _Stages:
         key, fp = f"extended_to_{extra[-1]}" if extra else "table", self.fps["throughput"]
         tput = self.st.get("throughput", key, fp)
         if tput is None:
-            tput = runlog.to_strict_json(
-                measure_throughput(self.view, self.ds, self.task, tuple(extra))
-            )
+            tput = common.to_json(measure_throughput(self.view, self.ds, self.task, tuple(extra)))
             self.st.put("throughput", key, fp, tput)
         mb = tput["max_batch_size"]
         if mb is None:
@@ -939,9 +850,9 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
 def _write_sweep(sweep: dict, workdir: str, trainings: bool) -> dict:
     """``validation`` (with trainings), the plots and ``sweep.json``."""
     if trainings:
-        sweep["validation"] = validation.validation(runlog.to_strict_json(sweep))
+        sweep["validation"] = validation.validation(common.to_json(sweep))
     try:  # {name: path, or why it was not drawn}
-        sweep["plots"] = figures.sweep_plots(runlog.to_strict_json(sweep), workdir)
+        sweep["plots"] = figures.sweep_plots(common.to_json(sweep), workdir)
     except Exception as e:  # plots are a convenience: never lose a finished sweep to them
         logging.warning("Could not write the sweep plots: %s", e)
     runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
@@ -949,10 +860,8 @@ def _write_sweep(sweep: dict, workdir: str, trainings: bool) -> dict:
 
 
 def _enable_compilation_cache(path: str | None) -> None:
-    """JAX's persistent compilation cache in ``path`` (``None``: none): the trainings compile
-    the same model init, train and eval programs at every batch size, and a re-run compiles
-    nothing again. JAX keys each entry by the program, its compile options, the jaxlib version
-    and the device. (Process-wide, and only where JAX has no cache directory configured yet.)"""
+    """JAX's persistent compilation cache in ``path`` (``None``: none), process-wide, unless
+    a cache directory is configured already."""
     if path is None or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", path)
@@ -1111,8 +1020,8 @@ def validation_lines(v: dict | None) -> list[str]:
 
 
 def _define_flags():
-    """The flags, defined only when this module is the main program: flags defined at import
-    would clash with those of another main that imports it (``experiments.cifar10`` does)."""
+    """The flags, defined only when this module is the main program (``experiments.cifar10``
+    imports it)."""
     flags.DEFINE_string("workdir", None, "Directory for sweep.json, plots and state.")
     config_flags.DEFINE_config_file(
         "config", None, "Config file, e.g. configs/sweep.py:smoke.", lock_config=True

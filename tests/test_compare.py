@@ -221,11 +221,9 @@ def test_compare_config_mistake_is_a_user_error_naming_the_field(tmp_path, field
 
 def test_policies_are_checked_names():
     c = smoke_config("compare")
-    c.compare.policies = ("best_measured", "default")
-    assert compare.policies(c) == ("best_measured", "default")
     c.compare.policies = ("tradeoff_best", "default")
-    with pytest.raises(UserError, match="need distinct names among"):
-        compare.policies(c)
+    with pytest.raises(UserError, match="compare.policies"):
+        compare.validate_config(c)
 
 
 # ---------------------------------------------------------------------------------------------
