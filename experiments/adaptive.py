@@ -1,27 +1,21 @@
 """The scheduled batch policy: a batch size that follows the measured noise scale.
 
-With ``config.adaptive.enabled`` the training loop of :mod:`experiments.train` runs with
-:class:`ScheduledBatch` as its batch policy: the :class:`gns.schedule.BatchSizeSchedule` of
-``config.adaptive`` (:func:`make_batch_schedule`), its state carried in the optimizer state
-(:func:`with_batch_schedule`: the learning-rate multiplier scales the updates, so a change of
-learning rate needs no recompilation, and the schedule is checkpointed with the train state).
-At each measurement the smoothed noise scale updates the schedule and the decision goes into
-the metrics row (``schedule_reason``; ``schedule_change`` where the batch changed, so that the
-:class:`gns.schedule.ScheduleLog` is rebuilt from the rows on resume). The data come from the
-example-indexed stream (:func:`experiments.data.stream_indices`), so a run resumed after a
-batch change sees the same examples at the same batch size as an uninterrupted one.
+With ``config.adaptive.enabled`` the loop of :mod:`experiments.train` runs with
+:class:`ScheduledBatch`: the :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``,
+its state in the optimizer state (:func:`with_batch_schedule`: checkpointed with the train state;
+the learning-rate multiplier scales the updates, so a change needs no recompilation). Each
+measurement's decision goes into the metrics row (``schedule_reason``, and ``schedule_change``
+where the batch changes, from which a resume rebuilds the :class:`gns.schedule.ScheduleLog`).
+The data are the example-indexed stream, so a resumed run sees what an uninterrupted one does.
 
-The ``adaptive`` mode is another name for the policy comparison of :mod:`experiments.compare`,
-where the device time of a run is ``Σ_B steps(B)·t(B)`` (:func:`steps_by_batch_size`,
-:func:`device_time`).
-
-References: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018);
-Merrill et al. 2025 (arXiv 2505.23971); Meterez et al. 2025 (Seesaw, arXiv 2510.14717).
+References: McCandlish et al. 2018 (arXiv 1812.06162); Merrill et al. 2025 (arXiv 2505.23971);
+Meterez et al. 2025 (Seesaw, arXiv 2510.14717).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -35,22 +29,9 @@ from gns import schedule as gschedule
 
 PyTree = Any
 
-__all__ = [
-    "ScheduledOptState",
-    "enabled",
-    "candidates",
-    "make_batch_schedule",
-    "validate",
-    "with_batch_schedule",
-    "ScheduledBatch",
-    "schedule_from_rows",
-    "steps_by_batch_size",
-    "device_time",
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# The schedule from the config.
+__all__ = ["ScheduledOptState", "enabled", "candidates", "make_batch_schedule", "validate",
+           "with_batch_schedule", "ScheduledBatch", "schedule_from_rows", "steps_by_batch_size",
+           "device_time"]  # fmt: skip
 
 
 def enabled(config) -> bool:
@@ -61,8 +42,7 @@ def enabled(config) -> bool:
 
 def candidates(config) -> list[int]:
     """The compiled batch sizes: ``config.adaptive.candidates`` or the powers of two in
-    ``[min_batch_size, max_batch_size]`` (the fields as :mod:`experiments.rules` checks them:
-    strictly increasing ints >= 2)."""
+    ``[min_batch_size, max_batch_size]``."""
     a = config.adaptive
     if a.candidates is not None:
         return [int(b) for b in a.candidates]
@@ -75,27 +55,15 @@ def candidates(config) -> list[int]:
 
 
 def make_batch_schedule(config, step_times: Sequence[float] | None = None):
-    """The :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``.
-
-    Args:
-      config: a training config with ``adaptive`` enabled.
-      step_times: seconds per step of each candidate (default ``config.adaptive.step_times``;
-        when both are ``None`` a flat table, good only for :meth:`init`).
-
-    Returns:
-      The schedule: base learning rate ``config.learning_rate`` tuned at
-      ``config.batch_size``; no gradient accumulation (every candidate is compiled as one
-      batch).
-
-    Raises:
-      UserError: bad candidates, step times, rule, margin or patience.
-    """
+    """The :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``: base learning rate
+    ``config.learning_rate`` at ``config.batch_size``, every candidate one compiled batch.
+    ``step_times``: seconds per step of each candidate (default ``config.adaptive.step_times``;
+    when both are ``None`` a flat table, good only for ``init``). Bad fields: a
+    :class:`UserError`."""
     a = config.adaptive
     cands = candidates(config)
     times = step_times if step_times is not None else a.step_times
-    if times is None:
-        times = [1.0] * len(cands)
-    times = [float(t) for t in times]
+    times = [1.0] * len(cands) if times is None else [float(t) for t in times]
     if len(times) != len(cands):
         raise UserError(
             f"config.adaptive.step_times has {len(times)} entries for {len(cands)} candidates "
@@ -104,32 +72,19 @@ def make_batch_schedule(config, step_times: Sequence[float] | None = None):
         )
     try:
         return gschedule.batch_size_schedule(
-            dict(zip(cands, times, strict=True)),
-            max_batch_size=cands[-1],
-            candidates=cands,
-            initial_batch_size=a.initial_batch_size or cands[0],
-            lr_rule=a.lr_rule,
-            base_batch_size=int(config.batch_size),
-            base_lr=float(config.learning_rate),
-            margin=float(a.margin),
-            patience=int(a.patience),
-            allow_shrink=bool(a.allow_shrink),
-            accumulate=False,
-        )
+            dict(zip(cands, times, strict=True)), max_batch_size=cands[-1], candidates=cands,
+            initial_batch_size=a.initial_batch_size or cands[0], lr_rule=a.lr_rule,
+            base_batch_size=int(config.batch_size), base_lr=float(config.learning_rate),
+            margin=float(a.margin), patience=int(a.patience),
+            allow_shrink=bool(a.allow_shrink), accumulate=False)  # fmt: skip
     except ValueError as e:
         raise UserError(f"config.adaptive: {e}", hint="see configs/cifar10.py base()") from None
 
 
 def validate(config, num_train: int, microbatches: int | None) -> None:
-    """The checks of an adaptive training config beyond :mod:`experiments.rules` and
-    :func:`make_batch_schedule`: against the data and the estimator.
-
-    Args:
-      config: the training config.
-      num_train: number of train examples (every candidate must be at most that).
-      microbatches: microbatches every candidate must split into (the microbatch estimator
-        and ghost BatchNorm), or ``None``.
-    """
+    """The checks of an adaptive config against the data and the estimator: the schedule
+    builds, no candidate exceeds ``num_train``, and each splits into ``microbatches`` (the
+    microbatch estimator's and ghost BatchNorm's groups; ``None``: no such constraint)."""
     cands = candidates(config)
     make_batch_schedule(config)
     if cands[-1] > num_train:
@@ -145,38 +100,23 @@ def validate(config, num_train: int, microbatches: int | None) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# The learning-rate multiplier and the schedule state inside the optimizer state.
-
-
 class ScheduledOptState(NamedTuple):
-    """Optimizer state of :func:`with_batch_schedule`.
+    """Optimizer state of :func:`with_batch_schedule`."""
 
-    Attributes:
-      inner: the wrapped optimizer's state.
-      lr_multiplier: float32 scalar multiplying every update (the schedule's multiplier).
-      schedule: the :class:`gns.schedule.ScheduleState` (checkpointed with the train state).
-    """
-
-    inner: PyTree
-    lr_multiplier: jax.Array
+    inner: PyTree  # the wrapped optimizer's state
+    lr_multiplier: jax.Array  # float32 scalar multiplying every update
     schedule: gschedule.ScheduleState
 
 
 def with_batch_schedule(
     optimizer: optax.GradientTransformation, initial: gschedule.ScheduleState
 ) -> optax.GradientTransformation:
-    """``optimizer`` with its updates multiplied by the state's ``lr_multiplier``.
+    """``optimizer`` with its updates multiplied by the state's ``lr_multiplier`` (from
+    ``initial``, the schedule's initial state).
 
-    Every optax optimizer of :func:`experiments.train.make_optimizer` applies its learning
-    rate last (``-lr · direction``, weight decay included), so scaling the update scales the
-    learning rate; the multiplier is an array in the state, so the host changes it without
-    recompiling (``state.opt_state._replace(lr_multiplier=...)``). A multiplier of 1 leaves
-    the updates bit for bit unchanged.
-
-    Args:
-      optimizer: the optimizer to wrap.
-      initial: the schedule's initial state (its ``lr_multiplier`` is the initial one).
+    The optimizers of :func:`experiments.train.make_optimizer` apply the learning rate last
+    (weight decay included), so scaling the update scales the learning rate; the host changes
+    the multiplier without recompiling. A multiplier of 1 leaves the updates bit for bit equal.
     """
 
     def init(params):
@@ -193,33 +133,19 @@ def with_batch_schedule(
     return optax.GradientTransformation(init, update)
 
 
-# ---------------------------------------------------------------------------------------------
-# The batch policy of the training loop.
-
-
 def schedule_from_rows(rows: Sequence[dict]) -> dict:
     """``{'changes', 'reason_counts'}`` of a run's :class:`gns.schedule.ScheduleLog`, rebuilt
     from its metrics rows (``schedule_change`` entries and ``schedule_reason`` counts)."""
     changes = [r["schedule_change"] for r in rows if r.get("schedule_change")]
-    counts: dict[str, int] = {}
-    for r in rows:
-        if r.get("schedule_reason"):
-            counts[r["schedule_reason"]] = counts.get(r["schedule_reason"], 0) + 1
-    return {"changes": changes, "reason_counts": counts}
+    counts = Counter(r["schedule_reason"] for r in rows if r.get("schedule_reason"))
+    return {"changes": changes, "reason_counts": dict(counts)}
 
 
 class ScheduledBatch:
-    """The batch policy of the schedule (the interface of
+    """The batch policy of the schedule ``sched`` (the interface of
     :class:`experiments.train.FixedBatch`): the batch size and rate multiplier that the
-    schedule state in the train state stands for, updated at each measurement; the example
-    stream.
-
-    Args:
-      config: the training config (``adaptive`` enabled).
-      sched: the :class:`gns.schedule.BatchSizeSchedule`.
-      eval_every_examples: examples between evaluations (0: none).
-      rows: the rows of the run so far (a resumed run's history of decisions).
-    """
+    schedule state in the train state stands for, updated at each measurement. ``rows``: the
+    run's rows so far (a resumed run's decisions)."""
 
     by_example = True
 
@@ -241,13 +167,9 @@ class ScheduledBatch:
         return float(jax.device_get(state.opt_state.lr_multiplier))
 
     def update(self, state, noise: float, step: int) -> tuple[Any, dict]:
-        """Feed one smoothed noise scale (``ema_b_simple`` of a measurement) to the schedule.
-
-        Returns:
-          ``(state, fields)``: the state with the new schedule state and multiplier, and the
-          row fields ``schedule_reason`` (and ``schedule_change``, the ScheduleLog entry,
-          when the batch changes at the next step).
-        """
+        """Feed one smoothed noise scale (``ema_b_simple``) to the schedule: ``(state, row
+        fields)``, ``schedule_reason`` and, where the batch changes at the next step,
+        ``schedule_change`` (the ScheduleLog entry)."""
         noise = float(noise) * self.factor if noise is not None else math.nan
         decision, s = self._update(jnp.float32(noise), state.opt_state.schedule)
         entry = self.log.record(step, decision)
@@ -262,13 +184,9 @@ class ScheduledBatch:
 
 
 def steps_by_batch_size(rows: Sequence[dict], upto_step: int | None = None) -> dict[int, int]:
-    """Optimizer steps taken at each batch size, from the metrics rows (the batch changes only
-    right after a row, so the steps since the previous row ran at the row's ``batch_size``).
-
-    Args:
-      rows: a run's metrics rows (``step``, ``batch_size``), in order.
-      upto_step: count only the steps up to this one (e.g. the step the target was reached).
-    """
+    """Optimizer steps taken at each batch size, from a run's rows in order, up to
+    ``upto_step`` (the batch changes only right after a row, so the steps since the previous
+    row ran at the row's ``batch_size``)."""
     out: dict[int, int] = {}
     prev = 0
     for r in rows:
@@ -282,5 +200,5 @@ def steps_by_batch_size(rows: Sequence[dict], upto_step: int | None = None) -> d
 
 
 def device_time(steps: dict[int, int], step_time: dict[int, float]) -> float:
-    """``Σ_B steps(B)·t(B)``: the time the steps take on the timing table's device."""
+    """``Σ_B steps(B)·t(B)``: the device time of a run (the compare mode's measure)."""
     return float(sum(n * step_time[int(b)] for b, n in steps.items()))

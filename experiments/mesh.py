@@ -1,27 +1,16 @@
-"""The data-parallel layout of the experiments: one mesh over every device, on every host.
+"""The data-parallel layout: one 1-D mesh (axis :data:`AXIS`) over every device, on every host.
 
-:mod:`experiments.train` runs every step under ``jax.jit`` of ``jax.shard_map`` over a 1-D
-:class:`jax.sharding.Mesh` with the axis :data:`AXIS`: the global batch is sharded over it,
-the train state (parameters, optimizer state, noise-scale tracker) is replicated, and the
-step's metrics come back replicated. One device is a mesh of one, so there is one code path;
-the choice of ``shard_map`` over ``jit`` with ``NamedSharding`` is explained in
-``docs/data-parallel.md``.
-
-Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize`` (with
-``config.distributed`` or ``JAX_COORDINATOR_ADDRESS`` set), the mesh spans ``jax.devices()``
-(all hosts), and every process computes the same **global** batch (the data pipeline is a pure
-function of seed and step) of which :func:`shard` puts on its devices only the rows they hold.
-Process 0 writes the files; checkpoints are orbax's multi-process ones.
+Every step of :mod:`experiments.train` is ``jax.jit`` of ``jax.shard_map`` over the mesh: the
+global batch is sharded, the train state replicated, the metrics come back replicated; one device
+is a mesh of one (``docs/data-parallel.md`` says why ``shard_map``). Multi-host: every process
+computes the same global batch (the data pipeline is a pure function of seed and step) and
+:func:`shard` puts on its devices only their rows; process 0 writes the files.
 
 Example::
 
     mesh = make_mesh()                     # all devices
     per_device = check_batch(256, mesh)    # UserError unless divisible
-    state = replicate(state, mesh)
-    batch = shard(host_batch, mesh)        # the same global batch on every process
-
-Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018),
-appendix A (the noise scale from the per-device gradients of data-parallel training).
+    state, batch = replicate(state, mesh), shard(host_batch, mesh)
 """
 
 from __future__ import annotations
@@ -45,51 +34,29 @@ PyTree = Any
 AXIS = "batch"
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
-__all__ = [
-    "AXIS",
-    "initialize_distributed",
-    "make_mesh",
-    "describe",
-    "check_batch",
-    "split_reason",
-    "replicate",
-    "shard",
-    "placed_batches",
-    "device_train_batches",
-]
+__all__ = ["AXIS", "initialize_distributed", "make_mesh", "describe", "check_batch", "split_reason",
+           "replicate", "shard", "placed_batches", "device_train_batches"]  # fmt: skip
 
 
 def initialize_distributed(enabled: bool = False, timeout_s: int = 300) -> bool:
     """``jax.distributed.initialize()`` once, when ``enabled`` or ``JAX_COORDINATOR_ADDRESS``
-    is set; call it before anything touches a device.
+    is set, before anything touches a device; returns whether the run is multi-process.
 
-    The coordinator, process count and id come from JAX's cluster detection (SLURM, Open MPI,
-    Kubernetes, Cloud TPU) or from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``. On CPU the collectives use gloo.
-
-    Returns:
-      Whether this process is part of a multi-process run.
-
-    Raises:
-      UserError: the initialization failed (coordinator unreachable, missing variables).
+    The cluster comes from JAX's detection (SLURM, Open MPI, Kubernetes, Cloud TPU) or from
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; CPU collectives
+    use gloo. A failure is a :class:`UserError`.
     """
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     if not (enabled or os.environ.get(COORDINATOR_ENV)):
         return False
-    env = {k: os.environ.get(k) for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    kwargs = {
-        "num_processes": int(env["JAX_NUM_PROCESSES"]) if env["JAX_NUM_PROCESSES"] else None,
-        "process_id": int(env["JAX_PROCESS_ID"]) if env["JAX_PROCESS_ID"] else None,
-    }
+    env = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    kwargs = {k: int(os.environ[v]) if os.environ.get(v) else None for k, v in env.items()}
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(
-            initialization_timeout=timeout_s,
-            heartbeat_timeout_seconds=timeout_s,
-            shutdown_timeout_seconds=timeout_s,
-            **kwargs,
-        )
+        jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs,
+                                   heartbeat_timeout_seconds=timeout_s,
+                                   shutdown_timeout_seconds=timeout_s)  # fmt: skip
     except (ValueError, RuntimeError) as e:
         raise UserError(
             f"jax.distributed.initialize failed: {' '.join(str(e).split())[:300]}",
@@ -101,13 +68,8 @@ def initialize_distributed(enabled: bool = False, timeout_s: int = 300) -> bool:
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh (axis :data:`AXIS`) over ``jax.devices()``, or over the first
-    ``num_devices`` of them (one process only).
-
-    Raises:
-      UserError: ``num_devices`` is not in ``[1, jax.device_count()]``, or is set on a
-        multi-process run (which always uses every device).
-    """
+    """A 1-D mesh over ``jax.devices()``, or over the first ``num_devices`` of them (one
+    process only: a :class:`UserError` otherwise, or outside ``[1, jax.device_count()]``)."""
     devices = jax.devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices) or jax.process_count() > 1:
@@ -121,15 +83,9 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def describe(mesh: Mesh) -> dict:
-    """The record of the mesh that ``summary.json`` (:mod:`experiments.train`) and
-    ``sweep.json`` (:mod:`experiments.sweep`) keep: ``devices``, ``kind`` (e.g. ``'cpu'``,
-    ``'NVIDIA H100 80GB HBM3'``), ``platform``, ``hosts`` (processes whose devices it spans),
-    ``shape`` (``{axis name: size}``) and ``axis``.
-
-    Example:
-      >>> describe(make_mesh(1))["shape"]
-      {'batch': 1}
-    """
+    """The ``mesh`` record of ``summary.json`` and ``sweep.json``: ``devices``, ``kind`` (e.g.
+    ``'NVIDIA H100 80GB HBM3'``), ``platform``, ``hosts`` (processes it spans), ``shape``
+    (``{'batch': devices}``) and ``axis``."""
     devices = list(mesh.devices.flat)
     return {
         "devices": len(devices),
@@ -143,12 +99,7 @@ def describe(mesh: Mesh) -> dict:
 
 def split_reason(batch_size: int, mesh: Mesh) -> str | None:
     """Why the global ``batch_size`` cannot be split evenly over ``mesh`` (``None``: it can):
-    what the sweep records for a candidate it skips.
-
-    Example:
-      >>> split_reason(6, make_mesh(1)) is None
-      True
-    """
+    what the sweep records for a candidate it skips."""
     n = mesh.size
     if batch_size < n:
         return f"skipped: global batch {batch_size} is smaller than the {n} devices"
@@ -160,13 +111,9 @@ def split_reason(batch_size: int, mesh: Mesh) -> str | None:
 def check_batch(
     batch_size: int, mesh: Mesh, field: str = "batch_size", per_example: bool = False
 ) -> int:
-    """The per-device batch of a global ``batch_size`` on ``mesh``.
-
-    Raises:
-      UserError: naming both numbers, when the global batch is smaller than the device count
-        or not divisible by it, or (``per_example``: the estimator compares the examples of
-        each device) leaves fewer than 2 examples per device.
-    """
+    """The per-device batch of a global ``batch_size`` on ``mesh``; a :class:`UserError`
+    naming both numbers when it does not split evenly, or (``per_example``) leaves fewer than
+    2 examples per device."""
     n = mesh.size
     problem = rules.batch_problem(batch_size, n, field)
     if problem:
@@ -181,8 +128,7 @@ def check_batch(
 
 
 def _global(x, sharding: NamedSharding) -> jax.Array:
-    """A global array with ``sharding`` from the full value ``x``, present on every process
-    (each device receives only its slice)."""
+    """A global array with ``sharding`` from the full value ``x`` present on every process."""
     x = np.asarray(x)
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
@@ -190,12 +136,10 @@ def _global(x, sharding: NamedSharding) -> jax.Array:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """``tree`` replicated over ``mesh``, as fresh buffers (safe to donate; also for arrays
-    that an initializer shared between leaves). Works from host values, single-device
-    arrays and global replicated arrays alike."""
+    """``tree`` (host values, single-device or replicated arrays) replicated over ``mesh`` as
+    fresh buffers: safe to donate, even where an initializer shared one array between leaves."""
     sharding = NamedSharding(mesh, P())
-    host = jax.device_get(tree)
-    return jax.tree.map(lambda x: _global(x, sharding), host)
+    return jax.tree.map(lambda x: _global(x, sharding), jax.device_get(tree))
 
 
 def shard(batch: PyTree, mesh: Mesh) -> PyTree:
@@ -206,8 +150,8 @@ def shard(batch: PyTree, mesh: Mesh) -> PyTree:
 
 
 def placed_batches(batches: Iterator[PyTree], mesh: Mesh) -> Iterator[PyTree]:
-    """``batches`` (host, prefetched) put on the mesh one by one; the transfer is
-    asynchronous, so it overlaps the previous step. Closing it closes ``batches``."""
+    """Host ``batches`` put on the mesh one by one (asynchronously: the transfer overlaps the
+    previous step); closing it closes ``batches``."""
     try:
         for batch in batches:
             yield shard(batch, mesh)
@@ -225,20 +169,12 @@ def device_train_batches(
     mesh: Mesh,
     start_example: int | None = None,
 ) -> Iterator[dict]:
-    """The batches of :func:`experiments.data.train_batches`, gathered on the devices
-    (the step stream, or with ``start_example`` the example stream of a changing batch size).
-
-    The decoded uint8 train images and labels are put on every device of ``mesh`` once
-    (CIFAR-10: 150 MB); each step sends only the example indices and augmentation parameters
-    (:func:`experiments.data.train_indices`, :func:`experiments.data.augment_params`, so the
-    batches are those of the host pipeline) and one compiled function gathers, crops, flips
-    and normalizes the batch on the devices, sharded over the mesh axis. Nothing waits for the
-    host between steps: the GPU stays busy.
-
-    Returns:
-      An endless iterator of ``{'image': float32 [B, H, W, C], 'label': int32 [B]}`` global
-      arrays sharded over :data:`AXIS`.
-    """
+    """The batches of :func:`experiments.data.train_batches` (the step stream, or with
+    ``start_example`` the example stream), gathered on the devices: the uint8 train set is put
+    on every device once (CIFAR-10: 150 MB), each step sends only the indices and augmentation
+    parameters of the host pipeline, and one compiled function gathers, crops, flips and
+    normalizes the batch, sharded over :data:`AXIS`. An endless iterator of ``{'image',
+    'label'}``."""
     num_train = len(ds.train_labels)
     if not 1 <= batch_size <= num_train:
         raise ValueError(

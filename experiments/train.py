@@ -1,67 +1,32 @@
-"""Plain training code shared by the CIFAR-10 main, the sweep driver and the compare mode.
+"""The one training loop: ``train_and_evaluate(config, workdir)`` for every task and mode.
 
-``train_and_evaluate(config, workdir)`` trains ``config.model`` on ``config.data`` with the
-noise scale measured along the way and writes into ``workdir`` (through
-:mod:`experiments.runlog`, which keeps the record consistent across interruptions and resumes).
-``config.task`` (:mod:`experiments.tasks`; default ``cifar10``) says what the data are: images
-(``test_accuracy``, target ``target_accuracy``) or byte windows of a language model (``lm``:
-also ``test_bits_per_byte``, target ``target_bits_per_byte``, lower is better):
+It trains ``config.model`` on the task of ``config.task`` (:mod:`experiments.tasks`: images,
+bytes of text, ...) with the noise scale measured along the way, and writes into ``workdir``
+(through :mod:`experiments.runlog`: the record stays consistent across Ctrl-C and resumes):
 
-- ``config.json``: the config of the run (written after the resume check, see below);
-- ``metrics.jsonl``: one strict-JSON object per logged step (``step``, ``examples_seen``,
-  ``batch_size``, ``epoch``, ``wall_time_s``, ``examples_per_s``, ``train_loss``,
-  ``train_accuracy``, ``learning_rate``, ``test_accuracy``/``test_loss`` on evaluation rows, on
-  noise-scale rows the raw ``g_sq``, ``trace_cov``, ``b_simple`` and the smoothed ``ema_g_sq``,
-  ``ema_trace_cov``, ``ema_b_simple``, and ``stop_reason`` on the row where a run stops);
-  ``null`` stands for a non-finite value (``b_simple`` is ``null`` when ``g_sq <= 0``: the
-  gradient is not resolved above the noise);
-- TensorBoard event files (``events.out.tfevents.*``, :mod:`experiments.events`): the scalars
-  of the rows, rewritten from the rows kept on a resume;
-- ``summary.json``: final full-test-set accuracy (``config.final_eval_examples`` of the test
-  examples when the config has that field and it is set), times (``wall_time_s``: this call,
-  from start to summary; ``train_time_s``, ``eval_time_s``, ``compile_time_s``,
-  ``pause_time_s``: the clock's shares), steps, ``stop_reason``
-  (``num_steps``, ``target_accuracy`` or ``target_bits_per_byte``, ``max_wall_time_s``,
-  ``interrupted``, ``diverged``), ``steps_to_target`` and ``time_to_target_s`` (where the mean
-  of the last ``config.target_window`` periodic evaluations first reached the target; the run
-  stops there), and
-  the noise scale with its bootstrap interval;
-- ``checkpoints/``: orbax checkpoints; re-running the same command resumes from the last
-  readable one, after checking that the config's identity (:func:`run_identity`), the data's
-  (its content's fingerprint, ``summary.json``'s ``data``) and the number of devices are the
-  same;
-- ``training.png`` and ``noise_scale.png`` (:mod:`experiments.figures`).
+- ``config.json``; ``metrics.jsonl``: one strict-JSON row per logged step (``step``,
+  ``examples_seen``, ``batch_size``, ``epoch``, ``wall_time_s``, ``examples_per_s``,
+  ``train_loss``, ``train_accuracy``, ``learning_rate``; ``test_*`` on evaluation rows; raw
+  ``g_sq``, ``trace_cov``, ``b_simple`` and smoothed ``ema_*`` on measured rows;
+  ``stop_reason`` where the run stops); TensorBoard event files (:mod:`experiments.events`);
+- ``summary.json`` (:func:`_summarize`): the final evaluation, the clock's shares
+  (``train_time_s``: data and steps, which the rows' ``wall_time_s`` and the times to target
+  use; ``eval_time_s``, ``compile_time_s``, ``pause_time_s``; ``wall_time_s`` of the call),
+  ``stop_reason`` (``num_steps``, the task's target field, ``max_wall_time_s``,
+  ``interrupted``, ``diverged``), ``steps_to_target``/``time_to_target_s`` (the mean of the
+  last ``config.target_window`` evaluations first at the target; the run stops there) and
+  ``noise_scale`` (:func:`noise_scale_summary`);
+- ``checkpoints/`` (orbax): re-running the command resumes from the last one when the
+  :func:`run_identity`, the data's content and the device count agree, and a finished run
+  returns its stored summary; ``training.png``, ``noise_scale.png``.
 
-Re-running a finished run (its summary's stop reason still holds at the checkpoint's step)
-logs that it is already complete and returns the stored summary. Progress: a bar on a
-terminal, else a log line every few seconds (:mod:`experiments.progress`).
-
-Every ``config.gns_every`` steps the step takes its gradient from ``gns.estimate`` (per-example
-gradients for models without BatchNorm, microbatches otherwise), so the measurement costs no
-second backward pass and the update is the one a plain step would make. Models with BatchNorm
-train with "ghost" BatchNorm over ``config.gns_microbatches`` equal groups of the batch on every
-step, plain or measured, so the measured gradient is the training gradient.
-
-The rows' ``wall_time_s`` (and ``train_time_s`` of the summary) counts training only (data and
-steps; compilation, evaluation and checkpoints are reported apart as ``compile_time_s``,
-``eval_time_s``, ``pause_time_s``), so times to a target compare fairly across batch sizes.
-Ctrl-C stops at the next step boundary with that
-step's row, a checkpoint and the summary written (exit code 130); a non-finite loss or one above
-``config.divergence_factor`` times the initial loss stops the run with :class:`Diverged`.
-
+Every ``config.gns_every`` steps the step takes its gradient from ``gns.estimate``, so the
+measurement costs no second backward pass; BatchNorm models train with ghost BatchNorm over
+``config.gns_microbatches`` groups on every step, so the measured gradient is the training one.
 The batch size is a **batch policy** (:func:`batch_policy`): :class:`FixedBatch`, or with
-``config.adaptive.enabled`` the schedule of :class:`experiments.adaptive.ScheduledBatch`: at
-each noise-scale measurement the smoothed ``ema_b_simple`` updates a
-:func:`gns.schedule.batch_size_schedule` whose state (and learning-rate multiplier) lives in the
-optimizer state, so it is checkpointed with the train state; a change takes effect at the next
-step, with one compiled step per batch size (:class:`StepCache`: compiled on first use, charged
-to ``compile_time_s``). Such a run reads the example-indexed stream
-(:func:`experiments.data.stream_indices`), evaluates every
-``config.adaptive.eval_every_examples`` examples, and its rows also carry ``schedule_reason``
-(each measurement) and ``schedule_change`` (each change). Either way the run stops after
-``num_steps x batch_size`` examples.
-
-Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Training" (2018).
+``config.adaptive.enabled`` :class:`experiments.adaptive.ScheduledBatch`, one compiled step per
+batch size (:class:`StepCache`). A run lasts ``num_steps x batch_size`` examples. A non-finite
+loss, or one above ``config.divergence_factor`` times the first, raises :class:`Diverged`.
 
 Example (as in the tests)::
 
@@ -69,7 +34,6 @@ Example (as in the tests)::
     config = cifar10.get_config("smoke")
     config.data.source = "synthetic"
     summary = train_and_evaluate(config, "/tmp/run")
-    summary["test_accuracy"], summary["noise_scale"]["b_simple"]
 """
 
 from __future__ import annotations
@@ -89,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import PartitionSpec as P
 
 from experiments import adaptive, figures, models, progress, rules, runlog, tasks
 from experiments import mesh as mesh_lib
@@ -98,49 +63,21 @@ from gns import common, estimate, hardware, smoothing
 
 PyTree = Any
 
-__all__ = [
-    "TrainState",
-    "Setup",
-    "build_setup",
-    "Diverged",
-    "train_and_evaluate",
-    "validate_config",
-    "run_identity",
-    "init_state",
-    "make_schedule",
-    "make_optimizer",
-    "make_loss_fn",
-    "make_plain_loss_fn",
-    "make_train_steps",
-    "resolve_gns_method",
-    "resolve_num_steps",
-    "noise_scale_summary",
-]
+__all__ = ["TrainState", "Setup", "build_setup", "Diverged", "train_and_evaluate",
+           "validate_config", "run_identity", "init_state", "make_schedule", "make_optimizer",
+           "make_loss_fn", "make_plain_loss_fn", "make_train_steps", "resolve_gns_method",
+           "resolve_num_steps", "noise_scale_summary"]  # fmt: skip
 
 METRICS_FILE = runlog.METRICS_FILE
 SUMMARY_FILE = "summary.json"
-CONFIG_FILE = runlog.CONFIG_FILE
-# Fields that do not change what a run computes: a resume may change them (see run_identity).
-NOT_IDENTITY = (
-    *rules.NOT_TRAINING,
-    "log_every",
-    "checkpoint_every",
-    "progress_bar",
-    "plots",
-    "max_wall_time_s",
-    "eval_batch_size",
-    "divergence_factor",
-    "data.cache_dir",
-    "data.tfds_data_dir",
-    "data.url",
-    "data.md5",
-    "data.on_device",
-    "distributed",
-    "step_time_repeats",
-    # How the compare mode times the schedule's candidates, not the schedule itself.
-    "adaptive.timing_warmup",
-    "adaptive.timing_rounds",
-)
+# Fields that do not change what a run computes, so a resume may change them (run_identity);
+# adaptive.timing_*: how the candidates are timed, not the schedule.
+NOT_IDENTITY = (*rules.NOT_TRAINING, "log_every", "checkpoint_every", "progress_bar", "plots",
+                "max_wall_time_s", "eval_batch_size", "divergence_factor", "data.cache_dir",
+                "data.tfds_data_dir", "data.url", "data.md5", "data.on_device", "distributed",
+                "step_time_repeats", "adaptive.timing_warmup",
+                "adaptive.timing_rounds")  # fmt: skip
+_GNS_KEYS = ("g_sq", "trace_cov", "b_simple", "ema_g_sq", "ema_trace_cov", "ema_b_simple")
 
 
 class Diverged(UserError):
@@ -149,27 +86,14 @@ class Diverged(UserError):
 
 
 class TrainState(NamedTuple):
-    """Everything a step changes, as one pytree (checkpointed as a whole).
+    """Everything a step changes, as one pytree (checkpointed as a whole)."""
 
-    Attributes:
-      step: number of optimizer updates done (int32 scalar).
-      params: model parameters.
-      batch_stats: BatchNorm running statistics (``{}`` for models without BatchNorm).
-      opt_state: optax state.
-      gns: the :func:`gns.smoothing.ema` tracker state.
-      rng: base PRNG key (raw ``uint32[2]``); step ``s`` uses ``fold_in(rng, s)``.
-    """
-
-    step: jax.Array
+    step: jax.Array  # optimizer updates done (int32 scalar)
     params: PyTree
-    batch_stats: PyTree
+    batch_stats: PyTree  # BatchNorm running statistics ({} without BatchNorm)
     opt_state: PyTree
-    gns: PyTree
-    rng: jax.Array
-
-
-# ---------------------------------------------------------------------------------------------
-# Config: validation and identity.
+    gns: PyTree  # the gns.smoothing.ema tracker state
+    rng: jax.Array  # dropout key; step s uses fold_in(rng, s)
 
 
 def _is_int(x) -> bool:
@@ -193,29 +117,18 @@ def _choice(config, field: str, options: tuple[str, ...]) -> str:
 
 
 def validate_config(config) -> None:
-    """Check every field :func:`train_and_evaluate` reads (the table of
-    :mod:`experiments.rules`, with the device count), before anything is written.
-
-    Raises:
-      UserError: naming the field, its value and the fix (e.g. a learning rate that is not a
-        positive finite number, ``batch_size < 2``, an unknown optimizer, schedule, model or
-        noise-scale method, a batch that does not split over the devices).
-    """
+    """Check every field :func:`train_and_evaluate` reads (:mod:`experiments.rules`, with
+    the device count) before anything is written: a :class:`UserError` naming the field, its
+    value and the fix."""
     kind = tasks.get(config).name
     rules.check(config, kind)  # every field, num_devices included, then the mesh's size
     rules.check(config, kind, mesh_lib.make_mesh(config.num_devices).size)
 
 
 def run_identity(config: dict) -> dict:
-    """The fields of a config (as a dict) that change what a run computes: all of them except
-    :data:`NOT_IDENTITY` (logging, checkpoints, plots, budgets, cache locations), and except
-    ``num_steps``/``num_epochs`` with a constant schedule (there they only say where the run
-    stops, so a finished run can be extended). A resume must have the same identity.
-
-    Example::
-
-        runlog.differing_fields(run_identity(old), run_identity(new))
-    """
+    """The fields of a config dict that a resume must keep: all but :data:`NOT_IDENTITY`,
+    and but ``num_steps``/``num_epochs`` with a constant schedule (there they only say where
+    the run stops, so a finished run can be extended)."""
     ident = copy.deepcopy(config)
     constant = config.get("schedule") == "constant"
     drop = NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ())
@@ -228,10 +141,6 @@ def run_identity(config: dict) -> dict:
     return ident
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimizer and schedule.
-
-
 def resolve_num_steps(config, num_train: int) -> int:
     """``config.num_epochs`` (if set) converted to steps, else ``config.num_steps``."""
     if config.num_epochs is not None:
@@ -242,16 +151,9 @@ def resolve_num_steps(config, num_train: int) -> int:
 
 
 def make_schedule(config, num_steps: int) -> optax.Schedule:
-    """Linear warmup over ``config.warmup_steps`` then constant or cosine decay to zero.
-
-    Args:
-      config: with ``learning_rate``, ``warmup_steps`` and ``schedule`` in ``{'constant',
-        'cosine'}``.
-      num_steps: total number of steps (the cosine reaches 0 there).
-
-    Returns:
-      An optax schedule ``step -> learning rate``.
-    """
+    """The optax learning-rate schedule: linear warmup over ``config.warmup_steps`` to
+    ``config.learning_rate``, then constant or (``config.schedule='cosine'``) a cosine decay
+    that reaches 0 at ``num_steps``."""
     lr = float(config.learning_rate)
     warmup = int(config.warmup_steps)
     kind = _choice(config, "schedule", SCHEDULES)
@@ -270,12 +172,9 @@ def _decay_mask(params):
 
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """The optax optimizer named by ``config.optimizer``.
-
-    ``sgd``: SGD with ``config.momentum`` (Nesterov if ``config.nesterov``) and L2 weight decay
-    ``config.weight_decay``; ``adam``: Adam with L2 weight decay; ``adamw``: AdamW (decoupled
-    decay); ``lamb``: LAMB (You et al. 2020). Weight decay applies to kernels only.
-    """
+    """The optax optimizer ``config.optimizer``: ``sgd`` (``config.momentum``, Nesterov if
+    ``config.nesterov``) or ``adam`` with L2 weight decay, ``adamw`` or ``lamb`` (You et al.
+    2020) with decoupled decay; ``config.weight_decay`` applies to kernels only."""
     name = _choice(config, "optimizer", OPTIMIZERS)
     wd = float(config.weight_decay)
     if name == "sgd":
@@ -291,15 +190,10 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
     return opt
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses and steps.
-
-
 def resolve_gns_method(config, model, num_devices: int = 1) -> str:
-    """``config.gns_method`` with ``'auto'`` resolved: ``across_devices`` on 2 or more devices
-    (free: data parallelism computes it), else per_example without BatchNorm and microbatch
-    with it. Explicit per_example on a BatchNorm model, or across_devices on one device, is an
-    error."""
+    """``config.gns_method`` with ``'auto'`` resolved: ``across_devices`` on 2 or more
+    devices, else ``per_example`` without BatchNorm and ``microbatch`` with it. ``per_example``
+    on a BatchNorm model, or ``across_devices`` on one device, is a :class:`UserError`."""
     method = _choice(config, "gns_method", GNS_METHODS)
     bn = models.has_batch_norm(model)
     if method == "auto":
@@ -334,21 +228,11 @@ def _forward(model, params, batch_stats, images, dropout_key, train):
 
 
 def make_loss_fn(model, batch_stats: PyTree, rng: jax.Array | None) -> Callable:
-    """The training loss as ``loss_fn(params, batch) -> (loss, aux)``, for ``gns.estimate``.
-
-    Args:
-      model: a Flax module from :func:`experiments.models.get_model`.
-      batch_stats: BatchNorm statistics (``{}`` without BatchNorm), closed over.
-      rng: PRNG key for dropout, or ``None``. The key of a (micro)batch is
-        ``fold_in(rng, batch['index'][0])``, so different microbatches (and examples) draw
-        different masks.
-
-    Returns:
-      ``loss_fn`` with ``batch = {'image', 'label', 'index'}`` (or ``{'tokens', 'targets',
-      'index'}``, see :func:`experiments.tasks.split_batch`): mean cross-entropy (over examples,
-      and over the positions of a token sequence) and ``aux = {'loss', 'accuracy',
-      'batch_stats'}`` (the updated BatchNorm statistics).
-    """
+    """The training loss ``loss_fn(params, batch) -> (loss, aux)`` for ``gns.estimate``:
+    mean cross-entropy over the examples (and positions) of ``batch`` (inputs, targets and
+    ``'index'``), ``aux = {'loss', 'accuracy', 'batch_stats'}``. ``batch_stats`` is closed
+    over; the dropout key of a (micro)batch is ``fold_in(rng, batch['index'][0])`` (``rng``
+    ``None``: no dropout)."""
 
     def loss_fn(params, batch):
         key = None if rng is None else jax.random.fold_in(rng, batch["index"][0])
@@ -362,21 +246,15 @@ def make_loss_fn(model, batch_stats: PyTree, rng: jax.Array | None) -> Callable:
 
 
 def make_plain_loss_fn(model, batch_stats, rng, groups: int = 1) -> Callable:
-    """:func:`make_loss_fn` over ``groups`` equal groups of the batch (ghost BatchNorm).
-
-    With ``groups > 1`` the batch is split as ``gns.estimate.microbatch`` splits it and the
-    groups run in parallel (``jax.vmap``); the loss is the mean of the group losses and the
-    BatchNorm statistics the mean of the groups' updates. Its gradient is exactly the mean of
-    the microbatch gradients, i.e. the gradient the microbatch estimator returns.
-    """
+    """:func:`make_loss_fn` over ``groups`` equal groups of the batch (ghost BatchNorm),
+    split as ``gns.estimate.microbatch`` splits it and run under ``jax.vmap``: the mean of the
+    group losses and statistics, so its gradient is the microbatch estimator's."""
     base = make_loss_fn(model, batch_stats, rng)
     if groups == 1:
         return base
 
     def loss_fn(params, batch):
-        split = jax.tree.map(
-            lambda x: x.reshape((groups, x.shape[0] // groups) + x.shape[1:]), batch
-        )
+        split = common.split_leading(batch, groups)
         losses, aux = jax.vmap(base, in_axes=(None, 0))(params, split)
         return jnp.mean(losses), jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
 
@@ -404,32 +282,19 @@ def make_train_steps(
     schedule: optax.Schedule | None = None,
     mesh=None,
 ):
-    """The two (unjitted) step functions ``step(state, batch) -> (state, metrics)``.
+    """The (unjitted) steps ``(plain_step, gns_step)``, each ``step(state, batch) -> (state,
+    metrics)``: the same update for the same batch; ``gns_step`` takes its gradient from
+    ``gns.estimate`` (``method``: see :func:`resolve_gns_method`) and adds the raw and
+    smoothed (``tracker``) noise statistics to its metrics.
 
     Args:
-      model: the Flax module.
-      optimizer: the optax optimizer.
-      tracker: a :func:`gns.smoothing.ema` tracker.
-      method: ``'per_example'``, ``'microbatch'`` or ``'across_devices'`` (see
-        :func:`resolve_gns_method`).
-      num_microbatches: microbatches of the estimator **in the global batch** (on a mesh of
-        ``n`` devices, ``num_microbatches / n`` per device; with one per device the estimate
-        is the ``across_devices`` one, the same numbers); BatchNorm models also use them as
-        ghost-BatchNorm groups in the plain step.
-      chunk_size: ``gns.estimate.per_example`` chunk size.
-      use_dropout: draw dropout keys (the model has dropout).
+      num_microbatches: of the estimator in the global batch (``/ mesh.size`` per device; one
+        per device is the ``across_devices`` estimate); BatchNorm models use them as
+        ghost-BatchNorm groups in the plain step too.
       schedule: to report the learning rate of the step.
-      mesh: ``None``: steps on one device, as plain functions of a local state and batch.
-        A mesh from :func:`experiments.mesh.make_mesh`: the steps are ``jax.shard_map`` over
-        it (state replicated, batch sharded over :data:`experiments.mesh.AXIS`, metrics
-        replicated); gradients, losses and BatchNorm statistics are averaged over devices and
-        the noise statistics are those of the global batch. With ``across_devices`` each
-        device's batch is one BatchNorm group.
-
-    Returns:
-      ``(plain_step, gns_step)``. Both apply the same update for the same batch; ``gns_step``
-      takes its gradient from ``gns.estimate`` and adds ``g_sq``, ``trace_cov``, ``b_simple``
-      and the smoothed ``ema_*`` values to its metrics.
+      mesh: ``None`` (one device), or a mesh of :mod:`experiments.mesh`: the steps are
+        ``jax.shard_map`` over it, with gradients, losses and BatchNorm statistics averaged
+        over the devices and the noise statistics those of the global batch.
     """
     axis = None if mesh is None else mesh_lib.AXIS
     n_dev = 1 if mesh is None else mesh.size
@@ -489,30 +354,20 @@ def make_train_steps(
         aux = mean_over_devices(jax.tree.map(lambda a: jnp.mean(a, axis=0), aux))
         gns_state = tracker.update(stats, state.gns)
         metrics = base_metrics(state, aux)
-        metrics.update(
-            g_sq=stats.g_sq,
-            trace_cov=stats.trace_cov,
-            b_simple=stats.b_simple,
-            ema_g_sq=gns_state.g_sq,
-            ema_trace_cov=gns_state.trace_cov,
-            ema_b_simple=gns_state.b_simple,
-        )
+        raw = (stats.g_sq, stats.trace_cov, stats.b_simple)
+        ema = (gns_state.g_sq, gns_state.trace_cov, gns_state.b_simple)
+        metrics.update(zip(_GNS_KEYS, raw + ema, strict=True))
         return apply_update(state, grads, aux)._replace(gns=gns_state), metrics
 
     if mesh is None:
         return plain_step, gns_step
-    from jax.sharding import PartitionSpec as P
-
-    def data_parallel(step):
-        return jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P())
-
-    return data_parallel(plain_step), data_parallel(gns_step)
+    specs = dict(mesh=mesh, in_specs=(P(), P(axis)), out_specs=P())
+    return jax.shard_map(plain_step, **specs), jax.shard_map(gns_step, **specs)
 
 
 def make_eval_step(model):
-    """``eval_step(params, batch_stats, inputs, targets, mask) -> (correct, loss_sum)``: sums
-    over the examples in ``mask`` of each example's accuracy and loss (means over its
-    positions for token sequences)."""
+    """``eval_step(params, batch_stats, inputs, targets, mask) -> (correct, loss_sum)``: the
+    sums over the examples in ``mask`` of their accuracy and loss (means over positions)."""
 
     def eval_step(params, batch_stats, inputs, targets, mask):
         logits, _ = _forward(model, params, batch_stats, inputs, None, False)
@@ -537,30 +392,18 @@ def _evaluate(eval_step, state, batches) -> dict[str, float]:
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "examples": n}
 
 
-# ---------------------------------------------------------------------------------------------
-# The training loop.
-
-
 def init_state(
     config, model, optimizer, tracker, image_shape, dtype=jnp.float32, mesh=None
 ) -> TrainState:
     """A fresh :class:`TrainState` from ``config.seed`` (``image_shape``, ``dtype``: one
-    example's model input, e.g. ``((context,), jnp.int32)`` for tokens): float32 parameters
-    and optimizer state, whatever the model's computation dtype; replicated over ``mesh`` when
-    given."""
-    rng = jax.random.PRNGKey(int(config.seed))
-    init_rng, dropout_rng = jax.random.split(rng)
+    example's model input, e.g. ``((context,), jnp.int32)`` for tokens), float32 whatever the
+    model's computation dtype; replicated over ``mesh`` when given."""
+    init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
     x = jnp.zeros((1,) + tuple(image_shape), dtype)
     variables = jax.jit(lambda r: model.init(r, x, train=False))(init_rng)
     params = variables["params"]
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=optimizer.init(params),
-        gns=tracker.init(),
-        rng=dropout_rng,
-    )
+    state = TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
+                       optimizer.init(params), tracker.init(), dropout_rng)  # fmt: skip
     return state if mesh is None else mesh_lib.replicate(state, mesh)
 
 
@@ -584,16 +427,9 @@ class Setup(NamedTuple):
 
 
 def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
-    """Everything a run of ``config`` on ``ds`` needs before its first step (a :class:`Setup`):
-    the mesh, the estimator method, the jitted plain and measuring steps, the evaluation,
-    the fresh state and the batch stream. Checks the batch size and the estimator's fields
-    against the data and the devices; writes nothing.
-
-    Args:
-      config: a training config (``configs/cifar10.py``).
-      ds: the loaded data set.
-      task: the task (default: ``tasks.get(config)``).
-    """
+    """Everything a run of ``config`` on the loaded data ``ds`` needs before its first step
+    (a :class:`Setup`), after checking the batch and estimator fields against the data and
+    the devices; writes nothing. ``task`` defaults to ``tasks.get(config)``."""
     task = task or tasks.get(config)
     mesh = mesh_lib.make_mesh(config.num_devices)
     model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None),
@@ -621,16 +457,9 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
         )
     tracker = smoothing.ema(config.gns_ema_decay)
     plain_fn, gns_fn = make_train_steps(
-        model,
-        optimizer,
-        tracker,
-        method=method,
-        num_microbatches=k,
-        chunk_size=config.gns_chunk_size,
-        use_dropout=models.uses_dropout(model),
-        schedule=schedule,
-        mesh=mesh,
-    )
+        model, optimizer, tracker, method=method, num_microbatches=k, schedule=schedule,
+        chunk_size=config.gns_chunk_size, use_dropout=models.uses_dropout(model),
+        mesh=mesh)  # fmt: skip
     eval_jit = jax.jit(make_eval_step(model))
 
     def eval_step(params, batch_stats, inputs, targets, mask):  # the batch sharded on the mesh
@@ -685,30 +514,20 @@ def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = Fa
 
 
 def check_candidate(batch_size: int, mesh, method: str) -> None:
-    """A batch size of the adaptive schedule must split evenly over the devices (and leave 2
-    examples per device for ``per_example``): a :class:`UserError` naming both numbers
-    otherwise (the schedule is not silently changed by skipping it)."""
-    mesh_lib.check_batch(
-        batch_size, mesh, field="adaptive.candidates", per_example=method == "per_example"
-    )
+    """A :class:`UserError` unless the schedule's ``batch_size`` splits over the devices
+    (:func:`experiments.mesh.check_batch`): a candidate is never silently skipped."""
+    mesh_lib.check_batch(batch_size, mesh, "adaptive.candidates", method == "per_example")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Train, evaluate and write the outputs described in the module docstring.
-
-    Args:
-      config: an ``ml_collections.ConfigDict`` from ``configs/cifar10.py``.
-      workdir: output directory; if it holds a checkpoint the run resumes from it (the config
-        must have the same :func:`run_identity`; rows after the checkpoint are dropped and the
-        data stream restarts at its step). One run at a time per workdir.
-
-    Returns:
-      The summary dict (also written to ``workdir/summary.json``).
+    """Train, evaluate and write the outputs of the module docstring into ``workdir`` (one
+    run at a time; a checkpoint there is resumed: rows after it are dropped and the data
+    stream restarts at its step). Returns the summary (also ``workdir/summary.json``).
 
     Raises:
-      UserError: a bad config, a resume with a different config, data content or device
-        count, a workdir in use.
-      Diverged: the loss diverged (after writing the row and the summary that say so).
+      UserError: a bad config; a resume with another identity, data or device count; a
+        workdir in use.
+      Diverged: after writing the row and the summary that say so.
       KeyboardInterrupt: after Ctrl-C, once the row, checkpoint and summary are written.
     """
     t_call = time.perf_counter()
@@ -755,13 +574,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _already_complete(config, setup: Setup, log: runlog.RunLog) -> dict | None:
-    """The stored summary when the run in ``log.workdir`` finished (it stopped for a reason
-    other than an interruption or divergence, at the checkpoint's step, and that reason still
-    holds under ``config``); ``None`` when there is training or a summary left to do, and
-    always in a multi-process run (which evaluates and summarizes again)."""
+    """The stored summary when the run in ``log.workdir`` finished at the checkpoint's step
+    for a reason that still holds under ``config``; else ``None``, and always with several
+    processes (the others cannot see the file, and the final evaluation is collective)."""
     path = os.path.join(log.workdir, SUMMARY_FILE)
-    # One process only: the others of a multi-host run cannot see the file, and every process
-    # must take the same path (the final evaluation is collective).
     if not (jax.process_count() == 1 and log.step > 0 and os.path.exists(path)):
         return None
     stored = runlog.read_json(path)
@@ -774,8 +590,7 @@ def _already_complete(config, setup: Setup, log: runlog.RunLog) -> dict | None:
 
 
 def _stop_reason(config, log: runlog.RunLog, num_examples: int, interrupted) -> str | None:
-    """Why the run stops now (checked at rows only, so a row exists where it stops). The
-    length of a run is in examples (``num_steps x batch_size``: the steps of a fixed batch)."""
+    """Why the run stops now, if it does (checked at rows only, so a row exists there)."""
     if interrupted.is_set():
         return "interrupted"
     if log.examples_seen >= num_examples:
@@ -788,14 +603,8 @@ def _stop_reason(config, log: runlog.RunLog, num_examples: int, interrupted) -> 
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# The batch policy and the compiled steps of each batch size.
-
-
 class FixedBatch(NamedTuple):
-    """The batch policy of a fixed batch size: the step stream
-    (:func:`experiments.data.train_batches` by step), rate multiplier 1, nothing to update.
-    The interface of every policy (:class:`experiments.adaptive.ScheduledBatch` is the other):
+    """The policy of a fixed batch size (the step stream, rate multiplier 1). Every policy has
     ``batch_size(state)``, ``lr_multiplier(state)``, ``update(state, noise, step) -> (state,
     row fields)``, ``by_example`` (which stream) and ``eval_every_examples`` (0: never)."""
 
@@ -814,10 +623,9 @@ class FixedBatch(NamedTuple):
 
 
 def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
-    """The batch policy of ``config``: :class:`FixedBatch`, or with ``config.adaptive.enabled``
-    the :class:`experiments.adaptive.ScheduledBatch` of its schedule (its decisions so far
-    rebuilt from the rows); without ``config.adaptive.step_times`` the candidates are timed
-    first (charged to ``pause``)."""
+    """:class:`FixedBatch`, or with ``config.adaptive.enabled`` the
+    :class:`experiments.adaptive.ScheduledBatch` (its past decisions from the rows; without
+    ``config.adaptive.step_times`` the candidates are timed first)."""
     every = config.eval_every * config.batch_size
     if not adaptive.enabled(config):
         return FixedBatch(config.batch_size, every)
@@ -825,49 +633,29 @@ def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
     if times is None:
         cands = adaptive.candidates(config)
         logging.info("Timing the batch sizes %s (config.adaptive.step_times is None).", cands)
-        table = timing_table(
-            setup.plain_fn,
-            state,
-            lambda b: _first_batch(setup.train_batches, b, by_example=True),
-            cands,
-            warmup=int(config.adaptive.timing_warmup),
-            rounds=int(config.adaptive.timing_rounds),
-        )
+        table = timing_table(setup.plain_fn, state,
+                             lambda b: _first_batch(setup.train_batches, b, by_example=True),
+                             cands, warmup=int(config.adaptive.timing_warmup),
+                             rounds=int(config.adaptive.timing_rounds))  # fmt: skip
         times = [table[b]["step_time_s"] for b in cands]
     sched = adaptive.make_batch_schedule(config, times)
     every = config.adaptive.eval_every_examples or every
     return adaptive.ScheduledBatch(config, sched, every, log.rows())
 
 
-def timing_table(
-    step_fn: Callable,
-    state,
-    make_batch: Callable,
-    batch_sizes: Sequence[int],
-    *,
-    warmup: int,
-    rounds: int,
-) -> dict[int, dict]:
-    """One interleaved timing table of ``step_fn(state, make_batch(b))``
-    (:func:`gns.hardware.interleaved_times`: round ``r`` of every size is one round):
-    ``{batch_size: {'step_time_s' (median), 'times_s'}}``. ``state`` is not donated."""
+def timing_table(step_fn: Callable, state, make_batch: Callable, batch_sizes: Sequence[int],
+                 *, warmup: int, rounds: int) -> dict[int, dict]:  # fmt: skip
+    """``{batch_size: {'step_time_s' (median), 'times_s'}}`` of ``step_fn(state,
+    make_batch(b))``, timed interleaved (:func:`gns.hardware.interleaved_times`)."""
     calls = {int(b): (step_fn, (state, make_batch(b))) for b in batch_sizes}
     times = hardware.interleaved_times(calls, warmup=warmup, rounds=rounds)
     return {b: {"step_time_s": float(np.median(t)), "times_s": list(t)} for b, t in times.items()}
 
 
 class StepCache:
-    """The compiled ``(plain, measure)`` steps of each batch size, compiled on first use.
-
-    Args:
-      plain_fn: ``step(state, batch) -> (state, metrics)``.
-      gns_fn: the measuring step, or ``None`` (never measured).
-      clock: the run's :class:`experiments.runlog.Clock`: compilation is charged to
-        ``compile``, then the clock goes back to ``after`` (see :meth:`get`).
-
-    Attributes:
-      compiles: ``{batch_size: number of compilations}`` (1 each, once used).
-    """
+    """The compiled ``(plain, measure)`` steps of each batch size, compiled on first use
+    (``gns_fn`` ``None``: never measured) and charged to ``clock``'s ``compile``;
+    ``compiles``: ``{batch_size: compilations}``."""
 
     def __init__(self, plain_fn: Callable, gns_fn: Callable | None, clock):
         self.plain_fn, self.gns_fn, self.clock = plain_fn, gns_fn, clock
@@ -875,29 +663,23 @@ class StepCache:
         self.compiles: dict[int, int] = {}
 
     def get(self, batch_size: int, state, batch, after: str = "train") -> tuple:
-        """``(plain, measure)`` compiled for ``batch_size`` (``measure`` is ``None`` without a
-        measuring step); ``state``/``batch`` give the shapes."""
+        """The steps of ``batch_size`` (shapes from ``state``, ``batch``); the clock goes
+        back to ``after``."""
         if batch_size not in self.steps:
             self.clock.charge("compile")
             logging.info("Compiling the training steps (batch size %d).", batch_size)
-            fns = (self.plain_fn, self.gns_fn)
             self.steps[batch_size] = tuple(
                 None if f is None else jax.jit(f, donate_argnums=0).lower(state, batch).compile()
-                for f in fns
-            )
+                for f in (self.plain_fn, self.gns_fn))  # fmt: skip
             self.compiles[batch_size] = self.compiles.get(batch_size, 0) + 1
             self.clock.charge(after)
         return self.steps[batch_size]
 
 
-# ---------------------------------------------------------------------------------------------
-# The training loop.
-
-
 def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupted):
-    """Steps until a stop reason; a row at every logged, measured, evaluated, checkpointed or
-    last step. The batch size is the policy's (:func:`batch_policy`; it may change at a
-    measured row, taking effect at the next step). Returns ``(state, stop_reason)``."""
+    """Steps until a stop reason, with a row at every logged, measured, evaluated,
+    checkpointed or last step; the policy's batch size may change at a measured row, from the
+    next step. Returns ``(state, stop_reason)``."""
     policy = batch_policy(config, setup, state, log)
     num_examples = setup.num_steps * config.batch_size
 
@@ -969,9 +751,8 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
 def _write_row(config, setup: Setup, state, log: runlog.RunLog, policy, bar, pending, stop_now,
                *, measured: bool, do_eval: bool, batch_size: int, lr_scale: float,
                held_out):  # fmt: skip
-    """The row of the steps in ``pending``: their metrics, the policy's update at a
-    measurement, the evaluation, the stop reason (``stop_now()``, or ``diverged``); written to
-    the log and shown on the bar. Returns ``(state, row)``."""
+    """The row of the steps in ``pending`` (metrics, the policy's update at a measurement, the
+    evaluation, the stop reason), written and shown. Returns ``(state, row)``."""
     jax.block_until_ready(state)
     log.clock.charge("pause")
     host = jax.device_get(pending)
@@ -997,18 +778,11 @@ def _write_row(config, setup: Setup, state, log: runlog.RunLog, policy, bar, pen
     return state, row
 
 
-_GNS_KEYS = ("g_sq", "trace_cov", "b_simple", "ema_g_sq", "ema_trace_cov", "ema_b_simple")
-
-
 def _row_metrics(host: list[dict], measured: bool, lr_scale: float = 1.0) -> dict:
-    """Row fields from the steps since the last row: mean loss and accuracy, the last
-    learning rate (times the batch-size schedule's multiplier ``lr_scale``), and the
-    noise-scale statistics of the last step when it measured them."""
-    out = {
-        "train_loss": float(np.mean([h["train_loss"] for h in host])),
-        "train_accuracy": float(np.mean([h["train_accuracy"] for h in host])),
-        "learning_rate": float(host[-1]["learning_rate"]) * lr_scale,
-    }
+    """Row fields of the steps since the last row: mean loss and accuracy, the last learning
+    rate (times ``lr_scale``) and noise statistics (when it measured them)."""
+    out = {k: float(np.mean([h[k] for h in host])) for k in ("train_loss", "train_accuracy")}
+    out["learning_rate"] = float(host[-1]["learning_rate"]) * lr_scale
     if measured:
         out.update({k: float(host[-1][k]) for k in _GNS_KEYS})
     return out
@@ -1017,24 +791,16 @@ def _row_metrics(host: list[dict], measured: bool, lr_scale: float = 1.0) -> dic
 def _show(bar: progress.Progress, row: dict) -> None:
     """The latest row on the bar (or in the next progress line)."""
     b_simple = row.get("ema_b_simple", bar.fields.get("B_simple"))
-    bar.set(
-        step=row["step"],
-        loss=f"{row['train_loss']:.3f}",
-        **{"examples/s": f"{row['examples_per_s']:.0f}"},
-        B_simple=b_simple if isinstance(b_simple, str) else _fmt_g(b_simple),
-    )
-
-
-def _fmt_g(x) -> str:
-    """``x`` with 4 significant digits; ``'-'`` for ``None``, non-finite shown as such."""
-    return "-" if x is None else f"{x:.4g}"
+    if not isinstance(b_simple, str):
+        b_simple = "-" if b_simple is None else f"{b_simple:.4g}"
+    bar.set(step=row["step"], loss=f"{row['train_loss']:.3f}", B_simple=b_simple,
+            **{"examples/s": f"{row['examples_per_s']:.0f}"})  # fmt: skip
 
 
 def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, evaluate: bool,
                t_call: float):  # fmt: skip
-    """Final evaluation (full test set and a train subset; skipped when ``evaluate`` is
-    false: interrupted or diverged runs), ``summary.json`` and the plots. ``t_call``: when
-    :func:`train_and_evaluate` was called (``perf_counter``), for ``wall_time_s``."""
+    """The final evaluation (test set and a train subset, unless not ``evaluate``),
+    ``summary.json`` and the plots; ``t_call``: the call's start, for ``wall_time_s``."""
     task = setup.task
     final, train_eval, t0 = {}, {}, time.perf_counter()
     if evaluate:
@@ -1057,10 +823,7 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, e
         f"best_test_{task.metric}": task.score(log.best["accuracy"]),
         "best_step": log.best["step"],
         "time_to_best_s": log.best["time_s"],
-        "train_time_s": clock["train_time_s"],
-        "eval_time_s": clock["eval_time_s"],
-        "compile_time_s": clock["compile_time_s"],
-        "pause_time_s": clock["pause_time_s"],
+        **clock,  # train_time_s, eval_time_s, compile_time_s, pause_time_s
         "final_eval_time_s": time.perf_counter() - t0,
         "wall_time_s": time.perf_counter() - t_call,
         "steps": log.step,
@@ -1096,53 +859,32 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, e
 
 def _utilization(timed: dict, train_time_s: float, examples: int) -> dict:
     """Training throughput (data and steps) against the step alone: how busy the pipeline
-    keeps the devices (``config.step_time_repeats > 0``; empty otherwise)."""
+    keeps the devices (with ``config.step_time_repeats > 0``; empty otherwise)."""
     if "step_time_s" not in timed:
         return {}
-    train_rate = examples / max(train_time_s, 1e-9)
-    return {
-        "step_time_s": timed["step_time_s"],
-        "step_examples_per_s": timed["step_examples_per_s"],
-        "train_examples_per_s": train_rate,
-        "device_utilization": train_rate / timed["step_examples_per_s"],
-    }
+    rate = examples / max(train_time_s, 1e-9)
+    step_rate = timed["step_examples_per_s"]
+    return {"step_time_s": timed["step_time_s"], "step_examples_per_s": step_rate,
+            "train_examples_per_s": rate, "device_utilization": rate / step_rate}  # fmt: skip
 
 
 def noise_scale_summary(rows: list[dict], smoothing) -> dict:
-    """``b_simple`` over the measured steps (ratio of means) with its bootstrap interval.
-
-    Args:
-      rows: metrics rows; those with a ``g_sq`` key are the measurements. A measurement whose
-        ``g_sq`` or ``trace_cov`` is not finite (``null`` in the file, e.g. a diverging run) is
-        dropped and counted in ``num_dropped``.
-      smoothing: the :mod:`gns.smoothing` module.
-
-    Returns:
-      ``{'b_simple', 'interval': [lo, hi], 'g_sq', 'trace_cov', 'num_measurements' (used),
-      'num_dropped', 'last_ema_b_simple', 'block_size', 'recent'}`` (``None`` values when
-      fewer than 2 finite measurements). ``b_simple`` is over the whole run; ``recent`` is
-      ``{'b_simple', 'interval', 'num_measurements', 'from_step'}`` over the last
-      :func:`gns.smoothing.recent_window` measurements (iid bootstrap, as the band of
-      ``noise_scale.png``): where the noise scale is now, when it grows over training.
-      Dropped measurements, or a majority with ``g_sq <= 0`` (``b_simple`` null in the rows),
-      are also logged as a warning.
-    """
+    """``summary.json``'s ``noise_scale``: ``b_simple`` over the measured rows (those with
+    ``g_sq``; ratio of means) with its block-bootstrap ``interval``, mean ``g_sq`` and
+    ``trace_cov``, ``block_size``, ``num_measurements``, ``num_dropped`` (non-finite ones,
+    left out), ``last_ema_b_simple`` and ``recent`` (``b_simple``, ``interval``,
+    ``num_measurements``, ``from_step`` over the last :func:`gns.smoothing.recent_window`
+    measurements, iid bootstrap: where the noise scale is now). ``None`` values with fewer
+    than 2 finite measurements. ``smoothing``: the :mod:`gns.smoothing` module."""
     meas = [r for r in rows if "g_sq" in r]
     g = np.array([r["g_sq"] for r in meas], np.float64)  # None -> nan
     t = np.array([r.get("trace_cov") for r in meas], np.float64)
     finite = np.isfinite(g) & np.isfinite(t)
     g, t = g[finite], t[finite]
-    out = {
-        "b_simple": None,
-        "interval": None,
-        "g_sq": None,
-        "trace_cov": None,
-        "block_size": None,
-        "num_measurements": int(finite.sum()),
-        "num_dropped": int((~finite).sum()),
-        "last_ema_b_simple": meas[-1].get("ema_b_simple") if meas else None,
-        "recent": None,
-    }
+    out = dict.fromkeys(("b_simple", "interval", "g_sq", "trace_cov", "block_size"))
+    last_ema = meas[-1].get("ema_b_simple") if meas else None
+    out.update(num_measurements=int(finite.sum()), num_dropped=int((~finite).sum()),
+               last_ema_b_simple=last_ema, recent=None)  # fmt: skip
     _warn_null_measurements(len(meas), out["num_dropped"], int(np.sum(g <= 0)))
     if len(g) >= 2:
         k = smoothing.recent_window(len(g))
@@ -1151,34 +893,21 @@ def noise_scale_summary(rows: list[dict], smoothing) -> dict:
         out["recent"] = {"b_simple": last.estimate, "interval": [last.low, last.high],
                          "num_measurements": k, "from_step": steps[-k]}  # fmt: skip
         res = smoothing.interval(g, t)
-        out.update(
-            b_simple=res.estimate,
-            interval=[res.low, res.high],
-            g_sq=float(np.mean(g)),
-            trace_cov=float(np.mean(t)),
-            block_size=res.block_size,
-        )
+        out.update(b_simple=res.estimate, interval=[res.low, res.high], g_sq=float(np.mean(g)),
+                   trace_cov=float(np.mean(t)), block_size=res.block_size)  # fmt: skip
     return out
 
 
 def _warn_null_measurements(num: int, dropped: int, unresolved: int) -> None:
-    """A warning for noise-scale values that are null in the rows: ``dropped`` of ``num``
-    measurements not finite (overflowing gradients: e.g. a run past divergence that a large
-    ``config.divergence_factor`` lets go on), or most of the finite ones ``unresolved``
-    (``g_sq <= 0``: ``b_simple`` null)."""
+    """A warning when ``dropped`` of ``num`` measurements are not finite (overflowing
+    gradients), or most finite ones are ``unresolved`` (``g_sq <= 0``: ``b_simple`` null)."""
     if dropped:
-        logging.warning(
-            "%d of %d noise-scale measurements are not finite (null in metrics.jsonl, left out "
-            "of the summary): the gradients overflowed and the run is likely diverging; lower "
-            "config.learning_rate, or a config.divergence_factor nearer 1 stops such a run.",
-            dropped,
-            num,
-        )
+        logging.warning("%d of %d noise-scale measurements are not finite (null in metrics.jsonl, "
+                        "left out of the summary): the gradients overflowed and the run is likely "
+                        "diverging; lower config.learning_rate, or a config.divergence_factor "
+                        "nearer 1 stops such a run.", dropped, num)  # fmt: skip
     if unresolved and 2 * unresolved > num - dropped:
-        logging.warning(
-            "%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null in "
-            "metrics.jsonl): the gradient is not resolved above its noise, or the run is "
-            "diverging (see config.divergence_factor).",
-            unresolved,
-            num - dropped,
-        )
+        logging.warning("%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null "
+                        "in metrics.jsonl): the gradient is not resolved above its noise, or the "
+                        "run is diverging (see config.divergence_factor).",
+                        unresolved, num - dropped)  # fmt: skip

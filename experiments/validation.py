@@ -1,19 +1,9 @@
-"""Does the recommendation hold? The sweep's trainings read against its own recommendations.
-
-Pure functions on the dicts of ``experiments.sweep`` (the trainings' points and ``sweep.json``):
-
-* :func:`reseed_batch_sizes`: the batch sizes that get a second seed (the fastest to the target);
-* :func:`mean_over_seeds`: one row per batch size (or policy), the mean and spread over its seeds;
-* :func:`rank`: who won: the rows that reached the target, fastest first, over the fastest;
-* :func:`validation`: the ``validation`` block of ``sweep.json``: the recommended batch under
-  each basis, its device time to target over the best measured (with the spread over seeds),
-  and the branched critical batch over the fitted one.
+"""Does the recommendation hold? Pure functions over the sweep's trainings and ``sweep.json``.
 
 The time to target is always the device time ``steps_to_target(B) × t(B)`` (``t(B)`` from the
-sweep's one interleaved timing table), which another process on a shared machine cannot skew
-from one training to the next. Reference: McCandlish et al. 2018, "An Empirical Model of
-Large-Batch Training" (arXiv 1812.06162), ``S(B) = S_min + E_min/B``; Merrill et al. 2025,
-"Critical Batch Size Revisited" (arXiv 2505.23971), the branched critical batch.
+sweep's one interleaved timing table), which other load on a shared machine cannot skew from one
+training to the next. References: McCandlish et al. 2018 (arXiv 1812.06162),
+``S(B) = S_min + E_min/B``; Merrill et al. 2025 (arXiv 2505.23971), the branched critical batch.
 """
 
 from __future__ import annotations
@@ -28,15 +18,8 @@ MAX_CRIT_FACTOR = 1.5
 BASES = ("b_simple", "trajectory", "branched", "tradeoff_fit")
 DEVICE = "device_time_to_target_s"
 
-__all__ = [
-    "BASES",
-    "MAX_CRIT_FACTOR",
-    "MAX_OVER_BEST",
-    "mean_over_seeds",
-    "rank",
-    "reseed_batch_sizes",
-    "validation",
-]
+__all__ = ["BASES", "MAX_CRIT_FACTOR", "MAX_OVER_BEST", "mean_over_seeds", "rank",
+           "reseed_batch_sizes", "validation"]  # fmt: skip
 
 
 def _mean(xs):
@@ -58,20 +41,12 @@ def reseed_batch_sizes(points: list[dict], k: int) -> list[int]:
 
 
 def mean_over_seeds(points: list[dict], key: str = "batch_size") -> list[dict]:
-    """One row per ``key`` (a batch size, or a compare policy): the mean over its seeds and
-    their spread.
-
-    Args:
-      points: trainings, each with ``key``, ``seed``, ``reached``, ``device_time_to_target_s``
-        and ``time_to_target_s`` (wall clock), and optionally ``steps``.
-      key: what groups the trainings; rows are sorted by it for ``batch_size``, else in the
-        order of first appearance.
-
-    Returns:
-      Rows with ``key``, ``seeds``, ``num_reached``, ``reached`` (every seed reached the
-      target), ``steps``, ``device_time_to_target_s`` and ``time_to_target_s`` (means over the
-      seeds that reached it; ``None`` if none did), ``device_time_per_seed`` (``{seed: seconds
-      or None}``) and ``device_time_range`` (``[min, max]`` over the seeds that reached it).
+    """One row per ``key`` (a batch size, sorted, or a compare policy, in order of first
+    appearance) over ``points`` (trainings with ``key``, ``seed``, ``reached``,
+    ``device_time_to_target_s``, ``time_to_target_s`` and optionally ``steps``): ``key``,
+    ``seeds``, ``num_reached``, ``reached`` (every seed did), the means over the seeds that
+    reached the target of ``steps``, ``device_time_to_target_s`` and ``time_to_target_s``
+    (``None`` if none did), ``device_time_per_seed`` and ``device_time_range`` (``[min, max]``).
 
     Example:
       >>> pts = [{"batch_size": 32, "seed": 0, "reached": True, "steps": 100,
@@ -129,13 +104,12 @@ def rank(rows, key: str = "batch_size") -> list[dict]:
 
 
 def _step_time(sweep: dict, b: int) -> float | None:
-    row = next((r for r in sweep["throughput"] if r["batch_size"] == b), None)
-    return None if row is None else row.get("step_time_s")
+    return next((r.get("step_time_s") for r in sweep["throughput"] if r["batch_size"] == b), None)
 
 
 def _fitted_time(fit: dict, t: float | None, b: int) -> float | None:
     """``S(B) × t(B)`` on the fitted curve."""
-    if fit.get("s_min") is None or fit.get("e_min") is None or t is None:
+    if None in (fit.get("s_min"), fit.get("e_min"), t):
         return None
     return (fit["s_min"] + fit["e_min"] / b) * t
 
@@ -150,9 +124,8 @@ def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
     fit = sweep["tradeoff"]
     t_b = _step_time(sweep, b)
     fitted = _fitted_time(fit, t_b, b)
-    fitted_trained = [
-        x for x in (_fitted_time(fit, _step_time(sweep, c), c) for c in rows) if x is not None
-    ]
+    fitted_trained = [_fitted_time(fit, _step_time(sweep, c), c) for c in rows]
+    fitted_trained = [x for x in fitted_trained if x is not None]
     out: dict[str, Any] = {
         "step_time_s": t_b,
         "fitted_device_time_s": fitted,
@@ -174,11 +147,8 @@ def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
         why = "not trained" if row is None else "trained, but a seed missed the target"
         out.update(trained=False, source=f"interpolated: fitted S(B) x t(B) ({why})")
         out[DEVICE] = fitted
-        per_seed = {
-            s: fitted / v
-            for s, v in best["device_time_per_seed"].items()
-            if fitted is not None and v
-        }
+        per_seed = {s: fitted / v for s, v in best["device_time_per_seed"].items()
+                    if fitted is not None and v}  # fmt: skip
     out["over_best"] = _ratio(out[DEVICE], best[DEVICE])
     out["over_best_per_seed"] = per_seed
     out["over_best_range"] = [min(per_seed.values()), max(per_seed.values())] if per_seed else None
@@ -186,60 +156,32 @@ def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
 
 
 def validation(sweep: dict) -> dict:
-    """The ``validation`` block of ``sweep.json``: does the recommendation hold on the trainings?
-
-    Args:
-      sweep: a ``sweep.json`` dict with ``throughput`` (rows with ``batch_size`` and
-        ``step_time_s``), ``tradeoff`` (the fit's ``s_min``, ``e_min``, ``b_crit``,
-        ``intervals`` and ``by_batch``: :func:`mean_over_seeds` of the trainings),
-        ``recommendation_by_basis`` (``{basis: {"batch_size", "b_noise", ...}}``) and
-        ``critical_batch`` (``effective`` and ``checkpoints``; may be absent).
+    """The ``validation`` block of ``sweep.json`` (a dict with ``throughput``, ``tradeoff``
+    incl. ``by_batch`` = :func:`mean_over_seeds`, ``recommendation_by_basis`` and optionally
+    ``critical_batch``): does the recommendation hold on the trainings?
 
     Returns:
-      ``best_measured`` (the batch with the least mean device time to target among those whose
-      every seed reached it); ``by_basis``: for each basis measured, the recommended
-      ``batch_size``, its ``device_time_to_target_s``, ``over_best`` (mean over the best's
-      mean), ``over_best_per_seed`` (``{seed: time over the fastest batch trained with that
-      seed}``; for an interpolated batch, the fitted time over the best's time at each seed),
-      ``over_best_range`` (their min and max), ``trained`` and ``source`` (measured, or
-      interpolated on the fitted ``S(B) × t(B)`` where that batch was not trained);
-      ``branched_over_fitted`` (the branched effective ``B_crit`` over the fitted one, with the
-      interval from both intervals' ends, and per checkpoint); ``targets``
-      (``branched`` over best <= 1.10, branched within 1.5x of fitted), each ``met`` or not
-      (``None`` where it could not be measured).
-
-    Example:
-      >>> rows = [{"batch_size": b, "step_time_s": 0.01 * (1 + b / 64)} for b in (32, 64, 128)]
-      >>> by_batch = [{"batch_size": b, "seeds": [0], "reached": True,
-      ...              "device_time_to_target_s": s * 0.01 * (1 + b / 64),
-      ...              "device_time_per_seed": {"0": s * 0.01 * (1 + b / 64)}}
-      ...             for b, s in ((32, 300), (64, 200), (128, 150))]
-      >>> sweep = {"throughput": rows, "tradeoff": {"s_min": 100.0, "e_min": 6400.0,
-      ...          "b_crit": 64.0, "intervals": {}, "by_batch": by_batch},
-      ...          "recommendation_by_basis": {"b_simple": {"batch_size": 128, "b_noise": 90.0}}}
-      >>> v = validation(sweep)
-      >>> v["best_measured"]["batch_size"], round(v["by_basis"]["b_simple"]["over_best"], 3)
-      (64, 1.125)
+      ``best_measured`` (least mean device time among the batches whose every seed reached
+      the target); ``by_basis``: per basis the recommended ``batch_size``, its
+      ``device_time_to_target_s``, ``over_best``, ``over_best_per_seed`` (over the fastest
+      batch of that seed), ``over_best_range``, ``trained`` and ``source`` (trained, or
+      interpolated on the fitted ``S(B) × t(B)``); ``branched_over_fitted`` (branched over
+      fitted ``B_crit``, interval and per checkpoint); ``targets``, each ``met`` or ``None``.
     """
     rows = {int(r["batch_size"]): r for r in sweep["tradeoff"].get("by_batch") or []}
     ranked = rank(rows.values())
     if not ranked:
         return {"error": "no batch size reached the target with every seed: nothing to compare"}
     best = ranked[0]
-    out: dict[str, Any] = {
-        "best_measured": {
-            k: best[k] for k in ("batch_size", DEVICE, "device_time_per_seed", "seeds")
-        },
-        "by_basis": {},
-    }
+    keep = ("batch_size", DEVICE, "device_time_per_seed", "seeds")
+    out: dict[str, Any] = {"best_measured": {k: best[k] for k in keep}, "by_basis": {}}
     for name, rec in (sweep.get("recommendation_by_basis") or {}).items():
         if rec.get("batch_size") is None:
             out["by_basis"][name] = dict(rec)
             continue
         b = int(rec["batch_size"])
-        out["by_basis"][name] = {"batch_size": b, "b_noise": rec.get("b_noise")} | _over_best(
-            sweep, b, rows, best
-        )
+        out["by_basis"][name] = {"batch_size": b, "b_noise": rec.get("b_noise"),
+                                 **_over_best(sweep, b, rows, best)}  # fmt: skip
     fit = sweep["tradeoff"]
     eff = (sweep.get("critical_batch") or {}).get("effective") or {}
     f_lo, f_hi = (fit.get("intervals") or {}).get("b_crit") or (None, None)
