@@ -51,8 +51,8 @@ def time_steps(loss_fn, optimizer, params, batch, estimators, *, repeats, warmup
     def with_estimator(estimator):
         def step(params, opt_state, batch):
             stats, grads = estimator(params, batch)
-            return (*update(params, opt_state, grads), {"g_sq": stats.g_sq,
-                                                          "trace_cov": stats.trace_cov})
+            metrics = {"g_sq": stats.g_sq, "trace_cov": stats.trace_cov}
+            return (*update(params, opt_state, grads), metrics)
 
         return step
 
@@ -70,9 +70,10 @@ def time_steps(loss_fn, optimizer, params, batch, estimators, *, repeats, warmup
     )
     seconds = {n: float(np.median(t)) for n, t in times.items()}
     bs = common.batch_size(batch)
+    iqr = {n: float(np.subtract(*np.percentile(t, [75, 25]))) for n, t in times.items()}
     return {
         "seconds": seconds,
-        "seconds_iqr": {n: float(np.subtract(*np.percentile(t, [75, 25]))) for n, t in times.items()},
+        "seconds_iqr": iqr,
         "examples_per_second": {n: bs / s for n, s in seconds.items()},
         "over_plain": {n: s / seconds["plain"] for n, s in seconds.items()},
         "temp_bytes": temp,
