@@ -42,11 +42,8 @@ def default() -> ml_collections.ConfigDict:
     """The reference benchmark: SmallCNN (32, 64, 128), Adam, batches 128 and 512; and the
     ``lm`` ``cpu`` Transformer, AdamW, batches 32 and 128.
 
-    Command (CNN rows about 2 minutes on 2 idle CPU cores, most of it the rolled microbatch loop
-    at batch 512: XLA:CPU runs convolutions inside a rolled loop ~15x slower). Measured
-    2026-12-01 on the 2 cores shared with other jobs: 214 s wall at load average 4-6 (of which
-    the Transformer rows 62 s, about half of it compiling their 8 steps, the unrolled
-    8-microbatch step the longest); 832 s at load average 8-10::
+    Command (a few minutes on 2 idle CPU cores, most of it compiling; the rolled microbatch
+    loop at batch 512 is the slowest step)::
 
         make bench   # = python -m experiments.bench --config configs/bench.py --workdir runs/bench
     """

@@ -1,26 +1,16 @@
 r"""``make bench``: the cost of the noise-scale estimators over a plain train step.
 
-On the reference model (the SmallCNN of the ``cpu`` CIFAR-10 config) with Adam, at each batch
-size, in one process: a plain jit'd train step, and the same step taking its gradient from
-``gns.estimate.per_example`` (``method="auto"``: the fast path of :mod:`gns.ghost` unless it
-is timed slower than ``vmap``), ``microbatch`` (``k`` microbatches, the default
-``unroll``; also with the accumulation loop rolled, ``microbatch_rolled``: on XLA:CPU the
-default unrolls it, because rolled loops of convolutions are slow there) and the naive vmap
-reference (``per_example(method="vmap")``). After compilation and warm-up the variants are
-timed in turn (:func:`gns.hardware.interleaved_times`, the one timer of ``parallel_bench`` and
-of the sweep's timing table too), ``repeats`` rounds, and the median per variant is reported,
-with the compiled temporary memory (``memory_analysis().temp_size_in_bytes``). The
-``across_devices`` ratio comes from ``experiments/parallel_bench.py``, run in a subprocess
-because it needs 4 simulated devices (an XLA flag set before JAX starts).
-
-The Transformer rows (``config.lm``): :func:`experiments.bench_lm.measure` on the ``lm``
-``cpu`` model (``configs/lm.py:cpu``) with AdamW at batch 32 and 128: a plain step against
-``per_example(method="auto")`` (what the cost model of :func:`gns.ghost.select` picks),
-``per_example(method="vmap")`` and ``microbatch``, timed the same way, under ``"transformer"``.
-
-The other rows (``config.rows``): :func:`experiments.bench_lm.measure_rows` on a Transformer in
-the style of the Flax lm1b example, an NNX MLP and a plain-JAX MLP, the same variants as the
-Transformer rows, under ``"rows"``.
+In one process, each row a model at a batch size: a plain jit'd train step and the same step
+taking its gradient from each estimator, compiled, warmed up, timed in turn
+(:func:`experiments.bench_lm.time_steps`: :func:`gns.hardware.interleaved_times`, ``repeats``
+rounds, median), with the compiled temporary memory. ``detail``: the reference SmallCNN with
+Adam; ``per_example`` is ``method="auto"``, ``microbatch_rolled`` the microbatch loop rolled
+(XLA:CPU runs convolutions in a rolled loop slowly, so the default unrolls it), ``naive_vmap``
+``method="vmap"``. ``transformer`` (``config.lm``, the ``configs/lm.py:cpu`` model) and
+``rows`` (``config.rows``: an lm1b-style Transformer, an NNX and a plain-JAX MLP): AdamW,
+:data:`experiments.bench_lm.LM_VARIANTS`. ``across_devices`` comes from
+``experiments/parallel_bench.py`` in a subprocess (4 simulated devices need an XLA flag set
+before JAX starts).
 
 Writes ``WORKDIR/bench.json`` (atomically, strict JSON: :func:`experiments.runlog.write_json`)::
 
@@ -71,105 +61,35 @@ VARIANTS = ("plain", "per_example", "microbatch", "microbatch_rolled", "naive_vm
 FLAGS = flags.FLAGS
 
 
-# ---------------------------------------------------------------------------------------------
-# The steps.
-
-
-def make_steps(model, optimizer, config) -> dict[str, Any]:
-    """The train steps of :data:`VARIANTS` (not jitted).
-
-    Each is ``step(params, opt_state, batch) -> (params, opt_state, metrics)``; every step
-    applies the same Adam update from the mean gradient, and the estimator steps also return
-    ``g_sq`` and ``trace_cov``.
-    """
-
-    def loss_fn(params, batch):
-        images, labels = batch
-        logits = model.apply({"params": params}, images)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    def update(params, opt_state, grads):
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    def plain(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        params, opt_state = update(params, opt_state, grads)
-        return params, opt_state, {"loss": loss}
-
-    def with_estimator(estimator):
-        def step(params, opt_state, batch):
-            stats, grads = estimator(params, batch)
-            params, opt_state = update(params, opt_state, grads)
-            return params, opt_state, {"g_sq": stats.g_sq, "trace_cov": stats.trace_cov}
-
-        return step
-
-    chunk = config.chunk_size
-    return {
-        "plain": plain,
-        "per_example": with_estimator(
-            lambda p, b: estimate.per_example(loss_fn, p, b, chunk_size=chunk, method="auto")
-        ),
-        "microbatch": with_estimator(
-            lambda p, b: estimate.microbatch(
-                loss_fn, p, b, num_microbatches=config.num_microbatches
-            )
-        ),
-        "microbatch_rolled": with_estimator(
-            lambda p, b: estimate.microbatch(
-                loss_fn, p, b, num_microbatches=config.num_microbatches, unroll=1
-            )
-        ),
-        "naive_vmap": with_estimator(
-            lambda p, b: estimate.per_example(loss_fn, p, b, chunk_size=chunk, method="vmap")
-        ),
-    }
-
-
 def bench_batch_size(config, batch_size: int) -> dict[str, Any]:
-    """Timings and compiled temp memory of the steps at one batch size."""
+    """Timings and compiled temp memory of the steps of :data:`VARIANTS` at one batch size
+    (:func:`experiments.bench_lm.time_steps`, Adam)."""
     model = models.get_model(config.model, num_classes=config.num_classes)
     rng = np.random.default_rng(config.seed)
     shape = (batch_size, config.image_size, config.image_size, config.channels)
     images = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
     labels = jnp.asarray(rng.integers(0, config.num_classes, batch_size), dtype=jnp.int32)
     params = model.init(jax.random.key(config.seed), images[:1])["params"]
-    optimizer = optax.adam(config.learning_rate)
-    opt_state = optimizer.init(params)
-    args = (params, opt_state, (images, labels))
 
-    compiled, temp_bytes, compile_s = {}, {}, {}
-    for name, step in make_steps(model, optimizer, config).items():
-        t0 = time.perf_counter()
-        compiled[name] = jax.jit(step).lower(*args).compile()
-        compile_s[name] = time.perf_counter() - t0
-        mem = compiled[name].memory_analysis()
-        temp_bytes[name] = int(mem.temp_size_in_bytes) if mem is not None else None
-    times = hardware.interleaved_times(
-        {name: (fn, args) for name, fn in compiled.items()},
-        warmup=config.warmup,
-        rounds=config.repeats,
-    )
-    seconds = {name: float(np.median(t)) for name, t in times.items()}
-    plain_s, plain_mem = seconds["plain"], temp_bytes["plain"]
-    return {
-        "batch_size": batch_size,
-        "seconds": seconds,
-        "seconds_iqr": {
-            name: float(np.percentile(t, 75) - np.percentile(t, 25)) for name, t in times.items()
-        },
-        "examples_per_second": {name: batch_size / s for name, s in seconds.items()},
-        "over_plain": {name: s / plain_s for name, s in seconds.items()},
-        "temp_bytes": temp_bytes,
-        "memory_over_plain": {
-            name: (b / plain_mem if b is not None and plain_mem else None)
-            for name, b in temp_bytes.items()
-        },
-        "compile_seconds": compile_s,
-        "repeats": config.repeats,
-        "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    def loss_fn(params, batch):
+        return bench_lm.cross_entropy(model.apply({"params": params}, batch[0]), batch[1])
+
+    chunk, k = config.chunk_size, config.num_microbatches
+    estimators = {
+        "per_example": lambda p, b: estimate.per_example(loss_fn, p, b, chunk_size=chunk),
+        "microbatch": lambda p, b: estimate.microbatch(loss_fn, p, b, num_microbatches=k),
+        "microbatch_rolled": lambda p, b: estimate.microbatch(
+            loss_fn, p, b, num_microbatches=k, unroll=1
+        ),
+        "naive_vmap": lambda p, b: estimate.per_example(
+            loss_fn, p, b, chunk_size=chunk, method="vmap"
+        ),
     }
+    out = bench_lm.time_steps(
+        loss_fn, optax.adam(config.learning_rate), params, (images, labels), estimators,
+        repeats=config.repeats, warmup=config.warmup,
+    )  # fmt: skip
+    return {"batch_size": batch_size, "repeats": config.repeats, **out}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,12 +137,6 @@ def run_parallel_bench(batch_size_per_device: int, repeats: int, timeout_s: floa
 # Main.
 
 
-def validate_config(config) -> None:
-    """Check the bench config up front (the table of :mod:`experiments.rules`); a
-    :class:`~experiments.cli.UserError` names the field and the fix."""
-    rules.check(config, "bench")
-
-
 def bench_transformer_and_rows(config) -> tuple[dict | None, dict | None]:
     """The Transformer rows (:func:`experiments.bench_lm.measure` with ``config.lm``) and the
     other models' rows (:func:`experiments.bench_lm.measure_rows` with ``config.rows``), each
@@ -231,10 +145,10 @@ def bench_transformer_and_rows(config) -> tuple[dict | None, dict | None]:
     if config.lm.enabled:
         lm, m = config.lm, config.lm.model
         logging.info("bench: Transformer (lm cpu model) at batch sizes %s", lm.batch_sizes)
+        model = {f: m[f] for f in ("vocab_size", "context", "width", "depth", "num_heads",
+                                   "mlp_ratio")}  # fmt: skip
         transformer = bench_lm.measure(
-            tuple(int(b) for b in lm.batch_sizes), width=m.width, depth=m.depth,
-            context=m.context, num_heads=m.num_heads, vocab_size=m.vocab_size,
-            mlp_ratio=m.mlp_ratio, repeats=lm.repeats, warmup=lm.warmup,
+            tuple(int(b) for b in lm.batch_sizes), model, repeats=lm.repeats, warmup=lm.warmup,
             num_microbatches=lm.num_microbatches,
         )  # fmt: skip
     if config.rows.enabled:
@@ -273,7 +187,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Run the benchmark of ``config`` and write ``workdir/bench.json``; returns its content."""
-    validate_config(config)
+    rules.check(config, "bench")  # a UserError naming the field and the fix
     t_start = time.perf_counter()
     detail = {}
     for bs in config.batch_sizes:

@@ -1,23 +1,12 @@
 """Overhead of ``gns.estimate.across_devices`` over a plain data-parallel train step.
 
-Times two ``jax.pmap`` train steps of the SmallCNN with Adam on random CIFAR-shaped data, built
-by :func:`gns.parallel.make_train_step` and identical but for the gradient: the plain step uses
-the all-reduced mean of ``jax.grad``, the other takes it from ``estimate.across_devices`` (which
-also returns the noise statistics). Both are compiled and warmed up, then timed interleaved
-(alternating which goes first), and the median of the paired ratios is reported.
-
-Simulates 4 CPU devices: importing this module adds
-``--xla_force_host_platform_device_count=4`` to ``XLA_FLAGS`` and sets ``JAX_PLATFORMS=cpu``
-unless they are already set (on a machine with several accelerators, run with
-``JAX_PLATFORMS=cuda`` or ``tpu`` to time those instead).
-
-Command (about 1 minute on 2 CPU cores)::
+Two ``jax.pmap`` SmallCNN steps with Adam (:func:`gns.parallel.make_train_step`), identical
+but for the gradient, timed interleaved; the median of the paired ratios is reported. Importing
+this module simulates 4 CPU devices (``XLA_FLAGS``, ``JAX_PLATFORMS=cpu``) unless set
+otherwise. ``experiments/bench.py`` calls :func:`run` in a subprocess. Command::
 
     python -m experiments.parallel_bench --batch_size_per_device=32 --repeats=20 \\
         --out=/tmp/parallel_bench.json
-
-Writes (atomically) and prints ``{"across_devices_over_plain": r, "detail": {...}}``.
-``experiments/bench.py`` calls :func:`run` in a subprocess.
 """
 
 from __future__ import annotations
