@@ -201,7 +201,7 @@ def _setup(t, ds, task, schedule, *, mesh=None, init: bool = True):
         model, optimizer, tracker,
         method=train.resolve_gns_method(t, model, 1 if mesh is None else mesh.size),
         num_microbatches=int(t.gns_microbatches), use_dropout=models.uses_dropout(model),
-        schedule=schedule, mesh=mesh,
+        schedule=schedule, mesh=mesh, loss=task.loss,
     )  # fmt: skip
     if not init:
         return model, plain_fn, gns_fn, None
@@ -239,7 +239,7 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
     held_out = next(iter(task.eval_batches(ds, arrays, len(next(iter(arrays.values()))))))
     inputs, targets = tasks.split_batch(held_out)
     mask = jnp.asarray(held_out["mask"], jnp.float32)
-    eval_step = jax.jit(train.make_eval_step(model))
+    eval_step = jax.jit(train.make_eval_step(model, task.loss))
 
     def eval_fn(st):
         return eval_step(st.params, st.batch_stats, inputs, targets, mask)[1] / mask.sum()
@@ -283,7 +283,7 @@ def independent_noise(config, ds, task):
     @jax.jit
     def measure(params, batch_stats, batch):
         batch = batch | {"index": jnp.arange(len(jax.tree.leaves(batch)[0]))}
-        loss_fn = train.make_loss_fn(model, batch_stats, rng)
+        loss_fn = train.make_loss_fn(model, batch_stats, rng, task.loss)
         if method == "per_example":
             stats, _, _ = estimate.per_example(
                 loss_fn, params, batch, chunk_size=noise.chunk_size, has_aux=True

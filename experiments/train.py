@@ -227,29 +227,31 @@ def _forward(model, params, batch_stats, images, dropout_key, train):
     return model.apply(variables, images, train=train, rngs=rngs).astype(jnp.float32), batch_stats
 
 
-def make_loss_fn(model, batch_stats: PyTree, rng: jax.Array | None) -> Callable:
-    """The training loss ``loss_fn(params, batch) -> (loss, aux)`` for ``gns.estimate``:
-    mean cross-entropy over the examples (and positions) of ``batch`` (inputs, targets and
-    ``'index'``), ``aux = {'loss', 'accuracy', 'batch_stats'}``. ``batch_stats`` is closed
-    over; the dropout key of a (micro)batch is ``fold_in(rng, batch['index'][0])`` (``rng``
-    ``None``: no dropout)."""
+def make_loss_fn(
+    model, batch_stats: PyTree, rng: jax.Array | None, loss: Callable = tasks.cross_entropy
+) -> Callable:
+    """The training loss ``loss_fn(params, batch) -> (loss, aux)`` for ``gns.estimate``: the
+    mean over the examples of ``batch`` (inputs, targets and ``'index'``) of the task's
+    per-example ``loss(logits, targets)``; ``aux = {'loss', 'accuracy', 'batch_stats'}``.
+    ``batch_stats`` is closed over; the dropout key of a (micro)batch is
+    ``fold_in(rng, batch['index'][0])`` (``rng`` ``None``: no dropout)."""
 
     def loss_fn(params, batch):
         key = None if rng is None else jax.random.fold_in(rng, batch["index"][0])
         inputs, targets = tasks.split_batch(batch)
         logits, new_stats = _forward(model, params, batch_stats, inputs, key, True)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        mean = jnp.mean(loss(logits, targets))
         accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
-        return loss, {"loss": loss, "accuracy": accuracy, "batch_stats": new_stats}
+        return mean, {"loss": mean, "accuracy": accuracy, "batch_stats": new_stats}
 
     return loss_fn
 
 
-def make_plain_loss_fn(model, batch_stats, rng, groups: int = 1) -> Callable:
+def make_plain_loss_fn(model, batch_stats, rng, groups: int = 1, loss=tasks.cross_entropy):
     """:func:`make_loss_fn` over ``groups`` equal groups of the batch (ghost BatchNorm),
     split as ``gns.estimate.microbatch`` splits it and run under ``jax.vmap``: the mean of the
     group losses and statistics, so its gradient is the microbatch estimator's."""
-    base = make_loss_fn(model, batch_stats, rng)
+    base = make_loss_fn(model, batch_stats, rng, loss)
     if groups == 1:
         return base
 
@@ -281,6 +283,7 @@ def make_train_steps(
     use_dropout: bool = False,
     schedule: optax.Schedule | None = None,
     mesh=None,
+    loss: Callable = tasks.cross_entropy,
 ):
     """The (unjitted) steps ``(plain_step, gns_step)``, each ``step(state, batch) -> (state,
     metrics)``: the same update for the same batch; ``gns_step`` takes its gradient from
@@ -330,14 +333,14 @@ def make_train_steps(
 
     def plain_step(state, batch):
         batch = _with_index(batch, axis)
-        loss_fn = make_plain_loss_fn(model, state.batch_stats, step_key(state), groups)
+        loss_fn = make_plain_loss_fn(model, state.batch_stats, step_key(state), groups, loss)
         params = state.params if axis is None else common.to_varying(state.params, axis)
         grads, aux = mean_over_devices(jax.grad(loss_fn, has_aux=True)(params, batch))
         return apply_update(state, grads, aux), base_metrics(state, aux)
 
     def gns_step(state, batch):
         batch = _with_index(batch, axis)
-        loss_fn = make_loss_fn(model, state.batch_stats, step_key(state))
+        loss_fn = make_loss_fn(model, state.batch_stats, step_key(state), loss)
         kw = dict(has_aux=True, axis_name=axis)
         if method == "per_example":
             stats, grads, aux = estimate.per_example(
@@ -365,17 +368,15 @@ def make_train_steps(
     return jax.shard_map(plain_step, **specs), jax.shard_map(gns_step, **specs)
 
 
-def make_eval_step(model):
+def make_eval_step(model, loss: Callable = tasks.cross_entropy):
     """``eval_step(params, batch_stats, inputs, targets, mask) -> (correct, loss_sum)``: the
-    sums over the examples in ``mask`` of their accuracy and loss (means over positions)."""
+    sums over the examples in ``mask`` of their accuracy (mean over positions) and ``loss``."""
 
     def eval_step(params, batch_stats, inputs, targets, mask):
         logits, _ = _forward(model, params, batch_stats, inputs, None, False)
         n = targets.shape[0]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-        losses, correct = losses.reshape(n, -1).mean(1), correct.reshape(n, -1).mean(1)
-        return jnp.sum(correct * mask), jnp.sum(losses * mask)
+        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32).reshape(n, -1).mean(1)
+        return jnp.sum(correct * mask), jnp.sum(loss(logits, targets) * mask)
 
     return eval_step
 
@@ -459,8 +460,8 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     plain_fn, gns_fn = make_train_steps(
         model, optimizer, tracker, method=method, num_microbatches=k, schedule=schedule,
         chunk_size=config.gns_chunk_size, use_dropout=models.uses_dropout(model),
-        mesh=mesh)  # fmt: skip
-    eval_jit = jax.jit(make_eval_step(model))
+        mesh=mesh, loss=task.loss)  # fmt: skip
+    eval_jit = jax.jit(make_eval_step(model, task.loss))
 
     def eval_step(params, batch_stats, inputs, targets, mask):  # the batch sharded on the mesh
         return eval_jit(params, batch_stats, *mesh_lib.shard((inputs, targets, mask), mesh))

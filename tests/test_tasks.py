@@ -142,3 +142,22 @@ def test_teacher_trains_from_chance_towards_the_bayes_loss(tmp_path):
     assert bayes - 0.1 < summary["test_loss"] < bayes + 0.4 * (chance - bayes)
     assert summary["test_accuracy"] > 0.5  # chance: 0.25
     assert summary["noise_scale"]["num_measurements"] == 12
+
+
+def test_training_and_evaluation_use_the_tasks_loss():
+    """A task's ``loss`` is the loss of the training steps and of the evaluation: a task whose
+    loss is 3x the cross-entropy trains on and reports 3x the loss of the same setup."""
+    config = teacher_config.get_config("smoke")
+    config.data.update(num_train=64, num_test=32)
+    task = tasks.get(config)
+    ds = task.load(config)
+    tripled = task._replace(loss=lambda logits, targets: 3.0 * tasks.cross_entropy(logits, targets))
+    out = []
+    for t in (task, tripled):
+        setup = train.build_setup(config, ds, t)
+        state = setup.place(setup.state)
+        batch = next(setup.train_batches(int(config.batch_size), 0))
+        _, metrics = setup.plain_fn(state, batch)
+        evaluated = setup.evaluate(state, t.eval_arrays(config, ds, "test", None))
+        out.append((float(metrics["train_loss"]), float(evaluated["loss"])))
+    np.testing.assert_allclose(np.array(out[1]), 3.0 * np.array(out[0]), rtol=1e-5)
