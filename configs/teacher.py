@@ -46,7 +46,7 @@ def smoke() -> ml_collections.ConfigDict:
     """200 steps of batch 32 on 2,048 examples (about 3 epochs), a width-32 student: a few
     seconds on a CPU. Command::
 
-        python -m experiments.cifar10 --config configs/teacher.py:smoke --workdir /tmp/teacher
+        python -m experiments train --config configs/teacher.py:smoke --workdir /tmp/teacher
     """
     c = base()
     c.update(batch_size=32, num_steps=200, eval_every=100, eval_examples=512, log_every=20)
