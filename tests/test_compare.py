@@ -1,7 +1,7 @@
 """Tests of the compare and tradeoff modes (experiments/compare.py, gns/plots.py): the smoothed
 target and the verdict on fake results, the recommendation check on fake timings, and both
-modes on the smoke config with synthetic data (the compare mode through ``make demo`` is in
-tests/test_demo.py)."""
+modes on the smoke settings with a tiny MLP on synthetic data (the compare mode through
+``make demo`` is in tests/test_demo.py)."""
 
 import json
 import math
@@ -185,10 +185,14 @@ def test_check_recommendation_ranks_by_device_time_on_fake_timings():
 
 
 def smoke_config(mode):
+    """The smoke settings on a tiny MLP over 8-pixel synthetic images (as tests/test_demo.py):
+    the modes' bookkeeping does not depend on the model, and its steps compile in a fraction
+    of the CNN's time."""
     c = cifar10_config.get_config("smoke")
     c.mode = mode
     c.data.source = "synthetic"
-    c.data.synthetic.image_size = 16
+    c.data.synthetic.image_size = 8
+    c.model.update(name="mlp", widths=(16,))
     c.data.num_train = 512
     c.data.num_test = 256
     c.tradeoff.max_wall_time_s = 2.0

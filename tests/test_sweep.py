@@ -611,29 +611,24 @@ def test_noise_scale_read_back_from_strict_json():
 # User mistakes: one line, exit code 2, no traceback.
 
 
-@pytest.mark.parametrize(
-    "flag, message",
-    [
-        ("--config.noise.num_batches=1", "config.noise.num_batches=1 must be an int >= 2"),
-        ("--config.tradeoff.target_accuracy=1.5", "config.tradeoff.target_accuracy=1.5"),
-    ],
-)
-def test_command_line_config_mistake_is_one_line_and_exit_2(tmp_path, flag, message):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "experiments.sweep", "--config", "configs/sweep.py:smoke"]
-    out = subprocess.run(
-        cmd + ["--workdir", str(tmp_path / "w"), flag],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], out.stderr
-    assert not (tmp_path / "w").exists()  # validated before anything is written
+MISTAKES = {
+    "--config.noise.num_batches=1": "config.noise.num_batches=1 must be an int >= 2",
+    "--config.tradeoff.target_accuracy=1.5": "config.tradeoff.target_accuracy=1.5",
+}
+
+
+def test_command_line_config_mistake_is_one_line_and_exit_2(tmp_path, commands):
+    """Each mistake in its own process (one batch: tests/conftest.py, ``run_commands``)."""
+    args = ["--config", "configs/sweep.py:smoke"]
+    jobs = [("experiments.sweep", [*args, f"--workdir={tmp_path / str(i)}", flag], REPO)
+            for i, flag in enumerate(MISTAKES)]  # fmt: skip
+    outs = commands(jobs, tmp_path)
+    for i, (out, message) in enumerate(zip(outs, MISTAKES.values(), strict=True)):
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], out.stderr
+        assert not (tmp_path / str(i)).exists()  # validated before anything is written
 
 
 def test_validate_config_names_the_field():
@@ -648,6 +643,8 @@ def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
     config = sweep_config.get_config("smoke")
     config.learning_rate = 1e30  # finite and positive: passes validation, then diverges
     config.data.num_train = 128
+    config.data.synthetic.image_size = 8  # a tiny MLP: steps that compile at once
+    config.model.update(name="mlp", widths=(16,))
     config.noise.update(warmup_steps=3, batch_size=16, num_batches=3, pilot_steps=6)
     with pytest.raises(UserError, match=r"could not be measured: 0 of 3 batches gave finite"):
         sweep.run_sweep(config, str(tmp_path), trainings=False)
