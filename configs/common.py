@@ -127,7 +127,7 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # measured and accumulation ones)
 
     # Trainings to target_accuracy at several batch sizes (the sweep; the tradeoff mode), the
-    # learning rate scaled from learning_rate at batch_size (gns.recommend.scale_learning_rate).
+    # learning rate scaled from learning_rate at batch_size (gns.scaling.learning_rate).
     c.tradeoff = ml_collections.ConfigDict()
     c.tradeoff.batch_sizes = config_dict.placeholder(tuple)  # None: powers of two from
     # min_batch_size up to the largest that fits, at most max_runs of them, spread evenly

@@ -34,11 +34,10 @@ from absl import logging
 from experiments import cli, download
 from experiments import events as events_lib
 from experiments.cli import UserError
-from gns.common import to_json as to_strict_json  # the one strict-JSON conversion
+from gns.common import to_json
 
 __all__ = [
     "QuietOrbax",
-    "to_strict_json",
     "dumps",
     "print_summary",
     "write_json",
@@ -70,7 +69,7 @@ class QuietOrbax(std_logging.Filter):
 
 def dumps(obj: Any, **kwargs) -> str:
     """One strict-JSON string (non-finite floats as ``null``)."""
-    return json.dumps(to_strict_json(obj), allow_nan=False, **kwargs)
+    return json.dumps(to_json(obj), allow_nan=False, **kwargs)
 
 
 def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
@@ -188,7 +187,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def differing_fields(old: dict, new: dict) -> list[str]:
     """Dotted names of the fields whose values differ between two nested dicts, e.g.
     ``['batch_size: 64 -> 128', 'data.num_train: None -> 512']``."""
-    a, b = _flatten(to_strict_json(old)), _flatten(to_strict_json(new))
+    a, b = _flatten(to_json(old)), _flatten(to_json(new))
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
@@ -282,7 +281,7 @@ class RunLog:
         """Stop when the run to resume (``resuming``: there is a checkpoint) was trained with
         a config whose ``identity`` (``config -> dict`` of the fields that change the results)
         differs: a :class:`UserError` lists the fields and how to start fresh."""
-        self.identity = to_strict_json(identity(config))  # also checked against the checkpoint
+        self.identity = to_json(identity(config))  # also checked against the checkpoint
         if not resuming or not os.path.exists(self.config_path):
             return
         try:
@@ -356,12 +355,12 @@ class RunLog:
             _write_atomic(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
             self.events.reset(kept)
         else:
-            self._memory_rows = [to_strict_json(r) for r in kept]
+            self._memory_rows = [to_json(r) for r in kept]
         return kept
 
     def meta(self) -> dict:
         """What a checkpoint stores besides the state: the inverse of :meth:`resume`."""
-        return to_strict_json({
+        return to_json({
             "step": self.step, "examples_seen": self.examples_seen, "clock": self.clock.state(),
             "best": self.best, "to_target": self.to_target, "recent_evals": self.recent_evals,
             "initial_loss": self.initial_loss, "identity": self.identity,
@@ -478,7 +477,7 @@ class Checkpoints:
         if step in self._manager.all_steps():
             return
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(to_strict_json(meta))
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(to_json(meta))
         )
         try:
             self._manager.save(step, args=args)

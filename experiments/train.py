@@ -855,7 +855,7 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, e
             figures.training_plots(rows, log.workdir)
         except Exception as e:  # plots are a convenience: never lose a finished run to them
             logging.warning("Could not write the plots: %s", e)
-    return runlog.to_strict_json(summary)
+    return common.to_json(summary)
 
 
 def _utilization(timed: dict, train_time_s: float, examples: int) -> dict:

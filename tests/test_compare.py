@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from configs import cifar10 as cifar10_config
 from experiments import cifar10, compare, runlog, sweep
 from experiments.cli import UserError
+from gns import common
 
 # ---------------------------------------------------------------------------------------------
 # The smoothed target.
@@ -262,7 +263,7 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
     assert batches == sorted({8, 16, 32, rec_b})
     with open(os.path.join(workdir, compare.SUMMARY_FILE)) as f:  # strict: no NaN/Infinity
         written = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"not strict: {c}"))
-    assert written == runlog.to_strict_json(s)
+    assert written == common.to_json(s)
     # t(B) of every trained batch comes from the one timing table of the measurements.
     table = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))["throughput"]
     t_b = {r["batch_size"]: r["step_time_s"] for r in table if r["fits"]}
@@ -359,7 +360,7 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(trad
         n = np.diff([0] + [x["step"] for x in upto])
         expected = sum(k * step_time[x["batch_size"]] for k, x in zip(n, upto, strict=True))
         assert r["device_time_to_target_s"] == pytest.approx(expected, rel=1e-9)
-    assert s["verdict"] == runlog.to_strict_json(compare.verdict(s["runs"], s["target_accuracy"]))
+    assert s["verdict"] == common.to_json(compare.verdict(s["runs"], s["target_accuracy"]))
     ad = [r for r in s["runs"] if r["policy"] == "adaptive"]
     changes = ad[0]["schedule"]["changes"]
     assert s["schedule"]["changes"] == changes

@@ -22,7 +22,7 @@ from configs import cifar10 as cifar10_config
 from experiments import cli, data, events, models, runlog, train
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
-from gns import plots, smoothing
+from gns import common, plots, smoothing
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,7 +118,7 @@ def test_smoke_run_files_and_rows(smoke_run):
     for name in ("config.json", "metrics.jsonl", "summary.json", "training.png", "noise_scale.png"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     saved_config, saved_summary, rows = strict_outputs(workdir)
-    assert saved_config == runlog.to_strict_json(config.to_dict())
+    assert saved_config == common.to_json(config.to_dict())
     assert saved_summary == summary
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == config.num_steps
