@@ -42,7 +42,7 @@ import numpy as np
 from gns import common, scaling
 from gns.hardware import accumulated_step_time
 
-__all__ = ["Recommendation", "recommend", "scale_learning_rate"]
+__all__ = ["Recommendation", "recommend"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,34 +125,6 @@ class Recommendation:
         return out
 
 
-def scale_learning_rate(
-    base_lr: float, base_batch_size: float, batch_size: float, b_noise: float, optimizer: str
-) -> tuple[float, str]:
-    """Learning rate for ``batch_size`` from one tuned at ``base_batch_size``, by the rule of
-    ``optimizer`` (:func:`gns.scaling.learning_rate`).
-
-    * SGD (and momentum, LARS): McCandlish eq. 2.6, ``ε_opt(B) = ε_max / (1 + B_noise/B)``;
-      ``ε_max = base_lr·(1 + B_noise/base_batch_size)`` from the tuned rate, so
-      ``lr(B) = base_lr·(1 + B_noise/B_base)/(1 + B_noise/B)``: linear scaling well below the
-      noise scale, saturating above it. With ``B_noise = +inf`` this is linear scaling; with
-      ``B_noise <= 0`` (zero, negative or ``-inf``: a degenerate estimate, read as no noise)
-      the rate is kept; ``nan`` raises a ``ValueError`` (there is no rate to derive).
-    * Adam-family (Adam, AdamW, LAMB): square-root scaling ``lr(B) = base_lr·sqrt(B/B_base)``,
-      a heuristic (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive gradient
-      algorithms"; Hoffer et al. 2017), not derived from the noise scale. Re-tune around it.
-    * A rule name (:data:`gns.scaling.RULES`) picks that rule.
-
-    Returns:
-      ``(learning_rate, rule in words)``; a rate that overflows float64 raises a ``ValueError``.
-
-    Example:
-      >>> lr, _ = scale_learning_rate(0.1, 64, 256, 128.0, "sgd")
-      >>> round(lr, 4)
-      0.2
-    """
-    return scaling.learning_rate(optimizer, base_lr, base_batch_size, batch_size, b_noise)
-
-
 def _unit(n: float) -> float:
     """The factor :func:`_objectives` divides by: ``max(N, 1)`` for a finite ``N``, else 1."""
     return max(n, 1.0) if math.isfinite(n) else 1.0
@@ -220,7 +192,7 @@ def recommend(
       base_batch_size: the reference batch (the baseline of ``predicted_speedup_vs_baseline``).
       optimizer: ``"sgd"``, ``"momentum"``, ``"lars"`` (noise-scale rule) or ``"adam"``,
         ``"adamw"``, ``"lamb"`` (square-root heuristic), or a rule of
-        :data:`gns.scaling.RULES`: the learning rate's rule (:func:`scale_learning_rate`).
+        :data:`gns.scaling.RULES`: the learning rate's rule (:func:`gns.scaling.learning_rate`).
       b_noise_interval: ``(low, high)`` of the noise scale; the recommendation under each end is
         reported, and the interval enters ``plausible_batch_sizes``.
       step_time_range: ``{batch: (low, high)}`` seconds per step (e.g. the quartiles of the
@@ -276,7 +248,7 @@ def recommend(
     base_t, _, _ = accumulated_step_time(measured, base, max_batch_size)
     _, base_time, _ = _objectives(np.array([float(base)]), np.array([base_t]), n)
     speedup = float(base_time[0] / time_obj[i])
-    lr, lr_rule = scale_learning_rate(base_lr, base, chosen, n, optimizer)
+    lr, lr_rule = scaling.learning_rate(optimizer, base_lr, base, chosen, n)
 
     under, n_range = _under_interval(b_noise_interval, n, b, t, objective, devices)
     weight = devices if objective == "cost" else np.ones_like(b)

@@ -16,7 +16,7 @@ import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gns import critical, estimate, finder, recommend, smoothing, tradeoff
+from gns import critical, estimate, finder, recommend, scaling, smoothing, tradeoff
 
 PROPS = settings(max_examples=40, deadline=None, derandomize=True)  # the same cases in CI
 TIMES = {b: 0.01 + 0.001 * b for b in (16, 32, 64, 128, 256)}
@@ -89,10 +89,10 @@ def test_huge_noise_scale_ranks_like_an_infinite_one_without_overflow():
     assert huge.batch_size == rec(math.inf, slow, max_batch_size=64, base_batch_size=16).batch_size
     assert all(math.isfinite(row["relative_time"]) for row in huge.table)
     # lr = base_lr·(1 + N/B_0)/(1 + N/B) -> base_lr·B/B_0 as N -> inf; eps_max would overflow.
-    lr, _ = recommend.scale_learning_rate(10.0, 1, 2, 1e308, "sgd")
+    lr, _ = scaling.learning_rate("sgd", 10.0, 1, 2, 1e308)
     assert lr == pytest.approx(20.0, rel=1e-12)
     with pytest.raises(ValueError, match="overflows float64"):
-        recommend.scale_learning_rate(1e308, 1, 4, math.inf, "sgd")
+        scaling.learning_rate("sgd", 1e308, 1, 4, math.inf)
 
 
 def test_table_values_beyond_float64_are_warned_about():

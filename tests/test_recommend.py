@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gns import hardware, recommend
+from gns import hardware, recommend, scaling
 
 POW2 = [2**i for i in range(3, 13)]  # 8 .. 4096
 
@@ -184,21 +184,21 @@ def test_sgd_lr_rule_closed_form_and_limits():
     n, base_lr, base_b = 500.0, 0.1, 64
     eps_max = base_lr * (1 + n / base_b)
     for B in (16, 64, 512, 8192):
-        lr, rule = recommend.scale_learning_rate(base_lr, base_b, B, n, "sgd")
+        lr, rule = scaling.learning_rate("sgd", base_lr, base_b, B, n)
         assert lr == pytest.approx(eps_max / (1 + n / B))
         assert "eps_opt" in rule
-    lr, _ = recommend.scale_learning_rate(base_lr, base_b, base_b, n, "sgd")
+    lr, _ = scaling.learning_rate("sgd", base_lr, base_b, base_b, n)
     assert lr == pytest.approx(base_lr)  # the tuned point is reproduced
     # Far above the noise scale the rate saturates at eps_max; infinite noise: linear scaling.
-    lr, _ = recommend.scale_learning_rate(base_lr, base_b, 1e9, n, "momentum")
+    lr, _ = scaling.learning_rate("momentum", base_lr, base_b, 1e9, n)
     assert lr == pytest.approx(eps_max, rel=1e-6)
-    lr, rule = recommend.scale_learning_rate(base_lr, base_b, 256, math.inf, "sgd")
+    lr, rule = scaling.learning_rate("sgd", base_lr, base_b, 256, math.inf)
     assert lr == pytest.approx(0.4) and "linear" in rule
 
 
 @pytest.mark.parametrize("opt", ["adam", "adamw", "lamb"])
 def test_adaptive_lr_rule_is_square_root_and_says_heuristic(opt):
-    lr, rule = recommend.scale_learning_rate(2e-3, 64, 256, 500.0, opt)
+    lr, rule = scaling.learning_rate(opt, 2e-3, 64, 256, 500.0)
     assert lr == pytest.approx(4e-3)
     assert "heuristic" in rule and "square-root" in rule
     times = linear_times(0.01, 1e-4)
@@ -288,7 +288,7 @@ def test_minus_infinity_is_a_degenerate_negative_estimate_not_plus_infinity():
     assert r.batch_size == min(POW2) != plus.batch_size  # no noise: the fastest step wins
     assert "negative" in r.reason and "degenerate" in r.reason and "not resolved" not in r.reason
     assert r.learning_rate == pytest.approx(0.1)  # kept, not linearly scaled as for +inf
-    lr, rule = recommend.scale_learning_rate(0.1, 32, 256, -math.inf, "sgd")
+    lr, rule = scaling.learning_rate("sgd", 0.1, 32, 256, -math.inf)
     assert lr == 0.1 and "not positive" in rule
 
 
@@ -300,7 +300,7 @@ def test_rule_names_pick_their_rule_in_words():
         ("constant", 1.0, "constant"),
         ("sqrt", 2.0, "square-root"),
     ]:
-        lr, rule = recommend.scale_learning_rate(0.1, 32, 128, 500.0, name)
+        lr, rule = scaling.learning_rate(name, 0.1, 32, 128, 500.0)
         assert lr == pytest.approx(0.1 * factor, rel=1e-15) and word in rule
     # The recommendation takes a rule name for its learning rate too.
     r = recommend.recommend(
@@ -313,11 +313,11 @@ def test_rule_names_pick_their_rule_in_words():
 def test_nan_noise_scale_never_gives_a_nan_learning_rate():
     for opt in ("sgd", "momentum", "lars"):
         with pytest.raises(ValueError, match="b_noise is nan"):
-            recommend.scale_learning_rate(0.1, 32, 256, math.nan, opt)
-    lr, _ = recommend.scale_learning_rate(0.1, 32, 128, math.nan, "adam")  # rule ignores it
+            scaling.learning_rate(opt, 0.1, 32, 256, math.nan)
+    lr, _ = scaling.learning_rate("adam", 0.1, 32, 128, math.nan)  # rule ignores it
     assert lr == pytest.approx(0.2)
     with pytest.raises(ValueError, match="finite and positive"):
-        recommend.scale_learning_rate(math.nan, 32, 128, 100.0, "sgd")
+        scaling.learning_rate("sgd", math.nan, 32, 128, 100.0)
 
 
 # ---------------------------------------------------------------------------------------------
