@@ -61,7 +61,7 @@ def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
     rules.check(FLAGS.config, "cifar10")  # every field of any task, before the slow imports
-    logging.get_absl_handler().addFilter(runlog.QuietOrbax())
+    logging.get_absl_handler().addFilter(runlog.QuietLibraries())
     summary = run(FLAGS.config, FLAGS.workdir)
     if summary.get("mode") in ("compare", "tradeoff"):
         from experiments import compare

@@ -37,7 +37,7 @@ from experiments.cli import UserError
 from gns.common import to_json
 
 __all__ = [
-    "QuietOrbax",
+    "QuietLibraries",
     "dumps",
     "print_summary",
     "write_json",
@@ -59,12 +59,14 @@ CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints-unreadable"
 
 
-class QuietOrbax(std_logging.Filter):
-    """A logging filter for the mains: drops orbax's INFO chatter (several lines per
-    checkpoint), keeps its warnings."""
+class QuietLibraries(std_logging.Filter):
+    """A logging filter for the mains: drops the INFO chatter of orbax (several lines per
+    checkpoint) and of JAX's backend discovery (a line per platform it did not find), keeps
+    their warnings."""
 
     def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+        chatty = "orbax" in record.pathname or "xla_bridge" in record.pathname
+        return record.levelno >= std_logging.WARNING or not chatty
 
 
 def dumps(obj: Any, **kwargs) -> str:

@@ -1031,7 +1031,7 @@ def _define_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(runlog.QuietOrbax())
+    logging.get_absl_handler().addFilter(runlog.QuietLibraries())
     sweep = run_sweep(FLAGS.config, FLAGS.workdir)
     print(summary_table(sweep))
     print(f"\nwrote {os.path.join(FLAGS.workdir, SWEEP_FILE)}")

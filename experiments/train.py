@@ -537,6 +537,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     task = tasks.get(config)
     primary = jax.process_index() == 0  # the one process that writes files
     mesh_lib.check_batch(config.batch_size, mesh_lib.make_mesh(config.num_devices))
+    ds = task.load(config)  # before the lock: a bad data source leaves the workdir untouched
     with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():
         ckpt = runlog.Checkpoints(workdir)
         log = runlog.RunLog(workdir, target=task.target(config),
@@ -544,7 +545,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             devices=mesh_lib.make_mesh(config.num_devices).size)  # fmt: skip
         config_dict = config.to_dict()
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
-        ds = task.load(config)
         log.data = task.describe(ds)  # the content's identity, checked against the checkpoint
         setup = build_setup(config, ds, task)
         with runlog.deferred_interrupt() as interrupted, contextlib.closing(log):
