@@ -305,7 +305,7 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
         assert os.path.basename(p["workdir"]).startswith(f"B{p['batch_size']}-seed0-")
 
 
-def _the_gns_run_continues_the_pilot(c, s, workdir):
+def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
     """The recommended policy's runs go on from the measurement's pilot checkpoint: its state
     (an independent orbax load), step, examples and seconds; the measurement's cost beyond
     the pilot is in its times. The fixed policies start from scratch."""
@@ -352,10 +352,24 @@ def _the_gns_run_continues_the_pilot(c, s, workdir):
         start["seconds"])
     for a, x in zip(jax.tree.leaves(state.params), jax.tree.leaves(raw["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(x))
+    assert train.batch_policy(cfg, setup, state, log).by_example  # the pilot's example stream
+    # A continued run resumes from its own checkpoint (its start kept), never the pilot again.
+    run = next(r for r in s["runs"] if r["policy"] == "recommended")
+    cfg.start_from = run["start"]["checkpoint"]
+    meta = runlog.Checkpoints(run["workdir"]).restore(setup.state)[1]
+    assert meta["start"] == run["start"] and meta["step"] == run["steps"]
+
+    def no_pilot(*args):
+        raise AssertionError("started from the pilot again")
+
+    monkeypatch.setattr(train, "start_from_pilot", no_pilot)
+    again = train.train_and_evaluate(cfg, run["workdir"])
+    assert again["start"] == run["start"] and again["steps"] == run["steps"]
 
 
 @pytest.mark.timeout(300)
-def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(tradeoff_run):
+def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(tradeoff_run,
+                                                                            monkeypatch):
     root, trade = tradeoff_run
     workdir = os.path.join(root, "policies")
     shutil.copytree(os.path.join(root, "tradeoff", "sweep"), os.path.join(workdir, "sweep"))
@@ -414,7 +428,7 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(trad
         expected += r["measurement_s"]
         assert r["device_time_to_target_s"] == pytest.approx(expected, rel=1e-9)
     assert s["verdict"] == common.to_json(compare.verdict(s["runs"], s["target_accuracy"]))
-    _the_gns_run_continues_the_pilot(c, s, workdir)
+    _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch)
     ad = [r for r in s["runs"] if r["policy"] == "adaptive"]
     changes = ad[0]["schedule"]["changes"]
     assert s["schedule"]["changes"] == changes
