@@ -10,7 +10,10 @@ a smoothed target (the trailing mean of ``compare.target_window`` evaluations,
 :func:`smoothed_crossing`), each run one :func:`experiments.train.train_and_evaluate` with its
 learning rate from :func:`gns.scaling.learning_rate`. Time to target is wall clock and device
 time ``Σ_B steps(B)·t(B)`` from one interleaved timing table; :func:`verdict` ranks the
-policies. Writes ``WORKDIR/summary.json``, ``WORKDIR/compare.png`` and the runs in
+policies. The ``recommended`` run goes on from the measurement's pilot (``config.start_from``:
+its state, steps, examples and seconds, the pilot's steps at its batch in the device time) and
+its times add ``measurement_s``, the rest of what the measurement cost: gns end to end against
+the other policies trained alone. Writes ``WORKDIR/summary.json``, ``WORKDIR/compare.png`` and the runs in
 ``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`).
 
 **tradeoff** trains to ``tradeoff.target_accuracy`` at ``tradeoff.batch_sizes`` and the

@@ -18,8 +18,12 @@ recommendation; then trainings to ``tradeoff.target_accuracy`` at several batch 
 It writes ``DIR/sweep.json`` (strict JSON: non-finite numbers are ``null``), the plots
 (``throughput.png``, ``tradeoff.png``, ``time_to_target.png``) and prints a summary; the
 trainings are in ``DIR/train/*``. Each finished measurement is kept in ``DIR/sweep_state.json``
-with the fingerprint of the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
-the same command measures only what is missing or what a changed field affects.
+with the fingerprint of the config fields its stage reads (:data:`STAGE_FIELDS`) and what it
+cost (``seconds``; ``sweep.json``'s ``measurement_cost_s``): re-running the same command
+measures only what is missing or what a changed field affects. The pilot's end state is kept
+in ``DIR/pilot/<key>`` (:func:`keep_pilot`), the start of a run that goes on from it
+(``config.start_from``); the trainings at the fixed batch sizes start from scratch (the fit of
+``S(B)`` needs every batch from step 0).
 """
 
 from __future__ import annotations

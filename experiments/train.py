@@ -16,6 +16,9 @@ bytes of text, ...) with the noise scale measured along the way, and writes into
   ``interrupted``, ``diverged``), ``steps_to_target``/``time_to_target_s`` (the mean of the
   last ``config.target_window`` evaluations first at the target; the run stops there) and
   ``noise_scale`` (:func:`noise_scale_summary`);
+- with ``config.start_from`` (a pilot's checkpoint, :func:`start_from_pilot`) the run goes on
+  from the pilot's state, step, examples (its example stream) and seconds, written as the
+  first row (``start: "pilot"``) and ``summary.json``'s ``start``;
 - ``checkpoints/`` (orbax): re-running the command resumes from the last one when the
   :func:`run_identity`, the data's content and the device count agree, and a finished run
   returns its stored summary; ``training.png``, ``noise_scale.png``.
