@@ -641,6 +641,14 @@ def policy_table(summary: dict) -> str:
     for change in (summary.get("schedule") or {}).get("changes", []):
         lines.append(f"  adaptive, seed {summary['schedule']['seed']}, step {change['step']}: "
                      f"{change['reason']}")  # fmt: skip
+    for r in summary["runs"][: len(summary["policies"])]:  # one line per policy that went on
+        st = r.get("start")
+        if st:
+            lines.append(
+                f"{r['policy']}: went on from the pilot ({st['step']} steps at batch "
+                f"{st['batch_size']}, {st['seconds']:.1f} s, counted); its times add "
+                f"{r['measurement_s']:.1f} s, the rest of the measurement's cost"
+            )
     for policy, why in summary.get("skipped", {}).items():
         lines.append(f"skipped {policy}: {why}")
     r, n = summary["recommendation"], summary["noise_scale"]

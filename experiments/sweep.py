@@ -338,21 +338,24 @@ def keep_pilot(workdir: str, fp: str, view, data_record, hooks):
     ``finish(record)`` also saves it (orbax, as the training loop resumes from:
     :func:`experiments.train.start_from_pilot`) in ``workdir/pilot/<fp[:16]>`` and puts its
     ``start`` in ``record["pilot"]``: ``checkpoint`` (under ``workdir``), ``step``,
-    ``examples``, ``seconds`` (steps x ``step_s``, the first step's compilation left out, as a
-    run's training clock counts), ``batch_size`` and ``learning_rate``."""
+    ``examples``, ``seconds`` (steps x the median time from one step's end to the next's,
+    ``on_step``'s own time and compilations left out, as a run's training clock counts),
+    ``batch_size`` and ``learning_rate``."""
     on_step, finish = hooks
-    last = {}
+    last, gaps = {}, []
 
-    def step(i, state):
+    def step(i, state):  # the pilot's steps synchronize (their metrics are read each step)
+        if i >= 2:
+            gaps.append(time.perf_counter() - last["t"])
         on_step(i, state)
-        last["state"] = state
+        last.update(state=state, t=time.perf_counter())
 
     def done(record):
         out = finish(record)
         if "pilot" not in record:  # the error path: nothing trained to keep
             return out
         p, rel = out["pilot"], os.path.join(PILOT_DIR, fp[:16])
-        seconds = p["steps"] * p["step_s"]
+        seconds = p["steps"] * float(np.median(gaps))
         start = {"from": "pilot", "checkpoint": rel, "step": p["steps"],
                  "examples": p["steps"] * p["batch_size"], "seconds": seconds,
                  "batch_size": p["batch_size"], "learning_rate": float(view.learning_rate)}

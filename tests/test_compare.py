@@ -438,6 +438,7 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(trad
     for r in s["runs"]:
         assert any(line.split()[:2] == [r["policy"], str(r["seed"])] for line in table.splitlines())
     assert table.count("\n".join(s["verdict"]["text"])) == 1
+    assert table.count("recommended: went on from the pilot") == 1
     assert s["plot"] == os.path.join(workdir, compare.PLOT_FILE)
     assert os.path.getsize(s["plot"]) > 5000
     # One run directory (a TensorBoard run) per policy, batch and seed, with its event files.
