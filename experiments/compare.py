@@ -13,8 +13,8 @@ time ``Σ_B steps(B)·t(B)`` from one interleaved timing table; :func:`verdict` 
 policies. The ``recommended`` run goes on from the measurement's pilot (``config.start_from``:
 its state, steps, examples and seconds, the pilot's steps at its batch in the device time) and
 its times add ``measurement_s``, the rest of what the measurement cost: gns end to end against
-the other policies trained alone. Writes ``WORKDIR/summary.json``, ``WORKDIR/compare.png`` and the runs in
-``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`).
+the other policies trained alone. Writes ``WORKDIR/summary.json``, ``WORKDIR/compare.png``
+and the runs in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`).
 
 **tradeoff** trains to ``tradeoff.target_accuracy`` at ``tradeoff.batch_sizes`` and the
 recommended batch (:func:`experiments.sweep.run_trainings`), fits ``S(B) = S_min + E_min/B``
@@ -460,7 +460,8 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
         "reached": at is not None,
         "time_to_target_s": at["wall_time_s"] + measurement_s if at else None,
         "device_time_to_target_s": measurement_s + adaptive.device_time(by_b, step_time)
-        if at else None,
+        if at
+        else None,
         "device_time_by_round": None
         if at is None
         else [

@@ -333,7 +333,7 @@ def independent_noise(config, ds, task):
     return on_step, finish
 
 
-def keep_pilot(workdir: str, fp: str, view, data_record, hooks):
+def keep_pilot(workdir: str, fp: str, learning_rate: float, data_record, hooks):
     """``hooks = (on_step, finish)`` of :func:`independent_noise`, the pilot's end state kept:
     ``finish(record)`` also saves it (orbax, as the training loop resumes from:
     :func:`experiments.train.start_from_pilot`) in ``workdir/pilot/<fp[:16]>`` and puts its
@@ -356,9 +356,15 @@ def keep_pilot(workdir: str, fp: str, view, data_record, hooks):
             return out
         p, rel = out["pilot"], os.path.join(PILOT_DIR, fp[:16])
         seconds = p["steps"] * float(np.median(gaps))
-        start = {"from": "pilot", "checkpoint": rel, "step": p["steps"],
-                 "examples": p["steps"] * p["batch_size"], "seconds": seconds,
-                 "batch_size": p["batch_size"], "learning_rate": float(view.learning_rate)}
+        start = {
+            "from": "pilot",
+            "checkpoint": rel,
+            "step": p["steps"],
+            "examples": p["steps"] * p["batch_size"],
+            "seconds": seconds,
+            "batch_size": p["batch_size"],
+            "learning_rate": float(learning_rate),
+        }
         where = os.path.join(workdir, rel)
         shutil.rmtree(where, ignore_errors=True)  # a pilot measured again replaces its state
         meta = {"step": p["steps"], "examples_seen": start["examples"], "start": start,
@@ -372,8 +378,9 @@ def keep_pilot(workdir: str, fp: str, view, data_record, hooks):
 def pilot_saved(workdir: str, noise: dict) -> bool:
     """Whether the pilot state of the noise record ``noise`` is on disk (:func:`keep_pilot`)."""
     start = noise.get("pilot", {}).get("start")
-    return bool(start) and os.path.isdir(os.path.join(
-        workdir, start["checkpoint"], runlog.CHECKPOINT_DIR, str(start["step"])))
+    return bool(start) and os.path.isdir(
+        os.path.join(workdir, start["checkpoint"], runlog.CHECKPOINT_DIR, str(start["step"]))
+    )
 
 
 def critical_fingerprint(config, b_noise: float) -> str:
@@ -781,7 +788,7 @@ def _measure(config, ds, task, stages: _Stages) -> finder.Measured:
     """Noise scale, branched critical batch, timing and recommendation: the pipeline of
     :func:`gns.finder.pipeline`, with the sweep's stage cache and independent batches."""
     on_step, finish = keep_pilot(stages.workdir, stages.fps["noise_scale"],
-                                 stage_config(config, "noise_scale"), task.describe(ds),
+                                 config.learning_rate, task.describe(ds),
                                  independent_noise(config, ds, task))  # fmt: skip
     steps, state = pipeline_steps(config, ds, task)
     try:

@@ -588,12 +588,17 @@ def start_from_pilot(config, setup: Setup, log: runlog.RunLog):
     if os.path.isdir(where):
         state, meta = runlog.Checkpoints(config.start_from).restore(setup.state, log.check_meta)
     if state is None:
-        raise UserError(f"no pilot checkpoint in {where}",
-                        hint="re-run the sweep that writes it, or set config.start_from=None")
+        raise UserError(
+            f"no pilot checkpoint in {where}",
+            hint="re-run the sweep that writes it, or set config.start_from=None",
+        )
     start = dict(meta["start"], checkpoint=config.start_from)
     seen = finder.continue_at(start["examples"], config.batch_size) * config.batch_size
-    log.resume(int(start["step"]), {"examples_seen": seen, "start": start,
-                                    "clock": {"train_time_s": start["seconds"]}}, truncate=False)
+    log.resume(
+        int(start["step"]),
+        {"examples_seen": seen, "start": start, "clock": {"train_time_s": start["seconds"]}},
+        truncate=False,
+    )
     log.write_row({"step": start["step"], "examples_seen": start["examples"],
                    "wall_time_s": start["seconds"], "batch_size": start["batch_size"],
                    "learning_rate": start["learning_rate"], "start": "pilot"})  # fmt: skip

@@ -1113,8 +1113,9 @@ def continue_training(
     """Train ``num_steps`` more plain steps from ``state`` at ``batch_size``.
 
     The stream continues where ``state`` left it: the first batch is ``batch_fn(batch_size,
-    continue_at(examples_seen, batch_size))`` (:func:`continue_at`). Build ``optimizer`` at the recommended learning rate: the state of optax's
-    ``sgd``/``adam``/``adamw`` does not hold the rate, so the pilot's state carries over.
+    continue_at(examples_seen, batch_size))`` (:func:`continue_at`). Build ``optimizer`` at the
+    recommended learning rate: the state of optax's ``sgd``/``adam``/``adamw`` does not hold
+    the rate, so the pilot's state carries over.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, as for :func:`find_batch_size`.

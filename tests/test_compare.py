@@ -331,9 +331,14 @@ def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
         assert r["start"] == summary["start"] == start | {"checkpoint": os.path.abspath(where)}
         assert r["measurement_s"] == pytest.approx(cost - start["seconds"])
         pilot, first = rows[0], rows[1]
-        assert pilot == {"step": start["step"], "examples_seen": start["examples"],
-                         "wall_time_s": start["seconds"], "batch_size": start["batch_size"],
-                         "learning_rate": start["learning_rate"], "start": "pilot"}
+        assert pilot == {
+            "step": start["step"],
+            "examples_seen": start["examples"],
+            "wall_time_s": start["seconds"],
+            "batch_size": start["batch_size"],
+            "learning_rate": start["learning_rate"],
+            "start": "pilot",
+        }
         # Step start+1 is the first one trained: the counter and the stream went on from it.
         seen = finder.continue_at(start["examples"], b) * b
         assert first["examples_seen"] == seen + (first["step"] - start["step"]) * b
@@ -348,8 +353,8 @@ def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
     os.makedirs(os.path.join(workdir, "probe"))
     log = runlog.RunLog(os.path.join(workdir, "probe"))
     state = train.start_from_pilot(cfg, setup, log)
-    assert int(state.step) == log.step == start["step"] and log.clock.total("train") == pytest.approx(
-        start["seconds"])
+    assert int(state.step) == log.step == start["step"]
+    assert log.clock.total("train") == pytest.approx(start["seconds"])
     for a, x in zip(jax.tree.leaves(state.params), jax.tree.leaves(raw["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(x))
     assert train.batch_policy(cfg, setup, state, log).by_example  # the pilot's example stream
@@ -368,8 +373,9 @@ def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(tradeoff_run,
-                                                                            monkeypatch):
+def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
+    tradeoff_run, monkeypatch
+):
     root, trade = tradeoff_run
     workdir = os.path.join(root, "policies")
     shutil.copytree(os.path.join(root, "tradeoff", "sweep"), os.path.join(workdir, "sweep"))
@@ -403,7 +409,8 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(trad
         assert run_config["adaptive"]["enabled"] == (r["policy"] == "adaptive")
         trained = [x for x in rows if "start" not in x]  # the gns run's first row: the pilot
         assert (r["policy"] == "adaptive") or {x["batch_size"] for x in trained} == {
-            r["batch_size"]}
+            r["batch_size"]
+        }
         steps = [x["step"] for x in rows]
         assert steps == sorted(set(steps))
         # One training: it stopped once, on its last row (no budget segments resumed).

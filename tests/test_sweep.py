@@ -182,10 +182,15 @@ def test_the_pilots_end_state_is_saved_for_the_run_to_go_on_from(smoke_run):
     pilot = s["noise_scale"]["pilot"]
     start = pilot["start"]
     fp = s["fingerprints"]["noise_scale"]
-    assert start == {"from": "pilot", "checkpoint": os.path.join(sweep.PILOT_DIR, fp[:16]),
-                     "step": pilot["steps"], "examples": pilot["steps"] * config.batch_size,
-                     "seconds": start["seconds"],
-                     "batch_size": config.batch_size, "learning_rate": config.learning_rate}
+    assert start == {
+        "from": "pilot",
+        "checkpoint": os.path.join(sweep.PILOT_DIR, fp[:16]),
+        "step": pilot["steps"],
+        "examples": pilot["steps"] * config.batch_size,
+        "seconds": start["seconds"],
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+    }
     # Its training seconds: the pilot's steps, without the compilations and the independent
     # batches measured at its warm-up step (both inside step_s).
     assert 0 < start["seconds"] < pilot["steps"] * pilot["step_s"]
