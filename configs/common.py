@@ -51,6 +51,8 @@ def training() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500  # examples per evaluation batch (memory only)
     c.log_every = 50  # steps between metrics rows (measured/evaluated steps always get one)
     c.checkpoint_every = 1000  # steps between checkpoints (0: only at the end)
+    c.start_from = config_dict.placeholder(str)  # a pilot's checkpoint directory to go on
+    # from: its state, step, examples and seconds (None: a fresh start)
     c.progress_bar = True  # a tqdm bar when stderr is a terminal
     c.plots = True  # training.png and noise_scale.png
 

@@ -10,8 +10,11 @@ a smoothed target (the trailing mean of ``compare.target_window`` evaluations,
 :func:`smoothed_crossing`), each run one :func:`experiments.train.train_and_evaluate` with its
 learning rate from :func:`gns.scaling.learning_rate`. Time to target is wall clock and device
 time ``Σ_B steps(B)·t(B)`` from one interleaved timing table; :func:`verdict` ranks the
-policies. Writes ``WORKDIR/summary.json``, ``WORKDIR/compare.png`` and the runs in
-``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`).
+policies. The ``recommended`` run goes on from the measurement's pilot (``config.start_from``:
+its state, steps, examples and seconds, the pilot's steps at its batch in the device time) and
+its times add ``measurement_s``, the rest of what the measurement cost: gns end to end against
+the other policies trained alone. Writes ``WORKDIR/summary.json``, ``WORKDIR/compare.png``
+and the runs in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`).
 
 **tradeoff** trains to ``tradeoff.target_accuracy`` at ``tradeoff.batch_sizes`` and the
 recommended batch (:func:`experiments.sweep.run_trainings`), fits ``S(B) = S_min + E_min/B``
@@ -356,7 +359,19 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
                             adaptive=fields, gns_every=int(config.gns_every))  # fmt: skip
         elif p in batch:
             plans[p] = dict(batch_size=batch[p], learning_rate=lr(batch[p]), gns_every=0)
+    if "recommended" in plans:  # the gns run goes on from the measurement's pilot
+        plans["recommended"].update(_pilot_start(workdir, sweep_result))
     return plans, {p: why for p, why in skipped.items() if p in names}, cands
+
+
+def _pilot_start(workdir: str, sweep_result: dict) -> dict:
+    """The recommended policy's start: the pilot's checkpoint (``start_from``), its ``start``
+    record, and ``measurement_s``: what the measurement cost beyond the pilot's training
+    seconds (which the run counts itself), added to the run's times to target."""
+    start = sweep_result["noise_scale"]["pilot"]["start"]
+    cost = sum(sweep_result["measurement_cost_s"].values())
+    return {"start_from": os.path.abspath(os.path.join(workdir, "sweep", start["checkpoint"])),
+            "start": start, "measurement_s": max(0.0, cost - start["seconds"])}  # fmt: skip
 
 
 def plan_batch_sizes(plan: dict) -> list[int]:
@@ -379,6 +394,7 @@ def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limi
     c.eval_every = max(1, round(int(comparison.eval_every_examples) / b))
     c.log_every = min(int(c.log_every), c.eval_every)
     c.gns_every = int(plan["gns_every"])
+    c.start_from = plan.get("start_from")
     c.adaptive.enabled = "adaptive" in plan
     if c.adaptive.enabled:
         c.adaptive.eval_every_examples = int(comparison.eval_every_examples)
@@ -414,35 +430,43 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
 
 
 def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict], comparison,
-                table: dict[int, dict]) -> dict:  # fmt: skip
+                table: dict[int, dict], measurement_s: float = 0.0) -> dict:  # fmt: skip
     """One run of the summary: the smoothed crossing, times to it (device time also under
-    each round of the timing table, ``device_time_by_round``), the curves."""
+    each round of the timing table, ``device_time_by_round``), the curves. A run from the
+    pilot (``start``) counts the pilot's steps at its batch (its row) and ``measurement_s``,
+    the rest of the measurement's cost, in every time: the price of gns is in its times."""
     step_time = {b: v["step_time_s"] for b, v in table.items()}
     rounds = min(len(v["times_s"]) for v in table.values())
     evals = [r for r in rows if "test_accuracy" in r]
     smooth = trailing_means([r["test_accuracy"] for r in evals], comparison.target_window)
     hit = smoothed_crossing([r["test_accuracy"] for r in evals], comparison.target_accuracy,
                             comparison.target_window)  # fmt: skip
-    device, prev, total = {}, 0, 0.0  # device time at each row's step
+    device, prev, total = {}, 0, float(measurement_s)  # device time at each row's step
     for r in rows:
         total += (r["step"] - prev) * step_time[int(r["batch_size"])]
         device[r["step"]], prev = total, r["step"]
     at = evals[hit] if hit is not None else None
     by_b = adaptive.steps_by_batch_size(rows, at["step"] if at else s["steps"])
     known = [m for m in smooth if m is not None]
+    trained = [r for r in rows if "start" not in r]  # without the pilot's row
     rec = {
         "policy": policy,
         "seed": seed,
-        "batch_size": rows[0]["batch_size"] if rows else None,
+        "batch_size": trained[0]["batch_size"] if trained else None,
         "final_batch_size": rows[-1]["batch_size"] if rows else None,
-        "learning_rate": rows[0]["learning_rate"] if rows else None,
+        "learning_rate": trained[0]["learning_rate"] if trained else None,
+        "start": s.get("start"),
+        "measurement_s": measurement_s,
         "reached": at is not None,
-        "time_to_target_s": at["wall_time_s"] if at else None,
-        "device_time_to_target_s": adaptive.device_time(by_b, step_time) if at else None,
+        "time_to_target_s": at["wall_time_s"] + measurement_s if at else None,
+        "device_time_to_target_s": measurement_s + adaptive.device_time(by_b, step_time)
+        if at
+        else None,
         "device_time_by_round": None
         if at is None
         else [
-            adaptive.device_time(by_b, {b: v["times_s"][k] for b, v in table.items()})
+            measurement_s
+            + adaptive.device_time(by_b, {b: v["times_s"][k] for b, v in table.items()})
             for k in range(rounds)
         ],
         "steps_to_target": at["step"] if at else None,
@@ -456,7 +480,7 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
         "stop_reason": s.get("stop_reason"),
         "workdir": run_dir,
         "curve": [
-            [r["wall_time_s"], device[r["step"]], r["test_accuracy"], m]
+            [r["wall_time_s"] + measurement_s, device[r["step"]], r["test_accuracy"], m]
             for r, m in zip(evals, smooth, strict=True)
         ],  # fmt: skip
         "batch_curve": [[device[r["step"]], r["batch_size"]] for r in rows],
@@ -514,7 +538,8 @@ def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list
             bar.set(phase=f"{policy} seed {seed}")
             s = train.train_and_evaluate(cfg, run_dir)
             rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
-            runs.append(_run_record(policy, int(seed), run_dir, s, rows, comparison, table))
+            runs.append(_run_record(policy, int(seed), run_dir, s, rows, comparison, table,
+                                    plan.get("measurement_s", 0.0)))  # fmt: skip
             bar.update(1)
     return runs
 
@@ -526,7 +551,8 @@ def run_compare(config, workdir: str, sweep_result: dict, t0: float) -> dict:
     comparison = config.compare
     plans, skipped, cands = plan_policies(config, workdir, sweep_result)
     ds = data.load(config.data)
-    sizes = sorted({b for p in plans.values() for b in plan_batch_sizes(p)})
+    sizes = {b for p in plans.values() for b in plan_batch_sizes(p)}
+    sizes = sorted(sizes | {p["start"]["batch_size"] for p in plans.values() if "start" in p})
     bar = progress.Progress(
         len(comparison.seeds) * len(plans), desc="compare", unit="runs", rate=False
     )
@@ -616,6 +642,14 @@ def policy_table(summary: dict) -> str:
     for change in (summary.get("schedule") or {}).get("changes", []):
         lines.append(f"  adaptive, seed {summary['schedule']['seed']}, step {change['step']}: "
                      f"{change['reason']}")  # fmt: skip
+    for r in summary["runs"][: len(summary["policies"])]:  # one line per policy that went on
+        st = r.get("start")
+        if st:
+            lines.append(
+                f"{r['policy']}: went on from the pilot ({st['step']} steps at batch "
+                f"{st['batch_size']}, {st['seconds']:.1f} s, counted); its times add "
+                f"{r['measurement_s']:.1f} s, the rest of the measurement's cost"
+            )
     for policy, why in summary.get("skipped", {}).items():
         lines.append(f"skipped {policy}: {why}")
     r, n = summary["recommendation"], summary["noise_scale"]

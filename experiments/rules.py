@@ -171,6 +171,8 @@ TRAIN = (
     ("log_every", count(1), "steps between metrics rows (measured and evaluated steps always "
      "get one)"),
     ("checkpoint_every", count(0), "steps between checkpoints (0: only at the end)"),
+    ("start_from", text(none="a fresh start"), "a pilot's checkpoint directory (the sweep's "
+     "WORKDIR/pilot/<key>): the run goes on from its state, step, examples and seconds"),
     ("progress_bar", FLAG, "a progress bar when stderr is a terminal"),
     ("plots", FLAG, "write training.png and noise_scale.png"),
     ("gns_every", count(0), "measure the noise scale every N steps (0: never)"),

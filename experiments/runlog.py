@@ -348,6 +348,7 @@ class RunLog:
         recent = meta.get("recent_evals") or []  # null: a non-finite score
         self.recent_evals = [math.nan if x is None else float(x) for x in recent][-self.window :]
         self.initial_loss = meta.get("initial_loss")
+        self.start = meta.get("start")  # where the run began when not from scratch (a pilot)
         self.diverged: str | None = None
         self._last_row = (self.clock.total("train"), self.examples_seen)
         if not truncate:
@@ -366,7 +367,7 @@ class RunLog:
             "step": self.step, "examples_seen": self.examples_seen, "clock": self.clock.state(),
             "best": self.best, "to_target": self.to_target, "recent_evals": self.recent_evals,
             "initial_loss": self.initial_loss, "identity": self.identity,
-            "devices": self.devices, "data": self.data,
+            "devices": self.devices, "data": self.data, "start": self.start,
         })  # fmt: skip
 
     def advance(self, batch_size: int) -> None:

@@ -18,8 +18,12 @@ recommendation; then trainings to ``tradeoff.target_accuracy`` at several batch 
 It writes ``DIR/sweep.json`` (strict JSON: non-finite numbers are ``null``), the plots
 (``throughput.png``, ``tradeoff.png``, ``time_to_target.png``) and prints a summary; the
 trainings are in ``DIR/train/*``. Each finished measurement is kept in ``DIR/sweep_state.json``
-with the fingerprint of the config fields its stage reads (:data:`STAGE_FIELDS`): re-running
-the same command measures only what is missing or what a changed field affects.
+with the fingerprint of the config fields its stage reads (:data:`STAGE_FIELDS`) and what it
+cost (``seconds``; ``sweep.json``'s ``measurement_cost_s``): re-running the same command
+measures only what is missing or what a changed field affects. The pilot's end state is kept
+in ``DIR/pilot/<key>`` (:func:`keep_pilot`), the start of a run that goes on from it
+(``config.start_from``); the trainings at the fixed batch sizes start from scratch (the fit of
+``S(B)`` needs every batch from step 0).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import copy
 import functools
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -68,10 +73,12 @@ FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
 SWEEP_FILE = "sweep.json"
 METRICS_FILE = "metrics.jsonl"
+PILOT_DIR = "pilot"
 
 __all__ = [
     "STAGE_FIELDS", "stage_config", "stage_fingerprint", "validate_config", "SweepState",
-    "pipeline_steps", "pipeline_plan", "independent_noise", "critical_fingerprint",
+    "pipeline_steps", "pipeline_plan", "independent_noise", "keep_pilot", "pilot_saved",
+    "critical_fingerprint",
     "noise_scale_value", "candidate_batch_sizes", "measure_throughput", "training_config",
     "training_dir", "run_training", "run_trainings", "with_device_time", "ranking", "fit_tradeoff",
     "run_sweep", "summary_table",
@@ -324,6 +331,56 @@ def independent_noise(config, ds, task):
         })  # fmt: skip
 
     return on_step, finish
+
+
+def keep_pilot(workdir: str, fp: str, learning_rate: float, data_record, hooks):
+    """``hooks = (on_step, finish)`` of :func:`independent_noise`, the pilot's end state kept:
+    ``finish(record)`` also saves it (orbax, as the training loop resumes from:
+    :func:`experiments.train.start_from_pilot`) in ``workdir/pilot/<fp[:16]>`` and puts its
+    ``start`` in ``record["pilot"]``: ``checkpoint`` (under ``workdir``), ``step``,
+    ``examples``, ``seconds`` (steps x the median time from one step's end to the next's,
+    ``on_step``'s own time and compilations left out, as a run's training clock counts),
+    ``batch_size`` and ``learning_rate``."""
+    on_step, finish = hooks
+    last, gaps = {}, []
+
+    def step(i, state):  # the pilot's steps synchronize (their metrics are read each step)
+        if i >= 2:
+            gaps.append(time.perf_counter() - last["t"])
+        on_step(i, state)
+        last.update(state=state, t=time.perf_counter())
+
+    def done(record):
+        out = finish(record)
+        if "pilot" not in record:  # the error path: nothing trained to keep
+            return out
+        p, rel = out["pilot"], os.path.join(PILOT_DIR, fp[:16])
+        seconds = p["steps"] * float(np.median(gaps))
+        start = {
+            "from": "pilot",
+            "checkpoint": rel,
+            "step": p["steps"],
+            "examples": p["steps"] * p["batch_size"],
+            "seconds": seconds,
+            "batch_size": p["batch_size"],
+            "learning_rate": float(learning_rate),
+        }
+        where = os.path.join(workdir, rel)
+        shutil.rmtree(where, ignore_errors=True)  # a pilot measured again replaces its state
+        meta = {"step": p["steps"], "examples_seen": start["examples"], "start": start,
+                "clock": {"train_time_s": seconds}, "data": data_record}  # fmt: skip
+        runlog.Checkpoints(where).save(p["steps"], last["state"], meta)
+        return out | {"pilot": p | {"start": start}}
+
+    return step, done
+
+
+def pilot_saved(workdir: str, noise: dict) -> bool:
+    """Whether the pilot state of the noise record ``noise`` is on disk (:func:`keep_pilot`)."""
+    start = noise.get("pilot", {}).get("start")
+    return bool(start) and os.path.isdir(
+        os.path.join(workdir, start["checkpoint"], runlog.CHECKPOINT_DIR, str(start["step"]))
+    )
 
 
 def critical_fingerprint(config, b_noise: float) -> str:
@@ -670,8 +727,9 @@ class _Stages:
 
     def __init__(self, config, ds, task, st: SweepState, fps: dict, bar, stage_t: dict):
         self.config, self.ds, self.task, self.st, self.fps = config, ds, task, st, fps
-        self.bar, self.t = bar, stage_t
+        self.bar, self.t, self.workdir = bar, stage_t, os.path.dirname(st.path)
         self.done: dict[str, Any] = {}
+        self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
         self.view = stage_config(config, "throughput")
         self.base = throughput_candidates(self.view)
 
@@ -686,6 +744,8 @@ class _Stages:
             noise = self.done["noise_scale"]
             self.fps[name] = critical_fingerprint(self.config, finder.fork_noise_scale(noise))
         value = self.st.get(name, "value", self.fps[name])
+        if name == "noise_scale" and value is not None and not pilot_saved(self.workdir, value):
+            value = None  # its pilot state is the start of the gns run: measured again
         if value is None:
             try:
                 value = common.to_json(compute())
@@ -694,7 +754,9 @@ class _Stages:
                 raise UserError(f"the noise scale could not be measured: {e}",
                                 hint="lower config.learning_rate") from e  # fmt: skip
             value = finish(value) if name == "noise_scale" else value
+            value["seconds"] = time.perf_counter() - self.t0
             self.st.put(name, "value", self.fps[name], value)
+        self.cost[name] = value.get("seconds") or 0.0
         self.done[name] = value
         self.bar.update(1)
         return self._timed(name, value)
@@ -708,7 +770,9 @@ class _Stages:
         tput = self.st.get("throughput", key, fp)
         if tput is None:
             tput = common.to_json(measure_throughput(self.view, self.ds, self.task, tuple(extra)))
+            tput["seconds"] = time.perf_counter() - self.t0
             self.st.put("throughput", key, fp, tput)
+        self.cost[f"throughput[{key}]"] = tput.get("seconds") or 0.0
         mb = tput["max_batch_size"]
         if mb is None:
             raise UserError(
@@ -723,7 +787,9 @@ class _Stages:
 def _measure(config, ds, task, stages: _Stages) -> finder.Measured:
     """Noise scale, branched critical batch, timing and recommendation: the pipeline of
     :func:`gns.finder.pipeline`, with the sweep's stage cache and independent batches."""
-    on_step, finish = independent_noise(config, ds, task)
+    on_step, finish = keep_pilot(stages.workdir, stages.fps["noise_scale"],
+                                 config.learning_rate, task.describe(ds),
+                                 independent_noise(config, ds, task))  # fmt: skip
     steps, state = pipeline_steps(config, ds, task)
     try:
         return finder.pipeline(
@@ -843,6 +909,8 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
         "reused": st.reused,
         "remeasured_after_config_change": st.stale,
         "stage_time_s": stage_t,
+        # What each stage cost when it was measured (also when reused): the price of gns.
+        "measurement_cost_s": stages.cost,
     }
     return _write_sweep(sweep, workdir, trainings)
 

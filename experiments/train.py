@@ -16,6 +16,9 @@ bytes of text, ...) with the noise scale measured along the way, and writes into
   ``interrupted``, ``diverged``), ``steps_to_target``/``time_to_target_s`` (the mean of the
   last ``config.target_window`` evaluations first at the target; the run stops there) and
   ``noise_scale`` (:func:`noise_scale_summary`);
+- with ``config.start_from`` (a pilot's checkpoint, :func:`start_from_pilot`) the run goes on
+  from the pilot's state, step, examples (its example stream) and seconds, written as the
+  first row (``start: "pilot"``) and ``summary.json``'s ``start``;
 - ``checkpoints/`` (orbax): re-running the command resumes from the last one when the
   :func:`run_identity`, the data's content and the device count agree, and a finished run
   returns its stored summary; ``training.png``, ``noise_scale.png``.
@@ -59,14 +62,14 @@ from experiments import adaptive, figures, models, progress, rules, runlog, task
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from experiments.rules import GNS_METHODS, OPTIMIZERS, SCHEDULES
-from gns import common, estimate, hardware, smoothing
+from gns import common, estimate, finder, hardware, smoothing
 
 PyTree = Any
 
 __all__ = ["TrainState", "Setup", "build_setup", "Diverged", "train_and_evaluate",
            "validate_config", "run_identity", "init_state", "make_schedule", "make_optimizer",
            "make_loss_fn", "make_plain_loss_fn", "make_train_steps", "resolve_gns_method",
-           "resolve_num_steps", "noise_scale_summary"]  # fmt: skip
+           "resolve_num_steps", "noise_scale_summary", "start_from_pilot"]  # fmt: skip
 
 METRICS_FILE = runlog.METRICS_FILE
 SUMMARY_FILE = "summary.json"
@@ -552,6 +555,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             state, meta = ckpt.restore(setup.state, check=log.check_meta)
             log.resume(0 if state is None else int(state.step), meta)
             log.write_config(config_dict)
+            if state is None and config.get("start_from"):
+                state = start_from_pilot(config, setup, log)
             done = _already_complete(config, setup, log)
             if done is not None:
                 return done
@@ -572,6 +577,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if interrupted.is_set():
                 raise KeyboardInterrupt
     return summary
+
+
+def start_from_pilot(config, setup: Setup, log: runlog.RunLog):
+    """The state of the pilot checkpoint in ``config.start_from``, with ``log`` at its step,
+    examples (:func:`gns.finder.continue_at` on its example stream) and training seconds, its
+    ``start`` record kept and its row written (the pilot's steps at its batch size)."""
+    where = os.path.join(config.start_from, runlog.CHECKPOINT_DIR)
+    state, meta = (None, None)
+    if os.path.isdir(where):
+        state, meta = runlog.Checkpoints(config.start_from).restore(setup.state, log.check_meta)
+    if state is None:
+        raise UserError(
+            f"no pilot checkpoint in {where}",
+            hint="re-run the sweep that writes it, or set config.start_from=None",
+        )
+    start = dict(meta["start"], checkpoint=config.start_from)
+    seen = finder.continue_at(start["examples"], config.batch_size) * config.batch_size
+    log.resume(
+        int(start["step"]),
+        {"examples_seen": seen, "start": start, "clock": {"train_time_s": start["seconds"]}},
+        truncate=False,
+    )
+    log.write_row({"step": start["step"], "examples_seen": start["examples"],
+                   "wall_time_s": start["seconds"], "batch_size": start["batch_size"],
+                   "learning_rate": start["learning_rate"], "start": "pilot"})  # fmt: skip
+    return state
 
 
 def _already_complete(config, setup: Setup, log: runlog.RunLog) -> dict | None:
@@ -628,8 +659,8 @@ def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
     :class:`experiments.adaptive.ScheduledBatch` (its past decisions from the rows; without
     ``config.adaptive.step_times`` the candidates are timed first)."""
     every = config.eval_every * config.batch_size
-    if not adaptive.enabled(config):
-        return FixedBatch(config.batch_size, every)
+    if not adaptive.enabled(config):  # from a pilot: its example stream goes on
+        return FixedBatch(config.batch_size, every, by_example=bool(config.get("start_from")))
     times = config.adaptive.step_times
     if times is None:
         cands = adaptive.candidates(config)
@@ -840,6 +871,7 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, e
         "time_to_target_s": log.to_target["time_s"],
         "steps_to_target": log.to_target["steps"],
         "stop_reason": stop,
+        "start": log.start,
         "diverged": log.diverged,
         "noise_scale": noise_scale_summary(rows, smoothing),
         "dtype": config.dtype,

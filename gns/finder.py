@@ -67,7 +67,7 @@ __all__ = [
     "branch", "checkpoint_steps", "checkpoint_rows", "choose_basis", "power_of_two_candidates",
     "time_candidates", "decide", "Steps", "Plan", "Measured", "pipeline", "noise_record",
     "branch_record", "effective_from_record", "fork_noise_scale", "find_batch_size",
-    "TrainState", "continue_training", "resolve_lr_rule", "dominated_sizes",
+    "TrainState", "continue_training", "continue_at", "resolve_lr_rule", "dominated_sizes",
 ]  # fmt: skip
 
 BASIS_ORDER = ("branched", "trajectory", "b_simple")  # best evidence first
@@ -1064,6 +1064,18 @@ class TrainState(NamedTuple):
     examples_seen: int
 
 
+def continue_at(examples_seen: int, batch_size: int) -> int:
+    """The index of the first ``batch_fn(batch_size, index)`` batch after ``examples_seen``
+    examples of the stream: the run goes on from there at ``batch_size`` (fewer than
+    ``batch_size`` examples are skipped when the batch changes).
+
+    Example:
+      >>> continue_at(200 * 32, 128), continue_at(200 * 32, 96)
+      (50, 67)
+    """
+    return math.ceil(int(examples_seen) / int(batch_size))
+
+
 @functools.lru_cache(maxsize=16)
 def _plain_step(loss_fn: Callable, optimizer, batch_size: int, accumulation_steps: int):
     """The jitted step of :func:`continue_training`, one per loss, optimizer and shape (kept, so
@@ -1101,9 +1113,9 @@ def continue_training(
     """Train ``num_steps`` more plain steps from ``state`` at ``batch_size``.
 
     The stream continues where ``state`` left it: the first batch is ``batch_fn(batch_size,
-    ceil(examples_seen / batch_size))`` (fewer than ``batch_size`` examples are skipped when the
-    batch changes). Build ``optimizer`` at the recommended learning rate: the state of optax's
-    ``sgd``/``adam``/``adamw`` does not hold the rate, so the pilot's state carries over.
+    continue_at(examples_seen, batch_size))`` (:func:`continue_at`). Build ``optimizer`` at the
+    recommended learning rate: the state of optax's ``sgd``/``adam``/``adamw`` does not hold
+    the rate, so the pilot's state carries over.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, as for :func:`find_batch_size`.
@@ -1137,7 +1149,7 @@ def continue_training(
         raise ValueError(f"batch_size={b} is not a multiple of accumulation_steps={k}.")
     step = _plain_step(loss_fn, optimizer, b, k)
     params, opt_state = state.params, state.opt_state
-    first = math.ceil(state.examples_seen / b)
+    first = continue_at(state.examples_seen, b)
     losses = []
     for i in range(num_steps):
         params, opt_state, loss = step(params, opt_state, _checked_batch(get, b, first + i))

@@ -305,13 +305,82 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
         assert os.path.basename(p["workdir"]).startswith(f"B{p['batch_size']}-seed0-")
 
 
+def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
+    """The recommended policy's runs go on from the measurement's pilot checkpoint: its state
+    (an independent orbax load), step, examples and seconds; the measurement's cost beyond
+    the pilot is in its times. The fixed policies start from scratch."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from experiments import data, train
+    from gns import finder
+
+    sw = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))
+    start = sw["noise_scale"]["pilot"]["start"]
+    cost = sum(sw["measurement_cost_s"].values())
+    where = os.path.join(workdir, "sweep", start["checkpoint"])
+    assert start["step"] == sw["noise_scale"]["pilot"]["steps"] >= 2 and start["seconds"] > 0
+    for r in s["runs"]:
+        rows = runlog.read_jsonl(os.path.join(r["workdir"], runlog.METRICS_FILE))
+        summary = runlog.read_json(os.path.join(r["workdir"], train.SUMMARY_FILE))
+        if r["policy"] != "recommended":  # from scratch: step 0, example 0, no pilot row
+            assert r["start"] is None and summary["start"] is None and r["measurement_s"] == 0
+            assert rows[0]["examples_seen"] == rows[0]["step"] * rows[0]["batch_size"]
+            continue
+        b = r["batch_size"]
+        assert r["start"] == summary["start"] == start | {"checkpoint": os.path.abspath(where)}
+        assert r["measurement_s"] == pytest.approx(cost - start["seconds"])
+        pilot, first = rows[0], rows[1]
+        assert pilot == {
+            "step": start["step"],
+            "examples_seen": start["examples"],
+            "wall_time_s": start["seconds"],
+            "batch_size": start["batch_size"],
+            "learning_rate": start["learning_rate"],
+            "start": "pilot",
+        }
+        # Step start+1 is the first one trained: the counter and the stream went on from it.
+        seen = finder.continue_at(start["examples"], b) * b
+        assert first["examples_seen"] == seen + (first["step"] - start["step"]) * b
+        assert first["wall_time_s"] > start["seconds"]  # the clock counts the pilot
+        assert summary["train_time_s"] > start["seconds"] and summary["steps"] > start["step"]
+    # The run's start state is the pilot's saved end state, loaded independently.
+    ckpt = ocp.StandardCheckpointer()
+    raw = ckpt.restore(os.path.join(where, runlog.CHECKPOINT_DIR, str(start["step"]), "state"))
+    cfg = compare._run_config(c, s["policies"]["recommended"] | {"start_from": where}, 0,
+                              {}, 10.0)  # fmt: skip
+    setup = train.build_setup(cfg, data.load(cfg.data))
+    os.makedirs(os.path.join(workdir, "probe"))
+    log = runlog.RunLog(os.path.join(workdir, "probe"))
+    state = train.start_from_pilot(cfg, setup, log)
+    assert int(state.step) == log.step == start["step"]
+    assert log.clock.total("train") == pytest.approx(start["seconds"])
+    for a, x in zip(jax.tree.leaves(state.params), jax.tree.leaves(raw["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(x))
+    assert train.batch_policy(cfg, setup, state, log).by_example  # the pilot's example stream
+    # A continued run resumes from its own checkpoint (its start kept), never the pilot again.
+    run = next(r for r in s["runs"] if r["policy"] == "recommended")
+    cfg.start_from = run["start"]["checkpoint"]
+    meta = runlog.Checkpoints(run["workdir"]).restore(setup.state)[1]
+    assert meta["start"] == run["start"] and meta["step"] == run["steps"]
+
+    def no_pilot(*args):
+        raise AssertionError("started from the pilot again")
+
+    monkeypatch.setattr(train, "start_from_pilot", no_pilot)
+    again = train.train_and_evaluate(cfg, run["workdir"])
+    assert again["start"] == run["start"] and again["steps"] == run["steps"]
+
+
 @pytest.mark.timeout(300)
-def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(tradeoff_run):
+def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
+    tradeoff_run, monkeypatch
+):
     root, trade = tradeoff_run
     workdir = os.path.join(root, "policies")
     shutil.copytree(os.path.join(root, "tradeoff", "sweep"), os.path.join(workdir, "sweep"))
     c = smoke_config("adaptive")  # the same runner as --config.mode=compare
-    c.compare.policies = ("best_measured", "default", "adaptive")
+    c.compare.policies = ("best_measured", "default", "adaptive", "recommended")
     c.compare.tradeoff_summary = os.path.join(root, "tradeoff", compare.SUMMARY_FILE)
     c.compare.seeds = (0, 1)
     c.compare.give_up_factor = None
@@ -338,7 +407,10 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(trad
         # One training loop: a fixed batch policy for all but the schedule's runs.
         run_config = runlog.read_json(os.path.join(r["workdir"], runlog.CONFIG_FILE))
         assert run_config["adaptive"]["enabled"] == (r["policy"] == "adaptive")
-        assert (r["policy"] == "adaptive") or {x["batch_size"] for x in rows} == {r["batch_size"]}
+        trained = [x for x in rows if "start" not in x]  # the gns run's first row: the pilot
+        assert (r["policy"] == "adaptive") or {x["batch_size"] for x in trained} == {
+            r["batch_size"]
+        }
         steps = [x["step"] for x in rows]
         assert steps == sorted(set(steps))
         # One training: it stopped once, on its last row (no budget segments resumed).
@@ -354,13 +426,16 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(trad
             assert r["device_time_to_target_s"] is None and r["time_to_target_s"] is None
             continue
         at = evals[hit]
-        assert r["steps_to_target"] == at["step"] and r["time_to_target_s"] == at["wall_time_s"]
+        assert r["steps_to_target"] == at["step"]
+        assert r["time_to_target_s"] == pytest.approx(at["wall_time_s"] + r["measurement_s"])
         assert at is rows[-1]  # the training stopped at the smoothed crossing itself
         upto = [x for x in rows if x["step"] <= at["step"]]
         n = np.diff([0] + [x["step"] for x in upto])
         expected = sum(k * step_time[x["batch_size"]] for k, x in zip(n, upto, strict=True))
+        expected += r["measurement_s"]
         assert r["device_time_to_target_s"] == pytest.approx(expected, rel=1e-9)
     assert s["verdict"] == common.to_json(compare.verdict(s["runs"], s["target_accuracy"]))
+    _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch)
     ad = [r for r in s["runs"] if r["policy"] == "adaptive"]
     changes = ad[0]["schedule"]["changes"]
     assert s["schedule"]["changes"] == changes
@@ -370,6 +445,7 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(trad
     for r in s["runs"]:
         assert any(line.split()[:2] == [r["policy"], str(r["seed"])] for line in table.splitlines())
     assert table.count("\n".join(s["verdict"]["text"])) == 1
+    assert table.count("recommended: went on from the pilot") == 1
     assert s["plot"] == os.path.join(workdir, compare.PLOT_FILE)
     assert os.path.getsize(s["plot"]) > 5000
     # One run directory (a TensorBoard run) per policy, batch and seed, with its event files.

@@ -166,6 +166,61 @@ def test_noise_trajectory_is_pooled_from_the_pilots_own_measurements(smoke_run):
 
 
 @pytest.mark.timeout(300)
+def test_the_pilots_end_state_is_saved_for_the_run_to_go_on_from(smoke_run):
+    """The pilot's state after its last step is the orbax checkpoint of its ``start`` record
+    (loaded independently, bitwise the replayed pilot's), with the step, examples and training
+    seconds the run continues from; without it the noise record does not count as measured."""
+    import shutil
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    from experiments import data
+
+    config, workdir, _ = smoke_run
+    s = strict_json(os.path.join(workdir, sweep.SWEEP_FILE))
+    pilot = s["noise_scale"]["pilot"]
+    start = pilot["start"]
+    fp = s["fingerprints"]["noise_scale"]
+    assert start == {
+        "from": "pilot",
+        "checkpoint": os.path.join(sweep.PILOT_DIR, fp[:16]),
+        "step": pilot["steps"],
+        "examples": pilot["steps"] * config.batch_size,
+        "seconds": start["seconds"],
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+    }
+    # Its training seconds: the pilot's steps, without the compilations and the independent
+    # batches measured at its warm-up step (both inside step_s).
+    assert 0 < start["seconds"] < pilot["steps"] * pilot["step_s"]
+    assert start["seconds"] < s["measurement_cost_s"]["noise_scale"]
+    assert set(s["measurement_cost_s"]) >= {"noise_scale", "critical_batch", "throughput[table]"}
+    where = os.path.join(workdir, start["checkpoint"], runlog.CHECKPOINT_DIR, str(start["step"]))
+    saved = ocp.StandardCheckpointer().restore(os.path.join(where, "state"))
+    plan = sweep.pipeline_plan(config)
+    steps, state = sweep.pipeline_steps(config, data.load(config.data), tasks.get(config))
+    replay = finder.run_pilot(
+        state, steps.measure, steps.batch_fn, batch_size=plan.ref_batch_size,
+        num_steps=plan.pilot_steps, every=plan.every,
+        plain_step=steps.make_step(plan.ref_batch_size, 1.0),
+    ).state  # fmt: skip
+    assert int(saved["step"]) == start["step"]
+    for field in ("params", "opt_state", "batch_stats"):
+        want, got = jax.tree.leaves(getattr(replay, field)), jax.tree.leaves(saved[field])
+        assert len(want) == len(got)
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sweep.pilot_saved(workdir, s["noise_scale"])
+    aside = os.path.join(workdir, "aside")
+    shutil.move(where, aside)
+    try:
+        assert not sweep.pilot_saved(workdir, s["noise_scale"])
+    finally:
+        shutil.move(aside, where)
+
+
+@pytest.mark.timeout(300)
 def test_critical_batch_rows_and_the_recommendations_basis(smoke_run):
     from gns import critical
 
