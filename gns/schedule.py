@@ -636,10 +636,14 @@ class ScheduleLog:
       reason_counts: earlier counts of reasons (``summary()["reason_counts"]``).
 
     Example:
-      >>> log = ScheduleLog(sched)
-      >>> decision, state = sched.update(noise, state)
-      >>> log.record(step, decision)   # the entry dict if the batch changed, else None
-      >>> runlog.write_json(path, {"schedule": log.summary()})
+      >>> times = {b: 0.01 + 0.001 * b for b in (16, 32, 64, 128, 256)}
+      >>> sched = batch_size_schedule(times, max_batch_size=256, patience=1, lr_rule="sqrt")
+      >>> log, state = ScheduleLog(sched), sched.init()
+      >>> for step, noise in enumerate((50.0, 900.0)):
+      ...     decision, state = sched.update(noise, state)
+      ...     entry = log.record(step, decision)   # the change's entry, else None
+      >>> entry["step"], entry["old_batch_size"], entry["new_batch_size"]
+      (1, 16, 128)
     """
 
     def __init__(
