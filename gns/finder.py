@@ -16,13 +16,16 @@
    combined by :func:`gns.critical.effective_critical_batch`. Off when it would cost more than
    ``branch_max_cost`` times the pilot (``branched=None``), on with ``branched=True``;
 4. the **memory and step time** of the candidate batch sizes on the local device
-   (:func:`gns.hardware.largest_batch_that_fits`, :func:`gns.hardware.time_batch_sizes`:
-   powers of two up to the largest that fits, timed interleaved, each compiled once, the sizes
-   that cannot win pruned after two rounds);
+   (:func:`gns.hardware.largest_batch_that_fits`, :func:`gns.hardware.time_batch_sizes`):
+   the powers of two around the noise-scale interval first (:func:`timing_start`), timed
+   interleaved, each lowered and compiled once (one executable gives the memory analysis, the
+   confirming run and the timing), the sizes that cannot win pruned from the second round on
+   and the timing stopped when one is left;
 5. the **recommendation** (:func:`gns.recommend.recommend`) on the best evidence measured, in
    the order branched > trajectory > b_simple (``basis``, every value in ``evidence`` with its
-   ratio to the basis); when the pick is at an end of the timed range, that range is extended
-   once (the batch ``extend_range_to``) and the recommendation made again.
+   ratio to the basis); while the pick sits at an end of the timed sizes, the next candidate
+   past it is timed with its neighbour and the recommendation made again (past the candidates
+   once at most: the batch ``extend_range_to``).
 
 Nothing measured is thrown away: the pilot is the start of the run, its state comes back as
 ``.state`` (:class:`TrainState`) and :func:`continue_training` goes on from it at the pick.
@@ -68,6 +71,7 @@ __all__ = [
     "time_candidates", "decide", "Steps", "Plan", "Measured", "pipeline", "noise_record",
     "branch_record", "effective_from_record", "fork_noise_scale", "find_batch_size",
     "TrainState", "continue_training", "continue_at", "resolve_lr_rule", "dominated_sizes",
+    "timing_start",
 ]  # fmt: skip
 
 BASIS_ORDER = ("branched", "trajectory", "b_simple")  # best evidence first
@@ -502,6 +506,7 @@ def time_candidates(
     timing_cache: hardware.TimingCache | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     seconds: dict | None = None,
+    retime: Sequence[int] = (),
 ) -> tuple[hardware.FitResult, hardware.TimingTable | None]:
     """Memory of every candidate, then one interleaved timing table of those that fit.
 
@@ -513,14 +518,19 @@ def time_candidates(
       rounds, warmup, max_extra_rounds, prune, max_seconds: as for
         :func:`gns.hardware.time_batch_sizes` (``prune``: e.g. :func:`dominated_sizes`).
       make_shape_args: ``B -> args`` that is traceable (e.g. ``jnp.zeros``) for the memory
-        prediction and its confirming run; default ``make_args``.
-      cache: compiled executables (each shape compiles once).
+        prediction; default ``make_args``. The confirming run takes ``make_args(B)``, built
+        once and timed next.
+      cache: compiled executables: each shape is lowered once (its signature and its compile
+        share it) and compiled once, for the memory analysis and the timing alike.
       timing_cache: a :class:`gns.hardware.TimingCache`: a candidate whose step signature
         (:func:`gns.hardware.step_signature`, with the memory budget) is in it is neither
         compiled nor timed again (``BatchTiming.cached``; a size pruned then keeps its reason
         and its shorter timing); the others are measured and stored.
       progress: ``progress(phase, done, total)`` with phases ``"memory"`` and ``"timing"``.
       seconds: a dict to add the wall time of each phase to (``"memory"``, ``"timing"``).
+      retime: candidates timed again even when ``timing_cache`` holds them, interleaved with
+        the new ones (a size added to a table is compared with its neighbours under the same
+        load).
 
     Returns:
       ``(FitResult, TimingTable or None when nothing fits)``.
@@ -530,24 +540,32 @@ def time_candidates(
     seconds = {} if seconds is None else seconds
     cands = sorted({int(c) for c in candidates})
     t0 = time.perf_counter()
-    keys, hits = {}, {}
+    keys, hits, built = {}, {}, {}
     if timing_cache is not None:
         for b in cands:
-            sig = hardware.step_signature(step_fn, *hardware.abstract_args(shape_args, b))
+            sig = hardware.step_signature(
+                step_fn, *hardware.abstract_args(shape_args, b), cache=cache
+            )
             keys[b] = (sig, memory_budget_bytes)
-            if sig is not None and keys[b] in timing_cache:
+            if sig is not None and keys[b] in timing_cache and b not in set(retime):
                 hits[b] = timing_cache[keys[b]]
     todo = [b for b in cands if b not in hits]
+
+    def real_args(b):  # built once: the confirming run and the timing take the same batch
+        if b not in built:
+            built[b] = tuple(make_args(b))
+        return built[b]
+
     report = None if progress is None else (lambda phase: lambda d, t: progress(phase, d, t))
     fit = hardware.largest_batch_that_fits(
         shape_args, step_fn, todo, memory_budget_bytes, cache=cache,
-        progress=None if report is None else report("memory"),
+        progress=None if report is None else report("memory"), run_args=real_args,
     ) if todo else None  # fmt: skip
     seconds["memory"] = seconds.get("memory", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
     fitting = [] if fit is None else [r.batch_size for r in fit.records if r.fits]
     table = hardware.time_batch_sizes(
-        step_fn, make_args, fitting, rounds=rounds, warmup=warmup, cache=cache,
+        step_fn, real_args, fitting, rounds=rounds, warmup=warmup, cache=cache,
         max_extra_rounds=max_extra_rounds, prune=prune, max_seconds=max_seconds,
         progress=None if report is None else report("timing"),
     ) if fitting else None  # fmt: skip
@@ -675,8 +693,9 @@ class Measured(NamedTuple):
       noise, branched: the records of the noise stage and of the forks (:func:`noise_record`,
         :func:`branch_record`; a ``note`` and no ``checkpoints`` when the forks did not run).
       basis, value, evidence, note: :func:`choose_basis` on the records.
-      recommendation: :func:`decide`'s, after the widening once (``extended_to``: the batch
-        the timed range was extended to, or ``None``; ``candidates``: the sizes timed first).
+      recommendation: :func:`decide`'s on the final table (``extended_to``: the batch past
+        the candidates the timed range was extended to, or ``None``; ``candidates``: every
+        candidate, of which the timing started around the noise scale and widened).
       timed: ``time_fn``'s ``(max_batch_size, TimingTable, extra)`` of the final table.
       live: the objects of the stages run in this call (not read from the cache): ``pilot``
         (:class:`Pilot`), ``noise`` (:func:`noise_evidence`), ``branched`` (:func:`branch`).
@@ -825,7 +844,8 @@ def pipeline(
     on_step: Callable[[int, Any], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Measured:
-    """Pilot, noise evidence, forks, basis, timing and the decision with its widening once.
+    """Pilot, noise evidence, forks, basis, timing and the decision, widened while it sits at
+    an end of the timed sizes.
 
     The stages of the module docstring in order; each measuring stage's result is a record of
     plain values (:func:`noise_record`, :func:`branch_record`) passed through
@@ -838,11 +858,15 @@ def pipeline(
       state: the state the pilot starts from.
       plan: the :class:`Plan`.
       time_fn: ``time_fn(candidates, b_noise_interval, seconds_left) -> (max_batch_size,
-        TimingTable, extra)``: memory and step time of the candidates (raise when none fits).
+        TimingTable, extra)``: memory and step time of the candidates (raise when none fits);
+        called again with one size more while the search widens (a table may hold more sizes
+        than asked).
       decide_fn: ``decide_fn(basis, value, evidence, table, max_batch_size) ->
         Recommendation`` (e.g. :func:`decide` with the rate and objective bound).
-      candidates: the batch sizes to time first; the range is extended once past a pick at an
-        end of it (``Recommendation.extend_range_to``).
+      candidates: the batch sizes the search may time: it starts with those around the
+        noise-scale interval (:func:`timing_start`) and, while the pick sits at an end of the
+        timed sizes, times the next candidate past that end; once past the candidates at most
+        (``Recommendation.extend_range_to``). Sizes never reached are never compiled.
       cache: see above.
       on_step: passed to :func:`run_pilot` (not to a replay).
       progress: ``progress(phase, done, total)`` for ``"pilot"`` and ``"branched"``.
@@ -908,7 +932,7 @@ def pipeline(
         effective_from_record(forks.get("effective")),
     )  # fmt: skip
     note = "; ".join(x for x in (note, forks.get("note", "")) if x)
-    rec, timed, extended, cands = _widen_once(
+    rec, timed, extended, cands = _widen(
         time_fn, decide_fn, candidates, (basis, value, evidence),
         lambda: None if budget_s is None else max(budget_s - (time.perf_counter() - t0
                                                               - seconds["pilot"]), 1e-9),
@@ -921,21 +945,74 @@ def _num(x) -> float:
     return math.nan if x is None else float(x)
 
 
-def _widen_once(time_fn, decide_fn, candidates, chosen, seconds_left):
-    """Time, decide, and when the pick is at an end of the timed range, time the next batch
-    in one new table with the others and decide once more."""
+def timing_start(candidates: Sequence[int], interval: tuple[float, float]) -> list[int]:
+    """The candidates timed first: those in ``[low/2, 2·high]`` of the noise-scale interval,
+    or the one nearest it (log scale); all of them when the interval is not known.
+
+    The time to target ``(1 + n/B)·t(B)`` is smallest near ``n`` when the step time grows
+    with the batch at a rate set by its fixed cost; the search widens from there while the
+    pick sits at an end of the timed sizes (:func:`pipeline`), so a start off the optimum
+    costs a few more sizes, not the answer.
+
+    Example:
+      >>> timing_start([8, 16, 32, 64, 128, 256, 512], (190.0, 400.0))
+      [128, 256, 512]
+      >>> timing_start([8, 16, 32], (1000.0, 2000.0))
+      [32]
+    """
+    cands = sorted({int(c) for c in candidates})
+    lo, hi = (float(x) for x in interval)
+    if not (0 < lo <= hi):  # nan, or not positive: nothing to start from
+        return cands
+    inside = [c for c in cands if lo / 2 <= c <= 2 * hi]
+    if inside:
+        return inside
+    mid = math.sqrt(lo * hi) if math.isfinite(hi) else lo
+    return [min(cands, key=lambda c: abs(math.log(c / mid)))]
+
+
+def _next_size(rec, table, cands: Sequence[int], asked: set, extended) -> int | None:
+    """The size to time next: the candidate past the end of the timed sizes the pick sits at
+    (smaller first), else once past the candidates ``rec.extend_range_to``; ``None`` when the
+    pick is inside the timed sizes or nothing is left in its direction (an end that did not
+    fit closes its side)."""
+    timed = sorted(table.timings)
+    lo, hi, pick = timed[0], timed[-1], rec.batch_size
+    if pick <= lo:
+        down = [c for c in cands if c < lo and c not in asked]
+        if down:
+            return max(down)
+        if extended is None and rec.at_range_end == "smallest":
+            return rec.extend_range_to if rec.extend_range_to not in asked else None
+    if pick >= hi and not any(a > hi for a in asked):
+        up = [c for c in cands if c > hi]
+        if up:
+            return min(up)
+        if extended is None and rec.at_range_end == "largest":
+            return rec.extend_range_to
+    return None
+
+
+def _widen(time_fn, decide_fn, candidates, chosen, seconds_left):
+    """Time the candidates around the noise-scale interval (:func:`timing_start`), decide,
+    and while the pick sits at an end of the timed sizes, time the next size past it
+    (:func:`_next_size`; once past the candidates at most) and decide again."""
     basis, value, evidence = chosen
     interval = (min(value[1], value[0]), max(value[2], value[0]))
     cands = sorted({int(c) for c in candidates})
-    timed = time_fn(cands, interval, seconds_left())
+    asked = set(timing_start(cands, interval))
+    timed = time_fn(sorted(asked), interval, seconds_left())
     rec = decide_fn(basis, value, evidence, timed[1], timed[0])
-    extended, nxt = None, rec.extend_range_to
-    if nxt is not None and nxt >= 1 and nxt not in cands:
-        wider = time_fn(sorted({*cands, nxt}), interval, seconds_left())
-        if nxt in wider[1].timings:  # it fits: decide once more on the wider table
-            extended, timed = nxt, wider
-            rec = decide_fn(basis, value, evidence, timed[1], timed[0])
-    return rec, timed, extended, cands
+    extended = None
+    while (nxt := _next_size(rec, timed[1], cands, asked, extended)) is not None:
+        left = seconds_left()
+        if left is not None and left <= 1e-9:
+            break  # the budget is spent: the pick stays at the end, and says so
+        asked.add(nxt)
+        extended = nxt if nxt not in cands else extended
+        timed = time_fn(sorted(asked), interval, left)
+        rec = decide_fn(basis, value, evidence, timed[1], timed[0])
+    return rec, timed, (extended if extended in timed[1].timings else None), cands
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1391,19 +1468,39 @@ def _fork_data(loss_fn, get, plan: Plan, eval_batch_size: int | None):
     return fork_batch, lambda state: jitted_loss(state[0], eval_batch)
 
 
+def _neighbours(new: set, seen: set) -> set:
+    """The sizes of ``seen`` next to each of ``new`` (below and above)."""
+    out = set()
+    for b in new:
+        out |= {max((s for s in seen if s < b), default=None),
+                min((s for s in seen if s > b), default=None)}  # fmt: skip
+    return out - {None}
+
+
 def _time_fn(train_step, params, opt_state, checked: dict, a: dict, seconds: dict):
-    """``time_fn`` of :func:`pipeline`: memory and pruned, cached interleaved timing."""
+    """``time_fn`` of :func:`pipeline`: memory and pruned, cached interleaved timing. Each
+    size is compiled once per call; a size added as the search widens is timed interleaved
+    with its timed neighbours, the others' timings are kept (in ``timing_cache``, or in a
+    store of this call's when it is ``None``)."""
     get, first, cache = checked["get"], checked["first"], hardware.CompileCache()
+    store = a["timing_cache"] if a["timing_cache"] is not None else hardware.TimingCache()
+    seen, fresh = set(), set()
 
     def time_fn(cands, interval, seconds_left):
+        new = set(cands) - seen
         fit, table = time_candidates(
             train_step, lambda b: (params, opt_state, _checked_batch(get, b, 0)), cands,
             memory_budget_bytes=a["memory_budget_bytes"], rounds=a["timing_rounds"],
             make_shape_args=lambda b: (params, opt_state, _zeros_like_batch(first, b)),
             cache=cache, max_extra_rounds=2, prune=dominated_sizes(interval, a["objective"]),
-            max_seconds=seconds_left, timing_cache=a["timing_cache"],
-            progress=checked["progress"], seconds=seconds,
+            max_seconds=seconds_left, timing_cache=store, progress=checked["progress"],
+            seconds=seconds, retime=sorted(_neighbours(new, seen) if seen else ()),
         )  # fmt: skip
+        if table is not None:  # timed earlier in this call is not "cached" (an earlier call)
+            table.timings.update({b: dataclasses.replace(t, cached=False)
+                                  for b, t in table.timings.items() if b in fresh and t.cached})
+            fresh.update(b for b, t in table.timings.items() if not t.cached)
+        seen.update(cands)
         if table is None:
             raise ValueError(
                 f"no candidate batch size fits in memory ({fit.records[0].reason}): pass smaller "
@@ -1492,8 +1589,10 @@ def find_batch_size(
         fork that diverges under it is excluded and named in ``warnings``.
       eval_batch_size: held-out examples for the forks (default ``4·ref_batch_size``), taken from
         the stream past everything the pilot and the forks use.
-      candidates: batch sizes to time (default powers of two in ``[min_batch_size,
-        max_batch_size]``, default ``[B_ref/8, 8·B_ref]``), up to the largest that fits.
+      candidates: batch sizes the search may time (default powers of two in
+        ``[min_batch_size, max_batch_size]``, default ``[B_ref/8, 8·B_ref]``), up to the
+        largest that fits: it times those around the noise-scale interval first and widens
+        while the pick sits at an end (:func:`pipeline`); the others are never compiled.
       memory_budget_bytes: see :func:`gns.hardware.largest_batch_that_fits`.
       timing_rounds: interleaved timing rounds (at most 2 more for noisy sizes); a size that
         cannot win stops being timed (:func:`dominated_sizes`).

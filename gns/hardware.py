@@ -182,10 +182,8 @@ class CompileCache:
         self.compiles = 0
         self.compile_s = 0.0
 
-    def get(self, step_fn: Callable, *example_args) -> tuple[Any, float]:
-        """``(executable, seconds spent compiling now)``: ``0.0`` when it was cached."""
-        if _is_compiled(step_fn):
-            return step_fn, 0.0
+    def _slot(self, step_fn: Callable, example_args) -> tuple[dict, Any, Any]:
+        """``(entries of step_fn, key of the shapes, the shapes)``."""
         shapes = _abstract(example_args)
         leaves, treedef = jax.tree.flatten(shapes)
         key = (treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
@@ -193,14 +191,31 @@ class CompileCache:
             per_fn = self._entries.setdefault(step_fn, {})
         except TypeError:  # not weakly referenceable: nothing to key on safely
             per_fn = {}
-        if key not in per_fn:
+        return per_fn, key, shapes
+
+    def lowered(self, step_fn: Callable, *example_args) -> Any:
+        """``jax.jit(step_fn).lower(...)`` for these shapes, kept until :meth:`get` compiles it
+        (lowering traces the step: a signature and the compile share one lowering)."""
+        per_fn, key, shapes = self._slot(step_fn, example_args)
+        entry = per_fn.setdefault(key, [None, None])
+        if entry[0] is None:
+            entry[0] = _as_jitted(step_fn).lower(*shapes)
+        return entry[0]
+
+    def get(self, step_fn: Callable, *example_args) -> tuple[Any, float]:
+        """``(executable, seconds spent compiling now)``: ``0.0`` when it was cached."""
+        if _is_compiled(step_fn):
+            return step_fn, 0.0
+        per_fn, key, shapes = self._slot(step_fn, example_args)
+        entry = per_fn.setdefault(key, [None, None])  # [lowered, executable]
+        if entry[1] is None:
             t0 = time.perf_counter()
-            per_fn[key] = _as_jitted(step_fn).lower(*shapes).compile()
+            entry[1] = (entry[0] or _as_jitted(step_fn).lower(*shapes)).compile()
             dt = time.perf_counter() - t0
             self.compiles += 1
             self.compile_s += dt
-            return per_fn[key], dt
-        return per_fn[key], 0.0
+            return entry[1], dt
+        return entry[1], 0.0
 
 
 _CACHE = CompileCache()
@@ -347,6 +362,7 @@ def largest_batch_that_fits(
     stop_at_first_failure: bool = True,
     cache: CompileCache | None = None,
     progress: Callable[[int, int], None] | None = None,
+    run_args: Callable[[int], Sequence[Any]] | None = None,
 ) -> FitResult:
     """The largest candidate batch size whose step fits in memory.
 
@@ -370,6 +386,8 @@ def largest_batch_that_fits(
       cache: where the compiled steps are kept (default: the module's :class:`CompileCache`),
         so that timing them later compiles nothing.
       progress: ``progress(done, total)`` after each candidate.
+      run_args: ``B -> args`` the confirming run takes (default ``make_args_for_batch``): e.g.
+        the real batch a timing runs next, so that nothing is built only to be thrown away.
 
     Returns:
       A :class:`FitResult`.
@@ -417,7 +435,7 @@ def largest_batch_that_fits(
             records.append(FitRecord(b, pred, budget, True, False, "", compiled))
             continue
         try:
-            args = tuple(make_args_for_batch(b))
+            args = tuple((run_args or make_args_for_batch)(b))
             jax.block_until_ready(compiled(*args))
             del args
             records.append(FitRecord(b, pred, budget, True, True, "", compiled))
@@ -601,7 +619,8 @@ def interleaved_timing(
       clock: seconds, monotonic.
       prune: called after every timed round from the second on with ``{key: times}`` of the
         keys still timed; the keys it returns (``{key: reason}``) are timed no more (they
-        cannot win). At least one key is always kept.
+        cannot win). At least one key is always kept; when one is left, the timing stops (the
+        ranking is settled, more rounds of that key alone would decide nothing).
       max_seconds: stop after the round in which the timed rounds' wall time (``clock``)
         passes it (at least one round is timed).
       progress: ``progress(done, total)`` after every round (``total`` grows when noisy keys
@@ -643,8 +662,9 @@ def interleaved_timing(
                 drop = prune({k: tuple(times[k]) for k in active})
                 active[:] = [k for k in active if k not in drop] or active[:1]
 
-    def over_budget():
-        return max_seconds is not None and spent[0] > max_seconds
+    def over_budget():  # out of time, or the ranking is settled: one key left after pruning
+        settled = prune is not None and len(active) == 1 < len(keys)
+        return settled or max_seconds is not None and spent[0] > max_seconds
 
     for _ in range(warmup):
         one_round(keys, timed=False)
@@ -776,13 +796,17 @@ def time_batch_sizes(
     return TimingTable(timings, rounds, float(max_spread))
 
 
-def step_signature(step_fn: Callable, *example_args) -> str | None:
+def step_signature(
+    step_fn: Callable, *example_args, cache: CompileCache | None = None
+) -> str | None:
     """A key for ``step_fn`` at these argument shapes on this backend's devices.
 
     The SHA-256 of the device kind and count and of the step's lowered program (StableHLO,
     without its module name): two steps that compute the same thing for the same shapes share
-    it, whatever their Python identity. Lowering traces the step but compiles nothing.
-    ``None`` for an already compiled executable (nothing to lower).
+    it, whatever their Python identity. Lowering traces the step but compiles nothing; with
+    ``cache`` the lowering is kept there, and compiling the step for these shapes through the
+    cache later does not trace it again. ``None`` for an already compiled executable (nothing to
+    lower).
 
     Example:
       >>> import jax.numpy as jnp
@@ -792,7 +816,11 @@ def step_signature(step_fn: Callable, *example_args) -> str | None:
     """
     if _is_compiled(step_fn):
         return None
-    text = _as_jitted(step_fn).lower(*_abstract(example_args)).as_text()
+    if cache is None:
+        lowered = _as_jitted(step_fn).lower(*_abstract(example_args))
+    else:
+        lowered = cache.lowered(step_fn, *example_args)
+    text = lowered.as_text()
     text = re.sub(r"^module @\S+", "module", text)
     dev = jax.devices()[0]
     key = f"{dev.platform}|{dev.device_kind}|{jax.device_count()}|{text}"
