@@ -609,6 +609,9 @@ def decide(
 ) -> recommend.Recommendation:
     """:func:`gns.recommend.recommend` on a timing table with the chosen basis and evidence.
 
+    ``candidates`` default: the timed sizes the timing did not prune (:func:`dominated_sizes`),
+    the base batch (unless pruned) and 2×, 4× ``max_batch_size`` (accumulation).
+
     Returns:
       The :class:`gns.recommend.Recommendation` (``basis`` and ``evidence`` filled in).
     """
@@ -617,8 +620,11 @@ def decide(
     if not (math.isnan(lo) or math.isnan(hi)):
         interval = (min(lo, v), max(hi, v))
     times = table.step_time()
-    if candidates is None:
-        candidates = sorted(set(times) | {base_batch_size} | {f * max_batch_size for f in (2, 4)})
+    if candidates is None:  # a size the timing pruned cannot win: it is not a candidate
+        pruned = {b for b, t in table.timings.items() if t.pruned}
+        candidates = sorted(
+            (set(times) | {base_batch_size} | {f * max_batch_size for f in (2, 4)}) - pruned
+        )
     return recommend.recommend(
         v, times, max_batch_size=max_batch_size, base_lr=base_lr, base_batch_size=base_batch_size,
         optimizer=optimizer, b_noise_interval=interval, step_time_range=table.step_time_range(),
@@ -1480,26 +1486,30 @@ def _neighbours(new: set, seen: set) -> set:
 def _time_fn(train_step, params, opt_state, checked: dict, a: dict, seconds: dict):
     """``time_fn`` of :func:`pipeline`: memory and pruned, cached interleaved timing. Each
     size is compiled once per call; a size added as the search widens is timed interleaved
-    with its timed neighbours, the others' timings are kept (in ``timing_cache``, or in a
-    store of this call's when it is ``None``)."""
+    with its timed neighbours and every size not pruned so far (the pick is made among sizes
+    timed under the same load), the pruned ones keep their timing and reason (in
+    ``timing_cache``, or in a store of this call's when it is ``None``)."""
     get, first, cache = checked["get"], checked["first"], hardware.CompileCache()
     store = a["timing_cache"] if a["timing_cache"] is not None else hardware.TimingCache()
-    seen, fresh = set(), set()
+    seen, fresh, last = set(), set(), {}
 
     def time_fn(cands, interval, seconds_left):
         new = set(cands) - seen
+        retime = _neighbours(new, seen) | {b for b, t in last.items() if not t.pruned}
         fit, table = time_candidates(
             train_step, lambda b: (params, opt_state, _checked_batch(get, b, 0)), cands,
             memory_budget_bytes=a["memory_budget_bytes"], rounds=a["timing_rounds"],
             make_shape_args=lambda b: (params, opt_state, _zeros_like_batch(first, b)),
             cache=cache, max_extra_rounds=2, prune=dominated_sizes(interval, a["objective"]),
             max_seconds=seconds_left, timing_cache=store, progress=checked["progress"],
-            seconds=seconds, retime=sorted(_neighbours(new, seen) if seen else ()),
+            seconds=seconds, retime=sorted(retime),
         )  # fmt: skip
         if table is not None:  # timed earlier in this call is not "cached" (an earlier call)
             table.timings.update({b: dataclasses.replace(t, cached=False)
                                   for b, t in table.timings.items() if b in fresh and t.cached})
             fresh.update(b for b, t in table.timings.items() if not t.cached)
+            last.clear()
+            last.update(table.timings)
         seen.update(cands)
         if table is None:
             raise ValueError(

@@ -52,9 +52,12 @@ def test_plain_jax_result_keys_basis_and_strict_json(plain_result):
     assert d["recommendation"]["evidence"][res.basis]["ratio_to_basis"] == 1.0
     # Branching is off by default at this budget, and says so.
     assert d["critical_batch"] is None and "branched=True" in res.basis_note
-    # The pick is one of the candidates (timed, or accumulation of the largest that fits).
+    # The pick is one of the candidates (timed, or accumulation of the largest that fits);
+    # a timed size the timing pruned is not one.
     cands = {r["batch_size"] for r in res.recommendation.table}
-    assert res.batch_size in cands and set(res.timing.timings) <= cands
+    pruned = {b for b, t in res.timing.timings.items() if t.pruned}
+    assert res.batch_size in cands and set(res.timing.timings) - pruned <= cands
+    assert not pruned & cands
     assert len(d["pilot"]) == 24 and [r["step"] for r in d["pilot"]] == list(range(1, 25))
     assert [set(r) >= {"step", "b_simple", "low", "high"} for r in d["noise_scale"]["trajectory"]]
     assert len(d["noise_scale"]["trajectory"]) == 3
