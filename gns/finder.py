@@ -463,7 +463,7 @@ def dominated_sizes(
     Example:
       >>> prune = dominated_sizes((40.0, 60.0))
       >>> prune({8: [1.0, 1.1], 64: [1.2, 1.3], 1024: [30.0, 31.0]})  # doctest: +ELLIPSIS
-      {8: 'cannot win against B=64 ...', 1024: 'cannot win against B=64 ...'}
+      {8: 'cannot win against B=64 ...', 1024: 'cannot win against B=8 ...'}
     """
     lo, hi = (float(x) for x in b_noise_interval)
     usable = 0 < lo <= hi < math.inf
@@ -516,7 +516,8 @@ def time_candidates(
       candidates: batch sizes.
       memory_budget_bytes: see :func:`gns.hardware.largest_batch_that_fits`.
       rounds, warmup, max_extra_rounds, prune, max_seconds: as for
-        :func:`gns.hardware.time_batch_sizes` (``prune``: e.g. :func:`dominated_sizes`).
+        :func:`gns.hardware.time_batch_sizes` (``prune``: e.g. :func:`dominated_sizes`); the
+        memory check's confirming run of each size is its first warm-up call.
       make_shape_args: ``B -> args`` that is traceable (e.g. ``jnp.zeros``) for the memory
         prediction; default ``make_args``. The confirming run takes ``make_args(B)``, built
         once and timed next.
@@ -565,7 +566,7 @@ def time_candidates(
     t0 = time.perf_counter()
     fitting = [] if fit is None else [r.batch_size for r in fit.records if r.fits]
     table = hardware.time_batch_sizes(
-        step_fn, real_args, fitting, rounds=rounds, warmup=warmup, cache=cache,
+        step_fn, real_args, fitting, rounds=rounds, warmup=max(0, warmup - 1), cache=cache,
         max_extra_rounds=max_extra_rounds, prune=prune, max_seconds=max_seconds,
         progress=None if report is None else report("timing"),
     ) if fitting else None  # fmt: skip
@@ -952,29 +953,29 @@ def _num(x) -> float:
 
 
 def timing_start(candidates: Sequence[int], interval: tuple[float, float]) -> list[int]:
-    """The candidates timed first: those in ``[low/2, 2·high]`` of the noise-scale interval,
-    or the one nearest it (log scale); all of them when the interval is not known.
+    """The candidates timed first: the one nearest the noise scale (log scale, the geometric
+    middle of its interval) and its two neighbours; all of them when the interval is not
+    known.
 
-    The time to target ``(1 + n/B)·t(B)`` is smallest near ``n`` when the step time grows
-    with the batch at a rate set by its fixed cost; the search widens from there while the
-    pick sits at an end of the timed sizes (:func:`pipeline`), so a start off the optimum
-    costs a few more sizes, not the answer.
+    Three sizes are the fewest that can show a pick inside the timed range. The time to
+    target ``(1 + n/B)·t(B)`` has its optimum near ``n`` when the step time grows with the
+    batch at a rate set by its fixed cost, and elsewhere on other hardware: the search widens
+    from there while the pick sits at an end (:func:`pipeline`), so a start off the optimum
+    costs one more size per doubling, not the answer.
 
     Example:
       >>> timing_start([8, 16, 32, 64, 128, 256, 512], (190.0, 400.0))
       [128, 256, 512]
-      >>> timing_start([8, 16, 32], (1000.0, 2000.0))
-      [32]
+      >>> timing_start([8, 16, 32], (1000.0, math.inf))
+      [16, 32]
     """
     cands = sorted({int(c) for c in candidates})
     lo, hi = (float(x) for x in interval)
-    if not (0 < lo <= hi):  # nan, or not positive: nothing to start from
+    if not 0 < lo <= hi:  # nan, or not positive: nothing to start from
         return cands
-    inside = [c for c in cands if lo / 2 <= c <= 2 * hi]
-    if inside:
-        return inside
     mid = math.sqrt(lo * hi) if math.isfinite(hi) else lo
-    return [min(cands, key=lambda c: abs(math.log(c / mid)))]
+    i = min(range(len(cands)), key=lambda j: abs(math.log(cands[j] / mid)))
+    return cands[max(0, i - 1) : i + 2]
 
 
 def _next_size(rec, table, cands: Sequence[int], asked: set, extended) -> int | None:

@@ -385,7 +385,7 @@ def largest_batch_that_fits(
       stop_at_first_failure: do not try candidates above the first that does not fit.
       cache: where the compiled steps are kept (default: the module's :class:`CompileCache`),
         so that timing them later compiles nothing.
-      progress: ``progress(done, total)`` after each candidate.
+      progress: ``progress(done, total)`` before each candidate and at the end.
       run_args: ``B -> args`` the confirming run takes (default ``make_args_for_batch``): e.g.
         the real batch a timing runs next, so that nothing is built only to be thrown away.
 
@@ -408,7 +408,7 @@ def largest_batch_that_fits(
     records: list[FitRecord] = []
     failed = False
     for b in cands:
-        if progress is not None and records:
+        if progress is not None:  # before each candidate: compiling it is the phase's work
             progress(len(records), len(cands))
         if failed and stop_at_first_failure:
             records.append(
@@ -749,7 +749,7 @@ def time_batch_sizes(
         arguments are kept for all rounds (the step must not donate them).
       batch_sizes: the candidates.
       rounds, warmup, max_spread, max_extra_rounds, clock, max_seconds, progress: as for
-        :func:`interleaved_timing`.
+        :func:`interleaved_timing` (``progress(0, rounds)`` first, before the compiles).
       cache: where compiled executables are kept (default: the module's).
       prune: as for :func:`interleaved_timing`; a pruned batch keeps the times it got and its
         reason (``BatchTiming.pruned``).
@@ -768,6 +768,8 @@ def time_batch_sizes(
     if not cands:
         raise ValueError("batch_sizes is empty: pass the candidate batch sizes to time.")
     runs, compile_s = {}, {}
+    if progress is not None:  # the phase starts with the compiles and the warm-up
+        progress(0, rounds)
     for b in cands:
         fn = step_fn[b] if isinstance(step_fn, Mapping) else step_fn
         args = tuple(make_args_for_batch(b))
