@@ -422,3 +422,114 @@ def test_unstable_step_times_warn_how_far_the_pick_could_move():
         r = finder.decide("b_simple", (16.0, 12.0, 20.0), {}, table, 32, base_batch_size=16,
                           base_lr=0.1, optimizer=rule)  # fmt: skip
         assert r.learning_rate == pytest.approx(0.1 * mult(r.batch_size)), rule
+
+
+# The timing search: where it starts, how far it widens, what it never compiles.
+
+
+def _fake_time_fn(step_time, fits=lambda b: True):
+    """A ``time_fn`` of :func:`finder.pipeline` on the step-time curve ``step_time(B)``
+    (exact, 3 rounds), recording what it was asked; sizes for which ``fits`` is false do not
+    fit (left out of the table, the largest that fits below them)."""
+    from gns import hardware  # noqa: PLC0415
+
+    asked = []
+
+    def time_fn(cands, interval, seconds_left):
+        asked.append(sorted(cands))
+        timed = {b: step_time(b) for b in cands if fits(b)}
+        table = hardware.TimingTable(
+            {b: hardware.BatchTiming(b, t, t, t, 0.0, (t,) * 3, 0, True)
+             for b, t in timed.items()}, 3, 0.1)  # fmt: skip
+        return max(timed), table, None
+
+    return time_fn, asked
+
+
+def _widen(step_time, cands, n=100.0, fits=lambda b: True):
+    time_fn, asked = _fake_time_fn(step_time, fits)
+    decide = lambda *a: finder.decide(*a, base_batch_size=64, optimizer="sgd")  # noqa: E731
+    value = (n, 0.8 * n, 1.25 * n)
+    rec, timed, extended, _ = finder._widen(
+        time_fn, decide, cands, ("b_simple", value, {}), lambda: None
+    )
+    return rec, timed, extended, asked
+
+
+def _argmin(step_time, cands, n=100.0):
+    return min(cands, key=lambda b: (1 + n / b) * step_time(b))
+
+
+def test_timing_starts_at_the_noise_scale_and_widens_only_while_the_pick_is_at_an_end():
+    assert finder.timing_start([8, 16, 32, 64, 128], (80.0, 125.0)) == [64, 128]
+    assert finder.timing_start([8, 16, 32, 64, 128, 256], (80.0, 125.0)) == [64, 128, 256]
+    assert finder.timing_start([8, 16, 32], (math.nan, math.nan)) == [8, 16, 32]
+    cands = [8, 16, 32, 64, 128, 256, 512, 1024]
+    # t(B) = 1 + B/400: the optimum sqrt(1·100·400) = 200 lies in the start's range: one
+    # widening (to 512, the pick 256 sat at the top), then the pick is inside and it stops.
+    cpu = lambda b: 1.0 + b / 400  # noqa: E731
+    rec, timed, extended, asked = _widen(cpu, cands)
+    assert asked == [[64, 128, 256], [64, 128, 256, 512]] and extended is None
+    assert rec.batch_size == _argmin(cpu, cands) == 256 and rec.at_range_end is None
+    # A large fixed cost per step (an accelerator): the optimum is far above the noise scale;
+    # the search walks up one size at a time until the pick is inside, never below the start.
+    gpu = lambda b: 10.0 + b / 400  # noqa: E731
+    rec, _, _, asked = _widen(gpu, cands)
+    assert [a[-1] for a in asked] == [256, 512, 1024] and min(asked[-1]) == 64
+    assert rec.batch_size == _argmin(gpu, cands) == 512
+    # Past the candidates once at most: the extension is said (extended_to).
+    rec, timed, extended, asked = _widen(gpu, [64, 128, 256])
+    assert extended == 512 and asked[-1] == [64, 128, 256, 512] and len(asked) == 2
+    # A size that does not fit closes its side: 1024 is never asked for.
+    rec, timed, _, asked = _widen(gpu, cands, fits=lambda b: b <= 256)
+    assert asked[-1] == [64, 128, 256, 512] and 1024 not in sum(asked, [])
+    assert max(timed[1].timings) == 256 and rec.batch_size >= 256
+
+
+def test_a_pruned_size_is_never_the_pick():
+    from gns import hardware  # noqa: PLC0415
+
+    def timing(b, t, pruned=""):
+        return hardware.BatchTiming(b, t, t, t, 0.0, (t,), 0, True, pruned=pruned)
+
+    times = {32: 1.0, 64: 1.2, 128: 3.0}  # at n = 100, 64 wins by the medians
+    for pruned in ("", "cannot win against B=32"):
+        table = hardware.TimingTable(
+            {b: timing(b, t, pruned if b == 64 else "") for b, t in times.items()}, 3, 0.1)
+        rec = finder.decide("b_simple", (100.0, 80.0, 125.0), {}, table, 128,
+                            base_batch_size=64, optimizer="sgd")  # fmt: skip
+        assert (rec.batch_size == 64) == (not pruned)
+        assert (64 in {r["batch_size"] for r in rec.table}) == (not pruned)
+
+
+def test_each_candidate_is_compiled_once_for_its_memory_and_its_timing():
+    from jax import monitoring  # noqa: PLC0415
+
+    compiles, phase = [], ["before"]
+
+    def listen(name, secs, **kw):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(phase[0])
+
+    params = jnp.zeros(D)
+    jax.block_until_ready(jnp.ones(3) * 2)  # nothing compiles lazily in the measured part
+
+    def progress(name, done, total):
+        phase[0] = name
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        res = finder.find_batch_size(
+            linreg_loss, params, optax.sgd(0.01), linreg_batches, ref_batch_size=8,
+            pilot_steps=6, num_stretches=2, candidates=(4, 8, 16, 32, 64, 128, 256),
+            timing_rounds=2, timing_cache=None, progress=progress,
+        )  # fmt: skip
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    timed = set(res.timing.timings)
+    searched = [p for p in compiles if p in ("memory", "timing")]
+    # One compile per timed size (memory analysis, confirming run and timing share it),
+    # none in the timing itself; the sizes the search never reached were never compiled.
+    assert len(searched) == len(timed) and set(searched) == {"memory"}
+    assert len(timed) < 7 and [r.batch_size for r in res.memory.records] == sorted(timed)
+    assert res.batch_size not in {b for b, t in res.timing.timings.items() if t.pruned}

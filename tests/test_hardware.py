@@ -433,3 +433,30 @@ def test_time_candidates_reuses_a_cached_table_without_compiling():
     finder.time_candidates(make_step(), make_args, [8], memory_budget_bytes=2**29, rounds=1,
                            cache=cache3, timing_cache=store)  # fmt: skip
     assert cache3.compiles == 1
+
+
+def test_pruning_to_one_size_ends_the_timing():
+    clock = FakeClock()
+    runs = {8: clock.step(8, [1.0, 1.5] * 50), 64: clock.step(64, [9.0] * 50)}
+    out = hardware.interleaved_timing(
+        runs, rounds=5, warmup=0, max_spread=0.01, clock=clock,
+        prune=lambda t: {64: "slow"} if 64 in t else {},
+    )  # fmt: skip
+    # Pruned after round 2: batch 8 is alone, noisy but with nothing left to rank it against.
+    assert len(out[8][0]) == len(out[64][0]) == 2 and out[8][1] == 0
+
+
+def test_a_signature_and_a_compile_share_one_lowering():
+    cache, traced = hardware.CompileCache(), []
+
+    def step(x):
+        traced.append(x.shape)
+        return jnp.tanh(x) * 2
+
+    x8 = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+    sig = hardware.step_signature(step, x8, cache=cache)
+    compiled, _ = cache.get(step, x8)
+    assert traced == [(8, 4)] and cache.compiles == 1
+    assert hardware.step_signature(step, x8, cache=cache) == sig == hardware.step_signature(
+        lambda x: jnp.tanh(x) * 2, x8)  # fmt: skip
+    assert traced == [(8, 4)] and np.allclose(compiled(jnp.ones((8, 4))), 2 * np.tanh(1.0))
