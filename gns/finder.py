@@ -1045,9 +1045,12 @@ class BatchSizeResult:
       extended_to: the batch the timed range was extended to (``None``: not extended).
       device: :class:`gns.hardware.DeviceInfo`.
       settings: the arguments that shaped the measurement.
-      seconds: wall time of each phase: ``pilot`` (training that :attr:`state` keeps),
-        ``noise``, ``branched``, ``memory``, ``timing``, ``decide``, ``total`` and ``overhead``
-        (``total − pilot``: what the search cost beyond the training it hands back).
+      seconds: wall time of each phase: ``pilot`` (training that :attr:`state` keeps, its
+        step's compile included), ``noise``, ``branched``, ``memory`` (per batch size reached:
+        lowering, compiling, the memory analysis and one confirming run; summed over the
+        widening steps), ``timing`` (the interleaved rounds, summed likewise), ``decide``,
+        ``total`` and ``overhead`` (``total − pilot``: what the search cost beyond the training
+        it hands back).
       state: the trained state after the pilot (:class:`TrainState`): continue the run from it
         (:func:`continue_training`) instead of starting over.
       budget_s: the overhead budget in seconds (``None``: not bounded).
