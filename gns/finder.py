@@ -1509,8 +1509,10 @@ def _time_fn(train_step, params, opt_state, checked: dict, a: dict, seconds: dic
             seconds=seconds, retime=sorted(retime),
         )  # fmt: skip
         if table is not None:  # timed earlier in this call is not "cached" (an earlier call)
-            table.timings.update({b: dataclasses.replace(t, cached=False)
-                                  for b, t in table.timings.items() if b in fresh and t.cached})
+            mine = [b for b, t in table.timings.items() if b in fresh and t.cached]
+            table.timings.update(
+                {b: dataclasses.replace(table.timings[b], cached=False) for b in mine}
+            )
             fresh.update(b for b, t in table.timings.items() if not t.cached)
             last.clear()
             last.update(table.timings)

@@ -495,7 +495,8 @@ def test_a_pruned_size_is_never_the_pick():
     times = {32: 1.0, 64: 1.2, 128: 3.0}  # at n = 100, 64 wins by the medians
     for pruned in ("", "cannot win against B=32"):
         table = hardware.TimingTable(
-            {b: timing(b, t, pruned if b == 64 else "") for b, t in times.items()}, 3, 0.1)
+            {b: timing(b, t, pruned if b == 64 else "") for b, t in times.items()}, 3, 0.1
+        )
         rec = finder.decide("b_simple", (100.0, 80.0, 125.0), {}, table, 128,
                             base_batch_size=64, optimizer="sgd")  # fmt: skip
         assert (rec.batch_size == 64) == (not pruned)
