@@ -534,3 +534,36 @@ def test_each_candidate_is_compiled_once_for_its_memory_and_its_timing():
     assert len(searched) == len(timed) and set(searched) == {"memory"}
     assert len(timed) < 7 and [r.batch_size for r in res.memory.records] == sorted(timed)
     assert res.batch_size not in {b for b, t in res.timing.timings.items() if t.pruned}
+
+
+def test_a_size_added_while_widening_is_timed_with_the_unpruned_ones_compiling_nothing_again():
+    from jax import monitoring  # noqa: PLC0415
+
+    opt = optax.sgd(0.01)
+    params = jnp.zeros(D)
+
+    def train_step(p, o, batch):
+        updates, o = opt.update(jax.grad(linreg_loss)(p, batch), o, p)
+        return optax.apply_updates(p, updates), o
+
+    checked = {"get": linreg_batches, "first": linreg_batches(8, 0), "progress": None}
+    a = {"memory_budget_bytes": 2**30, "timing_rounds": 2, "objective": "time",
+         "timing_cache": None}  # fmt: skip
+    seconds, compiles = {}, []
+
+    def listen(name, secs, **kw):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(name)
+
+    time_fn = finder._time_fn(train_step, params, opt.init(params), checked, a, seconds)
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        _, first, _ = time_fn([8, 16], (math.nan, math.nan), None)  # no interval: no pruning
+        _, wider, fit = time_fn([8, 16, 32], (math.nan, math.nan), None)
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert len(compiles) == 3 and [r.batch_size for r in fit.records] == [8, 16, 32]
+    for b in (8, 16):  # timed again beside 32, under the same load; not "from an earlier call"
+        assert wider.timings[b].times_s != first.timings[b].times_s
+        assert not wider.timings[b].cached
+    assert {"memory", "timing"} <= set(seconds)
