@@ -1,9 +1,12 @@
 """The README's and docs' examples run as printed: the noise-scale example, the research-code
 example of ``find_batch_size`` (kept in ``docs/find_batch_size.py``, pasted into the README as
 is), docs/estimate.md, docs/data-parallel.md in a fresh Python with the devices it sets up
-itself (docs/critical-batch.md runs in tests/test_critical.py), and the ``gns`` command."""
+itself (docs/critical-batch.md runs in tests/test_critical.py), the ``gns`` command, and
+every docstring example of ``gns/``."""
 
 import contextlib
+import doctest
+import importlib
 import io
 import math
 import os
@@ -29,6 +32,13 @@ def run(block: str, name: str) -> str:
     with contextlib.redirect_stdout(out):
         exec(compile(block, name, "exec"), {"__name__": "__readme__"})
     return out.getvalue()
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "gns").glob("[a-z]*.py")))
+def test_docstring_examples_run_as_printed(module):
+    mod = importlib.import_module(f"gns.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS, report=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in gns.{module}"
 
 
 def test_readme_example_runs_as_printed():
