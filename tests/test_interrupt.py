@@ -50,6 +50,26 @@ def launch(workdir: str) -> subprocess.Popen:
     )
 
 
+# CPU seconds after which the main has installed its handler (the interpreter's start-up and
+# the main's first lines take ~0.05 s of CPU here); counted in CPU, not wall, time so that a
+# busy machine, which stretches the start-up's wall time, cannot send SIGINT before it.
+STARTUP_CPU_S = 0.15
+
+
+def wait_for_cpu(pid: int, seconds: float) -> None:
+    """Block until process ``pid`` has used ``seconds`` of CPU (user + system), or ended."""
+    tick = os.sysconf("SC_CLK_TCK")
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            return
+        if fields[0] == "Z" or (int(fields[11]) + int(fields[12])) / tick >= seconds:
+            return
+        time.sleep(0.01)
+
+
 def assert_one_interrupt_line(rc: int, err: str) -> None:
     about = [ln for ln in err.splitlines() if "interrupt" in ln.lower()]
     assert rc == cli.EXIT_INTERRUPTED, (rc, err)
@@ -62,11 +82,12 @@ def assert_one_interrupt_line(rc: int, err: str) -> None:
 def test_sigint_at_random_moments_exits_130_with_one_line_and_resumes(tmp_path):
     workdir = str(tmp_path / "w")
     rng = np.random.default_rng(23)
-    # From 0.3 s: before the main's first line runs (the interpreter's own start-up, ~0.2 s
-    # on 2 busy cores) Python's default handler is the only one there is.
+    # Each delay counts from the main's first lines (wait_for_cpu): before them Python's own
+    # start-up has only its default handler.
     delays = [*rng.uniform(0.3, 1.0, 2), *rng.uniform(1.0, 4.0, 2)]
     for delay in delays:
         proc = launch(workdir)
+        wait_for_cpu(proc.pid, STARTUP_CPU_S)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
