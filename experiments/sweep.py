@@ -198,9 +198,11 @@ class SweepState:
 # The model side of the pipeline (gns.finder.Steps) and the sweep's own noise measurement.
 
 
-def _setup(t, ds, task, schedule, *, mesh=None, init: bool = True):
-    """Model, plain step, measuring step and initial state (``init``) of the setup ``t`` (on
-    ``mesh``: the data-parallel steps, the state replicated)."""
+def _setup(t, ds, task, schedule, *, mesh=None):
+    """Model, plain step, measuring step and initial state of the setup ``t`` (``schedule``:
+    the rate's shape, peak 1; on ``mesh``: the data-parallel steps, the state replicated). The
+    rate ``t.learning_rate`` is a value of the state, not of the steps, which serve any rate
+    (:class:`experiments.train.TrainState`)."""
     model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
@@ -210,8 +212,6 @@ def _setup(t, ds, task, schedule, *, mesh=None, init: bool = True):
         num_microbatches=int(t.gns_microbatches), use_dropout=models.uses_dropout(model),
         schedule=schedule, mesh=mesh, loss=task.loss,
     )  # fmt: skip
-    if not init:
-        return model, plain_fn, gns_fn, None
     shape, dtype = task.input_spec(ds)
     state = train.init_state(t, model, optimizer, tracker, shape, dtype, mesh=mesh)
     return model, plain_fn, gns_fn, state
@@ -230,17 +230,13 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
     on ``critical.eval_examples`` test examples."""
     view = stage_config(config, "critical_batch")  # what shapes the pilot, and the forks
     t, ccfg, horizon = view, view.critical, view.tradeoff.max_steps
-    model, plain_fn, gns_fn, state = _setup(t, ds, task, train.make_schedule(t, horizon))
+    model, plain_fn, gns_fn, state = _setup(t, ds, task, train.make_schedule(t, horizon, 1.0))
+    fork = jax.jit(lambda st, batch, rate: plain_fn(st._replace(learning_rate=rate), batch)[0])
     by_mult: dict[float, Any] = {}
 
-    def make_step(size, mult):  # one function per multiplier: each shape compiles once
-        if mult not in by_mult:
-            tm = copy.deepcopy(t)
-            tm.learning_rate = float(t.learning_rate) * mult
-            schedule = train.make_schedule(tm, horizon)
-            fn = plain_fn if mult == 1.0 else _setup(tm, ds, task, schedule, init=False)[1]
-            by_mult[mult] = lambda st, batch, fn=fn: fn(st, batch)[0]
-        return by_mult[mult]
+    def make_step(size, mult):  # the rate an argument: one compiled step per shape
+        rate = np.float32(float(t.learning_rate) * mult)
+        return by_mult.setdefault(mult, functools.partial(fork, rate=rate))
 
     arrays = task.eval_arrays(t, ds, "test", int(ccfg.eval_examples))
     held_out = next(iter(task.eval_batches(ds, arrays, len(next(iter(arrays.values()))))))
@@ -458,12 +454,10 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
       ascending (the fields of ``sweep.json``'s ``throughput``).
     """
     timing, t = view.throughput, copy.deepcopy(view)
-    t.seed = TIMING_SEED
+    t.update(seed=TIMING_SEED, learning_rate=TIMING_LEARNING_RATE)
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
-    _, plain_fn, _, state = _setup(
-        t, ds, task, optax.constant_schedule(TIMING_LEARNING_RATE), mesh=mesh
-    )
+    _, plain_fn, _, state = _setup(t, ds, task, optax.constant_schedule(1.0), mesh=mesh)
     # The batch sharded over the devices, the state replicated: what XLA compiles (and its
     # memory analysis counts) is one device's part of the step.
     step = jax.jit(

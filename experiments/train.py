@@ -97,6 +97,10 @@ class TrainState(NamedTuple):
     opt_state: PyTree
     gns: PyTree  # the gns.smoothing.ema tracker state
     rng: jax.Array  # dropout key; step s uses fold_in(rng, s)
+    # The peak learning rate (float32 scalar): the optimizer runs at the schedule's shape (peak
+    # 1, make_schedule) and its updates are multiplied by this value of the state, so one
+    # compiled step serves every rate. 1: the optimizer's own rate.
+    learning_rate: jax.Array | float = 1.0
 
 
 def _is_int(x) -> bool:
@@ -153,11 +157,12 @@ def resolve_num_steps(config, num_train: int) -> int:
     return int(config.num_steps)
 
 
-def make_schedule(config, num_steps: int) -> optax.Schedule:
+def make_schedule(config, num_steps: int, peak: float | None = None) -> optax.Schedule:
     """The optax learning-rate schedule: linear warmup over ``config.warmup_steps`` to
-    ``config.learning_rate``, then constant or (``config.schedule='cosine'``) a cosine decay
-    that reaches 0 at ``num_steps``."""
-    lr = float(config.learning_rate)
+    ``peak`` (default ``config.learning_rate``; 1: the shape the steps' optimizer runs at,
+    :class:`TrainState`), then constant or (``config.schedule='cosine'``) a cosine decay that
+    reaches 0 at ``num_steps``."""
+    lr = float(config.learning_rate if peak is None else peak)
     warmup = int(config.warmup_steps)
     kind = _choice(config, "schedule", SCHEDULES)
     if kind == "constant":
@@ -297,7 +302,8 @@ def make_train_steps(
       num_microbatches: of the estimator in the global batch (``/ mesh.size`` per device; one
         per device is the ``across_devices`` estimate); BatchNorm models use them as
         ghost-BatchNorm groups in the plain step too.
-      schedule: to report the learning rate of the step.
+      schedule: to report the learning rate of the step (times the state's
+        ``learning_rate``, which multiplies the optimizer's updates).
       mesh: ``None`` (one device), or a mesh of :mod:`experiments.mesh`: the steps are
         ``jax.shard_map`` over it, with gradients, losses and BatchNorm statistics averaged
         over the devices and the noise statistics those of the global batch.
@@ -324,6 +330,8 @@ def make_train_steps(
 
     def apply_update(state, grads, aux):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        rate = state.learning_rate
+        updates = jax.tree.map(lambda u: u * jnp.asarray(rate, u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         batch_stats = aux["batch_stats"] if bn else state.batch_stats
         return state._replace(
@@ -331,7 +339,7 @@ def make_train_steps(
         )
 
     def base_metrics(state, aux):
-        lr = schedule(state.step) if schedule is not None else jnp.nan
+        lr = schedule(state.step) * state.learning_rate if schedule is not None else jnp.nan
         return {"train_loss": aux["loss"], "train_accuracy": aux["accuracy"], "learning_rate": lr}
 
     def plain_step(state, batch):
@@ -399,15 +407,17 @@ def _evaluate(eval_step, state, batches) -> dict[str, float]:
 def init_state(
     config, model, optimizer, tracker, image_shape, dtype=jnp.float32, mesh=None
 ) -> TrainState:
-    """A fresh :class:`TrainState` from ``config.seed`` (``image_shape``, ``dtype``: one
-    example's model input, e.g. ``((context,), jnp.int32)`` for tokens), float32 whatever the
-    model's computation dtype; replicated over ``mesh`` when given."""
+    """A fresh :class:`TrainState` from ``config.seed`` at ``config.learning_rate``
+    (``optimizer``: at the schedule's shape, peak 1; ``image_shape``, ``dtype``: one example's
+    model input, e.g. ``((context,), jnp.int32)`` for tokens), float32 whatever the model's
+    computation dtype; replicated over ``mesh`` when given."""
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
     x = jnp.zeros((1,) + tuple(image_shape), dtype)
     variables = jax.jit(lambda r: model.init(r, x, train=False))(init_rng)
     params = variables["params"]
     state = TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
-                       optimizer.init(params), tracker.init(), dropout_rng)  # fmt: skip
+                       optimizer.init(params), tracker.init(), dropout_rng,
+                       jnp.float32(config.learning_rate))  # fmt: skip
     return state if mesh is None else mesh_lib.replicate(state, mesh)
 
 
@@ -450,7 +460,7 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     _require(config, "batch_size", config.batch_size <= task.num_train(ds),
              f"is larger than the {task.num_train(ds)} train examples")  # fmt: skip
     num_steps = resolve_num_steps(config, task.num_train(ds))
-    schedule = make_schedule(config, num_steps)
+    schedule = make_schedule(config, num_steps, peak=1.0)  # the rate: in the state
     optimizer = make_optimizer(config, schedule)
     if adaptive.enabled(config):  # lr multiplier and batch-size schedule in the opt state
         adaptive.validate(config, task.num_train(ds), k if method == "microbatch" else None)

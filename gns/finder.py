@@ -189,7 +189,7 @@ def run_pilot(
       batch_size: the pilot's batch ``B_ref``.
       num_steps: steps to run at most.
       every: measure at steps ``every, 2·every, ...`` (1-based); the others are ``plain_step``.
-      plain_step: ``plain_step(state, batch) -> state`` (jitted here); needed when ``every > 1``.
+      plain_step: jitted ``plain_step(state, batch) -> state``; needed when ``every > 1``.
       max_seconds: stop after this wall time (checked after each step).
       checkpoint_steps: keep the state after these steps (for :func:`branch`).
       on_step: ``on_step(step, state)`` at step 0 and after every step (e.g. more measurements
@@ -200,7 +200,7 @@ def run_pilot(
       A :class:`Pilot` (``rows``: the measured steps).
     """
     t0 = time.perf_counter()
-    plain = None if plain_step is None else jax.jit(plain_step)
+    plain = plain_step
     rows, keep, wanted = [], {}, set(int(s) for s in checkpoint_steps)
     stop, t1, done = "steps", t0, 0
     if on_step is not None:
@@ -304,8 +304,10 @@ def branch(
 
     Args:
       checkpoints: ``{pilot step: state}`` in path order.
-      make_step, batch_fn, eval_fn, exponents, lr_multiplier, num_repeats, num_examples,
-        pilot_examples, confidence: as in :func:`gns.critical.branched_critical_batch`.
+      make_step: ``make_step(size, lr_multiplier) -> step(state, batch) -> state``, a jitted
+        step (called as is: one compiled step per shape may serve every multiplier).
+      batch_fn, eval_fn, exponents, lr_multiplier, num_repeats, num_examples, pilot_examples,
+        confidence: as in :func:`gns.critical.branched_critical_batch`.
       ref_batch_size: the pilot's batch.
       end_step: end of the path (the pilot's last step): each checkpoint stands for the steps
         around it (:func:`gns.critical.stretch_lengths`).
@@ -335,7 +337,7 @@ def branch(
                 checkpoints[s], counting_step, batch_fn, eval_fn, ref_batch_size=ref_batch_size,
                 num_examples=num_examples, exponents=exponents, lr_multiplier=lr_multiplier,
                 num_repeats=num_repeats, pilot_examples=pilot_examples, confidence=confidence,
-                checkpoint_name=f"pilot state at step {s}", seed=seed,
+                checkpoint_name=f"pilot state at step {s}", seed=seed, jit=False,
             )
         )  # fmt: skip
     if progress is not None:
@@ -644,9 +646,11 @@ class Steps(NamedTuple):
     Attributes:
       measure: jitted ``measure(state, batch) -> (state, metrics)``: one optimizer step that
         also measures ``g_sq`` and ``trace_cov`` (:func:`run_pilot`).
-      make_step: ``make_step(size, lr_multiplier) -> step(state, batch) -> state``: the plain
-        step at the learning rate times the multiplier; the pilot's unmeasured steps are
-        ``make_step(ref_batch_size, 1.0)``, the forks the others (:func:`branch`).
+      make_step: ``make_step(size, lr_multiplier) -> step(state, batch) -> state``: the jitted
+        plain step at the learning rate times the multiplier; the pilot's unmeasured steps are
+        ``make_step(ref_batch_size, 1.0)``, the forks the others (:func:`branch`). Pass the
+        multiplier to one jitted function as an argument, so that one compiled step per batch
+        size serves every multiplier.
       batch_fn: ``batch_fn(size, index) -> batch`` of the pilot's stream.
       fork_batch_fn: ``batch_fn(size, index)`` of the forks' stream (past the pilot's).
       eval_fn: ``eval_fn(state) -> held-out loss`` of the forks.
@@ -1387,10 +1391,10 @@ def _zeros_like_batch(template, size: int):
 def _make_steps(loss_fn, optimizer, method: str, num_microbatches: int, tracker):
     """``(measure_step, train_step, make_step)`` of the pilot, the timing and the forks."""
 
-    def update(params, opt_state, grads, mult=1.0):
+    def update(params, opt_state, grads, mult=None):
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        if mult != 1.0:
-            updates = jax.tree.map(lambda u: mult * u, updates)
+        if mult is not None:
+            updates = jax.tree.map(lambda u: mult.astype(u.dtype) * u, updates)
         return optax.apply_updates(params, updates), opt_state
 
     @jax.jit
@@ -1408,19 +1412,15 @@ def _make_steps(loss_fn, optimizer, method: str, num_microbatches: int, tracker)
     def train_step(params, opt_state, batch):
         return update(params, opt_state, jax.grad(loss_fn)(params, batch))
 
+    @jax.jit
+    def scaled_step(state, batch, mult):
+        p, o, g = state
+        return (*update(p, o, jax.grad(loss_fn)(p, batch), mult), g)
+
     fork_steps: dict[float, Callable] = {}
 
-    def make_step(size, mult):
-        # One function per multiplier: jax.jit of the same function compiles once per shape,
-        # so the forks of every checkpoint share their executables.
-        if mult not in fork_steps:
-
-            def step(state, batch):
-                p, o, g = state
-                return (*update(p, o, jax.grad(loss_fn)(p, batch), mult), g)
-
-            fork_steps[mult] = step
-        return fork_steps[mult]
+    def make_step(size, mult):  # the multiplier an argument: one compiled step per shape
+        return fork_steps.setdefault(mult, functools.partial(scaled_step, mult=np.float32(mult)))
 
     return measure_step, train_step, make_step
 

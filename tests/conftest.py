@@ -21,6 +21,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Caches (decoded data, the sweep's compilation cache) go to a directory of this session, not the
 # user's ~/.cache/gns: the suite reads nothing an earlier run left there and writes nothing there.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gns-tests-cache-")
+# Every test of this process, and every command it runs, shares JAX's persistent compilation
+# cache there: the runs of different tests build the same programs (closures differ, HLO does
+# not; the learning rate is a value of the train state, not of the step), so each compiles once.
+os.environ.update(
+    JAX_COMPILATION_CACHE_DIR=os.path.join(os.environ["XDG_CACHE_HOME"], "jax-compiled"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+)
 
 # Test files by their measured time on 2 cores (--durations), longest first. `make test` runs
 # them in 2 processes, a file at a time, in this order (--dist loadfile --no-loadscope-reorder):

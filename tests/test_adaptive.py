@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train import _restored_state, compilation_cache, interrupt_at, tiny_config  # noqa: F401
+from test_train import _restored_state, interrupt_at, tiny_config
 
 from experiments import adaptive, data, runlog, train
 from experiments.cli import UserError
@@ -232,13 +232,7 @@ def test_resume_across_a_batch_change_after_ctrl_c_and_sigkill(tmp_path, monkeyp
     script = _KILL_SCRIPT.format(
         tests=os.path.join(ROOT, "tests"), step=10, overrides=common, workdir=resumed
     )
-    env = dict(
-        os.environ,
-        PYTHONPATH=ROOT,
-        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    env = dict(os.environ, PYTHONPATH=ROOT)  # with the session's compilation cache (conftest)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     rows = runlog.read_jsonl(os.path.join(resumed, "metrics.jsonl"))

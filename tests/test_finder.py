@@ -567,3 +567,25 @@ def test_a_size_added_while_widening_is_timed_with_the_unpruned_ones_compiling_n
         assert wider.timings[b].times_s != first.timings[b].times_s
         assert not wider.timings[b].cached
     assert {"memory", "timing"} <= set(seconds)
+
+
+def test_fork_steps_take_the_multiplier_at_run_time_with_the_baked_rates_numbers():
+    """One compiled step per batch size serves every learning-rate multiplier, and each
+    multiplier's trajectory is bitwise that of a step with the multiplier a constant."""
+    opt, tracker = optax.adam(0.05), smoothing.ema()
+    _, _, make_step = finder._make_steps(linreg_loss, opt, "per_example", 1, tracker)
+    start = (jnp.zeros(D), opt.init(jnp.zeros(D)), tracker.init())
+    for mult in (0.5, 1.0, 3.0):
+
+        @jax.jit
+        def baked(state, batch, mult=mult):  # the rate times the multiplier, a constant
+            p, o, g = state
+            updates, o = opt.update(jax.grad(linreg_loss)(p, batch), o, p)
+            return optax.apply_updates(p, jax.tree.map(lambda u: mult * u, updates)), o, g
+
+        a = b = start
+        for i in range(4):
+            a, b = make_step(16, mult)(a, linreg_batches(16, i)), baked(b, linreg_batches(16, i))
+            np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+        assert make_step(16, mult) is make_step(16, mult)
+    assert make_step(16, 2.0).func._cache_size() == 1  # one executable for the 3 multipliers

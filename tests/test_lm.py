@@ -28,32 +28,9 @@ def _main(*args):
     return [sys.executable, "-m", "experiments.lm", *args]
 
 
-def _env(cache_dir=None):
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    if cache_dir:
-        env.update(
-            JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        )
-    return env
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """Persistent compilation cache shared by this module's runs (in and out of process)."""
-    path = tmp_path_factory.mktemp("jax_cache")
-    keys = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {k: getattr(jax.config, k) for k in keys}
-    for k, v in zip(keys, (str(path), 0.0, 0), strict=True):
-        jax.config.update(k, v)
-    yield path
-    for k, v in old.items():
-        jax.config.update(k, v)
+def _env():
+    """The subprocesses' environment: with the session's compilation cache (conftest)."""
+    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +101,7 @@ def _params(workdir):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(corpus, cache_dir, tmp_path_factory):
+def smoke_run(corpus, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("smoke"))
     config = tiny_config(corpus, plots=True)
     summary = lm.run(config, workdir)
@@ -186,7 +163,7 @@ def test_final_held_out_loss_equals_a_direct_computation(smoke_run):
 
 
 @pytest.mark.timeout(120)
-def test_target_bits_per_byte_stops_the_run_and_final_eval_cap(corpus, cache_dir, tmp_path):
+def test_target_bits_per_byte_stops_the_run_and_final_eval_cap(corpus, tmp_path):
     config = tiny_config(corpus, eval_every=10, target_bits_per_byte=7.5, final_eval_examples=32)
     summary = lm.run(config, str(tmp_path))
     rows = _rows(str(tmp_path))
@@ -212,7 +189,7 @@ _SLOW_BOOT = (
 
 
 @pytest.mark.timeout(180)
-def test_resume_after_sigkill_matches_an_uninterrupted_run(smoke_run, corpus, cache_dir, tmp_path):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(smoke_run, corpus, tmp_path):
     """A run killed (SIGKILL) mid-way, past its first checkpoint, and re-run has every row
     once, in order, and ends with the parameters and held-out loss of the uninterrupted smoke
     run (same config)."""
@@ -220,7 +197,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(smoke_run, corpus, ca
     killed = str(tmp_path / "killed")
     args = ["--config", "configs/lm.py:smoke", "--workdir", killed, "--config.plots=False"]
     cmd = [sys.executable, "-c", _SLOW_BOOT, *args, *_flags(corpus)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache_dir), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
     metrics, t0 = os.path.join(killed, runlog.METRICS_FILE), time.monotonic()
     while time.monotonic() < t0 + 120 and proc.poll() is None:
         if os.path.exists(metrics) and any(r["step"] > 20 for r in _rows(killed)):

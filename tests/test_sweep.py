@@ -327,6 +327,36 @@ def test_the_pilot_replays_exactly():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_fork_steps_share_one_compiled_step_with_the_baked_rates_numbers():
+    """The forks' rate is an argument of one jitted step: one executable per batch size for
+    every multiplier, and a multiplier's trajectory bitwise that of a training step whose
+    optimizer has the rate ``learning_rate × multiplier`` baked in."""
+    import jax
+
+    from experiments import data, models, train
+    from gns import smoothing
+
+    config = sweep_config.get_config("smoke")
+    ds, task = data.load(config.data), tasks.get(config)
+    steps, state = sweep.pipeline_steps(config, ds, task)
+    batches = [steps.fork_batch_fn(16, i) for i in range(2)]
+    model = models.get_model(config.model, num_classes=ds.num_classes, dtype=config.dtype)
+    baked_config = config.copy_and_resolve_references()
+    baked_config.learning_rate = config.learning_rate * 2.0
+    schedule = train.make_schedule(baked_config, config.tradeoff.max_steps)
+    plain, _ = train.make_train_steps(
+        model, train.make_optimizer(baked_config, schedule), smoothing.ema(),
+        method="per_example", schedule=schedule, loss=task.loss,
+    )  # fmt: skip
+    a, b = state, state._replace(learning_rate=1.0)  # 1: the optimizer's own rate
+    for batch in batches:
+        a, b = steps.make_step(16, 2.0)(a, batch), jax.jit(plain)(b, batch)[0]
+        for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    steps.make_step(16, 0.5)(state, batches[0])
+    assert steps.make_step(16, 0.5).func._cache_size() == 1  # both multipliers, one executable
+
+
 @pytest.mark.timeout(300)
 def test_trainings_and_fit_match_the_runs_on_disk(smoke_run):
     config, workdir, s = smoke_run

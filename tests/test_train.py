@@ -25,24 +25,6 @@ from experiments.cli import UserError
 from gns import common, plots, smoothing
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Persistent compilation cache for this module: the resume runs compile the same programs
-    as each other (closures differ, HLO does not)."""
-    keys = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(keys[1], 0.0)
-    jax.config.update(keys[2], 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
 def tiny_config(**overrides):
     """The smoke config on small synthetic images (learnable: class colour + pattern)."""
     c = cifar10_config.get_config("smoke")
@@ -548,6 +530,36 @@ def _independent_grads(model, params, batch_stats, batch, groups):
     grads, new_stats = jax.jit(jax.grad(loss, has_aux=True))(params)
     mean_stats = jax.tree.map(lambda *s: sum(s) / len(s), *new_stats) if new_stats else {}
     return grads, mean_stats
+
+
+@pytest.mark.parametrize("kind, exact", [("constant", True), ("cosine", False)])
+def test_the_rate_in_the_state_trains_as_the_rate_baked_into_the_optimizer(kind, exact):
+    """The steps' optimizer runs at the schedule's shape and the state's ``learning_rate``
+    scales its updates: the same trajectory as the optimizer built at the rate (bitwise with
+    a constant schedule; warmup and cosine round the rate once more), and the row's rate."""
+    c = tiny_config(optimizer="sgd", momentum=0.9, learning_rate=0.05, schedule=kind,
+                    warmup_steps=0 if exact else 2)  # fmt: skip
+    model, tracker = models.SmallCNN(widths=(4, 8), groups=2), smoothing.ema(0.9)
+    shape, baked = train.make_schedule(c, 8, peak=1.0), train.make_schedule(c, 8)
+    steps = [
+        train.make_train_steps(
+            model, train.make_optimizer(c, s), tracker, method="per_example", schedule=s
+        )[0]
+        for s in (shape, baked)
+    ]
+    state = _state_for(model, (8, 8, 3), train.make_optimizer(c, baked), tracker)
+    a, b = state._replace(learning_rate=jnp.float32(c.learning_rate)), state
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        batch = {"image": rng.normal(size=(8, 8, 8, 3)).astype(np.float32),
+                 "label": rng.integers(0, 10, 8).astype(np.int32)}  # fmt: skip
+        (a, ma), (b, mb) = jax.jit(steps[0])(a, batch), jax.jit(steps[1])(b, batch)
+        if exact:
+            chex.assert_trees_all_equal(a.params, b.params)
+        else:
+            chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-7)
+        assert float(ma["learning_rate"]) == pytest.approx(float(mb["learning_rate"]), rel=1e-6)
+        assert float(ma["train_loss"]) == pytest.approx(float(mb["train_loss"]), rel=1e-6)
 
 
 @pytest.mark.timeout(240)
