@@ -318,11 +318,11 @@ def per_example(
         once on these shapes and cached (:func:`gns.ghost.calibrate`), with the cost model as
         the prior: the fast path without timing when it is clearly cheaper and the batch too
         small to chunk; ``vmap`` when the fast path covers no parameter
-        (:func:`gns.ghost.select`; ``print(gns.ghost.select(...).describe())`` says what is
-        covered, why not, and what was timed). ``"vmap"``: always per-example gradients by
-        ``jax.vmap``. ``"ghost"`` (alias ``"fast"``): always the fast path on the whole
-        batch; a ``ValueError`` when it covers no parameter (e.g. every parameter used
-        nonlinearly).
+        (:func:`gns.ghost.select`, which returns the chosen plan, ``None`` for ``vmap``: its
+        ``describe()`` says what is covered, why not, and what was timed). ``"vmap"``:
+        always per-example gradients by ``jax.vmap``. ``"ghost"`` (alias ``"fast"``): always
+        the fast path on the whole batch; a ``ValueError`` when it covers no parameter (e.g.
+        every parameter used nonlinearly).
 
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``): the statistics and the

@@ -833,7 +833,12 @@ def chunked(the_plan: Plan, loss_fn, params, batch, k: int, *, has_aux: bool = F
         )
     if k == 1:
         return the_plan
-    chunk = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n // k, *x.shape[1:]), x.dtype), batch)
+    def first(x):  # a slice keeps what the caller's trace knows of x (e.g. varying axes)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((n // k, *x.shape[1:]), x.dtype)
+        return x[: n // k]
+
+    chunk = jax.tree.map(first, batch)
     return dataclasses.replace(plan(loss_fn, params, chunk, has_aux=has_aux), num_chunks=k)
 
 

@@ -305,13 +305,22 @@ def test_plain_jax_loss_is_covered_and_a_nonlinear_use_falls_back():
         ghost.select(nonlinear_loss, w, batch, method="ghost")
 
 
-def test_axis_name_in_shard_map_matches_global_vmap():
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_axis_name_in_shard_map_matches_global_vmap(chunks, monkeypatch):
     devices = jax.devices()[:4]
     if len(devices) < 4:
         pytest.skip("needs 4 devices (tests/conftest.py simulates them on CPU)")
     mesh = Mesh(np.array(devices), ("batch",))
     model = ConvNet(strides=(2,), norm="group")
-    loss_fn, params, batch = setup(model, images((8, 6, 6, 3)))
+    loss_fn, params, batch = setup(model, images((16, 6, 6, 3)))
+    if chunks > 1:  # each device's 4 examples in 2 chunks
+        select = ghost.select
+
+        def chunked(f, p, b, **kw):
+            plan = select(f, p, b, **kw)
+            return plan and ghost.chunked(plan, f, p, b, 2)
+
+        monkeypatch.setattr(ghost, "select", chunked)
 
     def local(p, b):
         stats, grads = estimate.per_example(loss_fn, p, b, axis_name="batch", method="ghost")
