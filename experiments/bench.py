@@ -19,9 +19,10 @@ Writes ``WORKDIR/bench.json`` (atomically, strict JSON: :func:`experiments.runlo
      "memory_per_example_over_plain": ..., "across_devices_over_plain": ...,
      "reference_batch_size": 128, "device": {...}, "jax_version": ...,
      "detail": {"128": {"seconds": {...}, "over_plain": {...}, "temp_bytes": {...},
-                        "memory_over_plain": {...}, ...}, "512": {...}},
+                        "memory_over_plain": {...}, "auto_method": "ghost", ...}, "512": {...}},
      "transformer": {"32": {"over_plain": {...}, "memory_over_plain": {...},
-                            "auto_method": "ghost", ...}, "128": {...}, "model": {...}},
+                            "auto_method": "ghost", "auto_chunks": 1, ...}, "128": {...},
+                     "model": {...}},
      "rows": {"lm1b": {"32": {...}}, "nnx_mlp": {"128": {...}}, "plain_mlp": {...}},
      "seconds": ...}
 
@@ -63,7 +64,8 @@ FLAGS = flags.FLAGS
 
 def bench_batch_size(config, batch_size: int) -> dict[str, Any]:
     """Timings and compiled temp memory of the steps of :data:`VARIANTS` at one batch size
-    (:func:`experiments.bench_lm.time_steps`, Adam)."""
+    (:func:`experiments.bench_lm.time_steps`, Adam), and what ``per_example`` ran
+    (:func:`experiments.bench_lm.auto_choice`)."""
     model = models.get_model(config.model, num_classes=config.num_classes)
     rng = np.random.default_rng(config.seed)
     shape = (batch_size, config.image_size, config.image_size, config.channels)
@@ -85,11 +87,12 @@ def bench_batch_size(config, batch_size: int) -> dict[str, Any]:
             loss_fn, p, b, chunk_size=chunk, method="vmap"
         ),
     }
+    choice = bench_lm.auto_choice(loss_fn, params, (images, labels), chunk)
     out = bench_lm.time_steps(
         loss_fn, optax.adam(config.learning_rate), params, (images, labels), estimators,
         repeats=config.repeats, warmup=config.warmup,
     )  # fmt: skip
-    return {"batch_size": batch_size, "repeats": config.repeats, **out}
+    return {"batch_size": batch_size, "repeats": config.repeats, **out, **choice}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,14 +165,18 @@ def bench_transformer_and_rows(config) -> tuple[dict | None, dict | None]:
 
 def format_table(result: dict[str, Any]) -> str:
     """The time and compiled temp-memory ratios over a plain step, one row per model, batch
-    size and variant (``per_example_auto`` says which path ``auto`` ran)."""
+    size and variant (``per_example_auto`` and the CNN's ``per_example`` say which path
+    ``auto`` ran, and in how many example chunks)."""
     rows = [("model", "batch", "variant", "ms/step", "time/plain", "memory/plain")]
 
     def add(model, bs, d):
         for name, s in d["seconds"].items():
             mem = d["memory_over_plain"].get(name)
             mem = "-" if mem is None else f"{mem:.2f}x"
-            label = name + (f" ({d['auto_method']})" if name.endswith("_auto") else "")
+            chunks = d.get("auto_chunks", 1)
+            method = d.get("auto_method", "") + (f" in {chunks} chunks" if chunks > 1 else "")
+            auto = name.endswith("_auto") or name == "per_example"
+            label = name + (f" ({method})" if auto and method else "")
             rows.append((model, bs, label, f"{1e3 * s:.1f}", f"{d['over_plain'][name]:.2f}x", mem))
 
     for bs, d in result["detail"].items():

@@ -86,24 +86,38 @@ def time_steps(loss_fn, optimizer, params, batch, estimators, *, repeats, warmup
     }
 
 
+def auto_choice(loss_fn, params, batch, chunk_size=None) -> dict:
+    """What ``per_example(method="auto", chunk_size=chunk_size)`` runs
+    (:func:`gns.ghost.select`, timed once here and cached for the step): ``"auto_method"``
+    (``"ghost"`` or ``"vmap"``), ``"auto_chunks"`` (the fast path's example chunks, 1: the
+    whole batch) and ``"auto_describe"`` (the plan's description, with the timings)."""
+    chosen = ghost.select(loss_fn, params, batch, chunk_size=chunk_size)
+    if chosen is not None:
+        described = chosen.describe()
+    else:
+        try:
+            described = ghost.plan(loss_fn, params, batch).describe() + " -> timed: vmap"
+        except ghost.NotApplicableError as e:
+            described = f"auto: vmap ({e})"
+    return {
+        "auto_method": "vmap" if chosen is None else "ghost",
+        "auto_chunks": 1 if chosen is None else chosen.num_chunks,
+        "auto_describe": described,
+    }
+
+
 def time_row(loss_fn, params, batch, *, num_microbatches, repeats, warmup) -> dict:
-    """:func:`time_steps` of :data:`LM_VARIANTS` with AdamW, plus ``"auto_method"`` (what
-    ``per_example(method="auto")`` runs: ``"ghost"`` or ``"vmap"``, :func:`gns.ghost.select`)
-    and ``"auto_describe"`` (the plan's description)."""
-    auto = "ghost" if ghost.select(loss_fn, params, batch) is not None else "vmap"
+    """:func:`time_steps` of :data:`LM_VARIANTS` with AdamW, plus :func:`auto_choice`."""
+    choice = auto_choice(loss_fn, params, batch)
     k = num_microbatches
     estimators = {
-        "per_example_auto": lambda p, b: estimate.per_example(loss_fn, p, b, method=auto),
+        "per_example_auto": lambda p, b: estimate.per_example(loss_fn, p, b),
         "per_example_vmap": lambda p, b: estimate.per_example(loss_fn, p, b, method="vmap"),
         "microbatch": lambda p, b: estimate.microbatch(loss_fn, p, b, num_microbatches=k),
     }
     out = time_steps(loss_fn, optax.adamw(3e-4), params, batch, estimators,
                      repeats=repeats, warmup=warmup)  # fmt: skip
-    try:
-        described = ghost.plan(loss_fn, params, batch).describe()
-    except ghost.NotApplicableError as e:
-        described = f"auto: vmap ({e})"
-    return out | {"auto_method": auto, "auto_describe": described}
+    return out | choice
 
 
 def lm_loss(model):

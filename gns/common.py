@@ -9,8 +9,11 @@ common``) without a cycle.
   underflow-safe form), :func:`leaf_name`, :func:`batch_size`, :func:`split_leading`;
 * named axes (``pmap``/``shard_map``): :func:`axis_names`, :func:`axis_size`,
   :func:`to_varying`, :func:`psum`;
+* sums over equal chunks of a batch (``jax.lax.scan``, in float32 at least), which the
+  microbatch estimator, the chunked fast path and the chunked ``vmap`` share:
+  :func:`acc_dtype`, :func:`zero_sums`, :func:`scan_sums`, :func:`scan_unroll`;
 * the per-example gradients by ``jax.vmap`` that every fallback uses: :func:`grad_fn`,
-  :func:`zero_sums`, :func:`vmap_sums`;
+  :func:`vmap_sums`;
 * argument checks: :func:`check_int`, :func:`check_resamples`, :func:`check_batch_size`,
   :func:`check_step_times`;
 * :func:`to_json`: results as strict-JSON-able values (every JSON file of the project);
@@ -46,7 +49,10 @@ __all__ = [
     "axis_size",
     "to_varying",
     "psum",
+    "acc_dtype",
     "zero_sums",
+    "scan_sums",
+    "scan_unroll",
     "split_leading",
     "grad_fn",
     "vmap_sums",
@@ -271,11 +277,42 @@ def psum(tree: PyTree, axis_name) -> PyTree:
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
+def acc_dtype(dtype):
+    """Accumulation dtype: at least float32 (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def zero_sums(params: PyTree, axis_name) -> tuple[PyTree, PyTree]:
-    """Zero accumulators (gradient sum, per-leaf squared-norm sum) for a scan carry."""
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    sq = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    """Zero accumulators (gradient sum, per-leaf squared-norm sum) for a scan carry, each in
+    its leaf's accumulation dtype (:func:`acc_dtype`)."""
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, acc_dtype(x.dtype)), params)
+    sq = jax.tree.map(lambda x: jnp.zeros((), acc_dtype(x.dtype)), params)
     return to_varying((zeros, sq), axis_name)
+
+
+def scan_sums(chunk_sums, params: PyTree, batch: PyTree, k: int, axis_name, unroll=1):
+    """``chunk_sums(chunk) -> (grad_sum, sq_sum, aux)`` summed over ``k`` equal chunks of
+    ``batch`` by ``jax.lax.scan`` (carry: :func:`zero_sums` of ``params``).
+
+    Returns:
+      ``(grad_sum, sq_sum, aux)``: the sums, and the chunks' aux stacked along a leading axis
+      of size ``k``.
+    """
+
+    def body(carry, chunk):
+        g, s, a = chunk_sums(chunk)
+        return jax.tree.map(lambda c, x: c + x.astype(c.dtype), carry, (g, s)), a
+
+    init = zero_sums(params, axis_name)
+    (grad_sum, sq_sum), aux = jax.lax.scan(body, init, split_leading(batch, k), unroll=unroll)
+    return grad_sum, sq_sum, aux
+
+
+def scan_unroll() -> int | bool:
+    """The ``unroll`` of a loop over chunks: ``True`` (unrolled) when JAX's default backend is
+    the CPU, whose XLA runs convolutions inside a rolled loop an order of magnitude slower
+    (jax-ml/jax#12868); ``1`` (one chunk in memory at a time) elsewhere."""
+    return True if jax.default_backend() == "cpu" else 1
 
 
 def split_leading(batch: PyTree, k: int) -> PyTree:
@@ -332,13 +369,7 @@ def vmap_sums(loss_fn, params, batch, n, chunk, axis_name, has_aux):
     if num_chunks == 1:
         grad_sum, sq_sum, aux = chunk_sums(head)
     else:
-
-        def body(carry, examples):
-            g, s, a = chunk_sums(examples)
-            return jax.tree.map(jnp.add, carry, (g, s)), a
-
-        init = zero_sums(params, axis_name)
-        (grad_sum, sq_sum), aux = jax.lax.scan(body, init, split_leading(head, num_chunks))
+        grad_sum, sq_sum, aux = scan_sums(chunk_sums, params, head, num_chunks, axis_name)
         aux = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), aux)
     if rem:
         g, s, a = chunk_sums(jax.tree.map(lambda x: x[num_chunks * chunk :], batch))

@@ -193,18 +193,13 @@ def from_two_batches(
 # Reduction shared by the estimators.
 
 
-def _acc_dtype(dtype):
-    """Accumulation dtype of a leaf: at least float32 (float64 stays float64)."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _is_narrow(dtype) -> bool:
     """A floating dtype narrower than float32 (bfloat16, float16)."""
-    return jnp.issubdtype(dtype, jnp.floating) and _acc_dtype(dtype) != dtype
+    return jnp.issubdtype(dtype, jnp.floating) and common.acc_dtype(dtype) != dtype
 
 
 def _to_acc(x: jax.Array) -> jax.Array:
-    return x.astype(_acc_dtype(x.dtype)) if _is_narrow(x.dtype) else x
+    return x.astype(common.acc_dtype(x.dtype)) if _is_narrow(x.dtype) else x
 
 
 def _upcast(loss_fn: LossFn, params: PyTree) -> tuple[LossFn, PyTree]:
@@ -313,16 +308,21 @@ def per_example(
         gradients are then those of the global batch, identical on every device.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux of each call of ``loss_fn`` is
         returned stacked along a leading axis: one entry per example on the ``vmap`` path,
-        a single entry (the call on the whole local batch) on the fast path. Either way, the
-        mean over that axis of a per-example mean (loss, accuracy) is its batch mean; pass
+        one per call on the fast path (a single call on the whole local batch, or one per
+        equal example chunk when ``auto`` chose to split it). Either way, the mean over that
+        axis of a per-example mean (loss, accuracy) is its batch mean; pass
         ``method="vmap"`` when you need the aux of every example.
-      method: ``"auto"`` (default): the fast path (:mod:`gns.ghost`) when it covers some
-        parameter of ``loss_fn`` and is the faster path: by its cost model when that is clear,
-        else timed once on these shapes and cached (:func:`gns.ghost.select`;
-        ``print(gns.ghost.plan(...).describe())`` says what is covered and why not), else
-        ``vmap``. ``"vmap"``: always per-example gradients by ``jax.vmap``. ``"ghost"``
-        (alias ``"fast"``): always the fast path; a ``ValueError`` when it covers no parameter
-        (e.g. every parameter used nonlinearly).
+      method: ``"auto"`` (default): the fastest of the fast path (:mod:`gns.ghost`) on the
+        whole batch, the fast path over equal example chunks in turn (``jax.lax.scan``: the
+        same statistics; smaller products can run faster per example), and ``vmap``. Timed
+        once on these shapes and cached (:func:`gns.ghost.calibrate`), with the cost model as
+        the prior: the fast path without timing when it is clearly cheaper and the batch too
+        small to chunk; ``vmap`` when the fast path covers no parameter
+        (:func:`gns.ghost.select`, which returns the chosen plan, ``None`` for ``vmap``: its
+        ``describe()`` says what is covered, why not, and what was timed). ``"vmap"``:
+        always per-example gradients by ``jax.vmap``. ``"ghost"`` (alias ``"fast"``): always
+        the fast path on the whole batch; a ``ValueError`` when it covers no parameter (e.g.
+        every parameter used nonlinearly).
 
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``): the statistics and the
@@ -359,10 +359,9 @@ def per_example(
     plan = ghost.select(
         loss_fn, params, batch, has_aux=has_aux, method=method, chunk_size=chunk_size
     )
-    if plan is not None:  # the fast path: chosen ("ghost"), or cheaper by the cost model
+    if plan is not None:  # the fast path: chosen ("ghost"), or the faster path (whole or chunked)
         kw = dict(has_aux=has_aux, axis_name=axis_name, chunk_size=chunk_size)
         grad_sum, sq_sum, aux = ghost.sums(loss_fn, params, batch, plan, **kw)
-        aux = jax.tree.map(lambda a: jnp.asarray(a)[None], aux)
     else:
         wide_loss, wide_params = _upcast(loss_fn, params)
         grad_sum, sq_sum, aux = common.vmap_sums(
@@ -429,7 +428,7 @@ def microbatch(
             "batch size (the microbatches must be equal for the estimator to be unbiased)."
         )
     if unroll is None:
-        unroll = True if jax.default_backend() == "cpu" else 1
+        unroll = common.scan_unroll()
     return _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll)
 
 
@@ -482,21 +481,16 @@ def _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll=1):
     wide_loss, wide_params = _upcast(loss_fn, params)
     grad_fn = common.grad_fn(wide_loss, has_aux)
 
-    def body(carry, micro):
+    def micro_sums(micro):
         g, aux = grad_fn(wide_params, micro)
-        grad_sum, sq_sum = carry
-        return (
-            jax.tree.map(jnp.add, grad_sum, g),
-            jax.tree.map(jnp.add, sq_sum, common.sq_norms(g)),
-        ), aux
+        return g, common.sq_norms(g), aux
 
     if k == 1:
-        g, aux = grad_fn(wide_params, batch)
-        grad_sum, sq_sum, aux = g, common.sq_norms(g), jax.tree.map(lambda a: a[None], aux)
+        grad_sum, sq_sum, aux = micro_sums(batch)
+        aux = jax.tree.map(lambda a: a[None], aux)
     else:
-        init = common.zero_sums(wide_params, axis_name)
-        (grad_sum, sq_sum), aux = jax.lax.scan(
-            body, init, common.split_leading(batch, k), unroll=unroll
+        grad_sum, sq_sum, aux = common.scan_sums(
+            micro_sums, wide_params, batch, k, axis_name, unroll=unroll
         )
     stats, grads = _finish(grad_sum, sq_sum, k, n / k, axis_name, params)
     return (stats, grads, aux) if has_aux else (stats, grads)

@@ -62,12 +62,16 @@ everything above the deepest such leaf. :meth:`Plan.describe` names every fallba
 **Cost model.** For each covered operation the plan counts FLOPs and bytes of each form and of
 the per-example gradient ``vmap`` would materialize, and picks the cheaper form at ``flops +
 FLOPS_PER_BYTE[backend] · bytes``; :attr:`Plan.method` compares the fast path with ``vmap`` on
-that model. :func:`select` (``per_example(method="auto")``) takes the model's answer when it is
-clear (every leaf covered and the fast path at most :data:`CLEAR_MARGIN` of ``vmap``'s
-estimated cost) and otherwise times both paths once on the actual shapes and device
-(:func:`calibrate`, cached in memory by the jaxpr and shapes). A convolution whose
-per-example intermediates would exceed :data:`CHUNK_BYTES` for the whole batch computes its
-norms over example chunks in turn (``jax.lax.map``), which bounds the extra memory.
+that model. :func:`select` (``per_example(method="auto")``) times once on the actual shapes and
+device (:func:`calibrate`, cached in memory by the jaxpr and shapes) the fast path on the whole
+batch, the fast path over equal example chunks in turn (:func:`chunk_counts`, :func:`chunked`:
+``jax.lax.scan`` sums the chunks' sums; smaller products can run faster per example, and one
+chunk's intermediates exist at a time) and ``vmap``, and keeps the fastest. The model is the
+prior: when it is clear (every leaf covered and the fast path at most :data:`CLEAR_MARGIN` of
+``vmap``'s estimated cost) ``vmap`` is not timed, nor anything for a batch too small to
+chunk. Apart from that, a convolution whose per-example intermediates would exceed
+:data:`CHUNK_BYTES` for the whole batch (or chunk) computes its norms over example chunks in
+turn (``jax.lax.map``), which bounds the extra memory.
 
 Use it through :func:`gns.estimate.per_example` (``method="auto"`` or ``"ghost"``); this
 module returns the local sums that :func:`gns.estimate.per_example` reduces.
@@ -84,7 +88,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -95,7 +98,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gns import common
+from gns import common, hardware
 
 PyTree = Any
 
@@ -112,6 +115,12 @@ __all__ = [
     "FLOPS_PER_BYTE",
     "CHUNK_BYTES",
     "CLEAR_MARGIN",
+    "CHUNK_SIZES",
+    "CHUNK_COUNT",
+    "MAX_CHUNKS",
+    "chunk_counts",
+    "chunked",
+    "fastest",
 ]
 
 FORMS = ("auto", "direct", "gram")
@@ -130,6 +139,13 @@ FLOPS_PER_BYTE = {"cpu": 8.0, "gpu": 100.0, "tpu": 200.0}
 # the fast path's estimated extra cost is at most this fraction of vmap's; otherwise it times
 # both paths once (calibrate).
 CLEAR_MARGIN = 0.25
+
+# select(method="auto") also times the fast path over equal example chunks (a scan): chunks of
+# these many examples, and batch / CHUNK_COUNT (the microbatch estimator's default count), at
+# most MAX_CHUNKS chunks. Smaller products can run faster per example (on CPUs, the caches).
+CHUNK_SIZES = (32,)
+CHUNK_COUNT = 8
+MAX_CHUNKS = 16
 
 # How much slower than the plain step's one large weight-gradient product ``vmap``'s batch of
 # per-example products runs, as extra multiples of its FLOPs (2 CPU cores, ``make bench``).
@@ -578,6 +594,9 @@ class Plan:
       batch_size: the (local) batch size planned for.
       flops_per_byte: the machine balance of the cost model.
       signature: the primitives of the traced jaxpr (a trace for :func:`sums` must match).
+      num_chunks: :func:`sums` splits the batch into this many equal example chunks and runs
+        the plan (made at the chunk's size: ``batch_size`` is the chunk's) on each in turn.
+      decision: how :func:`calibrate` chose this plan (its timings); empty when not timed.
     """
 
     consumers: tuple[_Consumer, ...]
@@ -589,6 +608,8 @@ class Plan:
     batch_size: int = 0
     flops_per_byte: float = FLOPS_PER_BYTE["cpu"]
     signature: tuple = ()
+    num_chunks: int = 1
+    decision: str = ""
 
     def cost(self, method: str) -> float:
         """Estimated extra cost (FLOP-equivalents, bytes weighted by ``flops_per_byte``) of
@@ -629,8 +650,8 @@ class Plan:
 
     def describe(self) -> str:
         """Every covered leaf (its operation, form, cost), every fallback leaf and why, and
-        what ``method="auto"`` decides from the model. Costs in MFLOP-equivalents for the
-        whole batch."""
+        what ``method="auto"`` decides (or decided: the timings of :func:`calibrate`). Costs
+        in MFLOP-equivalents for the whole batch (for one chunk of a chunked plan)."""
         w = self.flops_per_byte
         lines = []
         for c in self.consumers:
@@ -643,7 +664,14 @@ class Plan:
         for j, why in self.reasons:
             lines.append(f"leaf {self.name(j)}: fallback (per-example gradients by vmap): {why}")
         ghost, vmap = self.cost("ghost"), self.cost("vmap")
-        decision = "fast path, without timing" if self.clear else "timed once (calibrate)"
+        decision = self.decision or (
+            "timed once (calibrate)" if not self.clear
+            else "fast path, timed once (calibrate) whole and in example chunks"
+            if chunk_counts(self.batch_size) and self.num_chunks == 1
+            else "fast path, without timing"
+        )  # fmt: skip
+        if self.num_chunks > 1:
+            decision += f"; the batch in {self.num_chunks} chunks of {self.batch_size} examples"
         fb = " incl. a vmap pass for the fallback" if self.fallback else ""
         lines.append(
             f"auto: {decision}; model: {self.method} (estimated extra cost over one backward "
@@ -729,7 +757,7 @@ def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
 # ---------------------------------------------------------------------------------------------
 # Choosing the path: the FLOP model as prior, a one-off timing when it is not clear.
 
-_CALIBRATED: dict[Any, str] = {}
+_CALIBRATED: dict[Any, Plan | None] = {}
 
 
 def select(
@@ -745,14 +773,19 @@ def select(
 
     Args:
       loss_fn, params, batch, has_aux: as for :func:`plan`.
-      method: ``"auto"``: the plan when the fast path covers something and is the faster
-        path: at once when the cost model is clear (:attr:`Plan.clear`), else as measured by
-        :func:`calibrate`. ``"ghost"`` (or ``"fast"``): the plan whatever it costs.
+      method: ``"auto"``: the fastest of the fast path on the whole batch, the fast path over
+        equal example chunks (:func:`chunk_counts`; smaller products can run faster per
+        example, and one chunk's intermediates exist at a time) and ``vmap``, by
+        :func:`calibrate`. Without timing when nothing is left to time: the fast path covers
+        nothing (``vmap``), or the cost model is clear (:attr:`Plan.clear`) and the batch is
+        too small to chunk. A clear cost model leaves ``vmap`` out of the timing.
+        ``"ghost"`` (or ``"fast"``): the plan on the whole batch whatever it costs.
         ``"vmap"``: ``None``.
       chunk_size: the ``vmap`` chunk size (for the timing).
 
     Returns:
-      A :class:`Plan` for :func:`sums`, or ``None``.
+      A :class:`Plan` for :func:`sums` (:meth:`Plan.describe` says what was chosen and why),
+      or ``None``.
 
     Raises:
       ValueError: ``method="ghost"`` and the fast path covers no parameter.
@@ -765,10 +798,48 @@ def select(
         if method != "auto":
             raise ValueError(f"per_example(method={method!r}): {e}") from e
         return None
-    if method != "auto" or the_plan.clear:
+    if method != "auto" or (the_plan.clear and not chunk_counts(the_plan.batch_size)):
         return the_plan
-    chosen = calibrate(loss_fn, params, batch, the_plan, has_aux=has_aux, chunk_size=chunk_size)
-    return the_plan if chosen == "ghost" else None
+    return calibrate(
+        loss_fn, params, batch, the_plan, has_aux=has_aux, chunk_size=chunk_size,
+        with_vmap=not the_plan.clear,
+    )  # fmt: skip
+
+
+def chunk_counts(n: int) -> tuple[int, ...]:
+    """The numbers of equal example chunks ``k > 1`` :func:`select` times the fast path in, at
+    batch size ``n``: chunks of :data:`CHUNK_SIZES` examples or ``n /`` :data:`CHUNK_COUNT`
+    (the microbatch estimator's default), of at least 4 examples, at most
+    :data:`MAX_CHUNKS`."""
+    sizes = {*CHUNK_SIZES, n // CHUNK_COUNT}
+    return tuple(
+        sorted({n // m for m in sizes if 4 <= m < n and n % m == 0 and n // m <= MAX_CHUNKS})
+    )
+
+
+def chunked(the_plan: Plan, loss_fn, params, batch, k: int, *, has_aux: bool = False) -> Plan:
+    """The plan of the fast path over ``k`` equal example chunks of ``batch`` in turn
+    (:func:`sums` sums them with ``jax.lax.scan``), planned at the chunk's size.
+
+    Raises:
+      ValueError: ``k`` is not a whole number >= 1 dividing the batch size.
+      NotApplicableError: the fast path covers nothing at the chunk's size.
+    """
+    n = common.batch_size(batch)
+    k = common.check_int(k, "k", 1, "the number of example chunks")
+    if n % k:
+        raise ValueError(
+            f"{k} chunks do not divide the batch size {n}: pick a divisor of the batch size."
+        )
+    if k == 1:
+        return the_plan
+    def first(x):  # a slice keeps what the caller's trace knows of x (e.g. varying axes)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((n // k, *x.shape[1:]), x.dtype)
+        return x[: n // k]
+
+    chunk = jax.tree.map(first, batch)
+    return dataclasses.replace(plan(loss_fn, params, chunk, has_aux=has_aux), num_chunks=k)
 
 
 def _signature_key(the_plan: Plan, params, batch, has_aux, chunk_size) -> tuple:
@@ -777,6 +848,40 @@ def _signature_key(the_plan: Plan, params, batch, has_aux, chunk_size) -> tuple:
 
     structure = (str(jax.tree.structure(params)), str(jax.tree.structure(batch)))
     return (the_plan.signature, structure, shapes(params), shapes(batch), has_aux, chunk_size)
+
+
+def fastest(times: dict[str, list[float]]) -> str:
+    """The candidate with the smallest median time (the first of equal ones)."""
+    return min(times, key=lambda name: float(np.median(times[name])))
+
+
+def _candidates(loss_fn, params, batch, the_plan, has_aux, with_vmap) -> dict[str, Plan | None]:
+    """What :func:`calibrate` times: the fast path on the whole batch and in each of
+    :func:`chunk_counts` chunks (where the fast path covers the chunk), and ``vmap``
+    (``None``)."""
+    out: dict[str, Plan | None] = {"ghost": the_plan}
+    for k in chunk_counts(common.batch_size(batch)):
+        try:
+            out[f"ghost in {k} chunks"] = chunked(
+                the_plan, loss_fn, params, batch, k, has_aux=has_aux
+            )
+        except NotApplicableError:
+            continue
+    return out | ({"vmap": None} if with_vmap else {})
+
+
+def _within_memory(calls: dict) -> tuple[dict, str]:
+    """``calls`` without the chunked candidates whose compiled temporary memory exceeds the
+    fast path's on the whole batch (an unrolled loop over chunks may keep every chunk's
+    intermediates alive), and the names of those dropped."""
+
+    def temp(name):
+        stats = calls[name][0].memory_analysis()
+        return None if stats is None else int(stats.temp_size_in_bytes)
+
+    limit = temp("ghost")
+    over = [m for m in calls if limit is not None and "chunks" in m and temp(m) > limit]
+    return {m: c for m, c in calls.items() if m not in over}, ", ".join(over)
 
 
 def calibrate(
@@ -788,45 +893,51 @@ def calibrate(
     has_aux: bool = False,
     chunk_size: int | None = None,
     rounds: int = 5,
-) -> str:
-    """``"ghost"`` or ``"vmap"``: whichever computes the local sums faster on these shapes.
+    with_vmap: bool = True,
+) -> Plan | None:
+    """The fastest way to compute the local sums on these shapes: a :class:`Plan` (the fast
+    path on the whole batch, or over equal example chunks, :func:`chunked`), or ``None``
+    (``vmap``; left out of the candidates with ``with_vmap=False``).
 
-    Both paths are compiled and timed (interleaved, ``rounds`` rounds, medians) on zero
-    arrays of the shapes and dtypes of ``params`` and ``batch``, on the default device; the
-    answer is cached in memory by the traced jaxpr, shapes, ``has_aux`` and ``chunk_size``, so
-    each signature is timed once per process. Called inside ``jit`` (and ``shard_map``) it
-    runs eagerly on new arrays. When the paths cannot run outside the caller's trace (e.g. a
-    collective inside ``loss_fn``) the cost model's answer (:attr:`Plan.method`) is used.
+    Every candidate is compiled and timed (interleaved, ``rounds`` rounds, medians,
+    :func:`fastest`) on zero arrays of the shapes and dtypes of ``params`` and ``batch``, on
+    the default device; a chunked one only when its compiled temporary memory is at most the
+    whole batch's (chunking is to lower memory, not raise it). The answer is cached in memory
+    by the traced jaxpr, shapes, ``has_aux``, ``chunk_size`` and ``with_vmap``, so each
+    signature is timed once per process. The chosen plan's :meth:`Plan.describe` gives the
+    timings. Called inside ``jit`` (and ``shard_map``) it traces and runs apart, on new
+    arrays. When the paths cannot run outside the caller's trace (e.g. a collective inside
+    ``loss_fn``) the cost model's answer (:attr:`Plan.method`, on the whole batch) is used.
     """
-    key = _signature_key(the_plan, params, batch, has_aux, chunk_size)
+    key = (*_signature_key(the_plan, params, batch, has_aux, chunk_size), with_vmap)
     if key in _CALIBRATED:
         return _CALIBRATED[key]
     n = common.batch_size(batch)
     chunk = n if chunk_size is None else min(chunk_size, n)
 
-    def fast(p, b):
-        return sums(loss_fn, p, b, the_plan, has_aux=has_aux, chunk_size=chunk_size)[:2]
-
-    def vmap(p, b):
-        return common.vmap_sums(loss_fn, p, b, n, chunk, None, has_aux)[:2]
+    def run(p):
+        if p is None:
+            return lambda x, b: common.vmap_sums(loss_fn, x, b, n, chunk, None, has_aux)[:2]
+        return lambda x, b: sums(loss_fn, x, b, p, has_aux=has_aux, chunk_size=chunk_size)[:2]
 
     try:
-        with jax.ensure_compile_time_eval():
-            p0, b0 = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), (params, batch))
-            fns = {
-                m: jax.jit(f).lower(p0, b0).compile() for m, f in (("ghost", fast), ("vmap", vmap))
-            }
-            times = {m: [] for m in fns}
-            for fn in fns.values():
-                jax.block_until_ready(fn(p0, b0))  # warm up
-            for r in range(rounds):
-                for m in list(fns)[:: 1 if r % 2 == 0 else -1]:
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(fns[m](p0, b0))
-                    times[m].append(time.perf_counter() - t0)
-        chosen = min(times, key=lambda m: float(np.median(times[m])))
+        # Traced and run apart from the caller's trace (no compile-time evaluation: it would
+        # fold constants and change the trace): zero arrays of the shapes.
+        candidates = _candidates(loss_fn, params, batch, the_plan, has_aux, with_vmap)
+        args = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), (params, batch))
+        calls = {m: (jax.jit(run(p)).lower(*args).compile(), args) for m, p in candidates.items()}
+        calls, dropped = _within_memory(calls)
+        times = hardware.interleaved_times(calls, warmup=1, rounds=rounds)
+        name = fastest(times)
+        medians = ", ".join(f"{m} {1e3 * float(np.median(t)):.3g}" for m, t in times.items())
+        chosen = candidates[name]
+        if chosen is not None:
+            more = f"; not timed, more memory than the whole batch: {dropped}" if dropped else ""
+            chosen = dataclasses.replace(
+                chosen, decision=f"timed once: {name} (median ms: {medians}{more})"
+            )
     except Exception:  # noqa: BLE001 (not runnable outside the caller's trace: the model decides)
-        chosen = the_plan.method
+        chosen = the_plan if the_plan.method == "ghost" else None
     _CALIBRATED[key] = chosen
     return chosen
 
@@ -973,11 +1084,6 @@ def _embed_sq(tokens: jax.Array, g: jax.Array, vocab: int, form: str) -> jax.Arr
     return jnp.sum(jnp.where(same, gg, 0.0), axis=(1, 2))
 
 
-def _acc_dtype(dtype):
-    """Accumulation dtype: at least float32 (float64 stays float64)."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _form_of(c: _Consumer, form: str) -> str:
     """The form consumer ``c`` runs in: its planned one for ``"auto"`` (the cost model) or
     where it has no such form, else ``form``."""
@@ -1053,12 +1159,14 @@ def sums(
     chunk_size: int | None = None,
     form: str = "auto",
 ):
-    """Local sums for the noise statistics: one backward pass plus ghost norms.
+    """Local sums for the noise statistics: one backward pass plus ghost norms (per example
+    chunk, summed by ``jax.lax.scan`` in float32 at least, when the plan splits the batch:
+    :attr:`Plan.num_chunks`).
 
     Args:
       loss_fn, params, batch, has_aux: as for :func:`gns.estimate.per_example`; ``params``
         already cast to device-varying when ``axis_name`` is set.
-      the_plan: from :func:`plan` on the same ``loss_fn`` and shapes.
+      the_plan: from :func:`plan` on the same ``loss_fn`` and shapes (or :func:`select`).
       axis_name: the data-parallel axis (the slots are cast to device-varying, so their
         gradients stay local).
       chunk_size: examples per vmap chunk for the fallback leaves.
@@ -1068,11 +1176,33 @@ def sums(
     Returns:
       ``(grad_sum, sq_sum, aux)``: the sum over this device's examples of their gradients
       (``n`` times the mean gradient), the per-leaf sum of their squared norms (both in float32
-      at least, whatever the parameters' dtype: bfloat16 sums would round), and the aux of the
-      one ``loss_fn`` call on the whole local batch (``None`` without ``has_aux``).
+      at least, whatever the parameters' dtype: bfloat16 sums would round), and the aux of each
+      ``loss_fn`` call stacked along a leading axis (one call on the whole local batch, or one
+      per chunk; ``None`` without ``has_aux``).
+
+    Raises:
+      ValueError: a chunked plan whose number of chunks does not divide the batch size.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}.")
+    n, k = common.batch_size(batch), the_plan.num_chunks
+    if n % k:
+        raise ValueError(
+            f"the plan splits the batch into {k} equal chunks, which do not divide the batch "
+            f"size {n}: select (or chunked) a plan for this batch's shapes."
+        )
+
+    def chunk_sums(chunk):
+        return _one_pass(loss_fn, params, chunk, the_plan, has_aux, axis_name, chunk_size, form)
+
+    if k > 1:
+        return common.scan_sums(chunk_sums, params, batch, k, axis_name, common.scan_unroll())
+    grad_sum, sq_sum, aux = chunk_sums(batch)
+    return grad_sum, sq_sum, jax.tree.map(lambda a: jnp.asarray(a)[None], aux)
+
+
+def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, form):
+    """:func:`sums` of one chunk (the whole batch of an unchunked plan)."""
     n = common.batch_size(batch)
     flat = _trace(loss_fn, params, batch)
     if flat.signature != the_plan.signature:
@@ -1082,7 +1212,7 @@ def sums(
         )
     leaves, treedef = jax.tree.flatten(params)
     by_eqn = {c.eqn: (k, c) for k, c in enumerate(the_plan.consumers)}
-    slots = [jnp.zeros((n,), _acc_dtype(leaves[c.leaf].dtype)) for c in the_plan.consumers]
+    slots = [jnp.zeros((n,), common.acc_dtype(leaves[c.leaf].dtype)) for c in the_plan.consumers]
     slots = common.to_varying(slots, axis_name)  # keep their gradients device-local
 
     def tapped(p_leaves, zs):
@@ -1100,7 +1230,7 @@ def sums(
         return out if has_aux else (out, None)
 
     (grads, slot_grads), aux = jax.grad(tapped, argnums=(0, 1), has_aux=True)(leaves, slots)
-    sq = [jnp.zeros((), _acc_dtype(leaf.dtype)) for leaf in leaves]  # unused leaves: 0
+    sq = [jnp.zeros((), common.acc_dtype(leaf.dtype)) for leaf in leaves]  # unused leaves: 0
     for c, norms in zip(the_plan.consumers, slot_grads, strict=True):
         sq[c.leaf] = jnp.sum(norms)
     grads = jax.tree.unflatten(treedef, grads)
@@ -1129,7 +1259,7 @@ def _tap_bwd(consumer, n, form, res, g):
     # The loss is a mean: scale by n, in float32 at least (a bfloat16 product would round).
     # Scaled by max|g| so that squares of tiny gradients (a loss scaled by 1e-20) do not
     # underflow when the squared norm itself is representable (as common.sq_norms).
-    g = g.astype(_acc_dtype(g.dtype))
+    g = g.astype(common.acc_dtype(g.dtype))
     m = jnp.max(jnp.abs(g))
     scale = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
     norms = _consumer_sq_norms(consumer, x, g * (n / scale), form)
@@ -1191,7 +1321,7 @@ def _conv_parts(conv, n: int, x: jax.Array, g: jax.Array) -> tuple[jax.Array, ja
     from channels-last ``x`` and ``g`` (of the mean loss): per kernel offset, the per-example
     products of the input patches with ``g`` (their sum over examples is the kernel's
     gradient at that offset)."""
-    acc = _acc_dtype(g.dtype)
+    acc = common.acc_dtype(g.dtype)
     g = g.reshape(g.shape[0], -1, g.shape[-1]).astype(acc)
     parts = jnp.stack(
         [jnp.einsum("btk,btc->bkc", p.astype(acc), g) for p in _conv_pieces(x, conv)], 1
@@ -1204,7 +1334,7 @@ def _per_example_parts(c: _Consumer, n: int, x, g) -> tuple[jax.Array, jax.Array
     """``(gradient of the parameter operand w, per-example parts [B, ...])`` of a consumer
     from the output gradient ``g`` (of the mean loss): the parameter's gradient is the sum of
     the parts over examples, one example's gradient (over ``n``) is its part."""
-    acc = _acc_dtype(g.dtype)
+    acc = common.acc_dtype(g.dtype)
     if c.kind == "dense":
         lay = c.layout
         xr = jnp.transpose(x, lay.x_perm).reshape(n, lay.s, lay.t, lay.k).astype(acc)
@@ -1239,8 +1369,8 @@ def _with_fallback(
         _, sub_sq, _ = common.vmap_sums(loss_fb, sub, batch, n, chunk, axis_name, has_aux)
         for j, s in zip(fb, sub_sq, strict=True):
             sq[j] = s
-    grad_sum = jax.tree.map(lambda g: g.astype(_acc_dtype(g.dtype)) * n, grads)
-    sq = [s.astype(_acc_dtype(s.dtype)) for s in sq]
+    grad_sum = jax.tree.map(lambda g: g.astype(common.acc_dtype(g.dtype)) * n, grads)
+    sq = [s.astype(common.acc_dtype(s.dtype)) for s in sq]
     return grad_sum, jax.tree.unflatten(treedef, sq), aux
 
 

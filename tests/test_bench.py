@@ -33,7 +33,9 @@ def positive_finite(x) -> bool:
 def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     # The schema, not the choice of path (tests/test_ghost.py tests calibrate): the cost
     # model's answer in place of timing both paths of every row.
-    monkeypatch.setattr(ghost, "calibrate", lambda loss_fn, params, batch, plan, **k: plan.method)
+    monkeypatch.setattr(
+        ghost, "calibrate", lambda f, p, b, plan, **k: plan if plan.method == "ghost" else None
+    )
     config = bench_config.get_config("tiny")
     # One MLP row: every row runs the same bench_lm.time_row; the NNX row's model is covered
     # and equal to vmap in tests/test_ghost.py.
@@ -65,6 +67,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
         assert d["over_plain"]["plain"] == 1.0
 
     ref = written["detail"][str(config.reference_batch_size)]
+    assert ref["auto_method"] in ("ghost", "vmap") and ref["auto_chunks"] == 1
     assert written["per_example_over_plain"] == ref["over_plain"]["per_example"]
     assert written["microbatch_over_plain"] == ref["over_plain"]["microbatch"]
     assert written["naive_vmap_over_plain"] == ref["over_plain"]["naive_vmap"]
@@ -77,6 +80,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
         d = tr[str(bs)]
         assert set(d["seconds"]) == set(bench_lm.LM_VARIANTS)
         assert d["auto_method"] in ("ghost", "vmap") and d["auto_describe"].count("auto: ") == 1
+        assert d["auto_chunks"] == 1  # batch 8: too small to chunk
         for name, s in d["seconds"].items():
             assert d["over_plain"][name] == pytest.approx(s / d["seconds"]["plain"])
             assert d["memory_over_plain"][name] == pytest.approx(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 
 import flax.linen as nn
 import jax
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from gns import common, estimate, ghost
+from gns import common, estimate, ghost, hardware
 
 RTOL, ATOL = 2e-4, 1e-6
 
@@ -304,13 +305,22 @@ def test_plain_jax_loss_is_covered_and_a_nonlinear_use_falls_back():
         ghost.select(nonlinear_loss, w, batch, method="ghost")
 
 
-def test_axis_name_in_shard_map_matches_global_vmap():
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_axis_name_in_shard_map_matches_global_vmap(chunks, monkeypatch):
     devices = jax.devices()[:4]
     if len(devices) < 4:
         pytest.skip("needs 4 devices (tests/conftest.py simulates them on CPU)")
     mesh = Mesh(np.array(devices), ("batch",))
     model = ConvNet(strides=(2,), norm="group")
-    loss_fn, params, batch = setup(model, images((8, 6, 6, 3)))
+    loss_fn, params, batch = setup(model, images((16, 6, 6, 3)))
+    if chunks > 1:  # each device's 4 examples in 2 chunks
+        select = ghost.select
+
+        def chunked(f, p, b, **kw):
+            plan = select(f, p, b, **kw)
+            return plan and ghost.chunked(plan, f, p, b, 2)
+
+        monkeypatch.setattr(ghost, "select", chunked)
 
     def local(p, b):
         stats, grads = estimate.per_example(loss_fn, p, b, axis_name="batch", method="ghost")
@@ -569,26 +579,39 @@ def test_nonlinear_leaf_falls_back_and_auto_times_both_paths(monkeypatch):
     assert not the_plan.clear and "timed once (calibrate)" in text.splitlines()[-1]
     check_equal_to_vmap(loss_fn, params, batch)
     # auto follows the timing; the timing runs once per signature (cached).
-    for answer, want_plan in (("vmap", False), ("ghost", True)):
+    for answer in (None, the_plan):
         monkeypatch.setattr(ghost, "calibrate", lambda *a, answer=answer, **k: answer)
-        assert (ghost.select(loss_fn, params, batch) is not None) == want_plan
+        assert ghost.select(loss_fn, params, batch) is answer
     monkeypatch.undo()
     first = ghost.calibrate(loss_fn, params, batch, the_plan, rounds=1)
-    assert first in ("ghost", "vmap")
+    assert first is None or "timed once: ghost" in first.describe()
     monkeypatch.setattr(jax, "jit", None)  # a second timing would fail: the answer is cached
-    assert ghost.calibrate(loss_fn, params, batch, the_plan, rounds=1) == first
+    assert ghost.calibrate(loss_fn, params, batch, the_plan, rounds=1) is first
 
 
-def test_clear_plans_are_not_timed(monkeypatch):
-    monkeypatch.setattr(ghost, "calibrate", None)  # would fail if called
+def test_clear_plans_time_only_the_fast_path_and_small_ones_are_not_timed(monkeypatch):
     from experiments import models  # noqa: PLC0415
 
-    cnn = models.SmallCNN()  # the CIFAR-10 cpu model, at batch 128
-    x = jnp.zeros((128, 32, 32, 3))
-    cnn_params = jax.eval_shape(lambda: cnn.init(jax.random.key(0), x[:1])["params"])
-    cnn_plan = ghost.select(classifier_loss(cnn), cnn_params, (x, jnp.zeros(128, jnp.int32)))
+    cnn = models.SmallCNN()  # the CIFAR-10 cpu model
+
+    def cnn_problem(n):
+        x = jnp.zeros((n, 32, 32, 3))
+        params = jax.eval_shape(lambda: cnn.init(jax.random.key(0), x[:1])["params"])
+        return classifier_loss(cnn), params, (x, jnp.zeros(n, jnp.int32))
+
+    # Batch 128: the model is clear, so vmap is not timed; the fast path is, whole and chunked.
+    asked = []
+    monkeypatch.setattr(ghost, "calibrate", lambda *a, **k: asked.append(k) or a[3])
+    cnn_plan = ghost.select(*cnn_problem(128))
     assert cnn_plan is not None and cnn_plan.clear and cnn_plan.method == "ghost"
-    assert cnn_plan.describe().splitlines()[-1].startswith("auto: fast path, without timing")
+    assert [k["with_vmap"] for k in asked] == [False]
+    assert "timed once (calibrate) whole and in example chunks" in cnn_plan.describe()
+    # Batch 8: too small to chunk, and clear: the fast path without timing.
+    monkeypatch.setattr(ghost, "calibrate", None)  # would fail if called
+    small = ghost.select(*cnn_problem(8))
+    assert small.clear and small.describe().splitlines()[-1].startswith(
+        "auto: fast path, without timing"
+    )
     # The Transformer: the model prefers the fast path, not by the clear margin: timed.
     loss_fn, params, tokens = lm_setup(batch=16, context=16, vocab=32, abstract=True)
     lm_plan = ghost.plan(loss_fn, params, tokens)
@@ -603,17 +626,18 @@ def with_aux(loss_fn):
     return loss_aux
 
 
-def check_auto_runs(method, loss_fn, params, batch, rtol):
-    """per_example(method="auto") runs ``method`` (the fast path returns one aux, vmap one per
-    example) and gives vmap's statistics and jax.grad's mean gradient."""
-    n = estimate.batch_size(batch)
+def check_auto_runs(calls, loss_fn, params, batch, rtol):
+    """per_example(method="auto") runs the path with ``calls`` calls of ``loss_fn`` (the fast
+    path one, or one per chunk; vmap one per example) and gives vmap's statistics and
+    jax.grad's mean gradient."""
 
     def run(p, b):
         auto = estimate.per_example(with_aux(loss_fn), p, b, has_aux=True)
         return auto, estimate.per_example(loss_fn, p, b, method="vmap"), jax.grad(loss_fn)(p, b)
 
     (stats, grads, aux), (ref, ref_grads), true_grads = jax.jit(run)(params, batch)
-    assert aux.shape == ((1,) if method == "ghost" else (n,))
+    assert aux.shape == (calls,)
+    np.testing.assert_allclose(jnp.mean(aux), loss_fn(params, batch), rtol=1e-5)
     np.testing.assert_allclose(stats.g_sq, ref.g_sq, rtol=rtol)
     np.testing.assert_allclose(stats.trace_cov, ref.trace_cov, rtol=rtol)
     assert_trees_close(grads, true_grads, rtol=1e-5, atol=1e-7)
@@ -622,16 +646,131 @@ def check_auto_runs(method, loss_fn, params, batch, rtol):
 
 def test_per_example_auto_follows_the_decision(monkeypatch):
     # Timed slower fast path (a fallback leaf): auto runs vmap.
-    monkeypatch.setattr(ghost, "calibrate", lambda *a, **k: "vmap")
+    monkeypatch.setattr(ghost, "calibrate", lambda *a, **k: None)
     x = jax.random.normal(jax.random.key(2), (8, 3, 6))
     loss_fn, params, batch = setup(LogScaleModel(), x)
-    check_auto_runs("vmap", loss_fn, params, batch, rtol=1e-6)
-    # The Transformer, every leaf covered, timed faster: auto runs the fast path.
-    monkeypatch.setattr(ghost, "calibrate", lambda *a, **k: "ghost")
+    check_auto_runs(8, loss_fn, params, batch, rtol=1e-6)
+    # The Transformer, every leaf covered, timed faster: auto runs the fast path, on the whole
+    # batch or in 4 chunks of 4 examples.
     loss_fn, shapes, tokens = lm_setup(batch=16, context=16, vocab=32, abstract=True)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), s.dtype), shapes)
-    check_auto_runs("ghost", loss_fn, params, tokens, rtol=2e-4)
+    for k in (1, 4):
+        monkeypatch.setattr(
+            ghost, "calibrate",
+            lambda f, p, b, pl, k=k, **kw: ghost.chunked(pl, f, p, b, k, has_aux=kw["has_aux"]),
+        )  # fmt: skip
+        check_auto_runs(k, loss_fn, params, tokens, rtol=2e-4)
+
+
+def chunk_problem(name, n=8):
+    """``(loss_fn, params, batch)`` of ``n`` examples: a conv net, the bench rows' small
+    models, and a Transformer whose tied embedding falls back to vmap inside each chunk."""
+    from experiments import bench_lm  # noqa: PLC0415
+
+    if name == "conv":
+        return setup(ConvNet(norm="group"), images((n, 7, 7, 3)))
+    if name == "tied_transformer":
+        loss_fn, shapes, tokens = lm_setup(tie=True, batch=n, abstract=True)
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), s.dtype), shapes)
+        return loss_fn, params, tokens
+    fields = {"lm1b": dict(vocab_size=16, context=8, width=8, depth=1, num_heads=2, mlp_ratio=2)}
+    return bench_lm.row_problem(name, n, **fields.get(name, dict(dims=(6, 5, 3))))
+
+
+@pytest.mark.parametrize("name", ["conv", "plain_mlp", "nnx_mlp", "lm1b", "tied_transformer"])
+def test_chunked_fast_path_equals_vmap(name):
+    loss_fn, params, batch = chunk_problem(name)
+    n, k = estimate.batch_size(batch), 4
+    loss_aux = with_aux(loss_fn)
+    the_plan = ghost.plan(loss_aux, params, batch, has_aux=True)
+    chunked = ghost.chunked(the_plan, loss_aux, params, batch, k, has_aux=True)
+    assert (chunked.num_chunks, chunked.batch_size) == (k, n // k)
+    assert f"the batch in {k} chunks of {n // k} examples" in chunked.describe()
+    assert chunked.fallback == the_plan.fallback
+
+    def run(p, b):
+        fast = ghost.sums(loss_aux, p, b, chunked, has_aux=True)
+        return fast, vmap_sq_norms(loss_fn, p, b), jax.grad(loss_fn)(p, b), loss_fn(p, b)
+
+    (grad_sum, sq, aux), want, true_grads, loss = jax.jit(run)(params, batch)
+    assert aux.shape == (k,)  # one loss_fn call per chunk
+    np.testing.assert_allclose(jnp.mean(aux), loss, rtol=1e-5)
+    assert_trees_close(sq, want)
+    assert_trees_close(jax.tree.map(lambda g: g / n, grad_sum), true_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_chunk_counts_and_invalid_chunks():
+    assert ghost.chunk_counts(128) == (4, 8)  # chunks of 32 and 16 (128 / 8)
+    assert ghost.chunk_counts(512) == (8, 16)
+    assert ghost.chunk_counts(32) == (8,)  # the microbatch default: 8 chunks of 4
+    assert ghost.chunk_counts(16) == ghost.chunk_counts(100) == ()  # too small; no divisor
+    for n in range(2, 700):
+        for k in ghost.chunk_counts(n):
+            assert n % k == 0 and n // k >= 4 and 1 < k <= ghost.MAX_CHUNKS
+    loss_fn, params, batch = chunk_problem("plain_mlp")
+    the_plan = ghost.plan(loss_fn, params, batch)
+    assert ghost.chunked(the_plan, loss_fn, params, batch, 1) is the_plan
+    with pytest.raises(ValueError, match="3 chunks do not divide the batch size 8"):
+        ghost.chunked(the_plan, loss_fn, params, batch, 3)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        ghost.chunked(the_plan, loss_fn, params, batch, 0)
+    four = ghost.chunked(the_plan, loss_fn, params, batch, 4)
+    six = jax.tree.map(lambda x: x[:6], batch)
+    with pytest.raises(ValueError, match="4 equal chunks, which do not divide the batch size 6"):
+        ghost.sums(loss_fn, params, six, four)
+
+
+def test_fastest_takes_the_smallest_median():
+    times = {"ghost": [3.0, 1.0, 9.0], "ghost in 2 chunks": [2.0, 2.5, 2.0], "vmap": [1.0, 5, 5]}
+    assert ghost.fastest(times) == "ghost in 2 chunks"  # medians 3, 2, 5
+    assert ghost.fastest({"ghost": [1.0], "vmap": [1.0]}) == "ghost"  # a tie: the first
+
+
+def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
+    loss_fn, params, batch = chunk_problem("plain_mlp", n=64)
+    the_plan = ghost.plan(loss_fn, params, batch)
+    names = ["ghost", "ghost in 2 chunks", "ghost in 8 chunks", "vmap"]
+    within_memory = ghost._within_memory  # tested below
+    monkeypatch.setattr(ghost, "_within_memory", lambda calls: (calls, ""))
+    for winner, with_vmap in [("ghost in 2 chunks", True), ("vmap", True), ("ghost", False)]:
+        seen = []
+
+        def fake(calls, warmup, rounds, winner=winner, seen=seen):
+            seen.extend(calls)
+            return {m: [1.0 if m == winner else 2.0] * rounds for m in calls}
+
+        monkeypatch.setattr(hardware, "interleaved_times", fake)
+        monkeypatch.setattr(ghost, "_CALIBRATED", {})
+        chosen = ghost.calibrate(loss_fn, params, batch, the_plan, with_vmap=with_vmap)
+        assert seen == names[: 4 if with_vmap else 3]
+        if winner == "vmap":
+            assert chosen is None
+            continue
+        k = int(winner.split()[2]) if "chunks" in winner else 1
+        assert chosen.num_chunks == k and chosen.batch_size == 64 // k
+        assert f"auto: timed once: {winner} (median ms: ghost " in chosen.describe()
+
+    # A chunked candidate with more compiled temporary memory than the whole batch is dropped.
+    class Compiled:
+        def __init__(self, temp):
+            self.temp = temp
+
+        def memory_analysis(self):
+            return (
+                None if self.temp is None else types.SimpleNamespace(temp_size_in_bytes=self.temp)
+            )
+
+    calls = {"ghost": 10, "ghost in 2 chunks": 11, "ghost in 8 chunks": 10, "vmap": 99}
+    kept, dropped = within_memory({m: (Compiled(t), ()) for m, t in calls.items()})
+    assert list(kept) == ["ghost", "ghost in 8 chunks", "vmap"] and dropped == "ghost in 2 chunks"
+    unknown = {m: (Compiled(None), ()) for m in calls}  # no memory analysis: all kept
+    assert within_memory(unknown) == (unknown, "")
+    # A timing that cannot run: the cost model decides (the fast path on the whole batch).
+    monkeypatch.setattr(hardware, "interleaved_times", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(ghost, "_CALIBRATED", {})
+    assert ghost.calibrate(loss_fn, params, batch, the_plan) is the_plan
 
 
 def test_cost_model_forms_for_embed_and_dense():
