@@ -8,6 +8,7 @@ import contextlib
 import doctest
 import importlib
 import io
+import json
 import math
 import os
 import pathlib
@@ -60,6 +61,27 @@ def test_find_batch_size_example_runs_as_printed():
     assert float(lr) == pytest.approx(1e-3 * math.sqrt(int(batch) / 32), rel=0.05)
     assert basis in ("branched", "trajectory", "b_simple")
     assert f"Basis: {basis}." in out
+
+
+def test_end_to_end_script_continues_the_pilot_and_adds_up(tmp_path, capsys):
+    """docs/finder_end_to_end.py (the README's end-to-end table) at smoke size."""
+    sys.path.insert(0, str(DOCS))
+    try:
+        import finder_end_to_end as e2e
+    finally:
+        sys.path.remove(str(DOCS))
+    out_file = tmp_path / "e2e.json"
+    argv = ["--smoke", "--batch_sizes=16,32", "--target=0", "--window=1", f"--out={out_file}"]
+    out = e2e.main(argv)
+    assert json.loads(out_file.read_text()) == json.loads(capsys.readouterr().out)
+    run_, seconds = out["gns_run"], out["finder_seconds"]
+    assert run_["batch_size"] == out["pick"] and run_["steps"] > run_["start_step"] > 0
+    assert out["end_to_end_s"] == pytest.approx(seconds["total"] + run_["s"])
+    assert out["overhead_over_run_at_pick"] == pytest.approx(seconds["overhead"] / run_["s"])
+    assert [r["start_step"] for r in out["fixed"]] == [None, None]  # from scratch
+    fastest = min(out["fixed"], key=lambda r: r["s"])
+    assert out["best_fixed"] == fastest["batch_size"]
+    assert out["end_to_end_over_best"] == pytest.approx(out["end_to_end_s"] / fastest["s"])
 
 
 def test_the_readme_carries_the_find_batch_size_example_as_tested():

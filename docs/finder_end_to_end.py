@@ -1,0 +1,134 @@
+"""What gns costs and saves end to end, measured with the library alone: ``find_batch_size`` as
+the README shows it (reference batch 64), then ``continue_training`` from the pilot's state at
+the pick to the target; against the same model trained from scratch at fixed batch sizes (rates
+by the same rule; the SGD rule with the finder's noise scale). Every run is timed by the wall
+clock, compiles included, and stops at the same target: the mean test accuracy of the last
+``--window`` evaluations, one every 8,192 examples. Prints one JSON object (and writes it to
+``--out``).
+
+    python docs/finder_end_to_end.py --optimizer=sgd --seed=0 \
+      --data=../shared/data/cifar10-jpeg.tar.gz --out=runs/e2e-sgd-0.json
+
+The model is ``configs/cifar10.py:mlp_sgd``'s (an MLP 3072-512-512-10, no augmentation),
+SGD momentum 0.9 at 0.01 or Adam at 1e-3, tuned at batch 64. ``--smoke`` runs it on synthetic
+8x8 images in seconds (the suite's check).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import data, models
+from gns import common, scaling
+from gns.finder import TrainState, continue_training, find_batch_size
+
+BASE_LR = {"sgd": 0.01, "adam": 1e-3}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--optimizer", choices=tuple(BASE_LR), default="sgd")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="CIFAR-10 as a folder or .tar.gz (split/class/image.jpg)")
+    p.add_argument("--batch_sizes", default="64,128,256,512", help="the fixed runs")
+    p.add_argument("--target", type=float, default=0.47, help="test accuracy to reach")
+    p.add_argument("--window", type=int, default=3, help="evaluations averaged")
+    p.add_argument("--max_s", type=float, default=150.0, help="wall-clock cap of one run")
+    p.add_argument("--smoke", action="store_true", help="synthetic 8x8 images, tiny model")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    if not args.smoke and not args.data:
+        p.error("--data is required (or --smoke)")
+    return args
+
+
+def setup(args):
+    """``(loss_fn, batch_fn, accuracy, params, eval_every)`` of the setup ``args`` names."""
+    synthetic = {"image_size": 8, "num_classes": 10, "seed": 0}
+    cfg = {"source": "synthetic" if args.smoke else "folder", "path": args.data,
+           "cache_dir": None, "name": "cifar10", "tfds_data_dir": None, "num_train": None,
+           "num_test": None, "synthetic": synthetic}  # fmt: skip
+    ds = data.load(cfg)
+    test = data.normalize(ds.test_images[:5000], ds.mean, ds.std), ds.test_labels[:5000]
+    widths = (16,) if args.smoke else (512, 512)
+    model = models.get_model({"name": "mlp", "widths": widths}, num_classes=10)
+    params = model.init(jax.random.key(args.seed), test[0][:1])
+
+    def loss_fn(params, batch):
+        logits = model.apply(params, batch["image"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    def batch_fn(size, index):
+        return data.train_batch(ds, size, seed=args.seed, augment=False,
+                                start_example=index * size)  # fmt: skip
+
+    @jax.jit
+    def accuracy(params):
+        return jnp.mean(jnp.argmax(model.apply(params, test[0]), -1) == test[1])
+
+    return loss_fn, batch_fn, accuracy, params, 256 if args.smoke else 8192
+
+
+def to_target(args, parts, make_opt, state, batch_size, lr) -> dict:
+    """Train from ``state`` at ``batch_size`` until the target (or ``--max_s``)."""
+    loss_fn, batch_fn, accuracy, _, eval_every = parts
+    chunk, opt, accs, t0 = max(1, eval_every // batch_size), make_opt(lr), [], time.perf_counter()
+    while time.perf_counter() - t0 < args.max_s:
+        state, _ = continue_training(loss_fn, opt, batch_fn, state, chunk, batch_size=batch_size)
+        accs.append(float(accuracy(state.params)))
+        if len(accs) >= args.window and np.mean(accs[-args.window :]) >= args.target:
+            break
+    reached = len(accs) >= args.window and float(np.mean(accs[-args.window :])) >= args.target
+    return {"batch_size": batch_size, "learning_rate": lr, "start_step": None, "steps":
+            int(state.step), "s": time.perf_counter() - t0, "reached": reached}  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    parts = setup(args)
+    loss_fn, batch_fn, _, params, _ = parts
+    lr0, load0 = BASE_LR[args.optimizer], os.getloadavg()[0]
+    make_opt = (lambda r: optax.sgd(r, momentum=0.9)) if args.optimizer == "sgd" else optax.adam
+    result = find_batch_size(loss_fn, params, make_opt(lr0), batch_fn, ref_batch_size=64,
+                             learning_rate=lr0, seed=args.seed)  # fmt: skip
+    rec, noise = result.recommendation, float(result.effective_noise_scale.value)
+    gns = to_target(args, parts, make_opt, result.state, rec.batch_size, rec.learning_rate)
+    gns["start_step"] = int(result.state.step)
+    fixed = []
+    for b in (int(s) for s in args.batch_sizes.split(",")):
+        lr = scaling.learning_rate(args.optimizer, lr0, 64, b, noise if noise > 0 else math.inf)
+        scratch = TrainState(params, make_opt(lr[0]).init(params), 0, 0)
+        fixed.append(to_target(args, parts, make_opt, scratch, b, lr[0]))
+    reached = [r for r in fixed if r["reached"]]
+    best = min(reached, key=lambda r: r["s"]) if reached else None
+    at_64 = next((r for r in fixed if r["batch_size"] == 64 and r["reached"]), None)
+    end_to_end = result.seconds["total"] + gns["s"]
+    out = {
+        "optimizer": args.optimizer, "seed": args.seed, "pick": rec.batch_size,
+        "basis": result.basis, "noise_scale": noise, "finder_seconds": result.seconds,
+        "gns_run": gns, "fixed": fixed, "best_fixed": best and best["batch_size"],
+        "overhead_over_run_at_pick": result.seconds["overhead"] / gns["s"],
+        "end_to_end_s": end_to_end,
+        "end_to_end_over_best": best and end_to_end / best["s"],
+        "end_to_end_over_64": at_64 and end_to_end / at_64["s"],
+        "load": [load0, os.getloadavg()[0]], "warnings": list(result.warnings),
+    }  # fmt: skip
+    text = json.dumps(common.to_json(out), indent=1, allow_nan=False)  # strict: nan -> null
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(args.out + ".tmp", args.out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
