@@ -40,7 +40,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     # One MLP row: every row runs the same bench_lm.time_row; the NNX row's model is covered
     # and equal to vmap in tests/test_ghost.py.
     del config.rows.models["nnx_mlp"]
-    result = bench.train_and_evaluate(config, str(tmp_path))
+    result = bench.run_bench(config, str(tmp_path))
     with open(tmp_path / "bench.json") as f:
         written = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"not strict: {c}"))
     assert written == json.loads(json.dumps(result))
@@ -121,7 +121,7 @@ def test_reference_batch_size_must_be_timed(tmp_path):
     config = bench_config.get_config("tiny")
     config.reference_batch_size = 7
     with pytest.raises(ValueError, match="reference_batch_size=7"):
-        bench.train_and_evaluate(config, str(tmp_path))
+        bench.run_bench(config, str(tmp_path))
 
 
 def test_transformer_batch_sizes_must_divide_into_microbatches(tmp_path):
@@ -129,7 +129,7 @@ def test_transformer_batch_sizes_must_divide_into_microbatches(tmp_path):
     config.lm.batch_sizes = (8, 12)
     config.lm.num_microbatches = 8
     with pytest.raises(ValueError, match=r"config.lm.batch_sizes=\(8, 12\).*num_microbatches=8"):
-        bench.train_and_evaluate(config, str(tmp_path))
+        bench.run_bench(config, str(tmp_path))
 
 
 def test_missing_parallel_bench_is_a_clear_error(monkeypatch):
