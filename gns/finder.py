@@ -200,19 +200,18 @@ def run_pilot(
       A :class:`Pilot` (``rows``: the measured steps).
     """
     t0 = time.perf_counter()
-    plain = plain_step
     rows, keep, wanted = [], {}, set(int(s) for s in checkpoint_steps)
     stop, t1, done = "steps", t0, 0
     if on_step is not None:
         on_step(0, state)
     for i in range(num_steps):
         batch = batch_fn(batch_size, i)
-        if (i + 1) % max(1, every) == 0 or plain is None:
+        if (i + 1) % max(1, every) == 0 or plain_step is None:
             state, m = measure_step(state, batch)
             m = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
             rows.append({"step": i + 1, **m})
         else:
-            state = plain(state, batch)
+            state = plain_step(state, batch)
         done, t1 = i + 1, t1 if i else time.perf_counter()
         if i + 1 in wanted:
             keep[i + 1] = state

@@ -833,6 +833,7 @@ def chunked(the_plan: Plan, loss_fn, params, batch, k: int, *, has_aux: bool = F
         )
     if k == 1:
         return the_plan
+
     def first(x):  # a slice keeps what the caller's trace knows of x (e.g. varying axes)
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct((n // k, *x.shape[1:]), x.dtype)

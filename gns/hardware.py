@@ -182,8 +182,9 @@ class CompileCache:
         self.compiles = 0
         self.compile_s = 0.0
 
-    def _slot(self, step_fn: Callable, example_args) -> tuple[dict, Any, Any]:
-        """``(entries of step_fn, key of the shapes, the shapes)``."""
+    def _slot(self, step_fn: Callable, example_args) -> tuple[list, Any]:
+        """``([lowered, executable], the shapes)`` of ``step_fn`` at these shapes (``None``
+        where not made yet)."""
         shapes = _abstract(example_args)
         leaves, treedef = jax.tree.flatten(shapes)
         key = (treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
@@ -191,13 +192,12 @@ class CompileCache:
             per_fn = self._entries.setdefault(step_fn, {})
         except TypeError:  # not weakly referenceable: nothing to key on safely
             per_fn = {}
-        return per_fn, key, shapes
+        return per_fn.setdefault(key, [None, None]), shapes
 
     def lowered(self, step_fn: Callable, *example_args) -> Any:
         """``jax.jit(step_fn).lower(...)`` for these shapes, kept until :meth:`get` compiles it
         (lowering traces the step: a signature and the compile share one lowering)."""
-        per_fn, key, shapes = self._slot(step_fn, example_args)
-        entry = per_fn.setdefault(key, [None, None])
+        entry, shapes = self._slot(step_fn, example_args)
         if entry[0] is None:
             entry[0] = _as_jitted(step_fn).lower(*shapes)
         return entry[0]
@@ -206,8 +206,7 @@ class CompileCache:
         """``(executable, seconds spent compiling now)``: ``0.0`` when it was cached."""
         if _is_compiled(step_fn):
             return step_fn, 0.0
-        per_fn, key, shapes = self._slot(step_fn, example_args)
-        entry = per_fn.setdefault(key, [None, None])  # [lowered, executable]
+        entry, shapes = self._slot(step_fn, example_args)
         if entry[1] is None:
             t0 = time.perf_counter()
             entry[1] = (entry[0] or _as_jitted(step_fn).lower(*shapes)).compile()
