@@ -633,11 +633,12 @@ def check_auto_runs(calls, loss_fn, params, batch, rtol):
 
     def run(p, b):
         auto = estimate.per_example(with_aux(loss_fn), p, b, has_aux=True)
-        return auto, estimate.per_example(loss_fn, p, b, method="vmap"), jax.grad(loss_fn)(p, b)
+        ref = estimate.per_example(loss_fn, p, b, method="vmap")
+        return auto, ref, jax.value_and_grad(loss_fn)(p, b)
 
-    (stats, grads, aux), (ref, ref_grads), true_grads = jax.jit(run)(params, batch)
+    (stats, grads, aux), (ref, ref_grads), (loss, true_grads) = jax.jit(run)(params, batch)
     assert aux.shape == (calls,)
-    np.testing.assert_allclose(jnp.mean(aux), loss_fn(params, batch), rtol=1e-5)
+    np.testing.assert_allclose(jnp.mean(aux), loss, rtol=1e-5)
     np.testing.assert_allclose(stats.g_sq, ref.g_sq, rtol=rtol)
     np.testing.assert_allclose(stats.trace_cov, ref.trace_cov, rtol=rtol)
     assert_trees_close(grads, true_grads, rtol=1e-5, atol=1e-7)

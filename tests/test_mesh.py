@@ -1,6 +1,7 @@
 """Data-parallel training and mixed precision (experiments/mesh.py, experiments/train.py) on
 the 4 simulated CPU devices of tests/conftest.py."""
 
+import functools
 import math
 import os
 
@@ -115,8 +116,8 @@ def test_across_devices_is_the_default_and_equals_microbatch_k4_on_one_device(mo
     # The statistics are those of microbatch with 4 microbatches computed directly.
     loss_fn = train.make_loss_fn(model, state.batch_stats, None)
     indexed = {**batch, "index": np.arange(16)}
-    direct, _, _ = estimate.microbatch(loss_fn, state.params, indexed, num_microbatches=4,
-                                       has_aux=True)  # fmt: skip
+    microbatch = functools.partial(estimate.microbatch, num_microbatches=4, has_aux=True)
+    direct, _, _ = jax.jit(microbatch, static_argnums=0)(loss_fn, state.params, indexed)
     assert float(m4["g_sq"]) == pytest.approx(float(direct.g_sq), rel=1e-4, abs=1e-7)
     assert float(m4["trace_cov"]) == pytest.approx(float(direct.trace_cov), rel=1e-4)
 

@@ -4,6 +4,7 @@ task's evaluation batches, the loss, and the synthetic teacher-student task end 
 
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -157,7 +158,7 @@ def test_training_and_evaluation_use_the_tasks_loss():
         setup = train.build_setup(config, ds, t)
         state = setup.place(setup.state)
         batch = next(setup.train_batches(int(config.batch_size), 0))
-        _, metrics = setup.plain_fn(state, batch)
+        _, metrics = jax.jit(setup.plain_fn)(state, batch)
         evaluated = setup.evaluate(state, t.eval_arrays(config, ds, "test", None))
         out.append((float(metrics["train_loss"]), float(evaluated["loss"])))
     np.testing.assert_allclose(np.array(out[1]), 3.0 * np.array(out[0]), rtol=1e-5)
