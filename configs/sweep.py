@@ -71,8 +71,8 @@ def cpu() -> ml_collections.ConfigDict:
     pilot's); step time at batch
     16-1024; trainings to 45% test accuracy (5,000-image eval subset) at batches 16-256, and a
     second seed at the 3 fastest.
-    Measured 2026-12-01 on 2 cores at load 4-11, stage by stage (resumed runs): noise 22 s,
-    branched 5.4 min, timing 53 s, the 8 trainings 6 min: about 12.5 minutes in all.
+    About 12.5 minutes on 2 busy CPU cores: noise 22 s, branched 5.4 min, timing 53 s, the
+    8 trainings 6 min.
     Command::
 
         python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
@@ -108,8 +108,8 @@ def resnet_sgd() -> ml_collections.ConfigDict:
     Pilot of 600 steps at batch 64 (~0.8 epoch, past the target), every 5 steps; branched
     critical batch at 3 states (forks at 16-256, 8,192 examples each, 2 repeats: 6.4x the
     pilot's examples); step time at batch 16-512; trainings at 16-256, a second seed at the 3
-    fastest. Measured 2026-12-01 on 2 cores at load 5-11, stage by stage (resumed runs): noise
-    2.3 min, branched 8.1 min, timing 1.9 min, the 8 trainings 9.8 min: about 22 minutes.
+    fastest. About 22 minutes on 2 busy CPU cores: noise 2.3 min, branched 8.1 min, timing
+    1.9 min, the 8 trainings 9.8 min.
     Command::
 
         python -m experiments.sweep --config configs/sweep.py:resnet_sgd --workdir runs/resnet \

@@ -207,7 +207,7 @@ def _upcast(loss_fn: LossFn, params: PyTree) -> tuple[LossFn, PyTree]:
 
     Floating leaves narrower than float32 (bfloat16, float16) are passed as float32 copies and
     cast back inside the loss (exactly: the narrow values are representable), so the model
-    computes as before, and each gradient is converted to float32 where it leaves the model:
+    computes in its own dtype, and each gradient is converted to float32 where it leaves the model:
     per-example (or per-microbatch) gradients are then summed in float32. The identity (no
     copy, the same ``loss_fn``) when every leaf is at least float32.
     """
