@@ -58,6 +58,8 @@ def base() -> ml_collections.ConfigDict:
     c.adaptive.min_batch_size = 16  # smallest candidate (when candidates is None)
     c.adaptive.max_batch_size = 512  # also capped by what fits (the mode's sweep)
     c.adaptive.initial_batch_size = config_dict.placeholder(int)  # None: smallest candidate
+    c.adaptive.initial_noise_scale = config_dict.placeholder(float)  # the 'sgd' rule's noise
+    # scale for the starting rate (None: needed only when the start is not config.batch_size)
     c.adaptive.step_times = config_dict.placeholder(tuple)  # seconds per step of each
     # candidate, in order (None: timed, interleaved, before training)
     c.adaptive.lr_rule = "sqrt"  # 'linear', 'sgd', 'sqrt' (Adam-family), 'seesaw', 'constant'

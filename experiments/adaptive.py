@@ -81,12 +81,25 @@ def make_batch_schedule(config, step_times: Sequence[float] | None = None):
         raise UserError(f"config.adaptive: {e}", hint="see configs/cifar10.py base()") from None
 
 
+def initial_state(config, sched) -> gschedule.ScheduleState:
+    """The schedule's starting state, its rate from ``config.adaptive.initial_noise_scale``
+    (the 'sgd' rule needs it when the schedule starts away from ``config.batch_size``)."""
+    noise = config.adaptive.get("initial_noise_scale")
+    try:
+        return sched.init(noise=None if noise is None else float(noise))
+    except ValueError as e:
+        raise UserError(f"config.adaptive: {e}",
+                        hint="set config.adaptive.initial_noise_scale (e.g. the noise scale a "
+                        "sweep measured), or start at config.batch_size") from None  # fmt: skip
+
+
 def validate(config, num_train: int, microbatches: int | None) -> None:
     """The checks of an adaptive config against the data and the estimator: the schedule
-    builds, no candidate exceeds ``num_train``, and each splits into ``microbatches`` (the
-    microbatch estimator's and ghost BatchNorm's groups; ``None``: no such constraint)."""
+    builds and starts, no candidate exceeds ``num_train``, and each splits into
+    ``microbatches`` (the microbatch estimator's and ghost BatchNorm's groups; ``None``: no
+    such constraint)."""
     cands = candidates(config)
-    make_batch_schedule(config)
+    initial_state(config, make_batch_schedule(config))
     if cands[-1] > num_train:
         raise UserError(
             f"config.adaptive candidate {cands[-1]} exceeds the {num_train} train examples",

@@ -321,7 +321,8 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     candidates)`` from the measurements ``sweep_result`` (a ``sweep.json`` dict)."""
     names = tuple(config.compare.policies)
     rec = sweep_result["recommendation"]
-    lr, rule = _lr_rule(config, sweep.noise_scale_value(sweep_result["noise_scale"]))
+    b_noise = sweep.noise_scale_value(sweep_result["noise_scale"])
+    lr, rule = _lr_rule(config, b_noise)
     fits = [r["batch_size"] for r in sweep_result["throughput"]
             if r["fits"] and r["step_time_s"] and r.get("accumulation_steps", 1) == 1]  # fmt: skip
     batch: dict[str, int] = {"default": _baseline(config)[0]}
@@ -354,7 +355,8 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     plans = {}
     for p in names:
         if p == "adaptive":
-            fields = {"candidates": tuple(cands), "lr_rule": rule}
+            start = b_noise if 0 < b_noise < math.inf else None  # the 'sgd' rule's first rate
+            fields = {"candidates": tuple(cands), "lr_rule": rule, "initial_noise_scale": start}
             plans[p] = dict(batch_size=_baseline(config)[0], learning_rate=_baseline(config)[1],
                             adaptive=fields, gns_every=int(config.gns_every))  # fmt: skip
         elif p in batch:

@@ -206,6 +206,9 @@ IMAGE = (
      "capped by what fits in the compare mode)"),
     ("adaptive.initial_batch_size", count(2, none="the smallest candidate"), "the batch size "
      "the schedule starts at"),
+    ("adaptive.initial_noise_scale", real(0, open_lo=True, none="no measurement yet"), "the "
+     "noise scale that sets the 'sgd' rule's starting rate (needed when the schedule starts "
+     "away from batch_size)"),
     ("adaptive.step_times", reals(0, none="timed before training"), "seconds per step of "
      "each candidate, in order"),
     ("adaptive.lr_rule", choice(*LR_RULES), "how the learning rate follows the batch size"),

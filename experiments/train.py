@@ -466,9 +466,8 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
         adaptive.validate(config, task.num_train(ds), k if method == "microbatch" else None)
         for b in adaptive.candidates(config):  # every candidate is split over the devices
             check_candidate(b, mesh, method)
-        optimizer = adaptive.with_batch_schedule(
-            optimizer, adaptive.make_batch_schedule(config).init()
-        )
+        initial = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
+        optimizer = adaptive.with_batch_schedule(optimizer, initial)
     tracker = smoothing.ema(config.gns_ema_decay)
     plain_fn, gns_fn = make_train_steps(
         model, optimizer, tracker, method=method, num_microbatches=k, schedule=schedule,

@@ -19,6 +19,7 @@ from test_train import _restored_state, interrupt_at, tiny_config
 
 from experiments import adaptive, data, runlog, train
 from experiments.cli import UserError
+from gns import scaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +92,19 @@ def test_lr_multiplier_scales_the_update_and_one_leaves_it_bitwise():
         chex.assert_trees_all_equal(u1, ref)
         u, _ = opt.update(grads, s._replace(lr_multiplier=jnp.float32(0.25)), params)
         chex.assert_trees_all_close(u, jax.tree.map(lambda x: 0.25 * x, ref), rtol=1e-6)
+
+
+def test_sgd_rule_starts_from_the_given_noise_scale_or_says_what_is_missing():
+    config = adaptive_config()
+    config.adaptive.lr_rule = "sgd"  # starts at 8, tuned at 32: the rate needs a noise scale
+    with pytest.raises(UserError, match="noise scale") as err:
+        adaptive.validate(config, num_train=64, microbatches=None)
+    assert "config.adaptive.initial_noise_scale" in err.value.hint
+    config.adaptive.initial_noise_scale = 24.0
+    state = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
+    lr = scaling.learning_rate("sgd", 3e-3, 32, 8, 24.0)[0]
+    assert float(state.lr_multiplier) == pytest.approx(lr / 3e-3, rel=1e-6)
+    assert float(state.lr_multiplier) == pytest.approx((1 + 24 / 32) / (1 + 24 / 8), rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs import cifar10 as cifar10_config
-from experiments import cifar10, compare, runlog, sweep
+from experiments import adaptive, cifar10, compare, runlog, sweep
 from experiments.cli import UserError
-from gns import common
+from gns import common, scaling
 
 # ---------------------------------------------------------------------------------------------
 # The smoothed target.
@@ -445,3 +445,28 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
         assert name.startswith(f"{r['policy']}-B") and name.endswith(f"-seed{r['seed']}")
         assert sizes is None or name == f"{r['policy']}-B{sizes}-seed{r['seed']}"
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(r["workdir"]))
+
+
+@pytest.mark.parametrize("b_simple, g_sq", [(300.0, 1.0), (None, 0.0)])
+def test_adaptive_plan_under_the_sgd_rule_starts_from_the_measured_noise_scale(b_simple, g_sq):
+    """The schedule starts below the default batch, where the 'sgd' rule's rate needs the noise
+    scale: the plan carries the sweep's (a finite one; +inf, g_sq <= 0, is no start value) and
+    its first rate is the one the fixed runs get at that batch."""
+    config = cifar10_config.get_config("mlp_sgd")
+    config.compare.policies = ("default", "adaptive")
+    rows = [dict(batch_size=b, fits=True, step_time_s=0.01 * b, accumulation_steps=1)
+            for b in (16, 32, 64)]  # fmt: skip
+    measured = {"recommendation": {"batch_size": 64, "accumulation_steps": 1}, "throughput": rows,
+                "noise_scale": {"b_simple": b_simple, "g_sq": g_sq}}  # fmt: skip
+    plans, _, cands = compare.plan_policies(config, "unused", measured)
+    fields = plans["adaptive"]["adaptive"]
+    assert (cands, fields["lr_rule"]) == ([16, 32, 64], "sgd")
+    assert fields["initial_noise_scale"] == b_simple
+    config.adaptive.update(fields)
+    if b_simple is None:
+        with pytest.raises(UserError, match="initial_noise_scale|noise scale"):
+            adaptive.validate(config, num_train=1024, microbatches=None)
+        return
+    first = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
+    rate = scaling.learning_rate("sgd", 0.01, 64, 16, b_simple)[0]
+    assert float(first.lr_multiplier) * 0.01 == pytest.approx(rate, rel=1e-6)
