@@ -589,9 +589,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def start_from_pilot(config, setup: Setup, log: runlog.RunLog):
-    """The state of the pilot checkpoint in ``config.start_from``, with ``log`` at its step,
-    examples (:func:`gns.finder.continue_at` on its example stream) and training seconds, its
-    ``start`` record kept and its row written (the pilot's steps at its batch size)."""
+    """The state of the pilot checkpoint in ``config.start_from`` at this run's rate
+    (``config.learning_rate``, not the pilot's), with ``log`` at its step, examples
+    (:func:`gns.finder.continue_at` on its example stream) and training seconds, its ``start``
+    record kept and its row written (the pilot's steps at its batch size)."""
     where = os.path.join(config.start_from, runlog.CHECKPOINT_DIR)
     state, meta = (None, None)
     if os.path.isdir(where):
@@ -611,7 +612,7 @@ def start_from_pilot(config, setup: Setup, log: runlog.RunLog):
     log.write_row({"step": start["step"], "examples_seen": start["examples"],
                    "wall_time_s": start["seconds"], "batch_size": start["batch_size"],
                    "learning_rate": start["learning_rate"], "start": "pilot"})  # fmt: skip
-    return state
+    return state._replace(learning_rate=jnp.float32(config.learning_rate))
 
 
 def _already_complete(config, setup: Setup, log: runlog.RunLog) -> dict | None:

@@ -333,6 +333,9 @@ def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
         seen = finder.continue_at(start["examples"], b) * b
         assert first["examples_seen"] == seen + (first["step"] - start["step"]) * b
         assert first["wall_time_s"] > start["seconds"]  # the clock counts the pilot
+        # ... at the policy's rate (constant schedule), not the pilot's.
+        rate = s["policies"]["recommended"]["learning_rate"]
+        assert first["learning_rate"] == pytest.approx(rate, rel=1e-6)
         assert summary["train_time_s"] > start["seconds"] and summary["steps"] > start["step"]
     # The run's start state is the pilot's saved end state, loaded independently.
     ckpt = ocp.StandardCheckpointer()
@@ -344,6 +347,7 @@ def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
     log = runlog.RunLog(os.path.join(workdir, "probe"))
     state = train.start_from_pilot(cfg, setup, log)
     assert int(state.step) == log.step == start["step"]
+    assert float(state.learning_rate) == pytest.approx(cfg.learning_rate)  # not the pilot's
     assert log.clock.total("train") == pytest.approx(start["seconds"])
     for a, x in zip(jax.tree.leaves(state.params), jax.tree.leaves(raw["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(x))
