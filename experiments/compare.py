@@ -321,7 +321,8 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     candidates)`` from the measurements ``sweep_result`` (a ``sweep.json`` dict)."""
     names = tuple(config.compare.policies)
     rec = sweep_result["recommendation"]
-    b_noise = sweep.noise_scale_value(sweep_result["noise_scale"])
+    b_noise = rec.get("b_noise")  # the recommendation's basis: one noise scale for every rate
+    b_noise = sweep.noise_scale_value(sweep_result["noise_scale"]) if b_noise is None else b_noise
     lr, rule = _lr_rule(config, b_noise)
     fits = [r["batch_size"] for r in sweep_result["throughput"]
             if r["fits"] and r["step_time_s"] and r.get("accumulation_steps", 1) == 1]  # fmt: skip

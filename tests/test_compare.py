@@ -451,26 +451,32 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(r["workdir"]))
 
 
-@pytest.mark.parametrize("b_simple, g_sq", [(300.0, 1.0), (None, 0.0)])
-def test_adaptive_plan_under_the_sgd_rule_starts_from_the_measured_noise_scale(b_simple, g_sq):
-    """The schedule starts below the default batch, where the 'sgd' rule's rate needs the noise
-    scale: the plan carries the sweep's (a finite one; +inf, g_sq <= 0, is no start value) and
-    its first rate is the one the fixed runs get at that batch."""
+@pytest.mark.parametrize("b_noise, b_simple, g_sq", [(200.0, 300.0, 1.0), (None, 300.0, 1.0),
+                                                    (None, None, 0.0)])  # fmt: skip
+def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise, b_simple, g_sq):
+    """Every rate of the plans comes from the recommendation's noise scale (else B_simple), and
+    the schedule, which starts below the default batch where the 'sgd' rule's rate needs it,
+    carries it (a finite one; +inf, g_sq <= 0, is no start value): its first rate is the one a
+    fixed run gets at that batch."""
     config = cifar10_config.get_config("mlp_sgd")
     config.compare.policies = ("default", "adaptive")
     rows = [dict(batch_size=b, fits=True, step_time_s=0.01 * b, accumulation_steps=1)
-            for b in (16, 32, 64)]  # fmt: skip
-    measured = {"recommendation": {"batch_size": 64, "accumulation_steps": 1}, "throughput": rows,
+            for b in (16, 32, 64, 128)]  # fmt: skip
+    rec = {"batch_size": 64, "accumulation_steps": 1, "b_noise": b_noise}
+    measured = {"recommendation": rec, "throughput": rows,
                 "noise_scale": {"b_simple": b_simple, "g_sq": g_sq}}  # fmt: skip
+    config.compare.policies = ("default", "adaptive", "largest_fits")
     plans, _, cands = compare.plan_policies(config, "unused", measured)
-    fields = plans["adaptive"]["adaptive"]
-    assert (cands, fields["lr_rule"]) == ([16, 32, 64], "sgd")
-    assert fields["initial_noise_scale"] == b_simple
+    fields, noise = plans["adaptive"]["adaptive"], b_simple if b_noise is None else b_noise
+    assert (cands, fields["lr_rule"]) == ([16, 32, 64, 128], "sgd")
+    assert fields["initial_noise_scale"] == noise
+    assert plans["largest_fits"]["learning_rate"] == pytest.approx(
+        scaling.learning_rate("sgd", 0.01, 64, 128, noise or math.inf)[0])  # fmt: skip
     config.adaptive.update(fields)
-    if b_simple is None:
+    if noise is None:
         with pytest.raises(UserError, match="initial_noise_scale|noise scale"):
             adaptive.validate(config, num_train=1024, microbatches=None)
         return
     first = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
-    rate = scaling.learning_rate("sgd", 0.01, 64, 16, b_simple)[0]
+    rate = scaling.learning_rate("sgd", 0.01, 64, 16, noise)[0]
     assert float(first.lr_multiplier) * 0.01 == pytest.approx(rate, rel=1e-6)
