@@ -87,10 +87,13 @@ def initial_state(config, sched) -> gschedule.ScheduleState:
     noise = config.adaptive.get("initial_noise_scale")
     try:
         return sched.init(noise=None if noise is None else float(noise))
-    except ValueError as e:
-        raise UserError(f"config.adaptive: {e}",
-                        hint="set config.adaptive.initial_noise_scale (e.g. the noise scale a "
-                        "sweep measured), or start at config.batch_size") from None  # fmt: skip
+    except ValueError:
+        start = config.adaptive.initial_batch_size or candidates(config)[0]
+        raise UserError(
+            f"config.adaptive.lr_rule='sgd' starts at batch {start}, not config.batch_size="
+            f"{config.batch_size}, and its rate there needs config.adaptive.initial_noise_scale",
+            hint="set it (e.g. the noise scale a sweep measured), or start at config.batch_size",
+        ) from None
 
 
 def validate(config, num_train: int, microbatches: int | None) -> None:

@@ -97,9 +97,9 @@ def test_lr_multiplier_scales_the_update_and_one_leaves_it_bitwise():
 def test_sgd_rule_starts_from_the_given_noise_scale_or_says_what_is_missing():
     config = adaptive_config()
     config.adaptive.lr_rule = "sgd"  # starts at 8, tuned at 32: the rate needs a noise scale
-    with pytest.raises(UserError, match="noise scale") as err:
+    with pytest.raises(UserError, match="starts at batch 8, not config.batch_size=32") as err:
         adaptive.validate(config, num_train=64, microbatches=None)
-    assert "config.adaptive.initial_noise_scale" in err.value.hint
+    assert "initial_noise_scale" in str(err.value) and "sweep measured" in err.value.hint
     config.adaptive.initial_noise_scale = 24.0
     state = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
     lr = scaling.learning_rate("sgd", 3e-3, 32, 8, 24.0)[0]

@@ -474,7 +474,7 @@ def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise,
         scaling.learning_rate("sgd", 0.01, 64, 128, noise or math.inf)[0])  # fmt: skip
     config.adaptive.update(fields)
     if noise is None:
-        with pytest.raises(UserError, match="initial_noise_scale|noise scale"):
+        with pytest.raises(UserError, match="needs config.adaptive.initial_noise_scale"):
             adaptive.validate(config, num_train=1024, microbatches=None)
         return
     first = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
