@@ -130,6 +130,8 @@ def validate_config(config) -> None:
     kind = tasks.get(config).name
     rules.check(config, kind)  # every field, num_devices included, then the mesh's size
     rules.check(config, kind, mesh_lib.make_mesh(config.num_devices).size)
+    if adaptive.enabled(config):  # the schedule builds and has a starting rate
+        adaptive.initial_state(config, adaptive.make_batch_schedule(config))
 
 
 def run_identity(config: dict) -> dict:

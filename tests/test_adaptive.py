@@ -94,12 +94,13 @@ def test_lr_multiplier_scales_the_update_and_one_leaves_it_bitwise():
         chex.assert_trees_all_close(u, jax.tree.map(lambda x: 0.25 * x, ref), rtol=1e-6)
 
 
-def test_sgd_rule_starts_from_the_given_noise_scale_or_says_what_is_missing():
+def test_sgd_rule_starts_from_the_given_noise_scale_or_says_what_is_missing(tmp_path):
     config = adaptive_config()
     config.adaptive.lr_rule = "sgd"  # starts at 8, tuned at 32: the rate needs a noise scale
     with pytest.raises(UserError, match="starts at batch 8, not config.batch_size=32") as err:
-        adaptive.validate(config, num_train=64, microbatches=None)
+        train.train_and_evaluate(config, str(tmp_path / "run"))
     assert "initial_noise_scale" in str(err.value) and "sweep measured" in err.value.hint
+    assert not (tmp_path / "run").exists()  # said before anything is written
     config.adaptive.initial_noise_scale = 24.0
     state = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
     lr = scaling.learning_rate("sgd", 3e-3, 32, 8, 24.0)[0]
