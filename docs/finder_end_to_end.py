@@ -15,7 +15,6 @@ SGD momentum 0.9 at 0.01 or Adam at 1e-3, tuned at batch 64. ``--smoke`` runs it
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -25,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import data, models
-from gns import common, scaling
+from experiments import data, models, runlog
+from gns import scaling
 from gns.finder import TrainState, continue_training, find_batch_size
 
 BASE_LR = {"sgd": 0.01, "adam": 1e-3}
@@ -120,13 +119,9 @@ def main(argv=None) -> dict:
         "end_to_end_over_64": at_64 and end_to_end / at_64["s"],
         "load": [load0, os.getloadavg()[0]], "warnings": list(result.warnings),
     }  # fmt: skip
-    text = json.dumps(common.to_json(out), indent=1, allow_nan=False)  # strict: nan -> null
-    print(text)
+    print(runlog.dumps(out, indent=1))  # strict: nan -> null
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(args.out + ".tmp", args.out)
+        runlog.write_json(args.out, out)
     return out
 
 

@@ -98,11 +98,11 @@ def initial_state(config, sched) -> gschedule.ScheduleState:
 
 def validate(config, num_train: int, microbatches: int | None) -> None:
     """The checks of an adaptive config against the data and the estimator: the schedule
-    builds and starts, no candidate exceeds ``num_train``, and each splits into
-    ``microbatches`` (the microbatch estimator's and ghost BatchNorm's groups; ``None``: no
-    such constraint)."""
+    builds, no candidate exceeds ``num_train``, and each splits into ``microbatches`` (the
+    microbatch estimator's and ghost BatchNorm's groups; ``None``: no such constraint). Its
+    start is checked with the config (:func:`experiments.train.validate_config`)."""
     cands = candidates(config)
-    initial_state(config, make_batch_schedule(config))
+    make_batch_schedule(config)
     if cands[-1] > num_train:
         raise UserError(
             f"config.adaptive candidate {cands[-1]} exceeds the {num_train} train examples",

@@ -475,7 +475,7 @@ def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise,
     config.adaptive.update(fields)
     if noise is None:
         with pytest.raises(UserError, match="needs config.adaptive.initial_noise_scale"):
-            adaptive.validate(config, num_train=1024, microbatches=None)
+            adaptive.initial_state(config, adaptive.make_batch_schedule(config))
         return
     first = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
     rate = scaling.learning_rate("sgd", 0.01, 64, 16, noise)[0]
