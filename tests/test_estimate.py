@@ -267,56 +267,67 @@ class VariantsTest(chex.TestCase):
 # ---------------------------------------------------------------------------------------------
 # Invariants (hypothesis over shapes and seeds).
 
-# (batch size, input dimension): every batch size with both dimensions among three shapes, each
-# a compiled program per estimator (the invariants do not depend on the size).
+# (batch size, input dimension): every batch size with both dimensions among three shapes (the
+# invariants do not depend on the size); one compiled program a shape for all of them.
 shapes = st.sampled_from([(4, 3), (6, 2), (8, 3)])
 seeds = st.integers(0, 2**16)
+
+
+def _both(loss_fn, params, batch):
+    """Per-example and microbatch (k = 2): ``((stats, grads), (stats, grads))``."""
+    return (
+        estimate.per_example(loss_fn, params, batch),
+        estimate.microbatch(loss_fn, params, batch, num_microbatches=2),
+    )
+
+
+@jax.jit
+def _invariant_stats(params, batch, perm, block_perm, c):
+    """The estimates of the invariants below, in one program: of ``batch``; of it permuted (per
+    example: ``perm``; microbatches and the examples inside them: ``block_perm``); of the loss
+    scaled by ``c``; and per_example's with every ``chunk_size`` from 1 to one past the batch
+    size (dividing, non-dividing with a remainder chunk, and >= batch size)."""
+    n = jax.tree.leaves(batch)[0].shape[0]
+    take = lambda idx: jax.tree.map(lambda x: x[idx], batch)
+    scaled = lambda p, b: c * mlp_loss(p, b)
+    return {
+        "base": _both(mlp_loss, params, batch),
+        "permuted": (
+            estimate.per_example(mlp_loss, params, take(perm)),
+            estimate.microbatch(mlp_loss, params, take(block_perm), num_microbatches=2),
+        ),
+        "scaled": _both(scaled, params, batch),
+        "chunked": [
+            estimate.per_example(mlp_loss, params, batch, chunk_size=k) for k in range(1, n + 2)
+        ],
+    }
+
+
+def invariant_stats(shape, seed, c=1.0):
+    """:func:`_invariant_stats` on the MLP problem of ``seed``, with random permutations."""
+    batch_size, dim = shape
+    params, batch = mlp_problem(seed, batch_size, dim)
+    rng = np.random.default_rng(seed)
+    m = batch_size // 2
+    perm = rng.permutation(batch_size)
+    block_perm = np.concatenate([j * m + rng.permutation(m) for j in rng.permutation(2)])
+    return params, _invariant_stats(params, batch, perm, block_perm, c)
 
 
 @HYPOTHESIS
 @given(shape=shapes, seed=seeds)
 def test_permuting_examples_changes_nothing(shape, seed):
-    batch_size, dim = shape
-    params, batch = mlp_problem(seed, batch_size, dim)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(batch_size)
-    permuted = jax.tree.map(lambda x: x[perm], batch)
-    chex.assert_trees_all_close(
-        per_example_jit(mlp_loss, params, permuted),
-        per_example_jit(mlp_loss, params, batch),
-        rtol=1e-4,
-        atol=1e-6,
-    )
-    # Microbatch: permute the microbatches and the examples inside each of them.
-    k = 2
-    m = batch_size // k
-    block_perm = np.concatenate([j * m + rng.permutation(m) for j in rng.permutation(k)])
-    permuted = jax.tree.map(lambda x: x[block_perm], batch)
-    chex.assert_trees_all_close(
-        microbatch_jit(mlp_loss, params, permuted, num_microbatches=k),
-        microbatch_jit(mlp_loss, params, batch, num_microbatches=k),
-        rtol=1e-4,
-        atol=1e-6,
-    )
-
-
-@jax.jit
-def _scaled_stats(params, batch, c):
-    def scaled(p, b):
-        return c * mlp_loss(p, b)
-
-    pe, _ = estimate.per_example(scaled, params, batch)
-    mb, _ = estimate.microbatch(scaled, params, batch, num_microbatches=2)
-    return pe, mb
+    _, out = invariant_stats(shape, seed)
+    # Per-example: any permutation; microbatch: the microbatches and the examples inside them.
+    for permuted, base in zip(out["permuted"], out["base"], strict=True):
+        chex.assert_trees_all_close(permuted, base, rtol=1e-4, atol=1e-6)
 
 
 @HYPOTHESIS
 @given(shape=shapes, seed=seeds, c=st.floats(0.1, 10.0))
 def test_scaling_the_loss(shape, seed, c):
-    params, batch = mlp_problem(seed, *shape)
-    base = _scaled_stats(params, batch, 1.0)
-    scaled = _scaled_stats(params, batch, c)
-    for s0, s1 in zip(base, scaled, strict=True):
+    _, out = invariant_stats(shape, seed, c)
+    for (s0, _), (s1, _) in zip(out["base"], out["scaled"], strict=True):
         np.testing.assert_allclose(s1.g_sq, c**2 * s0.g_sq, rtol=1e-4, atol=1e-6 * c**2)
         np.testing.assert_allclose(s1.trace_cov, c**2 * s0.trace_cov, rtol=1e-4)
         if abs(float(s0.g_sq)) > 1e-3 * float(s0.trace_cov):  # ratio well conditioned
@@ -328,11 +339,8 @@ def test_scaling_the_loss(shape, seed, c):
 @HYPOTHESIS
 @given(shape=shapes, seed=seeds)
 def test_per_layer_sums_to_totals(shape, seed):
-    params, batch = mlp_problem(seed, *shape)
-    for stats, _ in (
-        per_example_jit(mlp_loss, params, batch),
-        microbatch_jit(mlp_loss, params, batch, num_microbatches=2),
-    ):
+    params, out = invariant_stats(shape, seed)
+    for stats, _ in out["base"]:
         assert len(stats.per_layer) == len(jax.tree.leaves(params))
         layers = stats.per_layer.values()
         np.testing.assert_allclose(sum(float(s.g_sq) for s in layers), stats.g_sq, rtol=1e-5)
@@ -341,20 +349,12 @@ def test_per_layer_sums_to_totals(shape, seed):
         )
 
 
-@jax.jit
-def _every_chunk_size(params, batch):
-    """The statistics and gradients with every ``chunk_size`` from 1 to one past the batch
-    size: dividing, non-dividing (remainder chunk) and >= batch size (one program a shape)."""
-    n = jax.tree.leaves(batch)[0].shape[0]
-    return [estimate.per_example(mlp_loss, params, batch, chunk_size=c) for c in range(1, n + 2)]
-
-
 @HYPOTHESIS
 @given(shape=shapes, seed=seeds)
 def test_chunk_size_does_not_change_the_result(shape, seed):
-    params, batch = mlp_problem(seed, *shape)
-    whole = per_example_jit(mlp_loss, params, batch)
-    for chunk, chunked in enumerate(_every_chunk_size(params, batch), start=1):
+    _, out = invariant_stats(shape, seed)
+    whole = out["base"][0]
+    for chunk, chunked in enumerate(out["chunked"], start=1):
         message = f"chunk_size={chunk}"
         chex.assert_trees_all_close(chunked, whole, rtol=1e-4, atol=1e-6, custom_message=message)
 
