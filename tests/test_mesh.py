@@ -100,7 +100,7 @@ def _four_devices_vs_microbatch_k4(model, state, batch, optimizer, tracker):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "model",
-    [models.SmallCNN(widths=(4, 8), groups=2), models.ResNet(stage_sizes=(1,), num_filters=4)],
+    [models.SmallCNN(widths=(4,), groups=2), models.ResNet(stage_sizes=(1,), num_filters=4)],
     ids=["small_cnn", "resnet-batchnorm"],
 )
 def test_across_devices_is_the_default_and_equals_microbatch_k4_on_one_device(model):
