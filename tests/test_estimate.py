@@ -213,8 +213,15 @@ def test_microbatch_equals_loop_over_microbatches(unroll):
 
 def test_microbatch_with_one_example_per_microbatch_equals_per_example():
     params, batch = mlp_problem(2, batch_size=6, dim=3)
-    pe, pe_grads = per_example_jit(mlp_loss, params, batch)
-    mb, mb_grads = microbatch_jit(mlp_loss, params, batch, num_microbatches=6)
+
+    @jax.jit
+    def both(p, b):
+        return (
+            estimate.per_example(mlp_loss, p, b),
+            estimate.microbatch(mlp_loss, p, b, num_microbatches=6),
+        )
+
+    (pe, pe_grads), (mb, mb_grads) = both(params, batch)
     chex.assert_trees_all_close(mb, pe, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(mb_grads, pe_grads, rtol=1e-5, atol=1e-6)
 
@@ -255,11 +262,18 @@ class VariantsTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_per_example_and_microbatch(self):
-        params, batch = mlp_problem(3, batch_size=8, dim=2)
-        pe = self.variant(lambda p, b: estimate.per_example(mlp_loss, p, b, chunk_size=3))
-        mb = self.variant(lambda p, b: estimate.microbatch(mlp_loss, p, b, num_microbatches=4))
-        assert_stats_match(*pe(params, batch), reference(mlp_loss, params, batch, 8))
-        assert_stats_match(*mb(params, batch), reference(mlp_loss, params, batch, 4))
+        rng = np.random.default_rng(3)
+        params = mlp_init(rng, [2, 2])  # one layer, two leaves: half the eager ops of two
+        batch = tuple(jnp.asarray(rng.normal(size=(8, 2)), jnp.float32) for _ in range(2))
+
+        @self.variant
+        def both(p, b):
+            return (estimate.per_example(mlp_loss, p, b, chunk_size=3),
+                    estimate.microbatch(mlp_loss, p, b, num_microbatches=4))  # fmt: skip
+
+        pe, mb = both(params, batch)
+        assert_stats_match(*pe, reference(mlp_loss, params, batch, 8))
+        assert_stats_match(*mb, reference(mlp_loss, params, batch, 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,8 +624,8 @@ def test_bfloat16_sums_accumulate_in_float32():
             loss_fn, w, x, num_microbatches=n // 2, unroll=1
         ),
     }
-    for name, fn in runs.items():
-        stats, grads = jax.jit(fn)(w, x)
+    results = jax.jit(lambda w, x: {name: fn(w, x) for name, fn in runs.items()})(w, x)
+    for name, (stats, grads) in results.items():
         assert grads.dtype == jnp.bfloat16, name  # jax.grad's dtype
         np.testing.assert_allclose(grads, np.full(d, 1.5), rtol=0, err_msg=name)
         if name == "vmap":
