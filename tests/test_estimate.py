@@ -285,62 +285,58 @@ shapes = st.sampled_from([(4, 3), (6, 2), (8, 3)])
 seeds = st.integers(0, 2**16)
 
 
-def _both(loss_fn, params, batch):
-    """Per-example and microbatch (k = 2): ``((stats, grads), (stats, grads))``."""
-    return (
-        estimate.per_example(loss_fn, params, batch),
-        estimate.microbatch(loss_fn, params, batch, num_microbatches=2),
-    )
-
-
 @jax.jit
-def _invariant_stats(params, batch, perm, block_perm, c):
-    """The estimates of the invariants below, in one program: of ``batch``; of it permuted (per
-    example: ``perm``; microbatches and the examples inside them: ``block_perm``); of the loss
-    scaled by ``c``; and per_example's with chunk sizes dividing the batch (``n // 2``, and 3
-    for 6), not dividing it (a remainder chunk: ``n - 1``, and 3 for 4 and 8) and past it."""
+def _invariant_stats(params, batch, c):
+    """The estimates of the invariants below, of the loss scaled by ``c``, in one program a
+    shape (called again on permuted batches and other scales): per-example, microbatch (k = 2),
+    and per-example with chunk sizes dividing the batch (``n // 2``, and 3 for 6), not dividing
+    it (a remainder chunk: ``n - 1``, and 3 for 4 and 8) and past it."""
     n = jax.tree.leaves(batch)[0].shape[0]
-    take = lambda idx: jax.tree.map(lambda x: x[idx], batch)
     scaled = lambda p, b: c * mlp_loss(p, b)
     return {
-        "base": _both(mlp_loss, params, batch),
-        "permuted": (
-            estimate.per_example(mlp_loss, params, take(perm)),
-            estimate.microbatch(mlp_loss, params, take(block_perm), num_microbatches=2),
-        ),
-        "scaled": _both(scaled, params, batch),
+        "per_example": estimate.per_example(scaled, params, batch),
+        "microbatch": estimate.microbatch(scaled, params, batch, num_microbatches=2),
         "chunked": {
-            k: estimate.per_example(mlp_loss, params, batch, chunk_size=k)
+            k: estimate.per_example(scaled, params, batch, chunk_size=k)
             for k in sorted({3, n // 2, n - 1, n + 1})
         },
     }
 
 
-def invariant_stats(shape, seed, c=1.0):
-    """:func:`_invariant_stats` on the MLP problem of ``seed``, with random permutations."""
-    batch_size, dim = shape
-    params, batch = mlp_problem(seed, batch_size, dim)
-    rng = np.random.default_rng(seed)
-    m = batch_size // 2
-    perm = rng.permutation(batch_size)
-    block_perm = np.concatenate([j * m + rng.permutation(m) for j in rng.permutation(2)])
-    return params, _invariant_stats(params, batch, perm, block_perm, c)
+def invariant_stats(shape, seed, c=1.0, order=None):
+    """``(params, stats)``: :func:`_invariant_stats` on the MLP problem of ``seed``,
+    its examples taken in ``order`` (a function of the batch size and a NumPy generator)."""
+    params, batch = mlp_problem(seed, *shape)
+    if order is not None:
+        idx = order(shape[0], np.random.default_rng(seed))
+        batch = jax.tree.map(lambda x: x[idx], batch)
+    return params, _invariant_stats(params, batch, c)
+
+
+def _block_permutation(n, rng, k=2):
+    """The ``k`` microbatches in a random order, and the examples inside each of them."""
+    m = n // k
+    return np.concatenate([j * m + rng.permutation(m) for j in rng.permutation(k)])
 
 
 @HYPOTHESIS
 @given(shape=shapes, seed=seeds)
 def test_permuting_examples_changes_nothing(shape, seed):
-    _, out = invariant_stats(shape, seed)
-    # Per-example: any permutation; microbatch: the microbatches and the examples inside them.
-    for permuted, base in zip(out["permuted"], out["base"], strict=True):
-        chex.assert_trees_all_close(permuted, base, rtol=1e-4, atol=1e-6)
+    _, base = invariant_stats(shape, seed)
+    _, permuted = invariant_stats(shape, seed, order=lambda n, rng: rng.permutation(n))
+    chex.assert_trees_all_close(permuted["per_example"], base["per_example"], rtol=1e-4, atol=1e-6)
+    # Microbatch: permute the microbatches and the examples inside each of them.
+    _, permuted = invariant_stats(shape, seed, order=_block_permutation)
+    chex.assert_trees_all_close(permuted["microbatch"], base["microbatch"], rtol=1e-4, atol=1e-6)
 
 
 @HYPOTHESIS
 @given(shape=shapes, seed=seeds, c=st.floats(0.1, 10.0))
 def test_scaling_the_loss(shape, seed, c):
-    _, out = invariant_stats(shape, seed, c)
-    for (s0, _), (s1, _) in zip(out["base"], out["scaled"], strict=True):
+    _, base = invariant_stats(shape, seed)
+    _, scaled = invariant_stats(shape, seed, c)
+    for key in ("per_example", "microbatch"):
+        s0, s1 = base[key][0], scaled[key][0]
         np.testing.assert_allclose(s1.g_sq, c**2 * s0.g_sq, rtol=1e-4, atol=1e-6 * c**2)
         np.testing.assert_allclose(s1.trace_cov, c**2 * s0.trace_cov, rtol=1e-4)
         if abs(float(s0.g_sq)) > 1e-3 * float(s0.trace_cov):  # ratio well conditioned
@@ -353,7 +349,7 @@ def test_scaling_the_loss(shape, seed, c):
 @given(shape=shapes, seed=seeds)
 def test_per_layer_sums_to_totals(shape, seed):
     params, out = invariant_stats(shape, seed)
-    for stats, _ in out["base"]:
+    for stats, _ in (out["per_example"], out["microbatch"]):
         assert len(stats.per_layer) == len(jax.tree.leaves(params))
         layers = stats.per_layer.values()
         np.testing.assert_allclose(sum(float(s.g_sq) for s in layers), stats.g_sq, rtol=1e-5)
@@ -366,10 +362,11 @@ def test_per_layer_sums_to_totals(shape, seed):
 @given(shape=shapes, seed=seeds)
 def test_chunk_size_does_not_change_the_result(shape, seed):
     _, out = invariant_stats(shape, seed)
-    whole = out["base"][0]
     for chunk, chunked in out["chunked"].items():
         message = f"chunk_size={chunk}"
-        chex.assert_trees_all_close(chunked, whole, rtol=1e-4, atol=1e-6, custom_message=message)
+        chex.assert_trees_all_close(
+            chunked, out["per_example"], rtol=1e-4, atol=1e-6, custom_message=message
+        )
 
 
 # ---------------------------------------------------------------------------------------------
