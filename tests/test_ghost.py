@@ -549,15 +549,18 @@ def lm_setup(tie=False, batch=3, context=5, vocab=7, abstract=False, dtype=jnp.f
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_transformer_lm_equals_vmap(tie):
-    """Whole; tied, also over 2 example chunks, its tied embedding by vmap inside each."""
+def test_transformer_lm_equals_vmap(tie, monkeypatch):
+    """Untied on the whole batch; tied over 2 example chunks (each by the whole-batch code),
+    its tied embedding by vmap inside each (the loop rolled, as off the CPU: one body)."""
+    monkeypatch.setattr(common, "scan_unroll", lambda: 1)
     with jax.enable_x64(True):
         loss_fn, params, tokens = lm_setup(tie, batch=4)
         the_plan = ghost.plan(loss_fn, params, tokens)
         fallback = [the_plan.leaf_names[j] for j in the_plan.fallback]
         # a tied head reads the embedding twice (gather and dot_general): cross terms
         assert fallback == (["embed/embedding"] if tie else [])
-        check_sums(loss_fn, params, tokens, the_plan=the_plan, k=2 if tie else 1)
+        forms, k = ((), 2) if tie else (("auto",), 1)
+        check_sums(loss_fn, params, tokens, forms, the_plan=the_plan, k=k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,13 +699,15 @@ def chunk_problem(name, n=8):
 
 
 @pytest.mark.parametrize("name", ["plain_mlp", "nnx_mlp", "lm1b"])
-def test_bench_row_models_are_covered_and_equal_vmap_whole_and_in_chunks(name):
-    """The bench rows' models: every leaf covered; the fast path on the whole batch and over 2
-    example chunks equals vmap."""
+def test_bench_row_models_are_covered_and_equal_vmap_in_chunks(name, monkeypatch):
+    """The bench rows' models: every leaf covered; the fast path over 4 example chunks (each
+    chunk by the whole-batch code, planned at the chunk's size) equals vmap. The loop over
+    chunks rolled (as off the CPU): its body compiles once."""
+    monkeypatch.setattr(common, "scan_unroll", lambda: 1)
     loss_fn, params, batch = chunk_problem(name)
     the_plan = ghost.plan(loss_fn, params, batch)
     assert the_plan.fallback == () and len(the_plan.consumers) == the_plan.num_leaves
-    check_sums(loss_fn, params, batch, the_plan=the_plan, k=2)
+    check_sums(loss_fn, params, batch, forms=(), the_plan=the_plan, k=4)
 
 
 def test_chunk_counts_and_invalid_chunks():
@@ -733,9 +738,12 @@ def test_fastest_takes_the_smallest_median():
 
 
 def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
-    loss_fn, params, batch = chunk_problem("plain_mlp", n=64)
+    # chunks of 8 or n / 4 examples: chunk_counts(16) == (2, 4) (small unrolled programs)
+    monkeypatch.setattr(ghost, "CHUNK_SIZES", (8,))
+    monkeypatch.setattr(ghost, "CHUNK_COUNT", 4)
+    loss_fn, params, batch = chunk_problem("plain_mlp", n=16)
     the_plan = ghost.plan(loss_fn, params, batch)
-    names = ["ghost", "ghost in 2 chunks", "ghost in 8 chunks", "vmap"]
+    names = ["ghost", "ghost in 2 chunks", "ghost in 4 chunks", "vmap"]
     within_memory = ghost._within_memory  # tested below
     monkeypatch.setattr(ghost, "_within_memory", lambda calls: (calls, ""))
     for winner, with_vmap in [("ghost in 2 chunks", True), ("vmap", True), ("ghost", False)]:
@@ -753,7 +761,7 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
             assert chosen is None
             continue
         k = int(winner.split()[2]) if "chunks" in winner else 1
-        assert chosen.num_chunks == k and chosen.batch_size == 64 // k
+        assert chosen.num_chunks == k and chosen.batch_size == 16 // k
         assert f"auto: timed once: {winner} (median ms: ghost " in chosen.describe()
 
     # A chunked candidate with more compiled temporary memory than the whole batch is dropped.
