@@ -250,43 +250,37 @@ def test_cost_model_picks_cheaper_form():
     assert cnn_forms["Conv_0/kernel"] == "direct" and cnn_forms["Conv_2/kernel"] == "gram"
 
 
-def test_per_example_auto_and_vmap_give_same_stats_and_grad():
-    model = ConvNet(norm="group")
-    loss_fn, params, batch = setup(model, images((6, 7, 7, 3)))
+def test_per_example_auto_ghost_and_vmap_give_same_stats_grad_and_aux():
+    """auto (timed), the fast path and vmap: the same statistics (per layer too), jax.grad's
+    mean gradient; with has_aux one batch aux on the fast path, one per example on vmap."""
+    model = ConvNet(strides=(2,), norm="group")
+    loss_fn, params, batch = setup(model, images((6, 6, 6, 3)))
 
-    def both(p, b):
-        fast = estimate.per_example(loss_fn, p, b)
-        return fast, estimate.per_example(loss_fn, p, b, method="vmap"), jax.grad(loss_fn)(p, b)
-
-    (fast, g_fast), (ref, g_ref), g_true = jax.jit(both)(params, batch)
-    assert_trees_close(g_fast, g_true, rtol=1e-5)  # the mean gradient is jax.grad's
-    assert_trees_close(g_ref, g_true, rtol=1e-5)
-    np.testing.assert_allclose(fast.g_sq, ref.g_sq, rtol=RTOL)
-    np.testing.assert_allclose(fast.trace_cov, ref.trace_cov, rtol=RTOL)
-    assert fast.per_layer.keys() == ref.per_layer.keys()
-    for k in ref.per_layer:
-        np.testing.assert_allclose(
-            fast.per_layer[k].trace_cov, ref.per_layer[k].trace_cov, rtol=RTOL, atol=ATOL
-        )
-
-
-def test_has_aux_returns_one_batch_aux():
-    model = ConvNet(strides=(2,))
-    base, params, batch = setup(model, images((4, 6, 6, 3)))
-
-    def loss_fn(p, b):
-        loss = base(p, b)
+    def loss_aux(p, b):
+        loss = loss_fn(p, b)
         return loss, {"loss": loss}
 
-    def both(p, b):
-        return estimate.per_example(
-            loss_fn, p, b, has_aux=True, method="ghost"
-        ), estimate.per_example(loss_fn, p, b, has_aux=True, method="vmap")
+    def all_of_it(p, b):
+        auto = estimate.per_example(loss_fn, p, b)
+        fast = estimate.per_example(loss_aux, p, b, has_aux=True, method="ghost")
+        ref = estimate.per_example(loss_aux, p, b, has_aux=True, method="vmap")
+        return auto, fast, ref, jax.grad(loss_fn)(p, b)
 
-    (stats, _, aux), (ref, _, ref_aux) = jax.jit(both)(params, batch)
-    assert aux["loss"].shape == (1,) and ref_aux["loss"].shape == (4,)
-    np.testing.assert_allclose(aux["loss"][0], jnp.mean(ref_aux["loss"]), rtol=1e-5)
-    np.testing.assert_allclose(stats.trace_cov, ref.trace_cov, rtol=RTOL)
+    (auto, g_auto), (fast, g_fast, aux), (ref, g_ref, ref_aux), g_true = jax.jit(all_of_it)(
+        params, batch
+    )
+    for g in (g_auto, g_fast, g_ref):  # the mean gradient is jax.grad's
+        assert_trees_close(g, g_true, rtol=1e-5)
+    for stats in (auto, fast):
+        np.testing.assert_allclose(stats.g_sq, ref.g_sq, rtol=RTOL)
+        np.testing.assert_allclose(stats.trace_cov, ref.trace_cov, rtol=RTOL)
+    assert auto.per_layer.keys() == ref.per_layer.keys()
+    for k in ref.per_layer:
+        np.testing.assert_allclose(
+            auto.per_layer[k].trace_cov, ref.per_layer[k].trace_cov, rtol=RTOL, atol=ATOL
+        )
+    assert aux["loss"].shape == (1,) and ref_aux["loss"].shape == (6,)
+    np.testing.assert_allclose(aux["loss"][0], np.mean(ref_aux["loss"]), rtol=1e-5)
 
 
 def plain_loss(w, batch):
