@@ -192,9 +192,8 @@ def test_conv_net_equals_vmap_in_every_form_whole_and_in_chunks(monkeypatch):
 
 
 def test_mixed_model_routes_uncovered_leaves_to_vmap():
-    x = images((4, 6, 6, 4))
-    tokens = jnp.arange(4) % 7
-    x = x.at[..., -1].set(tokens[:, None, None].astype(jnp.float32))
+    x = np.array(images((4, 6, 6, 4)))
+    x[..., -1] = (np.arange(4) % 7)[:, None, None]  # one token per example
     loss_fn, params, batch = setup(Mixed(), x)
     plan = ghost.plan(loss_fn, params, batch)
     names = [common.leaf_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
@@ -453,7 +452,7 @@ def test_dense_general_layouts_equal_vmap():
         model = DenseGeneralStack()
         params = random_init(model, x[:1], dtype=jnp.float64)
         loss_fn = classifier_loss(model)
-        batch = (x, jnp.arange(3) % 5)
+        batch = (x, np.arange(3) % 5)
         the_plan = ghost.plan(loss_fn, params, batch)
         assert the_plan.fallback == (), the_plan.describe()
         kernels = [c for c in the_plan.consumers if c.kind == "dense"]
@@ -485,7 +484,7 @@ def test_multi_head_attention_equals_vmap(masked):
         model = Attention(masked=masked)
         params = random_init(model, x[:1], dtype=jnp.float64)
         loss_fn = classifier_loss(model)
-        batch = (x, jnp.arange(4) % 5)
+        batch = (x, np.arange(4) % 5)
         the_plan = ghost.plan(loss_fn, params, batch)
         assert the_plan.fallback == (), the_plan.describe()
         check_sums(loss_fn, params, batch, the_plan=the_plan)
@@ -506,7 +505,7 @@ def test_einsum_equals_vmap():
         model = EinsumModel()
         params = random_init(model, x[:1], dtype=jnp.float64)
         loss_fn = classifier_loss(model)
-        batch = (x, jnp.arange(3) % 5)
+        batch = (x, np.arange(3) % 5)
         the_plan = ghost.plan(loss_fn, params, batch)
         assert the_plan.fallback == (), the_plan.describe()
         assert any(c.kind == "dense" and c.layout.s == 2 for c in the_plan.consumers)  # heads
@@ -526,7 +525,7 @@ def test_position_embedding_equals_vmap():
         model = PositionModel()
         params = random_init(model, x[:1], dtype=jnp.float64)
         loss_fn = classifier_loss(model)
-        batch = (x, jnp.arange(3) % 5)
+        batch = (x, np.arange(3) % 5)
         the_plan = ghost.plan(loss_fn, params, batch)
         assert the_plan.fallback == ()
         kinds = {the_plan.leaf_names[c.leaf]: c.kind for c in the_plan.consumers}
@@ -536,7 +535,7 @@ def test_position_embedding_equals_vmap():
         model.init(jax.random.key(0), jnp.zeros((1, 7, 2)))
 
 
-def lm_setup(tie=False, batch=3, context=5, vocab=7, abstract=False, dtype=jnp.float64):
+def lm_setup(tie=False, batch=3, context=5, vocab=7, abstract=False):
     from experiments import bench_lm, models  # noqa: PLC0415
 
     model = models.TransformerLM(
@@ -547,7 +546,7 @@ def lm_setup(tie=False, batch=3, context=5, vocab=7, abstract=False, dtype=jnp.f
     if abstract:  # shapes only, for the cost model
         params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens[:1, :-1])["params"])
     else:
-        params = random_init(model, tokens[:1, :-1], dtype=dtype)
+        params = random_init(model, tokens[:1, :-1], dtype=jnp.float64)
     return bench_lm.lm_loss(model), params, tokens
 
 
