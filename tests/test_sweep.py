@@ -33,8 +33,12 @@ def strict_json(path):
 # and its programs compile in a fraction of the CNN's time. The MLP's step is predicted at
 # ~91 kB per device at global batch 64 (16 per device) and ~105 kB at 128: a 100 kB budget
 # makes 64 the largest that fits on the 4 devices, 128 measured over it and 256 accumulation.
-# Its target: reached at every batch within a few evaluations (batch 8 at the second).
+# Its target: reached at every batch within a few evaluations (batch 8 at the second). No
+# training plots (tests/test_plots.py and tests/test_lm.py draw them; the sweep's are drawn),
+# and 50 refits of the tradeoff's bootstrap (each run of the sweep fits it again).
 SMALL = {
+    "plots": False,
+    "tradeoff.num_bootstrap": 50,
     "model.name": "mlp",
     "model.widths": (16,),
     "data.synthetic.image_size": 8,
