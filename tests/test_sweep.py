@@ -55,12 +55,7 @@ SMALL_FLAGS = [f"--config.{field}={value}" for field, value in SMALL.items()]
 def small_smoke():
     """``configs/sweep.py:smoke`` with :data:`SMALL` (the command line: :data:`SMALL_FLAGS`)."""
     config = sweep_config.get_config("smoke")
-    for field, value in SMALL.items():
-        *parents, last = field.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[last] = value
+    config.update_from_flattened_dict(SMALL)
     return config
 
 
