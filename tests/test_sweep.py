@@ -1,6 +1,6 @@
-"""Tests for the sweep driver: the smoke config end to end (every key of sweep.json, checked
-against independent recomputations), the command line, reuse of finished measurements, the
-stage fingerprints, and the pure pieces (device time to target, ranking)."""
+"""Tests for the sweep driver: the smoke config end to end, on a tiny MLP (every key of
+sweep.json, checked against independent recomputations), the command line, reuse of finished
+measurements, the stage fingerprints, and the pure pieces (device time to target, ranking)."""
 
 import json
 import math
