@@ -40,6 +40,9 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     # One MLP row: every row runs the same bench_lm.time_row; the NNX row's model is covered
     # and equal to vmap in tests/test_ghost.py.
     del config.rows.models["nnx_mlp"]
+    # The CNN's microbatch steps in 2 microbatches, as the other rows' (the unrolled loop of 8
+    # compiles 8 copies of the step; the estimator's k is tested in tests/test_estimate.py).
+    config.num_microbatches = 2
     result = bench.run_bench(config, str(tmp_path))
     with open(tmp_path / "bench.json") as f:
         written = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"not strict: {c}"))

@@ -1,12 +1,10 @@
-"""Tests for the sweep driver: the smoke config end to end (every key of sweep.json, checked
-against independent recomputations), the command line, reuse of finished measurements, the
-stage fingerprints, and the pure pieces (device time to target, ranking)."""
+"""Tests for the sweep driver: the smoke config end to end, on a tiny MLP (every key of
+sweep.json, checked against independent recomputations), the command line, reuse of finished
+measurements, the stage fingerprints, and the pure pieces (device time to target, ranking)."""
 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,11 +28,43 @@ def strict_json(path):
         return json.loads(f.read(), parse_constant=reject)
 
 
+# The `smoke` config with a tiny MLP on 8-pixel synthetic images in place of its CNN (as
+# tests/test_compare.py and tests/test_demo.py): every stage and key of the sweep is the same,
+# and its programs compile in a fraction of the CNN's time. The MLP's step is predicted at
+# ~91 kB per device at global batch 64 (16 per device) and ~105 kB at 128: a 100 kB budget
+# makes 64 the largest that fits on the 4 devices, 128 measured over it and 256 accumulation.
+# Its target: reached at every batch within a few evaluations (batch 8 at the second). No
+# training plots (tests/test_plots.py and tests/test_lm.py draw them; the sweep's are drawn),
+# and 50 refits of the tradeoff's bootstrap (each run of the sweep fits it again). The
+# independent batches at the pilot's batch, 16: too small to chunk, nothing for the per-example
+# path to time (gns.ghost.calibrate is tested in tests/test_ghost.py).
+SMALL = {
+    "plots": False,
+    "tradeoff.num_bootstrap": 50,
+    "noise.batch_size": 16,
+    "model.name": "mlp",
+    "model.widths": (16,),
+    "data.synthetic.image_size": 8,
+    "throughput.max_batch_size": 128,
+    "throughput.memory_budget_bytes": 100_000,
+    "tradeoff.target_accuracy": 0.9,
+}
+SMALL_FLAGS = [f"--config.{field}={value}" for field, value in SMALL.items()]
+
+
+def small_smoke():
+    """``configs/sweep.py:smoke`` with :data:`SMALL` (the command line: :data:`SMALL_FLAGS`)."""
+    config = sweep_config.get_config("smoke")
+    config.update_from_flattened_dict(SMALL)
+    return config
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """The exact `smoke` config, run once in-process (the other tests reuse its workdir)."""
+    """The smoke sweep (:func:`small_smoke`), run once in-process (the other tests reuse its
+    workdir)."""
     workdir = str(tmp_path_factory.mktemp("sweep_smoke"))
-    config = sweep_config.get_config("smoke")
+    config = small_smoke()
     return config, workdir, sweep.run_sweep(config, workdir)
 
 
@@ -139,7 +169,7 @@ def test_noise_scale_is_the_ratio_of_pooled_means(smoke_run):
         want = p["trace_cov"] / p["g_sq"] if p["g_sq"] > 0 else None
         assert p["b_simple"] == (want if want is None else pytest.approx(want, rel=1e-5))
     assert n["num_used"] == config.noise.num_batches  # all finite here
-    assert n["method"] == "per_example"  # SmallCNN has no BatchNorm
+    assert n["method"] == "per_example"  # the MLP has no BatchNorm
 
 
 @pytest.mark.timeout(300)
@@ -309,7 +339,7 @@ def test_the_pilot_replays_exactly():
 
     from experiments import data
 
-    config = sweep_config.get_config("smoke")
+    config = small_smoke()
     config.noise.update(warmup_steps=2, pilot_steps=4, every=2)
     ds = data.load(config.data)
     plan = sweep.pipeline_plan(config)
@@ -336,7 +366,7 @@ def test_fork_steps_share_one_compiled_step_with_the_baked_rates_numbers():
     from experiments import data, models, train
     from gns import smoothing
 
-    config = sweep_config.get_config("smoke")
+    config = small_smoke()
     ds, task = data.load(config.data), tasks.get(config)
     steps, state = sweep.pipeline_steps(config, ds, task)
     batches = [steps.fork_batch_fn(16, i) for i in range(2)]
@@ -427,7 +457,7 @@ def test_rerun_reuses_what_was_measured(smoke_run, monkeypatch):
     del state["sections"]["trainings"]["32"]
     runlog.write_json(state_path, state)
     # And change fields no stage's measurement reads: the fit's bootstrap, the objective.
-    config = sweep_config.get_config("smoke")
+    config = small_smoke()
     config.tradeoff.num_bootstrap = 100
     config.recommend.objective = "cost"
 
@@ -468,7 +498,7 @@ def test_rerun_reuses_what_was_measured(smoke_run, monkeypatch):
 @pytest.mark.timeout(300)
 def test_second_seed_at_the_fastest_batches_and_the_validation_block(smoke_run, monkeypatch):
     config, workdir, _ = smoke_run
-    config = sweep_config.get_config("smoke")
+    config = small_smoke()
     config.tradeoff.update(extra_seeds=1, reseed_best=1)
     trained = []
     real_train = sweep.run_training
@@ -522,31 +552,34 @@ def test_second_seed_at_the_fastest_batches_and_the_validation_block(smoke_run, 
     assert f"batch {v['by_basis']['tradeoff_fit']['batch_size']:>5}" in out
 
 
+# User mistakes on the command line: one line, exit code 2, no traceback (each rule's message
+# in-process: test_validate_config_names_the_field).
+MISTAKES = {"--config.noise.num_batches=1": "config.noise.num_batches=1 must be an int >= 2"}
+
+
 @pytest.mark.timeout(300)
-def test_command_line_reuses_per_stage_after_a_config_change(smoke_run):
+def test_command_line_reuses_per_stage_and_a_config_mistake_is_one_line(
+    smoke_run, tmp_path, commands
+):
+    """The command line, each command in its own process (one batch: tests/conftest.py,
+    ``run_commands``): on the finished smoke workdir with a change to the noise-scale stage
+    only (the interval's confidence), it measures the noise scale again -- to the same
+    b_simple, deterministic on CPU -- and reuses the step times and the trainings (whose
+    learning rates depend on b_simple); each config mistake exits 2 with one line, before
+    anything is written."""
     _, workdir, first = smoke_run
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)  # same XLA_FLAGS as here
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.sweep",
-        "--config",
-        "configs/sweep.py:smoke",
-        "--workdir",
-        workdir,
-    ]
-    # The command line, on the finished smoke workdir, with a change to the noise-scale stage
-    # only (the interval's confidence): it measures the noise scale again -- to the same
-    # b_simple, deterministic on CPU -- and reuses the step times and the trainings (whose
-    # learning rates depend on b_simple).
-    out = subprocess.run(
-        cmd + ["--config.noise.confidence=0.8"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
+    args = ["--config", "configs/sweep.py:smoke", *SMALL_FLAGS]
+    jobs = [("experiments.sweep", [*args, f"--workdir={tmp_path / str(i)}", flag], REPO)
+            for i, flag in enumerate(MISTAKES)]  # fmt: skip
+    jobs.append(("experiments.sweep", [*args, f"--workdir={workdir}",
+                                       "--config.noise.confidence=0.8"], REPO))  # fmt: skip
+    *mistakes, out = commands(jobs, tmp_path)
+    for i, (bad, message) in enumerate(zip(mistakes, MISTAKES.values(), strict=True)):
+        assert bad.returncode == 2, bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr
+        errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], bad.stderr
+        assert not (tmp_path / str(i)).exists()  # validated before anything is written
     assert out.returncode == 0, out.stderr[-3000:]
     assert "recommended batch size:" in out.stdout and "noise scale b_simple" in out.stdout
     s2 = strict_json(os.path.join(workdir, sweep.SWEEP_FILE))
@@ -692,36 +725,18 @@ def test_noise_scale_read_back_from_strict_json():
     assert math.isnan(sweep.noise_scale_value({"b_simple": None, "g_sq": None}))
 
 
-# ---------------------------------------------------------------------------------------------
-# User mistakes: one line, exit code 2, no traceback.
-
-
-MISTAKES = {
-    "--config.noise.num_batches=1": "config.noise.num_batches=1 must be an int >= 2",
-    "--config.tradeoff.target_accuracy=1.5": "config.tradeoff.target_accuracy=1.5",
-}
-
-
-def test_command_line_config_mistake_is_one_line_and_exit_2(tmp_path, commands):
-    """Each mistake in its own process (one batch: tests/conftest.py, ``run_commands``)."""
-    args = ["--config", "configs/sweep.py:smoke"]
-    jobs = [("experiments.sweep", [*args, f"--workdir={tmp_path / str(i)}", flag], REPO)
-            for i, flag in enumerate(MISTAKES)]  # fmt: skip
-    outs = commands(jobs, tmp_path)
-    for i, (out, message) in enumerate(zip(outs, MISTAKES.values(), strict=True)):
-        assert out.returncode == 2, out.stderr[-2000:]
-        assert "Traceback" not in out.stderr
-        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-        assert len(errors) == 1 and message in errors[0], out.stderr
-        assert not (tmp_path / str(i)).exists()  # validated before anything is written
-
-
 def test_validate_config_names_the_field():
     config = sweep_config.get_config("smoke")
     config.throughput.min_batch_size = 512
     with pytest.raises(ValueError, match="throughput.min_batch_size=512, config.throughput."
                        "max_batch_size=256: throughput.min_batch_size must be <="):  # fmt: skip
         sweep.validate_config(config)
+    config = sweep_config.get_config("smoke")
+    config.tradeoff.target_accuracy = 1.5
+    with pytest.raises(UserError, match=r"config.tradeoff.target_accuracy=1.5 must be a number "
+                       r"in \(0, 1\]") as e:  # fmt: skip
+        sweep.validate_config(config)
+    assert "\n" not in str(e.value)  # the command line prints it as one line
 
 
 def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
