@@ -10,7 +10,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -21,11 +20,6 @@ from experiments import lm, models, runlog, tasks, text, train
 from experiments.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _main(*args):
-    """The main as a subprocess."""
-    return [sys.executable, "-m", "experiments.lm", *args]
 
 
 def _env():
@@ -157,8 +151,13 @@ def test_final_held_out_loss_equals_a_direct_computation(smoke_run):
     ds = text.load(config.data, context=config.model.context)
     windows = text.eval_arrays(ds)
     model = models.get_model(config.model)
-    logits = model.apply({"params": params}, jnp.asarray(windows["tokens"]))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, windows["targets"]).mean()
+
+    @jax.jit
+    def mean_loss(params, tokens, targets):
+        logits = model.apply({"params": params}, tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    loss = mean_loss(params, windows["tokens"], windows["targets"])
     assert summary["test_loss"] == pytest.approx(float(loss), rel=1e-5)
 
 
@@ -239,28 +238,29 @@ def _empty(tmp_path):
     return str(path)
 
 
+BAD_CORPORA = [
+    (lambda tmp: str(tmp / "missing.txt"), "does not exist"),
+    (_empty, "empty corpus"),
+    (_binary, "is a binary file"),
+]
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda tmp: str(tmp / "missing.txt"), "does not exist"),
-        (_empty, "empty corpus"),
-        (_binary, "is a binary file"),
-    ],
-    ids=["missing", "empty", "binary"],
-)
-def test_bad_corpus_is_one_line_and_exit_2(tmp_path, make, message):
-    path = make(tmp_path)
-    workdir = tmp_path / "w"
-    cmd = _main(
-        "--config", "configs/lm.py:smoke", "--workdir", str(workdir), f"--config.data.path={path}"
-    )
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=50)
-    assert res.returncode == 2, res.stderr[-2000:]
-    error, hint = res.stderr.strip().splitlines()  # nothing else: no library chatter
-    assert error.startswith("error: ") and message in error and path in error, res.stderr
-    assert hint.startswith("hint: ")
-    assert not workdir.exists()  # the data is read before the workdir is locked or written
+def test_bad_corpus_is_one_line_and_exit_2(tmp_path, commands):
+    """A missing, an empty and a binary corpus, each its own command (one batch of commands:
+    the imports are paid once)."""
+    paths = [make(tmp_path) for make, _ in BAD_CORPORA]
+    workdirs = [tmp_path / f"w{i}" for i in range(len(paths))]
+    jobs = [("experiments.lm", ["--config", "configs/lm.py:smoke", "--workdir", str(workdir),
+                                f"--config.data.path={path}"], ROOT)
+            for path, workdir in zip(paths, workdirs, strict=True)]  # fmt: skip
+    results = commands(jobs, tmp_path)
+    for (_, message), path, workdir, res in zip(BAD_CORPORA, paths, workdirs, results, strict=True):
+        assert res.returncode == 2, res.stderr[-2000:]
+        error, hint = res.stderr.strip().splitlines()  # nothing else: no library chatter
+        assert error.startswith("error: ") and message in error and path in error, res.stderr
+        assert hint.startswith("hint: ")
+        assert not workdir.exists()  # the data is read before the workdir is locked or written
 
 
 # ---------------------------------------------------------------------------------------------
