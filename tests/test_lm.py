@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import lm as lm_config
-from experiments import lm, models, runlog, tasks, text, train
+from experiments import cli, lm, models, runlog, tasks, text, train
 from experiments.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,27 +238,28 @@ def _empty(tmp_path):
     return str(path)
 
 
-BAD_CORPORA = [
-    (lambda tmp: str(tmp / "missing.txt"), "does not exist"),
-    (_empty, "empty corpus"),
-    (_binary, "is a binary file"),
-]
-
-
 @pytest.mark.timeout(60)
-def test_bad_corpus_is_one_line_and_exit_2(tmp_path, commands):
-    """A missing, an empty and a binary corpus, each its own command (one batch of commands:
-    the imports are paid once)."""
-    paths = [make(tmp_path) for make, _ in BAD_CORPORA]
-    workdirs = [tmp_path / f"w{i}" for i in range(len(paths))]
-    jobs = [("experiments.lm", ["--config", "configs/lm.py:smoke", "--workdir", str(workdir),
-                                f"--config.data.path={path}"], ROOT)
-            for path, workdir in zip(paths, workdirs, strict=True)]  # fmt: skip
-    results = commands(jobs, tmp_path)
-    for (_, message), path, workdir, res in zip(BAD_CORPORA, paths, workdirs, results, strict=True):
-        assert res.returncode == 2, res.stderr[-2000:]
-        error, hint = res.stderr.strip().splitlines()  # nothing else: no library chatter
-        assert error.startswith("error: ") and message in error and path in error, res.stderr
+def test_bad_corpus_is_one_line_and_exit_2(corpus, tmp_path, capsys):
+    """The command on a binary corpus: one line and a hint, exit 2, nothing else on stderr (no
+    library chatter); a missing and an empty corpus the same through the command's main."""
+    path, workdir = _binary(tmp_path), tmp_path / "w"
+    cmd = [sys.executable, "-m", "experiments.lm", "--config", "configs/lm.py:smoke",
+           "--workdir", str(workdir), f"--config.data.path={path}"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=50)
+    assert res.returncode == 2, res.stderr[-2000:]
+    outputs = [(path, "is a binary file", workdir, res.stderr)]
+    for i, (path, message) in enumerate(
+        [(str(tmp_path / "missing.txt"), "does not exist"), (_empty(tmp_path), "empty corpus")]
+    ):
+        config, workdir = tiny_config(corpus), tmp_path / f"w{i}"
+        config.data.path = path
+        with pytest.raises(SystemExit) as e:
+            cli.main(lambda argv, c=config, w=workdir: lm.run(c, str(w)))(["lm"])
+        assert e.value.code == cli.EXIT_USER_ERROR
+        outputs.append((path, message, workdir, capsys.readouterr().err))
+    for path, message, workdir, err in outputs:
+        error, hint = err.strip().splitlines()  # nothing else
+        assert error.startswith("error: ") and message in error and path in error, err
         assert hint.startswith("hint: ")
         assert not workdir.exists()  # the data is read before the workdir is locked or written
 
