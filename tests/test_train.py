@@ -44,6 +44,12 @@ def tiny_config(**overrides):
     return c
 
 
+def mlp_config(**overrides):
+    """:func:`tiny_config` with a one-layer MLP, quick to compile and to run: the runs whose
+    checks do not depend on the model (the smoke run trains the smoke config's CNN)."""
+    return tiny_config(**{"model.name": "mlp", "model.widths": (16,), **overrides})
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -183,7 +189,7 @@ def test_rerunning_a_finished_run_says_already_complete(smoke_run, caplog):
 @pytest.mark.timeout(240)
 def test_stops_at_target_and_at_wall_time_budget(tmp_path):
     s = train.train_and_evaluate(
-        tiny_config(num_steps=100, eval_every=5, target_accuracy=0.0, plots=False),
+        mlp_config(num_steps=100, eval_every=5, target_accuracy=0.0, plots=False),
         str(tmp_path / "t"),
     )
     rows = runlog.read_jsonl(str(tmp_path / "t" / "metrics.jsonl"))
@@ -192,7 +198,7 @@ def test_stops_at_target_and_at_wall_time_budget(tmp_path):
     assert s["eval_time_s"] > 0
 
     s = train.train_and_evaluate(
-        tiny_config(num_steps=100, max_wall_time_s=1e-9, plots=False), str(tmp_path / "w")
+        mlp_config(num_steps=100, max_wall_time_s=1e-9, plots=False), str(tmp_path / "w")
     )
     rows = runlog.read_jsonl(str(tmp_path / "w" / "metrics.jsonl"))
     assert (s["stop_reason"], s["steps"], s["steps_to_target"]) == ("max_wall_time_s", 1, None)
@@ -204,8 +210,8 @@ def test_stops_where_the_trailing_mean_of_evaluations_reaches_the_target(tmp_pat
     # Target 0: every evaluation reaches it, so the raw target would stop at the first one
     # (step 5, as above); the mean of 3 needs 3 evaluations.
     workdir = str(tmp_path / "t")
-    config = tiny_config(num_steps=100, eval_every=5, target_accuracy=0.0, target_window=3,
-                         plots=False)  # fmt: skip
+    config = mlp_config(num_steps=100, eval_every=5, target_accuracy=0.0, target_window=3,
+                        plots=False)  # fmt: skip
     s = train.train_and_evaluate(config, workdir)
     _, _, rows = strict_outputs(workdir)
     evals = [r for r in rows if "test_accuracy" in r]
@@ -247,20 +253,20 @@ def test_resume_after_a_finished_run_and_ctrl_c_at_random_steps_matches_uninterr
     common = dict(num_steps=20, log_every=3, gns_every=4, eval_every=10, checkpoint_every=5,
                   plots=False)  # fmt: skip
     resumed, fresh = str(tmp_path / "resumed"), str(tmp_path / "fresh")
-    train.train_and_evaluate(tiny_config(**{**common, "num_steps": n}), resumed)
+    train.train_and_evaluate(mlp_config(**{**common, "num_steps": n}), resumed)
     assert _restored_state(resumed)[0] == n
     stops = sorted(int(k) for k in np.random.default_rng(0).choice(np.arange(n + 1, 20), 2, False))
     for k in stops:
         with monkeypatch.context() as m:
             interrupt_at(m, k)
             with pytest.raises(KeyboardInterrupt):
-                train.train_and_evaluate(tiny_config(**common), resumed)
+                train.train_and_evaluate(mlp_config(**common), resumed)
         _, summary, rows = strict_outputs(resumed)
         assert rows[-1]["step"] == k == _restored_state(resumed)[0] == summary["steps"]
         assert (rows[-1]["stop_reason"], summary["stop_reason"]) == ("interrupted",) * 2
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
-    s_r = train.train_and_evaluate(tiny_config(**common), resumed)
-    s_f = train.train_and_evaluate(tiny_config(**common), fresh)
+    s_r = train.train_and_evaluate(mlp_config(**common), resumed)
+    s_f = train.train_and_evaluate(mlp_config(**common), fresh)
     rows_r, rows_f = strict_outputs(resumed)[2], strict_outputs(fresh)[2]
     steps_r, steps_f = [r["step"] for r in rows_r], [r["step"] for r in rows_f]
     assert steps_r == sorted(set(steps_f) | set(stops) | {n})  # unique, ordered
@@ -285,7 +291,7 @@ def test_resume_after_a_finished_run_and_ctrl_c_at_random_steps_matches_uninterr
 
 @pytest.mark.timeout(240)
 def test_ctrl_c_during_the_evaluation_that_reaches_the_target(tmp_path, monkeypatch):
-    config = tiny_config(num_steps=100, eval_every=5, log_every=1, target_accuracy=0.0)
+    config = mlp_config(num_steps=100, eval_every=5, log_every=1, target_accuracy=0.0)
     config.plots = False
     workdir = str(tmp_path)
     evaluate = train._evaluate
@@ -443,7 +449,7 @@ def test_bad_config_stops_before_anything_is_written(tmp_path, field, value):
 def test_divergence_stops_with_a_one_line_error(tmp_path, capsys, lr, why):
     # The smoke config's Adam: the rate is a value of the state, so these runs use the steps
     # the smoke run compiled (the compilation cache of tests/conftest.py).
-    config = tiny_config(num_steps=40, log_every=5, learning_rate=lr)
+    config = mlp_config(num_steps=40, log_every=5, learning_rate=lr)
     config.plots = False
     main = cli.main(lambda argv: train.train_and_evaluate(config, str(tmp_path)))
     with pytest.raises(SystemExit) as e:
