@@ -45,8 +45,9 @@ def tiny_config(**overrides):
 
 
 def mlp_config(**overrides):
-    """:func:`tiny_config` with a one-layer MLP, quick to compile and to run: the runs whose
-    checks do not depend on the model (the smoke run trains the smoke config's CNN)."""
+    """:func:`tiny_config` with a one-layer MLP, quick to compile and to run: the end-to-end
+    runs here, whose checks do not depend on the model (the smoke config's CNN trains end to
+    end in tests/test_demo.py, tests/test_mesh.py and tests/test_interrupt.py)."""
     return tiny_config(**{"model.name": "mlp", "model.widths": (16,), **overrides})
 
 
@@ -82,7 +83,7 @@ def _restored_state(workdir):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("smoke"))
-    config = tiny_config(num_steps=60, eval_every=20)
+    config = mlp_config(num_steps=60, eval_every=20)
     summary = train.train_and_evaluate(config, workdir)
     return config, workdir, summary
 
@@ -319,7 +320,8 @@ def test_ctrl_c_during_compilation_exits_cleanly(tmp_path):
     workdir = str(tmp_path / "w")
     cmd = [sys.executable, "-m", "experiments.cifar10", "--config=configs/cifar10.py:smoke",
            "--config.data.source=synthetic", "--config.data.synthetic.image_size=16",
-           "--config.plots=False", f"--workdir={workdir}"]  # fmt: skip
+           "--config.model.name=mlp", "--config.model.widths=(16,)", "--config.plots=False",
+           f"--workdir={workdir}"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     err = []
@@ -350,7 +352,7 @@ def test_resume_with_a_different_config_stops(smoke_run, field, value):
     config, workdir, _ = smoke_run
     names = ("config.json", "metrics.jsonl", "summary.json")
     before = {n: open(os.path.join(workdir, n)).read() for n in names}
-    changed = tiny_config(num_steps=config.num_steps, eval_every=config.eval_every)
+    changed = mlp_config(num_steps=config.num_steps, eval_every=config.eval_every)
     changed.update_from_flattened_dict({field: value})
     with pytest.raises(UserError) as e:
         train.train_and_evaluate(changed, workdir)
@@ -373,7 +375,7 @@ def test_resume_on_another_number_of_devices_stops(smoke_run, monkeypatch):
     monkeypatch.setattr(mesh_lib, "make_mesh", lambda num_devices=None: make_mesh(1))
     with pytest.raises(UserError, match=f"devices: {summary['mesh']['devices']} -> 1"):
         train.train_and_evaluate(
-            tiny_config(num_steps=config.num_steps, eval_every=config.eval_every), workdir
+            mlp_config(num_steps=config.num_steps, eval_every=config.eval_every), workdir
         )
     assert {n: open(os.path.join(workdir, n)).read() for n in names} == before
 
@@ -391,7 +393,7 @@ def test_resume_on_other_data_behind_the_same_config_stops(smoke_run, monkeypatc
     old = summary["data"]["fingerprint"]
     with pytest.raises(UserError, match=f"data.fingerprint: '{old}' -> '[0-9a-f]{{16}}'"):
         train.train_and_evaluate(
-            tiny_config(num_steps=config.num_steps, eval_every=config.eval_every), workdir
+            mlp_config(num_steps=config.num_steps, eval_every=config.eval_every), workdir
         )
     assert {n: open(os.path.join(workdir, n)).read() for n in names} == before
 
