@@ -10,22 +10,16 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import lm as lm_config
-from experiments import lm, models, runlog, tasks, text, train
+from experiments import cli, lm, models, runlog, tasks, text, train
 from experiments.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _main(*args):
-    """The main as a subprocess."""
-    return [sys.executable, "-m", "experiments.lm", *args]
 
 
 def _env():
@@ -157,8 +151,13 @@ def test_final_held_out_loss_equals_a_direct_computation(smoke_run):
     ds = text.load(config.data, context=config.model.context)
     windows = text.eval_arrays(ds)
     model = models.get_model(config.model)
-    logits = model.apply({"params": params}, jnp.asarray(windows["tokens"]))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, windows["targets"]).mean()
+
+    @jax.jit
+    def mean_loss(params, tokens, targets):
+        logits = model.apply({"params": params}, tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    loss = mean_loss(params, windows["tokens"], windows["targets"])
     assert summary["test_loss"] == pytest.approx(float(loss), rel=1e-5)
 
 
@@ -240,27 +239,29 @@ def _empty(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda tmp: str(tmp / "missing.txt"), "does not exist"),
-        (_empty, "empty corpus"),
-        (_binary, "is a binary file"),
-    ],
-    ids=["missing", "empty", "binary"],
-)
-def test_bad_corpus_is_one_line_and_exit_2(tmp_path, make, message):
-    path = make(tmp_path)
-    workdir = tmp_path / "w"
-    cmd = _main(
-        "--config", "configs/lm.py:smoke", "--workdir", str(workdir), f"--config.data.path={path}"
-    )
+def test_bad_corpus_is_one_line_and_exit_2(corpus, tmp_path, capsys):
+    """The command on a binary corpus: one line and a hint, exit 2, nothing else on stderr (no
+    library chatter); a missing and an empty corpus the same through the command's main."""
+    path, workdir = _binary(tmp_path), tmp_path / "w"
+    cmd = [sys.executable, "-m", "experiments.lm", "--config", "configs/lm.py:smoke",
+           "--workdir", str(workdir), f"--config.data.path={path}"]  # fmt: skip
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=50)
     assert res.returncode == 2, res.stderr[-2000:]
-    error, hint = res.stderr.strip().splitlines()  # nothing else: no library chatter
-    assert error.startswith("error: ") and message in error and path in error, res.stderr
-    assert hint.startswith("hint: ")
-    assert not workdir.exists()  # the data is read before the workdir is locked or written
+    outputs = [(path, "is a binary file", workdir, res.stderr)]
+    for i, (path, message) in enumerate(
+        [(str(tmp_path / "missing.txt"), "does not exist"), (_empty(tmp_path), "empty corpus")]
+    ):
+        config, workdir = tiny_config(corpus), tmp_path / f"w{i}"
+        config.data.path = path
+        with pytest.raises(SystemExit) as e:
+            cli.main(lambda argv, c=config, w=workdir: lm.run(c, str(w)))(["lm"])
+        assert e.value.code == cli.EXIT_USER_ERROR
+        outputs.append((path, message, workdir, capsys.readouterr().err))
+    for path, message, workdir, err in outputs:
+        error, hint = err.strip().splitlines()  # nothing else
+        assert error.startswith("error: ") and message in error and path in error, err
+        assert hint.startswith("hint: ")
+        assert not workdir.exists()  # the data is read before the workdir is locked or written
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ computing over the whole batch, and the run must equal one process training on 4
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -114,10 +115,12 @@ def test_two_processes_match_one_process(job):
 
     # ... and they are those of one process computing over the whole batch.
     params, batch = worker.make_problem()
-    expected_grads = jax.grad(worker.loss_fn)(params, batch)
+    expected_grads = jax.jit(jax.grad(worker.loss_fn))(params, batch)
     for name, (_, single) in worker.estimators(num_devices).items():
         got = first[name]
-        want = worker.result_to_json(*single(worker.loss_fn, params, batch))
+        want = worker.result_to_json(
+            *jax.jit(functools.partial(single, worker.loss_fn))(params, batch)
+        )
         assert got["small_batch_size"] == want["small_batch_size"], name
         assert got["big_batch_size"] == want["big_batch_size"] == worker.GLOBAL_BATCH, name
         _close(got["g_sq"], want["g_sq"], f"{name} g_sq")
@@ -137,10 +140,15 @@ def test_two_processes_match_one_process(job):
 
     # gns.parallel.make_train_step across the two processes: Adam from the global gradient.
     optimizer = optax.adam(worker.TRAIN_LR)
-    p, opt_state = params, optimizer.init(params)
-    for _ in range(worker.TRAIN_STEPS):
+
+    @jax.jit
+    def adam_step(p, opt_state):
         updates, opt_state = optimizer.update(jax.grad(worker.loss_fn)(p, batch), opt_state, p)
-        p = optax.apply_updates(p, updates)
+        return optax.apply_updates(p, updates), opt_state
+
+    p, opt_state = params, jax.jit(optimizer.init)(params)
+    for _ in range(worker.TRAIN_STEPS):
+        p, opt_state = adam_step(p, opt_state)
     for g, w in zip(
         jax.tree.leaves(first["train"]["grads"], is_leaf=is_list), jax.tree.leaves(p), strict=True
     ):
