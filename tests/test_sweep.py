@@ -31,8 +31,9 @@ def strict_json(path):
 # The `smoke` config with a tiny MLP on 8-pixel synthetic images in place of its CNN (as
 # tests/test_compare.py and tests/test_demo.py): every stage and key of the sweep is the same,
 # and its programs compile in a fraction of the CNN's time. The MLP's step is predicted at
-# ~91 kB per device at global batch 64 (16 per device) and ~105 kB at 128: a 100 kB budget
-# makes 64 the largest that fits on the 4 devices, 128 measured over it and 256 accumulation.
+# ~91 kB per device at global batch 64 (16 per device) and ~105 kB at 128: a 98 kB budget, 7%
+# from each, makes 64 the largest that fits on the 4 devices, 128 measured over it and 256
+# accumulation.
 # Its target: reached at every batch within a few evaluations (batch 8 at the second). No
 # training plots (tests/test_plots.py and tests/test_lm.py draw them; the sweep's are drawn),
 # and 50 refits of the tradeoff's bootstrap (each run of the sweep fits it again). The
@@ -46,7 +47,7 @@ SMALL = {
     "model.widths": (16,),
     "data.synthetic.image_size": 8,
     "throughput.max_batch_size": 128,
-    "throughput.memory_budget_bytes": 100_000,
+    "throughput.memory_budget_bytes": 98_000,
     "tradeoff.target_accuracy": 0.9,
 }
 SMALL_FLAGS = [f"--config.{field}={value}" for field, value in SMALL.items()]
