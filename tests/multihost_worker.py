@@ -95,14 +95,16 @@ def loss_fn(params, batch):
 
 
 def estimators(num_devices: int) -> dict:
-    """name -> (estimator under the data-parallel axis, same estimator on one device)."""
+    """name -> (estimator under the data-parallel axis, same estimator on one device; for
+    ``per_example`` the per-example gradients by ``jax.vmap``, its definition: no timed choice
+    of a path for the reference)."""
     from gns import estimate
 
     per_dev = 2  # microbatches per device
     return {
         "per_example": (
             functools.partial(estimate.per_example, chunk_size=3, axis_name=AXIS),
-            estimate.per_example,
+            functools.partial(estimate.per_example, method="vmap"),
         ),
         "microbatch": (
             functools.partial(estimate.microbatch, num_microbatches=per_dev, axis_name=AXIS),
@@ -186,16 +188,16 @@ def main(argv=None) -> int:
     )
 
     out = {"process_id": jax.process_index(), "num_devices": n_dev, **trained}
-    for name, (est, _) in estimators(n_dev).items():
-        fn = jax.jit(
-            jax.shard_map(
-                lambda p, b, est=est: est(loss_fn, p, b),
-                mesh=mesh,
-                in_specs=(P(), P(AXIS)),
-                out_specs=P(),
-            )
+    distributed = {name: est for name, (est, _) in estimators(n_dev).items()}
+    fn = jax.jit(  # every estimator in one program
+        jax.shard_map(
+            lambda p, b: {name: est(loss_fn, p, b) for name, est in distributed.items()},
+            mesh=mesh,
+            in_specs=(P(), P(AXIS)),
+            out_specs=P(),
         )
-        out[name] = result_to_json(*fn(params, batch))
+    )
+    out |= {name: result_to_json(*res) for name, res in fn(params, batch).items()}
 
     # The train step of gns.parallel, fed with this process's examples only.
     import optax

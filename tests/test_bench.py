@@ -1,20 +1,17 @@
-"""experiments/bench.py: the bench.json schema on the tiny config (not a timing assertion)."""
+"""experiments/bench.py: the bench.json schema on the tiny config (not a timing assertion). A
+bad config on its command line is one of tests/test_config.py's mistakes."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
 from configs import bench as bench_config
 from experiments import bench, bench_lm
 from gns import ghost, hardware
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RATIOS = (
     "per_example_over_plain",
@@ -166,15 +163,3 @@ def test_interleaved_times_round_robin_alternating_order(monkeypatch):
     assert times["a"] == [4.0, 9.0, 10.0, 15.0] and times["c"] == [6.0, 7.0, 12.0, 13.0]
     with pytest.raises(ValueError, match="rounds >= 1"):
         hardware.interleaved_times(calls, warmup=0, rounds=0)
-
-
-def test_bad_config_on_the_command_line_is_one_line_and_exit_2(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "experiments.bench", "--config", "configs/bench.py:tiny"]
-    cmd += ["--workdir", str(tmp_path / "w"), "--config.reference_batch_size=7"]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-    (line,) = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-    assert "config.reference_batch_size=7" in line and "batch_sizes" in line
-    assert not (tmp_path / "w").exists()

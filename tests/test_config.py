@@ -220,6 +220,9 @@ MISTAKES = {
                 "did you mean --config.data.source?"),
     "workdir": ("cifar10", ["--config=configs/cifar10.py:smoke", "--workdir="],
                 "--workdir is empty"),
+    "bench_reference": ("bench", ["--config", "configs/bench.py:tiny",
+                                  "--config.reference_batch_size=7"],
+                        "config.reference_batch_size=7, config.batch_sizes=(8,)"),
 }  # fmt: skip
 
 

@@ -3,7 +3,10 @@ the policy table printed, ``summary.json`` with ``runs`` and ``verdict``, the pl
 
 The model is a one-layer MLP on 8x8 images: every stage of the command runs as with the
 smoke CNN (sweep, timing table, each policy's training, verdict, plot) at half the CPU time,
-and it learns the synthetic task within the smoke budgets (so the verdict ranks times)."""
+and it learns the synthetic task within the smoke budgets (so the verdict ranks times). Fewer
+programs than the smoke defaults: batch sizes from 16 (the throughput table, the timing table
+and the adaptive schedule's candidates, 16 -> 32) and no per-run plots (compare.png, the
+command's own plot, is drawn; the runs' plots are tests/test_train.py's)."""
 
 import json
 import os
@@ -26,7 +29,8 @@ def test_make_demo_on_the_smoke_settings_prints_the_policy_table_and_verdict(tmp
         "DEMO_CONFIG=configs/cifar10.py:smoke",
         "DATA_FLAGS=--config.data.source=synthetic",
         "DEMO_FLAGS=--config.data.synthetic.image_size=8 --config.model.name=mlp "
-        "--config.model.widths='(16,)'",
+        "--config.model.widths='(16,)' --config.plots=False "
+        "--config.tradeoff.batch_sizes='(16,32)' --config.adaptive.min_batch_size=16",
         f"WORKDIR={tmp_path}",
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)

@@ -386,6 +386,10 @@ def test_bad_step_time(times):
         schedule.batch_size_schedule(times, max_batch_size=512)
 
 
+_patience_3 = make(patience=3)
+_patience_3_update = jax.jit(_patience_3.update)  # one program for every unusable value
+
+
 @pytest.mark.parametrize(
     "bad, code, words",
     [
@@ -396,9 +400,8 @@ def test_bad_step_time(times):
     ],
 )
 def test_unusable_noise_keeps_the_batch_and_says_why(bad, code, words):
-    sched = make(patience=3)
+    sched, update = _patience_3, _patience_3_update
     state = sched.init()
-    update = jax.jit(sched.update)
     for _ in range(2):  # two of three updates towards a change
         decision, state = update(1000.0, state)
     assert int(decision.reason) == schedule.KEPT_WAITING and int(decision.streak) == 2
