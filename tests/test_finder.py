@@ -1,6 +1,7 @@
 """Tests for gns.finder: find_batch_size on plain JAX and Flax Linen (tiny budgets), its
 measurements against independent recomputations, the basis order, and its error messages."""
 
+import functools
 import json
 import math
 
@@ -66,7 +67,9 @@ def test_plain_jax_result_keys_basis_and_strict_json(plain_result):
 def test_plain_jax_measurements_match_independent_computations(plain_result):
     res = plain_result
     # The first pilot row is estimate.per_example on batch 0 at the initial parameters.
-    stats, _ = estimate.per_example(linreg_loss, jnp.zeros(D), linreg_batches(16, 0))
+    stats, _ = jax.jit(functools.partial(estimate.per_example, linreg_loss))(
+        jnp.zeros(D), linreg_batches(16, 0)
+    )
     row = res.pilot_rows[0]
     np.testing.assert_allclose([row["g_sq"], row["trace_cov"]],
                                [float(stats.g_sq), float(stats.trace_cov)], rtol=1e-5)  # fmt: skip
@@ -219,7 +222,9 @@ def test_nnx_model_through_split_and_merge():
         loss_fn, state, optax.sgd(0.01), linreg_batches, ref_batch_size=8, pilot_steps=8,
         num_stretches=2, candidates=(8, 16), timing_rounds=2, progress=False,
     )  # fmt: skip
-    stats, _ = estimate.per_example(loss_fn, state, linreg_batches(8, 0), method="vmap")
+    stats, _ = jax.jit(functools.partial(estimate.per_example, loss_fn, method="vmap"))(
+        state, linreg_batches(8, 0)
+    )
     assert res.pilot_rows[0]["g_sq"] == pytest.approx(float(stats.g_sq), rel=1e-5)
     assert res.basis in finder.BASIS_ORDER and len(res.trajectory.b_noise) == 2
     assert res.batch_size in {r["batch_size"] for r in res.recommendation.table}
