@@ -100,7 +100,7 @@ class MLP(nn.Module):
 
 def test_linen_model_with_branching_and_an_iterator_factory(tmp_path):
     model = MLP()
-    params = model.init(jax.random.key(1), jnp.zeros((1, D)))
+    params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, D)))  # one program
 
     def loss_fn(p, batch):
         return jnp.mean((model.apply(p, batch["x"]) - batch["y"]) ** 2)
