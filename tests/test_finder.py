@@ -268,9 +268,10 @@ def test_find_batch_size_is_a_lazy_attribute_of_the_package():
 def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_result):
     res = plain_result
     assert (res.state.step, res.state.examples_seen) == (24, 24 * 16)
+    sgd = jax.jit(lambda w, batch, lr: w - lr * jax.grad(linreg_loss)(w, batch))
     w = jnp.zeros(D)  # the pilot recomputed as plain SGD: per-example grads average to grad
     for i in range(24):
-        w = w - 0.05 * jax.grad(linreg_loss)(w, linreg_batches(16, i))
+        w = sgd(w, linreg_batches(16, i), 0.05)
     np.testing.assert_allclose(res.state.params, w, rtol=2e-5, atol=1e-6)
     assert res.to_dict()["state"] == {"step": 24, "examples_seen": 384}
     # Continue at batch 32 with the recommended rate: the stream goes on at example 384.
@@ -280,9 +281,7 @@ def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_res
     )
     want = res.state.params
     for i in range(12, 15):
-        want = want - res.recommendation.learning_rate * jax.grad(linreg_loss)(
-            want, linreg_batches(32, i)
-        )
+        want = sgd(want, linreg_batches(32, i), res.recommendation.learning_rate)
     np.testing.assert_allclose(state.params, want, rtol=2e-5, atol=1e-6)
     assert (state.step, state.examples_seen) == (27, 15 * 32) and losses.shape == (3,)
     assert losses[0] == pytest.approx(float(linreg_loss(res.state.params, linreg_batches(32, 12))))
