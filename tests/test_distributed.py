@@ -309,8 +309,8 @@ def test_across_devices_unbiased_linear_regression():
     """loss ½(x·w − y)², x ~ N(0, I_d), y = x·w* + s·ε, at w = w* + δ: the per-example gradient
     is g = x(x·δ) − s·ε·x, so G = δ and Σ = |δ|²I + δδᵀ + s²I, tr Σ = d(|δ|² + s²) + |δ|²."""
     d, local, num_batches, s = 4, 4, 2000, 1.0
-    w_star = jnp.arange(1.0, d + 1.0)
-    delta = jnp.array([0.5, -0.5, 0.5, -0.5])
+    w_star = np.arange(1.0, d + 1.0, dtype=np.float32)
+    delta = np.array([0.5, -0.5, 0.5, -0.5], np.float32)
     g_sq_true = float(delta @ delta)
     tr_true = d * (g_sq_true + s**2) + g_sq_true
 
@@ -318,9 +318,13 @@ def test_across_devices_unbiased_linear_regression():
         x, y = batch
         return 0.5 * jnp.mean((x @ w - y) ** 2)
 
-    kx, ke = jax.random.split(jax.random.key(7))
-    x = jax.random.normal(kx, (N_DEV, num_batches, local, d))
-    y = x @ w_star + s * jax.random.normal(ke, (N_DEV, num_batches, local))
+    @jax.jit  # the data in one program, not op by op
+    def make_data(key):
+        kx, ke = jax.random.split(key)
+        x = jax.random.normal(kx, (N_DEV, num_batches, local, d))
+        return x, x @ w_star + s * jax.random.normal(ke, (N_DEV, num_batches, local))
+
+    x, y = make_data(jax.random.key(7))
 
     def per_device(xs, ys):  # all batches at once: vmap over batches inside the pmap
         def one(xb, yb):
@@ -330,16 +334,16 @@ def test_across_devices_unbiased_linear_regression():
 
         return jax.vmap(one)(xs, ys)
 
-    g_sq, tr, naive = (a[0] for a in jax.pmap(per_device, axis_name=AXIS)(x, y))
+    g_sq, tr, naive = (np.asarray(a[0]) for a in jax.pmap(per_device, axis_name=AXIS)(x, y))
     assert g_sq.shape == (num_batches,)
     for est, truth, name in ((g_sq, g_sq_true, "g_sq"), (tr, tr_true, "trace_cov")):
-        se = float(jnp.std(est)) / np.sqrt(num_batches)
+        se = float(np.std(est)) / np.sqrt(num_batches)
         assert se < 0.1 * truth, f"{name}: too few batches for a meaningful test"
-        assert abs(float(jnp.mean(est)) - truth) < 4 * se, (name, float(jnp.mean(est)), truth)
+        assert abs(float(np.mean(est)) - truth) < 4 * se, (name, float(np.mean(est)), truth)
     # The test has power: the naive |G_B|² is biased by tr Σ / B and is rejected.
-    se = float(jnp.std(naive)) / np.sqrt(num_batches)
-    assert abs(float(jnp.mean(naive)) - g_sq_true) > 4 * se
-    np.testing.assert_allclose(jnp.mean(naive), g_sq_true + tr_true / (N_DEV * local), rtol=0.1)
+    se = float(np.std(naive)) / np.sqrt(num_batches)
+    assert abs(float(np.mean(naive)) - g_sq_true) > 4 * se
+    np.testing.assert_allclose(np.mean(naive), g_sq_true + tr_true / (N_DEV * local), rtol=0.1)
 
 
 # ---------------------------------------------------------------------------------------------
