@@ -69,7 +69,10 @@ def make_batch(key, n=GLOBAL):
 
 @pytest.fixture(scope="module")
 def problem():
-    return init_params(jax.random.key(0)), make_batch(jax.random.key(1))
+    # One program for the parameters and the data, not op by op.
+    return jax.jit(lambda k0, k1: (init_params(k0), make_batch(k1)))(
+        jax.random.key(0), jax.random.key(1)
+    )
 
 
 def mesh_1d(n=N_DEV):
@@ -149,24 +152,33 @@ ESTIMATORS = {
 
 
 @functools.cache
-def single_device(name: str):
-    """The one-device estimator of ``ESTIMATORS[name]`` on ``loss_fn``, compiled once for all
-    the tests that compare with it."""
-    single_est = ESTIMATORS[name][1]
-    return jax.jit(lambda p, b: single_est(loss_fn, p, b))
+def single_device():
+    """Every one-device estimator of ``ESTIMATORS`` on ``loss_fn`` (by name), and ``jax.grad``,
+    in one program compiled once for all the tests that compare with them."""
+    return jax.jit(
+        lambda p, b: ({n: e[1](loss_fn, p, b) for n, e in ESTIMATORS.items()},
+                      jax.grad(loss_fn)(p, b))
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("runner", list(RUNNERS))
-@pytest.mark.parametrize("name", list(ESTIMATORS))
-def test_data_parallel_equals_single_device(problem, name, runner):
+def test_data_parallel_equals_single_device(problem, runner):
+    """Each estimator of ``ESTIMATORS`` on the 4 devices' shards (all in one mapped program)
+    equals its one-device counterpart on the global batch, and its grads are jax.grad's."""
     params, batch = problem
-    parallel_est = ESTIMATORS[name][0]
-    stats, grads = RUNNERS[runner](lambda p, b: parallel_est(loss_fn, p, b), params, batch)
-    want_stats, want_grads = single_device(name)(params, batch)
-    assert_stats_close(stats, want_stats)
-    assert stats.big_batch_size == GLOBAL
-    chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-7)
-    chex.assert_trees_all_close(grads, jax.grad(loss_fn)(params, batch), rtol=1e-5, atol=1e-7)
+    got = RUNNERS[runner](
+        lambda p, b: {n: e[0](loss_fn, p, b) for n, e in ESTIMATORS.items()}, params, batch
+    )
+    want, plain = single_device()(params, batch)
+    for name, (stats, grads) in got.items():
+        want_stats, want_grads = want[name]
+        try:
+            assert_stats_close(stats, want_stats)
+            assert stats.big_batch_size == GLOBAL
+            chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-7)
+            chex.assert_trees_all_close(grads, plain, rtol=1e-5, atol=1e-7)
+        except AssertionError as err:
+            raise AssertionError(f"{name} under {runner}: {err}") from err
 
 
 class TinyCNN(nn.Module):
@@ -182,9 +194,14 @@ class TinyCNN(nn.Module):
 @pytest.mark.parametrize("runner", ["shard_map"])  # where the cast matters (pmap: same code)
 def test_per_example_flax_fast_path_equals_single_device_vmap(runner):
     model = TinyCNN()
-    kx, ky, kp = jax.random.split(jax.random.key(2), 3)
-    batch = jax.random.normal(kx, (16, 6, 6, 2)), jax.random.randint(ky, (16,), 0, 3)
-    params = model.init(kp, batch[0][:1])["params"]
+
+    @jax.jit  # the data and the parameters in one program, not op by op
+    def make_problem(key):
+        kx, ky, kp = jax.random.split(key, 3)
+        batch = jax.random.normal(kx, (16, 6, 6, 2)), jax.random.randint(ky, (16,), 0, 3)
+        return model.init(kp, batch[0][:1])["params"], batch
+
+    params, batch = make_problem(jax.random.key(2))
 
     def cnn_loss(p, b):
         logits = model.apply({"params": p}, b[0])
@@ -210,7 +227,7 @@ def test_tuple_axis_name_on_2d_mesh(problem):
         out_specs=P(),
     )
     stats, grads = jax.jit(f)(params, jax.device_put(batch, NamedSharding(mesh, P(("a", "b")))))
-    want_stats, want_grads = single_device("per_example")(params, batch)
+    want_stats, want_grads = single_device()(params, batch)[0]["per_example"]
     assert_stats_close(stats, want_stats)
     chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-7)
 
@@ -234,49 +251,54 @@ def test_shard_map_plain_grad_sums_per_example_grads_over_devices(problem):
     params, batch = problem
     mesh = mesh_1d()
     sharded = jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
-    naive = jax.jit(
-        jax.shard_map(_per_example_sq_norms, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+
+    # estimate.per_example under the same shard_map, in the same program.
+    def naive_and_gns(p, b):
+        return _per_example_sq_norms(p, b), estimate.per_example(loss_fn, p, b, axis_name=AXIS)[0]
+
+    naive, stats = jax.jit(
+        jax.shard_map(naive_and_gns, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(AXIS), P()))
     )(params, sharded)
 
     # The single-device per-example gradients, and their sums over devices at equal positions.
-    one = lambda p, x, y: loss_fn(p, (x[None], y[None]))
-    g = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))(params, *batch)
-    true_sq = jax.jit(_per_example_sq_norms)(params, batch)
-    summed = jax.tree.map(lambda a: a.reshape((N_DEV, LOCAL, -1)).sum(0), g)
-    summed_sq = sum(jnp.sum(a**2, axis=1) for a in jax.tree.leaves(summed))
+    @jax.jit
+    def reference(p, b):
+        one = lambda p, x, y: loss_fn(p, (x[None], y[None]))
+        g = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(p, *b)
+        summed = jax.tree.map(lambda a: a.reshape((N_DEV, LOCAL, -1)).sum(0), g)
+        return _per_example_sq_norms(p, b), sum(
+            jnp.sum(a**2, axis=1) for a in jax.tree.leaves(summed)
+        )
 
-    np.testing.assert_allclose(naive, jnp.tile(summed_sq, N_DEV), rtol=1e-5)
-    assert float(jnp.mean(naive)) > 1.5 * float(jnp.mean(true_sq))  # inflated, not just noisy
+    true_sq, summed_sq = (np.asarray(a) for a in reference(params, batch))
+    naive = np.asarray(naive)
+    np.testing.assert_allclose(naive, np.tile(summed_sq, N_DEV), rtol=1e-5)
+    assert naive.mean() > 1.5 * true_sq.mean()  # inflated, not just noisy
 
-    # estimate.per_example under the same shard_map: mean |g_i|² = g_sq + trace_cov (b = 1).
-    def est(p, b):
-        return estimate.per_example(loss_fn, p, b, axis_name=AXIS)[0]
-
-    stats = run_shard_map(est, params, batch)
-    np.testing.assert_allclose(stats.g_sq + stats.trace_cov, jnp.mean(true_sq), rtol=1e-5)
-    wrong = jnp.mean(naive)
-    assert abs(float(stats.g_sq + stats.trace_cov) - float(wrong)) > 0.3 * float(wrong)
+    # gns: mean |g_i|² = g_sq + trace_cov (b = 1), that of one device, not the naive one.
+    np.testing.assert_allclose(stats.g_sq + stats.trace_cov, true_sq.mean(), rtol=1e-5)
+    wrong = naive.mean()
+    assert abs(float(stats.g_sq + stats.trace_cov) - wrong) > 0.3 * wrong
 
 
-@pytest.mark.parametrize("method", ["vmap", "auto"])
-def test_per_example_without_its_cast_is_wrong_or_refused(problem, monkeypatch, method):
+def test_per_example_without_its_cast_is_wrong_or_refused(problem, monkeypatch):
     """Remove the cast inside gns: under shard_map the vmap path's statistics are inflated by
     the implicit sum, and the fast path's custom VJP no longer type-checks."""
     params, batch = problem
-    want, _ = single_device("per_example")(params, batch)
+    want, _ = single_device()(params, batch)[0]["per_example"]
 
-    def est(p, b):
-        return estimate.per_example(loss_fn, p, b, axis_name=AXIS, method=method)[0]
+    def est(method):
+        return lambda p, b: estimate.per_example(loss_fn, p, b, axis_name=AXIS, method=method)[0]
 
     monkeypatch.setattr(common, "to_varying", lambda tree, axis_name: tree)
-    if method == "vmap":
-        broken = run_shard_map(est, params, batch)
-        assert float(broken.trace_cov) > 1.5 * float(want.trace_cov)
-    else:
-        with pytest.raises(ValueError, match="manual axis types"):
-            run_shard_map(est, params, batch)
-    # pmap has no implicit sum: the cast is a no-op there and the result is still right.
-    assert_stats_close(run_pmap(est, params, batch), want)
+    broken = run_shard_map(est("vmap"), params, batch)
+    assert float(broken.trace_cov) > 1.5 * float(want.trace_cov)
+    with pytest.raises(ValueError, match="manual axis types"):
+        run_shard_map(est("auto"), params, batch)
+    # pmap has no implicit sum: the cast is a no-op there and both methods are still right.
+    both = run_pmap(lambda p, b: (est("vmap")(p, b), est("auto")(p, b)), params, batch)
+    for got in both:
+        assert_stats_close(got, want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +309,8 @@ def test_across_devices_unbiased_linear_regression():
     """loss ½(x·w − y)², x ~ N(0, I_d), y = x·w* + s·ε, at w = w* + δ: the per-example gradient
     is g = x(x·δ) − s·ε·x, so G = δ and Σ = |δ|²I + δδᵀ + s²I, tr Σ = d(|δ|² + s²) + |δ|²."""
     d, local, num_batches, s = 4, 4, 2000, 1.0
-    w_star = jnp.arange(1.0, d + 1.0)
-    delta = jnp.array([0.5, -0.5, 0.5, -0.5])
+    w_star = np.arange(1.0, d + 1.0, dtype=np.float32)
+    delta = np.array([0.5, -0.5, 0.5, -0.5], np.float32)
     g_sq_true = float(delta @ delta)
     tr_true = d * (g_sq_true + s**2) + g_sq_true
 
@@ -296,9 +318,13 @@ def test_across_devices_unbiased_linear_regression():
         x, y = batch
         return 0.5 * jnp.mean((x @ w - y) ** 2)
 
-    kx, ke = jax.random.split(jax.random.key(7))
-    x = jax.random.normal(kx, (N_DEV, num_batches, local, d))
-    y = x @ w_star + s * jax.random.normal(ke, (N_DEV, num_batches, local))
+    @jax.jit  # the data in one program, not op by op
+    def make_data(key):
+        kx, ke = jax.random.split(key)
+        x = jax.random.normal(kx, (N_DEV, num_batches, local, d))
+        return x, x @ w_star + s * jax.random.normal(ke, (N_DEV, num_batches, local))
+
+    x, y = make_data(jax.random.key(7))
 
     def per_device(xs, ys):  # all batches at once: vmap over batches inside the pmap
         def one(xb, yb):
@@ -308,16 +334,16 @@ def test_across_devices_unbiased_linear_regression():
 
         return jax.vmap(one)(xs, ys)
 
-    g_sq, tr, naive = (a[0] for a in jax.pmap(per_device, axis_name=AXIS)(x, y))
+    g_sq, tr, naive = (np.asarray(a[0]) for a in jax.pmap(per_device, axis_name=AXIS)(x, y))
     assert g_sq.shape == (num_batches,)
     for est, truth, name in ((g_sq, g_sq_true, "g_sq"), (tr, tr_true, "trace_cov")):
-        se = float(jnp.std(est)) / np.sqrt(num_batches)
+        se = float(np.std(est)) / np.sqrt(num_batches)
         assert se < 0.1 * truth, f"{name}: too few batches for a meaningful test"
-        assert abs(float(jnp.mean(est)) - truth) < 4 * se, (name, float(jnp.mean(est)), truth)
+        assert abs(float(np.mean(est)) - truth) < 4 * se, (name, float(np.mean(est)), truth)
     # The test has power: the naive |G_B|² is biased by tr Σ / B and is rejected.
-    se = float(jnp.std(naive)) / np.sqrt(num_batches)
-    assert abs(float(jnp.mean(naive)) - g_sq_true) > 4 * se
-    np.testing.assert_allclose(jnp.mean(naive), g_sq_true + tr_true / (N_DEV * local), rtol=0.1)
+    se = float(np.std(naive)) / np.sqrt(num_batches)
+    assert abs(float(np.mean(naive)) - g_sq_true) > 4 * se
+    np.testing.assert_allclose(np.mean(naive), g_sq_true + tr_true / (N_DEV * local), rtol=0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,14 +401,14 @@ def test_across_devices_on_one_device_errors(problem, runner):
 
 @pytest.mark.parametrize("mode", ["pmap", "shard_map"])
 def test_make_train_step_without_estimator_is_plain_data_parallel(problem, mode):
-    params, _ = problem
-    b = make_batch(jax.random.key(3))
+    params, b = problem
     optimizer = optax.sgd(0.1)
     mesh = mesh_1d() if mode == "shard_map" else None
     step = parallel.make_train_step(loss_fn, optimizer, estimator=None, axis_name=AXIS, mesh=mesh)
     p, _, stats = step(params, optimizer.init(params), parallel.shard_batch(b, mesh=mesh))
     assert stats is None
-    want = jax.tree.map(lambda w, g: w - 0.1 * g, params, jax.grad(loss_fn)(params, b))
+    _, grads = single_device()(params, b)  # jax.grad's
+    want = jax.tree.map(lambda w, g: w - 0.1 * g, params, grads)
     chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
 
 

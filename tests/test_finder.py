@@ -1,6 +1,7 @@
 """Tests for gns.finder: find_batch_size on plain JAX and Flax Linen (tiny budgets), its
 measurements against independent recomputations, the basis order, and its error messages."""
 
+import functools
 import json
 import math
 
@@ -66,7 +67,9 @@ def test_plain_jax_result_keys_basis_and_strict_json(plain_result):
 def test_plain_jax_measurements_match_independent_computations(plain_result):
     res = plain_result
     # The first pilot row is estimate.per_example on batch 0 at the initial parameters.
-    stats, _ = estimate.per_example(linreg_loss, jnp.zeros(D), linreg_batches(16, 0))
+    stats, _ = jax.jit(functools.partial(estimate.per_example, linreg_loss))(
+        jnp.zeros(D), linreg_batches(16, 0)
+    )
     row = res.pilot_rows[0]
     np.testing.assert_allclose([row["g_sq"], row["trace_cov"]],
                                [float(stats.g_sq), float(stats.trace_cov)], rtol=1e-5)  # fmt: skip
@@ -97,7 +100,7 @@ class MLP(nn.Module):
 
 def test_linen_model_with_branching_and_an_iterator_factory(tmp_path):
     model = MLP()
-    params = model.init(jax.random.key(1), jnp.zeros((1, D)))
+    params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, D)))  # one program
 
     def loss_fn(p, batch):
         return jnp.mean((model.apply(p, batch["x"]) - batch["y"]) ** 2)
@@ -219,7 +222,9 @@ def test_nnx_model_through_split_and_merge():
         loss_fn, state, optax.sgd(0.01), linreg_batches, ref_batch_size=8, pilot_steps=8,
         num_stretches=2, candidates=(8, 16), timing_rounds=2, progress=False,
     )  # fmt: skip
-    stats, _ = estimate.per_example(loss_fn, state, linreg_batches(8, 0), method="vmap")
+    stats, _ = jax.jit(functools.partial(estimate.per_example, loss_fn, method="vmap"))(
+        state, linreg_batches(8, 0)
+    )
     assert res.pilot_rows[0]["g_sq"] == pytest.approx(float(stats.g_sq), rel=1e-5)
     assert res.basis in finder.BASIS_ORDER and len(res.trajectory.b_noise) == 2
     assert res.batch_size in {r["batch_size"] for r in res.recommendation.table}
@@ -263,9 +268,10 @@ def test_find_batch_size_is_a_lazy_attribute_of_the_package():
 def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_result):
     res = plain_result
     assert (res.state.step, res.state.examples_seen) == (24, 24 * 16)
+    sgd = jax.jit(lambda w, batch, lr: w - lr * jax.grad(linreg_loss)(w, batch))
     w = jnp.zeros(D)  # the pilot recomputed as plain SGD: per-example grads average to grad
     for i in range(24):
-        w = w - 0.05 * jax.grad(linreg_loss)(w, linreg_batches(16, i))
+        w = sgd(w, linreg_batches(16, i), 0.05)
     np.testing.assert_allclose(res.state.params, w, rtol=2e-5, atol=1e-6)
     assert res.to_dict()["state"] == {"step": 24, "examples_seen": 384}
     # Continue at batch 32 with the recommended rate: the stream goes on at example 384.
@@ -275,9 +281,7 @@ def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_res
     )
     want = res.state.params
     for i in range(12, 15):
-        want = want - res.recommendation.learning_rate * jax.grad(linreg_loss)(
-            want, linreg_batches(32, i)
-        )
+        want = sgd(want, linreg_batches(32, i), res.recommendation.learning_rate)
     np.testing.assert_allclose(state.params, want, rtol=2e-5, atol=1e-6)
     assert (state.step, state.examples_seen) == (27, 15 * 32) and losses.shape == (3,)
     assert losses[0] == pytest.approx(float(linreg_loss(res.state.params, linreg_batches(32, 12))))
