@@ -450,6 +450,10 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
         device[r["step"]], prev = total, r["step"]
     at = evals[hit] if hit is not None else None
     by_b = adaptive.steps_by_batch_size(rows, at["step"] if at else s["steps"])
+
+    def to_target(times: dict[int, float]) -> float:  # the measurement, then the steps
+        return measurement_s + adaptive.device_time(by_b, times)
+
     known = [m for m in smooth if m is not None]
     trained = [r for r in rows if "start" not in r]  # without the pilot's row
     rec = {
@@ -462,16 +466,10 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
         "measurement_s": measurement_s,
         "reached": at is not None,
         "time_to_target_s": at["wall_time_s"] + measurement_s if at else None,
-        "device_time_to_target_s": measurement_s + adaptive.device_time(by_b, step_time)
-        if at
-        else None,
+        "device_time_to_target_s": to_target(step_time) if at else None,
         "device_time_by_round": None
         if at is None
-        else [
-            measurement_s
-            + adaptive.device_time(by_b, {b: v["times_s"][k] for b, v in table.items()})
-            for k in range(rounds)
-        ],
+        else [to_target({b: v["times_s"][k] for b, v in table.items()}) for k in range(rounds)],
         "steps_to_target": at["step"] if at else None,
         "examples_to_target": at["examples_seen"] if at else None,
         "steps_by_batch_size": {str(b): n for b, n in sorted(by_b.items())},
