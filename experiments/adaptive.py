@@ -97,12 +97,11 @@ def initial_state(config, sched) -> gschedule.ScheduleState:
 
 
 def validate(config, num_train: int, microbatches: int | None) -> None:
-    """The checks of an adaptive config against the data and the estimator: the schedule
-    builds, no candidate exceeds ``num_train``, and each splits into ``microbatches`` (the
-    microbatch estimator's and ghost BatchNorm's groups; ``None``: no such constraint). Its
-    start is checked with the config (:func:`experiments.train.validate_config`)."""
+    """The checks of an adaptive config against the data and the estimator: no candidate
+    exceeds ``num_train``, and each splits into ``microbatches`` (the microbatch estimator's
+    and ghost BatchNorm's groups; ``None``: no such constraint). The schedule itself and its
+    start are checked with the config (:func:`experiments.train.validate_config`)."""
     cands = candidates(config)
-    make_batch_schedule(config)
     if cands[-1] > num_train:
         raise UserError(
             f"config.adaptive candidate {cands[-1]} exceeds the {num_train} train examples",
