@@ -27,8 +27,8 @@ test: install
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
-	$(VENV)/bin/ruff check gns experiments configs tests
-	$(VENV)/bin/ruff format --check gns experiments configs tests
+	$(VENV)/bin/ruff check gns experiments configs tests docs/*.py
+	$(VENV)/bin/ruff format --check gns experiments configs tests docs/*.py
 
 # demo: every batch-size policy to the same smoothed target, 2 seeds (experiments/compare.py).
 # DEMO_CONFIG/DEMO_FLAGS: another setup or overrides (the test runs the smoke setup).
