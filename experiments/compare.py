@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import os
 import time
@@ -29,6 +28,7 @@ from absl import logging
 from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train, validation
 from experiments.cli import UserError
 from gns import common, plots, scaling
+from gns import schedule as gschedule
 
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
@@ -67,17 +67,7 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
 
     Returns ``fastest`` (``None``: none reached the target), ``tie`` (the fastest first; ``[]``
     when none), ``ranking``, ``policies`` (per policy: means, ``spread_s``, ``ratio`` to the
-    fastest, its paired ``ratio_range``, ``tie``...) and ``text`` (the lines to print).
-
-    Example:
-      >>> runs = [dict(policy=p, batch_size=b, seed=s, reached=True, time_to_target_s=t,
-      ...              device_time_to_target_s=t, best_smoothed_accuracy=0.6)
-      ...         for p, b, ts in (("a", 32, (10.0, 12.0)), ("b", 512, (40.0, 44.0)))
-      ...         for s, t in enumerate(ts)]
-      >>> v = verdict(runs)
-      >>> v["fastest"], round(v["policies"]["b"]["ratio"], 3), v["tie"]
-      ('a', 3.818, [])
-    """
+    fastest, its paired ``ratio_range``, ``tie``...) and ``text`` (the lines to print)."""
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(r["policy"], []).append(r)
@@ -168,17 +158,7 @@ def check_recommendation(
     """How the recommended batch did against the best measured (:func:`validation.rank` of the
     ``points``, trainings with ``device_time_to_target_s``): ``time_ratio`` (recommended over
     best in device time; ``None`` when it missed the target), ``wall_time_ratio``, ``rank``, and
-    the fitted ``b_crit`` (``None``: not fitted) over the measured ``b_simple``.
-
-    Example:
-      >>> pts = [{"batch_size": 32, "reached": True, "device_time_to_target_s": 20.0,
-      ...         "time_to_target_s": 30.0},
-      ...        {"batch_size": 64, "reached": True, "device_time_to_target_s": 25.0,
-      ...         "time_to_target_s": 24.0}]
-      >>> c = check_recommendation(pts, 64, 100.0, 50.0)
-      >>> c["time_ratio"], c["wall_time_ratio"], c["rank"]
-      (1.25, 1.0, 2)
-    """
+    the fitted ``b_crit`` (``None``: not fitted) over the measured ``b_simple``."""
     if not any(p["batch_size"] == recommended_batch_size for p in points):
         raise ValueError(
             f"recommended_batch_size={recommended_batch_size} is not among the trained batch "
@@ -232,14 +212,6 @@ def _train_config(config):
     return c
 
 
-def validate_config(config) -> None:
-    """Check the config of both modes (:mod:`experiments.rules`, ``compare`` included) and
-    the adaptive policy's candidates."""
-    train.validate_config(config)
-    if "adaptive" in config.compare.policies and config.adaptive.candidates is not None:
-        adaptive.candidates(config)
-
-
 def _best_measured(config, workdir: str) -> int | None:
     """The fastest batch of a tradeoff mode's summary (its ``check``), or ``None`` when there
     is no such summary or no point reached its target."""
@@ -254,23 +226,6 @@ def _best_measured(config, workdir: str) -> int | None:
             "--config.mode=tradeoff",
         )
     return s["check"]["best_batch_size"]
-
-
-def _adaptive_candidates(config, fits: list[int], needed: bool) -> list[int]:
-    """``config.adaptive.candidates``, else the timed powers of two that fit in
-    ``[min_batch_size, max_batch_size]``."""
-    a = config.adaptive
-    if a.candidates is not None:
-        return adaptive.candidates(config)
-    lo, hi = int(a.min_batch_size), min([int(a.max_batch_size), *fits[-1:]])
-    cands = [b for b in fits if lo <= b <= hi and b & (b - 1) == 0]
-    if needed and not cands:
-        raise UserError(
-            f"no power-of-two batch in [{lo}, {hi}] was timed (config.adaptive.min_batch_size,"
-            f" and max_batch_size capped by the largest batch that fits)",
-            hint="lower config.adaptive.min_batch_size or widen config.throughput",
-        )
-    return cands
 
 
 def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict, list[int]]:
@@ -296,7 +251,19 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
         "largest_fits": "no timed batch size fits the memory budget",
         "best_measured": "no tradeoff summary with a point at its target",
     }
-    cands = _adaptive_candidates(config, fits, "adaptive" in names)
+    a = config.adaptive
+    if a.candidates is not None:
+        cands = adaptive.candidates(config)
+    else:  # the schedule's powers of two that were timed and fit
+        cands = [
+            b for b in fits if b in gschedule.powers_of_two(a.min_batch_size, a.max_batch_size)
+        ]
+        if "adaptive" in names and not cands:
+            raise UserError(
+                f"no power-of-two batch in [{a.min_batch_size}, {a.max_batch_size}] was timed "
+                "and fits (config.adaptive.min_batch_size, max_batch_size)",
+                hint="lower config.adaptive.min_batch_size or widen config.throughput",
+            )
     plans = {}
     for p in names:
         if p == "adaptive":
@@ -443,24 +410,16 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: in
     return rec
 
 
-def _mode(body):
-    """A mode ``run(config, workdir) -> summary`` from ``body(config, workdir, sweep_result,
-    t0)``: validate, lock the workdir, record ``config.json``, run (or reuse) the measurements
-    in ``workdir/sweep`` and pass their ``sweep.json`` dict on."""
-
-    @functools.wraps(body)
-    def run(config, workdir: str) -> dict:
-        t0 = time.perf_counter()
-        validate_config(config)
-        with runlog.workdir_lock(workdir):
-            runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-            sweep_result = sweep.run_sweep(
-                _train_config(config), os.path.join(workdir, "sweep"), trainings=False
-            )
-            return body(config, workdir, sweep_result, t0)
-
-    del run.__wrapped__  # its signature is (config, workdir), not the body's
-    return run
+@contextlib.contextmanager
+def _measured(config, workdir: str):
+    """Validate, lock the workdir, record ``config.json`` and run (or reuse) the measurements
+    in ``workdir/sweep``; yields their ``sweep.json`` dict."""
+    train.validate_config(config)  # the rules of both modes, compare's included
+    with runlog.workdir_lock(workdir):
+        runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        yield sweep.run_sweep(
+            _train_config(config), os.path.join(workdir, "sweep"), trainings=False
+        )
 
 
 def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list[dict]:
@@ -489,37 +448,40 @@ def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list
     return runs
 
 
-@_mode
-def run_compare(config, workdir: str, sweep_result: dict, t0: float) -> dict:
+def run_compare(config, workdir: str) -> dict:
     """The compare mode: measure, time, train every policy to the smoothed target per seed;
     returns ``summary.json``."""
-    cmp = config.compare
-    plans, skipped, cands = plan_policies(config, workdir, sweep_result)
-    ds = data.load(config.data)
-    sizes = {b for p in plans.values() for b in plan_batch_sizes(p)}
-    sizes = sorted(sizes | {p["start"]["batch_size"] for p in plans.values() if "start" in p})
-    bar = progress.Progress(len(cmp.seeds) * len(plans), desc="compare", unit="runs", rate=False)
-    with contextlib.closing(bar):
-        bar.set(phase=f"timing batch sizes {sizes}")
-        table = _timing(config, workdir, ds, sizes)
-        runs = _train_policies(config, workdir, plans, table, bar)
-    n = min(cmp.eval_examples or len(ds.test_labels), len(ds.test_labels))
-    t = float(cmp.target_accuracy)
-    first = next((r for r in runs if r["policy"] == "adaptive"), None)
-    return _write_summary(workdir, "compare", sweep_result, t0, {
-        "target_accuracy": t,
-        "target_window": int(cmp.target_window),
-        "eval_examples": int(n),
-        "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
-        "policies": {p: {k: v for k, v in plan.items() if k != "adaptive"}
-                     for p, plan in plans.items()},
-        "skipped": skipped,
-        "candidates": cands,
-        "timing": {str(b): v for b, v in sorted(table.items())},
-        "runs": runs,
-        "verdict": verdict(runs, t),
-        "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
-    }, (plots.plot_policies, PLOT_FILE, runs, t))  # fmt: skip
+    t0 = time.perf_counter()
+    with _measured(config, workdir) as sweep_result:
+        cmp = config.compare
+        plans, skipped, cands = plan_policies(config, workdir, sweep_result)
+        ds = data.load(config.data)
+        sizes = {b for p in plans.values() for b in plan_batch_sizes(p)}
+        sizes = sorted(sizes | {p["start"]["batch_size"] for p in plans.values() if "start" in p})
+        bar = progress.Progress(
+            len(cmp.seeds) * len(plans), desc="compare", unit="runs", rate=False
+        )
+        with contextlib.closing(bar):
+            bar.set(phase=f"timing batch sizes {sizes}")
+            table = _timing(config, workdir, ds, sizes)
+            runs = _train_policies(config, workdir, plans, table, bar)
+        n = min(cmp.eval_examples or len(ds.test_labels), len(ds.test_labels))
+        t = float(cmp.target_accuracy)
+        first = next((r for r in runs if r["policy"] == "adaptive"), None)
+        return _write_summary(workdir, "compare", sweep_result, t0, {
+            "target_accuracy": t,
+            "target_window": int(cmp.target_window),
+            "eval_examples": int(n),
+            "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
+            "policies": {p: {k: v for k, v in plan.items() if k != "adaptive"}
+                         for p, plan in plans.items()},
+            "skipped": skipped,
+            "candidates": cands,
+            "timing": {str(b): v for b, v in sorted(table.items())},
+            "runs": runs,
+            "verdict": verdict(runs, t),
+            "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
+        }, (plots.plot_policies, PLOT_FILE, runs, t))  # fmt: skip
 
 
 def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict,
@@ -605,31 +567,32 @@ def policy_table(summary: dict) -> str:
 # The tradeoff mode.
 
 
-@_mode
-def run_tradeoff(config, workdir: str, sweep_result: dict, t0: float) -> dict:
+def run_tradeoff(config, workdir: str) -> dict:
     """The tradeoff mode: measure, recommend, train to the target at each batch size, fit, and
     check the recommendation; returns ``summary.json`` (and ``tradeoff.png``, the fit)."""
-    tcfg = _train_config(config)
-    rec = sweep_result["recommendation"]
-    b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
-    batches = sorted({int(b) for b in tcfg.tradeoff.batch_sizes} | {int(rec["batch_size"])})
-    too_big = [b for b in batches if b > sweep_result["max_batch_size"]]
-    if too_big:
-        raise UserError(
-            f"batch sizes {too_big} do not fit in memory (largest that fits: "
-            f"{sweep_result['max_batch_size']})",
-            hint="remove them from --config.tradeoff.batch_sizes",
-        )
-    st = sweep.SweepState(workdir)  # finished trainings, reused when the command is re-run
-    timing = (sweep.step_times(sweep_result["throughput"]), sweep_result["max_batch_size"])
-    points = sweep.run_trainings(tcfg, workdir, st, batches, b_simple, timing)
-    fit = sweep.fit_tradeoff(points, tcfg.tradeoff.num_bootstrap, tcfg.seed)
-    return _write_summary(workdir, "tradeoff", sweep_result, t0, {
-        "target_accuracy": float(tcfg.tradeoff.target_accuracy),
-        "points": points,
-        "tradeoff": fit,
-        "check": check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"]),
-    }, (plots.plot_tradeoff, TRADEOFF_PLOT_FILE, fit))  # fmt: skip
+    t0 = time.perf_counter()
+    with _measured(config, workdir) as sweep_result:
+        tcfg = _train_config(config)
+        rec = sweep_result["recommendation"]
+        b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
+        batches = sorted({int(b) for b in tcfg.tradeoff.batch_sizes} | {int(rec["batch_size"])})
+        too_big = [b for b in batches if b > sweep_result["max_batch_size"]]
+        if too_big:
+            raise UserError(
+                f"batch sizes {too_big} do not fit in memory (largest that fits: "
+                f"{sweep_result['max_batch_size']})",
+                hint="remove them from --config.tradeoff.batch_sizes",
+            )
+        st = sweep.SweepState(workdir)  # finished trainings, reused when the command is re-run
+        timing = (sweep.step_times(sweep_result["throughput"]), sweep_result["max_batch_size"])
+        points = sweep.run_trainings(tcfg, workdir, st, batches, b_simple, timing)
+        fit = sweep.fit_tradeoff(points, tcfg.tradeoff.num_bootstrap, tcfg.seed)
+        return _write_summary(workdir, "tradeoff", sweep_result, t0, {
+            "target_accuracy": float(tcfg.tradeoff.target_accuracy),
+            "points": points,
+            "tradeoff": fit,
+            "check": check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"]),
+        }, (plots.plot_tradeoff, TRADEOFF_PLOT_FILE, fit))  # fmt: skip
 
 
 def tradeoff_table(summary: dict) -> str:

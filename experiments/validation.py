@@ -30,15 +30,7 @@ def _ratio(a, b):
 
 
 def reseed_batch_sizes(points: list[dict], k: int) -> list[int]:
-    """The ``k`` batch sizes that reached the target in the least device time (:func:`rank`).
-
-    Example:
-      >>> pts = [{"batch_size": 16, "seed": 0, "reached": True, DEVICE: 9.0},
-      ...        {"batch_size": 32, "seed": 0, "reached": True, DEVICE: 5.0},
-      ...        {"batch_size": 64, "seed": 0, "reached": False, DEVICE: None}]
-      >>> reseed_batch_sizes(pts, 3)
-      [32, 16]
-    """
+    """The ``k`` batch sizes that reached the target in the least device time (:func:`rank`)."""
     return [r["batch_size"] for r in rank(mean_over_seeds(points))][: max(0, int(k))]
 
 
@@ -48,17 +40,7 @@ def mean_over_seeds(points: list[dict], key: str = "batch_size") -> list[dict]:
     ``time_to_target_s`` and optionally ``steps``: ``key``, ``seeds``, ``num_reached``,
     ``reached`` (every seed did), the means of ``steps``, ``device_time_to_target_s`` and
     ``time_to_target_s`` over the seeds that reached the target (``None``: none did),
-    ``device_time_per_seed`` and ``device_time_range`` (``[min, max]``).
-
-    Example:
-      >>> pts = [{"batch_size": 32, "seed": 0, "reached": True, "steps": 100,
-      ...         "device_time_to_target_s": 2.0, "time_to_target_s": 3.0},
-      ...        {"batch_size": 32, "seed": 1, "reached": True, "steps": 120,
-      ...         "device_time_to_target_s": 2.4, "time_to_target_s": 3.2}]
-      >>> r = mean_over_seeds(pts)[0]
-      >>> r["steps"], r["device_time_to_target_s"], r["device_time_range"]
-      (110.0, 2.2, [2.0, 2.4])
-    """
+    ``device_time_per_seed`` and ``device_time_range`` (``[min, max]``)."""
     groups: dict[Any, list[dict]] = {}
     for p in points:
         groups.setdefault(int(p[key]) if key == "batch_size" else p[key], []).append(p)
@@ -86,14 +68,7 @@ def rank(rows, key: str = "batch_size") -> list[dict]:
     """Who won: the rows of :func:`mean_over_seeds` whose every seed reached the target,
     fastest first by mean device time (ties: the smaller ``key`` first), each a copy with
     ``rank`` (1 = fastest; equal times share a rank), ``over_best`` (device time over the
-    fastest's) and ``wall_over_best`` (wall clock over the least wall clock among them).
-
-    Example:
-      >>> rows = [{"batch_size": 16, "reached": True, DEVICE: 3.0, "time_to_target_s": 2.0},
-      ...         {"batch_size": 32, "reached": True, DEVICE: 2.0, "time_to_target_s": 4.0}]
-      >>> [(r["batch_size"], r["rank"], r["wall_over_best"]) for r in rank(rows)]
-      [(32, 1, 2.0), (16, 2, 1.0)]
-    """
+    fastest's) and ``wall_over_best`` (wall clock over the least wall clock among them)."""
     done = sorted((r for r in rows if r["reached"] and r.get(DEVICE) is not None),
                   key=lambda r: (r[DEVICE], r[key]))  # fmt: skip
     walls = [r["time_to_target_s"] for r in done if r.get("time_to_target_s") is not None]
@@ -160,8 +135,7 @@ def validation(sweep: dict) -> dict:
     recommended ``batch_size`` and :func:`_over_best` (``device_time_to_target_s``,
     ``over_best``, ``over_best_per_seed`` over the fastest batch of that seed,
     ``over_best_range``, ``trained``, ``source``...); ``branched_over_fitted`` (branched over
-    fitted ``B_crit``, interval and per checkpoint); ``targets``, each ``met`` or ``None``.
-    """
+    fitted ``B_crit``, interval and per checkpoint); ``targets``, each ``met`` or ``None``."""
     rows = {int(r["batch_size"]): r for r in sweep["tradeoff"].get("by_batch") or []}
     ranked = rank(rows.values())
     if not ranked:

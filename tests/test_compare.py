@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs import cifar10 as cifar10_config
-from experiments import adaptive, cifar10, compare, runlog, sweep
+from experiments import adaptive, cifar10, compare, runlog, sweep, train
 from experiments.cli import UserError
 from gns import common, scaling
 
@@ -227,7 +227,7 @@ def test_policies_are_checked_names():
     c = smoke_config("compare")
     c.compare.policies = ("tradeoff_best", "default")
     with pytest.raises(UserError, match="compare.policies"):
-        compare.validate_config(c)
+        train.validate_config(c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
     import jax
     import orbax.checkpoint as ocp
 
-    from experiments import data, train
+    from experiments import data
     from gns import finder
 
     sw = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))
