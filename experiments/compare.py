@@ -1,17 +1,14 @@
 """Which batch-size policy trains fastest on this machine? The ``compare`` and ``tradeoff`` modes
-of ``experiments.cifar10``, both after the sweep's measurements without its trainings
-(:func:`experiments.sweep.run_sweep`, kept in ``WORKDIR/sweep`` and reused on a re-run).
+of ``experiments.cifar10``, after the sweep's measurements without its trainings (kept in
+``WORKDIR/sweep``, reused on a re-run).
 
-**compare** trains each of ``compare.policies`` once per seed of ``compare.seeds`` to a smoothed
-target, each run one :func:`experiments.train.train_and_evaluate` (its runs in
-``WORKDIR/runs/<policy>-B<batch>-seed<seed>``), and ranks them by device time
-``Σ_B steps(B)·t(B)`` from one interleaved timing table (:func:`verdict`). The ``recommended``
-run goes on from the measurement's pilot and its times add the rest of the measurement's cost:
-gns end to end against the other policies trained alone.
-
-**tradeoff** trains to ``tradeoff.target_accuracy`` at ``tradeoff.batch_sizes`` and the
-recommended batch, fits ``S(B) = S_min + E_min/B`` and checks the recommendation
-(:func:`check_recommendation`). Both write ``WORKDIR/summary.json`` and a plot.
+**compare** trains each of ``compare.policies`` once per seed to a smoothed target, each run one
+:func:`experiments.train.train_and_evaluate` in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>``,
+and ranks them by device time ``Σ_B steps(B)·t(B)`` from one interleaved timing table
+(:func:`verdict`); the ``recommended`` run goes on from the measurement's pilot and its times add
+the rest of the measurement's cost. **tradeoff** trains to ``tradeoff.target_accuracy`` at
+``tradeoff.batch_sizes`` and the recommended batch, fits ``S(B) = S_min + E_min/B`` and checks
+the recommendation (:func:`check_recommendation`). Both write ``WORKDIR/summary.json`` and a plot.
 """
 
 from __future__ import annotations
@@ -71,8 +68,13 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(r["policy"], []).append(r)
+    rows = validation.mean_over_seeds(runs, key="policy")
+    ranked = validation.rank(rows, key="policy")
+    ratio = {r["policy"]: r["over_best"] for r in ranked}
+    ranking = list(ratio)
+    fastest = ranking[0] if ranking else None
     stats: dict[str, dict] = {}
-    for row in validation.mean_over_seeds(runs, key="policy"):
+    for row in rows:
         rs, ok = by[row["policy"]], row["reached"]
         best = [r["best_smoothed_accuracy"] for r in rs if r["best_smoothed_accuracy"] is not None]
         lo, hi = row["device_time_range"] or (0.0, 0.0)
@@ -82,24 +84,20 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
             "device_time_to_target_s": row[validation.DEVICE] if ok else None,
             "time_to_target_s": row["time_to_target_s"] if ok else None,
             "spread_s": (hi - lo) / 2 if ok else None,
-            "ratio": None,
+            "ratio": ratio.get(row["policy"]),
             "ratio_range": None,
             "tie": False,
             "best_smoothed_accuracy": max(best, default=None),
         }
-    ranked = validation.rank([{"policy": p, **s} for p, s in stats.items()], key="policy")
-    ranking = [r["policy"] for r in ranked]
-    fastest = ranking[0] if ranking else None
-    f_by_seed = {x["seed"]: x for x in by.get(fastest, [])}
-    for r in ranked:
-        s, f = stats[r["policy"]], stats[fastest]
-        paired = [x for run in by[r["policy"]] if run["seed"] in f_by_seed
+    f, f_by_seed = stats.get(fastest), {x["seed"]: x for x in by.get(fastest, [])}
+    for p in ranking:
+        s = stats[p]
+        paired = [x for run in by[p] if run["seed"] in f_by_seed
                   for x in _paired_ratios(run, f_by_seed[run["seed"]])]  # fmt: skip
         gap = s["device_time_to_target_s"] - f["device_time_to_target_s"]
         inside = gap <= s["spread_s"] + f["spread_s"] or bool(paired and min(paired) <= 1)
-        s["ratio"] = r["over_best"]
         s["ratio_range"] = [min(paired), max(paired)] if paired else None
-        s["tie"] = r["policy"] != fastest and inside
+        s["tie"] = p != fastest and inside
     tie = [p for p in ranking if stats[p]["tie"]]
     out = {"fastest": fastest, "tie": [fastest, *tie] if tie else [], "ranking": ranking,
            "policies": stats}  # fmt: skip
