@@ -361,7 +361,11 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: in
     smooth = trailing_means([r["test_accuracy"] for r in evals], target_window)
     at = next((r for r in evals if r["step"] == s.get("steps_to_target")), None)
     device = _device_times(rows, {b: v["step_time_s"] for b, v in table.items()}, measurement_s)
-    rounds = range(min(len(v["times_s"]) for v in table.values()))
+    per_round = [
+        _device_times(rows, {b: v["times_s"][k] for b, v in table.items()}, measurement_s)
+        for k in range(min(len(v["times_s"]) for v in table.values()))
+    ]
+    by_b = adaptive.steps_by_batch_size(rows, at["step"] if at else s["steps"])
     trained = [r for r in rows if "start" not in r]  # without the pilot's row
     rec = {
         "policy": policy,
@@ -374,22 +378,10 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: in
         "reached": at is not None,
         "time_to_target_s": at["wall_time_s"] + measurement_s if at else None,
         "device_time_to_target_s": device[at["step"]] if at else None,
-        "device_time_by_round": None
-        if at is None
-        else [
-            _device_times(rows, {b: v["times_s"][k] for b, v in table.items()}, measurement_s)[
-                at["step"]
-            ]
-            for k in rounds
-        ],  # fmt: skip
+        "device_time_by_round": None if at is None else [d[at["step"]] for d in per_round],
         "steps_to_target": at["step"] if at else None,
         "examples_to_target": at["examples_seen"] if at else None,
-        "steps_by_batch_size": {
-            str(b): n
-            for b, n in sorted(
-                adaptive.steps_by_batch_size(rows, at["step"] if at else s["steps"]).items()
-            )
-        },  # fmt: skip
+        "steps_by_batch_size": {str(b): n for b, n in sorted(by_b.items())},
         "best_smoothed_accuracy": max((m for m in smooth if m is not None), default=None),
         "steps": s.get("steps"),
         "wall_time_s": s.get("wall_time_s"),
@@ -400,7 +392,7 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: in
         "curve": [
             [r["wall_time_s"] + measurement_s, device[r["step"]], r["test_accuracy"], m]
             for r, m in zip(evals, smooth, strict=True)
-        ],  # fmt: skip
+        ],
         "batch_curve": [[device[r["step"]], r["batch_size"]] for r in rows],
     }
     if policy == "adaptive":
