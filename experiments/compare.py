@@ -1,48 +1,31 @@
-"""Which batch-size policy trains fastest on this machine? The ``compare`` and ``tradeoff`` modes.
+"""Which batch-size policy trains fastest on this machine? The ``compare`` and ``tradeoff`` modes
+of ``experiments.cifar10``, after the sweep's measurements without its trainings (kept in
+``WORKDIR/sweep``, reused on a re-run).
 
-Two modes of ``experiments.cifar10`` (``--config.mode=compare`` / ``tradeoff``), both starting
-with the sweep's measurements (:func:`experiments.sweep.run_sweep` without its trainings), kept
-in ``WORKDIR/sweep`` and reused when the command is re-run.
-
-**compare** trains each of ``compare.policies`` (``recommended``, ``default``, ``adaptive``,
-``best_measured``, ``largest_fits``; the README's "Results" section) ``compare.seeds`` times to
-a smoothed target (the trailing mean of ``compare.target_window`` evaluations,
-:func:`smoothed_crossing`), each run one :func:`experiments.train.train_and_evaluate` with its
-learning rate from :func:`gns.scaling.learning_rate`. Time to target is wall clock and device
-time ``Σ_B steps(B)·t(B)`` from one interleaved timing table; :func:`verdict` ranks the
-policies. The ``recommended`` run goes on from the measurement's pilot (``config.start_from``:
-its state, steps, examples and seconds, the pilot's steps at its batch in the device time) and
-its times add ``measurement_s``, the rest of what the measurement cost: gns end to end against
-the other policies trained alone. Writes ``WORKDIR/summary.json``, ``WORKDIR/compare.png``
-and the runs in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` (:func:`run_name`).
-
-**tradeoff** trains to ``tradeoff.target_accuracy`` at ``tradeoff.batch_sizes`` and the
-recommended batch (:func:`experiments.sweep.run_trainings`), fits ``S(B) = S_min + E_min/B``
-and checks the recommendation (:func:`check_recommendation`); writes ``WORKDIR/summary.json``,
-``WORKDIR/tradeoff.png`` and the trainings in ``WORKDIR/train/``.
-
-Example::
-
-    python -m experiments.cifar10 --config configs/cifar10.py:smoke --config.mode=compare \\
-      --config.data.source=synthetic --workdir /tmp/compare
+**compare** trains each of ``compare.policies`` once per seed to a smoothed target, each run one
+:func:`experiments.train.train_and_evaluate` in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>``,
+and ranks them by device time ``Σ_B steps(B)·t(B)`` from one interleaved timing table
+(:func:`verdict`); the ``recommended`` run goes on from the measurement's pilot and its times add
+the rest of the measurement's cost. **tradeoff** trains to ``tradeoff.target_accuracy`` at
+``tradeoff.batch_sizes`` and the recommended batch, fits ``S(B) = S_min + E_min/B`` and checks
+the recommendation (:func:`check_recommendation`). Both write ``WORKDIR/summary.json`` and a plot.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import os
 import time
 from collections.abc import Sequence
 
-import ml_collections
 from absl import logging
 
 from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train, validation
 from experiments.cli import UserError
-from gns import common, scaling
+from gns import common, plots, scaling
+from gns import schedule as gschedule
 
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
@@ -51,7 +34,7 @@ TRADEOFF_PLOT_FILE = "tradeoff.png"
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure logic: the smoothed target, the verdict, how the recommendation did.
+# Pure logic: the smoothed accuracy, the verdict, how the recommendation did.
 
 
 def trailing_means(values: Sequence[float], window: int) -> list[float | None]:
@@ -64,59 +47,34 @@ def trailing_means(values: Sequence[float], window: int) -> list[float | None]:
     """
     if not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window={window!r}: need an int >= 1.")
-    out: list[float | None] = []
-    for i in range(len(values)):
-        last = values[i - window + 1 : i + 1] if i + 1 >= window else None
-        out.append(None if last is None else float(sum(last)) / window)
-    return out
-
-
-def smoothed_crossing(accuracies: Sequence[float], target: float, window: int) -> int | None:
-    """Index of the first evaluation whose trailing mean of ``window`` evaluations reaches
-    ``target`` (``None``: never).
-
-    Example:
-      >>> smoothed_crossing([0.5, 0.62, 0.55, 0.61], 0.58, 2)  # means -, .56, .585, .58
-      2
-    """
-    for i, m in enumerate(trailing_means(accuracies, window)):
-        if m is not None and m >= target:
-            return i
-    return None
+    return [
+        None if i + 1 < window else float(sum(values[i + 1 - window : i + 1])) / window
+        for i in range(len(values))
+    ]
 
 
 def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
-    """The policies ranked by mean device time to target over their seeds.
+    """The policies ranked by mean device time to target over their seeds (``runs``: as in
+    ``summary.json``; ``target_accuracy``: for the text).
 
-    A policy reaches the target when every one of its runs did; its spread is half the range of
-    its runs' device times. Another policy ties with the fastest when the difference of their
-    means is at most the sum of their spreads, or when it is not slower in every paired
-    comparison (on each seed, and under each timing round where the runs carry
-    ``device_time_by_round``).
+    A policy reaches the target when all its runs did; its spread is half the range of its
+    runs' device times. Another ties with the fastest when their means differ by at most the
+    sum of their spreads, or when it is not slower in every paired comparison (per seed, and
+    per timing round where the runs carry ``device_time_by_round``).
 
-    Args:
-      runs: one dict per (policy, seed), as in ``summary.json``'s ``runs``.
-      target_accuracy: for the text only.
-
-    Returns:
-      ``fastest`` (``None`` when none reached the target), ``tie`` (the fastest first; ``[]``
-      when none), ``ranking``, ``policies`` (per policy: means, ``spread_s``, ``ratio`` to the
-      fastest and its paired ``ratio_range``, ``tie``...) and ``text`` (the lines to print).
-
-    Example:
-      >>> runs = [dict(policy=p, batch_size=b, seed=s, reached=True, time_to_target_s=t,
-      ...              device_time_to_target_s=t, best_smoothed_accuracy=0.6)
-      ...         for p, b, ts in (("a", 32, (10.0, 12.0)), ("b", 512, (40.0, 44.0)))
-      ...         for s, t in enumerate(ts)]
-      >>> v = verdict(runs)
-      >>> v["fastest"], round(v["policies"]["b"]["ratio"], 3), v["tie"]
-      ('a', 3.818, [])
-    """
+    Returns ``fastest`` (``None``: none reached the target), ``tie`` (the fastest first; ``[]``
+    when none), ``ranking``, ``policies`` (per policy: means, ``spread_s``, ``ratio`` to the
+    fastest, its paired ``ratio_range``, ``tie``...) and ``text`` (the lines to print)."""
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(r["policy"], []).append(r)
+    rows = validation.mean_over_seeds(runs, key="policy")
+    ranked = validation.rank(rows, key="policy")
+    ratio = {r["policy"]: r["over_best"] for r in ranked}
+    ranking = list(ratio)
+    fastest = ranking[0] if ranking else None
     stats: dict[str, dict] = {}
-    for row in validation.mean_over_seeds(runs, key="policy"):
+    for row in rows:
         rs, ok = by[row["policy"]], row["reached"]
         best = [r["best_smoothed_accuracy"] for r in rs if r["best_smoothed_accuracy"] is not None]
         lo, hi = row["device_time_range"] or (0.0, 0.0)
@@ -126,31 +84,23 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
             "device_time_to_target_s": row[validation.DEVICE] if ok else None,
             "time_to_target_s": row["time_to_target_s"] if ok else None,
             "spread_s": (hi - lo) / 2 if ok else None,
-            "ratio": None,
+            "ratio": ratio.get(row["policy"]),
             "ratio_range": None,
             "tie": False,
-            "best_smoothed_accuracy": max(best) if best else None,
+            "best_smoothed_accuracy": max(best, default=None),
         }
-    ranked = validation.rank([{"policy": p, **s} for p, s in stats.items()], key="policy")
-    ranking = [r["policy"] for r in ranked]
-    fastest = ranking[0] if ranking else None
-    f_by_seed = {x["seed"]: x for x in by.get(fastest, [])}
-    for r in ranked:
-        s, f = stats[r["policy"]], stats[fastest]
-        s["ratio"] = r["over_best"]
-        paired = [x for run in by[r["policy"]] if run["seed"] in f_by_seed
+    f, f_by_seed = stats.get(fastest), {x["seed"]: x for x in by.get(fastest, [])}
+    for p in ranking:
+        s = stats[p]
+        paired = [x for run in by[p] if run["seed"] in f_by_seed
                   for x in _paired_ratios(run, f_by_seed[run["seed"]])]  # fmt: skip
-        s["ratio_range"] = [min(paired), max(paired)] if paired else None
         gap = s["device_time_to_target_s"] - f["device_time_to_target_s"]
         inside = gap <= s["spread_s"] + f["spread_s"] or bool(paired and min(paired) <= 1)
-        s["tie"] = r["policy"] != fastest and inside
+        s["ratio_range"] = [min(paired), max(paired)] if paired else None
+        s["tie"] = p != fastest and inside
     tie = [p for p in ranking if stats[p]["tie"]]
-    out = {
-        "fastest": fastest,
-        "tie": [fastest, *tie] if tie else [],
-        "ranking": ranking,
-        "policies": stats,
-    }
+    out = {"fastest": fastest, "tie": [fastest, *tie] if tie else [], "ranking": ranking,
+           "policies": stats}  # fmt: skip
     out["text"] = _verdict_text(out, target_accuracy)
     return out
 
@@ -185,11 +135,10 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
         )
     for p, s in stats.items():
         if not s["reached"]:
-            best = s["best_smoothed_accuracy"]
             lines.append(
                 f"  {p} (batch {s['batch_size']}): never reached {what} in "
                 f"{len(s['seeds']) - s['num_reached']} of {len(s['seeds'])} seed(s); best "
-                f"smoothed accuracy {'-' if best is None else f'{100 * best:.1f}%'}"
+                f"smoothed accuracy {_fmt(s['best_smoothed_accuracy'], '.1f', '%', 100)}"
             )
     if v["tie"]:
         lines.append(
@@ -204,21 +153,10 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
 def check_recommendation(
     points: list[dict], recommended_batch_size: int, b_simple: float, b_crit: float | None
 ) -> dict:
-    """How the recommended batch size did against the best one measured, in device time to
-    target (``device_time_to_target_s`` of ``points``, :func:`experiments.sweep.with_device_time`)
-    and in wall clock: ``time_ratio`` (recommended over best; ``None`` when it missed the
-    target), ``wall_time_ratio``, ``rank`` (:func:`experiments.validation.rank`), and ``B_crit``
-    of the fit (``b_crit``, ``None`` when not fitted) over the measured ``b_simple``.
-
-    Example:
-      >>> pts = [{"batch_size": 32, "reached": True, "device_time_to_target_s": 20.0,
-      ...         "time_to_target_s": 30.0},
-      ...        {"batch_size": 64, "reached": True, "device_time_to_target_s": 25.0,
-      ...         "time_to_target_s": 24.0}]
-      >>> c = check_recommendation(pts, 64, 100.0, 50.0)
-      >>> c["time_ratio"], c["wall_time_ratio"], c["rank"]
-      (1.25, 1.0, 2)
-    """
+    """How the recommended batch did against the best measured (:func:`validation.rank` of the
+    ``points``, trainings with ``device_time_to_target_s``): ``time_ratio`` (recommended over
+    best in device time; ``None`` when it missed the target), ``wall_time_ratio``, ``rank``, and
+    the fitted ``b_crit`` (``None``: not fitted) over the measured ``b_simple``."""
     if not any(p["batch_size"] == recommended_batch_size for p in points):
         raise ValueError(
             f"recommended_batch_size={recommended_batch_size} is not among the trained batch "
@@ -226,13 +164,14 @@ def check_recommendation(
         )
     ranking = validation.rank(validation.mean_over_seeds(points))
     rec = next((r for r in ranking if r["batch_size"] == recommended_batch_size), {})
+    best = ranking[0] if ranking else {}
     finite = b_crit is not None and b_simple is not None and 0 < b_simple < math.inf
     return {
         "recommended_batch_size": int(recommended_batch_size),
-        "recommended_device_time_to_target_s": rec.get("device_time_to_target_s"),
+        "recommended_device_time_to_target_s": rec.get(validation.DEVICE),
         "recommended_time_to_target_s": rec.get("time_to_target_s"),
-        "best_batch_size": ranking[0]["batch_size"] if ranking else None,
-        "best_device_time_to_target_s": ranking[0]["device_time_to_target_s"] if ranking else None,
+        "best_batch_size": best.get("batch_size"),
+        "best_device_time_to_target_s": best.get(validation.DEVICE),
         "time_ratio": rec.get("over_best"),
         "wall_time_ratio": rec.get("wall_over_best"),
         "rank": rec.get("rank"),
@@ -246,62 +185,34 @@ def check_recommendation(
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs.
+# The configs and plans of the runs.
 
 
 def _baseline(config) -> tuple[int, float]:
+    """The default policy's batch and learning rate, the reference of every rate."""
     b, lr = config.compare.baseline_batch_size, config.compare.baseline_learning_rate
     return int(config.batch_size if b is None else b), float(
         config.learning_rate if lr is None else lr)  # fmt: skip
 
 
-def _train_config(config) -> ml_collections.ConfigDict:
-    """``config`` as the measurements (:func:`experiments.sweep.run_sweep`) and the runs train
-    it: the baseline's batch size and learning rate, ``compare``'s schedule, no noise-scale
-    tracking, no progress bar."""
-    comparison = config.compare
-    c = copy.deepcopy(config)
+def _train_config(config):
+    """``config`` as the measurements and the runs train it: the baseline's batch and rate,
+    ``compare``'s schedule, warmup and evaluation size, no noise-scale tracking, no bar."""
+    cmp, c = config.compare, copy.deepcopy(config)
     c.mode = "train"
     c.batch_size, c.learning_rate = _baseline(config)
-    if comparison.schedule is not None:
-        c.schedule = comparison.schedule
-    if comparison.warmup_steps is not None:
-        c.warmup_steps = int(comparison.warmup_steps)
-    if comparison.eval_examples is not None:
-        c.eval_examples = int(comparison.eval_examples)
+    for field in ("schedule", "warmup_steps", "eval_examples"):
+        if cmp[field] is not None:
+            c[field] = cmp[field]
     c.gns_every = 0  # the sweep measured the noise scale; the runs time plain training
     c.checkpoint_every = 0
     c.progress_bar = False
     return c
 
 
-def validate_config(config) -> None:
-    """Check the config of both modes (the table of :mod:`experiments.rules`, ``compare``
-    included, with the device count) and the adaptive policy's candidates."""
-    train.validate_config(config)
-    if "adaptive" in config.compare.policies and config.adaptive.candidates is not None:
-        adaptive.candidates(config)
-
-
-# ---------------------------------------------------------------------------------------------
-# The compare mode: every policy to the smoothed target.
-
-
-def _lr_rule(config, b_noise: float):
-    """``batch -> learning rate`` of the one rule (:func:`gns.scaling.learning_rate` from the
-    default policy's batch and rate), and the schedule's name of the same rule."""
-    base_b, base_lr = _baseline(config)
-
-    def lr(b: int) -> float:
-        return scaling.learning_rate(config.optimizer, base_lr, base_b, b, b_noise)[0]
-
-    return lr, scaling.rule_for(config.optimizer)
-
-
 def _best_measured(config, workdir: str) -> int | None:
-    """The batch of a tradeoff mode's summary with the least device time to its target (its
-    ``check``: :func:`experiments.validation.rank`), or ``None`` when there is no such
-    summary or no point reached its target."""
+    """The fastest batch of a tradeoff mode's summary (its ``check``), or ``None`` when there
+    is no such summary or no point reached its target."""
     path = config.compare.tradeoff_summary or os.path.join(workdir, "tradeoff", SUMMARY_FILE)
     if not os.path.exists(path):
         return None
@@ -316,65 +227,62 @@ def _best_measured(config, workdir: str) -> int | None:
 
 
 def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict, list[int]]:
-    """What each policy trains: ``({policy: {'batch_size', 'learning_rate', 'adaptive'
-    (the config.adaptive fields), 'gns_every'}}, {policy: why skipped}, adaptive
-    candidates)`` from the measurements ``sweep_result`` (a ``sweep.json`` dict)."""
+    """What each policy trains: ``({policy: {'batch_size', 'learning_rate', 'gns_every',
+    'adaptive' (config.adaptive fields)...}}, {policy: why skipped}, adaptive candidates)``
+    from the measurements ``sweep_result`` (a ``sweep.json`` dict)."""
     names = tuple(config.compare.policies)
     rec = sweep_result["recommendation"]
     b_noise = rec.get("b_noise")  # the recommendation's basis: one noise scale for every rate
     b_noise = sweep.noise_scale_value(sweep_result["noise_scale"]) if b_noise is None else b_noise
-    lr, rule = _lr_rule(config, b_noise)
-    fits = [r["batch_size"] for r in sweep_result["throughput"]
-            if r["fits"] and r["step_time_s"] and r.get("accumulation_steps", 1) == 1]  # fmt: skip
-    batch: dict[str, int] = {"default": _baseline(config)[0]}
-    skipped: dict[str, str] = {}
-    if rec["accumulation_steps"] == 1:
-        batch["recommended"] = int(rec["batch_size"])
-    else:
-        skipped["recommended"] = "needs gradient accumulation, which the runs do not do"
-    if fits:
-        batch["largest_fits"] = int(max(fits))
-    else:
-        skipped["largest_fits"] = "no timed batch size fits the memory budget"
-    best = _best_measured(config, workdir) if "best_measured" in names else None
-    if best is not None:
-        batch["best_measured"] = int(best)
-    else:
-        skipped["best_measured"] = "no tradeoff summary with a point at its target"
+    base_b, base_lr = _baseline(config)
+    rows = sweep_result["throughput"]
+    fits = sorted(r["batch_size"] for r in rows if r["fits"] and r["step_time_s"]
+                  and r.get("accumulation_steps", 1) == 1)  # fmt: skip
+    batch = {
+        "default": base_b,
+        "recommended": rec["batch_size"] if rec["accumulation_steps"] == 1 else None,
+        "largest_fits": max(fits, default=None),
+        "best_measured": _best_measured(config, workdir) if "best_measured" in names else None,
+    }
+    why = {
+        "recommended": "needs gradient accumulation, which the runs do not do",
+        "largest_fits": "no timed batch size fits the memory budget",
+        "best_measured": "no tradeoff summary with a point at its target",
+    }
     a = config.adaptive
     if a.candidates is not None:
         cands = adaptive.candidates(config)
-    else:
-        lo, hi = int(a.min_batch_size), min([int(a.max_batch_size), *([max(fits)] if fits else [])])
-        cands = [b for b in sorted(fits) if lo <= b <= hi and b & (b - 1) == 0]
+    else:  # the schedule's powers of two that were timed and fit
+        cands = [
+            b for b in fits if b in gschedule.powers_of_two(a.min_batch_size, a.max_batch_size)
+        ]
         if "adaptive" in names and not cands:
             raise UserError(
-                f"no power-of-two batch in [{lo}, {hi}] was timed (config.adaptive.min_batch_size,"
-                f" and max_batch_size capped by the largest batch that fits)",
+                f"no power-of-two batch in [{a.min_batch_size}, {a.max_batch_size}] was timed "
+                "and fits (config.adaptive.min_batch_size, max_batch_size)",
                 hint="lower config.adaptive.min_batch_size or widen config.throughput",
             )
     plans = {}
     for p in names:
         if p == "adaptive":
             start = b_noise if 0 < b_noise < math.inf else None  # the 'sgd' rule's first rate
+            rule = scaling.rule_for(config.optimizer)
             fields = {"candidates": tuple(cands), "lr_rule": rule, "initial_noise_scale": start}
-            plans[p] = dict(batch_size=_baseline(config)[0], learning_rate=_baseline(config)[1],
-                            adaptive=fields, gns_every=int(config.gns_every))  # fmt: skip
-        elif p in batch:
-            plans[p] = dict(batch_size=batch[p], learning_rate=lr(batch[p]), gns_every=0)
-    if "recommended" in plans:  # the gns run goes on from the measurement's pilot
-        plans["recommended"].update(_pilot_start(workdir, sweep_result))
-    return plans, {p: why for p, why in skipped.items() if p in names}, cands
-
-
-def _pilot_start(workdir: str, sweep_result: dict) -> dict:
-    """The recommended policy's start: the pilot's checkpoint (``start_from``), its ``start``
-    record, and ``measurement_s``: what the measurement cost beyond the pilot's training
-    seconds (which the run counts itself), added to the run's times to target."""
-    start = sweep_result["noise_scale"]["pilot"]["start"]
-    cost = sum(sweep_result["measurement_cost_s"].values())
-    return {"start_from": os.path.abspath(os.path.join(workdir, "sweep", start["checkpoint"])),
-            "start": start, "measurement_s": max(0.0, cost - start["seconds"])}  # fmt: skip
+            plans[p] = dict(batch_size=base_b, learning_rate=base_lr, adaptive=fields,
+                            gns_every=int(config.gns_every))  # fmt: skip
+        elif batch[p] is not None:
+            b = int(batch[p])
+            lr = scaling.learning_rate(config.optimizer, base_lr, base_b, b, b_noise)[0]
+            plans[p] = dict(batch_size=b, learning_rate=lr, gns_every=0)
+    if "recommended" in plans:  # the gns run goes on from the measurement's pilot...
+        start = sweep_result["noise_scale"]["pilot"]["start"]
+        cost = sum(sweep_result["measurement_cost_s"].values())
+        plans["recommended"].update(
+            start_from=os.path.abspath(os.path.join(workdir, "sweep", start["checkpoint"])),
+            start=start,
+            measurement_s=max(0.0, cost - start["seconds"]),  # ...adding what it cost beyond
+        )
+    return plans, {p: why[p] for p in names if p in why and p not in plans}, cands
 
 
 def plan_batch_sizes(plan: dict) -> list[int]:
@@ -386,24 +294,24 @@ def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limi
     """The training config of one policy run: the plan's batch, rate (and schedule), evaluating
     every ``compare.eval_every_examples`` examples, stopping at the smoothed target, after
     ``compare.max_epochs`` or after ``limit_s`` seconds of training."""
-    comparison = config.compare
-    c = _train_config(config)
+    cmp, c = config.compare, _train_config(config)
     b = int(plan["batch_size"])
-    c.batch_size, c.learning_rate, c.seed = b, float(plan["learning_rate"]), int(seed)
-    c.target_accuracy = float(comparison.target_accuracy)
-    c.target_window = int(comparison.target_window)
-    c.max_wall_time_s = float(limit_s)
-    c.num_epochs = float(comparison.max_epochs)
-    c.eval_every = max(1, round(int(comparison.eval_every_examples) / b))
+    c.update(batch_size=b, learning_rate=float(plan["learning_rate"]), seed=int(seed))
+    c.update(target_accuracy=float(cmp.target_accuracy), target_window=int(cmp.target_window))
+    c.update(max_wall_time_s=float(limit_s), num_epochs=float(cmp.max_epochs))
+    c.eval_every = max(1, round(int(cmp.eval_every_examples) / b))
     c.log_every = min(int(c.log_every), c.eval_every)
     c.gns_every = int(plan["gns_every"])
     c.start_from = plan.get("start_from")
     c.adaptive.enabled = "adaptive" in plan
     if c.adaptive.enabled:
-        c.adaptive.eval_every_examples = int(comparison.eval_every_examples)
-        c.adaptive.update(plan["adaptive"])
+        c.adaptive.update(plan["adaptive"], eval_every_examples=int(cmp.eval_every_examples))
         c.adaptive.step_times = tuple(step_time[b] for b in c.adaptive.candidates)
     return c
+
+
+# ---------------------------------------------------------------------------------------------
+# The compare mode: every policy to the smoothed target.
 
 
 def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]:
@@ -415,7 +323,7 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
     if os.path.exists(path):
         saved = runlog.read_json(path)
         table = {int(b): v for b, v in saved["table"].items()}
-        if sorted(table) == sorted(batch_sizes) and saved.get("mesh") == where:
+        if sorted(table) == batch_sizes and saved.get("mesh") == where:
             return table
     for b in batch_sizes:  # global batches, split over the devices of training's mesh
         train.check_candidate(b, setup.mesh, setup.method)
@@ -432,29 +340,32 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
     return table
 
 
-def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict], comparison,
-                table: dict[int, dict], measurement_s: float = 0.0) -> dict:  # fmt: skip
-    """One run of the summary: the smoothed crossing, times to it (device time also under
-    each round of the timing table, ``device_time_by_round``), the curves. A run from the
-    pilot (``start``) counts the pilot's steps at its batch (its row) and ``measurement_s``,
-    the rest of the measurement's cost, in every time: the price of gns is in its times."""
-    step_time = {b: v["step_time_s"] for b, v in table.items()}
-    rounds = min(len(v["times_s"]) for v in table.values())
-    evals = [r for r in rows if "test_accuracy" in r]
-    smooth = trailing_means([r["test_accuracy"] for r in evals], comparison.target_window)
-    hit = smoothed_crossing([r["test_accuracy"] for r in evals], comparison.target_accuracy,
-                            comparison.target_window)  # fmt: skip
-    device, prev, total = {}, 0, float(measurement_s)  # device time at each row's step
+def _device_times(rows: list[dict], step_time: dict[int, float], start: float) -> dict:
+    """``{step: device time}`` at each row: ``start`` plus the steps since the previous row
+    times ``t(B)`` of the row's batch (the batch changes only right after a row)."""
+    out, prev, total = {}, 0, start
     for r in rows:
         total += (r["step"] - prev) * step_time[int(r["batch_size"])]
-        device[r["step"]], prev = total, r["step"]
-    at = evals[hit] if hit is not None else None
+        out[r["step"]], prev = total, r["step"]
+    return out
+
+
+def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: int,
+                table: dict[int, dict], measurement_s: float = 0.0) -> dict:  # fmt: skip
+    """One run of the summary from its training summary ``s`` and rows: the evaluation where
+    the training reached its smoothed target, the times to it (device time also under each
+    round of the timing table, ``device_time_by_round``), the curves. A run from the pilot
+    counts the pilot's steps (its row) and ``measurement_s`` in every time."""
+    rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
+    evals = [r for r in rows if "test_accuracy" in r]
+    smooth = trailing_means([r["test_accuracy"] for r in evals], target_window)
+    at = next((r for r in evals if r["step"] == s.get("steps_to_target")), None)
+    device = _device_times(rows, {b: v["step_time_s"] for b, v in table.items()}, measurement_s)
+    per_round = [
+        _device_times(rows, {b: v["times_s"][k] for b, v in table.items()}, measurement_s)
+        for k in range(min(len(v["times_s"]) for v in table.values()))
+    ]
     by_b = adaptive.steps_by_batch_size(rows, at["step"] if at else s["steps"])
-
-    def to_target(times: dict[int, float]) -> float:  # the measurement, then the steps
-        return measurement_s + adaptive.device_time(by_b, times)
-
-    known = [m for m in smooth if m is not None]
     trained = [r for r in rows if "start" not in r]  # without the pilot's row
     rec = {
         "policy": policy,
@@ -466,14 +377,12 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
         "measurement_s": measurement_s,
         "reached": at is not None,
         "time_to_target_s": at["wall_time_s"] + measurement_s if at else None,
-        "device_time_to_target_s": to_target(step_time) if at else None,
-        "device_time_by_round": None
-        if at is None
-        else [to_target({b: v["times_s"][k] for b, v in table.items()}) for k in range(rounds)],
+        "device_time_to_target_s": device[at["step"]] if at else None,
+        "device_time_by_round": None if at is None else [d[at["step"]] for d in per_round],
         "steps_to_target": at["step"] if at else None,
         "examples_to_target": at["examples_seen"] if at else None,
         "steps_by_batch_size": {str(b): n for b, n in sorted(by_b.items())},
-        "best_smoothed_accuracy": max(known) if known else None,
+        "best_smoothed_accuracy": max((m for m in smooth if m is not None), default=None),
         "steps": s.get("steps"),
         "wall_time_s": s.get("wall_time_s"),
         "compile_time_s": s.get("compile_time_s"),
@@ -483,7 +392,7 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
         "curve": [
             [r["wall_time_s"] + measurement_s, device[r["step"]], r["test_accuracy"], m]
             for r, m in zip(evals, smooth, strict=True)
-        ],  # fmt: skip
+        ],
         "batch_curve": [[device[r["step"]], r["batch_size"]] for r in rows],
     }
     if policy == "adaptive":
@@ -491,101 +400,85 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, rows: list[dict],
     return rec
 
 
-def run_name(policy: str, batch_sizes, seed: int) -> str:
-    """The directory (and TensorBoard run) name of a compare run: ``default-B32-seed0`` for a
-    fixed batch, ``adaptive-B8-32-seed0`` for a schedule over the batch sizes 8 .. 32."""
-    lo, hi = min(batch_sizes), max(batch_sizes)
-    batch = f"B{lo}" if lo == hi else f"B{lo}-{hi}"
-    return f"{policy}-{batch}-seed{int(seed)}"
-
-
-def _mode(body):
-    """A mode ``run(config, workdir) -> summary`` from ``body(config, workdir, sweep_result,
-    t0)``: validate, lock the workdir, record ``config.json``, run (or reuse) the measurements
-    in ``workdir/sweep`` and pass their ``sweep.json`` dict on."""
-
-    @functools.wraps(body)
-    def run(config, workdir: str) -> dict:
-        t0 = time.perf_counter()
-        validate_config(config)
-        with runlog.workdir_lock(workdir):
-            runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-            sweep_result = sweep.run_sweep(
-                _train_config(config), os.path.join(workdir, "sweep"), trainings=False
-            )
-            return body(config, workdir, sweep_result, t0)
-
-    del run.__wrapped__  # its signature is (config, workdir), not the body's
-    return run
+@contextlib.contextmanager
+def _measured(config, workdir: str):
+    """Validate, lock the workdir, record ``config.json`` and run (or reuse) the measurements
+    in ``workdir/sweep``; yields their ``sweep.json`` dict."""
+    train.validate_config(config)  # the rules of both modes, compare's included
+    with runlog.workdir_lock(workdir):
+        runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        yield sweep.run_sweep(
+            _train_config(config), os.path.join(workdir, "sweep"), trainings=False
+        )
 
 
 def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list[dict]:
-    """Each policy's run per seed (reused when finished), in order; the records of
-    :func:`_run_record`."""
-    comparison = config.compare
+    """Each policy's run per seed (reused when finished), in order: :func:`_run_record` each,
+    capped at ``compare.give_up_factor`` times the fastest time to target before it."""
+    cmp = config.compare
     step_time = {b: v["step_time_s"] for b, v in table.items()}
     runs: list[dict] = []
-    for seed in comparison.seeds:
+    for seed in cmp.seeds:
         for policy, plan in plans.items():
             walls = [r["time_to_target_s"] for r in runs if r["reached"]]
-            limit = float(comparison.max_wall_time_s)
-            if walls and comparison.give_up_factor is not None:
-                limit = min(limit, float(comparison.give_up_factor) * min(walls))
-            name = run_name(policy, plan_batch_sizes(plan), seed)
-            run_dir = os.path.join(workdir, "runs", name)
+            limit = float(cmp.max_wall_time_s)
+            if walls and cmp.give_up_factor is not None:
+                limit = min(limit, float(cmp.give_up_factor) * min(walls))
+            sizes = plan_batch_sizes(plan)
+            batch = f"B{min(sizes)}" + (f"-{max(sizes)}" if len(set(sizes)) > 1 else "")
+            run_dir = os.path.join(workdir, "runs", f"{policy}-{batch}-seed{int(seed)}")
             logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
                          seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
-            cfg = _run_config(config, plan, int(seed), step_time, limit)
             bar.set(phase=f"{policy} seed {seed}")
-            s = train.train_and_evaluate(cfg, run_dir)
-            rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
-            runs.append(_run_record(policy, int(seed), run_dir, s, rows, comparison, table,
+            s = train.train_and_evaluate(_run_config(config, plan, int(seed), step_time, limit),
+                                         run_dir)  # fmt: skip
+            runs.append(_run_record(policy, int(seed), run_dir, s, cmp.target_window, table,
                                     plan.get("measurement_s", 0.0)))  # fmt: skip
             bar.update(1)
     return runs
 
 
-@_mode
-def run_compare(config, workdir: str, sweep_result: dict, t0: float) -> dict:
+def run_compare(config, workdir: str) -> dict:
     """The compare mode: measure, time, train every policy to the smoothed target per seed;
     returns ``summary.json``."""
-    comparison = config.compare
-    plans, skipped, cands = plan_policies(config, workdir, sweep_result)
-    ds = data.load(config.data)
-    sizes = {b for p in plans.values() for b in plan_batch_sizes(p)}
-    sizes = sorted(sizes | {p["start"]["batch_size"] for p in plans.values() if "start" in p})
-    bar = progress.Progress(
-        len(comparison.seeds) * len(plans), desc="compare", unit="runs", rate=False
-    )
-    with contextlib.closing(bar):
-        bar.set(phase=f"timing batch sizes {sizes}")
-        table = _timing(config, workdir, ds, sizes)
-        runs = _train_policies(config, workdir, plans, table, bar)
-    n = len(ds.test_labels) if comparison.eval_examples is None else min(comparison.eval_examples,
-                                                                   len(ds.test_labels))  # fmt: skip
-    t = float(comparison.target_accuracy)
-    first = next((r for r in runs if r["policy"] == "adaptive"), None)
-    return _write_summary(workdir, "compare", sweep_result, t0, {
-        "target_accuracy": t,
-        "target_window": int(comparison.target_window),
-        "eval_examples": int(n),
-        "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
-        "policies": {
-            p: {k: v for k, v in plan.items() if k != "adaptive"} for p, plan in plans.items()
-        },
-        "skipped": skipped,
-        "candidates": cands,
-        "timing": {str(b): v for b, v in sorted(table.items())},
-        "runs": runs,
-        "verdict": verdict(runs, t),
-        "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
-    }, lambda: figures.compare_plot(runs, t, os.path.join(workdir, PLOT_FILE)))  # fmt: skip
+    t0 = time.perf_counter()
+    with _measured(config, workdir) as sweep_result:
+        cmp = config.compare
+        plans, skipped, cands = plan_policies(config, workdir, sweep_result)
+        ds = data.load(config.data)
+        sizes = {b for p in plans.values() for b in plan_batch_sizes(p)}
+        sizes = sorted(sizes | {p["start"]["batch_size"] for p in plans.values() if "start" in p})
+        bar = progress.Progress(
+            len(cmp.seeds) * len(plans), desc="compare", unit="runs", rate=False
+        )
+        with contextlib.closing(bar):
+            bar.set(phase=f"timing batch sizes {sizes}")
+            table = _timing(config, workdir, ds, sizes)
+            runs = _train_policies(config, workdir, plans, table, bar)
+        n = min(cmp.eval_examples or len(ds.test_labels), len(ds.test_labels))
+        t = float(cmp.target_accuracy)
+        first = next((r for r in runs if r["policy"] == "adaptive"), None)
+        return _write_summary(workdir, "compare", sweep_result, t0, {
+            "target_accuracy": t,
+            "target_window": int(cmp.target_window),
+            "eval_examples": int(n),
+            "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
+            "policies": {p: {k: v for k, v in plan.items() if k != "adaptive"}
+                         for p, plan in plans.items()},
+            "skipped": skipped,
+            "candidates": cands,
+            "timing": {str(b): v for b, v in sorted(table.items())},
+            "runs": runs,
+            "verdict": verdict(runs, t),
+            "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
+        }, (plots.plot_policies, PLOT_FILE, runs, t))  # fmt: skip
 
 
 def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict,
-                   plot) -> dict:  # fmt: skip
+                   plot: tuple) -> dict:  # fmt: skip
     """Write and return (strict JSON) ``summary.json`` of a mode: the measurements' device,
-    noise scale and recommendation, ``fields``, the times and ``plot()`` (its path or why not)."""
+    noise scale and recommendation, ``fields``, the times and ``plot = (draw, file, *args)``
+    (its path, or why not)."""
     summary = {
         "mode": mode,
         "device": sweep_result["device"],
@@ -597,22 +490,20 @@ def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, field
         "measurement_time_s": sum(sweep_result["stage_time_s"].values()),
         "total_time_s": time.perf_counter() - t0,
     }
+    draw, name, *args = plot
     try:
-        summary["plot"] = plot()
+        summary["plot"] = figures.save(draw, os.path.join(workdir, name), *args)
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the %s plot: %s", mode, e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return common.to_json(summary)
 
 
-def _fmt(x, spec: str, suffix: str = "") -> str:
+def _fmt(x, spec: str, suffix: str = "", scale: float = 1) -> str:
+    """``scale * x`` formatted, ``-`` for ``None`` and non-finite values."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
-    return format(x, spec) + suffix
-
-
-def _pct(x):
-    return None if x is None else 100 * x
+    return format(scale * x, spec) + suffix
 
 
 def policy_table(summary: dict) -> str:
@@ -630,14 +521,14 @@ def policy_table(summary: dict) -> str:
         "-" * len(head),
     ]
     for r in summary["runs"]:
-        b = f"{r['batch_size']}" + (
-            f"->{r['final_batch_size']}" if r["final_batch_size"] != r["batch_size"] else ""
-        )
+        b = f"{r['batch_size']}"
+        if r["final_batch_size"] != r["batch_size"]:
+            b += f"->{r['final_batch_size']}"
         lines.append(
             f"{r['policy']:<14}{r['seed']:>5}{b:>11}{_fmt(r['learning_rate'], '.3g'):>10}"
             f"{_fmt(r['steps_to_target'], 'd'):>8}{_fmt(r['time_to_target_s'], '.1f'):>9}"
             f"{_fmt(r['device_time_to_target_s'], '.1f'):>10}"
-            f"{_fmt(_pct(r['best_smoothed_accuracy']), '.1f', '%'):>10}"
+            f"{_fmt(r['best_smoothed_accuracy'], '.1f', '%', 100):>10}"
         )
     lines += ["", *summary["verdict"]["text"]]
     for change in (summary.get("schedule") or {}).get("changes", []):
@@ -666,77 +557,74 @@ def policy_table(summary: dict) -> str:
 # The tradeoff mode.
 
 
-@_mode
-def run_tradeoff(config, workdir: str, sweep_result: dict, t0: float) -> dict:
+def run_tradeoff(config, workdir: str) -> dict:
     """The tradeoff mode: measure, recommend, train to the target at each batch size, fit, and
     check the recommendation; returns ``summary.json`` (and ``tradeoff.png``, the fit)."""
-    mcfg = _train_config(config)
-    rec = sweep_result["recommendation"]
-    b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
-    batches = sorted({int(b) for b in mcfg.tradeoff.batch_sizes} | {int(rec["batch_size"])})
-    too_big = [b for b in batches if b > sweep_result["max_batch_size"]]
-    if too_big:
-        raise UserError(
-            f"batch sizes {too_big} do not fit in memory (largest that fits: "
-            f"{sweep_result['max_batch_size']})",
-            hint="remove them from --config.tradeoff.batch_sizes",
-        )
-    st = sweep.SweepState(workdir)  # finished trainings, reused when the command is re-run
-    timing = (sweep.step_times(sweep_result["throughput"]), sweep_result["max_batch_size"])
-    points = sweep.run_trainings(mcfg, workdir, st, batches, b_simple, timing)
-    fit = sweep.fit_tradeoff(points, mcfg.tradeoff.num_bootstrap, mcfg.seed)
-    check = check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"])
-    return _write_summary(workdir, "tradeoff", sweep_result, t0, {
-        "target_accuracy": float(mcfg.tradeoff.target_accuracy),
-        "points": points,
-        "tradeoff": fit,
-        "check": check,
-    }, lambda: figures.tradeoff_plot(fit, os.path.join(workdir, TRADEOFF_PLOT_FILE)))  # fmt: skip
+    t0 = time.perf_counter()
+    with _measured(config, workdir) as sweep_result:
+        tcfg = _train_config(config)
+        rec = sweep_result["recommendation"]
+        b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
+        batches = sorted({int(b) for b in tcfg.tradeoff.batch_sizes} | {int(rec["batch_size"])})
+        too_big = [b for b in batches if b > sweep_result["max_batch_size"]]
+        if too_big:
+            raise UserError(
+                f"batch sizes {too_big} do not fit in memory (largest that fits: "
+                f"{sweep_result['max_batch_size']})",
+                hint="remove them from --config.tradeoff.batch_sizes",
+            )
+        st = sweep.SweepState(workdir)  # finished trainings, reused when the command is re-run
+        timing = (sweep.step_times(sweep_result["throughput"]), sweep_result["max_batch_size"])
+        points = sweep.run_trainings(tcfg, workdir, st, batches, b_simple, timing)
+        fit = sweep.fit_tradeoff(points, tcfg.tradeoff.num_bootstrap, tcfg.seed)
+        return _write_summary(workdir, "tradeoff", sweep_result, t0, {
+            "target_accuracy": float(tcfg.tradeoff.target_accuracy),
+            "points": points,
+            "tradeoff": fit,
+            "check": check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"]),
+        }, (plots.plot_tradeoff, TRADEOFF_PLOT_FILE, fit))  # fmt: skip
 
 
 def tradeoff_table(summary: dict) -> str:
     """Time to target per batch size, the fit, and the check of the recommendation."""
-    rec_b = summary["recommendation"]["batch_size"]
+    rec_b, ch, fit = summary["recommendation"]["batch_size"], summary["check"], summary["tradeoff"]
     head = (
         f"{'batch':>6} {'lr':>9} {'steps':>7} {'to target s':>12} {'steps x t(B) s':>15} "
         f"{'final acc':>10}"
     )
     lines = [f"target test accuracy: {100 * summary['target_accuracy']:.1f}%", head]
     for p in summary["points"]:
-        mark = "  <- recommended" if p["batch_size"] == rec_b else ""
         lines.append(
             f"{p['batch_size']:>6d} {p['learning_rate']:>9.3g} {_fmt(p['steps'], '7.0f'):>7} "
             f"{_fmt(p['time_to_target_s'], '12.1f'):>12} "
             f"{_fmt(p['device_time_to_target_s'], '15.2f'):>15} "
-            f"{_fmt(100 * (p['final_test_accuracy'] or 0.0), '9.1f', '%'):>10}{mark}"
+            f"{_fmt(p['final_test_accuracy'] or 0.0, '9.1f', '%', 100):>10}"
+            + ("  <- recommended" if p["batch_size"] == rec_b else "")
         )
-    ch, fit = summary["check"], summary["tradeoff"]
-    lines.append("")
-    if ch["time_ratio"] is not None:
-        lines.append(
+    if ch["time_ratio"] is None:
+        lines += ["", f"recommended batch {rec_b} did not reach the target."]
+    else:
+        lines += [
+            "",
             f"recommended batch {rec_b}: {ch['recommended_device_time_to_target_s']:.2f} s of "
             f"steps x t(B) to target, {ch['time_ratio']:.2f}x the best measured "
             f"({ch['best_device_time_to_target_s']:.2f} s at batch {ch['best_batch_size']}); "
             f"rank {ch['rank']} of {ch['num_reached']} (wall clock: "
-            f"{_fmt(ch['wall_time_ratio'], '.2f')}x the fastest)."
-        )
-    else:
-        lines.append(f"recommended batch {rec_b} did not reach the target.")
-    if fit.get("b_crit") is not None:
-        lines.append(
-            f"fit: S_min = {fit['s_min']:.4g}, E_min = {fit['e_min']:.4g}, B_crit = "
-            f"{fit['b_crit']:.4g}; measured B_simple = {_fmt(ch['b_simple'], '.4g')} "
-            f"(B_crit / B_simple = {_fmt(ch['b_crit_over_b_simple'], '.3g')})"
-        )
-    else:
-        lines.append(f"fit: not available ({fit.get('error')})")
-    return "\n".join(lines)
+            f"{_fmt(ch['wall_time_ratio'], '.2f')}x the fastest).",
+        ]
+    if fit.get("b_crit") is None:
+        return "\n".join([*lines, f"fit: not available ({fit.get('error')})"])
+    return "\n".join([
+        *lines,
+        f"fit: S_min = {fit['s_min']:.4g}, E_min = {fit['e_min']:.4g}, B_crit = "
+        f"{fit['b_crit']:.4g}; measured B_simple = {_fmt(ch['b_simple'], '.4g')} "
+        f"(B_crit / B_simple = {_fmt(ch['b_crit_over_b_simple'], '.3g')})",
+    ])  # fmt: skip
 
 
 def report(summary: dict) -> str:
     """The table of a compare or tradeoff summary."""
-    if summary.get("mode") == "compare":
-        return policy_table(summary)
-    if summary.get("mode") == "tradeoff":
-        return tradeoff_table(summary)
-    raise ValueError(f"summary of mode {summary.get('mode')!r}: expected compare or tradeoff.")
+    tables = {"compare": policy_table, "tradeoff": tradeoff_table}
+    if summary.get("mode") not in tables:
+        raise ValueError(f"summary of mode {summary.get('mode')!r}: expected compare or tradeoff.")
+    return tables[summary["mode"]](summary)

@@ -1,9 +1,9 @@
-"""Does the recommendation hold? Pure functions over the sweep's trainings and ``sweep.json``.
+"""Who won, and does the recommendation hold? Pure functions over trainings to a target.
 
-The time to target is always the device time ``steps_to_target(B) × t(B)`` (``t(B)`` from the
-sweep's one interleaved timing table), which other load on a shared machine cannot skew from one
-training to the next. References: McCandlish et al. 2018 (arXiv 1812.06162),
-``S(B) = S_min + E_min/B``; Merrill et al. 2025 (arXiv 2505.23971), the branched critical batch.
+Every time to target is the device time ``steps_to_target(B) × t(B)``, ``t(B)`` from one
+interleaved timing table, which other load on a shared machine cannot skew from one training
+to the next. References: McCandlish et al. 2018 (arXiv 1812.06162), ``S(B) = S_min + E_min/B``;
+Merrill et al. 2025 (arXiv 2505.23971), the branched critical batch.
 """
 
 from __future__ import annotations
@@ -11,52 +11,36 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# The targets of the validation: with the branched basis, the recommended batch's device time to
-# target within 10% of the best measured; branched B_crit within 1.5x of the fitted B_crit.
+# The targets: with the branched basis, the recommended batch's device time to target within
+# 10% of the best measured; branched B_crit within 1.5x of the fitted B_crit.
 MAX_OVER_BEST = 1.10
 MAX_CRIT_FACTOR = 1.5
-BASES = ("b_simple", "trajectory", "branched", "tradeoff_fit")
 DEVICE = "device_time_to_target_s"
 
-__all__ = ["BASES", "MAX_CRIT_FACTOR", "MAX_OVER_BEST", "mean_over_seeds", "rank",
-           "reseed_batch_sizes", "validation"]  # fmt: skip
+__all__ = ["MAX_CRIT_FACTOR", "MAX_OVER_BEST", "mean_over_seeds", "rank", "reseed_batch_sizes",
+           "validation"]  # fmt: skip
 
 
 def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def reseed_batch_sizes(points: list[dict], k: int) -> list[int]:
-    """The ``k`` batch sizes whose trainings reached the target in the least device time
-    (:func:`rank`; ties: the smaller batch first).
+def _ratio(a, b):
+    return None if a is None or not b else a / b
 
-    Example:
-      >>> pts = [{"batch_size": 16, "seed": 0, "reached": True, DEVICE: 9.0},
-      ...        {"batch_size": 32, "seed": 0, "reached": True, DEVICE: 5.0},
-      ...        {"batch_size": 64, "seed": 0, "reached": False, DEVICE: None}]
-      >>> reseed_batch_sizes(pts, 3)
-      [32, 16]
-    """
+
+def reseed_batch_sizes(points: list[dict], k: int) -> list[int]:
+    """The ``k`` batch sizes that reached the target in the least device time (:func:`rank`)."""
     return [r["batch_size"] for r in rank(mean_over_seeds(points))][: max(0, int(k))]
 
 
 def mean_over_seeds(points: list[dict], key: str = "batch_size") -> list[dict]:
     """One row per ``key`` (a batch size, sorted, or a compare policy, in order of first
-    appearance) over ``points`` (trainings with ``key``, ``seed``, ``reached``,
-    ``device_time_to_target_s``, ``time_to_target_s`` and optionally ``steps``): ``key``,
-    ``seeds``, ``num_reached``, ``reached`` (every seed did), the means over the seeds that
-    reached the target of ``steps``, ``device_time_to_target_s`` and ``time_to_target_s``
-    (``None`` if none did), ``device_time_per_seed`` and ``device_time_range`` (``[min, max]``).
-
-    Example:
-      >>> pts = [{"batch_size": 32, "seed": 0, "reached": True, "steps": 100,
-      ...         "device_time_to_target_s": 2.0, "time_to_target_s": 3.0},
-      ...        {"batch_size": 32, "seed": 1, "reached": True, "steps": 120,
-      ...         "device_time_to_target_s": 2.4, "time_to_target_s": 3.2}]
-      >>> r = mean_over_seeds(pts)[0]
-      >>> r["steps"], r["device_time_to_target_s"], r["device_time_range"]
-      (110.0, 2.2, [2.0, 2.4])
-    """
+    appearance) over trainings with ``key``, ``seed``, ``reached``, ``device_time_to_target_s``,
+    ``time_to_target_s`` and optionally ``steps``: ``key``, ``seeds``, ``num_reached``,
+    ``reached`` (every seed did), the means of ``steps``, ``device_time_to_target_s`` and
+    ``time_to_target_s`` over the seeds that reached the target (``None``: none did),
+    ``device_time_per_seed`` and ``device_time_range`` (``[min, max]``)."""
     groups: dict[Any, list[dict]] = {}
     for p in points:
         groups.setdefault(int(p[key]) if key == "batch_size" else p[key], []).append(p)
@@ -65,7 +49,6 @@ def mean_over_seeds(points: list[dict], key: str = "batch_size") -> list[dict]:
         mine = sorted(groups[g], key=lambda p: p.get("seed", 0))
         ok = [p for p in mine if p.get("reached") and p.get(DEVICE) is not None]
         dev = [p[DEVICE] for p in ok]
-        walls = [p["time_to_target_s"] for p in ok if p.get("time_to_target_s") is not None]
         out.append({
             key: g,
             "seeds": [int(p.get("seed", 0)) for p in mine],
@@ -73,7 +56,8 @@ def mean_over_seeds(points: list[dict], key: str = "batch_size") -> list[dict]:
             "reached": len(ok) == len(mine),
             "steps": _mean([p["steps"] for p in ok if p.get("steps") is not None]),
             DEVICE: _mean(dev),
-            "time_to_target_s": _mean(walls),
+            "time_to_target_s": _mean([p["time_to_target_s"] for p in ok
+                                       if p.get("time_to_target_s") is not None]),
             "device_time_per_seed": {str(p.get("seed", 0)): p.get(DEVICE) for p in mine},
             "device_time_range": [min(dev), max(dev)] if dev else None,
         })  # fmt: skip
@@ -84,14 +68,7 @@ def rank(rows, key: str = "batch_size") -> list[dict]:
     """Who won: the rows of :func:`mean_over_seeds` whose every seed reached the target,
     fastest first by mean device time (ties: the smaller ``key`` first), each a copy with
     ``rank`` (1 = fastest; equal times share a rank), ``over_best`` (device time over the
-    fastest's) and ``wall_over_best`` (wall clock over the least wall clock among them).
-
-    Example:
-      >>> rows = [{"batch_size": 16, "reached": True, DEVICE: 3.0, "time_to_target_s": 2.0},
-      ...         {"batch_size": 32, "reached": True, DEVICE: 2.0, "time_to_target_s": 4.0}]
-      >>> [(r["batch_size"], r["rank"], r["wall_over_best"]) for r in rank(rows)]
-      [(32, 1, 2.0), (16, 2, 1.0)]
-    """
+    fastest's) and ``wall_over_best`` (wall clock over the least wall clock among them)."""
     done = sorted((r for r in rows if r["reached"] and r.get(DEVICE) is not None),
                   key=lambda r: (r[DEVICE], r[key]))  # fmt: skip
     walls = [r["time_to_target_s"] for r in done if r.get("time_to_target_s") is not None]
@@ -107,27 +84,21 @@ def _step_time(sweep: dict, b: int) -> float | None:
     return next((r.get("step_time_s") for r in sweep["throughput"] if r["batch_size"] == b), None)
 
 
-def _fitted_time(fit: dict, t: float | None, b: int) -> float | None:
-    """``S(B) × t(B)`` on the fitted curve."""
+def _fitted_time(sweep: dict, b: int) -> float | None:
+    """``S(B) × t(B)`` on the fitted curve (``None`` without a fit or a timing at ``b``)."""
+    fit, t = sweep["tradeoff"], _step_time(sweep, b)
     if None in (fit.get("s_min"), fit.get("e_min"), t):
         return None
     return (fit["s_min"] + fit["e_min"] / b) * t
 
 
-def _ratio(a, b):
-    return None if a is None or not b else a / b
-
-
 def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
     """Device time to target at batch ``b`` over the best measured: measured (mean over seeds)
-    where ``b`` was trained, else interpolated on the fitted curve, and said so."""
-    fit = sweep["tradeoff"]
-    t_b = _step_time(sweep, b)
-    fitted = _fitted_time(fit, t_b, b)
-    fitted_trained = [_fitted_time(fit, _step_time(sweep, c), c) for c in rows]
-    fitted_trained = [x for x in fitted_trained if x is not None]
+    where every seed at ``b`` reached it, else interpolated on the fitted curve, and said so."""
+    fitted = _fitted_time(sweep, b)
+    fitted_trained = [x for x in (_fitted_time(sweep, c) for c in rows) if x is not None]
     out: dict[str, Any] = {
-        "step_time_s": t_b,
+        "step_time_s": _step_time(sweep, b),
         "fitted_device_time_s": fitted,
         # Model against model: the fitted curve at b over its minimum over the trained batches.
         "fitted_over_fitted_best": _ratio(fitted, min(fitted_trained, default=None)),
@@ -156,18 +127,15 @@ def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
 
 
 def validation(sweep: dict) -> dict:
-    """The ``validation`` block of ``sweep.json`` (a dict with ``throughput``, ``tradeoff``
-    incl. ``by_batch`` = :func:`mean_over_seeds`, ``recommendation_by_basis`` and optionally
-    ``critical_batch``): does the recommendation hold on the trainings?
+    """The ``validation`` block of ``sweep.json`` (from a dict with ``throughput``,
+    ``tradeoff`` incl. ``by_batch`` = :func:`mean_over_seeds`, ``recommendation_by_basis`` and
+    optionally ``critical_batch``): does the recommendation hold on the trainings?
 
-    Returns:
-      ``best_measured`` (least mean device time among the batches whose every seed reached
-      the target); ``by_basis``: per basis the recommended ``batch_size``, its
-      ``device_time_to_target_s``, ``over_best``, ``over_best_per_seed`` (over the fastest
-      batch of that seed), ``over_best_range``, ``trained`` and ``source`` (trained, or
-      interpolated on the fitted ``S(B) × t(B)``); ``branched_over_fitted`` (branched over
-      fitted ``B_crit``, interval and per checkpoint); ``targets``, each ``met`` or ``None``.
-    """
+    Returns ``best_measured`` (the top of :func:`rank`); ``by_basis``: per basis the
+    recommended ``batch_size`` and :func:`_over_best` (``device_time_to_target_s``,
+    ``over_best``, ``over_best_per_seed`` over the fastest batch of that seed,
+    ``over_best_range``, ``trained``, ``source``...); ``branched_over_fitted`` (branched over
+    fitted ``B_crit``, interval and per checkpoint); ``targets``, each ``met`` or ``None``."""
     rows = {int(r["batch_size"]): r for r in sweep["tradeoff"].get("by_batch") or []}
     ranked = rank(rows.values())
     if not ranked:
@@ -176,37 +144,31 @@ def validation(sweep: dict) -> dict:
     keep = ("batch_size", DEVICE, "device_time_per_seed", "seeds")
     out: dict[str, Any] = {"best_measured": {k: best[k] for k in keep}, "by_basis": {}}
     for name, rec in (sweep.get("recommendation_by_basis") or {}).items():
-        if rec.get("batch_size") is None:
-            out["by_basis"][name] = dict(rec)
-            continue
-        b = int(rec["batch_size"])
-        out["by_basis"][name] = {"batch_size": b, "b_noise": rec.get("b_noise"),
-                                 **_over_best(sweep, b, rows, best)}  # fmt: skip
-    fit = sweep["tradeoff"]
-    eff = (sweep.get("critical_batch") or {}).get("effective") or {}
+        b = rec.get("batch_size")
+        out["by_basis"][name] = dict(rec) if b is None else {
+            "batch_size": int(b), "b_noise": rec.get("b_noise"),
+            **_over_best(sweep, int(b), rows, best)}  # fmt: skip
+    fit, crit = sweep["tradeoff"], sweep.get("critical_batch") or {}
+    eff = crit.get("effective") or {}
     f_lo, f_hi = (fit.get("intervals") or {}).get("b_crit") or (None, None)
-    ratio = {
+    out["branched_over_fitted"] = ratio = {
         "value": _ratio(eff.get("value"), fit.get("b_crit")),
         "low": _ratio(eff.get("low"), f_hi),
         "high": _ratio(eff.get("high"), f_lo),
         "per_checkpoint": [
             {"step": c["step"], "ratio": _ratio(c.get("b_crit"), fit.get("b_crit"))}
-            for c in (sweep.get("critical_batch") or {}).get("checkpoints") or []
+            for c in crit.get("checkpoints") or []
         ],
     }
-    out["branched_over_fitted"] = ratio
-    br = out["by_basis"].get("branched", {}).get("over_best")
-    r = ratio["value"]
+    br, r = out["by_basis"].get("branched", {}).get("over_best"), ratio["value"]
     out["targets"] = {
         "branched_over_best": br,
         "branched_over_best_max": MAX_OVER_BEST,
         "branched_over_best_met": None if br is None else br <= MAX_OVER_BEST,
         "branched_over_fitted": r,
         "branched_over_fitted_max_factor": MAX_CRIT_FACTOR,
-        "branched_over_fitted_met": (
-            None
-            if r is None or not math.isfinite(r)
-            else 1 / MAX_CRIT_FACTOR <= r <= MAX_CRIT_FACTOR
-        ),
+        "branched_over_fitted_met": None
+        if r is None or not math.isfinite(r)
+        else 1 / MAX_CRIT_FACTOR <= r <= MAX_CRIT_FACTOR,
     }
     return out

@@ -1,5 +1,5 @@
 """Tests of the compare and tradeoff modes (experiments/compare.py, gns/plots.py): the smoothed
-target and the verdict on fake results, the recommendation check on fake timings, and both
+accuracy and the verdict on fake results, the recommendation check on fake timings, and both
 modes on the smoke settings with a tiny MLP on synthetic data (the compare mode through
 ``make demo`` is in tests/test_demo.py)."""
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs import cifar10 as cifar10_config
-from experiments import adaptive, cifar10, compare, runlog, sweep
+from experiments import adaptive, cifar10, compare, runlog, sweep, train
 from experiments.cli import UserError
 from gns import common, scaling
 
@@ -22,28 +22,23 @@ from gns import common, scaling
 # The smoothed target.
 
 
-def test_trailing_means_and_the_smoothed_crossing_need_a_full_window():
+def test_trailing_means_need_a_full_window():
     acc = [0.2, 0.6, 0.4, 0.5, 0.7]
     assert compare.trailing_means(acc, 3) == pytest.approx([None, None, 0.4, 0.5, 0.5333333])
-    # A single evaluation above the target is not enough: the mean of 2 is at 0.5 first.
-    assert compare.smoothed_crossing(acc, 0.5, 2) == 2
-    assert compare.smoothed_crossing(acc, 0.5, 1) == 1
-    assert compare.smoothed_crossing(acc, 0.6, 2) == 4
-    assert compare.smoothed_crossing(acc, 0.61, 2) is None
-    assert compare.smoothed_crossing(acc[:2], 0.1, 3) is None
+    assert compare.trailing_means(acc[:2], 3) == [None, None]
     with pytest.raises(ValueError, match="window=0"):
         compare.trailing_means(acc, 0)
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(0, 1), min_size=1, max_size=30), st.integers(1, 5), st.floats(0, 1))
-def test_smoothed_crossing_is_the_first_full_window_mean_at_the_target(acc, w, target):
-    i = compare.smoothed_crossing(acc, target, w)
-    means = [np.mean(acc[j - w + 1 : j + 1]) for j in range(w - 1, len(acc))]
-    hits = [j + w - 1 for j, m in enumerate(means) if m >= target - 1e-12]
-    expected = hits[0] if hits else None
-    if i != expected:  # only a rounding tie at the target itself may differ
-        assert abs(means[(i if i is not None else expected) - w + 1] - target) < 1e-9
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=30), st.integers(1, 5))
+def test_trailing_means_are_the_means_of_each_full_window(acc, w):
+    expected = [None] * (w - 1) + [np.mean(acc[j - w + 1 : j + 1]) for j in range(w - 1, len(acc))]
+    got = compare.trailing_means(acc, w)
+    assert [m is None for m in got] == [m is None for m in expected[: len(acc)]]
+    assert [m for m in got if m is not None] == pytest.approx(
+        [m for m in expected if m is not None]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +227,7 @@ def test_policies_are_checked_names():
     c = smoke_config("compare")
     c.compare.policies = ("tradeoff_best", "default")
     with pytest.raises(UserError, match="compare.policies"):
-        compare.validate_config(c)
+        train.validate_config(c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +301,7 @@ def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
     import jax
     import orbax.checkpoint as ocp
 
-    from experiments import data, train
+    from experiments import data
     from gns import finder
 
     sw = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))

@@ -90,7 +90,8 @@ def test_nothing_to_draw_writes_no_chart_and_says_why(tmp_path):
     no_measurements = [{k: v for k, v in r.items() if k != "g_sq"} for r in rows()]
     out = figures.save(plots.plot_noise_scale, str(path), no_measurements)
     assert out.startswith("not drawn: no noise-scale measurement") and not path.exists()
-    out = figures.tradeoff_plot({"points": [], "s_min": None}, str(tmp_path / "tradeoff.png"))
+    empty = {"points": [], "s_min": None}
+    out = figures.save(plots.plot_tradeoff, str(tmp_path / "tradeoff.png"), empty)
     assert out == "not drawn: no training to the target was run (measurements only)"
     assert os.listdir(tmp_path) == []
     written = figures.training_plots(rows(), str(tmp_path))
