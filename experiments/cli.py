@@ -214,7 +214,7 @@ def print_help(argv: list[str], config: str | None, describe: Callable | None) -
             print(f"  --{name}: {FLAGS[name].help}")
     print("  --helpfull: every flag, absl's included\n")
     print(f"Config fields ({_config_name(argv)}; set any with --config.FIELD=VALUE):")
-    print("\n".join(describe(FLAGS.config)))
+    print("\n".join(describe(FLAGS.config, _config_arg(argv).partition(":")[0])))
 
 
 def _config_arg(argv: list[str]) -> str | None:
