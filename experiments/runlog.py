@@ -22,7 +22,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from experiments.cli import UserError
 from gns.common import to_json
 
 __all__ = [
-    "QuietLibraries", "dumps", "print_summary", "write_json", "read_json", "read_jsonl",
+    "QuietLibraries", "dumps", "write_json", "read_json", "read_jsonl",
     "workdir_lock", "fingerprint", "differing_fields", "Clock", "RunLog", "Checkpoints",
     "deferred_interrupt",
 ]  # fmt: skip
@@ -59,12 +59,6 @@ class QuietLibraries(std_logging.Filter):
 def dumps(obj: Any, **kwargs) -> str:
     """One strict-JSON string (non-finite floats as ``null``)."""
     return json.dumps(to_json(obj), allow_nan=False, **kwargs)
-
-
-def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
-    """The last output of a main: the ``keys`` of a run's summary (a missing one ``null``) as
-    indented strict JSON on stdout."""
-    print(dumps({k: summary.get(k) for k in keys}, indent=2))
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -452,7 +446,7 @@ class Checkpoints:
         steps = sorted(self._manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                with _silenced("orbax", "absl"):
+                with _silenced():
                     meta = dict(self._read(step, meta=ocp.args.JsonRestore()).meta)
             except Exception as e:  # unreadable: fall back to the previous one
                 self._set_aside(step, e)
@@ -460,7 +454,7 @@ class Checkpoints:
             if check is not None:
                 check(meta)
             try:
-                with _silenced("orbax", "absl"):
+                with _silenced():
                     state = self._read(step, state=ocp.args.StandardRestore(abstract)).state
                 return state, meta
             except Exception as e:
@@ -492,15 +486,13 @@ class Checkpoints:
 
 
 @contextlib.contextmanager
-def _silenced(*loggers: str):
-    saved = [(std_logging.getLogger(n), std_logging.getLogger(n).level) for n in loggers]
-    for lg, _ in saved:
-        lg.setLevel(std_logging.CRITICAL)
+def _silenced():
+    """No logging inside the block (orbax's tracebacks of an unreadable checkpoint)."""
+    std_logging.disable(std_logging.CRITICAL)
     try:
         yield
     finally:
-        for lg, level in saved:
-            lg.setLevel(level)
+        std_logging.disable(std_logging.NOTSET)
 
 
 @contextlib.contextmanager
