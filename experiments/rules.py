@@ -71,22 +71,16 @@ def count(lo: int = 0, none: str | None = None, hi: int = INT_MAX) -> Kind:
     return _or_none(Kind(lambda v: _is_int(v) and lo <= v <= hi, what), none)
 
 
-def real(lo=None, hi=None, *, open_lo=False, open_hi=False, none: str | None = None) -> Kind:
+def real(lo, hi=None, *, open_lo=False, open_hi=False, none: str | None = None) -> Kind:
     """A finite number in the interval (``open_*``: the bound itself excluded)."""
 
     def ok(v):
-        if not _is_real(v):
-            return False
-        return (lo is None or (v > lo if open_lo else v >= lo)) and (
-            hi is None or (v < hi if open_hi else v <= hi)
-        )
+        above = _is_real(v) and (v > lo if open_lo else v >= lo)
+        return above and (hi is None or (v < hi if open_hi else v <= hi))
 
-    if lo is not None and hi is not None:
+    what = f"a finite number {'>' if open_lo else '>='} {lo}"
+    if hi is not None:
         what = f"a number in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
-    elif lo is not None:
-        what = f"a finite number {'>' if open_lo else '>='} {lo}"
-    else:
-        what = "a finite number"
     return _or_none(Kind(ok, what), none)
 
 
@@ -102,41 +96,25 @@ def text(none: str | None = None) -> Kind:
 FLAG = Kind(lambda v: isinstance(v, bool | np.bool_), "True or False")
 
 
-def ints(lo: int, *, increasing=False, empty=False, none: str | None = None) -> Kind:
-    """A tuple of ints >= ``lo`` (``increasing``: strictly; ``empty``: may be ``()``)."""
+def tuple_of(item: Kind, *, empty=False, increasing=False, distinct=False, none=None) -> Kind:
+    """A tuple of ``item`` values (``empty``: may be ``()``; ``increasing``: strictly;
+    ``distinct``: no repeats)."""
 
     def ok(v):
-        if not isinstance(v, tuple | list) or (not v and not empty):
+        if not isinstance(v, tuple | list) or not (v or empty) or not all(map(item.valid, v)):
             return False
-        if not all(_is_int(x) and lo <= x <= INT_MAX for x in v):
-            return False
-        return not increasing or all(a < b for a, b in zip(v, v[1:], strict=False))
+        return (not increasing or all(a < b for a, b in zip(v, v[1:], strict=False))) and (
+            not distinct or len(set(v)) == len(v)
+        )
 
-    what = f"a {'' if empty else 'non-empty '}tuple of ints >= {lo}"
-    return _or_none(Kind(ok, what + (", increasing" if increasing else "")), none)
-
-
-def reals(lo: float, none: str | None = None) -> Kind:
-    """A non-empty tuple of finite numbers > ``lo``."""
-
-    def ok(v):
-        return isinstance(v, tuple | list) and v and all(_is_real(x) and x > lo for x in v)
-
-    return _or_none(Kind(ok, f"a non-empty tuple of numbers > {lo}"), none)
+    what = f"a {'' if empty else 'non-empty '}tuple, each {item.what}"
+    what += (", increasing" if increasing else "") + (", no repeats" if distinct else "")
+    return _or_none(Kind(ok, what), none)
 
 
-def names(options, *, distinct=True, none: str | None = None) -> Kind:
-    """A non-empty tuple of names from ``options`` (``None``: any non-empty strings)."""
-
-    def ok(v):
-        if not isinstance(v, tuple | list) or not v or not all(isinstance(x, str) for x in v):
-            return False
-        if options is not None and any(x not in options for x in v):
-            return False
-        return not distinct or len(set(v)) == len(v)
-
-    what = "a non-empty tuple of " + ("texts" if options is None else f"{', '.join(options)}")
-    return _or_none(Kind(ok, what + (", no repeats" if distinct else "")), none)
+def ints(lo: int, **kwargs) -> Kind:
+    """A tuple of ints >= ``lo`` (:func:`tuple_of`)."""
+    return tuple_of(count(lo), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +168,7 @@ IMAGE = (
     ("adaptive.max_batch_size", count(2)),
     ("adaptive.initial_batch_size", count(2, none="the smallest candidate")),
     ("adaptive.initial_noise_scale", real(0, open_lo=True, none="no measurement yet")),
-    ("adaptive.step_times", reals(0, none="timed before training")),
+    ("adaptive.step_times", tuple_of(real(0, open_lo=True), none="timed before training")),
     ("adaptive.lr_rule", choice(*LR_RULES)),
     ("adaptive.margin", real(0)),
     ("adaptive.patience", count(1)),
@@ -241,7 +219,7 @@ TEXT = (
     ("data.path", text(none="the Python standard library")),
     ("data.max_bytes", count(2, none="all")),
     ("data.test_fraction", real(0, 1, open_lo=True, open_hi=True)),
-    ("data.extensions", names(None, none="every file")),
+    ("data.extensions", tuple_of(text(), distinct=True, none="every file")),
 )
 
 # The synthetic teacher-student task (configs/teacher.py, experiments.tasks.teacher).
@@ -304,7 +282,7 @@ MEASURE = (
 
 # config.compare: the policy comparison of experiments.compare.
 COMPARE = (
-    ("policies", names(POLICIES)),
+    ("policies", tuple_of(choice(*POLICIES), distinct=True)),
     ("seeds", ints(0)),
     ("baseline_batch_size", count(2, none="config.batch_size")),
     ("baseline_learning_rate", real(0, open_lo=True, none="config.learning_rate")),
