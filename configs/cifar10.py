@@ -5,8 +5,9 @@ field is overridable on the command line, e.g. ``--config.batch_size=256``. :fun
 every field the code reads, each with its default: the shared training and measurement fields
 of :mod:`configs.common` and the image task's own; each setup's function sets only what differs,
 and its docstring gives its command and expected run time. Each field's valid values are in
-the table of :mod:`experiments.rules`, which checks them before a run and which
-``python -m experiments.cifar10 --help`` prints; a new field needs a row there.
+the table of :mod:`experiments.rules`, which checks them before a run;
+``python -m experiments.cifar10 --help`` prints them with each field's comment here (on its
+first commented assignment). A new field needs a comment and a row there.
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.depth_coefficient = config_dict.placeholder(float)  # efficientnet: depth multiplier
     c.model.dropout_rate = config_dict.placeholder(float)  # efficientnet: dropout before the head
     c.model.drop_connect_rate = config_dict.placeholder(float)  # efficientnet: stochastic depth
-    c.model.stem_strides = config_dict.placeholder(int)  # efficientnet: stem stride (1 for
-    # 32x32 inputs)
+    c.model.stem_strides = config_dict.placeholder(int)  # efficientnet: stem stride (1: 32x32)
 
     # Data (experiments.data.load).
     c.data = ml_collections.ConfigDict()
@@ -99,12 +99,10 @@ def base() -> ml_collections.ConfigDict:
     c.data.path = config_dict.placeholder(str)  # folder or .tar.gz laid out split/class/x.jpg,
     # or cifar-10-binary.tar.gz
     c.data.path = path
-    c.data.cache_dir = config_dict.placeholder(str)  # where decoded arrays are cached (None:
-    # ~/.cache/gns)
+    c.data.cache_dir = config_dict.placeholder(str)  # decoded-array cache (None: ~/.cache/gns)
     c.data.tfds_data_dir = config_dict.placeholder(str)  # tfds data_dir (None: its default)
     c.data.url = CIFAR10_BINARY_URL  # cifar10_binary: where to download it from
-    c.data.md5 = CIFAR10_BINARY_MD5  # cifar10_binary: the download's published MD5 (None:
-    # unchecked)
+    c.data.md5 = CIFAR10_BINARY_MD5  # cifar10_binary: its published MD5 (None: unchecked)
     c.data.num_train = config_dict.placeholder(int)  # class-stratified train subset (None: all)
     c.data.num_test = config_dict.placeholder(int)  # class-stratified test subset (None: all)
     c.data.augment = True  # random crop (reflect padding 4) and horizontal flip

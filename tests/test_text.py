@@ -246,8 +246,8 @@ def test_bits_per_byte():
 
 @pytest.mark.parametrize("variant", lm.VARIANTS)
 def test_config_variants(variant):
-    """Each variant passes the rules, every field has a rule and a comment that ``--help`` prints, and the
-    variant's docstring gives its command."""
+    """Each variant passes the rules, every field has a rule and a comment that ``--help``
+    prints, and the variant's docstring gives its command."""
     c = lm.get_config(variant)
     assert c.model.name == "transformer" and c.model.vocab_size == text.VOCAB_SIZE
     assert c.model.width % c.model.num_heads == 0
