@@ -44,7 +44,8 @@ def base() -> ml_collections.ConfigDict:
     (:func:`configs.common.measurement`) and ``compare``, the policy comparison."""
     c = common.training()
     c.target_accuracy = config_dict.placeholder(float)  # stop when the periodic test
-    # accuracy (mean of target_window evaluations) reaches it (needs eval_every > 0)
+    # accuracy (mean of target_window evaluations) reaches it (needs eval_every > 0; None: no
+    # target)
 
     # Batch-size schedule (gns.schedule.batch_size_schedule; experiments/adaptive.py): with
     # adaptive.enabled the batch size follows the smoothed noise scale (updated at each
@@ -76,18 +77,7 @@ def base() -> ml_collections.ConfigDict:
     c.adaptive.timing_warmup = 2  # untimed calls per batch size before the timing rounds
     c.adaptive.timing_rounds = 7  # interleaved timing rounds (each times every candidate once)
 
-    # Model (experiments.models.get_model; None: the model's default).
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "small_cnn"  # small_cnn, mlp, resnet18 (resnet), efficientnet_b0 (efficientnet)
-    c.model.widths = (32, 64, 128)  # small_cnn: conv widths (stride 2 each); mlp: hidden widths
-    c.model.groups = 8  # small_cnn: GroupNorm groups (divides every width)
-    c.model.stage_sizes = config_dict.placeholder(tuple)  # resnet: blocks per stage
-    c.model.num_filters = config_dict.placeholder(int)  # resnet: stem width
-    c.model.width_coefficient = config_dict.placeholder(float)  # efficientnet: width multiplier
-    c.model.depth_coefficient = config_dict.placeholder(float)  # efficientnet: depth multiplier
-    c.model.dropout_rate = config_dict.placeholder(float)  # efficientnet: dropout before the head
-    c.model.drop_connect_rate = config_dict.placeholder(float)  # efficientnet: stochastic depth
-    c.model.stem_strides = config_dict.placeholder(int)  # efficientnet: stem stride (1: 32x32)
+    model(c)
 
     # Data (experiments.data.load).
     c.data = ml_collections.ConfigDict()
@@ -97,7 +87,7 @@ def base() -> ml_collections.ConfigDict:
     # JPEG archive when present, else cifar10_binary
     c.data.name = "cifar10"  # tfds dataset name
     c.data.path = config_dict.placeholder(str)  # folder or .tar.gz laid out split/class/x.jpg,
-    # or cifar-10-binary.tar.gz
+    # or cifar-10-binary.tar.gz (None: downloaded, for cifar10_binary)
     c.data.path = path
     c.data.cache_dir = config_dict.placeholder(str)  # decoded-array cache (None: ~/.cache/gns)
     c.data.tfds_data_dir = config_dict.placeholder(str)  # tfds data_dir (None: its default)
@@ -120,6 +110,27 @@ def base() -> ml_collections.ConfigDict:
 
     compare(c)
     return c
+
+
+def model(c: ml_collections.ConfigDict) -> None:
+    """Add ``config.model`` (:func:`experiments.models.get_model`)."""
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "small_cnn"  # small_cnn, mlp, resnet18 (resnet), efficientnet_b0 (efficientnet)
+    c.model.widths = (32, 64, 128)  # small_cnn: conv widths (stride 2 each); mlp: hidden widths
+    c.model.groups = 8  # small_cnn: GroupNorm groups (divides every width)
+    c.model.stage_sizes = config_dict.placeholder(tuple)  # resnet: blocks per stage (None:
+    # ResNet-18's)
+    c.model.num_filters = config_dict.placeholder(int)  # resnet: stem width (None: 64)
+    c.model.width_coefficient = config_dict.placeholder(float)  # efficientnet: width
+    # multiplier (None: 1.0)
+    c.model.depth_coefficient = config_dict.placeholder(float)  # efficientnet: depth
+    # multiplier (None: 1.0)
+    c.model.dropout_rate = config_dict.placeholder(float)  # efficientnet: dropout before the
+    # head (None: the model's)
+    c.model.drop_connect_rate = config_dict.placeholder(float)  # efficientnet: stochastic
+    # depth (None: the model's)
+    c.model.stem_strides = config_dict.placeholder(int)  # efficientnet: stem stride, 1 for
+    # 32x32 inputs (None: the model's)
 
 
 def compare(c: ml_collections.ConfigDict) -> None:

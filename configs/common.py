@@ -37,9 +37,11 @@ def training() -> ml_collections.ConfigDict:
     c.weight_decay = 0.0  # on kernels only: L2 for sgd/adam, decoupled for adamw/lamb
     c.warmup_steps = 0  # linear warmup from 0 over this many steps
     c.schedule = "constant"  # after warmup: 'constant' or 'cosine' (decay to 0 at the end)
-    c.num_steps = 1000  # length of the run in steps...
-    c.num_epochs = config_dict.placeholder(float)  # ...or in epochs (wins when set)
+    c.num_steps = 1000  # length of the run in steps (unless num_epochs is set)
+    c.num_epochs = config_dict.placeholder(float)  # length of the run in epochs (wins over
+    # num_steps when set; None: num_steps)
     c.max_wall_time_s = config_dict.placeholder(float)  # training-time budget in seconds
+    # (None: no budget)
     c.target_window = 1  # the task's target is on the mean of the last N periodic
     # evaluations (1: each evaluation itself); steps_to_target is taken at that crossing
     c.divergence_factor = 10.0  # stop when the training loss exceeds this multiple of the
@@ -65,7 +67,8 @@ def training() -> ml_collections.ConfigDict:
     # 'across_devices' (each device's batch against the global one: free)
     c.gns_microbatches = 8  # microbatches of the estimator in the global batch (and
     # ghost-BatchNorm groups); a multiple of the device count with 'microbatch'
-    c.gns_chunk_size = config_dict.placeholder(int)  # per_example: examples per chunk (memory)
+    c.gns_chunk_size = config_dict.placeholder(int)  # per_example: examples per chunk, for
+    # memory (None: one chunk)
     c.gns_ema_decay = 0.95  # EMA decay of g_sq and trace_cov (bias-corrected)
 
     # Devices and precision (experiments.mesh; docs/data-parallel.md).
@@ -95,10 +98,10 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.noise.num_batches = 16  # independent batches pooled into one b_simple
     c.noise.method = "auto"  # gns.estimate method (auto: per_example without BatchNorm, else
     # microbatch)
-    c.noise.chunk_size = config_dict.placeholder(int)  # per_example chunk (memory)
+    c.noise.chunk_size = config_dict.placeholder(int)  # per_example chunk (None: one chunk)
     c.noise.confidence = 0.9  # level of the bootstrap interval
     c.noise.pilot_steps = config_dict.placeholder(int)  # steps of the pilot training, measuring
-    # the noise scale every noise.every steps
+    # the noise scale every noise.every steps (None: noise.warmup_steps)
     c.noise.every = 1  # pilot steps between measurements
     c.noise.num_stretches = 3  # equal stretches of the pilot's trajectory
 
@@ -121,7 +124,7 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.throughput.min_batch_size = 16  # smallest timed batch (powers of two up to max_batch_size)
     c.throughput.max_batch_size = 1024  # largest timed batch
     c.throughput.memory_budget_bytes = config_dict.placeholder(int)  # memory per device a
-    # batch must fit in
+    # batch must fit in (None: the device's capacity, or half the free host RAM on CPU)
     c.throughput.warmup = 2  # untimed calls per batch size before the timed rounds
     c.throughput.repeats = 5  # interleaved rounds timing every batch size once (median)
     c.throughput.accumulation_factors = (2, 4)  # batches of factor x the largest that fits,
@@ -130,9 +133,10 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # The recommendation (gns.finder.decide).
     c.recommend = ml_collections.ConfigDict()
     c.recommend.price_per_hour = config_dict.placeholder(float)  # device price, for the cost
-    # objective
+    # objective (None: device-seconds)
     c.recommend.objective = "time"  # what the recommendation minimizes: 'time' or 'cost'
     c.recommend.candidates = config_dict.placeholder(tuple)  # extra batch sizes to consider
+    # (None: the measured and accumulation ones)
 
     # Trainings to target_accuracy at several batch sizes (the sweep; the tradeoff mode), the
     # learning rate scaled from learning_rate at batch_size (gns.scaling.learning_rate).
@@ -144,7 +148,7 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.tradeoff.max_runs = 5  # at most this many batch sizes when batch_sizes is None
     c.tradeoff.target_accuracy = 0.5  # test accuracy each training runs to
     c.tradeoff.max_steps = 5000  # step cap of each training (and the pilot's schedule horizon)
-    c.tradeoff.max_wall_time_s = 120.0  # time cap of each training
+    c.tradeoff.max_wall_time_s = 120.0  # time cap of each training (None: no budget)
     c.tradeoff.eval_every_examples = 4096  # evaluation interval in training examples (the same
     # resolution at every batch)
     c.tradeoff.num_bootstrap = 1000  # bootstrap refits of the S(B) = S_min + E_min/B fit

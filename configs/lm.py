@@ -34,7 +34,7 @@ def base() -> ml_collections.ConfigDict:
     c.update(eval_batch_size=256, checkpoint_every=500, gns_every=20)
     c.target_bits_per_byte = config_dict.placeholder(float)  # stop when the periodic held-out
     # bits per byte (mean next-byte cross-entropy in nats / ln 2) reach it or fall below;
-    # needs eval_every > 0
+    # needs eval_every > 0 (None: no target)
     c.final_eval_examples = 4096  # held-out windows of the final evaluation (None: all,
     # 18,840 windows of 65 bytes for the Python 3.11 standard library)
 

@@ -29,7 +29,7 @@ def base() -> ml_collections.ConfigDict:
     c.update(batch_size=64, learning_rate=3e-3, num_steps=1000, eval_every=200)
     c.update(eval_examples=2048, eval_batch_size=256, checkpoint_every=500)
     c.target_accuracy = config_dict.placeholder(float)  # stop when the periodic test
-    # accuracy reaches it (needs eval_every > 0)
+    # accuracy reaches it (needs eval_every > 0; None: no target)
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # the student: dense layers
     c.model.widths = (64,)  # hidden widths ((): a linear student)

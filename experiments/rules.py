@@ -59,19 +59,18 @@ def _is_real(v) -> bool:
     return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _or_none(kind: Kind, none: str | None) -> Kind:
-    if none is None:
-        return kind
-    return Kind(lambda v: v is None or kind.valid(v), f"{kind.what}, or None ({none})")
+def _or_none(kind: Kind, none: bool) -> Kind:
+    """``kind``, or ``None`` too with ``none`` (what ``None`` means: the field's comment)."""
+    return Kind(lambda v: v is None or kind.valid(v), f"{kind.what}, or None") if none else kind
 
 
-def count(lo: int = 0, none: str | None = None, hi: int = INT_MAX) -> Kind:
-    """An int in ``[lo, hi]`` (``none``: what ``None`` means, when it is valid)."""
+def count(lo: int = 0, none: bool = False, hi: int = INT_MAX) -> Kind:
+    """An int in ``[lo, hi]`` (``none``: or ``None``)."""
     what = f"an int >= {lo}" if hi >= INT_MAX else f"an int in [{lo}, {hi}]"
     return _or_none(Kind(lambda v: _is_int(v) and lo <= v <= hi, what), none)
 
 
-def real(lo, hi=None, *, open_lo=False, open_hi=False, none: str | None = None) -> Kind:
+def real(lo, hi=None, *, open_lo=False, open_hi=False, none: bool = False) -> Kind:
     """A finite number in the interval (``open_*``: the bound itself excluded)."""
 
     def ok(v):
@@ -84,11 +83,11 @@ def real(lo, hi=None, *, open_lo=False, open_hi=False, none: str | None = None) 
     return _or_none(Kind(ok, what), none)
 
 
-def choice(*options: str, none: str | None = None) -> Kind:
+def choice(*options: str, none: bool = False) -> Kind:
     return _or_none(Kind(lambda v: v in options, f"one of {', '.join(options)}"), none)
 
 
-def text(none: str | None = None) -> Kind:
+def text(none: bool = False) -> Kind:
     """A non-empty string."""
     return _or_none(Kind(lambda v: isinstance(v, str) and v.strip() != "", "a text"), none)
 
@@ -96,7 +95,7 @@ def text(none: str | None = None) -> Kind:
 FLAG = Kind(lambda v: isinstance(v, bool | np.bool_), "True or False")
 
 
-def tuple_of(item: Kind, *, empty=False, increasing=False, distinct=False, none=None) -> Kind:
+def tuple_of(item: Kind, *, empty=False, increasing=False, distinct=False, none=False) -> Kind:
     """A tuple of ``item`` values (``empty``: may be ``()``; ``increasing``: strictly;
     ``distinct``: no repeats)."""
 
@@ -133,69 +132,69 @@ TRAIN = (
     ("warmup_steps", count(0)),
     ("schedule", choice(*SCHEDULES)),
     ("num_steps", count(1)),
-    ("num_epochs", real(0, open_lo=True, none="num_steps")),
-    ("max_wall_time_s", real(0, open_lo=True, none="no budget")),
+    ("num_epochs", real(0, open_lo=True, none=True)),
+    ("max_wall_time_s", real(0, open_lo=True, none=True)),
     ("target_window", count(1)),
-    ("divergence_factor", real(1, open_lo=True, none="stop on a non-finite loss only")),
+    ("divergence_factor", real(1, open_lo=True, none=True)),
     ("eval_every", count(0)),
-    ("eval_examples", count(1, none="all")),
+    ("eval_examples", count(1, none=True)),
     ("eval_batch_size", count(1)),
     ("log_every", count(1)),
     ("checkpoint_every", count(0)),
-    ("start_from", text(none="a fresh start")),
+    ("start_from", text(none=True)),
     ("progress_bar", FLAG),
     ("plots", FLAG),
     ("gns_every", count(0)),
     ("gns_method", choice(*GNS_METHODS)),
     ("gns_microbatches", count(1)),
-    ("gns_chunk_size", count(1, none="one chunk")),
+    ("gns_chunk_size", count(1, none=True)),
     ("gns_ema_decay", real(0, 1, open_hi=True)),
     ("dtype", choice(*DTYPES)),
-    ("num_devices", count(1, none="every device")),
+    ("num_devices", count(1, none=True)),
     ("distributed", FLAG),
     ("step_time_repeats", count(0)),
 )
 
 # The image task (configs/cifar10.py): target, adaptive schedule, model, data.
 IMAGE = (
-    ("target_accuracy", real(0, 1, none="no target")),
+    ("target_accuracy", real(0, 1, none=True)),
     ("adaptive.enabled", FLAG),
     (
         "adaptive.candidates",
-        ints(2, increasing=True, none="powers of two in [min_batch_size, max_batch_size]"),
+        ints(2, increasing=True, none=True),
     ),
     ("adaptive.min_batch_size", count(2)),
     ("adaptive.max_batch_size", count(2)),
-    ("adaptive.initial_batch_size", count(2, none="the smallest candidate")),
-    ("adaptive.initial_noise_scale", real(0, open_lo=True, none="no measurement yet")),
-    ("adaptive.step_times", tuple_of(real(0, open_lo=True), none="timed before training")),
+    ("adaptive.initial_batch_size", count(2, none=True)),
+    ("adaptive.initial_noise_scale", real(0, open_lo=True, none=True)),
+    ("adaptive.step_times", tuple_of(real(0, open_lo=True), none=True)),
     ("adaptive.lr_rule", choice(*LR_RULES)),
     ("adaptive.margin", real(0)),
     ("adaptive.patience", count(1)),
     ("adaptive.allow_shrink", FLAG),
     ("adaptive.noise_scale_factor", real(0, open_lo=True)),
-    ("adaptive.eval_every_examples", count(1, none="eval_every x batch_size")),
+    ("adaptive.eval_every_examples", count(1, none=True)),
     ("adaptive.timing_warmup", count(0)),
     ("adaptive.timing_rounds", count(1)),
     ("model.name", choice(*(m for m in MODEL_NAMES if m != "transformer"))),
     ("model.widths", ints(1)),
     ("model.groups", count(1)),
-    ("model.stage_sizes", ints(1, none="ResNet-18's")),
-    ("model.num_filters", count(1, none="64")),
-    ("model.width_coefficient", real(0, open_lo=True, none="1.0")),
-    ("model.depth_coefficient", real(0, open_lo=True, none="1.0")),
-    ("model.dropout_rate", real(0, 1, open_hi=True, none="the model's")),
-    ("model.drop_connect_rate", real(0, 1, open_hi=True, none="the model's")),
-    ("model.stem_strides", count(1, none="the model's")),
+    ("model.stage_sizes", ints(1, none=True)),
+    ("model.num_filters", count(1, none=True)),
+    ("model.width_coefficient", real(0, open_lo=True, none=True)),
+    ("model.depth_coefficient", real(0, open_lo=True, none=True)),
+    ("model.dropout_rate", real(0, 1, open_hi=True, none=True)),
+    ("model.drop_connect_rate", real(0, 1, open_hi=True, none=True)),
+    ("model.stem_strides", count(1, none=True)),
     ("data.source", choice(*DATA_SOURCES)),
     ("data.name", text()),
-    ("data.path", text(none="download (cifar10_binary)")),
-    ("data.cache_dir", text(none="~/.cache/gns")),
-    ("data.tfds_data_dir", text(none="the tfds default")),
+    ("data.path", text(none=True)),
+    ("data.cache_dir", text(none=True)),
+    ("data.tfds_data_dir", text(none=True)),
     ("data.url", text()),
-    ("data.md5", text(none="unchecked")),
-    ("data.num_train", count(1, none="all")),
-    ("data.num_test", count(1, none="all")),
+    ("data.md5", text(none=True)),
+    ("data.num_train", count(1, none=True)),
+    ("data.num_test", count(1, none=True)),
     ("data.augment", FLAG),
     ("data.on_device", FLAG),
     ("data.synthetic.image_size", count(4, hi=4096)),
@@ -206,8 +205,8 @@ IMAGE = (
 # The language-model task (configs/lm.py).
 TEXT = (
     ("task", choice("lm")),
-    ("target_bits_per_byte", real(0, open_lo=True, none="no target")),
-    ("final_eval_examples", count(1, none="all")),
+    ("target_bits_per_byte", real(0, open_lo=True, none=True)),
+    ("final_eval_examples", count(1, none=True)),
     ("model.name", choice("transformer")),
     ("model.vocab_size", count(256)),
     ("model.context", count(1, hi=65536)),
@@ -216,16 +215,16 @@ TEXT = (
     ("model.num_heads", count(1)),
     ("model.mlp_ratio", count(1)),
     ("model.tie_embeddings", FLAG),
-    ("data.path", text(none="the Python standard library")),
-    ("data.max_bytes", count(2, none="all")),
+    ("data.path", text(none=True)),
+    ("data.max_bytes", count(2, none=True)),
     ("data.test_fraction", real(0, 1, open_lo=True, open_hi=True)),
-    ("data.extensions", tuple_of(text(), distinct=True, none="every file")),
+    ("data.extensions", tuple_of(text(), distinct=True, none=True)),
 )
 
 # The synthetic teacher-student task (configs/teacher.py, experiments.tasks.teacher).
 TEACHER = (
     ("task", choice("teacher")),
-    ("target_accuracy", real(0, 1, none="no target")),
+    ("target_accuracy", real(0, 1, none=True)),
     ("model.name", choice("mlp")),
     ("model.widths", ints(1, empty=True)),
     ("data.num_features", count(1, hi=65536)),
@@ -244,26 +243,26 @@ MEASURE = (
     ("noise.batch_size", count(2)),
     ("noise.num_batches", count(2)),
     ("noise.method", choice(*GNS_METHODS)),
-    ("noise.chunk_size", count(1, none="one chunk")),
+    ("noise.chunk_size", count(1, none=True)),
     ("noise.confidence", real(0, 1, open_lo=True, open_hi=True)),
     ("throughput.min_batch_size", count(1)),
     ("throughput.max_batch_size", count(1)),
     (
         "throughput.memory_budget_bytes",
-        count(1, hi=2**62, none="the device's capacity, or half the free host RAM on CPU"),
+        count(1, hi=2**62, none=True),
     ),
     ("throughput.warmup", count(0)),
     ("throughput.repeats", count(1)),
     ("throughput.accumulation_factors", ints(2, empty=True)),
-    ("recommend.price_per_hour", real(0, open_lo=True, none="device-seconds")),
+    ("recommend.price_per_hour", real(0, open_lo=True, none=True)),
     ("recommend.objective", choice("time", "cost")),
-    ("recommend.candidates", ints(1, none="the measured and accumulation batches")),
-    ("tradeoff.batch_sizes", ints(2, none="powers of two up to the largest that fits")),
+    ("recommend.candidates", ints(1, none=True)),
+    ("tradeoff.batch_sizes", ints(2, none=True)),
     ("tradeoff.max_steps", count(1)),
-    ("tradeoff.max_wall_time_s", real(0, open_lo=True, none="no budget")),
+    ("tradeoff.max_wall_time_s", real(0, open_lo=True, none=True)),
     ("tradeoff.eval_every_examples", count(1)),
     ("tradeoff.num_bootstrap", count(1)),
-    ("noise.pilot_steps", count(0, none="noise.warmup_steps")),
+    ("noise.pilot_steps", count(0, none=True)),
     ("noise.every", count(1)),
     ("noise.num_stretches", count(1)),
     ("critical.num_checkpoints", count(0)),
@@ -284,18 +283,18 @@ MEASURE = (
 COMPARE = (
     ("policies", tuple_of(choice(*POLICIES), distinct=True)),
     ("seeds", ints(0)),
-    ("baseline_batch_size", count(2, none="config.batch_size")),
-    ("baseline_learning_rate", real(0, open_lo=True, none="config.learning_rate")),
+    ("baseline_batch_size", count(2, none=True)),
+    ("baseline_learning_rate", real(0, open_lo=True, none=True)),
     ("target_accuracy", real(0, 1, open_lo=True)),
     ("target_window", count(1)),
     ("eval_every_examples", count(1)),
-    ("eval_examples", count(1, none="config.eval_examples")),
-    ("give_up_factor", real(1, none="no such cap")),
+    ("eval_examples", count(1, none=True)),
+    ("give_up_factor", real(1, none=True)),
     ("max_wall_time_s", real(0, open_lo=True)),
     ("max_epochs", real(0, open_lo=True)),
-    ("schedule", choice(*SCHEDULES, none="config.schedule")),
-    ("warmup_steps", count(0, none="config.warmup_steps")),
-    ("tradeoff_summary", text(none="WORKDIR/tradeoff/summary.json")),
+    ("schedule", choice(*SCHEDULES, none=True)),
+    ("warmup_steps", count(0, none=True)),
+    ("tradeoff_summary", text(none=True)),
 )
 
 # The top-level fields that no training reads: experiments.cifar10's mode, the policy
@@ -315,7 +314,7 @@ BENCH = (
     ("reference_batch_size", count(2)),
     ("learning_rate", real(0, open_lo=True)),
     ("num_microbatches", count(2)),
-    ("chunk_size", count(1, none="all at once")),
+    ("chunk_size", count(1, none=True)),
     ("warmup", count(0)),
     ("repeats", count(1)),
     ("parallel", FLAG),

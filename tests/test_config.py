@@ -69,6 +69,10 @@ def test_every_field_has_a_rule_and_a_description_and_the_defaults_pass(kind, va
     assert all(kind_.what for kind_ in docs.values())
     comments = rules.field_comments(KINDS[kind].__file__, names)
     assert [n for n, c in comments.items() if not (c and len(c) > 5)] == []
+    # A field that may be None says what None means.
+    assert [
+        n for n in names if docs[n].what.endswith("or None") and "None" not in comments[n]
+    ] == []
     rules.check(config, kind)
     lines = rules.describe(config, kind, KINDS[kind].__file__)
     assert sum(ln.startswith("  --config.") for ln in lines) == len(names)
