@@ -12,9 +12,9 @@ means is its comment in ``configs/*.py``, which ``--help`` prints (:func:`descri
 from __future__ import annotations
 
 import ast
+import importlib.util
 import io
 import math
-import os
 import textwrap
 import tokenize
 from collections.abc import Callable
@@ -582,9 +582,11 @@ def field_comments(path: str, names: list[str]) -> dict[str, str | None]:
     own, imports = _assignment_comments(path)
     borrowed: dict[str, str] = {}
     while imports:
-        found, more = _assignment_comments(os.path.join(os.path.dirname(path), imports.pop(0)))
-        borrowed = found | borrowed  # the first found wins
-        imports += more
+        spec = importlib.util.find_spec(imports.pop(0))
+        if spec is not None and spec.origin:
+            found, more = _assignment_comments(spec.origin)
+            borrowed = found | borrowed  # the first found wins
+            imports += more
     out = {}
     for name in names:
         parts = name.split(".")
@@ -594,7 +596,7 @@ def field_comments(path: str, names: list[str]) -> dict[str, str | None]:
 
 
 def _assignment_comments(path: str) -> tuple[dict[str, str], list[str]]:
-    """``({dotted target: comment}, files of the configs modules imported)`` of one file."""
+    """``({dotted target: comment}, the configs modules it imports)`` of one file."""
     with open(path) as f:
         source = f.read()
     tokens = tokenize.generate_tokens(io.StringIO(source).readline)
@@ -614,6 +616,7 @@ def _assignment_comments(path: str) -> tuple[dict[str, str], list[str]]:
                     parts, t = [t.attr, *parts], t.value
                 if parts and lines:
                     out.setdefault(".".join(parts), " ".join(comments[i][0] for i in lines))
-    imports = [f"{a.name}.py" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-               and n.module == "configs" for a in n.names]  # fmt: skip
+    imports = [f"configs.{a.name}" if n.module == "configs" else n.module
+               for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               and (n.module or "").split(".")[0] == "configs" for a in n.names]  # fmt: skip
     return out, imports

@@ -79,7 +79,7 @@ def test_every_field_has_a_rule_and_a_description_and_the_defaults_pass(kind, va
     assert "(no rule)" not in "\n".join(lines) and "(no comment)" not in "\n".join(lines)
 
 
-def test_help_reads_each_field_s_comment_from_the_config_file_that_defines_it():
+def test_help_reads_each_field_s_comment_from_the_config_file_that_defines_it(tmp_path):
     """The comment on the assignment line and the comment lines below it; a variant's own
     comment never replaces the definition's; a sub-config from another file (bench's
     lm.model) has its comments there."""
@@ -92,6 +92,16 @@ def test_help_reads_each_field_s_comment_from_the_config_file_that_defines_it():
     assert bench == {
         "model.name": "the reference CNN",
         "lm.model.name": "the byte-level Transformer",
+    }
+    mine = tmp_path / "mine.py"  # a user's config elsewhere, built on the repository's
+    mine.write_text(
+        "from configs import cifar10\n\n\ndef get_config():\n"
+        "    c = cifar10.get_config()\n    c.seed = 3  # my seed\n    return c\n\n\n"
+        "def variant():\n    c = get_config()\n    c.seed = 4  # a variant's note\n    return c\n"
+    )
+    assert rules.field_comments(str(mine), ["seed", "compare.seeds"]) == {
+        "seed": "my seed",
+        "compare.seeds": "each policy once per seed",
     }
 
 
