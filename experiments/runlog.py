@@ -397,14 +397,14 @@ class RunLog:
 
 class Checkpoints:
     """Orbax checkpoints of a run's state in ``workdir/checkpoints``, with the
-    :meth:`RunLog.meta` beside it; ``max_to_keep`` (at least 2) lets :meth:`restore` fall back
+    :meth:`RunLog.meta` beside it; the last two are kept, so that :meth:`restore` falls back
     to the previous one when the latest is unreadable (moved to ``checkpoints-unreadable/``)."""
 
-    def __init__(self, workdir: str, max_to_keep: int = 2):
+    def __init__(self, workdir: str):
         import orbax.checkpoint as ocp
 
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                                enable_async_checkpointing=False)  # fmt: skip
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
