@@ -2,29 +2,8 @@
 
 ``get_config(arg)``: ``arg`` picks a variant (``default`` or ``tiny``). Every field is
 overridable on the command line, e.g. ``--config.repeats=50``; the valid values of each are
-in the table of :mod:`experiments.rules` (``python -m experiments.bench --help``).
-
-Fields:
-  ``model``: the reference model (``experiments.models.get_model`` config: the ``small_cnn`` of
-  the ``cpu`` CIFAR-10 config). ``image_size``/``channels``/``num_classes``: synthetic data
-  shape. ``batch_sizes``: the batch sizes timed; ``reference_batch_size``: the one whose ratios
-  are reported at the top level. ``learning_rate``: Adam's. ``num_microbatches``: ``k`` of the
-  microbatch estimator. ``chunk_size``: ``per_example`` chunk size (``None``: all at once).
-  ``warmup``: untimed calls of each step after compilation. ``repeats``: timed rounds; each
-  round times every variant once, in turn (interleaved), and the median is reported.
-  ``parallel``: also run ``experiments/parallel_bench.py`` in a subprocess with 4 simulated
-  devices (``across_devices_over_plain``); ``parallel_batch_size_per_device`` and
-  ``parallel_repeats`` are passed to it.
-  ``lm``: the Transformer rows (``experiments.bench_lm.measure``): ``enabled``, ``model`` (the
-  ``transformer`` of ``configs/lm.py:cpu``: vocabulary 256, context 64, width 128, 2 blocks of 4
-  heads, MLP ratio 4; AdamW), ``batch_sizes`` (sequences of ``context`` bytes),
-  ``num_microbatches``, ``warmup`` and ``repeats`` (interleaved rounds, median).
-  ``rows``: more models, written as a new user would (``experiments.bench_lm.measure_rows``):
-  ``enabled``, ``num_microbatches``, ``warmup``, ``repeats`` and ``models``: ``lm1b`` (a
-  Transformer in the style of the Flax lm1b example: a bare ``self.param`` position embedding,
-  ``nn.MultiHeadDotProductAttention``; the size of the ``lm`` model), ``nnx_mlp`` and
-  ``plain_mlp`` (an NNX MLP and a dict of weights with ``jnp.dot`` + bias, 3072-512-512-10),
-  each with its ``batch_sizes``.
+in the table of :mod:`experiments.rules` (``python -m experiments.bench --help`` prints them
+with the comments below).
 """
 
 from __future__ import annotations
@@ -48,41 +27,63 @@ def default() -> ml_collections.ConfigDict:
         make bench   # = python -m experiments.bench --config configs/bench.py --workdir runs/bench
     """
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "small_cnn"
-    c.model.widths = (32, 64, 128)
-    c.model.groups = 8
-    c.image_size = 32
-    c.channels = 3
-    c.num_classes = 10
-    c.batch_sizes = (128, 512)
-    c.reference_batch_size = 128
-    c.learning_rate = 2e-3
-    c.num_microbatches = 8
-    c.chunk_size = config_dict.placeholder(int)
-    c.warmup = 2
-    c.repeats = 11
-    c.parallel = True
-    c.parallel_batch_size_per_device = 32
-    c.parallel_repeats = 11
+    c.seed = 0  # initialization and synthetic data
+    c.model = ml_collections.ConfigDict()  # experiments.models.get_model: the small_cnn of
+    # configs/cifar10.py:cpu
+    c.model.name = "small_cnn"  # the reference CNN
+    c.model.widths = (32, 64, 128)  # conv widths
+    c.model.groups = 8  # GroupNorm groups (divides every width)
+    c.image_size = 32  # synthetic image side in pixels
+    c.channels = 3  # synthetic image channels
+    c.num_classes = 10  # synthetic classes
+    c.batch_sizes = (128, 512)  # batch sizes timed (multiples of num_microbatches)
+    c.reference_batch_size = 128  # the batch whose ratios are reported at the top level (one
+    # of batch_sizes)
+    c.learning_rate = 2e-3  # Adam's learning rate
+    c.num_microbatches = 8  # k of the microbatch estimator
+    c.chunk_size = config_dict.placeholder(int)  # per_example chunk size (None: all at once)
+    c.warmup = 2  # untimed calls of each step after compilation
+    c.repeats = 11  # timed rounds, each timing every variant once in turn (median)
+    c.parallel = True  # also time across_devices on 4 simulated devices
+    # (experiments/parallel_bench.py, a subprocess: across_devices_over_plain)
+    c.parallel_batch_size_per_device = 32  # its batch per device
+    c.parallel_repeats = 11  # its timed calls
+    # The Transformer rows (experiments.bench_lm.measure): the model of configs/lm.py:cpu
+    # (its fields are documented there), AdamW.
     c.lm = ml_collections.ConfigDict()
-    c.lm.enabled = True
+    c.lm.enabled = True  # also time the Transformer rows
     c.lm.model = lm.cpu().model
-    c.lm.batch_sizes = (32, 128)
-    c.lm.num_microbatches = 8
-    c.lm.warmup = 2
-    c.lm.repeats = 7
+    c.lm.batch_sizes = (32, 128)  # Transformer batch sizes (sequences of context bytes;
+    # multiples of lm.num_microbatches)
+    c.lm.num_microbatches = 8  # k of the microbatch estimator
+    c.lm.warmup = 2  # untimed calls of each step
+    c.lm.repeats = 7  # interleaved timed rounds (median)
+    # More models, written as a new user would (experiments.bench_lm.measure_rows).
     c.rows = ml_collections.ConfigDict()
-    c.rows.enabled = True
-    c.rows.num_microbatches = 8
-    c.rows.warmup = 2
-    c.rows.repeats = 7
+    c.rows.enabled = True  # also time the rows of more models
+    c.rows.num_microbatches = 8  # k of the microbatch estimator of the rows
+    c.rows.warmup = 2  # untimed calls of each step
+    c.rows.repeats = 7  # interleaved timed rounds (median)
     c.rows.models = ml_collections.ConfigDict()
-    lm1b = dict(vocab_size=256, context=64, width=128, depth=2, num_heads=4, mlp_ratio=4)
-    c.rows.models.lm1b = dict(batch_sizes=(32,), **lm1b)
-    c.rows.models.nnx_mlp = dict(batch_sizes=(128,), dims=(3072, 512, 512, 10))
-    c.rows.models.plain_mlp = dict(batch_sizes=(128,), dims=(3072, 512, 512, 10))
+    c.rows.models.lm1b = ml_collections.ConfigDict()  # a Transformer in the style of the Flax
+    # lm1b example (a bare self.param position embedding, nn.MultiHeadDotProductAttention),
+    # the size of the lm model
+    c.rows.models.lm1b.batch_sizes = (32,)  # lm1b: batch sizes timed (multiples of
+    # rows.num_microbatches)
+    c.rows.models.lm1b.vocab_size = 256  # lm1b: vocabulary
+    c.rows.models.lm1b.context = 64  # lm1b: tokens per sequence
+    c.rows.models.lm1b.width = 128  # lm1b: embedding size
+    c.rows.models.lm1b.depth = 2  # lm1b: blocks
+    c.rows.models.lm1b.num_heads = 4  # lm1b: attention heads (divides width)
+    c.rows.models.lm1b.mlp_ratio = 4  # lm1b: MLP hidden size / width
+    c.rows.models.nnx_mlp = ml_collections.ConfigDict()  # an NNX MLP
+    c.rows.models.nnx_mlp.batch_sizes = (128,)  # nnx_mlp: batch sizes timed (multiples of
+    # rows.num_microbatches)
+    c.rows.models.nnx_mlp.dims = (3072, 512, 512, 10)  # nnx_mlp: layer widths
+    c.rows.models.plain_mlp = ml_collections.ConfigDict()  # a dict of weights, jnp.dot + bias
+    c.rows.models.plain_mlp.batch_sizes = (128,)  # plain_mlp: batch sizes timed (multiples of
+    # rows.num_microbatches)
+    c.rows.models.plain_mlp.dims = (3072, 512, 512, 10)  # plain_mlp: layer widths
     return c
 
 

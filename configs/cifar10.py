@@ -5,8 +5,9 @@ field is overridable on the command line, e.g. ``--config.batch_size=256``. :fun
 every field the code reads, each with its default: the shared training and measurement fields
 of :mod:`configs.common` and the image task's own; each setup's function sets only what differs,
 and its docstring gives its command and expected run time. Each field's valid values are in
-the table of :mod:`experiments.rules`, which checks them before a run and which
-``python -m experiments.cifar10 --help`` prints; a new field needs a row there.
+the table of :mod:`experiments.rules`, which checks them before a run;
+``python -m experiments.cifar10 --help`` prints them with each field's comment here (on its
+first commented assignment). A new field needs a comment and a row there.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def base() -> ml_collections.ConfigDict:
     (:func:`configs.common.measurement`) and ``compare``, the policy comparison."""
     c = common.training()
     c.target_accuracy = config_dict.placeholder(float)  # stop when the periodic test
-    # accuracy (mean of target_window evaluations) reaches it (needs eval_every > 0)
+    # accuracy (mean of target_window evaluations) reaches it (needs eval_every > 0; None: no
+    # target)
 
     # Batch-size schedule (gns.schedule.batch_size_schedule; experiments/adaptive.py): with
     # adaptive.enabled the batch size follows the smoothed noise scale (updated at each
@@ -52,95 +54,119 @@ def base() -> ml_collections.ConfigDict:
     # example-indexed stream, and the run stops after num_steps x batch_size examples (or
     # num_epochs). --config.mode=adaptive runs it against fixed batch sizes.
     c.adaptive = ml_collections.ConfigDict()
-    c.adaptive.enabled = False  # train with the schedule (mode=adaptive sets it for its runs)
+    c.adaptive.enabled = False  # train with the batch-size schedule that follows the smoothed
+    # noise scale (needs gns_every > 0; mode=adaptive sets it for its runs)
     c.adaptive.candidates = config_dict.placeholder(tuple)  # compiled batch sizes, strictly
     # increasing (None: the powers of two in [min_batch_size, max_batch_size])
     c.adaptive.min_batch_size = 16  # smallest candidate (when candidates is None)
-    c.adaptive.max_batch_size = 512  # also capped by what fits (the mode's sweep)
-    c.adaptive.initial_batch_size = config_dict.placeholder(int)  # None: smallest candidate
+    c.adaptive.max_batch_size = 512  # largest candidate (when candidates is None; also capped
+    # by what fits in the compare mode)
+    c.adaptive.initial_batch_size = config_dict.placeholder(int)  # the batch size the
+    # schedule starts at (None: the smallest candidate)
     c.adaptive.initial_noise_scale = config_dict.placeholder(float)  # the 'sgd' rule's noise
     # scale for the starting rate (None: needed only when the start is not config.batch_size)
     c.adaptive.step_times = config_dict.placeholder(tuple)  # seconds per step of each
     # candidate, in order (None: timed, interleaved, before training)
     c.adaptive.lr_rule = "sqrt"  # 'linear', 'sgd', 'sqrt' (Adam-family), 'seesaw', 'constant'
-    c.adaptive.margin = 0.05  # predicted relative saving a change needs
+    c.adaptive.margin = 0.05  # predicted relative saving a change of batch size needs
     c.adaptive.patience = 3  # consecutive measurements that must agree before a change
-    c.adaptive.allow_shrink = False  # a ramp only grows
+    c.adaptive.allow_shrink = False  # the batch may also shrink (else a ramp only grows)
     c.adaptive.noise_scale_factor = 1.0  # multiplies the smoothed B_simple fed to the schedule
     c.adaptive.eval_every_examples = config_dict.placeholder(int)  # evaluation interval in
     # examples (None: eval_every x batch_size)
     c.adaptive.timing_warmup = 2  # untimed calls per batch size before the timing rounds
-    c.adaptive.timing_rounds = 7  # interleaved rounds (each times every batch size once)
+    c.adaptive.timing_rounds = 7  # interleaved timing rounds (each times every candidate once)
 
-    # Model (experiments.models.get_model; None: the model's default).
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "small_cnn"  # small_cnn, mlp, resnet18 (resnet), efficientnet_b0 (efficientnet)
-    c.model.widths = (32, 64, 128)  # small_cnn: conv widths (stride 2 each); mlp: hidden widths
-    c.model.groups = 8  # small_cnn: GroupNorm groups
-    c.model.stage_sizes = config_dict.placeholder(tuple)  # resnet: blocks per stage
-    c.model.num_filters = config_dict.placeholder(int)  # resnet: stem width
-    c.model.width_coefficient = config_dict.placeholder(float)  # efficientnet
-    c.model.depth_coefficient = config_dict.placeholder(float)  # efficientnet
-    c.model.dropout_rate = config_dict.placeholder(float)  # efficientnet
-    c.model.drop_connect_rate = config_dict.placeholder(float)  # efficientnet
-    c.model.stem_strides = config_dict.placeholder(int)  # efficientnet (1 for 32x32 inputs)
+    model(c)
 
     # Data (experiments.data.load).
     c.data = ml_collections.ConfigDict()
     c.data.source, path = default_data()  # 'folder' (data.path), 'cifar10_binary' (the
     # official binary archive: data.path, or downloaded once from data.url into the cache,
-    # MD5-checked), 'tfds' (a prepared tfds dataset) or 'synthetic'
-    c.data.name = "cifar10"  # tfds name
-    c.data.path = config_dict.placeholder(str)  # folder or .tar.gz laid out split/class/x.jpg
+    # MD5-checked), 'tfds' (a prepared tfds dataset) or 'synthetic'; the default is the shared
+    # JPEG archive when present, else cifar10_binary
+    c.data.name = "cifar10"  # tfds dataset name
+    c.data.path = config_dict.placeholder(str)  # folder or .tar.gz laid out split/class/x.jpg,
+    # or cifar-10-binary.tar.gz (None: downloaded, for cifar10_binary)
     c.data.path = path
-    c.data.cache_dir = config_dict.placeholder(str)  # decoded arrays (None: ~/.cache/gns)
+    c.data.cache_dir = config_dict.placeholder(str)  # decoded-array cache (None: ~/.cache/gns)
     c.data.tfds_data_dir = config_dict.placeholder(str)  # tfds data_dir (None: its default)
-    c.data.url = CIFAR10_BINARY_URL  # cifar10_binary: where to download it from...
-    c.data.md5 = CIFAR10_BINARY_MD5  # ...and its published checksum (None: unchecked)
-    c.data.num_train = config_dict.placeholder(int)  # class-stratified subset (None: all)
-    c.data.num_test = config_dict.placeholder(int)  # same for the test split
+    c.data.url = CIFAR10_BINARY_URL  # cifar10_binary: where to download it from
+    c.data.md5 = CIFAR10_BINARY_MD5  # cifar10_binary: its published MD5 (None: unchecked)
+    c.data.num_train = config_dict.placeholder(int)  # class-stratified train subset (None: all)
+    c.data.num_test = config_dict.placeholder(int)  # class-stratified test subset (None: all)
     c.data.augment = True  # random crop (reflect padding 4) and horizontal flip
     c.data.on_device = False  # decoded train arrays kept on the devices and batches gathered
     # there (same batches as the host pipeline; no host work between steps)
     c.data.synthetic = ml_collections.ConfigDict()  # source='synthetic' only
-    c.data.synthetic.image_size = 32  # image side in pixels
-    c.data.synthetic.num_classes = 10
-    c.data.synthetic.seed = 0  # the data's seed
+    c.data.synthetic.image_size = 32  # synthetic: image side in pixels
+    c.data.synthetic.num_classes = 10  # synthetic: classes
+    c.data.synthetic.seed = 0  # synthetic: the data's seed
 
     # The measurements of the compare and tradeoff modes: no branched critical batch (the
     # recommendation from the pilot's noise scale); tradeoff mode: these batch sizes.
     common.measurement(c)
     c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256), max_wall_time_s=150.0)
 
-    c.compare = compare()
+    compare(c)
     return c
 
 
-def compare() -> ml_collections.ConfigDict:
-    """``config.compare``, the policy comparison (``--config.mode=compare`` or ``adaptive``;
-    :mod:`experiments.compare`): the policies trained, in this order, each once per seed, to
-    one smoothed target."""
-    c = ml_collections.ConfigDict()
-    c.policies = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
-    c.seeds = (0, 1)
-    c.baseline_batch_size = config_dict.placeholder(int)  # the 'default' policy's
-    # batch and the reference every learning rate is scaled from (None: batch_size)...
-    c.baseline_learning_rate = config_dict.placeholder(float)  # ...and its learning
-    # rate (None: learning_rate); also the batch and rate of the measurements' pilot
-    c.target_accuracy = 0.5  # the trailing mean of the last target_window test
-    c.target_window = 3  # evaluations reaches it
-    c.eval_every_examples = 25000  # evaluation interval in training examples
-    c.eval_examples = config_dict.placeholder(int)  # None: eval_examples
-    c.give_up_factor = 3.0  # cap a run at this multiple of the fastest time to
-    # target before it (None: no such cap)...
-    c.max_wall_time_s = 600.0  # ...and at this training time
-    c.max_epochs = 100.0  # epoch cap of each run
-    c.schedule = "constant"  # the runs' schedule (None: schedule): constant, so that
-    # a budget does not cut a decay short...
-    c.warmup_steps = 0  # ...and no warmup, which would penalize larger batches
-    c.tradeoff_summary = config_dict.placeholder(str)  # a tradeoff run's summary for
-    # best_measured (None: WORKDIR/tradeoff/summary.json)
-    return c
+def model(c: ml_collections.ConfigDict) -> None:
+    """Add ``config.model`` (:func:`experiments.models.get_model`)."""
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "small_cnn"  # small_cnn, mlp, resnet18 (resnet), efficientnet_b0 (efficientnet)
+    c.model.widths = (32, 64, 128)  # small_cnn: conv widths (stride 2 each); mlp: hidden widths
+    c.model.groups = 8  # small_cnn: GroupNorm groups (divides every width)
+    c.model.stage_sizes = config_dict.placeholder(tuple)  # resnet: blocks per stage (None:
+    # ResNet-18's)
+    c.model.num_filters = config_dict.placeholder(int)  # resnet: stem width (None: 64)
+    c.model.width_coefficient = config_dict.placeholder(float)  # efficientnet: width
+    # multiplier (None: 1.0)
+    c.model.depth_coefficient = config_dict.placeholder(float)  # efficientnet: depth
+    # multiplier (None: 1.0)
+    c.model.dropout_rate = config_dict.placeholder(float)  # efficientnet: dropout before the
+    # head (None: the model's)
+    c.model.drop_connect_rate = config_dict.placeholder(float)  # efficientnet: stochastic
+    # depth (None: the model's)
+    c.model.stem_strides = config_dict.placeholder(int)  # efficientnet: stem stride, 1 for
+    # 32x32 inputs (None: the model's)
+
+
+def compare(c: ml_collections.ConfigDict) -> None:
+    """Add ``config.compare``, the policy comparison (``--config.mode=compare`` or
+    ``adaptive``; :mod:`experiments.compare`): the policies trained, in this order, each once
+    per seed, to one smoothed target."""
+    c.compare = ml_collections.ConfigDict()
+    c.compare.policies = (  # the policies trained, in this order
+        "recommended",
+        "default",
+        "adaptive",
+        "best_measured",
+        "largest_fits",
+    )
+    c.compare.seeds = (0, 1)  # each policy once per seed
+    c.compare.baseline_batch_size = config_dict.placeholder(int)  # the 'default' policy's
+    # batch and the reference every learning rate is scaled from (None: batch_size)
+    c.compare.baseline_learning_rate = config_dict.placeholder(float)  # the learning rate at
+    # baseline_batch_size (None: learning_rate); also the batch and rate of the measurements'
+    # pilot
+    c.compare.target_accuracy = 0.5  # the smoothed test accuracy every policy runs to: the
+    # trailing mean of the last target_window evaluations reaches it
+    c.compare.target_window = 3  # evaluations in the trailing mean of the target
+    c.compare.eval_every_examples = 25000  # evaluation interval in training examples
+    c.compare.eval_examples = config_dict.placeholder(int)  # test examples of each
+    # evaluation (None: eval_examples)
+    c.compare.give_up_factor = 3.0  # cap a run at this multiple of the fastest time to
+    # target before it (None: no such cap)
+    c.compare.max_wall_time_s = 600.0  # training-time budget of each run
+    c.compare.max_epochs = 100.0  # epoch cap of each run
+    c.compare.schedule = "constant"  # the runs' learning-rate schedule (None: schedule):
+    # constant, so that a budget does not cut a decay short
+    c.compare.warmup_steps = 0  # the runs' warmup (None: warmup_steps): none, which would
+    # penalize larger batches
+    c.compare.tradeoff_summary = config_dict.placeholder(str)  # a tradeoff run's summary for
+    # the best_measured policy (None: WORKDIR/tradeoff/summary.json)
 
 
 def smoke() -> ml_collections.ConfigDict:
@@ -202,7 +228,8 @@ def cpu() -> ml_collections.ConfigDict:
     c.update(gns_every=20, gns_chunk_size=64)
     c.adaptive.max_batch_size = 256
     c.adaptive.eval_every_examples = 10000
-    c.adaptive.timing_rounds = 15  # the demo's one timing table (a busy machine: more rounds)
+    # The demo's one timing table (a busy machine: more rounds).
+    c.adaptive.timing_rounds = 15
     # make demo: the target on the whole test set (n = 10,000: standard error <= 0.5 points),
     # smoothed over 3 evaluations 10,000 examples apart; the largest batch that fits (512) is
     # given at most 3x the fastest time to target.
@@ -342,7 +369,8 @@ def gpu_study() -> ml_collections.ConfigDict:
     c.data.on_device = True
     c.update(batch_size=64, learning_rate=0.05, warmup_steps=0, num_epochs=15.0)
     c.update(eval_every=500, eval_examples=5000)
-    c.gns_microbatches = 4  # ghost BatchNorm of 16 at batch 64
+    # Ghost BatchNorm of 16 at batch 64.
+    c.gns_microbatches = 4
     # About 10 minutes: few batch sizes to compile, a 2-minute baseline.
     c.compare.update(baseline_batch_size=64, target_accuracy=0.5, max_epochs=15.0)
     c.compare.update(max_wall_time_s=600.0, eval_every_examples=10000, eval_examples=5000)

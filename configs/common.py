@@ -20,25 +20,28 @@ from ml_collections import config_dict
 def training() -> ml_collections.ConfigDict:
     """The training fields, with the defaults of ``configs/cifar10.py:cpu``."""
     c = ml_collections.ConfigDict()
-    # What experiments.cifar10 runs: 'train', 'compare' (every batch-size policy to one
+    c.mode = "train"  # what runs: 'train', 'compare' (every batch-size policy to one
     # smoothed target; 'adaptive' is another name for it) or 'tradeoff' (time to a target at
-    # several batch sizes; both configured by config.compare and the measurement fields).
-    c.mode = "train"
+    # several batch sizes; both configured by config.compare and the measurement fields);
+    # experiments.lm and the teacher task have 'train' only
 
     # Training. A resume must keep every field that changes the results (all but logging,
     # checkpoints, plots, budgets and cache locations; see experiments.train.run_identity).
     c.seed = 0  # initialization, data order, augmentation, dropout
-    c.batch_size = 128  # examples per step, global over the devices (>= 2)
+    c.batch_size = 128  # examples per step, global over the devices (>= 2: the noise
+    # scale compares examples)
     c.learning_rate = 2e-3  # peak learning rate (after warmup)
     c.optimizer = "adam"  # 'sgd' (with momentum/nesterov), 'adam', 'adamw', 'lamb'
     c.momentum = 0.9  # sgd only; 0 = plain SGD
-    c.nesterov = False  # sgd only
+    c.nesterov = False  # sgd only: Nesterov momentum
     c.weight_decay = 0.0  # on kernels only: L2 for sgd/adam, decoupled for adamw/lamb
-    c.warmup_steps = 0  # linear warmup from 0
+    c.warmup_steps = 0  # linear warmup from 0 over this many steps
     c.schedule = "constant"  # after warmup: 'constant' or 'cosine' (decay to 0 at the end)
-    c.num_steps = 1000  # length of the run in steps...
-    c.num_epochs = config_dict.placeholder(float)  # ...or in epochs (wins when set)
-    c.max_wall_time_s = config_dict.placeholder(float)  # training-time budget (None: none)
+    c.num_steps = 1000  # length of the run in steps (unless num_epochs is set)
+    c.num_epochs = config_dict.placeholder(float)  # length of the run in epochs (wins over
+    # num_steps when set; None: num_steps)
+    c.max_wall_time_s = config_dict.placeholder(float)  # training-time budget in seconds
+    # (None: no budget)
     c.target_window = 1  # the task's target is on the mean of the last N periodic
     # evaluations (1: each evaluation itself); steps_to_target is taken at that crossing
     c.divergence_factor = 10.0  # stop when the training loss exceeds this multiple of the
@@ -53,18 +56,20 @@ def training() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000  # steps between checkpoints (0: only at the end)
     c.start_from = config_dict.placeholder(str)  # a pilot's checkpoint directory to go on
     # from: its state, step, examples and seconds (None: a fresh start)
-    c.progress_bar = True  # a tqdm bar when stderr is a terminal
-    c.plots = True  # training.png and noise_scale.png
+    c.progress_bar = True  # a progress bar when stderr is a terminal (else a log line every
+    # GNS_PROGRESS_EVERY_S seconds)
+    c.plots = True  # write training.png and noise_scale.png
 
     # Noise scale, measured during training (gns.estimate) and smoothed (gns.smoothing.ema).
-    c.gns_every = 10  # measure every N steps (0: never)
+    c.gns_every = 10  # measure the noise scale every N steps (0: never)
     c.gns_method = "auto"  # 'auto' (across_devices on >= 2 devices; on one device
     # per_example without BatchNorm, else microbatch), 'per_example', 'microbatch' or
     # 'across_devices' (each device's batch against the global one: free)
     c.gns_microbatches = 8  # microbatches of the estimator in the global batch (and
     # ghost-BatchNorm groups); a multiple of the device count with 'microbatch'
-    c.gns_chunk_size = config_dict.placeholder(int)  # per_example chunk (None: one chunk)
-    c.gns_ema_decay = 0.95  # EMA of g_sq and trace_cov (bias-corrected)
+    c.gns_chunk_size = config_dict.placeholder(int)  # per_example: examples per chunk, for
+    # memory (None: one chunk)
+    c.gns_ema_decay = 0.95  # EMA decay of g_sq and trace_cov (bias-corrected)
 
     # Devices and precision (experiments.mesh; docs/data-parallel.md).
     c.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16' (mixed precision:
@@ -80,8 +85,8 @@ def training() -> ml_collections.ConfigDict:
 
 def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``c`` (a training config) with the measurement fields added, at the top level."""
-    c.compilation_cache = True  # JAX's persistent compilation cache in the user's
-    # $XDG_CACHE_HOME/gns/jax (never the workdir): a re-run compiles nothing
+    c.compilation_cache = True  # JAX's persistent compilation cache for the trainings, in
+    # the user's $XDG_CACHE_HOME/gns/jax (never the workdir): a re-run compiles nothing
 
     # The noise scale: after noise.warmup_steps of training at batch_size, num_batches
     # independent batches of noise.batch_size examples pooled into one b_simple with a
@@ -91,18 +96,21 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.noise.warmup_steps = 200  # steps at batch_size before the measurement
     c.noise.batch_size = 128  # examples per measured batch
     c.noise.num_batches = 16  # independent batches pooled into one b_simple
-    c.noise.method = "auto"  # gns.estimate method (auto: per_example without BatchNorm)
-    c.noise.chunk_size = config_dict.placeholder(int)  # per_example chunk (None: one)
+    c.noise.method = "auto"  # gns.estimate method (auto: per_example without BatchNorm, else
+    # microbatch)
+    c.noise.chunk_size = config_dict.placeholder(int)  # per_example chunk (None: one chunk)
     c.noise.confidence = 0.9  # level of the bootstrap interval
-    c.noise.pilot_steps = config_dict.placeholder(int)  # None: noise.warmup_steps
+    c.noise.pilot_steps = config_dict.placeholder(int)  # steps of the pilot training, measuring
+    # the noise scale every noise.every steps (None: noise.warmup_steps)
     c.noise.every = 1  # pilot steps between measurements
     c.noise.num_stretches = 3  # equal stretches of the pilot's trajectory
 
     # The branched critical batch (gns.critical.branched_critical_batch): forks from
     # num_checkpoints states of the pilot at batch_size x 2^j for j in exponents.
     c.critical = ml_collections.ConfigDict()
-    c.critical.num_checkpoints = 0  # states of the pilot forked from (0: off)
-    c.critical.exponents = (-2, -1, 0, 1, 2)  # fork sizes (at least 2, increasing)
+    c.critical.num_checkpoints = 0  # states of the pilot where the branched critical batch is
+    # measured (0: off)
+    c.critical.exponents = (-2, -1, 0, 1, 2)  # forks at batch_size x 2^j (at least 2, increasing)
     c.critical.fork_steps = 8  # steps of the largest fork (the same examples for all)
     c.critical.num_repeats = 2  # repeats on disjoint data
     c.critical.eval_examples = 1000  # held-out examples of each fork's loss
@@ -113,33 +121,37 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # batches split over the mesh), one interleaved table; above the largest that fits,
     # factor x largest as gradient accumulation.
     c.throughput = ml_collections.ConfigDict()
-    c.throughput.min_batch_size = 16
-    c.throughput.max_batch_size = 1024
-    c.throughput.memory_budget_bytes = config_dict.placeholder(int)  # per device (None: the
-    # device's capacity, or half the free host RAM on CPU)
+    c.throughput.min_batch_size = 16  # smallest timed batch (powers of two up to max_batch_size)
+    c.throughput.max_batch_size = 1024  # largest timed batch
+    c.throughput.memory_budget_bytes = config_dict.placeholder(int)  # memory per device a
+    # batch must fit in (None: the device's capacity, or half the free host RAM on CPU)
     c.throughput.warmup = 2  # untimed calls per batch size before the timed rounds
     c.throughput.repeats = 5  # interleaved rounds timing every batch size once (median)
-    c.throughput.accumulation_factors = (2, 4)
+    c.throughput.accumulation_factors = (2, 4)  # batches of factor x the largest that fits,
+    # timed as gradient accumulation
 
     # The recommendation (gns.finder.decide).
     c.recommend = ml_collections.ConfigDict()
-    c.recommend.price_per_hour = config_dict.placeholder(float)  # None: device-seconds
-    c.recommend.objective = "time"  # 'time' or 'cost'
-    c.recommend.candidates = config_dict.placeholder(tuple)  # extra batch sizes (None: the
-    # measured and accumulation ones)
+    c.recommend.price_per_hour = config_dict.placeholder(float)  # device price, for the cost
+    # objective (None: device-seconds)
+    c.recommend.objective = "time"  # what the recommendation minimizes: 'time' or 'cost'
+    c.recommend.candidates = config_dict.placeholder(tuple)  # extra batch sizes to consider
+    # (None: the measured and accumulation ones)
 
     # Trainings to target_accuracy at several batch sizes (the sweep; the tradeoff mode), the
     # learning rate scaled from learning_rate at batch_size (gns.scaling.learning_rate).
     c.tradeoff = ml_collections.ConfigDict()
-    c.tradeoff.batch_sizes = config_dict.placeholder(tuple)  # None: powers of two from
-    # min_batch_size up to the largest that fits, at most max_runs of them, spread evenly
-    c.tradeoff.min_batch_size = 16
-    c.tradeoff.max_runs = 5
+    c.tradeoff.batch_sizes = config_dict.placeholder(tuple)  # batch sizes trained to the
+    # target (None: powers of two from min_batch_size up to the largest that fits, at most
+    # max_runs of them, spread evenly)
+    c.tradeoff.min_batch_size = 16  # smallest trained batch when batch_sizes is None
+    c.tradeoff.max_runs = 5  # at most this many batch sizes when batch_sizes is None
     c.tradeoff.target_accuracy = 0.5  # test accuracy each training runs to
     c.tradeoff.max_steps = 5000  # step cap of each training (and the pilot's schedule horizon)
-    c.tradeoff.max_wall_time_s = 120.0  # time cap of each training
-    c.tradeoff.eval_every_examples = 4096  # evaluation interval in training examples
-    c.tradeoff.num_bootstrap = 1000  # refits of the S(B) = S_min + E_min/B fit
+    c.tradeoff.max_wall_time_s = 120.0  # time cap of each training (None: no budget)
+    c.tradeoff.eval_every_examples = 4096  # evaluation interval in training examples (the same
+    # resolution at every batch)
+    c.tradeoff.num_bootstrap = 1000  # bootstrap refits of the S(B) = S_min + E_min/B fit
     c.tradeoff.extra_seeds = 0  # more seeds (seed + 1, ...) at the reseed_best fastest batches
-    c.tradeoff.reseed_best = 3
+    c.tradeoff.reseed_best = 3  # how many of the fastest batches get extra seeds
     return c

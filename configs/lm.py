@@ -28,23 +28,24 @@ def base() -> ml_collections.ConfigDict:
     epoch is ``ds.examples_per_epoch`` windows, one pass over the train bytes), the task's
     target, model and data."""
     c = common.training()
-    c.task = "lm"  # experiments.tasks: byte windows, held-out bits per byte
+    c.task = "lm"  # what the data are (experiments.tasks): byte windows, held-out bits per byte
     c.update(batch_size=32, optimizer="adamw", weight_decay=0.01, warmup_steps=100)
     c.update(schedule="cosine", num_steps=1500, eval_every=250, eval_examples=1024)
     c.update(eval_batch_size=256, checkpoint_every=500, gns_every=20)
     c.target_bits_per_byte = config_dict.placeholder(float)  # stop when the periodic held-out
-    # bits per byte (mean next-byte cross-entropy in nats / ln 2) reach it or fall below
+    # bits per byte (mean next-byte cross-entropy in nats / ln 2) reach it or fall below;
+    # needs eval_every > 0 (None: no target)
     c.final_eval_examples = 4096  # held-out windows of the final evaluation (None: all,
     # 18,840 windows of 65 bytes for the Python 3.11 standard library)
 
     # Model (experiments.models.get_model).
     c.model = ml_collections.ConfigDict()
-    c.model.name = "transformer"
-    c.model.vocab_size = 256  # output classes: bytes
-    c.model.context = 64  # tokens per example
-    c.model.width = 128  # embedding size
-    c.model.depth = 2  # blocks
-    c.model.num_heads = 4
+    c.model.name = "transformer"  # the byte-level Transformer
+    c.model.vocab_size = 256  # output classes: 256 (bytes) or more
+    c.model.context = 64  # tokens per example (window)
+    c.model.width = 128  # embedding size (a multiple of num_heads)
+    c.model.depth = 2  # Transformer blocks
+    c.model.num_heads = 4  # attention heads (divides width)
     c.model.mlp_ratio = 4  # MLP hidden size / width
     c.model.tie_embeddings = False  # the output layer is the token embedding transposed
 
@@ -52,7 +53,7 @@ def base() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.path = config_dict.placeholder(str)  # a text file (split by bytes, the last
     # test_fraction held out) or a directory (split by file); None: the Python standard library
-    c.data.max_bytes = config_dict.placeholder(int)  # cap on the corpus (None: all)
+    c.data.max_bytes = config_dict.placeholder(int)  # cap on the corpus in bytes (None: all)
     c.data.test_fraction = 0.05  # held-out share of the files or bytes
     c.data.extensions = config_dict.placeholder(tuple)  # in a directory, only files with
     # these suffixes, e.g. ('.py', '.txt') (None: every file)

@@ -24,19 +24,20 @@ def base() -> ml_collections.ConfigDict:
     """The ``cpu`` variant: 16 features, 4 classes, 8,192 train examples, a width-64 student,
     Adam 3e-3, batch 64, 1,000 steps (about 8 epochs)."""
     c = common.training()
-    c.task = "teacher"  # experiments.tasks.teacher
+    c.task = "teacher"  # what the data are (experiments.tasks.teacher): a random linear
+    # teacher's sampled labels
     c.update(batch_size=64, learning_rate=3e-3, num_steps=1000, eval_every=200)
     c.update(eval_examples=2048, eval_batch_size=256, checkpoint_every=500)
     c.target_accuracy = config_dict.placeholder(float)  # stop when the periodic test
-    # accuracy reaches it (needs eval_every > 0)
+    # accuracy reaches it (needs eval_every > 0; None: no target)
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # the student: dense layers
     c.model.widths = (64,)  # hidden widths ((): a linear student)
     c.data = ml_collections.ConfigDict()
-    c.data.num_features = 16  # input dimension
-    c.data.num_classes = 4
-    c.data.num_train = 8192
-    c.data.num_test = 2048
+    c.data.num_features = 16  # input dimension d
+    c.data.num_classes = 4  # classes
+    c.data.num_train = 8192  # train examples
+    c.data.num_test = 2048  # test examples
     c.data.scale = 3.0  # standard deviation of each teacher logit (larger: less label noise)
     c.data.seed = 0  # seed of the teacher and of the examples
     return c

@@ -7,13 +7,11 @@ Usage::
 
 ``--config`` takes ``configs/cifar10.py:VARIANT`` (``smoke``, ``cpu``, ``gpu``,
 ``effnet_lamb``, ...); any field is overridable (``--config.batch_size=256``).
-``config.mode``: ``train``, ``compare`` (every batch-size policy, the adaptive schedule
-included, trained to one smoothed target, with a verdict; ``make demo``; ``adaptive`` is
-another name for it) or ``tradeoff`` (time to a target at several batch sizes). This is the
-training main of :mod:`experiments.run` with ``configs/cifar10.py`` as the default of
-``--help``. Re-running the same command resumes in ``--workdir``; Ctrl-C stops at the next
-step with everything saved (exit code 130); a mistake prints one line and a hint (exit code
-2; ``--verbose``: the traceback).
+``config.mode``: ``train``, ``compare`` (every batch-size policy trained to one smoothed
+target, with a verdict; ``make demo``) or ``tradeoff`` (time to a target at several batch
+sizes). The training main of :mod:`experiments.run`: re-running resumes in ``--workdir``,
+Ctrl-C stops with everything saved (exit code 130), a mistake prints one line and a hint
+(exit code 2).
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
-"""What the command-line mains share: the project's error type and one-line error reports.
+"""What the command-line mains share: the project's error type, one-line error reports,
+``--help`` and ``--print_config`` (:func:`run`, which a main calls instead of ``absl.app.run``).
 
 A mistake a user can fix raises :class:`UserError` (or ``FileNotFoundError``,
 ``PermissionError``, a full disk) naming the problem and the fix; :func:`main` turns it into
 one line on stderr (plus a ``hint:`` line) and exit code 2, and :func:`parse_flags` does the
 same for the flags' mistakes. Anything else is a bug and keeps its traceback, as everything
 does with ``--verbose`` (or ``GNS_VERBOSE=1``).
-
-Example (the end of a main module)::
-
-    if __name__ == "__main__":
-        _define_flags()
-        cli.run(main, "configs/cifar10.py", rules.describer("cifar10"))  # absl.app.run
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags
-from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from experiments import interrupt
 
@@ -55,9 +49,6 @@ class UserError(ValueError):
         self.hint = hint
 
 
-# The OSErrors a user can fix: a full or read-only disk, permissions, a path of the wrong kind.
-_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EISDIR,
-              errno.EEXIST)  # fmt: skip
 # How tensorstore (under orbax) words the same faults in the ValueError it raises.
 _FAULT_WORDS = {
     "the disk is full": ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded"),
@@ -87,17 +78,18 @@ def write_fault(e: BaseException) -> str | None:
 
 
 def _is_user_error(e: BaseException) -> bool:
+    """Whether a user can fix ``e``: bad input, a missing file, a path of the wrong kind, or a
+    :func:`write_fault`."""
     if isinstance(e, UserError | FileNotFoundError | PermissionError | app.UsageError):
         return True
-    if isinstance(e, OSError) and e.errno in _OS_ERRNOS:
-        return True
-    return write_fault(e) is not None
+    wrong_kind = isinstance(e, OSError) and e.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
+    return wrong_kind or write_fault(e) is not None
 
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full ({e.filename or e}): free space there or write elsewhere"
-    if isinstance(e, OSError) and not isinstance(e, UserError) and e.filename:
+    if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
     fault = None if isinstance(e, UserError | OSError) else write_fault(e)
     text = " ".join(str(e).split()) or type(e).__name__
@@ -143,14 +135,14 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 
 def run(
     fn: Callable[[list[str]], None],
-    config: str | None = None,
-    describe: Callable[[Any], list[str]] | None = None,
+    config: str,
+    describe: Callable[[Any, str], list[str]],
     argv: list[str] | None = None,
 ) -> None:
-    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, plus ``--help`` (the module's
-    usage, its flags and ``describe(config)`` of ``config``'s default variant or ``--config``:
-    exit 0) and ``--print_config``. An exit with code 2 skips Python's finalizers, so that a
-    writer thread cut short by the fault (orbax's, on a full disk) adds no traceback."""
+    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, plus ``--help`` (exit 0:
+    :func:`print_help`, ``config`` the file of the default variant) and ``--print_config``. An
+    exit with code 2 skips Python's finalizers, so that a writer thread cut short by the fault
+    (orbax's, on a full disk) adds no traceback."""
     argv = resolve_config_paths(list(sys.argv if argv is None else argv))
     if any(a in HELP_FLAGS for a in argv[1:]):
         try:
@@ -196,14 +188,11 @@ def _parse_or_print(argv: list[str]) -> list[str]:
     return args
 
 
-def print_help(argv: list[str], config: str | None, describe: Callable | None) -> None:
+def print_help(argv: list[str], config: str, describe: Callable[[Any, str], list[str]]) -> None:
     """The usage of the ``__main__`` module (its docstring as plain text), its flags, and the
     fields of its config (``--config`` of ``argv``, else ``config``'s default variant) with
-    their values, meaning and valid values (``describe(config)``)."""
-    if config is None or describe is None:
-        print(plain_text(sys.modules["__main__"].__doc__ or "").strip())
-        return
-    if _config_arg(argv) is None:
+    their values, meaning and valid values (``describe(config, path of its file)``)."""
+    if "config" not in _flag_values(argv):
         argv = [*argv, f"--config={os.path.join(ROOT, config)}"]
     if "workdir" in FLAGS and not any(a.startswith("--workdir") for a in argv):
         argv = [*argv, "--workdir=unused"]
@@ -213,24 +202,10 @@ def print_help(argv: list[str], config: str | None, describe: Callable | None) -
         if name in FLAGS:
             print(f"  --{name}: {FLAGS[name].help}")
     print("  --helpfull: every flag, absl's included\n")
-    print(f"Config fields ({_config_name(argv)}; set any with --config.FIELD=VALUE):")
-    print("\n".join(describe(FLAGS.config)))
-
-
-def _config_arg(argv: list[str]) -> str | None:
-    """The value of the last ``--config=VALUE`` or ``--config VALUE`` of ``argv``."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            value = argv[i + 1]
-    return value
-
-
-def _config_name(argv: list[str]) -> str:
-    path, _, variant = _config_arg(argv).partition(":")
-    return os.path.relpath(path, ROOT) + (f":{variant}" if variant else " (default variant)")
+    path, _, variant = _flag_values(argv)["config"].partition(":")
+    name = os.path.relpath(path, ROOT) + (f":{variant}" if variant else " (default variant)")
+    print(f"Config fields ({name}; set any with --config.FIELD=VALUE):")
+    print("\n".join(describe(FLAGS.config, path)))
 
 
 def plain_text(doc: str) -> str:
@@ -249,8 +224,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     unknown ``--config.field``, a bad value, an unknown or missing flag."""
     try:
         args = FLAGS(argv)
-        for name in _config_flags():
-            getattr(FLAGS[name].value, "keys", None)  # raises config_flags' deferred error
+        if "config" in FLAGS and FLAGS["config"].present:
+            getattr(FLAGS.config, "keys", None)  # raises config_flags' deferred error
         return args
     except Exception as e:
         if _verbose(argv):
@@ -258,21 +233,16 @@ def parse_flags(argv: list[str]) -> list[str]:
         _exit(*_flag_error(e, argv))
 
 
-def _config_flags(present_only: bool = True) -> list[str]:
-    """Names of the ``config_flags.DEFINE_config_file`` flags."""
-    return [name for name in FLAGS if isinstance(FLAGS[name].parser, ConfigFileFlagParser)
-            and (FLAGS[name].present or not present_only)]  # fmt: skip
-
-
-def _flag_values(argv: list[str]) -> list[tuple[str, str]]:
-    """``(name, value)`` of the ``--name=value`` and ``--name value`` arguments."""
-    out = []
+def _flag_values(argv: list[str]) -> dict[str, str]:
+    """``{name: value}`` of the ``--name=value`` and ``--name value`` arguments (the last
+    one of a name)."""
+    out = {}
     for i, arg in enumerate(argv[1:], 1):
         m = re.match(r"--([\w.]+)(?:=(.*))?$", arg)
         if m and m.group(2) is not None:
-            out.append((m.group(1), m.group(2)))
+            out[m.group(1)] = m.group(2)
         elif m and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-            out.append((m.group(1), argv[i + 1]))
+            out[m.group(1)] = argv[i + 1]
     return out
 
 
@@ -290,14 +260,13 @@ def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
     user = [x for x in _chain(e) if isinstance(x, UserError)]
     if user:  # the innermost: config_flags re-raises it with the traceback as its message
         return " ".join(str(user[-1]).split()), user[-1].hint
-    for name, value in _flag_values(argv):
-        if name in _config_flags(present_only=False):
-            path = value.split(":", 1)[0]
-            if not os.path.isfile(path):
-                return (
-                    f"config file not found: {path}",
-                    f"pass --{name}=path/to/config.py[:variant], e.g. configs/cifar10.py:smoke",
-                )
+    given = _flag_values(argv)
+    path = given.get("config", "").split(":", 1)[0]
+    if "config" in given and not os.path.isfile(path):
+        return (
+            f"config file not found: {path}",
+            "pass --config=path/to/config.py[:variant], e.g. configs/cifar10.py:smoke",
+        )
     unknown = _unknown_field(argv)
     if unknown:
         return unknown
@@ -308,43 +277,38 @@ def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
 
 
 def _unknown_field(argv: list[str]) -> tuple[str, str] | None:
-    """The first ``--NAME.a.b=...`` override whose field is not in the config ``NAME``."""
-    given = dict(_flag_values(argv))
+    """The first ``--config.a.b=...`` override whose field is not in the config."""
+    given = _flag_values(argv)
+    node = FLAGS["config"].value if "config" in FLAGS else None
+    if node is None and "config" in given:  # the override failed before the config was set
+        try:
+            node = FLAGS["config"].parser.parse(given["config"])
+        except Exception:
+            return None
+    paths = [p for p, _ in config_fields(node)] if hasattr(node, "keys") else []
     for arg in given:
-        m = re.match(r"(\w+)\.([\w.]+)", arg)
-        if not m or m.group(1) not in _config_flags(present_only=False):
+        field = arg.removeprefix("config.")
+        if not paths or field == arg:
             continue
-        node = FLAGS[m.group(1)].value
-        if node is None and m.group(1) in given:  # the override failed before the config
-            try:
-                node = FLAGS[m.group(1)].parser.parse(given[m.group(1)])
-            except Exception:
-                continue
-        if not hasattr(node, "keys"):
-            continue
-        paths = [p for p, _ in config_fields(node)]
-        if m.group(2) in paths or any(p.startswith(m.group(2) + ".") for p in paths):
-            continue
-        return f"unknown config field --{m.group(1)}.{m.group(2)}", _did_you_mean(
-            m.group(1), m.group(2), paths
-        )
+        if field not in paths and not any(p.startswith(field + ".") for p in paths):
+            return f"unknown config field --config.{field}", _did_you_mean(field, paths)
     return None
 
 
-def _did_you_mean(flag: str, field: str, paths: list[str]) -> str:
-    """The hint for an unknown ``--flag.field``: the field under another section (e.g.
+def _did_you_mean(field: str, paths: list[str]) -> str:
+    """The hint for an unknown ``--config.field``: the field under another section (e.g.
     ``data.source`` for ``source``), else the closest name."""
     nested = [p for p in paths if p.endswith("." + field)]
     parent, _, last = field.rpartition(".")
     siblings = [p.rpartition(".")[2] for p in paths if p.rpartition(".")[0] == parent]
     close = difflib.get_close_matches(last, siblings, 1, 0.6)
     if nested:
-        guess = f"did you mean --{flag}.{nested[0]}? "
+        guess = f"did you mean --config.{nested[0]}? "
     elif close:
         guess = f"did you mean {close[0]!r}? "
     else:
         close = difflib.get_close_matches(field, paths, 1, 0.6)
-        guess = f"did you mean --{flag}.{close[0]}? " if close else ""
+        guess = f"did you mean --config.{close[0]}? " if close else ""
     return guess + "--help lists every field"
 
 

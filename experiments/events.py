@@ -1,23 +1,11 @@
 """TensorBoard event files of a run, beside its ``metrics.jsonl`` (tensorboardX: no TensorFlow).
 
-The event files are a view of the metrics rows: :class:`EventLog` writes each row's scalars as
-the row is written, and on a resume rewrites the files from the rows kept, so they hold
-exactly the rows of ``metrics.jsonl``. ``tensorboard --logdir runs/`` shows every run
-directory below as one run. Tags (x axis: the step; non-finite values left out):
-
-``train/loss``, ``train/accuracy``, ``test/<metric>``; ``noise_scale/b_simple`` (raw),
-``ema_b_simple``, ``g_sq``, ``trace_cov`` and ``window`` (``_low``, ``_high``: the ratio of
-means over the last :data:`WINDOW` measurements, 90% bootstrap interval);
-``schedule/batch_size``, ``learning_rate``; ``time/examples_per_s``, ``step_time_s``,
-``train_time_s``; ``by_examples/<key>`` of :data:`BY_EXAMPLES` over the examples seen (the fair
-axis across batch sizes).
-
-Example::
-
-    events = EventLog("runs/cpu")
-    events.reset(kept_rows)   # on (re)start: the files hold exactly these rows
-    events.write(row)         # at each row
-    events.close()
+The files are a view of the metrics rows: :class:`EventLog` writes each row's scalars as the row
+is written and, on a resume, rewrites the files from the rows kept. Tags (x axis: the step;
+non-finite values left out): those of :data:`STEP_TAGS`, ``test/<metric>``,
+``time/step_time_s``, ``noise_scale/window`` (``_low``, ``_high``: the ratio of means over the
+last :data:`WINDOW` measurements, 90% bootstrap interval), and ``by_examples/<key>`` of
+:data:`BY_EXAMPLES` over the examples seen (the fair axis across batch sizes).
 """
 
 from __future__ import annotations
@@ -49,14 +37,9 @@ STEP_TAGS = {
     "wall_time_s": "time/train_time_s",
 }
 BY_EXAMPLES = (
-    "train_loss",
-    "test_accuracy",
-    "test_loss",
-    "test_bits_per_byte",
-    "ema_b_simple",
-    "batch_size",
-    "learning_rate",
-)
+    "train_loss", "test_accuracy", "test_loss", "test_bits_per_byte", "ema_b_simple",
+    "batch_size", "learning_rate",
+)  # fmt: skip
 _PATTERN = "events.out.tfevents.*"
 
 
@@ -110,15 +93,11 @@ class EventLog:
             self._writer = SummaryWriter(logdir=self.workdir, flush_secs=30)
         if _finite(row.get("g_sq")) and _finite(row.get("trace_cov")):
             self._window.append((float(row["g_sq"]), float(row["trace_cov"])))
-        window = self._window if "g_sq" in row else ()
-        step = int(row["step"])
-        for tag, value in row_scalars(row, window).items():
-            self._writer.add_scalar(tag, value, step)
-        examples = row.get("examples_seen")
-        if examples is not None:
-            for k in BY_EXAMPLES:
-                if _finite(row.get(k)):
-                    self._writer.add_scalar(f"by_examples/{k}", float(row[k]), int(examples))
+        for tag, value in row_scalars(row, self._window if "g_sq" in row else ()).items():
+            self._writer.add_scalar(tag, value, int(row["step"]))
+        for k in BY_EXAMPLES if row.get("examples_seen") is not None else ():
+            if _finite(row.get(k)):
+                self._writer.add_scalar(f"by_examples/{k}", float(row[k]), row["examples_seen"])
         if flush:
             self.flush()
 

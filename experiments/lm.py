@@ -6,16 +6,13 @@ Usage::
     python -m experiments.lm --config configs/lm.py:cpu --workdir /tmp/lm_cpu \
       --config.data.path=corpus.txt
 
-``--config`` takes ``configs/lm.py:VARIANT`` (``smoke``, ``cpu``); any field is overridable
-(``--config.batch_size=64``). The corpus is the ``.py`` files of the running interpreter's
-standard library unless ``--config.data.path`` names a text file or a directory of text files
-(:mod:`experiments.text`). This is the training main of :mod:`experiments.run` with
-``configs/lm.py`` as the default of ``--help``: the outputs are the CIFAR-10 experiment's,
-with ``test_loss`` and ``test_bits_per_byte`` on evaluation rows and the corpus record under
-``data`` in ``summary.json``; ``config.target_bits_per_byte`` stops the run when a held-out
-evaluation reaches it. ``b_simple`` counts windows of ``context`` tokens, as ``batch_size``
-does. Re-running resumes; Ctrl-C stops with everything saved (exit code 130); a mistake prints
-one line and a hint (exit code 2).
+``--config`` takes ``configs/lm.py:VARIANT`` (``smoke``, ``cpu``); any field is overridable.
+The corpus is the ``.py`` files of the running interpreter's standard library unless
+``--config.data.path`` names a text file or a directory. The training main of
+:mod:`experiments.run`, with the outputs of ``experiments.cifar10`` (held-out
+``test_bits_per_byte`` instead of accuracy; ``b_simple`` counts windows of ``context``
+tokens); re-running resumes, Ctrl-C stops with everything saved (exit code 130), a mistake
+prints one line and a hint (exit code 2).
 """
 
 from __future__ import annotations

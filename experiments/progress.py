@@ -1,16 +1,6 @@
-"""Progress of a long command: a bar on a terminal, a log line every few seconds elsewhere.
-
-Off a terminal (``nohup``, SLURM, a pipe) :class:`Progress` logs one line every
-:data:`EVERY_S` seconds (``GNS_PROGRESS_EVERY_S``; 0: none) from a thread, so a long
-compilation is not silent either.
-
-Example::
-
-    bar = Progress(total=8192, desc="train", unit="examples")
-    bar.set(phase="training", step=1, B_simple="-")
-    bar.update(32)   # 32 more examples done
-    bar.close()
-"""
+"""Progress of a long command: a tqdm bar on a terminal; elsewhere (``nohup``, SLURM, a pipe)
+a log line every :data:`EVERY_S` seconds (``GNS_PROGRESS_EVERY_S``; 0: none) from a thread, so
+that a long compilation is not silent either."""
 
 from __future__ import annotations
 
@@ -79,19 +69,13 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
 
-    def rate(self) -> float:
-        """Units per second since the first :meth:`update` (``nan`` before two)."""
-        if self._t0 is None:
-            return float("nan")
-        dt = time.perf_counter() - self._t0
-        done = self.n - self._n0
-        return done / dt if done > 0 and dt > 0 else float("nan")
-
     def line(self) -> str:
-        """The log line: phase, counts, rate, ETA and the fields."""
+        """The log line: phase, counts, rate (since the first :meth:`update`), ETA and the
+        fields."""
         phase = self.fields.get("phase")
         head = f"{self.desc}: {phase}, " if phase else f"{self.desc}: "
-        rate = self.rate()
+        done, t0 = self.n - self._n0, self._t0
+        rate = done / (time.perf_counter() - t0) if t0 is not None and done > 0 else float("nan")
         parts = [f"{self.n:,}/{self.total:,} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%)"
                  if self.total else f"{self.n:,} {self.unit}"]  # fmt: skip
         if self.show_rate:

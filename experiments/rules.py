@@ -1,19 +1,22 @@
-"""The one table of config fields: for every field of every config (``configs/*.py``) its valid
-values and what it means, and the rules between fields. :func:`check` applies it before an
-entry point loads or writes anything (a bad value: one line and a ``hint:``); ``--help`` lists
-the fields from it (:func:`describe`).
+"""The one table of config fields: each field's valid values, and the rules between fields.
 
-A config's table (:func:`rules_of`) is a list of sections ``(prefix, rules, cross)``: ``rules``
-are ``(field, kind, doc)`` (``kind``: a :class:`Kind`); ``cross`` are functions ``(node,
+:func:`check` applies it before an entry point loads or writes anything (a bad value: one line
+and a ``hint:``). A config's table (:func:`rules_of`) is a list of sections ``(prefix, rules,
+cross)``: ``rules`` are ``(field, kind)`` (a :class:`Kind`); ``cross`` are functions ``(node,
 devices, prefix) -> (message, hint)`` or ``None`` (:func:`cross`), checked after every field is
 valid (``devices``: the mesh's size, ``None`` skips the rules that need it). A field a config
-lacks is skipped; a config field without a row fails ``tests/test_config.py``.
+lacks is skipped; a config field without a row fails ``tests/test_config.py``. What a field
+means is its comment in ``configs/*.py``, which ``--help`` prints (:func:`describe`).
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import io
 import math
 import textwrap
+import tokenize
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,7 +26,7 @@ from experiments.cli import UserError, config_fields
 
 __all__ = [
     "Kind", "TASK_TABLES", "ENTRY_POINTS", "NOT_TRAINING", "check", "rules_of", "describe",
-    "describer", "get",
+    "describer", "field_comments", "get",
 ]  # fmt: skip
 
 GNS_METHODS = ("auto", "per_example", "microbatch", "across_devices")
@@ -56,42 +59,35 @@ def _is_real(v) -> bool:
     return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _or_none(kind: Kind, none: str | None) -> Kind:
-    if none is None:
-        return kind
-    return Kind(lambda v: v is None or kind.valid(v), f"{kind.what}, or None ({none})")
+def _or_none(kind: Kind, none: bool) -> Kind:
+    """``kind``, or ``None`` too with ``none`` (what ``None`` means: the field's comment)."""
+    return Kind(lambda v: v is None or kind.valid(v), f"{kind.what}, or None") if none else kind
 
 
-def count(lo: int = 0, none: str | None = None, hi: int = INT_MAX) -> Kind:
-    """An int in ``[lo, hi]`` (``none``: what ``None`` means, when it is valid)."""
+def count(lo: int = 0, none: bool = False, hi: int = INT_MAX) -> Kind:
+    """An int in ``[lo, hi]`` (``none``: or ``None``)."""
     what = f"an int >= {lo}" if hi >= INT_MAX else f"an int in [{lo}, {hi}]"
     return _or_none(Kind(lambda v: _is_int(v) and lo <= v <= hi, what), none)
 
 
-def real(lo=None, hi=None, *, open_lo=False, open_hi=False, none: str | None = None) -> Kind:
+def real(lo, hi=None, *, open_lo=False, open_hi=False, none: bool = False) -> Kind:
     """A finite number in the interval (``open_*``: the bound itself excluded)."""
 
     def ok(v):
-        if not _is_real(v):
-            return False
-        return (lo is None or (v > lo if open_lo else v >= lo)) and (
-            hi is None or (v < hi if open_hi else v <= hi)
-        )
+        above = _is_real(v) and (v > lo if open_lo else v >= lo)
+        return above and (hi is None or (v < hi if open_hi else v <= hi))
 
-    if lo is not None and hi is not None:
+    what = f"a finite number {'>' if open_lo else '>='} {lo}"
+    if hi is not None:
         what = f"a number in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
-    elif lo is not None:
-        what = f"a finite number {'>' if open_lo else '>='} {lo}"
-    else:
-        what = "a finite number"
     return _or_none(Kind(ok, what), none)
 
 
-def choice(*options: str, none: str | None = None) -> Kind:
+def choice(*options: str, none: bool = False) -> Kind:
     return _or_none(Kind(lambda v: v in options, f"one of {', '.join(options)}"), none)
 
 
-def text(none: str | None = None) -> Kind:
+def text(none: bool = False) -> Kind:
     """A non-empty string."""
     return _or_none(Kind(lambda v: isinstance(v, str) and v.strip() != "", "a text"), none)
 
@@ -99,41 +95,25 @@ def text(none: str | None = None) -> Kind:
 FLAG = Kind(lambda v: isinstance(v, bool | np.bool_), "True or False")
 
 
-def ints(lo: int, *, increasing=False, empty=False, none: str | None = None) -> Kind:
-    """A tuple of ints >= ``lo`` (``increasing``: strictly; ``empty``: may be ``()``)."""
+def tuple_of(item: Kind, *, empty=False, increasing=False, distinct=False, none=False) -> Kind:
+    """A tuple of ``item`` values (``empty``: may be ``()``; ``increasing``: strictly;
+    ``distinct``: no repeats)."""
 
     def ok(v):
-        if not isinstance(v, tuple | list) or (not v and not empty):
+        if not isinstance(v, tuple | list) or not (v or empty) or not all(map(item.valid, v)):
             return False
-        if not all(_is_int(x) and lo <= x <= INT_MAX for x in v):
-            return False
-        return not increasing or all(a < b for a, b in zip(v, v[1:], strict=False))
+        return (not increasing or all(a < b for a, b in zip(v, v[1:], strict=False))) and (
+            not distinct or len(set(v)) == len(v)
+        )
 
-    what = f"a {'' if empty else 'non-empty '}tuple of ints >= {lo}"
-    return _or_none(Kind(ok, what + (", increasing" if increasing else "")), none)
-
-
-def reals(lo: float, none: str | None = None) -> Kind:
-    """A non-empty tuple of finite numbers > ``lo``."""
-
-    def ok(v):
-        return isinstance(v, tuple | list) and v and all(_is_real(x) and x > lo for x in v)
-
-    return _or_none(Kind(ok, f"a non-empty tuple of numbers > {lo}"), none)
+    what = f"a {'' if empty else 'non-empty '}tuple, each {item.what}"
+    what += (", increasing" if increasing else "") + (", no repeats" if distinct else "")
+    return _or_none(Kind(ok, what), none)
 
 
-def names(options, *, distinct=True, none: str | None = None) -> Kind:
-    """A non-empty tuple of names from ``options`` (``None``: any non-empty strings)."""
-
-    def ok(v):
-        if not isinstance(v, tuple | list) or not v or not all(isinstance(x, str) for x in v):
-            return False
-        if options is not None and any(x not in options for x in v):
-            return False
-        return not distinct or len(set(v)) == len(v)
-
-    what = "a non-empty tuple of " + ("texts" if options is None else f"{', '.join(options)}")
-    return _or_none(Kind(ok, what + (", no repeats" if distinct else "")), none)
+def ints(lo: int, **kwargs) -> Kind:
+    """A tuple of ints >= ``lo`` (:func:`tuple_of`)."""
+    return tuple_of(count(lo), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,295 +121,221 @@ def names(options, *, distinct=True, none: str | None = None) -> Kind:
 
 # Training fields of every training config (configs/cifar10.py, configs/lm.py).
 TRAIN = (
-    ("mode", choice(*MODES), "what runs: 'train', 'compare' (every batch-size policy to one "
-     "smoothed target; 'adaptive' is another name for it) or 'tradeoff' (time to a target at "
-     "several batch sizes); experiments.lm has 'train' only"),
-    ("seed", count(0), "initialization, data order, augmentation, dropout"),
-    ("batch_size", count(2), "examples per step, global over the devices (>= 2: the noise "
-     "scale compares examples)"),
-    ("learning_rate", real(0, open_lo=True), "peak learning rate (after warmup)"),
-    ("optimizer", choice(*OPTIMIZERS), "'sgd' (with momentum, nesterov), 'adam', 'adamw', "
-     "'lamb'"),
-    ("momentum", real(0, 1, open_hi=True), "sgd only; 0: plain SGD"),
-    ("nesterov", FLAG, "sgd only: Nesterov momentum"),
-    ("weight_decay", real(0), "on kernels only: L2 for sgd/adam, decoupled for adamw/lamb"),
-    ("warmup_steps", count(0), "linear warmup from 0 over this many steps"),
-    ("schedule", choice(*SCHEDULES), "after warmup: constant, or cosine decay to 0 at the end"),
-    ("num_steps", count(1), "length of the run in steps (unless num_epochs is set)"),
-    ("num_epochs", real(0, open_lo=True, none="num_steps"), "length of the run in epochs "
-     "(wins over num_steps when set)"),
-    ("max_wall_time_s", real(0, open_lo=True, none="no budget"), "training-time budget in "
-     "seconds"),
-    ("target_window", count(1), "the target is on the mean of the last N periodic "
-     "evaluations (1: each evaluation itself)"),
-    ("divergence_factor", real(1, open_lo=True, none="stop on a non-finite loss only"),
-     "stop when the training loss exceeds this multiple of the initial loss"),
-    ("eval_every", count(0), "steps between periodic evaluations (0: only the final one)"),
-    ("eval_examples", count(1, none="all"), "examples of the periodic evaluations (a fixed "
-     "random subset) and of the final train metric"),
-    ("eval_batch_size", count(1), "examples per evaluation batch (memory only)"),
-    ("log_every", count(1), "steps between metrics rows (measured and evaluated steps always "
-     "get one)"),
-    ("checkpoint_every", count(0), "steps between checkpoints (0: only at the end)"),
-    ("start_from", text(none="a fresh start"), "a pilot's checkpoint directory (the sweep's "
-     "WORKDIR/pilot/<key>): the run goes on from its state, step, examples and seconds"),
-    ("progress_bar", FLAG, "a progress bar when stderr is a terminal"),
-    ("plots", FLAG, "write training.png and noise_scale.png"),
-    ("gns_every", count(0), "measure the noise scale every N steps (0: never)"),
-    ("gns_method", choice(*GNS_METHODS), "'auto' (across_devices on >= 2 devices; on one "
-     "per_example without BatchNorm, else microbatch), 'per_example', 'microbatch' or "
-     "'across_devices'"),
-    ("gns_microbatches", count(1), "microbatches of the microbatch estimator (and ghost "
-     "BatchNorm groups); a multiple of the device count that divides batch_size"),
-    ("gns_chunk_size", count(1, none="one chunk"), "per_example: examples per chunk (memory)"),
-    ("gns_ema_decay", real(0, 1, open_hi=True), "EMA decay of g_sq and trace_cov "
-     "(bias-corrected)"),
-    ("dtype", choice(*DTYPES), "computation dtype (parameters, optimizer state and "
-     "noise-scale sums stay float32)"),
-    ("num_devices", count(1, none="every device"), "devices of the data-parallel mesh; "
-     "batch_size is split over them"),
-    ("distributed", FLAG, "call jax.distributed.initialize() first (multi-host)"),
-    ("step_time_repeats", count(0), "after training, time the step alone N times and report "
-     "the device utilization (0: skip)"),
-)  # fmt: skip
+    ("mode", choice(*MODES)),
+    ("seed", count(0)),
+    ("batch_size", count(2)),
+    ("learning_rate", real(0, open_lo=True)),
+    ("optimizer", choice(*OPTIMIZERS)),
+    ("momentum", real(0, 1, open_hi=True)),
+    ("nesterov", FLAG),
+    ("weight_decay", real(0)),
+    ("warmup_steps", count(0)),
+    ("schedule", choice(*SCHEDULES)),
+    ("num_steps", count(1)),
+    ("num_epochs", real(0, open_lo=True, none=True)),
+    ("max_wall_time_s", real(0, open_lo=True, none=True)),
+    ("target_window", count(1)),
+    ("divergence_factor", real(1, open_lo=True, none=True)),
+    ("eval_every", count(0)),
+    ("eval_examples", count(1, none=True)),
+    ("eval_batch_size", count(1)),
+    ("log_every", count(1)),
+    ("checkpoint_every", count(0)),
+    ("start_from", text(none=True)),
+    ("progress_bar", FLAG),
+    ("plots", FLAG),
+    ("gns_every", count(0)),
+    ("gns_method", choice(*GNS_METHODS)),
+    ("gns_microbatches", count(1)),
+    ("gns_chunk_size", count(1, none=True)),
+    ("gns_ema_decay", real(0, 1, open_hi=True)),
+    ("dtype", choice(*DTYPES)),
+    ("num_devices", count(1, none=True)),
+    ("distributed", FLAG),
+    ("step_time_repeats", count(0)),
+)
 
 # The image task (configs/cifar10.py): target, adaptive schedule, model, data.
 IMAGE = (
-    ("target_accuracy", real(0, 1, none="no target"), "stop when the periodic test accuracy "
-     "(mean of target_window evaluations) reaches it; needs eval_every > 0"),
-    ("adaptive.enabled", FLAG, "train with the batch-size schedule that follows the smoothed "
-     "noise scale (needs gns_every > 0)"),
-    ("adaptive.candidates", ints(2, increasing=True, none="powers of two in [min_batch_size, "
-     "max_batch_size]"), "the schedule's compiled batch sizes"),
-    ("adaptive.min_batch_size", count(2), "smallest candidate (when candidates is None)"),
-    ("adaptive.max_batch_size", count(2), "largest candidate (when candidates is None; also "
-     "capped by what fits in the compare mode)"),
-    ("adaptive.initial_batch_size", count(2, none="the smallest candidate"), "the batch size "
-     "the schedule starts at"),
-    ("adaptive.initial_noise_scale", real(0, open_lo=True, none="no measurement yet"), "the "
-     "noise scale that sets the 'sgd' rule's starting rate (needed when the schedule starts "
-     "away from batch_size)"),
-    ("adaptive.step_times", reals(0, none="timed before training"), "seconds per step of "
-     "each candidate, in order"),
-    ("adaptive.lr_rule", choice(*LR_RULES), "how the learning rate follows the batch size"),
-    ("adaptive.margin", real(0), "relative saving a change of batch size needs"),
-    ("adaptive.patience", count(1), "consecutive measurements that must agree before a "
-     "change"),
-    ("adaptive.allow_shrink", FLAG, "the batch may also shrink (else a ramp only grows)"),
-    ("adaptive.noise_scale_factor", real(0, open_lo=True), "multiplies the smoothed "
-     "B_simple fed to the schedule"),
-    ("adaptive.eval_every_examples", count(1, none="eval_every x batch_size"), "evaluation "
-     "interval in examples"),
-    ("adaptive.timing_warmup", count(0), "untimed calls per batch size before the timing"),
-    ("adaptive.timing_rounds", count(1), "interleaved timing rounds (each times every "
-     "candidate once)"),
-    ("model.name", choice(*(m for m in MODEL_NAMES if m != "transformer")),
-     "small_cnn, mlp, resnet18 (resnet) or efficientnet_b0 (efficientnet)"),
-    ("model.widths", ints(1), "small_cnn: conv widths (stride 2 each); mlp: hidden widths"),
-    ("model.groups", count(1), "small_cnn: GroupNorm groups (divides every width)"),
-    ("model.stage_sizes", ints(1, none="ResNet-18's"), "resnet: blocks per stage"),
-    ("model.num_filters", count(1, none="64"), "resnet: stem width"),
-    ("model.width_coefficient", real(0, open_lo=True, none="1.0"), "efficientnet: width "
-     "multiplier"),
-    ("model.depth_coefficient", real(0, open_lo=True, none="1.0"), "efficientnet: depth "
-     "multiplier"),
-    ("model.dropout_rate", real(0, 1, open_hi=True, none="the model's"), "efficientnet: "
-     "dropout before the head"),
-    ("model.drop_connect_rate", real(0, 1, open_hi=True, none="the model's"), "efficientnet: "
-     "stochastic depth"),
-    ("model.stem_strides", count(1, none="the model's"), "efficientnet: stem stride (1 for "
-     "32x32 inputs)"),
-    ("data.source", choice(*DATA_SOURCES), "'folder' (data.path: a folder or .tar.gz laid out "
-     "split/class/image.jpg), 'cifar10_binary' (data.path, or downloaded once from data.url, "
-     "MD5-checked), 'tfds' (a prepared tensorflow-datasets dataset) or 'synthetic'; the "
-     "default is the shared JPEG archive when present, else cifar10_binary"),
-    ("data.name", text(), "tfds dataset name"),
-    ("data.path", text(none="download (cifar10_binary)"), "folder, archive or "
-     "cifar-10-binary.tar.gz"),
-    ("data.cache_dir", text(none="~/.cache/gns"), "where decoded arrays are cached"),
-    ("data.tfds_data_dir", text(none="the tfds default"), "tfds data_dir"),
-    ("data.url", text(), "cifar10_binary: where to download it from"),
-    ("data.md5", text(none="unchecked"), "cifar10_binary: the download's published MD5"),
-    ("data.num_train", count(1, none="all"), "class-stratified train subset"),
-    ("data.num_test", count(1, none="all"), "class-stratified test subset"),
-    ("data.augment", FLAG, "random crop (reflect padding 4) and horizontal flip"),
-    ("data.on_device", FLAG, "keep the decoded train arrays on the devices and gather batches "
-     "there"),
-    ("data.synthetic.image_size", count(4, hi=4096), "synthetic: image side in pixels"),
-    ("data.synthetic.num_classes", count(2, hi=100_000), "synthetic: classes"),
-    ("data.synthetic.seed", count(0), "synthetic: the data's seed"),
-)  # fmt: skip
+    ("target_accuracy", real(0, 1, none=True)),
+    ("adaptive.enabled", FLAG),
+    (
+        "adaptive.candidates",
+        ints(2, increasing=True, none=True),
+    ),
+    ("adaptive.min_batch_size", count(2)),
+    ("adaptive.max_batch_size", count(2)),
+    ("adaptive.initial_batch_size", count(2, none=True)),
+    ("adaptive.initial_noise_scale", real(0, open_lo=True, none=True)),
+    ("adaptive.step_times", tuple_of(real(0, open_lo=True), none=True)),
+    ("adaptive.lr_rule", choice(*LR_RULES)),
+    ("adaptive.margin", real(0)),
+    ("adaptive.patience", count(1)),
+    ("adaptive.allow_shrink", FLAG),
+    ("adaptive.noise_scale_factor", real(0, open_lo=True)),
+    ("adaptive.eval_every_examples", count(1, none=True)),
+    ("adaptive.timing_warmup", count(0)),
+    ("adaptive.timing_rounds", count(1)),
+    ("model.name", choice(*(m for m in MODEL_NAMES if m != "transformer"))),
+    ("model.widths", ints(1)),
+    ("model.groups", count(1)),
+    ("model.stage_sizes", ints(1, none=True)),
+    ("model.num_filters", count(1, none=True)),
+    ("model.width_coefficient", real(0, open_lo=True, none=True)),
+    ("model.depth_coefficient", real(0, open_lo=True, none=True)),
+    ("model.dropout_rate", real(0, 1, open_hi=True, none=True)),
+    ("model.drop_connect_rate", real(0, 1, open_hi=True, none=True)),
+    ("model.stem_strides", count(1, none=True)),
+    ("data.source", choice(*DATA_SOURCES)),
+    ("data.name", text()),
+    ("data.path", text(none=True)),
+    ("data.cache_dir", text(none=True)),
+    ("data.tfds_data_dir", text(none=True)),
+    ("data.url", text()),
+    ("data.md5", text(none=True)),
+    ("data.num_train", count(1, none=True)),
+    ("data.num_test", count(1, none=True)),
+    ("data.augment", FLAG),
+    ("data.on_device", FLAG),
+    ("data.synthetic.image_size", count(4, hi=4096)),
+    ("data.synthetic.num_classes", count(2, hi=100_000)),
+    ("data.synthetic.seed", count(0)),
+)
 
 # The language-model task (configs/lm.py).
 TEXT = (
-    ("task", choice("lm"), "what the data are: 'lm' (byte windows, bits per byte)"),
-    ("target_bits_per_byte", real(0, open_lo=True, none="no target"), "stop when the "
-     "periodic held-out bits per byte reach it or fall below; needs eval_every > 0"),
-    ("final_eval_examples", count(1, none="all"), "held-out windows of the final "
-     "evaluation"),
-    ("model.name", choice("transformer"), "the byte-level Transformer"),
-    ("model.vocab_size", count(256), "output classes: 256 (bytes) or more"),
-    ("model.context", count(1, hi=65536), "tokens per example (window)"),
-    ("model.width", count(1), "embedding size (a multiple of num_heads)"),
-    ("model.depth", count(1), "Transformer blocks"),
-    ("model.num_heads", count(1), "attention heads (divides width)"),
-    ("model.mlp_ratio", count(1), "MLP hidden size / width"),
-    ("model.tie_embeddings", FLAG, "the output layer is the token embedding transposed"),
-    ("data.path", text(none="the Python standard library"), "a text file (split by bytes) or "
-     "a directory (split by file)"),
-    ("data.max_bytes", count(2, none="all"), "cap on the corpus in bytes"),
-    ("data.test_fraction", real(0, 1, open_lo=True, open_hi=True), "held-out share of the "
-     "files or bytes"),
-    ("data.extensions", names(None, none="every file"), "in a directory, read only files with "
-     "these suffixes, e.g. ('.py', '.txt')"),
-)  # fmt: skip
+    ("task", choice("lm")),
+    ("target_bits_per_byte", real(0, open_lo=True, none=True)),
+    ("final_eval_examples", count(1, none=True)),
+    ("model.name", choice("transformer")),
+    ("model.vocab_size", count(256)),
+    ("model.context", count(1, hi=65536)),
+    ("model.width", count(1)),
+    ("model.depth", count(1)),
+    ("model.num_heads", count(1)),
+    ("model.mlp_ratio", count(1)),
+    ("model.tie_embeddings", FLAG),
+    ("data.path", text(none=True)),
+    ("data.max_bytes", count(2, none=True)),
+    ("data.test_fraction", real(0, 1, open_lo=True, open_hi=True)),
+    ("data.extensions", tuple_of(text(), distinct=True, none=True)),
+)
 
 # The synthetic teacher-student task (configs/teacher.py, experiments.tasks.teacher).
 TEACHER = (
-    ("task", choice("teacher"), "what the data are: 'teacher' (a random linear teacher's "
-     "sampled labels)"),
-    ("target_accuracy", real(0, 1, none="no target"), "stop when the periodic test accuracy "
-     "reaches it; needs eval_every > 0"),
-    ("model.name", choice("mlp"), "the student: dense layers"),
-    ("model.widths", ints(1, empty=True), "hidden widths ((): a linear student)"),
-    ("data.num_features", count(1, hi=65536), "input dimension d"),
-    ("data.num_classes", count(2, hi=65536), "classes"),
-    ("data.num_train", count(1, hi=10**7), "train examples"),
-    ("data.num_test", count(1, hi=10**7), "test examples"),
-    ("data.scale", real(0, open_lo=True), "standard deviation of each teacher logit (larger: "
-     "less label noise)"),
-    ("data.seed", count(0), "seed of the teacher and of the examples"),
-)  # fmt: skip
+    ("task", choice("teacher")),
+    ("target_accuracy", real(0, 1, none=True)),
+    ("model.name", choice("mlp")),
+    ("model.widths", ints(1, empty=True)),
+    ("data.num_features", count(1, hi=65536)),
+    ("data.num_classes", count(2, hi=65536)),
+    ("data.num_train", count(1, hi=10**7)),
+    ("data.num_test", count(1, hi=10**7)),
+    ("data.scale", real(0, open_lo=True)),
+    ("data.seed", count(0)),
+)
 
 # The measurement fields (configs/common.py measurement(): the sweep, the compare and tradeoff
 # modes).
 MEASURE = (
-    ("compilation_cache", FLAG, "JAX's persistent compilation cache for the trainings"),
-    ("noise.warmup_steps", count(0), "steps of training at batch_size before the "
-     "noise scale is measured"),
-    ("noise.batch_size", count(2), "examples per measured batch"),
-    ("noise.num_batches", count(2), "independent batches pooled into one B_simple"),
-    ("noise.method", choice(*GNS_METHODS), "the gns.estimate method (auto: per_example "
-     "without BatchNorm, else microbatch)"),
-    ("noise.chunk_size", count(1, none="one chunk"), "per_example chunk (memory)"),
-    ("noise.confidence", real(0, 1, open_lo=True, open_hi=True), "level of the bootstrap "
-     "interval"),
-    ("throughput.min_batch_size", count(1), "smallest timed batch (powers of two up to "
-     "max_batch_size)"),
-    ("throughput.max_batch_size", count(1), "largest timed batch"),
-    ("throughput.memory_budget_bytes", count(1, hi=2**62, none="the device's capacity, or "
-     "half the free host RAM on CPU"), "memory per device a batch must fit in"),
-    ("throughput.warmup", count(0), "untimed calls per batch before the timed rounds"),
-    ("throughput.repeats", count(1), "interleaved timed rounds (median)"),
-    ("throughput.accumulation_factors", ints(2, empty=True), "batches of factor x the "
-     "largest that fits, timed as gradient accumulation"),
-    ("recommend.price_per_hour", real(0, open_lo=True, none="device-seconds"), "device "
-     "price, for the cost objective"),
-    ("recommend.objective", choice("time", "cost"), "what the recommendation minimizes"),
-    ("recommend.candidates", ints(1, none="the measured and accumulation batches"),
-     "extra batch sizes to consider"),
-    ("tradeoff.batch_sizes", ints(2, none="powers of two up to the largest that fits"),
-     "batch sizes trained to the target"),
-    ("tradeoff.max_steps", count(1), "step cap of each training"),
-    ("tradeoff.max_wall_time_s", real(0, open_lo=True, none="no budget"), "time cap of "
-     "each training"),
-    ("tradeoff.eval_every_examples", count(1), "evaluation interval in training examples "
-     "(the same resolution at every batch)"),
-    ("tradeoff.num_bootstrap", count(1), "bootstrap refits of the tradeoff fit"),
-    ("noise.pilot_steps", count(0, none="noise.warmup_steps"), "steps of the pilot "
-     "training, measuring the noise scale every noise.every steps"),
-    ("noise.every", count(1), "pilot steps between measurements"),
-    ("noise.num_stretches", count(1), "equal stretches of the pilot's trajectory"),
-    ("critical.num_checkpoints", count(0), "states of the pilot where the branched critical "
-     "batch is measured (0: off)"),
-    ("critical.exponents", ints(-64, increasing=True), "forks at batch_size x 2^j "
-     "(at least 2, increasing)"),
-    ("critical.fork_steps", count(1), "steps of the largest fork (in its examples for all)"),
-    ("critical.num_repeats", count(1), "repeats on disjoint data"),
-    ("critical.eval_examples", count(1), "held-out test images of each fork's loss"),
-    ("critical.confidence", real(0, 1, open_lo=True, open_hi=True), "level of the intervals"),
-    ("critical.seed_offset", count(0), "fork data stream seed: seed + this"),
-    ("tradeoff.target_accuracy", real(0, 1, open_lo=True), "test accuracy each training "
-     "runs to"),
-    ("tradeoff.min_batch_size", count(1), "smallest trained batch when batch_sizes is None"),
-    ("tradeoff.max_runs", count(0), "at most this many batch sizes when batch_sizes is None"),
-    ("tradeoff.extra_seeds", count(0), "more seeds at the reseed_best fastest batches"),
-    ("tradeoff.reseed_best", count(1), "how many of the fastest batches get extra seeds"),
-)  # fmt: skip
+    ("compilation_cache", FLAG),
+    ("noise.warmup_steps", count(0)),
+    ("noise.batch_size", count(2)),
+    ("noise.num_batches", count(2)),
+    ("noise.method", choice(*GNS_METHODS)),
+    ("noise.chunk_size", count(1, none=True)),
+    ("noise.confidence", real(0, 1, open_lo=True, open_hi=True)),
+    ("throughput.min_batch_size", count(1)),
+    ("throughput.max_batch_size", count(1)),
+    (
+        "throughput.memory_budget_bytes",
+        count(1, hi=2**62, none=True),
+    ),
+    ("throughput.warmup", count(0)),
+    ("throughput.repeats", count(1)),
+    ("throughput.accumulation_factors", ints(2, empty=True)),
+    ("recommend.price_per_hour", real(0, open_lo=True, none=True)),
+    ("recommend.objective", choice("time", "cost")),
+    ("recommend.candidates", ints(1, none=True)),
+    ("tradeoff.batch_sizes", ints(2, none=True)),
+    ("tradeoff.max_steps", count(1)),
+    ("tradeoff.max_wall_time_s", real(0, open_lo=True, none=True)),
+    ("tradeoff.eval_every_examples", count(1)),
+    ("tradeoff.num_bootstrap", count(1)),
+    ("noise.pilot_steps", count(0, none=True)),
+    ("noise.every", count(1)),
+    ("noise.num_stretches", count(1)),
+    ("critical.num_checkpoints", count(0)),
+    ("critical.exponents", ints(-64, increasing=True)),
+    ("critical.fork_steps", count(1)),
+    ("critical.num_repeats", count(1)),
+    ("critical.eval_examples", count(1)),
+    ("critical.confidence", real(0, 1, open_lo=True, open_hi=True)),
+    ("critical.seed_offset", count(0)),
+    ("tradeoff.target_accuracy", real(0, 1, open_lo=True)),
+    ("tradeoff.min_batch_size", count(1)),
+    ("tradeoff.max_runs", count(0)),
+    ("tradeoff.extra_seeds", count(0)),
+    ("tradeoff.reseed_best", count(1)),
+)
 
 # config.compare: the policy comparison of experiments.compare.
 COMPARE = (
-    ("policies", names(POLICIES), "the policies trained, in this order"),
-    ("seeds", ints(0), "each policy once per seed"),
-    ("baseline_batch_size", count(2, none="config.batch_size"), "the default policy's "
-     "batch, the reference of every learning rate"),
-    ("baseline_learning_rate", real(0, open_lo=True, none="config.learning_rate"), "the "
-     "learning rate at baseline_batch_size"),
-    ("target_accuracy", real(0, 1, open_lo=True), "the smoothed test accuracy every policy "
-     "runs to"),
-    ("target_window", count(1), "evaluations in the trailing mean of the target"),
-    ("eval_every_examples", count(1), "evaluation interval in training examples"),
-    ("eval_examples", count(1, none="config.eval_examples"), "test examples of each "
-     "evaluation"),
-    ("give_up_factor", real(1, none="no such cap"), "cap each run at this multiple of the "
-     "fastest time to target before it"),
-    ("max_wall_time_s", real(0, open_lo=True), "training-time budget of each run"),
-    ("max_epochs", real(0, open_lo=True), "epoch cap of each run"),
-    ("schedule", choice(*SCHEDULES, none="config.schedule"), "the runs' learning-rate "
-     "schedule"),
-    ("warmup_steps", count(0, none="config.warmup_steps"), "the runs' warmup"),
-    ("tradeoff_summary", text(none="WORKDIR/tradeoff/summary.json"), "a tradeoff run's "
-     "summary, for the best_measured policy"),
-)  # fmt: skip
+    ("policies", tuple_of(choice(*POLICIES), distinct=True)),
+    ("seeds", ints(0)),
+    ("baseline_batch_size", count(2, none=True)),
+    ("baseline_learning_rate", real(0, open_lo=True, none=True)),
+    ("target_accuracy", real(0, 1, open_lo=True)),
+    ("target_window", count(1)),
+    ("eval_every_examples", count(1)),
+    ("eval_examples", count(1, none=True)),
+    ("give_up_factor", real(1, none=True)),
+    ("max_wall_time_s", real(0, open_lo=True)),
+    ("max_epochs", real(0, open_lo=True)),
+    ("schedule", choice(*SCHEDULES, none=True)),
+    ("warmup_steps", count(0, none=True)),
+    ("tradeoff_summary", text(none=True)),
+)
 
 # The top-level fields that no training reads: experiments.cifar10's mode, the policy
 # comparison and the measurement fields (a training's identity and fingerprint leave them out).
-NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _, _ in MEASURE))
+NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _ in MEASURE))
 
 # configs/bench.py.
 BENCH = (
-    ("seed", count(0), "initialization and synthetic data"),
-    ("model.name", choice("small_cnn"), "the reference CNN"),
-    ("model.widths", ints(1), "conv widths"),
-    ("model.groups", count(1), "GroupNorm groups (divides every width)"),
-    ("image_size", count(4, hi=4096), "synthetic image side in pixels"),
-    ("channels", count(1, hi=64), "synthetic image channels"),
-    ("num_classes", count(2, hi=100_000), "synthetic classes"),
-    ("batch_sizes", ints(2), "batch sizes timed (multiples of num_microbatches)"),
-    ("reference_batch_size", count(2), "the batch whose ratios are reported at the top level "
-     "(one of batch_sizes)"),
-    ("learning_rate", real(0, open_lo=True), "Adam's learning rate"),
-    ("num_microbatches", count(2), "k of the microbatch estimator"),
-    ("chunk_size", count(1, none="all at once"), "per_example chunk size"),
-    ("warmup", count(0), "untimed calls of each step after compilation"),
-    ("repeats", count(1), "interleaved timed rounds (median)"),
-    ("parallel", FLAG, "also time across_devices on 4 simulated devices (a subprocess)"),
-    ("parallel_batch_size_per_device", count(2), "its batch per device"),
-    ("parallel_repeats", count(3), "its timed calls"),
-    ("lm.enabled", FLAG, "also time the Transformer rows"),
-    ("lm.batch_sizes", ints(2), "Transformer batch sizes (sequences; multiples of "
-     "lm.num_microbatches)"),
-    ("lm.num_microbatches", count(2), "k of the microbatch estimator"),
-    ("lm.warmup", count(0), "untimed calls of each step"),
-    ("lm.repeats", count(1), "interleaved timed rounds (median)"),
+    ("seed", count(0)),
+    ("model.name", choice("small_cnn")),
+    ("model.widths", ints(1)),
+    ("model.groups", count(1)),
+    ("image_size", count(4, hi=4096)),
+    ("channels", count(1, hi=64)),
+    ("num_classes", count(2, hi=100_000)),
+    ("batch_sizes", ints(2)),
+    ("reference_batch_size", count(2)),
+    ("learning_rate", real(0, open_lo=True)),
+    ("num_microbatches", count(2)),
+    ("chunk_size", count(1, none=True)),
+    ("warmup", count(0)),
+    ("repeats", count(1)),
+    ("parallel", FLAG),
+    ("parallel_batch_size_per_device", count(2)),
+    ("parallel_repeats", count(3)),
+    ("lm.enabled", FLAG),
+    ("lm.batch_sizes", ints(2)),
+    ("lm.num_microbatches", count(2)),
+    ("lm.warmup", count(0)),
+    ("lm.repeats", count(1)),
+    ("rows.enabled", FLAG),
+    ("rows.num_microbatches", count(2)),
+    ("rows.warmup", count(0)),
+    ("rows.repeats", count(1)),
+    *((f"rows.models.{m}.batch_sizes", ints(2)) for m in ("lm1b", "nnx_mlp", "plain_mlp")),
+    *((f"rows.models.{m}.dims", ints(1)) for m in ("nnx_mlp", "plain_mlp")),
+    *((f"rows.models.lm1b.{f}", count(1)) for f in
+      ("context", "depth", "num_heads", "mlp_ratio", "vocab_size", "width")),
 )  # fmt: skip
-# config.rows of configs/bench.py: more models, each with its batch sizes (checked when present).
-BENCH_ROWS = (
-    ("rows.enabled", FLAG, "also time the rows of more models (experiments.bench_lm.measure_rows)"),
-    ("rows.num_microbatches", count(2), "k of the microbatch estimator of the rows"),
-    ("rows.warmup", count(0), "untimed calls of each step"),
-    ("rows.repeats", count(1), "interleaved timed rounds (median)"),
-    *((f"rows.models.{m}.batch_sizes", ints(2), f"{m}: batch sizes timed (multiples of "
-       "rows.num_microbatches)") for m in ("lm1b", "nnx_mlp", "plain_mlp")),
-    *((f"rows.models.{m}.dims", ints(1), f"{m}: layer widths") for m in ("nnx_mlp", "plain_mlp")),
-    *((f"rows.models.lm1b.{f}", count(1), f"lm1b-style Transformer: {doc}") for f, doc in (
-        ("context", "tokens per sequence"), ("depth", "blocks"), ("num_heads", "attention heads "
-         "(divides width)"), ("mlp_ratio", "MLP hidden size / width"), ("vocab_size",
-         "vocabulary"), ("width", "embedding size"))),
-)  # fmt: skip
-BENCH += BENCH_ROWS
 BENCH_LM_MODEL = tuple(r for r in TEXT if r[0].startswith("model.") and r[0] != "model.vocab_size")
-BENCH_LM_MODEL += (("model.vocab_size", count(2, hi=65536), "vocabulary (synthetic tokens)"),)
+BENCH_LM_MODEL += (("model.vocab_size", count(2, hi=65536)),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,7 +526,7 @@ def check(config, kind: str, devices: int | None = None) -> None:
     sections = rules_of(config, kind)
     for prefix, rules, _ in sections:
         node = get(config, prefix.rstrip("."))
-        for field, kind_, _doc in rules:
+        for field, kind_ in rules:
             if node is None or not _present(node, field):
                 continue
             value = get(node, field)
@@ -646,23 +552,71 @@ def _safe(fn, value) -> bool:
         return False
 
 
-def describer(kind: str) -> Callable[[Any], list[str]]:
-    """``config -> describe(config, kind)``: the ``--help`` of an entry point
+def describer(kind: str) -> Callable[[Any, str], list[str]]:
+    """``(config, path) -> describe(config, kind, path)``: the ``--help`` of an entry point
     (:func:`experiments.cli.run`)."""
-    return lambda config: describe(config, kind)
+    return lambda config, path: describe(config, kind, path)
 
 
-def describe(config, kind: str) -> list[str]:
-    """The ``--help`` lines of ``config``'s fields: ``name = value`` then what it means and
-    its valid values, in the config's order; a field without a rule says so."""
-    docs = {}
-    for prefix, rules, _ in rules_of(config, kind):
-        docs.update({prefix + f: (doc, k.what) for f, k, doc in rules})
+def describe(config, kind: str, path: str) -> list[str]:
+    """The ``--help`` lines of ``config``, read from the config file ``path``: for each field,
+    in the config's order, ``--config.name=value``, then its comment (:func:`field_comments`)
+    and its valid values."""
+    kinds = {prefix + f: k.what for prefix, rules, _ in rules_of(config, kind) for f, k in rules}
+    names = [name for name, _ in config_fields(config)]
+    comments = field_comments(path, names)
     lines = []
     for name, value in config_fields(config):
-        doc, what = docs.get(name, ("(no rule)", "any value"))
+        text = f"{comments[name] or '(no comment)'}; {kinds.get(name, '(no rule)')}."
         lines.append(f"  --config.{name}={value!r}")
-        lines += textwrap.wrap(
-            f"{doc}; {what}.", 96, initial_indent=" " * 6, subsequent_indent=" " * 6
-        )
+        lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return lines
+
+
+def field_comments(path: str, names: list[str]) -> dict[str, str | None]:
+    """``{name: comment}`` of the fields ``names`` of the config file ``path`` (``None``: no
+    comment): the comment of the first assignment ``c.name = ...`` that has one (on its
+    line(s), plus the comment lines right below), in ``path``, else in the configs modules it
+    imports (``from configs import common``); a sub-config taken from one of those (bench's
+    ``lm.model``) has its fields' comments there, under the name's tail (``model.width``)."""
+    own, imports = _assignment_comments(path)
+    borrowed: dict[str, str] = {}
+    while imports:
+        spec = importlib.util.find_spec(imports.pop(0))
+        if spec is not None and spec.origin:
+            found, more = _assignment_comments(spec.origin)
+            borrowed = found | borrowed  # the first found wins
+            imports += more
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        tails = [borrowed.get(".".join(parts[i:])) for i in range(1, len(parts))]
+        out[name] = next((c for c in (own.get(name), borrowed.get(name), *tails) if c), None)
+    return out
+
+
+def _assignment_comments(path: str) -> tuple[dict[str, str], list[str]]:
+    """``({dotted target: comment}, the configs modules it imports)`` of one file."""
+    with open(path) as f:
+        source = f.read()
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: (t.string.lstrip("# "), t.line.lstrip().startswith("#"))
+                for t in tokens if t.type == tokenize.COMMENT}  # fmt: skip
+    tree = ast.parse(source)
+    out: dict[str, str] = {}
+    for node in sorted((n for n in ast.walk(tree) if isinstance(n, ast.Assign)),
+                       key=lambda n: n.lineno):  # fmt: skip
+        lines = [i for i in range(node.lineno, node.end_lineno + 1) if i in comments]
+        while lines and comments.get(lines[-1] + 1, ("", False))[1]:  # a comment-only line
+            lines.append(lines[-1] + 1)
+        for target in node.targets:
+            for t in getattr(target, "elts", [target]):  # c.a.b or (c.a.b, x)
+                parts = []
+                while isinstance(t, ast.Attribute):
+                    parts, t = [t.attr, *parts], t.value
+                if parts and lines:
+                    out.setdefault(".".join(parts), " ".join(comments[i][0] for i in lines))
+    imports = [f"configs.{a.name}" if n.module == "configs" else n.module
+               for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               and (n.module or "").split(".")[0] == "configs" for a in n.names]  # fmt: skip
+    return out, imports

@@ -71,7 +71,7 @@ def main(argv):
     metric = tasks.get(FLAGS.config).metric
     keys = ("test_loss", f"test_{metric}", f"train_{metric}", "wall_time_s", "steps", "epochs",
             "stop_reason", "noise_scale")  # fmt: skip
-    runlog.print_summary(summary, keys)
+    print(runlog.dumps({k: summary.get(k) for k in keys}, indent=2))  # a missing key: null
 
 
 def start(config_file: str, argv: list[str] | None = None) -> None:

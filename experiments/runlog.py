@@ -1,13 +1,10 @@
-"""The record of a run: strict JSON files, the metrics log, the clock and the checkpoints.
+"""The record of a run: strict JSON files (non-finite floats as ``null``, written atomically),
+the metrics log, the workdir lock, the clock, the checkpoints and Ctrl-C at a step boundary.
 
-Everything that writes or reads ``config.json``, ``summary.json``, ``sweep.json`` or
-``metrics.jsonl`` goes through this module, atomically and as strict JSON (a non-finite float
-is ``null``). A training run keeps its record in a :class:`RunLog`, saved with its
-:class:`Checkpoints`: a checkpoint at step ``s`` is saved only after the row of step ``s``, and
-resuming from it drops the later rows; the :class:`Clock`, the best score and the target
-crossing travel in the checkpoint, so a resumed run reports what an uninterrupted one would;
-``config.json`` is written only after the identity check; :func:`deferred_interrupt` turns
-Ctrl-C into a flag the loop reads at a step boundary.
+A checkpoint at step ``s`` is saved only after the row of step ``s``, and resuming from it
+drops the later rows; the :class:`Clock`, the best score and the target crossing travel in the
+checkpoint, so a resumed run reports what an uninterrupted one would; ``config.json`` is
+written only after the identity check.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,20 +34,10 @@ from experiments.cli import UserError
 from gns.common import to_json
 
 __all__ = [
-    "QuietLibraries",
-    "dumps",
-    "print_summary",
-    "write_json",
-    "read_json",
-    "read_jsonl",
-    "workdir_lock",
-    "fingerprint",
-    "differing_fields",
-    "Clock",
-    "RunLog",
-    "Checkpoints",
+    "QuietLibraries", "dumps", "write_json", "read_json", "read_jsonl",
+    "workdir_lock", "fingerprint", "differing_fields", "Clock", "RunLog", "Checkpoints",
     "deferred_interrupt",
-]
+]  # fmt: skip
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -74,20 +61,9 @@ def dumps(obj: Any, **kwargs) -> str:
     return json.dumps(to_json(obj), allow_nan=False, **kwargs)
 
 
-def print_summary(summary: Mapping[str, Any], keys: Sequence[str]) -> None:
-    """The last output of a main: the ``keys`` of a run's summary (a missing one ``null``) as
-    indented strict JSON on stdout.
-
-    Example::
-
-        print_summary(train.train_and_evaluate(config, workdir), ("test_accuracy", "steps"))
-    """
-    print(dumps({k: summary.get(k) for k in keys}, indent=2))
-
-
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as strict JSON atomically (temp file in the same directory, fsync, then
-    ``os.replace``): a killed run leaves the old file or the new one, never a torn one."""
+    """Write ``obj`` as strict JSON atomically: a killed run leaves the old file or the new
+    one, never a torn one."""
     _write_atomic(path, dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
@@ -106,14 +82,11 @@ def read_json(path: str) -> Any:
 def read_jsonl(path: str) -> list[dict]:
     """Rows of a JSON-lines file (``[]`` when it does not exist); a torn last line (killed
     run) is skipped with a warning."""
-    rows = []
     if not os.path.exists(path):
-        return rows
+        return []
+    rows = []
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
+        for line in filter(None, map(str.strip, f)):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
@@ -125,13 +98,7 @@ def read_jsonl(path: str) -> list[dict]:
 def workdir_lock(workdir: str):
     """Hold ``workdir`` (created when missing) for this process with an advisory ``flock`` on
     ``workdir/.lock``, released however the holder exits: a second run there stops at once,
-    naming the holder's pid. A ``.lock`` that is a link or a special file stops the run.
-
-    Example::
-
-        with workdir_lock("runs/cpu"):
-            ...  # train, write files
-    """
+    naming the holder's pid. A ``.lock`` that is a link or a special file stops the run."""
     if not workdir:
         raise UserError("--workdir is empty", hint="pass a directory, e.g. --workdir=runs/cpu")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -201,16 +168,7 @@ class Clock:
     """Where a run's time goes: from :meth:`charge` on, time counts as one of :data:`KINDS`
     (``train``: data and steps, read after the device finished them; ``eval``; ``compile``;
     ``pause``: everything else). The totals continue across resumed legs through
-    :meth:`state` and ``totals`` (the checkpoint's), like big_vision's ``Chrono``.
-
-    Example::
-
-        clock = Clock()
-        clock.charge("train")
-        jax.block_until_ready(step(state, batch))
-        clock.charge("pause")
-        clock.total("train")  # seconds of training so far
-    """
+    :meth:`state` and ``totals`` (the checkpoint's), like big_vision's ``Chrono``."""
 
     KINDS = ("train", "eval", "compile", "pause")
 
@@ -282,7 +240,7 @@ class RunLog:
     def check_identity(self, config: dict, identity: Callable, *, resuming: bool) -> None:
         """Stop when the run to resume (``resuming``: there is a checkpoint) was trained with
         a config whose ``identity`` (``config -> dict`` of the fields that change the results)
-        differs: a :class:`UserError` lists the fields and how to start fresh."""
+        differs."""
         self.identity = to_json(identity(config))  # also checked against the checkpoint
         if not resuming or not os.path.exists(self.config_path):
             return
@@ -293,41 +251,27 @@ class RunLog:
                 f"cannot read {self.config_path} to check the run to resume ({e})",
                 hint=f"delete {self.workdir} to start over, or pass another --workdir",
             ) from None
-        self._refuse_if_different(identity(old))
+        self.check_meta({"identity": identity(old)})
 
     def check_meta(self, meta: dict) -> None:
         """:meth:`check_identity` against a checkpoint's metadata (the identity of the run
         that wrote it), and its data record and number of devices against this run's: a
         :class:`UserError` when any differs (one record would mix two setups)."""
-        if meta.get("identity") is not None and self.identity is not None:
-            self._refuse_if_different(meta["identity"])
-        if meta.get("data") is not None and self.data is not None:
-            diffs = differing_fields({"data": meta["data"]}, {"data": self.data})
+        old_devices = meta.get("devices")
+        for key, old, new, what, hint in (  # key "": the identity's fields, unprefixed
+            ("", meta.get("identity"), self.identity, "with a different config",
+             f"pass another --workdir to start a new run, delete {self.workdir} to start over, "
+             "or re-run with the old values to resume"),
+            ("data", meta.get("data"), self.data, "trained on other data (the source behind "
+             "the config's data fields changed)", "resume with the original data, or pass "
+             "another --workdir to start a new run on these"),
+            ("devices", old_devices, self.devices, "trained on another number of devices (the "
+             "batch would split differently)", f"resume with {old_devices} device(s) (e.g. "
+             f"--config.num_devices={old_devices}), or pass another --workdir to start a new run"),
+        ):  # fmt: skip
+            diffs = [] if old is None or new is None else differing_fields({key: old}, {key: new})
             if diffs:
-                raise UserError(
-                    f"{self.workdir} holds a run trained on other data ({'; '.join(diffs)}): "
-                    "the source behind the config's data fields changed",
-                    hint="resume with the original data, or pass another --workdir to start a "
-                    "new run on these",
-                )
-        old = meta.get("devices")
-        if old is not None and self.devices is not None and int(old) != self.devices:
-            raise UserError(
-                f"{self.workdir} holds a run trained on {old} device(s); this run sees "
-                f"{self.devices} (devices: {old} -> {self.devices}: the batch would split "
-                "differently and the record would mix the two)",
-                hint=f"resume with {old} device(s) (e.g. --config.num_devices={old}), or pass "
-                "another --workdir to start a new run",
-            )
-
-    def _refuse_if_different(self, old_identity: dict) -> None:
-        diffs = differing_fields(old_identity, self.identity)
-        if diffs:
-            raise UserError(
-                f"{self.workdir} holds a run with a different config ({'; '.join(diffs)})",
-                hint=f"pass another --workdir to start a new run, delete {self.workdir} to "
-                "start over, or re-run with the old values to resume",
-            )
+                raise UserError(f"{self.workdir} holds a run {what}: {'; '.join(diffs)}", hint)
 
     def write_config(self, config: dict) -> None:
         """Write ``config.json`` (after :meth:`check_identity` and :meth:`resume`)."""
@@ -387,12 +331,6 @@ class RunLog:
         The target is reached where the mean of the last ``window`` periodic scores first is
         at least ``target`` (:attr:`to_target`). A final evaluation (``periodic=False``)
         updates the best and, with ``window`` 1 only, can reach the target.
-
-        Example::
-
-            log = RunLog(workdir, target=0.5, window=2)
-            [log.record_eval(a) for a in (0.6, 0.3, 0.8)]  # means -, .45, .55
-            # [False, False, True]
         """
         t = self.clock.total("train")
         if self.best["accuracy"] is None or score > self.best["accuracy"]:
@@ -440,12 +378,13 @@ class RunLog:
     def write_row(self, row: dict) -> None:
         """Append ``row`` to ``metrics.jsonl`` and the TensorBoard files (in memory only on a
         non-primary process)."""
+        line = dumps(row)
         if not self.primary:
-            self._memory_rows.append(json.loads(dumps(row)))
+            self._memory_rows.append(json.loads(line))
             return
         with open(self.metrics_path, "a") as f:
-            f.write(dumps(row) + "\n")
-        self.events.write(json.loads(dumps(row)))
+            f.write(line + "\n")
+        self.events.write(json.loads(line))
 
     def close(self) -> None:
         """Close the TensorBoard files."""
@@ -458,14 +397,14 @@ class RunLog:
 
 class Checkpoints:
     """Orbax checkpoints of a run's state in ``workdir/checkpoints``, with the
-    :meth:`RunLog.meta` beside it; ``max_to_keep`` (at least 2) lets :meth:`restore` fall back
+    :meth:`RunLog.meta` beside it; the last two are kept, so that :meth:`restore` falls back
     to the previous one when the latest is unreadable (moved to ``checkpoints-unreadable/``)."""
 
-    def __init__(self, workdir: str, max_to_keep: int = 2):
+    def __init__(self, workdir: str):
         import orbax.checkpoint as ocp
 
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                                enable_async_checkpointing=False)  # fmt: skip
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -507,7 +446,7 @@ class Checkpoints:
         steps = sorted(self._manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                with _silenced("orbax", "absl"):
+                with _silenced():
                     meta = dict(self._read(step, meta=ocp.args.JsonRestore()).meta)
             except Exception as e:  # unreadable: fall back to the previous one
                 self._set_aside(step, e)
@@ -515,7 +454,7 @@ class Checkpoints:
             if check is not None:
                 check(meta)
             try:
-                with _silenced("orbax", "absl"):
+                with _silenced():
                     state = self._read(step, state=ocp.args.StandardRestore(abstract)).state
                 return state, meta
             except Exception as e:
@@ -547,15 +486,13 @@ class Checkpoints:
 
 
 @contextlib.contextmanager
-def _silenced(*loggers: str):
-    saved = [(std_logging.getLogger(n), std_logging.getLogger(n).level) for n in loggers]
-    for lg, _ in saved:
-        lg.setLevel(std_logging.CRITICAL)
+def _silenced():
+    """No logging inside the block (orbax's tracebacks of an unreadable checkpoint)."""
+    std_logging.disable(std_logging.CRITICAL)
     try:
         yield
     finally:
-        for lg, level in saved:
-            lg.setLevel(level)
+        std_logging.disable(std_logging.NOTSET)
 
 
 @contextlib.contextmanager
@@ -564,14 +501,7 @@ def deferred_interrupt():
     instead of raising, so the loop stops at a step boundary with its row and checkpoint
     written; a second one goes to the handler the block replaced (a main's
     :func:`experiments.interrupt.install`: exit 130 at once). Outside the main thread the event
-    never gets set.
-
-    Example::
-
-        with deferred_interrupt() as interrupted:
-            while not interrupted.is_set():
-                ...  # one step
-    """
+    never gets set."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag

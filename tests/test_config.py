@@ -29,10 +29,10 @@ HUGE = 2**40
 
 
 def documented(config, kind: str) -> dict:
-    """``{dotted field: (kind, doc)}`` of the table for ``config``."""
+    """``{dotted field: kind}`` of the table for ``config``."""
     out = {}
     for prefix, table, _ in rules.rules_of(config, kind):
-        out.update({prefix + field: (k, doc) for field, k, doc in table})
+        out.update({prefix + field: k for field, k in table})
     return out
 
 
@@ -66,11 +66,43 @@ def test_every_field_has_a_rule_and_a_description_and_the_defaults_pass(kind, va
     docs = documented(config, kind)
     names = [name for name, _ in cli.config_fields(config)]
     assert [n for n in names if n not in docs] == []
-    assert all(len(doc) > 5 and kind_.what for kind_, doc in docs.values())
+    assert all(kind_.what for kind_ in docs.values())
+    comments = rules.field_comments(KINDS[kind].__file__, names)
+    assert [n for n, c in comments.items() if not (c and len(c) > 5)] == []
+    # A field that may be None says what None means.
+    assert [
+        n for n in names if docs[n].what.endswith("or None") and "None" not in comments[n]
+    ] == []
     rules.check(config, kind)
-    lines = rules.describe(config, kind)
+    lines = rules.describe(config, kind, KINDS[kind].__file__)
     assert sum(ln.startswith("  --config.") for ln in lines) == len(names)
-    assert "(no rule)" not in "\n".join(lines)
+    assert "(no rule)" not in "\n".join(lines) and "(no comment)" not in "\n".join(lines)
+
+
+def test_help_reads_each_field_s_comment_from_the_config_file_that_defines_it(tmp_path):
+    """The comment on the assignment line and the comment lines below it; a variant's own
+    comment never replaces the definition's; a sub-config from another file (bench's
+    lm.model) has its comments there."""
+    image = rules.field_comments(cifar10_config.__file__, ["seed", "data.source", "compare.seeds"])
+    assert image["seed"] == "initialization, data order, augmentation, dropout"  # common.py
+    assert image["data.source"].startswith("'folder' (data.path), 'cifar10_binary' (the official")
+    assert image["data.source"].endswith("else cifar10_binary")  # two continuation lines
+    assert image["compare.seeds"] == "each policy once per seed"
+    bench = rules.field_comments(bench_config.__file__, ["model.name", "lm.model.name"])
+    assert bench == {
+        "model.name": "the reference CNN",
+        "lm.model.name": "the byte-level Transformer",
+    }
+    mine = tmp_path / "mine.py"  # a user's config elsewhere, built on the repository's
+    mine.write_text(
+        "from configs import cifar10\n\n\ndef get_config():\n"
+        "    c = cifar10.get_config()\n    c.seed = 3  # my seed\n    return c\n\n\n"
+        "def variant():\n    c = get_config()\n    c.seed = 4  # a variant's note\n    return c\n"
+    )
+    assert rules.field_comments(str(mine), ["seed", "compare.seeds"]) == {
+        "seed": "my seed",
+        "compare.seeds": "each policy once per seed",
+    }
 
 
 def test_one_shape_training_fields_at_the_top_and_measurement_fields_at_one_path():
@@ -138,7 +170,7 @@ def test_every_wrong_value_of_every_field_is_one_line_or_a_documented_accept(kin
     for name, default in list(cli.config_fields(original)):
         parent, _, last = name.rpartition(".")
         declared = (rules.get(original, parent) if parent else original).get_type(last)
-        kind_, _ = docs[name]
+        kind_ = docs[name]
         for value in bad_values(default, declared):
             set_field(config, name, value)
             try:

@@ -246,13 +246,14 @@ def test_bits_per_byte():
 
 @pytest.mark.parametrize("variant", lm.VARIANTS)
 def test_config_variants(variant):
-    """Each variant passes the rules, every field has a rule that ``--help`` prints, and the
-    variant's docstring gives its command."""
+    """Each variant passes the rules, every field has a rule and a comment that ``--help``
+    prints, and the variant's docstring gives its command."""
     c = lm.get_config(variant)
     assert c.model.name == "transformer" and c.model.vocab_size == text.VOCAB_SIZE
     assert c.model.width % c.model.num_heads == 0
     rules.check(c, "lm")
-    assert not [ln for ln in rules.describe(c, "lm") if "(no rule)" in ln]
+    lines = rules.describe(c, "lm", lm.__file__)
+    assert not [ln for ln in lines if "(no rule)" in ln or "(no comment)" in ln]
     assert f"configs/lm.py:{variant}" in getattr(lm, variant).__doc__
     assert "compare" not in c  # the language model trains only
 
