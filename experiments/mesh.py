@@ -204,12 +204,9 @@ def device_train_batches(
 
     def draw(k):  # indices, crop offsets and flips of the k-th batch, as the host pipeline's
         if start_example is None:
-            step = start_step + k
-            idx = data.train_indices(seed, step, batch_size, num_train)
-            return (idx, *data.augment_params(seed, step, batch_size))
+            return data.train_draws(seed, batch_size, num_train, step=start_step + k)
         start = start_example + k * batch_size
-        idx = data.stream_indices(seed, start, batch_size, num_train)
-        return (idx, *data.stream_augment_params(seed, start, batch_size, num_train))
+        return data.train_draws(seed, batch_size, num_train, start_example=start)
 
     def batches():
         for k in itertools.count():

@@ -45,19 +45,19 @@ def test_example_stream_is_cut_by_any_batch_sizes_into_the_same_examples():
     n, seed = 40, 3
     sizes = [8, 8, 16, 4, 32, 12, 24, 16]  # 120 examples: 3 epochs, batches straddle them
     starts = np.cumsum([0] + sizes[:-1])
-    pieces = [data.stream_indices(seed, int(s), b, n) for s, b in zip(starts, sizes, strict=True)]
-    whole = np.concatenate(pieces)
-    np.testing.assert_array_equal(whole, data.stream_indices(seed, 0, sum(sizes), n))
+    draws = [
+        data.train_draws(seed, b, n, start_example=int(s))
+        for s, b in zip(starts, sizes, strict=True)
+    ]
+    whole = np.concatenate([d[0] for d in draws])
+    idx, offsets, flips = data.train_draws(seed, sum(sizes), n, start_example=0)
+    np.testing.assert_array_equal(whole, idx)
     for e in range(3):  # every example once per epoch, in the epoch's permutation
         np.testing.assert_array_equal(
             whole[e * n : (e + 1) * n], np.random.default_rng([seed, e]).permutation(n)
         )
-    aug = [
-        data.stream_augment_params(seed, int(s), b, n) for s, b in zip(starts, sizes, strict=True)
-    ]
-    offsets, flips = data.stream_augment_params(seed, 0, sum(sizes), n)
-    np.testing.assert_array_equal(np.concatenate([a[0] for a in aug]), offsets)
-    np.testing.assert_array_equal(np.concatenate([a[1] for a in aug]), flips)
+    np.testing.assert_array_equal(np.concatenate([d[1] for d in draws]), offsets)
+    np.testing.assert_array_equal(np.concatenate([d[2] for d in draws]), flips)
 
 
 def test_example_stream_equals_the_step_stream_when_the_batch_divides_the_epoch():
