@@ -1,12 +1,7 @@
-"""CIFAR-style image data for the experiments: loading, normalization, batches.
+"""CIFAR-style image data: four sources (``config.data.source``), an array cache, batches.
 
-``config.data.source`` picks one of four sources (fields: :mod:`experiments.rules`):
-``'cifar10_binary'`` (the official CIFAR-10 binary version at ``data.path``, or downloaded once
-into the cache and checked against ``data.md5``), ``'folder'`` (a directory or ``.tar.gz`` laid out
-``split/class/image.jpg``), ``'tfds'`` (a prepared dataset, read without TensorFlow) and
-``'synthetic'``. The decoded arrays are cached as ``.npz`` in ``data.cache_dir``. Batches are a
-pure function of the seed and the step (or the example position), so a resumed run sees the
-batches of an uninterrupted one.
+Batches are a pure function of the seed and the step (or the example position), so a resumed
+run sees the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -38,21 +33,17 @@ from tqdm import tqdm
 from experiments import download
 from experiments.cli import UserError
 
-LAYOUT = (
-    "split/class/image.jpg (splits 'train' and 'test', one subdirectory per class, e.g. "
-    "train/airplane/0000.jpg, test/airplane/0000.jpg)"
-)
+LAYOUT = "split/class/image.jpg (splits train and test, e.g. train/airplane/0000.jpg)"
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 CROP_PADDING = 4
 # The official CIFAR-10 binary version, as published on https://www.cs.toronto.edu/~kriz/cifar.html
 CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+CIFAR10_CLASSES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch.bin"
+_CIFAR10_BATCHES = (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH)
 _CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte, then the R, G and B planes of 32 x 32
 # Seeds: epoch permutation from default_rng([seed, epoch]); augmentation from
 # default_rng([seed, step or epoch, _AUGMENT_TAG]). The tag keeps the two streams apart
@@ -88,9 +79,6 @@ class Dataset:
         return h.hexdigest()[:16]
 
 
-# --- loading ----------------------------------------------------------------------------------
-
-
 def load(cfg) -> Dataset:
     """The dataset of ``cfg`` (``config.data``, or a mapping): ``num_train`` and ``num_test``
     are None (all) or the size of a class-stratified subset (:func:`subsample`; of
@@ -107,7 +95,9 @@ def load(cfg) -> Dataset:
         )
         num_train = num_test = None  # generated at the requested sizes
     elif source == "folder":
-        arrays = _folder_arrays(cfg.path, cfg.cache_dir)
+        path = _existing_path(cfg.path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
+        decode = functools.partial(_decode_folder, path)
+        arrays = _cached(cfg.cache_dir, f"folder-{_source_fingerprint(path)}", decode)
     elif source == "cifar10_binary":
         url = cfg.get("url") or CIFAR10_BINARY_URL
         md5 = cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5  # None: unchecked (warned)
@@ -148,15 +138,11 @@ def subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     second of each, ...), so class counts differ by at most one where classes have enough."""
     labels = np.asarray(labels)
     perm = np.random.default_rng(seed).permutation(len(labels))
-    shuffled = labels[perm]
-    # Rank of each shuffled example within its class: 0 for the first of a class, 1, ...
-    order = np.argsort(shuffled, kind="stable")
-    sorted_labels = shuffled[order]
-    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
-    rank = np.empty(len(labels), dtype=np.int64)
-    rank[order] = np.arange(len(labels)) - starts
-    take = np.lexsort((np.arange(len(labels)), rank))[:n]
-    return np.sort(perm[take])
+    rank = np.empty(len(labels), dtype=np.int64)  # an example's place in its class's order
+    for c in np.unique(labels):
+        in_class = perm[labels[perm] == c]
+        rank[in_class] = np.arange(len(in_class))
+    return np.sort(perm[np.argsort(rank[perm], kind="stable")[:n]])
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,8 +199,7 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
     under its name, version, prepared directory and split sizes."""
     import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy import, only for this source)
 
-    if data_dir is not None:
-        data_dir = os.path.expanduser(data_dir)
+    data_dir = data_dir and os.path.expanduser(data_dir)
     try:
         sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir, download=False)
     except Exception as err:  # tfds raises several types for "not prepared"
@@ -272,17 +257,14 @@ def private_cache_dir(name: str) -> str | None:
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
             os.chmod(path, 0o700, follow_symlinks=False)
-            st = os.lstat(path)
-    except OSError as e:
-        logging.warning("Not using the cache %s (%s).", path, e)
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        logging.warning("Not using the cache %s: not a directory of this user alone (mode %o, "
-                        "owner %d).", path, stat.S_IMODE(st.st_mode), st.st_uid)  # fmt: skip
-        return None
-    return path
+            return path
+        problem = f"not a directory of this user alone (owner {st.st_uid})"
+    except OSError as err:
+        problem = str(err)
+    logging.warning("Not using the cache %s (%s).", path, problem)
+    return None
 
 
 def _cache_dir(cache_dir: str | None) -> str:
@@ -294,9 +276,8 @@ def _cache_dir(cache_dir: str | None) -> str:
 
 def _cached(cache_dir: str | None, stem: str, decode: Callable[[], dict]) -> dict[str, Any]:
     """``decode()``'s arrays, read from ``<cache_dir>/<stem>.npz`` when there, else decoded and
-    written there (atomically, with ``stem``: a file copied under another name is not used);
-    an unreadable cache file is removed with a warning, one that cannot be written costs a
-    warning."""
+    written there (atomically, with ``stem``: a file copied under another name is not used).
+    An unusable cache file is removed with a warning, an unwritable one costs a warning."""
     path = os.path.join(_cache_dir(cache_dir), f"{stem}.npz")
     arrays = _read_cache(path, stem) if os.path.isfile(path) else None
     if arrays is not None:
@@ -330,6 +311,8 @@ def _read_cache(path: str, stem: str) -> dict[str, Any] | None:
             arrays["num_classes"] = n = int(f["num_classes"])
             arrays["class_names"] = names = [str(c) for c in f["class_names"]]
             made_from = str(f["source"])
+        if made_from != stem:
+            raise ValueError(f"it holds the arrays of another source, {made_from} (copied?)")
         for split in SPLITS:  # what a decoder returns, else the file is not ours
             images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
             shaped = images.ndim == 4 and labels.shape == images.shape[:1] and len(labels) > 0
@@ -343,15 +326,10 @@ def _read_cache(path: str, stem: str) -> dict[str, Any] | None:
     except MemoryError:
         raise
     except Exception as err:  # zero-length, truncated, wrong keys, wrong arrays: decode again
-        logging.warning("The cache file %s is unreadable (%s: %s); removing it and decoding "
-                        "the data again.", path, type(err).__name__, err)  # fmt: skip
+        logging.warning("The cache file %s is unusable (%s: %s); removing it and decoding the "
+                        "data again.", path, type(err).__name__, err)  # fmt: skip
         with contextlib.suppress(OSError):
             os.remove(path)
-        return None
-    if made_from != stem:
-        logging.warning("The cache file %s holds the arrays of another source (%s, not %s: "
-                        "copied or renamed); decoding the data again.",
-                        path, made_from, stem)  # fmt: skip
         return None
     return arrays
 
@@ -397,8 +375,7 @@ def _existing_path(path: str | None, what: str) -> str:
 
 def _members(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bool, bytes | None]]:
     """``(name, is_dir, bytes)`` of each entry of a directory or tar archive (any compression),
-    names relative to ``path``; bytes only of the files ``wanted(name)``, else None. A
-    truncated, corrupt or unreadable source raises naming the entry being read (or the last)."""
+    names relative to ``path``; bytes only of the files ``wanted(name)``, else None."""
     where = "at its start"
     try:
         if os.path.isdir(path):
@@ -414,7 +391,7 @@ def _members(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bo
                         with open(os.path.join(root, name), "rb") as f:
                             data = f.read()
                     yield where, False, data
-        elif tarfile.is_tarfile(path):
+        else:
             with tarfile.open(path, mode="r|*") as tar:
                 for member in tar:
                     where, data = f"in member {member.name!r}", None
@@ -422,24 +399,14 @@ def _members(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bo
                         data = tar.extractfile(member).read()
                     yield member.name, member.isdir(), data
                     where = f"after member {member.name!r}"
-        else:
-            raise UserError(
-                f"data.path={path!r} is neither a directory nor a tar archive (.tar.gz).",
-                hint=f"data.source=folder reads a directory or .tar.gz laid out {LAYOUT}; "
-                "data.source=cifar10_binary reads cifar-10-binary.tar.gz or its directory.",
-            )
     except (EOFError, OSError, zlib.error, tarfile.TarError) as err:
         raise UserError(
-            f"data.path={path!r} cannot be read: truncated or corrupt ({where}: "
-            f"{type(err).__name__}: {err}).",
+            f"data.path={path!r} is truncated or corrupt, or not a directory or tar archive "
+            f"({where}: {type(err).__name__}: {err}).",
             hint="copy or download it again (compare its size or checksum with the original), or "
-            "point data.path at an intact copy.",
+            f"point data.path at an intact copy; the layout is {LAYOUT}, or the CIFAR-10 binary "
+            "version's.",
         ) from err
-
-
-def _parts(name: str) -> list[str]:
-    """The path components of an entry name, without ``.`` (archives may use ``./train/...``)."""
-    return [p for p in name.split("/") if p not in ("", ".")]
 
 
 def _layout_error(path: str, problem: str) -> UserError:
@@ -460,35 +427,16 @@ def _decode_image(data: bytes) -> np.ndarray:
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
-def _folder_arrays(path: str | None, cache_dir: str | None) -> dict[str, Any]:
-    """Decoded arrays of an image folder or archive (or of the CIFAR-10 binary version given
-    as one): a directory with ``test_batch.bin`` (or ``cifar-10-batches-bin/`` with it), or an
-    archive whose first entry is ``cifar-10-batches-bin``."""
-    path = _existing_path(path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
-    if os.path.isdir(path):
-        inner = os.path.join(path, "cifar-10-batches-bin")
-        binary = any(os.path.isfile(os.path.join(d, CIFAR10_TEST_BATCH)) for d in (path, inner))
-    else:
-        first, _, _ = next(_members(path, lambda name: False), ("", False, None))
-        binary = _parts(first)[:1] == ["cifar-10-batches-bin"]
-    if binary:
-        return _cifar10_binary_arrays(path, cache_dir, url=None, md5=None)
-    decode = functools.partial(_decode_folder, path)
-    return _cached(cache_dir, f"folder-{_source_fingerprint(path)}", decode)
-
-
 def _decode_folder(path: str) -> dict[str, Any]:
     """The images of a folder or tar archive laid out ``split/class/image.jpg`` (names may carry
     one wrapping directory, ``cifar10/train/...``), ordered by (class name, file name) in each
-    split; labels index the sorted class names, which both splits must share."""
+    split; labels index the sorted class names, which both splits must share. A folder with
+    the files of the CIFAR-10 binary version is that."""
     files: dict[str, dict[str, list]] = {split: {} for split in SPLITS}  # split: class: files
     for name, is_dir, data in _members(path, _is_image):
-        parts = _parts(name)
-        if parts and parts[-1] in (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH):
-            raise UserError(
-                f"data.path={path!r} is the CIFAR-10 binary version, not an image folder.",
-                hint="read it with --config.data.source=cifar10_binary.",
-            )
+        parts = [p for p in name.split("/") if p not in ("", ".")]  # archives: ./train/...
+        if parts and parts[-1] in _CIFAR10_BATCHES:
+            return _decode_cifar10_binary(path)
         if is_dir and len(parts) >= 2 and parts[-2] in SPLITS:
             files[parts[-2]].setdefault(parts[-1], [])  # a class directory: may stay empty
         elif data is not None and len(parts) >= 3 and parts[-3] in SPLITS:
@@ -515,7 +463,16 @@ def _decode_folder(path: str) -> dict[str, Any]:
         images = []
         for _, (_, name, data) in tqdm(listing, desc=f"decode {split}", unit="img",
                                        mininterval=1.0, leave=False):  # fmt: skip
-            images.append(_read_image(path, name, data))
+            try:
+                images.append(_decode_image(data))
+            except Exception as err:
+                kind = "file" if os.path.isdir(path) else "member"
+                raise UserError(
+                    f"data.path={path!r}: cannot decode the {kind} {name!r} "
+                    f"({type(err).__name__}: {err}).",
+                    hint="the image is corrupt or not an image: replace or delete it"
+                    + (" and re-create the archive." if kind == "member" else "."),
+                ) from err
             shape = shape or images[-1].shape
             if images[-1].shape != shape:
                 raise _layout_error(path, f"images must all have one size; {name!r} is "
@@ -526,49 +483,35 @@ def _decode_folder(path: str) -> dict[str, Any]:
     return out
 
 
-def _read_image(path: str, name: str, data: bytes) -> np.ndarray:
-    """The decoded image ``name`` (its bytes: ``data``) of the folder or archive ``path``."""
-    try:
-        return _decode_image(data)
-    except Exception as err:
-        is_dir = os.path.isdir(path)
-        raise UserError(
-            f"data.path={path!r}: cannot decode the {'file' if is_dir else 'member'} {name!r} "
-            f"({type(err).__name__}: {err}).",
-            hint="the image is corrupt or not an image: replace or delete it"
-            + ("." if is_dir else " and re-create the archive."),
-        ) from err
-
-
 def _cifar10_binary_arrays(
-    path: str | None, cache_dir: str | None, *, url: str | None, md5: str | None
+    path: str | None, cache_dir: str | None, *, url: str, md5: str | None
 ) -> dict[str, Any]:
     """Arrays of the CIFAR-10 binary version at ``path`` (used as it is), or of the archive in
-    the cache directory: downloaded from ``url`` when absent (:func:`download.fetch` checks
-    it), else its MD5 checked before it is decoded (placed by hand, or damaged since)."""
+    the cache directory, downloaded when absent (:func:`download.fetch` checks it) and checked
+    against ``md5`` before it is decoded (placed by hand, or damaged since)."""
     check = not path
     if path:
         path = _existing_path(path, "cifar-10-binary.tar.gz")
     else:
         name = os.path.basename(url.split("?")[0].rstrip("/")) or "cifar-10-binary.tar.gz"
         path = os.path.join(_cache_dir(cache_dir), name)
-        if not os.path.exists(path):
-            check = False
-            try:
-                download.fetch(url, path, md5=md5)
-            except download.DownloadError as err:
-                raise UserError(
-                    f"{err} Use local data instead: DATA= a folder or archive laid out "
-                    "split/class/image.jpg (e.g. `make demo DATA=path/to/cifar10-jpeg.tar.gz`, "
-                    "i.e. --config.data.source=folder --config.data.path=...), or "
-                    "--config.data.source=tfds.",
-                    hint=f"or copy cifar-10-binary.tar.gz (from {CIFAR10_BINARY_URL}, MD5 "
-                    f"{CIFAR10_BINARY_MD5}) to {path} yourself, or set data.path to it.",
-                ) from err
+        try:
+            download.fetch(url, path, md5=md5)
+        except download.DownloadError as err:
+            raise UserError(
+                f"{err} Use local data instead: DATA= a folder or archive laid out "
+                "split/class/image.jpg (e.g. `make demo DATA=path/to/cifar10-jpeg.tar.gz`, "
+                "i.e. --config.data.source=folder --config.data.path=...), or "
+                "--config.data.source=tfds.",
+                hint=f"or copy cifar-10-binary.tar.gz (from {CIFAR10_BINARY_URL}, MD5 "
+                f"{CIFAR10_BINARY_MD5}) to {path} yourself, or set data.path to it.",
+            ) from err
 
     def decode() -> dict[str, Any]:
         if check and md5 is None:
-            download.warn_unverified(None, md5, path)
+            logging.warning("%s is used without a checksum (data.md5=None): a wrong or "
+                            "tampered file goes unnoticed; set the expected MD5 to check it.",
+                            path)  # fmt: skip
         elif check and (actual := download.file_md5(path)) != md5.lower():
             raise UserError(
                 f"{path} has MD5 {actual}, not the expected {md5.lower()}: it is not the "
@@ -586,47 +529,41 @@ def _decode_cifar10_binary(path: str) -> dict[str, Any]:
     of the ``.bin`` files): records of 1 label byte and the 1024 red, green and blue bytes of a
     32 x 32 image in ``data_batch_1.bin`` ... ``data_batch_5.bin`` (train) and
     ``test_batch.bin`` (https://www.cs.toronto.edu/~kriz/cifar.html)."""
-    batches = (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH)
-    wanted = lambda name: os.path.basename(name) in (*batches, "batches.meta.txt")
+    wanted = lambda name: os.path.basename(name) in (*_CIFAR10_BATCHES, "batches.meta.txt")
     found = {os.path.basename(name): data for name, _, data in _members(path, wanted) if data}
-    missing = [name for name in batches if name not in found]
+    missing = [name for name in _CIFAR10_BATCHES if name not in found]
     if missing:
         raise UserError(
             f"data.path={path!r} has no {', '.join(missing)}: not the CIFAR-10 binary version.",
-            hint="use cifar-10-binary.tar.gz (members cifar-10-batches-bin/data_batch_1.bin ... "
-            "test_batch.bin), or data.source=folder for an image folder.",
+            hint="data.source=cifar10_binary reads cifar-10-binary.tar.gz (members "
+            "cifar-10-batches-bin/data_batch_1.bin ... test_batch.bin) or its directory; "
+            "data.source=folder an image folder.",
         )
-    records = [_cifar10_records(path, name, found[name]) for name in batches]
+    records = []
+    for name in _CIFAR10_BATCHES:
+        if len(found[name]) % _CIFAR10_RECORD:
+            raise UserError(
+                f"data.path={path!r}: {name!r} has {len(found[name])} bytes, not a multiple of "
+                f"the {_CIFAR10_RECORD}-byte CIFAR-10 record (1 label byte + 3 x 32 x 32 pixels).",
+                hint="the file is truncated or not the CIFAR-10 binary version: get it again.",
+            )
+        records.append(np.frombuffer(found[name], np.uint8).reshape(-1, _CIFAR10_RECORD))
+        if records[-1][:, 0].max() >= len(CIFAR10_CLASSES):
+            raise UserError(
+                f"data.path={path!r}: {name!r} has label {records[-1][:, 0].max()}; CIFAR-10 has "
+                f"{len(CIFAR10_CLASSES)} classes.",
+                hint="this is not the CIFAR-10 binary version (CIFAR-100's records differ).",
+            )
     names = re.findall(r"\S+", found.get("batches.meta.txt", b"").decode("utf-8", "replace"))
     out: dict[str, Any] = {
         "num_classes": len(CIFAR10_CLASSES),
         "class_names": names if len(names) == len(CIFAR10_CLASSES) else list(CIFAR10_CLASSES),
     }
-    for split, split_records in zip(
-        SPLITS, (np.concatenate(records[:-1]), records[-1]), strict=True
-    ):
-        images = split_records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes: HWC
+    for split, rows in zip(SPLITS, (np.concatenate(records[:-1]), records[-1]), strict=True):
+        images = rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes: HWC
         out[f"{split}_images"] = np.ascontiguousarray(images)
-        out[f"{split}_labels"] = split_records[:, 0].astype(np.int32)
+        out[f"{split}_labels"] = rows[:, 0].astype(np.int32)
     return out
-
-
-def _cifar10_records(path: str, name: str, raw: bytes) -> np.ndarray:
-    """The records ``[N, 3073]`` of the batch file ``name``; checks their size and labels."""
-    if len(raw) % _CIFAR10_RECORD:
-        raise UserError(
-            f"data.path={path!r}: {name!r} has {len(raw)} bytes, not a multiple of the "
-            f"{_CIFAR10_RECORD}-byte CIFAR-10 record (1 label byte + 3 x 32 x 32 pixels).",
-            hint="the file is truncated or not the CIFAR-10 binary version: get it again.",
-        )
-    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR10_RECORD)
-    if records[:, 0].max() >= len(CIFAR10_CLASSES):
-        raise UserError(
-            f"data.path={path!r}: {name!r} has label {records[:, 0].max()}; CIFAR-10 has "
-            f"{len(CIFAR10_CLASSES)} classes.",
-            hint="this is not the CIFAR-10 binary version (CIFAR-100's records differ).",
-        )
-    return records
 
 
 # --- batches ----------------------------------------------------------------------------------

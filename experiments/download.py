@@ -111,25 +111,12 @@ def file_md5(path: str) -> str:
         return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
-def warn_unverified(url: str | None, md5: str | None, what: str) -> None:
-    """One warning each for a plain ``http://`` ``url`` and for ``md5=None`` (no checksum):
-    either lets a wrong or tampered file through unnoticed. ``what`` names the file."""
-    if url is not None and url.lower().startswith("http://"):
-        logging.warning("%s comes over plain http (%s): it can be altered on the way; use "
-                        "an https:// URL%s.", what, url,
-                        "" if md5 else " and set its MD5")  # fmt: skip
-    if md5 is None:
-        logging.warning("%s is used without a checksum (md5=None, e.g. config.data.md5): a wrong "
-                        "or tampered file goes unnoticed; set the expected MD5 to check it.",
-                        what)  # fmt: skip
-
-
 def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIMEOUT_S,
           progress: bool = True) -> str:  # fmt: skip
     """Download ``url`` to ``dest`` (its directory created) and return ``dest``; at once when
     it exists. The body streams to a temporary beside ``dest`` (a progress bar on a terminal
-    with ``progress``), checked against ``Content-Length`` and ``md5`` (``None``: unchecked,
-    with a warning), and only a complete, matching file is renamed to ``dest``.
+    with ``progress``), checked against ``Content-Length`` and ``md5`` (``None``: unchecked),
+    and only a complete, matching file is renamed to ``dest``.
     ``timeout_s`` bounds connecting and each read.
 
     Raises:
@@ -142,7 +129,10 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
     try:
         os.makedirs(directory, exist_ok=True)
         remove_stale_temps(directory)
-        warn_unverified(url, md5, f"The download of {dest}")
+        if url.lower().startswith("http://"):
+            logging.warning("The download of %s comes over plain http (%s): it can be altered "
+                            "on the way; use an https:// URL%s.", dest, url,
+                            "" if md5 else " and set its MD5")  # fmt: skip
         logging.info("Downloading %s to %s.", url, dest)
         try:
             response = urllib.request.urlopen(url, timeout=timeout_s)
