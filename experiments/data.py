@@ -49,7 +49,6 @@ _CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte, then the R, G and B planes of 3
 # default_rng([seed, step or epoch, _AUGMENT_TAG]). The tag keeps the two streams apart
 # (SeedSequence pads entropy with zeros, so [seed, s, 0] would equal [seed, s]).
 _AUGMENT_TAG = 0x61756720
-_CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -291,10 +290,7 @@ def _cached(cache_dir: str | None, stem: str, decode: Callable[[], dict]) -> dic
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with download.atomic_file(path) as f:
-            np.savez(f, **{k: arrays[k] for k in _CACHE_KEYS},
-                     num_classes=np.int64(arrays["num_classes"]),
-                     class_names=np.asarray(arrays["class_names"], dtype=np.str_),
-                     source=np.str_(stem))  # fmt: skip
+            np.savez(f, **arrays, source=np.str_(stem))
     except OSError as err:
         logging.warning(
             "Cannot write the data cache %s (%s); continuing without it, so the next run decodes "
@@ -307,12 +303,10 @@ def _read_cache(path: str, stem: str) -> dict[str, Any] | None:
     """The arrays of the cache file ``path`` made from ``stem``, else None (warned)."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in _CACHE_KEYS}
-            arrays["num_classes"] = n = int(f["num_classes"])
-            arrays["class_names"] = names = [str(c) for c in f["class_names"]]
-            made_from = str(f["source"])
-        if made_from != stem:
-            raise ValueError(f"it holds the arrays of another source, {made_from} (copied?)")
+            arrays = dict(f)
+        if str(arrays["source"]) != stem:
+            raise ValueError(f"it holds the arrays of another source, {arrays['source']}")
+        n, names = int(arrays["num_classes"]), arrays["class_names"]
         for split in SPLITS:  # what a decoder returns, else the file is not ours
             images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
             shaped = images.ndim == 4 and labels.shape == images.shape[:1] and len(labels) > 0
@@ -381,16 +375,12 @@ def _members(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bo
         if os.path.isdir(path):
             for root, dirs, files in os.walk(path):
                 dirs.sort()
-                top = os.path.relpath(root, path)
-                for name in dirs:
-                    yield os.path.normpath(os.path.join(top, name)), True, None
-                for name in sorted(files):
-                    where = os.path.normpath(os.path.join(top, name))
-                    data = None
-                    if wanted(where):
+                for name in dirs + sorted(files):  # a directory's list is short
+                    where, data = os.path.relpath(os.path.join(root, name), path), None
+                    if name not in dirs and wanted(where):
                         with open(os.path.join(root, name), "rb") as f:
                             data = f.read()
-                    yield where, False, data
+                    yield where, name in dirs, data
         else:
             with tarfile.open(path, mode="r|*") as tar:
                 for member in tar:
@@ -614,29 +604,22 @@ def _epoch(seed: int, epoch: int, num_train: int) -> tuple[np.ndarray, ...]:
 
 def train_draws(seed: int, batch_size: int, num_train: int, *, step: int | None = None,
                 start_example: int | None = None) -> tuple[np.ndarray, ...]:  # fmt: skip
-    """``(indices, crop offsets, flips)`` of a train batch. Of step ``step``: epoch ``e`` is
-    the permutation ``default_rng([seed, e]).permutation(num_train)`` cut into ``num_train //
-    batch_size`` batches, its incomplete tail dropped, and the augmentation is
-    :func:`augment_params`. Or of the example stream's positions ``[start_example,
-    start_example + batch_size)``: the epoch permutations end to end, no tail dropped, one
-    augmentation draw per position (epoch ``e``'s: :func:`augment_params` ``(seed, e,
-    num_train)``); independent of how the stream is cut, so a batch size that changes during a
-    run still sees every example once per epoch."""
+    """``(indices, crop offsets, flips)`` of a train batch. Of step ``step``: epoch ``e``'s
+    permutation ``default_rng([seed, e]).permutation(num_train)`` cut into batches, its
+    incomplete tail dropped; :func:`augment_params`. Or of the example stream's positions
+    ``[start_example, start_example + batch_size)``: the permutations end to end, each position
+    augmented once per epoch (epoch ``e``: ``augment_params(seed, e, num_train)``), so a batch
+    size that changes during a run still sees every example once per epoch."""
     if (step is None) == (start_example is None):
         raise ValueError("pass exactly one of step= (step stream) and start_example= (examples).")
     if start_example is None:
         epoch, i = divmod(step, num_train // batch_size)
         idx = _epoch(seed, epoch, num_train)[0][i * batch_size : (i + 1) * batch_size]
         return (idx, *augment_params(seed, step, batch_size))
-    end = start_example + batch_size
-    epochs = range(start_example // num_train, (end - 1) // num_train + 1)
-    parts = [
-        [
-            a[max(start_example - e * num_train, 0) : end - e * num_train]
-            for a in _epoch(seed, e, num_train)
-        ]
-        for e in epochs
-    ]
+    end, parts = start_example + batch_size, []
+    for e in range(start_example // num_train, (end - 1) // num_train + 1):
+        lo, hi = max(start_example - e * num_train, 0), end - e * num_train
+        parts.append([a[lo:hi] for a in _epoch(seed, e, num_train)])
     return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
@@ -647,11 +630,9 @@ def train_batch(ds: Dataset, batch_size: int, *, seed: int, augment: bool,
     pixels, a horizontal flip) when ``augment``."""
     idx, offsets, flips = train_draws(seed, batch_size, len(ds.train_labels), step=step,
                                       start_example=start_example)  # fmt: skip
-    images = (
-        crop_and_flip(ds.train_images[idx], offsets, flips) if augment else ds.train_images[idx]
-    )
-    label = ds.train_labels[idx].astype(np.int32)
-    return {"image": normalize(images, ds.mean, ds.std), "label": label}
+    images = ds.train_images[idx]
+    images = crop_and_flip(images, offsets, flips) if augment else images
+    return {"image": normalize(images, ds.mean, ds.std), "label": ds.train_labels[idx]}
 
 
 def train_batches(ds: Dataset, batch_size: int, *, seed: int, start_step: int = 0,

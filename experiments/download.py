@@ -143,8 +143,19 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
             reason = getattr(err, "reason", err) or type(err).__name__
             raise DownloadError(f"cannot download {url}: {reason} (no network connection?).",
                                 offline=True) from err  # fmt: skip
-        with response, atomic_file(dest) as f:
-            _copy(response, f, url, progress and os.path.basename(dest))
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        bar = tqdm(total=total, desc=f"download {os.path.basename(dest)}", unit="B",
+                   unit_scale=True, unit_divisor=1024, mininterval=0.5,
+                   disable=None if progress else True)  # fmt: skip
+        with response, bar, atomic_file(dest) as f:
+            while chunk := _read(response, url, f.tell()):
+                bar.update(f.write(chunk))
+            if total is not None and f.tell() != total:
+                raise DownloadError(
+                    f"the download of {url} stopped after {f.tell()} of {total} bytes "
+                    f"(the connection closed early); nothing was kept, run again."
+                )
             f.flush()
             if md5 is not None and (digest := file_md5(f.name)) != md5.lower():
                 raise DownloadError(
@@ -162,27 +173,12 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
     return dest
 
 
-def _copy(response, f: BinaryIO, url: str, bar_name: str | bool) -> None:
-    """The body of ``response`` streamed into ``f`` (a progress bar named ``bar_name``,
-    ``False``: none); a transfer cut short raises."""
-    length = response.headers.get("Content-Length")
-    total = int(length) if length and length.isdigit() else None
-    bar = tqdm(total=total, desc=f"download {bar_name}", unit="B", unit_scale=True,
-               unit_divisor=1024, mininterval=0.5, disable=None if bar_name else True)  # fmt: skip
-    with bar:
-        while True:
-            try:
-                chunk = response.read(CHUNK)
-            except (http.client.HTTPException, OSError) as err:
-                raise DownloadError(
-                    f"the download of {url} broke off after {f.tell()} bytes "
-                    f"({type(err).__name__}: {err}); nothing was kept, run again."
-                ) from err
-            if not chunk:
-                break
-            bar.update(f.write(chunk))
-    if total is not None and f.tell() != total:
+def _read(response, url: str, received: int) -> bytes:
+    """The next chunk of ``response`` (empty at its end); a transfer cut short raises."""
+    try:
+        return response.read(CHUNK)
+    except (http.client.HTTPException, OSError) as err:
         raise DownloadError(
-            f"the download of {url} stopped after {f.tell()} of {total} bytes "
-            f"(the connection closed early); nothing was kept, run again."
-        )
+            f"the download of {url} broke off after {received} bytes ({type(err).__name__}: "
+            f"{err}); nothing was kept, run again."
+        ) from err
