@@ -149,13 +149,12 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``[N, H, W, C]``, from histograms of the byte values (no float copy of the images)."""
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}.")
-    counts = np.stack(
-        [np.bincount(images[..., c].ravel(), minlength=256) for c in range(images.shape[-1])]
-    ).astype(np.float64)  # [C, 256]
-    counts /= counts.sum(axis=1, keepdims=True)
+    channels = np.moveaxis(images, -1, 0)
+    freq = np.array([np.bincount(x.ravel(), minlength=256) for x in channels], np.float64)
+    freq /= freq.sum(axis=1, keepdims=True)  # [C, 256]: of each byte value
     values = np.arange(256) / 255.0
-    mean = counts @ values
-    std = np.sqrt((counts * (values - mean[:, None]) ** 2).sum(axis=1))
+    mean = freq @ values
+    std = np.sqrt((freq * (values - mean[:, None]) ** 2).sum(axis=1))
     # A constant channel must not divide by zero.
     return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
@@ -207,11 +206,9 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
             raise UserError(
                 f"tfds dataset {name!r} is not prepared in {where}, and preparing it needs "
                 f"TensorFlow, which is not installed ({type(err).__name__}: {err}).",
-                hint=f"install it once with `pip install -e '.[tfds]'` and prepare the data with "
-                f'`python -c "import tensorflow_datasets as tfds; '
-                f"tfds.data_source('{name}', data_dir={data_dir!r})\"` (this downloads); or "
-                f"--config.data.source=cifar10_binary (downloads CIFAR-10 without TensorFlow); "
-                f"or read an image folder: --config.data.source=folder "
+                hint="install it once with `pip install -e '.[tfds]'` (the next run prepares the "
+                "data), or use --config.data.source=cifar10_binary (downloads CIFAR-10 without "
+                "TensorFlow) or an image folder: --config.data.source=folder "
                 f"--config.data.path=/path/to/cifar10-jpeg.tar.gz (layout {LAYOUT}).",
             ) from err
         logging.info("tfds dataset %r not prepared; downloading and preparing it.", name)
@@ -235,9 +232,6 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
         return out
 
     return _cached(cache_dir, f"tfds-{name.replace('/', '_')}-{key}", decode)
-
-
-# --- the array cache --------------------------------------------------------------------------
 
 
 def user_cache_dir() -> str:
@@ -354,9 +348,6 @@ def _source_fingerprint(path: str) -> str:
     return f"{stem}-{h.hexdigest()[:16]}"
 
 
-# --- folders, archives and the CIFAR-10 binary version ----------------------------------------
-
-
 def _existing_path(path: str | None, what: str) -> str:
     """The absolute ``data.path``; a missing one raises :class:`UserError` saying ``what``."""
     if not path:
@@ -406,11 +397,6 @@ def _layout_error(path: str, problem: str) -> UserError:
     )
 
 
-def _is_image(name: str) -> bool:
-    base = os.path.basename(name)
-    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _decode_image(data: bytes) -> np.ndarray:
     """JPEG/PNG/... bytes as a uint8 ``[H, W, 3]`` RGB array."""
     with Image.open(io.BytesIO(data)) as img:
@@ -423,7 +409,10 @@ def _decode_folder(path: str) -> dict[str, Any]:
     split; labels index the sorted class names, which both splits must share. A folder with
     the files of the CIFAR-10 binary version is that."""
     files: dict[str, dict[str, list]] = {split: {} for split in SPLITS}  # split: class: files
-    for name, is_dir, data in _members(path, _is_image):
+    is_image = lambda name: (
+        not os.path.basename(name).startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    for name, is_dir, data in _members(path, is_image):
         parts = [p for p in name.split("/") if p not in ("", ".")]  # archives: ./train/...
         if parts and parts[-1] in _CIFAR10_BATCHES:
             return _decode_cifar10_binary(path)
@@ -483,8 +472,7 @@ def _cifar10_binary_arrays(
     if path:
         path = _existing_path(path, "cifar-10-binary.tar.gz")
     else:
-        name = os.path.basename(url.split("?")[0].rstrip("/")) or "cifar-10-binary.tar.gz"
-        path = os.path.join(_cache_dir(cache_dir), name)
+        path = os.path.join(_cache_dir(cache_dir), "cifar-10-binary.tar.gz")
         try:
             download.fetch(url, path, md5=md5)
         except download.DownloadError as err:
@@ -554,9 +542,6 @@ def _decode_cifar10_binary(path: str) -> dict[str, Any]:
         out[f"{split}_images"] = np.ascontiguousarray(images)
         out[f"{split}_labels"] = rows[:, 0].astype(np.int32)
     return out
-
-
-# --- batches ----------------------------------------------------------------------------------
 
 
 def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
