@@ -193,15 +193,17 @@ def _tensorflow_available() -> bool:
 
 
 def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict[str, Any]:
-    """A prepared tfds dataset through ``tfds.data_source`` (no TensorFlow needed), cached
-    under its name, version, prepared directory and split sizes."""
+    """A tfds dataset through ``tfds.data_source`` (reading needs no TensorFlow, preparing
+    does), cached under its name, version, prepared directory and split sizes."""
     import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy import, only for this source)
 
-    data_dir = data_dir and os.path.expanduser(data_dir)
-    try:
-        sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir, download=False)
+    data_dir, can_prepare = data_dir and os.path.expanduser(data_dir), _tensorflow_available()
+    try:  # with TensorFlow, an unprepared dataset is downloaded and prepared
+        sources = tfds.data_source(
+            name, split=list(SPLITS), data_dir=data_dir, download=can_prepare
+        )
     except Exception as err:  # tfds raises several types for "not prepared"
-        if not _tensorflow_available():
+        if not can_prepare:
             where = data_dir or "the tfds default data_dir (~/tensorflow_datasets)"
             raise UserError(
                 f"tfds dataset {name!r} is not prepared in {where}, and preparing it needs "
@@ -211,8 +213,7 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
                 "TensorFlow) or an image folder: --config.data.source=folder "
                 f"--config.data.path=/path/to/cifar10-jpeg.tar.gz (layout {LAYOUT}).",
             ) from err
-        logging.info("tfds dataset %r not prepared; downloading and preparing it.", name)
-        sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir, download=True)
+        raise
     info = sources[0].dataset_info
     key = hashlib.sha256(
         f"{name}\0{info.version}\0{info.data_dir}\0{[len(s) for s in sources]}".encode()
@@ -304,11 +305,11 @@ def _read_cache(path: str, stem: str) -> dict[str, Any] | None:
         for split in SPLITS:  # what a decoder returns, else the file is not ours
             images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
             shaped = images.ndim == 4 and labels.shape == images.shape[:1] and len(labels) > 0
-            if not shaped or images.dtype != np.uint8 or len(names) not in (0, n):
+            if not shaped or images.dtype != np.uint8 or labels.min() < 0 or labels.max() >= n:
                 raise ValueError(f"{split}: images {images.dtype}{images.shape}, labels "
-                                 f"{labels.shape}, {len(names)} names of {n} classes")  # fmt: skip
-            if labels.min() < 0 or labels.max() >= n:
-                raise ValueError(f"{split}: labels outside [0, {n})")
+                                 f"{labels.shape} not in [0, {n})")  # fmt: skip
+        if len(names) not in (0, n):
+            raise ValueError(f"{len(names)} class names for {n} classes")
     except FileNotFoundError:  # removed meanwhile
         return None
     except MemoryError:
