@@ -335,7 +335,8 @@ def _source_fingerprint(path: str) -> str:
     h = hashlib.sha256(path.encode())
     files = [path]
     if os.path.isdir(path):
-        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+        entries = _members(path, wanted=lambda name: False)
+        files = [os.path.join(path, name) for name, is_dir, _ in entries if not is_dir]
     for file in files:
         st = os.stat(file)
         h.update(f"\0{os.path.relpath(file, path)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
@@ -365,7 +366,7 @@ def _members(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bo
     where = "at its start"
     try:
         if os.path.isdir(path):
-            for root, dirs, files in os.walk(path):
+            for root, dirs, files in os.walk(path, followlinks=True):
                 dirs.sort()
                 for name in dirs + sorted(files):  # a directory's list is short
                     where, data = os.path.relpath(os.path.join(root, name), path), None
