@@ -406,10 +406,9 @@ def _decode_image(data: bytes) -> np.ndarray:
 
 
 def _decode_folder(path: str) -> dict[str, Any]:
-    """The images of a folder or tar archive laid out ``split/class/image.jpg`` (names may carry
-    one wrapping directory, ``cifar10/train/...``), ordered by (class name, file name) in each
-    split; labels index the sorted class names, which both splits must share. A folder with
-    the files of the CIFAR-10 binary version is that."""
+    """The images of a folder or tar archive laid out ``split/class/image.jpg`` (or of the
+    CIFAR-10 binary version), ordered by (class name, file name); labels index the sorted class
+    names, which both splits must share."""
     files: dict[str, dict[str, list]] = {split: {} for split in SPLITS}  # split: class: files
     is_image = lambda name: (
         not os.path.basename(name).startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
@@ -505,10 +504,9 @@ def _cifar10_binary_arrays(
 
 
 def _decode_cifar10_binary(path: str) -> dict[str, Any]:
-    """The CIFAR-10 binary version (an archive of ``cifar-10-batches-bin/*.bin``, or a directory
-    of the ``.bin`` files): records of 1 label byte and the 1024 red, green and blue bytes of a
-    32 x 32 image in ``data_batch_1.bin`` ... ``data_batch_5.bin`` (train) and
-    ``test_batch.bin`` (https://www.cs.toronto.edu/~kriz/cifar.html)."""
+    """The CIFAR-10 binary version, an archive or directory of ``data_batch_1.bin`` ...
+    ``data_batch_5.bin`` (train) and ``test_batch.bin``: records of a label byte and the red,
+    green and blue planes of a 32 x 32 image."""
     wanted = lambda name: os.path.basename(name) in (*_CIFAR10_BATCHES, "batches.meta.txt")
     found = {os.path.basename(name): data for name, _, data in _members(path, wanted) if data}
     missing = [name for name in _CIFAR10_BATCHES if name not in found]
@@ -625,10 +623,9 @@ def train_batch(ds: Dataset, batch_size: int, *, seed: int, augment: bool,
 def train_batches(ds: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
                   augment: bool = True, prefetch: int = 2,
                   start_example: int | None = None) -> Iterator[dict]:  # fmt: skip
-    """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``
-    (resuming at ``start_step`` yields those of an uninterrupted run), or with
-    ``start_example`` the consecutive pieces of the example stream from there; prepared up to
-    ``prefetch`` ahead in a thread (0: in the caller's)."""
+    """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``, or
+    with ``start_example`` the consecutive pieces of the example stream from there; prepared up
+    to ``prefetch`` ahead in a thread (0: in the caller's)."""
     num_train = len(ds.train_labels)
     if not 1 <= batch_size <= num_train or start_step < 0 or (start_example or 0) < 0:
         raise ValueError(f"batch_size={batch_size} must be in [1, {num_train}] (the number of "
@@ -643,11 +640,8 @@ def train_batches(ds: Dataset, batch_size: int, *, seed: int, start_step: int = 
 
 
 def prefetched(produce: Callable[[], Any], size: int = 2) -> Iterator[Any]:
-    """Yields ``produce()`` results computed up to ``size`` ahead by a worker thread.
-
-    Closing or dropping the generator runs its ``finally``, which cancels the pending calls and
-    joins the thread. Errors in ``produce`` re-raise here.
-    """
+    """Yields ``produce()`` results computed up to ``size`` ahead by a worker thread; errors in
+    ``produce`` re-raise here. Closing or dropping the generator stops and joins the thread."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="gns-prefetch")
     ahead = collections.deque(pool.submit(produce) for _ in range(size))
     try:

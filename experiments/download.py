@@ -8,7 +8,6 @@ killed mid-write leaves its temporary behind, which :func:`remove_stale_temps` r
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import http.client
 import os
@@ -121,53 +120,47 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
 
     Raises:
       DownloadError: the server cannot be reached (``offline=True``), answers with an HTTP
-        error, the transfer stops early, the checksum differs, or ``dest`` cannot be written.
+        error, the transfer stops early, or the checksum differs. A failed write raises its
+        OSError (``cli`` reports a full disk or a permission in one line).
     """
     if os.path.exists(dest):
         return dest
     directory = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temps(directory)
+    if url.lower().startswith("http://"):
+        logging.warning("The download of %s comes over plain http (%s): it can be altered "
+                        "on the way; use an https:// URL%s.", dest, url,
+                        "" if md5 else " and set its MD5")  # fmt: skip
+    logging.info("Downloading %s to %s.", url, dest)
     try:
-        os.makedirs(directory, exist_ok=True)
-        remove_stale_temps(directory)
-        if url.lower().startswith("http://"):
-            logging.warning("The download of %s comes over plain http (%s): it can be altered "
-                            "on the way; use an https:// URL%s.", dest, url,
-                            "" if md5 else " and set its MD5")  # fmt: skip
-        logging.info("Downloading %s to %s.", url, dest)
-        try:
-            response = urllib.request.urlopen(url, timeout=timeout_s)
-        except urllib.error.HTTPError as err:
-            msg = f"cannot download {url}: the server answered HTTP {err.code}."
-            raise DownloadError(msg) from err
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-            reason = getattr(err, "reason", err) or type(err).__name__
-            raise DownloadError(f"cannot download {url}: {reason} (no network connection?).",
-                                offline=True) from err  # fmt: skip
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        bar = tqdm(total=total, desc=f"download {os.path.basename(dest)}", unit="B",
-                   unit_scale=True, unit_divisor=1024, mininterval=0.5,
-                   disable=None if progress else True)  # fmt: skip
-        with response, bar, atomic_file(dest) as f:
-            while chunk := _read(response, url, f.tell()):
-                bar.update(f.write(chunk))
-            if total is not None and f.tell() != total:
-                raise DownloadError(
-                    f"the download of {url} stopped after {f.tell()} of {total} bytes "
-                    f"(the connection closed early); nothing was kept, run again."
-                )
-            f.flush()
-            if md5 is not None and (digest := file_md5(f.name)) != md5.lower():
-                raise DownloadError(
-                    f"the file downloaded from {url} has MD5 {digest}, not the expected "
-                    f"{md5.lower()} (a wrong or damaged file); it was removed."
-                )
-    except OSError as err:  # writing: disk full, read-only, permissions
-        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise DownloadError(
-            f"cannot write the download to {directory!r} "
-            f"({'the disk is full' if full else err.strerror or err}); nothing was kept."
-        ) from err
+        response = urllib.request.urlopen(url, timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        msg = f"cannot download {url}: the server answered HTTP {err.code}."
+        raise DownloadError(msg) from err
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        reason = getattr(err, "reason", err) or type(err).__name__
+        raise DownloadError(f"cannot download {url}: {reason} (no network connection?).",
+                            offline=True) from err  # fmt: skip
+    length = response.headers.get("Content-Length")
+    total = int(length) if length and length.isdigit() else None
+    bar = tqdm(total=total, desc=f"download {os.path.basename(dest)}", unit="B",
+               unit_scale=True, unit_divisor=1024, mininterval=0.5,
+               disable=None if progress else True)  # fmt: skip
+    with response, bar, atomic_file(dest) as f:
+        while chunk := _read(response, url, f.tell()):
+            bar.update(f.write(chunk))
+        if total is not None and f.tell() != total:
+            raise DownloadError(
+                f"the download of {url} stopped after {f.tell()} of {total} bytes "
+                f"(the connection closed early); nothing was kept, run again."
+            )
+        f.flush()
+        if md5 is not None and (digest := file_md5(f.name)) != md5.lower():
+            raise DownloadError(
+                f"the file downloaded from {url} has MD5 {digest}, not the expected "
+                f"{md5.lower()} (a wrong or damaged file); it was removed."
+            )
     size = os.path.getsize(dest) / 1e6
     logging.info("Downloaded %s (%.1f MB, MD5 checked: %s).", dest, size, md5 is not None)
     return dest
