@@ -1,7 +1,9 @@
-"""CIFAR-style image data: four sources (``config.data.source``), an array cache, batches.
+"""CIFAR-style image data: sources, an array cache, normalized and augmented batches.
 
-Batches are a pure function of the seed and the step (or the example position), so a resumed
-run sees the batches of an uninterrupted one.
+``config.data.source``: ``'cifar10_binary'`` (the official binary version, downloaded once and
+checked, or at ``data.path``), ``'folder'`` (a directory or ``.tar.gz`` at ``data.path``),
+``'tfds'`` or ``'synthetic'``. Batches are a pure function of the seed and the step (or the
+example position), so a resumed run sees the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -42,8 +44,7 @@ CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 CIFAR10_CLASSES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
-CIFAR10_TEST_BATCH = "test_batch.bin"
-_CIFAR10_BATCHES = (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH)
+_CIFAR10_BATCHES = (*CIFAR10_TRAIN_BATCHES, "test_batch.bin")
 _CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte, then the R, G and B planes of 32 x 32
 # Seeds: epoch permutation from default_rng([seed, epoch]); augmentation from
 # default_rng([seed, step or epoch, _AUGMENT_TAG]). The tag keeps the two streams apart
@@ -197,7 +198,8 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
     does), cached under its name, version, prepared directory and split sizes."""
     import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy import, only for this source)
 
-    data_dir, can_prepare = data_dir and os.path.expanduser(data_dir), _tensorflow_available()
+    data_dir = data_dir and os.path.expanduser(data_dir)
+    can_prepare = _tensorflow_available()
     try:  # with TensorFlow, an unprepared dataset is downloaded and prepared
         sources = tfds.data_source(
             name, split=list(SPLITS), data_dir=data_dir, download=can_prepare
@@ -244,9 +246,8 @@ def user_cache_dir() -> str:
 
 
 def private_cache_dir(name: str) -> str | None:
-    """``user_cache_dir()/name``, a directory of this user alone (mode 0700, tightened when
-    looser), for a cache whose content is executed (compiled code); ``None`` with one warning
-    when it is a symbolic link, not a directory, another user's, or not creatable."""
+    """``user_cache_dir()/name`` made this user's alone (mode 0700), for a cache of executed
+    code; ``None`` (warned) when it is a symbolic link, another user's, or not creatable."""
     path = os.path.join(user_cache_dir(), name)
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -269,9 +270,8 @@ def _cache_dir(cache_dir: str | None) -> str:
 
 
 def _cached(cache_dir: str | None, stem: str, decode: Callable[[], dict]) -> dict[str, Any]:
-    """``decode()``'s arrays, read from ``<cache_dir>/<stem>.npz`` when there, else decoded and
-    written there (atomically, with ``stem``: a file copied under another name is not used).
-    An unusable cache file is removed with a warning, an unwritable one costs a warning."""
+    """``decode()``'s arrays, from ``<cache_dir>/<stem>.npz`` when it is there and usable (made
+    from ``stem``), else decoded and written there atomically (a failed write: a warning)."""
     path = os.path.join(_cache_dir(cache_dir), f"{stem}.npz")
     arrays = _read_cache(path, stem) if os.path.isfile(path) else None
     if arrays is not None:
@@ -310,8 +310,6 @@ def _read_cache(path: str, stem: str) -> dict[str, Any] | None:
                                  f"{labels.shape} not in [0, {n})")  # fmt: skip
         if len(names) not in (0, n):
             raise ValueError(f"{len(names)} class names for {n} classes")
-    except FileNotFoundError:  # removed meanwhile
-        return None
     except MemoryError:
         raise
     except Exception as err:  # zero-length, truncated, wrong keys, wrong arrays: decode again
@@ -323,15 +321,12 @@ def _read_cache(path: str, stem: str) -> dict[str, Any] | None:
     return arrays
 
 
-# A source's content is sampled for its cache key: a file's first, last and evenly spread
-# blocks, of that many files of a directory, spread evenly.
-_SAMPLE_BLOCKS, _BLOCK = 16, 1 << 16
+_SAMPLE_BLOCKS, _BLOCK = 16, 1 << 16  # sampled per file, and files per directory
 
 
 def _source_fingerprint(path: str) -> str:
-    """Cache key of a data source: its path, the size and mtime of the archive (of every file,
-    for a directory) and sampled content, so a source replaced behind the same path (even with
-    the old size and mtime) gets another key."""
+    """Cache key of a data source: its path, the size and mtime of each file and evenly spread
+    blocks of content, so a source replaced behind the same path gets another key."""
     h = hashlib.sha256(path.encode())
     files = [path]
     if os.path.isdir(path):
