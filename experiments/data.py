@@ -616,21 +616,16 @@ def train_batch(ds: Dataset, batch_size: int, *, seed: int, augment: bool,
 
 
 def train_batches(ds: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
-                  augment: bool = True, prefetch: int = 2,
-                  start_example: int | None = None) -> Iterator[dict]:  # fmt: skip
-    """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``, or
-    with ``start_example`` the consecutive pieces of the example stream from there; prepared up
-    to ``prefetch`` ahead in a thread (0: in the caller's)."""
+                  augment: bool = True, prefetch: int = 2) -> Iterator[dict]:  # fmt: skip
+    """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``,
+    prepared up to ``prefetch`` ahead in a thread (0: in the caller's). The example stream's
+    iterator is :meth:`experiments.tasks.Task.train_batches`."""
     num_train = len(ds.train_labels)
-    if not 1 <= batch_size <= num_train or start_step < 0 or (start_example or 0) < 0:
+    if not 1 <= batch_size <= num_train or start_step < 0:
         raise ValueError(f"batch_size={batch_size} must be in [1, {num_train}] (the number of "
-                         f"train examples), start_step={start_step} and "
-                         f"start_example={start_example} >= 0.")  # fmt: skip
-    if start_example is None:
-        where = ({"step": step} for step in itertools.count(start_step))
-    else:
-        where = ({"start_example": s} for s in itertools.count(start_example, batch_size))
-    produce = lambda: train_batch(ds, batch_size, seed=seed, augment=augment, **next(where))
+                         f"train examples) and start_step={start_step} >= 0.")  # fmt: skip
+    steps = itertools.count(start_step)
+    produce = lambda: train_batch(ds, batch_size, seed=seed, augment=augment, step=next(steps))
     return prefetched(produce, prefetch) if prefetch > 0 else (produce() for _ in itertools.count())
 
 

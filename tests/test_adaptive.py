@@ -64,7 +64,10 @@ def test_example_stream_equals_the_step_stream_when_the_batch_divides_the_epoch(
     c = tiny_config()
     ds = data.load(c.data)
     by_step = data.train_batches(ds, 32, seed=1, start_step=5, augment=False, prefetch=0)
-    by_example = data.train_batches(ds, 32, seed=1, start_example=5 * 32, augment=False)
+    by_example = (
+        data.train_batch(ds, 32, seed=1, start_example=start, augment=False)
+        for start in range(5 * 32, 25 * 32, 32)
+    )
     for _ in range(20):  # across an epoch boundary (16 steps per epoch)
         a, b = next(by_step), next(by_example)
         np.testing.assert_array_equal(a["image"], b["image"])
