@@ -125,9 +125,7 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
     """
     if os.path.exists(dest):
         return dest
-    directory = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(directory, exist_ok=True)
-    remove_stale_temps(directory)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     if url.lower().startswith("http://"):
         logging.warning("The download of %s comes over plain http (%s): it can be altered "
                         "on the way; use an https:// URL%s.", dest, url,
