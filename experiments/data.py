@@ -1,29 +1,15 @@
-"""CIFAR-style image data for the experiments: loading, normalization, batches.
+"""CIFAR-style image data: sources, an array cache, normalized and augmented batches.
 
-Four sources, picked by ``config.data.source`` (each field: :mod:`experiments.rules`):
-``'cifar10_binary'`` (the official CIFAR-10 binary version at ``data.path``, or downloaded once
-into the cache from ``data.url`` and checked against ``data.md5``), ``'folder'`` (a directory or
-``.tar.gz`` laid out ``split/class/image.jpg``, splits ``train`` and ``test``; labels index the
-sorted class names), ``'tfds'`` (a prepared ``tensorflow-datasets`` dataset, read without
-TensorFlow) and ``'synthetic'`` (class-dependent colours and patterns plus noise).
-
-The decoded arrays are cached as ``.npz`` in ``data.cache_dir`` (default
-:func:`user_cache_dir`), keyed by the source's path, size, mtime and sampled content; a cache
-file that is unreadable or holds another source's arrays is decoded again with a warning.
-:attr:`Dataset.fingerprint` is the data's identity that a resumed run checks. A problem with
-the user's data raises :class:`~experiments.cli.UserError` naming the path (and archive
-member) and the fix. Batches are a pure function of the seed and the step (or the example
-positions), so a resumed run sees the batches of an uninterrupted one.
-
-Example::
-
-    ds = data.load(config.data)
-    batches = data.train_batches(ds, 128, seed=0, start_step=start)
-    # next(batches)['image']: float32 [128, 32, 32, 3] normalized; ['label']: int32 [128]
+``config.data.source``: ``'cifar10_binary'`` (the official binary version, downloaded once and
+checked, or at ``data.path``), ``'folder'`` (a directory or ``.tar.gz`` at ``data.path``),
+``'tfds'`` or ``'synthetic'``. Batches are a pure function of the seed and the step (or the
+example position), so a resumed run sees the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -31,14 +17,13 @@ import importlib.util
 import io
 import itertools
 import os
-import queue
 import re
 import stat
 import tarfile
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ml_collections
@@ -50,33 +35,21 @@ from tqdm import tqdm
 from experiments import download
 from experiments.cli import UserError
 
-LAYOUT = (
-    "split/class/image.jpg (splits 'train' and 'test', one subdirectory per class, e.g. "
-    "train/airplane/0000.jpg, test/airplane/0000.jpg)"
-)
+LAYOUT = "split/class/image.jpg (splits train and test, e.g. train/airplane/0000.jpg)"
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 CROP_PADDING = 4
 # The official CIFAR-10 binary version, as published on https://www.cs.toronto.edu/~kriz/cifar.html
 CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+CIFAR10_CLASSES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
-CIFAR10_TEST_BATCH = "test_batch.bin"
+_CIFAR10_BATCHES = (*CIFAR10_TRAIN_BATCHES, "test_batch.bin")
 _CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte, then the R, G and B planes of 32 x 32
-# Where data.source='cifar10_binary' can be replaced when the download is impossible.
-ALTERNATIVES = (
-    "Use local data instead: DATA= a folder or archive laid out split/class/image.jpg (e.g. "
-    "`make demo DATA=path/to/cifar10-jpeg.tar.gz`, i.e. --config.data.source=folder "
-    "--config.data.path=...), or --config.data.source=tfds."
-)
 # Seeds: epoch permutation from default_rng([seed, epoch]); augmentation from
 # default_rng([seed, step or epoch, _AUGMENT_TAG]). The tag keeps the two streams apart
 # (SeedSequence pads entropy with zeros, so [seed, s, 0] would equal [seed, s]).
 _AUGMENT_TAG = 0x61756720
-_CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,16 +79,11 @@ class Dataset:
         return h.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading.
-
-
 def load(cfg) -> Dataset:
-    """The dataset of ``cfg`` (``config.data``, or a mapping): ``source``, ``path``,
-    ``cache_dir``, ``name`` and ``tfds_data_dir`` (tfds), ``num_train`` and ``num_test``
-    (None: all; else a class-stratified subset, :func:`subsample`; the split sizes of
-    ``'synthetic'``, None: 2048 and 512), ``synthetic.*``, optional ``url`` and ``md5``. A
-    :class:`UserError` names a bad path, archive member, download or field."""
+    """The dataset of ``cfg`` (``config.data``, or a mapping): ``num_train`` and ``num_test``
+    are None (all) or the size of a class-stratified subset (:func:`subsample`; of
+    ``'synthetic'``: the generated sizes, None: 2048 and 512). A :class:`UserError` names a bad
+    path, archive member, download or field."""
     if isinstance(cfg, Mapping):
         cfg = ml_collections.ConfigDict(dict(cfg))
     source, num_train, num_test = cfg.source, cfg.num_train, cfg.num_test
@@ -127,7 +95,9 @@ def load(cfg) -> Dataset:
         )
         num_train = num_test = None  # generated at the requested sizes
     elif source == "folder":
-        arrays = _folder_arrays(cfg.path, cfg.cache_dir)
+        path = _existing_path(cfg.path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
+        decode = functools.partial(_decode_folder, path)
+        arrays = _cached(cfg.cache_dir, f"folder-{_source_fingerprint(path)}", decode)
     elif source == "cifar10_binary":
         url = cfg.get("url") or CIFAR10_BINARY_URL
         md5 = cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5  # None: unchecked (warned)
@@ -165,23 +135,14 @@ def _check_count(name: str, n: Any, available: int | None = None) -> int:
 def subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Sorted indices of a class-stratified subset of ``n`` of ``labels``: the examples in a
     fixed seeded order, taken round-robin over the classes (the first of each class, then the
-    second of each, ...), so class counts differ by at most one where classes have enough.
-
-    Example::
-
-        subsample(np.array([0, 0, 0, 1]), 2)  # one example of each class
-    """
+    second of each, ...), so class counts differ by at most one where classes have enough."""
     labels = np.asarray(labels)
     perm = np.random.default_rng(seed).permutation(len(labels))
-    shuffled = labels[perm]
-    # Rank of each shuffled example within its class: 0 for the first of a class, 1, ...
-    order = np.argsort(shuffled, kind="stable")
-    sorted_labels = shuffled[order]
-    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
-    rank = np.empty(len(labels), dtype=np.int64)
-    rank[order] = np.arange(len(labels)) - starts
-    take = np.lexsort((np.arange(len(labels)), rank))[:n]
-    return np.sort(perm[take])
+    rank = np.empty(len(labels), dtype=np.int64)  # an example's place in its class's order
+    for c in np.unique(labels):
+        in_class = perm[labels[perm] == c]
+        rank[in_class] = np.arange(len(in_class))
+    return np.sort(perm[np.argsort(rank[perm], kind="stable")[:n]])
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,15 +150,14 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``[N, H, W, C]``, from histograms of the byte values (no float copy of the images)."""
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}.")
-    values = np.arange(256, dtype=np.float64) / 255.0
-    means, stds = [], []
-    for c in range(images.shape[-1]):
-        counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
-        mean = (counts @ values) / counts.sum()
-        means.append(mean)
-        stds.append(np.sqrt((counts @ (values - mean) ** 2) / counts.sum()))
-    std = np.maximum(np.asarray(stds), 1e-6)  # a constant channel must not divide by zero
-    return np.asarray(means, np.float32), std.astype(np.float32)
+    channels = np.moveaxis(images, -1, 0)
+    freq = np.array([np.bincount(x.ravel(), minlength=256) for x in channels], np.float64)
+    freq /= freq.sum(axis=1, keepdims=True)  # [C, 256]: of each byte value
+    values = np.arange(256) / 255.0
+    mean = freq @ values
+    std = np.sqrt((freq * (values - mean[:, None]) ** 2).sum(axis=1))
+    # A constant channel must not divide by zero.
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
 
 def _synthetic_arrays(scfg, num_train: int, num_test: int) -> dict[str, Any]:
@@ -234,29 +194,28 @@ def _tensorflow_available() -> bool:
 
 
 def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict[str, Any]:
-    """A prepared tfds dataset through ``tfds.data_source`` (no TensorFlow needed), cached
-    under its name, version, prepared directory and split sizes."""
+    """A tfds dataset through ``tfds.data_source`` (reading needs no TensorFlow, preparing
+    does), cached under its name, version, prepared directory and split sizes."""
     import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy import, only for this source)
 
-    if data_dir is not None:
-        data_dir = os.path.expanduser(data_dir)
-    try:
-        sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir, download=False)
+    data_dir = data_dir and os.path.expanduser(data_dir)
+    can_prepare = _tensorflow_available()
+    try:  # with TensorFlow, an unprepared dataset is downloaded and prepared
+        sources = tfds.data_source(
+            name, split=list(SPLITS), data_dir=data_dir, download=can_prepare
+        )
     except Exception as err:  # tfds raises several types for "not prepared"
-        if not _tensorflow_available():
+        if not can_prepare:
             where = data_dir or "the tfds default data_dir (~/tensorflow_datasets)"
             raise UserError(
                 f"tfds dataset {name!r} is not prepared in {where}, and preparing it needs "
                 f"TensorFlow, which is not installed ({type(err).__name__}: {err}).",
-                hint=f"install it once with `pip install -e '.[tfds]'` and prepare the data with "
-                f'`python -c "import tensorflow_datasets as tfds; '
-                f"tfds.data_source('{name}', data_dir={data_dir!r})\"` (this downloads); or "
-                f"--config.data.source=cifar10_binary (downloads CIFAR-10 without TensorFlow); "
-                f"or read an image folder: --config.data.source=folder "
+                hint="install it once with `pip install -e '.[tfds]'` (the next run prepares the "
+                "data), or use --config.data.source=cifar10_binary (downloads CIFAR-10 without "
+                "TensorFlow) or an image folder: --config.data.source=folder "
                 f"--config.data.path=/path/to/cifar10-jpeg.tar.gz (layout {LAYOUT}).",
             ) from err
-        logging.info("tfds dataset %r not prepared; downloading and preparing it.", name)
-        sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir, download=True)
+        raise
     info = sources[0].dataset_info
     key = hashlib.sha256(
         f"{name}\0{info.version}\0{info.data_dir}\0{[len(s) for s in sources]}".encode()
@@ -268,20 +227,14 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
         for split, source in zip(SPLITS, sources, strict=True):
             if len(source) == 0:
                 raise UserError(f"tfds {name} {split}: the split is empty.")
-            first = np.asarray(source[0]["image"])
-            images = np.empty((len(source), *first.shape), dtype=np.uint8)
-            out[f"{split}_labels"] = np.empty((len(source),), dtype=np.int32)
-            for i in tqdm(range(len(source)), desc=f"tfds {name} {split}", unit="img",
-                          mininterval=1.0, leave=False):  # fmt: skip
-                images[i] = np.asarray(source[i]["image"])
-                out[f"{split}_labels"][i] = int(source[i]["label"])
-            out[f"{split}_images"] = images
+            bar = tqdm(range(len(source)), desc=f"tfds {name} {split}", unit="img",
+                       mininterval=1.0, leave=False)  # fmt: skip
+            examples = [source[i] for i in bar]
+            out[f"{split}_images"] = np.stack([np.asarray(e["image"]) for e in examples])
+            out[f"{split}_labels"] = np.array([int(e["label"]) for e in examples], np.int32)
         return out
 
     return _cached(cache_dir, f"tfds-{name.replace('/', '_')}-{key}", decode)
-
-
-# --- the array cache --------------------------------------------------------------------------
 
 
 def user_cache_dir() -> str:
@@ -293,24 +246,20 @@ def user_cache_dir() -> str:
 
 
 def private_cache_dir(name: str) -> str | None:
-    """``user_cache_dir()/name``, a directory of this user alone (mode 0700, tightened when
-    looser), for a cache whose content is executed (compiled code); ``None`` with one warning
-    when it is a symbolic link, not a directory, another user's, or not creatable."""
+    """``user_cache_dir()/name`` made this user's alone (mode 0700), for a cache of executed
+    code; ``None`` (warned) when it is a symbolic link, another user's, or not creatable."""
     path = os.path.join(user_cache_dir(), name)
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
             os.chmod(path, 0o700, follow_symlinks=False)
-            st = os.lstat(path)
-    except OSError as e:
-        logging.warning("Not using the cache %s (%s).", path, e)
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        logging.warning("Not using the cache %s: not a directory of this user alone (mode %o, "
-                        "owner %d).", path, stat.S_IMODE(st.st_mode), st.st_uid)  # fmt: skip
-        return None
-    return path
+            return path
+        problem = f"not a directory of this user alone (owner {st.st_uid})"
+    except OSError as err:
+        problem = str(err)
+    logging.warning("Not using the cache %s (%s).", path, problem)
+    return None
 
 
 def _cache_dir(cache_dir: str | None) -> str:
@@ -321,177 +270,79 @@ def _cache_dir(cache_dir: str | None) -> str:
 
 
 def _cached(cache_dir: str | None, stem: str, decode: Callable[[], dict]) -> dict[str, Any]:
-    """``decode()``'s arrays, read from ``<cache_dir>/<stem>.npz`` when there (and made from
-    ``stem``, which the file stores), else decoded and written there."""
-    cache_path = os.path.join(_cache_dir(cache_dir), f"{stem}.npz")
-    cached = _read_cache(cache_path, stem)
-    if cached is not None:
-        return cached
+    """``decode()``'s arrays, from ``<cache_dir>/<stem>.npz`` when it is there and usable (made
+    from ``stem``), else decoded and written there atomically (a failed write: a warning)."""
+    path = os.path.join(_cache_dir(cache_dir), f"{stem}.npz")
+    arrays = _read_cache(path, stem) if os.path.isfile(path) else None
+    if arrays is not None:
+        logging.info("Loaded the cached arrays %s.", path)
+        return arrays
     start = time.perf_counter()
     arrays = decode()
     logging.info("Decoded %d train and %d test images in %.1f s; caching them in %s.",
                  len(arrays["train_labels"]), len(arrays["test_labels"]),
-                 time.perf_counter() - start, cache_path)  # fmt: skip
-    _write_cache(cache_path, arrays, stem)
-    return arrays
-
-
-# Content sampled by _source_fingerprint: a file's first, last and evenly spread blocks (all of
-# a file up to _SAMPLE_BLOCKS blocks), and that many files of a directory, spread evenly.
-_SAMPLE_BLOCKS, _BLOCK = 16, 1 << 16
-
-
-def _update_with_content(h, path: str, size: int) -> None:
-    with open(path, "rb") as f:
-        if size <= _SAMPLE_BLOCKS * _BLOCK:
-            h.update(f.read())
-            return
-        for i in range(_SAMPLE_BLOCKS):
-            f.seek((size - _BLOCK) * i // (_SAMPLE_BLOCKS - 1))
-            h.update(f.read(_BLOCK))
-
-
-def _source_fingerprint(path: str) -> str:
-    """Cache key of a data source: its path, the size and mtime of the archive (of every file,
-    for a directory) and sampled content, so a source replaced behind the same path (even with
-    the old size and mtime) gets another key."""
-    h = hashlib.sha256(path.encode())
-    if os.path.isdir(path):
-        found = []
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in sorted(files):
-                st = os.stat(os.path.join(root, name))
-                rel = os.path.relpath(os.path.join(root, name), path)
-                h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-                found.append((os.path.join(root, name), st.st_size))
-        step = max(1, len(found) // _SAMPLE_BLOCKS)
-        for file, size in found[::step][:_SAMPLE_BLOCKS]:
-            _update_with_content(h, file, size)
-    else:
-        st = os.stat(path)
-        h.update(f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
-        _update_with_content(h, path, st.st_size)
-    stem = os.path.basename(path.rstrip(os.sep)).split(".")[0] or "data"
-    return f"{stem}-{h.hexdigest()[:16]}"
-
-
-def _check_cached_arrays(arrays: dict[str, Any]) -> None:
-    """Raises ValueError unless the arrays are what a decoder returns (shapes, types, labels)."""
-    num_classes = int(arrays["num_classes"])
-    if num_classes < 1 or len(arrays["class_names"]) not in (0, num_classes):
-        raise ValueError(f"num_classes={num_classes} and {len(arrays['class_names'])} names")
-    for split in SPLITS:
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.dtype != np.uint8 or images.ndim != 4 or labels.ndim != 1:
-            raise ValueError(f"{split}: images {images.dtype}{images.shape}, labels {labels.shape}")
-        if len(images) != len(labels) or len(labels) == 0:
-            raise ValueError(f"{split}: {len(images)} images, {len(labels)} labels")
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"{split}: labels outside [0, {num_classes})")
-
-
-def _read_cache(cache_path: str, source: str) -> dict[str, Any] | None:
-    """The cached arrays, or None when absent; an unreadable file is removed with a warning,
-    one made from another ``source`` is left to be overwritten, with a warning."""
-    if not os.path.isfile(cache_path):  # absent, or its directory is unusable (warned on write)
-        return None
-    start = time.perf_counter()
+                 time.perf_counter() - start, path)  # fmt: skip
     try:
-        with np.load(cache_path, allow_pickle=False) as f:
-            missing = [k for k in (*_CACHE_KEYS, "num_classes", "class_names") if k not in f]
-            if missing:
-                raise KeyError(f"no {', '.join(missing)} in {sorted(f.files)}")
-            arrays = {k: f[k] for k in _CACHE_KEYS}
-            arrays["num_classes"] = int(f["num_classes"])
-            arrays["class_names"] = [str(c) for c in f["class_names"]]
-            made_from = str(f["source"]) if "source" in f else None
-        _check_cached_arrays(arrays)
-    except FileNotFoundError:  # removed meanwhile
-        return None
-    except MemoryError:
-        raise
-    except Exception as err:  # zero-length, truncated, wrong keys, wrong arrays: decode again
-        logging.warning("The cache file %s is unreadable (%s: %s); removing it and decoding "
-                        "the data again.", cache_path, type(err).__name__, err)  # fmt: skip
-        try:
-            os.remove(cache_path)
-        except OSError as rm_err:
-            logging.warning("Could not remove %s (%s).", cache_path, rm_err)
-        return None
-    if made_from != source:
-        logging.warning("The cache file %s holds the arrays of another source (%s, not %s: "
-                        "copied or renamed); decoding the data again.",
-                        cache_path, made_from, source)  # fmt: skip
-        return None
-    logging.info("Loaded cached arrays %s in %.2f s.", cache_path, time.perf_counter() - start)
-    return arrays
-
-
-def _write_cache(cache_path: str, arrays: dict[str, Any], source: str) -> None:
-    """The arrays as an uncompressed ``.npz``, written atomically with the name of their
-    ``source``; a cache that cannot be written costs one warning (the next run decodes)."""
-    try:
-        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        with download.atomic_file(cache_path) as f:
-            np.savez(
-                f,
-                **{k: arrays[k] for k in _CACHE_KEYS},
-                num_classes=np.int64(arrays["num_classes"]),
-                class_names=np.asarray(arrays["class_names"], dtype=np.str_),
-                source=np.str_(source),
-            )
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with download.atomic_file(path) as f:
+            np.savez(f, **arrays, source=np.str_(stem))
     except OSError as err:
         logging.warning(
             "Cannot write the data cache %s (%s); continuing without it, so the next run decodes "
             "the data again. Set --config.data.cache_dir to a writable directory to cache it.",
-            cache_path, err)  # fmt: skip
+            path, err)  # fmt: skip
+    return arrays
 
 
-# --- archives and folders ---------------------------------------------------------------------
-
-
-def _archive_error(path: str, where: str, err: BaseException) -> UserError:
-    return UserError(
-        f"data.path={path!r}: the archive is truncated or corrupt ({where}: "
-        f"{type(err).__name__}: {err}).",
-        hint="copy or download the archive again (compare its size or checksum with the "
-        "original), or point data.path at an intact copy.",
-    )
-
-
-def _is_tar(path: str) -> bool:
-    """Whether ``path`` is a tar archive; a truncated or corrupt compressed file raises."""
+def _read_cache(path: str, stem: str) -> dict[str, Any] | None:
+    """The arrays of the cache file ``path`` made from ``stem``, else None (warned)."""
     try:
-        return tarfile.is_tarfile(path)
-    except (EOFError, OSError, zlib.error, tarfile.TarError) as err:
-        raise _archive_error(path, "at its start", err) from err
+        with np.load(path, allow_pickle=False) as f:
+            arrays = dict(f)
+        if str(arrays["source"]) != stem:
+            raise ValueError(f"it holds the arrays of another source, {arrays['source']}")
+        n, names = int(arrays["num_classes"]), arrays["class_names"]
+        for split in SPLITS:  # what a decoder returns, else the file is not ours
+            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+            shaped = images.ndim == 4 and labels.shape == images.shape[:1] and len(labels) > 0
+            if not shaped or images.dtype != np.uint8 or labels.min() < 0 or labels.max() >= n:
+                raise ValueError(f"{split}: images {images.dtype}{images.shape}, labels "
+                                 f"{labels.shape} not in [0, {n})")  # fmt: skip
+        if len(names) not in (0, n):
+            raise ValueError(f"{len(names)} class names for {n} classes")
+    except MemoryError:
+        raise
+    except Exception as err:  # zero-length, truncated, wrong keys, wrong arrays: decode again
+        logging.warning("The cache file %s is unusable (%s: %s); removing it and decoding the "
+                        "data again.", path, type(err).__name__, err)  # fmt: skip
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return None
+    return arrays
 
 
-def _tar_entries(
-    path: str, wanted: Callable[[str], bool]
-) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
-    """Streams ``(member, bytes)`` of a tar archive (any compression), bytes only if ``wanted``;
-    a truncated or corrupt archive raises naming the member being read (or the last one)."""
-    where = "at the first member"
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                where = f"in member {member.name!r}"
-                data = None
-                if member.isfile() and wanted(member.name):
-                    data = tar.extractfile(member).read()
-                yield member, data
-                where = f"after member {member.name!r}"
-    except (EOFError, OSError, zlib.error, tarfile.TarError) as err:
-        raise _archive_error(path, where, err) from err
+_SAMPLE_BLOCKS, _BLOCK = 16, 1 << 16  # sampled per file, and files per directory
 
 
-def _layout_error(path: str, problem: str) -> UserError:
-    return UserError(
-        f"data.path={path!r}: {problem}.",
-        hint=f"Expected a directory or .tar.gz with the layout {LAYOUT}.",
-    )
+def _source_fingerprint(path: str) -> str:
+    """Cache key of a data source: its path, the size and mtime of each file and evenly spread
+    blocks of content, so a source replaced behind the same path gets another key."""
+    h = hashlib.sha256(path.encode())
+    files = [path]
+    if os.path.isdir(path):
+        entries = _members(path, wanted=lambda name: False)
+        files = [os.path.join(path, name) for name, is_dir, _ in entries if not is_dir]
+    for file in files:
+        st = os.stat(file)
+        h.update(f"\0{os.path.relpath(file, path)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    for file in files[:: max(1, len(files) // _SAMPLE_BLOCKS)][:_SAMPLE_BLOCKS]:
+        end = max(0, os.path.getsize(file) - _BLOCK)
+        with open(file, "rb") as f:
+            for i in range(_SAMPLE_BLOCKS if end else 1):
+                f.seek(end * i // (_SAMPLE_BLOCKS - 1))
+                h.update(f.read(_BLOCK))
+    stem = os.path.basename(path.rstrip(os.sep)).split(".")[0] or "data"
+    return f"{stem}-{h.hexdigest()[:16]}"
 
 
 def _existing_path(path: str | None, what: str) -> str:
@@ -504,82 +355,43 @@ def _existing_path(path: str | None, what: str) -> str:
     return path
 
 
-def _folder_arrays(path: str | None, cache_dir: str | None) -> dict[str, Any]:
-    """Decoded arrays of an image folder or archive (or of the CIFAR-10 binary version given
-    as one), from the cache when it is fresh."""
-    path = _existing_path(path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
-    if not os.path.isdir(path) and not _is_tar(path):
-        raise _layout_error(path, "is neither a directory nor a tar archive (.tar.gz)")
-    if _is_cifar10_binary(path):
-        return _binary_cached(cache_dir, path)
-    return _cached(cache_dir, f"folder-{_source_fingerprint(path)}",
-                   functools.partial(_decode_folder, path))  # fmt: skip
+def _members(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bool, bytes | None]]:
+    """``(name, is_dir, bytes)`` of each entry of a directory or tar archive (any compression),
+    names relative to ``path``; bytes only of the files ``wanted(name)``, else None."""
+    where = "at its start"
+    try:
+        if os.path.isdir(path):
+            for root, dirs, files in os.walk(path, followlinks=True):
+                dirs.sort()
+                for name in dirs + sorted(files):  # a directory's list is short
+                    where, data = os.path.relpath(os.path.join(root, name), path), None
+                    if name not in dirs and wanted(where):
+                        with open(os.path.join(root, name), "rb") as f:
+                            data = f.read()
+                    yield where, name in dirs, data
+        else:
+            with tarfile.open(path, mode="r|*") as tar:
+                for member in tar:
+                    where, data = f"in member {member.name!r}", None
+                    if member.isfile() and wanted(member.name):
+                        data = tar.extractfile(member).read()
+                    yield member.name, member.isdir(), data
+                    where = f"after member {member.name!r}"
+    except (EOFError, OSError, zlib.error, tarfile.TarError) as err:
+        raise UserError(
+            f"data.path={path!r} is truncated or corrupt, or not a directory or tar archive "
+            f"({where}: {type(err).__name__}: {err}).",
+            hint="copy or download it again (compare its size or checksum with the original), or "
+            f"point data.path at an intact copy; the layout is {LAYOUT}, or the CIFAR-10 binary "
+            "version's.",
+        ) from err
 
 
-def _is_cifar10_binary(path: str) -> bool:
-    """Whether a directory holds ``test_batch.bin`` (or ``cifar-10-batches-bin/`` does), or an
-    archive's first entry is ``cifar-10-batches-bin``."""
-    if os.path.isdir(path):
-        inner = os.path.join(path, "cifar-10-batches-bin")
-        return any(os.path.isfile(os.path.join(d, CIFAR10_TEST_BATCH)) for d in (path, inner))
-    for member, _ in _tar_entries(path, lambda name: False):
-        parts = [p for p in member.name.split("/") if p not in ("", ".")]
-        return bool(parts) and parts[0] == "cifar-10-batches-bin"
-    return False
-
-
-def _is_image(name: str) -> bool:
-    base = os.path.basename(name)
-    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
-
-
-# An image file found in a folder or archive: (split, class, file name, bytes or None to read
-# from the folder, where it is: the archive member name or the path inside the folder). An
-# empty class directory is (split, class, '', None, '').
-_Entry = tuple[str, str, str, bytes | None, str]
-
-
-def _iter_directory(path: str) -> Iterator[_Entry]:
-    missing = [s for s in SPLITS if not os.path.isdir(os.path.join(path, s))]
-    if missing:
-        found = sorted(os.listdir(path))[:10]
-        raise _layout_error(path, f"no {' or '.join(missing)} directory (found {found})")
-    for split in SPLITS:
-        for entry in sorted(os.scandir(os.path.join(path, split)), key=lambda e: e.name):
-            if entry.is_dir():
-                names = [n for n in os.listdir(entry.path) if _is_image(n)]
-                if not names:
-                    yield split, entry.name, "", None, ""
-                for name in names:
-                    yield split, entry.name, name, None, f"{split}/{entry.name}/{name}"
-            elif _is_image(entry.name):
-                raise _layout_error(
-                    path, f"image {entry.path!r} lies directly in {split}/, not in a class dir"
-                )
-
-
-def _iter_tar(path: str) -> Iterator[_Entry]:
-    """The image files of an archive; names may carry a leading ``./`` or one wrapping
-    directory (``cifar10/train/...``)."""
-    for member, data in _tar_entries(path, _is_image):
-        parts = [p for p in member.name.split("/") if p not in ("", ".")]
-        if member.isdir():
-            if len(parts) >= 2 and parts[-2] in SPLITS:
-                yield parts[-2], parts[-1], "", None, ""  # class dir: may stay empty
-            continue
-        if parts and (parts[-1] in CIFAR10_TRAIN_BATCHES or parts[-1] == CIFAR10_TEST_BATCH):
-            raise UserError(
-                f"data.path={path!r} is the CIFAR-10 binary version, not an image folder.",
-                hint="read it with --config.data.source=cifar10_binary.",
-            )
-        if data is None:
-            continue
-        if len(parts) >= 3 and parts[-3] in SPLITS:
-            yield parts[-3], parts[-2], parts[-1], data, member.name
-        elif len(parts) >= 2 and parts[-2] in SPLITS:
-            raise _layout_error(
-                path, f"image {member.name!r} lies directly in {parts[-2]}/, not in a class dir"
-            )
+def _layout_error(path: str, problem: str) -> UserError:
+    return UserError(
+        f"data.path={path!r}: {problem}.",
+        hint=f"Expected a directory or .tar.gz with the layout {LAYOUT}.",
+    )
 
 
 def _decode_image(data: bytes) -> np.ndarray:
@@ -589,18 +401,28 @@ def _decode_image(data: bytes) -> np.ndarray:
 
 
 def _decode_folder(path: str) -> dict[str, Any]:
-    """The images of a folder or tar archive laid out ``split/class/image.jpg``, ordered by
-    (class name, file name) in each split; labels index the sorted class names, which both
-    splits must share. Every problem raises a :class:`UserError` naming the layout."""
-    is_dir = os.path.isdir(path)
-    files: dict[str, dict[str, list[tuple[str, bytes | None, str]]]] = {s: {} for s in SPLITS}
-    for split, cls, name, data, origin in _iter_directory(path) if is_dir else _iter_tar(path):
-        items = files[split].setdefault(cls, [])
-        if name:
-            items.append((name, data, origin))
+    """The images of a folder or tar archive laid out ``split/class/image.jpg`` (or of the
+    CIFAR-10 binary version), ordered by (class name, file name); labels index the sorted class
+    names, which both splits must share."""
+    files: dict[str, dict[str, list]] = {split: {} for split in SPLITS}  # split: class: files
+    is_image = lambda name: (
+        not os.path.basename(name).startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    for name, is_dir, data in _members(path, is_image):
+        parts = [p for p in name.split("/") if p not in ("", ".")]  # archives: ./train/...
+        if parts and parts[-1] in _CIFAR10_BATCHES:
+            return _decode_cifar10_binary(path)
+        if is_dir and len(parts) >= 2 and parts[-2] in SPLITS:
+            files[parts[-2]].setdefault(parts[-1], [])  # a class directory: may stay empty
+        elif data is not None and len(parts) >= 3 and parts[-3] in SPLITS:
+            files[parts[-3]].setdefault(parts[-2], []).append((parts[-1], name, data))
+        elif data is not None and len(parts) >= 2 and parts[-2] in SPLITS:
+            raise _layout_error(path, f"image {name!r} lies directly in {parts[-2]}/, not in a "
+                                      f"class dir")  # fmt: skip
     for split in SPLITS:
         if not files[split]:
-            raise _layout_error(path, f"no class directories with images under {split}/")
+            raise _layout_error(path, f"no {split} directory of class directories with images "
+                                      f"({split}/class/image.jpg)")  # fmt: skip
         for cls, items in files[split].items():
             if not items:
                 raise _layout_error(path, f"the class directory {split}/{cls}/ has no images")
@@ -609,150 +431,112 @@ def _decode_folder(path: str) -> dict[str, Any]:
         raise _layout_error(path, f"train/ and test/ have different class directories: "
                                   f"{class_names} vs {sorted(files['test'])}")  # fmt: skip
     out: dict[str, Any] = {"num_classes": len(class_names), "class_names": class_names}
+    shape = None
     for split in SPLITS:
         listing = [(label, item) for label, cls in enumerate(class_names)
-                   for item in sorted(files[split][cls], key=lambda item: item[0])]  # fmt: skip
-        bar = tqdm(listing, desc=f"decode {split}", unit="img", mininterval=1.0, leave=False)
-        images = [_read_image(path, origin, data, is_dir) for _, (_, data, origin) in bar]
-        shape = out["train_images"].shape[1:] if split == "test" else images[0].shape
-        for image, (_, (_, _, origin)) in zip(images, listing, strict=True):
-            if image.shape != shape:
-                raise _layout_error(path, f"images must all have one size; {origin!r} is "
-                                          f"{image.shape[:2]} but the first image is "
+                   for item in sorted(files[split][cls])]  # fmt: skip
+        images = []
+        for _, (_, name, data) in tqdm(listing, desc=f"decode {split}", unit="img",
+                                       mininterval=1.0, leave=False):  # fmt: skip
+            try:
+                images.append(_decode_image(data))
+            except Exception as err:
+                kind = "file" if os.path.isdir(path) else "member"
+                raise UserError(
+                    f"data.path={path!r}: cannot decode the {kind} {name!r} "
+                    f"({type(err).__name__}: {err}).",
+                    hint="the image is corrupt or not an image: replace or delete it"
+                    + (" and re-create the archive." if kind == "member" else "."),
+                ) from err
+            shape = shape or images[-1].shape
+            if images[-1].shape != shape:
+                raise _layout_error(path, f"images must all have one size; {name!r} is "
+                                          f"{images[-1].shape[:2]} but the first image is "
                                           f"{shape[:2]} (resize them first)")  # fmt: skip
-        out[f"{split}_images"] = np.stack(images).astype(np.uint8)
+        out[f"{split}_images"] = np.stack(images)
         out[f"{split}_labels"] = np.array([label for label, _ in listing], dtype=np.int32)
     return out
-
-
-def _read_image(path: str, origin: str, data: bytes | None, is_dir: bool) -> np.ndarray:
-    """The decoded image ``origin`` of the folder or archive ``path`` (``data``: its bytes)."""
-    try:
-        if data is None:
-            with open(os.path.join(path, origin), "rb") as f:
-                data = f.read()
-        return _decode_image(data)
-    except Exception as err:
-        raise UserError(
-            f"data.path={path!r}: cannot decode {'the file' if is_dir else 'the member'} "
-            f"{origin!r} ({type(err).__name__}: {err}).",
-            hint="the image is corrupt or not an image: replace or delete it"
-            + ("." if is_dir else " and re-create the archive."),
-        ) from err
-
-
-# --- CIFAR-10 binary version ------------------------------------------------------------------
 
 
 def _cifar10_binary_arrays(
     path: str | None, cache_dir: str | None, *, url: str, md5: str | None
 ) -> dict[str, Any]:
-    """Arrays of ``cifar-10-binary.tar.gz`` at ``path`` (used as it is), or of the one in the
-    cache directory: downloaded when absent (:func:`download.fetch` checks it), else its MD5
-    checked before it is decoded (placed by hand, or damaged since)."""
+    """Arrays of the CIFAR-10 binary version at ``path`` (used as it is), or of the archive in
+    the cache directory, downloaded when absent (:func:`download.fetch` checks it) and checked
+    against ``md5`` before it is decoded (placed by hand, or damaged since)."""
+    check = not path
     if path:
-        return _binary_cached(cache_dir, _existing_path(path, "cifar-10-binary.tar.gz"))
-    path = os.path.join(
-        _cache_dir(cache_dir),
-        os.path.basename(url.split("?")[0].rstrip("/")) or "cifar-10-binary.tar.gz",
-    )
-    if not os.path.exists(path):
+        path = _existing_path(path, "cifar-10-binary.tar.gz")
+    else:
+        path = os.path.join(_cache_dir(cache_dir), "cifar-10-binary.tar.gz")
         try:
             download.fetch(url, path, md5=md5)
         except download.DownloadError as err:
             raise UserError(
-                f"{err} {ALTERNATIVES}",
+                f"{err} Use local data instead: DATA= a folder or archive laid out "
+                "split/class/image.jpg (e.g. `make demo DATA=path/to/cifar10-jpeg.tar.gz`, "
+                "i.e. --config.data.source=folder --config.data.path=...), or "
+                "--config.data.source=tfds.",
                 hint=f"or copy cifar-10-binary.tar.gz (from {CIFAR10_BINARY_URL}, MD5 "
                 f"{CIFAR10_BINARY_MD5}) to {path} yourself, or set data.path to it.",
             ) from err
-        return _binary_cached(cache_dir, path)
 
-    def checked_decode(path: str) -> dict[str, Any]:
-        download.warn_unverified(None, md5, path)
-        actual = download.file_md5(path)
-        if md5 is not None and actual != md5.lower():
+    def decode() -> dict[str, Any]:
+        if check and md5 is None:
+            logging.warning("%s is used without a checksum (data.md5=None): a wrong or "
+                            "tampered file goes unnoticed; set the expected MD5 to check it.",
+                            path)  # fmt: skip
+        elif check and (actual := download.file_md5(path)) != md5.lower():
             raise UserError(
                 f"{path} has MD5 {actual}, not the expected {md5.lower()}: it is not the "
-                f"official cifar-10-binary.tar.gz, or it is damaged.",
+                "official cifar-10-binary.tar.gz, or it is damaged.",
                 hint=f"delete it (it is downloaded again), or set data.path={path} to use it "
-                f"without the check.",
+                "without the check.",
             )
         return _decode_cifar10_binary(path)
 
-    return _binary_cached(cache_dir, path, checked_decode)
-
-
-def _binary_cached(cache_dir: str | None, path: str, decode: Callable | None = None) -> dict:
-    """The cached arrays of a CIFAR-10 binary archive or directory, else ``decode(path)``."""
-    decode = functools.partial(decode or _decode_cifar10_binary, path)
     return _cached(cache_dir, f"cifar10_binary-{_source_fingerprint(path)}", decode)
 
 
-def _parse_cifar10_batch(path: str, name: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
-    if len(raw) == 0 or len(raw) % _CIFAR10_RECORD:
-        raise UserError(
-            f"data.path={path!r}: {name!r} has {len(raw)} bytes, not a multiple of the "
-            f"{_CIFAR10_RECORD}-byte CIFAR-10 record (1 label byte + 3 x 32 x 32 pixels).",
-            hint="the file is truncated or not the CIFAR-10 binary version: get it again.",
-        )
-    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR10_RECORD)
-    labels = records[:, 0].astype(np.int32)
-    if labels.max() >= len(CIFAR10_CLASSES):
-        raise UserError(
-            f"data.path={path!r}: {name!r} has label {labels.max()}; CIFAR-10 has "
-            f"{len(CIFAR10_CLASSES)} classes.",
-            hint="this is not the CIFAR-10 binary version (CIFAR-100's records differ).",
-        )
-    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes -> HWC
-    return np.ascontiguousarray(images), labels
-
-
 def _decode_cifar10_binary(path: str) -> dict[str, Any]:
-    """The CIFAR-10 binary version (an archive of ``cifar-10-batches-bin/*.bin``, or a directory
-    of the ``.bin`` files): records of 1 label byte and the 1024 red, green and blue bytes of a
-    32 x 32 image in ``data_batch_1.bin`` ... ``data_batch_5.bin`` (train) and
-    ``test_batch.bin`` (https://www.cs.toronto.edu/~kriz/cifar.html)."""
-    wanted = (*CIFAR10_TRAIN_BATCHES, CIFAR10_TEST_BATCH, "batches.meta.txt")
-    found: dict[str, bytes] = {}
-    if os.path.isdir(path):
-        inner = os.path.join(path, "cifar-10-batches-bin")
-        directory = inner if os.path.isdir(inner) else path
-        for name in wanted:
-            if os.path.isfile(os.path.join(directory, name)):
-                with open(os.path.join(directory, name), "rb") as f:
-                    found[name] = f.read()
-    elif _is_tar(path):
-        for member, data in _tar_entries(path, lambda n: os.path.basename(n) in wanted):
-            if data is not None:
-                found[os.path.basename(member.name)] = data
-    else:
-        raise UserError(
-            f"data.path={path!r} is neither a directory nor a tar archive.",
-            hint="data.source=cifar10_binary reads cifar-10-binary.tar.gz or its directory.",
-        )
-    missing = [n for n in wanted[:-1] if n not in found]
+    """The CIFAR-10 binary version, an archive or directory of ``data_batch_1.bin`` ...
+    ``data_batch_5.bin`` (train) and ``test_batch.bin``: records of a label byte and the red,
+    green and blue planes of a 32 x 32 image."""
+    wanted = lambda name: os.path.basename(name) in (*_CIFAR10_BATCHES, "batches.meta.txt")
+    found = {os.path.basename(name): data for name, _, data in _members(path, wanted) if data}
+    missing = [name for name in _CIFAR10_BATCHES if name not in found]
     if missing:
         raise UserError(
             f"data.path={path!r} has no {', '.join(missing)}: not the CIFAR-10 binary version.",
-            hint="use cifar-10-binary.tar.gz (members cifar-10-batches-bin/data_batch_1.bin ... "
-            "test_batch.bin), or data.source=folder for an image folder.",
+            hint="data.source=cifar10_binary reads cifar-10-binary.tar.gz (members "
+            "cifar-10-batches-bin/data_batch_1.bin ... test_batch.bin) or its directory; "
+            "data.source=folder an image folder.",
         )
-    train = [_parse_cifar10_batch(path, n, found[n]) for n in CIFAR10_TRAIN_BATCHES]
-    test_images, test_labels = _parse_cifar10_batch(path, CIFAR10_TEST_BATCH,
-                                                    found[CIFAR10_TEST_BATCH])  # fmt: skip
+    records = []
+    for name in _CIFAR10_BATCHES:
+        if len(found[name]) % _CIFAR10_RECORD:
+            raise UserError(
+                f"data.path={path!r}: {name!r} has {len(found[name])} bytes, not a multiple of "
+                f"the {_CIFAR10_RECORD}-byte CIFAR-10 record (1 label byte + 3 x 32 x 32 pixels).",
+                hint="the file is truncated or not the CIFAR-10 binary version: get it again.",
+            )
+        records.append(np.frombuffer(found[name], np.uint8).reshape(-1, _CIFAR10_RECORD))
+        if records[-1][:, 0].max() >= len(CIFAR10_CLASSES):
+            raise UserError(
+                f"data.path={path!r}: {name!r} has label {records[-1][:, 0].max()}; CIFAR-10 has "
+                f"{len(CIFAR10_CLASSES)} classes.",
+                hint="this is not the CIFAR-10 binary version (CIFAR-100's records differ).",
+            )
     names = re.findall(r"\S+", found.get("batches.meta.txt", b"").decode("utf-8", "replace"))
-    return {
-        "train_images": np.concatenate([images for images, _ in train]),
-        "train_labels": np.concatenate([labels for _, labels in train]),
-        "test_images": test_images,
-        "test_labels": test_labels,
+    out: dict[str, Any] = {
         "num_classes": len(CIFAR10_CLASSES),
         "class_names": names if len(names) == len(CIFAR10_CLASSES) else list(CIFAR10_CLASSES),
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches.
+    for split, rows in zip(SPLITS, (np.concatenate(records[:-1]), records[-1]), strict=True):
+        images = rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes: HWC
+        out[f"{split}_images"] = np.ascontiguousarray(images)
+        out[f"{split}_labels"] = rows[:, 0].astype(np.int32)
+    return out
 
 
 def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -788,139 +572,71 @@ def augment_params(seed: int, step: int, batch_size: int) -> tuple[np.ndarray, n
     return offsets, rng.random(batch_size) < 0.5
 
 
-def train_indices(seed: int, step: int, batch_size: int, num_train: int) -> np.ndarray:
-    """Indices of the train examples of step ``step``: epoch ``e`` is the permutation
-    ``default_rng([seed, e]).permutation(num_train)`` cut into ``num_train // batch_size``
-    batches, its incomplete tail dropped (an example is seen at most once per epoch)."""
-    epoch, i = divmod(step, num_train // batch_size)
-    return _epoch_permutation(seed, epoch, num_train)[i * batch_size : (i + 1) * batch_size]
-
-
 @functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, num_train: int) -> np.ndarray:
-    perm = np.random.default_rng([seed, epoch]).permutation(num_train)
-    perm.flags.writeable = False
-    return perm
+def _epoch(seed: int, epoch: int, num_train: int) -> tuple[np.ndarray, ...]:
+    """The permutation of epoch ``epoch`` and the augmentation of its positions, read-only."""
+    arrays = (np.random.default_rng([seed, epoch]).permutation(num_train),
+              *augment_params(seed, epoch, num_train))  # fmt: skip
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
 
 
-# The augmentation of every position of an epoch of the example stream, drawn as a step's.
-_epoch_augment = functools.lru_cache(maxsize=4)(augment_params)
-
-
-def _stream(start: int, size: int, num_train: int, per_epoch: Callable) -> list[np.ndarray]:
-    """Positions ``[start, start + size)`` of the stream that lays the arrays
-    ``per_epoch(e)`` (a tuple, one value per example of epoch ``e``) end to end."""
-    parts, pos = [], start
-    while pos < start + size:
-        epoch, at = divmod(pos, num_train)
-        n = min(num_train - at, start + size - pos)
-        parts.append([a[at : at + n] for a in per_epoch(epoch)])
-        pos += n
-    return [np.concatenate(column) for column in zip(*parts, strict=True)]
-
-
-def stream_indices(seed: int, start: int, batch_size: int, num_train: int) -> np.ndarray:
-    """Indices of the examples ``[start, start + batch_size)`` of the example stream: the epoch
-    permutations of :func:`train_indices` end to end, no tail dropped (a batch may straddle two
-    epochs). Independent of how the stream is cut into batches, so a batch size that changes
-    during a run still sees every example once per epoch."""
-    perm = lambda e: (_epoch_permutation(seed, e, num_train),)  # noqa: E731
-    return _stream(start, batch_size, num_train, perm)[0]
-
-
-def stream_augment_params(
-    seed: int, start: int, batch_size: int, num_train: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Crop offsets and flips of the stream positions ``[start, start + batch_size)``: one
-    draw per position (those of epoch ``e`` are :func:`augment_params` ``(seed, e,
-    num_train)``), so independent of the batch sizes."""
-    draw = lambda e: _epoch_augment(seed, e, num_train)  # noqa: E731
-    offsets, flips = _stream(start, batch_size, num_train, draw)
-    return offsets, flips
+def train_draws(seed: int, batch_size: int, num_train: int, *, step: int | None = None,
+                start_example: int | None = None) -> tuple[np.ndarray, ...]:  # fmt: skip
+    """``(indices, crop offsets, flips)`` of a train batch. Of step ``step``: epoch ``e``'s
+    permutation ``default_rng([seed, e]).permutation(num_train)`` cut into batches, its
+    incomplete tail dropped; :func:`augment_params`. Or of the example stream's positions
+    ``[start_example, start_example + batch_size)``: the permutations end to end, each position
+    augmented once per epoch (epoch ``e``: ``augment_params(seed, e, num_train)``), so a batch
+    size that changes during a run still sees every example once per epoch."""
+    if (step is None) == (start_example is None):
+        raise ValueError("pass exactly one of step= (step stream) and start_example= (examples).")
+    if start_example is None:
+        epoch, i = divmod(step, num_train // batch_size)
+        idx = _epoch(seed, epoch, num_train)[0][i * batch_size : (i + 1) * batch_size]
+        return (idx, *augment_params(seed, step, batch_size))
+    end, parts = start_example + batch_size, []
+    for e in range(start_example // num_train, (end - 1) // num_train + 1):
+        lo, hi = max(start_example - e * num_train, 0), end - e * num_train
+        parts.append([a[lo:hi] for a in _epoch(seed, e, num_train)])
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
 def train_batch(ds: Dataset, batch_size: int, *, seed: int, augment: bool,
                 step: int | None = None, start_example: int | None = None) -> dict:  # fmt: skip
-    """The batch of step ``step`` (:func:`train_indices`, :func:`augment_params`), or with
-    ``start_example`` instead the examples ``[start_example, start_example + batch_size)`` of
-    the example stream: ``{'image': float32 [B, H, W, C] normalized, 'label': int32 [B]}``,
-    augmented (a crop of the image padded by 4 pixels, a horizontal flip) when ``augment``."""
-    n = len(ds.train_labels)
-    if (step is None) == (start_example is None):
-        raise ValueError("pass exactly one of step= (step stream) and start_example= (examples).")
-    if start_example is None:
-        idx = train_indices(seed, step, batch_size, n)
-        draw = functools.partial(augment_params, seed, step, batch_size)
-    else:
-        idx = stream_indices(seed, start_example, batch_size, n)
-        draw = functools.partial(stream_augment_params, seed, start_example, batch_size, n)
-    images = crop_and_flip(ds.train_images[idx], *draw()) if augment else ds.train_images[idx]
-    label = ds.train_labels[idx].astype(np.int32)
-    return {"image": normalize(images, ds.mean, ds.std), "label": label}
+    """The batch of :func:`train_draws` ``step`` or ``start_example``: ``{'image': float32
+    [B, H, W, C] normalized, 'label': int32 [B]}``, augmented (a crop of the image padded by 4
+    pixels, a horizontal flip) when ``augment``."""
+    idx, offsets, flips = train_draws(seed, batch_size, len(ds.train_labels), step=step,
+                                      start_example=start_example)  # fmt: skip
+    images = ds.train_images[idx]
+    images = crop_and_flip(images, offsets, flips) if augment else images
+    return {"image": normalize(images, ds.mean, ds.std), "label": ds.train_labels[idx]}
 
 
 def train_batches(ds: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
-                  augment: bool = True, prefetch: int = 2,
-                  start_example: int | None = None) -> Iterator[dict]:  # fmt: skip
-    """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``
-    (resuming at ``start_step`` yields those of an uninterrupted run), or with
-    ``start_example`` the consecutive pieces of the example stream from there; prepared up to
-    ``prefetch`` ahead in a thread (0: in the caller's)."""
+                  augment: bool = True, prefetch: int = 2) -> Iterator[dict]:  # fmt: skip
+    """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``,
+    prepared up to ``prefetch`` ahead in a thread (0: in the caller's). The example stream's
+    iterator is :meth:`experiments.tasks.Task.train_batches`."""
     num_train = len(ds.train_labels)
-    if not 1 <= batch_size <= num_train:
-        raise ValueError(
-            f"batch_size={batch_size} must be in [1, {num_train}] (the number of train examples)."
-        )
-    if start_step < 0 or (start_example or 0) < 0:
-        raise ValueError(f"start_step={start_step} and start_example={start_example} must be >= 0.")
-    make = functools.partial(train_batch, ds, batch_size, seed=seed, augment=augment)
-    if start_example is None:
-        steps = itertools.count(start_step)
-        produce = lambda: make(step=next(steps))  # noqa: E731
-    else:
-        starts = itertools.count(start_example, batch_size)
-        produce = lambda: make(start_example=next(starts))  # noqa: E731
-    if prefetch <= 0:
-        return (produce() for _ in itertools.count())
-    return prefetched(produce, prefetch)
-
-
-_thread_ids = itertools.count()
+    if not 1 <= batch_size <= num_train or start_step < 0:
+        raise ValueError(f"batch_size={batch_size} must be in [1, {num_train}] (the number of "
+                         f"train examples) and start_step={start_step} >= 0.")  # fmt: skip
+    steps = itertools.count(start_step)
+    produce = lambda: train_batch(ds, batch_size, seed=seed, augment=augment, step=next(steps))
+    return prefetched(produce, prefetch) if prefetch > 0 else (produce() for _ in itertools.count())
 
 
 def prefetched(produce: Callable[[], Any], size: int = 2) -> Iterator[Any]:
-    """Yields ``produce()`` results computed ahead by a daemon thread (queue of ``size``).
-
-    The thread holds no reference to the generator, so closing or dropping the generator runs
-    its ``finally``, which stops and joins the thread. Errors in ``produce`` re-raise here.
-    """
-    q: queue.Queue = queue.Queue(maxsize=size)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            while put((produce(), None)):
-                pass
-        except BaseException as err:  # handed to the consumer
-            put((None, err))
-
-    thread = threading.Thread(target=work, name=f"gns-prefetch-{next(_thread_ids)}", daemon=True)
-    thread.start()
+    """Yields ``produce()`` results computed up to ``size`` ahead by a worker thread; errors in
+    ``produce`` re-raise here. Closing or dropping the generator stops and joins the thread."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="gns-prefetch")
+    ahead = collections.deque(pool.submit(produce) for _ in range(size))
     try:
         while True:
-            item, err = q.get()
-            if err is not None:
-                raise err
-            yield item
+            ahead.append(pool.submit(produce))
+            yield ahead.popleft().result()
     finally:
-        stop.set()
-        thread.join(timeout=10)
+        pool.shutdown(cancel_futures=True)

@@ -2,23 +2,12 @@
 
 A file is written under a temporary name beside it, ``.gns-tmp.<host>.<pid>.<random>.<name>``,
 then renamed (:func:`atomic_file`): a reader sees the old file or the complete new one. A writer
-killed mid-write leaves its temporary behind, which :func:`remove_stale_temps` removes. Every
-failure of :func:`fetch` raises :class:`DownloadError` (a :class:`~experiments.cli.UserError`)
-and leaves nothing.
-
-Example::
-
-    path = download.fetch(
-        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-        os.path.expanduser("~/.cache/gns/cifar-10-binary.tar.gz"),
-        md5="c32a1d4ab5d03f1284b67883e8d87530",
-    )
+killed mid-write leaves its temporary behind, which :func:`remove_stale_temps` removes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import http.client
 import os
@@ -36,21 +25,9 @@ from tqdm import tqdm
 
 from experiments.cli import UserError
 
-__all__ = [
-    "DownloadError",
-    "STALE_AFTER_S",
-    "TEMP_PREFIX",
-    "atomic_file",
-    "fetch",
-    "file_md5",
-    "warn_unverified",
-    "remove_stale_temps",
-    "temp_path",
-]
-
 TEMP_PREFIX = ".gns-tmp."
 # A temporary not written to for this long is abandoned, whoever wrote it (a writer on another
-# host of a shared file system, or a reused pid). Live writers touch theirs every few seconds.
+# host of a shared file system, or a reused pid).
 STALE_AFTER_S = 30 * 60
 TIMEOUT_S = 60.0  # per socket operation (connect, each read), not for the whole transfer
 CHUNK = 1 << 20
@@ -70,24 +47,13 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def temp_path(final: str) -> str:
-    """A unique temporary name beside ``final`` (same directory, so the rename is atomic)."""
-    directory, name = os.path.split(final)
-    tag = f"{TEMP_PREFIX}{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:8]}."
-    return os.path.join(directory, tag + name)
-
-
 @contextlib.contextmanager
 def atomic_file(final: str) -> Iterator[BinaryIO]:
     """A binary file to write that becomes ``final`` (its directory must exist) when the block
-    succeeds (fsynced, renamed); on any exception it is removed and ``final`` untouched.
-
-    Example::
-
-        with atomic_file("cache/arrays.npz") as f:
-            np.savez(f, x=x)
-    """
-    tmp = temp_path(final)
+    succeeds (fsynced, renamed); on any exception it is removed and ``final`` untouched."""
+    directory, name = os.path.split(final)
+    tag = f"{TEMP_PREFIX}{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:8]}."
+    tmp = os.path.join(directory, tag + name)  # beside final, so the rename is atomic
     try:
         with open(tmp, "xb") as f:
             yield f
@@ -100,50 +66,38 @@ def atomic_file(final: str) -> Iterator[BinaryIO]:
         raise
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except (OverflowError, OSError):
-        return False
-    return True
-
-
 def _is_stale(name: str, mtime: float, now: float) -> bool:
+    """Whether ``name`` is a temporary of :func:`atomic_file` not modified for
+    :data:`STALE_AFTER_S`, or whose writer (the pid in the name) no longer runs on this host."""
     match = _TEMP_RE.match(name)
     if match is None:
         return False
     if now - mtime > STALE_AFTER_S:
         return True
     pid = int(match["pid"])
-    return match["host"] == _host_tag() and pid != os.getpid() and not _pid_alive(pid)
+    if match["host"] != _host_tag() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # alive, another user's
+        return False
+    except (OverflowError, OSError):  # no such process
+        return True
+    return False
 
 
 def remove_stale_temps(directory: str) -> list[str]:
-    """Remove the temporaries of :func:`atomic_file` in ``directory`` whose writer (the pid
-    in the name) no longer runs on this host, or that were not modified for
-    :data:`STALE_AFTER_S`; returns their paths (one warning names them). Errors are ignored:
-    this is housekeeping."""
-    removed, size = [], 0
-    now = time.time()
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    for entry in entries:
-        try:
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            st = entry.stat(follow_symlinks=False)
-            if _is_stale(entry.name, st.st_mtime, now):
-                os.remove(entry.path)
-                removed.append(entry.path)
-                size += st.st_size
-        except OSError:
-            continue
+    """Remove the stale temporaries of :func:`atomic_file` in ``directory``; returns their
+    paths (one warning names them). Errors are ignored: this is housekeeping."""
+    removed, size, now = [], 0, time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_file(follow_symlinks=False) and _is_stale(entry.name, st.st_mtime, now):
+                    os.remove(entry.path)
+                    removed.append(entry.path)
+                    size += st.st_size
     if removed:
         logging.warning("Removed %d abandoned temporary file(s) (%.1f MB) of interrupted "
                         "writes: %s", len(removed), size / 1e6, ", ".join(removed))  # fmt: skip
@@ -151,105 +105,71 @@ def remove_stale_temps(directory: str) -> list[str]:
 
 
 def file_md5(path: str) -> str:
-    """Hex MD5 of a file, read in 1 MiB chunks."""
-    h = hashlib.md5(usedforsecurity=False)
+    """Hex MD5 of a file."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def warn_unverified(url: str | None, md5: str | None, what: str) -> None:
-    """One warning each for a plain ``http://`` ``url`` and for ``md5=None`` (no checksum):
-    either lets a wrong or tampered file through unnoticed. ``what`` names the file."""
-    if url is not None and url.lower().startswith("http://"):
-        logging.warning("%s comes over plain http (%s): it can be altered on the way; use "
-                        "an https:// URL%s.", what, url,
-                        "" if md5 else " and set its MD5")  # fmt: skip
-    if md5 is None:
-        logging.warning("%s is used without a checksum (md5=None, e.g. config.data.md5): a wrong "
-                        "or tampered file goes unnoticed; set the expected MD5 to check it.",
-                        what)  # fmt: skip
+        return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIMEOUT_S,
           progress: bool = True) -> str:  # fmt: skip
     """Download ``url`` to ``dest`` (its directory created) and return ``dest``; at once when
     it exists. The body streams to a temporary beside ``dest`` (a progress bar on a terminal
-    with ``progress``), checked against ``Content-Length`` and ``md5`` (``None``: unchecked,
-    with a warning), and only a complete, matching file is renamed to ``dest``.
+    with ``progress``), checked against ``Content-Length`` and ``md5`` (``None``: unchecked),
+    and only a complete, matching file is renamed to ``dest``.
     ``timeout_s`` bounds connecting and each read.
 
     Raises:
       DownloadError: the server cannot be reached (``offline=True``), answers with an HTTP
-        error, the transfer stops early, the checksum differs, or ``dest`` cannot be written.
+        error, the transfer stops early, or the checksum differs. A failed write raises its
+        OSError (``cli`` reports a full disk or a permission in one line).
     """
     if os.path.exists(dest):
         return dest
-    directory = os.path.dirname(os.path.abspath(dest))
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as err:
-        raise DownloadError(
-            f"cannot create the download directory {directory!r} ({err.strerror or err})."
-        ) from err
-    remove_stale_temps(directory)
-    warn_unverified(url, md5, f"The download of {dest}")
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    if url.lower().startswith("http://"):
+        logging.warning("The download of %s comes over plain http (%s): it can be altered "
+                        "on the way; use an https:// URL%s.", dest, url,
+                        "" if md5 else " and set its MD5")  # fmt: skip
     logging.info("Downloading %s to %s.", url, dest)
     try:
         response = urllib.request.urlopen(url, timeout=timeout_s)
     except urllib.error.HTTPError as err:
-        raise DownloadError(f"cannot download {url}: the server answered HTTP {err.code}.") from err
+        msg = f"cannot download {url}: the server answered HTTP {err.code}."
+        raise DownloadError(msg) from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         reason = getattr(err, "reason", err) or type(err).__name__
         raise DownloadError(f"cannot download {url}: {reason} (no network connection?).",
                             offline=True) from err  # fmt: skip
-    try:
-        with response, atomic_file(dest) as f:
-            received, digest = _copy(response, f, url, progress and os.path.basename(dest))
-            if md5 is not None and digest != md5.lower():
-                raise DownloadError(
-                    f"the file downloaded from {url} has MD5 {digest}, not the expected "
-                    f"{md5.lower()} (a wrong or damaged file); it was removed."
-                )
-    except DownloadError:
-        raise
-    except OSError as err:  # writing: disk full, read-only, permissions
-        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise DownloadError(
-            f"cannot write the download to {directory!r} "
-            f"({'the disk is full' if full else err.strerror or err}); nothing was kept."
-        ) from err
-    logging.info("Downloaded %s (%.1f MB, MD5 checked: %s).", dest, received / 1e6, md5 is not None)
+    length = response.headers.get("Content-Length")
+    total = int(length) if length and length.isdigit() else None
+    bar = tqdm(total=total, desc=f"download {os.path.basename(dest)}", unit="B",
+               unit_scale=True, unit_divisor=1024, mininterval=0.5,
+               disable=None if progress else True)  # fmt: skip
+    with response, bar, atomic_file(dest) as f:
+        while chunk := _read(response, url, f.tell()):
+            bar.update(f.write(chunk))
+        if total is not None and f.tell() != total:
+            raise DownloadError(
+                f"the download of {url} stopped after {f.tell()} of {total} bytes "
+                f"(the connection closed early); nothing was kept, run again."
+            )
+        f.flush()
+        if md5 is not None and (digest := file_md5(f.name)) != md5.lower():
+            raise DownloadError(
+                f"the file downloaded from {url} has MD5 {digest}, not the expected "
+                f"{md5.lower()} (a wrong or damaged file); it was removed."
+            )
+    size = os.path.getsize(dest) / 1e6
+    logging.info("Downloaded %s (%.1f MB, MD5 checked: %s).", dest, size, md5 is not None)
     return dest
 
 
-def _copy(response, f: BinaryIO, url: str, bar_name: str | bool) -> tuple[int, str]:
-    """``(bytes, MD5 hex)`` of the body of ``response`` streamed into ``f`` (a progress bar
-    named ``bar_name``, ``False``: none); a transfer cut short raises."""
-    length = response.headers.get("Content-Length")
-    total = int(length) if length and length.isdigit() else None
-    h, received = hashlib.md5(usedforsecurity=False), 0
-    bar = tqdm(total=total, desc=f"download {bar_name}", unit="B", unit_scale=True,
-               unit_divisor=1024, mininterval=0.5, disable=None if bar_name else True)  # fmt: skip
-    with bar:
-        while True:
-            try:
-                chunk = response.read(CHUNK)
-            except (http.client.HTTPException, OSError) as err:
-                raise DownloadError(
-                    f"the download of {url} broke off after {received} bytes "
-                    f"({type(err).__name__}: {err}); nothing was kept, run again."
-                ) from err
-            if not chunk:
-                break
-            f.write(chunk)
-            h.update(chunk)
-            received += len(chunk)
-            bar.update(len(chunk))
-    if total is not None and received != total:
+def _read(response, url: str, received: int) -> bytes:
+    """The next chunk of ``response`` (empty at its end); a transfer cut short raises."""
+    try:
+        return response.read(CHUNK)
+    except (http.client.HTTPException, OSError) as err:
         raise DownloadError(
-            f"the download of {url} stopped after {received} of {total} bytes "
-            f"(the connection closed early); nothing was kept, run again."
-        )
-    return received, h.hexdigest()
+            f"the download of {url} broke off after {received} bytes ({type(err).__name__}: "
+            f"{err}); nothing was kept, run again."
+        ) from err

@@ -169,12 +169,12 @@ def device_train_batches(
     mesh: Mesh,
     start_example: int | None = None,
 ) -> Iterator[dict]:
-    """The batches of :func:`experiments.data.train_batches` (the step stream, or with
-    ``start_example`` the example stream), gathered on the devices: the uint8 train set is put
-    on every device once (CIFAR-10: 150 MB), each step sends only the indices and augmentation
-    parameters of the host pipeline, and one compiled function gathers, crops, flips and
-    normalizes the batch, sharded over :data:`AXIS`. An endless iterator of ``{'image',
-    'label'}``."""
+    """The batches of :func:`experiments.data.train_batch` (of steps from ``start_step``, or
+    with ``start_example`` of the example stream), gathered on the devices: the uint8 train set
+    is put on every device once (CIFAR-10: 150 MB), each step sends only the indices and
+    augmentation parameters of the host pipeline, and one compiled function gathers, crops,
+    flips and normalizes the batch, sharded over :data:`AXIS`. An endless iterator of
+    ``{'image', 'label'}``."""
     num_train = len(ds.train_labels)
     if not 1 <= batch_size <= num_train:
         raise ValueError(
@@ -204,12 +204,9 @@ def device_train_batches(
 
     def draw(k):  # indices, crop offsets and flips of the k-th batch, as the host pipeline's
         if start_example is None:
-            step = start_step + k
-            idx = data.train_indices(seed, step, batch_size, num_train)
-            return (idx, *data.augment_params(seed, step, batch_size))
+            return data.train_draws(seed, batch_size, num_train, step=start_step + k)
         start = start_example + k * batch_size
-        idx = data.stream_indices(seed, start, batch_size, num_train)
-        return (idx, *data.stream_augment_params(seed, start, batch_size, num_train))
+        return data.train_draws(seed, batch_size, num_train, start_example=start)
 
     def batches():
         for k in itertools.count():

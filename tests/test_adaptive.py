@@ -45,26 +45,29 @@ def test_example_stream_is_cut_by_any_batch_sizes_into_the_same_examples():
     n, seed = 40, 3
     sizes = [8, 8, 16, 4, 32, 12, 24, 16]  # 120 examples: 3 epochs, batches straddle them
     starts = np.cumsum([0] + sizes[:-1])
-    pieces = [data.stream_indices(seed, int(s), b, n) for s, b in zip(starts, sizes, strict=True)]
-    whole = np.concatenate(pieces)
-    np.testing.assert_array_equal(whole, data.stream_indices(seed, 0, sum(sizes), n))
+    draws = [
+        data.train_draws(seed, b, n, start_example=int(s))
+        for s, b in zip(starts, sizes, strict=True)
+    ]
+    whole = np.concatenate([d[0] for d in draws])
+    idx, offsets, flips = data.train_draws(seed, sum(sizes), n, start_example=0)
+    np.testing.assert_array_equal(whole, idx)
     for e in range(3):  # every example once per epoch, in the epoch's permutation
         np.testing.assert_array_equal(
             whole[e * n : (e + 1) * n], np.random.default_rng([seed, e]).permutation(n)
         )
-    aug = [
-        data.stream_augment_params(seed, int(s), b, n) for s, b in zip(starts, sizes, strict=True)
-    ]
-    offsets, flips = data.stream_augment_params(seed, 0, sum(sizes), n)
-    np.testing.assert_array_equal(np.concatenate([a[0] for a in aug]), offsets)
-    np.testing.assert_array_equal(np.concatenate([a[1] for a in aug]), flips)
+    np.testing.assert_array_equal(np.concatenate([d[1] for d in draws]), offsets)
+    np.testing.assert_array_equal(np.concatenate([d[2] for d in draws]), flips)
 
 
 def test_example_stream_equals_the_step_stream_when_the_batch_divides_the_epoch():
     c = tiny_config()
     ds = data.load(c.data)
     by_step = data.train_batches(ds, 32, seed=1, start_step=5, augment=False, prefetch=0)
-    by_example = data.train_batches(ds, 32, seed=1, start_example=5 * 32, augment=False)
+    by_example = (
+        data.train_batch(ds, 32, seed=1, start_example=start, augment=False)
+        for start in range(5 * 32, 25 * 32, 32)
+    )
     for _ in range(20):  # across an epoch boundary (16 steps per epoch)
         a, b = next(by_step), next(by_example)
         np.testing.assert_array_equal(a["image"], b["image"])

@@ -229,11 +229,10 @@ def test_device_batches_equal_the_host_pipeline(stream):
     the example stream (a changing batch size, experiments.adaptive)."""
     ds = data.load(tiny_config().data)
     four = mesh.make_mesh(4)
-    kw = dict(seed=3, augment=True, **stream)
-    host = data.train_batches(ds, 32, prefetch=0, **kw)
-    dev = mesh.device_train_batches(ds, 32, mesh=four, **kw)
-    for _ in range(2):
-        h, d = next(host), next(dev)
+    dev = mesh.device_train_batches(ds, 32, mesh=four, seed=3, augment=True, **stream)
+    for k in range(2):
+        where = {"step": 5 + k} if "start_step" in stream else {"start_example": 100 + 32 * k}
+        h, d = data.train_batch(ds, 32, seed=3, augment=True, **where), next(dev)
         assert d["image"].sharding.spec == jax.sharding.PartitionSpec(mesh.AXIS)
         np.testing.assert_array_equal(np.asarray(d["label"]), h["label"])
         np.testing.assert_allclose(np.asarray(d["image"]), h["image"], rtol=1e-6, atol=1e-6)

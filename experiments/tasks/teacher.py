@@ -72,7 +72,7 @@ def describe(ds: TeacherData) -> dict:
 
 
 def _batch(config, ds: TeacherData, size: int, start: int) -> dict:
-    idx = data.stream_indices(config.seed, start, size, len(ds.train_y))
+    idx = data.train_draws(config.seed, size, len(ds.train_y), start_example=start)[0]
     return {"features": ds.train_x[idx], "label": ds.train_y[idx]}
 
 
