@@ -737,18 +737,26 @@ def _tradeoff(config, workdir, stages: _Stages, m: finder.Measured, mesh, traini
     return fit, skipped
 
 
-def _by_basis(config, m: finder.Measured, table, max_batch, fit: dict, rec, rec_fit) -> dict:
-    """The pick under every basis measured (the validation compares them on the trainings)."""
-    out = {}
+def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
+    """The pick under every basis measured (``recommendation_by_basis``: the validation compares
+    them on the trainings), from the best evidence (``recommendation``) and from the fitted
+    ``B_crit`` as the noise scale (``recommendation_from_tradeoff``: a check)."""
+    max_batch, table, _ = m.timed
     fit_iv = fit["intervals"].get("b_crit") or (None, None)
+    picks, by_basis = {}, {}
     for name, (v, lo, hi) in [*m.evidence.items(), ("tradeoff_fit", (fit["b_crit"], *fit_iv))]:
-        r = {m.basis: rec, "tradeoff_fit": rec_fit}.get(name)
-        if r is None and name != "tradeoff_fit" and not math.isnan(v):
-            r = _decide(config, name, (v, lo, hi), m.evidence, table, max_batch, fit["s_min"])
-        out[name] = {"b_noise": v, "low": lo, "high": hi}
-        out[name] |= {"batch_size": None} if r is None else {
+        value = (v, math.nan, math.nan) if name == "tradeoff_fit" else (v, lo, hi)
+        r = picks[name] = None if v is None or math.isnan(v) else _decide(
+            config, name, value, m.evidence, table, max_batch, fit["s_min"])  # fmt: skip
+        by_basis[name] = {"b_noise": v, "low": lo, "high": hi}
+        by_basis[name] |= {"batch_size": None} if r is None else {
             "batch_size": r.batch_size, "batch_size_range": r.batch_size_range}  # fmt: skip
-    return out
+    rec_fit = picks["tradeoff_fit"]
+    return {
+        "recommendation": picks[m.basis].to_dict() | {"basis_note": m.note},
+        "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
+        "recommendation_by_basis": by_basis,
+    }
 
 
 def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
@@ -765,28 +773,23 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     stage_t = {"setup": time.perf_counter() - t_start}
     stages = _Stages(config, ds, task, st, fps, bar, stage_t)
     m = stages.measure()
-    b_noise = noise_scale_value(m.noise)
-    if math.isnan(b_noise):
+    if math.isnan(noise_scale_value(m.noise)):
         raise UserError(
             f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
             hint=f"delete {workdir} and run again",
         )
-    max_batch, table, tput = m.timed
+    max_batch, _, tput = m.timed
     rows = tput["rows"]
     t0 = time.perf_counter()
     bar.set(phase="trainings" if trainings else "recommend")
     fit, skipped = _tradeoff(config, workdir, stages, m, mesh, trainings)
     bar.update(1)
     stage_t["trainings"] = time.perf_counter() - t0
-    # The recommendation from the best evidence (primary) and from the fitted curve (check).
     bar.set(phase="recommend")
-    rec = _decide(config, m.basis, m.value, m.evidence, table, max_batch, fit["s_min"])
-    rec_fit = None if fit["b_crit"] is None else _decide(
-        config, "tradeoff_fit", (fit["b_crit"], math.nan, math.nan), m.evidence, table,
-        max_batch, fit["s_min"])  # fmt: skip
+    recommendations = _recommendations(config, m, fit)
     bar.update(1)
     stage_t["recommend"] = time.perf_counter() - t0 - stage_t["trainings"]
-    reached = [p for p in fit["by_batch"] if p["reached"]]
+    reached = {str(p["batch_size"]): p for p in fit["by_batch"] if p["reached"]}
     sweep = {
         "device": hardware.detect_devices().to_dict(),
         "mesh": mesh_record,
@@ -803,16 +806,10 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
         "tradeoff": fit,
         "time_to_target": ranking(fit["by_batch"]),
         "critical_batch": m.branched,
-        "recommendation": rec.to_dict() | {"basis_note": m.note},
-        "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
-        "recommendation_by_basis": _by_basis(config, m, table, max_batch, fit, rec, rec_fit),
+        **recommendations,
         # Device time (steps x t(B)), mean over seeds: comparable to the predicted S(B) t(B).
-        "measured_time_to_target": {
-            str(p["batch_size"]): p["device_time_to_target_s"] for p in reached
-        },
-        "measured_wall_time_to_target": {
-            str(p["batch_size"]): p["time_to_target_s"] for p in reached
-        },
+        "measured_time_to_target": {b: p[validation.DEVICE] for b, p in reached.items()},
+        "measured_wall_time_to_target": {b: p["time_to_target_s"] for b, p in reached.items()},
         "reused": st.reused,
         "remeasured_after_config_change": st.stale,
         "stage_time_s": stage_t,
