@@ -12,7 +12,7 @@ recommendation), then trainings to ``tradeoff.target_accuracy`` at several batch
 ``DIR/sweep.json`` (strict JSON), its plots and a printed summary. Each finished measurement is
 kept in ``DIR/sweep_state.json`` under the fingerprint of the fields its stage reads
 (:data:`STAGE_FIELDS`): a re-run measures only what is missing or what a changed field affects.
-The pilot's end state is kept in ``DIR/pilot/<key>``, for a run to go on from (:func:`keep_pilot`).
+The pilot's end state is kept in ``DIR/pilot/<key>``, for a run to go on from (:func:`pilot_hooks`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ PILOT_DIR = "pilot"
 
 __all__ = [
     "STAGE_FIELDS", "stage_config", "stage_fingerprint", "validate_config", "SweepState",
-    "pipeline_steps", "pipeline_plan", "independent_noise", "keep_pilot", "pilot_saved",
+    "pipeline_steps", "pipeline_plan", "pilot_hooks", "pilot_saved",
     "critical_fingerprint", "noise_scale_value", "measure_throughput", "training_config",
     "run_training", "run_trainings", "with_device_time", "ranking", "fit_tradeoff", "run_sweep",
     "summary_table",
@@ -240,10 +240,15 @@ def pipeline_plan(config) -> finder.Plan:
     )  # fmt: skip
 
 
-def independent_noise(config, ds, task):
-    """``(on_step, finish)``: after ``noise.warmup_steps`` pilot steps, ``b_simple`` on
-    ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval;
-    ``finish(record)`` puts it into the noise record."""
+def pilot_hooks(config, ds, task, workdir: str, fp: str):
+    """``(on_step, finish)`` of the pilot: after ``noise.warmup_steps`` steps, ``b_simple`` on
+    ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval.
+    ``finish(record)`` puts it into the noise record and saves the pilot's end state (as
+    :func:`experiments.train.start_from_pilot` resumes from it) in ``workdir/pilot/<fp[:16]>``,
+    with its ``start`` in ``record["pilot"]``: ``checkpoint``, ``step``, ``examples``,
+    ``seconds`` (steps x the median time between two steps' ends: the measurement and the
+    compilations left out, as a run's training clock counts), ``batch_size`` and
+    ``learning_rate``."""
     t = stage_config(config, "noise_scale")
     noise = t.noise
     model = models.get_model(t.model, num_classes=ds.num_classes)
@@ -263,13 +268,16 @@ def independent_noise(config, ds, task):
         stats, _, _ = estimator(loss_fn, params, batch, has_aux=True)
         return {"g_sq": stats.g_sq, "trace_cov": stats.trace_cov, "b_simple": stats.b_simple}
 
-    per_batch, batch_fn = [], _stream(task, t, ds, int(t.seed) + 1)
+    per_batch, batch_fn, last, gaps = [], _stream(task, t, ds, int(t.seed) + 1), {}, []
 
-    def on_step(step, state):
+    def on_step(step, state):  # the pilot's steps synchronize (their metrics are read each step)
+        if step >= 2:
+            gaps.append(time.perf_counter() - last["t"])
         if step == noise.warmup_steps:
             for i in range(noise.num_batches):
                 out = measure(state.params, state.batch_stats, batch_fn(noise.batch_size, i))
                 per_batch.append({k: float(v) for k, v in out.items()})
+        last.update(state=state, t=time.perf_counter())
 
     def finish(record):
         g, tc = (np.array([p[k] for p in per_batch]) for k in ("g_sq", "trace_cov"))
@@ -281,56 +289,33 @@ def independent_noise(config, ds, task):
                 "warm-up steps (the training diverged or the gradients overflow)",
                 hint="lower config.learning_rate or config.noise.warmup_steps",
             )
+        if "pilot" not in record:  # the error path: nothing trained to keep
+            return record
         pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
+        p, rel = record["pilot"], os.path.join(PILOT_DIR, fp[:16])
+        seconds = p["steps"] * float(np.median(gaps))
+        start = {"from": "pilot", "checkpoint": rel, "step": p["steps"], "seconds": seconds,
+                 "examples": p["steps"] * p["batch_size"], "batch_size": p["batch_size"],
+                 "learning_rate": float(t.learning_rate)}  # fmt: skip
+        where = os.path.join(workdir, rel)
+        shutil.rmtree(where, ignore_errors=True)  # a pilot measured again replaces its state
+        meta = {"step": p["steps"], "examples_seen": start["examples"], "start": start,
+                "clock": {"train_time_s": seconds}, "data": task.describe(ds)}  # fmt: skip
+        runlog.Checkpoints(where).save(p["steps"], last["state"], meta)
         return record | common.to_json({
             "b_simple": pooled.estimate, "interval": [pooled.low, pooled.high],
             "g_sq": float(np.mean(g[finite])), "trace_cov": float(np.mean(tc[finite])),
             "per_batch": per_batch, "batch_size": int(noise.batch_size),
             "num_batches": int(noise.num_batches), "num_used": pooled.n,
             "num_nonfinite_dropped": pooled.nonfinite_dropped, "method": method,
-            "after_warmup_steps": int(noise.warmup_steps),
+            "after_warmup_steps": int(noise.warmup_steps), "pilot": p | {"start": start},
         })  # fmt: skip
 
     return on_step, finish
 
 
-def keep_pilot(workdir: str, fp: str, learning_rate: float, data_record, hooks):
-    """``hooks = (on_step, finish)`` of :func:`independent_noise` with the pilot's end state
-    kept: ``finish(record)`` also saves it (as :func:`experiments.train.start_from_pilot`
-    resumes from it) in ``workdir/pilot/<fp[:16]>`` and puts its ``start`` in
-    ``record["pilot"]``: ``checkpoint``, ``step``, ``examples``, ``seconds`` (steps x the
-    median time between two steps' ends: ``on_step`` and compilations left out, as a run's
-    training clock counts), ``batch_size`` and ``learning_rate``."""
-    on_step, finish = hooks
-    last, gaps = {}, []
-
-    def step(i, state):  # the pilot's steps synchronize (their metrics are read each step)
-        if i >= 2:
-            gaps.append(time.perf_counter() - last["t"])
-        on_step(i, state)
-        last.update(state=state, t=time.perf_counter())
-
-    def done(record):
-        out = finish(record)
-        if "pilot" not in record:  # the error path: nothing trained to keep
-            return out
-        p, rel = out["pilot"], os.path.join(PILOT_DIR, fp[:16])
-        seconds = p["steps"] * float(np.median(gaps))
-        start = {"from": "pilot", "checkpoint": rel, "step": p["steps"],
-                 "examples": p["steps"] * p["batch_size"], "seconds": seconds,
-                 "batch_size": p["batch_size"], "learning_rate": float(learning_rate)}  # fmt: skip
-        where = os.path.join(workdir, rel)
-        shutil.rmtree(where, ignore_errors=True)  # a pilot measured again replaces its state
-        meta = {"step": p["steps"], "examples_seen": start["examples"], "start": start,
-                "clock": {"train_time_s": seconds}, "data": data_record}  # fmt: skip
-        runlog.Checkpoints(where).save(p["steps"], last["state"], meta)
-        return out | {"pilot": p | {"start": start}}
-
-    return step, done
-
-
 def pilot_saved(workdir: str, noise: dict) -> bool:
-    """Whether the pilot state of the noise record ``noise`` is on disk (:func:`keep_pilot`)."""
+    """Whether the pilot state of the noise record ``noise`` is on disk (:func:`pilot_hooks`)."""
     start = noise.get("pilot", {}).get("start")
     return bool(start) and os.path.isdir(
         os.path.join(workdir, start["checkpoint"], runlog.CHECKPOINT_DIR, str(start["step"]))
@@ -638,10 +623,7 @@ class _Stages:
         self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
         self.view = stage_config(config, "throughput")
         self.base = throughput_candidates(self.view)
-        self.on_step, self.finish = keep_pilot(
-            self.workdir, fps["noise_scale"], config.learning_rate, task.describe(ds),
-            independent_noise(config, ds, task),
-        )  # fmt: skip
+        self.on_step, self.finish = pilot_hooks(config, ds, task, self.workdir, fps["noise_scale"])
 
     def measure(self) -> finder.Measured:
         """Noise scale, branched critical batch, timing and recommendation."""
