@@ -822,26 +822,25 @@ def _enable_compilation_cache(path: str | None) -> None:
 # The printed summary.
 
 
-def _fmt(x, spec: str, scale: float = 1.0) -> str:
-    return "-" if x is None else format(x * scale if scale != 1.0 else x, spec)
+def _fmt(x, spec: str, scale: float | None = None) -> str:
+    return "-" if x is None else format(x if scale is None else x * scale, spec)
 
 
-# (title, row key, format, scale) of the summary's tables.
-THROUGHPUT_COLUMNS = [("batch", "batch_size", "d", 1.0), ("fits", "fits", "", 1.0),
-                      ("accum", "accumulation_steps", "d", 1.0),
-                      ("step ms", "step_time_s", ".2f", 1e3),
-                      ("examples/s", "examples_per_s", ".0f", 1.0),
+# (title, row key, format[, scale]) of the summary's tables.
+THROUGHPUT_COLUMNS = [("batch", "batch_size", "d"), ("fits", "fits", ""),
+                      ("accum", "accumulation_steps", "d"), ("step ms", "step_time_s", ".2f", 1e3),
+                      ("examples/s", "examples_per_s", ".0f"),
                       ("pred. MiB", "predicted_bytes", ".1f", 2.0**-20)]  # fmt: skip
-TRAINING_COLUMNS = [("batch", "batch_size", "d", 1.0), ("seed", "seed", "d", 1.0),
-                    ("lr", "learning_rate", ".3g", 1.0), ("steps to target", "steps", ".0f", 1.0),
-                    ("steps x t(B) s", "device_time_to_target_s", ".2f", 1.0),
-                    ("wall s", "time_to_target_s", ".1f", 1.0)]  # fmt: skip
+TRAINING_COLUMNS = [("batch", "batch_size", "d"), ("seed", "seed", "d"),
+                    ("lr", "learning_rate", ".3g"), ("steps to target", "steps", ".0f"),
+                    ("steps x t(B) s", "device_time_to_target_s", ".2f"),
+                    ("wall s", "time_to_target_s", ".1f")]  # fmt: skip
 
 
 def _table(rows: list[dict], columns: list[tuple]) -> list[str]:
     """A header and one right-aligned line per row."""
     cells = [[c[0] for c in columns]]
-    cells += [[_fmt(r.get(key), spec, scale) for _, key, spec, scale in columns] for r in rows]
+    cells += [[_fmt(r.get(key), *spec) for _, key, *spec in columns] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return [" ".join(f"{c:>{w}}" for c, w in zip(line, widths, strict=True)) for line in cells]
 
@@ -869,12 +868,8 @@ def summary_table(sweep: dict) -> str:
     lines.append(f"along the pilot: {', '.join(path)}; effective {_fmt(effective, '.4g')}")
     c = sweep.get("critical_batch") or {}
     if c.get("checkpoints"):
-        forks = [
-            f"{_fmt(r['b_crit'], '.4g')} (step {r['step']}"
-            + ("" if r["resolved"] else ", unresolved")
-            + ")"
-            for r in c["checkpoints"]
-        ]
+        forks = [f"{_fmt(r['b_crit'], '.4g')} (step {r['step']}, {r['status']})"
+                 for r in c["checkpoints"]]  # fmt: skip
         lines.append(
             f"branched B_crit: {', '.join(forks)}; effective {_fmt(c['effective']['value'], '.4g')}"
             f" (forks cost {c['cost_fraction']:.2f}x the pilot's examples)"
@@ -884,10 +879,11 @@ def summary_table(sweep: dict) -> str:
     if t.get("b_crit") is None:
         lines.append(f"fit: not available ({t.get('error')})")
     else:
-        iv = t["intervals"].get("b_crit")
-        lines.append(f"fit: S_min = {t['s_min']:.4g}, E_min = {t['e_min']:.4g}, B_crit = "
-                     f"{t['b_crit']:.4g}" + (f"  interval [{_fmt(iv[0], '.4g')}, "
-                     f"{_fmt(iv[1], '.4g')}]" if iv else ""))  # fmt: skip
+        iv = t["intervals"].get("b_crit") or (None, None)
+        lines.append(
+            f"fit: S_min = {t['s_min']:.4g}, E_min = {t['e_min']:.4g}, B_crit = {t['b_crit']:.4g}"
+            f"  interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]"
+        )
     return "\n".join(
         lines + _recommendation_lines(sweep) + validation_lines(sweep.get("validation"))
     )
