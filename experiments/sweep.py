@@ -427,12 +427,6 @@ def _timing_row(bt: hardware.BatchTiming | None, b: int) -> dict:
                 examples_per_s=b / bt.median_s)  # fmt: skip
 
 
-def timing_table(table: dict) -> hardware.TimingTable:
-    """The :class:`gns.hardware.TimingTable` of its ``to_dict()``."""
-    timings = {d["batch_size"]: hardware.BatchTiming(**d) for d in table["batch_sizes"]}
-    return hardware.TimingTable(timings, table["rounds"], table["max_spread"])
-
-
 def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dict]:
     """``rows`` plus the batches ``factor × max_batch`` timed as gradient accumulation
     (:func:`gns.hardware.accumulated_step_time` on the measured table)."""
@@ -685,7 +679,10 @@ class _Stages:
                 "config.throughput.memory_budget_bytes",
             )
         rows = add_accumulation_rows(tput["rows"], self.config.throughput.accumulation_factors, mb)
-        return mb, timing_table(tput["table"]), tput | {"rows": rows}
+        d = tput["table"]  # the TimingTable as measured (to_dict)
+        timings = {t["batch_size"]: hardware.BatchTiming(**t) for t in d["batch_sizes"]}
+        table = hardware.TimingTable(timings, d["rounds"], d["max_spread"])
+        return mb, table, tput | {"rows": rows}
 
 
 def _tradeoff(config, workdir, stages: _Stages, m: finder.Measured, mesh, trainings: bool):
