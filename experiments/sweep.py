@@ -357,13 +357,9 @@ def throughput_candidates(view) -> list[int]:
 def measure_throughput(view, ds, task, extra=()) -> dict:
     """Memory of each global batch of :func:`throughput_candidates` (and ``extra``) on the
     training mesh (one that does not split over the devices is skipped, with the reason), then
-    one interleaved timing table of those that fit (:func:`gns.finder.time_candidates`).
-
-    Returns:
-      ``{"rows", "table", "max_batch_size", "max_batch_size_per_device", "mesh"}``: ``rows``
-      one per batch, ascending (``sweep.json``'s ``throughput``), ``table`` the
-      :class:`gns.hardware.TimingTable` as a dict.
-    """
+    one interleaved timing table of those that fit (:func:`gns.finder.time_candidates`):
+    ``rows`` (``sweep.json``'s ``throughput``, ascending), ``table`` (the TimingTable's dict),
+    ``max_batch_size``, ``max_batch_size_per_device`` and ``mesh``."""
     t = copy.deepcopy(view)
     t.update(seed=TIMING_SEED, learning_rate=TIMING_LEARNING_RATE)
     mesh = mesh_lib.make_mesh(t.num_devices)
