@@ -3,27 +3,16 @@ r"""The batch-size sweep: which batch size trains this model fastest on this dev
 Usage::
 
     python -m experiments.sweep --config configs/sweep.py:smoke --workdir /tmp/sweep_smoke
-    python -m experiments.sweep --config configs/sweep.py:cpu --workdir runs/sweep \
-      --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-On the task, model and data of a training config (``configs/sweep.py``) and its measurement
-fields, it runs :func:`gns.finder.pipeline` (the measurement of
-:func:`gns.finder.find_batch_size`) with the sweep's steps: a pilot at ``batch_size`` (the noise
-scale's trajectory, and ``b_simple`` on independent batches after ``noise.warmup_steps``), the
-branched critical batch (``critical``), step time and memory of each global batch on the
-training mesh (``throughput``; above the largest that fits, gradient accumulation) and the
-recommendation; then trainings to ``tradeoff.target_accuracy`` at several batch sizes, the fit
-``S(B) = S_min + E_min/B`` and the pick under every basis (the README's "Results" section).
-
-It writes ``DIR/sweep.json`` (strict JSON: non-finite numbers are ``null``), the plots
-(``throughput.png``, ``tradeoff.png``, ``time_to_target.png``) and prints a summary; the
-trainings are in ``DIR/train/*``. Each finished measurement is kept in ``DIR/sweep_state.json``
-with the fingerprint of the config fields its stage reads (:data:`STAGE_FIELDS`) and what it
-cost (``seconds``; ``sweep.json``'s ``measurement_cost_s``): re-running the same command
-measures only what is missing or what a changed field affects. The pilot's end state is kept
-in ``DIR/pilot/<key>`` (:func:`keep_pilot`), the start of a run that goes on from it
-(``config.start_from``); the trainings at the fixed batch sizes start from scratch (the fit of
-``S(B)`` needs every batch from step 0).
+On the task, model and data of ``configs/sweep.py`` it runs :func:`gns.finder.pipeline` with the
+sweep's steps (the pilot, ``b_simple`` on independent batches after ``noise.warmup_steps``, the
+branched critical batch, memory and step time of each global batch on the mesh, the
+recommendation), then trainings to ``tradeoff.target_accuracy`` at several batch sizes, the fit
+``S(B) = S_min + E_min/B`` and the pick under every basis (README, "Results"). It writes
+``DIR/sweep.json`` (strict JSON), its plots and a printed summary. Each finished measurement is
+kept in ``DIR/sweep_state.json`` under the fingerprint of the fields its stage reads
+(:data:`STAGE_FIELDS`): a re-run measures only what is missing or what a changed field affects.
+The pilot's end state is kept in ``DIR/pilot/<key>``, for a run to go on from (:func:`pilot_hooks`).
 """
 
 from __future__ import annotations
@@ -77,11 +66,10 @@ PILOT_DIR = "pilot"
 
 __all__ = [
     "STAGE_FIELDS", "stage_config", "stage_fingerprint", "validate_config", "SweepState",
-    "pipeline_steps", "pipeline_plan", "independent_noise", "keep_pilot", "pilot_saved",
-    "critical_fingerprint",
-    "noise_scale_value", "candidate_batch_sizes", "measure_throughput", "training_config",
-    "training_dir", "run_training", "run_trainings", "with_device_time", "ranking", "fit_tradeoff",
-    "run_sweep", "summary_table",
+    "pipeline_steps", "pipeline_plan", "pilot_hooks", "pilot_saved",
+    "critical_fingerprint", "noise_scale_value", "measure_throughput", "training_config",
+    "run_training", "run_trainings", "with_device_time", "ranking", "fit_tradeoff", "run_sweep",
+    "summary_table",
 ]  # fmt: skip
 
 # The config fields each stage reads (:func:`stage_config`), which key its cached result. The
@@ -109,14 +97,7 @@ TIMING_SEED, TIMING_LEARNING_RATE = 0, 1e-3
 
 def stage_config(config, stage: str) -> ml_collections.ConfigDict:
     """The part of ``config`` that ``stage`` reads (:data:`STAGE_FIELDS`), as a ConfigDict of
-    the same shape.
-
-    Example:
-      >>> from configs import sweep as sweep_config
-      >>> view = stage_config(sweep_config.get_config("smoke"), "noise_scale")
-      >>> sorted(view.keys())[:3], "eval_every" in view
-      (['batch_size', 'data', 'dtype'], False)
-    """
+    the same shape: reading any other field fails."""
     out: dict[str, Any] = {}
     for path in STAGE_FIELDS[stage]:
         *parents, last = path.split(".")
@@ -137,10 +118,6 @@ def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
     return runlog.fingerprint(view)
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation: every field the sweep itself reads, before anything runs or is written.
-
-
 def validate_config(config) -> None:
     """:func:`experiments.rules.check` of a ``configs/sweep.py`` config, then again with the
     mesh's size (``batch_size`` and ``noise.batch_size`` split over it)."""
@@ -148,16 +125,12 @@ def validate_config(config) -> None:
     rules.check(config, "sweep", mesh_lib.make_mesh(config.num_devices).size)
 
 
-# ---------------------------------------------------------------------------------------------
-# Persistent state: one JSON file, rewritten atomically after every finished measurement.
-
-
 class SweepState:
-    """Finished measurements of a sweep in ``workdir/sweep_state.json``, each item with the
-    fingerprint of the config it was measured under (another fingerprint: measured again);
-    :meth:`put` rewrites the file atomically."""
+    """Finished measurements in ``workdir/sweep_state.json``, each with the fingerprint of the
+    config it was measured under (another fingerprint: measured again); :meth:`put` rewrites
+    the file atomically."""
 
-    VERSION = 3
+    VERSION = 4
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, STATE_FILE)
@@ -175,18 +148,17 @@ class SweepState:
         self.stale: list[str] = []
 
     def get(self, section: str, key, fp: str):
-        """The stored value of ``section[key]`` if it was measured under fingerprint ``fp``."""
+        """A copy of the stored ``section[key]`` if it was measured under fingerprint ``fp``."""
         item = self.data["sections"].get(section, {}).get(str(key))
-        name = f"{section}[{key}]"
         if item is None:
             return None
         if item["fingerprint"] != fp:
             if section not in self.stale:
                 self.stale.append(section)
-                logging.info("The config of %s changed: measuring it again.", name)
+                logging.info("The config of %s[%s] changed: measuring it again.", section, key)
             return None
-        self.reused.append(name)
-        return copy.deepcopy(item["value"])  # callers may annotate it; the record stays
+        self.reused.append(f"{section}[{key}]")
+        return copy.deepcopy(item["value"])
 
     def put(self, section: str, key, fp: str, value) -> None:
         items = self.data["sections"].setdefault(section, {})
@@ -200,9 +172,8 @@ class SweepState:
 
 def _setup(t, ds, task, schedule, *, mesh=None):
     """Model, plain step, measuring step and initial state of the setup ``t`` (``schedule``:
-    the rate's shape, peak 1; on ``mesh``: the data-parallel steps, the state replicated). The
-    rate ``t.learning_rate`` is a value of the state, not of the steps, which serve any rate
-    (:class:`experiments.train.TrainState`)."""
+    the rate's shape, peak 1; on ``mesh``: data-parallel). The rate ``t.learning_rate`` is a
+    value of the state, not of the steps (:class:`experiments.train.TrainState`)."""
     model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
@@ -228,9 +199,9 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
     """The :class:`gns.finder.Steps` of ``config`` and the pilot's initial state: the pilot
     on the stream of ``seed``, the forks on that of ``seed + critical.seed_offset``, evaluated
     on ``critical.eval_examples`` test examples."""
-    view = stage_config(config, "critical_batch")  # what shapes the pilot, and the forks
-    t, ccfg, horizon = view, view.critical, view.tradeoff.max_steps
-    model, plain_fn, gns_fn, state = _setup(t, ds, task, train.make_schedule(t, horizon, 1.0))
+    t = stage_config(config, "critical_batch")  # what shapes the pilot, and the forks
+    schedule = train.make_schedule(t, t.tradeoff.max_steps, 1.0)
+    model, plain_fn, gns_fn, state = _setup(t, ds, task, schedule)
     fork = jax.jit(lambda st, batch, rate: plain_fn(st._replace(learning_rate=rate), batch)[0])
     by_mult: dict[float, Any] = {}
 
@@ -238,7 +209,7 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
         rate = np.float32(float(t.learning_rate) * mult)
         return by_mult.setdefault(mult, functools.partial(fork, rate=rate))
 
-    arrays = task.eval_arrays(t, ds, "test", int(ccfg.eval_examples))
+    arrays = task.eval_arrays(t, ds, "test", int(t.critical.eval_examples))
     held_out = next(iter(task.eval_batches(ds, arrays, len(next(iter(arrays.values()))))))
     inputs, targets = tasks.split_batch(held_out)
     mask = jnp.asarray(held_out["mask"], jnp.float32)
@@ -247,67 +218,69 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
     def eval_fn(st):
         return eval_step(st.params, st.batch_stats, inputs, targets, mask)[1] / mask.sum()
 
-    fork_seed = int(t.seed) + int(ccfg.seed_offset)
+    fork_seed = int(t.seed) + int(t.critical.seed_offset)
     steps = finder.Steps(jax.jit(gns_fn), make_step, _stream(task, t, ds, int(t.seed)),
                          _stream(task, t, ds, fork_seed), eval_fn)  # fmt: skip
     return steps, state
 
 
 def pipeline_plan(config) -> finder.Plan:
-    """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise`` (``pilot_steps``,
-    ``None``: the warm-up; at least the warm-up), the forks of ``critical`` (0 checkpoints:
-    none) at the rule of ``optimizer``."""
-    view = stage_config(config, "noise_scale")
-    t, noise, ccfg = view, view.noise, stage_config(config, "critical_batch").critical
+    """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise`` (at least the
+    warm-up), the forks of ``critical`` (0 checkpoints: none) at the rule of ``optimizer``."""
+    t, ccfg = stage_config(config, "noise_scale"), stage_config(config, "critical_batch").critical
     return finder.Plan(
         ref_batch_size=int(t.batch_size),
-        pilot_steps=max(int(noise.pilot_steps or 0), int(noise.warmup_steps)),
-        every=max(1, int(noise.every)), num_stretches=int(noise.num_stretches),
+        pilot_steps=max(int(t.noise.pilot_steps or 0), int(t.noise.warmup_steps)),
+        every=max(1, int(t.noise.every)), num_stretches=int(t.noise.num_stretches),
         branched=int(ccfg.num_checkpoints) > 0, branch_points=int(ccfg.num_checkpoints),
         branch_exponents=tuple(int(e) for e in ccfg.exponents),
         branch_steps=int(ccfg.fork_steps), branch_repeats=int(ccfg.num_repeats),
-        fork_rule=scaling.rule_for(t.optimizer), confidence=float(noise.confidence),
+        fork_rule=scaling.rule_for(t.optimizer), confidence=float(t.noise.confidence),
         branch_confidence=float(ccfg.confidence), seed=int(t.seed),
     )  # fmt: skip
 
 
-def independent_noise(config, ds, task):
-    """``(on_step, finish)``: after ``noise.warmup_steps`` pilot steps, ``b_simple`` on
-    ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval;
-    ``finish(record)`` puts it into the noise record."""
-    view = stage_config(config, "noise_scale")
-    t, noise = view, view.noise
+def pilot_hooks(config, ds, task, workdir: str, fp: str):
+    """``(on_step, finish)`` of the pilot: after ``noise.warmup_steps`` steps, ``b_simple`` on
+    ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval.
+    ``finish(record)`` puts it into the noise record and saves the pilot's end state (as
+    :func:`experiments.train.start_from_pilot` resumes from it) in ``workdir/pilot/<fp[:16]>``,
+    with its ``start`` in ``record["pilot"]``: ``checkpoint``, ``step``, ``examples``,
+    ``seconds`` (steps x the median time between two steps' ends: the measurement and the
+    compilations left out, as a run's training clock counts), ``batch_size`` and
+    ``learning_rate``."""
+    t = stage_config(config, "noise_scale")
+    noise = t.noise
     model = models.get_model(t.model, num_classes=ds.num_classes)
     mcfg = copy.deepcopy(t)
     mcfg.gns_method = noise.method
     method = train.resolve_gns_method(mcfg, model)
     rng = jax.random.PRNGKey(t.seed) if models.uses_dropout(model) else None
+    if method == "per_example":
+        estimator = functools.partial(estimate.per_example, chunk_size=noise.chunk_size)
+    else:
+        estimator = functools.partial(estimate.microbatch, num_microbatches=t.gns_microbatches)
 
     @jax.jit
     def measure(params, batch_stats, batch):
         batch = batch | {"index": jnp.arange(len(jax.tree.leaves(batch)[0]))}
         loss_fn = train.make_loss_fn(model, batch_stats, rng, task.loss)
-        if method == "per_example":
-            stats, _, _ = estimate.per_example(
-                loss_fn, params, batch, chunk_size=noise.chunk_size, has_aux=True
-            )
-        else:
-            stats, _, _ = estimate.microbatch(
-                loss_fn, params, batch, num_microbatches=t.gns_microbatches, has_aux=True
-            )
-        return stats.g_sq, stats.trace_cov, stats.b_simple
+        stats, _, _ = estimator(loss_fn, params, batch, has_aux=True)
+        return {"g_sq": stats.g_sq, "trace_cov": stats.trace_cov, "b_simple": stats.b_simple}
 
-    per_batch, batch_fn = [], _stream(task, t, ds, int(t.seed) + 1)
+    per_batch, batch_fn, last, gaps = [], _stream(task, t, ds, int(t.seed) + 1), {}, []
 
-    def on_step(step, state):
+    def on_step(step, state):  # the pilot's steps synchronize (their metrics are read each step)
+        if step >= 2:
+            gaps.append(time.perf_counter() - last["t"])
         if step == noise.warmup_steps:
             for i in range(noise.num_batches):
-                g, tc, b = measure(state.params, state.batch_stats, batch_fn(noise.batch_size, i))
-                per_batch.append({"g_sq": float(g), "trace_cov": float(tc), "b_simple": float(b)})
+                out = measure(state.params, state.batch_stats, batch_fn(noise.batch_size, i))
+                per_batch.append({k: float(v) for k, v in out.items()})
+        last.update(state=state, t=time.perf_counter())
 
     def finish(record):
-        g = np.array([p["g_sq"] for p in per_batch])
-        tc = np.array([p["trace_cov"] for p in per_batch])
+        g, tc = (np.array([p[k] for p in per_batch]) for k in ("g_sq", "trace_cov"))
         finite = np.isfinite(g) & np.isfinite(tc)
         if finite.sum() < 2:
             raise UserError(
@@ -316,63 +289,33 @@ def independent_noise(config, ds, task):
                 "warm-up steps (the training diverged or the gradients overflow)",
                 hint="lower config.learning_rate or config.noise.warmup_steps",
             )
+        if "pilot" not in record:  # the error path: nothing trained to keep
+            return record
         pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
+        p, rel = record["pilot"], os.path.join(PILOT_DIR, fp[:16])
+        seconds = p["steps"] * float(np.median(gaps))
+        start = {"from": "pilot", "checkpoint": rel, "step": p["steps"], "seconds": seconds,
+                 "examples": p["steps"] * p["batch_size"], "batch_size": p["batch_size"],
+                 "learning_rate": float(t.learning_rate)}  # fmt: skip
+        where = os.path.join(workdir, rel)
+        shutil.rmtree(where, ignore_errors=True)  # a pilot measured again replaces its state
+        meta = {"step": p["steps"], "examples_seen": start["examples"], "start": start,
+                "clock": {"train_time_s": seconds}, "data": task.describe(ds)}  # fmt: skip
+        runlog.Checkpoints(where).save(p["steps"], last["state"], meta)
         return record | common.to_json({
             "b_simple": pooled.estimate, "interval": [pooled.low, pooled.high],
             "g_sq": float(np.mean(g[finite])), "trace_cov": float(np.mean(tc[finite])),
             "per_batch": per_batch, "batch_size": int(noise.batch_size),
             "num_batches": int(noise.num_batches), "num_used": pooled.n,
             "num_nonfinite_dropped": pooled.nonfinite_dropped, "method": method,
-            "after_warmup_steps": int(noise.warmup_steps),
+            "after_warmup_steps": int(noise.warmup_steps), "pilot": p | {"start": start},
         })  # fmt: skip
 
     return on_step, finish
 
 
-def keep_pilot(workdir: str, fp: str, learning_rate: float, data_record, hooks):
-    """``hooks = (on_step, finish)`` of :func:`independent_noise`, the pilot's end state kept:
-    ``finish(record)`` also saves it (orbax, as the training loop resumes from:
-    :func:`experiments.train.start_from_pilot`) in ``workdir/pilot/<fp[:16]>`` and puts its
-    ``start`` in ``record["pilot"]``: ``checkpoint`` (under ``workdir``), ``step``,
-    ``examples``, ``seconds`` (steps x the median time from one step's end to the next's,
-    ``on_step``'s own time and compilations left out, as a run's training clock counts),
-    ``batch_size`` and ``learning_rate``."""
-    on_step, finish = hooks
-    last, gaps = {}, []
-
-    def step(i, state):  # the pilot's steps synchronize (their metrics are read each step)
-        if i >= 2:
-            gaps.append(time.perf_counter() - last["t"])
-        on_step(i, state)
-        last.update(state=state, t=time.perf_counter())
-
-    def done(record):
-        out = finish(record)
-        if "pilot" not in record:  # the error path: nothing trained to keep
-            return out
-        p, rel = out["pilot"], os.path.join(PILOT_DIR, fp[:16])
-        seconds = p["steps"] * float(np.median(gaps))
-        start = {
-            "from": "pilot",
-            "checkpoint": rel,
-            "step": p["steps"],
-            "examples": p["steps"] * p["batch_size"],
-            "seconds": seconds,
-            "batch_size": p["batch_size"],
-            "learning_rate": float(learning_rate),
-        }
-        where = os.path.join(workdir, rel)
-        shutil.rmtree(where, ignore_errors=True)  # a pilot measured again replaces its state
-        meta = {"step": p["steps"], "examples_seen": start["examples"], "start": start,
-                "clock": {"train_time_s": seconds}, "data": data_record}  # fmt: skip
-        runlog.Checkpoints(where).save(p["steps"], last["state"], meta)
-        return out | {"pilot": p | {"start": start}}
-
-    return step, done
-
-
 def pilot_saved(workdir: str, noise: dict) -> bool:
-    """Whether the pilot state of the noise record ``noise`` is on disk (:func:`keep_pilot`)."""
+    """Whether the pilot state of the noise record ``noise`` is on disk (:func:`pilot_hooks`)."""
     start = noise.get("pilot", {}).get("start")
     return bool(start) and os.path.isdir(
         os.path.join(workdir, start["checkpoint"], runlog.CHECKPOINT_DIR, str(start["step"]))
@@ -381,14 +324,7 @@ def pilot_saved(workdir: str, noise: dict) -> bool:
 
 def critical_fingerprint(config, b_noise: float) -> str:
     """The key of the branched stage's cached result: :func:`stage_fingerprint`, with
-    ``b_noise`` folded in where the forks' learning-rate rule uses it (SGD).
-
-    Example:
-      >>> from configs import sweep as sweep_config
-      >>> c = sweep_config.get_config("smoke")  # Adam: square-root rule, no noise scale
-      >>> critical_fingerprint(c, 100.0) == stage_fingerprint(c, "critical_batch")
-      True
-    """
+    ``b_noise`` folded in where the forks' learning-rate rule uses it (SGD)."""
     fp, t = stage_fingerprint(config, "critical_batch"), config
     sizes = [int(t.batch_size * 2.0**e) for e in config.critical.exponents]
     rule = critical.lr_multipliers(t.batch_size, sizes, t.optimizer, b_noise)
@@ -399,7 +335,7 @@ def critical_fingerprint(config, b_noise: float) -> str:
 
 def noise_scale_value(noise: dict) -> float:
     """``b_simple`` of a noise-scale record as a float. Strict JSON stores a non-finite value
-    as ``null``; read back, it is ``+inf`` when the pooled ``g_sq`` is not positive (the
+    as ``null``: read back, it is ``+inf`` when the pooled ``g_sq`` is not positive (the
     gradient is not resolved above the noise), else ``nan``."""
     if noise["b_simple"] is not None:
         return float(noise["b_simple"])
@@ -410,50 +346,21 @@ def noise_scale_value(noise: dict) -> float:
 # Memory and the one interleaved timing table, on the mesh.
 
 
-def candidate_batch_sizes(lo: int, hi: int) -> list[int]:
-    """Powers of two from ``lo`` (rounded up to one) to ``hi``."""
-    if not 1 <= lo <= hi:
-        raise UserError(
-            f"need 1 <= min_batch_size <= max_batch_size, got {lo}, {hi}",
-            hint="set --config.throughput.min_batch_size / max_batch_size",
-        )
-    return [b for b in finder.power_of_two_candidates(lo, hi) if b <= hi]
-
-
 def throughput_candidates(view) -> list[int]:
     """The powers of two of ``throughput``, ``batch_size`` and the fixed
     ``tradeoff.batch_sizes`` (every trained batch has its ``t(B)`` from the same table)."""
-    timing, t = view.throughput, view
-    cands = set(candidate_batch_sizes(timing.min_batch_size, timing.max_batch_size))
-    extra = [t.batch_size, *(view.tradeoff.batch_sizes or ())]
-    return sorted(cands | {int(b) for b in extra if b <= timing.max_batch_size})
-
-
-def timing_table(rows: list[dict]) -> hardware.TimingTable:
-    """The :class:`gns.hardware.TimingTable` of the timed rows that fit (as stored)."""
-    timings = {}
-    for r in rows:
-        if r["fits"] and r.get("times_s"):
-            q25, q75 = (float(q) for q in np.quantile(r["times_s"], [0.25, 0.75]))
-            med = r["step_time_s"]
-            timings[r["batch_size"]] = hardware.BatchTiming(
-                r["batch_size"], med, q25, q75, (q75 - q25) / med, tuple(r["times_s"]),
-                r["extra_rounds"], r["stable"],
-            )  # fmt: skip
-    return hardware.TimingTable(timings, min((len(t.times_s) for t in timings.values()),
-                                             default=0), 0.1)  # fmt: skip
+    lo, hi = view.throughput.min_batch_size, view.throughput.max_batch_size
+    extra = [view.batch_size, *(view.tradeoff.batch_sizes or ())]
+    return sorted({int(b) for b in [*finder.power_of_two_candidates(lo, hi), *extra] if b <= hi})
 
 
 def measure_throughput(view, ds, task, extra=()) -> dict:
     """Memory of each global batch of :func:`throughput_candidates` (and ``extra``) on the
     training mesh (one that does not split over the devices is skipped, with the reason), then
-    one interleaved timing table of those that fit (:func:`gns.finder.time_candidates`).
-
-    Returns:
-      ``{"rows", "max_batch_size", "max_batch_size_per_device", "mesh"}``, one row per batch,
-      ascending (the fields of ``sweep.json``'s ``throughput``).
-    """
-    timing, t = view.throughput, copy.deepcopy(view)
+    one interleaved timing table of those that fit (:func:`gns.finder.time_candidates`):
+    ``rows`` (``sweep.json``'s ``throughput``, ascending), ``table`` (the TimingTable's dict),
+    ``max_batch_size``, ``max_batch_size_per_device`` and ``mesh``."""
+    t = copy.deepcopy(view)
     t.update(seed=TIMING_SEED, learning_rate=TIMING_LEARNING_RATE)
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
@@ -464,44 +371,42 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
         plain_fn, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh_lib.AXIS)))
     )
     template = task.batch_fn(t, ds)(1, 0)
-    cands = set(throughput_candidates(view)) | {int(b) for b in extra}
-    skipped = {b: mesh_lib.split_reason(b, mesh) for b in cands}
-    skipped = {b: why for b, why in skipped.items() if why}
 
-    def zeros(b, xp):  # a batch of b examples shaped as the task's
+    def zeros(b, xp):  # a batch of b examples shaped as the task's (jnp: traceable, no memory)
         return jax.tree.map(lambda x: xp.zeros((b,) + x.shape[1:], x.dtype), template)
 
-    def make_args(b):  # traceable: under jax.eval_shape it allocates nothing
-        return state, zeros(b, jnp)
-
-    def placed_args(b):  # the timed batch on the devices, split as in training
-        return state, mesh_lib.shard(zeros(b, np), mesh)
-
-    budget, budget_source = timing.memory_budget_bytes, None
+    cands = set(throughput_candidates(view)) | {int(b) for b in extra}
+    skipped = {b: why for b in cands if (why := mesh_lib.split_reason(b, mesh))}
+    budget, source = t.throughput.memory_budget_bytes, None
     if budget is None and mesh.devices.flat[0].platform == "cpu" and n > 1:
-        budget, budget_source = _shared_host_budget(n)
-    timed = sorted(cands - set(skipped))
+        # Simulated CPU devices share the host: each gets its share of the default budget.
+        budget = int(hardware.DEFAULT_CPU_BUDGET_FRACTION * psutil.virtual_memory().available / n)
+        source = f"{round(100 * hardware.DEFAULT_CPU_BUDGET_FRACTION)}% of available host "
+        source += f"RAM / {n} devices"
     res, table = finder.time_candidates(
-        step, placed_args, timed, memory_budget_bytes=budget, rounds=timing.repeats,
-        warmup=timing.warmup, make_shape_args=make_args,
-    ) if timed else (None, None)  # fmt: skip
+        step, lambda b: (state, mesh_lib.shard(zeros(b, np), mesh)), sorted(cands - set(skipped)),
+        memory_budget_bytes=budget, rounds=t.throughput.repeats, warmup=t.throughput.warmup,
+        make_shape_args=lambda b: (state, zeros(b, jnp)),
+    ) if len(cands) > len(skipped) else (None, None)  # fmt: skip
     timings = {} if table is None else table.timings
     rows = [
         rec.to_dict() | _timing_row(timings.get(rec.batch_size), rec.batch_size)
-        | {"budget_source": budget_source or res.budget_source, "accumulation_steps": 1,
+        | {"budget_source": source or res.budget_source,
            "per_device_batch_size": rec.batch_size // n}
         for rec in ([] if res is None else res.records)
     ]  # fmt: skip
+    budget = None if res is None else res.budget_bytes
     rows += [
-        _timing_row(None, b) | {"batch_size": b, "per_device_batch_size": None,
-         "predicted_bytes": None, "budget_bytes": None if res is None else res.budget_bytes,
-         "fits": False, "confirmed": False, "reason": why, "budget_source": None,
-         "accumulation_steps": 1, "skipped": True}
+        hardware.FitRecord(b, None, budget, False, False, why).to_dict() | _timing_row(None, b)
+        | {"budget_source": None, "per_device_batch_size": None, "skipped": True}
         for b, why in skipped.items()
     ]  # fmt: skip
     max_b = None if res is None else res.max_batch_size
     return {
-        "rows": sorted(rows, key=lambda r: r["batch_size"]),
+        "rows": sorted(
+            ({"accumulation_steps": 1} | r for r in rows), key=lambda r: r["batch_size"]
+        ),
+        "table": None if table is None else table.to_dict(),
         "max_batch_size": max_b,
         "max_batch_size_per_device": None if max_b is None else max_b // n,
         "mesh": mesh_lib.describe(mesh),
@@ -516,14 +421,6 @@ def _timing_row(bt: hardware.BatchTiming | None, b: int) -> dict:
     return dict(step_time_s=bt.median_s, step_time_iqr_s=bt.q75_s - bt.q25_s,
                 times_s=list(bt.times_s), extra_rounds=bt.extra_rounds, stable=bt.stable,
                 examples_per_s=b / bt.median_s)  # fmt: skip
-
-
-def _shared_host_budget(num_devices: int) -> tuple[int, str]:
-    """The per-device memory budget of ``num_devices`` simulated CPU devices: their share of
-    the default CPU budget of the one host."""
-    frac = hardware.DEFAULT_CPU_BUDGET_FRACTION
-    budget = int(frac * psutil.virtual_memory().available / num_devices)
-    return budget, f"{round(100 * frac)}% of available host RAM / {num_devices} devices"
 
 
 def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dict]:
@@ -551,7 +448,7 @@ def step_times(rows: list[dict]) -> dict[int, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 3: trainings to the target, and time to target two ways.
+# Trainings to the target, and time to target two ways.
 
 
 def training_config(
@@ -575,15 +472,9 @@ def training_config(
     return cfg, rule
 
 
-def training_dir(workdir: str, cfg, fingerprint: str) -> str:
-    """``workdir/train/B<batch>-seed<seed>-<fingerprint[:8]>``: the directory of one training
-    (and its run name in ``tensorboard --logdir workdir``)."""
-    return os.path.join(workdir, "train", f"B{cfg.batch_size}-seed{cfg.seed}-{fingerprint[:8]}")
-
-
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
-    """Stage 3 for one batch: train ``cfg`` to its target; steps and wall-clock time to it
-    (``None`` if missed) and the test-accuracy curve."""
+    """Train ``cfg`` to its target: steps and wall-clock time to it (``None`` if missed) and
+    the test-accuracy curve."""
     summary = train.train_and_evaluate(cfg, workdir)
     evals = [
         r for r in runlog.read_jsonl(os.path.join(workdir, METRICS_FILE)) if "test_accuracy" in r
@@ -607,9 +498,10 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
 def run_trainings(config, workdir: str, st: SweepState, batch_sizes, b_noise: float,
                   timing: tuple[dict[int, float], int], seed_offset: int = 0, *,
                   fingerprints: dict | None = None, bar=None) -> list[dict]:  # fmt: skip
-    """:func:`run_training` of :func:`training_config` at each of ``batch_sizes``, reused from
-    ``st`` when it finished under the same config (fingerprints also put in ``fingerprints``),
-    with the device time to target from ``timing = (step times, max batch)``."""
+    """:func:`run_training` of :func:`training_config` at each of ``batch_sizes`` in
+    ``workdir/train/B<batch>-seed<seed>-<fingerprint[:8]>``, reused from ``st`` when it
+    finished under the same config (fingerprints also put in ``fingerprints``), with the
+    device time to target from ``timing = (step times, max batch)``."""
     points = []
     for b in batch_sizes:
         if bar is not None:
@@ -621,7 +513,8 @@ def run_trainings(config, workdir: str, st: SweepState, batch_sizes, b_noise: fl
             fingerprints[key] = fp
         p = st.get("trainings", key, fp)
         if p is None:
-            p = common.to_json(run_training(cfg, training_dir(workdir, cfg, fp), rule))
+            run_dir = os.path.join(workdir, "train", f"B{b}-seed{cfg.seed}-{fp[:8]}")
+            p = common.to_json(run_training(cfg, run_dir, rule))
             st.put("trainings", key, fp, p)
         points.append(p)
     return with_device_time(points, *timing)
@@ -630,13 +523,7 @@ def run_trainings(config, workdir: str, st: SweepState, batch_sizes, b_noise: fl
 def with_device_time(points: list[dict], times: dict[int, float], max_batch: int) -> list[dict]:
     """Copies of ``points`` with ``step_time_s`` (``t(B)`` from the timing table; gradient
     accumulation above ``max_batch``) and ``device_time_to_target_s = steps × t(B)``
-    (``None`` for a point that missed the target).
-
-    Example:
-      >>> with_device_time([{"batch_size": 32, "steps": 100}], {32: 0.02}, 32)[0][
-      ...     "device_time_to_target_s"]
-      2.0
-    """
+    (``None`` for a point that missed the target)."""
     out = []
     for p in points:
         t = hardware.accumulated_step_time(times, p["batch_size"], max_batch)[0]
@@ -716,57 +603,70 @@ def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
 
 
 class _Stages:
-    """The sweep's stage cache around :func:`gns.finder.pipeline`: each measurement is read
-    from ``sweep_state.json`` when its fingerprint matches, else measured and stored."""
+    """:func:`gns.finder.pipeline` with the sweep's stage cache: each measurement is read from
+    ``sweep_state.json`` when its fingerprint matches, else measured and stored with what it
+    cost (``seconds``)."""
 
     def __init__(self, config, ds, task, st: SweepState, fps: dict, bar, stage_t: dict):
         self.config, self.ds, self.task, self.st, self.fps = config, ds, task, st, fps
         self.bar, self.t, self.workdir = bar, stage_t, os.path.dirname(st.path)
-        self.done: dict[str, Any] = {}
         self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
         self.view = stage_config(config, "throughput")
         self.base = throughput_candidates(self.view)
+        self.on_step, self.finish = pilot_hooks(config, ds, task, self.workdir, fps["noise_scale"])
 
-    def _timed(self, name: str, value):
-        self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - self.t0
+    def measure(self) -> finder.Measured:
+        """Noise scale, branched critical batch, timing and recommendation."""
+        steps, state = pipeline_steps(self.config, self.ds, self.task)
+        try:
+            return finder.pipeline(
+                steps, state, pipeline_plan(self.config), time_fn=self.time,
+                decide_fn=functools.partial(_decide, self.config), candidates=self.base,
+                cache=self.cache, on_step=self.on_step,
+            )  # fmt: skip
+        finally:
+            self.bar.update(1)
+
+    def _stored(self, section: str, key: str, compute, valid=lambda value: True) -> dict:
+        self.bar.set(phase=section)
+        t0 = time.perf_counter()
+        value = self.st.get(section, key, self.fps[section])
+        if value is None or not valid(value):
+            value = common.to_json(compute())
+            value["seconds"] = time.perf_counter() - t0
+            self.st.put(section, key, self.fps[section], value)
+        self.cost[section if key == "value" else f"{section}[{key}]"] = value.get("seconds") or 0.0
+        self.t[section] = self.t.get(section, 0.0) + time.perf_counter() - t0
         return value
 
-    def cache(self, name: str, compute, finish):
-        self.bar.set(phase=name)
-        self.t0 = time.perf_counter()
+    def cache(self, name: str, compute) -> dict:
+        """``cache`` of the pipeline. The noise record counts only with its pilot state on disk
+        (the start of a run); the forks' key holds the noise scale their rule reads."""
         if name == "critical_batch":
-            noise = self.done["noise_scale"]
-            self.fps[name] = critical_fingerprint(self.config, finder.fork_noise_scale(noise))
-        value = self.st.get(name, "value", self.fps[name])
-        if name == "noise_scale" and value is not None and not pilot_saved(self.workdir, value):
-            value = None  # its pilot state is the start of the gns run: measured again
-        if value is None:
-            try:
-                value = common.to_json(compute())
-            except ValueError as e:  # a diverged pilot: the independent batches' error first
-                finish({})
-                raise UserError(f"the noise scale could not be measured: {e}",
-                                hint="lower config.learning_rate") from e  # fmt: skip
-            value = finish(value) if name == "noise_scale" else value
-            value["seconds"] = time.perf_counter() - self.t0
-            self.st.put(name, "value", self.fps[name], value)
-        self.cost[name] = value.get("seconds") or 0.0
-        self.done[name] = value
+            self.fps[name] = critical_fingerprint(self.config, finder.fork_noise_scale(self.noise))
+            value = self._stored(name, "value", compute)
+        else:
+            valid = functools.partial(pilot_saved, self.workdir)
+            value = self.noise = self._stored(name, "value", lambda: self._noise(compute), valid)
         self.bar.update(1)
-        return self._timed(name, value)
+        return value
+
+    def _noise(self, compute) -> dict:
+        try:
+            record = common.to_json(compute())
+        except ValueError as e:  # a diverged pilot: the independent batches' error first
+            self.finish({})
+            raise UserError(f"the noise scale could not be measured: {e}",
+                            hint="lower config.learning_rate") from e  # fmt: skip
+        return self.finish(record)
 
     def time(self, cands, interval, seconds_left):
         """``time_fn`` of the pipeline: the table (``extended_to_<B>``: with one batch more)."""
-        self.bar.set(phase="throughput")
-        self.t0 = time.perf_counter()
-        extra = sorted(set(cands) - set(self.base))
-        key, fp = f"extended_to_{extra[-1]}" if extra else "table", self.fps["throughput"]
-        tput = self.st.get("throughput", key, fp)
-        if tput is None:
-            tput = common.to_json(measure_throughput(self.view, self.ds, self.task, tuple(extra)))
-            tput["seconds"] = time.perf_counter() - self.t0
-            self.st.put("throughput", key, fp, tput)
-        self.cost[f"throughput[{key}]"] = tput.get("seconds") or 0.0
+        extra = tuple(sorted(set(cands) - set(self.base)))
+        tput = self._stored(
+            "throughput", f"extended_to_{extra[-1]}" if extra else "table",
+            lambda: measure_throughput(self.view, self.ds, self.task, extra),
+        )  # fmt: skip
         mb = tput["max_batch_size"]
         if mb is None:
             raise UserError(
@@ -775,35 +675,25 @@ class _Stages:
                 "config.throughput.memory_budget_bytes",
             )
         rows = add_accumulation_rows(tput["rows"], self.config.throughput.accumulation_factors, mb)
-        return self._timed("throughput", (mb, timing_table(rows), tput | {"rows": rows}))
+        d = tput["table"]  # the TimingTable as measured (to_dict)
+        timings = {t["batch_size"]: hardware.BatchTiming(**t) for t in d["batch_sizes"]}
+        table = hardware.TimingTable(timings, d["rounds"], d["max_spread"])
+        return mb, table, tput | {"rows": rows}
 
 
-def _measure(config, ds, task, stages: _Stages) -> finder.Measured:
-    """Noise scale, branched critical batch, timing and recommendation: the pipeline of
-    :func:`gns.finder.pipeline`, with the sweep's stage cache and independent batches."""
-    on_step, finish = keep_pilot(stages.workdir, stages.fps["noise_scale"],
-                                 config.learning_rate, task.describe(ds),
-                                 independent_noise(config, ds, task))  # fmt: skip
-    steps, state = pipeline_steps(config, ds, task)
-    try:
-        return finder.pipeline(
-            steps, state, pipeline_plan(config), time_fn=stages.time,
-            decide_fn=functools.partial(_decide, config), candidates=stages.base,
-            cache=lambda name, compute: stages.cache(name, compute, finish), on_step=on_step,
-        )  # fmt: skip
-    finally:
-        stages.bar.update(1)
-
-
-def _train_points(config, workdir, stages: _Stages, rows, max_batch, b_noise, mesh):
+def _tradeoff(config, workdir, stages: _Stages, m: finder.Measured, mesh, trainings: bool):
     """The trainings to the target (:func:`run_trainings`; ``tradeoff.extra_seeds`` more seeds
-    at the ``tradeoff.reseed_best`` fastest batches): ``(points, reseeded, skipped)``."""
+    at the ``tradeoff.reseed_best`` fastest batches; none without ``trainings``) and the fit of
+    ``S(B)``: ``(fit, skipped trainings)``."""
+    max_batch, _, tput = m.timed
+    rows = tput["rows"]
     fps = stages.fps["trainings"] = {}
-    train_at = functools.partial(run_trainings, config, workdir, stages.st, b_noise=b_noise,
-                                 timing=(step_times(rows), max_batch), fingerprints=fps,
-                                 bar=stages.bar)  # fmt: skip
+    train_at = functools.partial(run_trainings, config, workdir, stages.st,
+                                 b_noise=noise_scale_value(m.noise), fingerprints=fps,
+                                 timing=(step_times(rows), max_batch), bar=stages.bar)  # fmt: skip
     batches, skipped = [], {}
-    for b in train_batch_sizes(config, [r["batch_size"] for r in rows if r["fits"]]):
+    fitting = [r["batch_size"] for r in rows if r["fits"]]
+    for b in train_batch_sizes(config, fitting) if trainings else []:
         why = mesh_lib.split_reason(b, mesh)
         if why is None and b > max_batch:
             why = f"skipped: above the largest batch that fits ({max_batch})"
@@ -816,21 +706,32 @@ def _train_points(config, workdir, stages: _Stages, rows, max_batch, b_noise, me
     reseed = validation.reseed_batch_sizes(points, config.tradeoff.reseed_best)
     for offset in range(1, config.tradeoff.extra_seeds + 1):
         points += train_at(reseed, seed_offset=offset)
-    return points, reseed, skipped
+    by_batch = validation.mean_over_seeds(points)
+    fit = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.seed)
+    fit.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
+    return fit, skipped
 
 
-def _by_basis(config, m: finder.Measured, table, max_batch, fit: dict, rec, rec_fit) -> dict:
-    """The pick under every basis measured (the validation compares them on the trainings)."""
-    out = {}
+def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
+    """The pick under every basis measured (``recommendation_by_basis``: the validation compares
+    them on the trainings), from the best evidence (``recommendation``) and from the fitted
+    ``B_crit`` as the noise scale (``recommendation_from_tradeoff``: a check)."""
+    max_batch, table, _ = m.timed
     fit_iv = fit["intervals"].get("b_crit") or (None, None)
+    picks, by_basis = {}, {}
     for name, (v, lo, hi) in [*m.evidence.items(), ("tradeoff_fit", (fit["b_crit"], *fit_iv))]:
-        r = {m.basis: rec, "tradeoff_fit": rec_fit}.get(name)
-        if r is None and name != "tradeoff_fit" and not math.isnan(v):
-            r = _decide(config, name, (v, lo, hi), m.evidence, table, max_batch, fit["s_min"])
-        out[name] = {"b_noise": v, "low": lo, "high": hi}
-        out[name] |= {"batch_size": None} if r is None else {
+        value = (v, math.nan, math.nan) if name == "tradeoff_fit" else (v, lo, hi)
+        r = picks[name] = None if v is None or math.isnan(v) else _decide(
+            config, name, value, m.evidence, table, max_batch, fit["s_min"])  # fmt: skip
+        by_basis[name] = {"b_noise": v, "low": lo, "high": hi}
+        by_basis[name] |= {"batch_size": None} if r is None else {
             "batch_size": r.batch_size, "batch_size_range": r.batch_size_range}  # fmt: skip
-    return out
+    rec_fit = picks["tradeoff_fit"]
+    return {
+        "recommendation": picks[m.basis].to_dict() | {"basis_note": m.note},
+        "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
+        "recommendation_by_basis": by_basis,
+    }
 
 
 def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
@@ -846,34 +747,24 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     ds = task.load(config)
     stage_t = {"setup": time.perf_counter() - t_start}
     stages = _Stages(config, ds, task, st, fps, bar, stage_t)
-    m = _measure(config, ds, task, stages)
-    b_noise = noise_scale_value(m.noise)
-    if math.isnan(b_noise):
+    m = stages.measure()
+    if math.isnan(noise_scale_value(m.noise)):
         raise UserError(
             f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
             hint=f"delete {workdir} and run again",
         )
-    max_batch, table, tput = m.timed
+    max_batch, _, tput = m.timed
     rows = tput["rows"]
     t0 = time.perf_counter()
     bar.set(phase="trainings" if trainings else "recommend")
-    points, reseed, skipped = _train_points(
-        config, workdir, stages, rows, max_batch, b_noise, mesh
-    ) if trainings else ([], [], {})  # fmt: skip
-    by_batch = validation.mean_over_seeds(points)
-    fit = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.seed)
-    fit.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
+    fit, skipped = _tradeoff(config, workdir, stages, m, mesh, trainings)
     bar.update(1)
     stage_t["trainings"] = time.perf_counter() - t0
-    # The recommendation from the best evidence (primary) and from the fitted curve (check).
     bar.set(phase="recommend")
-    rec = _decide(config, m.basis, m.value, m.evidence, table, max_batch, fit["s_min"])
-    rec_fit = None if fit["b_crit"] is None else _decide(
-        config, "tradeoff_fit", (fit["b_crit"], math.nan, math.nan), m.evidence, table,
-        max_batch, fit["s_min"])  # fmt: skip
+    recommendations = _recommendations(config, m, fit)
     bar.update(1)
     stage_t["recommend"] = time.perf_counter() - t0 - stage_t["trainings"]
-    reached = [p for p in by_batch if p["reached"]]
+    reached = {str(p["batch_size"]): p for p in fit["by_batch"] if p["reached"]}
     sweep = {
         "device": hardware.detect_devices().to_dict(),
         "mesh": mesh_record,
@@ -888,29 +779,18 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
         "throughput_extended_to": m.extended_to,
         "noise_scale": m.noise,
         "tradeoff": fit,
-        "time_to_target": ranking(by_batch),
+        "time_to_target": ranking(fit["by_batch"]),
         "critical_batch": m.branched,
-        "recommendation": rec.to_dict() | {"basis_note": m.note},
-        "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
-        "recommendation_by_basis": _by_basis(config, m, table, max_batch, fit, rec, rec_fit),
+        **recommendations,
         # Device time (steps x t(B)), mean over seeds: comparable to the predicted S(B) t(B).
-        "measured_time_to_target": {
-            str(p["batch_size"]): p["device_time_to_target_s"] for p in reached
-        },
-        "measured_wall_time_to_target": {
-            str(p["batch_size"]): p["time_to_target_s"] for p in reached
-        },
+        "measured_time_to_target": {b: p[validation.DEVICE] for b, p in reached.items()},
+        "measured_wall_time_to_target": {b: p["time_to_target_s"] for b, p in reached.items()},
         "reused": st.reused,
         "remeasured_after_config_change": st.stale,
         "stage_time_s": stage_t,
         # What each stage cost when it was measured (also when reused): the price of gns.
         "measurement_cost_s": stages.cost,
     }
-    return _write_sweep(sweep, workdir, trainings)
-
-
-def _write_sweep(sweep: dict, workdir: str, trainings: bool) -> dict:
-    """``validation`` (with trainings), the plots and ``sweep.json``."""
     if trainings:
         sweep["validation"] = validation.validation(common.to_json(sweep))
     try:  # {name: path, or why it was not drawn}
@@ -931,150 +811,119 @@ def _enable_compilation_cache(path: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+# ---------------------------------------------------------------------------------------------
+# The printed summary.
+
+
+def _fmt(x, spec: str, scale: float | None = None) -> str:
+    return "-" if x is None else format(x if scale is None else x * scale, spec)
+
+
+# (title, row key, format[, scale]) of the summary's tables.
+THROUGHPUT_COLUMNS = [("batch", "batch_size", "d"), ("fits", "fits", ""),
+                      ("accum", "accumulation_steps", "d"), ("step ms", "step_time_s", ".2f", 1e3),
+                      ("examples/s", "examples_per_s", ".0f"),
+                      ("pred. MiB", "predicted_bytes", ".1f", 2.0**-20)]  # fmt: skip
+TRAINING_COLUMNS = [("batch", "batch_size", "d"), ("seed", "seed", "d"),
+                    ("lr", "learning_rate", ".3g"), ("steps to target", "steps", ".0f"),
+                    ("steps x t(B) s", "device_time_to_target_s", ".2f"),
+                    ("wall s", "time_to_target_s", ".1f")]  # fmt: skip
+
+
+def _table(rows: list[dict], columns: list[tuple]) -> list[str]:
+    """A header and one right-aligned line per row."""
+    cells = [[c[0] for c in columns]]
+    cells += [[_fmt(r.get(key), *spec) for _, key, *spec in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return [" ".join(f"{c:>{w}}" for c, w in zip(line, widths, strict=True)) for line in cells]
 
 
 def summary_table(sweep: dict) -> str:
-    """A plain-text summary: device, throughput, noise scale, tradeoff, recommendation."""
-    return "\n".join(
-        _throughput_lines(sweep) + _noise_lines(sweep) + _tradeoff_lines(sweep["tradeoff"])
-        + _recommendation_lines(sweep) + validation_lines(sweep.get("validation"))
-    )  # fmt: skip
-
-
-def _throughput_lines(sweep: dict) -> list[str]:
-    d, m = sweep["device"], sweep.get("mesh") or {}
+    """A plain-text summary: device, throughput, noise scale, tradeoff, recommendation and
+    validation."""
+    d, m, n = sweep["device"], sweep.get("mesh"), sweep["noise_scale"]
     lines = [f"device: {d['platform']} / {d['kind']} x{d['count']}"]
     if m:
-        lines.append(
-            f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are global "
-            f"(per device: batch / {m['devices']})"
-        )
-    lines += [
-        "",
-        f"{'batch':>7} {'fits':>5} {'accum':>5} {'step ms':>9} {'examples/s':>11} "
-        f"{'pred. MiB':>10}",
-    ]
-    for r in sweep["throughput"]:
-        ms = None if r.get("step_time_s") is None else 1e3 * r["step_time_s"]
-        mib = None if r.get("predicted_bytes") is None else r["predicted_bytes"] / 2**20
-        lines.append(
-            f"{r['batch_size']:>7} {str(r['fits']):>5} {r.get('accumulation_steps', 1):>5} "
-            f"{_fmt(ms, '9.2f'):>9} {_fmt(r.get('examples_per_s'), '11.0f'):>11} "
-            f"{_fmt(mib, '10.1f'):>10}"
-        )
-    return lines + [
-        "",
-        plots.largest_fits(sweep)[1]
-        + (f" ({sweep['max_batch_size_per_device']} per device)" if m else ""),
-        *(f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()),
-    ]
-
-
-def _noise_lines(sweep: dict) -> list[str]:
-    n = sweep["noise_scale"]
-    lines = [
-        f"noise scale b_simple: {_fmt(n['b_simple'], '.4g')}  "
-        f"{round(100 * n['confidence'])}% interval [{_fmt(n['interval'][0], '.4g')}, "
-        f"{_fmt(n['interval'][1], '.4g')}]  ({n['num_batches']} batches of {n['batch_size']}, "
-        f"{n['method']}, after {n['after_warmup_steps']} steps)",
-        "along the pilot: "
-        + ", ".join(
-            f"{_fmt(r['b_simple'], '.4g')} (to step {r['step']:g})" for r in n.get("trajectory", [])
-        )
-        + f"; effective {_fmt((n.get('effective') or {}).get('value'), '.4g')}",
-    ]
+        lines.append(f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are "
+                     f"global (per device: batch / {m['devices']})")  # fmt: skip
+    per_device = f" ({sweep['max_batch_size_per_device']} per device)" if m else ""
+    lines += ["", *_table(sweep["throughput"], THROUGHPUT_COLUMNS), ""]
+    lines.append(plots.largest_fits(sweep)[1] + per_device)
+    lines += [f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()]
+    iv = n["interval"]
+    lines.append(
+        f"noise scale b_simple: {_fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
+        f"interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]  ({n['num_batches']} batches "
+        f"of {n['batch_size']}, {n['method']}, after {n['after_warmup_steps']} steps)"
+    )
+    path = [f"{_fmt(r['b_simple'], '.4g')} (to step {r['step']:g})" for r in n["trajectory"]]
+    effective = (n.get("effective") or {}).get("value")
+    lines.append(f"along the pilot: {', '.join(path)}; effective {_fmt(effective, '.4g')}")
     c = sweep.get("critical_batch") or {}
     if c.get("checkpoints"):
+        forks = [f"{_fmt(r['b_crit'], '.4g')} (step {r['step']}, {r['status']})"
+                 for r in c["checkpoints"]]  # fmt: skip
         lines.append(
-            "branched B_crit: "
-            + ", ".join(f"{_fmt(r['b_crit'], '.4g')} (step {r['step']}"
-                        + ("" if r["resolved"] else ", unresolved") + ")" for r in c["checkpoints"])
-            + f"; effective {_fmt(c['effective']['value'], '.4g')} "
-            f"(forks cost {c['cost_fraction']:.2f}x the pilot's examples)"
-        )  # fmt: skip
-    return lines
-
-
-def _tradeoff_lines(t: dict) -> list[str]:
-    lines = [
-        "",
-        f"{'batch':>7} {'seed':>4} {'lr':>10} {'steps to target':>16} {'steps x t(B) s':>15} "
-        f"{'wall s':>8}",
-    ]
-    for p in t["points"]:
-        lines.append(
-            f"{p['batch_size']:>7} {_fmt(p.get('seed'), 'd'):>4} {p['learning_rate']:>10.3g} "
-            f"{_fmt(p['steps'], '16.0f'):>16} {_fmt(p['device_time_to_target_s'], '15.2f'):>15} "
-            f"{_fmt(p['time_to_target_s'], '8.1f'):>8}"
+            f"branched B_crit: {', '.join(forks)}; effective {_fmt(c['effective']['value'], '.4g')}"
+            f" (forks cost {c['cost_fraction']:.2f}x the pilot's examples)"
         )
+    t = sweep["tradeoff"]
+    lines += ["", *_table(t["points"], TRAINING_COLUMNS)]
     if t.get("b_crit") is None:
-        return lines + [f"fit: not available ({t.get('error')})"]
-    iv = t.get("intervals", {}).get("b_crit")
-    ivs = "" if not iv else f"  interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]"
-    return lines + [
-        f"fit: S_min = {t['s_min']:.4g}, E_min = {t['e_min']:.4g}, B_crit = {t['b_crit']:.4g}" + ivs
-    ]
+        lines.append(f"fit: not available ({t.get('error')})")
+    else:
+        iv = t["intervals"].get("b_crit") or (None, None)
+        lines.append(
+            f"fit: S_min = {t['s_min']:.4g}, E_min = {t['e_min']:.4g}, B_crit = {t['b_crit']:.4g}"
+            f"  interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]"
+        )
+    return "\n".join(
+        lines + _recommendation_lines(sweep) + validation_lines(sweep.get("validation"))
+    )
 
 
 def _recommendation_lines(sweep: dict) -> list[str]:
-    r = sweep["recommendation"]
-    lines = [
+    r, rf = sweep["recommendation"], sweep.get("recommendation_from_tradeoff")
+    evidence = [f"{k} {_fmt(v['value'], '.4g')} (x{_fmt(v['ratio_to_basis'], '.2f')})"
+                for k, v in r.get("evidence", {}).items()]  # fmt: skip
+    return [
         "",
         f"recommended batch size: {r['batch_size']} (accumulation steps {r['accumulation_steps']}),"
         f" learning rate {r['learning_rate']:.4g}, predicted speedup vs baseline "
         f"{r['predicted_speedup_vs_baseline']:.2f}x",
         f"  basis: {r['basis']} ({r.get('basis_note') or 'the best evidence measured'}); "
-        + ", ".join(
-            f"{k} {_fmt(v['value'], '.4g')} (x{_fmt(v['ratio_to_basis'], '.2f')})"
-            for k, v in r.get("evidence", {}).items()
-        ),
+        + ", ".join(evidence),
         f"  {r['reason']}",
         f"  lr rule: {r['lr_rule']}",
-    ]
-    rf = sweep.get("recommendation_from_tradeoff")
-    if rf is not None:
-        lines.append(
-            f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
-        )
-    return lines
+    ] + ([] if rf is None else [
+        f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
+    ])  # fmt: skip
 
 
 def validation_lines(v: dict | None) -> list[str]:
     """The ``validation`` block of ``sweep.json`` as summary lines (none without one)."""
-    if not v:
-        return []
-    if "error" in v:
-        return ["", f"validation: {v['error']}"]
-    best = v["best_measured"]
+    if not v or "error" in v:
+        return ["", f"validation: {v['error']}"] if v else []
+    best, c, g = v["best_measured"], v["branched_over_fitted"], v["targets"]
     lines = [
         "",
         f"validation (device time to target over the best measured, batch {best['batch_size']}"
         f" at {best['device_time_to_target_s']:.2f} s, mean of seeds {best['seeds']}):",
     ]
     for name, r in v["by_basis"].items():
-        if r.get("batch_size") is None:
-            lines.append(f"  {name:>12}: not measured")
-            continue
         rng = r.get("over_best_range")
-        spread = "" if not rng else f" [seeds {rng[0]:.2f}-{rng[1]:.2f}]"
-        lines.append(
-            f"  {name:>12}: batch {r['batch_size']:>5} (noise scale "
-            f"{_fmt(r['b_noise'], '.4g')}): {_fmt(r['over_best'], '.2f')}x{spread}, {r['source']}"
-        )
-    c, g = v["branched_over_fitted"], v["targets"]
-    lines.append(
-        f"  branched B_crit / fitted B_crit: {_fmt(c['value'], '.2f')} "
-        f"[{_fmt(c['low'], '.2f')}, {_fmt(c['high'], '.2f')}]; per checkpoint "
-        + ", ".join(f"{_fmt(x['ratio'], '.2f')} (step {x['step']})" for x in c["per_checkpoint"])
-    )
-    lines.append(
+        spread = f" [seeds {rng[0]:.2f}-{rng[1]:.2f}]" if rng else ""
+        lines.append(f"  {name:>12}: not measured" if r.get("batch_size") is None else (
+            f"  {name:>12}: batch {r['batch_size']:>5} (noise scale {_fmt(r['b_noise'], '.4g')}): "
+            f"{_fmt(r['over_best'], '.2f')}x{spread}, {r['source']}"))  # fmt: skip
+    ratios = [f"{_fmt(x['ratio'], '.2f')} (step {x['step']})" for x in c["per_checkpoint"]]
+    return lines + [
+        f"  branched B_crit / fitted B_crit: {_fmt(c['value'], '.2f')} [{_fmt(c['low'], '.2f')}, "
+        f"{_fmt(c['high'], '.2f')}]; per checkpoint {', '.join(ratios)}",
         f"  targets: branched over best <= {g['branched_over_best_max']:.2f}: "
         f"{g['branched_over_best_met']}; branched within {g['branched_over_fitted_max_factor']}x "
-        f"of fitted: {g['branched_over_fitted_met']}"
-    )
-    return lines
+        f"of fitted: {g['branched_over_fitted_met']}",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1082,8 +931,7 @@ def validation_lines(v: dict | None) -> list[str]:
 
 
 def _define_flags():
-    """The flags, defined only when this module is the main program (``experiments.cifar10``
-    imports it)."""
+    """The flags, defined only when this module is the main program."""
     flags.DEFINE_string("workdir", None, "Directory for sweep.json, plots and state.")
     config_flags.DEFINE_config_file(
         "config", None, "Config file, e.g. configs/sweep.py:smoke.", lock_config=True

@@ -127,7 +127,7 @@ def test_throughput_memory_and_accumulation_are_consistent(smoke_run):
     # to when the pick was at an end of it (timed in one new interleaved table with the others).
     ext = s["throughput_extended_to"]
     tp = config.throughput
-    expected = set(sweep.candidate_batch_sizes(tp.min_batch_size, tp.max_batch_size))
+    expected = set(finder.power_of_two_candidates(tp.min_batch_size, tp.max_batch_size))
     expected |= {f * max_b for f in tp.accumulation_factors} | ({ext} if ext else set())
     assert sorted(rows) == sorted(expected)
     assert ext is None or ext in (tp.min_batch_size // 2, 2 * max_b)
@@ -595,10 +595,12 @@ def test_command_line_reuses_per_stage_and_a_config_mistake_is_one_line(
 
 
 def test_candidate_batch_sizes_and_spread():
-    assert sweep.candidate_batch_sizes(16, 1024) == [16, 32, 64, 128, 256, 512, 1024]
-    assert sweep.candidate_batch_sizes(12, 100) == [16, 32, 64]
-    with pytest.raises(ValueError, match="min_batch_size"):
-        sweep.candidate_batch_sizes(64, 32)
+    config = sweep_config.get_config("cpu")
+    config.batch_size = 24
+    config.throughput.update(min_batch_size=12, max_batch_size=100)
+    config.tradeoff.batch_sizes = (48, 200)  # 200: above the largest candidate, not timed
+    view = sweep.stage_config(config, "throughput")
+    assert sweep.throughput_candidates(view) == [16, 24, 32, 48, 64]
     config = sweep_config.get_config("cpu")
     config.tradeoff.update(batch_sizes=None, max_runs=3, min_batch_size=16)
     fitting = [8, 16, 32, 64, 128, 256, 512, 1024]
