@@ -1,24 +1,11 @@
 """Byte-level text corpora for a character-level language model: loading, splits, batches.
 
-The tokens are bytes (vocabulary 256). ``config.data.path`` picks the corpus: ``None``, the
-``.py`` files of the running interpreter's standard library (no download; installed packages,
-test suites, caches and binary files left out: **the corpus, hence the test loss, depends on
-the Python version**, recorded in ``ds.source``); a file (its last ``test_fraction`` of bytes
-held out); or a directory (its files, or those with ``data.extensions``), split **by file**
-(:func:`is_test_file`: the splits never share a file). Files are read in sorted order and
-concatenated; ``data.max_bytes`` caps each split at its share.
-
-An example is a window of ``context + 1`` bytes (tokens, then the next byte of each as
-targets). Epoch ``e`` covers the train split with non-overlapping windows at a random shift,
-in a random order, both drawn from ``(seed, e)`` (:func:`train_offsets`): the batch of examples
-``[i, i + B)`` is a pure function of ``(seed, i, B)``, so a run that changes its batch size, or
-resumes, sees the examples of an uninterrupted run.
-
-Example::
-
-    ds = text.load(config.data, context=config.model.context)
-    batch = text.train_batch(ds, step * config.batch_size, config.batch_size, seed=config.seed)
-    # batch['tokens'], batch['targets']: int32 [B, context]
+The tokens are bytes (vocabulary 256). An example is a window of ``context + 1`` bytes (tokens,
+then the next byte of each as targets). Epoch ``e`` covers the train split with
+non-overlapping windows at a random shift, in a random order, both drawn from ``(seed, e)``
+(:func:`train_offsets`): the batch of examples ``[i, i + B)`` is a pure function of ``(seed,
+i, B)``, so a run that changes its batch size, or resumes, sees the examples of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -39,22 +26,7 @@ from absl import logging
 
 from experiments.cli import UserError
 
-__all__ = [
-    "VOCAB_SIZE",
-    "TextDataset",
-    "load",
-    "stdlib_root",
-    "list_files",
-    "is_test_file",
-    "train_offsets",
-    "train_batch",
-    "eval_arrays",
-    "bits_per_byte",
-]
-
 VOCAB_SIZE = 256
-DEFAULT_TEST_FRACTION = 0.05
-STDLIB_EXTENSIONS = (".py",)
 # Directories never read: installed packages, test suites (the stdlib's hold binary fixtures
 # and deliberately broken encodings), byte-code caches.
 EXCLUDED_DIRS = frozenset(
@@ -80,8 +52,6 @@ class TextDataset:
     train_files: tuple[str, ...] = ()
     test_files: tuple[str, ...] = ()
 
-    vocab_size = VOCAB_SIZE
-
     @property
     def window(self) -> int:  # bytes per example
         return self.context + 1
@@ -94,25 +64,27 @@ class TextDataset:
     def num_eval_windows(self) -> int:  # non-overlapping windows of the test split
         return len(self.test) // self.window
 
-    def train_batch(self, start_example: int, batch_size: int, seed: int) -> dict:
-        return train_batch(self, start_example, batch_size, seed)
-
 
 def load(cfg, *, context: int) -> TextDataset:
-    """The corpus of ``cfg`` (``config.data`` or a mapping: ``path``, ``max_bytes``,
-    ``test_fraction`` (default 0.05), ``extensions``) with ``context`` tokens per example.
+    """The corpus of ``cfg`` (``config.data`` or a mapping, its fields checked by
+    :mod:`experiments.rules`) with ``context`` tokens per example. ``path``: ``None``, the
+    ``.py`` files of the running interpreter's standard library (no download; installed
+    packages, test suites, caches and binary files left out: **the corpus, hence the test
+    loss, depends on the Python version**, recorded in ``source``); a file (its last
+    ``test_fraction``, default 0.05, of bytes held out); or a directory (its files, or those
+    ending in ``extensions``), split by file (:func:`is_test_file`). Files are read in sorted
+    order and concatenated; ``max_bytes`` caps each split at its share.
 
-    A missing path, an empty corpus, a binary file, a split shorter than ``context + 1`` bytes
-    or a bad field raises :class:`UserError`.
-
-    Example::
-
-        ds = load({"path": None, "max_bytes": 300_000}, context=64)
-        ds.source["python"], len(ds.train), len(ds.test)
+    A missing path, an empty corpus, a binary file or a split shorter than ``context + 1``
+    bytes raises :class:`UserError`.
     """
-    path, max_bytes, test_fraction, extensions = _options(cfg, context)
-    record, arrays = _read_corpus(path, max_bytes, test_fraction, extensions)
-    train, test, train_files, test_files, split = arrays
+    test_fraction = float(cfg.get("test_fraction", 0.05))
+    max_bytes = None if cfg.get("max_bytes") is None else int(cfg["max_bytes"])
+    extensions = cfg.get("extensions")
+    extensions = (extensions,) if isinstance(extensions, str) else extensions
+    record, (train, test, train_files, test_files, split) = _read_corpus(
+        cfg.get("path"), max_bytes, test_fraction, extensions
+    )
     where = record["path"]
     if len(train) + len(test) == 0:
         raise UserError(
@@ -144,29 +116,11 @@ def load(cfg, *, context: int) -> TextDataset:
     return TextDataset(train, test, context, record, tuple(train_files), tuple(test_files))
 
 
-def _options(cfg, context: int) -> tuple[str | None, int | None, float, tuple | None]:
-    """``(path, max_bytes, test_fraction, extensions)`` of ``cfg``, checked."""
-    path, max_bytes, extensions = cfg.get("path"), cfg.get("max_bytes"), cfg.get("extensions")
-    test_fraction = float(cfg.get("test_fraction", DEFAULT_TEST_FRACTION))
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise UserError(f"context={context!r} must be a positive integer.")
-    if not 0.0 < test_fraction < 1.0:
-        raise UserError(
-            f"data.test_fraction={test_fraction} must be in (0, 1).",
-            hint="e.g. --config.data.test_fraction=0.05",
-        )
-    if max_bytes is not None and (isinstance(max_bytes, bool) or int(max_bytes) < 2):
-        raise UserError(f"data.max_bytes={max_bytes!r} must be >= 2 or None (no cap).")
-    max_bytes = None if max_bytes is None else int(max_bytes)
-    extensions = (extensions,) if isinstance(extensions, str) else extensions
-    return path, max_bytes, test_fraction, extensions
-
-
 def _read_corpus(path, max_bytes, test_fraction, extensions) -> tuple[dict, tuple]:
     """The source record (``kind``, ``path``) and the split of the corpus at ``path``."""
     if path is None:
         root = stdlib_root()
-        files = list_files(root, STDLIB_EXTENSIONS, exclude_dirs=EXCLUDED_DIRS)
+        files = list_files(root, (".py",), exclude_dirs=EXCLUDED_DIRS)
         arrays = _split_by_file(root, files, test_fraction, max_bytes, strict=False)
         return {"kind": "stdlib", "path": root}, arrays
     path = os.path.abspath(os.path.expanduser(str(path)))
@@ -209,17 +163,14 @@ def list_files(
     """Relative ``/``-separated paths of the regular files under ``root``, sorted, but hidden
     ones, those in ``exclude_dirs`` and (with ``extensions``) other suffixes."""
     exclude = frozenset(exclude_dirs)
-    suffixes = tuple(extensions) if extensions else None
+    suffixes = tuple(extensions or ("",))
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in exclude and not d.startswith(".")]
-        rel_dir = os.path.relpath(dirpath, root)
         for name in filenames:
-            if name.startswith(".") or (suffixes and not name.endswith(suffixes)):
-                continue
-            if os.path.isfile(os.path.join(dirpath, name)):
-                rel = name if rel_dir == "." else os.path.join(rel_dir, name)
-                out.append(rel.replace(os.sep, "/"))
+            full = os.path.join(dirpath, name)
+            if not name.startswith(".") and name.endswith(suffixes) and os.path.isfile(full):
+                out.append(os.path.relpath(full, root).replace(os.sep, "/"))
     return sorted(out)
 
 
@@ -238,20 +189,15 @@ def _split_by_file(root, files, test_fraction, max_bytes, *, strict):
     """(train, test, train_files, test_files, 'file'): files read in order, capped per split;
     a binary or unreadable file raises with ``strict``, else is skipped (the standard library).
     Each split gets a file at least (the smallest or largest hash)."""
-    test_set = {f for f in files if is_test_file(f, test_fraction)}
-    if not test_set:
-        test_set = {min(files, key=_path_hash)}
+    test_set = {f for f in files if is_test_file(f, test_fraction)} or {min(files, key=_path_hash)}
     if len(test_set) == len(files):
         test_set.discard(max(files, key=_path_hash))
-    caps = (None, None)
-    if max_bytes is not None:
-        test_cap = max(1, round(max_bytes * test_fraction))
-        caps = (max_bytes - test_cap, test_cap)
+    test_cap = None if max_bytes is None else max(1, round(max_bytes * test_fraction))
+    caps = (None, None) if max_bytes is None else (max_bytes - test_cap, test_cap)
     parts = []
-    splits = ([f for f in files if f not in test_set], [f for f in files if f in test_set])
-    for names, cap in zip(splits, caps, strict=True):
+    for is_test, cap in zip((False, True), caps, strict=True):
         chunks, used, total = [], [], 0
-        for name in names:
+        for name in (f for f in files if (f in test_set) == is_test):
             if cap is not None and total >= cap:
                 break
             try:
@@ -272,10 +218,8 @@ def _split_by_file(root, files, test_fraction, max_bytes, *, strict):
 
 def _split_bytes(data: bytes, test_fraction: float, name: str | None):
     """(train, test, files, files, 'bytes'): the last ``test_fraction`` of the bytes is test."""
-    if not data:
-        return np.zeros(0, np.uint8), np.zeros(0, np.uint8), [], [], "bytes"
     arr = np.frombuffer(data, np.uint8).copy()
-    cut = len(arr) - max(1, round(len(arr) * test_fraction))
+    cut = len(arr) - max(1, round(len(arr) * test_fraction)) if data else 0
     files = [name] if name else []
     return arr[:cut], arr[cut:], files, files, "bytes"
 
@@ -285,15 +229,14 @@ def _read_text(path: str, max_bytes: int | None) -> bytes:
     ``MAX_UNDECODABLE_FRACTION`` of bytes not UTF-8) raises :class:`UserError`."""
     with open(path, "rb") as f:
         data = f.read() if max_bytes is None else f.read(max_bytes)
+    # Not final: a cut at max_bytes may split the last multi-byte character.
+    decoded = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
+    bad = decoded.count("\ufffd") - data.count("\ufffd".encode())
     problem = None
     if b"\x00" in data:
         problem = "it holds NUL bytes"
-    else:
-        # Not final: a cut at max_bytes may split the last multi-byte character.
-        decoded = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
-        bad = decoded.count("\ufffd") - data.count("\ufffd".encode())
-        if bad > MAX_UNDECODABLE_FRACTION * len(data):
-            problem = f"{bad} of its {len(data)} bytes are not UTF-8"
+    elif bad > MAX_UNDECODABLE_FRACTION * len(data):
+        problem = f"{bad} of its {len(data)} bytes are not UTF-8"
     if problem:
         raise UserError(
             f"{path} is a binary file ({problem}), not text.",
@@ -310,12 +253,6 @@ def train_offsets(
     batch_size)``. Epoch ``e`` has ``per_epoch = num_bytes // window`` windows at ``shift_e +
     window * k``, the shift and the order of ``k`` drawn from ``default_rng([seed, e, tag])``;
     example ``i`` is position ``i % per_epoch`` of epoch ``i // per_epoch``."""
-    if not 1 <= window <= num_bytes:
-        raise ValueError(f"window={window} must be in [1, num_bytes={num_bytes}].")
-    if seed < 0 or start_example < 0 or batch_size < 0:
-        raise ValueError(
-            f"seed={seed}, start_example={start_example} and batch_size={batch_size} must be >= 0."
-        )
     per_epoch = num_bytes // window
     slack = num_bytes - per_epoch * window
     index = np.arange(start_example, start_example + batch_size, dtype=np.int64)
@@ -344,9 +281,7 @@ def _windows(data: np.ndarray, offsets: np.ndarray, window: int) -> dict:
 
 def train_batch(ds: TextDataset, start_example: int, batch_size: int, seed: int) -> dict:
     """The train examples ``[start_example, start_example + batch_size)``: ``{'tokens',
-    'targets'}``, int32 ``[B, context]``, ``targets[:, t]`` the byte after ``tokens[:, t]``
-    (:func:`train_offsets`: the batch of ``[i, i + B)`` is those of ``[i, i + k)`` and
-    ``[i + k, i + B)`` together)."""
+    'targets'}``, int32 ``[B, context]``, ``targets[:, t]`` the byte after ``tokens[:, t]``."""
     offsets = train_offsets(len(ds.train), ds.window, seed, start_example, batch_size)
     return _windows(ds.train, offsets, ds.window)
 
@@ -356,8 +291,6 @@ def eval_arrays(ds: TextDataset, max_windows: int | None = None) -> dict:
     ``max_windows`` spread evenly, as ``{'tokens', 'targets'}`` (int32 ``[W, context]``)."""
     total = ds.num_eval_windows
     n = total if max_windows is None else min(int(max_windows), total)
-    if n < 1:
-        raise ValueError(f"max_windows={max_windows} must be >= 1.")
     offsets = (np.arange(n, dtype=np.int64) * total // n) * ds.window
     return _windows(ds.test, offsets, ds.window)
 
