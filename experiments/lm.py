@@ -9,7 +9,7 @@ Usage::
 ``--config`` takes ``configs/lm.py:VARIANT`` (``smoke``, ``cpu``); any field is overridable
 (``--config.batch_size=64``). The corpus is the ``.py`` files of the running interpreter's
 standard library unless ``--config.data.path`` names a text file or a directory of text files
-(:mod:`experiments.text`). This is the training main of :mod:`experiments.run` with
+(:mod:`experiments.tasks.text`). This is the training main of :mod:`experiments.run` with
 ``configs/lm.py`` as the default of ``--help``: the outputs are the CIFAR-10 experiment's,
 with ``test_loss`` and ``test_bits_per_byte`` on evaluation rows and the corpus record under
 ``data`` in ``summary.json``; ``config.target_bits_per_byte`` stops the run when a held-out
