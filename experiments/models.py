@@ -143,7 +143,6 @@ class MBConv(nn.Module):
     expand_ratio: int
     kernel: int
     strides: int
-    se_ratio: float = 0.25
     drop_connect_rate: float = 0.0
     bn_momentum: float = 0.99
     dtype: Any = None
@@ -154,15 +153,15 @@ class MBConv(nn.Module):
         inputs = x
         filters = self.input_filters * self.expand_ratio
         if self.expand_ratio != 1:
-            x = nn.swish(norm(name="expand_bn")(conv(filters, (1, 1), name="expand_conv")(x)))
+            x = conv(filters, (1, 1), name="expand_conv")(x)
+            x = nn.swish(norm(name="expand_bn")(x))
         k, s = (self.kernel, self.kernel), (self.strides, self.strides)
         x = conv(filters, k, s, padding="SAME", feature_group_count=filters, name="dw")(x)
         x = nn.swish(norm(name="dw_bn")(x))
-        if self.se_ratio:
-            se_filters = max(1, int(self.input_filters * self.se_ratio))
-            se = jnp.mean(x, axis=(1, 2), keepdims=True)
-            se = nn.swish(conv(se_filters, (1, 1), use_bias=True, name="se_reduce")(se))
-            x = x * nn.sigmoid(conv(filters, (1, 1), use_bias=True, name="se_expand")(se))
+        se = jnp.mean(x, axis=(1, 2), keepdims=True)  # squeeze-excitation, ratio 0.25
+        se = conv(max(1, self.input_filters // 4), (1, 1), use_bias=True, name="se_reduce")(se)
+        se = conv(filters, (1, 1), use_bias=True, name="se_expand")(nn.swish(se))
+        x = x * nn.sigmoid(se)
         x = norm(name="project_bn")(conv(self.output_filters, (1, 1), name="project_conv")(x))
         if self.strides != 1 or self.input_filters != self.output_filters:
             return x
@@ -199,9 +198,8 @@ class EfficientNet(nn.Module):
         norm, conv = _layers(train, self.bn_momentum, 1e-3, self.dtype)
         wc, dc = self.width_coefficient, self.depth_coefficient
         s = (self.stem_strides, self.stem_strides)
-        x = conv(round_filters(self.blocks[0][3], wc), (3, 3), s, padding="SAME", name="stem_conv")(
-            x
-        )
+        stem = round_filters(self.blocks[0][3], wc)
+        x = conv(stem, (3, 3), s, padding="SAME", name="stem_conv")(x)
         x = nn.swish(norm(name="stem_bn")(x))
         total = sum(math.ceil(dc * b[5]) for b in self.blocks)
         index = 0

@@ -1,14 +1,7 @@
-"""Byte-level language modelling (``config.task='lm'``): byte corpora, their splits, and
-batches ``{'tokens', 'targets'}`` (the next byte of each token), target
-``config.target_bits_per_byte`` (lower is better; bits per byte = loss in nats / ln 2).
-
-The tokens are bytes (vocabulary 256). An example is a window of ``context + 1`` bytes (tokens,
-then the next byte of each as targets). Epoch ``e`` covers the train split with
-non-overlapping windows at a random shift, in a random order, both drawn from ``(seed, e)``
-(:func:`train_offsets`): the batch of examples ``[i, i + B)`` is a pure function of ``(seed,
-i, B)``, so a run that changes its batch size, or resumes, sees the examples of an
-uninterrupted run.
-"""
+"""Byte-level language modelling (``config.task='lm'``): byte corpora and their splits; an
+example is a window of ``context + 1`` bytes, ``{'tokens', 'targets'}`` (the next byte of each
+token; vocabulary 256). Target ``config.target_bits_per_byte`` (lower is better; bits per byte
+= loss in nats / ln 2)."""
 
 from __future__ import annotations
 
