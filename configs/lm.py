@@ -7,8 +7,9 @@ training fields of :mod:`configs.common`, then the task's), and the table of
 :mod:`experiments.rules` (``python -m experiments.lm --help``) gives each one's valid values.
 
 The default corpus is the ``.py`` files of the running interpreter's standard library
-(:mod:`experiments.text`): no download, but it differs between Python versions, and so do the
-held-out losses; ``summary.json`` should record ``ds.source`` (Python version, corpus hash).
+(:mod:`experiments.tasks.text`): no download, but it differs between Python versions, and so
+do the held-out losses; ``summary.json`` should record ``ds.source`` (Python version, corpus
+hash).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.mlp_ratio = 4  # MLP hidden size / width
     c.model.tie_embeddings = False  # the output layer is the token embedding transposed
 
-    # Data (experiments.text.load).
+    # Data (experiments.tasks.text.load).
     c.data = ml_collections.ConfigDict()
     c.data.path = config_dict.placeholder(str)  # a text file (split by bytes, the last
     # test_fraction held out) or a directory (split by file); None: the Python standard library

@@ -8,7 +8,8 @@ Usage::
 
 ``--config`` takes ``configs/lm.py:VARIANT`` (``smoke``, ``cpu``); any field is overridable.
 The corpus is the ``.py`` files of the running interpreter's standard library unless
-``--config.data.path`` names a text file or a directory. The training main of
+``--config.data.path`` names a text file or a directory
+(:mod:`experiments.tasks.text`). The training main of
 :mod:`experiments.run`, with the outputs of ``experiments.cifar10`` (held-out
 ``test_bits_per_byte`` instead of accuracy; ``b_simple`` counts windows of ``context``
 tokens); re-running resumes, Ctrl-C stops with everything saved (exit code 130), a mistake

@@ -1,22 +1,17 @@
 """Flax Linen models of the experiments: image classifiers and a byte-level Transformer.
 
-``model.apply(variables, x, train=...)`` returns logits (``[batch, num_classes]``, or for
-:class:`TransformerLM` next-token logits ``[batch, length, vocab_size]`` of tokens ``[batch,
-length]``); ``train=True`` uses batch statistics (``mutable=["batch_stats"]``) and dropout
-(``rngs={"dropout": key}``). Models with BatchNorm say so with ``has_batch_norm`` (their
-per-example gradients are not valid: the microbatch estimator measures them).
-
-Example:
-  >>> model = get_model({"name": "resnet18"}, num_classes=10)
-  >>> model.has_batch_norm
-  True
+``model.apply(variables, x, train=...)`` returns logits ``[batch, num_classes]`` (the
+Transformer: ``[batch, length, vocab_size]``); ``train=True`` uses batch statistics
+(``mutable=["batch_stats"]``) and dropout (``rngs={"dropout": key}``). ``dtype`` is the
+computation dtype (None: the inputs'; parameters stay float32).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -26,18 +21,6 @@ import jax.numpy as jnp
 from experiments.rules import MODEL_NAMES
 from gns.ghost import AddPositionEmbedding
 
-__all__ = [
-    "MLP",
-    "SmallCNN",
-    "ResNet",
-    "EfficientNet",
-    "EFFICIENTNET_B0_BLOCKS",
-    "TransformerLM",
-    "get_model",
-    "has_batch_norm",
-    "MODEL_NAMES",
-]
-
 
 class SmallCNN(nn.Module):
     """Stride-2 convolutions + GroupNorm + ReLU, then a dense head: no max-pooling (slow on
@@ -46,15 +29,13 @@ class SmallCNN(nn.Module):
     widths: Sequence[int] = (32, 64, 128)
     num_classes: int = 10
     groups: int = 8
-    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        del train  # no dropout or batch statistics
         for width in self.widths:
             x = nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype)(x)
-            x = nn.GroupNorm(num_groups=min(self.groups, width), dtype=self.dtype)(x)
-            x = nn.relu(x)
+            x = nn.relu(nn.GroupNorm(num_groups=min(self.groups, width), dtype=self.dtype)(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
@@ -66,22 +47,23 @@ class MLP(nn.Module):
 
     widths: Sequence[int] = (256, 256)
     num_classes: int = 10
-    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        del train  # no dropout or batch statistics
         x = x.reshape((x.shape[0], -1))
         for width in self.widths:
             x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
-def _batch_norm(train: bool, momentum: float, epsilon: float, dtype: Any) -> Callable:
-    """``nn.BatchNorm`` on batch statistics when ``train``, else on the running averages."""
-    return functools.partial(
+def _layers(train: bool, momentum: float, epsilon: float, dtype: Any):
+    """``(norm, conv)``: ``nn.BatchNorm`` on batch statistics when ``train`` (else the running
+    averages) and ``nn.Conv`` without bias, both in ``dtype``."""
+    norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype
     )
+    return norm, functools.partial(nn.Conv, use_bias=False, dtype=dtype)
 
 
 class BasicBlock(nn.Module):
@@ -94,16 +76,13 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        norm = _batch_norm(train, self.bn_momentum, 1e-5, self.dtype)
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        norm, conv = _layers(train, self.bn_momentum, 1e-5, self.dtype)
         s = (self.strides, self.strides)
-        y = conv(self.filters, (3, 3), s, padding="SAME")(x)
-        y = nn.relu(norm()(y))
+        y = nn.relu(norm()(conv(self.filters, (3, 3), s, padding="SAME")(x)))
         y = conv(self.filters, (3, 3), padding="SAME")(y)
         y = norm(scale_init=nn.initializers.zeros)(y)  # zero-init the residual branch (Goyal+17)
         if x.shape[-1] != self.filters or self.strides != 1:
-            x = conv(self.filters, (1, 1), s, name="proj_conv")(x)
-            x = norm(name="proj_bn")(x)
+            x = norm(name="proj_bn")(conv(self.filters, (1, 1), s, name="proj_conv")(x))
         return nn.relu(x + y)
 
 
@@ -117,24 +96,20 @@ class ResNet(nn.Module):
     num_filters: int = 64
     num_classes: int = 10
     bn_momentum: float = 0.9
-    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
+    dtype: Any = None
 
     has_batch_norm: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(
-            self.num_filters, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-            name="stem_conv",
-        )(x)  # fmt: skip
-        x = _batch_norm(train, self.bn_momentum, 1e-5, self.dtype)(name="stem_bn")(x)
-        x = nn.relu(x)
+        norm, conv = _layers(train, self.bn_momentum, 1e-5, self.dtype)
+        x = conv(self.num_filters, (3, 3), padding="SAME", name="stem_conv")(x)
+        x = nn.relu(norm(name="stem_bn")(x))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = BasicBlock(self.num_filters * 2**i, strides, self.bn_momentum, self.dtype)(
-                    x, train
-                )
+                block = BasicBlock(self.num_filters * 2**i, strides, self.bn_momentum, self.dtype)
+                x = block(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
@@ -157,9 +132,7 @@ def round_filters(filters: int, width_coefficient: float, divisor: int = 8) -> i
     reference implementation does)."""
     filters *= width_coefficient
     new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
-    if new < 0.9 * filters:
-        new += divisor
-    return int(new)
+    return int(new + divisor if new < 0.9 * filters else new)
 
 
 class MBConv(nn.Module):
@@ -170,44 +143,34 @@ class MBConv(nn.Module):
     expand_ratio: int
     kernel: int
     strides: int
-    se_ratio: float = 0.25
     drop_connect_rate: float = 0.0
     bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        norm = _batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
-        conv = functools.partial(nn.Conv, dtype=self.dtype)
+        norm, conv = _layers(train, self.bn_momentum, 1e-3, self.dtype)
         inputs = x
         filters = self.input_filters * self.expand_ratio
         if self.expand_ratio != 1:
-            x = conv(filters, (1, 1), use_bias=False, name="expand_conv")(x)
+            x = conv(filters, (1, 1), name="expand_conv")(x)
             x = nn.swish(norm(name="expand_bn")(x))
         k, s = (self.kernel, self.kernel), (self.strides, self.strides)
-        x = conv(
-            filters, k, s, padding="SAME", feature_group_count=filters, use_bias=False, name="dw"
-        )(x)
+        x = conv(filters, k, s, padding="SAME", feature_group_count=filters, name="dw")(x)
         x = nn.swish(norm(name="dw_bn")(x))
-        if self.se_ratio:
-            se_filters = max(1, int(self.input_filters * self.se_ratio))
-            se = jnp.mean(x, axis=(1, 2), keepdims=True)
-            se = nn.swish(conv(se_filters, (1, 1), name="se_reduce")(se))
-            se = conv(filters, (1, 1), name="se_expand")(se)
-            x = x * nn.sigmoid(se)
-        x = conv(self.output_filters, (1, 1), use_bias=False, name="project_conv")(x)
-        x = norm(name="project_bn")(x)
-        if self.strides == 1 and self.input_filters == self.output_filters:
-            if train and self.drop_connect_rate > 0:
-                # Stochastic depth: drop the whole residual branch per example.
-                keep = 1.0 - self.drop_connect_rate
-                mask = jax.random.bernoulli(
-                    self.make_rng("dropout"), keep, (x.shape[0], 1, 1, 1)
-                ).astype(x.dtype)
-                x = x * mask / keep
-            x = x + inputs
-        return x
+        se = jnp.mean(x, axis=(1, 2), keepdims=True)  # squeeze-excitation, ratio 0.25
+        se = conv(max(1, self.input_filters // 4), (1, 1), use_bias=True, name="se_reduce")(se)
+        se = conv(filters, (1, 1), use_bias=True, name="se_expand")(nn.swish(se))
+        x = x * nn.sigmoid(se)
+        x = norm(name="project_bn")(conv(self.output_filters, (1, 1), name="project_conv")(x))
+        if self.strides != 1 or self.input_filters != self.output_filters:
+            return x
+        if train and self.drop_connect_rate > 0:
+            # Stochastic depth: drop the whole residual branch per example.
+            keep = 1.0 - self.drop_connect_rate
+            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1, 1))
+            x = x * mask.astype(x.dtype) / keep
+        return x + inputs
 
 
 class EfficientNet(nn.Module):
@@ -226,17 +189,16 @@ class EfficientNet(nn.Module):
     head_filters: int = 1280
     blocks: Sequence[Sequence[int]] = EFFICIENTNET_B0_BLOCKS
     bn_momentum: float = 0.99
-    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
+    dtype: Any = None
 
     has_batch_norm: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm = _batch_norm(train, self.bn_momentum, 1e-3, self.dtype)
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        norm, conv = _layers(train, self.bn_momentum, 1e-3, self.dtype)
         wc, dc = self.width_coefficient, self.depth_coefficient
-        stem = round_filters(self.blocks[0][3], wc)
         s = (self.stem_strides, self.stem_strides)
+        stem = round_filters(self.blocks[0][3], wc)
         x = conv(stem, (3, 3), s, padding="SAME", name="stem_conv")(x)
         x = nn.swish(norm(name="stem_bn")(x))
         total = sum(math.ceil(dc * b[5]) for b in self.blocks)
@@ -256,10 +218,8 @@ class EfficientNet(nn.Module):
                 )(x, train)
                 index += 1
         x = conv(round_filters(self.head_filters, wc), (1, 1), name="head")(x)
-        x = nn.swish(norm(name="head_bn")(x))
-        x = jnp.mean(x, axis=(1, 2))
-        if self.dropout_rate > 0:
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = jnp.mean(nn.swish(norm(name="head_bn")(x)), axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
 
 
@@ -268,20 +228,17 @@ class TransformerBlock(nn.Module):
 
     num_heads: int
     mlp_ratio: int = 4
-    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, mask):
-        width = x.shape[-1]
         norm = functools.partial(nn.LayerNorm, dtype=self.dtype)
         dense = functools.partial(nn.Dense, dtype=self.dtype)
-        h = norm(name="attn_norm")(x)
-        attn = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
-                                               name="attn")  # fmt: skip
-        x = x + attn(h, mask=mask)
+        attn = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype, name="attn")
+        x = x + attn(norm(name="attn_norm")(x), mask=mask)
         h = norm(name="mlp_norm")(x)
-        h = nn.gelu(dense(self.mlp_ratio * width, name="mlp_in")(h))
-        return x + dense(width, name="mlp_out")(h)
+        h = nn.gelu(dense(self.mlp_ratio * x.shape[-1], name="mlp_in")(h))
+        return x + dense(x.shape[-1], name="mlp_out")(h)
 
 
 class TransformerLM(nn.Module):
@@ -299,11 +256,10 @@ class TransformerLM(nn.Module):
     depth: int = 2
     num_heads: int = 4
     mlp_ratio: int = 4
-    dtype: Any = None  # computation dtype (None: the inputs'; parameters stay float32)
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, tokens, train: bool = False):
-        del train  # no dropout
         if tokens.ndim != 2 or tokens.shape[1] > self.context:
             raise ValueError(
                 f"TransformerLM needs tokens [batch, length] with length <= context="
@@ -321,57 +277,52 @@ class TransformerLM(nn.Module):
         return nn.Dense(self.vocab_size, dtype=self.dtype, name="head")(x)
 
 
-def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None else value
+# config.model.name -> module (rules.MODEL_NAMES lists the names without importing JAX).
+MODELS = {
+    "mlp": MLP,
+    "small_cnn": SmallCNN,
+    "resnet": ResNet,
+    "resnet18": ResNet,
+    "efficientnet": EfficientNet,
+    "efficientnet_b0": EfficientNet,
+    "transformer": TransformerLM,
+}
+
+
+def _tuples(value: Any) -> Any:
+    """``value`` with its lists and tuples, nested too, as tuples (hashable module fields)."""
+    return tuple(map(_tuples, value)) if isinstance(value, list | tuple) else value
 
 
 def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = None) -> nn.Module:
     """The model of ``config.model`` (a ConfigDict or dict): ``name`` in :data:`MODEL_NAMES`
-    and the module's fields (a missing one takes the module's default); ``num_classes``
-    overrides the config's (not used by ``transformer``); ``dtype`` is the computation dtype
-    (e.g. ``"bfloat16"``; parameters stay float32).
+    and the module's fields (a missing or None one takes the module's default);
+    ``num_classes`` overrides the config's; ``dtype`` is the computation dtype (e.g.
+    ``"bfloat16"``).
 
     Example:
       >>> get_model({"name": "small_cnn", "widths": (8, 16)}, num_classes=10).widths
       (8, 16)
     """
-    name = _cfg_get(model_config, "name", None)
-    classes = num_classes if num_classes is not None else _cfg_get(model_config, "num_classes", 10)
-
-    def opt(*keys):
-        out = {}
-        for key in keys:
-            value = _cfg_get(model_config, key, None)
-            if value is not None:
-                out[key] = tuple(value) if isinstance(value, list) else value
-        if dtype is not None:
-            out["dtype"] = jnp.dtype(dtype)
-        return out
-
-    if name == "mlp":
-        return MLP(num_classes=classes, **opt("widths"))
-    if name == "small_cnn":
-        return SmallCNN(num_classes=classes, **opt("widths", "groups"))
-    if name in ("resnet", "resnet18"):
-        return ResNet(num_classes=classes, **opt("stage_sizes", "num_filters", "bn_momentum"))
-    if name in ("efficientnet", "efficientnet_b0"):
-        kw = opt("width_coefficient", "depth_coefficient", "dropout_rate", "drop_connect_rate",
-                 "stem_strides", "head_filters", "bn_momentum")  # fmt: skip
-        if _cfg_get(model_config, "blocks", None) is not None:
-            kw["blocks"] = tuple(tuple(b) for b in model_config["blocks"])
-        return EfficientNet(num_classes=classes, **kw)
-    if name == "transformer":
-        keys = ("vocab_size", "context", "width", "depth", "num_heads", "mlp_ratio")
-        return TransformerLM(**opt(*keys, "tie_embeddings"))
-    raise ValueError(
-        f"config.model.name={name!r} is not a known model: use one of {', '.join(MODEL_NAMES)}."
-    )
+    name = model_config.get("name")
+    if name not in MODELS:
+        raise ValueError(
+            f"config.model.name={name!r} is not a known model: use one of {', '.join(MODEL_NAMES)}."
+        )
+    cls = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(cls)} - {"name", "parent"}
+    kw = {k: _tuples(v) for k, v in model_config.items() if k in fields and v is not None}
+    if num_classes is not None and "num_classes" in fields:
+        kw["num_classes"] = num_classes
+    if dtype is not None:
+        kw["dtype"] = jnp.dtype(dtype)
+    return cls(**kw)
 
 
 def has_batch_norm(model: nn.Module) -> bool:
-    """Whether ``model`` keeps BatchNorm statistics (then per-example gradients are invalid)."""
-    return bool(getattr(type(model), "has_batch_norm", False))
+    """Whether ``model`` keeps BatchNorm statistics (then per-example gradients are invalid:
+    the microbatch estimator measures them)."""
+    return getattr(model, "has_batch_norm", False)
 
 
 def uses_dropout(model: nn.Module) -> bool:

@@ -16,8 +16,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import lm as lm_config
-from experiments import cli, lm, models, runlog, tasks, text, train
+from experiments import cli, lm, models, runlog, tasks, train
 from experiments.cli import UserError
+from experiments.tasks import text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,7 +182,8 @@ def test_target_bits_per_byte_stops_the_run_and_final_eval_cap(corpus, tmp_path)
 # that a kill lands mid-run however fast the steps are.
 _SLOW_BOOT = (
     "import sys, time; "
-    "from experiments import run, text; batch = text.train_batch; "
+    "from experiments import run; from experiments.tasks import text; "
+    "batch = text.train_batch; "
     "text.train_batch = lambda *a, **k: (time.sleep(0.02), batch(*a, **k))[1]; "
     "run.start('configs/lm.py', argv=['experiments.lm', *sys.argv[1:]])"
 )

@@ -153,6 +153,10 @@ def test_get_model(cfg, cls, field, value):
     assert model.num_classes == 7
 
 
+def test_get_model_knows_every_name_the_config_rules_accept():
+    assert set(models.MODELS) == set(models.MODEL_NAMES)
+
+
 def test_get_model_unknown_name_is_a_clear_error():
     with pytest.raises(ValueError, match="small_cnn"):
         models.get_model({"name": "vgg"})

@@ -1,4 +1,4 @@
-"""Tests of experiments/text.py (byte corpora, splits, batches) and configs/lm.py."""
+"""Tests of experiments/tasks/text.py (byte corpora, splits, batches) and configs/lm.py."""
 
 import math
 import os
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from configs import lm
-from experiments import rules, text
+from experiments import rules
 from experiments.cli import UserError
+from experiments.tasks import text
 
 
 def _write(path, data: bytes):

@@ -1,11 +1,11 @@
-"""The :class:`Task` interface and what its implementations share (a subset, padded batches,
-the example stream, the cross-entropy loss); :mod:`experiments.tasks` holds the registry."""
+"""The :class:`Task` interface and what its implementations share; :mod:`experiments.tasks`
+holds the registry."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import optax
@@ -20,39 +20,45 @@ def cross_entropy(logits, targets):
     return losses.reshape(losses.shape[0], -1).mean(1)
 
 
+def padded_batches(arrays: dict, batch_size: int) -> Iterator[dict]:
+    """``arrays`` (equal leading axes) in batches of ``batch_size``, the last one padded with
+    zeros, each with a bool ``mask`` of the real examples."""
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch_size):
+        size = min(batch_size, n - start)
+        pad = batch_size - size
+        batch = {
+            k: np.pad(v[start : start + size], [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+            for k, v in arrays.items()
+        }
+        yield {**batch, "mask": np.arange(batch_size) < size}
+
+
 class Task(NamedTuple):
-    """A task: its data, its batches, its loss and the metric its target is on.
+    """A task: its data (``ds``, what ``load`` returns), its batches, its loss and the metric
+    of its target. Its train examples form a stream, a pure function of the seed and the
+    positions, so a run that changes its batch size, or resumes, sees the examples of an
+    uninterrupted run."""
 
-    ``name`` is the value of ``config.task``; ``keys`` the ``(inputs, targets)`` keys of its
-    batches; ``metric`` the evaluation result the target (``config[target_field]``) is on,
-    ``lower_is_better`` which way. The functions: ``load(config) -> ds``; ``num_train(ds)``
-    (train examples per epoch); ``input_spec(ds) -> (shape, dtype)`` of one model input;
-    ``batch(config, ds, size, start)``, the train examples ``[start, start + size)`` of the
-    example stream, a pure function of the seed and the positions (so a run that changes its
-    batch size, or resumes, sees the examples of an uninterrupted run);
-    ``eval_arrays(config, ds, split, n)``, a fixed set of ``n`` (``None``: all) examples of
-    ``'test'`` or ``'train'``; ``eval_batches(ds, arrays, batch_size)``, in order, the last
-    padded, each with a bool ``mask``; ``metrics(result) -> dict``, the task's metrics of an
-    evaluation (e.g. ``bits_per_byte``); ``describe(ds) -> dict | None``, the data's record
-    (a resume checks it); ``loss(logits, targets) -> [B]``; and ``step_batches(config, ds,
-    batch_size, start_step)`` or ``None``: a stream by steps at a fixed batch size (the image
-    task's, epoch tails dropped) that :meth:`train_batches` yields instead.
-    """
-
-    name: str
-    keys: tuple[str, str]
-    metric: str
-    lower_is_better: bool
-    target_field: str
-    load: Callable
-    num_train: Callable
-    input_spec: Callable
-    batch: Callable
-    eval_arrays: Callable
-    eval_batches: Callable
-    metrics: Callable
-    describe: Callable
-    loss: Callable = cross_entropy
+    name: str  # the value of config.task
+    keys: tuple[str, str]  # the (inputs, targets) keys of its batches
+    metric: str  # the evaluation result its target is on
+    lower_is_better: bool  # which way the metric improves
+    target_field: str  # the config field of the target
+    load: Callable  # load(config) -> ds
+    num_train: Callable  # num_train(ds): train examples per epoch
+    input_spec: Callable  # input_spec(ds) -> (shape, dtype) of one model input
+    batch: Callable  # batch(config, ds, size, start): train examples [start, start + size)
+    eval_arrays: Callable  # eval_arrays(config, ds, split, n): a fixed set of n (None: all)
+    # examples of 'test' or 'train'
+    describe: Callable  # describe(ds): the data's record (a resume checks it) or None
+    # eval_batches(ds, arrays, batch_size): the arrays in order, the last batch padded, each
+    # with a bool 'mask'
+    eval_batches: Callable = lambda ds, arrays, batch_size: padded_batches(arrays, batch_size)
+    metrics: Callable = lambda result: {}  # the task's own metrics of an evaluation result
+    loss: Callable = cross_entropy  # loss(logits, targets) -> [B]
+    # step_batches(config, ds, batch_size, start_step): a stream by steps at a fixed batch size
+    # (epoch tails dropped) that train_batches yields instead of the example stream
     step_batches: Callable | None = None
 
     def score(self, value: float | None) -> float | None:
@@ -91,37 +97,13 @@ class Task(NamedTuple):
         return data.prefetched(lambda: self.batch(config, ds, batch_size, next(starts)))
 
 
-def subset(n_total: int, n: int | None, seed: int) -> np.ndarray:
-    """Indices of a fixed random subset (sorted); all of them when ``n`` is None or too big."""
-    if n is None or n >= n_total:
-        return np.arange(n_total)
-    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
-
-
 def split_subset(train: dict, test: dict, split: str, n: int | None) -> dict:
     """:attr:`Task.eval_arrays` of a task with its splits in memory: a fixed random subset of
     ``n`` examples (``None``: all) of the ``test`` arrays, or of the ``train`` ones."""
     arrays = test if split == "test" else train
-    idx = subset(len(next(iter(arrays.values()))), n, 1 if split == "test" else 2)
+    total = len(next(iter(arrays.values())))
+    if n is None or n >= total:
+        return arrays
+    rng = np.random.default_rng(1 if split == "test" else 2)
+    idx = np.sort(rng.permutation(total)[:n])
     return {k: v[idx] for k, v in arrays.items()}
-
-
-def padded_batches(arrays: dict, batch_size: int) -> Iterator[dict]:
-    """``arrays`` (equal leading axes) in batches of ``batch_size``, the last one padded with
-    zeros, each with a bool ``mask`` of the real examples."""
-    n = len(next(iter(arrays.values())))
-    for start in range(0, n, batch_size):
-        size = min(batch_size, n - start)
-        pad = batch_size - size
-        batch = {
-            k: np.pad(v[start : start + size], [(0, pad)] + [(0, 0)] * (v.ndim - 1))
-            for k, v in arrays.items()
-        }
-        batch["mask"] = np.arange(batch_size) < size
-        yield batch
-
-
-def eval_padded(ds: Any, arrays: dict, batch_size: int) -> Iterator[dict]:
-    """:attr:`Task.eval_batches` of a task whose arrays are the model's inputs as they are."""
-    del ds
-    return padded_batches(arrays, batch_size)

@@ -12,18 +12,6 @@ from experiments import data
 from experiments.tasks.base import Task, padded_batches, split_subset
 
 
-def _batch(config, ds, size: int, start: int) -> dict:
-    return data.train_batch(
-        ds, size, seed=config.seed, augment=config.data.augment, start_example=start
-    )
-
-
-def _step_batches(config, ds, batch_size: int, start_step: int) -> Iterator[dict]:
-    return data.train_batches(
-        ds, batch_size, seed=config.seed, start_step=start_step, augment=config.data.augment
-    )
-
-
 def _eval_arrays(config, ds, split: str, n: int | None) -> dict:
     train = {"image": ds.train_images, "label": ds.train_labels}
     return split_subset(train, {"image": ds.test_images, "label": ds.test_labels}, split, n)
@@ -36,15 +24,21 @@ def _eval_batches(ds, arrays: dict, batch_size: int) -> Iterator[dict]:
 
 
 TASK = Task(
-    name="cifar10", keys=("image", "label"), metric="accuracy", lower_is_better=False,
+    name="cifar10",
+    keys=("image", "label"),
+    metric="accuracy",
+    lower_is_better=False,
     target_field="target_accuracy",
     load=lambda config: data.load(config.data),
     num_train=lambda ds: len(ds.train_labels),
     input_spec=lambda ds: (tuple(ds.train_images.shape[1:]), np.float32),
-    batch=_batch,
+    batch=lambda config, ds, size, start: data.train_batch(
+        ds, size, seed=config.seed, augment=config.data.augment, start_example=start
+    ),
     eval_arrays=_eval_arrays,
-    eval_batches=_eval_batches,
-    metrics=lambda result: {},
     describe=lambda ds: {"fingerprint": ds.fingerprint},
-    step_batches=_step_batches,
-)  # fmt: skip
+    eval_batches=_eval_batches,
+    step_batches=lambda config, ds, batch_size, start_step: data.train_batches(
+        ds, batch_size, seed=config.seed, start_step=start_step, augment=config.data.augment
+    ),
+)

@@ -8,10 +8,6 @@ The teacher's logits are ``x @ W`` with ``x ~ N(0, I_d)`` and ``W ~ N(0, scale²
 student can beat the teacher's expected loss, the mean entropy of its predictions
 (``bayes_loss`` of :func:`describe`), while guessing costs ``log(num_classes)``. A student
 that learns lands between the two; a linear one (``model.widths=()``) can reach the first.
-
-Example::
-
-    python -m experiments.run --config configs/teacher.py:smoke --workdir /tmp/teacher
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ import math
 import numpy as np
 
 from experiments import data
-from experiments.tasks.base import Task, eval_padded, split_subset
+from experiments.tasks.base import Task, split_subset
 
 _TEACHER_TAG = 0x74656163  # keeps the teacher's draw apart from the splits' ([seed, 1], [seed, 2])
 
@@ -82,14 +78,15 @@ def _eval_arrays(config, ds: TeacherData, split: str, n: int | None) -> dict:
 
 
 TASK = Task(
-    name="teacher", keys=("features", "label"), metric="accuracy", lower_is_better=False,
+    name="teacher",
+    keys=("features", "label"),
+    metric="accuracy",
+    lower_is_better=False,
     target_field="target_accuracy",
     load=lambda config: generate(config.data),
     num_train=lambda ds: len(ds.train_y),
     input_spec=lambda ds: (ds.train_x.shape[1:], np.float32),
     batch=_batch,
     eval_arrays=_eval_arrays,
-    eval_batches=eval_padded,
-    metrics=lambda result: {},
     describe=describe,
-)  # fmt: skip
+)
