@@ -45,10 +45,10 @@ def default() -> ml_collections.ConfigDict:
     c.warmup = 2  # untimed calls of each step after compilation
     c.repeats = 11  # timed rounds, each timing every variant once in turn (median)
     c.parallel = True  # also time across_devices on 4 simulated devices
-    # (experiments/parallel_bench.py, a subprocess: across_devices_over_plain)
+    # (experiments.bench.across_devices, a subprocess: across_devices_over_plain)
     c.parallel_batch_size_per_device = 32  # its batch per device
     c.parallel_repeats = 11  # its timed calls
-    # The Transformer rows (experiments.bench_lm.measure): the model of configs/lm.py:cpu
+    # The Transformer rows (experiments.bench.measure_rows): the model of configs/lm.py:cpu
     # (its fields are documented there), AdamW.
     c.lm = ml_collections.ConfigDict()
     c.lm.enabled = True  # also time the Transformer rows
@@ -58,7 +58,7 @@ def default() -> ml_collections.ConfigDict:
     c.lm.num_microbatches = 8  # k of the microbatch estimator
     c.lm.warmup = 2  # untimed calls of each step
     c.lm.repeats = 7  # interleaved timed rounds (median)
-    # More models, written as a new user would (experiments.bench_lm.measure_rows).
+    # More models, written as a new user would (experiments.bench.measure_rows).
     c.rows = ml_collections.ConfigDict()
     c.rows.enabled = True  # also time the rows of more models
     c.rows.num_microbatches = 8  # k of the microbatch estimator of the rows

@@ -1,18 +1,16 @@
 r"""``make bench``: the cost of the noise-scale estimators over a plain train step.
 
-In one process, each row a model at a batch size: a plain jit'd train step and the same step
-taking its gradient from each estimator, compiled, warmed up, timed in turn
-(:func:`experiments.bench_lm.time_steps`: :func:`gns.hardware.interleaved_times`, ``repeats``
-rounds, median), with the compiled temporary memory. ``detail``: the reference SmallCNN with
-Adam; ``per_example`` is ``method="auto"``, ``microbatch_rolled`` the microbatch loop rolled
-(XLA:CPU runs convolutions in a rolled loop slowly, so the default unrolls it), ``naive_vmap``
-``method="vmap"``. ``transformer`` (``config.lm``, the ``configs/lm.py:cpu`` model) and
-``rows`` (``config.rows``: an lm1b-style Transformer, an NNX and a plain-JAX MLP): AdamW,
-:data:`experiments.bench_lm.LM_VARIANTS`. ``across_devices`` comes from
-``experiments/parallel_bench.py`` in a subprocess (4 simulated devices need an XLA flag set
-before JAX starts).
+Every row is a model at a batch size on random data (:func:`row_problem`): a plain jit'd train
+step and the same step taking its gradient from each estimator, timed in turn
+(:func:`time_row`), with the compiled temporary memory. ``detail``: the reference SmallCNN
+(``config.model``) with Adam and :data:`VARIANTS` (``per_example`` is ``method="auto"``,
+``microbatch_rolled`` the microbatch loop rolled: XLA:CPU runs convolutions in a rolled loop
+slowly, so the default unrolls it; ``naive_vmap`` is ``method="vmap"``). ``transformer``
+(``config.lm``, the ``configs/lm.py:cpu`` model) and ``rows`` (``config.rows``: an lm1b-style
+Transformer, an NNX and a plain-JAX MLP): AdamW and :data:`LM_VARIANTS`. ``across_devices``:
+:func:`across_devices` in a subprocess with 4 simulated CPU devices.
 
-Writes ``WORKDIR/bench.json`` (atomically, strict JSON: :func:`experiments.runlog.write_json`)::
+Writes ``WORKDIR/bench.json`` (atomically, strict JSON)::
 
     {"per_example_over_plain": ..., "microbatch_over_plain": ..., "naive_vmap_over_plain": ...,
      "microbatch_rolled_over_plain": ...,
@@ -40,127 +38,297 @@ from experiments import interrupt
 if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
     interrupt.install()
 
+import functools
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
-from experiments import bench_lm, cli, models, rules, runlog
-from gns import estimate, hardware
+from experiments import cli, models, rules, runlog, tasks
+from experiments.cli import UserError
+from gns import estimate, ghost, hardware, parallel
 
 VARIANTS = ("plain", "per_example", "microbatch", "microbatch_rolled", "naive_vmap")
+LM_VARIANTS = ("plain", "per_example_auto", "per_example_vmap", "microbatch")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 
 
-def bench_batch_size(config, batch_size: int) -> dict[str, Any]:
-    """Timings and compiled temp memory of the steps of :data:`VARIANTS` at one batch size
-    (:func:`experiments.bench_lm.time_steps`, Adam), and what ``per_example`` ran
-    (:func:`experiments.bench_lm.auto_choice`)."""
-    model = models.get_model(config.model, num_classes=config.num_classes)
-    rng = np.random.default_rng(config.seed)
-    shape = (batch_size, config.image_size, config.image_size, config.channels)
-    images = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
-    labels = jnp.asarray(rng.integers(0, config.num_classes, batch_size), dtype=jnp.int32)
-    params = model.init(jax.random.key(config.seed), images[:1])["params"]
+def estimators(loss_fn, names, *, num_microbatches: int, chunk_size=None) -> dict:
+    """``{name: estimator(params, batch) -> (stats, grads)}`` of the variants ``names``."""
+    per_example = functools.partial(estimate.per_example, loss_fn, chunk_size=chunk_size)
+    microbatch = functools.partial(estimate.microbatch, loss_fn, num_microbatches=num_microbatches)
+    vmap = functools.partial(per_example, method="vmap")
+    table = {"per_example": per_example, "per_example_auto": per_example, "naive_vmap": vmap,
+             "per_example_vmap": vmap, "microbatch": microbatch,
+             "microbatch_rolled": functools.partial(microbatch, unroll=1)}  # fmt: skip
+    return {name: table[name] for name in names if name != "plain"}
 
-    def loss_fn(params, batch):
-        return bench_lm.cross_entropy(model.apply({"params": params}, batch[0]), batch[1])
 
-    chunk, k = config.chunk_size, config.num_microbatches
-    estimators = {
-        "per_example": lambda p, b: estimate.per_example(loss_fn, p, b, chunk_size=chunk),
-        "microbatch": lambda p, b: estimate.microbatch(loss_fn, p, b, num_microbatches=k),
-        "microbatch_rolled": lambda p, b: estimate.microbatch(
-            loss_fn, p, b, num_microbatches=k, unroll=1
-        ),
-        "naive_vmap": lambda p, b: estimate.per_example(
-            loss_fn, p, b, chunk_size=chunk, method="vmap"
-        ),
+def auto_choice(loss_fn, params, batch, chunk_size=None) -> dict:
+    """What ``per_example(method="auto", chunk_size=chunk_size)`` runs
+    (:func:`gns.ghost.select`, timed once and cached for the step): ``"auto_method"``
+    (``"ghost"`` or ``"vmap"``), ``"auto_chunks"`` (the fast path's example chunks, 1: the
+    whole batch) and ``"auto_describe"`` (the plan's description, with the timings)."""
+    chosen = ghost.select(loss_fn, params, batch, chunk_size=chunk_size)
+    if chosen is not None:
+        described = chosen.describe()
+    else:
+        try:
+            described = ghost.plan(loss_fn, params, batch).describe() + " -> timed: vmap"
+        except ghost.NotApplicableError as e:
+            described = f"auto: vmap ({e})"
+    return {
+        "auto_method": "vmap" if chosen is None else "ghost",
+        "auto_chunks": 1 if chosen is None else chosen.num_chunks,
+        "auto_describe": described,
     }
-    choice = bench_lm.auto_choice(loss_fn, params, (images, labels), chunk)
-    out = bench_lm.time_steps(
-        loss_fn, optax.adam(config.learning_rate), params, (images, labels), estimators,
-        repeats=config.repeats, warmup=config.warmup,
-    )  # fmt: skip
-    return {"batch_size": batch_size, "repeats": config.repeats, **out, **choice}
 
 
-# ---------------------------------------------------------------------------------------------
-# across_devices, in a subprocess with 4 simulated devices.
+def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **kw) -> dict:
+    """A plain step and the step of each of ``variants`` (:func:`estimators` with ``kw``),
+    the same ``optimizer`` update from the mean gradient: compiled, then timed interleaved
+    (:func:`gns.hardware.interleaved_times`), plus :func:`auto_choice`.
 
-_PARALLEL_SNIPPET = (
-    "import sys\n"
-    "from experiments import parallel_bench, runlog\n"
-    "runlog.write_json(sys.argv[1], parallel_bench.run(int(sys.argv[2]), int(sys.argv[3])))\n"
-)
+    Returns:
+      ``{"seconds" (median), "seconds_iqr", "examples_per_second", "over_plain",
+      "temp_bytes", "memory_over_plain", "compile_seconds"}``, each by variant, and
+      ``"batch_size"``, ``"repeats"``, ``"num_params"``, the ``auto_*`` keys.
+    """
+
+    def step(estimator, params, opt_state, batch):
+        if estimator is None:
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            metrics = {"loss": loss}
+        else:
+            stats, grads = estimator(params, batch)
+            metrics = {"g_sq": stats.g_sq, "trace_cov": stats.trace_cov}
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    choice = auto_choice(loss_fn, params, batch, kw.get("chunk_size"))
+    args = jax.device_put((params, optimizer.init(params), batch))
+    cache = hardware.CompileCache()
+    compiled, compile_s = {}, {}
+    for name, estimator in ({"plain": None} | estimators(loss_fn, variants, **kw)).items():
+        compiled[name], compile_s[name] = cache.get(functools.partial(step, estimator), *args)
+    temp = {n: hardware.predict_step_bytes(c).temp_bytes for n, c in compiled.items()}
+    times = hardware.interleaved_times(
+        {n: (c, args) for n, c in compiled.items()}, warmup=warmup, rounds=repeats
+    )
+    seconds = {n: float(np.median(t)) for n, t in times.items()}
+    size = len(jax.tree.leaves(batch)[0])
+    return {
+        "batch_size": size,
+        "repeats": repeats,
+        "seconds": seconds,
+        "seconds_iqr": {
+            n: float(np.subtract(*np.percentile(t, [75, 25]))) for n, t in times.items()
+        },
+        "examples_per_second": {n: size / s for n, s in seconds.items()},
+        "over_plain": {n: s / seconds["plain"] for n, s in seconds.items()},
+        "temp_bytes": temp,
+        "memory_over_plain": {
+            n: b / temp["plain"] if temp["plain"] else None for n, b in temp.items()
+        },
+        "compile_seconds": compile_s,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    } | choice
+
+
+class Lm1bTransformer(models.TransformerLM):
+    """:class:`experiments.models.TransformerLM` written as the Flax ``lm1b`` example writes
+    it: a learned position embedding as a bare ``self.param``, unnamed layers, untied head."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab_size, self.width)(tokens)
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(0.02), (1, self.context, self.width)
+        )
+        x = x + pos[:, : tokens.shape[1]]
+        mask = nn.make_causal_mask(tokens)
+        for _ in range(self.depth):
+            y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(
+                nn.LayerNorm()(x), mask=mask
+            )
+            x = x + y
+            y = nn.Dense(self.width)(
+                nn.gelu(nn.Dense(self.mlp_ratio * self.width)(nn.LayerNorm()(x)))
+            )
+            x = x + y
+        return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))
+
+
+class NnxMLP(nnx.Module):
+    """An NNX MLP with ReLU."""
+
+    def __init__(self, dims, rngs: nnx.Rngs):
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+        )
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = jax.nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def lm_loss(model):
+    """The mean next-token cross entropy of ``model`` on a batch of tokens ``[B, length + 1]``."""
+    return lambda params, tokens: tasks.cross_entropy(
+        model.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:]
+    ).mean()
+
+
+def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512, 10), **fields):
+    """``(loss_fn, params, batch)`` of a bench row's model on random data: ``"transformer"``
+    (:class:`experiments.models.TransformerLM`) or ``"lm1b"`` (:class:`Lm1bTransformer`) with
+    the model's ``fields``, :func:`lm_loss`; classifiers on ``(inputs, labels)``: ``"small_cnn"``
+    (:func:`experiments.models.get_model` with ``fields``: the model's, ``image_size``,
+    ``channels``, ``num_classes``) on images, ``"nnx_mlp"`` (:class:`NnxMLP`, ``nnx.split``
+    state as params) or ``"plain_mlp"`` (a dict of weights, ``jnp.dot`` + bias, ReLU) of
+    ``dims``."""
+    rng = np.random.default_rng(seed)
+    if name in ("transformer", "lm1b"):
+        model = (
+            Lm1bTransformer(**fields)
+            if name == "lm1b"
+            else models.get_model(fields | {"name": name})
+        )
+        tokens = rng.integers(0, model.vocab_size, (batch_size, model.context + 1), dtype=np.int32)
+        params = jax.jit(model.init)(jax.random.key(seed), tokens[:1, :-1])["params"]
+        return lm_loss(model), params, tokens
+    if name == "small_cnn":
+        size, classes = fields.pop("image_size", 32), fields.pop("num_classes", 10)
+        shape = (size, size, fields.pop("channels", 3))
+        model = models.get_model(fields | {"name": name}, num_classes=classes)
+    else:
+        shape, classes = (dims[0],), dims[-1]
+    x = rng.standard_normal((batch_size, *shape), dtype=np.float32)
+    batch = (x, rng.integers(0, classes, batch_size).astype(np.int32))
+    if name == "small_cnn":
+        params = jax.jit(model.init)(jax.random.key(seed), x[:1])["params"]
+        apply = lambda params, x: model.apply({"params": params}, x)
+    elif name == "nnx_mlp":
+        graphdef, params = nnx.split(NnxMLP(dims, nnx.Rngs(seed)))
+        apply = lambda state, x: nnx.merge(graphdef, state)(x)
+    elif name == "plain_mlp":
+        params = {}
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            params[f"w{i}"] = jnp.asarray(rng.standard_normal((a, b), np.float32) / np.sqrt(a))
+            params[f"b{i}"] = jnp.zeros(b)
+
+        def apply(p, h):
+            for i in range(len(dims) - 1):
+                h = jnp.dot(h, p[f"w{i}"]) + p[f"b{i}"]
+                h = jax.nn.relu(h) if i < len(dims) - 2 else h
+            return h
+    else:
+        raise ValueError(f"unknown bench row {name!r}: use lm1b, nnx_mlp or plain_mlp.")
+    return lambda p, b: tasks.cross_entropy(apply(p, b[0]), b[1]).mean(), params, batch
+
+
+def measure_rows(rows, variants, optimizer, *, seed: int = 0, **kw) -> dict[str, Any]:
+    """:func:`time_row` (``variants``, ``optimizer``, ``kw``) of each row of ``rows``,
+    ``{key: {"batch_sizes", "name" (default: the key), ...the other fields of
+    :func:`row_problem`}}``, at each of its batch sizes; returns ``{key: {"<batch>": {...}},
+    "load_before", "load_after"}`` (``os.getloadavg()``)."""
+    out: dict[str, Any] = {"load_before": list(os.getloadavg())}
+    for key, row in rows.items():
+        fields = dict(row)
+        name, sizes = fields.pop("name", key), fields.pop("batch_sizes")
+        out[key] = {}
+        for bs in sizes:
+            logging.info("bench: %s at batch size %d", key, bs)
+            problem = row_problem(name, int(bs), seed, **fields)
+            out[key][str(bs)] = time_row(*problem, optimizer, variants, **kw)
+    out["load_after"] = list(os.getloadavg())
+    return out
+
+
+def across_devices(batch_size_per_device: int, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """The time of a ``jax.pmap`` SmallCNN Adam step taking its gradient from
+    :func:`gns.estimate.across_devices` over the same plain step's
+    (:func:`gns.parallel.make_train_step`), on all local devices, timed interleaved.
+
+    Returns:
+      ``{"across_devices_over_plain": median of the per-round ratios, "detail": {...}}`` with
+      the raw times (ms), their medians, the ratio of medians, devices and sizes.
+    """
+    n_dev, warmup = jax.local_device_count(), 2
+    if n_dev < 2:
+        raise UserError(f"across_devices needs at least 2 devices, found {n_dev}",
+                        hint="run with JAX_PLATFORMS=cpu to simulate 4 CPU devices")  # fmt: skip
+    loss_fn, params, batch = row_problem("small_cnn", batch_size_per_device * n_dev, seed)
+    optimizer = optax.adam(1e-3)
+    steps = {
+        name: parallel.make_train_step(loss_fn, optimizer, estimator=est, axis_name="batch")
+        for name, est in (("plain", None), ("across_devices", estimate.across_devices))
+    }
+    args = (params, optimizer.init(params), parallel.shard_batch(batch))
+    calls = {name: (step, args) for name, step in steps.items()}
+    times = hardware.interleaved_times(calls, warmup=warmup, rounds=repeats)
+    # Same start, same batch: the two steps must make the same update.
+    new = [step(*args)[0] for step in steps.values()]
+    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *new)
+    paired = [a / p for a, p in zip(times["across_devices"], times["plain"], strict=True)]
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return {
+        "across_devices_over_plain": statistics.median(paired),
+        "detail": {
+            "ratio_of_medians": med["across_devices"] / med["plain"],
+            "median_ms": {name: 1e3 * m for name, m in med.items()},
+            "times_ms": {name: [1e3 * t for t in ts] for name, ts in times.items()},
+            "max_abs_param_diff": max(jax.tree.leaves(diffs)),
+            "batch_size_per_device": batch_size_per_device,
+            "global_batch_size": batch_size_per_device * n_dev,
+            "num_devices": n_dev,
+            "platform": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind,
+            "repeats": repeats,
+            "warmup": warmup,
+            "model": "SmallCNN(32, 64, 128), Adam(1e-3), pmap",
+            "jax_version": jax.__version__,
+        },
+    }
 
 
 def run_parallel_bench(batch_size_per_device: int, repeats: int, timeout_s: float = 1200) -> dict:
-    """``experiments.parallel_bench.run(batch_size_per_device, repeats)`` in a fresh process.
+    """:func:`across_devices` in a fresh process on 4 simulated CPU devices (an XLA flag that
+    must be set before JAX starts).
 
     Raises:
-      RuntimeError: the module is missing or the subprocess failed (with its stderr tail).
+      RuntimeError: the subprocess failed (with its stderr tail).
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.exists(os.path.join(root, "experiments", "parallel_bench.py")):
-        raise RuntimeError(
-            "experiments/parallel_bench.py is missing: it measures across_devices_over_plain "
-            "with 4 simulated devices. Add it, or run with --config.parallel=False."
-        )
     env = dict(os.environ)
-    flag = "--xla_force_host_platform_device_count=4"
-    if flag not in env.get("XLA_FLAGS", ""):
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "parallel.json")
-        cmd = [sys.executable, "-c", _PARALLEL_SNIPPET, out]
-        cmd += [str(batch_size_per_device), str(repeats)]
-        proc = subprocess.run(
-            cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s
-        )
+        code = "from experiments import bench, runlog\nrunlog.write_json("
+        code += f"{out!r}, bench.across_devices({int(batch_size_per_device)}, {int(repeats)}))"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(
-                f"experiments.parallel_bench failed (exit {proc.returncode}):\n"
-                + proc.stderr[-3000:]
+                f"across_devices failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
             )
         return runlog.read_json(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Main.
-
-
-def bench_transformer_and_rows(config) -> tuple[dict | None, dict | None]:
-    """The Transformer rows (:func:`experiments.bench_lm.measure` with ``config.lm``) and the
-    other models' rows (:func:`experiments.bench_lm.measure_rows` with ``config.rows``), each
-    ``None`` when not enabled."""
-    transformer = rows = None
-    if config.lm.enabled:
-        lm, m = config.lm, config.lm.model
-        logging.info("bench: Transformer (lm cpu model) at batch sizes %s", lm.batch_sizes)
-        model = {f: m[f] for f in ("vocab_size", "context", "width", "depth", "num_heads",
-                                   "mlp_ratio")}  # fmt: skip
-        transformer = bench_lm.measure(
-            tuple(int(b) for b in lm.batch_sizes), model, repeats=lm.repeats, warmup=lm.warmup,
-            num_microbatches=lm.num_microbatches,
-        )  # fmt: skip
-    if config.rows.enabled:
-        logging.info("bench: rows %s", list(config.rows.models))
-        rows = bench_lm.measure_rows(
-            config.rows.models.to_dict(), repeats=config.rows.repeats,
-            warmup=config.rows.warmup, num_microbatches=config.rows.num_microbatches,
-        )  # fmt: skip
-    return transformer, rows
 
 
 # Below this the plain step's compiled temporary memory is not a base for a ratio (XLA:CPU
@@ -173,28 +341,23 @@ def format_table(result: dict[str, Any]) -> str:
     size and variant (``per_example_auto`` and the CNN's ``per_example`` say which path
     ``auto`` ran, and in how many example chunks)."""
     rows = [("model", "batch", "variant", "ms/step", "time/plain", "memory/plain")]
-
-    def add(model, bs, d):
-        temp = d.get("temp_bytes", {})
-        for name, s in d["seconds"].items():
-            mem = d["memory_over_plain"].get(name)
-            mem = "-" if mem is None else f"{mem:.2f}x"
-            if temp.get("plain", TINY_TEMP_BYTES) < TINY_TEMP_BYTES and name in temp:
-                mem = f"{temp[name] / 1e6:.1f} MB"  # a ratio over a few bytes says nothing
+    models_ = {"cnn": result["detail"], "transformer": result.get("transformer") or {}}
+    for model, sizes in (models_ | (result.get("rows") or {})).items():
+        for bs, d in sizes.items() if isinstance(sizes, dict) else ():
+            if not (isinstance(d, dict) and "seconds" in d):
+                continue
+            temp = d["temp_bytes"]
             chunks = d.get("auto_chunks", 1)
             method = d.get("auto_method", "") + (f" in {chunks} chunks" if chunks > 1 else "")
-            auto = name.endswith("_auto") or name == "per_example"
-            label = name + (f" ({method})" if auto and method else "")
-            rows.append((model, bs, label, f"{1e3 * s:.1f}", f"{d['over_plain'][name]:.2f}x", mem))
-
-    for bs, d in result["detail"].items():
-        add("cnn", bs, d)
-    for bs, d in (result.get("transformer") or {}).items():
-        if isinstance(d, dict) and "seconds" in d:
-            add("transformer", bs, d)
-    for name, sizes in (result.get("rows") or {}).items():
-        for bs, d in sizes.items() if isinstance(sizes, dict) else ():
-            add(name, bs, d)
+            for name, s in d["seconds"].items():
+                mem = d["memory_over_plain"].get(name)
+                mem = "-" if mem is None else f"{mem:.2f}x"
+                if temp.get("plain", TINY_TEMP_BYTES) < TINY_TEMP_BYTES and name in temp:
+                    mem = f"{temp[name] / 1e6:.1f} MB"  # a ratio over a few bytes says nothing
+                auto = name.endswith("_auto") or name == "per_example"
+                label = name + (f" ({method})" if auto and method else "")
+                rows.append((model, bs, label, f"{1e3 * s:.1f}",
+                             f"{d['over_plain'][name]:.2f}x", mem))  # fmt: skip
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
     return "\n".join(line.rstrip() for line in lines)
@@ -204,24 +367,25 @@ def run_bench(config, workdir: str) -> dict[str, Any]:
     """Run the benchmark of ``config`` and write ``workdir/bench.json``; returns its content."""
     rules.check(config, "bench")  # a UserError naming the field and the fix
     t_start = time.perf_counter()
-    detail = {}
-    for bs in config.batch_sizes:
-        logging.info("bench: batch size %d", bs)
-        detail[str(bs)] = bench_batch_size(config, int(bs))
-        logging.info("bench: %s", runlog.dumps(detail[str(bs)]["over_plain"]))
+    cnn = config.model.to_dict() | {"batch_sizes": config.batch_sizes}
+    cnn |= {f: config[f] for f in ("image_size", "channels", "num_classes")}
+    detail = measure_rows(
+        {"cnn": cnn}, VARIANTS, optax.adam(config.learning_rate), seed=config.seed,
+        repeats=config.repeats, warmup=config.warmup, num_microbatches=config.num_microbatches,
+        chunk_size=config.chunk_size,
+    )["cnn"]  # fmt: skip
     ref = detail[str(config.reference_batch_size)]
     result = {
         "reference_batch_size": int(config.reference_batch_size),
-        "per_example_over_plain": ref["over_plain"]["per_example"],
-        "microbatch_over_plain": ref["over_plain"]["microbatch"],
-        "microbatch_rolled_over_plain": ref["over_plain"]["microbatch_rolled"],
-        "naive_vmap_over_plain": ref["over_plain"]["naive_vmap"],
+        **{f"{n}_over_plain": ref["over_plain"][n] for n in VARIANTS[1:]},
         "memory_per_example_over_plain": ref["memory_over_plain"]["per_example"],
         "across_devices_over_plain": None,
         "detail": detail,
         "device": hardware.detect_devices().to_dict() | {"cpu_count": os.cpu_count()},
         "jax_version": jax.__version__,
         "config": config.to_dict(),
+        "transformer": None,
+        "rows": None,
     }
     if config.parallel:
         try:
@@ -232,7 +396,22 @@ def run_bench(config, workdir: str) -> dict[str, Any]:
         else:
             result["across_devices_over_plain"] = par["across_devices_over_plain"]
             result["across_devices_detail"] = par
-    result["transformer"], result["rows"] = bench_transformer_and_rows(config)
+    lm, more = config.lm, config.rows
+    if lm.enabled:
+        t0 = time.perf_counter()
+        rows = {"transformer": lm.model.to_dict() | {"batch_sizes": lm.batch_sizes}}
+        out = measure_rows(rows, LM_VARIANTS, optax.adamw(3e-4), seed=config.seed,
+                           repeats=lm.repeats, warmup=lm.warmup,
+                           num_microbatches=lm.num_microbatches)  # fmt: skip
+        platform = f"{jax.devices()[0].platform} x{jax.device_count()}"
+        result["transformer"] = out.pop("transformer") | {"model": lm.model.to_dict()} | out
+        result["transformer"]["device"] = f"{platform}, {os.cpu_count()} cpus"
+        result["transformer"]["seconds"] = time.perf_counter() - t0
+    if more.enabled:
+        result["rows"] = measure_rows(
+            more.models.to_dict(), LM_VARIANTS, optax.adamw(3e-4), seed=config.seed,
+            repeats=more.repeats, warmup=more.warmup, num_microbatches=more.num_microbatches,
+        )  # fmt: skip
     result["seconds"] = time.perf_counter() - t_start
     runlog.write_json(os.path.join(workdir, "bench.json"), result)
     return result

@@ -1,16 +1,10 @@
 """The data-parallel layout: one 1-D mesh (axis :data:`AXIS`) over every device, on every host.
 
 Every step of :mod:`experiments.train` is ``jax.jit`` of ``jax.shard_map`` over the mesh: the
-global batch is sharded, the train state replicated, the metrics come back replicated; one device
-is a mesh of one (``docs/data-parallel.md`` says why ``shard_map``). Multi-host: every process
-computes the same global batch (the data pipeline is a pure function of seed and step) and
-:func:`shard` puts on its devices only their rows; process 0 writes the files.
-
-Example::
-
-    mesh = make_mesh()                     # all devices
-    per_device = check_batch(256, mesh)    # UserError unless divisible
-    state, batch = replicate(state, mesh), shard(host_batch, mesh)
+global batch sharded, the train state and the metrics replicated; one device is a mesh of one
+(``docs/data-parallel.md`` says why ``shard_map``). Multi-host: every process computes the same
+global batch (the data pipeline is a pure function of seed and step) and :func:`shard` puts on
+its devices only their rows; process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -169,12 +163,11 @@ def device_train_batches(
     mesh: Mesh,
     start_example: int | None = None,
 ) -> Iterator[dict]:
-    """The batches of :func:`experiments.data.train_batch` (of steps from ``start_step``, or
-    with ``start_example`` of the example stream), gathered on the devices: the uint8 train set
-    is put on every device once (CIFAR-10: 150 MB), each step sends only the indices and
-    augmentation parameters of the host pipeline, and one compiled function gathers, crops,
-    flips and normalizes the batch, sharded over :data:`AXIS`. An endless iterator of
-    ``{'image', 'label'}``."""
+    """The endless batches ``{'image', 'label'}`` of :func:`experiments.data.train_batch` (of
+    steps from ``start_step``, or with ``start_example`` of the example stream), gathered,
+    cropped, flipped and normalized on the devices by one compiled function, sharded over
+    :data:`AXIS`: the uint8 train set is put on every device once (CIFAR-10: 150 MB), each step
+    sends only indices and augmentation parameters."""
     num_train = len(ds.train_labels)
     if not 1 <= batch_size <= num_train:
         raise ValueError(
@@ -202,17 +195,13 @@ def device_train_batches(
         image = x.astype(jnp.float32) * scale - shift
         return {"image": image, "label": labels[idx].astype(jnp.int32)}
 
-    def draw(k):  # indices, crop offsets and flips of the k-th batch, as the host pipeline's
-        if start_example is None:
-            return data.train_draws(seed, batch_size, num_train, step=start_step + k)
-        start = start_example + k * batch_size
-        return data.train_draws(seed, batch_size, num_train, start_example=start)
-
-    def batches():
+    def batches():  # the indices, crop offsets and flips of the host pipeline's batches
         for k in itertools.count():
-            idx, offsets, flips = draw(k)
-            if not augment:
-                offsets, flips = np.zeros((batch_size, 2), np.int32), np.zeros(batch_size, bool)
+            if start_example is None:
+                where = {"step": start_step + k}
+            else:
+                where = {"start_example": start_example + k * batch_size}
+            idx, offsets, flips = data.train_draws(seed, batch_size, num_train, **where)
             args = [_global(a, replicated) for a in (idx, offsets.astype(np.int32), flips)]
             yield gather(images, labels, *args)
 

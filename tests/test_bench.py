@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 
 import pytest
 
 from configs import bench as bench_config
-from experiments import bench, bench_lm
+from experiments import bench
 from gns import ghost, hardware
 
 RATIOS = (
@@ -34,7 +35,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
         ghost, "calibrate", lambda f, p, b, plan, **k: plan if plan.method == "ghost" else None
     )
     config = bench_config.get_config("tiny")
-    # One MLP row: every row runs the same bench_lm.time_row; the NNX row's model is covered
+    # One MLP row: every row runs the same bench.time_row; the NNX row's model is covered
     # and equal to vmap in tests/test_ghost.py.
     del config.rows.models["nnx_mlp"]
     # The CNN's microbatch steps in 2 microbatches, as the other rows' (the unrolled loop of 8
@@ -78,7 +79,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     assert tr["model"]["width"] == config.lm.model.width and positive_finite(tr["seconds"])
     for bs in config.lm.batch_sizes:
         d = tr[str(bs)]
-        assert set(d["seconds"]) == set(bench_lm.LM_VARIANTS)
+        assert set(d["seconds"]) == set(bench.LM_VARIANTS)
         assert d["auto_method"] in ("ghost", "vmap") and d["auto_describe"].count("auto: ") == 1
         assert d["auto_chunks"] == 1  # batch 8: too small to chunk
         for name, s in d["seconds"].items():
@@ -102,15 +103,15 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     for name, row in config.rows.models.items():
         assert set(rows[name]) == {str(b) for b in row.batch_sizes}
         for rd in rows[name].values():
-            assert set(rd["seconds"]) == set(bench_lm.LM_VARIANTS)
+            assert set(rd["seconds"]) == set(bench.LM_VARIANTS)
             assert rd["auto_method"] in ("ghost", "vmap")
             assert "fallback" not in rd["auto_describe"]  # every leaf covered
             assert rd["over_plain"]["microbatch"] == pytest.approx(
                 rd["seconds"]["microbatch"] / rd["seconds"]["plain"]
             )
-            n_rows += len(bench_lm.LM_VARIANTS)
+            n_rows += len(bench.LM_VARIANTS)
     n_cnn = len(config.batch_sizes) * len(bench.VARIANTS)
-    n_lm = len(config.lm.batch_sizes) * len(bench_lm.LM_VARIANTS)
+    n_lm = len(config.lm.batch_sizes) * len(bench.LM_VARIANTS)
     assert len(table) == 1 + n_cnn + n_lm + n_rows
     auto_row = next(r.split() for r in table if "per_example_auto" in r)
     assert auto_row[:4] == ["transformer", "8", "per_example_auto", f"({d['auto_method']})"]
@@ -132,10 +133,21 @@ def test_transformer_batch_sizes_must_divide_into_microbatches(tmp_path):
         bench.run_bench(config, str(tmp_path))
 
 
-def test_missing_parallel_bench_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(bench.os.path, "exists", lambda path: False)
-    with pytest.raises(RuntimeError, match="parallel_bench.py is missing"):
-        bench.run_parallel_bench(8, 1)
+def test_failed_parallel_bench_is_a_clear_error(monkeypatch):
+    """The across_devices subprocess gets 4 simulated devices; its failure is a RuntimeError
+    with its exit code and stderr tail."""
+    seen = {}
+
+    def failing_run(cmd, env, **kw):
+        seen.update(env=env)
+        return subprocess.CompletedProcess(cmd, 3, "", "Traceback ...\nboom")
+
+    monkeypatch.setattr(bench.subprocess, "run", failing_run)
+    with pytest.raises(
+        RuntimeError, match=r"across_devices failed \(exit 3\):\nTraceback ...\nboom"
+    ):
+        bench.run_parallel_bench(8, 3)
+    assert "xla_force_host_platform_device_count" in seen["env"]["XLA_FLAGS"]
 
 
 def test_interleaved_times_round_robin_alternating_order(monkeypatch):

@@ -227,18 +227,18 @@ def test_cost_model_picks_cheaper_form():
     # per-example gradients would be B·K·C). A Transformer at context 64: the attention
     # projections (K = C = 128) direct, the 128 -> 512 MLP Gram (T²·(K+C) < bytes of B·K·C).
     # A stride-1 first conv at 32x32 (T=1024, K=27): direct; a conv at 8x8 (T=64, K=576): Gram.
-    from experiments import bench_lm, models  # noqa: PLC0415
+    from experiments import bench, models  # noqa: PLC0415
 
     def forms(loss_fn, params, batch):  # tracing only: abstract parameters and batches
         the_plan = ghost.plan(loss_fn, params, batch)
         return {the_plan.name(c.leaf): c.form for c in the_plan.consumers}
 
-    loss_fn, params, batch = bench_lm.row_problem("plain_mlp", 128)
+    loss_fn, params, batch = bench.row_problem("plain_mlp", 128)
     assert {forms(loss_fn, params, batch)[f"w{i}"] for i in range(3)} == {"gram"}
-    lm = bench_lm.Lm1bTransformer(depth=1)
+    lm = bench.Lm1bTransformer(depth=1)
     tokens = jax.ShapeDtypeStruct((32, 65), jnp.int32)
     params = jax.eval_shape(lambda: lm.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32)))
-    lm_forms = forms(bench_lm.lm_loss(lm), params["params"], tokens)
+    lm_forms = forms(bench.lm_loss(lm), params["params"], tokens)
     assert lm_forms["MultiHeadDotProductAttention_0/query/kernel"] == "direct"
     assert lm_forms["Dense_0/kernel"] == "gram"
     cnn = models.SmallCNN()
@@ -536,7 +536,7 @@ def test_position_embedding_equals_vmap():
 
 
 def lm_setup(tie=False, batch=3, context=5, vocab=7, abstract=False):
-    from experiments import bench_lm, models  # noqa: PLC0415
+    from experiments import bench, models  # noqa: PLC0415
 
     model = models.TransformerLM(
         vocab_size=vocab, context=context, width=4, depth=1, num_heads=2, tie_embeddings=tie
@@ -547,7 +547,7 @@ def lm_setup(tie=False, batch=3, context=5, vocab=7, abstract=False):
         params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens[:1, :-1])["params"])
     else:
         params = random_init(model, tokens[:1, :-1], dtype=jnp.float64)
-    return bench_lm.lm_loss(model), params, tokens
+    return bench.lm_loss(model), params, tokens
 
 
 def test_transformer_lm_equals_vmap(monkeypatch):
@@ -686,10 +686,10 @@ def test_per_example_auto_follows_the_decision(monkeypatch):
 
 def chunk_problem(name, n=8):
     """``(loss_fn, params, batch)`` of ``n`` examples: a bench row's small model."""
-    from experiments import bench_lm  # noqa: PLC0415
+    from experiments import bench  # noqa: PLC0415
 
     fields = {"lm1b": dict(vocab_size=16, context=8, width=8, depth=1, num_heads=2, mlp_ratio=2)}
-    return bench_lm.row_problem(name, n, **fields.get(name, dict(dims=(6, 5, 3))))
+    return bench.row_problem(name, n, **fields.get(name, dict(dims=(6, 5, 3))))
 
 
 @pytest.mark.parametrize("name", ["plain_mlp", "nnx_mlp", "lm1b"])
