@@ -1,14 +1,13 @@
 r"""``make bench``: the cost of the noise-scale estimators over a plain train step.
 
-Every row is a model at a batch size on random data (:func:`row_problem`): a plain jit'd train
-step and the same step taking its gradient from each estimator, timed in turn
-(:func:`time_row`), with the compiled temporary memory. ``detail``: the reference SmallCNN
-(``config.model``) with Adam and :data:`VARIANTS` (``per_example`` is ``method="auto"``,
-``microbatch_rolled`` the microbatch loop rolled: XLA:CPU runs convolutions in a rolled loop
-slowly, so the default unrolls it; ``naive_vmap`` is ``method="vmap"``). ``transformer``
-(``config.lm``, the ``configs/lm.py:cpu`` model) and ``rows`` (``config.rows``: an lm1b-style
-Transformer, an NNX and a plain-JAX MLP): AdamW and :data:`LM_VARIANTS`. ``across_devices``:
-:func:`across_devices` in a subprocess with 4 simulated CPU devices.
+Each row is a model at a batch size on random data (:func:`row_problem`): a plain jit'd train
+step and the same step taking its gradient from each estimator, timed interleaved, with the
+compiled temporary memory (:func:`time_row`). ``detail``: the SmallCNN of ``config.model``,
+Adam, :data:`VARIANTS` (``per_example``: ``method="auto"``; ``microbatch_rolled``: the loop
+rolled, slow for convolutions on XLA:CPU, so the default unrolls it; ``naive_vmap``:
+``method="vmap"``). ``transformer`` (``config.lm``) and ``rows`` (``config.rows``): AdamW,
+:data:`LM_VARIANTS`. ``across_devices``: :func:`across_devices` in a subprocess with 4
+simulated CPU devices.
 
 Writes ``WORKDIR/bench.json`` (atomically, strict JSON)::
 
@@ -100,13 +99,10 @@ def auto_choice(loss_fn, params, batch, chunk_size=None) -> dict:
 
 def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **kw) -> dict:
     """A plain step and the step of each of ``variants`` (:func:`estimators` with ``kw``),
-    the same ``optimizer`` update from the mean gradient: compiled, then timed interleaved
-    (:func:`gns.hardware.interleaved_times`), plus :func:`auto_choice`.
-
-    Returns:
-      ``{"seconds" (median), "seconds_iqr", "examples_per_second", "over_plain",
-      "temp_bytes", "memory_over_plain", "compile_seconds"}``, each by variant, and
-      ``"batch_size"``, ``"repeats"``, ``"num_params"``, the ``auto_*`` keys.
+    all with the same ``optimizer`` update: compiled, timed interleaved
+    (:func:`gns.hardware.interleaved_times`), medians; by variant: ``seconds``, ``seconds_iqr``,
+    ``examples_per_second``, ``over_plain``, ``temp_bytes``, ``memory_over_plain``,
+    ``compile_seconds``; and ``batch_size``, ``repeats``, ``num_params``, :func:`auto_choice`.
     """
 
     def step(estimator, params, opt_state, batch):
@@ -162,14 +158,10 @@ class Lm1bTransformer(models.TransformerLM):
         x = x + pos[:, : tokens.shape[1]]
         mask = nn.make_causal_mask(tokens)
         for _ in range(self.depth):
-            y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(
-                nn.LayerNorm()(x), mask=mask
-            )
-            x = x + y
-            y = nn.Dense(self.width)(
-                nn.gelu(nn.Dense(self.mlp_ratio * self.width)(nn.LayerNorm()(x)))
-            )
-            x = x + y
+            attend = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)
+            x = x + attend(nn.LayerNorm()(x), mask=mask)
+            down, up = nn.Dense(self.width), nn.Dense(self.mlp_ratio * self.width)
+            x = x + down(nn.gelu(up(nn.LayerNorm()(x))))
         return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))
 
 
@@ -341,21 +333,21 @@ def format_table(result: dict[str, Any]) -> str:
     size and variant (``per_example_auto`` and the CNN's ``per_example`` say which path
     ``auto`` ran, and in how many example chunks)."""
     rows = [("model", "batch", "variant", "ms/step", "time/plain", "memory/plain")]
-    models_ = {"cnn": result["detail"], "transformer": result.get("transformer") or {}}
-    for model, sizes in (models_ | (result.get("rows") or {})).items():
+    sections = {"cnn": result["detail"], "transformer": result.get("transformer") or {}}
+    for model, sizes in (sections | (result.get("rows") or {})).items():
         for bs, d in sizes.items() if isinstance(sizes, dict) else ():
             if not (isinstance(d, dict) and "seconds" in d):
-                continue
+                continue  # the records next to the rows: load, device, model
             temp = d["temp_bytes"]
-            chunks = d.get("auto_chunks", 1)
-            method = d.get("auto_method", "") + (f" in {chunks} chunks" if chunks > 1 else "")
+            chunks = d["auto_chunks"]
+            method = d["auto_method"] + (f" in {chunks} chunks" if chunks > 1 else "")
             for name, s in d["seconds"].items():
                 mem = d["memory_over_plain"].get(name)
                 mem = "-" if mem is None else f"{mem:.2f}x"
                 if temp.get("plain", TINY_TEMP_BYTES) < TINY_TEMP_BYTES and name in temp:
                     mem = f"{temp[name] / 1e6:.1f} MB"  # a ratio over a few bytes says nothing
                 auto = name.endswith("_auto") or name == "per_example"
-                label = name + (f" ({method})" if auto and method else "")
+                label = name + (f" ({method})" if auto else "")
                 rows.append((model, bs, label, f"{1e3 * s:.1f}",
                              f"{d['over_plain'][name]:.2f}x", mem))  # fmt: skip
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -367,13 +359,15 @@ def run_bench(config, workdir: str) -> dict[str, Any]:
     """Run the benchmark of ``config`` and write ``workdir/bench.json``; returns its content."""
     rules.check(config, "bench")  # a UserError naming the field and the fix
     t_start = time.perf_counter()
+    timing = lambda section: (
+        {"seed": config.seed} | {f: section[f] for f in ("repeats", "warmup", "num_microbatches")}
+    )
     cnn = config.model.to_dict() | {"batch_sizes": config.batch_sizes}
     cnn |= {f: config[f] for f in ("image_size", "channels", "num_classes")}
+    adam = optax.adam(config.learning_rate)
     detail = measure_rows(
-        {"cnn": cnn}, VARIANTS, optax.adam(config.learning_rate), seed=config.seed,
-        repeats=config.repeats, warmup=config.warmup, num_microbatches=config.num_microbatches,
-        chunk_size=config.chunk_size,
-    )["cnn"]  # fmt: skip
+        {"cnn": cnn}, VARIANTS, adam, chunk_size=config.chunk_size, **timing(config)
+    )["cnn"]
     ref = detail[str(config.reference_batch_size)]
     result = {
         "reference_batch_size": int(config.reference_batch_size),
@@ -400,18 +394,15 @@ def run_bench(config, workdir: str) -> dict[str, Any]:
     if lm.enabled:
         t0 = time.perf_counter()
         rows = {"transformer": lm.model.to_dict() | {"batch_sizes": lm.batch_sizes}}
-        out = measure_rows(rows, LM_VARIANTS, optax.adamw(3e-4), seed=config.seed,
-                           repeats=lm.repeats, warmup=lm.warmup,
-                           num_microbatches=lm.num_microbatches)  # fmt: skip
+        out = measure_rows(rows, LM_VARIANTS, optax.adamw(3e-4), **timing(lm))
         platform = f"{jax.devices()[0].platform} x{jax.device_count()}"
         result["transformer"] = out.pop("transformer") | {"model": lm.model.to_dict()} | out
         result["transformer"]["device"] = f"{platform}, {os.cpu_count()} cpus"
         result["transformer"]["seconds"] = time.perf_counter() - t0
     if more.enabled:
         result["rows"] = measure_rows(
-            more.models.to_dict(), LM_VARIANTS, optax.adamw(3e-4), seed=config.seed,
-            repeats=more.repeats, warmup=more.warmup, num_microbatches=more.num_microbatches,
-        )  # fmt: skip
+            more.models.to_dict(), LM_VARIANTS, optax.adamw(3e-4), **timing(more)
+        )
     result["seconds"] = time.perf_counter() - t_start
     runlog.write_json(os.path.join(workdir, "bench.json"), result)
     return result
