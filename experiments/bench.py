@@ -196,11 +196,7 @@ def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512,
     ``dims``."""
     rng = np.random.default_rng(seed)
     if name in ("transformer", "lm1b"):
-        model = (
-            Lm1bTransformer(**fields)
-            if name == "lm1b"
-            else models.get_model(fields | {"name": name})
-        )
+        model = (Lm1bTransformer if name == "lm1b" else models.TransformerLM)(**fields)
         tokens = rng.integers(0, model.vocab_size, (batch_size, model.context + 1), dtype=np.int32)
         params = jax.jit(model.init)(jax.random.key(seed), tokens[:1, :-1])["params"]
         return lm_loss(model), params, tokens
@@ -390,18 +386,16 @@ def run_bench(config, workdir: str) -> dict[str, Any]:
         else:
             result["across_devices_over_plain"] = par["across_devices_over_plain"]
             result["across_devices_detail"] = par
-    lm, more = config.lm, config.rows
-    if lm.enabled:
-        t0 = time.perf_counter()
+    if config.lm.enabled:
+        lm, t0 = config.lm, time.perf_counter()
         rows = {"transformer": lm.model.to_dict() | {"batch_sizes": lm.batch_sizes}}
         out = measure_rows(rows, LM_VARIANTS, optax.adamw(3e-4), **timing(lm))
-        platform = f"{jax.devices()[0].platform} x{jax.device_count()}"
+        device = f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} cpus"
         result["transformer"] = out.pop("transformer") | {"model": lm.model.to_dict()} | out
-        result["transformer"]["device"] = f"{platform}, {os.cpu_count()} cpus"
-        result["transformer"]["seconds"] = time.perf_counter() - t0
-    if more.enabled:
+        result["transformer"] |= {"device": device, "seconds": time.perf_counter() - t0}
+    if config.rows.enabled:
         result["rows"] = measure_rows(
-            more.models.to_dict(), LM_VARIANTS, optax.adamw(3e-4), **timing(more)
+            config.rows.models.to_dict(), LM_VARIANTS, optax.adamw(3e-4), **timing(config.rows)
         )
     result["seconds"] = time.perf_counter() - t_start
     runlog.write_json(os.path.join(workdir, "bench.json"), result)
