@@ -2,11 +2,11 @@
 
 With ``config.adaptive.enabled`` the loop of :mod:`experiments.train` runs with
 :class:`ScheduledBatch`: the :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``,
-its state in the optimizer state (:func:`with_batch_schedule`: checkpointed with the train state;
-the learning-rate multiplier scales the updates, so a change needs no recompilation). Each
-measurement's decision goes into the metrics row (``schedule_reason``, and ``schedule_change``
-where the batch changes, from which a resume rebuilds the :class:`gns.schedule.ScheduleLog`).
-The data are the example-indexed stream, so a resumed run sees what an uninterrupted one does.
+its state in the train state (:func:`with_schedule`, checkpointed with it) and its rate in the
+state's learning rate, so a change needs no recompilation. Each measurement's decision goes
+into the metrics row (``schedule_reason``, and ``schedule_change`` where the batch changes,
+from which a resume rebuilds the :class:`gns.schedule.ScheduleLog`). The data are the
+example-indexed stream, so a resumed run sees what an uninterrupted one does.
 
 References: McCandlish et al. 2018 (arXiv 1812.06162); Merrill et al. 2025 (arXiv 2505.23971);
 Meterez et al. 2025 (Seesaw, arXiv 2510.14717).
@@ -17,27 +17,23 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from absl import logging
 
 from experiments.cli import UserError
 from gns import schedule as gschedule
 
-PyTree = Any
-
-__all__ = ["ScheduledOptState", "enabled", "candidates", "make_batch_schedule", "validate",
-           "with_batch_schedule", "ScheduledBatch", "schedule_from_rows", "steps_by_batch_size",
+__all__ = ["enabled", "candidates", "make_batch_schedule", "initial_state", "validate",
+           "with_schedule", "ScheduledBatch", "schedule_from_rows", "steps_by_batch_size",
            "device_time"]  # fmt: skip
 
 
 def enabled(config) -> bool:
     """Whether ``config`` trains with the batch-size schedule."""
-    section = config.get("adaptive")
-    return bool(section is not None and section.get("enabled"))
+    return bool(config.get("adaptive", {}).get("enabled"))
 
 
 def candidates(config) -> list[int]:
@@ -56,10 +52,9 @@ def candidates(config) -> list[int]:
 
 def make_batch_schedule(config, step_times: Sequence[float] | None = None):
     """The :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``: base learning rate
-    ``config.learning_rate`` at ``config.batch_size``, every candidate one compiled batch.
-    ``step_times``: seconds per step of each candidate (default ``config.adaptive.step_times``;
-    when both are ``None`` a flat table, good only for ``init``). Bad fields: a
-    :class:`UserError`."""
+    ``config.learning_rate`` at ``config.batch_size``. ``step_times``: seconds per step of
+    each candidate (default ``config.adaptive.step_times``; when both are ``None`` a flat
+    table, good only for ``init``)."""
     a = config.adaptive
     cands = candidates(config)
     times = step_times if step_times is not None else a.step_times
@@ -97,10 +92,8 @@ def initial_state(config, sched) -> gschedule.ScheduleState:
 
 
 def validate(config, num_train: int, microbatches: int | None) -> None:
-    """The checks of an adaptive config against the data and the estimator: no candidate
-    exceeds ``num_train``, and each splits into ``microbatches`` (the microbatch estimator's
-    and ghost BatchNorm's groups; ``None``: no such constraint). The schedule itself and its
-    start are checked with the config (:func:`experiments.train.validate_config`)."""
+    """A :class:`UserError` unless every candidate fits in ``num_train`` examples and splits
+    into ``microbatches`` (the estimator's and ghost BatchNorm's groups; ``None``: any)."""
     cands = candidates(config)
     if cands[-1] > num_train:
         raise UserError(
@@ -115,37 +108,12 @@ def validate(config, num_train: int, microbatches: int | None) -> None:
         )
 
 
-class ScheduledOptState(NamedTuple):
-    """Optimizer state of :func:`with_batch_schedule`."""
-
-    inner: PyTree  # the wrapped optimizer's state
-    lr_multiplier: jax.Array  # float32 scalar multiplying every update
-    schedule: gschedule.ScheduleState
-
-
-def with_batch_schedule(
-    optimizer: optax.GradientTransformation, initial: gschedule.ScheduleState
-) -> optax.GradientTransformation:
-    """``optimizer`` with its updates multiplied by the state's ``lr_multiplier`` (from
-    ``initial``, the schedule's initial state).
-
-    The optimizers of :func:`experiments.train.make_optimizer` apply the learning rate last
-    (weight decay included), so scaling the update scales the learning rate; the host changes
-    the multiplier without recompiling. A multiplier of 1 leaves the updates bit for bit equal.
-    """
-
-    def init(params):
-        return ScheduledOptState(
-            optimizer.init(params), jnp.asarray(initial.lr_multiplier, jnp.float32), initial
-        )
-
-    def update(grads, state, params=None):
-        updates, inner = optimizer.update(grads, state.inner, params)
-        m = state.lr_multiplier
-        updates = jax.tree.map(lambda u: u * m.astype(u.dtype), updates)
-        return updates, state._replace(inner=inner)
-
-    return optax.GradientTransformation(init, update)
+def with_schedule(config, state):
+    """The train state ``state`` with the schedule's starting state and learning rate
+    (``config.learning_rate`` times the schedule's multiplier)."""
+    start = initial_state(config, make_batch_schedule(config))
+    rate = jnp.float32(config.learning_rate) * start.lr_multiplier
+    return state._replace(schedule=start, learning_rate=rate)
 
 
 def schedule_from_rows(rows: Sequence[dict]) -> dict:
@@ -158,9 +126,9 @@ def schedule_from_rows(rows: Sequence[dict]) -> dict:
 
 class ScheduledBatch:
     """The batch policy of the schedule ``sched`` (the interface of
-    :class:`experiments.train.FixedBatch`): the batch size and rate multiplier that the
-    schedule state in the train state stands for, updated at each measurement. ``rows``: the
-    run's rows so far (a resumed run's decisions)."""
+    :class:`experiments.train.FixedBatch`): the batch size that the schedule state in the
+    train state stands for, updated at each measurement. ``rows``: the run's rows so far (a
+    resumed run's decisions)."""
 
     by_example = True
 
@@ -169,33 +137,27 @@ class ScheduledBatch:
         past = schedule_from_rows(rows)
         self.log = gschedule.ScheduleLog(sched, past["changes"], past["reason_counts"])
         self.factor = float(config.adaptive.noise_scale_factor)
+        self.base_lr = float(config.learning_rate)
         self._update = jax.jit(sched.update)
         self.sizes = [int(r["batch_size"]) for r in sched.table]
 
     def batch_size(self, state) -> int:
         """The batch size the schedule state in ``state`` stands for."""
-        return self.sizes[int(jax.device_get(state.opt_state.schedule.index))]
-
-    @staticmethod
-    def lr_multiplier(state) -> float:
-        """The learning-rate multiplier in ``state``."""
-        return float(jax.device_get(state.opt_state.lr_multiplier))
+        return self.sizes[int(jax.device_get(state.schedule.index))]
 
     def update(self, state, noise: float, step: int) -> tuple[Any, dict]:
         """Feed one smoothed noise scale (``ema_b_simple``) to the schedule: ``(state, row
         fields)``, ``schedule_reason`` and, where the batch changes at the next step,
         ``schedule_change`` (the ScheduleLog entry)."""
         noise = float(noise) * self.factor if noise is not None else math.nan
-        decision, s = self._update(jnp.float32(noise), state.opt_state.schedule)
+        decision, s = self._update(jnp.float32(noise), state.schedule)
         entry = self.log.record(step, decision)
-        opt = state.opt_state._replace(
-            schedule=s, lr_multiplier=jnp.asarray(decision.lr_multiplier, jnp.float32)
-        )
+        rate = jnp.float32(self.base_lr) * jnp.float32(decision.lr_multiplier)
         fields = {"schedule_reason": gschedule.REASONS[int(decision.reason)]}
         if entry is not None:
             fields["schedule_change"] = entry
             logging.info("step %d: %s", step, entry["reason"])
-        return state._replace(opt_state=opt), fields
+        return state._replace(schedule=s, learning_rate=rate), fields
 
 
 def steps_by_batch_size(rows: Sequence[dict], upto_step: int | None = None) -> dict[int, int]:
@@ -208,8 +170,7 @@ def steps_by_batch_size(rows: Sequence[dict], upto_step: int | None = None) -> d
         step = int(r["step"])
         if upto_step is not None and step > upto_step:
             break
-        b = int(r["batch_size"])
-        out[b] = out.get(b, 0) + step - prev
+        out[int(r["batch_size"])] = out.get(int(r["batch_size"]), 0) + step - prev
         prev = step
     return out
 

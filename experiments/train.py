@@ -1,42 +1,19 @@
 """The one training loop: ``train_and_evaluate(config, workdir)`` for every task and mode.
 
-It trains ``config.model`` on the task of ``config.task`` (:mod:`experiments.tasks`: images,
-bytes of text, ...) with the noise scale measured along the way, and writes into ``workdir``
-(through :mod:`experiments.runlog`: the record stays consistent across Ctrl-C and resumes):
+It trains ``config.model`` on the task of ``config.task`` (:mod:`experiments.tasks`) with the
+noise scale measured every ``config.gns_every`` steps by the training step itself
+(``gns.estimate``: no second backward pass; BatchNorm models train with ghost BatchNorm over
+``config.gns_microbatches`` groups, so the measured gradient is the training one). The batch
+size is a batch policy (:func:`batch_policy`): fixed, or the schedule of
+:mod:`experiments.adaptive`, one compiled step per batch size (:class:`StepCache`).
 
-- ``config.json``; ``metrics.jsonl``: one strict-JSON row per logged step (``step``,
-  ``examples_seen``, ``batch_size``, ``epoch``, ``wall_time_s``, ``examples_per_s``,
-  ``train_loss``, ``train_accuracy``, ``learning_rate``; ``test_*`` on evaluation rows; raw
-  ``g_sq``, ``trace_cov``, ``b_simple`` and smoothed ``ema_*`` on measured rows;
-  ``stop_reason`` where the run stops); TensorBoard event files (:mod:`experiments.events`);
-- ``summary.json`` (:func:`_summarize`): the final evaluation, the clock's shares
-  (``train_time_s``: data and steps, which the rows' ``wall_time_s`` and the times to target
-  use; ``eval_time_s``, ``compile_time_s``, ``pause_time_s``; ``wall_time_s`` of the call),
-  ``stop_reason`` (``num_steps``, the task's target field, ``max_wall_time_s``,
-  ``interrupted``, ``diverged``), ``steps_to_target``/``time_to_target_s`` (the mean of the
-  last ``config.target_window`` evaluations first at the target; the run stops there) and
-  ``noise_scale`` (:func:`noise_scale_summary`);
-- with ``config.start_from`` (a pilot's checkpoint, :func:`start_from_pilot`) the run goes on
-  from the pilot's state, step, examples (its example stream) and seconds, written as the
-  first row (``start: "pilot"``) and ``summary.json``'s ``start``;
-- ``checkpoints/`` (orbax): re-running the command resumes from the last one when the
-  :func:`run_identity`, the data's content and the device count agree, and a finished run
-  returns its stored summary; ``training.png``, ``noise_scale.png``.
-
-Every ``config.gns_every`` steps the step takes its gradient from ``gns.estimate``, so the
-measurement costs no second backward pass; BatchNorm models train with ghost BatchNorm over
-``config.gns_microbatches`` groups on every step, so the measured gradient is the training one.
-The batch size is a **batch policy** (:func:`batch_policy`): :class:`FixedBatch`, or with
-``config.adaptive.enabled`` :class:`experiments.adaptive.ScheduledBatch`, one compiled step per
-batch size (:class:`StepCache`). A run lasts ``num_steps x batch_size`` examples. A non-finite
-loss, or one above ``config.divergence_factor`` times the first, raises :class:`Diverged`.
-
-Example (as in the tests)::
-
-    from configs import cifar10
-    config = cifar10.get_config("smoke")
-    config.data.source = "synthetic"
-    summary = train_and_evaluate(config, "/tmp/run")
+``workdir`` gets (through :mod:`experiments.runlog`: consistent across Ctrl-C and resumes)
+``config.json``, ``metrics.jsonl`` (a strict-JSON row per logged, measured or evaluated step),
+TensorBoard events, ``summary.json`` (:func:`_summarize`), ``checkpoints/`` (re-running the
+command resumes when :func:`run_identity`, the data and the device count agree) and the plots.
+With ``config.start_from`` the run goes on from a pilot's checkpoint (:func:`start_from_pilot`).
+A non-finite loss, or one above ``config.divergence_factor`` times the first, raises
+:class:`Diverged`.
 """
 
 from __future__ import annotations
@@ -61,15 +38,16 @@ from jax.sharding import PartitionSpec as P
 from experiments import adaptive, figures, models, progress, rules, runlog, tasks
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
-from experiments.rules import GNS_METHODS, OPTIMIZERS, SCHEDULES
+from experiments.rules import GNS_METHODS, OPTIMIZERS
 from gns import common, estimate, finder, hardware, smoothing
 
 PyTree = Any
 
 __all__ = ["TrainState", "Setup", "build_setup", "Diverged", "train_and_evaluate",
            "validate_config", "run_identity", "init_state", "make_schedule", "make_optimizer",
-           "make_loss_fn", "make_plain_loss_fn", "make_train_steps", "resolve_gns_method",
-           "resolve_num_steps", "noise_scale_summary", "start_from_pilot"]  # fmt: skip
+           "make_loss_fn", "make_train_steps", "resolve_gns_method", "resolve_num_steps",
+           "noise_scale_summary", "start_from_pilot", "batch_policy", "FixedBatch",
+           "StepCache", "timing_table", "check_candidate"]  # fmt: skip
 
 METRICS_FILE = runlog.METRICS_FILE
 SUMMARY_FILE = "summary.json"
@@ -97,14 +75,10 @@ class TrainState(NamedTuple):
     opt_state: PyTree
     gns: PyTree  # the gns.smoothing.ema tracker state
     rng: jax.Array  # dropout key; step s uses fold_in(rng, s)
-    # The peak learning rate (float32 scalar): the optimizer runs at the schedule's shape (peak
-    # 1, make_schedule) and its updates are multiplied by this value of the state, so one
-    # compiled step serves every rate. 1: the optimizer's own rate.
+    # The peak learning rate (float32 scalar) multiplying the updates of an optimizer that runs
+    # at the schedule's shape (peak 1, make_schedule): one compiled step serves every rate.
     learning_rate: jax.Array | float = 1.0
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+    schedule: PyTree = None  # the batch-size schedule's state (experiments.adaptive), if any
 
 
 def _require(config, field: str, ok: bool, fix: str) -> None:
@@ -118,15 +92,14 @@ def _require(config, field: str, ok: bool, fix: str) -> None:
 
 def _choice(config, field: str, options: tuple[str, ...]) -> str:
     """``config.<field>``, checked to be one of ``options``."""
-    value = rules.get(config, field)
+    value = config[field]
     _require(config, field, value in options, f"is not one of {', '.join(options)}")
     return value
 
 
 def validate_config(config) -> None:
     """Check every field :func:`train_and_evaluate` reads (:mod:`experiments.rules`, with
-    the device count) before anything is written: a :class:`UserError` naming the field, its
-    value and the fix."""
+    the device count) before anything is written."""
     kind = tasks.get(config).name
     rules.check(config, kind)  # every field, num_devices included, then the mesh's size
     rules.check(config, kind, mesh_lib.make_mesh(config.num_devices).size)
@@ -140,8 +113,7 @@ def run_identity(config: dict) -> dict:
     the run stops, so a finished run can be extended)."""
     ident = copy.deepcopy(config)
     constant = config.get("schedule") == "constant"
-    drop = NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ())
-    for path in drop:
+    for path in NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ()):
         *parents, last = path.split(".")
         node = ident
         for p in parents:
@@ -154,20 +126,16 @@ def resolve_num_steps(config, num_train: int) -> int:
     """``config.num_epochs`` (if set) converted to steps, else ``config.num_steps``."""
     if config.num_epochs is not None:
         return max(1, math.ceil(float(config.num_epochs) * num_train / config.batch_size))
-    _require(config, "num_steps", _is_int(config.num_steps) and config.num_steps >= 1,
-             "must be a positive int (or set config.num_epochs)")  # fmt: skip
     return int(config.num_steps)
 
 
 def make_schedule(config, num_steps: int, peak: float | None = None) -> optax.Schedule:
-    """The optax learning-rate schedule: linear warmup over ``config.warmup_steps`` to
-    ``peak`` (default ``config.learning_rate``; 1: the shape the steps' optimizer runs at,
-    :class:`TrainState`), then constant or (``config.schedule='cosine'``) a cosine decay that
-    reaches 0 at ``num_steps``."""
+    """Linear warmup over ``config.warmup_steps`` to ``peak`` (default
+    ``config.learning_rate``), then constant or (``config.schedule='cosine'``) a cosine decay
+    to 0 at ``num_steps``."""
     lr = float(config.learning_rate if peak is None else peak)
     warmup = int(config.warmup_steps)
-    kind = _choice(config, "schedule", SCHEDULES)
-    if kind == "constant":
+    if config.schedule == "constant":
         after = optax.constant_schedule(lr)
     else:
         after = optax.cosine_decay_schedule(lr, max(1, num_steps - warmup))
@@ -182,19 +150,16 @@ def _decay_mask(params):
 
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """The optax optimizer ``config.optimizer``: ``sgd`` (``config.momentum``, Nesterov if
-    ``config.nesterov``) or ``adam`` with L2 weight decay, ``adamw`` or ``lamb`` (You et al.
-    2020) with decoupled decay; ``config.weight_decay`` applies to kernels only."""
+    """``config.optimizer``: ``sgd`` (``config.momentum``, ``config.nesterov``) or ``adam``
+    with L2 weight decay, ``adamw`` or ``lamb`` with decoupled decay, on kernels only."""
     name = _choice(config, "optimizer", OPTIMIZERS)
     wd = float(config.weight_decay)
+    if name in ("adamw", "lamb"):
+        return getattr(optax, name)(schedule, weight_decay=wd, mask=_decay_mask)
     if name == "sgd":
         opt = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
-    elif name == "adam":
+    else:
         opt = optax.adam(schedule)
-    elif name == "adamw":
-        return optax.adamw(schedule, weight_decay=wd, mask=_decay_mask)
-    else:  # lamb
-        return optax.lamb(schedule, weight_decay=wd, mask=_decay_mask)
     if wd:
         opt = optax.chain(optax.add_decayed_weights(wd, mask=_decay_mask), opt)
     return opt
@@ -202,8 +167,7 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
 
 def resolve_gns_method(config, model, num_devices: int = 1) -> str:
     """``config.gns_method`` with ``'auto'`` resolved: ``across_devices`` on 2 or more
-    devices, else ``per_example`` without BatchNorm and ``microbatch`` with it. ``per_example``
-    on a BatchNorm model, or ``across_devices`` on one device, is a :class:`UserError`."""
+    devices, else ``per_example`` without BatchNorm and ``microbatch`` with it."""
     method = _choice(config, "gns_method", GNS_METHODS)
     bn = models.has_batch_norm(model)
     if method == "auto":
@@ -223,28 +187,30 @@ def resolve_gns_method(config, model, num_devices: int = 1) -> str:
     return method
 
 
-def _forward(model, params, batch_stats, images, dropout_key, train):
+def _forward(model, params, batch_stats, inputs, dropout_key, train):
+    """float32 logits (the loss and softmax of a bfloat16 model are computed in float32) and
+    the batch statistics, updated when training a BatchNorm model."""
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
     if train and batch_stats:
         logits, updates = model.apply(
-            variables, images, train=True, rngs=rngs, mutable=["batch_stats"]
+            variables, inputs, train=True, rngs=rngs, mutable=["batch_stats"]
         )
         return logits.astype(jnp.float32), updates["batch_stats"]
-    # float32 logits: the loss and softmax of a bfloat16 model are computed in float32.
-    return model.apply(variables, images, train=train, rngs=rngs).astype(jnp.float32), batch_stats
+    return model.apply(variables, inputs, train=train, rngs=rngs).astype(jnp.float32), batch_stats
 
 
-def make_loss_fn(
-    model, batch_stats: PyTree, rng: jax.Array | None, loss: Callable = tasks.cross_entropy
-) -> Callable:
+def make_loss_fn(model, batch_stats: PyTree, rng: jax.Array | None,
+                 loss: Callable = tasks.cross_entropy, groups: int = 1) -> Callable:  # fmt: skip
     """The training loss ``loss_fn(params, batch) -> (loss, aux)`` for ``gns.estimate``: the
     mean over the examples of ``batch`` (inputs, targets and ``'index'``) of the task's
     per-example ``loss(logits, targets)``; ``aux = {'loss', 'accuracy', 'batch_stats'}``.
-    ``batch_stats`` is closed over; the dropout key of a (micro)batch is
-    ``fold_in(rng, batch['index'][0])`` (``rng`` ``None``: no dropout)."""
+    The dropout key of a (micro)batch is ``fold_in(rng, batch['index'][0])`` (``rng`` ``None``:
+    no dropout). ``groups > 1``: the mean over equal groups of the batch, split as
+    ``gns.estimate.microbatch`` splits it (ghost BatchNorm), so its gradient is the
+    microbatch estimator's."""
 
     def loss_fn(params, batch):
         key = None if rng is None else jax.random.fold_in(rng, batch["index"][0])
@@ -254,23 +220,12 @@ def make_loss_fn(
         accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
         return mean, {"loss": mean, "accuracy": accuracy, "batch_stats": new_stats}
 
-    return loss_fn
-
-
-def make_plain_loss_fn(model, batch_stats, rng, groups: int = 1, loss=tasks.cross_entropy):
-    """:func:`make_loss_fn` over ``groups`` equal groups of the batch (ghost BatchNorm),
-    split as ``gns.estimate.microbatch`` splits it and run under ``jax.vmap``: the mean of the
-    group losses and statistics, so its gradient is the microbatch estimator's."""
-    base = make_loss_fn(model, batch_stats, rng, loss)
-    if groups == 1:
-        return base
-
-    def loss_fn(params, batch):
+    def ghost_loss_fn(params, batch):
         split = common.split_leading(batch, groups)
-        losses, aux = jax.vmap(base, in_axes=(None, 0))(params, split)
+        losses, aux = jax.vmap(loss_fn, in_axes=(None, 0))(params, split)
         return jnp.mean(losses), jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
 
-    return loss_fn
+    return loss_fn if groups == 1 else ghost_loss_fn
 
 
 def _with_index(batch, axis_name=None):
@@ -282,19 +237,10 @@ def _with_index(batch, axis_name=None):
     return {inputs: batch[inputs], targets: batch[targets], "index": offset + jnp.arange(n)}
 
 
-def make_train_steps(
-    model,
-    optimizer: optax.GradientTransformation,
-    tracker,
-    *,
-    method: str,
-    num_microbatches: int = 8,
-    chunk_size: int | None = None,
-    use_dropout: bool = False,
-    schedule: optax.Schedule | None = None,
-    mesh=None,
-    loss: Callable = tasks.cross_entropy,
-):
+def make_train_steps(model, optimizer: optax.GradientTransformation, tracker, *, method: str,
+                     num_microbatches: int = 8, chunk_size: int | None = None,
+                     use_dropout: bool = False, schedule: optax.Schedule | None = None,
+                     mesh=None, loss: Callable = tasks.cross_entropy):  # fmt: skip
     """The (unjitted) steps ``(plain_step, gns_step)``, each ``step(state, batch) -> (state,
     metrics)``: the same update for the same batch; ``gns_step`` takes its gradient from
     ``gns.estimate`` (``method``: see :func:`resolve_gns_method`) and adds the raw and
@@ -304,25 +250,26 @@ def make_train_steps(
       num_microbatches: of the estimator in the global batch (``/ mesh.size`` per device; one
         per device is the ``across_devices`` estimate); BatchNorm models use them as
         ghost-BatchNorm groups in the plain step too.
-      schedule: to report the learning rate of the step (times the state's
-        ``learning_rate``, which multiplies the optimizer's updates).
+      schedule: to report the learning rate of the step (times the state's ``learning_rate``).
       mesh: ``None`` (one device), or a mesh of :mod:`experiments.mesh`: the steps are
         ``jax.shard_map`` over it, with gradients, losses and BatchNorm statistics averaged
         over the devices and the noise statistics those of the global batch.
     """
     axis = None if mesh is None else mesh_lib.AXIS
     n_dev = 1 if mesh is None else mesh.size
-    if method not in GNS_METHODS[1:]:
-        raise ValueError(f"method={method!r}: use 'per_example', 'microbatch' or 'across_devices'.")
-    if method == "microbatch" and num_microbatches % n_dev:
-        raise ValueError(
-            f"num_microbatches={num_microbatches} is not divisible by the {n_dev} devices."
-        )
+    if method not in GNS_METHODS[1:] or method == "microbatch" and num_microbatches % n_dev:
+        raise ValueError(f"method={method!r}, num_microbatches={num_microbatches} on {n_dev} "
+                         "devices: use 'per_example', 'across_devices' or 'microbatch' with "
+                         "a multiple of the devices.")  # fmt: skip
     k_local = num_microbatches // n_dev if method == "microbatch" else 1
     if method == "microbatch" and k_local == 1:
         method = "across_devices"  # one microbatch per device: the same estimate
+    estimator = {
+        "per_example": functools.partial(estimate.per_example, chunk_size=chunk_size),
+        "microbatch": functools.partial(estimate.microbatch, num_microbatches=k_local),
+        "across_devices": estimate.across_devices,
+    }[method]
     bn = models.has_batch_norm(model)
-    groups = k_local if bn else 1
 
     def mean_over_devices(tree):
         return tree if axis is None else jax.lax.pmean(tree, axis)
@@ -346,7 +293,8 @@ def make_train_steps(
 
     def plain_step(state, batch):
         batch = _with_index(batch, axis)
-        loss_fn = make_plain_loss_fn(model, state.batch_stats, step_key(state), groups, loss)
+        groups = k_local if bn else 1
+        loss_fn = make_loss_fn(model, state.batch_stats, step_key(state), loss, groups)
         params = state.params if axis is None else common.to_varying(state.params, axis)
         grads, aux = mean_over_devices(jax.grad(loss_fn, has_aux=True)(params, batch))
         return apply_update(state, grads, aux), base_metrics(state, aux)
@@ -354,26 +302,17 @@ def make_train_steps(
     def gns_step(state, batch):
         batch = _with_index(batch, axis)
         loss_fn = make_loss_fn(model, state.batch_stats, step_key(state), loss)
-        kw = dict(has_aux=True, axis_name=axis)
-        if method == "per_example":
-            stats, grads, aux = estimate.per_example(
-                loss_fn, state.params, batch, chunk_size=chunk_size, **kw
-            )
-        elif method == "microbatch":
-            stats, grads, aux = estimate.microbatch(
-                loss_fn, state.params, batch, num_microbatches=k_local, **kw
-            )
-        else:
-            stats, grads, aux = estimate.across_devices(loss_fn, state.params, batch, **kw)
-            aux = jax.tree.map(lambda a: a[None], aux)
-        # Equal-size pieces: the mean over them (and over devices) is the batch mean.
-        aux = mean_over_devices(jax.tree.map(lambda a: jnp.mean(a, axis=0), aux))
-        gns_state = tracker.update(stats, state.gns)
+        stats, grads, aux = estimator(loss_fn, state.params, batch, has_aux=True, axis_name=axis)
+        if method != "across_devices":  # one per example or microbatch, of equal sizes
+            aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
+        aux = mean_over_devices(aux)
+        ema = tracker.update(stats, state.gns)
         metrics = base_metrics(state, aux)
-        raw = (stats.g_sq, stats.trace_cov, stats.b_simple)
-        ema = (gns_state.g_sq, gns_state.trace_cov, gns_state.b_simple)
-        metrics.update(zip(_GNS_KEYS, raw + ema, strict=True))
-        return apply_update(state, grads, aux)._replace(gns=gns_state), metrics
+        for prefix, values in (("", stats), ("ema_", ema)):
+            metrics.update(
+                {prefix + k: getattr(values, k) for k in ("g_sq", "trace_cov", "b_simple")}
+            )
+        return apply_update(state, grads, aux)._replace(gns=ema), metrics
 
     if mesh is None:
         return plain_step, gns_step
@@ -410,9 +349,8 @@ def init_state(
     config, model, optimizer, tracker, image_shape, dtype=jnp.float32, mesh=None
 ) -> TrainState:
     """A fresh :class:`TrainState` from ``config.seed`` at ``config.learning_rate``
-    (``optimizer``: at the schedule's shape, peak 1; ``image_shape``, ``dtype``: one example's
-    model input, e.g. ``((context,), jnp.int32)`` for tokens), float32 whatever the model's
-    computation dtype; replicated over ``mesh`` when given."""
+    (``image_shape``, ``dtype``: one example's model input, e.g. ``((context,), jnp.int32)``
+    for tokens), float32 whatever the model's computation dtype; replicated over ``mesh``."""
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
     x = jnp.zeros((1,) + tuple(image_shape), dtype)
     variables = jax.jit(lambda r: model.init(r, x, train=False))(init_rng)
@@ -443,38 +381,37 @@ class Setup(NamedTuple):
 
 
 def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
-    """Everything a run of ``config`` on the loaded data ``ds`` needs before its first step
-    (a :class:`Setup`), after checking the batch and estimator fields against the data and
-    the devices; writes nothing. ``task`` defaults to ``tasks.get(config)``."""
+    """Everything a run of ``config`` on the loaded data ``ds`` needs before its first step,
+    after checking the batch and estimator fields against the data and the devices; writes
+    nothing. ``task`` defaults to ``tasks.get(config)``."""
     task = task or tasks.get(config)
+    num_train = task.num_train(ds)
     mesh = mesh_lib.make_mesh(config.num_devices)
     model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None),
                              dtype=config.dtype)  # fmt: skip
     method = resolve_gns_method(config, model, mesh.size)
     k = config.gns_microbatches
     _require(config, "gns_microbatches", method != "microbatch" or (
-             _is_int(k) and k >= max(2, mesh.size) and config.batch_size % k == 0
-             and k % mesh.size == 0),
+             k >= max(2, mesh.size) and config.batch_size % k == 0 and k % mesh.size == 0),
              f"must be >= 2, divide config.batch_size={config.batch_size} (equal microbatches "
              f"for the estimator and ghost BatchNorm) and be a multiple of the {mesh.size} "
              "device(s)")  # fmt: skip
     mesh_lib.check_batch(config.batch_size, mesh, per_example=method == "per_example")
-    _require(config, "batch_size", config.batch_size <= task.num_train(ds),
-             f"is larger than the {task.num_train(ds)} train examples")  # fmt: skip
-    num_steps = resolve_num_steps(config, task.num_train(ds))
+    _require(config, "batch_size", config.batch_size <= num_train,
+             f"is larger than the {num_train} train examples")  # fmt: skip
+    num_steps = resolve_num_steps(config, num_train)
     schedule = make_schedule(config, num_steps, peak=1.0)  # the rate: in the state
-    optimizer = make_optimizer(config, schedule)
-    if adaptive.enabled(config):  # lr multiplier and batch-size schedule in the opt state
-        adaptive.validate(config, task.num_train(ds), k if method == "microbatch" else None)
-        for b in adaptive.candidates(config):  # every candidate is split over the devices
-            check_candidate(b, mesh, method)
-        initial = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
-        optimizer = adaptive.with_batch_schedule(optimizer, initial)
-    tracker = smoothing.ema(config.gns_ema_decay)
+    optimizer, tracker = make_optimizer(config, schedule), smoothing.ema(config.gns_ema_decay)
     plain_fn, gns_fn = make_train_steps(
         model, optimizer, tracker, method=method, num_microbatches=k, schedule=schedule,
         chunk_size=config.gns_chunk_size, use_dropout=models.uses_dropout(model),
         mesh=mesh, loss=task.loss)  # fmt: skip
+    state = init_state(config, model, optimizer, tracker, *task.input_spec(ds))
+    if adaptive.enabled(config):
+        adaptive.validate(config, num_train, k if method == "microbatch" else None)
+        for b in adaptive.candidates(config):  # every candidate is split over the devices
+            check_candidate(b, mesh, method)
+        state = adaptive.with_schedule(config, state)
     eval_jit = jax.jit(make_eval_step(model, task.loss))
 
     def eval_step(params, batch_stats, inputs, targets, mask):  # the batch sharded on the mesh
@@ -486,37 +423,27 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
         res = _evaluate(eval_step, state, task.eval_batches(ds, arrays, size))
         return {**res, **task.metrics(res)}
 
-    on_device = bool(config.data.get("on_device", False))  # a field of image configs only
-    if on_device and task.name != "cifar10":
-        raise UserError(
-            f"config.data.on_device=True is for image data, not config.task={task.name!r}",
-            hint="--config.data.on_device=False (token batches are small: the host sends them)",
-        )
-
     def train_batches(batch_size: int, start_example: int, by_example: bool = False):
-        if not on_device:
+        if not config.data.get("on_device", False):  # a field of image configs only
             host = task.train_batches(config, ds, batch_size, start_example, by_example=by_example)
             return mesh_lib.placed_batches(host, mesh)
-        if not by_example and start_example % batch_size:
-            raise ValueError(f"start_example={start_example} is not a multiple of {batch_size}.")
         return mesh_lib.device_train_batches(
             ds, batch_size, seed=config.seed, augment=config.data.augment, mesh=mesh,
             start_step=start_example // batch_size,
             start_example=start_example if by_example else None)  # fmt: skip
 
     def time_step(state):
-        repeats = config.step_time_repeats
-        if not repeats:
+        if not config.step_time_repeats:
             return {}
         batch = _first_batch(train_batches, config.batch_size)
-        t = hardware.time_step(jax.jit(plain_fn), (state, batch), warmup=1, repeats=repeats,
+        t = hardware.time_step(jax.jit(plain_fn), (state, batch), warmup=1,
+                               repeats=config.step_time_repeats,
                                cache=hardware.CompileCache())  # fmt: skip
         return {"step_time_s": t.median_s, "step_examples_per_s": config.batch_size / t.median_s}
 
-    state = init_state(config, model, optimizer, tracker, *task.input_spec(ds), mesh=mesh)
     place = functools.partial(mesh_lib.replicate, mesh=mesh)
-    return Setup(method, num_steps, plain_fn, gns_fn, evaluate, state, task, mesh, place,
-                  train_batches, time_step, task.num_train(ds))  # fmt: skip
+    return Setup(method, num_steps, plain_fn, gns_fn, evaluate, place(state), task, mesh, place,
+                 train_batches, time_step, num_train)  # fmt: skip
 
 
 def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = False):
@@ -550,7 +477,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     validate_config(config)
     task = tasks.get(config)
     primary = jax.process_index() == 0  # the one process that writes files
-    mesh_lib.check_batch(config.batch_size, mesh_lib.make_mesh(config.num_devices))
     ds = task.load(config)  # before the lock: a bad data source leaves the workdir untouched
     with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():
         ckpt = runlog.Checkpoints(workdir)
@@ -648,9 +574,9 @@ def _stop_reason(config, log: runlog.RunLog, num_examples: int, interrupted) -> 
 
 
 class FixedBatch(NamedTuple):
-    """The policy of a fixed batch size (the step stream, rate multiplier 1). Every policy has
-    ``batch_size(state)``, ``lr_multiplier(state)``, ``update(state, noise, step) -> (state,
-    row fields)``, ``by_example`` (which stream) and ``eval_every_examples`` (0: never)."""
+    """The policy of a fixed batch size (the step stream). Every policy has
+    ``batch_size(state)``, ``update(state, noise, step) -> (state, row fields)``,
+    ``by_example`` (which stream) and ``eval_every_examples`` (0: never)."""
 
     size: int
     eval_every_examples: int
@@ -658,9 +584,6 @@ class FixedBatch(NamedTuple):
 
     def batch_size(self, state) -> int:
         return self.size
-
-    def lr_multiplier(self, state) -> float:
-        return 1.0
 
     def update(self, state, noise, step: int) -> tuple[Any, dict]:
         return state, {}
@@ -698,8 +621,8 @@ def timing_table(step_fn: Callable, state, make_batch: Callable, batch_sizes: Se
 
 class StepCache:
     """The compiled ``(plain, measure)`` steps of each batch size, compiled on first use
-    (``gns_fn`` ``None``: never measured) and charged to ``clock``'s ``compile``;
-    ``compiles``: ``{batch_size: compilations}``."""
+    (``gns_fn`` ``None``: never measured), donating the state, and charged to ``clock``'s
+    ``compile``; ``compiles``: ``{batch_size: compilations}``."""
 
     def __init__(self, plain_fn: Callable, gns_fn: Callable | None, clock):
         self.plain_fn, self.gns_fn, self.clock = plain_fn, gns_fn, clock
@@ -726,32 +649,27 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
     next step. Returns ``(state, stop_reason)``."""
     policy = batch_policy(config, setup, state, log)
     num_examples = setup.num_steps * config.batch_size
-
-    def stop_now():
-        return _stop_reason(config, log, num_examples, interrupted)
-
+    stop_now = functools.partial(_stop_reason, config, log, num_examples, interrupted)
     if stop_now() is not None:
         return state, stop_now()
     gns_every, every = config.gns_every, policy.eval_every_examples
     steps = StepCache(setup.plain_fn, setup.gns_fn if gns_every > 0 else None, log.clock)
     bar = progress.Progress(num_examples, desc="train", unit="examples",
                             initial=log.examples_seen, bar=config.progress_bar)  # fmt: skip
-    batches = None
-
-    def feed(batch_size):  # the stream from here at this batch size, its steps compiled
-        stream = setup.train_batches(batch_size, log.examples_seen, by_example=policy.by_example)
-        batch = next(stream)
-        return stream, batch, steps.get(batch_size, state, batch, after="pause")
-
+    batches, bs, stop, pending = None, None, None, []  # pending: device metrics since a row
     try:
-        bar.set(phase="compiling", step=log.step)
         held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
-        bs, lr_scale = policy.batch_size(state), policy.lr_multiplier(state)
-        batches, batch, (plain, measure) = feed(bs)
-        stop, pending = stop_now(), []  # pending: device metrics since the last row
-        log.clock.charge("train")
-        bar.set(phase="training")
         while stop is None:
+            if bs is None:  # the first step, or a new batch size: its stream and steps
+                bs = policy.batch_size(state)
+                bar.set(phase=f"compiling (batch {bs})", step=log.step)
+                if batches is not None:
+                    batches.close()
+                batches = setup.train_batches(bs, log.examples_seen, by_example=policy.by_example)
+                batch = next(batches)
+                plain, measure = steps.get(bs, state, batch, after="pause")
+                bar.set(phase="training")
+                log.clock.charge("train")
             measured = gns_every > 0 and log.step % gns_every == 0
             state, m = (measure if measured else plain)(
                 state, next(batches) if batch is None else batch
@@ -771,18 +689,13 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
                 continue
             state, row = _write_row(config, setup, state, log, policy, bar, pending, stop_now,
                                     measured=measured, do_eval=do_eval, batch_size=bs,
-                                    lr_scale=lr_scale, held_out=held_out)  # fmt: skip
+                                    held_out=held_out)  # fmt: skip
             stop, pending = row.get("stop_reason"), []
             if do_save and not log.diverged:
                 ckpt.save(log.step, state, log.meta())
             if stop is None and policy.batch_size(state) != bs:
-                bs = policy.batch_size(state)
-                bar.set(phase=f"compiling (batch {bs})")
-                batches.close()
-                batches, batch, (plain, measure) = feed(bs)
-                bar.set(phase="training")
-            lr_scale = policy.lr_multiplier(state)
-            if stop is None:
+                bs = None
+            elif stop is None:
                 log.clock.charge("train")
     finally:
         log.clock.charge("pause")
@@ -793,15 +706,17 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
 
 
 def _write_row(config, setup: Setup, state, log: runlog.RunLog, policy, bar, pending, stop_now,
-               *, measured: bool, do_eval: bool, batch_size: int, lr_scale: float,
-               held_out):  # fmt: skip
-    """The row of the steps in ``pending`` (metrics, the policy's update at a measurement, the
-    evaluation, the stop reason), written and shown. Returns ``(state, row)``."""
+               *, measured: bool, do_eval: bool, batch_size: int, held_out):  # fmt: skip
+    """The row of the steps in ``pending``: mean loss and accuracy, the last learning rate and
+    (measured) noise statistics, the policy's update, the evaluation and the stop reason;
+    written and shown. Returns ``(state, row)``."""
     jax.block_until_ready(state)
     log.clock.charge("pause")
     host = jax.device_get(pending)
-    row = log.row(**_row_metrics(host, measured, lr_scale), batch_size=batch_size,
-                  epoch=log.examples_seen / setup.num_train)  # fmt: skip
+    metrics = {k: float(np.mean([h[k] for h in host])) for k in ("train_loss", "train_accuracy")}
+    keys = ("learning_rate", *_GNS_KEYS) if measured else ("learning_rate",)
+    metrics.update({k: float(host[-1][k]) for k in keys})
+    row = log.row(**metrics, batch_size=batch_size, epoch=log.examples_seen / setup.num_train)
     log.check_losses([h["train_loss"] for h in host], config.divergence_factor)
     if measured and not log.diverged:
         state, fields = policy.update(state, row["ema_b_simple"], log.step)
@@ -818,27 +733,12 @@ def _write_row(config, setup: Setup, state, log: runlog.RunLog, policy, bar, pen
     if stop is not None:
         row["stop_reason"] = stop
     log.write_row(row)
-    _show(bar, row)
-    return state, row
-
-
-def _row_metrics(host: list[dict], measured: bool, lr_scale: float = 1.0) -> dict:
-    """Row fields of the steps since the last row: mean loss and accuracy, the last learning
-    rate (times ``lr_scale``) and noise statistics (when it measured them)."""
-    out = {k: float(np.mean([h[k] for h in host])) for k in ("train_loss", "train_accuracy")}
-    out["learning_rate"] = float(host[-1]["learning_rate"]) * lr_scale
-    if measured:
-        out.update({k: float(host[-1][k]) for k in _GNS_KEYS})
-    return out
-
-
-def _show(bar: progress.Progress, row: dict) -> None:
-    """The latest row on the bar (or in the next progress line)."""
     b_simple = row.get("ema_b_simple", bar.fields.get("B_simple"))
     if not isinstance(b_simple, str):
         b_simple = "-" if b_simple is None else f"{b_simple:.4g}"
     bar.set(step=row["step"], loss=f"{row['train_loss']:.3f}", B_simple=b_simple,
             **{"examples/s": f"{row['examples_per_s']:.0f}"})  # fmt: skip
+    return state, row
 
 
 def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, evaluate: bool,
@@ -885,11 +785,15 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, e
         "stop_reason": stop,
         "start": log.start,
         "diverged": log.diverged,
-        "noise_scale": noise_scale_summary(rows, smoothing),
+        "noise_scale": noise_scale_summary(rows),
         "dtype": config.dtype,
         "mesh": mesh_lib.describe(setup.mesh),
-        **_utilization(final, clock["train_time_s"], log.examples_seen),
     }
+    if "step_time_s" in final:  # how busy the pipeline keeps the devices: data and steps
+        rate = log.examples_seen / max(clock["train_time_s"], 1e-9)  # against the step alone
+        step_rate = final["step_examples_per_s"]
+        summary.update(step_time_s=final["step_time_s"], step_examples_per_s=step_rate,
+                       train_examples_per_s=rate, device_utilization=rate / step_rate)  # fmt: skip
     if task.describe(ds) is not None:
         summary["data"] = task.describe(ds)
     if log.primary:
@@ -902,35 +806,32 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, e
     return common.to_json(summary)
 
 
-def _utilization(timed: dict, train_time_s: float, examples: int) -> dict:
-    """Training throughput (data and steps) against the step alone: how busy the pipeline
-    keeps the devices (with ``config.step_time_repeats > 0``; empty otherwise)."""
-    if "step_time_s" not in timed:
-        return {}
-    rate = examples / max(train_time_s, 1e-9)
-    step_rate = timed["step_examples_per_s"]
-    return {"step_time_s": timed["step_time_s"], "step_examples_per_s": step_rate,
-            "train_examples_per_s": rate, "device_utilization": rate / step_rate}  # fmt: skip
-
-
-def noise_scale_summary(rows: list[dict], smoothing) -> dict:
+def noise_scale_summary(rows: list[dict]) -> dict:
     """``summary.json``'s ``noise_scale``: ``b_simple`` over the measured rows (those with
     ``g_sq``; ratio of means) with its block-bootstrap ``interval``, mean ``g_sq`` and
     ``trace_cov``, ``block_size``, ``num_measurements``, ``num_dropped`` (non-finite ones,
     left out), ``last_ema_b_simple`` and ``recent`` (``b_simple``, ``interval``,
     ``num_measurements``, ``from_step`` over the last :func:`gns.smoothing.recent_window`
     measurements, iid bootstrap: where the noise scale is now). ``None`` values with fewer
-    than 2 finite measurements. ``smoothing``: the :mod:`gns.smoothing` module."""
+    than 2 finite measurements."""
     meas = [r for r in rows if "g_sq" in r]
     g = np.array([r["g_sq"] for r in meas], np.float64)  # None -> nan
     t = np.array([r.get("trace_cov") for r in meas], np.float64)
     finite = np.isfinite(g) & np.isfinite(t)
     g, t = g[finite], t[finite]
     out = dict.fromkeys(("b_simple", "interval", "g_sq", "trace_cov", "block_size"))
-    last_ema = meas[-1].get("ema_b_simple") if meas else None
-    out.update(num_measurements=int(finite.sum()), num_dropped=int((~finite).sum()),
-               last_ema_b_simple=last_ema, recent=None)  # fmt: skip
-    _warn_null_measurements(len(meas), out["num_dropped"], int(np.sum(g <= 0)))
+    out.update(num_measurements=len(g), num_dropped=len(meas) - len(g), recent=None,
+               last_ema_b_simple=meas[-1].get("ema_b_simple") if meas else None)  # fmt: skip
+    if out["num_dropped"]:
+        logging.warning("%d of %d noise-scale measurements are not finite (null in metrics.jsonl, "
+                        "left out of the summary): the gradients overflowed and the run is likely "
+                        "diverging; lower config.learning_rate, or a config.divergence_factor "
+                        "nearer 1 stops such a run.", out["num_dropped"], len(meas))  # fmt: skip
+    if 2 * np.sum(g <= 0) > len(g):
+        logging.warning("%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null "
+                        "in metrics.jsonl): the gradient is not resolved above its noise, or the "
+                        "run is diverging (see config.divergence_factor).",
+                        np.sum(g <= 0), len(g))  # fmt: skip
     if len(g) >= 2:
         k = smoothing.recent_window(len(g))
         last = smoothing.interval(g[-k:], t[-k:], block_size=1)
@@ -941,18 +842,3 @@ def noise_scale_summary(rows: list[dict], smoothing) -> dict:
         out.update(b_simple=res.estimate, interval=[res.low, res.high], g_sq=float(np.mean(g)),
                    trace_cov=float(np.mean(t)), block_size=res.block_size)  # fmt: skip
     return out
-
-
-def _warn_null_measurements(num: int, dropped: int, unresolved: int) -> None:
-    """A warning when ``dropped`` of ``num`` measurements are not finite (overflowing
-    gradients), or most finite ones are ``unresolved`` (``g_sq <= 0``: ``b_simple`` null)."""
-    if dropped:
-        logging.warning("%d of %d noise-scale measurements are not finite (null in metrics.jsonl, "
-                        "left out of the summary): the gradients overflowed and the run is likely "
-                        "diverging; lower config.learning_rate, or a config.divergence_factor "
-                        "nearer 1 stops such a run.", dropped, num)  # fmt: skip
-    if unresolved and 2 * unresolved > num - dropped:
-        logging.warning("%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null "
-                        "in metrics.jsonl): the gradient is not resolved above its noise, or the "
-                        "run is diverging (see config.divergence_factor).",
-                        unresolved, num - dropped)  # fmt: skip

@@ -10,10 +10,7 @@ import sys
 from typing import Any, NamedTuple
 
 import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from test_train import _restored_state, interrupt_at, tiny_config
 
@@ -82,22 +79,17 @@ def test_example_stream_equals_the_step_stream_when_the_batch_divides_the_epoch(
 
 
 class _State(NamedTuple):
-    opt_state: Any
+    learning_rate: Any = 1.0
+    schedule: Any = None
 
 
-def test_lr_multiplier_scales_the_update_and_one_leaves_it_bitwise():
-    params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5)}
-    grads = {"w": jnp.array([0.3, 0.1, -0.2]), "b": jnp.array(1.0)}
-    sched = adaptive.make_batch_schedule(adaptive_config())
-    for inner in (optax.adam(1e-2), optax.sgd(0.1, momentum=0.9)):
-        opt = adaptive.with_batch_schedule(inner, sched.init())
-        s = opt.init(params)
-        assert float(s.lr_multiplier) == 0.5  # sqrt(8/32): the initial batch 8, base 32
-        u1, _ = opt.update(grads, s._replace(lr_multiplier=jnp.float32(1.0)), params)
-        ref, _ = inner.update(grads, inner.init(params), params)
-        chex.assert_trees_all_equal(u1, ref)
-        u, _ = opt.update(grads, s._replace(lr_multiplier=jnp.float32(0.25)), params)
-        chex.assert_trees_all_close(u, jax.tree.map(lambda x: 0.25 * x, ref), rtol=1e-6)
+def test_the_schedule_and_its_rate_start_in_the_train_state():
+    """The schedule's state and its starting rate go into the train state, whose rate scales
+    the updates (tests/test_train.py: the rate in the state trains as the rate baked in)."""
+    state = adaptive.with_schedule(adaptive_config(), _State())
+    assert int(state.schedule.index) == 0  # the initial batch 8
+    assert float(state.schedule.lr_multiplier) == 0.5  # sqrt(8/32): the initial batch 8, base 32
+    assert float(state.learning_rate) == pytest.approx(0.5 * 3e-3, rel=1e-7)
 
 
 def test_sgd_rule_starts_from_the_given_noise_scale_or_says_what_is_missing(tmp_path):
@@ -124,14 +116,14 @@ def test_unusable_noise_keeps_the_batch_and_says_why(noise, reason, words):
     config.adaptive.patience = 1
     sched = adaptive.make_batch_schedule(config)
     policy = adaptive.ScheduledBatch(config, sched, eval_every_examples=0)
-    opt = adaptive.with_batch_schedule(optax.sgd(0.1), sched.init())
-    state = _State(opt.init({"w": jnp.zeros(2)}))
-    new, fields = policy.update(state, noise, step=7)
-    assert (policy.batch_size(new), policy.lr_multiplier(new)) == (8, 0.5)
+    new, fields = policy.update(adaptive.with_schedule(config, _State()), noise, step=7)
+    assert (policy.batch_size(new), float(new.schedule.lr_multiplier)) == (8, 0.5)
+    assert float(new.learning_rate) == pytest.approx(0.5 * 3e-3, rel=1e-7)
     assert fields == {"schedule_reason": reason}
     assert words in policy.log.last["reason"] and policy.log.last["step"] == 7
     grown, fields = policy.update(new, 100.0, step=9)  # a usable one: grows at once (patience 1)
-    assert policy.batch_size(grown) == 32 and policy.lr_multiplier(grown) == 1.0
+    assert policy.batch_size(grown) == 32 and float(grown.schedule.lr_multiplier) == 1.0
+    assert float(grown.learning_rate) == pytest.approx(3e-3, rel=1e-7)
     assert fields["schedule_change"]["new_batch_size"] == 32
     assert adaptive.schedule_from_rows([{"schedule_reason": reason}, fields]) == {
         "changes": [fields["schedule_change"]],
@@ -278,3 +270,5 @@ def test_resume_across_a_batch_change_after_ctrl_c_and_sigkill(tmp_path, monkeyp
     assert step_r == step_f == s_f["steps"]
     chex.assert_trees_all_equal(state_r["params"], state_f["params"])
     chex.assert_trees_all_equal(state_r["opt_state"], state_f["opt_state"])
+    chex.assert_trees_all_equal(state_r["schedule"], state_f["schedule"])
+    assert state_r["learning_rate"] == state_f["learning_rate"]
