@@ -1,12 +1,7 @@
-"""The ``gns`` command: ``gns SUBCOMMAND [FLAGS]`` runs one of the experiments of
-:data:`COMMANDS` (``gns --help`` lists them; from a clone, ``python -m experiments
-SUBCOMMAND`` is the same command).
-
-``FLAGS`` are those of the experiment (``--config``, ``--workdir``, ``--config.FIELD=...``);
-without ``--config`` a subcommand uses its default config file from this installation, so the
-command works from any directory. The installed wheel keeps the experiments and their configs
-inside its own directory (``gns_jax/``), not as top-level packages whose names other projects
-use; this entry point puts that directory on ``sys.path`` before it runs one.
+"""The ``gns`` command: ``gns SUBCOMMAND [FLAGS]`` (or ``python -m experiments SUBCOMMAND``)
+runs one experiment of :data:`COMMANDS` with its flags; without ``--config`` a subcommand uses
+its default config from this installation, so it works from any directory. The wheel keeps the
+experiments and configs inside its own directory (``gns_jax/``), put on ``sys.path`` here.
 """
 
 from __future__ import annotations
@@ -61,14 +56,13 @@ def command_line(name: str, args: list[str], root: str = ROOT) -> tuple[str, lis
 def main(argv: list[str] | None = None) -> None:
     """Run ``gns SUBCOMMAND [FLAGS]`` (``argv`` defaults to ``sys.argv``)."""
     argv = sys.argv if argv is None else argv
-    if len(argv) < 2:
-        print(usage(), file=sys.stderr)
-        sys.exit(2)
-    if argv[1] in ("-h", "--help", "help"):
+    name = argv[1] if len(argv) > 1 else None
+    if name in ("-h", "--help", "help"):
         print(usage())
         sys.exit(0)
-    if argv[1] not in COMMANDS:
-        print(f"error: unknown subcommand {argv[1]!r}\n{usage()}", file=sys.stderr)
+    if name not in COMMANDS:
+        error = f"error: unknown subcommand {name!r}\n" if name else ""
+        print(error + usage(), file=sys.stderr)
         sys.exit(2)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)  # the directory that holds experiments/ and configs/

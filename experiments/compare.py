@@ -326,7 +326,7 @@ def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]
         if sorted(table) == batch_sizes and saved.get("mesh") == where:
             return table
     for b in batch_sizes:  # global batches, split over the devices of training's mesh
-        train.check_candidate(b, setup.mesh, setup.method)
+        mesh.check_batch(b, setup.mesh, "adaptive.candidates", setup.method == "per_example")
     logging.info("compare: timing batch sizes %s, interleaved.", batch_sizes)
 
     def batch(b):

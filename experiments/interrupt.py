@@ -2,16 +2,7 @@
 
 A main calls :func:`install` before it imports anything else. Until the run's own handling
 takes over around the training loop (:func:`experiments.runlog.deferred_interrupt`), a SIGINT
-ends the process at once with :func:`exit_now`: what a run writes is written atomically, so
-re-running the command resumes. ``os._exit`` after flushing: no ``KeyboardInterrupt`` travels
-through JAX and no interpreter finalization tears XLA down while its threads run.
-
-Example (the top of a main module)::
-
-    from experiments import interrupt
-
-    if __name__ == "__main__":
-        interrupt.install()
+ends the process at once: what a run writes is written atomically, so re-running resumes.
 """
 
 from __future__ import annotations
@@ -30,7 +21,8 @@ MESSAGE = "interrupted: the run saved what it had; re-run the command to resume.
 
 def exit_now(message: str | None = MESSAGE, code: int = EXIT_INTERRUPTED) -> NoReturn:
     """Flush stdout and stderr, write ``message`` (if any) on stderr and end the process with
-    ``code``, without running Python's finalizers."""
+    ``code`` by ``os._exit``: no ``KeyboardInterrupt`` travels through JAX and no interpreter
+    finalization tears XLA down while its threads run."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -43,11 +35,7 @@ def exit_now(message: str | None = MESSAGE, code: int = EXIT_INTERRUPTED) -> NoR
         os._exit(code)
 
 
-def _handler(signum, frame) -> NoReturn:
-    exit_now()
-
-
 def install() -> None:
     """Make SIGINT call :func:`exit_now` (main thread only; elsewhere a no-op)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGINT, lambda signum, frame: exit_now())

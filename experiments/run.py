@@ -4,13 +4,11 @@ Usage::
 
     python -m experiments.run --config configs/teacher.py:smoke --workdir /tmp/teacher
 
-The task comes from the config (``config.task``, :mod:`experiments.tasks`); ``gns train`` runs
-this main, and ``python -m experiments.cifar10`` and ``experiments.lm`` are it with their own
-config file as the default of ``--help``. ``config.mode``: ``train``
+``gns train`` runs it; ``python -m experiments.cifar10`` and ``experiments.lm`` are it with
+their own config file as the default of ``--help``. ``config.mode``: ``train``
 (:func:`experiments.train.train_and_evaluate`), and for images ``compare`` (``adaptive``) and
-``tradeoff`` (:mod:`experiments.compare`). Re-running the same command resumes in
-``--workdir``; Ctrl-C stops at the next step with everything saved (exit code 130); a mistake
-prints one line and a hint (exit code 2; ``--verbose``: the traceback).
+``tradeoff`` (:mod:`experiments.compare`). Re-running the same command resumes; Ctrl-C stops
+with everything saved (exit code 130); a mistake prints one line and a hint (exit code 2).
 """
 
 from __future__ import annotations
@@ -53,8 +51,8 @@ def run(config, workdir: str) -> dict:
         return train.train_and_evaluate(config, workdir)
     from experiments import compare
 
-    modes = {"compare": compare.run_compare, "adaptive": compare.run_compare}
-    return modes.get(config.mode, compare.run_tradeoff)(config, workdir)
+    run_mode = compare.run_tradeoff if config.mode == "tradeoff" else compare.run_compare
+    return run_mode(config, workdir)
 
 
 def main(argv):
@@ -76,8 +74,8 @@ def main(argv):
 
 def start(config_file: str, argv: list[str] | None = None) -> None:
     """Define the flags and run :func:`main` (``config_file``: what ``--help`` describes
-    without ``--config``). The flags are defined only here, by the program's main, so that
-    importing this module next to another main defines no clashing flags."""
+    without ``--config``); only the program's main defines them, so that importing this
+    module next to another main defines no clashing flags."""
     flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and plots.")
     config_flags.DEFINE_config_file(
         "config", None, f"Config file, e.g. {config_file}:smoke.", lock_config=True

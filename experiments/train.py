@@ -1,19 +1,12 @@
 """The one training loop: ``train_and_evaluate(config, workdir)`` for every task and mode.
 
-It trains ``config.model`` on the task of ``config.task`` (:mod:`experiments.tasks`) with the
+It trains ``config.model`` on the task of ``config.task`` (:mod:`experiments.tasks`), the
 noise scale measured every ``config.gns_every`` steps by the training step itself
-(``gns.estimate``: no second backward pass; BatchNorm models train with ghost BatchNorm over
-``config.gns_microbatches`` groups, so the measured gradient is the training one). The batch
-size is a batch policy (:func:`batch_policy`): fixed, or the schedule of
-:mod:`experiments.adaptive`, one compiled step per batch size (:class:`StepCache`).
-
-``workdir`` gets (through :mod:`experiments.runlog`: consistent across Ctrl-C and resumes)
-``config.json``, ``metrics.jsonl`` (a strict-JSON row per logged, measured or evaluated step),
-TensorBoard events, ``summary.json`` (:func:`_summarize`), ``checkpoints/`` (re-running the
-command resumes when :func:`run_identity`, the data and the device count agree) and the plots.
-With ``config.start_from`` the run goes on from a pilot's checkpoint (:func:`start_from_pilot`).
-A non-finite loss, or one above ``config.divergence_factor`` times the first, raises
-:class:`Diverged`.
+(``gns.estimate``; BatchNorm models train with ghost BatchNorm over the estimator's groups).
+The batch size is a policy (:func:`batch_policy`): fixed, or the schedule of
+:mod:`experiments.adaptive`. ``workdir`` gets, through :mod:`experiments.runlog` (consistent
+across Ctrl-C and resumes), ``config.json``, ``metrics.jsonl``, TensorBoard events,
+``summary.json`` (:func:`_summarize`), ``checkpoints/`` and the plots.
 """
 
 from __future__ import annotations
@@ -42,12 +35,6 @@ from experiments.rules import GNS_METHODS, OPTIMIZERS
 from gns import common, estimate, finder, hardware, smoothing
 
 PyTree = Any
-
-__all__ = ["TrainState", "Setup", "build_setup", "Diverged", "train_and_evaluate",
-           "validate_config", "run_identity", "init_state", "make_schedule", "make_optimizer",
-           "make_loss_fn", "make_train_steps", "resolve_gns_method", "resolve_num_steps",
-           "noise_scale_summary", "start_from_pilot", "batch_policy", "FixedBatch",
-           "StepCache", "timing_table", "check_candidate"]  # fmt: skip
 
 METRICS_FILE = runlog.METRICS_FILE
 SUMMARY_FILE = "summary.json"
@@ -204,13 +191,10 @@ def _forward(model, params, batch_stats, inputs, dropout_key, train):
 
 def make_loss_fn(model, batch_stats: PyTree, rng: jax.Array | None,
                  loss: Callable = tasks.cross_entropy, groups: int = 1) -> Callable:  # fmt: skip
-    """The training loss ``loss_fn(params, batch) -> (loss, aux)`` for ``gns.estimate``: the
-    mean over the examples of ``batch`` (inputs, targets and ``'index'``) of the task's
-    per-example ``loss(logits, targets)``; ``aux = {'loss', 'accuracy', 'batch_stats'}``.
-    The dropout key of a (micro)batch is ``fold_in(rng, batch['index'][0])`` (``rng`` ``None``:
-    no dropout). ``groups > 1``: the mean over equal groups of the batch, split as
-    ``gns.estimate.microbatch`` splits it (ghost BatchNorm), so its gradient is the
-    microbatch estimator's."""
+    """``loss_fn(params, batch) -> (mean loss, {'loss', 'accuracy', 'batch_stats'})`` for
+    ``gns.estimate``; a (micro)batch's dropout key is ``fold_in(rng, batch['index'][0])``.
+    ``groups > 1``: the mean over the groups that ``gns.estimate.microbatch`` splits the batch
+    into (ghost BatchNorm), so its gradient is the microbatch estimator's."""
 
     def loss_fn(params, batch):
         key = None if rng is None else jax.random.fold_in(rng, batch["index"][0])
@@ -241,20 +225,12 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, tracker, *,
                      num_microbatches: int = 8, chunk_size: int | None = None,
                      use_dropout: bool = False, schedule: optax.Schedule | None = None,
                      mesh=None, loss: Callable = tasks.cross_entropy):  # fmt: skip
-    """The (unjitted) steps ``(plain_step, gns_step)``, each ``step(state, batch) -> (state,
-    metrics)``: the same update for the same batch; ``gns_step`` takes its gradient from
-    ``gns.estimate`` (``method``: see :func:`resolve_gns_method`) and adds the raw and
-    smoothed (``tracker``) noise statistics to its metrics.
-
-    Args:
-      num_microbatches: of the estimator in the global batch (``/ mesh.size`` per device; one
-        per device is the ``across_devices`` estimate); BatchNorm models use them as
-        ghost-BatchNorm groups in the plain step too.
-      schedule: to report the learning rate of the step (times the state's ``learning_rate``).
-      mesh: ``None`` (one device), or a mesh of :mod:`experiments.mesh`: the steps are
-        ``jax.shard_map`` over it, with gradients, losses and BatchNorm statistics averaged
-        over the devices and the noise statistics those of the global batch.
-    """
+    """The unjitted ``(plain_step, gns_step)``, each ``(state, batch) -> (state, metrics)``,
+    the same update; ``gns_step`` takes its gradient from ``gns.estimate`` and adds the raw and
+    smoothed (``tracker``) noise statistics. ``num_microbatches``: the estimator's, over the
+    global batch (one per device: ``across_devices``), and the ghost-BatchNorm groups of both
+    steps; ``schedule``: reports the step's rate; ``mesh``: the steps are ``jax.shard_map``
+    over it, gradients and losses averaged over the devices."""
     axis = None if mesh is None else mesh_lib.AXIS
     n_dev = 1 if mesh is None else mesh.size
     if method not in GNS_METHODS[1:] or method == "microbatch" and num_microbatches % n_dev:
@@ -409,8 +385,8 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     state = init_state(config, model, optimizer, tracker, *task.input_spec(ds))
     if adaptive.enabled(config):
         adaptive.validate(config, num_train, k if method == "microbatch" else None)
-        for b in adaptive.candidates(config):  # every candidate is split over the devices
-            check_candidate(b, mesh, method)
+        for b in adaptive.candidates(config):  # each splits over the devices, none is skipped
+            mesh_lib.check_batch(b, mesh, "adaptive.candidates", method == "per_example")
         state = adaptive.with_schedule(config, state)
     eval_jit = jax.jit(make_eval_step(model, task.loss))
 
@@ -453,12 +429,6 @@ def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = Fa
         return next(batches)
     finally:
         batches.close()
-
-
-def check_candidate(batch_size: int, mesh, method: str) -> None:
-    """A :class:`UserError` unless the schedule's ``batch_size`` splits over the devices
-    (:func:`experiments.mesh.check_batch`): a candidate is never silently skipped."""
-    mesh_lib.check_batch(batch_size, mesh, "adaptive.candidates", method == "per_example")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -629,9 +599,9 @@ class StepCache:
         self.steps: dict[int, tuple] = {}
         self.compiles: dict[int, int] = {}
 
-    def get(self, batch_size: int, state, batch, after: str = "train") -> tuple:
+    def get(self, batch_size: int, state, batch) -> tuple:
         """The steps of ``batch_size`` (shapes from ``state``, ``batch``); the clock goes
-        back to ``after``."""
+        back to ``pause``."""
         if batch_size not in self.steps:
             self.clock.charge("compile")
             logging.info("Compiling the training steps (batch size %d).", batch_size)
@@ -639,7 +609,7 @@ class StepCache:
                 None if f is None else jax.jit(f, donate_argnums=0).lower(state, batch).compile()
                 for f in (self.plain_fn, self.gns_fn))  # fmt: skip
             self.compiles[batch_size] = self.compiles.get(batch_size, 0) + 1
-            self.clock.charge(after)
+            self.clock.charge("pause")
         return self.steps[batch_size]
 
 
@@ -667,7 +637,7 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
                     batches.close()
                 batches = setup.train_batches(bs, log.examples_seen, by_example=policy.by_example)
                 batch = next(batches)
-                plain, measure = steps.get(bs, state, batch, after="pause")
+                plain, measure = steps.get(bs, state, batch)
                 bar.set(phase="training")
                 log.clock.charge("train")
             measured = gns_every > 0 and log.step % gns_every == 0
