@@ -10,8 +10,6 @@ import os
 import runpy
 import sys
 
-__all__ = ["COMMANDS", "command_line", "main"]
-
 # subcommand -> (module, default config relative to the root, default flags, what it does)
 COMMANDS = {
     "demo": ("experiments.cifar10", "configs/cifar10.py:cpu",

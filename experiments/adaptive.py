@@ -2,11 +2,10 @@
 
 With ``config.adaptive.enabled`` the loop of :mod:`experiments.train` runs with
 :class:`ScheduledBatch`: the :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``,
-its state in the train state (:func:`with_schedule`, checkpointed with it) and its rate in the
-state's learning rate, so a change needs no recompilation. Each measurement's decision goes
-into the metrics row (``schedule_reason``, and ``schedule_change`` where the batch changes,
-from which a resume rebuilds the :class:`gns.schedule.ScheduleLog`). The data are the
-example-indexed stream, so a resumed run sees what an uninterrupted one does.
+its state and rate in the train state (:func:`with_schedule`; checkpointed, and a change needs
+no recompilation), on the example-indexed stream. Each decision goes into the measured row
+(``schedule_reason``; ``schedule_change`` where the batch changes, from which a resume rebuilds
+the :class:`gns.schedule.ScheduleLog`).
 
 References: McCandlish et al. 2018 (arXiv 1812.06162); Merrill et al. 2025 (arXiv 2505.23971);
 Meterez et al. 2025 (Seesaw, arXiv 2510.14717).
@@ -25,10 +24,6 @@ from absl import logging
 
 from experiments.cli import UserError
 from gns import schedule as gschedule
-
-__all__ = ["enabled", "candidates", "make_batch_schedule", "initial_state", "validate",
-           "with_schedule", "ScheduledBatch", "schedule_from_rows", "steps_by_batch_size",
-           "device_time"]  # fmt: skip
 
 
 def enabled(config) -> bool:
@@ -76,12 +71,13 @@ def make_batch_schedule(config, step_times: Sequence[float] | None = None):
         raise UserError(f"config.adaptive: {e}", hint="see configs/cifar10.py base()") from None
 
 
-def initial_state(config, sched) -> gschedule.ScheduleState:
-    """The schedule's starting state, its rate from ``config.adaptive.initial_noise_scale``
-    (the 'sgd' rule needs it when the schedule starts away from ``config.batch_size``)."""
+def initial_state(config) -> gschedule.ScheduleState:
+    """The starting state of :func:`make_batch_schedule`, its rate from
+    ``config.adaptive.initial_noise_scale`` (the 'sgd' rule needs it when the schedule starts
+    away from ``config.batch_size``)."""
     noise = config.adaptive.get("initial_noise_scale")
     try:
-        return sched.init(noise=None if noise is None else float(noise))
+        return make_batch_schedule(config).init(noise=None if noise is None else float(noise))
     except ValueError:
         start = config.adaptive.initial_batch_size or candidates(config)[0]
         raise UserError(
@@ -111,7 +107,7 @@ def validate(config, num_train: int, microbatches: int | None) -> None:
 def with_schedule(config, state):
     """The train state ``state`` with the schedule's starting state and learning rate
     (``config.learning_rate`` times the schedule's multiplier)."""
-    start = initial_state(config, make_batch_schedule(config))
+    start = initial_state(config)
     rate = jnp.float32(config.learning_rate) * start.lr_multiplier
     return state._replace(schedule=start, learning_rate=rate)
 
@@ -133,7 +129,7 @@ class ScheduledBatch:
     by_example = True
 
     def __init__(self, config, sched, eval_every_examples: int, rows: Sequence[dict] = ()):
-        self.sched, self.eval_every_examples = sched, int(eval_every_examples)
+        self.eval_every_examples = int(eval_every_examples)
         past = schedule_from_rows(rows)
         self.log = gschedule.ScheduleLog(sched, past["changes"], past["reason_counts"])
         self.factor = float(config.adaptive.noise_scale_factor)

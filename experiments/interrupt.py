@@ -13,8 +13,6 @@ import sys
 import threading
 from typing import NoReturn
 
-__all__ = ["EXIT_INTERRUPTED", "MESSAGE", "install", "exit_now"]
-
 EXIT_INTERRUPTED = 130
 MESSAGE = "interrupted: the run saved what it had; re-run the command to resume."
 

@@ -24,8 +24,6 @@ from ml_collections import config_flags
 from experiments import cli, rules, runlog, tasks
 from experiments.cli import UserError
 
-__all__ = ["check_mode", "run", "main", "start"]
-
 FLAGS = flags.FLAGS
 
 

@@ -91,7 +91,7 @@ def validate_config(config) -> None:
     rules.check(config, kind)  # every field, num_devices included, then the mesh's size
     rules.check(config, kind, mesh_lib.make_mesh(config.num_devices).size)
     if adaptive.enabled(config):  # the schedule builds and has a starting rate
-        adaptive.initial_state(config, adaptive.make_batch_schedule(config))
+        adaptive.initial_state(config)
 
 
 def run_identity(config: dict) -> dict:
@@ -309,14 +309,15 @@ def make_eval_step(model, loss: Callable = tasks.cross_entropy):
     return eval_step
 
 
-def _evaluate(eval_step, state, batches) -> dict[str, float]:
-    """Accuracy and mean loss over padded ``batches`` with a ``mask`` (Task.eval_batches)."""
+def _evaluate(eval_step, state, batches, mesh) -> dict[str, float]:
+    """Accuracy and mean loss over padded ``batches`` with a ``mask`` (Task.eval_batches),
+    each sharded over ``mesh``."""
     correct = loss = 0.0
     n = 0
     for batch in batches:
         mask = np.asarray(batch["mask"], np.float32)
-        inputs, targets = tasks.split_batch(batch)
-        c, s = eval_step(state.params, state.batch_stats, inputs, targets, mask)
+        sharded = mesh_lib.shard((*tasks.split_batch(batch), mask), mesh)
+        c, s = eval_step(state.params, state.batch_stats, *sharded)
         correct, loss, n = correct + float(c), loss + float(s), n + int(mask.sum())
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "examples": n}
 
@@ -388,15 +389,12 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
         for b in adaptive.candidates(config):  # each splits over the devices, none is skipped
             mesh_lib.check_batch(b, mesh, "adaptive.candidates", method == "per_example")
         state = adaptive.with_schedule(config, state)
-    eval_jit = jax.jit(make_eval_step(model, task.loss))
-
-    def eval_step(params, batch_stats, inputs, targets, mask):  # the batch sharded on the mesh
-        return eval_jit(params, batch_stats, *mesh_lib.shard((inputs, targets, mask), mesh))
+    eval_step = jax.jit(make_eval_step(model, task.loss))
 
     def evaluate(state, arrays):
         size = min(config.eval_batch_size, len(tasks.split_batch(arrays)[1]))
         size = -(-size // mesh.size) * mesh.size  # padded batches split evenly over devices
-        res = _evaluate(eval_step, state, task.eval_batches(ds, arrays, size))
+        res = _evaluate(eval_step, state, task.eval_batches(ds, arrays, size), mesh)
         return {**res, **task.metrics(res)}
 
     def train_batches(batch_size: int, start_example: int, by_example: bool = False):
@@ -793,14 +791,13 @@ def noise_scale_summary(rows: list[dict]) -> dict:
     out.update(num_measurements=len(g), num_dropped=len(meas) - len(g), recent=None,
                last_ema_b_simple=meas[-1].get("ema_b_simple") if meas else None)  # fmt: skip
     if out["num_dropped"]:
-        logging.warning("%d of %d noise-scale measurements are not finite (null in metrics.jsonl, "
-                        "left out of the summary): the gradients overflowed and the run is likely "
-                        "diverging; lower config.learning_rate, or a config.divergence_factor "
-                        "nearer 1 stops such a run.", out["num_dropped"], len(meas))  # fmt: skip
+        logging.warning("%d of %d noise-scale measurements are not finite (left out): the "
+                        "gradients overflowed; lower config.learning_rate, or stop such a run "
+                        "with config.divergence_factor.", out["num_dropped"],
+                        len(meas))  # fmt: skip
     if 2 * np.sum(g <= 0) > len(g):
-        logging.warning("%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null "
-                        "in metrics.jsonl): the gradient is not resolved above its noise, or the "
-                        "run is diverging (see config.divergence_factor).",
+        logging.warning("%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null): "
+                        "the gradient is not resolved above its noise, or the run diverges.",
                         np.sum(g <= 0), len(g))  # fmt: skip
     if len(g) >= 2:
         k = smoothing.recent_window(len(g))

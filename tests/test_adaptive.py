@@ -100,7 +100,7 @@ def test_sgd_rule_starts_from_the_given_noise_scale_or_says_what_is_missing(tmp_
     assert "initial_noise_scale" in str(err.value) and "sweep measured" in err.value.hint
     assert not (tmp_path / "run").exists()  # said before anything is written
     config.adaptive.initial_noise_scale = 24.0
-    state = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
+    state = adaptive.initial_state(config)
     lr = scaling.learning_rate("sgd", 3e-3, 32, 8, 24.0)[0]
     assert float(state.lr_multiplier) == pytest.approx(lr / 3e-3, rel=1e-6)
     assert float(state.lr_multiplier) == pytest.approx((1 + 24 / 32) / (1 + 24 / 8), rel=1e-6)

@@ -474,8 +474,8 @@ def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise,
     config.adaptive.update(fields)
     if noise is None:
         with pytest.raises(UserError, match="needs config.adaptive.initial_noise_scale"):
-            adaptive.initial_state(config, adaptive.make_batch_schedule(config))
+            adaptive.initial_state(config)
         return
-    first = adaptive.initial_state(config, adaptive.make_batch_schedule(config))
+    first = adaptive.initial_state(config)
     rate = scaling.learning_rate("sgd", 0.01, 64, 16, noise)[0]
     assert float(first.lr_multiplier) * 0.01 == pytest.approx(rate, rel=1e-6)
