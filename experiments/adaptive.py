@@ -75,9 +75,9 @@ def initial_state(config) -> gschedule.ScheduleState:
     """The starting state of :func:`make_batch_schedule`, its rate from
     ``config.adaptive.initial_noise_scale`` (the 'sgd' rule needs it when the schedule starts
     away from ``config.batch_size``)."""
-    noise = config.adaptive.get("initial_noise_scale")
+    noise, sched = config.adaptive.get("initial_noise_scale"), make_batch_schedule(config)
     try:
-        return make_batch_schedule(config).init(noise=None if noise is None else float(noise))
+        return sched.init(noise=None if noise is None else float(noise))
     except ValueError:
         start = config.adaptive.initial_batch_size or candidates(config)[0]
         raise UserError(
