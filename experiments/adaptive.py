@@ -169,8 +169,3 @@ def steps_by_batch_size(rows: Sequence[dict], upto_step: int | None = None) -> d
         out[int(r["batch_size"])] = out.get(int(r["batch_size"]), 0) + step - prev
         prev = step
     return out
-
-
-def device_time(steps: dict[int, int], step_time: dict[int, float]) -> float:
-    """``Σ_B steps(B)·t(B)``: the device time of a run (the compare mode's measure)."""
-    return float(sum(n * step_time[int(b)] for b, n in steps.items()))
