@@ -189,8 +189,13 @@ def _forward(model, params, batch_stats, inputs, dropout_key, train):
     return model.apply(variables, inputs, train=train, rngs=rngs).astype(jnp.float32), batch_stats
 
 
-def make_loss_fn(model, batch_stats: PyTree, rng: jax.Array | None,
-                 loss: Callable = tasks.cross_entropy, groups: int = 1) -> Callable:  # fmt: skip
+def make_loss_fn(
+    model,
+    batch_stats: PyTree,
+    rng: jax.Array | None,
+    loss: Callable = tasks.cross_entropy,
+    groups: int = 1,
+) -> Callable:
     """``loss_fn(params, batch) -> (mean loss, {'loss', 'accuracy', 'batch_stats'})`` for
     ``gns.estimate``; a (micro)batch's dropout key is ``fold_in(rng, batch['index'][0])``.
     ``groups > 1``: the mean over the groups that ``gns.estimate.microbatch`` splits the batch
@@ -221,10 +226,19 @@ def _with_index(batch, axis_name=None):
     return {inputs: batch[inputs], targets: batch[targets], "index": offset + jnp.arange(n)}
 
 
-def make_train_steps(model, optimizer: optax.GradientTransformation, tracker, *, method: str,
-                     num_microbatches: int = 8, chunk_size: int | None = None,
-                     use_dropout: bool = False, schedule: optax.Schedule | None = None,
-                     mesh=None, loss: Callable = tasks.cross_entropy):  # fmt: skip
+def make_train_steps(
+    model,
+    optimizer: optax.GradientTransformation,
+    tracker,
+    *,
+    method: str,
+    num_microbatches: int = 8,
+    chunk_size: int | None = None,
+    use_dropout: bool = False,
+    schedule: optax.Schedule | None = None,
+    mesh=None,
+    loss: Callable = tasks.cross_entropy,
+):
     """The unjitted ``(plain_step, gns_step)``, each ``(state, batch) -> (state, metrics)``,
     the same update; ``gns_step`` takes its gradient from ``gns.estimate`` and adds the raw and
     smoothed (``tracker``) noise statistics. ``num_microbatches``: the estimator's, over the
@@ -234,9 +248,11 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, tracker, *,
     axis = None if mesh is None else mesh_lib.AXIS
     n_dev = 1 if mesh is None else mesh.size
     if method not in GNS_METHODS[1:] or method == "microbatch" and num_microbatches % n_dev:
-        raise ValueError(f"method={method!r}, num_microbatches={num_microbatches} on {n_dev} "
-                         "devices: use 'per_example', 'across_devices' or 'microbatch' with "
-                         "a multiple of the devices.")  # fmt: skip
+        raise ValueError(
+            f"method={method!r}, num_microbatches={num_microbatches} on {n_dev} "
+            "devices: use 'per_example', 'across_devices' or 'microbatch' with "
+            "a multiple of the devices."
+        )
     k_local = num_microbatches // n_dev if method == "microbatch" else 1
     if method == "microbatch" and k_local == 1:
         method = "across_devices"  # one microbatch per device: the same estimate
