@@ -9,7 +9,7 @@ steps(B)·t(B)`` (:func:`verdict`); the ``recommended`` run goes on from the mea
 and its times add the rest of the measurement's cost. **tradeoff** is the sweep with its
 trainings to ``tradeoff.target_accuracy`` (the recommended batch among them) and its fit of
 ``S(B) = S_min + E_min/B``, and checks the recommendation (:func:`check_recommendation`). Both
-write ``WORKDIR/summary.json`` and a plot.
+write ``WORKDIR/summary.json``; compare draws ``compare.png``, tradeoff's plot is the sweep's.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from gns import schedule as gschedule
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
 PLOT_FILE = "compare.png"
-TRADEOFF_PLOT_FILE = "tradeoff.png"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,10 +476,10 @@ def run_compare(config, workdir: str) -> dict:
 
 
 def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict,
-                   plot: tuple) -> dict:  # fmt: skip
+                   plot: tuple | None = None) -> dict:  # fmt: skip
     """Write and return (strict JSON) ``summary.json`` of a mode: the measurements' device,
-    noise scale and recommendation, ``fields``, the times and ``plot = (draw, file, *args)``
-    (its path, or why not)."""
+    noise scale and recommendation, ``fields``, the times and the ``plot`` of ``(draw, file,
+    *args)`` when given (its path, or why not)."""
     summary = {
         "mode": mode,
         "device": sweep_result["device"],
@@ -494,9 +493,10 @@ def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, field
         ),
         "total_time_s": time.perf_counter() - t0,
     }
-    draw, name, *args = plot
     try:
-        summary["plot"] = figures.save(draw, os.path.join(workdir, name), *args)
+        if plot is not None:
+            draw, name, *args = plot
+            summary["plot"] = figures.save(draw, os.path.join(workdir, name), *args)
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the %s plot: %s", mode, e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
@@ -564,8 +564,8 @@ def policy_table(summary: dict) -> str:
 def run_tradeoff(config, workdir: str) -> dict:
     """The tradeoff mode: the sweep with its trainings to ``tradeoff.target_accuracy`` (at
     ``tradeoff.batch_sizes`` and the recommended batch; the fit of ``S(B)``) in
-    ``WORKDIR/sweep``, and the check of the recommendation; returns ``summary.json`` (and
-    ``tradeoff.png``, the fit)."""
+    ``WORKDIR/sweep``, and the check of the recommendation; returns ``summary.json`` (its
+    ``plot``: the sweep's ``tradeoff.png``, the fit)."""
     t0 = time.perf_counter()
     with _measured(config, workdir, trainings=True) as sweep_result:
         rec_b, fit = int(sweep_result["recommendation"]["batch_size"]), sweep_result["tradeoff"]
@@ -580,9 +580,11 @@ def run_tradeoff(config, workdir: str) -> dict:
         return _write_summary(workdir, "tradeoff", sweep_result, t0, {
             "target_accuracy": float(config.tradeoff.target_accuracy),
             "points": fit["points"],
+            "skipped_trainings": sweep_result["skipped_trainings"],
             "tradeoff": fit,
             "check": check_recommendation(fit["points"], rec_b, b_simple, fit["b_crit"]),
-        }, (plots.plot_tradeoff, TRADEOFF_PLOT_FILE, fit))  # fmt: skip
+            "plot": sweep_result.get("plots", {}).get("tradeoff.png"),  # the sweep's: the fit
+        })  # fmt: skip
 
 
 def tradeoff_table(summary: dict) -> str:
@@ -612,6 +614,7 @@ def tradeoff_table(summary: dict) -> str:
             f"rank {ch['rank']} of {ch['num_reached']} (wall clock: "
             f"{_fmt(ch['wall_time_ratio'], '.2f')}x the fastest).",
         ]
+    lines += [f"batch {b} {why}" for b, why in summary["skipped_trainings"].items()]
     lines.append(sweep.fit_line(fit))
     if fit.get("b_crit") is not None:
         lines.append(f"measured B_simple = {_fmt(ch['b_simple'], '.4g')} (B_crit / B_simple = "

@@ -284,7 +284,7 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
     # The fit is the mode's output: drawn when it exists. The trainings and the fit are the
     # sweep's, run in WORKDIR/sweep with the recommended batch added.
     if b_crit is not None:
-        assert s["plot"] == os.path.join(workdir, compare.TRADEOFF_PLOT_FILE)
+        assert s["plot"] == os.path.join(workdir, "sweep", "tradeoff.png")
         assert os.path.getsize(s["plot"]) > 5000
     sw = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))
     assert sw["tradeoff"] == s["tradeoff"] and sw["tradeoff"]["points"] == s["points"]
