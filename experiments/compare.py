@@ -25,6 +25,7 @@ from absl import logging
 
 from experiments import adaptive, figures, progress, runlog, sweep, tasks, train, validation
 from experiments.cli import UserError
+from experiments.sweep import fmt
 from gns import common, plots, scaling
 from gns import schedule as gschedule
 
@@ -138,7 +139,7 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
             lines.append(
                 f"  {p} (batch {s['batch_size']}): never reached {what} in "
                 f"{len(s['seeds']) - s['num_reached']} of {len(s['seeds'])} seed(s); best "
-                f"smoothed accuracy {_fmt(s['best_smoothed_accuracy'], '.1f', '%', 100)}"
+                f"smoothed accuracy {fmt(s['best_smoothed_accuracy'], '.1f', 100, '%')}"
             )
     if v["tie"]:
         lines.append(
@@ -503,13 +504,6 @@ def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, field
     return common.to_json(summary)
 
 
-def _fmt(x, spec: str, suffix: str = "", scale: float = 1) -> str:
-    """``scale * x`` formatted, ``-`` for ``None`` and non-finite values."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return format(scale * x, spec) + suffix
-
-
 def policy_table(summary: dict) -> str:
     """The runs of a compare summary (one line per policy and seed) and the verdict."""
     head = (
@@ -529,10 +523,10 @@ def policy_table(summary: dict) -> str:
         if r["final_batch_size"] != r["batch_size"]:
             b += f"->{r['final_batch_size']}"
         lines.append(
-            f"{r['policy']:<14}{r['seed']:>5}{b:>11}{_fmt(r['learning_rate'], '.3g'):>10}"
-            f"{_fmt(r['steps_to_target'], 'd'):>8}{_fmt(r['time_to_target_s'], '.1f'):>9}"
-            f"{_fmt(r['device_time_to_target_s'], '.1f'):>10}"
-            f"{_fmt(r['best_smoothed_accuracy'], '.1f', '%', 100):>10}"
+            f"{r['policy']:<14}{r['seed']:>5}{b:>11}{fmt(r['learning_rate'], '.3g'):>10}"
+            f"{fmt(r['steps_to_target'], 'd'):>8}{fmt(r['time_to_target_s'], '.1f'):>9}"
+            f"{fmt(r['device_time_to_target_s'], '.1f'):>10}"
+            f"{fmt(r['best_smoothed_accuracy'], '.1f', 100, '%'):>10}"
         )
     lines += ["", *summary["verdict"]["text"]]
     for change in (summary.get("schedule") or {}).get("changes", []):
@@ -551,8 +545,8 @@ def policy_table(summary: dict) -> str:
     r, n = summary["recommendation"], summary["noise_scale"]
     lines.append(
         f"recommendation: batch {r['batch_size']}, lr {r['learning_rate']:.3g} (B_noise = "
-        f"{_fmt(r.get('b_noise'), '.4g')} from {r.get('basis', 'b_simple')}; B_simple = "
-        f"{_fmt(n['b_simple'], '.4g')}); {summary['total_time_s']:.0f} s in all"
+        f"{fmt(r.get('b_noise'), '.4g')} from {r.get('basis', 'b_simple')}; B_simple = "
+        f"{fmt(n['b_simple'], '.4g')}); {summary['total_time_s']:.0f} s in all"
     )
     return "\n".join(lines)
 
@@ -597,10 +591,10 @@ def tradeoff_table(summary: dict) -> str:
     lines = [f"target test accuracy: {100 * summary['target_accuracy']:.1f}%", head]
     for p in summary["points"]:
         lines.append(
-            f"{p['batch_size']:>6d} {p['learning_rate']:>9.3g} {_fmt(p['steps'], '7.0f'):>7} "
-            f"{_fmt(p['time_to_target_s'], '12.1f'):>12} "
-            f"{_fmt(p['device_time_to_target_s'], '15.2f'):>15} "
-            f"{_fmt(p['final_test_accuracy'] or 0.0, '9.1f', '%', 100):>10}"
+            f"{p['batch_size']:>6d} {p['learning_rate']:>9.3g} {fmt(p['steps'], '7.0f'):>7} "
+            f"{fmt(p['time_to_target_s'], '12.1f'):>12} "
+            f"{fmt(p['device_time_to_target_s'], '15.2f'):>15} "
+            f"{fmt(p['final_test_accuracy'] or 0.0, '9.1f', 100, '%'):>10}"
             + ("  <- recommended" if p["batch_size"] == rec_b else "")
         )
     if ch["time_ratio"] is None:
@@ -612,13 +606,13 @@ def tradeoff_table(summary: dict) -> str:
             f"steps x t(B) to target, {ch['time_ratio']:.2f}x the best measured "
             f"({ch['best_device_time_to_target_s']:.2f} s at batch {ch['best_batch_size']}); "
             f"rank {ch['rank']} of {ch['num_reached']} (wall clock: "
-            f"{_fmt(ch['wall_time_ratio'], '.2f')}x the fastest).",
+            f"{fmt(ch['wall_time_ratio'], '.2f')}x the fastest).",
         ]
     lines += [f"batch {b} {why}" for b, why in summary["skipped_trainings"].items()]
     lines.append(sweep.fit_line(fit))
     if fit.get("b_crit") is not None:
-        lines.append(f"measured B_simple = {_fmt(ch['b_simple'], '.4g')} (B_crit / B_simple = "
-                     f"{_fmt(ch['b_crit_over_b_simple'], '.3g')})")  # fmt: skip
+        lines.append(f"measured B_simple = {fmt(ch['b_simple'], '.4g')} (B_crit / B_simple = "
+                     f"{fmt(ch['b_crit_over_b_simple'], '.3g')})")  # fmt: skip
     return "\n".join(lines)
 
 

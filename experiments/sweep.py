@@ -69,7 +69,7 @@ __all__ = [
     "pipeline_steps", "pipeline_plan", "pilot_hooks", "pilot_saved",
     "critical_fingerprint", "noise_scale_value", "measure_throughput", "training_config",
     "run_training", "run_trainings", "with_device_time", "ranking", "fit_tradeoff", "run_sweep",
-    "summary_table", "fit_line",
+    "summary_table", "fit_line", "fmt",
 ]  # fmt: skip
 
 # The config fields each stage reads (:func:`stage_config`), which key its cached result. The
@@ -825,8 +825,12 @@ def _enable_compilation_cache(path: str | None) -> None:
 # The printed summary.
 
 
-def _fmt(x, spec: str, scale: float | None = None) -> str:
-    return "-" if x is None else format(x if scale is None else x * scale, spec)
+def fmt(x, spec: str, scale: float | None = None, suffix: str = "") -> str:
+    """``x`` (times ``scale``) formatted by ``spec``, then ``suffix``; ``-`` for ``None`` and
+    NaN."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x if scale is None else x * scale, spec) + suffix
 
 
 # (title, row key, format[, scale]) of the summary's tables.
@@ -843,7 +847,7 @@ TRAINING_COLUMNS = [("batch", "batch_size", "d"), ("seed", "seed", "d"),
 def _table(rows: list[dict], columns: list[tuple]) -> list[str]:
     """A header and one right-aligned line per row."""
     cells = [[c[0] for c in columns]]
-    cells += [[_fmt(r.get(key), *spec) for _, key, *spec in columns] for r in rows]
+    cells += [[fmt(r.get(key), *spec) for _, key, *spec in columns] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return [" ".join(f"{c:>{w}}" for c, w in zip(line, widths, strict=True)) for line in cells]
 
@@ -862,19 +866,19 @@ def summary_table(sweep: dict) -> str:
     lines += [f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()]
     iv = n["interval"]
     lines.append(
-        f"noise scale b_simple: {_fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
-        f"interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]  ({n['num_batches']} batches "
+        f"noise scale b_simple: {fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
+        f"interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]  ({n['num_batches']} batches "
         f"of {n['batch_size']}, {n['method']}, after {n['after_warmup_steps']} steps)"
     )
-    path = [f"{_fmt(r['b_simple'], '.4g')} (to step {r['step']:g})" for r in n["trajectory"]]
+    path = [f"{fmt(r['b_simple'], '.4g')} (to step {r['step']:g})" for r in n["trajectory"]]
     effective = (n.get("effective") or {}).get("value")
-    lines.append(f"along the pilot: {', '.join(path)}; effective {_fmt(effective, '.4g')}")
+    lines.append(f"along the pilot: {', '.join(path)}; effective {fmt(effective, '.4g')}")
     c = sweep.get("critical_batch") or {}
     if c.get("checkpoints"):
-        forks = [f"{_fmt(r['b_crit'], '.4g')} (step {r['step']}, {r['status']})"
+        forks = [f"{fmt(r['b_crit'], '.4g')} (step {r['step']}, {r['status']})"
                  for r in c["checkpoints"]]  # fmt: skip
         lines.append(
-            f"branched B_crit: {', '.join(forks)}; effective {_fmt(c['effective']['value'], '.4g')}"
+            f"branched B_crit: {', '.join(forks)}; effective {fmt(c['effective']['value'], '.4g')}"
             f" (forks cost {c['cost_fraction']:.2f}x the pilot's examples)"
         )
     lines += ["", *_table(sweep["tradeoff"]["points"], TRAINING_COLUMNS)]
@@ -891,13 +895,13 @@ def fit_line(fit: dict) -> str:
     iv = fit["intervals"].get("b_crit") or (None, None)
     return (
         f"fit: S_min = {fit['s_min']:.4g}, E_min = {fit['e_min']:.4g}, B_crit = "
-        f"{fit['b_crit']:.4g}  interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]"
+        f"{fit['b_crit']:.4g}  interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]"
     )
 
 
 def _recommendation_lines(sweep: dict) -> list[str]:
     r, rf = sweep["recommendation"], sweep.get("recommendation_from_tradeoff")
-    evidence = [f"{k} {_fmt(v['value'], '.4g')} (x{_fmt(v['ratio_to_basis'], '.2f')})"
+    evidence = [f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
                 for k, v in r.get("evidence", {}).items()]  # fmt: skip
     return [
         "",
@@ -927,12 +931,12 @@ def validation_lines(v: dict | None) -> list[str]:
         rng = r.get("over_best_range")
         spread = f" [seeds {rng[0]:.2f}-{rng[1]:.2f}]" if rng else ""
         lines.append(f"  {name:>12}: not measured" if r.get("batch_size") is None else (
-            f"  {name:>12}: batch {r['batch_size']:>5} (noise scale {_fmt(r['b_noise'], '.4g')}): "
-            f"{_fmt(r['over_best'], '.2f')}x{spread}, {r['source']}"))  # fmt: skip
-    ratios = [f"{_fmt(x['ratio'], '.2f')} (step {x['step']})" for x in c["per_checkpoint"]]
+            f"  {name:>12}: batch {r['batch_size']:>5} (noise scale {fmt(r['b_noise'], '.4g')}): "
+            f"{fmt(r['over_best'], '.2f')}x{spread}, {r['source']}"))  # fmt: skip
+    ratios = [f"{fmt(x['ratio'], '.2f')} (step {x['step']})" for x in c["per_checkpoint"]]
     return lines + [
-        f"  branched B_crit / fitted B_crit: {_fmt(c['value'], '.2f')} [{_fmt(c['low'], '.2f')}, "
-        f"{_fmt(c['high'], '.2f')}]; per checkpoint {', '.join(ratios)}",
+        f"  branched B_crit / fitted B_crit: {fmt(c['value'], '.2f')} [{fmt(c['low'], '.2f')}, "
+        f"{fmt(c['high'], '.2f')}]; per checkpoint {', '.join(ratios)}",
         f"  targets: branched over best <= {g['branched_over_best_max']:.2f}: "
         f"{g['branched_over_best_met']}; branched within {g['branched_over_fitted_max_factor']}x "
         f"of fitted: {g['branched_over_fitted_met']}",
