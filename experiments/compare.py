@@ -1,14 +1,15 @@
 """Which batch-size policy trains fastest on this machine? The ``compare`` and ``tradeoff`` modes
-of ``experiments.cifar10``, after the sweep's measurements without its trainings (kept in
-``WORKDIR/sweep``, reused on a re-run).
+of ``experiments.cifar10``, each a run of the sweep (:mod:`experiments.sweep`, in
+``WORKDIR/sweep``, reused on a re-run) and its one interleaved timing table.
 
-**compare** trains each of ``compare.policies`` once per seed to a smoothed target, each run one
-:func:`experiments.train.train_and_evaluate` in ``WORKDIR/runs/<policy>-B<batch>-seed<seed>``,
-and ranks them by device time ``Σ_B steps(B)·t(B)`` from one interleaved timing table
-(:func:`verdict`); the ``recommended`` run goes on from the measurement's pilot and its times add
-the rest of the measurement's cost. **tradeoff** trains to ``tradeoff.target_accuracy`` at
-``tradeoff.batch_sizes`` and the recommended batch, fits ``S(B) = S_min + E_min/B`` and checks
-the recommendation (:func:`check_recommendation`). Both write ``WORKDIR/summary.json`` and a plot.
+**compare** runs the sweep's measurements, then trains each of ``compare.policies`` once per
+seed to a smoothed target, each run one :func:`experiments.train.train_and_evaluate` in
+``WORKDIR/runs/<policy>-B<batch>-seed<seed>``, and ranks them by device time ``Σ_B
+steps(B)·t(B)`` (:func:`verdict`); the ``recommended`` run goes on from the measurement's pilot
+and its times add the rest of the measurement's cost. **tradeoff** is the sweep with its
+trainings to ``tradeoff.target_accuracy`` (the recommended batch among them) and its fit of
+``S(B) = S_min + E_min/B``, and checks the recommendation (:func:`check_recommendation`). Both
+write ``WORKDIR/summary.json``; compare draws ``compare.png``, tradeoff's plot is the sweep's.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from experiments import adaptive, data, figures, mesh, progress, runlog, sweep, train, validation
+from experiments import adaptive, figures, progress, runlog, sweep, tasks, train, validation
 from experiments.cli import UserError
+from experiments.sweep import fmt
 from gns import common, plots, scaling
 from gns import schedule as gschedule
 
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
 PLOT_FILE = "compare.png"
-TRADEOFF_PLOT_FILE = "tradeoff.png"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
             lines.append(
                 f"  {p} (batch {s['batch_size']}): never reached {what} in "
                 f"{len(s['seeds']) - s['num_reached']} of {len(s['seeds'])} seed(s); best "
-                f"smoothed accuracy {_fmt(s['best_smoothed_accuracy'], '.1f', '%', 100)}"
+                f"smoothed accuracy {fmt(s['best_smoothed_accuracy'], '.1f', 100, '%')}"
             )
     if v["tie"]:
         lines.append(
@@ -314,30 +315,31 @@ def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limi
 # The compare mode: every policy to the smoothed target.
 
 
-def _timing(config, workdir: str, ds, batch_sizes: list[int]) -> dict[int, dict]:
-    """The interleaved timing table of the global ``batch_sizes`` on training's mesh
-    (``WORKDIR/timing.json``, reused when it holds the same batch sizes on the same mesh)."""
-    setup = train.build_setup(_train_config(config), ds)
-    where = mesh.describe(setup.mesh)
-    path = os.path.join(workdir, TIMING_FILE)
-    if os.path.exists(path):
-        saved = runlog.read_json(path)
-        table = {int(b): v for b, v in saved["table"].items()}
-        if sorted(table) == batch_sizes and saved.get("mesh") == where:
-            return table
-    for b in batch_sizes:  # global batches, split over the devices of training's mesh
-        mesh.check_batch(b, setup.mesh, "adaptive.candidates", setup.method == "per_example")
-    logging.info("compare: timing batch sizes %s, interleaved.", batch_sizes)
-
-    def batch(b):
-        return mesh.shard(data.train_batch(ds, b, seed=int(config.seed), start_example=0,
-                                           augment=False), setup.mesh)  # fmt: skip
-
-    table = train.timing_table(setup.plain_fn, setup.state, batch, batch_sizes,
-                               warmup=int(config.adaptive.timing_warmup),
-                               rounds=int(config.adaptive.timing_rounds))  # fmt: skip
-    runlog.write_json(path, {"mesh": where, "table": {str(b): v for b, v in table.items()}})
-    return table
+def _timing(config, workdir: str, sweep_result: dict, ds, sizes: list[int]) -> dict[int, dict]:
+    """``{B: {'step_time_s', 'times_s'}}`` of the global batch ``sizes`` from the sweep's one
+    interleaved throughput table, or, when it lacks some, from that table timed again with them
+    (:func:`experiments.sweep.measure_throughput`, on training's mesh; ``WORKDIR/timing.json``,
+    reused while it holds the same sizes on the same mesh)."""
+    rows = sweep_result["throughput"]
+    if not set(sizes) <= set(sweep.step_times(rows)):
+        path = os.path.join(workdir, TIMING_FILE)
+        saved = runlog.read_json(path) if os.path.exists(path) else {}
+        if saved.get("sizes") != sizes or saved.get("mesh") != sweep_result["mesh"]:
+            logging.info("compare: timing %s with the sweep's batch sizes, interleaved.", sizes)
+            view = sweep.stage_config(_train_config(config), "throughput")
+            tput = sweep.measure_throughput(view, ds, tasks.get(config), extra=sizes)
+            saved = {"sizes": sizes, "mesh": tput["mesh"], "rows": tput["rows"]}
+            runlog.write_json(path, saved)
+        rows = saved["rows"]
+    timed = {r["batch_size"]: r for r in rows if r["fits"] and r["step_time_s"]}
+    reasons = {r["batch_size"]: r["reason"] for r in rows}
+    missing = {b: reasons.get(b) for b in sizes if b not in timed}
+    if missing:
+        raise UserError(
+            f"the policies' batch sizes {missing} could not be timed",
+            hint="lower config.adaptive.candidates or config.compare.baseline_batch_size",
+        )
+    return {b: {k: timed[b][k] for k in ("step_time_s", "times_s")} for b in sizes}
 
 
 def _device_times(rows: list[dict], step_time: dict[int, float], start: float) -> dict:
@@ -401,15 +403,15 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: in
 
 
 @contextlib.contextmanager
-def _measured(config, workdir: str):
-    """Validate, lock the workdir, record ``config.json`` and run (or reuse) the measurements
-    in ``workdir/sweep``; yields their ``sweep.json`` dict."""
+def _measured(config, workdir: str, trainings: bool = False):
+    """Validate, lock the workdir, record ``config.json`` and run (or reuse) the sweep in
+    ``workdir/sweep`` (its trainings, the recommended batch's included, with ``trainings``);
+    yields its ``sweep.json`` dict."""
     train.validate_config(config)  # the rules of both modes, compare's included
     with runlog.workdir_lock(workdir):
         runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-        yield sweep.run_sweep(
-            _train_config(config), os.path.join(workdir, "sweep"), trainings=False
-        )
+        yield sweep.run_sweep(_train_config(config), os.path.join(workdir, "sweep"),
+                              trainings=trainings, train_recommended=trainings)  # fmt: skip
 
 
 def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list[dict]:
@@ -445,7 +447,7 @@ def run_compare(config, workdir: str) -> dict:
     with _measured(config, workdir) as sweep_result:
         cmp = config.compare
         plans, skipped, cands = plan_policies(config, workdir, sweep_result)
-        ds = data.load(config.data)
+        ds = tasks.get(config).load(config)
         sizes = {b for p in plans.values() for b in plan_batch_sizes(p)}
         sizes = sorted(sizes | {p["start"]["batch_size"] for p in plans.values() if "start" in p})
         bar = progress.Progress(
@@ -453,7 +455,7 @@ def run_compare(config, workdir: str) -> dict:
         )
         with contextlib.closing(bar):
             bar.set(phase=f"timing batch sizes {sizes}")
-            table = _timing(config, workdir, ds, sizes)
+            table = _timing(config, workdir, sweep_result, ds, sizes)
             runs = _train_policies(config, workdir, plans, table, bar)
         n = min(cmp.eval_examples or len(ds.test_labels), len(ds.test_labels))
         t = float(cmp.target_accuracy)
@@ -475,10 +477,10 @@ def run_compare(config, workdir: str) -> dict:
 
 
 def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict,
-                   plot: tuple) -> dict:  # fmt: skip
+                   plot: tuple | None = None) -> dict:  # fmt: skip
     """Write and return (strict JSON) ``summary.json`` of a mode: the measurements' device,
-    noise scale and recommendation, ``fields``, the times and ``plot = (draw, file, *args)``
-    (its path, or why not)."""
+    noise scale and recommendation, ``fields``, the times and the ``plot`` of ``(draw, file,
+    *args)`` when given (its path, or why not)."""
     summary = {
         "mode": mode,
         "device": sweep_result["device"],
@@ -487,23 +489,19 @@ def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, field
         },
         "recommendation": sweep_result["recommendation"],
         **fields,
-        "measurement_time_s": sum(sweep_result["stage_time_s"].values()),
+        "measurement_time_s": sum(
+            v for k, v in sweep_result["stage_time_s"].items() if k != "trainings"
+        ),
         "total_time_s": time.perf_counter() - t0,
     }
-    draw, name, *args = plot
     try:
-        summary["plot"] = figures.save(draw, os.path.join(workdir, name), *args)
+        if plot is not None:
+            draw, name, *args = plot
+            summary["plot"] = figures.save(draw, os.path.join(workdir, name), *args)
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the %s plot: %s", mode, e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return common.to_json(summary)
-
-
-def _fmt(x, spec: str, suffix: str = "", scale: float = 1) -> str:
-    """``scale * x`` formatted, ``-`` for ``None`` and non-finite values."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return format(scale * x, spec) + suffix
 
 
 def policy_table(summary: dict) -> str:
@@ -525,10 +523,10 @@ def policy_table(summary: dict) -> str:
         if r["final_batch_size"] != r["batch_size"]:
             b += f"->{r['final_batch_size']}"
         lines.append(
-            f"{r['policy']:<14}{r['seed']:>5}{b:>11}{_fmt(r['learning_rate'], '.3g'):>10}"
-            f"{_fmt(r['steps_to_target'], 'd'):>8}{_fmt(r['time_to_target_s'], '.1f'):>9}"
-            f"{_fmt(r['device_time_to_target_s'], '.1f'):>10}"
-            f"{_fmt(r['best_smoothed_accuracy'], '.1f', '%', 100):>10}"
+            f"{r['policy']:<14}{r['seed']:>5}{b:>11}{fmt(r['learning_rate'], '.3g'):>10}"
+            f"{fmt(r['steps_to_target'], 'd'):>8}{fmt(r['time_to_target_s'], '.1f'):>9}"
+            f"{fmt(r['device_time_to_target_s'], '.1f'):>10}"
+            f"{fmt(r['best_smoothed_accuracy'], '.1f', 100, '%'):>10}"
         )
     lines += ["", *summary["verdict"]["text"]]
     for change in (summary.get("schedule") or {}).get("changes", []):
@@ -547,8 +545,8 @@ def policy_table(summary: dict) -> str:
     r, n = summary["recommendation"], summary["noise_scale"]
     lines.append(
         f"recommendation: batch {r['batch_size']}, lr {r['learning_rate']:.3g} (B_noise = "
-        f"{_fmt(r.get('b_noise'), '.4g')} from {r.get('basis', 'b_simple')}; B_simple = "
-        f"{_fmt(n['b_simple'], '.4g')}); {summary['total_time_s']:.0f} s in all"
+        f"{fmt(r.get('b_noise'), '.4g')} from {r.get('basis', 'b_simple')}; B_simple = "
+        f"{fmt(n['b_simple'], '.4g')}); {summary['total_time_s']:.0f} s in all"
     )
     return "\n".join(lines)
 
@@ -558,31 +556,29 @@ def policy_table(summary: dict) -> str:
 
 
 def run_tradeoff(config, workdir: str) -> dict:
-    """The tradeoff mode: measure, recommend, train to the target at each batch size, fit, and
-    check the recommendation; returns ``summary.json`` (and ``tradeoff.png``, the fit)."""
+    """The tradeoff mode: the sweep with its trainings to ``tradeoff.target_accuracy`` (at
+    ``tradeoff.batch_sizes`` and the recommended batch; the fit of ``S(B)``) in
+    ``WORKDIR/sweep``, and the check of the recommendation; returns ``summary.json`` (its
+    ``plot``: the sweep's ``tradeoff.png``, the fit)."""
     t0 = time.perf_counter()
-    with _measured(config, workdir) as sweep_result:
-        tcfg = _train_config(config)
-        rec = sweep_result["recommendation"]
-        b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
-        batches = sorted({int(b) for b in tcfg.tradeoff.batch_sizes} | {int(rec["batch_size"])})
-        too_big = [b for b in batches if b > sweep_result["max_batch_size"]]
-        if too_big:
+    with _measured(config, workdir, trainings=True) as sweep_result:
+        rec_b, fit = int(sweep_result["recommendation"]["batch_size"]), sweep_result["tradeoff"]
+        why = sweep_result["skipped_trainings"].get(str(rec_b))
+        if why is not None:
             raise UserError(
-                f"batch sizes {too_big} do not fit in memory (largest that fits: "
-                f"{sweep_result['max_batch_size']})",
-                hint="remove them from --config.tradeoff.batch_sizes",
+                f"the recommended batch {rec_b} was not trained: {why}",
+                hint="the trainings do not accumulate gradients: "
+                "--config.throughput.accumulation_factors='()' recommends a batch that fits",
             )
-        st = sweep.SweepState(workdir)  # finished trainings, reused when the command is re-run
-        timing = (sweep.step_times(sweep_result["throughput"]), sweep_result["max_batch_size"])
-        points = sweep.run_trainings(tcfg, workdir, st, batches, b_simple, timing)
-        fit = sweep.fit_tradeoff(points, tcfg.tradeoff.num_bootstrap, tcfg.seed)
+        b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
         return _write_summary(workdir, "tradeoff", sweep_result, t0, {
-            "target_accuracy": float(tcfg.tradeoff.target_accuracy),
-            "points": points,
+            "target_accuracy": float(config.tradeoff.target_accuracy),
+            "points": fit["points"],
+            "skipped_trainings": sweep_result["skipped_trainings"],
             "tradeoff": fit,
-            "check": check_recommendation(points, int(rec["batch_size"]), b_simple, fit["b_crit"]),
-        }, (plots.plot_tradeoff, TRADEOFF_PLOT_FILE, fit))  # fmt: skip
+            "check": check_recommendation(fit["points"], rec_b, b_simple, fit["b_crit"]),
+            "plot": sweep_result.get("plots", {}).get("tradeoff.png"),  # the sweep's: the fit
+        })  # fmt: skip
 
 
 def tradeoff_table(summary: dict) -> str:
@@ -595,10 +591,10 @@ def tradeoff_table(summary: dict) -> str:
     lines = [f"target test accuracy: {100 * summary['target_accuracy']:.1f}%", head]
     for p in summary["points"]:
         lines.append(
-            f"{p['batch_size']:>6d} {p['learning_rate']:>9.3g} {_fmt(p['steps'], '7.0f'):>7} "
-            f"{_fmt(p['time_to_target_s'], '12.1f'):>12} "
-            f"{_fmt(p['device_time_to_target_s'], '15.2f'):>15} "
-            f"{_fmt(p['final_test_accuracy'] or 0.0, '9.1f', '%', 100):>10}"
+            f"{p['batch_size']:>6d} {p['learning_rate']:>9.3g} {fmt(p['steps'], '7.0f'):>7} "
+            f"{fmt(p['time_to_target_s'], '12.1f'):>12} "
+            f"{fmt(p['device_time_to_target_s'], '15.2f'):>15} "
+            f"{fmt(p['final_test_accuracy'] or 0.0, '9.1f', 100, '%'):>10}"
             + ("  <- recommended" if p["batch_size"] == rec_b else "")
         )
     if ch["time_ratio"] is None:
@@ -610,16 +606,14 @@ def tradeoff_table(summary: dict) -> str:
             f"steps x t(B) to target, {ch['time_ratio']:.2f}x the best measured "
             f"({ch['best_device_time_to_target_s']:.2f} s at batch {ch['best_batch_size']}); "
             f"rank {ch['rank']} of {ch['num_reached']} (wall clock: "
-            f"{_fmt(ch['wall_time_ratio'], '.2f')}x the fastest).",
+            f"{fmt(ch['wall_time_ratio'], '.2f')}x the fastest).",
         ]
-    if fit.get("b_crit") is None:
-        return "\n".join([*lines, f"fit: not available ({fit.get('error')})"])
-    return "\n".join([
-        *lines,
-        f"fit: S_min = {fit['s_min']:.4g}, E_min = {fit['e_min']:.4g}, B_crit = "
-        f"{fit['b_crit']:.4g}; measured B_simple = {_fmt(ch['b_simple'], '.4g')} "
-        f"(B_crit / B_simple = {_fmt(ch['b_crit_over_b_simple'], '.3g')})",
-    ])  # fmt: skip
+    lines += [f"batch {b} {why}" for b, why in summary["skipped_trainings"].items()]
+    lines.append(sweep.fit_line(fit))
+    if fit.get("b_crit") is not None:
+        lines.append(f"measured B_simple = {fmt(ch['b_simple'], '.4g')} (B_crit / B_simple = "
+                     f"{fmt(ch['b_crit_over_b_simple'], '.3g')})")  # fmt: skip
+    return "\n".join(lines)
 
 
 def report(summary: dict) -> str:

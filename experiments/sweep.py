@@ -69,7 +69,7 @@ __all__ = [
     "pipeline_steps", "pipeline_plan", "pilot_hooks", "pilot_saved",
     "critical_fingerprint", "noise_scale_value", "measure_throughput", "training_config",
     "run_training", "run_trainings", "with_device_time", "ranking", "fit_tradeoff", "run_sweep",
-    "summary_table",
+    "summary_table", "fit_line", "fmt",
 ]  # fmt: skip
 
 # The config fields each stage reads (:func:`stage_config`), which key its cached result. The
@@ -549,7 +549,8 @@ def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     """Fit ``S(B)`` to the reached points; an ``error`` entry instead when it cannot be fitted."""
     reached = [p for p in points if p["reached"]]
     keys = ("batch_size", "seed", "steps", "time_to_target_s", "device_time_to_target_s")
-    keys += ("step_time_s", "learning_rate", "reached", "workdir")
+    keys += ("step_time_s", "learning_rate", "reached", "workdir", "wall_time_s")
+    keys += ("final_test_accuracy", "stop_reason")
     out = {"s_min": None, "e_min": None, "b_crit": None, "intervals": {},
            "points": [{k: p.get(k) for k in keys} for p in points]}  # fmt: skip
     try:
@@ -580,13 +581,16 @@ def train_batch_sizes(config, fitting: list[int]) -> list[int]:
 # The sweep.
 
 
-def run_sweep(config, workdir: str, *, trainings: bool = True) -> dict:
+def run_sweep(
+    config, workdir: str, *, trainings: bool = True, train_recommended: bool = False
+) -> dict:
     """Run (or resume) the sweep of ``config`` in ``workdir``; returns the ``sweep.json`` dict
-    (``trainings=False``: measure and recommend only)."""
+    (``trainings=False``: measure and recommend only; ``train_recommended``: train the
+    recommended batch too, as the tradeoff mode of ``experiments.compare`` does)."""
     validate_config(config)
     bar = progress.Progress(5, desc="sweep", unit="stages", rate=False)
     with contextlib.closing(bar), runlog.workdir_lock(workdir):
-        return _run_sweep(config, workdir, trainings, bar)
+        return _run_sweep(config, workdir, trainings, bar, train_recommended)
 
 
 def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
@@ -681,9 +685,11 @@ class _Stages:
         return mb, table, tput | {"rows": rows}
 
 
-def _tradeoff(config, workdir, stages: _Stages, m: finder.Measured, mesh, trainings: bool):
-    """The trainings to the target (:func:`run_trainings`; ``tradeoff.extra_seeds`` more seeds
-    at the ``tradeoff.reseed_best`` fastest batches; none without ``trainings``) and the fit of
+def _tradeoff(config, workdir, stages: _Stages, m: finder.Measured, mesh, trainings: bool,
+              train_recommended: bool):  # fmt: skip
+    """The trainings to the target (:func:`run_trainings` at :func:`train_batch_sizes`, and the
+    recommended batch with ``train_recommended``; ``tradeoff.extra_seeds`` more seeds at the
+    ``tradeoff.reseed_best`` fastest batches; none without ``trainings``) and the fit of
     ``S(B)``: ``(fit, skipped trainings)``."""
     max_batch, _, tput = m.timed
     rows = tput["rows"]
@@ -693,7 +699,10 @@ def _tradeoff(config, workdir, stages: _Stages, m: finder.Measured, mesh, traini
                                  timing=(step_times(rows), max_batch), bar=stages.bar)  # fmt: skip
     batches, skipped = [], {}
     fitting = [r["batch_size"] for r in rows if r["fits"]]
-    for b in train_batch_sizes(config, fitting) if trainings else []:
+    sizes = train_batch_sizes(config, fitting) if trainings else []
+    if trainings and train_recommended:
+        sizes = sorted({*sizes, m.recommendation.batch_size})
+    for b in sizes:
         why = mesh_lib.split_reason(b, mesh)
         if why is None and b > max_batch:
             why = f"skipped: above the largest batch that fits ({max_batch})"
@@ -734,7 +743,8 @@ def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
     }
 
 
-def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) -> dict:
+def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress,
+               train_recommended: bool) -> dict:  # fmt: skip
     t_start = time.perf_counter()
     st = SweepState(workdir)
     mesh = mesh_lib.make_mesh(config.num_devices)
@@ -757,7 +767,7 @@ def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress) ->
     rows = tput["rows"]
     t0 = time.perf_counter()
     bar.set(phase="trainings" if trainings else "recommend")
-    fit, skipped = _tradeoff(config, workdir, stages, m, mesh, trainings)
+    fit, skipped = _tradeoff(config, workdir, stages, m, mesh, trainings, train_recommended)
     bar.update(1)
     stage_t["trainings"] = time.perf_counter() - t0
     bar.set(phase="recommend")
@@ -815,8 +825,12 @@ def _enable_compilation_cache(path: str | None) -> None:
 # The printed summary.
 
 
-def _fmt(x, spec: str, scale: float | None = None) -> str:
-    return "-" if x is None else format(x if scale is None else x * scale, spec)
+def fmt(x, spec: str, scale: float | None = None, suffix: str = "") -> str:
+    """``x`` (times ``scale``) formatted by ``spec``, then ``suffix``; ``-`` for ``None`` and
+    NaN."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x if scale is None else x * scale, spec) + suffix
 
 
 # (title, row key, format[, scale]) of the summary's tables.
@@ -833,7 +847,7 @@ TRAINING_COLUMNS = [("batch", "batch_size", "d"), ("seed", "seed", "d"),
 def _table(rows: list[dict], columns: list[tuple]) -> list[str]:
     """A header and one right-aligned line per row."""
     cells = [[c[0] for c in columns]]
-    cells += [[_fmt(r.get(key), *spec) for _, key, *spec in columns] for r in rows]
+    cells += [[fmt(r.get(key), *spec) for _, key, *spec in columns] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return [" ".join(f"{c:>{w}}" for c, w in zip(line, widths, strict=True)) for line in cells]
 
@@ -852,39 +866,42 @@ def summary_table(sweep: dict) -> str:
     lines += [f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()]
     iv = n["interval"]
     lines.append(
-        f"noise scale b_simple: {_fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
-        f"interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]  ({n['num_batches']} batches "
+        f"noise scale b_simple: {fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
+        f"interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]  ({n['num_batches']} batches "
         f"of {n['batch_size']}, {n['method']}, after {n['after_warmup_steps']} steps)"
     )
-    path = [f"{_fmt(r['b_simple'], '.4g')} (to step {r['step']:g})" for r in n["trajectory"]]
+    path = [f"{fmt(r['b_simple'], '.4g')} (to step {r['step']:g})" for r in n["trajectory"]]
     effective = (n.get("effective") or {}).get("value")
-    lines.append(f"along the pilot: {', '.join(path)}; effective {_fmt(effective, '.4g')}")
+    lines.append(f"along the pilot: {', '.join(path)}; effective {fmt(effective, '.4g')}")
     c = sweep.get("critical_batch") or {}
     if c.get("checkpoints"):
-        forks = [f"{_fmt(r['b_crit'], '.4g')} (step {r['step']}, {r['status']})"
+        forks = [f"{fmt(r['b_crit'], '.4g')} (step {r['step']}, {r['status']})"
                  for r in c["checkpoints"]]  # fmt: skip
         lines.append(
-            f"branched B_crit: {', '.join(forks)}; effective {_fmt(c['effective']['value'], '.4g')}"
+            f"branched B_crit: {', '.join(forks)}; effective {fmt(c['effective']['value'], '.4g')}"
             f" (forks cost {c['cost_fraction']:.2f}x the pilot's examples)"
         )
-    t = sweep["tradeoff"]
-    lines += ["", *_table(t["points"], TRAINING_COLUMNS)]
-    if t.get("b_crit") is None:
-        lines.append(f"fit: not available ({t.get('error')})")
-    else:
-        iv = t["intervals"].get("b_crit") or (None, None)
-        lines.append(
-            f"fit: S_min = {t['s_min']:.4g}, E_min = {t['e_min']:.4g}, B_crit = {t['b_crit']:.4g}"
-            f"  interval [{_fmt(iv[0], '.4g')}, {_fmt(iv[1], '.4g')}]"
-        )
+    lines += ["", *_table(sweep["tradeoff"]["points"], TRAINING_COLUMNS)]
+    lines.append(fit_line(sweep["tradeoff"]))
     return "\n".join(
         lines + _recommendation_lines(sweep) + validation_lines(sweep.get("validation"))
     )
 
 
+def fit_line(fit: dict) -> str:
+    """The ``S(B)`` fit of ``sweep.json``'s ``tradeoff`` in one line (or why there is none)."""
+    if fit.get("b_crit") is None:
+        return f"fit: not available ({fit.get('error')})"
+    iv = fit["intervals"].get("b_crit") or (None, None)
+    return (
+        f"fit: S_min = {fit['s_min']:.4g}, E_min = {fit['e_min']:.4g}, B_crit = "
+        f"{fit['b_crit']:.4g}  interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]"
+    )
+
+
 def _recommendation_lines(sweep: dict) -> list[str]:
     r, rf = sweep["recommendation"], sweep.get("recommendation_from_tradeoff")
-    evidence = [f"{k} {_fmt(v['value'], '.4g')} (x{_fmt(v['ratio_to_basis'], '.2f')})"
+    evidence = [f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
                 for k, v in r.get("evidence", {}).items()]  # fmt: skip
     return [
         "",
@@ -914,12 +931,12 @@ def validation_lines(v: dict | None) -> list[str]:
         rng = r.get("over_best_range")
         spread = f" [seeds {rng[0]:.2f}-{rng[1]:.2f}]" if rng else ""
         lines.append(f"  {name:>12}: not measured" if r.get("batch_size") is None else (
-            f"  {name:>12}: batch {r['batch_size']:>5} (noise scale {_fmt(r['b_noise'], '.4g')}): "
-            f"{_fmt(r['over_best'], '.2f')}x{spread}, {r['source']}"))  # fmt: skip
-    ratios = [f"{_fmt(x['ratio'], '.2f')} (step {x['step']})" for x in c["per_checkpoint"]]
+            f"  {name:>12}: batch {r['batch_size']:>5} (noise scale {fmt(r['b_noise'], '.4g')}): "
+            f"{fmt(r['over_best'], '.2f')}x{spread}, {r['source']}"))  # fmt: skip
+    ratios = [f"{fmt(x['ratio'], '.2f')} (step {x['step']})" for x in c["per_checkpoint"]]
     return lines + [
-        f"  branched B_crit / fitted B_crit: {_fmt(c['value'], '.2f')} [{_fmt(c['low'], '.2f')}, "
-        f"{_fmt(c['high'], '.2f')}]; per checkpoint {', '.join(ratios)}",
+        f"  branched B_crit / fitted B_crit: {fmt(c['value'], '.2f')} [{fmt(c['low'], '.2f')}, "
+        f"{fmt(c['high'], '.2f')}]; per checkpoint {', '.join(ratios)}",
         f"  targets: branched over best <= {g['branched_over_best_max']:.2f}: "
         f"{g['branched_over_best_met']}; branched within {g['branched_over_fitted_max_factor']}x "
         f"of fitted: {g['branched_over_fitted_met']}",

@@ -281,14 +281,14 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
         cell = row.split()[3]
         assert (cell == "-") if t is None else math.isclose(float(cell), t, abs_tol=0.051)
     assert "<- recommended" in next(ln for ln in lines if ln.split()[:1] == [str(rec_b)])
-    # The fit is the mode's output: drawn when it exists. The measurements ran no training,
-    # so their sweep wrote no (empty) tradeoff chart and says why.
+    # The fit is the mode's output: drawn when it exists. The trainings and the fit are the
+    # sweep's, run in WORKDIR/sweep with the recommended batch added.
     if b_crit is not None:
-        assert s["plot"] == os.path.join(workdir, compare.TRADEOFF_PLOT_FILE)
+        assert s["plot"] == os.path.join(workdir, "sweep", "tradeoff.png")
         assert os.path.getsize(s["plot"]) > 5000
     sw = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))
-    assert sw["plots"]["tradeoff.png"].startswith("not drawn: no training to the target")
-    assert not os.path.exists(os.path.join(workdir, "sweep", "tradeoff.png"))
+    assert sw["tradeoff"] == s["tradeoff"] and sw["tradeoff"]["points"] == s["points"]
+    assert sw["recommendation"] == s["recommendation"] and sw["skipped_trainings"] == {}
     # Each training in its own TensorBoard run, named by batch and seed.
     for p in s["points"]:
         assert os.path.basename(p["workdir"]).startswith(f"B{p['batch_size']}-seed0-")
@@ -379,6 +379,10 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
     c.compare.give_up_factor = None
     s = cifar10.run(c, workdir)
     assert s["mode"] == "compare" and s["measurement_time_s"] < 1.0  # measurements reused
+    # Its sweep ran no training: no (empty) tradeoff chart, the tradeoff run's one removed.
+    sw = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))
+    assert sw["plots"]["tradeoff.png"].startswith("not drawn: no training to the target")
+    assert not os.path.exists(os.path.join(workdir, "sweep", "tradeoff.png"))
     with open(os.path.join(workdir, compare.SUMMARY_FILE)) as f:  # strict: no NaN/Infinity
         assert json.loads(f.read(), parse_constant=pytest.fail) == s
     # best_measured: the tradeoff point with the least device time; every rate by one rule.
@@ -448,6 +452,42 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
         assert name.startswith(f"{r['policy']}-B") and name.endswith(f"-seed{r['seed']}")
         assert sizes is None or name == f"{r['policy']}-B{sizes}-seed{r['seed']}"
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(r["workdir"]))
+
+
+def _row(b, t, fits=True, reason=""):
+    return {"batch_size": b, "fits": fits, "step_time_s": t, "times_s": [t, 2 * t] if t else [],
+            "reason": reason}  # fmt: skip
+
+
+def test_timing_reads_the_sweeps_table_and_times_it_again_only_for_sizes_it_lacks(
+    tmp_path, monkeypatch
+):
+    """t(B) of the policies: the sweep's rows when they hold every size; else the sweep's
+    table timed again with the missing ones, once (kept in timing.json for a re-run); a size
+    that does not fit is a UserError naming it."""
+    mesh = {"devices": 1}
+    swept = {"throughput": [_row(16, 0.1), _row(32, 0.2), _row(64, 0.5, fits=False)],
+             "mesh": mesh}  # fmt: skip
+    calls = []
+
+    def measure(view, ds, task, extra):
+        calls.append(list(extra))
+        rows = [_row(16, 0.3), _row(24, 0.4), _row(32, 0.6), _row(64, None, False, "too big")]
+        return {"rows": rows, "mesh": mesh}
+
+    monkeypatch.setattr(sweep, "measure_throughput", measure)
+    c, w = smoke_config("compare"), str(tmp_path)
+    assert compare._timing(c, w, swept, None, [16, 32]) == {
+        16: {"step_time_s": 0.1, "times_s": [0.1, 0.2]},
+        32: {"step_time_s": 0.2, "times_s": [0.2, 0.4]},
+    }
+    assert calls == []
+    for _ in range(2):  # the second call reads timing.json
+        table = compare._timing(c, w, swept, None, [16, 24])
+        assert {b: v["step_time_s"] for b, v in table.items()} == {16: 0.3, 24: 0.4}
+    assert calls == [[16, 24]]
+    with pytest.raises(UserError, match="64: 'too big'"):
+        compare._timing(c, w, swept, None, [16, 64])
 
 
 @pytest.mark.parametrize("b_noise, b_simple, g_sq", [(200.0, 300.0, 1.0), (None, 300.0, 1.0),
