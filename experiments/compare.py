@@ -1,15 +1,11 @@
 """Which batch-size policy trains fastest on this machine? The ``compare`` and ``tradeoff`` modes
-of ``experiments.cifar10``, each a run of the sweep (:mod:`experiments.sweep`, in
-``WORKDIR/sweep``, reused on a re-run) and its one interleaved timing table.
+of ``experiments.cifar10``, each a run of the sweep (:mod:`experiments.sweep`) in
+``WORKDIR/sweep``, reused on a re-run, and each writing ``WORKDIR/summary.json``.
 
-**compare** runs the sweep's measurements, then trains each of ``compare.policies`` once per
-seed to a smoothed target, each run one :func:`experiments.train.train_and_evaluate` in
-``WORKDIR/runs/<policy>-B<batch>-seed<seed>``, and ranks them by device time ``Σ_B
-steps(B)·t(B)`` (:func:`verdict`); the ``recommended`` run goes on from the measurement's pilot
-and its times add the rest of the measurement's cost. **tradeoff** is the sweep with its
-trainings to ``tradeoff.target_accuracy`` (the recommended batch among them) and its fit of
-``S(B) = S_min + E_min/B``, and checks the recommendation (:func:`check_recommendation`). Both
-write ``WORKDIR/summary.json``; compare draws ``compare.png``, tradeoff's plot is the sweep's.
+**compare** trains each of ``compare.policies`` once per seed to a smoothed target in
+``WORKDIR/runs/<policy>-B<batch>-seed<seed>`` and ranks them by device time ``Σ_B steps(B)·t(B)``
+(:func:`verdict`, ``compare.png``). **tradeoff** is the sweep with its trainings, the
+recommended batch among them, and checks the recommendation (:func:`check_recommendation`).
 """
 
 from __future__ import annotations
@@ -34,18 +30,9 @@ TIMING_FILE = "timing.json"
 PLOT_FILE = "compare.png"
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure logic: the smoothed accuracy, the verdict, how the recommendation did.
-
-
 def trailing_means(values: Sequence[float], window: int) -> list[float | None]:
     """The mean of the last ``window`` values at each position (``None`` until ``window``
-    values exist).
-
-    Example:
-      >>> trailing_means([0.1, 0.3, 0.5, 0.4], 2)
-      [None, 0.2, 0.4, 0.45]
-    """
+    values exist): ``trailing_means([0.1, 0.3, 0.5], 2) == [None, 0.2, 0.4]``."""
     if not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window={window!r}: need an int >= 1.")
     return [
@@ -55,13 +42,11 @@ def trailing_means(values: Sequence[float], window: int) -> list[float | None]:
 
 
 def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
-    """The policies ranked by mean device time to target over their seeds (``runs``: as in
-    ``summary.json``; ``target_accuracy``: for the text).
-
-    A policy reaches the target when all its runs did; its spread is half the range of its
-    runs' device times. Another ties with the fastest when their means differ by at most the
-    sum of their spreads, or when it is not slower in every paired comparison (per seed, and
-    per timing round where the runs carry ``device_time_by_round``).
+    """The policies of ``runs`` (as in ``summary.json``) ranked by mean device time to target
+    over their seeds. A policy reaches the target when all its runs did; its spread is half the
+    range of its runs' device times. Another ties with the fastest when their means differ by at
+    most the sum of their spreads, or when it is not slower in every paired comparison (per
+    seed, and per timing round where the runs carry ``device_time_by_round``).
 
     Returns ``fastest`` (``None``: none reached the target), ``tie`` (the fastest first; ``[]``
     when none), ``ranking``, ``policies`` (per policy: means, ``spread_s``, ``ratio`` to the
@@ -154,10 +139,9 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
 def check_recommendation(
     points: list[dict], recommended_batch_size: int, b_simple: float, b_crit: float | None
 ) -> dict:
-    """How the recommended batch did against the best measured (:func:`validation.rank` of the
-    ``points``, trainings with ``device_time_to_target_s``): ``time_ratio`` (recommended over
-    best in device time; ``None`` when it missed the target), ``wall_time_ratio``, ``rank``, and
-    the fitted ``b_crit`` (``None``: not fitted) over the measured ``b_simple``."""
+    """How the recommended batch did among the trainings ``points`` (:func:`validation.rank`):
+    ``time_ratio`` (over the best in device time; ``None`` when it missed the target),
+    ``wall_time_ratio``, ``rank``, and the fitted ``b_crit`` over the measured ``b_simple``."""
     if not any(p["batch_size"] == recommended_batch_size for p in points):
         raise ValueError(
             f"recommended_batch_size={recommended_batch_size} is not among the trained batch "
@@ -166,7 +150,7 @@ def check_recommendation(
     ranking = validation.rank(validation.mean_over_seeds(points))
     rec = next((r for r in ranking if r["batch_size"] == recommended_batch_size), {})
     best = ranking[0] if ranking else {}
-    finite = b_crit is not None and b_simple is not None and 0 < b_simple < math.inf
+    finite = b_crit is not None and 0 < b_simple < math.inf
     return {
         "recommended_batch_size": int(recommended_batch_size),
         "recommended_device_time_to_target_s": rec.get(validation.DEVICE),
@@ -181,33 +165,19 @@ def check_recommendation(
         "num_trained": len(points),
         "b_simple": b_simple,
         "b_crit": b_crit,
-        "b_crit_over_b_simple": float(b_crit) / float(b_simple) if finite else None,
+        "b_crit_over_b_simple": b_crit / b_simple if finite else None,
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# The configs and plans of the runs.
-
-
-def _baseline(config) -> tuple[int, float]:
-    """The default policy's batch and learning rate, the reference of every rate."""
-    b, lr = config.compare.baseline_batch_size, config.compare.baseline_learning_rate
-    return int(config.batch_size if b is None else b), float(
-        config.learning_rate if lr is None else lr)  # fmt: skip
-
-
 def _train_config(config):
-    """``config`` as the measurements and the runs train it: the baseline's batch and rate,
-    ``compare``'s schedule, warmup and evaluation size, no noise-scale tracking, no bar."""
+    """``config`` as the measurements and the runs train it: ``compare``'s baseline batch and
+    rate (the default policy's, the reference of every rate), schedule, warmup and evaluation
+    size where set; no noise-scale tracking (the sweep measured it), no checkpoints, no bar."""
     cmp, c = config.compare, copy.deepcopy(config)
-    c.mode = "train"
-    c.batch_size, c.learning_rate = _baseline(config)
-    for field in ("schedule", "warmup_steps", "eval_examples"):
-        if cmp[field] is not None:
-            c[field] = cmp[field]
-    c.gns_every = 0  # the sweep measured the noise scale; the runs time plain training
-    c.checkpoint_every = 0
-    c.progress_bar = False
+    fields = {"batch_size": cmp.baseline_batch_size, "learning_rate": cmp.baseline_learning_rate,
+              **{k: cmp[k] for k in ("schedule", "warmup_steps", "eval_examples")}}  # fmt: skip
+    c.update({k: v for k, v in fields.items() if v is not None})
+    c.update(mode="train", gns_every=0, checkpoint_every=0, progress_bar=False)
     return c
 
 
@@ -228,14 +198,15 @@ def _best_measured(config, workdir: str) -> int | None:
 
 
 def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict, list[int]]:
-    """What each policy trains: ``({policy: {'batch_size', 'learning_rate', 'gns_every',
-    'adaptive' (config.adaptive fields)...}}, {policy: why skipped}, adaptive candidates)``
-    from the measurements ``sweep_result`` (a ``sweep.json`` dict)."""
+    """What each policy trains after the measurements ``sweep_result`` (a ``sweep.json`` dict):
+    ``({policy: {'batch_size', 'learning_rate', 'gns_every', 'adaptive'...}}, {policy: why
+    skipped}, adaptive candidates)``."""
     names = tuple(config.compare.policies)
     rec = sweep_result["recommendation"]
     b_noise = rec.get("b_noise")  # the recommendation's basis: one noise scale for every rate
     b_noise = sweep.noise_scale_value(sweep_result["noise_scale"]) if b_noise is None else b_noise
-    base_b, base_lr = _baseline(config)
+    base = _train_config(config)
+    base_b, base_lr = base.batch_size, base.learning_rate
     rows = sweep_result["throughput"]
     fits = sorted(r["batch_size"] for r in rows if r["fits"] and r["step_time_s"]
                   and r.get("accumulation_steps", 1) == 1)  # fmt: skip
@@ -291,10 +262,9 @@ def plan_batch_sizes(plan: dict) -> list[int]:
     return list(plan.get("adaptive", {}).get("candidates", [plan["batch_size"]]))
 
 
-def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limit_s: float):
-    """The training config of one policy run: the plan's batch, rate (and schedule), evaluating
-    every ``compare.eval_every_examples`` examples, stopping at the smoothed target, after
-    ``compare.max_epochs`` or after ``limit_s`` seconds of training."""
+def _run_config(config, plan: dict, seed: int, table: dict[int, dict], limit_s: float):
+    """The training config of one policy run: the plan's batch, rate (and schedule), stopping at
+    the smoothed target, after ``compare.max_epochs`` or after ``limit_s`` seconds."""
     cmp, c = config.compare, _train_config(config)
     b = int(plan["batch_size"])
     c.update(batch_size=b, learning_rate=float(plan["learning_rate"]), seed=int(seed))
@@ -307,19 +277,14 @@ def _run_config(config, plan: dict, seed: int, step_time: dict[int, float], limi
     c.adaptive.enabled = "adaptive" in plan
     if c.adaptive.enabled:
         c.adaptive.update(plan["adaptive"], eval_every_examples=int(cmp.eval_every_examples))
-        c.adaptive.step_times = tuple(step_time[b] for b in c.adaptive.candidates)
+        c.adaptive.step_times = tuple(table[b]["step_time_s"] for b in c.adaptive.candidates)
     return c
-
-
-# ---------------------------------------------------------------------------------------------
-# The compare mode: every policy to the smoothed target.
 
 
 def _timing(config, workdir: str, sweep_result: dict, ds, sizes: list[int]) -> dict[int, dict]:
     """``{B: {'step_time_s', 'times_s'}}`` of the global batch ``sizes`` from the sweep's one
     interleaved throughput table, or, when it lacks some, from that table timed again with them
-    (:func:`experiments.sweep.measure_throughput`, on training's mesh; ``WORKDIR/timing.json``,
-    reused while it holds the same sizes on the same mesh)."""
+    (``WORKDIR/timing.json``, reused while it holds the same sizes on the same mesh)."""
     rows = sweep_result["throughput"]
     if not set(sizes) <= set(sweep.step_times(rows)):
         path = os.path.join(workdir, TIMING_FILE)
@@ -353,11 +318,11 @@ def _device_times(rows: list[dict], step_time: dict[int, float], start: float) -
 
 
 def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: int,
-                table: dict[int, dict], measurement_s: float = 0.0) -> dict:  # fmt: skip
-    """One run of the summary from its training summary ``s`` and rows: the evaluation where
-    the training reached its smoothed target, the times to it (device time also under each
-    round of the timing table, ``device_time_by_round``), the curves. A run from the pilot
-    counts the pilot's steps (its row) and ``measurement_s`` in every time."""
+                table: dict[int, dict], measurement_s: float) -> dict:  # fmt: skip
+    """One run of the summary from its training summary ``s`` and rows: where it reached its
+    smoothed target, the times to it (device time also under each round of the timing table),
+    the curves. A run from the pilot counts the pilot's steps and ``measurement_s`` in every
+    time."""
     rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
     evals = [r for r in rows if "test_accuracy" in r]
     smooth = trailing_means([r["test_accuracy"] for r in evals], target_window)
@@ -404,9 +369,8 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: in
 
 @contextlib.contextmanager
 def _measured(config, workdir: str, trainings: bool = False):
-    """Validate, lock the workdir, record ``config.json`` and run (or reuse) the sweep in
-    ``workdir/sweep`` (its trainings, the recommended batch's included, with ``trainings``);
-    yields its ``sweep.json`` dict."""
+    """Validate, lock the workdir, record ``config.json``; yields the ``sweep.json`` dict of the
+    sweep in ``workdir/sweep`` (with ``trainings``: the recommended batch's included)."""
     train.validate_config(config)  # the rules of both modes, compare's included
     with runlog.workdir_lock(workdir):
         runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -415,10 +379,9 @@ def _measured(config, workdir: str, trainings: bool = False):
 
 
 def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list[dict]:
-    """Each policy's run per seed (reused when finished), in order: :func:`_run_record` each,
-    capped at ``compare.give_up_factor`` times the fastest time to target before it."""
+    """Each policy's run per seed (:func:`_run_record`), capped at ``compare.give_up_factor``
+    times the fastest time to target before it."""
     cmp = config.compare
-    step_time = {b: v["step_time_s"] for b, v in table.items()}
     runs: list[dict] = []
     for seed in cmp.seeds:
         for policy, plan in plans.items():
@@ -432,7 +395,7 @@ def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list
             logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
                          seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
             bar.set(phase=f"{policy} seed {seed}")
-            s = train.train_and_evaluate(_run_config(config, plan, int(seed), step_time, limit),
+            s = train.train_and_evaluate(_run_config(config, plan, int(seed), table, limit),
                                          run_dir)  # fmt: skip
             runs.append(_run_record(policy, int(seed), run_dir, s, cmp.target_window, table,
                                     plan.get("measurement_s", 0.0)))  # fmt: skip
@@ -441,8 +404,7 @@ def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list
 
 
 def run_compare(config, workdir: str) -> dict:
-    """The compare mode: measure, time, train every policy to the smoothed target per seed;
-    returns ``summary.json``."""
+    """The compare mode; returns ``summary.json``."""
     t0 = time.perf_counter()
     with _measured(config, workdir) as sweep_result:
         cmp = config.compare
@@ -473,14 +435,13 @@ def run_compare(config, workdir: str) -> dict:
             "runs": runs,
             "verdict": verdict(runs, t),
             "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
-        }, (plots.plot_policies, PLOT_FILE, runs, t))  # fmt: skip
+        })  # fmt: skip
 
 
-def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict,
-                   plot: tuple | None = None) -> dict:  # fmt: skip
+def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict) -> dict:
     """Write and return (strict JSON) ``summary.json`` of a mode: the measurements' device,
-    noise scale and recommendation, ``fields``, the times and the ``plot`` of ``(draw, file,
-    *args)`` when given (its path, or why not)."""
+    noise scale and recommendation, ``fields``, the times and compare's ``plot`` (its path, or
+    why not; tradeoff's is the sweep's, in ``fields``)."""
     summary = {
         "mode": mode,
         "device": sweep_result["device"],
@@ -495,9 +456,9 @@ def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, field
         "total_time_s": time.perf_counter() - t0,
     }
     try:
-        if plot is not None:
-            draw, name, *args = plot
-            summary["plot"] = figures.save(draw, os.path.join(workdir, name), *args)
+        if mode == "compare":
+            summary["plot"] = figures.save(plots.plot_policies, os.path.join(workdir, PLOT_FILE),
+                                           fields["runs"], fields["target_accuracy"])  # fmt: skip
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the %s plot: %s", mode, e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
@@ -551,15 +512,9 @@ def policy_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# The tradeoff mode.
-
-
 def run_tradeoff(config, workdir: str) -> dict:
-    """The tradeoff mode: the sweep with its trainings to ``tradeoff.target_accuracy`` (at
-    ``tradeoff.batch_sizes`` and the recommended batch; the fit of ``S(B)``) in
-    ``WORKDIR/sweep``, and the check of the recommendation; returns ``summary.json`` (its
-    ``plot``: the sweep's ``tradeoff.png``, the fit)."""
+    """The tradeoff mode; returns ``summary.json`` (its ``plot``: the sweep's ``tradeoff.png``,
+    the fit)."""
     t0 = time.perf_counter()
     with _measured(config, workdir, trainings=True) as sweep_result:
         rec_b, fit = int(sweep_result["recommendation"]["batch_size"]), sweep_result["tradeoff"]
@@ -618,7 +573,4 @@ def tradeoff_table(summary: dict) -> str:
 
 def report(summary: dict) -> str:
     """The table of a compare or tradeoff summary."""
-    tables = {"compare": policy_table, "tradeoff": tradeoff_table}
-    if summary.get("mode") not in tables:
-        raise ValueError(f"summary of mode {summary.get('mode')!r}: expected compare or tradeoff.")
-    return tables[summary["mode"]](summary)
+    return {"compare": policy_table, "tradeoff": tradeoff_table}[summary["mode"]](summary)

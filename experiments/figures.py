@@ -11,8 +11,6 @@ from absl import logging
 
 from gns import plots
 
-__all__ = ["save", "training_plots", "sweep_plots"]
-
 
 def save(draw: Callable, path: str, *args) -> str:
     """Write the figure of ``draw(*args)`` as a PNG at ``path``; returns ``path``, or

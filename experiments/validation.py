@@ -17,9 +17,6 @@ MAX_OVER_BEST = 1.10
 MAX_CRIT_FACTOR = 1.5
 DEVICE = "device_time_to_target_s"
 
-__all__ = ["MAX_CRIT_FACTOR", "MAX_OVER_BEST", "mean_over_seeds", "rank", "reseed_batch_sizes",
-           "validation"]  # fmt: skip
-
 
 def _mean(xs):
     return sum(xs) / len(xs) if xs else None
@@ -31,16 +28,14 @@ def _ratio(a, b):
 
 def reseed_batch_sizes(points: list[dict], k: int) -> list[int]:
     """The ``k`` batch sizes that reached the target in the least device time (:func:`rank`)."""
-    return [r["batch_size"] for r in rank(mean_over_seeds(points))][: max(0, int(k))]
+    return [r["batch_size"] for r in rank(mean_over_seeds(points))][:k]
 
 
 def mean_over_seeds(points: list[dict], key: str = "batch_size") -> list[dict]:
-    """One row per ``key`` (a batch size, sorted, or a compare policy, in order of first
-    appearance) over trainings with ``key``, ``seed``, ``reached``, ``device_time_to_target_s``,
-    ``time_to_target_s`` and optionally ``steps``: ``key``, ``seeds``, ``num_reached``,
-    ``reached`` (every seed did), the means of ``steps``, ``device_time_to_target_s`` and
-    ``time_to_target_s`` over the seeds that reached the target (``None``: none did),
-    ``device_time_per_seed`` and ``device_time_range`` (``[min, max]``)."""
+    """One row per ``key`` of the trainings ``points`` (batch sizes sorted, compare policies in
+    order of appearance): ``key``, ``seeds``, ``num_reached``, ``reached`` (every seed did), the
+    means of ``steps``, ``device_time_to_target_s`` and ``time_to_target_s`` over the seeds that
+    reached the target (``None``: none did), ``device_time_per_seed``, ``device_time_range``."""
     groups: dict[Any, list[dict]] = {}
     for p in points:
         groups.setdefault(int(p[key]) if key == "batch_size" else p[key], []).append(p)
@@ -105,19 +100,17 @@ def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
     }
     row = rows.get(b)
     if row is not None and row["reached"]:
-        out.update(trained=True, source=f"trained ({len(row['seeds'])} seed(s), mean)")
-        out[DEVICE] = row[DEVICE]
+        source = f"trained ({len(row['seeds'])} seed(s), mean)"
+        out.update({"trained": True, "source": source, DEVICE: row[DEVICE]})
         per_seed = {}
-        for seed, v in row["device_time_per_seed"].items():
+        for seed, v in row["device_time_per_seed"].items():  # every seed reached: v is a time
             # Over the fastest batch trained with the same seed (seed 0: every batch).
             same = [r["device_time_per_seed"].get(seed) for r in rows.values()]
-            same = [x for x in same if x is not None]
-            if v is not None and same:
-                per_seed[seed] = v / min(same)
+            per_seed[seed] = v / min(x for x in same if x is not None)
     else:
         why = "not trained" if row is None else "trained, but a seed missed the target"
-        out.update(trained=False, source=f"interpolated: fitted S(B) x t(B) ({why})")
-        out[DEVICE] = fitted
+        source = f"interpolated: fitted S(B) x t(B) ({why})"
+        out.update({"trained": False, "source": source, DEVICE: fitted})
         per_seed = {s: fitted / v for s, v in best["device_time_per_seed"].items()
                     if fitted is not None and v}  # fmt: skip
     out["over_best"] = _ratio(out[DEVICE], best[DEVICE])
@@ -127,23 +120,18 @@ def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
 
 
 def validation(sweep: dict) -> dict:
-    """The ``validation`` block of ``sweep.json`` (from a dict with ``throughput``,
-    ``tradeoff`` incl. ``by_batch`` = :func:`mean_over_seeds`, ``recommendation_by_basis`` and
-    optionally ``critical_batch``): does the recommendation hold on the trainings?
-
-    Returns ``best_measured`` (the top of :func:`rank`); ``by_basis``: per basis the
-    recommended ``batch_size`` and :func:`_over_best` (``device_time_to_target_s``,
-    ``over_best``, ``over_best_per_seed`` over the fastest batch of that seed,
-    ``over_best_range``, ``trained``, ``source``...); ``branched_over_fitted`` (branched over
+    """The ``validation`` block of a ``sweep.json`` dict: does the recommendation hold on the
+    trainings? ``best_measured`` (the top of :func:`rank`); ``by_basis``: per basis the
+    recommended ``batch_size`` and :func:`_over_best`; ``branched_over_fitted`` (branched over
     fitted ``B_crit``, interval and per checkpoint); ``targets``, each ``met`` or ``None``."""
-    rows = {int(r["batch_size"]): r for r in sweep["tradeoff"].get("by_batch") or []}
+    rows = {r["batch_size"]: r for r in sweep["tradeoff"]["by_batch"]}
     ranked = rank(rows.values())
     if not ranked:
         return {"error": "no batch size reached the target with every seed: nothing to compare"}
     best = ranked[0]
     keep = ("batch_size", DEVICE, "device_time_per_seed", "seeds")
     out: dict[str, Any] = {"best_measured": {k: best[k] for k in keep}, "by_basis": {}}
-    for name, rec in (sweep.get("recommendation_by_basis") or {}).items():
+    for name, rec in sweep["recommendation_by_basis"].items():
         b = rec.get("batch_size")
         out["by_basis"][name] = dict(rec) if b is None else {
             "batch_size": int(b), "b_noise": rec.get("b_noise"),
