@@ -419,7 +419,7 @@ def run_compare(config, workdir: str) -> dict:
             bar.set(phase=f"timing batch sizes {sizes}")
             table = _timing(config, workdir, sweep_result, ds, sizes)
             runs = _train_policies(config, workdir, plans, table, bar)
-        n = min(cmp.eval_examples or len(ds.test_labels), len(ds.test_labels))
+        n = min(_train_config(config).eval_examples or len(ds.test_labels), len(ds.test_labels))
         t = float(cmp.target_accuracy)
         first = next((r for r in runs if r["policy"] == "adaptive"), None)
         return _write_summary(workdir, "compare", sweep_result, t0, {

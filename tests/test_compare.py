@@ -377,8 +377,12 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
     c.compare.tradeoff_summary = os.path.join(root, "tradeoff", compare.SUMMARY_FILE)
     c.compare.seeds = (0, 1)
     c.compare.give_up_factor = None
+    c.eval_examples = 128  # of the 256 test images; compare.eval_examples None: the runs' own
     s = cifar10.run(c, workdir)
     assert s["mode"] == "compare" and s["measurement_time_s"] < 1.0  # measurements reused
+    t = c.compare.target_accuracy
+    assert s["eval_examples"] == 128
+    assert s["standard_error_points"] == pytest.approx(100 * math.sqrt(t * (1 - t) / 128))
     # Its sweep ran no training: no (empty) tradeoff chart, the tradeoff run's one removed.
     sw = runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))
     assert sw["plots"]["tradeoff.png"].startswith("not drawn: no training to the target")
