@@ -257,7 +257,7 @@ def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
             f"config file not found: {path}",
             "pass --config=path/to/config.py[:variant], e.g. configs/cifar10.py:smoke",
         )
-    unknown = _unknown_field(argv)
+    unknown = _unknown_field(given)
     if unknown:
         return unknown
     if isinstance(e, flags.Error):
@@ -266,9 +266,8 @@ def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
     return (lines[-1] if lines else type(e).__name__), "run with --verbose for the traceback"
 
 
-def _unknown_field(argv: list[str]) -> tuple[str, str] | None:
-    """The first ``--config.a.b=...`` override whose field is not in the config."""
-    given = _flag_values(argv)
+def _unknown_field(given: dict[str, str]) -> tuple[str, str] | None:
+    """The first ``--config.a.b=...`` of ``given`` whose field is not in the config."""
     node = FLAGS["config"].value if "config" in FLAGS else None
     if node is None and "config" in given:  # the override failed before the config was set
         try:
@@ -278,9 +277,8 @@ def _unknown_field(argv: list[str]) -> tuple[str, str] | None:
     paths = [p for p, _ in config_fields(node)] if hasattr(node, "keys") else []
     for arg in given:
         field = arg.removeprefix("config.")
-        if not paths or field == arg:
-            continue
-        if field not in paths and not any(p.startswith(field + ".") for p in paths):
+        known = field in paths or any(p.startswith(field + ".") for p in paths)
+        if paths and field != arg and not known:
             return f"unknown config field --config.{field}", _did_you_mean(field, paths)
     return None
 
