@@ -313,9 +313,8 @@ class RunLog:
             last = self.recent_evals if len(self.recent_evals) == self.window else None
         else:
             last = [float(score)] if self.window == 1 else None
-        if self.target is None or self.reached or last is None:
-            return False
-        if not float(sum(last)) / len(last) >= self.target:
+        mean = math.nan if last is None else float(sum(last)) / len(last)
+        if self.target is None or self.reached or not mean >= self.target:
             return False
         self.to_target = {"steps": self.step, "time_s": t}
         return True
