@@ -1,11 +1,9 @@
 """What the command-line mains share: the project's error type, one-line error reports,
 ``--help`` and ``--print_config`` (:func:`run`, which a main calls instead of ``absl.app.run``).
 
-A mistake a user can fix raises :class:`UserError` (or ``FileNotFoundError``,
-``PermissionError``, a full disk) naming the problem and the fix; :func:`main` turns it into
-one line on stderr (plus a ``hint:`` line) and exit code 2, and :func:`parse_flags` does the
-same for the flags' mistakes. Anything else is a bug and keeps its traceback, as everything
-does with ``--verbose`` (or ``GNS_VERBOSE=1``).
+A mistake a user can fix (a :class:`UserError`, a missing file, a full disk) becomes one line on
+stderr plus a ``hint:`` line and exit code 2 (:func:`main`, :func:`parse_flags`); anything else
+is a bug and keeps its traceback, as everything does with ``--verbose`` (or ``GNS_VERBOSE=1``).
 """
 
 from __future__ import annotations
@@ -49,6 +47,10 @@ class UserError(ValueError):
         self.hint = hint
 
 
+# What a user can fix besides a write_fault: bad input, a missing file, a path of the wrong kind.
+_USER_FAULTS = (UserError, FileNotFoundError, PermissionError, NotADirectoryError,
+                IsADirectoryError, FileExistsError, app.UsageError)  # fmt: skip
+
 # How tensorstore (under orbax) words the same faults in the ValueError it raises.
 _FAULT_WORDS = {
     "the disk is full": ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded"),
@@ -77,15 +79,6 @@ def write_fault(e: BaseException) -> str | None:
     return None
 
 
-def _is_user_error(e: BaseException) -> bool:
-    """Whether a user can fix ``e``: bad input, a missing file, a path of the wrong kind, or a
-    :func:`write_fault`."""
-    if isinstance(e, UserError | FileNotFoundError | PermissionError | app.UsageError):
-        return True
-    wrong_kind = isinstance(e, OSError) and e.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
-    return wrong_kind or write_fault(e) is not None
-
-
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full ({e.filename or e}): free space there or write elsewhere"
@@ -107,11 +100,11 @@ def _verbose(argv: list[str] | None = None) -> bool:
     return any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv or ())
 
 
-def _exit(message: str, hint: str | None = None, code: int = EXIT_USER_ERROR):
+def _exit(message: str, hint: str | None = None):
     print(f"error: {message}", file=sys.stderr)
     if hint:
         print(f"hint: {hint}", file=sys.stderr)
-    sys.exit(code)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
@@ -126,7 +119,7 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
                 raise
             interrupt.exit_now()  # no interpreter teardown of XLA (it can crash)
         except Exception as e:
-            if _verbose(argv) or not _is_user_error(e):
+            if _verbose(argv) or not (isinstance(e, _USER_FAULTS) or write_fault(e)):
                 raise
             _exit(_one_line(e), getattr(e, "hint", None))
 
@@ -139,10 +132,9 @@ def run(
     describe: Callable[[Any, str], list[str]],
     argv: list[str] | None = None,
 ) -> None:
-    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, plus ``--help`` (exit 0:
-    :func:`print_help`, ``config`` the file of the default variant) and ``--print_config``. An
-    exit with code 2 skips Python's finalizers, so that a writer thread cut short by the fault
-    (orbax's, on a full disk) adds no traceback."""
+    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, ``--help`` (:func:`print_help`)
+    and ``--print_config``. An exit with code 2 skips Python's finalizers, so that a writer
+    thread cut short by the fault (orbax's, on a full disk) adds no traceback."""
     argv = resolve_config_paths(list(sys.argv if argv is None else argv))
     if any(a in HELP_FLAGS for a in argv[1:]):
         try:
@@ -210,8 +202,7 @@ def print_help(argv: list[str], config: str, describe: Callable[[Any, str], list
 
 def plain_text(doc: str) -> str:
     """A docstring without reStructuredText markup: ``:func:`~a.b``` -> ``b``, ````x```` and
-    ``**x**`` -> ``x``, a paragraph's closing ``::`` -> ``:``; the layout (indentation)
-    kept."""
+    ``**x**`` -> ``x``, a paragraph's closing ``::`` -> ``:``; the layout kept."""
     doc = re.sub(r":\w+:`~?([^`]+)`", lambda m: m.group(1).split(".")[-1]
                  if m.group(0).count("~") else m.group(1), doc)  # fmt: skip
     doc = doc.replace("``", "").replace("**", "")
@@ -234,8 +225,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _flag_values(argv: list[str]) -> dict[str, str]:
-    """``{name: value}`` of the ``--name=value`` and ``--name value`` arguments (the last
-    one of a name)."""
+    """``{name: value}`` of the ``--name=value`` and ``--name value`` arguments (the last wins)."""
     out = {}
     for i, arg in enumerate(argv[1:], 1):
         m = re.match(r"--([\w.]+)(?:=(.*))?$", arg)
@@ -267,7 +257,7 @@ def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
             f"config file not found: {path}",
             "pass --config=path/to/config.py[:variant], e.g. configs/cifar10.py:smoke",
         )
-    unknown = _unknown_field(argv)
+    unknown = _unknown_field(given)
     if unknown:
         return unknown
     if isinstance(e, flags.Error):
@@ -276,9 +266,8 @@ def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
     return (lines[-1] if lines else type(e).__name__), "run with --verbose for the traceback"
 
 
-def _unknown_field(argv: list[str]) -> tuple[str, str] | None:
-    """The first ``--config.a.b=...`` override whose field is not in the config."""
-    given = _flag_values(argv)
+def _unknown_field(given: dict[str, str]) -> tuple[str, str] | None:
+    """The first ``--config.a.b=...`` of ``given`` whose field is not in the config."""
     node = FLAGS["config"].value if "config" in FLAGS else None
     if node is None and "config" in given:  # the override failed before the config was set
         try:
@@ -288,9 +277,8 @@ def _unknown_field(argv: list[str]) -> tuple[str, str] | None:
     paths = [p for p, _ in config_fields(node)] if hasattr(node, "keys") else []
     for arg in given:
         field = arg.removeprefix("config.")
-        if not paths or field == arg:
-            continue
-        if field not in paths and not any(p.startswith(field + ".") for p in paths):
+        known = field in paths or any(p.startswith(field + ".") for p in paths)
+        if paths and field != arg and not known:
             return f"unknown config field --config.{field}", _did_you_mean(field, paths)
     return None
 

@@ -17,7 +17,6 @@ import importlib.util
 import io
 import itertools
 import os
-import re
 import stat
 import tarfile
 import time
@@ -88,11 +87,7 @@ def load(cfg) -> Dataset:
         cfg = ml_collections.ConfigDict(dict(cfg))
     source, num_train, num_test = cfg.source, cfg.num_train, cfg.num_test
     if source == "synthetic":
-        arrays = _synthetic_arrays(
-            cfg.synthetic,
-            num_train=2048 if num_train is None else _check_count("num_train", num_train),
-            num_test=512 if num_test is None else _check_count("num_test", num_test),
-        )
+        arrays = _synthetic_arrays(cfg.synthetic, num_train or 2048, num_test or 512)
         num_train = num_test = None  # generated at the requested sizes
     elif source == "folder":
         path = _existing_path(cfg.path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
@@ -102,42 +97,30 @@ def load(cfg) -> Dataset:
         url = cfg.get("url") or CIFAR10_BINARY_URL
         md5 = cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5  # None: unchecked (warned)
         arrays = _cifar10_binary_arrays(cfg.path, cfg.cache_dir, url=url, md5=md5)
-    elif source == "tfds":
+    else:  # 'tfds' (experiments.rules checks data.source)
         arrays = _tfds_arrays(cfg.name, cfg.tfds_data_dir, cfg.cache_dir)
-    else:
-        raise UserError(
-            f"Unknown data.source={source!r}.",
-            hint="use 'cifar10_binary' (downloads CIFAR-10), 'folder' (with data.path), 'tfds' "
-            "or 'synthetic'.",
-        )
     splits = []
     for split, n in zip(SPLITS, (num_train, num_test), strict=True):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if n is not None and n > len(labels):
+            raise UserError(
+                f"data.num_{split}={n} but the split has only {len(labels)} examples.",
+                hint=f"use data.num_{split}=None for all of them, or a smaller number.",
+            )
         if n is not None:
-            idx = subsample(labels, _check_count(f"num_{split}", n, len(labels)))
+            idx = subsample(labels, n)
             images, labels = images[idx], labels[idx]
         splits += [images, labels.astype(np.int32)]
     return Dataset(*splits, int(arrays["num_classes"]), *channel_stats(splits[0]),
                    tuple(str(c) for c in arrays["class_names"]))  # fmt: skip
 
 
-def _check_count(name: str, n: Any, available: int | None = None) -> int:
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        raise UserError(f"data.{name} must be a positive int or None (all), got {n!r}.")
-    if available is not None and n > available:
-        raise UserError(
-            f"data.{name}={n} but the split has only {available} examples.",
-            hint=f"use data.{name}=None for all of them, or a smaller number.",
-        )
-    return int(n)
-
-
-def subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+def subsample(labels: np.ndarray, n: int) -> np.ndarray:
     """Sorted indices of a class-stratified subset of ``n`` of ``labels``: the examples in a
     fixed seeded order, taken round-robin over the classes (the first of each class, then the
     second of each, ...), so class counts differ by at most one where classes have enough."""
     labels = np.asarray(labels)
-    perm = np.random.default_rng(seed).permutation(len(labels))
+    perm = np.random.default_rng(0).permutation(len(labels))
     rank = np.empty(len(labels), dtype=np.int64)  # an example's place in its class's order
     for c in np.unique(labels):
         in_class = perm[labels[perm] == c]
@@ -148,8 +131,6 @@ def subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact per-channel ``(mean, std)`` (float32 ``[C]``, ``[0, 1]`` scale) of uint8 images
     ``[N, H, W, C]``, from histograms of the byte values (no float copy of the images)."""
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got {images.dtype}.")
     channels = np.moveaxis(images, -1, 0)
     freq = np.array([np.bincount(x.ravel(), minlength=256) for x in channels], np.float64)
     freq /= freq.sum(axis=1, keepdims=True)  # [C, 256]: of each byte value
@@ -164,11 +145,6 @@ def _synthetic_arrays(scfg, num_train: int, num_test: int) -> dict[str, Any]:
     """Class-dependent colour + low-frequency pattern, with per-example colour jitter and noise."""
     image_size, num_classes = int(scfg.image_size), int(scfg.num_classes)
     seed = int(scfg.get("seed") or 0)
-    if num_classes < 2 or image_size < 4:
-        raise UserError(
-            f"data.synthetic needs num_classes >= 2 and image_size >= 4, got "
-            f"num_classes={num_classes}, image_size={image_size}."
-        )
     rng = np.random.default_rng([seed, num_classes, image_size])
     # Templates in uint8 units around 128: a colour (robust to crops and flips) plus a smooth
     # spatial pattern (nearest-upsampled 4x4 grid).
@@ -283,7 +259,6 @@ def _cached(cache_dir: str | None, stem: str, decode: Callable[[], dict]) -> dic
                  len(arrays["train_labels"]), len(arrays["test_labels"]),
                  time.perf_counter() - start, path)  # fmt: skip
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         with download.atomic_file(path) as f:
             np.savez(f, **arrays, source=np.str_(stem))
     except OSError as err:
@@ -345,10 +320,8 @@ def _source_fingerprint(path: str) -> str:
     return f"{stem}-{h.hexdigest()[:16]}"
 
 
-def _existing_path(path: str | None, what: str) -> str:
+def _existing_path(path: str, what: str) -> str:
     """The absolute ``data.path``; a missing one raises :class:`UserError` saying ``what``."""
-    if not path:
-        raise UserError(f"data.source={what} needs data.path.")
     path = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.exists(path):
         raise UserError(f"data.path={path!r} does not exist.", hint=f"Expected {what}.")
@@ -502,7 +475,7 @@ def _decode_cifar10_binary(path: str) -> dict[str, Any]:
     """The CIFAR-10 binary version, an archive or directory of ``data_batch_1.bin`` ...
     ``data_batch_5.bin`` (train) and ``test_batch.bin``: records of a label byte and the red,
     green and blue planes of a 32 x 32 image."""
-    wanted = lambda name: os.path.basename(name) in (*_CIFAR10_BATCHES, "batches.meta.txt")
+    wanted = lambda name: os.path.basename(name) in _CIFAR10_BATCHES
     found = {os.path.basename(name): data for name, _, data in _members(path, wanted) if data}
     missing = [name for name in _CIFAR10_BATCHES if name not in found]
     if missing:
@@ -527,11 +500,7 @@ def _decode_cifar10_binary(path: str) -> dict[str, Any]:
                 f"{len(CIFAR10_CLASSES)} classes.",
                 hint="this is not the CIFAR-10 binary version (CIFAR-100's records differ).",
             )
-    names = re.findall(r"\S+", found.get("batches.meta.txt", b"").decode("utf-8", "replace"))
-    out: dict[str, Any] = {
-        "num_classes": len(CIFAR10_CLASSES),
-        "class_names": names if len(names) == len(CIFAR10_CLASSES) else list(CIFAR10_CLASSES),
-    }
+    out: dict[str, Any] = {"num_classes": len(CIFAR10_CLASSES), "class_names": CIFAR10_CLASSES}
     for split, rows in zip(SPLITS, (np.concatenate(records[:-1]), records[-1]), strict=True):
         images = rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes: HWC
         out[f"{split}_images"] = np.ascontiguousarray(images)
@@ -548,13 +517,12 @@ def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
     return out
 
 
-def crop_and_flip(
-    images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: int = CROP_PADDING
-) -> np.ndarray:
+def crop_and_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> np.ndarray:
     """Each image ``[B, H, W, C]`` cropped from its reflect-padded copy at ``offsets`` (int
     ``[B, 2]``, row and column in ``[0, 2 * pad]``; ``(pad, pad)`` is the identity) and mirrored
     left-right where ``flips`` (bool ``[B]``)."""
     _, h, w, _ = images.shape
+    pad = CROP_PADDING
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
     out = np.empty_like(images)
     # A loop of slice copies is ~4x faster than one fancy-indexing gather here.
@@ -616,24 +584,20 @@ def train_batch(ds: Dataset, batch_size: int, *, seed: int, augment: bool,
 
 
 def train_batches(ds: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
-                  augment: bool = True, prefetch: int = 2) -> Iterator[dict]:  # fmt: skip
+                  augment: bool = True) -> Iterator[dict]:  # fmt: skip
     """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``,
-    prepared up to ``prefetch`` ahead in a thread (0: in the caller's). The example stream's
-    iterator is :meth:`experiments.tasks.Task.train_batches`."""
-    num_train = len(ds.train_labels)
-    if not 1 <= batch_size <= num_train or start_step < 0:
-        raise ValueError(f"batch_size={batch_size} must be in [1, {num_train}] (the number of "
-                         f"train examples) and start_step={start_step} >= 0.")  # fmt: skip
+    :func:`prefetched`. The example stream is :meth:`experiments.tasks.Task.train_batches`."""
     steps = itertools.count(start_step)
-    produce = lambda: train_batch(ds, batch_size, seed=seed, augment=augment, step=next(steps))
-    return prefetched(produce, prefetch) if prefetch > 0 else (produce() for _ in itertools.count())
+    return prefetched(
+        lambda: train_batch(ds, batch_size, seed=seed, augment=augment, step=next(steps))
+    )
 
 
-def prefetched(produce: Callable[[], Any], size: int = 2) -> Iterator[Any]:
-    """Yields ``produce()`` results computed up to ``size`` ahead by a worker thread; errors in
+def prefetched(produce: Callable[[], Any]) -> Iterator[Any]:
+    """Yields ``produce()`` results computed up to 2 ahead by a worker thread; errors in
     ``produce`` re-raise here. Closing or dropping the generator stops and joins the thread."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="gns-prefetch")
-    ahead = collections.deque(pool.submit(produce) for _ in range(size))
+    ahead = collections.deque(pool.submit(produce) for _ in range(2))
     try:
         while True:
             ahead.append(pool.submit(produce))

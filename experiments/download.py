@@ -38,8 +38,8 @@ class DownloadError(UserError):
     """A download that failed, leaving nothing; ``offline`` when the server could not be
     reached at all (connection refused, DNS failure, timeout)."""
 
-    def __init__(self, message: str, hint: str | None = None, *, offline: bool = False):
-        super().__init__(message, hint=hint)
+    def __init__(self, message: str, *, offline: bool = False):
+        super().__init__(message)
         self.offline = offline
 
 
@@ -49,9 +49,10 @@ def _host_tag() -> str:
 
 @contextlib.contextmanager
 def atomic_file(final: str) -> Iterator[BinaryIO]:
-    """A binary file to write that becomes ``final`` (its directory must exist) when the block
+    """A binary file to write that becomes ``final`` (its directory created) when the block
     succeeds (fsynced, renamed); on any exception it is removed and ``final`` untouched."""
-    directory, name = os.path.split(final)
+    directory, name = os.path.split(os.path.abspath(final))
+    os.makedirs(directory, exist_ok=True)
     tag = f"{TEMP_PREFIX}{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:8]}."
     tmp = os.path.join(directory, tag + name)  # beside final, so the rename is atomic
     try:
@@ -110,13 +111,10 @@ def file_md5(path: str) -> str:
         return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
-def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIMEOUT_S,
-          progress: bool = True) -> str:  # fmt: skip
-    """Download ``url`` to ``dest`` (its directory created) and return ``dest``; at once when
-    it exists. The body streams to a temporary beside ``dest`` (a progress bar on a terminal
-    with ``progress``), checked against ``Content-Length`` and ``md5`` (``None``: unchecked),
-    and only a complete, matching file is renamed to ``dest``.
-    ``timeout_s`` bounds connecting and each read.
+def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIMEOUT_S) -> str:
+    """Download ``url`` to ``dest`` and return ``dest``; at once when it exists. The body
+    streams to :func:`atomic_file` (a progress bar on a terminal), checked against
+    ``Content-Length`` and ``md5`` (``None``: unchecked). ``timeout_s`` bounds each read.
 
     Raises:
       DownloadError: the server cannot be reached (``offline=True``), answers with an HTTP
@@ -143,8 +141,7 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
     length = response.headers.get("Content-Length")
     total = int(length) if length and length.isdigit() else None
     bar = tqdm(total=total, desc=f"download {os.path.basename(dest)}", unit="B",
-               unit_scale=True, unit_divisor=1024, mininterval=0.5,
-               disable=None if progress else True)  # fmt: skip
+               unit_scale=True, unit_divisor=1024, mininterval=0.5, disable=None)  # fmt: skip
     with response, bar, atomic_file(dest) as f:
         while chunk := _read(response, url, f.tell()):
             bar.update(f.write(chunk))

@@ -83,7 +83,8 @@ class EventLog:
         self._window.clear()
         for row in rows:
             self.write(row, flush=False)
-        self.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def write(self, row: dict, *, flush: bool = True) -> None:
         """Write the scalars of ``row`` (:func:`row_scalars` and ``by_examples/*``)."""
@@ -93,16 +94,12 @@ class EventLog:
             self._writer = SummaryWriter(logdir=self.workdir, flush_secs=30)
         if _finite(row.get("g_sq")) and _finite(row.get("trace_cov")):
             self._window.append((float(row["g_sq"]), float(row["trace_cov"])))
-        for tag, value in row_scalars(row, self._window if "g_sq" in row else ()).items():
+        for tag, value in row_scalars(row, self._window).items():
             self._writer.add_scalar(tag, value, int(row["step"]))
         for k in BY_EXAMPLES if row.get("examples_seen") is not None else ():
             if _finite(row.get(k)):
                 self._writer.add_scalar(f"by_examples/{k}", float(row[k]), row["examples_seen"])
         if flush:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:

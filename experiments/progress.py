@@ -10,6 +10,7 @@ import threading
 import time
 
 from absl import logging
+from tqdm import tqdm
 
 __all__ = ["EVERY_S", "Progress", "format_duration"]
 
@@ -33,7 +34,7 @@ class Progress:
     the ETA (for units of very different lengths)."""
 
     def __init__(self, total: int | None, *, desc: str, unit: str, initial: int = 0,
-                 bar: bool = True, every_s: float | None = None, stream=None,
+                 bar: bool = True, every_s: float = EVERY_S, stream=None,
                  rate: bool = True):  # fmt: skip
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.show_rate, self._start = rate, time.perf_counter()
@@ -41,15 +42,12 @@ class Progress:
         self._t0, self._n0 = None, initial  # from the first update (after compiling)
         self._bar = None
         if bar and (stream or sys.stderr).isatty():
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
                              dynamic_ncols=True, unit_scale=unit == "examples")  # fmt: skip
-        every = EVERY_S if every_s is None else every_s
         self._stop = threading.Event()
         self._thread = None
-        if self._bar is None and every > 0:
-            self._thread = threading.Thread(target=self._tick, args=(every,), daemon=True)
+        if self._bar is None and every_s > 0:
+            self._thread = threading.Thread(target=self._tick, args=(every_s,), daemon=True)
             self._thread.start()
 
     def set(self, **fields) -> None:

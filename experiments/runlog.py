@@ -1,10 +1,9 @@
 """The record of a run: strict JSON files (non-finite floats as ``null``, written atomically),
 the metrics log, the workdir lock, the clock, the checkpoints and Ctrl-C at a step boundary.
 
-A checkpoint at step ``s`` is saved only after the row of step ``s``, and resuming from it
-drops the later rows; the :class:`Clock`, the best score and the target crossing travel in the
-checkpoint, so a resumed run reports what an uninterrupted one would; ``config.json`` is
-written only after the identity check.
+A checkpoint at step ``s`` is saved only after the row of step ``s``; resuming from it drops the
+later rows and restores the clock, the best score and the target crossing, so a resumed run
+reports what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 from absl import logging
 
 from experiments import cli, download
@@ -62,15 +60,9 @@ def dumps(obj: Any, **kwargs) -> str:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as strict JSON atomically: a killed run leaves the old file or the new
-    one, never a torn one."""
-    _write_atomic(path, dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write ``obj`` as strict JSON atomically (:func:`experiments.download.atomic_file`)."""
     with download.atomic_file(path) as f:
-        f.write(text.encode())
+        f.write((dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: str) -> Any:
@@ -96,9 +88,9 @@ def read_jsonl(path: str) -> list[dict]:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
-    """Hold ``workdir`` (created when missing) for this process with an advisory ``flock`` on
-    ``workdir/.lock``, released however the holder exits: a second run there stops at once,
-    naming the holder's pid. A ``.lock`` that is a link or a special file stops the run."""
+    """Hold ``workdir`` (created when missing) with an advisory ``flock`` on ``workdir/.lock``,
+    released however the holder exits: a second run there stops at once, naming the holder's
+    pid. A ``.lock`` that is a link or a special file stops the run."""
     if not workdir:
         raise UserError("--workdir is empty", hint="pass a directory, e.g. --workdir=runs/cpu")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -166,9 +158,8 @@ def differing_fields(old: dict, new: dict) -> list[str]:
 
 class Clock:
     """Where a run's time goes: from :meth:`charge` on, time counts as one of :data:`KINDS`
-    (``train``: data and steps, read after the device finished them; ``eval``; ``compile``;
-    ``pause``: everything else). The totals continue across resumed legs through
-    :meth:`state` and ``totals`` (the checkpoint's), like big_vision's ``Chrono``."""
+    (``train``: data and steps, read after the device finished them; ``pause``: everything
+    else). The totals continue across resumed legs through :meth:`state` and ``totals``."""
 
     KINDS = ("train", "eval", "compile", "pause")
 
@@ -199,33 +190,18 @@ class Clock:
 
 class RunLog:
     """The record of one training run in ``workdir``: identity, clock, best and target,
-    initial loss and the metrics rows, saved with (and restored from) its checkpoints.
+    initial loss and the metrics rows, saved with (and restored from) its checkpoints
+    (:meth:`meta`, :meth:`resume`; ``experiments.train`` shows the order of the calls).
 
     ``target``: the score (higher is better) that reaches the target, on the mean of the last
     ``window`` periodic evaluations; ``primary``: whether this process writes the files (other
     hosts keep the record in memory); ``devices``: a resume on another number is refused.
-
-    Example::
-
-        log = RunLog(workdir, target=0.6, window=3)
-        log.check_identity(config, identity_fn, resuming=ckpt.latest_step() is not None)
-        state, meta = ckpt.restore(state, check=log.check_meta)
-        log.resume(int(state.step), meta)
-        log.write_config(config)
-        ...
-        log.advance(batch_size)          # after each step
-        row = log.row(train_loss=...)     # at a logged step, clock read after blocking
-        log.record_eval(accuracy)         # True when the mean of the last 3 reaches it
-        log.write_row(row)
-        ckpt.save(log.step, state, log.meta())
     """
 
     def __init__(self, workdir: str, target: float | None = None, *, window: int = 1,
                  primary: bool = True, devices: int | None = None):  # fmt: skip
-        if not (isinstance(window, int | np.integer) and window >= 1):
-            raise ValueError(f"window={window!r}: need an int >= 1 (evaluations averaged).")
         self.workdir = workdir
-        self.window = int(window)
+        self.window = window
         self.primary = primary
         self._memory_rows: list[dict] = []  # the rows of a non-primary process
         self.metrics_path = os.path.join(workdir, METRICS_FILE)
@@ -254,9 +230,8 @@ class RunLog:
         self.check_meta({"identity": identity(old)})
 
     def check_meta(self, meta: dict) -> None:
-        """:meth:`check_identity` against a checkpoint's metadata (the identity of the run
-        that wrote it), and its data record and number of devices against this run's: a
-        :class:`UserError` when any differs (one record would mix two setups)."""
+        """A :class:`UserError` when a checkpoint's metadata has another identity, data record
+        or number of devices than this run (one record would mix two setups)."""
         old_devices = meta.get("devices")
         for key, old, new, what, hint in (  # key "": the identity's fields, unprefixed
             ("", meta.get("identity"), self.identity, "with a different config",
@@ -299,7 +274,8 @@ class RunLog:
             return []
         kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
         if self.primary:
-            _write_atomic(self.metrics_path, "".join(dumps(r) + "\n" for r in kept))
+            with download.atomic_file(self.metrics_path) as f:
+                f.write("".join(dumps(r) + "\n" for r in kept).encode())
             self.events.reset(kept)
         else:
             self._memory_rows = [to_json(r) for r in kept]
@@ -325,13 +301,10 @@ class RunLog:
         return self.to_target["steps"] is not None
 
     def record_eval(self, score: float, *, periodic: bool = True) -> bool:
-        """Best and target tracking of a higher-is-better ``score`` at the current step;
-        returns whether it reaches the target for the first time.
-
-        The target is reached where the mean of the last ``window`` periodic scores first is
-        at least ``target`` (:attr:`to_target`). A final evaluation (``periodic=False``)
-        updates the best and, with ``window`` 1 only, can reach the target.
-        """
+        """Track the best and the target of a higher-is-better ``score`` at the current step;
+        returns whether the mean of the last ``window`` periodic scores reaches ``target`` for
+        the first time. A final evaluation (``periodic=False``) updates the best and, with
+        ``window`` 1 only, can reach the target."""
         t = self.clock.total("train")
         if self.best["accuracy"] is None or score > self.best["accuracy"]:
             self.best = {"accuracy": score, "step": self.step, "time_s": t}
@@ -340,9 +313,8 @@ class RunLog:
             last = self.recent_evals if len(self.recent_evals) == self.window else None
         else:
             last = [float(score)] if self.window == 1 else None
-        if self.target is None or self.reached or last is None:
-            return False
-        if not float(sum(last)) / len(last) >= self.target:
+        mean = math.nan if last is None else float(sum(last)) / len(last)
+        if self.target is None or self.reached or not mean >= self.target:
             return False
         self.to_target = {"steps": self.step, "time_s": t}
         return True
@@ -396,9 +368,9 @@ class RunLog:
 
 
 class Checkpoints:
-    """Orbax checkpoints of a run's state in ``workdir/checkpoints``, with the
-    :meth:`RunLog.meta` beside it; the last two are kept, so that :meth:`restore` falls back
-    to the previous one when the latest is unreadable (moved to ``checkpoints-unreadable/``)."""
+    """Orbax checkpoints of a run's state and :meth:`RunLog.meta` in ``workdir/checkpoints``;
+    the last two are kept, so that :meth:`restore` falls back to the previous one when the
+    latest is unreadable (moved to ``checkpoints-unreadable/``)."""
 
     def __init__(self, workdir: str):
         import orbax.checkpoint as ocp
@@ -497,11 +469,10 @@ def _silenced():
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Inside the block the first SIGINT (Ctrl-C) sets the yielded ``threading.Event``
-    instead of raising, so the loop stops at a step boundary with its row and checkpoint
-    written; a second one goes to the handler the block replaced (a main's
-    :func:`experiments.interrupt.install`: exit 130 at once). Outside the main thread the event
-    never gets set."""
+    """Inside the block the first SIGINT (Ctrl-C) sets the yielded ``threading.Event`` instead
+    of raising, so the loop stops at a step boundary with its row and checkpoint written; a
+    second one goes to the handler the block replaced (exit 130 at once). Outside the main
+    thread the event never gets set."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag

@@ -60,7 +60,7 @@ def test_example_stream_is_cut_by_any_batch_sizes_into_the_same_examples():
 def test_example_stream_equals_the_step_stream_when_the_batch_divides_the_epoch():
     c = tiny_config()
     ds = data.load(c.data)
-    by_step = data.train_batches(ds, 32, seed=1, start_step=5, augment=False, prefetch=0)
+    by_step = data.train_batches(ds, 32, seed=1, start_step=5, augment=False)
     by_example = (
         data.train_batch(ds, 32, seed=1, start_example=start, augment=False)
         for start in range(5 * 32, 25 * 32, 32)

@@ -235,7 +235,7 @@ def test_offline_names_the_alternatives(tmp_path, archive):
 def test_timeout_is_an_offline_error(tmp_path, archive):
     with serve(archive["payload"], mode="hang") as (url, _):
         with pytest.raises(download.DownloadError) as e:
-            download.fetch(url, str(tmp_path / "f.tar.gz"), timeout_s=0.3, progress=False)
+            download.fetch(url, str(tmp_path / "f.tar.gz"), timeout_s=0.3)
     assert e.value.offline and "timed out" in str(e.value)
     assert os.listdir(tmp_path) == []
 

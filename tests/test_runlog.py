@@ -157,12 +157,6 @@ def test_windowed_target_of_a_lower_is_better_metric(tmp_path):
     assert (log.best["accuracy"], log.best["step"]) == (-2.7, 50)
 
 
-def test_window_must_be_a_positive_int(tmp_path):
-    for bad in (0, 1.5, None):
-        with pytest.raises(ValueError, match="window"):
-            runlog.RunLog(str(tmp_path), target=0.5, window=bad)
-
-
 def test_check_losses_non_finite_and_factor(tmp_path):
     log = runlog.RunLog(str(tmp_path))
     assert log.check_losses([2.0, 2.5, 15.0], factor=10.0) is None  # 15 < 10 x 2

@@ -58,13 +58,15 @@ def test_example_stream_is_the_batches_of_batch_fn_and_resumes(tmp_path, name):
     assert task.input_spec(ds)[0] == got[0][inputs].shape[1:]
     with pytest.raises(ValueError, match="batch_size"):
         task.train_batches(config, ds, task.num_train(ds) + 1, 0)
+    with pytest.raises(ValueError, match="start_example"):
+        task.train_batches(config, ds, 6, -6)
 
 
 def test_image_step_stream_is_the_data_step_stream(tmp_path):
     config = _configs(tmp_path)["cifar10"]
     ds = tasks.IMAGE.load(config)
     got = tasks.IMAGE.train_batches(config, ds, 8, 16)  # step 2 of batch 8
-    want = data.train_batches(ds, 8, seed=3, start_step=2, prefetch=0)
+    want = data.train_batches(ds, 8, seed=3, start_step=2)
     for _ in range(6):  # past the end of the first epoch (5 steps): its tail is dropped
         a, b = next(got), next(want)
         np.testing.assert_array_equal(a["image"], b["image"])
