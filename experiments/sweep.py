@@ -4,15 +4,12 @@ Usage::
 
     python -m experiments.sweep --config configs/sweep.py:smoke --workdir /tmp/sweep_smoke
 
-On the task, model and data of ``configs/sweep.py`` it runs :func:`gns.finder.pipeline` with the
-sweep's steps (the pilot, ``b_simple`` on independent batches after ``noise.warmup_steps``, the
-branched critical batch, memory and step time of each global batch on the mesh, the
-recommendation), then trainings to ``tradeoff.target_accuracy`` at several batch sizes, the fit
-``S(B) = S_min + E_min/B`` and the pick under every basis (README, "Results"). It writes
-``DIR/sweep.json`` (strict JSON), its plots and a printed summary. Each finished measurement is
-kept in ``DIR/sweep_state.json`` under the fingerprint of the fields its stage reads
-(:data:`STAGE_FIELDS`): a re-run measures only what is missing or what a changed field affects.
-The pilot's end state is kept in ``DIR/pilot/<key>``, for a run to go on from (:func:`pilot_hooks`).
+It runs :func:`gns.finder.pipeline` on the task of ``configs/sweep.py`` (noise scale, branched
+critical batch, memory and step time on the mesh, recommendation), then trainings to
+``tradeoff.target_accuracy`` at several batch sizes and the fit ``S(B) = S_min + E_min/B``
+(README, "Results"), and writes ``DIR/sweep.json``, its plots and a printed summary. Each
+measurement is kept in ``DIR/sweep_state.json`` under the fingerprint of the fields its stage
+reads (:data:`STAGE_FIELDS`): a re-run measures only what is missing or changed.
 """
 
 from __future__ import annotations
@@ -42,20 +39,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from experiments import (
-    cli,
-    data,
-    figures,
-    models,
-    progress,
-    rules,
-    runlog,
-    tasks,
-    train,
-    validation,
-)
+from experiments import cli, data, figures, models, rules, runlog, tasks, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
+from experiments.progress import Progress
 from gns import common, critical, estimate, finder, hardware, plots, scaling, smoothing, tradeoff
 
 FLAGS = flags.FLAGS
@@ -68,7 +55,7 @@ __all__ = [
     "STAGE_FIELDS", "stage_config", "stage_fingerprint", "validate_config", "SweepState",
     "pipeline_steps", "pipeline_plan", "pilot_hooks", "pilot_saved",
     "critical_fingerprint", "noise_scale_value", "measure_throughput", "training_config",
-    "run_training", "run_trainings", "with_device_time", "ranking", "fit_tradeoff", "run_sweep",
+    "run_training", "with_device_time", "ranking", "fit_tradeoff", "run_sweep",
     "summary_table", "fit_line", "fmt",
 ]  # fmt: skip
 
@@ -92,7 +79,6 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
           "warmup repeats".split()),
     ),
 }  # fmt: skip
-TIMING_SEED, TIMING_LEARNING_RATE = 0, 1e-3
 
 
 def stage_config(config, stage: str) -> ml_collections.ConfigDict:
@@ -231,7 +217,7 @@ def pipeline_plan(config) -> finder.Plan:
     return finder.Plan(
         ref_batch_size=int(t.batch_size),
         pilot_steps=max(int(t.noise.pilot_steps or 0), int(t.noise.warmup_steps)),
-        every=max(1, int(t.noise.every)), num_stretches=int(t.noise.num_stretches),
+        every=int(t.noise.every), num_stretches=int(t.noise.num_stretches),
         branched=int(ccfg.num_checkpoints) > 0, branch_points=int(ccfg.num_checkpoints),
         branch_exponents=tuple(int(e) for e in ccfg.exponents),
         branch_steps=int(ccfg.fork_steps), branch_repeats=int(ccfg.num_repeats),
@@ -243,18 +229,16 @@ def pipeline_plan(config) -> finder.Plan:
 def pilot_hooks(config, ds, task, workdir: str, fp: str):
     """``(on_step, finish)`` of the pilot: after ``noise.warmup_steps`` steps, ``b_simple`` on
     ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval.
-    ``finish(record)`` puts it into the noise record and saves the pilot's end state (as
-    :func:`experiments.train.start_from_pilot` resumes from it) in ``workdir/pilot/<fp[:16]>``,
-    with its ``start`` in ``record["pilot"]``: ``checkpoint``, ``step``, ``examples``,
-    ``seconds`` (steps x the median time between two steps' ends: the measurement and the
-    compilations left out, as a run's training clock counts), ``batch_size`` and
-    ``learning_rate``."""
+    ``finish(record)`` adds it to the noise record and saves the pilot's end state in
+    ``workdir/pilot/<fp[:16]>`` for :func:`experiments.train.start_from_pilot`, described by
+    ``record["pilot"]["start"]`` (its ``seconds``: steps x the median time between two steps'
+    ends, the measurement and the compilations left out as a run's training clock does)."""
     t = stage_config(config, "noise_scale")
     noise = t.noise
     model = models.get_model(t.model, num_classes=ds.num_classes)
-    mcfg = copy.deepcopy(t)
-    mcfg.gns_method = noise.method
-    method = train.resolve_gns_method(mcfg, model)
+    method = train.resolve_gns_method(
+        ml_collections.ConfigDict({"gns_method": noise.method}), model
+    )
     rng = jax.random.PRNGKey(t.seed) if models.uses_dropout(model) else None
     if method == "per_example":
         estimator = functools.partial(estimate.per_example, chunk_size=noise.chunk_size)
@@ -361,7 +345,7 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     ``rows`` (``sweep.json``'s ``throughput``, ascending), ``table`` (the TimingTable's dict),
     ``max_batch_size``, ``max_batch_size_per_device`` and ``mesh``."""
     t = copy.deepcopy(view)
-    t.update(seed=TIMING_SEED, learning_rate=TIMING_LEARNING_RATE)
+    t.update(seed=0, learning_rate=1e-3)  # the step's time depends on neither
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
     _, plain_fn, _, state = _setup(t, ds, task, optax.constant_schedule(1.0), mesh=mesh)
@@ -464,11 +448,10 @@ def training_config(
     cfg = ml_collections.ConfigDict({k: v for k, v in t.to_dict().items()
                                      if k not in rules.NOT_TRAINING})  # fmt: skip
     eval_every = max(1, round(tr.eval_every_examples / batch_size))
-    cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None)
-    if seed_offset:
-        cfg.seed = int(t.seed) + int(seed_offset)
-    cfg.update(num_steps=tr.max_steps, max_wall_time_s=tr.max_wall_time_s)
-    cfg.update(target_accuracy=tr.target_accuracy, eval_every=eval_every, log_every=eval_every)
+    cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None,
+               seed=int(t.seed) + int(seed_offset), num_steps=tr.max_steps,
+               max_wall_time_s=tr.max_wall_time_s, target_accuracy=tr.target_accuracy,
+               eval_every=eval_every, log_every=eval_every)  # fmt: skip
     return cfg, rule
 
 
@@ -493,31 +476,6 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
         "best_test_accuracy": summary.get("best_test_accuracy"),
         "curve": [[r["step"], r["test_accuracy"]] for r in evals],
     }  # fmt: skip
-
-
-def run_trainings(config, workdir: str, st: SweepState, batch_sizes, b_noise: float,
-                  timing: tuple[dict[int, float], int], seed_offset: int = 0, *,
-                  fingerprints: dict | None = None, bar=None) -> list[dict]:  # fmt: skip
-    """:func:`run_training` of :func:`training_config` at each of ``batch_sizes`` in
-    ``workdir/train/B<batch>-seed<seed>-<fingerprint[:8]>``, reused from ``st`` when it
-    finished under the same config (fingerprints also put in ``fingerprints``), with the
-    device time to target from ``timing = (step times, max batch)``."""
-    points = []
-    for b in batch_sizes:
-        if bar is not None:
-            bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
-        cfg, rule = training_config(config, b, b_noise, seed_offset)
-        key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: the batch alone
-        fp = runlog.fingerprint(cfg.to_dict())
-        if fingerprints is not None:
-            fingerprints[key] = fp
-        p = st.get("trainings", key, fp)
-        if p is None:
-            run_dir = os.path.join(workdir, "train", f"B{b}-seed{cfg.seed}-{fp[:8]}")
-            p = common.to_json(run_training(cfg, run_dir, rule))
-            st.put("trainings", key, fp, p)
-        points.append(p)
-    return with_device_time(points, *timing)
 
 
 def with_device_time(points: list[dict], times: dict[int, float], max_batch: int) -> list[dict]:
@@ -588,9 +546,9 @@ def run_sweep(
     (``trainings=False``: measure and recommend only; ``train_recommended``: train the
     recommended batch too, as the tradeoff mode of ``experiments.compare`` does)."""
     validate_config(config)
-    bar = progress.Progress(5, desc="sweep", unit="stages", rate=False)
+    bar = Progress(5, desc="sweep", unit="stages", rate=False)
     with contextlib.closing(bar), runlog.workdir_lock(workdir):
-        return _run_sweep(config, workdir, trainings, bar, train_recommended)
+        return _Sweep(config, workdir, bar).run(trainings, train_recommended)
 
 
 def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
@@ -606,30 +564,56 @@ def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
     )  # fmt: skip
 
 
-class _Stages:
-    """:func:`gns.finder.pipeline` with the sweep's stage cache: each measurement is read from
-    ``sweep_state.json`` when its fingerprint matches, else measured and stored with what it
-    cost (``seconds``)."""
+def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
+    """The pick under every basis measured (``recommendation_by_basis``: the validation compares
+    them on the trainings), from the best evidence (``recommendation``) and from the fitted
+    ``B_crit`` as the noise scale (``recommendation_from_tradeoff``: a check)."""
+    max_batch, table, _ = m.timed
+    fit_iv = fit["intervals"].get("b_crit") or (None, None)
+    picks, by_basis = {}, {}
+    for name, (v, lo, hi) in [*m.evidence.items(), ("tradeoff_fit", (fit["b_crit"], *fit_iv))]:
+        value = (v, math.nan, math.nan) if name == "tradeoff_fit" else (v, lo, hi)
+        r = picks[name] = None if v is None or math.isnan(v) else _decide(
+            config, name, value, m.evidence, table, max_batch, fit["s_min"])  # fmt: skip
+        by_basis[name] = {"b_noise": v, "low": lo, "high": hi}
+        by_basis[name] |= {"batch_size": None} if r is None else {
+            "batch_size": r.batch_size, "batch_size_range": r.batch_size_range}  # fmt: skip
+    rec_fit = picks["tradeoff_fit"]
+    return {
+        "recommendation": picks[m.basis].to_dict() | {"basis_note": m.note},
+        "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
+        "recommendation_by_basis": by_basis,
+    }
 
-    def __init__(self, config, ds, task, st: SweepState, fps: dict, bar, stage_t: dict):
-        self.config, self.ds, self.task, self.st, self.fps = config, ds, task, st, fps
-        self.bar, self.t, self.workdir = bar, stage_t, os.path.dirname(st.path)
+
+class _Sweep:
+    """A run of the sweep in ``workdir``: :func:`gns.finder.pipeline` with the stage cache
+    (each measurement read from ``sweep_state.json`` when its fingerprint matches, else
+    measured and stored with what it cost, ``seconds``), then the trainings."""
+
+    def __init__(self, config, workdir: str, bar: Progress):
+        t_start = time.perf_counter()
+        self.config, self.workdir, self.bar, self.st = config, workdir, bar, SweepState(workdir)
+        self.mesh = mesh_lib.make_mesh(config.num_devices)
+        mesh_record = mesh_lib.describe(self.mesh)
+        self.fps = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
+        # JAX's persistent compilation cache, unless one is configured: the user's own (a cache
+        # in the workdir would run code from it).
+        cache_dir = data.private_cache_dir("jax") if config.compilation_cache else None
+        if cache_dir and not jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        self.task = tasks.get(config)
+        self.ds = self.task.load(config)
+        self.t = {"setup": time.perf_counter() - t_start}  # the seconds of each stage, this run
         self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
         self.view = stage_config(config, "throughput")
         self.base = throughput_candidates(self.view)
-        self.on_step, self.finish = pilot_hooks(config, ds, task, self.workdir, fps["noise_scale"])
-
-    def measure(self) -> finder.Measured:
-        """Noise scale, branched critical batch, timing and recommendation."""
-        steps, state = pipeline_steps(self.config, self.ds, self.task)
-        try:
-            return finder.pipeline(
-                steps, state, pipeline_plan(self.config), time_fn=self.time,
-                decide_fn=functools.partial(_decide, self.config), candidates=self.base,
-                cache=self.cache, on_step=self.on_step,
-            )  # fmt: skip
-        finally:
-            self.bar.update(1)
+        self.on_step, self.finish = pilot_hooks(
+            config, self.ds, self.task, workdir, self.fps["noise_scale"]
+        )
 
     def _stored(self, section: str, key: str, compute, valid=lambda value: True) -> dict:
         self.bar.set(phase=section)
@@ -684,141 +668,109 @@ class _Stages:
         table = hardware.TimingTable(timings, d["rounds"], d["max_spread"])
         return mb, table, tput | {"rows": rows}
 
+    def tradeoff(self, m: finder.Measured, sizes: list[int]) -> tuple[dict, dict]:
+        """The trainings to the target at ``sizes`` and ``tradeoff.extra_seeds`` more seeds at
+        the ``tradeoff.reseed_best`` fastest, each in ``workdir/train/B<batch>-seed<seed>-<fp>``
+        (reused when it finished under the same config), and the fit of ``S(B)``: ``(fit,
+        {batch: why it was skipped})``."""
+        config, (max_batch, _, tput) = self.config, m.timed
+        times, b_noise = step_times(tput["rows"]), noise_scale_value(m.noise)
+        fps = self.fps["trainings"] = {}
 
-def _tradeoff(config, workdir, stages: _Stages, m: finder.Measured, mesh, trainings: bool,
-              train_recommended: bool):  # fmt: skip
-    """The trainings to the target (:func:`run_trainings` at :func:`train_batch_sizes`, and the
-    recommended batch with ``train_recommended``; ``tradeoff.extra_seeds`` more seeds at the
-    ``tradeoff.reseed_best`` fastest batches; none without ``trainings``) and the fit of
-    ``S(B)``: ``(fit, skipped trainings)``."""
-    max_batch, _, tput = m.timed
-    rows = tput["rows"]
-    fps = stages.fps["trainings"] = {}
-    train_at = functools.partial(run_trainings, config, workdir, stages.st,
-                                 b_noise=noise_scale_value(m.noise), fingerprints=fps,
-                                 timing=(step_times(rows), max_batch), bar=stages.bar)  # fmt: skip
-    batches, skipped = [], {}
-    fitting = [r["batch_size"] for r in rows if r["fits"]]
-    sizes = train_batch_sizes(config, fitting) if trainings else []
-    if trainings and train_recommended:
-        sizes = sorted({*sizes, m.recommendation.batch_size})
-    for b in sizes:
-        why = mesh_lib.split_reason(b, mesh)
-        if why is None and b > max_batch:
-            why = f"skipped: above the largest batch that fits ({max_batch})"
-        if why is not None:
-            logging.warning("The training at batch %d is %s.", b, why)
-            skipped[str(b)] = why
-        else:
-            batches.append(b)
-    points = train_at(batches)
-    reseed = validation.reseed_batch_sizes(points, config.tradeoff.reseed_best)
-    for offset in range(1, config.tradeoff.extra_seeds + 1):
-        points += train_at(reseed, seed_offset=offset)
-    by_batch = validation.mean_over_seeds(points)
-    fit = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.seed)
-    fit.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
-    return fit, skipped
+        def train_at(batch_sizes, seed_offset=0):
+            points = []
+            for b in batch_sizes:
+                seed_note = f" seed +{seed_offset}" if seed_offset else ""
+                self.bar.set(phase=f"training B={b}{seed_note}")
+                cfg, rule = training_config(config, b, b_noise, seed_offset)
+                key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first: the batch
+                fp = fps[key] = runlog.fingerprint(cfg.to_dict())
+                p = self.st.get("trainings", key, fp)
+                if p is None:
+                    run_dir = os.path.join(self.workdir, "train", f"B{b}-seed{cfg.seed}-{fp[:8]}")
+                    p = common.to_json(run_training(cfg, run_dir, rule))
+                    self.st.put("trainings", key, fp, p)
+                points.append(p)
+            return with_device_time(points, times, max_batch)
 
+        skipped = {}
+        for b in sizes:
+            why = mesh_lib.split_reason(b, self.mesh)
+            if why is None and b > max_batch:
+                why = f"skipped: above the largest batch that fits ({max_batch})"
+            if why is not None:
+                logging.warning("The training at batch %d is %s.", b, why)
+                skipped[str(b)] = why
+        points = train_at([b for b in sizes if str(b) not in skipped])
+        reseed = validation.reseed_batch_sizes(points, config.tradeoff.reseed_best)
+        for offset in range(1, config.tradeoff.extra_seeds + 1):
+            points += train_at(reseed, offset)
+        by_batch = validation.mean_over_seeds(points)
+        fit = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.seed)
+        fit.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
+        return fit, skipped
 
-def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
-    """The pick under every basis measured (``recommendation_by_basis``: the validation compares
-    them on the trainings), from the best evidence (``recommendation``) and from the fitted
-    ``B_crit`` as the noise scale (``recommendation_from_tradeoff``: a check)."""
-    max_batch, table, _ = m.timed
-    fit_iv = fit["intervals"].get("b_crit") or (None, None)
-    picks, by_basis = {}, {}
-    for name, (v, lo, hi) in [*m.evidence.items(), ("tradeoff_fit", (fit["b_crit"], *fit_iv))]:
-        value = (v, math.nan, math.nan) if name == "tradeoff_fit" else (v, lo, hi)
-        r = picks[name] = None if v is None or math.isnan(v) else _decide(
-            config, name, value, m.evidence, table, max_batch, fit["s_min"])  # fmt: skip
-        by_basis[name] = {"b_noise": v, "low": lo, "high": hi}
-        by_basis[name] |= {"batch_size": None} if r is None else {
-            "batch_size": r.batch_size, "batch_size_range": r.batch_size_range}  # fmt: skip
-    rec_fit = picks["tradeoff_fit"]
-    return {
-        "recommendation": picks[m.basis].to_dict() | {"basis_note": m.note},
-        "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
-        "recommendation_by_basis": by_basis,
-    }
-
-
-def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress,
-               train_recommended: bool) -> dict:  # fmt: skip
-    t_start = time.perf_counter()
-    st = SweepState(workdir)
-    mesh = mesh_lib.make_mesh(config.num_devices)
-    mesh_record = mesh_lib.describe(mesh)
-    fps: dict[str, Any] = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
-    if config.compilation_cache:  # the user's own cache: never compiled code from the workdir
-        _enable_compilation_cache(data.private_cache_dir("jax"))
-    runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    task = tasks.get(config)
-    ds = task.load(config)
-    stage_t = {"setup": time.perf_counter() - t_start}
-    stages = _Stages(config, ds, task, st, fps, bar, stage_t)
-    m = stages.measure()
-    if math.isnan(noise_scale_value(m.noise)):
-        raise UserError(
-            f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
-            hint=f"delete {workdir} and run again",
-        )
-    max_batch, _, tput = m.timed
-    rows = tput["rows"]
-    t0 = time.perf_counter()
-    bar.set(phase="trainings" if trainings else "recommend")
-    fit, skipped = _tradeoff(config, workdir, stages, m, mesh, trainings, train_recommended)
-    bar.update(1)
-    stage_t["trainings"] = time.perf_counter() - t0
-    bar.set(phase="recommend")
-    recommendations = _recommendations(config, m, fit)
-    bar.update(1)
-    stage_t["recommend"] = time.perf_counter() - t0 - stage_t["trainings"]
-    reached = {str(p["batch_size"]): p for p in fit["by_batch"] if p["reached"]}
-    sweep = {
-        "device": hardware.detect_devices().to_dict(),
-        "mesh": mesh_record,
-        "fingerprints": fps,
-        "throughput": rows,
-        "max_batch_size": max_batch,
-        "max_batch_size_per_device": max_batch // mesh.size,
-        "skipped_batch_sizes": {
-            str(r["batch_size"]): r["reason"] for r in rows if r.get("skipped")
-        },
-        "skipped_trainings": skipped,
-        "throughput_extended_to": m.extended_to,
-        "noise_scale": m.noise,
-        "tradeoff": fit,
-        "time_to_target": ranking(fit["by_batch"]),
-        "critical_batch": m.branched,
-        **recommendations,
-        # Device time (steps x t(B)), mean over seeds: comparable to the predicted S(B) t(B).
-        "measured_time_to_target": {b: p[validation.DEVICE] for b, p in reached.items()},
-        "measured_wall_time_to_target": {b: p["time_to_target_s"] for b, p in reached.items()},
-        "reused": st.reused,
-        "remeasured_after_config_change": st.stale,
-        "stage_time_s": stage_t,
-        # What each stage cost when it was measured (also when reused): the price of gns.
-        "measurement_cost_s": stages.cost,
-    }
-    if trainings:
-        sweep["validation"] = validation.validation(common.to_json(sweep))
-    try:  # {name: path, or why it was not drawn}
-        sweep["plots"] = figures.sweep_plots(common.to_json(sweep), workdir)
-    except Exception as e:  # plots are a convenience: never lose a finished sweep to them
-        logging.warning("Could not write the sweep plots: %s", e)
-    runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
-    return sweep
-
-
-def _enable_compilation_cache(path: str | None) -> None:
-    """JAX's persistent compilation cache in ``path`` (``None``: none), process-wide, unless
-    a cache directory is configured already."""
-    if path is None or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    def run(self, trainings: bool, train_recommended: bool) -> dict:
+        """The measurements, the trainings (none without ``trainings``) at
+        :func:`train_batch_sizes` (and the recommended batch with ``train_recommended``) and
+        the recommendations: ``sweep.json``, written."""
+        config, bar = self.config, self.bar
+        steps, state = pipeline_steps(config, self.ds, self.task)
+        m = finder.pipeline(
+            steps, state, pipeline_plan(config), time_fn=self.time,
+            decide_fn=functools.partial(_decide, config), candidates=self.base,
+            cache=self.cache, on_step=self.on_step,
+        )  # fmt: skip
+        bar.update(1)
+        max_batch, _, tput = m.timed
+        rows = tput["rows"]
+        t0 = time.perf_counter()
+        bar.set(phase="trainings" if trainings else "recommend")
+        sizes = train_batch_sizes(config, [r["batch_size"] for r in rows if r["fits"]])
+        if train_recommended:
+            sizes = sorted({*sizes, m.recommendation.batch_size})
+        fit, skipped = self.tradeoff(m, sizes if trainings else [])
+        bar.update(1)
+        self.t["trainings"] = time.perf_counter() - t0
+        bar.set(phase="recommend")
+        recommendations = _recommendations(config, m, fit)
+        bar.update(1)
+        self.t["recommend"] = time.perf_counter() - t0 - self.t["trainings"]
+        reached = {str(p["batch_size"]): p for p in fit["by_batch"] if p["reached"]}
+        sweep = {
+            "device": hardware.detect_devices().to_dict(),
+            "mesh": mesh_lib.describe(self.mesh),
+            "fingerprints": self.fps,
+            "throughput": rows,
+            "max_batch_size": max_batch,
+            "max_batch_size_per_device": max_batch // self.mesh.size,
+            "skipped_batch_sizes": {
+                str(r["batch_size"]): r["reason"] for r in rows if r.get("skipped")
+            },
+            "skipped_trainings": skipped,
+            "throughput_extended_to": m.extended_to,
+            "noise_scale": m.noise,
+            "tradeoff": fit,
+            "time_to_target": ranking(fit["by_batch"]),
+            "critical_batch": m.branched,
+            **recommendations,
+            # Device time (steps x t(B)), mean over seeds: comparable to the predicted S(B) t(B).
+            "measured_time_to_target": {b: p[validation.DEVICE] for b, p in reached.items()},
+            "measured_wall_time_to_target": {b: p["time_to_target_s"] for b, p in reached.items()},
+            "reused": self.st.reused,
+            "remeasured_after_config_change": self.st.stale,
+            "stage_time_s": self.t,
+            # What each stage cost when it was measured (also when reused): the price of gns.
+            "measurement_cost_s": self.cost,
+        }
+        if trainings:
+            sweep["validation"] = validation.validation(common.to_json(sweep))
+        try:  # {name: path, or why it was not drawn}
+            sweep["plots"] = figures.sweep_plots(common.to_json(sweep), self.workdir)
+        except Exception as e:  # plots are a convenience: never lose a finished sweep to them
+            logging.warning("Could not write the sweep plots: %s", e)
+        runlog.write_json(os.path.join(self.workdir, SWEEP_FILE), sweep)
+        return sweep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -855,15 +807,17 @@ def _table(rows: list[dict], columns: list[tuple]) -> list[str]:
 def summary_table(sweep: dict) -> str:
     """A plain-text summary: device, throughput, noise scale, tradeoff, recommendation and
     validation."""
-    d, m, n = sweep["device"], sweep.get("mesh"), sweep["noise_scale"]
-    lines = [f"device: {d['platform']} / {d['kind']} x{d['count']}"]
-    if m:
-        lines.append(f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are "
-                     f"global (per device: batch / {m['devices']})")  # fmt: skip
-    per_device = f" ({sweep['max_batch_size_per_device']} per device)" if m else ""
-    lines += ["", *_table(sweep["throughput"], THROUGHPUT_COLUMNS), ""]
-    lines.append(plots.largest_fits(sweep)[1] + per_device)
-    lines += [f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()]
+    d, m, n = sweep["device"], sweep["mesh"], sweep["noise_scale"]
+    lines = [
+        f"device: {d['platform']} / {d['kind']} x{d['count']}",
+        f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are global "
+        f"(per device: batch / {m['devices']})",
+        "",
+        *_table(sweep["throughput"], THROUGHPUT_COLUMNS),
+        "",
+        f"{plots.largest_fits(sweep)[1]} ({sweep['max_batch_size_per_device']} per device)",
+    ]
+    lines += [f"batch {b} {why}" for b, why in sweep["skipped_batch_sizes"].items()]
     iv = n["interval"]
     lines.append(
         f"noise scale b_simple: {fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
@@ -881,11 +835,25 @@ def summary_table(sweep: dict) -> str:
             f"branched B_crit: {', '.join(forks)}; effective {fmt(c['effective']['value'], '.4g')}"
             f" (forks cost {c['cost_fraction']:.2f}x the pilot's examples)"
         )
-    lines += ["", *_table(sweep["tradeoff"]["points"], TRAINING_COLUMNS)]
-    lines.append(fit_line(sweep["tradeoff"]))
-    return "\n".join(
-        lines + _recommendation_lines(sweep) + validation_lines(sweep.get("validation"))
-    )
+    r, rf = sweep["recommendation"], sweep["recommendation_from_tradeoff"]
+    evidence = [f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
+                for k, v in r.get("evidence", {}).items()]  # fmt: skip
+    lines += [
+        "", *_table(sweep["tradeoff"]["points"], TRAINING_COLUMNS), fit_line(sweep["tradeoff"]),
+        "",
+        f"recommended batch size: {r['batch_size']} (accumulation steps {r['accumulation_steps']}),"
+        f" learning rate {r['learning_rate']:.4g}, predicted speedup vs baseline "
+        f"{r['predicted_speedup_vs_baseline']:.2f}x",
+        f"  basis: {r['basis']} ({r.get('basis_note') or 'the best evidence measured'}); "
+        + ", ".join(evidence),
+        f"  {r['reason']}",
+        f"  lr rule: {r['lr_rule']}",
+    ]  # fmt: skip
+    if rf is not None:
+        lines.append(
+            f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
+        )
+    return "\n".join(lines + validation_lines(sweep.get("validation")))
 
 
 def fit_line(fit: dict) -> str:
@@ -897,24 +865,6 @@ def fit_line(fit: dict) -> str:
         f"fit: S_min = {fit['s_min']:.4g}, E_min = {fit['e_min']:.4g}, B_crit = "
         f"{fit['b_crit']:.4g}  interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]"
     )
-
-
-def _recommendation_lines(sweep: dict) -> list[str]:
-    r, rf = sweep["recommendation"], sweep.get("recommendation_from_tradeoff")
-    evidence = [f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
-                for k, v in r.get("evidence", {}).items()]  # fmt: skip
-    return [
-        "",
-        f"recommended batch size: {r['batch_size']} (accumulation steps {r['accumulation_steps']}),"
-        f" learning rate {r['learning_rate']:.4g}, predicted speedup vs baseline "
-        f"{r['predicted_speedup_vs_baseline']:.2f}x",
-        f"  basis: {r['basis']} ({r.get('basis_note') or 'the best evidence measured'}); "
-        + ", ".join(evidence),
-        f"  {r['reason']}",
-        f"  lr rule: {r['lr_rule']}",
-    ] + ([] if rf is None else [
-        f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
-    ])  # fmt: skip
 
 
 def validation_lines(v: dict | None) -> list[str]:
