@@ -48,7 +48,6 @@ from gns import common, critical, estimate, finder, hardware, plots, scaling, sm
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
 SWEEP_FILE = "sweep.json"
-METRICS_FILE = "metrics.jsonl"
 PILOT_DIR = "pilot"
 
 __all__ = [
@@ -112,9 +111,8 @@ def validate_config(config) -> None:
 
 
 class SweepState:
-    """Finished measurements in ``workdir/sweep_state.json``, each with the fingerprint of the
-    config it was measured under (another fingerprint: measured again); :meth:`put` rewrites
-    the file atomically."""
+    """Finished measurements in ``workdir/sweep_state.json``, each under the fingerprint of
+    the config it was measured with; :meth:`put` rewrites the file atomically."""
 
     VERSION = 4
 
@@ -157,9 +155,8 @@ class SweepState:
 
 
 def _setup(t, ds, task, schedule, *, mesh=None):
-    """Model, plain step, measuring step and initial state of the setup ``t`` (``schedule``:
-    the rate's shape, peak 1; on ``mesh``: data-parallel). The rate ``t.learning_rate`` is a
-    value of the state, not of the steps (:class:`experiments.train.TrainState`)."""
+    """Model, plain and measuring steps, and initial state of ``t`` (``schedule``: the rate's
+    shape, peak 1, the rate being in the state; on ``mesh``: data-parallel)."""
     model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
@@ -228,11 +225,10 @@ def pipeline_plan(config) -> finder.Plan:
 
 def pilot_hooks(config, ds, task, workdir: str, fp: str):
     """``(on_step, finish)`` of the pilot: after ``noise.warmup_steps`` steps, ``b_simple`` on
-    ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval.
+    ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval;
     ``finish(record)`` adds it to the noise record and saves the pilot's end state in
-    ``workdir/pilot/<fp[:16]>`` for :func:`experiments.train.start_from_pilot`, described by
-    ``record["pilot"]["start"]`` (its ``seconds``: steps x the median time between two steps'
-    ends, the measurement and the compilations left out as a run's training clock does)."""
+    ``workdir/pilot/<fp[:16]>`` (``record["pilot"]["start"]``, for
+    :func:`experiments.train.start_from_pilot`)."""
     t = stage_config(config, "noise_scale")
     noise = t.noise
     model = models.get_model(t.model, num_classes=ds.num_classes)
@@ -277,6 +273,7 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
             return record
         pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
         p, rel = record["pilot"], os.path.join(PILOT_DIR, fp[:16])
+        # Steps x the median step: the measurement and compilations left out, as a run's clock.
         seconds = p["steps"] * float(np.median(gaps))
         start = {"from": "pilot", "checkpoint": rel, "step": p["steps"], "seconds": seconds,
                  "examples": p["steps"] * p["batch_size"], "batch_size": p["batch_size"],
@@ -309,10 +306,10 @@ def pilot_saved(workdir: str, noise: dict) -> bool:
 def critical_fingerprint(config, b_noise: float) -> str:
     """The key of the branched stage's cached result: :func:`stage_fingerprint`, with
     ``b_noise`` folded in where the forks' learning-rate rule uses it (SGD)."""
-    fp, t = stage_fingerprint(config, "critical_batch"), config
-    sizes = [int(t.batch_size * 2.0**e) for e in config.critical.exponents]
-    rule = critical.lr_multipliers(t.batch_size, sizes, t.optimizer, b_noise)
-    if rule == critical.lr_multipliers(t.batch_size, sizes, t.optimizer):
+    fp = stage_fingerprint(config, "critical_batch")
+    sizes = [int(config.batch_size * 2.0**e) for e in config.critical.exponents]
+    args = (config.batch_size, sizes, config.optimizer)
+    if critical.lr_multipliers(*args, b_noise) == critical.lr_multipliers(*args):
         return fp
     return runlog.fingerprint({"fields": fp, "lr_rule_b_noise": b_noise})
 
@@ -339,10 +336,9 @@ def throughput_candidates(view) -> list[int]:
 
 
 def measure_throughput(view, ds, task, extra=()) -> dict:
-    """Memory of each global batch of :func:`throughput_candidates` (and ``extra``) on the
-    training mesh (one that does not split over the devices is skipped, with the reason), then
-    one interleaved timing table of those that fit (:func:`gns.finder.time_candidates`):
-    ``rows`` (``sweep.json``'s ``throughput``, ascending), ``table`` (the TimingTable's dict),
+    """Memory of each global batch of :func:`throughput_candidates` and ``extra`` on the mesh
+    (one that does not split over it: skipped), then one interleaved timing table of those
+    that fit: ``rows`` (``sweep.json``'s ``throughput``), ``table`` (TimingTable.to_dict),
     ``max_batch_size``, ``max_batch_size_per_device`` and ``mesh``."""
     t = copy.deepcopy(view)
     t.update(seed=0, learning_rate=1e-3)  # the step's time depends on neither
@@ -459,9 +455,8 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     """Train ``cfg`` to its target: steps and wall-clock time to it (``None`` if missed) and
     the test-accuracy curve."""
     summary = train.train_and_evaluate(cfg, workdir)
-    evals = [
-        r for r in runlog.read_jsonl(os.path.join(workdir, METRICS_FILE)) if "test_accuracy" in r
-    ]
+    rows = runlog.read_jsonl(os.path.join(workdir, runlog.METRICS_FILE))
+    evals = [r for r in rows if "test_accuracy" in r]
     steps = tradeoff.steps_to_target(
         [r["step"] for r in evals], [r["test_accuracy"] for r in evals], cfg.target_accuracy
     )
@@ -479,9 +474,8 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
 
 
 def with_device_time(points: list[dict], times: dict[int, float], max_batch: int) -> list[dict]:
-    """Copies of ``points`` with ``step_time_s`` (``t(B)`` from the timing table; gradient
-    accumulation above ``max_batch``) and ``device_time_to_target_s = steps × t(B)``
-    (``None`` for a point that missed the target)."""
+    """Copies of ``points`` with ``step_time_s`` (``t(B)``, accumulated above ``max_batch``)
+    and ``device_time_to_target_s = steps × t(B)`` (``None``: missed the target)."""
     out = []
     for p in points:
         t = hardware.accumulated_step_time(times, p["batch_size"], max_batch)[0]
@@ -506,20 +500,17 @@ def ranking(by_batch: list[dict]) -> list[dict]:
 def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     """Fit ``S(B)`` to the reached points; an ``error`` entry instead when it cannot be fitted."""
     reached = [p for p in points if p["reached"]]
-    keys = ("batch_size", "seed", "steps", "time_to_target_s", "device_time_to_target_s")
-    keys += ("step_time_s", "learning_rate", "reached", "workdir", "wall_time_s")
-    keys += ("final_test_accuracy", "stop_reason")
+    keys = "batch_size seed steps time_to_target_s device_time_to_target_s step_time_s "
+    keys += "learning_rate reached workdir wall_time_s final_test_accuracy stop_reason"
     out = {"s_min": None, "e_min": None, "b_crit": None, "intervals": {},
-           "points": [{k: p.get(k) for k in keys} for p in points]}  # fmt: skip
+           "points": [{k: p.get(k) for k in keys.split()} for p in points]}  # fmt: skip
     try:
         f = tradeoff.fit([p["batch_size"] for p in reached], [p["steps"] for p in reached],
                          num_bootstrap=num_bootstrap, seed=seed)  # fmt: skip
     except ValueError as e:
         out["error"] = f"{e} ({len(reached)} of {len(points)} trainings reached the target)"
         return out
-    d = f.to_dict()
-    d.pop("points")
-    return out | d
+    return out | {k: v for k, v in f.to_dict().items() if k != "points"}
 
 
 def train_batch_sizes(config, fitting: list[int]) -> list[int]:
@@ -587,9 +578,8 @@ def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
 
 
 class _Sweep:
-    """A run of the sweep in ``workdir``: :func:`gns.finder.pipeline` with the stage cache
-    (each measurement read from ``sweep_state.json`` when its fingerprint matches, else
-    measured and stored with what it cost, ``seconds``), then the trainings."""
+    """A run of the sweep: :func:`gns.finder.pipeline` with each stage read from the
+    :class:`SweepState` or measured and stored with its cost (``seconds``), then trainings."""
 
     def __init__(self, config, workdir: str, bar: Progress):
         t_start = time.perf_counter()
@@ -669,10 +659,9 @@ class _Sweep:
         return mb, table, tput | {"rows": rows}
 
     def tradeoff(self, m: finder.Measured, sizes: list[int]) -> tuple[dict, dict]:
-        """The trainings to the target at ``sizes`` and ``tradeoff.extra_seeds`` more seeds at
-        the ``tradeoff.reseed_best`` fastest, each in ``workdir/train/B<batch>-seed<seed>-<fp>``
-        (reused when it finished under the same config), and the fit of ``S(B)``: ``(fit,
-        {batch: why it was skipped})``."""
+        """Trainings at ``sizes`` (``tradeoff.extra_seeds`` more seeds at the
+        ``tradeoff.reseed_best`` fastest) in ``workdir/train/B<batch>-seed<seed>-<fp>``, each
+        reused once finished: ``(fit of S(B), {batch: why it was skipped})``."""
         config, (max_batch, _, tput) = self.config, m.timed
         times, b_noise = step_times(tput["rows"]), noise_scale_value(m.noise)
         fps = self.fps["trainings"] = {}
@@ -711,9 +700,8 @@ class _Sweep:
         return fit, skipped
 
     def run(self, trainings: bool, train_recommended: bool) -> dict:
-        """The measurements, the trainings (none without ``trainings``) at
-        :func:`train_batch_sizes` (and the recommended batch with ``train_recommended``) and
-        the recommendations: ``sweep.json``, written."""
+        """Measurements, trainings (at :func:`train_batch_sizes`) and recommendations:
+        ``sweep.json``, written."""
         config, bar = self.config, self.bar
         steps, state = pipeline_steps(config, self.ds, self.task)
         m = finder.pipeline(
@@ -897,14 +885,6 @@ def validation_lines(v: dict | None) -> list[str]:
 # Command line.
 
 
-def _define_flags():
-    """The flags, defined only when this module is the main program."""
-    flags.DEFINE_string("workdir", None, "Directory for sweep.json, plots and state.")
-    config_flags.DEFINE_config_file(
-        "config", None, "Config file, e.g. configs/sweep.py:smoke.", lock_config=True
-    )
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -914,7 +894,10 @@ def main(argv):
     print(f"\nwrote {os.path.join(FLAGS.workdir, SWEEP_FILE)}")
 
 
-if __name__ == "__main__":
-    _define_flags()
+if __name__ == "__main__":  # the flags: only when this module is the main program
+    flags.DEFINE_string("workdir", None, "Directory for sweep.json, plots and state.")
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/sweep.py:smoke.", lock_config=True
+    )
     flags.mark_flags_as_required(["config", "workdir"])
     cli.run(main, "configs/sweep.py", rules.describer("sweep"))
