@@ -226,15 +226,14 @@ def pipeline_plan(config) -> finder.Plan:
 def pilot_hooks(config, ds, task, workdir: str, fp: str):
     """``(on_step, finish)`` of the pilot: after ``noise.warmup_steps`` steps, ``b_simple`` on
     ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval;
-    ``finish(record)`` adds it to the noise record and saves the pilot's end state in
-    ``workdir/pilot/<fp[:16]>`` (``record["pilot"]["start"]``, for
+    ``finish(run_pilot)`` adds it to the noise record ``run_pilot()`` returns and saves the
+    pilot's end state in ``workdir/pilot/<fp[:16]>`` (``record["pilot"]["start"]``, for
     :func:`experiments.train.start_from_pilot`)."""
     t = stage_config(config, "noise_scale")
     noise = t.noise
     model = models.get_model(t.model, num_classes=ds.num_classes)
-    method = train.resolve_gns_method(
-        ml_collections.ConfigDict({"gns_method": noise.method}), model
-    )
+    gns_method = ml_collections.ConfigDict({"gns_method": noise.method})
+    method = train.resolve_gns_method(gns_method, model)
     rng = jax.random.PRNGKey(t.seed) if models.uses_dropout(model) else None
     if method == "per_example":
         estimator = functools.partial(estimate.per_example, chunk_size=noise.chunk_size)
@@ -259,7 +258,11 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
                 per_batch.append({k: float(v) for k, v in out.items()})
         last.update(state=state, t=time.perf_counter())
 
-    def finish(record):
+    def finish(run_pilot):
+        try:
+            record, error = common.to_json(run_pilot()), None
+        except ValueError as e:  # a diverged pilot: the independent batches' error first
+            record, error = {}, e
         g, tc = (np.array([p[k] for p in per_batch]) for k in ("g_sq", "trace_cov"))
         finite = np.isfinite(g) & np.isfinite(tc)
         if finite.sum() < 2:
@@ -269,8 +272,9 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
                 "warm-up steps (the training diverged or the gradients overflow)",
                 hint="lower config.learning_rate or config.noise.warmup_steps",
             )
-        if "pilot" not in record:  # the error path: nothing trained to keep
-            return record
+        if error is not None:
+            raise UserError(f"the noise scale could not be measured: {error}",
+                            hint="lower config.learning_rate") from error  # fmt: skip
         pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
         p, rel = record["pilot"], os.path.join(PILOT_DIR, fp[:16])
         # Steps x the median step: the measurement and compilations left out, as a run's clock.
@@ -625,18 +629,9 @@ class _Sweep:
             value = self._stored(name, "value", compute)
         else:
             valid = functools.partial(pilot_saved, self.workdir)
-            value = self.noise = self._stored(name, "value", lambda: self._noise(compute), valid)
+            value = self.noise = self._stored(name, "value", lambda: self.finish(compute), valid)
         self.bar.update(1)
         return value
-
-    def _noise(self, compute) -> dict:
-        try:
-            record = common.to_json(compute())
-        except ValueError as e:  # a diverged pilot: the independent batches' error first
-            self.finish({})
-            raise UserError(f"the noise scale could not be measured: {e}",
-                            hint="lower config.learning_rate") from e  # fmt: skip
-        return self.finish(record)
 
     def time(self, cands, interval, seconds_left):
         """``time_fn`` of the pipeline: the table (``extended_to_<B>``: with one batch more)."""
