@@ -71,7 +71,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         *PILOT_TRAIN.split(), "tradeoff.max_steps", "noise.warmup_steps", "noise.pilot_steps",
         "noise.every", "critical",
     ),
-    # On the mesh (experiments.mesh): its record is part of this stage's key (run_sweep).
+    # On the mesh (experiments.mesh): its record is part of this stage's key (stage_fingerprint).
     "throughput": (
         *TRAIN_SETUP.split(), "batch_size", "num_devices", "tradeoff.batch_sizes",
         *(f"throughput.{f}" for f in "min_batch_size max_batch_size memory_budget_bytes "
@@ -345,7 +345,7 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     that fit: ``rows`` (``sweep.json``'s ``throughput``), ``table`` (TimingTable.to_dict),
     ``max_batch_size``, ``max_batch_size_per_device`` and ``mesh``."""
     t = copy.deepcopy(view)
-    t.update(seed=0, learning_rate=1e-3)  # the step's time depends on neither
+    t.update(seed=0, learning_rate=1e-3)
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
     _, plain_fn, _, state = _setup(t, ds, task, optax.constant_schedule(1.0), mesh=mesh)
