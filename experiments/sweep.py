@@ -9,7 +9,8 @@ critical batch, memory and step time on the mesh, recommendation), then training
 ``tradeoff.target_accuracy`` at several batch sizes and the fit ``S(B) = S_min + E_min/B``
 (README, "Results"), and writes ``DIR/sweep.json``, its plots and a printed summary. Each
 measurement is kept in ``DIR/sweep_state.json`` under the fingerprint of the fields its stage
-reads (:data:`STAGE_FIELDS`): a re-run measures only what is missing or changed.
+reads (:data:`STAGE_FIELDS`): a re-run measures only what is missing or changed. The pilot's
+end state is kept in ``DIR/pilot/<key>``, for a run to go on from (:func:`pilot_hooks`).
 """
 
 from __future__ import annotations
