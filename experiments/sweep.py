@@ -51,14 +51,6 @@ STATE_FILE = "sweep_state.json"
 SWEEP_FILE = "sweep.json"
 PILOT_DIR = "pilot"
 
-__all__ = [
-    "STAGE_FIELDS", "stage_config", "stage_fingerprint", "validate_config", "SweepState",
-    "pipeline_steps", "pipeline_plan", "pilot_hooks", "pilot_saved",
-    "critical_fingerprint", "noise_scale_value", "measure_throughput", "training_config",
-    "run_training", "with_device_time", "ranking", "fit_tradeoff", "run_sweep",
-    "summary_table", "fit_line", "fmt",
-]  # fmt: skip
-
 # The config fields each stage reads (:func:`stage_config`), which key its cached result. The
 # throughput stage times the step from seed 0 at a constant rate, so neither is among its fields.
 TRAIN_SETUP = "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches "
@@ -149,10 +141,6 @@ class SweepState:
         items = self.data["sections"].setdefault(section, {})
         items[str(key)] = {"fingerprint": fp, "value": copy.deepcopy(value)}
         runlog.write_json(self.path, self.data)
-
-
-# ---------------------------------------------------------------------------------------------
-# The model side of the pipeline (gns.finder.Steps) and the sweep's own noise measurement.
 
 
 def _setup(t, ds, task, schedule, *, mesh=None):
@@ -328,10 +316,6 @@ def noise_scale_value(noise: dict) -> float:
     return math.inf if noise["g_sq"] is not None and noise["g_sq"] <= 0 else math.nan
 
 
-# ---------------------------------------------------------------------------------------------
-# Memory and the one interleaved timing table, on the mesh.
-
-
 def throughput_candidates(view) -> list[int]:
     """The powers of two of ``throughput``, ``batch_size`` and the fixed
     ``tradeoff.batch_sizes`` (every trained batch has its ``t(B)`` from the same table)."""
@@ -432,10 +416,6 @@ def step_times(rows: list[dict]) -> dict[int, float]:
     return {r["batch_size"]: r["step_time_s"] for r in rows if r["fits"] and r["step_time_s"]}
 
 
-# ---------------------------------------------------------------------------------------------
-# Trainings to the target, and time to target two ways.
-
-
 def training_config(
     config, batch_size: int, b_noise: float, seed_offset: int = 0
 ) -> tuple[Any, str]:
@@ -529,10 +509,6 @@ def train_batch_sizes(config, fitting: list[int]) -> list[int]:
         return values
     idx = np.unique(np.round(np.linspace(0, len(values) - 1, tr.max_runs)).astype(int))
     return [values[i] for i in idx]
-
-
-# ---------------------------------------------------------------------------------------------
-# The sweep.
 
 
 def run_sweep(
@@ -757,10 +733,6 @@ class _Sweep:
         return sweep
 
 
-# ---------------------------------------------------------------------------------------------
-# The printed summary.
-
-
 def fmt(x, spec: str, scale: float | None = None, suffix: str = "") -> str:
     """``x`` (times ``scale``) formatted by ``spec``, then ``suffix``; ``-`` for ``None`` and
     NaN."""
@@ -875,10 +847,6 @@ def validation_lines(v: dict | None) -> list[str]:
         f"{g['branched_over_best_met']}; branched within {g['branched_over_fitted_max_factor']}x "
         f"of fitted: {g['branched_over_fitted_met']}",
     ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
 
 
 def main(argv):
