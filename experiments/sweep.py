@@ -4,15 +4,13 @@ Usage::
 
     python -m experiments.sweep --config configs/sweep.py:smoke --workdir /tmp/sweep_smoke
 
-On the task, model and data of ``configs/sweep.py`` it runs :func:`gns.finder.pipeline` with the
-sweep's steps (the pilot, ``b_simple`` on independent batches after ``noise.warmup_steps``, the
-branched critical batch, memory and step time of each global batch on the mesh, the
-recommendation), then trainings to ``tradeoff.target_accuracy`` at several batch sizes, the fit
-``S(B) = S_min + E_min/B`` and the pick under every basis (README, "Results"). It writes
-``DIR/sweep.json`` (strict JSON), its plots and a printed summary. Each finished measurement is
-kept in ``DIR/sweep_state.json`` under the fingerprint of the fields its stage reads
-(:data:`STAGE_FIELDS`): a re-run measures only what is missing or what a changed field affects.
-The pilot's end state is kept in ``DIR/pilot/<key>``, for a run to go on from (:func:`pilot_hooks`).
+It runs :func:`gns.finder.pipeline` on the task of ``configs/sweep.py`` (noise scale, branched
+critical batch, memory and step time on the mesh, recommendation), then trainings to
+``tradeoff.target_accuracy`` at several batch sizes and the fit ``S(B) = S_min + E_min/B``
+(README, "Results"), and writes ``DIR/sweep.json``, its plots and a printed summary. Each
+measurement is kept in ``DIR/sweep_state.json`` under the fingerprint of the fields its stage
+reads (:data:`STAGE_FIELDS`): a re-run measures only what is missing or changed. The pilot's
+end state is kept in ``DIR/pilot/<key>``, for a run to go on from (:func:`pilot_hooks`).
 """
 
 from __future__ import annotations
@@ -42,35 +40,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from experiments import (
-    cli,
-    data,
-    figures,
-    models,
-    progress,
-    rules,
-    runlog,
-    tasks,
-    train,
-    validation,
-)
+from experiments import cli, data, figures, models, rules, runlog, tasks, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
+from experiments.progress import Progress
 from gns import common, critical, estimate, finder, hardware, plots, scaling, smoothing, tradeoff
 
 FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
 SWEEP_FILE = "sweep.json"
-METRICS_FILE = "metrics.jsonl"
 PILOT_DIR = "pilot"
-
-__all__ = [
-    "STAGE_FIELDS", "stage_config", "stage_fingerprint", "validate_config", "SweepState",
-    "pipeline_steps", "pipeline_plan", "pilot_hooks", "pilot_saved",
-    "critical_fingerprint", "noise_scale_value", "measure_throughput", "training_config",
-    "run_training", "run_trainings", "with_device_time", "ranking", "fit_tradeoff", "run_sweep",
-    "summary_table", "fit_line", "fmt",
-]  # fmt: skip
 
 # The config fields each stage reads (:func:`stage_config`), which key its cached result. The
 # throughput stage times the step from seed 0 at a constant rate, so neither is among its fields.
@@ -85,14 +64,13 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         *PILOT_TRAIN.split(), "tradeoff.max_steps", "noise.warmup_steps", "noise.pilot_steps",
         "noise.every", "critical",
     ),
-    # On the mesh (experiments.mesh): its record is part of this stage's key (run_sweep).
+    # On the mesh (experiments.mesh): its record is part of this stage's key (stage_fingerprint).
     "throughput": (
         *TRAIN_SETUP.split(), "batch_size", "num_devices", "tradeoff.batch_sizes",
         *(f"throughput.{f}" for f in "min_batch_size max_batch_size memory_budget_bytes "
           "warmup repeats".split()),
     ),
 }  # fmt: skip
-TIMING_SEED, TIMING_LEARNING_RATE = 0, 1e-3
 
 
 def stage_config(config, stage: str) -> ml_collections.ConfigDict:
@@ -126,9 +104,8 @@ def validate_config(config) -> None:
 
 
 class SweepState:
-    """Finished measurements in ``workdir/sweep_state.json``, each with the fingerprint of the
-    config it was measured under (another fingerprint: measured again); :meth:`put` rewrites
-    the file atomically."""
+    """Finished measurements in ``workdir/sweep_state.json``, each under the fingerprint of
+    the config it was measured with; :meth:`put` rewrites the file atomically."""
 
     VERSION = 4
 
@@ -166,14 +143,9 @@ class SweepState:
         runlog.write_json(self.path, self.data)
 
 
-# ---------------------------------------------------------------------------------------------
-# The model side of the pipeline (gns.finder.Steps) and the sweep's own noise measurement.
-
-
 def _setup(t, ds, task, schedule, *, mesh=None):
-    """Model, plain step, measuring step and initial state of the setup ``t`` (``schedule``:
-    the rate's shape, peak 1; on ``mesh``: data-parallel). The rate ``t.learning_rate`` is a
-    value of the state, not of the steps (:class:`experiments.train.TrainState`)."""
+    """Model, plain and measuring steps, and initial state of ``t`` (``schedule``: the rate's
+    shape, peak 1, the rate being in the state; on ``mesh``: data-parallel)."""
     model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
@@ -231,7 +203,7 @@ def pipeline_plan(config) -> finder.Plan:
     return finder.Plan(
         ref_batch_size=int(t.batch_size),
         pilot_steps=max(int(t.noise.pilot_steps or 0), int(t.noise.warmup_steps)),
-        every=max(1, int(t.noise.every)), num_stretches=int(t.noise.num_stretches),
+        every=int(t.noise.every), num_stretches=int(t.noise.num_stretches),
         branched=int(ccfg.num_checkpoints) > 0, branch_points=int(ccfg.num_checkpoints),
         branch_exponents=tuple(int(e) for e in ccfg.exponents),
         branch_steps=int(ccfg.fork_steps), branch_repeats=int(ccfg.num_repeats),
@@ -242,19 +214,15 @@ def pipeline_plan(config) -> finder.Plan:
 
 def pilot_hooks(config, ds, task, workdir: str, fp: str):
     """``(on_step, finish)`` of the pilot: after ``noise.warmup_steps`` steps, ``b_simple`` on
-    ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval.
-    ``finish(record)`` puts it into the noise record and saves the pilot's end state (as
-    :func:`experiments.train.start_from_pilot` resumes from it) in ``workdir/pilot/<fp[:16]>``,
-    with its ``start`` in ``record["pilot"]``: ``checkpoint``, ``step``, ``examples``,
-    ``seconds`` (steps x the median time between two steps' ends: the measurement and the
-    compilations left out, as a run's training clock counts), ``batch_size`` and
-    ``learning_rate``."""
+    ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval;
+    ``finish(run_pilot)`` adds it to the noise record ``run_pilot()`` returns and saves the
+    pilot's end state in ``workdir/pilot/<fp[:16]>`` (``record["pilot"]["start"]``, for
+    :func:`experiments.train.start_from_pilot`)."""
     t = stage_config(config, "noise_scale")
     noise = t.noise
     model = models.get_model(t.model, num_classes=ds.num_classes)
-    mcfg = copy.deepcopy(t)
-    mcfg.gns_method = noise.method
-    method = train.resolve_gns_method(mcfg, model)
+    gns_method = ml_collections.ConfigDict({"gns_method": noise.method})
+    method = train.resolve_gns_method(gns_method, model)
     rng = jax.random.PRNGKey(t.seed) if models.uses_dropout(model) else None
     if method == "per_example":
         estimator = functools.partial(estimate.per_example, chunk_size=noise.chunk_size)
@@ -279,7 +247,11 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
                 per_batch.append({k: float(v) for k, v in out.items()})
         last.update(state=state, t=time.perf_counter())
 
-    def finish(record):
+    def finish(run_pilot):
+        try:
+            record, error = common.to_json(run_pilot()), None
+        except ValueError as e:  # a diverged pilot: the independent batches' error first
+            record, error = {}, e
         g, tc = (np.array([p[k] for p in per_batch]) for k in ("g_sq", "trace_cov"))
         finite = np.isfinite(g) & np.isfinite(tc)
         if finite.sum() < 2:
@@ -289,10 +261,12 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
                 "warm-up steps (the training diverged or the gradients overflow)",
                 hint="lower config.learning_rate or config.noise.warmup_steps",
             )
-        if "pilot" not in record:  # the error path: nothing trained to keep
-            return record
+        if error is not None:
+            raise UserError(f"the noise scale could not be measured: {error}",
+                            hint="lower config.learning_rate") from error  # fmt: skip
         pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
         p, rel = record["pilot"], os.path.join(PILOT_DIR, fp[:16])
+        # Steps x the median step: the measurement and compilations left out, as a run's clock.
         seconds = p["steps"] * float(np.median(gaps))
         start = {"from": "pilot", "checkpoint": rel, "step": p["steps"], "seconds": seconds,
                  "examples": p["steps"] * p["batch_size"], "batch_size": p["batch_size"],
@@ -325,10 +299,10 @@ def pilot_saved(workdir: str, noise: dict) -> bool:
 def critical_fingerprint(config, b_noise: float) -> str:
     """The key of the branched stage's cached result: :func:`stage_fingerprint`, with
     ``b_noise`` folded in where the forks' learning-rate rule uses it (SGD)."""
-    fp, t = stage_fingerprint(config, "critical_batch"), config
-    sizes = [int(t.batch_size * 2.0**e) for e in config.critical.exponents]
-    rule = critical.lr_multipliers(t.batch_size, sizes, t.optimizer, b_noise)
-    if rule == critical.lr_multipliers(t.batch_size, sizes, t.optimizer):
+    fp = stage_fingerprint(config, "critical_batch")
+    sizes = [int(config.batch_size * 2.0**e) for e in config.critical.exponents]
+    args = (config.batch_size, sizes, config.optimizer)
+    if critical.lr_multipliers(*args, b_noise) == critical.lr_multipliers(*args):
         return fp
     return runlog.fingerprint({"fields": fp, "lr_rule_b_noise": b_noise})
 
@@ -342,10 +316,6 @@ def noise_scale_value(noise: dict) -> float:
     return math.inf if noise["g_sq"] is not None and noise["g_sq"] <= 0 else math.nan
 
 
-# ---------------------------------------------------------------------------------------------
-# Memory and the one interleaved timing table, on the mesh.
-
-
 def throughput_candidates(view) -> list[int]:
     """The powers of two of ``throughput``, ``batch_size`` and the fixed
     ``tradeoff.batch_sizes`` (every trained batch has its ``t(B)`` from the same table)."""
@@ -355,13 +325,12 @@ def throughput_candidates(view) -> list[int]:
 
 
 def measure_throughput(view, ds, task, extra=()) -> dict:
-    """Memory of each global batch of :func:`throughput_candidates` (and ``extra``) on the
-    training mesh (one that does not split over the devices is skipped, with the reason), then
-    one interleaved timing table of those that fit (:func:`gns.finder.time_candidates`):
-    ``rows`` (``sweep.json``'s ``throughput``, ascending), ``table`` (the TimingTable's dict),
+    """Memory of each global batch of :func:`throughput_candidates` and ``extra`` on the mesh
+    (one that does not split over it: skipped), then one interleaved timing table of those
+    that fit: ``rows`` (``sweep.json``'s ``throughput``), ``table`` (TimingTable.to_dict),
     ``max_batch_size``, ``max_batch_size_per_device`` and ``mesh``."""
     t = copy.deepcopy(view)
-    t.update(seed=TIMING_SEED, learning_rate=TIMING_LEARNING_RATE)
+    t.update(seed=0, learning_rate=1e-3)
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
     _, plain_fn, _, state = _setup(t, ds, task, optax.constant_schedule(1.0), mesh=mesh)
@@ -447,10 +416,6 @@ def step_times(rows: list[dict]) -> dict[int, float]:
     return {r["batch_size"]: r["step_time_s"] for r in rows if r["fits"] and r["step_time_s"]}
 
 
-# ---------------------------------------------------------------------------------------------
-# Trainings to the target, and time to target two ways.
-
-
 def training_config(
     config, batch_size: int, b_noise: float, seed_offset: int = 0
 ) -> tuple[Any, str]:
@@ -464,11 +429,10 @@ def training_config(
     cfg = ml_collections.ConfigDict({k: v for k, v in t.to_dict().items()
                                      if k not in rules.NOT_TRAINING})  # fmt: skip
     eval_every = max(1, round(tr.eval_every_examples / batch_size))
-    cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None)
-    if seed_offset:
-        cfg.seed = int(t.seed) + int(seed_offset)
-    cfg.update(num_steps=tr.max_steps, max_wall_time_s=tr.max_wall_time_s)
-    cfg.update(target_accuracy=tr.target_accuracy, eval_every=eval_every, log_every=eval_every)
+    cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None,
+               seed=int(t.seed) + int(seed_offset), num_steps=tr.max_steps,
+               max_wall_time_s=tr.max_wall_time_s, target_accuracy=tr.target_accuracy,
+               eval_every=eval_every, log_every=eval_every)  # fmt: skip
     return cfg, rule
 
 
@@ -476,9 +440,8 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     """Train ``cfg`` to its target: steps and wall-clock time to it (``None`` if missed) and
     the test-accuracy curve."""
     summary = train.train_and_evaluate(cfg, workdir)
-    evals = [
-        r for r in runlog.read_jsonl(os.path.join(workdir, METRICS_FILE)) if "test_accuracy" in r
-    ]
+    rows = runlog.read_jsonl(os.path.join(workdir, runlog.METRICS_FILE))
+    evals = [r for r in rows if "test_accuracy" in r]
     steps = tradeoff.steps_to_target(
         [r["step"] for r in evals], [r["test_accuracy"] for r in evals], cfg.target_accuracy
     )
@@ -495,35 +458,9 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     }  # fmt: skip
 
 
-def run_trainings(config, workdir: str, st: SweepState, batch_sizes, b_noise: float,
-                  timing: tuple[dict[int, float], int], seed_offset: int = 0, *,
-                  fingerprints: dict | None = None, bar=None) -> list[dict]:  # fmt: skip
-    """:func:`run_training` of :func:`training_config` at each of ``batch_sizes`` in
-    ``workdir/train/B<batch>-seed<seed>-<fingerprint[:8]>``, reused from ``st`` when it
-    finished under the same config (fingerprints also put in ``fingerprints``), with the
-    device time to target from ``timing = (step times, max batch)``."""
-    points = []
-    for b in batch_sizes:
-        if bar is not None:
-            bar.set(phase=f"training B={b}" + (f" seed +{seed_offset}" if seed_offset else ""))
-        cfg, rule = training_config(config, b, b_noise, seed_offset)
-        key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first seed: the batch alone
-        fp = runlog.fingerprint(cfg.to_dict())
-        if fingerprints is not None:
-            fingerprints[key] = fp
-        p = st.get("trainings", key, fp)
-        if p is None:
-            run_dir = os.path.join(workdir, "train", f"B{b}-seed{cfg.seed}-{fp[:8]}")
-            p = common.to_json(run_training(cfg, run_dir, rule))
-            st.put("trainings", key, fp, p)
-        points.append(p)
-    return with_device_time(points, *timing)
-
-
 def with_device_time(points: list[dict], times: dict[int, float], max_batch: int) -> list[dict]:
-    """Copies of ``points`` with ``step_time_s`` (``t(B)`` from the timing table; gradient
-    accumulation above ``max_batch``) and ``device_time_to_target_s = steps × t(B)``
-    (``None`` for a point that missed the target)."""
+    """Copies of ``points`` with ``step_time_s`` (``t(B)``, accumulated above ``max_batch``)
+    and ``device_time_to_target_s = steps × t(B)`` (``None``: missed the target)."""
     out = []
     for p in points:
         t = hardware.accumulated_step_time(times, p["batch_size"], max_batch)[0]
@@ -548,20 +485,17 @@ def ranking(by_batch: list[dict]) -> list[dict]:
 def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     """Fit ``S(B)`` to the reached points; an ``error`` entry instead when it cannot be fitted."""
     reached = [p for p in points if p["reached"]]
-    keys = ("batch_size", "seed", "steps", "time_to_target_s", "device_time_to_target_s")
-    keys += ("step_time_s", "learning_rate", "reached", "workdir", "wall_time_s")
-    keys += ("final_test_accuracy", "stop_reason")
+    keys = "batch_size seed steps time_to_target_s device_time_to_target_s step_time_s "
+    keys += "learning_rate reached workdir wall_time_s final_test_accuracy stop_reason"
     out = {"s_min": None, "e_min": None, "b_crit": None, "intervals": {},
-           "points": [{k: p.get(k) for k in keys} for p in points]}  # fmt: skip
+           "points": [{k: p.get(k) for k in keys.split()} for p in points]}  # fmt: skip
     try:
         f = tradeoff.fit([p["batch_size"] for p in reached], [p["steps"] for p in reached],
                          num_bootstrap=num_bootstrap, seed=seed)  # fmt: skip
     except ValueError as e:
         out["error"] = f"{e} ({len(reached)} of {len(points)} trainings reached the target)"
         return out
-    d = f.to_dict()
-    d.pop("points")
-    return out | d
+    return out | {k: v for k, v in f.to_dict().items() if k != "points"}
 
 
 def train_batch_sizes(config, fitting: list[int]) -> list[int]:
@@ -577,10 +511,6 @@ def train_batch_sizes(config, fitting: list[int]) -> list[int]:
     return [values[i] for i in idx]
 
 
-# ---------------------------------------------------------------------------------------------
-# The sweep.
-
-
 def run_sweep(
     config, workdir: str, *, trainings: bool = True, train_recommended: bool = False
 ) -> dict:
@@ -588,9 +518,9 @@ def run_sweep(
     (``trainings=False``: measure and recommend only; ``train_recommended``: train the
     recommended batch too, as the tradeoff mode of ``experiments.compare`` does)."""
     validate_config(config)
-    bar = progress.Progress(5, desc="sweep", unit="stages", rate=False)
+    bar = Progress(5, desc="sweep", unit="stages", rate=False)
     with contextlib.closing(bar), runlog.workdir_lock(workdir):
-        return _run_sweep(config, workdir, trainings, bar, train_recommended)
+        return _Sweep(config, workdir, bar).run(trainings, train_recommended)
 
 
 def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
@@ -604,121 +534,6 @@ def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
         base_lr=t.learning_rate, optimizer=t.optimizer, objective=rc.objective,
         candidates=cands, s_min=s_min, price_per_hour=rc.price_per_hour,
     )  # fmt: skip
-
-
-class _Stages:
-    """:func:`gns.finder.pipeline` with the sweep's stage cache: each measurement is read from
-    ``sweep_state.json`` when its fingerprint matches, else measured and stored with what it
-    cost (``seconds``)."""
-
-    def __init__(self, config, ds, task, st: SweepState, fps: dict, bar, stage_t: dict):
-        self.config, self.ds, self.task, self.st, self.fps = config, ds, task, st, fps
-        self.bar, self.t, self.workdir = bar, stage_t, os.path.dirname(st.path)
-        self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
-        self.view = stage_config(config, "throughput")
-        self.base = throughput_candidates(self.view)
-        self.on_step, self.finish = pilot_hooks(config, ds, task, self.workdir, fps["noise_scale"])
-
-    def measure(self) -> finder.Measured:
-        """Noise scale, branched critical batch, timing and recommendation."""
-        steps, state = pipeline_steps(self.config, self.ds, self.task)
-        try:
-            return finder.pipeline(
-                steps, state, pipeline_plan(self.config), time_fn=self.time,
-                decide_fn=functools.partial(_decide, self.config), candidates=self.base,
-                cache=self.cache, on_step=self.on_step,
-            )  # fmt: skip
-        finally:
-            self.bar.update(1)
-
-    def _stored(self, section: str, key: str, compute, valid=lambda value: True) -> dict:
-        self.bar.set(phase=section)
-        t0 = time.perf_counter()
-        value = self.st.get(section, key, self.fps[section])
-        if value is None or not valid(value):
-            value = common.to_json(compute())
-            value["seconds"] = time.perf_counter() - t0
-            self.st.put(section, key, self.fps[section], value)
-        self.cost[section if key == "value" else f"{section}[{key}]"] = value.get("seconds") or 0.0
-        self.t[section] = self.t.get(section, 0.0) + time.perf_counter() - t0
-        return value
-
-    def cache(self, name: str, compute) -> dict:
-        """``cache`` of the pipeline. The noise record counts only with its pilot state on disk
-        (the start of a run); the forks' key holds the noise scale their rule reads."""
-        if name == "critical_batch":
-            self.fps[name] = critical_fingerprint(self.config, finder.fork_noise_scale(self.noise))
-            value = self._stored(name, "value", compute)
-        else:
-            valid = functools.partial(pilot_saved, self.workdir)
-            value = self.noise = self._stored(name, "value", lambda: self._noise(compute), valid)
-        self.bar.update(1)
-        return value
-
-    def _noise(self, compute) -> dict:
-        try:
-            record = common.to_json(compute())
-        except ValueError as e:  # a diverged pilot: the independent batches' error first
-            self.finish({})
-            raise UserError(f"the noise scale could not be measured: {e}",
-                            hint="lower config.learning_rate") from e  # fmt: skip
-        return self.finish(record)
-
-    def time(self, cands, interval, seconds_left):
-        """``time_fn`` of the pipeline: the table (``extended_to_<B>``: with one batch more)."""
-        extra = tuple(sorted(set(cands) - set(self.base)))
-        tput = self._stored(
-            "throughput", f"extended_to_{extra[-1]}" if extra else "table",
-            lambda: measure_throughput(self.view, self.ds, self.task, extra),
-        )  # fmt: skip
-        mb = tput["max_batch_size"]
-        if mb is None:
-            raise UserError(
-                f"no candidate batch size fits in memory ({tput['rows'][0]['reason']})",
-                hint="lower config.throughput.min_batch_size or raise "
-                "config.throughput.memory_budget_bytes",
-            )
-        rows = add_accumulation_rows(tput["rows"], self.config.throughput.accumulation_factors, mb)
-        d = tput["table"]  # the TimingTable as measured (to_dict)
-        timings = {t["batch_size"]: hardware.BatchTiming(**t) for t in d["batch_sizes"]}
-        table = hardware.TimingTable(timings, d["rounds"], d["max_spread"])
-        return mb, table, tput | {"rows": rows}
-
-
-def _tradeoff(config, workdir, stages: _Stages, m: finder.Measured, mesh, trainings: bool,
-              train_recommended: bool):  # fmt: skip
-    """The trainings to the target (:func:`run_trainings` at :func:`train_batch_sizes`, and the
-    recommended batch with ``train_recommended``; ``tradeoff.extra_seeds`` more seeds at the
-    ``tradeoff.reseed_best`` fastest batches; none without ``trainings``) and the fit of
-    ``S(B)``: ``(fit, skipped trainings)``."""
-    max_batch, _, tput = m.timed
-    rows = tput["rows"]
-    fps = stages.fps["trainings"] = {}
-    train_at = functools.partial(run_trainings, config, workdir, stages.st,
-                                 b_noise=noise_scale_value(m.noise), fingerprints=fps,
-                                 timing=(step_times(rows), max_batch), bar=stages.bar)  # fmt: skip
-    batches, skipped = [], {}
-    fitting = [r["batch_size"] for r in rows if r["fits"]]
-    sizes = train_batch_sizes(config, fitting) if trainings else []
-    if trainings and train_recommended:
-        sizes = sorted({*sizes, m.recommendation.batch_size})
-    for b in sizes:
-        why = mesh_lib.split_reason(b, mesh)
-        if why is None and b > max_batch:
-            why = f"skipped: above the largest batch that fits ({max_batch})"
-        if why is not None:
-            logging.warning("The training at batch %d is %s.", b, why)
-            skipped[str(b)] = why
-        else:
-            batches.append(b)
-    points = train_at(batches)
-    reseed = validation.reseed_batch_sizes(points, config.tradeoff.reseed_best)
-    for offset in range(1, config.tradeoff.extra_seeds + 1):
-        points += train_at(reseed, seed_offset=offset)
-    by_batch = validation.mean_over_seeds(points)
-    fit = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.seed)
-    fit.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
-    return fit, skipped
 
 
 def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
@@ -743,86 +558,179 @@ def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
     }
 
 
-def _run_sweep(config, workdir: str, trainings: bool, bar: progress.Progress,
-               train_recommended: bool) -> dict:  # fmt: skip
-    t_start = time.perf_counter()
-    st = SweepState(workdir)
-    mesh = mesh_lib.make_mesh(config.num_devices)
-    mesh_record = mesh_lib.describe(mesh)
-    fps: dict[str, Any] = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
-    if config.compilation_cache:  # the user's own cache: never compiled code from the workdir
-        _enable_compilation_cache(data.private_cache_dir("jax"))
-    runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    task = tasks.get(config)
-    ds = task.load(config)
-    stage_t = {"setup": time.perf_counter() - t_start}
-    stages = _Stages(config, ds, task, st, fps, bar, stage_t)
-    m = stages.measure()
-    if math.isnan(noise_scale_value(m.noise)):
-        raise UserError(
-            f"the noise scale of {os.path.join(workdir, STATE_FILE)} is not a number",
-            hint=f"delete {workdir} and run again",
+class _Sweep:
+    """A run of the sweep: :func:`gns.finder.pipeline` with each stage read from the
+    :class:`SweepState` or measured and stored with its cost (``seconds``), then trainings."""
+
+    def __init__(self, config, workdir: str, bar: Progress):
+        t_start = time.perf_counter()
+        self.config, self.workdir, self.bar, self.st = config, workdir, bar, SweepState(workdir)
+        self.mesh = mesh_lib.make_mesh(config.num_devices)
+        mesh_record = mesh_lib.describe(self.mesh)
+        self.fps = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
+        # JAX's persistent compilation cache, unless one is configured: the user's own (a cache
+        # in the workdir would run code from it).
+        cache_dir = data.private_cache_dir("jax") if config.compilation_cache else None
+        if cache_dir and not jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        self.task = tasks.get(config)
+        self.ds = self.task.load(config)
+        self.t = {"setup": time.perf_counter() - t_start}  # the seconds of each stage, this run
+        self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
+        self.view = stage_config(config, "throughput")
+        self.base = throughput_candidates(self.view)
+        self.on_step, self.finish = pilot_hooks(
+            config, self.ds, self.task, workdir, self.fps["noise_scale"]
         )
-    max_batch, _, tput = m.timed
-    rows = tput["rows"]
-    t0 = time.perf_counter()
-    bar.set(phase="trainings" if trainings else "recommend")
-    fit, skipped = _tradeoff(config, workdir, stages, m, mesh, trainings, train_recommended)
-    bar.update(1)
-    stage_t["trainings"] = time.perf_counter() - t0
-    bar.set(phase="recommend")
-    recommendations = _recommendations(config, m, fit)
-    bar.update(1)
-    stage_t["recommend"] = time.perf_counter() - t0 - stage_t["trainings"]
-    reached = {str(p["batch_size"]): p for p in fit["by_batch"] if p["reached"]}
-    sweep = {
-        "device": hardware.detect_devices().to_dict(),
-        "mesh": mesh_record,
-        "fingerprints": fps,
-        "throughput": rows,
-        "max_batch_size": max_batch,
-        "max_batch_size_per_device": max_batch // mesh.size,
-        "skipped_batch_sizes": {
-            str(r["batch_size"]): r["reason"] for r in rows if r.get("skipped")
-        },
-        "skipped_trainings": skipped,
-        "throughput_extended_to": m.extended_to,
-        "noise_scale": m.noise,
-        "tradeoff": fit,
-        "time_to_target": ranking(fit["by_batch"]),
-        "critical_batch": m.branched,
-        **recommendations,
-        # Device time (steps x t(B)), mean over seeds: comparable to the predicted S(B) t(B).
-        "measured_time_to_target": {b: p[validation.DEVICE] for b, p in reached.items()},
-        "measured_wall_time_to_target": {b: p["time_to_target_s"] for b, p in reached.items()},
-        "reused": st.reused,
-        "remeasured_after_config_change": st.stale,
-        "stage_time_s": stage_t,
-        # What each stage cost when it was measured (also when reused): the price of gns.
-        "measurement_cost_s": stages.cost,
-    }
-    if trainings:
-        sweep["validation"] = validation.validation(common.to_json(sweep))
-    try:  # {name: path, or why it was not drawn}
-        sweep["plots"] = figures.sweep_plots(common.to_json(sweep), workdir)
-    except Exception as e:  # plots are a convenience: never lose a finished sweep to them
-        logging.warning("Could not write the sweep plots: %s", e)
-    runlog.write_json(os.path.join(workdir, SWEEP_FILE), sweep)
-    return sweep
 
+    def _stored(self, section: str, key: str, compute, valid=lambda value: True) -> dict:
+        self.bar.set(phase=section)
+        t0 = time.perf_counter()
+        value = self.st.get(section, key, self.fps[section])
+        if value is None or not valid(value):
+            value = common.to_json(compute())
+            value["seconds"] = time.perf_counter() - t0
+            self.st.put(section, key, self.fps[section], value)
+        self.cost[section if key == "value" else f"{section}[{key}]"] = value.get("seconds") or 0.0
+        self.t[section] = self.t.get(section, 0.0) + time.perf_counter() - t0
+        return value
 
-def _enable_compilation_cache(path: str | None) -> None:
-    """JAX's persistent compilation cache in ``path`` (``None``: none), process-wide, unless
-    a cache directory is configured already."""
-    if path is None or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    def cache(self, name: str, compute) -> dict:
+        """``cache`` of the pipeline. The noise record counts only with its pilot state on disk
+        (the start of a run); the forks' key holds the noise scale their rule reads."""
+        if name == "critical_batch":
+            self.fps[name] = critical_fingerprint(self.config, finder.fork_noise_scale(self.noise))
+            value = self._stored(name, "value", compute)
+        else:
+            valid = functools.partial(pilot_saved, self.workdir)
+            value = self.noise = self._stored(name, "value", lambda: self.finish(compute), valid)
+        self.bar.update(1)
+        return value
 
+    def time(self, cands, interval, seconds_left):
+        """``time_fn`` of the pipeline: the table (``extended_to_<B>``: with one batch more)."""
+        extra = tuple(sorted(set(cands) - set(self.base)))
+        tput = self._stored(
+            "throughput", f"extended_to_{extra[-1]}" if extra else "table",
+            lambda: measure_throughput(self.view, self.ds, self.task, extra),
+        )  # fmt: skip
+        mb = tput["max_batch_size"]
+        if mb is None:
+            raise UserError(
+                f"no candidate batch size fits in memory ({tput['rows'][0]['reason']})",
+                hint="lower config.throughput.min_batch_size or raise "
+                "config.throughput.memory_budget_bytes",
+            )
+        rows = add_accumulation_rows(tput["rows"], self.config.throughput.accumulation_factors, mb)
+        d = tput["table"]  # the TimingTable as measured (to_dict)
+        timings = {t["batch_size"]: hardware.BatchTiming(**t) for t in d["batch_sizes"]}
+        table = hardware.TimingTable(timings, d["rounds"], d["max_spread"])
+        return mb, table, tput | {"rows": rows}
 
-# ---------------------------------------------------------------------------------------------
-# The printed summary.
+    def tradeoff(self, m: finder.Measured, sizes: list[int]) -> tuple[dict, dict]:
+        """Trainings at ``sizes`` (``tradeoff.extra_seeds`` more seeds at the
+        ``tradeoff.reseed_best`` fastest) in ``workdir/train/B<batch>-seed<seed>-<fp>``, each
+        reused once finished: ``(fit of S(B), {batch: why it was skipped})``."""
+        config, (max_batch, _, tput) = self.config, m.timed
+        times, b_noise = step_times(tput["rows"]), noise_scale_value(m.noise)
+        fps = self.fps["trainings"] = {}
+
+        def train_at(batch_sizes, seed_offset=0):
+            points = []
+            for b in batch_sizes:
+                seed_note = f" seed +{seed_offset}" if seed_offset else ""
+                self.bar.set(phase=f"training B={b}{seed_note}")
+                cfg, rule = training_config(config, b, b_noise, seed_offset)
+                key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first: the batch
+                fp = fps[key] = runlog.fingerprint(cfg.to_dict())
+                p = self.st.get("trainings", key, fp)
+                if p is None:
+                    run_dir = os.path.join(self.workdir, "train", f"B{b}-seed{cfg.seed}-{fp[:8]}")
+                    p = common.to_json(run_training(cfg, run_dir, rule))
+                    self.st.put("trainings", key, fp, p)
+                points.append(p)
+            return with_device_time(points, times, max_batch)
+
+        skipped = {}
+        for b in sizes:
+            why = mesh_lib.split_reason(b, self.mesh)
+            if why is None and b > max_batch:
+                why = f"skipped: above the largest batch that fits ({max_batch})"
+            if why is not None:
+                logging.warning("The training at batch %d is %s.", b, why)
+                skipped[str(b)] = why
+        points = train_at([b for b in sizes if str(b) not in skipped])
+        reseed = validation.reseed_batch_sizes(points, config.tradeoff.reseed_best)
+        for offset in range(1, config.tradeoff.extra_seeds + 1):
+            points += train_at(reseed, offset)
+        by_batch = validation.mean_over_seeds(points)
+        fit = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.seed)
+        fit.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
+        return fit, skipped
+
+    def run(self, trainings: bool, train_recommended: bool) -> dict:
+        """Measurements, trainings (at :func:`train_batch_sizes`) and recommendations:
+        ``sweep.json``, written."""
+        config, bar = self.config, self.bar
+        steps, state = pipeline_steps(config, self.ds, self.task)
+        m = finder.pipeline(
+            steps, state, pipeline_plan(config), time_fn=self.time,
+            decide_fn=functools.partial(_decide, config), candidates=self.base,
+            cache=self.cache, on_step=self.on_step,
+        )  # fmt: skip
+        bar.update(1)
+        max_batch, _, tput = m.timed
+        rows = tput["rows"]
+        t0 = time.perf_counter()
+        bar.set(phase="trainings" if trainings else "recommend")
+        sizes = train_batch_sizes(config, [r["batch_size"] for r in rows if r["fits"]])
+        if train_recommended:
+            sizes = sorted({*sizes, m.recommendation.batch_size})
+        fit, skipped = self.tradeoff(m, sizes if trainings else [])
+        bar.update(1)
+        self.t["trainings"] = time.perf_counter() - t0
+        bar.set(phase="recommend")
+        recommendations = _recommendations(config, m, fit)
+        bar.update(1)
+        self.t["recommend"] = time.perf_counter() - t0 - self.t["trainings"]
+        reached = {str(p["batch_size"]): p for p in fit["by_batch"] if p["reached"]}
+        sweep = {
+            "device": hardware.detect_devices().to_dict(),
+            "mesh": mesh_lib.describe(self.mesh),
+            "fingerprints": self.fps,
+            "throughput": rows,
+            "max_batch_size": max_batch,
+            "max_batch_size_per_device": max_batch // self.mesh.size,
+            "skipped_batch_sizes": {
+                str(r["batch_size"]): r["reason"] for r in rows if r.get("skipped")
+            },
+            "skipped_trainings": skipped,
+            "throughput_extended_to": m.extended_to,
+            "noise_scale": m.noise,
+            "tradeoff": fit,
+            "time_to_target": ranking(fit["by_batch"]),
+            "critical_batch": m.branched,
+            **recommendations,
+            # Device time (steps x t(B)), mean over seeds: comparable to the predicted S(B) t(B).
+            "measured_time_to_target": {b: p[validation.DEVICE] for b, p in reached.items()},
+            "measured_wall_time_to_target": {b: p["time_to_target_s"] for b, p in reached.items()},
+            "reused": self.st.reused,
+            "remeasured_after_config_change": self.st.stale,
+            "stage_time_s": self.t,
+            # What each stage cost when it was measured (also when reused): the price of gns.
+            "measurement_cost_s": self.cost,
+        }
+        if trainings:
+            sweep["validation"] = validation.validation(common.to_json(sweep))
+        try:  # {name: path, or why it was not drawn}
+            sweep["plots"] = figures.sweep_plots(common.to_json(sweep), self.workdir)
+        except Exception as e:  # plots are a convenience: never lose a finished sweep to them
+            logging.warning("Could not write the sweep plots: %s", e)
+        runlog.write_json(os.path.join(self.workdir, SWEEP_FILE), sweep)
+        return sweep
 
 
 def fmt(x, spec: str, scale: float | None = None, suffix: str = "") -> str:
@@ -855,15 +763,17 @@ def _table(rows: list[dict], columns: list[tuple]) -> list[str]:
 def summary_table(sweep: dict) -> str:
     """A plain-text summary: device, throughput, noise scale, tradeoff, recommendation and
     validation."""
-    d, m, n = sweep["device"], sweep.get("mesh"), sweep["noise_scale"]
-    lines = [f"device: {d['platform']} / {d['kind']} x{d['count']}"]
-    if m:
-        lines.append(f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are "
-                     f"global (per device: batch / {m['devices']})")  # fmt: skip
-    per_device = f" ({sweep['max_batch_size_per_device']} per device)" if m else ""
-    lines += ["", *_table(sweep["throughput"], THROUGHPUT_COLUMNS), ""]
-    lines.append(plots.largest_fits(sweep)[1] + per_device)
-    lines += [f"batch {b} {why}" for b, why in (sweep.get("skipped_batch_sizes") or {}).items()]
+    d, m, n = sweep["device"], sweep["mesh"], sweep["noise_scale"]
+    lines = [
+        f"device: {d['platform']} / {d['kind']} x{d['count']}",
+        f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are global "
+        f"(per device: batch / {m['devices']})",
+        "",
+        *_table(sweep["throughput"], THROUGHPUT_COLUMNS),
+        "",
+        f"{plots.largest_fits(sweep)[1]} ({sweep['max_batch_size_per_device']} per device)",
+    ]
+    lines += [f"batch {b} {why}" for b, why in sweep["skipped_batch_sizes"].items()]
     iv = n["interval"]
     lines.append(
         f"noise scale b_simple: {fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
@@ -881,11 +791,25 @@ def summary_table(sweep: dict) -> str:
             f"branched B_crit: {', '.join(forks)}; effective {fmt(c['effective']['value'], '.4g')}"
             f" (forks cost {c['cost_fraction']:.2f}x the pilot's examples)"
         )
-    lines += ["", *_table(sweep["tradeoff"]["points"], TRAINING_COLUMNS)]
-    lines.append(fit_line(sweep["tradeoff"]))
-    return "\n".join(
-        lines + _recommendation_lines(sweep) + validation_lines(sweep.get("validation"))
-    )
+    r, rf = sweep["recommendation"], sweep["recommendation_from_tradeoff"]
+    evidence = [f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
+                for k, v in r.get("evidence", {}).items()]  # fmt: skip
+    lines += [
+        "", *_table(sweep["tradeoff"]["points"], TRAINING_COLUMNS), fit_line(sweep["tradeoff"]),
+        "",
+        f"recommended batch size: {r['batch_size']} (accumulation steps {r['accumulation_steps']}),"
+        f" learning rate {r['learning_rate']:.4g}, predicted speedup vs baseline "
+        f"{r['predicted_speedup_vs_baseline']:.2f}x",
+        f"  basis: {r['basis']} ({r.get('basis_note') or 'the best evidence measured'}); "
+        + ", ".join(evidence),
+        f"  {r['reason']}",
+        f"  lr rule: {r['lr_rule']}",
+    ]  # fmt: skip
+    if rf is not None:
+        lines.append(
+            f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
+        )
+    return "\n".join(lines + validation_lines(sweep.get("validation")))
 
 
 def fit_line(fit: dict) -> str:
@@ -897,24 +821,6 @@ def fit_line(fit: dict) -> str:
         f"fit: S_min = {fit['s_min']:.4g}, E_min = {fit['e_min']:.4g}, B_crit = "
         f"{fit['b_crit']:.4g}  interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]"
     )
-
-
-def _recommendation_lines(sweep: dict) -> list[str]:
-    r, rf = sweep["recommendation"], sweep.get("recommendation_from_tradeoff")
-    evidence = [f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
-                for k, v in r.get("evidence", {}).items()]  # fmt: skip
-    return [
-        "",
-        f"recommended batch size: {r['batch_size']} (accumulation steps {r['accumulation_steps']}),"
-        f" learning rate {r['learning_rate']:.4g}, predicted speedup vs baseline "
-        f"{r['predicted_speedup_vs_baseline']:.2f}x",
-        f"  basis: {r['basis']} ({r.get('basis_note') or 'the best evidence measured'}); "
-        + ", ".join(evidence),
-        f"  {r['reason']}",
-        f"  lr rule: {r['lr_rule']}",
-    ] + ([] if rf is None else [
-        f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
-    ])  # fmt: skip
 
 
 def validation_lines(v: dict | None) -> list[str]:
@@ -943,18 +849,6 @@ def validation_lines(v: dict | None) -> list[str]:
     ]
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def _define_flags():
-    """The flags, defined only when this module is the main program."""
-    flags.DEFINE_string("workdir", None, "Directory for sweep.json, plots and state.")
-    config_flags.DEFINE_config_file(
-        "config", None, "Config file, e.g. configs/sweep.py:smoke.", lock_config=True
-    )
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -964,7 +858,10 @@ def main(argv):
     print(f"\nwrote {os.path.join(FLAGS.workdir, SWEEP_FILE)}")
 
 
-if __name__ == "__main__":
-    _define_flags()
+if __name__ == "__main__":  # the flags: only when this module is the main program
+    flags.DEFINE_string("workdir", None, "Directory for sweep.json, plots and state.")
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/sweep.py:smoke.", lock_config=True
+    )
     flags.mark_flags_as_required(["config", "workdir"])
     cli.run(main, "configs/sweep.py", rules.describer("sweep"))

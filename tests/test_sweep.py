@@ -400,7 +400,7 @@ def test_trainings_and_fit_match_the_runs_on_disk(smoke_run):
         # Adam: square-root scaling from the reference batch.
         assert p["learning_rate"] == pytest.approx(base_lr * math.sqrt(b / base_b))
         assert p["workdir"].startswith(os.path.join(workdir, "train"))
-        rows = runlog.read_jsonl(os.path.join(p["workdir"], sweep.METRICS_FILE))
+        rows = runlog.read_jsonl(os.path.join(p["workdir"], runlog.METRICS_FILE))
         evals = [r for r in rows if "test_accuracy" in r]
         first = next((r["step"] for r in evals if r["test_accuracy"] >= target), None)
         assert p["steps"] == first
