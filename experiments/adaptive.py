@@ -148,13 +148,13 @@ class ScheduledBatch:
         return state._replace(schedule=s, learning_rate=rate), fields
 
 
-def steps_by_batch_size(rows: Sequence[dict], upto_step: int | None = None) -> dict[int, int]:
+def steps_by_batch_size(rows: Sequence[dict], upto_step: int) -> dict[int, int]:
     """Optimizer steps taken at each batch size, from a run's rows in order, up to
     ``upto_step`` (the batch changes only right after a row, so the steps since the previous
     row ran at the row's ``batch_size``)."""
     out, prev = Counter(), 0
     for r in rows:
-        if upto_step is not None and r["step"] > upto_step:
+        if r["step"] > upto_step:
             break
         out[int(r["batch_size"])] += int(r["step"]) - prev
         prev = int(r["step"])

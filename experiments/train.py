@@ -120,11 +120,10 @@ def _decay_mask(params):
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
     """``config.optimizer``: ``sgd`` (``config.momentum``, ``config.nesterov``) or ``adam``
     with L2 weight decay, ``adamw`` or ``lamb`` with decoupled decay, on kernels only."""
-    name = config.optimizer
     wd = float(config.weight_decay)
-    if name in ("adamw", "lamb"):
-        return getattr(optax, name)(schedule, weight_decay=wd, mask=_decay_mask)
-    if name == "sgd":
+    if config.optimizer in ("adamw", "lamb"):
+        return getattr(optax, config.optimizer)(schedule, weight_decay=wd, mask=_decay_mask)
+    if config.optimizer == "sgd":
         opt = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
     else:
         opt = optax.adam(schedule)
@@ -436,8 +435,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             log.write_config(config_dict)
             if state is None and config.get("start_from"):
                 state = start_from_pilot(config, setup, log)
-            done = _already_complete(config, setup, log)
-            if done is not None:
+            if (done := _already_complete(config, setup, log)) is not None:
                 return done
             state = mesh_lib.replicate(setup.state if state is None else state, setup.mesh)
             state, stop = _train(config, ds, setup, state, log, ckpt, interrupted)
@@ -506,8 +504,7 @@ def _stop_reason(config, log: runlog.RunLog, num_examples: int, interrupted) -> 
         return "num_steps"
     if log.target is not None and log.reached:
         return tasks.get(config).target_field
-    budget = config.max_wall_time_s
-    if budget is not None and log.clock.total("train") >= budget:
+    if config.max_wall_time_s is not None and log.clock.total("train") >= config.max_wall_time_s:
         return "max_wall_time_s"
     return None
 
