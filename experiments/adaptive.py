@@ -1,11 +1,7 @@
-"""The scheduled batch policy: a batch size that follows the measured noise scale.
-
-With ``config.adaptive.enabled`` the loop of :mod:`experiments.train` runs with
-:class:`ScheduledBatch`: the :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``,
-its state and rate in the train state (:func:`with_schedule`; checkpointed, and a change needs
-no recompilation), on the example-indexed stream. Each decision goes into the measured row
-(``schedule_reason``; ``schedule_change`` where the batch changes, from which a resume rebuilds
-the :class:`gns.schedule.ScheduleLog`).
+"""The scheduled batch policy of ``config.adaptive``: a batch size that follows the measured
+noise scale (:class:`gns.schedule.BatchSizeSchedule`), its state and rate in the train state
+(checkpointed; a change needs no recompilation). Each decision goes into the measured row, from
+which a resume rebuilds the :class:`gns.schedule.ScheduleLog`.
 
 References: McCandlish et al. 2018 (arXiv 1812.06162); Merrill et al. 2025 (arXiv 2505.23971);
 Meterez et al. 2025 (Seesaw, arXiv 2510.14717).
@@ -46,10 +42,10 @@ def candidates(config) -> list[int]:
 
 
 def make_batch_schedule(config, step_times: Sequence[float] | None = None):
-    """The :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``: base learning rate
-    ``config.learning_rate`` at ``config.batch_size``. ``step_times``: seconds per step of
-    each candidate (default ``config.adaptive.step_times``; when both are ``None`` a flat
-    table, good only for ``init``)."""
+    """The :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``, base learning rate
+    ``config.learning_rate`` at ``config.batch_size``; ``step_times``: seconds per step of
+    each candidate (default ``config.adaptive.step_times``; both ``None``: a flat table, good
+    only for ``init``)."""
     a = config.adaptive
     cands = candidates(config)
     times = step_times if step_times is not None else a.step_times
@@ -75,7 +71,7 @@ def initial_state(config) -> gschedule.ScheduleState:
     """The starting state of :func:`make_batch_schedule`, its rate from
     ``config.adaptive.initial_noise_scale`` (the 'sgd' rule needs it when the schedule starts
     away from ``config.batch_size``)."""
-    noise, sched = config.adaptive.get("initial_noise_scale"), make_batch_schedule(config)
+    noise, sched = config.adaptive.initial_noise_scale, make_batch_schedule(config)
     try:
         return sched.init(noise=None if noise is None else float(noise))
     except ValueError:
@@ -105,8 +101,7 @@ def validate(config, num_train: int, microbatches: int | None) -> None:
 
 
 def with_schedule(config, state):
-    """The train state ``state`` with the schedule's starting state and learning rate
-    (``config.learning_rate`` times the schedule's multiplier)."""
+    """``state`` with the schedule's starting state and learning rate."""
     start = initial_state(config)
     rate = jnp.float32(config.learning_rate) * start.lr_multiplier
     return state._replace(schedule=start, learning_rate=rate)
@@ -114,17 +109,15 @@ def with_schedule(config, state):
 
 def schedule_from_rows(rows: Sequence[dict]) -> dict:
     """``{'changes', 'reason_counts'}`` of a run's :class:`gns.schedule.ScheduleLog`, rebuilt
-    from its metrics rows (``schedule_change`` entries and ``schedule_reason`` counts)."""
+    from its metrics rows."""
     changes = [r["schedule_change"] for r in rows if r.get("schedule_change")]
     counts = Counter(r["schedule_reason"] for r in rows if r.get("schedule_reason"))
     return {"changes": changes, "reason_counts": dict(counts)}
 
 
 class ScheduledBatch:
-    """The batch policy of the schedule ``sched`` (the interface of
-    :class:`experiments.train.FixedBatch`): the batch size that the schedule state in the
-    train state stands for, updated at each measurement. ``rows``: the run's rows so far (a
-    resumed run's decisions)."""
+    """The batch policy (:class:`experiments.train.FixedBatch`) of the schedule ``sched``, its
+    state in the train state; ``rows``: the run's rows so far (a resumed run's decisions)."""
 
     by_example = True
 
@@ -138,7 +131,6 @@ class ScheduledBatch:
         self.sizes = [int(r["batch_size"]) for r in sched.table]
 
     def batch_size(self, state) -> int:
-        """The batch size the schedule state in ``state`` stands for."""
         return self.sizes[int(jax.device_get(state.schedule.index))]
 
     def update(self, state, noise: float, step: int) -> tuple[Any, dict]:
@@ -156,16 +148,14 @@ class ScheduledBatch:
         return state._replace(schedule=s, learning_rate=rate), fields
 
 
-def steps_by_batch_size(rows: Sequence[dict], upto_step: int | None = None) -> dict[int, int]:
+def steps_by_batch_size(rows: Sequence[dict], upto_step: int) -> dict[int, int]:
     """Optimizer steps taken at each batch size, from a run's rows in order, up to
     ``upto_step`` (the batch changes only right after a row, so the steps since the previous
     row ran at the row's ``batch_size``)."""
-    out: dict[int, int] = {}
-    prev = 0
+    out, prev = Counter(), 0
     for r in rows:
-        step = int(r["step"])
-        if upto_step is not None and step > upto_step:
+        if r["step"] > upto_step:
             break
-        out[int(r["batch_size"])] = out.get(int(r["batch_size"]), 0) + step - prev
-        prev = step
-    return out
+        out[int(r["batch_size"])] += int(r["step"]) - prev
+        prev = int(r["step"])
+    return dict(out)

@@ -1,10 +1,8 @@
 """The data-parallel layout: one 1-D mesh (axis :data:`AXIS`) over every device, on every host.
 
-Every step of :mod:`experiments.train` is ``jax.jit`` of ``jax.shard_map`` over the mesh: the
-global batch sharded, the train state and the metrics replicated; one device is a mesh of one
-(``docs/data-parallel.md`` says why ``shard_map``). Multi-host: every process computes the same
-global batch (the data pipeline is a pure function of seed and step) and :func:`shard` puts on
-its devices only their rows; process 0 writes the files.
+The steps of :mod:`experiments.train` are ``jax.shard_map`` over the mesh: the global batch
+sharded, the train state and the metrics replicated (``docs/data-parallel.md``). Every process
+computes the same global batch and :func:`shard` puts on its devices only their rows.
 """
 
 from __future__ import annotations
@@ -32,18 +30,13 @@ __all__ = ["AXIS", "initialize_distributed", "make_mesh", "describe", "check_bat
            "replicate", "shard", "placed_batches", "device_train_batches"]  # fmt: skip
 
 
-def initialize_distributed(enabled: bool = False, timeout_s: int = 300) -> bool:
+def initialize_distributed(enabled: bool, timeout_s: int = 300) -> None:
     """``jax.distributed.initialize()`` once, when ``enabled`` or ``JAX_COORDINATOR_ADDRESS``
-    is set, before anything touches a device; returns whether the run is multi-process.
-
-    The cluster comes from JAX's detection (SLURM, Open MPI, Kubernetes, Cloud TPU) or from
-    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; CPU collectives
-    use gloo. A failure is a :class:`UserError`.
-    """
-    if jax.distributed.is_initialized():
-        return jax.process_count() > 1
-    if not (enabled or os.environ.get(COORDINATOR_ENV)):
-        return False
+    is set, before anything touches a device. The cluster comes from JAX's detection (SLURM,
+    Open MPI, Kubernetes, Cloud TPU) or from ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; CPU collectives use gloo."""
+    if jax.distributed.is_initialized() or not (enabled or os.environ.get(COORDINATOR_ENV)):
+        return
     env = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
     kwargs = {k: int(os.environ[v]) if os.environ.get(v) else None for k, v in env.items()}
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -58,12 +51,11 @@ def initialize_distributed(enabled: bool = False, timeout_s: int = 300) -> bool:
             "JAX_PROCESS_ID, or run under a cluster JAX detects; --config.distributed=False "
             "for one host",
         ) from None
-    return jax.process_count() > 1
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over ``jax.devices()``, or over the first ``num_devices`` of them (one
-    process only: a :class:`UserError` otherwise, or outside ``[1, jax.device_count()]``)."""
+    process only)."""
     devices = jax.devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices) or jax.process_count() > 1:
@@ -77,9 +69,8 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def describe(mesh: Mesh) -> dict:
-    """The ``mesh`` record of ``summary.json`` and ``sweep.json``: ``devices``, ``kind`` (e.g.
-    ``'NVIDIA H100 80GB HBM3'``), ``platform``, ``hosts`` (processes it spans), ``shape``
-    (``{'batch': devices}``) and ``axis``."""
+    """The ``mesh`` record of ``summary.json`` and ``sweep.json`` (``hosts``: the processes it
+    spans)."""
     devices = list(mesh.devices.flat)
     return {
         "devices": len(devices),
@@ -106,11 +97,9 @@ def check_batch(
     batch_size: int, mesh: Mesh, field: str = "batch_size", per_example: bool = False
 ) -> int:
     """The per-device batch of a global ``batch_size`` on ``mesh``; a :class:`UserError`
-    naming both numbers when it does not split evenly, or (``per_example``) leaves fewer than
-    2 examples per device."""
+    when it does not split evenly, or (``per_example``) leaves fewer than 2 per device."""
     n = mesh.size
-    problem = rules.batch_problem(batch_size, n, field)
-    if problem:
+    if problem := rules.batch_problem(batch_size, n, field):
         raise UserError(*problem)
     if per_example and batch_size < 2 * n:
         raise UserError(
@@ -122,7 +111,7 @@ def check_batch(
 
 
 def _global(x, sharding: NamedSharding) -> jax.Array:
-    """A global array with ``sharding`` from the full value ``x`` present on every process."""
+    """A global array with ``sharding`` from the full value ``x`` on every process."""
     x = np.asarray(x)
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
@@ -137,8 +126,8 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 def shard(batch: PyTree, mesh: Mesh) -> PyTree:
-    """The global ``batch`` (leading axis = global batch size, the same on every process)
-    split over the mesh axis: device ``i`` holds rows ``i·b .. (i+1)·b``."""
+    """The global ``batch`` (the same on every process) split over the mesh axis: device ``i``
+    holds rows ``i·b .. (i+1)·b``."""
     sharding = NamedSharding(mesh, P(AXIS))
     return jax.tree.map(lambda x: _global(x, sharding), batch)
 
@@ -163,16 +152,11 @@ def device_train_batches(
     mesh: Mesh,
     start_example: int | None = None,
 ) -> Iterator[dict]:
-    """The endless batches ``{'image', 'label'}`` of :func:`experiments.data.train_batch` (of
-    steps from ``start_step``, or with ``start_example`` of the example stream), gathered,
-    cropped, flipped and normalized on the devices by one compiled function, sharded over
-    :data:`AXIS`: the uint8 train set is put on every device once (CIFAR-10: 150 MB), each step
-    sends only indices and augmentation parameters."""
+    """The endless batches of :func:`experiments.data.train_batch` (of steps from
+    ``start_step``, or with ``start_example`` of the example stream), gathered, cropped, flipped
+    and normalized on the devices, sharded over :data:`AXIS`: the uint8 train set is put on
+    every device once (CIFAR-10: 150 MB), each step sends only indices and augmentation draws."""
     num_train = len(ds.train_labels)
-    if not 1 <= batch_size <= num_train:
-        raise ValueError(
-            f"batch_size={batch_size} must be in [1, {num_train}] (the number of train examples)."
-        )
     images, labels = replicate((ds.train_images, ds.train_labels), mesh)
     std = np.asarray(ds.std, np.float32)
     scale = np.float32(1.0 / 255.0) / std  # as data.normalize computes it

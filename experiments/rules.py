@@ -401,8 +401,10 @@ TRAIN_CROSS = (
     _on_devices("batch_size"),
     cross(("gns_method", "gns_microbatches", "batch_size"),
           lambda c, d: c.gns_method != "microbatch"
-          or (c.gns_microbatches >= 2 and c.batch_size % c.gns_microbatches == 0),
-          "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size"),
+          or (c.gns_microbatches >= 2 and c.batch_size % c.gns_microbatches == 0
+              and (d is None or c.gns_microbatches % d == 0)),
+          "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size "
+          "(equal microbatches) and is a multiple of the devices"),
 )  # fmt: skip
 
 IMAGE_CROSS = (

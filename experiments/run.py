@@ -1,14 +1,9 @@
-r"""Train any task with the gradient noise scale tracked: the one training main.
-
-Usage::
+"""The one training main (``gns train``, ``python -m experiments.cifar10`` and ``.lm``)::
 
     python -m experiments.run --config configs/teacher.py:smoke --workdir /tmp/teacher
 
-``gns train`` runs it; ``python -m experiments.cifar10`` and ``experiments.lm`` are it with
-their own config file as the default of ``--help``. ``config.mode``: ``train``
-(:func:`experiments.train.train_and_evaluate`), and for images ``compare`` (``adaptive``) and
-``tradeoff`` (:mod:`experiments.compare`). Re-running the same command resumes; Ctrl-C stops
-with everything saved (exit code 130); a mistake prints one line and a hint (exit code 2).
+Re-running the same command resumes; Ctrl-C stops with everything saved (exit code 130); a
+mistake prints one line and a hint (exit code 2).
 """
 
 from __future__ import annotations
@@ -28,8 +23,7 @@ FLAGS = flags.FLAGS
 
 
 def check_mode(config) -> str:
-    """``config.mode``, when the config's task has it (every mode for images, ``train``
-    otherwise)."""
+    """``config.mode``, when the config's task has it (only images have the other modes)."""
     task = tasks.get(config)
     modes = rules.MODES if task is tasks.IMAGE else ("train",)
     if config.mode not in modes:
@@ -42,7 +36,8 @@ def check_mode(config) -> str:
 
 
 def run(config, workdir: str) -> dict:
-    """Dispatch on ``config.mode``; returns the mode's summary."""
+    """Run ``config.mode`` (:mod:`experiments.train` or :mod:`experiments.compare`); returns
+    its summary."""
     if check_mode(config) == "train":
         from experiments import train
 
@@ -71,9 +66,8 @@ def main(argv):
 
 
 def start(config_file: str, argv: list[str] | None = None) -> None:
-    """Define the flags and run :func:`main` (``config_file``: what ``--help`` describes
-    without ``--config``); only the program's main defines them, so that importing this
-    module next to another main defines no clashing flags."""
+    """Define the flags (here, not on import: no clash with another main's) and run
+    :func:`main`; ``config_file``: what ``--help`` describes without ``--config``."""
     flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and plots.")
     config_flags.DEFINE_config_file(
         "config", None, f"Config file, e.g. {config_file}:smoke.", lock_config=True

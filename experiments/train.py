@@ -1,12 +1,10 @@
 """The one training loop: ``train_and_evaluate(config, workdir)`` for every task and mode.
 
-It trains ``config.model`` on the task of ``config.task`` (:mod:`experiments.tasks`), the
-noise scale measured every ``config.gns_every`` steps by the training step itself
-(``gns.estimate``; BatchNorm models train with ghost BatchNorm over the estimator's groups).
-The batch size is a policy (:func:`batch_policy`): fixed, or the schedule of
-:mod:`experiments.adaptive`. ``workdir`` gets, through :mod:`experiments.runlog` (consistent
-across Ctrl-C and resumes), ``config.json``, ``metrics.jsonl``, TensorBoard events,
-``summary.json`` (:func:`_summarize`), ``checkpoints/`` and the plots.
+The training step itself measures the noise scale every ``config.gns_every`` steps
+(``gns.estimate``; BatchNorm models train with ghost BatchNorm over the estimator's groups);
+the batch size is fixed or follows :mod:`experiments.adaptive`. ``workdir`` gets, through
+:mod:`experiments.runlog`, ``config.json``, ``metrics.jsonl``, TensorBoard events,
+``summary.json``, ``checkpoints/`` and the plots.
 """
 
 from __future__ import annotations
@@ -14,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +30,6 @@ from jax.sharding import PartitionSpec as P
 from experiments import adaptive, figures, models, progress, rules, runlog, tasks
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
-from experiments.rules import GNS_METHODS, OPTIMIZERS
 from gns import common, estimate, finder, hardware, smoothing
 
 PyTree = Any
@@ -45,7 +43,6 @@ NOT_IDENTITY = (*rules.NOT_TRAINING, "log_every", "checkpoint_every", "progress_
                 "data.tfds_data_dir", "data.url", "data.md5", "data.on_device", "distributed",
                 "step_time_repeats", "adaptive.timing_warmup",
                 "adaptive.timing_rounds")  # fmt: skip
-_GNS_KEYS = ("g_sq", "trace_cov", "b_simple", "ema_g_sq", "ema_trace_cov", "ema_b_simple")
 
 
 class Diverged(UserError):
@@ -66,22 +63,6 @@ class TrainState(NamedTuple):
     # at the schedule's shape (peak 1, make_schedule): one compiled step serves every rate.
     learning_rate: jax.Array | float = 1.0
     schedule: PyTree = None  # the batch-size schedule's state (experiments.adaptive), if any
-
-
-def _require(config, field: str, ok: bool, fix: str) -> None:
-    """Raise a :class:`UserError` naming ``config.<field>`` and its value unless ``ok``."""
-    if not ok:
-        raise UserError(
-            f"config.{field}={rules.get(config, field)!r} {fix}",
-            hint=f"set it on the command line: --config.{field}=...",
-        )
-
-
-def _choice(config, field: str, options: tuple[str, ...]) -> str:
-    """``config.<field>``, checked to be one of ``options``."""
-    value = config[field]
-    _require(config, field, value in options, f"is not one of {', '.join(options)}")
-    return value
 
 
 def validate_config(config) -> None:
@@ -139,11 +120,10 @@ def _decay_mask(params):
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
     """``config.optimizer``: ``sgd`` (``config.momentum``, ``config.nesterov``) or ``adam``
     with L2 weight decay, ``adamw`` or ``lamb`` with decoupled decay, on kernels only."""
-    name = _choice(config, "optimizer", OPTIMIZERS)
     wd = float(config.weight_decay)
-    if name in ("adamw", "lamb"):
-        return getattr(optax, name)(schedule, weight_decay=wd, mask=_decay_mask)
-    if name == "sgd":
+    if config.optimizer in ("adamw", "lamb"):
+        return getattr(optax, config.optimizer)(schedule, weight_decay=wd, mask=_decay_mask)
+    if config.optimizer == "sgd":
         opt = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
     else:
         opt = optax.adam(schedule)
@@ -155,7 +135,7 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
 def resolve_gns_method(config, model, num_devices: int = 1) -> str:
     """``config.gns_method`` with ``'auto'`` resolved: ``across_devices`` on 2 or more
     devices, else ``per_example`` without BatchNorm and ``microbatch`` with it."""
-    method = _choice(config, "gns_method", GNS_METHODS)
+    method = config.gns_method
     bn = models.has_batch_norm(model)
     if method == "auto":
         if num_devices >= 2:
@@ -175,12 +155,12 @@ def resolve_gns_method(config, model, num_devices: int = 1) -> str:
 
 
 def _forward(model, params, batch_stats, inputs, dropout_key, train):
-    """float32 logits (the loss and softmax of a bfloat16 model are computed in float32) and
-    the batch statistics, updated when training a BatchNorm model."""
+    """float32 logits (a bfloat16 model's loss and softmax are computed in float32) and the
+    batch statistics, updated when training a BatchNorm model."""
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
-    rngs = {"dropout": dropout_key} if dropout_key is not None else None
+    rngs = None if dropout_key is None else {"dropout": dropout_key}
     if train and batch_stats:
         logits, updates = model.apply(
             variables, inputs, train=True, rngs=rngs, mutable=["batch_stats"]
@@ -240,19 +220,13 @@ def make_train_steps(
     loss: Callable = tasks.cross_entropy,
 ):
     """The unjitted ``(plain_step, gns_step)``, each ``(state, batch) -> (state, metrics)``,
-    the same update; ``gns_step`` takes its gradient from ``gns.estimate`` and adds the raw and
-    smoothed (``tracker``) noise statistics. ``num_microbatches``: the estimator's, over the
-    global batch (one per device: ``across_devices``), and the ghost-BatchNorm groups of both
-    steps; ``schedule``: reports the step's rate; ``mesh``: the steps are ``jax.shard_map``
-    over it, gradients and losses averaged over the devices."""
+    the same update; ``gns_step`` takes its gradient from ``gns.estimate`` (``method``,
+    resolved) and adds the raw and smoothed (``tracker``) noise statistics.
+    ``num_microbatches``: the estimator's over the global batch, and the ghost-BatchNorm
+    groups of both steps; ``schedule``: reports the step's rate; ``mesh``: the steps are
+    ``jax.shard_map`` over it, gradients and losses averaged over the devices."""
     axis = None if mesh is None else mesh_lib.AXIS
     n_dev = 1 if mesh is None else mesh.size
-    if method not in GNS_METHODS[1:] or method == "microbatch" and num_microbatches % n_dev:
-        raise ValueError(
-            f"method={method!r}, num_microbatches={num_microbatches} on {n_dev} "
-            "devices: use 'per_example', 'across_devices' or 'microbatch' with "
-            "a multiple of the devices."
-        )
     k_local = num_microbatches // n_dev if method == "microbatch" else 1
     if method == "microbatch" and k_local == 1:
         method = "across_devices"  # one microbatch per device: the same estimate
@@ -271,8 +245,7 @@ def make_train_steps(
 
     def apply_update(state, grads, aux):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        rate = state.learning_rate
-        updates = jax.tree.map(lambda u: u * jnp.asarray(rate, u.dtype), updates)
+        updates = jax.tree.map(lambda u: u * jnp.asarray(state.learning_rate, u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         batch_stats = aux["batch_stats"] if bn else state.batch_stats
         return state._replace(
@@ -301,9 +274,7 @@ def make_train_steps(
         ema = tracker.update(stats, state.gns)
         metrics = base_metrics(state, aux)
         for prefix, values in (("", stats), ("ema_", ema)):
-            metrics.update(
-                {prefix + k: getattr(values, k) for k in ("g_sq", "trace_cov", "b_simple")}
-            )
+            metrics |= {prefix + k: getattr(values, k) for k in ("g_sq", "trace_cov", "b_simple")}
         return apply_update(state, grads, aux)._replace(gns=ema), metrics
 
     if mesh is None:
@@ -365,11 +336,9 @@ class Setup(NamedTuple):
     state: TrainState  # the fresh state (the template a checkpoint restores into)
     task: tasks.Task
     mesh: Any  # the data-parallel mesh (experiments.mesh)
-    place: Callable  # state -> the state replicated over the mesh, as fresh buffers
     # (batch_size, start_example, by_example=False) -> endless batches on the mesh (the
     # task's train_batches, or gathered on the devices with config.data.on_device)
     train_batches: Callable
-    time_step: Callable  # state -> {'step_time_s', 'step_examples_per_s'} or {}
     num_train: int  # train examples per epoch
 
 
@@ -384,14 +353,12 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
                              dtype=config.dtype)  # fmt: skip
     method = resolve_gns_method(config, model, mesh.size)
     k = config.gns_microbatches
-    _require(config, "gns_microbatches", method != "microbatch" or (
-             k >= max(2, mesh.size) and config.batch_size % k == 0 and k % mesh.size == 0),
-             f"must be >= 2, divide config.batch_size={config.batch_size} (equal microbatches "
-             f"for the estimator and ghost BatchNorm) and be a multiple of the {mesh.size} "
-             "device(s)")  # fmt: skip
     mesh_lib.check_batch(config.batch_size, mesh, per_example=method == "per_example")
-    _require(config, "batch_size", config.batch_size <= num_train,
-             f"is larger than the {num_train} train examples")  # fmt: skip
+    if config.batch_size > num_train:
+        raise UserError(
+            f"config.batch_size={config.batch_size} is larger than the {num_train} train examples",
+            hint="set it on the command line: --config.batch_size=...",
+        )
     num_steps = resolve_num_steps(config, num_train)
     schedule = make_schedule(config, num_steps, peak=1.0)  # the rate: in the state
     optimizer, tracker = make_optimizer(config, schedule), smoothing.ema(config.gns_ema_decay)
@@ -422,18 +389,8 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
             start_step=start_example // batch_size,
             start_example=start_example if by_example else None)  # fmt: skip
 
-    def time_step(state):
-        if not config.step_time_repeats:
-            return {}
-        batch = _first_batch(train_batches, config.batch_size)
-        t = hardware.time_step(jax.jit(plain_fn), (state, batch), warmup=1,
-                               repeats=config.step_time_repeats,
-                               cache=hardware.CompileCache())  # fmt: skip
-        return {"step_time_s": t.median_s, "step_examples_per_s": config.batch_size / t.median_s}
-
-    place = functools.partial(mesh_lib.replicate, mesh=mesh)
-    return Setup(method, num_steps, plain_fn, gns_fn, evaluate, place(state), task, mesh, place,
-                 train_batches, time_step, num_train)  # fmt: skip
+    return Setup(method, num_steps, plain_fn, gns_fn, evaluate, mesh_lib.replicate(state, mesh),
+                 task, mesh, train_batches, num_train)  # fmt: skip
 
 
 def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = False):
@@ -478,17 +435,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
             log.write_config(config_dict)
             if state is None and config.get("start_from"):
                 state = start_from_pilot(config, setup, log)
-            done = _already_complete(config, setup, log)
-            if done is not None:
+            if (done := _already_complete(config, setup, log)) is not None:
                 return done
-            # Distinct buffers per leaf, replicated over the mesh: the steps donate the state,
-            # and init functions may share one array between leaves, which donation rejects.
-            state = setup.place(setup.state if state is None else state)
+            state = mesh_lib.replicate(setup.state if state is None else state, setup.mesh)
             state, stop = _train(config, ds, setup, state, log, ckpt, interrupted)
             if stop != "diverged" and log.step > 0:
                 ckpt.save(log.step, state, log.meta())
-            summary = _summarize(config, ds, setup, state, log, stop, evaluate=stop in (
-                "num_steps", task.target_field, "max_wall_time_s"), t_call=t_call)  # fmt: skip
+            summary = _summarize(config, ds, setup, state, log, stop, t_call)
             if stop == "diverged":
                 raise Diverged(
                     f"training diverged at step {log.step}: {log.diverged}",
@@ -551,8 +504,7 @@ def _stop_reason(config, log: runlog.RunLog, num_examples: int, interrupted) -> 
         return "num_steps"
     if log.target is not None and log.reached:
         return tasks.get(config).target_field
-    budget = config.max_wall_time_s
-    if budget is not None and log.clock.total("train") >= budget:
+    if config.max_wall_time_s is not None and log.clock.total("train") >= config.max_wall_time_s:
         return "max_wall_time_s"
     return None
 
@@ -581,37 +533,27 @@ def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
     if not adaptive.enabled(config):  # from a pilot: its example stream goes on
         return FixedBatch(config.batch_size, every, by_example=bool(config.get("start_from")))
     times = config.adaptive.step_times
-    if times is None:
+    if times is None:  # timed interleaved, the median of each
         cands = adaptive.candidates(config)
         logging.info("Timing the batch sizes %s (config.adaptive.step_times is None).", cands)
-        table = timing_table(setup.plain_fn, state,
-                             lambda b: _first_batch(setup.train_batches, b, by_example=True),
-                             cands, warmup=int(config.adaptive.timing_warmup),
-                             rounds=int(config.adaptive.timing_rounds))  # fmt: skip
-        times = [table[b]["step_time_s"] for b in cands]
+        calls = {b: (setup.plain_fn, (state, _first_batch(setup.train_batches, b, True)))
+                 for b in cands}  # fmt: skip
+        table = hardware.interleaved_times(calls, warmup=config.adaptive.timing_warmup,
+                                           rounds=config.adaptive.timing_rounds)  # fmt: skip
+        times = [float(np.median(table[b])) for b in cands]
     sched = adaptive.make_batch_schedule(config, times)
     every = config.adaptive.eval_every_examples or every
     return adaptive.ScheduledBatch(config, sched, every, log.rows())
 
 
-def timing_table(step_fn: Callable, state, make_batch: Callable, batch_sizes: Sequence[int],
-                 *, warmup: int, rounds: int) -> dict[int, dict]:  # fmt: skip
-    """``{batch_size: {'step_time_s' (median), 'times_s'}}`` of ``step_fn(state,
-    make_batch(b))``, timed interleaved (:func:`gns.hardware.interleaved_times`)."""
-    calls = {int(b): (step_fn, (state, make_batch(b))) for b in batch_sizes}
-    times = hardware.interleaved_times(calls, warmup=warmup, rounds=rounds)
-    return {b: {"step_time_s": float(np.median(t)), "times_s": list(t)} for b, t in times.items()}
-
-
 class StepCache:
-    """The compiled ``(plain, measure)`` steps of each batch size, compiled on first use
-    (``gns_fn`` ``None``: never measured), donating the state, and charged to ``clock``'s
-    ``compile``; ``compiles``: ``{batch_size: compilations}``."""
+    """The compiled ``(plain, measure)`` steps of each batch size (``steps``), compiled on
+    first use (``gns_fn`` ``None``: never measured), donating the state, and charged to
+    ``clock``'s ``compile``."""
 
     def __init__(self, plain_fn: Callable, gns_fn: Callable | None, clock):
         self.plain_fn, self.gns_fn, self.clock = plain_fn, gns_fn, clock
         self.steps: dict[int, tuple] = {}
-        self.compiles: dict[int, int] = {}
 
     def get(self, batch_size: int, state, batch) -> tuple:
         """The steps of ``batch_size`` (shapes from ``state``, ``batch``); the clock goes
@@ -622,7 +564,6 @@ class StepCache:
             self.steps[batch_size] = tuple(
                 None if f is None else jax.jit(f, donate_argnums=0).lower(state, batch).compile()
                 for f in (self.plain_fn, self.gns_fn))  # fmt: skip
-            self.compiles[batch_size] = self.compiles.get(batch_size, 0) + 1
             self.clock.charge("pause")
         return self.steps[batch_size]
 
@@ -640,25 +581,24 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
     steps = StepCache(setup.plain_fn, setup.gns_fn if gns_every > 0 else None, log.clock)
     bar = progress.Progress(num_examples, desc="train", unit="examples",
                             initial=log.examples_seen, bar=config.progress_bar)  # fmt: skip
-    batches, bs, stop, pending = None, None, None, []  # pending: device metrics since a row
+    stream, bs, stop, pending = None, None, None, []  # pending: device metrics since a row
     try:
         held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
         while stop is None:
             if bs is None:  # the first step, or a new batch size: its stream and steps
                 bs = policy.batch_size(state)
                 bar.set(phase=f"compiling (batch {bs})", step=log.step)
-                if batches is not None:
-                    batches.close()
-                batches = setup.train_batches(bs, log.examples_seen, by_example=policy.by_example)
-                batch = next(batches)
-                plain, measure = steps.get(bs, state, batch)
+                if stream is not None:
+                    stream.close()
+                stream = setup.train_batches(bs, log.examples_seen, by_example=policy.by_example)
+                first = next(stream)  # compiled for its shapes, then trained on
+                plain, measure = steps.get(bs, state, first)
+                batches = itertools.chain([first], stream)
                 bar.set(phase="training")
                 log.clock.charge("train")
             measured = gns_every > 0 and log.step % gns_every == 0
-            state, m = (measure if measured else plain)(
-                state, next(batches) if batch is None else batch
-            )
-            batch, before = None, log.examples_seen
+            state, m = (measure if measured else plain)(state, next(batches))
+            before = log.examples_seen
             log.advance(bs)
             pending.append(m)
             if config.max_wall_time_s is not None and len(pending) > 1:
@@ -684,22 +624,21 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
     finally:
         log.clock.charge("pause")
         bar.close()
-        if batches is not None:
-            batches.close()
+        if stream is not None:
+            stream.close()
     return state, stop
 
 
 def _write_row(config, setup: Setup, state, log: runlog.RunLog, policy, bar, pending, stop_now,
                *, measured: bool, do_eval: bool, batch_size: int, held_out):  # fmt: skip
-    """The row of the steps in ``pending``: mean loss and accuracy, the last learning rate and
-    (measured) noise statistics, the policy's update, the evaluation and the stop reason;
-    written and shown. Returns ``(state, row)``."""
+    """The row of the steps in ``pending``: mean loss and accuracy, the last step's learning
+    rate and noise statistics, the policy's update, the evaluation and the stop reason; written
+    and shown. Returns ``(state, row)``."""
     jax.block_until_ready(state)
     log.clock.charge("pause")
-    host = jax.device_get(pending)
-    metrics = {k: float(np.mean([h[k] for h in host])) for k in ("train_loss", "train_accuracy")}
-    keys = ("learning_rate", *_GNS_KEYS) if measured else ("learning_rate",)
-    metrics.update({k: float(host[-1][k]) for k in keys})
+    host, means = jax.device_get(pending), ("train_loss", "train_accuracy")
+    metrics = {k: float(np.mean([h[k] for h in host]) if k in means else v)
+               for k, v in host[-1].items()}  # fmt: skip
     row = log.row(**metrics, batch_size=batch_size, epoch=log.examples_seen / setup.num_train)
     log.check_losses([h["train_loss"] for h in host], config.divergence_factor)
     if measured and not log.diverged:
@@ -725,19 +664,23 @@ def _write_row(config, setup: Setup, state, log: runlog.RunLog, policy, bar, pen
     return state, row
 
 
-def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, evaluate: bool,
-               t_call: float):  # fmt: skip
-    """The final evaluation (test set and a train subset, unless not ``evaluate``),
-    ``summary.json`` and the plots; ``t_call``: the call's start, for ``wall_time_s``."""
+def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t_call: float):
+    """The final evaluation (test set and a train subset, unless the run was interrupted or
+    diverged), ``summary.json`` and the plots; ``t_call``: the call's start."""
     task = setup.task
-    final, train_eval, t0 = {}, {}, time.perf_counter()
+    evaluate = stop in ("num_steps", task.target_field, "max_wall_time_s")
+    final, train_eval, step_time, t0 = {}, {}, None, time.perf_counter()
     if evaluate:
         n_final = config.get("final_eval_examples")  # None (or no such field): all
         final = setup.evaluate(state, task.eval_arrays(config, ds, "test", n_final))
         train_eval = setup.evaluate(state, task.eval_arrays(config, ds, "train",
                                                             config.eval_examples))  # fmt: skip
         log.record_eval(task.score(final[task.metric]), periodic=False)
-        final.update(setup.time_step(state))
+        if config.step_time_repeats:  # the step alone, for the device utilization
+            batch = _first_batch(setup.train_batches, config.batch_size)
+            step_time = hardware.time_step(jax.jit(setup.plain_fn), (state, batch), warmup=1,
+                                           repeats=config.step_time_repeats,
+                                           cache=hardware.CompileCache()).median_s  # fmt: skip
     rows = log.rows()
     clock = log.clock.state()
     summary = {
@@ -756,7 +699,7 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, e
         "wall_time_s": time.perf_counter() - t_call,
         "steps": log.step,
         "examples": log.examples_seen,
-        "epochs": log.examples_seen / task.num_train(ds),
+        "epochs": log.examples_seen / setup.num_train,
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
         "optimizer": config.optimizer,
@@ -773,13 +716,13 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, e
         "dtype": config.dtype,
         "mesh": mesh_lib.describe(setup.mesh),
     }
-    if "step_time_s" in final:  # how busy the pipeline keeps the devices: data and steps
-        rate = log.examples_seen / max(clock["train_time_s"], 1e-9)  # against the step alone
-        step_rate = final["step_examples_per_s"]
-        summary.update(step_time_s=final["step_time_s"], step_examples_per_s=step_rate,
+    if step_time is not None:  # how busy the pipeline (data and steps) keeps the devices
+        rate = log.examples_seen / max(clock["train_time_s"], 1e-9)
+        step_rate = config.batch_size / step_time
+        summary.update(step_time_s=step_time, step_examples_per_s=step_rate,
                        train_examples_per_s=rate, device_utilization=rate / step_rate)  # fmt: skip
-    if task.describe(ds) is not None:
-        summary["data"] = task.describe(ds)
+    if log.data is not None:
+        summary["data"] = log.data
     if log.primary:
         runlog.write_json(os.path.join(log.workdir, SUMMARY_FILE), summary)
     if config.plots and evaluate and log.primary:
@@ -791,13 +734,11 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, e
 
 
 def noise_scale_summary(rows: list[dict]) -> dict:
-    """``summary.json``'s ``noise_scale``: ``b_simple`` over the measured rows (those with
-    ``g_sq``; ratio of means) with its block-bootstrap ``interval``, mean ``g_sq`` and
-    ``trace_cov``, ``block_size``, ``num_measurements``, ``num_dropped`` (non-finite ones,
-    left out), ``last_ema_b_simple`` and ``recent`` (``b_simple``, ``interval``,
-    ``num_measurements``, ``from_step`` over the last :func:`gns.smoothing.recent_window`
-    measurements, iid bootstrap: where the noise scale is now). ``None`` values with fewer
-    than 2 finite measurements."""
+    """``summary.json``'s ``noise_scale`` over the measured rows: ``b_simple`` (ratio of means)
+    with its block-bootstrap ``interval``, mean ``g_sq`` and ``trace_cov``, ``block_size``,
+    ``num_measurements``, ``num_dropped`` (non-finite, left out), ``last_ema_b_simple``, and
+    ``recent``: the same over the last :func:`gns.smoothing.recent_window` (iid bootstrap,
+    from ``from_step``). ``None`` values with fewer than 2 finite measurements."""
     meas = [r for r in rows if "g_sq" in r]
     g = np.array([r["g_sq"] for r in meas], np.float64)  # None -> nan
     t = np.array([r.get("trace_cov") for r in meas], np.float64)

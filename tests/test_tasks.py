@@ -159,7 +159,7 @@ def test_training_and_evaluation_use_the_tasks_loss():
     out = []
     for t in (task, tripled):
         setup = train.build_setup(config, ds, t)
-        state = setup.place(setup.state)
+        state = setup.state  # on the mesh already; jit(plain_fn) does not donate it
         batch = next(setup.train_batches(int(config.batch_size), 0))
         _, metrics = jax.jit(setup.plain_fn)(state, batch)
         evaluated = setup.evaluate(state, t.eval_arrays(config, ds, "test", None))
