@@ -239,6 +239,8 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
         if p == "adaptive":
             start = b_noise if 0 < b_noise < math.inf else None  # the 'sgd' rule's first rate
             rule = scaling.rule_for(config.optimizer)
+            if rule == "sgd" and b_noise == math.inf:  # unresolved: the rule's limit, linear
+                rule = "linear"
             fields = {"candidates": tuple(cands), "lr_rule": rule, "initial_noise_scale": start}
             plans[p] = dict(batch_size=base_b, learning_rate=base_lr, adaptive=fields,
                             gns_every=int(config.gns_every))  # fmt: skip

@@ -499,8 +499,8 @@ def test_timing_reads_the_sweeps_table_and_times_it_again_only_for_sizes_it_lack
 def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise, b_simple, g_sq):
     """Every rate of the plans comes from the recommendation's noise scale (else B_simple), and
     the schedule, which starts below the default batch where the 'sgd' rule's rate needs it,
-    carries it (a finite one; +inf, g_sq <= 0, is no start value): its first rate is the one a
-    fixed run gets at that batch."""
+    carries it: its first rate is the one a fixed run gets at that batch. An unresolved noise
+    scale (+inf, g_sq <= 0) makes the 'sgd' rule linear, so the schedule takes that rule."""
     config = cifar10_config.get_config("mlp_sgd")
     config.compare.policies = ("default", "adaptive")
     rows = [dict(batch_size=b, fits=True, step_time_s=0.01 * b, accumulation_steps=1)
@@ -511,15 +511,13 @@ def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise,
     config.compare.policies = ("default", "adaptive", "largest_fits")
     plans, _, cands = compare.plan_policies(config, "unused", measured)
     fields, noise = plans["adaptive"]["adaptive"], b_simple if b_noise is None else b_noise
-    assert (cands, fields["lr_rule"]) == ([16, 32, 64, 128], "sgd")
-    assert fields["initial_noise_scale"] == noise
+    noise = math.inf if noise is None else noise
+    rule = "sgd" if noise < math.inf else "linear"
+    assert (cands, fields["lr_rule"]) == ([16, 32, 64, 128], rule)
+    assert fields["initial_noise_scale"] == (noise if rule == "sgd" else None)
     assert plans["largest_fits"]["learning_rate"] == pytest.approx(
-        scaling.learning_rate("sgd", 0.01, 64, 128, noise or math.inf)[0])  # fmt: skip
+        scaling.learning_rate("sgd", 0.01, 64, 128, noise)[0])  # fmt: skip
     config.adaptive.update(fields)
-    if noise is None:
-        with pytest.raises(UserError, match="needs config.adaptive.initial_noise_scale"):
-            adaptive.initial_state(config)
-        return
     first = adaptive.initial_state(config)
     rate = scaling.learning_rate("sgd", 0.01, 64, 16, noise)[0]
     assert float(first.lr_multiplier) * 0.01 == pytest.approx(rate, rel=1e-6)
