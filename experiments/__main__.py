@@ -1,8 +1,6 @@
 """The ``gns`` command: ``gns SUBCOMMAND [FLAGS]`` (or ``python -m experiments SUBCOMMAND``)
-runs one experiment of :data:`COMMANDS` with its flags; without ``--config`` a subcommand uses
-its default config from this installation, so it works from any directory. The wheel keeps the
-experiments and configs inside its own directory (``gns_jax/``), put on ``sys.path`` here.
-"""
+runs one experiment of :data:`COMMANDS`; without ``--config``, with its default config from this
+installation (the wheel's ``gns_jax/`` directory, put on ``sys.path``), from any directory."""
 
 from __future__ import annotations
 
@@ -37,13 +35,7 @@ def usage() -> str:
 def command_line(name: str, args: list[str], root: str = ROOT) -> tuple[str, list[str]]:
     """The module to run and its ``argv`` for ``gns NAME ARGS``: ``args`` after the
     subcommand's defaults (a flag given in ``args`` wins), ``--config`` from ``root``
-    when ``args`` has none.
-
-    Example:
-      >>> command_line("demo", ["--workdir=/tmp/d"], root="/r")
-      ('experiments.cifar10', ['gns demo', '--config=/r/configs/cifar10.py:cpu', \
-'--config.mode=compare', '--workdir=/tmp/d'])
-    """
+    when ``args`` has none."""
     module, config, defaults, _ = COMMANDS[name]
     given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
     argv = [] if "--config" in given else [f"--config={os.path.join(root, config)}"]
