@@ -23,13 +23,10 @@ COMMANDS = {
            "the byte-level Transformer language model with the noise scale tracked"),
 }  # fmt: skip
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def usage() -> str:
-    """The help text of ``gns``."""
-    lines = ["usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags)", ""]
-    lines += [f"  {name:<6} {spec[3]}" for name, spec in COMMANDS.items()]
-    return "\n".join(lines)
+USAGE = "\n".join(
+    ["usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags)", ""]
+    + [f"  {name:<6} {spec[3]}" for name, spec in COMMANDS.items()]
+)
 
 
 def command_line(name: str, args: list[str], root: str = ROOT) -> tuple[str, list[str]]:
@@ -48,11 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     name = argv[1] if len(argv) > 1 else None
     if name in ("-h", "--help", "help"):
-        print(usage())
+        print(USAGE)
         sys.exit(0)
     if name not in COMMANDS:
         error = f"error: unknown subcommand {name!r}\n" if name else ""
-        print(error + usage(), file=sys.stderr)
+        print(error + USAGE, file=sys.stderr)
         sys.exit(2)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)  # the directory that holds experiments/ and configs/

@@ -148,11 +148,10 @@ def stdlib_root() -> str:
 def list_files(root: str, extensions=None, *, exclude_dirs=("__pycache__",)) -> list[str]:
     """Relative ``/``-separated paths of the regular files under ``root``, sorted, but hidden
     ones, those in the directories ``exclude_dirs`` and (with ``extensions``, suffixes) others."""
-    exclude = frozenset(exclude_dirs)
     suffixes = tuple(extensions or ("",))
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in exclude and not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if d not in exclude_dirs and not d.startswith(".")]
         for name in filenames:
             full = os.path.join(dirpath, name)
             if not name.startswith(".") and name.endswith(suffixes) and os.path.isfile(full):
