@@ -1,8 +1,6 @@
 """The ``gns`` command: ``gns SUBCOMMAND [FLAGS]`` (or ``python -m experiments SUBCOMMAND``)
-runs one experiment of :data:`COMMANDS` with its flags; without ``--config`` a subcommand uses
-its default config from this installation, so it works from any directory. The wheel keeps the
-experiments and configs inside its own directory (``gns_jax/``), put on ``sys.path`` here.
-"""
+runs one experiment of :data:`COMMANDS`; without ``--config``, with its default config from this
+installation (the wheel's ``gns_jax/`` directory, put on ``sys.path``), from any directory."""
 
 from __future__ import annotations
 
@@ -25,25 +23,16 @@ COMMANDS = {
            "the byte-level Transformer language model with the noise scale tracked"),
 }  # fmt: skip
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def usage() -> str:
-    """The help text of ``gns``."""
-    lines = ["usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags)", ""]
-    lines += [f"  {name:<6} {spec[3]}" for name, spec in COMMANDS.items()]
-    return "\n".join(lines)
+USAGE = "\n".join(
+    ["usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags)", ""]
+    + [f"  {name:<6} {spec[3]}" for name, spec in COMMANDS.items()]
+)
 
 
 def command_line(name: str, args: list[str], root: str = ROOT) -> tuple[str, list[str]]:
     """The module to run and its ``argv`` for ``gns NAME ARGS``: ``args`` after the
     subcommand's defaults (a flag given in ``args`` wins), ``--config`` from ``root``
-    when ``args`` has none.
-
-    Example:
-      >>> command_line("demo", ["--workdir=/tmp/d"], root="/r")
-      ('experiments.cifar10', ['gns demo', '--config=/r/configs/cifar10.py:cpu', \
-'--config.mode=compare', '--workdir=/tmp/d'])
-    """
+    when ``args`` has none."""
     module, config, defaults, _ = COMMANDS[name]
     given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
     argv = [] if "--config" in given else [f"--config={os.path.join(root, config)}"]
@@ -56,11 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     name = argv[1] if len(argv) > 1 else None
     if name in ("-h", "--help", "help"):
-        print(usage())
+        print(USAGE)
         sys.exit(0)
     if name not in COMMANDS:
         error = f"error: unknown subcommand {name!r}\n" if name else ""
-        print(error + usage(), file=sys.stderr)
+        print(error + USAGE, file=sys.stderr)
         sys.exit(2)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)  # the directory that holds experiments/ and configs/

@@ -1,17 +1,12 @@
-r"""CIFAR-10 (or any image folder) with the gradient noise scale tracked during training.
-
-Usage::
+r"""CIFAR-10 (or any image folder) with the gradient noise scale tracked during training::
 
     python -m experiments.cifar10 --config configs/cifar10.py:smoke --workdir /tmp/smoke \
       --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-``--config`` takes ``configs/cifar10.py:VARIANT`` (``smoke``, ``cpu``, ``gpu``,
-``effnet_lamb``, ...); any field is overridable (``--config.batch_size=256``).
-``config.mode``: ``train``, ``compare`` (every batch-size policy trained to one smoothed
-target, with a verdict; ``make demo``) or ``tradeoff`` (time to a target at several batch
-sizes). The training main of :mod:`experiments.run`: re-running resumes in ``--workdir``,
-Ctrl-C stops with everything saved (exit code 130), a mistake prints one line and a hint
-(exit code 2).
+``config.mode``: ``train``, ``compare`` (every batch-size policy trained to one smoothed target,
+with a verdict; ``make demo``) or ``tradeoff`` (time to a target at several batch sizes). The
+training main of :mod:`experiments.run`: re-running resumes, Ctrl-C stops with everything saved
+(exit code 130), a mistake prints one line and a hint (exit code 2).
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
-"""TensorBoard event files of a run, beside its ``metrics.jsonl`` (tensorboardX: no TensorFlow).
-
-The files are a view of the metrics rows: :class:`EventLog` writes each row's scalars as the row
-is written and, on a resume, rewrites the files from the rows kept. Tags (x axis: the step;
-non-finite values left out): those of :data:`STEP_TAGS`, ``test/<metric>``,
+"""TensorBoard event files of a run beside its ``metrics.jsonl`` (tensorboardX: no TensorFlow):
+a view of the metrics rows, written with each row and rewritten from the rows kept on a resume.
+Tags (x axis: the step; non-finite values left out): :data:`STEP_TAGS`, ``test/<metric>``,
 ``time/step_time_s``, ``noise_scale/window`` (``_low``, ``_high``: the ratio of means over the
 last :data:`WINDOW` measurements, 90% bootstrap interval), and ``by_examples/<key>`` of
-:data:`BY_EXAMPLES` over the examples seen (the fair axis across batch sizes).
-"""
+:data:`BY_EXAMPLES` over the examples seen (the fair axis across batch sizes)."""
 
 from __future__ import annotations
 
@@ -20,8 +17,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from gns import smoothing
-
-__all__ = ["WINDOW", "STEP_TAGS", "BY_EXAMPLES", "EventLog", "read_scalars", "row_scalars"]
 
 WINDOW = 20  # measurements in the trailing window of noise_scale/window*
 STEP_TAGS = {
@@ -54,16 +49,15 @@ def row_scalars(row: dict, window: Sequence[tuple[float, float]] = ()) -> dict[s
     for k, v in row.items():
         if k.startswith("test_") and _finite(v):
             out[f"test/{k[len('test_') :]}"] = float(v)
-    if _finite(row.get("examples_per_s")) and _finite(row.get("batch_size")):
-        if row["examples_per_s"] > 0:
-            out["time/step_time_s"] = float(row["batch_size"]) / float(row["examples_per_s"])
+    rate, size = row.get("examples_per_s"), row.get("batch_size")
+    if _finite(rate) and _finite(size) and rate > 0:
+        out["time/step_time_s"] = float(size) / float(rate)
     if "g_sq" in row and len(window) >= 2:
         g, t = (np.asarray(x, np.float64) for x in zip(*window, strict=True))
         res = smoothing.interval(g, t, confidence=0.9, block_size=1, num_resamples=200, seed=0)
-        for tag, v in (("window", res.estimate), ("window_low", res.low),
-                       ("window_high", res.high)):  # fmt: skip
+        for tag, v in zip(("", "_low", "_high"), (res.estimate, res.low, res.high), strict=True):
             if math.isfinite(v):
-                out[f"noise_scale/{tag}"] = float(v)
+                out[f"noise_scale/window{tag}"] = float(v)
     return out
 
 

@@ -1,19 +1,12 @@
-r"""A byte-level Transformer language model with the gradient noise scale tracked in training.
+r"""A byte-level Transformer language model with the gradient noise scale tracked in training::
 
-Usage::
-
-    python -m experiments.lm --config configs/lm.py:smoke --workdir /tmp/lm_smoke
     python -m experiments.lm --config configs/lm.py:cpu --workdir /tmp/lm_cpu \
       --config.data.path=corpus.txt
 
-``--config`` takes ``configs/lm.py:VARIANT`` (``smoke``, ``cpu``); any field is overridable.
-The corpus is the ``.py`` files of the running interpreter's standard library unless
-``--config.data.path`` names a text file or a directory
-(:mod:`experiments.tasks.text`). The training main of
-:mod:`experiments.run`, with the outputs of ``experiments.cifar10`` (held-out
-``test_bits_per_byte`` instead of accuracy; ``b_simple`` counts windows of ``context``
-tokens); re-running resumes, Ctrl-C stops with everything saved (exit code 130), a mistake
-prints one line and a hint (exit code 2).
+The corpus is the standard library's ``.py`` files unless ``--config.data.path`` names a text
+file or a directory (:mod:`experiments.tasks.text`). The training main of
+:mod:`experiments.run`, as ``experiments.cifar10`` (held-out ``test_bits_per_byte`` instead of
+accuracy; ``b_simple`` counts windows of ``context`` tokens).
 """
 
 from __future__ import annotations

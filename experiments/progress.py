@@ -12,8 +12,6 @@ import time
 from absl import logging
 from tqdm import tqdm
 
-__all__ = ["EVERY_S", "Progress", "format_duration"]
-
 EVERY_S = float(os.environ.get("GNS_PROGRESS_EVERY_S", "30"))
 
 
@@ -78,8 +76,8 @@ class Progress:
                  if self.total else f"{self.n:,} {self.unit}"]  # fmt: skip
         if self.show_rate:
             parts.append(f"{rate:,.1f} {self.unit}/s" if rate == rate else f"- {self.unit}/s")
-        if self.total and self.show_rate:
-            parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
+            if self.total:
+                parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
         parts.append(f"elapsed {format_duration(time.perf_counter() - self._start)}")
         parts += [f"{k} {v}" for k, v in self.fields.items() if k != "phase"]
         return head + ", ".join(parts)

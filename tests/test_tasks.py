@@ -115,7 +115,7 @@ def test_teacher_data_is_a_function_of_its_seed_with_closed_form_limits():
     cfg.update(scale=1e-9, num_train=8000)
     flat = teacher.generate(cfg)
     assert flat.bayes_loss == pytest.approx(math.log(4), abs=1e-9)
-    counts = np.bincount(flat.train_y, minlength=4) / 8000
+    counts = np.bincount(flat.train["label"], minlength=4) / 8000
     np.testing.assert_allclose(counts, 0.25, atol=0.02)  # 4 standard errors
 
 

@@ -1,11 +1,7 @@
-"""Tasks: what training, the sweep and compare know about the data and the objective of a
-run, behind one interface, :class:`~experiments.tasks.base.Task`. ``config.task`` names one
-(default ``cifar10``): ``cifar10`` (images, :mod:`~experiments.tasks.image`), ``lm`` (byte
-windows, :mod:`~experiments.tasks.text`) or ``teacher`` (a synthetic teacher-student
-classification, :mod:`~experiments.tasks.teacher`). A new task is a module here listed in
+"""The tasks of :data:`TASKS` behind one interface, :class:`~experiments.tasks.base.Task`;
+``config.task`` names one (default ``cifar10``). A new task is a module here listed in
 :data:`TASKS`, a config file ``configs/<task>.py`` and the rows of its fields in
-:mod:`experiments.rules`.
-"""
+:mod:`experiments.rules`."""
 
 from __future__ import annotations
 

@@ -35,10 +35,9 @@ def padded_batches(arrays: dict, batch_size: int) -> Iterator[dict]:
 
 
 class Task(NamedTuple):
-    """A task: its data (``ds``, what ``load`` returns), its batches, its loss and the metric
-    of its target. Its train examples form a stream, a pure function of the seed and the
-    positions, so a run that changes its batch size, or resumes, sees the examples of an
-    uninterrupted run."""
+    """A task: its data (``ds``, what ``load`` returns), batches, loss and target metric. Its
+    train examples form a stream, a pure function of the seed and the positions, so a run that
+    changes its batch size, or resumes, sees the examples of an uninterrupted run."""
 
     name: str  # the value of config.task
     keys: tuple[str, str]  # the (inputs, targets) keys of its batches
@@ -49,16 +48,14 @@ class Task(NamedTuple):
     num_train: Callable  # num_train(ds): train examples per epoch
     input_spec: Callable  # input_spec(ds) -> (shape, dtype) of one model input
     batch: Callable  # batch(config, ds, size, start): train examples [start, start + size)
-    eval_arrays: Callable  # eval_arrays(config, ds, split, n): a fixed set of n (None: all)
-    # examples of 'test' or 'train'
+    eval_arrays: Callable  # eval_arrays(config, ds, split, n): n (None: all) fixed examples
     describe: Callable  # describe(ds): the data's record (a resume checks it) or None
-    # eval_batches(ds, arrays, batch_size): the arrays in order, the last batch padded, each
-    # with a bool 'mask'
+    # eval_batches(ds, arrays, batch_size): the arrays as padded_batches
     eval_batches: Callable = lambda ds, arrays, batch_size: padded_batches(arrays, batch_size)
     metrics: Callable = lambda result: {}  # the task's own metrics of an evaluation result
     loss: Callable = cross_entropy  # loss(logits, targets) -> [B]
-    # step_batches(config, ds, batch_size, start_step): a stream by steps at a fixed batch size
-    # (epoch tails dropped) that train_batches yields instead of the example stream
+    # step_batches(config, ds, batch_size, start_step): a stream by steps (epoch tails dropped)
+    # that train_batches yields instead of the example stream
     step_batches: Callable | None = None
 
     def score(self, value: float | None) -> float | None:

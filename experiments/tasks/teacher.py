@@ -1,13 +1,10 @@
-r"""A synthetic teacher-student classification (``config.task='teacher'``): a few thousand
-random feature vectors labelled by a random linear teacher, generated from a seed in
-milliseconds, no files; batches ``{'features', 'label'}``, target ``config.target_accuracy``.
-
-The teacher's logits are ``x @ W`` with ``x ~ N(0, I_d)`` and ``W ~ N(0, scale² / d)``
-(so each logit has standard deviation ``scale``), and each label is *drawn* from
-``softmax(x @ W)``: the labels are noisy, so the gradient noise scale stays finite, and no
-student can beat the teacher's expected loss, the mean entropy of its predictions
-(``bayes_loss`` of :func:`describe`), while guessing costs ``log(num_classes)``. A student
-that learns lands between the two; a linear one (``model.widths=()``) can reach the first.
+r"""A synthetic teacher-student classification (``config.task='teacher'``), generated from a
+seed in milliseconds: features ``x ~ N(0, I_d)``, each label *drawn* from ``softmax(x @ W)`` of a
+random linear teacher ``W ~ N(0, scale² / d)`` (each logit's standard deviation ``scale``);
+batches ``{'features', 'label'}``, target ``config.target_accuracy``. The noisy labels keep the
+gradient noise scale finite; no student beats the teacher's expected loss (``bayes_loss`` of
+:func:`describe`), guessing costs ``log(num_classes)``, and a linear student
+(``model.widths=()``) can reach the first.
 """
 
 from __future__ import annotations
@@ -26,12 +23,10 @@ _TEACHER_TAG = 0x74656163  # keeps the teacher's draw apart from the splits' ([s
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TeacherData:
-    """The generated splits: float32 features ``[N, d]``, int32 labels ``[N]``."""
+    """The generated splits ``{'features': float32 [N, d], 'label': int32 [N]}``."""
 
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
+    train: dict
+    test: dict
     num_classes: int
     bayes_loss: float  # the teacher's expected loss on the test inputs (nats)
 
@@ -50,31 +45,26 @@ def generate(cfg) -> TeacherData:
         p /= p.sum(1, keepdims=True)
         y = np.minimum((p.cumsum(1) < rng.random((n, 1))).sum(1), c - 1).astype(np.int32)
         entropy = -np.sum(p * np.log(np.maximum(p, 1e-30)), 1).mean()
-        return x, y, float(entropy)
+        return {"features": x, "label": y}, float(entropy)
 
-    train_x, train_y, _ = split(int(cfg.num_train), 1)
-    test_x, test_y, bayes = split(int(cfg.num_test), 2)
-    return TeacherData(train_x, train_y, test_x, test_y, c, bayes)
+    train, _ = split(int(cfg.num_train), 1)
+    test, bayes = split(int(cfg.num_test), 2)
+    return TeacherData(train, test, c, bayes)
 
 
 def describe(ds: TeacherData) -> dict:
     """The data's record: a fingerprint of the arrays, the teacher's expected test loss
     (``bayes_loss``: the floor) and the loss of guessing (``chance_loss``: ``log C``)."""
     h = hashlib.sha256()
-    for a in (ds.train_x, ds.train_y, ds.test_x, ds.test_y):
+    for a in (*ds.train.values(), *ds.test.values()):
         h.update(a.tobytes())
     return {"fingerprint": h.hexdigest()[:16], "bayes_loss": ds.bayes_loss,
             "chance_loss": math.log(ds.num_classes)}  # fmt: skip
 
 
 def _batch(config, ds: TeacherData, size: int, start: int) -> dict:
-    idx = data.train_draws(config.seed, size, len(ds.train_y), start_example=start)[0]
-    return {"features": ds.train_x[idx], "label": ds.train_y[idx]}
-
-
-def _eval_arrays(config, ds: TeacherData, split: str, n: int | None) -> dict:
-    train = {"features": ds.train_x, "label": ds.train_y}
-    return split_subset(train, {"features": ds.test_x, "label": ds.test_y}, split, n)
+    idx = data.train_draws(config.seed, size, len(ds.train["label"]), start_example=start)[0]
+    return {k: v[idx] for k, v in ds.train.items()}
 
 
 TASK = Task(
@@ -84,9 +74,9 @@ TASK = Task(
     lower_is_better=False,
     target_field="target_accuracy",
     load=lambda config: generate(config.data),
-    num_train=lambda ds: len(ds.train_y),
-    input_spec=lambda ds: (ds.train_x.shape[1:], np.float32),
+    num_train=lambda ds: len(ds.train["label"]),
+    input_spec=lambda ds: (ds.train["features"].shape[1:], np.float32),
     batch=_batch,
-    eval_arrays=_eval_arrays,
+    eval_arrays=lambda config, ds, split, n: split_subset(ds.train, ds.test, split, n),
     describe=describe,
 )

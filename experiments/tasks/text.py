@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import sysconfig
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -62,18 +62,15 @@ class TextDataset:
 
 
 def load(cfg, *, context: int) -> TextDataset:
-    """The corpus of ``cfg`` (``config.data`` or a mapping, its fields checked by
-    :mod:`experiments.rules`) with ``context`` tokens per example. ``path``: ``None``, the
-    ``.py`` files of the running interpreter's standard library (no download; installed
-    packages, test suites, caches and binary files left out: **the corpus, hence the test
-    loss, depends on the Python version**, recorded in ``source``); a file (its last
+    """The corpus of ``cfg`` (``config.data`` or a mapping) with ``context`` tokens per
+    example. ``path``: ``None``, the ``.py`` files of the running interpreter's standard library
+    (no download; packages, test suites, caches and binary files left out: **the corpus, hence
+    the test loss, depends on the Python version**, recorded in ``source``); a file (its last
     ``test_fraction``, default 0.05, of bytes held out); or a directory (its files, or those
     ending in ``extensions``), split by file (:func:`is_test_file`). Files are read in sorted
-    order and concatenated; ``max_bytes`` caps each split at its share.
-
-    A missing path, an empty corpus, a binary file or a split shorter than ``context + 1``
-    bytes raises :class:`UserError`.
-    """
+    order and concatenated; ``max_bytes`` caps each split at its share. A missing path, an empty
+    corpus, a binary file or a split shorter than ``context + 1`` bytes raises
+    :class:`UserError`."""
     test_fraction = float(cfg.get("test_fraction", 0.05))
     max_bytes = None if cfg.get("max_bytes") is None else int(cfg["max_bytes"])
     extensions = cfg.get("extensions")
@@ -127,8 +124,7 @@ def _read_corpus(path, max_bytes, test_fraction, extensions) -> tuple[dict, tupl
             "for the Python standard library.",
         )
     if not os.path.isdir(path):
-        data = _read_text(path, max_bytes)
-        return {"kind": "file", "path": path}, _split_bytes(data, test_fraction, None)
+        return {"kind": "file", "path": path}, _split_bytes(path, max_bytes, test_fraction, [])
     files = list_files(path, extensions)
     if not files:
         what = f"files ending in {', '.join(extensions)}" if extensions else "files"
@@ -138,8 +134,7 @@ def _read_corpus(path, max_bytes, test_fraction, extensions) -> tuple[dict, tupl
             "data.extensions to match them).",
         )
     if len(files) == 1:  # one file: split its bytes
-        data = _read_text(os.path.join(path, files[0]), max_bytes)
-        arrays = _split_bytes(data, test_fraction, files[0])
+        arrays = _split_bytes(os.path.join(path, files[0]), max_bytes, test_fraction, files)
     else:
         arrays = _split_by_file(path, files, test_fraction, max_bytes, strict=True)
     return {"kind": "directory", "path": path}, arrays
@@ -150,19 +145,13 @@ def stdlib_root() -> str:
     return os.path.realpath(sysconfig.get_paths()["stdlib"])
 
 
-def list_files(
-    root: str,
-    extensions: Iterable[str] | None = None,
-    *,
-    exclude_dirs: Iterable[str] = ("__pycache__",),
-) -> list[str]:
+def list_files(root: str, extensions=None, *, exclude_dirs=("__pycache__",)) -> list[str]:
     """Relative ``/``-separated paths of the regular files under ``root``, sorted, but hidden
-    ones, those in ``exclude_dirs`` and (with ``extensions``) other suffixes."""
-    exclude = frozenset(exclude_dirs)
+    ones, those in the directories ``exclude_dirs`` and (with ``extensions``, suffixes) others."""
     suffixes = tuple(extensions or ("",))
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in exclude and not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if d not in exclude_dirs and not d.startswith(".")]
         for name in filenames:
             full = os.path.join(dirpath, name)
             if not name.startswith(".") and name.endswith(suffixes) and os.path.isfile(full):
@@ -212,34 +201,32 @@ def _split_by_file(root, files, test_fraction, max_bytes, *, strict):
     return train, test, train_files, test_files, "file"
 
 
-def _split_bytes(data: bytes, test_fraction: float, name: str | None):
-    """(train, test, files, files, 'bytes'): the last ``test_fraction`` of the bytes is test."""
-    arr = np.frombuffer(data, np.uint8).copy()
-    cut = len(arr) - max(1, round(len(arr) * test_fraction)) if data else 0
-    files = [name] if name else []
+def _split_bytes(path: str, max_bytes, test_fraction: float, files: list[str]):
+    """(train, test, files, files, 'bytes'): the file's last ``test_fraction`` of bytes is test."""
+    arr = np.frombuffer(_read_text(path, max_bytes), np.uint8).copy()
+    cut = len(arr) - max(1, round(len(arr) * test_fraction)) if len(arr) else 0
     return arr[:cut], arr[cut:], files, files, "bytes"
 
 
 def _read_text(path: str, max_bytes: int | None) -> bytes:
-    """The first ``max_bytes`` bytes of a text file; a binary one (a NUL byte, or more than
-    ``MAX_UNDECODABLE_FRACTION`` of bytes not UTF-8) raises :class:`UserError`."""
+    """The first ``max_bytes`` (``None``: all) bytes of a text file; a binary one (a NUL byte,
+    or more than ``MAX_UNDECODABLE_FRACTION`` of bytes not UTF-8) raises :class:`UserError`."""
     with open(path, "rb") as f:
-        data = f.read() if max_bytes is None else f.read(max_bytes)
+        data = f.read(max_bytes)
     # Not final: a cut at max_bytes may split the last multi-byte character.
     decoded = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
     bad = decoded.count("\ufffd") - data.count("\ufffd".encode())
-    problem = None
     if b"\x00" in data:
         problem = "it holds NUL bytes"
     elif bad > MAX_UNDECODABLE_FRACTION * len(data):
         problem = f"{bad} of its {len(data)} bytes are not UTF-8"
-    if problem:
-        raise UserError(
-            f"{path} is a binary file ({problem}), not text.",
-            hint="data.path must be text; in a directory, data.extensions selects the text "
-            "files, e.g. --config.data.extensions=\"('.py', '.txt')\".",
-        )
-    return data
+    else:
+        return data
+    raise UserError(
+        f"{path} is a binary file ({problem}), not text.",
+        hint="data.path must be text; in a directory, data.extensions selects the text "
+        "files, e.g. --config.data.extensions=\"('.py', '.txt')\".",
+    )
 
 
 def train_offsets(
@@ -291,9 +278,9 @@ def eval_arrays(ds: TextDataset, max_windows: int | None = None) -> dict:
     return _windows(ds.test, offsets, ds.window)
 
 
-def bits_per_byte(loss: float | None) -> float | None:
+def bits_per_byte(loss: float) -> float:
     """Bits per byte of a mean next-byte cross-entropy ``loss`` in nats: ``loss / ln 2``."""
-    return None if loss is None else loss / math.log(2.0)
+    return loss / math.log(2.0)
 
 
 def _eval_arrays(config, ds: TextDataset, split: str, n: int | None) -> dict:
@@ -315,5 +302,5 @@ TASK = Task(
     batch=lambda config, ds, size, start: train_batch(ds, start, size, seed=config.seed),
     eval_arrays=_eval_arrays,
     describe=lambda ds: dict(ds.source),
-    metrics=lambda result: {"bits_per_byte": bits_per_byte(result.get("loss"))},
+    metrics=lambda result: {"bits_per_byte": bits_per_byte(result["loss"])},
 )
