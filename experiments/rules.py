@@ -1,12 +1,12 @@
 """The one table of config fields: each field's valid values, and the rules between fields.
 
 :func:`check` applies it before an entry point loads or writes anything (a bad value: one line
-and a ``hint:``). A config's table (:func:`rules_of`) is a list of sections ``(prefix, rules,
-cross)``: ``rules`` are ``(field, kind)`` (a :class:`Kind`); ``cross`` are functions ``(node,
-devices, prefix) -> (message, hint)`` or ``None`` (:func:`cross`), checked after every field is
-valid (``devices``: the mesh's size, ``None`` skips the rules that need it). A field a config
-lacks is skipped; a config field without a row fails ``tests/test_config.py``. What a field
-means is its comment in ``configs/*.py``, which ``--help`` prints (:func:`describe`).
+and a ``hint:``). A config's table (:func:`rules_of`) is its rows ``(field, kind)`` (a
+:class:`Kind`) and its rules between fields, functions ``(config, devices) -> (message, hint)``
+or ``None`` (:func:`cross`), checked after every field is valid (``devices``: the mesh's size,
+``None`` skips the rules that need it). A field a config lacks is skipped; a config field
+without a row fails ``tests/test_config.py``. What a field means is its comment in
+``configs/*.py``, which ``--help`` prints (:func:`describe`).
 """
 
 from __future__ import annotations
@@ -24,18 +24,11 @@ import numpy as np
 
 from experiments.cli import UserError, config_fields
 
-__all__ = [
-    "Kind", "TASK_TABLES", "ENTRY_POINTS", "NOT_TRAINING", "check", "rules_of", "describe",
-    "describer", "field_comments", "get",
-]  # fmt: skip
-
 GNS_METHODS = ("auto", "per_example", "microbatch", "across_devices")
-DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
 SCHEDULES = ("constant", "cosine")
 POLICIES = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
 MODES = ("train", "compare", "tradeoff", "adaptive")
-DATA_SOURCES = ("folder", "cifar10_binary", "tfds", "synthetic")
 MODEL_NAMES = (
     "small_cnn", "mlp", "resnet", "resnet18", "efficientnet", "efficientnet_b0", "transformer",
 )  # fmt: skip
@@ -116,9 +109,6 @@ def ints(lo: int, **kwargs) -> Kind:
     return tuple_of(count(lo), **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------
-# The fields.
-
 # Training fields of every training config (configs/cifar10.py, configs/lm.py).
 TRAIN = (
     ("mode", choice(*MODES)),
@@ -149,7 +139,7 @@ TRAIN = (
     ("gns_microbatches", count(1)),
     ("gns_chunk_size", count(1, none=True)),
     ("gns_ema_decay", real(0, 1, open_hi=True)),
-    ("dtype", choice(*DTYPES)),
+    ("dtype", choice("float32", "bfloat16")),
     ("num_devices", count(1, none=True)),
     ("distributed", FLAG),
     ("step_time_repeats", count(0)),
@@ -159,10 +149,7 @@ TRAIN = (
 IMAGE = (
     ("target_accuracy", real(0, 1, none=True)),
     ("adaptive.enabled", FLAG),
-    (
-        "adaptive.candidates",
-        ints(2, increasing=True, none=True),
-    ),
+    ("adaptive.candidates", ints(2, increasing=True, none=True)),
     ("adaptive.min_batch_size", count(2)),
     ("adaptive.max_batch_size", count(2)),
     ("adaptive.initial_batch_size", count(2, none=True)),
@@ -186,7 +173,7 @@ IMAGE = (
     ("model.dropout_rate", real(0, 1, open_hi=True, none=True)),
     ("model.drop_connect_rate", real(0, 1, open_hi=True, none=True)),
     ("model.stem_strides", count(1, none=True)),
-    ("data.source", choice(*DATA_SOURCES)),
+    ("data.source", choice("folder", "cifar10_binary", "tfds", "synthetic")),
     ("data.name", text()),
     ("data.path", text(none=True)),
     ("data.cache_dir", text(none=True)),
@@ -247,10 +234,7 @@ MEASURE = (
     ("noise.confidence", real(0, 1, open_lo=True, open_hi=True)),
     ("throughput.min_batch_size", count(1)),
     ("throughput.max_batch_size", count(1)),
-    (
-        "throughput.memory_budget_bytes",
-        count(1, hi=2**62, none=True),
-    ),
+    ("throughput.memory_budget_bytes", count(1, hi=2**62, none=True)),
     ("throughput.warmup", count(0)),
     ("throughput.repeats", count(1)),
     ("throughput.accumulation_factors", ints(2, empty=True)),
@@ -281,27 +265,27 @@ MEASURE = (
 
 # config.compare: the policy comparison of experiments.compare.
 COMPARE = (
-    ("policies", tuple_of(choice(*POLICIES), distinct=True)),
-    ("seeds", ints(0)),
-    ("baseline_batch_size", count(2, none=True)),
-    ("baseline_learning_rate", real(0, open_lo=True, none=True)),
-    ("target_accuracy", real(0, 1, open_lo=True)),
-    ("target_window", count(1)),
-    ("eval_every_examples", count(1)),
-    ("eval_examples", count(1, none=True)),
-    ("give_up_factor", real(1, none=True)),
-    ("max_wall_time_s", real(0, open_lo=True)),
-    ("max_epochs", real(0, open_lo=True)),
-    ("schedule", choice(*SCHEDULES, none=True)),
-    ("warmup_steps", count(0, none=True)),
-    ("tradeoff_summary", text(none=True)),
+    ("compare.policies", tuple_of(choice(*POLICIES), distinct=True)),
+    ("compare.seeds", ints(0)),
+    ("compare.baseline_batch_size", count(2, none=True)),
+    ("compare.baseline_learning_rate", real(0, open_lo=True, none=True)),
+    ("compare.target_accuracy", real(0, 1, open_lo=True)),
+    ("compare.target_window", count(1)),
+    ("compare.eval_every_examples", count(1)),
+    ("compare.eval_examples", count(1, none=True)),
+    ("compare.give_up_factor", real(1, none=True)),
+    ("compare.max_wall_time_s", real(0, open_lo=True)),
+    ("compare.max_epochs", real(0, open_lo=True)),
+    ("compare.schedule", choice(*SCHEDULES, none=True)),
+    ("compare.warmup_steps", count(0, none=True)),
+    ("compare.tradeoff_summary", text(none=True)),
 )
 
 # The top-level fields that no training reads: experiments.cifar10's mode, the policy
 # comparison and the measurement fields (a training's identity and fingerprint leave them out).
 NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _ in MEASURE))
 
-# configs/bench.py.
+# configs/bench.py; its language model (lm.model) has the rows of TEXT but a smaller vocabulary.
 BENCH = (
     ("seed", count(0)),
     ("model.name", choice("small_cnn")),
@@ -333,27 +317,29 @@ BENCH = (
     *((f"rows.models.{m}.dims", ints(1)) for m in ("nnx_mlp", "plain_mlp")),
     *((f"rows.models.lm1b.{f}", count(1)) for f in
       ("context", "depth", "num_heads", "mlp_ratio", "vocab_size", "width")),
+    *(("lm." + f, k) for f, k in TEXT if f.startswith("model.") and f != "model.vocab_size"),
+    ("lm.model.vocab_size", count(2, hi=65536)),
 )  # fmt: skip
-BENCH_LM_MODEL = tuple(r for r in TEXT if r[0].startswith("model.") and r[0] != "model.vocab_size")
-BENCH_LM_MODEL += (("model.vocab_size", count(2, hi=65536)),)
-
-
-# ---------------------------------------------------------------------------------------------
-# The rules between fields.
 
 
 def cross(fields: tuple[str, ...], ok: Callable, what: str, hint: str | None = None) -> Callable:
-    """The rule that ``ok(node, devices)`` holds, about ``fields`` (named in the message);
+    """The rule that ``ok(config, devices)`` holds, about ``fields`` (named in the message);
     skipped when one of them is missing."""
 
-    def rule(node, devices, prefix):
-        if not all(_present(node, f) for f in fields) or _safe(lambda n: ok(n, devices), node):
+    def rule(config, devices):
+        if not all(_present(config, f) for f in fields) or _safe(lambda c: ok(c, devices), config):
             return None
-        given = ", ".join(f"config.{prefix}{f}={get(node, f)!r}" for f in fields)
-        fix = " or ".join(f"--config.{prefix}{f}" for f in fields)
+        given = ", ".join(f"config.{f}={get(config, f)!r}" for f in fields)
+        fix = " or ".join(f"--config.{f}" for f in fields)
         return f"{given}: {what}", hint or f"change {fix}"
 
     return rule
+
+
+def _multiples(values: str, k: str, what: str) -> Callable:
+    """The rule that ``config.<values>`` (an int or a tuple of ints) are multiples of
+    ``config.<k>``."""
+    return cross((values, k), lambda c, d: not np.any(np.mod(get(c, values), get(c, k))), what)
 
 
 def batch_problem(batch_size: int, devices: int, field: str) -> tuple[str, str] | None:
@@ -376,17 +362,11 @@ def batch_problem(batch_size: int, devices: int, field: str) -> tuple[str, str] 
 def _on_devices(field: str) -> Callable:
     """``field``, a global batch, splits evenly over the mesh's devices (when known)."""
 
-    def rule(node, devices, prefix):
-        value = get(node, field)
-        if devices is None or not _is_int(value):
-            return None
-        return batch_problem(int(value), devices, prefix + field)
+    def rule(config, devices):
+        value = get(config, field)
+        return batch_problem(int(value), devices, field) if devices and _is_int(value) else None
 
     return rule
-
-
-def _divides(k, values) -> bool:
-    return all(v % k == 0 for v in values)
 
 
 def _target_needs_eval(target: str) -> Callable:
@@ -396,6 +376,8 @@ def _target_needs_eval(target: str) -> Callable:
         f"{target} is checked at the periodic evaluations: it needs eval_every > 0",
     )
 
+
+HEADS = "model.num_heads must divide model.width (each head gets width / num_heads)"
 
 TRAIN_CROSS = (
     _on_devices("batch_size"),
@@ -407,14 +389,19 @@ TRAIN_CROSS = (
           "(equal microbatches) and is a multiple of the devices"),
 )  # fmt: skip
 
+# small_cnn's GroupNorm (the image task's other models take no groups).
+GROUPS = cross(
+    ("model.widths", "model.groups"),
+    lambda c, d: c.model.name != "small_cnn" or not np.any(np.mod(c.model.widths, c.model.groups)),
+    "model.groups must divide every one of model.widths (GroupNorm)",
+)
+
 IMAGE_CROSS = (
     _target_needs_eval("target_accuracy"),
     cross(("data.num_train", "batch_size"),
           lambda c, d: c.data.num_train is None or c.data.num_train >= c.batch_size,
           "a batch cannot be larger than the train subset"),
-    cross(("model.widths", "model.groups"),
-          lambda c, d: c.model.name != "small_cnn" or _divides(c.model.groups, c.model.widths),
-          "model.groups must divide every one of model.widths (GroupNorm)"),
+    GROUPS,
     cross(("data.source", "data.path"),
           lambda c, d: c.data.source != "folder" or c.data.path is not None,
           "data.source='folder' reads data.path",
@@ -427,13 +414,10 @@ IMAGE_CROSS = (
           "the batch-size schedule follows the measured noise scale: it needs gns_every > 0"),
 )  # fmt: skip
 
-LM_MODEL_CROSS = (
-    cross(("model.width", "model.num_heads"),
-          lambda c, d: c.model.width % c.model.num_heads == 0,
-          "model.num_heads must divide model.width (each head gets width / num_heads)"),
-)  # fmt: skip
-
-TEXT_CROSS = (_target_needs_eval("target_bits_per_byte"),) + LM_MODEL_CROSS
+TEXT_CROSS = (
+    _target_needs_eval("target_bits_per_byte"),
+    _multiples("model.width", "model.num_heads", HEADS),
+)
 
 TEACHER_CROSS = (
     _target_needs_eval("target_accuracy"),
@@ -451,64 +435,51 @@ MEASURE_CROSS = (
 )  # fmt: skip
 
 BENCH_CROSS = (
-    cross(("batch_sizes", "num_microbatches"),
-          lambda c, d: _divides(c.num_microbatches, c.batch_sizes),
-          "every batch size must split into num_microbatches equal microbatches"),
+    _multiples("batch_sizes", "num_microbatches",
+               "every batch size must split into num_microbatches equal microbatches"),
     cross(("reference_batch_size", "batch_sizes"),
           lambda c, d: c.reference_batch_size in c.batch_sizes,
           "reference_batch_size must be one of batch_sizes"),
-    cross(("model.widths", "model.groups"),
-          lambda c, d: _divides(c.model.groups, c.model.widths),
-          "model.groups must divide every one of model.widths (GroupNorm)"),
-    *(cross((f"rows.models.{m}.batch_sizes", "rows.num_microbatches"),
-            lambda c, d, m=m: _divides(c.rows.num_microbatches, c.rows.models[m].batch_sizes),
-            "every batch size must split into rows.num_microbatches equal microbatches")
+    GROUPS,
+    *(_multiples(f"rows.models.{m}.batch_sizes", "rows.num_microbatches",
+                 "every batch size must split into rows.num_microbatches equal microbatches")
       for m in ("lm1b", "nnx_mlp", "plain_mlp")),
-    cross(("rows.models.lm1b.width", "rows.models.lm1b.num_heads"),
-          lambda c, d: c.rows.models.lm1b.width % c.rows.models.lm1b.num_heads == 0,
-          "rows.models.lm1b.num_heads must divide its width"),
-    cross(("lm.batch_sizes", "lm.num_microbatches"),
-          lambda c, d: _divides(c.lm.num_microbatches, c.lm.batch_sizes),
-          "every lm batch size must split into lm.num_microbatches equal microbatches"),
+    _multiples("rows.models.lm1b.width", "rows.models.lm1b.num_heads",
+               "rows.models.lm1b.num_heads must divide its width"),
+    _multiples("lm.batch_sizes", "lm.num_microbatches",
+               "every lm batch size must split into lm.num_microbatches equal microbatches"),
+    _multiples("lm.model.width", "lm.model.num_heads", HEADS),
 )  # fmt: skip
 
-# config.task -> (rules, cross) of its training fields (a config without ``task`` is the image
-# task's), checked by the entry points and again by experiments.train.
+# config.task -> (rows, rules between fields) of a training config (one without ``task`` is the
+# image task's): the task's fields, the measurement fields and the policy comparison (a config
+# without these skips their rows); checked by the entry points and again by experiments.train.
 TASK_TABLES = {
-    "cifar10": (TRAIN + IMAGE, TRAIN_CROSS + IMAGE_CROSS),
-    "lm": (TRAIN + TEXT, TRAIN_CROSS + TEXT_CROSS),
-    "teacher": (TRAIN + TEACHER, TRAIN_CROSS + TEACHER_CROSS),
+    "cifar10": (TRAIN + IMAGE + MEASURE + COMPARE, TRAIN_CROSS + IMAGE_CROSS + MEASURE_CROSS),
+    "lm": (TRAIN + TEXT + MEASURE + COMPARE, TRAIN_CROSS + TEXT_CROSS + MEASURE_CROSS),
+    "teacher": (TRAIN + TEACHER + MEASURE + COMPARE, TRAIN_CROSS + TEACHER_CROSS + MEASURE_CROSS),
 }
-# The sections a training config may have beyond its task's: the measurement fields and the
-# policy comparison (a config without them skips their rows).
-MEASURE_SECTIONS = [("", MEASURE, MEASURE_CROSS), ("compare.", COMPARE, ())]
-BENCH_SECTIONS = [("", BENCH, BENCH_CROSS), ("lm.", BENCH_LM_MODEL, LM_MODEL_CROSS)]
 # The entry points (python -m experiments.X); all but bench read a training config.
 ENTRY_POINTS = ("cifar10", "lm", "sweep", "bench")
 
 
-# ---------------------------------------------------------------------------------------------
-# The checker.
-
-
 def get(config, path: str, default=None):
     """``config.a.b`` of ``path='a.b'`` (``default`` when a part is missing)."""
-    for part in path.split(".") if path else ():
+    for part in path.split("."):
         if not hasattr(config, "keys") or part not in config.keys():
             return default
         config = config[part]
     return config
 
 
-def rules_of(config, kind: str) -> list[tuple[str, tuple, tuple]]:
-    """The sections ``(prefix, rules, cross)`` of ``config`` as the entry point (or task)
-    ``kind`` reads it."""
+def rules_of(config, kind: str) -> tuple[tuple, tuple]:
+    """``(rows, rules between fields)`` of ``config`` as the entry point (or task) ``kind``
+    reads it."""
+    if kind == "bench":
+        return BENCH, BENCH_CROSS
     if kind not in ENTRY_POINTS and kind not in TASK_TABLES:
         raise ValueError(f"unknown config kind {kind!r}: one of {', '.join(ENTRY_POINTS)}")
-    if kind == "bench":
-        return BENCH_SECTIONS
-    task = get(config, "task")
-    return [("", *TASK_TABLES.get(task, TASK_TABLES["cifar10"]))] + MEASURE_SECTIONS
+    return TASK_TABLES.get(get(config, "task"), TASK_TABLES["cifar10"])
 
 
 def _present(node, path: str) -> bool:
@@ -525,26 +496,19 @@ def check(config, kind: str, devices: int | None = None) -> None:
     Raises:
       UserError: the first violation, naming the field(s), the value(s), what is valid and a hint.
     """
-    sections = rules_of(config, kind)
-    for prefix, rules, _ in sections:
-        node = get(config, prefix.rstrip("."))
-        for field, kind_ in rules:
-            if node is None or not _present(node, field):
-                continue
-            value = get(node, field)
-            if not _safe(kind_.valid, value):
-                name = prefix + field
-                verb = "is not" if kind_.what.startswith("one of") else "must be"
-                raise UserError(
-                    f"config.{name}={value!r} {verb} {kind_.what}",
-                    hint=f"set --config.{name}=... (--help lists every field and its values)",
-                )
-    for prefix, _, rules_between in sections:
-        node = get(config, prefix.rstrip("."))
-        for rule in rules_between if node is not None else ():
-            problem = rule(node, devices, prefix)
-            if problem:
-                raise UserError(*problem)
+    rows, rules_between = rules_of(config, kind)
+    for name, kind_ in rows:
+        value = get(config, name, _MISSING)
+        if value is not _MISSING and not _safe(kind_.valid, value):
+            verb = "is not" if kind_.what.startswith("one of") else "must be"
+            raise UserError(
+                f"config.{name}={value!r} {verb} {kind_.what}",
+                hint=f"set --config.{name}=... (--help lists every field and its values)",
+            )
+    for rule in rules_between:
+        problem = rule(config, devices)
+        if problem:
+            raise UserError(*problem)
 
 
 def _safe(fn, value) -> bool:
@@ -564,7 +528,7 @@ def describe(config, kind: str, path: str) -> list[str]:
     """The ``--help`` lines of ``config``, read from the config file ``path``: for each field,
     in the config's order, ``--config.name=value``, then its comment (:func:`field_comments`)
     and its valid values."""
-    kinds = {prefix + f: k.what for prefix, rules, _ in rules_of(config, kind) for f, k in rules}
+    kinds = {name: k.what for name, k in rules_of(config, kind)[0]}
     names = [name for name, _ in config_fields(config)]
     comments = field_comments(path, names)
     lines = []

@@ -30,10 +30,7 @@ HUGE = 2**40
 
 def documented(config, kind: str) -> dict:
     """``{dotted field: kind}`` of the table for ``config``."""
-    out = {}
-    for prefix, table, _ in rules.rules_of(config, kind):
-        out.update({prefix + field: k for field, k in table})
-    return out
+    return dict(rules.rules_of(config, kind)[0])
 
 
 class Fields(dict):
