@@ -35,6 +35,7 @@ MODEL_NAMES = (
 # gns.scaling.RULES, named here so that checking a config imports no JAX (a test pins them).
 LR_RULES = ("sgd", "linear", "sqrt", "seesaw", "constant")
 INT_MAX = 2**31 - 1  # indices and step counters are int32 on the devices
+_MISSING = object()
 
 
 class Kind(NamedTuple):
@@ -42,6 +43,11 @@ class Kind(NamedTuple):
 
     valid: Callable[[Any], bool]
     what: str
+
+    @property
+    def or_none(self) -> Kind:
+        """This kind or ``None`` (what ``None`` means: the field's comment)."""
+        return Kind(lambda v: v is None or self.valid(v), f"{self.what}, or None")
 
 
 def _is_int(v) -> bool:
@@ -52,56 +58,45 @@ def _is_real(v) -> bool:
     return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _or_none(kind: Kind, none: bool) -> Kind:
-    """``kind``, or ``None`` too with ``none`` (what ``None`` means: the field's comment)."""
-    return Kind(lambda v: v is None or kind.valid(v), f"{kind.what}, or None") if none else kind
-
-
-def count(lo: int = 0, none: bool = False, hi: int = INT_MAX) -> Kind:
-    """An int in ``[lo, hi]`` (``none``: or ``None``)."""
+def count(lo: int, hi: int = INT_MAX) -> Kind:
+    """An int in ``[lo, hi]``."""
     what = f"an int >= {lo}" if hi >= INT_MAX else f"an int in [{lo}, {hi}]"
-    return _or_none(Kind(lambda v: _is_int(v) and lo <= v <= hi, what), none)
+    return Kind(lambda v: _is_int(v) and lo <= v <= hi, what)
 
 
-def real(lo, hi=None, *, open_lo=False, open_hi=False, none: bool = False) -> Kind:
+def real(lo, hi=math.inf, *, open_lo=False, open_hi=False) -> Kind:
     """A finite number in the interval (``open_*``: the bound itself excluded)."""
 
     def ok(v):
-        above = _is_real(v) and (v > lo if open_lo else v >= lo)
-        return above and (hi is None or (v < hi if open_hi else v <= hi))
+        return _is_real(v) and (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
 
     what = f"a finite number {'>' if open_lo else '>='} {lo}"
-    if hi is not None:
+    if hi < math.inf:
         what = f"a number in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
-    return _or_none(Kind(ok, what), none)
+    return Kind(ok, what)
 
 
-def choice(*options: str, none: bool = False) -> Kind:
-    return _or_none(Kind(lambda v: v in options, f"one of {', '.join(options)}"), none)
-
-
-def text(none: bool = False) -> Kind:
-    """A non-empty string."""
-    return _or_none(Kind(lambda v: isinstance(v, str) and v.strip() != "", "a text"), none)
+def choice(*options: str) -> Kind:
+    return Kind(lambda v: v in options, f"one of {', '.join(options)}")
 
 
 FLAG = Kind(lambda v: isinstance(v, bool | np.bool_), "True or False")
+TEXT = Kind(lambda v: isinstance(v, str) and v.strip() != "", "a text")  # non-empty
 
 
-def tuple_of(item: Kind, *, empty=False, increasing=False, distinct=False, none=False) -> Kind:
+def tuple_of(item: Kind, *, empty=False, increasing=False, distinct=False) -> Kind:
     """A tuple of ``item`` values (``empty``: may be ``()``; ``increasing``: strictly;
     ``distinct``: no repeats)."""
 
     def ok(v):
         if not isinstance(v, tuple | list) or not (v or empty) or not all(map(item.valid, v)):
             return False
-        return (not increasing or all(a < b for a, b in zip(v, v[1:], strict=False))) and (
-            not distinct or len(set(v)) == len(v)
-        )
+        unique = len(set(v)) == len(v)
+        return (not increasing or unique and list(v) == sorted(v)) and (unique or not distinct)
 
     what = f"a {'' if empty else 'non-empty '}tuple, each {item.what}"
     what += (", increasing" if increasing else "") + (", no repeats" if distinct else "")
-    return _or_none(Kind(ok, what), none)
+    return Kind(ok, what)
 
 
 def ints(lo: int, **kwargs) -> Kind:
@@ -122,66 +117,66 @@ TRAIN = (
     ("warmup_steps", count(0)),
     ("schedule", choice(*SCHEDULES)),
     ("num_steps", count(1)),
-    ("num_epochs", real(0, open_lo=True, none=True)),
-    ("max_wall_time_s", real(0, open_lo=True, none=True)),
+    ("num_epochs", real(0, open_lo=True).or_none),
+    ("max_wall_time_s", real(0, open_lo=True).or_none),
     ("target_window", count(1)),
-    ("divergence_factor", real(1, open_lo=True, none=True)),
+    ("divergence_factor", real(1, open_lo=True).or_none),
     ("eval_every", count(0)),
-    ("eval_examples", count(1, none=True)),
+    ("eval_examples", count(1).or_none),
     ("eval_batch_size", count(1)),
     ("log_every", count(1)),
     ("checkpoint_every", count(0)),
-    ("start_from", text(none=True)),
+    ("start_from", TEXT.or_none),
     ("progress_bar", FLAG),
     ("plots", FLAG),
     ("gns_every", count(0)),
     ("gns_method", choice(*GNS_METHODS)),
     ("gns_microbatches", count(1)),
-    ("gns_chunk_size", count(1, none=True)),
+    ("gns_chunk_size", count(1).or_none),
     ("gns_ema_decay", real(0, 1, open_hi=True)),
     ("dtype", choice("float32", "bfloat16")),
-    ("num_devices", count(1, none=True)),
+    ("num_devices", count(1).or_none),
     ("distributed", FLAG),
     ("step_time_repeats", count(0)),
 )
 
 # The image task (configs/cifar10.py): target, adaptive schedule, model, data.
 IMAGE = (
-    ("target_accuracy", real(0, 1, none=True)),
+    ("target_accuracy", real(0, 1).or_none),
     ("adaptive.enabled", FLAG),
-    ("adaptive.candidates", ints(2, increasing=True, none=True)),
+    ("adaptive.candidates", ints(2, increasing=True).or_none),
     ("adaptive.min_batch_size", count(2)),
     ("adaptive.max_batch_size", count(2)),
-    ("adaptive.initial_batch_size", count(2, none=True)),
-    ("adaptive.initial_noise_scale", real(0, open_lo=True, none=True)),
-    ("adaptive.step_times", tuple_of(real(0, open_lo=True), none=True)),
+    ("adaptive.initial_batch_size", count(2).or_none),
+    ("adaptive.initial_noise_scale", real(0, open_lo=True).or_none),
+    ("adaptive.step_times", tuple_of(real(0, open_lo=True)).or_none),
     ("adaptive.lr_rule", choice(*LR_RULES)),
     ("adaptive.margin", real(0)),
     ("adaptive.patience", count(1)),
     ("adaptive.allow_shrink", FLAG),
     ("adaptive.noise_scale_factor", real(0, open_lo=True)),
-    ("adaptive.eval_every_examples", count(1, none=True)),
+    ("adaptive.eval_every_examples", count(1).or_none),
     ("adaptive.timing_warmup", count(0)),
     ("adaptive.timing_rounds", count(1)),
     ("model.name", choice(*(m for m in MODEL_NAMES if m != "transformer"))),
     ("model.widths", ints(1)),
     ("model.groups", count(1)),
-    ("model.stage_sizes", ints(1, none=True)),
-    ("model.num_filters", count(1, none=True)),
-    ("model.width_coefficient", real(0, open_lo=True, none=True)),
-    ("model.depth_coefficient", real(0, open_lo=True, none=True)),
-    ("model.dropout_rate", real(0, 1, open_hi=True, none=True)),
-    ("model.drop_connect_rate", real(0, 1, open_hi=True, none=True)),
-    ("model.stem_strides", count(1, none=True)),
+    ("model.stage_sizes", ints(1).or_none),
+    ("model.num_filters", count(1).or_none),
+    ("model.width_coefficient", real(0, open_lo=True).or_none),
+    ("model.depth_coefficient", real(0, open_lo=True).or_none),
+    ("model.dropout_rate", real(0, 1, open_hi=True).or_none),
+    ("model.drop_connect_rate", real(0, 1, open_hi=True).or_none),
+    ("model.stem_strides", count(1).or_none),
     ("data.source", choice("folder", "cifar10_binary", "tfds", "synthetic")),
-    ("data.name", text()),
-    ("data.path", text(none=True)),
-    ("data.cache_dir", text(none=True)),
-    ("data.tfds_data_dir", text(none=True)),
-    ("data.url", text()),
-    ("data.md5", text(none=True)),
-    ("data.num_train", count(1, none=True)),
-    ("data.num_test", count(1, none=True)),
+    ("data.name", TEXT),
+    ("data.path", TEXT.or_none),
+    ("data.cache_dir", TEXT.or_none),
+    ("data.tfds_data_dir", TEXT.or_none),
+    ("data.url", TEXT),
+    ("data.md5", TEXT.or_none),
+    ("data.num_train", count(1).or_none),
+    ("data.num_test", count(1).or_none),
     ("data.augment", FLAG),
     ("data.on_device", FLAG),
     ("data.synthetic.image_size", count(4, hi=4096)),
@@ -190,10 +185,10 @@ IMAGE = (
 )
 
 # The language-model task (configs/lm.py).
-TEXT = (
+LM = (
     ("task", choice("lm")),
-    ("target_bits_per_byte", real(0, open_lo=True, none=True)),
-    ("final_eval_examples", count(1, none=True)),
+    ("target_bits_per_byte", real(0, open_lo=True).or_none),
+    ("final_eval_examples", count(1).or_none),
     ("model.name", choice("transformer")),
     ("model.vocab_size", count(256)),
     ("model.context", count(1, hi=65536)),
@@ -202,16 +197,16 @@ TEXT = (
     ("model.num_heads", count(1)),
     ("model.mlp_ratio", count(1)),
     ("model.tie_embeddings", FLAG),
-    ("data.path", text(none=True)),
-    ("data.max_bytes", count(2, none=True)),
+    ("data.path", TEXT.or_none),
+    ("data.max_bytes", count(2).or_none),
     ("data.test_fraction", real(0, 1, open_lo=True, open_hi=True)),
-    ("data.extensions", tuple_of(text(), distinct=True, none=True)),
+    ("data.extensions", tuple_of(TEXT, distinct=True).or_none),
 )
 
 # The synthetic teacher-student task (configs/teacher.py, experiments.tasks.teacher).
 TEACHER = (
     ("task", choice("teacher")),
-    ("target_accuracy", real(0, 1, none=True)),
+    ("target_accuracy", real(0, 1).or_none),
     ("model.name", choice("mlp")),
     ("model.widths", ints(1, empty=True)),
     ("data.num_features", count(1, hi=65536)),
@@ -230,23 +225,23 @@ MEASURE = (
     ("noise.batch_size", count(2)),
     ("noise.num_batches", count(2)),
     ("noise.method", choice(*GNS_METHODS)),
-    ("noise.chunk_size", count(1, none=True)),
+    ("noise.chunk_size", count(1).or_none),
     ("noise.confidence", real(0, 1, open_lo=True, open_hi=True)),
     ("throughput.min_batch_size", count(1)),
     ("throughput.max_batch_size", count(1)),
-    ("throughput.memory_budget_bytes", count(1, hi=2**62, none=True)),
+    ("throughput.memory_budget_bytes", count(1, hi=2**62).or_none),
     ("throughput.warmup", count(0)),
     ("throughput.repeats", count(1)),
     ("throughput.accumulation_factors", ints(2, empty=True)),
-    ("recommend.price_per_hour", real(0, open_lo=True, none=True)),
+    ("recommend.price_per_hour", real(0, open_lo=True).or_none),
     ("recommend.objective", choice("time", "cost")),
-    ("recommend.candidates", ints(1, none=True)),
-    ("tradeoff.batch_sizes", ints(2, none=True)),
+    ("recommend.candidates", ints(1).or_none),
+    ("tradeoff.batch_sizes", ints(2).or_none),
     ("tradeoff.max_steps", count(1)),
-    ("tradeoff.max_wall_time_s", real(0, open_lo=True, none=True)),
+    ("tradeoff.max_wall_time_s", real(0, open_lo=True).or_none),
     ("tradeoff.eval_every_examples", count(1)),
     ("tradeoff.num_bootstrap", count(1)),
-    ("noise.pilot_steps", count(0, none=True)),
+    ("noise.pilot_steps", count(0).or_none),
     ("noise.every", count(1)),
     ("noise.num_stretches", count(1)),
     ("critical.num_checkpoints", count(0)),
@@ -267,25 +262,25 @@ MEASURE = (
 COMPARE = (
     ("compare.policies", tuple_of(choice(*POLICIES), distinct=True)),
     ("compare.seeds", ints(0)),
-    ("compare.baseline_batch_size", count(2, none=True)),
-    ("compare.baseline_learning_rate", real(0, open_lo=True, none=True)),
+    ("compare.baseline_batch_size", count(2).or_none),
+    ("compare.baseline_learning_rate", real(0, open_lo=True).or_none),
     ("compare.target_accuracy", real(0, 1, open_lo=True)),
     ("compare.target_window", count(1)),
     ("compare.eval_every_examples", count(1)),
-    ("compare.eval_examples", count(1, none=True)),
-    ("compare.give_up_factor", real(1, none=True)),
+    ("compare.eval_examples", count(1).or_none),
+    ("compare.give_up_factor", real(1).or_none),
     ("compare.max_wall_time_s", real(0, open_lo=True)),
     ("compare.max_epochs", real(0, open_lo=True)),
-    ("compare.schedule", choice(*SCHEDULES, none=True)),
-    ("compare.warmup_steps", count(0, none=True)),
-    ("compare.tradeoff_summary", text(none=True)),
+    ("compare.schedule", choice(*SCHEDULES).or_none),
+    ("compare.warmup_steps", count(0).or_none),
+    ("compare.tradeoff_summary", TEXT.or_none),
 )
 
 # The top-level fields that no training reads: experiments.cifar10's mode, the policy
 # comparison and the measurement fields (a training's identity and fingerprint leave them out).
 NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _ in MEASURE))
 
-# configs/bench.py; its language model (lm.model) has the rows of TEXT but a smaller vocabulary.
+# configs/bench.py; its language model (lm.model) has the rows of LM but a smaller vocabulary.
 BENCH = (
     ("seed", count(0)),
     ("model.name", choice("small_cnn")),
@@ -298,7 +293,7 @@ BENCH = (
     ("reference_batch_size", count(2)),
     ("learning_rate", real(0, open_lo=True)),
     ("num_microbatches", count(2)),
-    ("chunk_size", count(1, none=True)),
+    ("chunk_size", count(1).or_none),
     ("warmup", count(0)),
     ("repeats", count(1)),
     ("parallel", FLAG),
@@ -317,7 +312,7 @@ BENCH = (
     *((f"rows.models.{m}.dims", ints(1)) for m in ("nnx_mlp", "plain_mlp")),
     *((f"rows.models.lm1b.{f}", count(1)) for f in
       ("context", "depth", "num_heads", "mlp_ratio", "vocab_size", "width")),
-    *(("lm." + f, k) for f, k in TEXT if f.startswith("model.") and f != "model.vocab_size"),
+    *(("lm." + f, k) for f, k in LM if f.startswith("model.") and f != "model.vocab_size"),
     ("lm.model.vocab_size", count(2, hi=65536)),
 )  # fmt: skip
 
@@ -327,9 +322,10 @@ def cross(fields: tuple[str, ...], ok: Callable, what: str, hint: str | None = N
     skipped when one of them is missing."""
 
     def rule(config, devices):
-        if not all(_present(config, f) for f in fields) or _safe(lambda c: ok(c, devices), config):
+        values = [get(config, f, _MISSING) for f in fields]
+        if any(v is _MISSING for v in values) or _safe(lambda c: ok(c, devices), config):
             return None
-        given = ", ".join(f"config.{f}={get(config, f)!r}" for f in fields)
+        given = ", ".join(f"config.{f}={v!r}" for f, v in zip(fields, values, strict=True))
         fix = " or ".join(f"--config.{f}" for f in fields)
         return f"{given}: {what}", hint or f"change {fix}"
 
@@ -342,10 +338,9 @@ def _multiples(values: str, k: str, what: str) -> Callable:
     return cross((values, k), lambda c, d: not np.any(np.mod(get(c, values), get(c, k))), what)
 
 
-def batch_problem(batch_size: int, devices: int, field: str) -> tuple[str, str] | None:
-    """Why the global batch ``config.<field>`` does not split over ``devices``, with the
+def batch_problem(batch_size: int, n: int, field: str) -> tuple[str, str] | None:
+    """Why the global batch ``config.<field>`` does not split over ``n`` devices, with the
     hint, or ``None`` (:func:`experiments.mesh.check_batch`)."""
-    n = devices
     hint = (
         f"use a multiple of {n} (e.g. --config.{field}={max(n, batch_size // n * n)} or "
         f"{(batch_size // n + 1) * n}), or fewer devices with --config.num_devices"
@@ -414,7 +409,7 @@ IMAGE_CROSS = (
           "the batch-size schedule follows the measured noise scale: it needs gns_every > 0"),
 )  # fmt: skip
 
-TEXT_CROSS = (
+LM_CROSS = (
     _target_needs_eval("target_bits_per_byte"),
     _multiples("model.width", "model.num_heads", HEADS),
 )
@@ -456,7 +451,7 @@ BENCH_CROSS = (
 # without these skips their rows); checked by the entry points and again by experiments.train.
 TASK_TABLES = {
     "cifar10": (TRAIN + IMAGE + MEASURE + COMPARE, TRAIN_CROSS + IMAGE_CROSS + MEASURE_CROSS),
-    "lm": (TRAIN + TEXT + MEASURE + COMPARE, TRAIN_CROSS + TEXT_CROSS + MEASURE_CROSS),
+    "lm": (TRAIN + LM + MEASURE + COMPARE, TRAIN_CROSS + LM_CROSS + MEASURE_CROSS),
     "teacher": (TRAIN + TEACHER + MEASURE + COMPARE, TRAIN_CROSS + TEACHER_CROSS + MEASURE_CROSS),
 }
 # The entry points (python -m experiments.X); all but bench read a training config.
@@ -480,13 +475,6 @@ def rules_of(config, kind: str) -> tuple[tuple, tuple]:
     if kind not in ENTRY_POINTS and kind not in TASK_TABLES:
         raise ValueError(f"unknown config kind {kind!r}: one of {', '.join(ENTRY_POINTS)}")
     return TASK_TABLES.get(get(config, "task"), TASK_TABLES["cifar10"])
-
-
-def _present(node, path: str) -> bool:
-    return get(node, path, _MISSING) is not _MISSING
-
-
-_MISSING = object()
 
 
 def check(config, kind: str, devices: int | None = None) -> None:
@@ -529,10 +517,10 @@ def describe(config, kind: str, path: str) -> list[str]:
     in the config's order, ``--config.name=value``, then its comment (:func:`field_comments`)
     and its valid values."""
     kinds = {name: k.what for name, k in rules_of(config, kind)[0]}
-    names = [name for name, _ in config_fields(config)]
-    comments = field_comments(path, names)
+    fields = list(config_fields(config))
+    comments = field_comments(path, [name for name, _ in fields])
     lines = []
-    for name, value in config_fields(config):
+    for name, value in fields:
         text = f"{comments[name] or '(no comment)'}; {kinds.get(name, '(no rule)')}."
         lines.append(f"  --config.{name}={value!r}")
         lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
@@ -556,8 +544,8 @@ def field_comments(path: str, names: list[str]) -> dict[str, str | None]:
     out = {}
     for name in names:
         parts = name.split(".")
-        tails = [borrowed.get(".".join(parts[i:])) for i in range(1, len(parts))]
-        out[name] = next((c for c in (own.get(name), borrowed.get(name), *tails) if c), None)
+        tails = [borrowed.get(".".join(parts[i:])) for i in range(len(parts))]
+        out[name] = next((c for c in (own.get(name), *tails) if c), None)
     return out
 
 
