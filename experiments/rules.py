@@ -99,11 +99,6 @@ def tuple_of(item: Kind, *, empty=False, increasing=False, distinct=False) -> Ki
     return Kind(ok, what)
 
 
-def ints(lo: int, **kwargs) -> Kind:
-    """A tuple of ints >= ``lo`` (:func:`tuple_of`)."""
-    return tuple_of(count(lo), **kwargs)
-
-
 # Training fields of every training config (configs/cifar10.py, configs/lm.py).
 TRAIN = (
     ("mode", choice(*MODES)),
@@ -144,7 +139,7 @@ TRAIN = (
 IMAGE = (
     ("target_accuracy", real(0, 1).or_none),
     ("adaptive.enabled", FLAG),
-    ("adaptive.candidates", ints(2, increasing=True).or_none),
+    ("adaptive.candidates", tuple_of(count(2), increasing=True).or_none),
     ("adaptive.min_batch_size", count(2)),
     ("adaptive.max_batch_size", count(2)),
     ("adaptive.initial_batch_size", count(2).or_none),
@@ -159,9 +154,9 @@ IMAGE = (
     ("adaptive.timing_warmup", count(0)),
     ("adaptive.timing_rounds", count(1)),
     ("model.name", choice(*(m for m in MODEL_NAMES if m != "transformer"))),
-    ("model.widths", ints(1)),
+    ("model.widths", tuple_of(count(1))),
     ("model.groups", count(1)),
-    ("model.stage_sizes", ints(1).or_none),
+    ("model.stage_sizes", tuple_of(count(1)).or_none),
     ("model.num_filters", count(1).or_none),
     ("model.width_coefficient", real(0, open_lo=True).or_none),
     ("model.depth_coefficient", real(0, open_lo=True).or_none),
@@ -208,7 +203,7 @@ TEACHER = (
     ("task", choice("teacher")),
     ("target_accuracy", real(0, 1).or_none),
     ("model.name", choice("mlp")),
-    ("model.widths", ints(1, empty=True)),
+    ("model.widths", tuple_of(count(1), empty=True)),
     ("data.num_features", count(1, hi=65536)),
     ("data.num_classes", count(2, hi=65536)),
     ("data.num_train", count(1, hi=10**7)),
@@ -232,11 +227,11 @@ MEASURE = (
     ("throughput.memory_budget_bytes", count(1, hi=2**62).or_none),
     ("throughput.warmup", count(0)),
     ("throughput.repeats", count(1)),
-    ("throughput.accumulation_factors", ints(2, empty=True)),
+    ("throughput.accumulation_factors", tuple_of(count(2), empty=True)),
     ("recommend.price_per_hour", real(0, open_lo=True).or_none),
     ("recommend.objective", choice("time", "cost")),
-    ("recommend.candidates", ints(1).or_none),
-    ("tradeoff.batch_sizes", ints(2).or_none),
+    ("recommend.candidates", tuple_of(count(1)).or_none),
+    ("tradeoff.batch_sizes", tuple_of(count(2)).or_none),
     ("tradeoff.max_steps", count(1)),
     ("tradeoff.max_wall_time_s", real(0, open_lo=True).or_none),
     ("tradeoff.eval_every_examples", count(1)),
@@ -245,7 +240,7 @@ MEASURE = (
     ("noise.every", count(1)),
     ("noise.num_stretches", count(1)),
     ("critical.num_checkpoints", count(0)),
-    ("critical.exponents", ints(-64, increasing=True)),
+    ("critical.exponents", tuple_of(count(-64), increasing=True)),
     ("critical.fork_steps", count(1)),
     ("critical.num_repeats", count(1)),
     ("critical.eval_examples", count(1)),
@@ -261,7 +256,7 @@ MEASURE = (
 # config.compare: the policy comparison of experiments.compare.
 COMPARE = (
     ("compare.policies", tuple_of(choice(*POLICIES), distinct=True)),
-    ("compare.seeds", ints(0)),
+    ("compare.seeds", tuple_of(count(0))),
     ("compare.baseline_batch_size", count(2).or_none),
     ("compare.baseline_learning_rate", real(0, open_lo=True).or_none),
     ("compare.target_accuracy", real(0, 1, open_lo=True)),
@@ -284,12 +279,12 @@ NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _ in ME
 BENCH = (
     ("seed", count(0)),
     ("model.name", choice("small_cnn")),
-    ("model.widths", ints(1)),
+    ("model.widths", tuple_of(count(1))),
     ("model.groups", count(1)),
     ("image_size", count(4, hi=4096)),
     ("channels", count(1, hi=64)),
     ("num_classes", count(2, hi=100_000)),
-    ("batch_sizes", ints(2)),
+    ("batch_sizes", tuple_of(count(2))),
     ("reference_batch_size", count(2)),
     ("learning_rate", real(0, open_lo=True)),
     ("num_microbatches", count(2)),
@@ -300,7 +295,7 @@ BENCH = (
     ("parallel_batch_size_per_device", count(2)),
     ("parallel_repeats", count(3)),
     ("lm.enabled", FLAG),
-    ("lm.batch_sizes", ints(2)),
+    ("lm.batch_sizes", tuple_of(count(2))),
     ("lm.num_microbatches", count(2)),
     ("lm.warmup", count(0)),
     ("lm.repeats", count(1)),
@@ -308,8 +303,9 @@ BENCH = (
     ("rows.num_microbatches", count(2)),
     ("rows.warmup", count(0)),
     ("rows.repeats", count(1)),
-    *((f"rows.models.{m}.batch_sizes", ints(2)) for m in ("lm1b", "nnx_mlp", "plain_mlp")),
-    *((f"rows.models.{m}.dims", ints(1)) for m in ("nnx_mlp", "plain_mlp")),
+    *((f"rows.models.{m}.batch_sizes", tuple_of(count(2)))
+      for m in ("lm1b", "nnx_mlp", "plain_mlp")),
+    *((f"rows.models.{m}.dims", tuple_of(count(1))) for m in ("nnx_mlp", "plain_mlp")),
     *((f"rows.models.lm1b.{f}", count(1)) for f in
       ("context", "depth", "num_heads", "mlp_ratio", "vocab_size", "width")),
     *(("lm." + f, k) for f, k in LM if f.startswith("model.") and f != "model.vocab_size"),
@@ -333,8 +329,7 @@ def cross(fields: tuple[str, ...], ok: Callable, what: str, hint: str | None = N
 
 
 def _multiples(values: str, k: str, what: str) -> Callable:
-    """The rule that ``config.<values>`` (an int or a tuple of ints) are multiples of
-    ``config.<k>``."""
+    """The rule that ``config.<k>`` divides ``config.<values>`` (an int, or each of a tuple)."""
     return cross((values, k), lambda c, d: not np.any(np.mod(get(c, values), get(c, k))), what)
 
 
@@ -382,6 +377,8 @@ TRAIN_CROSS = (
               and (d is None or c.gns_microbatches % d == 0)),
           "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size "
           "(equal microbatches) and is a multiple of the devices"),
+    _target_needs_eval("target_accuracy"),  # the image and teacher tasks'
+    _target_needs_eval("target_bits_per_byte"),  # the language model's
 )  # fmt: skip
 
 # small_cnn's GroupNorm (the image task's other models take no groups).
@@ -392,7 +389,6 @@ GROUPS = cross(
 )
 
 IMAGE_CROSS = (
-    _target_needs_eval("target_accuracy"),
     cross(("data.num_train", "batch_size"),
           lambda c, d: c.data.num_train is None or c.data.num_train >= c.batch_size,
           "a batch cannot be larger than the train subset"),
@@ -409,13 +405,9 @@ IMAGE_CROSS = (
           "the batch-size schedule follows the measured noise scale: it needs gns_every > 0"),
 )  # fmt: skip
 
-LM_CROSS = (
-    _target_needs_eval("target_bits_per_byte"),
-    _multiples("model.width", "model.num_heads", HEADS),
-)
+LM_CROSS = (_multiples("model.width", "model.num_heads", HEADS),)
 
 TEACHER_CROSS = (
-    _target_needs_eval("target_accuracy"),
     cross(("mode",), lambda c, d: c.mode == "train", "config.task='teacher' trains only: the "
           "compare and tradeoff modes take image data", "--config.mode=train"),
 )  # fmt: skip
@@ -480,9 +472,7 @@ def rules_of(config, kind: str) -> tuple[tuple, tuple]:
 def check(config, kind: str, devices: int | None = None) -> None:
     """Check every field of ``config`` that ``kind``'s table names, then the rules between
     them (those about the mesh only with ``devices``, its size); fields it lacks are skipped.
-
-    Raises:
-      UserError: the first violation, naming the field(s), the value(s), what is valid and a hint.
+    The first violation raises a one-line UserError: the field(s), value(s), what is valid, a hint.
     """
     rows, rules_between = rules_of(config, kind)
     for name, kind_ in rows:
@@ -507,8 +497,7 @@ def _safe(fn, value) -> bool:
 
 
 def describer(kind: str) -> Callable[[Any, str], list[str]]:
-    """``(config, path) -> describe(config, kind, path)``: the ``--help`` of an entry point
-    (:func:`experiments.cli.run`)."""
+    """``(config, path) -> describe(config, kind, path)``, for :func:`experiments.cli.run`."""
     return lambda config, path: describe(config, kind, path)
 
 
@@ -565,11 +554,9 @@ def _assignment_comments(path: str) -> tuple[dict[str, str], list[str]]:
             lines.append(lines[-1] + 1)
         for target in node.targets:
             for t in getattr(target, "elts", [target]):  # c.a.b or (c.a.b, x)
-                parts = []
-                while isinstance(t, ast.Attribute):
-                    parts, t = [t.attr, *parts], t.value
-                if parts and lines:
-                    out.setdefault(".".join(parts), " ".join(comments[i][0] for i in lines))
+                name = ast.unparse(t).partition(".")[2]  # a.b
+                if name and lines:
+                    out.setdefault(name, " ".join(comments[i][0] for i in lines))
     imports = [f"configs.{a.name}" if n.module == "configs" else n.module
                for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                and (n.module or "").split(".")[0] == "configs" for a in n.names]  # fmt: skip
