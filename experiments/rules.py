@@ -212,8 +212,7 @@ TEACHER = (
     ("data.seed", count(0)),
 )
 
-# The measurement fields (configs/common.py measurement(): the sweep, the compare and tradeoff
-# modes).
+# The measurement fields (configs/common.py measurement(): the sweep, compare and tradeoff).
 MEASURE = (
     ("compilation_cache", FLAG),
     ("noise.warmup_steps", count(0)),
@@ -359,14 +358,6 @@ def _on_devices(field: str) -> Callable:
     return rule
 
 
-def _target_needs_eval(target: str) -> Callable:
-    return cross(
-        (target, "eval_every"),
-        lambda c, d: c[target] is None or c.eval_every > 0,
-        f"{target} is checked at the periodic evaluations: it needs eval_every > 0",
-    )
-
-
 HEADS = "model.num_heads must divide model.width (each head gets width / num_heads)"
 
 TRAIN_CROSS = (
@@ -377,8 +368,9 @@ TRAIN_CROSS = (
               and (d is None or c.gns_microbatches % d == 0)),
           "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size "
           "(equal microbatches) and is a multiple of the devices"),
-    _target_needs_eval("target_accuracy"),  # the image and teacher tasks'
-    _target_needs_eval("target_bits_per_byte"),  # the language model's
+    *(cross((t, "eval_every"), lambda c, d, t=t: c[t] is None or c.eval_every > 0,
+            f"{t} is checked at the periodic evaluations: it needs eval_every > 0")
+      for t in ("target_accuracy", "target_bits_per_byte")),  # each task has one
 )  # fmt: skip
 
 # small_cnn's GroupNorm (the image task's other models take no groups).
