@@ -52,24 +52,6 @@ LM_VARIANTS = ("plain", "per_example_auto", "per_example_vmap", "microbatch")
 FLAGS = flags.FLAGS
 
 
-def auto_choice(loss_fn, params, batch, chunk_size=None) -> dict:
-    """What ``per_example(method="auto")`` runs (:func:`gns.ghost.select`): ``"auto_method"``
-    (``"ghost"`` or ``"vmap"``), ``"auto_chunks"`` (the fast path's example chunks) and
-    ``"auto_describe"`` (the plan's description, with the timings)."""
-    chosen = ghost.select(loss_fn, params, batch, chunk_size=chunk_size)
-    if chosen is not None:
-        return {
-            "auto_method": "ghost",
-            "auto_chunks": chosen.num_chunks,
-            "auto_describe": chosen.describe(),
-        }
-    try:
-        described = ghost.plan(loss_fn, params, batch).describe() + " -> timed: vmap"
-    except ghost.NotApplicableError as e:
-        described = f"auto: vmap ({e})"
-    return {"auto_method": "vmap", "auto_chunks": 1, "auto_describe": described}
-
-
 def estimators(loss_fn, *, num_microbatches: int, chunk_size=None) -> dict:
     """``{variant: estimator(params, batch) -> (stats, grads)}`` (``"plain"``: None)."""
     per_example = functools.partial(estimate.per_example, loss_fn, chunk_size=chunk_size)
@@ -85,7 +67,9 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
     ``optimizer`` update: compiled, timed interleaved (:func:`gns.hardware.interleaved_times`),
     medians; by variant: ``seconds``, ``seconds_iqr``, ``examples_per_second``,
     ``over_plain``, ``temp_bytes``, ``memory_over_plain``, ``compile_seconds``; and
-    ``batch_size``, ``repeats``, ``num_params``, :func:`auto_choice`."""
+    ``batch_size``, ``repeats``, ``num_params``; what ``method="auto"`` runs
+    (:func:`gns.ghost.select`): ``auto_method`` (``"ghost"`` or ``"vmap"``), ``auto_chunks``
+    (the fast path's example chunks), ``auto_describe`` (the plan, with the timings)."""
 
     def step(estimator, params, opt_state, batch):
         if estimator is None:
@@ -97,7 +81,14 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
-    choice = auto_choice(loss_fn, params, batch, kw.get("chunk_size"))
+    chosen = ghost.select(loss_fn, params, batch, chunk_size=kw.get("chunk_size"))
+    if chosen is not None:
+        described = chosen.describe()
+    else:
+        try:
+            described = ghost.plan(loss_fn, params, batch).describe() + " -> timed: vmap"
+        except ghost.NotApplicableError as e:
+            described = f"auto: vmap ({e})"
     args = jax.device_put((params, optimizer.init(params), batch))
     cache, table = hardware.CompileCache(), estimators(loss_fn, **kw)
     compiled, compile_s = {}, {}
@@ -124,7 +115,10 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
         },
         "compile_seconds": compile_s,
         "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-    } | choice
+        "auto_method": "vmap" if chosen is None else "ghost",
+        "auto_chunks": 1 if chosen is None else chosen.num_chunks,
+        "auto_describe": described,
+    }
 
 
 class Lm1bTransformer(models.TransformerLM):

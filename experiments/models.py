@@ -1,6 +1,7 @@
 """Flax Linen models of the experiments: image classifiers and a byte-level Transformer.
 
-``model.apply(variables, x, train=...)`` returns logits; ``train=True`` uses batch statistics
+``model.apply(variables, x, train=...)`` returns logits ``[batch, num_classes]`` (the
+Transformer's: ``[batch, length, vocab_size]``); ``train=True`` uses batch statistics
 (``mutable=["batch_stats"]``) and dropout (``rngs={"dropout": key}``). ``dtype`` is the
 computation dtype (None: the inputs'; parameters stay float32).
 """
