@@ -1,33 +1,18 @@
-r"""``make bench``: the cost of the noise-scale estimators over a plain train step.
+"""``make bench``: the cost of the noise-scale estimators over a plain train step.
 
 Each row is a model at a batch size on random data (:func:`row_problem`): a plain jit'd train
 step and the same step taking its gradient from each estimator, timed interleaved, with the
-compiled temporary memory (:func:`time_row`). ``detail``: the SmallCNN of ``config.model``,
-Adam, :data:`VARIANTS` (``per_example``: ``method="auto"``; ``microbatch_rolled``: the loop
-rolled, slow for convolutions on XLA:CPU, so the default unrolls it; ``naive_vmap``:
-``method="vmap"``). ``transformer`` (``config.lm``) and ``rows`` (``config.rows``): AdamW,
-:data:`LM_VARIANTS`. ``across_devices``: :func:`across_devices` in a subprocess with 4
-simulated CPU devices.
+compiled temporary memory (:func:`time_row`). Writes ``WORKDIR/bench.json`` (atomically,
+strict JSON) and prints it as a table (:func:`format_table`):
 
-Writes ``WORKDIR/bench.json`` (atomically, strict JSON)::
-
-    {"per_example_over_plain": ..., "microbatch_over_plain": ..., "naive_vmap_over_plain": ...,
-     "microbatch_rolled_over_plain": ...,
-     "memory_per_example_over_plain": ..., "across_devices_over_plain": ...,
-     "reference_batch_size": 128, "device": {...}, "jax_version": ...,
-     "detail": {"128": {"seconds": {...}, "over_plain": {...}, "temp_bytes": {...},
-                        "memory_over_plain": {...}, "auto_method": "ghost", ...}, "512": {...}},
-     "transformer": {"32": {"over_plain": {...}, "memory_over_plain": {...},
-                            "auto_method": "ghost", "auto_chunks": 1, ...}, "128": {...},
-                     "model": {...}},
-     "rows": {"lm1b": {"32": {...}}, "nnx_mlp": {"128": {...}}, "plain_mlp": {...}},
-     "seconds": ...}
-
-and prints the ratios as a table (:func:`format_table`).
-
-Usage::
-
-    python -m experiments.bench --config configs/bench.py --workdir runs/bench
+- ``detail``: the SmallCNN of ``config.model``, Adam, :data:`VARIANTS`, by batch size; at the
+  top, the ratios at ``reference_batch_size``: ``per_example_over_plain``,
+  ``microbatch_over_plain``, ``microbatch_rolled_over_plain``, ``naive_vmap_over_plain``,
+  ``memory_per_example_over_plain``;
+- ``transformer`` (``config.lm``, with ``model``, ``device``, ``seconds``) and ``rows``
+  (``config.rows``, by row): AdamW, :data:`LM_VARIANTS`, by batch size;
+- ``across_devices_over_plain``, ``across_devices_detail``: :func:`across_devices`;
+- ``device``, ``jax_version``, ``config``, ``seconds``.
 """
 
 from __future__ import annotations
@@ -59,51 +44,32 @@ from experiments import cli, models, rules, runlog, tasks
 from experiments.cli import UserError
 from gns import estimate, ghost, hardware, parallel
 
+# per_example(_auto): method="auto"; naive_vmap, per_example_vmap: method="vmap";
+# microbatch_rolled: the loop rolled (slow for convolutions on XLA:CPU: the default unrolls it).
 VARIANTS = ("plain", "per_example", "microbatch", "microbatch_rolled", "naive_vmap")
 LM_VARIANTS = ("plain", "per_example_auto", "per_example_vmap", "microbatch")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 
 
-def estimators(loss_fn, names, *, num_microbatches: int, chunk_size=None) -> dict:
-    """``{name: estimator(params, batch) -> (stats, grads)}`` of the variants ``names``."""
+def estimators(loss_fn, *, num_microbatches: int, chunk_size=None) -> dict:
+    """``{variant: estimator(params, batch) -> (stats, grads)}`` (``"plain"``: None)."""
     per_example = functools.partial(estimate.per_example, loss_fn, chunk_size=chunk_size)
     microbatch = functools.partial(estimate.microbatch, loss_fn, num_microbatches=num_microbatches)
     vmap = functools.partial(per_example, method="vmap")
-    table = {"per_example": per_example, "per_example_auto": per_example, "naive_vmap": vmap,
-             "per_example_vmap": vmap, "microbatch": microbatch,
-             "microbatch_rolled": functools.partial(microbatch, unroll=1)}  # fmt: skip
-    return {name: table[name] for name in names if name != "plain"}
-
-
-def auto_choice(loss_fn, params, batch, chunk_size=None) -> dict:
-    """What ``per_example(method="auto", chunk_size=chunk_size)`` runs
-    (:func:`gns.ghost.select`, timed once and cached for the step): ``"auto_method"``
-    (``"ghost"`` or ``"vmap"``), ``"auto_chunks"`` (the fast path's example chunks, 1: the
-    whole batch) and ``"auto_describe"`` (the plan's description, with the timings)."""
-    chosen = ghost.select(loss_fn, params, batch, chunk_size=chunk_size)
-    if chosen is not None:
-        described = chosen.describe()
-    else:
-        try:
-            described = ghost.plan(loss_fn, params, batch).describe() + " -> timed: vmap"
-        except ghost.NotApplicableError as e:
-            described = f"auto: vmap ({e})"
-    return {
-        "auto_method": "vmap" if chosen is None else "ghost",
-        "auto_chunks": 1 if chosen is None else chosen.num_chunks,
-        "auto_describe": described,
-    }
+    return {"plain": None, "per_example": per_example, "per_example_auto": per_example,
+            "naive_vmap": vmap, "per_example_vmap": vmap, "microbatch": microbatch,
+            "microbatch_rolled": functools.partial(microbatch, unroll=1)}  # fmt: skip
 
 
 def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **kw) -> dict:
-    """A plain step and the step of each of ``variants`` (:func:`estimators` with ``kw``),
-    all with the same ``optimizer`` update: compiled, timed interleaved
-    (:func:`gns.hardware.interleaved_times`), medians; by variant: ``seconds``, ``seconds_iqr``,
-    ``examples_per_second``, ``over_plain``, ``temp_bytes``, ``memory_over_plain``,
-    ``compile_seconds``; and ``batch_size``, ``repeats``, ``num_params``, :func:`auto_choice`.
-    """
+    """A step of each of ``variants`` (:func:`estimators` of ``kw``), all with the same
+    ``optimizer`` update: compiled, timed interleaved (:func:`gns.hardware.interleaved_times`),
+    medians; by variant: ``seconds``, ``seconds_iqr``, ``examples_per_second``,
+    ``over_plain``, ``temp_bytes``, ``memory_over_plain``, ``compile_seconds``; and
+    ``batch_size``, ``repeats``, ``num_params``; what ``method="auto"`` runs
+    (:func:`gns.ghost.select`): ``auto_method`` (``"ghost"`` or ``"vmap"``), ``auto_chunks``
+    (the fast path's example chunks), ``auto_describe`` (the plan, with the timings)."""
 
     def step(estimator, params, opt_state, batch):
         if estimator is None:
@@ -115,12 +81,19 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
-    choice = auto_choice(loss_fn, params, batch, kw.get("chunk_size"))
+    chosen = ghost.select(loss_fn, params, batch, chunk_size=kw.get("chunk_size"))
+    if chosen is not None:
+        described = chosen.describe()
+    else:
+        try:
+            described = ghost.plan(loss_fn, params, batch).describe() + " -> timed: vmap"
+        except ghost.NotApplicableError as e:
+            described = f"auto: vmap ({e})"
     args = jax.device_put((params, optimizer.init(params), batch))
-    cache = hardware.CompileCache()
+    cache, table = hardware.CompileCache(), estimators(loss_fn, **kw)
     compiled, compile_s = {}, {}
-    for name, estimator in ({"plain": None} | estimators(loss_fn, variants, **kw)).items():
-        compiled[name], compile_s[name] = cache.get(functools.partial(step, estimator), *args)
+    for name in variants:
+        compiled[name], compile_s[name] = cache.get(functools.partial(step, table[name]), *args)
     temp = {n: hardware.predict_step_bytes(c).temp_bytes for n, c in compiled.items()}
     times = hardware.interleaved_times(
         {n: (c, args) for n, c in compiled.items()}, warmup=warmup, rounds=repeats
@@ -142,7 +115,10 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
         },
         "compile_seconds": compile_s,
         "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-    } | choice
+        "auto_method": "vmap" if chosen is None else "ghost",
+        "auto_chunks": 1 if chosen is None else chosen.num_chunks,
+        "auto_describe": described,
+    }
 
 
 class Lm1bTransformer(models.TransformerLM):
@@ -188,28 +164,26 @@ def lm_loss(model):
 
 def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512, 10), **fields):
     """``(loss_fn, params, batch)`` of a bench row's model on random data: ``"transformer"``
-    (:class:`experiments.models.TransformerLM`) or ``"lm1b"`` (:class:`Lm1bTransformer`) with
-    the model's ``fields``, :func:`lm_loss`; classifiers on ``(inputs, labels)``: ``"small_cnn"``
-    (:func:`experiments.models.get_model` with ``fields``: the model's, ``image_size``,
-    ``channels``, ``num_classes``) on images, ``"nnx_mlp"`` (:class:`NnxMLP`, ``nnx.split``
-    state as params) or ``"plain_mlp"`` (a dict of weights, ``jnp.dot`` + bias, ReLU) of
-    ``dims``."""
-    rng = np.random.default_rng(seed)
+    (:class:`experiments.models.TransformerLM`) or ``"lm1b"`` (:class:`Lm1bTransformer`) of
+    ``fields`` on tokens (:func:`lm_loss`); classifiers on ``(inputs, labels)``: ``"small_cnn"``
+    (:func:`experiments.models.get_model` of ``fields``, with ``image_size``, ``channels``,
+    ``num_classes``), ``"nnx_mlp"`` (:class:`NnxMLP`) or ``"plain_mlp"`` (a dict of weights,
+    ``jnp.dot`` + bias, ReLU) of ``dims``."""
+    rng, key = np.random.default_rng(seed), jax.random.key(seed)
     if name in ("transformer", "lm1b"):
         model = (Lm1bTransformer if name == "lm1b" else models.TransformerLM)(**fields)
         tokens = rng.integers(0, model.vocab_size, (batch_size, model.context + 1), dtype=np.int32)
-        params = jax.jit(model.init)(jax.random.key(seed), tokens[:1, :-1])["params"]
-        return lm_loss(model), params, tokens
+        return lm_loss(model), jax.jit(model.init)(key, tokens[:1, :-1])["params"], tokens
     if name == "small_cnn":
         size, classes = fields.pop("image_size", 32), fields.pop("num_classes", 10)
         shape = (size, size, fields.pop("channels", 3))
-        model = models.get_model(fields | {"name": name}, num_classes=classes)
     else:
         shape, classes = (dims[0],), dims[-1]
     x = rng.standard_normal((batch_size, *shape), dtype=np.float32)
     batch = (x, rng.integers(0, classes, batch_size).astype(np.int32))
     if name == "small_cnn":
-        params = jax.jit(model.init)(jax.random.key(seed), x[:1])["params"]
+        model = models.get_model(fields | {"name": name}, num_classes=classes)
+        params = jax.jit(model.init)(key, x[:1])["params"]
         apply = lambda params, x: model.apply({"params": params}, x)
     elif name == "nnx_mlp":
         graphdef, params = nnx.split(NnxMLP(dims, nnx.Rngs(seed)))
@@ -231,10 +205,9 @@ def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512,
 
 
 def measure_rows(rows, variants, optimizer, *, seed: int = 0, **kw) -> dict[str, Any]:
-    """:func:`time_row` (``variants``, ``optimizer``, ``kw``) of each row of ``rows``,
-    ``{key: {"batch_sizes", "name" (default: the key), ...the other fields of
-    :func:`row_problem`}}``, at each of its batch sizes; returns ``{key: {"<batch>": {...}},
-    "load_before", "load_after"}`` (``os.getloadavg()``)."""
+    """:func:`time_row` of each of ``rows`` (``{key: {"batch_sizes", "name" (default: the key),
+    ...the fields of :func:`row_problem`}}``) at each of its batch sizes: ``{key: {"<batch>":
+    {...}}, "load_before", "load_after"}`` (``os.getloadavg()``)."""
     out: dict[str, Any] = {"load_before": list(os.getloadavg())}
     for key, row in rows.items():
         fields = dict(row)
@@ -249,14 +222,10 @@ def measure_rows(rows, variants, optimizer, *, seed: int = 0, **kw) -> dict[str,
 
 
 def across_devices(batch_size_per_device: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-    """The time of a ``jax.pmap`` SmallCNN Adam step taking its gradient from
-    :func:`gns.estimate.across_devices` over the same plain step's
-    (:func:`gns.parallel.make_train_step`), on all local devices, timed interleaved.
-
-    Returns:
-      ``{"across_devices_over_plain": median of the per-round ratios, "detail": {...}}`` with
-      the raw times (ms), their medians, the ratio of medians, devices and sizes.
-    """
+    """A ``jax.pmap`` SmallCNN Adam step (:func:`gns.parallel.make_train_step`) taking its
+    gradient from :func:`gns.estimate.across_devices`, timed interleaved with the plain step on
+    all local devices: ``{"across_devices_over_plain": median of the per-round ratios,
+    "detail": {...}}`` (the raw times, their medians, devices and sizes)."""
     n_dev, warmup = jax.local_device_count(), 2
     if n_dev < 2:
         raise UserError(f"across_devices needs at least 2 devices, found {n_dev}",
@@ -297,20 +266,15 @@ def across_devices(batch_size_per_device: int, repeats: int, seed: int = 0) -> d
 
 def run_parallel_bench(batch_size_per_device: int, repeats: int, timeout_s: float = 1200) -> dict:
     """:func:`across_devices` in a fresh process on 4 simulated CPU devices (an XLA flag that
-    must be set before JAX starts).
-
-    Raises:
-      RuntimeError: the subprocess failed (with its stderr tail).
-    """
-    env = dict(os.environ)
-    env.setdefault("JAX_PLATFORMS", "cpu")
+    must be set before JAX starts); a RuntimeError with the stderr tail if it fails."""
+    env = {"JAX_PLATFORMS": "cpu"} | dict(os.environ)
     if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "parallel.json")
         code = "from experiments import bench, runlog\nrunlog.write_json("
         code += f"{out!r}, bench.across_devices({int(batch_size_per_device)}, {int(repeats)}))"
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-c", code], cwd=cli.ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(
@@ -329,19 +293,16 @@ def format_table(result: dict[str, Any]) -> str:
     size and variant (``per_example_auto`` and the CNN's ``per_example`` say which path
     ``auto`` ran, and in how many example chunks)."""
     rows = [("model", "batch", "variant", "ms/step", "time/plain", "memory/plain")]
-    sections = {"cnn": result["detail"], "transformer": result.get("transformer") or {}}
-    for model, sizes in (sections | (result.get("rows") or {})).items():
+    sections = {"cnn": result["detail"], "transformer": result["transformer"]}
+    for model, sizes in (sections | (result["rows"] or {})).items():
         for bs, d in sizes.items() if isinstance(sizes, dict) else ():
             if not (isinstance(d, dict) and "seconds" in d):
                 continue  # the records next to the rows: load, device, model
-            temp = d["temp_bytes"]
-            chunks = d["auto_chunks"]
+            temp, chunks = d["temp_bytes"], d["auto_chunks"]
             method = d["auto_method"] + (f" in {chunks} chunks" if chunks > 1 else "")
             for name, s in d["seconds"].items():
-                mem = d["memory_over_plain"].get(name)
-                mem = "-" if mem is None else f"{mem:.2f}x"
-                if temp.get("plain", TINY_TEMP_BYTES) < TINY_TEMP_BYTES and name in temp:
-                    mem = f"{temp[name] / 1e6:.1f} MB"  # a ratio over a few bytes says nothing
+                tiny = temp["plain"] < TINY_TEMP_BYTES  # a ratio over a few bytes says nothing
+                mem = f"{temp[name] / 1e6:.1f} MB" if tiny else f"{temp[name] / temp['plain']:.2f}x"
                 auto = name.endswith("_auto") or name == "per_example"
                 label = name + (f" ({method})" if auto else "")
                 rows.append((model, bs, label, f"{1e3 * s:.1f}",

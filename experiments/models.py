@@ -1,7 +1,7 @@
 """Flax Linen models of the experiments: image classifiers and a byte-level Transformer.
 
 ``model.apply(variables, x, train=...)`` returns logits ``[batch, num_classes]`` (the
-Transformer: ``[batch, length, vocab_size]``); ``train=True`` uses batch statistics
+Transformer's: ``[batch, length, vocab_size]``); ``train=True`` uses batch statistics
 (``mutable=["batch_stats"]``) and dropout (``rngs={"dropout": key}``). ``dtype`` is the
 computation dtype (None: the inputs'; parameters stay float32).
 """
@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -42,8 +42,7 @@ class SmallCNN(nn.Module):
 
 class MLP(nn.Module):
     """Flattened inputs, ``Dense(width) + ReLU`` for each of ``widths``, then a dense head
-    (``sum((n_in + 1)·n_out)`` parameters: 855,050 for ``widths=(256, 256)`` on 32x32x3). On
-    a CPU its step time per example keeps falling up to batch 512, so bigger batches pay."""
+    (855,050 parameters for ``widths=(256, 256)`` on 32x32x3)."""
 
     widths: Sequence[int] = (256, 256)
     num_classes: int = 10
@@ -97,8 +96,6 @@ class ResNet(nn.Module):
     num_classes: int = 10
     bn_momentum: float = 0.9
     dtype: Any = None
-
-    has_batch_norm: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -191,8 +188,6 @@ class EfficientNet(nn.Module):
     bn_momentum: float = 0.99
     dtype: Any = None
 
-    has_batch_norm: ClassVar[bool] = True
-
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm, conv = _layers(train, self.bn_momentum, 1e-3, self.dtype)
@@ -205,18 +200,12 @@ class EfficientNet(nn.Module):
         index = 0
         for expand, kernel, strides, f_in, f_out, repeats in self.blocks:
             f_in, f_out = round_filters(f_in, wc), round_filters(f_out, wc)
-            for r in range(math.ceil(dc * repeats)):
+            for _ in range(math.ceil(dc * repeats)):
+                rate = self.drop_connect_rate * index / total
                 x = MBConv(
-                    input_filters=f_in if r == 0 else f_out,
-                    output_filters=f_out,
-                    expand_ratio=expand,
-                    kernel=kernel,
-                    strides=strides if r == 0 else 1,
-                    drop_connect_rate=self.drop_connect_rate * index / total,
-                    bn_momentum=self.bn_momentum,
-                    dtype=self.dtype,
+                    f_in, f_out, expand, kernel, strides, rate, self.bn_momentum, self.dtype
                 )(x, train)
-                index += 1
+                f_in, strides, index = f_out, 1, index + 1  # the block's later repeats
         x = conv(round_filters(self.head_filters, wc), (1, 1), name="head")(x)
         x = jnp.mean(nn.swish(norm(name="head_bn")(x)), axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -298,12 +287,7 @@ def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = No
     """The model of ``config.model`` (a ConfigDict or dict): ``name`` in :data:`MODEL_NAMES`
     and the module's fields (a missing or None one takes the module's default);
     ``num_classes`` overrides the config's; ``dtype`` is the computation dtype (e.g.
-    ``"bfloat16"``).
-
-    Example:
-      >>> get_model({"name": "small_cnn", "widths": (8, 16)}, num_classes=10).widths
-      (8, 16)
-    """
+    ``"bfloat16"``)."""
     name = model_config.get("name")
     if name not in MODELS:
         raise ValueError(
@@ -322,7 +306,7 @@ def get_model(model_config: Any, num_classes: int | None = None, dtype: Any = No
 def has_batch_norm(model: nn.Module) -> bool:
     """Whether ``model`` keeps BatchNorm statistics (then per-example gradients are invalid:
     the microbatch estimator measures them)."""
-    return getattr(model, "has_batch_norm", False)
+    return isinstance(model, ResNet | EfficientNet)
 
 
 def uses_dropout(model: nn.Module) -> bool:
