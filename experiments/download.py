@@ -114,7 +114,8 @@ def file_md5(path: str) -> str:
 def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIMEOUT_S) -> str:
     """Download ``url`` to ``dest`` and return ``dest``; at once when it exists. The body
     streams to :func:`atomic_file` (a progress bar on a terminal), checked against
-    ``Content-Length`` and ``md5`` (``None``: unchecked). ``timeout_s`` bounds each read.
+    ``Content-Length`` and ``md5`` (``None``: unchecked). ``timeout_s`` bounds connecting and
+    each read.
 
     Raises:
       DownloadError: the server cannot be reached (``offline=True``), answers with an HTTP
@@ -142,16 +143,17 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
     total = int(length) if length and length.isdigit() else None
     bar = tqdm(total=total, desc=f"download {os.path.basename(dest)}", unit="B",
                unit_scale=True, unit_divisor=1024, mininterval=0.5, disable=None)  # fmt: skip
+    h = hashlib.md5(usedforsecurity=False)  # of the body as it arrives: no second read
     with response, bar, atomic_file(dest) as f:
         while chunk := _read(response, url, f.tell()):
+            h.update(chunk)
             bar.update(f.write(chunk))
         if total is not None and f.tell() != total:
             raise DownloadError(
                 f"the download of {url} stopped after {f.tell()} of {total} bytes "
                 f"(the connection closed early); nothing was kept, run again."
             )
-        f.flush()
-        if md5 is not None and (digest := file_md5(f.name)) != md5.lower():
+        if md5 is not None and (digest := h.hexdigest()) != md5.lower():
             raise DownloadError(
                 f"the file downloaded from {url} has MD5 {digest}, not the expected "
                 f"{md5.lower()} (a wrong or damaged file); it was removed."

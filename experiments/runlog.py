@@ -158,8 +158,9 @@ def differing_fields(old: dict, new: dict) -> list[str]:
 
 class Clock:
     """Where a run's time goes: from :meth:`charge` on, time counts as one of :data:`KINDS`
-    (``train``: data and steps, read after the device finished them; ``pause``: everything
-    else). The totals continue across resumed legs through :meth:`state` and ``totals``."""
+    (``train``: data and steps, read after the device finished them; ``eval``; ``compile``;
+    ``pause``: everything else). The totals continue across resumed legs through
+    :meth:`state` and ``totals``."""
 
     KINDS = ("train", "eval", "compile", "pause")
 
