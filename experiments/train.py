@@ -353,6 +353,14 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
                              dtype=config.dtype)  # fmt: skip
     method = resolve_gns_method(config, model, mesh.size)
     k = config.gns_microbatches
+    # The rules check this for gns_method='microbatch'; 'auto' resolves to it with BatchNorm.
+    if method == "microbatch" and (k < max(2, mesh.size) or config.batch_size % k or k % mesh.size):
+        raise UserError(
+            f"config.gns_microbatches={k} must be >= 2, divide config.batch_size="
+            f"{config.batch_size} (equal microbatches for the estimator and ghost BatchNorm) "
+            f"and be a multiple of the {mesh.size} device(s)",
+            hint="set it on the command line: --config.gns_microbatches=...",
+        )
     mesh_lib.check_batch(config.batch_size, mesh, per_example=method == "per_example")
     if config.batch_size > num_train:
         raise UserError(
@@ -437,6 +445,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 state = start_from_pilot(config, setup, log)
             if (done := _already_complete(config, setup, log)) is not None:
                 return done
+            # Fresh buffers per leaf: the steps donate the state, and donation rejects leaves
+            # that share one array (as init functions may make them).
             state = mesh_lib.replicate(setup.state if state is None else state, setup.mesh)
             state, stop = _train(config, ds, setup, state, log, ckpt, interrupted)
             if stop != "diverged" and log.step > 0:

@@ -441,6 +441,18 @@ def test_bad_config_stops_before_anything_is_written(tmp_path, field, value):
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_microbatches_that_auto_resolves_to_are_checked_before_the_run(tmp_path):
+    """gns_method='auto' on one device and a BatchNorm model resolves to the microbatch
+    estimator, whose microbatches must divide the batch: one line naming the field, not a
+    reshape error."""
+    config = tiny_config(gns_microbatches=3, num_devices=1, **{"model.name": "resnet",
+                         "model.stage_sizes": (1,), "model.num_filters": 4})  # fmt: skip
+    assert config.gns_method == "auto" and config.batch_size % 3
+    with pytest.raises(UserError, match="^config.gns_microbatches=3 must be >= 2, divide") as e:
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert e.value.hint == "set it on the command line: --config.gns_microbatches=..."
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(
     "lr, why",
