@@ -99,7 +99,7 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
         {n: (c, args) for n, c in compiled.items()}, warmup=warmup, rounds=repeats
     )
     seconds = {n: float(np.median(t)) for n, t in times.items()}
-    size = len(jax.tree.leaves(batch)[0])
+    size = estimate.batch_size(batch)
     return {
         "batch_size": size,
         "repeats": repeats,
@@ -200,7 +200,9 @@ def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512,
                 h = jax.nn.relu(h) if i < len(dims) - 2 else h
             return h
     else:
-        raise ValueError(f"unknown bench row {name!r}: use lm1b, nnx_mlp or plain_mlp.")
+        raise ValueError(
+            f"unknown bench row {name!r}: use transformer, lm1b, small_cnn, nnx_mlp or plain_mlp."
+        )
     return lambda p, b: tasks.cross_entropy(apply(p, b[0]), b[1]).mean(), params, batch
 
 
@@ -300,9 +302,10 @@ def format_table(result: dict[str, Any]) -> str:
                 continue  # the records next to the rows: load, device, model
             temp, chunks = d["temp_bytes"], d["auto_chunks"]
             method = d["auto_method"] + (f" in {chunks} chunks" if chunks > 1 else "")
+            tiny = temp["plain"] < TINY_TEMP_BYTES  # a ratio over a few bytes says nothing
             for name, s in d["seconds"].items():
-                tiny = temp["plain"] < TINY_TEMP_BYTES  # a ratio over a few bytes says nothing
-                mem = f"{temp[name] / 1e6:.1f} MB" if tiny else f"{temp[name] / temp['plain']:.2f}x"
+                ratio = d["memory_over_plain"][name]
+                mem = f"{temp[name] / 1e6:.1f} MB" if tiny else f"{ratio:.2f}x"
                 auto = name.endswith("_auto") or name == "per_example"
                 label = name + (f" ({method})" if auto else "")
                 rows.append((model, bs, label, f"{1e3 * s:.1f}",

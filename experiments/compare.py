@@ -225,9 +225,8 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     if a.candidates is not None:
         cands = adaptive.candidates(config)
     else:  # the schedule's powers of two that were timed and fit
-        cands = [
-            b for b in fits if b in gschedule.powers_of_two(a.min_batch_size, a.max_batch_size)
-        ]
+        powers = set(gschedule.powers_of_two(a.min_batch_size, a.max_batch_size))
+        cands = [b for b in fits if b in powers]
         if "adaptive" in names and not cands:
             raise UserError(
                 f"no power-of-two batch in [{a.min_batch_size}, {a.max_batch_size}] was timed "
@@ -424,6 +423,7 @@ def run_compare(config, workdir: str) -> dict:
         n = min(_train_config(config).eval_examples or len(ds.test_labels), len(ds.test_labels))
         t = float(cmp.target_accuracy)
         first = next((r for r in runs if r["policy"] == "adaptive"), None)
+        draw = lambda: figures.save(plots.plot_policies, os.path.join(workdir, PLOT_FILE), runs, t)
         return _write_summary(workdir, "compare", sweep_result, t0, {
             "target_accuracy": t,
             "target_window": int(cmp.target_window),
@@ -437,13 +437,15 @@ def run_compare(config, workdir: str) -> dict:
             "runs": runs,
             "verdict": verdict(runs, t),
             "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
-        })  # fmt: skip
+        }, plot=draw)  # fmt: skip
 
 
-def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict) -> dict:
+def _write_summary(
+    workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict, plot=None
+) -> dict:
     """Write and return (strict JSON) ``summary.json`` of a mode: the measurements' device,
-    noise scale and recommendation, ``fields``, the times and compare's ``plot`` (its path, or
-    why not; tradeoff's is the sweep's, in ``fields``)."""
+    noise scale and recommendation, ``fields``, the times and, when given, ``plot()``'s path
+    (or why not) as ``plot``."""
     summary = {
         "mode": mode,
         "device": sweep_result["device"],
@@ -458,9 +460,8 @@ def _write_summary(workdir: str, mode: str, sweep_result: dict, t0: float, field
         "total_time_s": time.perf_counter() - t0,
     }
     try:
-        if mode == "compare":
-            summary["plot"] = figures.save(plots.plot_policies, os.path.join(workdir, PLOT_FILE),
-                                           fields["runs"], fields["target_accuracy"])  # fmt: skip
+        if plot is not None:
+            summary["plot"] = plot()
     except Exception as e:  # a plot is a convenience: never lose the finished runs to it
         logging.warning("Could not write the %s plot: %s", mode, e)
     runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)

@@ -594,7 +594,7 @@ def test_command_line_reuses_per_stage_and_a_config_mistake_is_one_line(
     assert s2["fingerprints"]["trainings"] == first["fingerprints"]["trainings"]
 
 
-def test_candidate_batch_sizes_and_spread():
+def test_throughput_candidates_and_spread():
     config = sweep_config.get_config("cpu")
     config.batch_size = 24
     config.throughput.update(min_batch_size=12, max_batch_size=100)
