@@ -43,7 +43,8 @@ def default() -> ml_collections.ConfigDict:
     c.num_microbatches = 8  # k of the microbatch estimator
     c.chunk_size = config_dict.placeholder(int)  # per_example chunk size (None: all at once)
     c.warmup = 2  # untimed calls of each step after compilation
-    c.repeats = 11  # timed rounds, each timing every variant once in turn (median)
+    c.repeats = 11  # timed rounds, each timing every variant once in turn (median of the
+    # paired ratios)
     c.parallel = True  # also time across_devices on 4 simulated devices
     # (experiments.bench.across_devices, a subprocess: across_devices_over_plain)
     c.parallel_batch_size_per_device = 32  # its batch per device
@@ -57,13 +58,14 @@ def default() -> ml_collections.ConfigDict:
     # multiples of lm.num_microbatches)
     c.lm.num_microbatches = 8  # k of the microbatch estimator
     c.lm.warmup = 2  # untimed calls of each step
-    c.lm.repeats = 7  # interleaved timed rounds (median)
+    c.lm.repeats = 11  # interleaved timed rounds (median of the paired ratios)
     # More models, written as a new user would (experiments.bench.measure_rows).
     c.rows = ml_collections.ConfigDict()
     c.rows.enabled = True  # also time the rows of more models
     c.rows.num_microbatches = 8  # k of the microbatch estimator of the rows
     c.rows.warmup = 2  # untimed calls of each step
-    c.rows.repeats = 7  # interleaved timed rounds (median)
+    c.rows.repeats = 21  # interleaved timed rounds (median of the paired ratios; the MLP
+    # steps take 10-20 ms, where one busy moment moves a ratio)
     c.rows.models = ml_collections.ConfigDict()
     c.rows.models.lm1b = ml_collections.ConfigDict()  # a Transformer in the style of the Flax
     # lm1b example (a bare self.param position embedding, nn.MultiHeadDotProductAttention),

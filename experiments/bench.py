@@ -65,8 +65,9 @@ def estimators(loss_fn, *, num_microbatches: int, chunk_size=None) -> dict:
 def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **kw) -> dict:
     """A step of each of ``variants`` (:func:`estimators` of ``kw``), all with the same
     ``optimizer`` update: compiled, timed interleaved (:func:`gns.hardware.interleaved_times`),
-    medians; by variant: ``seconds``, ``seconds_iqr``, ``examples_per_second``,
-    ``over_plain``, ``temp_bytes``, ``memory_over_plain``, ``compile_seconds``; and
+    medians; by variant: ``times`` (seconds of each round), ``seconds`` (their median),
+    ``seconds_iqr``, ``examples_per_second``, ``over_plain`` (the median over rounds of the
+    round's time over the plain step's), ``temp_bytes``, ``memory_over_plain``, ``compile_seconds``; and
     ``batch_size``, ``repeats``, ``num_params``; what ``method="auto"`` runs
     (:func:`gns.ghost.select`): ``auto_method`` (``"ghost"`` or ``"vmap"``), ``auto_chunks``
     (the fast path's example chunks), ``auto_describe`` (the plan, with the timings)."""
@@ -103,12 +104,16 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
     return {
         "batch_size": size,
         "repeats": repeats,
+        "times": times,
         "seconds": seconds,
         "seconds_iqr": {
             n: float(np.subtract(*np.percentile(t, [75, 25]))) for n, t in times.items()
         },
         "examples_per_second": {n: size / s for n, s in seconds.items()},
-        "over_plain": {n: s / seconds["plain"] for n, s in seconds.items()},
+        # paired by round: a load that comes and goes cancels in each round's ratio
+        "over_plain": {
+            n: float(np.median(np.divide(t, times["plain"]))) for n, t in times.items()
+        },
         "temp_bytes": temp,
         "memory_over_plain": {
             n: b / temp["plain"] if temp["plain"] else None for n, b in temp.items()

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from configs import bench as bench_config
@@ -25,6 +26,27 @@ RATIOS = (
 
 def positive_finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def check_timed(d, variants):
+    """A row's timing of ``variants``: the medians and ratios of its rounds' times (each round's
+    time over the same round's plain step), the memory ratios of its compiled steps."""
+    assert set(d["seconds"]) == set(d["times"]) == set(variants)
+    for name in variants:
+        t = d["times"][name]
+        assert len(t) == d["repeats"] and all(positive_finite(x) for x in t)
+        assert d["seconds"][name] == pytest.approx(float(np.median(t)))
+        assert d["over_plain"][name] == pytest.approx(
+            float(np.median(np.divide(t, d["times"]["plain"])))
+        )
+        assert d["examples_per_second"][name] == pytest.approx(
+            d["batch_size"] / d["seconds"][name]
+        )
+        assert positive_finite(d["temp_bytes"][name])
+        assert d["memory_over_plain"][name] == pytest.approx(
+            d["temp_bytes"][name] / d["temp_bytes"]["plain"]
+        )
+    assert d["over_plain"]["plain"] == 1.0
 
 
 @pytest.mark.timeout(300)
@@ -56,16 +78,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     assert set(written["detail"]) == {str(b) for b in config.batch_sizes}
     for bs, d in written["detail"].items():
         assert d["batch_size"] == int(bs)
-        assert set(d["seconds"]) == set(bench.VARIANTS)
-        for name in bench.VARIANTS:
-            s = d["seconds"][name]
-            assert positive_finite(s) and positive_finite(d["temp_bytes"][name])
-            assert d["over_plain"][name] == pytest.approx(s / d["seconds"]["plain"])
-            assert d["examples_per_second"][name] == pytest.approx(int(bs) / s)
-            assert d["memory_over_plain"][name] == pytest.approx(
-                d["temp_bytes"][name] / d["temp_bytes"]["plain"]
-            )
-        assert d["over_plain"]["plain"] == 1.0
+        check_timed(d, bench.VARIANTS)
 
     ref = written["detail"][str(config.reference_batch_size)]
     assert ref["auto_method"] in ("ghost", "vmap") and ref["auto_chunks"] == 1
@@ -74,19 +87,14 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     assert written["naive_vmap_over_plain"] == ref["over_plain"]["naive_vmap"]
     assert written["memory_per_example_over_plain"] == ref["memory_over_plain"]["per_example"]
 
-    # The Transformer rows (issue 14): the lm model of the config, every variant, both ratios.
+    # The Transformer rows: the lm model of the config, every variant, both ratios.
     tr = written["transformer"]
     assert tr["model"]["width"] == config.lm.model.width and positive_finite(tr["seconds"])
     for bs in config.lm.batch_sizes:
         d = tr[str(bs)]
-        assert set(d["seconds"]) == set(bench.LM_VARIANTS)
+        check_timed(d, bench.LM_VARIANTS)
         assert d["auto_method"] in ("ghost", "vmap") and d["auto_describe"].count("auto: ") == 1
         assert d["auto_chunks"] == 1  # batch 8: too small to chunk
-        for name, s in d["seconds"].items():
-            assert d["over_plain"][name] == pytest.approx(s / d["seconds"]["plain"])
-            assert d["memory_over_plain"][name] == pytest.approx(
-                d["temp_bytes"][name] / d["temp_bytes"]["plain"]
-            )
     table = bench.format_table(written).splitlines()
     assert table[0].split() == [
         "model",
@@ -103,12 +111,9 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     for name, row in config.rows.models.items():
         assert set(rows[name]) == {str(b) for b in row.batch_sizes}
         for rd in rows[name].values():
-            assert set(rd["seconds"]) == set(bench.LM_VARIANTS)
+            check_timed(rd, bench.LM_VARIANTS)
             assert rd["auto_method"] in ("ghost", "vmap")
             assert "fallback" not in rd["auto_describe"]  # every leaf covered
-            assert rd["over_plain"]["microbatch"] == pytest.approx(
-                rd["seconds"]["microbatch"] / rd["seconds"]["plain"]
-            )
             n_rows += len(bench.LM_VARIANTS)
     n_cnn = len(config.batch_sizes) * len(bench.VARIANTS)
     n_lm = len(config.lm.batch_sizes) * len(bench.LM_VARIANTS)
