@@ -67,10 +67,11 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
     ``optimizer`` update: compiled, timed interleaved (:func:`gns.hardware.interleaved_times`),
     medians; by variant: ``times`` (seconds of each round), ``seconds`` (their median),
     ``seconds_iqr``, ``examples_per_second``, ``over_plain`` (the median over rounds of the
-    round's time over the plain step's), ``temp_bytes``, ``memory_over_plain``, ``compile_seconds``; and
-    ``batch_size``, ``repeats``, ``num_params``; what ``method="auto"`` runs
-    (:func:`gns.ghost.select`): ``auto_method`` (``"ghost"`` or ``"vmap"``), ``auto_chunks``
-    (the fast path's example chunks), ``auto_describe`` (the plan, with the timings)."""
+    round's time over the plain step's), ``temp_bytes``, ``memory_over_plain``,
+    ``compile_seconds``; and ``batch_size``, ``repeats``, ``num_params``; what
+    ``method="auto"`` runs (:func:`gns.ghost.select`): ``auto_method`` (``"ghost"`` or
+    ``"vmap"``), ``auto_chunks`` (the fast path's example chunks), ``auto_describe`` (the plan,
+    with the timings)."""
 
     def step(estimator, params, opt_state, batch):
         if estimator is None:
@@ -111,9 +112,7 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
         },
         "examples_per_second": {n: size / s for n, s in seconds.items()},
         # paired by round: a load that comes and goes cancels in each round's ratio
-        "over_plain": {
-            n: float(np.median(np.divide(t, times["plain"]))) for n, t in times.items()
-        },
+        "over_plain": {n: float(np.median(np.divide(t, times["plain"]))) for n, t in times.items()},
         "temp_bytes": temp,
         "memory_over_plain": {
             n: b / temp["plain"] if temp["plain"] else None for n, b in temp.items()

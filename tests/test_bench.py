@@ -39,9 +39,7 @@ def check_timed(d, variants):
         assert d["over_plain"][name] == pytest.approx(
             float(np.median(np.divide(t, d["times"]["plain"])))
         )
-        assert d["examples_per_second"][name] == pytest.approx(
-            d["batch_size"] / d["seconds"][name]
-        )
+        assert d["examples_per_second"][name] == pytest.approx(d["batch_size"] / d["seconds"][name])
         assert positive_finite(d["temp_bytes"][name])
         assert d["memory_over_plain"][name] == pytest.approx(
             d["temp_bytes"][name] / d["temp_bytes"]["plain"]

@@ -805,7 +805,8 @@ def test_calibrate_times_the_chunks_in_the_gram_form_too(monkeypatch):
     monkeypatch.setattr(hardware, "interleaved_times", fake)
     chosen = ghost.calibrate(loss_fn, params, batch, the_plan)
     assert [m for m in seen if "gram" in m] == [
-        "ghost in 2 chunks, gram form", "ghost in 4 chunks, gram form"
+        "ghost in 2 chunks, gram form",
+        "ghost in 4 chunks, gram form",
     ]
     assert chosen.num_chunks == 4 and chosen.batch_size == 4
     assert {c.form for c in chosen.consumers if c.kind in ("conv", "dense")} == {"gram"}
