@@ -786,31 +786,28 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
     assert ghost.calibrate(loss_fn, params, batch, the_plan) is the_plan
 
 
-def test_calibrate_times_the_chunks_in_the_gram_form_too(monkeypatch):
-    """A conv net planned in the direct form: each chunked candidate is also timed with every
-    kernel in the Gram form, and that plan runs when it is the fastest."""
+def test_calibrate_times_the_chunks_in_the_gram_form(monkeypatch):
+    """A conv net planned in the direct form: the chunked candidates run every kernel in the
+    Gram form (the whole batch as planned), and the chosen plan is the candidate timed."""
     monkeypatch.setattr(ghost, "CHUNK_SIZES", (8,))
     monkeypatch.setattr(ghost, "CHUNK_COUNT", 4)
     monkeypatch.setattr(ghost, "_CALIBRATED", {})
+    monkeypatch.setattr(ghost, "_within_memory", lambda calls: (calls, ""))  # tested above
     loss_fn, params, batch = setup(ConvNet(norm="group"), images((16, 7, 7, 3)))
     the_plan = ghost.plan(loss_fn, params, batch)
     assert {c.form for c in the_plan.consumers if c.kind == "conv"} == {"direct"}
-    monkeypatch.setattr(ghost, "_within_memory", lambda calls: (calls, ""))  # tested above
-    winner, seen = "ghost in 4 chunks, gram form", []
+    for winner, k, form in [("ghost in 4 chunks", 4, "gram"), ("ghost", 1, "direct")]:
+        monkeypatch.setattr(ghost, "_CALIBRATED", {})
 
-    def fake(calls, warmup, rounds):
-        seen.extend(calls)
-        return {m: [1.0 if m == winner else 2.0] * rounds for m in calls}
+        def fake(calls, warmup, rounds, winner=winner):
+            assert list(calls) == ["ghost", "ghost in 2 chunks", "ghost in 4 chunks", "vmap"]
+            return {m: [1.0 if m == winner else 2.0] * rounds for m in calls}
 
-    monkeypatch.setattr(hardware, "interleaved_times", fake)
-    chosen = ghost.calibrate(loss_fn, params, batch, the_plan)
-    assert [m for m in seen if "gram" in m] == [
-        "ghost in 2 chunks, gram form",
-        "ghost in 4 chunks, gram form",
-    ]
-    assert chosen.num_chunks == 4 and chosen.batch_size == 4
-    assert {c.form for c in chosen.consumers if c.kind in ("conv", "dense")} == {"gram"}
-    assert f"auto: timed once: {winner} (median ms" in chosen.describe()
+        monkeypatch.setattr(hardware, "interleaved_times", fake)
+        chosen = ghost.calibrate(loss_fn, params, batch, the_plan)
+        assert chosen.num_chunks == k and chosen.batch_size == 16 // k
+        assert {c.form for c in chosen.consumers if c.kind == "conv"} == {form}
+        assert f"auto: timed once: {winner} (median ms" in chosen.describe()
 
 
 def test_cost_model_forms_for_embed_and_dense():
