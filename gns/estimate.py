@@ -314,8 +314,7 @@ def per_example(
         ``method="vmap"`` when you need the aux of every example.
       method: ``"auto"`` (default): the fastest of the fast path (:mod:`gns.ghost`) on the
         whole batch, the fast path over equal example chunks in turn (``jax.lax.scan``: the
-        same statistics; smaller products can run faster per example; every kernel in the
-        Gram form), and ``vmap``. Timed
+        same statistics; smaller products can run faster per example), and ``vmap``. Timed
         once on these shapes and cached (:func:`gns.ghost.calibrate`), with the cost model as
         the prior: the fast path without timing when it is clearly cheaper and the batch too
         small to chunk; ``vmap`` when the fast path covers no parameter

@@ -66,8 +66,7 @@ that model. :func:`select` (``per_example(method="auto")``) times once on the ac
 device (:func:`calibrate`, cached in memory by the jaxpr and shapes) the fast path on the whole
 batch, the fast path over equal example chunks in turn (:func:`chunk_counts`, :func:`chunked`:
 ``jax.lax.scan`` sums the chunks' sums; smaller products can run faster per example, and one
-chunk's intermediates exist at a time; every kernel in the Gram form, :func:`in_form`) and
-``vmap``, and keeps the fastest. The model is the
+chunk's intermediates exist at a time) and ``vmap``, and keeps the fastest. The model is the
 prior: when it is clear (every leaf covered and the fast path at most :data:`CLEAR_MARGIN` of
 ``vmap``'s estimated cost) ``vmap`` is not timed, nor anything for a batch too small to
 chunk. Apart from that, a convolution whose per-example intermediates would exceed
@@ -121,7 +120,6 @@ __all__ = [
     "MAX_CHUNKS",
     "chunk_counts",
     "chunked",
-    "in_form",
     "fastest",
 ]
 
@@ -845,22 +843,6 @@ def chunked(the_plan: Plan, loss_fn, params, batch, k: int, *, has_aux: bool = F
     return dataclasses.replace(plan(loss_fn, params, chunk, has_aux=has_aux), num_chunks=k)
 
 
-def in_form(the_plan: Plan, form: str) -> Plan:
-    """``the_plan`` with every consumer that has ``form`` (``"direct"`` or ``"gram"``,
-    :data:`FORMS`) computing its norms in it, the others as planned."""
-    if form not in FORMS[1:]:
-        raise ValueError(f"form must be 'direct' or 'gram', got {form!r}.")
-    n = the_plan.batch_size
-
-    def one(c: _Consumer) -> _Consumer:
-        if form not in _forms(c):
-            return c
-        nbytes = next(b for f, _, b in c.costs if f == form)
-        return dataclasses.replace(c, form=form, chunks=_num_chunks(c, n, nbytes))
-
-    return dataclasses.replace(the_plan, consumers=tuple(map(one, the_plan.consumers)))
-
-
 def _signature_key(the_plan: Plan, params, batch, has_aux, chunk_size) -> tuple:
     def shapes(tree):
         return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
@@ -875,18 +857,17 @@ def fastest(times: dict[str, list[float]]) -> str:
 
 
 def _candidates(loss_fn, params, batch, the_plan, has_aux, with_vmap) -> dict[str, Plan | None]:
-    """What :func:`calibrate` times: the fast path on the whole batch, in the cost model's
-    forms; in each of :func:`chunk_counts` chunks (where the fast path covers the chunk) with
-    every kernel in the Gram form (a chunk's Gram matrices are small: on 2 CPU cores it ran
-    as fast as the cost model's forms in chunks or faster, by up to 15%, on every
-    ``make bench`` row); and ``vmap`` (``None``)."""
+    """What :func:`calibrate` times: the fast path on the whole batch and in each of
+    :func:`chunk_counts` chunks (where the fast path covers the chunk), and ``vmap``
+    (``None``)."""
     out: dict[str, Plan | None] = {"ghost": the_plan}
     for k in chunk_counts(common.batch_size(batch)):
         try:
-            part = chunked(the_plan, loss_fn, params, batch, k, has_aux=has_aux)
+            out[f"ghost in {k} chunks"] = chunked(
+                the_plan, loss_fn, params, batch, k, has_aux=has_aux
+            )
         except NotApplicableError:
             continue
-        out[f"ghost in {k} chunks"] = in_form(part, "gram")
     return out | ({"vmap": None} if with_vmap else {})
 
 
@@ -912,7 +893,7 @@ def calibrate(
     *,
     has_aux: bool = False,
     chunk_size: int | None = None,
-    rounds: int = 5,
+    rounds: int = 9,
     with_vmap: bool = True,
 ) -> Plan | None:
     """The fastest way to compute the local sums on these shapes: a :class:`Plan` (the fast

@@ -187,14 +187,7 @@ def test_conv_net_equals_vmap_in_every_form_whole_and_in_chunks(monkeypatch):
     assert min(chunks.values()) > 1 and all(6 % k == 0 for k in chunks.values()), chunks
     assert all(c.chunks == 1 for c in tiny.consumers if c.kind != "conv")  # dense: whole batch
     assert f"in {max(chunks.values())} example chunks" in tiny.describe()
-    # in_form: every kernel (conv, dense) in that form, the biases and scales as planned.
-    gram = ghost.in_form(tiny, "gram")
-    assert {(c.kind, c.form) for c in gram.consumers} == {
-        (c.kind, "gram" if c.kind in ("conv", "dense") else c.form) for c in tiny.consumers
-    }
-    with pytest.raises(ValueError, match="form must be 'direct' or 'gram', got 'auto'"):
-        ghost.in_form(tiny, "auto")
-    more = [(tiny, f) for f in ghost.FORMS] + [(gram, "auto")]
+    more = [(tiny, f) for f in ghost.FORMS]
     check_sums(loss_fn, params, batch, ("direct", "gram"), plan, k=2, more=more)
 
 
@@ -784,30 +777,6 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
     monkeypatch.setattr(hardware, "interleaved_times", lambda *a, **k: 1 / 0)
     monkeypatch.setattr(ghost, "_CALIBRATED", {})
     assert ghost.calibrate(loss_fn, params, batch, the_plan) is the_plan
-
-
-def test_calibrate_times_the_chunks_in_the_gram_form(monkeypatch):
-    """A conv net planned in the direct form: the chunked candidates run every kernel in the
-    Gram form (the whole batch as planned), and the chosen plan is the candidate timed."""
-    monkeypatch.setattr(ghost, "CHUNK_SIZES", (8,))
-    monkeypatch.setattr(ghost, "CHUNK_COUNT", 4)
-    monkeypatch.setattr(ghost, "_CALIBRATED", {})
-    monkeypatch.setattr(ghost, "_within_memory", lambda calls: (calls, ""))  # tested above
-    loss_fn, params, batch = setup(ConvNet(norm="group"), images((16, 7, 7, 3)))
-    the_plan = ghost.plan(loss_fn, params, batch)
-    assert {c.form for c in the_plan.consumers if c.kind == "conv"} == {"direct"}
-    for winner, k, form in [("ghost in 4 chunks", 4, "gram"), ("ghost", 1, "direct")]:
-        monkeypatch.setattr(ghost, "_CALIBRATED", {})
-
-        def fake(calls, warmup, rounds, winner=winner):
-            assert list(calls) == ["ghost", "ghost in 2 chunks", "ghost in 4 chunks", "vmap"]
-            return {m: [1.0 if m == winner else 2.0] * rounds for m in calls}
-
-        monkeypatch.setattr(hardware, "interleaved_times", fake)
-        chosen = ghost.calibrate(loss_fn, params, batch, the_plan)
-        assert chosen.num_chunks == k and chosen.batch_size == 16 // k
-        assert {c.form for c in chosen.consumers if c.kind == "conv"} == {form}
-        assert f"auto: timed once: {winner} (median ms" in chosen.describe()
 
 
 def test_cost_model_forms_for_embed_and_dense():
