@@ -856,12 +856,14 @@ def fastest(times: dict[str, list[float]]) -> str:
     return min(times, key=lambda name: float(np.median(times[name])))
 
 
-def _candidates(loss_fn, params, batch, the_plan, has_aux, with_vmap) -> dict[str, Plan | None]:
-    """What :func:`calibrate` times: the fast path on the whole batch and in each of
-    :func:`chunk_counts` chunks (where the fast path covers the chunk), and ``vmap``
+def _candidates(
+    loss_fn, params, batch, the_plan, has_aux, with_vmap, chunks=True
+) -> dict[str, Plan | None]:
+    """What :func:`calibrate` times: the fast path on the whole batch and (with ``chunks``) in
+    each of :func:`chunk_counts` chunks (where the fast path covers the chunk), and ``vmap``
     (``None``)."""
     out: dict[str, Plan | None] = {"ghost": the_plan}
-    for k in chunk_counts(common.batch_size(batch)):
+    for k in chunk_counts(common.batch_size(batch)) if chunks else ():
         try:
             out[f"ghost in {k} chunks"] = chunked(
                 the_plan, loss_fn, params, batch, k, has_aux=has_aux
@@ -869,6 +871,17 @@ def _candidates(loss_fn, params, batch, the_plan, has_aux, with_vmap) -> dict[st
         except NotApplicableError:
             continue
     return out | ({"vmap": None} if with_vmap else {})
+
+
+def _chunks_can_fit(whole, params) -> bool:
+    """Whether the fast path over example chunks could need no more temporary memory than
+    ``whole``, its compiled program on the whole batch: not when ``whole`` needs less than the
+    parameters' bytes, since a loop over chunks holds each chunk's gradients, as many bytes
+    (an MLP, whose activations are small beside its weights; every chunk then also reads and
+    writes every gradient again, so it is slower too)."""
+    stats = whole.memory_analysis()
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    return stats is None or int(stats.temp_size_in_bytes) >= nbytes
 
 
 def _within_memory(calls: dict) -> tuple[dict, str]:
@@ -903,8 +916,9 @@ def calibrate(
     Every candidate is compiled and timed (interleaved, ``rounds`` rounds, medians,
     :func:`fastest`) on zero arrays of the shapes and dtypes of ``params`` and ``batch``, on
     the default device; a chunked one only when its compiled temporary memory is at most the
-    whole batch's (chunking is to lower memory, not raise it). The answer is cached in memory
-    by the traced jaxpr, shapes, ``has_aux``, ``chunk_size`` and ``with_vmap``, so each
+    whole batch's (chunking is to lower memory, not raise it), and none (not even compiled)
+    when the whole batch's is below the parameters' bytes. The answer is cached in memory by
+    the traced jaxpr, shapes, ``has_aux``, ``chunk_size`` and ``with_vmap``, so each
     signature is timed once per process. The chosen plan's :meth:`Plan.describe` gives the
     timings. Called inside ``jit`` (and ``shard_map``) it traces and runs apart, on new
     arrays. When the paths cannot run outside the caller's trace (e.g. a collective inside
@@ -924,10 +938,17 @@ def calibrate(
     try:
         # Traced and run apart from the caller's trace (no compile-time evaluation: it would
         # fold constants and change the trace): zero arrays of the shapes.
-        candidates = _candidates(loss_fn, params, batch, the_plan, has_aux, with_vmap)
         args = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), (params, batch))
-        calls = {m: (jax.jit(run(p)).lower(*args).compile(), args) for m, p in candidates.items()}
+        whole = jax.jit(run(the_plan)).lower(*args).compile()
+        chunks = _chunks_can_fit(whole, args[0])
+        candidates = _candidates(loss_fn, params, batch, the_plan, has_aux, with_vmap, chunks)
+        calls = {
+            m: (whole if m == "ghost" else jax.jit(run(p)).lower(*args).compile(), args)
+            for m, p in candidates.items()
+        }
         calls, dropped = _within_memory(calls)
+        if not chunks and chunk_counts(n):
+            dropped = "the chunked paths (each chunk's gradients alone outweigh it)"
         times = hardware.interleaved_times(calls, warmup=1, rounds=rounds)
         name = fastest(times)
         medians = ", ".join(f"{m} {1e3 * float(np.median(t)):.3g}" for m, t in times.items())

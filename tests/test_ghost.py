@@ -779,6 +779,31 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
     assert ghost.calibrate(loss_fn, params, batch, the_plan) is the_plan
 
 
+def test_calibrate_skips_the_chunks_when_the_weights_outweigh_the_batch(monkeypatch):
+    """A wide dense layer on a small batch: the whole batch's program needs less temporary
+    memory than the weights' bytes, which a loop over chunks holds for each chunk's gradients,
+    so no chunked path is built, compiled or timed, and the plan says why."""
+    w = jnp.ones((256, 256)) / 16
+    x = jax.random.normal(jax.random.key(0), (32, 256))
+
+    def loss_fn(w, x):
+        return jnp.mean(jnp.tanh(x @ w) ** 2)
+
+    assert ghost.chunk_counts(32)  # a batch that could be chunked
+    monkeypatch.setattr(ghost, "_CALIBRATED", {})
+    monkeypatch.setattr(ghost, "chunked", None)  # would fail if called
+    seen = []
+
+    def fake(calls, warmup, rounds):
+        seen.extend(calls)
+        return {m: [1.0] * rounds for m in calls}
+
+    monkeypatch.setattr(hardware, "interleaved_times", fake)
+    chosen = ghost.calibrate(loss_fn, w, x, ghost.plan(loss_fn, w, x))
+    assert seen == ["ghost", "vmap"] and chosen.num_chunks == 1
+    assert "not timed, more memory than the whole batch: the chunked paths" in chosen.describe()
+
+
 def test_cost_model_forms_for_embed_and_dense():
     # Embedding: Gram T²·D against a per-example [vocab, D] table.
     def embed_form(**kw):
