@@ -400,10 +400,11 @@ def microbatch(
       unroll: passed to ``jax.lax.scan``. ``1`` keeps one microbatch in memory at a time (the
         memory bound of gradient accumulation). ``True`` unrolls the loop, which may keep
         every microbatch's activations alive at once. ``None`` (default): ``True`` when JAX's
-        default backend is the CPU, ``1`` elsewhere, because XLA:CPU runs convolutions inside a
-        rolled loop an order of magnitude slower (jax-ml/jax#12868; the measured ratios are
-        the ``microbatch`` rows of ``make bench``, in the README). The results are the same
-        either way.
+        default backend is the CPU and ``loss_fn`` convolves, ``1`` otherwise, because XLA:CPU
+        runs convolutions inside a rolled loop an order of magnitude slower
+        (jax-ml/jax#12868; :func:`gns.common.scan_unroll`; the measured ratios are the
+        ``microbatch`` rows of ``make bench``, in the README). The results are the same either
+        way.
 
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``).
@@ -428,7 +429,7 @@ def microbatch(
             "batch size (the microbatches must be equal for the estimator to be unbiased)."
         )
     if unroll is None:
-        unroll = common.scan_unroll()
+        unroll = common.scan_unroll(common.convolves(loss_fn, params, batch))
     return _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll)
 
 

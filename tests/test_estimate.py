@@ -19,7 +19,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gns import estimate, smoothing
+from gns import common, estimate, smoothing
 
 HYPOTHESIS = settings(max_examples=10, deadline=None, derandomize=True)
 
@@ -209,6 +209,35 @@ def test_microbatch_equals_loop_over_microbatches(unroll):
     assert (stats.small_batch_size, stats.big_batch_size) == (4.0, 12.0)
     chex.assert_trees_all_close(grads, _jitted_grad(mlp_loss)(params, batch), rtol=1e-5, atol=1e-6)
     assert_stats_match(stats, grads, reference(mlp_loss, params, batch, num_parts=3))
+
+
+def scan_unrolls(fn, *args) -> list:
+    """The ``unroll`` of every ``scan`` in the jaxpr of ``fn(*args)``."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return [e.params["unroll"] for e in jaxpr.eqns if e.primitive.name == "scan"]
+
+
+def test_microbatch_unrolls_its_loop_by_default_only_for_convolutions_on_cpu():
+    """XLA:CPU runs a convolution inside a rolled loop an order of magnitude slower, so the
+    default unrolls the loop (unroll = the number of microbatches) there; a loop of dense
+    layers stays rolled (one microbatch in memory at a time), as does every loop off the CPU."""
+    assert jax.default_backend() == "cpu"
+    conv = nn.Conv(2, (3, 3))
+    x = jnp.ones((8, 5, 5, 1))
+    conv_params = conv.init(jax.random.key(0), x[:1])
+
+    def conv_loss(p, b):
+        return jnp.mean(conv.apply(p, b) ** 2)
+
+    params, batch = mlp_problem(1, batch_size=8, dim=3)
+    k = 4
+    micro = functools.partial(estimate.microbatch, num_microbatches=k)
+    assert scan_unrolls(lambda p, b: micro(conv_loss, p, b), conv_params, x) == [k]
+    assert scan_unrolls(lambda p, b: micro(mlp_loss, p, b), params, batch) == [1]
+    assert common.convolves(conv_loss, conv_params, x) and not common.convolves(
+        mlp_loss, params, batch
+    )
+    assert common.scan_unroll(True) is True and common.scan_unroll(False) == 1
 
 
 def test_microbatch_with_one_example_per_microbatch_equals_per_example():

@@ -554,7 +554,7 @@ def test_transformer_lm_equals_vmap(monkeypatch):
     """Untied, every leaf is covered. Tied, the embedding falls back: the fast path over 2
     example chunks (each by the whole-batch code), the embedding by vmap inside each, equals
     vmap, the covered leaves to float64 rounding (the loop rolled, as off the CPU: one body)."""
-    monkeypatch.setattr(common, "scan_unroll", lambda: 1)
+    monkeypatch.setattr(common, "scan_unroll", lambda convolves: 1)
     with jax.enable_x64(True):
         for tie in (False, True):
             loss_fn, params, tokens = lm_setup(tie, batch=4)
@@ -697,7 +697,7 @@ def test_bench_row_models_are_covered_and_equal_vmap_in_chunks(name, monkeypatch
     """The bench rows' models: every leaf covered; the fast path over 4 example chunks (each
     chunk by the whole-batch code, planned at the chunk's size) equals vmap. The loop over
     chunks rolled (as off the CPU): its body compiles once."""
-    monkeypatch.setattr(common, "scan_unroll", lambda: 1)
+    monkeypatch.setattr(common, "scan_unroll", lambda convolves: 1)
     loss_fn, params, batch = chunk_problem(name)
     the_plan = ghost.plan(loss_fn, params, batch)
     assert the_plan.fallback == () and len(the_plan.consumers) == the_plan.num_leaves
