@@ -26,7 +26,11 @@ os.environ["XLA_FLAGS"] = " ".join([
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Caches (decoded data, the sweep's compilation cache) go to a directory of this session, not the
 # user's ~/.cache/gns: the suite reads nothing an earlier run left there and writes nothing there.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gns-tests-cache-")
+# The session's first process makes it; its pytest-xdist workers inherit it, so a program one
+# worker compiled is a cache hit in the other (a partly written entry is a warned miss).
+if "GNS_TESTS_CACHE" not in os.environ:
+    os.environ["GNS_TESTS_CACHE"] = tempfile.mkdtemp(prefix="gns-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = os.environ["GNS_TESTS_CACHE"]
 # Every test of this process, and every command it runs, shares JAX's persistent compilation
 # cache there: the runs of different tests build the same programs (closures differ, HLO does
 # not; the learning rate is a value of the train state, not of the step), so each compiles once.
