@@ -47,10 +47,10 @@ os.environ.update(
 # the long files start first and the short ones fill in behind them, so neither process is left
 # with a long file at the end. Files not listed follow in their usual order.
 LONGEST_FIRST = (
-    "test_ghost.py", "test_sweep.py", "test_distributed.py", "test_estimate.py", "test_train.py",
-    "test_compare.py", "test_lm.py", "test_mesh.py", "test_readme.py", "test_adaptive.py",
-    "test_bench.py", "test_multihost.py", "test_demo.py", "test_finder.py", "test_interrupt.py",
-    "test_config.py", "test_schedule.py", "test_models.py",
+    "test_ghost.py", "test_sweep.py", "test_train.py", "test_lm.py", "test_mesh.py",
+    "test_estimate.py", "test_bench.py", "test_readme.py", "test_adaptive.py", "test_multihost.py",
+    "test_compare.py", "test_config.py", "test_distributed.py", "test_schedule.py",
+    "test_models.py", "test_demo.py", "test_interrupt.py", "test_finder.py",
 )  # fmt: skip
 
 
