@@ -8,6 +8,7 @@ of the test session. Tests that need one device simply use the default device.
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,11 @@ os.environ["XLA_FLAGS"] = " ".join([
     "--xla_cpu_use_fusion_emitters=false",
 ]).strip()  # fmt: skip
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The Ctrl-C tests need Python's own SIGINT handler, in this process and (by not ignoring the
+# signal) in the commands it starts; a runner started in the background (`nohup`, `&` in a
+# script) hands its processes SIGINT ignored.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # Caches (decoded data, the sweep's compilation cache) go to a directory of this session, not the
 # user's ~/.cache/gns: the suite reads nothing an earlier run left there and writes nothing there.
 # The session's first process makes it; its pytest-xdist workers inherit it, so a program one
