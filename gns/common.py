@@ -313,7 +313,7 @@ def scan_unroll(convolves: bool) -> int | bool:
     """The ``unroll`` of a loop over chunks whose body ``convolves`` (or not, :func:`convolves`):
     ``True`` (unrolled) for a convolution on the CPU, whose XLA runs convolutions inside a
     rolled loop an order of magnitude slower (jax-ml/jax#12868); ``1`` (one chunk in memory at
-    a time) otherwise. On 2 CPU cores a rolled loop of dense layers ran 1.3-1.5x faster than
+    a time) otherwise. On 2 CPU cores a rolled loop of dense layers ran 1.15-1.5x faster than
     the unrolled one (the Transformer and MLP of ``make bench``, 8 chunks), compiled 2-3x
     faster and needed 7x less temporary memory."""
     return True if convolves and jax.default_backend() == "cpu" else 1
