@@ -550,11 +550,10 @@ def lm_setup(tie=False, batch=3, context=5, vocab=7, abstract=False):
     return bench.lm_loss(model), params, tokens
 
 
-def test_transformer_lm_equals_vmap(monkeypatch):
+def test_transformer_lm_equals_vmap():
     """Untied, every leaf is covered. Tied, the embedding falls back: the fast path over 2
     example chunks (each by the whole-batch code), the embedding by vmap inside each, equals
-    vmap, the covered leaves to float64 rounding (the loop rolled, as off the CPU: one body)."""
-    monkeypatch.setattr(common, "scan_unroll", lambda convolves: 1)
+    vmap, the covered leaves to float64 rounding (the loop rolled: no convolution, one body)."""
     with jax.enable_x64(True):
         for tie in (False, True):
             loss_fn, params, tokens = lm_setup(tie, batch=4)
@@ -693,11 +692,10 @@ def chunk_problem(name, n=8):
 
 
 @pytest.mark.parametrize("name", ["plain_mlp", "nnx_mlp", "lm1b"])
-def test_bench_row_models_are_covered_and_equal_vmap_in_chunks(name, monkeypatch):
+def test_bench_row_models_are_covered_and_equal_vmap_in_chunks(name):
     """The bench rows' models: every leaf covered; the fast path over 4 example chunks (each
     chunk by the whole-batch code, planned at the chunk's size) equals vmap. The loop over
-    chunks rolled (as off the CPU): its body compiles once."""
-    monkeypatch.setattr(common, "scan_unroll", lambda convolves: 1)
+    chunks is rolled (no convolution): its body compiles once."""
     loss_fn, params, batch = chunk_problem(name)
     the_plan = ghost.plan(loss_fn, params, batch)
     assert the_plan.fallback == () and len(the_plan.consumers) == the_plan.num_leaves
