@@ -5,9 +5,11 @@ The XLA flag must be set before JAX initializes its backend, so it is set here, 
 of the test session. Tests that need one device simply use the default device.
 """
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +40,8 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # worker compiled is a cache hit in the other (a partly written entry is a warned miss).
 if "GNS_TESTS_CACHE" not in os.environ:
     os.environ["GNS_TESTS_CACHE"] = tempfile.mkdtemp(prefix="gns-tests-cache-")
+    # removed when the process that made it exits, after its workers (hundreds of MB)
+    atexit.register(shutil.rmtree, os.environ["GNS_TESTS_CACHE"], ignore_errors=True)
 os.environ["XDG_CACHE_HOME"] = os.environ["GNS_TESTS_CACHE"]
 # Every test of this process, and every command it runs, shares JAX's persistent compilation
 # cache there: the runs of different tests build the same programs (closures differ, HLO does
