@@ -1218,7 +1218,7 @@ def sums(
         return _one_pass(loss_fn, params, chunk, the_plan, has_aux, axis_name, chunk_size, form)
 
     if k > 1:
-        unroll = common.scan_unroll("conv_general_dilated" in the_plan.signature)
+        unroll = common.scan_unroll(common.convolves(loss_fn, params, batch))
         return common.scan_sums(chunk_sums, params, batch, k, axis_name, unroll)
     grad_sum, sq_sum, aux = chunk_sums(batch)
     return grad_sum, sq_sum, jax.tree.map(lambda a: jnp.asarray(a)[None], aux)
