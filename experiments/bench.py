@@ -62,16 +62,23 @@ def estimators(loss_fn, *, num_microbatches: int, chunk_size=None) -> dict:
             "microbatch_rolled": functools.partial(microbatch, unroll=1)}  # fmt: skip
 
 
+def over_plain(times: dict[str, list[float]]) -> dict[str, float]:
+    """By variant of :func:`gns.hardware.interleaved_times`' ``times``: the median over the rounds
+    of each round's time over the same round's ``"plain"`` (paired: a load that comes and goes
+    cancels in each round's ratio)."""
+    return {n: float(np.median(np.divide(t, times["plain"]))) for n, t in times.items()}
+
+
 def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **kw) -> dict:
     """A step of each of ``variants`` (:func:`estimators` of ``kw``), all with the same
-    ``optimizer`` update: compiled, timed interleaved (:func:`gns.hardware.interleaved_times`),
-    medians; by variant: ``times`` (seconds of each round), ``seconds`` (their median),
-    ``seconds_iqr``, ``examples_per_second``, ``over_plain`` (the median over rounds of the
-    round's time over the plain step's), ``temp_bytes``, ``memory_over_plain``,
+    ``optimizer`` update: compiled, timed interleaved
+    (:func:`gns.hardware.interleaved_times`), medians; by variant: ``times`` (seconds of
+    each round), ``seconds`` (their median), ``seconds_iqr``, ``examples_per_second``,
+    ``over_plain`` (:func:`over_plain`), ``temp_bytes``, ``memory_over_plain``,
     ``compile_seconds``; and ``batch_size``, ``repeats``, ``num_params``; what
     ``method="auto"`` runs (:func:`gns.ghost.select`): ``auto_method`` (``"ghost"`` or
-    ``"vmap"``), ``auto_chunks`` (the fast path's example chunks), ``auto_describe`` (the plan,
-    with the timings)."""
+    ``"vmap"``), ``auto_chunks`` (the fast path's example chunks), ``auto_describe`` (the
+    plan, with the timings)."""
 
     def step(estimator, params, opt_state, batch):
         if estimator is None:
@@ -111,8 +118,7 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
             n: float(np.subtract(*np.percentile(t, [75, 25]))) for n, t in times.items()
         },
         "examples_per_second": {n: size / s for n, s in seconds.items()},
-        # paired by round: a load that comes and goes cancels in each round's ratio
-        "over_plain": {n: float(np.median(np.divide(t, times["plain"]))) for n, t in times.items()},
+        "over_plain": over_plain(times),
         "temp_bytes": temp,
         "memory_over_plain": {
             n: b / temp["plain"] if temp["plain"] else None for n, b in temp.items()
@@ -248,10 +254,9 @@ def across_devices(batch_size_per_device: int, repeats: int, seed: int = 0) -> d
     # Same start, same batch: the two steps must make the same update.
     new = [step(*args)[0] for step in steps.values()]
     diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *new)
-    paired = [a / p for a, p in zip(times["across_devices"], times["plain"], strict=True)]
     med = {name: statistics.median(ts) for name, ts in times.items()}
     return {
-        "across_devices_over_plain": statistics.median(paired),
+        "across_devices_over_plain": over_plain(times)["across_devices"],
         "detail": {
             "ratio_of_medians": med["across_devices"] / med["plain"],
             "median_ms": {name: 1e3 * m for name, m in med.items()},
