@@ -332,6 +332,12 @@ def _multiples(values: str, k: str, what: str) -> Callable:
     return cross((values, k), lambda c, d: not np.any(np.mod(get(c, values), get(c, k))), what)
 
 
+def microbatches_fit(k: int, batch_size: int, devices: int | None) -> bool:
+    """Whether ``k >= 2`` equal microbatches split ``batch_size`` and (``devices`` known) are
+    a multiple of the devices (the estimator's and ghost BatchNorm's groups)."""
+    return k >= 2 and batch_size % k == 0 and (devices is None or k % devices == 0)
+
+
 def batch_problem(batch_size: int, n: int, field: str) -> tuple[str, str] | None:
     """Why the global batch ``config.<field>`` does not split over ``n`` devices, with the
     hint, or ``None`` (:func:`experiments.mesh.check_batch`)."""
@@ -364,8 +370,7 @@ TRAIN_CROSS = (
     _on_devices("batch_size"),
     cross(("gns_method", "gns_microbatches", "batch_size"),
           lambda c, d: c.gns_method != "microbatch"
-          or (c.gns_microbatches >= 2 and c.batch_size % c.gns_microbatches == 0
-              and (d is None or c.gns_microbatches % d == 0)),
+          or microbatches_fit(c.gns_microbatches, c.batch_size, d),
           "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size "
           "(equal microbatches) and is a multiple of the devices"),
     *(cross((t, "eval_every"), lambda c, d, t=t: c[t] is None or c.eval_every > 0,

@@ -354,7 +354,7 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     method = resolve_gns_method(config, model, mesh.size)
     k = config.gns_microbatches
     # The rules check this for gns_method='microbatch'; 'auto' resolves to it with BatchNorm.
-    if method == "microbatch" and (k < max(2, mesh.size) or config.batch_size % k or k % mesh.size):
+    if method == "microbatch" and not rules.microbatches_fit(k, config.batch_size, mesh.size):
         raise UserError(
             f"config.gns_microbatches={k} must be >= 2, divide config.batch_size="
             f"{config.batch_size} (equal microbatches for the estimator and ghost BatchNorm) "
