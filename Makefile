@@ -32,7 +32,7 @@ lint: install
 
 # demo: every batch-size policy to the same smoothed target, 2 seeds (experiments/compare.py).
 # DEMO_CONFIG/DEMO_FLAGS: another setup or overrides (the test runs the smoke setup).
-DEMO_CONFIG ?= configs/cifar10.py:cpu
+DEMO_CONFIG ?= configs/cifar10.py:demo
 DEMO_FLAGS ?=
 demo: install
 	$(PY) -m experiments.cifar10 --config $(DEMO_CONFIG) --config.mode=compare \

@@ -50,7 +50,8 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
 
     Returns ``fastest`` (``None``: none reached the target), ``tie`` (the fastest first; ``[]``
     when none), ``ranking``, ``policies`` (per policy: means, ``spread_s``, ``ratio`` to the
-    fastest, its paired ``ratio_range``, ``tie``...) and ``text`` (the lines to print)."""
+    fastest, its paired ``ratio_range``, ``tie``...), ``over_default`` (each policy's speedup
+    over the ``default`` policy, :func:`_over_default`) and ``text`` (the lines to print)."""
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(r["policy"], []).append(r)
@@ -86,8 +87,30 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
         s["tie"] = p != fastest and inside
     tie = [p for p in ranking if stats[p]["tie"]]
     out = {"fastest": fastest, "tie": [fastest, *tie] if tie else [], "ranking": ranking,
-           "policies": stats}  # fmt: skip
+           "policies": stats, "over_default": _over_default(by, stats)}  # fmt: skip
     out["text"] = _verdict_text(out, target_accuracy)
+    return out
+
+
+def _over_default(by: dict[str, list[dict]], stats: dict[str, dict]) -> dict[str, dict]:
+    """How much sooner than the ``default`` policy (the usual batch 64) each policy that
+    reached the target did: ``{policy: {'speedup', 'paired_range'}}``, the default's mean device
+    time over the policy's and the same ratio paired by seed and timing round; ``{}`` when the
+    default did not reach the target in every seed."""
+    d = stats.get("default")
+    if d is None or not d["reached"]:
+        return {}
+    d_by_seed = {x["seed"]: x for x in by["default"]}
+    out = {}
+    for p, s in stats.items():
+        if p == "default" or not s["reached"]:
+            continue
+        paired = [1 / x for run in by[p] if run["seed"] in d_by_seed
+                  for x in _paired_ratios(run, d_by_seed[run["seed"]])]  # fmt: skip
+        out[p] = {
+            "speedup": d["device_time_to_target_s"] / s["device_time_to_target_s"],
+            "paired_range": [min(paired), max(paired)],
+        }
     return out
 
 
@@ -126,6 +149,16 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
                 f"{len(s['seeds']) - s['num_reached']} of {len(s['seeds'])} seed(s); best "
                 f"smoothed accuracy {fmt(s['best_smoothed_accuracy'], '.1f', 100, '%')}"
             )
+    if v["over_default"]:
+        d = stats["default"]
+        lines.append(
+            f"default (batch {d['batch_size']})'s device time to {what} over each policy's: "
+            + ", ".join(
+                f"{p} {o['speedup']:.2f}x (paired {o['paired_range'][0]:.2f}-"
+                f"{o['paired_range'][1]:.2f}x)"
+                for p, o in v["over_default"].items()
+            )
+        )
     if v["tie"]:
         lines.append(
             f"verdict: tie between {', '.join(v['tie'])} (the difference is inside the seed "
@@ -247,9 +280,14 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
             b = int(batch[p])
             lr = scaling.learning_rate(config.optimizer, base_lr, base_b, b, b_noise)[0]
             plans[p] = dict(batch_size=b, learning_rate=lr, gns_every=0)
+    cost = sweep_result["measurement_cost_s"]
+    if "adaptive" in plans:  # the schedule decides on the throughput stage's timing table
+        plans["adaptive"]["measurement_s"] = sum(
+            v for k, v in cost.items() if k.startswith("throughput")
+        )
     if "recommended" in plans:  # the gns run goes on from the measurement's pilot...
         start = sweep_result["noise_scale"]["pilot"]["start"]
-        cost = sum(sweep_result["measurement_cost_s"].values())
+        cost = sum(cost.values())
         plans["recommended"].update(
             start_from=os.path.abspath(os.path.join(workdir, "sweep", start["checkpoint"])),
             start=start,
@@ -322,8 +360,9 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: in
                 table: dict[int, dict], measurement_s: float) -> dict:  # fmt: skip
     """One run of the summary from its training summary ``s`` and rows: where it reached its
     smoothed target, the times to it (device time also under each round of the timing table),
-    the curves. A run from the pilot counts the pilot's steps and ``measurement_s`` in every
-    time."""
+    the curves. ``measurement_s`` (what the policy's measurements cost: the adaptive schedule's
+    timing table; beyond the pilot, for a run from the pilot, which counts the pilot's steps)
+    is in every time."""
     rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
     evals = [r for r in rows if "test_accuracy" in r]
     smooth = trailing_means([r["test_accuracy"] for r in evals], target_window)
@@ -425,6 +464,7 @@ def run_compare(config, workdir: str) -> dict:
         first = next((r for r in runs if r["policy"] == "adaptive"), None)
         draw = lambda: figures.save(plots.plot_policies, os.path.join(workdir, PLOT_FILE), runs, t)
         return _write_summary(workdir, "compare", sweep_result, t0, {
+            "setup": cmp.setup,
             "target_accuracy": t,
             "target_window": int(cmp.target_window),
             "eval_examples": int(n),
@@ -474,7 +514,8 @@ def policy_table(summary: dict) -> str:
         f"{'policy':<14}{'seed':>5}{'batch':>11}{'lr':>10}{'steps':>8}{'wall s':>9}"
         f"{'device s':>10}{'best acc':>10}"
     )
-    lines = [
+    lines = [f"setup: {summary['setup']}"] if summary.get("setup") else []
+    lines += [
         f"target: {100 * summary['target_accuracy']:.1f}% test accuracy, trailing mean of "
         f"{summary['target_window']} evaluations on {summary['eval_examples']} test images "
         f"(standard error {summary['standard_error_points']:.2f} points); device s = steps x "
@@ -496,7 +537,7 @@ def policy_table(summary: dict) -> str:
     for change in (summary.get("schedule") or {}).get("changes", []):
         lines.append(f"  adaptive, seed {summary['schedule']['seed']}, step {change['step']}: "
                      f"{change['reason']}")  # fmt: skip
-    for r in summary["runs"][: len(summary["policies"])]:  # one line per policy that went on
+    for r in summary["runs"][: len(summary["policies"])]:  # one line per policy
         st = r.get("start")
         if st:
             lines.append(
@@ -504,6 +545,9 @@ def policy_table(summary: dict) -> str:
                 f"{st['batch_size']}, {st['seconds']:.1f} s, counted); its times add "
                 f"{r['measurement_s']:.1f} s, the rest of the measurement's cost"
             )
+        elif r["measurement_s"]:
+            lines.append(f"{r['policy']}: its times add {r['measurement_s']:.1f} s, the "
+                         "timing table its schedule decides on")  # fmt: skip
     for policy, why in summary.get("skipped", {}).items():
         lines.append(f"skipped {policy}: {why}")
     r, n = summary["recommendation"], summary["noise_scale"]

@@ -268,6 +268,7 @@ COMPARE = (
     ("compare.schedule", choice(*SCHEDULES).or_none),
     ("compare.warmup_steps", count(0).or_none),
     ("compare.tradeoff_summary", TEXT.or_none),
+    ("compare.setup", TEXT.or_none),
 )
 
 # The top-level fields that no training reads: experiments.cifar10's mode, the policy

@@ -79,6 +79,16 @@ def test_verdict_names_the_winner_with_ratios_and_seed_ranges():
         "default (batch 64): 1.52x the fastest (paired by seed and timing round 1.50-1.55x)" in text
     )
     assert "verdict: recommended is the fastest." in text and "tie" not in text
+    # Against the default (batch 64): its mean over each policy's, and paired per seed.
+    o = v["over_default"]
+    assert set(o) == {"recommended", "largest_fits"}
+    assert o["recommended"]["speedup"] == pytest.approx(32.0 / 21.0)
+    assert o["recommended"]["paired_range"] == pytest.approx([30 / 20, 34 / 22])
+    assert o["largest_fits"]["speedup"] == pytest.approx(32.0 / 90.0)
+    assert (
+        "default (batch 64)'s device time to 55.0% over each policy's: recommended 1.52x "
+        "(paired 1.50-1.55x), largest_fits 0.36x" in text
+    )
 
 
 def test_verdict_says_tie_when_the_difference_is_inside_the_spread():
@@ -138,6 +148,7 @@ def test_verdict_reports_a_policy_that_never_reached_the_target_with_its_best_ac
     )
     none = compare.verdict([_run("default", 0, None, best=None)], 0.55)
     assert none["fastest"] is None and none["tie"] == [] and none["ranking"] == []
+    assert v["over_default"] == {} and none["over_default"] == {}  # no default that reached
     assert none["text"][0].startswith("verdict: no policy reached 55.0%")
     assert "best smoothed accuracy -" in none["text"][1]
 
@@ -297,7 +308,8 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
 def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
     """The recommended policy's runs go on from the measurement's pilot checkpoint: its state
     (an independent orbax load), step, examples and seconds; the measurement's cost beyond
-    the pilot is in its times. The fixed policies start from scratch."""
+    the pilot is in its times. The other policies start from scratch; the adaptive one's times
+    hold the cost of the timing table."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -313,7 +325,13 @@ def _the_gns_run_continues_the_pilot(c, s, workdir, monkeypatch):
         rows = runlog.read_jsonl(os.path.join(r["workdir"], runlog.METRICS_FILE))
         summary = runlog.read_json(os.path.join(r["workdir"], train.SUMMARY_FILE))
         if r["policy"] != "recommended":  # from scratch: step 0, example 0, no pilot row
-            assert r["start"] is None and summary["start"] is None and r["measurement_s"] == 0
+            # the schedule pays for the timing table it decides on
+            timing = sum(
+                v for k, v in sw["measurement_cost_s"].items() if k.startswith("throughput")
+            )
+            charged = timing if r["policy"] == "adaptive" else 0
+            assert r["start"] is None and summary["start"] is None
+            assert r["measurement_s"] == pytest.approx(charged) and timing > 0
             assert rows[0]["examples_seen"] == rows[0]["step"] * rows[0]["batch_size"]
             continue
         b = r["batch_size"]
@@ -506,8 +524,9 @@ def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise,
     rows = [dict(batch_size=b, fits=True, step_time_s=0.01 * b, accumulation_steps=1)
             for b in (16, 32, 64, 128)]  # fmt: skip
     rec = {"batch_size": 64, "accumulation_steps": 1, "b_noise": b_noise}
-    measured = {"recommendation": rec, "throughput": rows,
-                "noise_scale": {"b_simple": b_simple, "g_sq": g_sq}}  # fmt: skip
+    measured = {"recommendation": rec, "throughput": rows, "measurement_cost_s": {
+        "noise_scale": 3.0, "throughput[table]": 2.0},
+        "noise_scale": {"b_simple": b_simple, "g_sq": g_sq}}  # fmt: skip
     config.compare.policies = ("default", "adaptive", "largest_fits")
     plans, _, cands = compare.plan_policies(config, "unused", measured)
     fields, noise = plans["adaptive"]["adaptive"], b_simple if b_noise is None else b_noise
@@ -515,6 +534,7 @@ def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise,
     rule = "sgd" if noise < math.inf else "linear"
     assert (cands, fields["lr_rule"]) == ([16, 32, 64, 128], rule)
     assert fields["initial_noise_scale"] == (noise if rule == "sgd" else None)
+    assert plans["adaptive"]["measurement_s"] == 2.0  # the timing table, not the noise scale
     assert plans["largest_fits"]["learning_rate"] == pytest.approx(
         scaling.learning_rate("sgd", 0.01, 64, 128, noise)[0])  # fmt: skip
     config.adaptive.update(fields)
