@@ -10,8 +10,9 @@ clock, compiles included, and stops at the same target: the mean test accuracy o
       --data=../shared/data/cifar10-jpeg.tar.gz --out=runs/e2e-sgd-0.json
 
 The model is ``configs/cifar10.py:mlp_sgd``'s (an MLP 3072-512-512-10, no augmentation),
-SGD momentum 0.9 at 0.01 or Adam at 1e-3, tuned at batch 64. ``--smoke`` runs it on synthetic
-8x8 images in seconds (the suite's check).
+SGD momentum 0.9 at 0.01 or Adam at 1e-3, tuned at batch 64; ``--widths=1024,1024 --augment
+--target=0.5`` is ``make demo``'s setup on a CPU (``configs/cifar10.py:demo``). ``--smoke``
+runs it on synthetic 8x8 images in seconds (the suite's check).
 """
 
 import argparse
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="CIFAR-10 as a folder or .tar.gz (split/class/image.jpg)")
     p.add_argument("--batch_sizes", default="64,128,256,512", help="the fixed runs")
+    p.add_argument("--widths", default="512,512", help="the MLP's hidden widths")
+    p.add_argument("--augment", action="store_true", help="random crop and flip")
     p.add_argument("--target", type=float, default=0.47, help="test accuracy to reach")
     p.add_argument("--window", type=int, default=3, help="evaluations averaged")
     p.add_argument("--max_s", type=float, default=150.0, help="wall-clock cap of one run")
@@ -56,7 +59,7 @@ def setup(args):
            "num_test": None, "synthetic": synthetic}  # fmt: skip
     ds = data.load(cfg)
     test = data.normalize(ds.test_images[:5000], ds.mean, ds.std), ds.test_labels[:5000]
-    widths = (16,) if args.smoke else (512, 512)
+    widths = (16,) if args.smoke else tuple(int(w) for w in args.widths.split(","))
     model = models.get_model({"name": "mlp", "widths": widths}, num_classes=10)
     params = model.init(jax.random.key(args.seed), test[0][:1])
 
@@ -65,7 +68,7 @@ def setup(args):
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
     def batch_fn(size, index):
-        return data.train_batch(ds, size, seed=args.seed, augment=False,
+        return data.train_batch(ds, size, seed=args.seed, augment=args.augment,
                                 start_example=index * size)  # fmt: skip
 
     @jax.jit
