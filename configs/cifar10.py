@@ -214,7 +214,8 @@ def cpu() -> ml_collections.ConfigDict:
         python -m experiments.cifar10 --config configs/cifar10.py:cpu --workdir /tmp/cpu \
           --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-    ``make demo`` (``--config.mode=compare``, ``config.compare``): the batch-size policies
+    ``make demo`` on an accelerator, ``make demo DEMO_CONFIG=configs/cifar10.py:cpu``
+    elsewhere (``--config.mode=compare``, ``config.compare``): the batch-size policies
     (recommended, default 64, the adaptive schedule 16 -> 256, the largest batch that fits),
     2 seeds each, to a smoothed 55% on the whole test set (sized for about 10-15 minutes on 2
     idle cores; the measured time is in the README)::
@@ -279,7 +280,9 @@ def demo() -> ml_collections.ConfigDict:
     the examples per second of batch 64, and the noise scale (~500 early, growing) says
     bigger batches lose few examples. The printed table says which setup ran.
 
-    Command (about 5-8 minutes on 2 idle CPU cores)::
+    Command (about 6 minutes on 2 idle CPU cores; ``--config.mode=tradeoff
+    --config.tradeoff.extra_seeds=1 --config.tradeoff.reseed_best=6`` trains each batch size
+    16-512 to the same target, 2 seeds)::
 
         python -m experiments.cifar10 --config configs/cifar10.py:demo --config.mode=compare \
           --workdir /tmp/demo --config.data.source=folder \
@@ -295,6 +298,7 @@ def demo() -> ml_collections.ConfigDict:
     c.model.widths = (1024, 1024)
     c.data.augment = True
     c.compare.update(target_accuracy=0.5, give_up_factor=10.0, max_wall_time_s=300.0)
+    c.tradeoff.update(target_accuracy=0.5, max_wall_time_s=300.0)  # the same race, per batch
     c.compare.setup = (
         "MLP 1024x1024 + SGD momentum on CIFAR-10, because on a CPU the SmallCNN's step time "
         "per example does not fall above batch 64 (no batch size can win by much there); "
