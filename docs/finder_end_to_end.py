@@ -43,6 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--target", type=float, default=0.47, help="test accuracy to reach")
     p.add_argument("--window", type=int, default=3, help="evaluations averaged")
     p.add_argument("--max_s", type=float, default=150.0, help="wall-clock cap of one run")
+    p.add_argument(
+        "--run_steps",
+        type=int,
+        default=7813,
+        help="the planned run at batch 64 (find_batch_size's run_steps): 10 epochs",
+    )
     p.add_argument("--smoke", action="store_true", help="synthetic 8x8 images, tiny model")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
@@ -99,7 +105,8 @@ def main(argv=None) -> dict:
     lr0, load0 = BASE_LR[args.optimizer], os.getloadavg()[0]
     make_opt = (lambda r: optax.sgd(r, momentum=0.9)) if args.optimizer == "sgd" else optax.adam
     result = find_batch_size(loss_fn, params, make_opt(lr0), batch_fn, ref_batch_size=64,
-                             learning_rate=lr0, seed=args.seed)  # fmt: skip
+                             learning_rate=lr0, seed=args.seed,
+                             run_steps=args.run_steps)  # fmt: skip
     rec, noise = result.recommendation, float(result.effective_noise_scale.value)
     gns = to_target(args, parts, make_opt, result.state, rec.batch_size, rec.learning_rate)
     gns["start_step"] = int(result.state.step)

@@ -198,7 +198,8 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
 
 def pipeline_plan(config) -> finder.Plan:
     """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise`` (at least the
-    warm-up), the forks of ``critical`` (0 checkpoints: none) at the rule of ``optimizer``."""
+    warm-up), the forks of ``critical`` (0 checkpoints: none) at the rule of ``optimizer``, the
+    run planned as ``tradeoff.max_steps`` (:meth:`gns.finder.Plan.path_end`)."""
     t, ccfg = stage_config(config, "noise_scale"), stage_config(config, "critical_batch").critical
     return finder.Plan(
         ref_batch_size=int(t.batch_size),
@@ -209,6 +210,7 @@ def pipeline_plan(config) -> finder.Plan:
         branch_steps=int(ccfg.fork_steps), branch_repeats=int(ccfg.num_repeats),
         fork_rule=scaling.rule_for(t.optimizer), confidence=float(t.noise.confidence),
         branch_confidence=float(ccfg.confidence), seed=int(t.seed),
+        run_steps=int(t.tradeoff.max_steps),
     )  # fmt: skip
 
 

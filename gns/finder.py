@@ -237,6 +237,7 @@ def noise_evidence(
     *,
     num_stretches: int = 3,
     end_step: int | None = None,
+    run_steps: int | None = None,
     confidence: float = 0.9,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -247,6 +248,9 @@ def noise_evidence(
       ref_batch_size: the pilot's batch.
       num_stretches: stretches of the trajectory (at most half the rows).
       end_step: end of the path (default the last row's step).
+      run_steps: the planned run's length at ``ref_batch_size``: in the effective noise scale
+        the last stretch also stands for the steps from the path's end to it
+        (:meth:`Plan.path_end`). Default: the path alone.
       confidence: level of the intervals.
       seed: bootstrap seed.
 
@@ -271,8 +275,10 @@ def noise_evidence(
     traj = critical.trajectory_from_metrics(
         rows, k, end_step=end_step, confidence=confidence, seed=seed
     )
+    delta = traj.delta_steps.copy()
+    delta[-1] += max(0.0, (run_steps or 0) - traj.end[-1])
     eff = critical.effective_noise_scale(
-        traj.delta_steps, traj.b_noise, ref_batch_size, low=traj.low, high=traj.high,
+        delta, traj.b_noise, ref_batch_size, low=traj.low, high=traj.high,
         point_confidence=confidence, confidence=confidence, seed=seed,
     )  # fmt: skip
     return {"b_simple": single, "trajectory": traj, "effective": eff}
@@ -668,6 +674,8 @@ class Plan(NamedTuple):
     ``branched``: ``True``/``False``, or ``None`` to fork only when the forks cost at most
     ``branch_max_cost`` times the pilot's examples and half the budget. ``budget_s`` (or
     ``budget_fraction`` of ``run_steps`` pilot steps) bounds the search beyond the pilot.
+    ``run_steps``, the planned run's length at ``ref_batch_size``, is also where the measured
+    path ends (:meth:`path_end`).
     """
 
     ref_batch_size: int
@@ -688,6 +696,13 @@ class Plan(NamedTuple):
     confidence: float = 0.9
     branch_confidence: float | None = None
     seed: int = 0
+
+    def path_end(self, pilot_steps: int) -> int:
+        """The last step the pilot's measurements stand for: ``run_steps`` when it is longer,
+        so that the last stretch (and checkpoint) weighs for the rest of the run, which the
+        recommendation is for (the noise scale held at its last measured value: a lower bound
+        while it grows as the loss falls); else the pilot's end."""
+        return max(int(pilot_steps), int(self.run_steps or 0))
 
     def fork_examples(self) -> tuple[int, int]:
         """``(examples per fork, examples of all forks)``."""
@@ -828,7 +843,7 @@ def _run_forks(steps: Steps, plan: Plan, pilot: Pilot, noise: Mapping, report) -
     n_fork, _ = plan.fork_examples()
     out = branch(
         pilot.checkpoints, steps.make_step, steps.fork_batch_fn, steps.eval_fn,
-        ref_batch_size=ref, end_step=pilot.steps, num_examples=n_fork,
+        ref_batch_size=ref, end_step=plan.path_end(pilot.steps), num_examples=n_fork,
         exponents=plan.branch_exponents,
         lr_multiplier=lambda b: critical.lr_multipliers(ref, [b], rule, fork_noise)[0],
         num_repeats=plan.branch_repeats, pilot_examples=pilot.steps * ref,
@@ -910,6 +925,7 @@ def pipeline(
         t1 = time.perf_counter()
         live["noise"] = noise_evidence(
             pilot.rows, ref, num_stretches=plan.num_stretches, end_step=pilot.steps,
+            run_steps=plan.path_end(pilot.steps),
             confidence=plan.confidence, seed=plan.seed,
         )  # fmt: skip
         seconds["noise"] = time.perf_counter() - t1
@@ -1618,7 +1634,12 @@ def find_batch_size(
         rounds stop when it is spent. ``None``: not bounded.
       budget_fraction: the budget as a fraction of the planned run, with ``run_steps`` (its
         length in steps at ``ref_batch_size``, timed by the pilot's step time).
-      run_steps: see ``budget_fraction``.
+      run_steps: the planned run's length in steps at ``ref_batch_size``. Besides the budget,
+        it weighs the noise scale for the run: the pilot's last stretch (and last branched
+        checkpoint) stands for the steps from the pilot's end to ``run_steps``, with the noise
+        scale held at its last measured value (:meth:`Plan.path_end`). The noise scale grows
+        as the loss falls, so without it the effective value is the pilot's alone, which
+        under-weighs the later run the recommendation is for.
       learning_rate: the learning rate of ``optimizer`` at ``ref_batch_size``, to scale the
         recommended rate (default: the recommendation's ``learning_rate`` is relative, 1.0 at
         ``ref_batch_size``).

@@ -381,6 +381,23 @@ def test_a_budget_bounds_the_timing_and_says_when_it_is_exceeded():
     assert not any("over the budget" in w for w in res.warnings)
 
 
+def test_the_planned_run_weighs_the_last_stretch_for_the_steps_after_the_pilot(plain_result):
+    # The same pilot (deterministic) with run_steps: the last stretch's noise scale also
+    # stands for every step from the pilot's end to run_steps (eq. 2.11 piecewise).
+    res = finder.find_batch_size(
+        linreg_loss, jnp.zeros(D), optax.sgd(0.05), linreg_batches, ref_batch_size=16,
+        pilot_steps=24, candidates=(16,), timing_rounds=1, optimizer_name="sgd",
+        learning_rate=0.05, run_steps=2400, progress=False,
+    )  # fmt: skip
+    assert res.pilot_rows == plain_result.pilot_rows
+    traj = plain_result.trajectory
+    delta = traj.delta_steps + np.eye(3)[2] * (2400 - 24)
+    eff = critical.effective_noise_scale(delta, traj.b_noise, 16, low=traj.low, high=traj.high)
+    assert res.effective_noise_scale.value == pytest.approx(eff.value)
+    last, mean = traj.b_noise[-1], plain_result.effective_noise_scale.value
+    assert abs(res.effective_noise_scale.value - last) < abs(mean - last)
+
+
 def test_dominated_sizes_drop_exactly_what_loses_at_every_noise_scale():
     rng = np.random.default_rng(3)
     times = {b: list(rng.uniform(0.5, 1.5, 4) * (0.2 + b / 64)) for b in (8, 16, 32, 64, 256)}

@@ -189,9 +189,12 @@ def test_noise_trajectory_is_pooled_from_the_pilots_own_measurements(smoke_run):
         want = np.mean([p["trace_cov"] for p in inside]) / np.mean([p["g_sq"] for p in inside])
         assert r["step"] == (i + 1) * width and r["b_simple"] == pytest.approx(want)
         assert r["low"] <= r["b_simple"] <= (math.inf if r["high"] is None else r["high"])
-    # The effective value: ΔS_min-weighted mean, ΔS_min = ΔS_ref / (1 + B/B_ref).
+    # The effective value: ΔS_min-weighted mean, ΔS_min = ΔS_ref / (1 + B/B_ref), the last
+    # stretch also standing for the rest of the planned run (tradeoff.max_steps).
     b = np.array([r["b_simple"] for r in rows])
-    s_min = width / (1 + b / config.batch_size)
+    delta = np.full(k, width)
+    delta[-1] += config.tradeoff.max_steps - pilot["steps"]
+    s_min = delta / (1 + b / config.batch_size)
     assert n["effective"]["value"] == pytest.approx((s_min * b).sum() / s_min.sum())
     assert n["effective"]["basis"] == critical.BASIS_TRAJECTORY
 
@@ -269,8 +272,9 @@ def test_critical_batch_rows_and_the_recommendations_basis(smoke_run):
     assert c["cost_fraction"] == pytest.approx(
         forked / (config.noise.pilot_steps * config.batch_size)
     )
-    # The path average weighs the resolved checkpoints only, each by its ΔS_min.
-    delta = critical.stretch_lengths(steps, end=config.noise.pilot_steps)
+    # The path average weighs the resolved checkpoints only, each by its ΔS_min; the last
+    # stands for the rest of the planned run.
+    delta = critical.stretch_lengths(steps, end=config.tradeoff.max_steps)
     res = [(d, r["b_crit"]) for d, r in zip(delta, c["checkpoints"], strict=True) if r["resolved"]]
     eff = c["effective"]
     if len(res) >= 2:
