@@ -280,14 +280,14 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
             b = int(batch[p])
             lr = scaling.learning_rate(config.optimizer, base_lr, base_b, b, b_noise)[0]
             plans[p] = dict(batch_size=b, learning_rate=lr, gns_every=0)
-    cost = sweep_result["measurement_cost_s"]
+    costs = sweep_result["measurement_cost_s"]
     if "adaptive" in plans:  # the schedule decides on the throughput stage's timing table
         plans["adaptive"]["measurement_s"] = sum(
-            v for k, v in cost.items() if k.startswith("throughput")
+            v for k, v in costs.items() if k.startswith("throughput")
         )
     if "recommended" in plans:  # the gns run goes on from the measurement's pilot...
         start = sweep_result["noise_scale"]["pilot"]["start"]
-        cost = sum(cost.values())
+        cost = sum(costs.values())
         plans["recommended"].update(
             start_from=os.path.abspath(os.path.join(workdir, "sweep", start["checkpoint"])),
             start=start,

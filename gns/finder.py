@@ -249,8 +249,8 @@ def noise_evidence(
       num_stretches: stretches of the trajectory (at most half the rows).
       end_step: end of the path (default the last row's step).
       run_steps: the planned run's length at ``ref_batch_size``: in the effective noise scale
-        the last stretch also stands for the steps from the path's end to it
-        (:meth:`Plan.path_end`). Default: the path alone.
+        the last stretch also stands for the steps from the path's end to it. Default: the
+        path alone.
       confidence: level of the intervals.
       seed: bootstrap seed.
 
@@ -925,8 +925,7 @@ def pipeline(
         t1 = time.perf_counter()
         live["noise"] = noise_evidence(
             pilot.rows, ref, num_stretches=plan.num_stretches, end_step=pilot.steps,
-            run_steps=plan.path_end(pilot.steps),
-            confidence=plan.confidence, seed=plan.seed,
+            run_steps=plan.run_steps, confidence=plan.confidence, seed=plan.seed,
         )  # fmt: skip
         seconds["noise"] = time.perf_counter() - t1
         return noise_record(pilot, live["noise"], plan)
