@@ -230,14 +230,14 @@ def compile_step(step_fn: Callable, *example_args, cache: CompileCache | None = 
     return (cache or _CACHE).get(step_fn, *example_args)[0]
 
 
-def _prediction(compiled) -> MemoryPrediction:
+NO_ANALYSIS = "this backend's compiled program reports no memory analysis"
+
+
+def _prediction(compiled) -> MemoryPrediction | None:
+    """XLA's memory analysis of ``compiled`` (``None`` where the backend reports none)."""
     stats = compiled.memory_analysis()
     if stats is None:
-        raise RuntimeError(
-            "This backend's compiled program reports no memory analysis "
-            "(compiled.memory_analysis() is None): memory cannot be predicted here; pass "
-            "candidates you know to fit, or confirm by running."
-        )
+        return None
     return MemoryPrediction(
         argument_bytes=int(stats.argument_size_in_bytes),
         output_bytes=int(stats.output_size_in_bytes),
@@ -267,7 +267,13 @@ def predict_step_bytes(step_fn: Callable, *example_args) -> MemoryPrediction:
       >>> pred.argument_bytes, pred.output_bytes
       (1048576, 4194304)
     """
-    return _prediction(compile_step(step_fn, *example_args))
+    pred = _prediction(compile_step(step_fn, *example_args))
+    if pred is None:
+        raise RuntimeError(
+            f"{NO_ANALYSIS} (compiled.memory_analysis() is None): memory cannot be predicted "
+            "here; run the step to see whether it fits (largest_batch_that_fits with confirm)."
+        )
+    return pred
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -370,7 +376,9 @@ def largest_batch_that_fits(
     run, which on CPU could get the process killed). If it is predicted to fit and ``confirm``,
     build the arguments and run the step once; an out-of-memory ``JaxRuntimeError``
     (``RESOURCE_EXHAUSTED``, accelerators) marks it as not fitting instead of propagating; any
-    other error propagates.
+    other error propagates. On a backend that reports no memory analysis the run alone decides
+    (``predicted_bytes`` is ``None``; with ``confirm=False`` the candidate does not fit and its
+    ``reason`` says why).
 
     Args:
       make_args_for_batch: ``B -> args`` (a tuple of pytrees) for ``step_fn(*args)`` at batch
@@ -416,8 +424,13 @@ def largest_batch_that_fits(
             continue
         shapes = abstract_args(make_args_for_batch, b)
         compiled = compile_step(step_fn, *shapes, cache=cache)
-        pred = _prediction(compiled).total_bytes
-        if pred > budget:
+        pred = getattr(_prediction(compiled), "total_bytes", None)
+        if pred is None and not confirm:
+            failed = True
+            why = f"{NO_ANALYSIS}, and confirm=False forbids running it"
+            records.append(FitRecord(b, None, budget, False, False, why))
+            continue
+        if pred is not None and pred > budget:
             failed = True
             records.append(
                 FitRecord(

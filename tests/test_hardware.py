@@ -134,6 +134,32 @@ def test_out_of_memory_when_run_is_recorded_not_raised():
     assert "out of memory when run" in res.records[2].reason
 
 
+def test_without_memory_analysis_the_run_alone_decides(monkeypatch):
+    # A backend whose compiled programs report no memory analysis (memory_analysis() is None).
+    class NoAnalysis:
+        def __init__(self, compiled):
+            self.compiled = compiled
+
+        def __call__(self, *args):
+            return self.compiled(*args)
+
+        def memory_analysis(self):
+            return None
+
+    compile_step = hardware.compile_step
+    monkeypatch.setattr(hardware, "compile_step", lambda *a, **k: NoAnalysis(compile_step(*a, **k)))
+    make = lambda b: (jnp.ones((b, 8), jnp.float32),)
+    res = hardware.largest_batch_that_fits(make, _oom_if_big(64), [16, 32, 64, 128], 2**30)
+    assert res.max_batch_size == 32 and [r.predicted_bytes for r in res.records] == [None] * 4
+    assert [(r.fits, r.confirmed) for r in res.records] == [
+        (True, True), (True, True), (False, True), (False, False)
+    ]  # fmt: skip
+    res = hardware.largest_batch_that_fits(make, _oom_if_big(64), [16], 2**30, confirm=False)
+    assert res.max_batch_size is None and "no memory analysis" in res.records[0].reason
+    with pytest.raises(RuntimeError, match="no memory analysis"):
+        hardware.predict_step_bytes(lambda x: x * 2, jnp.ones(3))
+
+
 def test_other_runtime_errors_propagate():
     def host(x):
         raise ValueError("a genuine bug")
