@@ -76,11 +76,10 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
             "tie": False,
             "best_smoothed_accuracy": max(best, default=None),
         }
-    f, f_by_seed = stats.get(fastest), {x["seed"]: x for x in by.get(fastest, [])}
+    f = stats.get(fastest)
     for p in ranking:
         s = stats[p]
-        paired = [x for run in by[p] if run["seed"] in f_by_seed
-                  for x in _paired_ratios(run, f_by_seed[run["seed"]])]  # fmt: skip
+        paired = _paired(by[p], by[fastest])
         gap = s["device_time_to_target_s"] - f["device_time_to_target_s"]
         inside = gap <= s["spread_s"] + f["spread_s"] or bool(paired and min(paired) <= 1)
         s["ratio_range"] = [min(paired), max(paired)] if paired else None
@@ -100,18 +99,23 @@ def _over_default(by: dict[str, list[dict]], stats: dict[str, dict]) -> dict[str
     d = stats.get("default")
     if d is None or not d["reached"]:
         return {}
-    d_by_seed = {x["seed"]: x for x in by["default"]}
     out = {}
     for p, s in stats.items():
         if p == "default" or not s["reached"]:
             continue
-        paired = [1 / x for run in by[p] if run["seed"] in d_by_seed
-                  for x in _paired_ratios(run, d_by_seed[run["seed"]])]  # fmt: skip
+        paired = _paired(by["default"], by[p])
         out[p] = {
             "speedup": d["device_time_to_target_s"] / s["device_time_to_target_s"],
             "paired_range": [min(paired), max(paired)],
         }
     return out
+
+
+def _paired(runs: Sequence[dict], ref_runs: Sequence[dict]) -> list[float]:
+    """The device times of ``runs`` over ``ref_runs``', each run paired with the reference run
+    of its seed (:func:`_paired_ratios`)."""
+    ref = {x["seed"]: x for x in ref_runs}
+    return [x for run in runs if run["seed"] in ref for x in _paired_ratios(run, ref[run["seed"]])]
 
 
 def _paired_ratios(run: dict, fastest: dict) -> list[float]:
