@@ -38,7 +38,6 @@ LAYOUT = "split/class/image.jpg (splits train and test, e.g. train/airplane/0000
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 CROP_PADDING = 4
-# The official CIFAR-10 binary version, as published on https://www.cs.toronto.edu/~kriz/cifar.html
 CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 CIFAR10_CLASSES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
@@ -85,32 +84,28 @@ def load(cfg) -> Dataset:
     path, archive member, download or field."""
     if isinstance(cfg, Mapping):
         cfg = ml_collections.ConfigDict(dict(cfg))
-    source, num_train, num_test = cfg.source, cfg.num_train, cfg.num_test
-    if source == "synthetic":
-        arrays = _synthetic_arrays(cfg.synthetic, num_train or 2048, num_test or 512)
-        num_train = num_test = None  # generated at the requested sizes
-    elif source == "folder":
-        path = _existing_path(cfg.path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
+    sizes = (cfg.num_train, cfg.num_test)
+    if cfg.source == "synthetic":
+        arrays = _synthetic_arrays(cfg.synthetic, sizes[0] or 2048, sizes[1] or 512)
+        sizes = (None, None)  # generated at the requested sizes
+    elif cfg.source == "folder":
+        path = existing_path(cfg.path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
         decode = functools.partial(_decode_folder, path)
         arrays = _cached(cfg.cache_dir, f"folder-{_source_fingerprint(path)}", decode)
-    elif source == "cifar10_binary":
-        url = cfg.get("url") or CIFAR10_BINARY_URL
-        md5 = cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5  # None: unchecked (warned)
-        arrays = _cifar10_binary_arrays(cfg.path, cfg.cache_dir, url=url, md5=md5)
+    elif cfg.source == "cifar10_binary":
+        arrays = _cifar10_binary_arrays(cfg)
     else:  # 'tfds' (experiments.rules checks data.source)
         arrays = _tfds_arrays(cfg.name, cfg.tfds_data_dir, cfg.cache_dir)
     splits = []
-    for split, n in zip(SPLITS, (num_train, num_test), strict=True):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    for split, n in zip(SPLITS, sizes, strict=True):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"].astype(np.int32)
         if n is not None and n > len(labels):
             raise UserError(
                 f"data.num_{split}={n} but the split has only {len(labels)} examples.",
                 hint=f"use data.num_{split}=None for all of them, or a smaller number.",
             )
-        if n is not None:
-            idx = subsample(labels, n)
-            images, labels = images[idx], labels[idx]
-        splits += [images, labels.astype(np.int32)]
+        idx = slice(None) if n is None else subsample(labels, n)
+        splits += [images[idx], labels[idx]]
     return Dataset(*splits, int(arrays["num_classes"]), *channel_stats(splits[0]),
                    tuple(str(c) for c in arrays["class_names"]))  # fmt: skip
 
@@ -249,8 +244,7 @@ def _cached(cache_dir: str | None, stem: str, decode: Callable[[], dict]) -> dic
     """``decode()``'s arrays, from ``<cache_dir>/<stem>.npz`` when it is there and usable (made
     from ``stem``), else decoded and written there atomically (a failed write: a warning)."""
     path = os.path.join(_cache_dir(cache_dir), f"{stem}.npz")
-    arrays = _read_cache(path, stem) if os.path.isfile(path) else None
-    if arrays is not None:
+    if os.path.isfile(path) and (arrays := _read_cache(path, stem)) is not None:
         logging.info("Loaded the cached arrays %s.", path)
         return arrays
     start = time.perf_counter()
@@ -305,7 +299,7 @@ def _source_fingerprint(path: str) -> str:
     h = hashlib.sha256(path.encode())
     files = [path]
     if os.path.isdir(path):
-        entries = _members(path, wanted=lambda name: False)
+        entries = _members(path, wanted=lambda name: False)  # the listing only
         files = [os.path.join(path, name) for name, is_dir, _ in entries if not is_dir]
     for file in files:
         st = os.stat(file)
@@ -320,7 +314,7 @@ def _source_fingerprint(path: str) -> str:
     return f"{stem}-{h.hexdigest()[:16]}"
 
 
-def _existing_path(path: str, what: str) -> str:
+def existing_path(path: str, what: str) -> str:
     """The absolute ``data.path``; a missing one raises :class:`UserError` saying ``what``."""
     path = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.exists(path):
@@ -431,19 +425,18 @@ def _decode_folder(path: str) -> dict[str, Any]:
     return out
 
 
-def _cifar10_binary_arrays(
-    path: str | None, cache_dir: str | None, *, url: str, md5: str | None
-) -> dict[str, Any]:
-    """Arrays of the CIFAR-10 binary version at ``path`` (used as it is), or of the archive in
-    the cache directory, downloaded when absent (:func:`download.fetch` checks it) and checked
-    against ``md5`` before it is decoded (placed by hand, or damaged since)."""
-    check = not path
-    if path:
-        path = _existing_path(path, "cifar-10-binary.tar.gz")
+def _cifar10_binary_arrays(cfg) -> dict[str, Any]:
+    """Arrays of the CIFAR-10 binary version at ``data.path`` (used as it is), or of the archive
+    in the cache directory, downloaded from ``data.url`` when absent and checked against
+    ``data.md5`` (``None``: unchecked, warned) before it is decoded."""
+    md5 = cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5
+    check = not cfg.path
+    if cfg.path:
+        path = existing_path(cfg.path, "cifar-10-binary.tar.gz")
     else:
-        path = os.path.join(_cache_dir(cache_dir), "cifar-10-binary.tar.gz")
+        path = os.path.join(_cache_dir(cfg.cache_dir), "cifar-10-binary.tar.gz")
         try:
-            download.fetch(url, path, md5=md5)
+            download.fetch(cfg.get("url") or CIFAR10_BINARY_URL, path, md5=md5)
         except download.DownloadError as err:
             raise UserError(
                 f"{err} Use local data instead: DATA= a folder or archive laid out "
@@ -468,7 +461,7 @@ def _cifar10_binary_arrays(
             )
         return _decode_cifar10_binary(path)
 
-    return _cached(cache_dir, f"cifar10_binary-{_source_fingerprint(path)}", decode)
+    return _cached(cfg.cache_dir, f"cifar10_binary-{_source_fingerprint(path)}", decode)
 
 
 def _decode_cifar10_binary(path: str) -> dict[str, Any]:
@@ -564,10 +557,15 @@ def train_draws(seed: int, batch_size: int, num_train: int, *, step: int | None 
         epoch, i = divmod(step, num_train // batch_size)
         idx = _epoch(seed, epoch, num_train)[0][i * batch_size : (i + 1) * batch_size]
         return (idx, *augment_params(seed, step, batch_size))
-    end, parts = start_example + batch_size, []
-    for e in range(start_example // num_train, (end - 1) // num_train + 1):
-        lo, hi = max(start_example - e * num_train, 0), end - e * num_train
-        parts.append([a[lo:hi] for a in _epoch(seed, e, num_train)])
+    epoch = lambda e: _epoch(seed, e, num_train)
+    return epoch_slice(epoch, num_train, start_example, batch_size)
+
+
+def epoch_slice(epoch_arrays: Callable[[int], tuple], per_epoch: int, start: int, size: int):
+    """Positions ``[start, start + size)`` of the arrays ``epoch_arrays(e)`` (each
+    ``per_epoch`` long) of the epochs ``e = 0, 1, ...`` laid end to end."""
+    epoch, position = np.divmod(np.arange(start, start + size), per_epoch)
+    parts = [[a[position[epoch == e]] for a in epoch_arrays(int(e))] for e in np.unique(epoch)]
     return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 

@@ -26,9 +26,7 @@ from tqdm import tqdm
 from experiments.cli import UserError
 
 TEMP_PREFIX = ".gns-tmp."
-# A temporary not written to for this long is abandoned, whoever wrote it (a writer on another
-# host of a shared file system, or a reused pid).
-STALE_AFTER_S = 30 * 60
+STALE_AFTER_S = 30 * 60  # a temporary not written to for this long is abandoned, whoever's
 TIMEOUT_S = 60.0  # per socket operation (connect, each read), not for the whole transfer
 CHUNK = 1 << 20
 _TEMP_RE = re.compile(r"^\.gns-tmp\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]{8}\.")
@@ -71,10 +69,8 @@ def _is_stale(name: str, mtime: float, now: float) -> bool:
     """Whether ``name`` is a temporary of :func:`atomic_file` not modified for
     :data:`STALE_AFTER_S`, or whose writer (the pid in the name) no longer runs on this host."""
     match = _TEMP_RE.match(name)
-    if match is None:
-        return False
-    if now - mtime > STALE_AFTER_S:
-        return True
+    if match is None or now - mtime > STALE_AFTER_S:  # not ours, or abandoned
+        return match is not None
     pid = int(match["pid"])
     if match["host"] != _host_tag() or pid == os.getpid():
         return False
@@ -112,15 +108,13 @@ def file_md5(path: str) -> str:
 
 
 def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIMEOUT_S) -> str:
-    """Download ``url`` to ``dest`` and return ``dest``; at once when it exists. The body
-    streams to :func:`atomic_file` (a progress bar on a terminal), checked against
-    ``Content-Length`` and ``md5`` (``None``: unchecked). ``timeout_s`` bounds connecting and
-    each read.
+    """Download ``url`` to ``dest`` (at once when it exists) and return ``dest``. The body
+    streams to :func:`atomic_file`, checked against ``Content-Length`` and ``md5`` (``None``:
+    unchecked); ``timeout_s`` bounds connecting and each read. A failed write raises OSError.
 
     Raises:
-      DownloadError: the server cannot be reached (``offline=True``), answers with an HTTP
-        error, the transfer stops early, or the checksum differs. A failed write raises its
-        OSError (``cli`` reports a full disk or a permission in one line).
+      DownloadError: the server cannot be reached (``offline=True``) or answers with an HTTP
+        error, the transfer stops early, or the checksum differs.
     """
     if os.path.exists(dest):
         return dest
@@ -145,7 +139,16 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
                unit_scale=True, unit_divisor=1024, mininterval=0.5, disable=None)  # fmt: skip
     h = hashlib.md5(usedforsecurity=False)  # of the body as it arrives: no second read
     with response, bar, atomic_file(dest) as f:
-        while chunk := _read(response, url, f.tell()):
+        while True:
+            try:
+                chunk = response.read(CHUNK)
+            except (http.client.HTTPException, OSError) as err:
+                raise DownloadError(
+                    f"the download of {url} broke off after {f.tell()} bytes "
+                    f"({type(err).__name__}: {err}); nothing was kept, run again."
+                ) from err
+            if not chunk:
+                break
             h.update(chunk)
             bar.update(f.write(chunk))
         if total is not None and f.tell() != total:
@@ -161,14 +164,3 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
     size = os.path.getsize(dest) / 1e6
     logging.info("Downloaded %s (%.1f MB, MD5 checked: %s).", dest, size, md5 is not None)
     return dest
-
-
-def _read(response, url: str, received: int) -> bytes:
-    """The next chunk of ``response`` (empty at its end); a transfer cut short raises."""
-    try:
-        return response.read(CHUNK)
-    except (http.client.HTTPException, OSError) as err:
-        raise DownloadError(
-            f"the download of {url} broke off after {received} bytes ({type(err).__name__}: "
-            f"{err}); nothing was kept, run again."
-        ) from err

@@ -19,15 +19,14 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from experiments import data
 from experiments.cli import UserError
 from experiments.tasks.base import Task
 
 VOCAB_SIZE = 256
 # Directories never read: installed packages, test suites (the stdlib's hold binary fixtures
 # and deliberately broken encodings), byte-code caches.
-EXCLUDED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-)
+EXCLUDED_DIRS = frozenset("site-packages dist-packages test tests idle_test __pycache__".split())
 # A file is binary when it holds a NUL byte or more than this fraction of undecodable bytes.
 MAX_UNDECODABLE_FRACTION = 0.1
 # Keeps the epoch stream apart from other users of np.random.default_rng([seed, epoch]).
@@ -37,16 +36,15 @@ _EPOCH_TAG = 0x74657874
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextDataset:
     """A byte corpus: read-only uint8 ``train`` and ``test`` splits, ``context`` tokens per
-    example, the ``source`` record (``kind``: ``stdlib``, ``file`` or ``directory``, ``path``,
-    ``split``: by ``file`` or ``bytes``, sizes, ``sha256`` of the bytes, ``python`` version)
-    and the relative paths of the train and test files (empty for a file)."""
+    example, the ``source`` record of :func:`load` and the relative paths of the train and test
+    files (empty for a file)."""
 
     train: np.ndarray
     test: np.ndarray
     context: int
     source: Mapping[str, Any]
-    train_files: tuple[str, ...] = ()
-    test_files: tuple[str, ...] = ()
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
 
     @property
     def window(self) -> int:  # bytes per example
@@ -64,21 +62,33 @@ class TextDataset:
 def load(cfg, *, context: int) -> TextDataset:
     """The corpus of ``cfg`` (``config.data`` or a mapping) with ``context`` tokens per
     example. ``path``: ``None``, the ``.py`` files of the running interpreter's standard library
-    (no download; packages, test suites, caches and binary files left out: **the corpus, hence
-    the test loss, depends on the Python version**, recorded in ``source``); a file (its last
-    ``test_fraction``, default 0.05, of bytes held out); or a directory (its files, or those
-    ending in ``extensions``), split by file (:func:`is_test_file`). Files are read in sorted
-    order and concatenated; ``max_bytes`` caps each split at its share. A missing path, an empty
-    corpus, a binary file or a split shorter than ``context + 1`` bytes raises
-    :class:`UserError`."""
+    (packages, test suites, caches and binary files left out: **the corpus, hence the test
+    loss, depends on the Python version**); a file (its last ``test_fraction``, default 0.05,
+    of bytes held out); or a directory (its files, or those ending in ``extensions``), split by
+    file (:func:`is_test_file`). Files are read in sorted order and concatenated; ``max_bytes``
+    caps each split at its share. ``source`` records the kind, path, split, sizes, a hash and
+    the Python version. A missing path, an empty corpus, a binary file or a split shorter than
+    ``context + 1`` bytes raises :class:`UserError`."""
     test_fraction = float(cfg.get("test_fraction", 0.05))
     max_bytes = None if cfg.get("max_bytes") is None else int(cfg["max_bytes"])
     extensions = cfg.get("extensions")
     extensions = (extensions,) if isinstance(extensions, str) else extensions
-    record, (train, test, train_files, test_files, split) = _read_corpus(
-        cfg.get("path"), max_bytes, test_fraction, extensions
-    )
-    where = record["path"]
+    kind, where, files = _find_corpus(cfg.get("path"), extensions)
+    split = "bytes" if len(files) <= 1 else "file"
+    if split == "bytes":  # a file: its last test_fraction of bytes is held out
+        corpus = np.frombuffer(_read_text(os.path.join(where, *files), max_bytes), np.uint8)
+        cut = len(corpus) - max(1, round(len(corpus) * test_fraction)) if len(corpus) else 0
+        train, test, train_files, test_files = corpus[:cut], corpus[cut:], files, files
+    else:  # each split gets a file at least (the one of the smallest or largest hash)
+        test_set = {f for f in files if is_test_file(f, test_fraction)}
+        test_set = test_set or {min(files, key=_path_hash)}
+        if len(test_set) == len(files):
+            test_set.discard(max(files, key=_path_hash))
+        test_cap = None if max_bytes is None else max(1, round(max_bytes * test_fraction))
+        train_cap = None if max_bytes is None else max_bytes - test_cap
+        strict = kind != "stdlib"  # the standard library's unreadable files are skipped
+        train, train_files = _read_files(where, sorted(set(files) - test_set), train_cap, strict)
+        test, test_files = _read_files(where, sorted(test_set), test_cap, strict)
     if len(train) + len(test) == 0:
         raise UserError(
             f"data.path {where} is an empty corpus (0 bytes).", hint="give it some text."
@@ -92,39 +102,29 @@ def load(cfg, *, context: int) -> TextDataset:
                 hint="use more text (or a larger data.max_bytes / data.test_fraction), or a "
                 "smaller --config.model.context.",
             )
-    digest = hashlib.sha256(train.tobytes())
-    digest.update(test.tobytes())
-    record.update(split=split, test_fraction=test_fraction, max_bytes=max_bytes,
-                  num_train_files=len(train_files), num_test_files=len(test_files),
-                  train_bytes=len(train), test_bytes=len(test), sha256=digest.hexdigest()[:16],
+    record = dict(kind=kind, path=where, split=split, test_fraction=test_fraction,
+                  max_bytes=max_bytes, num_train_files=len(train_files),
+                  num_test_files=len(test_files), train_bytes=len(train), test_bytes=len(test),
+                  sha256=hashlib.sha256(b"".join((train, test))).hexdigest()[:16],
                   python=platform.python_version(),
                   python_implementation=platform.python_implementation())  # fmt: skip
-    for a in (train, test):
-        a.flags.writeable = False
     logging.info(
         "text corpus %s (%s): %d train bytes (%d files), %d test bytes (%d files), python %s",
-        where, record["kind"], len(train), len(train_files), len(test), len(test_files),
-        record["python"],
+        where, kind, len(train), len(train_files), len(test), len(test_files), record["python"],
     )  # fmt: skip
     return TextDataset(train, test, context, record, tuple(train_files), tuple(test_files))
 
 
-def _read_corpus(path, max_bytes, test_fraction, extensions) -> tuple[dict, tuple]:
-    """The source record (``kind``, ``path``) and the split of the corpus at ``path``."""
+def _find_corpus(path, extensions) -> tuple[str, str, list[str]]:
+    """``(kind, absolute path, relative paths of its files)`` of the corpus at ``path`` (a
+    file has none)."""
     if path is None:
         root = stdlib_root()
-        files = list_files(root, (".py",), exclude_dirs=EXCLUDED_DIRS)
-        arrays = _split_by_file(root, files, test_fraction, max_bytes, strict=False)
-        return {"kind": "stdlib", "path": root}, arrays
-    path = os.path.abspath(os.path.expanduser(str(path)))
-    if not os.path.exists(path):
-        raise UserError(
-            f"data.path {path} does not exist.",
-            hint="pass a text file or a directory of text files, or leave data.path unset "
-            "for the Python standard library.",
-        )
+        return "stdlib", root, list_files(root, (".py",), exclude_dirs=EXCLUDED_DIRS)
+    what = "a text file or a directory of text files (no data.path: the standard library)"
+    path = data.existing_path(path, what)
     if not os.path.isdir(path):
-        return {"kind": "file", "path": path}, _split_bytes(path, max_bytes, test_fraction, [])
+        return "file", path, []
     files = list_files(path, extensions)
     if not files:
         what = f"files ending in {', '.join(extensions)}" if extensions else "files"
@@ -133,11 +133,7 @@ def _read_corpus(path, max_bytes, test_fraction, extensions) -> tuple[dict, tupl
             hint="point data.path at a directory with text files (or set "
             "data.extensions to match them).",
         )
-    if len(files) == 1:  # one file: split its bytes
-        arrays = _split_bytes(os.path.join(path, files[0]), max_bytes, test_fraction, files)
-    else:
-        arrays = _split_by_file(path, files, test_fraction, max_bytes, strict=True)
-    return {"kind": "directory", "path": path}, arrays
+    return "directory", path, files
 
 
 def stdlib_root() -> str:
@@ -170,58 +166,42 @@ def _path_hash(rel_path: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def _split_by_file(root, files, test_fraction, max_bytes, *, strict):
-    """(train, test, train_files, test_files, 'file'): files read in order, capped per split;
-    a binary or unreadable file raises with ``strict``, else is skipped (the standard library).
-    Each split gets a file at least (the smallest or largest hash)."""
-    test_set = {f for f in files if is_test_file(f, test_fraction)} or {min(files, key=_path_hash)}
-    if len(test_set) == len(files):
-        test_set.discard(max(files, key=_path_hash))
-    test_cap = None if max_bytes is None else max(1, round(max_bytes * test_fraction))
-    caps = (None, None) if max_bytes is None else (max_bytes - test_cap, test_cap)
-    parts = []
-    for is_test, cap in zip((False, True), caps, strict=True):
-        chunks, used, total = [], [], 0
-        for name in (f for f in files if (f in test_set) == is_test):
-            if cap is not None and total >= cap:
-                break
-            try:
-                data = _read_text(os.path.join(root, name), None if cap is None else cap - total)
-            except (UserError, OSError) as e:
-                if strict:
-                    raise
-                logging.info("skipping %s: %s", name, e)
-                continue
-            if data:
-                chunks.append(data)
-                used.append(name)
-                total += len(data)
-        parts.append((np.frombuffer(b"".join(chunks), np.uint8).copy(), used))
-    (train, train_files), (test, test_files) = parts
-    return train, test, train_files, test_files, "file"
-
-
-def _split_bytes(path: str, max_bytes, test_fraction: float, files: list[str]):
-    """(train, test, files, files, 'bytes'): the file's last ``test_fraction`` of bytes is test."""
-    arr = np.frombuffer(_read_text(path, max_bytes), np.uint8).copy()
-    cut = len(arr) - max(1, round(len(arr) * test_fraction)) if len(arr) else 0
-    return arr[:cut], arr[cut:], files, files, "bytes"
+def _read_files(root: str, files: list[str], cap: int | None, strict: bool):
+    """``(bytes, names)`` of the ``files`` read in order and concatenated up to ``cap`` bytes
+    (``None``: all), empty ones left out; a binary or unreadable file raises with ``strict``,
+    else is skipped."""
+    chunks, used, total = [], [], 0
+    for name in files:
+        if cap is not None and total >= cap:
+            break
+        try:
+            chunk = _read_text(os.path.join(root, name), None if cap is None else cap - total)
+        except (UserError, OSError) as e:
+            if strict:
+                raise
+            logging.info("skipping %s: %s", name, e)
+            continue
+        if chunk:
+            chunks.append(chunk)
+            used.append(name)
+            total += len(chunk)
+    return np.frombuffer(b"".join(chunks), np.uint8), used
 
 
 def _read_text(path: str, max_bytes: int | None) -> bytes:
     """The first ``max_bytes`` (``None``: all) bytes of a text file; a binary one (a NUL byte,
     or more than ``MAX_UNDECODABLE_FRACTION`` of bytes not UTF-8) raises :class:`UserError`."""
     with open(path, "rb") as f:
-        data = f.read(max_bytes)
+        raw = f.read(max_bytes)
     # Not final: a cut at max_bytes may split the last multi-byte character.
-    decoded = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
-    bad = decoded.count("\ufffd") - data.count("\ufffd".encode())
-    if b"\x00" in data:
+    decoded = codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final=False)
+    bad = decoded.count("\ufffd") - raw.count("\ufffd".encode())
+    if b"\x00" in raw:
         problem = "it holds NUL bytes"
-    elif bad > MAX_UNDECODABLE_FRACTION * len(data):
-        problem = f"{bad} of its {len(data)} bytes are not UTF-8"
+    elif bad > MAX_UNDECODABLE_FRACTION * len(raw):
+        problem = f"{bad} of its {len(raw)} bytes are not UTF-8"
     else:
-        return data
+        return raw
     raise UserError(
         f"{path} is a binary file ({problem}), not text.",
         hint="data.path must be text; in a directory, data.extensions selects the text "
@@ -236,29 +216,22 @@ def train_offsets(
     batch_size)``. Epoch ``e`` has ``per_epoch = num_bytes // window`` windows at ``shift_e +
     window * k``, the shift and the order of ``k`` drawn from ``default_rng([seed, e, tag])``;
     example ``i`` is position ``i % per_epoch`` of epoch ``i // per_epoch``."""
-    per_epoch = num_bytes // window
-    slack = num_bytes - per_epoch * window
-    index = np.arange(start_example, start_example + batch_size, dtype=np.int64)
-    epoch, position = np.divmod(index, per_epoch)
-    out = np.empty(batch_size, np.int64)
-    for e in np.unique(epoch):
-        shift, order = _epoch_order(seed, int(e), per_epoch, slack)
-        mask = epoch == e
-        out[mask] = shift + window * order[position[mask]]
-    return out
+    epoch = lambda e: (_epoch_offsets(seed, e, num_bytes, window),)
+    return data.epoch_slice(epoch, num_bytes // window, start_example, batch_size)[0]
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, per_epoch: int, slack: int) -> tuple[int, np.ndarray]:
+def _epoch_offsets(seed: int, epoch: int, num_bytes: int, window: int) -> np.ndarray:
     rng = np.random.default_rng([seed, epoch, _EPOCH_TAG])
-    shift = int(rng.integers(0, slack + 1))
-    order = rng.permutation(per_epoch)
-    order.flags.writeable = False
-    return shift, order
+    per_epoch = num_bytes // window
+    shift = int(rng.integers(0, num_bytes - per_epoch * window + 1))
+    offsets = shift + window * rng.permutation(per_epoch)
+    offsets.flags.writeable = False
+    return offsets
 
 
-def _windows(data: np.ndarray, offsets: np.ndarray, window: int) -> dict:
-    w = data[offsets[:, None] + np.arange(window)]
+def _windows(corpus: np.ndarray, offsets: np.ndarray, window: int) -> dict:
+    w = corpus[offsets[:, None] + np.arange(window)]
     return {"tokens": w[:, :-1].astype(np.int32), "targets": w[:, 1:].astype(np.int32)}
 
 
