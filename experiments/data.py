@@ -8,7 +8,6 @@ example position), so a resumed run sees the batches of an uninterrupted one.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -430,7 +429,7 @@ def _cifar10_binary_arrays(cfg) -> dict[str, Any]:
     in the cache directory, downloaded from ``data.url`` when absent and checked against
     ``data.md5`` (``None``: unchecked, warned) before it is decoded."""
     md5 = cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5
-    check = not cfg.path
+    check = not cfg.path  # a file in the cache directory (downloaded, or placed by hand)
     if cfg.path:
         path = existing_path(cfg.path, "cifar-10-binary.tar.gz")
     else:
@@ -595,10 +594,10 @@ def prefetched(produce: Callable[[], Any]) -> Iterator[Any]:
     """Yields ``produce()`` results computed up to 2 ahead by a worker thread; errors in
     ``produce`` re-raise here. Closing or dropping the generator stops and joins the thread."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="gns-prefetch")
-    ahead = collections.deque(pool.submit(produce) for _ in range(2))
+    ahead = [pool.submit(produce) for _ in range(2)]
     try:
         while True:
             ahead.append(pool.submit(produce))
-            yield ahead.popleft().result()
+            yield ahead.pop(0).result()
     finally:
         pool.shutdown(cancel_futures=True)
