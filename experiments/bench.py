@@ -1,18 +1,11 @@
 """``make bench``: the cost of the noise-scale estimators over a plain train step.
 
-Each row is a model at a batch size on random data (:func:`row_problem`): a plain jit'd train
-step and the same step taking its gradient from each estimator, timed interleaved, with the
-compiled temporary memory (:func:`time_row`). Writes ``WORKDIR/bench.json`` (atomically,
-strict JSON) and prints it as a table (:func:`format_table`):
-
-- ``detail``: the SmallCNN of ``config.model``, Adam, :data:`VARIANTS`, by batch size; at the
-  top, the ratios at ``reference_batch_size``: ``per_example_over_plain``,
-  ``microbatch_over_plain``, ``microbatch_rolled_over_plain``, ``naive_vmap_over_plain``,
-  ``memory_per_example_over_plain``;
-- ``transformer`` (``config.lm``, with ``model``, ``device``, ``seconds``) and ``rows``
-  (``config.rows``, by row): AdamW, :data:`LM_VARIANTS`, by batch size;
-- ``across_devices_over_plain``, ``across_devices_detail``: :func:`across_devices`;
-- ``device``, ``jax_version``, ``config``, ``seconds``.
+Each row (:func:`time_row`) times a plain jit'd train step of a model on random data and the
+same step taking its gradient from each estimator, interleaved, with their compiled temporary
+memory. ``WORKDIR/bench.json`` (strict JSON, :func:`run_bench`) holds ``detail`` (the SmallCNN
+of ``config.model``, with its ``*_over_plain`` ratios at ``reference_batch_size`` at the top),
+``transformer`` (``config.lm``), ``rows`` (``config.rows``) and ``across_devices_*``
+(:func:`across_devices`); the command prints it as a table (:func:`format_table`).
 """
 
 from __future__ import annotations
@@ -24,7 +17,6 @@ if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one li
 
 import functools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,22 +55,17 @@ def estimators(loss_fn, *, num_microbatches: int, chunk_size=None) -> dict:
 
 
 def over_plain(times: dict[str, list[float]]) -> dict[str, float]:
-    """By variant of :func:`gns.hardware.interleaved_times`' ``times``: the median over the rounds
-    of each round's time over the same round's ``"plain"`` (paired: a load that comes and goes
-    cancels in each round's ratio)."""
+    """By variant of ``times`` (:func:`gns.hardware.interleaved_times`): the median of the
+    per-round ratios over ``"plain"`` (paired: a load that comes and goes cancels out)."""
     return {n: float(np.median(np.divide(t, times["plain"]))) for n, t in times.items()}
 
 
 def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **kw) -> dict:
     """A step of each of ``variants`` (:func:`estimators` of ``kw``), all with the same
-    ``optimizer`` update: compiled, timed interleaved
-    (:func:`gns.hardware.interleaved_times`), medians; by variant: ``times`` (seconds of
-    each round), ``seconds`` (their median), ``seconds_iqr``, ``examples_per_second``,
-    ``over_plain`` (:func:`over_plain`), ``temp_bytes``, ``memory_over_plain``,
-    ``compile_seconds``; and ``batch_size``, ``repeats``, ``num_params``; what
-    ``method="auto"`` runs (:func:`gns.ghost.select`): ``auto_method`` (``"ghost"`` or
-    ``"vmap"``), ``auto_chunks`` (the fast path's example chunks), ``auto_describe`` (the
-    plan, with the timings)."""
+    ``optimizer`` update, compiled and timed interleaved (:func:`gns.hardware.interleaved_times`):
+    by variant, each round's ``times``, their statistics and the compiled memory; and what
+    ``method="auto"`` runs (:func:`gns.ghost.select`): ``auto_method``, ``auto_chunks``,
+    ``auto_describe``."""
 
     def step(estimator, params, opt_state, batch):
         if estimator is None:
@@ -174,11 +161,9 @@ def lm_loss(model):
 
 def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512, 10), **fields):
     """``(loss_fn, params, batch)`` of a bench row's model on random data: ``"transformer"``
-    (:class:`experiments.models.TransformerLM`) or ``"lm1b"`` (:class:`Lm1bTransformer`) of
-    ``fields`` on tokens (:func:`lm_loss`); classifiers on ``(inputs, labels)``: ``"small_cnn"``
-    (:func:`experiments.models.get_model` of ``fields``, with ``image_size``, ``channels``,
-    ``num_classes``), ``"nnx_mlp"`` (:class:`NnxMLP`) or ``"plain_mlp"`` (a dict of weights,
-    ``jnp.dot`` + bias, ReLU) of ``dims``."""
+    or ``"lm1b"`` of ``fields`` on tokens; classifiers on ``(inputs, labels)``: ``"small_cnn"``
+    of ``fields`` (with ``image_size``, ``channels``, ``num_classes``), ``"nnx_mlp"`` or
+    ``"plain_mlp"`` (a dict of weights, ``jnp.dot`` + bias, ReLU) of ``dims``."""
     rng, key = np.random.default_rng(seed), jax.random.key(seed)
     if name in ("transformer", "lm1b"):
         model = (Lm1bTransformer if name == "lm1b" else models.TransformerLM)(**fields)
@@ -254,7 +239,7 @@ def across_devices(batch_size_per_device: int, repeats: int, seed: int = 0) -> d
     # Same start, same batch: the two steps must make the same update.
     new = [step(*args)[0] for step in steps.values()]
     diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *new)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med = {name: float(np.median(ts)) for name, ts in times.items()}
     return {
         "across_devices_over_plain": over_plain(times)["across_devices"],
         "detail": {
@@ -319,8 +304,8 @@ def format_table(result: dict[str, Any]) -> str:
                 label = name + (f" ({method})" if auto else "")
                 rows.append((model, bs, label, f"{1e3 * s:.1f}",
                              f"{d['over_plain'][name]:.2f}x", mem))  # fmt: skip
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+    lines = ("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
     return "\n".join(line.rstrip() for line in lines)
 
 

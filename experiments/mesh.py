@@ -26,9 +26,6 @@ PyTree = Any
 AXIS = "batch"
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
-__all__ = ["AXIS", "initialize_distributed", "make_mesh", "describe", "check_batch", "split_reason",
-           "replicate", "shard", "placed_batches", "device_train_batches"]  # fmt: skip
-
 
 def initialize_distributed(enabled: bool, timeout_s: int = 300) -> None:
     """``jax.distributed.initialize()`` once, when ``enabled`` or ``JAX_COORDINATOR_ADDRESS``
@@ -121,15 +118,13 @@ def _global(x, sharding: NamedSharding) -> jax.Array:
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """``tree`` (host values, single-device or replicated arrays) replicated over ``mesh`` as
     fresh buffers: safe to donate, even where an initializer shared one array between leaves."""
-    sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: _global(x, sharding), jax.device_get(tree))
+    return jax.tree.map(lambda x: _global(x, NamedSharding(mesh, P())), jax.device_get(tree))
 
 
 def shard(batch: PyTree, mesh: Mesh) -> PyTree:
     """The global ``batch`` (the same on every process) split over the mesh axis: device ``i``
     holds rows ``i·b .. (i+1)·b``."""
-    sharding = NamedSharding(mesh, P(AXIS))
-    return jax.tree.map(lambda x: _global(x, sharding), batch)
+    return jax.tree.map(lambda x: _global(x, NamedSharding(mesh, P(AXIS))), batch)
 
 
 def placed_batches(batches: Iterator[PyTree], mesh: Mesh) -> Iterator[PyTree]:
@@ -162,7 +157,6 @@ def device_train_batches(
     scale = np.float32(1.0 / 255.0) / std  # as data.normalize computes it
     shift = np.asarray(ds.mean, np.float32) / std
     pad = data.CROP_PADDING
-    replicated = NamedSharding(mesh, P())
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P(AXIS)))
     def gather(images, labels, idx, offsets, flips):
@@ -186,7 +180,6 @@ def device_train_batches(
             else:
                 where = {"start_example": start_example + k * batch_size}
             idx, offsets, flips = data.train_draws(seed, batch_size, num_train, **where)
-            args = [_global(a, replicated) for a in (idx, offsets.astype(np.int32), flips)]
-            yield gather(images, labels, *args)
+            yield gather(images, labels, *replicate((idx, offsets.astype(np.int32), flips), mesh))
 
     return batches()

@@ -34,7 +34,7 @@ class SmallCNN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         for width in self.widths:
-            x = nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype)(x)
+            x = nn.Conv(width, (3, 3), strides=2, padding="SAME", dtype=self.dtype)(x)
             x = nn.relu(nn.GroupNorm(num_groups=min(self.groups, width), dtype=self.dtype)(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
@@ -57,8 +57,8 @@ class MLP(nn.Module):
 
 
 def _layers(train: bool, momentum: float, epsilon: float, dtype: Any):
-    """``(norm, conv)``: ``nn.BatchNorm`` on batch statistics when ``train`` (else the running
-    averages) and ``nn.Conv`` without bias, both in ``dtype``."""
+    """``(norm, conv)``: ``nn.BatchNorm`` (batch statistics when ``train``) and ``nn.Conv``
+    without bias, both in ``dtype``."""
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype
     )
@@ -192,9 +192,8 @@ class EfficientNet(nn.Module):
     def __call__(self, x, train: bool = False):
         norm, conv = _layers(train, self.bn_momentum, 1e-3, self.dtype)
         wc, dc = self.width_coefficient, self.depth_coefficient
-        s = (self.stem_strides, self.stem_strides)
         stem = round_filters(self.blocks[0][3], wc)
-        x = conv(stem, (3, 3), s, padding="SAME", name="stem_conv")(x)
+        x = conv(stem, (3, 3), self.stem_strides, padding="SAME", name="stem_conv")(x)
         x = nn.swish(norm(name="stem_bn")(x))
         total = sum(math.ceil(dc * b[5]) for b in self.blocks)
         index = 0

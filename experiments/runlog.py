@@ -31,12 +31,6 @@ from experiments import events as events_lib
 from experiments.cli import UserError
 from gns.common import to_json
 
-__all__ = [
-    "QuietLibraries", "dumps", "write_json", "read_json", "read_jsonl",
-    "workdir_lock", "fingerprint", "differing_fields", "Clock", "RunLog", "Checkpoints",
-    "deferred_interrupt",
-]  # fmt: skip
-
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -45,9 +39,8 @@ UNREADABLE_DIR = "checkpoints-unreadable"
 
 
 class QuietLibraries(std_logging.Filter):
-    """A logging filter for the mains: drops the INFO chatter of orbax (several lines per
-    checkpoint) and of JAX's backend discovery (a line per platform it did not find), keeps
-    their warnings."""
+    """A logging filter for the mains: drops the INFO chatter of orbax and of JAX's backend
+    discovery, keeps their warnings."""
 
     def filter(self, record):
         chatty = "orbax" in record.pathname or "xla_bridge" in record.pathname
@@ -170,9 +163,9 @@ class Clock:
         self._kind: str | None = None
         self._since = 0.0
 
-    def charge(self, kind: str | None) -> None:
-        """Charge the time from now on to ``kind`` (``None``: stop the clock)."""
-        if kind is not None and kind not in self.KINDS:
+    def charge(self, kind: str) -> None:
+        """Charge the time from now on to ``kind``."""
+        if kind not in self.KINDS:
             raise ValueError(f"kind={kind!r}: use one of {', '.join(self.KINDS)}.")
         now = time.perf_counter()
         if self._kind is not None:
@@ -204,7 +197,7 @@ class RunLog:
         self.workdir = workdir
         self.window = window
         self.primary = primary
-        self._memory_rows: list[dict] = []  # the rows of a non-primary process
+        self._rows: list[dict] = []  # the metrics rows, as metrics.jsonl holds them
         self.metrics_path = os.path.join(workdir, METRICS_FILE)
         self.config_path = os.path.join(workdir, CONFIG_FILE)
         self.target = target
@@ -273,14 +266,12 @@ class RunLog:
         self._last_row = (self.clock.total("train"), self.examples_seen)
         if not truncate:
             return []
-        kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
+        self._rows = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
         if self.primary:
             with download.atomic_file(self.metrics_path) as f:
-                f.write("".join(dumps(r) + "\n" for r in kept).encode())
-            self.events.reset(kept)
-        else:
-            self._memory_rows = [to_json(r) for r in kept]
-        return kept
+                f.write("".join(dumps(r) + "\n" for r in self._rows).encode())
+            self.events.reset(self._rows)
+        return self.rows()
 
     def meta(self) -> dict:
         """What a checkpoint stores besides the state: the inverse of :meth:`resume`."""
@@ -311,10 +302,8 @@ class RunLog:
             self.best = {"accuracy": score, "step": self.step, "time_s": t}
         if periodic:
             self.recent_evals = [*self.recent_evals, float(score)][-self.window :]
-            last = self.recent_evals if len(self.recent_evals) == self.window else None
-        else:
-            last = [float(score)] if self.window == 1 else None
-        mean = math.nan if last is None else float(sum(last)) / len(last)
+        last = self.recent_evals if periodic else [float(score)]
+        mean = sum(last) / len(last) if len(last) == self.window else math.nan
         if self.target is None or self.reached or not mean >= self.target:
             return False
         self.to_target = {"steps": self.step, "time_s": t}
@@ -349,15 +338,14 @@ class RunLog:
                 "examples_per_s": dn / max(dt, 1e-9), **metrics}  # fmt: skip
 
     def write_row(self, row: dict) -> None:
-        """Append ``row`` to ``metrics.jsonl`` and the TensorBoard files (in memory only on a
-        non-primary process)."""
+        """Append ``row`` to the record and (primary process) to ``metrics.jsonl`` and the
+        TensorBoard files."""
         line = dumps(row)
-        if not self.primary:
-            self._memory_rows.append(json.loads(line))
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(line + "\n")
-        self.events.write(json.loads(line))
+        self._rows.append(json.loads(line))
+        if self.primary:
+            with open(self.metrics_path, "a") as f:
+                f.write(line + "\n")
+            self.events.write(self._rows[-1])
 
     def close(self) -> None:
         """Close the TensorBoard files."""
@@ -365,7 +353,7 @@ class RunLog:
 
     def rows(self) -> list[dict]:
         """The metrics rows written so far."""
-        return read_jsonl(self.metrics_path) if self.primary else list(self._memory_rows)
+        return list(self._rows)
 
 
 class Checkpoints:
@@ -419,18 +407,13 @@ class Checkpoints:
         steps = sorted(self._manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                with _silenced():
-                    meta = dict(self._read(step, meta=ocp.args.JsonRestore()).meta)
+                meta = dict(self._read(step, meta=ocp.args.JsonRestore()).meta)
+                if check is not None:
+                    check(meta)
+                return self._read(step, state=ocp.args.StandardRestore(abstract)).state, meta
+            except UserError:  # check refused the checkpoint's run: stop
+                raise
             except Exception as e:  # unreadable: fall back to the previous one
-                self._set_aside(step, e)
-                continue
-            if check is not None:
-                check(meta)
-            try:
-                with _silenced():
-                    state = self._read(step, state=ocp.args.StandardRestore(abstract)).state
-                return state, meta
-            except Exception as e:
                 self._set_aside(step, e)
         if steps:
             raise UserError(
@@ -440,9 +423,15 @@ class Checkpoints:
         return None, None
 
     def _read(self, step: int, **items):
+        """The ``items`` of the checkpoint at ``step``, with logging off meanwhile (orbax logs
+        the traceback of an unreadable one)."""
         import orbax.checkpoint as ocp
 
-        return self._manager.restore(step, args=ocp.args.Composite(**items))
+        std_logging.disable(std_logging.CRITICAL)
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        finally:
+            std_logging.disable(std_logging.NOTSET)
 
     def _set_aside(self, step: int, error: Exception) -> None:
         """Move the unreadable checkpoint out of the way (kept, for a post-mortem)."""
@@ -456,16 +445,6 @@ class Checkpoints:
         logging.warning("The checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
                         "falling back to the previous one.", step, type(error).__name__,
                         " ".join(str(error).split())[:200], dst)  # fmt: skip
-
-
-@contextlib.contextmanager
-def _silenced():
-    """No logging inside the block (orbax's tracebacks of an unreadable checkpoint)."""
-    std_logging.disable(std_logging.CRITICAL)
-    try:
-        yield
-    finally:
-        std_logging.disable(std_logging.NOTSET)
 
 
 @contextlib.contextmanager
