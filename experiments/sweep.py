@@ -46,7 +46,6 @@ from experiments.cli import UserError
 from experiments.progress import Progress
 from gns import common, critical, estimate, finder, hardware, plots, scaling, smoothing, tradeoff
 
-FLAGS = flags.FLAGS
 STATE_FILE = "sweep_state.json"
 SWEEP_FILE = "sweep.json"
 PILOT_DIR = "pilot"
@@ -112,30 +111,26 @@ class SweepState:
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, STATE_FILE)
         self.data: dict[str, Any] = {"version": self.VERSION, "sections": {}}
-        if os.path.exists(self.path):
-            try:
-                old = runlog.read_json(self.path)
-            except ValueError:
-                old = {}
-            if old.get("version") == self.VERSION:
-                self.data = old
-            else:
-                logging.warning("Ignoring %s: not a sweep state of this version.", self.path)
+        old = {}
+        with contextlib.suppress(FileNotFoundError, ValueError):  # none yet, or unreadable
+            old = runlog.read_json(self.path)
+        if old.get("version") == self.VERSION:
+            self.data = old
+        elif os.path.exists(self.path):
+            logging.warning("Ignoring %s: not a sweep state of this version.", self.path)
         self.reused: list[str] = []
         self.stale: list[str] = []
 
     def get(self, section: str, key, fp: str):
         """A copy of the stored ``section[key]`` if it was measured under fingerprint ``fp``."""
         item = self.data["sections"].get(section, {}).get(str(key))
-        if item is None:
-            return None
-        if item["fingerprint"] != fp:
-            if section not in self.stale:
-                self.stale.append(section)
-                logging.info("The config of %s[%s] changed: measuring it again.", section, key)
-            return None
-        self.reused.append(f"{section}[{key}]")
-        return copy.deepcopy(item["value"])
+        if item is not None and item["fingerprint"] == fp:
+            self.reused.append(f"{section}[{key}]")
+            return copy.deepcopy(item["value"])
+        if item is not None and section not in self.stale:
+            self.stale.append(section)
+            logging.info("The config of %s[%s] changed: measuring it again.", section, key)
+        return None
 
     def put(self, section: str, key, fp: str, value) -> None:
         items = self.data["sections"].setdefault(section, {})
@@ -191,15 +186,13 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
         return eval_step(st.params, st.batch_stats, inputs, targets, mask)[1] / mask.sum()
 
     fork_seed = int(t.seed) + int(t.critical.seed_offset)
-    steps = finder.Steps(jax.jit(gns_fn), make_step, _stream(task, t, ds, int(t.seed)),
-                         _stream(task, t, ds, fork_seed), eval_fn)  # fmt: skip
-    return steps, state
+    batch_fn, fork_batch_fn = _stream(task, t, ds, int(t.seed)), _stream(task, t, ds, fork_seed)
+    return finder.Steps(jax.jit(gns_fn), make_step, batch_fn, fork_batch_fn, eval_fn), state
 
 
 def pipeline_plan(config) -> finder.Plan:
     """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise`` (at least the
-    warm-up), the forks of ``critical`` (0 checkpoints: none) at the rule of ``optimizer``, the
-    run planned as ``tradeoff.max_steps`` (:meth:`gns.finder.Plan.path_end`)."""
+    warm-up), the forks of ``critical``, the run planned as ``tradeoff.max_steps``."""
     t, ccfg = stage_config(config, "noise_scale"), stage_config(config, "critical_batch").critical
     return finder.Plan(
         ref_batch_size=int(t.batch_size),
@@ -354,25 +347,27 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
         budget = int(hardware.DEFAULT_CPU_BUDGET_FRACTION * psutil.virtual_memory().available / n)
         source = f"{round(100 * hardware.DEFAULT_CPU_BUDGET_FRACTION)}% of available host "
         source += f"RAM / {n} devices"
-    res, table = finder.time_candidates(
-        step, lambda b: (state, mesh_lib.shard(zeros(b, np), mesh)), sorted(cands - set(skipped)),
-        memory_budget_bytes=budget, rounds=t.throughput.repeats, warmup=t.throughput.warmup,
-        make_shape_args=lambda b: (state, zeros(b, jnp)),
-    ) if len(cands) > len(skipped) else (None, None)  # fmt: skip
+    res, table = hardware.FitResult(None, None, None, []), None  # nothing splits: none timed
+    if len(cands) > len(skipped):
+        res, table = finder.time_candidates(
+            step, lambda b: (state, mesh_lib.shard(zeros(b, np), mesh)),
+            sorted(cands - set(skipped)), memory_budget_bytes=budget, rounds=t.throughput.repeats,
+            warmup=t.throughput.warmup, make_shape_args=lambda b: (state, zeros(b, jnp)),
+        )  # fmt: skip
     timings = {} if table is None else table.timings
     rows = [
-        rec.to_dict() | _timing_row(timings.get(rec.batch_size), rec.batch_size)
+        rec.to_dict() | _timing_row(timings.get(rec.batch_size))
         | {"budget_source": source or res.budget_source,
            "per_device_batch_size": rec.batch_size // n}
-        for rec in ([] if res is None else res.records)
+        for rec in res.records
     ]  # fmt: skip
-    budget = None if res is None else res.budget_bytes
     rows += [
-        hardware.FitRecord(b, None, budget, False, False, why).to_dict() | _timing_row(None, b)
+        hardware.FitRecord(b, None, res.budget_bytes, False, False, why).to_dict()
+        | _timing_row(None)
         | {"budget_source": None, "per_device_batch_size": None, "skipped": True}
         for b, why in skipped.items()
     ]  # fmt: skip
-    max_b = None if res is None else res.max_batch_size
+    max_b = res.max_batch_size
     return {
         "rows": sorted(
             ({"accumulation_steps": 1} | r for r in rows), key=lambda r: r["batch_size"]
@@ -384,33 +379,28 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     }
 
 
-def _timing_row(bt: hardware.BatchTiming | None, b: int) -> dict:
+def _timing_row(bt: hardware.BatchTiming | None) -> dict:
     """The timing fields of a throughput row (``None`` and ``[]`` when not timed)."""
     if bt is None:
         return dict(step_time_s=None, step_time_iqr_s=None, times_s=[], extra_rounds=None,
                     stable=None, examples_per_s=None)  # fmt: skip
     return dict(step_time_s=bt.median_s, step_time_iqr_s=bt.q75_s - bt.q25_s,
                 times_s=list(bt.times_s), extra_rounds=bt.extra_rounds, stable=bt.stable,
-                examples_per_s=b / bt.median_s)  # fmt: skip
+                examples_per_s=bt.batch_size / bt.median_s)  # fmt: skip
 
 
 def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dict]:
     """``rows`` plus the batches ``factor × max_batch`` timed as gradient accumulation
     (:func:`gns.hardware.accumulated_step_time` on the measured table)."""
-    rows = [dict(r) for r in rows]
-    times = step_times(rows)
-    for factor in factors:
-        b = int(factor) * max_batch
-        row = next((r for r in rows if r["batch_size"] == b), None)
-        if row is None:
-            row = {"batch_size": b, "fits": False, "predicted_bytes": None, "reason": ""}
-            rows.append(row)
+    times, by_batch = step_times(rows), {r["batch_size"]: dict(r) for r in rows}
+    for b in (int(f) * max_batch for f in factors):
         t, k, micro = hardware.accumulated_step_time(times, b, max_batch)
+        row = by_batch.setdefault(b, {"batch_size": b, "fits": False, "predicted_bytes": None})
         note = f"timed as gradient accumulation {k} x {micro}"
-        reason = "; ".join(x for x in (row.get("reason"), note) if x)
+        reason = "; ".join(filter(None, (row.get("reason"), note)))
         row.update(accumulation_steps=k, micro_batch_size=micro, step_time_s=t,
                    examples_per_s=b / t, reason=reason)  # fmt: skip
-    return sorted(rows, key=lambda r: r["batch_size"])
+    return [by_batch[b] for b in sorted(by_batch)]
 
 
 def step_times(rows: list[dict]) -> dict[int, float]:
@@ -424,15 +414,15 @@ def training_config(
     """The training config at ``batch_size`` (without :data:`experiments.rules.NOT_TRAINING`;
     the scaled learning rate, ``config.tradeoff``'s target and caps, seed ``seed +
     seed_offset``) and the learning-rate rule in words."""
-    t, tr = config, config.tradeoff
+    tr = config.tradeoff
     lr, rule = scaling.learning_rate(
-        t.optimizer, t.learning_rate, t.batch_size, batch_size, b_noise
+        config.optimizer, config.learning_rate, config.batch_size, batch_size, b_noise
     )
-    cfg = ml_collections.ConfigDict({k: v for k, v in t.to_dict().items()
+    cfg = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
                                      if k not in rules.NOT_TRAINING})  # fmt: skip
     eval_every = max(1, round(tr.eval_every_examples / batch_size))
     cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None,
-               seed=int(t.seed) + int(seed_offset), num_steps=tr.max_steps,
+               seed=int(config.seed) + int(seed_offset), num_steps=tr.max_steps,
                max_wall_time_s=tr.max_wall_time_s, target_accuracy=tr.target_accuracy,
                eval_every=eval_every, log_every=eval_every)  # fmt: skip
     return cfg, rule
@@ -466,10 +456,8 @@ def with_device_time(points: list[dict], times: dict[int, float], max_batch: int
     out = []
     for p in points:
         t = hardware.accumulated_step_time(times, p["batch_size"], max_batch)[0]
-        steps = p.get("steps")
-        out.append(
-            p | {"step_time_s": t, "device_time_to_target_s": None if steps is None else steps * t}
-        )
+        device = None if p.get("steps") is None else p["steps"] * t
+        out.append(p | {"step_time_s": t, "device_time_to_target_s": device})
     return out
 
 
@@ -640,21 +628,18 @@ class _Sweep:
         times, b_noise = step_times(tput["rows"]), noise_scale_value(m.noise)
         fps = self.fps["trainings"] = {}
 
-        def train_at(batch_sizes, seed_offset=0):
-            points = []
-            for b in batch_sizes:
-                seed_note = f" seed +{seed_offset}" if seed_offset else ""
-                self.bar.set(phase=f"training B={b}{seed_note}")
-                cfg, rule = training_config(config, b, b_noise, seed_offset)
-                key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first: the batch
-                fp = fps[key] = runlog.fingerprint(cfg.to_dict())
-                p = self.st.get("trainings", key, fp)
-                if p is None:
-                    run_dir = os.path.join(self.workdir, "train", f"B{b}-seed{cfg.seed}-{fp[:8]}")
-                    p = common.to_json(run_training(cfg, run_dir, rule))
-                    self.st.put("trainings", key, fp, p)
-                points.append(p)
-            return with_device_time(points, times, max_batch)
+        def train_at(b, seed_offset=0):
+            seed_note = f" seed +{seed_offset}" if seed_offset else ""
+            self.bar.set(phase=f"training B={b}{seed_note}")
+            cfg, rule = training_config(config, b, b_noise, seed_offset)
+            key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first: the batch
+            fp = fps[key] = runlog.fingerprint(cfg.to_dict())
+            p = self.st.get("trainings", key, fp)
+            if p is None:
+                run_dir = os.path.join(self.workdir, "train", f"B{b}-seed{cfg.seed}-{fp[:8]}")
+                p = common.to_json(run_training(cfg, run_dir, rule))
+                self.st.put("trainings", key, fp, p)
+            return with_device_time([p], times, max_batch)[0]
 
         skipped = {}
         for b in sizes:
@@ -664,10 +649,11 @@ class _Sweep:
             if why is not None:
                 logging.warning("The training at batch %d is %s.", b, why)
                 skipped[str(b)] = why
-        points = train_at([b for b in sizes if str(b) not in skipped])
+        points = [train_at(b) for b in sizes if str(b) not in skipped]
         reseed = validation.reseed_batch_sizes(points, config.tradeoff.reseed_best)
-        for offset in range(1, config.tradeoff.extra_seeds + 1):
-            points += train_at(reseed, offset)
+        points += [
+            train_at(b, k) for k in range(1, config.tradeoff.extra_seeds + 1) for b in reseed
+        ]
         by_batch = validation.mean_over_seeds(points)
         fit = fit_tradeoff(points, config.tradeoff.num_bootstrap, config.seed)
         fit.update(by_batch=by_batch, reseeded=reseed if len(by_batch) < len(points) else [])
@@ -765,7 +751,14 @@ def _table(rows: list[dict], columns: list[tuple]) -> list[str]:
 def summary_table(sweep: dict) -> str:
     """A plain-text summary: device, throughput, noise scale, tradeoff, recommendation and
     validation."""
-    d, m, n = sweep["device"], sweep["mesh"], sweep["noise_scale"]
+    d, m, n, r = sweep["device"], sweep["mesh"], sweep["noise_scale"], sweep["recommendation"]
+    c, rf = sweep.get("critical_batch") or {}, sweep["recommendation_from_tradeoff"]
+    iv, effective = n["interval"], (n.get("effective") or {}).get("value")
+    path = [f"{fmt(x['b_simple'], '.4g')} (to step {x['step']:g})" for x in n["trajectory"]]
+    forks = [f"{fmt(x['b_crit'], '.4g')} (step {x['step']}, {x['status']})"
+             for x in c.get("checkpoints") or []]  # fmt: skip
+    evidence = [f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
+                for k, v in r.get("evidence", {}).items()]  # fmt: skip
     lines = [
         f"device: {d['platform']} / {d['kind']} x{d['count']}",
         f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are global "
@@ -774,29 +767,13 @@ def summary_table(sweep: dict) -> str:
         *_table(sweep["throughput"], THROUGHPUT_COLUMNS),
         "",
         f"{plots.largest_fits(sweep)[1]} ({sweep['max_batch_size_per_device']} per device)",
-    ]
-    lines += [f"batch {b} {why}" for b, why in sweep["skipped_batch_sizes"].items()]
-    iv = n["interval"]
-    lines.append(
+        *(f"batch {b} {why}" for b, why in sweep["skipped_batch_sizes"].items()),
         f"noise scale b_simple: {fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
         f"interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]  ({n['num_batches']} batches "
-        f"of {n['batch_size']}, {n['method']}, after {n['after_warmup_steps']} steps)"
-    )
-    path = [f"{fmt(r['b_simple'], '.4g')} (to step {r['step']:g})" for r in n["trajectory"]]
-    effective = (n.get("effective") or {}).get("value")
-    lines.append(f"along the pilot: {', '.join(path)}; effective {fmt(effective, '.4g')}")
-    c = sweep.get("critical_batch") or {}
-    if c.get("checkpoints"):
-        forks = [f"{fmt(r['b_crit'], '.4g')} (step {r['step']}, {r['status']})"
-                 for r in c["checkpoints"]]  # fmt: skip
-        lines.append(
-            f"branched B_crit: {', '.join(forks)}; effective {fmt(c['effective']['value'], '.4g')}"
-            f" (forks cost {c['cost_fraction']:.2f}x the pilot's examples)"
-        )
-    r, rf = sweep["recommendation"], sweep["recommendation_from_tradeoff"]
-    evidence = [f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
-                for k, v in r.get("evidence", {}).items()]  # fmt: skip
-    lines += [
+        f"of {n['batch_size']}, {n['method']}, after {n['after_warmup_steps']} steps)",
+        f"along the pilot: {', '.join(path)}; effective {fmt(effective, '.4g')}",
+        *([f"branched B_crit: {', '.join(forks)}; effective {fmt(c['effective']['value'], '.4g')}"
+           f" (forks cost {c['cost_fraction']:.2f}x the pilot's examples)"] if forks else []),
         "", *_table(sweep["tradeoff"]["points"], TRAINING_COLUMNS), fit_line(sweep["tradeoff"]),
         "",
         f"recommended batch size: {r['batch_size']} (accumulation steps {r['accumulation_steps']}),"
@@ -806,12 +783,11 @@ def summary_table(sweep: dict) -> str:
         + ", ".join(evidence),
         f"  {r['reason']}",
         f"  lr rule: {r['lr_rule']}",
+        *([f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"]
+          if rf is not None else []),
+        *validation_lines(sweep.get("validation")),
     ]  # fmt: skip
-    if rf is not None:
-        lines.append(
-            f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
-        )
-    return "\n".join(lines + validation_lines(sweep.get("validation")))
+    return "\n".join(lines)
 
 
 def fit_line(fit: dict) -> str:
@@ -855,9 +831,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(runlog.QuietLibraries())
-    sweep = run_sweep(FLAGS.config, FLAGS.workdir)
+    sweep = run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
     print(summary_table(sweep))
-    print(f"\nwrote {os.path.join(FLAGS.workdir, SWEEP_FILE)}")
+    print(f"\nwrote {os.path.join(flags.FLAGS.workdir, SWEEP_FILE)}")
 
 
 if __name__ == "__main__":  # the flags: only when this module is the main program

@@ -18,7 +18,8 @@ MAX_CRIT_FACTOR = 1.5
 DEVICE = "device_time_to_target_s"
 
 
-def _mean(xs):
+def _mean(rows, key):
+    xs = [r[key] for r in rows if r.get(key) is not None]
     return sum(xs) / len(xs) if xs else None
 
 
@@ -49,10 +50,9 @@ def mean_over_seeds(points: list[dict], key: str = "batch_size") -> list[dict]:
             "seeds": [int(p.get("seed", 0)) for p in mine],
             "num_reached": len(ok),
             "reached": len(ok) == len(mine),
-            "steps": _mean([p["steps"] for p in ok if p.get("steps") is not None]),
-            DEVICE: _mean(dev),
-            "time_to_target_s": _mean([p["time_to_target_s"] for p in ok
-                                       if p.get("time_to_target_s") is not None]),
+            "steps": _mean(ok, "steps"),
+            DEVICE: _mean(ok, DEVICE),
+            "time_to_target_s": _mean(ok, "time_to_target_s"),
             "device_time_per_seed": {str(p.get("seed", 0)): p.get(DEVICE) for p in mine},
             "device_time_range": [min(dev), max(dev)] if dev else None,
         })  # fmt: skip
