@@ -46,8 +46,7 @@ def make_batch_schedule(config, step_times: Sequence[float] | None = None):
     ``config.learning_rate`` at ``config.batch_size``; ``step_times``: seconds per step of
     each candidate (default ``config.adaptive.step_times``; both ``None``: a flat table, good
     only for ``init``)."""
-    a = config.adaptive
-    cands = candidates(config)
+    a, cands = config.adaptive, candidates(config)
     times = step_times if step_times is not None else a.step_times
     times = [1.0] * len(cands) if times is None else [float(t) for t in times]
     if len(times) != len(cands):
@@ -123,8 +122,7 @@ class ScheduledBatch:
 
     def __init__(self, config, sched, eval_every_examples: int, rows: Sequence[dict] = ()):
         self.eval_every_examples = int(eval_every_examples)
-        past = schedule_from_rows(rows)
-        self.log = gschedule.ScheduleLog(sched, past["changes"], past["reason_counts"])
+        self.log = gschedule.ScheduleLog(sched, **schedule_from_rows(rows))
         self.factor = float(config.adaptive.noise_scale_factor)
         self.base_lr = float(config.learning_rate)
         self._update = jax.jit(sched.update)

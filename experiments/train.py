@@ -83,10 +83,7 @@ def run_identity(config: dict) -> dict:
     constant = config.get("schedule") == "constant"
     for path in NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ()):
         *parents, last = path.split(".")
-        node = ident
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(last, None)
+        functools.reduce(lambda node, key: node.get(key, {}), parents, ident).pop(last, None)
     return ident
 
 
@@ -101,8 +98,7 @@ def make_schedule(config, num_steps: int, peak: float | None = None) -> optax.Sc
     """Linear warmup over ``config.warmup_steps`` to ``peak`` (default
     ``config.learning_rate``), then constant or (``config.schedule='cosine'``) a cosine decay
     to 0 at ``num_steps``."""
-    lr = float(config.learning_rate if peak is None else peak)
-    warmup = int(config.warmup_steps)
+    lr, warmup = float(config.learning_rate if peak is None else peak), int(config.warmup_steps)
     if config.schedule == "constant":
         after = optax.constant_schedule(lr)
     else:
@@ -138,9 +134,7 @@ def resolve_gns_method(config, model, num_devices: int = 1) -> str:
     method = config.gns_method
     bn = models.has_batch_norm(model)
     if method == "auto":
-        if num_devices >= 2:
-            return "across_devices"
-        return "microbatch" if bn else "per_example"
+        return "across_devices" if num_devices >= 2 else "microbatch" if bn else "per_example"
     if method == "across_devices" and num_devices < 2:
         raise UserError(
             "config.gns_method='across_devices' needs at least 2 devices, this run has "
@@ -157,16 +151,12 @@ def resolve_gns_method(config, model, num_devices: int = 1) -> str:
 def _forward(model, params, batch_stats, inputs, dropout_key, train):
     """float32 logits (a bfloat16 model's loss and softmax are computed in float32) and the
     batch statistics, updated when training a BatchNorm model."""
-    variables = {"params": params}
-    if batch_stats:
-        variables["batch_stats"] = batch_stats
+    variables = {"params": params} | ({"batch_stats": batch_stats} if batch_stats else {})
     rngs = None if dropout_key is None else {"dropout": dropout_key}
-    if train and batch_stats:
-        logits, updates = model.apply(
-            variables, inputs, train=True, rngs=rngs, mutable=["batch_stats"]
-        )
-        return logits.astype(jnp.float32), updates["batch_stats"]
-    return model.apply(variables, inputs, train=train, rngs=rngs).astype(jnp.float32), batch_stats
+    mutable = ["batch_stats"] if train and batch_stats else False
+    out = model.apply(variables, inputs, train=train, rngs=rngs, mutable=mutable)
+    logits, batch_stats = (out[0], out[1]["batch_stats"]) if mutable else (out, batch_stats)
+    return logits.astype(jnp.float32), batch_stats
 
 
 def make_loss_fn(
@@ -225,8 +215,7 @@ def make_train_steps(
     ``num_microbatches``: the estimator's over the global batch, and the ghost-BatchNorm
     groups of both steps; ``schedule``: reports the step's rate; ``mesh``: the steps are
     ``jax.shard_map`` over it, gradients and losses averaged over the devices."""
-    axis = None if mesh is None else mesh_lib.AXIS
-    n_dev = 1 if mesh is None else mesh.size
+    axis, n_dev = (None, 1) if mesh is None else (mesh_lib.AXIS, mesh.size)
     k_local = num_microbatches // n_dev if method == "microbatch" else 1
     if method == "microbatch" and k_local == 1:
         method = "across_devices"  # one microbatch per device: the same estimate
@@ -299,8 +288,7 @@ def make_eval_step(model, loss: Callable = tasks.cross_entropy):
 def _evaluate(eval_step, state, batches, mesh) -> dict[str, float]:
     """Accuracy and mean loss over padded ``batches`` with a ``mask`` (Task.eval_batches),
     each sharded over ``mesh``."""
-    correct = loss = 0.0
-    n = 0
+    correct = loss = n = 0
     for batch in batches:
         mask = np.asarray(batch["mask"], np.float32)
         sharded = mesh_lib.shard((*tasks.split_batch(batch), mask), mesh)
@@ -336,9 +324,7 @@ class Setup(NamedTuple):
     state: TrainState  # the fresh state (the template a checkpoint restores into)
     task: tasks.Task
     mesh: Any  # the data-parallel mesh (experiments.mesh)
-    # (batch_size, start_example, by_example=False) -> endless batches on the mesh (the
-    # task's train_batches, or gathered on the devices with config.data.on_device)
-    train_batches: Callable
+    train_batches: Callable  # (batch_size, start_example, by_example=False) -> batches on mesh
     num_train: int  # train examples per epoch
 
 
@@ -403,11 +389,8 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
 
 def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = False):
     """The first batch of ``train_batches`` (:attr:`Setup.train_batches`), on the mesh."""
-    batches = train_batches(batch_size, 0, by_example=by_example)
-    try:
+    with contextlib.closing(train_batches(batch_size, 0, by_example=by_example)) as batches:
         return next(batches)
-    finally:
-        batches.close()
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -469,7 +452,7 @@ def start_from_pilot(config, setup: Setup, log: runlog.RunLog):
     (:func:`gns.finder.continue_at` on its example stream) and training seconds, its ``start``
     record kept and its row written (the pilot's steps at its batch size)."""
     where = os.path.join(config.start_from, runlog.CHECKPOINT_DIR)
-    state, meta = (None, None)
+    state, meta = None, None
     if os.path.isdir(where):
         state, meta = runlog.Checkpoints(config.start_from).restore(setup.state, log.check_meta)
     if state is None:
@@ -479,11 +462,8 @@ def start_from_pilot(config, setup: Setup, log: runlog.RunLog):
         )
     start = dict(meta["start"], checkpoint=config.start_from)
     seen = finder.continue_at(start["examples"], config.batch_size) * config.batch_size
-    log.resume(
-        int(start["step"]),
-        {"examples_seen": seen, "start": start, "clock": {"train_time_s": start["seconds"]}},
-        truncate=False,
-    )
+    meta = {"examples_seen": seen, "start": start, "clock": {"train_time_s": start["seconds"]}}
+    log.resume(int(start["step"]), meta, truncate=False)
     log.write_row({"step": start["step"], "examples_seen": start["examples"],
                    "wall_time_s": start["seconds"], "batch_size": start["batch_size"],
                    "learning_rate": start["learning_rate"], "start": "pilot"})  # fmt: skip
@@ -589,89 +569,81 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
         return state, stop_now()
     gns_every, every = config.gns_every, policy.eval_every_examples
     steps = StepCache(setup.plain_fn, setup.gns_fn if gns_every > 0 else None, log.clock)
+    held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
     bar = progress.Progress(num_examples, desc="train", unit="examples",
                             initial=log.examples_seen, bar=config.progress_bar)  # fmt: skip
-    stream, bs, stop, pending = None, None, None, []  # pending: device metrics since a row
+    stop, pending = None, []  # pending: the device metrics since the last row
+
+    def write_row(state, measured: bool, do_eval: bool):
+        """The row of the steps in ``pending``: mean loss and accuracy, the last step's rate
+        and noise statistics, the policy's update, the evaluation and the stop reason; written
+        and shown. Returns ``(state, row)``."""
+        jax.block_until_ready(state)
+        log.clock.charge("pause")
+        host, means = jax.device_get(pending), ("train_loss", "train_accuracy")
+        metrics = {k: float(np.mean([h[k] for h in host]) if k in means else v)
+                   for k, v in host[-1].items()}  # fmt: skip
+        row = log.row(**metrics, batch_size=bs, epoch=log.examples_seen / setup.num_train)
+        log.check_losses([h["train_loss"] for h in host], config.divergence_factor)
+        if measured and not log.diverged:
+            state, fields = policy.update(state, row["ema_b_simple"], log.step)
+            row.update(fields)
+        if do_eval and not log.diverged:
+            log.clock.charge("eval")
+            bar.set(phase="evaluating")
+            res = setup.evaluate(state, held_out)
+            bar.set(phase="training")
+            log.clock.charge("pause")
+            row.update({f"test_{k}": v for k, v in res.items() if k != "examples"})
+            log.record_eval(setup.task.score(res[setup.task.metric]))
+        stop = "diverged" if log.diverged else stop_now()
+        if stop is not None:
+            row["stop_reason"] = stop
+        log.write_row(row)
+        b_simple = row.get("ema_b_simple")  # a float where measured: else the bar's last one
+        b_simple = bar.fields.get("B_simple", "-") if b_simple is None else f"{b_simple:.4g}"
+        bar.set(step=row["step"], loss=f"{row['train_loss']:.3f}", B_simple=b_simple,
+                **{"examples/s": f"{row['examples_per_s']:.0f}"})  # fmt: skip
+        return state, row
+
     try:
-        held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
-        while stop is None:
-            if bs is None:  # the first step, or a new batch size: its stream and steps
-                bs = policy.batch_size(state)
-                bar.set(phase=f"compiling (batch {bs})", step=log.step)
-                if stream is not None:
-                    stream.close()
-                stream = setup.train_batches(bs, log.examples_seen, by_example=policy.by_example)
+        while stop is None:  # one stream and compiled steps per batch size
+            bs = policy.batch_size(state)
+            bar.set(phase=f"compiling (batch {bs})", step=log.step)
+            stream = setup.train_batches(bs, log.examples_seen, by_example=policy.by_example)
+            with contextlib.closing(stream):
                 first = next(stream)  # compiled for its shapes, then trained on
                 plain, measure = steps.get(bs, state, first)
-                batches = itertools.chain([first], stream)
                 bar.set(phase="training")
                 log.clock.charge("train")
-            measured = gns_every > 0 and log.step % gns_every == 0
-            state, m = (measure if measured else plain)(state, next(batches))
-            before = log.examples_seen
-            log.advance(bs)
-            pending.append(m)
-            if config.max_wall_time_s is not None and len(pending) > 1:
-                # At most one step in flight, so that the clock below is the device's.
-                jax.block_until_ready(pending[-2])
-            seen = log.examples_seen
-            do_eval = every > 0 and (seen // every > before // every or seen >= num_examples)
-            do_save = config.checkpoint_every > 0 and log.step % config.checkpoint_every == 0
-            bar.update(bs)
-            if not (measured or do_eval or do_save or log.step % config.log_every == 0
-                    or stop_now()):  # fmt: skip
-                continue
-            state, row = _write_row(config, setup, state, log, policy, bar, pending, stop_now,
-                                    measured=measured, do_eval=do_eval, batch_size=bs,
-                                    held_out=held_out)  # fmt: skip
-            stop, pending = row.get("stop_reason"), []
-            if do_save and not log.diverged:
-                ckpt.save(log.step, state, log.meta())
-            if stop is None and policy.batch_size(state) != bs:
-                bs = None
-            elif stop is None:
-                log.clock.charge("train")
+                for batch in itertools.chain([first], stream):
+                    measured = gns_every > 0 and log.step % gns_every == 0
+                    state, m = (measure if measured else plain)(state, batch)
+                    log.advance(bs)
+                    pending.append(m)
+                    if config.max_wall_time_s is not None and len(pending) > 1:
+                        # At most one step in flight, so that the clock below is the device's.
+                        jax.block_until_ready(pending[-2])
+                    seen, step = log.examples_seen, log.step
+                    do_eval = every > 0 and (
+                        seen // every > (seen - bs) // every or seen >= num_examples
+                    )
+                    do_save = config.checkpoint_every > 0 and step % config.checkpoint_every == 0
+                    bar.update(bs)
+                    if not (measured or do_eval or do_save or step % config.log_every == 0
+                            or stop_now()):  # fmt: skip
+                        continue
+                    state, row = write_row(state, measured, do_eval)
+                    stop, pending = row.get("stop_reason"), []
+                    if do_save and not log.diverged:
+                        ckpt.save(step, state, log.meta())
+                    if stop is not None or policy.batch_size(state) != bs:
+                        break
+                    log.clock.charge("train")
     finally:
         log.clock.charge("pause")
         bar.close()
-        if stream is not None:
-            stream.close()
     return state, stop
-
-
-def _write_row(config, setup: Setup, state, log: runlog.RunLog, policy, bar, pending, stop_now,
-               *, measured: bool, do_eval: bool, batch_size: int, held_out):  # fmt: skip
-    """The row of the steps in ``pending``: mean loss and accuracy, the last step's learning
-    rate and noise statistics, the policy's update, the evaluation and the stop reason; written
-    and shown. Returns ``(state, row)``."""
-    jax.block_until_ready(state)
-    log.clock.charge("pause")
-    host, means = jax.device_get(pending), ("train_loss", "train_accuracy")
-    metrics = {k: float(np.mean([h[k] for h in host]) if k in means else v)
-               for k, v in host[-1].items()}  # fmt: skip
-    row = log.row(**metrics, batch_size=batch_size, epoch=log.examples_seen / setup.num_train)
-    log.check_losses([h["train_loss"] for h in host], config.divergence_factor)
-    if measured and not log.diverged:
-        state, fields = policy.update(state, row["ema_b_simple"], log.step)
-        row.update(fields)
-    if do_eval and not log.diverged:
-        log.clock.charge("eval")
-        bar.set(phase="evaluating")
-        res = setup.evaluate(state, held_out)
-        bar.set(phase="training")
-        log.clock.charge("pause")
-        row.update({f"test_{k}": v for k, v in res.items() if k != "examples"})
-        log.record_eval(setup.task.score(res[setup.task.metric]))
-    stop = "diverged" if log.diverged else stop_now()
-    if stop is not None:
-        row["stop_reason"] = stop
-    log.write_row(row)
-    b_simple = row.get("ema_b_simple", bar.fields.get("B_simple"))
-    if not isinstance(b_simple, str):
-        b_simple = "-" if b_simple is None else f"{b_simple:.4g}"
-    bar.set(step=row["step"], loss=f"{row['train_loss']:.3f}", B_simple=b_simple,
-            **{"examples/s": f"{row['examples_per_s']:.0f}"})  # fmt: skip
-    return state, row
 
 
 def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t_call: float):
@@ -683,8 +655,8 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
     if evaluate:
         n_final = config.get("final_eval_examples")  # None (or no such field): all
         final = setup.evaluate(state, task.eval_arrays(config, ds, "test", n_final))
-        train_eval = setup.evaluate(state, task.eval_arrays(config, ds, "train",
-                                                            config.eval_examples))  # fmt: skip
+        train_arrays = task.eval_arrays(config, ds, "train", config.eval_examples)
+        train_eval = setup.evaluate(state, train_arrays)
         log.record_eval(task.score(final[task.metric]), periodic=False)
         if config.step_time_repeats:  # the step alone, for the device utilization
             batch = _first_batch(setup.train_batches, config.batch_size)
@@ -694,12 +666,9 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
     rows = log.rows()
     clock = log.clock.state()
     summary = {
-        "test_accuracy": final.get("accuracy"),
-        "test_loss": final.get("loss"),
-        **{f"test_{k}": v for k, v in task.metrics(final).items()},
-        "test_examples": final.get("examples"),
-        "train_accuracy": train_eval.get("accuracy"),
-        **{f"train_{k}": v for k, v in task.metrics(train_eval).items()},
+        # None where not evaluated; setup.evaluate's results include the task's metric
+        **{f"test_{k}": final.get(k) for k in ("accuracy", "loss", task.metric, "examples")},
+        **{f"train_{k}": train_eval.get(k) for k in ("accuracy", task.metric)},
         "train_accuracy_examples": train_eval.get("examples"),
         f"best_test_{task.metric}": task.score(log.best["accuracy"]),
         "best_step": log.best["step"],
@@ -710,9 +679,7 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
         "steps": log.step,
         "examples": log.examples_seen,
         "epochs": log.examples_seen / setup.num_train,
-        "batch_size": config.batch_size,
-        "learning_rate": config.learning_rate,
-        "optimizer": config.optimizer,
+        **{k: config[k] for k in ("batch_size", "learning_rate", "optimizer")},
         "model": config.model.name,
         "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
         "gns_method": setup.method,
