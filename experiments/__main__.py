@@ -23,9 +23,8 @@ COMMANDS = {
            "the byte-level Transformer language model with the noise scale tracked"),
 }  # fmt: skip
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USAGE = "\n".join(
-    ["usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags)", ""]
-    + [f"  {name:<6} {spec[3]}" for name, spec in COMMANDS.items()]
+USAGE = "usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags)\n\n" + "\n".join(
+    f"  {name:<6} {spec[3]}" for name, spec in COMMANDS.items()
 )
 
 
@@ -40,10 +39,9 @@ def command_line(name: str, args: list[str], root: str = ROOT) -> tuple[str, lis
     return module, [f"gns {name}", *argv, *args]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run ``gns SUBCOMMAND [FLAGS]`` (``argv`` defaults to ``sys.argv``)."""
-    argv = sys.argv if argv is None else argv
-    name = argv[1] if len(argv) > 1 else None
+def main() -> None:
+    """Run ``gns SUBCOMMAND [FLAGS]`` of ``sys.argv``."""
+    name = sys.argv[1] if len(sys.argv) > 1 else None
     if name in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0)
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)  # the directory that holds experiments/ and configs/
-    module, sys.argv = command_line(argv[1], argv[2:])
+    module, sys.argv = command_line(name, sys.argv[2:])
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

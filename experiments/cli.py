@@ -21,22 +21,16 @@ from absl import app, flags
 
 from experiments import interrupt
 
-__all__ = [
-    "UserError", "main", "run", "parse_flags", "print_help", "plain_text", "resolve_config_paths",
-    "config_fields", "EXIT_USER_ERROR", "EXIT_INTERRUPTED", "write_fault",
-]  # fmt: skip
-
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = interrupt.EXIT_INTERRUPTED
 FLAGS = flags.FLAGS
-
-if "verbose" not in FLAGS:
-    flags.DEFINE_bool("verbose", False, "Print tracebacks for every error, user errors included.")
-if "print_config" not in FLAGS:
-    flags.DEFINE_bool("print_config", False, "Print the resolved config (the file's variant "
-                      "with the --config.* overrides) and exit.")  # fmt: skip
+flags.DEFINE_bool("verbose", False, "Print tracebacks for every error, user errors included.")
+flags.DEFINE_bool("print_config", False, "Print the resolved config (the file's variant "
+                  "with the --config.* overrides) and exit.")  # fmt: skip
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
+Main = Callable[[list[str]], None]
+Describe = Callable[[Any, str], list[str]]  # (config, path of its file) -> --help lines
 
 
 class UserError(ValueError):
@@ -51,18 +45,15 @@ class UserError(ValueError):
 _USER_FAULTS = (UserError, FileNotFoundError, PermissionError, NotADirectoryError,
                 IsADirectoryError, FileExistsError, app.UsageError)  # fmt: skip
 
-# How tensorstore (under orbax) words the same faults in the ValueError it raises.
-_FAULT_WORDS = {
-    "the disk is full": ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded"),
-    "the file system is read-only": ("Read-only file system",),
-    "no permission to write there": ("PERMISSION_DENIED", "Permission denied"),
+# A write fault in words -> its errnos, and how tensorstore (under orbax) words it.
+_WRITE_FAULTS = {
+    "the disk is full": ((errno.ENOSPC, errno.EDQUOT),
+                         ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")),
+    "the file system is read-only": ((errno.EROFS,), ("Read-only file system",)),
+    "no permission to write there": ((errno.EACCES, errno.EPERM),
+                                     ("PERMISSION_DENIED", "Permission denied")),
     # An orbax writer thread that fails (e.g. on a full disk) while Python shuts down.
-    "the write was cut short (a full disk?)": ("sys.meta_path is None",),
-}
-_FAULT_ERRNOS = {
-    errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk is full",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there",
+    "the write was cut short (a full disk?)": ((), ("sys.meta_path is None",)),
 }  # fmt: skip
 
 
@@ -70,12 +61,10 @@ def write_fault(e: BaseException) -> str | None:
     """What a failed write ran into, in words, when it is the disk or its permissions (in
     ``e`` or its causes, tensorstore's and orbax's wording included); ``None`` otherwise."""
     for x in _chain(e):
-        if isinstance(x, OSError) and x.errno in _FAULT_ERRNOS:
-            return _FAULT_ERRNOS[x.errno]
-        if isinstance(x, OSError | ValueError | ImportError | RuntimeError):
-            for fault, words in _FAULT_WORDS.items():
-                if any(w in str(x) for w in words):
-                    return fault
+        worded = isinstance(x, OSError | ValueError | ImportError | RuntimeError)
+        for fault, (errnos, words) in _WRITE_FAULTS.items():
+            if getattr(x, "errno", None) in errnos or worded and any(w in str(x) for w in words):
+                return fault
     return None
 
 
@@ -84,20 +73,20 @@ def _one_line(e: BaseException) -> str:
         return f"the disk is full ({e.filename or e}): free space there or write elsewhere"
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
-    fault = None if isinstance(e, UserError | OSError) else write_fault(e)
     text = " ".join(str(e).split()) or type(e).__name__
-    if fault is not None:
-        fix = "free space there" if "full" in fault else "fix its permissions"
-        return f"{fault} ({type(e).__name__}: {text[:200]}): {fix} or write elsewhere"
-    return text
+    fault = None if isinstance(e, UserError | OSError) else write_fault(e)
+    if fault is None:
+        return text
+    fix = "free space there" if "full" in fault else "fix its permissions"
+    return f"{fault} ({type(e).__name__}: {text[:200]}): {fix} or write elsewhere"
 
 
-def _verbose(argv: list[str] | None = None) -> bool:
+def _verbose(argv: list[str]) -> bool:
     if os.environ.get("GNS_VERBOSE") == "1":
         return True
     if FLAGS.is_parsed():
-        return bool(FLAGS.verbose)
-    return any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv or ())
+        return FLAGS.verbose
+    return any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv)
 
 
 def _exit(message: str, hint: str | None = None):
@@ -107,7 +96,7 @@ def _exit(message: str, hint: str | None = None):
     sys.exit(EXIT_USER_ERROR)
 
 
-def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+def main(fn: Main) -> Main:
     """Wrap an absl ``main(argv)``: a user error prints ``error: ...`` (and ``hint: ...``) on
     stderr and exits with code 2; Ctrl-C exits with 130 and one line."""
 
@@ -126,16 +115,11 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     return wrapped
 
 
-def run(
-    fn: Callable[[list[str]], None],
-    config: str,
-    describe: Callable[[Any, str], list[str]],
-    argv: list[str] | None = None,
-) -> None:
+def run(fn: Main, config: str, describe: Describe, argv: list[str] | None = None) -> None:
     """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, ``--help`` (:func:`print_help`)
     and ``--print_config``. An exit with code 2 skips Python's finalizers, so that a writer
     thread cut short by the fault (orbax's, on a full disk) adds no traceback."""
-    argv = resolve_config_paths(list(sys.argv if argv is None else argv))
+    argv = resolve_config_paths(sys.argv if argv is None else argv)
     if any(a in HELP_FLAGS for a in argv[1:]):
         try:
             print_help([a for a in argv if a not in HELP_FLAGS], config, describe)
@@ -156,45 +140,45 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
     file from the current directory but is one in the repository replaced by that file."""
     out = list(argv)
     for i, arg in enumerate(out):
-        m = re.match(r"(--config=)(.*)$", arg)
-        if m or (arg == "--config" and i + 1 < len(out)):
-            j, prefix, value = (i, m.group(1), m.group(2)) if m else (i + 1, "", out[i + 1])
-            path, sep, variant = value.partition(":")
+        prefix = "--config=" if arg.startswith("--config=") else ""
+        if prefix or i and out[i - 1] == "--config":
+            path, sep, variant = arg.removeprefix(prefix).partition(":")
             if path and not os.path.exists(path) and os.path.isfile(os.path.join(ROOT, path)):
-                out[j] = prefix + os.path.join(ROOT, path) + sep + variant
+                out[i] = prefix + os.path.join(ROOT, path) + sep + variant
     return out
 
 
 def _parse_or_print(argv: list[str]) -> list[str]:
-    """:func:`parse_flags`; with ``--print_config`` prints the resolved config and exits 0
-    (``--workdir`` is not needed for it)."""
+    """:func:`parse_flags`; with ``--print_config`` prints the resolved config and exits 0."""
     if any(re.match(r"--print_config(=(true|1))?$", a) for a in argv[1:]):
-        if "workdir" in FLAGS and not any(a.startswith("--workdir") for a in argv):
-            argv = [*argv, "--workdir=unused"]
-        parse_flags(argv)
+        _parse_to_read(argv)
         print(json.dumps(FLAGS.config.to_dict(), indent=2))
         sys.exit(0)
     args = parse_flags(argv)
-    if "workdir" in FLAGS and not FLAGS.workdir:
+    if not FLAGS.workdir:
         _exit("--workdir is empty", hint="pass the run's directory, e.g. --workdir runs/smoke")
     return args
 
 
-def print_help(argv: list[str], config: str, describe: Callable[[Any, str], list[str]]) -> None:
-    """The usage of the ``__main__`` module (its docstring as plain text), its flags, and the
-    fields of its config (``--config`` of ``argv``, else ``config``'s default variant) with
-    their values, meaning and valid values (``describe(config, path of its file)``)."""
-    if "config" not in _flag_values(argv):
-        argv = [*argv, f"--config={os.path.join(ROOT, config)}"]
-    if "workdir" in FLAGS and not any(a.startswith("--workdir") for a in argv):
+def _parse_to_read(argv: list[str]) -> None:
+    """:func:`parse_flags` for ``--help`` and ``--print_config``, which need no ``--workdir``."""
+    if not any(a.startswith("--workdir") for a in argv):
         argv = [*argv, "--workdir=unused"]
     parse_flags(argv)
+
+
+def print_help(argv: list[str], config: str, describe: Describe) -> None:
+    """The usage of the ``__main__`` module (its docstring as plain text), its flags, and the
+    fields of its config (``--config`` of ``argv``, else ``config``'s default variant) with
+    their values, meaning and valid values."""
+    if "config" not in _flag_values(argv):
+        argv = [*argv, f"--config={os.path.join(ROOT, config)}"]
+    _parse_to_read(argv)
     print(plain_text(sys.modules["__main__"].__doc__ or "").strip() + "\n\nFlags:")
     for name in ("config", "workdir", "print_config", "verbose"):
-        if name in FLAGS:
-            print(f"  --{name}: {FLAGS[name].help}")
+        print(f"  --{name}: {FLAGS[name].help}")
     print("  --helpfull: every flag, absl's included\n")
-    path, _, variant = _flag_values(argv)["config"].partition(":")
+    path, _, variant = FLAGS["config"].config_filename.partition(":")
     name = os.path.relpath(path, ROOT) + (f":{variant}" if variant else " (default variant)")
     print(f"Config fields ({name}; set any with --config.FIELD=VALUE):")
     print("\n".join(describe(FLAGS.config, path)))
@@ -203,8 +187,7 @@ def print_help(argv: list[str], config: str, describe: Callable[[Any, str], list
 def plain_text(doc: str) -> str:
     """A docstring without reStructuredText markup: ``:func:`~a.b``` -> ``b``, ````x```` and
     ``**x**`` -> ``x``, a paragraph's closing ``::`` -> ``:``; the layout kept."""
-    doc = re.sub(r":\w+:`~?([^`]+)`", lambda m: m.group(1).split(".")[-1]
-                 if m.group(0).count("~") else m.group(1), doc)  # fmt: skip
+    doc = re.sub(r":\w+:`(?:~(?:[^`]*\.)?)?([^`]+)`", r"\1", doc)
     doc = doc.replace("``", "").replace("**", "")
     return re.sub(r"(\S)::$", r"\1:", doc, flags=re.M)
 
@@ -215,8 +198,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     unknown ``--config.field``, a bad value, an unknown or missing flag."""
     try:
         args = FLAGS(argv)
-        if "config" in FLAGS and FLAGS["config"].present:
-            getattr(FLAGS.config, "keys", None)  # raises config_flags' deferred error
+        getattr(FLAGS.config, "keys", None)  # raises config_flags' deferred error
         return args
     except Exception as e:
         if _verbose(argv):
@@ -257,8 +239,7 @@ def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
             f"config file not found: {path}",
             "pass --config=path/to/config.py[:variant], e.g. configs/cifar10.py:smoke",
         )
-    unknown = _unknown_field(given)
-    if unknown:
+    if unknown := _unknown_field(given):
         return unknown
     if isinstance(e, flags.Error):
         return " ".join(str(e).split()), "see --helpfull for the flags and their types"
@@ -268,17 +249,15 @@ def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
 
 def _unknown_field(given: dict[str, str]) -> tuple[str, str] | None:
     """The first ``--config.a.b=...`` of ``given`` whose field is not in the config."""
-    node = FLAGS["config"].value if "config" in FLAGS else None
+    node = FLAGS["config"].value
     if node is None and "config" in given:  # the override failed before the config was set
         try:
             node = FLAGS["config"].parser.parse(given["config"])
         except Exception:
             return None
     paths = [p for p, _ in config_fields(node)] if hasattr(node, "keys") else []
-    for arg in given:
-        field = arg.removeprefix("config.")
-        known = field in paths or any(p.startswith(field + ".") for p in paths)
-        if paths and field != arg and not known:
+    for field in (a.removeprefix("config.") for a in given if a.startswith("config.")):
+        if paths and field not in paths and not any(p.startswith(field + ".") for p in paths):
             return f"unknown config field --config.{field}", _did_you_mean(field, paths)
     return None
 
@@ -286,17 +265,16 @@ def _unknown_field(given: dict[str, str]) -> tuple[str, str] | None:
 def _did_you_mean(field: str, paths: list[str]) -> str:
     """The hint for an unknown ``--config.field``: the field under another section (e.g.
     ``data.source`` for ``source``), else the closest name."""
-    nested = [p for p in paths if p.endswith("." + field)]
     parent, _, last = field.rpartition(".")
     siblings = [p.rpartition(".")[2] for p in paths if p.rpartition(".")[0] == parent]
-    close = difflib.get_close_matches(last, siblings, 1, 0.6)
-    if nested:
+    if nested := [p for p in paths if p.endswith("." + field)]:
         guess = f"did you mean --config.{nested[0]}? "
-    elif close:
+    elif close := difflib.get_close_matches(last, siblings, 1, 0.6):
         guess = f"did you mean {close[0]!r}? "
+    elif close := difflib.get_close_matches(field, paths, 1, 0.6):
+        guess = f"did you mean --config.{close[0]}? "
     else:
-        close = difflib.get_close_matches(field, paths, 1, 0.6)
-        guess = f"did you mean --config.{close[0]}? " if close else ""
+        guess = ""
     return guess + "--help lists every field"
 
 

@@ -7,6 +7,7 @@ ends the process at once: what a run writes is written atomically, so re-running
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -22,10 +23,8 @@ def exit_now(message: str | None = MESSAGE, code: int = EXIT_INTERRUPTED) -> NoR
     ``code`` by ``os._exit``: no ``KeyboardInterrupt`` travels through JAX and no interpreter
     finalization tears XLA down while its threads run."""
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):  # closed, or the interrupted code was writing
             stream.flush()
-        except Exception:  # a closed stream, or one the interrupted code was writing to
-            pass
     try:
         if message is not None:
             os.write(2, (message + "\n").encode())  # unbuffered: safe inside a signal handler

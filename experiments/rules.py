@@ -1,12 +1,8 @@
 """The one table of config fields: each field's valid values, and the rules between fields.
 
 :func:`check` applies it before an entry point loads or writes anything (a bad value: one line
-and a ``hint:``). A config's table (:func:`rules_of`) is its rows ``(field, kind)`` (a
-:class:`Kind`) and its rules between fields, functions ``(config, devices) -> (message, hint)``
-or ``None`` (:func:`cross`), checked after every field is valid (``devices``: the mesh's size,
-``None`` skips the rules that need it). A field a config lacks is skipped; a config field
-without a row fails ``tests/test_config.py``. What a field means is its comment in
-``configs/*.py``, which ``--help`` prints (:func:`describe`).
+and a ``hint:``). A config field without a row fails ``tests/test_config.py``; what a field
+means is its comment in ``configs/*.py``, which ``--help`` prints (:func:`describe`).
 """
 
 from __future__ import annotations
@@ -275,7 +271,8 @@ COMPARE = (
 # comparison and the measurement fields (a training's identity and fingerprint leave them out).
 NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _ in MEASURE))
 
-# configs/bench.py; its language model (lm.model) has the rows of LM but a smaller vocabulary.
+# configs/bench.py. Its three measurements (the CNN at the top level, lm and rows) share the
+# timing fields; its language model (lm.model) has the rows of LM but a smaller vocabulary.
 BENCH = (
     ("seed", count(0)),
     ("model.name", choice("small_cnn")),
@@ -287,22 +284,15 @@ BENCH = (
     ("batch_sizes", tuple_of(count(2))),
     ("reference_batch_size", count(2)),
     ("learning_rate", real(0, open_lo=True)),
-    ("num_microbatches", count(2)),
     ("chunk_size", count(1).or_none),
-    ("warmup", count(0)),
-    ("repeats", count(1)),
     ("parallel", FLAG),
     ("parallel_batch_size_per_device", count(2)),
     ("parallel_repeats", count(3)),
+    *((p + f, k) for p in ("", "lm.", "rows.")
+      for f, k in (("num_microbatches", count(2)), ("warmup", count(0)), ("repeats", count(1)))),
     ("lm.enabled", FLAG),
     ("lm.batch_sizes", tuple_of(count(2))),
-    ("lm.num_microbatches", count(2)),
-    ("lm.warmup", count(0)),
-    ("lm.repeats", count(1)),
     ("rows.enabled", FLAG),
-    ("rows.num_microbatches", count(2)),
-    ("rows.warmup", count(0)),
-    ("rows.repeats", count(1)),
     *((f"rows.models.{m}.batch_sizes", tuple_of(count(2)))
       for m in ("lm1b", "nnx_mlp", "plain_mlp")),
     *((f"rows.models.{m}.dims", tuple_of(count(1))) for m in ("nnx_mlp", "plain_mlp")),
@@ -314,23 +304,26 @@ BENCH = (
 
 
 def cross(fields: tuple[str, ...], ok: Callable, what: str, hint: str | None = None) -> Callable:
-    """The rule that ``ok(config, devices)`` holds, about ``fields`` (named in the message);
-    skipped when one of them is missing."""
+    """The rule that ``ok(*values of fields, devices)`` holds; skipped when a field is missing.
+    Its message names the fields and their values."""
 
     def rule(config, devices):
         values = [get(config, f, _MISSING) for f in fields]
-        if any(v is _MISSING for v in values) or _safe(lambda c: ok(c, devices), config):
+        if any(v is _MISSING for v in values) or _safe(lambda v: ok(*v, devices), values):
             return None
         given = ", ".join(f"config.{f}={v!r}" for f, v in zip(fields, values, strict=True))
-        fix = " or ".join(f"--config.{f}" for f in fields)
-        return f"{given}: {what}", hint or f"change {fix}"
+        return f"{given}: {what}", hint or "change " + " or ".join(f"--config.{f}" for f in fields)
 
     return rule
 
 
 def _multiples(values: str, k: str, what: str) -> Callable:
     """The rule that ``config.<k>`` divides ``config.<values>`` (an int, or each of a tuple)."""
-    return cross((values, k), lambda c, d: not np.any(np.mod(get(c, values), get(c, k))), what)
+    return cross((values, k), lambda v, m, d: not np.any(np.mod(v, m)), what)
+
+
+def _at_most(lo: str, hi: str) -> Callable:
+    return cross((lo, hi), lambda a, b, d: a <= b, f"{lo} must be <= {hi}")
 
 
 def microbatches_fit(k: int, batch_size: int, devices: int | None) -> bool:
@@ -370,60 +363,51 @@ HEADS = "model.num_heads must divide model.width (each head gets width / num_hea
 TRAIN_CROSS = (
     _on_devices("batch_size"),
     cross(("gns_method", "gns_microbatches", "batch_size"),
-          lambda c, d: c.gns_method != "microbatch"
-          or microbatches_fit(c.gns_microbatches, c.batch_size, d),
+          lambda method, k, batch, d: method != "microbatch" or microbatches_fit(k, batch, d),
           "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size "
           "(equal microbatches) and is a multiple of the devices"),
-    *(cross((t, "eval_every"), lambda c, d, t=t: c[t] is None or c.eval_every > 0,
+    *(cross((t, "eval_every"), lambda target, every, d: target is None or every > 0,
             f"{t} is checked at the periodic evaluations: it needs eval_every > 0")
       for t in ("target_accuracy", "target_bits_per_byte")),  # each task has one
 )  # fmt: skip
 
 # small_cnn's GroupNorm (the image task's other models take no groups).
 GROUPS = cross(
-    ("model.widths", "model.groups"),
-    lambda c, d: c.model.name != "small_cnn" or not np.any(np.mod(c.model.widths, c.model.groups)),
-    "model.groups must divide every one of model.widths (GroupNorm)",
+    ("model.name", "model.widths", "model.groups"),
+    lambda name, widths, groups, d: name != "small_cnn" or not np.any(np.mod(widths, groups)),
+    "model.groups must divide every one of model.widths (small_cnn's GroupNorm)",
 )
 
 IMAGE_CROSS = (
-    cross(("data.num_train", "batch_size"),
-          lambda c, d: c.data.num_train is None or c.data.num_train >= c.batch_size,
+    cross(("data.num_train", "batch_size"), lambda n, batch, d: n is None or n >= batch,
           "a batch cannot be larger than the train subset"),
     GROUPS,
-    cross(("data.source", "data.path"),
-          lambda c, d: c.data.source != "folder" or c.data.path is not None,
+    cross(("data.source", "data.path"), lambda s, p, d: s != "folder" or p is not None,
           "data.source='folder' reads data.path",
           "set --config.data.path=path/to/folder_or.tar.gz (laid out split/class/image.jpg)"),
-    cross(("adaptive.min_batch_size", "adaptive.max_batch_size"),
-          lambda c, d: c.adaptive.min_batch_size <= c.adaptive.max_batch_size,
-          "adaptive.min_batch_size must be <= adaptive.max_batch_size"),
-    cross(("adaptive.enabled", "gns_every"),
-          lambda c, d: not c.adaptive.enabled or c.gns_every > 0,
+    _at_most("adaptive.min_batch_size", "adaptive.max_batch_size"),
+    cross(("adaptive.enabled", "gns_every"), lambda enabled, every, d: not enabled or every > 0,
           "the batch-size schedule follows the measured noise scale: it needs gns_every > 0"),
 )  # fmt: skip
 
 LM_CROSS = (_multiples("model.width", "model.num_heads", HEADS),)
 
 TEACHER_CROSS = (
-    cross(("mode",), lambda c, d: c.mode == "train", "config.task='teacher' trains only: the "
+    cross(("mode",), lambda mode, d: mode == "train", "config.task='teacher' trains only: the "
           "compare and tradeoff modes take image data", "--config.mode=train"),
 )  # fmt: skip
 
 MEASURE_CROSS = (
-    cross(("throughput.min_batch_size", "throughput.max_batch_size"),
-          lambda c, d: c.throughput.min_batch_size <= c.throughput.max_batch_size,
-          "throughput.min_batch_size must be <= throughput.max_batch_size"),
+    _at_most("throughput.min_batch_size", "throughput.max_batch_size"),
     _on_devices("noise.batch_size"),
-    cross(("critical.exponents",), lambda c, d: len(c.critical.exponents) >= 2,
+    cross(("critical.exponents",), lambda exponents, d: len(exponents) >= 2,
           "the branched critical batch needs at least 2 fork sizes", "e.g. '(-1, 0, 1, 2)'"),
 )  # fmt: skip
 
 BENCH_CROSS = (
     _multiples("batch_sizes", "num_microbatches",
                "every batch size must split into num_microbatches equal microbatches"),
-    cross(("reference_batch_size", "batch_sizes"),
-          lambda c, d: c.reference_batch_size in c.batch_sizes,
+    cross(("reference_batch_size", "batch_sizes"), lambda ref, sizes, d: ref in sizes,
           "reference_batch_size must be one of batch_sizes"),
     GROUPS,
     *(_multiples(f"rows.models.{m}.batch_sizes", "rows.num_microbatches",
@@ -437,8 +421,7 @@ BENCH_CROSS = (
 )  # fmt: skip
 
 # config.task -> (rows, rules between fields) of a training config (one without ``task`` is the
-# image task's): the task's fields, the measurement fields and the policy comparison (a config
-# without these skips their rows); checked by the entry points and again by experiments.train.
+# image task's); a config without the measurement or comparison fields skips their rows.
 TASK_TABLES = {
     "cifar10": (TRAIN + IMAGE + MEASURE + COMPARE, TRAIN_CROSS + IMAGE_CROSS + MEASURE_CROSS),
     "lm": (TRAIN + LM + MEASURE + COMPARE, TRAIN_CROSS + LM_CROSS + MEASURE_CROSS),
@@ -459,19 +442,19 @@ def get(config, path: str, default=None):
 
 def rules_of(config, kind: str) -> tuple[tuple, tuple]:
     """``(rows, rules between fields)`` of ``config`` as the entry point (or task) ``kind``
-    reads it."""
-    if kind == "bench":
-        return BENCH, BENCH_CROSS
+    reads it. A row is ``(field, Kind)``; a rule, ``(config, devices) -> (message, hint)`` or
+    ``None`` (:func:`cross`)."""
     if kind not in ENTRY_POINTS and kind not in TASK_TABLES:
         raise ValueError(f"unknown config kind {kind!r}: one of {', '.join(ENTRY_POINTS)}")
+    if kind == "bench":
+        return BENCH, BENCH_CROSS
     return TASK_TABLES.get(get(config, "task"), TASK_TABLES["cifar10"])
 
 
 def check(config, kind: str, devices: int | None = None) -> None:
-    """Check every field of ``config`` that ``kind``'s table names, then the rules between
-    them (those about the mesh only with ``devices``, its size); fields it lacks are skipped.
-    The first violation raises a one-line UserError: the field(s), value(s), what is valid, a hint.
-    """
+    """Check the fields of ``config`` that ``kind``'s table names, then the rules between them
+    (those about the mesh only with ``devices``, its size): the first violation raises a
+    one-line UserError naming the field(s) and value(s), what is valid, and a hint."""
     rows, rules_between = rules_of(config, kind)
     for name, kind_ in rows:
         value = get(config, name, _MISSING)
@@ -482,8 +465,7 @@ def check(config, kind: str, devices: int | None = None) -> None:
                 hint=f"set --config.{name}=... (--help lists every field and its values)",
             )
     for rule in rules_between:
-        problem = rule(config, devices)
-        if problem:
+        if problem := rule(config, devices):
             raise UserError(*problem)
 
 
@@ -500,14 +482,13 @@ def describer(kind: str) -> Callable[[Any, str], list[str]]:
 
 
 def describe(config, kind: str, path: str) -> list[str]:
-    """The ``--help`` lines of ``config``, read from the config file ``path``: for each field,
-    in the config's order, ``--config.name=value``, then its comment (:func:`field_comments`)
-    and its valid values."""
+    """The ``--help`` lines of ``config`` (read from the config file ``path``): for each field,
+    in order, ``--config.name=value``, then its comment and its valid values."""
     kinds = {name: k.what for name, k in rules_of(config, kind)[0]}
-    fields = list(config_fields(config))
-    comments = field_comments(path, [name for name, _ in fields])
+    fields = dict(config_fields(config))
+    comments = field_comments(path, list(fields))
     lines = []
-    for name, value in fields:
+    for name, value in fields.items():
         text = f"{comments[name] or '(no comment)'}; {kinds.get(name, '(no rule)')}."
         lines.append(f"  --config.{name}={value!r}")
         lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
@@ -515,11 +496,10 @@ def describe(config, kind: str, path: str) -> list[str]:
 
 
 def field_comments(path: str, names: list[str]) -> dict[str, str | None]:
-    """``{name: comment}`` of the fields ``names`` of the config file ``path`` (``None``: no
-    comment): the comment of the first assignment ``c.name = ...`` that has one (on its
-    line(s), plus the comment lines right below), in ``path``, else in the configs modules it
-    imports (``from configs import common``); a sub-config taken from one of those (bench's
-    ``lm.model``) has its fields' comments there, under the name's tail (``model.width``)."""
+    """``{name: comment or None}`` of the fields ``names`` of the config file ``path``: the
+    comment of the first assignment ``c.name = ...`` that has one, in ``path``, else in the
+    configs modules it imports, there also under the name's tail (bench's ``lm.model.width``
+    is ``model.width`` of configs/lm.py)."""
     own, imports = _assignment_comments(path)
     borrowed: dict[str, str] = {}
     while imports:
@@ -537,7 +517,8 @@ def field_comments(path: str, names: list[str]) -> dict[str, str | None]:
 
 
 def _assignment_comments(path: str) -> tuple[dict[str, str], list[str]]:
-    """``({dotted target: comment}, the configs modules it imports)`` of one file."""
+    """``({dotted target: comment}, the configs modules it imports)`` of one file; a comment is
+    the one on the assignment's line(s) plus the comment-only lines right below."""
     with open(path) as f:
         source = f.read()
     tokens = tokenize.generate_tokens(io.StringIO(source).readline)
