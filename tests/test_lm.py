@@ -174,6 +174,17 @@ def test_target_bits_per_byte_stops_the_run_and_final_eval_cap(corpus, tmp_path)
     assert summary["test_examples"] == 32  # config.final_eval_examples
 
 
+@pytest.mark.timeout(120)
+def test_a_diverging_run_raises_diverged_with_a_null_final_metric(corpus, tmp_path):
+    """The text task's summary is written, with null held-out keys, when training diverges."""
+    config = tiny_config(corpus, learning_rate=1e6, eval_every=10)
+    with pytest.raises(train.Diverged):
+        lm.run(config, str(tmp_path))
+    summary = runlog.read_json(os.path.join(str(tmp_path), train.SUMMARY_FILE))
+    assert summary["stop_reason"] == "diverged"
+    assert summary["test_loss"] is None and summary["test_bits_per_byte"] is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume after SIGKILL.
 
