@@ -113,13 +113,18 @@ class Trajectory(NamedTuple):
         """One dict per stretch: ``step`` (its end), ``start``, ``b_simple``, ``low``, ``high``,
         ``num_rows``: the ``noise_scale.trajectory`` rows of ``sweep.json``."""
         return [
-            {"step": float(e), "start": float(s), "b_simple": float(b), "low": float(lo),
-             "high": float(hi), "num_rows": int(n)}
+            {
+                "step": float(e),
+                "start": float(s),
+                "b_simple": float(b),
+                "low": float(lo),
+                "high": float(hi),
+                "num_rows": int(n),
+            }
             for s, e, b, lo, hi, n in zip(
-                self.start, self.end, self.b_noise, self.low, self.high, self.num_rows,
-                strict=True,
+                self.start, self.end, self.b_noise, self.low, self.high, self.num_rows, strict=True
             )
-        ]  # fmt: skip
+        ]
 
 
 class EffectiveNoiseScale(NamedTuple):
@@ -349,20 +354,42 @@ def effective_noise_scale(
     Reference: McCandlish et al. (2018), eq. 2.11 applied piecewise (DESIGN.md section 7).
     """
     return _effective(
-        delta_steps, b_noise, ref_batch_size, low, high, point_confidence, confidence,
-        num_resamples, seed, branched=False,
-    )  # fmt: skip
+        delta_steps,
+        b_noise,
+        ref_batch_size,
+        low,
+        high,
+        point_confidence,
+        confidence,
+        num_resamples,
+        seed,
+        branched=False,
+    )
+
+
+# The note's ending when S_min or E_min overflow float64 and the value, computed scaled, does not.
+_SUMS_OVERFLOW = (
+    "; S_min or E_min is beyond the float64 range (inf), the value is not (scaled form)"
+)
 
 
 def _effective(
-    delta_steps, b_noise, ref_batch_size, low, high, point_confidence, confidence,
-    num_resamples, seed, *, branched: bool,
-) -> EffectiveNoiseScale:  # fmt: skip
+    delta_steps,
+    b_noise,
+    ref_batch_size,
+    low,
+    high,
+    point_confidence,
+    confidence,
+    num_resamples,
+    seed,
+    *,
+    branched: bool,
+) -> EffectiveNoiseScale:
     """:func:`effective_noise_scale`, with the basis names of noise scales or branched values."""
     delta, b, ref, lo, hi = _path_points(
-        delta_steps, b_noise, ref_batch_size, low, high, point_confidence, confidence,
-        num_resamples,
-    )  # fmt: skip
+        delta_steps, b_noise, ref_batch_size, low, high, point_confidence, confidence, num_resamples
+    )
     what = "local B_crit" if branched else "B_noise"
     keep, drop_note = _usable(delta, b, what)
     dropped, n = int((~keep).sum()), int(keep.sum())
@@ -370,9 +397,18 @@ def _effective(
     if n == 0:
         nan = float("nan")
         return EffectiveNoiseScale(
-            nan, nan, nan, nan, nan, 0, dropped, BASIS_NONE,
-            f"no usable point: no effective {what}{drop_note}", weights, float(confidence),
-        )  # fmt: skip
+            nan,
+            nan,
+            nan,
+            nan,
+            nan,
+            0,
+            dropped,
+            BASIS_NONE,
+            f"no usable point: no effective {what}{drop_note}",
+            weights,
+            float(confidence),
+        )
 
     d, bk, rk, lk, hk = delta[keep], b[keep], ref[keep], lo[keep], hi[keep]
     # In units of the largest ΔS_ref and B_ref (the value scales with B_ref and not with ΔS),
@@ -394,9 +430,8 @@ def _effective(
         )
         basis = BASIS_BRANCHED_SINGLE if branched else BASIS_SINGLE_POINT
         return EffectiveNoiseScale(
-            value, low_v, high_v, s_min, e_min, 1, dropped, basis, note, weights,
-            float(confidence),
-        )  # fmt: skip
+            value, low_v, high_v, s_min, e_min, 1, dropped, basis, note, weights, float(confidence)
+        )
 
     ratios = _bootstrap_ratios(d, bk, rk, (lk, hk), scales, point_confidence, num_resamples, seed)
     low_v, high_v = common.percentile_interval(ratios, confidence, value)
@@ -405,9 +440,8 @@ def _effective(
         f"percentile bootstrap ({num_resamples} resamples) over the points iid"
         + (" and each point's own interval (split log-normal)" if low is not None else "")
         + drop_note
-        + ("" if math.isfinite(s_min) and math.isfinite(e_min) else
-           "; S_min or E_min is beyond the float64 range (inf), the value is not (scaled form)")
-    )  # fmt: skip
+        + ("" if math.isfinite(s_min) and math.isfinite(e_min) else _SUMS_OVERFLOW)
+    )
     basis = BASIS_BRANCHED if branched else BASIS_TRAJECTORY
     return EffectiveNoiseScale(
         value, low_v, high_v, s_min, e_min, n, dropped, basis, note, weights, float(confidence)
@@ -416,7 +450,7 @@ def _effective(
 
 def _path_points(
     delta_steps, b_noise, ref_batch_size, low, high, point_confidence, confidence, num_resamples
-):  # fmt: skip
+):
     """The checked inputs of :func:`_effective` as float64 arrays of one shape: ``ΔS_ref``,
     ``B_noise``, ``B_ref`` and the interval ends (the point itself without an interval; an
     unknown ``nan`` end read as unresolved: 0 below, ``inf`` above)."""
@@ -635,8 +669,17 @@ def _copy(state):
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, state)
 
 
-def fork(state, step, batch_fn, batch_size: int, num_steps: int, *, first_index: int = 0,
-         eval_fn=None, eval_at=()):  # fmt: skip
+def fork(
+    state,
+    step,
+    batch_fn,
+    batch_size: int,
+    num_steps: int,
+    *,
+    first_index: int = 0,
+    eval_fn=None,
+    eval_at=(),
+):
     """Run ``num_steps`` steps of ``step`` from a copy of ``state`` on batches of ``batch_fn``.
 
     Step ``i`` (0-based) consumes ``batch_fn(batch_size, first_index + i)``: examples
@@ -929,8 +972,16 @@ def _fork_losses(state, forks, sizes, mults, ruler_steps, num_examples, shape):
         n_steps = num_examples // b
         at = ruler_steps if j == 0 else (n_steps,)
         for r in range(shape[0]):
-            _, ev = fork(state, step, batch_fn, b, n_steps, first_index=r * n_steps,
-                         eval_fn=eval_fn, eval_at=at)  # fmt: skip
+            _, ev = fork(
+                state,
+                step,
+                batch_fn,
+                b,
+                n_steps,
+                first_index=r * n_steps,
+                eval_fn=eval_fn,
+                eval_at=at,
+            )
             if j == 0:
                 losses[r, : len(ruler_steps)] = np.stack([ev[k] for k in ruler_steps])
             else:
@@ -1039,9 +1090,12 @@ def _resolution(sizes, excluded, b_crit, interval, progress, ruler_diverged):
     if not progress:
         notes.append("the smallest fork made no progress: the forks are too short or diverge")
     resolved = bool(
-        progress and not ruler_diverged and sizes[0] / 2 <= b_crit <= 2 * sizes[-1] and low > 0
+        progress
+        and not ruler_diverged
+        and sizes[0] / 2 <= b_crit <= 2 * sizes[-1]
+        and low > 0
         and math.isfinite(high)
-    )  # fmt: skip
+    )
     if not resolved:
         notes.insert(0, "unresolved")
     return resolved, notes
@@ -1121,6 +1175,14 @@ def effective_critical_batch(
     lo = [r.low for r in results]
     hi = [r.high for r in results]
     return _effective(
-        delta_steps, b, ref_batch_size, lo, hi, results[0].confidence, confidence,
-        num_resamples, seed, branched=True,
-    )  # fmt: skip
+        delta_steps,
+        b,
+        ref_batch_size,
+        lo,
+        hi,
+        results[0].confidence,
+        confidence,
+        num_resamples,
+        seed,
+        branched=True,
+    )

@@ -44,13 +44,7 @@ from gns.common import LossFn, PyTree, batch_size
 
 # `batch_size` is part of this module's API.
 
-__all__ = [
-    "NoiseStats",
-    "from_two_batches",
-    "per_example",
-    "microbatch",
-    "across_devices",
-]
+__all__ = ["NoiseStats", "from_two_batches", "per_example", "microbatch", "across_devices"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +110,7 @@ def simple_noise_scale(g_sq: jax.Array, trace_cov: jax.Array) -> jax.Array:
 
 
 def from_two_batches(
-    small_sq_norm: jax.Array,
-    big_sq_norm: jax.Array,
-    small_size: float,
-    big_size: float,
+    small_sq_norm: jax.Array, big_sq_norm: jax.Array, small_size: float, big_size: float
 ) -> NoiseStats:
     """Unbiased ``|G|²`` and ``tr(Σ)`` from squared gradient norms at two batch sizes.
 

@@ -66,13 +66,35 @@ import optax
 from gns import common, critical, estimate, hardware, recommend, scaling, smoothing
 
 __all__ = [
-    "BASIS_ORDER", "Pilot", "BatchSizeResult", "as_batch_fn", "run_pilot", "noise_evidence",
-    "branch", "checkpoint_steps", "checkpoint_rows", "choose_basis", "power_of_two_candidates",
-    "time_candidates", "decide", "Steps", "Plan", "Measured", "pipeline", "noise_record",
-    "branch_record", "effective_from_record", "fork_noise_scale", "find_batch_size",
-    "TrainState", "continue_training", "continue_at", "resolve_lr_rule", "dominated_sizes",
+    "BASIS_ORDER",
+    "Pilot",
+    "BatchSizeResult",
+    "as_batch_fn",
+    "run_pilot",
+    "noise_evidence",
+    "branch",
+    "checkpoint_steps",
+    "checkpoint_rows",
+    "choose_basis",
+    "power_of_two_candidates",
+    "time_candidates",
+    "decide",
+    "Steps",
+    "Plan",
+    "Measured",
+    "pipeline",
+    "noise_record",
+    "branch_record",
+    "effective_from_record",
+    "fork_noise_scale",
+    "find_batch_size",
+    "TrainState",
+    "continue_training",
+    "continue_at",
+    "resolve_lr_rule",
+    "dominated_sizes",
     "timing_start",
-]  # fmt: skip
+]
 
 BASIS_ORDER = ("branched", "trajectory", "b_simple")  # best evidence first
 
@@ -278,9 +300,15 @@ def noise_evidence(
     delta = traj.delta_steps.copy()
     delta[-1] += max(0.0, (run_steps or 0) - traj.end[-1])
     eff = critical.effective_noise_scale(
-        delta, traj.b_noise, ref_batch_size, low=traj.low, high=traj.high,
-        point_confidence=confidence, confidence=confidence, seed=seed,
-    )  # fmt: skip
+        delta,
+        traj.b_noise,
+        ref_batch_size,
+        low=traj.low,
+        high=traj.high,
+        point_confidence=confidence,
+        confidence=confidence,
+        seed=seed,
+    )
     return {"b_simple": single, "trajectory": traj, "effective": eff}
 
 
@@ -339,12 +367,22 @@ def branch(
     for s in steps:
         points.append(
             critical.branched_critical_batch(
-                checkpoints[s], counting_step, batch_fn, eval_fn, ref_batch_size=ref_batch_size,
-                num_examples=num_examples, exponents=exponents, lr_multiplier=lr_multiplier,
-                num_repeats=num_repeats, pilot_examples=pilot_examples, confidence=confidence,
-                checkpoint_name=f"pilot state at step {s}", seed=seed, jit=False,
+                checkpoints[s],
+                counting_step,
+                batch_fn,
+                eval_fn,
+                ref_batch_size=ref_batch_size,
+                num_examples=num_examples,
+                exponents=exponents,
+                lr_multiplier=lr_multiplier,
+                num_repeats=num_repeats,
+                pilot_examples=pilot_examples,
+                confidence=confidence,
+                checkpoint_name=f"pilot state at step {s}",
+                seed=seed,
+                jit=False,
             )
-        )  # fmt: skip
+        )
     if progress is not None:
         progress(total, total)
     delta = critical.stretch_lengths(steps, end=max(end_step, steps[-1]))
@@ -370,12 +408,19 @@ def checkpoint_rows(steps: Sequence[int], points: Sequence[critical.BranchedCrit
     ``resolved``, ``status`` (``"resolved"`` or ``"unresolved"``), ``excluded_forks`` (the fork
     batch sizes that diverged) and ``cost_fraction`` per checkpoint."""
     return [
-        {"step": int(s), "b_crit": p.b_crit, "low": p.low, "high": p.high,
-         "b_tolerance": p.b_tolerance, "resolved": p.resolved,
-         "status": "resolved" if p.resolved else "unresolved",
-         "excluded_forks": [int(b) for b, _ in p.excluded], "cost_fraction": p.cost_fraction}
+        {
+            "step": int(s),
+            "b_crit": p.b_crit,
+            "low": p.low,
+            "high": p.high,
+            "b_tolerance": p.b_tolerance,
+            "resolved": p.resolved,
+            "status": "resolved" if p.resolved else "unresolved",
+            "excluded_forks": [int(b) for b, _ in p.excluded],
+            "cost_fraction": p.cost_fraction,
+        }
         for s, p in zip(steps, points, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,16 +593,10 @@ def time_candidates(
     seconds = {} if seconds is None else seconds
     cands = sorted({int(c) for c in candidates})
     t0 = time.perf_counter()
-    keys, hits, built = {}, {}, {}
-    if timing_cache is not None:
-        for b in cands:
-            sig = hardware.step_signature(
-                step_fn, *hardware.abstract_args(shape_args, b), cache=cache
-            )
-            keys[b] = (sig, memory_budget_bytes)
-            if sig is not None and keys[b] in timing_cache and b not in set(retime):
-                hits[b] = timing_cache[keys[b]]
-    todo = [b for b in cands if b not in hits]
+    keys, hits = _cache_lookup(
+        step_fn, shape_args, cands, memory_budget_bytes, cache, timing_cache, retime
+    )
+    todo, built = [b for b in cands if b not in hits], {}
 
     def real_args(b):  # built once: the confirming run and the timing take the same batch
         if b not in built:
@@ -565,18 +604,38 @@ def time_candidates(
         return built[b]
 
     report = None if progress is None else (lambda phase: lambda d, t: progress(phase, d, t))
-    fit = hardware.largest_batch_that_fits(
-        shape_args, step_fn, todo, memory_budget_bytes, cache=cache,
-        progress=None if report is None else report("memory"), run_args=real_args,
-    ) if todo else None  # fmt: skip
+    fit = (
+        hardware.largest_batch_that_fits(
+            shape_args,
+            step_fn,
+            todo,
+            memory_budget_bytes,
+            cache=cache,
+            progress=None if report is None else report("memory"),
+            run_args=real_args,
+        )
+        if todo
+        else None
+    )
     seconds["memory"] = seconds.get("memory", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
     fitting = [] if fit is None else [r.batch_size for r in fit.records if r.fits]
-    table = hardware.time_batch_sizes(
-        step_fn, real_args, fitting, rounds=rounds, warmup=max(0, warmup - 1), cache=cache,
-        max_extra_rounds=max_extra_rounds, prune=prune, max_seconds=max_seconds,
-        progress=None if report is None else report("timing"),
-    ) if fitting else None  # fmt: skip
+    table = (
+        hardware.time_batch_sizes(
+            step_fn,
+            real_args,
+            fitting,
+            rounds=rounds,
+            warmup=max(0, warmup - 1),
+            cache=cache,
+            max_extra_rounds=max_extra_rounds,
+            prune=prune,
+            max_seconds=max_seconds,
+            progress=None if report is None else report("timing"),
+        )
+        if fitting
+        else None
+    )
     seconds["timing"] = seconds.get("timing", 0.0) + time.perf_counter() - t0
     records = {b: rec for b, (rec, _, _) in hits.items()}
     timings = {b: dataclasses.replace(t, cached=True) for b, (_, t, _) in hits.items() if t}
@@ -587,8 +646,30 @@ def time_candidates(
         if timing_cache is not None and keys[rec.batch_size][0]:
             plain = dataclasses.replace(rec, compiled=None)
             timing_cache[keys[rec.batch_size]] = (plain, bt, fit.budget_source)
-    budget, source = (fit.budget_bytes, fit.budget_source) if fit else (
-        next(iter(hits.values()))[0].budget_bytes, next(iter(hits.values()))[2])  # fmt: skip
+    return _merged(fit, table, hits, records, timings, rounds)
+
+
+def _cache_lookup(step_fn, shape_args, cands, budget, cache, timing_cache, retime):
+    """The :class:`gns.hardware.TimingCache` key of each candidate and the entries it holds
+    (none for the sizes in ``retime``)."""
+    keys, hits = {}, {}
+    if timing_cache is None:
+        return keys, hits
+    for b in cands:
+        sig = hardware.step_signature(step_fn, *hardware.abstract_args(shape_args, b), cache=cache)
+        keys[b] = (sig, budget)
+        if sig is not None and keys[b] in timing_cache and b not in set(retime):
+            hits[b] = timing_cache[keys[b]]
+    return keys, hits
+
+
+def _merged(fit, table, hits, records, timings, rounds):
+    """The fit result and the timing table of the sizes measured now and those from the cache."""
+    budget, source = (
+        (fit.budget_bytes, fit.budget_source)
+        if fit
+        else (next(iter(hits.values()))[0].budget_bytes, next(iter(hits.values()))[2])
+    )
     fits = [b for b, r in records.items() if r.fits]
     result = hardware.FitResult(
         max(fits) if fits else None, budget, source, [records[b] for b in sorted(records)]
@@ -634,11 +715,21 @@ def decide(
             (set(times) | {base_batch_size} | {f * max_batch_size for f in (2, 4)}) - pruned
         )
     return recommend.recommend(
-        v, times, max_batch_size=max_batch_size, base_lr=base_lr, base_batch_size=base_batch_size,
-        optimizer=optimizer, b_noise_interval=interval, step_time_range=table.step_time_range(),
-        basis=basis, evidence=dict(evidence), objective=objective, candidates=candidates,
-        s_min=s_min, price_per_hour=price_per_hour,
-    )  # fmt: skip
+        v,
+        times,
+        max_batch_size=max_batch_size,
+        base_lr=base_lr,
+        base_batch_size=base_batch_size,
+        optimizer=optimizer,
+        b_noise_interval=interval,
+        step_time_range=table.step_time_range(),
+        basis=basis,
+        evidence=dict(evidence),
+        objective=objective,
+        candidates=candidates,
+        s_min=s_min,
+        price_per_hour=price_per_hour,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,18 +838,24 @@ def _noise_fields(evidence: Mapping) -> dict:
     """``b_simple``, ``interval``, ``num_used``, ``num_nonfinite_dropped``, ``trajectory``
     rows and ``effective`` of :func:`noise_evidence`'s dict."""
     b = evidence["b_simple"]
-    return {"b_simple": b.estimate, "interval": [b.low, b.high], "num_used": b.n,
-            "num_nonfinite_dropped": b.nonfinite_dropped,
-            "trajectory": evidence["trajectory"].rows(),
-            "effective": evidence["effective"].to_dict()}  # fmt: skip
+    return {
+        "b_simple": b.estimate,
+        "interval": [b.low, b.high],
+        "num_used": b.n,
+        "num_nonfinite_dropped": b.nonfinite_dropped,
+        "trajectory": evidence["trajectory"].rows(),
+        "effective": evidence["effective"].to_dict(),
+    }
 
 
 def _branch_fields(out: Mapping) -> dict:
     """``checkpoints`` (:func:`checkpoint_rows`), ``effective`` and ``points`` of
     :func:`branch`'s dict."""
-    return {"checkpoints": checkpoint_rows(out["steps"], out["points"]),
-            "effective": out["effective"].to_dict(),
-            "points": [p.to_dict() for p in out["points"]]}  # fmt: skip
+    return {
+        "checkpoints": checkpoint_rows(out["steps"], out["points"]),
+        "effective": out["effective"].to_dict(),
+        "points": [p.to_dict() for p in out["points"]],
+    }
 
 
 def noise_record(pilot: Pilot, evidence: Mapping, plan: Plan) -> dict:
@@ -767,11 +864,20 @@ def noise_record(pilot: Pilot, evidence: Mapping, plan: Plan) -> dict:
     (``steps``, ``every``, ``batch_size``, ``step_s``, ``stop_reason``, ``rows`` of ``step``,
     ``g_sq``, ``trace_cov``)."""
     rows = [{k: r.get(k) for k in ("step", "g_sq", "trace_cov")} for r in pilot.rows]
-    return common.to_json(_noise_fields(evidence) | {
-        "confidence": plan.confidence,
-        "pilot": {"steps": pilot.steps, "every": int(plan.every), "batch_size": plan.ref_batch_size,
-                  "step_s": pilot.step_s, "stop_reason": pilot.stop_reason, "rows": rows},
-    })  # fmt: skip
+    return common.to_json(
+        _noise_fields(evidence)
+        | {
+            "confidence": plan.confidence,
+            "pilot": {
+                "steps": pilot.steps,
+                "every": int(plan.every),
+                "batch_size": plan.ref_batch_size,
+                "step_s": pilot.step_s,
+                "stop_reason": pilot.stop_reason,
+                "rows": rows,
+            },
+        }
+    )
 
 
 def branch_record(out: Mapping, plan: Plan, pilot: Pilot, replayed: bool) -> dict:
@@ -782,13 +888,19 @@ def branch_record(out: Mapping, plan: Plan, pilot: Pilot, replayed: bool) -> dic
     forked = sum(p.examples_forked for p in out["points"])
     pilot_examples = pilot.steps * plan.ref_batch_size
     ref, exps = plan.ref_batch_size, plan.branch_exponents
-    return common.to_json(_branch_fields(out) | {
-        "batch_sizes": [int(ref * 2.0**e) for e in exps],
-        "examples_per_fork": out["examples_per_fork"], "examples_forked": forked,
-        "pilot_examples": pilot_examples, "cost_fraction": forked / pilot_examples,
-        "replayed_pilot": replayed, "lr_rule": out["lr_rule"],
-        "lr_rule_noise_scale": out["lr_rule_noise_scale"],
-    })  # fmt: skip
+    return common.to_json(
+        _branch_fields(out)
+        | {
+            "batch_sizes": [int(ref * 2.0**e) for e in exps],
+            "examples_per_fork": out["examples_per_fork"],
+            "examples_forked": forked,
+            "pilot_examples": pilot_examples,
+            "cost_fraction": forked / pilot_examples,
+            "replayed_pilot": replayed,
+            "lr_rule": out["lr_rule"],
+            "lr_rule_noise_scale": out["lr_rule_noise_scale"],
+        }
+    )
 
 
 def effective_from_record(d: Mapping | None) -> critical.EffectiveNoiseScale | None:
@@ -842,14 +954,21 @@ def _run_forks(steps: Steps, plan: Plan, pilot: Pilot, noise: Mapping, report) -
     ref, rule, fork_noise = plan.ref_batch_size, plan.fork_rule, fork_noise_scale(noise)
     n_fork, _ = plan.fork_examples()
     out = branch(
-        pilot.checkpoints, steps.make_step, steps.fork_batch_fn, steps.eval_fn,
-        ref_batch_size=ref, end_step=plan.path_end(pilot.steps), num_examples=n_fork,
+        pilot.checkpoints,
+        steps.make_step,
+        steps.fork_batch_fn,
+        steps.eval_fn,
+        ref_batch_size=ref,
+        end_step=plan.path_end(pilot.steps),
+        num_examples=n_fork,
         exponents=plan.branch_exponents,
         lr_multiplier=lambda b: critical.lr_multipliers(ref, [b], rule, fork_noise)[0],
-        num_repeats=plan.branch_repeats, pilot_examples=pilot.steps * ref,
-        confidence=plan.branch_confidence or plan.confidence, seed=plan.seed,
+        num_repeats=plan.branch_repeats,
+        pilot_examples=pilot.steps * ref,
+        confidence=plan.branch_confidence or plan.confidence,
+        seed=plan.seed,
         progress=lambda d, t: report("branched", d, t),
-    )  # fmt: skip
+    )
     return out | {"lr_rule": rule, "lr_rule_noise_scale": fork_noise, "examples_per_fork": n_fork}
 
 
@@ -909,11 +1028,18 @@ def pipeline(
 
     def pilot_run(hook=None):
         return run_pilot(
-            state, steps.measure, steps.batch_fn, batch_size=ref, num_steps=plan.pilot_steps,
-            every=plan.every, plain_step=steps.make_step(ref, 1.0) if plan.every > 1 else None,
-            max_seconds=plan.max_seconds, checkpoint_steps=ck, on_step=hook,
+            state,
+            steps.measure,
+            steps.batch_fn,
+            batch_size=ref,
+            num_steps=plan.pilot_steps,
+            every=plan.every,
+            plain_step=steps.make_step(ref, 1.0) if plan.every > 1 else None,
+            max_seconds=plan.max_seconds,
+            checkpoint_steps=ck,
+            on_step=hook,
             progress=lambda d, t: report("pilot", d, t),
-        )  # fmt: skip
+        )
 
     def noise_stage():
         pilot = live["pilot"] = pilot_run(on_step)
@@ -924,9 +1050,14 @@ def pipeline(
             )
         t1 = time.perf_counter()
         live["noise"] = noise_evidence(
-            pilot.rows, ref, num_stretches=plan.num_stretches, end_step=pilot.steps,
-            run_steps=plan.run_steps, confidence=plan.confidence, seed=plan.seed,
-        )  # fmt: skip
+            pilot.rows,
+            ref,
+            num_stretches=plan.num_stretches,
+            end_step=pilot.steps,
+            run_steps=plan.run_steps,
+            confidence=plan.confidence,
+            seed=plan.seed,
+        )
         seconds["noise"] = time.perf_counter() - t1
         return noise_record(pilot, live["noise"], plan)
 
@@ -942,28 +1073,55 @@ def pipeline(
     def fork_stage():
         pilot = live.get("pilot") or pilot_run()  # replayed: the same states (deterministic)
         if not pilot.checkpoints:
-            return {"checkpoints": [], "effective": None, "note": "branched critical batch "
-                    "not measured: the pilot stopped before checkpoints"}  # fmt: skip
+            return {
+                "checkpoints": [],
+                "effective": None,
+                "note": "branched critical batch "
+                "not measured: the pilot stopped before checkpoints",
+            }
         live["branched"] = _run_forks(steps, plan, pilot, noise, report)
         return branch_record(live["branched"], plan, pilot, "pilot" not in live)
 
     t1 = time.perf_counter()
-    forks = {"checkpoints": [], "effective": None, "note": why} if why else cache(
-        "critical_batch", fork_stage)  # fmt: skip
+    forks = (
+        {"checkpoints": [], "effective": None, "note": why}
+        if why
+        else cache("critical_batch", fork_stage)
+    )
     seconds["branched"] = time.perf_counter() - t1
     b_simple = tuple(math.inf if x is None else x for x in (noise["b_simple"], *noise["interval"]))
     basis, value, evidence, note = choose_basis(
-        b_simple, effective_from_record(noise.get("effective")),
+        b_simple,
+        effective_from_record(noise.get("effective")),
         effective_from_record(forks.get("effective")),
-    )  # fmt: skip
+    )
     note = "; ".join(x for x in (note, forks.get("note", "")) if x)
     rec, timed, extended, cands = _widen(
-        time_fn, decide_fn, candidates, (basis, value, evidence),
-        lambda: None if budget_s is None else max(budget_s - (time.perf_counter() - t0
-                                                              - seconds["pilot"]), 1e-9),
-    )  # fmt: skip
-    return Measured(noise, forks, basis, value, evidence, note, rec, timed, extended, cands,
-                    live, budget_s, seconds)  # fmt: skip
+        time_fn,
+        decide_fn,
+        candidates,
+        (basis, value, evidence),
+        lambda: (
+            None
+            if budget_s is None
+            else max(budget_s - (time.perf_counter() - t0 - seconds["pilot"]), 1e-9)
+        ),
+    )
+    return Measured(
+        noise,
+        forks,
+        basis,
+        value,
+        evidence,
+        note,
+        rec,
+        timed,
+        extended,
+        cands,
+        live,
+        budget_s,
+        seconds,
+    )
 
 
 def _num(x) -> float:
@@ -1107,16 +1265,23 @@ class BatchSizeResult:
         """One row per candidate: memory verdict and step time (``plots.plot_throughput``)."""
         times = self.timing.step_time()
         return [
-            r.to_dict() | {"step_time_s": times.get(r.batch_size),
-                           "examples_per_s": r.batch_size / times[r.batch_size]
-                           if r.batch_size in times else None}
+            r.to_dict()
+            | {
+                "step_time_s": times.get(r.batch_size),
+                "examples_per_s": r.batch_size / times[r.batch_size]
+                if r.batch_size in times
+                else None,
+            }
             for r in self.memory.records
-        ]  # fmt: skip
+        ]
 
     def to_dict(self) -> dict:
         """Every measurement as strict-JSON-able values (non-finite numbers as ``None``)."""
-        evidence = {"b_simple": self.b_simple, "trajectory": self.trajectory,
-                    "effective": self.effective_noise_scale}  # fmt: skip
+        evidence = {
+            "b_simple": self.b_simple,
+            "trajectory": self.trajectory,
+            "effective": self.effective_noise_scale,
+        }
         out = {
             "batch_size": self.batch_size,
             "basis": self.basis,
@@ -1135,9 +1300,10 @@ class BatchSizeResult:
             "seconds": self.seconds,
             "warnings": list(self.warnings),
             "budget_s": self.budget_s,
-            "state": None if self.state is None else {
-                "step": self.state.step, "examples_seen": self.state.examples_seen},
-        }  # fmt: skip
+            "state": None
+            if self.state is None
+            else {"step": self.state.step, "examples_seen": self.state.examples_seen},
+        }
         return common.to_json(out)
 
     def plot(self) -> list:
@@ -1387,9 +1553,17 @@ def _check_arguments(a: dict) -> dict:
     get = as_batch_fn(a["batch_fn"])
     first = _check_batch_fn(get, ref, max(1, ref // 2))
     _check_loss(a["loss_fn"], a["params"], first)
-    return {"ref": ref, "get": get, "first": first, "rule": rule, "rule_source": source,
-            "fork_rule": fork_rule, "exps": exps, "cands": cands,
-            "progress": progress or (lambda phase, done, total: None)}  # fmt: skip
+    return {
+        "ref": ref,
+        "get": get,
+        "first": first,
+        "rule": rule,
+        "rule_source": source,
+        "fork_rule": fork_rule,
+        "exps": exps,
+        "cands": cands,
+        "progress": progress or (lambda phase, done, total: None),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1496,8 +1670,10 @@ def _neighbours(new: set, seen: set) -> set:
     """The sizes of ``seen`` next to each of ``new`` (below and above)."""
     out = set()
     for b in new:
-        out |= {max((s for s in seen if s < b), default=None),
-                min((s for s in seen if s > b), default=None)}  # fmt: skip
+        out |= {
+            max((s for s in seen if s < b), default=None),
+            min((s for s in seen if s > b), default=None),
+        }
     return out - {None}
 
 
@@ -1515,13 +1691,21 @@ def _time_fn(train_step, params, opt_state, checked: dict, a: dict, seconds: dic
         new = set(cands) - seen
         retime = _neighbours(new, seen) | {b for b, t in last.items() if not t.pruned}
         fit, table = time_candidates(
-            train_step, lambda b: (params, opt_state, _checked_batch(get, b, 0)), cands,
-            memory_budget_bytes=a["memory_budget_bytes"], rounds=a["timing_rounds"],
+            train_step,
+            lambda b: (params, opt_state, _checked_batch(get, b, 0)),
+            cands,
+            memory_budget_bytes=a["memory_budget_bytes"],
+            rounds=a["timing_rounds"],
             make_shape_args=lambda b: (params, opt_state, _zeros_like_batch(first, b)),
-            cache=cache, max_extra_rounds=2, prune=dominated_sizes(interval, a["objective"]),
-            max_seconds=seconds_left, timing_cache=store, progress=checked["progress"],
-            seconds=seconds, retime=sorted(retime),
-        )  # fmt: skip
+            cache=cache,
+            max_extra_rounds=2,
+            prune=dominated_sizes(interval, a["objective"]),
+            max_seconds=seconds_left,
+            timing_cache=store,
+            progress=checked["progress"],
+            seconds=seconds,
+            retime=sorted(retime),
+        )
         if table is not None:  # timed earlier in this call is not "cached" (an earlier call)
             mine = [b for b, t in table.timings.items() if b in fresh and t.cached]
             table.timings.update(
@@ -1683,11 +1867,7 @@ def find_batch_size(
     a = dict(locals())
     checked = _check_arguments(a)
     ref, rule, base_lr = checked["ref"], checked["rule"], learning_rate or 1.0
-    plan = Plan(
-        ref, pilot_steps, 1, max_seconds, num_stretches, branched, branch_points,
-        tuple(checked["exps"]), branch_steps, branch_repeats, branch_max_cost,
-        checked["fork_rule"], budget_s, budget_fraction, run_steps, confidence, None, seed,
-    )  # fmt: skip
+    plan = _plan(a, checked)
     tracker = smoothing.ema()
     measure, train_step, make_step = _make_steps(
         loss_fn, optimizer, method, num_microbatches, tracker
@@ -1696,13 +1876,40 @@ def find_batch_size(
     kw = dict(base_batch_size=ref, base_lr=base_lr, objective=objective, optimizer=rule)
     seconds: dict[str, float] = {}
     m = pipeline(
-        Steps(measure, make_step, checked["get"], *forks), (params, opt_state, tracker.init()),
-        plan, time_fn=_time_fn(train_step, params, opt_state, checked, a, seconds),
-        decide_fn=functools.partial(decide, **kw), progress=checked["progress"],
-        candidates=checked["cands"] or power_of_two_candidates(
-            min_batch_size or max(1, ref // 8), max_batch_size or 8 * ref),
-    )  # fmt: skip
+        Steps(measure, make_step, checked["get"], *forks),
+        (params, opt_state, tracker.init()),
+        plan,
+        time_fn=_time_fn(train_step, params, opt_state, checked, a, seconds),
+        decide_fn=functools.partial(decide, **kw),
+        progress=checked["progress"],
+        candidates=checked["cands"]
+        or power_of_two_candidates(min_batch_size or max(1, ref // 8), max_batch_size or 8 * ref),
+    )
     return _result(checked, a, m, kw, seconds | m.seconds, t_start)
+
+
+def _plan(a: dict, checked: dict) -> Plan:
+    """The :class:`Plan` of a :func:`find_batch_size` call (``a``: its arguments)."""
+    return Plan(
+        checked["ref"],
+        a["pilot_steps"],
+        1,
+        a["max_seconds"],
+        a["num_stretches"],
+        a["branched"],
+        a["branch_points"],
+        tuple(checked["exps"]),
+        a["branch_steps"],
+        a["branch_repeats"],
+        a["branch_max_cost"],
+        checked["fork_rule"],
+        a["budget_s"],
+        a["budget_fraction"],
+        a["run_steps"],
+        a["confidence"],
+        None,
+        a["seed"],
+    )
 
 
 def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
@@ -1723,23 +1930,43 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
     rec = dataclasses.replace(rec, warnings=tuple(rec.warnings) + tuple(warn))
     ref = checked["ref"]
     settings = {
-        "ref_batch_size": ref, "pilot_steps": a["pilot_steps"], "pilot_steps_done": pilot.steps,
-        "pilot_stop_reason": pilot.stop_reason, "max_seconds": a["max_seconds"],
-        "method": a["method"], "num_stretches": a["num_stretches"],
+        "ref_batch_size": ref,
+        "pilot_steps": a["pilot_steps"],
+        "pilot_steps_done": pilot.steps,
+        "pilot_stop_reason": pilot.stop_reason,
+        "max_seconds": a["max_seconds"],
+        "method": a["method"],
+        "num_stretches": a["num_stretches"],
         "branched": forks is not None,
         "branch_checkpoint_steps": sorted(pilot.checkpoints) if forks else [],
-        "branch_exponents": checked["exps"], "branch_repeats": a["branch_repeats"],
+        "branch_exponents": checked["exps"],
+        "branch_repeats": a["branch_repeats"],
         "branch_examples_per_fork": None if forks is None else forks["examples_per_fork"],
-        "branch_lr_rule": checked["fork_rule"], "candidates": m.candidates,
-        "learning_rate": a["learning_rate"], "optimizer_name": a["optimizer_name"],
-        "lr_rule": checked["rule"], "lr_rule_source": checked["rule_source"],
-        "objective": a["objective"], "confidence": a["confidence"],
-    }  # fmt: skip
+        "branch_lr_rule": checked["fork_rule"],
+        "candidates": m.candidates,
+        "learning_rate": a["learning_rate"],
+        "optimizer_name": a["optimizer_name"],
+        "lr_rule": checked["rule"],
+        "lr_rule_source": checked["rule_source"],
+        "objective": a["objective"],
+        "confidence": a["confidence"],
+    }
     state = TrainState(pilot.state[0], pilot.state[1], pilot.steps, pilot.steps * ref)
     return BatchSizeResult(
-        recommendation=rec, basis=m.basis, basis_note=m.note, pilot_rows=pilot.rows,
-        b_simple=noise["b_simple"], trajectory=noise["trajectory"],
-        effective_noise_scale=noise["effective"], branched=forks, memory=fit,
-        timing=table, extended_to=m.extended_to, device=hardware.detect_devices(),
-        settings=settings, seconds=seconds, state=state, budget_s=m.budget_s,
-    )  # fmt: skip
+        recommendation=rec,
+        basis=m.basis,
+        basis_note=m.note,
+        pilot_rows=pilot.rows,
+        b_simple=noise["b_simple"],
+        trajectory=noise["trajectory"],
+        effective_noise_scale=noise["effective"],
+        branched=forks,
+        memory=fit,
+        timing=table,
+        extended_to=m.extended_to,
+        device=hardware.detect_devices(),
+        settings=settings,
+        seconds=seconds,
+        state=state,
+        budget_s=m.budget_s,
+    )

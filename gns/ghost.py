@@ -158,9 +158,21 @@ _INLINE = ("pjit", "jit", "closed_call", "core_call")
 # Unary steps from a parameter that keep its gradient's norm (J·Jᵀ = I): the parameter
 # reaches its consumer through any number of them.
 _ISOMETRIC = (
-    "convert_element_type", "reshape", "transpose", "squeeze", "slice", "dynamic_slice",
-    "copy", "copy_p", "neg", "rev", "reduce_precision", "pvary", "pcast", "optimization_barrier",
-)  # fmt: skip
+    "convert_element_type",
+    "reshape",
+    "transpose",
+    "squeeze",
+    "slice",
+    "dynamic_slice",
+    "copy",
+    "copy_p",
+    "neg",
+    "rev",
+    "reduce_precision",
+    "pvary",
+    "pcast",
+    "optimization_barrier",
+)
 
 
 class NotApplicableError(ValueError):
@@ -556,17 +568,24 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
             continue
         (pos, j), key = refs[0], e.ins[refs[0][0]]
         if uses.get(key, 0) > 1 or j in found:
-            reasons.setdefault(j, "read by several operations (shared or tied weights, or a "
-                                  "penalty in loss_fn): per-example cross terms")  # fmt: skip
+            reasons.setdefault(
+                j,
+                "read by several operations (shared or tied weights, or a "
+                "penalty in loss_fn): per-example cross terms",
+            )
             continue
         what, fields, reason = _step(e, pos, flat.shapes, axes)
         if what == "iso":
             source[e.outs[0]] = j
         elif what == "consumer":
             found[j] = _Consumer(
-                leaf=j, eqn=i, primitive=e.primitive.name, pos=pos,
-                out_shape=flat.shapes[e.outs[0]], **fields,
-            )  # fmt: skip
+                leaf=j,
+                eqn=i,
+                primitive=e.primitive.name,
+                pos=pos,
+                out_shape=flat.shapes[e.outs[0]],
+                **fields,
+            )
         else:
             reasons.setdefault(j, reason)
     for key, j in source.items():
@@ -665,11 +684,12 @@ class Plan:
             lines.append(f"leaf {self.name(j)}: fallback (per-example gradients by vmap): {why}")
         ghost, vmap = self.cost("ghost"), self.cost("vmap")
         decision = self.decision or (
-            "timed once (calibrate)" if not self.clear
+            "timed once (calibrate)"
+            if not self.clear
             else "fast path, timed once (calibrate) whole and in example chunks"
             if chunk_counts(self.batch_size) and self.num_chunks == 1
             else "fast path, without timing"
-        )  # fmt: skip
+        )
         if self.num_chunks > 1:
             decision += f"; the batch in {self.num_chunks} chunks of {self.batch_size} examples"
         fb = " incl. a vmap pass for the fallback" if self.fallback else ""
@@ -801,9 +821,14 @@ def select(
     if method != "auto" or (the_plan.clear and not chunk_counts(the_plan.batch_size)):
         return the_plan
     return calibrate(
-        loss_fn, params, batch, the_plan, has_aux=has_aux, chunk_size=chunk_size,
+        loss_fn,
+        params,
+        batch,
+        the_plan,
+        has_aux=has_aux,
+        chunk_size=chunk_size,
         with_vmap=not the_plan.clear,
-    )  # fmt: skip
+    )
 
 
 def chunk_counts(n: int) -> tuple[int, ...]:

@@ -795,18 +795,31 @@ def time_batch_sizes(
         return drop
 
     raw = interleaved_timing(
-        runs, rounds=rounds, warmup=warmup, max_spread=max_spread,
-        max_extra_rounds=max_extra_rounds, clock=clock,
-        prune=None if prune is None else recording_prune, max_seconds=max_seconds,
+        runs,
+        rounds=rounds,
+        warmup=warmup,
+        max_spread=max_spread,
+        max_extra_rounds=max_extra_rounds,
+        clock=clock,
+        prune=None if prune is None else recording_prune,
+        max_seconds=max_seconds,
         progress=progress,
-    )  # fmt: skip
+    )
     timings = {}
     for b, (times, extra) in raw.items():
         med, q25, q75, spread = _summary(times)
         timings[b] = BatchTiming(
-            b, med, q25, q75, spread, times, extra, spread <= max_spread, compile_s[b],
+            b,
+            med,
+            q25,
+            q75,
+            spread,
+            times,
+            extra,
+            spread <= max_spread,
+            compile_s[b],
             pruned.get(b, ""),
-        )  # fmt: skip
+        )
     return TimingTable(timings, rounds, float(max_spread))
 
 

@@ -163,10 +163,14 @@ def plot_training(rows: Sequence[dict]):
     scale = 1 / math.log(2) if lm else 1.0
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     panels = (
-        ("loss", "bits_per_byte" if lm else "loss",
-         "bits per byte (train loss / ln 2)" if lm else "cross-entropy (nats)", scale),
+        (
+            "loss",
+            "bits_per_byte" if lm else "loss",
+            "bits per byte (train loss / ln 2)" if lm else "cross-entropy (nats)",
+            scale,
+        ),
         ("accuracy", "accuracy", "next-byte accuracy" if lm else "accuracy", 1.0),
-    )  # fmt: skip
+    )
     for ax, (key, test_key, ylabel, train_scale) in zip(axes, panels, strict=True):
         xs, train_values = _series(rows, f"train_{key}", x)
         what = " (training batches)" if key == "accuracy" else ""
@@ -216,18 +220,27 @@ def plot_noise_scale(rows: Sequence[dict], *, window: int | None = None):
     centre, low, high = windowed_band(g, t, window=window)
     finite = np.isfinite(low) & np.isfinite(high) & (low > 0)
     ax.fill_between(
-        xs, np.where(finite, low, np.nan), np.where(finite, high, np.nan),
-        alpha=0.3, label=f"90% band (last {window} measurements)",
-    )  # fmt: skip
+        xs,
+        np.where(finite, low, np.nan),
+        np.where(finite, high, np.nan),
+        alpha=0.3,
+        label=f"90% band (last {window} measurements)",
+    )
     ax.plot(xs, centre, label=f"ratio of means (last {window} measurements)")
     ema_x, ema = _series(meas, "ema_b_simple", x)
     if ema.size:
         ax.plot(ema_x, ema, "--", label="EMA (training tracker)")
     unresolved = g <= 0
     if unresolved.any():
-        ax.plot(xs[unresolved], np.zeros(int(unresolved.sum())), "|", color="C3", ms=12,
-                transform=ax.get_xaxis_transform(),
-                label=f"|G|² ≤ 0: no estimate ({int(unresolved.sum())} of {len(g)})")  # fmt: skip
+        ax.plot(
+            xs[unresolved],
+            np.zeros(int(unresolved.sum())),
+            "|",
+            color="C3",
+            ms=12,
+            transform=ax.get_xaxis_transform(),
+            label=f"|G|² ≤ 0: no estimate ({int(unresolved.sum())} of {len(g)})",
+        )
     if np.any(shown) or np.any(np.isfinite(centre) & (centre > 0)):
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -276,9 +289,10 @@ def largest_fits(sweep: Mapping) -> tuple[int | None, str]:
     if not mb:
         return None, "no batch size fits"
     over = [
-        r for r in sweep.get("throughput") or []
+        r
+        for r in sweep.get("throughput") or []
         if r["batch_size"] > mb and not r.get("skipped") and r.get("accumulation_steps", 1) == 1
-    ]  # fmt: skip
+    ]
     if any(not r["fits"] for r in over):
         return mb, f"largest that fits ({mb})"
     return mb, f"largest tried ({mb}; all fit)"
@@ -304,11 +318,26 @@ def plot_throughput(sweep: Mapping):
         t = np.array([r["step_time_s"] for r in sel], float)
         face = None if fits else "none"
         label = "" if fits else " (accumulation)"
-        q = np.array([np.quantile(r["times_s"], [0.25, 0.75]) if r.get("times_s") else
-                      (r["step_time_s"], r["step_time_s"]) for r in sel], float)  # fmt: skip
+        q = np.array(
+            [
+                np.quantile(r["times_s"], [0.25, 0.75])
+                if r.get("times_s")
+                else (r["step_time_s"], r["step_time_s"])
+                for r in sel
+            ],
+            float,
+        )
         err = 1e3 * np.stack([np.maximum(t - q[:, 0], 0), np.maximum(q[:, 1] - t, 0)])
-        ax.errorbar(b, 1e3 * t, yerr=err, fmt=style, color="C0", mfc=face, capsize=3,
-                    label="step time, median and quartiles" + label)  # fmt: skip
+        ax.errorbar(
+            b,
+            1e3 * t,
+            yerr=err,
+            fmt=style,
+            color="C0",
+            mfc=face,
+            capsize=3,
+            label="step time, median and quartiles" + label,
+        )
         ax2.plot(b, b / t, style, color="C1", mfc=face, label="examples/s" + label)
     b_all = np.array([r["batch_size"] for r in rows], float)
     order = np.argsort(b_all)
@@ -345,8 +374,13 @@ def plot_tradeoff(tradeoff: Mapping):
     if not pts:
         raise NothingToPlot(f"none of the {len(missed)} trainings reached the target")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot([p["batch_size"] for p in pts], [p["steps"] for p in pts], "o", color="C0",
-            label="measured steps to target")  # fmt: skip
+    ax.plot(
+        [p["batch_size"] for p in pts],
+        [p["steps"] for p in pts],
+        "o",
+        color="C0",
+        label="measured steps to target",
+    )
     for p in missed:
         ax.axvline(p["batch_size"], color="C3", ls=":", alpha=0.6)
     if missed:
@@ -355,15 +389,21 @@ def plot_tradeoff(tradeoff: Mapping):
         bs = [p["batch_size"] for p in t["points"]]
         grid = np.geomspace(min(bs) / 2, max(bs) * 2, 200)
         s_min, e_min = t["s_min"], t["e_min"]
-        ax.plot(grid, s_min + e_min / grid, "-", color="C0",
-                label=f"S = {s_min:.3g} + {e_min:.3g}/B")  # fmt: skip
+        ax.plot(
+            grid, s_min + e_min / grid, "-", color="C0", label=f"S = {s_min:.3g} + {e_min:.3g}/B"
+        )
         ax.plot(grid, np.full_like(grid, s_min), "--", color="gray", lw=0.8, label="S_min")
         ax.plot(grid, e_min / grid, "-.", color="gray", lw=0.8, label="E_min / B")
         if grid[0] <= t["b_crit"] <= grid[-1]:
             ax.axvline(t["b_crit"], color="C2", ls=":", label=f"B_crit = {t['b_crit']:.3g}")
         else:  # named, not drawn: a line far outside would squeeze the measured range
-            ax.plot([], [], ls=":", color="C2",
-                    label=f"B_crit = {t['b_crit']:.3g} (outside the range measured)")  # fmt: skip
+            ax.plot(
+                [],
+                [],
+                ls=":",
+                color="C2",
+                label=f"B_crit = {t['b_crit']:.3g} (outside the range measured)",
+            )
         ax.set_ylim(0.5 * min(p["steps"] for p in pts), 2 * max(p["steps"] for p in pts))
     else:
         ax.set_title(f"no fit: {t.get('error') or 'not available'}"[:90], fontsize=7, loc="left")
@@ -412,23 +452,46 @@ def plot_time_to_target(sweep: Mapping):
         iv = sweep["noise_scale"].get("interval") or [None, None]
         lo, hi = curve(iv[0]), curve(iv[1])
         if lo is not None and hi is not None:
-            ax.fill_between(b, scale * np.minimum(lo, hi), scale * np.maximum(lo, hi),
-                            color="C0", alpha=0.15, label="noise-scale interval")  # fmt: skip
+            ax.fill_between(
+                b,
+                scale * np.minimum(lo, hi),
+                scale * np.maximum(lo, hi),
+                color="C0",
+                alpha=0.15,
+                label="noise-scale interval",
+            )
     if fit is not None:
-        ax.plot(b, scale * fit, "s--", color="C2", mfc="none",
-                label=f"from fitted tradeoff (B_crit = {tr['b_crit']:.3g})")  # fmt: skip
+        ax.plot(
+            b,
+            scale * fit,
+            "s--",
+            color="C2",
+            mfc="none",
+            label=f"from fitted tradeoff (B_crit = {tr['b_crit']:.3g})",
+        )
     measured = sweep.get("measured_time_to_target") or {}
     if measured and absolute:
         mb = sorted(int(k) for k in measured)
         ax.plot(mb, [measured[str(k)] for k in mb], "k*", ms=9, label="measured")
     if i is not None:
-        ax.plot([b[i]], [scale * ref[i]], "o", ms=14, mfc="none", mec="C3", mew=2,
-                label=f"recommended: {rec['batch_size']}")  # fmt: skip
+        ax.plot(
+            [b[i]],
+            [scale * ref[i]],
+            "o",
+            ms=14,
+            mfc="none",
+            mec="C3",
+            mew=2,
+            label=f"recommended: {rec['batch_size']}",
+        )
     lo_r, hi_r = rec["near_optimal_range"]
     ax.axvspan(lo_r, hi_r, color="C3", alpha=0.08, label="within 10% of best")
     _batch_axes(ax, sweep)
-    ax.set_ylabel("time to target (s)" if absolute else
-                  f"time to target, relative to batch {rec['batch_size']}")  # fmt: skip
+    ax.set_ylabel(
+        "time to target (s)"
+        if absolute
+        else f"time to target, relative to batch {rec['batch_size']}"
+    )
     ax.set_title("Predicted time to target")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
@@ -456,8 +519,7 @@ def _same_runs(runs: Sequence[dict]) -> list[list[dict]]:
     rate train the same run, whose lines would hide each other)."""
     groups: dict = {}
     for r in runs:
-        key = (r["seed"], repr([c[1:] for c in r.get("curve") or []]),
-               repr(r.get("batch_curve")))  # fmt: skip
+        key = (r["seed"], repr([c[1:] for c in r.get("curve") or []]), repr(r.get("batch_curve")))
         groups.setdefault(key, []).append(r)
     return list(groups.values())
 
@@ -505,8 +567,14 @@ def plot_policies(runs: Sequence[dict], target: float | None = None):
             t, acc = zip(*pts, strict=True)
             top.plot(t, [100 * a for a in acc], color=color, ls=ls, marker="o", ms=3, label=label)
         if r.get("device_time_to_target_s") is not None and target is not None:
-            top.plot([r["device_time_to_target_s"]], [100 * target], marker="*", ms=12,
-                     color=color, ls="none")  # fmt: skip
+            top.plot(
+                [r["device_time_to_target_s"]],
+                [100 * target],
+                marker="*",
+                ms=12,
+                color=color,
+                ls="none",
+            )
         if r.get("batch_curve"):
             t, b = zip(*r["batch_curve"], strict=True)
             bottom.step(t, b, where="pre", color=color, ls=ls)

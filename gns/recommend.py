@@ -157,6 +157,17 @@ def _pick(b, t, n, objective, devices):
     return _argmin_batch(b, time_obj if objective == "time" else compute * devices)
 
 
+# The per-candidate columns of ``Recommendation.table``, in their order.
+_COLUMNS = (
+    "step_time_s",
+    "accumulation_steps",
+    "micro_batch_size",
+    "relative_steps",
+    "time",
+    "compute",
+)
+
+
 def recommend(
     b_noise: float,
     step_time: Mapping[int, float] | tuple[Sequence[int], Sequence[float]],
@@ -253,14 +264,12 @@ def recommend(
     under, n_range = _under_interval(b_noise_interval, n, b, t, objective, devices)
     weight = devices if objective == "cost" else np.ones_like(b)
     t_lo, t_hi = (_timed(r, b, max_batch_size)[0] for r in ranges)
-    plausible = _plausible(b, t_lo * weight, t_hi * weight, n_range) | {chosen}
-    plausible = tuple(sorted(plausible))
+    plausible = tuple(sorted(_plausible(b, t_lo * weight, t_hi * weight, n_range) | {chosen}))
 
     end, extend_to, end_note = _range_end(chosen, accum[i], measured)
     warnings = _monotone_warnings(measured, ranges) + ([end_note] if end_note else [])
     evid = _evidence(basis, n, n_range if b_noise_interval is not None else None, evidence)
-    columns = {"step_time_s": t, "accumulation_steps": accum, "micro_batch_size": micro,
-               "relative_steps": rel_steps, "time": time_obj, "compute": compute}  # fmt: skip
+    columns = dict(zip(_COLUMNS, (t, accum, micro, rel_steps, time_obj, compute), strict=True))
     table = _table(b, columns, (t_lo, t_hi), max_batch_size, plausible, n, s_min, price_per_hour)
     warnings += _overflow_warnings(table)
     rec = Recommendation(

@@ -56,9 +56,16 @@ OPTIMIZER_RULES = {
 # (square-root rule); momentum traces and stateless transforms alone mean SGD.
 _ADAPTIVE_STATES = frozenset({"ScaleByAdamState", "ScaleByAmsgradState", "ScaleByLambState"})
 _SGD_STATES = frozenset(
-    {"EmptyState", "TraceState", "ScaleByTrustRatioState", "ScaleByScheduleState",
-     "ScaleByLearningRateState", "AddDecayedWeightsState", "ApplyIfFiniteState"}
-)  # fmt: skip
+    {
+        "EmptyState",
+        "TraceState",
+        "ScaleByTrustRatioState",
+        "ScaleByScheduleState",
+        "ScaleByLearningRateState",
+        "AddDecayedWeightsState",
+        "ApplyIfFiniteState",
+    }
+)
 _WRAPPERS = frozenset({"InjectHyperparamsState", "InjectStatefulHyperparamsState", "MaskedState"})
 
 

@@ -32,14 +32,7 @@ import scipy.stats
 
 from gns import common
 
-__all__ = [
-    "EmaState",
-    "NoiseScaleTracker",
-    "ema",
-    "Interval",
-    "interval",
-    "recent_window",
-]
+__all__ = ["EmaState", "NoiseScaleTracker", "ema", "Interval", "interval", "recent_window"]
 
 
 class EmaState(NamedTuple):
