@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import os
 import time
@@ -28,6 +29,7 @@ from gns import schedule as gschedule
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
 PLOT_FILE = "compare.png"
+DEVICE = validation.DEVICE  # "device_time_to_target_s"
 
 
 def trailing_means(values: Sequence[float], window: int) -> list[float | None]:
@@ -45,86 +47,68 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     """The policies of ``runs`` (as in ``summary.json``) ranked by mean device time to target
     over their seeds. A policy reaches the target when all its runs did; its spread is half the
     range of its runs' device times. Another ties with the fastest when their means differ by at
-    most the sum of their spreads, or when it is not slower in every paired comparison (per
-    seed, and per timing round where the runs carry ``device_time_by_round``).
+    most the sum of their spreads, or when it is not slower in every paired comparison
+    (:func:`_paired_range`).
 
     Returns ``fastest`` (``None``: none reached the target), ``tie`` (the fastest first; ``[]``
     when none), ``ranking``, ``policies`` (per policy: means, ``spread_s``, ``ratio`` to the
-    fastest, its paired ``ratio_range``, ``tie``...), ``over_default`` (each policy's speedup
-    over the ``default`` policy, :func:`_over_default`) and ``text`` (the lines to print)."""
+    fastest, its paired ``ratio_range``, ``tie``...), ``over_default`` (per policy that reached
+    the target when the ``default`` one, the usual batch 64, did in every seed: the default's
+    mean device time over the policy's, ``speedup``, and its ``paired_range``) and ``text``
+    (the lines to print)."""
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(r["policy"], []).append(r)
     rows = validation.mean_over_seeds(runs, key="policy")
-    ranked = validation.rank(rows, key="policy")
-    ratio = {r["policy"]: r["over_best"] for r in ranked}
+    ratio = {r["policy"]: r["over_best"] for r in validation.rank(rows, key="policy")}
     ranking = list(ratio)
     fastest = ranking[0] if ranking else None
     stats: dict[str, dict] = {}
     for row in rows:
-        rs, ok = by[row["policy"]], row["reached"]
-        best = [r["best_smoothed_accuracy"] for r in rs if r["best_smoothed_accuracy"] is not None]
+        p, ok = row["policy"], row["reached"]
         lo, hi = row["device_time_range"] or (0.0, 0.0)
-        stats[row["policy"]] = {
+        best = [r["best_smoothed_accuracy"] for r in by[p]]
+        stats[p] = {
             **{k: row[k] for k in ("seeds", "num_reached", "reached")},
-            "batch_size": rs[0]["batch_size"],
-            "device_time_to_target_s": row[validation.DEVICE] if ok else None,
+            "batch_size": by[p][0]["batch_size"],
+            DEVICE: row[DEVICE] if ok else None,
             "time_to_target_s": row["time_to_target_s"] if ok else None,
             "spread_s": (hi - lo) / 2 if ok else None,
-            "ratio": ratio.get(row["policy"]),
-            "ratio_range": None,
+            "ratio": ratio.get(p),
+            "ratio_range": _paired_range(by[p], by[fastest]) if p in ratio else None,
             "tie": False,
-            "best_smoothed_accuracy": max(best, default=None),
+            "best_smoothed_accuracy": max((x for x in best if x is not None), default=None),
         }
     f = stats.get(fastest)
-    for p in ranking:
+    for p in ranking[1:]:  # inside the spreads, or the order flips on a seed or a round
         s = stats[p]
-        paired = _paired(by[p], by[fastest])
-        gap = s["device_time_to_target_s"] - f["device_time_to_target_s"]
-        inside = gap <= s["spread_s"] + f["spread_s"] or bool(paired and min(paired) <= 1)
-        s["ratio_range"] = [min(paired), max(paired)] if paired else None
-        s["tie"] = p != fastest and inside
+        flips = s["ratio_range"] is not None and s["ratio_range"][0] <= 1
+        s["tie"] = flips or s[DEVICE] - f[DEVICE] <= s["spread_s"] + f["spread_s"]
     tie = [p for p in ranking if stats[p]["tie"]]
+    d = stats.get("default")
+    over_default = {
+        p: {"speedup": d[DEVICE] / s[DEVICE], "paired_range": _paired_range(by["default"], by[p])}
+        for p, s in stats.items()
+        if d is not None and d["reached"] and p != "default" and s["reached"]
+    }
     out = {"fastest": fastest, "tie": [fastest, *tie] if tie else [], "ranking": ranking,
-           "policies": stats, "over_default": _over_default(by, stats)}  # fmt: skip
+           "policies": stats, "over_default": over_default}  # fmt: skip
     out["text"] = _verdict_text(out, target_accuracy)
     return out
 
 
-def _over_default(by: dict[str, list[dict]], stats: dict[str, dict]) -> dict[str, dict]:
-    """How much sooner than the ``default`` policy (the usual batch 64) each policy that
-    reached the target did: ``{policy: {'speedup', 'paired_range'}}``, the default's mean device
-    time over the policy's and the same ratio paired by seed and timing round; ``{}`` when the
-    default did not reach the target in every seed."""
-    d = stats.get("default")
-    if d is None or not d["reached"]:
-        return {}
-    out = {}
-    for p, s in stats.items():
-        if p == "default" or not s["reached"]:
-            continue
-        paired = _paired(by["default"], by[p])
-        out[p] = {
-            "speedup": d["device_time_to_target_s"] / s["device_time_to_target_s"],
-            "paired_range": [min(paired), max(paired)],
-        }
-    return out
-
-
-def _paired(runs: Sequence[dict], ref_runs: Sequence[dict]) -> list[float]:
-    """The device times of ``runs`` over ``ref_runs``', each run paired with the reference run
-    of its seed (:func:`_paired_ratios`)."""
+def _paired_range(runs: Sequence[dict], ref_runs: Sequence[dict]) -> list[float] | None:
+    """``[min, max]`` of the device times of ``runs`` over those of ``ref_runs``, each run paired
+    with the reference run of its seed: under each timing round where both carry
+    ``device_time_by_round``, else once (``None``: no seed in common)."""
     ref = {x["seed"]: x for x in ref_runs}
-    return [x for run in runs if run["seed"] in ref for x in _paired_ratios(run, ref[run["seed"]])]
-
-
-def _paired_ratios(run: dict, fastest: dict) -> list[float]:
-    """Device time of ``run`` over the fastest's run of the same seed: under each timing round
-    when both carry ``device_time_by_round``, else the one ratio of their device times."""
-    a, b = run.get("device_time_by_round"), fastest.get("device_time_by_round")
-    if a and b and len(a) == len(b):
-        return [x / y for x, y in zip(a, b, strict=True)]
-    return [run["device_time_to_target_s"] / fastest["device_time_to_target_s"]]
+    ratios: list[float] = []
+    for pair in ((run, ref[run["seed"]]) for run in runs if run["seed"] in ref):
+        a, b = (x.get("device_time_by_round") for x in pair)
+        if not (a and b and len(a) == len(b)):
+            a, b = ([x[DEVICE]] for x in pair)
+        ratios += [x / y for x, y in zip(a, b, strict=True)]
+    return [min(ratios), max(ratios)] if ratios else None
 
 
 def _verdict_text(v: dict, target: float | None) -> list[str]:
@@ -135,9 +119,9 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
     else:
         f = stats[fastest]
         lines = [
-            f"fastest to {what}: {fastest} (batch {f['batch_size']}), "
-            f"{f['device_time_to_target_s']:.1f} s of steps x t(B) (mean of {len(f['seeds'])} "
-            f"seed(s), spread +/- {f['spread_s']:.1f} s; wall clock {f['time_to_target_s']:.1f} s)"
+            f"fastest to {what}: {fastest} (batch {f['batch_size']}), {f[DEVICE]:.1f} s of steps "
+            f"x t(B) (mean of {len(f['seeds'])} seed(s), spread +/- {f['spread_s']:.1f} s; wall "
+            f"clock {f['time_to_target_s']:.1f} s)"
         ]
     for p in v["ranking"][1:]:
         s = stats[p]
@@ -146,22 +130,21 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
             f"  {p} (batch {s['batch_size']}): {s['ratio']:.2f}x the fastest (paired by seed and "
             f"timing round {lo:.2f}-{hi:.2f}x){': tie, inside the spread' if s['tie'] else ''}"
         )
-    for p, s in stats.items():
-        if not s["reached"]:
-            lines.append(
-                f"  {p} (batch {s['batch_size']}): never reached {what} in "
-                f"{len(s['seeds']) - s['num_reached']} of {len(s['seeds'])} seed(s); best "
-                f"smoothed accuracy {fmt(s['best_smoothed_accuracy'], '.1f', 100, '%')}"
-            )
+    lines += [
+        f"  {p} (batch {s['batch_size']}): never reached {what} in "
+        f"{len(s['seeds']) - s['num_reached']} of {len(s['seeds'])} seed(s); best smoothed "
+        f"accuracy {fmt(s['best_smoothed_accuracy'], '.1f', 100, '%')}"
+        for p, s in stats.items()
+        if not s["reached"]
+    ]
     if v["over_default"]:
-        d = stats["default"]
+        each = [
+            "{} {:.2f}x (paired {:.2f}-{:.2f}x)".format(p, o["speedup"], *o["paired_range"])
+            for p, o in v["over_default"].items()
+        ]
         lines.append(
-            f"default (batch {d['batch_size']})'s device time to {what} over each policy's: "
-            + ", ".join(
-                f"{p} {o['speedup']:.2f}x (paired {o['paired_range'][0]:.2f}-"
-                f"{o['paired_range'][1]:.2f}x)"
-                for p, o in v["over_default"].items()
-            )
+            f"default (batch {stats['default']['batch_size']})'s device time to {what} over each "
+            f"policy's: {', '.join(each)}"
         )
     if v["tie"]:
         lines.append(
@@ -190,10 +173,10 @@ def check_recommendation(
     finite = b_crit is not None and 0 < b_simple < math.inf
     return {
         "recommended_batch_size": int(recommended_batch_size),
-        "recommended_device_time_to_target_s": rec.get(validation.DEVICE),
+        "recommended_device_time_to_target_s": rec.get(DEVICE),
         "recommended_time_to_target_s": rec.get("time_to_target_s"),
         "best_batch_size": best.get("batch_size"),
-        "best_device_time_to_target_s": best.get(validation.DEVICE),
+        "best_device_time_to_target_s": best.get(DEVICE),
         "time_ratio": rec.get("over_best"),
         "wall_time_ratio": rec.get("wall_over_best"),
         "rank": rec.get("rank"),
@@ -234,31 +217,26 @@ def _best_measured(config, workdir: str) -> int | None:
     return s["check"]["best_batch_size"]
 
 
+_NOT_PLANNED = {
+    "recommended": "needs gradient accumulation, which the runs do not do",
+    "largest_fits": "no timed batch size fits the memory budget",
+    "best_measured": "no tradeoff summary with a point at its target",
+}
+
+
 def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict, list[int]]:
     """What each policy trains after the measurements ``sweep_result`` (a ``sweep.json`` dict):
     ``({policy: {'batch_size', 'learning_rate', 'gns_every', 'adaptive'...}}, {policy: why
-    skipped}, adaptive candidates)``."""
-    names = tuple(config.compare.policies)
-    rec = sweep_result["recommendation"]
-    b_noise = rec.get("b_noise")  # the recommendation's basis: one noise scale for every rate
-    b_noise = sweep.noise_scale_value(sweep_result["noise_scale"]) if b_noise is None else b_noise
-    base = _train_config(config)
+    skipped}, adaptive candidates)``. Every rate comes from one noise scale, the
+    recommendation's; the runs' times carry what their policy's measurements cost."""
+    names, a, base = tuple(config.compare.policies), config.adaptive, _train_config(config)
     base_b, base_lr = base.batch_size, base.learning_rate
-    rows = sweep_result["throughput"]
-    fits = sorted(r["batch_size"] for r in rows if r["fits"] and r["step_time_s"]
-                  and r.get("accumulation_steps", 1) == 1)  # fmt: skip
-    batch = {
-        "default": base_b,
-        "recommended": rec["batch_size"] if rec["accumulation_steps"] == 1 else None,
-        "largest_fits": max(fits, default=None),
-        "best_measured": _best_measured(config, workdir) if "best_measured" in names else None,
-    }
-    why = {
-        "recommended": "needs gradient accumulation, which the runs do not do",
-        "largest_fits": "no timed batch size fits the memory budget",
-        "best_measured": "no tradeoff summary with a point at its target",
-    }
-    a = config.adaptive
+    rec, costs = sweep_result["recommendation"], sweep_result["measurement_cost_s"]
+    table_cost = sum(v for k, v in costs.items() if k.startswith("throughput"))
+    b_noise = rec.get("b_noise")
+    b_noise = sweep.noise_scale_value(sweep_result["noise_scale"]) if b_noise is None else b_noise
+    fits = sorted(r["batch_size"] for r in sweep_result["throughput"] if r["fits"]
+                  and r["step_time_s"] and r.get("accumulation_steps", 1) == 1)  # fmt: skip
     if a.candidates is not None:
         cands = adaptive.candidates(config)
     else:  # the schedule's powers of two that were timed and fit
@@ -270,7 +248,13 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
                 "and fits (config.adaptive.min_batch_size, max_batch_size)",
                 hint="lower config.adaptive.min_batch_size or widen config.throughput",
             )
-    plans = {}
+    batch = {
+        "default": base_b,
+        "recommended": rec["batch_size"] if rec["accumulation_steps"] == 1 else None,
+        "largest_fits": max(fits, default=None),
+        "best_measured": _best_measured(config, workdir) if "best_measured" in names else None,
+    }
+    plans, skipped = {}, {}
     for p in names:
         if p == "adaptive":
             start = b_noise if 0 < b_noise < math.inf else None  # the 'sgd' rule's first rate
@@ -279,25 +263,21 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
                 rule = "linear"
             fields = {"candidates": tuple(cands), "lr_rule": rule, "initial_noise_scale": start}
             plans[p] = dict(batch_size=base_b, learning_rate=base_lr, adaptive=fields,
-                            gns_every=int(config.gns_every))  # fmt: skip
-        elif batch[p] is not None:
+                            gns_every=int(config.gns_every), measurement_s=table_cost)  # fmt: skip
+        elif batch[p] is None:
+            skipped[p] = _NOT_PLANNED[p]
+        else:
             b = int(batch[p])
             lr = scaling.learning_rate(config.optimizer, base_lr, base_b, b, b_noise)[0]
             plans[p] = dict(batch_size=b, learning_rate=lr, gns_every=0)
-    costs = sweep_result["measurement_cost_s"]
-    if "adaptive" in plans:  # the schedule decides on the throughput stage's timing table
-        plans["adaptive"]["measurement_s"] = sum(
-            v for k, v in costs.items() if k.startswith("throughput")
-        )
     if "recommended" in plans:  # the gns run goes on from the measurement's pilot...
         start = sweep_result["noise_scale"]["pilot"]["start"]
-        cost = sum(costs.values())
         plans["recommended"].update(
             start_from=os.path.abspath(os.path.join(workdir, "sweep", start["checkpoint"])),
             start=start,
-            measurement_s=max(0.0, cost - start["seconds"]),  # ...adding what it cost beyond
+            measurement_s=max(0.0, sum(costs.values()) - start["seconds"]),  # ...and its cost
         )
-    return plans, {p: why[p] for p in names if p in why and p not in plans}, cands
+    return plans, skipped, cands
 
 
 def plan_batch_sizes(plan: dict) -> list[int]:
@@ -363,10 +343,8 @@ def _device_times(rows: list[dict], step_time: dict[int, float], start: float) -
 def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: int,
                 table: dict[int, dict], measurement_s: float) -> dict:  # fmt: skip
     """One run of the summary from its training summary ``s`` and rows: where it reached its
-    smoothed target, the times to it (device time also under each round of the timing table),
-    the curves. ``measurement_s`` (what the policy's measurements cost: the adaptive schedule's
-    timing table; beyond the pilot, for a run from the pilot, which counts the pilot's steps)
-    is in every time."""
+    smoothed target, the times to it (device time also under each round of the timing table)
+    and the curves. Every time counts ``measurement_s``, what the policy's measurements cost."""
     rows = runlog.read_jsonl(os.path.join(run_dir, runlog.METRICS_FILE))
     evals = [r for r in rows if "test_accuracy" in r]
     smooth = trailing_means([r["test_accuracy"] for r in evals], target_window)
@@ -377,19 +355,19 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: in
         for k in range(min(len(v["times_s"]) for v in table.values()))
     ]
     by_b = adaptive.steps_by_batch_size(rows, at["step"] if at else s["steps"])
-    trained = [r for r in rows if "start" not in r]  # without the pilot's row
+    first = next((r for r in rows if "start" not in r), {})  # the first trained, not the pilot's
     rec = {
         "policy": policy,
         "seed": seed,
-        "batch_size": trained[0]["batch_size"] if trained else None,
+        "batch_size": first.get("batch_size"),
         "final_batch_size": rows[-1]["batch_size"] if rows else None,
-        "learning_rate": trained[0]["learning_rate"] if trained else None,
+        "learning_rate": first.get("learning_rate"),
         "start": s.get("start"),
         "measurement_s": measurement_s,
         "reached": at is not None,
         "time_to_target_s": at["wall_time_s"] + measurement_s if at else None,
-        "device_time_to_target_s": device[at["step"]] if at else None,
-        "device_time_by_round": None if at is None else [d[at["step"]] for d in per_round],
+        DEVICE: device[at["step"]] if at else None,
+        "device_time_by_round": [d[at["step"]] for d in per_round] if at else None,
         "steps_to_target": at["step"] if at else None,
         "examples_to_target": at["examples_seen"] if at else None,
         "steps_by_batch_size": {str(b): n for b, n in sorted(by_b.items())},
@@ -412,46 +390,35 @@ def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: in
 
 
 @contextlib.contextmanager
-def _measured(config, workdir: str, trainings: bool = False):
-    """Validate, lock the workdir, record ``config.json``; yields the ``sweep.json`` dict of the
-    sweep in ``workdir/sweep`` (with ``trainings``: the recommended batch's included)."""
+def _mode(config, workdir: str, mode: str):
+    """Validate ``config``, lock ``workdir``, record ``config.json`` and run the sweep in
+    ``workdir/sweep`` (the tradeoff mode: with its trainings, the recommended batch's
+    included). Yields its ``sweep.json`` dict and the summary, which the mode fills in; when
+    the mode is done, the summary gets the times and is written to ``summary.json``."""
+    t0, trainings = time.perf_counter(), mode == "tradeoff"
     train.validate_config(config)  # the rules of both modes, compare's included
     with runlog.workdir_lock(workdir):
         runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-        yield sweep.run_sweep(_train_config(config), os.path.join(workdir, "sweep"),
-                              trainings=trainings, train_recommended=trainings)  # fmt: skip
-
-
-def _train_policies(config, workdir: str, plans: dict, table: dict, bar) -> list[dict]:
-    """Each policy's run per seed (:func:`_run_record`), capped at ``compare.give_up_factor``
-    times the fastest time to target before it."""
-    cmp = config.compare
-    runs: list[dict] = []
-    for seed in cmp.seeds:
-        for policy, plan in plans.items():
-            walls = [r["time_to_target_s"] for r in runs if r["reached"]]
-            limit = float(cmp.max_wall_time_s)
-            if walls and cmp.give_up_factor is not None:
-                limit = min(limit, float(cmp.give_up_factor) * min(walls))
-            sizes = plan_batch_sizes(plan)
-            batch = f"B{min(sizes)}" + (f"-{max(sizes)}" if len(set(sizes)) > 1 else "")
-            run_dir = os.path.join(workdir, "runs", f"{policy}-{batch}-seed{int(seed)}")
-            logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
-                         seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
-            bar.set(phase=f"{policy} seed {seed}")
-            s = train.train_and_evaluate(_run_config(config, plan, int(seed), table, limit),
-                                         run_dir)  # fmt: skip
-            runs.append(_run_record(policy, int(seed), run_dir, s, cmp.target_window, table,
-                                    plan.get("measurement_s", 0.0)))  # fmt: skip
-            bar.update(1)
-    return runs
+        swept = sweep.run_sweep(_train_config(config), os.path.join(workdir, "sweep"),
+                                trainings=trainings, train_recommended=trainings)  # fmt: skip
+        noise, stages = swept["noise_scale"], swept["stage_time_s"]
+        summary = {
+            "mode": mode,
+            "device": swept["device"],
+            "noise_scale": {k: noise[k] for k in ("b_simple", "interval", "confidence")},
+            "recommendation": swept["recommendation"],
+        }
+        yield swept, summary
+        summary["measurement_time_s"] = sum(v for k, v in stages.items() if k != "trainings")
+        summary["total_time_s"] = time.perf_counter() - t0
+        runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
 
 
 def run_compare(config, workdir: str) -> dict:
-    """The compare mode; returns ``summary.json``."""
-    t0 = time.perf_counter()
-    with _measured(config, workdir) as sweep_result:
-        cmp = config.compare
+    """The compare mode: each policy's run per seed, capped at ``compare.give_up_factor``
+    times the fastest time to target before it; returns ``summary.json`` (strict JSON)."""
+    cmp = config.compare
+    with _mode(config, workdir, "compare") as (sweep_result, summary):
         plans, skipped, cands = plan_policies(config, workdir, sweep_result)
         ds = tasks.get(config).load(config)
         sizes = {b for p in plans.values() for b in plan_batch_sizes(p)}
@@ -459,15 +426,29 @@ def run_compare(config, workdir: str) -> dict:
         bar = progress.Progress(
             len(cmp.seeds) * len(plans), desc="compare", unit="runs", rate=False
         )
+        runs: list[dict] = []
         with contextlib.closing(bar):
             bar.set(phase=f"timing batch sizes {sizes}")
             table = _timing(config, workdir, sweep_result, ds, sizes)
-            runs = _train_policies(config, workdir, plans, table, bar)
+            for seed, (policy, plan) in itertools.product(map(int, cmp.seeds), plans.items()):
+                walls = [r["time_to_target_s"] for r in runs if r["reached"]]
+                limit = float(cmp.max_wall_time_s)
+                if walls and cmp.give_up_factor is not None:
+                    limit = min(limit, float(cmp.give_up_factor) * min(walls))
+                b = plan_batch_sizes(plan)
+                batch = f"B{min(b)}" + (f"-{max(b)}" if min(b) < max(b) else "")
+                run_dir = os.path.join(workdir, "runs", f"{policy}-{batch}-seed{seed}")
+                logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
+                             seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
+                bar.set(phase=f"{policy} seed {seed}")
+                s = train.train_and_evaluate(_run_config(config, plan, seed, table, limit), run_dir)
+                runs.append(_run_record(policy, seed, run_dir, s, cmp.target_window, table,
+                                        plan.get("measurement_s", 0.0)))  # fmt: skip
+                bar.update(1)
         n = min(_train_config(config).eval_examples or len(ds.test_labels), len(ds.test_labels))
         t = float(cmp.target_accuracy)
         first = next((r for r in runs if r["policy"] == "adaptive"), None)
-        draw = lambda: figures.save(plots.plot_policies, os.path.join(workdir, PLOT_FILE), runs, t)
-        return _write_summary(workdir, "compare", sweep_result, t0, {
+        summary.update({
             "setup": cmp.setup,
             "target_accuracy": t,
             "target_window": int(cmp.target_window),
@@ -481,34 +462,12 @@ def run_compare(config, workdir: str) -> dict:
             "runs": runs,
             "verdict": verdict(runs, t),
             "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
-        }, plot=draw)  # fmt: skip
-
-
-def _write_summary(
-    workdir: str, mode: str, sweep_result: dict, t0: float, fields: dict, plot=None
-) -> dict:
-    """Write and return (strict JSON) ``summary.json`` of a mode: the measurements' device,
-    noise scale and recommendation, ``fields``, the times and, when given, ``plot()``'s path
-    (or why not) as ``plot``."""
-    summary = {
-        "mode": mode,
-        "device": sweep_result["device"],
-        "noise_scale": {
-            k: sweep_result["noise_scale"][k] for k in ("b_simple", "interval", "confidence")
-        },
-        "recommendation": sweep_result["recommendation"],
-        **fields,
-        "measurement_time_s": sum(
-            v for k, v in sweep_result["stage_time_s"].items() if k != "trainings"
-        ),
-        "total_time_s": time.perf_counter() - t0,
-    }
-    try:
-        if plot is not None:
-            summary["plot"] = plot()
-    except Exception as e:  # a plot is a convenience: never lose the finished runs to it
-        logging.warning("Could not write the %s plot: %s", mode, e)
-    runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+        })  # fmt: skip
+        path = os.path.join(workdir, PLOT_FILE)
+        try:  # a plot is a convenience: never lose the finished runs to it
+            summary["plot"] = figures.save(plots.plot_policies, path, runs, t)
+        except Exception as e:
+            logging.warning("Could not write the compare plot: %s", e)
     return common.to_json(summary)
 
 
@@ -534,26 +493,22 @@ def policy_table(summary: dict) -> str:
         lines.append(
             f"{r['policy']:<14}{r['seed']:>5}{b:>11}{fmt(r['learning_rate'], '.3g'):>10}"
             f"{fmt(r['steps_to_target'], 'd'):>8}{fmt(r['time_to_target_s'], '.1f'):>9}"
-            f"{fmt(r['device_time_to_target_s'], '.1f'):>10}"
-            f"{fmt(r['best_smoothed_accuracy'], '.1f', 100, '%'):>10}"
+            f"{fmt(r[DEVICE], '.1f'):>10}{fmt(r['best_smoothed_accuracy'], '.1f', 100, '%'):>10}"
         )
     lines += ["", *summary["verdict"]["text"]]
-    for change in (summary.get("schedule") or {}).get("changes", []):
-        lines.append(f"  adaptive, seed {summary['schedule']['seed']}, step {change['step']}: "
-                     f"{change['reason']}")  # fmt: skip
+    lines += [f"  adaptive, seed {summary['schedule']['seed']}, step {c['step']}: {c['reason']}"
+              for c in (summary.get("schedule") or {}).get("changes", [])]  # fmt: skip
     for r in summary["runs"][: len(summary["policies"])]:  # one line per policy
-        st = r.get("start")
-        if st:
+        if r.get("start"):
             lines.append(
-                f"{r['policy']}: went on from the pilot ({st['step']} steps at batch "
-                f"{st['batch_size']}, {st['seconds']:.1f} s, counted); its times add "
-                f"{r['measurement_s']:.1f} s, the rest of the measurement's cost"
+                f"{r['policy']}: went on from the pilot ({r['start']['step']} steps at batch "
+                f"{r['start']['batch_size']}, {r['start']['seconds']:.1f} s, counted); its times "
+                f"add {r['measurement_s']:.1f} s, the rest of the measurement's cost"
             )
         elif r["measurement_s"]:
             lines.append(f"{r['policy']}: its times add {r['measurement_s']:.1f} s, the "
                          "timing table its schedule decides on")  # fmt: skip
-    for policy, why in summary.get("skipped", {}).items():
-        lines.append(f"skipped {policy}: {why}")
+    lines += [f"skipped {policy}: {why}" for policy, why in summary.get("skipped", {}).items()]
     r, n = summary["recommendation"], summary["noise_scale"]
     lines.append(
         f"recommendation: batch {r['batch_size']}, lr {r['learning_rate']:.3g} (B_noise = "
@@ -564,10 +519,9 @@ def policy_table(summary: dict) -> str:
 
 
 def run_tradeoff(config, workdir: str) -> dict:
-    """The tradeoff mode; returns ``summary.json`` (its ``plot``: the sweep's ``tradeoff.png``,
-    the fit)."""
-    t0 = time.perf_counter()
-    with _measured(config, workdir, trainings=True) as sweep_result:
+    """The tradeoff mode; returns ``summary.json`` (strict JSON; its ``plot``: the sweep's
+    ``tradeoff.png``, the fit)."""
+    with _mode(config, workdir, "tradeoff") as (sweep_result, summary):
         rec_b, fit = int(sweep_result["recommendation"]["batch_size"]), sweep_result["tradeoff"]
         why = sweep_result["skipped_trainings"].get(str(rec_b))
         if why is not None:
@@ -577,7 +531,7 @@ def run_tradeoff(config, workdir: str) -> dict:
                 "--config.throughput.accumulation_factors='()' recommends a batch that fits",
             )
         b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
-        return _write_summary(workdir, "tradeoff", sweep_result, t0, {
+        summary.update({
             "target_accuracy": float(config.tradeoff.target_accuracy),
             "points": fit["points"],
             "skipped_trainings": sweep_result["skipped_trainings"],
@@ -585,6 +539,7 @@ def run_tradeoff(config, workdir: str) -> dict:
             "check": check_recommendation(fit["points"], rec_b, b_simple, fit["b_crit"]),
             "plot": sweep_result.get("plots", {}).get("tradeoff.png"),  # the sweep's: the fit
         })  # fmt: skip
+    return common.to_json(summary)
 
 
 def tradeoff_table(summary: dict) -> str:
@@ -598,8 +553,7 @@ def tradeoff_table(summary: dict) -> str:
     for p in summary["points"]:
         lines.append(
             f"{p['batch_size']:>6d} {p['learning_rate']:>9.3g} {fmt(p['steps'], '7.0f'):>7} "
-            f"{fmt(p['time_to_target_s'], '12.1f'):>12} "
-            f"{fmt(p['device_time_to_target_s'], '15.2f'):>15} "
+            f"{fmt(p['time_to_target_s'], '12.1f'):>12} {fmt(p[DEVICE], '15.2f'):>15} "
             f"{fmt(p['final_test_accuracy'] or 0.0, '9.1f', 100, '%'):>10}"
             + ("  <- recommended" if p["batch_size"] == rec_b else "")
         )

@@ -42,32 +42,13 @@ def _finite(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def row_scalars(row: dict, window: Sequence[tuple[float, float]] = ()) -> dict[str, float]:
-    """The step-axis scalars ``{tag: value}`` of a metrics row; ``window``: the last
-    :data:`WINDOW` finite ``(g_sq, trace_cov)``, this row's included."""
-    out = {tag: float(row[k]) for k, tag in STEP_TAGS.items() if _finite(row.get(k))}
-    for k, v in row.items():
-        if k.startswith("test_") and _finite(v):
-            out[f"test/{k[len('test_') :]}"] = float(v)
-    rate, size = row.get("examples_per_s"), row.get("batch_size")
-    if _finite(rate) and _finite(size) and rate > 0:
-        out["time/step_time_s"] = float(size) / float(rate)
-    if "g_sq" in row and len(window) >= 2:
-        g, t = (np.asarray(x, np.float64) for x in zip(*window, strict=True))
-        res = smoothing.interval(g, t, confidence=0.9, block_size=1, num_resamples=200, seed=0)
-        for tag, v in zip(("", "_low", "_high"), (res.estimate, res.low, res.high), strict=True):
-            if math.isfinite(v):
-                out[f"noise_scale/window{tag}"] = float(v)
-    return out
-
-
 class EventLog:
     """The event files of the run in ``workdir`` (one writer, opened on first use)."""
 
     def __init__(self, workdir: str):
         self.workdir = workdir
         self._writer = None
-        self._window: collections.deque = collections.deque(maxlen=WINDOW)
+        self._window: collections.deque = collections.deque(maxlen=WINDOW)  # (g_sq, trace_cov)
 
     def reset(self, rows: Sequence[dict]) -> None:
         """Delete the run's event files and write ``rows`` into a new one."""
@@ -75,21 +56,32 @@ class EventLog:
         for path in glob.glob(os.path.join(self.workdir, _PATTERN)):
             os.remove(path)
         self._window.clear()
-        for row in rows:
-            self.write(row, flush=False)
-        if self._writer is not None:
-            self._writer.flush()
+        for i, row in enumerate(rows):
+            self.write(row, flush=i == len(rows) - 1)  # one flush, after the last
 
     def write(self, row: dict, *, flush: bool = True) -> None:
-        """Write the scalars of ``row`` (:func:`row_scalars` and ``by_examples/*``)."""
+        """Write the finite scalars of ``row``: the tags of the module's docstring."""
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(logdir=self.workdir, flush_secs=30)
+        out = {tag: row.get(k) for k, tag in STEP_TAGS.items()}
+        out.update(
+            {f"test/{k[len('test_') :]}": v for k, v in row.items() if k.startswith("test_")}
+        )
+        rate, size = row.get("examples_per_s"), row.get("batch_size")
+        if _finite(rate) and _finite(size) and rate > 0:
+            out["time/step_time_s"] = size / rate
         if _finite(row.get("g_sq")) and _finite(row.get("trace_cov")):
-            self._window.append((float(row["g_sq"]), float(row["trace_cov"])))
-        for tag, value in row_scalars(row, self._window).items():
-            self._writer.add_scalar(tag, value, int(row["step"]))
+            self._window.append((row["g_sq"], row["trace_cov"]))
+        if "g_sq" in row and len(self._window) >= 2:
+            g, t = (np.asarray(x, np.float64) for x in zip(*self._window, strict=True))
+            res = smoothing.interval(g, t, confidence=0.9, block_size=1, num_resamples=200, seed=0)
+            w = "noise_scale/window"
+            out.update({w: res.estimate, f"{w}_low": res.low, f"{w}_high": res.high})
+        for tag, value in out.items():
+            if _finite(value):
+                self._writer.add_scalar(tag, float(value), int(row["step"]))
         for k in BY_EXAMPLES if row.get("examples_seen") is not None else ():
             if _finite(row.get(k)):
                 self._writer.add_scalar(f"by_examples/{k}", float(row[k]), row["examples_seen"])
