@@ -10,18 +10,37 @@ import sys
 
 # subcommand -> (module, default config relative to the root, default flags, what it does)
 COMMANDS = {
-    "demo": ("experiments.cifar10", "configs/cifar10.py:cpu",
-             ("--config.mode=compare", "--workdir=runs/demo"),
-             "every batch-size policy trained to the same target, with a verdict"),
-    "train": ("experiments.run", "configs/cifar10.py:cpu", (),
-              "any task (config.task; CIFAR-10 by default) with the noise scale tracked"),
-    "sweep": ("experiments.sweep", "configs/sweep.py:cpu", (),
-              "noise scale, throughput, tradeoff fit and a recommended batch size"),
-    "bench": ("experiments.bench", "configs/bench.py", ("--workdir=runs/bench",),
-              "cost of each noise-scale estimator over a plain training step"),
-    "lm": ("experiments.lm", "configs/lm.py:cpu", (),
-           "the byte-level Transformer language model with the noise scale tracked"),
-}  # fmt: skip
+    "demo": (
+        "experiments.cifar10",
+        "configs/cifar10.py:cpu",
+        ("--config.mode=compare", "--workdir=runs/demo"),
+        "every batch-size policy trained to the same target, with a verdict",
+    ),
+    "train": (
+        "experiments.run",
+        "configs/cifar10.py:cpu",
+        (),
+        "any task (config.task; CIFAR-10 by default) with the noise scale tracked",
+    ),
+    "sweep": (
+        "experiments.sweep",
+        "configs/sweep.py:cpu",
+        (),
+        "noise scale, throughput, tradeoff fit and a recommended batch size",
+    ),
+    "bench": (
+        "experiments.bench",
+        "configs/bench.py",
+        ("--workdir=runs/bench",),
+        "cost of each noise-scale estimator over a plain training step",
+    ),
+    "lm": (
+        "experiments.lm",
+        "configs/lm.py:cpu",
+        (),
+        "the byte-level Transformer language model with the noise scale tracked",
+    ),
+}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USAGE = "usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags)\n\n" + "\n".join(
     f"  {name:<6} {spec[3]}" for name, spec in COMMANDS.items()

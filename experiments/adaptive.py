@@ -35,9 +35,11 @@ def candidates(config) -> list[int]:
         return [int(b) for b in a.candidates]
     cands = list(gschedule.powers_of_two(a.min_batch_size, a.max_batch_size))
     if not cands:
-        raise UserError(f"no power of two in [{a.min_batch_size}, {a.max_batch_size}] "
-                        "(config.adaptive.min_batch_size, max_batch_size)",
-                        hint="e.g. --config.adaptive.candidates='(16, 32, 64, 128)'")  # fmt: skip
+        raise UserError(
+            f"no power of two in [{a.min_batch_size}, {a.max_batch_size}] "
+            "(config.adaptive.min_batch_size, max_batch_size)",
+            hint="e.g. --config.adaptive.candidates='(16, 32, 64, 128)'",
+        )
     return cands
 
 
@@ -57,11 +59,18 @@ def make_batch_schedule(config, step_times: Sequence[float] | None = None):
         )
     try:
         return gschedule.batch_size_schedule(
-            dict(zip(cands, times, strict=True)), max_batch_size=cands[-1], candidates=cands,
-            initial_batch_size=a.initial_batch_size or cands[0], lr_rule=a.lr_rule,
-            base_batch_size=int(config.batch_size), base_lr=float(config.learning_rate),
-            margin=float(a.margin), patience=int(a.patience),
-            allow_shrink=bool(a.allow_shrink), accumulate=False)  # fmt: skip
+            dict(zip(cands, times, strict=True)),
+            max_batch_size=cands[-1],
+            candidates=cands,
+            initial_batch_size=a.initial_batch_size or cands[0],
+            lr_rule=a.lr_rule,
+            base_batch_size=int(config.batch_size),
+            base_lr=float(config.learning_rate),
+            margin=float(a.margin),
+            patience=int(a.patience),
+            allow_shrink=bool(a.allow_shrink),
+            accumulate=False,
+        )
     except ValueError as e:
         raise UserError(f"config.adaptive: {e}", hint="see configs/cifar10.py base()") from None
 

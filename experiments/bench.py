@@ -49,9 +49,15 @@ def estimators(loss_fn, *, num_microbatches: int, chunk_size=None) -> dict:
     per_example = functools.partial(estimate.per_example, loss_fn, chunk_size=chunk_size)
     microbatch = functools.partial(estimate.microbatch, loss_fn, num_microbatches=num_microbatches)
     vmap = functools.partial(per_example, method="vmap")
-    return {"plain": None, "per_example": per_example, "per_example_auto": per_example,
-            "naive_vmap": vmap, "per_example_vmap": vmap, "microbatch": microbatch,
-            "microbatch_rolled": functools.partial(microbatch, unroll=1)}  # fmt: skip
+    return {
+        "plain": None,
+        "per_example": per_example,
+        "per_example_auto": per_example,
+        "naive_vmap": vmap,
+        "per_example_vmap": vmap,
+        "microbatch": microbatch,
+        "microbatch_rolled": functools.partial(microbatch, unroll=1),
+    }
 
 
 def over_plain(times: dict[str, list[float]]) -> dict[str, float]:
@@ -225,8 +231,10 @@ def across_devices(batch_size_per_device: int, repeats: int, seed: int = 0) -> d
     "detail": {...}}`` (the raw times, their medians, devices and sizes)."""
     n_dev, warmup = jax.local_device_count(), 2
     if n_dev < 2:
-        raise UserError(f"across_devices needs at least 2 devices, found {n_dev}",
-                        hint="run with JAX_PLATFORMS=cpu to simulate 4 CPU devices")  # fmt: skip
+        raise UserError(
+            f"across_devices needs at least 2 devices, found {n_dev}",
+            hint="run with JAX_PLATFORMS=cpu to simulate 4 CPU devices",
+        )
     loss_fn, params, batch = row_problem("small_cnn", batch_size_per_device * n_dev, seed)
     optimizer = optax.adam(1e-3)
     steps = {
@@ -270,8 +278,14 @@ def run_parallel_bench(batch_size_per_device: int, repeats: int, timeout_s: floa
         out = os.path.join(tmp, "parallel.json")
         code = "from experiments import bench, runlog\nrunlog.write_json("
         code += f"{out!r}, bench.across_devices({int(batch_size_per_device)}, {int(repeats)}))"
-        proc = subprocess.run([sys.executable, "-c", code], cwd=cli.ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=cli.ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
         if proc.returncode != 0:
             raise RuntimeError(
                 f"across_devices failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
@@ -302,8 +316,9 @@ def format_table(result: dict[str, Any]) -> str:
                 mem = f"{temp[name] / 1e6:.1f} MB" if tiny else f"{ratio:.2f}x"
                 auto = name.endswith("_auto") or name == "per_example"
                 label = name + (f" ({method})" if auto else "")
-                rows.append((model, bs, label, f"{1e3 * s:.1f}",
-                             f"{d['over_plain'][name]:.2f}x", mem))  # fmt: skip
+                rows.append(
+                    (model, bs, label, f"{1e3 * s:.1f}", f"{d['over_plain'][name]:.2f}x", mem)
+                )
     widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
     lines = ("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
     return "\n".join(line.rstrip() for line in lines)

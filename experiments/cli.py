@@ -25,8 +25,11 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = interrupt.EXIT_INTERRUPTED
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("verbose", False, "Print tracebacks for every error, user errors included.")
-flags.DEFINE_bool("print_config", False, "Print the resolved config (the file's variant "
-                  "with the --config.* overrides) and exit.")  # fmt: skip
+flags.DEFINE_bool(
+    "print_config",
+    False,
+    "Print the resolved config (the file's variant with the --config.* overrides) and exit.",
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
 Main = Callable[[list[str]], None]
@@ -42,19 +45,30 @@ class UserError(ValueError):
 
 
 # What a user can fix besides a write_fault: bad input, a missing file, a path of the wrong kind.
-_USER_FAULTS = (UserError, FileNotFoundError, PermissionError, NotADirectoryError,
-                IsADirectoryError, FileExistsError, app.UsageError)  # fmt: skip
+_USER_FAULTS = (
+    UserError,
+    FileNotFoundError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+    app.UsageError,
+)
 
 # A write fault in words -> its errnos, and how tensorstore (under orbax) words it.
 _WRITE_FAULTS = {
-    "the disk is full": ((errno.ENOSPC, errno.EDQUOT),
-                         ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")),
+    "the disk is full": (
+        (errno.ENOSPC, errno.EDQUOT),
+        ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded"),
+    ),
     "the file system is read-only": ((errno.EROFS,), ("Read-only file system",)),
-    "no permission to write there": ((errno.EACCES, errno.EPERM),
-                                     ("PERMISSION_DENIED", "Permission denied")),
+    "no permission to write there": (
+        (errno.EACCES, errno.EPERM),
+        ("PERMISSION_DENIED", "Permission denied"),
+    ),
     # An orbax writer thread that fails (e.g. on a full disk) while Python shuts down.
     "the write was cut short (a full disk?)": ((), ("sys.meta_path is None",)),
-}  # fmt: skip
+}
 
 
 def write_fault(e: BaseException) -> str | None:

@@ -23,13 +23,13 @@ from absl import logging
 from experiments import adaptive, figures, progress, runlog, sweep, tasks, train, validation
 from experiments.cli import UserError
 from experiments.sweep import fmt
+from experiments.validation import DEVICE
 from gns import common, plots, scaling
 from gns import schedule as gschedule
 
 SUMMARY_FILE = "summary.json"
 TIMING_FILE = "timing.json"
 PLOT_FILE = "compare.png"
-DEVICE = validation.DEVICE  # "device_time_to_target_s"
 
 
 def trailing_means(values: Sequence[float], window: int) -> list[float | None]:
@@ -91,8 +91,13 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
         for p, s in stats.items()
         if d is not None and d["reached"] and p != "default" and s["reached"]
     }
-    out = {"fastest": fastest, "tie": [fastest, *tie] if tie else [], "ranking": ranking,
-           "policies": stats, "over_default": over_default}  # fmt: skip
+    out = {
+        "fastest": fastest,
+        "tie": [fastest, *tie] if tie else [],
+        "ranking": ranking,
+        "policies": stats,
+        "over_default": over_default,
+    }
     out["text"] = _verdict_text(out, target_accuracy)
     return out
 
@@ -194,8 +199,11 @@ def _train_config(config):
     rate (the default policy's, the reference of every rate), schedule, warmup and evaluation
     size where set; no noise-scale tracking (the sweep measured it), no checkpoints, no bar."""
     cmp, c = config.compare, copy.deepcopy(config)
-    fields = {"batch_size": cmp.baseline_batch_size, "learning_rate": cmp.baseline_learning_rate,
-              **{k: cmp[k] for k in ("schedule", "warmup_steps", "eval_examples")}}  # fmt: skip
+    fields = {
+        "batch_size": cmp.baseline_batch_size,
+        "learning_rate": cmp.baseline_learning_rate,
+        **{k: cmp[k] for k in ("schedule", "warmup_steps", "eval_examples")},
+    }
     c.update({k: v for k, v in fields.items() if v is not None})
     c.update(mode="train", gns_every=0, checkpoint_every=0, progress_bar=False)
     return c
@@ -235,8 +243,11 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     table_cost = sum(v for k, v in costs.items() if k.startswith("throughput"))
     b_noise = rec.get("b_noise")
     b_noise = sweep.noise_scale_value(sweep_result["noise_scale"]) if b_noise is None else b_noise
-    fits = sorted(r["batch_size"] for r in sweep_result["throughput"] if r["fits"]
-                  and r["step_time_s"] and r.get("accumulation_steps", 1) == 1)  # fmt: skip
+    fits = sorted(
+        r["batch_size"]
+        for r in sweep_result["throughput"]
+        if r["fits"] and r["step_time_s"] and r.get("accumulation_steps", 1) == 1
+    )
     if a.candidates is not None:
         cands = adaptive.candidates(config)
     else:  # the schedule's powers of two that were timed and fit
@@ -262,8 +273,13 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
             if rule == "sgd" and b_noise == math.inf:  # unresolved: the rule's limit, linear
                 rule = "linear"
             fields = {"candidates": tuple(cands), "lr_rule": rule, "initial_noise_scale": start}
-            plans[p] = dict(batch_size=base_b, learning_rate=base_lr, adaptive=fields,
-                            gns_every=int(config.gns_every), measurement_s=table_cost)  # fmt: skip
+            plans[p] = dict(
+                batch_size=base_b,
+                learning_rate=base_lr,
+                adaptive=fields,
+                gns_every=int(config.gns_every),
+                measurement_s=table_cost,
+            )
         elif batch[p] is None:
             skipped[p] = _NOT_PLANNED[p]
         else:
@@ -340,8 +356,15 @@ def _device_times(rows: list[dict], step_time: dict[int, float], start: float) -
     return out
 
 
-def _run_record(policy: str, seed: int, run_dir: str, s: dict, target_window: int,
-                table: dict[int, dict], measurement_s: float) -> dict:  # fmt: skip
+def _run_record(
+    policy: str,
+    seed: int,
+    run_dir: str,
+    s: dict,
+    target_window: int,
+    table: dict[int, dict],
+    measurement_s: float,
+) -> dict:
     """One run of the summary from its training summary ``s`` and rows: where it reached its
     smoothed target, the times to it (device time also under each round of the timing table)
     and the curves. Every time counts ``measurement_s``, what the policy's measurements cost."""
@@ -399,8 +422,12 @@ def _mode(config, workdir: str, mode: str):
     train.validate_config(config)  # the rules of both modes, compare's included
     with runlog.workdir_lock(workdir):
         runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-        swept = sweep.run_sweep(_train_config(config), os.path.join(workdir, "sweep"),
-                                trainings=trainings, train_recommended=trainings)  # fmt: skip
+        swept = sweep.run_sweep(
+            _train_config(config),
+            os.path.join(workdir, "sweep"),
+            trainings=trainings,
+            train_recommended=trainings,
+        )
         noise, stages = swept["noise_scale"], swept["stage_time_s"]
         summary = {
             "mode": mode,
@@ -438,31 +465,50 @@ def run_compare(config, workdir: str) -> dict:
                 b = plan_batch_sizes(plan)
                 batch = f"B{min(b)}" + (f"-{max(b)}" if min(b) < max(b) else "")
                 run_dir = os.path.join(workdir, "runs", f"{policy}-{batch}-seed{seed}")
-                logging.info("compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s", policy,
-                             seed, plan["batch_size"], plan["learning_rate"], limit)  # fmt: skip
+                logging.info(
+                    "compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s",
+                    policy,
+                    seed,
+                    plan["batch_size"],
+                    plan["learning_rate"],
+                    limit,
+                )
                 bar.set(phase=f"{policy} seed {seed}")
                 s = train.train_and_evaluate(_run_config(config, plan, seed, table, limit), run_dir)
-                runs.append(_run_record(policy, seed, run_dir, s, cmp.target_window, table,
-                                        plan.get("measurement_s", 0.0)))  # fmt: skip
+                runs.append(
+                    _run_record(
+                        policy,
+                        seed,
+                        run_dir,
+                        s,
+                        cmp.target_window,
+                        table,
+                        plan.get("measurement_s", 0.0),
+                    )
+                )
                 bar.update(1)
         n = min(_train_config(config).eval_examples or len(ds.test_labels), len(ds.test_labels))
         t = float(cmp.target_accuracy)
         first = next((r for r in runs if r["policy"] == "adaptive"), None)
-        summary.update({
-            "setup": cmp.setup,
-            "target_accuracy": t,
-            "target_window": int(cmp.target_window),
-            "eval_examples": int(n),
-            "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
-            "policies": {p: {k: v for k, v in plan.items() if k != "adaptive"}
-                         for p, plan in plans.items()},
-            "skipped": skipped,
-            "candidates": cands,
-            "timing": {str(b): v for b, v in sorted(table.items())},
-            "runs": runs,
-            "verdict": verdict(runs, t),
-            "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
-        })  # fmt: skip
+        summary.update(
+            {
+                "setup": cmp.setup,
+                "target_accuracy": t,
+                "target_window": int(cmp.target_window),
+                "eval_examples": int(n),
+                "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
+                "policies": {
+                    p: {k: v for k, v in plan.items() if k != "adaptive"}
+                    for p, plan in plans.items()
+                },
+                "skipped": skipped,
+                "candidates": cands,
+                "timing": {str(b): v for b, v in sorted(table.items())},
+                "runs": runs,
+                "verdict": verdict(runs, t),
+                "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
+            }
+        )
         path = os.path.join(workdir, PLOT_FILE)
         try:  # a plot is a convenience: never lose the finished runs to it
             summary["plot"] = figures.save(plots.plot_policies, path, runs, t)
@@ -496,8 +542,10 @@ def policy_table(summary: dict) -> str:
             f"{fmt(r[DEVICE], '.1f'):>10}{fmt(r['best_smoothed_accuracy'], '.1f', 100, '%'):>10}"
         )
     lines += ["", *summary["verdict"]["text"]]
-    lines += [f"  adaptive, seed {summary['schedule']['seed']}, step {c['step']}: {c['reason']}"
-              for c in (summary.get("schedule") or {}).get("changes", [])]  # fmt: skip
+    lines += [
+        f"  adaptive, seed {summary['schedule']['seed']}, step {c['step']}: {c['reason']}"
+        for c in (summary.get("schedule") or {}).get("changes", [])
+    ]
     for r in summary["runs"][: len(summary["policies"])]:  # one line per policy
         if r.get("start"):
             lines.append(
@@ -506,8 +554,10 @@ def policy_table(summary: dict) -> str:
                 f"add {r['measurement_s']:.1f} s, the rest of the measurement's cost"
             )
         elif r["measurement_s"]:
-            lines.append(f"{r['policy']}: its times add {r['measurement_s']:.1f} s, the "
-                         "timing table its schedule decides on")  # fmt: skip
+            lines.append(
+                f"{r['policy']}: its times add {r['measurement_s']:.1f} s, the "
+                "timing table its schedule decides on"
+            )
     lines += [f"skipped {policy}: {why}" for policy, why in summary.get("skipped", {}).items()]
     r, n = summary["recommendation"], summary["noise_scale"]
     lines.append(
@@ -531,14 +581,16 @@ def run_tradeoff(config, workdir: str) -> dict:
                 "--config.throughput.accumulation_factors='()' recommends a batch that fits",
             )
         b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
-        summary.update({
-            "target_accuracy": float(config.tradeoff.target_accuracy),
-            "points": fit["points"],
-            "skipped_trainings": sweep_result["skipped_trainings"],
-            "tradeoff": fit,
-            "check": check_recommendation(fit["points"], rec_b, b_simple, fit["b_crit"]),
-            "plot": sweep_result.get("plots", {}).get("tradeoff.png"),  # the sweep's: the fit
-        })  # fmt: skip
+        summary.update(
+            {
+                "target_accuracy": float(config.tradeoff.target_accuracy),
+                "points": fit["points"],
+                "skipped_trainings": sweep_result["skipped_trainings"],
+                "tradeoff": fit,
+                "check": check_recommendation(fit["points"], rec_b, b_simple, fit["b_crit"]),
+                "plot": sweep_result.get("plots", {}).get("tradeoff.png"),  # the sweep's: the fit
+            }
+        )
     return common.to_json(summary)
 
 
@@ -571,8 +623,10 @@ def tradeoff_table(summary: dict) -> str:
     lines += [f"batch {b} {why}" for b, why in summary["skipped_trainings"].items()]
     lines.append(sweep.fit_line(fit))
     if fit.get("b_crit") is not None:
-        lines.append(f"measured B_simple = {fmt(ch['b_simple'], '.4g')} (B_crit / B_simple = "
-                     f"{fmt(ch['b_crit_over_b_simple'], '.3g')})")  # fmt: skip
+        lines.append(
+            f"measured B_simple = {fmt(ch['b_simple'], '.4g')} (B_crit / B_simple = "
+            f"{fmt(ch['b_crit_over_b_simple'], '.3g')})"
+        )
     return "\n".join(lines)
 
 

@@ -105,8 +105,12 @@ def load(cfg) -> Dataset:
             )
         idx = slice(None) if n is None else subsample(labels, n)
         splits += [images[idx], labels[idx]]
-    return Dataset(*splits, int(arrays["num_classes"]), *channel_stats(splits[0]),
-                   tuple(str(c) for c in arrays["class_names"]))  # fmt: skip
+    return Dataset(
+        *splits,
+        int(arrays["num_classes"]),
+        *channel_stats(splits[0]),
+        tuple(str(c) for c in arrays["class_names"]),
+    )
 
 
 def subsample(labels: np.ndarray, n: int) -> np.ndarray:
@@ -147,8 +151,10 @@ def _synthetic_arrays(scfg, num_train: int, num_test: int) -> dict[str, Any]:
     reps = -(-image_size // 4)
     pattern = np.repeat(np.repeat(coarse, reps, axis=1), reps, axis=2)
     templates = 128.0 + colours + pattern[:, :image_size, :image_size]
-    out: dict[str, Any] = {"num_classes": num_classes,
-                           "class_names": [f"class_{k}" for k in range(num_classes)]}  # fmt: skip
+    out: dict[str, Any] = {
+        "num_classes": num_classes,
+        "class_names": [f"class_{k}" for k in range(num_classes)],
+    }
     for part, (split, n) in enumerate(zip(SPLITS, (num_train, num_test), strict=True), 1):
         split_rng = np.random.default_rng([seed, part])
         labels = split_rng.permutation(np.arange(n) % num_classes).astype(np.int32)
@@ -197,8 +203,13 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
         for split, source in zip(SPLITS, sources, strict=True):
             if len(source) == 0:
                 raise UserError(f"tfds {name} {split}: the split is empty.")
-            bar = tqdm(range(len(source)), desc=f"tfds {name} {split}", unit="img",
-                       mininterval=1.0, leave=False)  # fmt: skip
+            bar = tqdm(
+                range(len(source)),
+                desc=f"tfds {name} {split}",
+                unit="img",
+                mininterval=1.0,
+                leave=False,
+            )
             examples = [source[i] for i in bar]
             out[f"{split}_images"] = np.stack([np.asarray(e["image"]) for e in examples])
             out[f"{split}_labels"] = np.array([int(e["label"]) for e in examples], np.int32)
@@ -248,9 +259,13 @@ def _cached(cache_dir: str | None, stem: str, decode: Callable[[], dict]) -> dic
         return arrays
     start = time.perf_counter()
     arrays = decode()
-    logging.info("Decoded %d train and %d test images in %.1f s; caching them in %s.",
-                 len(arrays["train_labels"]), len(arrays["test_labels"]),
-                 time.perf_counter() - start, path)  # fmt: skip
+    logging.info(
+        "Decoded %d train and %d test images in %.1f s; caching them in %s.",
+        len(arrays["train_labels"]),
+        len(arrays["test_labels"]),
+        time.perf_counter() - start,
+        path,
+    )
     try:
         with download.atomic_file(path) as f:
             np.savez(f, **arrays, source=np.str_(stem))
@@ -258,7 +273,9 @@ def _cached(cache_dir: str | None, stem: str, decode: Callable[[], dict]) -> dic
         logging.warning(
             "Cannot write the data cache %s (%s); continuing without it, so the next run decodes "
             "the data again. Set --config.data.cache_dir to a writable directory to cache it.",
-            path, err)  # fmt: skip
+            path,
+            err,
+        )
     return arrays
 
 
@@ -274,15 +291,21 @@ def _read_cache(path: str, stem: str) -> dict[str, Any] | None:
             images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
             shaped = images.ndim == 4 and labels.shape == images.shape[:1] and len(labels) > 0
             if not shaped or images.dtype != np.uint8 or labels.min() < 0 or labels.max() >= n:
-                raise ValueError(f"{split}: images {images.dtype}{images.shape}, labels "
-                                 f"{labels.shape} not in [0, {n})")  # fmt: skip
+                raise ValueError(
+                    f"{split}: images {images.dtype}{images.shape}, labels "
+                    f"{labels.shape} not in [0, {n})"
+                )
         if len(names) not in (0, n):
             raise ValueError(f"{len(names)} class names for {n} classes")
     except MemoryError:
         raise
     except Exception as err:  # zero-length, truncated, wrong keys, wrong arrays: decode again
-        logging.warning("The cache file %s is unusable (%s: %s); removing it and decoding the "
-                        "data again.", path, type(err).__name__, err)  # fmt: skip
+        logging.warning(
+            "The cache file %s is unusable (%s: %s); removing it and decoding the data again.",
+            path,
+            type(err).__name__,
+            err,
+        )
         with contextlib.suppress(OSError):
             os.remove(path)
         return None
@@ -383,27 +406,37 @@ def _decode_folder(path: str) -> dict[str, Any]:
         elif data is not None and len(parts) >= 3 and parts[-3] in SPLITS:
             files[parts[-3]].setdefault(parts[-2], []).append((parts[-1], name, data))
         elif data is not None and len(parts) >= 2 and parts[-2] in SPLITS:
-            raise _layout_error(path, f"image {name!r} lies directly in {parts[-2]}/, not in a "
-                                      f"class dir")  # fmt: skip
+            raise _layout_error(
+                path, f"image {name!r} lies directly in {parts[-2]}/, not in a class dir"
+            )
     for split in SPLITS:
         if not files[split]:
-            raise _layout_error(path, f"no {split} directory of class directories with images "
-                                      f"({split}/class/image.jpg)")  # fmt: skip
+            raise _layout_error(
+                path,
+                f"no {split} directory of class directories with images ({split}/class/image.jpg)",
+            )
         for cls, items in files[split].items():
             if not items:
                 raise _layout_error(path, f"the class directory {split}/{cls}/ has no images")
     class_names = sorted(files["train"])
     if sorted(files["test"]) != class_names:
-        raise _layout_error(path, f"train/ and test/ have different class directories: "
-                                  f"{class_names} vs {sorted(files['test'])}")  # fmt: skip
+        raise _layout_error(
+            path,
+            f"train/ and test/ have different class directories: "
+            f"{class_names} vs {sorted(files['test'])}",
+        )
     out: dict[str, Any] = {"num_classes": len(class_names), "class_names": class_names}
     shape = None
     for split in SPLITS:
-        listing = [(label, item) for label, cls in enumerate(class_names)
-                   for item in sorted(files[split][cls])]  # fmt: skip
+        listing = [
+            (label, item)
+            for label, cls in enumerate(class_names)
+            for item in sorted(files[split][cls])
+        ]
         images = []
-        for _, (_, name, data) in tqdm(listing, desc=f"decode {split}", unit="img",
-                                       mininterval=1.0, leave=False):  # fmt: skip
+        for _, (_, name, data) in tqdm(
+            listing, desc=f"decode {split}", unit="img", mininterval=1.0, leave=False
+        ):
             try:
                 images.append(_decode_image(data))
             except Exception as err:
@@ -416,9 +449,12 @@ def _decode_folder(path: str) -> dict[str, Any]:
                 ) from err
             shape = shape or images[-1].shape
             if images[-1].shape != shape:
-                raise _layout_error(path, f"images must all have one size; {name!r} is "
-                                          f"{images[-1].shape[:2]} but the first image is "
-                                          f"{shape[:2]} (resize them first)")  # fmt: skip
+                raise _layout_error(
+                    path,
+                    f"images must all have one size; {name!r} is "
+                    f"{images[-1].shape[:2]} but the first image is "
+                    f"{shape[:2]} (resize them first)",
+                )
         out[f"{split}_images"] = np.stack(images)
         out[f"{split}_labels"] = np.array([label for label, _ in listing], dtype=np.int32)
     return out
@@ -448,9 +484,11 @@ def _cifar10_binary_arrays(cfg) -> dict[str, Any]:
 
     def decode() -> dict[str, Any]:
         if check and md5 is None:
-            logging.warning("%s is used without a checksum (data.md5=None): a wrong or "
-                            "tampered file goes unnoticed; set the expected MD5 to check it.",
-                            path)  # fmt: skip
+            logging.warning(
+                "%s is used without a checksum (data.md5=None): a wrong or "
+                "tampered file goes unnoticed; set the expected MD5 to check it.",
+                path,
+            )
         elif check and (actual := download.file_md5(path)) != md5.lower():
             raise UserError(
                 f"{path} has MD5 {actual}, not the expected {md5.lower()}: it is not the "
@@ -535,15 +573,23 @@ def augment_params(seed: int, step: int, batch_size: int) -> tuple[np.ndarray, n
 @functools.lru_cache(maxsize=4)
 def _epoch(seed: int, epoch: int, num_train: int) -> tuple[np.ndarray, ...]:
     """The permutation of epoch ``epoch`` and the augmentation of its positions, read-only."""
-    arrays = (np.random.default_rng([seed, epoch]).permutation(num_train),
-              *augment_params(seed, epoch, num_train))  # fmt: skip
+    arrays = (
+        np.random.default_rng([seed, epoch]).permutation(num_train),
+        *augment_params(seed, epoch, num_train),
+    )
     for a in arrays:
         a.flags.writeable = False
     return arrays
 
 
-def train_draws(seed: int, batch_size: int, num_train: int, *, step: int | None = None,
-                start_example: int | None = None) -> tuple[np.ndarray, ...]:  # fmt: skip
+def train_draws(
+    seed: int,
+    batch_size: int,
+    num_train: int,
+    *,
+    step: int | None = None,
+    start_example: int | None = None,
+) -> tuple[np.ndarray, ...]:
     """``(indices, crop offsets, flips)`` of a train batch. Of step ``step``: epoch ``e``'s
     permutation ``default_rng([seed, e]).permutation(num_train)`` cut into batches, its
     incomplete tail dropped; :func:`augment_params`. Or of the example stream's positions
@@ -568,20 +614,29 @@ def epoch_slice(epoch_arrays: Callable[[int], tuple], per_epoch: int, start: int
     return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
-def train_batch(ds: Dataset, batch_size: int, *, seed: int, augment: bool,
-                step: int | None = None, start_example: int | None = None) -> dict:  # fmt: skip
+def train_batch(
+    ds: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    augment: bool,
+    step: int | None = None,
+    start_example: int | None = None,
+) -> dict:
     """The batch of :func:`train_draws` ``step`` or ``start_example``: ``{'image': float32
     [B, H, W, C] normalized, 'label': int32 [B]}``, augmented (a crop of the image padded by 4
     pixels, a horizontal flip) when ``augment``."""
-    idx, offsets, flips = train_draws(seed, batch_size, len(ds.train_labels), step=step,
-                                      start_example=start_example)  # fmt: skip
+    idx, offsets, flips = train_draws(
+        seed, batch_size, len(ds.train_labels), step=step, start_example=start_example
+    )
     images = ds.train_images[idx]
     images = crop_and_flip(images, offsets, flips) if augment else images
     return {"image": normalize(images, ds.mean, ds.std), "label": ds.train_labels[idx]}
 
 
-def train_batches(ds: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
-                  augment: bool = True) -> Iterator[dict]:  # fmt: skip
+def train_batches(
+    ds: Dataset, batch_size: int, *, seed: int, start_step: int = 0, augment: bool = True
+) -> Iterator[dict]:
     """Endless :func:`train_batch` batches of steps ``start_step, start_step + 1, ...``,
     :func:`prefetched`. The example stream is :meth:`experiments.tasks.Task.train_batches`."""
     steps = itertools.count(start_step)

@@ -96,8 +96,12 @@ def remove_stale_temps(directory: str) -> list[str]:
                     removed.append(entry.path)
                     size += st.st_size
     if removed:
-        logging.warning("Removed %d abandoned temporary file(s) (%.1f MB) of interrupted "
-                        "writes: %s", len(removed), size / 1e6, ", ".join(removed))  # fmt: skip
+        logging.warning(
+            "Removed %d abandoned temporary file(s) (%.1f MB) of interrupted writes: %s",
+            len(removed),
+            size / 1e6,
+            ", ".join(removed),
+        )
     return removed
 
 
@@ -120,9 +124,13 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
         return dest
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     if url.lower().startswith("http://"):
-        logging.warning("The download of %s comes over plain http (%s): it can be altered "
-                        "on the way; use an https:// URL%s.", dest, url,
-                        "" if md5 else " and set its MD5")  # fmt: skip
+        logging.warning(
+            "The download of %s comes over plain http (%s): it can be altered "
+            "on the way; use an https:// URL%s.",
+            dest,
+            url,
+            "" if md5 else " and set its MD5",
+        )
     logging.info("Downloading %s to %s.", url, dest)
     try:
         response = urllib.request.urlopen(url, timeout=timeout_s)
@@ -131,12 +139,20 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
         raise DownloadError(msg) from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         reason = getattr(err, "reason", err) or type(err).__name__
-        raise DownloadError(f"cannot download {url}: {reason} (no network connection?).",
-                            offline=True) from err  # fmt: skip
+        raise DownloadError(
+            f"cannot download {url}: {reason} (no network connection?).", offline=True
+        ) from err
     length = response.headers.get("Content-Length")
     total = int(length) if length and length.isdigit() else None
-    bar = tqdm(total=total, desc=f"download {os.path.basename(dest)}", unit="B",
-               unit_scale=True, unit_divisor=1024, mininterval=0.5, disable=None)  # fmt: skip
+    bar = tqdm(
+        total=total,
+        desc=f"download {os.path.basename(dest)}",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        mininterval=0.5,
+        disable=None,
+    )
     h = hashlib.md5(usedforsecurity=False)  # of the body as it arrives: no second read
     with response, bar, atomic_file(dest) as f:
         while True:

@@ -32,9 +32,14 @@ STEP_TAGS = {
     "wall_time_s": "time/train_time_s",
 }
 BY_EXAMPLES = (
-    "train_loss", "test_accuracy", "test_loss", "test_bits_per_byte", "ema_b_simple",
-    "batch_size", "learning_rate",
-)  # fmt: skip
+    "train_loss",
+    "test_accuracy",
+    "test_loss",
+    "test_bits_per_byte",
+    "ema_b_simple",
+    "batch_size",
+    "learning_rate",
+)
 _PATTERN = "events.out.tfevents.*"
 
 

@@ -38,9 +38,12 @@ def initialize_distributed(enabled: bool, timeout_s: int = 300) -> None:
     kwargs = {k: int(os.environ[v]) if os.environ.get(v) else None for k, v in env.items()}
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs,
-                                   heartbeat_timeout_seconds=timeout_s,
-                                   shutdown_timeout_seconds=timeout_s)  # fmt: skip
+        jax.distributed.initialize(
+            initialization_timeout=timeout_s,
+            **kwargs,
+            heartbeat_timeout_seconds=timeout_s,
+            shutdown_timeout_seconds=timeout_s,
+        )
     except (ValueError, RuntimeError) as e:
         raise UserError(
             f"jax.distributed.initialize failed: {' '.join(str(e).split())[:300]}",

@@ -31,17 +31,32 @@ class Progress:
     done (``initial`` at the start), headed ``desc``; ``rate=False`` leaves out the rate and
     the ETA (for units of very different lengths)."""
 
-    def __init__(self, total: int | None, *, desc: str, unit: str, initial: int = 0,
-                 bar: bool = True, every_s: float = EVERY_S, stream=None,
-                 rate: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        total: int | None,
+        *,
+        desc: str,
+        unit: str,
+        initial: int = 0,
+        bar: bool = True,
+        every_s: float = EVERY_S,
+        stream=None,
+        rate: bool = True,
+    ):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.show_rate, self._start = rate, time.perf_counter()
         self.fields: dict[str, object] = {}
         self._t0, self._n0 = None, initial  # from the first update (after compiling)
         self._bar = None
         if bar and (stream or sys.stderr).isatty():
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
-                             dynamic_ncols=True, unit_scale=unit == "examples")  # fmt: skip
+            self._bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit=unit,
+                dynamic_ncols=True,
+                unit_scale=unit == "examples",
+            )
         self._stop = threading.Event()
         self._thread = None
         if self._bar is None and every_s > 0:
@@ -72,8 +87,11 @@ class Progress:
         head = f"{self.desc}: {phase}, " if phase else f"{self.desc}: "
         done, t0 = self.n - self._n0, self._t0
         rate = done / (time.perf_counter() - t0) if t0 is not None and done > 0 else float("nan")
-        parts = [f"{self.n:,}/{self.total:,} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%)"
-                 if self.total else f"{self.n:,} {self.unit}"]  # fmt: skip
+        parts = [
+            f"{self.n:,}/{self.total:,} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%)"
+            if self.total
+            else f"{self.n:,} {self.unit}"
+        ]
         if self.show_rate:
             parts.append(f"{rate:,.1f} {self.unit}/s" if rate == rate else f"- {self.unit}/s")
             if self.total:

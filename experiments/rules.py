@@ -26,8 +26,14 @@ SCHEDULES = ("constant", "cosine")
 POLICIES = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
 MODES = ("train", "compare", "tradeoff", "adaptive")
 MODEL_NAMES = (
-    "small_cnn", "mlp", "resnet", "resnet18", "efficientnet", "efficientnet_b0", "transformer",
-)  # fmt: skip
+    "small_cnn",
+    "mlp",
+    "resnet",
+    "resnet18",
+    "efficientnet",
+    "efficientnet_b0",
+    "transformer",
+)
 # gns.scaling.RULES, named here so that checking a config imports no JAX (a test pins them).
 LR_RULES = ("sgd", "linear", "sqrt", "seesaw", "constant")
 INT_MAX = 2**31 - 1  # indices and step counters are int32 on the devices
@@ -288,19 +294,26 @@ BENCH = (
     ("parallel", FLAG),
     ("parallel_batch_size_per_device", count(2)),
     ("parallel_repeats", count(3)),
-    *((p + f, k) for p in ("", "lm.", "rows.")
-      for f, k in (("num_microbatches", count(2)), ("warmup", count(0)), ("repeats", count(1)))),
+    *(
+        (p + f, k)
+        for p in ("", "lm.", "rows.")
+        for f, k in (("num_microbatches", count(2)), ("warmup", count(0)), ("repeats", count(1)))
+    ),
     ("lm.enabled", FLAG),
     ("lm.batch_sizes", tuple_of(count(2))),
     ("rows.enabled", FLAG),
-    *((f"rows.models.{m}.batch_sizes", tuple_of(count(2)))
-      for m in ("lm1b", "nnx_mlp", "plain_mlp")),
+    *(
+        (f"rows.models.{m}.batch_sizes", tuple_of(count(2)))
+        for m in ("lm1b", "nnx_mlp", "plain_mlp")
+    ),
     *((f"rows.models.{m}.dims", tuple_of(count(1))) for m in ("nnx_mlp", "plain_mlp")),
-    *((f"rows.models.lm1b.{f}", count(1)) for f in
-      ("context", "depth", "num_heads", "mlp_ratio", "vocab_size", "width")),
+    *(
+        (f"rows.models.lm1b.{f}", count(1))
+        for f in ("context", "depth", "num_heads", "mlp_ratio", "vocab_size", "width")
+    ),
     *(("lm." + f, k) for f, k in LM if f.startswith("model.") and f != "model.vocab_size"),
     ("lm.model.vocab_size", count(2, hi=65536)),
-)  # fmt: skip
+)
 
 
 def cross(fields: tuple[str, ...], ok: Callable, what: str, hint: str | None = None) -> Callable:
@@ -340,11 +353,17 @@ def batch_problem(batch_size: int, n: int, field: str) -> tuple[str, str] | None
         f"{(batch_size // n + 1) * n}), or fewer devices with --config.num_devices"
     )
     if batch_size < n:
-        return (f"config.{field}={batch_size} is smaller than the {n} devices of the mesh: "
-                "every device needs at least one example", hint)  # fmt: skip
+        return (
+            f"config.{field}={batch_size} is smaller than the {n} devices of the mesh: "
+            "every device needs at least one example",
+            hint,
+        )
     if batch_size % n:
-        return (f"config.{field}={batch_size} is not divisible by the {n} devices of the mesh "
-                "(the global batch is split evenly)", hint)  # fmt: skip
+        return (
+            f"config.{field}={batch_size} is not divisible by the {n} devices of the mesh "
+            "(the global batch is split evenly)",
+            hint,
+        )
     return None
 
 
@@ -362,14 +381,21 @@ HEADS = "model.num_heads must divide model.width (each head gets width / num_hea
 
 TRAIN_CROSS = (
     _on_devices("batch_size"),
-    cross(("gns_method", "gns_microbatches", "batch_size"),
-          lambda method, k, batch, d: method != "microbatch" or microbatches_fit(k, batch, d),
-          "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size "
-          "(equal microbatches) and is a multiple of the devices"),
-    *(cross((t, "eval_every"), lambda target, every, d: target is None or every > 0,
-            f"{t} is checked at the periodic evaluations: it needs eval_every > 0")
-      for t in ("target_accuracy", "target_bits_per_byte")),  # each task has one
-)  # fmt: skip
+    cross(
+        ("gns_method", "gns_microbatches", "batch_size"),
+        lambda method, k, batch, d: method != "microbatch" or microbatches_fit(k, batch, d),
+        "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size "
+        "(equal microbatches) and is a multiple of the devices",
+    ),
+    *(
+        cross(
+            (t, "eval_every"),
+            lambda target, every, d: target is None or every > 0,
+            f"{t} is checked at the periodic evaluations: it needs eval_every > 0",
+        )
+        for t in ("target_accuracy", "target_bits_per_byte")
+    ),  # each task has one
+)
 
 # small_cnn's GroupNorm (the image task's other models take no groups).
 GROUPS = cross(
@@ -379,46 +405,80 @@ GROUPS = cross(
 )
 
 IMAGE_CROSS = (
-    cross(("data.num_train", "batch_size"), lambda n, batch, d: n is None or n >= batch,
-          "a batch cannot be larger than the train subset"),
+    cross(
+        ("data.num_train", "batch_size"),
+        lambda n, batch, d: n is None or n >= batch,
+        "a batch cannot be larger than the train subset",
+    ),
     GROUPS,
-    cross(("data.source", "data.path"), lambda s, p, d: s != "folder" or p is not None,
-          "data.source='folder' reads data.path",
-          "set --config.data.path=path/to/folder_or.tar.gz (laid out split/class/image.jpg)"),
+    cross(
+        ("data.source", "data.path"),
+        lambda s, p, d: s != "folder" or p is not None,
+        "data.source='folder' reads data.path",
+        "set --config.data.path=path/to/folder_or.tar.gz (laid out split/class/image.jpg)",
+    ),
     _at_most("adaptive.min_batch_size", "adaptive.max_batch_size"),
-    cross(("adaptive.enabled", "gns_every"), lambda enabled, every, d: not enabled or every > 0,
-          "the batch-size schedule follows the measured noise scale: it needs gns_every > 0"),
-)  # fmt: skip
+    cross(
+        ("adaptive.enabled", "gns_every"),
+        lambda enabled, every, d: not enabled or every > 0,
+        "the batch-size schedule follows the measured noise scale: it needs gns_every > 0",
+    ),
+)
 
 LM_CROSS = (_multiples("model.width", "model.num_heads", HEADS),)
 
 TEACHER_CROSS = (
-    cross(("mode",), lambda mode, d: mode == "train", "config.task='teacher' trains only: the "
-          "compare and tradeoff modes take image data", "--config.mode=train"),
-)  # fmt: skip
+    cross(
+        ("mode",),
+        lambda mode, d: mode == "train",
+        "config.task='teacher' trains only: the compare and tradeoff modes take image data",
+        "--config.mode=train",
+    ),
+)
 
 MEASURE_CROSS = (
     _at_most("throughput.min_batch_size", "throughput.max_batch_size"),
     _on_devices("noise.batch_size"),
-    cross(("critical.exponents",), lambda exponents, d: len(exponents) >= 2,
-          "the branched critical batch needs at least 2 fork sizes", "e.g. '(-1, 0, 1, 2)'"),
-)  # fmt: skip
+    cross(
+        ("critical.exponents",),
+        lambda exponents, d: len(exponents) >= 2,
+        "the branched critical batch needs at least 2 fork sizes",
+        "e.g. '(-1, 0, 1, 2)'",
+    ),
+)
 
 BENCH_CROSS = (
-    _multiples("batch_sizes", "num_microbatches",
-               "every batch size must split into num_microbatches equal microbatches"),
-    cross(("reference_batch_size", "batch_sizes"), lambda ref, sizes, d: ref in sizes,
-          "reference_batch_size must be one of batch_sizes"),
+    _multiples(
+        "batch_sizes",
+        "num_microbatches",
+        "every batch size must split into num_microbatches equal microbatches",
+    ),
+    cross(
+        ("reference_batch_size", "batch_sizes"),
+        lambda ref, sizes, d: ref in sizes,
+        "reference_batch_size must be one of batch_sizes",
+    ),
     GROUPS,
-    *(_multiples(f"rows.models.{m}.batch_sizes", "rows.num_microbatches",
-                 "every batch size must split into rows.num_microbatches equal microbatches")
-      for m in ("lm1b", "nnx_mlp", "plain_mlp")),
-    _multiples("rows.models.lm1b.width", "rows.models.lm1b.num_heads",
-               "rows.models.lm1b.num_heads must divide its width"),
-    _multiples("lm.batch_sizes", "lm.num_microbatches",
-               "every lm batch size must split into lm.num_microbatches equal microbatches"),
+    *(
+        _multiples(
+            f"rows.models.{m}.batch_sizes",
+            "rows.num_microbatches",
+            "every batch size must split into rows.num_microbatches equal microbatches",
+        )
+        for m in ("lm1b", "nnx_mlp", "plain_mlp")
+    ),
+    _multiples(
+        "rows.models.lm1b.width",
+        "rows.models.lm1b.num_heads",
+        "rows.models.lm1b.num_heads must divide its width",
+    ),
+    _multiples(
+        "lm.batch_sizes",
+        "lm.num_microbatches",
+        "every lm batch size must split into lm.num_microbatches equal microbatches",
+    ),
     _multiples("lm.model.width", "lm.model.num_heads", HEADS),
-)  # fmt: skip
+)
 
 # config.task -> (rows, rules between fields) of a training config (one without ``task`` is the
 # image task's); a config without the measurement or comparison fields skips their rows.
@@ -522,12 +582,16 @@ def _assignment_comments(path: str) -> tuple[dict[str, str], list[str]]:
     with open(path) as f:
         source = f.read()
     tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-    comments = {t.start[0]: (t.string.lstrip("# "), t.line.lstrip().startswith("#"))
-                for t in tokens if t.type == tokenize.COMMENT}  # fmt: skip
+    comments = {
+        t.start[0]: (t.string.lstrip("# "), t.line.lstrip().startswith("#"))
+        for t in tokens
+        if t.type == tokenize.COMMENT
+    }
     tree = ast.parse(source)
     out: dict[str, str] = {}
-    for node in sorted((n for n in ast.walk(tree) if isinstance(n, ast.Assign)),
-                       key=lambda n: n.lineno):  # fmt: skip
+    for node in sorted(
+        (n for n in ast.walk(tree) if isinstance(n, ast.Assign)), key=lambda n: n.lineno
+    ):
         lines = [i for i in range(node.lineno, node.end_lineno + 1) if i in comments]
         while lines and comments.get(lines[-1] + 1, ("", False))[1]:  # a comment-only line
             lines.append(lines[-1] + 1)
@@ -536,7 +600,10 @@ def _assignment_comments(path: str) -> tuple[dict[str, str], list[str]]:
                 name = ast.unparse(t).partition(".")[2]  # a.b
                 if name and lines:
                     out.setdefault(name, " ".join(comments[i][0] for i in lines))
-    imports = [f"configs.{a.name}" if n.module == "configs" else n.module
-               for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-               and (n.module or "").split(".")[0] == "configs" for a in n.names]  # fmt: skip
+    imports = [
+        f"configs.{a.name}" if n.module == "configs" else n.module
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "configs"
+        for a in n.names
+    ]
     return out, imports

@@ -60,8 +60,16 @@ def main(argv):
         print(compare.report(summary))
         return
     metric = tasks.get(FLAGS.config).metric
-    keys = ("test_loss", f"test_{metric}", f"train_{metric}", "wall_time_s", "steps", "epochs",
-            "stop_reason", "noise_scale")  # fmt: skip
+    keys = (
+        "test_loss",
+        f"test_{metric}",
+        f"train_{metric}",
+        "wall_time_s",
+        "steps",
+        "epochs",
+        "stop_reason",
+        "noise_scale",
+    )
     print(runlog.dumps({k: summary.get(k) for k in keys}, indent=2))  # a missing key: null
 
 

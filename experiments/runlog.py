@@ -192,8 +192,15 @@ class RunLog:
     hosts keep the record in memory); ``devices``: a resume on another number is refused.
     """
 
-    def __init__(self, workdir: str, target: float | None = None, *, window: int = 1,
-                 primary: bool = True, devices: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        workdir: str,
+        target: float | None = None,
+        *,
+        window: int = 1,
+        primary: bool = True,
+        devices: int | None = None,
+    ):
         self.workdir = workdir
         self.window = window
         self.primary = primary
@@ -228,16 +235,31 @@ class RunLog:
         or number of devices than this run (one record would mix two setups)."""
         old_devices = meta.get("devices")
         for key, old, new, what, hint in (  # key "": the identity's fields, unprefixed
-            ("", meta.get("identity"), self.identity, "with a different config",
-             f"pass another --workdir to start a new run, delete {self.workdir} to start over, "
-             "or re-run with the old values to resume"),
-            ("data", meta.get("data"), self.data, "trained on other data (the source behind "
-             "the config's data fields changed)", "resume with the original data, or pass "
-             "another --workdir to start a new run on these"),
-            ("devices", old_devices, self.devices, "trained on another number of devices (the "
-             "batch would split differently)", f"resume with {old_devices} device(s) (e.g. "
-             f"--config.num_devices={old_devices}), or pass another --workdir to start a new run"),
-        ):  # fmt: skip
+            (
+                "",
+                meta.get("identity"),
+                self.identity,
+                "with a different config",
+                f"pass another --workdir to start a new run, delete {self.workdir} to start over, "
+                "or re-run with the old values to resume",
+            ),
+            (
+                "data",
+                meta.get("data"),
+                self.data,
+                "trained on other data (the source behind the config's data fields changed)",
+                "resume with the original data, or pass "
+                "another --workdir to start a new run on these",
+            ),
+            (
+                "devices",
+                old_devices,
+                self.devices,
+                "trained on another number of devices (the batch would split differently)",
+                f"resume with {old_devices} device(s) (e.g. --config.num_devices="
+                f"{old_devices}), or pass another --workdir to start a new run",
+            ),
+        ):
             diffs = [] if old is None or new is None else differing_fields({key: old}, {key: new})
             if diffs:
                 raise UserError(f"{self.workdir} holds a run {what}: {'; '.join(diffs)}", hint)
@@ -275,12 +297,21 @@ class RunLog:
 
     def meta(self) -> dict:
         """What a checkpoint stores besides the state: the inverse of :meth:`resume`."""
-        return to_json({
-            "step": self.step, "examples_seen": self.examples_seen, "clock": self.clock.state(),
-            "best": self.best, "to_target": self.to_target, "recent_evals": self.recent_evals,
-            "initial_loss": self.initial_loss, "identity": self.identity,
-            "devices": self.devices, "data": self.data, "start": self.start,
-        })  # fmt: skip
+        return to_json(
+            {
+                "step": self.step,
+                "examples_seen": self.examples_seen,
+                "clock": self.clock.state(),
+                "best": self.best,
+                "to_target": self.to_target,
+                "recent_evals": self.recent_evals,
+                "initial_loss": self.initial_loss,
+                "identity": self.identity,
+                "devices": self.devices,
+                "data": self.data,
+                "start": self.start,
+            }
+        )
 
     def advance(self, batch_size: int) -> None:
         """One optimizer step of ``batch_size`` examples was taken."""
@@ -334,8 +365,13 @@ class RunLog:
         t = self.clock.total("train")
         dt, dn = t - self._last_row[0], self.examples_seen - self._last_row[1]
         self._last_row = (t, self.examples_seen)
-        return {"step": self.step, "examples_seen": self.examples_seen, "wall_time_s": t,
-                "examples_per_s": dn / max(dt, 1e-9), **metrics}  # fmt: skip
+        return {
+            "step": self.step,
+            "examples_seen": self.examples_seen,
+            "wall_time_s": t,
+            "examples_per_s": dn / max(dt, 1e-9),
+            **metrics,
+        }
 
     def write_row(self, row: dict) -> None:
         """Append ``row`` to the record and (primary process) to ``metrics.jsonl`` and the
@@ -365,8 +401,9 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                               enable_async_checkpointing=False)  # fmt: skip
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=2, create=True, enable_async_checkpointing=False
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -442,9 +479,14 @@ class Checkpoints:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.replace(src, dst)
         self._manager.reload()
-        logging.warning("The checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
-                        "falling back to the previous one.", step, type(error).__name__,
-                        " ".join(str(error).split())[:200], dst)  # fmt: skip
+        logging.warning(
+            "The checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
+            "falling back to the previous one.",
+            step,
+            type(error).__name__,
+            " ".join(str(error).split())[:200],
+            dst,
+        )
 
 
 @contextlib.contextmanager

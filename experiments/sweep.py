@@ -60,16 +60,25 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     # The forks start from the pilot's states: they depend on what shapes the pilot's path
     # (its training setup, its length, which of its steps measure) and on ``critical``.
     "critical_batch": (
-        *PILOT_TRAIN.split(), "tradeoff.max_steps", "noise.warmup_steps", "noise.pilot_steps",
-        "noise.every", "critical",
+        *PILOT_TRAIN.split(),
+        "tradeoff.max_steps",
+        "noise.warmup_steps",
+        "noise.pilot_steps",
+        "noise.every",
+        "critical",
     ),
     # On the mesh (experiments.mesh): its record is part of this stage's key (stage_fingerprint).
     "throughput": (
-        *TRAIN_SETUP.split(), "batch_size", "num_devices", "tradeoff.batch_sizes",
-        *(f"throughput.{f}" for f in "min_batch_size max_batch_size memory_budget_bytes "
-          "warmup repeats".split()),
+        *TRAIN_SETUP.split(),
+        "batch_size",
+        "num_devices",
+        "tradeoff.batch_sizes",
+        *(
+            f"throughput.{f}"
+            for f in "min_batch_size max_batch_size memory_budget_bytes warmup repeats".split()
+        ),
     ),
-}  # fmt: skip
+}
 
 
 def stage_config(config, stage: str) -> ml_collections.ConfigDict:
@@ -145,11 +154,16 @@ def _setup(t, ds, task, schedule, *, mesh=None):
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
     plain_fn, gns_fn = train.make_train_steps(
-        model, optimizer, tracker,
+        model,
+        optimizer,
+        tracker,
         method=train.resolve_gns_method(t, model, 1 if mesh is None else mesh.size),
-        num_microbatches=int(t.gns_microbatches), use_dropout=models.uses_dropout(model),
-        schedule=schedule, mesh=mesh, loss=task.loss,
-    )  # fmt: skip
+        num_microbatches=int(t.gns_microbatches),
+        use_dropout=models.uses_dropout(model),
+        schedule=schedule,
+        mesh=mesh,
+        loss=task.loss,
+    )
     shape, dtype = task.input_spec(ds)
     state = train.init_state(t, model, optimizer, tracker, shape, dtype, mesh=mesh)
     return model, plain_fn, gns_fn, state
@@ -197,14 +211,19 @@ def pipeline_plan(config) -> finder.Plan:
     return finder.Plan(
         ref_batch_size=int(t.batch_size),
         pilot_steps=max(int(t.noise.pilot_steps or 0), int(t.noise.warmup_steps)),
-        every=int(t.noise.every), num_stretches=int(t.noise.num_stretches),
-        branched=int(ccfg.num_checkpoints) > 0, branch_points=int(ccfg.num_checkpoints),
+        every=int(t.noise.every),
+        num_stretches=int(t.noise.num_stretches),
+        branched=int(ccfg.num_checkpoints) > 0,
+        branch_points=int(ccfg.num_checkpoints),
         branch_exponents=tuple(int(e) for e in ccfg.exponents),
-        branch_steps=int(ccfg.fork_steps), branch_repeats=int(ccfg.num_repeats),
-        fork_rule=scaling.rule_for(t.optimizer), confidence=float(t.noise.confidence),
-        branch_confidence=float(ccfg.confidence), seed=int(t.seed),
+        branch_steps=int(ccfg.fork_steps),
+        branch_repeats=int(ccfg.num_repeats),
+        fork_rule=scaling.rule_for(t.optimizer),
+        confidence=float(t.noise.confidence),
+        branch_confidence=float(ccfg.confidence),
+        seed=int(t.seed),
         run_steps=int(t.tradeoff.max_steps),
-    )  # fmt: skip
+    )
 
 
 def pilot_hooks(config, ds, task, workdir: str, fp: str):
@@ -257,28 +276,48 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
                 hint="lower config.learning_rate or config.noise.warmup_steps",
             )
         if error is not None:
-            raise UserError(f"the noise scale could not be measured: {error}",
-                            hint="lower config.learning_rate") from error  # fmt: skip
+            raise UserError(
+                f"the noise scale could not be measured: {error}", hint="lower config.learning_rate"
+            ) from error
         pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
         p, rel = record["pilot"], os.path.join(PILOT_DIR, fp[:16])
         # Steps x the median step: the measurement and compilations left out, as a run's clock.
         seconds = p["steps"] * float(np.median(gaps))
-        start = {"from": "pilot", "checkpoint": rel, "step": p["steps"], "seconds": seconds,
-                 "examples": p["steps"] * p["batch_size"], "batch_size": p["batch_size"],
-                 "learning_rate": float(t.learning_rate)}  # fmt: skip
+        start = {
+            "from": "pilot",
+            "checkpoint": rel,
+            "step": p["steps"],
+            "seconds": seconds,
+            "examples": p["steps"] * p["batch_size"],
+            "batch_size": p["batch_size"],
+            "learning_rate": float(t.learning_rate),
+        }
         where = os.path.join(workdir, rel)
         shutil.rmtree(where, ignore_errors=True)  # a pilot measured again replaces its state
-        meta = {"step": p["steps"], "examples_seen": start["examples"], "start": start,
-                "clock": {"train_time_s": seconds}, "data": task.describe(ds)}  # fmt: skip
+        meta = {
+            "step": p["steps"],
+            "examples_seen": start["examples"],
+            "start": start,
+            "clock": {"train_time_s": seconds},
+            "data": task.describe(ds),
+        }
         runlog.Checkpoints(where).save(p["steps"], last["state"], meta)
-        return record | common.to_json({
-            "b_simple": pooled.estimate, "interval": [pooled.low, pooled.high],
-            "g_sq": float(np.mean(g[finite])), "trace_cov": float(np.mean(tc[finite])),
-            "per_batch": per_batch, "batch_size": int(noise.batch_size),
-            "num_batches": int(noise.num_batches), "num_used": pooled.n,
-            "num_nonfinite_dropped": pooled.nonfinite_dropped, "method": method,
-            "after_warmup_steps": int(noise.warmup_steps), "pilot": p | {"start": start},
-        })  # fmt: skip
+        return record | common.to_json(
+            {
+                "b_simple": pooled.estimate,
+                "interval": [pooled.low, pooled.high],
+                "g_sq": float(np.mean(g[finite])),
+                "trace_cov": float(np.mean(tc[finite])),
+                "per_batch": per_batch,
+                "batch_size": int(noise.batch_size),
+                "num_batches": int(noise.num_batches),
+                "num_used": pooled.n,
+                "num_nonfinite_dropped": pooled.nonfinite_dropped,
+                "method": method,
+                "after_warmup_steps": int(noise.warmup_steps),
+                "pilot": p | {"start": start},
+            }
+        )
 
     return on_step, finish
 
@@ -350,23 +389,30 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     res, table = hardware.FitResult(None, None, None, []), None  # nothing splits: none timed
     if len(cands) > len(skipped):
         res, table = finder.time_candidates(
-            step, lambda b: (state, mesh_lib.shard(zeros(b, np), mesh)),
-            sorted(cands - set(skipped)), memory_budget_bytes=budget, rounds=t.throughput.repeats,
-            warmup=t.throughput.warmup, make_shape_args=lambda b: (state, zeros(b, jnp)),
-        )  # fmt: skip
+            step,
+            lambda b: (state, mesh_lib.shard(zeros(b, np), mesh)),
+            sorted(cands - set(skipped)),
+            memory_budget_bytes=budget,
+            rounds=t.throughput.repeats,
+            warmup=t.throughput.warmup,
+            make_shape_args=lambda b: (state, zeros(b, jnp)),
+        )
     timings = {} if table is None else table.timings
     rows = [
-        rec.to_dict() | _timing_row(timings.get(rec.batch_size))
-        | {"budget_source": source or res.budget_source,
-           "per_device_batch_size": rec.batch_size // n}
+        rec.to_dict()
+        | _timing_row(timings.get(rec.batch_size))
+        | {
+            "budget_source": source or res.budget_source,
+            "per_device_batch_size": rec.batch_size // n,
+        }
         for rec in res.records
-    ]  # fmt: skip
+    ]
     rows += [
         hardware.FitRecord(b, None, res.budget_bytes, False, False, why).to_dict()
         | _timing_row(None)
         | {"budget_source": None, "per_device_batch_size": None, "skipped": True}
         for b, why in skipped.items()
-    ]  # fmt: skip
+    ]
     max_b = res.max_batch_size
     return {
         "rows": sorted(
@@ -382,11 +428,22 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
 def _timing_row(bt: hardware.BatchTiming | None) -> dict:
     """The timing fields of a throughput row (``None`` and ``[]`` when not timed)."""
     if bt is None:
-        return dict(step_time_s=None, step_time_iqr_s=None, times_s=[], extra_rounds=None,
-                    stable=None, examples_per_s=None)  # fmt: skip
-    return dict(step_time_s=bt.median_s, step_time_iqr_s=bt.q75_s - bt.q25_s,
-                times_s=list(bt.times_s), extra_rounds=bt.extra_rounds, stable=bt.stable,
-                examples_per_s=bt.batch_size / bt.median_s)  # fmt: skip
+        return dict(
+            step_time_s=None,
+            step_time_iqr_s=None,
+            times_s=[],
+            extra_rounds=None,
+            stable=None,
+            examples_per_s=None,
+        )
+    return dict(
+        step_time_s=bt.median_s,
+        step_time_iqr_s=bt.q75_s - bt.q25_s,
+        times_s=list(bt.times_s),
+        extra_rounds=bt.extra_rounds,
+        stable=bt.stable,
+        examples_per_s=bt.batch_size / bt.median_s,
+    )
 
 
 def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dict]:
@@ -398,8 +455,13 @@ def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dic
         row = by_batch.setdefault(b, {"batch_size": b, "fits": False, "predicted_bytes": None})
         note = f"timed as gradient accumulation {k} x {micro}"
         reason = "; ".join(filter(None, (row.get("reason"), note)))
-        row.update(accumulation_steps=k, micro_batch_size=micro, step_time_s=t,
-                   examples_per_s=b / t, reason=reason)  # fmt: skip
+        row.update(
+            accumulation_steps=k,
+            micro_batch_size=micro,
+            step_time_s=t,
+            examples_per_s=b / t,
+            reason=reason,
+        )
     return [by_batch[b] for b in sorted(by_batch)]
 
 
@@ -418,13 +480,21 @@ def training_config(
     lr, rule = scaling.learning_rate(
         config.optimizer, config.learning_rate, config.batch_size, batch_size, b_noise
     )
-    cfg = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
-                                     if k not in rules.NOT_TRAINING})  # fmt: skip
+    cfg = ml_collections.ConfigDict(
+        {k: v for k, v in config.to_dict().items() if k not in rules.NOT_TRAINING}
+    )
     eval_every = max(1, round(tr.eval_every_examples / batch_size))
-    cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None,
-               seed=int(config.seed) + int(seed_offset), num_steps=tr.max_steps,
-               max_wall_time_s=tr.max_wall_time_s, target_accuracy=tr.target_accuracy,
-               eval_every=eval_every, log_every=eval_every)  # fmt: skip
+    cfg.update(
+        batch_size=int(batch_size),
+        learning_rate=float(lr),
+        num_epochs=None,
+        seed=int(config.seed) + int(seed_offset),
+        num_steps=tr.max_steps,
+        max_wall_time_s=tr.max_wall_time_s,
+        target_accuracy=tr.target_accuracy,
+        eval_every=eval_every,
+        log_every=eval_every,
+    )
     return cfg, rule
 
 
@@ -438,16 +508,22 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
         [r["step"] for r in evals], [r["test_accuracy"] for r in evals], cfg.target_accuracy
     )
     return {
-        "batch_size": int(cfg.batch_size), "seed": int(cfg.seed), "workdir": workdir,
-        "learning_rate": float(cfg.learning_rate), "lr_rule": lr_rule,
-        "reached": steps is not None, "steps": steps,
+        "batch_size": int(cfg.batch_size),
+        "seed": int(cfg.seed),
+        "workdir": workdir,
+        "learning_rate": float(cfg.learning_rate),
+        "lr_rule": lr_rule,
+        "reached": steps is not None,
+        "steps": steps,
         "time_to_target_s": summary.get("time_to_target_s") if steps is not None else None,
-        "eval_every": int(cfg.eval_every), "stop_reason": summary.get("stop_reason"),
-        "steps_run": summary.get("steps"), "wall_time_s": summary.get("wall_time_s"),
+        "eval_every": int(cfg.eval_every),
+        "stop_reason": summary.get("stop_reason"),
+        "steps_run": summary.get("steps"),
+        "wall_time_s": summary.get("wall_time_s"),
         "final_test_accuracy": summary.get("test_accuracy"),
         "best_test_accuracy": summary.get("best_test_accuracy"),
         "curve": [[r["step"], r["test_accuracy"]] for r in evals],
-    }  # fmt: skip
+    }
 
 
 def with_device_time(points: list[dict], times: dict[int, float], max_batch: int) -> list[dict]:
@@ -465,11 +541,16 @@ def ranking(by_batch: list[dict]) -> list[dict]:
     """``sweep.json``'s ``time_to_target``: :func:`experiments.validation.rank` of the rows of
     :func:`experiments.validation.mean_over_seeds`."""
     return [
-        {"batch_size": r["batch_size"], "rank": r["rank"], validation.DEVICE: r[validation.DEVICE],
-         "time_to_target_s": r["time_to_target_s"], "device_over_best": r["over_best"],
-         "wall_over_best": r["wall_over_best"]}
+        {
+            "batch_size": r["batch_size"],
+            "rank": r["rank"],
+            validation.DEVICE: r[validation.DEVICE],
+            "time_to_target_s": r["time_to_target_s"],
+            "device_over_best": r["over_best"],
+            "wall_over_best": r["wall_over_best"],
+        }
         for r in validation.rank(by_batch)
-    ]  # fmt: skip
+    ]
 
 
 def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
@@ -477,11 +558,20 @@ def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     reached = [p for p in points if p["reached"]]
     keys = "batch_size seed steps time_to_target_s device_time_to_target_s step_time_s "
     keys += "learning_rate reached workdir wall_time_s final_test_accuracy stop_reason"
-    out = {"s_min": None, "e_min": None, "b_crit": None, "intervals": {},
-           "points": [{k: p.get(k) for k in keys.split()} for p in points]}  # fmt: skip
+    out = {
+        "s_min": None,
+        "e_min": None,
+        "b_crit": None,
+        "intervals": {},
+        "points": [{k: p.get(k) for k in keys.split()} for p in points],
+    }
     try:
-        f = tradeoff.fit([p["batch_size"] for p in reached], [p["steps"] for p in reached],
-                         num_bootstrap=num_bootstrap, seed=seed)  # fmt: skip
+        f = tradeoff.fit(
+            [p["batch_size"] for p in reached],
+            [p["steps"] for p in reached],
+            num_bootstrap=num_bootstrap,
+            seed=seed,
+        )
     except ValueError as e:
         out["error"] = f"{e} ({len(reached)} of {len(points)} trainings reached the target)"
         return out
@@ -516,14 +606,29 @@ def run_sweep(
 def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
     """:func:`gns.finder.decide` with the reference run's rate and ``config.recommend``."""
     t, rc = config, config.recommend
-    cands = list(rc.candidates) if rc.candidates else sorted(
-        set(table.step_time()) | {t.batch_size}
-        | {int(f) * max_batch for f in config.throughput.accumulation_factors})  # fmt: skip
+    cands = (
+        list(rc.candidates)
+        if rc.candidates
+        else sorted(
+            set(table.step_time())
+            | {t.batch_size}
+            | {int(f) * max_batch for f in config.throughput.accumulation_factors}
+        )
+    )
     return finder.decide(
-        basis, value, evidence, table, max_batch, base_batch_size=t.batch_size,
-        base_lr=t.learning_rate, optimizer=t.optimizer, objective=rc.objective,
-        candidates=cands, s_min=s_min, price_per_hour=rc.price_per_hour,
-    )  # fmt: skip
+        basis,
+        value,
+        evidence,
+        table,
+        max_batch,
+        base_batch_size=t.batch_size,
+        base_lr=t.learning_rate,
+        optimizer=t.optimizer,
+        objective=rc.objective,
+        candidates=cands,
+        s_min=s_min,
+        price_per_hour=rc.price_per_hour,
+    )
 
 
 def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
@@ -535,11 +640,17 @@ def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
     picks, by_basis = {}, {}
     for name, (v, lo, hi) in [*m.evidence.items(), ("tradeoff_fit", (fit["b_crit"], *fit_iv))]:
         value = (v, math.nan, math.nan) if name == "tradeoff_fit" else (v, lo, hi)
-        r = picks[name] = None if v is None or math.isnan(v) else _decide(
-            config, name, value, m.evidence, table, max_batch, fit["s_min"])  # fmt: skip
+        r = picks[name] = (
+            None
+            if v is None or math.isnan(v)
+            else _decide(config, name, value, m.evidence, table, max_batch, fit["s_min"])
+        )
         by_basis[name] = {"b_noise": v, "low": lo, "high": hi}
-        by_basis[name] |= {"batch_size": None} if r is None else {
-            "batch_size": r.batch_size, "batch_size_range": r.batch_size_range}  # fmt: skip
+        by_basis[name] |= (
+            {"batch_size": None}
+            if r is None
+            else {"batch_size": r.batch_size, "batch_size_range": r.batch_size_range}
+        )
     rec_fit = picks["tradeoff_fit"]
     return {
         "recommendation": picks[m.basis].to_dict() | {"basis_note": m.note},
@@ -604,9 +715,10 @@ class _Sweep:
         """``time_fn`` of the pipeline: the table (``extended_to_<B>``: with one batch more)."""
         extra = tuple(sorted(set(cands) - set(self.base)))
         tput = self._stored(
-            "throughput", f"extended_to_{extra[-1]}" if extra else "table",
+            "throughput",
+            f"extended_to_{extra[-1]}" if extra else "table",
             lambda: measure_throughput(self.view, self.ds, self.task, extra),
-        )  # fmt: skip
+        )
         mb = tput["max_batch_size"]
         if mb is None:
             raise UserError(
@@ -665,10 +777,15 @@ class _Sweep:
         config, bar = self.config, self.bar
         steps, state = pipeline_steps(config, self.ds, self.task)
         m = finder.pipeline(
-            steps, state, pipeline_plan(config), time_fn=self.time,
-            decide_fn=functools.partial(_decide, config), candidates=self.base,
-            cache=self.cache, on_step=self.on_step,
-        )  # fmt: skip
+            steps,
+            state,
+            pipeline_plan(config),
+            time_fn=self.time,
+            decide_fn=functools.partial(_decide, config),
+            candidates=self.base,
+            cache=self.cache,
+            on_step=self.on_step,
+        )
         bar.update(1)
         max_batch, _, tput = m.timed
         rows = tput["rows"]
@@ -730,14 +847,22 @@ def fmt(x, spec: str, scale: float | None = None, suffix: str = "") -> str:
 
 
 # (title, row key, format[, scale]) of the summary's tables.
-THROUGHPUT_COLUMNS = [("batch", "batch_size", "d"), ("fits", "fits", ""),
-                      ("accum", "accumulation_steps", "d"), ("step ms", "step_time_s", ".2f", 1e3),
-                      ("examples/s", "examples_per_s", ".0f"),
-                      ("pred. MiB", "predicted_bytes", ".1f", 2.0**-20)]  # fmt: skip
-TRAINING_COLUMNS = [("batch", "batch_size", "d"), ("seed", "seed", "d"),
-                    ("lr", "learning_rate", ".3g"), ("steps to target", "steps", ".0f"),
-                    ("steps x t(B) s", "device_time_to_target_s", ".2f"),
-                    ("wall s", "time_to_target_s", ".1f")]  # fmt: skip
+THROUGHPUT_COLUMNS = [
+    ("batch", "batch_size", "d"),
+    ("fits", "fits", ""),
+    ("accum", "accumulation_steps", "d"),
+    ("step ms", "step_time_s", ".2f", 1e3),
+    ("examples/s", "examples_per_s", ".0f"),
+    ("pred. MiB", "predicted_bytes", ".1f", 2.0**-20),
+]
+TRAINING_COLUMNS = [
+    ("batch", "batch_size", "d"),
+    ("seed", "seed", "d"),
+    ("lr", "learning_rate", ".3g"),
+    ("steps to target", "steps", ".0f"),
+    ("steps x t(B) s", "device_time_to_target_s", ".2f"),
+    ("wall s", "time_to_target_s", ".1f"),
+]
 
 
 def _table(rows: list[dict], columns: list[tuple]) -> list[str]:
@@ -755,10 +880,10 @@ def summary_table(sweep: dict) -> str:
     c, rf = sweep.get("critical_batch") or {}, sweep["recommendation_from_tradeoff"]
     iv, effective = n["interval"], (n.get("effective") or {}).get("value")
     path = [f"{fmt(x['b_simple'], '.4g')} (to step {x['step']:g})" for x in n["trajectory"]]
-    forks = [f"{fmt(x['b_crit'], '.4g')} (step {x['step']}, {x['status']})"
-             for x in c.get("checkpoints") or []]  # fmt: skip
-    evidence = [f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
-                for k, v in r.get("evidence", {}).items()]  # fmt: skip
+    evidence = [
+        f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
+        for k, v in r.get("evidence", {}).items()
+    ]
     lines = [
         f"device: {d['platform']} / {d['kind']} x{d['count']}",
         f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are global "
@@ -772,9 +897,10 @@ def summary_table(sweep: dict) -> str:
         f"interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]  ({n['num_batches']} batches "
         f"of {n['batch_size']}, {n['method']}, after {n['after_warmup_steps']} steps)",
         f"along the pilot: {', '.join(path)}; effective {fmt(effective, '.4g')}",
-        *([f"branched B_crit: {', '.join(forks)}; effective {fmt(c['effective']['value'], '.4g')}"
-           f" (forks cost {c['cost_fraction']:.2f}x the pilot's examples)"] if forks else []),
-        "", *_table(sweep["tradeoff"]["points"], TRAINING_COLUMNS), fit_line(sweep["tradeoff"]),
+        *_branched_lines(c),
+        "",
+        *_table(sweep["tradeoff"]["points"], TRAINING_COLUMNS),
+        fit_line(sweep["tradeoff"]),
         "",
         f"recommended batch size: {r['batch_size']} (accumulation steps {r['accumulation_steps']}),"
         f" learning rate {r['learning_rate']:.4g}, predicted speedup vs baseline "
@@ -783,11 +909,29 @@ def summary_table(sweep: dict) -> str:
         + ", ".join(evidence),
         f"  {r['reason']}",
         f"  lr rule: {r['lr_rule']}",
-        *([f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"]
-          if rf is not None else []),
+        *(
+            []
+            if rf is None
+            else [f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"]
+        ),
         *validation_lines(sweep.get("validation")),
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)
+
+
+def _branched_lines(critical: dict) -> list[str]:
+    """The branched ``B_crit`` of each checkpoint and their effective value (none without)."""
+    forks = [
+        f"{fmt(x['b_crit'], '.4g')} (step {x['step']}, {x['status']})"
+        for x in critical.get("checkpoints") or []
+    ]
+    if not forks:
+        return []
+    effective = fmt(critical["effective"]["value"], ".4g")
+    return [
+        f"branched B_crit: {', '.join(forks)}; effective {effective} (forks cost "
+        f"{critical['cost_fraction']:.2f}x the pilot's examples)"
+    ]
 
 
 def fit_line(fit: dict) -> str:
@@ -814,9 +958,13 @@ def validation_lines(v: dict | None) -> list[str]:
     for name, r in v["by_basis"].items():
         rng = r.get("over_best_range")
         spread = f" [seeds {rng[0]:.2f}-{rng[1]:.2f}]" if rng else ""
-        lines.append(f"  {name:>12}: not measured" if r.get("batch_size") is None else (
-            f"  {name:>12}: batch {r['batch_size']:>5} (noise scale {fmt(r['b_noise'], '.4g')}): "
-            f"{fmt(r['over_best'], '.2f')}x{spread}, {r['source']}"))  # fmt: skip
+        if r.get("batch_size") is None:
+            lines.append(f"  {name:>12}: not measured")
+            continue
+        lines.append(
+            f"  {name:>12}: batch {r['batch_size']:>5} (noise scale {fmt(r['b_noise'], '.4g')}):"
+            f" {fmt(r['over_best'], '.2f')}x{spread}, {r['source']}"
+        )
     ratios = [f"{fmt(x['ratio'], '.2f')} (step {x['step']})" for x in c["per_checkpoint"]]
     return lines + [
         f"  branched B_crit / fitted B_crit: {fmt(c['value'], '.2f')} [{fmt(c['low'], '.2f')}, "

@@ -38,11 +38,25 @@ METRICS_FILE = runlog.METRICS_FILE
 SUMMARY_FILE = "summary.json"
 # Fields that do not change what a run computes, so a resume may change them (run_identity);
 # adaptive.timing_*: how the candidates are timed, not the schedule.
-NOT_IDENTITY = (*rules.NOT_TRAINING, "log_every", "checkpoint_every", "progress_bar", "plots",
-                "max_wall_time_s", "eval_batch_size", "divergence_factor", "data.cache_dir",
-                "data.tfds_data_dir", "data.url", "data.md5", "data.on_device", "distributed",
-                "step_time_repeats", "adaptive.timing_warmup",
-                "adaptive.timing_rounds")  # fmt: skip
+NOT_IDENTITY = (
+    *rules.NOT_TRAINING,
+    "log_every",
+    "checkpoint_every",
+    "progress_bar",
+    "plots",
+    "max_wall_time_s",
+    "eval_batch_size",
+    "divergence_factor",
+    "data.cache_dir",
+    "data.tfds_data_dir",
+    "data.url",
+    "data.md5",
+    "data.on_device",
+    "distributed",
+    "step_time_repeats",
+    "adaptive.timing_warmup",
+    "adaptive.timing_rounds",
+)
 
 
 class Diverged(UserError):
@@ -307,9 +321,15 @@ def init_state(
     x = jnp.zeros((1,) + tuple(image_shape), dtype)
     variables = jax.jit(lambda r: model.init(r, x, train=False))(init_rng)
     params = variables["params"]
-    state = TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
-                       optimizer.init(params), tracker.init(), dropout_rng,
-                       jnp.float32(config.learning_rate))  # fmt: skip
+    state = TrainState(
+        jnp.zeros((), jnp.int32),
+        params,
+        variables.get("batch_stats", {}),
+        optimizer.init(params),
+        tracker.init(),
+        dropout_rng,
+        jnp.float32(config.learning_rate),
+    )
     return state if mesh is None else mesh_lib.replicate(state, mesh)
 
 
@@ -335,8 +355,9 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     task = task or tasks.get(config)
     num_train = task.num_train(ds)
     mesh = mesh_lib.make_mesh(config.num_devices)
-    model = models.get_model(config.model, num_classes=getattr(ds, "num_classes", None),
-                             dtype=config.dtype)  # fmt: skip
+    model = models.get_model(
+        config.model, num_classes=getattr(ds, "num_classes", None), dtype=config.dtype
+    )
     method = resolve_gns_method(config, model, mesh.size)
     k = config.gns_microbatches
     # The rules check this for gns_method='microbatch'; 'auto' resolves to it with BatchNorm.
@@ -357,9 +378,17 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     schedule = make_schedule(config, num_steps, peak=1.0)  # the rate: in the state
     optimizer, tracker = make_optimizer(config, schedule), smoothing.ema(config.gns_ema_decay)
     plain_fn, gns_fn = make_train_steps(
-        model, optimizer, tracker, method=method, num_microbatches=k, schedule=schedule,
-        chunk_size=config.gns_chunk_size, use_dropout=models.uses_dropout(model),
-        mesh=mesh, loss=task.loss)  # fmt: skip
+        model,
+        optimizer,
+        tracker,
+        method=method,
+        num_microbatches=k,
+        schedule=schedule,
+        chunk_size=config.gns_chunk_size,
+        use_dropout=models.uses_dropout(model),
+        mesh=mesh,
+        loss=task.loss,
+    )
     state = init_state(config, model, optimizer, tracker, *task.input_spec(ds))
     if adaptive.enabled(config):
         adaptive.validate(config, num_train, k if method == "microbatch" else None)
@@ -379,12 +408,27 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
             host = task.train_batches(config, ds, batch_size, start_example, by_example=by_example)
             return mesh_lib.placed_batches(host, mesh)
         return mesh_lib.device_train_batches(
-            ds, batch_size, seed=config.seed, augment=config.data.augment, mesh=mesh,
+            ds,
+            batch_size,
+            seed=config.seed,
+            augment=config.data.augment,
+            mesh=mesh,
             start_step=start_example // batch_size,
-            start_example=start_example if by_example else None)  # fmt: skip
+            start_example=start_example if by_example else None,
+        )
 
-    return Setup(method, num_steps, plain_fn, gns_fn, evaluate, mesh_lib.replicate(state, mesh),
-                 task, mesh, train_batches, num_train)  # fmt: skip
+    return Setup(
+        method,
+        num_steps,
+        plain_fn,
+        gns_fn,
+        evaluate,
+        mesh_lib.replicate(state, mesh),
+        task,
+        mesh,
+        train_batches,
+        num_train,
+    )
 
 
 def _first_batch(train_batches: Callable, batch_size: int, by_example: bool = False):
@@ -412,9 +456,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ds = task.load(config)  # before the lock: a bad data source leaves the workdir untouched
     with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():
         ckpt = runlog.Checkpoints(workdir)
-        log = runlog.RunLog(workdir, target=task.target(config),
-                            window=int(config.target_window), primary=primary,
-                            devices=mesh_lib.make_mesh(config.num_devices).size)  # fmt: skip
+        log = runlog.RunLog(
+            workdir,
+            target=task.target(config),
+            window=int(config.target_window),
+            primary=primary,
+            devices=mesh_lib.make_mesh(config.num_devices).size,
+        )
         config_dict = config.to_dict()
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
         log.data = task.describe(ds)  # the content's identity, checked against the checkpoint
@@ -464,9 +512,16 @@ def start_from_pilot(config, setup: Setup, log: runlog.RunLog):
     seen = finder.continue_at(start["examples"], config.batch_size) * config.batch_size
     meta = {"examples_seen": seen, "start": start, "clock": {"train_time_s": start["seconds"]}}
     log.resume(int(start["step"]), meta, truncate=False)
-    log.write_row({"step": start["step"], "examples_seen": start["examples"],
-                   "wall_time_s": start["seconds"], "batch_size": start["batch_size"],
-                   "learning_rate": start["learning_rate"], "start": "pilot"})  # fmt: skip
+    log.write_row(
+        {
+            "step": start["step"],
+            "examples_seen": start["examples"],
+            "wall_time_s": start["seconds"],
+            "batch_size": start["batch_size"],
+            "learning_rate": start["learning_rate"],
+            "start": "pilot",
+        }
+    )
     return state._replace(learning_rate=jnp.float32(config.learning_rate))
 
 
@@ -481,8 +536,13 @@ def _already_complete(config, setup: Setup, log: runlog.RunLog) -> dict | None:
     stop = _stop_reason(config, log, setup.num_steps * config.batch_size, threading.Event())
     if stored.get("steps") != log.step or stop is None or stored.get("stop_reason") != stop:
         return None
-    logging.info("%s is already complete (%s at step %d): nothing to train; its summary is %s.",
-                 log.workdir, stop, log.step, path)  # fmt: skip
+    logging.info(
+        "%s is already complete (%s at step %d): nothing to train; its summary is %s.",
+        log.workdir,
+        stop,
+        log.step,
+        path,
+    )
     return stored
 
 
@@ -526,10 +586,12 @@ def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
     if times is None:  # timed interleaved, the median of each
         cands = adaptive.candidates(config)
         logging.info("Timing the batch sizes %s (config.adaptive.step_times is None).", cands)
-        calls = {b: (setup.plain_fn, (state, _first_batch(setup.train_batches, b, True)))
-                 for b in cands}  # fmt: skip
-        table = hardware.interleaved_times(calls, warmup=config.adaptive.timing_warmup,
-                                           rounds=config.adaptive.timing_rounds)  # fmt: skip
+        calls = {
+            b: (setup.plain_fn, (state, _first_batch(setup.train_batches, b, True))) for b in cands
+        }
+        table = hardware.interleaved_times(
+            calls, warmup=config.adaptive.timing_warmup, rounds=config.adaptive.timing_rounds
+        )
         times = [float(np.median(table[b])) for b in cands]
     sched = adaptive.make_batch_schedule(config, times)
     every = config.adaptive.eval_every_examples or every
@@ -553,7 +615,8 @@ class StepCache:
             logging.info("Compiling the training steps (batch size %d).", batch_size)
             self.steps[batch_size] = tuple(
                 None if f is None else jax.jit(f, donate_argnums=0).lower(state, batch).compile()
-                for f in (self.plain_fn, self.gns_fn))  # fmt: skip
+                for f in (self.plain_fn, self.gns_fn)
+            )
             self.clock.charge("pause")
         return self.steps[batch_size]
 
@@ -570,8 +633,13 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
     gns_every, every = config.gns_every, policy.eval_every_examples
     steps = StepCache(setup.plain_fn, setup.gns_fn if gns_every > 0 else None, log.clock)
     held_out = setup.task.eval_arrays(config, ds, "test", config.eval_examples)
-    bar = progress.Progress(num_examples, desc="train", unit="examples",
-                            initial=log.examples_seen, bar=config.progress_bar)  # fmt: skip
+    bar = progress.Progress(
+        num_examples,
+        desc="train",
+        unit="examples",
+        initial=log.examples_seen,
+        bar=config.progress_bar,
+    )
     stop, pending = None, []  # pending: the device metrics since the last row
 
     def write_row(state, measured: bool, do_eval: bool):
@@ -581,8 +649,10 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
         jax.block_until_ready(state)
         log.clock.charge("pause")
         host, means = jax.device_get(pending), ("train_loss", "train_accuracy")
-        metrics = {k: float(np.mean([h[k] for h in host]) if k in means else v)
-                   for k, v in host[-1].items()}  # fmt: skip
+        metrics = {
+            k: float(np.mean([h[k] for h in host]) if k in means else v)
+            for k, v in host[-1].items()
+        }
         row = log.row(**metrics, batch_size=bs, epoch=log.examples_seen / setup.num_train)
         log.check_losses([h["train_loss"] for h in host], config.divergence_factor)
         if measured and not log.diverged:
@@ -602,8 +672,12 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
         log.write_row(row)
         b_simple = row.get("ema_b_simple")  # a float where measured: else the bar's last one
         b_simple = bar.fields.get("B_simple", "-") if b_simple is None else f"{b_simple:.4g}"
-        bar.set(step=row["step"], loss=f"{row['train_loss']:.3f}", B_simple=b_simple,
-                **{"examples/s": f"{row['examples_per_s']:.0f}"})  # fmt: skip
+        bar.set(
+            step=row["step"],
+            loss=f"{row['train_loss']:.3f}",
+            B_simple=b_simple,
+            **{"examples/s": f"{row['examples_per_s']:.0f}"},
+        )
         return state, row
 
     try:
@@ -630,8 +704,9 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
                     )
                     do_save = config.checkpoint_every > 0 and step % config.checkpoint_every == 0
                     bar.update(bs)
-                    if not (measured or do_eval or do_save or step % config.log_every == 0
-                            or stop_now()):  # fmt: skip
+                    if not (
+                        measured or do_eval or do_save or step % config.log_every == 0 or stop_now()
+                    ):
                         continue
                     state, row = write_row(state, measured, do_eval)
                     stop, pending = row.get("stop_reason"), []
@@ -660,9 +735,13 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
         log.record_eval(task.score(final[task.metric]), periodic=False)
         if config.step_time_repeats:  # the step alone, for the device utilization
             batch = _first_batch(setup.train_batches, config.batch_size)
-            step_time = hardware.time_step(jax.jit(setup.plain_fn), (state, batch), warmup=1,
-                                           repeats=config.step_time_repeats,
-                                           cache=hardware.CompileCache()).median_s  # fmt: skip
+            step_time = hardware.time_step(
+                jax.jit(setup.plain_fn),
+                (state, batch),
+                warmup=1,
+                repeats=config.step_time_repeats,
+                cache=hardware.CompileCache(),
+            ).median_s
     rows = log.rows()
     clock = log.clock.state()
     summary = {
@@ -696,8 +775,12 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
     if step_time is not None:  # how busy the pipeline (data and steps) keeps the devices
         rate = log.examples_seen / max(clock["train_time_s"], 1e-9)
         step_rate = config.batch_size / step_time
-        summary.update(step_time_s=step_time, step_examples_per_s=step_rate,
-                       train_examples_per_s=rate, device_utilization=rate / step_rate)  # fmt: skip
+        summary.update(
+            step_time_s=step_time,
+            step_examples_per_s=step_rate,
+            train_examples_per_s=rate,
+            device_utilization=rate / step_rate,
+        )
     if log.data is not None:
         summary["data"] = log.data
     if log.primary:
@@ -722,24 +805,43 @@ def noise_scale_summary(rows: list[dict]) -> dict:
     finite = np.isfinite(g) & np.isfinite(t)
     g, t = g[finite], t[finite]
     out = dict.fromkeys(("b_simple", "interval", "g_sq", "trace_cov", "block_size"))
-    out.update(num_measurements=len(g), num_dropped=len(meas) - len(g), recent=None,
-               last_ema_b_simple=meas[-1].get("ema_b_simple") if meas else None)  # fmt: skip
+    out.update(
+        num_measurements=len(g),
+        num_dropped=len(meas) - len(g),
+        recent=None,
+        last_ema_b_simple=meas[-1].get("ema_b_simple") if meas else None,
+    )
     if out["num_dropped"]:
-        logging.warning("%d of %d noise-scale measurements are not finite (left out): the "
-                        "gradients overflowed; lower config.learning_rate, or stop such a run "
-                        "with config.divergence_factor.", out["num_dropped"],
-                        len(meas))  # fmt: skip
+        logging.warning(
+            "%d of %d noise-scale measurements are not finite (left out): the "
+            "gradients overflowed; lower config.learning_rate, or stop such a run "
+            "with config.divergence_factor.",
+            out["num_dropped"],
+            len(meas),
+        )
     if 2 * np.sum(g <= 0) > len(g):
-        logging.warning("%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null): "
-                        "the gradient is not resolved above its noise, or the run diverges.",
-                        np.sum(g <= 0), len(g))  # fmt: skip
+        logging.warning(
+            "%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null): "
+            "the gradient is not resolved above its noise, or the run diverges.",
+            np.sum(g <= 0),
+            len(g),
+        )
     if len(g) >= 2:
         k = smoothing.recent_window(len(g))
         last = smoothing.interval(g[-k:], t[-k:], block_size=1)
         steps = [r["step"] for r, ok in zip(meas, finite, strict=True) if ok]
-        out["recent"] = {"b_simple": last.estimate, "interval": [last.low, last.high],
-                         "num_measurements": k, "from_step": steps[-k]}  # fmt: skip
+        out["recent"] = {
+            "b_simple": last.estimate,
+            "interval": [last.low, last.high],
+            "num_measurements": k,
+            "from_step": steps[-k],
+        }
         res = smoothing.interval(g, t)
-        out.update(b_simple=res.estimate, interval=[res.low, res.high], g_sq=float(np.mean(g)),
-                   trace_cov=float(np.mean(t)), block_size=res.block_size)  # fmt: skip
+        out.update(
+            b_simple=res.estimate,
+            interval=[res.low, res.high],
+            g_sq=float(np.mean(g)),
+            trace_cov=float(np.mean(t)),
+            block_size=res.block_size,
+        )
     return out

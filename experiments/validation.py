@@ -45,17 +45,19 @@ def mean_over_seeds(points: list[dict], key: str = "batch_size") -> list[dict]:
         mine = sorted(groups[g], key=lambda p: p.get("seed", 0))
         ok = [p for p in mine if p.get("reached") and p.get(DEVICE) is not None]
         dev = [p[DEVICE] for p in ok]
-        out.append({
-            key: g,
-            "seeds": [int(p.get("seed", 0)) for p in mine],
-            "num_reached": len(ok),
-            "reached": len(ok) == len(mine),
-            "steps": _mean(ok, "steps"),
-            DEVICE: _mean(ok, DEVICE),
-            "time_to_target_s": _mean(ok, "time_to_target_s"),
-            "device_time_per_seed": {str(p.get("seed", 0)): p.get(DEVICE) for p in mine},
-            "device_time_range": [min(dev), max(dev)] if dev else None,
-        })  # fmt: skip
+        out.append(
+            {
+                key: g,
+                "seeds": [int(p.get("seed", 0)) for p in mine],
+                "num_reached": len(ok),
+                "reached": len(ok) == len(mine),
+                "steps": _mean(ok, "steps"),
+                DEVICE: _mean(ok, DEVICE),
+                "time_to_target_s": _mean(ok, "time_to_target_s"),
+                "device_time_per_seed": {str(p.get("seed", 0)): p.get(DEVICE) for p in mine},
+                "device_time_range": [min(dev), max(dev)] if dev else None,
+            }
+        )
     return out
 
 
@@ -64,15 +66,20 @@ def rank(rows, key: str = "batch_size") -> list[dict]:
     fastest first by mean device time (ties: the smaller ``key`` first), each a copy with
     ``rank`` (1 = fastest; equal times share a rank), ``over_best`` (device time over the
     fastest's) and ``wall_over_best`` (wall clock over the least wall clock among them)."""
-    done = sorted((r for r in rows if r["reached"] and r.get(DEVICE) is not None),
-                  key=lambda r: (r[DEVICE], r[key]))  # fmt: skip
+    done = sorted(
+        (r for r in rows if r["reached"] and r.get(DEVICE) is not None),
+        key=lambda r: (r[DEVICE], r[key]),
+    )
     walls = [r["time_to_target_s"] for r in done if r.get("time_to_target_s") is not None]
     return [
-        r | {"rank": 1 + sum(q[DEVICE] < r[DEVICE] for q in done),
-             "over_best": _ratio(r[DEVICE], done[0][DEVICE]),
-             "wall_over_best": _ratio(r.get("time_to_target_s"), min(walls, default=None))}
+        r
+        | {
+            "rank": 1 + sum(q[DEVICE] < r[DEVICE] for q in done),
+            "over_best": _ratio(r[DEVICE], done[0][DEVICE]),
+            "wall_over_best": _ratio(r.get("time_to_target_s"), min(walls, default=None)),
+        }
         for r in done
-    ]  # fmt: skip
+    ]
 
 
 def _step_time(sweep: dict, b: int) -> float | None:
@@ -111,8 +118,11 @@ def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
         why = "not trained" if row is None else "trained, but a seed missed the target"
         source = f"interpolated: fitted S(B) x t(B) ({why})"
         out.update({"trained": False, "source": source, DEVICE: fitted})
-        per_seed = {s: fitted / v for s, v in best["device_time_per_seed"].items()
-                    if fitted is not None and v}  # fmt: skip
+        per_seed = {
+            s: fitted / v
+            for s, v in best["device_time_per_seed"].items()
+            if fitted is not None and v
+        }
     out["over_best"] = _ratio(out[DEVICE], best[DEVICE])
     out["over_best_per_seed"] = per_seed
     out["over_best_range"] = [min(per_seed.values()), max(per_seed.values())] if per_seed else None
@@ -133,9 +143,15 @@ def validation(sweep: dict) -> dict:
     out: dict[str, Any] = {"best_measured": {k: best[k] for k in keep}, "by_basis": {}}
     for name, rec in sweep["recommendation_by_basis"].items():
         b = rec.get("batch_size")
-        out["by_basis"][name] = dict(rec) if b is None else {
-            "batch_size": int(b), "b_noise": rec.get("b_noise"),
-            **_over_best(sweep, int(b), rows, best)}  # fmt: skip
+        out["by_basis"][name] = (
+            dict(rec)
+            if b is None
+            else {
+                "batch_size": int(b),
+                "b_noise": rec.get("b_noise"),
+                **_over_best(sweep, int(b), rows, best),
+            }
+        )
     fit, crit = sweep["tradeoff"], sweep.get("critical_batch") or {}
     eff = crit.get("effective") or {}
     f_lo, f_hi = (fit.get("intervals") or {}).get("b_crit") or (None, None)

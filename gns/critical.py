@@ -353,18 +353,8 @@ def effective_noise_scale(
 
     Reference: McCandlish et al. (2018), eq. 2.11 applied piecewise (DESIGN.md section 7).
     """
-    return _effective(
-        delta_steps,
-        b_noise,
-        ref_batch_size,
-        low,
-        high,
-        point_confidence,
-        confidence,
-        num_resamples,
-        seed,
-        branched=False,
-    )
+    points = (delta_steps, b_noise, ref_batch_size, low, high)
+    return _effective(points, (point_confidence, confidence, num_resamples, seed), branched=False)
 
 
 # The note's ending when S_min or E_min overflow float64 and the value, computed scaled, does not.
@@ -373,23 +363,13 @@ _SUMS_OVERFLOW = (
 )
 
 
-def _effective(
-    delta_steps,
-    b_noise,
-    ref_batch_size,
-    low,
-    high,
-    point_confidence,
-    confidence,
-    num_resamples,
-    seed,
-    *,
-    branched: bool,
-) -> EffectiveNoiseScale:
-    """:func:`effective_noise_scale`, with the basis names of noise scales or branched values."""
-    delta, b, ref, lo, hi = _path_points(
-        delta_steps, b_noise, ref_batch_size, low, high, point_confidence, confidence, num_resamples
-    )
+def _effective(points: tuple, options: tuple, *, branched: bool) -> EffectiveNoiseScale:
+    """:func:`effective_noise_scale` of ``points`` ``(ΔS_ref, B_noise, B_ref, low, high)`` with
+    ``options`` ``(point_confidence, confidence, num_resamples, seed)``, with the basis names of
+    noise scales or of branched values."""
+    low = points[3]
+    point_confidence, confidence, num_resamples, seed = options
+    delta, b, ref, lo, hi = _path_points(*points, point_confidence, confidence, num_resamples)
     what = "local B_crit" if branched else "B_noise"
     keep, drop_note = _usable(delta, b, what)
     dropped, n = int((~keep).sum()), int(keep.sum())
@@ -1174,15 +1154,5 @@ def effective_critical_batch(
     b = [r.b_crit if (r.resolved or not drop_unresolved) else math.nan for r in results]
     lo = [r.low for r in results]
     hi = [r.high for r in results]
-    return _effective(
-        delta_steps,
-        b,
-        ref_batch_size,
-        lo,
-        hi,
-        results[0].confidence,
-        confidence,
-        num_resamples,
-        seed,
-        branched=True,
-    )
+    options = (results[0].confidence, confidence, num_resamples, seed)
+    return _effective((delta_steps, b, ref_batch_size, lo, hi), options, branched=True)

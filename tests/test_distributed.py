@@ -129,10 +129,7 @@ def assert_stats_close(
 
 # name -> (estimator on each device's shard, same estimator on one device over the global batch)
 ESTIMATORS = {
-    "per_example": (
-        functools.partial(estimate.per_example, axis_name=AXIS),
-        estimate.per_example,
-    ),
+    "per_example": (functools.partial(estimate.per_example, axis_name=AXIS), estimate.per_example),
     # 8 local examples in chunks of 3: two scanned chunks and a remainder of 2.
     "per_example_chunked": (
         functools.partial(estimate.per_example, chunk_size=3, axis_name=AXIS),

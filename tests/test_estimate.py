@@ -498,10 +498,7 @@ _params, _ = mlp_problem(0, batch_size=8, dim=3)
         (lambda: estimate.per_example(mlp_loss, _params, {}), "`batch` has no arrays"),
         (lambda: estimate.per_example(mlp_loss, _params, (_x, _y[:4])), "different leading"),
         (lambda: estimate.per_example(mlp_loss, _params, (_x, jnp.ones(()))), "is a scalar"),
-        (
-            lambda: estimate.per_example(mlp_loss, _params, (_x, _y), axis_name="nope"),
-            "axis_name",
-        ),
+        (lambda: estimate.per_example(mlp_loss, _params, (_x, _y), axis_name="nope"), "axis_name"),
         (lambda: estimate.microbatch(mlp_loss, _params, (_x, _y), num_microbatches=1), "num_mic"),
         (lambda: estimate.microbatch(mlp_loss, _params, (_x, _y), num_microbatches=2.0), "num_mic"),
         (lambda: estimate.microbatch(mlp_loss, _params, (_x, _y), num_microbatches=3), "divide"),

@@ -178,8 +178,7 @@ def test_tiny_batchnorm_models_run_in_both_modes():
         rng = np.random.default_rng(0)
         variables = {
             "params": jax.tree.map(
-                lambda s, rng=rng: rng.normal(0, 0.3, s.shape).astype(np.float32),
-                shapes["params"],
+                lambda s, rng=rng: rng.normal(0, 0.3, s.shape).astype(np.float32), shapes["params"]
             ),
             "batch_stats": jax.tree.map(
                 lambda s: np.full(s.shape, 0.5, np.float32), shapes["batch_stats"]

@@ -371,9 +371,7 @@ def examples_of(requests):
     return {e for size, index in requests for e in range(index * size, (index + 1) * size)}
 
 
-def test_forks_train_on_exactly_their_documented_examples_and_the_interval_is_expanded(
-    monkeypatch,
-):
+def test_forks_train_on_exactly_their_documented_examples_and_the_interval_is_expanded(monkeypatch):
     w, make_step, batch_fn, eval_fn, requests = linear_problem()
     kw = dict(ref_batch_size=8, num_examples=64, exponents=(-1, 0, 1), num_repeats=4,
               num_resamples=100, jit=False)  # fmt: skip

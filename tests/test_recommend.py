@@ -38,11 +38,7 @@ def test_time_optimum_is_the_analytic_one_on_a_fine_grid(a, b, n):
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    log_a=st.floats(-6, 0),
-    log_b=st.floats(-7, -2),
-    log_n=st.floats(0, 4),
-)
+@given(log_a=st.floats(-6, 0), log_b=st.floats(-7, -2), log_n=st.floats(0, 4))
 def test_time_optimum_matches_brute_force_among_powers_of_two(log_a, log_b, log_n):
     a, b, n = 10**log_a, 10**log_b, 10**log_n
     times = linear_times(a, b)

@@ -196,11 +196,7 @@ def test_noise_within_the_margin_band_never_moves_the_optimal_batch(log_ref, z):
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    log_ref=log_noise_refs,
-    z=unit_series,
-    start=st.sampled_from(CANDS),
-)
+@given(log_ref=log_noise_refs, z=unit_series, start=st.sampled_from(CANDS))
 def test_noisy_constant_noise_visits_each_batch_at_most_once(log_ref, z, start):
     # With the noise within a total factor F, (1 - margin)·F < 1, each change lowers the log
     # score ratio (to any fixed candidate, at N_ref) by at least -log(1 - m) - log F > 0:

@@ -647,11 +647,7 @@ def _fps(config):
         ("tradeoff.max_steps", 300, {"noise_scale", "critical_batch", "trainings"}),
         ("learning_rate", 1e-3, {"noise_scale", "critical_batch", "trainings"}),
         ("seed", 1, {"noise_scale", "critical_batch", "trainings"}),
-        (
-            "model.widths",
-            (4, 8),
-            {"noise_scale", "critical_batch", "throughput", "trainings"},
-        ),
+        ("model.widths", (4, 8), {"noise_scale", "critical_batch", "throughput", "trainings"}),
         ("data.num_train", 512, {"noise_scale", "critical_batch", "throughput", "trainings"}),
         ("dtype", "bfloat16", {"noise_scale", "critical_batch", "throughput", "trainings"}),
         ("num_devices", 2, {"throughput", "trainings"}),

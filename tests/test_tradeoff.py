@@ -167,11 +167,7 @@ def test_fit_rejects_bad_options():
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    log_s_min=st.floats(2.0, 8.0),
-    log_b_crit=st.floats(1.0, 9.0),
-    scale=st.floats(0.01, 100.0),
-)
+@given(log_s_min=st.floats(2.0, 8.0), log_b_crit=st.floats(1.0, 9.0), scale=st.floats(0.01, 100.0))
 def test_fit_is_equivariant_to_scaling_the_steps(log_s_min, log_b_crit, scale):
     """Multiplying every step count by c multiplies S_min and E_min by c, keeps B_crit."""
     s_min = math.exp(log_s_min)

@@ -56,8 +56,11 @@ def describe(ds: TeacherData) -> dict:
     """The data's record: a fingerprint of the arrays, the teacher's expected test loss
     (``bayes_loss``: the floor) and the loss of guessing (``chance_loss``: ``log C``)."""
     h = hashlib.sha256(b"".join(a.tobytes() for a in (*ds.train.values(), *ds.test.values())))
-    return {"fingerprint": h.hexdigest()[:16], "bayes_loss": ds.bayes_loss,
-            "chance_loss": math.log(ds.num_classes)}  # fmt: skip
+    return {
+        "fingerprint": h.hexdigest()[:16],
+        "bayes_loss": ds.bayes_loss,
+        "chance_loss": math.log(ds.num_classes),
+    }
 
 
 def _batch(config, ds: TeacherData, size: int, start: int) -> dict:

@@ -102,16 +102,30 @@ def load(cfg, *, context: int) -> TextDataset:
                 hint="use more text (or a larger data.max_bytes / data.test_fraction), or a "
                 "smaller --config.model.context.",
             )
-    record = dict(kind=kind, path=where, split=split, test_fraction=test_fraction,
-                  max_bytes=max_bytes, num_train_files=len(train_files),
-                  num_test_files=len(test_files), train_bytes=len(train), test_bytes=len(test),
-                  sha256=hashlib.sha256(b"".join((train, test))).hexdigest()[:16],
-                  python=platform.python_version(),
-                  python_implementation=platform.python_implementation())  # fmt: skip
+    record = dict(
+        kind=kind,
+        path=where,
+        split=split,
+        test_fraction=test_fraction,
+        max_bytes=max_bytes,
+        num_train_files=len(train_files),
+        num_test_files=len(test_files),
+        train_bytes=len(train),
+        test_bytes=len(test),
+        sha256=hashlib.sha256(b"".join((train, test))).hexdigest()[:16],
+        python=platform.python_version(),
+        python_implementation=platform.python_implementation(),
+    )
     logging.info(
         "text corpus %s (%s): %d train bytes (%d files), %d test bytes (%d files), python %s",
-        where, kind, len(train), len(train_files), len(test), len(test_files), record["python"],
-    )  # fmt: skip
+        where,
+        kind,
+        len(train),
+        len(train_files),
+        len(test),
+        len(test_files),
+        record["python"],
+    )
     return TextDataset(train, test, context, record, tuple(train_files), tuple(test_files))
 
 
