@@ -44,7 +44,14 @@ from gns.common import LossFn, PyTree, batch_size
 
 # `batch_size` is part of this module's API.
 
-__all__ = ["NoiseStats", "from_two_batches", "per_example", "microbatch", "across_devices"]
+__all__ = [
+    "NoiseStats",
+    "from_two_batches",
+    "per_example",
+    "microbatch",
+    "across_devices",
+    "hessian_aware",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,6 +471,78 @@ def across_devices(
         stats, grads, aux = out
         return stats, grads, jax.tree.map(lambda a: a[0], aux)
     return out
+
+
+def hessian_aware(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    hessian_batch: PyTree,
+    *,
+    num_microbatches: int = 8,
+) -> tuple[NoiseStats, PyTree]:
+    """The Hessian-aware noise scale ``B_noise = tr(HΣ)/(GᵀHG)`` from microbatch gradients.
+
+    The two-batch estimators of :func:`microbatch` with the quadratic form ``vᵀHv`` in place of
+    ``|v|²``: ``E[G_bᵀHG_b] = GᵀHG + tr(HΣ)/b`` for a Hessian ``H`` independent of the
+    gradients, taken at ``params`` on ``hessian_batch`` (Hessian-vector products,
+    ``jax.jvp`` of ``jax.grad``). It costs ``k + 1`` Hessian-vector products on
+    ``hessian_batch`` besides the ``k`` microbatch gradients: a diagnostic, not a per-step
+    estimator. ``B_noise`` is what McCandlish et al.'s tradeoff predicts for SGD at its
+    per-step optimal rate; ``B_simple`` equals it when ``H`` is a multiple of the identity.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss.
+      params: the parameters.
+      batch: the gradients' batch, its leading axis divisible by ``num_microbatches``.
+      hessian_batch: the Hessian's batch, independent of ``batch`` (a shared batch biases both
+        forms).
+      num_microbatches: ``k >= 2`` microbatches (the small batch size is ``B/k``).
+
+    Returns:
+      ``(stats, grads)``: a :class:`NoiseStats` whose ``g_sq`` is ``GᵀHG``, ``trace_cov``
+      ``tr(HΣ)`` and ``b_simple`` ``B_noise`` (per leaf: each leaf's share of the forms), and
+      the mean gradient of ``batch``.
+
+    Example:
+      >>> def loss_fn(w, batch):  # H = 2I: B_noise equals B_simple
+      ...     return jnp.mean(jnp.sum((w - batch) ** 2, axis=-1))
+      >>> x = jax.random.normal(jax.random.key(0), (64, 3)) + 1.0
+      >>> h, _ = hessian_aware(loss_fn, jnp.zeros(3), x, x[:8])
+      >>> s, _ = microbatch(loss_fn, jnp.zeros(3), x)
+      >>> bool(jnp.allclose(h.b_simple, s.b_simple))
+      True
+
+    Reference: McCandlish et al. (2018), section 2.2 and appendix A.
+    """
+    n = batch_size(batch)
+    k = common.check_int(num_microbatches, "num_microbatches", 2, "one gives no second size.")
+    if n % k:
+        raise ValueError(
+            f"num_microbatches={k} does not divide the batch size {n}: pick a divisor of it."
+        )
+    grad = jax.grad(loss_fn)
+
+    def hvp(v):
+        return jax.jvp(lambda p: grad(p, hessian_batch), (params,), (v,))[1]
+
+    def forms(v):  # per-leaf vᵀHv
+        return jax.tree.map(lambda a, b: jnp.sum(_to_acc(a) * _to_acc(b)), v, hvp(v))
+
+    def micro_sums(micro):
+        g = grad(params, micro)
+        return g, forms(g), None
+
+    grad_sum, small_sum, _ = common.scan_sums(micro_sums, params, batch, k, None)
+    grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grad_sum, params)
+    big = jax.tree.leaves(forms(grads))
+    per_layer = {
+        common.leaf_name(path): from_two_batches(s / k, b, n / k, n)
+        for (path, s), b in zip(jax.tree_util.tree_leaves_with_path(small_sum), big, strict=True)
+    }
+    g_hg = sum(s.g_sq for s in per_layer.values())
+    trace_hcov = sum(s.trace_cov for s in per_layer.values())
+    return NoiseStats(g_hg, trace_hcov, n / k, float(n), per_layer), grads
 
 
 def _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll=1):

@@ -12,6 +12,7 @@ import functools
 import chex
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -147,24 +148,27 @@ def closed_form_estimates():
 
     @jax.jit
     def run(x, y):
-        def one(xb, yb):
+        def one(xb, yb, xh, yh):
             pe, _ = estimate.per_example(linreg_loss, w, (xb, yb))
             mb, _ = estimate.microbatch(linreg_loss, w, (xb, yb), num_microbatches=4)
-            return pe, mb
+            hs, _ = estimate.hessian_aware(linreg_loss, w, (xb, yb), (xh, yh), num_microbatches=4)
+            return pe, mb, hs
 
-        return jax.vmap(one)(x, y)
+        # The Hessian of batch i+1, mean(x xᵀ), is independent of batch i with E[H] = I, so
+        # the Hessian-aware forms have the same expectations: GᵀE[H]G = |G|², tr(E[H]Σ) = tr Σ.
+        return jax.vmap(one)(x, y, jnp.roll(x, 1, 0), jnp.roll(y, 1, 0))
 
-    pe, mb = run(x, y)
+    pe, mb, hs = run(x, y)
     d_sq = float(jnp.sum(delta**2))
     truth = {"g_sq": d_sq, "trace_cov": D * (d_sq + NOISE_STD**2) + d_sq}
-    return pe, mb, truth
+    return pe, mb, hs, truth
 
 
 @pytest.mark.timeout(60)
 def test_closed_form_linear_regression():
-    pe, mb, truth = closed_form_estimates()
+    pe, mb, hs, truth = closed_form_estimates()
     lines = []
-    for name, stats in (("per_example", pe), ("microbatch(k=4)", mb)):
+    for name, stats in (("per_example", pe), ("microbatch(k=4)", mb), ("hessian_aware", hs)):
         for field in ("g_sq", "trace_cov"):
             series = np.asarray(getattr(stats, field), np.float64)
             assert series.shape == (NUM_BATCHES,)
@@ -209,6 +213,40 @@ def test_microbatch_equals_loop_over_microbatches(unroll):
     assert (stats.small_batch_size, stats.big_batch_size) == (4.0, 12.0)
     chex.assert_trees_all_close(grads, _jitted_grad(mlp_loss)(params, batch), rtol=1e-5, atol=1e-6)
     assert_stats_match(stats, grads, reference(mlp_loss, params, batch, num_parts=3))
+
+
+def test_hessian_aware_equals_a_loop_with_the_explicit_hessian():
+    params, batch = mlp_problem(3, batch_size=12, dim=3)
+    _, h_batch = mlp_problem(4, batch_size=5, dim=3)
+    stats, grads = estimate.hessian_aware(mlp_loss, params, batch, h_batch, num_microbatches=3)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    hessian = np.asarray(jax.hessian(lambda v: mlp_loss(unravel(v), h_batch))(flat), np.float64)
+    parts = [jax.tree.map(lambda x, j=j: x[4 * j : 4 * j + 4], batch) for j in range(3)]
+    g = [np.asarray(jax.flatten_util.ravel_pytree(jax.grad(mlp_loss)(params, p))[0], np.float64)
+         for p in parts]  # fmt: skip
+    g_big = np.mean(g, axis=0)
+    small, big = np.mean([v @ hessian @ v for v in g]), g_big @ hessian @ g_big
+    g_hg, tr_hs = (12 * big - 4 * small) / 8, (small - big) / (1 / 4 - 1 / 12)
+    np.testing.assert_allclose(float(stats.g_sq), g_hg, rtol=1e-4)
+    np.testing.assert_allclose(float(stats.trace_cov), tr_hs, rtol=1e-4)
+    np.testing.assert_allclose(float(stats.b_simple), tr_hs / g_hg, rtol=1e-3)
+    assert (stats.small_batch_size, stats.big_batch_size) == (4.0, 12.0)
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grads)[0], g_big, rtol=1e-5, atol=1e-7)
+
+
+def test_hessian_aware_equals_b_simple_when_the_hessian_is_isotropic():
+    """Loss c·|w − x|²/2: H = c·I, so GᵀHG = c|G|², tr(HΣ) = c·tr Σ and B_noise = B_simple."""
+    x = jnp.asarray(np.random.default_rng(5).normal(1.0, 2.0, size=(32, 6)), jnp.float32)
+
+    def loss_fn(w, batch):
+        return 1.5 * jnp.mean(jnp.sum((w - batch) ** 2, axis=-1))
+
+    w = jnp.zeros(6)
+    h, _ = estimate.hessian_aware(loss_fn, w, x, x[:3], num_microbatches=4)
+    s, _ = estimate.microbatch(loss_fn, w, x, num_microbatches=4)
+    np.testing.assert_allclose(float(h.g_sq), 3.0 * float(s.g_sq), rtol=1e-5)
+    np.testing.assert_allclose(float(h.trace_cov), 3.0 * float(s.trace_cov), rtol=1e-5)
+    np.testing.assert_allclose(float(h.b_simple), float(s.b_simple), rtol=1e-5)
 
 
 def scan_unrolls(fn, *args) -> list:
@@ -505,6 +543,18 @@ _params, _ = mlp_problem(0, batch_size=8, dim=3)
         (lambda: estimate.microbatch(mlp_loss, _params, (_x[:0], _y[:0])), "`batch` is empty"),
         (lambda: estimate.microbatch(mlp_loss, _params, (_x, _y[:4])), "different leading"),
         (lambda: estimate.across_devices(mlp_loss, _params, (_x, _y), axis_name=None), "axis_name"),
+        (
+            lambda: estimate.hessian_aware(
+                mlp_loss, _params, (_x, _y), (_x, _y), num_microbatches=1
+            ),
+            "num_mic",
+        ),
+        (
+            lambda: estimate.hessian_aware(
+                mlp_loss, _params, (_x, _y), (_x, _y), num_microbatches=3
+            ),
+            "divide",
+        ),
         (lambda: estimate.from_two_batches(1.0, 0.5, 8, 8), "small_size"),
         (lambda: estimate.from_two_batches(1.0, 0.5, 16, 8), "small_size"),
         (lambda: estimate.from_two_batches(1.0, 0.5, 0, 8), "small_size"),
