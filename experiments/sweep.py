@@ -226,6 +226,15 @@ def pipeline_plan(config) -> finder.Plan:
     )
 
 
+def fork_warning(config) -> str | None:
+    """:func:`gns.scaling.short_fork_warning` of ``critical.fork_steps`` and the optimizer's
+    momentum (``config.momentum`` for SGD, optax's first-moment decay 0.9 for the Adam family)."""
+    t = stage_config(config, "critical_batch")
+    beta = float(t.momentum or 0.0) if t.optimizer == "sgd" else 0.9
+    short = scaling.short_fork_warning(int(t.critical.fork_steps), beta)
+    return short and short + " (--config.critical.fork_steps)"
+
+
 def pilot_hooks(config, ds, task, workdir: str, fp: str):
     """``(on_step, finish)`` of the pilot: after ``noise.warmup_steps`` steps, ``b_simple`` on
     ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval;
@@ -703,6 +712,8 @@ class _Sweep:
         """``cache`` of the pipeline. The noise record counts only with its pilot state on disk
         (the start of a run); the forks' key holds the noise scale their rule reads."""
         if name == "critical_batch":
+            if short := fork_warning(self.config):
+                logging.warning("%s", short)
             self.fps[name] = critical_fingerprint(self.config, finder.fork_noise_scale(self.noise))
             value = self._stored(name, "value", compute)
         else:

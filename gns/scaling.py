@@ -38,6 +38,8 @@ __all__ = [
     "check_rule",
     "rule_for",
     "infer_rule",
+    "has_momentum",
+    "short_fork_warning",
     "multiplier",
     "learning_rate",
 ]
@@ -135,6 +137,43 @@ def infer_rule(opt_state) -> str | None:
     if names <= _SGD_STATES and names:
         return "sgd"
     return None
+
+
+# optax state classes that hold a first moment: an update averages about 1/(1-β) gradients.
+_MOMENTUM_STATES = frozenset({"TraceState"}) | _ADAPTIVE_STATES
+
+
+def has_momentum(opt_state) -> bool:
+    """Whether an optax state holds a momentum trace or an Adam-family first moment.
+
+    Example:
+      >>> import optax, jax.numpy as jnp
+      >>> w = jnp.zeros(3)
+      >>> has_momentum(optax.sgd(0.1).init(w)), has_momentum(optax.sgd(0.1, 0.9).init(w))
+      (False, True)
+    """
+    return bool(_state_names(opt_state, set()) & _MOMENTUM_STATES)
+
+
+def short_fork_warning(fork_steps: int, momentum: float) -> str | None:
+    """A warning when forks of ``fork_steps`` steps are shorter than ``3/(1-momentum)``, or
+    ``None``. An update averages about ``1/(1-β)`` steps of gradients, so a shorter fork's loss
+    says more about the optimizer's lag than about its batch size (``docs/critical-batch.md``).
+
+    Example:
+      >>> short_fork_warning(40, 0.9) is None, short_fork_warning(8, 0.0) is None
+      (True, True)
+    """
+    if not 0.0 < momentum < 1.0:
+        return None
+    needed = math.ceil(3.0 / (1.0 - momentum) - 1e-9)
+    if fork_steps >= needed:
+        return None
+    return (
+        f"forks of {fork_steps} steps with momentum {momentum:g}: an update averages about "
+        f"{1.0 / (1.0 - momentum):.3g} steps of gradients, so the branched critical batch may "
+        f"measure that lag more than the batch size; fork at least 3/(1-momentum) = {needed} steps"
+    )
 
 
 def multiplier(rule: str, batch_size, base_batch_size, noise=math.inf, xp=jnp):

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from gns import critical, estimate, finder, smoothing
+from gns import critical, estimate, finder, scaling, smoothing
 
 D = 8
 
@@ -140,6 +140,9 @@ def test_linen_model_with_branching_and_an_iterator_factory(tmp_path):
     assert d["critical_batch"]["points"][0]["lr_multipliers"] == pytest.approx(
         [math.sqrt(0.5), 1.0, math.sqrt(2.0)]
     )
+    # Adam's first moment averages ~10 steps: 2-step forks are warned about, once.
+    short = [w for w in res.warnings if w.startswith("forks of 2 steps with momentum 0.9")]
+    assert len(short) == 1 and "at least 3/(1-momentum) = 30 steps" in short[0]
     assert {c[0] for c in calls} >= {"pilot", "branched", "memory", "timing"}
     assert res.batch_size in {r["batch_size"] for r in res.recommendation.table}
     noise_fig, throughput_fig = res.plot()
@@ -333,9 +336,25 @@ def test_every_argument_is_checked_before_any_work(kw, message):
     assert len(calls) <= 2  # the two batches of the check; no pilot step ran
 
 
-def test_the_learning_rate_rule_is_read_from_the_optimizer_or_asked_for():
-    from gns import scaling  # noqa: PLC0415
+def test_momentum_is_read_from_the_state_and_short_forks_are_named():
+    w = jnp.zeros(3)
+    cases = [
+        (optax.sgd(0.1), False),
+        (optax.sgd(0.1, momentum=0.9), True),
+        (optax.adam(1e-3), True),
+        (optax.chain(optax.clip(1.0), optax.sgd(0.1)), False),
+        (optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.5), True),
+    ]
+    for opt, has in cases:
+        assert scaling.has_momentum(opt.init(w)) == has, opt
+    # 3/(1-β) steps: 30 at 0.9, 300 at 0.99; none without momentum.
+    assert scaling.short_fork_warning(29, 0.9) and scaling.short_fork_warning(30, 0.9) is None
+    assert "= 300 steps" in scaling.short_fork_warning(299, 0.99)
+    assert scaling.short_fork_warning(300, 0.99) is None
+    assert scaling.short_fork_warning(1, 0.0) is None
 
+
+def test_the_learning_rate_rule_is_read_from_the_optimizer_or_asked_for():
     w = jnp.zeros(3)
     for opt, rule in [(optax.sgd(0.1), "sgd"), (optax.sgd(0.1, momentum=0.9), "sgd"),
                       (optax.adam(1e-3), "sqrt"), (optax.adamw(1e-3), "sqrt"),

@@ -728,6 +728,20 @@ def test_noise_scale_read_back_from_strict_json():
     assert math.isnan(sweep.noise_scale_value({"b_simple": None, "g_sq": None}))
 
 
+@pytest.mark.parametrize(
+    "optimizer, momentum, fork_steps, needed",
+    [("sgd", 0.9, 8, 30), ("sgd", 0.9, 30, None), ("sgd", 0.0, 2, None), ("adam", 0.0, 8, 30)],
+)
+def test_forks_shorter_than_the_momentum_memory_are_named(optimizer, momentum, fork_steps, needed):
+    config = small_smoke()
+    config.update(optimizer=optimizer, momentum=momentum)
+    config.critical.fork_steps = fork_steps
+    warning = sweep.fork_warning(config)
+    assert (warning is None) == (needed is None)
+    if needed:
+        assert f"= {needed} steps (--config.critical.fork_steps)" in warning
+
+
 def test_validate_config_names_the_field():
     config = sweep_config.get_config("smoke")
     config.throughput.min_batch_size = 512
