@@ -34,7 +34,6 @@ from gns import common, estimate, finder, hardware, smoothing
 
 PyTree = Any
 
-METRICS_FILE = runlog.METRICS_FILE
 SUMMARY_FILE = "summary.json"
 # Fields that do not change what a run computes, so a resume may change them (run_identity);
 # adaptive.timing_*: how the candidates are timed, not the schedule.

@@ -55,12 +55,12 @@ def smoke_config():
 
 def train_smoke(workdir: str) -> dict:
     """Train :func:`smoke_config` on every device of the job; summary and rows as JSON."""
-    from experiments import train
+    from experiments import runlog, train
 
     config = smoke_config()
     config.distributed = True
     summary = train.train_and_evaluate(config, workdir)
-    rows = train.runlog.read_jsonl(f"{workdir}/{train.METRICS_FILE}")
+    rows = runlog.read_jsonl(f"{workdir}/{runlog.METRICS_FILE}")
     return {"summary": summary, "rows": rows}
 
 

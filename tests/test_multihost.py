@@ -180,7 +180,7 @@ def test_smoke_training_on_two_processes_matches_one_process_with_four_devices(j
     config.num_devices = 4
     config.checkpoint_every = 0  # the reference's checkpoints are not compared: only the last
     single = train.train_and_evaluate(config, str(tmp_path / "one"))
-    want = runlog.read_jsonl(str(tmp_path / "one" / train.METRICS_FILE))
+    want = runlog.read_jsonl(str(tmp_path / "one" / runlog.METRICS_FILE))
     assert single["gns_method"] == results[0]["summary"]["gns_method"] == "across_devices"
     for got, ref in zip(rows, want, strict=True):
         for key in ("train_loss", "train_accuracy", "g_sq", "trace_cov", "test_accuracy"):
