@@ -13,6 +13,11 @@ The model is ``configs/cifar10.py:mlp_sgd``'s (an MLP 3072-512-512-10, no augmen
 SGD momentum 0.9 at 0.01 or Adam at 1e-3, tuned at batch 64; ``--widths=1024,1024 --augment
 --target=0.5`` is ``make demo``'s setup on a CPU (``configs/cifar10.py:demo``). ``--smoke``
 runs it on synthetic 8x8 images in seconds (the suite's check).
+
+``--task=lm`` runs ``configs/lm.py:cpu``'s byte-level Transformer (0.47M parameters) on the
+standard library's ``.py`` files instead, to a held-out bits per byte at or below ``--target``
+(1,024 windows, one evaluation every 8,192 windows); e.g. ``--task=lm --optimizer=adam
+--lr=2e-3 --ref=32 --batch_sizes=8,16,32,64,128,256 --target=2.6``.
 """
 
 import argparse
@@ -25,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import data, models, runlog
+from configs import lm as lm_config
+from experiments import data, models, runlog, tasks
 from gns import scaling
 from gns.finder import TrainState, continue_training, find_batch_size
 
@@ -34,31 +40,37 @@ BASE_LR = {"sgd": 0.01, "adam": 1e-3}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=("image", "lm"), default="image")
     p.add_argument("--optimizer", choices=tuple(BASE_LR), default="sgd")
+    p.add_argument("--lr", type=float, help="the rate at --ref (default: 0.01 SGD, 1e-3 Adam)")
+    p.add_argument("--ref", type=int, default=64, help="the batch the rate is tuned at")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="CIFAR-10 as a folder or .tar.gz (split/class/image.jpg)")
     p.add_argument("--batch_sizes", default="64,128,256,512", help="the fixed runs")
     p.add_argument("--widths", default="512,512", help="the MLP's hidden widths")
     p.add_argument("--augment", action="store_true", help="random crop and flip")
-    p.add_argument("--target", type=float, default=0.47, help="test accuracy to reach")
+    p.add_argument("--target", type=float, default=0.47, help="test accuracy (lm: bits) to reach")
     p.add_argument("--window", type=int, default=3, help="evaluations averaged")
     p.add_argument("--max_s", type=float, default=150.0, help="wall-clock cap of one run")
     p.add_argument(
         "--run_steps",
         type=int,
         default=7813,
-        help="the planned run at batch 64 (find_batch_size's run_steps): 10 epochs",
+        help="the planned run at --ref (find_batch_size's run_steps): 10 epochs of images at 64",
     )
     p.add_argument("--smoke", action="store_true", help="synthetic 8x8 images, tiny model")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
-    if not args.smoke and not args.data:
-        p.error("--data is required (or --smoke)")
+    if args.task == "image" and not args.smoke and not args.data:
+        p.error("--data is required (or --smoke, or --task=lm)")
     return args
 
 
 def setup(args):
-    """``(loss_fn, batch_fn, accuracy, params, eval_every)`` of the setup ``args`` names."""
+    """``(loss_fn, batch_fn, score, params, eval_every)`` of the setup ``args`` names; ``score``
+    is higher-is-better (test accuracy, or minus the held-out bits per byte)."""
+    if args.task == "lm":
+        return lm_setup(args)
     synthetic = {"image_size": 8, "num_classes": 10, "seed": 0}
     cfg = {"source": "synthetic" if args.smoke else "folder", "path": args.data,
            "cache_dir": None, "name": "cifar10", "tfds_data_dir": None, "num_train": None,
@@ -84,16 +96,37 @@ def setup(args):
     return loss_fn, batch_fn, accuracy, params, 256 if args.smoke else 8192
 
 
+def lm_setup(args):
+    """:func:`setup` of ``configs/lm.py``'s ``cpu`` (``smoke`` with ``--smoke``) Transformer."""
+    config = lm_config.get_config("smoke" if args.smoke else "cpu")
+    task = tasks.get(config)
+    ds = task.load(config)
+    (inputs, targets), n_test = task.keys, 128 if args.smoke else 1024
+    test = task.eval_arrays(config, ds, "test", n_test)
+    model = models.get_model(config.model)
+    params = model.init(jax.random.key(args.seed), test[inputs][:1])
+
+    def loss_fn(params, batch):
+        return task.loss(model.apply(params, batch[inputs]), batch[targets]).mean()
+
+    @jax.jit
+    def minus_bits(params):
+        return -loss_fn(params, test) / math.log(2.0)
+
+    return loss_fn, task.batch_fn(config, ds), minus_bits, params, 256 if args.smoke else 8192
+
+
 def to_target(args, parts, make_opt, state, batch_size, lr) -> dict:
     """Train from ``state`` at ``batch_size`` until the target (or ``--max_s``)."""
-    loss_fn, batch_fn, accuracy, _, eval_every = parts
-    chunk, opt, accs, t0 = max(1, eval_every // batch_size), make_opt(lr), [], time.perf_counter()
+    loss_fn, batch_fn, score, _, eval_every = parts
+    target = -args.target if args.task == "lm" else args.target
+    chunk, opt, scores, t0 = max(1, eval_every // batch_size), make_opt(lr), [], time.perf_counter()
     while time.perf_counter() - t0 < args.max_s:
         state, _ = continue_training(loss_fn, opt, batch_fn, state, chunk, batch_size=batch_size)
-        accs.append(float(accuracy(state.params)))
-        if len(accs) >= args.window and np.mean(accs[-args.window :]) >= args.target:
+        scores.append(float(score(state.params)))
+        if len(scores) >= args.window and np.mean(scores[-args.window :]) >= target:
             break
-    reached = len(accs) >= args.window and float(np.mean(accs[-args.window :])) >= args.target
+    reached = len(scores) >= args.window and float(np.mean(scores[-args.window :])) >= target
     return {"batch_size": batch_size, "learning_rate": lr, "start_step": None, "steps":
             int(state.step), "s": time.perf_counter() - t0, "reached": reached}  # fmt: skip
 
@@ -102,9 +135,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     parts = setup(args)
     loss_fn, batch_fn, _, params, _ = parts
-    lr0, load0 = BASE_LR[args.optimizer], os.getloadavg()[0]
+    lr0, ref, load0 = args.lr or BASE_LR[args.optimizer], args.ref, os.getloadavg()[0]
     make_opt = (lambda r: optax.sgd(r, momentum=0.9)) if args.optimizer == "sgd" else optax.adam
-    result = find_batch_size(loss_fn, params, make_opt(lr0), batch_fn, ref_batch_size=64,
+    result = find_batch_size(loss_fn, params, make_opt(lr0), batch_fn, ref_batch_size=ref,
                              learning_rate=lr0, seed=args.seed,
                              run_steps=args.run_steps)  # fmt: skip
     rec, noise = result.recommendation, float(result.effective_noise_scale.value)
@@ -112,7 +145,7 @@ def main(argv=None) -> dict:
     gns["start_step"] = int(result.state.step)
     fixed = []
     for b in (int(s) for s in args.batch_sizes.split(",")):
-        lr = scaling.learning_rate(args.optimizer, lr0, 64, b, noise if noise > 0 else math.inf)
+        lr = scaling.learning_rate(args.optimizer, lr0, ref, b, noise if noise > 0 else math.inf)
         scratch = TrainState(params, make_opt(lr[0]).init(params), 0, 0)
         fixed.append(to_target(args, parts, make_opt, scratch, b, lr[0]))
     reached = [r for r in fixed if r["reached"]]
@@ -120,7 +153,7 @@ def main(argv=None) -> dict:
     at_64 = next((r for r in fixed if r["batch_size"] == 64 and r["reached"]), None)
     end_to_end = result.seconds["total"] + gns["s"]
     out = {
-        "optimizer": args.optimizer, "seed": args.seed, "pick": rec.batch_size,
+        "task": args.task, "optimizer": args.optimizer, "seed": args.seed, "pick": rec.batch_size,
         "basis": result.basis, "noise_scale": noise, "finder_seconds": result.seconds,
         "gns_run": gns, "fixed": fixed, "best_fixed": best and best["batch_size"],
         "overhead_over_run_at_pick": result.seconds["overhead"] / gns["s"],

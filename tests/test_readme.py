@@ -63,15 +63,24 @@ def test_find_batch_size_example_runs_as_printed():
     assert f"Basis: {basis}." in out
 
 
-def test_end_to_end_script_continues_the_pilot_and_adds_up(tmp_path, capsys):
-    """docs/finder_end_to_end.py (the README's end-to-end table) at smoke size."""
+@pytest.mark.parametrize(
+    "task_flags",
+    [
+        ["--target=0"],
+        ["--task=lm", "--optimizer=adam", "--ref=16", "--target=9", "--run_steps=100"],
+    ],
+    ids=["image", "lm"],
+)
+def test_end_to_end_script_continues_the_pilot_and_adds_up(tmp_path, capsys, task_flags):
+    """docs/finder_end_to_end.py (the README's end-to-end table) at smoke size, on images and
+    on text (a target of 9 bits per byte: reached at the first evaluation)."""
     sys.path.insert(0, str(DOCS))
     try:
         import finder_end_to_end as e2e
     finally:
         sys.path.remove(str(DOCS))
     out_file = tmp_path / "e2e.json"
-    argv = ["--smoke", "--batch_sizes=16,32", "--target=0", "--window=1", f"--out={out_file}"]
+    argv = ["--smoke", "--batch_sizes=16,32", *task_flags, "--window=1", f"--out={out_file}"]
     out = e2e.main(argv)
     assert json.loads(out_file.read_text()) == json.loads(capsys.readouterr().out)
     run_, seconds = out["gns_run"], out["finder_seconds"]
@@ -79,6 +88,7 @@ def test_end_to_end_script_continues_the_pilot_and_adds_up(tmp_path, capsys):
     assert out["end_to_end_s"] == pytest.approx(seconds["total"] + run_["s"])
     assert out["overhead_over_run_at_pick"] == pytest.approx(seconds["overhead"] / run_["s"])
     assert [r["start_step"] for r in out["fixed"]] == [None, None]  # from scratch
+    assert out["task"] == ("lm" if "--task=lm" in task_flags else "image")
     fastest = min(out["fixed"], key=lambda r: r["s"])
     assert out["best_fixed"] == fastest["batch_size"]
     assert out["end_to_end_over_best"] == pytest.approx(out["end_to_end_s"] / fastest["s"])
