@@ -1,10 +1,10 @@
 """What gns costs and saves end to end, measured with the library alone: ``find_batch_size`` as
 the README shows it (reference batch ``--ref``, 64), then ``continue_training`` from the
 pilot's state at the pick to the target; against the same model trained from scratch at fixed
-batch sizes (rates by the same rule; the SGD rule with the finder's noise scale). Every run is timed by the wall
-clock, compiles included, and stops at the same target: the mean test accuracy of the last
-``--window`` evaluations, one every 8,192 examples. Prints one JSON object (and writes it to
-``--out``).
+batch sizes (rates by the same rule; the SGD rule with the finder's noise scale). Every run is
+timed by the wall clock, compiles included, and stops at the same target: the mean test
+accuracy of the last ``--window`` evaluations, one every 8,192 examples. Prints one JSON object
+(and writes it to ``--out``).
 
     python docs/finder_end_to_end.py --optimizer=sgd --seed=0 \
       --data=../shared/data/cifar10-jpeg.tar.gz --out=runs/e2e-sgd-0.json
