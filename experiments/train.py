@@ -641,10 +641,10 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
     )
     stop, pending = None, []  # pending: the device metrics since the last row
 
-    def write_row(state, measured: bool, do_eval: bool):
-        """The row of the steps in ``pending``: mean loss and accuracy, the last step's rate
-        and noise statistics, the policy's update, the evaluation and the stop reason; written
-        and shown. Returns ``(state, row)``."""
+    def write_row(state, bs: int, measured: bool, do_eval: bool):
+        """The row of the steps in ``pending`` at batch ``bs``: mean loss and accuracy, the
+        last step's rate and noise statistics, the policy's update, the evaluation and the stop
+        reason; written and shown. Returns ``(state, row)``."""
         jax.block_until_ready(state)
         log.clock.charge("pause")
         host, means = jax.device_get(pending), ("train_loss", "train_accuracy")
@@ -707,7 +707,7 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
                         measured or do_eval or do_save or step % config.log_every == 0 or stop_now()
                     ):
                         continue
-                    state, row = write_row(state, measured, do_eval)
+                    state, row = write_row(state, bs, measured, do_eval)
                     stop, pending = row.get("stop_reason"), []
                     if do_save and not log.diverged:
                         ckpt.save(step, state, log.meta())
