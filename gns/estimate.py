@@ -488,8 +488,9 @@ def hessian_aware(
     gradients, taken at ``params`` on ``hessian_batch`` (Hessian-vector products,
     ``jax.jvp`` of ``jax.grad``). It costs ``k + 1`` Hessian-vector products on
     ``hessian_batch`` besides the ``k`` microbatch gradients: a diagnostic, not a per-step
-    estimator. ``B_noise`` is what McCandlish et al.'s tradeoff predicts for SGD at its
-    per-step optimal rate; ``B_simple`` equals it when ``H`` is a multiple of the identity.
+    estimator, on one device (call it outside ``pmap``/``shard_map``, under ``jit``).
+    ``B_noise`` is what McCandlish et al.'s tradeoff predicts for SGD at its per-step optimal
+    rate; ``B_simple`` equals it when ``H`` is a multiple of the identity.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss.
