@@ -406,6 +406,16 @@ class Checkpoints:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release orbax's manager (its threads), as ``with Checkpoints(...)`` does on exit."""
+        self._manager.close()
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

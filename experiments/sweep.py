@@ -310,7 +310,8 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
             "clock": {"train_time_s": seconds},
             "data": task.describe(ds),
         }
-        runlog.Checkpoints(where).save(p["steps"], last["state"], meta)
+        with runlog.Checkpoints(where) as ckpt:
+            ckpt.save(p["steps"], last["state"], meta)
         return record | common.to_json(
             {
                 "b_simple": pooled.estimate,

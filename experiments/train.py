@@ -453,8 +453,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     task = tasks.get(config)
     primary = jax.process_index() == 0  # the one process that writes files
     ds = task.load(config)  # before the lock: a bad data source leaves the workdir untouched
-    with runlog.workdir_lock(workdir) if primary else contextlib.nullcontext():
-        ckpt = runlog.Checkpoints(workdir)
+    lock = runlog.workdir_lock(workdir) if primary else contextlib.nullcontext()
+    with lock, runlog.Checkpoints(workdir) as ckpt:
         log = runlog.RunLog(
             workdir,
             target=task.target(config),
@@ -501,7 +501,8 @@ def start_from_pilot(config, setup: Setup, log: runlog.RunLog):
     where = os.path.join(config.start_from, runlog.CHECKPOINT_DIR)
     state, meta = None, None
     if os.path.isdir(where):
-        state, meta = runlog.Checkpoints(config.start_from).restore(setup.state, log.check_meta)
+        with runlog.Checkpoints(config.start_from) as pilot:
+            state, meta = pilot.restore(setup.state, log.check_meta)
     if state is None:
         raise UserError(
             f"no pilot checkpoint in {where}",

@@ -212,9 +212,10 @@ def test_checkpoint_fallback_to_the_previous_readable_one(tmp_path, caplog):
     state = {"w": jnp.arange(4.0), "step": jnp.zeros((), jnp.int32)}
     for step in (1, 2):
         ckpt.save(step, {"w": state["w"] * step, "step": jnp.int32(step)}, {"step": step})
+    ckpt.close()
     corrupt(ckpt, 2)
-    with caplog.at_level(logging.WARNING):
-        restored, meta = runlog.Checkpoints(str(tmp_path)).restore(state)
+    with caplog.at_level(logging.WARNING), runlog.Checkpoints(str(tmp_path)) as again:
+        restored, meta = again.restore(state)
     assert meta == {"step": 1} and int(restored["step"]) == 1
     np.testing.assert_array_equal(restored["w"], np.arange(4.0))
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
