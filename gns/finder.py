@@ -1924,7 +1924,10 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
     warn = _branch_warnings(forks, m.basis) + _timing_warnings(table, rec, timing_only)
     short = scaling.short_fork_warning(a["branch_steps"], 0.9)
     if forks is not None and short and scaling.has_momentum(a["opt_state"]):
-        warn.append(short + " (β = 0.9 assumed: an optax state does not hold it)")
+        warn.append(
+            short
+            + " (β = 0.9 assumed: an optax state does not hold it; with momentum=0.0, ignore this)"
+        )
     if m.budget_s is not None and seconds["overhead"] > m.budget_s:
         warn.append(
             f"the search cost {seconds['overhead']:.3g} s beyond the pilot, over the budget of "

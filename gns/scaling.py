@@ -146,6 +146,9 @@ _MOMENTUM_STATES = frozenset({"TraceState"}) | _ADAPTIVE_STATES
 def has_momentum(opt_state) -> bool:
     """Whether an optax state holds a momentum trace or an Adam-family first moment.
 
+    The decay is not in the state: ``optax.sgd(lr, momentum=0.0)`` keeps a trace too, and
+    counts (``momentum=None`` builds plain SGD without one).
+
     Example:
       >>> import optax, jax.numpy as jnp
       >>> w = jnp.zeros(3)
