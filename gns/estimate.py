@@ -249,22 +249,26 @@ def _finish(
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)  # jax.grad's dtypes
     big_size = small_size * total_small
 
-    paths_and_small = jax.tree_util.tree_leaves_with_path(small_sq)
-    big_leaves = jax.tree.leaves(big_sq)
+    return _per_leaf_stats(small_sq, big_sq, small_size, big_size), grads
+
+
+def _per_leaf_stats(small: PyTree, big: PyTree, small_size: float, big_size: float) -> NoiseStats:
+    """:func:`from_two_batches` of each leaf's small- and big-batch squared norms (or quadratic
+    forms), keyed by the leaf's path, and their sums."""
+    paths_and_small = jax.tree_util.tree_leaves_with_path(small)
     per_layer = {
         common.leaf_name(path): from_two_batches(s, bg, small_size, big_size)
-        for (path, s), bg in zip(paths_and_small, big_leaves, strict=True)
+        for (path, s), bg in zip(paths_and_small, jax.tree.leaves(big), strict=True)
     }
     g_sq = sum(s.g_sq for s in per_layer.values())
     trace_cov = sum(s.trace_cov for s in per_layer.values())
-    stats = NoiseStats(
+    return NoiseStats(
         jnp.asarray(g_sq, jnp.float32),
         jnp.asarray(trace_cov, jnp.float32),
         float(small_size),
         float(big_size),
         per_layer,
     )
-    return stats, grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,15 +421,7 @@ def microbatch(
       >>> stats.small_batch_size, stats.big_batch_size
       (8.0, 64.0)
     """
-    n = batch_size(batch)
-    k = common.check_int(
-        num_microbatches, "num_microbatches", 2, "one microbatch gives no second batch size."
-    )
-    if n % k:
-        raise ValueError(
-            f"num_microbatches={k} does not divide the batch size {n}: pick a divisor of the "
-            "batch size (the microbatches must be equal for the estimator to be unbiased)."
-        )
+    n, k = _microbatches(batch, num_microbatches)
     if unroll is None:
         unroll = common.scan_unroll(common.convolves(loss_fn, params, batch))
     return _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll)
@@ -516,12 +512,7 @@ def hessian_aware(
 
     Reference: McCandlish et al. (2018), section 2.2 and appendix A.
     """
-    n = batch_size(batch)
-    k = common.check_int(num_microbatches, "num_microbatches", 2, "one gives no second size.")
-    if n % k:
-        raise ValueError(
-            f"num_microbatches={k} does not divide the batch size {n}: pick a divisor of it."
-        )
+    n, k = _microbatches(batch, num_microbatches)
     grad = jax.grad(loss_fn)
 
     def hvp(v):
@@ -536,14 +527,23 @@ def hessian_aware(
 
     grad_sum, small_sum, _ = common.scan_sums(micro_sums, params, batch, k, None)
     grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grad_sum, params)
-    big = jax.tree.leaves(forms(grads))
-    per_layer = {
-        common.leaf_name(path): from_two_batches(s / k, b, n / k, n)
-        for (path, s), b in zip(jax.tree_util.tree_leaves_with_path(small_sum), big, strict=True)
-    }
-    g_hg = sum(s.g_sq for s in per_layer.values())
-    trace_hcov = sum(s.trace_cov for s in per_layer.values())
-    return NoiseStats(g_hg, trace_hcov, n / k, float(n), per_layer), grads
+    small = jax.tree.map(lambda s: s / k, small_sum)
+    return _per_leaf_stats(small, forms(grads), n / k, n), grads
+
+
+def _microbatches(batch: PyTree, num_microbatches) -> tuple[int, int]:
+    """``(batch size, k)``, with a ``ValueError`` unless ``k = num_microbatches >= 2`` divides
+    the batch size."""
+    n = batch_size(batch)
+    k = common.check_int(
+        num_microbatches, "num_microbatches", 2, "one microbatch gives no second batch size."
+    )
+    if n % k:
+        raise ValueError(
+            f"num_microbatches={k} does not divide the batch size {n}: pick a divisor of the "
+            "batch size (the microbatches must be equal for the estimator to be unbiased)."
+        )
+    return n, k
 
 
 def _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll=1):
