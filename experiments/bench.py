@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from typing import Any
 
 import flax.linen as nn
@@ -34,12 +35,13 @@ from ml_collections import config_flags
 
 from experiments import cli, models, rules, runlog, tasks
 from experiments.cli import UserError
-from gns import estimate, ghost, hardware, parallel
+from gns import common, estimate, ghost, hardware, parallel
 
 # per_example(_auto): method="auto"; naive_vmap, per_example_vmap: method="vmap";
-# microbatch_rolled: the loop rolled (slow for convolutions on XLA:CPU: the default unrolls it).
-VARIANTS = ("plain", "per_example", "microbatch", "microbatch_rolled", "naive_vmap")
-LM_VARIANTS = ("plain", "per_example_auto", "per_example_vmap", "microbatch")
+# microbatch_rolled: the loop rolled (slow for convolutions on XLA:CPU: the default unrolls it);
+# plain_g_sq: the plain gradient and its squared norm, the least an estimator of |G_B|² adds.
+VARIANTS = ("plain", "plain_g_sq", "per_example", "microbatch", "microbatch_rolled", "naive_vmap")
+LM_VARIANTS = ("plain", "plain_g_sq", "per_example_auto", "per_example_vmap", "microbatch")
 
 FLAGS = flags.FLAGS
 
@@ -49,8 +51,15 @@ def estimators(loss_fn, *, num_microbatches: int, chunk_size=None) -> dict:
     per_example = functools.partial(estimate.per_example, loss_fn, chunk_size=chunk_size)
     microbatch = functools.partial(estimate.microbatch, loss_fn, num_microbatches=num_microbatches)
     vmap = functools.partial(per_example, method="vmap")
+
+    def plain_g_sq(params, batch):  # |G_B|² of the batch, no trace: not a noise estimate
+        grads = jax.grad(loss_fn)(params, batch)
+        g_sq = sum(jax.tree.leaves(common.sq_norms(grads)))
+        return types.SimpleNamespace(g_sq=g_sq, trace_cov=jnp.zeros(())), grads
+
     return {
         "plain": None,
+        "plain_g_sq": plain_g_sq,
         "per_example": per_example,
         "per_example_auto": per_example,
         "naive_vmap": vmap,
@@ -66,12 +75,22 @@ def over_plain(times: dict[str, list[float]]) -> dict[str, float]:
     return {n: float(np.median(np.divide(t, times["plain"]))) for n, t in times.items()}
 
 
+def over_plain_p10(times: dict[str, list[float]]) -> dict[str, float]:
+    """By variant: its 10th-percentile time over the plain step's, the cost on a quiet machine.
+    A load that comes in bursts longer than a round slows some rounds of every variant; the
+    fast rounds of each are the ones it missed."""
+    p10 = {n: float(np.percentile(t, 10)) for n, t in times.items()}
+    return {n: p / p10["plain"] for n, p in p10.items()}
+
+
 def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **kw) -> dict:
     """A step of each of ``variants`` (:func:`estimators` of ``kw``), all with the same
     ``optimizer`` update, compiled and timed interleaved (:func:`gns.hardware.interleaved_times`):
     by variant, each round's ``times``, their statistics and the compiled memory; and what
     ``method="auto"`` runs (:func:`gns.ghost.select`): ``auto_method``, ``auto_chunks``,
-    ``auto_describe``."""
+    ``auto_describe``. The ``vmap`` variants are timed in a second block with the plain step
+    (``vmap_block_plain_times``, their ratios' base): interleaved with the others, their
+    rounds (up to 200x a plain step and 1.7 GB on the MLPs) slowed the steps that followed."""
 
     def step(estimator, params, opt_state, batch):
         if estimator is None:
@@ -97,9 +116,16 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
     for name in variants:
         compiled[name], compile_s[name] = cache.get(functools.partial(step, table[name]), *args)
     temp = {n: hardware.predict_step_bytes(c).temp_bytes for n, c in compiled.items()}
-    times = hardware.interleaved_times(
-        {n: (c, args) for n, c in compiled.items()}, warmup=warmup, rounds=repeats
-    )
+    heavy = [n for n in compiled if "vmap" in n]
+    blocks = [[n for n in compiled if n not in heavy]] + ([["plain", *heavy]] if heavy else [])
+    times, ratios, p10, heavy_plain = {}, {}, {}, None
+    for i, block in enumerate(blocks):
+        timed = hardware.interleaved_times(
+            {n: (compiled[n], args) for n in block}, warmup=warmup, rounds=repeats
+        )
+        ratios, p10 = over_plain(timed) | ratios, over_plain_p10(timed) | p10
+        heavy_plain = timed.pop("plain") if i else heavy_plain
+        times = timed | times
     seconds = {n: float(np.median(t)) for n, t in times.items()}
     size = estimate.batch_size(batch)
     return {
@@ -111,7 +137,9 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
             n: float(np.subtract(*np.percentile(t, [75, 25]))) for n, t in times.items()
         },
         "examples_per_second": {n: size / s for n, s in seconds.items()},
-        "over_plain": over_plain(times),
+        "over_plain": ratios,
+        "over_plain_p10": p10,
+        "vmap_block_plain_times": heavy_plain,
         "temp_bytes": temp,
         "memory_over_plain": {
             n: b / temp["plain"] if temp["plain"] else None for n, b in temp.items()
@@ -302,7 +330,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The time and compiled temp-memory ratios over a plain step, one row per model, batch
     size and variant (``per_example_auto`` and the CNN's ``per_example`` say which path
     ``auto`` ran, and in how many example chunks)."""
-    rows = [("model", "batch", "variant", "ms/step", "time/plain", "memory/plain")]
+    rows = [("model", "batch", "variant", "ms/step", "time/plain", "p10", "memory/plain")]
     sections = {"cnn": result["detail"], "transformer": result["transformer"]}
     for model, sizes in (sections | (result["rows"] or {})).items():
         for bs, d in sizes.items() if isinstance(sizes, dict) else ():
@@ -316,9 +344,8 @@ def format_table(result: dict[str, Any]) -> str:
                 mem = f"{temp[name] / 1e6:.1f} MB" if tiny else f"{ratio:.2f}x"
                 auto = name.endswith("_auto") or name == "per_example"
                 label = name + (f" ({method})" if auto else "")
-                rows.append(
-                    (model, bs, label, f"{1e3 * s:.1f}", f"{d['over_plain'][name]:.2f}x", mem)
-                )
+                ratios = (f"{d[k][name]:.2f}x" for k in ("over_plain", "over_plain_p10"))
+                rows.append((model, bs, label, f"{1e3 * s:.1f}", *ratios, mem))
     widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
     lines = ("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
     return "\n".join(line.rstrip() for line in lines)

@@ -8,6 +8,8 @@ import math
 import os
 import subprocess
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -34,11 +36,13 @@ def check_timed(d, variants):
     assert set(d["seconds"]) == set(d["times"]) == set(variants)
     for name in variants:
         t = d["times"][name]
-        assert len(t) == d["repeats"] and all(positive_finite(x) for x in t)
+        # The vmap steps are timed in a block of their own, with a plain step of their own.
+        plain = d["vmap_block_plain_times"] if "vmap" in name else d["times"]["plain"]
+        assert len(t) == len(plain) == d["repeats"] and all(positive_finite(x) for x in t)
         assert d["seconds"][name] == pytest.approx(float(np.median(t)))
-        assert d["over_plain"][name] == pytest.approx(
-            float(np.median(np.divide(t, d["times"]["plain"])))
-        )
+        assert d["over_plain"][name] == pytest.approx(float(np.median(np.divide(t, plain))))
+        p10 = np.percentile(t, 10) / np.percentile(plain, 10)
+        assert d["over_plain_p10"][name] == pytest.approx(float(p10))
         assert d["examples_per_second"][name] == pytest.approx(d["batch_size"] / d["seconds"][name])
         assert positive_finite(d["temp_bytes"][name])
         assert d["memory_over_plain"][name] == pytest.approx(
@@ -100,6 +104,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
         "variant",
         "ms/step",
         "time/plain",
+        "p10",
         "memory/plain",
     ]
     # The other rows: the lm1b-style Transformer, the NNX and the plain-JAX MLP.
@@ -118,7 +123,8 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     assert len(table) == 1 + n_cnn + n_lm + n_rows
     auto_row = next(r.split() for r in table if "per_example_auto" in r)
     assert auto_row[:4] == ["transformer", "8", "per_example_auto", f"({d['auto_method']})"]
-    assert auto_row[-2] == f"{d['over_plain']['per_example_auto']:.2f}x"
+    assert auto_row[-3] == f"{d['over_plain']['per_example_auto']:.2f}x"
+    assert auto_row[-2] == f"{d['over_plain_p10']['per_example_auto']:.2f}x"
 
 
 def test_reference_batch_size_must_be_timed(tmp_path):
@@ -178,3 +184,14 @@ def test_interleaved_times_round_robin_alternating_order(monkeypatch):
     assert times["a"] == [4.0, 9.0, 10.0, 15.0] and times["c"] == [6.0, 7.0, 12.0, 13.0]
     with pytest.raises(ValueError, match="rounds >= 1"):
         hardware.interleaved_times(calls, warmup=0, rounds=0)
+
+
+def test_plain_g_sq_is_the_squared_norm_of_the_plain_gradient():
+    """The floor row: the plain step's gradient, unchanged, and its squared norm |G_B|²."""
+    loss_fn, params, batch = bench.row_problem("plain_mlp", 8, dims=(6, 5, 3))
+    stats, grads = bench.estimators(loss_fn, num_microbatches=2)["plain_g_sq"](params, batch)
+    expected = jax.grad(loss_fn)(params, batch)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), grads, expected))
+    flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(expected)]).astype(np.float64)
+    assert float(stats.g_sq) == pytest.approx(float(flat @ flat), rel=1e-5)
+    assert float(stats.trace_cov) == 0.0
