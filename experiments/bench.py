@@ -125,7 +125,8 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
         )
         ratios, p10 = over_plain(timed) | ratios, over_plain_p10(timed) | p10
         heavy_plain = timed.pop("plain") if i else heavy_plain
-        times = timed | times
+        times |= timed
+    times = {n: times[n] for n in compiled}  # in the order of variants
     seconds = {n: float(np.median(t)) for n, t in times.items()}
     size = estimate.batch_size(batch)
     return {
