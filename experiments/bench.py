@@ -124,7 +124,8 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
             {n: (compiled[n], args) for n in block}, warmup=warmup, rounds=repeats
         )
         ratios, p10 = over_plain(timed) | ratios, over_plain_p10(timed) | p10
-        heavy_plain = timed.pop("plain") if i else heavy_plain
+        if i:  # the second block's plain step is the base of the vmap steps only
+            heavy_plain = timed.pop("plain")
         times |= timed
     times = {n: times[n] for n in compiled}  # in the order of variants
     seconds = {n: float(np.median(t)) for n, t in times.items()}
