@@ -66,7 +66,9 @@ that model. :func:`select` (``per_example(method="auto")``) times once on the ac
 device (:func:`calibrate`, cached in memory by the jaxpr and shapes) the fast path on the whole
 batch, the fast path over equal example chunks in turn (:func:`chunk_counts`, :func:`chunked`:
 ``jax.lax.scan`` sums the chunks' sums; smaller products can run faster per example, and one
-chunk's intermediates exist at a time) and ``vmap``, and keeps the fastest. The model is the
+chunk's intermediates exist at a time; each again with the dense kernels whose two forms the
+model puts within :data:`FORM_MARGIN` of each other in the direct form,
+:func:`direct_where_close`) and ``vmap``, and keeps the fastest. The model is the
 prior: when it is clear (every leaf covered and the fast path at most :data:`CLEAR_MARGIN` of
 ``vmap``'s estimated cost) ``vmap`` is not timed, nor anything for a batch too small to
 chunk. Apart from that, a convolution whose per-example intermediates would exceed
@@ -115,11 +117,13 @@ __all__ = [
     "FLOPS_PER_BYTE",
     "CHUNK_BYTES",
     "CLEAR_MARGIN",
+    "FORM_MARGIN",
     "CHUNK_SIZES",
     "CHUNK_COUNT",
     "MAX_CHUNKS",
     "chunk_counts",
     "chunked",
+    "direct_where_close",
     "fastest",
 ]
 
@@ -139,6 +143,12 @@ FLOPS_PER_BYTE = {"cpu": 8.0, "gpu": 100.0, "tpu": 200.0}
 # the fast path's estimated extra cost is at most this fraction of vmap's; otherwise it times
 # both paths once (calibrate).
 CLEAR_MARGIN = 0.25
+
+# In a loop over example chunks, a dense kernel's direct form is timed against its Gram form
+# (calibrate) where the cost model puts the two within this factor: on 2 CPU cores the direct
+# form of the Transformer's 128 -> 512 layers (model: 1.14x the Gram form's cost) ran the fast
+# path in 4 or 8 chunks 1.1-1.2x faster.
+FORM_MARGIN = 2.0
 
 # select(method="auto") also times the fast path over equal example chunks (a scan): chunks of
 # these many examples, and batch / CHUNK_COUNT (the microbatch estimator's default count), at
@@ -885,17 +895,53 @@ def _candidates(
     loss_fn, params, batch, the_plan, has_aux, with_vmap, chunks=True
 ) -> dict[str, Plan | None]:
     """What :func:`calibrate` times: the fast path on the whole batch and (with ``chunks``) in
-    each of :func:`chunk_counts` chunks (where the fast path covers the chunk), and ``vmap``
-    (``None``)."""
+    each of :func:`chunk_counts` chunks (where the fast path covers the chunk), each chunked
+    one also with its close dense kernels in the direct form (:func:`direct_where_close`: a
+    chunk's per-example gradients are small), and ``vmap`` (``None``)."""
     out: dict[str, Plan | None] = {"ghost": the_plan}
     for k in chunk_counts(common.batch_size(batch)) if chunks else ():
         try:
-            out[f"ghost in {k} chunks"] = chunked(
-                the_plan, loss_fn, params, batch, k, has_aux=has_aux
-            )
+            p = chunked(the_plan, loss_fn, params, batch, k, has_aux=has_aux)
         except NotApplicableError:
             continue
+        out[f"ghost in {k} chunks"] = p
+        if (direct := direct_where_close(p)) is not None:
+            out[f"ghost in {k} chunks, direct form"] = direct
     return out | ({"vmap": None} if with_vmap else {})
+
+
+def direct_where_close(the_plan: Plan) -> Plan | None:
+    """``the_plan`` with each dense kernel that the cost model puts in the Gram form moved to
+    the direct form where the model's two costs are within :data:`FORM_MARGIN` of each other;
+    ``None`` when there is none. The model cannot tell such forms apart on a CPU (the direct
+    form's bytes may stay in cache, the Gram form's small products run below peak), so
+    :func:`calibrate` times both.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> loss = lambda w, x: jnp.sum(jnp.einsum("btk,kc->btc", x, w) ** 2)
+      >>> p = plan(loss, jnp.ones((8, 8)), jnp.ones((4, 6, 8)))  # on a CPU: 1.3x apart
+      >>> [c.form for c in p.consumers], [c.form for c in direct_where_close(p).consumers]
+      (['gram'], ['direct'])
+    """
+    w = the_plan.flops_per_byte
+
+    def cost(c, form):
+        return next(fl + w * b for f, fl, b in c.costs if f == form)
+
+    def close(c):
+        return (
+            c.kind == "dense"
+            and c.form == "gram"
+            and cost(c, "direct") <= FORM_MARGIN * cost(c, "gram")
+        )
+
+    if not any(map(close, the_plan.consumers)):
+        return None
+    consumers = tuple(
+        dataclasses.replace(c, form="direct") if close(c) else c for c in the_plan.consumers
+    )
+    return dataclasses.replace(the_plan, consumers=consumers)
 
 
 def _chunks_can_fit(whole, params) -> bool:

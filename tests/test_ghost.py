@@ -777,6 +777,42 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
     assert ghost.calibrate(loss_fn, params, batch, the_plan) is the_plan
 
 
+def test_calibrate_also_times_the_direct_form_where_the_model_cannot_tell(monkeypatch):
+    """A dense kernel over 6 positions, whose Gram form the CPU cost model puts 1.3x below the
+    direct one: calibrate also times each chunked candidate with that kernel in the direct form
+    (not on an MLP, whose Gram form is far cheaper), and a direct variant that times fastest is
+    the plan. The direct plan's norms equal vmap's."""
+    w = jax.random.normal(jax.random.key(0), (8, 8)) / 3
+    x = jax.random.normal(jax.random.key(1), (16, 6, 8))
+
+    def loss_fn(w, x):
+        return jnp.mean(jnp.tanh(jnp.einsum("btk,kc->btc", x, w)) ** 2)
+
+    the_plan = ghost.plan(loss_fn, w, x)
+    direct = ghost.direct_where_close(the_plan)
+    assert [c.form for c in the_plan.consumers] == ["gram"]
+    assert [c.form for c in direct.consumers] == ["direct"]
+    assert ghost.direct_where_close(ghost.plan(*chunk_problem("plain_mlp"))) is None
+    check_sums(loss_fn, w, x, forms=(), the_plan=the_plan, more=[(direct, "auto")])
+
+    monkeypatch.setattr(ghost, "CHUNK_SIZES", (8,))  # chunk_counts(16) == (2, 4)
+    monkeypatch.setattr(ghost, "CHUNK_COUNT", 4)
+    monkeypatch.setattr(ghost, "_CALIBRATED", {})
+    monkeypatch.setattr(ghost, "_within_memory", lambda calls: (calls, ""))
+    seen, winner = [], "ghost in 2 chunks, direct form"
+
+    def fake(calls, warmup, rounds):
+        seen.extend(calls)
+        return {m: [1.0 if m == winner else 2.0] * rounds for m in calls}
+
+    monkeypatch.setattr(hardware, "interleaved_times", fake)
+    chosen = ghost.calibrate(loss_fn, w, x, the_plan)
+    chunks = [f"ghost in {k} chunks{form}" for k in (2, 4) for form in ("", ", direct form")]
+    assert seen == ["ghost", *chunks, "vmap"]
+    assert chosen.num_chunks == 2 and [c.form for c in chosen.consumers] == ["direct"]
+    assert f"auto: timed once: {winner} (median ms: ghost " in chosen.describe()
+
+
 def test_calibrate_skips_the_chunks_when_the_weights_outweigh_the_batch(monkeypatch):
     """A wide dense layer on a small batch: the whole batch's program needs less temporary
     memory than the weights' bytes, which a loop over chunks holds for each chunk's gradients,
