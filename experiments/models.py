@@ -233,7 +233,7 @@ class TransformerLM(nn.Module):
     """Byte-level decoder-only Transformer, pre-LayerNorm as GPT-2: token embedding, a
     learned position embedding (:class:`gns.ghost.AddPositionEmbedding`), ``depth`` blocks of
     causal attention and a GELU MLP, a final LayerNorm and a dense head (or the embedding
-    transposed: ``tie_embeddings``, which :mod:`gns.ghost`'s fast path does not cover).
+    transposed: ``tie_embeddings``; :mod:`gns.ghost` sums the two reads' per-example parts).
     Parameters (untied, ``mlp_ratio`` 4): ``V·D + L·D + depth·(12·D² + 13·D) + 2·D + D·V +
     V`` for vocabulary ``V``, context ``L``, width ``D``."""
 

@@ -51,9 +51,18 @@ gradients (a loss scaled by 1e-20) do not underflow when the squared norm is rep
 ``B + 1``; an axis that changes from ``B`` to ``B + 1`` (the only one that changes) is the
 example axis. Examples must not interact (the assumption of ``per_example`` itself).
 
-**Fallback, per leaf.** A leaf is not covered when it is read by more than one operation
-(shared or tied weights, a weight penalty inside ``loss_fn``: cross terms), by an operation
-nonlinear in it, by one whose other operand has no example axis or contracts it, or inside a
+**Shared leaves.** A leaf read by several of these operations (tied input and output
+embeddings, a layer called twice) has as per-example gradient the sum of its reads' parts,
+cross terms included: each read runs in the direct form and, wrapped in an identity with a
+custom VJP (``_tap_parts``), adds its per-example parts ``[B, *operand]`` to the gradient of a
+zero ``[B, *leaf]`` slot, mapped back through the norm-keeping steps between the leaf and the
+read (a transpose, per example); the slot's gradient is the per-example gradients, squared
+once. The leaf's gradient stays the plain one, so each read's parts are extra work (about a
+weight-gradient product and ``B`` times the leaf's bytes).
+
+**Fallback, per leaf.** A leaf is not covered when one of its reads is not such an operation:
+one nonlinear in it (a weight penalty inside ``loss_fn``), one whose other operand has no
+example axis or contracts it, a convolution kernel read several times, or a read inside a
 primitive the analysis does not enter (``scan``, ``while``, ``cond``, ``custom_jvp``/
 ``custom_vjp`` calls, ``checkpoint``). Those leaves get per-example gradients by ``jax.vmap``
 restricted to them (chunked with ``chunk_size``); that pass backpropagates per example through
@@ -338,9 +347,8 @@ def _bind(e: _Eqn, vals) -> list:
     return list(out) if e.primitive.multiple_results else [out]
 
 
-def _uses(flat: _Flat) -> tuple[dict[int, int], list[bool]]:
-    """How many live equations (and outputs) read each key, and which equations are live
-    (their outputs reach the outputs of ``loss_fn``)."""
+def _live(flat: _Flat) -> list[bool]:
+    """Which equations are live (their outputs reach the outputs of ``loss_fn``)."""
     live_keys = {a for a in flat.outvars if isinstance(a, int)}
     live = [False] * len(flat.eqns)
     for i in range(len(flat.eqns) - 1, -1, -1):
@@ -348,14 +356,7 @@ def _uses(flat: _Flat) -> tuple[dict[int, int], list[bool]]:
         if any(o in live_keys for o in e.outs) or getattr(e.primitive, "effects", None):
             live[i] = True
             live_keys.update(a for a in e.ins if isinstance(a, int))
-    uses: dict[int, int] = {}
-    for a in [a for e, ok in zip(flat.eqns, live, strict=True) if ok for a in e.ins]:
-        if isinstance(a, int):
-            uses[a] = uses.get(a, 0) + 1
-    for a in flat.outvars:
-        if isinstance(a, int):
-            uses[a] = uses.get(a, 0) + 1
-    return uses, live
+    return live
 
 
 def _example_axes(flat: _Flat, alt: _Flat, n: int) -> dict[int, int | None]:
@@ -424,6 +425,8 @@ class _Consumer:
     # gradients of this leaf cost on top of the shared backward pass).
     costs: tuple[tuple[str, float, float], ...] = ()
     chunks: int = 1  # the kernel norms computed over this many example chunks, in turn
+    chain: tuple[int, ...] = ()  # the norm-keeping equations from the leaf to operand ``pos``
+    shared: bool = False  # one of several operations reading the leaf (tied weights)
 
 
 def _dense_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
@@ -563,45 +566,45 @@ def _step(e: _Eqn, pos: int, shapes, axes) -> tuple[str, dict | None, str]:
 
 
 def _find_consumers(flat: _Flat, axes, num_params: int):
-    """``(consumers by leaf, fallback reasons by leaf)`` of the first ``num_params`` inputs."""
-    uses, live = _uses(flat)
-    source = {flat.invars[j]: j for j in range(num_params)}
-    found: dict[int, _Consumer] = {}
+    """``(consumers by leaf, fallback reasons by leaf)`` of the first ``num_params`` inputs.
+    A leaf read by several covered operations (tied or shared weights) has one consumer per
+    operation, each marked ``shared``; its per-example gradient is the sum of theirs."""
+    live = _live(flat)
+    source = {flat.invars[j]: (j, ()) for j in range(num_params)}
+    found: dict[int, list[_Consumer]] = {}
     reasons: dict[int, str] = {}
     for i, e in enumerate(flat.eqns):
-        refs = [(p, source[a]) for p, a in enumerate(e.ins) if isinstance(a, int) and a in source]
+        refs = [(p, *source[a]) for p, a in enumerate(e.ins) if isinstance(a, int) and a in source]
         if not live[i] or not refs:
             continue
-        if len({j for _, j in refs}) > 1 or len(refs) > 1:
-            for _, j in refs:
-                reasons.setdefault(j, f"{e.primitive.name} combines it with another parameter")
+        if len(refs) > 1:
+            for _, j, _ in refs:
+                reasons.setdefault(j, f"{e.primitive.name} combines it with a parameter")
             continue
-        (pos, j), key = refs[0], e.ins[refs[0][0]]
-        if uses.get(key, 0) > 1 or j in found:
-            reasons.setdefault(
-                j,
-                "read by several operations (shared or tied weights, or a "
-                "penalty in loss_fn): per-example cross terms",
-            )
-            continue
+        ((pos, j, chain),) = refs
         what, fields, reason = _step(e, pos, flat.shapes, axes)
         if what == "iso":
-            source[e.outs[0]] = j
+            source[e.outs[0]] = (j, (*chain, i))
         elif what == "consumer":
-            found[j] = _Consumer(
+            c = _Consumer(
                 leaf=j,
                 eqn=i,
                 primitive=e.primitive.name,
                 pos=pos,
                 out_shape=flat.shapes[e.outs[0]],
+                chain=chain,
                 **fields,
             )
+            found.setdefault(j, []).append(c)
         else:
             reasons.setdefault(j, reason)
-    for key, j in source.items():
+    for key, (j, _) in source.items():
         if key in flat.outvars:
             reasons.setdefault(j, "returned by loss_fn")
-    return {j: c for j, c in found.items() if j not in reasons}, reasons
+    for j, cs in found.items():
+        if len(cs) > 1 and any(c.kind == "conv" for c in cs):
+            reasons.setdefault(j, "a convolution kernel read by several operations")
+    return {j: cs for j, cs in found.items() if j not in reasons}, reasons
 
 
 # ---------------------------------------------------------------------------------------------
@@ -686,9 +689,10 @@ class Plan:
         for c in self.consumers:
             costs = ", ".join(f"{f} {(fl + w * b) / 1e6:.3g}" for f, fl, b in c.costs)
             chunks = f" in {c.chunks} example chunks" if c.chunks > 1 else ""
+            shared = ", one of several reads (per-example gradients summed)" if c.shared else ""
             lines.append(
                 f"leaf {self.name(c.leaf)}: covered by {c.primitive} ({c.kind}), {c.form} form"
-                f"{chunks} (MFLOP-equivalents: {costs})"
+                f"{chunks}{shared} (MFLOP-equivalents: {costs})"
             )
         for j, why in self.reasons:
             lines.append(f"leaf {self.name(j)}: fallback (per-example gradients by vmap): {why}")
@@ -768,8 +772,9 @@ def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
     w = FLOPS_PER_BYTE.get(jax.default_backend(), FLOPS_PER_BYTE["gpu"])
     sizes = tuple(_prod(leaf.shape) for _, leaf in paths_leaves)
     consumers = tuple(
-        _with_costs(c, n, sizes[c.leaf], w) for c in sorted(found.values(), key=lambda c: c.eqn)
+        _with_costs(c, n, sizes[c.leaf], w, shared=len(cs) > 1) for cs in found.values() for c in cs
     )
+    consumers = tuple(sorted(consumers, key=lambda c: c.eqn))
     fallback = tuple(sorted(reasons))
     return Plan(
         consumers,
@@ -1084,11 +1089,16 @@ def _forms(c: _Consumer) -> tuple[str, ...]:
     return ("direct", "gram") if c.kind in ("dense", "conv", "embed") else ("direct",)
 
 
-def _with_costs(c: _Consumer, n: int, leaf_size: int, flops_per_byte: float) -> _Consumer:
-    """``c`` with the costs of its forms (and of vmap), the cheapest form, and the number of
-    example chunks its kernel norms are computed in (:data:`CHUNK_BYTES`)."""
+def _with_costs(
+    c: _Consumer, n: int, leaf_size: int, flops_per_byte: float, shared: bool = False
+) -> _Consumer:
+    """``c`` with the costs of its forms (and of vmap), the cheapest form (the direct form,
+    the only one that sums, for a ``shared`` leaf), and the number of example chunks its
+    kernel norms are computed in (:data:`CHUNK_BYTES`)."""
     costs = tuple(_form_cost(c, f, n, leaf_size) for f in (*_forms(c), "vmap"))
     best = min(costs[:-1], key=lambda fc: fc[1] + flops_per_byte * fc[2])
+    if shared:
+        return dataclasses.replace(c, costs=costs, form="direct", shared=True)
     return dataclasses.replace(c, costs=costs, form=best[0], chunks=_num_chunks(c, n, best[2]))
 
 
@@ -1306,27 +1316,45 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
         )
     leaves, treedef = jax.tree.flatten(params)
     by_eqn = {c.eqn: (k, c) for k, c in enumerate(the_plan.consumers)}
-    slots = [jnp.zeros((n,), common.acc_dtype(leaves[c.leaf].dtype)) for c in the_plan.consumers]
+    acc = [common.acc_dtype(leaf.dtype) for leaf in leaves]
+    # A slot per consumer, whose gradient is its per-example squared norms [n]; a shared
+    # leaf's slot is [n, *leaf] (every read adds its per-example parts to its gradient).
+    shared = sorted({c.leaf for c in the_plan.consumers if c.shared})
+    slots = [jnp.zeros((n,), acc[c.leaf]) for c in the_plan.consumers if not c.shared]
+    slots += [jnp.zeros((n, *leaves[j].shape), acc[j]) for j in shared]
     slots = common.to_varying(slots, axis_name)  # keep their gradients device-local
+    slot_of = {c.eqn: k for k, c in enumerate(c for c in the_plan.consumers if not c.shared)}
+    leaf_slot = {j: len(slot_of) + k for k, j in enumerate(shared)}
 
     def tapped(p_leaves, zs):
+        seen: dict[int, list] = {}  # the operands of the norm-keeping equations of a chain
+
         def hook(i, vals, outs):
+            seen[i] = vals
             if i not in by_eqn:
                 return outs
             k, c = by_eqn[i]
+            if c.shared:
+                slot = _along_chain(flat, c.chain, seen, zs[leaf_slot[c.leaf]])
+                x = lax.stop_gradient(vals[c.x_pos]) if c.x_pos is not None else None
+                return [_tap_parts(c, n, outs[0], x, slot), *outs[1:]]
             if c.kind == "sum" or (c.kind in ("dense", "conv") and _form_of(c, form) == "direct"):
-                return _reusing(c, n, functools.partial(_bind, flat.eqns[i]), vals, zs[k])
+                op = functools.partial(_bind, flat.eqns[i])
+                return _reusing(c, n, op, vals, zs[slot_of[c.eqn]])
             x = lax.stop_gradient(vals[c.x_pos]) if c.x_pos is not None else None
-            return [_tap(c, n, form, outs[0], x, zs[k]), *outs[1:]]
+            return [_tap(c, n, form, outs[0], x, zs[slot_of[c.eqn]]), *outs[1:]]
 
         outs = _run(flat, [*p_leaves, *jax.tree.leaves(batch)], hook)
         out = jax.tree.unflatten(flat.out_tree, outs)
         return out if has_aux else (out, None)
 
     (grads, slot_grads), aux = jax.grad(tapped, argnums=(0, 1), has_aux=True)(leaves, slots)
-    sq = [jnp.zeros((), common.acc_dtype(leaf.dtype)) for leaf in leaves]  # unused leaves: 0
-    for c, norms in zip(the_plan.consumers, slot_grads, strict=True):
-        sq[c.leaf] = jnp.sum(norms)
+    sq = [jnp.zeros((), a) for a in acc]  # unused leaves: 0
+    for c in the_plan.consumers:
+        if not c.shared:
+            sq[c.leaf] = jnp.sum(slot_grads[slot_of[c.eqn]])
+    for j in shared:
+        sq[j] = jnp.sum(_norms_of(n, None, slot_grads[leaf_slot[j]])[1])
     grads = jax.tree.unflatten(treedef, grads)
     return _with_fallback(
         loss_fn, params, batch, the_plan, grads, sq, has_aux, axis_name, chunk_size, n, aux
@@ -1361,6 +1389,59 @@ def _tap_bwd(consumer, n, form, res, g):
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def _along_chain(flat: _Flat, chain: tuple[int, ...], seen: dict, z: jax.Array) -> jax.Array:
+    """``z`` (``[n, *leaf]``) through the norm-keeping equations ``chain`` from the leaf to a
+    consumer's operand, per example (their other operands as they were evaluated)."""
+
+    def one(v):
+        for i in chain:
+            v = _bind(flat.eqns[i], [v, *seen[i][1:]])[0]
+        return v
+
+    return jax.vmap(one)(z) if chain else z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _tap_parts(consumer, n, y, x, slot):
+    """Identity on ``y``. Its VJP returns the per-example parts of the parameter operand's
+    gradient (``[n, *operand]``, :func:`_operand_parts`) as the cotangent of ``slot``: the
+    reads of a shared leaf add theirs up in its slot's gradient, the per-example gradients."""
+    del consumer, n, x, slot
+    return y
+
+
+def _tap_parts_fwd(consumer, n, y, x, slot):
+    del consumer, n
+    return y, (x, slot)
+
+
+def _tap_parts_bwd(consumer, n, res, g):
+    x, slot = res
+    g32 = g.astype(common.acc_dtype(g.dtype))
+    return g, None, _operand_parts(consumer, n, x, g32, slot.shape[1:]).astype(slot.dtype)
+
+
+_tap_parts.defvjp(_tap_parts_fwd, _tap_parts_bwd)
+
+
+def _operand_parts(c: _Consumer, n: int, x, g: jax.Array, shape) -> jax.Array:
+    """Per-example parts ``[n, *shape]`` of the gradient of consumer ``c``'s parameter operand
+    (of shape ``shape``): their sum over examples is that gradient."""
+    if c.kind == "embed":
+        tokens = jnp.moveaxis(x[..., 0], c.axis, 0).reshape(n, -1)
+        g = jnp.moveaxis(g, c.axis, 0).reshape(n, tokens.shape[1], -1)
+        rows = jnp.clip(tokens, 0, c.vocab - 1) if c.clip else tokens
+        rows = jnp.where((rows >= 0) & (rows < c.vocab), rows, c.vocab)  # dropped below
+        table = jnp.zeros((n, c.vocab, g.shape[-1]), g.dtype)
+        return table.at[jnp.arange(n)[:, None], rows].add(g, mode="drop")
+    _, parts = _per_example_parts(c, n, x, g)
+    if c.kind == "dense":  # [n, s, k, c] in the layout (batch, contracted, free) of w
+        lay = c.layout
+        parts = parts.reshape(n, *lay.w_shape)
+        return jnp.transpose(parts, (0, *(1 + np.argsort(lay.w_perm))))
+    return parts.reshape(n, *shape)  # a broadcast parameter: the kept axes, in order
 
 
 def _reusing(c: _Consumer, n: int, op, vals: list, slot: jax.Array) -> list:

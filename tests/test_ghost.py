@@ -93,19 +93,20 @@ class ConvNet(nn.Module):
 
 
 class Mixed(nn.Module):
-    """Covered layers (Conv, GroupNorm, Embed, Dense) mixed with an uncovered custom param and
-    a layer called twice (shared weights)."""
+    """Covered layers (Conv, GroupNorm, Embed, Dense, a layer called twice: shared weights)
+    mixed with an uncovered custom param (read through ``exp``)."""
 
     @nn.compact
     def __call__(self, x):
         images, tokens = x[..., :-1], x[:, 0, 0, -1].astype(jnp.int32)
         h = nn.Conv(4, (3, 3), strides=2)(images)
         h = nn.GroupNorm(num_groups=2)(h)
-        h = h * self.param("gain", nn.initializers.ones, (4,))  # uncovered
+        h = h * self.param("gain", nn.initializers.ones, (4,))  # covered: a broadcast scale
+        h = h * jnp.exp(self.param("log_scale", nn.initializers.zeros, (4,)))  # uncovered
         h = jnp.mean(nn.relu(h), axis=(1, 2))
         h = h + nn.Embed(7, 4)(tokens)  # one token per example
         shared = nn.Dense(4)
-        h = shared(nn.tanh(shared(h)))  # shared: fallback
+        h = shared(nn.tanh(shared(h)))  # shared: per-example gradients summed
         return nn.Dense(5)(h)
 
 
@@ -191,22 +192,60 @@ def test_conv_net_equals_vmap_in_every_form_whole_and_in_chunks(monkeypatch):
     check_sums(loss_fn, params, batch, ("direct", "gram"), plan, k=2, more=more)
 
 
-def test_mixed_model_routes_uncovered_leaves_to_vmap():
+def test_mixed_model_covers_shared_weights_and_routes_the_rest_to_vmap():
     x = np.array(images((4, 6, 6, 4)))
     x[..., -1] = (np.arange(4) % 7)[:, None, None]  # one token per example
     loss_fn, params, batch = setup(Mixed(), x)
     plan = ghost.plan(loss_fn, params, batch)
     names = [common.leaf_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    assert sorted(names[j] for j in plan.fallback) == ["Dense_0/bias", "Dense_0/kernel"]
+    assert [names[j] for j in plan.fallback] == ["log_scale"]
     kinds = {names[c.leaf]: (c.primitive, c.kind) for c in plan.consumers}
     assert kinds["gain"] == ("mul", "sum")  # a bare self.param scale: covered
     assert kinds["Embed_0/embedding"] == ("gather", "embed")
     assert kinds["Conv_0/kernel"] == ("conv_general_dilated", "conv")
+    shared = [names[c.leaf] for c in plan.consumers if c.shared]
+    assert sorted(shared) == ["Dense_0/bias"] * 2 + ["Dense_0/kernel"] * 2
     described = plan.describe()
-    assert "leaf Dense_0/kernel: fallback (per-example gradients by vmap): read by several" in (
+    assert "leaf log_scale: fallback (per-example gradients by vmap): " in described
+    assert "leaf Dense_0/kernel: covered by dot_general (dense), direct form, one of several" in (
         described
     )
     check_equal_to_vmap(loss_fn, params, batch)
+
+
+def test_shared_weights_sum_their_reads_per_example():
+    """Plain JAX, each leaf read by several covered operations: a kernel in two products and
+    through a transpose, a bias added and subtracted, a scale multiplying twice, a table
+    gathered and used as the (tied) output head. The per-example gradient of each is the
+    sum of its reads' parts: squared norms equal vmap's to float64 rounding, in every form
+    and over 2 example chunks. A penalty on a leaf (not linear in it) still falls back."""
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        p = {
+            "w": rng.normal(size=(5, 5)),
+            "b": rng.normal(size=(5,)),
+            "s": rng.normal(size=(1, 5)),
+            "table": rng.normal(size=(7, 5)),
+        }
+        p = jax.tree.map(jnp.asarray, p)
+        tokens = rng.integers(0, 7, (4, 3)).astype(np.int32)
+        tokens[0, :2] = 2  # a repeated token
+
+        def loss_fn(p, tokens):
+            h = p["table"][tokens] * p["s"]
+            h = jnp.tanh(h @ p["w"] + p["b"])
+            h = jnp.tanh((h @ p["w"] - p["b"]) * p["s"]) @ p["w"].T
+            logits = h @ p["table"].T
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.sum(logits, -1) / 7)
+
+        the_plan = ghost.plan(loss_fn, p, tokens)
+        reads = sorted(the_plan.name(c.leaf) for c in the_plan.consumers)
+        assert reads == ["b"] * 2 + ["s"] * 2 + ["table"] * 2 + ["w"] * 3
+        assert the_plan.fallback == () and all(c.shared for c in the_plan.consumers)
+        check_sums(loss_fn, p, tokens, ("auto", "direct", "gram"), the_plan, k=2)
+
+        penalty = ghost.plan(lambda q, t: loss_fn(q, t) + jnp.sum(q["w"] ** 2), p, tokens)
+        assert [penalty.name(j) for j in penalty.fallback] == ["w"]
 
 
 def test_weight_penalty_in_loss_goes_to_fallback():
@@ -551,17 +590,18 @@ def lm_setup(tie=False, batch=3, context=5, vocab=7, abstract=False):
 
 
 def test_transformer_lm_equals_vmap():
-    """Untied, every leaf is covered. Tied, the embedding falls back: the fast path over 2
-    example chunks (each by the whole-batch code), the embedding by vmap inside each, equals
-    vmap, the covered leaves to float64 rounding (the loop rolled: no convolution, one body)."""
+    """Every leaf is covered, untied and tied. A tied head reads the embedding twice (a
+    gather, and a dot_general through a transpose): each read adds its per-example parts to
+    the embedding's, whose squared norms (with the cross terms) equal vmap's to float64
+    rounding, on the whole batch and over 2 example chunks (the loop rolled)."""
     with jax.enable_x64(True):
         for tie in (False, True):
             loss_fn, params, tokens = lm_setup(tie, batch=4)
             the_plan = ghost.plan(loss_fn, params, tokens)
-            fallback = [the_plan.leaf_names[j] for j in the_plan.fallback]
-            # a tied head reads the embedding twice (gather and dot_general): cross terms
-            assert fallback == (["embed/embedding"] if tie else [])
-            assert len(the_plan.consumers) + len(fallback) == the_plan.num_leaves
+            assert the_plan.fallback == ()
+            reads = [the_plan.name(c.leaf) for c in the_plan.consumers if c.shared]
+            assert reads == (["embed/embedding"] * 2 if tie else [])
+            assert len(the_plan.consumers) == the_plan.num_leaves + tie
         check_sums(loss_fn, params, tokens, forms=(), the_plan=the_plan, k=2)  # tied
 
 
