@@ -78,6 +78,16 @@ def default() -> ml_collections.ConfigDict:
     c.rows.models.lm1b.depth = 2  # lm1b: blocks
     c.rows.models.lm1b.num_heads = 4  # lm1b: attention heads (divides width)
     c.rows.models.lm1b.mlp_ratio = 4  # lm1b: MLP hidden size / width
+    # The lm Transformer with its output layer the token embedding transposed (one leaf read
+    # by a gather and a dot_general), the size of the lm model
+    c.rows.models.tied_transformer = ml_collections.ConfigDict()
+    c.rows.models.tied_transformer.batch_sizes = (32,)  # tied_transformer: batch sizes timed
+    c.rows.models.tied_transformer.vocab_size = 256  # tied_transformer: vocabulary
+    c.rows.models.tied_transformer.context = 64  # tied_transformer: tokens per sequence
+    c.rows.models.tied_transformer.width = 128  # tied_transformer: embedding size
+    c.rows.models.tied_transformer.depth = 2  # tied_transformer: blocks
+    c.rows.models.tied_transformer.num_heads = 4  # tied_transformer: heads (divides width)
+    c.rows.models.tied_transformer.mlp_ratio = 4  # tied_transformer: MLP hidden size / width
     c.rows.models.nnx_mlp = ml_collections.ConfigDict()  # an NNX MLP
     c.rows.models.nnx_mlp.batch_sizes = (128,)  # nnx_mlp: batch sizes timed (multiples of
     # rows.num_microbatches)

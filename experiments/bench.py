@@ -196,13 +196,15 @@ def lm_loss(model):
 
 
 def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512, 10), **fields):
-    """``(loss_fn, params, batch)`` of a bench row's model on random data: ``"transformer"``
-    or ``"lm1b"`` of ``fields`` on tokens; classifiers on ``(inputs, labels)``: ``"small_cnn"``
-    of ``fields`` (with ``image_size``, ``channels``, ``num_classes``), ``"nnx_mlp"`` or
-    ``"plain_mlp"`` (a dict of weights, ``jnp.dot`` + bias, ReLU) of ``dims``."""
+    """``(loss_fn, params, batch)`` of a bench row's model on random data: ``"transformer"``,
+    ``"lm1b"`` or ``"tied_transformer"`` (its output layer the embedding transposed) of
+    ``fields`` on tokens; classifiers on ``(inputs, labels)``: ``"small_cnn"`` of ``fields``
+    (with ``image_size``, ``channels``, ``num_classes``), ``"nnx_mlp"`` or ``"plain_mlp"`` (a
+    dict of weights, ``jnp.dot`` + bias, ReLU) of ``dims``."""
     rng, key = np.random.default_rng(seed), jax.random.key(seed)
-    if name in ("transformer", "lm1b"):
-        model = (Lm1bTransformer if name == "lm1b" else models.TransformerLM)(**fields)
+    if name in ("transformer", "lm1b", "tied_transformer"):
+        tied = {"tie_embeddings": True} if name == "tied_transformer" else {}
+        model = (Lm1bTransformer if name == "lm1b" else models.TransformerLM)(**fields, **tied)
         tokens = rng.integers(0, model.vocab_size, (batch_size, model.context + 1), dtype=np.int32)
         return lm_loss(model), jax.jit(model.init)(key, tokens[:1, :-1])["params"], tokens
     if name == "small_cnn":
@@ -232,7 +234,8 @@ def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512,
             return h
     else:
         raise ValueError(
-            f"unknown bench row {name!r}: use transformer, lm1b, small_cnn, nnx_mlp or plain_mlp."
+            f"unknown bench row {name!r}: use transformer, lm1b, tied_transformer, small_cnn, "
+            "nnx_mlp or plain_mlp."
         )
     return lambda p, b: tasks.cross_entropy(apply(p, b[0]), b[1]).mean(), params, batch
 

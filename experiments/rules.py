@@ -304,11 +304,12 @@ BENCH = (
     ("rows.enabled", FLAG),
     *(
         (f"rows.models.{m}.batch_sizes", tuple_of(count(2)))
-        for m in ("lm1b", "nnx_mlp", "plain_mlp")
+        for m in ("lm1b", "tied_transformer", "nnx_mlp", "plain_mlp")
     ),
     *((f"rows.models.{m}.dims", tuple_of(count(1))) for m in ("nnx_mlp", "plain_mlp")),
     *(
-        (f"rows.models.lm1b.{f}", count(1))
+        (f"rows.models.{m}.{f}", count(1))
+        for m in ("lm1b", "tied_transformer")
         for f in ("context", "depth", "num_heads", "mlp_ratio", "vocab_size", "width")
     ),
     *(("lm." + f, k) for f, k in LM if f.startswith("model.") and f != "model.vocab_size"),
@@ -465,12 +466,15 @@ BENCH_CROSS = (
             "rows.num_microbatches",
             "every batch size must split into rows.num_microbatches equal microbatches",
         )
-        for m in ("lm1b", "nnx_mlp", "plain_mlp")
+        for m in ("lm1b", "tied_transformer", "nnx_mlp", "plain_mlp")
     ),
-    _multiples(
-        "rows.models.lm1b.width",
-        "rows.models.lm1b.num_heads",
-        "rows.models.lm1b.num_heads must divide its width",
+    *(
+        _multiples(
+            f"rows.models.{m}.width",
+            f"rows.models.{m}.num_heads",
+            f"rows.models.{m}.num_heads must divide its width",
+        )
+        for m in ("lm1b", "tied_transformer")
     ),
     _multiples(
         "lm.batch_sizes",
