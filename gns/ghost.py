@@ -64,7 +64,8 @@ weight-gradient product and ``B`` times the leaf's bytes).
 one nonlinear in it (a weight penalty inside ``loss_fn``), one whose other operand has no
 example axis or contracts it, a convolution kernel read several times, or a read inside a
 primitive the analysis does not enter (``scan``, ``while``, ``cond``, ``custom_jvp``/
-``custom_vjp`` calls, ``checkpoint``). Those leaves get per-example gradients by ``jax.vmap``
+``custom_vjp`` calls, whose rules may differ from the primal's gradient; nested ``jit`` calls
+and ``jax.checkpoint`` regions are inlined). Those leaves get per-example gradients by ``jax.vmap``
 restricted to them (chunked with ``chunk_size``); that pass backpropagates per example through
 everything above the deepest such leaf. :meth:`Plan.describe` names every fallback and why.
 
@@ -170,9 +171,11 @@ MAX_CHUNKS = 16
 # per-example products runs, as extra multiples of its FLOPs (2 CPU cores, ``make bench``).
 _VMAP_SLOWDOWN = {"conv": 4.0, "dense": 1.0}
 
-# Primitives whose inner jaxpr is inlined (plain function calls); every other primitive with
-# an inner jaxpr is evaluated as it is (a parameter reaching it falls back).
-_INLINE = ("pjit", "jit", "closed_call", "core_call")
+# Primitives whose inner jaxpr is inlined: plain function calls, and ``jax.checkpoint``
+# (``nn.remat``) regions, whose gradient is the plain one (the fast path then keeps their
+# activations instead of recomputing them). Every other primitive with an inner jaxpr is
+# evaluated as it is (a parameter reaching it falls back).
+_INLINE = ("pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint")
 
 # Unary steps from a parameter that keep its gradient's norm (J·Jᵀ = I): the parameter
 # reaches its consumer through any number of them.
@@ -565,6 +568,15 @@ def _step(e: _Eqn, pos: int, shapes, axes) -> tuple[str, dict | None, str]:
     return ("consumer", fields, "") if fields else ("fallback", None, reason)
 
 
+def _inner_jaxpr(e: _Eqn) -> bool:
+    """Whether equation ``e`` runs an inner jaxpr (``scan``, ``cond``, a custom rule)."""
+    kinds = (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)
+    return any(
+        isinstance(v, kinds) or (isinstance(v, tuple) and any(isinstance(b, kinds) for b in v))
+        for v in e.params.values()
+    )
+
+
 def _find_consumers(flat: _Flat, axes, num_params: int):
     """``(consumers by leaf, fallback reasons by leaf)`` of the first ``num_params`` inputs.
     A leaf read by several covered operations (tied or shared weights) has one consumer per
@@ -576,6 +588,10 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
     for i, e in enumerate(flat.eqns):
         refs = [(p, *source[a]) for p, a in enumerate(e.ins) if isinstance(a, int) and a in source]
         if not live[i] or not refs:
+            continue
+        if _inner_jaxpr(e):
+            for _, j, _ in refs:
+                reasons.setdefault(j, f"read inside {e.primitive.name}, which is not entered")
             continue
         if len(refs) > 1:
             for _, j, _ in refs:

@@ -248,6 +248,37 @@ def test_shared_weights_sum_their_reads_per_example():
         assert [penalty.name(j) for j in penalty.fallback] == ["w"]
 
 
+class RematScan(nn.Module):
+    """Blocks under ``nn.remat`` (a ``jax.checkpoint`` region) and a recurrent kernel read
+    inside ``jax.lax.scan``."""
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, 4]
+        for _ in range(2):
+            x = x + nn.remat(nn.Dense)(4)(jnp.tanh(x))
+        w = self.param("recurrent", nn.initializers.orthogonal(), (4, 4))
+
+        def cell(h, x_t):
+            h = jnp.tanh(h @ w + x_t)
+            return h, h
+
+        _, hs = jax.lax.scan(cell, jnp.zeros((x.shape[0], 4)), jnp.swapaxes(x, 0, 1))
+        return nn.Dense(5)(hs[-1])
+
+
+def test_remat_regions_are_entered_and_a_scan_falls_back():
+    """A remat region is inlined (its gradient is the plain one): the Dense layers inside are
+    covered. A kernel read inside ``scan`` falls back, named: norms equal vmap's."""
+    loss_fn, params, batch = setup(RematScan(), images((4, 3, 4)))
+    the_plan = ghost.plan(loss_fn, params, batch)
+    assert [the_plan.name(j) for j in the_plan.fallback] == ["recurrent"]
+    assert "leaf recurrent: fallback (per-example gradients by vmap): read inside scan" in (
+        the_plan.describe()
+    )
+    assert len(the_plan.consumers) == the_plan.num_leaves - 1
+    check_sums(loss_fn, params, batch, ("auto", "direct", "gram"), the_plan)
+
+
 def test_weight_penalty_in_loss_goes_to_fallback():
     """A leaf used outside its layer (here an L2 term inside loss_fn) is not ghost-normed."""
     model = ConvNet(strides=(2,))
