@@ -16,9 +16,10 @@ output gradient ``g``, and its squared norm has a closed form:
   (cost ``T²·(K+C)`` per example), the cheaper one per operation by the cost model. Axes
   shared by both operands (``dot_general`` batch dimensions, e.g. heads) are summed over
   outside.
-* ``conv_general_dilated`` (no feature groups, no input dilation): the same, with ``x_t`` the
-  input patch at output position ``t``; patches are strided slices of the padded input, one per
-  kernel offset, never concatenated.
+* ``conv_general_dilated`` (no input dilation): the same, with ``x_t`` the input patch at
+  output position ``t``; patches are strided slices of the padded input, one per kernel
+  offset, never concatenated. A grouped convolution (depthwise: one group per input channel)
+  takes the products within each group, in the direct form only.
 * ``gather`` of rows of a ``[vocab, D]`` table (an embedding, ``jnp.take``, ``table[tokens]``):
   the token-equality Gram ``Σ_{t,t'} [tok_t = tok_t'] (g_t·g_t')`` or, when cheaper, a
   scatter-add into a per-example table. Out-of-range tokens count for nothing (``fill``
@@ -420,6 +421,7 @@ class _Consumer:
     layout: _Layout | None = None  # dense
     conv: tuple | None = None  # (x_perm, g_perm, kernel_size, strides, padding, dilation)
     w_perm: tuple[int, ...] = ()  # conv: kernel [*window, in, out] to the kernel's layout
+    groups: int = 1  # conv: feature groups (depthwise: one per input channel)
     vocab: int = 0  # embed: rows of the table
     clip: bool = False  # embed: out-of-range tokens are clamped (else they count for nothing)
     sum_axes: tuple[int, ...] = ()  # sum: the broadcast axes of the output
@@ -473,8 +475,8 @@ def _conv_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
     p = e.params
     if pos != 1:
         return None, "conv_general_dilated with the parameter as its input"
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        return None, "grouped convolution"
+    if p["batch_group_count"] != 1:
+        return None, "batch-grouped convolution"
     if any(d != 1 for d in p["lhs_dilation"]):
         return None, "input dilation"
     lhs, rhs, out = p["dimension_numbers"]
@@ -491,7 +493,9 @@ def _conv_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
         tuple(p["rhs_dilation"]),
     )
     w_perm = tuple(np.argsort((*rhs[2:], rhs[1], rhs[0])))  # [*window, in, out] -> kernel
-    return {"kind": "conv", "x_pos": 0, "conv": conv, "w_perm": w_perm, "axis": out[0]}, ""
+    groups = p["feature_group_count"]
+    fields = {"kind": "conv", "x_pos": 0, "conv": conv, "w_perm": w_perm, "axis": out[0]}
+    return fields | {"groups": groups}, ""
 
 
 def _embed_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
@@ -1081,7 +1085,7 @@ def _form_cost(c: _Consumer, form: str, n: int, leaf_size: int) -> tuple[str, fl
     vmap_bytes = 12.0 * n * leaf_size
     if c.kind in ("dense", "conv"):
         m, t, k, cc = _contraction_dims(c, n, leaf_size)
-        patches = 4.0 * m * t * k if c.kind == "conv" else 0.0
+        patches = 4.0 * m * t * k * c.groups if c.kind == "conv" else 0.0  # every input channel
         if form == "direct":  # the per-example products replace the weight gradient
             return form, 2.0 * m * k * cc, 12.0 * m * k * cc + patches
         if form == "gram":
@@ -1102,7 +1106,11 @@ def _form_cost(c: _Consumer, form: str, n: int, leaf_size: int) -> tuple[str, fl
 
 
 def _forms(c: _Consumer) -> tuple[str, ...]:
-    return ("direct", "gram") if c.kind in ("dense", "conv", "embed") else ("direct",)
+    """The forms of consumer ``c``: a grouped convolution has the direct form only (its Gram
+    matrices would be one per group)."""
+    if c.kind in ("dense", "conv", "embed") and c.groups == 1:
+        return ("direct", "gram")
+    return ("direct",)
 
 
 def _with_costs(
@@ -1488,7 +1496,8 @@ def _reusing(c: _Consumer, n: int, op, vals: list, slot: jax.Array) -> list:
         if c.kind == "conv":
             x_perm, g_perm, *conv = c.conv
             xg = (jnp.transpose(x, x_perm), jnp.transpose(gs[0], g_perm))
-            gw, norms = _in_chunks(functools.partial(_conv_parts, tuple(conv), n), xg, c.chunks)
+            parts = functools.partial(_conv_parts, tuple(conv), n, groups=c.groups)
+            gw, norms = _in_chunks(parts, xg, c.chunks)
             gw, norms = jnp.transpose(jnp.sum(gw, axis=0), c.w_perm), norms.reshape(n)
         else:
             gw, norms = _norms_of(n, *_per_example_parts(c, n, x, gs[0]))
@@ -1507,16 +1516,23 @@ def _norms_of(n: int, gw: jax.Array, parts: jax.Array) -> tuple[jax.Array, jax.A
     return gw, jnp.square(jnp.sqrt(norms) * scale)
 
 
-def _conv_parts(conv, n: int, x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A convolution kernel's gradient ``[*window, in, out]`` and per-example squared norms
-    from channels-last ``x`` and ``g`` (of the mean loss): per kernel offset, the per-example
-    products of the input patches with ``g`` (their sum over examples is the kernel's
-    gradient at that offset)."""
+def _conv_parts(
+    conv, n: int, x: jax.Array, g: jax.Array, groups: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """A convolution kernel's gradient ``[*window, in / groups, out]`` and per-example squared
+    norms from channels-last ``x`` and ``g`` (of the mean loss): per kernel offset, the
+    per-example products of the input patches with ``g`` (their sum over examples is the
+    kernel's gradient at that offset), within each of ``groups`` feature groups (group ``j``:
+    the ``j``-th contiguous block of input and of output channels)."""
     acc = common.acc_dtype(g.dtype)
-    g = g.reshape(g.shape[0], -1, g.shape[-1]).astype(acc)
-    parts = jnp.stack(
-        [jnp.einsum("btk,btc->bkc", p.astype(acc), g) for p in _conv_pieces(x, conv)], 1
-    )
+    b, cout = g.shape[0], g.shape[-1]
+    g = g.reshape(b, -1, groups, cout // groups).astype(acc)
+
+    def product(p):  # [b, T, C_in] patches -> [b, C_in / groups, C_out]
+        p = p.reshape(*p.shape[:2], groups, -1).astype(acc)
+        return jnp.einsum("btgk,btgc->bkgc", p, g).reshape(b, -1, cout)
+
+    parts = jnp.stack([product(p) for p in _conv_pieces(x, conv)], 1)
     gw = jnp.einsum("b,bokc->okc", jnp.ones((g.shape[0],), acc), parts)
     return _norms_of(n, gw.reshape(*conv[0], *gw.shape[1:]), parts)
 

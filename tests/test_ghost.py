@@ -192,6 +192,47 @@ def test_conv_net_equals_vmap_in_every_form_whole_and_in_chunks(monkeypatch):
     check_sums(loss_fn, params, batch, ("direct", "gram"), plan, k=2, more=more)
 
 
+class GroupedConvNet(nn.Module):
+    """A depthwise convolution (one group per input channel, 2 outputs each) and a grouped
+    one (2 groups), as in MobileNet or ConvNeXt blocks."""
+
+    stride: int = 1
+    dilation: int = 1
+    padding: str = "SAME"
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        kw = dict(strides=self.stride, kernel_dilation=self.dilation, padding=self.padding)
+        x = nn.Conv(8, (3, 3), feature_group_count=4, **kw)(x)  # depthwise, multiplier 2
+        x = nn.LayerNorm()(nn.gelu(x))
+        x = nn.relu(nn.Conv(6, (2, 2), feature_group_count=2, use_bias=False)(x))
+        return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("stride, dilation, padding", [(1, 1, "SAME"), (2, 2, "VALID")])
+def test_grouped_convolutions_equal_vmap(monkeypatch, stride, dilation, padding):
+    """Depthwise and grouped convolutions are covered, in the direct form (their Gram form
+    would need one Gram matrix per group): norms equal vmap's, on the whole batch, over 2
+    example chunks, and with their norms computed over example chunks in turn."""
+    model = GroupedConvNet(stride, dilation, padding)
+    with jax.enable_x64(True):
+        x = images((4, 9, 9, 3), dtype=np.float64)
+        params = random_init(model, x[:1], dtype=jnp.float64)
+        loss_fn, batch = classifier_loss(model), (x, np.arange(4) % 5)
+        the_plan = ghost.plan(loss_fn, params, batch)
+        assert the_plan.fallback == () and len(the_plan.consumers) == the_plan.num_leaves
+        grouped = {
+            the_plan.name(c.leaf): (c.groups, c.form) for c in the_plan.consumers if c.groups > 1
+        }
+        assert grouped == {"Conv_1/kernel": (4, "direct"), "Conv_2/kernel": (2, "direct")}
+        monkeypatch.setattr(ghost, "CHUNK_BYTES", 100)
+        tiny = ghost.plan(loss_fn, params, batch)
+        assert max(c.chunks for c in tiny.consumers if c.groups > 1) > 1
+        more = [(tiny, "auto")]
+        check_sums(loss_fn, params, batch, ("auto", "direct", "gram"), the_plan, k=2, more=more)
+
+
 def test_mixed_model_covers_shared_weights_and_routes_the_rest_to_vmap():
     x = np.array(images((4, 6, 6, 4)))
     x[..., -1] = (np.arange(4) % 7)[:, None, None]  # one token per example
