@@ -88,6 +88,10 @@ def default() -> ml_collections.ConfigDict:
     c.rows.models.tied_transformer.depth = 2  # tied_transformer: blocks
     c.rows.models.tied_transformer.num_heads = 4  # tied_transformer: heads (divides width)
     c.rows.models.tied_transformer.mlp_ratio = 4  # tied_transformer: MLP hidden size / width
+    c.rows.models.convnext = ml_collections.ConfigDict()  # a ConvNeXt-style net: depthwise
+    # 7x7 convolutions, LayerNorm, no BatchNorm (experiments.bench.ConvNeXtStyle)
+    c.rows.models.convnext.batch_sizes = (128,)  # convnext: batch sizes timed
+    c.rows.models.convnext.widths = (32, 64)  # convnext: the stages' widths
     c.rows.models.nnx_mlp = ml_collections.ConfigDict()  # an NNX MLP
     c.rows.models.nnx_mlp.batch_sizes = (128,)  # nnx_mlp: batch sizes timed (multiples of
     # rows.num_microbatches)

@@ -174,6 +174,23 @@ class Lm1bTransformer(models.TransformerLM):
         return nn.Dense(self.vocab_size)(nn.LayerNorm()(x))
 
 
+class ConvNeXtStyle(nn.Module):
+    """A small ConvNeXt-style classifier: a patchify stem, then per stage of ``widths`` a
+    downsampling conv and a block (a 7x7 depthwise convolution, LayerNorm, an MLP of 4x the
+    width, a residual); no BatchNorm."""
+
+    widths: tuple[int, ...] = (32, 64)
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        for i, width in enumerate(self.widths):
+            x = nn.Conv(width, (4, 4) if i == 0 else (2, 2), strides=4 if i == 0 else 2)(x)
+            h = nn.Conv(width, (7, 7), feature_group_count=width)(nn.LayerNorm()(x))
+            x = x + nn.Dense(width)(nn.gelu(nn.Dense(4 * width)(nn.LayerNorm()(h))))
+        return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
 class NnxMLP(nnx.Module):
     """An NNX MLP with ReLU."""
 
@@ -198,16 +215,17 @@ def lm_loss(model):
 def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512, 10), **fields):
     """``(loss_fn, params, batch)`` of a bench row's model on random data: ``"transformer"``,
     ``"lm1b"`` or ``"tied_transformer"`` (its output layer the embedding transposed) of
-    ``fields`` on tokens; classifiers on ``(inputs, labels)``: ``"small_cnn"`` of ``fields``
-    (with ``image_size``, ``channels``, ``num_classes``), ``"nnx_mlp"`` or ``"plain_mlp"`` (a
-    dict of weights, ``jnp.dot`` + bias, ReLU) of ``dims``."""
+    ``fields`` on tokens; classifiers on ``(inputs, labels)``: ``"small_cnn"`` or
+    ``"convnext"`` (:class:`ConvNeXtStyle`) of ``fields`` (with ``image_size``, ``channels``,
+    ``num_classes``), ``"nnx_mlp"`` or ``"plain_mlp"`` (a dict of weights, ``jnp.dot`` + bias,
+    ReLU) of ``dims``."""
     rng, key = np.random.default_rng(seed), jax.random.key(seed)
     if name in ("transformer", "lm1b", "tied_transformer"):
         tied = {"tie_embeddings": True} if name == "tied_transformer" else {}
         model = (Lm1bTransformer if name == "lm1b" else models.TransformerLM)(**fields, **tied)
         tokens = rng.integers(0, model.vocab_size, (batch_size, model.context + 1), dtype=np.int32)
         return lm_loss(model), jax.jit(model.init)(key, tokens[:1, :-1])["params"], tokens
-    if name == "small_cnn":
+    if name in ("small_cnn", "convnext"):
         size, classes = fields.pop("image_size", 32), fields.pop("num_classes", 10)
         shape = (size, size, fields.pop("channels", 3))
     else:
@@ -216,6 +234,10 @@ def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512,
     batch = (x, rng.integers(0, classes, batch_size).astype(np.int32))
     if name == "small_cnn":
         model = models.get_model(fields | {"name": name}, num_classes=classes)
+        params = jax.jit(model.init)(key, x[:1])["params"]
+        apply = lambda params, x: model.apply({"params": params}, x)
+    elif name == "convnext":
+        model = ConvNeXtStyle(num_classes=classes, **fields)
         params = jax.jit(model.init)(key, x[:1])["params"]
         apply = lambda params, x: model.apply({"params": params}, x)
     elif name == "nnx_mlp":
@@ -235,7 +257,7 @@ def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512,
     else:
         raise ValueError(
             f"unknown bench row {name!r}: use transformer, lm1b, tied_transformer, small_cnn, "
-            "nnx_mlp or plain_mlp."
+            "convnext, nnx_mlp or plain_mlp."
         )
     return lambda p, b: tasks.cross_entropy(apply(p, b[0]), b[1]).mean(), params, batch
 

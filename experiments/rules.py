@@ -304,8 +304,9 @@ BENCH = (
     ("rows.enabled", FLAG),
     *(
         (f"rows.models.{m}.batch_sizes", tuple_of(count(2)))
-        for m in ("lm1b", "tied_transformer", "nnx_mlp", "plain_mlp")
+        for m in ("lm1b", "tied_transformer", "convnext", "nnx_mlp", "plain_mlp")
     ),
+    ("rows.models.convnext.widths", tuple_of(count(1))),
     *((f"rows.models.{m}.dims", tuple_of(count(1))) for m in ("nnx_mlp", "plain_mlp")),
     *(
         (f"rows.models.{m}.{f}", count(1))
@@ -466,7 +467,7 @@ BENCH_CROSS = (
             "rows.num_microbatches",
             "every batch size must split into rows.num_microbatches equal microbatches",
         )
-        for m in ("lm1b", "tied_transformer", "nnx_mlp", "plain_mlp")
+        for m in ("lm1b", "tied_transformer", "convnext", "nnx_mlp", "plain_mlp")
     ),
     *(
         _multiples(

@@ -800,16 +800,15 @@ def chunk_problem(name, n=8):
     from experiments import bench  # noqa: PLC0415
 
     lm = dict(vocab_size=16, context=8, width=8, depth=1, num_heads=2, mlp_ratio=2)
-    fields = {"lm1b": lm, "tied_transformer": lm}
+    fields = {"lm1b": lm, "tied_transformer": lm, "convnext": dict(widths=(4, 8), image_size=8)}
     return bench.row_problem(name, n, **fields.get(name, dict(dims=(6, 5, 3))))
 
 
-@pytest.mark.parametrize("name", ["plain_mlp", "nnx_mlp", "lm1b", "tied_transformer"])
+@pytest.mark.parametrize("name", ["plain_mlp", "nnx_mlp", "lm1b", "tied_transformer", "convnext"])
 def test_bench_row_models_are_covered_and_equal_vmap_in_chunks(name):
-    """The bench rows' models: every leaf covered (the tied embedding by its two reads); the
-    fast path over 4 example chunks (each chunk by the whole-batch code, planned at the
-    chunk's size) equals vmap. The loop over chunks is rolled (no convolution): its body
-    compiles once."""
+    """The bench rows' models: every leaf covered (the tied embedding by its two reads, the
+    depthwise kernels in the direct form); the fast path over 4 example chunks (each chunk by
+    the whole-batch code, planned at the chunk's size) equals vmap."""
     loss_fn, params, batch = chunk_problem(name)
     the_plan = ghost.plan(loss_fn, params, batch)
     reads = len(the_plan.consumers) - (name == "tied_transformer")
