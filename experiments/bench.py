@@ -88,7 +88,9 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
     ``optimizer`` update, compiled and timed interleaved (:func:`gns.hardware.interleaved_times`):
     by variant, each round's ``times``, their statistics and the compiled memory; and what
     ``method="auto"`` runs (:func:`gns.ghost.select`): ``auto_method``, ``auto_chunks``,
-    ``auto_describe``. The ``vmap`` variants are timed in a second block with the plain step
+    ``auto_describe``. A variant whose compiled temporary memory exceeds
+    :func:`gns.hardware.memory_budget` is not run (``not_timed`` says why). The ``vmap``
+    variants are timed in a second block with the plain step
     (``vmap_block_plain_times``, their ratios' base): interleaved with the others, their
     rounds (up to 200x a plain step and 1.7 GB on the MLPs) slowed the steps that followed."""
 
@@ -116,6 +118,14 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
     for name in variants:
         compiled[name], compile_s[name] = cache.get(functools.partial(step, table[name]), *args)
     temp = {n: hardware.predict_step_bytes(c).temp_bytes for n, c in compiled.items()}
+    budget, source = hardware.memory_budget()
+    not_timed = {  # e.g. vmap's per-example gradients of a ConvNeXt's depthwise kernels
+        n: f"{b / 1e9:.3g} GB of temporary memory, over the budget of {budget / 1e9:.3g} GB "
+        f"({source})"
+        for n, b in temp.items()
+        if b > budget and n != "plain"
+    }
+    compiled = {n: c for n, c in compiled.items() if n not in not_timed}
     heavy = [n for n in compiled if "vmap" in n]
     blocks = [[n for n in compiled if n not in heavy]] + ([["plain", *heavy]] if heavy else [])
     times, ratios, p10, heavy_plain = {}, {}, {}, None
@@ -142,6 +152,7 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
         "over_plain": ratios,
         "over_plain_p10": p10,
         "vmap_block_plain_times": heavy_plain,
+        "not_timed": not_timed,
         "temp_bytes": temp,
         "memory_over_plain": {
             n: b / temp["plain"] if temp["plain"] else None for n, b in temp.items()
@@ -373,6 +384,8 @@ def format_table(result: dict[str, Any]) -> str:
                 label = name + (f" ({method})" if auto else "")
                 ratios = (f"{d[k][name]:.2f}x" for k in ("over_plain", "over_plain_p10"))
                 rows.append((model, bs, label, f"{1e3 * s:.1f}", *ratios, mem))
+            for name, why in d.get("not_timed", {}).items():
+                rows.append((model, bs, name, "not run:", why, "", ""))
     widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
     lines = ("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
     return "\n".join(line.rstrip() for line in lines)

@@ -71,10 +71,21 @@ _WRITE_FAULTS = {
 }
 
 
+# XLA's words for a device (or host) allocation that failed: not a disk fault.
+_OUT_OF_MEMORY = "RESOURCE_EXHAUSTED: Out of memory"
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` (or a cause) is XLA's failed allocation."""
+    return any(_OUT_OF_MEMORY in str(x) for x in _chain(e))
+
+
 def write_fault(e: BaseException) -> str | None:
     """What a failed write ran into, in words, when it is the disk or its permissions (in
     ``e`` or its causes, tensorstore's and orbax's wording included); ``None`` otherwise."""
     for x in _chain(e):
+        if _OUT_OF_MEMORY in str(x):
+            continue
         worded = isinstance(x, OSError | ValueError | ImportError | RuntimeError)
         for fault, (errnos, words) in _WRITE_FAULTS.items():
             if getattr(x, "errno", None) in errnos or worded and any(w in str(x) for w in words):
@@ -88,6 +99,11 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
     text = " ".join(str(e).split()) or type(e).__name__
+    if out_of_memory(e):
+        return (
+            f"the device ran out of memory ({text[:200]}): lower the batch size, or measure "
+            "with less memory (chunk_size, method='microbatch')"
+        )
     fault = None if isinstance(e, UserError | OSError) else write_fault(e)
     if fault is None:
         return text
@@ -122,7 +138,8 @@ def main(fn: Main) -> Main:
                 raise
             interrupt.exit_now()  # no interpreter teardown of XLA (it can crash)
         except Exception as e:
-            if _verbose(argv) or not (isinstance(e, _USER_FAULTS) or write_fault(e)):
+            user = isinstance(e, _USER_FAULTS) or write_fault(e) or out_of_memory(e)
+            if _verbose(argv) or not user:
                 raise
             _exit(_one_line(e), getattr(e, "hint", None))
 

@@ -16,10 +16,11 @@ output gradient ``g``, and its squared norm has a closed form:
   (cost ``T²·(K+C)`` per example), the cheaper one per operation by the cost model. Axes
   shared by both operands (``dot_general`` batch dimensions, e.g. heads) are summed over
   outside.
-* ``conv_general_dilated`` (no input dilation): the same, with ``x_t`` the input patch at
-  output position ``t``; patches are strided slices of the padded input, one per kernel
-  offset, never concatenated. A grouped convolution (depthwise: one group per input channel)
-  takes the products within each group, in the direct form only.
+* ``conv_general_dilated``: the same, with ``x_t`` the input patch at output position ``t``;
+  patches are strided slices of the padded input (spaced out with zeros first for a
+  transposed convolution's input dilation), one per kernel offset, never concatenated. A
+  grouped convolution (depthwise: one group per input channel) takes the products within
+  each group, in the direct form only.
 * ``gather`` of rows of a ``[vocab, D]`` table (an embedding, ``jnp.take``, ``table[tokens]``):
   the token-equality Gram ``Σ_{t,t'} [tok_t = tok_t'] (g_t·g_t')`` or, when cheaper, a
   scatter-add into a per-example table. Out-of-range tokens count for nothing (``fill``
@@ -419,7 +420,8 @@ class _Consumer:
     out_shape: tuple[int, ...]
     axis: int  # the example axis of the output
     layout: _Layout | None = None  # dense
-    conv: tuple | None = None  # (x_perm, g_perm, kernel_size, strides, padding, dilation)
+    # conv: (x_perm, g_perm, kernel_size, strides, padding, dilation, input dilation)
+    conv: tuple | None = None
     w_perm: tuple[int, ...] = ()  # conv: kernel [*window, in, out] to the kernel's layout
     groups: int = 1  # conv: feature groups (depthwise: one per input channel)
     vocab: int = 0  # embed: rows of the table
@@ -477,8 +479,6 @@ def _conv_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
         return None, "conv_general_dilated with the parameter as its input"
     if p["batch_group_count"] != 1:
         return None, "batch-grouped convolution"
-    if any(d != 1 for d in p["lhs_dilation"]):
-        return None, "input dilation"
     lhs, rhs, out = p["dimension_numbers"]
     xk = e.ins[0]
     if not isinstance(xk, int) or axes.get(xk) != lhs[0]:
@@ -491,6 +491,7 @@ def _conv_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
         tuple(p["window_strides"]),
         tuple(tuple(pad) for pad in p["padding"]),
         tuple(p["rhs_dilation"]),
+        tuple(p["lhs_dilation"]),
     )
     w_perm = tuple(np.argsort((*rhs[2:], rhs[1], rhs[0])))  # [*window, in, out] -> kernel
     groups = p["feature_group_count"]
@@ -981,17 +982,22 @@ def _chunks_can_fit(whole, params) -> bool:
 
 
 def _within_memory(calls: dict) -> tuple[dict, str]:
-    """``calls`` without the chunked candidates whose compiled temporary memory exceeds the
-    fast path's on the whole batch (an unrolled loop over chunks may keep every chunk's
-    intermediates alive), and the names of those dropped."""
+    """``calls`` without the candidates whose compiled temporary memory exceeds
+    :func:`gns.hardware.memory_budget`, or, for the chunked ones, the fast path's on the whole
+    batch (an unrolled loop over chunks may keep every chunk's intermediates alive); and why
+    those were dropped."""
 
     def temp(name):
         stats = calls[name][0].memory_analysis()
         return None if stats is None else int(stats.temp_size_in_bytes)
 
-    limit = temp("ghost")
+    limit, budget = temp("ghost"), hardware.memory_budget()[0]
+    big = [m for m in calls if (temp(m) or 0) > budget]
     over = [m for m in calls if limit is not None and "chunks" in m and temp(m) > limit]
-    return {m: c for m, c in calls.items() if m not in over}, ", ".join(over)
+    over = [m for m in over if m not in big]
+    why = [f"more memory than the whole batch: {', '.join(over)}"] if over else []
+    why += [f"more memory than the budget: {', '.join(big)}"] if big else []
+    return {m: c for m, c in calls.items() if m not in over + big}, "; ".join(why)
 
 
 def calibrate(
@@ -1011,9 +1017,11 @@ def calibrate(
 
     Every candidate is compiled and timed (interleaved, ``rounds`` rounds, medians,
     :func:`fastest`) on zero arrays of the shapes and dtypes of ``params`` and ``batch``, on
-    the default device; a chunked one only when its compiled temporary memory is at most the
-    whole batch's (chunking is to lower memory, not raise it), and none (not even compiled)
-    when the whole batch's is below the parameters' bytes. The answer is cached in memory by
+    the default device; none whose compiled temporary memory exceeds
+    :func:`gns.hardware.memory_budget` (``vmap`` on a model with large per-example gradients),
+    a chunked one only when its compiled temporary memory is at most the whole batch's
+    (chunking is to lower memory, not raise it), and none (not even compiled) when the whole
+    batch's is below the parameters' bytes. The answer is cached in memory by
     the traced jaxpr, shapes, ``has_aux``, ``chunk_size`` and ``with_vmap``, so each
     signature is timed once per process. The chosen plan's :meth:`Plan.describe` gives the
     timings. Called inside ``jit`` (and ``shard_map``) it traces and runs apart, on new
@@ -1044,13 +1052,14 @@ def calibrate(
         }
         calls, dropped = _within_memory(calls)
         if not chunks and chunk_counts(n):
-            dropped = "the chunked paths (each chunk's gradients alone outweigh it)"
+            dropped = "more memory than the whole batch: the chunked paths (each chunk's "
+            dropped += "gradients alone outweigh it)"
         times = hardware.interleaved_times(calls, warmup=1, rounds=rounds)
         name = fastest(times)
         medians = ", ".join(f"{m} {1e3 * float(np.median(t)):.3g}" for m, t in times.items())
         chosen = candidates[name]
         if chosen is not None:
-            more = f"; not timed, more memory than the whole batch: {dropped}" if dropped else ""
+            more = f"; not timed, {dropped}" if dropped else ""
             chosen = dataclasses.replace(
                 chosen, decision=f"timed once: {name} (median ms: {medians}{more})"
             )
@@ -1173,10 +1182,13 @@ def _gram_sq(pieces: list[jax.Array], g: jax.Array) -> jax.Array:
 def _conv_pieces(x: jax.Array, conv) -> list[jax.Array]:
     """The input patches of a channels-last convolution, one ``[B, T, C_in]`` slice of the
     padded input per kernel offset (strided slices: no patch-extraction convolution, whose
-    one-hot filter would cost ``K²`` multiply-adds per position)."""
-    kernel_size, strides, padding, dilation = conv
+    one-hot filter would cost ``K²`` multiply-adds per position). An input dilation (a
+    transposed convolution) spaces the input out with zeros before the padding, as the
+    convolution does."""
+    kernel_size, strides, padding, dilation, spacing = conv
     dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=True))
-    config = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)]
+    pads = zip(padding, spacing, strict=True)
+    config = [(0, 0, 0)] + [(lo, hi, s - 1) for (lo, hi), s in pads] + [(0, 0, 0)]
     xp = lax.pad(x, jnp.zeros((), x.dtype), config)
     out = [(n - w) // s + 1 for n, w, s in zip(xp.shape[1:-1], dilated, strides, strict=True)]
     b, c = x.shape[0], x.shape[-1]

@@ -52,6 +52,7 @@ __all__ = [
     "FitRecord",
     "FitResult",
     "largest_batch_that_fits",
+    "memory_budget",
     "StepTiming",
     "time_step",
     "CompileCache",
@@ -343,7 +344,13 @@ class FitResult:
         }
 
 
-def _default_budget(info: DeviceInfo, budget_bytes: int | None) -> tuple[int, str]:
+def memory_budget(
+    budget_bytes: int | None = None, info: DeviceInfo | None = None
+) -> tuple[int, str]:
+    """``(bytes, source)``: the memory a step may use, ``budget_bytes`` when given, else the
+    device's ``bytes_limit`` where JAX reports it, else (CPU)
+    :data:`DEFAULT_CPU_BUDGET_FRACTION` of the host RAM available now."""
+    info = info or detect_devices()
     if budget_bytes is not None:
         if budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}.")
@@ -411,7 +418,7 @@ def largest_batch_that_fits(
     if not cands or cands[0] < 1:
         raise ValueError(f"candidates must be positive batch sizes, got {list(candidates)!r}.")
     info = detect_devices()
-    budget, source = _default_budget(info, budget_bytes)
+    budget, source = memory_budget(budget_bytes, info)
     records: list[FitRecord] = []
     failed = False
     for b in cands:

@@ -140,6 +140,7 @@ WRITE_FAULTS = [
     (ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space"), "the disk is full"),
     (ImportError("sys.meta_path is None, Python is likely shutting down"), "cut short"),
     (ValueError("PERMISSION_DENIED: Error opening file"), "no permission to write there"),
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 26 bytes."), "ran out of memory"),
 ]
 
 
@@ -154,7 +155,7 @@ def test_write_faults_anywhere_are_one_line(capsys, fault, needle):
     assert e.value.code == cli.EXIT_USER_ERROR and len(err) == 1 and needle in err[0], err
 
 
-@pytest.mark.parametrize("fault, needle", WRITE_FAULTS[2:], ids=["full", "shutdown", "denied"])
+@pytest.mark.parametrize("fault, needle", WRITE_FAULTS[2:5], ids=["full", "shutdown", "denied"])
 def test_checkpoint_write_faults_are_user_errors(tmp_path, monkeypatch, fault, needle):
     """orbax/tensorstore report a full disk as ValueError or ImportError, not OSError."""
     import numpy as np
@@ -174,3 +175,4 @@ def test_checkpoint_write_faults_are_user_errors(tmp_path, monkeypatch, fault, n
 def test_bugs_that_mention_no_fault_keep_their_traceback():
     assert cli.write_fault(ValueError("shapes (2,) and (3,) differ")) is None
     assert cli.write_fault(OSError(errno.ENOSPC, "No space")) == "the disk is full"
+    assert cli.write_fault(WRITE_FAULTS[-1][0]) is None  # the device's memory, not the disk

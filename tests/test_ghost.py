@@ -233,6 +233,37 @@ def test_grouped_convolutions_equal_vmap(monkeypatch, stride, dilation, padding)
         check_sums(loss_fn, params, batch, ("auto", "direct", "gram"), the_plan, k=2, more=more)
 
 
+class Decoder(nn.Module):
+    """Transposed convolutions (input dilation: a decoder's upsampling) with GroupNorm."""
+
+    transpose_kernel: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), strides=2)(x))
+        up = dict(strides=(2, 2), transpose_kernel=self.transpose_kernel)
+        x = nn.GroupNorm(num_groups=2)(nn.ConvTranspose(4, (3, 3), **up)(x))
+        x = nn.ConvTranspose(2, (2, 2), strides=(2, 2), padding="VALID")(nn.relu(x))
+        return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_transposed_convolutions_equal_vmap(transpose_kernel):
+    """A transposed convolution is a convolution of the zero-spaced input: its kernels are
+    covered in both forms (the kernel flipped and transposed by ``transpose_kernel``: steps
+    that keep the norm), and the norms equal vmap's."""
+    model = Decoder(transpose_kernel)
+    with jax.enable_x64(True):
+        x = images((4, 8, 8, 2), dtype=np.float64)
+        params = random_init(model, x[:1], dtype=jnp.float64)
+        loss_fn, batch = classifier_loss(model), (x, np.arange(4) % 5)
+        the_plan = ghost.plan(loss_fn, params, batch)
+        assert the_plan.fallback == () and len(the_plan.consumers) == the_plan.num_leaves
+        convs = sorted(the_plan.name(c.leaf) for c in the_plan.consumers if c.kind == "conv")
+        assert convs == ["ConvTranspose_0/kernel", "ConvTranspose_1/kernel", "Conv_0/kernel"]
+        check_sums(loss_fn, params, batch, ("auto", "direct", "gram"), the_plan, k=2)
+
+
 def test_mixed_model_covers_shared_weights_and_routes_the_rest_to_vmap():
     x = np.array(images((4, 6, 6, 4)))
     x[..., -1] = (np.arange(4) % 7)[:, None, None]  # one token per example
@@ -870,7 +901,8 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
         assert chosen.num_chunks == k and chosen.batch_size == 16 // k
         assert f"auto: timed once: {winner} (median ms: ghost " in chosen.describe()
 
-    # A chunked candidate with more compiled temporary memory than the whole batch is dropped.
+    # A chunked candidate with more compiled temporary memory than the whole batch is dropped,
+    # and any candidate over the memory budget.
     class Compiled:
         def __init__(self, temp):
             self.temp = temp
@@ -882,7 +914,12 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
 
     calls = {"ghost": 10, "ghost in 2 chunks": 11, "ghost in 8 chunks": 10, "vmap": 99}
     kept, dropped = within_memory({m: (Compiled(t), ()) for m, t in calls.items()})
-    assert list(kept) == ["ghost", "ghost in 8 chunks", "vmap"] and dropped == "ghost in 2 chunks"
+    assert list(kept) == ["ghost", "ghost in 8 chunks", "vmap"]
+    assert dropped == "more memory than the whole batch: ghost in 2 chunks"
+    monkeypatch.setattr(hardware, "memory_budget", lambda: (50, "configured"))
+    kept, dropped = within_memory({m: (Compiled(t), ()) for m, t in calls.items()})
+    assert list(kept) == ["ghost", "ghost in 8 chunks"]
+    assert dropped.endswith("; more memory than the budget: vmap")
     unknown = {m: (Compiled(None), ()) for m in calls}  # no memory analysis: all kept
     assert within_memory(unknown) == (unknown, "")
     # A timing that cannot run: the cost model decides (the fast path on the whole batch).
