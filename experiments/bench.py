@@ -385,7 +385,7 @@ def format_table(result: dict[str, Any]) -> str:
                 ratios = (f"{d[k][name]:.2f}x" for k in ("over_plain", "over_plain_p10"))
                 rows.append((model, bs, label, f"{1e3 * s:.1f}", *ratios, mem))
             for name, why in d.get("not_timed", {}).items():
-                rows.append((model, bs, name, "not run:", why, "", ""))
+                rows.append((model, bs, name, "-", "-", "-", f"not run: {why}"))
     widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
     lines = ("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
     return "\n".join(line.rstrip() for line in lines)
