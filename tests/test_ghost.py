@@ -58,10 +58,15 @@ def random_init(model, *args, dtype=None):
     )
 
 
-def setup(model, x, num_classes=5):
-    params = random_init(model, x[:1])
+def setup(model, x, num_classes=5, dtype=None):
+    params = random_init(model, x[:1], dtype=dtype)
     y = np.arange(x.shape[0]) % num_classes
     return classifier_loss(model), params, (x, y)
+
+
+def setup64(model, shape):
+    """:func:`setup` in float64 on random images of ``shape`` (inside ``jax.enable_x64``)."""
+    return setup(model, images(shape, dtype=np.float64), dtype=jnp.float64)
 
 
 class ConvNet(nn.Module):
@@ -217,9 +222,7 @@ def test_grouped_convolutions_equal_vmap(monkeypatch, stride, dilation, padding)
     example chunks, and with their norms computed over example chunks in turn."""
     model = GroupedConvNet(stride, dilation, padding)
     with jax.enable_x64(True):
-        x = images((4, 9, 9, 3), dtype=np.float64)
-        params = random_init(model, x[:1], dtype=jnp.float64)
-        loss_fn, batch = classifier_loss(model), (x, np.arange(4) % 5)
+        loss_fn, params, batch = setup64(model, (4, 9, 9, 3))
         the_plan = ghost.plan(loss_fn, params, batch)
         assert the_plan.fallback == () and len(the_plan.consumers) == the_plan.num_leaves
         grouped = {
@@ -254,9 +257,7 @@ def test_transposed_convolutions_equal_vmap(transpose_kernel):
     that keep the norm), and the norms equal vmap's."""
     model = Decoder(transpose_kernel)
     with jax.enable_x64(True):
-        x = images((4, 8, 8, 2), dtype=np.float64)
-        params = random_init(model, x[:1], dtype=jnp.float64)
-        loss_fn, batch = classifier_loss(model), (x, np.arange(4) % 5)
+        loss_fn, params, batch = setup64(model, (4, 8, 8, 2))
         the_plan = ghost.plan(loss_fn, params, batch)
         assert the_plan.fallback == () and len(the_plan.consumers) == the_plan.num_leaves
         convs = sorted(the_plan.name(c.leaf) for c in the_plan.consumers if c.kind == "conv")
