@@ -3,9 +3,10 @@ JAX ``loss_fn``.
 
 The noise scale needs, for every parameter leaf, the sum over examples of the squared norms of
 the per-example gradients, and the mean gradient. ``loss_fn`` is traced to a jaxpr (nested
-``jit`` calls inlined) and, for each leaf, the one operation that consumes it is found (after
-shape-preserving steps that keep gradient norms: casts, reshapes, transposes, slices). Where
-that operation is linear in the parameter and the example axis is on its other operand, one
+``jit`` calls inlined) and, for each leaf, the operations that read it with the example axis
+are found (after example-free steps: casts, reshapes, transposes, any function of the
+parameters alone). Where such an operation is linear in its parameter operand and the example
+axis is on its other operand, one
 example's gradient of the parameter is a contraction of that operand with the example's
 output gradient ``g``, and its squared norm has a closed form:
 
@@ -53,19 +54,23 @@ gradients (a loss scaled by 1e-20) do not underflow when the squared norm is rep
 ``B + 1``; an axis that changes from ``B`` to ``B + 1`` (the only one that changes) is the
 example axis. Examples must not interact (the assumption of ``per_example`` itself).
 
-**Shared leaves.** A leaf read by several of these operations (tied input and output
-embeddings, a layer called twice) has as per-example gradient the sum of its reads' parts,
-cross terms included: each read runs in the direct form and, wrapped in an identity with a
+**Per-example parts.** A leaf may reach these operations through example-free steps, any
+function of the parameters alone (a transpose or a cast, a scale ``exp(log_scale)``, a
+relative-position bias table gathered by constant indices), and may be read by several of them
+(tied input and output embeddings, a layer called twice). Where the steps do not keep the norm
+or the reads are several, each read runs in the direct form and, wrapped in an identity with a
 custom VJP (``_tap_parts``), adds its per-example parts ``[B, *operand]`` to the gradient of a
-zero ``[B, *leaf]`` slot, mapped back through the norm-keeping steps between the leaf and the
-read (a transpose, per example); the slot's gradient is the per-example gradients, squared
-once. The leaf's gradient stays the plain one, so each read's parts are extra work (about a
-weight-gradient product and ``B`` times the leaf's bytes).
+zero ``[B, *leaf]`` slot, carried back through the derivative of the steps at the parameters
+(a ``jax.jvp`` per example, whose transpose the backward pass applies): the slot's gradient is
+the per-example gradients, cross terms included, squared once. The leaf's gradient stays the
+plain one, so each read's parts are extra work (about a weight-gradient product and ``B``
+times the leaf's bytes).
 
-**Fallback, per leaf.** A leaf is not covered when one of its reads is not such an operation:
-one nonlinear in it (a weight penalty inside ``loss_fn``), one whose other operand has no
-example axis or contracts it, a convolution kernel read several times, or a read inside a
-primitive the analysis does not enter (``scan``, ``while``, ``cond``, ``custom_jvp``/
+**Fallback, per leaf.** A leaf is not covered when one of its reads with the example axis is
+not such an operation: one nonlinear in it (``max`` with an activation), one whose other
+operand has no example axis or contracts it, a convolution kernel read several times or
+through steps, a term of the loss without the example axis (a weight penalty), or a read
+inside a primitive the analysis does not enter (``scan``, ``while``, ``cond``, ``custom_jvp``/
 ``custom_vjp`` calls, whose rules may differ from the primal's gradient; nested ``jit`` calls
 and ``jax.checkpoint`` regions are inlined). Those leaves get per-example gradients by ``jax.vmap``
 restricted to them (chunked with ``chunk_size``); that pass backpropagates per example through
@@ -435,8 +440,13 @@ class _Consumer:
     # gradients of this leaf cost on top of the shared backward pass).
     costs: tuple[tuple[str, float, float], ...] = ()
     chunks: int = 1  # the kernel norms computed over this many example chunks, in turn
-    chain: tuple[int, ...] = ()  # the norm-keeping equations from the leaf to operand ``pos``
-    shared: bool = False  # one of several operations reading the leaf (tied weights)
+    # the example-free equations from the leaf to operand ``pos`` (index, operand position)
+    chain: tuple[tuple[int, int], ...] = ()
+    # the leaf's per-example gradient is assembled from per-example parts in a [B, *leaf] slot:
+    # it has several reads (tied weights), or this read is through steps that do not keep the
+    # norm (``via``: their primitives)
+    parts: bool = False
+    via: tuple[str, ...] = ()
 
 
 def _dense_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
@@ -557,19 +567,22 @@ _CONSUMERS = {
 }
 
 
-def _step(e: _Eqn, pos: int, shapes, axes) -> tuple[str, dict | None, str]:
+def _step(e: _Eqn, pos: int, flat: _Flat, axes) -> tuple[str, dict | None, str]:
     """What equation ``e`` does with the parameter-derived operand ``pos``: ``("iso", None,
-    "")`` (a norm-keeping step: follow its output), ``("consumer", fields, "")`` or
-    ``("fallback", None, reason)``."""
-    name = e.primitive.name
+    "")`` (an example-free step that keeps the gradient's norm) or ``("chain", None, "")``
+    (any other example-free step with one floating output: follow its output),
+    ``("consumer", fields, "")`` or ``("fallback", None, reason)``."""
+    name, shapes = e.primitive.name, flat.shapes
     out_batched = any(axes.get(o) is not None for o in e.outs)
     if not out_batched:
         iso = name in _ISOMETRIC or (
             name == "broadcast_in_dim" and _prod(shapes[e.outs[0]]) == _prod(shapes[e.ins[pos]])
         )
-        if iso and pos == 0 and len(e.outs) == 1:
-            return "iso", None, ""
-        return "fallback", None, f"{name} of the parameter without the example axis"
+        if len(e.outs) != 1 or not jnp.issubdtype(flat.dtypes[e.outs[0]], jnp.inexact):
+            return "fallback", None, f"{name} of the parameter to several or integer outputs"
+        return ("iso" if iso and pos == 0 else "chain"), None, ""
+    if _inner_jaxpr(e):
+        return "fallback", None, f"read inside {name}, which is not entered"
     if name not in _CONSUMERS:
         return "fallback", None, f"read by {name}, which is not linear in it (or not entered)"
     fields, reason = _CONSUMERS[name](e, pos, shapes, axes)
@@ -587,28 +600,29 @@ def _inner_jaxpr(e: _Eqn) -> bool:
 
 def _find_consumers(flat: _Flat, axes, num_params: int):
     """``(consumers by leaf, fallback reasons by leaf)`` of the first ``num_params`` inputs.
-    A leaf read by several covered operations (tied or shared weights) has one consumer per
-    operation, each marked ``shared``; its per-example gradient is the sum of theirs."""
+
+    A leaf reaches its consumers through example-free steps (``chain``): a transpose or a
+    cast, or any other function of the parameters alone (a scale ``exp(log_scale)``, a bias
+    table gathered by relative positions). Its per-example gradient is assembled from
+    per-example parts (``parts``) when it has several consumers (tied weights: the sum of
+    theirs) or a step that does not keep the norm (mapped back through it)."""
     live = _live(flat)
-    source = {flat.invars[j]: (j, ()) for j in range(num_params)}
+    source = {flat.invars[j]: (j, (), ()) for j in range(num_params)}  # (leaf, chain, via)
     found: dict[int, list[_Consumer]] = {}
     reasons: dict[int, str] = {}
     for i, e in enumerate(flat.eqns):
         refs = [(p, *source[a]) for p, a in enumerate(e.ins) if isinstance(a, int) and a in source]
         if not live[i] or not refs:
             continue
-        if _inner_jaxpr(e):
-            for _, j, _ in refs:
-                reasons.setdefault(j, f"read inside {e.primitive.name}, which is not entered")
-            continue
         if len(refs) > 1:
-            for _, j, _ in refs:
+            for _, j, _, _ in refs:
                 reasons.setdefault(j, f"{e.primitive.name} combines it with a parameter")
             continue
-        ((pos, j, chain),) = refs
-        what, fields, reason = _step(e, pos, flat.shapes, axes)
-        if what == "iso":
-            source[e.outs[0]] = (j, (*chain, i))
+        ((pos, j, chain, via),) = refs
+        what, fields, reason = _step(e, pos, flat, axes)
+        if what in ("iso", "chain"):
+            more = (e.primitive.name,) if what == "chain" else ()
+            source[e.outs[0]] = (j, (*chain, (i, pos)), (*via, *more))
         elif what == "consumer":
             c = _Consumer(
                 leaf=j,
@@ -617,17 +631,18 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
                 pos=pos,
                 out_shape=flat.shapes[e.outs[0]],
                 chain=chain,
+                via=via,
                 **fields,
             )
             found.setdefault(j, []).append(c)
         else:
             reasons.setdefault(j, reason)
-    for key, (j, _) in source.items():
+    for key, (j, _, _) in source.items():
         if key in flat.outvars:
-            reasons.setdefault(j, "returned by loss_fn")
+            reasons.setdefault(j, "reaches the loss without the example axis (a penalty term)")
     for j, cs in found.items():
-        if len(cs) > 1 and any(c.kind == "conv" for c in cs):
-            reasons.setdefault(j, "a convolution kernel read by several operations")
+        if (len(cs) > 1 or cs[0].via) and any(c.kind == "conv" for c in cs):
+            reasons.setdefault(j, "a convolution kernel read several times or through steps")
     return {j: cs for j, cs in found.items() if j not in reasons}, reasons
 
 
@@ -713,10 +728,13 @@ class Plan:
         for c in self.consumers:
             costs = ", ".join(f"{f} {(fl + w * b) / 1e6:.3g}" for f, fl, b in c.costs)
             chunks = f" in {c.chunks} example chunks" if c.chunks > 1 else ""
-            shared = ", one of several reads (per-example gradients summed)" if c.shared else ""
+            via = f" through {', '.join(dict.fromkeys(c.via))}" if c.via else ""
+            reads = sum(d.leaf == c.leaf for d in self.consumers)
+            how = f", one of {reads} reads" if reads > 1 else ""
+            how += f"{via} (per-example gradients assembled)" if c.parts else ""
             lines.append(
                 f"leaf {self.name(c.leaf)}: covered by {c.primitive} ({c.kind}), {c.form} form"
-                f"{chunks}{shared} (MFLOP-equivalents: {costs})"
+                f"{chunks}{how} (MFLOP-equivalents: {costs})"
             )
         for j, why in self.reasons:
             lines.append(f"leaf {self.name(j)}: fallback (per-example gradients by vmap): {why}")
@@ -796,7 +814,9 @@ def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
     w = FLOPS_PER_BYTE.get(jax.default_backend(), FLOPS_PER_BYTE["gpu"])
     sizes = tuple(_prod(leaf.shape) for _, leaf in paths_leaves)
     consumers = tuple(
-        _with_costs(c, n, sizes[c.leaf], w, shared=len(cs) > 1) for cs in found.values() for c in cs
+        _with_costs(c, n, sizes[c.leaf], w, parts=len(cs) > 1 or any(x.via for x in cs))
+        for cs in found.values()
+        for c in cs
     )
     consumers = tuple(sorted(consumers, key=lambda c: c.eqn))
     fallback = tuple(sorted(reasons))
@@ -1126,15 +1146,15 @@ def _forms(c: _Consumer) -> tuple[str, ...]:
 
 
 def _with_costs(
-    c: _Consumer, n: int, leaf_size: int, flops_per_byte: float, shared: bool = False
+    c: _Consumer, n: int, leaf_size: int, flops_per_byte: float, parts: bool = False
 ) -> _Consumer:
     """``c`` with the costs of its forms (and of vmap), the cheapest form (the direct form,
-    the only one that sums, for a ``shared`` leaf), and the number of example chunks its
-    kernel norms are computed in (:data:`CHUNK_BYTES`)."""
+    whose per-example parts are summed and mapped back, with ``parts``), and the number of
+    example chunks its kernel norms are computed in (:data:`CHUNK_BYTES`)."""
     costs = tuple(_form_cost(c, f, n, leaf_size) for f in (*_forms(c), "vmap"))
     best = min(costs[:-1], key=lambda fc: fc[1] + flops_per_byte * fc[2])
-    if shared:
-        return dataclasses.replace(c, costs=costs, form="direct", shared=True)
+    if parts:
+        return dataclasses.replace(c, costs=costs, form="direct", parts=True)
     return dataclasses.replace(c, costs=costs, form=best[0], chunks=_num_chunks(c, n, best[2]))
 
 
@@ -1356,25 +1376,26 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
     leaves, treedef = jax.tree.flatten(params)
     by_eqn = {c.eqn: (k, c) for k, c in enumerate(the_plan.consumers)}
     acc = [common.acc_dtype(leaf.dtype) for leaf in leaves]
-    # A slot per consumer, whose gradient is its per-example squared norms [n]; a shared
-    # leaf's slot is [n, *leaf] (every read adds its per-example parts to its gradient).
-    shared = sorted({c.leaf for c in the_plan.consumers if c.shared})
-    slots = [jnp.zeros((n,), acc[c.leaf]) for c in the_plan.consumers if not c.shared]
-    slots += [jnp.zeros((n, *leaves[j].shape), acc[j]) for j in shared]
+    # A slot per consumer, whose gradient is its per-example squared norms [n]; the slot of a
+    # leaf with parts is [n, *leaf] (every read adds its per-example parts to its gradient).
+    with_parts = sorted({c.leaf for c in the_plan.consumers if c.parts})
+    slots = [jnp.zeros((n,), acc[c.leaf]) for c in the_plan.consumers if not c.parts]
+    slots += [jnp.zeros((n, *leaves[j].shape), acc[j]) for j in with_parts]
     slots = common.to_varying(slots, axis_name)  # keep their gradients device-local
-    slot_of = {c.eqn: k for k, c in enumerate(c for c in the_plan.consumers if not c.shared)}
-    leaf_slot = {j: len(slot_of) + k for k, j in enumerate(shared)}
+    slot_of = {c.eqn: k for k, c in enumerate(c for c in the_plan.consumers if not c.parts)}
+    leaf_slot = {j: len(slot_of) + k for k, j in enumerate(with_parts)}
 
     def tapped(p_leaves, zs):
-        seen: dict[int, list] = {}  # the operands of the norm-keeping equations of a chain
+        seen: dict[int, list] = {}  # the operands of the example-free equations of a chain
 
         def hook(i, vals, outs):
             seen[i] = vals
             if i not in by_eqn:
                 return outs
             k, c = by_eqn[i]
-            if c.shared:
-                slot = _along_chain(flat, c.chain, seen, zs[leaf_slot[c.leaf]])
+            if c.parts:
+                leaf = p_leaves[c.leaf]
+                slot = _along_chain(flat, c.chain, seen, leaf, zs[leaf_slot[c.leaf]])
                 x = lax.stop_gradient(vals[c.x_pos]) if c.x_pos is not None else None
                 return [_tap_parts(c, n, outs[0], x, slot), *outs[1:]]
             if c.kind == "sum" or (c.kind in ("dense", "conv") and _form_of(c, form) == "direct"):
@@ -1390,9 +1411,9 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
     (grads, slot_grads), aux = jax.grad(tapped, argnums=(0, 1), has_aux=True)(leaves, slots)
     sq = [jnp.zeros((), a) for a in acc]  # unused leaves: 0
     for c in the_plan.consumers:
-        if not c.shared:
+        if not c.parts:
             sq[c.leaf] = jnp.sum(slot_grads[slot_of[c.eqn]])
-    for j in shared:
+    for j in with_parts:
         sq[j] = jnp.sum(_norms_of(n, None, slot_grads[leaf_slot[j]])[1])
     grads = jax.tree.unflatten(treedef, grads)
     return _with_fallback(
@@ -1430,23 +1451,31 @@ def _tap_bwd(consumer, n, form, res, g):
 _tap.defvjp(_tap_fwd, _tap_bwd)
 
 
-def _along_chain(flat: _Flat, chain: tuple[int, ...], seen: dict, z: jax.Array) -> jax.Array:
-    """``z`` (``[n, *leaf]``) through the norm-keeping equations ``chain`` from the leaf to a
-    consumer's operand, per example (their other operands as they were evaluated)."""
+def _along_chain(flat: _Flat, chain, seen: dict, leaf: jax.Array, z: jax.Array) -> jax.Array:
+    """The slot ``z`` (``[n, *leaf]``) carried to a consumer's operand, per example, by the
+    derivative at ``leaf`` of the example-free equations ``chain`` (their other operands as
+    they were evaluated): the VJP of this map takes the operand's per-example gradients back
+    to the leaf's."""
 
-    def one(v):
-        for i in chain:
-            v = _bind(flat.eqns[i], [v, *seen[i][1:]])[0]
+    def steps(v):
+        for i, pos in chain:
+            vals = list(seen[i])
+            vals[pos] = v
+            v = _bind(flat.eqns[i], vals)[0]
         return v
 
-    return jax.vmap(one)(z) if chain else z
+    if not chain:
+        return z
+    w = lax.stop_gradient(leaf)
+    return jax.vmap(lambda dz: jax.jvp(steps, (w,), (dz.astype(w.dtype),))[1])(z)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _tap_parts(consumer, n, y, x, slot):
     """Identity on ``y``. Its VJP returns the per-example parts of the parameter operand's
     gradient (``[n, *operand]``, :func:`_operand_parts`) as the cotangent of ``slot``: the
-    reads of a shared leaf add theirs up in its slot's gradient, the per-example gradients."""
+    reads of a leaf add theirs up, mapped back to it (:func:`_along_chain`), in its slot's
+    gradient: the per-example gradients."""
     del consumer, n, x, slot
     return y
 

@@ -98,8 +98,8 @@ class ConvNet(nn.Module):
 
 
 class Mixed(nn.Module):
-    """Covered layers (Conv, GroupNorm, Embed, Dense, a layer called twice: shared weights)
-    mixed with an uncovered custom param (read through ``exp``)."""
+    """Covered layers (Conv, GroupNorm, Embed, Dense, a layer called twice: shared weights, a
+    scale read through ``exp``) mixed with an uncovered custom param (read by ``max``)."""
 
     @nn.compact
     def __call__(self, x):
@@ -107,7 +107,8 @@ class Mixed(nn.Module):
         h = nn.Conv(4, (3, 3), strides=2)(images)
         h = nn.GroupNorm(num_groups=2)(h)
         h = h * self.param("gain", nn.initializers.ones, (4,))  # covered: a broadcast scale
-        h = h * jnp.exp(self.param("log_scale", nn.initializers.zeros, (4,)))  # uncovered
+        h = h * jnp.exp(self.param("log_scale", nn.initializers.zeros, (4,)))  # through exp
+        h = jnp.maximum(h, self.param("floor", nn.initializers.zeros, (4,)))  # uncovered
         h = jnp.mean(nn.relu(h), axis=(1, 2))
         h = h + nn.Embed(7, 4)(tokens)  # one token per example
         shared = nn.Dense(4)
@@ -271,16 +272,19 @@ def test_mixed_model_covers_shared_weights_and_routes_the_rest_to_vmap():
     loss_fn, params, batch = setup(Mixed(), x)
     plan = ghost.plan(loss_fn, params, batch)
     names = [common.leaf_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    assert [names[j] for j in plan.fallback] == ["log_scale"]
+    assert [names[j] for j in plan.fallback] == ["floor"]
     kinds = {names[c.leaf]: (c.primitive, c.kind) for c in plan.consumers}
     assert kinds["gain"] == ("mul", "sum")  # a bare self.param scale: covered
     assert kinds["Embed_0/embedding"] == ("gather", "embed")
     assert kinds["Conv_0/kernel"] == ("conv_general_dilated", "conv")
-    shared = [names[c.leaf] for c in plan.consumers if c.shared]
-    assert sorted(shared) == ["Dense_0/bias"] * 2 + ["Dense_0/kernel"] * 2
+    parts = [names[c.leaf] for c in plan.consumers if c.parts]
+    assert sorted(parts) == ["Dense_0/bias"] * 2 + ["Dense_0/kernel"] * 2 + ["log_scale"]
     described = plan.describe()
-    assert "leaf log_scale: fallback (per-example gradients by vmap): " in described
-    assert "leaf Dense_0/kernel: covered by dot_general (dense), direct form, one of several" in (
+    assert "leaf floor: fallback (per-example gradients by vmap): read by max" in described
+    assert "leaf Dense_0/kernel: covered by dot_general (dense), direct form, one of 2 reads" in (
+        described
+    )
+    assert "leaf log_scale: covered by mul (sum), direct form through exp (per-example" in (
         described
     )
     check_equal_to_vmap(loss_fn, params, batch)
@@ -314,7 +318,7 @@ def test_shared_weights_sum_their_reads_per_example():
         the_plan = ghost.plan(loss_fn, p, tokens)
         reads = sorted(the_plan.name(c.leaf) for c in the_plan.consumers)
         assert reads == ["b"] * 2 + ["s"] * 2 + ["table"] * 2 + ["w"] * 3
-        assert the_plan.fallback == () and all(c.shared for c in the_plan.consumers)
+        assert the_plan.fallback == () and all(c.parts for c in the_plan.consumers)
         check_sums(loss_fn, p, tokens, ("auto", "direct", "gram"), the_plan, k=2)
 
         penalty = ghost.plan(lambda q, t: loss_fn(q, t) + jnp.sum(q["w"] ** 2), p, tokens)
@@ -350,6 +354,40 @@ def test_remat_regions_are_entered_and_a_scan_falls_back():
     )
     assert len(the_plan.consumers) == the_plan.num_leaves - 1
     check_sums(loss_fn, params, batch, ("auto", "direct", "gram"), the_plan)
+
+
+def test_parameters_through_example_free_steps_equal_vmap():
+    """Plain JAX, each leaf reaching a covered read through a function of the parameters
+    alone: a scale ``exp(log_scale)``, a kernel times a constant, a relative-position bias
+    table gathered by a constant index matrix (T5 style) and broadcast to the attention
+    logits. Each read's per-example parts are mapped back through the derivative of those
+    steps: squared norms equal vmap's to float64 rounding, in every form and in 2 chunks."""
+    rng = np.random.default_rng(4)
+    t, h, d = 3, 2, 4
+    rel = np.subtract.outer(np.arange(t), np.arange(t)) + t - 1  # [T, T] bucket of each pair
+    with jax.enable_x64(True):
+        p = {
+            "log_scale": rng.normal(size=(d,)),
+            "w": rng.normal(size=(d, h * d)),
+            "rel_bias": rng.normal(size=(2 * t - 1, h)),
+            "out": rng.normal(size=(h * d, 3)),
+        }
+        p = jax.tree.map(jnp.asarray, p)
+        x = jnp.asarray(rng.normal(size=(4, t, d)))
+
+        def loss_fn(p, x):
+            x = x * jnp.exp(p["log_scale"])
+            q = (x @ (0.5 * p["w"])).reshape(x.shape[0], t, h, d)
+            logits = jnp.einsum("bthd,bshd->bhts", q, q)
+            logits = logits + jnp.transpose(p["rel_bias"][rel], (2, 0, 1))
+            y = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits), q).reshape(-1, t, h * d)
+            return jnp.mean(jnp.tanh(y @ p["out"]) ** 2)
+
+        the_plan = ghost.plan(loss_fn, p, x)
+        assert the_plan.fallback == (), the_plan.describe()
+        via = {the_plan.name(c.leaf): c.via for c in the_plan.consumers if c.parts}
+        assert via == {"log_scale": ("exp",), "w": ("mul",), "rel_bias": ("gather",)}
+        check_sums(loss_fn, p, x, ("auto", "direct", "gram"), the_plan, k=2)
 
 
 def test_weight_penalty_in_loss_goes_to_fallback():
@@ -432,7 +470,7 @@ def plain_loss(w, batch):
 
 def nonlinear_loss(w, batch):
     x, y = batch
-    return jnp.mean((x @ jnp.sin(w) - y) ** 2)  # sin(w): not linear in the parameter
+    return jnp.mean((jnp.sum(jnp.maximum(x, w), -1) - y) ** 2)  # max: not linear in w
 
 
 def test_plain_jax_loss_is_covered_and_a_nonlinear_use_falls_back():
@@ -444,7 +482,7 @@ def test_plain_jax_loss_is_covered_and_a_nonlinear_use_falls_back():
         lambda w, b: [estimate.per_example(plain_loss, w, b, method=m)[0] for m in ("auto", "vmap")]
     )(w, batch)
     np.testing.assert_allclose(auto.trace_cov, ref.trace_cov, rtol=1e-5)
-    with pytest.raises(ValueError, match="method='ghost'.*covers no parameter.*sin"):
+    with pytest.raises(ValueError, match="method='ghost'.*covers no parameter.*max"):
         estimate.per_example(nonlinear_loss, w, batch, method="ghost")
     with pytest.raises(ValueError, match="method must be"):
         estimate.per_example(plain_loss, w, batch, method="ghosts")
@@ -703,7 +741,7 @@ def test_transformer_lm_equals_vmap():
             loss_fn, params, tokens = lm_setup(tie, batch=4)
             the_plan = ghost.plan(loss_fn, params, tokens)
             assert the_plan.fallback == ()
-            reads = [the_plan.name(c.leaf) for c in the_plan.consumers if c.shared]
+            reads = [the_plan.name(c.leaf) for c in the_plan.consumers if c.parts]
             assert reads == (["embed/embedding"] * 2 if tie else [])
             assert len(the_plan.consumers) == the_plan.num_leaves + tie
         check_sums(loss_fn, params, tokens, forms=(), the_plan=the_plan, k=2)  # tied
@@ -724,12 +762,12 @@ class BarePositionModel(nn.Module):
         return nn.Dense(5)(x.mean(axis=1))
 
 
-class LogScaleModel(nn.Module):
-    """A parameter used nonlinearly (exp) at the input: that leaf falls back to vmap."""
+class FloorModel(nn.Module):
+    """A parameter read nonlinearly (``max`` with the input): that leaf falls back to vmap."""
 
     @nn.compact
     def __call__(self, x):
-        x = x * jnp.exp(self.param("log_scale", nn.initializers.zeros, x.shape[-1:]))
+        x = jnp.maximum(x, self.param("floor", nn.initializers.zeros, x.shape[-1:]))
         return nn.Dense(5)(nn.gelu(nn.Dense(8)(x)).mean(axis=1))
 
 
@@ -747,11 +785,11 @@ def test_bare_position_parameter_is_covered_and_equals_vmap():
 
 def test_nonlinear_leaf_falls_back_and_auto_times_both_paths(monkeypatch):
     x = images((4, 3, 6), seed=2)
-    loss_fn, params, batch = setup(LogScaleModel(), x)
+    loss_fn, params, batch = setup(FloorModel(), x)
     the_plan = ghost.plan(loss_fn, params, batch)
-    assert [the_plan.leaf_names[j] for j in the_plan.fallback] == ["log_scale"]
+    assert [the_plan.leaf_names[j] for j in the_plan.fallback] == ["floor"]
     text = the_plan.describe()
-    assert "leaf log_scale: fallback (per-example gradients by vmap): exp of the" in text
+    assert "leaf floor: fallback (per-example gradients by vmap): read by max" in text
     assert not the_plan.clear and "timed once (calibrate)" in text.splitlines()[-1]
     check_equal_to_vmap(loss_fn, params, batch)
     # auto follows the timing; the timing runs once per signature (cached).
