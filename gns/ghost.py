@@ -6,9 +6,9 @@ the per-example gradients, and the mean gradient. ``loss_fn`` is traced to a jax
 ``jit`` calls inlined) and, for each leaf, the operations that read it with the example axis
 are found (after example-free steps: casts, reshapes, transposes, any function of the
 parameters alone). Where such an operation is linear in its parameter operand and the example
-axis is on its other operand, one
-example's gradient of the parameter is a contraction of that operand with the example's
-output gradient ``g``, and its squared norm has a closed form:
+axis is on its other operand, one example's gradient of the parameter is a contraction of
+that operand with the example's output gradient ``g``, and its squared norm has a closed
+form:
 
 * ``dot_general`` (any dense layer, attention projection, einsum, ``jnp.dot``): one example's
   kernel gradient is ``Σ_t x_t g_tᵀ`` over the free positions ``t`` of the operand; its
