@@ -4,8 +4,8 @@ JAX ``loss_fn``.
 The noise scale needs, for every parameter leaf, the sum over examples of the squared norms of
 the per-example gradients, and the mean gradient. ``loss_fn`` is traced to a jaxpr (nested
 ``jit`` calls inlined) and, for each leaf, the operations that read it with the example axis
-are found (after example-free steps: casts, reshapes, transposes, any function of the
-parameters alone). Where such an operation is linear in its parameter operand and the example
+are found (after example-free steps: casts, reshapes, transposes, any function of that
+parameter alone). Where such an operation is linear in its parameter operand and the example
 axis is on its other operand, one example's gradient of the parameter is a contraction of
 that operand with the example's output gradient ``g``, and its squared norm has a closed
 form:
@@ -55,26 +55,27 @@ gradients (a loss scaled by 1e-20) do not underflow when the squared norm is rep
 example axis. Examples must not interact (the assumption of ``per_example`` itself).
 
 **Per-example parts.** A leaf may reach these operations through example-free steps, any
-function of the parameters alone (a transpose or a cast, a scale ``exp(log_scale)``, a
-relative-position bias table gathered by constant indices), and may be read by several of them
-(tied input and output embeddings, a layer called twice). Where the steps do not keep the norm
-or the reads are several, each read runs in the direct form and, wrapped in an identity with a
-custom VJP (``_tap_parts``), adds its per-example parts ``[B, *operand]`` to the gradient of a
-zero ``[B, *leaf]`` slot, carried back through the derivative of the steps at the parameters
-(a ``jax.jvp`` per example, whose transpose the backward pass applies): the slot's gradient is
-the per-example gradients, cross terms included, squared once. The leaf's gradient stays the
-plain one, so each read's parts are extra work (about a weight-gradient product and ``B``
-times the leaf's bytes).
+function of that leaf alone (a transpose or a cast, a scale ``exp(log_scale)``, a
+weight-standardized kernel, a relative-position bias table gathered by constant indices), and
+may be read by several of them (tied input and output embeddings, a layer called twice). Where
+the steps do not keep the norm or the reads are several, each read runs in the direct form
+and, wrapped in an identity with a custom VJP (``_tap_parts``), adds its per-example parts
+``[B, *operand]`` to the gradient of a zero ``[B, *leaf]`` slot, carried back through the
+derivative of the steps at the parameters (a ``jax.jvp`` per example, whose transpose the
+backward pass applies): the slot's gradient is the per-example gradients, cross terms
+included, squared once. The leaf's gradient stays the plain one, so each read's parts are
+extra work (about a weight-gradient product and ``B`` times the leaf's bytes).
 
 **Fallback, per leaf.** A leaf is not covered when one of its reads with the example axis is
 not such an operation: one nonlinear in it (``max`` with an activation), one whose other
-operand has no example axis or contracts it, a convolution kernel read several times or
-through steps, a term of the loss without the example axis (a weight penalty), or a read
-inside a primitive the analysis does not enter (``scan``, ``while``, ``cond``, ``custom_jvp``/
-``custom_vjp`` calls, whose rules may differ from the primal's gradient; nested ``jit`` calls
-and ``jax.checkpoint`` regions are inlined). Those leaves get per-example gradients by ``jax.vmap``
-restricted to them (chunked with ``chunk_size``); that pass backpropagates per example through
-everything above the deepest such leaf. :meth:`Plan.describe` names every fallback and why.
+operand has no example axis or contracts it, a step that combines it with another parameter
+before its read (``w + a @ b``), a term of the loss without the example axis (a weight
+penalty), or a read inside a primitive the analysis does not enter (``scan``, ``while``,
+``cond``, ``custom_jvp`` and ``custom_vjp`` calls, whose rules may differ from the primal's
+gradient; nested ``jit`` calls and ``jax.checkpoint`` regions are inlined). Those leaves get
+per-example gradients by ``jax.vmap`` restricted to them (chunked with ``chunk_size``); that
+pass backpropagates per example through everything above the deepest such leaf.
+:meth:`Plan.describe` names every fallback and why.
 
 **Cost model.** For each covered operation the plan counts FLOPs and bytes of each form and of
 the per-example gradient ``vmap`` would materialize, and picks the cheaper form at ``flops +
@@ -440,8 +441,8 @@ class _Consumer:
     # gradients of this leaf cost on top of the shared backward pass).
     costs: tuple[tuple[str, float, float], ...] = ()
     chunks: int = 1  # the kernel norms computed over this many example chunks, in turn
-    # the example-free equations from the leaf to operand ``pos`` (index, operand position)
-    chain: tuple[tuple[int, int], ...] = ()
+    # the example-free equations (indices, in order) that compute operand ``pos`` from the leaf
+    chain: tuple[int, ...] = ()
     # the leaf's per-example gradient is assembled from per-example parts in a [B, *leaf] slot:
     # it has several reads (tied weights), or this read is through steps that do not keep the
     # norm (``via``: their primitives)
@@ -602,10 +603,11 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
     """``(consumers by leaf, fallback reasons by leaf)`` of the first ``num_params`` inputs.
 
     A leaf reaches its consumers through example-free steps (``chain``): a transpose or a
-    cast, or any other function of the parameters alone (a scale ``exp(log_scale)``, a bias
-    table gathered by relative positions). Its per-example gradient is assembled from
-    per-example parts (``parts``) when it has several consumers (tied weights: the sum of
-    theirs) or a step that does not keep the norm (mapped back through it)."""
+    cast, or any other function of that leaf alone (a scale ``exp(log_scale)``, a
+    standardized kernel, a bias table gathered by relative positions). Its per-example
+    gradient is assembled from per-example parts (``parts``) when it has several consumers
+    (tied weights: the sum of theirs) or a step that does not keep the norm (mapped back
+    through it)."""
     live = _live(flat)
     source = {flat.invars[j]: (j, (), ()) for j in range(num_params)}  # (leaf, chain, via)
     found: dict[int, list[_Consumer]] = {}
@@ -614,15 +616,19 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
         refs = [(p, *source[a]) for p, a in enumerate(e.ins) if isinstance(a, int) and a in source]
         if not live[i] or not refs:
             continue
-        if len(refs) > 1:
+        if len({j for _, j, _, _ in refs}) > 1:
             for _, j, _, _ in refs:
-                reasons.setdefault(j, f"{e.primitive.name} combines it with a parameter")
+                reasons.setdefault(j, f"{e.primitive.name} combines it with another parameter")
             continue
-        ((pos, j, chain, via),) = refs
+        pos, j = refs[0][:2]
+        chain = tuple(sorted({k for r in refs for k in r[2]}))
+        via = tuple(dict.fromkeys(name for r in refs for name in r[3]))
         what, fields, reason = _step(e, pos, flat, axes)
         if what in ("iso", "chain"):
-            more = (e.primitive.name,) if what == "chain" else ()
-            source[e.outs[0]] = (j, (*chain, (i, pos)), (*via, *more))
+            more = (e.primitive.name,) if what == "chain" or len(refs) > 1 else ()
+            source[e.outs[0]] = (j, (*chain, i), (*via, *more))
+        elif len(refs) > 1:
+            reasons.setdefault(j, f"{e.primitive.name} reads it twice")
         elif what == "consumer":
             c = _Consumer(
                 leaf=j,
@@ -640,9 +646,6 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
     for key, (j, _, _) in source.items():
         if key in flat.outvars:
             reasons.setdefault(j, "reaches the loss without the example axis (a penalty term)")
-    for j, cs in found.items():
-        if (len(cs) > 1 or cs[0].via) and any(c.kind == "conv" for c in cs):
-            reasons.setdefault(j, "a convolution kernel read several times or through steps")
     return {j: cs for j, cs in found.items() if j not in reasons}, reasons
 
 
@@ -1154,7 +1157,9 @@ def _with_costs(
     costs = tuple(_form_cost(c, f, n, leaf_size) for f in (*_forms(c), "vmap"))
     best = min(costs[:-1], key=lambda fc: fc[1] + flops_per_byte * fc[2])
     if parts:
-        return dataclasses.replace(c, costs=costs, form="direct", parts=True)
+        direct = next(fc for fc in costs if fc[0] == "direct")
+        chunks = _num_chunks(c, n, direct[2])
+        return dataclasses.replace(c, costs=costs, form="direct", parts=True, chunks=chunks)
     return dataclasses.replace(c, costs=costs, form=best[0], chunks=_num_chunks(c, n, best[2]))
 
 
@@ -1395,7 +1400,7 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
             k, c = by_eqn[i]
             if c.parts:
                 leaf = p_leaves[c.leaf]
-                slot = _along_chain(flat, c.chain, seen, leaf, zs[leaf_slot[c.leaf]])
+                slot = _along_chain(flat, c, seen, leaf, zs[leaf_slot[c.leaf]])
                 x = lax.stop_gradient(vals[c.x_pos]) if c.x_pos is not None else None
                 return [_tap_parts(c, n, outs[0], x, slot), *outs[1:]]
             if c.kind == "sum" or (c.kind in ("dense", "conv") and _form_of(c, form) == "direct"):
@@ -1451,20 +1456,23 @@ def _tap_bwd(consumer, n, form, res, g):
 _tap.defvjp(_tap_fwd, _tap_bwd)
 
 
-def _along_chain(flat: _Flat, chain, seen: dict, leaf: jax.Array, z: jax.Array) -> jax.Array:
-    """The slot ``z`` (``[n, *leaf]``) carried to a consumer's operand, per example, by the
-    derivative at ``leaf`` of the example-free equations ``chain`` (their other operands as
-    they were evaluated): the VJP of this map takes the operand's per-example gradients back
-    to the leaf's."""
+def _along_chain(flat: _Flat, c: _Consumer, seen: dict, leaf: jax.Array, z: jax.Array):
+    """The slot ``z`` (``[n, *leaf]``) carried to consumer ``c``'s parameter operand, per
+    example, by the derivative at ``leaf`` of the example-free equations ``c.chain`` that
+    compute it (their other operands as they were evaluated): the VJP of this map takes the
+    operand's per-example gradients back to the leaf's."""
+    src, dst = flat.invars[c.leaf], flat.eqns[c.eqn].ins[c.pos]
 
     def steps(v):
-        for i, pos in chain:
-            vals = list(seen[i])
-            vals[pos] = v
-            v = _bind(flat.eqns[i], vals)[0]
-        return v
+        env = {src: v}
+        for i in c.chain:
+            e = flat.eqns[i]
+            ins = zip(e.ins, seen[i], strict=True)
+            vals = [env.get(a, val) if isinstance(a, int) else val for a, val in ins]
+            env.update(zip(e.outs, _bind(e, vals), strict=True))
+        return env[dst]
 
-    if not chain:
+    if not c.chain:
         return z
     w = lax.stop_gradient(leaf)
     return jax.vmap(lambda dz: jax.jvp(steps, (w,), (dz.astype(w.dtype),))[1])(z)
@@ -1504,6 +1512,13 @@ def _operand_parts(c: _Consumer, n: int, x, g: jax.Array, shape) -> jax.Array:
         rows = jnp.where((rows >= 0) & (rows < c.vocab), rows, c.vocab)  # dropped below
         table = jnp.zeros((n, c.vocab, g.shape[-1]), g.dtype)
         return table.at[jnp.arange(n)[:, None], rows].add(g, mode="drop")
+    if c.kind == "conv":  # [n, offsets, in, out] -> the kernel's layout
+        x_perm, g_perm, *conv = c.conv
+        xg = (jnp.transpose(x, x_perm), jnp.transpose(g, g_perm))
+        fn = functools.partial(_conv_example_parts, tuple(conv), groups=c.groups)
+        parts = _in_chunks(fn, xg, c.chunks)  # [chunks, n / chunks, offsets, in, out]
+        parts = parts.reshape(n, *conv[0], *parts.shape[-2:])  # [n, *window, in, out]
+        return jnp.transpose(parts, (0, *(1 + np.asarray(c.w_perm))))
     _, parts = _per_example_parts(c, n, x, g)
     if c.kind == "dense":  # [n, s, k, c] in the layout (batch, contracted, free) of w
         lay = c.layout
@@ -1564,10 +1579,19 @@ def _conv_parts(
     conv, n: int, x: jax.Array, g: jax.Array, groups: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """A convolution kernel's gradient ``[*window, in / groups, out]`` and per-example squared
-    norms from channels-last ``x`` and ``g`` (of the mean loss): per kernel offset, the
-    per-example products of the input patches with ``g`` (their sum over examples is the
-    kernel's gradient at that offset), within each of ``groups`` feature groups (group ``j``:
-    the ``j``-th contiguous block of input and of output channels)."""
+    norms from channels-last ``x`` and ``g`` (of the mean loss), by
+    :func:`_conv_example_parts`."""
+    parts = _conv_example_parts(conv, x, g, groups)
+    gw = jnp.einsum("b,bokc->okc", jnp.ones((g.shape[0],), parts.dtype), parts)
+    return _norms_of(n, gw.reshape(*conv[0], *gw.shape[1:]), parts)
+
+
+def _conv_example_parts(conv, x: jax.Array, g: jax.Array, groups: int = 1) -> jax.Array:
+    """Per-example parts ``[b, offsets, in / groups, out]`` of a convolution kernel's gradient
+    from channels-last ``x`` and ``g``: per kernel offset, the per-example products of the
+    input patches with ``g`` (their sum over examples is the kernel's gradient at that
+    offset), within each of ``groups`` feature groups (group ``j``: the ``j``-th contiguous
+    block of input and of output channels)."""
     acc = common.acc_dtype(g.dtype)
     b, cout = g.shape[0], g.shape[-1]
     g = g.reshape(b, -1, cout).astype(acc)
@@ -1579,9 +1603,7 @@ def _conv_parts(
         p = p.reshape(*p.shape[:2], groups, -1).astype(acc)
         return jnp.einsum("btgk,btgc->bkgc", p, gg).reshape(b, -1, cout)
 
-    parts = jnp.stack([product(p) for p in _conv_pieces(x, conv)], 1)
-    gw = jnp.einsum("b,bokc->okc", jnp.ones((g.shape[0],), acc), parts)
-    return _norms_of(n, gw.reshape(*conv[0], *gw.shape[1:]), parts)
+    return jnp.stack([product(p) for p in _conv_pieces(x, conv)], 1)
 
 
 def _per_example_parts(c: _Consumer, n: int, x, g) -> tuple[jax.Array, jax.Array]:
