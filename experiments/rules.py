@@ -279,6 +279,8 @@ NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _ in ME
 
 # configs/bench.py. Its three measurements (the CNN at the top level, lm and rows) share the
 # timing fields; its language model (lm.model) has the rows of LM but a smaller vocabulary.
+BENCH_ROWS = ("lm1b", "tied_transformer", "convnext", "nnx_mlp", "plain_mlp")  # rows.models
+BENCH_LMS = ("lm1b", "tied_transformer")  # the rows that are Transformers
 BENCH = (
     ("seed", count(0)),
     ("model.name", choice("small_cnn")),
@@ -302,15 +304,12 @@ BENCH = (
     ("lm.enabled", FLAG),
     ("lm.batch_sizes", tuple_of(count(2))),
     ("rows.enabled", FLAG),
-    *(
-        (f"rows.models.{m}.batch_sizes", tuple_of(count(2)))
-        for m in ("lm1b", "tied_transformer", "convnext", "nnx_mlp", "plain_mlp")
-    ),
+    *((f"rows.models.{m}.batch_sizes", tuple_of(count(2))) for m in BENCH_ROWS),
     ("rows.models.convnext.widths", tuple_of(count(1))),
     *((f"rows.models.{m}.dims", tuple_of(count(1))) for m in ("nnx_mlp", "plain_mlp")),
     *(
         (f"rows.models.{m}.{f}", count(1))
-        for m in ("lm1b", "tied_transformer")
+        for m in BENCH_LMS
         for f in ("context", "depth", "num_heads", "mlp_ratio", "vocab_size", "width")
     ),
     *(("lm." + f, k) for f, k in LM if f.startswith("model.") and f != "model.vocab_size"),
@@ -467,7 +466,7 @@ BENCH_CROSS = (
             "rows.num_microbatches",
             "every batch size must split into rows.num_microbatches equal microbatches",
         )
-        for m in ("lm1b", "tied_transformer", "convnext", "nnx_mlp", "plain_mlp")
+        for m in BENCH_ROWS
     ),
     *(
         _multiples(
@@ -475,7 +474,7 @@ BENCH_CROSS = (
             f"rows.models.{m}.num_heads",
             f"rows.models.{m}.num_heads must divide its width",
         )
-        for m in ("lm1b", "tied_transformer")
+        for m in BENCH_LMS
     ),
     _multiples(
         "lm.batch_sizes",
