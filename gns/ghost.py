@@ -4,8 +4,8 @@ JAX ``loss_fn``.
 The noise scale needs, for every parameter leaf, the sum over examples of the squared norms of
 the per-example gradients, and the mean gradient. ``loss_fn`` is traced to a jaxpr (nested
 ``jit`` calls inlined) and, for each leaf, the operations that read it with the example axis
-are found (after example-free steps: casts, reshapes, transposes, any function of that
-parameter alone). Where such an operation is linear in its parameter operand and the example
+are found (after example-free steps: casts, reshapes, transposes, any function of the
+parameters alone). Where such an operation is linear in its parameter operand and the example
 axis is on its other operand, one example's gradient of the parameter is a contraction of
 that operand with the example's output gradient ``g``, and its squared norm has a closed
 form:
@@ -55,24 +55,26 @@ gradients (a loss scaled by 1e-20) do not underflow when the squared norm is rep
 example axis. Examples must not interact (the assumption of ``per_example`` itself).
 
 **Per-example parts.** A leaf may reach these operations through example-free steps, any
-function of that leaf alone (a transpose or a cast, a scale ``exp(log_scale)``, a
-weight-standardized kernel, a relative-position bias table gathered by constant indices), and
-may be read by several of them (tied input and output embeddings, a layer called twice). Where
-the steps do not keep the norm or the reads are several, each read runs in the direct form
-and, wrapped in an identity with a custom VJP (``_tap_parts``), adds its per-example parts
-``[B, *operand]`` to the gradient of a zero ``[B, *leaf]`` slot, carried back through the
-derivative of the steps at the parameters (a ``jax.jvp`` per example, whose transpose the
-backward pass applies): the slot's gradient is the per-example gradients, cross terms
-included, squared once. The leaf's gradient stays the plain one, so each read's parts are
-extra work (about a weight-gradient product and ``B`` times the leaf's bytes).
+function of the parameters alone (a transpose or a cast, a scale ``exp(log_scale)``, a
+weight-standardized kernel, a relative-position bias table gathered by constant indices, and
+of several leaves: weight normalization's ``g · v / |v|``, a merged low-rank update
+``w + a @ b``), and may be read by several of them (tied input and output embeddings, a layer
+called twice). Where the steps do not keep the norm, combine leaves, or the reads are
+several, each read runs in the direct form and, wrapped in an identity with a custom VJP
+(``_tap_parts``), adds its per-example parts ``[B, *operand]`` to the gradients of zero
+``[B, *leaf]`` slots, carried back through the derivative of the steps at the parameters (a
+``jax.jvp`` per example, whose transpose the backward pass applies): each slot's gradient is
+its leaf's per-example gradients, cross terms included, squared once. The leaves' gradients
+stay the plain ones, so each read's parts are extra work (about a weight-gradient product and
+``B`` times the leaf's bytes).
 
 **Fallback, per leaf.** A leaf is not covered when one of its reads with the example axis is
 not such an operation: one nonlinear in it (``max`` with an activation), one whose other
-operand has no example axis or contracts it, a step that combines it with another parameter
-before its read (``w + a @ b``), a term of the loss without the example axis (a weight
-penalty), or a read inside a primitive the analysis does not enter (``scan``, ``while``,
-``cond``, ``custom_jvp`` and ``custom_vjp`` calls, whose rules may differ from the primal's
-gradient; nested ``jit`` calls and ``jax.checkpoint`` regions are inlined). Those leaves get
+operand has no example axis or contracts it, a term of the loss without the example axis (a
+weight penalty), a read that computes its operand together with a leaf that falls back, or a
+read inside a primitive the analysis does not enter (``scan``, ``while``, ``cond``,
+``custom_jvp`` and ``custom_vjp`` calls, whose rules may differ from the primal's gradient;
+nested ``jit`` calls and ``jax.checkpoint`` regions are inlined). Those leaves get
 per-example gradients by ``jax.vmap`` restricted to them (chunked with ``chunk_size``); that
 pass backpropagates per example through everything above the deepest such leaf.
 :meth:`Plan.describe` names every fallback and why.
@@ -448,6 +450,7 @@ class _Consumer:
     # norm (``via``: their primitives)
     parts: bool = False
     via: tuple[str, ...] = ()
+    others: tuple[int, ...] = ()  # further leaves the chain computes the operand from
 
 
 def _dense_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
@@ -603,50 +606,60 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
     """``(consumers by leaf, fallback reasons by leaf)`` of the first ``num_params`` inputs.
 
     A leaf reaches its consumers through example-free steps (``chain``): a transpose or a
-    cast, or any other function of that leaf alone (a scale ``exp(log_scale)``, a
-    standardized kernel, a bias table gathered by relative positions). Its per-example
-    gradient is assembled from per-example parts (``parts``) when it has several consumers
-    (tied weights: the sum of theirs) or a step that does not keep the norm (mapped back
-    through it)."""
+    cast, or any other function of the parameters alone (a scale ``exp(log_scale)``, a
+    standardized kernel, a bias table gathered by relative positions, ``g · v / |v|`` of two
+    leaves: the consumer's ``others``). Its per-example gradient is assembled from per-example
+    parts (``parts``) when it has several consumers (tied weights: the sum of theirs) or a
+    step that does not keep the norm (mapped back through it)."""
     live = _live(flat)
-    source = {flat.invars[j]: (j, (), ()) for j in range(num_params)}  # (leaf, chain, via)
+    # key -> (the leaves it is computed from, the example-free chain, the chain's primitives)
+    source = {flat.invars[j]: ((j,), (), ()) for j in range(num_params)}
     found: dict[int, list[_Consumer]] = {}
     reasons: dict[int, str] = {}
     for i, e in enumerate(flat.eqns):
         refs = [(p, *source[a]) for p, a in enumerate(e.ins) if isinstance(a, int) and a in source]
         if not live[i] or not refs:
             continue
-        if len({j for _, j, _, _ in refs}) > 1:
-            for _, j, _, _ in refs:
-                reasons.setdefault(j, f"{e.primitive.name} combines it with another parameter")
-            continue
-        pos, j = refs[0][:2]
+        pos, js = refs[0][0], tuple(sorted({j for r in refs for j in r[1]}))
         chain = tuple(sorted({k for r in refs for k in r[2]}))
-        via = tuple(dict.fromkeys(name for r in refs for name in r[3]))
+        via = tuple(name for r in refs for name in r[3])
         what, fields, reason = _step(e, pos, flat, axes)
         if what in ("iso", "chain"):
             more = (e.primitive.name,) if what == "chain" or len(refs) > 1 else ()
-            source[e.outs[0]] = (j, (*chain, i), (*via, *more))
-        elif len(refs) > 1:
-            reasons.setdefault(j, f"{e.primitive.name} reads it twice")
-        elif what == "consumer":
+            source[e.outs[0]] = (js, (*chain, i), tuple(dict.fromkeys((*via, *more))))
+        elif what == "consumer" and len(refs) == 1:
             c = _Consumer(
-                leaf=j,
+                leaf=js[0],
                 eqn=i,
                 primitive=e.primitive.name,
                 pos=pos,
                 out_shape=flat.shapes[e.outs[0]],
                 chain=chain,
                 via=via,
+                others=js[1:],
                 **fields,
             )
-            found.setdefault(j, []).append(c)
+            found.setdefault(js[0], []).append(c)
         else:
-            reasons.setdefault(j, reason)
-    for key, (j, _, _) in source.items():
+            why = f"{e.primitive.name} reads it twice" if len(refs) > 1 else reason
+            reasons.update({j: reasons.get(j, why) for j in js})
+    for key, (js, _, _) in source.items():
         if key in flat.outvars:
-            reasons.setdefault(j, "reaches the loss without the example axis (a penalty term)")
-    return {j: cs for j, cs in found.items() if j not in reasons}, reasons
+            why = "reaches the loss without the example axis (a penalty term)"
+            reasons.update({j: reasons.get(j, why) for j in js})
+    return _without_fallback(found, reasons), reasons
+
+
+def _without_fallback(found: dict, reasons: dict) -> dict:
+    """``found`` without the consumers of leaves in ``reasons``; a leaf whose read computes
+    its operand together with such a leaf (``others``) falls back with it, named in
+    ``reasons`` (its per-example parts would be incomplete)."""
+    while True:
+        bad = [c for cs in found.values() for c in cs if {c.leaf, *c.others} & set(reasons)]
+        new = {j for c in bad for j in (c.leaf, *c.others)} - set(reasons)
+        if not new:
+            return {j: cs for j, cs in found.items() if j not in reasons}
+        reasons.update({j: "read together with a parameter that falls back" for j in new})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,9 +744,10 @@ class Plan:
         for c in self.consumers:
             costs = ", ".join(f"{f} {(fl + w * b) / 1e6:.3g}" for f, fl, b in c.costs)
             chunks = f" in {c.chunks} example chunks" if c.chunks > 1 else ""
-            via = f" through {', '.join(dict.fromkeys(c.via))}" if c.via else ""
+            via = f" through {', '.join(c.via)}" if c.via else ""
             reads = sum(d.leaf == c.leaf for d in self.consumers)
             how = f", one of {reads} reads" if reads > 1 else ""
+            how += f", with {', '.join(map(self.name, c.others))}" if c.others else ""
             how += f"{via} (per-example gradients assembled)" if c.parts else ""
             lines.append(
                 f"leaf {self.name(c.leaf)}: covered by {c.primitive} ({c.kind}), {c.form} form"
@@ -1383,7 +1397,7 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
     acc = [common.acc_dtype(leaf.dtype) for leaf in leaves]
     # A slot per consumer, whose gradient is its per-example squared norms [n]; the slot of a
     # leaf with parts is [n, *leaf] (every read adds its per-example parts to its gradient).
-    with_parts = sorted({c.leaf for c in the_plan.consumers if c.parts})
+    with_parts = sorted({j for c in the_plan.consumers if c.parts for j in (c.leaf, *c.others)})
     slots = [jnp.zeros((n,), acc[c.leaf]) for c in the_plan.consumers if not c.parts]
     slots += [jnp.zeros((n, *leaves[j].shape), acc[j]) for j in with_parts]
     slots = common.to_varying(slots, axis_name)  # keep their gradients device-local
@@ -1399,8 +1413,9 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
                 return outs
             k, c = by_eqn[i]
             if c.parts:
-                leaf = p_leaves[c.leaf]
-                slot = _along_chain(flat, c, seen, leaf, zs[leaf_slot[c.leaf]])
+                js = (c.leaf, *c.others)
+                ws, slots = [p_leaves[j] for j in js], [zs[leaf_slot[j]] for j in js]
+                slot = _along_chain(flat, c, seen, ws, slots)
                 x = lax.stop_gradient(vals[c.x_pos]) if c.x_pos is not None else None
                 return [_tap_parts(c, n, outs[0], x, slot), *outs[1:]]
             if c.kind == "sum" or (c.kind in ("dense", "conv") and _form_of(c, form) == "direct"):
@@ -1456,15 +1471,16 @@ def _tap_bwd(consumer, n, form, res, g):
 _tap.defvjp(_tap_fwd, _tap_bwd)
 
 
-def _along_chain(flat: _Flat, c: _Consumer, seen: dict, leaf: jax.Array, z: jax.Array):
-    """The slot ``z`` (``[n, *leaf]``) carried to consumer ``c``'s parameter operand, per
-    example, by the derivative at ``leaf`` of the example-free equations ``c.chain`` that
-    compute it (their other operands as they were evaluated): the VJP of this map takes the
-    operand's per-example gradients back to the leaf's."""
-    src, dst = flat.invars[c.leaf], flat.eqns[c.eqn].ins[c.pos]
+def _along_chain(flat: _Flat, c: _Consumer, seen: dict, leaves: list, slots: list):
+    """The slots (``[n, *leaf]`` each) of ``c.leaf`` and ``c.others`` carried to consumer
+    ``c``'s parameter operand, per example, by the derivative at ``leaves`` (their values) of
+    the example-free equations ``c.chain`` that compute it (their other operands as they were
+    evaluated): the VJP of this map takes the operand's per-example gradients back to the
+    leaves'."""
+    srcs, dst = [flat.invars[j] for j in (c.leaf, *c.others)], flat.eqns[c.eqn].ins[c.pos]
 
-    def steps(v):
-        env = {src: v}
+    def steps(*vs):
+        env = dict(zip(srcs, vs, strict=True))
         for i in c.chain:
             e = flat.eqns[i]
             ins = zip(e.ins, seen[i], strict=True)
@@ -1473,9 +1489,13 @@ def _along_chain(flat: _Flat, c: _Consumer, seen: dict, leaf: jax.Array, z: jax.
         return env[dst]
 
     if not c.chain:
-        return z
-    w = lax.stop_gradient(leaf)
-    return jax.vmap(lambda dz: jax.jvp(steps, (w,), (dz.astype(w.dtype),))[1])(z)
+        return slots[0]
+    ws = tuple(lax.stop_gradient(w) for w in leaves)
+
+    def tangent(*dzs):
+        return jax.jvp(steps, ws, tuple(d.astype(w.dtype) for d, w in zip(dzs, ws, strict=True)))[1]
+
+    return jax.vmap(tangent)(*slots)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -422,6 +422,47 @@ def test_standardized_and_shared_conv_kernels_equal_vmap(monkeypatch):
         check_sums(loss_fn, p, x, ("auto", "direct", "gram"), the_plan, k=2, more=[(tiny, "auto")])
 
 
+class WeightNormed(nn.Module):
+    """``nn.WeightNorm`` around a Dense layer: its kernel is ``scale · v / |v|``, a function of
+    two leaves."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5)(jnp.tanh(nn.WeightNorm(nn.Dense(6))(x)))
+
+
+def test_parameters_combined_before_their_read_equal_vmap():
+    """Leaves combined by a function of the parameters alone before their read: weight
+    normalization and a merged low-rank update ``w + a @ b``. The read's per-example parts
+    are carried back to every leaf of the combination: squared norms equal vmap's. A leaf
+    combined with one that falls back (a penalty on ``a``) falls back with it, named."""
+    with jax.enable_x64(True):
+        x = images((4, 4), dtype=np.float64)
+        loss_fn, params, batch = setup(WeightNormed(), x, dtype=jnp.float64)
+        the_plan = ghost.plan(loss_fn, params, batch)
+        assert the_plan.fallback == (), the_plan.describe()
+        (scaled,) = [c for c in the_plan.consumers if c.others]  # the kernel and its scale
+        assert {the_plan.name(j) for j in (scaled.leaf, *scaled.others)} == {
+            "Dense_1/kernel",
+            "WeightNorm_0/Dense_1/kernel/scale",
+        }
+        check_sums(loss_fn, params, batch, ("auto", "direct", "gram"), the_plan, k=2)
+
+        rng = np.random.default_rng(7)
+        shapes = {"w": (4, 3), "a": (4, 2), "b": (2, 3)}
+        p = {k: jnp.asarray(rng.normal(size=shape)) for k, shape in shapes.items()}
+
+        def lora(p, x):
+            return jnp.mean(jnp.tanh(x @ (p["w"] + p["a"] @ p["b"])) ** 2)
+
+        the_plan = ghost.plan(lora, p, x)
+        (c,) = the_plan.consumers
+        assert the_plan.fallback == () and {c.leaf, *c.others} == {0, 1, 2}
+        check_sums(lora, p, x, ("auto",), the_plan, k=2)
+        with pytest.raises(ghost.NotApplicableError, match="w: read together with a param"):
+            ghost.plan(lambda q, b: lora(q, b) + jnp.sum(q["a"] ** 2), p, x)
+
+
 def test_weight_penalty_in_loss_goes_to_fallback():
     """A leaf used outside its layer (here an L2 term inside loss_fn) is not ghost-normed."""
     model = ConvNet(strides=(2,))
