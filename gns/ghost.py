@@ -152,10 +152,12 @@ FORMS = ("auto", "direct", "gram")
 # A convolution's kernel norms (patches, Gram matrices or per-example kernel gradients) are
 # computed over example chunks in turn (a rolled loop) when these intermediates would exceed
 # this many bytes for the whole batch: it bounds the fast path's extra memory. Each turn of
-# the loop costs time: on SmallCNN 128 (2 CPU cores, interleaved) 4 MB ran the step at
-# 1.07-1.25x a plain step with 1.11x its memory, 24 MB at 1.00x with 1.29x, 64 MB at 1.19x
-# with 1.53x.
-CHUNK_BYTES = 24 * 2**20
+# the loop costs time, fewer turns cost memory (2 CPU cores, interleaved, the whole batch
+# against a plain step): SmallCNN 128 ran at 0.98-1.25x with 1.11x the memory at 4 MB, 0.92x
+# with 1.30x at 12 MB, 0.94-1.04x with 1.29x at 24 MB; the ConvNeXt row at 1.01x with 1.07x at
+# 4 and 12 MB, 1.07x with 1.19x at 24 MB; SmallCNN 512 needed 1.02x the memory at 12 MB, 1.17x
+# at 24 MB.
+CHUNK_BYTES = 12 * 2**20
 
 # Rough machine balance (FLOPs one byte of memory traffic costs in time), by JAX backend: the
 # cost model weighs the per-example intermediates' bytes against FLOPs with it. Only the
