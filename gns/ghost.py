@@ -832,8 +832,9 @@ def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
         )
     w = FLOPS_PER_BYTE.get(jax.default_backend(), FLOPS_PER_BYTE["gpu"])
     sizes = tuple(_prod(leaf.shape) for _, leaf in paths_leaves)
+    others = {j for cs in found.values() for c in cs for j in c.others}
     consumers = tuple(
-        _with_costs(c, n, sizes[c.leaf], w, parts=len(cs) > 1 or any(x.via for x in cs))
+        _with_costs(c, n, sizes[c.leaf], w, parts=bool(len(cs) > 1 or c.leaf in others or c.via))
         for cs in found.values()
         for c in cs
     )
@@ -1395,7 +1396,7 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
             "same computation on every trace. Use method='vmap'."
         )
     leaves, treedef = jax.tree.flatten(params)
-    by_eqn = {c.eqn: (k, c) for k, c in enumerate(the_plan.consumers)}
+    by_eqn = {c.eqn: c for c in the_plan.consumers}
     acc = [common.acc_dtype(leaf.dtype) for leaf in leaves]
     # A slot per consumer, whose gradient is its per-example squared norms [n]; the slot of a
     # leaf with parts is [n, *leaf] (every read adds its per-example parts to its gradient).
@@ -1413,11 +1414,11 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
             seen[i] = vals
             if i not in by_eqn:
                 return outs
-            k, c = by_eqn[i]
+            c = by_eqn[i]
             if c.parts:
                 js = (c.leaf, *c.others)
-                ws, slots = [p_leaves[j] for j in js], [zs[leaf_slot[j]] for j in js]
-                slot = _along_chain(flat, c, seen, ws, slots)
+                ws, leaf_zs = [p_leaves[j] for j in js], [zs[leaf_slot[j]] for j in js]
+                slot = _along_chain(flat, c, seen, ws, leaf_zs)
                 x = lax.stop_gradient(vals[c.x_pos]) if c.x_pos is not None else None
                 return [_tap_parts(c, n, outs[0], x, slot), *outs[1:]]
             if c.kind == "sum" or (c.kind in ("dense", "conv") and _form_of(c, form) == "direct"):

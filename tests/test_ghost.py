@@ -455,10 +455,16 @@ def test_parameters_combined_before_their_read_equal_vmap():
         def lora(p, x):
             return jnp.mean(jnp.tanh(x @ (p["w"] + p["a"] @ p["b"])) ** 2)
 
+        def also_apart(p, x):  # a and b also read apart, as an unmerged adapter
+            return lora(p, x) + jnp.mean(jnp.sin((x @ p["a"]) @ p["b"]))
+
         the_plan = ghost.plan(lora, p, x)
         (c,) = the_plan.consumers
         assert the_plan.fallback == () and {c.leaf, *c.others} == {0, 1, 2}
         check_sums(lora, p, x, ("auto",), the_plan, k=2)
+        apart = ghost.plan(also_apart, p, x)
+        assert apart.fallback == () and all(c.parts for c in apart.consumers)
+        check_sums(also_apart, p, x, ("auto",), apart, k=2)
         with pytest.raises(ghost.NotApplicableError, match="w: read together with a param"):
             ghost.plan(lambda q, b: lora(q, b) + jnp.sum(q["a"] ** 2), p, x)
 
