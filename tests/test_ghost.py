@@ -570,14 +570,30 @@ def test_plain_jax_loss_is_covered_and_a_nonlinear_use_falls_back():
         ghost.select(nonlinear_loss, w, batch, method="ghost")
 
 
+class PartsModel(nn.Module):
+    """Leaves assembled from parts: a weight-normalized kernel (two leaves), an embedding read
+    as the output head and, scaled by ``exp(log_scale)``, as a bias."""
+
+    @nn.compact
+    def __call__(self, x):
+        embed = nn.Embed(5, 6)
+        scale = jnp.exp(self.param("log_scale", nn.initializers.zeros, (6,)))
+        h = nn.WeightNorm(nn.Dense(6))(x) + embed.embedding[0] * scale
+        return embed.attend(jnp.tanh(h))
+
+
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_axis_name_in_shard_map_matches_global_vmap(chunks, monkeypatch):
+@pytest.mark.parametrize("name", ["conv", "parts"])
+def test_axis_name_in_shard_map_matches_global_vmap(chunks, name, monkeypatch):
     devices = jax.devices()[:4]
     if len(devices) < 4:
         pytest.skip("needs 4 devices (tests/conftest.py simulates them on CPU)")
     mesh = Mesh(np.array(devices), ("batch",))
-    model = ConvNet(strides=(2,), norm="group")
-    loss_fn, params, batch = setup(model, images((16, 6, 6, 3)))
+    if name == "conv":
+        loss_fn, params, batch = setup(ConvNet(strides=(2,), norm="group"), images((16, 6, 6, 3)))
+    else:
+        loss_fn, params, batch = setup(PartsModel(), images((16, 4)))
+        assert {c.parts for c in ghost.plan(loss_fn, params, batch).consumers} == {True, False}
     if chunks > 1:  # each device's 4 examples in 2 chunks
         select = ghost.select
 
