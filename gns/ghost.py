@@ -1256,16 +1256,37 @@ def _embed_sq(tokens: jax.Array, g: jax.Array, vocab: int, form: str) -> jax.Arr
       form: ``"gram"`` (token-equality Gram, ``T²·D``) or ``"direct"`` (scatter-add into a
         per-example ``[vocab, D]`` table).
     """
-    b = tokens.shape[0]
     valid = (tokens >= 0) & (tokens < vocab)
     if form == "direct":
-        rows = jnp.where(valid, tokens, vocab)  # out of range: dropped by the scatter
-        table = jnp.zeros((b, vocab, g.shape[-1]), g.dtype)
-        table = table.at[jnp.arange(b)[:, None], rows].add(g, mode="drop")
-        return jnp.sum(jnp.square(table), axis=(1, 2))
+        return jnp.sum(jnp.square(_embed_table(tokens, g, vocab)), axis=(1, 2))
     same = (tokens[:, :, None] == tokens[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     gg = jnp.einsum("btd,bsd->bts", g, g)
     return jnp.sum(jnp.where(same, gg, 0.0), axis=(1, 2))
+
+
+def _embed_table(tokens: jax.Array, g: jax.Array, vocab: int) -> jax.Array:
+    """Per-example tables ``[B, vocab, D]``: ``g`` scatter-added at the rows of ``tokens``
+    (``[B, T]``; ids outside ``[0, vocab)`` dropped), one example's gradient of the table."""
+    b = tokens.shape[0]
+    rows = jnp.where((tokens >= 0) & (tokens < vocab), tokens, vocab)  # dropped by the scatter
+    table = jnp.zeros((b, vocab, g.shape[-1]), g.dtype)
+    return table.at[jnp.arange(b)[:, None], rows].add(g, mode="drop")
+
+
+def _embed_inputs(c: _Consumer, n: int, x, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(tokens [n, T], g [n, T, D])`` of an embedding consumer from its index operand ``x``
+    and output gradient ``g`` (tokens clamped to the table in ``clip`` mode, as the gather)."""
+    tokens = jnp.moveaxis(x[..., 0], c.axis, 0).reshape(n, -1)
+    if c.clip:
+        tokens = jnp.clip(tokens, 0, c.vocab - 1)
+    return tokens, jnp.moveaxis(g, c.axis, 0).reshape(n, tokens.shape[1], -1)
+
+
+def _channels_last(c: _Consumer, x, g: jax.Array) -> tuple[tuple, jax.Array, jax.Array]:
+    """``(kernel_size, strides, padding, dilation, input dilation)`` of a convolution consumer
+    and its operand and output gradient channels-last."""
+    x_perm, g_perm, *conv = c.conv
+    return tuple(conv), jnp.transpose(x, x_perm), jnp.transpose(g, g_perm)
 
 
 def _form_of(c: _Consumer, form: str) -> str:
@@ -1283,11 +1304,7 @@ def _consumer_sq_norms(c: _Consumer, x, g: jax.Array, form: str) -> jax.Array:
     form = _form_of(c, form)
     n = g.shape[c.axis]
     if c.kind == "embed":
-        tokens = jnp.moveaxis(x[..., 0], c.axis, 0).reshape(n, -1)
-        if c.clip:
-            tokens = jnp.clip(tokens, 0, c.vocab - 1)
-        g = jnp.moveaxis(g, c.axis, 0).reshape(n, tokens.shape[1], -1)
-        return _embed_sq(tokens, g, c.vocab, form)
+        return _embed_sq(*_embed_inputs(c, n, x, g), c.vocab, form)
     x = x.astype(g.dtype)
     if c.kind == "dense":
         lay = c.layout
@@ -1295,9 +1312,8 @@ def _consumer_sq_norms(c: _Consumer, x, g: jax.Array, form: str) -> jax.Array:
         g = jnp.transpose(g, lay.g_perm).reshape(n, lay.s, lay.t, lay.c)
         fn = _dense_sq
     else:
-        x_perm, g_perm, *conv = c.conv
-        x, g = jnp.transpose(x, x_perm), jnp.transpose(g, g_perm)
-        fn = functools.partial(_conv_sq, tuple(conv))
+        conv, x, g = _channels_last(c, x, g)
+        fn = functools.partial(_conv_sq, conv)
     return _in_chunks(fn, (x, g), c.chunks).reshape(n)
 
 
@@ -1529,17 +1545,11 @@ def _operand_parts(c: _Consumer, n: int, x, g: jax.Array, shape) -> jax.Array:
     """Per-example parts ``[n, *shape]`` of the gradient of consumer ``c``'s parameter operand
     (of shape ``shape``): their sum over examples is that gradient."""
     if c.kind == "embed":
-        tokens = jnp.moveaxis(x[..., 0], c.axis, 0).reshape(n, -1)
-        g = jnp.moveaxis(g, c.axis, 0).reshape(n, tokens.shape[1], -1)
-        rows = jnp.clip(tokens, 0, c.vocab - 1) if c.clip else tokens
-        rows = jnp.where((rows >= 0) & (rows < c.vocab), rows, c.vocab)  # dropped below
-        table = jnp.zeros((n, c.vocab, g.shape[-1]), g.dtype)
-        return table.at[jnp.arange(n)[:, None], rows].add(g, mode="drop")
+        return _embed_table(*_embed_inputs(c, n, x, g), c.vocab)
     if c.kind == "conv":  # [n, offsets, in, out] -> the kernel's layout
-        x_perm, g_perm, *conv = c.conv
-        xg = (jnp.transpose(x, x_perm), jnp.transpose(g, g_perm))
-        fn = functools.partial(_conv_example_parts, tuple(conv), groups=c.groups)
-        parts = _in_chunks(fn, xg, c.chunks)  # [chunks, n / chunks, offsets, in, out]
+        conv, *xg = _channels_last(c, x, g)
+        fn = functools.partial(_conv_example_parts, conv, groups=c.groups)
+        parts = _in_chunks(fn, tuple(xg), c.chunks)  # [chunks, n / chunks, offsets, in, out]
         parts = parts.reshape(n, *conv[0], *parts.shape[-2:])  # [n, *window, in, out]
         return jnp.transpose(parts, (0, *(1 + np.asarray(c.w_perm))))
     _, parts = _per_example_parts(c, n, x, g)
@@ -1576,10 +1586,9 @@ def _reusing(c: _Consumer, n: int, op, vals: list, slot: jax.Array) -> list:
         (g_others,) = jax.vjp(lambda o: call(o, w), others)[1](gs)
         x = others[c.x_pos - (c.x_pos > pos)] if c.x_pos is not None else None
         if c.kind == "conv":
-            x_perm, g_perm, *conv = c.conv
-            xg = (jnp.transpose(x, x_perm), jnp.transpose(gs[0], g_perm))
-            parts = functools.partial(_conv_parts, tuple(conv), n, groups=c.groups)
-            gw, norms = _in_chunks(parts, xg, c.chunks)
+            conv, *xg = _channels_last(c, x, gs[0])
+            parts = functools.partial(_conv_parts, conv, n, groups=c.groups)
+            gw, norms = _in_chunks(parts, tuple(xg), c.chunks)
             gw, norms = jnp.transpose(jnp.sum(gw, axis=0), c.w_perm), norms.reshape(n)
         else:
             gw, norms = _norms_of(n, *_per_example_parts(c, n, x, gs[0]))
