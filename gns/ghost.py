@@ -192,6 +192,11 @@ _VMAP_SLOWDOWN = {"conv": 4.0, "dense": 1.0}
 # evaluated as it is (a parameter reaching it falls back).
 _INLINE = ("pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint")
 
+# A ``scan`` that a parameter reaches (layers stacked along a leading axis, ``nn.scan``) is
+# unrolled when it has at most this many steps: its reads become reads of slices of the
+# stacked leaves, whose per-example norms add up. A longer scan is evaluated as it is.
+MAX_UNROLL = 64
+
 # Unary steps from a parameter that keep its gradient's norm (J·Jᵀ = I): the parameter
 # reaches its consumer through any number of them.
 _ISOMETRIC = (
@@ -293,10 +298,13 @@ class _Flat:
 
 
 def _trace(loss_fn, params, batch) -> _Flat:
-    """Trace ``loss_fn(params, batch)`` (arrays, tracers or shape structs) to a :class:`_Flat`."""
+    """Trace ``loss_fn(params, batch)`` (arrays, tracers or shape structs) to a :class:`_Flat`:
+    calls inlined (:data:`_INLINE`), and short scans that read parameters unrolled
+    (:data:`MAX_UNROLL`)."""
     closed, shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, batch)
     keys = itertools.count()
     flat = _Flat([], [], [], {}, {}, {}, jax.tree.structure(shape))
+    from_params: set[int] = set()  # the keys computed from the parameters
 
     def new(var) -> int:
         k = next(keys)
@@ -309,23 +317,48 @@ def _trace(loss_fn, params, batch) -> _Flat:
             env[v] = k = new(v)
             flat.consts[k] = c
 
+    def inline(closed_jaxpr, ins) -> list:
+        inner = getattr(closed_jaxpr, "jaxpr", closed_jaxpr)
+        sub = dict(zip(inner.invars, ins, strict=True))
+        bind_consts(inner, getattr(closed_jaxpr, "consts", ()), sub)
+        return walk(inner, sub)
+
+    def emit(fn, ins) -> list:  # the equations of fn (jnp code) applied to keys or literals
+        avals = [
+            a.value if isinstance(a, _Lit) else jax.ShapeDtypeStruct(flat.shapes[a], flat.dtypes[a])
+            for a in ins
+        ]
+        return inline(jax.make_jaxpr(fn)(*avals), ins)
+
+    def unrolled(p, ins) -> list:
+        nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
+        consts, carry, xs = ins[:nc], list(ins[nc : nc + nk]), ins[nc + nk :]
+        ys = {}
+        for i in reversed(range(length)) if p["reverse"] else range(length):
+            x_i = [emit(lambda x, i=i: lax.index_in_dim(x, i, keepdims=False), [x])[0] for x in xs]
+            outs = inline(p["jaxpr"], [*consts, *carry, *x_i])
+            carry, ys[i] = outs[:nk], outs[nk:]
+        stacked = zip(*(ys[i] for i in range(length)), strict=True) if length else ()
+        return [*carry, *(emit(lambda *y: jnp.stack(y), list(y))[0] for y in stacked)]
+
     def walk(jaxpr, env):
         def read(a):
             return _Lit(a.val) if isinstance(a, jax.extend.core.Literal) else env[a]
 
         for eqn in jaxpr.eqns:
             ins = tuple(read(a) for a in eqn.invars)
-            if eqn.primitive.name in _INLINE:
-                inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-                inner_jaxpr = getattr(inner, "jaxpr", inner)
-                sub = dict(zip(inner_jaxpr.invars, ins, strict=True))
-                bind_consts(inner_jaxpr, getattr(inner, "consts", ()), sub)
-                outs = walk(inner_jaxpr, sub)
+            name, p = eqn.primitive.name, eqn.params
+            reads_params = any(isinstance(a, int) and a in from_params for a in ins)
+            if name in _INLINE or (name == "scan" and p["length"] <= MAX_UNROLL and reads_params):
+                body = p.get("jaxpr", p.get("call_jaxpr"))
+                outs = unrolled(p, list(ins)) if name == "scan" else inline(body, ins)
                 env.update(zip(eqn.outvars, outs, strict=True))
                 continue
             outs = tuple(new(v) for v in eqn.outvars)
+            if reads_params:
+                from_params.update(outs)
             env.update(zip(eqn.outvars, outs, strict=True))
-            flat.eqns.append(_Eqn(eqn.primitive, dict(eqn.params), ins, outs))
+            flat.eqns.append(_Eqn(eqn.primitive, dict(p), ins, outs))
         return [read(a) for a in jaxpr.outvars]
 
     env: dict = {}
@@ -333,6 +366,7 @@ def _trace(loss_fn, params, batch) -> _Flat:
     for v in closed.jaxpr.invars:
         env[v] = k = new(v)
         flat.invars.append(k)
+    from_params.update(flat.invars[: len(jax.tree.leaves(params))])
     flat.outvars = walk(closed.jaxpr, env)
     return flat
 
@@ -453,6 +487,9 @@ class _Consumer:
     parts: bool = False
     via: tuple[str, ...] = ()
     others: tuple[int, ...] = ()  # further leaves the chain computes the operand from
+    # the box ``(starts, limits)`` of the leaf that this read's operand holds, through static
+    # slices (a layer of stacked ones); reads of disjoint boxes add their norms (no parts)
+    region: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 def _dense_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
@@ -587,6 +624,8 @@ def _step(e: _Eqn, pos: int, flat: _Flat, axes) -> tuple[str, dict | None, str]:
         if len(e.outs) != 1 or not jnp.issubdtype(flat.dtypes[e.outs[0]], jnp.inexact):
             return "fallback", None, f"{name} of the parameter to several or integer outputs"
         return ("iso" if iso and pos == 0 else "chain"), None, ""
+    if name == "scan":
+        return "fallback", None, f"read inside a scan of more than {MAX_UNROLL} steps (not unrolled)"
     if _inner_jaxpr(e):
         return "fallback", None, f"read inside {name}, which is not entered"
     if name not in _CONSUMERS:
@@ -614,8 +653,12 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
     parts (``parts``) when it has several consumers (tied weights: the sum of theirs) or a
     step that does not keep the norm (mapped back through it)."""
     live = _live(flat)
-    # key -> (the leaves it is computed from, the example-free chain, the chain's primitives)
-    source = {flat.invars[j]: ((j,), (), ()) for j in range(num_params)}
+    # key -> (the leaves it is computed from, the example-free chain, the chain's primitives,
+    # the box of the leaf it holds: _region_after)
+    source = {
+        flat.invars[j]: ((j,), (), (), _whole(flat.shapes[flat.invars[j]]))
+        for j in range(num_params)
+    }
     found: dict[int, list[_Consumer]] = {}
     reasons: dict[int, str] = {}
     for i, e in enumerate(flat.eqns):
@@ -625,10 +668,12 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
         pos, js = refs[0][0], tuple(sorted({j for r in refs for j in r[1]}))
         chain = tuple(sorted({k for r in refs for k in r[2]}))
         via = tuple(name for r in refs for name in r[3])
+        region = refs[0][4] if len(refs) == 1 else None
         what, fields, reason = _step(e, pos, flat, axes)
         if what in ("iso", "chain"):
             more = (e.primitive.name,) if what == "chain" or len(refs) > 1 else ()
-            source[e.outs[0]] = (js, (*chain, i), tuple(dict.fromkeys((*via, *more))))
+            after = _region_after(e, region) if what == "iso" else None
+            source[e.outs[0]] = (js, (*chain, i), tuple(dict.fromkeys((*via, *more))), after)
         elif what == "consumer" and len(refs) == 1:
             c = _Consumer(
                 leaf=js[0],
@@ -639,17 +684,54 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
                 chain=chain,
                 via=via,
                 others=js[1:],
+                region=region[:2] if region else None,
                 **fields,
             )
             found.setdefault(js[0], []).append(c)
         else:
             why = f"{e.primitive.name} reads it twice" if len(refs) > 1 else reason
             reasons.update({j: reasons.get(j, why) for j in js})
-    for key, (js, _, _) in source.items():
+    for key, (js, *_) in source.items():
         if key in flat.outvars:
             why = "reaches the loss without the example axis (a penalty term)"
             reasons.update({j: reasons.get(j, why) for j in js})
     return _without_fallback(found, reasons), reasons
+
+
+def _whole(shape) -> tuple:
+    """The region of a whole leaf: ``(starts, limits, aligned)``."""
+    return (0,) * len(shape), tuple(shape), True
+
+
+def _region_after(e: _Eqn, region):
+    """The region of the leaf that the output of the norm-keeping step ``e`` holds: a static
+    ``slice`` of a value laid out as its leaf (``aligned``) narrows the box; other steps keep
+    its elements in another layout; ``None``: not known (a dynamic slice)."""
+    if region is None or e.primitive.name == "dynamic_slice":
+        return None
+    starts, limits, aligned = region
+    if e.primitive.name != "slice":
+        return starts, limits, False
+    strides = e.params.get("strides") or ()
+    if not aligned or any(k != 1 for k in strides):
+        return None
+    lo, hi = e.params["start_indices"], e.params["limit_indices"]
+    return tuple(s + a for s, a in zip(starts, lo)), tuple(s + b for s, b in zip(starts, hi)), True
+
+
+def _box_size(region) -> int:
+    return _prod(b - a for a, b in zip(*region))
+
+
+def _disjoint(consumers) -> bool:
+    """Whether the reads cover pairwise disjoint boxes of their leaf (their norms add up)."""
+    boxes = [c.region for c in consumers]
+    if any(b is None for b in boxes):
+        return False
+    return all(
+        any(hi_a <= lo_b or hi_b <= lo_a for lo_a, hi_a, lo_b, hi_b in zip(*a, *b))
+        for a, b in itertools.combinations(boxes, 2)
+    )
 
 
 def _without_fallback(found: dict, reasons: dict) -> dict:
@@ -749,6 +831,8 @@ class Plan:
             via = f" through {', '.join(c.via)}" if c.via else ""
             reads = sum(d.leaf == c.leaf for d in self.consumers)
             how = f", one of {reads} reads" if reads > 1 else ""
+            if c.region and self.leaf_sizes and _box_size(c.region) < self.leaf_sizes[c.leaf]:
+                how += ", its slice [" + ", ".join(f"{a}:{b}" for a, b in zip(*c.region)) + "]"
             how += f", with {', '.join(map(self.name, c.others))}" if c.others else ""
             how += f"{via} (per-example gradients assembled)" if c.parts else ""
             lines.append(
@@ -834,7 +918,13 @@ def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
     sizes = tuple(_prod(leaf.shape) for _, leaf in paths_leaves)
     others = {j for cs in found.values() for c in cs for j in c.others}
     consumers = tuple(
-        _with_costs(c, n, sizes[c.leaf], w, parts=bool(len(cs) > 1 or c.leaf in others or c.via))
+        _with_costs(
+            c,
+            n,
+            _box_size(c.region) if c.region else sizes[c.leaf],
+            w,
+            parts=bool((len(cs) > 1 and not _disjoint(cs)) or c.leaf in others or c.via),
+        )
         for cs in found.values()
         for c in cs
     )
@@ -1449,9 +1539,9 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
 
     (grads, slot_grads), aux = jax.grad(tapped, argnums=(0, 1), has_aux=True)(leaves, slots)
     sq = [jnp.zeros((), a) for a in acc]  # unused leaves: 0
-    for c in the_plan.consumers:
+    for c in the_plan.consumers:  # several reads of one leaf: disjoint slices, norms add up
         if not c.parts:
-            sq[c.leaf] = jnp.sum(slot_grads[slot_of[c.eqn]])
+            sq[c.leaf] = sq[c.leaf] + jnp.sum(slot_grads[slot_of[c.eqn]])
     for j in with_parts:
         sq[j] = jnp.sum(_norms_of(n, None, slot_grads[leaf_slot[j]])[1])
     grads = jax.tree.unflatten(treedef, grads)

@@ -327,7 +327,7 @@ def test_shared_weights_sum_their_reads_per_example():
 
 class RematScan(nn.Module):
     """Blocks under ``nn.remat`` (a ``jax.checkpoint`` region) and a recurrent kernel read
-    inside ``jax.lax.scan``."""
+    inside ``jax.lax.scan`` at every step."""
 
     @nn.compact
     def __call__(self, x):  # [B, T, 4]
@@ -343,17 +343,73 @@ class RematScan(nn.Module):
         return nn.Dense(5)(hs[-1])
 
 
-def test_remat_regions_are_entered_and_a_scan_falls_back():
+def test_remat_regions_and_short_scans_are_entered():
     """A remat region is inlined (its gradient is the plain one): the Dense layers inside are
-    covered. A kernel read inside ``scan`` falls back, named: norms equal vmap's."""
+    covered. A scan of 3 steps is unrolled: its kernel, read at every step, is assembled
+    from the 3 reads' parts. Longer than ``MAX_UNROLL``, the scan falls back, named. Norms
+    equal vmap's either way."""
     loss_fn, params, batch = setup(RematScan(), images((4, 3, 4)))
     the_plan = ghost.plan(loss_fn, params, batch)
-    assert [the_plan.name(j) for j in the_plan.fallback] == ["recurrent"]
-    assert "leaf recurrent: fallback (per-example gradients by vmap): read inside scan" in (
-        the_plan.describe()
-    )
-    assert len(the_plan.consumers) == the_plan.num_leaves - 1
+    assert the_plan.fallback == () and len(the_plan.consumers) == the_plan.num_leaves + 2
+    recurrent = [c for c in the_plan.consumers if the_plan.name(c.leaf) == "recurrent"]
+    assert len(recurrent) == 3 and all(c.parts for c in recurrent)
     check_sums(loss_fn, params, batch, ("auto", "direct", "gram"), the_plan)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ghost, "MAX_UNROLL", 2)
+        the_plan = ghost.plan(loss_fn, params, batch)
+        assert [the_plan.name(j) for j in the_plan.fallback] == ["recurrent"]
+        assert "leaf recurrent: fallback (per-example gradients by vmap): read inside a scan " \
+            "of more than 2 steps" in the_plan.describe()
+        check_sums(loss_fn, params, batch, ("auto",), the_plan)
+
+
+class ScannedBlocks(nn.Module):
+    """Three residual blocks as one ``nn.scan`` over layers (their parameters stacked along a
+    leading axis, as MaxText and big_vision stack them), each under ``nn.remat``."""
+
+    @nn.compact
+    def __call__(self, x):  # [B, 6]
+        class Block(nn.Module):
+            @nn.compact
+            def __call__(self, x, _):
+                return nn.LayerNorm()(x + jnp.tanh(nn.Dense(x.shape[-1])(x))), None
+
+        x = nn.Dense(8)(x)
+        layers = nn.scan(
+            nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        x, _ = layers()(x, None)
+        return nn.Dense(5)(x)
+
+
+def test_scanned_layers_are_disjoint_slices_whose_norms_add():
+    """A scan over stacked layers is unrolled: each layer reads its own slice of the stacked
+    leaves, so their per-example squared norms add up (no cross terms, no parts). So does a
+    plain-JAX reverse scan over stacked kernels whose outputs (``ys``) reach the loss. Both
+    equal vmap's, in every form and in 2 chunks."""
+    loss_fn, params, batch = setup64(ScannedBlocks(), (4, 6))
+    the_plan = ghost.plan(loss_fn, params, batch)
+    stacked = [c for c in the_plan.consumers if "ScanCheckpoint" in the_plan.name(c.leaf)]
+    assert the_plan.fallback == () and len(stacked) == 4 * 3 and not any(c.parts for c in stacked)
+    assert sorted({c.region[0][0] for c in stacked}) == [0, 1, 2]
+    assert "one of 3 reads, its slice [1:2, 0:8, 0:8]" in the_plan.describe()
+    check_sums(loss_fn, params, batch, ("auto", "direct", "gram"), the_plan, k=2)
+
+    def plain_loss(p, x):  # x [B, 4]; p["w"] [3, 4, 4]
+        def layer(h, w):
+            h = jnp.tanh(h @ w)
+            return h, jnp.sum(h, axis=-1)
+
+        h, ys = jax.lax.scan(layer, x, p["w"], reverse=True)
+        return jnp.mean((h @ p["out"]) ** 2) + jnp.mean(ys**2)
+
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        p = {"w": jnp.asarray(rng.normal(size=(3, 4, 4))), "out": jnp.asarray(rng.normal(size=4))}
+        x = jnp.asarray(rng.normal(size=(4, 4)))
+        the_plan = ghost.plan(plain_loss, p, x)
+        assert the_plan.fallback == () and not any(c.parts for c in the_plan.consumers)
+        check_sums(plain_loss, p, x, ("auto", "direct", "gram"), the_plan, k=2)
 
 
 def test_parameters_through_example_free_steps_equal_vmap():
