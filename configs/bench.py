@@ -88,6 +88,15 @@ def default() -> ml_collections.ConfigDict:
     c.rows.models.tied_transformer.depth = 2  # tied_transformer: blocks
     c.rows.models.tied_transformer.num_heads = 4  # tied_transformer: heads (divides width)
     c.rows.models.tied_transformer.mlp_ratio = 4  # tied_transformer: MLP hidden size / width
+    # The lm Transformer, 4 blocks as one nn.scan over layers (their parameters stacked)
+    c.rows.models.scanned_transformer = ml_collections.ConfigDict()
+    c.rows.models.scanned_transformer.batch_sizes = (32,)  # scanned_transformer: batch sizes
+    c.rows.models.scanned_transformer.vocab_size = 256  # scanned_transformer: vocabulary
+    c.rows.models.scanned_transformer.context = 64  # scanned_transformer: tokens per sequence
+    c.rows.models.scanned_transformer.width = 128  # scanned_transformer: embedding size
+    c.rows.models.scanned_transformer.depth = 4  # scanned_transformer: blocks (scan length)
+    c.rows.models.scanned_transformer.num_heads = 4  # scanned_transformer: heads (divides width)
+    c.rows.models.scanned_transformer.mlp_ratio = 4  # scanned_transformer: MLP size / width
     c.rows.models.convnext = ml_collections.ConfigDict()  # a ConvNeXt-style net: depthwise
     # 7x7 convolutions, LayerNorm, no BatchNorm (experiments.bench.ConvNeXtStyle)
     c.rows.models.convnext.batch_sizes = (128,)  # convnext: batch sizes timed

@@ -49,6 +49,8 @@ def base() -> ml_collections.ConfigDict:
     c.model.num_heads = 4  # attention heads (divides width)
     c.model.mlp_ratio = 4  # MLP hidden size / width
     c.model.tie_embeddings = False  # the output layer is the token embedding transposed
+    c.model.scan_layers = False  # the blocks as one nn.scan over layers (parameters stacked
+    # along a leading axis): one block compiled instead of depth
 
     # Data (experiments.tasks.text.load).
     c.data = ml_collections.ConfigDict()

@@ -225,15 +225,17 @@ def lm_loss(model):
 
 def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512, 10), **fields):
     """``(loss_fn, params, batch)`` of a bench row's model on random data: ``"transformer"``,
-    ``"lm1b"`` or ``"tied_transformer"`` (its output layer the embedding transposed) of
-    ``fields`` on tokens; classifiers on ``(inputs, labels)``: ``"small_cnn"`` or
-    ``"convnext"`` (:class:`ConvNeXtStyle`) of ``fields`` (with ``image_size``, ``channels``,
+    ``"lm1b"``, ``"tied_transformer"`` (its output layer the embedding transposed) or
+    ``"scanned_transformer"`` (its blocks one ``nn.scan``) of ``fields`` on tokens;
+    classifiers on ``(inputs, labels)``: ``"small_cnn"`` or ``"convnext"``
+    (:class:`ConvNeXtStyle`) of ``fields`` (with ``image_size``, ``channels``,
     ``num_classes``), ``"nnx_mlp"`` or ``"plain_mlp"`` (a dict of weights, ``jnp.dot`` + bias,
     ReLU) of ``dims``."""
     rng, key = np.random.default_rng(seed), jax.random.key(seed)
-    if name in ("transformer", "lm1b", "tied_transformer"):
-        tied = {"tie_embeddings": True} if name == "tied_transformer" else {}
-        model = (Lm1bTransformer if name == "lm1b" else models.TransformerLM)(**fields, **tied)
+    if name in ("transformer", *rules.BENCH_LMS):
+        variant = {"tied_transformer": "tie_embeddings", "scanned_transformer": "scan_layers"}
+        fields |= {variant[name]: True} if name in variant else {}
+        model = (Lm1bTransformer if name == "lm1b" else models.TransformerLM)(**fields)
         tokens = rng.integers(0, model.vocab_size, (batch_size, model.context + 1), dtype=np.int32)
         return lm_loss(model), jax.jit(model.init)(key, tokens[:1, :-1])["params"], tokens
     if name in ("small_cnn", "convnext"):
@@ -267,8 +269,8 @@ def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512,
             return h
     else:
         raise ValueError(
-            f"unknown bench row {name!r}: use transformer, lm1b, tied_transformer, small_cnn, "
-            "convnext, nnx_mlp or plain_mlp."
+            f"unknown bench row {name!r}: use transformer, {', '.join(rules.BENCH_ROWS[:-1])} "
+            f"or {rules.BENCH_ROWS[-1]}."
         )
     return lambda p, b: tasks.cross_entropy(apply(p, b[0]), b[1]).mean(), params, batch
 

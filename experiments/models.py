@@ -229,11 +229,20 @@ class TransformerBlock(nn.Module):
         return x + dense(x.shape[-1], name="mlp_out")(h)
 
 
+class ScannedBlock(TransformerBlock):
+    """:class:`TransformerBlock` as ``nn.scan`` calls it: ``(carry, mask) -> (carry, None)``."""
+
+    def __call__(self, x, mask):
+        return super().__call__(x, mask), None
+
+
 class TransformerLM(nn.Module):
     """Byte-level decoder-only Transformer, pre-LayerNorm as GPT-2: token embedding, a
     learned position embedding (:class:`gns.ghost.AddPositionEmbedding`), ``depth`` blocks of
     causal attention and a GELU MLP, a final LayerNorm and a dense head (or the embedding
     transposed: ``tie_embeddings``; :mod:`gns.ghost` sums the two reads' per-example parts).
+    With ``scan_layers`` the blocks are one ``nn.scan`` over layers, their parameters stacked
+    along a leading axis (as MaxText's ``scan_layers``): one block is compiled, not ``depth``.
     Parameters (untied, ``mlp_ratio`` 4): ``V·D + L·D + depth·(12·D² + 13·D) + 2·D + D·V +
     V`` for vocabulary ``V``, context ``L``, width ``D``."""
 
@@ -241,6 +250,7 @@ class TransformerLM(nn.Module):
     context: int = 64
     width: int = 128
     tie_embeddings: bool = False
+    scan_layers: bool = False
     depth: int = 2
     num_heads: int = 4
     mlp_ratio: int = 4
@@ -256,9 +266,18 @@ class TransformerLM(nn.Module):
         embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="embed")
         x = AddPositionEmbedding(self.context, name="position")(embed(tokens))
         mask = nn.make_causal_mask(tokens)
-        for i in range(self.depth):
-            block = TransformerBlock(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")
-            x = block(x, mask)
+        block_args = (self.num_heads, self.mlp_ratio, self.dtype)
+        if self.scan_layers:
+            layers = nn.scan(
+                ScannedBlock,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+            )
+            x, _ = layers(*block_args, name="blocks")(x, mask)
+        for i in range(0 if self.scan_layers else self.depth):
+            x = TransformerBlock(*block_args, name=f"block_{i}")(x, mask)
         x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
         if self.tie_embeddings:
             return embed.attend(x)

@@ -194,6 +194,7 @@ LM = (
     ("model.num_heads", count(1)),
     ("model.mlp_ratio", count(1)),
     ("model.tie_embeddings", FLAG),
+    ("model.scan_layers", FLAG),
     ("data.path", TEXT.or_none),
     ("data.max_bytes", count(2).or_none),
     ("data.test_fraction", real(0, 1, open_lo=True, open_hi=True)),
@@ -279,8 +280,8 @@ NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _ in ME
 
 # configs/bench.py. Its three measurements (the CNN at the top level, lm and rows) share the
 # timing fields; its language model (lm.model) has the rows of LM but a smaller vocabulary.
-BENCH_ROWS = ("lm1b", "tied_transformer", "convnext", "nnx_mlp", "plain_mlp")  # rows.models
-BENCH_LMS = ("lm1b", "tied_transformer")  # the rows that are Transformers
+BENCH_LMS = ("lm1b", "tied_transformer", "scanned_transformer")  # the rows that are Transformers
+BENCH_ROWS = (*BENCH_LMS, "convnext", "nnx_mlp", "plain_mlp")  # rows.models
 BENCH = (
     ("seed", count(0)),
     ("model.name", choice("small_cnn")),

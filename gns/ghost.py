@@ -72,9 +72,11 @@ stay the plain ones, so each read's parts are extra work (about a weight-gradien
 not such an operation: one nonlinear in it (``max`` with an activation), one whose other
 operand has no example axis or contracts it, a term of the loss without the example axis (a
 weight penalty), a read that computes its operand together with a leaf that falls back, or a
-read inside a primitive the analysis does not enter (``scan``, ``while``, ``cond``,
-``custom_jvp`` and ``custom_vjp`` calls, whose rules may differ from the primal's gradient;
-nested ``jit`` calls and ``jax.checkpoint`` regions are inlined). Those leaves get
+read inside a primitive the analysis does not enter (a ``scan`` of more than
+:data:`MAX_UNROLL` steps, ``while``, ``cond``, ``custom_jvp`` and ``custom_vjp`` calls, whose
+rules may differ from the primal's gradient; nested ``jit`` calls and ``jax.checkpoint``
+regions are inlined, shorter scans that read parameters unrolled: each layer of a stack
+reads its own slice of the stacked leaves, and disjoint slices add their norms). Those leaves get
 per-example gradients by ``jax.vmap`` restricted to them (chunked with ``chunk_size``); that
 pass backpropagates per example through everything above the deepest such leaf.
 :meth:`Plan.describe` names every fallback and why.
@@ -625,7 +627,8 @@ def _step(e: _Eqn, pos: int, flat: _Flat, axes) -> tuple[str, dict | None, str]:
             return "fallback", None, f"{name} of the parameter to several or integer outputs"
         return ("iso" if iso and pos == 0 else "chain"), None, ""
     if name == "scan":
-        return "fallback", None, f"read inside a scan of more than {MAX_UNROLL} steps (not unrolled)"
+        why = f"read inside a scan of more than {MAX_UNROLL} steps (not unrolled)"
+        return "fallback", None, why
     if _inner_jaxpr(e):
         return "fallback", None, f"read inside {name}, which is not entered"
     if name not in _CONSUMERS:
@@ -715,12 +718,12 @@ def _region_after(e: _Eqn, region):
     strides = e.params.get("strides") or ()
     if not aligned or any(k != 1 for k in strides):
         return None
-    lo, hi = e.params["start_indices"], e.params["limit_indices"]
-    return tuple(s + a for s, a in zip(starts, lo)), tuple(s + b for s, b in zip(starts, hi)), True
+    lo, hi = np.add(starts, e.params["start_indices"]), np.add(starts, e.params["limit_indices"])
+    return tuple(map(int, lo)), tuple(map(int, hi)), True
 
 
 def _box_size(region) -> int:
-    return _prod(b - a for a, b in zip(*region))
+    return _prod(np.subtract(region[1], region[0]))
 
 
 def _disjoint(consumers) -> bool:
@@ -729,7 +732,7 @@ def _disjoint(consumers) -> bool:
     if any(b is None for b in boxes):
         return False
     return all(
-        any(hi_a <= lo_b or hi_b <= lo_a for lo_a, hi_a, lo_b, hi_b in zip(*a, *b))
+        any(hi_a <= lo_b or hi_b <= lo_a for lo_a, hi_a, lo_b, hi_b in zip(*a, *b, strict=True))
         for a, b in itertools.combinations(boxes, 2)
     )
 
@@ -832,7 +835,8 @@ class Plan:
             reads = sum(d.leaf == c.leaf for d in self.consumers)
             how = f", one of {reads} reads" if reads > 1 else ""
             if c.region and self.leaf_sizes and _box_size(c.region) < self.leaf_sizes[c.leaf]:
-                how += ", its slice [" + ", ".join(f"{a}:{b}" for a, b in zip(*c.region)) + "]"
+                box = ", ".join(f"{a}:{b}" for a, b in zip(*c.region, strict=True))
+                how += f", its slice [{box}]"
             how += f", with {', '.join(map(self.name, c.others))}" if c.others else ""
             how += f"{via} (per-example gradients assembled)" if c.parts else ""
             lines.append(

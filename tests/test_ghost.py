@@ -358,8 +358,10 @@ def test_remat_regions_and_short_scans_are_entered():
         mp.setattr(ghost, "MAX_UNROLL", 2)
         the_plan = ghost.plan(loss_fn, params, batch)
         assert [the_plan.name(j) for j in the_plan.fallback] == ["recurrent"]
-        assert "leaf recurrent: fallback (per-example gradients by vmap): read inside a scan " \
+        assert (
+            "leaf recurrent: fallback (per-example gradients by vmap): read inside a scan "
             "of more than 2 steps" in the_plan.describe()
+        )
         check_sums(loss_fn, params, batch, ("auto",), the_plan)
 
 
@@ -1021,19 +1023,26 @@ def chunk_problem(name, n=8):
     from experiments import bench  # noqa: PLC0415
 
     lm = dict(vocab_size=16, context=8, width=8, depth=1, num_heads=2, mlp_ratio=2)
-    fields = {"lm1b": lm, "tied_transformer": lm, "convnext": dict(widths=(4, 8), image_size=8)}
+    fields = {m: lm for m in ("lm1b", "tied_transformer")} | {
+        "scanned_transformer": lm | {"depth": 2},
+        "convnext": dict(widths=(4, 8), image_size=8),
+    }
     return bench.row_problem(name, n, **fields.get(name, dict(dims=(6, 5, 3))))
 
 
-@pytest.mark.parametrize("name", ["plain_mlp", "nnx_mlp", "lm1b", "tied_transformer", "convnext"])
+@pytest.mark.parametrize(
+    "name", ["plain_mlp", "nnx_mlp", "lm1b", "tied_transformer", "scanned_transformer", "convnext"]
+)
 def test_bench_row_models_are_covered_and_equal_vmap_in_chunks(name):
     """The bench rows' models: every leaf covered (the tied embedding by its two reads, the
-    depthwise kernels in the direct form); the fast path over 4 example chunks (each chunk by
-    the whole-batch code, planned at the chunk's size) equals vmap."""
+    scanned blocks' stacked leaves by one read of each layer's slice, the depthwise kernels in
+    the direct form); the fast path over 4 example chunks (each chunk by the whole-batch code,
+    planned at the chunk's size) equals vmap."""
     loss_fn, params, batch = chunk_problem(name)
     the_plan = ghost.plan(loss_fn, params, batch)
-    reads = len(the_plan.consumers) - (name == "tied_transformer")
-    assert the_plan.fallback == () and reads == the_plan.num_leaves
+    stacked = sum(name.startswith("blocks/") for name in the_plan.leaf_names)  # 2 layers each
+    reads = {"tied_transformer": 1, "scanned_transformer": stacked}.get(name, 0)
+    assert the_plan.fallback == () and len(the_plan.consumers) == the_plan.num_leaves + reads
     check_sums(loss_fn, params, batch, forms=(), the_plan=the_plan, k=4)
 
 

@@ -235,6 +235,27 @@ def test_transformer_lm_shapes_and_count(tied):
         )
 
 
+def test_transformer_lm_scan_layers_equals_the_loop():
+    """``scan_layers``: the blocks' parameters stacked along a leading axis, and the same
+    function of them as the loop over ``block_i``."""
+    fields = dict(vocab_size=11, context=6, width=8, depth=3, num_heads=2, mlp_ratio=2)
+    loop, scanned = models.TransformerLM(**fields), models.TransformerLM(**fields, scan_layers=True)
+    tokens = jnp.array([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]])
+    shapes = jax.eval_shape(lambda: loop.init(jax.random.key(0), tokens)["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.5, s.shape).astype(np.float32), shapes)
+    blocks = [params.pop(f"block_{i}") for i in range(3)]
+    stacked = params | {"blocks": jax.tree.map(lambda *b: np.stack(b), *blocks)}
+    want = jax.eval_shape(lambda: scanned.init(jax.random.key(0), tokens)["params"])
+    assert jax.tree.map(lambda s: s.shape, want) == jax.tree.map(np.shape, stacked)
+    np.testing.assert_allclose(
+        scanned.apply({"params": stacked}, tokens),
+        loop.apply({"params": params | {f"block_{i}": b for i, b in enumerate(blocks)}}, tokens),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 def test_transformer_lm_is_causal_and_checks_length():
     model = models.TransformerLM(vocab_size=11, context=6, width=8, depth=1, num_heads=2)
     tokens = jnp.array([[1, 2, 3, 4, 5, 6]])
