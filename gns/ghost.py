@@ -195,8 +195,9 @@ _VMAP_SLOWDOWN = {"conv": 4.0, "dense": 1.0}
 _INLINE = ("pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint")
 
 # A ``scan`` that a parameter reaches (layers stacked along a leading axis, ``nn.scan``) is
-# unrolled when it has at most this many steps: its reads become reads of slices of the
-# stacked leaves, whose per-example norms add up. A longer scan is evaluated as it is.
+# unrolled when it has at most this many steps (nested scans: this many copies of the inner
+# body in all): its reads become reads of slices of the stacked leaves, whose per-example
+# norms add up. A longer scan is evaluated as it is.
 MAX_UNROLL = 64
 
 # Unary steps from a parameter that keep its gradient's norm (J·Jᵀ = I): the parameter
@@ -319,31 +320,31 @@ def _trace(loss_fn, params, batch) -> _Flat:
             env[v] = k = new(v)
             flat.consts[k] = c
 
-    def inline(closed_jaxpr, ins) -> list:
+    def inline(closed_jaxpr, ins, budget: int) -> list:
         inner = getattr(closed_jaxpr, "jaxpr", closed_jaxpr)
         sub = dict(zip(inner.invars, ins, strict=True))
         bind_consts(inner, getattr(closed_jaxpr, "consts", ()), sub)
-        return walk(inner, sub)
+        return walk(inner, sub, budget)
 
     def emit(fn, ins) -> list:  # the equations of fn (jnp code) applied to keys or literals
         avals = [
             a.value if isinstance(a, _Lit) else jax.ShapeDtypeStruct(flat.shapes[a], flat.dtypes[a])
             for a in ins
         ]
-        return inline(jax.make_jaxpr(fn)(*avals), ins)
+        return inline(jax.make_jaxpr(fn)(*avals), ins, 1)
 
-    def unrolled(p, ins) -> list:
+    def unrolled(p, ins, budget: int) -> list:  # budget: the copies of a body left to make
         nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
         consts, carry, xs = ins[:nc], list(ins[nc : nc + nk]), ins[nc + nk :]
         ys = {}
         for i in reversed(range(length)) if p["reverse"] else range(length):
             x_i = [emit(lambda x, i=i: lax.index_in_dim(x, i, keepdims=False), [x])[0] for x in xs]
-            outs = inline(p["jaxpr"], [*consts, *carry, *x_i])
+            outs = inline(p["jaxpr"], [*consts, *carry, *x_i], budget // length)
             carry, ys[i] = outs[:nk], outs[nk:]
-        stacked = zip(*(ys[i] for i in range(length)), strict=True) if length else ()
+        stacked = zip(*(ys[i] for i in range(length)), strict=True)
         return [*carry, *(emit(lambda *y: jnp.stack(y), list(y))[0] for y in stacked)]
 
-    def walk(jaxpr, env):
+    def walk(jaxpr, env, budget: int):
         def read(a):
             return _Lit(a.val) if isinstance(a, jax.extend.core.Literal) else env[a]
 
@@ -351,10 +352,12 @@ def _trace(loss_fn, params, batch) -> _Flat:
             ins = tuple(read(a) for a in eqn.invars)
             name, p = eqn.primitive.name, eqn.params
             reads_params = any(isinstance(a, int) and a in from_params for a in ins)
-            if name in _INLINE or (name == "scan" and p["length"] <= MAX_UNROLL and reads_params):
+            if name == "scan" and reads_params and 1 <= p["length"] <= budget:
+                env.update(zip(eqn.outvars, unrolled(p, list(ins), budget), strict=True))
+                continue
+            if name in _INLINE:
                 body = p.get("jaxpr", p.get("call_jaxpr"))
-                outs = unrolled(p, list(ins)) if name == "scan" else inline(body, ins)
-                env.update(zip(eqn.outvars, outs, strict=True))
+                env.update(zip(eqn.outvars, inline(body, ins, budget), strict=True))
                 continue
             outs = tuple(new(v) for v in eqn.outvars)
             if reads_params:
@@ -369,7 +372,7 @@ def _trace(loss_fn, params, batch) -> _Flat:
         env[v] = k = new(v)
         flat.invars.append(k)
     from_params.update(flat.invars[: len(jax.tree.leaves(params))])
-    flat.outvars = walk(closed.jaxpr, env)
+    flat.outvars = walk(closed.jaxpr, env, MAX_UNROLL)
     return flat
 
 
@@ -627,8 +630,7 @@ def _step(e: _Eqn, pos: int, flat: _Flat, axes) -> tuple[str, dict | None, str]:
             return "fallback", None, f"{name} of the parameter to several or integer outputs"
         return ("iso" if iso and pos == 0 else "chain"), None, ""
     if name == "scan":
-        why = f"read inside a scan of more than {MAX_UNROLL} steps (not unrolled)"
-        return "fallback", None, why
+        return "fallback", None, f"read inside a scan of over {MAX_UNROLL} steps (nested: in all)"
     if _inner_jaxpr(e):
         return "fallback", None, f"read inside {name}, which is not entered"
     if name not in _CONSUMERS:

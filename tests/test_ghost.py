@@ -360,9 +360,33 @@ def test_remat_regions_and_short_scans_are_entered():
         assert [the_plan.name(j) for j in the_plan.fallback] == ["recurrent"]
         assert (
             "leaf recurrent: fallback (per-example gradients by vmap): read inside a scan "
-            "of more than 2 steps" in the_plan.describe()
+            "of over 2 steps" in the_plan.describe()
         )
         check_sums(loss_fn, params, batch, ("auto",), the_plan)
+
+
+def test_nested_scans_unroll_within_one_budget():
+    """A scan over 2 stacked kernels, each applied 3 times by an inner scan: 6 copies of the
+    inner body, each layer's slice read 3 times (its parts summed), equal to vmap. With
+    ``MAX_UNROLL`` 4 the inner scans (2 x 3 > 4) stay rolled and the kernel falls back."""
+
+    def loss_fn(p, x):
+        def layer(h, w):
+            return jax.lax.scan(lambda g, _: (jnp.tanh(g @ w), None), h, None, length=3)[0], None
+
+        return jnp.mean(jax.lax.scan(layer, x, p["w"])[0] ** 2)
+
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        p = {"w": jnp.asarray(0.5 * rng.normal(size=(2, 4, 4)))}
+        x = jnp.asarray(rng.normal(size=(4, 4)))
+        the_plan = ghost.plan(loss_fn, p, x)
+        assert len(the_plan.consumers) == 6 and all(c.parts for c in the_plan.consumers)
+        check_sums(loss_fn, p, x, ("auto",), the_plan)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ghost, "MAX_UNROLL", 4)
+            with pytest.raises(ghost.NotApplicableError, match="inside a scan of over 4 steps"):
+                ghost.plan(loss_fn, p, x)
 
 
 class ScannedBlocks(nn.Module):
