@@ -365,6 +365,36 @@ def test_remat_regions_and_short_scans_are_entered():
         check_sums(loss_fn, params, batch, ("auto",), the_plan)
 
 
+def test_a_model_of_one_example_vmapped_inside_the_loss_is_covered():
+    """The Equinox idiom: the model takes one example and the loss maps it over the batch with
+    ``jax.vmap``. The batched dot_generals, the broadcast bias and the convolution that vmap
+    produces are covered like a batched model's: norms equal vmap's in every form."""
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        p = {
+            "w1": rng.normal(size=(6, 5)),
+            "b1": rng.normal(size=5),
+            "w2": rng.normal(size=(5, 3)),
+            "conv": rng.normal(size=(2, 1, 3, 3)),
+        }
+        p = jax.tree.map(jnp.asarray, p)
+
+        def model(p, x, img):  # x [6], img [1, 5, 5]: one example
+            c = jax.lax.conv_general_dilated(img[None], p["conv"], (1, 1), "SAME")[0]
+            return (jnp.tanh(x @ p["w1"] + p["b1"]) + jnp.mean(c)) @ p["w2"]
+
+        def loss_fn(p, batch):
+            xs, imgs, ys = batch
+            errors = jax.vmap(lambda x, i, y: jnp.sum((model(p, x, i) - y) ** 2))(xs, imgs, ys)
+            return jnp.mean(errors)
+
+        shapes = ((4, 6), (4, 1, 5, 5), (4, 3))
+        batch = tuple(jnp.asarray(rng.normal(size=s)) for s in shapes)
+        the_plan = ghost.plan(loss_fn, p, batch)
+        assert the_plan.fallback == () and len(the_plan.consumers) == 4
+        check_sums(loss_fn, p, batch, ("auto", "direct", "gram"), the_plan, k=2)
+
+
 def test_nested_scans_unroll_within_one_budget():
     """A scan over 2 stacked kernels, each applied 3 times by an inner scan: 6 copies of the
     inner body, each layer's slice read 3 times (its parts summed), equal to vmap. With
