@@ -72,11 +72,12 @@ stay the plain ones, so each read's parts are extra work (about a weight-gradien
 not such an operation: one nonlinear in it (``max`` with an activation), one whose other
 operand has no example axis or contracts it, a term of the loss without the example axis (a
 weight penalty), a read that computes its operand together with a leaf that falls back, or a
-read inside a primitive the analysis does not enter (a ``scan`` of more than
-:data:`MAX_UNROLL` steps, ``while``, ``cond``, ``custom_jvp`` and ``custom_vjp`` calls, whose
-rules may differ from the primal's gradient; nested ``jit`` calls and ``jax.checkpoint``
-regions are inlined, shorter scans that read parameters unrolled: each layer of a stack
-reads its own slice of the stacked leaves, and disjoint slices add their norms). Those leaves get
+read inside a primitive the analysis does not enter (a ``scan`` that reads it as a constant
+of every step, as a recurrent kernel, or has more than :data:`MAX_UNROLL` steps, ``while``,
+``cond``, ``custom_jvp`` and ``custom_vjp`` calls, whose rules may differ from the primal's
+gradient; nested ``jit`` calls and ``jax.checkpoint`` regions are inlined, and shorter scans
+over parameters unrolled: each layer of a stack reads its own slice of the stacked leaves,
+and disjoint slices add their norms). Those leaves get
 per-example gradients by ``jax.vmap`` restricted to them (chunked with ``chunk_size``); that
 pass backpropagates per example through everything above the deepest such leaf.
 :meth:`Plan.describe` names every fallback and why.
@@ -194,10 +195,10 @@ _VMAP_SLOWDOWN = {"conv": 4.0, "dense": 1.0}
 # evaluated as it is (a parameter reaching it falls back).
 _INLINE = ("pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint")
 
-# A ``scan`` that a parameter reaches (layers stacked along a leading axis, ``nn.scan``) is
-# unrolled when it has at most this many steps (nested scans: this many copies of the inner
-# body in all): its reads become reads of slices of the stacked leaves, whose per-example
-# norms add up. A longer scan is evaluated as it is.
+# A ``scan`` over parameters (layers stacked along a leading axis, ``nn.scan``) is unrolled
+# when it has at most this many steps (nested scans: this many copies of the inner body in
+# all): its reads become reads of slices of the stacked leaves, whose per-example norms add
+# up. A longer scan, or one that reads parameters only as constants, is evaluated as it is.
 MAX_UNROLL = 64
 
 # Unary steps from a parameter that keep its gradient's norm (J·Jᵀ = I): the parameter
@@ -302,12 +303,12 @@ class _Flat:
 
 def _trace(loss_fn, params, batch) -> _Flat:
     """Trace ``loss_fn(params, batch)`` (arrays, tracers or shape structs) to a :class:`_Flat`:
-    calls inlined (:data:`_INLINE`), and short scans that read parameters unrolled
-    (:data:`MAX_UNROLL`)."""
+    calls inlined (:data:`_INLINE`), and short scans over parameters unrolled
+    (:data:`MAX_UNROLL`, :func:`_over_stacked`)."""
     closed, shape = jax.make_jaxpr(loss_fn, return_shape=True)(params, batch)
     keys = itertools.count()
     flat = _Flat([], [], [], {}, {}, {}, jax.tree.structure(shape))
-    from_params: set[int] = set()  # the keys computed from the parameters
+    weights: set[int] = set()  # the keys computed from the parameters alone (and constants)
 
     def new(var) -> int:
         k = next(keys)
@@ -351,8 +352,7 @@ def _trace(loss_fn, params, batch) -> _Flat:
         for eqn in jaxpr.eqns:
             ins = tuple(read(a) for a in eqn.invars)
             name, p = eqn.primitive.name, eqn.params
-            reads_params = any(isinstance(a, int) and a in from_params for a in ins)
-            if name == "scan" and reads_params and 1 <= p["length"] <= budget:
+            if name == "scan" and _over_stacked(p, ins, weights) and p["length"] <= budget:
                 env.update(zip(eqn.outvars, unrolled(p, list(ins), budget), strict=True))
                 continue
             if name in _INLINE:
@@ -360,8 +360,9 @@ def _trace(loss_fn, params, batch) -> _Flat:
                 env.update(zip(eqn.outvars, inline(body, ins, budget), strict=True))
                 continue
             outs = tuple(new(v) for v in eqn.outvars)
-            if reads_params:
-                from_params.update(outs)
+            operands = [a for a in ins if isinstance(a, int) and a not in flat.consts]
+            if operands and all(a in weights for a in operands):
+                weights.update(outs)
             env.update(zip(eqn.outvars, outs, strict=True))
             flat.eqns.append(_Eqn(eqn.primitive, dict(p), ins, outs))
         return [read(a) for a in jaxpr.outvars]
@@ -371,9 +372,19 @@ def _trace(loss_fn, params, batch) -> _Flat:
     for v in closed.jaxpr.invars:
         env[v] = k = new(v)
         flat.invars.append(k)
-    from_params.update(flat.invars[: len(jax.tree.leaves(params))])
+    weights.update(flat.invars[: len(jax.tree.leaves(params))])
     flat.outvars = walk(closed.jaxpr, env, MAX_UNROLL)
     return flat
+
+
+def _over_stacked(params: dict, ins, weights: set) -> bool:
+    """Whether a ``scan`` (its ``params`` and operands ``ins``) steps over values computed
+    from the parameters (``xs``: layers stacked along a leading axis), which unrolling turns
+    into reads of disjoint slices. A scan that reads them only as constants (a recurrent
+    kernel at every step) is left rolled: unrolled, every step's read would add per-example
+    parts, no cheaper than ``vmap``, at the cost of compiling every step."""
+    xs = ins[params["num_consts"] + params["num_carry"] :]
+    return any(isinstance(a, int) and a in weights for a in xs)
 
 
 def _run(flat: _Flat, args, hook=None) -> list:
@@ -630,7 +641,8 @@ def _step(e: _Eqn, pos: int, flat: _Flat, axes) -> tuple[str, dict | None, str]:
             return "fallback", None, f"{name} of the parameter to several or integer outputs"
         return ("iso" if iso and pos == 0 else "chain"), None, ""
     if name == "scan":
-        return "fallback", None, f"read inside a scan of over {MAX_UNROLL} steps (nested: in all)"
+        why = f"read inside a scan as a constant of every step, or of over {MAX_UNROLL} steps"
+        return "fallback", None, why
     if _inner_jaxpr(e):
         return "fallback", None, f"read inside {name}, which is not entered"
     if name not in _CONSUMERS:
@@ -704,24 +716,38 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
 
 
 def _whole(shape) -> tuple:
-    """The region of a whole leaf: ``(starts, limits, aligned)``."""
-    return (0,) * len(shape), tuple(shape), True
+    """The region of a whole leaf: ``(starts, limits, axes)``, ``axes`` the leaf's axis of
+    each axis of the value (``None``: the value is laid out otherwise)."""
+    return (0,) * len(shape), tuple(shape), tuple(range(len(shape)))
+
+
+# Steps that keep a value's elements where they are (a slice after them still narrows the box).
+_IN_PLACE = ("convert_element_type", "copy", "copy_p", "reduce_precision", "pvary", "pcast")
 
 
 def _region_after(e: _Eqn, region):
     """The region of the leaf that the output of the norm-keeping step ``e`` holds: a static
-    ``slice`` of a value laid out as its leaf (``aligned``) narrows the box; other steps keep
-    its elements in another layout; ``None``: not known (a dynamic slice)."""
-    if region is None or e.primitive.name == "dynamic_slice":
+    ``slice`` of a value laid out as (part of) its leaf narrows the box, and ``squeeze`` drops
+    axes of one element; steps in :data:`_IN_PLACE` change nothing; others keep the elements
+    in another layout. ``None``: not known (a dynamic slice, strides)."""
+    name = e.primitive.name
+    if region is None or name == "dynamic_slice":
         return None
-    starts, limits, aligned = region
-    if e.primitive.name != "slice":
-        return starts, limits, False
-    strides = e.params.get("strides") or ()
-    if not aligned or any(k != 1 for k in strides):
+    starts, limits, axes = region
+    if axes is None or name not in ("slice", "squeeze", *_IN_PLACE):
+        return None if name == "slice" else (starts, limits, None)
+    if name == "squeeze":
+        dropped = e.params["dimensions"]
+        return starts, limits, tuple(a for d, a in enumerate(axes) if d not in dropped)
+    if name in _IN_PLACE:
+        return region
+    if any(k != 1 for k in e.params.get("strides") or ()):
         return None
-    lo, hi = np.add(starts, e.params["start_indices"]), np.add(starts, e.params["limit_indices"])
-    return tuple(map(int, lo)), tuple(map(int, hi)), True
+    lo, hi = list(starts), list(limits)
+    for d, a in enumerate(axes):
+        lo[a] = starts[a] + e.params["start_indices"][d]
+        hi[a] = starts[a] + e.params["limit_indices"][d]
+    return tuple(lo), tuple(hi), axes
 
 
 def _box_size(region) -> int:
