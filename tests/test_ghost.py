@@ -691,7 +691,7 @@ class PartsModel(nn.Module):
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
-@pytest.mark.parametrize("name", ["conv", "parts"])
+@pytest.mark.parametrize("name", ["conv", "parts", "scanned"])
 def test_axis_name_in_shard_map_matches_global_vmap(chunks, name, monkeypatch):
     devices = jax.devices()[:4]
     if len(devices) < 4:
@@ -699,6 +699,8 @@ def test_axis_name_in_shard_map_matches_global_vmap(chunks, name, monkeypatch):
     mesh = Mesh(np.array(devices), ("batch",))
     if name == "conv":
         loss_fn, params, batch = setup(ConvNet(strides=(2,), norm="group"), images((16, 6, 6, 3)))
+    elif name == "scanned":
+        loss_fn, params, batch = setup(ScannedBlocks(), images((16, 6)))
     else:
         loss_fn, params, batch = setup(PartsModel(), images((16, 4)))
         assert {c.parts for c in ghost.plan(loss_fn, params, batch).consumers} == {True, False}
