@@ -708,11 +708,74 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
         else:
             why = f"{e.primitive.name} reads it twice" if len(refs) > 1 else reason
             reasons.update({j: reasons.get(j, why) for j in js})
-    for key, (js, *_) in source.items():
-        if key in flat.outvars:
-            why = "reaches the loss without the example axis (a penalty term)"
-            reasons.update({j: reasons.get(j, why) for j in js})
-    return _without_fallback(found, reasons), reasons
+    penalties, data_terms = _loss_terms(flat, num_params)
+    for key in data_terms:  # a data term of the loss with a parameter outside a covered read
+        why = "multiplies the loss's data term without the example axis (not a sum of terms)"
+        reasons.update({j: reasons.get(j, why) for j in source.get(key, ((),))[0]})
+    penalties = tuple((key, coef) for key, coef in penalties if key in source)
+    return _without_fallback(found, reasons), reasons, penalties
+
+
+def _loss_terms(flat: _Flat, num_params: int) -> tuple[list, list]:
+    """The loss (``flat``'s first output) as a sum of terms: ``(penalties, data_terms)``, the
+    terms without the batch (``(key, coefficient)``: weight penalties) and those with it.
+    Sums, differences and scalings by constants are split; any other operation is a term."""
+    batch = set(flat.invars[num_params:])
+    producer = {}
+    for i, e in enumerate(flat.eqns):
+        producer.update(dict.fromkeys(e.outs, i))
+        if any(isinstance(a, int) and a in batch for a in e.ins):
+            batch.update(e.outs)
+    penalties, data_terms = [], []
+
+    def scalar(a):  # a constant scalar operand's value, else None
+        value = a.value if isinstance(a, _Lit) else flat.consts.get(a)
+        return float(value) if value is not None and np.ndim(value) == 0 else None
+
+    def visit(a, coef):
+        if scalar(a) is not None or a in flat.consts:
+            return
+        if a not in batch:
+            penalties.append((a, coef))
+            return
+        e = flat.eqns[producer[a]] if a in producer else None
+        name = e.primitive.name if e else ""
+        factors = [scalar(b) for b in e.ins] if e else []
+        if name in ("add", "sub", "add_any"):
+            visit(e.ins[0], coef)
+            visit(e.ins[1], -coef if name == "sub" else coef)
+        elif name in ("neg", "convert_element_type", "copy", "pvary"):
+            visit(e.ins[0], -coef if name == "neg" else coef)
+        elif name == "mul" and any(f is not None for f in factors):
+            k = 1 if factors[0] is not None else 0
+            visit(e.ins[k], coef * factors[1 - k])
+        elif name == "div" and factors[1] is not None:
+            visit(e.ins[0], coef / factors[1])
+        else:
+            data_terms.append(a)
+
+    if flat.outvars:
+        visit(flat.outvars[0], 1.0)
+    return penalties, data_terms
+
+
+def _penalized(flat: _Flat, penalties, eqns, num_params: int, reasons) -> tuple[int, ...]:
+    """The leaves (not falling back) that the penalty terms read."""
+    read = {a for i in eqns for a in flat.eqns[i].ins if isinstance(a, int)}
+    read |= {key for key, _ in penalties}
+    return tuple(j for j in range(num_params) if flat.invars[j] in read and j not in reasons)
+
+
+def _penalty_eqns(flat: _Flat, keys) -> tuple[int, ...]:
+    """The equations (in order) that compute ``keys`` from the parameters and constants."""
+    producer = {o: i for i, e in enumerate(flat.eqns) for o in e.outs}
+    needed, todo = set(), [k for k in keys if k in producer]
+    while todo:
+        i = producer[todo.pop()]
+        if i not in needed:
+            needed.add(i)
+            todo += [a for a in flat.eqns[i].ins if isinstance(a, int) and a in producer]
+    return tuple(sorted(needed))
 
 
 def _whole(shape) -> tuple:
@@ -799,6 +862,9 @@ class Plan:
       num_chunks: :func:`sums` splits the batch into this many equal example chunks and runs
         the plan (made at the chunk's size: ``batch_size`` is the chunk's) on each in turn.
       decision: how :func:`calibrate` chose this plan (its timings); empty when not timed.
+      penalties, penalty_eqns, penalized: the terms of the loss without the batch (weight
+        penalties, ``(key, coefficient)``), the equations computing them, and the leaves
+        they read: each example's gradient of those leaves also holds the penalty's.
     """
 
     consumers: tuple[_Consumer, ...]
@@ -812,6 +878,11 @@ class Plan:
     signature: tuple = ()
     num_chunks: int = 1
     decision: str = ""
+    # the loss's terms without the batch (weight penalties): (key, coefficient), and the
+    # equations that compute them from the parameters
+    penalties: tuple[tuple[int, float], ...] = ()
+    penalty_eqns: tuple[int, ...] = ()
+    penalized: tuple[int, ...] = ()  # the covered leaves that the penalty terms read
 
     def cost(self, method: str) -> float:
         """Estimated extra cost (FLOP-equivalents, bytes weighted by ``flops_per_byte``) of
@@ -870,6 +941,13 @@ class Plan:
             lines.append(
                 f"leaf {self.name(c.leaf)}: covered by {c.primitive} ({c.kind}), {c.form} form"
                 f"{chunks}{how} (MFLOP-equivalents: {costs})"
+            )
+        read = {c.leaf for c in self.consumers}
+        for j in self.penalized:
+            how = "also" if j in read else "only"
+            lines.append(
+                f"leaf {self.name(j)}: {how} in a penalty term of the loss (without the example "
+                "axis: its gradient is added to every example's)"
             )
         for j, why in self.reasons:
             lines.append(f"leaf {self.name(j)}: fallback (per-example gradients by vmap): {why}")
@@ -938,7 +1016,7 @@ def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
             "loss_fn traces to different operations at batch sizes "
             f"{n} and {n + 1}, so the example axis cannot be found. Use method='vmap'."
         )
-    found, reasons = _find_consumers(flat, _example_axes(flat, alt, n), num)
+    found, reasons, penalties = _find_consumers(flat, _example_axes(flat, alt, n), num)
     if not found:
         why = "; ".join(f"{names[j]}: {r}" for j, r in sorted(reasons.items())[:4])
         raise NotApplicableError(
@@ -972,6 +1050,9 @@ def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
         batch_size=n,
         flops_per_byte=w,
         signature=flat.signature,
+        penalties=penalties,
+        penalty_eqns=(eqns := _penalty_eqns(flat, [key for key, _ in penalties])),
+        penalized=_penalized(flat, penalties, eqns, num, reasons),
     )
 
 
@@ -1576,10 +1657,40 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
             sq[c.leaf] = sq[c.leaf] + jnp.sum(slot_grads[slot_of[c.eqn]])
     for j in with_parts:
         sq[j] = jnp.sum(_norms_of(n, None, slot_grads[leaf_slot[j]])[1])
+    sq = _with_penalties(flat, the_plan, leaves, grads, sq, n)
     grads = jax.tree.unflatten(treedef, grads)
     return _with_fallback(
         loss_fn, params, batch, the_plan, grads, sq, has_aux, axis_name, chunk_size, n, aux
     )
+
+
+def _with_penalties(flat: _Flat, the_plan: Plan, leaves, grads, sq, n: int) -> list:
+    """``sq`` with each penalized leaf's per-example gradients ``d_i + r`` (``r``: the
+    gradient of the loss's penalty terms, the same for every example; ``sq`` holds the data
+    parts' ``Σ|d_i|²``): ``Σ|d_i + r|² = Σ|d_i|² + 2n·r·G - n|r|²`` with ``G`` the mean
+    gradient (``Σ d_i = n(G - r)``)."""
+    if not the_plan.penalized:
+        return sq
+
+    def penalty(ws):
+        env = dict(flat.consts) | dict(zip(flat.invars, ws, strict=False))
+        for i in the_plan.penalty_eqns:
+            e = flat.eqns[i]
+            env.update(
+                zip(
+                    e.outs,
+                    _bind(e, [a.value if isinstance(a, _Lit) else env[a] for a in e.ins]),
+                    strict=True,
+                )
+            )
+        return sum(coef * jnp.sum(env[key]) for key, coef in the_plan.penalties)
+
+    r = jax.grad(penalty)(leaves)
+    sq = list(sq)
+    for j in the_plan.penalized:
+        rj, gj = (x.astype(sq[j].dtype) for x in (r[j], grads[j]))
+        sq[j] = sq[j] + n * (2 * jnp.vdot(rj, gj) - jnp.vdot(rj, rj))
+    return sq
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

@@ -295,7 +295,7 @@ def test_shared_weights_sum_their_reads_per_example():
     through a transpose, a bias added and subtracted, a scale multiplying twice, a table
     gathered and used as the (tied) output head. The per-example gradient of each is the
     sum of its reads' parts: squared norms equal vmap's to float64 rounding, in every form
-    and over 2 example chunks. A penalty on a leaf (not linear in it) still falls back."""
+    and over 2 example chunks, also with a weight penalty added to the loss."""
     rng = np.random.default_rng(3)
     with jax.enable_x64(True):
         p = {
@@ -321,8 +321,12 @@ def test_shared_weights_sum_their_reads_per_example():
         assert the_plan.fallback == () and all(c.parts for c in the_plan.consumers)
         check_sums(loss_fn, p, tokens, ("auto", "direct", "gram"), the_plan, k=2)
 
-        penalty = ghost.plan(lambda q, t: loss_fn(q, t) + jnp.sum(q["w"] ** 2), p, tokens)
-        assert [penalty.name(j) for j in penalty.fallback] == ["w"]
+        def penalized(q, t):
+            return loss_fn(q, t) + jnp.sum(q["w"] ** 2)
+
+        with_penalty = ghost.plan(penalized, p, tokens)
+        assert with_penalty.fallback == () and with_penalty.name(with_penalty.penalized[0]) == "w"
+        check_sums(penalized, p, tokens, ("auto",), with_penalty, k=2)
 
 
 class RematScan(nn.Module):
@@ -542,8 +546,8 @@ class WeightNormed(nn.Module):
 def test_parameters_combined_before_their_read_equal_vmap():
     """Leaves combined by a function of the parameters alone before their read: weight
     normalization and a merged low-rank update ``w + a @ b``. The read's per-example parts
-    are carried back to every leaf of the combination: squared norms equal vmap's. A leaf
-    combined with one that falls back (a penalty on ``a``) falls back with it, named."""
+    are carried back to every leaf of the combination: squared norms equal vmap's, also with
+    a penalty on ``a``. A leaf combined with one that falls back falls back with it, named."""
     with jax.enable_x64(True):
         x = images((4, 4), dtype=np.float64)
         loss_fn, params, batch = setup(WeightNormed(), x, dtype=jnp.float64)
@@ -573,21 +577,48 @@ def test_parameters_combined_before_their_read_equal_vmap():
         apart = ghost.plan(also_apart, p, x)
         assert apart.fallback == () and all(c.parts for c in apart.consumers)
         check_sums(also_apart, p, x, ("auto",), apart, k=2)
+
+        def penalized(q, b):
+            return lora(q, b) + jnp.sum(q["a"] ** 2)
+
+        check_sums(penalized, p, x, ("auto",), ghost.plan(penalized, p, x), k=2)
         with pytest.raises(ghost.NotApplicableError, match="w: read together with a param"):
-            ghost.plan(lambda q, b: lora(q, b) + jnp.sum(q["a"] ** 2), p, x)
+            ghost.plan(lambda q, b: lora(q, b) + jnp.mean(jnp.maximum(b[:, :2], q["a"][0])), p, x)
 
 
-def test_weight_penalty_in_loss_goes_to_fallback():
-    """A leaf used outside its layer (here an L2 term inside loss_fn) is not ghost-normed."""
-    model = ConvNet(strides=(2,))
-    base, params, batch = setup(model, images((3, 6, 6, 3)))
+def test_weight_penalties_add_their_gradient_to_every_example():
+    """Weight penalties added to the loss (an L2 term on a kernel, a linear term on a bias, a
+    leaf read only there), scaled and subtracted: each example's gradient of those leaves is
+    its data part plus the penalty's gradient, assembled from the data part's norms, the
+    mean gradient and the penalty's gradient: equal to vmap's in every form and in 3
+    chunks. A loss that multiplies its data term by a penalty is not a sum: that leaf
+    falls back, named."""
+    with jax.enable_x64(True):
+        model = ConvNet(strides=(2,))
+        base, params, batch = setup64(model, (6, 6, 6, 3))
+        params = {"net": params, "extra": jnp.asarray([0.5, -1.0])}
 
-    def loss_fn(p, b):
-        return base(p, b) + 0.1 * jnp.sum(p["Dense_0"]["kernel"] ** 2)
+        def loss_fn(p, b):
+            l2 = jnp.sum(p["net"]["Dense_0"]["kernel"] ** 2) + jnp.sum(p["extra"] ** 2)
+            return base(p["net"], b) + 0.1 * l2 - jnp.sum(p["net"]["Conv_0"]["bias"]) / 3
 
-    plan = ghost.plan(loss_fn, params, batch)
-    assert [plan.leaf_names[j] for j in plan.fallback] == ["Dense_0/kernel"]
-    check_equal_to_vmap(loss_fn, params, batch)
+        the_plan = ghost.plan(loss_fn, params, batch)
+        named = {the_plan.name(j) for j in the_plan.penalized}
+        assert the_plan.fallback == () and named == {
+            "extra",
+            "net/Dense_0/kernel",
+            "net/Conv_0/bias",
+        }
+        assert "leaf extra: only in a penalty term of the loss" in the_plan.describe()
+        check_sums(loss_fn, params, batch, ("auto", "direct", "gram"), the_plan, k=3)
+
+        def scaled(p, b):
+            return base(p["net"], b) * (1 + jnp.sum(p["net"]["Dense_0"]["kernel"] ** 2))
+
+        the_plan = ghost.plan(scaled, params, batch)
+        assert [the_plan.name(j) for j in the_plan.fallback] == ["net/Dense_0/kernel"]
+        assert "multiplies the loss's data term" in the_plan.describe()
+        check_sums(scaled, params, batch, ("auto",), the_plan)
 
 
 def test_cost_model_picks_cheaper_form():
