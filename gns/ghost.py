@@ -1667,8 +1667,8 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
 def _with_penalties(flat: _Flat, the_plan: Plan, leaves, grads, sq, n: int) -> list:
     """``sq`` with each penalized leaf's per-example gradients ``d_i + r`` (``r``: the
     gradient of the loss's penalty terms, the same for every example; ``sq`` holds the data
-    parts' ``Σ|d_i|²``): ``Σ|d_i + r|² = Σ|d_i|² + 2n·r·G - n|r|²`` with ``G`` the mean
-    gradient (``Σ d_i = n(G - r)``)."""
+    parts' ``Σ|d_i|²``): ``Σ|d_i + r|² = Σ|d_i|² + n·r·(2G - r)`` with ``G`` the mean
+    gradient (``Σ d_i = n(G - r)``; one fused pass over ``r`` and ``G``)."""
     if not the_plan.penalized:
         return sq
 
@@ -1689,7 +1689,7 @@ def _with_penalties(flat: _Flat, the_plan: Plan, leaves, grads, sq, n: int) -> l
     sq = list(sq)
     for j in the_plan.penalized:
         rj, gj = (x.astype(sq[j].dtype) for x in (r[j], grads[j]))
-        sq[j] = sq[j] + n * (2 * jnp.vdot(rj, gj) - jnp.vdot(rj, rj))
+        sq[j] = sq[j] + n * jnp.vdot(rj, 2 * gj - rj)
     return sq
 
 
