@@ -113,6 +113,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -129,6 +130,7 @@ PyTree = Any
 
 __all__ = [
     "NotApplicableError",
+    "FallbackWarning",
     "Plan",
     "plan",
     "select",
@@ -1089,6 +1091,10 @@ def select(
       A :class:`Plan` for :func:`sums` (:meth:`Plan.describe` says what was chosen and why),
       or ``None``.
 
+    Warns:
+      FallbackWarning: once per loss (signature), when a parameter falls back to ``vmap``: it
+        names the leaves and why (or that the fast path covers none, under ``"auto"``).
+
     Raises:
       ValueError: ``method="ghost"`` and the fast path covers no parameter.
     """
@@ -1099,7 +1105,10 @@ def select(
     except NotApplicableError as e:
         if method != "auto":
             raise ValueError(f"per_example(method={method!r}): {e}") from e
+        _warn_once(str(e), f"gns per-example norms by jax.vmap for every parameter: {e}")
         return None
+    if the_plan.fallback:
+        _warn_fallback(the_plan)
     if method != "auto" or (the_plan.clear and not chunk_counts(the_plan.batch_size)):
         return the_plan
     return calibrate(
@@ -1110,6 +1119,33 @@ def select(
         has_aux=has_aux,
         chunk_size=chunk_size,
         with_vmap=not the_plan.clear,
+    )
+
+
+class FallbackWarning(UserWarning):
+    """Some parameters get their per-example gradients by ``jax.vmap`` (said once per loss)."""
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, FallbackWarning, stacklevel=4)
+
+
+def _warn_fallback(the_plan: Plan) -> None:
+    """Say once per loss which leaves fall back to ``vmap``, why, and what to do."""
+    named = [f"{the_plan.name(j)} ({why})" for j, why in the_plan.reasons[:3]]
+    more = len(the_plan.reasons) - len(named)
+    _warn_once(
+        (the_plan.signature, the_plan.fallback),
+        f"gns per-example norms: {len(the_plan.fallback)} of {the_plan.num_leaves} parameter "
+        f"leaves get per-example gradients by jax.vmap, which can cost several plain steps: "
+        f"{'; '.join(named)}{f'; and {more} more' if more else ''}. "
+        "gns.ghost.plan(loss_fn, params, batch).describe() says what is covered; "
+        "gns.estimate.microbatch costs about one plain step.",
     )
 
 

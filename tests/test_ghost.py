@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 
 import flax.linen as nn
 import jax
@@ -619,6 +620,36 @@ def test_weight_penalties_add_their_gradient_to_every_example():
         assert [the_plan.name(j) for j in the_plan.fallback] == ["net/Dense_0/kernel"]
         assert "multiplies the loss's data term" in the_plan.describe()
         check_sums(scaled, params, batch, ("auto",), the_plan)
+
+
+def test_a_fallback_is_said_once_per_loss(monkeypatch):
+    """A leaf that falls back is named in one FallbackWarning per loss (however often the step
+    is traced); a loss the fast path cannot cover at all says so once under "auto"; a loss
+    fully covered says nothing."""
+    monkeypatch.setattr(ghost, "_WARNED", set())
+    x = images((4, 3))
+    p = {"w": jnp.ones((3, 2)), "floor": jnp.zeros(2)}
+
+    def partly(q, b):
+        return jnp.mean(jnp.maximum(b @ q["w"], q["floor"]) ** 2)
+
+    with pytest.warns(
+        ghost.FallbackWarning, match=r"1 of 2 parameter leaves .* floor \(read by"
+    ) as seen:
+        for _ in range(3):  # three traces
+            jax.jit(lambda q, b: estimate.per_example(partly, q, b)[0].g_sq).lower(p, x)
+    assert len(seen) == 1
+
+    def none(q, b):
+        return jnp.mean(jnp.maximum(b[:, :2], q["floor"]) ** 2)
+
+    with pytest.warns(ghost.FallbackWarning, match="by jax.vmap for every parameter") as seen:
+        ghost.select(none, p, x)
+        ghost.select(none, p, x)
+    assert len(seen) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ghost.select(lambda q, b: jnp.mean((b @ q["w"]) ** 2), p, x)
 
 
 def test_cost_model_picks_cheaper_form():
