@@ -70,8 +70,8 @@ stay the plain ones, so each read's parts are extra work (about a weight-gradien
 
 **Fallback, per leaf.** A leaf is not covered when one of its reads with the example axis is
 not such an operation: one nonlinear in it (``max`` with an activation), one whose other
-operand has no example axis or contracts it, a term of the loss without the example axis (a
-weight penalty), a read that computes its operand together with a leaf that falls back, or a
+operand has no example axis or contracts it, a term without the example axis that multiplies
+the loss's data term, a read that computes its operand together with a leaf that falls back, or a
 read inside a primitive the analysis does not enter (a ``scan`` that reads it as a constant
 of every step, as a recurrent kernel, or has more than :data:`MAX_UNROLL` steps, ``while``,
 ``cond``, ``custom_jvp`` and ``custom_vjp`` calls, whose rules may differ from the primal's
@@ -80,7 +80,10 @@ over parameters unrolled: each layer of a stack reads its own slice of the stack
 and disjoint slices add their norms). Those leaves get
 per-example gradients by ``jax.vmap`` restricted to them (chunked with ``chunk_size``); that
 pass backpropagates per example through everything above the deepest such leaf.
-:meth:`Plan.describe` names every fallback and why.
+:meth:`Plan.describe` names every fallback and why, and a :class:`FallbackWarning` says so
+once per loss. A penalty *added* to the loss (an L2 term on the weights) is covered: it is
+the same for every example, so its gradient ``r`` is added to each example's data gradient
+``d_i``, and ``Σ|d_i + r|² = Σ|d_i|² + n·r·(2G - r)`` with ``G`` the mean gradient.
 
 **Cost model.** For each covered operation the plan counts FLOPs and bytes of each form and of
 the per-example gradient ``vmap`` would materialize, and picks the cheaper form at ``flops +
