@@ -722,6 +722,7 @@ def nonlinear_loss(w, batch):
     return jnp.mean((jnp.sum(jnp.maximum(x, w), -1) - y) ** 2)  # max: not linear in w
 
 
+@pytest.mark.filterwarnings("ignore::gns.ghost.FallbackWarning")
 def test_plain_jax_loss_is_covered_and_a_nonlinear_use_falls_back():
     x = images((16, 3))
     batch, w = (x, x @ jnp.ones(3)), jnp.full(3, 0.1)
@@ -1050,6 +1051,7 @@ def test_bare_position_parameter_is_covered_and_equals_vmap():
         check_sums(loss_fn, params, batch, the_plan=the_plan)
 
 
+@pytest.mark.filterwarnings("ignore::gns.ghost.FallbackWarning")
 def test_nonlinear_leaf_falls_back_and_auto_times_both_paths(monkeypatch):
     x = images((4, 3, 6), seed=2)
     loss_fn, params, batch = setup(FloorModel(), x)
