@@ -867,6 +867,9 @@ class Plan:
       num_chunks: :func:`sums` splits the batch into this many equal example chunks and runs
         the plan (made at the chunk's size: ``batch_size`` is the chunk's) on each in turn.
       decision: how :func:`calibrate` chose this plan (its timings); empty when not timed.
+      fallback_microbatches: when ``> 0``, the fallback leaves' sums of per-example squared
+        norms are estimated (unbiased, noisier) from this many microbatch gradients instead of
+        per-example gradients by ``vmap`` (:func:`calibrate` picks it when faster).
       penalties, penalty_eqns, penalized: the terms of the loss without the batch (weight
         penalties, ``(key, coefficient)``), the equations computing them, and the leaves
         they read: each example's gradient of those leaves also holds the penalty's.
@@ -888,6 +891,7 @@ class Plan:
     penalties: tuple[tuple[int, float], ...] = ()
     penalty_eqns: tuple[int, ...] = ()
     penalized: tuple[int, ...] = ()  # the covered leaves that the penalty terms read
+    fallback_microbatches: int = 0  # > 0: the fallback leaves' sums from as many microbatches
 
     def cost(self, method: str) -> float:
         """Estimated extra cost (FLOP-equivalents, bytes weighted by ``flops_per_byte``) of
@@ -954,8 +958,11 @@ class Plan:
                 f"leaf {self.name(j)}: {how} in a penalty term of the loss (without the example "
                 "axis: its gradient is added to every example's)"
             )
+        how = "by vmap"
+        if self.fallback_microbatches:
+            how = f"estimated from {self.fallback_microbatches} microbatch gradients, unbiased"
         for j, why in self.reasons:
-            lines.append(f"leaf {self.name(j)}: fallback (per-example gradients by vmap): {why}")
+            lines.append(f"leaf {self.name(j)}: fallback (per-example norms {how}): {why}")
         ghost, vmap = self.cost("ghost"), self.cost("vmap")
         decision = self.decision or (
             "timed once (calibrate)"
@@ -1205,12 +1212,20 @@ def fastest(times: dict[str, list[float]]) -> str:
 def _candidates(
     loss_fn, params, batch, the_plan, has_aux, with_vmap, chunks=True
 ) -> dict[str, Plan | None]:
-    """What :func:`calibrate` times: the fast path on the whole batch and (with ``chunks``) in
-    each of :func:`chunk_counts` chunks (where the fast path covers the chunk), each chunked
-    one also with its close dense kernels in the direct form (:func:`direct_where_close`: a
-    chunk's per-example gradients are small), and ``vmap`` (``None``)."""
+    """What :func:`calibrate` times: the fast path on the whole batch (with leaves that fall
+    back: also with their sums estimated from :data:`CHUNK_COUNT` microbatches,
+    :func:`_from_microbatches`) and (with ``chunks``) in each of :func:`chunk_counts` chunks
+    (where the fast path covers the chunk), each chunked one also with its close dense
+    kernels in the direct form (:func:`direct_where_close`: a chunk's per-example gradients
+    are small), and ``vmap`` (``None``)."""
     out: dict[str, Plan | None] = {"ghost": the_plan}
-    for k in chunk_counts(common.batch_size(batch)) if chunks else ():
+    n = common.batch_size(batch)
+    if the_plan.fallback and n % CHUNK_COUNT == 0 and n > CHUNK_COUNT:
+        k = CHUNK_COUNT
+        out[f"ghost, fallback from {k} microbatches"] = dataclasses.replace(
+            the_plan, fallback_microbatches=k
+        )
+    for k in chunk_counts(n) if chunks else ():
         try:
             p = chunked(the_plan, loss_fn, params, batch, k, has_aux=has_aux)
         except NotApplicableError:
@@ -1932,7 +1947,8 @@ def _per_example_parts(c: _Consumer, n: int, x, g) -> tuple[jax.Array, jax.Array
 def _with_fallback(
     loss_fn, params, batch, the_plan, grads, sq, has_aux, axis_name, chunk_size, n, aux
 ):
-    """Fill the fallback leaves' squared-norm sums by vmap; returns ``(grad_sum, sq_sum, aux)``."""
+    """Fill the fallback leaves' squared-norm sums (by vmap, or estimated from microbatches:
+    :func:`_from_microbatches`); returns ``(grad_sum, sq_sum, aux)``."""
     treedef = jax.tree.structure(grads)
     if the_plan.fallback:
         fb = the_plan.fallback
@@ -1945,13 +1961,36 @@ def _with_fallback(
             return loss_fn(jax.tree.unflatten(treedef, new), b)
 
         sub = [params_leaves[j] for j in fb]
-        chunk = n if chunk_size is None else min(chunk_size, n)
-        _, sub_sq, _ = common.vmap_sums(loss_fb, sub, batch, n, chunk, axis_name, has_aux)
+        if the_plan.fallback_microbatches:
+            mean = [jax.tree.leaves(grads)[j] for j in fb]
+            k = the_plan.fallback_microbatches
+            sub_sq = _from_microbatches(loss_fb, sub, batch, mean, n, k, has_aux)
+        else:
+            chunk = n if chunk_size is None else min(chunk_size, n)
+            _, sub_sq, _ = common.vmap_sums(loss_fb, sub, batch, n, chunk, axis_name, has_aux)
         for j, s in zip(fb, sub_sq, strict=True):
             sq[j] = s
     grad_sum = jax.tree.map(lambda g: g.astype(common.acc_dtype(g.dtype)) * n, grads)
     sq = [s.astype(common.acc_dtype(s.dtype)) for s in sq]
     return grad_sum, jax.tree.unflatten(treedef, sq), aux
+
+
+def _from_microbatches(loss_fn, params, batch, mean, n: int, k: int, has_aux: bool) -> list:
+    """An unbiased estimate of ``Σ_i |g_i|²`` over the ``n`` examples, per leaf, from the
+    gradients of ``k`` equal microbatches (of ``m = n/k``): with ``S`` their mean squared
+    norm and ``|G|²`` the mean gradient's (``mean``), ``tr Σ ≈ (S - |G|²)/(1/m - 1/n)`` and
+    ``Σ_i |g_i|² ≈ n(|G|² + (1 - 1/n) tr Σ)``. Averaged over the ways to split the batch it
+    is the per-example sum itself; one split is noisier."""
+    grad = common.grad_fn(loss_fn, has_aux)
+    split = jax.tree.map(lambda x: x.reshape(k, n // k, *x.shape[1:]), batch)
+    micro = jax.vmap(lambda b: grad(params, b)[0])(split)
+    m = n // k
+    out = []
+    for g, s in zip(mean, common.sq_norms(micro), strict=True):
+        big = common.sq_norms(g)
+        trace = (s / k - big) / (1 / m - 1 / n)
+        out.append(n * (big + (1 - 1 / n) * trace))
+    return out
 
 
 def per_example_sq_norms(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 import warnings
@@ -281,7 +282,7 @@ def test_mixed_model_covers_shared_weights_and_routes_the_rest_to_vmap():
     parts = [names[c.leaf] for c in plan.consumers if c.parts]
     assert sorted(parts) == ["Dense_0/bias"] * 2 + ["Dense_0/kernel"] * 2 + ["log_scale"]
     described = plan.describe()
-    assert "leaf floor: fallback (per-example gradients by vmap): read by max" in described
+    assert "leaf floor: fallback (per-example norms by vmap): read by max" in described
     assert "leaf Dense_0/kernel: covered by dot_general (dense), direct form, one of 2 reads" in (
         described
     )
@@ -357,7 +358,7 @@ def test_remat_regions_are_entered_and_a_recurrent_kernel_falls_back():
     the_plan = ghost.plan(loss_fn, params, batch)
     assert [the_plan.name(j) for j in the_plan.fallback] == ["recurrent"]
     assert (
-        "leaf recurrent: fallback (per-example gradients by vmap): read inside a scan as a "
+        "leaf recurrent: fallback (per-example norms by vmap): read inside a scan as a "
         "constant of every step" in the_plan.describe()
     )
     assert len(the_plan.consumers) == the_plan.num_leaves - 1
@@ -1058,7 +1059,7 @@ def test_nonlinear_leaf_falls_back_and_auto_times_both_paths(monkeypatch):
     the_plan = ghost.plan(loss_fn, params, batch)
     assert [the_plan.leaf_names[j] for j in the_plan.fallback] == ["floor"]
     text = the_plan.describe()
-    assert "leaf floor: fallback (per-example gradients by vmap): read by max" in text
+    assert "leaf floor: fallback (per-example norms by vmap): read by max" in text
     assert not the_plan.clear and "timed once (calibrate)" in text.splitlines()[-1]
     check_equal_to_vmap(loss_fn, params, batch)
     # auto follows the timing; the timing runs once per signature (cached).
@@ -1070,6 +1071,36 @@ def test_nonlinear_leaf_falls_back_and_auto_times_both_paths(monkeypatch):
     assert first is None or "timed once: ghost" in first.describe()
     monkeypatch.setattr(jax, "jit", None)  # a second timing would fail: the answer is cached
     assert ghost.calibrate(loss_fn, params, batch, the_plan, rounds=1) is first
+
+
+@pytest.mark.filterwarnings("ignore::gns.ghost.FallbackWarning")
+def test_fallback_leaves_from_microbatches_are_the_per_example_sum_on_average():
+    """The fallback leaf's sum of per-example squared norms estimated from microbatches: with
+    microbatches of one example it is the per-example sum; with 2 of 2 examples, its mean over
+    the 3 ways to pair 4 examples is the per-example sum (the estimate is unbiased given the
+    batch). The covered leaves are untouched. ``auto`` times it as a candidate at 16."""
+    with jax.enable_x64(True):
+        x = images((4, 3, 6), seed=2, dtype=np.float64)
+        loss_fn, params, (x, y) = setup(FloorModel(), x, dtype=jnp.float64)
+        the_plan = ghost.plan(loss_fn, params, (x, y))
+        (floor,) = the_plan.fallback
+        want = jax.tree.leaves(vmap_sq_norms(loss_fn, params, (x, y)))
+
+        def estimate_with(k, order):
+            plan_k = dataclasses.replace(the_plan, fallback_microbatches=k)
+            batch = (x[np.asarray(order)], y[np.asarray(order)])
+            return jax.tree.leaves(ghost.sums(loss_fn, params, batch, plan_k)[1])
+
+        # (the fallback leaves' squared norms are taken in float32, as the vmap path's)
+        np.testing.assert_allclose(estimate_with(4, [0, 1, 2, 3]), want, rtol=1e-6)
+        pairings = [[0, 1, 2, 3], [0, 2, 1, 3], [0, 3, 1, 2]]
+        got = np.mean([estimate_with(2, order) for order in pairings], axis=0)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        one = estimate_with(2, pairings[0])
+        assert abs(one[floor] - want[floor]) > 1e-3 * abs(want[floor])  # one split: noisy
+    big = setup(FloorModel(), images((16, 3, 6), seed=2))
+    candidates = ghost._candidates(*big, ghost.plan(*big), False, True)
+    assert candidates["ghost, fallback from 8 microbatches"].fallback_microbatches == 8
 
 
 def test_clear_plans_time_only_the_fast_path_and_small_ones_are_not_timed(monkeypatch):
