@@ -738,7 +738,7 @@ def _loss_terms(flat: _Flat, num_params: int) -> tuple[list, list]:
         return float(value) if value is not None and np.ndim(value) == 0 else None
 
     def visit(a, coef):
-        if scalar(a) is not None or a in flat.consts:
+        if isinstance(a, _Lit) or a in flat.consts:  # a constant term: no gradient
             return
         if a not in batch:
             penalties.append((a, coef))
