@@ -216,7 +216,7 @@ def run_pilot(
       checkpoint_steps: keep the state after these steps (for :func:`branch`).
       on_step: ``on_step(step, state)`` at step 0 and after every step (e.g. more measurements
         at one state of the path).
-      progress: ``progress(done, num_steps)`` after every step.
+      progress: ``progress(done, num_steps)`` before the first step and after every step.
 
     Returns:
       A :class:`Pilot` (``rows``: the measured steps).
@@ -226,6 +226,8 @@ def run_pilot(
     stop, t1, done = "steps", t0, 0
     if on_step is not None:
         on_step(0, state)
+    if progress is not None:  # shown while the first step compiles (and times its path)
+        progress(0, num_steps)
     for i in range(num_steps):
         batch = batch_fn(batch_size, i)
         if (i + 1) % max(1, every) == 0 or plain_step is None:
