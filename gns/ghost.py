@@ -149,6 +149,7 @@ __all__ = [
     "CHUNK_SIZES",
     "CHUNK_COUNT",
     "MAX_CHUNKS",
+    "MAX_UNROLL",
     "chunk_counts",
     "chunked",
     "direct_where_close",
