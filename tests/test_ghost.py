@@ -421,6 +421,40 @@ def test_nested_scans_unroll_within_one_budget():
                 ghost.plan(loss_fn, p, x)
 
 
+def test_nnx_layers_made_by_vmap_and_run_by_scan_equal_vmap():
+    """Flax NNX's stacked layers (``nnx.vmap`` of the constructor, ``nnx.scan`` in the
+    forward): each layer's slice of the stacked leaves is covered, no parts; equal to vmap."""
+    from flax import nnx  # noqa: PLC0415
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin, self.norm = nnx.Linear(8, 8, rngs=rngs), nnx.LayerNorm(8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.norm(x + jnp.tanh(self.lin(x)))
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+        return Block(rngs)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run_blocks(x, block):
+        return block(x)
+
+    graphdef, state = nnx.split((nnx.Linear(6, 8, rngs=nnx.Rngs(0)), make_blocks(nnx.Rngs(1))))
+
+    def loss_fn(state, batch):
+        inp, blocks = nnx.merge(graphdef, state)
+        return jnp.mean((run_blocks(inp(batch[0]), blocks) - batch[1]) ** 2)
+
+    batch = (images((8, 6)), images((8, 8), seed=2))
+    the_plan = ghost.plan(loss_fn, state, batch)
+    assert the_plan.fallback == () and not any(c.parts for c in the_plan.consumers)
+    assert len(the_plan.consumers) == 2 + 4 * 3
+    check_sums(loss_fn, state, batch, ("auto", "direct", "gram"), the_plan, k=2)
+
+
 class ScannedBlocks(nn.Module):
     """Three residual blocks as one ``nn.scan`` over layers (their parameters stacked along a
     leading axis, as MaxText and big_vision stack them), each under ``nn.remat``."""
