@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gns import common, critical, estimate, hardware, recommend, scaling, smoothing
+from gns import common, critical, estimate, ghost, hardware, recommend, scaling, smoothing
 
 __all__ = [
     "BASIS_ORDER",
@@ -1870,6 +1870,8 @@ def find_batch_size(
     checked = _check_arguments(a)
     ref, rule, base_lr = checked["ref"], checked["rule"], learning_rate or 1.0
     plan = _plan(a, checked)
+    if method == "auto":  # the pilot's per-example path, timed only where that pays over it
+        ghost.select(loss_fn, params, checked["first"], uses=plan.pilot_steps)
     tracker = smoothing.ema()
     measure, train_step, make_step = _make_steps(
         loss_fn, optimizer, method, num_microbatches, tracker

@@ -116,6 +116,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -150,6 +151,7 @@ __all__ = [
     "CHUNK_COUNT",
     "MAX_CHUNKS",
     "MAX_UNROLL",
+    "MAX_SAVING",
     "chunk_counts",
     "chunked",
     "direct_where_close",
@@ -190,6 +192,12 @@ FORM_MARGIN = 2.0
 CHUNK_SIZES = (32,)
 CHUNK_COUNT = 8
 MAX_CHUNKS = 16
+
+# calibrate(uses=...): no candidate saves more than this fraction of the fast path's time on
+# the whole batch per step (on the bench rows the most was 35%: the Transformer at batch 32
+# in 8 chunks), so the other candidates are timed only when that much over ``uses`` steps
+# would pay for compiling and timing them.
+MAX_SAVING = 0.5
 
 # How much slower than the plain step's one large weight-gradient product ``vmap``'s batch of
 # per-example products runs, as extra multiples of its FLOPs (2 CPU cores, ``make bench``).
@@ -1083,6 +1091,7 @@ def select(
     has_aux: bool = False,
     method: str = "auto",
     chunk_size: int | None = None,
+    uses: int | None = None,
 ) -> Plan | None:
     """The plan ``per_example(method=...)`` should run, or ``None`` for plain ``vmap``.
 
@@ -1097,6 +1106,10 @@ def select(
         ``"ghost"`` (or ``"fast"``): the plan on the whole batch whatever it costs.
         ``"vmap"``: ``None``.
       chunk_size: the ``vmap`` chunk size (for the timing).
+      uses: how many steps will run the answer (``None``: many): :func:`calibrate` times the
+        other candidates only if that can pay. The answer is cached by signature, so a later
+        ``per_example(method="auto")`` on these shapes runs it (:func:`gns.finder
+        .find_batch_size` passes its pilot's length).
 
     Returns:
       A :class:`Plan` for :func:`sums` (:meth:`Plan.describe` says what was chosen and why),
@@ -1130,6 +1143,7 @@ def select(
         has_aux=has_aux,
         chunk_size=chunk_size,
         with_vmap=not the_plan.clear,
+        uses=uses,
     )
 
 
@@ -1311,6 +1325,7 @@ def calibrate(
     chunk_size: int | None = None,
     rounds: int = 9,
     with_vmap: bool = True,
+    uses: int | None = None,
 ) -> Plan | None:
     """The fastest way to compute the local sums on these shapes: a :class:`Plan` (the fast
     path on the whole batch, or over equal example chunks, :func:`chunked`), or ``None``
@@ -1328,6 +1343,11 @@ def calibrate(
     timings. Called inside ``jit`` (and ``shard_map``) it traces and runs apart, on new
     arrays. When the paths cannot run outside the caller's trace (e.g. a collective inside
     ``loss_fn``) the cost model's answer (:attr:`Plan.method`, on the whole batch) is used.
+
+    With ``uses`` (the steps that will run the answer) the fast path on the whole batch is
+    compiled and timed first, and the other candidates only if :data:`MAX_SAVING` of its time
+    over ``uses`` steps exceeds what compiling (as long as that one took) and timing them
+    would cost; otherwise the answer is the cost model's, and :meth:`Plan.describe` says why.
     """
     key = (*_signature_key(the_plan, params, batch, has_aux, chunk_size), with_vmap)
     if key in _CALIBRATED:
@@ -1344,9 +1364,14 @@ def calibrate(
         # Traced and run apart from the caller's trace (no compile-time evaluation: it would
         # fold constants and change the trace): zero arrays of the shapes.
         args = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), (params, batch))
+        t0 = time.perf_counter()
         whole = jax.jit(run(the_plan)).lower(*args).compile()
+        compile_s = time.perf_counter() - t0
         chunks = _chunks_can_fit(whole, args[0])
         candidates = _candidates(loss_fn, params, batch, the_plan, has_aux, with_vmap, chunks)
+        if uses and (why := _unpaid((whole, args), compile_s, len(candidates), uses, rounds)):
+            _CALIBRATED[key] = _model_choice(the_plan, why)
+            return _CALIBRATED[key]
         calls = {
             m: (whole if m == "ghost" else jax.jit(run(p)).lower(*args).compile(), args)
             for m, p in candidates.items()
@@ -1365,9 +1390,33 @@ def calibrate(
                 chosen, decision=f"timed once: {name} (median ms: {medians}{more})"
             )
     except Exception:  # noqa: BLE001 (not runnable outside the caller's trace: the model decides)
-        chosen = the_plan if the_plan.method == "ghost" else None
+        chosen = _model_choice(the_plan)
     _CALIBRATED[key] = chosen
     return chosen
+
+
+def _model_choice(the_plan: Plan, why: str = "") -> Plan | None:
+    """The cost model's answer: ``the_plan`` on the whole batch, or ``None`` (``vmap``)."""
+    if the_plan.method != "ghost":
+        return None
+    return dataclasses.replace(the_plan, decision=why) if why else the_plan
+
+
+def _unpaid(whole, compile_s: float, num_candidates: int, uses: int, rounds: int) -> str:
+    """Why timing ``num_candidates`` candidates cannot pay over ``uses`` steps ("" when it
+    can): their compiles and rounds against :data:`MAX_SAVING` of ``whole``'s time."""
+    if num_candidates < 2:
+        return ""
+    step_s = float(np.median(hardware.interleaved_times({0: whole}, warmup=1, rounds=3)[0]))
+    cost = compile_s * (num_candidates - 1) + rounds * step_s * num_candidates
+    saving = MAX_SAVING * step_s * uses
+    if cost <= saving:
+        return ""
+    return (
+        f"not timed: {num_candidates - 1} more candidate(s) would take about {cost:.3g} s to "
+        f"compile and time, more than they could save over {uses} steps ({saving:.3g} s at "
+        "most); the cost model's choice"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from gns import critical, estimate, finder, scaling, smoothing
+from gns import critical, estimate, finder, ghost, scaling, smoothing
 
 D = 8
 
@@ -179,6 +179,15 @@ def test_choose_basis_prefers_branched_then_trajectory_then_b_simple():
 def _find(loss_fn=linreg_loss, batch_fn=linreg_batches, **kw):
     kw = {"ref_batch_size": 8, "pilot_steps": 6, "candidates": (8,), "progress": False} | kw
     return finder.find_batch_size(loss_fn, jnp.zeros(D), optax.sgd(0.01), batch_fn, **kw)
+
+
+def test_the_per_example_path_is_chosen_for_the_pilot_s_length(monkeypatch):
+    """find_batch_size asks gns.ghost.select for the pilot's path with the pilot's steps as
+    its uses (timing candidates only where that can pay over the pilot)."""
+    asked, select = [], ghost.select
+    monkeypatch.setattr(ghost, "select", lambda *a, **k: asked.append(k) or select(*a, **k))
+    _find(pilot_steps=5)
+    assert asked[0]["uses"] == 5 and all(k.get("uses") in (5, None) for k in asked)
 
 
 def test_batch_fn_of_the_wrong_size_is_a_clear_error():

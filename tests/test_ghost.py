@@ -1166,6 +1166,29 @@ def test_clear_plans_time_only_the_fast_path_and_small_ones_are_not_timed(monkey
     assert lm_plan.method == "ghost" and not lm_plan.clear
 
 
+def test_calibrate_times_the_other_candidates_only_where_that_can_pay(monkeypatch):
+    """With ``uses`` steps to run the answer, the candidates beyond the whole-batch fast path
+    are compiled and timed only if half the fast path's time over those steps could pay for
+    them: over 1 step it cannot (the cost model's choice, said in ``describe``); over 10**9
+    steps it can (all timed)."""
+    loss_fn, params, batch = setup(BarePositionModel(), images((16, 8, 4)))
+    the_plan = ghost.plan(loss_fn, params, batch)
+    assert (
+        not the_plan.clear
+        and len(ghost._candidates(loss_fn, params, batch, the_plan, False, True)) >= 2
+    )
+    monkeypatch.setattr(ghost, "_CALIBRATED", {})
+    once = ghost.calibrate(loss_fn, params, batch, the_plan, rounds=1, uses=1)
+    assert (
+        once.num_chunks == 1
+        and "not timed: " in once.describe()
+        and "over 1 steps" in once.describe()
+    )
+    monkeypatch.setattr(ghost, "_CALIBRATED", {})
+    many = ghost.calibrate(loss_fn, params, batch, the_plan, rounds=1, uses=10**9)
+    assert many is None or "timed once: " in many.describe()
+
+
 def test_per_example_auto_follows_the_decision(monkeypatch):
     """per_example(method="auto") runs the path that calibrate decides, for each decision in
     turn: ``None`` (vmap: one call of ``loss_fn`` per example; the reference statistics) or
