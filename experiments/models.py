@@ -276,8 +276,9 @@ class TransformerLM(nn.Module):
                 length=self.depth,
             )
             x, _ = layers(*block_args, name="blocks")(x, mask)
-        for i in range(0 if self.scan_layers else self.depth):
-            x = TransformerBlock(*block_args, name=f"block_{i}")(x, mask)
+        else:
+            for i in range(self.depth):
+                x = TransformerBlock(*block_args, name=f"block_{i}")(x, mask)
         x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
         if self.tie_embeddings:
             return embed.attend(x)
