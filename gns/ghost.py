@@ -1229,16 +1229,20 @@ def _candidates(
 ) -> dict[str, Plan | None]:
     """What :func:`calibrate` times: the fast path on the whole batch (with leaves that fall
     back: also with their sums estimated from :data:`CHUNK_COUNT` microbatches,
-    :func:`_from_microbatches`) and (with ``chunks``) in each of :func:`chunk_counts` chunks
+    :func:`_from_microbatches`, and every leaf's so, at the microbatch estimator's cost:
+    :func:`_all_from_microbatches`) and (with ``chunks``) in each of :func:`chunk_counts` chunks
     (where the fast path covers the chunk), each chunked one also with its close dense
     kernels in the direct form (:func:`direct_where_close`: a chunk's per-example gradients
     are small), and ``vmap`` (``None``)."""
     out: dict[str, Plan | None] = {"ghost": the_plan}
     n = common.batch_size(batch)
     if the_plan.fallback and n % CHUNK_COUNT == 0 and n > CHUNK_COUNT:
-        k = CHUNK_COUNT
+        k, every = CHUNK_COUNT, tuple(range(the_plan.num_leaves))
         out[f"ghost, fallback from {k} microbatches"] = dataclasses.replace(
             the_plan, fallback_microbatches=k
+        )
+        out[f"every leaf from {k} microbatches"] = dataclasses.replace(
+            the_plan, consumers=(), fallback=every, fallback_microbatches=k
         )
     for k in chunk_counts(n) if chunks else ():
         try:
@@ -1699,6 +1703,10 @@ def sums(
             f"size {n}: select (or chunked) a plan for this batch's shapes."
         )
 
+    if not the_plan.consumers:  # every leaf from microbatches (a candidate of calibrate)
+        k = the_plan.fallback_microbatches
+        return _all_from_microbatches(loss_fn, params, batch, k, has_aux, axis_name)
+
     def chunk_sums(chunk):
         return _one_pass(loss_fn, params, chunk, the_plan, has_aux, axis_name, chunk_size, form)
 
@@ -2014,7 +2022,7 @@ def _with_fallback(
         if the_plan.fallback_microbatches:
             mean = [jax.tree.leaves(grads)[j] for j in fb]
             k = the_plan.fallback_microbatches
-            sub_sq = _from_microbatches(loss_fb, sub, batch, mean, n, k, has_aux)
+            sub_sq = _from_microbatches(loss_fb, sub, batch, mean, k, has_aux, axis_name)
         else:
             chunk = n if chunk_size is None else min(chunk_size, n)
             _, sub_sq, _ = common.vmap_sums(loss_fb, sub, batch, n, chunk, axis_name, has_aux)
@@ -2025,22 +2033,48 @@ def _with_fallback(
     return grad_sum, jax.tree.unflatten(treedef, sq), aux
 
 
-def _from_microbatches(loss_fn, params, batch, mean, n: int, k: int, has_aux: bool) -> list:
-    """An unbiased estimate of ``Σ_i |g_i|²`` over the ``n`` examples, per leaf, from the
-    gradients of ``k`` equal microbatches (of ``m = n/k``): with ``S`` their mean squared
-    norm and ``|G|²`` the mean gradient's (``mean``), ``tr Σ ≈ (S - |G|²)/(1/m - 1/n)`` and
-    ``Σ_i |g_i|² ≈ n(|G|² + (1 - 1/n) tr Σ)``. Averaged over the ways to split the batch it
-    is the per-example sum itself; one split is noisier."""
+def _from_microbatches(loss_fn, params, batch, mean, k: int, has_aux: bool, axis_name) -> list:
+    """An unbiased estimate of ``Σ_i |g_i|²`` over the examples, per leaf of ``params`` (a
+    list), from the gradients of ``k`` equal microbatches (:func:`_microbatch_sq_sums`);
+    ``mean``: the leaves' mean gradients."""
+    _, sq_sum, _ = _microbatch_sums(loss_fn, params, batch, k, has_aux, axis_name)
+    return _microbatch_sq_sums(sq_sum, mean, common.batch_size(batch), k)
+
+
+def _microbatch_sums(loss_fn, params, batch, k: int, has_aux: bool, axis_name):
+    """``(Σ g_μ, Σ |g_μ|², aux)`` over ``k`` equal microbatches of ``batch``, in turn (the
+    microbatch estimator's loop, :func:`gns.common.scan_sums`)."""
     grad = common.grad_fn(loss_fn, has_aux)
-    split = jax.tree.map(lambda x: x.reshape(k, n // k, *x.shape[1:]), batch)
-    micro = jax.vmap(lambda b: grad(params, b)[0])(split)
-    m = n // k
-    out = []
-    for g, s in zip(mean, common.sq_norms(micro), strict=True):
+
+    def one(microbatch):
+        g, aux = grad(params, microbatch)
+        return g, common.sq_norms(g), aux
+
+    unroll = common.scan_unroll(common.convolves(loss_fn, params, batch))
+    return common.scan_sums(one, params, batch, k, axis_name, unroll)
+
+
+def _microbatch_sq_sums(sq_sum, mean, n: int, k: int) -> list:
+    """From the sum over ``k`` microbatches (of ``m = n/k``) of their gradients' squared norms
+    (``S`` their mean) and the mean gradient: ``tr Σ ≈ (S - |G|²)/(1/m - 1/n)`` and
+    ``Σ_i |g_i|² ≈ n(|G|² + (1 - 1/n) tr Σ)``, per leaf. Averaged over the ways to split the
+    batch it is the per-example sum itself; one split is noisier."""
+    m, out = n // k, []
+    for g, s in zip(jax.tree.leaves(mean), jax.tree.leaves(sq_sum), strict=True):
         big = common.sq_norms(g)
         trace = (s / k - big) / (1 / m - 1 / n)
         out.append(n * (big + (1 - 1 / n) * trace))
     return out
+
+
+def _all_from_microbatches(loss_fn, params, batch, k: int, has_aux: bool, axis_name):
+    """:func:`sums` with every leaf's sum of per-example squared norms estimated from ``k``
+    microbatch gradients, whose mean is the mean gradient: the microbatch estimator's cost."""
+    n = common.batch_size(batch)
+    grad_sum, sq_sum, aux = _microbatch_sums(loss_fn, params, batch, k, has_aux, axis_name)
+    sq = _microbatch_sq_sums(sq_sum, jax.tree.map(lambda g: g / k, grad_sum), n, k)
+    grad_sum = jax.tree.map(lambda g: g * (n / k), grad_sum)
+    return grad_sum, jax.tree.unflatten(jax.tree.structure(params), sq), aux
 
 
 def per_example_sq_norms(

@@ -1108,33 +1108,41 @@ def test_nonlinear_leaf_falls_back_and_auto_times_both_paths(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::gns.ghost.FallbackWarning")
-def test_fallback_leaves_from_microbatches_are_the_per_example_sum_on_average():
-    """The fallback leaf's sum of per-example squared norms estimated from microbatches: with
-    microbatches of one example it is the per-example sum; with 2 of 2 examples, its mean over
-    the 3 ways to pair 4 examples is the per-example sum (the estimate is unbiased given the
-    batch). The covered leaves are untouched. ``auto`` times it as a candidate at 16."""
+def test_sums_from_microbatches_are_the_per_example_sums_on_average():
+    """The sums of per-example squared norms estimated from microbatches, for the fallback leaf
+    (the covered ones by the fast path) or for every leaf (the microbatch estimator's cost):
+    with microbatches of one example they are the per-example sums; with 2 of 2 examples,
+    their mean over the 3 ways to pair 4 examples is (the estimate is unbiased given the
+    batch), and the gradient sum is n times the mean gradient. ``auto`` times both at 16."""
     with jax.enable_x64(True):
         x = images((4, 3, 6), seed=2, dtype=np.float64)
         loss_fn, params, (x, y) = setup(FloorModel(), x, dtype=jnp.float64)
         the_plan = ghost.plan(loss_fn, params, (x, y))
         (floor,) = the_plan.fallback
         want = jax.tree.leaves(vmap_sq_norms(loss_fn, params, (x, y)))
+        grads = jax.tree.leaves(jax.grad(loss_fn)(params, (x, y)))
+        every = dataclasses.replace(the_plan, consumers=(), fallback=tuple(range(len(want))))
 
-        def estimate_with(k, order):
-            plan_k = dataclasses.replace(the_plan, fallback_microbatches=k)
+        def estimate_with(plan, k, order):
             batch = (x[np.asarray(order)], y[np.asarray(order)])
-            return jax.tree.leaves(ghost.sums(loss_fn, params, batch, plan_k)[1])
+            out = ghost.sums(loss_fn, params, batch, replace(plan, fallback_microbatches=k))
+            for got, g in zip(jax.tree.leaves(out[0]), grads, strict=True):
+                np.testing.assert_allclose(got, 4 * g, rtol=1e-6, atol=1e-12)
+            return jax.tree.leaves(out[1])
 
-        # (the fallback leaves' squared norms are taken in float32, as the vmap path's)
-        np.testing.assert_allclose(estimate_with(4, [0, 1, 2, 3]), want, rtol=1e-6)
+        replace = dataclasses.replace
         pairings = [[0, 1, 2, 3], [0, 2, 1, 3], [0, 3, 1, 2]]
-        got = np.mean([estimate_with(2, order) for order in pairings], axis=0)
-        np.testing.assert_allclose(got, want, rtol=1e-6)
-        one = estimate_with(2, pairings[0])
-        assert abs(one[floor] - want[floor]) > 1e-3 * abs(want[floor])  # one split: noisy
+        for plan, fallback in ((the_plan, [floor]), (every, range(len(want)))):
+            # (squared norms estimated from microbatches are taken in float32, as vmap's)
+            np.testing.assert_allclose(estimate_with(plan, 4, pairings[0]), want, rtol=1e-6)
+            got = np.mean([estimate_with(plan, 2, order) for order in pairings], axis=0)
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+            one = estimate_with(plan, 2, pairings[0])
+            assert all(abs(one[j] - want[j]) > 1e-4 * abs(want[j]) for j in fallback)  # noisy
     big = setup(FloorModel(), images((16, 3, 6), seed=2))
     candidates = ghost._candidates(*big, ghost.plan(*big), False, True)
     assert candidates["ghost, fallback from 8 microbatches"].fallback_microbatches == 8
+    assert candidates["every leaf from 8 microbatches"].consumers == ()
 
 
 def test_clear_plans_time_only_the_fast_path_and_small_ones_are_not_timed(monkeypatch):
