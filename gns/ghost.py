@@ -878,7 +878,8 @@ class Plan:
       decision: how :func:`calibrate` chose this plan (its timings); empty when not timed.
       fallback_microbatches: when ``> 0``, the fallback leaves' sums of per-example squared
         norms are estimated (unbiased, noisier) from this many microbatch gradients instead of
-        per-example gradients by ``vmap`` (:func:`calibrate` picks it when faster).
+        per-example gradients by ``vmap`` (:func:`calibrate` picks it when faster); with no
+        ``consumers``, every leaf's is (the microbatch estimator's loop).
       penalties, penalty_eqns, penalized: the terms of the loss without the batch (weight
         penalties, ``(key, coefficient)``), the equations computing them, and the leaves
         they read: each example's gradient of those leaves also holds the penalty's.
