@@ -1170,8 +1170,9 @@ def _warn_fallback(the_plan: Plan) -> None:
         f"gns per-example norms: {len(the_plan.fallback)} of {the_plan.num_leaves} parameter "
         f"leaves get per-example gradients by jax.vmap, which can cost several plain steps: "
         f"{'; '.join(named)}{f'; and {more} more' if more else ''}. "
-        "gns.ghost.plan(loss_fn, params, batch).describe() says what is covered; "
-        "gns.estimate.microbatch costs about one plain step.",
+        "method='auto' also times estimating their sums (or every leaf's) from 8 microbatches, "
+        "as gns.estimate.microbatch does; gns.ghost.plan(loss_fn, params, batch).describe() "
+        "says what is covered.",
     )
 
 
