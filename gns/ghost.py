@@ -971,6 +971,8 @@ class Plan:
         how = "by vmap"
         if self.fallback_microbatches:
             how = f"estimated from {self.fallback_microbatches} microbatch gradients, unbiased"
+        if self.fallback_microbatches and not self.consumers:
+            lines.append(f"every leaf: per-example norms {how} (the microbatch estimator's loop)")
         for j, why in self.reasons:
             lines.append(f"leaf {self.name(j)}: fallback (per-example norms {how}): {why}")
         ghost, vmap = self.cost("ghost"), self.cost("vmap")

@@ -1142,7 +1142,10 @@ def test_sums_from_microbatches_are_the_per_example_sums_on_average():
     big = setup(FloorModel(), images((16, 3, 6), seed=2))
     candidates = ghost._candidates(*big, ghost.plan(*big), False, True)
     assert candidates["ghost, fallback from 8 microbatches"].fallback_microbatches == 8
-    assert candidates["every leaf from 8 microbatches"].consumers == ()
+    every = candidates["every leaf from 8 microbatches"]
+    assert every.consumers == () and "every leaf: per-example norms estimated from 8" in (
+        every.describe()
+    )
 
 
 def test_clear_plans_time_only_the_fast_path_and_small_ones_are_not_timed(monkeypatch):
