@@ -1223,8 +1223,9 @@ class BatchSizeResult:
       extended_to: the batch the timed range was extended to (``None``: not extended).
       device: :class:`gns.hardware.DeviceInfo`.
       settings: the arguments that shaped the measurement.
-      seconds: wall time of each phase: ``pilot`` (training that :attr:`state` keeps, its
-        step's compile included), ``noise``, ``branched``, ``memory`` (per batch size reached:
+      seconds: wall time of each phase: ``path`` (choosing the pilot's per-example path:
+        :func:`gns.ghost.select`), ``pilot`` (training that :attr:`state` keeps, its step's
+        compile included), ``noise``, ``branched``, ``memory`` (per batch size reached:
         lowering, compiling, the memory analysis and one confirming run; summed over the
         widening steps), ``timing`` (the interleaved rounds, summed likewise), ``decide``,
         ``total`` and ``overhead`` (``total − pilot``: what the search cost beyond the training
@@ -1870,15 +1871,16 @@ def find_batch_size(
     checked = _check_arguments(a)
     ref, rule, base_lr = checked["ref"], checked["rule"], learning_rate or 1.0
     plan = _plan(a, checked)
+    t_path = time.perf_counter()
     if method == "auto":  # the pilot's per-example path, timed only where that pays over it
         ghost.select(loss_fn, params, checked["first"], uses=plan.pilot_steps)
+    seconds = {"path": time.perf_counter() - t_path}
     tracker = smoothing.ema()
     measure, train_step, make_step = _make_steps(
         loss_fn, optimizer, method, num_microbatches, tracker
     )
     forks = _fork_data(loss_fn, checked["get"], plan, eval_batch_size)
     kw = dict(base_batch_size=ref, base_lr=base_lr, objective=objective, optimizer=rule)
-    seconds: dict[str, float] = {}
     m = pipeline(
         Steps(measure, make_step, checked["get"], *forks),
         (params, opt_state, tracker.init()),
