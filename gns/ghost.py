@@ -1828,11 +1828,12 @@ def _tap_bwd(consumer, n, form, res, g):
     x, slot = res
     # The loss is a mean: scale by n, in float32 at least (a bfloat16 product would round).
     # Scaled by max|g| so that squares of tiny gradients (a loss scaled by 1e-20) do not
-    # underflow when the squared norm itself is representable (as common.sq_norms).
-    g = g.astype(common.acc_dtype(g.dtype))
-    m = jnp.max(jnp.abs(g))
+    # underflow when the squared norm itself is representable (as common.sq_norms). The
+    # output's cotangent passes on in its own dtype.
+    wide = g.astype(common.acc_dtype(g.dtype))
+    m = jnp.max(jnp.abs(wide))
     scale = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
-    norms = _consumer_sq_norms(consumer, x, g * (n / scale), form)
+    norms = _consumer_sq_norms(consumer, x, wide * (n / scale), form)
     return g, None, jnp.square(jnp.sqrt(norms) * scale).astype(slot.dtype)  # scale² may underflow
 
 

@@ -717,8 +717,10 @@ class BF16Net(nn.Module):
         return nn.Dense(10)(nn.LayerNorm()(nn.relu(nn.Dense(32)(x))))
 
 
-def test_bfloat16_statistics_within_one_percent_of_float32():
-    """Issue 15: bf16 parameters and activations, fast path and vmap, on a fixed batch."""
+@pytest.mark.parametrize("penalty", [0.0, 1e-2])
+def test_bfloat16_statistics_within_one_percent_of_float32(penalty):
+    """bf16 parameters and activations, fast path and vmap, on a fixed batch; also with an L2
+    penalty in the loss (a leaf's cotangent then arrives by two paths, each in bf16)."""
     n = 128
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, 24)).astype(np.float32)
@@ -730,7 +732,10 @@ def test_bfloat16_statistics_within_one_percent_of_float32():
     def loss_fn(p, batch):
         xs, ys = batch
         out = model.apply({"params": p}, xs).astype(jnp.float32)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), ys[:, None], 1))
+        l2 = sum(jnp.sum(jnp.square(w)) for w in jax.tree.leaves(p)).astype(jnp.float32)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), ys[:, None], 1)) + (
+            penalty * l2
+        )
 
     def all_stats(p, b):
         return [estimate.per_example(loss_fn, p, b, method=m)[0] for m in ("ghost", "vmap")]

@@ -1034,6 +1034,33 @@ def lm_setup(tie=False, batch=3, context=5, vocab=7, abstract=False):
     return bench.lm_loss(model), params, tokens
 
 
+def test_bfloat16_leaf_with_a_penalty_takes_its_cotangents_in_bfloat16():
+    """A bf16 Transformer with an L2 term: the embedding table's cotangent arrives from its
+    read and from the penalty, both in bf16 (a tap that passed it on in float32 broke their
+    sum). The mean gradient is jax.grad's, in bf16; the statistics are vmap's to bf16's
+    precision."""
+    loss_fn, params, tokens = lm_setup(batch=8, context=8, vocab=16)
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+
+    def penalized(p, t):
+        l2 = sum(jnp.sum(jnp.square(w)) for w in jax.tree.leaves(p)).astype(jnp.float32)
+        return loss_fn(p, t) + 1e-2 * l2
+
+    @jax.jit
+    def both(p, t):
+        fast = estimate.per_example(penalized, p, t, method="ghost")
+        return (
+            fast,
+            estimate.per_example(penalized, p, t, method="vmap")[0],
+            jax.grad(penalized)(p, t),
+        )
+
+    (stats, grads), ref, want = both(params, tokens)
+    assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
+    assert_trees_close(grads, want, rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(stats.trace_cov, ref.trace_cov, rtol=0.02)
+
+
 def test_transformer_lm_equals_vmap():
     """Every leaf is covered, untied and tied. A tied head reads the embedding twice (a
     gather, and a dot_general through a transpose): each read adds its per-example parts to
