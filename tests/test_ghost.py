@@ -789,7 +789,7 @@ class PartsModel(nn.Module):
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
-@pytest.mark.parametrize("name", ["conv", "parts", "scanned"])
+@pytest.mark.parametrize("name", ["conv", "parts", "scanned", "penalized"])
 def test_axis_name_in_shard_map_matches_global_vmap(chunks, name, monkeypatch):
     devices = jax.devices()[:4]
     if len(devices) < 4:
@@ -799,6 +799,12 @@ def test_axis_name_in_shard_map_matches_global_vmap(chunks, name, monkeypatch):
         loss_fn, params, batch = setup(ConvNet(strides=(2,), norm="group"), images((16, 6, 6, 3)))
     elif name == "scanned":
         loss_fn, params, batch = setup(ScannedBlocks(), images((16, 6)))
+    elif name == "penalized":  # each device adds the penalty's gradient to its examples'
+        data_loss, params, batch = setup(ScannedBlocks(), images((16, 6)))
+
+        def loss_fn(p, b):
+            return data_loss(p, b) + 0.1 * sum(jnp.sum(w**2) for w in jax.tree.leaves(p))
+
     else:
         loss_fn, params, batch = setup(PartsModel(), images((16, 4)))
         assert {c.parts for c in ghost.plan(loss_fn, params, batch).consumers} == {True, False}
