@@ -314,6 +314,10 @@ class _Flat:
     def signature(self) -> tuple:
         return tuple(e.primitive.name for e in self.eqns)
 
+    def producers(self) -> dict[int, int]:
+        """The equation (index) that computes each key."""
+        return {o: i for i, e in enumerate(self.eqns) for o in e.outs}
+
 
 def _trace(loss_fn, params, batch) -> _Flat:
     """Trace ``loss_fn(params, batch)`` (arrays, tracers or shape structs) to a :class:`_Flat`:
@@ -417,6 +421,20 @@ def _run(flat: _Flat, args, hook=None) -> list:
             out = hook(i, vals, out)
         env.update(zip(e.outs, out, strict=True))
     return [read(a) for a in flat.outvars]
+
+
+def _replay(flat: _Flat, eqns, env: dict, seen: dict | None = None) -> dict:
+    """``env`` (key -> value) with the outputs of equations ``eqns`` of ``flat``, evaluated in
+    order; an operand missing from ``env`` takes its value in ``seen[i]`` (the operands of
+    equation ``i`` as they were evaluated)."""
+    for i in eqns:
+        e = flat.eqns[i]
+        vals = [
+            a.value if isinstance(a, _Lit) else env[a] if a in env else seen[i][p]
+            for p, a in enumerate(e.ins)
+        ]
+        env.update(zip(e.outs, _bind(e, vals), strict=True))
+    return env
 
 
 def _bind(e: _Eqn, vals) -> list:
@@ -675,7 +693,9 @@ def _inner_jaxpr(e: _Eqn) -> bool:
 
 
 def _find_consumers(flat: _Flat, axes, num_params: int):
-    """``(consumers by leaf, fallback reasons by leaf)`` of the first ``num_params`` inputs.
+    """``(consumers by leaf, fallback reasons by leaf, penalties)`` of the first
+    ``num_params`` inputs; ``penalties``: the loss's terms without the batch that the leaves
+    reach (``(key, coefficient)``, :func:`_loss_terms`).
 
     A leaf reaches its consumers through example-free steps (``chain``): a transpose or a
     cast, or any other function of the parameters alone (a scale ``exp(log_scale)``, a
@@ -734,10 +754,8 @@ def _loss_terms(flat: _Flat, num_params: int) -> tuple[list, list]:
     """The loss (``flat``'s first output) as a sum of terms: ``(penalties, data_terms)``, the
     terms without the batch (``(key, coefficient)``: weight penalties) and those with it.
     Sums, differences and scalings by constants are split; any other operation is a term."""
-    batch = set(flat.invars[num_params:])
-    producer = {}
-    for i, e in enumerate(flat.eqns):
-        producer.update(dict.fromkeys(e.outs, i))
+    batch, producer = set(flat.invars[num_params:]), flat.producers()
+    for e in flat.eqns:
         if any(isinstance(a, int) and a in batch for a in e.ins):
             batch.update(e.outs)
     penalties, data_terms = [], []
@@ -782,7 +800,7 @@ def _penalized(flat: _Flat, penalties, eqns, num_params: int, reasons) -> tuple[
 
 def _penalty_eqns(flat: _Flat, keys) -> tuple[int, ...]:
     """The equations (in order) that compute ``keys`` from the parameters and constants."""
-    producer = {o: i for i, e in enumerate(flat.eqns) for o in e.outs}
+    producer = flat.producers()
     needed, todo = set(), [k for k in keys if k in producer]
     while todo:
         i = producer[todo.pop()]
@@ -1790,15 +1808,7 @@ def _with_penalties(flat: _Flat, the_plan: Plan, leaves, grads, sq, n: int) -> l
 
     def penalty(ws):
         env = dict(flat.consts) | dict(zip(flat.invars, ws, strict=False))
-        for i in the_plan.penalty_eqns:
-            e = flat.eqns[i]
-            env.update(
-                zip(
-                    e.outs,
-                    _bind(e, [a.value if isinstance(a, _Lit) else env[a] for a in e.ins]),
-                    strict=True,
-                )
-            )
+        env = _replay(flat, the_plan.penalty_eqns, env)
         return sum(coef * jnp.sum(env[key]) for key, coef in the_plan.penalties)
 
     r = jax.grad(penalty)(leaves)
@@ -1849,13 +1859,7 @@ def _along_chain(flat: _Flat, c: _Consumer, seen: dict, leaves: list, slots: lis
     srcs, dst = [flat.invars[j] for j in (c.leaf, *c.others)], flat.eqns[c.eqn].ins[c.pos]
 
     def steps(*vs):
-        env = dict(zip(srcs, vs, strict=True))
-        for i in c.chain:
-            e = flat.eqns[i]
-            ins = zip(e.ins, seen[i], strict=True)
-            vals = [env.get(a, val) if isinstance(a, int) else val for a, val in ins]
-            env.update(zip(e.outs, _bind(e, vals), strict=True))
-        return env[dst]
+        return _replay(flat, c.chain, dict(zip(srcs, vs, strict=True)), seen)[dst]
 
     if not c.chain:
         return slots[0]
