@@ -52,6 +52,7 @@ __all__ = [
     "acc_dtype",
     "zero_sums",
     "scan_sums",
+    "microbatch_sums",
     "scan_unroll",
     "convolves",
     "split_leading",
@@ -354,6 +355,26 @@ def checked_aux(loss_fn: LossFn) -> LossFn:
         return tuple(out)
 
     return checked
+
+
+def microbatch_sums(loss_fn, params, batch, k: int, axis_name, has_aux: bool, unroll=1):
+    """The gradients of ``k`` equal microbatches of ``batch``, one at a time
+    (:func:`scan_sums`; ``k = 1``: the whole batch).
+
+    Returns:
+      ``(grad_sum, sq_sum, aux)``: the sum of their gradients, the per-leaf sum of their
+      squared norms, and their aux stacked along a leading axis of size ``k``.
+    """
+    grad = grad_fn(loss_fn, has_aux)
+
+    def one(microbatch):
+        g, aux = grad(params, microbatch)
+        return g, sq_norms(g), aux
+
+    if k == 1:
+        g, s, aux = one(batch)
+        return g, s, jax.tree.map(lambda a: a[None], aux)
+    return scan_sums(one, params, batch, k, axis_name, unroll)
 
 
 def vmap_sums(loss_fn, params, batch, n, chunk, axis_name, has_aux):

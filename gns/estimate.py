@@ -551,18 +551,8 @@ def _accumulate(loss_fn, params, batch, n, k, axis_name, has_aux, unroll=1):
     then reduce."""
     params = common.to_varying(params, axis_name)
     wide_loss, wide_params = _upcast(loss_fn, params)
-    grad_fn = common.grad_fn(wide_loss, has_aux)
-
-    def micro_sums(micro):
-        g, aux = grad_fn(wide_params, micro)
-        return g, common.sq_norms(g), aux
-
-    if k == 1:
-        grad_sum, sq_sum, aux = micro_sums(batch)
-        aux = jax.tree.map(lambda a: a[None], aux)
-    else:
-        grad_sum, sq_sum, aux = common.scan_sums(
-            micro_sums, wide_params, batch, k, axis_name, unroll=unroll
-        )
+    grad_sum, sq_sum, aux = common.microbatch_sums(
+        wide_loss, wide_params, batch, k, axis_name, has_aux, unroll
+    )
     stats, grads = _finish(grad_sum, sq_sum, k, n / k, axis_name, params)
     return (stats, grads, aux) if has_aux else (stats, grads)

@@ -2051,16 +2051,10 @@ def _from_microbatches(loss_fn, params, batch, mean, k: int, has_aux: bool, axis
 
 
 def _microbatch_sums(loss_fn, params, batch, k: int, has_aux: bool, axis_name):
-    """``(Σ g_μ, Σ |g_μ|², aux)`` over ``k`` equal microbatches of ``batch``, in turn (the
-    microbatch estimator's loop, :func:`gns.common.scan_sums`)."""
-    grad = common.grad_fn(loss_fn, has_aux)
-
-    def one(microbatch):
-        g, aux = grad(params, microbatch)
-        return g, common.sq_norms(g), aux
-
+    """``(Σ g_μ, Σ |g_μ|², aux)`` over ``k`` equal microbatches of ``batch``, in turn: the
+    microbatch estimator's loop (:func:`gns.common.microbatch_sums`), unrolled as it is."""
     unroll = common.scan_unroll(common.convolves(loss_fn, params, batch))
-    return common.scan_sums(one, params, batch, k, axis_name, unroll)
+    return common.microbatch_sums(loss_fn, params, batch, k, axis_name, has_aux, unroll)
 
 
 def _microbatch_sq_sums(sq_sum, mean, n: int, k: int) -> list:
