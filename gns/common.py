@@ -11,7 +11,8 @@ common``) without a cycle.
   :func:`to_varying`, :func:`psum`;
 * sums over equal chunks of a batch (``jax.lax.scan``, in float32 at least), which the
   microbatch estimator, the chunked fast path and the chunked ``vmap`` share:
-  :func:`acc_dtype`, :func:`zero_sums`, :func:`scan_sums`, :func:`scan_unroll`, :func:`convolves`;
+  :func:`acc_dtype`, :func:`zero_sums`, :func:`scan_sums`, :func:`scan_unroll`, :func:`convolves`,
+  and the microbatch gradients on them, :func:`microbatch_sums`;
 * the per-example gradients by ``jax.vmap`` that every fallback uses: :func:`grad_fn`,
   :func:`vmap_sums`;
 * argument checks: :func:`check_int`, :func:`check_resamples`, :func:`check_batch_size`,
