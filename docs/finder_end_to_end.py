@@ -23,6 +23,8 @@ standard library's ``.py`` files instead, to a held-out bits per byte at or belo
 import argparse
 import math
 import os
+import pathlib
+import sys
 import time
 
 import jax
@@ -30,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs import lm as lm_config
-from experiments import data, models, runlog, tasks
-from gns import scaling
-from gns.finder import TrainState, continue_training, find_batch_size
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the clone's packages
+
+from configs import lm as lm_config  # noqa: E402
+from experiments import data, models, runlog, tasks  # noqa: E402
+from gns import scaling  # noqa: E402
+from gns.finder import TrainState, continue_training, find_batch_size  # noqa: E402
 
 BASE_LR = {"sgd": 0.01, "adam": 1e-3}
 
