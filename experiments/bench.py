@@ -159,7 +159,11 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
         },
         "compile_seconds": compile_s,
         "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "auto_method": "vmap" if chosen is None else "ghost",
+        "auto_method": "vmap"
+        if chosen is None
+        else "ghost"
+        if chosen.consumers
+        else "microbatches",
         "auto_chunks": 1 if chosen is None else chosen.num_chunks,
         "auto_describe": described,
     }

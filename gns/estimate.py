@@ -316,7 +316,9 @@ def per_example(
         ``method="vmap"`` when you need the aux of every example.
       method: ``"auto"`` (default): the fastest of the fast path (:mod:`gns.ghost`) on the
         whole batch, the fast path over equal example chunks in turn (``jax.lax.scan``: the
-        same statistics; smaller products can run faster per example), and ``vmap``. Timed
+        same statistics; smaller products can run faster per example), the sums estimated
+        from 8 microbatch gradients (:func:`microbatch`'s loop: unbiased, a little noisier,
+        so it must be :data:`gns.ghost.MICROBATCH_PRICE` faster), and ``vmap``. Timed
         once on these shapes and cached (:func:`gns.ghost.calibrate`), with the cost model as
         the prior: the fast path without timing when it is clearly cheaper and the batch too
         small to chunk; ``vmap`` when the fast path covers no parameter

@@ -94,7 +94,9 @@ batch, the fast path over equal example chunks in turn (:func:`chunk_counts`, :f
 ``jax.lax.scan`` sums the chunks' sums; smaller products can run faster per example, and one
 chunk's intermediates exist at a time; each again with the dense kernels whose two forms the
 model puts within :data:`FORM_MARGIN` of each other in the direct form,
-:func:`direct_where_close`) and ``vmap``, and keeps the fastest. The model is the
+:func:`direct_where_close`), every leaf's sums estimated from :data:`CHUNK_COUNT` microbatch
+gradients (the microbatch estimator's loop: unbiased, noisier, so its time is charged
+:data:`MICROBATCH_PRICE`) and ``vmap``, and keeps the fastest. The model is the
 prior: when it is clear (every leaf covered and the fast path at most :data:`CLEAR_MARGIN` of
 ``vmap``'s estimated cost) ``vmap`` is not timed, nor anything for a batch too small to
 chunk. Apart from that, a convolution whose per-example intermediates would exceed
@@ -118,7 +120,7 @@ import functools
 import itertools
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -152,6 +154,7 @@ __all__ = [
     "MAX_CHUNKS",
     "MAX_UNROLL",
     "MAX_SAVING",
+    "MICROBATCH_PRICE",
     "chunk_counts",
     "chunked",
     "direct_where_close",
@@ -198,6 +201,14 @@ MAX_CHUNKS = 16
 # in 8 chunks), so the other candidates are timed only when that much over ``uses`` steps
 # would pay for compiling and timing them.
 MAX_SAVING = 0.5
+
+# calibrate charges a candidate whose sums come from microbatches (unbiased, but noisier in
+# tr(Σ)) this factor on its time: over 80 batches each, the relative variance of B_simple from
+# 8 microbatches was 1.02-1.13x that from the per-example norms of the same batches (SmallCNN
+# at 128 and 512, MLP at 128, Transformer LM at 32 and 128; the variance of tr(Σ) alone
+# 1.0-14x, of |G|², which dominates below the noise scale, 1.02-1.12x;
+# docs/estimator_precision.py), so it needs about that many more steps for the same precision.
+MICROBATCH_PRICE = 1.1
 
 # How much slower than the plain step's one large weight-gradient product ``vmap``'s batch of
 # per-example products runs, as extra multiples of its FLOPs (2 CPU cores, ``make bench``).
@@ -1003,7 +1014,10 @@ class Plan:
         )
         if self.num_chunks > 1:
             decision += f"; the batch in {self.num_chunks} chunks of {self.batch_size} examples"
+        if not self.consumers:  # the model costs the fast path, which this plan does not run
+            return "\n".join([*lines, f"auto: {decision}"])
         fb = " incl. a vmap pass for the fallback" if self.fallback else ""
+        fb = " incl. the fallback's microbatches" if self.fallback_microbatches else fb
         lines.append(
             f"auto: {decision}; model: {self.method} (estimated extra cost over one backward "
             f"pass: fast path {ghost / 1e6:.3g}{fb}, vmap {vmap / 1e6:.3g} MFLOP-equivalents "
@@ -1118,12 +1132,13 @@ def select(
 
     Args:
       loss_fn, params, batch, has_aux: as for :func:`plan`.
-      method: ``"auto"``: the fastest of the fast path on the whole batch, the fast path over
-        equal example chunks (:func:`chunk_counts`; smaller products can run faster per
-        example, and one chunk's intermediates exist at a time) and ``vmap``, by
-        :func:`calibrate`. Without timing when nothing is left to time: the fast path covers
-        nothing (``vmap``), or the cost model is clear (:attr:`Plan.clear`) and the batch is
-        too small to chunk. A clear cost model leaves ``vmap`` out of the timing.
+      method: ``"auto"``: the fastest of the fast path on the whole batch, the fast path over equal
+        example chunks (:func:`chunk_counts`; smaller products can run faster per example, and one
+        chunk's intermediates exist at a time), every leaf's sums from microbatch gradients (charged
+        :data:`MICROBATCH_PRICE` for their variance) and ``vmap``, by :func:`calibrate`. Without
+        timing when nothing is left to time: the fast path covers nothing (``vmap``), or the cost
+        model is clear (:attr:`Plan.clear`) and the batch is too small to chunk. A clear cost model
+        leaves ``vmap`` out of the timing.
         ``"ghost"`` (or ``"fast"``): the plan on the whole batch whatever it costs.
         ``"vmap"``: ``None``.
       chunk_size: the ``vmap`` chunk size (for the timing).
@@ -1241,9 +1256,11 @@ def _signature_key(the_plan: Plan, params, batch, has_aux, chunk_size) -> tuple:
     return (the_plan.signature, structure, shapes(params), shapes(batch), has_aux, chunk_size)
 
 
-def fastest(times: dict[str, list[float]]) -> str:
-    """The candidate with the smallest median time (the first of equal ones)."""
-    return min(times, key=lambda name: float(np.median(times[name])))
+def fastest(times: dict[str, list[float]], price: Mapping[str, float] | None = None) -> str:
+    """The candidate with the smallest median time times its ``price`` (default 1; the first
+    of equal ones)."""
+    price = price or {}
+    return min(times, key=lambda name: float(np.median(times[name])) * price.get(name, 1.0))
 
 
 def _candidates(
@@ -1251,20 +1268,23 @@ def _candidates(
 ) -> dict[str, Plan | None]:
     """What :func:`calibrate` times: the fast path on the whole batch (with leaves that fall
     back: also with their sums estimated from :data:`CHUNK_COUNT` microbatches,
-    :func:`_from_microbatches`, and every leaf's so, at the microbatch estimator's cost:
-    :func:`_all_from_microbatches`) and (with ``chunks``) in each of :func:`chunk_counts` chunks
+    :func:`_from_microbatches`), every leaf's sums so, at the microbatch estimator's cost
+    (:func:`_all_from_microbatches`), and (with ``chunks``) in each of :func:`chunk_counts` chunks
     (where the fast path covers the chunk), each chunked one also with its close dense
     kernels in the direct form (:func:`direct_where_close`: a chunk's per-example gradients
     are small), and ``vmap`` (``None``)."""
     out: dict[str, Plan | None] = {"ghost": the_plan}
-    n = common.batch_size(batch)
-    if the_plan.fallback and n % CHUNK_COUNT == 0 and n > CHUNK_COUNT:
-        k, every = CHUNK_COUNT, tuple(range(the_plan.num_leaves))
-        out[f"ghost, fallback from {k} microbatches"] = dataclasses.replace(
-            the_plan, fallback_microbatches=k
-        )
+    n, k = common.batch_size(batch), CHUNK_COUNT
+    if n % k == 0 and n > k:
+        if the_plan.fallback:
+            out[f"ghost, fallback from {k} microbatches"] = dataclasses.replace(
+                the_plan, fallback_microbatches=k
+            )
         out[f"every leaf from {k} microbatches"] = dataclasses.replace(
-            the_plan, consumers=(), fallback=every, fallback_microbatches=k
+            the_plan,
+            consumers=(),
+            fallback=tuple(range(the_plan.num_leaves)),
+            fallback_microbatches=k,
         )
     for k in chunk_counts(n) if chunks else ():
         try:
@@ -1354,21 +1374,22 @@ def calibrate(
     uses: int | None = None,
 ) -> Plan | None:
     """The fastest way to compute the local sums on these shapes: a :class:`Plan` (the fast
-    path on the whole batch, or over equal example chunks, :func:`chunked`), or ``None``
-    (``vmap``; left out of the candidates with ``with_vmap=False``).
+    path on the whole batch, or over equal example chunks, :func:`chunked`, or the sums from
+    microbatch gradients, :func:`_candidates`), or ``None`` (``vmap``; left out of the
+    candidates with ``with_vmap=False``).
 
-    Every candidate is compiled and timed (interleaved, ``rounds`` rounds, medians,
-    :func:`fastest`) on zero arrays of the shapes and dtypes of ``params`` and ``batch``, on
-    the default device; none whose compiled temporary memory exceeds
-    :func:`gns.hardware.memory_budget` (``vmap`` on a model with large per-example gradients),
-    a chunked one only when its compiled temporary memory is at most the whole batch's
-    (chunking is to lower memory, not raise it), and none (not even compiled) when the whole
-    batch's is below the parameters' bytes. The answer is cached in memory by
-    the traced jaxpr, shapes, ``has_aux``, ``chunk_size`` and ``with_vmap``, so each
-    signature is timed once per process. The chosen plan's :meth:`Plan.describe` gives the
-    timings. Called inside ``jit`` (and ``shard_map``) it traces and runs apart, on new
-    arrays. When the paths cannot run outside the caller's trace (e.g. a collective inside
-    ``loss_fn``) the cost model's answer (:attr:`Plan.method`, on the whole batch) is used.
+    Every candidate is compiled and timed (interleaved, ``rounds`` rounds, medians, :func:`fastest`,
+    the microbatch ones charged :data:`MICROBATCH_PRICE`) on zero arrays of the shapes and dtypes of
+    ``params`` and ``batch``, on the default device; none whose compiled temporary memory exceeds
+    :func:`gns.hardware.memory_budget` (``vmap`` on a model with large per-example gradients), a
+    chunked one only when its compiled temporary memory is at most the whole batch's (chunking is to
+    lower memory, not raise it), and none (not even compiled) when the whole batch's is below the
+    parameters' bytes. The answer is cached in memory by the traced jaxpr, shapes, ``has_aux``,
+    ``chunk_size`` and ``with_vmap``, so each signature is timed once per process. The chosen plan's
+    :meth:`Plan.describe` gives the timings. Called inside ``jit`` (and ``shard_map``) it traces and
+    runs apart, on new arrays. When the paths cannot run outside the caller's trace (e.g. a
+    collective inside ``loss_fn``) the cost model's answer (:attr:`Plan.method`, on the whole batch)
+    is used.
 
     With ``uses`` (the steps that will run the answer) the fast path on the whole batch is
     compiled and timed first, and the other candidates only if :data:`MAX_SAVING` of its time
@@ -1407,8 +1428,12 @@ def calibrate(
             dropped = "more memory than the whole batch: the chunked paths (each chunk's "
             dropped += "gradients alone outweigh it)"
         times = hardware.interleaved_times(calls, warmup=1, rounds=rounds)
-        name = fastest(times)
+        sampled = [m for m in times if getattr(candidates[m], "fallback_microbatches", 0)]
+        price = dict.fromkeys(sampled, MICROBATCH_PRICE)
+        name = fastest(times, price)
         medians = ", ".join(f"{m} {1e3 * float(np.median(t)):.3g}" for m, t in times.items())
+        if sampled:
+            medians += f"; sums from microbatches charged {MICROBATCH_PRICE}x for their variance"
         chosen = candidates[name]
         if chosen is not None:
             more = f"; not timed, {dropped}" if dropped else ""

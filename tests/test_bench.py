@@ -83,7 +83,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
         check_timed(d, bench.VARIANTS)
 
     ref = written["detail"][str(config.reference_batch_size)]
-    assert ref["auto_method"] in ("ghost", "vmap") and ref["auto_chunks"] == 1
+    assert ref["auto_method"] in ("ghost", "microbatches", "vmap") and ref["auto_chunks"] == 1
     assert written["per_example_over_plain"] == ref["over_plain"]["per_example"]
     assert written["microbatch_over_plain"] == ref["over_plain"]["microbatch"]
     assert written["naive_vmap_over_plain"] == ref["over_plain"]["naive_vmap"]
@@ -95,7 +95,10 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     for bs in config.lm.batch_sizes:
         d = tr[str(bs)]
         check_timed(d, bench.LM_VARIANTS)
-        assert d["auto_method"] in ("ghost", "vmap") and d["auto_describe"].count("auto: ") == 1
+        assert (
+            d["auto_method"] in ("ghost", "microbatches", "vmap")
+            and d["auto_describe"].count("auto: ") == 1
+        )
         assert d["auto_chunks"] == 1  # batch 8: too small to chunk
     table = bench.format_table(written).splitlines()
     assert table[0].split() == [
@@ -115,7 +118,7 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
         assert set(rows[name]) == {str(b) for b in row.batch_sizes}
         for rd in rows[name].values():
             check_timed(rd, bench.LM_VARIANTS)
-            assert rd["auto_method"] in ("ghost", "vmap")
+            assert rd["auto_method"] in ("ghost", "microbatches", "vmap")
             assert "fallback" not in rd["auto_describe"]  # every leaf covered
             n_rows += len(bench.LM_VARIANTS)
     n_cnn = len(config.batch_sizes) * len(bench.VARIANTS)

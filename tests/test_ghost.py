@@ -788,9 +788,9 @@ class PartsModel(nn.Module):
         return embed.attend(jnp.tanh(h))
 
 
-@pytest.mark.parametrize("chunks", [1, 2])
+@pytest.mark.parametrize("path", ["whole", "chunks", "microbatches"])
 @pytest.mark.parametrize("name", ["conv", "parts", "scanned", "penalized"])
-def test_axis_name_in_shard_map_matches_global_vmap(chunks, name, monkeypatch):
+def test_axis_name_in_shard_map_matches_global_vmap(path, name, monkeypatch):
     devices = jax.devices()[:4]
     if len(devices) < 4:
         pytest.skip("needs 4 devices (tests/conftest.py simulates them on CPU)")
@@ -808,14 +808,21 @@ def test_axis_name_in_shard_map_matches_global_vmap(chunks, name, monkeypatch):
     else:
         loss_fn, params, batch = setup(PartsModel(), images((16, 4)))
         assert {c.parts for c in ghost.plan(loss_fn, params, batch).consumers} == {True, False}
-    if chunks > 1:  # each device's 4 examples in 2 chunks
-        select = ghost.select
+    select = ghost.select
 
-        def chunked(f, p, b, **kw):
-            plan = select(f, p, b, **kw)
-            return plan and ghost.chunked(plan, f, p, b, 2)
+    def chunked(f, p, b, **kw):  # each device's 4 examples in 2 chunks
+        plan = select(f, p, b, **kw)
+        return plan and ghost.chunked(plan, f, p, b, 2)
 
-        monkeypatch.setattr(ghost, "select", chunked)
+    def microbatches(f, p, b, **kw):  # every leaf from 4 microbatches of one example: exact
+        plan = select(f, p, b, **kw)  # None for the reference's method="vmap"
+        every = plan and tuple(range(plan.num_leaves))
+        return plan and dataclasses.replace(
+            plan, consumers=(), fallback=every, fallback_microbatches=4
+        )
+
+    if path != "whole":
+        monkeypatch.setattr(ghost, "select", chunked if path == "chunks" else microbatches)
 
     def local(p, b):
         stats, grads = estimate.per_example(loss_fn, p, b, axis_name="batch", method="ghost")
@@ -1319,6 +1326,10 @@ def test_fastest_takes_the_smallest_median():
     times = {"ghost": [3.0, 1.0, 9.0], "ghost in 2 chunks": [2.0, 2.5, 2.0], "vmap": [1.0, 5, 5]}
     assert ghost.fastest(times) == "ghost in 2 chunks"  # medians 3, 2, 5
     assert ghost.fastest({"ghost": [1.0], "vmap": [1.0]}) == "ghost"  # a tie: the first
+    # A candidate with a price wins only when its median times the price is the smallest.
+    for sampled, winner in [(0.95, "ghost"), (0.85, "every leaf from 8 microbatches")]:
+        times = {"ghost": [1.0], "every leaf from 8 microbatches": [sampled]}
+        assert ghost.fastest(times, {"every leaf from 8 microbatches": 1.1}) == winner
 
 
 def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
@@ -1327,10 +1338,12 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
     monkeypatch.setattr(ghost, "CHUNK_COUNT", 4)
     loss_fn, params, batch = chunk_problem("plain_mlp", n=16)
     the_plan = ghost.plan(loss_fn, params, batch)
-    names = ["ghost", "ghost in 2 chunks", "ghost in 4 chunks", "vmap"]
+    sampled = "every leaf from 4 microbatches"
+    names = ["ghost", sampled, "ghost in 2 chunks", "ghost in 4 chunks", "vmap"]
     within_memory = ghost._within_memory  # tested below
     monkeypatch.setattr(ghost, "_within_memory", lambda calls: (calls, ""))
-    for winner, with_vmap in [("ghost in 2 chunks", True), ("vmap", True), ("ghost", False)]:
+    cases = [("ghost in 2 chunks", True), ("vmap", True), ("ghost", False), (sampled, False)]
+    for winner, with_vmap in cases:
         seen = []
 
         def fake(calls, warmup, rounds, winner=winner, seen=seen):
@@ -1340,9 +1353,13 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
         monkeypatch.setattr(hardware, "interleaved_times", fake)
         monkeypatch.setattr(ghost, "_CALIBRATED", {})
         chosen = ghost.calibrate(loss_fn, params, batch, the_plan, with_vmap=with_vmap)
-        assert seen == names[: 4 if with_vmap else 3]
+        assert seen == names[: 5 if with_vmap else 4]
         if winner == "vmap":
             assert chosen is None
+            continue
+        if winner == sampled:  # every leaf's sums from microbatches: the estimator's loop
+            assert chosen.consumers == () and chosen.fallback_microbatches == 4
+            assert "charged 1.1x for their variance" in chosen.describe()
             continue
         k = int(winner.split()[2]) if "chunks" in winner else 1
         assert chosen.num_chunks == k and chosen.batch_size == 16 // k
@@ -1406,7 +1423,7 @@ def test_calibrate_also_times_the_direct_form_where_the_model_cannot_tell(monkey
     monkeypatch.setattr(hardware, "interleaved_times", fake)
     chosen = ghost.calibrate(loss_fn, w, x, the_plan)
     chunks = [f"ghost in {k} chunks{form}" for k in (2, 4) for form in ("", ", direct form")]
-    assert seen == ["ghost", *chunks, "vmap"]
+    assert seen == ["ghost", "every leaf from 4 microbatches", *chunks, "vmap"]
     assert chosen.num_chunks == 2 and [c.form for c in chosen.consumers] == ["direct"]
     assert f"auto: timed once: {winner} (median ms: ghost " in chosen.describe()
 
@@ -1432,7 +1449,8 @@ def test_calibrate_skips_the_chunks_when_the_weights_outweigh_the_batch(monkeypa
 
     monkeypatch.setattr(hardware, "interleaved_times", fake)
     chosen = ghost.calibrate(loss_fn, w, x, ghost.plan(loss_fn, w, x))
-    assert seen == ["ghost", "vmap"] and chosen.num_chunks == 1
+    assert seen == ["ghost", "every leaf from 8 microbatches", "vmap"]
+    assert chosen.num_chunks == 1
     assert "not timed, more memory than the whole batch: the chunked paths" in chosen.describe()
 
 

@@ -94,6 +94,28 @@ def test_end_to_end_script_continues_the_pilot_and_adds_up(tmp_path, capsys, tas
     assert out["end_to_end_over_best"] == pytest.approx(out["end_to_end_s"] / fastest["s"])
 
 
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_precision_script_compares_two_unbiased_estimators(capsys, model):
+    """docs/estimator_precision.py (behind gns.ghost.MICROBATCH_PRICE) at smoke size: both
+    estimators are unbiased for the same statistics of the same batches, so their means agree
+    within a few standard errors, and the ratios are of the printed deviations."""
+    sys.path.insert(0, str(DOCS))
+    try:
+        import estimator_precision
+    finally:
+        sys.path.remove(str(DOCS))
+    argv = ["--smoke", f"--model={model}", "--batch=16", "--steps=3", "--n=12"]
+    out = estimator_precision.main(argv)
+    assert json.loads(capsys.readouterr().out) == out
+    for k in ("g_sq", "trace_cov"):
+        exact, sampled = out["per_example"][k], out["microbatch"][k]
+        err = math.hypot(exact["sd"], sampled["sd"]) / math.sqrt(out["n"])
+        assert abs(exact["mean"] - sampled["mean"]) <= 4 * err
+        assert out["variance_ratio"][k] == pytest.approx((sampled["sd"] / exact["sd"]) ** 2)
+    with pytest.raises(SystemExit):
+        estimator_precision.main(["--smoke", "--batch=12"])  # not 8 microbatches
+
+
 def test_the_readme_carries_the_find_batch_size_example_as_tested():
     blocks = [b for b in python_blocks(README.read_text()) if "find_batch_size" in b]
     if not blocks:
@@ -123,6 +145,16 @@ def test_data_parallel_doc_sets_up_its_devices_in_a_fresh_python_on_one_cpu():
                           text=True, timeout=100)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["4", "64"]
+
+
+@pytest.mark.parametrize("script", ["finder_end_to_end.py", "estimator_precision.py"])
+def test_docs_scripts_start_as_printed_from_any_directory(tmp_path, script):
+    """``python docs/<script> ...`` as the docstrings print it: Python puts docs/ first on the
+    path, not the clone, so the script must find experiments/ and configs/ itself."""
+    proc = subprocess.run([sys.executable, str(DOCS / script), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:") and "--smoke" in proc.stdout
 
 
 def test_the_gns_command_lists_its_subcommands_and_maps_them_to_the_experiments():
