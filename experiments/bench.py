@@ -140,6 +140,7 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
     times = {n: times[n] for n in compiled}  # in the order of variants
     seconds = {n: float(np.median(t)) for n, t in times.items()}
     size = estimate.batch_size(batch)
+    path = "vmap" if chosen is None else "ghost" if chosen.consumers else "microbatches"
     return {
         "batch_size": size,
         "repeats": repeats,
@@ -159,11 +160,7 @@ def time_row(loss_fn, params, batch, optimizer, variants, *, repeats, warmup, **
         },
         "compile_seconds": compile_s,
         "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "auto_method": "vmap"
-        if chosen is None
-        else "ghost"
-        if chosen.consumers
-        else "microbatches",
+        "auto_method": path,
         "auto_chunks": 1 if chosen is None else chosen.num_chunks,
         "auto_describe": described,
     }
