@@ -311,14 +311,15 @@ def per_example(
       has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux of each call of ``loss_fn`` is
         returned stacked along a leading axis: one entry per example on the ``vmap`` path,
         one per call on the fast path (a single call on the whole local batch, or one per
-        equal example chunk when ``auto`` chose to split it). Either way, the mean over that
-        axis of a per-example mean (loss, accuracy) is its batch mean; pass
+        equal example chunk or microbatch when ``auto`` chose to split it). Either way, the
+        mean over that axis of a per-example mean (loss, accuracy) is its batch mean; pass
         ``method="vmap"`` when you need the aux of every example.
       method: ``"auto"`` (default): the fastest of the fast path (:mod:`gns.ghost`) on the
         whole batch, the fast path over equal example chunks in turn (``jax.lax.scan``: the
         same statistics; smaller products can run faster per example), the sums estimated
         from 8 microbatch gradients (:func:`microbatch`'s loop: unbiased, a little noisier,
-        so it must be :data:`gns.ghost.MICROBATCH_PRICE` faster), and ``vmap``. Timed
+        so it must be :data:`gns.ghost.MICROBATCH_PRICE` faster; set that to ``math.inf``
+        for statistics equal to ``vmap``'s to rounding), and ``vmap``. Timed
         once on these shapes and cached (:func:`gns.ghost.calibrate`), with the cost model as
         the prior: the fast path without timing when it is clearly cheaper and the batch too
         small to chunk; ``vmap`` when the fast path covers no parameter

@@ -118,6 +118,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -208,6 +209,7 @@ MAX_SAVING = 0.5
 # at 128 and 512, MLP at 128, Transformer LM at 32 and 128; the variance of tr(Σ) alone
 # 1.0-14x, of |G|², which dominates below the noise scale, 1.02-1.12x;
 # docs/estimator_precision.py), so it needs about that many more steps for the same precision.
+# Set it to math.inf for the per-example statistics only (equal to vmap's to rounding).
 MICROBATCH_PRICE = 1.1
 
 # How much slower than the plain step's one large weight-gradient product ``vmap``'s batch of
@@ -1275,7 +1277,7 @@ def _candidates(
     are small), and ``vmap`` (``None``)."""
     out: dict[str, Plan | None] = {"ghost": the_plan}
     n, k = common.batch_size(batch), CHUNK_COUNT
-    if n % k == 0 and n > k:
+    if n % k == 0 and n > k and math.isfinite(MICROBATCH_PRICE):
         if the_plan.fallback:
             out[f"ghost, fallback from {k} microbatches"] = dataclasses.replace(
                 the_plan, fallback_microbatches=k
