@@ -94,7 +94,7 @@ def test_end_to_end_script_continues_the_pilot_and_adds_up(tmp_path, capsys, tas
     assert out["end_to_end_over_best"] == pytest.approx(out["end_to_end_s"] / fastest["s"])
 
 
-@pytest.mark.parametrize("model", ["cnn", "mlp"])
+@pytest.mark.parametrize("model", ["--model=cnn", "--model=mlp", "--task=lm"])
 def test_precision_script_compares_two_unbiased_estimators(capsys, model):
     """docs/estimator_precision.py (behind gns.ghost.MICROBATCH_PRICE) at smoke size: both
     estimators are unbiased for the same statistics of the same batches, so their means agree
@@ -104,7 +104,7 @@ def test_precision_script_compares_two_unbiased_estimators(capsys, model):
         import estimator_precision
     finally:
         sys.path.remove(str(DOCS))
-    argv = ["--smoke", f"--model={model}", "--batch=16", "--steps=3", "--n=12"]
+    argv = ["--smoke", model, "--batch=16", "--steps=3", "--n=12"]
     out = estimator_precision.main(argv)
     assert json.loads(capsys.readouterr().out) == out
     for k in ("g_sq", "trace_cov"):
