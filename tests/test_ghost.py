@@ -1327,20 +1327,22 @@ def test_fastest_takes_the_smallest_median():
     times = {"ghost": [3.0, 1.0, 9.0], "ghost in 2 chunks": [2.0, 2.5, 2.0], "vmap": [1.0, 5, 5]}
     assert ghost.fastest(times) == "ghost in 2 chunks"  # medians 3, 2, 5
     assert ghost.fastest({"ghost": [1.0], "vmap": [1.0]}) == "ghost"  # a tie: the first
-    # MICROBATCH_PRICE = inf: only exact candidates (none from microbatches) are built.
-    loss_fn, params, batch = chunk_problem("plain_mlp", n=16)
-    the_plan = ghost.plan(loss_fn, params, batch)
-    assert "every leaf from 8 microbatches" in ghost._candidates(
-        loss_fn, params, batch, the_plan, False, True
-    )
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(ghost, "MICROBATCH_PRICE", math.inf)
-        exact = ghost._candidates(loss_fn, params, batch, the_plan, False, True)
-        assert not any("microbatches" in name for name in exact)
     # A candidate with a price wins only when its median times the price is the smallest.
     for sampled, winner in [(0.95, "ghost"), (0.85, "every leaf from 8 microbatches")]:
         times = {"ghost": [1.0], "every leaf from 8 microbatches": [sampled]}
         assert ghost.fastest(times, {"every leaf from 8 microbatches": 1.1}) == winner
+
+
+def test_microbatch_sums_are_a_candidate_unless_priced_out(monkeypatch):
+    """A fully covered model's candidates include every leaf's sums from 8 microbatches;
+    MICROBATCH_PRICE = inf builds only the exact ones."""
+    loss_fn, params, batch = chunk_problem("plain_mlp", n=16)
+    the_plan = ghost.plan(loss_fn, params, batch)
+    every = ghost._candidates(loss_fn, params, batch, the_plan, False, True)
+    assert every["every leaf from 8 microbatches"].fallback_microbatches == 8
+    monkeypatch.setattr(ghost, "MICROBATCH_PRICE", math.inf)
+    exact = ghost._candidates(loss_fn, params, batch, the_plan, False, True)
+    assert not any("microbatches" in name for name in exact) and "ghost" in exact
 
 
 def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
