@@ -6,9 +6,11 @@ command's devices, parsed in-process as absl parses the command line (tests/test
 also run end to end in tests/test_train.py, test_lm.py, test_sweep.py, test_demo.py
 and test_interrupt.py."""
 
+import os
 import pathlib
 import re
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -68,3 +70,28 @@ def test_printed_command_has_a_valid_config(command, monkeypatch):
     values(sys.argv)
     devices = int(re.search(r"device_count=(\d+)", env.get("XLA_FLAGS", "device_count=1")).group(1))
     rules.check(values.config, module.split(".")[1], devices)
+
+
+@pytest.mark.parametrize("smoke", ["0", "1"])
+def test_gpu_script_commands_are_valid(tmp_path, smoke, monkeypatch):
+    """``.ci/gpu`` (the GPU rows, run on a lent device machine) with ``PY=echo``: each step
+    logs its command line instead of running it; the bench's parses as absl parses it and
+    passes the rule table, the end-to-end script's parse with that script's parser."""
+    env = {**os.environ, "PY": "echo", "OUT": str(tmp_path), "GPU_SMOKE": smoke}
+    proc = subprocess.run(["bash", str(ROOT / ".ci/gpu")], cwd=ROOT, env=env, timeout=60,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    steps = (tmp_path / "env.txt").read_text()
+    assert "bench: exit 0" in steps and "e2e_lm: exit 0" in steps
+    bench = shlex.split((tmp_path / "bench.log").read_text())
+    assert bench[:2] == ["-m", "experiments.bench"]
+    test_printed_command_has_a_valid_config(shlex.join(["python", *bench]), monkeypatch)
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import finder_end_to_end as e2e
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    for log in sorted(tmp_path.glob("e2e_*.log")):
+        script, *args = shlex.split(log.read_text())
+        assert script == "docs/finder_end_to_end.py"
+        e2e.parse_args(args)  # exits 2 on a flag it does not know
