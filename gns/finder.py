@@ -700,8 +700,10 @@ def decide(
 ) -> recommend.Recommendation:
     """:func:`gns.recommend.recommend` on a timing table with the chosen basis and evidence.
 
-    ``candidates`` default: the timed sizes the timing did not prune (:func:`dominated_sizes`),
-    the base batch (unless pruned) and 2×, 4× ``max_batch_size`` (accumulation).
+    ``candidates`` default: the timed sizes the timing did not prune (:func:`dominated_sizes`;
+    a size taken from a :class:`gns.hardware.TimingCache` stays a candidate, since an earlier
+    call pruned it against sizes this table may lack), the base batch (unless pruned) and 2×,
+    4× ``max_batch_size`` (accumulation).
 
     Returns:
       The :class:`gns.recommend.Recommendation` (``basis`` and ``evidence`` filled in).
@@ -711,8 +713,9 @@ def decide(
     if not (math.isnan(lo) or math.isnan(hi)):
         interval = (min(lo, v), max(hi, v))
     times = table.step_time()
-    if candidates is None:  # a size the timing pruned cannot win: it is not a candidate
-        pruned = {b for b, t in table.timings.items() if t.pruned}
+    if candidates is None:  # a size this timing pruned cannot win: it is not a candidate
+        # (one pruned by an earlier call's, against sizes this table may lack, still can)
+        pruned = {b for b, t in table.timings.items() if t.pruned and not t.cached}
         candidates = sorted(
             (set(times) | {base_batch_size} | {f * max_batch_size for f in (2, 4)}) - pruned
         )
