@@ -1147,9 +1147,7 @@ def select(
       uses: how many steps will run the answer (``None``: many): :func:`calibrate` times the
         other candidates only if that can pay. The answer is cached by signature, so a later
         ``per_example(method="auto")`` on these shapes runs it (:func:`gns.finder
-        .find_batch_size` passes its pilot's length); one that timed nothing else serves
-        calls for as many steps only, and a later call for more (a training after the pilot)
-        times the candidates.
+        .find_batch_size` passes its pilot's length).
 
     Returns:
       A :class:`Plan` for :func:`sums` (:meth:`Plan.describe` says what was chosen and why),
@@ -1398,14 +1396,11 @@ def calibrate(
     With ``uses`` (the steps that will run the answer) the fast path on the whole batch is
     compiled and timed first, and the other candidates only if :data:`MAX_SAVING` of its time
     over ``uses`` steps exceeds what compiling (as long as that one took) and timing them
-    would cost; otherwise the answer is the cost model's, and :meth:`Plan.describe` says why
-    (cached for that ``uses`` only: a call for more steps times the candidates).
+    would cost; otherwise the answer is the cost model's, and :meth:`Plan.describe` says why.
     """
     key = (*_signature_key(the_plan, params, batch, has_aux, chunk_size), with_vmap)
     if key in _CALIBRATED:
         return _CALIBRATED[key]
-    if uses and (*key, uses) in _CALIBRATED:  # an answer for that few steps: nothing timed
-        return _CALIBRATED[(*key, uses)]
     n = common.batch_size(batch)
     chunk = n if chunk_size is None else min(chunk_size, n)
 
@@ -1424,8 +1419,8 @@ def calibrate(
         chunks = _chunks_can_fit(whole, args[0])
         candidates = _candidates(loss_fn, params, batch, the_plan, has_aux, with_vmap, chunks)
         if uses and (why := _unpaid((whole, args), compile_s, len(candidates), uses, rounds)):
-            _CALIBRATED[(*key, uses)] = _model_choice(the_plan, why)
-            return _CALIBRATED[(*key, uses)]
+            _CALIBRATED[key] = _model_choice(the_plan, why)
+            return _CALIBRATED[key]
         calls = {
             m: (whole if m == "ghost" else jax.jit(run(p)).lower(*args).compile(), args)
             for m, p in candidates.items()

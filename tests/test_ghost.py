@@ -1236,12 +1236,9 @@ def test_calibrate_times_the_other_candidates_only_where_that_can_pay(monkeypatc
         and "not timed: " in once.describe()
         and "over 1 steps" in once.describe()
     )
-    # Kept for that many steps only: a later call for more steps (a training after the
-    # finder's pilot) times them, and its answer serves every later call.
+    monkeypatch.setattr(ghost, "_CALIBRATED", {})
     many = ghost.calibrate(loss_fn, params, batch, the_plan, rounds=1, uses=10**9)
     assert many is None or "timed once: " in many.describe()
-    assert ghost.calibrate(loss_fn, params, batch, the_plan, rounds=1, uses=1) is many
-    assert ghost.calibrate(loss_fn, params, batch, the_plan, rounds=1) is many
 
 
 def test_per_example_auto_follows_the_decision(monkeypatch):
