@@ -561,6 +561,7 @@ def time_candidates(
     progress: Callable[[str, int, int], None] | None = None,
     seconds: dict | None = None,
     retime: Sequence[int] = (),
+    pruned_here: Sequence[int] = (),
 ) -> tuple[hardware.FitResult, hardware.TimingTable | None]:
     """Memory of every candidate, then one interleaved timing table of those that fit.
 
@@ -579,8 +580,10 @@ def time_candidates(
         share it) and compiled once, for the memory analysis and the timing alike.
       timing_cache: a :class:`gns.hardware.TimingCache`: a candidate whose step signature
         (:func:`gns.hardware.step_signature`, with the memory budget) is in it is neither
-        compiled nor timed again (``BatchTiming.cached``; a size pruned then keeps its reason
-        and its shorter timing); the others are measured and stored.
+        compiled nor timed again (``BatchTiming.cached``); the others are measured and stored.
+        An entry pruned (:func:`dominated_sizes`) is taken only for the sizes in
+        ``pruned_here`` (pruned in the same search, which keeps their reason and shorter
+        timing): any other was pruned against sizes this table may lack, and is measured.
       progress: ``progress(phase, done, total)`` with phases ``"memory"`` and ``"timing"``.
       seconds: a dict to add the wall time of each phase to (``"memory"``, ``"timing"``).
       retime: candidates timed again even when ``timing_cache`` holds them, interleaved with
@@ -596,7 +599,7 @@ def time_candidates(
     cands = sorted({int(c) for c in candidates})
     t0 = time.perf_counter()
     keys, hits = _cache_lookup(
-        step_fn, shape_args, cands, memory_budget_bytes, cache, timing_cache, retime
+        step_fn, shape_args, cands, memory_budget_bytes, cache, timing_cache, retime, pruned_here
     )
     todo, built = [b for b in cands if b not in hits], {}
 
@@ -651,17 +654,18 @@ def time_candidates(
     return _merged(fit, table, hits, records, timings, rounds)
 
 
-def _cache_lookup(step_fn, shape_args, cands, budget, cache, timing_cache, retime):
+def _cache_lookup(step_fn, shape_args, cands, budget, cache, timing_cache, retime, pruned_here):
     """The :class:`gns.hardware.TimingCache` key of each candidate and the entries it holds
-    (none for the sizes in ``retime``)."""
+    (none for the sizes in ``retime``, nor pruned ones outside ``pruned_here``)."""
     keys, hits = {}, {}
     if timing_cache is None:
         return keys, hits
     for b in cands:
         sig = hardware.step_signature(step_fn, *hardware.abstract_args(shape_args, b), cache=cache)
         keys[b] = (sig, budget)
-        if sig is not None and keys[b] in timing_cache and b not in set(retime):
-            hits[b] = timing_cache[keys[b]]
+        entry = timing_cache.get(keys[b]) if sig is not None and b not in set(retime) else None
+        if entry is not None and (entry[1] is None or not entry[1].pruned or b in pruned_here):
+            hits[b] = entry
     return keys, hits
 
 
@@ -700,10 +704,8 @@ def decide(
 ) -> recommend.Recommendation:
     """:func:`gns.recommend.recommend` on a timing table with the chosen basis and evidence.
 
-    ``candidates`` default: the timed sizes the timing did not prune (:func:`dominated_sizes`;
-    a size taken from a :class:`gns.hardware.TimingCache` stays a candidate, since an earlier
-    call pruned it against sizes this table may lack), the base batch (unless pruned) and 2×,
-    4× ``max_batch_size`` (accumulation).
+    ``candidates`` default: the timed sizes the timing did not prune (:func:`dominated_sizes`),
+    the base batch (unless pruned) and 2×, 4× ``max_batch_size`` (accumulation).
 
     Returns:
       The :class:`gns.recommend.Recommendation` (``basis`` and ``evidence`` filled in).
@@ -713,9 +715,8 @@ def decide(
     if not (math.isnan(lo) or math.isnan(hi)):
         interval = (min(lo, v), max(hi, v))
     times = table.step_time()
-    if candidates is None:  # a size this timing pruned cannot win: it is not a candidate
-        # (one pruned by an earlier call's, against sizes this table may lack, still can)
-        pruned = {b for b, t in table.timings.items() if t.pruned and not t.cached}
+    if candidates is None:  # a size the timing pruned cannot win: it is not a candidate
+        pruned = {b for b, t in table.timings.items() if t.pruned}
         candidates = sorted(
             (set(times) | {base_batch_size} | {f * max_batch_size for f in (2, 4)}) - pruned
         )
@@ -1711,6 +1712,7 @@ def _time_fn(train_step, params, opt_state, checked: dict, a: dict, seconds: dic
             progress=checked["progress"],
             seconds=seconds,
             retime=sorted(retime),
+            pruned_here=sorted(fresh),
         )
         if table is not None:  # timed earlier in this call is not "cached" (an earlier call)
             mine = [b for b, t in table.timings.items() if b in fresh and t.cached]

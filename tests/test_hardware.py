@@ -1,6 +1,7 @@
 """Tests for gns.hardware: device detection, memory prediction (checked against a subprocess's
 resident memory), the largest batch that fits (budget and out-of-memory paths), step timing."""
 
+import dataclasses
 import json
 import os
 import statistics
@@ -461,6 +462,20 @@ def test_time_candidates_reuses_a_cached_table_without_compiling():
     finder.time_candidates(make_step(), make_args, [8], memory_budget_bytes=2**29, rounds=1,
                            cache=cache3, timing_cache=store)  # fmt: skip
     assert cache3.compiles == 1
+    # An entry pruned by an earlier search was pruned against sizes this one may lack (a second
+    # find_batch_size on the Transformer LM picked 64 where the first picked 8, when 16 and 32
+    # came back pruned against 8, not timed yet): measured again, unless pruned in this search.
+    key16 = next(k for k, (rec, _, _) in store.items() if rec.batch_size == 16 and k[1] == 2**30)
+    rec, bt, source = store[key16]
+    store[key16] = (rec, dataclasses.replace(bt, pruned="cannot win against B=4"), source)
+    for pruned_here, compiles in [((), 1), ((16,), 0)]:
+        cache4 = hardware.CompileCache()
+        _, table4 = finder.time_candidates(
+            make_step(), make_args, [16], memory_budget_bytes=2**30, rounds=1, cache=cache4,
+            timing_cache=store, pruned_here=pruned_here,
+        )  # fmt: skip
+        assert cache4.compiles == compiles and table4.timings[16].cached == (not compiles)
+        store[key16] = (rec, dataclasses.replace(bt, pruned="cannot win against B=4"), source)
 
 
 def test_pruning_to_one_size_ends_the_timing():
