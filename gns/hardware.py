@@ -862,44 +862,13 @@ def step_signature(
 
 
 class TimingCache(dict):
-    """Measurements of earlier calls, by :func:`step_signature` (in memory).
+    """Measurements of earlier calls in this process, by :func:`step_signature` (in memory).
 
-    ``{(signature, budget bytes): (FitRecord, BatchTiming | None, budget source)}``:
-    :func:`gns.finder.time_candidates` keeps each batch size's memory verdict and timing here,
-    so a second search for the same step on the same device (the same model at another budget,
-    a re-run in a notebook) measures nothing again. The signature hashes the device kind and the
-    step's program, so the entries also hold in another process: keep them as JSON
-    (:meth:`to_json`, :meth:`from_json`; gns writes no files). A step time measured under
-    another load is reused as it was: clear the cache (or pass none) to re-time.
-
-    Example:
-      >>> import json
-      >>> cache = TimingCache({("sig", 2**30): (FitRecord(8, 1024, 2**30, True, True), None, "x")})
-      >>> TimingCache.from_json(json.loads(json.dumps(cache.to_json()))) == cache
-      True
+    ``{signature: value}``: :func:`gns.finder.time_candidates` keeps ``(FitRecord,
+    BatchTiming)`` per batch size here, so a second search for the same step on the same device
+    (the same model at another budget, a re-run in a notebook) measures nothing again. A step
+    time measured under another load is reused as it was: clear the cache to re-time.
     """
-
-    def to_json(self) -> list[dict]:
-        """The entries as JSON-ready dicts (the compiled executables left out)."""
-        return [
-            {"signature": sig, "budget_bytes": budget, "fit": rec.to_dict(),
-             "timing": None if bt is None else bt.to_dict(), "budget_source": source}
-            for (sig, budget), (rec, bt, source) in self.items()
-        ]  # fmt: skip
-
-    @classmethod
-    def from_json(cls, entries: Sequence[Mapping]) -> TimingCache:
-        """The cache :meth:`to_json` gave."""
-        out = cls()
-        for e in entries:
-            bt = e["timing"]
-            bt = None if bt is None else BatchTiming(**{**bt, "times_s": tuple(bt["times_s"])})
-            out[(e["signature"], e["budget_bytes"])] = (
-                FitRecord(**e["fit"]),
-                bt,
-                e["budget_source"],
-            )
-        return out
 
 
 TIMING_CACHE = TimingCache()
