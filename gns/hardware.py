@@ -866,8 +866,9 @@ class TimingCache(dict):
 
     ``{signature: value}``: :func:`gns.finder.time_candidates` keeps ``(FitRecord,
     BatchTiming)`` per batch size here, so a second search for the same step on the same device
-    (the same model at another budget, a re-run in a notebook) measures nothing again. A step
-    time measured under another load is reused as it was: clear the cache to re-time.
+    (the same model at another budget, a re-run in a notebook) does not measure again the
+    sizes timed to the end (it does those an earlier search pruned). A step time measured
+    under another load is reused as it was: clear the cache to re-time.
     """
 
 
