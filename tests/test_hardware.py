@@ -460,9 +460,9 @@ def test_time_candidates_reuses_a_cached_table_without_compiling():
     finder.time_candidates(make_step(), make_args, [8], memory_budget_bytes=2**29, rounds=1,
                            cache=cache3, timing_cache=store)  # fmt: skip
     assert cache3.compiles == 1
-    # An entry pruned by an earlier search was pruned against sizes this one may lack (a second
-    # find_batch_size on the Transformer LM picked 64 where the first picked 8, when 16 and 32
-    # came back pruned against 8, not timed yet): measured again, unless pruned in this search.
+    # An entry pruned by an earlier search was pruned against sizes this one may lack (else a
+    # second find_batch_size on the Transformer LM picks 64 where the first picks 8: 16 and 32
+    # come back pruned against 8, not timed yet): measured again, unless pruned in this search.
     key16 = next(k for k, (rec, _, _) in store.items() if rec.batch_size == 16 and k[1] == 2**30)
     rec, bt, source = store[key16]
     store[key16] = (rec, dataclasses.replace(bt, pruned="cannot win against B=4"), source)
