@@ -657,13 +657,13 @@ def time_candidates(
 def _cache_lookup(step_fn, shape_args, cands, budget, cache, timing_cache, retime, pruned_here):
     """The :class:`gns.hardware.TimingCache` key of each candidate and the entries it holds
     (none for the sizes in ``retime``, nor pruned ones outside ``pruned_here``)."""
-    keys, hits = {}, {}
+    keys, hits, retime = {}, {}, set(retime)
     if timing_cache is None:
         return keys, hits
     for b in cands:
         sig = hardware.step_signature(step_fn, *hardware.abstract_args(shape_args, b), cache=cache)
         keys[b] = (sig, budget)
-        entry = timing_cache.get(keys[b]) if sig is not None and b not in set(retime) else None
+        entry = timing_cache.get(keys[b]) if sig is not None and b not in retime else None
         if entry is not None and (entry[1] is None or not entry[1].pruned or b in pruned_here):
             hits[b] = entry
     return keys, hits

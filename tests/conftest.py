@@ -6,6 +6,7 @@ of the test session. Tests that need one device simply use the default device.
 """
 
 import atexit
+import importlib
 import json
 import os
 import pathlib
@@ -112,3 +113,19 @@ def run_commands(commands, scratch, timeout=240) -> list[subprocess.CompletedPro
 def commands():
     """:func:`run_commands`."""
     return run_commands
+
+
+def import_docs_script(name: str):
+    """The module of ``docs/<name>.py`` (docs/ is no package: on the path for the import)."""
+    docs = os.path.join(ROOT, "docs")
+    sys.path.insert(0, docs)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(docs)
+
+
+@pytest.fixture(scope="session")
+def docs_script():
+    """:func:`import_docs_script`."""
+    return import_docs_script

@@ -73,7 +73,7 @@ def test_printed_command_has_a_valid_config(command, monkeypatch):
 
 
 @pytest.mark.parametrize("smoke", ["0", "1"])
-def test_gpu_script_commands_are_valid(tmp_path, smoke, monkeypatch):
+def test_gpu_script_commands_are_valid(tmp_path, smoke, monkeypatch, docs_script):
     """``.ci/gpu`` (the GPU rows, run on a lent device machine) with ``PY=echo``: each step
     logs its command line instead of running it; the bench's parses as absl parses it and
     passes the rule table, the end-to-end script's parse with that script's parser."""
@@ -86,11 +86,7 @@ def test_gpu_script_commands_are_valid(tmp_path, smoke, monkeypatch):
     bench = shlex.split((tmp_path / "bench.log").read_text())
     assert bench[:2] == ["-m", "experiments.bench"]
     test_printed_command_has_a_valid_config(shlex.join(["python", *bench]), monkeypatch)
-    sys.path.insert(0, str(ROOT / "docs"))
-    try:
-        import finder_end_to_end as e2e
-    finally:
-        sys.path.remove(str(ROOT / "docs"))
+    e2e = docs_script("finder_end_to_end")
     for log in sorted(tmp_path.glob("e2e_*.log")):
         script, *args = shlex.split(log.read_text())
         assert script == "docs/finder_end_to_end.py"

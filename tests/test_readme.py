@@ -71,14 +71,12 @@ def test_find_batch_size_example_runs_as_printed():
     ],
     ids=["image", "lm"],
 )
-def test_end_to_end_script_continues_the_pilot_and_adds_up(tmp_path, capsys, task_flags):
+def test_end_to_end_script_continues_the_pilot_and_adds_up(
+    tmp_path, capsys, task_flags, docs_script
+):
     """docs/finder_end_to_end.py (the README's end-to-end table) at smoke size, on images and
     on text (a target of 9 bits per byte: reached at the first evaluation)."""
-    sys.path.insert(0, str(DOCS))
-    try:
-        import finder_end_to_end as e2e
-    finally:
-        sys.path.remove(str(DOCS))
+    e2e = docs_script("finder_end_to_end")
     out_file = tmp_path / "e2e.json"
     argv = ["--smoke", "--batch_sizes=16,32", *task_flags, "--window=1", f"--out={out_file}"]
     out = e2e.main(argv)
@@ -95,15 +93,11 @@ def test_end_to_end_script_continues_the_pilot_and_adds_up(tmp_path, capsys, tas
 
 
 @pytest.mark.parametrize("model", ["--model=cnn", "--model=mlp", "--task=lm"])
-def test_precision_script_compares_two_unbiased_estimators(capsys, model):
+def test_precision_script_compares_two_unbiased_estimators(capsys, model, docs_script):
     """docs/estimator_precision.py (behind gns.ghost.MICROBATCH_PRICE) at smoke size: both
     estimators are unbiased for the same statistics of the same batches, so their means agree
     within a few standard errors, and the ratios are of the printed deviations."""
-    sys.path.insert(0, str(DOCS))
-    try:
-        import estimator_precision
-    finally:
-        sys.path.remove(str(DOCS))
+    estimator_precision = docs_script("estimator_precision")
     argv = ["--smoke", model, "--batch=16", "--steps=3", "--n=12"]
     out = estimator_precision.main(argv)
     assert json.loads(capsys.readouterr().out) == out
