@@ -55,7 +55,7 @@ def parse_args(argv=None):
 def setup(args):
     """``(loss_fn, batch_fn, params)`` of the setup ``args`` names."""
     flags = ["--task=lm"] if args.task == "lm" else [f"--data={args.data}", "--augment"]
-    loss_fn, batch_fn, _, params, _ = e2e.setup(e2e.parse_args(flags + ["--smoke"] * args.smoke))
+    loss_fn, batch_fn, _, params = e2e.setup(e2e.parse_args(flags + ["--smoke"] * args.smoke))
     if args.task == "lm" or args.model == "mlp":
         return loss_fn, batch_fn, params
     widths = (8,) if args.smoke else (32, 64, 128)

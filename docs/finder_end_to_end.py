@@ -3,8 +3,8 @@ the README shows it (reference batch ``--ref``, 64), then ``continue_training`` 
 pilot's state at the pick to the target; against the same model trained from scratch at fixed
 batch sizes (rates by the same rule; the SGD rule with the finder's noise scale). Every run is
 timed by the wall clock, compiles included, and stops at the same target: the mean test
-accuracy of the last ``--window`` evaluations, one every 8,192 examples. Prints one JSON object
-(and writes it to ``--out``).
+accuracy of the last ``--window`` evaluations, one every ``--eval_every`` examples (8,192).
+Prints one JSON object (and writes it to ``--out``).
 
     python docs/finder_end_to_end.py --optimizer=sgd --seed=0 \
       --data=../shared/data/cifar10-jpeg.tar.gz --out=runs/e2e-sgd-0.json
@@ -16,7 +16,7 @@ runs it on synthetic 8x8 images in seconds (the suite's check).
 
 ``--task=lm`` runs ``configs/lm.py:cpu``'s byte-level Transformer (0.47M parameters) on the
 standard library's ``.py`` files instead, to a held-out bits per byte at or below ``--target``
-(1,024 windows, one evaluation every 8,192 windows); e.g. ``--task=lm --optimizer=adam
+(1,024 windows); e.g. ``--task=lm --optimizer=adam
 --lr=2e-3 --ref=32 --batch_sizes=8,16,32,64,128,256 --target=2.6``.
 """
 
@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--augment", action="store_true", help="random crop and flip")
     p.add_argument("--target", type=float, default=0.47, help="test accuracy (lm: bits) to reach")
     p.add_argument("--window", type=int, default=3, help="evaluations averaged")
+    p.add_argument("--eval_every", type=int, default=8192, help="examples between evaluations")
     p.add_argument("--max_s", type=float, default=150.0, help="wall-clock cap of one run")
     p.add_argument(
         "--run_steps",
@@ -71,7 +72,7 @@ def parse_args(argv=None):
 
 
 def setup(args):
-    """``(loss_fn, batch_fn, score, params, eval_every)`` of the setup ``args`` names; ``score``
+    """``(loss_fn, batch_fn, score, params)`` of the setup ``args`` names; ``score``
     is higher-is-better (test accuracy, or minus the held-out bits per byte)."""
     if args.task == "lm":
         return lm_setup(args)
@@ -97,7 +98,7 @@ def setup(args):
     def accuracy(params):
         return jnp.mean(jnp.argmax(model.apply(params, test[0]), -1) == test[1])
 
-    return loss_fn, batch_fn, accuracy, params, 256 if args.smoke else 8192
+    return loss_fn, batch_fn, accuracy, params
 
 
 def lm_setup(args):
@@ -117,14 +118,15 @@ def lm_setup(args):
     def minus_bits(params):
         return -loss_fn(params, test) / math.log(2.0)
 
-    return loss_fn, task.batch_fn(config, ds), minus_bits, params, 256 if args.smoke else 8192
+    return loss_fn, task.batch_fn(config, ds), minus_bits, params
 
 
 def to_target(args, parts, make_opt, state, batch_size, lr) -> dict:
     """Train from ``state`` at ``batch_size`` until the target (or ``--max_s``)."""
-    loss_fn, batch_fn, score, _, eval_every = parts
+    loss_fn, batch_fn, score, _ = parts
     target = -args.target if args.task == "lm" else args.target
-    chunk, opt, scores, t0 = max(1, eval_every // batch_size), make_opt(lr), [], time.perf_counter()
+    every = 256 if args.smoke else args.eval_every
+    chunk, opt, scores, t0 = max(1, every // batch_size), make_opt(lr), [], time.perf_counter()
     while time.perf_counter() - t0 < args.max_s:
         state, _ = continue_training(loss_fn, opt, batch_fn, state, chunk, batch_size=batch_size)
         scores.append(float(score(state.params)))
@@ -138,7 +140,7 @@ def to_target(args, parts, make_opt, state, batch_size, lr) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     parts = setup(args)
-    loss_fn, batch_fn, _, params, _ = parts
+    loss_fn, batch_fn, _, params = parts
     lr0, ref, load0 = args.lr or BASE_LR[args.optimizer], args.ref, os.getloadavg()[0]
     make_opt = (lambda r: optax.sgd(r, momentum=0.9)) if args.optimizer == "sgd" else optax.adam
     result = find_batch_size(loss_fn, params, make_opt(lr0), batch_fn, ref_batch_size=ref,

@@ -222,20 +222,22 @@ def run_pilot(
       A :class:`Pilot` (``rows``: the measured steps).
     """
     t0 = time.perf_counter()
-    rows, keep, wanted = [], {}, set(int(s) for s in checkpoint_steps)
+    measured, keep, wanted = [], {}, set(int(s) for s in checkpoint_steps)
     stop, t1, done = "steps", t0, 0
     if on_step is not None:
         on_step(0, state)
     if progress is not None:  # shown while the first step compiles (and times its path)
         progress(0, num_steps)
     for i in range(num_steps):
-        batch = batch_fn(batch_size, i)
+        batch, last = batch_fn(batch_size, i), state
         if (i + 1) % max(1, every) == 0 or plain_step is None:
             state, m = measure_step(state, batch)
-            m = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
-            rows.append({"step": i + 1, **m})
+            measured.append((i + 1, m))  # fetched at the end: no host sync per step
         else:
             state = plain_step(state, batch)
+        # One step in flight: the next batch is built while this one runs, and the clock
+        # below (max_seconds, step_s) is the device's.
+        jax.block_until_ready(state if i == 0 else last)
         done, t1 = i + 1, t1 if i else time.perf_counter()
         if i + 1 in wanted:
             keep[i + 1] = state
@@ -246,8 +248,13 @@ def run_pilot(
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             stop = "time"
             break
+    jax.block_until_ready(state)
     t_end = time.perf_counter()
     step_s = (t_end - t1) / (done - 1) if done > 1 else math.nan
+    rows = [
+        {"step": step, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0}}
+        for step, m in jax.device_get(measured)
+    ]
     return Pilot(rows, state, keep, done, t_end - t0, stop, step_s)
 
 
