@@ -1372,7 +1372,7 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
             continue
         if winner == sampled:  # every leaf's sums from microbatches: the estimator's loop
             assert chosen.consumers == () and chosen.fallback_microbatches == 4
-            assert "charged 1.1x for their variance" in chosen.describe()
+            assert f"charged {ghost.MICROBATCH_PRICE}x for their variance" in chosen.describe()
             continue
         k = int(winner.split()[2]) if "chunks" in winner else 1
         assert chosen.num_chunks == k and chosen.batch_size == 16 // k
