@@ -261,7 +261,7 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
 
     per_batch, batch_fn, last, gaps = [], _stream(task, t, ds, int(t.seed) + 1), {}, []
 
-    def on_step(step, state):  # the pilot's steps synchronize (their metrics are read each step)
+    def on_step(step, state):  # one pilot step in flight: the gaps are the device's step time
         if step >= 2:
             gaps.append(time.perf_counter() - last["t"])
         if step == noise.warmup_steps:
