@@ -16,8 +16,9 @@ runs it on synthetic 8x8 images in seconds (the suite's check).
 
 ``--task=lm`` runs ``configs/lm.py:cpu``'s byte-level Transformer (0.47M parameters) on the
 standard library's ``.py`` files instead, to a held-out bits per byte at or below ``--target``
-(1,024 windows); e.g. ``--task=lm --optimizer=adam
---lr=2e-3 --ref=32 --batch_sizes=8,16,32,64,128,256 --target=2.6``.
+(1,024 windows); e.g. ``--task=lm --optimizer=adam --lr=2e-3 --ref=32
+--batch_sizes=8,16,32,64,128,256 --target=2.6``. ``--compile_cache DIR`` turns on JAX's
+persistent compilation cache there: a second run compiles nothing it compiled before.
 """
 
 import argparse
@@ -64,6 +65,7 @@ def parse_args(argv=None):
         help="the planned run at --ref (find_batch_size's run_steps): 10 epochs of images at 64",
     )
     p.add_argument("--smoke", action="store_true", help="synthetic 8x8 images, tiny model")
+    p.add_argument("--compile_cache", help="JAX's persistent compilation cache in this folder")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     if args.task == "image" and not args.smoke and not args.data:
@@ -139,6 +141,9 @@ def to_target(args, parts, make_opt, state, batch_size, lr) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compile_cache:  # a run again on the same shapes compiles nothing (README)
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     parts = setup(args)
     loss_fn, batch_fn, _, params = parts
     lr0, ref, load0 = args.lr or BASE_LR[args.optimizer], args.ref, os.getloadavg()[0]
