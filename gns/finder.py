@@ -211,7 +211,9 @@ def run_pilot(
       batch_size: the pilot's batch ``B_ref``.
       num_steps: steps to run at most.
       every: measure at steps ``every, 2·every, ...`` (1-based); the others are ``plain_step``.
-      plain_step: jitted ``plain_step(state, batch) -> state``; needed when ``every > 1``.
+      plain_step: jitted ``plain_step(state, batch) -> state``; needed when ``every > 1``; it
+        must not donate either (the loop waits on the state before the last step, and keeps
+        checkpoints).
       max_seconds: stop after this wall time (checked after each step).
       checkpoint_steps: keep the state after these steps (for :func:`branch`).
       on_step: ``on_step(step, state)`` at step 0 and after every step (e.g. more measurements
