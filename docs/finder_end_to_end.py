@@ -70,6 +70,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.task == "image" and not args.smoke and not args.data:
         p.error("--data is required (or --smoke, or --task=lm)")
+    if args.eval_every < 1:
+        p.error(f"--eval_every={args.eval_every}: the examples between evaluations must be >= 1")
     return args
 
 

@@ -90,6 +90,9 @@ def test_end_to_end_script_continues_the_pilot_and_adds_up(
     fastest = min(out["fixed"], key=lambda r: r["s"])
     assert out["best_fixed"] == fastest["batch_size"]
     assert out["end_to_end_over_best"] == pytest.approx(out["end_to_end_s"] / fastest["s"])
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--smoke", *task_flags, "--eval_every=0"])
+    assert "--eval_every=0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["--model=cnn", "--model=mlp", "--task=lm"])
