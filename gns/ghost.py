@@ -205,12 +205,12 @@ MAX_SAVING = 0.5
 
 # calibrate charges a candidate whose sums come from microbatches (unbiased, but noisier in
 # tr(Σ)) this factor on its time: over 80 batches each, the relative variance of B_simple from
-# 8 microbatches was 1.02-1.12x that from the per-example norms of the same batches at batches
-# below the noise scale (SmallCNN and Transformer LM 1.02, LM at 32 1.08, MLP 1.12; median
-# 1.05), 1.13x at 3.4x the noise scale (SmallCNN at 512), where tr(Σ)'s noise starts to count
-# (the variance of tr(Σ) alone 1.0-14x, of |G|² 1.02-1.12x; docs/estimator_precision.py): it
-# needs about that many more steps for the same precision. Set it to math.inf for the
-# per-example statistics only (equal to vmap's to rounding).
+# 8 microbatches was 1.02-1.13x that from the per-example norms of the same batches (SmallCNN at
+# 128 1.02 and 512 1.13, MLP at 128 1.12, Transformer LM at 32 1.08 and 128 1.02; the variance
+# of tr(Σ) alone 1.0-14x, of |G|² 1.02-1.12x; docs/estimator_precision.py), so it needs about
+# that many more steps for the same precision. 1.05, inside that range, is also the most that
+# `auto` may cost over the microbatch estimator where that one is faster. Set it to math.inf
+# for the per-example statistics only (equal to vmap's to rounding).
 MICROBATCH_PRICE = 1.05
 
 # How much slower than the plain step's one large weight-gradient product ``vmap``'s batch of
