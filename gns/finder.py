@@ -212,8 +212,8 @@ def run_pilot(
       num_steps: steps to run at most.
       every: measure at steps ``every, 2·every, ...`` (1-based); the others are ``plain_step``.
       plain_step: jitted ``plain_step(state, batch) -> state``; needed when ``every > 1``; it
-        must not donate either (the loop waits on the state before the last step, and keeps
-        checkpoints).
+        must not donate either (after dispatching a step the loop waits on that step's input
+        state, and it keeps checkpoints).
       max_seconds: stop after this wall time (checked after each step).
       checkpoint_steps: keep the state after these steps (for :func:`branch`).
       on_step: ``on_step(step, state)`` at step 0 and after every step (e.g. more measurements
