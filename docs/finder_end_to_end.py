@@ -56,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--augment", action="store_true", help="random crop and flip")
     p.add_argument("--target", type=float, default=0.47, help="test accuracy (lm: bits) to reach")
     p.add_argument("--window", type=int, default=3, help="evaluations averaged")
-    p.add_argument("--eval_every", type=int, default=8192, help="examples between evaluations")
+    p.add_argument(
+        "--eval_every", type=int, help="examples between evaluations (8,192; 256 with --smoke)"
+    )
     p.add_argument("--max_s", type=float, default=150.0, help="wall-clock cap of one run")
     p.add_argument(
         "--run_steps",
@@ -70,6 +72,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.task == "image" and not args.smoke and not args.data:
         p.error("--data is required (or --smoke, or --task=lm)")
+    if args.eval_every is None:
+        args.eval_every = 256 if args.smoke else 8192
     if args.eval_every < 1:
         p.error(f"--eval_every={args.eval_every}: the examples between evaluations must be >= 1")
     return args
@@ -129,8 +133,8 @@ def to_target(args, parts, make_opt, state, batch_size, lr) -> dict:
     """Train from ``state`` at ``batch_size`` until the target (or ``--max_s``)."""
     loss_fn, batch_fn, score, _ = parts
     target = -args.target if args.task == "lm" else args.target
-    every = 256 if args.smoke else args.eval_every
-    chunk, opt, scores, t0 = max(1, every // batch_size), make_opt(lr), [], time.perf_counter()
+    chunk = max(1, args.eval_every // batch_size)
+    opt, scores, t0 = make_opt(lr), [], time.perf_counter()
     while time.perf_counter() - t0 < args.max_s:
         state, _ = continue_training(loss_fn, opt, batch_fn, state, chunk, batch_size=batch_size)
         scores.append(float(score(state.params)))
