@@ -129,19 +129,10 @@ def fingerprint(fields: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def differing_fields(old: dict, new: dict) -> list[str]:
     """Dotted names of the fields whose values differ between two nested dicts, e.g.
     ``['batch_size: 64 -> 128', 'data.num_train: None -> 512']``."""
-    a, b = _flatten(to_json(old)), _flatten(to_json(new))
+    a, b = dict(cli.config_fields(to_json(old))), dict(cli.config_fields(to_json(new)))
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
@@ -260,8 +251,9 @@ class RunLog:
                 f"{old_devices}), or pass another --workdir to start a new run",
             ),
         ):
-            diffs = [] if old is None or new is None else differing_fields({key: old}, {key: new})
-            if diffs:
+            if old is None or new is None:
+                continue
+            if diffs := differing_fields({key: old} if key else old, {key: new} if key else new):
                 raise UserError(f"{self.workdir} holds a run {what}: {'; '.join(diffs)}", hint)
 
     def write_config(self, config: dict) -> None:
@@ -297,21 +289,9 @@ class RunLog:
 
     def meta(self) -> dict:
         """What a checkpoint stores besides the state: the inverse of :meth:`resume`."""
-        return to_json(
-            {
-                "step": self.step,
-                "examples_seen": self.examples_seen,
-                "clock": self.clock.state(),
-                "best": self.best,
-                "to_target": self.to_target,
-                "recent_evals": self.recent_evals,
-                "initial_loss": self.initial_loss,
-                "identity": self.identity,
-                "devices": self.devices,
-                "data": self.data,
-                "start": self.start,
-            }
-        )
+        keys = "step examples_seen best to_target recent_evals initial_loss identity devices"
+        meta = {k: getattr(self, k) for k in (*keys.split(), "data", "start")}
+        return to_json(meta | {"clock": self.clock.state()})
 
     def advance(self, batch_size: int) -> None:
         """One optimizer step of ``batch_size`` examples was taken."""

@@ -52,32 +52,20 @@ PILOT_DIR = "pilot"
 
 # The config fields each stage reads (:func:`stage_config`), which key its cached result. The
 # throughput stage times the step from seed 0 at a constant rate, so neither is among its fields.
-TRAIN_SETUP = "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches "
-TRAIN_SETUP += "dtype"
-PILOT_TRAIN = TRAIN_SETUP + " seed batch_size learning_rate schedule warmup_steps"
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "noise_scale": (*PILOT_TRAIN.split(), "tradeoff.max_steps", "noise"),
-    # The forks start from the pilot's states: they depend on what shapes the pilot's path
-    # (its training setup, its length, which of its steps measure) and on ``critical``.
-    "critical_batch": (
-        *PILOT_TRAIN.split(),
-        "tradeoff.max_steps",
-        "noise.warmup_steps",
-        "noise.pilot_steps",
-        "noise.every",
-        "critical",
-    ),
-    # On the mesh (experiments.mesh): its record is part of this stage's key (stage_fingerprint).
-    "throughput": (
-        *TRAIN_SETUP.split(),
-        "batch_size",
-        "num_devices",
-        "tradeoff.batch_sizes",
-        *(
-            f"throughput.{f}"
-            for f in "min_batch_size max_batch_size memory_budget_bytes warmup repeats".split()
-        ),
-    ),
+TRAIN_SETUP = "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches"
+TRAIN_SETUP += " dtype"
+PILOT = f"{TRAIN_SETUP} seed batch_size learning_rate schedule warmup_steps tradeoff.max_steps"
+# The forks start from the pilot's states: they depend on what shapes the pilot's path (its
+# training setup, its length, which of its steps measure) and on ``critical``.
+FORKS = f"{PILOT} noise.warmup_steps noise.pilot_steps noise.every critical"
+# On the mesh (experiments.mesh): its record is part of this stage's key (stage_fingerprint).
+TIMING = f"{TRAIN_SETUP} batch_size num_devices tradeoff.batch_sizes throughput.min_batch_size"
+TIMING += " throughput.max_batch_size throughput.memory_budget_bytes throughput.warmup"
+TIMING += " throughput.repeats"
+STAGE_FIELDS = {
+    "noise_scale": tuple(f"{PILOT} noise".split()),
+    "critical_batch": tuple(FORKS.split()),
+    "throughput": tuple(TIMING.split()),
 }
 
 
@@ -159,7 +147,6 @@ def _setup(t, ds, task, schedule, *, mesh=None):
         tracker,
         method=train.resolve_gns_method(t, model, 1 if mesh is None else mesh.size),
         num_microbatches=int(t.gns_microbatches),
-        use_dropout=models.uses_dropout(model),
         schedule=schedule,
         mesh=mesh,
         loss=task.loss,
@@ -480,9 +467,7 @@ def step_times(rows: list[dict]) -> dict[int, float]:
     return {r["batch_size"]: r["step_time_s"] for r in rows if r["fits"] and r["step_time_s"]}
 
 
-def training_config(
-    config, batch_size: int, b_noise: float, seed_offset: int = 0
-) -> tuple[Any, str]:
+def training_config(config, batch_size: int, b_noise: float, seed_offset=0) -> tuple[Any, str]:
     """The training config at ``batch_size`` (without :data:`experiments.rules.NOT_TRAINING`;
     the scaled learning rate, ``config.tradeoff``'s target and caps, seed ``seed +
     seed_offset``) and the learning-rate rule in words."""
@@ -494,17 +479,10 @@ def training_config(
         {k: v for k, v in config.to_dict().items() if k not in rules.NOT_TRAINING}
     )
     eval_every = max(1, round(tr.eval_every_examples / batch_size))
-    cfg.update(
-        batch_size=int(batch_size),
-        learning_rate=float(lr),
-        num_epochs=None,
-        seed=int(config.seed) + int(seed_offset),
-        num_steps=tr.max_steps,
-        max_wall_time_s=tr.max_wall_time_s,
-        target_accuracy=tr.target_accuracy,
-        eval_every=eval_every,
-        log_every=eval_every,
-    )
+    cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None)
+    cfg.update(seed=int(config.seed) + int(seed_offset), num_steps=tr.max_steps)
+    cfg.update(max_wall_time_s=tr.max_wall_time_s, target_accuracy=tr.target_accuracy)
+    cfg.update(eval_every=eval_every, log_every=eval_every)
     return cfg, rule
 
 
@@ -615,27 +593,19 @@ def run_sweep(
 
 def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
     """:func:`gns.finder.decide` with the reference run's rate and ``config.recommend``."""
-    t, rc = config, config.recommend
-    cands = (
-        list(rc.candidates)
-        if rc.candidates
-        else sorted(
-            set(table.step_time())
-            | {t.batch_size}
-            | {int(f) * max_batch for f in config.throughput.accumulation_factors}
-        )
-    )
+    rc, factors = config.recommend, config.throughput.accumulation_factors
+    fits = {*table.step_time(), config.batch_size, *(int(f) * max_batch for f in factors)}
     return finder.decide(
         basis,
         value,
         evidence,
         table,
         max_batch,
-        base_batch_size=t.batch_size,
-        base_lr=t.learning_rate,
-        optimizer=t.optimizer,
+        base_batch_size=config.batch_size,
+        base_lr=config.learning_rate,
+        optimizer=config.optimizer,
         objective=rc.objective,
-        candidates=cands,
+        candidates=list(rc.candidates or sorted(fits)),
         s_min=s_min,
         price_per_hour=rc.price_per_hour,
     )

@@ -39,22 +39,9 @@ SUMMARY_FILE = "summary.json"
 # adaptive.timing_*: how the candidates are timed, not the schedule.
 NOT_IDENTITY = (
     *rules.NOT_TRAINING,
-    "log_every",
-    "checkpoint_every",
-    "progress_bar",
-    "plots",
-    "max_wall_time_s",
-    "eval_batch_size",
-    "divergence_factor",
-    "data.cache_dir",
-    "data.tfds_data_dir",
-    "data.url",
-    "data.md5",
-    "data.on_device",
-    "distributed",
-    "step_time_repeats",
-    "adaptive.timing_warmup",
-    "adaptive.timing_rounds",
+    *"""log_every checkpoint_every progress_bar plots max_wall_time_s eval_batch_size
+    divergence_factor data.cache_dir data.tfds_data_dir data.url data.md5 data.on_device
+    distributed step_time_repeats adaptive.timing_warmup adaptive.timing_rounds""".split(),
 )
 
 
@@ -217,7 +204,6 @@ def make_train_steps(
     method: str,
     num_microbatches: int = 8,
     chunk_size: int | None = None,
-    use_dropout: bool = False,
     schedule: optax.Schedule | None = None,
     mesh=None,
     loss: Callable = tasks.cross_entropy,
@@ -237,7 +223,7 @@ def make_train_steps(
         "microbatch": functools.partial(estimate.microbatch, num_microbatches=k_local),
         "across_devices": estimate.across_devices,
     }[method]
-    bn = models.has_batch_norm(model)
+    bn, use_dropout = models.has_batch_norm(model), models.uses_dropout(model)
 
     def mean_over_devices(tree):
         return tree if axis is None else jax.lax.pmean(tree, axis)
@@ -384,7 +370,6 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
         num_microbatches=k,
         schedule=schedule,
         chunk_size=config.gns_chunk_size,
-        use_dropout=models.uses_dropout(model),
         mesh=mesh,
         loss=task.loss,
     )
@@ -416,17 +401,9 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
             start_example=start_example if by_example else None,
         )
 
+    state = mesh_lib.replicate(state, mesh)
     return Setup(
-        method,
-        num_steps,
-        plain_fn,
-        gns_fn,
-        evaluate,
-        mesh_lib.replicate(state, mesh),
-        task,
-        mesh,
-        train_batches,
-        num_train,
+        method, num_steps, plain_fn, gns_fn, evaluate, state, task, mesh, train_batches, num_train
     )
 
 
