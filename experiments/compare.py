@@ -243,11 +243,7 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     table_cost = sum(v for k, v in costs.items() if k.startswith("throughput"))
     b_noise = rec.get("b_noise")
     b_noise = sweep.noise_scale_value(sweep_result["noise_scale"]) if b_noise is None else b_noise
-    fits = sorted(
-        r["batch_size"]
-        for r in sweep_result["throughput"]
-        if r["fits"] and r["step_time_s"] and r.get("accumulation_steps", 1) == 1
-    )
+    fits = sorted(sweep.step_times(sweep_result["throughput"]))  # accumulation rows never fit
     if a.candidates is not None:
         cands = adaptive.candidates(config)
     else:  # the schedule's powers of two that were timed and fit
@@ -356,15 +352,7 @@ def _device_times(rows: list[dict], step_time: dict[int, float], start: float) -
     return out
 
 
-def _run_record(
-    policy: str,
-    seed: int,
-    run_dir: str,
-    s: dict,
-    target_window: int,
-    table: dict[int, dict],
-    measurement_s: float,
-) -> dict:
+def _run_record(policy, seed, run_dir, s, target_window, table, measurement_s) -> dict:
     """One run of the summary from its training summary ``s`` and rows: where it reached its
     smoothed target, the times to it (device time also under each round of the timing table)
     and the curves. Every time counts ``measurement_s``, what the policy's measurements cost."""
@@ -465,27 +453,15 @@ def run_compare(config, workdir: str) -> dict:
                 b = plan_batch_sizes(plan)
                 batch = f"B{min(b)}" + (f"-{max(b)}" if min(b) < max(b) else "")
                 run_dir = os.path.join(workdir, "runs", f"{policy}-{batch}-seed{seed}")
+                size, lr = plan["batch_size"], plan["learning_rate"]
                 logging.info(
-                    "compare: %s, seed %d, batch %d, lr %.4g, at most %.0f s",
-                    policy,
-                    seed,
-                    plan["batch_size"],
-                    plan["learning_rate"],
-                    limit,
+                    f"compare: {policy}, seed {seed}, batch {size}, lr {lr:.4g}, "
+                    f"at most {limit:.0f} s"
                 )
                 bar.set(phase=f"{policy} seed {seed}")
                 s = train.train_and_evaluate(_run_config(config, plan, seed, table, limit), run_dir)
-                runs.append(
-                    _run_record(
-                        policy,
-                        seed,
-                        run_dir,
-                        s,
-                        cmp.target_window,
-                        table,
-                        plan.get("measurement_s", 0.0),
-                    )
-                )
+                cost = plan.get("measurement_s", 0.0)
+                runs.append(_run_record(policy, seed, run_dir, s, cmp.target_window, table, cost))
                 bar.update(1)
         n = min(_train_config(config).eval_examples or len(ds.test_labels), len(ds.test_labels))
         t = float(cmp.target_accuracy)

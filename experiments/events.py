@@ -31,15 +31,8 @@ STEP_TAGS = {
     "examples_per_s": "time/examples_per_s",
     "wall_time_s": "time/train_time_s",
 }
-BY_EXAMPLES = (
-    "train_loss",
-    "test_accuracy",
-    "test_loss",
-    "test_bits_per_byte",
-    "ema_b_simple",
-    "batch_size",
-    "learning_rate",
-)
+BY_EXAMPLES = tuple("train_loss test_accuracy test_loss test_bits_per_byte".split())
+BY_EXAMPLES += ("ema_b_simple", "batch_size", "learning_rate")
 _PATTERN = "events.out.tfevents.*"
 
 

@@ -286,15 +286,10 @@ class TransformerLM(nn.Module):
 
 
 # config.model.name -> module (rules.MODEL_NAMES lists the names without importing JAX).
-MODELS = {
-    "mlp": MLP,
-    "small_cnn": SmallCNN,
-    "resnet": ResNet,
-    "resnet18": ResNet,
-    "efficientnet": EfficientNet,
-    "efficientnet_b0": EfficientNet,
-    "transformer": TransformerLM,
-}
+MODELS = dict(
+    mlp=MLP, small_cnn=SmallCNN, resnet=ResNet, resnet18=ResNet, transformer=TransformerLM
+)
+MODELS |= dict(efficientnet=EfficientNet, efficientnet_b0=EfficientNet)
 
 
 def _tuples(value: Any) -> Any:

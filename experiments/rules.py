@@ -25,14 +25,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
 SCHEDULES = ("constant", "cosine")
 POLICIES = ("recommended", "default", "adaptive", "best_measured", "largest_fits")
 MODES = ("train", "compare", "tradeoff", "adaptive")
-MODEL_NAMES = (
-    "small_cnn",
-    "mlp",
-    "resnet",
-    "resnet18",
-    "efficientnet",
-    "efficientnet_b0",
-    "transformer",
+MODEL_NAMES = tuple(
+    "small_cnn mlp resnet resnet18 efficientnet efficientnet_b0 transformer".split()
 )
 # gns.scaling.RULES, named here so that checking a config imports no JAX (a test pins them).
 LR_RULES = ("sgd", "linear", "sqrt", "seesaw", "constant")
