@@ -259,9 +259,11 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
 
     def finish(run_pilot):
         try:
-            record, error = common.to_json(run_pilot()), None
-        except ValueError as e:  # a diverged pilot: the independent batches' error first
-            record, error = {}, e
+            record = common.to_json(run_pilot())
+        except ValueError as e:  # e.g. a diverged pilot, which stopped at its first nan
+            raise UserError(
+                f"the noise scale could not be measured: {e}", hint="lower config.learning_rate"
+            ) from e
         g, tc = (np.array([p[k] for p in per_batch]) for k in ("g_sq", "trace_cov"))
         finite = np.isfinite(g) & np.isfinite(tc)
         if finite.sum() < 2:
@@ -271,10 +273,6 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
                 "warm-up steps (the training diverged or the gradients overflow)",
                 hint="lower config.learning_rate or config.noise.warmup_steps",
             )
-        if error is not None:
-            raise UserError(
-                f"the noise scale could not be measured: {error}", hint="lower config.learning_rate"
-            ) from error
         pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
         p, rel = record["pilot"], os.path.join(PILOT_DIR, fp[:16])
         # Steps x the median step: the measurement and compilations left out, as a run's clock.

@@ -137,18 +137,39 @@ def as_batch_fn(batch_fn) -> Callable[[int, int], Any]:
 
 
 def _checked_batch(batch_fn, size: int, index: int):
-    batch = batch_fn(size, index)
+    try:
+        batch = batch_fn(size, index)
+        empty = any(np.ndim(x) and not np.shape(x)[0] for x in jax.tree.leaves(batch))
+        what = "an empty batch"
+    except (IndexError, StopIteration) as e:
+        empty, what = True, f"{type(e).__name__}: {e}".rstrip(": ")
+    if empty:
+        raise ValueError(
+            f"batch_fn({size}, {index}) gave no examples ({what}), where examples up to "
+            f"{(index + 1) * size:,} of the stream are needed: pass a longer stream (e.g. wrap "
+            "around: index % num_batches), or fewer steps (pilot_steps, num_steps), or "
+            "branched=False (the forks read past the pilot)."
+        )
     got = common.batch_size(batch, "batch_fn(size, index)")
     if got != size:
         raise ValueError(
             f"batch_fn({size}, {index}) returned a batch of {got} examples, not {size}: batch_fn "
             "must return exactly `size` examples (examples [index*size, (index+1)*size) of your "
-            "stream), e.g. lambda size, index: data[index * size:(index + 1) * size]."
+            "stream), e.g. lambda size, index: data[index * size:(index + 1) * size], wrapping "
+            "around at the end of a finite one."
         )
     return batch
 
 
 def _check_loss(loss_fn, params, batch) -> None:
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            raise ValueError(
+                f"params{jax.tree_util.keystr(path)} is {jnp.result_type(x)}, not a float: pass "
+                "the trainable parameters only (with Flax NNX, graphdef, params, rest = "
+                "nnx.split(model, nnx.Param, ...) and nnx.merge(graphdef, params, rest) in "
+                "loss_fn; for dropout, a key per example in the batch: README)."
+            )
     out = jax.eval_shape(loss_fn, params, batch)
     if not (hasattr(out, "shape") and out.shape == ()):
         shape = getattr(out, "shape", type(out).__name__)
@@ -173,7 +194,8 @@ class Pilot(NamedTuple):
       checkpoints: ``{step: state}`` at the requested steps (in memory).
       steps: steps done (measured or not).
       seconds: wall time of the pilot (compile included).
-      stop_reason: ``"steps"`` or ``"time"``.
+      stop_reason: ``"steps"``, ``"time"``, or ``"diverged"`` (a measured step's
+        ``train_loss`` was not finite: the pilot stopped there).
       step_s: mean wall time of one step after the first (the first compiles); ``nan`` with
         one step.
     """
@@ -206,7 +228,8 @@ def run_pilot(
     Args:
       state: the initial state (any pytree).
       measure_step: jitted ``measure_step(state, batch) -> (state, metrics)`` whose metrics hold
-        ``g_sq`` and ``trace_cov`` (and optionally ``ema_*``) scalars. It must not donate.
+        ``g_sq`` and ``trace_cov`` (and optionally ``train_loss`` and ``ema_*``) scalars. It
+        must not donate.
       batch_fn: ``batch_fn(size, index)``; step ``i`` (0-based) takes batch ``i``.
       batch_size: the pilot's batch ``B_ref``.
       num_steps: steps to run at most.
@@ -231,7 +254,7 @@ def run_pilot(
     if progress is not None:  # shown while the first step compiles (and times its path)
         progress(0, num_steps)
     for i in range(num_steps):
-        batch, last = batch_fn(batch_size, i), state
+        batch, last, in_flight = batch_fn(batch_size, i), state, measured[-1:]
         if (i + 1) % max(1, every) == 0 or plain_step is None:
             state, m = measure_step(state, batch)
             measured.append((i + 1, m))  # fetched at the end: no host sync per step
@@ -241,6 +264,10 @@ def run_pilot(
         # below (max_seconds, step_s) is the device's.
         jax.block_until_ready(state if i == 0 else last)
         done, t1 = i + 1, t1 if i else time.perf_counter()
+        ready = measured[-1:] if i == 0 else in_flight  # the metrics of a finished step
+        if ready and not math.isfinite(float(ready[0][1].get("train_loss", 0.0))):
+            stop = "diverged"
+            break
         if i + 1 in wanted:
             keep[i + 1] = state
         if on_step is not None:
@@ -502,7 +529,7 @@ def power_of_two_candidates(lo: int, hi: int) -> list[int]:
 
 
 def dominated_sizes(
-    b_noise_interval: tuple[float, float], objective: str = "time"
+    b_noise_interval: tuple[float, float], objective: str = "time", keep: Sequence[int] = ()
 ) -> Callable[[Mapping[int, Sequence[float]]], dict[int, str]]:
     """The pruning rule of the timing stage: which batch sizes cannot win.
 
@@ -519,6 +546,8 @@ def dominated_sizes(
       b_noise_interval: ``(low, high)`` of the noise scale; no pruning unless
         ``0 < low <= high < inf``.
       objective: ``"time"`` or ``"cost"``.
+      keep: sizes never pruned (the reference batch: the recommendation states its speedup
+        over it, from timings of as many rounds as the pick's).
 
     Returns:
       ``prune({batch: times}) -> {batch: reason}`` for :func:`gns.hardware.time_batch_sizes`.
@@ -539,7 +568,7 @@ def dominated_sizes(
             return {}
         q = {b: np.quantile(np.asarray(t, np.float64), [0.25, 0.75]) for b, t in times.items()}
         out = {}
-        for b in q:
+        for b in (b for b in q if b not in keep):
             for c in q:
                 if c != b and all(cost(b, n, q[b][0]) > cost(c, n, q[c][1]) for n in (lo, hi)):
                     out[b] = (
@@ -710,11 +739,13 @@ def decide(
     candidates: Sequence[int] | None = None,
     s_min: float | None = None,
     price_per_hour: float | None = None,
+    limits: tuple[float, float] = (1, math.inf),
 ) -> recommend.Recommendation:
     """:func:`gns.recommend.recommend` on a timing table with the chosen basis and evidence.
 
     ``candidates`` default: the timed sizes the timing did not prune (:func:`dominated_sizes`),
-    the base batch (unless pruned) and 2×, 4× ``max_batch_size`` (accumulation).
+    the base batch (unless pruned) and 2×, 4× ``max_batch_size`` (accumulation), those within
+    ``limits`` (the smallest and largest batch the caller allows).
 
     Returns:
       The :class:`gns.recommend.Recommendation` (``basis`` and ``evidence`` filled in).
@@ -726,9 +757,8 @@ def decide(
     times = table.step_time()
     if candidates is None:  # a size the timing pruned cannot win: it is not a candidate
         pruned = {b for b, t in table.timings.items() if t.pruned}
-        candidates = sorted(
-            (set(times) | {base_batch_size} | {f * max_batch_size for f in (2, 4)}) - pruned
-        )
+        sizes = (set(times) | {base_batch_size} | {f * max_batch_size for f in (2, 4)}) - pruned
+        candidates = sorted(b for b in sizes if limits[0] <= b <= limits[1])
     return recommend.recommend(
         v,
         times,
@@ -1002,6 +1032,7 @@ def pipeline(
     cache: Callable[[str, Callable[[], dict]], dict] = _no_cache,
     on_step: Callable[[int, Any], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    limits: tuple[float, float] = (1, math.inf),
 ) -> Measured:
     """Pilot, noise evidence, forks, basis, timing and the decision, widened while it sits at
     an end of the timed sizes.
@@ -1025,7 +1056,8 @@ def pipeline(
       candidates: the batch sizes the search may time: it starts with those around the
         noise-scale interval (:func:`timing_start`) and, while the pick sits at an end of the
         timed sizes, times the next candidate past that end; once past the candidates at most
-        (``Recommendation.extend_range_to``). Sizes never reached are never compiled.
+        (``Recommendation.extend_range_to``), within ``limits`` (the smallest and largest
+        batch the caller allows). Sizes never reached are never compiled.
       cache: see above.
       on_step: passed to :func:`run_pilot` (not to a replay).
       progress: ``progress(phase, done, total)`` for ``"pilot"`` and ``"branched"``.
@@ -1034,7 +1066,8 @@ def pipeline(
       A :class:`Measured`.
 
     Raises:
-      ValueError: a pilot of fewer than 2 steps or 2 finite measurements.
+      ValueError: a pilot that diverged (a non-finite ``train_loss``), or one of fewer than 2
+        steps or 2 finite measurements.
     """
     ref, report = plan.ref_batch_size, progress or (lambda phase, done, total: None)
     live, seconds, t0 = {}, {}, time.perf_counter()
@@ -1058,6 +1091,18 @@ def pipeline(
 
     def noise_stage():
         pilot = live["pilot"] = pilot_run(on_step)
+        if pilot.stop_reason == "diverged":
+            last = pilot.rows[-1]
+            raise ValueError(
+                f"the pilot diverged: its training loss was {last['train_loss']} at step "
+                f"{last['step']} (batch {ref}), so there is no noise scale to measure; lower "
+                "the learning rate (or warm it up, or clip the gradients) and measure again."
+            )
+        if all(r["g_sq"] == 0 == r["trace_cov"] for r in pilot.rows):
+            raise ValueError(
+                "the gradient was zero at every measured step of the pilot: no parameter "
+                "reaches the loss, or the loss is constant; check that loss_fn reads params."
+            )
         if pilot.steps < 2:
             raise ValueError(
                 f"the budget is too small to measure anything: the pilot ran {pilot.steps} "
@@ -1121,6 +1166,7 @@ def pipeline(
             if budget_s is None
             else max(budget_s - (time.perf_counter() - t0 - seconds["pilot"]), 1e-9)
         ),
+        limits,
     )
     return Measured(
         noise,
@@ -1162,39 +1208,42 @@ def timing_start(candidates: Sequence[int], interval: tuple[float, float]) -> li
     """
     cands = sorted({int(c) for c in candidates})
     lo, hi = (float(x) for x in interval)
-    if not 0 < lo <= hi:  # nan, or not positive: nothing to start from
+    if not 0 < lo <= hi or lo == math.inf:  # nan, not positive or infinite: no start
         return cands
-    mid = math.sqrt(lo * hi) if math.isfinite(hi) else lo
+    mid = math.sqrt(lo) * math.sqrt(hi) if math.isfinite(hi) else lo
     i = min(range(len(cands)), key=lambda j: abs(math.log(cands[j] / mid)))
     return cands[max(0, i - 1) : i + 2]
 
 
-def _next_size(rec, table, cands: Sequence[int], asked: set, extended) -> int | None:
+def _next_size(rec, table, cands: Sequence[int], asked: set, extended, limits) -> int | None:
     """The size to time next: the candidate past the end of the timed sizes the pick sits at
-    (smaller first), else once past the candidates ``rec.extend_range_to``; ``None`` when the
-    pick is inside the timed sizes or nothing is left in its direction (an end that did not
-    fit closes its side)."""
+    (smaller first), else once past the candidates ``rec.extend_range_to`` if it is within
+    ``limits``; ``None`` when the pick is inside the timed sizes or nothing is left in its
+    direction (an end that did not fit closes its side)."""
     timed = sorted(table.timings)
     lo, hi, pick = timed[0], timed[-1], rec.batch_size
+    beyond = rec.extend_range_to if extended is None else None
+    beyond = beyond if beyond is not None and limits[0] <= beyond <= limits[1] else None
     if pick <= lo:
         down = [c for c in cands if c < lo and c not in asked]
         if down:
             return max(down)
-        if extended is None and rec.at_range_end == "smallest":
-            return rec.extend_range_to if rec.extend_range_to not in asked else None
+        if rec.at_range_end == "smallest":
+            return beyond if beyond not in asked else None
     if pick >= hi and not any(a > hi for a in asked):
         up = [c for c in cands if c > hi]
         if up:
             return min(up)
-        if extended is None and rec.at_range_end == "largest":
-            return rec.extend_range_to
+        if rec.at_range_end == "largest":
+            return beyond
     return None
 
 
-def _widen(time_fn, decide_fn, candidates, chosen, seconds_left):
+def _widen(time_fn, decide_fn, candidates, chosen, seconds_left, limits=(1, math.inf)):
     """Time the candidates around the noise-scale interval (:func:`timing_start`), decide,
     and while the pick sits at an end of the timed sizes, time the next size past it
-    (:func:`_next_size`; once past the candidates at most) and decide again."""
+    (:func:`_next_size`; once past the candidates at most, within ``limits``) and decide
+    again."""
     basis, value, evidence = chosen
     interval = (min(value[1], value[0]), max(value[2], value[0]))
     cands = sorted({int(c) for c in candidates})
@@ -1202,7 +1251,7 @@ def _widen(time_fn, decide_fn, candidates, chosen, seconds_left):
     timed = time_fn(sorted(asked), interval, seconds_left())
     rec = decide_fn(basis, value, evidence, timed[1], timed[0])
     extended = None
-    while (nxt := _next_size(rec, timed[1], cands, asked, extended)) is not None:
+    while (nxt := _next_size(rec, timed[1], cands, asked, extended, limits)) is not None:
         left = seconds_left()
         if left is not None and left <= 1e-9:
             break  # the budget is spent: the pick stays at the end, and says so
@@ -1386,6 +1435,43 @@ def _plain_step(loss_fn: Callable, optimizer, batch_size: int, accumulation_step
     return step
 
 
+_INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _injected(x) -> bool:
+    return isinstance(x, _INJECTED)
+
+
+def _injected_rate(opt_state) -> float | None:
+    """The learning rate an ``optax.inject_hyperparams`` state holds (``None``: none, or
+    several)."""
+    rates = [
+        float(x.hyperparams["learning_rate"])
+        for x in jax.tree.leaves(opt_state, is_leaf=_injected)
+        if _injected(x) and "learning_rate" in x.hyperparams
+    ]
+    return rates[0] if len(rates) == 1 else None
+
+
+def _with_rate_of(optimizer, opt_state, params):
+    """``opt_state`` with ``optimizer``'s own hyperparameters where it injects them
+    (``optax.inject_hyperparams`` keeps the rate in the state, so the pilot's would carry
+    over); a ``ValueError`` when ``optimizer``'s state has another structure."""
+    fresh = optimizer.init(params)
+    if jax.tree.structure(fresh) != jax.tree.structure(opt_state):
+        raise ValueError(
+            "optimizer's state has another structure than state.opt_state: pass the optimizer "
+            "the pilot trained with at the new rate (e.g. optax.adam(rec.learning_rate) after a "
+            "pilot with optax.adam(1e-3))."
+        )
+    return jax.tree.map(
+        lambda old, new: old._replace(hyperparams=new.hyperparams) if _injected(old) else old,
+        opt_state,
+        fresh,
+        is_leaf=_injected,
+    )
+
+
 def continue_training(
     loss_fn: Callable,
     optimizer,
@@ -1401,8 +1487,8 @@ def continue_training(
 
     The stream continues where ``state`` left it: the first batch is ``batch_fn(batch_size,
     continue_at(examples_seen, batch_size))`` (:func:`continue_at`). Build ``optimizer`` at the
-    recommended learning rate: the state of optax's ``sgd``/``adam``/``adamw`` does not hold
-    the rate, so the pilot's state carries over.
+    recommended learning rate: the pilot's state carries over (moments, counts), and where
+    the state holds the rate (``optax.inject_hyperparams``) it is ``optimizer``'s.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, as for :func:`find_batch_size`.
@@ -1432,10 +1518,12 @@ def continue_training(
     get = as_batch_fn(batch_fn)
     b = common.check_int(batch_size, "batch_size", 1)
     k = common.check_int(accumulation_steps, "accumulation_steps", 1)
+    common.check_int(num_steps, "num_steps", 0)
     if b % k:
         raise ValueError(f"batch_size={b} is not a multiple of accumulation_steps={k}.")
     step = _plain_step(loss_fn, optimizer, b, k)
-    params, opt_state = state.params, state.opt_state
+    params = state.params
+    opt_state = _with_rate_of(optimizer, state.opt_state, params)
     first = continue_at(state.examples_seen, b)
     losses = []
     for i in range(num_steps):
@@ -1537,6 +1625,14 @@ def _check_arguments(a: dict) -> dict:
     if not 0 < a["confidence"] < 1:
         raise ValueError(f"confidence must be in (0, 1), e.g. 0.9, got {a['confidence']!r}.")
     _positive(a["learning_rate"], "learning_rate", "the rate of `optimizer` at ref_batch_size.")
+    held = _injected_rate(a["opt_state"])
+    if None not in (held, a["learning_rate"]) and not math.isclose(
+        held, a["learning_rate"], rel_tol=1e-6
+    ):
+        raise ValueError(
+            f"learning_rate={a['learning_rate']!r}, but the optimizer's state holds {held:.6g} "
+            f"(optax.inject_hyperparams): pass learning_rate={held:.6g}, or leave it out."
+        )
     _positive(a["budget_s"], "budget_s", "the seconds the search may cost beyond the pilot.")
     _positive(a["budget_fraction"], "budget_fraction", "e.g. 0.1 for 10% of the planned run.")
     if a["budget_fraction"] is not None and (a["budget_s"] is not None or not a["run_steps"]):
@@ -1560,6 +1656,12 @@ def _check_arguments(a: dict) -> dict:
         cands = sorted({common.check_int(c, "candidate batch size", 1) for c in cands})
         if not cands:
             raise ValueError("candidates is empty: pass batch sizes to time, or None.")
+    lo, hi = a["min_batch_size"], a["max_batch_size"]
+    lo = lo if lo is None else common.check_int(lo, "min_batch_size", 1)
+    hi = hi if hi is None else common.check_int(hi, "max_batch_size", 1)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"min_batch_size={lo} > max_batch_size={hi}: swap them.")
+    limits = (lo or (cands[0] if cands else 1), hi or (cands[-1] if cands else math.inf))
     progress = a["progress"]
     if progress is True or (progress not in (None, False) and not callable(progress)):
         raise ValueError(
@@ -1578,6 +1680,7 @@ def _check_arguments(a: dict) -> dict:
         "fork_rule": fork_rule,
         "exps": exps,
         "cands": cands,
+        "limits": limits,
         "progress": progress or (lambda phase, done, total: None),
     }
 
@@ -1601,15 +1704,23 @@ def _make_steps(loss_fn, optimizer, method: str, num_microbatches: int, tracker)
             updates = jax.tree.map(lambda u: mult.astype(u.dtype) * u, updates)
         return optax.apply_updates(params, updates), opt_state
 
+    def with_loss(p, batch):  # the loss as aux too: the pilot reports it at no extra cost
+        loss = loss_fn(p, batch)
+        return loss, loss
+
     @jax.jit
     def measure_step(state, batch):
         p, o, g = state
         if method == "microbatch":
-            stats, grads = estimate.microbatch(loss_fn, p, batch, num_microbatches=num_microbatches)
+            out = estimate.microbatch(
+                with_loss, p, batch, num_microbatches=num_microbatches, has_aux=True
+            )
         else:
-            stats, grads = estimate.per_example(loss_fn, p, batch, method=method)
+            out = estimate.per_example(with_loss, p, batch, method=method, has_aux=True)
+        stats, grads, losses = out
         g = tracker.update(stats, g)
         metrics = {"g_sq": stats.g_sq, "trace_cov": stats.trace_cov, "b_simple": stats.b_simple}
+        metrics["train_loss"] = jnp.mean(losses)
         metrics |= {"ema_g_sq": g.g_sq, "ema_trace_cov": g.trace_cov, "ema_b_simple": g.b_simple}
         return (*update(p, o, grads), g), metrics
 
@@ -1646,6 +1757,23 @@ def _branch_warnings(branched, basis: str) -> list[str]:
     return out
 
 
+def _pilot_warnings(rows: list[dict]) -> list[str]:
+    """A pilot whose training loss ended above where it started (the mean of its last tenth
+    of measured steps over its first)."""
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    if len(losses) < 2:
+        return []
+    tail = losses[-max(1, len(losses) // 10) :]
+    end = sum(tail) / len(tail)
+    if end <= losses[0]:
+        return []
+    return [
+        f"the pilot's training loss rose from {losses[0]:.4g} (its first step) to {end:.4g} "
+        f"(its last {len(tail)} measured steps): the noise scale of a run that does not learn "
+        "says little about the batch size; lower the learning rate and measure again"
+    ]
+
+
 def _timing_warnings(table, rec, timing_only) -> list[str]:
     """Step times whose spread stayed above ``max_spread``, and how far that moves the pick
     (``timing_only``: the decision on the step times alone)."""
@@ -1671,15 +1799,16 @@ def _fork_data(loss_fn, get, plan: Plan, eval_batch_size: int | None):
     offset = math.ceil(plan.pilot_steps * ref / b_max) * b_max
     n_fork, _ = plan.fork_examples()
     n_eval = int(eval_batch_size or 4 * ref)
-    eval_batch = _checked_batch(
-        get, n_eval, math.ceil((offset + plan.branch_repeats * n_fork) / n_eval)
-    )
+    index = math.ceil((offset + plan.branch_repeats * n_fork) / n_eval)
+    eval_batch = functools.cache(lambda: _checked_batch(get, n_eval, index))
+    if plan.branched is not False:  # read before any work where the forks may need it
+        eval_batch()
     jitted_loss = jax.jit(loss_fn)
 
     def fork_batch(size, index):
         return get(size, offset // size + index)
 
-    return fork_batch, lambda state: jitted_loss(state[0], eval_batch)
+    return fork_batch, lambda state: jitted_loss(state[0], eval_batch())
 
 
 def _neighbours(new: set, seen: set) -> set:
@@ -1715,7 +1844,7 @@ def _time_fn(train_step, params, opt_state, checked: dict, a: dict, seconds: dic
             make_shape_args=lambda b: (params, opt_state, _zeros_like_batch(first, b)),
             cache=cache,
             max_extra_rounds=2,
-            prune=dominated_sizes(interval, a["objective"]),
+            prune=dominated_sizes(interval, a["objective"], keep=(checked["ref"],)),
             max_seconds=seconds_left,
             timing_cache=store,
             progress=checked["progress"],
@@ -1824,6 +1953,11 @@ def find_batch_size(
         ``[min_batch_size, max_batch_size]``, default ``[B_ref/8, 8·B_ref]``), up to the
         largest that fits: it times those around the noise-scale interval first and widens
         while the pick sits at an end (:func:`pipeline`); the others are never compiled.
+        Past the default candidates the search times one size more at most; never past
+        given ``candidates``, ``min_batch_size`` or ``max_batch_size``.
+      min_batch_size: the smallest batch the search may time and recommend.
+      max_batch_size: the largest batch it may time and recommend (no gradient accumulation
+        above it either).
       memory_budget_bytes: see :func:`gns.hardware.largest_batch_that_fits`.
       timing_rounds: interleaved timing rounds (at most 2 more for noisy sizes); a size that
         cannot win stops being timed (:func:`dominated_sizes`).
@@ -1841,8 +1975,8 @@ def find_batch_size(
         as the loss falls, so without it the effective value is the pilot's alone, which
         under-weighs the later run the recommendation is for.
       learning_rate: the learning rate of ``optimizer`` at ``ref_batch_size``, to scale the
-        recommended rate (default: the recommendation's ``learning_rate`` is relative, 1.0 at
-        ``ref_batch_size``).
+        recommended rate (default: the rate an ``optax.inject_hyperparams`` state holds, else
+        the recommendation's ``learning_rate`` is relative, 1.0 at ``ref_batch_size``).
       optimizer_name: an optimizer name (``sgd``, ``momentum``, ``lars``, ``adam``, ``adamw``,
         ``lamb``) naming the rule: :func:`gns.scaling.rule_for`.
       lr_rule: the learning-rate rule of the run (:data:`gns.scaling.RULES`: ``sgd``,
@@ -1883,7 +2017,8 @@ def find_batch_size(
     opt_state = optimizer.init(params) if opt_state is None else opt_state
     a = dict(locals())
     checked = _check_arguments(a)
-    ref, rule, base_lr = checked["ref"], checked["rule"], learning_rate or 1.0
+    base_lr = learning_rate or _injected_rate(opt_state) or 1.0
+    ref, rule = checked["ref"], checked["rule"]
     plan = _plan(a, checked)
     t_path = time.perf_counter()
     if method == "auto":  # the pilot's per-example path, timed only where that pays over it
@@ -1894,9 +2029,11 @@ def find_batch_size(
         loss_fn, optimizer, method, num_microbatches, tracker
     )
     forks = _fork_data(loss_fn, checked["get"], plan, eval_batch_size)
+    limits = checked["limits"]
     kw = dict(base_batch_size=ref, base_lr=base_lr, objective=objective, optimizer=rule)
+    kw["limits"] = limits
     m = pipeline(
-        Steps(measure, make_step, checked["get"], *forks),
+        Steps(measure, make_step, functools.partial(_checked_batch, checked["get"]), *forks),
         (params, opt_state, tracker.init()),
         plan,
         time_fn=_time_fn(train_step, params, opt_state, checked, a, seconds),
@@ -1904,6 +2041,7 @@ def find_batch_size(
         progress=checked["progress"],
         candidates=checked["cands"]
         or power_of_two_candidates(min_batch_size or max(1, ref // 8), max_batch_size or 8 * ref),
+        limits=limits,
     )
     return _result(checked, a, m, kw, seconds | m.seconds, t_start)
 
@@ -1941,7 +2079,8 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
     seconds["total"] = time.perf_counter() - t_start
     seconds["overhead"] = seconds["total"] - seconds["pilot"]
     pilot, noise, forks = m.live["pilot"], m.live["noise"], m.live.get("branched")
-    warn = _branch_warnings(forks, m.basis) + _timing_warnings(table, rec, timing_only)
+    warn = _pilot_warnings(pilot.rows) + _branch_warnings(forks, m.basis)
+    warn += _timing_warnings(table, rec, timing_only)
     short = scaling.short_fork_warning(a["branch_steps"], 0.9)
     if forks is not None and short and scaling.has_momentum(a["opt_state"]):
         warn.append(
@@ -1953,7 +2092,8 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
             f"the search cost {seconds['overhead']:.3g} s beyond the pilot, over the budget of "
             f"{m.budget_s:.3g} s (compiling each candidate is not bounded: pass fewer candidates)"
         )
-    rec = dataclasses.replace(rec, warnings=tuple(rec.warnings) + tuple(warn))
+    rate = f" Learning rate by the {checked['rule']} rule ({checked['rule_source']})."
+    rec = dataclasses.replace(rec, warnings=(*rec.warnings, *warn), reason=rec.reason + rate)
     ref = checked["ref"]
     settings = {
         "ref_batch_size": ref,
@@ -1970,7 +2110,7 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
         "branch_examples_per_fork": None if forks is None else forks["examples_per_fork"],
         "branch_lr_rule": checked["fork_rule"],
         "candidates": m.candidates,
-        "learning_rate": a["learning_rate"],
+        "learning_rate": a["learning_rate"] or _injected_rate(a["opt_state"]),
         "optimizer_name": a["optimizer_name"],
         "lr_rule": checked["rule"],
         "lr_rule_source": checked["rule_source"],

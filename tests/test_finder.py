@@ -176,9 +176,10 @@ def test_choose_basis_prefers_branched_then_trajectory_then_b_simple():
         finder.choose_basis((math.nan, math.nan, math.nan))
 
 
-def _find(loss_fn=linreg_loss, batch_fn=linreg_batches, **kw):
+def _find(loss_fn=linreg_loss, batch_fn=linreg_batches, optimizer=None, **kw):
     kw = {"ref_batch_size": 8, "pilot_steps": 6, "candidates": (8,), "progress": False} | kw
-    return finder.find_batch_size(loss_fn, jnp.zeros(D), optax.sgd(0.01), batch_fn, **kw)
+    optimizer = optax.sgd(0.01) if optimizer is None else optimizer
+    return finder.find_batch_size(loss_fn, jnp.zeros(D), optimizer, batch_fn, **kw)
 
 
 def test_the_per_example_path_is_chosen_for_the_pilot_s_length(monkeypatch):
@@ -242,13 +243,28 @@ def test_nnx_model_through_split_and_merge():
     assert res.batch_size in {r["batch_size"] for r in res.recommendation.table}
 
 
-def test_a_pick_at_an_end_of_the_timed_range_extends_it_once():
-    # One candidate: the pick is at both ends; the range is extended once, to half of it.
+def test_the_caller_s_candidates_and_bounds_bound_the_pick():
+    # One candidate: the pick is at both ends, said, and nothing past it is timed or picked.
     res = _find(pilot_steps=8, timing_rounds=2)
-    assert res.extended_to == 4 and sorted(res.timing.timings) == [4, 8]
-    assert res.to_dict()["extended_to"] == 4
-    if res.batch_size == 4:  # at the end again: said, not extended a second time
-        assert res.recommendation.at_range_end == "smallest"
+    assert res.extended_to is None and sorted(res.timing.timings) == [8] and res.batch_size == 8
+    assert res.recommendation.at_range_end is not None
+    res = _find(pilot_steps=8, timing_rounds=2, candidates=None, max_batch_size=4)
+    assert max(res.timing.timings) <= 4 and res.batch_size <= 4
+    assert all(r["batch_size"] <= 4 for r in res.recommendation.table)  # no accumulation past it
+
+
+def test_a_stream_too_short_is_named_before_the_pilot_and_without_forks_is_enough():
+    def short(size, index):  # 64 examples, no wrapping around
+        if (index + 1) * size > 64:
+            raise IndexError("end of data")
+        return linreg_batches(size, index)
+
+    done = []
+    with pytest.raises(ValueError, match=r"\(IndexError: end of data\), where examples up to"):
+        _find(batch_fn=short, branched=True, progress=lambda phase, d, t: done.append(d))
+    assert not any(done)  # the forks' held-out batch is read before the pilot's first step
+    res = _find(batch_fn=short, branched=False)  # the pilot's 6 steps of 8 fit in 64
+    assert res.state.examples_seen == 48
 
 
 def test_find_batch_size_is_a_lazy_attribute_of_the_package():
@@ -318,6 +334,57 @@ def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_res
     )
 
 
+def test_continue_training_trains_at_the_new_rate_of_an_injected_optimizer():
+    """optax.inject_hyperparams keeps the rate in the state: the new optimizer's rate is used,
+    not the pilot's; another optimizer's state, or a negative step count, is an error."""
+    w0 = jnp.zeros(D)
+    inject = optax.inject_hyperparams(optax.sgd)
+    start = finder.TrainState(w0, inject(learning_rate=0.01).init(w0), 0, 0)
+    state, _ = finder.continue_training(
+        linreg_loss, inject(learning_rate=0.5), linreg_batches, start, 1, batch_size=8
+    )
+    want = w0 - 0.5 * jax.grad(linreg_loss)(w0, linreg_batches(8, 0))
+    np.testing.assert_allclose(state.params, want, rtol=1e-6)
+    assert float(state.opt_state.hyperparams["learning_rate"]) == 0.5
+    with pytest.raises(ValueError, match="another structure"):
+        finder.continue_training(linreg_loss, optax.adam(0.1), linreg_batches, start, 1,
+                                 batch_size=8)  # fmt: skip
+    with pytest.raises(ValueError, match="num_steps must be an int >= 0"):
+        finder.continue_training(linreg_loss, inject(learning_rate=0.5), linreg_batches, start,
+                                 -3, batch_size=8)  # fmt: skip
+    # find_batch_size reads the rate such a state holds, and a learning_rate against it is named.
+    res = _find(optimizer=inject(learning_rate=0.01))
+    assert res.batch_size == 8 and res.recommendation.learning_rate == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="learning_rate=0.5, but the optimizer's state holds 0.01"):
+        _find(optimizer=inject(learning_rate=0.01), learning_rate=0.5)
+
+
+def test_a_pilot_that_diverges_stops_there_and_one_whose_loss_rises_is_warned_about():
+    done = []
+    with pytest.raises(ValueError, match="the pilot diverged: its training loss was (nan|inf)"):
+        finder.find_batch_size(
+            linreg_loss, jnp.zeros(D), optax.sgd(1e4), linreg_batches, ref_batch_size=8,
+            pilot_steps=40, candidates=(8,), progress=lambda phase, d, t: done.append(d),
+        )  # fmt: skip
+    assert max(done) < 40  # it stopped at the first non-finite loss, not at the pilot's end
+    rows = [{"step": i + 1, "train_loss": v} for i, v in enumerate([2.0, 1.0, 3.0, 4.0])]
+    assert "rose from 2 (its first step) to 4" in finder._pilot_warnings(rows)[0]
+    falling = [{"step": i + 1, "train_loss": 4.0 - i} for i in range(4)]
+    assert finder._pilot_warnings(falling) == []
+
+
+@pytest.mark.filterwarnings("ignore:gns per-example norms by jax.vmap")  # and says so first
+def test_a_loss_that_no_parameter_reaches_is_named():
+    with pytest.raises(ValueError, match="the gradient was zero at every measured step"):
+        _find(loss_fn=lambda w, batch: jnp.mean(batch["y"] ** 2) + 0.0 * jnp.sum(w))
+
+
+def test_the_pilot_rows_hold_the_training_loss_of_each_measured_step(plain_result):
+    row = plain_result.pilot_rows[0]
+    want = float(linreg_loss(jnp.zeros(D), linreg_batches(16, 0)))
+    assert row["step"] == 1 and row["train_loss"] == pytest.approx(want, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [({"optimizer_name": "adamx"}, "optimizer_name must be an optimizer name"),
@@ -329,6 +396,8 @@ def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_res
      ({"objective": "money"}, "objective must be 'time' or 'cost'"),
      ({"progress": True}, "gns draws nothing itself"),
      ({"branch_exponents": (0,)}, "branch_exponents must be at least 2"),
+     ({"candidates": None, "min_batch_size": 16, "max_batch_size": 4},
+      "min_batch_size=16 > max_batch_size=4: swap them"),
      ({"batch_fn": lambda size, index: {"x": _X[:size, : 4 + (size == 8)], "y": _Y[:size]}},
       r"batch_fn\(8, 0\) and batch_fn\(4, 1\) differ")],
 )  # fmt: skip
@@ -444,6 +513,11 @@ def test_dominated_sizes_drop_exactly_what_loses_at_every_noise_scale():
     # 8 is faster at n = 20 (3.5 vs 3.825), 16 at n = 90 (11.26 vs 12.25): both stay.
     assert finder.dominated_sizes((20.0, 90.0))({8: [1.0], 16: [1.7]}) == {}
     assert finder.dominated_sizes((math.nan, 90.0))(times) == {}  # no interval: nothing pruned
+    # A kept size (the reference batch, whose speedup is stated) is timed to the end.
+    pruned = finder.dominated_sizes((20.0, 90.0))(times)
+    b0 = min(pruned)
+    kept = finder.dominated_sizes((20.0, 90.0), keep=(b0,))(times)
+    assert kept == {b: why for b, why in pruned.items() if b != b0}
 
 
 def test_unstable_step_times_warn_how_far_the_pick_could_move():
@@ -496,12 +570,12 @@ def _fake_time_fn(step_time, fits=lambda b: True):
     return time_fn, asked
 
 
-def _widen(step_time, cands, n=100.0, fits=lambda b: True):
+def _widen(step_time, cands, n=100.0, fits=lambda b: True, limits=(1, math.inf)):
     time_fn, asked = _fake_time_fn(step_time, fits)
-    decide = lambda *a: finder.decide(*a, base_batch_size=64, optimizer="sgd")  # noqa: E731
+    decide = lambda *a: finder.decide(*a, base_batch_size=64, optimizer="sgd", limits=limits)  # noqa: E731
     value = (n, 0.8 * n, 1.25 * n)
     rec, timed, extended, _ = finder._widen(
-        time_fn, decide, cands, ("b_simple", value, {}), lambda: None
+        time_fn, decide, cands, ("b_simple", value, {}), lambda: None, limits
     )
     return rec, timed, extended, asked
 
@@ -514,6 +588,8 @@ def test_timing_starts_at_the_noise_scale_and_widens_only_while_the_pick_is_at_a
     assert finder.timing_start([8, 16, 32, 64, 128], (80.0, 125.0)) == [64, 128]
     assert finder.timing_start([8, 16, 32, 64, 128, 256], (80.0, 125.0)) == [64, 128, 256]
     assert finder.timing_start([8, 16, 32], (math.nan, math.nan)) == [8, 16, 32]
+    assert finder.timing_start([8, 16, 32], (math.inf, math.inf)) == [8, 16, 32]
+    assert finder.timing_start([8, 16, 32], (1e200, 1e300)) == [16, 32]  # no overflow
     cands = [8, 16, 32, 64, 128, 256, 512, 1024]
     # t(B) = 1 + B/400: the optimum sqrt(1·100·400) = 200 lies in the start's range: one
     # widening (to 512, the pick 256 sat at the top), then the pick is inside and it stops.
@@ -527,9 +603,12 @@ def test_timing_starts_at_the_noise_scale_and_widens_only_while_the_pick_is_at_a
     rec, _, _, asked = _widen(gpu, cands)
     assert [a[-1] for a in asked] == [256, 512, 1024] and min(asked[-1]) == 64
     assert rec.batch_size == _argmin(gpu, cands) == 512
-    # Past the candidates once at most: the extension is said (extended_to).
+    # Past the candidates once at most: the extension is said (extended_to); never past the
+    # caller's limits.
     rec, timed, extended, asked = _widen(gpu, [64, 128, 256])
     assert extended == 512 and asked[-1] == [64, 128, 256, 512] and len(asked) == 2
+    rec, timed, extended, asked = _widen(gpu, [64, 128, 256], limits=(64, 256))
+    assert extended is None and asked == [[64, 128, 256]] and rec.batch_size == 256
     # A size that does not fit closes its side: 1024 is never asked for.
     rec, timed, _, asked = _widen(gpu, cands, fits=lambda b: b <= 256)
     assert asked[-1] == [64, 128, 256, 512] and 1024 not in sum(asked, [])
@@ -596,7 +675,7 @@ def test_a_size_added_while_widening_is_timed_with_the_unpruned_ones_compiling_n
         updates, o = opt.update(jax.grad(linreg_loss)(p, batch), o, p)
         return optax.apply_updates(p, updates), o
 
-    checked = {"get": linreg_batches, "first": linreg_batches(8, 0), "progress": None}
+    checked = {"get": linreg_batches, "first": linreg_batches(8, 0), "progress": None, "ref": 8}
     a = {"memory_budget_bytes": 2**30, "timing_rounds": 2, "objective": "time",
          "timing_cache": None}  # fmt: skip
     seconds, compiles = {}, []
@@ -639,3 +718,12 @@ def test_fork_steps_take_the_multiplier_at_run_time_with_the_baked_rates_numbers
             np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
         assert make_step(16, mult) is make_step(16, mult)
     assert make_step(16, 2.0).func._cache_size() == 1  # one executable for the 3 multipliers
+
+
+def test_params_that_are_not_floats_are_named_before_any_work():
+    params = {"w": jnp.zeros(D), "count": jnp.zeros((), jnp.uint32)}  # e.g. an nnx RngCount
+    with pytest.raises(ValueError, match=r"params\['count'\] is uint32, not a float.*nnx.Param"):
+        finder.find_batch_size(
+            lambda p, batch: linreg_loss(p["w"], batch), params, optax.sgd(0.01), linreg_batches,
+            ref_batch_size=8, pilot_steps=4, candidates=(8,), progress=False,
+        )  # fmt: skip
