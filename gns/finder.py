@@ -1695,6 +1695,17 @@ def _zeros_like_batch(template, size: int):
     )
 
 
+def _loss_as_aux(loss_fn):
+    """``loss_fn`` returning ``(loss, loss)``: the measuring step reports the loss at no extra
+    cost (``has_aux=True``; the per-example path is chosen for this form)."""
+
+    def with_loss(params, batch):
+        loss = loss_fn(params, batch)
+        return loss, loss
+
+    return with_loss
+
+
 def _make_steps(loss_fn, optimizer, method: str, num_microbatches: int, tracker):
     """``(measure_step, train_step, make_step)`` of the pilot, the timing and the forks."""
 
@@ -1704,9 +1715,7 @@ def _make_steps(loss_fn, optimizer, method: str, num_microbatches: int, tracker)
             updates = jax.tree.map(lambda u: mult.astype(u.dtype) * u, updates)
         return optax.apply_updates(params, updates), opt_state
 
-    def with_loss(p, batch):  # the loss as aux too: the pilot reports it at no extra cost
-        loss = loss_fn(p, batch)
-        return loss, loss
+    with_loss = _loss_as_aux(loss_fn)
 
     @jax.jit
     def measure_step(state, batch):
@@ -2022,7 +2031,8 @@ def find_batch_size(
     plan = _plan(a, checked)
     t_path = time.perf_counter()
     if method == "auto":  # the pilot's per-example path, timed only where that pays over it
-        ghost.select(loss_fn, params, checked["first"], uses=plan.pilot_steps)
+        first, uses = checked["first"], plan.pilot_steps
+        ghost.select(_loss_as_aux(loss_fn), params, first, has_aux=True, uses=uses)
     seconds = {"path": time.perf_counter() - t_path}
     tracker = smoothing.ema()
     measure, train_step, make_step = _make_steps(
