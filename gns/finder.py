@@ -1643,13 +1643,23 @@ def _check_arguments(a: dict) -> dict:
         )
     if a["run_steps"] is not None:
         common.check_int(a["run_steps"], "run_steps", 1)
+    multi = lambda x: isinstance(x, optax.MultiStepsState)
+    if any(map(multi, jax.tree.leaves(a["opt_state"], is_leaf=multi))):
+        raise ValueError(
+            "optax.MultiSteps takes one update every k batches, so the batch the finder "
+            "measures is not the update's: pass the inner optimizer (continue_training's "
+            "accumulation_steps= runs a batch above the largest that fits)."
+        )
     rule, source = resolve_lr_rule(a["lr_rule"], a["optimizer_name"], a["opt_state"])
     fork_rule = scaling.check_rule(a["branch_lr_rule"] or rule, "branch_lr_rule")
     exps = sorted(int(e) for e in a["branch_exponents"])
-    if len(set(exps)) < 2 or any(ref * 2.0**e != int(ref * 2.0**e) for e in exps):
+    bad = len(set(exps)) < 2 or any(ref * 2.0**e != int(ref * 2.0**e) for e in exps)
+    if bad and a["branched"] is not False:
         raise ValueError(
             f"branch_exponents must be at least 2 distinct ints with ref_batch_size·2^j whole "
-            f"batch sizes, got {list(a['branch_exponents'])} at ref_batch_size={ref}."
+            f"batch sizes (the forks' batches), got {list(a['branch_exponents'])} at "
+            f"ref_batch_size={ref}: pass other branch_exponents, an even ref_batch_size, or "
+            "branched=False."
         )
     cands = a["candidates"]
     if cands is not None:

@@ -398,6 +398,8 @@ def test_the_pilot_rows_hold_the_training_loss_of_each_measured_step(plain_resul
      ({"branch_exponents": (0,)}, "branch_exponents must be at least 2"),
      ({"candidates": None, "min_batch_size": 16, "max_batch_size": 4},
       "min_batch_size=16 > max_batch_size=4: swap them"),
+     ({"ref_batch_size": 3, "num_microbatches": 3}, r"an even ref_batch_size, or branched=False"),
+     ({"optimizer": optax.MultiSteps(optax.sgd(0.01), 4)}, "pass the inner optimizer"),
      ({"batch_fn": lambda size, index: {"x": _X[:size, : 4 + (size == 8)], "y": _Y[:size]}},
       r"batch_fn\(8, 0\) and batch_fn\(4, 1\) differ")],
 )  # fmt: skip
