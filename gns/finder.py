@@ -1596,11 +1596,58 @@ def _positive(value, name: str, hint: str) -> None:
         raise ValueError(f"{name} must be a positive finite number or None, got {value!r}: {hint}")
 
 
+def _check_optimizer(a: dict) -> tuple[str, str, str]:
+    """``(rule, where it came from, the forks' rule)`` of the optimizer and its rate."""
+    held = _injected_rate(a["opt_state"])
+    if None not in (held, a["learning_rate"]) and not math.isclose(
+        held, a["learning_rate"], rel_tol=1e-6
+    ):
+        raise ValueError(
+            f"learning_rate={a['learning_rate']!r}, but the optimizer's state holds {held:.6g} "
+            f"(optax.inject_hyperparams): pass learning_rate={held:.6g}, or leave it out."
+        )
+    multi = lambda x: isinstance(x, optax.MultiStepsState)
+    if any(map(multi, jax.tree.leaves(a["opt_state"], is_leaf=multi))):
+        raise ValueError(
+            "optax.MultiSteps takes one update every k batches, so the batch the finder "
+            "measures is not the update's: pass the inner optimizer (continue_training's "
+            "accumulation_steps= runs a batch above the largest that fits)."
+        )
+    rule, source = resolve_lr_rule(a["lr_rule"], a["optimizer_name"], a["opt_state"])
+    fork_rule = scaling.check_rule(a["branch_lr_rule"] or rule, "branch_lr_rule")
+    return rule, source, fork_rule
+
+
+def _check_sizes(a: dict, ref: int) -> tuple[list[int], list[int] | None, tuple]:
+    """``(fork exponents, candidates or None, (smallest, largest) batch allowed)``."""
+    exps = sorted(int(e) for e in a["branch_exponents"])
+    bad = len(set(exps)) < 2 or any(ref * 2.0**e != int(ref * 2.0**e) for e in exps)
+    if bad and a["branched"] is not False:
+        raise ValueError(
+            f"branch_exponents must be at least 2 distinct ints with ref_batch_size·2^j whole "
+            f"batch sizes (the forks' batches), got {list(a['branch_exponents'])} at "
+            f"ref_batch_size={ref}: pass other branch_exponents, an even ref_batch_size, or "
+            "branched=False."
+        )
+    cands = a["candidates"]
+    if cands is not None:
+        cands = sorted({common.check_int(c, "candidate batch size", 1) for c in cands})
+        if not cands:
+            raise ValueError("candidates is empty: pass batch sizes to time, or None.")
+    lo, hi = a["min_batch_size"], a["max_batch_size"]
+    lo = lo if lo is None else common.check_int(lo, "min_batch_size", 1)
+    hi = hi if hi is None else common.check_int(hi, "max_batch_size", 1)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"min_batch_size={lo} > max_batch_size={hi}: swap them.")
+    limits = (lo or (cands[0] if cands else 1), hi or (cands[-1] if cands else math.inf))
+    return exps, cands, limits
+
+
 def _check_arguments(a: dict) -> dict:
     """Every argument of :func:`find_batch_size` (``a``: its locals), before any work.
 
     Returns the derived plan: ``ref``, ``get``, ``first``, ``rule``, ``rule_source``,
-    ``fork_rule``, ``exps``, ``cands`` (``None``: default), ``progress``."""
+    ``fork_rule``, ``exps``, ``cands`` (``None``: default), ``limits``, ``progress``."""
     ref = common.check_int(a["ref_batch_size"], "ref_batch_size", 2)
     steps = a["pilot_steps"]
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 2:
@@ -1625,14 +1672,6 @@ def _check_arguments(a: dict) -> dict:
     if not 0 < a["confidence"] < 1:
         raise ValueError(f"confidence must be in (0, 1), e.g. 0.9, got {a['confidence']!r}.")
     _positive(a["learning_rate"], "learning_rate", "the rate of `optimizer` at ref_batch_size.")
-    held = _injected_rate(a["opt_state"])
-    if None not in (held, a["learning_rate"]) and not math.isclose(
-        held, a["learning_rate"], rel_tol=1e-6
-    ):
-        raise ValueError(
-            f"learning_rate={a['learning_rate']!r}, but the optimizer's state holds {held:.6g} "
-            f"(optax.inject_hyperparams): pass learning_rate={held:.6g}, or leave it out."
-        )
     _positive(a["budget_s"], "budget_s", "the seconds the search may cost beyond the pilot.")
     _positive(a["budget_fraction"], "budget_fraction", "e.g. 0.1 for 10% of the planned run.")
     if a["budget_fraction"] is not None and (a["budget_s"] is not None or not a["run_steps"]):
@@ -1643,35 +1682,8 @@ def _check_arguments(a: dict) -> dict:
         )
     if a["run_steps"] is not None:
         common.check_int(a["run_steps"], "run_steps", 1)
-    multi = lambda x: isinstance(x, optax.MultiStepsState)
-    if any(map(multi, jax.tree.leaves(a["opt_state"], is_leaf=multi))):
-        raise ValueError(
-            "optax.MultiSteps takes one update every k batches, so the batch the finder "
-            "measures is not the update's: pass the inner optimizer (continue_training's "
-            "accumulation_steps= runs a batch above the largest that fits)."
-        )
-    rule, source = resolve_lr_rule(a["lr_rule"], a["optimizer_name"], a["opt_state"])
-    fork_rule = scaling.check_rule(a["branch_lr_rule"] or rule, "branch_lr_rule")
-    exps = sorted(int(e) for e in a["branch_exponents"])
-    bad = len(set(exps)) < 2 or any(ref * 2.0**e != int(ref * 2.0**e) for e in exps)
-    if bad and a["branched"] is not False:
-        raise ValueError(
-            f"branch_exponents must be at least 2 distinct ints with ref_batch_size·2^j whole "
-            f"batch sizes (the forks' batches), got {list(a['branch_exponents'])} at "
-            f"ref_batch_size={ref}: pass other branch_exponents, an even ref_batch_size, or "
-            "branched=False."
-        )
-    cands = a["candidates"]
-    if cands is not None:
-        cands = sorted({common.check_int(c, "candidate batch size", 1) for c in cands})
-        if not cands:
-            raise ValueError("candidates is empty: pass batch sizes to time, or None.")
-    lo, hi = a["min_batch_size"], a["max_batch_size"]
-    lo = lo if lo is None else common.check_int(lo, "min_batch_size", 1)
-    hi = hi if hi is None else common.check_int(hi, "max_batch_size", 1)
-    if lo is not None and hi is not None and lo > hi:
-        raise ValueError(f"min_batch_size={lo} > max_batch_size={hi}: swap them.")
-    limits = (lo or (cands[0] if cands else 1), hi or (cands[-1] if cands else math.inf))
+    rule, source, fork_rule = _check_optimizer(a)
+    exps, cands, limits = _check_sizes(a, ref)
     progress = a["progress"]
     if progress is True or (progress not in (None, False) and not callable(progress)):
         raise ValueError(
