@@ -2026,11 +2026,15 @@ def find_batch_size(
 
     Raises:
       ValueError: before any work, for a ``batch_fn`` that returns another number of examples
-        than asked or another kind of example at another size, a ``loss_fn`` that does not
-        return a scalar, an unknown name (``optimizer_name``, ``lr_rule``, ``method``,
-        ``objective``), a rule that cannot be read from the optimizer, a non-positive rate or
-        budget, a budget too small to measure anything (fewer than 2 pilot steps); after the
-        pilot, for nothing that fits in memory.
+        than asked or another kind of example at another size (or none: a stream too short
+        for the pilot and the forks), a ``loss_fn`` that does not return a scalar, ``params``
+        that are not all floats, an unknown name (``optimizer_name``, ``lr_rule``,
+        ``method``, ``objective``), a rule that cannot be read from the optimizer, an
+        ``optax.MultiSteps`` optimizer, a rate other than the one an injected optimizer
+        holds, a non-positive rate or budget, ``min_batch_size > max_batch_size``, a budget
+        too small to measure anything (fewer than 2 pilot steps); during the pilot, at its
+        first non-finite training loss; after it, for a gradient that was zero throughout or
+        nothing that fits in memory.
 
     Example:
       >>> def loss_fn(w, batch):
