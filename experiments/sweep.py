@@ -22,6 +22,7 @@ if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one li
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import math
 import os
@@ -631,10 +632,16 @@ def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
         )
     rec_fit = picks["tradeoff_fit"]
     return {
-        "recommendation": picks[m.basis].to_dict() | {"basis_note": m.note},
+        "recommendation": _with_warnings(picks[m.basis], m.noise["pilot"]["rows"]).to_dict()
+        | {"basis_note": m.note},
         "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
         "recommendation_by_basis": by_basis,
     }
+
+
+def _with_warnings(rec, pilot_rows: list[dict]):
+    """``rec`` with :func:`gns.finder.pilot_warnings` (a pilot whose loss rose) added."""
+    return dataclasses.replace(rec, warnings=(*rec.warnings, *finder.pilot_warnings(pilot_rows)))
 
 
 class _Sweep:

@@ -93,6 +93,7 @@ __all__ = [
     "continue_at",
     "resolve_lr_rule",
     "dominated_sizes",
+    "pilot_warnings",
     "timing_start",
 ]
 
@@ -907,8 +908,9 @@ def noise_record(pilot: Pilot, evidence: Mapping, plan: Plan) -> dict:
     """The noise stage as plain values: ``b_simple``, ``interval``, ``confidence``,
     ``num_used``, ``num_nonfinite_dropped``, ``trajectory`` rows, ``effective`` and ``pilot``
     (``steps``, ``every``, ``batch_size``, ``step_s``, ``stop_reason``, ``rows`` of ``step``,
-    ``g_sq``, ``trace_cov``)."""
-    rows = [{k: r.get(k) for k in ("step", "g_sq", "trace_cov")} for r in pilot.rows]
+    ``g_sq``, ``trace_cov`` and, where measured, ``train_loss``)."""
+    keys = ("step", "g_sq", "trace_cov", "train_loss")
+    rows = [{k: r[k] for k in keys if k in r} for r in pilot.rows]
     return common.to_json(
         _noise_fields(evidence)
         | {
@@ -1788,7 +1790,7 @@ def _branch_warnings(branched, basis: str) -> list[str]:
     return out
 
 
-def _pilot_warnings(rows: list[dict]) -> list[str]:
+def pilot_warnings(rows: list[dict]) -> list[str]:
     """A pilot whose training loss ended above where it started (the mean of its last tenth
     of measured steps over its first)."""
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
@@ -2115,7 +2117,7 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
     seconds["total"] = time.perf_counter() - t_start
     seconds["overhead"] = seconds["total"] - seconds["pilot"]
     pilot, noise, forks = m.live["pilot"], m.live["noise"], m.live.get("branched")
-    warn = _pilot_warnings(pilot.rows) + _branch_warnings(forks, m.basis)
+    warn = pilot_warnings(pilot.rows) + _branch_warnings(forks, m.basis)
     warn += _timing_warnings(table, rec, timing_only)
     short = scaling.short_fork_warning(a["branch_steps"], 0.9)
     if forks is not None and short and scaling.has_momentum(a["opt_state"]):

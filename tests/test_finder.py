@@ -368,9 +368,9 @@ def test_a_pilot_that_diverges_stops_there_and_one_whose_loss_rises_is_warned_ab
         )  # fmt: skip
     assert max(done) < 40  # it stopped at the first non-finite loss, not at the pilot's end
     rows = [{"step": i + 1, "train_loss": v} for i, v in enumerate([2.0, 1.0, 3.0, 4.0])]
-    assert "rose from 2 (its first step) to 4" in finder._pilot_warnings(rows)[0]
+    assert "rose from 2 (its first step) to 4" in finder.pilot_warnings(rows)[0]
     falling = [{"step": i + 1, "train_loss": 4.0 - i} for i in range(4)]
-    assert finder._pilot_warnings(falling) == []
+    assert finder.pilot_warnings(falling) == []
 
 
 @pytest.mark.filterwarnings("ignore:gns per-example norms by jax.vmap")  # and says so first

@@ -197,6 +197,12 @@ def test_noise_trajectory_is_pooled_from_the_pilots_own_measurements(smoke_run):
     s_min = delta / (1 + b / config.batch_size)
     assert n["effective"]["value"] == pytest.approx((s_min * b).sum() / s_min.sum())
     assert n["effective"]["basis"] == critical.BASIS_TRAJECTORY
+    # Each measured step's training loss is kept; a pilot whose loss rose is said so.
+    losses = [p["train_loss"] for p in pilot["rows"]]
+    tail = losses[-max(1, len(losses) // 10) :]
+    rec = strict_json(os.path.join(workdir, sweep.SWEEP_FILE))["recommendation"]
+    rose = any("training loss rose" in w for w in rec["warnings"])
+    assert all(math.isfinite(x) for x in losses) and rose == (np.mean(tail) > losses[0])
 
 
 @pytest.mark.timeout(300)
