@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import functools
 import json
 import os
 import re
@@ -226,10 +227,18 @@ def plain_text(doc: str) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (``FLAGS(argv)``), with the mistakes reported as one line and exit
     code 2: a missing config file, an error in its ``get_config`` (e.g. an unknown variant), an
-    unknown ``--config.field``, a bad value, an unknown or missing flag."""
+    unknown ``--config.field``, a bad value, an unknown or missing flag. ``--config.field=None``
+    sets the field to ``None`` (the rules then say whether it may be)."""
+    nones = [a for a in argv[1:] if re.fullmatch(r"--config\.[\w.]+=None", a)]
     try:
-        args = FLAGS(argv)
+        args = FLAGS([a for a in argv if a not in nones])
         getattr(FLAGS.config, "keys", None)  # raises config_flags' deferred error
+        fields = [a.removeprefix("--config.").removesuffix("=None") for a in nones]
+        if unknown := _unknown_field({f"config.{f}": "None" for f in fields}):
+            _exit(*unknown)
+        for field in fields:  # config_flags parses "None" as the field's type: set it here
+            *parents, last = field.split(".")
+            functools.reduce(lambda node, key: node[key], parents, FLAGS.config)[last] = None
         return args
     except Exception as e:
         if _verbose(argv):

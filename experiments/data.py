@@ -187,7 +187,8 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
                 f"tfds dataset {name!r} is not prepared in {where}, and preparing it needs "
                 f"TensorFlow, which is not installed ({type(err).__name__}: {err}).",
                 hint="install it once with `pip install -e '.[tfds]'` (the next run prepares the "
-                "data), or use --config.data.source=cifar10_binary (downloads CIFAR-10 without "
+                "data), or use --config.data.source=cifar10_binary --config.data.path=None "
+                "(downloads CIFAR-10 without "
                 "TensorFlow) or an image folder: --config.data.source=folder "
                 f"--config.data.path=/path/to/cifar10-jpeg.tar.gz (layout {LAYOUT}).",
             ) from err

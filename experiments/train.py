@@ -78,8 +78,10 @@ def validate_config(config) -> None:
 def run_identity(config: dict) -> dict:
     """The fields of a config dict that a resume must keep: all but :data:`NOT_IDENTITY`,
     and but ``num_steps``/``num_epochs`` with a constant schedule (there they only say where
-    the run stops, so a finished run can be extended)."""
+    the run stops, so a finished run can be extended); ``data.path`` resolved."""
     ident = copy.deepcopy(config)
+    if ident.get("data", {}).get("path"):  # the same file from any directory
+        ident["data"]["path"] = os.path.realpath(ident["data"]["path"])
     constant = config.get("schedule") == "constant"
     for path in NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ()):
         *parents, last = path.split(".")

@@ -249,6 +249,10 @@ MISTAKES = {
                 "did you mean --config.data.source?"),
     "workdir": ("cifar10", ["--config=configs/cifar10.py:smoke", "--workdir="],
                 "--workdir is empty"),
+    "none": ("cifar10", ["--config=configs/cifar10.py:smoke", "--config.batch_size=None"],
+             "config.batch_size=None must be an int >= 2"),
+    "none_unknown": ("lm", ["--config=configs/lm.py:smoke", "--config.nosuch=None"],
+                     "unknown config field --config.nosuch"),
     "bench_reference": ("bench", ["--config", "configs/bench.py:tiny",
                                   "--config.reference_batch_size=7"],
                         "config.reference_batch_size=7, config.batch_sizes=(8,)"),
@@ -267,6 +271,7 @@ def ran(commands, tmp_path_factory):
     }
     runs.update({f"help_{module}": (module, ["--help"]) for module in KINDS})
     runs["print_config"] = ("lm", ["--config", "configs/lm.py:smoke", "--config.batch_size=8",
+                                   "--config.divergence_factor=None",
                                    "--print_config"])  # fmt: skip
     (tmp / "elsewhere").mkdir()
     jobs = [(f"experiments.{module}", args, tmp / "elsewhere" if name == "print_config" else ROOT)
@@ -303,12 +308,12 @@ def test_help_exits_0_with_plain_usage_and_every_field(ran, module):
 @pytest.mark.timeout(240)
 def test_print_config_and_config_from_the_repository(ran):
     """From another directory, --config configs/lm.py:smoke is the repository's file;
-    --print_config prints the resolved config (overrides applied) as JSON, no --workdir
-    needed."""
+    --print_config prints the resolved config (overrides applied, ``=None`` included) as
+    JSON, no --workdir needed."""
     res = ran[0]["print_config"]
     assert res.returncode == 0, res.stderr[-2000:]
     expected = lm_config.get_config("smoke")
-    expected.batch_size = 8
+    expected.batch_size, expected.divergence_factor = 8, None  # "None" typed is None
     assert json.loads(res.stdout) == json.loads(json.dumps(expected.to_dict()))
     assert os.listdir(ran[1] / "elsewhere") == []
 

@@ -1,6 +1,7 @@
 """Tests of the CIFAR-10 training code (experiments/train.py, experiments/cifar10.py,
 configs/cifar10.py, gns/plots.py), on tiny models and synthetic data."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -739,6 +740,12 @@ def test_adaptive_fields_of_the_variants_and_the_identity():
     assert adaptive.candidates(cifar10_config.get_config("cpu")) == [16, 32, 64, 128, 256]
     ident = train.run_identity(tiny_config().to_dict())
     assert "seeds" not in ident["adaptive"] and "candidates" in ident["adaptive"]
+    # data.path is resolved: the same file from another directory is the same run.
+    config = tiny_config().to_dict()
+    config["data"]["path"] = os.path.join(os.getcwd(), "x", "..", "data.tar.gz")
+    relative = copy.deepcopy(config)
+    relative["data"]["path"] = "data.tar.gz"
+    assert train.run_identity(config) == train.run_identity(relative)
     assert run.check_mode(tiny_config(mode="adaptive")) == "adaptive"
 
 
