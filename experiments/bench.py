@@ -13,7 +13,7 @@ from __future__ import annotations
 from experiments import interrupt
 
 if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one line, 130
-    interrupt.install()
+    interrupt.install("interrupted: bench.json is written at the end, so nothing was; re-run.")
 
 import functools
 import os
@@ -449,7 +449,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(runlog.QuietLibraries())
-    result = run_bench(FLAGS.config, FLAGS.workdir)
+    rules.check(FLAGS.config, "bench")  # before the workdir is made
+    with runlog.workdir_lock(FLAGS.workdir):  # a file, or a bench running there: said first
+        result = run_bench(FLAGS.config, FLAGS.workdir)
     summary = {k: v for k, v in result.items() if k.endswith("_over_plain")}
     print(runlog.dumps(summary, indent=2))
     print(format_table(result))

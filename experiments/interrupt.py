@@ -32,7 +32,8 @@ def exit_now(message: str | None = MESSAGE, code: int = EXIT_INTERRUPTED) -> NoR
         os._exit(code)
 
 
-def install() -> None:
-    """Make SIGINT call :func:`exit_now` (main thread only; elsewhere a no-op)."""
+def install(message: str = MESSAGE) -> None:
+    """Make SIGINT call :func:`exit_now` with ``message`` (main thread only; elsewhere a
+    no-op)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, lambda signum, frame: exit_now())
+        signal.signal(signal.SIGINT, lambda signum, frame: exit_now(message))

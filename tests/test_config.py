@@ -253,10 +253,16 @@ MISTAKES = {
              "config.batch_size=None must be an int >= 2"),
     "none_unknown": ("lm", ["--config=configs/lm.py:smoke", "--config.nosuch=None"],
                      "unknown config field --config.nosuch"),
+    "bench_file": ("bench", ["--config", "configs/bench.py:tiny", "--workdir=/dev/null"],
+                   "--workdir /dev/null is a file, not a directory"),
     "bench_reference": ("bench", ["--config", "configs/bench.py:tiny",
                                   "--config.reference_batch_size=7"],
                         "config.reference_batch_size=7, config.batch_sizes=(8,)"),
 }  # fmt: skip
+
+
+def _has_workdir(args):
+    return any(a.startswith("--workdir=") for a in args)
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +272,7 @@ def ran(commands, tmp_path_factory):
     ``print_config`` ran in ``directory/elsewhere``, an empty directory."""
     tmp = tmp_path_factory.mktemp("commands")
     runs = {
-        name: (module, [*args, *([] if "--workdir=" in args else [f"--workdir={tmp / name}"])])
+        name: (module, [*args, *([] if _has_workdir(args) else [f"--workdir={tmp / name}"])])
         for name, (module, args, _) in MISTAKES.items()
     }
     runs.update({f"help_{module}": (module, ["--help"]) for module in KINDS})
