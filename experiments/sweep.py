@@ -664,6 +664,12 @@ class _Sweep:
         runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
         self.task = tasks.get(config)
         self.ds = self.task.load(config)
+        if config.noise.batch_size > (n := self.task.num_train(self.ds)):
+            raise UserError(
+                f"config.noise.batch_size={config.noise.batch_size} is larger than the {n} "
+                "train examples: its batches would repeat examples (a noise scale biased low)",
+                hint="lower --config.noise.batch_size, or raise --config.data.num_train",
+            )
         self.t = {"setup": time.perf_counter() - t_start}  # the seconds of each stage, this run
         self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
         self.view = stage_config(config, "throughput")

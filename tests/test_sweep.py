@@ -771,3 +771,11 @@ def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
     config.noise.update(warmup_steps=3, batch_size=16, num_batches=3, pilot_steps=6)
     with pytest.raises(UserError, match=r"could not be measured: the pilot diverged: its training"):
         sweep.run_sweep(config, str(tmp_path), trainings=False)
+
+
+def test_a_noise_batch_larger_than_the_training_data_is_named(tmp_path):
+    config = sweep_config.get_config("smoke")
+    config.data.num_train, config.noise.batch_size = 128, 256
+    with pytest.raises(UserError, match="noise.batch_size=256 is larger than the 128 train"):
+        sweep.run_sweep(config, str(tmp_path), trainings=False)
+    assert not os.path.exists(os.path.join(tmp_path, sweep.STATE_FILE))  # before any stage
