@@ -96,7 +96,8 @@ def _fitted_time(sweep: dict, b: int) -> float | None:
 
 def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
     """Device time to target at batch ``b`` over the best measured: measured (mean over seeds)
-    where every seed at ``b`` reached it, else interpolated on the fitted curve, and said so."""
+    where every seed at ``b`` reached it, else interpolated on the fitted curve (where there
+    is one), and said so."""
     fitted = _fitted_time(sweep, b)
     fitted_trained = [x for x in (_fitted_time(sweep, c) for c in rows) if x is not None]
     out: dict[str, Any] = {
@@ -116,7 +117,12 @@ def _over_best(sweep: dict, b: int, rows: dict[int, dict], best: dict) -> dict:
             per_seed[seed] = v / min(x for x in same if x is not None)
     else:
         why = "not trained" if row is None else "trained, but a seed missed the target"
-        source = f"interpolated: fitted S(B) x t(B) ({why})"
+        how = (
+            "no fitted S(B) to interpolate"
+            if fitted is None
+            else "interpolated: fitted S(B) x t(B)"
+        )
+        source = f"{how} ({why})"
         out.update({"trained": False, "source": source, DEVICE: fitted})
         per_seed = {
             s: fitted / v

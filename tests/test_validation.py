@@ -109,6 +109,15 @@ def test_untrained_recommendation_is_interpolated_on_the_fitted_curve_and_says_s
     assert v["targets"]["branched_over_best_met"] is False
 
 
+def test_a_recommendation_that_missed_without_a_fit_is_not_measured_and_says_why():
+    pts = seed0() + [point(16, 0, 1, 1.0, reached=False)]
+    sweep = fake_sweep(pts, {"branched": {"batch_size": 16, "b_noise": 10.0}})
+    sweep["tradeoff"] |= {"s_min": None, "e_min": None, "b_crit": None}  # no fit
+    b = validation.validation(sweep)["by_basis"]["branched"]
+    assert b["source"] == "no fitted S(B) to interpolate (trained, but a seed missed the target)"
+    assert b[DEVICE] is None and b["over_best"] is None
+
+
 def test_branched_over_fitted_ratio_interval_and_target():
     crit = {
         "effective": {"value": 80.0, "low": 60.0, "high": 100.0},
