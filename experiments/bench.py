@@ -450,7 +450,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(runlog.QuietLibraries())
     rules.check(FLAGS.config, "bench")  # before the workdir is made
-    with runlog.workdir_lock(FLAGS.workdir):  # a file, or a bench running there: said first
+    with runlog.workdir_lock(FLAGS.workdir, "bench"):  # a file, or a bench there: said first
         result = run_bench(FLAGS.config, FLAGS.workdir)
     summary = {k: v for k, v in result.items() if k.endswith("_over_plain")}
     print(runlog.dumps(summary, indent=2))

@@ -408,7 +408,7 @@ def _mode(config, workdir: str, mode: str):
     the mode is done, the summary gets the times and is written to ``summary.json``."""
     t0, trainings = time.perf_counter(), mode == "tradeoff"
     train.validate_config(config)  # the rules of both modes, compare's included
-    with runlog.workdir_lock(workdir):
+    with runlog.workdir_lock(workdir, f"{tasks.get(config).name} {mode}"):
         runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
         swept = sweep.run_sweep(
             _train_config(config),

@@ -32,6 +32,7 @@ from experiments.cli import UserError
 from gns.common import to_json
 
 LOCK_FILE = ".lock"
+KIND_FILE = "kind"  # what kind of run the workdir holds (workdir_lock)
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -80,10 +81,12 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str):
+def workdir_lock(workdir: str, kind: str | None = None):
     """Hold ``workdir`` (created when missing) with an advisory ``flock`` on ``workdir/.lock``,
     released however the holder exits: a second run there stops at once, naming the holder's
-    pid. A ``.lock`` that is a link or a special file stops the run."""
+    pid. A ``.lock`` that is a link or a special file stops the run. With ``kind`` (e.g.
+    ``"cifar10 training"``, ``"sweep"``), a workdir that holds another kind of run, whose files
+    this one would overwrite, stops it too."""
     if not workdir:
         raise UserError("--workdir is empty", hint="pass a directory, e.g. --workdir=runs/cpu")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -118,9 +121,28 @@ def workdir_lock(workdir: str):
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if kind is not None:
+            _check_kind(workdir, kind)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _check_kind(workdir: str, kind: str) -> None:
+    """Record ``kind`` in ``workdir/kind``; a :class:`UserError` when it holds another."""
+    path = os.path.join(workdir, KIND_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            held = f.read().strip()
+        if held != kind:
+            raise UserError(
+                f"{workdir} holds a {held} run, not a {kind} one: this run would overwrite its "
+                "files",
+                hint="pass another --workdir",
+            )
+    else:
+        with download.atomic_file(path) as f:
+            f.write(kind.encode())
 
 
 def fingerprint(fields: dict) -> str:

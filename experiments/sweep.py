@@ -586,7 +586,7 @@ def run_sweep(
     recommended batch too, as the tradeoff mode of ``experiments.compare`` does)."""
     validate_config(config)
     bar = Progress(5, desc="sweep", unit="stages", rate=False)
-    with contextlib.closing(bar), runlog.workdir_lock(workdir):
+    with contextlib.closing(bar), runlog.workdir_lock(workdir, "sweep"):
         return _Sweep(config, workdir, bar).run(trainings, train_recommended)
 
 

@@ -432,7 +432,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     task = tasks.get(config)
     primary = jax.process_index() == 0  # the one process that writes files
     ds = task.load(config)  # before the lock: a bad data source leaves the workdir untouched
-    lock = runlog.workdir_lock(workdir) if primary else contextlib.nullcontext()
+    kind = f"{task.name} training"
+    lock = runlog.workdir_lock(workdir, kind) if primary else contextlib.nullcontext()
     with lock, runlog.Checkpoints(workdir) as ckpt:
         log = runlog.RunLog(
             workdir,

@@ -255,6 +255,17 @@ def test_workdir_lock_never_writes_through_a_planted_link(tmp_path, link):
     assert victim.read_text() == "precious" and "delete" in e.value.hint
 
 
+def test_a_workdir_holding_another_kind_of_run_is_refused(tmp_path):
+    with runlog.workdir_lock(str(tmp_path), "cifar10 training"):
+        pass
+    with runlog.workdir_lock(str(tmp_path), "cifar10 training"):  # the same kind: a resume
+        pass
+    with pytest.raises(UserError, match="holds a cifar10 training run, not a sweep one"):
+        with runlog.workdir_lock(str(tmp_path), "sweep"):
+            pass
+    assert (tmp_path / runlog.KIND_FILE).read_text() == "cifar10 training"
+
+
 def test_a_resume_on_another_number_of_devices_is_refused(tmp_path):
     one = runlog.RunLog(str(tmp_path), devices=1)
     one.advance(8)
