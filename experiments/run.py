@@ -59,17 +59,11 @@ def main(argv):
 
         print(compare.report(summary))
         return
-    metric = tasks.get(FLAGS.config).metric
-    keys = (
-        "test_loss",
-        f"test_{metric}",
-        f"train_{metric}",
-        "wall_time_s",
-        "steps",
-        "epochs",
-        "stop_reason",
-        "noise_scale",
-    )
+    task = tasks.get(FLAGS.config)
+    keys = ["test_loss", f"test_{task.metric}", f"train_{task.metric}", "wall_time_s", "steps"]
+    keys += ["epochs", "stop_reason", "noise_scale"]
+    if summary.get(task.target_field) is not None:  # the target, and whether it was reached
+        keys[2:2] = [task.target_field, "steps_to_target", "time_to_target_s"]
     print(runlog.dumps({k: summary.get(k) for k in keys}, indent=2))  # a missing key: null
 
 
