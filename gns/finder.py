@@ -1094,13 +1094,13 @@ def pipeline(
     def noise_stage():
         pilot = live["pilot"] = pilot_run(on_step)
         if pilot.stop_reason == "diverged":
-            last = pilot.rows[-1]
+            bad = next(r for r in pilot.rows if not math.isfinite(r["train_loss"]))
             raise ValueError(
-                f"the pilot diverged: its training loss was {last['train_loss']} at step "
-                f"{last['step']} (batch {ref}), so there is no noise scale to measure; lower "
+                f"the pilot diverged: its training loss was {bad['train_loss']} at step "
+                f"{bad['step']} (batch {ref}), so there is no noise scale to measure; lower "
                 "the learning rate (or warm it up, or clip the gradients) and measure again."
             )
-        if all(r["g_sq"] == 0 == r["trace_cov"] for r in pilot.rows):
+        if pilot.rows and all(r["g_sq"] == 0 == r["trace_cov"] for r in pilot.rows):
             raise ValueError(
                 "the gradient was zero at every measured step of the pilot: no parameter "
                 "reaches the loss, or the loss is constant; check that loss_fn reads params."
