@@ -61,7 +61,7 @@ def main(argv):
         return
     task = tasks.get(FLAGS.config)
     keys = ["test_loss", f"test_{task.metric}", f"train_{task.metric}", "wall_time_s", "steps"]
-    keys += ["epochs", "stop_reason", "noise_scale"]
+    keys += ["epochs", "stop_reason", "noise_scale", "warnings"]
     if summary.get(task.target_field) is not None:  # the target, and whether it was reached
         keys[2:2] = [task.target_field, "steps_to_target", "time_to_target_s"]
     print(runlog.dumps({k: summary.get(k) for k in keys}, indent=2))  # a missing key: null

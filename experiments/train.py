@@ -701,6 +701,25 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
     return state, stop
 
 
+def _learning_warnings(log: runlog.RunLog, final: dict, train_eval: dict, ds) -> list[str]:
+    """A run that did not learn (a rate too large, or too small): its loss on the training
+    data not below its first step's, or a test accuracy at chance; said in the log and
+    ``summary.json``."""
+    first, end, acc = log.initial_loss, train_eval.get("loss"), final.get("accuracy")
+    classes = getattr(ds, "num_classes", None)
+    if acc is not None and classes and acc <= 1.2 / classes:
+        out = [f"the test accuracy {acc:.1%} is at chance (1/{classes} classes)"]
+    elif first is not None and end is not None and end >= 0.98 * first:
+        out = [
+            f"the training loss did not fall: {first:.4g} at the first step, {end:.4g} at the end"
+        ]
+    else:
+        return []
+    out[0] += ": the run did not learn; re-tune config.learning_rate"
+    logging.warning("%s", out[0])
+    return out
+
+
 def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t_call: float):
     """The final evaluation (test set and a train subset, unless the run was interrupted or
     diverged), ``summary.json`` and the plots; ``t_call``: the call's start."""
@@ -749,6 +768,7 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
         "start": log.start,
         "diverged": log.diverged,
         "noise_scale": noise_scale_summary(rows),
+        "warnings": _learning_warnings(log, final, train_eval, ds),
         "dtype": config.dtype,
         "mesh": mesh_lib.describe(setup.mesh),
     }

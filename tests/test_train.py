@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 import chex
@@ -770,3 +771,13 @@ def test_bad_device_and_precision_fields_stop_before_anything_is_written(
     with pytest.raises(UserError, match=re.escape(message)):
         train.train_and_evaluate(config, str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_run_that_did_not_learn_is_said_so():
+    log, ds = types.SimpleNamespace(initial_loss=2.5), types.SimpleNamespace(num_classes=10)
+    warn = train._learning_warnings
+    assert "accuracy 9.8% is at chance (1/10 classes)" in warn(log, {"accuracy": 0.098}, {}, ds)[0]
+    fell = warn(log, {"accuracy": 0.3}, {"loss": 2.6}, ds)[0]
+    assert "did not fall: 2.5 at the first step, 2.6 at the end" in fell
+    assert warn(log, {"accuracy": 0.3}, {"loss": 2.0}, ds) == []
+    assert warn(log, {}, {}, object()) == []  # interrupted: nothing evaluated, nothing said
