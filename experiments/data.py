@@ -28,10 +28,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 from PIL import Image
-from tqdm import tqdm
 
 from experiments import download
 from experiments.cli import UserError
+from experiments.progress import Progress
 
 LAYOUT = "split/class/image.jpg (splits train and test, e.g. train/airplane/0000.jpg)"
 SPLITS = ("train", "test")
@@ -74,6 +74,14 @@ class Dataset:
             h.update(f"{a.dtype}{a.shape}".encode())
             h.update(a.data)
         return h.hexdigest()[:16]
+
+
+def _progress(items, desc: str):
+    """``items`` with a progress bar on a terminal (log lines elsewhere)."""
+    with contextlib.closing(Progress(len(items), desc=desc, unit="img")) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
 
 
 def load(cfg) -> Dataset:
@@ -204,14 +212,7 @@ def _tfds_arrays(name: str, data_dir: str | None, cache_dir: str | None) -> dict
         for split, source in zip(SPLITS, sources, strict=True):
             if len(source) == 0:
                 raise UserError(f"tfds {name} {split}: the split is empty.")
-            bar = tqdm(
-                range(len(source)),
-                desc=f"tfds {name} {split}",
-                unit="img",
-                mininterval=1.0,
-                leave=False,
-            )
-            examples = [source[i] for i in bar]
+            examples = [source[i] for i in _progress(range(len(source)), f"tfds {name} {split}")]
             out[f"{split}_images"] = np.stack([np.asarray(e["image"]) for e in examples])
             out[f"{split}_labels"] = np.array([int(e["label"]) for e in examples], np.int32)
         return out
@@ -435,9 +436,7 @@ def _decode_folder(path: str) -> dict[str, Any]:
             for item in sorted(files[split][cls])
         ]
         images = []
-        for _, (_, name, data) in tqdm(
-            listing, desc=f"decode {split}", unit="img", mininterval=1.0, leave=False
-        ):
+        for _, (_, name, data) in _progress(listing, f"decode {split}"):
             try:
                 images.append(_decode_image(data))
             except Exception as err:

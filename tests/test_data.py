@@ -233,7 +233,7 @@ def test_tfds_source_with_mock_data(tmp_path, monkeypatch):
         ref = tfds.data_source("cifar10", split="train")
         ref_images = np.stack([ref[i]["image"] for i in range(len(ref))])
         ref_labels = np.array([ref[i]["label"] for i in range(len(ref))])
-        monkeypatch.setattr(data, "tqdm", None)  # a second load must use the cache
+        monkeypatch.setattr(data, "_progress", None)  # a second load must use the cache
         again = data.load(cfg)
     np.testing.assert_array_equal(again.test_images, ds.test_images)
     assert again.class_names == ds.class_names
