@@ -685,6 +685,8 @@ def _step(e: _Eqn, pos: int, flat: _Flat, axes) -> tuple[str, dict | None, str]:
         )
         if len(e.outs) != 1 or not jnp.issubdtype(flat.dtypes[e.outs[0]], jnp.inexact):
             return "fallback", None, f"{name} of the parameter to several or integer outputs"
+        if name.startswith("custom_vjp"):  # its parts are carried back by forward mode
+            return "fallback", None, f"read through {name}, a rule with no forward mode"
         return ("iso" if iso and pos == 0 else "chain"), None, ""
     if name == "scan":
         why = f"read inside a scan as a constant of every step, or of over {MAX_UNROLL} steps"
@@ -1869,7 +1871,7 @@ def _tap_bwd(consumer, n, form, res, g):
     # underflow when the squared norm itself is representable (as common.sq_norms). The
     # output's cotangent passes on in its own dtype.
     wide = g.astype(common.acc_dtype(g.dtype))
-    m = jnp.max(jnp.abs(wide))
+    m = jnp.max(jnp.abs(wide), initial=0.0)
     scale = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
     norms = _consumer_sq_norms(consumer, x, wide * (n / scale), form)
     return g, None, jnp.square(jnp.sqrt(norms) * scale).astype(slot.dtype)  # scale² may underflow
@@ -1983,7 +1985,7 @@ def _reusing(c: _Consumer, n: int, op, vals: list, slot: jax.Array) -> list:
 def _norms_of(n: int, gw: jax.Array, parts: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(gw, squared norms of n·parts per example)`` (a mean loss: one example's gradient is
     ``n`` times its part), scaled by ``max|parts|`` against underflow."""
-    m = jnp.max(jnp.abs(parts))
+    m = jnp.max(jnp.abs(parts), initial=0.0)  # 0 for a leaf of no elements
     scale = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
     norms = jnp.sum(jnp.square(parts * (n / scale)), axis=tuple(range(1, parts.ndim)))
     return gw, jnp.square(jnp.sqrt(norms) * scale)

@@ -539,6 +539,32 @@ def test_parameters_through_example_free_steps_equal_vmap():
         check_sums(loss_fn, p, x, ("auto", "direct", "gram"), the_plan, k=2)
 
 
+def test_a_custom_vjp_on_a_parameter_falls_back_and_an_empty_leaf_counts_zero():
+    """A parameter read through a ``custom_vjp`` (a clipped gradient) has no forward-mode
+    derivative to carry per-example parts back through: that leaf falls back to vmap, and
+    the statistics equal vmap's (the rule applied per example); a leaf of no elements adds 0."""
+
+    @jax.custom_vjp
+    def clip_grad(v):
+        return v
+
+    clip_grad.defvjp(lambda v: (v, None), lambda _, g: (jnp.clip(g, -0.01, 0.01),))
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        p = {"w": rng.normal(size=(4, 3)), "v": rng.normal(size=(4, 3)), "e": np.zeros((0, 3))}
+        p = jax.tree.map(jnp.asarray, p)
+        x = jnp.asarray(rng.normal(size=(8, 4)))
+
+        def loss_fn(p, x):
+            y = x @ clip_grad(p["w"]) + x @ p["v"] + p["e"].sum(0)
+            return jnp.mean(jnp.tanh(y) ** 2)
+
+        the_plan = ghost.plan(loss_fn, p, x)
+        assert [the_plan.name(j) for j in the_plan.fallback] == ["w"]
+        assert "custom_vjp" in the_plan.describe()
+        check_equal_to_vmap(loss_fn, p, x)
+
+
 def test_standardized_and_shared_conv_kernels_equal_vmap(monkeypatch):
     """A weight-standardized kernel (its mean and scale taken over the kernel, as in BiT and
     NFNets) and a kernel read by two convolutions: per-example parts carried back, squared
