@@ -39,6 +39,7 @@ __all__ = [
     "PyTree",
     "LossFn",
     "leaf_name",
+    "float_params",
     "batch_size",
     "check_int",
     "check_resamples",
@@ -75,6 +76,23 @@ def leaf_name(path) -> str:
         else:
             parts.append(str(key))
     return "/".join(parts) or "."
+
+
+def float_params(params: PyTree) -> PyTree:
+    """``params`` with every leaf an array (Python scalars converted), or a ``ValueError``
+    naming the first leaf that is not floating point (an integer counter, a PRNG key)."""
+
+    def checked(path, x):
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            raise ValueError(
+                f"params leaf {leaf_name(path)} is {x.dtype}, not a float: pass the trainable "
+                "parameters only (with Flax NNX: graphdef, params, rest = nnx.split(model, "
+                "nnx.Param, ...), merged in loss_fn)."
+            )
+        return x
+
+    return jax.tree_util.tree_map_with_path(checked, params)
 
 
 def batch_size(batch: PyTree, argname: str = "batch") -> int:

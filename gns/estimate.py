@@ -350,6 +350,7 @@ def per_example(
       >>> float(stats.b_simple) > 0
       True
     """
+    params = common.float_params(params)
     n = batch_size(batch)
     if n < 2:
         raise ValueError(
@@ -429,6 +430,7 @@ def microbatch(
       >>> stats.small_batch_size, stats.big_batch_size
       (8.0, 64.0)
     """
+    params = common.float_params(params)
     n, k = _microbatches(batch, num_microbatches)
     if unroll is None:
         unroll = common.scan_unroll(common.convolves(loss_fn, params, batch))
@@ -460,6 +462,7 @@ def across_devices(
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``), identical on every device.
     """
+    params = common.float_params(params)
     n = batch_size(batch)
     if axis_name is None:
         raise ValueError(
@@ -520,6 +523,7 @@ def hessian_aware(
 
     Reference: McCandlish et al. (2018), section 2.2 and appendix A.
     """
+    params = common.float_params(params)
     n, k = _microbatches(batch, num_microbatches)
     grad = jax.grad(loss_fn)
 

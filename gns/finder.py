@@ -163,14 +163,7 @@ def _checked_batch(batch_fn, size: int, index: int):
 
 
 def _check_loss(loss_fn, params, batch) -> None:
-    for path, x in jax.tree_util.tree_leaves_with_path(params):
-        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            raise ValueError(
-                f"params{jax.tree_util.keystr(path)} is {jnp.result_type(x)}, not a float: pass "
-                "the trainable parameters only (with Flax NNX, graphdef, params, rest = "
-                "nnx.split(model, nnx.Param, ...) and nnx.merge(graphdef, params, rest) in "
-                "loss_fn; for dropout, a key per example in the batch: README)."
-            )
+    common.float_params(params)  # an integer counter or a PRNG key: named, with the fix
     out = jax.eval_shape(loss_fn, params, batch)
     if not (hasattr(out, "shape") and out.shape == ()):
         shape = getattr(out, "shape", type(out).__name__)

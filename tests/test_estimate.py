@@ -754,3 +754,20 @@ def test_bfloat16_statistics_within_one_percent_of_float32(penalty):
             np.testing.assert_allclose(
                 getattr(g, field), getattr(w, field), rtol=0.01, err_msg=f"{method} {field}"
             )
+
+
+def test_params_leaves_are_checked_and_python_scalars_are_arrays():
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+
+    def loss_fn(p, batch):
+        return jnp.mean((batch @ p["w"] + p["b"]) ** 2)
+
+    w = jnp.ones(3)
+    want, _ = estimate.per_example(loss_fn, {"w": w, "b": jnp.asarray(0.5)}, x, method="vmap")
+    got, grads = estimate.per_example(loss_fn, {"w": w, "b": 0.5}, x, method="vmap")  # a float
+    np.testing.assert_allclose(got.g_sq, want.g_sq, rtol=1e-6)
+    assert grads["b"].shape == ()
+    bad = {"w": w, "b": 0.5, "count": jnp.zeros((), jnp.uint32)}  # e.g. an nnx RngCount
+    for fn in (estimate.per_example, estimate.microbatch):
+        with pytest.raises(ValueError, match="params leaf count is uint32, not a float"):
+            fn(lambda p, batch: loss_fn(p, batch), bad, x)

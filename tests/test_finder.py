@@ -724,7 +724,7 @@ def test_fork_steps_take_the_multiplier_at_run_time_with_the_baked_rates_numbers
 
 def test_params_that_are_not_floats_are_named_before_any_work():
     params = {"w": jnp.zeros(D), "count": jnp.zeros((), jnp.uint32)}  # e.g. an nnx RngCount
-    with pytest.raises(ValueError, match=r"params\['count'\] is uint32, not a float.*nnx.Param"):
+    with pytest.raises(ValueError, match=r"params leaf count is uint32, not a float.*nnx.Param"):
         finder.find_batch_size(
             lambda p, batch: linreg_loss(p["w"], batch), params, optax.sgd(0.01), linreg_batches,
             ref_batch_size=8, pilot_steps=4, candidates=(8,), progress=False,
