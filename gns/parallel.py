@@ -94,7 +94,13 @@ def make_train_step(
             local_grads = jax.grad(loss_fn)(to_varying(params, axis_name), batch)
             stats, grads = None, jax.lax.pmean(local_grads, axis_name)
         else:
-            stats, grads = estimator(loss_fn, params, batch, axis_name=axis_name)
+            out = estimator(loss_fn, params, batch, axis_name=axis_name)
+            if len(out) != 2:  # e.g. an estimator bound with has_aux=True
+                raise ValueError(
+                    "make_train_step takes a loss without aux: its estimator must return "
+                    f"(stats, grads), got {len(out)} values; drop has_aux (return the loss only)."
+                )
+            stats, grads = out
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, stats
 

@@ -420,6 +420,17 @@ def test_make_train_step_rejects_bad_arguments():
         parallel.shard_batch(make_batch(jax.random.key(0), n=6), mesh=None)
 
 
+def test_make_train_step_names_an_estimator_with_aux(problem):
+    params, b = problem
+    with_aux = functools.partial(estimate.across_devices, has_aux=True)
+    step = parallel.make_train_step(
+        lambda p, batch: (loss_fn(p, batch), jnp.zeros(())), optax.sgd(0.1), estimator=with_aux,
+        axis_name=AXIS, mesh=mesh_1d(),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="takes a loss without aux.*got 3 values"):
+        step(params, optax.sgd(0.1).init(params), parallel.shard_batch(b, mesh=mesh_1d()))
+
+
 def _doc_code_blocks() -> list[str]:
     text = (Path(__file__).resolve().parents[1] / "docs" / "data-parallel.md").read_text()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
