@@ -40,6 +40,7 @@ __all__ = [
     "LossFn",
     "leaf_name",
     "float_params",
+    "check_batch_axes",
     "batch_size",
     "check_int",
     "check_resamples",
@@ -264,6 +265,27 @@ def axis_size(axis_name) -> int:
             f"axis_name={axis_name!r} is not bound: call this inside jax.pmap/jax.shard_map over "
             f"an axis of that name, or pass axis_name=None on a single device. ({e})"
         ) from e
+
+
+def check_batch_axes(batch: PyTree, axis_name) -> None:
+    """A ``ValueError`` when ``batch`` varies over a mesh axis that ``axis_name`` (given) does
+    not name (under ``shard_map``): its statistics and gradient would be those of part of the
+    batch, reduced over some of its devices only."""
+    if axis_name is None:  # one device, or each device's own statistics
+        return
+    axis_size(axis_name)  # an unbound name is said first
+    names = set(axis_names(axis_name))
+    for leaf in jax.tree.leaves(batch):
+        aval = jax.typeof(leaf)  # the axes it varies over: named by JAX's version
+        varying = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+        extra = set(varying if varying is not None else getattr(aval, "vma", ())) - names
+        if extra:
+            every = tuple(sorted(names | extra))
+            raise ValueError(
+                f"the batch is sharded over the mesh axes {sorted(extra)} that "
+                f"axis_name={axis_name!r} does not name: the statistics would be those of part "
+                f"of the batch; pass axis_name={every!r}."
+            )
 
 
 def to_varying(tree: PyTree, axis_name) -> PyTree:

@@ -351,6 +351,7 @@ def per_example(
       True
     """
     params = common.float_params(params)
+    common.check_batch_axes(batch, axis_name)
     n = batch_size(batch)
     if n < 2:
         raise ValueError(
@@ -431,6 +432,7 @@ def microbatch(
       (8.0, 64.0)
     """
     params = common.float_params(params)
+    common.check_batch_axes(batch, axis_name)
     n, k = _microbatches(batch, num_microbatches)
     if unroll is None:
         unroll = common.scan_unroll(common.convolves(loss_fn, params, batch))
@@ -463,6 +465,7 @@ def across_devices(
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``), identical on every device.
     """
     params = common.float_params(params)
+    common.check_batch_axes(batch, axis_name)
     n = batch_size(batch)
     if axis_name is None:
         raise ValueError(

@@ -476,3 +476,16 @@ def test_doc_recipe_runs_and_matches_single_device():
         np.testing.assert_allclose(
             [a["g_sq"], a["trace_cov"]], [b["g_sq"], b["trace_cov"]], rtol=1e-4, atol=1e-6
         )
+
+
+def test_a_batch_sharded_over_an_axis_that_axis_name_does_not_name_is_refused(problem):
+    params, batch = problem
+    mesh = jax.make_mesh((2, 2), ("a", "b"))
+    f = jax.shard_map(
+        lambda p, b: estimate.across_devices(loss_fn, p, b, axis_name="a"),
+        mesh=mesh,
+        in_specs=(P(), P(("a", "b"))),
+        out_specs=P(),
+    )
+    with pytest.raises(ValueError, match=r"sharded over the mesh axes \['b'\].*\('a', 'b'\)"):
+        jax.jit(f)(params, jax.device_put(batch, NamedSharding(mesh, P(("a", "b")))))
