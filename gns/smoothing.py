@@ -296,10 +296,14 @@ def interval(
     elif isinstance(block_size, bool) or not (
         isinstance(block_size, int | np.integer) and 1 <= block_size <= n - 1
     ):
+        why = (
+            f": a block of all {n} rows resamples nothing (every resample is the series itself)"
+            if isinstance(block_size, int | np.integer) and block_size >= n
+            else ""
+        )
         raise ValueError(
             f"block_size must be an int in [1, n - 1 = {n - 1}] or None (automatic), got "
-            f"{block_size!r}: a block of all {n} rows resamples nothing (every resample is the "
-            "series itself)."
+            f"{block_size!r}{why}."
         )
     else:
         block = int(block_size)
