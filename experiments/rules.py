@@ -231,7 +231,7 @@ MEASURE = (
     ("tradeoff.max_steps", count(1)),
     ("tradeoff.max_wall_time_s", real(0, open_lo=True).or_none),
     ("tradeoff.eval_every_examples", count(1)),
-    ("tradeoff.num_bootstrap", count(1)),
+    ("tradeoff.num_bootstrap", count(40)),  # each tail of a 0.95 interval holds one
     ("noise.pilot_steps", count(0).or_none),
     ("noise.every", count(1)),
     ("noise.num_stretches", count(1)),

@@ -15,8 +15,8 @@ common``) without a cycle.
   and the microbatch gradients on them, :func:`microbatch_sums`;
 * the per-example gradients by ``jax.vmap`` that every fallback uses: :func:`grad_fn`,
   :func:`vmap_sums`;
-* argument checks: :func:`check_int`, :func:`check_resamples`, :func:`check_batch_size`,
-  :func:`check_step_times`;
+* argument checks: :func:`is_real`, :func:`check_int`, :func:`check_positive`, :func:`check_confidence`,
+  :func:`check_resamples`, :func:`check_batch_size`, :func:`check_step_times`;
 * :func:`to_json`: results as strict-JSON-able values (every JSON file of the project);
 * the one noise-scale ratio, :func:`noise_scale_ratio`, for NumPy and JAX arrays alike, and
   the percentile step of every bootstrap here, :func:`percentile_interval`.
@@ -42,7 +42,10 @@ __all__ = [
     "float_params",
     "check_batch_axes",
     "batch_size",
+    "is_real",
     "check_int",
+    "check_positive",
+    "check_confidence",
     "check_resamples",
     "check_batch_size",
     "check_step_times",
@@ -139,6 +142,51 @@ def check_int(value, name: str, minimum: int, hint: str = "") -> int:
     return int(value)
 
 
+def is_real(value) -> bool:
+    """Whether ``value`` is one real number: a Python, NumPy or 0-d array scalar of a numeric
+    dtype (a JAX scalar too), not a ``bool``, a string or ``None``.
+
+    Example:
+      >>> is_real(np.float32(0.5)), is_real(jnp.array(2)), is_real(True), is_real("1")
+      (True, True, False, False)
+    """
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, int | float | np.integer | np.floating):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and np.ndim(value) == 0 and np.issubdtype(dtype, np.number)
+
+
+def check_positive(value, name: str, hint: str, *, optional: bool = False) -> float | None:
+    """``value`` as a float when it is a finite positive real number (:func:`is_real`),
+    ``None`` when it is ``None`` and ``optional``; a ``ValueError`` naming ``name`` and ``hint``
+    (what the number is) otherwise.
+
+    Example:
+      >>> check_positive(np.float32(0.5), "base_lr", "the rate tuned at the base batch")
+      0.5
+    """
+    if value is None and optional:
+        return None
+    if not is_real(value) or not 0 < value < math.inf:
+        none = " or None" if optional else ""
+        raise ValueError(f"{name} must be a finite positive number{none} ({hint}), got {value!r}.")
+    return float(value)
+
+
+def check_confidence(confidence, name: str = "confidence") -> float:
+    """``confidence`` as a float in ``(0, 1)``, a ``ValueError`` naming ``name`` otherwise.
+
+    Example:
+      >>> check_confidence(0.9)
+      0.9
+    """
+    if not is_real(confidence) or not 0.0 < confidence < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), e.g. 0.9, got {confidence!r}.")
+    return float(confidence)
+
+
 def check_resamples(num_resamples, confidence: float, name: str = "num_resamples") -> int:
     """``num_resamples`` as an int when it is enough for a two-sided ``confidence`` percentile
     interval, a ``ValueError`` naming ``name`` otherwise.
@@ -151,7 +199,7 @@ def check_resamples(num_resamples, confidence: float, name: str = "num_resamples
       >>> check_resamples(20, 0.9)
       20
     """
-    alpha = 1.0 - float(confidence)
+    alpha = 1.0 - check_confidence(confidence)
     need = max(2, math.ceil(2.0 / alpha - 1e-9))
     ok = isinstance(num_resamples, int | np.integer) and not isinstance(
         num_resamples, bool | np.bool_
@@ -172,11 +220,7 @@ def check_batch_size(value, name: str) -> int:
       >>> check_batch_size(64.0, "base_batch_size")
       64
     """
-    number = isinstance(value, int | float | np.integer | np.floating)
-    if not number or isinstance(value, bool | np.bool_) or not (1 <= value < math.inf):
-        ok = False
-    else:
-        ok = float(value) == math.floor(value)
+    ok = is_real(value) and 1 <= value < math.inf and float(value) == math.floor(value)
     if not ok:
         raise ValueError(
             f"{name} must be a whole number of examples >= 1, got {value!r}: a batch size has "

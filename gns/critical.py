@@ -185,7 +185,8 @@ def stretch_lengths(steps, *, start: float = 0.0, end: float | None = None) -> n
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"steps must be a non-empty 1-D sequence, got shape {s.shape}.")
     end = float(s[-1]) if end is None else float(end)
-    if not np.all(np.diff(s) > 0) or s[0] < start or s[-1] > end:
+    finite = np.all(np.isfinite(s)) and math.isfinite(start) and math.isfinite(end)
+    if not finite or not np.all(np.diff(s) > 0) or s[0] < start or s[-1] > end:
         raise ValueError(
             f"steps must increase strictly within [start={start}, end={end}], got {s.tolist()}: "
             "pass the points in the order the pilot reached them."
@@ -237,6 +238,11 @@ def trajectory_from_metrics(
     ):
         raise ValueError(f"num_stretches must be a positive int, got {num_stretches!r}.")
     meas = [r for r in rows if "g_sq" in r and "trace_cov" in r]
+    if any("step" not in r for r in meas):
+        raise ValueError(
+            "a metrics row with 'g_sq' and 'trace_cov' has no 'step': each measurement needs "
+            "the pilot step it was taken at."
+        )
     if not meas:
         raise ValueError(
             "no metrics row has both 'g_sq' and 'trace_cov': log noise-scale measurements "
@@ -446,8 +452,7 @@ def _path_points(
         raise ValueError(f"ref_batch_size must be positive and finite, got {ref_batch_size!r}.")
     if (low is None) != (high is None):
         raise ValueError("pass both low and high (the per-point interval) or neither.")
-    if not 0.0 < float(confidence) < 1.0 or not 0.0 < float(point_confidence) < 1.0:
-        raise ValueError(f"confidence levels must be in (0, 1), got {confidence!r}.")
+    common.check_confidence(point_confidence, "point_confidence")
     common.check_resamples(num_resamples, confidence)
     if low is not None:
         lo = np.broadcast_to(np.asarray(low, np.float64), b.shape).copy()
@@ -456,6 +461,11 @@ def _path_points(
         lo, hi = b.copy(), b.copy()
     lo = np.where(np.isnan(lo), 0.0, lo)  # an unknown end is an unresolved end
     hi = np.where(np.isnan(hi), np.inf, hi)
+    if np.any(lo > hi):
+        raise ValueError(
+            f"low > high at indices {np.flatnonzero(lo > hi).tolist()}: pass each point's "
+            "interval as (low, high)."
+        )
     return delta, b, ref, lo, hi
 
 
@@ -873,7 +883,8 @@ def branched_critical_batch(
     Raises:
       ValueError: exponents not strictly increasing or fewer than 2, ``num_examples`` not a
         positive multiple of the largest fork batch, a non-integer batch, bad multipliers, or a
-        ``state`` that does not match ``template`` (the message names ``checkpoint_name``).
+        ``state`` that does not match ``template`` (the message names ``checkpoint_name``), a
+        non-finite held-out loss at ``state``, a bad ``confidence`` or ``num_resamples``.
 
     Example:
       >>> # state, make_step, batch_fn, eval_fn from your training code; see the test file
@@ -885,10 +896,18 @@ def branched_critical_batch(
     """
     sizes = _fork_sizes(ref_batch_size, exponents, num_examples, num_repeats)
     mults = _fork_multipliers(lr_multiplier, sizes)
+    common.check_resamples(num_resamples, confidence)
     if template is not None:
         check_state(state, template, name=checkpoint_name)
 
     start = np.atleast_1d(np.asarray(eval_fn(state), np.float64))
+    if not np.all(np.isfinite(start)):
+        bad = int(np.sum(~np.isfinite(start)))
+        raise ValueError(
+            f"the held-out loss of {checkpoint_name} is not finite ({bad} of {start.size} "
+            "values): no fork can be read against it. Check the checkpoint's parameters and "
+            "eval_fn's batch (a diverged pilot, or an example the model cannot score)."
+        )
     ruler_steps = _ruler_points(num_examples // sizes[0], num_ruler_points)
     forks = (make_step, batch_fn, eval_fn, jit)
     shape = (num_repeats, len(ruler_steps) + len(sizes) - 1, start.size)

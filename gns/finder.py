@@ -1584,13 +1584,6 @@ def _check_batch_fn(get, ref: int, other: int):
     return first
 
 
-def _positive(value, name: str, hint: str) -> None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf
-    ):
-        raise ValueError(f"{name} must be a positive finite number or None, got {value!r}: {hint}")
-
-
 def _check_optimizer(a: dict) -> tuple[str, str, str]:
     """``(rule, where it came from, the forks' rule)`` of the optimizer and its rate."""
     held = _injected_rate(a["opt_state"])
@@ -1664,11 +1657,13 @@ def _check_arguments(a: dict) -> dict:
         )
     if a["objective"] not in ("time", "cost"):
         raise ValueError(f"objective must be 'time' or 'cost', got {a['objective']!r}.")
-    if not 0 < a["confidence"] < 1:
-        raise ValueError(f"confidence must be in (0, 1), e.g. 0.9, got {a['confidence']!r}.")
-    _positive(a["learning_rate"], "learning_rate", "the rate of `optimizer` at ref_batch_size.")
-    _positive(a["budget_s"], "budget_s", "the seconds the search may cost beyond the pilot.")
-    _positive(a["budget_fraction"], "budget_fraction", "e.g. 0.1 for 10% of the planned run.")
+    common.check_confidence(a["confidence"])
+    for name, hint in (
+        ("learning_rate", "the rate of `optimizer` at ref_batch_size"),
+        ("budget_s", "the seconds the search may cost beyond the pilot"),
+        ("budget_fraction", "e.g. 0.1 for 10% of the planned run"),
+    ):
+        common.check_positive(a[name], name, hint, optional=True)
     if a["budget_fraction"] is not None and (a["budget_s"] is not None or not a["run_steps"]):
         raise ValueError(
             "budget_fraction needs run_steps (the planned run's length in steps at "

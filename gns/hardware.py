@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gns.common import check_int
+from gns.common import check_batch_size, check_int, check_positive
 
 __all__ = [
     "DeviceInfo",
@@ -352,8 +352,8 @@ def memory_budget(
     :data:`DEFAULT_CPU_BUDGET_FRACTION` of the host RAM available now."""
     info = info or detect_devices()
     if budget_bytes is not None:
-        if budget_bytes <= 0:
-            raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}.")
+        if check_positive(budget_bytes, "budget_bytes", "the bytes a step may use") < 1:
+            raise ValueError(f"budget_bytes must be at least 1 byte, got {budget_bytes!r}.")
         return int(budget_bytes), "configured"
     if info.memory_bytes is not None:
         return info.memory_bytes, "device bytes_limit"
@@ -414,9 +414,9 @@ def largest_batch_that_fits(
       >>> res.max_batch_size, [r.fits for r in res.records]
       (256, [True, True, False])
     """
-    cands = sorted({int(c) for c in candidates})
-    if not cands or cands[0] < 1:
-        raise ValueError(f"candidates must be positive batch sizes, got {list(candidates)!r}.")
+    cands = sorted({check_batch_size(c, "each of candidates") for c in candidates})
+    if not cands:
+        raise ValueError("candidates is empty: pass the batch sizes to try, e.g. [64, 128, 256].")
     info = detect_devices()
     budget, source = memory_budget(budget_bytes, info)
     records: list[FitRecord] = []
@@ -883,11 +883,12 @@ def accumulated_step_time(
     Up to ``max_batch_size`` the step runs as one batch: its time is the measured one, or a
     log-log interpolation between the nearest measured batch sizes (clamped extrapolation at
     the ends, proportional to the batch). Above it the step is **gradient accumulation** of
-    ``k = ceil(B / max_batch_size)`` microbatches of ``ceil(B / k)`` examples, timed as
-    ``k × t(ceil(B/k))``. That counts the optimizer update ``k`` times instead of once, a
-    slight overestimate when the update is cheap next to the backward pass (it is for the
-    models here); it needs no extra measurement and makes no assumption about the memory
-    behaviour of a ``scan`` over microbatches.
+    ``k`` equal microbatches of ``B/k`` examples, ``k`` the smallest divisor of ``B`` with
+    ``B/k <= max_batch_size`` (``ceil(B / max_batch_size)`` for a power of two; a batch of 300
+    with 128 fitting runs as 3 x 100), timed as ``k × t(B/k)``. That counts the optimizer
+    update ``k`` times instead of once, a slight overestimate when the update is cheap next to
+    the backward pass (it is for the models here); it needs no extra measurement and makes no
+    assumption about the memory behaviour of a ``scan`` over microbatches.
 
     Args:
       step_time: measured ``{batch size: seconds per step}`` at batch sizes that fit.
@@ -903,10 +904,12 @@ def accumulated_step_time(
     """
     if not step_time:
         raise ValueError("step_time is empty: measure at least one batch size that fits.")
-    if batch_size < 1 or max_batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got {batch_size}, max {max_batch_size}.")
+    batch_size = check_batch_size(batch_size, "batch_size")
+    max_batch_size = check_batch_size(max_batch_size, "max_batch_size")
     k = max(1, math.ceil(batch_size / max_batch_size))
-    micro = math.ceil(batch_size / k)
+    while batch_size % k:
+        k += 1
+    micro = batch_size // k
     return k * interpolate_step_time(step_time, micro), k, micro
 
 

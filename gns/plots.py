@@ -154,10 +154,12 @@ def plot_training(rows: Sequence[dict]):
       The matplotlib ``Figure``.
 
     Raises:
-      NothingToPlot: no row has a training loss.
+      NothingToPlot: no row has a finite training loss.
     """
-    if not any(r.get("train_loss") is not None for r in rows):
-        raise NothingToPlot("no training rows with a loss (the run took no logged step)")
+    if not any(_finite(r.get("train_loss")) for r in rows):
+        raise NothingToPlot(
+            "no training row with a finite loss (the run took no logged step, or diverged)"
+        )
     x, xlabel = _x_axis(rows)
     lm = any(r.get("test_bits_per_byte") is not None for r in rows)
     scale = 1 / math.log(2) if lm else 1.0
@@ -203,11 +205,14 @@ def plot_noise_scale(rows: Sequence[dict], *, window: int | None = None):
       The matplotlib ``Figure``.
 
     Raises:
-      NothingToPlot: no measurement row (``config.gns_every`` 0, or too short a run).
+      NothingToPlot: no measurement row (``config.gns_every`` 0, or too short a run), or
+        none with finite statistics.
     """
     meas = [r for r in rows if r.get("g_sq") is not None and r.get("trace_cov") is not None]
     if not meas:
         raise NothingToPlot("no noise-scale measurement in the rows (config.gns_every)")
+    if not any(_finite(r["g_sq"]) and _finite(r["trace_cov"]) for r in meas):
+        raise NothingToPlot(f"none of the {len(meas)} noise-scale measurements is finite")
     window = smoothing.recent_window(len(meas)) if window is None else window
     x, xlabel = _x_axis(rows)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -277,7 +282,7 @@ def _legend(ax, **kwargs):
 
 
 def _finite(x) -> bool:
-    return x is not None and isinstance(x, int | float) and math.isfinite(x)
+    return common.is_real(x) and math.isfinite(x)
 
 
 def largest_fits(sweep: Mapping) -> tuple[int | None, str]:
@@ -360,15 +365,17 @@ def plot_tradeoff(tradeoff: Mapping):
     """Measured steps to target and the fitted ``S(B)`` (log-log).
 
     Args:
-      tradeoff: ``sweep["tradeoff"]`` (or the tradeoff mode's ``summary["tradeoff"]``):
-        ``points`` and the fit (``s_min``, ``e_min``, ``b_crit``, or ``error``).
+      tradeoff: ``sweep["tradeoff"]`` (or the tradeoff mode's ``summary["tradeoff"]``, or
+        :meth:`gns.tradeoff.TradeoffFit.to_dict`): ``points`` and the fit (``s_min``,
+        ``e_min``, ``b_crit``, or ``error``). A point without ``reached`` counts as reached
+        when its ``steps`` are finite.
 
     Raises:
       NothingToPlot: no training was run, or none reached the target.
     """
     t = tradeoff
-    pts = [p for p in t["points"] if p.get("reached")]
-    missed = [p for p in t["points"] if not p.get("reached")]
+    pts = [p for p in t["points"] if p.get("reached", True) and _finite(p.get("steps"))]
+    missed = [p for p in t["points"] if p not in pts]
     if not t["points"]:
         raise NothingToPlot("no training to the target was run (measurements only)")
     if not pts:

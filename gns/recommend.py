@@ -11,7 +11,7 @@ size. The time-optimal batch minimizes ``T``, the cost-optimal one ``C``. For ``
 (a fixed overhead plus a per-example cost), ``T`` is minimal at ``B* = sqrt(a·B_noise/b)``.
 
 Above the largest batch that fits, a step is gradient accumulation over
-``k = ceil(B/max_batch_size)`` microbatches, ``t(B) = k·t(B/k)``
+``k >= ceil(B/max_batch_size)`` equal microbatches, ``t(B) = k·t(B/k)``
 (:func:`accumulated_step_time`). On the same devices accumulation never shortens
 the time to target: ``(1 + N/(k·m))·k·t(m) = (k + N/m)·t(m) ≥ (1 + N/m)·t(m)`` for any micro
 batch ``m``, and it never lowers the compute either. It is what you do when a recipe fixes a
@@ -246,6 +246,7 @@ def recommend(
     ranges = _ranges(step_time_range, measured)
     _check_options(price_per_hour, s_min, near_optimal_tolerance)
     base = common.check_batch_size(base_batch_size, "base_batch_size")
+    common.check_positive(base_lr, "base_lr", f"the learning rate tuned at batch {base}")
     b = _candidates(candidates, measured, max_batch_size, base)
     t, accum, micro = _timed(measured, b, max_batch_size)
     rel_steps, time_obj, compute = _objectives(b, t, n)
@@ -264,7 +265,9 @@ def recommend(
     under, n_range = _under_interval(b_noise_interval, n, b, t, objective, devices)
     weight = devices if objective == "cost" else np.ones_like(b)
     t_lo, t_hi = (_timed(r, b, max_batch_size)[0] for r in ranges)
-    plausible = tuple(sorted(_plausible(b, t_lo * weight, t_hi * weight, n_range) | {chosen}))
+    plausible = _plausible(b, t_lo * weight, t_hi * weight, n_range)
+    plausible -= _accumulation_dominated(b, accum, micro, weight)
+    plausible = tuple(sorted(plausible | {chosen}))
 
     end, extend_to, end_note = _range_end(chosen, accum[i], measured)
     warnings = _monotone_warnings(measured, ranges) + ([end_note] if end_note else [])
@@ -302,8 +305,8 @@ def recommend(
 
 def _check_noise(b_noise, objective, basis) -> float:
     """``b_noise`` as a float; a ``ValueError`` for ``nan`` or a bad ``objective`` or ``basis``."""
-    if isinstance(b_noise, bool) or b_noise is None:
-        raise ValueError(f"b_noise must be a number, got {b_noise!r}.")
+    if not common.is_real(b_noise):
+        raise ValueError(f"b_noise must be a number (one noise scale), got {b_noise!r}.")
     n = float(b_noise)
     if math.isnan(n):
         raise ValueError(
@@ -356,10 +359,14 @@ def _under_interval(b_noise_interval, n, b, t, objective, devices):
     interval (``(n, n)`` without one)."""
     if b_noise_interval is None:
         return None, (n, n)
-    lo, hi = (float(v) for v in b_noise_interval)
-    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+    try:
+        lo, hi = (float(v) for v in b_noise_interval)
+    except (TypeError, ValueError):
+        lo = hi = math.nan
+    if math.isnan(lo) or math.isnan(hi) or not lo <= n <= hi:
         raise ValueError(
-            f"b_noise_interval must be (low, high) with low <= high, got {b_noise_interval!r}."
+            f"b_noise_interval must be two numbers (low, high) with low <= b_noise <= high, got "
+            f"{b_noise_interval!r} for b_noise={n!r}: the interval of that estimate."
         )
     return (_pick(b, t, lo, objective, devices), _pick(b, t, hi, objective, devices)), (lo, hi)
 
@@ -398,8 +405,10 @@ def _table(b, columns, spread, max_batch_size, plausible, n, s_min, price_per_ho
 def _check_options(price_per_hour, s_min, near_optimal_tolerance) -> None:
     """A ``ValueError`` for a price or ``S_min`` that is not finite and positive (or ``None``),
     or a negative or non-finite tolerance."""
-    _check_positive(price_per_hour, "price_per_hour", "the price of one device-hour, e.g. 2.5")
-    _check_positive(s_min, "s_min", "the fitted minimal steps, e.g. TradeoffFit.s_min")
+    common.check_positive(price_per_hour, "price_per_hour", "a device-hour's price", optional=True)
+    common.check_positive(
+        s_min, "s_min", "the fitted minimal steps, TradeoffFit.s_min", optional=True
+    )
     if isinstance(near_optimal_tolerance, bool) or not 0 <= near_optimal_tolerance < math.inf:
         raise ValueError(
             f"near_optimal_tolerance must be a finite fraction >= 0 (e.g. 0.1), got "
@@ -417,17 +426,6 @@ def _overflow_warnings(table: list[dict]) -> list[str]:
         f"Table values beyond the float64 range (inf) in {sorted(columns)}: the inputs (s_min, "
         "price_per_hour, step times) are too large or small to multiply; rescale them."
     ]
-
-
-def _check_positive(value, name: str, what: str) -> None:
-    """``None``, or a finite positive number; a ``ValueError`` naming ``name`` otherwise."""
-    if value is None:
-        return
-    number = isinstance(value, int | float | np.integer | np.floating)
-    if not number or isinstance(value, bool | np.bool_) or not 0 < value < math.inf:
-        raise ValueError(
-            f"{name} must be a finite positive number ({what}) or None, got {value!r}."
-        )
 
 
 def _ranges(step_time_range, measured) -> tuple[dict[int, float], dict[int, float]]:
@@ -470,6 +468,18 @@ def _plausible(b, w_lo, w_hi, n_range) -> set[int]:
         if ok and lower <= upper + tol:
             out.add(int(b[i]))
     return out
+
+
+def _accumulation_dominated(b, accum, micro, weight) -> set[int]:
+    """Candidates run as ``k`` microbatches of another candidate ``m`` (on no fewer devices):
+    ``(k + N/m)·t(m) >= (1 + N/m)·t(m)`` for every noise scale and every draw of ``t(m)``, so
+    they are never the best, whatever the spreads (which :func:`_plausible` draws apart)."""
+    index = {int(x): i for i, x in enumerate(b)}
+    return {
+        int(b[i])
+        for i in range(b.size)
+        if accum[i] > 1 and micro[i] in index and weight[i] >= weight[index[micro[i]]]
+    }
 
 
 def _range_end(chosen, k, measured) -> tuple[str | None, int | None, str]:
@@ -519,10 +529,12 @@ def _evidence(basis, n, n_range, evidence) -> dict[str, dict]:
     """``{name: {value, low, high, ratio_to_basis}}``, the basis included."""
     rows: dict[str, dict] = {}
     for name, v in (evidence or {}).items():
-        if isinstance(v, int | float | np.number):
-            value, lo, hi = float(v), None, None
-        else:
-            value, lo, hi = (float(x) for x in v)
+        try:
+            value, lo, hi = (float(v), None, None) if np.ndim(v) == 0 else (float(x) for x in v)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"evidence[{name!r}] must be a number or (value, low, high), got {v!r}."
+            ) from None
         rows[str(name)] = {"value": value, "low": lo, "high": hi}
     if basis in rows:
         given = rows[basis]["value"]

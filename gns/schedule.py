@@ -294,22 +294,14 @@ def _check_settings(lr_rule, margin, patience, base_lr) -> None:
         raise ValueError(f"margin must be in [0, 1) (e.g. 0.05 for 5%), got {margin!r}.")
     if isinstance(patience, bool) or not (isinstance(patience, int | np.integer) and patience >= 1):
         raise ValueError(f"patience must be an int >= 1 (consecutive updates), got {patience!r}.")
-    if not (isinstance(base_lr, int | float) and math.isfinite(base_lr) and base_lr > 0):
-        raise ValueError(f"base_lr must be a finite positive number, got {base_lr!r}.")
+    common.check_positive(base_lr, "base_lr", "the learning rate tuned at base_batch_size")
 
 
 def _candidate_rows(cands, measured, max_batch_size) -> list[dict]:
-    """One :attr:`BatchSizeSchedule.table` row per candidate; a ``ValueError`` for a candidate
-    that does not split into equal microbatches that fit."""
+    """One :attr:`BatchSizeSchedule.table` row per candidate."""
     rows = []
     for b in cands:
         seconds, k, micro = accumulated_step_time(measured, b, max_batch_size)
-        if k * micro != b:
-            raise ValueError(
-                f"candidate {b} does not split into equal microbatches of at most "
-                f"max_batch_size={max_batch_size} ({k} x {micro} != {b}): pick candidates that "
-                "do, e.g. powers of two."
-            )
         rows.append(
             {
                 "batch_size": b,
@@ -380,7 +372,7 @@ def batch_size_schedule(
     Raises:
       ValueError: empty, non-integer, non-positive or non-increasing candidates; an initial or
         base batch that is not usable; a candidate above ``max_batch_size`` with
-        ``accumulate=False`` or one that does not split into equal microbatches; a bad
+        ``accumulate=False``; a bad
         step-time table, rule, margin or patience.
 
     Example:
@@ -413,8 +405,7 @@ def batch_size_schedule(
         )
     if base_batch_size is None:
         base_batch_size = initial_batch_size
-    if isinstance(base_batch_size, bool) or not base_batch_size >= 1:
-        raise ValueError(f"base_batch_size must be a positive batch size, got {base_batch_size!r}.")
+    base_batch_size = common.check_batch_size(base_batch_size, "base_batch_size")
 
     rows = _candidate_rows(cands, measured, max_batch_size)
     table = tuple(rows)

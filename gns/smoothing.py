@@ -278,8 +278,6 @@ def interval(
             f"g_sq_series and trace_cov_series have different lengths ({g.size} and {t.size}): "
             "pass one (g_sq, trace_cov) pair per step."
         )
-    if isinstance(confidence, bool) or not (0.0 < float(confidence) < 1.0):
-        raise ValueError(f"confidence must be in (0, 1), e.g. 0.9, got {confidence!r}.")
     num_resamples = common.check_resamples(num_resamples, confidence)
 
     finite = np.isfinite(g) & np.isfinite(t)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.optimize
 
-from gns.common import percentile_interval
+from gns.common import check_confidence, check_resamples, percentile_interval
 
 __all__ = ["TradeoffFit", "steps_to_target", "fit", "predict_steps", "predict_examples"]
 
@@ -40,11 +40,9 @@ _LOG_RANGE = 30.0
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing (causal) moving average; the first ``window − 1`` points average what exists."""
-    csum = np.cumsum(np.concatenate([[0.0], values]))
-    idx = np.arange(1, len(values) + 1)
-    lo = np.maximum(idx - window, 0)
-    return (csum[idx] - csum[lo]) / (idx - lo)
+    """Trailing (causal) moving average; the first ``window − 1`` points average what exists.
+    A non-finite value makes only the windows that hold it non-finite."""
+    return np.array([values[max(0, i - window + 1) : i + 1].mean() for i in range(len(values))])
 
 
 def steps_to_target(
@@ -91,8 +89,10 @@ def steps_to_target(
             f"steps and values must be 1-D and of the same length, got shapes {steps.shape} and "
             f"{values.shape}: pass one value per logged step."
         )
-    if len(steps) and np.any(np.diff(steps) <= 0):
-        raise ValueError("steps must be strictly increasing: sort the curve by step first.")
+    if not np.all(np.isfinite(steps)) or np.any(np.diff(steps) <= 0):
+        raise ValueError(
+            "steps must be finite and strictly increasing: sort the curve by step first."
+        )
     if not np.isfinite(target):
         raise ValueError(f"target must be a finite number, got {target!r}.")
     if smooth is not None and not (isinstance(smooth, int | np.integer) and smooth >= 1):
@@ -104,8 +104,9 @@ def steps_to_target(
     if smooth is not None and smooth > 1:
         values = _moving_average(values, int(smooth))
     sign = 1.0 if higher_is_better else -1.0
-    # nan never reaches the target (a diverged run has not reached it).
-    reached = np.nan_to_num(sign * (values - target), nan=-np.inf) >= 0
+    # A non-finite value never reaches the target (a diverged run has not reached it).
+    with np.errstate(invalid="ignore"):
+        reached = np.isfinite(values) & (sign * (values - target) >= 0)
     if not reached.any():
         return None
     i = int(np.argmax(reached))
@@ -179,12 +180,13 @@ def predict_examples(fit: TradeoffFit, batch_size) -> np.ndarray | float:
 
 
 def _validate(batch_sizes, steps) -> tuple[np.ndarray, np.ndarray]:
-    b = np.asarray(batch_sizes, dtype=np.float64).ravel()
-    s = np.asarray(steps, dtype=np.float64).ravel()
-    if b.shape != s.shape:
+    b = np.asarray(batch_sizes, dtype=np.float64)
+    s = np.asarray(steps, dtype=np.float64)
+    if b.ndim != 1 or b.shape != s.shape:
         raise ValueError(
-            f"batch_sizes and steps must have the same length, got {b.size} and {s.size}: pass "
-            "one steps-to-target per batch size (repeat a batch size for several seeds)."
+            f"batch_sizes and steps must be 1-D of the same length, got shapes {b.shape} and "
+            f"{s.shape}: pass one steps-to-target per batch size (repeat a batch size for "
+            "several seeds)."
         )
     if b.size < 3:
         raise ValueError(
@@ -273,7 +275,8 @@ def fit(
     Args:
       batch_sizes: batch size of each point (repeat a batch size for several seeds).
       steps: steps to the target of each point, all positive.
-      num_bootstrap: number of bootstrap refits; 0 for no intervals.
+      num_bootstrap: number of bootstrap refits (at least ``2/(1 - confidence)``, so that
+        each tail holds one); 0 for no intervals.
       confidence: the level of the percentile intervals.
       method: ``"residuals"`` or ``"pairs"`` (see above).
       seed: seed of the bootstrap resampling.
@@ -293,10 +296,9 @@ def fit(
     Reference: McCandlish, Kaplan, Amodei (2018), eq. 2.11 and section 2.2.
     """
     b, s = _validate(batch_sizes, steps)
-    if not (isinstance(num_bootstrap, int | np.integer) and num_bootstrap >= 0):
-        raise ValueError(f"num_bootstrap must be an int >= 0, got {num_bootstrap!r}.")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r} (e.g. 0.95).")
+    if num_bootstrap != 0 or isinstance(num_bootstrap, bool):  # 0: no interval
+        check_resamples(num_bootstrap, confidence, "num_bootstrap (or 0: no interval)")
+    check_confidence(confidence)
     if method not in ("residuals", "pairs"):
         raise ValueError(f"method must be 'residuals' or 'pairs', got {method!r}.")
 

@@ -101,12 +101,21 @@ def test_effective_bad_input():
         critical.effective_noise_scale([1, 2], [3.0, 4.0], 32, low=[1.0, 2.0])
     with pytest.raises(ValueError, match="ref_batch_size"):
         critical.effective_noise_scale([1, 2], [3.0, 4.0], 0)
+    with pytest.raises(ValueError, match=r"low > high at indices \[1\]"):
+        critical.effective_noise_scale([1, 2], [3.0, 4.0], 32, low=[1.0, 5.0], high=[4.0, 3.0])
+    with pytest.raises(ValueError, match="point_confidence must be in"):
+        critical.effective_noise_scale([1, 2], [3.0, 4.0], 32, point_confidence=1.5)
+    with pytest.raises(ValueError, match="has no 'step'"):
+        critical.trajectory_from_metrics([{"g_sq": 1.0, "trace_cov": 2.0}])
 
 
 def test_stretch_lengths_midpoint_rule():
     np.testing.assert_allclose(critical.stretch_lengths([100, 300, 700], end=1000), [200, 300, 500])
     with pytest.raises(ValueError, match="increase strictly"):
         critical.stretch_lengths([300, 100])
+    for kw in (dict(start=math.nan), dict(end=math.nan), dict(end=math.inf)):
+        with pytest.raises(ValueError, match="increase strictly"):
+            critical.stretch_lengths([100, 300], **kw)
 
 
 def test_trajectory_from_metrics_pools_stretches_as_ratio_of_means():
@@ -391,6 +400,30 @@ def test_bad_exponents(exponents):
             state, make_step, batch_fn, lambda s: 0.0,
             ref_batch_size=16, num_examples=512, exponents=exponents,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(confidence=math.nan), "confidence must be in"),
+        (dict(confidence=1.0), "confidence must be in"),
+        (dict(num_resamples=1), "num_resamples must be an int >= 20"),
+        (
+            dict(eval_fn=lambda s: jnp.array([1.0, jnp.nan])),
+            "held-out loss of ckpt-3 is not finite",
+        ),
+    ],
+)
+def test_bad_interval_options_and_a_non_finite_start_loss_fail_before_any_fork(kw, match):
+    state, _, batch_fn, _, _ = adam_problem()
+    forked = []
+    kw = dict(eval_fn=lambda s: 1.0, checkpoint_name="ckpt-3") | kw
+    with pytest.raises(ValueError, match=match):
+        critical.branched_critical_batch(
+            state, lambda b, m: forked.append(b), batch_fn,
+            ref_batch_size=16, num_examples=512, exponents=(0, 1), **kw,
+        )  # fmt: skip
+    assert forked == []
 
 
 def test_examples_budget_smaller_than_the_largest_fork():

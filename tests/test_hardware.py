@@ -3,6 +3,7 @@ resident memory), the largest batch that fits (budget and out-of-memory paths), 
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -107,8 +108,12 @@ def test_default_budget_on_cpu_is_half_the_available_host_ram():
     avail = psutil.virtual_memory().available
     assert res.budget_bytes == pytest.approx(0.5 * avail, rel=0.2)
     assert res.records[0].fits and not res.records[0].confirmed
-    with pytest.raises(ValueError, match="budget_bytes"):
-        hardware.largest_batch_that_fits(mlp_args, mlp_step, [8], budget_bytes=0)
+    for bad in (0, 0.5, math.nan, "1e9"):
+        with pytest.raises(ValueError, match="budget_bytes"):
+            hardware.largest_batch_that_fits(mlp_args, mlp_step, [8], budget_bytes=bad)
+    # A fractional batch size is refused, never truncated (3.5 is not tried as 3).
+    with pytest.raises(ValueError, match="whole number"):
+        hardware.largest_batch_that_fits(mlp_args, mlp_step, [3.5, 8], budget_bytes=2**30)
 
 
 def _oom_if_big(threshold):

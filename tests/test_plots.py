@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import figures
-from gns import plots, smoothing
+from gns import plots, smoothing, tradeoff
 
 
 @pytest.fixture(autouse=True)
@@ -165,6 +165,27 @@ def test_tradeoff_plot_draws_the_points_and_the_fit():
     assert far.get_xlim()[1] < 1e3  # the axis stays on the measured batch sizes
     with pytest.raises(plots.NothingToPlot, match="none of the 1 trainings"):
         plots.plot_tradeoff({"points": pts[3:], "s_min": None})
+    # A fit's own dict (points without "reached") draws its points; a nan step is not drawn.
+    b = np.array([8.0, 16, 32, 64])
+    own = tradeoff.fit(b, 100 + 1600 / b, num_bootstrap=0).to_dict()
+    ax = plots.plot_tradeoff(own).axes[0]
+    assert len(line(ax, "measured steps to target").get_xdata()) == 4
+    own["points"][0]["steps"] = math.nan
+    ax = plots.plot_tradeoff(own).axes[0]
+    assert len(line(ax, "measured steps to target").get_xdata()) == 3
+
+
+def test_all_non_finite_statistics_are_nothing_to_plot_not_an_empty_chart():
+    nan_loss = [r | {"train_loss": math.nan} for r in rows()]
+    with pytest.raises(plots.NothingToPlot, match="finite loss"):
+        plots.plot_training(nan_loss)
+    nan_stats = [r | {"g_sq": math.nan} if "g_sq" in r else r for r in rows()]
+    with pytest.raises(plots.NothingToPlot, match="noise-scale measurements is finite"):
+        plots.plot_noise_scale(nan_stats)
+    record = sweep_record()
+    for r in record["throughput"]:
+        r["step_time_s"] = np.float32(r["step_time_s"])  # a NumPy scalar is a time too
+    assert plots.plot_throughput(record).axes
 
 
 def run(policy, batches, acc, seed=0):

@@ -93,6 +93,16 @@ def test_accumulated_step_time_uneven_division():
     assert t == pytest.approx(3 * expected)
 
 
+def test_accumulated_step_time_trains_exactly_the_batch():
+    # ceil(301/100) = 4 microbatches would be 4 x 76 = 304 examples; 301 = 7 x 43.
+    for b, fits in ((301, 100), (160, 64), (1031, 512), (512, 128), (96, 128)):
+        _, k, micro = hardware.accumulated_step_time({32: 0.1, 64: 0.2}, b, fits)
+        assert k * micro == b and micro <= fits
+        assert not any(b % j == 0 and b // j <= fits for j in range(1, k))  # the fewest steps
+    with pytest.raises(ValueError, match="whole number"):
+        hardware.accumulated_step_time({32: 0.1}, 3.5, 100)
+
+
 def test_cost_optimum_fixed_devices_equals_time_optimum_and_scale_out_differs():
     a, b, n = 0.01, 1e-4, 1000.0
     times = linear_times(a, b)
@@ -238,7 +248,13 @@ def test_non_positive_noise_scale_is_no_noise():
         ({"step_time": {}}, "empty"),
         ({"step_time": {64: -1.0}}, "finite positive"),
         ({"max_batch_size": 16}, "no batch size at or below max_batch_size=16"),
-        ({"b_noise_interval": (500.0, 100.0)}, "low <= high"),
+        ({"b_noise_interval": (500.0, 100.0)}, "low <= b_noise <= high"),
+        ({"b_noise_interval": (5.0, 10.0)}, r"low <= b_noise <= high.*b_noise=100"),
+        ({"b_noise_interval": (5.0, 10.0, 500.0)}, "two numbers"),
+        ({"base_lr": "0.1"}, "base_lr must be a finite positive number"),
+        ({"base_lr": None}, "base_lr must be a finite positive number"),
+        ({"b_noise": np.array([100.0, 200.0])}, "b_noise must be a number"),
+        ({"evidence": {"b_simple": "big"}}, r"evidence\['b_simple'\] must be a number"),
         ({"objective": "energy"}, "objective"),
     ],
 )
@@ -361,6 +377,20 @@ def test_plausible_set_from_both_uncertainties_matches_brute_force():
         B in both.plausible_batch_sizes for B in batches
     ]
     assert "can be the best" in both.reason
+
+
+def test_an_accumulated_batch_is_never_plausible_beside_its_microbatch():
+    # 512 and 1024 run as 2 and 4 steps of 256: one draw of t(256) times all three, so over
+    # any noise scale and any draw they lose to 256 (drawn apart, 512 and 1024 looked plausible).
+    times = {64: 0.074, 128: 0.138, 256: 0.27}
+    ranges = {64: (0.07, 0.08), 128: (0.13, 0.15), 256: (0.2, 0.35)}
+    r = recommend.recommend(
+        5000.0, times, max_batch_size=256, base_lr=0.1, base_batch_size=64,
+        step_time_range=ranges, b_noise_interval=(2000.0, 20000.0),
+    )  # fmt: skip
+    assert r.plausible_batch_sizes == tuple(
+        sorted(brute_force_plausible(times, ranges, 2000.0, 20000.0, [64, 128, 256]))
+    )
 
 
 def test_pick_at_an_end_of_the_timed_range_is_flagged_with_the_batch_to_time_next():

@@ -334,9 +334,10 @@ def test_candidate_that_does_not_fit_without_accumulation_is_an_error():
     assert all(r["accumulation_steps"] == 1 for r in sched.table)
 
 
-def test_candidate_that_does_not_split_into_equal_microbatches_is_an_error():
-    with pytest.raises(ValueError, match="equal microbatches"):
-        make(max_batch_size=64, candidates=(32, 64, 160))
+def test_candidate_above_the_fit_runs_as_equal_microbatches_of_exactly_its_examples():
+    # 160 with 64 fitting: not 3 x 54 (162 examples) but 4 x 40.
+    row = make(max_batch_size=64, candidates=(32, 64, 160)).table[-1]
+    assert (row["accumulation_steps"], row["micro_batch_size"]) == (4, 40)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,11 +370,22 @@ def test_bad_candidates(candidates, match):
         (dict(max_batch_size=0), "max_batch_size"),
         (dict(max_batch_size=4), "no batch size at or below max_batch_size=4"),
         (dict(base_lr=-1.0), "base_lr"),
+        (dict(base_batch_size=math.inf), "base_batch_size must be a whole number"),
+        (dict(base_batch_size=1.5), "base_batch_size must be a whole number"),
+        (dict(base_batch_size="64"), "base_batch_size must be a whole number"),
     ],
 )
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         make(**kw)
+
+
+def test_numpy_scalars_are_numbers():
+    ref = make(base_lr=0.1, base_batch_size=16)
+    got = make(base_lr=np.float32(0.1), base_batch_size=np.int64(16))
+    assert float(got.current(got.init()).learning_rate) == float(
+        ref.current(ref.init()).learning_rate
+    )
 
 
 @pytest.mark.parametrize("times", [{}, {8: 0.0}, {8: math.nan}])

@@ -634,7 +634,7 @@ def _fps(config):
     "field, value, changed",
     [
         # Fields no stage measures with: every cached measurement is kept.
-        ("tradeoff.num_bootstrap", 7, set()),
+        ("tradeoff.num_bootstrap", 70, set()),
         ("tradeoff.max_runs", 2, set()),
         ("recommend.objective", "cost", set()),
         ("throughput.accumulation_factors", (8,), set()),

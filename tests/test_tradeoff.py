@@ -64,6 +64,16 @@ def test_steps_to_target_rejects_bad_input():
         tradeoff.steps_to_target([0, 2, 1], [0.1, 0.2, 0.3], 0.5)
     with pytest.raises(ValueError, match="smooth"):
         tradeoff.steps_to_target([0, 1], [0.1, 0.2], 0.5, smooth=0)
+    with pytest.raises(ValueError, match="finite and strictly increasing"):
+        tradeoff.steps_to_target([0, math.nan, 2], [0.1, 0.2, 0.3], 0.2)
+
+
+def test_steps_to_target_a_non_finite_value_spoils_only_the_windows_that_hold_it():
+    steps, acc = range(10), [0.1, 0.2, math.nan, 0.5, 0.6, 0.7, 0.8, 0.9, 0.9, 0.9]
+    # Windows of 2: [.5, .6] -> .55, [.6, .7] -> .65 at step 5.
+    assert tradeoff.steps_to_target(steps, acc, 0.6, smooth=2) == 5.0
+    # inf is not a reached accuracy, and not a point to interpolate from.
+    assert tradeoff.steps_to_target([0, 1, 2], [0.1, math.inf, 0.7], 0.5, interpolate=True) == 2.0
 
 
 # ----------------------------------------------------------------------------- fit
@@ -164,6 +174,12 @@ def test_fit_rejects_bad_options():
         tradeoff.fit(b, s, method="jackknife")
     with pytest.raises(ValueError, match="confidence"):
         tradeoff.fit(b, s, confidence=1.5)
+    # One refit, or too few for each tail of the interval: a zero-width or min-max "interval".
+    for n in (1, 5, True):
+        with pytest.raises(ValueError, match="num_bootstrap"):
+            tradeoff.fit(b, s, num_bootstrap=n)
+    with pytest.raises(ValueError, match="1-D"):
+        tradeoff.fit([[32, 64], [128, 256]], [[100, 60], [40, 30]])
 
 
 @settings(max_examples=25, deadline=None)
@@ -185,7 +201,7 @@ def test_fit_is_equivariant_to_scaling_the_steps(log_s_min, log_b_crit, scale):
 def test_fit_to_dict_is_json_ready():
     import json
 
-    f = tradeoff.fit([32, 64, 128, 256], [3000, 2000, 1500, 1250], num_bootstrap=20)
+    f = tradeoff.fit([32, 64, 128, 256], [3000, 2000, 1500, 1250], num_bootstrap=40)
     d = json.loads(json.dumps(f.to_dict()))
     assert d["points"] == [
         {"batch_size": 32.0, "steps": 3000.0},
