@@ -198,7 +198,7 @@ def smoke() -> ml_collections.ConfigDict:
     c.noise.update(warmup_steps=5, batch_size=32, num_batches=3)
     c.throughput.update(min_batch_size=16, max_batch_size=32, accumulation_factors=())
     c.throughput.update(warmup=1, repeats=2)
-    c.tradeoff.update(batch_sizes=(8, 16, 32), target_accuracy=0.2, max_steps=200)
+    c.tradeoff.update(batch_sizes=(8, 16, 32), target=0.2, max_steps=200)
     c.tradeoff.update(max_wall_time_s=3.0, eval_every_examples=256, num_bootstrap=50)
     return c
 
@@ -266,7 +266,7 @@ def mlp_sgd() -> ml_collections.ConfigDict:
     c.compare.update(eval_examples=5000, max_wall_time_s=150.0)
     c.noise.update(batch_size=64, num_batches=16)
     c.throughput.update(max_batch_size=512, accumulation_factors=())
-    c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256, 512), target_accuracy=0.47)
+    c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256, 512), target=0.47)
     c.tradeoff.update(max_steps=20000, max_wall_time_s=150.0, eval_every_examples=8192)
     return c
 
@@ -298,7 +298,7 @@ def demo() -> ml_collections.ConfigDict:
     c.model.widths = (1024, 1024)
     c.data.augment = True
     c.compare.update(target_accuracy=0.5, give_up_factor=10.0, max_wall_time_s=300.0)
-    c.tradeoff.update(target_accuracy=0.5, max_wall_time_s=300.0)  # the same race, per batch
+    c.tradeoff.update(target=0.5, max_wall_time_s=300.0)  # the same race, per batch
     c.compare.setup = (
         "MLP 1024x1024 + SGD momentum on CIFAR-10, because on a CPU the SmallCNN's step time "
         "per example does not fall above batch 64 (no batch size can win by much there); "
@@ -332,7 +332,7 @@ def _accelerator_defaults(c: ml_collections.ConfigDict) -> None:
     c.compare.update(eval_every_examples=50000, eval_examples=10000)
     c.noise.update(batch_size=256, num_batches=16)
     c.throughput.update(min_batch_size=32, max_batch_size=4096)
-    c.tradeoff.update(batch_sizes=(64, 128, 256, 512, 1024, 2048), target_accuracy=0.6)
+    c.tradeoff.update(batch_sizes=(64, 128, 256, 512, 1024, 2048), target=0.6)
     c.tradeoff.update(max_steps=100000, max_wall_time_s=3600.0, eval_every_examples=25000)
 
 

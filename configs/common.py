@@ -138,7 +138,7 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.recommend.candidates = config_dict.placeholder(tuple)  # extra batch sizes to consider
     # (None: the measured and accumulation ones)
 
-    # Trainings to target_accuracy at several batch sizes (the sweep; the tradeoff mode), the
+    # Trainings to a target at several batch sizes (the sweep; the tradeoff mode), the
     # learning rate scaled from learning_rate at batch_size (gns.scaling.learning_rate).
     c.tradeoff = ml_collections.ConfigDict()
     c.tradeoff.batch_sizes = config_dict.placeholder(tuple)  # batch sizes trained to the
@@ -146,7 +146,8 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # max_runs of them, spread evenly)
     c.tradeoff.min_batch_size = 16  # smallest trained batch when batch_sizes is None
     c.tradeoff.max_runs = 5  # at most this many batch sizes when batch_sizes is None
-    c.tradeoff.target_accuracy = 0.5  # test accuracy each training runs to
+    c.tradeoff.target = 0.5  # each training's target on the task's metric (its config field:
+    # target_accuracy of the image and teacher tasks, target_bits_per_byte of the lm task)
     c.tradeoff.max_steps = 5000  # step cap of each training (and the pilot's schedule horizon)
     c.tradeoff.max_wall_time_s = 120.0  # time cap of each training (None: no budget)
     c.tradeoff.eval_every_examples = 4096  # evaluation interval in training examples (the same

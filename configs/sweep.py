@@ -5,7 +5,7 @@
 ``configs/cifar10.py:get_config(arg)`` at the top level and the measurement fields of
 :func:`configs.common.measurement` (``noise``, ``critical``, ``throughput``, ``recommend``,
 ``tradeoff``) at the same paths as there; this file sets only what differs. Every field is
-overridable on the command line, e.g. ``--config.tradeoff.target_accuracy=0.5`` or
+overridable on the command line, e.g. ``--config.tradeoff.target=0.5`` or
 ``--config.data.source=folder``; ``python -m experiments.sweep --help`` lists them with their
 meanings and valid values (:mod:`experiments.rules`).
 """
@@ -45,7 +45,7 @@ def smoke() -> ml_collections.ConfigDict:
 
     On real images add ``--config.data.source=folder
     --config.data.path=../shared/data/cifar10-jpeg.tar.gz`` (the first run decodes and
-    caches them, about 20 s more; lower ``tradeoff.target_accuracy`` to 0.25).
+    caches them, about 20 s more; lower ``tradeoff.target`` to 0.25).
     """
     c = base("smoke")
     c.update(batch_size=16, learning_rate=3e-3, eval_examples=256)
@@ -57,7 +57,7 @@ def smoke() -> ml_collections.ConfigDict:
     # 128 run as accumulation) and 128 = 32 x 4 on 4 devices (the tests), 256 over it.
     c.throughput.update(min_batch_size=8, max_batch_size=256, memory_budget_bytes=3 * 2**20)
     c.throughput.update(warmup=1, repeats=3)
-    c.tradeoff.update(batch_sizes=(8, 16, 32), target_accuracy=0.4, max_steps=400)
+    c.tradeoff.update(batch_sizes=(8, 16, 32), target=0.4, max_steps=400)
     c.tradeoff.update(max_wall_time_s=30.0, eval_every_examples=256, num_bootstrap=200)
     return c
 
@@ -90,7 +90,7 @@ def cpu() -> ml_collections.ConfigDict:
     # checkpoint unresolved).
     c.critical.update(fork_steps=64)
     c.throughput.update(min_batch_size=16, max_batch_size=1024, memory_budget_bytes=4 * 2**30)
-    c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256), target_accuracy=0.45, max_steps=6000)
+    c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256), target=0.45, max_steps=6000)
     c.tradeoff.update(max_wall_time_s=600.0, eval_every_examples=4096)
     c.tradeoff.update(extra_seeds=1, reseed_best=3)
     return c
@@ -123,7 +123,7 @@ def resnet_sgd() -> ml_collections.ConfigDict:
     c.noise.update(chunk_size=None, pilot_steps=600, every=5)
     c.critical.update(eval_examples=1000, fork_steps=32)  # 8,192 examples per fork
     c.throughput.update(max_batch_size=512)
-    c.tradeoff.update(target_accuracy=0.35, max_steps=4000, max_wall_time_s=400.0)
+    c.tradeoff.update(target=0.35, max_steps=4000, max_wall_time_s=400.0)
     return c
 
 

@@ -12,7 +12,7 @@ import sys
 COMMANDS = {
     "demo": (
         "experiments.cifar10",
-        "configs/cifar10.py:cpu",
+        "configs/cifar10.py:demo",
         ("--config.mode=compare", "--workdir=runs/demo"),
         "every batch-size policy trained to the same target, with a verdict",
     ),
@@ -48,14 +48,14 @@ USAGE = "usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags)\n\n"
 
 
 def command_line(name: str, args: list[str], root: str = ROOT) -> tuple[str, list[str]]:
-    """The module to run and its ``argv`` for ``gns NAME ARGS``: ``args`` after the
-    subcommand's defaults (a flag given in ``args`` wins), ``--config`` from ``root``
-    when ``args`` has none."""
+    """The module to run and its ``argv`` for ``gns NAME ARGS``: ``--config`` from ``root``
+    when ``args`` has none, ``args``, then the subcommand's defaults that ``args`` does not
+    set (after ``args``: a ``--config.FIELD`` must follow the ``--config`` it overrides)."""
     module, config, defaults, _ = COMMANDS[name]
     given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
     argv = [] if "--config" in given else [f"--config={os.path.join(root, config)}"]
-    argv += [d for d in defaults if d.split("=", 1)[0] not in given]
-    return module, [f"gns {name}", *argv, *args]
+    argv += [*args, *(d for d in defaults if d.split("=", 1)[0] not in given)]
+    return module, [f"gns {name}", *argv]
 
 
 def main() -> None:

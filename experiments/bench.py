@@ -396,7 +396,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run_bench(config, workdir: str) -> dict[str, Any]:
     """Run the benchmark of ``config`` and write ``workdir/bench.json``; returns its content."""
-    rules.check(config, "bench")  # a UserError naming the field and the fix
+    rules.check(config, rules.BENCH_TABLE)  # a UserError naming the field and the fix
     t_start = time.perf_counter()
     timing = lambda section: (
         {"seed": config.seed} | {f: section[f] for f in ("repeats", "warmup", "num_microbatches")}
@@ -449,17 +449,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(runlog.QuietLibraries())
-    rules.check(FLAGS.config, "bench")  # before the workdir is made
+    rules.check(FLAGS.config, rules.BENCH_TABLE)  # before the workdir is made
     with runlog.workdir_lock(FLAGS.workdir, "bench"):  # a file, or a bench there: said first
+        if os.path.exists(path := os.path.join(FLAGS.workdir, "bench.json")):
+            logging.warning("bench: measuring again; %s is replaced when this one ends", path)
         result = run_bench(FLAGS.config, FLAGS.workdir)
     summary = {k: v for k, v in result.items() if k.endswith("_over_plain")}
     print(runlog.dumps(summary, indent=2))
     print(format_table(result))
-    print(f"bench: {result['seconds']:.0f} s, load average {os.getloadavg()}")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"bench: {result['seconds']:.0f} s, load average {load} (1, 5, 15 min)")
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Directory for bench.json.", required=True)
     config_flags.DEFINE_config_file("config", None, "configs/bench.py[:variant]", lock_config=True)
     flags.mark_flag_as_required("config")
-    cli.run(main, "configs/bench.py", rules.describer("bench"))
+    cli.run(main, "configs/bench.py", rules.describer(lambda config: rules.BENCH_TABLE))

@@ -112,6 +112,15 @@ def _one_line(e: BaseException) -> str:
     return f"{fault} ({type(e).__name__}: {text[:200]}): {fix} or write elsewhere"
 
 
+def _fault_hint(e: BaseException) -> str | None:
+    """The fix of a :func:`write_fault` (``None`` for other errors)."""
+    fault = write_fault(e)
+    if fault is None:
+        return None
+    fix = "free space there" if "full" in fault or "cut short" in fault else "fix its permissions"
+    return f"{fix}, or pass another --workdir (--config.data.cache_dir for the data's cache)"
+
+
 def _verbose(argv: list[str]) -> bool:
     if os.environ.get("GNS_VERBOSE") == "1":
         return True
@@ -142,7 +151,7 @@ def main(fn: Main) -> Main:
             user = isinstance(e, _USER_FAULTS) or write_fault(e) or out_of_memory(e)
             if _verbose(argv) or not user:
                 raise
-            _exit(_one_line(e), getattr(e, "hint", None))
+            _exit(_one_line(e), getattr(e, "hint", None) or _fault_hint(e))
 
     return wrapped
 
@@ -282,7 +291,10 @@ def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
     if unknown := _unknown_field(given):
         return unknown
     if isinstance(e, flags.Error):
-        return " ".join(str(e).split()), "see --helpfull for the flags and their types"
+        text = " ".join(str(e).split())
+        if "--config." in text:
+            return text, "see --help for the config's fields, their values and what each takes"
+        return text, "see --help for this command's flags (--helpfull: absl's too)"
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return (lines[-1] if lines else type(e).__name__), "run with --verbose for the traceback"
 

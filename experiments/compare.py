@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 
+import ml_collections
 from absl import logging
 
 from experiments import adaptive, figures, progress, runlog, sweep, tasks, train, validation
@@ -409,6 +410,7 @@ def _mode(config, workdir: str, mode: str):
     t0, trainings = time.perf_counter(), mode == "tradeoff"
     train.validate_config(config)  # the rules of both modes, compare's included
     with runlog.workdir_lock(workdir, f"{tasks.get(config).name} {mode}"):
+        _check_resume(config, workdir, mode)
         runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
         swept = sweep.run_sweep(
             _train_config(config),
@@ -427,6 +429,27 @@ def _mode(config, workdir: str, mode: str):
         summary["measurement_time_s"] = sum(v for k, v in stages.items() if k != "trainings")
         summary["total_time_s"] = time.perf_counter() - t0
         runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+
+
+def _check_resume(config, workdir: str, mode: str) -> None:
+    """Stop before anything is written when ``workdir`` holds runs trained with other training
+    fields (model, data, optimizer, baseline rate, ...): every run of the mode would differ.
+    Measurement and ``compare`` fields may change: the sweep measures a changed stage again,
+    and a run of a new seed or policy starts in a directory of its own."""
+    path = os.path.join(workdir, "config.json")
+    if not (os.path.isdir(os.path.join(workdir, "runs")) and os.path.exists(path)):
+        return
+    old = ml_collections.ConfigDict(runlog.read_json(path))
+    diffs = runlog.differing_fields(
+        train.run_identity(_train_config(old).to_dict()),
+        train.run_identity(_train_config(config).to_dict()),
+    )
+    if diffs:
+        raise UserError(
+            f"{workdir} holds the runs of a {mode} with other training fields: " + "; ".join(diffs),
+            hint=f"re-run with the old values to resume, pass another --workdir, or delete "
+            f"{workdir} to start over",
+        )
 
 
 def run_compare(config, workdir: str) -> dict:
@@ -455,8 +478,8 @@ def run_compare(config, workdir: str) -> dict:
                 run_dir = os.path.join(workdir, "runs", f"{policy}-{batch}-seed{seed}")
                 size, lr = plan["batch_size"], plan["learning_rate"]
                 logging.info(
-                    f"compare: {policy}, seed {seed}, batch {size}, lr {lr:.4g}, "
-                    f"at most {limit:.0f} s"
+                    f"compare: {policy}, seed {seed}, batch {batch[1:]}, lr {lr:.4g} at batch "
+                    f"{size}, at most {limit:.3g} s"
                 )
                 bar.set(phase=f"{policy} seed {seed}")
                 s = train.train_and_evaluate(_run_config(config, plan, seed, table, limit), run_dir)
@@ -559,7 +582,7 @@ def run_tradeoff(config, workdir: str) -> dict:
         b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
         summary.update(
             {
-                "target_accuracy": float(config.tradeoff.target_accuracy),
+                "target_accuracy": float(config.tradeoff.target),
                 "points": fit["points"],
                 "skipped_trainings": sweep_result["skipped_trainings"],
                 "tradeoff": fit,

@@ -1,8 +1,10 @@
-"""Ctrl-C from the first line of a main to its last: one line on stderr and exit code 130.
+"""Ctrl-C (SIGINT) or SIGTERM (a scheduler's time limit, ``kill``) from the first line of a
+main to its last: one line on stderr and exit code 130.
 
 A main calls :func:`install` before it imports anything else. Until the run's own handling
-takes over around the training loop (:func:`experiments.runlog.deferred_interrupt`), a SIGINT
-ends the process at once: what a run writes is written atomically, so re-running resumes.
+takes over around the training loop (:func:`experiments.runlog.deferred_interrupt`), either
+signal ends the process at once: what a run writes is written atomically, so re-running
+resumes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 from typing import NoReturn
 
 EXIT_INTERRUPTED = 130
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 MESSAGE = "interrupted: the run saved what it had; re-run the command to resume."
 
 
@@ -33,7 +36,8 @@ def exit_now(message: str | None = MESSAGE, code: int = EXIT_INTERRUPTED) -> NoR
 
 
 def install(message: str = MESSAGE) -> None:
-    """Make SIGINT call :func:`exit_now` with ``message`` (main thread only; elsewhere a
-    no-op)."""
+    """Make SIGINT and SIGTERM call :func:`exit_now` with ``message`` (main thread only;
+    elsewhere a no-op)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, lambda signum, frame: exit_now(message))
+        for sig in SIGNALS:
+            signal.signal(sig, lambda signum, frame: exit_now(message))

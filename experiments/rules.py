@@ -131,57 +131,11 @@ TRAIN = (
     ("step_time_repeats", count(0)),
 )
 
-# The image task (configs/cifar10.py): target, adaptive schedule, model, data.
-IMAGE = (
-    ("target_accuracy", real(0, 1).or_none),
-    ("adaptive.enabled", FLAG),
-    ("adaptive.candidates", tuple_of(count(2), increasing=True).or_none),
-    ("adaptive.min_batch_size", count(2)),
-    ("adaptive.max_batch_size", count(2)),
-    ("adaptive.initial_batch_size", count(2).or_none),
-    ("adaptive.initial_noise_scale", real(0, open_lo=True).or_none),
-    ("adaptive.step_times", tuple_of(real(0, open_lo=True)).or_none),
-    ("adaptive.lr_rule", choice(*LR_RULES)),
-    ("adaptive.margin", real(0)),
-    ("adaptive.patience", count(1)),
-    ("adaptive.allow_shrink", FLAG),
-    ("adaptive.noise_scale_factor", real(0, open_lo=True)),
-    ("adaptive.eval_every_examples", count(1).or_none),
-    ("adaptive.timing_warmup", count(0)),
-    ("adaptive.timing_rounds", count(1)),
-    ("model.name", choice(*(m for m in MODEL_NAMES if m != "transformer"))),
-    ("model.widths", tuple_of(count(1))),
-    ("model.groups", count(1)),
-    ("model.stage_sizes", tuple_of(count(1)).or_none),
-    ("model.num_filters", count(1).or_none),
-    ("model.width_coefficient", real(0, open_lo=True).or_none),
-    ("model.depth_coefficient", real(0, open_lo=True).or_none),
-    ("model.dropout_rate", real(0, 1, open_hi=True).or_none),
-    ("model.drop_connect_rate", real(0, 1, open_hi=True).or_none),
-    ("model.stem_strides", count(1).or_none),
-    ("data.source", choice("folder", "cifar10_binary", "tfds", "synthetic")),
-    ("data.name", TEXT),
-    ("data.path", TEXT.or_none),
-    ("data.cache_dir", TEXT.or_none),
-    ("data.tfds_data_dir", TEXT.or_none),
-    ("data.url", TEXT),
-    ("data.md5", TEXT.or_none),
-    ("data.num_train", count(1).or_none),
-    ("data.num_test", count(1).or_none),
-    ("data.augment", FLAG),
-    ("data.on_device", FLAG),
-    ("data.synthetic.image_size", count(4, hi=4096)),
-    ("data.synthetic.num_classes", count(2, hi=100_000)),
-    ("data.synthetic.seed", count(0)),
-)
 
-# The language-model task (configs/lm.py).
-LM = (
-    ("task", choice("lm")),
-    ("target_bits_per_byte", real(0, open_lo=True).or_none),
-    ("final_eval_examples", count(1).or_none),
+# The Transformer's fields: the language-model task's model and bench's lm.model (whose
+# vocabulary may be smaller).
+TRANSFORMER = (
     ("model.name", choice("transformer")),
-    ("model.vocab_size", count(256)),
     ("model.context", count(1, hi=65536)),
     ("model.width", count(1)),
     ("model.depth", count(1)),
@@ -189,24 +143,6 @@ LM = (
     ("model.mlp_ratio", count(1)),
     ("model.tie_embeddings", FLAG),
     ("model.scan_layers", FLAG),
-    ("data.path", TEXT.or_none),
-    ("data.max_bytes", count(2).or_none),
-    ("data.test_fraction", real(0, 1, open_lo=True, open_hi=True)),
-    ("data.extensions", tuple_of(TEXT, distinct=True).or_none),
-)
-
-# The synthetic teacher-student task (configs/teacher.py, experiments.tasks.teacher).
-TEACHER = (
-    ("task", choice("teacher")),
-    ("target_accuracy", real(0, 1).or_none),
-    ("model.name", choice("mlp")),
-    ("model.widths", tuple_of(count(1), empty=True)),
-    ("data.num_features", count(1, hi=65536)),
-    ("data.num_classes", count(2, hi=65536)),
-    ("data.num_train", count(1, hi=10**7)),
-    ("data.num_test", count(1, hi=10**7)),
-    ("data.scale", real(0, open_lo=True)),
-    ("data.seed", count(0)),
 )
 
 # The measurement fields (configs/common.py measurement(): the sweep, compare and tradeoff).
@@ -242,7 +178,7 @@ MEASURE = (
     ("critical.eval_examples", count(1)),
     ("critical.confidence", real(0, 1, open_lo=True, open_hi=True)),
     ("critical.seed_offset", count(0)),
-    ("tradeoff.target_accuracy", real(0, 1, open_lo=True)),
+    ("tradeoff.target", real(0, open_lo=True)),  # and as the task's target field: task_table
     ("tradeoff.min_batch_size", count(1)),
     ("tradeoff.max_runs", count(0)),
     ("tradeoff.extra_seeds", count(0)),
@@ -273,7 +209,7 @@ COMPARE = (
 NOT_TRAINING = ("mode", "compare", *dict.fromkeys(f.split(".")[0] for f, _ in MEASURE))
 
 # configs/bench.py. Its three measurements (the CNN at the top level, lm and rows) share the
-# timing fields; its language model (lm.model) has the rows of LM but a smaller vocabulary.
+# timing fields; its language model (lm.model) has the rows of TRANSFORMER.
 BENCH_LMS = ("lm1b", "tied_transformer", "scanned_transformer")  # the rows that are Transformers
 BENCH_ROWS = (*BENCH_LMS, "convnext", "nnx_mlp", "plain_mlp")  # rows.models
 BENCH = (
@@ -307,7 +243,7 @@ BENCH = (
         for m in BENCH_LMS
         for f in ("context", "depth", "num_heads", "mlp_ratio", "vocab_size", "width")
     ),
-    *(("lm." + f, k) for f, k in LM if f.startswith("model.") and f != "model.vocab_size"),
+    *(("lm." + f, k) for f, k in TRANSFORMER),
     ("lm.model.vocab_size", count(2, hi=65536)),
 )
 
@@ -326,12 +262,12 @@ def cross(fields: tuple[str, ...], ok: Callable, what: str, hint: str | None = N
     return rule
 
 
-def _multiples(values: str, k: str, what: str) -> Callable:
+def multiples(values: str, k: str, what: str) -> Callable:
     """The rule that ``config.<k>`` divides ``config.<values>`` (an int, or each of a tuple)."""
     return cross((values, k), lambda v, m, d: not np.any(np.mod(v, m)), what)
 
 
-def _at_most(lo: str, hi: str) -> Callable:
+def at_most(lo: str, hi: str) -> Callable:
     return cross((lo, hi), lambda a, b, d: a <= b, f"{lo} must be <= {hi}")
 
 
@@ -383,14 +319,6 @@ TRAIN_CROSS = (
         "gns_method='microbatch' needs gns_microbatches >= 2 that divides batch_size "
         "(equal microbatches) and is a multiple of the devices",
     ),
-    *(
-        cross(
-            (t, "eval_every"),
-            lambda target, every, d: target is None or every > 0,
-            f"{t} is checked at the periodic evaluations: it needs eval_every > 0",
-        )
-        for t in ("target_accuracy", "target_bits_per_byte")
-    ),  # each task has one
 )
 
 # small_cnn's GroupNorm (the image task's other models take no groups).
@@ -400,40 +328,9 @@ GROUPS = cross(
     "model.groups must divide every one of model.widths (small_cnn's GroupNorm)",
 )
 
-IMAGE_CROSS = (
-    cross(
-        ("data.num_train", "batch_size"),
-        lambda n, batch, d: n is None or n >= batch,
-        "a batch cannot be larger than the train subset",
-    ),
-    GROUPS,
-    cross(
-        ("data.source", "data.path"),
-        lambda s, p, d: s != "folder" or p is not None,
-        "data.source='folder' reads data.path",
-        "set --config.data.path=path/to/folder_or.tar.gz (laid out split/class/image.jpg)",
-    ),
-    _at_most("adaptive.min_batch_size", "adaptive.max_batch_size"),
-    cross(
-        ("adaptive.enabled", "gns_every"),
-        lambda enabled, every, d: not enabled or every > 0,
-        "the batch-size schedule follows the measured noise scale: it needs gns_every > 0",
-    ),
-)
-
-LM_CROSS = (_multiples("model.width", "model.num_heads", HEADS),)
-
-TEACHER_CROSS = (
-    cross(
-        ("mode",),
-        lambda mode, d: mode == "train",
-        "config.task='teacher' trains only: the compare and tradeoff modes take image data",
-        "--config.mode=train",
-    ),
-)
 
 MEASURE_CROSS = (
-    _at_most("throughput.min_batch_size", "throughput.max_batch_size"),
+    at_most("throughput.min_batch_size", "throughput.max_batch_size"),
     _on_devices("noise.batch_size"),
     cross(
         ("critical.exponents",),
@@ -444,7 +341,7 @@ MEASURE_CROSS = (
 )
 
 BENCH_CROSS = (
-    _multiples(
+    multiples(
         "batch_sizes",
         "num_microbatches",
         "every batch size must split into num_microbatches equal microbatches",
@@ -456,7 +353,7 @@ BENCH_CROSS = (
     ),
     GROUPS,
     *(
-        _multiples(
+        multiples(
             f"rows.models.{m}.batch_sizes",
             "rows.num_microbatches",
             "every batch size must split into rows.num_microbatches equal microbatches",
@@ -464,28 +361,22 @@ BENCH_CROSS = (
         for m in BENCH_ROWS
     ),
     *(
-        _multiples(
+        multiples(
             f"rows.models.{m}.width",
             f"rows.models.{m}.num_heads",
             f"rows.models.{m}.num_heads must divide its width",
         )
         for m in BENCH_LMS
     ),
-    _multiples(
+    multiples(
         "lm.batch_sizes",
         "lm.num_microbatches",
         "every lm batch size must split into lm.num_microbatches equal microbatches",
     ),
-    _multiples("lm.model.width", "lm.model.num_heads", HEADS),
+    multiples("lm.model.width", "lm.model.num_heads", HEADS),
 )
 
-# config.task -> (rows, rules between fields) of a training config (one without ``task`` is the
-# image task's); a config without the measurement or comparison fields skips their rows.
-TASK_TABLES = {
-    "cifar10": (TRAIN + IMAGE + MEASURE + COMPARE, TRAIN_CROSS + IMAGE_CROSS + MEASURE_CROSS),
-    "lm": (TRAIN + LM + MEASURE + COMPARE, TRAIN_CROSS + LM_CROSS + MEASURE_CROSS),
-    "teacher": (TRAIN + TEACHER + MEASURE + COMPARE, TRAIN_CROSS + TEACHER_CROSS + MEASURE_CROSS),
-}
+BENCH_TABLE = (BENCH, BENCH_CROSS)
 # The entry points (python -m experiments.X); all but bench read a training config.
 ENTRY_POINTS = ("cifar10", "lm", "sweep", "bench")
 
@@ -499,22 +390,49 @@ def get(config, path: str, default=None):
     return config
 
 
-def rules_of(config, kind: str) -> tuple[tuple, tuple]:
-    """``(rows, rules between fields)`` of ``config`` as the entry point (or task) ``kind``
-    reads it. A row is ``(field, Kind)``; a rule, ``(config, devices) -> (message, hint)`` or
-    ``None`` (:func:`cross`)."""
-    if kind not in ENTRY_POINTS and kind not in TASK_TABLES:
-        raise ValueError(f"unknown config kind {kind!r}: one of {', '.join(ENTRY_POINTS)}")
-    if kind == "bench":
-        return BENCH, BENCH_CROSS
-    return TASK_TABLES.get(get(config, "task"), TASK_TABLES["cifar10"])
+def task_table(task) -> tuple[tuple, tuple]:
+    """``(rows, rules between fields)`` of a training config of ``task``
+    (:class:`experiments.tasks.Task`): the training fields, the task's own (``task.fields``,
+    ``task.cross``) and the measurement and comparison fields (a config without them skips
+    their rows). A row is ``(field, Kind)``; a rule, ``(config, devices) -> (message, hint)``
+    or ``None`` (:func:`cross`)."""
+    target = cross(
+        (task.target_field, "eval_every"),
+        lambda target, every, d: target is None or every > 0,
+        f"{task.target_field} is checked at the periodic evaluations: it needs eval_every > 0",
+    )
+    kind = dict(task.fields).get(task.target_field, real(0, open_lo=True))
+    trainings = cross(
+        ("tradeoff.target",),
+        lambda value, d: value is not None and kind.valid(value),
+        f"the trainings run to it as {task.target_field}: {kind.what.removesuffix(', or None')}",
+    )
+    rows = TRAIN + task.fields + MEASURE + COMPARE
+    return rows, (_has(task), *TRAIN_CROSS, target, trainings, *task.cross, *MEASURE_CROSS)
 
 
-def check(config, kind: str, devices: int | None = None) -> None:
-    """Check the fields of ``config`` that ``kind``'s table names, then the rules between them
-    (those about the mesh only with ``devices``, its size): the first violation raises a
-    one-line UserError naming the field(s) and value(s), what is valid, and a hint."""
-    rows, rules_between = rules_of(config, kind)
+def _has(task) -> Callable:
+    """The rule that the config has every field of ``task.fields`` (the task reads them)."""
+
+    def rule(config, devices):
+        missing = [f"config.{f}" for f, _ in task.fields if get(config, f, _MISSING) is _MISSING]
+        if not missing:
+            return None
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return (
+            f"the {task.name!r} task reads {missing[0]}{more}, which this config does not have",
+            f"start from the task's config file (configs/*.py with task = {task.name!r})",
+        )
+
+    return rule
+
+
+def check(config, table: tuple[tuple, tuple], devices: int | None = None) -> None:
+    """Check the fields of ``config`` that ``table`` (:func:`task_table`, or
+    :data:`BENCH_TABLE`) names, then the rules between them (those about the mesh only with
+    ``devices``, its size): the first violation raises a one-line UserError naming the
+    field(s) and value(s), what is valid, and a hint."""
+    rows, rules_between = table
     for name, kind_ in rows:
         value = get(config, name, _MISSING)
         if value is not _MISSING and not _safe(kind_.valid, value):
@@ -535,15 +453,16 @@ def _safe(fn, value) -> bool:
         return False
 
 
-def describer(kind: str) -> Callable[[Any, str], list[str]]:
-    """``(config, path) -> describe(config, kind, path)``, for :func:`experiments.cli.run`."""
-    return lambda config, path: describe(config, kind, path)
+def describer(table_of: Callable[[Any], tuple]) -> Callable[[Any, str], list[str]]:
+    """``(config, path) -> describe(config, table_of(config), path)``, for
+    :func:`experiments.cli.run`."""
+    return lambda config, path: describe(config, table_of(config), path)
 
 
-def describe(config, kind: str, path: str) -> list[str]:
+def describe(config, table: tuple[tuple, tuple], path: str) -> list[str]:
     """The ``--help`` lines of ``config`` (read from the config file ``path``): for each field,
-    in order, ``--config.name=value``, then its comment and its valid values."""
-    kinds = {name: k.what for name, k in rules_of(config, kind)[0]}
+    in order, ``--config.name=value``, then its comment and its valid values (``table``)."""
+    kinds = {name: k.what for name, k in table[0]}
     fields = dict(config_fields(config))
     comments = field_comments(path, list(fields))
     lines = []

@@ -23,16 +23,16 @@ FLAGS = flags.FLAGS
 
 
 def check_mode(config) -> str:
-    """``config.mode``, when the config's task has it (only images have the other modes)."""
-    task = tasks.get(config)
-    modes = rules.MODES if task is tasks.IMAGE else ("train",)
-    if config.mode not in modes:
+    """``config.mode`` (``train`` for a config without it, e.g. a sweep's), when the config's
+    task has it (only images have the other modes)."""
+    task, mode = tasks.get(config), config.get("mode", "train")
+    if mode not in task.modes:
         raise UserError(
-            f"config.mode={config.mode!r} is not available for the {task.name!r} task: use "
-            f"one of {', '.join(modes)}",
+            f"config.mode={mode!r} is not available for the {task.name!r} task: use one of "
+            f"{', '.join(task.modes)}",
             hint="e.g. --config.mode=train",
         )
-    return config.mode
+    return mode
 
 
 def run(config, workdir: str) -> dict:
@@ -51,7 +51,7 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
-    rules.check(FLAGS.config, "cifar10")  # every field of any task, before the slow imports
+    rules.check(FLAGS.config, tasks.table(FLAGS.config))  # every field, before the slow imports
     logging.get_absl_handler().addFilter(runlog.QuietLibraries())
     summary = run(FLAGS.config, FLAGS.workdir)
     if summary.get("mode") in ("compare", "tradeoff"):
@@ -75,7 +75,7 @@ def start(config_file: str, argv: list[str] | None = None) -> None:
         "config", None, f"Config file, e.g. {config_file}:smoke.", lock_config=True
     )
     flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main, config_file, rules.describer("cifar10"), argv)
+    cli.run(main, config_file, rules.describer(tasks.table), argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 
 from absl import logging
 
-from experiments import cli, download
+from experiments import cli, download, interrupt
 from experiments import events as events_lib
 from experiments.cli import UserError
 from gns.common import to_json
@@ -41,10 +41,14 @@ UNREADABLE_DIR = "checkpoints-unreadable"
 
 class QuietLibraries(std_logging.Filter):
     """A logging filter for the mains: drops the INFO chatter of orbax and of JAX's backend
-    discovery, keeps their warnings."""
+    discovery, keeps their warnings; drops orbax's errors of a failed write (a full disk: its
+    writer threads' tracebacks), which :meth:`Checkpoints.save` reports in one line."""
 
     def filter(self, record):
-        chatty = "orbax" in record.pathname or "xla_bridge" in record.pathname
+        orbax = "orbax" in record.pathname
+        if orbax and cli.write_fault(ValueError(record.getMessage())):
+            return False
+        chatty = orbax or "xla_bridge" in record.pathname
         return record.levelno >= std_logging.WARNING or not chatty
 
 
@@ -269,8 +273,10 @@ class RunLog:
                 old_devices,
                 self.devices,
                 "trained on another number of devices (the batch would split differently)",
-                f"resume with {old_devices} device(s) (e.g. --config.num_devices="
-                f"{old_devices}), or pass another --workdir to start a new run",
+                f"resume on {old_devices} device(s) with config.num_devices as it was (None: "
+                "every device the process sees; on a CPU XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={old_devices}), or pass another "
+                "--workdir to start a new run",
             ),
         ):
             if old is None or new is None:
@@ -438,6 +444,9 @@ class Checkpoints:
             fault = cli.write_fault(e)
             if fault is None:
                 raise
+            for name in os.listdir(self.directory):  # the half-written step: nothing to resume
+                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
             raise UserError(
                 f"cannot write the checkpoint of step {step} in {self.directory}: {fault} "
                 f"({type(e).__name__}: {' '.join(str(e).split())[:160]})",
@@ -503,25 +512,27 @@ class Checkpoints:
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Inside the block the first SIGINT (Ctrl-C) sets the yielded ``threading.Event`` instead
-    of raising, so the loop stops at a step boundary with its row and checkpoint written; a
-    second one goes to the handler the block replaced (exit 130 at once). Outside the main
-    thread the event never gets set."""
+    """Inside the block the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's time limit) sets
+    the yielded ``threading.Event`` instead of raising, so the loop stops at a step boundary
+    with its row and checkpoint written; a second one goes to the handler the block replaced
+    (exit 130 at once). Outside the main thread the event never gets set."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+    previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in interrupt.SIGNALS}
 
     def handler(signum, frame):
         if flag.is_set():
-            signal.signal(signal.SIGINT, previous)
-            if callable(previous):
-                previous(signum, frame)
+            for sig, before in previous.items():
+                signal.signal(sig, before)
+            signal.raise_signal(signum)
         flag.set()
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in previous:
+        signal.signal(sig, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)

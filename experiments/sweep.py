@@ -6,7 +6,7 @@ Usage::
 
 It runs :func:`gns.finder.pipeline` on the task of ``configs/sweep.py`` (noise scale, branched
 critical batch, memory and step time on the mesh, recommendation), then trainings to
-``tradeoff.target_accuracy`` at several batch sizes and the fit ``S(B) = S_min + E_min/B``
+``tradeoff.target`` at several batch sizes and the fit ``S(B) = S_min + E_min/B``
 (README, "Results"), and writes ``DIR/sweep.json``, its plots and a printed summary. Each
 measurement is kept in ``DIR/sweep_state.json`` under the fingerprint of the fields its stage
 reads (:data:`STAGE_FIELDS`): a re-run measures only what is missing or changed. The pilot's
@@ -96,8 +96,16 @@ def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
 def validate_config(config) -> None:
     """:func:`experiments.rules.check` of a ``configs/sweep.py`` config, then again with the
     mesh's size (``batch_size`` and ``noise.batch_size`` split over it)."""
-    rules.check(config, "sweep")
-    rules.check(config, "sweep", mesh_lib.make_mesh(config.num_devices).size)
+    if "noise" not in config or "throughput" not in config:
+        raise UserError(
+            f"config.task={tasks.get(config).name!r}: this config has no measurement fields "
+            "(noise, critical, throughput, recommend, tradeoff)",
+            hint="pass a sweep config (configs/sweep.py), or add them with "
+            "configs.common.measurement(config)",
+        )
+    table = tasks.table(config)
+    rules.check(config, table)
+    rules.check(config, table, mesh_lib.make_mesh(config.num_devices).size)
 
 
 class SweepState:
@@ -124,6 +132,7 @@ class SweepState:
         item = self.data["sections"].get(section, {}).get(str(key))
         if item is not None and item["fingerprint"] == fp:
             self.reused.append(f"{section}[{key}]")
+            logging.info("Reusing %s[%s]: measured before with the same config.", section, key)
             return copy.deepcopy(item["value"])
         if item is not None and section not in self.stale:
             self.stale.append(section)
@@ -139,7 +148,7 @@ class SweepState:
 def _setup(t, ds, task, schedule, *, mesh=None):
     """Model, plain and measuring steps, and initial state of ``t`` (``schedule``: the rate's
     shape, peak 1, the rate being in the state; on ``mesh``: data-parallel)."""
-    model = models.get_model(t.model, num_classes=ds.num_classes, dtype=t.dtype)
+    model = models.get_model(t.model, num_classes=getattr(ds, "num_classes", None), dtype=t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
     plain_fn, gns_fn = train.make_train_steps(
@@ -231,7 +240,7 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
     :func:`experiments.train.start_from_pilot`)."""
     t = stage_config(config, "noise_scale")
     noise = t.noise
-    model = models.get_model(t.model, num_classes=ds.num_classes)
+    model = models.get_model(t.model, num_classes=getattr(ds, "num_classes", None))
     gns_method = ml_collections.ConfigDict({"gns_method": noise.method})
     method = train.resolve_gns_method(gns_method, model)
     rng = jax.random.PRNGKey(t.seed) if models.uses_dropout(model) else None
@@ -468,8 +477,8 @@ def step_times(rows: list[dict]) -> dict[int, float]:
 
 def training_config(config, batch_size: int, b_noise: float, seed_offset=0) -> tuple[Any, str]:
     """The training config at ``batch_size`` (without :data:`experiments.rules.NOT_TRAINING`;
-    the scaled learning rate, ``config.tradeoff``'s target and caps, seed ``seed +
-    seed_offset``) and the learning-rate rule in words."""
+    the scaled learning rate, ``config.tradeoff``'s target as the task's target field and its
+    caps, seed ``seed + seed_offset``) and the learning-rate rule in words."""
     tr = config.tradeoff
     lr, rule = scaling.learning_rate(
         config.optimizer, config.learning_rate, config.batch_size, batch_size, b_noise
@@ -480,19 +489,25 @@ def training_config(config, batch_size: int, b_noise: float, seed_offset=0) -> t
     eval_every = max(1, round(tr.eval_every_examples / batch_size))
     cfg.update(batch_size=int(batch_size), learning_rate=float(lr), num_epochs=None)
     cfg.update(seed=int(config.seed) + int(seed_offset), num_steps=tr.max_steps)
-    cfg.update(max_wall_time_s=tr.max_wall_time_s, target_accuracy=tr.target_accuracy)
+    cfg.update(max_wall_time_s=tr.max_wall_time_s)
+    cfg[tasks.get(config).target_field] = tr.target
     cfg.update(eval_every=eval_every, log_every=eval_every)
     return cfg, rule
 
 
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     """Train ``cfg`` to its target: steps and wall-clock time to it (``None`` if missed) and
-    the test-accuracy curve."""
+    the curve of the task's metric on the test data."""
     summary = train.train_and_evaluate(cfg, workdir)
     rows = runlog.read_jsonl(os.path.join(workdir, runlog.METRICS_FILE))
-    evals = [r for r in rows if "test_accuracy" in r]
+    task = tasks.get(cfg)
+    metric = f"test_{task.metric}"
+    evals = [r for r in rows if metric in r]
     steps = tradeoff.steps_to_target(
-        [r["step"] for r in evals], [r["test_accuracy"] for r in evals], cfg.target_accuracy
+        [r["step"] for r in evals],
+        [r[metric] for r in evals],
+        cfg[task.target_field],
+        higher_is_better=not task.lower_is_better,
     )
     return {
         "batch_size": int(cfg.batch_size),
@@ -509,7 +524,7 @@ def run_training(cfg, workdir: str, lr_rule: str) -> dict:
         "wall_time_s": summary.get("wall_time_s"),
         "final_test_accuracy": summary.get("test_accuracy"),
         "best_test_accuracy": summary.get("best_test_accuracy"),
-        "curve": [[r["step"], r["test_accuracy"]] for r in evals],
+        "curve": [[r["step"], r[metric]] for r in evals],
     }
 
 
@@ -983,4 +998,4 @@ if __name__ == "__main__":  # the flags: only when this module is the main progr
         "config", None, "Config file, e.g. configs/sweep.py:smoke.", lock_config=True
     )
     flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main, "configs/sweep.py", rules.describer("sweep"))
+    cli.run(main, "configs/sweep.py", rules.describer(tasks.table))

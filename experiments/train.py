@@ -36,12 +36,14 @@ PyTree = Any
 
 SUMMARY_FILE = "summary.json"
 # Fields that do not change what a run computes, so a resume may change them (run_identity);
-# adaptive.timing_*: how the candidates are timed, not the schedule.
+# adaptive.timing_*: how the candidates are timed, not the schedule; start_from: where the
+# first state was read (a resume reads its own checkpoint; a moved workdir moves the pilot).
 NOT_IDENTITY = (
     *rules.NOT_TRAINING,
     *"""log_every checkpoint_every progress_bar plots max_wall_time_s eval_batch_size
     divergence_factor data.cache_dir data.tfds_data_dir data.url data.md5 data.on_device
-    distributed step_time_repeats adaptive.timing_warmup adaptive.timing_rounds""".split(),
+    distributed step_time_repeats adaptive.timing_warmup adaptive.timing_rounds
+    start_from""".split(),
 )
 
 
@@ -68,9 +70,9 @@ class TrainState(NamedTuple):
 def validate_config(config) -> None:
     """Check every field :func:`train_and_evaluate` reads (:mod:`experiments.rules`, with
     the device count) before anything is written."""
-    kind = tasks.get(config).name
-    rules.check(config, kind)  # every field, num_devices included, then the mesh's size
-    rules.check(config, kind, mesh_lib.make_mesh(config.num_devices).size)
+    table = tasks.table(config)
+    rules.check(config, table)  # every field, num_devices included, then the mesh's size
+    rules.check(config, table, mesh_lib.make_mesh(config.num_devices).size)
     if adaptive.enabled(config):  # the schedule builds and has a starting rate
         adaptive.initial_state(config)
 
@@ -450,6 +452,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             log.clock.charge("pause")
             state, meta = ckpt.restore(setup.state, check=log.check_meta)
             log.resume(0 if state is None else int(state.step), meta)
+            if state is not None:
+                logging.info("Resuming %s from its checkpoint of step %d.", workdir, log.step)
             log.write_config(config_dict)
             if state is None and config.get("start_from"):
                 state = start_from_pilot(config, setup, log)
@@ -656,7 +660,7 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
             step=row["step"],
             loss=f"{row['train_loss']:.3f}",
             B_simple=b_simple,
-            **{"examples/s": f"{row['examples_per_s']:.0f}"},
+            **{"last-step examples/s": f"{row['examples_per_s']:.0f}"},
         )
         return state, row
 

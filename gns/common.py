@@ -15,8 +15,9 @@ common``) without a cycle.
   and the microbatch gradients on them, :func:`microbatch_sums`;
 * the per-example gradients by ``jax.vmap`` that every fallback uses: :func:`grad_fn`,
   :func:`vmap_sums`;
-* argument checks: :func:`is_real`, :func:`check_int`, :func:`check_positive`, :func:`check_confidence`,
-  :func:`check_resamples`, :func:`check_batch_size`, :func:`check_step_times`;
+* argument checks: :func:`is_real`, :func:`check_int`, :func:`check_positive`,
+  :func:`check_confidence`, :func:`check_resamples`, :func:`check_batch_size`,
+  :func:`check_step_times`;
 * :func:`to_json`: results as strict-JSON-able values (every JSON file of the project);
 * the one noise-scale ratio, :func:`noise_scale_ratio`, for NumPy and JAX arrays alike, and
   the percentile step of every bootstrap here, :func:`percentile_interval`.

@@ -1,7 +1,7 @@
 """The critical batch along the path to the target: from the pilot's noise-scale trajectory, and
 measured directly by short branched runs from the pilot's checkpoints.
 
-McCandlish's tradeoff holds locally (DESIGN.md section 7): a stretch of training that needs
+McCandlish's tradeoff holds locally (McCandlish et al. 2018): a stretch of training that needs
 ``ΔS_min`` steps at an infinite batch needs ``ΔS_min (1 + B_noise/B)`` steps at batch ``B``.
 Summed over the path to the target::
 
@@ -320,7 +320,7 @@ def effective_noise_scale(
     With ``ΔS_min,i = ΔS_ref,i / (1 + B_noise,i/B_ref)``: ``S_min = Σ ΔS_min,i``,
     ``E_min = Σ ΔS_min,i B_noise,i`` and the value ``E_min / S_min``, which is what
     ``S(B) = S_min (1 + B_noise/B)`` needs to predict the steps to the target at any ``B``
-    (DESIGN.md section 7; ``docs/critical-batch.md``).
+    (``docs/critical-batch.md``).
 
     Interval: a two-stage percentile bootstrap. Each resample draws the points iid with
     replacement (the ratio estimator ``Σ e_i / Σ s_i`` over resampled points) and, when the
@@ -357,7 +357,7 @@ def effective_noise_scale(
       >>> round(r.value, 1), round(r.s_min, 1), r.basis   # weights 50 and 25 steps
       (166.7, 75.0, 'trajectory')
 
-    Reference: McCandlish et al. (2018), eq. 2.11 applied piecewise (DESIGN.md section 7).
+    Reference: McCandlish et al. (2018), eq. 2.11 applied piecewise.
     """
     points = (delta_steps, b_noise, ref_batch_size, low, high)
     return _effective(points, (point_confidence, confidence, num_resamples, seed), branched=False)
@@ -900,14 +900,7 @@ def branched_critical_batch(
     if template is not None:
         check_state(state, template, name=checkpoint_name)
 
-    start = np.atleast_1d(np.asarray(eval_fn(state), np.float64))
-    if not np.all(np.isfinite(start)):
-        bad = int(np.sum(~np.isfinite(start)))
-        raise ValueError(
-            f"the held-out loss of {checkpoint_name} is not finite ({bad} of {start.size} "
-            "values): no fork can be read against it. Check the checkpoint's parameters and "
-            "eval_fn's batch (a diverged pilot, or an example the model cannot score)."
-        )
+    start = _start_losses(state, eval_fn, checkpoint_name)
     ruler_steps = _ruler_points(num_examples // sizes[0], num_ruler_points)
     forks = (make_step, batch_fn, eval_fn, jit)
     shape = (num_repeats, len(ruler_steps) + len(sizes) - 1, start.size)
@@ -958,6 +951,19 @@ def branched_critical_batch(
         resolved=resolved,
         excluded=tuple(excluded.items()),
     )
+
+
+def _start_losses(state, eval_fn, checkpoint_name: str) -> np.ndarray:
+    """The held-out losses at the checkpoint (a vector), all finite: a ``ValueError`` else."""
+    start = np.atleast_1d(np.asarray(eval_fn(state), np.float64))
+    if not np.all(np.isfinite(start)):
+        bad = int(np.sum(~np.isfinite(start)))
+        raise ValueError(
+            f"the held-out loss of {checkpoint_name} is not finite ({bad} of {start.size} "
+            "values): no fork can be read against it. Check the checkpoint's parameters and "
+            "eval_fn's batch (a diverged pilot, or an example the model cannot score)."
+        )
+    return start
 
 
 def _fork_losses(state, forks, sizes, mults, ruler_steps, num_examples, shape):

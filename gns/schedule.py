@@ -343,8 +343,8 @@ def batch_size_schedule(
     (:func:`gns.smoothing.ema`: smoothed ``trace_cov``/``g_sq``, ``+inf`` when the smoothed
     ``g_sq <= 0``, ``nan`` before any finite step), or the local critical batch of a branched
     measurement (Merrill et al. 2025). ``B_simple`` can be several times smaller than the
-    critical batch with Adam (DESIGN.md section 7): scale it before passing it if you have the
-    ratio.
+    critical batch with Adam (``docs/critical-batch.md``): scale it before passing it if you
+    have the ratio.
 
     Args:
       step_time: measured seconds per step ``{batch_size: seconds}`` at batch sizes that fit;

@@ -35,9 +35,10 @@ MISTAKES = {
     "field": ([SMOKE, "--config.nosuchfield=1"], ["unknown config field --config.nosuchfield"]),
     "nested_field": ([SMOKE, "--config.data.sourse=x"],
                      ["--config.data.sourse", "did you mean 'source'"]),
-    "value": ([SMOKE, "--config.batch_size=abc"], ["--config.batch_size=abc"]),
+    "value": ([SMOKE, "--config.batch_size=abc"],
+              ["--config.batch_size=abc", "hint: see --help for the config's fields"]),
     "mode": ([SMOKE, "--config.mode=trian"], ["config.mode='trian'", "train"]),
-    "flag": ([SMOKE, "--nosuchflag"], ["nosuchflag"]),
+    "flag": ([SMOKE, "--nosuchflag"], ["nosuchflag", "hint: see --help for this command's"]),
 }  # fmt: skip
 
 
@@ -152,7 +153,10 @@ def test_write_faults_anywhere_are_one_line(capsys, fault, needle):
     with pytest.raises(SystemExit) as e:
         cli.main(main)(["x"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == cli.EXIT_USER_ERROR and len(err) == 1 and needle in err[0], err
+    assert e.value.code == cli.EXIT_USER_ERROR and needle in err[0], err
+    # One line and the fix (the device's memory is not the disk: its line says the fix).
+    hint = [] if cli.out_of_memory(fault) else ["hint: "]
+    assert [line[:6] for line in err[1:]] == hint, err
 
 
 @pytest.mark.parametrize("fault, needle", WRITE_FAULTS[2:5], ids=["full", "shutdown", "denied"])
@@ -162,6 +166,7 @@ def test_checkpoint_write_faults_are_user_errors(tmp_path, monkeypatch, fault, n
     import orbax.checkpoint as ocp
 
     def failing_save(self, *args, **kwargs):
+        os.makedirs(os.path.join(ckpt.directory, "1.orbax-checkpoint-tmp", "state"))
         raise fault
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
@@ -170,6 +175,7 @@ def test_checkpoint_write_faults_are_user_errors(tmp_path, monkeypatch, fault, n
         ckpt.save(1, {"x": np.zeros(2)}, {})
     assert needle in str(e.value) and "step 1" in str(e.value) and "--workdir" in e.value.hint
     assert ckpt.latest_step() is None
+    assert os.listdir(ckpt.directory) == []  # the half-written step is not left behind
 
 
 def test_bugs_that_mention_no_fault_keep_their_traceback():

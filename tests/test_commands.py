@@ -17,7 +17,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import rules
+from experiments import rules, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
@@ -69,7 +69,8 @@ def test_printed_command_has_a_valid_config(command, monkeypatch):
     flags.DEFINE_string("workdir", None, "", flag_values=values)
     values(sys.argv)
     devices = int(re.search(r"device_count=(\d+)", env.get("XLA_FLAGS", "device_count=1")).group(1))
-    rules.check(values.config, module.split(".")[1], devices)
+    bench = module == "experiments.bench"
+    rules.check(values.config, rules.BENCH_TABLE if bench else tasks.table(values.config), devices)
 
 
 @pytest.mark.parametrize("smoke", ["0", "1"])

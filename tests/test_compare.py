@@ -3,6 +3,7 @@ accuracy and the verdict on fake results, the recommendation check on fake timin
 modes on the smoke settings with a tiny MLP on synthetic data (the compare mode through
 ``make demo`` is in tests/test_demo.py)."""
 
+import copy
 import json
 import math
 import os
@@ -474,6 +475,21 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
         assert name.startswith(f"{r['policy']}-B") and name.endswith(f"-seed{r['seed']}")
         assert sizes is None or name == f"{r['policy']}-B{sizes}-seed{r['seed']}"
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(r["workdir"]))
+    _a_moved_compare_resumes_and_a_changed_one_stops_before_writing(c, s, workdir)
+
+
+def _a_moved_compare_resumes_and_a_changed_one_stops_before_writing(c, s, workdir):
+    moved = workdir + "-moved"
+    shutil.move(workdir, moved)  # the pilot the recommended runs started from moves with it
+    config_json = os.path.join(moved, "config.json")
+    before = open(config_json).read()
+    changed = copy.deepcopy(c)
+    changed.compare.baseline_learning_rate = 0.5
+    with pytest.raises(UserError, match=r"other training fields: learning_rate: 0.003 -> 0.5"):
+        cifar10.run(changed, moved)
+    assert open(config_json).read() == before
+    again = cifar10.run(c, moved)  # every run already complete: the same results
+    assert [r["steps"] for r in again["runs"]] == [r["steps"] for r in s["runs"]]
 
 
 def _row(b, t, fits=True, reason=""):

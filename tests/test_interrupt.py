@@ -86,11 +86,11 @@ def test_sigint_at_random_moments_exits_130_with_one_line_and_resumes(tmp_path):
     # Each delay counts from the main's first lines (wait_for_cpu): before them Python's own
     # start-up has only its default handler.
     delays = [*rng.uniform(0.3, 1.0, 2), *rng.uniform(1.0, 4.0, 2)]
-    for delay in delays:
+    for i, delay in enumerate(delays):  # SIGTERM (a scheduler's time limit) as Ctrl-C
         proc = launch(workdir)
         wait_for_cpu(proc.pid, STARTUP_CPU_S)
         time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal((signal.SIGINT, signal.SIGTERM)[i % 2])
         out, err = proc.communicate(timeout=60)
         if proc.returncode == 0:  # it finished first (a fast machine): nothing to interrupt
             continue
@@ -104,18 +104,20 @@ def test_sigint_at_random_moments_exits_130_with_one_line_and_resumes(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == NUM_STEPS  # each row once, in order
 
 
-def test_second_ctrl_c_in_the_loop_goes_to_the_mains_handler():
-    """Inside ``deferred_interrupt`` the first SIGINT only sets the flag; the second calls the
-    handler the block replaced (a main's :func:`interrupt.install`: exit 130 at once)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_second_ctrl_c_in_the_loop_goes_to_the_mains_handler(sig):
+    """Inside ``deferred_interrupt`` the first SIGINT or SIGTERM only sets the flag; the second
+    calls the handler the block replaced (a main's :func:`interrupt.install`: exit 130 at
+    once)."""
     calls = []
-    outer = signal.signal(signal.SIGINT, lambda n, f: calls.append(n))
+    outer = signal.signal(sig, lambda n, f: calls.append(n))
     try:
         with runlog.deferred_interrupt() as interrupted:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
             time.sleep(0.01)
             assert interrupted.is_set() and calls == []
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
             time.sleep(0.01)
-        assert calls == [signal.SIGINT]
+        assert calls == [sig]
     finally:
-        signal.signal(signal.SIGINT, outer)
+        signal.signal(sig, outer)

@@ -6,7 +6,10 @@ import logging
 import re
 import time
 
+import pytest
+
 from experiments import progress
+from experiments.cli import UserError
 
 
 def test_format_duration():
@@ -51,3 +54,14 @@ def test_stages_show_elapsed_without_a_rate():
     bar.update(2)
     assert re.fullmatch(r"sweep: throughput, 2/5 stages \(40%\), elapsed \S+", bar.line())
     bar.close()
+
+
+def test_the_interval_comes_from_the_environment_and_a_bad_one_is_named(monkeypatch):
+    monkeypatch.setenv("GNS_PROGRESS_EVERY_S", "0.5")
+    assert progress.interval_s() == 0.5
+    monkeypatch.delenv("GNS_PROGRESS_EVERY_S")
+    assert progress.interval_s() == progress.EVERY_S
+    for bad in ("abc", "-1", "inf"):
+        monkeypatch.setenv("GNS_PROGRESS_EVERY_S", bad)
+        with pytest.raises(UserError, match=f"GNS_PROGRESS_EVERY_S='{bad}' is not a number"):
+            progress.Progress(3, desc="x", unit="steps", stream=io.StringIO())

@@ -164,8 +164,23 @@ def test_the_gns_command_lists_its_subcommands_and_maps_them_to_the_experiments(
     assert listed == list(gns_command.COMMANDS)
     module, argv = gns_command.command_line("demo", ["--config.seed=1"], root="/r")
     assert module == "experiments.cifar10"
-    assert argv == ["gns demo", "--config=/r/configs/cifar10.py:cpu", "--config.mode=compare",
-                    "--workdir=runs/demo", "--config.seed=1"]  # fmt: skip
+    assert argv == ["gns demo", "--config=/r/configs/cifar10.py:demo", "--config.seed=1",
+                    "--config.mode=compare", "--workdir=runs/demo"]  # fmt: skip
+    # The user's --config (either form) comes before the defaults that override its fields.
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments", "demo", "--config", "configs/teacher.py:smoke",
+         "--print_config"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["mode"] == "compare"
     for name, (module, config, *_) in gns_command.COMMANDS.items():
         assert (ROOT / config.split(":")[0]).is_file(), name
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), name
+
+
+def test_the_readme_lists_every_variant_of_every_config():
+    start = README.read_text().index("Configs are `ml_collections` files with variants")
+    listed = dict(re.findall(r"`configs/(\w+)\.py:([\w|]+)`", README.read_text()[start:][:600]))
+    for name in ("cifar10", "sweep", "lm", "teacher", "bench"):
+        config = importlib.import_module(f"configs.{name}")
+        assert listed[name].split("|") == list(config.VARIANTS), name

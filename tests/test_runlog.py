@@ -273,7 +273,8 @@ def test_a_resume_on_another_number_of_devices_is_refused(tmp_path):
     runlog.RunLog(str(tmp_path), devices=1).resume(1, meta)  # same count: resumes
     with pytest.raises(UserError, match="devices: 1 -> 4") as e:
         runlog.RunLog(str(tmp_path), devices=4).resume(1, meta)
-    assert "--config.num_devices=1" in e.value.hint
+    assert "on 1 device(s) with config.num_devices as it was" in e.value.hint
+    assert "--xla_force_host_platform_device_count=1" in e.value.hint
     meta.pop("devices")  # a checkpoint that predates the field: not checked
     assert runlog.RunLog(str(tmp_path), devices=4).resume(1, meta) == []
 
@@ -289,3 +290,17 @@ def test_a_resume_on_other_data_is_refused_naming_the_field(tmp_path):
     assert "kind" not in str(e.value) and "another --workdir" in e.value.hint
     again.data = dict(first.data)
     again.resume(0, meta)  # the same data: resumes
+
+
+def test_the_mains_log_filter_keeps_library_warnings_and_drops_a_write_faults_tracebacks():
+    def kept(path, level, message):
+        record = logging.LogRecord("x", level, path, 1, message, None, None)
+        return runlog.QuietLibraries().filter(record)
+
+    orbax = "/site-packages/orbax/checkpoint/_src/futures/future.py"
+    full = "raised an exception: RESOURCE_EXHAUSTED: Error writing local file: No space left"
+    assert not kept(orbax, logging.ERROR, full)  # Checkpoints.save says it in one line
+    assert kept(orbax, logging.ERROR, "raised an exception: shapes differ")  # a bug: shown
+    assert not kept(orbax, logging.INFO, "Saving checkpoint")
+    assert kept(orbax, logging.WARNING, "a deprecation")
+    assert kept("/work/experiments/train.py", logging.INFO, "Compiling")

@@ -48,7 +48,7 @@ SMALL = {
     "data.synthetic.image_size": 8,
     "throughput.max_batch_size": 128,
     "throughput.memory_budget_bytes": 98_000,
-    "tradeoff.target_accuracy": 0.9,
+    "tradeoff.target": 0.9,
 }
 SMALL_FLAGS = [f"--config.{field}={value}" for field, value in SMALL.items()]
 
@@ -402,7 +402,7 @@ def test_fork_steps_share_one_compiled_step_with_the_baked_rates_numbers():
 def test_trainings_and_fit_match_the_runs_on_disk(smoke_run):
     config, workdir, s = smoke_run
     t = s["tradeoff"]
-    target = config.tradeoff.target_accuracy
+    target = config.tradeoff.target
     base_lr, base_b = config.learning_rate, config.batch_size
     assert [p["batch_size"] for p in t["points"]] == list(config.tradeoff.batch_sizes)
     for p in t["points"]:
@@ -643,7 +643,7 @@ def _fps(config):
         ("noise.confidence", 0.8, {"noise_scale"}),
         ("throughput.repeats", 9, {"throughput"}),
         ("tradeoff.batch_sizes", (8, 16), {"throughput"}),
-        ("tradeoff.target_accuracy", 0.3, {"trainings"}),
+        ("tradeoff.target", 0.3, {"trainings"}),
         ("eval_examples", 128, {"trainings"}),
         # Read by two or all three.
         ("critical.num_repeats", 3, {"critical_batch"}),
@@ -755,9 +755,9 @@ def test_validate_config_names_the_field():
                        "max_batch_size=256: throughput.min_batch_size must be <="):  # fmt: skip
         sweep.validate_config(config)
     config = sweep_config.get_config("smoke")
-    config.tradeoff.target_accuracy = 1.5
-    with pytest.raises(UserError, match=r"config.tradeoff.target_accuracy=1.5 must be a number "
-                       r"in \(0, 1\]") as e:  # fmt: skip
+    config.tradeoff.target = 1.5
+    with pytest.raises(UserError, match=r"config.tradeoff.target=1.5: the trainings run to it "
+                       r"as target_accuracy: a number in \[0, 1\]") as e:  # fmt: skip
         sweep.validate_config(config)
     assert "\n" not in str(e.value)  # the command line prints it as one line
 

@@ -3,6 +3,8 @@ task's evaluation batches, the loss, and the synthetic teacher-student task end 
 (configs/teacher.py through experiments.train, on a CPU in seconds)."""
 
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import teacher as teacher_config
-from experiments import data, rules, tasks, train
+from experiments import data, rules, run, runlog, tasks, train
 from experiments.cli import UserError
 from experiments.tasks import teacher
 
@@ -35,8 +37,15 @@ def test_registry_names_keys_and_errors():
     assert tasks.get(ml_collections.ConfigDict({"seed": 0})) is tasks.IMAGE  # no task field
     assert len({t.keys[0] for t in tasks.TASKS.values()}) == len(tasks.TASKS)  # split_batch
     assert tasks.split_batch({"features": 1, "label": 2}) == (1, 2)
-    with pytest.raises(UserError, match="config.task='speech'"):
+    with pytest.raises(UserError, match="config.task='speech'.*no module experiments/tasks/"):
         tasks.get(ml_collections.ConfigDict({"task": "speech"}))
+    # Another task's config with this task's name: the fields the task reads are missing.
+    from configs import lm as lm_config
+
+    config = lm_config.get_config("smoke")
+    config.task, config.model.name = "teacher", "mlp"
+    with pytest.raises(UserError, match=r"'teacher' task reads config.target_accuracy \(and"):
+        rules.check(config, tasks.table(config))
 
 
 @pytest.mark.parametrize("name", ["cifar10", "lm", "teacher"])
@@ -122,16 +131,15 @@ def test_teacher_data_is_a_function_of_its_seed_with_closed_form_limits():
 @pytest.mark.parametrize("variant", teacher_config.VARIANTS)
 def test_teacher_config_passes_and_documents_every_field(variant):
     config = teacher_config.get_config(variant)
-    for kind in ("cifar10", "teacher"):  # the entry point's check, then the training's
-        rules.check(config, kind)
-        lines = rules.describe(config, kind, teacher_config.__file__)
-        assert not [ln for ln in lines if "(no rule)" in ln or "(no comment)" in ln]
+    rules.check(config, tasks.table(config))
+    lines = rules.describe(config, tasks.table(config), teacher_config.__file__)
+    assert not [ln for ln in lines if "(no rule)" in ln or "(no comment)" in ln]
     config.mode = "compare"
-    with pytest.raises(UserError, match="trains only"):
-        rules.check(config, "cifar10")
+    with pytest.raises(UserError, match="not available for the 'teacher' task"):
+        run.check_mode(config)
     config.mode, config.data.scale = "train", 0.0
     with pytest.raises(UserError, match=r"data\.scale=0\.0"):
-        rules.check(config, "cifar10")
+        rules.check(config, tasks.table(config))
 
 
 @pytest.mark.timeout(60)
@@ -165,3 +173,86 @@ def test_training_and_evaluation_use_the_tasks_loss():
         evaluated = setup.evaluate(state, t.eval_arrays(config, ds, "test", None))
         out.append((float(metrics["train_loss"]), float(evaluated["loss"])))
     np.testing.assert_allclose(np.array(out[1]), 3.0 * np.array(out[0]), rtol=1e-5)
+
+
+# A task that is not in the repository: a noisy regression with a loss as its metric (lower is
+# better), written as README's "Adding a task" says: this module and a config.
+SINREG = '''
+"""y = sin(2x) + N(0, noise^2): a regression with the squared error as its loss and metric."""
+import hashlib
+import numpy as np
+from experiments import data
+from experiments.rules import choice, count, real, tuple_of
+from experiments.tasks.base import Task, split_subset
+
+def load(config):
+    rng = np.random.default_rng(config.data.seed)
+    def split(n):
+        x = rng.uniform(-2, 2, (n, 1)).astype(np.float32)
+        noise = config.data.noise * rng.normal(size=n)
+        return {"x": x, "y": (np.sin(2 * x[:, 0]) + noise).astype(np.float32)}
+    return {"train": split(config.data.num_train), "test": split(256)}
+
+TASK = Task(
+    name="sinreg", keys=("x", "y"), metric="mse", lower_is_better=True, target_field="target_mse",
+    load=load, num_train=lambda ds: len(ds["train"]["y"]),
+    input_spec=lambda ds: ((1,), np.float32),
+    batch=lambda config, ds, size, start: {k: v[data.train_draws(config.seed, size,
+        len(ds["train"]["y"]), start_example=start)[0]] for k, v in ds["train"].items()},
+    eval_arrays=lambda config, ds, split, n: split_subset(ds["train"], ds["test"], split, n),
+    describe=lambda ds: {"fingerprint": hashlib.sha256(ds["train"]["x"].tobytes()).hexdigest()},
+    loss=lambda out, y: (out[:, 0] - y) ** 2,
+    metrics=lambda result: {"mse": result["loss"]},
+    fields=(("task", choice("sinreg")), ("target_mse", real(0, open_lo=True).or_none),
+            ("model.name", choice("mlp")), ("model.widths", tuple_of(count(1))),
+            ("model.num_classes", count(1)), ("data.seed", count(0)),
+            ("data.noise", real(0)), ("data.num_train", count(16))),
+)
+'''
+
+
+def sinreg_config():
+    from configs import common
+
+    c = common.training()
+    c.task, c.target_mse = "sinreg", 0.2
+    c.update(batch_size=16, learning_rate=1e-2, num_steps=300, eval_every=25, eval_examples=256)
+    c.update(checkpoint_every=0, progress_bar=False, plots=False)
+    c.model = ml_collections.ConfigDict({"name": "mlp", "widths": (32,), "num_classes": 1})
+    c.data = ml_collections.ConfigDict({"seed": 0, "noise": 0.3, "num_train": 2048})
+    return c
+
+
+@pytest.mark.timeout(240)
+def test_a_new_task_is_a_module_and_a_config_and_the_sweep_runs_it_to_its_own_target(
+    tmp_path, monkeypatch
+):
+    from configs import common
+    from experiments import sweep
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "sinreg.py").write_text(SINREG)
+    monkeypatch.setattr(tasks, "__path__", [*tasks.__path__, str(tmp_path / "pkg")])
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))
+    monkeypatch.delitem(sys.modules, "experiments.tasks.sinreg", raising=False)
+    config = sinreg_config()
+    assert tasks.get(config).name == "sinreg"  # found by its name, nothing registered by hand
+    bad = sinreg_config()
+    bad.data.noise = -1.0
+    with pytest.raises(UserError, match=r"config.data.noise=-1.0 must be a finite number >= 0"):
+        train.validate_config(bad)  # its own rows, beside the training fields'
+    summary = train.train_and_evaluate(config, str(tmp_path / "train"))
+    assert summary["stop_reason"] == "target_mse" and summary["test_mse"] <= 0.2
+    # The sweep: measured on the task, its trainings run to tradeoff.target as target_mse.
+    c = common.measurement(sinreg_config())
+    c.update(schedule="constant", gns_every=0)
+    c.noise.update(warmup_steps=5, batch_size=32, num_batches=4, pilot_steps=40)
+    c.critical.num_checkpoints = 0
+    c.throughput.update(min_batch_size=8, max_batch_size=64, warmup=1, repeats=2)
+    c.tradeoff.update(batch_sizes=(16, 32), target=0.2, max_steps=300, eval_every_examples=400)
+    result = sweep.run_sweep(c, str(tmp_path / "sweep"))
+    points = result["tradeoff"]["points"]
+    assert [p["batch_size"] for p in points] == [16, 32] and all(p["reached"] for p in points)
+    for p in points:  # the first evaluation at or below the target: lower is better
+        rows = runlog.read_jsonl(os.path.join(p["workdir"], runlog.METRICS_FILE))
+        assert p["steps"] == next(r["step"] for r in rows if r.get("test_mse", 1) <= 0.2)

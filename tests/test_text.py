@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import lm
-from experiments import rules
+from experiments import rules, tasks
 from experiments.cli import UserError
 from experiments.tasks import text
 
@@ -252,8 +252,8 @@ def test_config_variants(variant):
     c = lm.get_config(variant)
     assert c.model.name == "transformer" and c.model.vocab_size == text.VOCAB_SIZE
     assert c.model.width % c.model.num_heads == 0
-    rules.check(c, "lm")
-    lines = rules.describe(c, "lm", lm.__file__)
+    rules.check(c, tasks.table(c))
+    lines = rules.describe(c, tasks.table(c), lm.__file__)
     assert not [ln for ln in lines if "(no rule)" in ln or "(no comment)" in ln]
     assert f"configs/lm.py:{variant}" in getattr(lm, variant).__doc__
     assert "compare" not in c  # the language model trains only

@@ -747,6 +747,9 @@ def test_adaptive_fields_of_the_variants_and_the_identity():
     relative = copy.deepcopy(config)
     relative["data"]["path"] = "data.tar.gz"
     assert train.run_identity(config) == train.run_identity(relative)
+    # A compare workdir moved elsewhere moves its pilot: start_from is not the run's identity.
+    moved = copy.deepcopy(config) | {"start_from": "/elsewhere/sweep/pilot"}
+    assert train.run_identity(moved) == train.run_identity(config | {"start_from": "/a/pilot"})
     assert run.check_mode(tiny_config(mode="adaptive")) == "adaptive"
 
 

@@ -57,6 +57,11 @@ class Task(NamedTuple):
     # step_batches(config, ds, batch_size, start_step): a stream by steps (epoch tails dropped)
     # that train_batches yields instead of the example stream
     step_batches: Callable | None = None
+    # The rows (field, experiments.rules.Kind) of the task's own config fields, and its rules
+    # between fields (experiments.rules.cross): rules.task_table adds the training fields'.
+    fields: tuple = ()
+    cross: tuple = ()
+    modes: tuple[str, ...] = ("train",)  # config.mode values it runs (compare needs images)
 
     def score(self, value: float | None) -> float | None:
         """``value`` of :attr:`metric` as a higher-is-better score, as

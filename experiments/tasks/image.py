@@ -9,7 +9,87 @@ from collections.abc import Iterator
 import numpy as np
 
 from experiments import data
+from experiments.rules import (
+    FLAG,
+    GROUPS,
+    LR_RULES,
+    MODEL_NAMES,
+    MODES,
+    TEXT,
+    at_most,
+    choice,
+    count,
+    cross,
+    real,
+    tuple_of,
+)
 from experiments.tasks.base import Task, padded_batches, split_subset
+
+# The rows of this task's config fields (experiments.rules): target, adaptive schedule, model,
+# data.
+FIELDS = (
+    ("target_accuracy", real(0, 1).or_none),
+    ("adaptive.enabled", FLAG),
+    ("adaptive.candidates", tuple_of(count(2), increasing=True).or_none),
+    ("adaptive.min_batch_size", count(2)),
+    ("adaptive.max_batch_size", count(2)),
+    ("adaptive.initial_batch_size", count(2).or_none),
+    ("adaptive.initial_noise_scale", real(0, open_lo=True).or_none),
+    ("adaptive.step_times", tuple_of(real(0, open_lo=True)).or_none),
+    ("adaptive.lr_rule", choice(*LR_RULES)),
+    ("adaptive.margin", real(0)),
+    ("adaptive.patience", count(1)),
+    ("adaptive.allow_shrink", FLAG),
+    ("adaptive.noise_scale_factor", real(0, open_lo=True)),
+    ("adaptive.eval_every_examples", count(1).or_none),
+    ("adaptive.timing_warmup", count(0)),
+    ("adaptive.timing_rounds", count(1)),
+    ("model.name", choice(*(m for m in MODEL_NAMES if m != "transformer"))),
+    ("model.widths", tuple_of(count(1))),
+    ("model.groups", count(1)),
+    ("model.stage_sizes", tuple_of(count(1)).or_none),
+    ("model.num_filters", count(1).or_none),
+    ("model.width_coefficient", real(0, open_lo=True).or_none),
+    ("model.depth_coefficient", real(0, open_lo=True).or_none),
+    ("model.dropout_rate", real(0, 1, open_hi=True).or_none),
+    ("model.drop_connect_rate", real(0, 1, open_hi=True).or_none),
+    ("model.stem_strides", count(1).or_none),
+    ("data.source", choice("folder", "cifar10_binary", "tfds", "synthetic")),
+    ("data.name", TEXT),
+    ("data.path", TEXT.or_none),
+    ("data.cache_dir", TEXT.or_none),
+    ("data.tfds_data_dir", TEXT.or_none),
+    ("data.url", TEXT),
+    ("data.md5", TEXT.or_none),
+    ("data.num_train", count(1).or_none),
+    ("data.num_test", count(1).or_none),
+    ("data.augment", FLAG),
+    ("data.on_device", FLAG),
+    ("data.synthetic.image_size", count(4, hi=4096)),
+    ("data.synthetic.num_classes", count(2, hi=100_000)),
+    ("data.synthetic.seed", count(0)),
+)
+
+CROSS = (
+    cross(
+        ("data.num_train", "batch_size"),
+        lambda n, batch, d: n is None or n >= batch,
+        "a batch cannot be larger than the train subset",
+    ),
+    GROUPS,
+    cross(
+        ("data.source", "data.path"),
+        lambda s, p, d: s != "folder" or p is not None,
+        "data.source='folder' reads data.path",
+        "set --config.data.path=path/to/folder_or.tar.gz (laid out split/class/image.jpg)",
+    ),
+    at_most("adaptive.min_batch_size", "adaptive.max_batch_size"),
+    cross(
+        ("adaptive.enabled", "gns_every"),
+        lambda enabled, every, d: not enabled or every > 0,
+        "the batch-size schedule follows the measured noise scale: it needs gns_every > 0",
+    ),
+)
 
 
 def _eval_arrays(config, ds, split: str, n: int | None) -> dict:
@@ -41,4 +121,7 @@ TASK = Task(
     step_batches=lambda config, ds, batch_size, start_step: data.train_batches(
         ds, batch_size, seed=config.seed, start_step=start_step, augment=config.data.augment
     ),
+    fields=FIELDS,
+    cross=CROSS,
+    modes=MODES,
 )

@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from experiments import data
+from experiments.rules import choice, count, real, tuple_of
 from experiments.tasks.base import Task, split_subset
 
 _TEACHER_TAG = 0x74656163  # keeps the teacher's draw apart from the splits' ([seed, 1], [seed, 2])
@@ -68,6 +69,20 @@ def _batch(config, ds: TeacherData, size: int, start: int) -> dict:
     return {k: v[idx] for k, v in ds.train.items()}
 
 
+# The rows of this task's config fields (experiments.rules).
+FIELDS = (
+    ("task", choice("teacher")),
+    ("target_accuracy", real(0, 1).or_none),
+    ("model.name", choice("mlp")),
+    ("model.widths", tuple_of(count(1), empty=True)),
+    ("data.num_features", count(1, hi=65536)),
+    ("data.num_classes", count(2, hi=65536)),
+    ("data.num_train", count(1, hi=10**7)),
+    ("data.num_test", count(1, hi=10**7)),
+    ("data.scale", real(0, open_lo=True)),
+    ("data.seed", count(0)),
+)
+
 TASK = Task(
     name="teacher",
     keys=("features", "label"),
@@ -80,4 +95,5 @@ TASK = Task(
     batch=_batch,
     eval_arrays=lambda config, ds, split, n: split_subset(ds.train, ds.test, split, n),
     describe=describe,
+    fields=FIELDS,
 )

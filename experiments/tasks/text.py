@@ -21,6 +21,7 @@ from absl import logging
 
 from experiments import data
 from experiments.cli import UserError
+from experiments.rules import HEADS, TEXT, TRANSFORMER, choice, count, multiples, real, tuple_of
 from experiments.tasks.base import Task
 
 VOCAB_SIZE = 256
@@ -116,16 +117,15 @@ def load(cfg, *, context: int) -> TextDataset:
         python=platform.python_version(),
         python_implementation=platform.python_implementation(),
     )
-    logging.info(
-        "text corpus %s (%s): %d train bytes (%d files), %d test bytes (%d files), python %s",
-        where,
-        kind,
-        len(train),
-        len(train_files),
-        len(test),
-        len(test_files),
-        record["python"],
+    held_out = (
+        f"{len(train_files)} files), {len(test):,} test bytes ({len(test_files)} files)"
+        if split == "file"
+        else f"one file), {len(test):,} test bytes (its last {test_fraction:.0%})"
     )
+    logging.info(
+        "text corpus %s (%s): %s train bytes (%s, python %s",
+        where, kind, f"{len(train):,}", held_out, record["python"],
+    )  # fmt: skip
     return TextDataset(train, test, context, record, tuple(train_files), tuple(test_files))
 
 
@@ -277,6 +277,19 @@ def _eval_arrays(config, ds: TextDataset, split: str, n: int | None) -> dict:
     return train_batch(ds, 0, n, seed=config.seed)  # the first windows of training
 
 
+# The rows of this task's config fields (experiments.rules).
+FIELDS = (
+    ("task", choice("lm")),
+    ("target_bits_per_byte", real(0, open_lo=True).or_none),
+    ("final_eval_examples", count(1).or_none),
+    *TRANSFORMER,
+    ("model.vocab_size", count(256)),
+    ("data.path", TEXT.or_none),
+    ("data.max_bytes", count(2).or_none),
+    ("data.test_fraction", real(0, 1, open_lo=True, open_hi=True)),
+    ("data.extensions", tuple_of(TEXT, distinct=True).or_none),
+)
+
 TASK = Task(
     name="lm",
     keys=("tokens", "targets"),
@@ -290,4 +303,6 @@ TASK = Task(
     eval_arrays=_eval_arrays,
     describe=lambda ds: dict(ds.source),
     metrics=lambda result: {"bits_per_byte": bits_per_byte(result["loss"])},
+    fields=FIELDS,
+    cross=(multiples("model.width", "model.num_heads", HEADS),),
 )
