@@ -122,7 +122,8 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # factor x largest as gradient accumulation.
     c.throughput = ml_collections.ConfigDict()
     c.throughput.min_batch_size = 16  # smallest timed batch (powers of two up to max_batch_size)
-    c.throughput.max_batch_size = 1024  # largest timed batch
+    c.throughput.max_batch_size = 1024  # largest timed batch (a pick there: the next power
+    # of two is timed once more, gns.finder's widening)
     c.throughput.memory_budget_bytes = config_dict.placeholder(int)  # memory per device a
     # batch must fit in (None: the device's capacity, or half the free host RAM on CPU)
     c.throughput.warmup = 2  # untimed calls per batch size before the timed rounds

@@ -1,8 +1,11 @@
-"""The one table of config fields: each field's valid values, and the rules between fields.
+"""The rows of the config fields: each field's valid values, and the rules between fields.
 
-:func:`check` applies it before an entry point loads or writes anything (a bad value: one line
-and a ``hint:``). A config field without a row fails ``tests/test_config.py``; what a field
-means is its comment in ``configs/*.py``, which ``--help`` prints (:func:`describe`).
+Here the fields every training config has, the measurement and comparison fields and the
+bench's; a task's own fields are rows of its :class:`experiments.tasks.Task`, and
+:func:`task_table` puts them together. :func:`check` applies a table before an entry point
+loads or writes anything (a bad value: one line and a ``hint:``). A config field without a row
+fails ``tests/test_config.py``; what a field means is its comment in ``configs/*.py``, which
+``--help`` prints (:func:`describe`).
 """
 
 from __future__ import annotations

@@ -434,6 +434,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     task = tasks.get(config)
     primary = jax.process_index() == 0  # the one process that writes files
     ds = task.load(config)  # before the lock: a bad data source leaves the workdir untouched
+    setup = build_setup(config, ds, task)  # and so does a batch the data or devices cannot take
     kind = f"{task.name} training"
     lock = runlog.workdir_lock(workdir, kind) if primary else contextlib.nullcontext()
     with lock, runlog.Checkpoints(workdir) as ckpt:
@@ -447,7 +448,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         config_dict = config.to_dict()
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
         log.data = task.describe(ds)  # the content's identity, checked against the checkpoint
-        setup = build_setup(config, ds, task)
         with runlog.deferred_interrupt() as interrupted, contextlib.closing(log):
             log.clock.charge("pause")
             state, meta = ckpt.restore(setup.state, check=log.check_meta)

@@ -256,3 +256,18 @@ def test_a_new_task_is_a_module_and_a_config_and_the_sweep_runs_it_to_its_own_ta
     for p in points:  # the first evaluation at or below the target: lower is better
         rows = runlog.read_jsonl(os.path.join(p["workdir"], runlog.METRICS_FILE))
         assert p["steps"] == next(r["step"] for r in rows if r.get("test_mse", 1) <= 0.2)
+
+
+def test_batch_keys_need_both_keys_and_a_batch_the_data_cannot_take_writes_nothing(
+    tmp_path, monkeypatch
+):
+    # A task with the teacher's input key and a target of its own is told apart by both keys.
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))
+    tasks.TASKS["arms"] = tasks.TEACHER._replace(name="arms", keys=("features", "arm"))
+    assert tasks.batch_keys({"features": 1, "arm": 2}) == ("features", "arm")
+    assert tasks.batch_keys({"features": 1, "label": 2}) == ("features", "label")
+    config = teacher_config.smoke()
+    config.batch_size = 4096
+    with pytest.raises(UserError, match="larger than the 2048 train examples"):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()  # not claimed: another run may use it

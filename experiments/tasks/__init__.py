@@ -57,9 +57,9 @@ def table(config) -> tuple[tuple, tuple]:
 
 
 def batch_keys(batch: dict) -> tuple[str, str]:
-    """The ``(inputs, targets)`` keys of a batch of any task."""
+    """The ``(inputs, targets)`` keys of a batch of any task (both in ``batch``)."""
     for task in TASKS.values():
-        if task.keys[0] in batch:
+        if task.keys[0] in batch and task.keys[1] in batch:
             return task.keys
     keys = [task.keys for task in TASKS.values()]
     raise KeyError(f"a batch needs one of the key pairs {keys}, got {sorted(batch)}")
