@@ -115,7 +115,9 @@ def batch_size(batch: PyTree, argname: str = "batch") -> int:
             )
         sizes.setdefault(shape[0], []).append(leaf_name(path))
     if len(sizes) > 1:
-        desc = "; ".join(f"{n}: {', '.join(names)}" for n, names in sorted(sizes.items()))
+        desc = "; ".join(
+            f"{n} in leaf {', '.join(repr(x) for x in names)}" for n, names in sorted(sizes.items())
+        )
         raise ValueError(
             f"`{argname}` leaves have different leading (batch) sizes ({desc}): every leaf must "
             "hold the same number of examples along axis 0."

@@ -1563,7 +1563,17 @@ def resolve_lr_rule(lr_rule: str | None, optimizer_name: str | None, opt_state) 
             "lr_rule='sgd' (SGD, momentum, LARS: the noise-scale rule), 'sqrt' (Adam-family), "
             "'linear' or 'constant' (or optimizer_name='sgd', 'adam', ...)."
         )
+    if scaling.is_stateless(opt_state):
+        return rule, STATELESS
     return rule, "inferred from the optimizer state"
+
+
+# The rule's source when the optimizer state holds nothing to tell plain SGD from a sign or
+# normalized update (also a warning of the result).
+STATELESS = (
+    "assumed: the optimizer state holds no statistics, as plain SGD's; a sign or normalized "
+    "update (optax.scale_by_sign, fromage) wants lr_rule='sqrt', plain SGD lr_rule='sgd'"
+)
 
 
 def _check_batch_fn(get, ref: int, other: int):
@@ -2117,6 +2127,15 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
         warn.append(
             f"the search cost {seconds['overhead']:.3g} s beyond the pilot, over the budget of "
             f"{m.budget_s:.3g} s (compiling each candidate is not bounded: pass fewer candidates)"
+        )
+    if checked["rule_source"] == STATELESS:
+        warn.append(f"the learning-rate rule 'sgd' is {STATELESS}")
+    if a["learning_rate"] is None and _injected_rate(a["opt_state"]) is None:
+        warn.append(
+            f"learning_rate {rec.learning_rate:.4g} is relative: 1 is the rate of `optimizer` "
+            f"at batch {checked['ref']}, which its state does not hold; multiply it by that "
+            "rate (or pass learning_rate=, or build the optimizer with "
+            "optax.inject_hyperparams)"
         )
     rate = f" Learning rate by the {checked['rule']} rule ({checked['rule_source']})."
     rec = dataclasses.replace(rec, warnings=(*rec.warnings, *warn), reason=rec.reason + rate)

@@ -654,9 +654,11 @@ def _sum_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
         kept = {d for d, size in zip(dims, vshape, strict=True) if size == oshape[d]}
         sum_axes = tuple(d for d in range(len(oshape)) if d not in kept and d != bo)
         return {"kind": "sum", "x_pos": None, "sum_axes": sum_axes, "axis": bo}, ""
-    if len(vshape) != len(oshape):
+    if vshape and len(vshape) != len(oshape):
         return None, f"{e.primitive.name} broadcasting across ranks"
-    sum_axes = tuple(d for d in range(len(oshape)) if vshape[d] != oshape[d] and d != bo)
+    sum_axes = tuple(
+        d for d in range(len(oshape)) if d != bo and (not vshape or vshape[d] != oshape[d])
+    )
     x_pos = 1 - pos if e.primitive.name == "mul" else None
     return {"kind": "sum", "x_pos": x_pos, "sum_axes": sum_axes, "axis": bo}, ""
 

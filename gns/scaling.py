@@ -122,8 +122,10 @@ def infer_rule(opt_state) -> str | None:
 
     ``"sqrt"`` when the state holds a second-moment estimate (Adam, AdamW, LAMB, AMSGrad);
     ``"sgd"`` when it holds only momentum traces and stateless transforms (SGD, momentum,
-    LARS); ``None`` for anything else (Adafactor, Lion, RMSProp, a custom state...): pass the
-    rule.
+    LARS; also a stateless sign or normalized update, which has the state of plain SGD:
+    :func:`is_stateless` says when it is a guess); ``None`` for anything else (Adafactor, Lion,
+    RMSProp, ``optax.multi_transform``, whose parts may follow different rules, a custom
+    state...): pass the rule.
 
     Example:
       >>> import optax, jax.numpy as jnp
@@ -132,11 +134,26 @@ def infer_rule(opt_state) -> str | None:
       ('sqrt', 'sgd')
     """
     names = _state_names(opt_state, set())
+    if "PartitionState" in names:
+        return None
     if names & _ADAPTIVE_STATES:
         return "sqrt"
     if names <= _SGD_STATES and names:
         return "sgd"
     return None
+
+
+def is_stateless(opt_state) -> bool:
+    """Whether an optax state holds no statistics of the gradients (plain SGD; also a sign or
+    normalized update), so that :func:`infer_rule`'s ``"sgd"`` is a guess.
+
+    Example:
+      >>> import optax, jax.numpy as jnp
+      >>> w = jnp.zeros(3)
+      >>> is_stateless(optax.sgd(0.1).init(w)), is_stateless(optax.sgd(0.1, 0.9).init(w))
+      (True, False)
+    """
+    return _state_names(opt_state, set()) <= _SGD_STATES - {"TraceState", "ScaleByTrustRatioState"}
 
 
 # optax state classes that hold a first moment: an update averages about 1/(1-β) gradients.

@@ -442,6 +442,19 @@ def test_the_learning_rate_rule_is_read_from_the_optimizer_or_asked_for():
                       (optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), "sgd"),
                       (optax.adafactor(1e-3), None)]:  # fmt: skip
         assert scaling.infer_rule(opt.init(w)) == rule
+    parts = optax.multi_transform(
+        {"a": optax.adam(1e-3), "s": optax.sgd(0.1)}, {"x": "a", "y": "s"}
+    )
+    assert scaling.infer_rule(parts.init({"x": w, "y": w})) is None  # rules of their own
+    # Plain SGD and a sign update have the same (empty) state: the rule is a guess there.
+    sign = optax.chain(optax.scale_by_sign(), optax.scale(-0.1))
+    assert scaling.is_stateless(sign.init(w)) and scaling.is_stateless(optax.sgd(0.1).init(w))
+    assert not scaling.is_stateless(optax.sgd(0.1, momentum=0.9).init(w))
+    res = _find(optimizer=sign)  # the rate not given, nor in the state: a relative rate
+    assert any("rule 'sgd' is assumed" in x for x in res.warnings)
+    assert any(x.startswith("learning_rate") and "is relative" in x for x in res.warnings)
+    res = _find(optimizer=optax.sgd(0.01, momentum=0.9), learning_rate=0.01)
+    assert not any("assumed" in x or "is relative" in x for x in res.warnings)
     # An explicit rule or optimizer name wins over the state; an unreadable one is an error.
     assert finder.resolve_lr_rule("linear", None, optax.adam(1.0).init(w))[0] == "linear"
     assert finder.resolve_lr_rule(None, "momentum", optax.adam(1.0).init(w))[0] == "sgd"

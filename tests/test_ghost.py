@@ -803,6 +803,22 @@ def test_plain_jax_loss_is_covered_and_a_nonlinear_use_falls_back():
         ghost.select(nonlinear_loss, w, batch, method="ghost")
 
 
+def test_a_scalar_bias_and_temperature_are_covered_and_equal_vmap():
+    x = images((16, 5))
+    batch = (x, x @ jnp.full(5, 0.3))
+    params = {"w": jnp.full((5, 3), 0.1), "b": jnp.array(0.3), "t": jnp.array(1.5)}
+
+    def loss(p, b):  # a rank-0 bias (added, subtracted) and temperature (multiplied)
+        logits = (b[0] @ p["w"] + p["b"]) * p["t"]
+        return jnp.mean((jax.nn.logsumexp(logits, -1) - p["b"] - b[1]) ** 2)
+
+    the_plan = ghost.plan(loss, params, batch)
+    assert the_plan.fallback == () and "broadcasting across ranks" not in the_plan.describe()
+    fast, ref = (estimate.per_example(loss, params, batch, method=m)[0] for m in ("ghost", "vmap"))
+    for k in ("g_sq", "trace_cov"):
+        np.testing.assert_allclose(getattr(fast, k), getattr(ref, k), rtol=1e-5)
+
+
 class PartsModel(nn.Module):
     """Leaves assembled from parts: a weight-normalized kernel (two leaves), an embedding read
     as the output head and, scaled by ``exp(log_scale)``, as a bias."""
