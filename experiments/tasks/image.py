@@ -8,21 +8,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from experiments import data
-from experiments.rules import (
-    FLAG,
-    GROUPS,
-    LR_RULES,
-    MODEL_NAMES,
-    MODES,
-    TEXT,
-    at_most,
-    choice,
-    count,
-    cross,
-    real,
-    tuple_of,
-)
+from experiments import data, rules
+from experiments.rules import FLAG, TEXT, choice, count, real, tuple_of
 from experiments.tasks.base import Task, padded_batches, split_subset
 
 # The rows of this task's config fields (experiments.rules): target, adaptive schedule, model,
@@ -36,7 +23,7 @@ FIELDS = (
     ("adaptive.initial_batch_size", count(2).or_none),
     ("adaptive.initial_noise_scale", real(0, open_lo=True).or_none),
     ("adaptive.step_times", tuple_of(real(0, open_lo=True)).or_none),
-    ("adaptive.lr_rule", choice(*LR_RULES)),
+    ("adaptive.lr_rule", choice(*rules.LR_RULES)),
     ("adaptive.margin", real(0)),
     ("adaptive.patience", count(1)),
     ("adaptive.allow_shrink", FLAG),
@@ -44,7 +31,7 @@ FIELDS = (
     ("adaptive.eval_every_examples", count(1).or_none),
     ("adaptive.timing_warmup", count(0)),
     ("adaptive.timing_rounds", count(1)),
-    ("model.name", choice(*(m for m in MODEL_NAMES if m != "transformer"))),
+    ("model.name", choice(*(m for m in rules.MODEL_NAMES if m != "transformer"))),
     ("model.widths", tuple_of(count(1))),
     ("model.groups", count(1)),
     ("model.stage_sizes", tuple_of(count(1)).or_none),
@@ -71,20 +58,20 @@ FIELDS = (
 )
 
 CROSS = (
-    cross(
+    rules.cross(
         ("data.num_train", "batch_size"),
         lambda n, batch, d: n is None or n >= batch,
         "a batch cannot be larger than the train subset",
     ),
-    GROUPS,
-    cross(
+    rules.GROUPS,
+    rules.cross(
         ("data.source", "data.path"),
         lambda s, p, d: s != "folder" or p is not None,
         "data.source='folder' reads data.path",
         "set --config.data.path=path/to/folder_or.tar.gz (laid out split/class/image.jpg)",
     ),
-    at_most("adaptive.min_batch_size", "adaptive.max_batch_size"),
-    cross(
+    rules.at_most("adaptive.min_batch_size", "adaptive.max_batch_size"),
+    rules.cross(
         ("adaptive.enabled", "gns_every"),
         lambda enabled, every, d: not enabled or every > 0,
         "the batch-size schedule follows the measured noise scale: it needs gns_every > 0",
@@ -123,5 +110,5 @@ TASK = Task(
     ),
     fields=FIELDS,
     cross=CROSS,
-    modes=MODES,
+    modes=rules.MODES,
 )
