@@ -600,9 +600,26 @@ def run_sweep(
     (``trainings=False``: measure and recommend only; ``train_recommended``: train the
     recommended batch too, as the tradeoff mode of ``experiments.compare`` does)."""
     validate_config(config)
+    task = tasks.get(config)
+    ds = task.load(config)  # before the lock: bad data leaves the workdir untouched
+    if config.noise.batch_size > (n := task.num_train(ds)):
+        raise UserError(
+            f"config.noise.batch_size={config.noise.batch_size} is larger than the {n} "
+            "train examples: its batches would repeat examples (a noise scale biased low)",
+            hint="lower --config.noise.batch_size, or raise --config.data.num_train",
+        )
+    if trainings and (config.schedule != "constant" or config.warmup_steps > 0):
+        logging.warning(
+            "The trainings to the target follow config.schedule=%r with %d warmup steps over "
+            "tradeoff.max_steps: their steps to the target then depend on that horizon "
+            "(configs/sweep.py trains at a constant rate: --config.schedule=constant "
+            "--config.warmup_steps=0).",
+            config.schedule,
+            config.warmup_steps,
+        )
     bar = Progress(5, desc="sweep", unit="stages", rate=False)
     with contextlib.closing(bar), runlog.workdir_lock(workdir, "sweep"):
-        return _Sweep(config, workdir, bar).run(trainings, train_recommended)
+        return _Sweep(config, workdir, bar, (task, ds)).run(trainings, train_recommended)
 
 
 def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
@@ -663,7 +680,7 @@ class _Sweep:
     """A run of the sweep: :func:`gns.finder.pipeline` with each stage read from the
     :class:`SweepState` or measured and stored with its cost (``seconds``), then trainings."""
 
-    def __init__(self, config, workdir: str, bar: Progress):
+    def __init__(self, config, workdir: str, bar: Progress, loaded):
         t_start = time.perf_counter()
         self.config, self.workdir, self.bar, self.st = config, workdir, bar, SweepState(workdir)
         self.mesh = mesh_lib.make_mesh(config.num_devices)
@@ -677,14 +694,7 @@ class _Sweep:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-        self.task = tasks.get(config)
-        self.ds = self.task.load(config)
-        if config.noise.batch_size > (n := self.task.num_train(self.ds)):
-            raise UserError(
-                f"config.noise.batch_size={config.noise.batch_size} is larger than the {n} "
-                "train examples: its batches would repeat examples (a noise scale biased low)",
-                hint="lower --config.noise.batch_size, or raise --config.data.num_train",
-            )
+        self.task, self.ds = loaded  # the task and its data, loaded before the workdir's lock
         self.t = {"setup": time.perf_counter() - t_start}  # the seconds of each stage, this run
         self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
         self.view = stage_config(config, "throughput")

@@ -748,6 +748,19 @@ def test_forks_shorter_than_the_momentum_memory_are_named(optimizer, momentum, f
         assert f"= {needed} steps (--config.critical.fork_steps)" in warning
 
 
+def test_bad_data_stops_the_sweep_before_its_workdir_is_claimed(tmp_path, caplog):
+    config = sweep_config.get_config("smoke")
+    config.data.update(source="folder", path=str(tmp_path / "nothing.tar.gz"))
+    with pytest.raises(UserError, match="nothing.tar.gz"):
+        sweep.run_sweep(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()  # not claimed: a training may use it
+    config = sweep_config.get_config("smoke")
+    config.noise.batch_size = 2048  # of 1,024 train examples
+    with pytest.raises(UserError, match="larger than the 1024 train examples"):
+        sweep.run_sweep(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
 def test_validate_config_names_the_field():
     config = sweep_config.get_config("smoke")
     config.throughput.min_batch_size = 512

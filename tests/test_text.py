@@ -105,6 +105,10 @@ def test_directory_source_splits_by_file(tmp_path):
     assert (list(ds.train_files), list(ds.test_files)) == (train, test)
     assert ds.train.tobytes() == b"".join(files[f] for f in train)
     assert ds.test.tobytes() == b"".join(files[f] for f in test)
+    # A cap the corpus is within cuts nothing (it cut the test split to its share of the cap).
+    total = sum(map(len, files.values()))
+    whole = text.load({"path": str(tmp_path), "test_fraction": 0.3, "max_bytes": total}, context=8)
+    assert (whole.train.tobytes(), whole.test.tobytes()) == (ds.train.tobytes(), ds.test.tobytes())
     # A new file does not move the others.
     _write(tmp_path / "d0/new.txt", _text(99))
     more = text.load({"path": str(tmp_path), "test_fraction": 0.3}, context=8)

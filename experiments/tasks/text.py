@@ -67,9 +67,9 @@ def load(cfg, *, context: int) -> TextDataset:
     loss, depends on the Python version**); a file (its last ``test_fraction``, default 0.05,
     of bytes held out); or a directory (its files, or those ending in ``extensions``), split by
     file (:func:`is_test_file`). Files are read in sorted order and concatenated; ``max_bytes``
-    caps each split at its share. ``source`` records the kind, path, split, sizes, a hash and
-    the Python version. A missing path, an empty corpus, a binary file or a split shorter than
-    ``context + 1`` bytes raises :class:`UserError`."""
+    caps each split at its share (a directory within it is read whole). ``source`` records the
+    kind, path, split, sizes, a hash and the Python version. A missing path, an empty corpus,
+    a binary file or a split shorter than ``context + 1`` bytes raises :class:`UserError`."""
     test_fraction = float(cfg.get("test_fraction", 0.05))
     max_bytes = None if cfg.get("max_bytes") is None else int(cfg["max_bytes"])
     extensions = cfg.get("extensions")
@@ -85,6 +85,8 @@ def load(cfg, *, context: int) -> TextDataset:
         test_set = test_set or {min(files, key=_path_hash)}
         if len(test_set) == len(files):
             test_set.discard(max(files, key=_path_hash))
+        if max_bytes is not None and sum(_size(where, f) for f in files) <= max_bytes:
+            max_bytes = None  # a cap the corpus is within cuts nothing
         test_cap = None if max_bytes is None else max(1, round(max_bytes * test_fraction))
         train_cap = None if max_bytes is None else max_bytes - test_cap
         strict = kind != "stdlib"  # the standard library's unreadable files are skipped
@@ -180,6 +182,14 @@ def _path_hash(rel_path: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def _size(root: str, rel_path: str) -> int:
+    """The size of a corpus file in bytes (0 for one that cannot be read: it is skipped)."""
+    try:
+        return os.path.getsize(os.path.join(root, rel_path))
+    except OSError:
+        return 0
+
+
 def _read_files(root: str, files: list[str], cap: int | None, strict: bool):
     """``(bytes, names)`` of the ``files`` read in order and concatenated up to ``cap`` bytes
     (``None``: all), empty ones left out; a binary or unreadable file raises with ``strict``,
@@ -218,8 +228,9 @@ def _read_text(path: str, max_bytes: int | None) -> bytes:
         return raw
     raise UserError(
         f"{path} is a binary file ({problem}), not text.",
-        hint="data.path must be text; in a directory, data.extensions selects the text "
-        "files, e.g. --config.data.extensions=\"('.py', '.txt')\".",
+        hint="data.path must be UTF-8 text (another encoding: convert it, e.g. iconv -f "
+        "latin1 -t utf-8); in a directory, data.extensions selects the text files, e.g. "
+        "--config.data.extensions=\"('.py', '.txt')\".",
     )
 
 
@@ -285,7 +296,7 @@ FIELDS = (
     *TRANSFORMER,
     ("model.vocab_size", count(256)),
     ("data.path", TEXT.or_none),
-    ("data.max_bytes", count(2).or_none),
+    ("data.max_bytes", count(2, hi=2**62).or_none),
     ("data.test_fraction", real(0, 1, open_lo=True, open_hi=True)),
     ("data.extensions", tuple_of(TEXT, distinct=True).or_none),
 )
