@@ -108,8 +108,7 @@ def _one_line(e: BaseException) -> str:
     fault = None if isinstance(e, UserError | OSError) else write_fault(e)
     if fault is None:
         return text
-    fix = "free space there" if "full" in fault else "fix its permissions"
-    return f"{fault} ({type(e).__name__}: {text[:200]}): {fix} or write elsewhere"
+    return f"{fault} ({type(e).__name__}: {text[:200]})"
 
 
 def _fault_hint(e: BaseException) -> str | None:

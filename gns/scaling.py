@@ -38,6 +38,7 @@ __all__ = [
     "check_rule",
     "rule_for",
     "infer_rule",
+    "is_stateless",
     "has_momentum",
     "short_fork_warning",
     "multiplier",
