@@ -465,4 +465,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Directory for bench.json.", required=True)
     config_flags.DEFINE_config_file("config", None, "configs/bench.py[:variant]", lock_config=True)
     flags.mark_flag_as_required("config")
-    cli.run(main, "configs/bench.py", rules.describer(lambda config: rules.BENCH_TABLE))
+    cli.run(
+        main,
+        "configs/bench.py",
+        rules.describer(lambda config: rules.BENCH_TABLE),
+        check=lambda config: rules.check(config, rules.BENCH_TABLE),
+    )

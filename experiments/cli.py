@@ -155,10 +155,17 @@ def main(fn: Main) -> Main:
     return wrapped
 
 
-def run(fn: Main, config: str, describe: Describe, argv: list[str] | None = None) -> None:
+def run(
+    fn: Main,
+    config: str,
+    describe: Describe,
+    argv: list[str] | None = None,
+    check: Callable[[Any], None] | None = None,
+) -> None:
     """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, ``--help`` (:func:`print_help`)
-    and ``--print_config``. An exit with code 2 skips Python's finalizers, so that a writer
-    thread cut short by the fault (orbax's, on a full disk) adds no traceback."""
+    and ``--print_config`` (the config, then ``check(config)``: a mistake is an error after it).
+    An exit with code 2 skips Python's finalizers, so that a writer thread cut short by the
+    fault (orbax's, on a full disk) adds no traceback."""
     argv = resolve_config_paths(sys.argv if argv is None else argv)
     if any(a in HELP_FLAGS for a in argv[1:]):
         try:
@@ -168,7 +175,7 @@ def run(fn: Main, config: str, describe: Describe, argv: list[str] | None = None
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     try:
-        app.run(main(fn), argv=argv, flags_parser=_parse_or_print)
+        app.run(main(fn), argv=argv, flags_parser=functools.partial(_parse_or_print, check=check))
     except SystemExit as e:
         if e.code == EXIT_USER_ERROR:
             interrupt.exit_now(None, EXIT_USER_ERROR)
@@ -188,11 +195,18 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
     return out
 
 
-def _parse_or_print(argv: list[str]) -> list[str]:
-    """:func:`parse_flags`; with ``--print_config`` prints the resolved config and exits 0."""
+def _parse_or_print(argv: list[str], check: Callable[[Any], None] | None = None) -> list[str]:
+    """:func:`parse_flags`; with ``--print_config`` prints the resolved config and exits 0, or
+    2 with the error line when ``check`` refuses it."""
     if any(re.match(r"--print_config(=(true|1))?$", a) for a in argv[1:]):
         _parse_to_read(argv)
         print(json.dumps(FLAGS.config.to_dict(), indent=2))
+        sys.stdout.flush()
+        try:
+            if check is not None:
+                check(FLAGS.config)
+        except UserError as e:
+            _exit(str(e), e.hint)
         sys.exit(0)
     args = parse_flags(argv)
     if not FLAGS.workdir:

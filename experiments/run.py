@@ -75,7 +75,8 @@ def start(config_file: str, argv: list[str] | None = None) -> None:
         "config", None, f"Config file, e.g. {config_file}:smoke.", lock_config=True
     )
     flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main, config_file, rules.describer(tasks.table), argv)
+    check = lambda config: rules.check(config, tasks.table(config))
+    cli.run(main, config_file, rules.describer(tasks.table), argv, check)
 
 
 if __name__ == "__main__":

@@ -1008,4 +1008,4 @@ if __name__ == "__main__":  # the flags: only when this module is the main progr
         "config", None, "Config file, e.g. configs/sweep.py:smoke.", lock_config=True
     )
     flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main, "configs/sweep.py", rules.describer(tasks.table))
+    cli.run(main, "configs/sweep.py", rules.describer(tasks.table), check=validate_config)

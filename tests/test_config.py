@@ -284,6 +284,8 @@ def ran(commands, tmp_path_factory):
     runs["print_config"] = ("lm", ["--config", "configs/lm.py:smoke", "--config.batch_size=8",
                                    "--config.divergence_factor=None",
                                    "--print_config"])  # fmt: skip
+    runs["print_bad_config"] = ("lm", ["--config", "configs/lm.py:smoke", "--config.batch_size=1",
+                                       "--print_config"])  # fmt: skip
     (tmp / "elsewhere").mkdir()
     jobs = [(f"experiments.{module}", args, tmp / "elsewhere" if name == "print_config" else ROOT)
             for name, (module, args) in runs.items()]  # fmt: skip
@@ -327,6 +329,9 @@ def test_print_config_and_config_from_the_repository(ran):
     expected.batch_size, expected.divergence_factor = 8, None  # "None" typed is None
     assert json.loads(res.stdout) == json.loads(json.dumps(expected.to_dict()))
     assert os.listdir(ran[1] / "elsewhere") == []
+    bad = ran[0]["print_bad_config"]  # printed, then checked: the mistake as a run would say it
+    assert bad.returncode == cli.EXIT_USER_ERROR and json.loads(bad.stdout)["batch_size"] == 1
+    assert bad.stderr.strip().splitlines()[0] == "error: config.batch_size=1 must be an int >= 2"
 
 
 def test_config_paths_resolve_from_the_repository(tmp_path, monkeypatch):
