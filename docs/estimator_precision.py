@@ -31,7 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the clon
 
 import finder_end_to_end as e2e  # noqa: E402  (the script beside this one)
 
-from experiments import models  # noqa: E402
+from experiments import models, runlog  # noqa: E402
 from gns import estimate  # noqa: E402
 
 
@@ -41,8 +41,12 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=("cnn", "mlp"), default="cnn", help="image task's model")
     p.add_argument("--data", help="CIFAR-10 as a folder or .tar.gz (split/class/image.jpg)")
     p.add_argument("--batch", type=int, default=128, help="the measured batch (multiple of 8)")
-    p.add_argument("--steps", type=int, default=300, help="Adam steps at batch 64 first")
-    p.add_argument("--n", type=int, default=80, help="independent batches measured")
+    p.add_argument(
+        "--steps", type=e2e.positive(int, -1), default=300, help="Adam steps at batch 64 first"
+    )
+    p.add_argument(
+        "--n", type=e2e.positive(int, 1), default=80, help="independent batches measured (>= 2)"
+    )
     p.add_argument("--smoke", action="store_true", help="synthetic 8x8 images, tiny model")
     args = p.parse_args(argv)
     if args.task == "image" and not args.smoke and not args.data:
@@ -93,15 +97,16 @@ def main(argv=None) -> dict:
     mean, sd = rows.mean(0), rows.std(0, ddof=1)
     names = ("g_sq", "trace_cov")
     out = {
-        "task": args.task, "model": args.model, "batch": args.batch, "n": args.n,
+        "task": args.task, "model": args.model if args.task == "image" else "transformer",
+        "batch": args.batch, "n": args.n,
         "per_example": {k: {"mean": mean[i], "sd": sd[i]} for i, k in enumerate(names)},
         "microbatch": {k: {"mean": mean[i + 2], "sd": sd[i + 2]} for i, k in enumerate(names)},
         "variance_ratio": {k: (sd[i + 2] / sd[i]) ** 2 for i, k in enumerate(names)},
     }  # fmt: skip
-    out = json.loads(json.dumps(out, default=float))
+    out = json.loads(runlog.dumps(out, default=float))  # strict: nan -> null
     print(json.dumps(out, indent=1))
     return out
 
 
 if __name__ == "__main__":
-    main()
+    e2e.run_main(main)

@@ -37,32 +37,53 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the clon
 
 from configs import lm as lm_config  # noqa: E402
 from experiments import data, models, runlog, tasks  # noqa: E402
+from experiments.cli import UserError  # noqa: E402
 from gns import scaling  # noqa: E402
 from gns.finder import TrainState, continue_training, find_batch_size  # noqa: E402
 
 BASE_LR = {"sgd": 0.01, "adam": 1e-3}
 
 
+def positive(kind, least=0):
+    """An argparse type: a ``kind`` number above ``least`` (finite), else a usage error."""
+
+    def parse(text):
+        value = kind(text)
+        if not (value > least and math.isfinite(value)):
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"{kind.__name__} > {least}"
+    return parse
+
+
+def batch_sizes(text):
+    """An argparse type: comma-separated batch sizes >= 1 (``64,128``)."""
+    return [positive(int)(s) for s in text.split(",")]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=("image", "lm"), default="image")
     p.add_argument("--optimizer", choices=tuple(BASE_LR), default="sgd")
-    p.add_argument("--lr", type=float, help="the rate at --ref (default: 0.01 SGD, 1e-3 Adam)")
-    p.add_argument("--ref", type=int, default=64, help="the batch the rate is tuned at")
+    p.add_argument("--lr", type=positive(float), help="the rate at --ref (0.01 SGD, 1e-3 Adam)")
+    p.add_argument("--ref", type=positive(int, 1), default=64, help="the batch of the rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="CIFAR-10 as a folder or .tar.gz (split/class/image.jpg)")
-    p.add_argument("--batch_sizes", default="64,128,256,512", help="the fixed runs")
-    p.add_argument("--widths", default="512,512", help="the MLP's hidden widths")
+    p.add_argument(
+        "--batch_sizes", type=batch_sizes, default="64,128,256,512", help="the fixed runs"
+    )
+    p.add_argument("--widths", type=batch_sizes, default="512,512", help="the MLP's hidden widths")
     p.add_argument("--augment", action="store_true", help="random crop and flip")
     p.add_argument("--target", type=float, default=0.47, help="test accuracy (lm: bits) to reach")
-    p.add_argument("--window", type=int, default=3, help="evaluations averaged")
+    p.add_argument("--window", type=positive(int), default=3, help="evaluations averaged")
     p.add_argument(
         "--eval_every", type=int, help="examples between evaluations (8,192; 256 with --smoke)"
     )
-    p.add_argument("--max_s", type=float, default=150.0, help="wall-clock cap of one run")
+    p.add_argument("--max_s", type=positive(float), default=150.0, help="wall-clock cap of one run")
     p.add_argument(
         "--run_steps",
-        type=int,
+        type=positive(int),
         default=7813,
         help="the planned run at --ref (find_batch_size's run_steps): 10 epochs of images at 64",
     )
@@ -72,6 +93,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.task == "image" and not args.smoke and not args.data:
         p.error("--data is required (or --smoke, or --task=lm)")
+    if not math.isfinite(args.target):
+        p.error(f"--target={args.target}: a test accuracy (lm: bits per byte) to reach")
     if args.eval_every is None:
         args.eval_every = 256 if args.smoke else 8192
     if args.eval_every < 1:
@@ -90,7 +113,7 @@ def setup(args):
            "num_test": None, "synthetic": synthetic}  # fmt: skip
     ds = data.load(cfg)
     test = data.normalize(ds.test_images[:5000], ds.mean, ds.std), ds.test_labels[:5000]
-    widths = (16,) if args.smoke else tuple(int(w) for w in args.widths.split(","))
+    widths = (16,) if args.smoke else tuple(args.widths)
     model = models.get_model({"name": "mlp", "widths": widths}, num_classes=10)
     params = model.init(jax.random.key(args.seed), test[0][:1])
 
@@ -161,7 +184,7 @@ def main(argv=None) -> dict:
     gns = to_target(args, parts, make_opt, result.state, rec.batch_size, rec.learning_rate)
     gns["start_step"] = int(result.state.step)
     fixed = []
-    for b in (int(s) for s in args.batch_sizes.split(",")):
+    for b in args.batch_sizes:
         lr = scaling.learning_rate(args.optimizer, lr0, ref, b, noise if noise > 0 else math.inf)
         scratch = TrainState(params, make_opt(lr[0]).init(params), 0, 0)
         fixed.append(to_target(args, parts, make_opt, scratch, b, lr[0]))
@@ -185,5 +208,14 @@ def main(argv=None) -> dict:
     return out
 
 
+def run_main(main_fn) -> None:
+    """``main_fn()``, a user error (a bad ``--data``) as one line and exit code 2."""
+    try:
+        main_fn()
+    except UserError as e:
+        print(f"error: {e}\nhint: {e.hint}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main)

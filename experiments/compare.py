@@ -422,6 +422,7 @@ def _mode(config, workdir: str, mode: str):
         summary = {
             "mode": mode,
             "device": swept["device"],
+            "mesh": swept["mesh"],
             "noise_scale": {k: noise[k] for k in ("b_simple", "interval", "confidence")},
             "recommendation": swept["recommendation"],
         }

@@ -399,6 +399,7 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
     c.eval_examples = 128  # of the 256 test images; compare.eval_examples None: the runs' own
     s = cifar10.run(c, workdir)
     assert s["mode"] == "compare" and s["measurement_time_s"] < 1.0  # measurements reused
+    assert s["mesh"] == runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))["mesh"]
     t = c.compare.target_accuracy
     assert s["eval_examples"] == 128
     assert s["standard_error_points"] == pytest.approx(100 * math.sqrt(t * (1 - t) / 128))

@@ -102,8 +102,13 @@ def load(cfg, *, context: int) -> TextDataset:
                 f"the {name} split of {where} has {len(part)} bytes, fewer than context + 1 = "
                 f"{context + 1} (corpus: {len(train)} train + {len(test)} test bytes, split by "
                 f"{split}).",
-                hint="use more text (or a larger data.max_bytes / data.test_fraction), or a "
-                "smaller --config.model.context.",
+                hint=(
+                    "more files (the split is by file, by a hash of each path), one file "
+                    "(split by bytes)"
+                    if split == "file"
+                    else "more text (or a larger data.max_bytes), another data.test_fraction"
+                )
+                + ", or a smaller --config.model.context.",
             )
     record = dict(
         kind=kind,
