@@ -105,15 +105,17 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
 
 def _paired_range(runs: Sequence[dict], ref_runs: Sequence[dict]) -> list[float] | None:
     """``[min, max]`` of the device times of ``runs`` over those of ``ref_runs``, each run paired
-    with the reference run of its seed: under each timing round where both carry
-    ``device_time_by_round``, else once (``None``: no seed in common)."""
+    with the reference run of its seed: by the table's step times (the medians of every round,
+    those the point ratio reads), and under each timing round where both carry
+    ``device_time_by_round`` (``None``: no seed in common). The ratio of the mean device
+    times lies between the per-seed ones, so the range holds it."""
     ref = {x["seed"]: x for x in ref_runs}
     ratios: list[float] = []
-    for pair in ((run, ref[run["seed"]]) for run in runs if run["seed"] in ref):
-        a, b = (x.get("device_time_by_round") for x in pair)
-        if not (a and b and len(a) == len(b)):
-            a, b = ([x[DEVICE]] for x in pair)
-        ratios += [x / y for x, y in zip(a, b, strict=True)]
+    for run, other in ((run, ref[run["seed"]]) for run in runs if run["seed"] in ref):
+        ratios.append(run[DEVICE] / other[DEVICE])
+        a, b = run.get("device_time_by_round"), other.get("device_time_by_round")
+        if a and b and len(a) == len(b):
+            ratios += [x / y for x, y in zip(a, b, strict=True)]
     return [min(ratios), max(ratios)] if ratios else None
 
 

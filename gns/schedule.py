@@ -523,7 +523,10 @@ def batch_size_schedule(
         best = int(decision.best_batch_size)
         noise = float(decision.noise_scale)
         gain = float(decision.predicted_gain)
-        lr = f"lr x{float(decision.lr_multiplier):.4g} ({lr_rule} rule)"
+        lr = (
+            f"lr x{float(decision.lr_multiplier):.4g} of the rate at batch {base_batch_size} "
+            f"({lr_rule} rule)"
+        )
         at = f"at noise scale {noise:.4g}"
         accum_note = (
             f" as {int(decision.accumulation_steps)} x {int(decision.micro_batch_size)} "

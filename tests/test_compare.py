@@ -129,6 +129,12 @@ def test_verdict_pairs_by_timing_round_a_flip_under_one_round_is_a_tie():
     runs[1]["device_time_by_round"] = [21.0, 22.0, 22.5]
     v = compare.verdict(runs)
     assert v["tie"] == [] and v["policies"]["default"]["ratio_range"][0] > 1
+    # Rounds that disagree with the medians (re-timed sizes: more rounds than the shared
+    # ones): the range still holds the point ratio, the ratio of the mean device times.
+    for r in runs:
+        r["device_time_by_round"] = [10.0] * 3  # every round: a ratio of 1
+    d = compare.verdict(runs)["policies"]["default"]
+    assert d["ratio_range"][0] <= d["ratio"] <= d["ratio_range"][1]
 
 
 def test_verdict_reports_a_policy_that_never_reached_the_target_with_its_best_accuracy():

@@ -480,6 +480,9 @@ def test_describe_initial_state_and_default_candidates():
     sched = schedule.batch_size_schedule({12: 0.01, 100: 0.05, 300: 0.2}, max_batch_size=300)
     assert [r["batch_size"] for r in sched.table] == [16, 32, 64, 128, 256]
     assert [r["measured"] for r in sched.table] == [False] * 5
-    assert sched.describe(sched.init()) == "initial batch 16, lr x1 (sqrt rule)."
+    assert (
+        sched.describe(sched.init())
+        == "initial batch 16, lr x1 of the rate at batch 16 (sqrt rule)."
+    )
     assert schedule.powers_of_two(12, 300) == (16, 32, 64, 128, 256)
     assert schedule.powers_of_two(1, 1) == (1,)
