@@ -65,7 +65,7 @@ def default() -> ml_collections.ConfigDict:
     c.rows.num_microbatches = 8  # k of the microbatch estimator of the rows
     c.rows.warmup = 2  # untimed calls of each step
     c.rows.repeats = 21  # interleaved timed rounds (median of the paired ratios; the MLP
-    # steps take 10-20 ms, where one busy moment moves a ratio)
+    # steps take about 5 ms, where one busy moment moves a ratio)
     c.rows.models = ml_collections.ConfigDict()
     c.rows.models.lm1b = ml_collections.ConfigDict()  # a Transformer in the style of the Flax
     # lm1b example (a bare self.param position embedding, nn.MultiHeadDotProductAttention),

@@ -758,7 +758,10 @@ def _find_consumers(flat: _Flat, axes, num_params: int):
             )
             found.setdefault(js[0], []).append(c)
         else:
-            why = f"{e.primitive.name} reads it twice" if len(refs) > 1 else reason
+            why = reason
+            if len(refs) > 1:  # one leaf twice (w * w), or several read together (a scan's)
+                twice = f"{e.primitive.name} reads it twice"
+                why = twice if len(js) == 1 else reason or f"{e.primitive.name} reads them together"
             reasons.update({j: reasons.get(j, why) for j in js})
     penalties, data_terms = _loss_terms(flat, num_params)
     for key in data_terms:  # a data term of the loss with a parameter outside a covered read
@@ -1417,7 +1420,7 @@ def calibrate(
     try:
         # Traced and run apart from the caller's trace (no compile-time evaluation: it would
         # fold constants and change the trace): zero arrays of the shapes.
-        args = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), (params, batch))
+        args = jax.tree.map(_zeros_like, (params, batch))
         t0 = time.perf_counter()
         whole = jax.jit(run(the_plan)).lower(*args).compile()
         compile_s = time.perf_counter() - t0
@@ -1447,10 +1450,20 @@ def calibrate(
             chosen = dataclasses.replace(
                 chosen, decision=f"timed once: {name} (median ms: {medians}{more})"
             )
-    except Exception:  # noqa: BLE001 (not runnable outside the caller's trace: the model decides)
-        chosen = _model_choice(the_plan)
+    except Exception as e:  # noqa: BLE001 (not runnable outside the caller's trace)
+        why = f"not timed ({type(e).__name__}: {str(e)[:120]}); the cost model's choice"
+        chosen = _model_choice(the_plan, why)
     _CALIBRATED[key] = chosen
     return chosen
+
+
+def _zeros_like(x):
+    """Zeros of ``x``'s shape and dtype, weakly typed where ``x`` is (a Python scalar's type):
+    a concrete stand-in that traces the loss as ``x`` does."""
+    aval = jax.typeof(x)
+    if aval.weak_type:
+        return jnp.full(aval.shape, np.zeros((), aval.dtype).item())
+    return np.zeros(aval.shape, aval.dtype)
 
 
 def _model_choice(the_plan: Plan, why: str = "") -> Plan | None:

@@ -366,6 +366,22 @@ def test_remat_regions_are_entered_and_a_recurrent_kernel_falls_back():
     check_sums(loss_fn, params, batch, ("auto", "direct", "gram"), the_plan)
 
 
+def test_a_scan_that_reads_two_kernels_names_why_for_each():
+    x, p = images((8, 5, 3)), {"wx": jnp.full((3, 4), 0.1), "wh": jnp.full((4, 4), 0.1)}
+
+    def loss(p, batch):
+        def step(h, x_t):
+            return jnp.tanh(x_t @ p["wx"] + h @ p["wh"]), None
+
+        h, _ = jax.lax.scan(step, jnp.zeros((batch.shape[0], 4)), jnp.swapaxes(batch, 0, 1))
+        return jnp.mean(h**2)
+
+    with pytest.raises(ghost.NotApplicableError) as e:  # no leaf covered: the reasons say why
+        ghost.plan(loss, p, x)
+    assert "twice" not in str(e.value)  # each is read once: the scan's reason for both
+    assert str(e.value).count("read inside a scan as a constant of every step") == 2
+
+
 def test_a_model_of_one_example_vmapped_inside_the_loss_is_covered():
     """The Equinox idiom: the model takes one example and the loss maps it over the batch with
     ``jax.vmap``. The batched dot_generals, the broadcast bias and the convolution that vmap
@@ -817,6 +833,12 @@ def test_a_scalar_bias_and_temperature_are_covered_and_equal_vmap():
     fast, ref = (estimate.per_example(loss, params, batch, method=m)[0] for m in ("ghost", "vmap"))
     for k in ("g_sq", "trace_cov"):
         np.testing.assert_allclose(getattr(fast, k), getattr(ref, k), rtol=1e-5)
+    # A weakly typed scalar (jnp.asarray(0.3): a Python float's type) is timed like the rest
+    # (its zero stand-in was strongly typed: the trace changed, the timing silently skipped).
+    weak = params | {"b": jnp.asarray(0.3)}
+    chosen = ghost.calibrate(loss, weak, batch, ghost.plan(loss, weak, batch), rounds=1,
+                             with_vmap=False)  # fmt: skip
+    assert chosen.decision.startswith("timed once:"), chosen.decision
 
 
 class PartsModel(nn.Module):
@@ -1441,10 +1463,13 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
     assert dropped.endswith("; more memory than the budget: vmap")
     unknown = {m: (Compiled(None), ()) for m in calls}  # no memory analysis: all kept
     assert within_memory(unknown) == (unknown, "")
-    # A timing that cannot run: the cost model decides (the fast path on the whole batch).
+    # A timing that cannot run: the cost model decides (the fast path on the whole batch), and
+    # the plan says the timing failed (it said "timed once" with no timings).
     monkeypatch.setattr(hardware, "interleaved_times", lambda *a, **k: 1 / 0)
     monkeypatch.setattr(ghost, "_CALIBRATED", {})
-    assert ghost.calibrate(loss_fn, params, batch, the_plan) is the_plan
+    chosen = ghost.calibrate(loss_fn, params, batch, the_plan)
+    assert chosen.consumers == the_plan.consumers and chosen.num_chunks == 1
+    assert chosen.decision.startswith("not timed (ZeroDivisionError: division by zero)")
 
 
 def test_calibrate_also_times_the_direct_form_where_the_model_cannot_tell(monkeypatch):
