@@ -72,6 +72,7 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
         stats[p] = {
             **{k: row[k] for k in ("seeds", "num_reached", "reached")},
             "batch_size": by[p][0]["batch_size"],
+            "batches": _batches(by[p]),
             DEVICE: row[DEVICE] if ok else None,
             "time_to_target_s": row["time_to_target_s"] if ok else None,
             "spread_s": (hi - lo) / 2 if ok else None,
@@ -103,6 +104,13 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     return out
 
 
+def _batches(runs: Sequence[dict]) -> str:
+    """The batch sizes ``runs`` trained at: ``"64"``, or ``"16-256"`` for a schedule's (from
+    its first to its largest last batch)."""
+    sizes = sorted({b for r in runs for b in (r["batch_size"], r.get("final_batch_size")) if b})
+    return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+
+
 def _paired_range(runs: Sequence[dict], ref_runs: Sequence[dict]) -> list[float] | None:
     """``[min, max]`` of the device times of ``runs`` over those of ``ref_runs``, each run paired
     with the reference run of its seed: by the table's step times (the medians of every round,
@@ -127,7 +135,7 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
     else:
         f = stats[fastest]
         lines = [
-            f"fastest to {what}: {fastest} (batch {f['batch_size']}), {f[DEVICE]:.1f} s of steps "
+            f"fastest to {what}: {fastest} (batch {f['batches']}), {f[DEVICE]:.1f} s of steps "
             f"x t(B) (mean of {len(f['seeds'])} seed(s), spread +/- {f['spread_s']:.1f} s; wall "
             f"clock {f['time_to_target_s']:.1f} s)"
         ]
@@ -135,11 +143,11 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
         s = stats[p]
         lo, hi = s["ratio_range"] or (s["ratio"], s["ratio"])
         lines.append(
-            f"  {p} (batch {s['batch_size']}): {s['ratio']:.2f}x the fastest (paired by seed and "
+            f"  {p} (batch {s['batches']}): {s['ratio']:.2f}x the fastest (paired by seed and "
             f"timing round {lo:.2f}-{hi:.2f}x){': tie, inside the spread' if s['tie'] else ''}"
         )
     lines += [
-        f"  {p} (batch {s['batch_size']}): never reached {what} in "
+        f"  {p} (batch {s['batches']}): never reached {what} in "
         f"{len(s['seeds']) - s['num_reached']} of {len(s['seeds'])} seed(s); best smoothed "
         f"accuracy {fmt(s['best_smoothed_accuracy'], '.1f', 100, '%')}"
         for p, s in stats.items()

@@ -80,6 +80,10 @@ def test_verdict_names_the_winner_with_ratios_and_seed_ranges():
         "default (batch 64): 1.52x the fastest (paired by seed and timing round 1.50-1.55x)" in text
     )
     assert "verdict: recommended is the fastest." in text and "tie" not in text
+    # A schedule's runs are named by the batches they went through, first to last.
+    grown = [r | {"final_batch_size": 256 if r["policy"] == "default" else r["batch_size"]}
+             for r in runs]  # fmt: skip
+    assert "  default (batch 64-256): 1.52x" in "\n".join(compare.verdict(grown, 0.55)["text"])
     # Against the default (batch 64): its mean over each policy's, and paired per seed.
     o = v["over_default"]
     assert set(o) == {"recommended", "largest_fits"}
