@@ -184,3 +184,26 @@ def test_the_readme_lists_every_variant_of_every_config():
     for name in ("cifar10", "sweep", "lm", "teacher", "bench"):
         config = importlib.import_module(f"configs.{name}")
         assert listed[name].split("|") == list(config.VARIANTS), name
+
+
+def test_the_wheel_lists_every_package_of_the_tree():
+    """``pip install .`` installs what ``[tool.setuptools]`` lists: every directory with an
+    ``__init__.py`` under gns/, experiments/ and configs/ (a subpackage left out broke every
+    ``gns`` subcommand of an installed copy)."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = tool["package-dir"]
+
+    def folder(pkg: str) -> str:  # where setuptools reads the package from
+        top = max((p for p in dirs if pkg == p or pkg.startswith(p + ".")), key=len, default="")
+        rest = pkg[len(top) :].lstrip(".").replace(".", "/")
+        return "/".join(x for x in (dirs[top] if top else "", rest) if x)
+
+    listed = {folder(pkg) for pkg in tool["packages"]}
+    tree = {
+        str(p.parent.relative_to(ROOT))
+        for top in ("gns", "experiments", "configs")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
+    assert listed == tree
