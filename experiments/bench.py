@@ -449,7 +449,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(runlog.QuietLibraries())
-    rules.check(FLAGS.config, rules.BENCH_TABLE)  # before the workdir is made
     with runlog.workdir_lock(FLAGS.workdir, "bench"):  # a file, or a bench there: said first
         if os.path.exists(path := os.path.join(FLAGS.workdir, "bench.json")):
             logging.warning("bench: measuring again; %s is replaced when this one ends", path)

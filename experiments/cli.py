@@ -162,8 +162,9 @@ def run(
     argv: list[str] | None = None,
     check: Callable[[Any], None] | None = None,
 ) -> None:
-    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags`, ``--help`` (:func:`print_help`)
-    and ``--print_config`` (the config, then ``check(config)``: a mistake is an error after it).
+    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags` and ``check(config)`` before
+    it (a mistake: one error line, before anything is loaded or written), ``--help``
+    (:func:`print_help`) and ``--print_config`` (the config, then the check).
     An exit with code 2 skips Python's finalizers, so that a writer thread cut short by the
     fault (orbax's, on a full disk) adds no traceback."""
     argv = resolve_config_paths(sys.argv if argv is None else argv)
@@ -196,21 +197,26 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
 
 
 def _parse_or_print(argv: list[str], check: Callable[[Any], None] | None = None) -> list[str]:
-    """:func:`parse_flags`; with ``--print_config`` prints the resolved config and exits 0, or
-    2 with the error line when ``check`` refuses it."""
-    if any(re.match(r"--print_config(=(true|1))?$", a) for a in argv[1:]):
+    """:func:`parse_flags`, then ``check(config)`` (a mistake: its error line, exit 2) before
+    the main; with ``--print_config`` prints the resolved config first and exits 0."""
+    printing = any(re.match(r"--print_config(=(true|1))?$", a) for a in argv[1:])
+    if printing:
         _parse_to_read(argv)
         print(json.dumps(FLAGS.config.to_dict(), indent=2))
         sys.stdout.flush()
-        try:
-            if check is not None:
-                check(FLAGS.config)
-        except UserError as e:
-            _exit(str(e), e.hint)
+    else:
+        args = parse_flags(argv)
+        if not FLAGS.workdir:
+            _exit("--workdir is empty", hint="pass the run's directory, e.g. --workdir runs/smoke")
+    try:
+        if check is not None:
+            check(FLAGS.config)
+    except UserError as e:
+        if _verbose(argv):
+            raise
+        _exit(str(e), e.hint)
+    if printing:
         sys.exit(0)
-    args = parse_flags(argv)
-    if not FLAGS.workdir:
-        _exit("--workdir is empty", hint="pass the run's directory, e.g. --workdir runs/smoke")
     return args
 
 

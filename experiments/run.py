@@ -51,7 +51,6 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
-    rules.check(FLAGS.config, tasks.table(FLAGS.config))  # every field, before the slow imports
     logging.get_absl_handler().addFilter(runlog.QuietLibraries())
     summary = run(FLAGS.config, FLAGS.workdir)
     if summary.get("mode") in ("compare", "tradeoff"):

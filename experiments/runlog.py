@@ -317,8 +317,8 @@ class RunLog:
 
     def meta(self) -> dict:
         """What a checkpoint stores besides the state: the inverse of :meth:`resume`."""
-        keys = "step examples_seen best to_target recent_evals initial_loss identity devices "
-        meta = {k: getattr(self, k) for k in (keys + "data start").split()}
+        keys = "step examples_seen best to_target recent_evals initial_loss identity devices data"
+        meta = {k: getattr(self, k) for k in (*keys.split(), "start")}
         return to_json(meta | {"clock": self.clock.state()})
 
     def advance(self, batch_size: int) -> None:

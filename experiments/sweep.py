@@ -148,7 +148,7 @@ class SweepState:
 def _setup(t, ds, task, schedule, *, mesh=None):
     """Model, plain and measuring steps, and initial state of ``t`` (``schedule``: the rate's
     shape, peak 1, the rate being in the state; on ``mesh``: data-parallel)."""
-    model = models.get_model(t.model, num_classes=getattr(ds, "num_classes", None), dtype=t.dtype)
+    model = train.make_model(t, ds, t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
     plain_fn, gns_fn = train.make_train_steps(
@@ -240,7 +240,7 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
     :func:`experiments.train.start_from_pilot`)."""
     t = stage_config(config, "noise_scale")
     noise = t.noise
-    model = models.get_model(t.model, num_classes=getattr(ds, "num_classes", None))
+    model = train.make_model(t, ds)
     gns_method = ml_collections.ConfigDict({"gns_method": noise.method})
     method = train.resolve_gns_method(gns_method, model)
     rng = jax.random.PRNGKey(t.seed) if models.uses_dropout(model) else None

@@ -337,6 +337,12 @@ class Setup(NamedTuple):
     num_train: int  # train examples per epoch
 
 
+def make_model(config, ds, dtype=None):
+    """The model of ``config.model`` (computing in ``dtype``), its outputs the data's
+    ``num_classes`` where ``ds`` has one, else ``config.model.num_classes``."""
+    return models.get_model(config.model, num_classes=getattr(ds, "num_classes", None), dtype=dtype)
+
+
 def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     """Everything a run of ``config`` on the loaded data ``ds`` needs before its first step,
     after checking the batch and estimator fields against the data and the devices; writes
@@ -344,9 +350,7 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     task = task or tasks.get(config)
     num_train = task.num_train(ds)
     mesh = mesh_lib.make_mesh(config.num_devices)
-    model = models.get_model(
-        config.model, num_classes=getattr(ds, "num_classes", None), dtype=config.dtype
-    )
+    model = make_model(config, ds, config.dtype)
     method = resolve_gns_method(config, model, mesh.size)
     k = config.gns_microbatches
     # The rules check this for gns_method='microbatch'; 'auto' resolves to it with BatchNorm.
