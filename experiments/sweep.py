@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import psutil
 from absl import app, flags, logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -388,9 +387,8 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     budget, source = t.throughput.memory_budget_bytes, None
     if budget is None and mesh.devices.flat[0].platform == "cpu" and n > 1:
         # Simulated CPU devices share the host: each gets its share of the default budget.
-        budget = int(hardware.DEFAULT_CPU_BUDGET_FRACTION * psutil.virtual_memory().available / n)
-        source = f"{round(100 * hardware.DEFAULT_CPU_BUDGET_FRACTION)}% of available host "
-        source += f"RAM / {n} devices"
+        budget, source = hardware.memory_budget()
+        budget, source = budget // n, f"{source} / {n} devices"
     res, table = hardware.FitResult(None, None, None, []), None  # nothing splits: none timed
     if len(cands) > len(skipped):
         res, table = finder.time_candidates(
