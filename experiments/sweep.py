@@ -431,14 +431,8 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
 def _timing_row(bt: hardware.BatchTiming | None) -> dict:
     """The timing fields of a throughput row (``None`` and ``[]`` when not timed)."""
     if bt is None:
-        return dict(
-            step_time_s=None,
-            step_time_iqr_s=None,
-            times_s=[],
-            extra_rounds=None,
-            stable=None,
-            examples_per_s=None,
-        )
+        keys = "step_time_s step_time_iqr_s times_s extra_rounds stable examples_per_s"
+        return dict.fromkeys(keys.split()) | {"times_s": []}
     return dict(
         step_time_s=bt.median_s,
         step_time_iqr_s=bt.q75_s - bt.q25_s,
@@ -540,15 +534,10 @@ def with_device_time(points: list[dict], times: dict[int, float], max_batch: int
 def ranking(by_batch: list[dict]) -> list[dict]:
     """``sweep.json``'s ``time_to_target``: :func:`experiments.validation.rank` of the rows of
     :func:`experiments.validation.mean_over_seeds`."""
+    keys = ("batch_size", "rank", validation.DEVICE, "time_to_target_s")
     return [
-        {
-            "batch_size": r["batch_size"],
-            "rank": r["rank"],
-            validation.DEVICE: r[validation.DEVICE],
-            "time_to_target_s": r["time_to_target_s"],
-            "device_over_best": r["over_best"],
-            "wall_over_best": r["wall_over_best"],
-        }
+        {k: r[k] for k in keys}
+        | {"device_over_best": r["over_best"], "wall_over_best": r["wall_over_best"]}
         for r in validation.rank(by_batch)
     ]
 
@@ -558,13 +547,8 @@ def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     reached = [p for p in points if p["reached"]]
     keys = "batch_size seed steps time_to_target_s device_time_to_target_s step_time_s "
     keys += "learning_rate reached workdir wall_time_s final_test_accuracy stop_reason"
-    out = {
-        "s_min": None,
-        "e_min": None,
-        "b_crit": None,
-        "intervals": {},
-        "points": [{k: p.get(k) for k in keys.split()} for p in points],
-    }
+    kept = [{k: p.get(k) for k in keys.split()} for p in points]
+    out = {"s_min": None, "e_min": None, "b_crit": None, "intervals": {}, "points": kept}
     try:
         f = tradeoff.fit(
             [p["batch_size"] for p in reached],
@@ -660,18 +644,14 @@ def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
             if r is None
             else {"batch_size": r.batch_size, "batch_size_range": r.batch_size_range}
         )
-    rec_fit = picks["tradeoff_fit"]
+    rec, rec_fit = picks[m.basis], picks["tradeoff_fit"]
+    warnings = (*rec.warnings, *finder.pilot_warnings(m.noise["pilot"]["rows"]))  # loss rose
     return {
-        "recommendation": _with_warnings(picks[m.basis], m.noise["pilot"]["rows"]).to_dict()
+        "recommendation": dataclasses.replace(rec, warnings=warnings).to_dict()
         | {"basis_note": m.note},
         "recommendation_from_tradeoff": None if rec_fit is None else rec_fit.to_dict(),
         "recommendation_by_basis": by_basis,
     }
-
-
-def _with_warnings(rec, pilot_rows: list[dict]):
-    """``rec`` with :func:`gns.finder.pilot_warnings` (a pilot whose loss rose) added."""
-    return dataclasses.replace(rec, warnings=(*rec.warnings, *finder.pilot_warnings(pilot_rows)))
 
 
 class _Sweep:
@@ -925,14 +905,12 @@ def summary_table(sweep: dict) -> str:
         + ", ".join(evidence),
         f"  {r['reason']}",
         f"  lr rule: {r['lr_rule']}",
-        *(
-            []
-            if rf is None
-            else [f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"]
-        ),
-        *validation_lines(sweep.get("validation")),
     ]
-    return "\n".join(lines)
+    if rf is not None:
+        lines.append(
+            f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
+        )
+    return "\n".join(lines + validation_lines(sweep.get("validation")))
 
 
 def _branched_lines(critical: dict) -> list[str]:
