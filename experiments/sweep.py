@@ -632,19 +632,14 @@ def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
     fit_iv = fit["intervals"].get("b_crit") or (None, None)
     picks, by_basis = {}, {}
     for name, (v, lo, hi) in [*m.evidence.items(), ("tradeoff_fit", (fit["b_crit"], *fit_iv))]:
-        value = (v, math.nan, math.nan) if name == "tradeoff_fit" else (v, lo, hi)
-        r = picks[name] = (
-            None
-            if v is None or math.isnan(v)
-            else _decide(config, name, value, m.evidence, table, max_batch, fit["s_min"])
-        )
-        by_basis[name] = {"b_noise": v, "low": lo, "high": hi}
-        by_basis[name] |= (
-            {"batch_size": None}
-            if r is None
-            else {"batch_size": r.batch_size, "batch_size_range": r.batch_size_range}
-        )
-    rec, rec_fit = picks[m.basis], picks["tradeoff_fit"]
+        by_basis[name] = {"b_noise": v, "low": lo, "high": hi, "batch_size": None}
+        if v is not None and not math.isnan(v):
+            value = (v, math.nan, math.nan) if name == "tradeoff_fit" else (v, lo, hi)
+            r = picks[name] = _decide(
+                config, name, value, m.evidence, table, max_batch, fit["s_min"]
+            )
+            by_basis[name].update(batch_size=r.batch_size, batch_size_range=r.batch_size_range)
+    rec, rec_fit = picks[m.basis], picks.get("tradeoff_fit")
     warnings = (*rec.warnings, *finder.pilot_warnings(m.noise["pilot"]["rows"]))  # loss rose
     return {
         "recommendation": dataclasses.replace(rec, warnings=warnings).to_dict()
