@@ -85,19 +85,17 @@ def describe(mesh: Mesh) -> dict:
 def split_reason(batch_size: int, mesh: Mesh) -> str | None:
     """Why the global ``batch_size`` cannot be split evenly over ``mesh`` (``None``: it can):
     what the sweep records for a candidate it skips."""
-    n = mesh.size
-    if batch_size < n:
-        return f"skipped: global batch {batch_size} is smaller than the {n} devices"
-    if batch_size % n:
-        return f"skipped: global batch {batch_size} is not divisible by the {n} devices"
-    return None
+    if batch_size >= mesh.size and batch_size % mesh.size == 0:
+        return None
+    why = "smaller than" if batch_size < mesh.size else "not divisible by"
+    return f"skipped: global batch {batch_size} is {why} the {mesh.size} devices"
 
 
 def check_batch(
     batch_size: int, mesh: Mesh, field: str = "batch_size", per_example: bool = False
-) -> int:
-    """The per-device batch of a global ``batch_size`` on ``mesh``; a :class:`UserError`
-    when it does not split evenly, or (``per_example``) leaves fewer than 2 per device."""
+) -> None:
+    """A :class:`UserError` when the global ``batch_size`` does not split evenly over ``mesh``,
+    or (``per_example``) leaves fewer than 2 examples per device."""
     n = mesh.size
     if problem := rules.batch_problem(batch_size, n, field):
         raise UserError(*problem)
@@ -107,7 +105,6 @@ def check_batch(
             "devices, which gns_method='per_example' needs",
             hint=f"use a batch of at least {2 * n}, or another gns_method",
         )
-    return batch_size // n
 
 
 def _global(x, sharding: NamedSharding) -> jax.Array:

@@ -127,7 +127,7 @@ def test_global_batch_smaller_or_not_divisible_is_a_user_error(tmp_path, batch_s
         train.train_and_evaluate(config, str(tmp_path / "w"))
     assert "--config.batch_size=" in e.value.hint and "num_devices" in e.value.hint
     assert not os.path.exists(tmp_path / "w")
-    assert mesh.check_batch(32, mesh.make_mesh(4)) == 8
+    mesh.check_batch(32, mesh.make_mesh(4))  # 8 per device: no error
 
 
 def test_adaptive_candidate_not_divisible_by_the_devices_is_a_user_error(tmp_path):
