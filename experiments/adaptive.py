@@ -62,14 +62,13 @@ def make_batch_schedule(config, step_times: Sequence[float] | None = None):
             dict(zip(cands, times, strict=True)),
             max_batch_size=cands[-1],
             candidates=cands,
-            initial_batch_size=a.initial_batch_size or cands[0],
+            initial_batch_size=a.initial_batch_size,
             lr_rule=a.lr_rule,
             base_batch_size=int(config.batch_size),
             base_lr=float(config.learning_rate),
             margin=float(a.margin),
             patience=int(a.patience),
             allow_shrink=bool(a.allow_shrink),
-            accumulate=False,
         )
     except ValueError as e:
         raise UserError(f"config.adaptive: {e}", hint="see configs/cifar10.py base()") from None
