@@ -112,23 +112,20 @@ def make_schedule(config, num_steps: int, peak: float | None = None) -> optax.Sc
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def _decay_mask(params):
-    """Weight decay on kernels only (not on biases and normalization scales/offsets)."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
     """``config.optimizer``: ``sgd`` (``config.momentum``, ``config.nesterov``) or ``adam``
-    with L2 weight decay, ``adamw`` or ``lamb`` with decoupled decay, on kernels only."""
+    with L2 weight decay, ``adamw`` or ``lamb`` with decoupled decay, on kernels only (not on
+    biases and normalization scales/offsets)."""
     wd = float(config.weight_decay)
+    kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     if config.optimizer in ("adamw", "lamb"):
-        return getattr(optax, config.optimizer)(schedule, weight_decay=wd, mask=_decay_mask)
+        return getattr(optax, config.optimizer)(schedule, weight_decay=wd, mask=kernels)
     if config.optimizer == "sgd":
         opt = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
     else:
         opt = optax.adam(schedule)
     if wd:
-        opt = optax.chain(optax.add_decayed_weights(wd, mask=_decay_mask), opt)
+        opt = optax.chain(optax.add_decayed_weights(wd, mask=kernels), opt)
     return opt
 
 
@@ -447,7 +444,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             target=task.target(config),
             window=int(config.target_window),
             primary=primary,
-            devices=mesh_lib.make_mesh(config.num_devices).size,
+            devices=setup.mesh.size,
         )
         config_dict = config.to_dict()
         log.check_identity(config_dict, run_identity, resuming=ckpt.latest_step() is not None)
@@ -716,16 +713,14 @@ def _learning_warnings(log: runlog.RunLog, final: dict, train_eval: dict, ds) ->
     first, end, acc = log.initial_loss, train_eval.get("loss"), final.get("accuracy")
     classes = getattr(ds, "num_classes", None)
     if acc is not None and classes and acc <= 1.2 / classes:
-        out = [f"the test accuracy {acc:.1%} is at chance (1/{classes} classes)"]
+        why = f"the test accuracy {acc:.1%} is at chance (1/{classes} classes)"
     elif first is not None and end is not None and end >= 0.98 * first:
-        out = [
-            f"the training loss did not fall: {first:.4g} at the first step, {end:.4g} at the end"
-        ]
+        why = f"the training loss did not fall: {first:.4g} at the first step, {end:.4g} at the end"
     else:
         return []
-    out[0] += ": the run did not learn; re-tune config.learning_rate"
-    logging.warning("%s", out[0])
-    return out
+    warning = why + ": the run did not learn; re-tune config.learning_rate"
+    logging.warning("%s", warning)
+    return [warning]
 
 
 def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t_call: float):
@@ -737,8 +732,9 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
     if evaluate:
         n_final = config.get("final_eval_examples")  # None (or no such field): all
         final = setup.evaluate(state, task.eval_arrays(config, ds, "test", n_final))
-        train_arrays = task.eval_arrays(config, ds, "train", config.eval_examples)
-        train_eval = setup.evaluate(state, train_arrays)
+        train_eval = setup.evaluate(
+            state, task.eval_arrays(config, ds, "train", config.eval_examples)
+        )
         log.record_eval(task.score(final[task.metric]), periodic=False)
         if config.step_time_repeats:  # the step alone, for the device utilization
             batch = _first_batch(setup.train_batches, config.batch_size)
