@@ -249,7 +249,7 @@ def make_train_steps(
         batch = _with_index(batch, axis)
         groups = k_local if bn else 1
         loss_fn = make_loss_fn(model, state.batch_stats, step_key(state), loss, groups)
-        params = state.params if axis is None else common.to_varying(state.params, axis)
+        params = common.to_varying(state.params, axis)
         grads, aux = mean_over_devices(jax.grad(loss_fn, has_aux=True)(params, batch))
         return apply_update(state, grads, aux), base_metrics(state, aux)
 
