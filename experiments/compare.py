@@ -342,15 +342,14 @@ def _timing(config, workdir: str, sweep_result: dict, ds, sizes: list[int]) -> d
             saved = {"sizes": sizes, "mesh": tput["mesh"], "rows": tput["rows"]}
             runlog.write_json(path, saved)
         rows = saved["rows"]
-    timed = {r["batch_size"]: r for r in rows if r["fits"] and r["step_time_s"]}
-    reasons = {r["batch_size"]: r["reason"] for r in rows}
-    missing = {b: reasons.get(b) for b in sizes if b not in timed}
+    by_b, timed = {r["batch_size"]: r for r in rows}, sweep.step_times(rows)
+    missing = {b: by_b[b]["reason"] if b in by_b else None for b in sizes if b not in timed}
     if missing:
         raise UserError(
             f"the policies' batch sizes {missing} could not be timed",
             hint="lower config.adaptive.candidates or config.compare.baseline_batch_size",
         )
-    return {b: {k: timed[b][k] for k in ("step_time_s", "times_s")} for b in sizes}
+    return {b: {k: by_b[b][k] for k in ("step_time_s", "times_s")} for b in sizes}
 
 
 def _device_times(rows: list[dict], step_time: dict[int, float], start: float) -> dict:
@@ -501,23 +500,18 @@ def run_compare(config, workdir: str) -> dict:
         t = float(cmp.target_accuracy)
         first = next((r for r in runs if r["policy"] == "adaptive"), None)
         summary.update(
-            {
-                "setup": cmp.setup,
-                "target_accuracy": t,
-                "target_window": int(cmp.target_window),
-                "eval_examples": int(n),
-                "standard_error_points": 100 * math.sqrt(t * (1 - t) / n),
-                "policies": {
-                    p: {k: v for k, v in plan.items() if k != "adaptive"}
-                    for p, plan in plans.items()
-                },
-                "skipped": skipped,
-                "candidates": cands,
-                "timing": {str(b): v for b, v in sorted(table.items())},
-                "runs": runs,
-                "verdict": verdict(runs, t),
-                "schedule": None if first is None else {**first["schedule"], "seed": first["seed"]},
-            }
+            setup=cmp.setup,
+            target_accuracy=t,
+            target_window=int(cmp.target_window),
+            eval_examples=int(n),
+            standard_error_points=100 * math.sqrt(t * (1 - t) / n),
+            policies={p: {k: v for k, v in x.items() if k != "adaptive"} for p, x in plans.items()},
+            skipped=skipped,
+            candidates=cands,
+            timing={str(b): v for b, v in sorted(table.items())},
+            runs=runs,
+            verdict=verdict(runs, t),
+            schedule=None if first is None else {**first["schedule"], "seed": first["seed"]},
         )
         path = os.path.join(workdir, PLOT_FILE)
         try:  # a plot is a convenience: never lose the finished runs to it
@@ -592,14 +586,12 @@ def run_tradeoff(config, workdir: str) -> dict:
             )
         b_simple = sweep.noise_scale_value(sweep_result["noise_scale"])
         summary.update(
-            {
-                "target_accuracy": float(config.tradeoff.target),
-                "points": fit["points"],
-                "skipped_trainings": sweep_result["skipped_trainings"],
-                "tradeoff": fit,
-                "check": check_recommendation(fit["points"], rec_b, b_simple, fit["b_crit"]),
-                "plot": sweep_result.get("plots", {}).get("tradeoff.png"),  # the sweep's: the fit
-            }
+            target_accuracy=float(config.tradeoff.target),
+            points=fit["points"],
+            skipped_trainings=sweep_result["skipped_trainings"],
+            tradeoff=fit,
+            check=check_recommendation(fit["points"], rec_b, b_simple, fit["b_crit"]),
+            plot=sweep_result.get("plots", {}).get("tradeoff.png"),  # the sweep's: the fit
         )
     return common.to_json(summary)
 

@@ -235,11 +235,7 @@ def smoke_config(mode):
 )
 def test_compare_config_mistake_is_a_user_error_naming_the_field(tmp_path, field, value, words):
     c = smoke_config("compare")
-    *parents, last = field.split(".")
-    node = c
-    for p in parents:
-        node = node[p]
-    node[last] = value
+    c.update_from_flattened_dict({field: value})
     with pytest.raises(UserError, match=words.replace("(", r"\(")):
         cifar10.run(c, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()

@@ -130,20 +130,11 @@ def test_branched_over_fitted_ratio_interval_and_target():
     assert r["low"] == pytest.approx(60 / 80) and r["high"] == pytest.approx(100 / 50)
     assert r["per_checkpoint"] == [{"step": 10, "ratio": 0.5}, {"step": 30, "ratio": None}]
     assert v["targets"]["branched_over_fitted_met"] is True
-    crit["effective"]["value"] = 97.0  # 97 / 64 = 1.52 > 1.5
-    assert (
-        validation.validation(fake_sweep(seed0(), by_basis, crit))["targets"][
-            "branched_over_fitted_met"
-        ]
-        is False
-    )
-    crit["effective"]["value"] = 42.0  # 64 / 42 = 1.52: too small by the same factor
-    assert (
-        validation.validation(fake_sweep(seed0(), by_basis, crit))["targets"][
-            "branched_over_fitted_met"
-        ]
-        is False
-    )
+    # 97 / 64 = 1.52 > 1.5; 64 / 42 = 1.52: too small by the same factor
+    for value in (97.0, 42.0):
+        crit["effective"]["value"] = value
+        targets = validation.validation(fake_sweep(seed0(), by_basis, crit))["targets"]
+        assert targets["branched_over_fitted_met"] is False
 
 
 def test_unmeasured_bases_and_no_reached_training_are_reported_not_crashed():
