@@ -251,7 +251,6 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     names, a, base = tuple(config.compare.policies), config.adaptive, _train_config(config)
     base_b, base_lr = base.batch_size, base.learning_rate
     rec, costs = sweep_result["recommendation"], sweep_result["measurement_cost_s"]
-    table_cost = sum(v for k, v in costs.items() if k.startswith("throughput"))
     b_noise = rec.get("b_noise")
     b_noise = sweep.noise_scale_value(sweep_result["noise_scale"]) if b_noise is None else b_noise
     fits = sorted(sweep.step_times(sweep_result["throughput"]))  # accumulation rows never fit
@@ -279,13 +278,12 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
             rule = scaling.rule_for(config.optimizer)
             if rule == "sgd" and b_noise == math.inf:  # unresolved: the rule's limit, linear
                 rule = "linear"
-            fields = {"candidates": tuple(cands), "lr_rule": rule, "initial_noise_scale": start}
             plans[p] = dict(
                 batch_size=base_b,
                 learning_rate=base_lr,
-                adaptive=fields,
+                adaptive=dict(candidates=tuple(cands), lr_rule=rule, initial_noise_scale=start),
                 gns_every=int(config.gns_every),
-                measurement_s=table_cost,
+                measurement_s=sum(v for k, v in costs.items() if k.startswith("throughput")),
             )
         elif batch[p] is None:
             skipped[p] = _NOT_PLANNED[p]

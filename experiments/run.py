@@ -38,14 +38,14 @@ def check_mode(config) -> str:
 def run(config, workdir: str) -> dict:
     """Run ``config.mode`` (:mod:`experiments.train` or :mod:`experiments.compare`); returns
     its summary."""
-    if check_mode(config) == "train":
+    mode = check_mode(config)
+    if mode == "train":
         from experiments import train
 
         return train.train_and_evaluate(config, workdir)
     from experiments import compare
 
-    run_mode = compare.run_tradeoff if config.mode == "tradeoff" else compare.run_compare
-    return run_mode(config, workdir)
+    return (compare.run_tradeoff if mode == "tradeoff" else compare.run_compare)(config, workdir)
 
 
 def main(argv):

@@ -543,14 +543,13 @@ def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise,
     carries it: its first rate is the one a fixed run gets at that batch. An unresolved noise
     scale (+inf, g_sq <= 0) makes the 'sgd' rule linear, so the schedule takes that rule."""
     config = cifar10_config.get_config("mlp_sgd")
-    config.compare.policies = ("default", "adaptive")
+    config.compare.policies = ("default", "adaptive", "largest_fits")
     rows = [dict(batch_size=b, fits=True, step_time_s=0.01 * b, accumulation_steps=1)
             for b in (16, 32, 64, 128)]  # fmt: skip
     rec = {"batch_size": 64, "accumulation_steps": 1, "b_noise": b_noise}
     measured = {"recommendation": rec, "throughput": rows, "measurement_cost_s": {
         "noise_scale": 3.0, "throughput[table]": 2.0},
         "noise_scale": {"b_simple": b_simple, "g_sq": g_sq}}  # fmt: skip
-    config.compare.policies = ("default", "adaptive", "largest_fits")
     plans, _, cands = compare.plan_policies(config, "unused", measured)
     fields, noise = plans["adaptive"]["adaptive"], b_simple if b_noise is None else b_noise
     noise = math.inf if noise is None else noise
