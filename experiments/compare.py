@@ -418,7 +418,7 @@ def _mode(config, workdir: str, mode: str):
     train.validate_config(config)  # the rules of both modes, compare's included
     with runlog.workdir_lock(workdir, f"{tasks.get(config).name} {mode}"):
         _check_resume(config, workdir, mode)
-        runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        runlog.write_json(os.path.join(workdir, runlog.CONFIG_FILE), config.to_dict())
         swept = sweep.run_sweep(
             _train_config(config),
             os.path.join(workdir, "sweep"),
@@ -444,7 +444,7 @@ def _check_resume(config, workdir: str, mode: str) -> None:
     fields (model, data, optimizer, baseline rate, ...): every run of the mode would differ.
     Measurement and ``compare`` fields may change: the sweep measures a changed stage again,
     and a run of a new seed or policy starts in a directory of its own."""
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, runlog.CONFIG_FILE)
     if not (os.path.isdir(os.path.join(workdir, "runs")) and os.path.exists(path)):
         return
     old = ml_collections.ConfigDict(runlog.read_json(path))

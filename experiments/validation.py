@@ -149,15 +149,11 @@ def validation(sweep: dict) -> dict:
     out: dict[str, Any] = {"best_measured": {k: best[k] for k in keep}, "by_basis": {}}
     for name, rec in sweep["recommendation_by_basis"].items():
         b = rec.get("batch_size")
-        out["by_basis"][name] = (
-            dict(rec)
-            if b is None
-            else {
-                "batch_size": int(b),
-                "b_noise": rec.get("b_noise"),
-                **_over_best(sweep, int(b), rows, best),
-            }
-        )
+        if b is None:  # nothing measured under this basis
+            out["by_basis"][name] = dict(rec)
+        else:
+            picked = {"batch_size": int(b), "b_noise": rec.get("b_noise")}
+            out["by_basis"][name] = picked | _over_best(sweep, int(b), rows, best)
     fit, crit = sweep["tradeoff"], sweep.get("critical_batch") or {}
     eff = crit.get("effective") or {}
     f_lo, f_hi = (fit.get("intervals") or {}).get("b_crit") or (None, None)
