@@ -464,14 +464,12 @@ def _cifar10_binary_arrays(cfg) -> dict[str, Any]:
     """Arrays of the CIFAR-10 binary version at ``data.path`` (used as it is), or of the archive
     in the cache directory, downloaded from ``data.url`` when absent and checked against
     ``data.md5`` (``None``: unchecked, warned) before it is decoded."""
-    md5 = cfg.md5 if "md5" in cfg else CIFAR10_BINARY_MD5
-    check = not cfg.path  # a file in the cache directory (downloaded, or placed by hand)
     if cfg.path:
         path = existing_path(cfg.path, "cifar-10-binary.tar.gz")
     else:
         path = os.path.join(_cache_dir(cfg.cache_dir), "cifar-10-binary.tar.gz")
         try:
-            download.fetch(cfg.get("url") or CIFAR10_BINARY_URL, path, md5=md5)
+            download.fetch(cfg.url, path, md5=cfg.md5)
         except download.DownloadError as err:
             raise UserError(
                 f"{err} Use local data instead: DATA= a folder or archive laid out "
@@ -483,13 +481,14 @@ def _cifar10_binary_arrays(cfg) -> dict[str, Any]:
             ) from err
 
     def decode() -> dict[str, Any]:
-        if check and md5 is None:
+        md5 = cfg.md5  # checked of a file in the cache directory (downloaded, or placed by hand)
+        if not cfg.path and md5 is None:
             logging.warning(
                 "%s is used without a checksum (data.md5=None): a wrong or "
                 "tampered file goes unnoticed; set the expected MD5 to check it.",
                 path,
             )
-        elif check and (actual := download.file_md5(path)) != md5.lower():
+        elif not cfg.path and (actual := download.file_md5(path)) != md5.lower():
             raise UserError(
                 f"{path} has MD5 {actual}, not the expected {md5.lower()}: it is not the "
                 "official cifar-10-binary.tar.gz, or it is damaged.",
@@ -602,8 +601,7 @@ def train_draws(
         epoch, i = divmod(step, num_train // batch_size)
         idx = _epoch(seed, epoch, num_train)[0][i * batch_size : (i + 1) * batch_size]
         return (idx, *augment_params(seed, step, batch_size))
-    epoch = lambda e: _epoch(seed, e, num_train)
-    return epoch_slice(epoch, num_train, start_example, batch_size)
+    return epoch_slice(lambda e: _epoch(seed, e, num_train), num_train, start_example, batch_size)
 
 
 def epoch_slice(epoch_arrays: Callable[[int], tuple], per_epoch: int, start: int, size: int):

@@ -33,12 +33,7 @@ _TEMP_RE = re.compile(r"^\.gns-tmp\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f
 
 
 class DownloadError(UserError):
-    """A download that failed, leaving nothing; ``offline`` when the server could not be
-    reached at all (connection refused, DNS failure, timeout)."""
-
-    def __init__(self, message: str, *, offline: bool = False):
-        super().__init__(message)
-        self.offline = offline
+    """A download that failed, leaving nothing."""
 
 
 def _host_tag() -> str:
@@ -117,8 +112,8 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
     unchecked); ``timeout_s`` bounds connecting and each read. A failed write raises OSError.
 
     Raises:
-      DownloadError: the server cannot be reached (``offline=True``) or answers with an HTTP
-        error, the transfer stops early, or the checksum differs.
+      DownloadError: the server cannot be reached or answers with an HTTP error, the transfer
+        stops early, or the checksum differs.
     """
     if os.path.exists(dest):
         return dest
@@ -135,13 +130,10 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
     try:
         response = urllib.request.urlopen(url, timeout=timeout_s)
     except urllib.error.HTTPError as err:
-        msg = f"cannot download {url}: the server answered HTTP {err.code}."
-        raise DownloadError(msg) from err
+        raise DownloadError(f"cannot download {url}: the server answered HTTP {err.code}.") from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         reason = getattr(err, "reason", err) or type(err).__name__
-        raise DownloadError(
-            f"cannot download {url}: {reason} (no network connection?).", offline=True
-        ) from err
+        raise DownloadError(f"cannot download {url}: {reason} (no network connection?).") from err
     length = response.headers.get("Content-Length")
     total = int(length) if length and length.isdigit() else None
     bar = tqdm(

@@ -85,7 +85,8 @@ def load(cfg, *, context: int) -> TextDataset:
         test_set = test_set or {min(files, key=_path_hash)}
         if len(test_set) == len(files):
             test_set.discard(max(files, key=_path_hash))
-        if max_bytes is not None and sum(_size(where, f) for f in files) <= max_bytes:
+        sizes = (os.path.getsize(os.path.join(where, f)) for f in files)  # read only if capped
+        if max_bytes is not None and sum(sizes) <= max_bytes:
             max_bytes = None  # a cap the corpus is within cuts nothing
         test_cap = None if max_bytes is None else max(1, round(max_bytes * test_fraction))
         train_cap = None if max_bytes is None else max_bytes - test_cap
@@ -185,14 +186,6 @@ def is_test_file(rel_path: str, test_fraction: float) -> bool:
 def _path_hash(rel_path: str) -> float:
     digest = hashlib.sha256(rel_path.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def _size(root: str, rel_path: str) -> int:
-    """The size of a corpus file in bytes (0 for one that cannot be read: it is skipped)."""
-    try:
-        return os.path.getsize(os.path.join(root, rel_path))
-    except OSError:
-        return 0
 
 
 def _read_files(root: str, files: list[str], cap: int | None, strict: bool):
