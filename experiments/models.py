@@ -56,9 +56,9 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
-def _layers(train: bool, momentum: float, epsilon: float, dtype: Any):
-    """``(norm, conv)``: ``nn.BatchNorm`` (batch statistics when ``train``) and ``nn.Conv``
-    without bias, both in ``dtype``."""
+def _layers(train: bool, dtype: Any, momentum: float = 0.9, epsilon: float = 1e-5):
+    """``(norm, conv)``: ``nn.BatchNorm`` (batch statistics when ``train``; ResNet's momentum
+    and epsilon by default) and ``nn.Conv`` without bias, both in ``dtype``."""
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype
     )
@@ -70,12 +70,11 @@ class BasicBlock(nn.Module):
 
     filters: int
     strides: int = 1
-    bn_momentum: float = 0.9
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        norm, conv = _layers(train, self.bn_momentum, 1e-5, self.dtype)
+        norm, conv = _layers(train, self.dtype)
         s = (self.strides, self.strides)
         y = nn.relu(norm()(conv(self.filters, (3, 3), s, padding="SAME")(x)))
         y = conv(self.filters, (3, 3), padding="SAME")(y)
@@ -94,18 +93,17 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     num_filters: int = 64
     num_classes: int = 10
-    bn_momentum: float = 0.9
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm, conv = _layers(train, self.bn_momentum, 1e-5, self.dtype)
+        norm, conv = _layers(train, self.dtype)
         x = conv(self.num_filters, (3, 3), padding="SAME", name="stem_conv")(x)
         x = nn.relu(norm(name="stem_bn")(x))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
-                block = BasicBlock(self.num_filters * 2**i, strides, self.bn_momentum, self.dtype)
+                block = BasicBlock(self.num_filters * 2**i, strides, self.dtype)
                 x = block(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
@@ -141,12 +139,11 @@ class MBConv(nn.Module):
     kernel: int
     strides: int
     drop_connect_rate: float = 0.0
-    bn_momentum: float = 0.99
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        norm, conv = _layers(train, self.bn_momentum, 1e-3, self.dtype)
+        norm, conv = _layers(train, self.dtype, 0.99, 1e-3)
         inputs = x
         filters = self.input_filters * self.expand_ratio
         if self.expand_ratio != 1:
@@ -185,12 +182,11 @@ class EfficientNet(nn.Module):
     stem_strides: int = 2
     head_filters: int = 1280
     blocks: Sequence[Sequence[int]] = EFFICIENTNET_B0_BLOCKS
-    bn_momentum: float = 0.99
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm, conv = _layers(train, self.bn_momentum, 1e-3, self.dtype)
+        norm, conv = _layers(train, self.dtype, 0.99, 1e-3)
         wc, dc = self.width_coefficient, self.depth_coefficient
         stem = round_filters(self.blocks[0][3], wc)
         x = conv(stem, (3, 3), self.stem_strides, padding="SAME", name="stem_conv")(x)
@@ -201,9 +197,7 @@ class EfficientNet(nn.Module):
             f_in, f_out = round_filters(f_in, wc), round_filters(f_out, wc)
             for _ in range(math.ceil(dc * repeats)):
                 rate = self.drop_connect_rate * index / total
-                x = MBConv(
-                    f_in, f_out, expand, kernel, strides, rate, self.bn_momentum, self.dtype
-                )(x, train)
+                x = MBConv(f_in, f_out, expand, kernel, strides, rate, self.dtype)(x, train)
                 f_in, strides, index = f_out, 1, index + 1  # the block's later repeats
         x = conv(round_filters(self.head_filters, wc), (1, 1), name="head")(x)
         x = jnp.mean(nn.swish(norm(name="head_bn")(x)), axis=(1, 2))
