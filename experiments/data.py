@@ -40,8 +40,7 @@ CROP_PADDING = 4
 CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 CIFAR10_CLASSES = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
-CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
-_CIFAR10_BATCHES = (*CIFAR10_TRAIN_BATCHES, "test_batch.bin")
+CIFAR10_BATCHES = (*(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin")  # train, test
 _CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte, then the R, G and B planes of 32 x 32
 # Seeds: epoch permutation from default_rng([seed, epoch]); augmentation from
 # default_rng([seed, step or epoch, _AUGMENT_TAG]). The tag keeps the two streams apart
@@ -401,7 +400,7 @@ def _decode_folder(path: str) -> dict[str, Any]:
     )
     for name, is_dir, data in _members(path, is_image):
         parts = [p for p in name.split("/") if p not in ("", ".")]  # archives: ./train/...
-        if parts and parts[-1] in _CIFAR10_BATCHES:
+        if parts and parts[-1] in CIFAR10_BATCHES:
             return _decode_cifar10_binary(path)
         if is_dir and len(parts) >= 2 and parts[-2] in SPLITS:
             files[parts[-2]].setdefault(parts[-1], [])  # a class directory: may stay empty
@@ -504,9 +503,9 @@ def _decode_cifar10_binary(path: str) -> dict[str, Any]:
     """The CIFAR-10 binary version, an archive or directory of ``data_batch_1.bin`` ...
     ``data_batch_5.bin`` (train) and ``test_batch.bin``: records of a label byte and the red,
     green and blue planes of a 32 x 32 image."""
-    wanted = lambda name: os.path.basename(name) in _CIFAR10_BATCHES
+    wanted = lambda name: os.path.basename(name) in CIFAR10_BATCHES
     found = {os.path.basename(name): data for name, _, data in _members(path, wanted) if data}
-    missing = [name for name in _CIFAR10_BATCHES if name not in found]
+    missing = [name for name in CIFAR10_BATCHES if name not in found]
     if missing:
         raise UserError(
             f"data.path={path!r} has no {', '.join(missing)}: not the CIFAR-10 binary version.",
@@ -515,7 +514,7 @@ def _decode_cifar10_binary(path: str) -> dict[str, Any]:
             "data.source=folder an image folder.",
         )
     records = []
-    for name in _CIFAR10_BATCHES:
+    for name in CIFAR10_BATCHES:
         if len(found[name]) % _CIFAR10_RECORD:
             raise UserError(
                 f"data.path={path!r}: {name!r} has {len(found[name])} bytes, not a multiple of "

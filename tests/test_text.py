@@ -116,7 +116,9 @@ def test_directory_source_splits_by_file(tmp_path):
     assert set(ds.train_files) <= set(more.train_files)
     # extensions select files.
     _write(tmp_path / "d0/skip.md", b"not read")
-    only = text.load({"path": str(tmp_path), "extensions": ".txt", "test_fraction": 0.3}, context=8)
+    only = text.load(
+        {"path": str(tmp_path), "extensions": (".txt",), "test_fraction": 0.3}, context=8
+    )
     assert "d0/skip.md" not in only.train_files + only.test_files
 
 

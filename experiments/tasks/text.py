@@ -72,9 +72,7 @@ def load(cfg, *, context: int) -> TextDataset:
     a binary file or a split shorter than ``context + 1`` bytes raises :class:`UserError`."""
     test_fraction = float(cfg.get("test_fraction", 0.05))
     max_bytes = None if cfg.get("max_bytes") is None else int(cfg["max_bytes"])
-    extensions = cfg.get("extensions")
-    extensions = (extensions,) if isinstance(extensions, str) else extensions
-    kind, where, files = _find_corpus(cfg.get("path"), extensions)
+    kind, where, files = _find_corpus(cfg.get("path"), cfg.get("extensions"))
     split = "bytes" if len(files) <= 1 else "file"
     if split == "bytes":  # a file: its last test_fraction of bytes is held out
         corpus = np.frombuffer(_read_text(os.path.join(where, *files), max_bytes), np.uint8)
