@@ -283,23 +283,18 @@ def microbatches_fit(k: int, batch_size: int, devices: int | None) -> bool:
 def batch_problem(batch_size: int, n: int, field: str) -> tuple[str, str] | None:
     """Why the global batch ``config.<field>`` does not split over ``n`` devices, with the
     hint, or ``None`` (:func:`experiments.mesh.check_batch`)."""
-    hint = (
+    if batch_size < n:
+        why = (
+            f"is smaller than the {n} devices of the mesh: every device needs at least one example"
+        )
+    elif batch_size % n:
+        why = f"is not divisible by the {n} devices of the mesh (the global batch is split evenly)"
+    else:
+        return None
+    return f"config.{field}={batch_size} {why}", (
         f"use a multiple of {n} (e.g. --config.{field}={max(n, batch_size // n * n)} or "
         f"{(batch_size // n + 1) * n}), or fewer devices with --config.num_devices"
     )
-    if batch_size < n:
-        return (
-            f"config.{field}={batch_size} is smaller than the {n} devices of the mesh: "
-            "every device needs at least one example",
-            hint,
-        )
-    if batch_size % n:
-        return (
-            f"config.{field}={batch_size} is not divisible by the {n} devices of the mesh "
-            "(the global batch is split evenly)",
-            hint,
-        )
-    return None
 
 
 def _on_devices(field: str) -> Callable:
@@ -344,10 +339,17 @@ MEASURE_CROSS = (
 )
 
 BENCH_CROSS = (
-    multiples(
-        "batch_sizes",
-        "num_microbatches",
-        "every batch size must split into num_microbatches equal microbatches",
+    *(  # the batch sizes of the CNN, the lm and each row
+        multiples(
+            sizes + "batch_sizes",
+            k + "num_microbatches",
+            f"every batch size must split into {k}num_microbatches equal microbatches",
+        )
+        for sizes, k in (
+            ("", ""),
+            ("lm.", "lm."),
+            *((f"rows.models.{m}.", "rows.") for m in BENCH_ROWS),
+        )
     ),
     cross(
         ("reference_batch_size", "batch_sizes"),
@@ -357,24 +359,11 @@ BENCH_CROSS = (
     GROUPS,
     *(
         multiples(
-            f"rows.models.{m}.batch_sizes",
-            "rows.num_microbatches",
-            "every batch size must split into rows.num_microbatches equal microbatches",
-        )
-        for m in BENCH_ROWS
-    ),
-    *(
-        multiples(
             f"rows.models.{m}.width",
             f"rows.models.{m}.num_heads",
             f"rows.models.{m}.num_heads must divide its width",
         )
         for m in BENCH_LMS
-    ),
-    multiples(
-        "lm.batch_sizes",
-        "lm.num_microbatches",
-        "every lm batch size must split into lm.num_microbatches equal microbatches",
     ),
     multiples("lm.model.width", "lm.model.num_heads", HEADS),
 )
