@@ -208,13 +208,8 @@ def _parse_or_print(argv: list[str], check: Callable[[Any], None] | None = None)
         args = parse_flags(argv)
         if not FLAGS.workdir:
             _exit("--workdir is empty", hint="pass the run's directory, e.g. --workdir runs/smoke")
-    try:
-        if check is not None:
-            check(FLAGS.config)
-    except UserError as e:
-        if _verbose(argv):
-            raise
-        _exit(str(e), e.hint)
+    if check is not None:
+        main(lambda _: check(FLAGS.config))(argv)
     if printing:
         sys.exit(0)
     return args
