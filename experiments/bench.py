@@ -246,12 +246,11 @@ def row_problem(name: str, batch_size: int, seed: int = 0, dims=(3072, 512, 512,
         shape, classes = (dims[0],), dims[-1]
     x = rng.standard_normal((batch_size, *shape), dtype=np.float32)
     batch = (x, rng.integers(0, classes, batch_size).astype(np.int32))
-    if name == "small_cnn":
-        model = models.get_model(fields | {"name": name}, num_classes=classes)
-        params = jax.jit(model.init)(key, x[:1])["params"]
-        apply = lambda params, x: model.apply({"params": params}, x)
-    elif name == "convnext":
-        model = ConvNeXtStyle(num_classes=classes, **fields)
+    if name in ("small_cnn", "convnext"):
+        if name == "small_cnn":
+            model = models.get_model(fields | {"name": name}, num_classes=classes)
+        else:
+            model = ConvNeXtStyle(num_classes=classes, **fields)
         params = jax.jit(model.init)(key, x[:1])["params"]
         apply = lambda params, x: model.apply({"params": params}, x)
     elif name == "nnx_mlp":

@@ -64,9 +64,7 @@ class EventLog:
 
             self._writer = SummaryWriter(logdir=self.workdir, flush_secs=30)
         out = {tag: row.get(k) for k, tag in STEP_TAGS.items()}
-        out.update(
-            {f"test/{k[len('test_') :]}": v for k, v in row.items() if k.startswith("test_")}
-        )
+        out.update({"test/" + k[5:]: v for k, v in row.items() if k.startswith("test_")})
         rate, size = row.get("examples_per_s"), row.get("batch_size")
         if _finite(rate) and _finite(size) and rate > 0:
             out["time/step_time_s"] = size / rate

@@ -400,7 +400,7 @@ class RunLog:
         return list(self._rows)
 
 
-class Checkpoints:
+class Checkpoints(contextlib.AbstractContextManager):
     """Orbax checkpoints of a run's state and :meth:`RunLog.meta` in ``workdir/checkpoints``;
     the last two are kept, so that :meth:`restore` falls back to the previous one when the
     latest is unreadable (moved to ``checkpoints-unreadable/``)."""
@@ -413,9 +413,6 @@ class Checkpoints:
             max_to_keep=2, create=True, enable_async_checkpointing=False
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
-
-    def __enter__(self) -> Checkpoints:
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()
