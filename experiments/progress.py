@@ -35,7 +35,7 @@ def interval_s() -> float:
 
 def format_duration(seconds: float) -> str:
     """``'2h05m'``, ``'3m07s'`` or ``'42s'`` (``'-'`` when unknown)."""
-    if not (seconds >= 0 and seconds < float("inf")):
+    if not 0 <= seconds < math.inf:
         return "-"
     s = int(round(seconds))
     if s >= 3600:
