@@ -9,6 +9,7 @@ reports what an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -199,6 +200,7 @@ class Clock:
         return {f"{k}_time_s": self.total(k) for k in self.KINDS}
 
 
+@dataclasses.dataclass(eq=False)
 class RunLog:
     """The record of one training run in ``workdir``: identity, clock, best and target,
     initial loss and the metrics rows, saved with (and restored from) its checkpoints
@@ -209,26 +211,20 @@ class RunLog:
     hosts keep the record in memory); ``devices``: a resume on another number is refused.
     """
 
-    def __init__(
-        self,
-        workdir: str,
-        target: float | None = None,
-        *,
-        window: int = 1,
-        primary: bool = True,
-        devices: int | None = None,
-    ):
-        self.workdir = workdir
-        self.window = window
-        self.primary = primary
+    workdir: str
+    target: float | None = None
+    _: dataclasses.KW_ONLY
+    window: int = 1
+    primary: bool = True
+    devices: int | None = None
+
+    def __post_init__(self):
         self._rows: list[dict] = []  # the metrics rows, as metrics.jsonl holds them
-        self.metrics_path = os.path.join(workdir, METRICS_FILE)
-        self.config_path = os.path.join(workdir, CONFIG_FILE)
-        self.target = target
-        self.devices = devices
+        self.metrics_path = os.path.join(self.workdir, METRICS_FILE)
+        self.config_path = os.path.join(self.workdir, CONFIG_FILE)
         self.data: dict | None = None  # the data's record, set once loaded (checked like devices)
         self.identity: dict | None = None
-        self.events = events_lib.EventLog(workdir)  # TensorBoard files (primary only)
+        self.events = events_lib.EventLog(self.workdir)  # TensorBoard files (primary only)
         self.resume(0, None, truncate=False)
 
     def check_identity(self, config: dict, identity: Callable, *, resuming: bool) -> None:
@@ -492,8 +488,7 @@ class Checkpoints(contextlib.AbstractContextManager):
         """Move the unreadable checkpoint out of the way (kept, for a post-mortem)."""
         src = os.path.join(self.directory, str(step))
         dst = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR, str(step))
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
+        shutil.rmtree(dst, ignore_errors=True)  # an older copy of this step
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.replace(src, dst)
         self._manager.reload()
