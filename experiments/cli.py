@@ -105,16 +105,14 @@ def _one_line(e: BaseException) -> str:
             f"the device ran out of memory ({text[:200]}): lower the batch size, or measure "
             "with less memory (chunk_size, method='microbatch')"
         )
-    fault = None if isinstance(e, UserError | OSError) else write_fault(e)
-    if fault is None:
+    if isinstance(e, UserError | OSError) or (fault := write_fault(e)) is None:
         return text
     return f"{fault} ({type(e).__name__}: {text[:200]})"
 
 
 def _fault_hint(e: BaseException) -> str | None:
     """The fix of a :func:`write_fault` (``None`` for other errors)."""
-    fault = write_fault(e)
-    if fault is None:
+    if (fault := write_fault(e)) is None:
         return None
     fix = "free space there" if "full" in fault or "cut short" in fault else "fix its permissions"
     return f"{fix}, or pass another --workdir (--config.data.cache_dir for the data's cache)"

@@ -491,10 +491,9 @@ def _assignment_comments(path: str) -> tuple[dict[str, str], list[str]]:
     the one on the assignment's line(s) plus the comment-only lines right below."""
     with open(path) as f:
         source = f.read()
-    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
     comments = {
         t.start[0]: (t.string.lstrip("# "), t.line.lstrip().startswith("#"))
-        for t in tokens
+        for t in tokenize.generate_tokens(io.StringIO(source).readline)
         if t.type == tokenize.COMMENT
     }
     tree = ast.parse(source)
