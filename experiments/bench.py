@@ -31,7 +31,6 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from experiments import cli, models, rules, runlog, tasks
 from experiments.cli import UserError
@@ -460,12 +459,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "Directory for bench.json.", required=True)
-    config_flags.DEFINE_config_file("config", None, "configs/bench.py[:variant]", lock_config=True)
-    flags.mark_flag_as_required("config")
     cli.run(
         main,
         "configs/bench.py",
         rules.describer(lambda config: rules.BENCH_TABLE),
-        check=lambda config: rules.check(config, rules.BENCH_TABLE),
+        lambda config: rules.check(config, rules.BENCH_TABLE),
+        workdir="bench.json",
     )

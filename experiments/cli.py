@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from experiments import interrupt
 
@@ -157,14 +158,23 @@ def run(
     fn: Main,
     config: str,
     describe: Describe,
+    check: Callable[[Any], None],
+    *,
+    workdir: str,
     argv: list[str] | None = None,
-    check: Callable[[Any], None] | None = None,
 ) -> None:
-    """``absl.app.run`` of ``main(fn)`` with :func:`parse_flags` and ``check(config)`` before
-    it (a mistake: one error line, before anything is loaded or written), ``--help``
+    """``absl.app.run`` of ``main(fn)`` with the flags ``--config`` (a file such as ``config``)
+    and ``--workdir`` (``workdir``: what it holds), defined here rather than on import (no
+    clash with another main's), :func:`parse_flags` and ``check(config)`` before it (a
+    mistake: one error line, before anything is loaded or written), ``--help``
     (:func:`print_help`) and ``--print_config`` (the config, then the check).
     An exit with code 2 skips Python's finalizers, so that a writer thread cut short by the
     fault (orbax's, on a full disk) adds no traceback."""
+    flags.DEFINE_string("workdir", None, f"Directory for {workdir}.")
+    config_flags.DEFINE_config_file(
+        "config", None, f"Config file: {config}[:variant].", lock_config=True
+    )
+    flags.mark_flags_as_required(["config", "workdir"])
     argv = resolve_config_paths(sys.argv if argv is None else argv)
     if any(a in HELP_FLAGS for a in argv[1:]):
         try:
@@ -194,7 +204,7 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
     return out
 
 
-def _parse_or_print(argv: list[str], check: Callable[[Any], None] | None = None) -> list[str]:
+def _parse_or_print(argv: list[str], check: Callable[[Any], None]) -> list[str]:
     """:func:`parse_flags`, then ``check(config)`` (a mistake: its error line, exit 2) before
     the main; with ``--print_config`` prints the resolved config first and exits 0."""
     printing = any(re.match(r"--print_config(=(true|1))?$", a) for a in argv[1:])
@@ -206,8 +216,7 @@ def _parse_or_print(argv: list[str], check: Callable[[Any], None] | None = None)
         args = parse_flags(argv)
         if not FLAGS.workdir:
             _exit("--workdir is empty", hint="pass the run's directory, e.g. --workdir runs/smoke")
-    if check is not None:
-        main(lambda _: check(FLAGS.config))(argv)
+    main(lambda _: check(FLAGS.config))(argv)
     if printing:
         sys.exit(0)
     return args

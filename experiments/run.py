@@ -14,7 +14,6 @@ if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one li
     interrupt.install()
 
 from absl import flags, logging
-from ml_collections import config_flags
 
 from experiments import cli, rules, runlog, tasks
 from experiments.cli import UserError
@@ -67,15 +66,16 @@ def main(argv):
 
 
 def start(config_file: str, argv: list[str] | None = None) -> None:
-    """Define the flags (here, not on import: no clash with another main's) and run
-    :func:`main`; ``config_file``: what ``--help`` describes without ``--config``."""
-    flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and plots.")
-    config_flags.DEFINE_config_file(
-        "config", None, f"Config file, e.g. {config_file}:smoke.", lock_config=True
+    """Run :func:`main` on the command line (``config_file``: what ``--help`` describes
+    without ``--config``)."""
+    cli.run(
+        main,
+        config_file,
+        rules.describer(tasks.table),
+        lambda config: rules.check(config, tasks.table(config)),
+        workdir="metrics, checkpoints and plots",
+        argv=argv,
     )
-    flags.mark_flags_as_required(["config", "workdir"])
-    check = lambda config: rules.check(config, tasks.table(config))
-    cli.run(main, config_file, rules.describer(tasks.table), argv, check)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import optax
 from absl import app, flags, logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from ml_collections import config_flags
 
 from experiments import cli, data, figures, models, rules, runlog, tasks, train, validation
 from experiments import mesh as mesh_lib
@@ -973,10 +972,11 @@ def main(argv):
     print(f"\nwrote {os.path.join(flags.FLAGS.workdir, SWEEP_FILE)}")
 
 
-if __name__ == "__main__":  # the flags: only when this module is the main program
-    flags.DEFINE_string("workdir", None, "Directory for sweep.json, plots and state.")
-    config_flags.DEFINE_config_file(
-        "config", None, "Config file, e.g. configs/sweep.py:smoke.", lock_config=True
+if __name__ == "__main__":
+    cli.run(
+        main,
+        "configs/sweep.py",
+        rules.describer(tasks.table),
+        validate_config,
+        workdir="sweep.json, plots and state",
     )
-    flags.mark_flags_as_required(["config", "workdir"])
-    cli.run(main, "configs/sweep.py", rules.describer(tasks.table), check=validate_config)
