@@ -23,7 +23,7 @@ from absl import logging
 
 from experiments import adaptive, figures, progress, runlog, sweep, tasks, train, validation
 from experiments.cli import UserError
-from experiments.sweep import fmt
+from experiments.report import fmt
 from experiments.validation import DEVICE
 from gns import common, plots, scaling
 from gns import schedule as gschedule
@@ -519,57 +519,6 @@ def run_compare(config, workdir: str) -> dict:
     return common.to_json(summary)
 
 
-def policy_table(summary: dict) -> str:
-    """The runs of a compare summary (one line per policy and seed) and the verdict."""
-    head = (
-        f"{'policy':<14}{'seed':>5}{'batch':>11}{'lr':>10}{'steps':>8}{'wall s':>9}"
-        f"{'device s':>10}{'best acc':>10}"
-    )
-    lines = [f"setup: {summary['setup']}"] if summary.get("setup") else []
-    lines += [
-        f"target: {100 * summary['target_accuracy']:.1f}% test accuracy, trailing mean of "
-        f"{summary['target_window']} evaluations on {summary['eval_examples']} test images "
-        f"(standard error {summary['standard_error_points']:.2f} points); device s = steps x "
-        "t(B) from one interleaved timing table",
-        head,
-        "-" * len(head),
-    ]
-    for r in summary["runs"]:
-        b = f"{r['batch_size']}"
-        if r["final_batch_size"] != r["batch_size"]:
-            b += f"->{r['final_batch_size']}"
-        lines.append(
-            f"{r['policy']:<14}{r['seed']:>5}{b:>11}{fmt(r['learning_rate'], '.3g'):>10}"
-            f"{fmt(r['steps_to_target'], 'd'):>8}{fmt(r['time_to_target_s'], '.1f'):>9}"
-            f"{fmt(r[DEVICE], '.1f'):>10}{fmt(r['best_smoothed_accuracy'], '.1f', 100, '%'):>10}"
-        )
-    lines += ["", *summary["verdict"]["text"]]
-    lines += [
-        f"  adaptive, seed {summary['schedule']['seed']}, step {c['step']}: {c['reason']}"
-        for c in (summary.get("schedule") or {}).get("changes", [])
-    ]
-    for r in summary["runs"][: len(summary["policies"])]:  # one line per policy
-        if r.get("start"):
-            lines.append(
-                f"{r['policy']}: went on from the pilot ({r['start']['step']} steps at batch "
-                f"{r['start']['batch_size']}, {r['start']['seconds']:.1f} s, counted); its times "
-                f"add {r['measurement_s']:.1f} s, the rest of the measurement's cost"
-            )
-        elif r["measurement_s"]:
-            lines.append(
-                f"{r['policy']}: its times add {r['measurement_s']:.1f} s, the "
-                "timing table its schedule decides on"
-            )
-    lines += [f"skipped {policy}: {why}" for policy, why in summary.get("skipped", {}).items()]
-    r, n = summary["recommendation"], summary["noise_scale"]
-    lines.append(
-        f"recommendation: batch {r['batch_size']}, lr {r['learning_rate']:.3g} (B_noise = "
-        f"{fmt(r.get('b_noise'), '.4g')} from {r.get('basis', 'b_simple')}; B_simple = "
-        f"{fmt(n['b_simple'], '.4g')}); {summary['total_time_s']:.0f} s in all"
-    )
-    return "\n".join(lines)
-
-
 def run_tradeoff(config, workdir: str) -> dict:
     """The tradeoff mode; returns ``summary.json`` (strict JSON; its ``plot``: the sweep's
     ``tradeoff.png``, the fit)."""
@@ -592,44 +541,3 @@ def run_tradeoff(config, workdir: str) -> dict:
             plot=sweep_result.get("plots", {}).get("tradeoff.png"),  # the sweep's: the fit
         )
     return common.to_json(summary)
-
-
-def tradeoff_table(summary: dict) -> str:
-    """Time to target per batch size, the fit, and the check of the recommendation."""
-    rec_b, ch, fit = summary["recommendation"]["batch_size"], summary["check"], summary["tradeoff"]
-    head = (
-        f"{'batch':>6} {'lr':>9} {'steps':>7} {'to target s':>12} {'steps x t(B) s':>15} "
-        f"{'final acc':>10}"
-    )
-    lines = [f"target test accuracy: {100 * summary['target_accuracy']:.1f}%", head]
-    for p in summary["points"]:
-        lines.append(
-            f"{p['batch_size']:>6d} {p['learning_rate']:>9.3g} {fmt(p['steps'], '7.0f'):>7} "
-            f"{fmt(p['time_to_target_s'], '12.1f'):>12} {fmt(p[DEVICE], '15.2f'):>15} "
-            f"{fmt(p['final_test_accuracy'] or 0.0, '9.1f', 100, '%'):>10}"
-            + ("  <- recommended" if p["batch_size"] == rec_b else "")
-        )
-    if ch["time_ratio"] is None:
-        lines += ["", f"recommended batch {rec_b} did not reach the target."]
-    else:
-        lines += [
-            "",
-            f"recommended batch {rec_b}: {ch['recommended_device_time_to_target_s']:.2f} s of "
-            f"steps x t(B) to target, {ch['time_ratio']:.2f}x the best measured "
-            f"({ch['best_device_time_to_target_s']:.2f} s at batch {ch['best_batch_size']}); "
-            f"rank {ch['rank']} of {ch['num_reached']} (wall clock: "
-            f"{fmt(ch['wall_time_ratio'], '.2f')}x the fastest).",
-        ]
-    lines += [f"batch {b} {why}" for b, why in summary["skipped_trainings"].items()]
-    lines.append(sweep.fit_line(fit))
-    if fit.get("b_crit") is not None:
-        lines.append(
-            f"measured B_simple = {fmt(ch['b_simple'], '.4g')} (B_crit / B_simple = "
-            f"{fmt(ch['b_crit_over_b_simple'], '.3g')})"
-        )
-    return "\n".join(lines)
-
-
-def report(summary: dict) -> str:
-    """The table of a compare or tradeoff summary."""
-    return {"compare": policy_table, "tradeoff": tradeoff_table}[summary["mode"]](summary)

@@ -15,7 +15,7 @@ if __name__ == "__main__":  # first: Ctrl-C during the imports exits with one li
 
 from absl import flags, logging
 
-from experiments import cli, rules, runlog, tasks
+from experiments import cli, report, rules, runlog, tasks
 from experiments.cli import UserError
 
 FLAGS = flags.FLAGS
@@ -53,9 +53,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(runlog.QuietLibraries())
     summary = run(FLAGS.config, FLAGS.workdir)
     if summary.get("mode") in ("compare", "tradeoff"):
-        from experiments import compare
-
-        print(compare.report(summary))
+        print(report.mode_summary(summary))
         return
     task = tasks.get(FLAGS.config)
     keys = ["test_loss", f"test_{task.metric}", f"train_{task.metric}", "wall_time_s", "steps"]

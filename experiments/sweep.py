@@ -7,10 +7,11 @@ Usage::
 It runs :func:`gns.finder.pipeline` on the task of ``configs/sweep.py`` (noise scale, branched
 critical batch, memory and step time on the mesh, recommendation), then trainings to
 ``tradeoff.target`` at several batch sizes and the fit ``S(B) = S_min + E_min/B``
-(README, "Results"), and writes ``DIR/sweep.json``, its plots and a printed summary. Each
-measurement is kept in ``DIR/sweep_state.json`` under the fingerprint of the fields its stage
-reads (:data:`STAGE_FIELDS`): a re-run measures only what is missing or changed. The pilot's
-end state is kept in ``DIR/pilot/<key>``, for a run to go on from (:func:`pilot_hooks`).
+(README, "Results"), and writes ``DIR/sweep.json``, its plots and a printed summary
+(:func:`experiments.report.sweep_summary`). Each measurement is kept in
+``DIR/sweep_state.json`` under the fingerprint of the fields its stage reads
+(:data:`STAGE_FIELDS`): a re-run measures only what is missing or changed. The pilot's end state
+is kept in ``DIR/pilot/<key>``, for a run to go on from (:func:`pilot_hooks`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ from absl import app, flags, logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import cli, data, figures, models, rules, runlog, tasks, train, validation
+from experiments import cli, data, figures, models, report, rules, runlog, tasks, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from experiments.progress import Progress
-from gns import common, critical, estimate, finder, hardware, plots, scaling, smoothing, tradeoff
+from gns import common, critical, estimate, finder, hardware, scaling, smoothing, tradeoff
 
 STATE_FILE = "sweep_state.json"
 SWEEP_FILE = "sweep.json"
@@ -828,147 +829,12 @@ class _Sweep:
         return sweep
 
 
-def fmt(x, spec: str, scale: float | None = None, suffix: str = "") -> str:
-    """``x`` (times ``scale``) formatted by ``spec``, then ``suffix``; ``-`` for ``None`` and
-    NaN."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return format(x if scale is None else x * scale, spec) + suffix
-
-
-# (title, row key, format[, scale]) of the summary's tables.
-THROUGHPUT_COLUMNS = [
-    ("batch", "batch_size", "d"),
-    ("fits", "fits", ""),
-    ("accum", "accumulation_steps", "d"),
-    ("step ms", "step_time_s", ".2f", 1e3),
-    ("examples/s", "examples_per_s", ".0f"),
-    ("pred. MiB", "predicted_bytes", ".1f", 2.0**-20),
-]
-TRAINING_COLUMNS = [
-    ("batch", "batch_size", "d"),
-    ("seed", "seed", "d"),
-    ("lr", "learning_rate", ".3g"),
-    ("steps to target", "steps", ".0f"),
-    ("steps x t(B) s", "device_time_to_target_s", ".2f"),
-    ("wall s", "time_to_target_s", ".1f"),
-]
-
-
-def _table(rows: list[dict], columns: list[tuple]) -> list[str]:
-    """A header and one right-aligned line per row."""
-    cells = [[c[0] for c in columns]]
-    cells += [[fmt(r.get(key), *spec) for _, key, *spec in columns] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return [" ".join(f"{c:>{w}}" for c, w in zip(line, widths, strict=True)) for line in cells]
-
-
-def summary_table(sweep: dict) -> str:
-    """A plain-text summary: device, throughput, noise scale, tradeoff, recommendation and
-    validation."""
-    d, m, n, r = sweep["device"], sweep["mesh"], sweep["noise_scale"], sweep["recommendation"]
-    c, rf = sweep.get("critical_batch") or {}, sweep["recommendation_from_tradeoff"]
-    iv, effective = n["interval"], (n.get("effective") or {}).get("value")
-    path = [f"{fmt(x['b_simple'], '.4g')} (to step {x['step']:g})" for x in n["trajectory"]]
-    evidence = [
-        f"{k} {fmt(v['value'], '.4g')} (x{fmt(v['ratio_to_basis'], '.2f')})"
-        for k, v in r.get("evidence", {}).items()
-    ]
-    lines = [
-        f"device: {d['platform']} / {d['kind']} x{d['count']}",
-        f"mesh: {m['devices']} device(s) on {m['hosts']} host(s); batch sizes are global "
-        f"(per device: batch / {m['devices']})",
-        "",
-        *_table(sweep["throughput"], THROUGHPUT_COLUMNS),
-        "",
-        f"{plots.largest_fits(sweep)[1]} ({sweep['max_batch_size_per_device']} per device)",
-        *(f"batch {b} {why}" for b, why in sweep["skipped_batch_sizes"].items()),
-        f"noise scale b_simple: {fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
-        f"interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]  ({n['num_batches']} batches "
-        f"of {n['batch_size']}, {n['method']}, after {n['after_warmup_steps']} steps)",
-        f"along the pilot: {', '.join(path)}; effective {fmt(effective, '.4g')}",
-        *_branched_lines(c),
-        "",
-        *_table(sweep["tradeoff"]["points"], TRAINING_COLUMNS),
-        fit_line(sweep["tradeoff"]),
-        "",
-        f"recommended batch size: {r['batch_size']} (accumulation steps {r['accumulation_steps']}),"
-        f" learning rate {r['learning_rate']:.4g}, predicted speedup vs baseline "
-        f"{r['predicted_speedup_vs_baseline']:.2f}x",
-        f"  basis: {r['basis']} ({r.get('basis_note') or 'the best evidence measured'}); "
-        + ", ".join(evidence),
-        f"  {r['reason']}",
-        f"  lr rule: {r['lr_rule']}",
-    ]
-    if rf is not None:
-        lines.append(
-            f"from the fitted tradeoff (B_crit as the noise scale): batch {rf['batch_size']}"
-        )
-    return "\n".join(lines + validation_lines(sweep.get("validation")))
-
-
-def _branched_lines(critical: dict) -> list[str]:
-    """The branched ``B_crit`` of each checkpoint and their effective value (none without)."""
-    forks = [
-        f"{fmt(x['b_crit'], '.4g')} (step {x['step']}, {x['status']})"
-        for x in critical.get("checkpoints") or []
-    ]
-    if not forks:
-        return []
-    effective = fmt(critical["effective"]["value"], ".4g")
-    return [
-        f"branched B_crit: {', '.join(forks)}; effective {effective} (forks cost "
-        f"{critical['cost_fraction']:.2f}x the pilot's examples)"
-    ]
-
-
-def fit_line(fit: dict) -> str:
-    """The ``S(B)`` fit of ``sweep.json``'s ``tradeoff`` in one line (or why there is none)."""
-    if fit.get("b_crit") is None:
-        return f"fit: not available ({fit.get('error')})"
-    iv = fit["intervals"].get("b_crit") or (None, None)
-    return (
-        f"fit: S_min = {fit['s_min']:.4g}, E_min = {fit['e_min']:.4g}, B_crit = "
-        f"{fit['b_crit']:.4g}  interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]"
-    )
-
-
-def validation_lines(v: dict | None) -> list[str]:
-    """The ``validation`` block of ``sweep.json`` as summary lines (none without one)."""
-    if not v or "error" in v:
-        return ["", f"validation: {v['error']}"] if v else []
-    best, c, g = v["best_measured"], v["branched_over_fitted"], v["targets"]
-    lines = [
-        "",
-        f"validation (device time to target over the best measured, batch {best['batch_size']}"
-        f" at {best['device_time_to_target_s']:.2f} s, mean of seeds {best['seeds']}):",
-    ]
-    for name, r in v["by_basis"].items():
-        rng = r.get("over_best_range")
-        spread = f" [seeds {rng[0]:.2f}-{rng[1]:.2f}]" if rng else ""
-        if r.get("batch_size") is None:
-            lines.append(f"  {name:>12}: not measured")
-            continue
-        lines.append(
-            f"  {name:>12}: batch {r['batch_size']:>5} (noise scale {fmt(r['b_noise'], '.4g')}):"
-            f" {fmt(r['over_best'], '.2f')}x{spread}, {r['source']}"
-        )
-    ratios = [f"{fmt(x['ratio'], '.2f')} (step {x['step']})" for x in c["per_checkpoint"]]
-    return lines + [
-        f"  branched B_crit / fitted B_crit: {fmt(c['value'], '.2f')} [{fmt(c['low'], '.2f')}, "
-        f"{fmt(c['high'], '.2f')}]; per checkpoint {', '.join(ratios)}",
-        f"  targets: branched over best <= {g['branched_over_best_max']:.2f}: "
-        f"{g['branched_over_best_met']}; branched within {g['branched_over_fitted_max_factor']}x "
-        f"of fitted: {g['branched_over_fitted_met']}",
-    ]
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(runlog.QuietLibraries())
     sweep = run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
-    print(summary_table(sweep))
+    print(report.sweep_summary(sweep))
     print(f"\nwrote {os.path.join(flags.FLAGS.workdir, SWEEP_FILE)}")
 
 

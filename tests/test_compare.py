@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs import cifar10 as cifar10_config
-from experiments import adaptive, cifar10, compare, runlog, sweep, train
+from experiments import adaptive, cifar10, compare, report, runlog, sweep, train
 from experiments.cli import UserError
 from gns import common, scaling
 
@@ -291,7 +291,7 @@ def test_tradeoff_mode_checks_the_recommendation(tradeoff_run):
     b_crit = s["tradeoff"]["b_crit"]
     if b_crit is not None:
         assert ch["b_crit_over_b_simple"] == pytest.approx(b_crit / s["noise_scale"]["b_simple"])
-    table = compare.report(s)
+    table = report.mode_summary(s)
     lines = table.splitlines()
     for p in s["points"]:
         row = next(ln for ln in lines if ln.split() and ln.split()[0] == str(p["batch_size"]))
@@ -468,7 +468,7 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
     assert s["schedule"]["changes"] == changes
     for change in changes:
         assert change["new_batch_size"] > change["old_batch_size"] and change["reason"]
-    table = compare.report(s)
+    table = report.mode_summary(s)
     for r in s["runs"]:
         assert any(line.split()[:2] == [r["policy"], str(r["seed"])] for line in table.splitlines())
     assert table.count("\n".join(s["verdict"]["text"])) == 1

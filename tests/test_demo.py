@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from experiments import compare
+from experiments import compare, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_KEYS = ("policy", "batch_size", "seed", "time_to_target_s", "device_time_to_target_s",
@@ -58,7 +58,7 @@ def test_make_demo_on_the_smoke_settings_prints_the_policy_table_and_verdict(tmp
         assert key in s["verdict"], key
     assert s["verdict"] == compare.verdict(s["runs"], s["target_accuracy"])
     # The printed table is the report of the summary: one row per run, then the verdict.
-    assert compare.report(s) in out.stdout
+    assert report.mode_summary(s) in out.stdout
     lines = out.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("policy"))
     rows = [line.split() for line in lines[head + 2 : head + 2 + len(s["runs"])]]

@@ -11,7 +11,7 @@ import pytest
 
 from configs import cifar10 as cifar10_config
 from configs import sweep as sweep_config
-from experiments import runlog, sweep, tasks, validation
+from experiments import report, runlog, sweep, tasks, validation
 from experiments.cli import UserError
 from gns import finder
 
@@ -558,7 +558,7 @@ def test_second_seed_at_the_fastest_batches_and_the_validation_block(smoke_run, 
             fit = s["tradeoff"]
             pred = (fit["s_min"] + fit["e_min"] / b) * t_b
             assert not r["trained"] and r["over_best"] == pytest.approx(pred / means[best])
-    out = sweep.summary_table(s)
+    out = report.sweep_summary(s)
     assert "validation (device time to target over the best measured" in out
     assert f"batch {v['by_basis']['tradeoff_fit']['batch_size']:>5}" in out
 
