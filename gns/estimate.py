@@ -290,7 +290,8 @@ def per_example(
     Each example is passed to ``loss_fn`` as a batch of one; the small batch is one example
     (``b = 1``), the big batch the whole (global) batch. Unbiased for any ``loss_fn`` that is a
     mean of independent per-example losses. Not for BatchNorm in training mode (a batch of one
-    normalizes over itself): use :func:`microbatch` there.
+    normalizes over itself), a masked token mean over the batch, or in-batch terms: use
+    :func:`microbatch` there (:func:`gns.finder.mean_loss_warning` checks a ``loss_fn``).
 
     For any JAX ``loss_fn`` (Flax Linen or NNX, plain ``jnp``) the per-example squared norms of
     parameters read by one operation linear in them (``dot_general``, convolutions, embedding

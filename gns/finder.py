@@ -55,7 +55,7 @@ import functools
 import inspect
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -128,7 +128,14 @@ def as_batch_fn(batch_fn) -> Callable[[int, int], Any]:
     def from_iterator(size, index):
         it, pos = streams.get(size, (None, math.inf))
         if pos > index:
-            it, pos = iter(batch_fn(size)), 0
+            it, pos = batch_fn(size), 0
+            if not isinstance(it, Iterator):
+                raise ValueError(
+                    f"batch_fn({size}) returned a {type(it).__name__}, not an iterator: a "
+                    "one-argument batch_fn is an iterator factory (batch_fn(size) -> iterator "
+                    "of batches); a sampler that returns one batch takes the batch's index "
+                    "too, batch_fn(size, index)."
+                )
         for _ in range(index - pos):
             next(it)
         streams[size] = (it, index + 1)
@@ -172,6 +179,26 @@ def _check_loss(loss_fn, params, batch) -> None:
             f"{shape}: reduce it with .mean() (per-example losses are not a training loss; a "
             "(loss, aux) pair is not supported: return the loss only)."
         )
+
+
+def mean_loss_warning(loss_fn, params, batch, num_examples: int = 8) -> str | None:
+    """A warning when ``loss_fn`` of the first ``num_examples`` of ``batch`` is not the mean of
+    their one-example losses (``None`` when it is, to 1e-3). The per-example statistics assume
+    that mean: a masked token mean, BatchNorm, in-batch contrastive terms or a target that
+    broadcasts across the batch give them another objective's gradients."""
+    sub = jax.tree.map(lambda x: x[:num_examples], batch)
+    one = lambda example: loss_fn(params, jax.tree.map(lambda x: x[None], example))
+    whole, singles = jax.jit(lambda b: (loss_fn(params, b), jax.vmap(one)(b)))(sub)
+    whole, mean = float(whole), float(jnp.mean(singles))
+    if math.isclose(whole, mean, rel_tol=1e-3, abs_tol=1e-6):
+        return None
+    return (
+        f"loss_fn of the first {len(singles)} examples is {whole:.6g}, the mean of their "
+        f"one-example losses {mean:.6g}: the per-example statistics measure the gradients of "
+        "that mean, not of loss_fn (a masked token mean, BatchNorm, in-batch terms or a target "
+        "that broadcasts across the batch; dropout drawn per call also differs): make loss_fn "
+        "a mean over examples, or pass method='microbatch'"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1437,15 +1464,33 @@ def _injected(x) -> bool:
     return isinstance(x, _INJECTED)
 
 
+def _injected_rates(opt_state) -> list:
+    """The ``optax.inject_hyperparams`` states of ``opt_state`` that hold a learning rate."""
+    leaves = jax.tree.leaves(opt_state, is_leaf=_injected)
+    return [x for x in leaves if _injected(x) and "learning_rate" in x.hyperparams]
+
+
 def _injected_rate(opt_state) -> float | None:
-    """The learning rate an ``optax.inject_hyperparams`` state holds (``None``: none, or
-    several)."""
-    rates = [
-        float(x.hyperparams["learning_rate"])
-        for x in jax.tree.leaves(opt_state, is_leaf=_injected)
-        if _injected(x) and "learning_rate" in x.hyperparams
-    ]
-    return rates[0] if len(rates) == 1 else None
+    """The constant learning rate an ``optax.inject_hyperparams`` state holds (``None``: none,
+    several, or one that follows a schedule)."""
+    rates = _injected_rates(opt_state)
+    if len(rates) != 1 or _scheduled(opt_state):
+        return None
+    return float(rates[0].hyperparams["learning_rate"])
+
+
+def _base_rate(a: dict) -> float | None:
+    """The rate the recommendation scales: ``learning_rate``, else the one the optimizer's
+    state holds (``None``: neither, the recommended rate is then relative)."""
+    return a["learning_rate"] if a["learning_rate"] is not None else _injected_rate(a["opt_state"])
+
+
+def _scheduled(opt_state) -> bool:
+    """Whether an injected learning rate follows a schedule (its value now is not the rate a
+    batch size scales)."""
+    return any(
+        "learning_rate" in getattr(x, "hyperparams_states", {}) for x in _injected_rates(opt_state)
+    )
 
 
 def _with_rate_of(optimizer, opt_state, params):
@@ -1596,7 +1641,18 @@ def _check_batch_fn(get, ref: int, other: int):
 
 def _check_optimizer(a: dict) -> tuple[str, str, str]:
     """``(rule, where it came from, the forks' rule)`` of the optimizer and its rate."""
+    if a["learning_rate"] is None and _scheduled(a["opt_state"]):
+        raise ValueError(
+            "the optimizer's learning rate follows a schedule (optax.inject_hyperparams with a "
+            "callable), so its value now is not the rate to scale: pass learning_rate= the "
+            "schedule's peak; the recommended rate is the peak to build the schedule with."
+        )
     held = _injected_rate(a["opt_state"])
+    if a["learning_rate"] is None and held is not None and not held > 0:
+        raise ValueError(
+            f"the optimizer's state holds learning rate {held:g} (optax.inject_hyperparams): "
+            "the pilot would not train; pass a positive rate."
+        )
     if None not in (held, a["learning_rate"]) and not math.isclose(
         held, a["learning_rate"], rel_tol=1e-6
     ):
@@ -1604,12 +1660,12 @@ def _check_optimizer(a: dict) -> tuple[str, str, str]:
             f"learning_rate={a['learning_rate']!r}, but the optimizer's state holds {held:.6g} "
             f"(optax.inject_hyperparams): pass learning_rate={held:.6g}, or leave it out."
         )
-    multi = lambda x: isinstance(x, optax.MultiStepsState)
+    multi = lambda x: isinstance(x, optax.MultiStepsState | optax.ApplyEvery)
     if any(map(multi, jax.tree.leaves(a["opt_state"], is_leaf=multi))):
         raise ValueError(
-            "optax.MultiSteps takes one update every k batches, so the batch the finder "
-            "measures is not the update's: pass the inner optimizer (continue_training's "
-            "accumulation_steps= runs a batch above the largest that fits)."
+            "optax.MultiSteps and optax.apply_every take one update every k batches, so the "
+            "batch the finder measures is not the update's: pass the inner optimizer "
+            "(continue_training's accumulation_steps= runs a batch above the largest that fits)."
         )
     rule, source = resolve_lr_rule(a["lr_rule"], a["optimizer_name"], a["opt_state"])
     fork_rule = scaling.check_rule(a["branch_lr_rule"] or rule, "branch_lr_rule")
@@ -1693,7 +1749,9 @@ def _check_arguments(a: dict) -> dict:
     get = as_batch_fn(a["batch_fn"])
     first = _check_batch_fn(get, ref, max(1, ref // 2))
     _check_loss(a["loss_fn"], a["params"], first)
+    per_example = a["method"] != "microbatch"
     return {
+        "mean_loss": per_example and mean_loss_warning(a["loss_fn"], a["params"], first),
         "ref": ref,
         "get": get,
         "first": first,
@@ -2022,7 +2080,7 @@ def find_batch_size(
 
     Returns:
       A :class:`BatchSizeResult`: ``.batch_size``, ``.recommendation``, ``.basis``, ``.state``,
-      ``.warnings``, ``.seconds``, ``.to_dict()`` (strict JSON), ``.plot(path)``.
+      ``.warnings``, ``.seconds``, ``.to_dict()`` (strict JSON), ``.plot()``.
 
     Raises:
       ValueError: before any work, for a ``batch_fn`` that returns another number of examples
@@ -2052,7 +2110,7 @@ def find_batch_size(
     opt_state = optimizer.init(params) if opt_state is None else opt_state
     a = dict(locals())
     checked = _check_arguments(a)
-    base_lr = learning_rate or _injected_rate(opt_state) or 1.0
+    base_lr = _base_rate(a) or 1.0
     ref, rule = checked["ref"], checked["rule"]
     plan = _plan(a, checked)
     t_path = time.perf_counter()
@@ -2128,9 +2186,11 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
             f"the search cost {seconds['overhead']:.3g} s beyond the pilot, over the budget of "
             f"{m.budget_s:.3g} s (compiling each candidate is not bounded: pass fewer candidates)"
         )
+    if checked["mean_loss"]:
+        warn.append(checked["mean_loss"])
     if checked["rule_source"] == STATELESS:
         warn.append(f"the learning-rate rule 'sgd' is {STATELESS}")
-    if a["learning_rate"] is None and _injected_rate(a["opt_state"]) is None:
+    if _base_rate(a) is None:
         warn.append(
             f"learning_rate {rec.learning_rate:.4g} is relative: 1 is the rate of `optimizer` "
             f"at batch {checked['ref']}, which its state does not hold; multiply it by that "
@@ -2155,7 +2215,7 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
         "branch_examples_per_fork": None if forks is None else forks["examples_per_fork"],
         "branch_lr_rule": checked["fork_rule"],
         "candidates": m.candidates,
-        "learning_rate": a["learning_rate"] or _injected_rate(a["opt_state"]),
+        "learning_rate": _base_rate(a),
         "optimizer_name": a["optimizer_name"],
         "lr_rule": checked["rule"],
         "lr_rule_source": checked["rule_source"],

@@ -66,10 +66,17 @@ _SGD_STATES = frozenset(
         "ScaleByScheduleState",
         "ScaleByLearningRateState",
         "AddDecayedWeightsState",
+        "WrappedScheduleState",
+    }
+)
+_WRAPPERS = frozenset(
+    {
+        "InjectHyperparamsState",
+        "InjectStatefulHyperparamsState",
+        "MaskedState",
         "ApplyIfFiniteState",
     }
 )
-_WRAPPERS = frozenset({"InjectHyperparamsState", "InjectStatefulHyperparamsState", "MaskedState"})
 
 
 def check_rule(rule: str, name: str = "lr_rule") -> str:

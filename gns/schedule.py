@@ -421,14 +421,22 @@ def batch_size_schedule(
     base_b = float(base_batch_size)
 
     def init(noise=None) -> ScheduleState:
+        needs_noise = lr_rule == "sgd" and initial_batch_size != base_batch_size
         if noise is None:
-            if lr_rule == "sgd" and initial_batch_size != base_batch_size:
+            if needs_noise:
                 raise ValueError(
                     f"the 'sgd' rule needs the noise scale to set the learning rate at the "
                     f"initial batch {initial_batch_size} != base batch {base_batch_size}: call "
                     "init(noise=...)."
                 )
             noise = jnp.nan
+        elif needs_noise and not isinstance(noise, jax.core.Tracer) and not np.all(noise > 0):
+            raise ValueError(
+                f"init(noise={noise}): the 'sgd' rule sets the learning rate at the initial "
+                f"batch {initial_batch_size} from the noise scale, which must be > 0 "
+                "(a fresh EMA's b_simple is nan until it has measured): measure first, or start "
+                f"at the base batch {base_batch_size}."
+            )
         noise = jnp.asarray(noise, jnp.float32)
         i32 = lambda v: jnp.asarray(v, jnp.int32)
         return ScheduleState(

@@ -155,6 +155,9 @@ def test_iterator_factory_serves_the_same_stream_as_indices():
     get = finder.as_batch_fn(lambda size: (linreg_batches(size, i) for i in range(100)))
     for size, index in ((4, 2), (4, 0), (8, 3)):
         np.testing.assert_array_equal(get(size, index)["x"], linreg_batches(size, index)["x"])
+    sampler = finder.as_batch_fn(lambda size: {"x": _X[:size], "y": _Y[:size]})  # one batch
+    with pytest.raises(ValueError, match=r"batch_fn\(8\) returned a dict, not an iterator"):
+        sampler(8, 0)
 
 
 def test_choose_basis_prefers_branched_then_trajectory_then_b_simple():
@@ -400,6 +403,13 @@ def test_the_pilot_rows_hold_the_training_loss_of_each_measured_step(plain_resul
       "min_batch_size=16 > max_batch_size=4: swap them"),
      ({"ref_batch_size": 3, "num_microbatches": 3}, r"an even ref_batch_size, or branched=False"),
      ({"optimizer": optax.MultiSteps(optax.sgd(0.01), 4)}, "pass the inner optimizer"),
+     ({"optimizer": optax.chain(optax.apply_every(4), optax.sgd(0.01))},
+      "pass the inner optimizer"),
+     ({"optimizer": optax.inject_hyperparams(optax.adam)(
+         learning_rate=optax.linear_schedule(0.0, 1e-2, 10))},
+      "follows a schedule .* pass learning_rate= the schedule's peak"),
+     ({"optimizer": optax.inject_hyperparams(optax.adam)(learning_rate=0.0)},
+      "holds learning rate 0 .* pass a positive rate"),
      ({"batch_fn": lambda size, index: {"x": _X[:size, : 4 + (size == 8)], "y": _Y[:size]}},
       r"batch_fn\(8, 0\) and batch_fn\(4, 1\) differ")],
 )  # fmt: skip
@@ -440,6 +450,9 @@ def test_the_learning_rate_rule_is_read_from_the_optimizer_or_asked_for():
                       (optax.adam(1e-3), "sqrt"), (optax.adamw(1e-3), "sqrt"),
                       (optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), "sqrt"),
                       (optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), "sgd"),
+                      (optax.inject_hyperparams(optax.sgd)(optax.linear_schedule(0.1, 0.0, 9)),
+                       "sgd"),
+                      (optax.apply_if_finite(optax.adam(1e-3), 5), "sqrt"),  # a wrapper
                       (optax.adafactor(1e-3), None)]:  # fmt: skip
         assert scaling.infer_rule(opt.init(w)) == rule
     parts = optax.multi_transform(
@@ -463,6 +476,29 @@ def test_the_learning_rate_rule_is_read_from_the_optimizer_or_asked_for():
     # The forks' rule is the run's (SGD here, read from the state), and the multipliers follow it.
     assert scaling.rule_for("adamw") == "sqrt" and scaling.rule_for("sgd") == "sgd"
     assert critical.lr_multipliers(32, [64], "sgd", 32.0) == pytest.approx(((1 + 1) / 1.5,))
+
+
+def test_a_scheduled_injected_rate_is_scaled_from_the_peak_passed():
+    sched = optax.warmup_cosine_decay_schedule(1e-4, 1e-2, 5, 100)  # step 0: 1e-4, peak 1e-2
+    res = _find(optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=sched),
+                learning_rate=1e-2, lr_rule="sgd")  # fmt: skip
+    assert res.settings["learning_rate"] == 1e-2
+    b, n = res.batch_size, res.recommendation.b_noise
+    assert res.recommendation.learning_rate == pytest.approx(
+        scaling.learning_rate("sgd", 1e-2, 8, b, n)[0], rel=1e-6
+    )
+
+
+def test_a_loss_that_is_not_a_mean_over_examples_is_named(plain_result):
+    x = jnp.arange(24.0).reshape(4, 6) / 10
+    batch = {"x": x, "mask": (jnp.arange(6) < jnp.array([[1], [2], [6], [3]])).astype(float)}
+    mean_of_tokens = lambda w, b: jnp.sum((b["x"] * w) ** 2 * b["mask"]) / jnp.sum(b["mask"])
+    per_example = lambda w, b: jnp.mean(
+        jnp.sum((b["x"] * w) ** 2 * b["mask"], 1) / b["mask"].sum(1)
+    )
+    assert "not of loss_fn" in finder.mean_loss_warning(mean_of_tokens, 1.0, batch)
+    assert finder.mean_loss_warning(per_example, 1.0, batch) is None
+    assert not any("one-example losses" in w for w in plain_result.warnings)
 
 
 def test_progress_covers_every_phase_and_seconds_add_up():

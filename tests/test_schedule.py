@@ -288,6 +288,9 @@ def test_sgd_rule_needs_the_noise_scale_when_starting_off_the_base_batch():
     sched = make(lr_rule="sgd", base_batch_size=BASE_B)
     with pytest.raises(ValueError, match="init\\(noise=...\\)"):
         sched.init()
+    for bad in (math.nan, 0.0, -3.0):  # e.g. a fresh EMA's b_simple: no rate to derive
+        with pytest.raises(ValueError, match=f"init\\(noise={bad}\\).* must be > 0"):
+            sched.init(noise=bad)
     assert float(make(lr_rule="sgd").current(make(lr_rule="sgd").init()).lr_multiplier) == 1.0
 
 
