@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -132,8 +133,8 @@ def infer_rule(opt_state) -> str | None:
     ``"sgd"`` when it holds only momentum traces and stateless transforms (SGD, momentum,
     LARS; also a stateless sign or normalized update, which has the state of plain SGD:
     :func:`is_stateless` says when it is a guess); ``None`` for anything else (Adafactor, Lion,
-    RMSProp, ``optax.multi_transform``, whose parts may follow different rules, a custom
-    state...): pass the rule.
+    RMSProp, parts of ``optax.multi_transform`` or ``optax.masked`` that follow different
+    rules, a custom state...): pass the rule.
 
     Example:
       >>> import optax, jax.numpy as jnp
@@ -142,7 +143,9 @@ def infer_rule(opt_state) -> str | None:
       ('sqrt', 'sgd')
     """
     names = _state_names(opt_state, set())
-    if "PartitionState" in names:
+    masked = lambda x: type(x).__name__ == "MaskedState"
+    parts = [x.inner_state for x in jax.tree.leaves(opt_state, is_leaf=masked) if masked(x)]
+    if "PartitionState" in names or len({infer_rule(p) for p in parts}) > 1:
         return None
     if names & _ADAPTIVE_STATES:
         return "sqrt"

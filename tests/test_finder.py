@@ -459,6 +459,15 @@ def test_the_learning_rate_rule_is_read_from_the_optimizer_or_asked_for():
         {"a": optax.adam(1e-3), "s": optax.sgd(0.1)}, {"x": "a", "y": "s"}
     )
     assert scaling.infer_rule(parts.init({"x": w, "y": w})) is None  # rules of their own
+    mask = lambda x_part: {"x": x_part, "y": not x_part}
+    mixed = optax.chain(
+        optax.masked(optax.adam(1e-3), mask(True)), optax.masked(optax.sgd(0.1), mask(False))
+    )
+    same = optax.chain(
+        optax.masked(optax.adam(1e-3), mask(True)), optax.masked(optax.adamw(1e-3), mask(False))
+    )
+    assert scaling.infer_rule(mixed.init({"x": w, "y": w})) is None
+    assert scaling.infer_rule(same.init({"x": w, "y": w})) == "sqrt"
     # Plain SGD and a sign update have the same (empty) state: the rule is a guess there.
     sign = optax.chain(optax.scale_by_sign(), optax.scale(-0.1))
     assert scaling.is_stateless(sign.init(w)) and scaling.is_stateless(optax.sgd(0.1).init(w))
