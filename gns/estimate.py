@@ -338,9 +338,11 @@ def per_example(
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``): the statistics and the
       mean gradient of the (global) batch, equal to ``jax.grad(loss_fn)(params, batch)`` (and
-      in its dtypes). With parameters narrower than float32 (bfloat16) the per-example squared
-      norms, the gradient sums and the mean gradient of the statistics are accumulated in
-      float32; the statistics are float32.
+      in its dtypes) for a loss that is such a mean (dropout whose key the loss draws from the
+      batch draws other masks on ``vmap``'s batches of one: the same in law, not equal).
+      With parameters narrower than float32 (bfloat16) the per-example squared norms, the
+      gradient sums and the mean gradient of the statistics are accumulated in float32; the
+      statistics are float32.
 
     Example:
       >>> def loss_fn(w, batch):
