@@ -83,6 +83,18 @@ def leaf_name(path) -> str:
     return "/".join(parts) or "."
 
 
+def check_scalar_loss(loss_fn: Callable, params: PyTree, batch: PyTree) -> None:
+    """A ``ValueError`` unless ``loss_fn(params, batch)`` returns a scalar (traced, not run)."""
+    out = jax.eval_shape(loss_fn, params, batch)
+    if not (hasattr(out, "shape") and out.shape == ()):
+        shape = getattr(out, "shape", type(out).__name__)
+        raise ValueError(
+            f"loss_fn(params, batch) must return a scalar (the mean loss over the batch), got "
+            f"{shape}: reduce it with .mean() (per-example losses are not a training loss); for "
+            "a (loss, aux) pair pass lambda params, batch: loss_fn(params, batch)[0]."
+        )
+
+
 def float_params(params: PyTree) -> PyTree:
     """``params`` with every leaf an array (Python scalars converted), or a ``ValueError``
     naming the first leaf that is not floating point (an integer counter, a PRNG key)."""

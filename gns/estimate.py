@@ -530,6 +530,7 @@ def hessian_aware(
     Reference: McCandlish et al. (2018), section 2.2 and appendix A.
     """
     params = common.float_params(params)
+    common.check_scalar_loss(loss_fn, params, hessian_batch)
     n, k = _microbatches(batch, num_microbatches)
     grad = jax.grad(loss_fn)
 

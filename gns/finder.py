@@ -171,14 +171,7 @@ def _checked_batch(batch_fn, size: int, index: int):
 
 def _check_loss(loss_fn, params, batch) -> None:
     common.float_params(params)  # an integer counter or a PRNG key: named, with the fix
-    out = jax.eval_shape(loss_fn, params, batch)
-    if not (hasattr(out, "shape") and out.shape == ()):
-        shape = getattr(out, "shape", type(out).__name__)
-        raise ValueError(
-            f"loss_fn(params, batch) must return a scalar (the mean loss over the batch), got "
-            f"{shape}: reduce it with .mean() (per-example losses are not a training loss; a "
-            "(loss, aux) pair is not supported: return the loss only)."
-        )
+    common.check_scalar_loss(loss_fn, params, batch)
 
 
 def mean_loss_warning(loss_fn, params, batch, num_examples: int = 8) -> str | None:

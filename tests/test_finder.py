@@ -205,6 +205,9 @@ def test_non_scalar_loss_is_a_clear_error():
 
     with pytest.raises(ValueError, match=r"must return a scalar .*got \(8,\).*\.mean\(\)"):
         _find(loss_fn=per_example_loss)
+    with_aux = lambda w, b: (linreg_loss(w, b), 0.0)  # the estimators' has_aux form
+    with pytest.raises(ValueError, match=r"got tuple: .*loss_fn\(params, batch\)\[0\]"):
+        estimate.hessian_aware(with_aux, jnp.zeros(D), linreg_batches(8, 0), linreg_batches(8, 1))
 
 
 @pytest.mark.parametrize(
