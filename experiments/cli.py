@@ -269,11 +269,20 @@ def parse_flags(argv: list[str]) -> list[str]:
         for field in fields:  # config_flags parses "None" as the field's type: set it here
             *parents, last = field.split(".")
             functools.reduce(lambda node, key: node[key], parents, FLAGS.config)[last] = None
+        absolute_data_path(FLAGS.config)
         return args
     except Exception as e:
         if _verbose(argv):
             raise
         _exit(*_flag_error(e, argv))
+
+
+def absolute_data_path(config) -> None:
+    """``config.data.path`` made absolute, so that the records of a run (``config.json``) name
+    the same file when it is resumed from another directory."""
+    data = config.get("data")
+    if data is not None and isinstance(data.get("path"), str) and data.path:
+        data.path = os.path.abspath(os.path.expanduser(data.path))
 
 
 def _flag_values(argv: list[str]) -> dict[str, str]:

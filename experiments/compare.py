@@ -447,7 +447,13 @@ def _check_resume(config, workdir: str, mode: str) -> None:
     path = os.path.join(workdir, runlog.CONFIG_FILE)
     if not (os.path.isdir(os.path.join(workdir, "runs")) and os.path.exists(path)):
         return
-    old = ml_collections.ConfigDict(runlog.read_json(path))
+    try:
+        old = ml_collections.ConfigDict(runlog.read_json(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(
+            f"cannot read {path} to check the runs to resume ({e})",
+            hint=f"delete {workdir} to start over, or pass another --workdir",
+        ) from None
     diffs = runlog.differing_fields(
         train.run_identity(_train_config(old).to_dict()),
         train.run_identity(_train_config(config).to_dict()),

@@ -304,7 +304,15 @@ class RunLog:
         self._last_row = (self.clock.total("train"), self.examples_seen)
         if not truncate:
             return []
-        self._rows = [r for r in read_jsonl(self.metrics_path) if int(r.get("step", -1)) <= step]
+        rows = read_jsonl(self.metrics_path)
+        stepped = [r for r in rows if isinstance(r, dict) and type(r.get("step")) is int]
+        if len(stepped) < len(rows):
+            logging.warning(
+                "Dropping %d rows of %s without an integer step (not rows of a run).",
+                len(rows) - len(stepped),
+                self.metrics_path,
+            )
+        self._rows = [r for r in stepped if r["step"] <= step]
         if self.primary:
             with download.atomic_file(self.metrics_path) as f:
                 f.write("".join(dumps(r) + "\n" for r in self._rows).encode())

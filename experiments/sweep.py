@@ -84,9 +84,10 @@ def stage_config(config, stage: str) -> ml_collections.ConfigDict:
 
 
 def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
-    """:func:`experiments.runlog.fingerprint` of :func:`stage_config` (for ``throughput``,
-    with the ``mesh`` record when given)."""
+    """:func:`experiments.runlog.fingerprint` of :func:`stage_config` (its data fields those of
+    a run's identity; for ``throughput``, with the ``mesh`` record when given)."""
     view = stage_config(config, stage).to_dict()
+    view["data"] = train.run_identity({"data": view["data"]})["data"]  # e.g. not its cache
     if mesh is not None and stage == "throughput":
         view = {"config": view, "mesh": mesh}
     return runlog.fingerprint(view)
@@ -487,6 +488,12 @@ def training_config(config, batch_size: int, b_noise: float, seed_offset=0) -> t
     return cfg, rule
 
 
+def training_fingerprint(cfg, devices: int) -> str:
+    """The key of a training to the target: its identity (:func:`experiments.train.run_identity`)
+    on ``devices`` devices."""
+    return runlog.fingerprint({"run": train.run_identity(cfg.to_dict()), "devices": devices})
+
+
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
     """Train ``cfg`` to its target: steps and wall-clock time to it (``None`` if missed) and
     the curve of the task's metric on the test data."""
@@ -736,7 +743,7 @@ class _Sweep:
             self.bar.set(phase=f"training B={b}{seed_note}")
             cfg, rule = training_config(config, b, b_noise, seed_offset)
             key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first: the batch
-            fp = fps[key] = runlog.fingerprint(cfg.to_dict())
+            fp = fps[key] = training_fingerprint(cfg, self.mesh.size)
             p = self.st.get("trainings", key, fp)
             if p is None:
                 run_dir = os.path.join(self.workdir, "train", f"B{b}-seed{cfg.seed}-{fp[:8]}")

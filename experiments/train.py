@@ -36,14 +36,15 @@ PyTree = Any
 
 SUMMARY_FILE = "summary.json"
 # Fields that do not change what a run computes, so a resume may change them (run_identity);
-# adaptive.timing_*: how the candidates are timed, not the schedule; start_from: where the
-# first state was read (a resume reads its own checkpoint; a moved workdir moves the pilot).
+# adaptive.timing_* and step_times: the candidates' timing, measured again by a re-run (a
+# compare's after a change of its measurement fields); start_from: where the first state was
+# read (a resume reads its own checkpoint; a moved workdir moves the pilot).
 NOT_IDENTITY = (
     *rules.NOT_TRAINING,
     *"""log_every checkpoint_every progress_bar plots max_wall_time_s eval_batch_size
     divergence_factor data.cache_dir data.tfds_data_dir data.url data.md5 data.on_device
     distributed step_time_repeats adaptive.timing_warmup adaptive.timing_rounds
-    start_from""".split(),
+    adaptive.step_times start_from""".split(),
 )
 
 
@@ -517,7 +518,15 @@ def _already_complete(config, setup: Setup, log: runlog.RunLog) -> dict | None:
     path = os.path.join(log.workdir, SUMMARY_FILE)
     if not (jax.process_count() == 1 and log.step > 0 and os.path.exists(path)):
         return None
-    stored = runlog.read_json(path)
+    try:
+        stored = runlog.read_json(path)
+    except (OSError, ValueError) as e:
+        logging.warning(
+            "Cannot read %s (%s): finishing the run again from its checkpoint.", path, e
+        )
+        return None
+    if not isinstance(stored, dict):
+        return None
     stop = _stop_reason(config, log, setup.num_steps * config.batch_size, threading.Event())
     if stored.get("steps") != log.step or stop is None or stored.get("stop_reason") != stop:
         return None

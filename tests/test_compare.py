@@ -241,6 +241,14 @@ def test_compare_config_mistake_is_a_user_error_naming_the_field(tmp_path, field
     assert not (tmp_path / "w").exists()
 
 
+def test_an_unreadable_config_of_a_compare_workdir_is_one_error(tmp_path):
+    (tmp_path / "w" / "runs").mkdir(parents=True)
+    (tmp_path / "w" / "config.json").write_text("")  # emptied: no way to check the runs
+    with pytest.raises(UserError, match="cannot read .*config.json to check the runs"):
+        cifar10.run(smoke_config("compare"), str(tmp_path / "w"))
+    assert (tmp_path / "w" / "config.json").read_text() == ""  # stopped before rewriting it
+
+
 def test_policies_are_checked_names():
     c = smoke_config("compare")
     c.compare.policies = ("tradeoff_best", "default")

@@ -19,7 +19,7 @@ from configs import common
 from configs import lm as lm_config
 from configs import sweep as sweep_config
 from configs import teacher as teacher_config
-from experiments import cli, models, rules, tasks
+from experiments import cli, models, rules, tasks, train
 from experiments.cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -332,6 +332,18 @@ def test_print_config_and_config_from_the_repository(ran):
     bad = ran[0]["print_bad_config"]  # printed, then checked: the mistake as a run would say it
     assert bad.returncode == cli.EXIT_USER_ERROR and json.loads(bad.stdout)["batch_size"] == 1
     assert bad.stderr.strip().splitlines()[0] == "error: config.batch_size=1 must be an int >= 2"
+
+
+def test_a_relative_data_path_is_recorded_absolute(tmp_path, monkeypatch):
+    """A run's config.json names its data file from anywhere: a resume from another
+    directory compares the same file (train.run_identity resolves paths from the cwd)."""
+    monkeypatch.chdir(tmp_path)
+    config = lm_config.get_config("smoke")
+    config.data.path = "corpus.txt"
+    cli.absolute_data_path(config)
+    assert config.data.path == os.path.join(os.path.realpath(tmp_path), "corpus.txt")
+    monkeypatch.chdir(ROOT)
+    assert train.run_identity(config.to_dict())["data"]["path"] == config.data.path
 
 
 def test_config_paths_resolve_from_the_repository(tmp_path, monkeypatch):

@@ -66,8 +66,8 @@ def _log_with_rows(workdir, steps):
 
 def test_resume_keeps_exactly_the_rows_of_the_checkpoint(tmp_path):
     log = _log_with_rows(tmp_path, [1, 2, 3, 4])
-    with open(log.metrics_path, "a") as f:
-        f.write('{"step": 5, "tra')  # torn by a kill
+    with open(log.metrics_path, "a") as f:  # rows of another tool, then one torn by a kill
+        f.write('{"epoch": 1, "loss": 0.5}\n5\n{"step": "abc"}\n{"step": 1e400}\n{"step": 5, "tra')
     assert [r["step"] for r in log.rows()] == [1, 2, 3, 4]
     meta = {"step": 2, "examples_seen": 64, "clock": {"train_time_s": 3.0}}
     kept = log.resume(2, meta)

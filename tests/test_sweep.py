@@ -626,7 +626,7 @@ def test_throughput_candidates_and_spread():
 def _fps(config):
     fps = {s: sweep.stage_fingerprint(config, s) for s in sweep.STAGE_FIELDS}
     cfg, _ = sweep.training_config(config, 32, 100.0)
-    fps["trainings"] = runlog.fingerprint(cfg.to_dict())
+    fps["trainings"] = sweep.training_fingerprint(cfg, 1)
     return fps
 
 
@@ -639,6 +639,7 @@ def _fps(config):
         ("recommend.objective", "cost", set()),
         ("throughput.accumulation_factors", (8,), set()),
         ("compilation_cache", False, set()),
+        ("data.cache_dir", "/elsewhere", set()),  # where the decoded data is kept
         # Read by one stage only.
         ("noise.confidence", 0.8, {"noise_scale"}),
         ("throughput.repeats", 9, {"throughput"}),

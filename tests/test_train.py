@@ -187,6 +187,10 @@ def test_rerunning_a_finished_run_says_already_complete(smoke_run, caplog):
     assert again == summary
     assert "is already complete (num_steps at step 60)" in caplog.text
     assert os.stat(summary_path).st_mtime_ns == before  # not evaluated or written again
+    with open(summary_path, "w") as f:  # torn: the run is finished again from its checkpoint
+        f.write('{"steps": 6')
+    assert train.train_and_evaluate(config, workdir)["steps"] == summary["steps"]
+    assert runlog.read_json(summary_path)["steps"] == summary["steps"]
 
 
 @pytest.mark.timeout(240)
@@ -750,6 +754,10 @@ def test_adaptive_fields_of_the_variants_and_the_identity():
     # A compare workdir moved elsewhere moves its pilot: start_from is not the run's identity.
     moved = copy.deepcopy(config) | {"start_from": "/elsewhere/sweep/pilot"}
     assert train.run_identity(moved) == train.run_identity(config | {"start_from": "/a/pilot"})
+    # The candidates' step times are measured again by a compare re-run: not the identity.
+    timed = copy.deepcopy(config)
+    timed["adaptive"]["step_times"] = (0.1, 0.2)
+    assert train.run_identity(timed) == train.run_identity(config)
     assert run.check_mode(tiny_config(mode="adaptive")) == "adaptive"
 
 
