@@ -68,6 +68,7 @@ _WRITE_FAULTS = {
         (errno.EACCES, errno.EPERM),
         ("PERMISSION_DENIED", "Permission denied"),
     ),
+    "a part of the path is a file": ((errno.ENOTDIR,), ("Not a directory",)),
     # An orbax writer thread that fails (e.g. on a full disk) while Python shuts down.
     "the write was cut short (a full disk?)": ((), ("sys.meta_path is None",)),
 }
@@ -116,6 +117,7 @@ def _fault_hint(e: BaseException) -> str | None:
     if (fault := write_fault(e)) is None:
         return None
     fix = "free space there" if "full" in fault or "cut short" in fault else "fix its permissions"
+    fix = "pick a path of directories" if "is a file" in fault else fix
     return f"{fix}, or pass another --workdir (--config.data.cache_dir for the data's cache)"
 
 

@@ -96,7 +96,8 @@ def test_unwritable_workdir(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     err = run_main(capsys, smoke(), str(blocker / "w"))  # a workdir under a plain file
-    assert err == [f"error: Not a directory: {blocker / 'w'}"]
+    assert err[0] == f"error: Not a directory: {blocker / 'w'}"
+    assert err[1].startswith("hint: pick a path of directories, or pass another --workdir")
 
 
 def test_full_disk(tmp_path, capsys, monkeypatch):
