@@ -220,7 +220,8 @@ def policy_table(summary: dict) -> str:
     lines.append(
         f"recommendation: batch {r['batch_size']}, lr {r['learning_rate']:.3g} (B_noise = "
         f"{fmt(r.get('b_noise'), '.4g')} from {r.get('basis', 'b_simple')}; B_simple = "
-        f"{fmt(n['b_simple'], '.4g')}); {summary['total_time_s']:.0f} s in all"
+        f"{fmt(n['b_simple'], '.4g')}); this call took {summary['total_time_s']:.0f} s (what it "
+        "reused from an earlier call not counted)"
     )
     return "\n".join(lines)
 

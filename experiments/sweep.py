@@ -86,8 +86,7 @@ def stage_config(config, stage: str) -> ml_collections.ConfigDict:
 def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
     """:func:`experiments.runlog.fingerprint` of :func:`stage_config` (its data fields those of
     a run's identity; for ``throughput``, with the ``mesh`` record when given)."""
-    view = stage_config(config, stage).to_dict()
-    view["data"] = train.run_identity({"data": view["data"]})["data"]  # e.g. not its cache
+    view = data_identity(stage_config(config, stage).to_dict())
     if mesh is not None and stage == "throughput":
         view = {"config": view, "mesh": mesh}
     return runlog.fingerprint(view)
@@ -488,10 +487,16 @@ def training_config(config, batch_size: int, b_noise: float, seed_offset=0) -> t
     return cfg, rule
 
 
+def data_identity(view: dict) -> dict:
+    """``view`` (a config dict) with the data fields of a run's identity
+    (:func:`experiments.train.run_identity`: e.g. not where the data is cached)."""
+    return view | {"data": train.run_identity({"data": view["data"]})["data"]}
+
+
 def training_fingerprint(cfg, devices: int) -> str:
-    """The key of a training to the target: its identity (:func:`experiments.train.run_identity`)
-    on ``devices`` devices."""
-    return runlog.fingerprint({"run": train.run_identity(cfg.to_dict()), "devices": devices})
+    """The key of a training to the target: its config (:func:`data_identity`) on ``devices``
+    devices."""
+    return runlog.fingerprint({"config": data_identity(cfg.to_dict()), "devices": devices})
 
 
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
