@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from absl import logging
-from tqdm import tqdm
 
+from experiments import progress
 from experiments.cli import UserError
 
 TEMP_PREFIX = ".gns-tmp."
@@ -136,17 +136,9 @@ def fetch(url: str, dest: str, *, md5: str | None = None, timeout_s: float = TIM
         raise DownloadError(f"cannot download {url}: {reason} (no network connection?).") from err
     length = response.headers.get("Content-Length")
     total = int(length) if length and length.isdigit() else None
-    bar = tqdm(
-        total=total,
-        desc=f"download {os.path.basename(dest)}",
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        mininterval=0.5,
-        disable=None,
-    )
+    bar = progress.Progress(total, desc=f"download {os.path.basename(dest)}", unit="bytes")
     h = hashlib.md5(usedforsecurity=False)  # of the body as it arrives: no second read
-    with response, bar, atomic_file(dest) as f:
+    with response, contextlib.closing(bar), atomic_file(dest) as f:
         while True:
             try:
                 chunk = response.read(CHUNK)

@@ -73,7 +73,7 @@ class Progress:
                 desc=desc,
                 unit=unit,
                 dynamic_ncols=True,
-                unit_scale=unit == "examples",
+                unit_scale=unit in ("examples", "bytes"),
             )
         self._stop = threading.Event()
         self._thread = None
