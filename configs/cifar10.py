@@ -67,7 +67,8 @@ def base() -> ml_collections.ConfigDict:
     # scale for the starting rate (None: needed only when the start is not config.batch_size)
     c.adaptive.step_times = config_dict.placeholder(tuple)  # seconds per step of each
     # candidate, in order (None: timed, interleaved, before training)
-    c.adaptive.lr_rule = "sqrt"  # 'linear', 'sgd', 'sqrt' (Adam-family), 'seesaw', 'constant'
+    c.adaptive.lr_rule = config_dict.placeholder(str)  # 'linear', 'sgd', 'sqrt', 'seesaw',
+    # 'constant' (None: the rule of config.optimizer: 'sgd' for SGD, 'sqrt' for the Adam family)
     c.adaptive.margin = 0.05  # predicted relative saving a change of batch size needs
     c.adaptive.patience = 3  # consecutive measurements that must agree before a change
     c.adaptive.allow_shrink = False  # the batch may also shrink (else a ramp only grows)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from experiments.cli import UserError
+from gns import scaling
 from gns import schedule as gschedule
 
 
@@ -43,6 +44,11 @@ def candidates(config) -> list[int]:
     return cands
 
 
+def lr_rule(config) -> str:
+    """``config.adaptive.lr_rule``, by default the rule of ``config.optimizer``."""
+    return config.adaptive.lr_rule or scaling.rule_for(config.optimizer)
+
+
 def make_batch_schedule(config, step_times: Sequence[float] | None = None):
     """The :class:`gns.schedule.BatchSizeSchedule` of ``config.adaptive``, base learning rate
     ``config.learning_rate`` at ``config.batch_size``; ``step_times``: seconds per step of
@@ -63,7 +69,7 @@ def make_batch_schedule(config, step_times: Sequence[float] | None = None):
             max_batch_size=cands[-1],
             candidates=cands,
             initial_batch_size=a.initial_batch_size,
-            lr_rule=a.lr_rule,
+            lr_rule=lr_rule(config),
             base_batch_size=int(config.batch_size),
             base_lr=float(config.learning_rate),
             margin=float(a.margin),
@@ -84,8 +90,9 @@ def initial_state(config) -> gschedule.ScheduleState:
     except ValueError:
         start = config.adaptive.initial_batch_size or candidates(config)[0]
         raise UserError(
-            f"config.adaptive.lr_rule='sgd' starts at batch {start}, not config.batch_size="
-            f"{config.batch_size}, and its rate there needs config.adaptive.initial_noise_scale",
+            f"the 'sgd' rule (config.adaptive.lr_rule) starts at batch {start}, not "
+            f"config.batch_size={config.batch_size}, and its rate there needs "
+            "config.adaptive.initial_noise_scale",
             hint="set it (e.g. the noise scale a sweep measured), or start at config.batch_size",
         ) from None
 

@@ -275,7 +275,7 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     for p in names:
         if p == "adaptive":
             start = b_noise if 0 < b_noise < math.inf else None  # the 'sgd' rule's first rate
-            rule = scaling.rule_for(config.optimizer)
+            rule = adaptive.lr_rule(config)
             if rule == "sgd" and b_noise == math.inf:  # unresolved: the rule's limit, linear
                 rule = "linear"
             plans[p] = dict(

@@ -565,6 +565,10 @@ def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise,
     assert (cands, fields["lr_rule"]) == ([16, 32, 64, 128], rule)
     assert fields["initial_noise_scale"] == (noise if rule == "sgd" else None)
     assert plans["adaptive"]["measurement_s"] == 2.0  # the timing table, not the noise scale
+    config.adaptive.lr_rule = "constant"  # the user's rule, when given, is the schedule's
+    plans_constant = compare.plan_policies(config, "unused", measured)[0]
+    assert plans_constant["adaptive"]["adaptive"]["lr_rule"] == "constant"
+    config.adaptive.lr_rule = None
     assert plans["largest_fits"]["learning_rate"] == pytest.approx(
         scaling.learning_rate("sgd", 0.01, 64, 128, noise)[0])  # fmt: skip
     config.adaptive.update(fields)

@@ -201,6 +201,12 @@ def test_every_wrong_value_of_every_field_is_one_line_or_a_documented_accept(kin
         ("cifar10", {"model.groups": 3}, "model.groups must divide every one of model.widths"),
         ("cifar10", {"gns_chunk_size": 0}, "config.gns_chunk_size=0"),
         ("cifar10", {"data.source": "folder", "data.path": None}, "reads data.path"),
+        (
+            "cifar10",
+            {"adaptive.enabled": True, "schedule": "cosine"},
+            "the learning-rate schedule counts steps, which the batch-size schedule changes",
+        ),
+        ("cifar10", {"adaptive.enabled": True, "warmup_steps": 10}, "config.warmup_steps=10: the"),
         ("lm", {"model.num_heads": 3}, "model.num_heads must divide model.width"),
         ("lm", {"eval_examples": 0}, "config.eval_examples=0"),
         ("lm", {"final_eval_examples": 0}, "config.final_eval_examples=0"),

@@ -23,7 +23,7 @@ FIELDS = (
     ("adaptive.initial_batch_size", count(2).or_none),
     ("adaptive.initial_noise_scale", real(0, open_lo=True).or_none),
     ("adaptive.step_times", tuple_of(real(0, open_lo=True)).or_none),
-    ("adaptive.lr_rule", choice(*rules.LR_RULES)),
+    ("adaptive.lr_rule", choice(*rules.LR_RULES).or_none),
     ("adaptive.margin", real(0)),
     ("adaptive.patience", count(1)),
     ("adaptive.allow_shrink", FLAG),
@@ -75,6 +75,13 @@ CROSS = (
         ("adaptive.enabled", "gns_every"),
         lambda enabled, every, d: not enabled or every > 0,
         "the batch-size schedule follows the measured noise scale: it needs gns_every > 0",
+    ),
+    rules.cross(
+        ("adaptive.enabled", "schedule", "warmup_steps"),
+        lambda enabled, schedule, warmup, d: not enabled or (schedule, warmup) == ("constant", 0),
+        "the learning-rate schedule counts steps, which the batch-size schedule changes (a run "
+        "that stays below batch_size would decay to 0 early)",
+        "pass --config.schedule=constant --config.warmup_steps=0 (the compare mode does)",
     ),
 )
 
