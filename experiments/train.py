@@ -587,6 +587,8 @@ def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
             calls, warmup=config.adaptive.timing_warmup, rounds=config.adaptive.timing_rounds
         )
         times = [float(np.median(table[b])) for b in cands]
+        timed = ", ".join(f"{b}: {1e3 * t:.3g} ms" for b, t in zip(cands, times, strict=True))
+        logging.info("The schedule decides on these step times: %s.", timed)
     sched = adaptive.make_batch_schedule(config, times)
     every = config.adaptive.eval_every_examples or every
     return adaptive.ScheduledBatch(config, sched, every, log.rows())
@@ -794,6 +796,8 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
             train_examples_per_s=rate,
             device_utilization=rate / step_rate,
         )
+    if adaptive.enabled(config):  # its batch sizes and rates: the rows' columns
+        summary["schedule"] = adaptive.schedule_from_rows(rows)
     if log.data is not None:
         summary["data"] = log.data
     if log.primary:
