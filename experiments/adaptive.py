@@ -104,7 +104,9 @@ def validate(config, num_train: int, microbatches: int | None) -> None:
     if cands[-1] > num_train:
         raise UserError(
             f"config.adaptive candidate {cands[-1]} exceeds the {num_train} train examples",
-            hint="lower config.adaptive.max_batch_size",
+            hint="drop it from config.adaptive.candidates"
+            if config.adaptive.candidates
+            else "lower config.adaptive.max_batch_size",
         )
     if microbatches and any(b % microbatches for b in cands):
         raise UserError(

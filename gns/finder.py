@@ -1533,8 +1533,8 @@ def continue_training(
       num_steps: steps to train.
       batch_size: the batch of every step (default: the recommendation's, with a result).
       accumulation_steps: split each batch into this many micro-batches and average their
-        gradients, one optimizer step per batch (default: the recommendation's with a
-        result, else 1): above the largest batch that fits.
+        gradients, one optimizer step per batch (default: the recommendation's at its batch,
+        else 1): above the largest batch that fits.
       progress: ``progress("train", done, num_steps)`` after every step.
 
     Returns:
@@ -1542,12 +1542,13 @@ def continue_training(
     """
     if isinstance(state, BatchSizeResult):
         rec = state.recommendation
+        if accumulation_steps is None and batch_size in (None, rec.batch_size):
+            accumulation_steps = rec.accumulation_steps  # the pick's own split
         batch_size = rec.batch_size if batch_size is None else batch_size
-        accumulation_steps = accumulation_steps or rec.accumulation_steps
         state = state.state
     if batch_size is None:
         raise ValueError("batch_size is needed to continue from a TrainState.")
-    accumulation_steps = accumulation_steps or 1
+    accumulation_steps = 1 if accumulation_steps is None else accumulation_steps
     get = as_batch_fn(batch_fn)
     b = common.check_int(batch_size, "batch_size", 1)
     k = common.check_int(accumulation_steps, "accumulation_steps", 1)

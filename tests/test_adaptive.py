@@ -155,8 +155,15 @@ def test_bad_adaptive_fields_are_user_errors(tmp_path):
             config.adaptive.step_times = None
         *parents, last = field.split(".")
         (config[parents[0]] if parents else config)[last] = value
-        with pytest.raises(UserError, match=match):
+        with pytest.raises(UserError, match=match) as err:
             train.train_and_evaluate(config, str(tmp_path / last))
+        if last == "max_batch_size":
+            assert err.value.hint == "lower config.adaptive.max_batch_size"
+    config = adaptive_config()
+    config.adaptive.update(candidates=(8, 1024), step_times=None)  # given: the list is the fix
+    with pytest.raises(UserError, match="candidate 1024 exceeds the 512") as err:
+        train.train_and_evaluate(config, str(tmp_path / "given"))
+    assert err.value.hint == "drop it from config.adaptive.candidates"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tests for gns.finder: find_batch_size on plain JAX and Flax Linen (tiny budgets), its
 measurements against independent recomputations, the basis order, and its error messages."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -338,6 +339,12 @@ def test_the_pilot_state_is_handed_back_and_training_continues_from_it(plain_res
     assert (
         a.examples_seen == b.examples_seen == math.ceil(384 / rec.batch_size + 2) * rec.batch_size
     )
+    # Another batch than the pick's: one micro-batch unless asked (not the pick's split).
+    split = dataclasses.replace(res, recommendation=dataclasses.replace(rec, accumulation_steps=3))
+    other, _ = finder.continue_training(linreg_loss, opt, linreg_batches, split, 3, batch_size=32)
+    np.testing.assert_array_equal(other.params, state.params)
+    with pytest.raises(ValueError, match="accumulation_steps must be an int >= 1, got 0"):
+        finder.continue_training(linreg_loss, opt, linreg_batches, res, 1, accumulation_steps=0)
 
 
 def test_continue_training_trains_at_the_new_rate_of_an_injected_optimizer():
