@@ -637,7 +637,9 @@ def _embed_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
         return None, "gather that is not a row lookup of a 2-D table"
     if bx is None or bx < 0 or bx == len(shapes[ik]) - 1:
         return None, "gather indices without a clean example axis"
-    clip = "FILL" not in str(e.params.get("mode", "")).upper()
+    # CLIP clamps the ids in both passes; FILL_OR_DROP and PROMISE_IN_BOUNDS (`table[ids]`, whose
+    # forward clamps on CPU and GPU) drop an id off the table from the gradient: so do the norms.
+    clip = "CLIP" in str(e.params.get("mode", "")).upper()
     return {"kind": "embed", "x_pos": 1, "vocab": vshape[0], "clip": clip, "axis": bx}, ""
 
 

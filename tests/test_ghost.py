@@ -997,6 +997,19 @@ def test_embed_repeated_and_padding_tokens_equal_vmap():
         check_sums(loss_fn, params, (tokens, targets), forms=("direct", "gram"), the_plan=the_plan)
 
 
+@pytest.mark.parametrize("mode", [None, "clip", "fill"])
+def test_ids_off_the_table_count_as_the_gradient_does(mode):
+    """``table[ids]`` clamps an id off the table in the forward pass, and its gradient drops it;
+    ``mode="clip"`` clamps in both: the per-example norms follow the gradient either way."""
+    table = jax.random.normal(jax.random.key(0), (20, 12))
+    take = lambda t, ids: t[ids] if mode is None else jnp.take(t, ids, axis=0, mode=mode)
+    loss_fn = lambda t, b: jnp.mean((take(t, b["ids"]) - b["y"]) ** 2)
+    ids = jax.random.randint(jax.random.key(2), (16, 8), 0, 23)  # 20-22: off the table
+    batch = {"ids": ids, "y": jax.random.normal(jax.random.key(1), (16, 8, 12))}
+    assert ghost.plan(loss_fn, table, batch).fallback == ()
+    check_sums(loss_fn, table, batch)
+
+
 class DenseGeneralStack(nn.Module):
     """DenseGeneral layouts: features tuples, several (non-adjacent) contracted axes."""
 
