@@ -1053,10 +1053,12 @@ def _grown(batch: PyTree) -> PyTree:
     return jax.tree.map(grow, batch)
 
 
-def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
+def plan(loss_fn, params, batch, *, has_aux: bool = False, empty_ok: bool = False) -> Plan:
     """Find the operations of ``loss_fn`` whose per-example norms have a closed form.
 
-    Tracing only (no computation). Raises :class:`NotApplicableError` when no leaf is covered.
+    Tracing only (no computation). Raises :class:`NotApplicableError` when no leaf is covered
+    (with ``empty_ok``: a plan whose every leaf falls back, which :func:`calibrate` can time
+    against the microbatch sums).
 
     Args:
       loss_fn: ``loss_fn(params, batch)`` mean loss (``(loss, aux)`` with ``has_aux``), any JAX
@@ -1085,13 +1087,16 @@ def plan(loss_fn, params, batch, *, has_aux: bool = False) -> Plan:
             f"{n} and {n + 1}, so the example axis cannot be found. Use method='vmap'."
         )
     found, reasons, penalties = _find_consumers(flat, _example_axes(flat, alt, n), num)
-    if not found:
+    if not found and not empty_ok:
         why = "; ".join(f"{names[j]}: {r}" for j, r in sorted(reasons.items())[:4])
         raise NotApplicableError(
             "the fast per-example path covers no parameter of this loss_fn"
             + (f" ({why})" if why else " (no parameter reaches the loss)")
-            + ". Use method='vmap' (or 'auto', which falls back to it)."
+            + ": per-example gradients by vmap (method='auto' times them against the "
+            "microbatch sums)."
         )
+    if not found:  # every leaf by vmap, with the reasons found
+        reasons = {j: reasons.get(j, "read by no covered operation") for j in range(num)}
     w = FLOPS_PER_BYTE.get(jax.default_backend(), FLOPS_PER_BYTE["gpu"])
     sizes = tuple(_prod(leaf.shape) for _, leaf in paths_leaves)
     others = {j for cs in found.values() for c in cs for j in c.others}
@@ -1178,7 +1183,15 @@ def select(
         if method != "auto":
             raise ValueError(f"per_example(method={method!r}): {e}") from e
         _warn_once(str(e), f"gns per-example norms by jax.vmap for every parameter: {e}")
-        return None
+        try:  # the microbatch sums may still be faster
+            the_plan = plan(loss_fn, params, batch, has_aux=has_aux, empty_ok=True)
+        except NotApplicableError:
+            return None
+        n, k = the_plan.batch_size, CHUNK_COUNT
+        if not (n % k == 0 and n > k and math.isfinite(MICROBATCH_PRICE)):
+            return None
+        return calibrate(loss_fn, params, batch, the_plan, has_aux=has_aux, uses=uses,
+                         chunk_size=chunk_size)  # fmt: skip
     if the_plan.fallback:
         _warn_fallback(the_plan)
     if method != "auto" or (the_plan.clear and not chunk_counts(the_plan.batch_size)):
@@ -1285,10 +1298,11 @@ def _candidates(
     (where the fast path covers the chunk), each chunked one also with its close dense
     kernels in the direct form (:func:`direct_where_close`: a chunk's per-example gradients
     are small), and ``vmap`` (``None``)."""
-    out: dict[str, Plan | None] = {"ghost": the_plan}
+    covered = bool(the_plan.consumers)  # else: vmap against the microbatch sums
+    out: dict[str, Plan | None] = {"ghost": the_plan} if covered else {}
     n, k = common.batch_size(batch), CHUNK_COUNT
     if n % k == 0 and n > k and math.isfinite(MICROBATCH_PRICE):
-        if the_plan.fallback:
+        if the_plan.fallback and covered:
             out[f"ghost, fallback from {k} microbatches"] = dataclasses.replace(
                 the_plan, fallback_microbatches=k
             )
@@ -1298,7 +1312,7 @@ def _candidates(
             fallback=tuple(range(the_plan.num_leaves)),
             fallback_microbatches=k,
         )
-    for k in chunk_counts(n) if chunks else ():
+    for k in chunk_counts(n) if chunks and covered else ():
         try:
             p = chunked(the_plan, loss_fn, params, batch, k, has_aux=has_aux)
         except NotApplicableError:
@@ -1364,7 +1378,7 @@ def _within_memory(calls: dict) -> tuple[dict, str]:
         stats = calls[name][0].memory_analysis()
         return None if stats is None else int(stats.temp_size_in_bytes)
 
-    limit, budget = temp("ghost"), hardware.memory_budget()[0]
+    limit, budget = temp("ghost") if "ghost" in calls else None, hardware.memory_budget()[0]
     big = [m for m in calls if (temp(m) or 0) > budget]
     over = [m for m in calls if limit is not None and "chunks" in m and temp(m) > limit]
     over = [m for m in over if m not in big]
@@ -1424,7 +1438,8 @@ def calibrate(
         # fold constants and change the trace): zero arrays of the shapes.
         args = jax.tree.map(_zeros_like, (params, batch))
         t0 = time.perf_counter()
-        whole = jax.jit(run(the_plan)).lower(*args).compile()
+        base = "ghost" if the_plan.consumers else "vmap"  # compiled first: the yardstick
+        whole = jax.jit(run(the_plan if the_plan.consumers else None)).lower(*args).compile()
         compile_s = time.perf_counter() - t0
         chunks = _chunks_can_fit(whole, args[0])
         candidates = _candidates(loss_fn, params, batch, the_plan, has_aux, with_vmap, chunks)
@@ -1432,7 +1447,7 @@ def calibrate(
             _CALIBRATED[key] = _model_choice(the_plan, why)
             return _CALIBRATED[key]
         calls = {
-            m: (whole if m == "ghost" else jax.jit(run(p)).lower(*args).compile(), args)
+            m: (whole if m == base else jax.jit(run(p)).lower(*args).compile(), args)
             for m, p in candidates.items()
         }
         calls, dropped = _within_memory(calls)
@@ -1453,8 +1468,13 @@ def calibrate(
                 chosen, decision=f"timed once: {name} (median ms: {medians}{more})"
             )
     except Exception as e:  # noqa: BLE001 (not runnable outside the caller's trace)
-        why = f"not timed ({type(e).__name__}: {str(e)[:120]}); the cost model's choice"
-        chosen = _model_choice(the_plan, why)
+        # Not cached: a call outside that trace (or with the values as arguments) can time.
+        why = (
+            f"not timed: the paths did not run apart from the caller's trace, e.g. a loss_fn "
+            f"that closes over values an enclosing jit traces, which timing needs as arguments "
+            f"({type(e).__name__}: {str(e)[:120]}); the cost model's choice"
+        )
+        return _model_choice(the_plan, why)
     _CALIBRATED[key] = chosen
     return chosen
 
@@ -1470,7 +1490,7 @@ def _zeros_like(x):
 
 def _model_choice(the_plan: Plan, why: str = "") -> Plan | None:
     """The cost model's answer: ``the_plan`` on the whole batch, or ``None`` (``vmap``)."""
-    if the_plan.method != "ghost":
+    if the_plan.method != "ghost" or not the_plan.consumers:
         return None
     return dataclasses.replace(the_plan, decision=why) if why else the_plan
 

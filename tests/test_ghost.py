@@ -1422,6 +1422,35 @@ def test_microbatch_sums_are_a_candidate_unless_priced_out(monkeypatch):
     assert not any("microbatches" in name for name in exact) and "ghost" in exact
 
 
+def test_auto_times_the_microbatch_sums_when_the_fast_path_covers_nothing(monkeypatch):
+    """A loss that merges the example axis (``x.reshape(-1, D) @ w``) leaves the fast path
+    nothing: ``auto`` times vmap against every leaf's sums from 8 microbatches, and takes the
+    faster (it took vmap untimed); ``ghost`` is still an error."""
+    w = jax.random.normal(jax.random.key(0), (6, 3))
+    loss_fn = lambda w, b: jnp.mean(jnp.tanh(b["x"].reshape(-1, 6) @ w) ** 2)
+    batch = {"x": jax.random.normal(jax.random.key(1), (16, 4, 6))}
+    with pytest.raises(ValueError, match="covers no parameter"):
+        ghost.select(loss_fn, w, batch, method="ghost")
+    for winner in ("every leaf from 8 microbatches", "vmap"):
+        seen = []
+
+        def fake(calls, warmup, rounds, winner=winner, seen=seen):
+            seen.extend(calls)
+            return {m: [1.0 if m == winner else 2.0] * rounds for m in calls}
+
+        monkeypatch.setattr(hardware, "interleaved_times", fake)
+        monkeypatch.setattr(ghost, "_CALIBRATED", {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ghost.FallbackWarning)
+            chosen = ghost.select(loss_fn, w, batch)
+        assert seen == ["every leaf from 8 microbatches", "vmap"]
+        if winner == "vmap":
+            assert chosen is None
+        else:
+            assert chosen.consumers == () and chosen.fallback_microbatches == 8
+            assert "timed once: every leaf from 8 microbatches" in chosen.describe()
+
+
 def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
     # chunks of 8 or n / 4 examples: chunk_counts(16) == (2, 4) (small unrolled programs)
     monkeypatch.setattr(ghost, "CHUNK_SIZES", (8,))
@@ -1482,7 +1511,9 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
     monkeypatch.setattr(ghost, "_CALIBRATED", {})
     chosen = ghost.calibrate(loss_fn, params, batch, the_plan)
     assert chosen.consumers == the_plan.consumers and chosen.num_chunks == 1
-    assert chosen.decision.startswith("not timed (ZeroDivisionError: division by zero)")
+    assert chosen.decision.startswith("not timed: the paths did not run apart from the caller")
+    assert "(ZeroDivisionError: division by zero)" in chosen.decision
+    assert ghost._CALIBRATED == {}  # not cached: a later call may time
 
 
 def test_calibrate_also_times_the_direct_form_where_the_model_cannot_tell(monkeypatch):
