@@ -554,12 +554,16 @@ class _Consumer:
     region: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
+# Why an example axis is usually not clean (the axis of examples merged with another).
+_MERGED = " (e.g. a reshape that merges it with another)"
+
+
 def _dense_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
     """A ``dot_general`` with the parameter at operand ``pos``: its layout, or why not."""
     xk = e.ins[1 - pos]
     bx = axes.get(xk) if isinstance(xk, int) else None
     if bx is None or bx < 0:
-        return None, "dot_general with an operand without a clean example axis"
+        return None, "dot_general with an operand without a clean example axis" + _MERGED
     (lc, rc), (lb, rb) = e.params["dimension_numbers"]
     xc, xb = (lc, lb) if pos == 1 else (rc, rb)
     vc, vb = (rc, rb) if pos == 1 else (lc, lb)
@@ -636,7 +640,7 @@ def _embed_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
     if not rows:
         return None, "gather that is not a row lookup of a 2-D table"
     if bx is None or bx < 0 or bx == len(shapes[ik]) - 1:
-        return None, "gather indices without a clean example axis"
+        return None, "gather indices without a clean example axis" + _MERGED
     # CLIP clamps the ids in both passes; FILL_OR_DROP and PROMISE_IN_BOUNDS (`table[ids]`, whose
     # forward clamps on CPU and GPU) drop an id off the table from the gradient: so do the norms.
     clip = "CLIP" in str(e.params.get("mode", "")).upper()
@@ -649,7 +653,7 @@ def _sum_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
     out = e.outs[0]
     bo = axes.get(out)
     if bo is None or bo < 0:
-        return None, f"{e.primitive.name} whose output has no clean example axis"
+        return None, f"{e.primitive.name} whose output has no clean example axis" + _MERGED
     oshape, vshape = shapes[out], shapes[e.ins[pos]]
     if e.primitive.name == "broadcast_in_dim":
         dims = tuple(e.params["broadcast_dimensions"])
@@ -698,7 +702,11 @@ def _step(e: _Eqn, pos: int, flat: _Flat, axes) -> tuple[str, dict | None, str]:
     if _inner_jaxpr(e):
         return "fallback", None, f"read inside {name}, which is not entered"
     if name not in _CONSUMERS:
-        return "fallback", None, f"read by {name}, which is not linear in it (or not entered)"
+        return (
+            "fallback",
+            None,
+            f"read by {name} beside the examples, not one of the operations the fast path knows",
+        )
     fields, reason = _CONSUMERS[name](e, pos, shapes, axes)
     return ("consumer", fields, "") if fields else ("fallback", None, reason)
 
