@@ -1195,11 +1195,11 @@ def select(
             the_plan = plan(loss_fn, params, batch, has_aux=has_aux, empty_ok=True)
         except NotApplicableError:
             return None
-        n, k = the_plan.batch_size, CHUNK_COUNT
-        if not (n % k == 0 and n > k and math.isfinite(MICROBATCH_PRICE)):
+        if not _microbatch_sums_timed(the_plan.batch_size):
             return None
-        return calibrate(loss_fn, params, batch, the_plan, has_aux=has_aux, uses=uses,
-                         chunk_size=chunk_size)  # fmt: skip
+        return calibrate(
+            loss_fn, params, batch, the_plan, has_aux=has_aux, chunk_size=chunk_size, uses=uses
+        )
     if the_plan.fallback:
         _warn_fallback(the_plan)
     if method != "auto" or (the_plan.clear and not chunk_counts(the_plan.batch_size)):
@@ -1296,6 +1296,12 @@ def fastest(times: dict[str, list[float]], price: Mapping[str, float] | None = N
     return min(times, key=lambda name: float(np.median(times[name])) * price.get(name, 1.0))
 
 
+def _microbatch_sums_timed(n: int) -> bool:
+    """Whether :func:`calibrate` times sums from :data:`CHUNK_COUNT` microbatches at batch
+    ``n`` (equal microbatches of two or more examples, at a finite price)."""
+    return n % CHUNK_COUNT == 0 and n > CHUNK_COUNT and math.isfinite(MICROBATCH_PRICE)
+
+
 def _candidates(
     loss_fn, params, batch, the_plan, has_aux, with_vmap, chunks=True
 ) -> dict[str, Plan | None]:
@@ -1309,7 +1315,7 @@ def _candidates(
     covered = bool(the_plan.consumers)  # else: vmap against the microbatch sums
     out: dict[str, Plan | None] = {"ghost": the_plan} if covered else {}
     n, k = common.batch_size(batch), CHUNK_COUNT
-    if n % k == 0 and n > k and math.isfinite(MICROBATCH_PRICE):
+    if _microbatch_sums_timed(n):
         if the_plan.fallback and covered:
             out[f"ghost, fallback from {k} microbatches"] = dataclasses.replace(
                 the_plan, fallback_microbatches=k
