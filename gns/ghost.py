@@ -649,14 +649,19 @@ def _embed_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
 
 def _sum_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
     """The parameter broadcast against a batched operand (``add``/``sub``/``mul``) or to the
-    example axis (``broadcast_in_dim``): the axes its gradient sums over."""
+    example axis (``broadcast_in_dim``, or ``tile`` along axes of size 1): the axes its
+    gradient sums over."""
     out = e.outs[0]
     bo = axes.get(out)
     if bo is None or bo < 0:
         return None, f"{e.primitive.name} whose output has no clean example axis" + _MERGED
     oshape, vshape = shapes[out], shapes[e.ins[pos]]
-    if e.primitive.name == "broadcast_in_dim":
-        dims = tuple(e.params["broadcast_dimensions"])
+    if e.primitive.name == "tile" and any(
+        r > 1 and size > 1 for r, size in zip(e.params["reps"], vshape, strict=True)
+    ):
+        return None, "tile that repeats the parameter along an axis longer than 1"
+    if e.primitive.name in ("broadcast_in_dim", "tile"):  # tile: a broadcast of unit axes
+        dims = tuple(e.params.get("broadcast_dimensions", range(len(vshape))))
         kept = {d for d, size in zip(dims, vshape, strict=True) if size == oshape[d]}
         sum_axes = tuple(d for d in range(len(oshape)) if d not in kept and d != bo)
         return {"kind": "sum", "x_pos": None, "sum_axes": sum_axes, "axis": bo}, ""
@@ -677,6 +682,7 @@ _CONSUMERS = {
     "sub": _sum_consumer,
     "mul": _sum_consumer,
     "broadcast_in_dim": _sum_consumer,
+    "tile": _sum_consumer,
 }
 
 

@@ -1010,6 +1010,29 @@ def test_ids_off_the_table_count_as_the_gradient_does(mode):
     check_sums(loss_fn, table, batch)
 
 
+def test_a_token_tiled_over_the_examples_is_covered_as_a_broadcast():
+    """``jnp.tile(cls, (n, 1, 1))`` (a ViT's class token) repeats unit axes: a broadcast, on the
+    fast path; a tile that repeats an axis the parameter has falls back, named."""
+    cls, w = (
+        jax.random.normal(jax.random.key(0), (1, 1, 8)),
+        jax.random.normal(jax.random.key(1), (8, 8)),
+    )
+    batch = {"x": jax.random.normal(jax.random.key(2), (16, 5, 8))}
+
+    def loss_fn(p, b, reps=1):
+        h = jnp.concatenate([jnp.tile(p["cls"], (len(b["x"]), reps, 1)), b["x"]], 1)
+        return jnp.mean(jnp.tanh(h @ p["w"]).mean(1) ** 2)
+
+    params = {"cls": cls, "w": w / 3}
+    assert ghost.plan(loss_fn, params, batch).fallback == ()
+    check_sums(loss_fn, params, batch)
+    two = {"cls": jnp.concatenate([cls, cls], 1), "w": w / 3}
+    repeated = ghost.plan(functools.partial(loss_fn, reps=3), two, batch)
+    assert dict(repeated.reasons) == {
+        0: "tile that repeats the parameter along an axis longer than 1"
+    }
+
+
 class DenseGeneralStack(nn.Module):
     """DenseGeneral layouts: features tuples, several (non-adjacent) contracted axes."""
 
