@@ -83,12 +83,13 @@ def stage_config(config, stage: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
-def stage_fingerprint(config, stage: str, mesh: dict | None = None) -> str:
+def stage_fingerprint(config, stage: str, mesh: dict | None = None, data=None) -> str:
     """:func:`experiments.runlog.fingerprint` of :func:`stage_config` (its data fields those of
-    a run's identity; for ``throughput``, with the ``mesh`` record when given)."""
-    view = data_identity(stage_config(config, stage).to_dict())
+    a run's identity), the ``data`` record (the content: ``Task.describe``) and, for
+    ``throughput``, the ``mesh`` record, when given."""
+    view = {"config": data_identity(stage_config(config, stage).to_dict()), "data": data}
     if mesh is not None and stage == "throughput":
-        view = {"config": view, "mesh": mesh}
+        view["mesh"] = mesh
     return runlog.fingerprint(view)
 
 
@@ -334,10 +335,10 @@ def pilot_saved(workdir: str, noise: dict) -> bool:
     )
 
 
-def critical_fingerprint(config, b_noise: float) -> str:
+def critical_fingerprint(config, b_noise: float, data=None) -> str:
     """The key of the branched stage's cached result: :func:`stage_fingerprint`, with
     ``b_noise`` folded in where the forks' learning-rate rule uses it (SGD)."""
-    fp = stage_fingerprint(config, "critical_batch")
+    fp = stage_fingerprint(config, "critical_batch", data=data)
     sizes = [int(config.batch_size * 2.0**e) for e in config.critical.exponents]
     args = (config.batch_size, sizes, config.optimizer)
     if critical.lr_multipliers(*args, b_noise) == critical.lr_multipliers(*args):
@@ -493,10 +494,11 @@ def data_identity(view: dict) -> dict:
     return view | {"data": train.run_identity({"data": view["data"]})["data"]}
 
 
-def training_fingerprint(cfg, devices: int) -> str:
+def training_fingerprint(cfg, devices: int, data=None) -> str:
     """The key of a training to the target: its config (:func:`data_identity`) on ``devices``
-    devices."""
-    return runlog.fingerprint({"config": data_identity(cfg.to_dict()), "devices": devices})
+    devices, on the data of record ``data`` (``Task.describe``)."""
+    view = {"config": data_identity(cfg.to_dict()), "devices": devices, "data": data}
+    return runlog.fingerprint(view)
 
 
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
@@ -669,8 +671,10 @@ class _Sweep:
         t_start = time.perf_counter()
         self.config, self.workdir, self.bar, self.st = config, workdir, bar, SweepState(workdir)
         self.mesh = mesh_lib.make_mesh(config.num_devices)
+        self.task, self.ds = loaded  # the task and its data, loaded before the workdir's lock
+        self.data = self.task.describe(self.ds)  # the content: a stage's key holds it
         mesh_record = mesh_lib.describe(self.mesh)
-        self.fps = {s: stage_fingerprint(config, s, mesh_record) for s in STAGE_FIELDS}
+        self.fps = {s: stage_fingerprint(config, s, mesh_record, self.data) for s in STAGE_FIELDS}
         # JAX's persistent compilation cache, unless one is configured: the user's own (a cache
         # in the workdir would run code from it).
         cache_dir = data.private_cache_dir("jax") if config.compilation_cache else None
@@ -678,8 +682,7 @@ class _Sweep:
             jax.config.update("jax_compilation_cache_dir", cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        runlog.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-        self.task, self.ds = loaded  # the task and its data, loaded before the workdir's lock
+        runlog.write_json(os.path.join(workdir, runlog.CONFIG_FILE), config.to_dict())
         self.t = {"setup": time.perf_counter() - t_start}  # the seconds of each stage, this run
         self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
         self.view = stage_config(config, "throughput")
@@ -706,7 +709,8 @@ class _Sweep:
         if name == "critical_batch":
             if short := fork_warning(self.config):
                 logging.warning("%s", short)
-            self.fps[name] = critical_fingerprint(self.config, finder.fork_noise_scale(self.noise))
+            b_noise = finder.fork_noise_scale(self.noise)
+            self.fps[name] = critical_fingerprint(self.config, b_noise, self.data)
             value = self._stored(name, "value", compute)
         else:
             valid = functools.partial(pilot_saved, self.workdir)
@@ -748,7 +752,7 @@ class _Sweep:
             self.bar.set(phase=f"training B={b}{seed_note}")
             cfg, rule = training_config(config, b, b_noise, seed_offset)
             key = f"{b}/seed{cfg.seed}" if seed_offset else str(b)  # the first: the batch
-            fp = fps[key] = training_fingerprint(cfg, self.mesh.size)
+            fp = fps[key] = training_fingerprint(cfg, self.mesh.size, self.data)
             p = self.st.get("trainings", key, fp)
             if p is None:
                 run_dir = os.path.join(self.workdir, "train", f"B{b}-seed{cfg.seed}-{fp[:8]}")

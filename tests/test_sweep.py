@@ -672,6 +672,22 @@ def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field
     assert {s for s in before if before[s] != after[s]} == changed
 
 
+def test_every_key_holds_the_data_content():
+    """Other content behind the same data fields (a corpus rewritten in place) is measured and
+    trained again: each stage's key and each training's hold the task's data record."""
+    config = sweep_config.get_config("smoke")
+    cfg, _ = sweep.training_config(config, 32, 100.0)
+    a, b = {"sha256": "95935362"}, {"sha256": "2051b0b0"}
+    for stage in sweep.STAGE_FIELDS:
+        assert sweep.stage_fingerprint(config, stage, data=a) != sweep.stage_fingerprint(
+            config, stage, data=b
+        )
+    assert sweep.training_fingerprint(cfg, 1, a) != sweep.training_fingerprint(cfg, 1, b)
+    assert sweep.critical_fingerprint(config, 50.0, a) != sweep.critical_fingerprint(
+        config, 50.0, b
+    )
+
+
 def test_stage_config_holds_only_the_listed_fields():
     config = sweep_config.get_config("smoke")
     view = sweep.stage_config(config, "throughput")
