@@ -22,6 +22,7 @@ import ml_collections
 from absl import logging
 
 from experiments import adaptive, figures, progress, runlog, sweep, tasks, train, validation
+from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from experiments.report import fmt
 from experiments.validation import DEVICE
@@ -441,7 +442,8 @@ def _mode(config, workdir: str, mode: str):
 
 def _check_resume(config, workdir: str, mode: str) -> None:
     """Stop before anything is written when ``workdir`` holds runs trained with other training
-    fields (model, data, optimizer, baseline rate, ...): every run of the mode would differ.
+    fields (model, data, optimizer, baseline rate, ...) or measured on another number of
+    devices: every run of the mode would differ.
     Measurement and ``compare`` fields may change: the sweep measures a changed stage again,
     and a run of a new seed or policy starts in a directory of its own."""
     path = os.path.join(workdir, runlog.CONFIG_FILE)
@@ -458,6 +460,10 @@ def _check_resume(config, workdir: str, mode: str) -> None:
         train.run_identity(_train_config(old).to_dict()),
         train.run_identity(_train_config(config).to_dict()),
     )
+    swept = os.path.join(workdir, "sweep", sweep.SWEEP_FILE)
+    devices = mesh_lib.make_mesh(config.num_devices).size
+    if os.path.exists(swept) and (was := runlog.read_json(swept)["mesh"]["devices"]) != devices:
+        diffs.append(f"devices: {was} -> {devices}")
     if diffs:
         raise UserError(
             f"{workdir} holds the runs of a {mode} with other training fields: " + "; ".join(diffs),

@@ -241,12 +241,20 @@ def test_compare_config_mistake_is_a_user_error_naming_the_field(tmp_path, field
     assert not (tmp_path / "w").exists()
 
 
-def test_an_unreadable_config_of_a_compare_workdir_is_one_error(tmp_path):
+def test_a_compare_workdir_that_cannot_be_resumed_stops_before_measuring(tmp_path):
     (tmp_path / "w" / "runs").mkdir(parents=True)
     (tmp_path / "w" / "config.json").write_text("")  # emptied: no way to check the runs
     with pytest.raises(UserError, match="cannot read .*config.json to check the runs"):
         cifar10.run(smoke_config("compare"), str(tmp_path / "w"))
     assert (tmp_path / "w" / "config.json").read_text() == ""  # stopped before rewriting it
+    # Measured on another number of devices: stopped before the sweep measures again.
+    config = smoke_config("compare")
+    runlog.write_json(str(tmp_path / "w" / "config.json"), config.to_dict())
+    (tmp_path / "w" / "sweep").mkdir()
+    runlog.write_json(str(tmp_path / "w" / "sweep" / "sweep.json"), {"mesh": {"devices": 99}})
+    with pytest.raises(UserError, match=r"other training fields: devices: 99 -> \d"):
+        cifar10.run(config, str(tmp_path / "w"))
+    assert os.listdir(tmp_path / "w" / "sweep") == ["sweep.json"]
 
 
 def test_policies_are_checked_names():
