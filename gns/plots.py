@@ -289,14 +289,16 @@ def largest_fits(sweep: Mapping) -> tuple[int | None, str]:
     """The largest batch that fits and how it is known: ``(b, 'largest that fits (b)')`` when
     a larger candidate was found not to fit in memory, ``(b, 'largest tried (b; all fit)')``
     when every candidate fit (the limit is above the range tried), ``(None, ...)`` without a
-    throughput table."""
+    throughput table. A row tried for memory has its prediction (``predicted_bytes``), also
+    when it is then timed as gradient accumulation; a row of accumulation alone has none."""
     mb = sweep.get("max_batch_size")
     if not mb:
         return None, "no batch size fits"
+    tried = lambda r: r.get("accumulation_steps", 1) == 1 or r.get("predicted_bytes") is not None
     over = [
         r
         for r in sweep.get("throughput") or []
-        if r["batch_size"] > mb and not r.get("skipped") and r.get("accumulation_steps", 1) == 1
+        if r["batch_size"] > mb and not r.get("skipped") and tried(r)
     ]
     if any(not r["fits"] for r in over):
         return mb, f"largest that fits ({mb})"

@@ -134,6 +134,12 @@ def test_throughput_plot_has_spread_bars_and_an_honest_largest_batch():
         np.testing.assert_allclose(sorted(seg[:, 1]), [1e3 * q25, 1e3 * q75])
     fig = plots.plot_throughput(sweep_record(fits_32=False))
     assert "largest that fits (16)" in fig.axes[0].get_legend_handles_labels()[1]
+    # 32 tried and too big, then timed as 2 x 16 (a sweep's accumulation row): still the limit.
+    sw = sweep_record(fits_32=False)
+    sw["throughput"][-1] |= {"accumulation_steps": 2, "predicted_bytes": 4.0e6}
+    assert plots.largest_fits(sw) == (16, "largest that fits (16)")
+    sw["throughput"][-1]["predicted_bytes"] = None  # accumulation alone: never tried
+    assert plots.largest_fits(sw) == (16, "largest tried (16; all fit)")
 
 
 def test_time_to_target_is_relative_to_the_recommendation_without_s_min_legend_outside():
