@@ -458,7 +458,11 @@ def plot_time_to_target(sweep: Mapping):
     fig, ax = plt.subplots(figsize=(8.4, 4.2))
     if main is not None:
         ax.plot(b, scale * main, "o-", color="C0", label=f"from noise scale (B_noise = {n:.3g})")
-        iv = sweep["noise_scale"].get("interval") or [None, None]
+        # The interval of the estimate the pick is on (the basis's), else of b_simple.
+        basis = (rec.get("evidence") or {}).get(rec.get("basis")) or {}
+        iv = [basis.get("low"), basis.get("high")]
+        if None in iv:
+            iv = sweep["noise_scale"].get("interval") or [None, None]
         lo, hi = curve(iv[0]), curve(iv[1])
         if lo is not None and hi is not None:
             ax.fill_between(

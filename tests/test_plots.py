@@ -142,6 +142,22 @@ def test_throughput_plot_has_spread_bars_and_an_honest_largest_batch():
     assert plots.largest_fits(sw) == (16, "largest tried (16; all fit)")
 
 
+def test_the_time_to_target_band_is_the_interval_of_the_pick_s_basis():
+    """The band around the curve of B_noise is the interval of the estimate the pick is on
+    (a branched 20 [15, 30]), not b_simple's ([10, 40] in this record)."""
+    sw = sweep_record()
+    sw["recommendation"] |= {
+        "basis": "branched",
+        "evidence": {"branched": {"value": 20.0, "low": 15.0, "high": 30.0}},
+    }
+    ax = plots.plot_time_to_target(sw).axes[0]
+    (band,) = ax.collections
+    top = band.get_paths()[0].vertices[:, 1].max()
+    b, t = np.array([8, 16, 32.0]), 0.01 * np.array([8, 16, 32.0]) / 16
+    rel = (1 + 30 / b) * t / ((1 + 20 / 16) * t[1])  # the high end's curve, scaled as the plot
+    assert top == pytest.approx(rel.max(), rel=1e-6)
+
+
 def test_time_to_target_is_relative_to_the_recommendation_without_s_min_legend_outside():
     sw = sweep_record()
     fig = plots.plot_time_to_target(sw)
