@@ -106,6 +106,13 @@ def validate_config(config) -> None:
     table = tasks.table(config)
     rules.check(config, table)
     rules.check(config, table, mesh_lib.make_mesh(config.num_devices).size)
+    for field in ("gns_method", "noise.method"):
+        if rules.get(config, field) == "across_devices":
+            raise UserError(
+                f"config.{field}='across_devices': the sweep's pilot and forks run on one "
+                "device (its timing runs on the mesh)",
+                hint=f"pass --config.{field}=auto (per_example or microbatch)",
+            )
 
 
 class SweepState:

@@ -672,6 +672,16 @@ def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field
     assert {s for s in before if before[s] != after[s]} == changed
 
 
+@pytest.mark.parametrize("field", ["gns_method", "noise.method"])
+def test_the_sweep_refuses_the_across_devices_estimator(field):
+    """The sweep's pilot and forks run on one device: its estimator cannot be across_devices
+    (said up front, not as 'this run has 1 device' on a mesh of 4)."""
+    config = sweep_config.get_config("smoke")
+    config.update_from_flattened_dict({field: "across_devices"})
+    with pytest.raises(UserError, match=f"config.{field}='across_devices': the sweep's pilot"):
+        sweep.validate_config(config)
+
+
 def test_every_key_holds_the_data_content():
     """Other content behind the same data fields (a corpus rewritten in place) is measured and
     trained again: each stage's key and each training's hold the task's data record."""
