@@ -1445,6 +1445,20 @@ def test_microbatch_sums_are_a_candidate_unless_priced_out(monkeypatch):
     assert not any("microbatches" in name for name in exact) and "ghost" in exact
 
 
+def _time_with_winner(monkeypatch, winner: str) -> list:
+    """Timings in which ``winner`` is twice as fast as every other candidate, and a fresh
+    calibration cache; returns the list the timed candidates' names are appended to."""
+    seen = []
+
+    def fake(calls, warmup, rounds):
+        seen.extend(calls)
+        return {m: [1.0 if m == winner else 2.0] * rounds for m in calls}
+
+    monkeypatch.setattr(hardware, "interleaved_times", fake)
+    monkeypatch.setattr(ghost, "_CALIBRATED", {})
+    return seen
+
+
 def test_auto_times_the_microbatch_sums_when_the_fast_path_covers_nothing(monkeypatch):
     """A loss that merges the example axis (``x.reshape(-1, D) @ w``) leaves the fast path
     nothing: ``auto`` times vmap against every leaf's sums from 8 microbatches, and takes the
@@ -1455,14 +1469,7 @@ def test_auto_times_the_microbatch_sums_when_the_fast_path_covers_nothing(monkey
     with pytest.raises(ValueError, match="covers no parameter"):
         ghost.select(loss_fn, w, batch, method="ghost")
     for winner in ("every leaf from 8 microbatches", "vmap"):
-        seen = []
-
-        def fake(calls, warmup, rounds, winner=winner, seen=seen):
-            seen.extend(calls)
-            return {m: [1.0 if m == winner else 2.0] * rounds for m in calls}
-
-        monkeypatch.setattr(hardware, "interleaved_times", fake)
-        monkeypatch.setattr(ghost, "_CALIBRATED", {})
+        seen = _time_with_winner(monkeypatch, winner)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ghost.FallbackWarning)
             chosen = ghost.select(loss_fn, w, batch)
@@ -1486,14 +1493,7 @@ def test_calibrate_picks_the_fastest_of_injected_timings(monkeypatch):
     monkeypatch.setattr(ghost, "_within_memory", lambda calls: (calls, ""))
     cases = [("ghost in 2 chunks", True), ("vmap", True), ("ghost", False), (sampled, False)]
     for winner, with_vmap in cases:
-        seen = []
-
-        def fake(calls, warmup, rounds, winner=winner, seen=seen):
-            seen.extend(calls)
-            return {m: [1.0 if m == winner else 2.0] * rounds for m in calls}
-
-        monkeypatch.setattr(hardware, "interleaved_times", fake)
-        monkeypatch.setattr(ghost, "_CALIBRATED", {})
+        seen = _time_with_winner(monkeypatch, winner)
         chosen = ghost.calibrate(loss_fn, params, batch, the_plan, with_vmap=with_vmap)
         assert seen == names[: 5 if with_vmap else 4]
         if winner == "vmap":
