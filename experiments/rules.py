@@ -307,6 +307,23 @@ def _on_devices(field: str) -> Callable:
     return rule
 
 
+def each_on_devices(field: str) -> Callable:
+    """Every batch of the tuple ``field`` splits evenly over the mesh's devices (when known)."""
+
+    def rule(config, devices):
+        values = get(config, field) or ()
+        bad = [b for b in values if devices and _is_int(b) and (b < devices or b % devices)]
+        if not bad:
+            return None
+        return (
+            f"config.{field}={tuple(values)}: {bad} do not split evenly over the {devices} "
+            "devices of the mesh",
+            f"use multiples of {devices} in --config.{field}",
+        )
+
+    return rule
+
+
 HEADS = "model.num_heads must divide model.width (each head gets width / num_heads)"
 
 TRAIN_CROSS = (
@@ -400,7 +417,8 @@ def task_table(task) -> tuple[tuple, tuple]:
         f"the trainings run to it as {task.target_field}: {kind.what.removesuffix(', or None')}",
     )
     rows = TRAIN + task.fields + MEASURE + COMPARE
-    return rows, (_has(task), *TRAIN_CROSS, target, trainings, *task.cross, *MEASURE_CROSS)
+    cross_rules = (*TRAIN_CROSS, target, trainings, *task.cross, *MEASURE_CROSS)
+    return rows, (_has(task), *cross_rules, _on_devices("compare.baseline_batch_size"))
 
 
 def _has(task) -> Callable:

@@ -241,6 +241,20 @@ def test_batches_must_split_over_the_devices():
         rules.check(config, tasks.table(config), devices=4)
 
 
+def test_the_compare_batches_must_split_over_the_devices_before_any_work():
+    """The compare mode's baseline batch and the adaptive candidates are checked against the
+    mesh with the config (they stopped the run after its measurements, naming batch_size)."""
+    config = cifar10_config.get_config("smoke")
+    config.compare.baseline_batch_size = 6
+    with pytest.raises(UserError, match=r"config.compare.baseline_batch_size=6 is not divisible"):
+        rules.check(config, tasks.table(config), devices=4)
+    config.compare.baseline_batch_size = None
+    config.adaptive.candidates = (6, 8, 16)
+    with pytest.raises(UserError, match=r"\[6\] do not split evenly over the 4 devices"):
+        rules.check(config, tasks.table(config), devices=4)
+    rules.check(config, tasks.table(config), devices=2)
+
+
 def test_constants_are_the_library_s():
     from gns import schedule
 

@@ -71,6 +71,7 @@ CROSS = (
         "set --config.data.path=path/to/folder_or.tar.gz (laid out split/class/image.jpg)",
     ),
     rules.at_most("adaptive.min_batch_size", "adaptive.max_batch_size"),
+    rules.each_on_devices("adaptive.candidates"),
     rules.cross(
         ("adaptive.enabled", "gns_every"),
         lambda enabled, every, d: not enabled or every > 0,
