@@ -318,7 +318,8 @@ def each_on_devices(field: str) -> Callable:
         return (
             f"config.{field}={tuple(values)}: {bad} do not split evenly over the {devices} "
             "devices of the mesh",
-            f"use multiples of {devices} in --config.{field}",
+            f"use multiples of {devices} in --config.{field}, or fewer devices with "
+            "--config.num_devices",
         )
 
     return rule

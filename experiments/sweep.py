@@ -693,7 +693,10 @@ class _Sweep:
         self.t = {"setup": time.perf_counter() - t_start}  # the seconds of each stage, this run
         self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
         self.view = stage_config(config, "throughput")
-        self.base = throughput_candidates(self.view)
+        # The pipeline's candidates: those the mesh splits (the others are skipped rows of the
+        # table; asked for, they would close the widening's side as if they did not fit).
+        cands = throughput_candidates(self.view)
+        self.base = [b for b in cands if mesh_lib.split_reason(b, self.mesh) is None]
         self.on_step, self.finish = pilot_hooks(
             config, self.ds, self.task, workdir, self.fps["noise_scale"]
         )

@@ -137,8 +137,8 @@ def test_adaptive_candidate_not_divisible_by_the_devices_is_a_user_error(tmp_pat
         pytest.skip("needs the 4 simulated devices of tests/conftest.py")
     config = tiny_config(gns_every=2, plots=False)
     config.adaptive.update(enabled=True, candidates=(6, 32), step_times=(1.0, 1.0))
-    with pytest.raises(UserError, match=r"config.adaptive.candidates=6 is not divisible by the 4 "
-                       "devices") as e:  # fmt: skip
+    with pytest.raises(UserError, match=r"candidates=\(6, 32\): \[6\] do not split evenly over "
+                       "the 4 devices") as e:  # fmt: skip
         train.train_and_evaluate(config, str(tmp_path / "w"))
     assert "num_devices" in e.value.hint
     assert not os.path.exists(tmp_path / "w" / runlog.CONFIG_FILE)
