@@ -91,7 +91,8 @@ def check_scalar_loss(loss_fn: Callable, params: PyTree, batch: PyTree) -> None:
         raise ValueError(
             f"loss_fn(params, batch) must return a scalar (the mean loss over the batch), got "
             f"{shape}: reduce it with .mean() (per-example losses are not a training loss); for "
-            "a (loss, aux) pair pass lambda params, batch: loss_fn(params, batch)[0]."
+            "a (loss, aux) pair pass has_aux=True where the function takes it, else lambda "
+            "params, batch: loss_fn(params, batch)[0]."
         )
 
 
@@ -267,7 +268,11 @@ def check_step_times(step_time, max_batch_size: int) -> dict[int, float]:
             f"times, gns.hardware.time_batch_sizes), got {step_time!r}: time at least one batch "
             "size that fits."
         )
-    measured = {check_batch_size(k, "each step_time batch size"): float(v) for k, v in pairs}
+    sizes = [check_batch_size(k, "each step_time batch size") for k, _ in pairs]
+    if len(set(sizes)) < len(sizes):
+        twice = sorted({b for b in sizes if sizes.count(b) > 1})
+        raise ValueError(f"step_time gives batch sizes {twice} twice: one time per batch size.")
+    measured = {b: float(v) for b, (_, v) in zip(sizes, pairs, strict=True)}
     bad = {k: v for k, v in measured.items() if not (math.isfinite(v) and v > 0)}
     if bad:
         raise ValueError(f"step_time needs finite positive seconds per step, got {bad}.")

@@ -601,6 +601,10 @@ def lr_multipliers(
       (0.7071067811865476, 1.0, 2.0)
     """
     rule = scaling.rule_for(optimizer, "optimizer")
+    if rule == "sgd" and not b_noise > 0:  # nan or not positive: no rate to derive
+        raise ValueError(
+            f"b_noise={b_noise!r}: the 'sgd' rule needs a noise scale > 0 (inf: linear scaling)."
+        )
     return tuple(
         float(scaling.multiplier(rule, b, ref_batch_size, b_noise, xp=np)) for b in batch_sizes
     )
@@ -996,8 +1000,9 @@ def _fork_losses(state, forks, sizes, mults, ruler_steps, num_examples, shape):
 
 def _fork_sizes(ref_batch_size, exponents, num_examples, num_repeats) -> list[int]:
     """The fork batch sizes ``ref_batch_size·2^j``, checked with the examples and repeats."""
+    whole = [isinstance(e, int | np.integer) and not isinstance(e, bool) for e in exponents]
     exps = [int(e) for e in exponents]
-    if len(exps) < 2 or any(b <= a for a, b in zip(exps, exps[1:], strict=False)):
+    if not all(whole) or len(exps) < 2 or any(b <= a for a, b in zip(exps, exps[1:], strict=False)):
         raise ValueError(
             f"exponents must be at least 2 strictly increasing ints, got {list(exponents)}: "
             "e.g. (-2, -1, 0, 1, 2, 3) forks at B_ref/4 ... 8·B_ref."

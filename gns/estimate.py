@@ -91,15 +91,12 @@ class NoiseStats:
         """
         return simple_noise_scale(self.g_sq, self.trace_cov)
 
-    def to_dict(self) -> dict[str, float]:
-        """The statistics as plain Python floats, for logging (not jit-able)."""
-        return {
-            "g_sq": float(self.g_sq),
-            "trace_cov": float(self.trace_cov),
-            "b_simple": float(self.b_simple),
-            "small_batch_size": float(self.small_batch_size),
-            "big_batch_size": float(self.big_batch_size),
-        }
+    def to_dict(self) -> dict:
+        """The statistics as plain Python floats (lists of them for the per-layer arrays of
+        :func:`from_two_batches`), for logging (not jit-able)."""
+        plain = lambda x: np.asarray(x, np.float64).tolist()
+        keys = ("g_sq", "trace_cov", "b_simple", "small_batch_size", "big_batch_size")
+        return {k: plain(getattr(self, k)) for k in keys}
 
 
 jax.tree_util.register_dataclass(
@@ -160,11 +157,21 @@ def from_two_batches(
             f"{small_size}, big_size={big_size}: measure the two squared norms at two different "
             "(finite) batch sizes."
         )
+    if np.shape(small_sq_norm) != np.shape(big_sq_norm):
+        raise ValueError(
+            f"small_sq_norm and big_sq_norm have shapes {np.shape(small_sq_norm)} and "
+            f"{np.shape(big_sq_norm)}: pass one number each, or per-layer arrays of one shape."
+        )
     host = not any(isinstance(x, jax.Array) for x in (small_sq_norm, big_sq_norm))
     xp = np if host else jnp
     if host:
         small_sq_norm = np.asarray(small_sq_norm, np.float64)
         big_sq_norm = np.asarray(big_sq_norm, np.float64)
+        if np.any(small_sq_norm < 0) or np.any(big_sq_norm < 0):
+            raise ValueError(
+                f"squared norms cannot be negative, got {np.ravel(small_sq_norm)[:4].tolist()} "
+                f"and {np.ravel(big_sq_norm)[:4].tolist()}: pass |G|², not a difference."
+            )
     else:
         small_sq_norm, big_sq_norm = jnp.asarray(small_sq_norm), jnp.asarray(big_sq_norm)
     # Scaled form: divide by the larger magnitude first, so that B·|G_B|² cannot overflow
@@ -353,8 +360,7 @@ def per_example(
       >>> float(stats.b_simple) > 0
       True
     """
-    params = common.float_params(params)
-    common.check_batch_axes(batch, axis_name)
+    params = _checked(loss_fn, params, batch, axis_name, has_aux)
     n = batch_size(batch)
     if n < 2:
         raise ValueError(
@@ -434,8 +440,7 @@ def microbatch(
       >>> stats.small_batch_size, stats.big_batch_size
       (8.0, 64.0)
     """
-    params = common.float_params(params)
-    common.check_batch_axes(batch, axis_name)
+    params = _checked(loss_fn, params, batch, axis_name, has_aux)
     n, k = _microbatches(batch, num_microbatches)
     if unroll is None:
         unroll = common.scan_unroll(common.convolves(loss_fn, params, batch))
@@ -467,8 +472,7 @@ def across_devices(
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``), identical on every device.
     """
-    params = common.float_params(params)
-    common.check_batch_axes(batch, axis_name)
+    params = _checked(loss_fn, params, batch, axis_name, has_aux)
     n = batch_size(batch)
     if axis_name is None:
         raise ValueError(
@@ -530,6 +534,9 @@ def hessian_aware(
     Reference: McCandlish et al. (2018), section 2.2 and appendix A.
     """
     params = common.float_params(params)
+    sizes = [np.shape(x)[0] if np.ndim(x) else 0 for x in jax.tree.leaves(hessian_batch)]
+    if min(sizes, default=0) < 1:
+        raise ValueError("hessian_batch is empty: pass examples to estimate the Hessian on.")
     common.check_scalar_loss(loss_fn, params, hessian_batch)
     n, k = _microbatches(batch, num_microbatches)
     grad = jax.grad(loss_fn)
@@ -548,6 +555,18 @@ def hessian_aware(
     grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grad_sum, params)
     small = jax.tree.map(lambda s: s / k, small_sum)
     return _per_leaf_stats(small, forms(grads), n / k, n), grads
+
+
+def _checked(loss_fn, params, batch, axis_name, has_aux: bool):
+    """``params`` as float arrays (:func:`gns.common.float_params`), after checking the
+    batch and, for a loss without aux outside a device map (whose collectives bind only
+    there), that ``loss_fn`` returns a scalar."""
+    params = common.float_params(params)
+    common.check_batch_axes(batch, axis_name)
+    batch_size(batch)  # its leaves' leading axes, named when they differ
+    if axis_name is None and not has_aux:
+        common.check_scalar_loss(loss_fn, params, batch)
+    return params
 
 
 def _microbatches(batch: PyTree, num_microbatches) -> tuple[int, int]:

@@ -567,3 +567,13 @@ def test_a_diverged_smallest_fork_is_unresolved_and_says_so():
         exponents=(0, 1), lr_multiplier=[1000.0, 1000.0], num_repeats=2, num_resamples=50,
     )  # fmt: skip
     assert math.isnan(res.b_crit) and not res.resolved and "fewer than 2 forks" in res.note
+
+
+def test_fork_exponents_and_the_sgd_rule_s_noise_scale_are_checked():
+    """Exponents that are not ints are refused (0.9 was read as 0), and the 'sgd' rule's
+    multipliers need a noise scale > 0 (nan gave 1)."""
+    with pytest.raises(ValueError, match="strictly increasing ints"):
+        critical._fork_sizes(64, (0.9, 1.9, 2.9), 10_000, 1)
+    with pytest.raises(ValueError, match=r"b_noise=nan: the 'sgd' rule needs a noise scale > 0"):
+        critical.lr_multipliers(64, [128], "sgd", float("nan"))
+    assert critical.lr_multipliers(64, [128], "sgd") == (2.0,)  # inf: linear

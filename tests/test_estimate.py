@@ -771,3 +771,22 @@ def test_params_leaves_are_checked_and_python_scalars_are_arrays():
     for fn in (estimate.per_example, estimate.microbatch):
         with pytest.raises(ValueError, match="params leaf count is uint32, not a float"):
             fn(lambda p, batch: loss_fn(p, batch), bad, x)
+
+
+def test_impossible_inputs_are_named_before_any_statistic():
+    """Negative squared norms, per-layer arrays of two shapes, a loss that is not a scalar and
+    an empty Hessian batch are errors that say what to pass (not a negative b_simple, a
+    broadcast, JAX's gradient error or an infinite noise scale)."""
+    with pytest.raises(ValueError, match="squared norms cannot be negative"):
+        estimate.from_two_batches(-3.0, 1.5, 1, 4)
+    with pytest.raises(ValueError, match=r"shapes \(2,\) and \(1,\)"):
+        estimate.from_two_batches([1.0, 2.0], [1.0], 1, 4)
+    layers = estimate.from_two_batches(np.array([3.0, 2.0]), np.array([1.5, 1.0]), 1, 4)
+    assert layers.to_dict()["g_sq"] == pytest.approx([1.0, 2 / 3])  # per layer, as lists
+    x, w = jnp.ones((8, 3)), jnp.zeros(3)
+    for f in (estimate.per_example, functools.partial(estimate.microbatch, num_microbatches=2)):
+        with pytest.raises(ValueError, match=r"must return a scalar .*got \(8,\).*has_aux=True"):
+            f(lambda p, b: b @ p, w, x)
+    loss = lambda p, b: jnp.mean((b @ p) ** 2)
+    with pytest.raises(ValueError, match="hessian_batch is empty"):
+        estimate.hessian_aware(loss, w, x, x[:0])

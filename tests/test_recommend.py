@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gns import hardware, recommend, scaling
+from gns import common, hardware, recommend, scaling
 
 POW2 = [2**i for i in range(3, 13)]  # 8 .. 4096
 
@@ -449,3 +449,9 @@ def test_basis_and_evidence_with_ratios():
         recommend.recommend(200.0, times, basis="branched", evidence=evidence, **kw)
     with pytest.raises(ValueError, match="basis must be a non-empty string"):
         recommend.recommend(200.0, times, basis="", **kw)
+
+
+def test_a_batch_size_timed_twice_is_named():
+    """Duplicate batch sizes in a step-time table were overwritten by the last one."""
+    with pytest.raises(ValueError, match=r"batch sizes \[32\] twice"):
+        common.check_step_times(([32, 32, 64], [0.1, 0.5, 0.2]), 256)
