@@ -135,8 +135,10 @@ def from_two_batches(
       float64) raises.
 
     Raises:
-      ValueError: sizes that are not finite numbers with ``0 < small_size < big_size``, or
-        finite host norms whose statistics overflow float64.
+      ValueError: sizes that are not finite numbers with ``0 < small_size < big_size``, norms
+        of two shapes, negative host norms (a squared norm cannot be; JAX arrays are not read,
+        so :func:`hessian_aware`'s quadratic forms may be), or finite host norms whose
+        statistics overflow float64.
 
     Example:
       >>> s = from_two_batches(small_sq_norm=3.0, big_sq_norm=1.5, small_size=1, big_size=4)
