@@ -167,9 +167,17 @@ def ema(decay: float = 0.95, *, skip_nonfinite: bool = True, dtype=jnp.float32):
             )
         weight = decay * state.weight + (1.0 - decay)
         rate = (1.0 - decay) / weight  # 1 on the first accepted update
+
+        def step(mean, x):  # exact on a constant input, and x itself at rate 1 (decay 0, or
+            # the first update); where x - mean overflows (finite float32 values near 3e38 of
+            # opposite signs), the convex form, which cannot
+            diff = x - mean
+            moved = jnp.where(jnp.isinf(diff), (1.0 - rate) * mean + rate * x, mean + rate * diff)
+            return jnp.where(rate == 1.0, x, moved)
+
         new = EmaState(
-            g_sq_avg=state.g_sq_avg + rate * (g_sq - state.g_sq_avg),
-            trace_cov_avg=state.trace_cov_avg + rate * (trace_cov - state.trace_cov_avg),
+            g_sq_avg=step(state.g_sq_avg, g_sq),
+            trace_cov_avg=step(state.trace_cov_avg, trace_cov),
             weight=weight.astype(dtype),
             count=state.count + 1,
             skipped=state.skipped,

@@ -199,3 +199,15 @@ def test_degenerate_series_give_infinite_estimate():
 def test_interval_bad_input(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         smoothing.interval(*args, **kwargs)
+
+
+def test_finite_extremes_keep_the_average_finite():
+    """Finite float32 inputs near 3e38 of opposite signs: the average stays finite (the step's
+    difference overflowed, and the state was inf, then nan for good); decay 0 keeps the last."""
+    for decay in (0.0, 0.5):
+        tracker, state = smoothing.ema(decay), smoothing.ema(decay).init()
+        for g in (3e38, -3e38, 1.0):
+            state = tracker.update(stats(g, 1.0), state)
+            assert np.isfinite(float(state.g_sq)) and int(state.skipped) == 0
+        if decay == 0.0:
+            assert float(state.g_sq) == 1.0
