@@ -318,6 +318,14 @@ def fit(
     with np.errstate(over="ignore"):
         s_min, e_min = (float(v) for v in np.exp(theta + unscale))
     b_crit = float(np.exp(theta[1] - theta[0] + log_cb))
+    if theta[1] - np.log(b.min()) - theta[0] < np.log(0.01) and s.max() > 2 * s.min():
+        raise ValueError(
+            f"the steps to the target ({', '.join(f'{v:g}' for v in s_all)} at batch sizes "
+            f"{', '.join(f'{v:g}' for v in b_all)}) do not fall "
+            "with the batch size, so S(B) = S_min + E_min/B does not describe them (its 1/B "
+            "term fits to nothing): check that the rate is scaled with the batch and that "
+            "every training converged."
+        )
     fitted = np.logaddexp(theta[0], theta[1] - np.log(b))
     resid = np.log(s) - fitted
     dof = b.size - 2

@@ -211,3 +211,12 @@ def test_fit_to_dict_is_json_ready():
     ]
     assert d["b_crit"] == pytest.approx(64.0, rel=1e-3)  # 3000 = S + E/32, 1250 = S + E/256
     assert set(d["intervals"]) == {"s_min", "e_min", "b_crit"}
+
+
+def test_steps_that_rise_with_the_batch_are_not_fitted():
+    """Steps to the target that grow with the batch contradict S(B) = S_min + E_min/B: refused
+    (the fit gave B_crit ~ 1e-12 and no warning); a plateau (flat steps) is still fitted."""
+    with pytest.raises(ValueError, match="do not fall with the batch size"):
+        tradeoff.fit([32, 64, 128, 256, 512], [100, 200, 400, 800, 1600], num_bootstrap=0)
+    flat = tradeoff.fit([32, 64, 128, 256, 512], [1000, 1100, 950, 1050, 1000], num_bootstrap=0)
+    assert flat.s_min == pytest.approx(1000, rel=0.1)
