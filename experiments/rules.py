@@ -312,7 +312,7 @@ def each_on_devices(field: str) -> Callable:
 
     def rule(config, devices):
         values = get(config, field) or ()
-        bad = [b for b in values if devices and _is_int(b) and (b < devices or b % devices)]
+        bad = [b for b in values if devices and _is_int(b) and batch_problem(b, devices, field)]
         if not bad:
             return None
         return (

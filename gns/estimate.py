@@ -362,8 +362,7 @@ def per_example(
       >>> float(stats.b_simple) > 0
       True
     """
-    params = _checked(loss_fn, params, batch, axis_name, has_aux)
-    n = batch_size(batch)
+    params, n = _checked(loss_fn, params, batch, axis_name, has_aux)
     if n < 2:
         raise ValueError(
             "per_example needs at least 2 examples per batch (per device with axis_name): "
@@ -442,7 +441,7 @@ def microbatch(
       >>> stats.small_batch_size, stats.big_batch_size
       (8.0, 64.0)
     """
-    params = _checked(loss_fn, params, batch, axis_name, has_aux)
+    params, _ = _checked(loss_fn, params, batch, axis_name, has_aux)
     n, k = _microbatches(batch, num_microbatches)
     if unroll is None:
         unroll = common.scan_unroll(common.convolves(loss_fn, params, batch))
@@ -474,8 +473,7 @@ def across_devices(
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``), identical on every device.
     """
-    params = _checked(loss_fn, params, batch, axis_name, has_aux)
-    n = batch_size(batch)
+    params, n = _checked(loss_fn, params, batch, axis_name, has_aux)
     if axis_name is None:
         raise ValueError(
             "across_devices needs axis_name: the data-parallel axis of pmap/shard_map."
@@ -559,16 +557,16 @@ def hessian_aware(
     return _per_leaf_stats(small, forms(grads), n / k, n), grads
 
 
-def _checked(loss_fn, params, batch, axis_name, has_aux: bool):
-    """``params`` as float arrays (:func:`gns.common.float_params`), after checking the
-    batch and, for a loss without aux outside a device map (whose collectives bind only
-    there), that ``loss_fn`` returns a scalar."""
+def _checked(loss_fn, params, batch, axis_name, has_aux: bool) -> tuple[PyTree, int]:
+    """``(params as float arrays, the batch size)`` (:func:`gns.common.float_params`,
+    :func:`batch_size`), after checking the batch and, for a loss without aux outside a device
+    map (whose collectives bind only there), that ``loss_fn`` returns a scalar."""
     params = common.float_params(params)
     common.check_batch_axes(batch, axis_name)
-    batch_size(batch)  # its leaves' leading axes, named when they differ
+    n = batch_size(batch)  # its leaves' leading axes, named when they differ
     if axis_name is None and not has_aux:
         common.check_scalar_loss(loss_fn, params, batch)
-    return params
+    return params, n
 
 
 def _microbatches(batch: PyTree, num_microbatches) -> tuple[int, int]:
