@@ -196,7 +196,7 @@ def smoke() -> ml_collections.ConfigDict:
     # compare/tradeoff: seconds, one seed, the synthetic target of the tests.
     c.compare.update(seeds=(0,), target_accuracy=0.2, target_window=2, eval_every_examples=512)
     c.compare.update(max_wall_time_s=3.0, max_epochs=8.0)
-    c.noise.update(warmup_steps=5, batch_size=32, num_batches=3)
+    c.noise.pilot_steps = 5
     c.throughput.update(min_batch_size=16, max_batch_size=32, accumulation_factors=())
     c.throughput.update(warmup=1, repeats=2)
     c.tradeoff.update(batch_sizes=(8, 16, 32), target=0.2, max_steps=200)
@@ -239,7 +239,6 @@ def cpu() -> ml_collections.ConfigDict:
     # given at most 3x the fastest time to target.
     c.compare.update(baseline_batch_size=64, baseline_learning_rate=2e-3, max_wall_time_s=150.0)
     c.compare.update(target_accuracy=0.55, eval_every_examples=10000, eval_examples=10000)
-    c.noise.chunk_size = 64
     c.throughput.update(max_batch_size=512, memory_budget_bytes=4 * 2**30)
     c.throughput.accumulation_factors = ()
     return c
@@ -265,7 +264,6 @@ def mlp_sgd() -> ml_collections.ConfigDict:
     # Batch 16-512 to a smoothed 47% on 5,000 test images, evaluated every 8,192 examples.
     c.compare.update(baseline_batch_size=64, target_accuracy=0.47, eval_every_examples=8192)
     c.compare.update(eval_examples=5000, max_wall_time_s=150.0)
-    c.noise.update(batch_size=64, num_batches=16)
     c.throughput.update(max_batch_size=512, accumulation_factors=())
     c.tradeoff.update(batch_sizes=(16, 32, 64, 128, 256, 512), target=0.47)
     c.tradeoff.update(max_steps=20000, max_wall_time_s=150.0, eval_every_examples=8192)
@@ -331,7 +329,6 @@ def _accelerator_defaults(c: ml_collections.ConfigDict) -> None:
     # gradient accumulation).
     c.compare.update(target_accuracy=0.85, max_wall_time_s=9000.0, max_epochs=100.0)
     c.compare.update(eval_every_examples=50000, eval_examples=10000)
-    c.noise.update(batch_size=256, num_batches=16)
     c.throughput.update(min_batch_size=32, max_batch_size=4096)
     c.tradeoff.update(batch_sizes=(64, 128, 256, 512, 1024, 2048), target=0.6)
     c.tradeoff.update(max_steps=100000, max_wall_time_s=3600.0, eval_every_examples=25000)
@@ -414,7 +411,6 @@ def gpu_study() -> ml_collections.ConfigDict:
     # About 10 minutes: few batch sizes to compile, a 2-minute baseline.
     c.compare.update(baseline_batch_size=64, target_accuracy=0.5, max_epochs=15.0)
     c.compare.update(max_wall_time_s=600.0, eval_every_examples=10000, eval_examples=5000)
-    c.noise.update(warmup_steps=200, batch_size=256, num_batches=8)
     c.throughput.update(min_batch_size=64, max_batch_size=2048, repeats=5)
     c.throughput.accumulation_factors = ()
     c.recommend.candidates = (64, 128, 256, 512, 1024, 2048)

@@ -88,20 +88,13 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.compilation_cache = True  # JAX's persistent compilation cache for the trainings, in
     # the user's $XDG_CACHE_HOME/gns/jax (never the workdir): a re-run compiles nothing
 
-    # The noise scale: after noise.warmup_steps of training at batch_size, num_batches
-    # independent batches of noise.batch_size examples pooled into one b_simple with a
-    # bootstrap interval; a pilot of pilot_steps steps at batch_size measuring every `every`
-    # steps gives the trajectory (num_stretches stretches) and the effective noise scale.
+    # The noise scale along a pilot: pilot_steps steps of training at batch_size (gns_method),
+    # measuring every `every` steps: b_simple pooled over the pilot with a bootstrap interval,
+    # the trajectory (num_stretches stretches) and the effective noise scale. The recommended
+    # run goes on from the pilot's end state.
     c.noise = ml_collections.ConfigDict()
-    c.noise.warmup_steps = 200  # steps at batch_size before the measurement
-    c.noise.batch_size = 128  # examples per measured batch
-    c.noise.num_batches = 16  # independent batches pooled into one b_simple
-    c.noise.method = "auto"  # gns.estimate method (auto: per_example without BatchNorm, else
-    # microbatch)
-    c.noise.chunk_size = config_dict.placeholder(int)  # per_example chunk (None: one chunk)
-    c.noise.confidence = 0.9  # level of the bootstrap interval
-    c.noise.pilot_steps = config_dict.placeholder(int)  # steps of the pilot training, measuring
-    # the noise scale every noise.every steps (None: noise.warmup_steps)
+    c.noise.pilot_steps = 200  # steps of the pilot training
+    c.noise.confidence = 0.9  # level of the bootstrap intervals
     c.noise.every = 1  # pilot steps between measurements
     c.noise.num_stretches = 3  # equal stretches of the pilot's trajectory
 

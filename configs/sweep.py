@@ -50,7 +50,7 @@ def smoke() -> ml_collections.ConfigDict:
     c = base("smoke")
     c.update(batch_size=16, learning_rate=3e-3, eval_examples=256)
     c.data.update(source="synthetic", num_train=1024, num_test=256)
-    c.noise.update(warmup_steps=10, batch_size=32, num_batches=6, pilot_steps=60)
+    c.noise.pilot_steps = 60
     c.critical.update(exponents=(-1, 0, 1), fork_steps=2, eval_examples=128)
     # The tiny model's step is predicted at ~2 MiB at batch 32 and ~4 MiB at 64 per device on
     # CPU: a 3 MiB budget (per device) makes 32 the largest that fits on one device (64 and
@@ -65,8 +65,8 @@ def smoke() -> ml_collections.ConfigDict:
 def cpu() -> ml_collections.ConfigDict:
     """SmallCNN (95k parameters) with Adam on CIFAR-10: a full sweep sized for 2 CPU cores.
 
-    Noise scale from 16 batches of 128 after 200 steps, and along a 500-step pilot (every 5
-    steps, 3 stretches: about the path to the target); branched critical batch at 3 states of
+    Noise scale along a 500-step pilot (every 5 steps, 3 stretches: about the path to the
+    target); branched critical batch at 3 states of
     the pilot (forks at 16-256, 16,384 examples each, 2 repeats: 491,520 examples, 15x the
     pilot's); step time at batch
     16-1024; trainings to 45% test accuracy (5,000-image eval subset) at batches 16-256, and a
@@ -81,7 +81,6 @@ def cpu() -> ml_collections.ConfigDict:
     """
     c = base("cpu")
     c.update(num_epochs=None, batch_size=64, learning_rate=2e-3, eval_examples=5000)
-    c.noise.update(warmup_steps=200, batch_size=128, num_batches=16, chunk_size=64)
     # The pilot runs to about the target: the trainings at batch 64 reach it at step 448 and
     # 576 (seeds 0, 1), so the path averages describe the run to the target.
     c.noise.update(pilot_steps=500, every=5)
@@ -101,7 +100,7 @@ def resnet_sgd() -> ml_collections.ConfigDict:
 
     ResNet with one basic block per stage, 3 stages, 8 filters (19,954 parameters; the CIFAR
     stem, no max-pooling), SGD with momentum 0.9 at 0.05 for batch 64 (other batches: the
-    McCandlish rule of :func:`gns.scaling.learning_rate` with the early ``B_simple``),
+    McCandlish rule of :func:`gns.scaling.learning_rate` with the pilot's ``B_simple``),
     constant rate, trainings to 35% test accuracy (2,000-image eval subset). BatchNorm: the
     noise scale from 2 microbatches, which are also the ghost-BatchNorm groups of every step
     (``gns_microbatches = 2``, so a batch of 16 still normalizes over 8 examples).
@@ -120,7 +119,7 @@ def resnet_sgd() -> ml_collections.ConfigDict:
     c.update(optimizer="sgd", momentum=0.9, nesterov=False, learning_rate=0.05)
     c.update(gns_microbatches=2, eval_examples=2000)
     c.model.update(name="resnet", stage_sizes=(1, 1, 1), num_filters=8)
-    c.noise.update(chunk_size=None, pilot_steps=600, every=5)
+    c.noise.update(pilot_steps=600, every=5)
     c.critical.update(eval_examples=1000, fork_steps=32)  # 8,192 examples per fork
     c.throughput.update(max_batch_size=512)
     c.tradeoff.update(target=0.35, max_steps=4000, max_wall_time_s=400.0)

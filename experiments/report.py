@@ -83,8 +83,8 @@ def sweep_summary(sweep: dict) -> str:
         f"{plots.largest_fits(sweep)[1]} ({sweep['max_batch_size_per_device']} per device)",
         *(f"batch {b} {why}" for b, why in sweep["skipped_batch_sizes"].items()),
         f"noise scale b_simple: {fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
-        f"interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]  ({n['num_batches']} batches "
-        f"of {n['batch_size']}, {n['method']}, after {n['after_warmup_steps']} steps)",
+        f"interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]  (pooled over {n['num_used']} "
+        f"measurements of a {n['pilot']['steps']}-step pilot at batch {n['pilot']['batch_size']})",
         f"along the pilot: {', '.join(path)}; effective {fmt(effective, '.4g')}",
         *_branched_lines(c),
         "",

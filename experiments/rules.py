@@ -151,11 +151,6 @@ TRANSFORMER = (
 # The measurement fields (configs/common.py measurement(): the sweep, compare and tradeoff).
 MEASURE = (
     ("compilation_cache", FLAG),
-    ("noise.warmup_steps", count(0)),
-    ("noise.batch_size", count(2)),
-    ("noise.num_batches", count(2)),
-    ("noise.method", choice(*GNS_METHODS)),
-    ("noise.chunk_size", count(1).or_none),
     ("noise.confidence", real(0, 1, open_lo=True, open_hi=True)),
     ("throughput.min_batch_size", count(1)),
     ("throughput.max_batch_size", count(1)),
@@ -171,7 +166,7 @@ MEASURE = (
     ("tradeoff.max_wall_time_s", real(0, open_lo=True).or_none),
     ("tradeoff.eval_every_examples", count(1)),
     ("tradeoff.num_bootstrap", count(40)),  # each tail of a 0.95 interval holds one
-    ("noise.pilot_steps", count(0).or_none),
+    ("noise.pilot_steps", count(2)),
     ("noise.every", count(1)),
     ("noise.num_stretches", count(1)),
     ("critical.num_checkpoints", count(0)),
@@ -347,7 +342,6 @@ GROUPS = cross(
 
 MEASURE_CROSS = (
     at_most("throughput.min_batch_size", "throughput.max_batch_size"),
-    _on_devices("noise.batch_size"),
     cross(
         ("critical.exponents",),
         lambda exponents, d: len(exponents) >= 2,

@@ -40,11 +40,11 @@ from absl import app, flags, logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import cli, data, figures, models, report, rules, runlog, tasks, train, validation
+from experiments import cli, data, figures, report, rules, runlog, tasks, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from experiments.progress import Progress
-from gns import common, critical, estimate, finder, hardware, scaling, smoothing, tradeoff
+from gns import common, critical, finder, hardware, scaling, smoothing, tradeoff
 
 STATE_FILE = "sweep_state.json"
 SWEEP_FILE = "sweep.json"
@@ -57,7 +57,7 @@ TRAIN_SETUP += " dtype"
 PILOT = f"{TRAIN_SETUP} seed batch_size learning_rate schedule warmup_steps tradeoff.max_steps"
 # The forks start from the pilot's states: they depend on what shapes the pilot's path (its
 # training setup, its length, which of its steps measure) and on ``critical``.
-FORKS = f"{PILOT} noise.warmup_steps noise.pilot_steps noise.every critical"
+FORKS = f"{PILOT} noise.pilot_steps noise.every critical"
 # On the mesh (experiments.mesh): its record is part of this stage's key (stage_fingerprint).
 TIMING = f"{TRAIN_SETUP} batch_size num_devices tradeoff.batch_sizes throughput.min_batch_size"
 TIMING += " throughput.max_batch_size throughput.memory_budget_bytes throughput.warmup"
@@ -95,7 +95,7 @@ def stage_fingerprint(config, stage: str, mesh: dict | None = None, data=None) -
 
 def validate_config(config) -> None:
     """:func:`experiments.rules.check` of a ``configs/sweep.py`` config, then again with the
-    mesh's size (``batch_size`` and ``noise.batch_size`` split over it)."""
+    mesh's size (``batch_size`` splits over it)."""
     if "noise" not in config or "throughput" not in config:
         raise UserError(
             f"config.task={tasks.get(config).name!r}: this config has no measurement fields "
@@ -106,13 +106,12 @@ def validate_config(config) -> None:
     table = tasks.table(config)
     rules.check(config, table)
     rules.check(config, table, mesh_lib.make_mesh(config.num_devices).size)
-    for field in ("gns_method", "noise.method"):
-        if rules.get(config, field) == "across_devices":
-            raise UserError(
-                f"config.{field}='across_devices': the sweep's pilot and forks run on one "
-                "device (its timing runs on the mesh)",
-                hint=f"pass --config.{field}=auto (per_example or microbatch)",
-            )
+    if config.gns_method == "across_devices":
+        raise UserError(
+            "config.gns_method='across_devices': the sweep's pilot and forks run on one "
+            "device (its timing runs on the mesh)",
+            hint="pass --config.gns_method=auto (per_example or microbatch)",
+        )
 
 
 class SweepState:
@@ -214,7 +213,7 @@ def pipeline_plan(config) -> finder.Plan:
     t, ccfg = stage_config(config, "noise_scale"), stage_config(config, "critical_batch").critical
     return finder.Plan(
         ref_batch_size=int(t.batch_size),
-        pilot_steps=max(int(t.noise.pilot_steps or 0), int(t.noise.warmup_steps)),
+        pilot_steps=int(t.noise.pilot_steps),
         every=int(t.noise.every),
         num_stretches=int(t.noise.num_stretches),
         branched=int(ccfg.num_checkpoints) > 0,
@@ -240,38 +239,15 @@ def fork_warning(config) -> str | None:
 
 
 def pilot_hooks(config, ds, task, workdir: str, fp: str):
-    """``(on_step, finish)`` of the pilot: after ``noise.warmup_steps`` steps, ``b_simple`` on
-    ``noise.num_batches`` independent batches (seed ``seed + 1``) with a bootstrap interval;
-    ``finish(run_pilot)`` adds it to the noise record ``run_pilot()`` returns and saves the
-    pilot's end state in ``workdir/pilot/<fp[:16]>`` (``record["pilot"]["start"]``, for
-    :func:`experiments.train.start_from_pilot`)."""
+    """``(on_step, finish)`` of the pilot: ``finish(run_pilot)`` returns the noise record of
+    ``run_pilot()`` and saves the pilot's end state in ``workdir/pilot/<fp[:16]>``
+    (``record["pilot"]["start"]``, for :func:`experiments.train.start_from_pilot`)."""
     t = stage_config(config, "noise_scale")
-    noise = t.noise
-    model = train.make_model(t, ds)
-    gns_method = ml_collections.ConfigDict({"gns_method": noise.method})
-    method = train.resolve_gns_method(gns_method, model)
-    rng = jax.random.PRNGKey(t.seed) if models.uses_dropout(model) else None
-    if method == "per_example":
-        estimator = functools.partial(estimate.per_example, chunk_size=noise.chunk_size)
-    else:
-        estimator = functools.partial(estimate.microbatch, num_microbatches=t.gns_microbatches)
-
-    @jax.jit
-    def measure(params, batch_stats, batch):
-        batch = batch | {"index": jnp.arange(len(jax.tree.leaves(batch)[0]))}
-        loss_fn = train.make_loss_fn(model, batch_stats, rng, task.loss)
-        stats, _, _ = estimator(loss_fn, params, batch, has_aux=True)
-        return {"g_sq": stats.g_sq, "trace_cov": stats.trace_cov, "b_simple": stats.b_simple}
-
-    per_batch, batch_fn, last, gaps = [], _stream(task, t, ds, int(t.seed) + 1), {}, []
+    last, gaps = {}, []
 
     def on_step(step, state):  # one pilot step in flight: the gaps are the device's step time
         if step >= 2:
             gaps.append(time.perf_counter() - last["t"])
-        if step == noise.warmup_steps:
-            for i in range(noise.num_batches):
-                out = measure(state.params, state.batch_stats, batch_fn(noise.batch_size, i))
-                per_batch.append({k: float(v) for k, v in out.items()})
         last.update(state=state, t=time.perf_counter())
 
     def finish(run_pilot):
@@ -281,18 +257,8 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
             raise UserError(
                 f"the noise scale could not be measured: {e}", hint="lower config.learning_rate"
             ) from e
-        g, tc = (np.array([p[k] for p in per_batch]) for k in ("g_sq", "trace_cov"))
-        finite = np.isfinite(g) & np.isfinite(tc)
-        if finite.sum() < 2:
-            raise UserError(
-                f"the noise scale could not be measured: {int(finite.sum())} of "
-                f"{len(per_batch)} batches gave finite statistics after {noise.warmup_steps} "
-                "warm-up steps (the training diverged or the gradients overflow)",
-                hint="lower config.learning_rate or config.noise.warmup_steps",
-            )
-        pooled = smoothing.interval(g, tc, confidence=noise.confidence, block_size=1, seed=t.seed)
         p, rel = record["pilot"], os.path.join(PILOT_DIR, fp[:16])
-        # Steps x the median step: the measurement and compilations left out, as a run's clock.
+        # Steps x the median step: the measurements and compilations left out, as a run's clock.
         seconds = p["steps"] * float(np.median(gaps))
         start = {
             "from": "pilot",
@@ -314,22 +280,7 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
         }
         with runlog.Checkpoints(where) as ckpt:
             ckpt.save(p["steps"], last["state"], meta)
-        return record | common.to_json(
-            {
-                "b_simple": pooled.estimate,
-                "interval": [pooled.low, pooled.high],
-                "g_sq": float(np.mean(g[finite])),
-                "trace_cov": float(np.mean(tc[finite])),
-                "per_batch": per_batch,
-                "batch_size": int(noise.batch_size),
-                "num_batches": int(noise.num_batches),
-                "num_used": pooled.n,
-                "num_nonfinite_dropped": pooled.nonfinite_dropped,
-                "method": method,
-                "after_warmup_steps": int(noise.warmup_steps),
-                "pilot": p | {"start": start},
-            }
-        )
+        return record | {"pilot": p | {"start": start}}
 
     return on_step, finish
 
@@ -605,12 +556,6 @@ def run_sweep(
     validate_config(config)
     task = tasks.get(config)
     ds = task.load(config)  # before the lock: bad data leaves the workdir untouched
-    if config.noise.batch_size > (n := task.num_train(ds)):
-        raise UserError(
-            f"config.noise.batch_size={config.noise.batch_size} is larger than the {n} "
-            "train examples: its batches would repeat examples (a noise scale biased low)",
-            hint="lower --config.noise.batch_size, or raise --config.data.num_train",
-        )
     if trainings and (config.schedule != "constant" or config.warmup_steps > 0):
         logging.warning(
             "The trainings to the target follow config.schedule=%r with %d warmup steps over "

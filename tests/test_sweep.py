@@ -36,13 +36,10 @@ def strict_json(path):
 # accumulation.
 # Its target: reached at every batch within a few evaluations (batch 8 at the second). No
 # training plots (tests/test_plots.py and tests/test_lm.py draw them; the sweep's are drawn),
-# and 50 refits of the tradeoff's bootstrap (each run of the sweep fits it again). The
-# independent batches at the pilot's batch, 16: too small to chunk, nothing for the per-example
-# path to time (gns.ghost.calibrate is tested in tests/test_ghost.py).
+# and 50 refits of the tradeoff's bootstrap (each run of the sweep fits it again).
 SMALL = {
     "plots": False,
     "tradeoff.num_bootstrap": 50,
-    "noise.batch_size": 16,
     "model.name": "mlp",
     "model.widths": (16,),
     "data.synthetic.image_size": 8,
@@ -157,20 +154,15 @@ def test_the_sweep_runs_on_the_mesh_and_records_it(smoke_run):
 
 
 @pytest.mark.timeout(300)
-def test_noise_scale_is_the_ratio_of_pooled_means(smoke_run):
+def test_noise_scale_is_the_ratio_of_the_pilots_pooled_means(smoke_run):
     config, _, s = smoke_run
     n = s["noise_scale"]
-    assert n["num_batches"] == len(n["per_batch"]) == config.noise.num_batches
-    g = np.mean([p["g_sq"] for p in n["per_batch"]])
-    t = np.mean([p["trace_cov"] for p in n["per_batch"]])
-    assert n["b_simple"] == pytest.approx(t / g if g > 0 else math.inf)
+    rows = n["pilot"]["rows"]
+    assert len(rows) == n["num_used"] == config.noise.pilot_steps  # every step, all finite
+    g, t = np.mean([r["g_sq"] for r in rows]), np.mean([r["trace_cov"] for r in rows])
+    assert n["b_simple"] == pytest.approx(t / g if g > 0 else math.inf, rel=1e-5)
     lo, hi = n["interval"]
     assert lo <= n["b_simple"] <= (math.inf if hi is None else hi)  # null: unbounded above
-    for p in n["per_batch"]:  # strict JSON: +inf (g_sq <= 0) is stored as null
-        want = p["trace_cov"] / p["g_sq"] if p["g_sq"] > 0 else None
-        assert p["b_simple"] == (want if want is None else pytest.approx(want, rel=1e-5))
-    assert n["num_used"] == config.noise.num_batches  # all finite here
-    assert n["method"] == "per_example"  # the MLP has no BatchNorm
 
 
 @pytest.mark.timeout(300)
@@ -351,7 +343,7 @@ def test_the_pilot_replays_exactly():
     from experiments import data
 
     config = small_smoke()
-    config.noise.update(warmup_steps=2, pilot_steps=4, every=2)
+    config.noise.update(pilot_steps=4, every=2)
     ds = data.load(config.data)
     plan = sweep.pipeline_plan(config)
     runs = []
@@ -565,7 +557,7 @@ def test_second_seed_at_the_fastest_batches_and_the_validation_block(smoke_run, 
 
 # User mistakes on the command line: one line, exit code 2, no traceback (each rule's message
 # in-process: test_validate_config_names_the_field).
-MISTAKES = {"--config.noise.num_batches=1": "config.noise.num_batches=1 must be an int >= 2"}
+MISTAKES = {"--config.noise.pilot_steps=1": "config.noise.pilot_steps=1 must be an int >= 2"}
 
 
 @pytest.mark.timeout(300)
@@ -672,13 +664,12 @@ def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field
     assert {s for s in before if before[s] != after[s]} == changed
 
 
-@pytest.mark.parametrize("field", ["gns_method", "noise.method"])
-def test_the_sweep_refuses_the_across_devices_estimator(field):
+def test_the_sweep_refuses_the_across_devices_estimator():
     """The sweep's pilot and forks run on one device: its estimator cannot be across_devices
     (said up front, not as 'this run has 1 device' on a mesh of 4)."""
     config = sweep_config.get_config("smoke")
-    config.update_from_flattened_dict({field: "across_devices"})
-    with pytest.raises(UserError, match=f"config.{field}='across_devices': the sweep's pilot"):
+    config.gns_method = "across_devices"
+    with pytest.raises(UserError, match="config.gns_method='across_devices': the sweep's pilot"):
         sweep.validate_config(config)
 
 
@@ -781,11 +772,6 @@ def test_bad_data_stops_the_sweep_before_its_workdir_is_claimed(tmp_path, caplog
     with pytest.raises(UserError, match="nothing.tar.gz"):
         sweep.run_sweep(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()  # not claimed: a training may use it
-    config = sweep_config.get_config("smoke")
-    config.noise.batch_size = 2048  # of 1,024 train examples
-    with pytest.raises(UserError, match="larger than the 1024 train examples"):
-        sweep.run_sweep(config, str(tmp_path / "w"))
-    assert not (tmp_path / "w").exists()
 
 
 def test_validate_config_names_the_field():
@@ -808,14 +794,6 @@ def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
     config.data.num_train = 128
     config.data.synthetic.image_size = 8  # a tiny MLP: steps that compile at once
     config.model.update(name="mlp", widths=(16,))
-    config.noise.update(warmup_steps=3, batch_size=16, num_batches=3, pilot_steps=6)
+    config.noise.pilot_steps = 6
     with pytest.raises(UserError, match=r"could not be measured: the pilot diverged: its training"):
         sweep.run_sweep(config, str(tmp_path), trainings=False)
-
-
-def test_a_noise_batch_larger_than_the_training_data_is_named(tmp_path):
-    config = sweep_config.get_config("smoke")
-    config.data.num_train, config.noise.batch_size = 128, 256
-    with pytest.raises(UserError, match="noise.batch_size=256 is larger than the 128 train"):
-        sweep.run_sweep(config, str(tmp_path), trainings=False)
-    assert not os.path.exists(os.path.join(tmp_path, sweep.STATE_FILE))  # before any stage

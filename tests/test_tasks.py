@@ -246,7 +246,7 @@ def test_a_new_task_is_a_module_and_a_config_and_the_sweep_runs_it_to_its_own_ta
     # The sweep: measured on the task, its trainings run to tradeoff.target as target_mse.
     c = common.measurement(sinreg_config())
     c.update(schedule="constant", gns_every=0)
-    c.noise.update(warmup_steps=5, batch_size=32, num_batches=4, pilot_steps=40)
+    c.noise.pilot_steps = 40
     c.critical.num_checkpoints = 0
     c.throughput.update(min_batch_size=8, max_batch_size=64, warmup=1, repeats=2)
     c.tradeoff.update(batch_sizes=(16, 32), target=0.2, max_steps=300, eval_every_examples=400)
