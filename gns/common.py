@@ -272,11 +272,11 @@ def check_step_times(step_time, max_batch_size: int) -> dict[int, float]:
     if len(set(sizes)) < len(sizes):
         twice = sorted({b for b in sizes if sizes.count(b) > 1})
         raise ValueError(f"step_time gives batch sizes {twice} twice: one time per batch size.")
-    measured = {b: float(v) for b, (_, v) in zip(sizes, pairs, strict=True)}
-    bad = {k: v for k, v in measured.items() if not (math.isfinite(v) and v > 0)}
+    measured = {b: v for b, (_, v) in zip(sizes, pairs, strict=True)}
+    bad = {k: v for k, v in measured.items() if not (is_real(v) and 0 < v < math.inf)}
     if bad:
         raise ValueError(f"step_time needs finite positive seconds per step, got {bad}.")
-    fits = {k: v for k, v in measured.items() if k <= max_batch_size}
+    fits = {k: float(v) for k, v in measured.items() if k <= max_batch_size}
     if not fits:
         raise ValueError(
             f"step_time has no batch size at or below max_batch_size={max_batch_size} (timed: "

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -330,6 +330,8 @@ def _candidates(candidates, measured, max_batch_size, base) -> np.ndarray:
     the largest that fits, and the base batch."""
     if candidates is None:
         cands = set(measured) | {max_batch_size * 2, max_batch_size * 4, base}
+    elif not isinstance(candidates, Iterable) or isinstance(candidates, str):
+        raise ValueError(f"candidates must be a list of batch sizes (or None), got {candidates!r}.")
     else:
         cands = {common.check_batch_size(c, "each of candidates") for c in candidates}
     if not cands:
@@ -346,12 +348,15 @@ def _timed(step_time, b, max_batch_size) -> tuple[np.ndarray, list[int], list[in
 def _devices(num_devices, b) -> np.ndarray:
     """Devices per candidate batch (a count, or a function of the batch), checked positive."""
     if callable(num_devices):
-        devices = np.array([float(num_devices(int(x))) for x in b])
+        devices = [num_devices(int(x)) for x in b]
     else:
-        devices = np.full_like(b, float(num_devices))
-    if np.any(~np.isfinite(devices)) or np.any(devices <= 0):
-        raise ValueError(f"num_devices must be positive, got {devices.tolist()} for {b.tolist()}.")
-    return devices
+        devices = [num_devices] * len(b)
+    if not all(common.is_real(d) and 0 < d < math.inf for d in devices):
+        raise ValueError(
+            "num_devices must be a positive number of devices (or a function of the batch "
+            f"size giving one), got {devices} for batch sizes {b.astype(int).tolist()}."
+        )
+    return np.array(devices, dtype=np.float64)
 
 
 def _under_interval(b_noise_interval, n, b, t, objective, devices):
@@ -409,7 +414,7 @@ def _check_options(price_per_hour, s_min, near_optimal_tolerance) -> None:
     common.check_positive(
         s_min, "s_min", "the fitted minimal steps, TradeoffFit.s_min", optional=True
     )
-    if isinstance(near_optimal_tolerance, bool) or not 0 <= near_optimal_tolerance < math.inf:
+    if not common.is_real(near_optimal_tolerance) or not 0 <= near_optimal_tolerance < math.inf:
         raise ValueError(
             f"near_optimal_tolerance must be a finite fraction >= 0 (e.g. 0.1), got "
             f"{near_optimal_tolerance!r}."
@@ -431,10 +436,18 @@ def _overflow_warnings(table: list[dict]) -> list[str]:
 def _ranges(step_time_range, measured) -> tuple[dict[int, float], dict[int, float]]:
     """The low and the high step-time curves (the measured one where no range is given)."""
     low, high = dict(measured), dict(measured)
+    if not isinstance(step_time_range or {}, Mapping):
+        raise ValueError(
+            "step_time_range must be {batch_size: (low, high) seconds} (e.g. "
+            f"TimingTable.step_time_range()), got {step_time_range!r}."
+        )
     for k, v in (step_time_range or {}).items():
         if int(k) not in measured:
             continue
-        lo, hi = (float(x) for x in v)
+        try:
+            lo, hi = (float(x) for x in v)
+        except (TypeError, ValueError):
+            lo = hi = math.nan
         if not (0 < lo <= hi < math.inf):
             raise ValueError(
                 f"step_time_range[{k}] must be (low, high) seconds with 0 < low <= high, got {v!r}."
@@ -528,6 +541,8 @@ def _monotone_warnings(measured, ranges) -> list[str]:
 def _evidence(basis, n, n_range, evidence) -> dict[str, dict]:
     """``{name: {value, low, high, ratio_to_basis}}``, the basis included."""
     rows: dict[str, dict] = {}
+    if not isinstance(evidence or {}, Mapping):
+        raise ValueError(f"evidence must be {{name: (value, low, high)}}, got {evidence!r}.")
     for name, v in (evidence or {}).items():
         try:
             value, lo, hi = (float(v), None, None) if np.ndim(v) == 0 else (float(x) for x in v)

@@ -256,6 +256,13 @@ def test_non_positive_noise_scale_is_no_noise():
         ({"b_noise": np.array([100.0, 200.0])}, "b_noise must be a number"),
         ({"evidence": {"b_simple": "big"}}, r"evidence\['b_simple'\] must be a number"),
         ({"objective": "energy"}, "objective"),
+        ({"step_time": {64: None}}, "finite positive seconds"),
+        ({"step_time_range": [(0.05, 0.2)]}, r"step_time_range must be \{batch_size"),
+        ({"step_time_range": {64: 0.1}}, r"step_time_range\[64\] must be \(low, high\)"),
+        ({"num_devices": None}, "num_devices must be a positive number of devices"),
+        ({"candidates": 64}, "candidates must be a list of batch sizes"),
+        ({"near_optimal_tolerance": None}, "near_optimal_tolerance must be a finite fraction"),
+        ({"evidence": [("b_simple", 100.0)]}, r"evidence must be \{name"),
     ],
 )
 def test_recommend_refuses_bad_input(kwargs, match):
