@@ -413,6 +413,7 @@ class Checkpoints(contextlib.AbstractContextManager):
         import orbax.checkpoint as ocp
 
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self._remove_partial()  # a save killed midway (a second Ctrl-C): nothing to resume
         options = ocp.CheckpointManagerOptions(
             max_to_keep=2, create=True, enable_async_checkpointing=False
         )
@@ -445,15 +446,25 @@ class Checkpoints(contextlib.AbstractContextManager):
             fault = cli.write_fault(e)
             if fault is None:
                 raise
-            for name in os.listdir(self.directory):  # the half-written step: nothing to resume
-                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            self._remove_partial(step)
             raise UserError(
                 f"cannot write the checkpoint of step {step} in {self.directory}: {fault} "
                 f"({type(e).__name__}: {' '.join(str(e).split())[:160]})",
                 hint="free space there (or fix its permissions) or pass another --workdir; "
                 "re-running the command resumes from the last checkpoint",
             ) from e
+
+    def _remove_partial(self, step: int | None = None) -> None:
+        """Remove the half-written checkpoint of ``step`` (of any step: ``None``), in which
+        orbax leaves a killed or failed save (``<step>.orbax-checkpoint-tmp*``)."""
+        import jax
+
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        tag = ".orbax-checkpoint-tmp"
+        for name in os.listdir(self.directory):
+            if tag in name and (step is None or name.startswith(f"{step}{tag}")):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def restore(self, target: Any, check: Callable | None = None) -> tuple[Any, dict | None]:
         """The newest readable checkpoint as ``(state, meta)`` shaped like ``target``

@@ -4,6 +4,7 @@ the deferred Ctrl-C and the checkpoint fallback (no training here; see test_trai
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 
@@ -226,6 +227,19 @@ def test_checkpoint_fallback_to_the_previous_readable_one(tmp_path, caplog):
     corrupt(ckpt, 1)  # none readable: say so rather than silently start over
     with pytest.raises(UserError, match="no readable checkpoint"):
         runlog.Checkpoints(str(tmp_path)).restore(state)
+
+
+def test_a_save_killed_midway_leaves_nothing_behind_on_the_next_start(tmp_path):
+    """Orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it when done: one
+    left by a killed save is removed when the run starts again; the finished steps stay."""
+    with runlog.Checkpoints(str(tmp_path)) as ckpt:
+        ckpt.save(1, {"w": jnp.ones(2)}, {"step": 1})
+    partial = os.path.join(ckpt.directory, "2.orbax-checkpoint-tmp-1765000000")
+    shutil.copytree(os.path.join(ckpt.directory, "1"), partial)
+    with runlog.Checkpoints(str(tmp_path)) as again:
+        assert sorted(os.listdir(again.directory)) == ["1"]
+        restored, meta = again.restore({"w": jnp.zeros(2)})
+    assert meta == {"step": 1} and np.array_equal(restored["w"], np.ones(2))
 
 
 def test_checkpoint_identity_is_checked_before_its_state_is_read(tmp_path):
