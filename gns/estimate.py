@@ -304,12 +304,12 @@ def per_example(
 
     For any JAX ``loss_fn`` (Flax Linen or NNX, plain ``jnp``) the per-example squared norms of
     parameters read by one operation linear in them (``dot_general``, convolutions, embedding
-    gathers, broadcast biases and scales) come without per-example gradients, from the one
-    backward pass of the mean gradient (:mod:`gns.ghost`); other leaves fall back to
-    ``jax.vmap``. On that path the statistics are the same as the ``vmap`` path's to float
-    rounding; ``method="auto"`` may instead take the sums from 8 microbatch gradients where
-    that is faster (below): then they are the :func:`microbatch` estimator's, unbiased for the
-    same quantities, and which path ran depends on a timing (pass ``method="ghost"`` or
+    gathers, broadcast biases and scales) or by a division (``x / s``) come without per-example
+    gradients, from the one backward pass of the mean gradient (:mod:`gns.ghost`); other leaves
+    fall back to ``jax.vmap``. On that path the statistics are the same as the ``vmap`` path's
+    to float rounding; ``method="auto"`` may instead take the sums from 8 microbatch gradients
+    where that is faster (below): then they are the :func:`microbatch` estimator's, unbiased for
+    the same quantities, and which path ran depends on a timing (pass ``method="ghost"`` or
     ``"vmap"`` for a fixed one). Differentiating the statistics themselves (a function of
     ``stats`` under ``jax.grad``) is exact on the ``vmap`` path only.
 

@@ -5,10 +5,10 @@ The noise scale needs, for every parameter leaf, the sum over examples of the sq
 the per-example gradients, and the mean gradient. ``loss_fn`` is traced to a jaxpr (nested
 ``jit`` calls inlined) and, for each leaf, the operations that read it with the example axis
 are found (after example-free steps: casts, reshapes, transposes, any function of the
-parameters alone). Where such an operation is linear in its parameter operand and the example
-axis is on its other operand, one example's gradient of the parameter is a contraction of
-that operand with the example's output gradient ``g``, and its squared norm has a closed
-form:
+parameters alone). Where such an operation is linear in its parameter operand (or divides by
+it, elementwise) and the example axis is on its other operand, one example's gradient of the
+parameter is a contraction of that operand (of the quotient's derivative) with the example's
+output gradient ``g``, and its squared norm has a closed form:
 
 * ``dot_general`` (any dense layer, attention projection, einsum, ``jnp.dot``): one example's
   kernel gradient is ``Σ_t x_t g_tᵀ`` over the free positions ``t`` of the operand; its
@@ -26,11 +26,13 @@ form:
   the token-equality Gram ``Σ_{t,t'} [tok_t = tok_t'] (g_t·g_t')`` or, when cheaper, a
   scatter-add into a per-example table. Out-of-range tokens count for nothing (``fill``
   mode: they get no gradient) or are clamped (``clip`` mode), as the gather does.
-* ``add``/``sub``/``mul`` broadcasting the parameter against an operand with the example axis,
-  or ``broadcast_in_dim`` of the parameter to the example axis (biases, the scale and bias of
-  ``LayerNorm``/``GroupNorm``/``RMSNorm``, a bare ``self.param`` position embedding): one
-  example's gradient is ``g`` (times the other operand, for ``mul``) summed over the broadcast
-  axes.
+* ``add``/``sub``/``mul``/``div`` broadcasting the parameter against an operand with the
+  example axis, or ``broadcast_in_dim`` of the parameter to the example axis (biases, the scale
+  and bias of ``LayerNorm``/``GroupNorm``/``RMSNorm``, a bare ``self.param`` position
+  embedding, a learnable divisor or temperature ``x / s``): one example's gradient is ``g``
+  (times the other operand, for ``mul``; for ``div``, times the quotient's derivative by the
+  parameter, ``-x / s²`` for ``x / s`` and ``1 / x`` for ``s / x``, elementwise like ``mul``'s
+  operand though not linear in a divisor) summed over the broadcast axes.
 
 **One backward pass.** The jaxpr is evaluated again under ``jax.grad`` with respect to
 ``(params, slots)`` (a zero ``[B]`` slot per covered leaf, whose gradient receives the
@@ -69,15 +71,15 @@ stay the plain ones, so each read's parts are extra work (about a weight-gradien
 ``B`` times the leaf's bytes).
 
 **Fallback, per leaf.** A leaf is not covered when one of its reads with the example axis is
-not such an operation: one nonlinear in it (``max`` with an activation), one whose other
-operand has no example axis or contracts it, a term without the example axis that multiplies
-the loss's data term, a read that computes its operand together with a leaf that falls back, or a
-read inside a primitive the analysis does not enter (a ``scan`` that reads it as a constant
-of every step, as a recurrent kernel, or has more than :data:`MAX_UNROLL` steps, ``while``,
-``cond``, ``custom_jvp`` and ``custom_vjp`` calls, whose rules may differ from the primal's
-gradient; nested ``jit`` calls and ``jax.checkpoint`` regions are inlined, and shorter scans
-over parameters unrolled: each layer of a stack reads its own slice of the stacked leaves,
-and disjoint slices add their norms). Those leaves get
+not such an operation: one nonlinear in it other than a quotient (``max`` with an activation,
+a power ``x ** s``), one whose other operand has no example axis or contracts it, a term
+without the example axis that multiplies the loss's data term, a read that computes its operand
+together with a leaf that falls back, or a read inside a primitive the analysis does not enter
+(a ``scan`` that reads it as a constant of every step, as a recurrent kernel, or has more than
+:data:`MAX_UNROLL` steps, ``while``, ``cond``, ``custom_jvp`` and ``custom_vjp`` calls, whose
+rules may differ from the primal's gradient; nested ``jit`` calls and ``jax.checkpoint`` regions
+are inlined, and shorter scans over parameters unrolled: each layer of a stack reads its own
+slice of the stacked leaves, and disjoint slices add their norms). Those leaves get
 per-example gradients by ``jax.vmap`` restricted to them (chunked with ``chunk_size``); that
 pass backpropagates per example through everything above the deepest such leaf.
 :meth:`Plan.describe` names every fallback and why, and a :class:`FallbackWarning` says so
@@ -516,8 +518,9 @@ class _Consumer:
     """The one operation reading a covered leaf, static description (no arrays).
 
     ``kind``: ``"dense"`` (``dot_general``), ``"conv"``, ``"embed"`` (``gather``) or
-    ``"sum"`` (a broadcast ``add``/``sub``/``mul``/``broadcast_in_dim``: the gradient is the
-    output gradient, times the operand for ``mul``, summed over ``sum_axes``).
+    ``"sum"`` (a broadcast ``add``/``sub``/``mul``/``div``/``broadcast_in_dim``: the gradient
+    is the output gradient, times the operand for ``mul`` or the quotient's derivative by the
+    parameter for ``div`` (:func:`_batched_operand`), summed over ``sum_axes``).
     """
 
     kind: str
@@ -648,8 +651,8 @@ def _embed_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
 
 
 def _sum_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
-    """The parameter broadcast against a batched operand (``add``/``sub``/``mul``) or to the
-    example axis (``broadcast_in_dim``, or ``tile`` along axes of size 1): the axes its
+    """The parameter broadcast against a batched operand (``add``/``sub``/``mul``/``div``) or
+    to the example axis (``broadcast_in_dim``, or ``tile`` along axes of size 1): the axes its
     gradient sums over."""
     out = e.outs[0]
     bo = axes.get(out)
@@ -670,7 +673,7 @@ def _sum_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
     sum_axes = tuple(
         d for d in range(len(oshape)) if d != bo and (not vshape or vshape[d] != oshape[d])
     )
-    x_pos = 1 - pos if e.primitive.name == "mul" else None
+    x_pos = 1 - pos if e.primitive.name in ("mul", "div") else None
     return {"kind": "sum", "x_pos": x_pos, "sum_axes": sum_axes, "axis": bo}, ""
 
 
@@ -681,6 +684,7 @@ _CONSUMERS = {
     "add": _sum_consumer,
     "sub": _sum_consumer,
     "mul": _sum_consumer,
+    "div": _sum_consumer,
     "broadcast_in_dim": _sum_consumer,
     "tile": _sum_consumer,
 }
@@ -1859,12 +1863,12 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
                 js = (c.leaf, *c.others)
                 ws, leaf_zs = [p_leaves[j] for j in js], [zs[leaf_slot[j]] for j in js]
                 slot = _along_chain(flat, c, seen, ws, leaf_zs)
-                x = lax.stop_gradient(vals[c.x_pos]) if c.x_pos is not None else None
+                x = lax.stop_gradient(_batched_operand(c, vals))
                 return [_tap_parts(c, n, outs[0], x, slot), *outs[1:]]
             if c.kind == "sum" or (c.kind in ("dense", "conv") and _form_of(c, form) == "direct"):
                 op = functools.partial(_bind, flat.eqns[i])
                 return _reusing(c, n, op, vals, zs[slot_of[c.eqn]])
-            x = lax.stop_gradient(vals[c.x_pos]) if c.x_pos is not None else None
+            x = lax.stop_gradient(_batched_operand(c, vals))
             return [_tap(c, n, form, outs[0], x, zs[slot_of[c.eqn]]), *outs[1:]]
 
         outs = _run(flat, [*p_leaves, *jax.tree.leaves(batch)], hook)
@@ -1904,6 +1908,22 @@ def _with_penalties(flat: _Flat, the_plan: Plan, leaves, grads, sq, n: int) -> l
         rj, gj = (x.astype(sq[j].dtype) for x in (r[j], grads[j]))
         sq[j] = sq[j] + n * jnp.vdot(rj, 2 * gj - rj)
     return sq
+
+
+def _batched_operand(c: _Consumer, vals: list):
+    """What consumer ``c``'s norms read beside the output gradient, from its operands ``vals``
+    (``None``: nothing): its batched operand or, for ``div``, the quotient's derivative by the
+    parameter operand (``1 / x`` of ``s / x``, ``-x / s²`` of ``x / s``), in float32 at least."""
+    if c.x_pos is None:
+        return None
+    x = vals[c.x_pos]
+    if c.primitive != "div":
+        return x
+    x = x.astype(common.acc_dtype(x.dtype))
+    if c.pos == 0:
+        return 1 / x
+    s = vals[1].astype(x.dtype)
+    return -(x / s) / s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -2025,7 +2045,7 @@ def _reusing(c: _Consumer, n: int, op, vals: list, slot: jax.Array) -> list:
     def bwd(res, gs):
         others, w, slot = res
         (g_others,) = jax.vjp(lambda o: call(o, w), others)[1](gs)
-        x = others[c.x_pos - (c.x_pos > pos)] if c.x_pos is not None else None
+        x = _batched_operand(c, [*others[:pos], w, *others[pos:]])
         if c.kind == "conv":
             conv, *xg = _channels_last(c, x, gs[0])
             parts = functools.partial(_conv_parts, conv, n, groups=c.groups)

@@ -841,6 +841,74 @@ def test_a_scalar_bias_and_temperature_are_covered_and_equal_vmap():
     assert chosen.decision.startswith("timed once:"), chosen.decision
 
 
+def learnable_s(use, shape, seed=7):
+    """A float64 MLP whose hidden layer ``h`` meets a learnable ``s`` of ``shape`` by ``use(h,
+    s)``: ``(loss_fn, params, batch)``."""
+    rng = np.random.default_rng(seed)
+    params = {"w": rng.normal(size=(3, 4)), "s": 1.5 + rng.uniform(size=shape)}
+    params = jax.tree.map(jnp.asarray, params | {"out": rng.normal(size=(4, 2))})
+    batch = (jnp.asarray(rng.normal(size=(6, 3))), jnp.asarray(rng.normal(size=(6, 2))))
+
+    def loss_fn(p, b):
+        h = use(b[0] @ p["w"], p["s"])
+        return jnp.mean((jnp.tanh(h) @ p["out"] - b[1]) ** 2)
+
+    return loss_fn, params, batch
+
+
+def check_sums_and_b_simple(loss_fn, params, batch, the_plan):
+    """:func:`check_sums`, and ``b_simple`` of ``per_example`` on the fast path equal to vmap's
+    (float32 statistics)."""
+    check_sums(loss_fn, params, batch, the_plan=the_plan)
+    fast, ref = (
+        estimate.per_example(loss_fn, params, batch, method=m)[0] for m in ("ghost", "vmap")
+    )
+    np.testing.assert_allclose(fast.b_simple, ref.b_simple, rtol=1e-5)
+
+
+# How s meets h, the shape of s, and how describe() says s is read.
+DIVISIONS = {
+    "x / s": (lambda h, s: h / s, (4,), "div (sum), direct form (MFLOP"),
+    "x / exp(log_s)": (lambda h, s: h / jnp.exp(s), (4,), "div (sum), direct form through exp ("),
+    "x / (s + eps)": (lambda h, s: h / (s + 1e-3), (4,), "div (sum), direct form through add ("),
+    "x / scalar s": (lambda h, s: h / s, (), "div (sum), direct form (MFLOP"),
+    "s / x": (lambda h, s: s / (1 + h * h), (4,), "div (sum), direct form (MFLOP"),
+    "both": (lambda h, s: h / s - s / (1 + h * h), (4,), "div (sum), direct form, one of 2 reads"),
+}
+
+
+@pytest.mark.parametrize("division", DIVISIONS)
+def test_a_learnable_divisor_is_covered_and_equals_vmap(division):
+    """A parameter dividing a batched value (a hand-written normalization or temperature
+    ``x / s``: per feature, through ``exp`` or ``+ eps``, a scalar) or divided by one
+    (``s / x``), or both: covered by the ``div``, one example's gradient the output gradient
+    times the quotient's derivative by ``s``. Squared norms and the mean gradient equal vmap's
+    to float64 rounding, ``b_simple`` to float32's."""
+    use, shape, read = DIVISIONS[division]
+    with jax.enable_x64(True):
+        loss_fn, p, batch = learnable_s(use, shape)
+        the_plan = ghost.plan(loss_fn, p, batch)
+        assert the_plan.fallback == (), the_plan.describe()
+        assert f"leaf s: covered by {read}" in the_plan.describe()
+        check_sums_and_b_simple(loss_fn, p, batch, the_plan)
+
+
+@pytest.mark.filterwarnings("ignore::gns.ghost.FallbackWarning")
+def test_a_learnable_exponent_falls_back_with_its_reason_and_equals_vmap():
+    """A power ``|h| ** s`` (nonlinear in ``s``, not a quotient) is not covered: ``s`` falls
+    back to vmap, ``describe()`` says why, the other leaves stay covered, and every squared
+    norm and ``b_simple`` equal vmap's."""
+    with jax.enable_x64(True):
+        loss_fn, p, batch = learnable_s(lambda h, s: jnp.abs(h) ** s, (4,))
+        the_plan = ghost.plan(loss_fn, p, batch)
+        assert [the_plan.name(j) for j in the_plan.fallback] == ["s"]
+        assert (
+            "leaf s: fallback (per-example norms by vmap): read by pow beside the examples, not "
+            "one of the operations the fast path knows" in the_plan.describe()
+        )
+        check_sums_and_b_simple(loss_fn, p, batch, the_plan)
+
+
 class PartsModel(nn.Module):
     """Leaves assembled from parts: a weight-normalized kernel (two leaves), an embedding read
     as the output head and, scaled by ``exp(log_scale)``, as a bias."""
