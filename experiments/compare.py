@@ -445,7 +445,8 @@ def _check_resume(config, workdir: str, mode: str) -> None:
     fields (model, data, optimizer, baseline rate, ...) or measured on another number of
     devices: every run of the mode would differ.
     Measurement and ``compare`` fields may change: the sweep measures a changed stage again,
-    and a run of a new seed or policy starts in a directory of its own."""
+    and a run whose config changed with it (or of a new seed or policy) starts in a directory
+    of its own."""
     path = os.path.join(workdir, runlog.CONFIG_FILE)
     if not (os.path.isdir(os.path.join(workdir, "runs")) and os.path.exists(path)):
         return
@@ -494,15 +495,19 @@ def run_compare(config, workdir: str) -> dict:
                 if walls and cmp.give_up_factor is not None:
                     limit = min(limit, float(cmp.give_up_factor) * min(walls))
                 b = plan_batch_sizes(plan)
-                batch = f"B{min(b)}" + (f"-{max(b)}" if min(b) < max(b) else "")
-                run_dir = os.path.join(workdir, "runs", f"{policy}-{batch}-seed{seed}")
+                batch = f"{min(b)}" + (f"-{max(b)}" if min(b) < max(b) else "")
+                cfg = _run_config(config, plan, seed, table, limit)
+                # Keyed by the run's config: a run measured again (another rate, pilot or
+                # schedule start) trains in a directory of its own, an unchanged one resumes.
+                key = runlog.fingerprint(train.run_identity(cfg.to_dict()))[:8]
+                run_dir = os.path.join(workdir, "runs", f"{policy}-B{batch}-seed{seed}-{key}")
                 size, lr = plan["batch_size"], plan["learning_rate"]
                 logging.info(
-                    f"compare: {policy}, seed {seed}, batch {batch[1:]}, lr {lr:.4g} at batch "
+                    f"compare: {policy}, seed {seed}, batch {batch}, lr {lr:.4g} at batch "
                     f"{size}, at most {limit:.3g} s"
                 )
                 bar.set(phase=f"{policy} seed {seed}")
-                s = train.train_and_evaluate(_run_config(config, plan, seed, table, limit), run_dir)
+                s = train.train_and_evaluate(cfg, run_dir)
                 cost = plan.get("measurement_s", 0.0)
                 runs.append(_run_record(policy, seed, run_dir, s, cmp.target_window, table, cost))
                 bar.update(1)

@@ -82,9 +82,15 @@ def describe(mesh: Mesh) -> dict:
     }
 
 
-def split_reason(batch_size: int, mesh: Mesh) -> str | None:
-    """Why the global ``batch_size`` cannot be split evenly over ``mesh`` (``None``: it can):
-    what the sweep records for a candidate it skips."""
+def split_reason(batch_size: int, mesh: Mesh, groups: int = 1) -> str | None:
+    """Why the global ``batch_size`` cannot be split evenly over ``mesh``, or into ``groups``
+    (``experiments.train.batch_groups``; ``None``: it can): what the sweep records for a
+    candidate it skips."""
+    if batch_size % groups:
+        return (
+            f"skipped: global batch {batch_size} does not split into the {groups} microbatches "
+            "of the estimator and ghost BatchNorm (config.gns_microbatches)"
+        )
     if batch_size >= mesh.size and batch_size % mesh.size == 0:
         return None
     why = "smaller than" if batch_size < mesh.size else "not divisible by"

@@ -84,7 +84,8 @@ def sweep_summary(sweep: dict) -> str:
         *(f"batch {b} {why}" for b, why in sweep["skipped_batch_sizes"].items()),
         f"noise scale b_simple: {fmt(n['b_simple'], '.4g')}  {round(100 * n['confidence'])}% "
         f"interval [{fmt(iv[0], '.4g')}, {fmt(iv[1], '.4g')}]  (pooled over {n['num_used']} "
-        f"measurements of a {n['pilot']['steps']}-step pilot at batch {n['pilot']['batch_size']})",
+        f"measurements of a {n['pilot']['steps']}-step pilot at batch {n['pilot']['batch_size']}, "
+        f"{n['method']})",
         f"along the pilot: {', '.join(path)}; effective {fmt(effective, '.4g')}",
         *_branched_lines(c),
         "",
@@ -98,6 +99,7 @@ def sweep_summary(sweep: dict) -> str:
         + ", ".join(evidence),
         f"  {r['reason']}",
         f"  lr rule: {r['lr_rule']}",
+        *(f"  warning: {w}" for w in r.get("warnings", ())),
     ]
     if rf is not None:
         lines.append(

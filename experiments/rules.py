@@ -343,6 +343,12 @@ GROUPS = cross(
 MEASURE_CROSS = (
     at_most("throughput.min_batch_size", "throughput.max_batch_size"),
     cross(
+        ("noise.pilot_steps", "noise.every"),
+        lambda steps, every, d: steps >= 2 * every,
+        "the pilot measures every noise.every steps: the noise scale needs 2 measurements",
+        "raise --config.noise.pilot_steps or lower --config.noise.every",
+    ),
+    cross(
         ("critical.exponents",),
         lambda exponents, d: len(exponents) >= 2,
         "the branched critical batch needs at least 2 fork sizes",

@@ -55,6 +55,7 @@ PILOT_DIR = "pilot"
 TRAIN_SETUP = "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches"
 TRAIN_SETUP += " dtype"
 PILOT = f"{TRAIN_SETUP} seed batch_size learning_rate schedule warmup_steps tradeoff.max_steps"
+PILOT += " divergence_factor"
 # The forks start from the pilot's states: they depend on what shapes the pilot's path (its
 # training setup, its length, which of its steps measure) and on ``critical``.
 FORKS = f"{PILOT} noise.pilot_steps noise.every critical"
@@ -133,9 +134,13 @@ class SweepState:
         self.reused: list[str] = []
         self.stale: list[str] = []
 
-    def get(self, section: str, key, fp: str):
-        """A copy of the stored ``section[key]`` if it was measured under fingerprint ``fp``."""
+    def get(self, section: str, key, fp: str, valid=lambda value: True):
+        """A copy of the stored ``section[key]`` if it was measured under fingerprint ``fp``
+        and is ``valid`` (e.g. its pilot state still on disk)."""
         item = self.data["sections"].get(section, {}).get(str(key))
+        if item is not None and item["fingerprint"] == fp and not valid(item["value"]):
+            logging.info("%s[%s] lacks what it saved on disk: measuring it again.", section, key)
+            return None
         if item is not None and item["fingerprint"] == fp:
             self.reused.append(f"{section}[{key}]")
             logging.info("Reusing %s[%s]: measured before with the same config.", section, key)
@@ -208,8 +213,8 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
 
 
 def pipeline_plan(config) -> finder.Plan:
-    """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise`` (at least the
-    warm-up), the forks of ``critical``, the run planned as ``tradeoff.max_steps``."""
+    """The :class:`gns.finder.Plan` of ``config``: the pilot of ``noise``, the forks of
+    ``critical``, the run planned as ``tradeoff.max_steps``."""
     t, ccfg = stage_config(config, "noise_scale"), stage_config(config, "critical_batch").critical
     return finder.Plan(
         ref_batch_size=int(t.batch_size),
@@ -226,6 +231,7 @@ def pipeline_plan(config) -> finder.Plan:
         branch_confidence=float(ccfg.confidence),
         seed=int(t.seed),
         run_steps=int(t.tradeoff.max_steps),
+        divergence_factor=float(t.divergence_factor or math.inf),
     )
 
 
@@ -240,9 +246,11 @@ def fork_warning(config) -> str | None:
 
 def pilot_hooks(config, ds, task, workdir: str, fp: str):
     """``(on_step, finish)`` of the pilot: ``finish(run_pilot)`` returns the noise record of
-    ``run_pilot()`` and saves the pilot's end state in ``workdir/pilot/<fp[:16]>``
-    (``record["pilot"]["start"]``, for :func:`experiments.train.start_from_pilot`)."""
+    ``run_pilot()`` with its estimator (``method``) and saves the pilot's end state in
+    ``workdir/pilot/<fp[:16]>`` (``record["pilot"]["start"]``, for
+    :func:`experiments.train.start_from_pilot`)."""
     t = stage_config(config, "noise_scale")
+    method = train.resolve_gns_method(t, train.make_model(t, ds))
     last, gaps = {}, []
 
     def on_step(step, state):  # one pilot step in flight: the gaps are the device's step time
@@ -280,7 +288,7 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
         }
         with runlog.Checkpoints(where) as ckpt:
             ckpt.save(p["steps"], last["state"], meta)
-        return record | {"pilot": p | {"start": start}}
+        return record | {"method": method, "pilot": p | {"start": start}}
 
     return on_step, finish
 
@@ -330,7 +338,8 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     t.update(seed=0, learning_rate=1e-3)
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
-    _, plain_fn, _, state = _setup(t, ds, task, optax.constant_schedule(1.0), mesh=mesh)
+    model, plain_fn, _, state = _setup(t, ds, task, optax.constant_schedule(1.0), mesh=mesh)
+    groups = train.batch_groups(t, model, n)
     # The batch sharded over the devices, the state replicated: what XLA compiles (and its
     # memory analysis counts) is one device's part of the step.
     step = jax.jit(
@@ -342,7 +351,7 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
         return jax.tree.map(lambda x: xp.zeros((b,) + x.shape[1:], x.dtype), template)
 
     cands = set(throughput_candidates(view)) | {int(b) for b in extra}
-    skipped = {b: why for b in cands if (why := mesh_lib.split_reason(b, mesh))}
+    skipped = {b: why for b in cands if (why := mesh_lib.split_reason(b, mesh, groups))}
     budget, source = t.throughput.memory_budget_bytes, None
     if budget is None and mesh.devices.flat[0].platform == "cpu" and n > 1:
         # Simulated CPU devices share the host: each gets its share of the default budget.
@@ -638,19 +647,26 @@ class _Sweep:
         self.t = {"setup": time.perf_counter() - t_start}  # the seconds of each stage, this run
         self.cost: dict[str, float] = {}  # seconds each stage took when it was measured
         self.view = stage_config(config, "throughput")
-        # The pipeline's candidates: those the mesh splits (the others are skipped rows of the
-        # table; asked for, they would close the widening's side as if they did not fit).
+        # The pipeline's candidates: those that split over the mesh and into the steps' groups
+        # (the others are skipped rows of the table; asked for, they would close the widening's
+        # side as if they did not fit).
         cands = throughput_candidates(self.view)
-        self.base = [b for b in cands if mesh_lib.split_reason(b, self.mesh) is None]
+        model = train.make_model(config, self.ds)
+        self.groups = train.batch_groups(config, model, self.mesh.size)
+        self.base = [b for b in cands if self.split_reason(b) is None]
         self.on_step, self.finish = pilot_hooks(
             config, self.ds, self.task, workdir, self.fps["noise_scale"]
         )
 
+    def split_reason(self, batch_size: int) -> str | None:
+        """Why ``batch_size`` does not split over the mesh or into the steps' groups."""
+        return mesh_lib.split_reason(batch_size, self.mesh, self.groups)
+
     def _stored(self, section: str, key: str, compute, valid=lambda value: True) -> dict:
         self.bar.set(phase=section)
         t0 = time.perf_counter()
-        value = self.st.get(section, key, self.fps[section])
-        if value is None or not valid(value):
+        value = self.st.get(section, key, self.fps[section], valid)
+        if value is None:
             value = common.to_json(compute())
             value["seconds"] = time.perf_counter() - t0
             self.st.put(section, key, self.fps[section], value)
@@ -717,7 +733,7 @@ class _Sweep:
 
         skipped = {}
         for b in sizes:
-            why = mesh_lib.split_reason(b, self.mesh)
+            why = self.split_reason(b)
             if why is None and b > max_batch:
                 why = f"skipped: above the largest batch that fits ({max_batch})"
             if why is not None:

@@ -37,14 +37,13 @@ PyTree = Any
 SUMMARY_FILE = "summary.json"
 # Fields that do not change what a run computes, so a resume may change them (run_identity);
 # adaptive.timing_* and step_times: the candidates' timing, measured again by a re-run (a
-# compare's after a change of its measurement fields); start_from: where the first state was
-# read (a resume reads its own checkpoint; a moved workdir moves the pilot).
+# compare's after a change of its measurement fields).
 NOT_IDENTITY = (
     *rules.NOT_TRAINING,
     *"""log_every checkpoint_every progress_bar plots max_wall_time_s eval_batch_size
     divergence_factor data.cache_dir data.tfds_data_dir data.url data.md5 data.on_device
     distributed step_time_repeats adaptive.timing_warmup adaptive.timing_rounds
-    adaptive.step_times start_from""".split(),
+    adaptive.step_times""".split(),
 )
 
 
@@ -81,10 +80,13 @@ def validate_config(config) -> None:
 def run_identity(config: dict) -> dict:
     """The fields of a config dict that a resume must keep: all but :data:`NOT_IDENTITY`,
     and but ``num_steps``/``num_epochs`` with a constant schedule (there they only say where
-    the run stops, so a finished run can be extended); ``data.path`` resolved."""
+    the run stops, so a finished run can be extended); ``data.path`` resolved;
+    ``start_from`` by its directory's name (the pilot's key, wherever the workdir moved)."""
     ident = copy.deepcopy(config)
     if ident.get("data", {}).get("path"):  # the same file from any directory
         ident["data"]["path"] = os.path.realpath(ident["data"]["path"])
+    if ident.get("start_from"):
+        ident["start_from"] = os.path.basename(os.path.normpath(ident["start_from"]))
     constant = config.get("schedule") == "constant"
     for path in NOT_IDENTITY + (("num_steps", "num_epochs") if constant else ()):
         *parents, last = path.split(".")
@@ -148,6 +150,14 @@ def resolve_gns_method(config, model, num_devices: int = 1) -> str:
             "BatchNorm (a batch of one normalizes over itself): use 'microbatch' or 'auto'."
         )
     return method
+
+
+def batch_groups(config, model, num_devices: int = 1) -> int:
+    """The equal groups every global batch of ``config``'s steps splits into: the estimator's
+    microbatches, which are also ghost BatchNorm's (``gns_microbatches``), where the method
+    resolves to ``microbatch``; else 1."""
+    microbatch = resolve_gns_method(config, model, num_devices) == "microbatch"
+    return int(config.gns_microbatches) if microbatch else 1
 
 
 def _forward(model, params, batch_stats, inputs, dropout_key, train):

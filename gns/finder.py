@@ -825,7 +825,8 @@ class Plan(NamedTuple):
     ``branch_max_cost`` times the pilot's examples and half the budget. ``budget_s`` (or
     ``budget_fraction`` of ``run_steps`` pilot steps) bounds the search beyond the pilot.
     ``run_steps``, the planned run's length at ``ref_batch_size``, is also where the measured
-    path ends (:meth:`path_end`).
+    path ends (:meth:`path_end`). A pilot whose training loss exceeds ``divergence_factor``
+    times its first measured one (or is not finite) diverged: nothing is measured from it.
     """
 
     ref_batch_size: int
@@ -846,6 +847,7 @@ class Plan(NamedTuple):
     confidence: float = 0.9
     branch_confidence: float | None = None
     seed: int = 0
+    divergence_factor: float = 10.0
 
     def path_end(self, pilot_steps: int) -> int:
         """The last step the pilot's measurements stand for: ``run_steps`` when it is longer,
@@ -918,14 +920,17 @@ def _branch_fields(out: Mapping) -> dict:
 
 
 def noise_record(pilot: Pilot, evidence: Mapping, plan: Plan) -> dict:
-    """The noise stage as plain values: ``b_simple``, ``interval``, ``confidence``,
-    ``num_used``, ``num_nonfinite_dropped``, ``trajectory`` rows, ``effective`` and ``pilot``
-    (``steps``, ``every``, ``batch_size``, ``step_s``, ``stop_reason``, ``rows`` of ``step``,
-    ``g_sq``, ``trace_cov`` and, where measured, ``train_loss``)."""
+    """The noise stage as plain values: ``b_simple``, ``interval``, the pooled ``g_sq`` and
+    ``trace_cov`` (their ratio is ``b_simple``), ``confidence``, ``num_used``,
+    ``num_nonfinite_dropped``, ``trajectory`` rows, ``effective`` and ``pilot`` (``steps``,
+    ``every``, ``batch_size``, ``step_s``, ``stop_reason``, ``rows`` of ``step``, ``g_sq``,
+    ``trace_cov`` and, where measured, ``train_loss``)."""
     keys = ("step", "g_sq", "trace_cov", "train_loss")
     rows = [{k: r[k] for k in keys if k in r} for r in pilot.rows]
+    finite = [r for r in rows if math.isfinite(r["g_sq"]) and math.isfinite(r["trace_cov"])]
     return common.to_json(
         _noise_fields(evidence)
+        | {k: float(np.mean([r[k] for r in finite])) for k in ("g_sq", "trace_cov")}
         | {
             "confidence": plan.confidence,
             "pilot": {
@@ -1032,6 +1037,18 @@ def _run_forks(steps: Steps, plan: Plan, pilot: Pilot, noise: Mapping, report) -
     return out | {"lr_rule": rule, "lr_rule_noise_scale": fork_noise, "examples_per_fork": n_fork}
 
 
+def _diverged_row(rows: Sequence[Mapping], factor: float) -> Mapping | None:
+    """The first row whose ``train_loss`` is not finite or above ``factor`` times the first
+    measured one (``None``: no such row)."""
+    losses = [r for r in rows if "train_loss" in r]
+    first = losses[0]["train_loss"] if losses else math.nan
+    for r in losses:
+        loss = r["train_loss"]
+        if not math.isfinite(loss) or (math.isfinite(first) and loss > factor * abs(first)):
+            return r
+    return None
+
+
 def _no_cache(name: str, compute: Callable[[], Any]) -> Any:
     return compute()
 
@@ -1081,8 +1098,9 @@ def pipeline(
       A :class:`Measured`.
 
     Raises:
-      ValueError: a pilot that diverged (a non-finite ``train_loss``), or one of fewer than 2
-        steps or 2 finite measurements.
+      ValueError: a pilot that diverged (a ``train_loss`` not finite or above
+        ``plan.divergence_factor`` times its first), or one of fewer than 2 steps or 2 finite
+        measurements.
     """
     ref, report = plan.ref_batch_size, progress or (lambda phase, done, total: None)
     live, seconds, t0 = {}, {}, time.perf_counter()
@@ -1106,12 +1124,13 @@ def pipeline(
 
     def noise_stage():
         pilot = live["pilot"] = pilot_run(on_step)
-        if pilot.stop_reason == "diverged":
-            bad = next(r for r in pilot.rows if not math.isfinite(r["train_loss"]))
+        if bad := _diverged_row(pilot.rows, plan.divergence_factor):
+            first = next(r["train_loss"] for r in pilot.rows if "train_loss" in r)
             raise ValueError(
-                f"the pilot diverged: its training loss was {bad['train_loss']} at step "
-                f"{bad['step']} (batch {ref}), so there is no noise scale to measure; lower "
-                "the learning rate (or warm it up, or clip the gradients) and measure again."
+                f"the pilot diverged: its training loss was {bad['train_loss']:.4g} at step "
+                f"{bad['step']} (batch {ref}; {first:.4g} at its first measured step), so "
+                "there is no noise scale to measure; lower the learning rate (or warm it up, "
+                "or clip the gradients) and measure again."
             )
         if pilot.rows and all(r["g_sq"] == 0 == r["trace_cov"] for r in pilot.rows):
             raise ValueError(

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -491,12 +492,13 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
     assert table.count("recommended: went on from the pilot") == 1
     assert s["plot"] == os.path.join(workdir, compare.PLOT_FILE)
     assert os.path.getsize(s["plot"]) > 5000
-    # One run directory (a TensorBoard run) per policy, batch and seed, with its event files.
+    # One run directory (a TensorBoard run) per policy, batch, seed and run config, with its
+    # event files.
     for r in s["runs"]:
         sizes = s["policies"][r["policy"]]["batch_size"] if r["policy"] != "adaptive" else None
         name = os.path.basename(r["workdir"])
-        assert name.startswith(f"{r['policy']}-B") and name.endswith(f"-seed{r['seed']}")
-        assert sizes is None or name == f"{r['policy']}-B{sizes}-seed{r['seed']}"
+        assert re.fullmatch(rf"{r['policy']}-B[0-9-]+-seed{r['seed']}-[0-9a-f]{{8}}", name)
+        assert sizes is None or name.startswith(f"{r['policy']}-B{sizes}-seed{r['seed']}-")
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(r["workdir"]))
     _a_moved_compare_resumes_and_a_changed_one_stops_before_writing(c, s, workdir)
 

@@ -154,6 +154,9 @@ def test_the_mesh_record_and_why_a_batch_does_not_split():
     assert mesh.split_reason(32, four) is None and mesh.split_reason(3, mesh.make_mesh(1)) is None
     assert mesh.split_reason(2, four) == "skipped: global batch 2 is smaller than the 4 devices"
     assert mesh.split_reason(6, four) == "skipped: global batch 6 is not divisible by the 4 devices"
+    # The estimator's microbatches (ghost BatchNorm's groups) split every batch too.
+    assert mesh.split_reason(16, four, groups=8) is None
+    assert "batch 4 does not split into the 8 microbatches" in mesh.split_reason(4, four, groups=8)
 
 
 @pytest.mark.timeout(120)

@@ -160,7 +160,9 @@ def test_noise_scale_is_the_ratio_of_the_pilots_pooled_means(smoke_run):
     rows = n["pilot"]["rows"]
     assert len(rows) == n["num_used"] == config.noise.pilot_steps  # every step, all finite
     g, t = np.mean([r["g_sq"] for r in rows]), np.mean([r["trace_cov"] for r in rows])
+    assert (n["g_sq"], n["trace_cov"]) == pytest.approx((g, t), rel=1e-6)
     assert n["b_simple"] == pytest.approx(t / g if g > 0 else math.inf, rel=1e-5)
+    assert n["method"] == "per_example"  # the MLP has no BatchNorm
     lo, hi = n["interval"]
     assert lo <= n["b_simple"] <= (math.inf if hi is None else hi)  # null: unbounded above
 
@@ -746,6 +748,15 @@ def test_device_time_is_steps_times_the_tables_step_time():
     assert sweep.ranking(validation.mean_over_seeds([out[2] | {"reached": False}])) == []
 
 
+def test_a_stored_stage_whose_files_are_gone_is_measured_again_not_reused(tmp_path):
+    sweep.SweepState(str(tmp_path)).put("noise_scale", "value", "fp", {"b_simple": 1.0})
+    state = sweep.SweepState(str(tmp_path))
+    assert state.get("noise_scale", "value", "fp", valid=lambda value: False) is None
+    assert state.reused == [] and state.stale == []
+    assert state.get("noise_scale", "value", "fp") == {"b_simple": 1.0}
+    assert state.reused == ["noise_scale[value]"]
+
+
 def test_noise_scale_read_back_from_strict_json():
     assert sweep.noise_scale_value({"b_simple": 12.5, "g_sq": 1.0}) == 12.5
     assert sweep.noise_scale_value({"b_simple": None, "g_sq": -0.1}) == math.inf
@@ -786,6 +797,11 @@ def test_validate_config_names_the_field():
                        r"as target_accuracy: a number in \[0, 1\]") as e:  # fmt: skip
         sweep.validate_config(config)
     assert "\n" not in str(e.value)  # the command line prints it as one line
+    config = sweep_config.get_config("smoke")
+    config.noise.update(pilot_steps=10, every=6)
+    with pytest.raises(UserError, match=r"pilot_steps=10, config.noise.every=6: the pilot "
+                       "measures every noise.every steps"):  # fmt: skip
+        sweep.validate_config(config)
 
 
 def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):

@@ -751,9 +751,13 @@ def test_adaptive_fields_of_the_variants_and_the_identity():
     relative = copy.deepcopy(config)
     relative["data"]["path"] = "data.tar.gz"
     assert train.run_identity(config) == train.run_identity(relative)
-    # A compare workdir moved elsewhere moves its pilot: start_from is not the run's identity.
-    moved = copy.deepcopy(config) | {"start_from": "/elsewhere/sweep/pilot"}
-    assert train.run_identity(moved) == train.run_identity(config | {"start_from": "/a/pilot"})
+    # A compare workdir moved elsewhere moves its pilot: the same run. Another pilot (its key,
+    # the directory's name) is another run.
+    moved = copy.deepcopy(config) | {"start_from": "/elsewhere/sweep/pilot/0123abcd/"}
+    here = config | {"start_from": "/a/sweep/pilot/0123abcd"}
+    assert train.run_identity(moved) == train.run_identity(here)
+    other = config | {"start_from": "/a/sweep/pilot/4567ef01"}
+    assert train.run_identity(other) != train.run_identity(here)
     # The candidates' step times are measured again by a compare re-run: not the identity.
     timed = copy.deepcopy(config)
     timed["adaptive"]["step_times"] = (0.1, 0.2)
