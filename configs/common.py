@@ -93,9 +93,10 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # the trajectory (num_stretches stretches) and the effective noise scale. The recommended
     # run goes on from the pilot's end state.
     c.noise = ml_collections.ConfigDict()
-    c.noise.pilot_steps = 200  # steps of the pilot training
+    c.noise.pilot_steps = 200  # steps of the pilot: training at batch_size with the noise
+    # scale measured (gns_method), the recommended run going on from its end state
     c.noise.confidence = 0.9  # level of the bootstrap intervals
-    c.noise.every = 1  # pilot steps between measurements
+    c.noise.every = 1  # pilot steps between its measurements (gns_every: a training's)
     c.noise.num_stretches = 3  # equal stretches of the pilot's trajectory
 
     # The branched critical batch (gns.critical.branched_critical_batch): forks from

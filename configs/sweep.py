@@ -100,7 +100,7 @@ def resnet_sgd() -> ml_collections.ConfigDict:
 
     ResNet with one basic block per stage, 3 stages, 8 filters (19,954 parameters; the CIFAR
     stem, no max-pooling), SGD with momentum 0.9 at 0.05 for batch 64 (other batches: the
-    McCandlish rule of :func:`gns.scaling.learning_rate` with the pilot's ``B_simple``),
+    McCandlish rule of :func:`gns.scaling.learning_rate` with the recommendation's noise scale),
     constant rate, trainings to 35% test accuracy (2,000-image eval subset). BatchNorm: the
     noise scale from 2 microbatches, which are also the ghost-BatchNorm groups of every step
     (``gns_microbatches = 2``, so a batch of 16 still normalizes over 8 examples).

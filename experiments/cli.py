@@ -354,7 +354,7 @@ def _did_you_mean(field: str, paths: list[str]) -> str:
     if nested := [p for p in paths if p.endswith("." + field)]:
         guess = f"did you mean --config.{nested[0]}? "
     elif close := difflib.get_close_matches(last, siblings, 1, 0.6):
-        guess = f"did you mean {close[0]!r}? "
+        guess = f"did you mean --config.{parent + '.' if parent else ''}{close[0]}? "
     elif close := difflib.get_close_matches(field, paths, 1, 0.6):
         guess = f"did you mean --config.{close[0]}? "
     else:

@@ -440,9 +440,9 @@ def _has(task) -> Callable:
 
 def check(config, table: tuple[tuple, tuple], devices: int | None = None) -> None:
     """Check the fields of ``config`` that ``table`` (:func:`task_table`, or
-    :data:`BENCH_TABLE`) names, then the rules between them (those about the mesh only with
-    ``devices``, its size): the first violation raises a one-line UserError naming the
-    field(s) and value(s), what is valid, and a hint."""
+    :data:`BENCH_TABLE`) names, the rules between them (those about the mesh only with
+    ``devices``, its size), then that it names every field: the first violation raises a
+    one-line UserError naming the field(s) and value(s), what is valid, and a hint."""
     rows, rules_between = table
     for name, kind_ in rows:
         value = get(config, name, _MISSING)
@@ -455,6 +455,14 @@ def check(config, table: tuple[tuple, tuple], devices: int | None = None) -> Non
     for rule in rules_between:
         if problem := rule(config, devices):
             raise UserError(*problem)
+    known = {name for name, _ in rows}
+    if unknown := [name for name, _ in config_fields(config) if name not in known]:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise UserError(
+            f"config.{unknown[0]}{more} is not a field of this config: nothing reads it (a "
+            "typo, or a field set by a config file written for another version)",
+            hint="remove it from the config file (--help lists every field and its values)",
+        )
 
 
 def _safe(fn, value) -> bool:

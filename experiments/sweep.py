@@ -715,7 +715,8 @@ class _Sweep:
         ``tradeoff.reseed_best`` fastest) in ``workdir/train/B<batch>-seed<seed>-<fp>``, each
         reused once finished: ``(fit of S(B), {batch: why it was skipped})``."""
         config, (max_batch, _, tput) = self.config, m.timed
-        times, b_noise = step_times(tput["rows"]), noise_scale_value(m.noise)
+        # Every rate from one noise scale, the recommendation's (as the compare mode's runs).
+        times, b_noise = step_times(tput["rows"]), m.value[0]
         fps = self.fps["trainings"] = {}
 
         def train_at(b, seed_offset=0):

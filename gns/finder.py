@@ -1737,6 +1737,12 @@ def _check_arguments(a: dict) -> dict:
     if a["objective"] not in ("time", "cost"):
         raise ValueError(f"objective must be 'time' or 'cost', got {a['objective']!r}.")
     common.check_confidence(a["confidence"])
+    if a["divergence_factor"] is not None and not (
+        common.is_real(a["divergence_factor"]) and a["divergence_factor"] > 1
+    ):
+        raise ValueError(
+            f"divergence_factor must be a number > 1 (or None), got {a['divergence_factor']!r}."
+        )
     for name, hint in (
         ("learning_rate", "the rate of `optimizer` at ref_batch_size"),
         ("budget_s", "the seconds the search may cost beyond the pilot"),
@@ -2009,6 +2015,7 @@ def find_batch_size(
     objective: str = "time",
     confidence: float = 0.9,
     seed: int = 0,
+    divergence_factor: float | None = 10.0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> BatchSizeResult:
     """Find the batch size that trains ``loss_fn`` fastest on the local device.
@@ -2088,6 +2095,9 @@ def find_batch_size(
       objective: ``"time"`` or ``"cost"``.
       confidence: level of every interval.
       seed: bootstrap seed.
+      divergence_factor: the pilot diverged (an error: no noise scale is measured from it)
+        when its training loss exceeds this multiple of its first measured one (``None``:
+        only when it is not finite).
       progress: ``progress(phase, done, total)`` for every phase (``"pilot"``, ``"branched"``,
         ``"memory"``, ``"timing"``): draw a bar with it (gns draws nothing).
 
@@ -2174,6 +2184,7 @@ def _plan(a: dict, checked: dict) -> Plan:
         a["confidence"],
         None,
         a["seed"],
+        a["divergence_factor"] or math.inf,
     )
 
 

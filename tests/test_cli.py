@@ -34,7 +34,7 @@ MISTAKES = {
     "old_variant": (["--config=configs/cifar10.py:seed"], ["variant 'seed'", "effnet_lamb"]),
     "field": ([SMOKE, "--config.nosuchfield=1"], ["unknown config field --config.nosuchfield"]),
     "nested_field": ([SMOKE, "--config.data.sourse=x"],
-                     ["--config.data.sourse", "did you mean 'source'"]),
+                     ["--config.data.sourse", "did you mean --config.data.source?"]),
     "value": ([SMOKE, "--config.batch_size=abc"],
               ["--config.batch_size=abc", "hint: see --help for the config's fields"]),
     "mode": ([SMOKE, "--config.mode=trian"], ["config.mode='trian'", "train"]),

@@ -216,6 +216,8 @@ def test_every_wrong_value_of_every_field_is_one_line_or_a_documented_accept(kin
         ("bench", {"num_microbatches": 0}, "config.num_microbatches=0"),
         ("bench", {"image_size": 0}, "config.image_size=0"),
         ("sweep", {"critical.exponents": (1,)}, "at least 2 fork sizes"),
+        ("sweep", {"noise.batch_size": 64}, "config.noise.batch_size is not a field of this"),
+        ("cifar10", {"batchsize": 64}, "config.batchsize is not a field of this config"),
     ],
 )
 def test_the_reported_mistakes_are_caught(kind, fields, words):

@@ -410,6 +410,7 @@ def test_the_pilot_rows_hold_the_training_loss_of_each_measured_step(plain_resul
      ({"branch_lr_rule": "cosine"}, "branch_lr_rule must be one of"),
      ({"learning_rate": -1.0}, "learning_rate must be a finite positive number"),
      ({"budget_s": 0.0}, "budget_s must be a finite positive"),
+     ({"divergence_factor": 1.0}, "divergence_factor must be a number > 1"),
      ({"budget_fraction": 0.1}, "budget_fraction needs run_steps"),
      ({"objective": "money"}, "objective must be 'time' or 'cost'"),
      ({"progress": True}, "gns draws nothing itself"),
