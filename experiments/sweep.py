@@ -579,7 +579,7 @@ def run_sweep(
         return _Sweep(config, workdir, bar, (task, ds)).run(trainings, train_recommended)
 
 
-def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
+def _decide(config, basis, value, evidence, table, max_batch, s_min=None, limits=(1, math.inf)):
     """:func:`gns.finder.decide` with the reference run's rate and ``config.recommend``."""
     rc, factors = config.recommend, config.throughput.accumulation_factors
     fits = {*table.step_time(), config.batch_size, *(int(f) * max_batch for f in factors)}
@@ -596,10 +596,11 @@ def _decide(config, basis, value, evidence, table, max_batch, s_min=None):
         candidates=list(rc.candidates or sorted(fits)),
         s_min=s_min,
         price_per_hour=rc.price_per_hour,
+        limits=limits,
     )
 
 
-def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
+def _recommendations(config, m: finder.Measured, fit: dict, limits) -> dict:
     """The pick under every basis measured (``recommendation_by_basis``: the validation compares
     them on the trainings), from the best evidence (``recommendation``) and from the fitted
     ``B_crit`` as the noise scale (``recommendation_from_tradeoff``: a check)."""
@@ -611,7 +612,7 @@ def _recommendations(config, m: finder.Measured, fit: dict) -> dict:
         if v is not None and not math.isnan(v):
             value = (v, math.nan, math.nan) if name == "tradeoff_fit" else (v, lo, hi)
             r = picks[name] = _decide(
-                config, name, value, m.evidence, table, max_batch, fit["s_min"]
+                config, name, value, m.evidence, table, max_batch, fit["s_min"], limits
             )
             by_basis[name].update(batch_size=r.batch_size, batch_size_range=r.batch_size_range)
     rec, rec_fit = picks[m.basis], picks.get("tradeoff_fit")
@@ -654,6 +655,7 @@ class _Sweep:
         model = train.make_model(config, self.ds)
         self.groups = train.batch_groups(config, model, self.mesh.size)
         self.base = [b for b in cands if self.split_reason(b) is None]
+        self.limits = (max(self.groups, self.mesh.size), math.inf)  # no smaller batch splits
         self.on_step, self.finish = pilot_hooks(
             config, self.ds, self.task, workdir, self.fps["noise_scale"]
         )
@@ -760,10 +762,11 @@ class _Sweep:
             state,
             pipeline_plan(config),
             time_fn=self.time,
-            decide_fn=functools.partial(_decide, config),
+            decide_fn=functools.partial(_decide, config, limits=self.limits),
             candidates=self.base,
             cache=self.cache,
             on_step=self.on_step,
+            limits=self.limits,
         )
         bar.update(1)
         max_batch, _, tput = m.timed
@@ -777,7 +780,7 @@ class _Sweep:
         bar.update(1)
         self.t["trainings"] = time.perf_counter() - t0
         bar.set(phase="recommend")
-        recommendations = _recommendations(config, m, fit)
+        recommendations = _recommendations(config, m, fit, self.limits)
         bar.update(1)
         self.t["recommend"] = time.perf_counter() - t0 - self.t["trainings"]
         reached = {str(p["batch_size"]): p for p in fit["by_batch"] if p["reached"]}

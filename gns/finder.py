@@ -759,7 +759,8 @@ def decide(
 
     ``candidates`` default: the timed sizes the timing did not prune (:func:`dominated_sizes`),
     the base batch (unless pruned) and 2×, 4× ``max_batch_size`` (accumulation), those within
-    ``limits`` (the smallest and largest batch the caller allows).
+    ``limits`` (the smallest and largest batch the caller allows); a pick at a limit is not
+    told to time a batch past it.
 
     Returns:
       The :class:`gns.recommend.Recommendation` (``basis`` and ``evidence`` filled in).
@@ -773,7 +774,7 @@ def decide(
         pruned = {b for b, t in table.timings.items() if t.pruned}
         sizes = (set(times) | {base_batch_size} | {f * max_batch_size for f in (2, 4)}) - pruned
         candidates = sorted(b for b in sizes if limits[0] <= b <= limits[1])
-    return recommend.recommend(
+    rec = recommend.recommend(
         v,
         times,
         max_batch_size=max_batch_size,
@@ -789,6 +790,7 @@ def decide(
         s_min=s_min,
         price_per_hour=price_per_hour,
     )
+    return _at_limit(rec, limits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1294,6 +1296,23 @@ def _widen(time_fn, decide_fn, candidates, chosen, seconds_left, limits=(1, math
         timed = time_fn(sorted(asked), interval, left)
         rec = decide_fn(basis, value, evidence, timed[1], timed[0])
     return rec, timed, (extended if extended in timed[1].timings else None), cands
+
+
+def _at_limit(rec: recommend.Recommendation, limits) -> recommend.Recommendation:
+    """``rec`` without its advice to time a batch past ``limits`` (the smallest and largest
+    batch the caller allows, e.g. ``min_batch_size``): the pick is at that limit."""
+    nxt = rec.extend_range_to
+    if nxt is None or limits[0] <= nxt <= limits[1]:
+        return rec
+    advice = [w for w in rec.warnings if f"time batch {nxt}" in w]
+    end = "smallest" if nxt < limits[0] else "largest"
+    note = (
+        f"The pick {rec.batch_size} is at the {end} batch size allowed here "
+        f"({limits[0] if nxt < limits[0] else limits[1]:g}): batch {nxt} was not timed."
+    )
+    reason = rec.reason.replace(advice[0], note) if advice else rec.reason
+    warnings = tuple(note if w in advice else w for w in rec.warnings)
+    return dataclasses.replace(rec, reason=reason, warnings=warnings, extend_range_to=None)
 
 
 # ---------------------------------------------------------------------------------------------

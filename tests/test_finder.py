@@ -624,6 +624,23 @@ def test_unstable_step_times_warn_how_far_the_pick_could_move():
         assert r.learning_rate == pytest.approx(0.1 * mult(r.batch_size)), rule
 
 
+def test_a_pick_at_the_callers_limit_is_not_told_to_time_past_it():
+    from gns import hardware  # noqa: PLC0415
+
+    table = hardware.TimingTable(
+        {b: hardware.BatchTiming(b, t, t, t, 0.0, (t,), 0, True) for b, t in
+         ((8, 1.0), (16, 2.0), (32, 4.0))}, 5, 0.1)  # fmt: skip
+    kw = {"base_batch_size": 16, "optimizer": "adam"}
+    free = finder.decide("b_simple", (1.0, 0.5, 2.0), {}, table, 32, **kw)
+    assert free.batch_size == 8 and free.extend_range_to == 4
+    assert "time batch 4 and recommend again" in free.reason
+    held = finder.decide("b_simple", (1.0, 0.5, 2.0), {}, table, 32, limits=(8, 64), **kw)
+    assert held.batch_size == 8 and held.extend_range_to is None
+    note = "The pick 8 is at the smallest batch size allowed here (8): batch 4 was not timed."
+    assert note in held.reason and note in held.warnings
+    assert not any("time batch 4" in w for w in (held.reason, *held.warnings))
+
+
 # The timing search: where it starts, how far it widens, what it never compiles.
 
 
