@@ -304,8 +304,9 @@ def per_example(
 
     For any JAX ``loss_fn`` (Flax Linen or NNX, plain ``jnp``) the per-example squared norms of
     parameters read by one operation linear in them (``dot_general``, convolutions, embedding
-    gathers, broadcast biases and scales) or by a division (``x / s``) come without per-example
-    gradients, from the one backward pass of the mean gradient (:mod:`gns.ghost`); other leaves
+    gathers, broadcast biases and scales) or by another elementwise binary operation with the
+    data (``x / s``, ``x ** s``, ``max(x, s)``) come without per-example gradients, from the
+    one backward pass of the mean gradient (:mod:`gns.ghost`); other leaves
     fall back to ``jax.vmap``. On that path the statistics are the same as the ``vmap`` path's
     to float rounding; ``method="auto"`` may instead take the sums from 8 microbatch gradients
     where that is faster (below): then they are the :func:`microbatch` estimator's, unbiased for

@@ -5,10 +5,11 @@ The noise scale needs, for every parameter leaf, the sum over examples of the sq
 the per-example gradients, and the mean gradient. ``loss_fn`` is traced to a jaxpr (nested
 ``jit`` calls inlined) and, for each leaf, the operations that read it with the example axis
 are found (after example-free steps: casts, reshapes, transposes, any function of the
-parameters alone). Where such an operation is linear in its parameter operand (or divides by
-it, elementwise) and the example axis is on its other operand, one example's gradient of the
-parameter is a contraction of that operand (of the quotient's derivative) with the example's
-output gradient ``g``, and its squared norm has a closed form:
+parameters alone). Where such an operation is linear in its parameter operand (or is any
+other elementwise binary operation of it) and the example axis is on its other operand, one
+example's gradient of the parameter is a contraction of that operand (of the output's
+derivative by the parameter) with the example's output gradient ``g``, and its squared norm
+has a closed form:
 
 * ``dot_general`` (any dense layer, attention projection, einsum, ``jnp.dot``): one example's
   kernel gradient is ``Σ_t x_t g_tᵀ`` over the free positions ``t`` of the operand; its
@@ -26,13 +27,18 @@ output gradient ``g``, and its squared norm has a closed form:
   the token-equality Gram ``Σ_{t,t'} [tok_t = tok_t'] (g_t·g_t')`` or, when cheaper, a
   scatter-add into a per-example table. Out-of-range tokens count for nothing (``fill``
   mode: they get no gradient) or are clamped (``clip`` mode), as the gather does.
-* ``add``/``sub``/``mul``/``div`` broadcasting the parameter against an operand with the
-  example axis, or ``broadcast_in_dim`` of the parameter to the example axis (biases, the scale
-  and bias of ``LayerNorm``/``GroupNorm``/``RMSNorm``, a bare ``self.param`` position
-  embedding, a learnable divisor or temperature ``x / s``): one example's gradient is ``g``
-  (times the other operand, for ``mul``; for ``div``, times the quotient's derivative by the
-  parameter, ``-x / s²`` for ``x / s`` and ``1 / x`` for ``s / x``, elementwise like ``mul``'s
-  operand though not linear in a divisor) summed over the broadcast axes.
+* ``add``/``sub``/``mul`` broadcasting the parameter against an operand with the example
+  axis, or ``broadcast_in_dim`` of the parameter to the example axis (biases, the scale and
+  bias of ``LayerNorm``/``GroupNorm``/``RMSNorm``, a bare ``self.param`` position embedding):
+  one example's gradient is ``g`` (times the other operand, for ``mul``) summed over the
+  broadcast axes.
+* any other elementwise binary primitive of :data:`_ELEMENTWISE` broadcasting the parameter
+  against an operand with the example axis (``div``, ``pow``, ``max``, ``min``, ``atan2``,
+  ``rem``, ``igamma``, ``igammac``: a learnable divisor or temperature ``x / s``, exponent
+  ``x ** s``, floor ``max(x, s)``): the same, with ``g`` times the output's derivative by the
+  parameter, elementwise (the JVP of the primitive with a unit tangent on the parameter
+  operand, by JAX's own rule: a tie of ``max``/``min`` and a power at a zero base get the
+  derivative ``jax.grad`` takes).
 
 **One backward pass.** The jaxpr is evaluated again under ``jax.grad`` with respect to
 ``(params, slots)`` (a zero ``[B]`` slot per covered leaf, whose gradient receives the
@@ -71,8 +77,9 @@ stay the plain ones, so each read's parts are extra work (about a weight-gradien
 ``B`` times the leaf's bytes).
 
 **Fallback, per leaf.** A leaf is not covered when one of its reads with the example axis is
-not such an operation: one nonlinear in it other than a quotient (``max`` with an activation,
-a power ``x ** s``), one whose other operand has no example axis or contracts it, a term
+not such an operation: any other (a ``custom_jvp`` function such as ``jnp.logaddexp``, a
+comparison of the parameter: ``jnp.remainder`` and ``jnp.hypot`` compare it), one whose
+other operand has no example axis or contracts it, a term
 without the example axis that multiplies the loss's data term, a read that computes its operand
 together with a leaf that falls back, or a read inside a primitive the analysis does not enter
 (a ``scan`` that reads it as a constant of every step, as a recurrent kernel, or has more than
@@ -518,9 +525,10 @@ class _Consumer:
     """The one operation reading a covered leaf, static description (no arrays).
 
     ``kind``: ``"dense"`` (``dot_general``), ``"conv"``, ``"embed"`` (``gather``) or
-    ``"sum"`` (a broadcast ``add``/``sub``/``mul``/``div``/``broadcast_in_dim``: the gradient
-    is the output gradient, times the operand for ``mul`` or the quotient's derivative by the
-    parameter for ``div`` (:func:`_batched_operand`), summed over ``sum_axes``).
+    ``"sum"`` (a broadcast ``add``/``sub``/``mul``/``broadcast_in_dim`` or another elementwise
+    binary primitive of :data:`_ELEMENTWISE`: the gradient is the output gradient, times the
+    operand for ``mul`` or the output's derivative by the parameter for the others
+    (:func:`_batched_operand`), summed over ``sum_axes``).
     """
 
     kind: str
@@ -528,7 +536,8 @@ class _Consumer:
     eqn: int  # index in the flat jaxpr
     primitive: str
     pos: int  # operand index of the parameter
-    x_pos: int | None  # operand index of the batched operand the norm needs (None: none)
+    # operand index of the batched operand the norm needs (None: none; _ELEMENTWISE: both)
+    x_pos: int | None
     out_shape: tuple[int, ...]
     axis: int  # the example axis of the output
     layout: _Layout | None = None  # dense
@@ -651,9 +660,10 @@ def _embed_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
 
 
 def _sum_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
-    """The parameter broadcast against a batched operand (``add``/``sub``/``mul``/``div``) or
-    to the example axis (``broadcast_in_dim``, or ``tile`` along axes of size 1): the axes its
-    gradient sums over."""
+    """The parameter broadcast against a batched operand (``add``/``sub``/``mul`` or another
+    elementwise binary primitive of :data:`_ELEMENTWISE`) or to the example axis
+    (``broadcast_in_dim``, or ``tile`` along axes of size 1): the axes its gradient sums
+    over."""
     out = e.outs[0]
     bo = axes.get(out)
     if bo is None or bo < 0:
@@ -673,9 +683,19 @@ def _sum_consumer(e: _Eqn, pos: int, shapes, axes) -> tuple[dict | None, str]:
     sum_axes = tuple(
         d for d in range(len(oshape)) if d != bo and (not vshape or vshape[d] != oshape[d])
     )
-    x_pos = 1 - pos if e.primitive.name in ("mul", "div") else None
+    x_pos = 1 - pos if e.primitive.name == "mul" or e.primitive.name in _ELEMENTWISE else None
     return {"kind": "sum", "x_pos": x_pos, "sum_axes": sum_axes, "axis": bo}, ""
 
+
+# Elementwise binary primitives with a real output whose derivative by either operand JAX
+# defines pointwise (its JVP rule multiplies the tangent by a factor): one example's gradient
+# of the parameter operand is the output gradient times that factor (:func:`_derivative`),
+# summed over the broadcast axes, as for ``mul``'s other operand. Not ``nextafter`` and
+# ``zeta`` (no JVP rule; ``jax.scipy.special.zeta`` is a ``custom_jvp`` function),
+# ``polygamma`` (none by its order, the operand a parameter would take beside the examples),
+# ``complex`` (a complex output), nor comparisons and bitwise operations (boolean or integer
+# outputs).
+_ELEMENTWISE = ("div", "pow", "max", "min", "atan2", "rem", "igamma", "igammac")
 
 _CONSUMERS = {
     "dot_general": _dense_consumer,
@@ -684,10 +704,9 @@ _CONSUMERS = {
     "add": _sum_consumer,
     "sub": _sum_consumer,
     "mul": _sum_consumer,
-    "div": _sum_consumer,
     "broadcast_in_dim": _sum_consumer,
     "tile": _sum_consumer,
-}
+} | dict.fromkeys(_ELEMENTWISE, _sum_consumer)
 
 
 def _step(e: _Eqn, pos: int, flat: _Flat, axes) -> tuple[str, dict | None, str]:
@@ -717,6 +736,8 @@ def _step(e: _Eqn, pos: int, flat: _Flat, axes) -> tuple[str, dict | None, str]:
             None,
             f"read by {name} beside the examples, not one of the operations the fast path knows",
         )
+    if name in _ELEMENTWISE and not jnp.issubdtype(flat.dtypes[e.outs[0]], jnp.floating):
+        return "fallback", None, f"{name} with a complex or integer output"
     fields, reason = _CONSUMERS[name](e, pos, shapes, axes)
     return ("consumer", fields, "") if fields else ("fallback", None, reason)
 
@@ -1858,17 +1879,16 @@ def _one_pass(loss_fn, params, batch, the_plan, has_aux, axis_name, chunk_size, 
             seen[i] = vals
             if i not in by_eqn:
                 return outs
-            c = by_eqn[i]
+            c, op = by_eqn[i], functools.partial(_bind, flat.eqns[i])
             if c.parts:
                 js = (c.leaf, *c.others)
                 ws, leaf_zs = [p_leaves[j] for j in js], [zs[leaf_slot[j]] for j in js]
                 slot = _along_chain(flat, c, seen, ws, leaf_zs)
-                x = lax.stop_gradient(_batched_operand(c, vals))
+                x = lax.stop_gradient(_batched_operand(c, op, vals))
                 return [_tap_parts(c, n, outs[0], x, slot), *outs[1:]]
             if c.kind == "sum" or (c.kind in ("dense", "conv") and _form_of(c, form) == "direct"):
-                op = functools.partial(_bind, flat.eqns[i])
                 return _reusing(c, n, op, vals, zs[slot_of[c.eqn]])
-            x = lax.stop_gradient(_batched_operand(c, vals))
+            x = lax.stop_gradient(_batched_operand(c, op, vals))
             return [_tap(c, n, form, outs[0], x, zs[slot_of[c.eqn]]), *outs[1:]]
 
         outs = _run(flat, [*p_leaves, *jax.tree.leaves(batch)], hook)
@@ -1910,20 +1930,31 @@ def _with_penalties(flat: _Flat, the_plan: Plan, leaves, grads, sq, n: int) -> l
     return sq
 
 
-def _batched_operand(c: _Consumer, vals: list):
-    """What consumer ``c``'s norms read beside the output gradient, from its operands ``vals``
-    (``None``: nothing): its batched operand or, for ``div``, the quotient's derivative by the
-    parameter operand (``1 / x`` of ``s / x``, ``-x / s²`` of ``x / s``), in float32 at least."""
+def _batched_operand(c: _Consumer, op, vals: list):
+    """What consumer ``c`` (``op``: its equation, bound to a list of operands) reads beside
+    the output gradient, from its operands ``vals`` (``None``: nothing): the batched operand
+    (of ``mul``, ``dot_general``, a convolution or a ``gather``) or, for the elementwise
+    primitives of :data:`_ELEMENTWISE`, the output's derivative by the parameter operand
+    (:func:`_derivative`)."""
     if c.x_pos is None:
         return None
-    x = vals[c.x_pos]
-    if c.primitive != "div":
-        return x
-    x = x.astype(common.acc_dtype(x.dtype))
-    if c.pos == 0:
-        return 1 / x
-    s = vals[1].astype(x.dtype)
-    return -(x / s) / s
+    if c.primitive not in _ELEMENTWISE:
+        return vals[c.x_pos]
+    return _derivative(op, c.pos, vals)
+
+
+def _derivative(op, pos: int, vals: list) -> jax.Array:
+    """``∂op(vals)/∂vals[pos]`` of an elementwise binary ``op``, one factor per output element
+    (``vals[pos]`` broadcast), in float32 at least: the JVP of ``op`` with a unit tangent on
+    operand ``pos``, by the primitive's own rule (``max``/``min`` split a tie evenly, ``pow``
+    at a zero or negative base, as ``jax.grad`` does)."""
+    acc = common.acc_dtype(jnp.result_type(*vals))
+    vals = [jnp.asarray(v).astype(acc) for v in vals]
+
+    def at(w):
+        return op([*vals[:pos], w, *vals[pos + 1 :]])[0]
+
+    return jax.jvp(at, (vals[pos],), (jnp.ones_like(vals[pos]),))[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -2045,7 +2076,7 @@ def _reusing(c: _Consumer, n: int, op, vals: list, slot: jax.Array) -> list:
     def bwd(res, gs):
         others, w, slot = res
         (g_others,) = jax.vjp(lambda o: call(o, w), others)[1](gs)
-        x = _batched_operand(c, [*others[:pos], w, *others[pos:]])
+        x = _batched_operand(c, op, [*others[:pos], w, *others[pos:]])
         if c.kind == "conv":
             conv, *xg = _channels_last(c, x, gs[0])
             parts = functools.partial(_conv_parts, conv, n, groups=c.groups)

@@ -102,7 +102,8 @@ class ConvNet(nn.Module):
 
 class Mixed(nn.Module):
     """Covered layers (Conv, GroupNorm, Embed, Dense, a layer called twice: shared weights, a
-    scale read through ``exp``) mixed with an uncovered custom param (read by ``max``)."""
+    scale read through ``exp``) mixed with an uncovered custom param (a soft floor read by
+    ``jnp.logaddexp``, a ``custom_jvp`` function)."""
 
     @nn.compact
     def __call__(self, x):
@@ -111,7 +112,7 @@ class Mixed(nn.Module):
         h = nn.GroupNorm(num_groups=2)(h)
         h = h * self.param("gain", nn.initializers.ones, (4,))  # covered: a broadcast scale
         h = h * jnp.exp(self.param("log_scale", nn.initializers.zeros, (4,)))  # through exp
-        h = jnp.maximum(h, self.param("floor", nn.initializers.zeros, (4,)))  # uncovered
+        h = jnp.logaddexp(h, self.param("floor", nn.initializers.zeros, (4,)))  # uncovered
         h = jnp.mean(nn.relu(h), axis=(1, 2))
         h = h + nn.Embed(7, 4)(tokens)  # one token per example
         shared = nn.Dense(4)
@@ -283,7 +284,7 @@ def test_mixed_model_covers_shared_weights_and_routes_the_rest_to_vmap():
     parts = [names[c.leaf] for c in plan.consumers if c.parts]
     assert sorted(parts) == ["Dense_0/bias"] * 2 + ["Dense_0/kernel"] * 2 + ["log_scale"]
     described = plan.describe()
-    assert "leaf floor: fallback (per-example norms by vmap): read by max" in described
+    assert "leaf floor: fallback (per-example norms by vmap): read inside custom_jvp" in described
     assert "leaf Dense_0/kernel: covered by dot_general (dense), direct form, one of 2 reads" in (
         described
     )
@@ -662,7 +663,7 @@ def test_parameters_combined_before_their_read_equal_vmap():
 
         check_sums(penalized, p, x, ("auto",), ghost.plan(penalized, p, x), k=2)
         with pytest.raises(ghost.NotApplicableError, match="w: read together with a param"):
-            ghost.plan(lambda q, b: lora(q, b) + jnp.mean(jnp.maximum(b[:, :2], q["a"][0])), p, x)
+            ghost.plan(lambda q, b: lora(q, b) + jnp.mean(jnp.logaddexp(b[:, :2], q["a"][0])), p, x)
 
 
 def test_weight_penalties_add_their_gradient_to_every_example():
@@ -709,17 +710,17 @@ def test_a_fallback_is_said_once_per_loss(monkeypatch):
     p = {"w": jnp.ones((3, 2)), "floor": jnp.zeros(2)}
 
     def partly(q, b):
-        return jnp.mean(jnp.maximum(b @ q["w"], q["floor"]) ** 2)
+        return jnp.mean(jnp.logaddexp(b @ q["w"], q["floor"]) ** 2)
 
     with pytest.warns(
-        ghost.FallbackWarning, match=r"1 of 2 parameter leaves .* floor \(read by"
+        ghost.FallbackWarning, match=r"1 of 2 parameter leaves .* floor \(read inside"
     ) as seen:
         for _ in range(3):  # three traces
             jax.jit(lambda q, b: estimate.per_example(partly, q, b)[0].g_sq).lower(p, x)
     assert len(seen) == 1
 
     def none(q, b):
-        return jnp.mean(jnp.maximum(b[:, :2], q["floor"]) ** 2)
+        return jnp.mean(jnp.logaddexp(b[:, :2], q["floor"]) ** 2)
 
     with pytest.warns(ghost.FallbackWarning, match="by jax.vmap for every parameter") as seen:
         ghost.select(none, p, x)
@@ -797,7 +798,7 @@ def plain_loss(w, batch):
 
 def nonlinear_loss(w, batch):
     x, y = batch
-    return jnp.mean((jnp.sum(jnp.maximum(x, w), -1) - y) ** 2)  # max: not linear in w
+    return jnp.mean((jnp.sum(jnp.logaddexp(x, w), -1) - y) ** 2)  # a custom_jvp function
 
 
 @pytest.mark.filterwarnings("ignore::gns.ghost.FallbackWarning")
@@ -810,11 +811,12 @@ def test_plain_jax_loss_is_covered_and_a_nonlinear_use_falls_back():
         lambda w, b: [estimate.per_example(plain_loss, w, b, method=m)[0] for m in ("auto", "vmap")]
     )(w, batch)
     np.testing.assert_allclose(auto.trace_cov, ref.trace_cov, rtol=1e-5)
-    with pytest.raises(ValueError, match="method='ghost'.*covers no parameter.*max"):
+    with pytest.raises(ValueError, match="method='ghost'.*covers no parameter.*custom_jvp"):
         estimate.per_example(nonlinear_loss, w, batch, method="ghost")
     with pytest.raises(ValueError, match="method must be"):
         estimate.per_example(plain_loss, w, batch, method="ghosts")
-    assert ghost.select(nonlinear_loss, w, batch) is None  # "auto": vmap
+    chosen = ghost.select(nonlinear_loss, w, batch)  # "auto": vmap or every leaf's sums
+    assert chosen is None or (chosen.consumers == () and chosen.fallback_microbatches)
     with pytest.raises(ValueError, match="method='ghost'.*covers no parameter"):
         ghost.select(nonlinear_loss, w, batch, method="ghost")
 
@@ -893,19 +895,94 @@ def test_a_learnable_divisor_is_covered_and_equals_vmap(division):
         check_sums_and_b_simple(loss_fn, p, batch, the_plan)
 
 
-@pytest.mark.filterwarnings("ignore::gns.ghost.FallbackWarning")
-def test_a_learnable_exponent_falls_back_with_its_reason_and_equals_vmap():
-    """A power ``|h| ** s`` (nonlinear in ``s``, not a quotient) is not covered: ``s`` falls
-    back to vmap, ``describe()`` says why, the other leaves stay covered, and every squared
-    norm and ``b_simple`` equal vmap's."""
+# How s meets h (elementwise, beside the examples), the shape of s, and how describe() says s
+# is read.
+ELEMENTWISE = {
+    "x ** s": (lambda h, s: jnp.abs(h) ** s, (4,), "pow (sum), direct form (MFLOP"),
+    "x ** scalar s": (lambda h, s: jnp.abs(h) ** s, (), "pow (sum), direct form (MFLOP"),
+    "s ** x": (lambda h, s: s**h, (4,), "pow (sum), direct form (MFLOP"),
+    "max(x, s)": (lambda h, s: jnp.maximum(h, s - 2), (4,), "max (sum), direct form through sub"),
+    "min(x, s)": (lambda h, s: jnp.minimum(h, s), (4,), "min (sum), direct form (MFLOP"),
+    "atan2(x, s)": (lambda h, s: jnp.arctan2(h, s), (4,), "atan2 (sum), direct form (MFLOP"),
+    "atan2(s, x)": (lambda h, s: jnp.arctan2(s, h), (4,), "atan2 (sum), direct form (MFLOP"),
+    "fmod(x, s)": (lambda h, s: jnp.fmod(h, s), (4,), "rem (sum), direct form (MFLOP"),
+    "gammainc(s, x)": (
+        lambda h, s: jax.scipy.special.gammainc(s, 1 + h * h),
+        (4,),
+        "igamma (sum), direct form (MFLOP",
+    ),
+    "x ** s and x * s": (
+        lambda h, s: jnp.abs(h) ** s + h * s,
+        (4,),
+        "pow (sum), direct form, one of 2 reads",
+    ),
+}
+
+
+@pytest.mark.parametrize("use", ELEMENTWISE)
+def test_a_parameter_in_an_elementwise_binary_operation_is_covered_and_equals_vmap(use):
+    """A parameter meeting a batched value in any elementwise binary operation of
+    ``ghost._ELEMENTWISE`` (a learnable exponent ``x ** s`` or base ``s ** x``, floor
+    ``max(x, s)`` or ceiling ``min(x, s)``, ``atan2``, ``fmod``, ``gammainc``; per feature or a
+    scalar, through a step of ``s`` alone, read again by ``mul``): covered, one example's
+    gradient the output gradient times the output's derivative by ``s``. Squared norms and the
+    mean gradient equal vmap's to float64 rounding, ``b_simple`` to float32's."""
+    use, shape, read = ELEMENTWISE[use]
     with jax.enable_x64(True):
-        loss_fn, p, batch = learnable_s(lambda h, s: jnp.abs(h) ** s, (4,))
+        loss_fn, p, batch = learnable_s(use, shape)
+        the_plan = ghost.plan(loss_fn, p, batch)
+        assert the_plan.fallback == (), the_plan.describe()
+        assert f"leaf s: covered by {read}" in the_plan.describe()
+        check_sums_and_b_simple(loss_fn, p, batch, the_plan)
+
+
+# How s meets h where h equals s at some entries (a tie), or is 0 (the base of a power).
+TIES = {
+    "max(x, s)": jnp.maximum,
+    "min(x, s)": jnp.minimum,
+    "max(s, x)": lambda h, s: jnp.maximum(s, h),
+    "x ** s at 0": lambda h, s: jnp.abs(h) ** (s + 1.5),
+}
+
+
+@pytest.mark.parametrize("use", TIES)
+def test_ties_and_zero_bases_take_the_derivative_jax_grad_takes(use):
+    """``max``/``min`` with the parameter equal to the batched value (9 of 24 entries, every
+    example at one feature) and a power at a zero base: the derivative by ``s`` there is
+    JAX's own (half of the output gradient for a tie, 0 for ``0 ** s``), as ``jax.grad`` per
+    example gives: squared norms and ``b_simple`` equal vmap's."""
+    with jax.enable_x64(True):
+        loss_fn, p, (x, y) = learnable_s(TIES[use], (4,))
+        p["w"] = jnp.eye(3, 4)  # h = [x, 0]: exact, s[3] = 0 ties every example
+        x = x.at[2, 2].set(0.25)
+        p["s"] = jnp.stack([x[0, 0], x[1, 1], x[2, 2], 0.0])
+        h = x @ p["w"]
+        assert int(jnp.sum(h == p["s"])) == 6 + 3
+        the_plan = ghost.plan(loss_fn, p, (x, y))
+        assert the_plan.fallback == (), the_plan.describe()
+        check_sums_and_b_simple(loss_fn, p, (x, y), the_plan)
+
+
+# How s meets h in an operation the fast path does not cover, and the reason describe() gives.
+NOT_COVERED = {
+    "logaddexp(x, s)": (jnp.logaddexp, "read inside custom_jvp_call, which is not entered"),
+    "remainder(x, s)": (jnp.remainder, "lt of the parameter to several or integer outputs"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::gns.ghost.FallbackWarning")
+@pytest.mark.parametrize("use", NOT_COVERED)
+def test_a_parameter_read_by_an_uncovered_operation_falls_back_with_its_reason(use):
+    """A soft floor ``logaddexp(x, s)`` (a ``custom_jvp`` function, not entered) and a
+    ``remainder(x, s)`` (its sign correction compares ``s`` with 0: a boolean output of ``s``)
+    are not covered: ``s`` falls back to vmap, ``describe()`` says why, the other leaves stay
+    covered, and every squared norm and ``b_simple`` equal vmap's."""
+    use, reason = NOT_COVERED[use]
+    with jax.enable_x64(True):
+        loss_fn, p, batch = learnable_s(use, (4,))
         the_plan = ghost.plan(loss_fn, p, batch)
         assert [the_plan.name(j) for j in the_plan.fallback] == ["s"]
-        assert (
-            "leaf s: fallback (per-example norms by vmap): read by pow beside the examples, not "
-            "one of the operations the fast path knows" in the_plan.describe()
-        )
+        assert f"leaf s: fallback (per-example norms by vmap): {reason}" in the_plan.describe()
         check_sums_and_b_simple(loss_fn, p, batch, the_plan)
 
 
@@ -1275,11 +1352,12 @@ class BarePositionModel(nn.Module):
 
 
 class FloorModel(nn.Module):
-    """A parameter read nonlinearly (``max`` with the input): that leaf falls back to vmap."""
+    """A parameter read by a ``custom_jvp`` function (a soft floor ``jnp.logaddexp`` with the
+    input): that leaf falls back to vmap."""
 
     @nn.compact
     def __call__(self, x):
-        x = jnp.maximum(x, self.param("floor", nn.initializers.zeros, x.shape[-1:]))
+        x = jnp.logaddexp(x, self.param("floor", nn.initializers.zeros, x.shape[-1:]))
         return nn.Dense(5)(nn.gelu(nn.Dense(8)(x)).mean(axis=1))
 
 
@@ -1302,7 +1380,7 @@ def test_nonlinear_leaf_falls_back_and_auto_times_both_paths(monkeypatch):
     the_plan = ghost.plan(loss_fn, params, batch)
     assert [the_plan.leaf_names[j] for j in the_plan.fallback] == ["floor"]
     text = the_plan.describe()
-    assert "leaf floor: fallback (per-example norms by vmap): read by max" in text
+    assert "leaf floor: fallback (per-example norms by vmap): read inside custom_jvp" in text
     assert not the_plan.clear and "timed once (calibrate)" in text.splitlines()[-1]
     check_equal_to_vmap(loss_fn, params, batch)
     # auto follows the timing; the timing runs once per signature (cached).
