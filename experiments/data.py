@@ -317,9 +317,10 @@ _SAMPLE_BLOCKS, _BLOCK = 16, 1 << 16  # sampled per file, and files per director
 
 
 def _source_fingerprint(path: str) -> str:
-    """Cache key of a data source: its path, the size and mtime of each file and evenly spread
-    blocks of content, so a source replaced behind the same path gets another key."""
-    h = hashlib.sha256(path.encode())
+    """Cache key of a data source: the name, size and mtime of each file and evenly spread
+    blocks of content, so a source replaced behind the same path gets another key and the same
+    source reached by another path (a link, another checkout's ``../shared``) the same one."""
+    path, h = os.path.realpath(path), hashlib.sha256()
     files = [path]
     if os.path.isdir(path):
         entries = _members(path, wanted=lambda name: False)  # the listing only

@@ -136,6 +136,10 @@ def test_folder_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     np.testing.assert_array_equal(second.train_images, first.train_images)
     np.testing.assert_array_equal(second.test_labels, first.test_labels)
     assert second.class_names == first.class_names
+    # The same archive by another path (a link, another checkout's ../shared): the same entry.
+    os.symlink(path, tmp_path / "link.tar.gz")
+    data.load(_folder_cfg(tmp_path / "link.tar.gz", cache))
+    assert len(os.listdir(cache)) == 1
     # A changed archive (new size and mtime) has a new key: it is decoded again.
     _write_folder(tmp_path / "more", per_class={"train": 4, "test": 2})
     _tar(tmp_path / "more", path)
