@@ -522,20 +522,17 @@ def _range_end(chosen, k, measured) -> tuple[str | None, int | None, str]:
 
 
 def _monotone_warnings(measured, ranges) -> list[str]:
-    """A warning for each pair of neighbouring timed batches where the bigger one is faster."""
-    out = []
-    bs = sorted(measured)
+    """A warning for each pair of neighbouring timed batches where the bigger one is faster
+    beyond the timing spreads (inside them it is the timing's noise, which the plausible
+    range already carries)."""
     low, high = ranges
-    for small, big in itertools.pairwise(bs):
-        if measured[small] > measured[big]:
-            beyond = low[small] > high[big]
-            out.append(
-                f"Step time falls with the batch: t({small}) = {measured[small] * 1e3:.3g} ms > "
-                f"t({big}) = {measured[big] * 1e3:.3g} ms"
-                + (" (beyond the timing spreads)" if beyond else "")
-                + ": a busy machine or a noisy timing; re-time them interleaved."
-            )
-    return out
+    return [
+        f"Step time falls with the batch: t({small}) = {measured[small] * 1e3:.3g} ms > "
+        f"t({big}) = {measured[big] * 1e3:.3g} ms beyond the timing spreads: a busy machine or "
+        "a noisy timing; re-time them interleaved, with more rounds."
+        for small, big in itertools.pairwise(sorted(measured))
+        if low[small] > high[big]
+    ]
 
 
 def _evidence(basis, n, n_range, evidence) -> dict[str, dict]:

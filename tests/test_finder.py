@@ -615,6 +615,14 @@ def test_unstable_step_times_warn_how_far_the_pick_could_move():
     assert len(moves) >= 2  # batch 16's quartiles reach below batch 8's time: the pick can move
     stable = hardware.TimingTable({8: timing(8, 1.0, 0.02)}, 5, 0.1)
     assert finder._timing_warnings(stable, rec, timing_only) == []
+    # Unstable but far slower: the pick holds within every quartile, nothing to warn about.
+    far = hardware.TimingTable(
+        {8: timing(8, 1.0, 0.02), 16: timing(16, 4.0, 0.3), 32: timing(32, 8.0, 0.02)}, 5, 0.1
+    )
+    held = finder.decide("b_simple", (16.0, 12.0, 20.0), {}, far, 32, **kw)
+    alone = finder.decide("b_simple", (16.0, math.nan, math.nan), {}, far, 32, **kw)
+    assert alone.plausible_batch_sizes == (held.batch_size,)
+    assert finder._timing_warnings(far, held, alone) == []
     # The run's rule names the recommended rate (gns.scaling), whichever it is.
     rules = {"linear": lambda b: b / 16, "seesaw": lambda b: math.sqrt(16 / b),
              "constant": lambda b: 1.0, "sqrt": lambda b: math.sqrt(b / 16)}  # fmt: skip

@@ -419,7 +419,7 @@ def test_step_times_falling_with_the_batch_warn():
     r = recommend.recommend(50.0, times, max_batch_size=64, base_lr=0.1, base_batch_size=16)
     (w,) = [w for w in r.warnings if "falls with the batch" in w]
     assert "t(8)" in w and "t(16)" in w and "beyond the timing spreads" in w
-    # Within the spreads: still warned, without claiming it is beyond them.
+    # Within the spreads: the timing's noise (the plausible range carries it), not warned.
     r = recommend.recommend(
         50.0,
         times,
@@ -428,8 +428,7 @@ def test_step_times_falling_with_the_batch_warn():
         base_batch_size=16,
         step_time_range={8: (0.009, 0.013), 16: (0.009, 0.011)},
     )
-    (w,) = [w for w in r.warnings if "falls with the batch" in w]
-    assert "beyond" not in w
+    assert not any("falls with the batch" in w for w in r.warnings)
 
 
 def test_basis_and_evidence_with_ratios():
