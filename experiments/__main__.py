@@ -8,6 +8,8 @@ import os
 import runpy
 import sys
 
+import gns  # light: the library loads on first use
+
 # subcommand -> (module, default config relative to the root, default flags, what it does)
 COMMANDS = {
     "demo": (
@@ -42,9 +44,8 @@ COMMANDS = {
     ),
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USAGE = "usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags)\n\n" + "\n".join(
-    f"  {name:<6} {spec[3]}" for name, spec in COMMANDS.items()
-)
+USAGE = "usage: gns SUBCOMMAND [FLAGS]   (gns SUBCOMMAND --help: its flags; gns --version)\n\n"
+USAGE += "\n".join(f"  {name:<6} {spec[3]}" for name, spec in COMMANDS.items())
 
 
 def command_line(name: str, args: list[str], root: str = ROOT) -> tuple[str, list[str]]:
@@ -63,6 +64,9 @@ def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else None
     if name in ("-h", "--help", "help"):
         print(USAGE)
+        sys.exit(0)
+    if name == "--version":
+        print(f"gns {gns.__version__}")
         sys.exit(0)
     if name not in COMMANDS:
         error = f"error: unknown subcommand {name!r}\n" if name else ""

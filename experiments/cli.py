@@ -129,10 +129,30 @@ def _verbose(argv: list[str]) -> bool:
     return any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv)
 
 
+# The repository's commands as the installed ``gns`` command runs them (experiments/__main__.py).
+_INSTALLED = (
+    (r"make demo DEMO_CONFIG=(\S+)", r"gns demo --config \1"),
+    (r"make demo DATA=(\S+)", r"gns demo --config.data.source=folder --config.data.path=\1"),
+    (r"make (demo|bench)\b", r"gns \1"),
+    (r"python -m experiments\.(?:cifar10|run)\b", "gns train"),
+    (r"python -m experiments\.(sweep|lm|bench)\b", r"gns \1"),
+)
+
+
+def for_user(text: str) -> str:
+    """``text`` with the repository's commands (``make demo``, ``python -m experiments.sweep``)
+    named as this process was started: the installed ``gns SUBCOMMAND`` names them its way."""
+    if not sys.argv[0].startswith("gns "):
+        return text
+    for pattern, replacement in _INSTALLED:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
 def _exit(message: str, hint: str | None = None):
-    print(f"error: {message}", file=sys.stderr)
+    print(for_user(f"error: {message}"), file=sys.stderr)
     if hint:
-        print(f"hint: {hint}", file=sys.stderr)
+        print(for_user(f"hint: {hint}"), file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
 
 
@@ -238,14 +258,14 @@ def print_help(argv: list[str], config: str, describe: Describe) -> None:
     if "config" not in _flag_values(argv):
         argv = [*argv, f"--config={os.path.join(ROOT, config)}"]
     _parse_to_read(argv)
-    print(plain_text(sys.modules["__main__"].__doc__ or "").strip() + "\n\nFlags:")
+    print(for_user(plain_text(sys.modules["__main__"].__doc__ or "")).strip() + "\n\nFlags:")
     for name in ("config", "workdir", "print_config", "verbose"):
         print(f"  --{name}: {FLAGS[name].help}")
     print("  --helpfull: every flag, absl's included\n")
     path, _, variant = FLAGS["config"].config_filename.partition(":")
     name = os.path.relpath(path, ROOT) + (f":{variant}" if variant else " (default variant)")
     print(f"Config fields ({name}; set any with --config.FIELD=VALUE):")
-    print("\n".join(describe(FLAGS.config, path)))
+    print(for_user("\n".join(describe(FLAGS.config, path))))
 
 
 def plain_text(doc: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import ml_collections
 from absl import logging
 
-from experiments import adaptive, figures, progress, runlog, sweep, tasks, train, validation
+from experiments import adaptive, cli, figures, progress, runlog, sweep, tasks, train, validation
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from experiments.report import fmt
@@ -477,6 +477,8 @@ def run_compare(config, workdir: str) -> dict:
     """The compare mode: each policy's run per seed, capped at ``compare.give_up_factor``
     times the fastest time to target before it; returns ``summary.json`` (strict JSON)."""
     cmp = config.compare
+    if cmp.setup:  # which setup this is, before the minutes it takes
+        logging.info("%s", cli.for_user(f"setup: {cmp.setup}"))
     with _mode(config, workdir, "compare") as (sweep_result, summary):
         plans, skipped, cands = plan_policies(config, workdir, sweep_result)
         ds = tasks.get(config).load(config)

@@ -53,7 +53,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(runlog.QuietLibraries())
     summary = run(FLAGS.config, FLAGS.workdir)
     if summary.get("mode") in ("compare", "tradeoff"):
-        print(report.mode_summary(summary))
+        print(cli.for_user(report.mode_summary(summary)))
         return
     task = tasks.get(FLAGS.config)
     keys = ["test_loss", f"test_{task.metric}", f"train_{task.metric}", "wall_time_s", "steps"]

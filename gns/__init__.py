@@ -17,8 +17,14 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 
 __all__ = ["find_batch_size", "BatchSizeResult"]
+
+try:  # the installed distribution's (pyproject.toml); a source tree on the path has none
+    __version__ = importlib.metadata.version("gns-jax")
+except importlib.metadata.PackageNotFoundError:
+    __version__ = "unknown (not installed)"
 
 _LAZY = {"find_batch_size": "finder", "BatchSizeResult": "finder"}
 

@@ -7,6 +7,7 @@ The mistakes caught while absl parses the flags run the real command, each in it
 
 import errno
 import os
+import sys
 
 import pytest
 
@@ -183,3 +184,21 @@ def test_bugs_that_mention_no_fault_keep_their_traceback():
     assert cli.write_fault(ValueError("shapes (2,) and (3,) differ")) is None
     assert cli.write_fault(OSError(errno.ENOSPC, "No space")) == "the disk is full"
     assert cli.write_fault(WRITE_FAULTS[-1][0]) is None  # the device's memory, not the disk
+
+
+def test_an_installed_user_is_shown_the_gns_command(monkeypatch):
+    """Help, hints and summaries name the repository's commands (make, python -m); run as the
+    installed ``gns SUBCOMMAND``, they name what that user can run."""
+    text = (
+        "python -m experiments.cifar10 --config configs/cifar10.py:smoke; "
+        "python -m experiments.sweep --config X; make demo DEMO_CONFIG=configs/cifar10.py:cpu; "
+        "make demo DATA=a/b.tar.gz; make bench"
+    )
+    monkeypatch.setattr(sys, "argv", ["python -m experiments.cifar10"])
+    assert cli.for_user(text) == text
+    monkeypatch.setattr(sys, "argv", ["gns demo"])
+    assert cli.for_user(text) == (
+        "gns train --config configs/cifar10.py:smoke; gns sweep --config X; "
+        "gns demo --config configs/cifar10.py:cpu; "
+        "gns demo --config.data.source=folder --config.data.path=a/b.tar.gz; gns bench"
+    )

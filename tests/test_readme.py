@@ -15,6 +15,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -176,6 +177,10 @@ def test_the_gns_command_lists_its_subcommands_and_maps_them_to_the_experiments(
     for name, (module, config, *_) in gns_command.COMMANDS.items():
         assert (ROOT / config.split(":")[0]).is_file(), name
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), name
+    proc = subprocess.run([sys.executable, "-m", "experiments", "--version"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert proc.returncode == 0 and proc.stdout == f"gns {version}\n"
 
 
 def test_the_readme_lists_every_variant_of_every_config():
@@ -190,8 +195,6 @@ def test_the_wheel_lists_every_package_of_the_tree():
     """``pip install .`` installs what ``[tool.setuptools]`` lists: every directory with an
     ``__init__.py`` under gns/, experiments/ and configs/ (a subpackage left out broke every
     ``gns`` subcommand of an installed copy)."""
-    import tomllib
-
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     dirs = tool["package-dir"]
 
