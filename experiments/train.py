@@ -792,8 +792,8 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
         "stop_reason": stop,
         "start": log.start,
         "diverged": log.diverged,
-        "noise_scale": noise_scale_summary(rows),
-        "warnings": _learning_warnings(log, final, train_eval, ds),
+        "noise_scale": (noise := noise_scale_summary(rows)),
+        "warnings": _learning_warnings(log, final, train_eval, ds) + noise.pop("warnings"),
         "dtype": config.dtype,
         "mesh": mesh_lib.describe(setup.mesh),
     }
@@ -825,7 +825,8 @@ def noise_scale_summary(rows: list[dict]) -> dict:
     with its block-bootstrap ``interval``, mean ``g_sq`` and ``trace_cov``, ``block_size``,
     ``num_measurements``, ``num_dropped`` (non-finite, left out), ``last_ema_b_simple``, and
     ``recent``: the same over the last :func:`gns.smoothing.recent_window` (iid bootstrap,
-    from ``from_step``). ``None`` values with fewer than 2 finite measurements."""
+    from ``from_step``). ``None`` values with fewer than 2 finite measurements. ``warnings``:
+    measurements left out or unresolved (also logged)."""
     meas = [r for r in rows if "g_sq" in r]
     g = np.array([r["g_sq"] for r in meas], np.float64)  # None -> nan
     t = np.array([r.get("trace_cov") for r in meas], np.float64)
@@ -838,21 +839,21 @@ def noise_scale_summary(rows: list[dict]) -> dict:
         recent=None,
         last_ema_b_simple=meas[-1].get("ema_b_simple") if meas else None,
     )
+    warnings = []
     if out["num_dropped"]:
-        logging.warning(
-            "%d of %d noise-scale measurements are not finite (left out): the "
-            "gradients overflowed; lower config.learning_rate, or stop such a run "
-            "with config.divergence_factor.",
-            out["num_dropped"],
-            len(meas),
+        warnings.append(
+            f"{out['num_dropped']} of {len(meas)} noise-scale measurements are not finite (left "
+            "out): the gradients overflowed; lower config.learning_rate, or stop such a run "
+            "with config.divergence_factor"
         )
     if 2 * np.sum(g <= 0) > len(g):
-        logging.warning(
-            "%d of %d finite noise-scale measurements have g_sq <= 0 (b_simple null): "
-            "the gradient is not resolved above its noise, or the run diverges.",
-            np.sum(g <= 0),
-            len(g),
+        warnings.append(
+            f"{np.sum(g <= 0)} of {len(g)} finite noise-scale measurements have g_sq <= 0 "
+            "(b_simple null): the gradient is not resolved above its noise, or the run diverges"
         )
+    for warning in warnings:
+        logging.warning("%s.", warning)
+    out["warnings"] = warnings
     if len(g) >= 2:
         k = smoothing.recent_window(len(g))
         last = smoothing.interval(g[-k:], t[-k:], block_size=1)

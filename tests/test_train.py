@@ -497,13 +497,15 @@ def test_divergence_stops_with_a_one_line_error(tmp_path, capsys, lr, why):
     ids=["overflow", "unresolved", "fine"],
 )  # fmt: skip
 def test_null_noise_scale_values_are_warned(caplog, g_sq, needle):
-    """Null noise-scale values (a run a huge divergence_factor lets go on) get a warning."""
+    """Null noise-scale values (a run a huge divergence_factor lets go on) get a warning, in
+    the log and in summary.json's warnings."""
     rows = [{"step": i, "g_sq": g, "trace_cov": 1.0} for i, g in enumerate(g_sq)]
     with caplog.at_level("WARNING"):
         ns = train.noise_scale_summary(rows)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert ns["num_dropped"] == sum(g is None for g in g_sq)
     assert [needle in w for w in warnings] == ([] if needle is None else [True]), warnings
+    assert [needle in w for w in ns["warnings"]] == ([] if needle is None else [True])
 
 
 # ---------------------------------------------------------------------------------------------
