@@ -210,6 +210,8 @@ def run(
     except SystemExit as e:
         if e.code == EXIT_USER_ERROR:
             interrupt.exit_now(None, EXIT_USER_ERROR)
+        if "--helpfull" in argv[1:]:  # absl's help exits 1 after printing it: asked for, 0
+            sys.exit(0)
         raise
 
 

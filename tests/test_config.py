@@ -299,6 +299,7 @@ def ran(commands, tmp_path_factory):
         for name, (module, args, _) in MISTAKES.items()
     }
     runs.update({f"help_{module}": (module, ["--help"]) for module in KINDS})
+    runs["helpfull"] = ("sweep", ["--helpfull"])
     runs["print_config"] = ("lm", ["--config", "configs/lm.py:smoke", "--config.batch_size=8",
                                    "--config.divergence_factor=None",
                                    "--print_config"])  # fmt: skip
@@ -334,6 +335,8 @@ def test_help_exits_0_with_plain_usage_and_every_field(ran, module):
         assert f"  --config.{name}=" in out, name
     if module == "cifar10":  # the continuation lines of the usage kept
         assert "--workdir /tmp/smoke \\\n" in out
+    full = ran[0]["helpfull"]  # absl's every flag (it exits 1 itself)
+    assert full.returncode == 0 and "--undefok" in full.stdout + full.stderr
 
 
 @pytest.mark.timeout(240)
