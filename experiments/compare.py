@@ -206,17 +206,21 @@ def check_recommendation(
     }
 
 
+# The training fields that a compare field sets where it is not None (_train_config).
+FROM_COMPARE = {
+    "batch_size": "baseline_batch_size",
+    "learning_rate": "baseline_learning_rate",
+    **{k: k for k in ("schedule", "warmup_steps", "eval_examples")},
+}
+
+
 def _train_config(config):
     """``config`` as the measurements and the runs train it: ``compare``'s baseline batch and
     rate (the default policy's, the reference of every rate), schedule, warmup and evaluation
-    size where set; no noise-scale tracking (the sweep measured it), no checkpoints, no bar."""
+    size where set (:data:`FROM_COMPARE`); no noise-scale tracking (the sweep measured it), no
+    checkpoints, no bar."""
     cmp, c = config.compare, copy.deepcopy(config)
-    fields = {
-        "batch_size": cmp.baseline_batch_size,
-        "learning_rate": cmp.baseline_learning_rate,
-        **{k: cmp[k] for k in ("schedule", "warmup_steps", "eval_examples")},
-    }
-    c.update({k: v for k, v in fields.items() if v is not None})
+    c.update({k: cmp[f] for k, f in FROM_COMPARE.items() if cmp[f] is not None})
     c.update(mode="train", gns_every=0, checkpoint_every=0, progress_bar=False)
     return c
 
@@ -461,6 +465,10 @@ def _check_resume(config, workdir: str, mode: str) -> None:
         train.run_identity(_train_config(old).to_dict()),
         train.run_identity(_train_config(config).to_dict()),
     )
+    for i, d in enumerate(diffs):  # a field compare's sets: named by that, what the user set
+        f = FROM_COMPARE.get(d.split(":")[0])
+        if f and (old.compare[f] is not None or config.compare[f] is not None):
+            diffs[i] = f"{d} (compare.{f})"
     swept = os.path.join(workdir, "sweep", sweep.SWEEP_FILE)
     devices = mesh_lib.make_mesh(config.num_devices).size
     if os.path.exists(swept) and (was := runlog.read_json(swept)["mesh"]["devices"]) != devices:

@@ -510,7 +510,8 @@ def _a_moved_compare_resumes_and_a_changed_one_stops_before_writing(c, s, workdi
     before = open(config_json).read()
     changed = copy.deepcopy(c)
     changed.compare.baseline_learning_rate = 0.5
-    with pytest.raises(UserError, match=r"other training fields: learning_rate: 0.003 -> 0.5"):
+    with pytest.raises(UserError, match=r"other training fields: learning_rate: 0.003 -> 0.5 "
+                       r"\(compare.baseline_learning_rate\)"):  # fmt: skip
         cifar10.run(changed, moved)
     assert open(config_json).read() == before
     again = cifar10.run(c, moved)  # every run already complete: the same results
