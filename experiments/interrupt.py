@@ -18,7 +18,7 @@ from typing import NoReturn
 
 EXIT_INTERRUPTED = 130
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-MESSAGE = "interrupted: the run saved what it had; re-run the command to resume."
+MESSAGE = "interrupted: what the run finished is saved; re-run the command to go on."
 
 
 def exit_now(message: str | None = MESSAGE, code: int = EXIT_INTERRUPTED) -> NoReturn:
