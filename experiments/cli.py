@@ -364,6 +364,9 @@ def _unknown_field(given: dict[str, str]) -> tuple[str, str] | None:
     paths = [p for p, _ in config_fields(node)] if hasattr(node, "keys") else []
     for field in (a.removeprefix("config.") for a in given if a.startswith("config.")):
         if paths and field not in paths and not any(p.startswith(field + ".") for p in paths):
+            if field == "task":  # a config file is one task's: the image task's has no field
+                hint = "another task is another config file, e.g. --config configs/teacher.py"
+                return "this config has no field --config.task (its task is fixed)", hint
             return f"unknown config field --config.{field}", _did_you_mean(field, paths)
     return None
 

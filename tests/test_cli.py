@@ -34,6 +34,7 @@ MISTAKES = {
     "variant": (["--config=configs/cifar10.py:huge"], ["variant 'huge'", "smoke"]),
     "old_variant": (["--config=configs/cifar10.py:seed"], ["variant 'seed'", "effnet_lamb"]),
     "field": ([SMOKE, "--config.nosuchfield=1"], ["unknown config field --config.nosuchfield"]),
+    "task": ([SMOKE, "--config.task=teacher"], ["no field --config.task", "configs/teacher.py"]),
     "nested_field": ([SMOKE, "--config.data.sourse=x"],
                      ["--config.data.sourse", "did you mean --config.data.source?"]),
     "value": ([SMOKE, "--config.batch_size=abc"],
