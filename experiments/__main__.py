@@ -53,9 +53,9 @@ def command_line(name: str, args: list[str], root: str = ROOT) -> tuple[str, lis
     when ``args`` has none, ``args``, then the subcommand's defaults that ``args`` does not
     set (after ``args``: a ``--config.FIELD`` must follow the ``--config`` it overrides)."""
     module, config, defaults, _ = COMMANDS[name]
-    given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
-    argv = [] if "--config" in given else [f"--config={os.path.join(root, config)}"]
-    argv += [*args, *(d for d in defaults if d.split("=", 1)[0] not in given)]
+    given = {a.lstrip("-").split("=", 1)[0] for a in args if a.startswith("-")}  # absl: - or --
+    argv = [] if "config" in given else [f"--config={os.path.join(root, config)}"]
+    argv += [*args, *(d for d in defaults if d.lstrip("-").split("=", 1)[0] not in given)]
     return module, [f"gns {name}", *argv]
 
 

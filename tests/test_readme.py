@@ -167,6 +167,9 @@ def test_the_gns_command_lists_its_subcommands_and_maps_them_to_the_experiments(
     assert module == "experiments.cifar10"
     assert argv == ["gns demo", "--config=/r/configs/cifar10.py:demo", "--config.seed=1",
                     "--config.mode=compare", "--workdir=runs/demo"]  # fmt: skip
+    # absl takes -flag as --flag: a given -workdir is not overridden by the default.
+    _, argv = gns_command.command_line("bench", ["-config=c.py", "-workdir=w"], root="/r")
+    assert argv == ["gns bench", "-config=c.py", "-workdir=w"]
     # The user's --config (either form) comes before the defaults that override its fields.
     proc = subprocess.run(
         [sys.executable, "-m", "experiments", "demo", "--config", "configs/teacher.py:smoke",
