@@ -868,36 +868,15 @@ def check_sums_and_b_simple(loss_fn, params, batch, the_plan):
     np.testing.assert_allclose(fast.b_simple, ref.b_simple, rtol=1e-5)
 
 
-# How s meets h, the shape of s, and how describe() says s is read.
-DIVISIONS = {
+# How s meets h (elementwise, beside the examples), the shape of s, and how describe() says s
+# is read.
+ELEMENTWISE = {
     "x / s": (lambda h, s: h / s, (4,), "div (sum), direct form (MFLOP"),
     "x / exp(log_s)": (lambda h, s: h / jnp.exp(s), (4,), "div (sum), direct form through exp ("),
     "x / (s + eps)": (lambda h, s: h / (s + 1e-3), (4,), "div (sum), direct form through add ("),
     "x / scalar s": (lambda h, s: h / s, (), "div (sum), direct form (MFLOP"),
     "s / x": (lambda h, s: s / (1 + h * h), (4,), "div (sum), direct form (MFLOP"),
     "both": (lambda h, s: h / s - s / (1 + h * h), (4,), "div (sum), direct form, one of 2 reads"),
-}
-
-
-@pytest.mark.parametrize("division", DIVISIONS)
-def test_a_learnable_divisor_is_covered_and_equals_vmap(division):
-    """A parameter dividing a batched value (a hand-written normalization or temperature
-    ``x / s``: per feature, through ``exp`` or ``+ eps``, a scalar) or divided by one
-    (``s / x``), or both: covered by the ``div``, one example's gradient the output gradient
-    times the quotient's derivative by ``s``. Squared norms and the mean gradient equal vmap's
-    to float64 rounding, ``b_simple`` to float32's."""
-    use, shape, read = DIVISIONS[division]
-    with jax.enable_x64(True):
-        loss_fn, p, batch = learnable_s(use, shape)
-        the_plan = ghost.plan(loss_fn, p, batch)
-        assert the_plan.fallback == (), the_plan.describe()
-        assert f"leaf s: covered by {read}" in the_plan.describe()
-        check_sums_and_b_simple(loss_fn, p, batch, the_plan)
-
-
-# How s meets h (elementwise, beside the examples), the shape of s, and how describe() says s
-# is read.
-ELEMENTWISE = {
     "x ** s": (lambda h, s: jnp.abs(h) ** s, (4,), "pow (sum), direct form (MFLOP"),
     "x ** scalar s": (lambda h, s: jnp.abs(h) ** s, (), "pow (sum), direct form (MFLOP"),
     "s ** x": (lambda h, s: s**h, (4,), "pow (sum), direct form (MFLOP"),
@@ -922,9 +901,10 @@ ELEMENTWISE = {
 @pytest.mark.parametrize("use", ELEMENTWISE)
 def test_a_parameter_in_an_elementwise_binary_operation_is_covered_and_equals_vmap(use):
     """A parameter meeting a batched value in any elementwise binary operation of
-    ``ghost._ELEMENTWISE`` (a learnable exponent ``x ** s`` or base ``s ** x``, floor
-    ``max(x, s)`` or ceiling ``min(x, s)``, ``atan2``, ``fmod``, ``gammainc``; per feature or a
-    scalar, through a step of ``s`` alone, read again by ``mul``): covered, one example's
+    ``ghost._ELEMENTWISE`` (a learnable divisor or temperature ``x / s``, a dividend ``s / x``,
+    an exponent ``x ** s`` or base ``s ** x``, floor ``max(x, s)`` or ceiling ``min(x, s)``,
+    ``atan2``, ``fmod``, ``gammainc``; per feature or a scalar, through a step of ``s`` alone
+    such as ``exp`` or ``+ eps``, read twice): covered, one example's
     gradient the output gradient times the output's derivative by ``s``. Squared norms and the
     mean gradient equal vmap's to float64 rounding, ``b_simple`` to float32's."""
     use, shape, read = ELEMENTWISE[use]
