@@ -231,7 +231,7 @@ def pipeline_plan(config) -> finder.Plan:
         branch_confidence=float(ccfg.confidence),
         seed=int(t.seed),
         run_steps=int(t.tradeoff.max_steps),
-        divergence_factor=float(t.divergence_factor or math.inf),
+        divergence_factor=t.divergence_factor,
     )
 
 
@@ -263,7 +263,8 @@ def pilot_hooks(config, ds, task, workdir: str, fp: str):
             record = common.to_json(run_pilot())
         except ValueError as e:  # e.g. a diverged pilot, which stopped at its first nan
             raise UserError(
-                f"the noise scale could not be measured: {e}", hint="lower config.learning_rate"
+                f"the noise scale could not be measured: {e}",
+                hint="lower config.learning_rate (config.divergence_factor: the pilot's bound)",
             ) from e
         p, rel = record["pilot"], os.path.join(PILOT_DIR, fp[:16])
         # Steps x the median step: the measurements and compilations left out, as a run's clock.

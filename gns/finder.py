@@ -54,6 +54,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -236,8 +237,11 @@ def run_pilot(
     checkpoint_steps: Sequence[int] = (),
     on_step: Callable[[int, Any], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    divergence_factor: float | None = None,
 ) -> Pilot:
-    """Run ``num_steps`` steps (or ``max_seconds``), measuring every ``every``-th step.
+    """Run ``num_steps`` steps (or ``max_seconds``), measuring every ``every``-th step;
+    stop early when it diverges (:func:`divergence`: a ``train_loss`` not finite, or its
+    median blown up by ``divergence_factor``; ``stop_reason`` ``"diverged"``).
 
     Args:
       state: the initial state (any pytree).
@@ -262,7 +266,7 @@ def run_pilot(
     """
     t0 = time.perf_counter()
     measured, keep, wanted = [], {}, set(int(s) for s in checkpoint_steps)
-    stop, t1, done = "steps", t0, 0
+    stop, t1, done, losses = "steps", t0, 0, []
     if on_step is not None:
         on_step(0, state)
     if progress is not None:  # shown while the first step compiles (and times its path)
@@ -279,9 +283,11 @@ def run_pilot(
         jax.block_until_ready(state if i == 0 else last)
         done, t1 = i + 1, t1 if i else time.perf_counter()
         ready = measured[-1:] if i == 0 else in_flight  # the metrics of a finished step
-        if ready and not math.isfinite(float(ready[0][1].get("train_loss", 0.0))):
-            stop = "diverged"
-            break
+        if ready and "train_loss" in ready[0][1] and (not losses or losses[-1][0] < ready[0][0]):
+            losses.append((ready[0][0], float(ready[0][1]["train_loss"])))
+            if divergence(losses, divergence_factor):
+                stop = "diverged"
+                break
         if i + 1 in wanted:
             keep[i + 1] = state
         if on_step is not None:
@@ -299,6 +305,49 @@ def run_pilot(
         for step, m in jax.device_get(measured)
     ]
     return Pilot(rows, state, keep, done, t_end - t0, stop, step_s)
+
+
+DIVERGENCE_WINDOW = 5  # measured pilot steps in each median of the divergence check
+
+
+def divergence(losses: Sequence[tuple[int, float]], factor: float | None) -> str | None:
+    """Why a pilot with the measured ``(step, train_loss)`` so far diverged, ``None`` while it
+    did not: its last loss not finite, or the median of its last :data:`DIVERGENCE_WINDOW`
+    losses above ``factor`` times the scale of its first (their median, or their median
+    deviation from it where that is larger: a loss near 0; ``factor`` ``None``: no such bound).
+    One batch whose loss spikes is not divergence, and losses at 0 set no scale.
+
+    Example:
+      >>> divergence([(1, 2.0), (2, 50.0), (3, 1.9)], 10.0) is None  # one hard batch
+      True
+    """
+    if not losses:
+        return None
+    step, last = losses[-1]
+    if not math.isfinite(last) and len(losses) == 1 and step == 1:
+        return (
+            f"its training loss was {last} at the initial parameters (step 1, before any "
+            "update): check the loss and the data."
+        )
+    if not math.isfinite(last):
+        return (
+            f"its training loss was {last} at step {step}; lower the learning rate (or warm it "
+            "up, or clip the gradients)."
+        )
+    w = DIVERGENCE_WINDOW
+    if factor is None or not math.isfinite(factor) or len(losses) < 2 * w:
+        return None
+    early = [x for _, x in losses[:w]]
+    first, now = statistics.median(early), statistics.median(x for _, x in losses[-w:])
+    scale = max(first, statistics.median(abs(x - first) for x in early))  # a loss near 0 scatters
+    if not (scale > 0 and now > factor * scale):
+        return None
+    return (
+        f"the median of its training loss over steps {losses[-w][0]}-{step} was {now:.4g}, over "
+        f"{factor:g} times the {scale:.4g} of its first {w} measured steps; lower the learning "
+        "rate (or warm it up, or clip the gradients), or, where the loss is meant to rise (the "
+        "data get harder), raise divergence_factor."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -827,8 +876,8 @@ class Plan(NamedTuple):
     ``branch_max_cost`` times the pilot's examples and half the budget. ``budget_s`` (or
     ``budget_fraction`` of ``run_steps`` pilot steps) bounds the search beyond the pilot.
     ``run_steps``, the planned run's length at ``ref_batch_size``, is also where the measured
-    path ends (:meth:`path_end`). A pilot whose training loss exceeds ``divergence_factor``
-    times its first measured one (or is not finite) diverged: nothing is measured from it.
+    path ends (:meth:`path_end`). A pilot that diverges (:func:`divergence`, with
+    ``divergence_factor``) stops there, and nothing is measured from it.
     """
 
     ref_batch_size: int
@@ -849,7 +898,7 @@ class Plan(NamedTuple):
     confidence: float = 0.9
     branch_confidence: float | None = None
     seed: int = 0
-    divergence_factor: float = 10.0
+    divergence_factor: float | None = 100.0
 
     def path_end(self, pilot_steps: int) -> int:
         """The last step the pilot's measurements stand for: ``run_steps`` when it is longer,
@@ -1039,18 +1088,6 @@ def _run_forks(steps: Steps, plan: Plan, pilot: Pilot, noise: Mapping, report) -
     return out | {"lr_rule": rule, "lr_rule_noise_scale": fork_noise, "examples_per_fork": n_fork}
 
 
-def _diverged_row(rows: Sequence[Mapping], factor: float) -> Mapping | None:
-    """The first row whose ``train_loss`` is not finite or above ``factor`` times the first
-    measured one (``None``: no such row)."""
-    losses = [r for r in rows if "train_loss" in r]
-    first = losses[0]["train_loss"] if losses else math.nan
-    for r in losses:
-        loss = r["train_loss"]
-        if not math.isfinite(loss) or (math.isfinite(first) and loss > factor * abs(first)):
-            return r
-    return None
-
-
 def _no_cache(name: str, compute: Callable[[], Any]) -> Any:
     return compute()
 
@@ -1100,9 +1137,8 @@ def pipeline(
       A :class:`Measured`.
 
     Raises:
-      ValueError: a pilot that diverged (a ``train_loss`` not finite or above
-        ``plan.divergence_factor`` times its first), or one of fewer than 2 steps or 2 finite
-        measurements.
+      ValueError: a pilot that diverged (:func:`divergence`), or one of fewer than 2 steps or
+        2 finite measurements.
     """
     ref, report = plan.ref_batch_size, progress or (lambda phase, done, total: None)
     live, seconds, t0 = {}, {}, time.perf_counter()
@@ -1122,18 +1158,15 @@ def pipeline(
             checkpoint_steps=ck,
             on_step=hook,
             progress=lambda d, t: report("pilot", d, t),
+            divergence_factor=plan.divergence_factor,
         )
 
     def noise_stage():
         pilot = live["pilot"] = pilot_run(on_step)
-        if bad := _diverged_row(pilot.rows, plan.divergence_factor):
-            first = next(r["train_loss"] for r in pilot.rows if "train_loss" in r)
-            raise ValueError(
-                f"the pilot diverged: its training loss was {bad['train_loss']:.4g} at step "
-                f"{bad['step']} (batch {ref}; {first:.4g} at its first measured step), so "
-                "there is no noise scale to measure; lower the learning rate (or warm it up, "
-                "or clip the gradients) and measure again."
-            )
+        if pilot.stop_reason == "diverged":
+            losses = [(r["step"], r["train_loss"]) for r in pilot.rows if "train_loss" in r]
+            why = (divergence(losses[:k], plan.divergence_factor) for k in range(len(losses) + 1))
+            raise ValueError(f"the pilot (batch {ref}) diverged: {next(w for w in why if w)}")
         if pilot.rows and all(r["g_sq"] == 0 == r["trace_cov"] for r in pilot.rows):
             raise ValueError(
                 "the gradient was zero at every measured step of the pilot: no parameter "
@@ -1885,19 +1918,20 @@ def _branch_warnings(branched, basis: str) -> list[str]:
 
 
 def pilot_warnings(rows: list[dict]) -> list[str]:
-    """A pilot whose training loss ended above where it started (the mean of its last tenth
-    of measured steps over its first)."""
+    """A pilot whose training loss ended above where it started: the median of its last
+    :data:`DIVERGENCE_WINDOW` measured losses over that of its first (one batch's loss
+    scatters)."""
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
-    if len(losses) < 2:
+    w = DIVERGENCE_WINDOW
+    if len(losses) < 2 * w:
         return []
-    tail = losses[-max(1, len(losses) // 10) :]
-    end = sum(tail) / len(tail)
-    if end <= losses[0]:
+    first, end = statistics.median(losses[:w]), statistics.median(losses[-w:])
+    if end <= first:
         return []
     return [
-        f"the pilot's training loss rose from {losses[0]:.4g} (its first step) to {end:.4g} "
-        f"(its last {len(tail)} measured steps): the noise scale of a run that does not learn "
-        "says little about the batch size; lower the learning rate and measure again"
+        f"the pilot's training loss rose from {first:.4g} (the median of its first {w} "
+        f"measured steps) to {end:.4g} (of its last {w}): the noise scale of a run that does "
+        "not learn says little about the batch size; lower the learning rate and measure again"
     ]
 
 
@@ -2037,7 +2071,7 @@ def find_batch_size(
     objective: str = "time",
     confidence: float = 0.9,
     seed: int = 0,
-    divergence_factor: float | None = 10.0,
+    divergence_factor: float | None = 100.0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> BatchSizeResult:
     """Find the batch size that trains ``loss_fn`` fastest on the local device.
@@ -2117,9 +2151,9 @@ def find_batch_size(
       objective: ``"time"`` or ``"cost"``.
       confidence: level of every interval.
       seed: bootstrap seed.
-      divergence_factor: the pilot diverged (an error: no noise scale is measured from it)
-        when its training loss exceeds this multiple of its first measured one (``None``:
-        only when it is not finite).
+      divergence_factor: the pilot diverged (it stops there, with an error: no noise scale is
+        measured from it) when the median of its last 5 training losses exceeds this multiple
+        of that of its first 5 (:func:`divergence`; ``None``: only a loss that is not finite).
       progress: ``progress(phase, done, total)`` for every phase (``"pilot"``, ``"branched"``,
         ``"memory"``, ``"timing"``): draw a bar with it (gns draws nothing).
 
@@ -2206,7 +2240,7 @@ def _plan(a: dict, checked: dict) -> Plan:
         a["confidence"],
         None,
         a["seed"],
-        a["divergence_factor"] or math.inf,
+        a["divergence_factor"],
     )
 
 

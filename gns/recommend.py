@@ -522,16 +522,17 @@ def _range_end(chosen, k, measured) -> tuple[str | None, int | None, str]:
 
 
 def _monotone_warnings(measured, ranges) -> list[str]:
-    """A warning for each pair of neighbouring timed batches where the bigger one is faster
-    beyond the timing spreads (inside them it is the timing's noise, which the plausible
-    range already carries)."""
+    """A warning for each pair of neighbouring timed batches where the bigger one is faster,
+    by more than 10% and beyond the timing spreads (less is the timing's noise, which the
+    plausible range already carries: a step that the dispatch dominates takes the same time
+    at every batch)."""
     low, high = ranges
     return [
         f"Step time falls with the batch: t({small}) = {measured[small] * 1e3:.3g} ms > "
         f"t({big}) = {measured[big] * 1e3:.3g} ms beyond the timing spreads: a busy machine or "
         "a noisy timing; re-time them interleaved, with more rounds."
         for small, big in itertools.pairwise(sorted(measured))
-        if low[small] > high[big]
+        if low[small] > high[big] and measured[small] > 1.1 * measured[big]
     ]
 
 

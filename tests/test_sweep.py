@@ -811,5 +811,5 @@ def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
     config.data.synthetic.image_size = 8  # a tiny MLP: steps that compile at once
     config.model.update(name="mlp", widths=(16,))
     config.noise.pilot_steps = 6
-    with pytest.raises(UserError, match=r"could not be measured: the pilot diverged: its training"):
+    with pytest.raises(UserError, match=r"could not be measured: the pilot \(batch 16\) diverged"):
         sweep.run_sweep(config, str(tmp_path), trainings=False)
