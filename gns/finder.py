@@ -1564,9 +1564,9 @@ def _with_rate_of(optimizer, opt_state, params):
     fresh = optimizer.init(params)
     if jax.tree.structure(fresh) != jax.tree.structure(opt_state):
         raise ValueError(
-            "optimizer's state has another structure than state.opt_state: pass the optimizer "
-            "the pilot trained with at the new rate (e.g. optax.adam(rec.learning_rate) after a "
-            "pilot with optax.adam(1e-3))."
+            "optimizer's state has another structure than the optimizer state given: pass the "
+            "optimizer that state was made with, at the rate to use (e.g. "
+            "optax.adam(rec.learning_rate) after a pilot with optax.adam(1e-3))."
         )
     return jax.tree.map(
         lambda old, new: old._replace(hyperparams=new.hyperparams) if _injected(old) else old,
@@ -2095,7 +2095,9 @@ def find_batch_size(
       ref_batch_size: the pilot's batch ``B_ref`` (and the baseline of the speedup).
       pilot_steps: pilot steps (at least 2): the start of the run, kept in ``.state``.
       max_seconds: stop the pilot after this many seconds.
-      opt_state: the optimizer state to start from (default ``optimizer.init(params)``).
+      opt_state: the optimizer state to start from (default ``optimizer.init(params)``); where
+        ``optimizer`` injects hyperparameters (``optax.inject_hyperparams``), its own replace
+        the state's (the rate to fine-tune at, not the rate the state was trained with).
       method: the noise estimator: ``"auto"`` or ``"vmap"`` (:func:`gns.estimate.per_example`)
         or ``"microbatch"`` (:func:`gns.estimate.microbatch` with ``num_microbatches``; for
         BatchNorm-like losses where examples interact).
@@ -2186,7 +2188,10 @@ def find_batch_size(
     Reference: McCandlish et al. (2018); Merrill et al. (2025), arXiv 2505.23971.
     """
     t_start = time.perf_counter()
-    opt_state = optimizer.init(params) if opt_state is None else opt_state
+    # A given state (a run's, fine-tuned on) trains at `optimizer`'s injected rate, not its own.
+    opt_state = (
+        optimizer.init(params) if opt_state is None else _with_rate_of(optimizer, opt_state, params)
+    )
     a = dict(locals())
     checked = _check_arguments(a)
     base_lr = _base_rate(a) or 1.0

@@ -370,6 +370,14 @@ def test_continue_training_trains_at_the_new_rate_of_an_injected_optimizer():
     assert res.batch_size == 8 and res.recommendation.learning_rate == pytest.approx(0.01)
     with pytest.raises(ValueError, match="learning_rate=0.5, but the optimizer's state holds 0.01"):
         _find(optimizer=inject(learning_rate=0.01), learning_rate=0.5)
+    # A run's state, fine-tuned on at another rate: the pilot trains at the optimizer's.
+    res = _find(optimizer=inject(learning_rate=0.002), opt_state=start.opt_state)
+    assert float(res.state.opt_state.hyperparams["learning_rate"]) == pytest.approx(0.002)
+    assert res.recommendation.learning_rate == pytest.approx(0.002)
+    w = w0
+    for i in range(6):  # the pilot's 6 steps at 0.002, by hand
+        w = w - 0.002 * jax.grad(linreg_loss)(w, linreg_batches(8, i))
+    np.testing.assert_allclose(res.state.params, w, rtol=1e-5)
 
 
 def test_a_pilot_that_diverges_stops_there_and_one_whose_loss_rises_is_warned_about():
