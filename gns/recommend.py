@@ -299,7 +299,7 @@ def recommend(
         evidence=evid,
         noise_scale_status=_status(n),
     )
-    reason = _reason(rec, max_batch_size, near_optimal_tolerance, base)
+    reason = _reason(rec, max_batch_size, near_optimal_tolerance, base, base in measured)
     return dataclasses.replace(rec, reason=reason)
 
 
@@ -565,7 +565,7 @@ def _evidence(basis, n, n_range, evidence) -> dict[str, dict]:
     return rows
 
 
-def _reason(rec: Recommendation, max_b: int, tol: float, base: int) -> str:
+def _reason(rec: Recommendation, max_b: int, tol: float, base: int, base_timed: bool) -> str:
     """The recommendation in plain English: the pick and why, then its basis and warnings."""
     n, chosen, k = rec.b_noise, rec.batch_size, rec.accumulation_steps
     row = next(r for r in rec.table if r["batch_size"] == chosen)
@@ -577,8 +577,8 @@ def _reason(rec: Recommendation, max_b: int, tol: float, base: int) -> str:
         )
     elif chosen == max_b and max(r["batch_size"] for r in rec.table) > max_b:
         parts.append(
-            "It is the largest batch that fits in memory; accumulation beyond it does "
-            "not shorten the time to target on these devices."
+            f"It is the largest batch that fits (max_batch_size={max_b}); run as gradient "
+            "accumulation, a larger batch does not shorten the time to target on these devices."
         )
     near = rec.near_optimal_range
     if near[0] == near[1]:
@@ -592,7 +592,10 @@ def _reason(rec: Recommendation, max_b: int, tol: float, base: int) -> str:
         time_first = rec.objective == "time"
         other = rec.cost_optimal if time_first else rec.time_optimal
         parts.append(f"The {'cheapest in compute' if time_first else 'fastest'} is batch {other}.")
-    parts.append(f"Predicted speedup over batch {base}: {rec.predicted_speedup_vs_baseline:.2f}x.")
+    untimed = "" if base_timed else " (its step time not timed: interpolated from the timed)"
+    parts.append(
+        f"Predicted speedup over batch {base}{untimed}: {rec.predicted_speedup_vs_baseline:.2f}x."
+    )
     under = rec.batch_size_under_interval
     if under is not None:
         parts.append(

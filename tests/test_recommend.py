@@ -461,3 +461,14 @@ def test_a_batch_size_timed_twice_is_named():
     """Duplicate batch sizes in a step-time table were overwritten by the last one."""
     with pytest.raises(ValueError, match=r"batch sizes \[32\] twice"):
         common.check_step_times(([32, 32, 64], [0.1, 0.5, 0.2]), 256)
+
+
+def test_the_speedup_names_a_reference_batch_that_was_not_timed():
+    times = {64: 0.02, 128: 0.03, 256: 0.05}
+    kw = dict(max_batch_size=256, base_lr=0.1)
+    timed = recommend.recommend(500.0, times, base_batch_size=64, **kw)
+    assert "Predicted speedup over batch 64: " in timed.reason
+    untimed = recommend.recommend(500.0, times, base_batch_size=32, **kw)
+    assert "over batch 32 (its step time not timed: interpolated from the timed): " in (
+        untimed.reason
+    )
