@@ -592,7 +592,7 @@ def _reason(rec: Recommendation, max_b: int, tol: float, base: int, base_timed: 
         time_first = rec.objective == "time"
         other = rec.cost_optimal if time_first else rec.time_optimal
         parts.append(f"The {'cheapest in compute' if time_first else 'fastest'} is batch {other}.")
-    untimed = "" if base_timed else " (its step time not timed: interpolated from the timed)"
+    untimed = "" if base_timed else " (not timed: its step time estimated from the timed sizes)"
     parts.append(
         f"Predicted speedup over batch {base}{untimed}: {rec.predicted_speedup_vs_baseline:.2f}x."
     )

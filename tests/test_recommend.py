@@ -469,6 +469,6 @@ def test_the_speedup_names_a_reference_batch_that_was_not_timed():
     timed = recommend.recommend(500.0, times, base_batch_size=64, **kw)
     assert "Predicted speedup over batch 64: " in timed.reason
     untimed = recommend.recommend(500.0, times, base_batch_size=32, **kw)
-    assert "over batch 32 (its step time not timed: interpolated from the timed): " in (
+    assert "over batch 32 (not timed: its step time estimated from the timed sizes): " in (
         untimed.reason
     )
