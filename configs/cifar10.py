@@ -55,7 +55,7 @@ def base() -> ml_collections.ConfigDict:
     # num_epochs). --config.mode=adaptive runs it against fixed batch sizes.
     c.adaptive = ml_collections.ConfigDict()
     c.adaptive.enabled = False  # train with the batch-size schedule that follows the smoothed
-    # noise scale (needs gns_every > 0; mode=adaptive sets it for its runs)
+    # noise scale (needs gns_every > 0, also for the adaptive runs of mode=compare)
     c.adaptive.candidates = config_dict.placeholder(tuple)  # compiled batch sizes, strictly
     # increasing (None: the powers of two in [min_batch_size, max_batch_size])
     c.adaptive.min_batch_size = 16  # smallest candidate (when candidates is None)
@@ -69,7 +69,8 @@ def base() -> ml_collections.ConfigDict:
     # candidate, in order (None: timed, interleaved, before training)
     c.adaptive.lr_rule = config_dict.placeholder(str)  # 'linear', 'sgd', 'sqrt', 'seesaw',
     # 'constant' (None: the rule of config.optimizer: 'sgd' for SGD, 'sqrt' for the Adam family)
-    c.adaptive.margin = 0.05  # predicted relative saving a change of batch size needs
+    c.adaptive.margin = 0.05  # predicted relative saving a change of batch size needs, in
+    # [0, 1)
     c.adaptive.patience = 3  # consecutive measurements that must agree before a change
     c.adaptive.allow_shrink = False  # the batch may also shrink (else a ramp only grows)
     c.adaptive.noise_scale_factor = 1.0  # multiplies the smoothed B_simple fed to the schedule

@@ -485,6 +485,11 @@ def run_compare(config, workdir: str) -> dict:
     """The compare mode: each policy's run per seed, capped at ``compare.give_up_factor``
     times the fastest time to target before it; returns ``summary.json`` (strict JSON)."""
     cmp = config.compare
+    if "adaptive" in cmp.policies:  # its run's fields, checked before anything is measured
+        probe = _train_config(config)
+        probe.gns_every, probe.adaptive.enabled = config.gns_every, True
+        probe.adaptive.initial_noise_scale = 1.0  # a stand-in: the measurement's, later
+        train.validate_config(probe)
     if cmp.setup:  # which setup this is, before the minutes it takes
         logging.info("%s", cli.for_user(f"setup: {cmp.setup}"))
     with _mode(config, workdir, "compare") as (sweep_result, summary):

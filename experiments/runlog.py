@@ -466,10 +466,13 @@ class Checkpoints(contextlib.AbstractContextManager):
             if tag in name and (step is None or name.startswith(f"{step}{tag}")):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
-    def restore(self, target: Any, check: Callable | None = None) -> tuple[Any, dict | None]:
+    def restore(
+        self, target: Any, check: Callable | None = None, set_aside: bool = True
+    ) -> tuple[Any, dict | None]:
         """The newest readable checkpoint as ``(state, meta)`` shaped like ``target``
         (``(None, None)``: none), ``check(meta)`` called before the state is read; a
-        :class:`UserError` when there are checkpoints but none is readable."""
+        :class:`UserError` when there are checkpoints but none is readable, or (not
+        ``set_aside``: another run's directory, left as it is) when the newest is not."""
         import jax
         import orbax.checkpoint as ocp
 
@@ -484,6 +487,14 @@ class Checkpoints(contextlib.AbstractContextManager):
             except UserError:  # check refused the checkpoint's run: stop
                 raise
             except Exception as e:  # unreadable: fall back to the previous one
+                if not set_aside:
+                    raise UserError(
+                        f"the checkpoint of step {step} in {self.directory} does not restore "
+                        f"into this run's state ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:160]})",
+                        hint="it was written by another model or setup (e.g. adaptive.enabled "
+                        "adds the schedule's state): start from a checkpoint of this config",
+                    ) from e
                 self._set_aside(step, e)
         if steps:
             raise UserError(

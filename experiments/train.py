@@ -497,8 +497,8 @@ def start_from_pilot(config, setup: Setup, log: runlog.RunLog):
     where = os.path.join(config.start_from, runlog.CHECKPOINT_DIR)
     state, meta = None, None
     if os.path.isdir(where):
-        with runlog.Checkpoints(config.start_from) as pilot:
-            state, meta = pilot.restore(setup.state, log.check_meta)
+        with runlog.Checkpoints(config.start_from) as pilot:  # another run's: left as it is
+            state, meta = pilot.restore(setup.state, log.check_meta, set_aside=False)
     if state is None:
         raise UserError(
             f"no pilot checkpoint in {where}",

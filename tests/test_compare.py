@@ -232,6 +232,8 @@ def smoke_config(mode):
         ("compare.target_window", 0, "compare.target_window=0"),
         ("compare.max_wall_time_s", -1.0, "compare.max_wall_time_s=-1.0"),
         ("compare.seeds", (), "compare.seeds"),
+        ("gns_every", 0, "the batch-size schedule follows the measured noise scale"),
+        ("adaptive.patience", 0, "adaptive.patience=0"),
     ],
 )
 def test_compare_config_mistake_is_a_user_error_naming_the_field(tmp_path, field, value, words):

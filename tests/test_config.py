@@ -217,6 +217,12 @@ def test_every_wrong_value_of_every_field_is_one_line_or_a_documented_accept(kin
         ("bench", {"image_size": 0}, "config.image_size=0"),
         ("sweep", {"critical.exponents": (1,)}, "at least 2 fork sizes"),
         ("sweep", {"noise.batch_size": 64}, "config.noise.batch_size is not a field of this"),
+        ("cifar10", {"adaptive.margin": 1.5}, "config.adaptive.margin=1.5 must be a number in"),
+        (
+            "cifar10",
+            {"adaptive.initial_batch_size": 12},
+            "adaptive.initial_batch_size must be one of the candidates",
+        ),
         ("cifar10", {"batchsize": 64}, "config.batchsize is not a field of this config"),
     ],
 )

@@ -229,6 +229,18 @@ def test_checkpoint_fallback_to_the_previous_readable_one(tmp_path, caplog):
         runlog.Checkpoints(str(tmp_path)).restore(state)
 
 
+def test_another_runs_checkpoint_that_does_not_fit_is_named_and_left_as_it_is(tmp_path):
+    """A pilot's checkpoint read by a run of another setup (start_from): one error, and the
+    pilot's directory untouched (a run's own unreadable checkpoint is set aside instead)."""
+    with runlog.Checkpoints(str(tmp_path)) as ckpt:
+        ckpt.save(5, {"w": jnp.ones(2)}, {"step": 5})
+    with runlog.Checkpoints(str(tmp_path)) as pilot:
+        with pytest.raises(UserError, match="checkpoint of step 5 .* does not restore into"):
+            pilot.restore({"w": jnp.ones(2), "schedule": jnp.zeros(())}, set_aside=False)
+    assert os.listdir(os.path.join(tmp_path, runlog.CHECKPOINT_DIR)) == ["5"]
+    assert not os.path.exists(os.path.join(tmp_path, runlog.UNREADABLE_DIR))
+
+
 def test_a_save_killed_midway_leaves_nothing_behind_on_the_next_start(tmp_path):
     """Orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it when done: one
     left by a killed save is removed when the run starts again; the finished steps stay."""

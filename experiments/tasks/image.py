@@ -11,6 +11,7 @@ import numpy as np
 from experiments import data, rules
 from experiments.rules import FLAG, TEXT, choice, count, real, tuple_of
 from experiments.tasks.base import Task, padded_batches, split_subset
+from gns import schedule
 
 # The rows of this task's config fields (experiments.rules): target, adaptive schedule, model,
 # data.
@@ -24,7 +25,7 @@ FIELDS = (
     ("adaptive.initial_noise_scale", real(0, open_lo=True).or_none),
     ("adaptive.step_times", tuple_of(real(0, open_lo=True)).or_none),
     ("adaptive.lr_rule", choice(*rules.LR_RULES).or_none),
-    ("adaptive.margin", real(0)),
+    ("adaptive.margin", real(0, 1, open_hi=True)),
     ("adaptive.patience", count(1)),
     ("adaptive.allow_shrink", FLAG),
     ("adaptive.noise_scale_factor", real(0, open_lo=True)),
@@ -72,6 +73,17 @@ CROSS = (
     ),
     rules.at_most("adaptive.min_batch_size", "adaptive.max_batch_size"),
     rules.each_on_devices("adaptive.candidates"),
+    rules.cross(
+        (
+            "adaptive.initial_batch_size",
+            "adaptive.candidates",
+            "adaptive.min_batch_size",
+            "adaptive.max_batch_size",
+        ),
+        lambda b, cands, lo, hi, d: b is None or b in (cands or schedule.powers_of_two(lo, hi)),
+        "adaptive.initial_batch_size must be one of the candidates (adaptive.candidates, or "
+        "the powers of two from adaptive.min_batch_size to max_batch_size)",
+    ),  # fmt: skip
     rules.cross(
         ("adaptive.enabled", "gns_every"),
         lambda enabled, every, d: not enabled or every > 0,
