@@ -342,6 +342,7 @@ GROUPS = cross(
 
 MEASURE_CROSS = (
     at_most("throughput.min_batch_size", "throughput.max_batch_size"),
+    each_on_devices("recommend.candidates"),
     cross(
         ("noise.pilot_steps", "noise.every"),
         lambda steps, every, d: steps >= 2 * every,

@@ -58,12 +58,14 @@ PILOT = f"{TRAIN_SETUP} seed batch_size learning_rate schedule warmup_steps trad
 PILOT += " divergence_factor"
 # The forks start from the pilot's states: they depend on what shapes the pilot's path (its
 # training setup, its length, which of its steps measure) and on ``critical``.
-FORKS = f"{PILOT} noise.pilot_steps noise.every critical"
+PATH = f"{PILOT} noise.pilot_steps noise.every"  # the pilot's states: its checkpoint's key
+FORKS = f"{PATH} critical"
 # On the mesh (experiments.mesh): its record is part of this stage's key (stage_fingerprint).
 TIMING = f"{TRAIN_SETUP} batch_size num_devices tradeoff.batch_sizes throughput.min_batch_size"
 TIMING += " throughput.max_batch_size throughput.memory_budget_bytes throughput.warmup"
 TIMING += " throughput.repeats"
 STAGE_FIELDS = {
+    "pilot": tuple(PATH.split()),
     "noise_scale": tuple(f"{PILOT} noise".split()),
     "critical_batch": tuple(FORKS.split()),
     "throughput": tuple(TIMING.split()),
@@ -470,9 +472,14 @@ def training_fingerprint(cfg, devices: int, data=None) -> str:
 
 
 def run_training(cfg, workdir: str, lr_rule: str) -> dict:
-    """Train ``cfg`` to its target: steps and wall-clock time to it (``None`` if missed) and
-    the curve of the task's metric on the test data."""
-    summary = train.train_and_evaluate(cfg, workdir)
+    """Train ``cfg`` to its target: steps and wall-clock time to it (``None`` if missed: also
+    a training that diverged, its ``stop_reason``) and the curve of the task's metric on the
+    test data."""
+    try:
+        summary = train.train_and_evaluate(cfg, workdir)
+    except train.Diverged as e:  # one batch size's rate: the others still say what they say
+        logging.warning("The training at batch %d: %s", cfg.batch_size, e)
+        summary = runlog.read_json(os.path.join(workdir, train.SUMMARY_FILE))
     rows = runlog.read_jsonl(os.path.join(workdir, runlog.METRICS_FILE))
     task = tasks.get(cfg)
     metric = f"test_{task.metric}"
@@ -557,6 +564,22 @@ def train_batch_sizes(config, fitting: list[int]) -> list[int]:
     return [values[i] for i in idx]
 
 
+def _check_pilot_groups(config, ds) -> None:
+    """A :class:`UserError` unless the pilot's batch and the forks' split into the estimator's
+    microbatches, ghost BatchNorm's groups (:func:`experiments.train.batch_groups`; both run on
+    one device)."""
+    groups = train.batch_groups(config, train.make_model(config, ds))
+    forks = [int(config.batch_size * 2.0**e) for e in config.critical.exponents]
+    sizes = [int(config.batch_size), *(forks if config.critical.num_checkpoints else ())]
+    if bad := [b for b in sizes if b % groups]:
+        raise UserError(
+            f"the pilot's and the forks' batches {bad} (config.batch_size, critical.exponents) "
+            f"do not split into config.gns_microbatches={groups} equal microbatches (the "
+            "estimator's, and ghost BatchNorm's groups)",
+            hint="lower --config.gns_microbatches, or raise the batch or the smallest exponent",
+        )
+
+
 def run_sweep(
     config, workdir: str, *, trainings: bool = True, train_recommended: bool = False
 ) -> dict:
@@ -566,6 +589,7 @@ def run_sweep(
     validate_config(config)
     task = tasks.get(config)
     ds = task.load(config)  # before the lock: bad data leaves the workdir untouched
+    _check_pilot_groups(config, ds)
     if trainings and (config.schedule != "constant" or config.warmup_steps > 0):
         logging.warning(
             "The trainings to the target follow config.schedule=%r with %d warmup steps over "
@@ -655,15 +679,22 @@ class _Sweep:
         cands = throughput_candidates(self.view)
         model = train.make_model(config, self.ds)
         self.groups = train.batch_groups(config, model, self.mesh.size)
+        self.per_example = train.resolve_gns_method(config, model, self.mesh.size) == "per_example"
         self.base = [b for b in cands if self.split_reason(b) is None]
-        self.limits = (max(self.groups, self.mesh.size), math.inf)  # no smaller batch splits
+        smallest = 2 * self.mesh.size if self.per_example else self.mesh.size
+        self.limits = (max(self.groups, smallest), math.inf)  # no smaller batch runs
         self.on_step, self.finish = pilot_hooks(
-            config, self.ds, self.task, workdir, self.fps["noise_scale"]
+            config, self.ds, self.task, workdir, self.fps["pilot"]
         )
 
     def split_reason(self, batch_size: int) -> str | None:
-        """Why ``batch_size`` does not split over the mesh or into the steps' groups."""
-        return mesh_lib.split_reason(batch_size, self.mesh, self.groups)
+        """Why ``batch_size`` does not split over the mesh or into the steps' groups, or (the
+        per-example estimator) leaves fewer than 2 examples on a device."""
+        if why := mesh_lib.split_reason(batch_size, self.mesh, self.groups):
+            return why
+        if self.per_example and batch_size < 2 * self.mesh.size:
+            return f"skipped: per_example needs 2 examples on each of the {self.mesh.size} devices"
+        return None
 
     def _stored(self, section: str, key: str, compute, valid=lambda value: True) -> dict:
         self.bar.set(phase=section)

@@ -243,6 +243,9 @@ def test_batches_must_split_over_the_devices():
     with pytest.raises(UserError, match=r"config.batch_size=6 is not divisible by the 4"):
         rules.check(config, tasks.table(config), devices=4)
     rules.check(config, tasks.table(config), devices=2)
+    config.batch_size, config.recommend.candidates = 8, (8, 16, 18)  # a pick it cannot run
+    with pytest.raises(UserError, match=r"recommend.candidates=\(8, 16, 18\): \[18\] do not"):
+        rules.check(config, tasks.table(config), devices=4)
 
 
 def test_the_compare_batches_must_split_over_the_devices_before_any_work():

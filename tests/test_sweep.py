@@ -215,7 +215,7 @@ def test_the_pilots_end_state_is_saved_for_the_run_to_go_on_from(smoke_run):
     s = strict_json(os.path.join(workdir, sweep.SWEEP_FILE))
     pilot = s["noise_scale"]["pilot"]
     start = pilot["start"]
-    fp = s["fingerprints"]["noise_scale"]
+    fp = s["fingerprints"]["pilot"]  # its path's fields (not noise.confidence: the same states)
     assert start == {
         "from": "pilot",
         "checkpoint": os.path.join(sweep.PILOT_DIR, fp[:16]),
@@ -634,7 +634,7 @@ def _fps(config):
         ("throughput.accumulation_factors", (8,), set()),
         ("compilation_cache", False, set()),
         ("data.cache_dir", "/elsewhere", set()),  # where the decoded data is kept
-        # Read by one stage only.
+        # Read by one stage only (not the pilot's path: its states are the same).
         ("noise.confidence", 0.8, {"noise_scale"}),
         ("throughput.repeats", 9, {"throughput"}),
         ("tradeoff.batch_sizes", (8, 16), {"throughput"}),
@@ -643,14 +643,26 @@ def _fps(config):
         # Read by two or all three.
         ("critical.num_repeats", 3, {"critical_batch"}),
         ("noise.num_stretches", 2, {"noise_scale"}),
-        ("noise.pilot_steps", 30, {"noise_scale", "critical_batch"}),
-        ("noise.every", 2, {"noise_scale", "critical_batch"}),
-        ("tradeoff.max_steps", 300, {"noise_scale", "critical_batch", "trainings"}),
-        ("learning_rate", 1e-3, {"noise_scale", "critical_batch", "trainings"}),
-        ("seed", 1, {"noise_scale", "critical_batch", "trainings"}),
-        ("model.widths", (4, 8), {"noise_scale", "critical_batch", "throughput", "trainings"}),
-        ("data.num_train", 512, {"noise_scale", "critical_batch", "throughput", "trainings"}),
-        ("dtype", "bfloat16", {"noise_scale", "critical_batch", "throughput", "trainings"}),
+        ("noise.pilot_steps", 30, {"pilot", "noise_scale", "critical_batch"}),
+        ("noise.every", 2, {"pilot", "noise_scale", "critical_batch"}),
+        ("tradeoff.max_steps", 300, {"pilot", "noise_scale", "critical_batch", "trainings"}),
+        ("learning_rate", 1e-3, {"pilot", "noise_scale", "critical_batch", "trainings"}),
+        ("seed", 1, {"pilot", "noise_scale", "critical_batch", "trainings"}),
+        (
+            "model.widths",
+            (4, 8),
+            {"pilot", "noise_scale", "critical_batch", "throughput", "trainings"},
+        ),
+        (
+            "data.num_train",
+            512,
+            {"pilot", "noise_scale", "critical_batch", "throughput", "trainings"},
+        ),
+        (
+            "dtype",
+            "bfloat16",
+            {"pilot", "noise_scale", "critical_batch", "throughput", "trainings"},
+        ),
         ("num_devices", 2, {"throughput", "trainings"}),
     ],
 )
@@ -802,6 +814,25 @@ def test_validate_config_names_the_field():
     with pytest.raises(UserError, match=r"pilot_steps=10, config.noise.every=6: the pilot "
                        "measures every noise.every steps"):  # fmt: skip
         sweep.validate_config(config)
+
+
+def test_forks_that_the_ghost_batchnorm_groups_cannot_split_stop_the_sweep_up_front(tmp_path):
+    config = small_smoke()
+    config.model.update(name="resnet", stage_sizes=(1, 1), num_filters=4)
+    config.update(gns_microbatches=16, batch_size=16)
+    config.critical.update(num_checkpoints=2, exponents=(-1, 0, 1))
+    with pytest.raises(UserError, match=r"the pilot's and the forks' batches \[8\] .* do not "
+                       "split into config.gns_microbatches=16"):  # fmt: skip
+        sweep.run_sweep(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_training_that_diverges_is_a_point_that_missed_not_the_end_of_the_sweep(tmp_path):
+    config = small_smoke()
+    cfg, rule = sweep.training_config(config, 16, 100.0)
+    cfg.learning_rate = 1e30  # diverges at once
+    p = sweep.run_training(cfg, str(tmp_path / "train"), rule)
+    assert p["stop_reason"] == "diverged" and not p["reached"] and p["steps"] is None
 
 
 def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
