@@ -538,6 +538,13 @@ def fit_tradeoff(points: list[dict], num_bootstrap: int, seed: int) -> dict:
     keys += "learning_rate reached workdir wall_time_s final_test_accuracy stop_reason"
     kept = [{k: p.get(k) for k in keys.split()} for p in points]
     out = {"s_min": None, "e_min": None, "b_crit": None, "intervals": {}, "points": kept}
+    if reached and all(p["steps"] <= p["curve"][0][0] for p in reached):
+        out["error"] = (
+            f"every training that reached the target ({len(reached)} of {len(points)}) reached "
+            "it at its first evaluation, so its steps to it are not measured: raise "
+            "tradeoff.target or lower tradeoff.eval_every_examples"
+        )
+        return out
     try:
         f = tradeoff.fit(
             [p["batch_size"] for p in reached],

@@ -844,3 +844,18 @@ def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
     config.noise.pilot_steps = 6
     with pytest.raises(UserError, match=r"could not be measured: the pilot \(batch 16\) diverged"):
         sweep.run_sweep(config, str(tmp_path), trainings=False)
+
+
+def test_a_fit_of_trainings_that_all_reached_the_target_at_their_first_evaluation_is_refused():
+    """Steps to the target that are all the first evaluation's measure the evaluation interval,
+    not the tradeoff (a B_crit of 1e10 was fitted to them)."""
+
+    def point(b, steps, first):
+        return {"batch_size": b, "seed": 0, "steps": steps, "reached": True,
+                "curve": [[first, 0.5], [2 * first, 0.6]]}  # fmt: skip
+
+    at_first = [point(b, 256 // b, 256 // b) for b in (8, 16, 32, 64)]
+    fit = sweep.fit_tradeoff(at_first, num_bootstrap=50, seed=0)
+    assert fit["b_crit"] is None and "reached it at its first evaluation" in fit["error"]
+    later = [point(b, 2048 // b + 40, 256 // b) for b in (8, 16, 32, 64)]
+    assert sweep.fit_tradeoff(later, num_bootstrap=50, seed=0)["b_crit"] is not None

@@ -88,6 +88,7 @@ def test_file_source_splits_the_last_bytes(tmp_path):
     ds = text.load({"path": path, "test_fraction": 0.1}, context=8)
     assert ds.train.tobytes() == data[:900] and ds.test.tobytes() == data[900:]
     assert ds.source["kind"] == "file" and ds.source["split"] == "bytes"
+    assert ds.source["num_train_files"] == ds.source["num_test_files"] == 1  # both its splits
     capped = text.load({"path": path, "test_fraction": 0.1, "max_bytes": 500}, context=8)
     assert capped.train.tobytes() == data[:450] and capped.test.tobytes() == data[450:500]
 

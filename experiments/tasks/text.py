@@ -115,8 +115,8 @@ def load(cfg, *, context: int) -> TextDataset:
         split=split,
         test_fraction=test_fraction,
         max_bytes=max_bytes,
-        num_train_files=len(train_files),
-        num_test_files=len(test_files),
+        num_train_files=len(train_files) if split == "file" else 1,  # a file: both its splits
+        num_test_files=len(test_files) if split == "file" else 1,
         train_bytes=len(train),
         test_bytes=len(test),
         sha256=hashlib.sha256(b"".join((train, test))).hexdigest()[:16],
