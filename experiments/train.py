@@ -35,6 +35,7 @@ from gns import common, estimate, finder, hardware, smoothing
 PyTree = Any
 
 SUMMARY_FILE = "summary.json"
+STEP_TIMES_FILE = "step_times.json"  # the table an adaptive run decides on, kept for a resume
 # Fields that do not change what a run computes, so a resume may change them (run_identity);
 # adaptive.timing_* and step_times: the candidates' timing, measured again by a re-run (a
 # compare's after a change of its measurement fields).
@@ -582,13 +583,17 @@ class FixedBatch(NamedTuple):
 def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
     """:class:`FixedBatch`, or with ``config.adaptive.enabled`` the
     :class:`experiments.adaptive.ScheduledBatch` (its past decisions from the rows; without
-    ``config.adaptive.step_times`` the candidates are timed first)."""
+    ``config.adaptive.step_times`` the candidates are timed first, and that table is kept in
+    :data:`STEP_TIMES_FILE` for a resume to decide on)."""
     every = config.eval_every * config.batch_size
     if not adaptive.enabled(config):  # from a pilot: its example stream goes on
         return FixedBatch(config.batch_size, every, by_example=bool(config.get("start_from")))
-    times = config.adaptive.step_times
+    times, cands = config.adaptive.step_times, adaptive.candidates(config)
+    saved = os.path.join(log.workdir, STEP_TIMES_FILE)
+    if times is None and log.step > 0 and jax.process_count() == 1 and os.path.exists(saved):
+        kept = runlog.read_json(saved)  # a resume decides on the table the run began with
+        times = kept["step_times"] if kept.get("candidates") == cands else None
     if times is None:  # timed interleaved, the median of each
-        cands = adaptive.candidates(config)
         logging.info("Timing the batch sizes %s (config.adaptive.step_times is None).", cands)
         calls = {
             b: (setup.plain_fn, (state, _first_batch(setup.train_batches, b, True))) for b in cands
@@ -599,6 +604,8 @@ def batch_policy(config, setup: Setup, state, log: runlog.RunLog):
         times = [float(np.median(table[b])) for b in cands]
         timed = ", ".join(f"{b}: {1e3 * t:.3g} ms" for b, t in zip(cands, times, strict=True))
         logging.info("The schedule decides on these step times: %s.", timed)
+        if log.primary:
+            runlog.write_json(saved, {"candidates": cands, "step_times": times})
     sched = adaptive.make_batch_schedule(config, times)
     every = config.adaptive.eval_every_examples or every
     return adaptive.ScheduledBatch(config, sched, every, log.rows())
@@ -808,6 +815,8 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
         )
     if adaptive.enabled(config):  # its batch sizes and rates: the rows' columns
         summary["schedule"] = adaptive.schedule_from_rows(rows)
+        if os.path.exists(table := os.path.join(log.workdir, STEP_TIMES_FILE)):
+            summary["schedule"] |= runlog.read_json(table)  # what it decided on
     if log.data is not None:
         summary["data"] = log.data
     if log.primary:

@@ -280,3 +280,30 @@ def test_resume_across_a_batch_change_after_ctrl_c_and_sigkill(tmp_path, monkeyp
     chex.assert_trees_all_equal(state_r["opt_state"], state_f["opt_state"])
     chex.assert_trees_all_equal(state_r["schedule"], state_f["schedule"])
     assert state_r["learning_rate"] == state_f["learning_rate"]
+
+
+@pytest.mark.timeout(300)
+def test_a_resume_decides_on_the_step_times_the_run_began_with(tmp_path, monkeypatch):
+    """Timed before training (step_times None), the table is kept in step_times.json and in
+    summary.json's schedule; a resume decides on it instead of timing again."""
+    from gns import hardware
+
+    def config():
+        c = adaptive_config(num_steps=8)
+        c.adaptive.step_times = None
+        return c
+
+    workdir = str(tmp_path / "run")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config(), workdir)
+    kept = runlog.read_json(os.path.join(workdir, train.STEP_TIMES_FILE))
+    assert kept["candidates"] == [8, 32] and len(kept["step_times"]) == 2
+
+    def no_timing(*a, **k):
+        raise AssertionError("timed again on resume")
+
+    monkeypatch.setattr(hardware, "interleaved_times", no_timing)
+    s = train.train_and_evaluate(config(), workdir)
+    assert s["schedule"]["step_times"] == kept["step_times"]
