@@ -814,7 +814,11 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
             device_utilization=rate / step_rate,
         )
     if adaptive.enabled(config):  # its batch sizes and rates: the rows' columns
-        summary["schedule"] = adaptive.schedule_from_rows(rows)
+        last = next((r for r in reversed(rows) if "batch_size" in r), {})  # where it ended
+        summary["schedule"] = adaptive.schedule_from_rows(rows) | {
+            "final_batch_size": last.get("batch_size"),
+            "final_learning_rate": last.get("learning_rate"),
+        }
         if os.path.exists(table := os.path.join(log.workdir, STEP_TIMES_FILE)):
             summary["schedule"] |= runlog.read_json(table)  # what it decided on
     if log.data is not None:

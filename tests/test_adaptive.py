@@ -206,6 +206,7 @@ def test_each_batch_size_compiles_once_and_rows_carry_batch_and_lr(tmp_path, mon
                if "schedule_change" in r]  # fmt: skip
     assert changes == [(1, 16), (3, 32), (7, 8), (9, 32)]
     assert [c["new_batch_size"] for c in summary["schedule"]["changes"]] == [16, 32, 8, 32]
+    assert summary["schedule"]["final_batch_size"] == rows[-1]["batch_size"] == 32
     assert len(caches) == 1 and set(caches[0].steps) == {8, 16, 32}  # each compiled once
     assert [r["step"] for r in rows] == list(range(1, summary["steps"] + 1))  # log_every=1
     seen = 0
