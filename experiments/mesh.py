@@ -82,19 +82,23 @@ def describe(mesh: Mesh) -> dict:
     }
 
 
-def split_reason(batch_size: int, mesh: Mesh, groups: int = 1) -> str | None:
+def split_reason(
+    batch_size: int, mesh: Mesh, groups: int = 1, per_example: bool = False
+) -> str | None:
     """Why the global ``batch_size`` cannot be split evenly over ``mesh``, or into ``groups``
-    (``experiments.train.batch_groups``; ``None``: it can): what the sweep records for a
-    candidate it skips."""
+    (``experiments.train.batch_groups``), or (``per_example``) leaves fewer than 2 examples on
+    a device (``None``: it can): what the sweep records for a candidate it skips."""
     if batch_size % groups:
         return (
             f"skipped: global batch {batch_size} does not split into the {groups} microbatches "
             "of the estimator and ghost BatchNorm (config.gns_microbatches)"
         )
-    if batch_size >= mesh.size and batch_size % mesh.size == 0:
-        return None
-    why = "smaller than" if batch_size < mesh.size else "not divisible by"
-    return f"skipped: global batch {batch_size} is {why} the {mesh.size} devices"
+    if batch_size < mesh.size or batch_size % mesh.size:
+        why = "smaller than" if batch_size < mesh.size else "not divisible by"
+        return f"skipped: global batch {batch_size} is {why} the {mesh.size} devices"
+    if per_example and batch_size < 2 * mesh.size:
+        return f"skipped: per_example needs 2 examples on each of the {mesh.size} devices"
+    return None
 
 
 def check_batch(

@@ -342,7 +342,8 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
     model, plain_fn, _, state = _setup(t, ds, task, optax.constant_schedule(1.0), mesh=mesh)
-    groups = train.batch_groups(t, model, n)
+    per_example = train.resolve_gns_method(t, model, n) == "per_example"
+    splits = (train.batch_groups(t, model, n), per_example)  # what each step splits a batch into
     # The batch sharded over the devices, the state replicated: what XLA compiles (and its
     # memory analysis counts) is one device's part of the step.
     step = jax.jit(
@@ -354,7 +355,7 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
         return jax.tree.map(lambda x: xp.zeros((b,) + x.shape[1:], x.dtype), template)
 
     cands = set(throughput_candidates(view)) | {int(b) for b in extra}
-    skipped = {b: why for b in cands if (why := mesh_lib.split_reason(b, mesh, groups))}
+    skipped = {b: why for b in cands if (why := mesh_lib.split_reason(b, mesh, *splits))}
     budget, source = t.throughput.memory_budget_bytes, None
     if budget is None and mesh.devices.flat[0].platform == "cpu" and n > 1:
         # Simulated CPU devices share the host: each gets its share of the default budget.
@@ -695,13 +696,8 @@ class _Sweep:
         )
 
     def split_reason(self, batch_size: int) -> str | None:
-        """Why ``batch_size`` does not split over the mesh or into the steps' groups, or (the
-        per-example estimator) leaves fewer than 2 examples on a device."""
-        if why := mesh_lib.split_reason(batch_size, self.mesh, self.groups):
-            return why
-        if self.per_example and batch_size < 2 * self.mesh.size:
-            return f"skipped: per_example needs 2 examples on each of the {self.mesh.size} devices"
-        return None
+        """:func:`experiments.mesh.split_reason` of this sweep's mesh and steps."""
+        return mesh_lib.split_reason(batch_size, self.mesh, self.groups, self.per_example)
 
     def _stored(self, section: str, key: str, compute, valid=lambda value: True) -> dict:
         self.bar.set(phase=section)

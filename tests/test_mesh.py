@@ -157,6 +157,11 @@ def test_the_mesh_record_and_why_a_batch_does_not_split():
     # The estimator's microbatches (ghost BatchNorm's groups) split every batch too.
     assert mesh.split_reason(16, four, groups=8) is None
     assert "batch 4 does not split into the 8 microbatches" in mesh.split_reason(4, four, groups=8)
+    # The per-example estimator needs 2 examples on each device.
+    assert mesh.split_reason(4, four, per_example=True) == (
+        "skipped: per_example needs 2 examples on each of the 4 devices"
+    )
+    assert mesh.split_reason(8, four, per_example=True) is None
 
 
 @pytest.mark.timeout(120)
