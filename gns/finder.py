@@ -823,7 +823,7 @@ def decide(
         pruned = {b for b, t in table.timings.items() if t.pruned}
         sizes = (set(times) | {base_batch_size} | {f * max_batch_size for f in (2, 4)}) - pruned
         candidates = sorted(b for b in sizes if limits[0] <= b <= limits[1])
-    rec = recommend.recommend(
+    return recommend.recommend(
         v,
         times,
         max_batch_size=max_batch_size,
@@ -838,8 +838,8 @@ def decide(
         candidates=candidates,
         s_min=s_min,
         price_per_hour=price_per_hour,
+        limits=limits,
     )
-    return _at_limit(rec, limits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1329,23 +1329,6 @@ def _widen(time_fn, decide_fn, candidates, chosen, seconds_left, limits=(1, math
         timed = time_fn(sorted(asked), interval, left)
         rec = decide_fn(basis, value, evidence, timed[1], timed[0])
     return rec, timed, (extended if extended in timed[1].timings else None), cands
-
-
-def _at_limit(rec: recommend.Recommendation, limits) -> recommend.Recommendation:
-    """``rec`` without its advice to time a batch past ``limits`` (the smallest and largest
-    batch the caller allows, e.g. ``min_batch_size``): the pick is at that limit."""
-    nxt = rec.extend_range_to
-    if nxt is None or limits[0] <= nxt <= limits[1]:
-        return rec
-    advice = [w for w in rec.warnings if f"time batch {nxt}" in w]
-    end = "smallest" if nxt < limits[0] else "largest"
-    note = (
-        f"The pick {rec.batch_size} is at the {end} batch size allowed here "
-        f"({limits[0] if nxt < limits[0] else limits[1]:g}): batch {nxt} was not timed."
-    )
-    reason = rec.reason.replace(advice[0], note) if advice else rec.reason
-    warnings = tuple(note if w in advice else w for w in rec.warnings)
-    return dataclasses.replace(rec, reason=reason, warnings=warnings, extend_range_to=None)
 
 
 # ---------------------------------------------------------------------------------------------

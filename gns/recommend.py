@@ -186,6 +186,7 @@ def recommend(
     candidates: Sequence[int] | None = None,
     objective: str = "time",
     near_optimal_tolerance: float = 0.1,
+    limits: tuple[float, float] = (1, math.inf),
 ) -> Recommendation:
     """Recommend a batch size (and learning rate) for the time (or cost) to a target.
 
@@ -228,6 +229,8 @@ def recommend(
         that fits (accumulation), and the base batch size. Every batch size here, in
         ``step_time`` and ``base_batch_size`` is a whole number (``64`` or ``64.0``); ``3.5``
         is refused, never truncated.
+      limits: the smallest and largest batch the caller can run (e.g. a ``min_batch_size``):
+        a pick at an end of the timed sizes is told to time the next batch only within them.
       objective: ``"time"`` or ``"cost"``: which optimum ``batch_size`` is.
       near_optimal_tolerance: relative slack defining ``near_optimal_range``.
 
@@ -269,7 +272,7 @@ def recommend(
     plausible -= _accumulation_dominated(b, accum, micro, weight)
     plausible = tuple(sorted(plausible | {chosen}))
 
-    end, extend_to, end_note = _range_end(chosen, accum[i], measured)
+    end, extend_to, end_note = _range_end(chosen, accum[i], measured, limits)
     warnings = _monotone_warnings(measured, ranges) + ([end_note] if end_note else [])
     evid = _evidence(basis, n, n_range if b_noise_interval is not None else None, evidence)
     columns = dict(zip(_COLUMNS, (t, accum, micro, rel_steps, time_obj, compute), strict=True))
@@ -495,30 +498,27 @@ def _accumulation_dominated(b, accum, micro, weight) -> set[int]:
     }
 
 
-def _range_end(chosen, k, measured) -> tuple[str | None, int | None, str]:
-    """Whether the pick sits at an end of the timed batch sizes, and what to time next."""
+def _range_end(chosen, k, measured, limits) -> tuple[str | None, int | None, str]:
+    """Whether the pick sits at an end of the timed batch sizes, and what to time next (none
+    past ``limits``: the pick is then at the end the caller allows)."""
     lo, hi = min(measured), max(measured)
     if k == 1 and chosen <= lo and lo > 1:
-        nxt = max(1, lo // 2)
-        return (
-            "smallest",
-            nxt,
-            (
-                f"The pick {chosen} is at the small end of the timed batch sizes ({lo}): a smaller "
-                f"batch might be faster; time batch {nxt} and recommend again."
-            ),
-        )
-    if k == 1 and chosen >= hi:
-        nxt = 2 * hi
-        return (
-            "largest",
-            nxt,
-            (
-                f"The pick {chosen} is at the large end of the timed batch sizes ({hi}): a larger "
-                f"batch might be faster; time batch {nxt} (if it fits) and recommend again."
-            ),
-        )
-    return None, None, ""
+        end, nxt, edge, timed, what = "smallest", max(1, lo // 2), "small", lo, "a smaller batch"
+    elif k == 1 and chosen >= hi:
+        end, nxt, edge, timed, what = "largest", 2 * hi, "large", hi, "a larger batch"
+    else:
+        return None, None, ""
+    if not limits[0] <= nxt <= limits[1]:
+        limit = limits[0] if nxt < limits[0] else limits[1]
+        note = f"The pick {chosen} is at the {end} batch size allowed here ({limit:g}): "
+        return end, None, note + f"batch {nxt} was not timed."
+    fits = " (if it fits)" if end == "largest" else ""
+    return (
+        end,
+        nxt,
+        f"The pick {chosen} is at the {edge} end of the timed batch sizes ({timed}): {what} "
+        f"might be faster; time batch {nxt}{fits} and recommend again.",
+    )
 
 
 def _monotone_warnings(measured, ranges) -> list[str]:
