@@ -22,7 +22,7 @@ def save(draw: Callable, path: str, *args) -> str:
     except plots.NothingToPlot as e:
         if os.path.exists(path):
             os.remove(path)
-        logging.info("%s not drawn: %s", os.path.basename(path), e)
+        logging.debug("%s not drawn: %s", os.path.basename(path), e)  # the entry says why
         return f"not drawn: {e}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:

@@ -83,11 +83,18 @@ def describe(mesh: Mesh) -> dict:
 
 
 def split_reason(
-    batch_size: int, mesh: Mesh, groups: int = 1, per_example: bool = False
+    batch_size: int,
+    mesh: Mesh,
+    groups: int = 1,
+    per_example: bool = False,
+    num_train: int | None = None,
 ) -> str | None:
     """Why the global ``batch_size`` cannot be split evenly over ``mesh``, or into ``groups``
     (``experiments.train.batch_groups``), or (``per_example``) leaves fewer than 2 examples on
-    a device (``None``: it can): what the sweep records for a candidate it skips."""
+    a device, or exceeds the ``num_train`` train examples (``None``: it can): what the sweep
+    records for a candidate it skips."""
+    if num_train is not None and batch_size > num_train:
+        return f"skipped: global batch {batch_size} is larger than the {num_train} train examples"
     if batch_size % groups:
         return (
             f"skipped: global batch {batch_size} does not split into the {groups} microbatches "

@@ -343,7 +343,8 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     n = mesh.size
     model, plain_fn, _, state = _setup(t, ds, task, optax.constant_schedule(1.0), mesh=mesh)
     per_example = train.resolve_gns_method(t, model, n) == "per_example"
-    splits = (train.batch_groups(t, model, n), per_example)  # what each step splits a batch into
+    # What each step splits a batch into, and the examples there are.
+    splits = (train.batch_groups(t, model, n), per_example, task.num_train(ds))
     # The batch sharded over the devices, the state replicated: what XLA compiles (and its
     # memory analysis counts) is one device's part of the step.
     step = jax.jit(
@@ -690,14 +691,17 @@ class _Sweep:
         self.per_example = train.resolve_gns_method(config, model, self.mesh.size) == "per_example"
         self.base = [b for b in cands if self.split_reason(b) is None]
         smallest = 2 * self.mesh.size if self.per_example else self.mesh.size
-        self.limits = (max(self.groups, smallest), math.inf)  # no smaller batch runs
+        # No smaller batch runs, and no batch larger than the train set.
+        self.limits = (max(self.groups, smallest), self.task.num_train(self.ds))
         self.on_step, self.finish = pilot_hooks(
             config, self.ds, self.task, workdir, self.fps["pilot"]
         )
 
     def split_reason(self, batch_size: int) -> str | None:
         """:func:`experiments.mesh.split_reason` of this sweep's mesh and steps."""
-        return mesh_lib.split_reason(batch_size, self.mesh, self.groups, self.per_example)
+        return mesh_lib.split_reason(
+            batch_size, self.mesh, self.groups, self.per_example, self.task.num_train(self.ds)
+        )
 
     def _stored(self, section: str, key: str, compute, valid=lambda value: True) -> dict:
         self.bar.set(phase=section)
@@ -741,7 +745,9 @@ class _Sweep:
                 hint="lower config.throughput.min_batch_size or raise "
                 "config.throughput.memory_budget_bytes",
             )
-        rows = add_accumulation_rows(tput["rows"], self.config.throughput.accumulation_factors, mb)
+        factors = self.config.throughput.accumulation_factors
+        factors = [f for f in factors if self.split_reason(int(f) * mb) is None]
+        rows = add_accumulation_rows(tput["rows"], factors, mb)
         d = tput["table"]  # the TimingTable as measured (to_dict)
         timings = {t["batch_size"]: hardware.BatchTiming(**t) for t in d["batch_sizes"]}
         table = hardware.TimingTable(timings, d["rounds"], d["max_spread"])

@@ -162,6 +162,11 @@ def test_the_mesh_record_and_why_a_batch_does_not_split():
         "skipped: per_example needs 2 examples on each of the 4 devices"
     )
     assert mesh.split_reason(8, four, per_example=True) is None
+    # Nor a batch larger than the train set (a stream would repeat examples within it).
+    assert mesh.split_reason(64, four, num_train=64) is None
+    assert mesh.split_reason(128, four, num_train=64) == (
+        "skipped: global batch 128 is larger than the 64 train examples"
+    )
 
 
 @pytest.mark.timeout(120)
