@@ -158,9 +158,10 @@ class SweepState:
         runlog.write_json(self.path, self.data)
 
 
-def _setup(t, ds, task, schedule, *, mesh=None):
+def _setup(t, ds, task, schedule, *, mesh=None, gns_uses=None):
     """Model, plain and measuring steps, and initial state of ``t`` (``schedule``: the rate's
-    shape, peak 1, the rate being in the state; on ``mesh``: data-parallel)."""
+    shape, peak 1, the rate being in the state; on ``mesh``: data-parallel; ``gns_uses``: the
+    measuring steps that will run)."""
     model = train.make_model(t, ds, t.dtype)
     optimizer = train.make_optimizer(t, schedule)
     tracker = smoothing.ema()
@@ -173,6 +174,7 @@ def _setup(t, ds, task, schedule, *, mesh=None):
         schedule=schedule,
         mesh=mesh,
         loss=task.loss,
+        gns_uses=gns_uses,
     )
     shape, dtype = task.input_spec(ds)
     state = train.init_state(t, model, optimizer, tracker, shape, dtype, mesh=mesh)
@@ -192,7 +194,8 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
     on ``critical.eval_examples`` test examples."""
     t = stage_config(config, "critical_batch")  # what shapes the pilot, and the forks
     schedule = train.make_schedule(t, t.tradeoff.max_steps, 1.0)
-    model, plain_fn, gns_fn, state = _setup(t, ds, task, schedule)
+    uses = int(config.noise.pilot_steps) // int(config.noise.every)  # the pilot's measurements
+    model, plain_fn, gns_fn, state = _setup(t, ds, task, schedule, gns_uses=uses)
     fork = jax.jit(lambda st, batch, rate: plain_fn(st._replace(learning_rate=rate), batch)[0])
     by_mult: dict[float, Any] = {}
 

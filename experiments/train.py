@@ -220,19 +220,23 @@ def make_train_steps(
     schedule: optax.Schedule | None = None,
     mesh=None,
     loss: Callable = tasks.cross_entropy,
+    gns_uses: int | None = None,
 ):
     """The unjitted ``(plain_step, gns_step)``, each ``(state, batch) -> (state, metrics)``,
     the same update; ``gns_step`` takes its gradient from ``gns.estimate`` (``method``,
     resolved) and adds the raw and smoothed (``tracker``) noise statistics.
     ``num_microbatches``: the estimator's over the global batch, and the ghost-BatchNorm
     groups of both steps; ``schedule``: reports the step's rate; ``mesh``: the steps are
-    ``jax.shard_map`` over it, gradients and losses averaged over the devices."""
+    ``jax.shard_map`` over it, gradients and losses averaged over the devices; ``gns_uses``:
+    how many measuring steps will run (``per_example``'s ``uses``)."""
     axis, n_dev = (None, 1) if mesh is None else (mesh_lib.AXIS, mesh.size)
     k_local = num_microbatches // n_dev if method == "microbatch" else 1
     if method == "microbatch" and k_local == 1:
         method = "across_devices"  # one microbatch per device: the same estimate
     estimator = {
-        "per_example": functools.partial(estimate.per_example, chunk_size=chunk_size),
+        "per_example": functools.partial(
+            estimate.per_example, chunk_size=chunk_size, uses=gns_uses
+        ),
         "microbatch": functools.partial(estimate.microbatch, num_microbatches=k_local),
         "across_devices": estimate.across_devices,
     }[method]
@@ -389,6 +393,7 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
         chunk_size=config.gns_chunk_size,
         mesh=mesh,
         loss=task.loss,
+        gns_uses=num_steps // config.gns_every if config.gns_every > 0 else None,
     )
     state = init_state(config, model, optimizer, tracker, *task.input_spec(ds))
     if adaptive.enabled(config):

@@ -293,6 +293,7 @@ def per_example(
     axis_name: str | None = None,
     has_aux: bool = False,
     method: str = "auto",
+    uses: int | None = None,
 ):
     """Noise statistics from per-example gradients (``jax.vmap`` of ``jax.grad``).
 
@@ -344,6 +345,9 @@ def per_example(
         always per-example gradients by ``jax.vmap``. ``"ghost"`` (alias ``"fast"``): always
         the fast path on the whole batch; a ``ValueError`` when it covers no parameter (e.g.
         every parameter used nonlinearly).
+      uses: how many steps will run this call's path (``None``: many); ``"auto"`` then times
+        the other paths only where that can pay over so many steps (a short pilot keeps the
+        cost model's choice; :func:`gns.ghost.calibrate`).
 
     Returns:
       ``(stats, grads)`` (``(stats, grads, aux)`` with ``has_aux``): the statistics and the
@@ -380,7 +384,7 @@ def per_example(
         jax.eval_shape(common.checked_aux(loss_fn), params, batch)
     params = common.to_varying(params, axis_name)
     plan = ghost.select(
-        loss_fn, params, batch, has_aux=has_aux, method=method, chunk_size=chunk_size
+        loss_fn, params, batch, has_aux=has_aux, method=method, chunk_size=chunk_size, uses=uses
     )
     if plan is not None:  # the fast path: chosen ("ghost"), or the faster path (whole or chunked)
         kw = dict(has_aux=has_aux, axis_name=axis_name, chunk_size=chunk_size)

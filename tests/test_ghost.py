@@ -1465,6 +1465,11 @@ def test_calibrate_times_the_other_candidates_only_where_that_can_pay(monkeypatc
     monkeypatch.setattr(ghost, "_CALIBRATED", {})
     many = ghost.calibrate(loss_fn, params, batch, the_plan, rounds=1, uses=10**9)
     assert many is None or "timed once: " in many.describe()
+    # per_example(uses=...) decides the same way (a short pilot's measuring step).
+    monkeypatch.setattr(ghost, "_CALIBRATED", {})
+    estimate.per_example(loss_fn, params, batch, uses=1)
+    (cached,) = ghost._CALIBRATED.values()
+    assert "over 1 steps" in cached.describe()
 
 
 def test_per_example_auto_follows_the_decision(monkeypatch):
