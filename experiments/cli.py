@@ -69,6 +69,7 @@ _WRITE_FAULTS = {
         ("PERMISSION_DENIED", "Permission denied"),
     ),
     "a part of the path is a file": ((errno.ENOTDIR,), ("Not a directory",)),
+    "the path is too long": ((errno.ENAMETOOLONG,), ("File name too long",)),
     # An orbax writer thread that fails (e.g. on a full disk) while Python shuts down.
     "the write was cut short (a full disk?)": ((), ("sys.meta_path is None",)),
 }
@@ -100,7 +101,9 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full ({e.filename or e}): free space there or write elsewhere"
     if isinstance(e, OSError) and e.filename:
-        return f"{e.strerror or e}: {e.filename}"
+        name = str(e.filename)
+        name = name if len(name) <= 160 else f"{name[:80]}...{name[-60:]}"
+        return f"{e.strerror or e}: {name}"
     text = " ".join(str(e).split()) or type(e).__name__
     if out_of_memory(e):
         return (
@@ -118,6 +121,7 @@ def _fault_hint(e: BaseException) -> str | None:
         return None
     fix = "free space there" if "full" in fault or "cut short" in fault else "fix its permissions"
     fix = "pick a path of directories" if "is a file" in fault else fix
+    fix = "pick a shorter path" if "too long" in fault else fix
     return f"{fix}, or pass another --workdir (--config.data.cache_dir for the data's cache)"
 
 

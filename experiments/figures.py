@@ -9,11 +9,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 from absl import logging
 
+from experiments import download
 from gns import plots
 
 
 def save(draw: Callable, path: str, *args) -> str:
-    """Write the figure of ``draw(*args)`` as a PNG at ``path``; returns ``path``, or
+    """Write the figure of ``draw(*args)`` as a PNG at ``path`` (atomically); returns ``path``, or
     ``'not drawn: <reason>'`` (nothing left at ``path``) when there is nothing to draw."""
     import matplotlib.pyplot as plt
 
@@ -24,9 +25,9 @@ def save(draw: Callable, path: str, *args) -> str:
             os.remove(path)
         logging.debug("%s not drawn: %s", os.path.basename(path), e)  # the entry says why
         return f"not drawn: {e}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        with download.atomic_file(path) as f:  # a killed run leaves no torn PNG
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

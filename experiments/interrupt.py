@@ -18,7 +18,10 @@ from typing import NoReturn
 
 EXIT_INTERRUPTED = 130
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-MESSAGE = "interrupted: what the run finished is saved; re-run the command to go on."
+MESSAGE = (
+    "interrupted: re-run the same command to resume; it goes on from whatever this run "
+    "completed (checkpoints, measurements, finished runs)."
+)
 
 
 def exit_now(message: str | None = MESSAGE, code: int = EXIT_INTERRUPTED) -> NoReturn:

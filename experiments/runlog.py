@@ -85,6 +85,12 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+# The longest path a run writes below its workdir (an orbax checkpoint's temporary files in a
+# sweep's pilot directory take about 130 characters), and the system's limit on a whole path.
+DEEPEST_PATH = 256
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX")
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str, kind: str | None = None):
     """Hold ``workdir`` (created when missing) with an advisory ``flock`` on ``workdir/.lock``,
@@ -98,6 +104,12 @@ def workdir_lock(workdir: str, kind: str | None = None):
         raise UserError(
             f"--workdir {workdir} is a file, not a directory",
             hint="pass a directory (it is created when missing)",
+        )
+    if len(full := os.path.abspath(workdir)) + DEEPEST_PATH > PATH_MAX:
+        raise UserError(
+            f"--workdir is {len(full)} characters long: the checkpoints under it need up to "
+            f"{DEEPEST_PATH} more, past this system's {PATH_MAX}-character path limit",
+            hint="pick a shorter path",
         )
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)

@@ -828,13 +828,13 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
             summary["schedule"] |= runlog.read_json(table)  # what it decided on
     if log.data is not None:
         summary["data"] = log.data
-    if log.primary:
-        runlog.write_json(os.path.join(log.workdir, SUMMARY_FILE), summary)
-    if config.plots and evaluate and log.primary:
+    if config.plots and evaluate and log.primary:  # before the summary, which marks the end
         try:
             figures.training_plots(rows, log.workdir)
         except Exception as e:  # plots are a convenience: never lose a finished run to them
             logging.warning("Could not write the plots: %s", e)
+    if log.primary:
+        runlog.write_json(os.path.join(log.workdir, SUMMARY_FILE), summary)
     return common.to_json(summary)
 
 

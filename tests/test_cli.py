@@ -136,6 +136,11 @@ def test_workdir_that_is_a_file(tmp_path, capsys):
     assert err[0] == f"error: --workdir {blocker} is a file, not a directory"
     assert len(err) == 2 and err[1].startswith("hint: ") and blocker.read_text() == "keep"
     assert run_main(capsys, smoke(), "")[0] == "error: --workdir is empty"
+    # A path so long that the checkpoints under it could not be written: refused, none made.
+    deep = str(tmp_path / "/".join(["d" * 200] * (runlog.PATH_MAX // 201)))
+    err = run_main(capsys, smoke(), deep)
+    assert "the checkpoints under it need up to" in err[0] and err[1] == "hint: pick a shorter path"
+    assert not os.path.exists(tmp_path / ("d" * 200))
 
 
 WRITE_FAULTS = [
@@ -144,6 +149,7 @@ WRITE_FAULTS = [
     (ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space"), "the disk is full"),
     (ImportError("sys.meta_path is None, Python is likely shutting down"), "cut short"),
     (ValueError("PERMISSION_DENIED: Error opening file"), "no permission to write there"),
+    (OSError(errno.ENAMETOOLONG, "File name too long", "/w/" + "a" * 300), "File name too long"),
     (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 26 bytes."), "ran out of memory"),
 ]
 

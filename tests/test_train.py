@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import cifar10 as cifar10_config
-from experiments import cli, data, events, models, rules, runlog, train
+from experiments import cli, data, download, events, models, rules, runlog, train
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from gns import common, plots, smoothing
@@ -175,6 +175,16 @@ def test_smoke_run_tensorboard_files_hold_the_rows_and_files_are_readable(smoke_
         path = os.path.join(workdir, name)
         if os.path.isfile(path):
             assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, name
+
+
+@pytest.mark.timeout(240)
+def test_the_plots_are_written_before_the_summary_that_marks_the_run_done(smoke_run):
+    """A run killed between the two is finished again (plots included), not taken as done."""
+    _, workdir, _ = smoke_run
+    done = os.stat(os.path.join(workdir, "summary.json")).st_mtime_ns
+    for name in ("training.png", "noise_scale.png"):
+        assert os.stat(os.path.join(workdir, name)).st_mtime_ns <= done
+    assert not [f for f in os.listdir(workdir) if f.startswith(download.TEMP_PREFIX)]
 
 
 @pytest.mark.timeout(240)
