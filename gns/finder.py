@@ -807,9 +807,9 @@ def decide(
     """:func:`gns.recommend.recommend` on a timing table with the chosen basis and evidence.
 
     ``candidates`` default: the timed sizes the timing did not prune (:func:`dominated_sizes`),
-    the base batch (unless pruned) and 2×, 4× ``max_batch_size`` (accumulation), those within
-    ``limits`` (the smallest and largest batch the caller allows); a pick at a limit is not
-    told to time a batch past it.
+    the base batch (unless pruned) and 2×, 4× ``max_batch_size`` (accumulation). Only those
+    within ``limits`` (the smallest and largest batch the caller allows, e.g. the train set's
+    size) are candidates; a pick at a limit is not told to time a batch past it.
 
     Returns:
       The :class:`gns.recommend.Recommendation` (``basis`` and ``evidence`` filled in).
@@ -821,8 +821,9 @@ def decide(
     times = table.step_time()
     if candidates is None:  # a size the timing pruned cannot win: it is not a candidate
         pruned = {b for b, t in table.timings.items() if t.pruned}
-        sizes = (set(times) | {base_batch_size} | {f * max_batch_size for f in (2, 4)}) - pruned
-        candidates = sorted(b for b in sizes if limits[0] <= b <= limits[1])
+        accumulated = {f * max_batch_size for f in (2, 4)}
+        candidates = (set(times) | {base_batch_size} | accumulated) - pruned
+    candidates = sorted(b for b in candidates if limits[0] <= b <= limits[1])
     return recommend.recommend(
         v,
         times,

@@ -671,6 +671,14 @@ def test_a_pick_at_the_callers_limit_is_not_told_to_time_past_it():
     note = "The pick 8 is at the smallest batch size allowed here (8): batch 4 was not timed."
     assert note in held.reason and note in held.warnings
     assert not any("time batch 4" in w for w in (held.reason, *held.warnings))
+    # Given candidates past the limits (a sweep's accumulated batches larger than the train
+    # set) are not candidates either.
+    big = finder.decide("b_simple", (1e4, 5e3, 2e4), {}, table, 32, candidates=[8, 16, 32, 64],
+                        **kw)  # fmt: skip
+    small = finder.decide("b_simple", (1e4, 5e3, 2e4), {}, table, 32, candidates=[8, 16, 32, 64],
+                          limits=(1, 40), **kw)  # fmt: skip
+    assert [r["batch_size"] for r in big.table] == [8, 16, 32, 64]
+    assert [r["batch_size"] for r in small.table] == [8, 16, 32]
 
 
 # The timing search: where it starts, how far it widens, what it never compiles.
