@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
         return optax.apply_updates(params, updates), opt_state
 
     opt_state = opt.init(params)
+    e2e.say(f"training {args.steps} steps, then measuring {args.n} batches of {args.batch}")
     for s in range(args.steps):
         params, opt_state = step(params, opt_state, batch_fn(64, s))
 

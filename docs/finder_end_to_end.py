@@ -36,7 +36,7 @@ import optax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the clone's packages
 
 from configs import lm as lm_config  # noqa: E402
-from experiments import data, models, runlog, tasks  # noqa: E402
+from experiments import data, interrupt, models, runlog, tasks  # noqa: E402
 from experiments.cli import UserError  # noqa: E402
 from gns import scaling  # noqa: E402
 from gns.finder import TrainState, continue_training, find_batch_size  # noqa: E402
@@ -152,6 +152,11 @@ def lm_setup(args):
     return loss_fn, task.batch_fn(config, ds), minus_bits, params
 
 
+def say(message: str) -> None:
+    """One progress line on stderr (stdout holds the JSON)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def to_target(args, parts, make_opt, state, batch_size, lr) -> dict:
     """Train from ``state`` at ``batch_size`` until the target (or ``--max_s``)."""
     loss_fn, batch_fn, score, _ = parts
@@ -164,6 +169,8 @@ def to_target(args, parts, make_opt, state, batch_size, lr) -> dict:
         if len(scores) >= args.window and np.mean(scores[-args.window :]) >= target:
             break
     reached = len(scores) >= args.window and float(np.mean(scores[-args.window :])) >= target
+    say(f"batch {batch_size}: {'reached' if reached else 'did not reach'} the target at step "
+        f"{int(state.step)}, {time.perf_counter() - t0:.1f} s")  # fmt: skip
     return {"batch_size": batch_size, "learning_rate": lr, "start_step": None, "steps":
             int(state.step), "s": time.perf_counter() - t0, "reached": reached}  # fmt: skip
 
@@ -177,15 +184,24 @@ def main(argv=None) -> dict:
     loss_fn, batch_fn, _, params = parts
     lr0, ref, load0 = args.lr or BASE_LR[args.optimizer], args.ref, os.getloadavg()[0]
     make_opt = (lambda r: optax.sgd(r, momentum=0.9)) if args.optimizer == "sgd" else optax.adam
+    phases = set()
+
+    def progress(phase, done, total):  # a line as each phase of the finder first starts
+        if phase not in phases:
+            phases.add(phase)
+            say(f"find_batch_size: {phase}")
+
     result = find_batch_size(loss_fn, params, make_opt(lr0), batch_fn, ref_batch_size=ref,
-                             learning_rate=lr0, seed=args.seed,
-                             run_steps=args.run_steps)  # fmt: skip
+                             learning_rate=lr0, seed=args.seed, run_steps=args.run_steps,
+                             progress=progress)  # fmt: skip
     rec, noise = result.recommendation, float(result.effective_noise_scale.value)
+    say(f"pick {rec.batch_size} ({result.basis}); training on from the pilot to the target")
     gns = to_target(args, parts, make_opt, result.state, rec.batch_size, rec.learning_rate)
     gns["start_step"] = int(result.state.step)
     fixed = []
     for b in args.batch_sizes:
         lr = scaling.learning_rate(args.optimizer, lr0, ref, b, noise if noise > 0 else math.inf)
+        say(f"batch {b} from scratch to the target")
         scratch = TrainState(params, make_opt(lr[0]).init(params), 0, 0)
         fixed.append(to_target(args, parts, make_opt, scratch, b, lr[0]))
     reached = [r for r in fixed if r["reached"]]
@@ -209,7 +225,9 @@ def main(argv=None) -> dict:
 
 
 def run_main(main_fn) -> None:
-    """``main_fn()``, a user error (a bad ``--data``) as one line and exit code 2."""
+    """``main_fn()``, a user error (a bad ``--data``) as one line and exit code 2, Ctrl-C as
+    one line and exit code 130."""
+    interrupt.install("interrupted: nothing was written; run the command again.")
     try:
         main_fn()
     except UserError as e:

@@ -59,6 +59,16 @@ def command_line(name: str, args: list[str], root: str = ROOT) -> tuple[str, lis
     return module, [f"gns {name}", *argv]
 
 
+def help_header(name: str, module: str, args: list[str]) -> str | None:
+    """What ``gns NAME`` is and runs, shown above the module's help when ``args`` asks for
+    help (``None`` otherwise)."""
+    helps = [a for a in args if a.lstrip("-") in ("help", "helpfull", "h")]
+    if not helps:
+        return None
+    flags = " ".join(a for a in args if a not in helps)
+    return f"gns {name}: {COMMANDS[name][3]}.\nIt runs {module} with {flags}\n"
+
+
 def main() -> None:
     """Run ``gns SUBCOMMAND [FLAGS]`` of ``sys.argv``."""
     name = sys.argv[1] if len(sys.argv) > 1 else None
@@ -75,6 +85,8 @@ def main() -> None:
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)  # the directory that holds experiments/ and configs/
     module, sys.argv = command_line(name, sys.argv[2:])
+    if header := help_header(name, module, sys.argv[1:]):
+        print(header)
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

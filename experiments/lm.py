@@ -1,10 +1,9 @@
 r"""A byte-level Transformer language model with the gradient noise scale tracked in training::
 
-    python -m experiments.lm --config configs/lm.py:cpu --workdir /tmp/lm_cpu \
-      --config.data.path=corpus.txt
+    python -m experiments.lm --config configs/lm.py:cpu --workdir /tmp/lm_cpu
 
-The corpus is the standard library's ``.py`` files unless ``--config.data.path`` names a text
-file or a directory (:mod:`experiments.tasks.text`). The training main of
+The corpus is the standard library's ``.py`` files unless ``--config.data.path=PATH`` names a
+text file or a directory of them (:mod:`experiments.tasks.text`). The training main of
 :mod:`experiments.run`, as ``experiments.cifar10`` (held-out ``test_bits_per_byte`` instead of
 accuracy; ``b_simple`` counts windows of ``context`` tokens).
 """

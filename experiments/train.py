@@ -864,7 +864,7 @@ def noise_scale_summary(rows: list[dict]) -> dict:
             "out): the gradients overflowed; lower config.learning_rate, or stop such a run "
             "with config.divergence_factor"
         )
-    if 2 * np.sum(g <= 0) > len(g):
+    if len(g) >= 3 and 2 * np.sum(g <= 0) > len(g):  # one step's estimate is often <= 0
         warnings.append(
             f"{np.sum(g <= 0)} of {len(g)} finite noise-scale measurements have g_sq <= 0 "
             "(b_simple null): the gradient is not resolved above its noise, or the run diverges"

@@ -167,6 +167,11 @@ def test_the_gns_command_lists_its_subcommands_and_maps_them_to_the_experiments(
     assert module == "experiments.cifar10"
     assert argv == ["gns demo", "--config=/r/configs/cifar10.py:demo", "--config.seed=1",
                     "--config.mode=compare", "--workdir=runs/demo"]  # fmt: skip
+    # Its help says what the subcommand runs, above the module's own (a smoke training's).
+    assert gns_command.help_header("demo", module, argv[1:]) is None
+    header = gns_command.help_header("demo", module, [*argv[1:], "--help"])
+    assert header.startswith("gns demo: every batch-size policy") and header.count("--help") == 0
+    assert "experiments.cifar10 with --config=/r/configs/cifar10.py:demo" in header
     # absl takes -flag as --flag: a given -workdir is not overridden by the default.
     _, argv = gns_command.command_line("bench", ["-config=c.py", "-workdir=w"], root="/r")
     assert argv == ["gns bench", "-config=c.py", "-workdir=w"]

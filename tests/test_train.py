@@ -503,8 +503,9 @@ def test_divergence_stops_with_a_one_line_error(tmp_path, capsys, lr, why):
     "g_sq, needle",
     [([1.0, None, None, None], "3 of 4 noise-scale measurements are not finite"),
      ([1.0, -1.0, -2.0, 0.0], "3 of 4 finite noise-scale measurements have g_sq <= 0"),
-     ([1.0, -1.0, 2.0, 3.0], None)],
-    ids=["overflow", "unresolved", "fine"],
+     ([1.0, -1.0, 2.0, 3.0], None),
+     ([-1.0], None)],  # one step's estimate (a run interrupted after its first): not a finding
+    ids=["overflow", "unresolved", "fine", "one"],
 )  # fmt: skip
 def test_null_noise_scale_values_are_warned(caplog, g_sq, needle):
     """Null noise-scale values (a run a huge divergence_factor lets go on) get a warning, in
