@@ -383,6 +383,9 @@ def format_table(result: dict[str, Any]) -> str:
                 mem = f"{temp[name] / 1e6:.1f} MB" if tiny else f"{ratio:.2f}x"
                 auto = name.endswith("_auto") or name == "per_example"
                 label = name + (f" ({method})" if auto else "")
+                if "vmap" in name and d.get("vmap_block_plain_times"):  # timed apart
+                    base = 1e3 * float(np.median(d["vmap_block_plain_times"]))
+                    label += f" (over its own block's plain step, {base:.1f} ms)"
                 ratios = (f"{d[k][name]:.2f}x" for k in ("over_plain", "over_plain_p10"))
                 rows.append((model, bs, label, f"{1e3 * s:.1f}", *ratios, mem))
             for name, why in d.get("not_timed", {}).items():

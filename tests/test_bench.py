@@ -82,7 +82,8 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
         assert d["batch_size"] == int(bs)
         check_timed(d, bench.VARIANTS)
 
-    ref = written["detail"][str(config.reference_batch_size)]
+    bs_ref = config.reference_batch_size
+    ref = written["detail"][str(bs_ref)]
     assert ref["auto_method"] in ("ghost", "microbatches", "vmap") and ref["auto_chunks"] == 1
     assert written["per_example_over_plain"] == ref["over_plain"]["per_example"]
     assert written["microbatch_over_plain"] == ref["over_plain"]["microbatch"]
@@ -128,6 +129,10 @@ def test_tiny_bench_writes_consistent_json(tmp_path, monkeypatch):
     assert auto_row[:4] == ["transformer", "8", "per_example_auto", f"({d['auto_method']})"]
     assert auto_row[-3] == f"{d['over_plain']['per_example_auto']:.2f}x"
     assert auto_row[-2] == f"{d['over_plain_p10']['per_example_auto']:.2f}x"
+    # A vmap row's ratio is over the plain step of its own block, whose time it names.
+    vmap_row = next(r for r in table if r.split()[:3] == ["cnn", str(bs_ref), "naive_vmap"])
+    block = 1e3 * float(np.median(ref["vmap_block_plain_times"]))
+    assert f"(over its own block's plain step, {block:.1f} ms)" in vmap_row
 
 
 def test_reference_batch_size_must_be_timed(tmp_path):
