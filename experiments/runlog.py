@@ -91,13 +91,10 @@ DEEPEST_PATH = 256
 PATH_MAX = os.pathconf("/", "PC_PATH_MAX")
 
 
-@contextlib.contextmanager
-def workdir_lock(workdir: str, kind: str | None = None):
-    """Hold ``workdir`` (created when missing) with an advisory ``flock`` on ``workdir/.lock``,
-    released however the holder exits: a second run there stops at once, naming the holder's
-    pid. A ``.lock`` that is a link or a special file stops the run. With ``kind`` (e.g.
-    ``"cifar10 training"``, ``"sweep"``), a workdir that holds another kind of run, whose files
-    this one would overwrite, stops it too."""
+def check_workdir(workdir: str, kind: str | None = None) -> None:
+    """A :class:`UserError` when ``workdir`` cannot hold the run: empty, a file, a path too
+    long for the checkpoints under it, or (with ``kind``) holding another kind of run. Reads
+    only: a main calls it before the minutes of loading its data, :func:`workdir_lock` again."""
     if not workdir:
         raise UserError("--workdir is empty", hint="pass a directory, e.g. --workdir=runs/cpu")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -111,6 +108,25 @@ def workdir_lock(workdir: str, kind: str | None = None):
             f"{DEEPEST_PATH} more, past this system's {PATH_MAX}-character path limit",
             hint="pick a shorter path",
         )
+    held = os.path.join(workdir, KIND_FILE)
+    if kind is not None and os.path.isfile(held):
+        with open(held) as f:
+            if (was := f.read().strip()) != kind:
+                raise UserError(
+                    f"{workdir} holds a {was} run, not a {kind} one: this run would overwrite "
+                    "its files",
+                    hint="pass another --workdir",
+                )
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, kind: str | None = None):
+    """Hold ``workdir`` (created when missing) with an advisory ``flock`` on ``workdir/.lock``,
+    released however the holder exits: a second run there stops at once, naming the holder's
+    pid. A ``.lock`` that is a link or a special file stops the run. With ``kind`` (e.g.
+    ``"cifar10 training"``, ``"sweep"``), a workdir that holds another kind of run, whose files
+    this one would overwrite, stops it too (:func:`check_workdir`); else ``kind`` is recorded."""
+    check_workdir(workdir, kind)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
     refuse = UserError(
@@ -138,28 +154,14 @@ def workdir_lock(workdir: str, kind: str | None = None):
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        if kind is not None:
-            _check_kind(workdir, kind)
+        if kind is not None:  # again under the lock: another kind of run may have just begun
+            check_workdir(workdir, kind)
+            if not os.path.isfile(path := os.path.join(workdir, KIND_FILE)):
+                with download.atomic_file(path) as f:
+                    f.write(kind.encode())
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _check_kind(workdir: str, kind: str) -> None:
-    """Record ``kind`` in ``workdir/kind``; a :class:`UserError` when it holds another."""
-    path = os.path.join(workdir, KIND_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            held = f.read().strip()
-        if held != kind:
-            raise UserError(
-                f"{workdir} holds a {held} run, not a {kind} one: this run would overwrite its "
-                "files",
-                hint="pass another --workdir",
-            )
-    else:
-        with download.atomic_file(path) as f:
-            f.write(kind.encode())
 
 
 def fingerprint(fields: dict) -> str:

@@ -600,6 +600,7 @@ def run_sweep(
     recommended batch too, as the tradeoff mode of ``experiments.compare`` does)."""
     validate_config(config)
     task = tasks.get(config)
+    runlog.check_workdir(workdir, "sweep")  # a wrong workdir, said before the data's load
     ds = task.load(config)  # before the lock: bad data leaves the workdir untouched
     _check_pilot_groups(config, ds)
     if trainings and (config.schedule != "constant" or config.warmup_steps > 0):

@@ -451,9 +451,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     validate_config(config)
     task = tasks.get(config)
     primary = jax.process_index() == 0  # the one process that writes files
+    kind = f"{task.name} training"
+    runlog.check_workdir(workdir, kind)  # a wrong workdir, said before the data's load
     ds = task.load(config)  # before the lock: a bad data source leaves the workdir untouched
     setup = build_setup(config, ds, task)  # and so does a batch the data or devices cannot take
-    kind = f"{task.name} training"
     lock = runlog.workdir_lock(workdir, kind) if primary else contextlib.nullcontext()
     with lock, runlog.Checkpoints(workdir) as ckpt:
         log = runlog.RunLog(

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import runlog
+from configs import sweep as sweep_config
+from experiments import runlog, sweep
 from experiments.cli import UserError
 
 
@@ -290,6 +291,11 @@ def test_a_workdir_holding_another_kind_of_run_is_refused(tmp_path):
         with runlog.workdir_lock(str(tmp_path), "sweep"):
             pass
     assert (tmp_path / runlog.KIND_FILE).read_text() == "cifar10 training"
+    # Said before a main loads its data (which may take minutes, or fail for another reason).
+    config = sweep_config.get_config("smoke")
+    config.data.update(source="folder", path=str(tmp_path / "no-such-data"))
+    with pytest.raises(UserError, match="holds a cifar10 training run, not a sweep one"):
+        sweep.run_sweep(config, str(tmp_path))
 
 
 def test_a_resume_on_another_number_of_devices_is_refused(tmp_path):
