@@ -31,7 +31,7 @@ BATCH, RATE, DEVICE_TIME = (
 THROUGHPUT_COLUMNS = [
     BATCH,
     ("fits", "fits", ""),
-    ("accum", "accumulation_steps", "d"),
+    ("accum", lambda r: r["accumulation_steps"] if r.get("step_time_s") else None, "d"),
     ("step ms", "step_time_s", ".2f", 1e3),
     ("examples/s", "examples_per_s", ".0f"),
     ("pred. MiB", "predicted_bytes", ".1f", 2.0**-20),
