@@ -401,7 +401,14 @@ def plot_tradeoff(tradeoff: Mapping):
         ax.plot(
             grid, s_min + e_min / grid, "-", color="C0", label=f"S = {s_min:.3g} + {e_min:.3g}/B"
         )
-        ax.plot(grid, np.full_like(grid, s_min), "--", color="gray", lw=0.8, label="S_min")
+        ax.plot(
+            grid,
+            np.full_like(grid, s_min),
+            "--",
+            color="gray",
+            lw=0.8,
+            label=f"S_min = {s_min:.3g}",
+        )
         ax.plot(grid, e_min / grid, "-.", color="gray", lw=0.8, label="E_min / B")
         if grid[0] <= t["b_crit"] <= grid[-1]:
             ax.axvline(t["b_crit"], color="C2", ls=":", label=f"B_crit = {t['b_crit']:.3g}")
@@ -413,7 +420,10 @@ def plot_tradeoff(tradeoff: Mapping):
                 color="C2",
                 label=f"B_crit = {t['b_crit']:.3g} (outside the range measured)",
             )
-        ax.set_ylim(0.5 * min(p["steps"] for p in pts), 2 * max(p["steps"] for p in pts))
+        low = 0.5 * min(p["steps"] for p in pts)
+        if s_min > 0.05 * low:  # the S_min line in view, unless it would squeeze the points
+            low = min(low, 0.8 * s_min)
+        ax.set_ylim(low, 2 * max(p["steps"] for p in pts))
     else:
         ax.set_title(f"no fit: {t.get('error') or 'not available'}"[:90], fontsize=7, loc="left")
     ax.set_xscale("log", base=2)
