@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gns import common, critical, estimate, ghost, hardware, recommend, scaling, smoothing
+from gns import common, critical, estimate, ghost, hardware, recommend, scaling, schedule, smoothing
 
 __all__ = [
     "BASIS_ORDER",
@@ -587,8 +587,7 @@ def power_of_two_candidates(lo: int, hi: int) -> list[int]:
       [8, 16, 32, 64]
     """
     lo, hi = max(1, int(lo)), max(1, int(hi))
-    out = [1 << e for e in range(math.ceil(math.log2(lo)), math.floor(math.log2(hi)) + 1)]
-    return out or [1 << math.ceil(math.log2(lo))]
+    return list(schedule.powers_of_two(lo, max(lo, hi))) or [1 << math.ceil(math.log2(lo))]
 
 
 def dominated_sizes(
