@@ -89,10 +89,12 @@ def stage_config(config, stage: str) -> ml_collections.ConfigDict:
 def stage_fingerprint(config, stage: str, mesh: dict | None = None, data=None) -> str:
     """:func:`experiments.runlog.fingerprint` of :func:`stage_config` (its data fields those of
     a run's identity), the ``data`` record (the content: ``Task.describe``) and, for
-    ``throughput``, the ``mesh`` record, when given."""
+    ``throughput``, the ``mesh`` record, when given (in place of ``num_devices``: ``None`` and
+    the count it resolves to are the same mesh)."""
     view = {"config": data_identity(stage_config(config, stage).to_dict()), "data": data}
     if mesh is not None and stage == "throughput":
         view["mesh"] = mesh
+        del view["config"]["num_devices"]
     return runlog.fingerprint(view)
 
 
@@ -471,8 +473,9 @@ def data_identity(view: dict) -> dict:
 
 def training_fingerprint(cfg, devices: int, data=None) -> str:
     """The key of a training to the target: its config (:func:`data_identity`) on ``devices``
-    devices, on the data of record ``data`` (``Task.describe``)."""
-    view = {"config": data_identity(cfg.to_dict()), "devices": devices, "data": data}
+    devices (in place of ``num_devices``), on the data of record ``data`` (``Task.describe``)."""
+    fields = {k: v for k, v in cfg.to_dict().items() if k != "num_devices"}
+    view = {"config": data_identity(fields), "devices": devices, "data": data}
     return runlog.fingerprint(view)
 
 

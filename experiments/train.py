@@ -38,13 +38,14 @@ SUMMARY_FILE = "summary.json"
 STEP_TIMES_FILE = "step_times.json"  # the table an adaptive run decides on, kept for a resume
 # Fields that do not change what a run computes, so a resume may change them (run_identity);
 # adaptive.timing_* and step_times: the candidates' timing, measured again by a re-run (a
-# compare's after a change of its measurement fields).
+# compare's after a change of its measurement fields); num_devices: the count it resolves to is
+# checked against the checkpoint's instead (None and that count are the same run).
 NOT_IDENTITY = (
     *rules.NOT_TRAINING,
     *"""log_every checkpoint_every progress_bar plots max_wall_time_s eval_batch_size
     divergence_factor data.cache_dir data.tfds_data_dir data.url data.md5 data.on_device
     distributed step_time_repeats adaptive.timing_warmup adaptive.timing_rounds
-    adaptive.step_times""".split(),
+    adaptive.step_times num_devices""".split(),
 )
 
 

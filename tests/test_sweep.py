@@ -666,7 +666,7 @@ def _fps(config):
             "bfloat16",
             {"pilot", "noise_scale", "critical_batch", "throughput", "trainings"},
         ),
-        ("num_devices", 2, {"throughput", "trainings"}),
+        ("num_devices", 2, {"throughput"}),  # a training's key holds the count it runs on
     ],
 )
 def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field, value, changed):
@@ -679,6 +679,23 @@ def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field
     node[last] = value
     after = _fps(config)
     assert {s for s in before if before[s] != after[s]} == changed
+
+
+def test_num_devices_none_and_the_count_it_resolves_to_key_the_same_measurements():
+    """With the mesh record in the key, num_devices=None and the count of devices it resolves
+    to are the same timing and the same trainings; another count is another mesh."""
+    from experiments import mesh as mesh_lib
+
+    config = sweep_config.get_config("smoke")
+
+    def keys(n, mesh_size):
+        config.num_devices = n
+        mesh = mesh_lib.describe(mesh_lib.make_mesh(mesh_size))
+        cfg, _ = sweep.training_config(config, 32, 100.0)
+        fp = sweep.stage_fingerprint(config, "throughput", mesh)
+        return fp, sweep.training_fingerprint(cfg, mesh_size)
+
+    assert keys(None, 1) == keys(1, 1) != keys(2, 2)
 
 
 def test_the_sweep_refuses_the_across_devices_estimator():

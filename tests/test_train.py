@@ -764,6 +764,8 @@ def test_adaptive_fields_of_the_variants_and_the_identity():
     relative = copy.deepcopy(config)
     relative["data"]["path"] = "data.tar.gz"
     assert train.run_identity(config) == train.run_identity(relative)
+    # num_devices=None and an explicit count: the same run (the devices are checked apart).
+    assert train.run_identity(config) == train.run_identity(config | {"num_devices": 1})
     # A compare workdir moved elsewhere moves its pilot: the same run. Another pilot (its key,
     # the directory's name) is another run.
     moved = copy.deepcopy(config) | {"start_from": "/elsewhere/sweep/pilot/0123abcd/"}
