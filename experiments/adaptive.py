@@ -30,15 +30,17 @@ def enabled(config) -> bool:
 
 def candidates(config) -> list[int]:
     """The compiled batch sizes: ``config.adaptive.candidates`` or the powers of two in
-    ``[min_batch_size, max_batch_size]``."""
+    ``[min_batch_size, max_batch_size]`` (times the device count where that is not one: each
+    splits over the devices)."""
     a = config.adaptive
     if a.candidates is not None:
         return [int(b) for b in a.candidates]
-    cands = list(gschedule.powers_of_two(a.min_batch_size, a.max_batch_size))
+    n = config.num_devices or jax.device_count()
+    cands = list(gschedule.powers_of_two(a.min_batch_size, a.max_batch_size, n))
     if not cands:
         raise UserError(
-            f"no power of two in [{a.min_batch_size}, {a.max_batch_size}] "
-            "(config.adaptive.min_batch_size, max_batch_size)",
+            f"no power of two (times the {n} devices) in [{a.min_batch_size}, "
+            f"{a.max_batch_size}] (config.adaptive.min_batch_size, max_batch_size)",
             hint="e.g. --config.adaptive.candidates='(16, 32, 64, 128)'",
         )
     return cands

@@ -261,13 +261,15 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     fits = sorted(sweep.step_times(sweep_result["throughput"]))  # accumulation rows never fit
     if a.candidates is not None:
         cands = adaptive.candidates(config)
-    else:  # the schedule's powers of two that were timed and fit
-        powers = set(gschedule.powers_of_two(a.min_batch_size, a.max_batch_size))
+    else:  # the schedule's powers of two (times the devices) that were timed and fit
+        n = sweep_result["mesh"]["devices"]
+        powers = set(gschedule.powers_of_two(a.min_batch_size, a.max_batch_size, n))
         cands = [b for b in fits if b in powers]
         if "adaptive" in names and not cands:
             raise UserError(
-                f"no power-of-two batch in [{a.min_batch_size}, {a.max_batch_size}] was timed "
-                "and fits (config.adaptive.min_batch_size, max_batch_size)",
+                f"no power-of-two batch (times the {n} devices) in [{a.min_batch_size}, "
+                f"{a.max_batch_size}] was timed and fits (config.adaptive.min_batch_size, "
+                "max_batch_size)",
                 hint="lower config.adaptive.min_batch_size or widen config.throughput",
             )
     batch = {

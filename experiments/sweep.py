@@ -329,12 +329,14 @@ def noise_scale_value(noise: dict) -> float:
     return math.inf if noise["g_sq"] is not None and noise["g_sq"] <= 0 else math.nan
 
 
-def throughput_candidates(view) -> list[int]:
-    """The powers of two of ``throughput``, ``batch_size`` and the fixed
-    ``tradeoff.batch_sizes`` (every trained batch has its ``t(B)`` from the same table)."""
+def throughput_candidates(view, unit: int = 1) -> list[int]:
+    """The powers of two (times ``unit``, the smallest batch that splits over the mesh and into
+    the steps' groups) of ``throughput``, ``batch_size`` and the fixed ``tradeoff.batch_sizes``
+    (every trained batch has its ``t(B)`` from the same table)."""
     lo, hi = view.throughput.min_batch_size, view.throughput.max_batch_size
     extra = [view.batch_size, *(view.tradeoff.batch_sizes or ())]
-    return sorted({int(b) for b in [*finder.power_of_two_candidates(lo, hi), *extra] if b <= hi})
+    ladder = finder.power_of_two_candidates(lo, hi, unit)
+    return sorted({int(b) for b in [*ladder, *extra] if b <= hi})
 
 
 def measure_throughput(view, ds, task, extra=()) -> dict:
@@ -360,7 +362,7 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     def zeros(b, xp):  # a batch of b examples shaped as the task's (jnp: traceable, no memory)
         return jax.tree.map(lambda x: xp.zeros((b,) + x.shape[1:], x.dtype), template)
 
-    cands = set(throughput_candidates(view)) | {int(b) for b in extra}
+    cands = set(throughput_candidates(view, math.lcm(n, splits[0]))) | {int(b) for b in extra}
     skipped = {b: why for b in cands if (why := mesh_lib.split_reason(b, mesh, *splits))}
     budget, source = t.throughput.memory_budget_bytes, None
     if budget is None and mesh.devices.flat[0].platform == "cpu" and n > 1:
@@ -692,9 +694,9 @@ class _Sweep:
         # The pipeline's candidates: those that split over the mesh and into the steps' groups
         # (the others are skipped rows of the table; asked for, they would close the widening's
         # side as if they did not fit).
-        cands = throughput_candidates(self.view)
         model = train.make_model(config, self.ds)
         self.groups = train.batch_groups(config, model, self.mesh.size)
+        cands = throughput_candidates(self.view, math.lcm(self.mesh.size, self.groups))
         self.per_example = train.resolve_gns_method(config, model, self.mesh.size) == "per_example"
         self.base = [b for b in cands if self.split_reason(b) is None]
         smallest = 2 * self.mesh.size if self.per_example else self.mesh.size

@@ -579,15 +579,17 @@ def choose_basis(
 # 5. Memory and step time.
 
 
-def power_of_two_candidates(lo: int, hi: int) -> list[int]:
-    """Powers of two in ``[lo, hi]`` (at least ``[lo]`` rounded up).
+def power_of_two_candidates(lo: int, hi: int, unit: int = 1) -> list[int]:
+    """Powers of two times ``unit`` in ``[lo, hi]`` (at least ``[lo]`` rounded up to one;
+    :func:`gns.schedule.powers_of_two`).
 
     Example:
       >>> power_of_two_candidates(6, 64)
       [8, 16, 32, 64]
     """
     lo, hi = max(1, int(lo)), max(1, int(hi))
-    return list(schedule.powers_of_two(lo, max(lo, hi))) or [1 << math.ceil(math.log2(lo))]
+    ladder = schedule.powers_of_two(lo, 2 * max(lo, hi, unit), unit)  # its first: the fallback
+    return [b for b in ladder if b <= hi] or [ladder[0]]
 
 
 def dominated_sizes(

@@ -226,16 +226,19 @@ class BatchSizeSchedule(NamedTuple):
     table: tuple[dict, ...]
 
 
-def powers_of_two(low: int, high: int) -> tuple[int, ...]:
-    """Powers of two in ``[low, high]`` (the default compiled sizes).
+def powers_of_two(low: int, high: int, unit: int = 1) -> tuple[int, ...]:
+    """The powers of two times ``unit`` in ``[low, high]`` (the default compiled sizes;
+    ``unit``: the smallest batch the devices split, e.g. 3 on 3 devices).
 
     Example:
       >>> powers_of_two(12, 300)
       (16, 32, 64, 128, 256)
+      >>> powers_of_two(12, 300, unit=3)
+      (12, 24, 48, 96, 192)
     """
-    if not (low >= 1 and high >= low):
-        raise ValueError(f"need 1 <= low <= high, got low={low}, high={high}.")
-    first = 1 << max(0, math.ceil(math.log2(low)))
+    if not (low >= 1 and high >= low and unit >= 1):
+        raise ValueError(f"need 1 <= low <= high and unit >= 1, got {low}, {high}, {unit}.")
+    first = unit << max(0, math.ceil(math.log2(low / unit)))
     out = []
     b = first
     while b <= high:

@@ -569,7 +569,7 @@ def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise,
             for b in (16, 32, 64, 128)]  # fmt: skip
     rec = {"batch_size": 64, "accumulation_steps": 1, "b_noise": b_noise}
     measured = {"recommendation": rec, "throughput": rows, "measurement_cost_s": {
-        "noise_scale": 3.0, "throughput[table]": 2.0},
+        "noise_scale": 3.0, "throughput[table]": 2.0}, "mesh": {"devices": 1},
         "noise_scale": {"b_simple": b_simple, "g_sq": g_sq}}  # fmt: skip
     plans, _, cands = compare.plan_policies(config, "unused", measured)
     fields, noise = plans["adaptive"]["adaptive"], b_simple if b_noise is None else b_noise
@@ -588,3 +588,17 @@ def test_plans_under_the_sgd_rule_share_the_recommendations_noise_scale(b_noise,
     first = adaptive.initial_state(config)
     rate = scaling.learning_rate("sgd", 0.01, 64, 16, noise)[0]
     assert float(first.lr_multiplier) * 0.01 == pytest.approx(rate, rel=1e-6)
+
+
+def test_the_schedules_candidates_on_three_devices_are_three_times_the_powers_of_two():
+    """On 3 devices no power of two splits: the adaptive policy's candidates are the timed
+    batches 3 x 2^k (the sweep's ladder there), not an error."""
+    config = cifar10_config.get_config("mlp_sgd")
+    config.compare.policies = ("default", "adaptive")
+    rows = [dict(batch_size=b, fits=True, step_time_s=0.01 * b, accumulation_steps=1)
+            for b in (24, 48, 64, 96, 192)]  # fmt: skip
+    measured = {"recommendation": {"batch_size": 48, "accumulation_steps": 1, "b_noise": 100.0},
+                "throughput": rows, "measurement_cost_s": {}, "mesh": {"devices": 3},
+                "noise_scale": {"b_simple": 100.0, "g_sq": 1.0}}  # fmt: skip
+    _, _, cands = compare.plan_policies(config, "unused", measured)
+    assert cands == [24, 48, 96, 192]  # 64, the baseline, is not on the ladder

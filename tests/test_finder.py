@@ -225,6 +225,8 @@ def test_a_budget_too_small_to_measure_anything_is_a_clear_error(kw, message):
 def test_power_of_two_candidates():
     assert finder.power_of_two_candidates(3, 40) == [4, 8, 16, 32]
     assert finder.power_of_two_candidates(5, 6) == [8]
+    assert finder.power_of_two_candidates(16, 20, unit=100) == [100]  # at least one, rounded up
+    assert finder.power_of_two_candidates(16, 512, unit=3) == [24, 48, 96, 192, 384]
 
 
 def test_nnx_model_through_split_and_merge():

@@ -489,3 +489,5 @@ def test_describe_initial_state_and_default_candidates():
     )
     assert schedule.powers_of_two(12, 300) == (16, 32, 64, 128, 256)
     assert schedule.powers_of_two(1, 1) == (1,)
+    assert schedule.powers_of_two(16, 1024, unit=3) == (24, 48, 96, 192, 384, 768)
+    assert schedule.powers_of_two(16, 1024, unit=4) == schedule.powers_of_two(16, 1024)

@@ -608,6 +608,10 @@ def test_throughput_candidates_and_spread():
     config.tradeoff.batch_sizes = (48, 200)  # 200: above the largest candidate, not timed
     view = sweep.stage_config(config, "throughput")
     assert sweep.throughput_candidates(view) == [16, 24, 32, 48, 64]
+    # On 3 devices (or 12 ghost-BatchNorm groups) the ladder is 3 (12) times the powers of two:
+    # a power of two would split over none of them.
+    assert sweep.throughput_candidates(view, 3) == [12, 24, 48, 96]
+    assert sweep.throughput_candidates(view, 12) == [12, 24, 48, 96]
     config = sweep_config.get_config("cpu")
     config.tradeoff.update(batch_sizes=None, max_runs=3, min_batch_size=16)
     fitting = [8, 16, 32, 64, 128, 256, 512, 1024]

@@ -756,6 +756,9 @@ def test_adaptive_fields_of_the_variants_and_the_identity():
         cands = adaptive.candidates(c)
         assert cands == sorted(set(cands)) and all(b & (b - 1) == 0 for b in cands)
     assert adaptive.candidates(cifar10_config.get_config("cpu")) == [16, 32, 64, 128, 256]
+    three = cifar10_config.get_config("cpu")
+    three.num_devices = 3  # a power of two would split over none: 3 times the powers of two
+    assert adaptive.candidates(three) == [24, 48, 96, 192]
     ident = train.run_identity(tiny_config().to_dict())
     assert "seeds" not in ident["adaptive"] and "candidates" in ident["adaptive"]
     # data.path is resolved: the same file from another directory is the same run.

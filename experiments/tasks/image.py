@@ -80,9 +80,11 @@ CROSS = (
             "adaptive.min_batch_size",
             "adaptive.max_batch_size",
         ),
-        lambda b, cands, lo, hi, d: b is None or b in (cands or schedule.powers_of_two(lo, hi)),
+        lambda b, cands, lo, hi, d: (
+            b is None or b in (cands or schedule.powers_of_two(lo, hi, d or 1))
+        ),
         "adaptive.initial_batch_size must be one of the candidates (adaptive.candidates, or "
-        "the powers of two from adaptive.min_batch_size to max_batch_size)",
+        "the powers of two (times the devices) from adaptive.min_batch_size to max_batch_size)",
     ),  # fmt: skip
     rules.cross(
         ("adaptive.enabled", "gns_every"),
