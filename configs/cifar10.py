@@ -57,7 +57,8 @@ def base() -> ml_collections.ConfigDict:
     c.adaptive.enabled = False  # train with the batch-size schedule that follows the smoothed
     # noise scale (needs gns_every > 0, also for the adaptive runs of mode=compare)
     c.adaptive.candidates = config_dict.placeholder(tuple)  # compiled batch sizes, strictly
-    # increasing (None: the powers of two in [min_batch_size, max_batch_size])
+    # increasing (None: the powers of two in [min_batch_size, max_batch_size], times the
+    # device count where no power of two splits over the devices)
     c.adaptive.min_batch_size = 16  # smallest candidate (when candidates is None)
     c.adaptive.max_batch_size = 512  # largest candidate (when candidates is None; also capped
     # by what fits in the compare mode)

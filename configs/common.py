@@ -112,8 +112,8 @@ def measurement(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.critical.seed_offset = 7  # the forks' data stream seed: seed + this
 
     # Step time and memory of the powers of two from min_batch_size to max_batch_size (global
-    # batches split over the mesh), one interleaved table; above the largest that fits,
-    # factor x largest as gradient accumulation.
+    # batches split over the mesh; times 3 on 3 devices, where no power of two splits), one
+    # interleaved table; above the largest that fits, factor x largest as gradient accumulation.
     c.throughput = ml_collections.ConfigDict()
     c.throughput.min_batch_size = 16  # smallest timed batch (powers of two up to max_batch_size)
     c.throughput.max_batch_size = 1024  # largest timed batch (a pick there: the next power
