@@ -223,18 +223,22 @@ def plot_noise_scale(rows: Sequence[dict], *, window: int | None = None):
     shown = np.isfinite(raw) & (raw > 0)
     ax.plot(xs[shown], raw[shown], ".", alpha=0.25, color="gray", label="per-step")
     centre, low, high = windowed_band(g, t, window=window)
-    finite = np.isfinite(low) & np.isfinite(high) & (low > 0)
-    ax.fill_between(
-        xs,
-        np.where(finite, low, np.nan),
-        np.where(finite, high, np.nan),
-        alpha=0.3,
-        label=f"90% band (last {window} measurements)",
-    )
     ax.plot(xs, centre, label=f"ratio of means (last {window} measurements)")
     ema_x, ema = _series(meas, "ema_b_simple", x)
     if ema.size:
         ax.plot(ema_x, ema, "--", label="EMA (training tracker)")
+    top = _open_band(ax, xs, low, high, window)
+    unbounded = np.isposinf(centre)
+    if unbounded.any():  # the window's mean |G|² is not positive: drawn at the top, not a gap
+        ax.plot(
+            xs[unbounded],
+            np.ones(int(unbounded.sum())),
+            "^",
+            color="C0",
+            ms=5,
+            transform=ax.get_xaxis_transform(),
+            label=f"ratio of means unbounded ({int(unbounded.sum())}): the window's mean |G|² ≤ 0",
+        )
     unresolved = g <= 0
     if unresolved.any():
         ax.plot(
@@ -248,6 +252,8 @@ def plot_noise_scale(rows: Sequence[dict], *, window: int | None = None):
         )
     if np.any(shown) or np.any(np.isfinite(centre) & (centre > 0)):
         ax.set_yscale("log")
+    if top is not None:  # the open band runs off the top, the values stay in view
+        ax.set_ylim(top=top)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("B_simple = tr(Σ) / |G|²")
     ax.set_title("Simple noise scale over training")
@@ -255,6 +261,25 @@ def plot_noise_scale(rows: Sequence[dict], *, window: int | None = None):
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
+
+
+def _open_band(ax, xs, low, high, window: int) -> float | None:
+    """The band ``[low, high]`` of the windows with a positive lower end, drawn past the top of
+    the axis where ``high`` is unbounded (the interval is open above, not absent); returns the
+    axis top that keeps the finite values in view (``None``: no open band)."""
+    top = max([v for v in (*high, *low, *ax.get_ylim()) if np.isfinite(v) and v > 0], default=1.0)
+    drawn = np.isfinite(low) & (low > 0)
+    open_above = drawn & ~np.isfinite(high)
+    label = f"90% band (last {window} measurements)"
+    ax.fill_between(
+        xs,
+        np.where(drawn, low, np.nan),
+        np.where(drawn, np.where(open_above, 10 * top, high), np.nan),
+        alpha=0.3,
+        label=label
+        + (f"; unbounded above at {int(open_above.sum())} points" if open_above.any() else ""),
+    )
+    return 2 * top if open_above.any() else None
 
 
 def _plain_log_ticks(axis) -> None:

@@ -84,6 +84,19 @@ def test_noise_scale_plot_window_is_recent_and_unresolved_measurements_are_expla
     assert 6 not in per_step.get_xdata() and len(per_step.get_xdata()) == 22
 
 
+def test_noise_scale_plot_draws_unbounded_windows_at_the_top_not_as_gaps():
+    """A window whose mean |G|² is not positive has an unbounded ratio of means: marked at the
+    top (it was a gap in the line). A band open above is drawn past the axis top and counted
+    (it was left out where it was least certain)."""
+    rs = rows(n=24, unresolved=tuple(range(12, 18)))  # the window of steps 13-18 all <= 0
+    ax = plots.plot_noise_scale(rs).axes[0]
+    (marks,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("ratio of means unb")]
+    np.testing.assert_array_equal(marks.get_xdata(), [18])
+    (band,) = [c for c in ax.collections if c.get_label().startswith("90% band")]
+    assert "unbounded above at" in band.get_label()
+    assert max(p.vertices[:, 1].max() for p in band.get_paths()) > ax.get_ylim()[1]  # past the top
+
+
 def test_nothing_to_draw_writes_no_chart_and_says_why(tmp_path):
     path = tmp_path / "noise_scale.png"
     path.write_bytes(b"an old chart")
