@@ -349,7 +349,8 @@ def plot_throughput(sweep: Mapping):
         b = np.array([r["batch_size"] for r in sel], float)
         t = np.array([r["step_time_s"] for r in sel], float)
         face = None if fits else "none"
-        label = "" if fits else " (accumulation)"
+        label = "" if fits else " (accumulation: computed from the largest that fits)"
+        what = "median and quartiles" if any(r.get("times_s") for r in sel) else "median"
         q = np.array(
             [
                 np.quantile(r["times_s"], [0.25, 0.75])
@@ -368,7 +369,7 @@ def plot_throughput(sweep: Mapping):
             color="C0",
             mfc=face,
             capsize=3,
-            label="step time, median and quartiles" + label,
+            label=f"step time, {what}" + label,
         )
         ax2.plot(b, b / t, style, color="C1", mfc=face, label="examples/s" + label)
     b_all = np.array([r["batch_size"] for r in rows], float)

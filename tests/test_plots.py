@@ -139,7 +139,14 @@ def test_throughput_plot_has_spread_bars_and_an_honest_largest_batch():
     fig = plots.plot_throughput(sweep_record())
     ax = fig.axes[0]
     labels = ax.get_legend_handles_labels()[1]
-    assert "largest tried (32; all fit)" in labels
+    assert "largest tried (32; all fit)" in labels and "step time, median and quartiles" in labels
+    # Rows without their timed calls (a finder's result) draw no bars, and do not say they do.
+    untimed = sweep_record()
+    for r in untimed["throughput"]:
+        r["times_s"] = []
+    assert (
+        "step time, median" in plots.plot_throughput(untimed).axes[0].get_legend_handles_labels()[1]
+    )
     (bars,) = ax.collections  # the interquartile bars, one segment per batch
     segs = bars.get_segments()
     for seg, b in zip(segs, (8, 16, 32), strict=True):
