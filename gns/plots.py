@@ -465,9 +465,11 @@ def plot_tradeoff(tradeoff: Mapping):
 def plot_time_to_target(sweep: Mapping):
     """Predicted time to target against the batch size, the recommendation marked.
 
-    In seconds when the sweep measured ``S_min`` (a tradeoff fit); otherwise relative to the
-    recommended batch (1 there): ``(1 + B_noise/B)·t(B)`` fixes the time only up to the factor
-    ``S_min``. The legend sits outside the axes.
+    In seconds when the sweep measured a tradeoff fit: the fit's ``(S_min + E_min/B)·t(B)``,
+    and a noise scale's curve with the fit's ``E_min`` and that noise scale as the critical
+    batch, ``E_min·(1/B_noise + 1/B)·t(B)`` (the fit's ``S_min`` belongs to its own ``B_crit``).
+    Otherwise relative to the recommended batch (1 there): ``(1 + B_noise/B)·t(B)`` fixes the
+    time only up to the factor ``S_min``. The legend sits outside the axes.
 
     Raises:
       NothingToPlot: the noise scale is not a number and there is no tradeoff fit.
@@ -491,9 +493,19 @@ def plot_time_to_target(sweep: Mapping):
         raise NothingToPlot("no finite noise scale and no tradeoff fit to predict from")
     i = int(np.flatnonzero(b == rec["batch_size"])[0]) if rec["batch_size"] in b else None
     scale = tr["s_min"] if absolute else 1 / ref[i if i is not None else int(np.argmin(ref))]
+
+    def steps_per(noise):  # the factor of a noise scale's curve: S_min = E_min / B_noise
+        if not absolute:
+            return scale
+        if noise == math.inf:  # S = E_min / B
+            return tr["e_min"]
+        return tr["e_min"] / noise if noise > 0 else tr["s_min"]
+
     fig, ax = plt.subplots(figsize=(8.4, 4.2))
     if main is not None:
-        ax.plot(b, scale * main, "o-", color="C0", label=f"from noise scale (B_noise = {n:.3g})")
+        ax.plot(
+            b, steps_per(n) * main, "o-", color="C0", label=f"from noise scale (B_noise = {n:.3g})"
+        )
         # The interval of the estimate the pick is on (the basis's), else of b_simple.
         basis = (rec.get("evidence") or {}).get(rec.get("basis")) or {}
         iv = [basis.get("low"), basis.get("high")]
@@ -501,10 +513,11 @@ def plot_time_to_target(sweep: Mapping):
             iv = sweep["noise_scale"].get("interval") or [None, None]
         lo, hi = curve(iv[0]), curve(iv[1])
         if lo is not None and hi is not None:
+            lo, hi = steps_per(iv[0]) * lo, steps_per(iv[1]) * hi
             ax.fill_between(
                 b,
-                scale * np.minimum(lo, hi),
-                scale * np.maximum(lo, hi),
+                np.minimum(lo, hi),
+                np.maximum(lo, hi),
                 color="C0",
                 alpha=0.15,
                 label="noise-scale interval",
@@ -525,7 +538,7 @@ def plot_time_to_target(sweep: Mapping):
     if i is not None:
         ax.plot(
             [b[i]],
-            [scale * ref[i]],
+            [(steps_per(n) if main is not None else scale) * ref[i]],
             "o",
             ms=14,
             mfc="none",

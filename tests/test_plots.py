@@ -192,6 +192,21 @@ def test_time_to_target_is_relative_to_the_recommendation_without_s_min_legend_o
     assert legend.x0 >= ax.get_window_extent().x1  # beside the data, not over it
 
 
+def test_time_to_target_in_seconds_pairs_each_noise_scale_with_the_fits_e_min():
+    """With a fit, the fit's curve is (S_min + E_min/B)·t(B) and a noise scale's is
+    E_min·(1/B_noise + 1/B)·t(B): the fit's S_min belongs to its own B_crit (paired with another
+    noise scale it put the curve 2-3x below the measured times)."""
+    sw = sweep_record()
+    sw["tradeoff"] = {"points": [], "s_min": 100.0, "e_min": 1600.0, "b_crit": 16.0}
+    ax = plots.plot_time_to_target(sw).axes[0]
+    b, t = np.array([8, 16, 32.0]), 0.01 * np.array([8, 16, 32.0]) / 16
+    assert ax.get_ylabel() == "time to target (s)"
+    np.testing.assert_allclose(line(ax, "from fitted tradeoff (B_crit = 16)").get_ydata(),
+                               (100 + 1600 / b) * t)  # fmt: skip
+    np.testing.assert_allclose(line(ax, "from noise scale (B_noise = 20)").get_ydata(),
+                               1600 * (1 / 20 + 1 / b) * t)  # fmt: skip
+
+
 def test_tradeoff_plot_draws_the_points_and_the_fit():
     pts = [{"batch_size": b, "steps": 100 + 1600 / b, "reached": True} for b in (8, 16, 32)]
     pts.append({"batch_size": 64, "steps": None, "reached": False})
