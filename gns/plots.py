@@ -35,6 +35,7 @@ Reference: McCandlish, Kaplan, Amodei, "An Empirical Model of Large-Batch Traini
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -437,7 +438,17 @@ def plot_tradeoff(tradeoff: Mapping):
         )
         ax.plot(grid, e_min / grid, "-.", color="gray", lw=0.8, label="E_min / B")
         if grid[0] <= t["b_crit"] <= grid[-1]:
-            ax.axvline(t["b_crit"], color="C2", ls=":", label=f"B_crit = {t['b_crit']:.3g}")
+            fitted = [p["batch_size"] for p in pts]  # drawn, but past the batches it fits
+            note = (
+                "" if min(fitted) <= t["b_crit"] <= max(fitted) else " (beyond the batches fitted)"
+            )
+            ax.axvline(t["b_crit"], color="C2", ls=":", label=f"B_crit = {t['b_crit']:.3g}{note}")
+            lo, hi = (t.get("intervals") or {}).get("b_crit", (None, None))
+            if _finite(lo) and _finite(hi):
+                level = t.get("confidence")
+                what = f"{level:.0%} interval" if _finite(level) else "interval"
+                span = max(lo, grid[0]), min(hi, grid[-1])  # the axis stays on the grid
+                ax.axvspan(*span, color="C2", alpha=0.1, label=f"B_crit {what}")
         else:  # named, not drawn: a line far outside would squeeze the measured range
             ax.plot(
                 [],
@@ -451,7 +462,8 @@ def plot_tradeoff(tradeoff: Mapping):
             low = min(low, 0.8 * s_min)
         ax.set_ylim(low, 2 * max(p["steps"] for p in pts))
     else:
-        ax.set_title(f"no fit: {t.get('error') or 'not available'}"[:90], fontsize=7, loc="left")
+        why = textwrap.fill(f"no fit: {t.get('error') or 'not available'}", 110)
+        ax.set_title(why, fontsize=7, loc="left")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")

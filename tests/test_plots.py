@@ -219,6 +219,12 @@ def test_tradeoff_plot_draws_the_points_and_the_fit():
     )
     # S_min's line stays in view when it lies below half the fewest steps (75 here).
     assert plots.plot_tradeoff(fit | {"s_min": 40.0}).axes[0].get_ylim()[0] < 40.0
+    # Its interval is drawn (clipped to the axis); one beyond the fitted batches says so.
+    ranged = fit | {"b_crit": 50.0, "intervals": {"b_crit": [30.0, 1e6]}, "confidence": 0.95}
+    ax = plots.plot_tradeoff(ranged).axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "B_crit = 50 (beyond the batches fitted)" in labels and "B_crit 95% interval" in labels
+    assert ax.get_xlim()[1] < 1e3  # the span (to 1e6) stops at the axis
     far = plots.plot_tradeoff(fit | {"b_crit": 1e9}).axes[0]
     assert "B_crit = 1e+09 (outside the range measured)" in far.get_legend_handles_labels()[1]
     assert far.get_xlim()[1] < 1e3  # the axis stays on the measured batch sizes
