@@ -611,8 +611,9 @@ def plot_policies(runs: Sequence[dict], target: float | None = None):
       runs: the ``runs`` of a compare ``summary.json`` (``experiments/compare.py``): each with
         ``policy``, ``seed``, ``batch_size``, ``curve`` (``[[train_time_s, device_time_s,
         test_accuracy, smoothed_accuracy or None], ...]`` at each evaluation), ``batch_curve``
-        (``[[device_time_s, batch_size], ...]``) and ``device_time_to_target_s`` (a star at
-        the target when reached).
+        (``[[device_time_s, batch_size], ...]``), ``device_time_to_target_s`` (a star at
+        the target when reached) and ``measurement_s`` (a thick bar from 0 in the batch panel:
+        the measurement's cost that the run's times count).
       target: the target accuracy (a horizontal line), or ``None``.
 
     Returns:
@@ -629,7 +630,7 @@ def plot_policies(runs: Sequence[dict], target: float | None = None):
         raise NothingToPlot("no run has an evaluation to draw")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, height_ratios=(3, 1))
     styles = ("-", "--", ":", "-.")
-    seeds = sorted({r["seed"] for r in runs})
+    seeds, measured = sorted({r["seed"] for r in runs}), False
     for group in _same_runs(runs):
         r = group[0]
         color = _POLICY_COLORS.get(r["policy"], "k")
@@ -652,6 +653,11 @@ def plot_policies(runs: Sequence[dict], target: float | None = None):
         if r.get("batch_curve"):
             t, b = zip(*r["batch_curve"], strict=True)
             bottom.step(t, b, where="pre", color=color, ls=ls)
+            if r.get("measurement_s"):  # the measurement's cost, before the run's first step
+                bottom.hlines(b[0], 0, r["measurement_s"], color=color, lw=5, alpha=0.35)
+                measured = True
+    if measured:
+        top.plot([], [], color="gray", lw=5, alpha=0.35, label="measurement's cost (counted)")
     if target is not None:
         top.axhline(100 * target, color="gray", lw=0.8, ls=":", label="target")
     top.set_ylabel("test accuracy, trailing mean (%)")

@@ -268,3 +268,9 @@ def test_compare_plot_shows_policies_that_share_a_run_and_a_grown_batch():
     assert "default = recommended (batch 32), seed 0" in labels
     assert "adaptive (batch 8→32), seed 0" in labels
     np.testing.assert_allclose(line(ax, "adaptive (batch 8→32), seed 0").get_ydata(), [10, 40])
+    # A run's measurement cost (counted in its times) is a bar from 0 at its first batch.
+    measured = run("adaptive", [8, 32], [0.1, 0.4]) | {"measurement_s": 0.7}
+    fig = plots.plot_policies([runs[0], measured], 0.3)
+    assert "measurement's cost (counted)" in fig.axes[0].get_legend_handles_labels()[1]
+    (bar,) = fig.axes[1].collections
+    np.testing.assert_allclose(bar.get_segments()[0], [[0.0, 8.0], [0.7, 8.0]])
