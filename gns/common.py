@@ -331,18 +331,33 @@ def axis_size(axis_name) -> int:
         ) from e
 
 
+def _varying_axes(leaf) -> set:
+    """The mesh axes (under ``shard_map``) that ``leaf`` varies over (named by JAX's version)."""
+    aval = jax.typeof(leaf)
+    varying = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return set(varying if varying is not None else getattr(aval, "vma", ()))
+
+
 def check_batch_axes(batch: PyTree, axis_name) -> None:
-    """A ``ValueError`` when ``batch`` varies over a mesh axis that ``axis_name`` (given) does
-    not name (under ``shard_map``): its statistics and gradient would be those of part of the
-    batch, reduced over some of its devices only."""
-    if axis_name is None:  # one device, or each device's own statistics
+    """A ``ValueError`` when ``batch`` varies over a mesh axis that ``axis_name`` does not
+    name (under ``shard_map``): its statistics and gradient would be those of part of the
+    batch, reduced over some of its devices only; with ``axis_name=None``, JAX would sum the
+    replicated parameters' gradients over those devices (statistics ~devices² too large)."""
+    if axis_name is None:
+        varying = set().union(*map(_varying_axes, jax.tree.leaves(batch)))
+        if varying:
+            name = sorted(varying)[0] if len(varying) == 1 else tuple(sorted(varying))
+            raise ValueError(
+                f"the batch varies over the mesh axes {sorted(varying)} (inside shard_map) but "
+                "axis_name is None: JAX sums the replicated parameters' gradients over those "
+                f"devices, so the statistics would be wrong; pass axis_name={name!r} (the "
+                "global batch's statistics)."
+            )
         return
     axis_size(axis_name)  # an unbound name is said first
     names = set(axis_names(axis_name))
     for leaf in jax.tree.leaves(batch):
-        aval = jax.typeof(leaf)  # the axes it varies over: named by JAX's version
-        varying = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
-        extra = set(varying if varying is not None else getattr(aval, "vma", ())) - names
+        extra = _varying_axes(leaf) - names
         if extra:
             every = tuple(sorted(names | extra))
             raise ValueError(

@@ -489,3 +489,22 @@ def test_a_batch_sharded_over_an_axis_that_axis_name_does_not_name_is_refused(pr
     )
     with pytest.raises(ValueError, match=r"sharded over the mesh axes \['b'\].*\('a', 'b'\)"):
         jax.jit(f)(params, jax.device_put(batch, NamedSharding(mesh, P(("a", "b")))))
+
+
+@pytest.mark.parametrize("method", ["per_example", "microbatch"])
+def test_a_sharded_batch_without_axis_name_is_refused_not_summed_over_the_devices(problem, method):
+    """Inside shard_map with axis_name=None JAX sums the replicated parameters' gradients over
+    the devices: the statistics came out ~16x too large on 4 devices (vmap, microbatch), or the
+    fast path crashed inside JAX. Refused, naming the axis to pass."""
+    params, batch = problem
+    mesh = jax.make_mesh((4,), ("batch",))
+    est = getattr(estimate, method)
+    f = jax.shard_map(
+        lambda p, b: est(loss_fn, p, b)[0].g_sq, mesh=mesh, in_specs=(P(), P("batch")),
+        out_specs=P("batch"),
+    )  # fmt: skip
+    sharded = jax.device_put(batch, NamedSharding(mesh, P("batch")))
+    with pytest.raises(
+        ValueError, match=r"varies over the mesh axes \['batch'\].*axis_name='batch'"
+    ):
+        jax.jit(f)(params, sharded)
