@@ -229,28 +229,13 @@ def plot_noise_scale(rows: Sequence[dict], *, window: int | None = None):
     if ema.size:
         ax.plot(ema_x, ema, "--", label="EMA (training tracker)")
     top = _open_band(ax, xs, low, high, window)
-    unbounded = np.isposinf(centre)
-    if unbounded.any():  # the window's mean |G|² is not positive: drawn at the top, not a gap
-        ax.plot(
-            xs[unbounded],
-            np.ones(int(unbounded.sum())),
-            "^",
-            color="C0",
-            ms=5,
-            transform=ax.get_xaxis_transform(),
-            label=f"ratio of means unbounded ({int(unbounded.sum())}): the window's mean |G|² ≤ 0",
-        )
-    unresolved = g <= 0
-    if unresolved.any():
-        ax.plot(
-            xs[unresolved],
-            np.zeros(int(unresolved.sum())),
-            "|",
-            color="C3",
-            ms=12,
-            transform=ax.get_xaxis_transform(),
-            label=f"|G|² ≤ 0: no estimate ({int(unresolved.sum())} of {len(g)})",
-        )
+    # The window's mean |G|² not positive: its ratio drawn at the top, not as a gap; a step's
+    # |G|² not positive: no estimate, marked along the bottom.
+    unbounded, unresolved = np.isposinf(centre), g <= 0
+    what = f"ratio of means unbounded ({int(unbounded.sum())}): the window's mean |G|² ≤ 0"
+    _edge_marks(ax, xs[unbounded], 1, "^", "C0", 5, what)
+    what = f"|G|² ≤ 0: no estimate ({int(unresolved.sum())} of {len(g)})"
+    _edge_marks(ax, xs[unresolved], 0, "|", "C3", 12, what)
     if np.any(shown) or np.any(np.isfinite(centre) & (centre > 0)):
         ax.set_yscale("log")
     if top is not None:  # the open band runs off the top, the values stay in view
@@ -262,6 +247,14 @@ def plot_noise_scale(rows: Sequence[dict], *, window: int | None = None):
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
+
+
+def _edge_marks(ax, xs, edge: int, marker: str, color: str, size: int, label: str) -> None:
+    """Markers at ``xs`` along the bottom (``edge`` 0) or top (1) of the axes, if any."""
+    if len(xs):
+        ys = np.full(len(xs), float(edge))
+        kw = dict(color=color, ms=size, transform=ax.get_xaxis_transform(), label=label)
+        ax.plot(xs, ys, marker, **kw)
 
 
 def _open_band(ax, xs, low, high, window: int) -> float | None:
