@@ -1534,6 +1534,14 @@ def _base_rate(a: dict) -> float | None:
     return a["learning_rate"] if a["learning_rate"] is not None else _injected_rate(a["opt_state"])
 
 
+def _follows_schedule(optimizer, params, opt_state) -> bool:
+    """Whether ``optimizer`` scales its updates by a schedule built into it
+    (``optax.adamw(schedule)``: an ``optax.ScaleByScheduleState`` in its state)."""
+    state = jax.eval_shape(optimizer.init, params) if opt_state is None else opt_state
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    return any(map(is_schedule, jax.tree.leaves(state, is_leaf=is_schedule)))
+
+
 def _scheduled(opt_state) -> bool:
     """Whether an injected learning rate follows a schedule (its value now is not the rate a
     batch size scales)."""
@@ -2260,7 +2268,13 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
         warn.append(checked["mean_loss"])
     if checked["rule_source"] == STATELESS:
         warn.append(f"the learning-rate rule 'sgd' is {STATELESS}")
-    if _base_rate(a) is None:
+    if _base_rate(a) is None and _follows_schedule(a["optimizer"], a["params"], a["opt_state"]):
+        warn.append(
+            f"learning_rate {rec.learning_rate:.4g} is relative: 1 is the schedule built into "
+            f"`optimizer` (optax.scale_by_schedule) at batch {checked['ref']}; multiply the "
+            "schedule by it (or pass learning_rate= its peak)"
+        )
+    elif _base_rate(a) is None:
         warn.append(
             f"learning_rate {rec.learning_rate:.4g} is relative: 1 is the rate of `optimizer` "
             f"at batch {checked['ref']}, which its state does not hold; multiply it by that "

@@ -519,6 +519,9 @@ def test_the_learning_rate_rule_is_read_from_the_optimizer_or_asked_for():
     assert any(x.startswith("learning_rate") and "is relative" in x for x in res.warnings)
     res = _find(optimizer=optax.sgd(0.01, momentum=0.9), learning_rate=0.01)
     assert not any("assumed" in x or "is relative" in x for x in res.warnings)
+    # A schedule built into the optimizer: the relative rate is said to be the schedule's.
+    res = _find(optimizer=optax.sgd(optax.linear_schedule(0.01, 0.0, 1000), momentum=0.9))
+    assert any("is relative: 1 is the schedule built into" in x for x in res.warnings)
     # An explicit rule or optimizer name wins over the state; an unreadable one is an error.
     assert finder.resolve_lr_rule("linear", None, optax.adam(1.0).init(w))[0] == "linear"
     assert finder.resolve_lr_rule(None, "momentum", optax.adam(1.0).init(w))[0] == "sgd"
