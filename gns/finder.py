@@ -2242,6 +2242,21 @@ def _plan(a: dict, checked: dict) -> Plan:
     )
 
 
+def _relative_rate_warning(a: dict, rate: float, ref: int) -> str:
+    """What a relative recommended ``rate`` (no ``learning_rate`` given or held) multiplies."""
+    if _follows_schedule(a["optimizer"], a["params"], a["opt_state"]):
+        return (
+            f"learning_rate {rate:.4g} is relative: 1 is the schedule built into `optimizer` "
+            f"(optax.scale_by_schedule) at batch {ref}; multiply the schedule by it (or pass "
+            "learning_rate= its peak)"
+        )
+    return (
+        f"learning_rate {rate:.4g} is relative: 1 is the rate of `optimizer` at batch {ref}, "
+        "which its state does not hold; multiply it by that rate (or pass learning_rate=, or "
+        "build the optimizer with optax.inject_hyperparams)"
+    )
+
+
 def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
     """The :class:`BatchSizeResult`, with every warning and the settings."""
     t0 = time.perf_counter()
@@ -2268,19 +2283,8 @@ def _result(checked, a, m: Measured, kw: dict, seconds: dict, t_start: float):
         warn.append(checked["mean_loss"])
     if checked["rule_source"] == STATELESS:
         warn.append(f"the learning-rate rule 'sgd' is {STATELESS}")
-    if _base_rate(a) is None and _follows_schedule(a["optimizer"], a["params"], a["opt_state"]):
-        warn.append(
-            f"learning_rate {rec.learning_rate:.4g} is relative: 1 is the schedule built into "
-            f"`optimizer` (optax.scale_by_schedule) at batch {checked['ref']}; multiply the "
-            "schedule by it (or pass learning_rate= its peak)"
-        )
-    elif _base_rate(a) is None:
-        warn.append(
-            f"learning_rate {rec.learning_rate:.4g} is relative: 1 is the rate of `optimizer` "
-            f"at batch {checked['ref']}, which its state does not hold; multiply it by that "
-            "rate (or pass learning_rate=, or build the optimizer with "
-            "optax.inject_hyperparams)"
-        )
+    if _base_rate(a) is None:
+        warn.append(_relative_rate_warning(a, rec.learning_rate, checked["ref"]))
     rate = f" Learning rate by the {checked['rule']} rule ({checked['rule_source']})."
     rec = dataclasses.replace(rec, warnings=(*rec.warnings, *warn), reason=rec.reason + rate)
     ref = checked["ref"]
