@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from gns import scaling
 from gns import schedule as gschedule
@@ -35,7 +36,7 @@ def candidates(config) -> list[int]:
     a = config.adaptive
     if a.candidates is not None:
         return [int(b) for b in a.candidates]
-    n = config.num_devices or jax.device_count()
+    n = mesh_lib.make_mesh(config.num_devices).size
     cands = list(gschedule.powers_of_two(a.min_batch_size, a.max_batch_size, n))
     if not cands:
         raise UserError(
