@@ -25,6 +25,11 @@ def check_mode(config) -> str:
     """``config.mode`` (``train`` for a config without it, e.g. a sweep's), when the config's
     task has it (only images have the other modes)."""
     task, mode = tasks.get(config), config.get("mode", "train")
+    if "mode" not in config:
+        logging.warning(
+            "This config has no config.mode: a sweep's. Training its setup once; the sweep "
+            "itself is python -m experiments.sweep --config ..."
+        )
     if mode not in task.modes:
         raise UserError(
             f"config.mode={mode!r} is not available for the {task.name!r} task: use one of "

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -501,6 +502,7 @@ class Checkpoints(contextlib.AbstractContextManager):
             except UserError:  # check refused the checkpoint's run: stop
                 raise
             except Exception as e:  # unreadable: fall back to the previous one
+                _ignore_closed_loop_callbacks()
                 if not set_aside:
                     raise UserError(
                         f"the checkpoint of step {step} in {self.directory} does not restore "
@@ -544,6 +546,23 @@ class Checkpoints(contextlib.AbstractContextManager):
             " ".join(str(error).split())[:200],
             dst,
         )
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """Drop the "Event loop is closed" errors of a failed orbax read: its other reads still
+    in flight complete after orbax closed their asyncio loop, and each would print a
+    traceback (through ``sys.unraisablehook``) although nothing is lost."""
+    previous = sys.unraisablehook
+    if getattr(previous, "ignores_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.ignores_closed_loop = True
+    sys.unraisablehook = hook
 
 
 @contextlib.contextmanager

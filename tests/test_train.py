@@ -4,6 +4,7 @@ configs/cifar10.py, gns/plots.py), on tiny models and synthetic data."""
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -23,7 +24,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import cifar10 as cifar10_config
-from experiments import cli, data, download, events, models, rules, runlog, train
+from configs import sweep as sweep_config
+from experiments import adaptive, cli, data, download, events, models, rules, run, runlog
+from experiments import train
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from gns import common, plots, smoothing
@@ -748,8 +751,6 @@ def test_fixed_batch_rows_carry_batch_size_and_learning_rate(smoke_run):
 
 
 def test_adaptive_fields_of_the_variants_and_the_identity():
-    from experiments import adaptive, run
-
     for arg in cifar10_config.VARIANTS:
         c = cifar10_config.get_config(arg)
         assert not adaptive.enabled(c)
@@ -781,6 +782,16 @@ def test_adaptive_fields_of_the_variants_and_the_identity():
     timed["adaptive"]["step_times"] = (0.1, 0.2)
     assert train.run_identity(timed) == train.run_identity(config)
     assert run.check_mode(tiny_config(mode="adaptive")) == "adaptive"
+
+
+def test_a_sweep_config_given_to_the_training_main_says_what_it_runs(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert run.check_mode(sweep_config.get_config("smoke")) == "train"
+    assert "python -m experiments.sweep" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run.check_mode(tiny_config())
+    assert not caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
