@@ -25,8 +25,7 @@ import pytest
 
 from configs import cifar10 as cifar10_config
 from configs import sweep as sweep_config
-from experiments import adaptive, cli, data, download, events, models, rules, run, runlog
-from experiments import train
+from experiments import adaptive, cli, data, download, events, models, rules, run, runlog, train
 from experiments import mesh as mesh_lib
 from experiments.cli import UserError
 from gns import common, plots, smoothing
