@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
 from experiments import cli, models, rules, runlog, tasks
@@ -446,10 +446,7 @@ def run_bench(config, workdir: str) -> dict[str, Any]:
     return result
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(runlog.QuietLibraries())
+def main(_):
     with runlog.workdir_lock(FLAGS.workdir, "bench"):  # a file, or a bench there: said first
         if os.path.exists(path := os.path.join(FLAGS.workdir, "bench.json")):
             logging.warning("bench: measuring again; %s is replaced when this one ends", path)

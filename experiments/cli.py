@@ -12,6 +12,7 @@ import difflib
 import errno
 import functools
 import json
+import logging
 import os
 import re
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from experiments import interrupt
@@ -160,6 +162,19 @@ def _exit(message: str, hint: str | None = None):
     sys.exit(EXIT_USER_ERROR)
 
 
+class QuietLibraries(logging.Filter):
+    """A logging filter for the mains: drops the INFO chatter of orbax and of JAX's backend
+    discovery, keeps their warnings; drops orbax's errors of a failed write (a full disk: its
+    writer threads' tracebacks), which ``runlog.Checkpoints.save`` reports in one line."""
+
+    def filter(self, record):
+        orbax = "orbax" in record.pathname
+        if orbax and write_fault(ValueError(record.getMessage())):
+            return False
+        chatty = orbax or "xla_bridge" in record.pathname
+        return record.levelno >= logging.WARNING or not chatty
+
+
 def main(fn: Main) -> Main:
     """Wrap an absl ``main(argv)``: a user error prints ``error: ...`` (and ``hint: ...``) on
     stderr and exits with code 2; Ctrl-C exits with 130 and one line."""
@@ -193,7 +208,8 @@ def run(
     and ``--workdir`` (``workdir``: what it holds), defined here rather than on import (no
     clash with another main's), :func:`parse_flags` and ``check(config)`` before it (a
     mistake: one error line, before anything is loaded or written), ``--help``
-    (:func:`print_help`) and ``--print_config`` (the config, then the check).
+    (:func:`print_help`) and ``--print_config`` (the config, then the check); arguments
+    other than flags are refused, the libraries' chatter filtered (:class:`QuietLibraries`).
     An exit with code 2 skips Python's finalizers, so that a writer thread cut short by the
     fault (orbax's, on a full disk) adds no traceback."""
     flags.DEFINE_string("workdir", None, f"Directory for {workdir}.")
@@ -209,8 +225,18 @@ def run(
         except BrokenPipeError:  # e.g. piped into head
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+
+    def flags_only(argv):  # argv: what the flags left
+        if len(argv) > 1:
+            raise UserError(
+                f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value"
+            )
+        absl_logging.get_absl_handler().addFilter(QuietLibraries())
+        return fn(argv)
+
+    parse = functools.partial(_parse_or_print, check=check)
     try:
-        app.run(main(fn), argv=argv, flags_parser=functools.partial(_parse_or_print, check=check))
+        app.run(main(flags_only), argv=argv, flags_parser=parse)
     except SystemExit as e:
         if e.code == EXIT_USER_ERROR:
             interrupt.exit_now(None, EXIT_USER_ERROR)

@@ -546,10 +546,7 @@ def run_compare(config, workdir: str) -> dict:
             schedule=None if first is None else {**first["schedule"], "seed": first["seed"]},
         )
         path = os.path.join(workdir, PLOT_FILE)
-        try:  # a plot is a convenience: never lose the finished runs to it
-            summary["plot"] = figures.save(plots.plot_policies, path, runs, t)
-        except Exception as e:
-            logging.warning("Could not write the compare plot: %s", e)
+        summary["plot"] = figures.save(plots.plot_policies, path, runs, t)
     return common.to_json(summary)
 
 

@@ -15,21 +15,24 @@ from gns import plots
 
 def save(draw: Callable, path: str, *args) -> str:
     """Write the figure of ``draw(*args)`` as a PNG at ``path`` (atomically); returns ``path``, or
-    ``'not drawn: <reason>'`` (nothing left at ``path``) when there is nothing to draw."""
+    ``'not drawn: <reason>'`` (nothing left at ``path``) when there is nothing to draw, or
+    drawing or writing failed (logged: a figure is a convenience, never worth a finished run)."""
     import matplotlib.pyplot as plt
 
     try:
         fig = draw(*args)
-    except plots.NothingToPlot as e:
+        try:
+            with download.atomic_file(path) as f:  # a killed run leaves no torn PNG
+                fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+        finally:
+            plt.close(fig)
+    except Exception as e:  # noqa: BLE001
         if os.path.exists(path):
             os.remove(path)
-        logging.debug("%s not drawn: %s", os.path.basename(path), e)  # the entry says why
+        if not isinstance(e, plots.NothingToPlot):  # else the entry says why
+            logging.warning("Could not write %s: %s: %s", path, type(e).__name__, e)
+            e = f"could not write it ({type(e).__name__}: {e})"
         return f"not drawn: {e}"
-    try:
-        with download.atomic_file(path) as f:  # a killed run leaves no torn PNG
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
     return path
 
 

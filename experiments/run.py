@@ -52,10 +52,7 @@ def run(config, workdir: str) -> dict:
     return (compare.run_tradeoff if mode == "tradeoff" else compare.run_compare)(config, workdir)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value")
-    logging.get_absl_handler().addFilter(runlog.QuietLibraries())
+def main(_):
     summary = run(FLAGS.config, FLAGS.workdir)
     if summary.get("mode") in ("compare", "tradeoff"):
         print(cli.for_user(report.mode_summary(summary)))

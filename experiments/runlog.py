@@ -41,19 +41,6 @@ CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints-unreadable"
 
 
-class QuietLibraries(std_logging.Filter):
-    """A logging filter for the mains: drops the INFO chatter of orbax and of JAX's backend
-    discovery, keeps their warnings; drops orbax's errors of a failed write (a full disk: its
-    writer threads' tracebacks), which :meth:`Checkpoints.save` reports in one line."""
-
-    def filter(self, record):
-        orbax = "orbax" in record.pathname
-        if orbax and cli.write_fault(ValueError(record.getMessage())):
-            return False
-        chatty = orbax or "xla_bridge" in record.pathname
-        return record.levelno >= std_logging.WARNING or not chatty
-
-
 def dumps(obj: Any, **kwargs) -> str:
     """One strict-JSON string (non-finite floats as ``null``)."""
     return json.dumps(to_json(obj), allow_nan=False, **kwargs)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -53,7 +53,7 @@ PILOT_DIR = "pilot"
 # The config fields each stage reads (:func:`stage_config`), which key its cached result. The
 # throughput stage times the step from seed 0 at a constant rate, so neither is among its fields.
 TRAIN_SETUP = "model data optimizer momentum nesterov weight_decay gns_method gns_microbatches"
-TRAIN_SETUP += " dtype"
+TRAIN_SETUP += " gns_chunk_size dtype"
 PILOT = f"{TRAIN_SETUP} seed batch_size learning_rate schedule warmup_steps tradeoff.max_steps"
 PILOT += " divergence_factor"
 # The forks start from the pilot's states: they depend on what shapes the pilot's path (its
@@ -160,29 +160,6 @@ class SweepState:
         runlog.write_json(self.path, self.data)
 
 
-def _setup(t, ds, task, schedule, *, mesh=None, gns_uses=None):
-    """Model, plain and measuring steps, and initial state of ``t`` (``schedule``: the rate's
-    shape, peak 1, the rate being in the state; on ``mesh``: data-parallel; ``gns_uses``: the
-    measuring steps that will run)."""
-    model = train.make_model(t, ds, t.dtype)
-    optimizer = train.make_optimizer(t, schedule)
-    tracker = smoothing.ema()
-    plain_fn, gns_fn = train.make_train_steps(
-        model,
-        optimizer,
-        tracker,
-        method=train.resolve_gns_method(t, model, 1 if mesh is None else mesh.size),
-        num_microbatches=int(t.gns_microbatches),
-        schedule=schedule,
-        mesh=mesh,
-        loss=task.loss,
-        gns_uses=gns_uses,
-    )
-    shape, dtype = task.input_spec(ds)
-    state = train.init_state(t, model, optimizer, tracker, shape, dtype, mesh=mesh)
-    return model, plain_fn, gns_fn, state
-
-
 def _stream(task, t, ds, seed: int):
     """``batch_fn(size, index)`` of the task's example stream from ``seed``."""
     cfg = copy.deepcopy(t)
@@ -197,7 +174,9 @@ def pipeline_steps(config, ds, task) -> tuple[finder.Steps, Any]:
     t = stage_config(config, "critical_batch")  # what shapes the pilot, and the forks
     schedule = train.make_schedule(t, t.tradeoff.max_steps, 1.0)
     uses = int(config.noise.pilot_steps) // int(config.noise.every)  # the pilot's measurements
-    model, plain_fn, gns_fn, state = _setup(t, ds, task, schedule, gns_uses=uses)
+    model, _, plain_fn, gns_fn, state = train.build_steps(
+        t, ds, task, schedule, smoothing.ema(), gns_uses=uses
+    )
     fork = jax.jit(lambda st, batch, rate: plain_fn(st._replace(learning_rate=rate), batch)[0])
     by_mult: dict[float, Any] = {}
 
@@ -348,8 +327,11 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     t.update(seed=0, learning_rate=1e-3)
     mesh = mesh_lib.make_mesh(t.num_devices)
     n = mesh.size
-    model, plain_fn, _, state = _setup(t, ds, task, optax.constant_schedule(1.0), mesh=mesh)
-    per_example = train.resolve_gns_method(t, model, n) == "per_example"
+    constant = optax.constant_schedule(1.0)
+    model, method, plain_fn, _, state = train.build_steps(
+        t, ds, task, constant, smoothing.ema(), mesh=mesh
+    )
+    per_example = method == "per_example"
     # What each step splits a batch into, and the examples there are.
     splits = (train.batch_groups(t, model, n), per_example, task.num_train(ds))
     # The batch sharded over the devices, the state replicated: what XLA compiles (and its
@@ -862,18 +844,12 @@ class _Sweep:
         }
         if trainings:
             sweep["validation"] = validation.validation(common.to_json(sweep))
-        try:  # {name: path, or why it was not drawn}
-            sweep["plots"] = figures.sweep_plots(common.to_json(sweep), self.workdir)
-        except Exception as e:  # plots are a convenience: never lose a finished sweep to them
-            logging.warning("Could not write the sweep plots: %s", e)
+        sweep["plots"] = figures.sweep_plots(common.to_json(sweep), self.workdir)
         runlog.write_json(os.path.join(self.workdir, SWEEP_FILE), sweep)
         return sweep
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(runlog.QuietLibraries())
+def main(_):
     sweep = run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
     print(report.sweep_summary(sweep))
     print(f"\nwrote {os.path.join(flags.FLAGS.workdir, SWEEP_FILE)}")

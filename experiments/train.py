@@ -357,6 +357,32 @@ def make_model(config, ds, dtype=None):
     return models.get_model(config.model, num_classes=getattr(ds, "num_classes", None), dtype=dtype)
 
 
+def build_steps(config, ds, task: tasks.Task, schedule, tracker, *, mesh=None, gns_uses=None):
+    """``(model, method, plain_fn, gns_fn, state)`` of ``config`` on the data ``ds``: the
+    model, the resolved estimator, the unjitted steps (:func:`make_train_steps`) and the fresh
+    state, replicated over ``mesh`` (data-parallel steps; ``None``: one device).
+    ``schedule``: the rate's shape (peak 1, the rate being in the state); ``tracker``: the
+    noise statistics' smoothing; ``gns_uses``: the measuring steps that will run."""
+    model = make_model(config, ds, config.dtype)
+    method = resolve_gns_method(config, model, 1 if mesh is None else mesh.size)
+    optimizer = make_optimizer(config, schedule)
+    plain_fn, gns_fn = make_train_steps(
+        model,
+        optimizer,
+        tracker,
+        method=method,
+        num_microbatches=int(config.gns_microbatches),
+        chunk_size=config.gns_chunk_size,
+        schedule=schedule,
+        mesh=mesh,
+        loss=task.loss,
+        gns_uses=gns_uses,
+    )
+    shape, dtype = task.input_spec(ds)
+    state = init_state(config, model, optimizer, tracker, shape, dtype, mesh=mesh)
+    return model, method, plain_fn, gns_fn, state
+
+
 def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     """Everything a run of ``config`` on the loaded data ``ds`` needs before its first step,
     after checking the batch and estimator fields against the data and the devices; writes
@@ -364,8 +390,17 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     task = task or tasks.get(config)
     num_train = task.num_train(ds)
     mesh = mesh_lib.make_mesh(config.num_devices)
-    model = make_model(config, ds, config.dtype)
-    method = resolve_gns_method(config, model, mesh.size)
+    num_steps = resolve_num_steps(config, num_train)
+    schedule = make_schedule(config, num_steps, peak=1.0)  # the rate: in the state
+    model, method, plain_fn, gns_fn, state = build_steps(
+        config,
+        ds,
+        task,
+        schedule,
+        smoothing.ema(config.gns_ema_decay),
+        mesh=mesh,
+        gns_uses=num_steps // config.gns_every if config.gns_every > 0 else None,
+    )
     k = config.gns_microbatches
     # The rules check this for gns_method='microbatch'; 'auto' resolves to it with BatchNorm.
     if method == "microbatch" and not rules.microbatches_fit(k, config.batch_size, mesh.size):
@@ -381,22 +416,6 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
             f"config.batch_size={config.batch_size} is larger than the {num_train} train examples",
             hint="set it on the command line: --config.batch_size=...",
         )
-    num_steps = resolve_num_steps(config, num_train)
-    schedule = make_schedule(config, num_steps, peak=1.0)  # the rate: in the state
-    optimizer, tracker = make_optimizer(config, schedule), smoothing.ema(config.gns_ema_decay)
-    plain_fn, gns_fn = make_train_steps(
-        model,
-        optimizer,
-        tracker,
-        method=method,
-        num_microbatches=k,
-        schedule=schedule,
-        chunk_size=config.gns_chunk_size,
-        mesh=mesh,
-        loss=task.loss,
-        gns_uses=num_steps // config.gns_every if config.gns_every > 0 else None,
-    )
-    state = init_state(config, model, optimizer, tracker, *task.input_spec(ds))
     if adaptive.enabled(config):
         adaptive.validate(config, num_train, k if method == "microbatch" else None)
         for b in adaptive.candidates(config):  # each splits over the devices, none is skipped
@@ -831,10 +850,7 @@ def _summarize(config, ds, setup: Setup, state, log: runlog.RunLog, stop: str, t
     if log.data is not None:
         summary["data"] = log.data
     if config.plots and evaluate and log.primary:  # before the summary, which marks the end
-        try:
-            figures.training_plots(rows, log.workdir)
-        except Exception as e:  # plots are a convenience: never lose a finished run to them
-            logging.warning("Could not write the plots: %s", e)
+        figures.training_plots(rows, log.workdir)
     if log.primary:
         runlog.write_json(os.path.join(log.workdir, SUMMARY_FILE), summary)
     return common.to_json(summary)

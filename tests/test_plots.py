@@ -111,6 +111,16 @@ def test_nothing_to_draw_writes_no_chart_and_says_why(tmp_path):
     assert all(os.path.getsize(p) > 5000 for p in written.values())
 
 
+def test_a_figure_that_fails_is_an_entry_saying_why_not_a_lost_run(tmp_path):
+    def broken(rows):
+        raise KeyError("step")
+
+    path = tmp_path / "training.png"
+    path.write_bytes(b"an old chart")
+    out = figures.save(broken, str(path), rows())
+    assert out == "not drawn: could not write it (KeyError: 'step')" and not path.exists()
+
+
 def sweep_record(fits_32=True):
     """The parts of sweep.json the sweep plots read."""
     table = [{"batch_size": b, "fits": True, "step_time_s": 0.01 * b / 16,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import sweep as sweep_config
-from experiments import runlog, sweep
+from experiments import cli, runlog, sweep
 from experiments.cli import UserError
 
 
@@ -335,7 +335,7 @@ def test_a_resume_on_other_data_is_refused_naming_the_field(tmp_path):
 def test_the_mains_log_filter_keeps_library_warnings_and_drops_a_write_faults_tracebacks():
     def kept(path, level, message):
         record = logging.LogRecord("x", level, path, 1, message, None, None)
-        return runlog.QuietLibraries().filter(record)
+        return cli.QuietLibraries().filter(record)
 
     orbax = "/site-packages/orbax/checkpoint/_src/futures/future.py"
     full = "raised an exception: RESOURCE_EXHAUSTED: Error writing local file: No space left"

@@ -671,6 +671,11 @@ def _fps(config):
             {"pilot", "noise_scale", "critical_batch", "throughput", "trainings"},
         ),
         ("num_devices", 2, {"throughput"}),  # a training's key holds the count it runs on
+        (  # the measuring step's memory (the pilot's), and the trainings' steps
+            "gns_chunk_size",
+            8,
+            {"pilot", "noise_scale", "critical_batch", "throughput", "trainings"},
+        ),
     ],
 )
 def test_stage_fingerprints_change_exactly_with_the_fields_the_stage_reads(field, value, changed):
