@@ -87,6 +87,7 @@ def main() -> None:
     module, sys.argv = command_line(name, sys.argv[2:])
     if header := help_header(name, module, sys.argv[1:]):
         print(header)
+    os.environ["GNS_COMMAND"] = name  # what experiments.cli.for_user names commands by
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

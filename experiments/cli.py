@@ -147,8 +147,9 @@ _INSTALLED = (
 
 def for_user(text: str) -> str:
     """``text`` with the repository's commands (``make demo``, ``python -m experiments.sweep``)
-    named as this process was started: the installed ``gns SUBCOMMAND`` names them its way."""
-    if not sys.argv[0].startswith("gns "):
+    named as this process was started: under the installed ``gns SUBCOMMAND`` (which sets
+    ``GNS_COMMAND``), its way."""
+    if not os.environ.get("GNS_COMMAND"):
         return text
     for pattern, replacement in _INSTALLED:
         text = re.sub(pattern, replacement, text)

@@ -7,7 +7,9 @@ The mistakes caught while absl parses the flags run the real command, each in it
 
 import errno
 import os
+import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -201,11 +203,24 @@ def test_an_installed_user_is_shown_the_gns_command(monkeypatch):
         "python -m experiments.sweep --config X; make demo DEMO_CONFIG=configs/cifar10.py:cpu; "
         "make demo DATA=a/b.tar.gz; make bench"
     )
-    monkeypatch.setattr(sys, "argv", ["python -m experiments.cifar10"])
+    monkeypatch.delenv("GNS_COMMAND", raising=False)
     assert cli.for_user(text) == text
-    monkeypatch.setattr(sys, "argv", ["gns demo"])
+    monkeypatch.setenv("GNS_COMMAND", "demo")
     assert cli.for_user(text) == (
         "gns train --config configs/cifar10.py:smoke; gns sweep --config X; "
         "gns demo --config configs/cifar10.py:cpu; "
         "gns demo --config.data.source=folder --config.data.path=a/b.tar.gz; gns bench"
     )
+    # As a user runs it, from outside the clone: the module's usage names gns.
+    monkeypatch.delenv("GNS_COMMAND")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments", "sweep", "--help"],
+        cwd=tempfile.gettempdir(),
+        env=os.environ | {"PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "gns sweep --config configs/sweep.py:smoke" in proc.stdout
+    assert "python -m experiments" not in proc.stdout
