@@ -417,13 +417,18 @@ def _run_record(policy, seed, run_dir, s, target_window, table, measurement_s) -
 
 @contextlib.contextmanager
 def _mode(config, workdir: str, mode: str):
-    """Validate ``config``, lock ``workdir``, record ``config.json`` and run the sweep in
-    ``workdir/sweep`` (the tradeoff mode: with its trainings, the recommended batch's
-    included). Yields its ``sweep.json`` dict and the summary, which the mode fills in; when
-    the mode is done, the summary gets the times and is written to ``summary.json``."""
+    """Validate ``config``, load its data, lock ``workdir``, record ``config.json`` and run
+    the sweep in ``workdir/sweep`` (the tradeoff mode: with its trainings, the recommended
+    batch's included). Yields its ``sweep.json`` dict, the summary, which the mode fills in,
+    and the data; when the mode is done, the summary gets the times and is written to
+    ``summary.json``."""
     t0, trainings = time.perf_counter(), mode == "tradeoff"
     train.validate_config(config)  # the rules of both modes, compare's included
-    with runlog.workdir_lock(workdir, f"{tasks.get(config).name} {mode}"):
+    task = tasks.get(config)
+    kind = f"{task.name} {mode}"
+    runlog.check_workdir(workdir, kind)  # a wrong workdir, said before the data's load
+    ds = task.load(config)  # before the lock: bad data leaves the workdir untouched
+    with runlog.workdir_lock(workdir, kind):
         _check_resume(config, workdir, mode)
         runlog.write_json(os.path.join(workdir, runlog.CONFIG_FILE), config.to_dict())
         swept = sweep.run_sweep(
@@ -431,6 +436,7 @@ def _mode(config, workdir: str, mode: str):
             os.path.join(workdir, "sweep"),
             trainings=trainings,
             train_recommended=trainings,
+            ds=ds,
         )
         noise, stages = swept["noise_scale"], swept["stage_time_s"]
         summary = {
@@ -440,7 +446,7 @@ def _mode(config, workdir: str, mode: str):
             "noise_scale": {k: noise[k] for k in ("b_simple", "interval", "confidence")},
             "recommendation": swept["recommendation"],
         }
-        yield swept, summary
+        yield swept, summary, ds
         summary["measurement_time_s"] = sum(v for k, v in stages.items() if k != "trainings")
         summary["total_time_s"] = time.perf_counter() - t0
         runlog.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
@@ -494,9 +500,8 @@ def run_compare(config, workdir: str) -> dict:
         train.validate_config(probe)
     if cmp.setup:  # which setup this is, before the minutes it takes
         logging.info("%s", cli.for_user(f"setup: {cmp.setup}"))
-    with _mode(config, workdir, "compare") as (sweep_result, summary):
+    with _mode(config, workdir, "compare") as (sweep_result, summary, ds):
         plans, skipped, cands = plan_policies(config, workdir, sweep_result)
-        ds = tasks.get(config).load(config)
         sizes = {b for p in plans.values() for b in plan_batch_sizes(p)}
         sizes = sorted(sizes | {p["start"]["batch_size"] for p in plans.values() if "start" in p})
         bar = progress.Progress(
@@ -553,7 +558,7 @@ def run_compare(config, workdir: str) -> dict:
 def run_tradeoff(config, workdir: str) -> dict:
     """The tradeoff mode; returns ``summary.json`` (strict JSON; its ``plot``: the sweep's
     ``tradeoff.png``, the fit)."""
-    with _mode(config, workdir, "tradeoff") as (sweep_result, summary):
+    with _mode(config, workdir, "tradeoff") as (sweep_result, summary, _):
         rec_b, fit = int(sweep_result["recommendation"]["batch_size"]), sweep_result["tradeoff"]
         why = sweep_result["skipped_trainings"].get(str(rec_b))
         if why is not None:

@@ -580,15 +580,17 @@ def _check_pilot_groups(config, ds) -> None:
 
 
 def run_sweep(
-    config, workdir: str, *, trainings: bool = True, train_recommended: bool = False
+    config, workdir: str, *, trainings: bool = True, train_recommended: bool = False, ds=None
 ) -> dict:
     """Run (or resume) the sweep of ``config`` in ``workdir``; returns the ``sweep.json`` dict
     (``trainings=False``: measure and recommend only; ``train_recommended``: train the
-    recommended batch too, as the tradeoff mode of ``experiments.compare`` does)."""
+    recommended batch too, as the tradeoff mode of ``experiments.compare`` does; ``ds``: the
+    task's data, when loaded already)."""
     validate_config(config)
     task = tasks.get(config)
     runlog.check_workdir(workdir, "sweep")  # a wrong workdir, said before the data's load
-    ds = task.load(config)  # before the lock: bad data leaves the workdir untouched
+    if ds is None:
+        ds = task.load(config)  # before the lock: bad data leaves the workdir untouched
     _check_pilot_groups(config, ds)
     if trainings and (config.schedule != "constant" or config.warmup_steps > 0):
         logging.warning(

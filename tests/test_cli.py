@@ -43,6 +43,10 @@ MISTAKES = {
               ["--config.batch_size=abc", "hint: see --help for the config's fields"]),
     "mode": ([SMOKE, "--config.mode=trian"], ["config.mode='trian'", "train"]),
     "flag": ([SMOKE, "--nosuchflag"], ["nosuchflag", "hint: see --help for this command's"]),
+    **{f"{mode}_data": ([SMOKE, f"--config.mode={mode}", "--config.data.source=folder",
+                         "--config.data.path=/no/such/dir"],
+                        ["data.path='/no/such/dir' does not exist"])
+       for mode in ("compare", "tradeoff")},  # the data, checked before the workdir is made
 }  # fmt: skip
 
 
