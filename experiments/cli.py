@@ -13,6 +13,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -145,6 +146,26 @@ _INSTALLED = (
 )
 
 
+PROGRESS_EVERY_S = 30.0
+
+
+def progress_every_s() -> float:
+    """Seconds between progress lines off a terminal (:mod:`experiments.progress`):
+    ``GNS_PROGRESS_EVERY_S`` (0: none), default :data:`PROGRESS_EVERY_S`; :func:`run` checks
+    it before the main."""
+    text = os.environ.get("GNS_PROGRESS_EVERY_S", str(PROGRESS_EVERY_S))
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise UserError(
+            f"GNS_PROGRESS_EVERY_S={text!r} is not a number of seconds >= 0",
+            hint="e.g. GNS_PROGRESS_EVERY_S=60, or 0 for no progress lines off a terminal",
+        )
+    return value
+
+
 def for_user(text: str) -> str:
     """``text`` with the repository's commands (``make demo``, ``python -m experiments.sweep``)
     named as this process was started: under the installed ``gns SUBCOMMAND`` (which sets
@@ -232,6 +253,7 @@ def run(
             raise UserError(
                 f"unexpected arguments {argv[1:]}", hint="flags take the form --name=value"
             )
+        progress_every_s()  # a bad setting, said before anything is written
         absl_logging.get_absl_handler().addFilter(QuietLibraries())
         return fn(argv)
 

@@ -1,11 +1,10 @@
 """Progress of a long command: a tqdm bar on a terminal; elsewhere (``nohup``, SLURM, a pipe)
-a log line every :func:`interval_s` seconds (``GNS_PROGRESS_EVERY_S``; 0: none) from a thread, so
-that a long compilation is not silent either."""
+a log line every ``GNS_PROGRESS_EVERY_S`` seconds (:func:`experiments.cli.progress_every_s`; 0:
+none) from a thread, so that a long compilation is not silent either."""
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import threading
 import time
@@ -13,24 +12,7 @@ import time
 from absl import logging
 from tqdm import tqdm
 
-from experiments.cli import UserError
-
-EVERY_S = 30.0
-
-
-def interval_s() -> float:
-    """Seconds between log lines: ``GNS_PROGRESS_EVERY_S`` (0: none), default :data:`EVERY_S`."""
-    text = os.environ.get("GNS_PROGRESS_EVERY_S", str(EVERY_S))
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:
-        raise UserError(
-            f"GNS_PROGRESS_EVERY_S={text!r} is not a number of seconds >= 0",
-            hint="e.g. GNS_PROGRESS_EVERY_S=60, or 0 for no progress lines off a terminal",
-        )
-    return value
+from experiments import cli
 
 
 def format_duration(seconds: float) -> str:
@@ -77,7 +59,7 @@ class Progress:
             )
         self._stop = threading.Event()
         self._thread = None
-        every_s = interval_s() if every_s is None else every_s
+        every_s = cli.progress_every_s() if every_s is None else every_s
         if self._bar is None and every_s > 0:
             self._thread = threading.Thread(target=self._tick, args=(every_s,), daemon=True)
             self._thread.start()

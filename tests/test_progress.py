@@ -3,13 +3,18 @@ phase, the counts, the rate, the ETA and the latest fields."""
 
 import io
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 
-from experiments import progress
+from experiments import cli, progress
 from experiments.cli import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_format_duration():
@@ -58,10 +63,23 @@ def test_stages_show_elapsed_without_a_rate():
 
 def test_the_interval_comes_from_the_environment_and_a_bad_one_is_named(monkeypatch):
     monkeypatch.setenv("GNS_PROGRESS_EVERY_S", "0.5")
-    assert progress.interval_s() == 0.5
+    assert cli.progress_every_s() == 0.5
     monkeypatch.delenv("GNS_PROGRESS_EVERY_S")
-    assert progress.interval_s() == progress.EVERY_S
+    assert cli.progress_every_s() == cli.PROGRESS_EVERY_S
     for bad in ("abc", "-1", "inf"):
         monkeypatch.setenv("GNS_PROGRESS_EVERY_S", bad)
         with pytest.raises(UserError, match=f"GNS_PROGRESS_EVERY_S='{bad}' is not a number"):
             progress.Progress(3, desc="x", unit="steps", stream=io.StringIO())
+
+
+def test_a_bad_interval_stops_a_command_before_its_workdir_is_made(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "--config=configs/teacher.py:smoke",
+         f"--workdir={workdir}"],
+        cwd=ROOT, env=os.environ | {"GNS_PROGRESS_EVERY_S": "abc"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr
+    assert "error: GNS_PROGRESS_EVERY_S='abc' is not a number" in proc.stderr
+    assert not workdir.exists()
