@@ -458,6 +458,12 @@ def check(config, table: tuple[tuple, tuple], devices: int | None = None) -> Non
             raise UserError(*problem)
     known = {name for name, _ in rows}
     if unknown := [name for name, _ in config_fields(config) if name not in known]:
+        if len(unknown) >= 5:  # not a stray field: a whole config of another command
+            raise UserError(
+                f"config.{unknown[0]} and {len(unknown) - 1} more fields are read by no part "
+                "of this command: the config file is another command's",
+                hint="pass this command's config (--help names its default config file)",
+            )
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise UserError(
             f"config.{unknown[0]}{more} is not a field of this config: nothing reads it (a "

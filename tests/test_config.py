@@ -236,6 +236,13 @@ def test_the_reported_mistakes_are_caught(kind, fields, words):
     assert_one_line(e.value)
 
 
+def test_another_commands_config_is_named_as_such_not_as_a_typo():
+    config = sweep_config.get_config("smoke")
+    with pytest.raises(UserError, match=r"allow_shrink and 96 more fields .* another command's") as e:
+        rules.check(config, rules.BENCH_TABLE)
+    assert_one_line(e.value)
+
+
 def test_batches_must_split_over_the_devices():
     """The sweep's reference batch 6 on 4 devices stops the sweep (it is not only skipped)."""
     config = sweep_config.get_config("smoke")
