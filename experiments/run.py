@@ -27,8 +27,11 @@ def check_mode(config) -> str:
     task, mode = tasks.get(config), config.get("mode", "train")
     if "mode" not in config:
         logging.warning(
-            "This config has no config.mode: a sweep's. Training its setup once; for the "
-            "sweep itself run python -m experiments.sweep with the same --config and --workdir"
+            "%s",
+            cli.for_user(
+                "This config has no config.mode: a sweep's. Training its setup once; for the "
+                "sweep itself run python -m experiments.sweep with the same --config and --workdir"
+            ),
         )
     if mode not in task.modes:
         raise UserError(
