@@ -465,7 +465,7 @@ def _cifar10_binary_arrays(cfg) -> dict[str, Any]:
     in the cache directory, downloaded from ``data.url`` when absent and checked against
     ``data.md5`` (``None``: unchecked, warned) before it is decoded."""
     if cfg.path:
-        path = existing_path(cfg.path, "cifar-10-binary.tar.gz")
+        path = existing_path(cfg.path, "cifar-10-binary.tar.gz, or data.path=None to download it")
     else:
         path = os.path.join(_cache_dir(cfg.cache_dir), "cifar-10-binary.tar.gz")
         try:
@@ -511,8 +511,8 @@ def _decode_cifar10_binary(path: str) -> dict[str, Any]:
         raise UserError(
             f"data.path={path!r} has no {', '.join(missing)}: not the CIFAR-10 binary version.",
             hint="data.source=cifar10_binary reads cifar-10-binary.tar.gz (members "
-            "cifar-10-batches-bin/data_batch_1.bin ... test_batch.bin) or its directory; "
-            "data.source=folder an image folder.",
+            "cifar-10-batches-bin/data_batch_1.bin ... test_batch.bin) or its directory, and "
+            "downloads it with --config.data.path=None; data.source=folder an image folder.",
         )
     records = []
     for name in CIFAR10_BATCHES:

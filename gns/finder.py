@@ -2181,6 +2181,13 @@ def find_batch_size(
     Reference: McCandlish et al. (2018); Merrill et al. (2025), arXiv 2505.23971.
     """
     t_start = time.perf_counter()
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise ValueError(
+            f"optimizer must be an optax.GradientTransformation (init and update), got "
+            f"{optimizer!r}: pass e.g. optax.adam(1e-3) (its name goes in optimizer_name)."
+        )
     # A given state (a run's, fine-tuned on) trains at `optimizer`'s injected rate, not its own.
     opt_state = (
         optimizer.init(params) if opt_state is None else _with_rate_of(optimizer, opt_state, params)

@@ -238,7 +238,8 @@ def test_the_reported_mistakes_are_caught(kind, fields, words):
 
 def test_another_commands_config_is_named_as_such_not_as_a_typo():
     config = sweep_config.get_config("smoke")
-    with pytest.raises(UserError, match=r"allow_shrink and 96 more fields .* another command's") as e:
+    words = r"allow_shrink and 96 more fields .* another command's"
+    with pytest.raises(UserError, match=words) as e:
         rules.check(config, rules.BENCH_TABLE)
     assert_one_line(e.value)
 

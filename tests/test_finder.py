@@ -444,6 +444,7 @@ def test_the_pilot_rows_hold_the_training_loss_of_each_measured_step(plain_resul
      ({"candidates": None, "min_batch_size": 16, "max_batch_size": 4},
       "min_batch_size=16 > max_batch_size=4: swap them"),
      ({"ref_batch_size": 3, "num_microbatches": 3}, r"an even ref_batch_size, or branched=False"),
+     ({"optimizer": "adam"}, r"optimizer must be an optax.GradientTransformation .* 'adam'"),
      ({"optimizer": optax.MultiSteps(optax.sgd(0.01), 4)}, "pass the inner optimizer"),
      ({"optimizer": optax.chain(optax.apply_every(4), optax.sgd(0.01))},
       "pass the inner optimizer"),
