@@ -449,10 +449,11 @@ def check(config, table: tuple[tuple, tuple], devices: int | None = None) -> Non
         value = get(config, name, _MISSING)
         if value is not _MISSING and not _safe(kind_.valid, value):
             verb = "is not" if kind_.what.startswith("one of") else "must be"
-            raise UserError(
-                f"config.{name}={value!r} {verb} {kind_.what}",
-                hint=f"set --config.{name}=... (--help lists every field and its values)",
-            )
+            hint = f"set --config.{name}=... (--help lists every field and its values)"
+            if isinstance(value, tuple) and any("," in str(v) for v in value):  # one text
+                items = ",".join(repr(v.strip()) for v in ",".join(map(str, value)).split(","))
+                hint = f"write a tuple of texts as --config.{name}=\"({items})\""
+            raise UserError(f"config.{name}={value!r} {verb} {kind_.what}", hint=hint)
     for rule in rules_between:
         if problem := rule(config, devices):
             raise UserError(*problem)

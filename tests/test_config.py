@@ -225,6 +225,7 @@ def test_every_wrong_value_of_every_field_is_one_line_or_a_documented_accept(kin
             "adaptive.initial_batch_size must be one of the candidates",
         ),
         ("cifar10", {"batchsize": 64}, "config.batchsize is not a field of this config"),
+        ("cifar10", {"compare.policies": ("default,adaptive",)}, "config.compare.policies="),
     ],
 )
 def test_the_reported_mistakes_are_caught(kind, fields, words):
@@ -234,6 +235,8 @@ def test_the_reported_mistakes_are_caught(kind, fields, words):
     with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")) as e:
         rules.check(config, table(config, kind))
     assert_one_line(e.value)
+    if "compare.policies" in fields:  # a tuple of texts typed as one: the hint shows how
+        assert "--config.compare.policies=\"('default','adaptive')\"" in e.value.hint
 
 
 def test_another_commands_config_is_named_as_such_not_as_a_typo():
