@@ -397,8 +397,19 @@ def _flag_error(e: BaseException, argv: list[str]) -> tuple[str, str | None]:
         )
     if unknown := _unknown_field(given):
         return unknown
+    if "has no attribute 'get_config'" in str(e):
+        return (
+            f"{path} has no get_config(): not a config file",
+            "pass a config file, e.g. --config=configs/cifar10.py:smoke",
+        )
     if isinstance(e, flags.Error):
         text = " ".join(str(e).split())
+        if group := re.search(r"--config\.([\w.]+)=.*as a ConfigDict", text):
+            name = group.group(1)
+            return (
+                f"--config.{name} is a group of fields, not one value",
+                f"set its fields one by one, --config.{name}.FIELD=... (--help lists them)",
+            )
         if "--config." in text:
             return text, "see --help for the config's fields, their values and what each takes"
         return text, "see --help for this command's flags (--helpfull: absl's too)"
