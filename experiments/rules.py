@@ -452,7 +452,7 @@ def check(config, table: tuple[tuple, tuple], devices: int | None = None) -> Non
             hint = f"set --config.{name}=... (--help lists every field and its values)"
             if isinstance(value, tuple) and any("," in str(v) for v in value):  # one text
                 items = ",".join(repr(v.strip()) for v in ",".join(map(str, value)).split(","))
-                hint = f"write a tuple of texts as --config.{name}=\"({items})\""
+                hint = f'write a tuple of texts as --config.{name}="({items})"'
             raise UserError(f"config.{name}={value!r} {verb} {kind_.what}", hint=hint)
     for rule in rules_between:
         if problem := rule(config, devices):
