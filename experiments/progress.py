@@ -4,6 +4,7 @@ none) from a thread, so that a long compilation is not silent either."""
 
 from __future__ import annotations
 
+import logging as std_logging
 import math
 import sys
 import threading
@@ -27,9 +28,9 @@ def format_duration(seconds: float) -> str:
 
 class Progress:
     """A tqdm bar when ``bar`` and ``stream`` (stderr) is a terminal, else a log line every
-    ``every_s`` (default :func:`interval_s`; 0: none) of the ``total`` (``None``: unknown) ``unit``
-    done (``initial`` at the start), headed ``desc``; ``rate=False`` leaves out the rate and
-    the ETA (for units of very different lengths)."""
+    ``every_s`` (default :func:`experiments.cli.progress_every_s`; 0: none) of the ``total``
+    (``None``: unknown) ``unit`` done (``initial`` at the start), headed ``desc``;
+    ``rate=False`` leaves out the rate and the ETA (for units of very different lengths)."""
 
     def __init__(
         self,
@@ -57,6 +58,8 @@ class Progress:
                 dynamic_ncols=True,
                 unit_scale=unit in ("examples", "bytes"),
             )
+            self._clear = _ClearBar(self._bar)  # a log line gets a line of its own
+            logging.get_absl_handler().addFilter(self._clear)
         self._stop = threading.Event()
         self._thread = None
         every_s = cli.progress_every_s() if every_s is None else every_s
@@ -111,4 +114,18 @@ class Progress:
         if self._thread is not None:
             self._thread.join()
         if self._bar is not None:
+            logging.get_absl_handler().removeFilter(self._clear)
             self._bar.close()
+
+
+class _ClearBar(std_logging.Filter):
+    """Clears the bar's line before a log line is written on the terminal (the bar is drawn
+    again on its next update), so that the two do not share a line."""
+
+    def __init__(self, bar: tqdm):
+        super().__init__()
+        self.bar = bar
+
+    def filter(self, record) -> bool:
+        self.bar.clear()
+        return True

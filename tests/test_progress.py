@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from absl import logging as absl_logging
 
 from experiments import cli, progress
 from experiments.cli import UserError
@@ -83,3 +84,24 @@ def test_a_bad_interval_stops_a_command_before_its_workdir_is_made(tmp_path):
     assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr
     assert "error: GNS_PROGRESS_EVERY_S='abc' is not a number" in proc.stderr
     assert not workdir.exists()
+
+
+def test_on_a_terminal_a_log_line_clears_the_bar_first(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)  # where tqdm draws
+    bar = progress.Progress(10, desc="train", unit="steps")
+    cleared, handler = [], absl_logging.get_absl_handler()  # the mains' (absl.app.run)
+    monkeypatch.setattr(bar._bar, "clear", lambda *a, **k: cleared.append(True))
+    monkeypatch.setattr(handler, "emit", lambda record: None)
+
+    def log(text):
+        handler.handle(logging.LogRecord("absl", logging.INFO, __file__, 1, text, (), None))
+
+    log("Compiling the training steps")
+    bar.close()
+    log("after the bar")
+    assert cleared == [True]  # once: for the line written while the bar was up
