@@ -420,7 +420,7 @@ def batch_size_schedule(
     micro = jnp.asarray([r["micro_batch_size"] for r in rows], jnp.int32)
     positions = jnp.arange(n, dtype=jnp.int32)
     start = cands.index(initial_batch_size)
-    keep = 1.0 - float(margin)
+    log_keep = math.log1p(-float(margin))  # a change must save more than the margin
     base_b = float(base_batch_size)
 
     def init(noise=None) -> ScheduleState:
@@ -475,6 +475,8 @@ def batch_size_schedule(
         )
 
     def update(noise, state: ScheduleState) -> tuple[Decision, ScheduleState]:
+        if noise is None:
+            raise ValueError("noise is None: pass the noise scale (nan where none is measured).")
         noise = jnp.asarray(noise, jnp.float32)
         if noise.shape != ():
             raise ValueError(
@@ -482,14 +484,15 @@ def batch_size_schedule(
             )
         usable = jnp.isfinite(noise) & (noise > 0)
         safe = jnp.where(usable, noise, 1.0)
-        score = (1.0 + safe / sizes_f) * times
+        # log((1 + noise/B)·t(B)): finite for any finite noise (the product overflows float32).
+        score = jnp.log1p(safe / sizes_f) + jnp.log(times)
         cur = state.index
         cur_score = score[cur]
         best_all = jnp.argmin(score).astype(jnp.int32)
         allowed = positions >= cur if not allow_shrink else jnp.ones((n,), bool)
         allowed_score = jnp.where(allowed, score, jnp.inf)
         best = jnp.argmin(allowed_score).astype(jnp.int32)
-        better = usable & (best != cur) & (allowed_score[best] <= keep * cur_score)
+        better = usable & (best != cur) & (allowed_score[best] <= log_keep + cur_score)
         direction = jnp.where(better, jnp.sign(best - cur), 0).astype(jnp.int32)
         same_way = better & (direction == state.direction)
         streak = jnp.where(same_way, state.streak + 1, jnp.where(better, 1, 0)).astype(jnp.int32)
@@ -501,7 +504,7 @@ def batch_size_schedule(
         kept_reason = jnp.select(
             [
                 better,
-                (best_all < cur) & (score[best_all] <= keep * cur_score),
+                (best_all < cur) & (score[best_all] <= log_keep + cur_score),
                 score[best_all] < cur_score,
             ],
             [KEPT_WAITING, KEPT_NO_SHRINK, KEPT_WITHIN_MARGIN],
@@ -520,7 +523,7 @@ def batch_size_schedule(
             direction=jnp.where(switch, 0, direction).astype(jnp.int32),
             best_index=jnp.where(usable, best_all, cur),
             target_index=jnp.where(usable, best, cur),
-            gain=jnp.where(usable, 1.0 - allowed_score[best] / cur_score, jnp.nan),
+            gain=jnp.where(usable, -jnp.expm1(allowed_score[best] - cur_score), jnp.nan),
             noise=noise,
             reason=reason,
             count=state.count + 1,
@@ -581,7 +584,7 @@ def batch_size_schedule(
         if code == KEPT_INF:
             return (
                 f"{kept}: the noise scale is +inf (smoothed |G|^2 <= 0: the gradient is not "
-                "resolved above its noise); streak reset."
+                "resolved above its noise; or beyond float32); streak reset."
             )
         if code == KEPT_NONPOSITIVE:
             return (

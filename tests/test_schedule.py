@@ -243,6 +243,18 @@ def test_grow_only_schedule_never_shrinks(noise):
     assert no_shrink[small & usable & (d.batch_size >= 64)].all()
 
 
+@pytest.mark.parametrize("noise", [3e38, 1e30])
+def test_a_huge_finite_noise_scale_never_shrinks_the_batch(noise):
+    """(1 + noise/B)·t(B) beyond float32 made every score inf: argmin then chose the first
+    candidate, a shrink the grow-only rule forbids, with a nan gain."""
+    sched = schedule.batch_size_schedule(
+        {b: 100.0 * b for b in (16, 32, 64)}, max_batch_size=64, initial_batch_size=32, patience=1
+    )
+    d, _ = sched.update(noise, sched.init())
+    assert int(d.batch_size) == 32 and int(d.reason) != schedule.SHRANK
+    assert "nan" not in sched.explain(d)
+
+
 # ---------------------------------------------------------------------------------------------
 # The learning-rate rule at every change.
 
