@@ -11,7 +11,6 @@ import collections
 import glob
 import math
 import os
-import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -88,24 +87,3 @@ class EventLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def read_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
-    """The scalars of the event files in ``directory`` (not below) as ``{tag: [(step,
-    value), ...]}`` in the order written: plain TFRecord framing, no TensorBoard needed."""
-    from tensorboardX.proto import event_pb2
-
-    out: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(directory, _PATTERN))):
-        with open(path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[pos : pos + 8])
-            record = data[pos + 12 : pos + 12 + length]  # after length and its CRC
-            pos += 12 + length + 4  # and the data's CRC
-            event = event_pb2.Event.FromString(record)
-            for v in event.summary.value:
-                if v.HasField("simple_value"):
-                    out[v.tag].append((int(event.step), float(v.simple_value)))
-    return dict(out)

@@ -1,13 +1,37 @@
 """TensorBoard event files beside metrics.jsonl (experiments/events.py through RunLog): read back
 with the plain TFRecord/Event parser, they hold exactly the scalars of the rows."""
 
+import collections
+import glob
 import math
 import os
+import struct
 
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 from experiments import events, runlog
+
+
+def read_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of the event files in ``directory`` (not below) as ``{tag: [(step,
+    value), ...]}`` in the order written: plain TFRecord framing, no TensorBoard needed (also
+    read by tests/test_train.py)."""
+    out: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+    for path in sorted(glob.glob(os.path.join(directory, events._PATTERN))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            record = data[pos + 12 : pos + 12 + length]  # after length and its CRC
+            pos += 12 + length + 4  # and the data's CRC
+            event = event_pb2.Event.FromString(record)
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out[v.tag].append((int(event.step), float(v.simple_value)))
+    return dict(out)
 
 
 def rows_of_a_run(n=8, batch=(16, 16, 16, 32, 32, 32, 64, 64)):
@@ -50,7 +74,7 @@ def test_event_files_hold_the_rows_scalars(tmp_path):
     rows = rows_of_a_run()
     write(tmp_path, rows)
     assert runlog.read_jsonl(str(tmp_path / runlog.METRICS_FILE)) == rows
-    got = events.read_scalars(str(tmp_path))
+    got = read_scalars(str(tmp_path))
     for key, tag in events.STEP_TAGS.items():
         assert got[tag] == expected(rows, key), tag
     assert got["test/accuracy"] == expected(rows, "test_accuracy")
@@ -82,7 +106,7 @@ def test_a_resume_rewrites_the_event_files_to_the_rows_kept(tmp_path):
     log.close()
     files = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
     assert len(files) == 1
-    got = events.read_scalars(str(tmp_path))
+    got = read_scalars(str(tmp_path))
     assert got["train/loss"] == expected(rows, "train_loss")  # each step once, in order
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from test_tensorboard import read_scalars
 
 from configs import cifar10 as cifar10_config
 from configs import sweep as sweep_config
@@ -166,7 +167,7 @@ def test_smoke_run_files_and_rows(smoke_run):
 def test_smoke_run_tensorboard_files_hold_the_rows_and_files_are_readable(smoke_run):
     _, workdir, _ = smoke_run
     _, _, rows = strict_outputs(workdir)
-    got = events.read_scalars(workdir)
+    got = read_scalars(workdir)
     for key in ("train_loss", "test_accuracy", "b_simple", "ema_b_simple", "learning_rate"):
         tag = events.STEP_TAGS.get(key, "test/accuracy")
         assert got[tag] == [(r["step"], float(np.float32(r[key]))) for r in rows
