@@ -388,8 +388,6 @@ BENCH_CROSS = (
 )
 
 BENCH_TABLE = (BENCH, BENCH_CROSS)
-# The entry points (python -m experiments.X); all but bench read a training config.
-ENTRY_POINTS = ("cifar10", "lm", "sweep", "bench")
 
 
 def get(config, path: str, default=None):
