@@ -82,13 +82,7 @@ def steps_to_target(
       >>> steps_to_target([0, 100], [2.3, 1.9], 1.0, higher_is_better=False) is None
       True
     """
-    steps = np.asarray(steps, dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    if steps.ndim != 1 or values.shape != steps.shape:
-        raise ValueError(
-            f"steps and values must be 1-D and of the same length, got shapes {steps.shape} and "
-            f"{values.shape}: pass one value per logged step."
-        )
+    steps, values = _paired(steps, values, "steps and values", "one value per logged step")
     if not np.all(np.isfinite(steps)) or np.any(np.diff(steps) <= 0):
         raise ValueError(
             "steps must be finite and strictly increasing: sort the curve by step first."
@@ -179,15 +173,21 @@ def predict_examples(fit: TradeoffFit, batch_size) -> np.ndarray | float:
     return float(out) if out.ndim == 0 else out
 
 
-def _validate(batch_sizes, steps) -> tuple[np.ndarray, np.ndarray]:
-    b = np.asarray(batch_sizes, dtype=np.float64)
-    s = np.asarray(steps, dtype=np.float64)
-    if b.ndim != 1 or b.shape != s.shape:
+def _paired(x, y, names: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` as float64 arrays, 1-D and of the same length (else a ``ValueError``
+    naming them and what to pass)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or y.shape != x.shape:
         raise ValueError(
-            f"batch_sizes and steps must be 1-D of the same length, got shapes {b.shape} and "
-            f"{s.shape}: pass one steps-to-target per batch size (repeat a batch size for "
-            "several seeds)."
+            f"{names} must be 1-D and of the same length, got shapes {x.shape} and {y.shape}: "
+            f"pass {what}."
         )
+    return x, y
+
+
+def _validate(batch_sizes, steps) -> tuple[np.ndarray, np.ndarray]:
+    what = "one steps-to-target per batch size (repeat a batch size for several seeds)"
+    b, s = _paired(batch_sizes, steps, "batch_sizes and steps", what)
     if b.size < 3:
         raise ValueError(
             f"fit needs at least 3 (batch size, steps) points, got {b.size}: S_min and E_min are "
