@@ -371,7 +371,8 @@ def per_example(
     if n < 2:
         raise ValueError(
             "per_example needs at least 2 examples per batch (per device with axis_name): "
-            "with one example the gradient variance cannot be estimated. Pass a larger batch."
+            "with one example the gradient variance cannot be estimated. Pass a larger batch "
+            "(with one example per device, across_devices gives these statistics)."
         )
     if chunk_size is not None:
         chunk_size = common.check_int(chunk_size, "chunk_size", 1, "or None for no chunking")
