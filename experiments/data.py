@@ -35,6 +35,8 @@ from experiments.progress import Progress
 
 LAYOUT = "split/class/image.jpg (splits train and test, e.g. train/airplane/0000.jpg)"
 SPLITS = ("train", "test")
+# The cache key's version of how a folder is read (images in subfolders of a class included).
+FOLDER_LAYOUT = 2
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 CROP_PADDING = 4
 CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -97,7 +99,9 @@ def load(cfg) -> Dataset:
     elif cfg.source == "folder":
         path = existing_path(cfg.path, f"'folder': a directory or .tar.gz laid out {LAYOUT}")
         decode = functools.partial(_decode_folder, path)
-        arrays = _cached(cfg.cache_dir, f"folder-{_source_fingerprint(path)}", decode)
+        arrays = _cached(
+            cfg.cache_dir, f"folder{FOLDER_LAYOUT}-{_source_fingerprint(path)}", decode
+        )
     elif cfg.source == "cifar10_binary":
         arrays = _cifar10_binary_arrays(cfg)
     else:  # 'tfds' (experiments.rules checks data.source)
@@ -386,8 +390,14 @@ def _layout_error(path: str, problem: str) -> UserError:
 
 
 def _decode_image(data: bytes) -> np.ndarray:
-    """JPEG/PNG/... bytes as a uint8 ``[H, W, 3]`` RGB array."""
+    """JPEG/PNG/... bytes as a uint8 ``[H, W, 3]`` RGB array; a 16-bit grayscale image scaled
+    to 8 bits (PIL's RGB conversion would clip it to 255)."""
     with Image.open(io.BytesIO(data)) as img:
+        if img.mode.startswith("I;16"):
+            gray = np.round(np.asarray(img, np.float64) / 257).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=-1)
+        if img.mode in ("I", "F"):  # 32-bit: no range to scale from
+            raise ValueError(f"a 32-bit image (mode {img.mode}): save it with 8 or 16 bits")
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
@@ -399,18 +409,33 @@ def _decode_folder(path: str) -> dict[str, Any]:
     is_image = lambda name: (
         not os.path.basename(name).startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
     )
+    roots = set()  # where the splits stand: one place
     for name, is_dir, data in _members(path, is_image):
         parts = [p for p in name.split("/") if p not in ("", ".")]  # archives: ./train/...
         if parts and parts[-1] in CIFAR10_BATCHES:
             return _decode_cifar10_binary(path)
-        if is_dir and len(parts) >= 2 and parts[-2] in SPLITS:
-            files[parts[-2]].setdefault(parts[-1], [])  # a class directory: may stay empty
-        elif data is not None and len(parts) >= 3 and parts[-3] in SPLITS:
-            files[parts[-3]].setdefault(parts[-2], []).append((parts[-1], name, data))
-        elif data is not None and len(parts) >= 2 and parts[-2] in SPLITS:
+        at = next((i for i, p in enumerate(parts) if p in SPLITS), None)  # the split's place
+        if at is None or len(parts) < at + 2 or not (is_dir or data is not None):
+            continue
+        split, cls = parts[at], parts[at + 1]
+        if cls.startswith("."):  # a hidden directory (.ipynb_checkpoints): not a class
+            continue
+        roots.add("".join(p + "/" for p in parts[:at]))
+        if data is not None and len(parts) == at + 2:
             raise _layout_error(
-                path, f"image {name!r} lies directly in {parts[-2]}/, not in a class dir"
+                path, f"image {name!r} lies directly in {split}/, not in a class dir"
             )
+        if is_dir and len(parts) == at + 2:
+            files[split].setdefault(cls, [])  # a class directory: may stay empty
+        elif data is not None:  # in the class directory, or in a folder below it
+            files[split].setdefault(cls, []).append(("/".join(parts[at + 2 :]), name, data))
+    if len(roots) > 1:
+        places = ", ".join(root + "train/" for root in sorted(roots))
+        raise _layout_error(
+            path,
+            f"the splits stand in more than one place ({places}), and would be merged: point "
+            "data.path at one of them",
+        )
     for split in SPLITS:
         if not files[split]:
             raise _layout_error(

@@ -563,13 +563,21 @@ def train_batch_sizes(config, fitting: list[int]) -> list[int]:
     return [values[i] for i in idx]
 
 
-def _check_pilot_groups(config, ds) -> None:
-    """A :class:`UserError` unless the pilot's batch and the forks' split into the estimator's
+def _check_pilot_batches(config, ds, task) -> None:
+    """A :class:`UserError` unless the pilot's batch and the forks' are within the train set
+    (a larger one repeats examples in every batch) and split into the estimator's
     microbatches, ghost BatchNorm's groups (:func:`experiments.train.batch_groups`; both run on
     one device)."""
     groups = train.batch_groups(config, train.make_model(config, ds))
     forks = [int(config.batch_size * 2.0**e) for e in config.critical.exponents]
     sizes = [int(config.batch_size), *(forks if config.critical.num_checkpoints else ())]
+    if (num_train := task.num_train(ds)) < max(sizes):
+        raise UserError(
+            f"the pilot's and the forks' batches (config.batch_size, critical.exponents) go up "
+            f"to {max(sizes)}, more than the {num_train} train examples",
+            hint="lower --config.batch_size or the largest --config.critical.exponents, or "
+            "--config.critical.num_checkpoints=0 (no forks)",
+        )
     if bad := [b for b in sizes if b % groups]:
         raise UserError(
             f"the pilot's and the forks' batches {bad} (config.batch_size, critical.exponents) "
@@ -591,7 +599,7 @@ def run_sweep(
     runlog.check_workdir(workdir, "sweep")  # a wrong workdir, said before the data's load
     if ds is None:
         ds = task.load(config)  # before the lock: bad data leaves the workdir untouched
-    _check_pilot_groups(config, ds)
+    _check_pilot_batches(config, ds, task)
     if trainings and (config.schedule != "constant" or config.warmup_steps > 0):
         logging.warning(
             "The trainings to the target follow config.schedule=%r with %d warmup steps over "

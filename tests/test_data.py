@@ -3,6 +3,7 @@
 import gc
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -222,6 +223,28 @@ def test_folder_bad_paths_error_clearly(tmp_path):
         data.load(_folder_cfg(not_tar, cache))
     _assert_layout_error(e)
     assert not os.path.exists(cache) or not os.listdir(cache)  # nothing cached on errors
+
+
+def test_a_folder_as_users_keep_them(tmp_path):
+    """Images in a folder below their class count for it; a hidden directory is no class; a
+    16-bit grayscale image is scaled to 8 bits, not clipped; a second copy of the splits
+    elsewhere in the tree is refused, not merged."""
+    folder = _write_folder(tmp_path / "imgs")
+    os.makedirs(folder / "train" / "cat" / "more")
+    cat = np.asarray(Image.open(folder / "train" / "cat" / "0000.png"))
+    Image.fromarray(cat).save(folder / "train" / "cat" / "more" / "0000.png")
+    os.makedirs(folder / "train" / ".ipynb_checkpoints")
+    os.makedirs(folder / "test" / ".ipynb_checkpoints")
+    gray16 = np.full((SIZE, SIZE), 40_000, np.uint16)  # 40,000 / 257 = 155.6 in 8 bits
+    Image.fromarray(gray16).save(folder / "test" / "dog" / "0016.png")
+    ds = data.load(_folder_cfg(folder, tmp_path / "cache"))
+    assert ds.class_names == ("airplane", "cat", "dog")
+    np.testing.assert_array_equal(np.bincount(ds.train_labels), [3, 4, 3])
+    np.testing.assert_array_equal(ds.test_images[-1], np.full((SIZE, SIZE, 3), 156, np.uint8))
+    shutil.copytree(folder / "train", tmp_path / "imgs" / "backup" / "train")
+    with pytest.raises(UserError, match=r"more than one place \(train/, backup/train/\)") as e:
+        data.load(_folder_cfg(folder, tmp_path / "cache"))
+    _assert_layout_error(e)
 
 
 # --- tfds source ------------------------------------------------------------------------------

@@ -875,6 +875,18 @@ def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
         sweep.run_sweep(config, str(tmp_path), trainings=False)
 
 
+def test_a_pilot_or_fork_batch_beyond_the_train_set_is_refused_before_anything_is_written(
+    tmp_path,
+):
+    """On 24 train examples the pilot at 16 and its forks up to 32 would repeat examples in
+    every batch: a noise scale of that is not one of the data."""
+    config = sweep_config.get_config("smoke")
+    config.data.num_train = 24
+    with pytest.raises(UserError, match=r"go up to 32, more than the 24 train examples"):
+        sweep.run_sweep(config, str(tmp_path / "sweep"), trainings=False)
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_fit_of_trainings_that_all_reached_the_target_at_their_first_evaluation_is_refused():
     """Steps to the target that are all the first evaluation's measure the evaluation interval,
     not the tradeoff (a B_crit of 1e10 was fitted to them)."""
