@@ -875,9 +875,7 @@ def test_a_diverged_noise_stage_is_a_clear_error_not_a_number(tmp_path):
         sweep.run_sweep(config, str(tmp_path), trainings=False)
 
 
-def test_a_pilot_or_fork_batch_beyond_the_train_set_is_refused_before_anything_is_written(
-    tmp_path,
-):
+def test_a_pilot_or_fork_batch_beyond_the_train_set_is_refused_before_anything_is_written(tmp_path):
     """On 24 train examples the pilot at 16 and its forks up to 32 would repeat examples in
     every batch: a noise scale of that is not one of the data."""
     config = sweep_config.get_config("smoke")

@@ -1,5 +1,6 @@
 """Tests of experiments/tasks/text.py (byte corpora, splits, batches) and configs/lm.py."""
 
+import logging
 import math
 import os
 import pathlib
@@ -134,6 +135,18 @@ def test_directory_with_few_files_still_has_both_splits(tmp_path):
     _write(single / "only.txt", data)
     ds = text.load({"path": str(single), "test_fraction": 0.2}, context=8)
     assert ds.source["split"] == "bytes" and ds.test.tobytes() == data[80:]
+
+
+def test_an_empty_file_is_no_split_and_a_lopsided_split_is_warned(tmp_path, caplog):
+    _write(tmp_path / "a.txt", b"")
+    _write(tmp_path / "b.txt", _text(1, 999))
+    ds = text.load({"path": str(tmp_path), "test_fraction": 0.1}, context=8)
+    assert ds.source["split"] == "bytes" and len(ds.test) == 100  # b.txt's last 10%
+    _write(tmp_path / "novel.txt", _text(2, 99_999))  # 100x b.txt: one of them is held out
+    with caplog.at_level(logging.WARNING):
+        ds = text.load({"path": str(tmp_path), "test_fraction": 0.1}, context=8)
+    share = len(ds.test) / (len(ds.train) + len(ds.test))
+    assert (share < 0.05 or share > 0.3) and "holds out" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def load(cfg, *, context: int) -> TextDataset:
     test_fraction = float(cfg.get("test_fraction", 0.05))
     max_bytes = None if cfg.get("max_bytes") is None else int(cfg["max_bytes"])
     kind, where, files = _find_corpus(cfg.get("path"), cfg.get("extensions"))
+    files = [f for f in files if os.path.getsize(os.path.join(where, f))] or files  # no empty
     split = "bytes" if len(files) <= 1 else "file"
     if split == "bytes":  # a file: its last test_fraction of bytes is held out
         corpus = np.frombuffer(_read_text(os.path.join(where, *files), max_bytes), np.uint8)
@@ -132,6 +133,15 @@ def load(cfg, *, context: int) -> TextDataset:
         "text corpus %s (%s): %s train bytes (%s, python %s",
         where, kind, f"{len(train):,}", held_out, record["python"],
     )  # fmt: skip
+    share = len(test) / (len(train) + len(test))
+    if split == "file" and not test_fraction / 3 <= share <= 3 * test_fraction:
+        logging.warning(
+            "The split by file holds out %.1f%% of the corpus's bytes, not about "
+            "data.test_fraction=%g: its files differ much in size. Fewer, larger files split "
+            "by bytes (one file), or files of similar sizes split as intended.",
+            100 * share,
+            test_fraction,
+        )
     return TextDataset(train, test, context, record, tuple(train_files), tuple(test_files))
 
 
