@@ -37,7 +37,7 @@ LAYOUT = "split/class/image.jpg (splits train and test, e.g. train/airplane/0000
 SPLITS = ("train", "test")
 # The cache key's version of how a folder is read (images in subfolders of a class included).
 FOLDER_LAYOUT = 2
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+IMAGE_EXTENSIONS = tuple(".jpg .jpeg .jfif .png .bmp .gif .webp .ppm .tif .tiff".split())
 CROP_PADDING = 4
 CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -472,13 +472,13 @@ def _decode_folder(path: str) -> dict[str, Any]:
                     hint="the image is corrupt or not an image: replace or delete it"
                     + (" and re-create the archive." if kind == "member" else "."),
                 ) from err
-            shape = shape or images[-1].shape
+            if shape is None:
+                shape, first = images[-1].shape, name
             if images[-1].shape != shape:
                 raise _layout_error(
                     path,
-                    f"images must all have one size; {name!r} is "
-                    f"{images[-1].shape[:2]} but the first image is "
-                    f"{shape[:2]} (resize them first)",
+                    f"images must all have one size; {name!r} is {images[-1].shape[:2]} but "
+                    f"{first!r} is {shape[:2]} (resize them to one size first)",
                 )
         out[f"{split}_images"] = np.stack(images)
         out[f"{split}_labels"] = np.array([label for label, _ in listing], dtype=np.int32)

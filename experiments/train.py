@@ -414,7 +414,7 @@ def build_setup(config, ds, task: tasks.Task | None = None) -> Setup:
     if config.batch_size > num_train:
         raise UserError(
             f"config.batch_size={config.batch_size} is larger than the {num_train} train examples",
-            hint="set it on the command line: --config.batch_size=...",
+            hint=f"set it on the command line: --config.batch_size=... (at most {num_train})",
         )
     if adaptive.enabled(config):
         adaptive.validate(config, num_train, k if method == "microbatch" else None)

@@ -125,7 +125,7 @@ def load(cfg, *, context: int) -> TextDataset:
         python_implementation=platform.python_implementation(),
     )
     held_out = (
-        f"{len(train_files)} files), {len(test):,} test bytes ({len(test_files)} files)"
+        f"{_files(len(train_files))}), {len(test):,} test bytes ({_files(len(test_files))})"
         if split == "file"
         else f"one file), {len(test):,} test bytes (its last {test_fraction:.0%})"
     )
@@ -143,6 +143,10 @@ def load(cfg, *, context: int) -> TextDataset:
             test_fraction,
         )
     return TextDataset(train, test, context, record, tuple(train_files), tuple(test_files))
+
+
+def _files(n: int) -> str:
+    return f"{n} file" + ("s" if n != 1 else "")
 
 
 def _find_corpus(path, extensions) -> tuple[str, str, list[str]]:
