@@ -206,7 +206,7 @@ def test_folder_bad_paths_error_clearly(tmp_path):
     mixed = _write_folder(tmp_path / "mixed", per_class={"train": 1, "test": 1})
     Image.fromarray(np.zeros((SIZE + 2, SIZE, 3), np.uint8)).save(mixed / "test" / "cat" / "x.png")
     with pytest.raises(
-        ValueError, match=r"one size; 'test/cat/x.png' is \(10, 8\) but 'test/airplane/0000.png'"
+        ValueError, match=r"one size; 'test/cat/x.png' is \(10, 8\) but 'train/airplane/0000.png'"
     ) as e:
         data.load(_folder_cfg(mixed, cache))
     _assert_layout_error(e)
