@@ -69,7 +69,8 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
     for row in rows:
         p, ok = row["policy"], row["reached"]
         lo, hi = row["device_time_range"] or (0.0, 0.0)
-        best = [r["best_smoothed_accuracy"] for r in by[p]]
+        missed = [r for r in by[p] if not r["reached"]]  # the best of those that missed
+        best = [r["best_smoothed_accuracy"] for r in missed or by[p]]
         stats[p] = {
             **{k: row[k] for k in ("seeds", "num_reached", "reached")},
             "batch_size": by[p][0]["batch_size"],
@@ -228,8 +229,14 @@ def _train_config(config):
 def _best_measured(config, workdir: str) -> int | None:
     """The fastest batch of a tradeoff mode's summary (its ``check``), or ``None`` when there
     is no such summary or no point reached its target."""
-    path = config.compare.tradeoff_summary or os.path.join(workdir, "tradeoff", SUMMARY_FILE)
+    given = config.compare.tradeoff_summary
+    path = given or os.path.join(workdir, "tradeoff", SUMMARY_FILE)
     if not os.path.exists(path):
+        if given:  # asked for: a missing file is a mistake, not "no summary"
+            raise UserError(
+                f"config.compare.tradeoff_summary={given!r} does not exist",
+                hint="point it at WORKDIR/summary.json of a --config.mode=tradeoff run",
+            )
         return None
     s = runlog.read_json(path)
     if s.get("mode") != "tradeoff":
@@ -275,7 +282,10 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
     batch = {
         "default": base_b,
         "recommended": rec["batch_size"] if rec["accumulation_steps"] == 1 else None,
-        "largest_fits": max(fits, default=None),
+        # Within the configured range: a size the widening timed past it depends on the pick.
+        "largest_fits": max(
+            (b for b in fits if b <= config.throughput.max_batch_size), default=None
+        ),
         "best_measured": _best_measured(config, workdir) if "best_measured" in names else None,
     }
     plans, skipped = {}, {}
@@ -304,6 +314,12 @@ def plan_policies(config, workdir: str, sweep_result: dict) -> tuple[dict, dict,
             start_from=os.path.abspath(os.path.join(workdir, "sweep", start["checkpoint"])),
             start=start,
             measurement_s=max(0.0, sum(costs.values()) - start["seconds"]),  # ...and its cost
+        )
+    if not plans:
+        raise UserError(
+            "every policy was skipped, nothing to race: "
+            + "; ".join(f"{p}: {why}" for p, why in skipped.items()),
+            hint="add policies to --config.compare.policies (e.g. default, recommended)",
         )
     return plans, skipped, cands
 
@@ -498,6 +514,8 @@ def run_compare(config, workdir: str) -> dict:
         probe.gns_every, probe.adaptive.enabled = config.gns_every, True
         probe.adaptive.initial_noise_scale = 1.0  # a stand-in: the measurement's, later
         train.validate_config(probe)
+    if "best_measured" in cmp.policies and cmp.tradeoff_summary:
+        _best_measured(config, workdir)  # a wrong file, said before anything is measured
     if cmp.setup:  # which setup this is, before the minutes it takes
         logging.info("%s", cli.for_user(f"setup: {cmp.setup}"))
     with _mode(config, workdir, "compare") as (sweep_result, summary, ds):

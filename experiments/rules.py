@@ -186,7 +186,7 @@ MEASURE = (
 # config.compare: the policy comparison of experiments.compare.
 COMPARE = (
     ("compare.policies", tuple_of(choice(*POLICIES), distinct=True)),
-    ("compare.seeds", tuple_of(count(0))),
+    ("compare.seeds", tuple_of(count(0), distinct=True)),
     ("compare.baseline_batch_size", count(2).or_none),
     ("compare.baseline_learning_rate", real(0, open_lo=True).or_none),
     ("compare.target_accuracy", real(0, 1, open_lo=True)),
@@ -286,9 +286,10 @@ def batch_problem(batch_size: int, n: int, field: str) -> tuple[str, str] | None
         why = f"is not divisible by the {n} devices of the mesh (the global batch is split evenly)"
     else:
         return None
+    near = sorted({max(n, batch_size // n * n), (batch_size // n + 1) * n})
     return f"config.{field}={batch_size} {why}", (
-        f"use a multiple of {n} (e.g. --config.{field}={max(n, batch_size // n * n)} or "
-        f"{(batch_size // n + 1) * n}), or fewer devices with --config.num_devices"
+        f"use a multiple of {n} (e.g. --config.{field}={' or '.join(map(str, near))}), or "
+        "fewer devices with --config.num_devices"
     )
 
 

@@ -375,7 +375,7 @@ def measure_throughput(view, ds, task, extra=()) -> dict:
     rows += [
         hardware.FitRecord(b, None, res.budget_bytes, False, False, why).to_dict()
         | _timing_row(None)
-        | {"budget_source": None, "per_device_batch_size": None, "skipped": True}
+        | {"fits": None, "budget_source": None, "per_device_batch_size": None, "skipped": True}
         for b, why in skipped.items()
     ]
     max_b = res.max_batch_size
@@ -600,6 +600,17 @@ def run_sweep(
     if ds is None:
         ds = task.load(config)  # before the lock: bad data leaves the workdir untouched
     _check_pilot_batches(config, ds, task)
+    if trainings and config.tradeoff.batch_sizes:  # at least one can train, or no fit
+        mesh, num_train = mesh_lib.make_mesh(config.num_devices), task.num_train(ds)
+        n, sizes = mesh.size, config.tradeoff.batch_sizes
+        if all(mesh_lib.split_reason(b, mesh, num_train=num_train) for b in sizes):
+            raise UserError(
+                f"none of config.tradeoff.batch_sizes={tuple(sizes)} can "
+                f"train here: each must split over the {n} devices and be at most the "
+                f"{num_train} train examples",
+                hint=f"pass multiples of {n}, e.g. --config.tradeoff.batch_sizes='({2 * n}, "
+                f"{4 * n}, {8 * n})'",
+            )
     if trainings and (config.schedule != "constant" or config.warmup_steps > 0):
         logging.warning(
             "The trainings to the target follow config.schedule=%r with %d warmup steps over "

@@ -144,7 +144,8 @@ def resolve_gns_method(config, model, num_devices: int = 1) -> str:
     if method == "across_devices" and num_devices < 2:
         raise UserError(
             "config.gns_method='across_devices' needs at least 2 devices, this run has "
-            f"{num_devices}: use 'auto', 'microbatch' or 'per_example'"
+            f"{num_devices}",
+            hint="--config.gns_method=auto (or microbatch, per_example)",
         )
     if method == "per_example" and bn:
         raise UserError(

@@ -226,6 +226,7 @@ def test_every_wrong_value_of_every_field_is_one_line_or_a_documented_accept(kin
         ),
         ("cifar10", {"batchsize": 64}, "config.batchsize is not a field of this config"),
         ("cifar10", {"compare.policies": ("default,adaptive",)}, "config.compare.policies="),
+        ("cifar10", {"compare.seeds": (0, 0)}, "config.compare.seeds=(0, 0) must be"),
     ],
 )
 def test_the_reported_mistakes_are_caught(kind, fields, words):
@@ -245,6 +246,13 @@ def test_another_commands_config_is_named_as_such_not_as_a_typo():
     with pytest.raises(UserError, match=words) as e:
         rules.check(config, rules.BENCH_TABLE)
     assert_one_line(e.value)
+
+
+def test_the_batch_hint_names_distinct_multiples():
+    _, hint = rules.batch_problem(2, 4, "batch_size")
+    assert "--config.batch_size=4)" in hint
+    _, hint = rules.batch_problem(30, 4, "batch_size")
+    assert "--config.batch_size=28 or 32)" in hint
 
 
 def test_batches_must_split_over_the_devices():

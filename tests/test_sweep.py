@@ -336,7 +336,7 @@ def test_throughput_rows_are_global_batches_and_skip_what_does_not_split():
     assert four[8]["per_device_batch_size"] == 2 and four[8]["fits"]
     assert four[8]["examples_per_s"] == pytest.approx(8 / four[8]["step_time_s"])
     # 6 does not split over 4 devices: skipped, never compiled or timed.
-    assert four[6]["skipped"] and not four[6]["fits"] and four[6]["step_time_s"] is None
+    assert four[6]["skipped"] and four[6]["fits"] is None and four[6]["step_time_s"] is None
     assert four[6]["reason"] == "skipped: global batch 6 is not divisible by the 4 devices"
 
 
@@ -882,6 +882,14 @@ def test_a_pilot_or_fork_batch_beyond_the_train_set_is_refused_before_anything_i
     config.data.num_train = 24
     with pytest.raises(UserError, match=r"go up to 32, more than the 24 train examples"):
         sweep.run_sweep(config, str(tmp_path / "sweep"), trainings=False)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_trainings_none_of_which_can_run_on_the_mesh_are_refused_up_front(tmp_path):
+    config = sweep_config.get_config("smoke")  # 4 simulated devices
+    config.tradeoff.batch_sizes = (6, 10)
+    with pytest.raises(UserError, match=r"none of config.tradeoff.batch_sizes=\(6, 10\) can"):
+        sweep.run_sweep(config, str(tmp_path / "sweep"))
     assert not (tmp_path / "sweep").exists()
 
 
