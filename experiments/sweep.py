@@ -406,13 +406,13 @@ def _timing_row(bt: hardware.BatchTiming | None) -> dict:
 
 
 def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dict]:
-    """``rows`` plus the batches ``factor × max_batch`` timed as gradient accumulation
+    """``rows`` plus the batches ``factor × max_batch`` run as gradient accumulation
     (:func:`gns.hardware.accumulated_step_time` on the measured table)."""
     times, by_batch = step_times(rows), {r["batch_size"]: dict(r) for r in rows}
     for b in (int(f) * max_batch for f in factors):
         t, k, micro = hardware.accumulated_step_time(times, b, max_batch)
         row = by_batch.setdefault(b, {"batch_size": b, "fits": False, "predicted_bytes": None})
-        note = f"timed as gradient accumulation {k} x {micro}"
+        note = f"gradient accumulation {k} x {micro}: its time computed from batch {micro}'s"
         reason = "; ".join(filter(None, (row.get("reason"), note)))
         row.update(
             accumulation_steps=k,
