@@ -82,6 +82,7 @@ def verdict(runs: Sequence[dict], target_accuracy: float | None = None) -> dict:
             "ratio_range": _paired_range(by[p], by[fastest]) if p in ratio else None,
             "tie": False,
             "best_smoothed_accuracy": max((x for x in best if x is not None), default=None),
+            "at_first_evaluation": all(r.get("at_first_evaluation") for r in by[p]),
         }
     f = stats.get(fastest)
     for p in ranking[1:]:  # inside the spreads, or the order flips on a seed or a round
@@ -155,6 +156,12 @@ def _verdict_text(v: dict, target: float | None) -> list[str]:
         for p, s in stats.items()
         if not s["reached"]
     ]
+    if first := [p for p, s in stats.items() if s["at_first_evaluation"]]:
+        lines.append(
+            f"  {', '.join(first)} reached {what} at the first evaluation that could show it: "
+            "its time measures the evaluation interval (raise compare.target_accuracy, or "
+            "lower compare.eval_every_examples)"
+        )
     if v["over_default"]:
         each = [
             "{} {:.2f}x (paired {:.2f}-{:.2f}x)".format(p, o["speedup"], *o["paired_range"])
@@ -411,6 +418,8 @@ def _run_record(policy, seed, run_dir, s, target_window, table, measurement_s) -
         DEVICE: device[at["step"]] if at else None,
         "device_time_by_round": [d[at["step"]] for d in per_round] if at else None,
         "steps_to_target": at["step"] if at else None,
+        # Reached as soon as the smoothed accuracy exists: the time is the evaluation interval's.
+        "at_first_evaluation": at is not None and evals.index(at) == target_window - 1,
         "examples_to_target": at["examples_seen"] if at else None,
         "steps_by_batch_size": {str(b): n for b, n in sorted(by_b.items())},
         "best_smoothed_accuracy": max((m for m in smooth if m is not None), default=None),

@@ -81,6 +81,12 @@ def test_verdict_names_the_winner_with_ratios_and_seed_ranges():
         "default (batch 64): 1.52x the fastest (paired by seed and timing round 1.50-1.55x)" in text
     )
     assert "verdict: recommended is the fastest." in text and "tie" not in text
+    assert "first evaluation" not in text
+    # A policy whose every run reached the target as soon as it could be seen is named.
+    early = [r | {"at_first_evaluation": r["policy"] == "default"} for r in runs]
+    assert "  default reached 55.0% at the first evaluation that could show it" in "\n".join(
+        compare.verdict(early, 0.55)["text"]
+    )
     # A schedule's runs are named by the batches they went through, first to last.
     grown = [r | {"final_batch_size": 256 if r["policy"] == "default" else r["batch_size"]}
              for r in runs]  # fmt: skip
