@@ -75,7 +75,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--widths", type=batch_sizes, default="512,512", help="the MLP's hidden widths")
     p.add_argument("--augment", action="store_true", help="random crop and flip")
-    p.add_argument("--target", type=float, default=0.47, help="test accuracy (lm: bits) to reach")
+    p.add_argument(
+        "--target", type=float, help="test accuracy to reach (0.47); lm: bits per byte, required"
+    )
     p.add_argument("--window", type=positive(int), default=3, help="evaluations averaged")
     p.add_argument(
         "--eval_every", type=int, help="examples between evaluations (8,192; 256 with --smoke)"
@@ -93,6 +95,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.task == "image" and not args.smoke and not args.data:
         p.error("--data is required (or --smoke, or --task=lm)")
+    if args.target is None and args.task == "lm":
+        p.error("--target is required with --task=lm: the held-out bits per byte, e.g. 2.6")
+    args.target = 0.47 if args.target is None else args.target
     if not math.isfinite(args.target):
         p.error(f"--target={args.target}: a test accuracy (lm: bits per byte) to reach")
     if args.eval_every is None:
