@@ -49,6 +49,7 @@ def default() -> ml_collections.ConfigDict:
     # (experiments.bench.across_devices, a subprocess: across_devices_over_plain)
     c.parallel_batch_size_per_device = 32  # its batch per device
     c.parallel_repeats = 11  # its timed calls
+
     # The Transformer rows (experiments.bench.measure_rows): the model of configs/lm.py:cpu
     # (its fields are documented there), AdamW.
     c.lm = ml_collections.ConfigDict()
@@ -59,6 +60,7 @@ def default() -> ml_collections.ConfigDict:
     c.lm.num_microbatches = 8  # k of the microbatch estimator
     c.lm.warmup = 2  # untimed calls of each step
     c.lm.repeats = 11  # interleaved timed rounds (median of the paired ratios)
+
     # More models, written as a new user would (experiments.bench.measure_rows).
     c.rows = ml_collections.ConfigDict()
     c.rows.enabled = True  # also time the rows of more models
@@ -78,6 +80,7 @@ def default() -> ml_collections.ConfigDict:
     c.rows.models.lm1b.depth = 2  # lm1b: blocks
     c.rows.models.lm1b.num_heads = 4  # lm1b: attention heads (divides width)
     c.rows.models.lm1b.mlp_ratio = 4  # lm1b: MLP hidden size / width
+
     # The lm Transformer with its output layer the token embedding transposed (one leaf read
     # by a gather and a dot_general), the size of the lm model
     c.rows.models.tied_transformer = ml_collections.ConfigDict()
@@ -88,6 +91,7 @@ def default() -> ml_collections.ConfigDict:
     c.rows.models.tied_transformer.depth = 2  # tied_transformer: blocks
     c.rows.models.tied_transformer.num_heads = 4  # tied_transformer: heads (divides width)
     c.rows.models.tied_transformer.mlp_ratio = 4  # tied_transformer: MLP hidden size / width
+
     # The lm Transformer, 4 blocks as one nn.scan over layers (their parameters stacked)
     c.rows.models.scanned_transformer = ml_collections.ConfigDict()
     c.rows.models.scanned_transformer.batch_sizes = (32,)  # scanned_transformer: batch sizes
