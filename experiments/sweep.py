@@ -411,7 +411,8 @@ def add_accumulation_rows(rows: list[dict], factors, max_batch: int) -> list[dic
     times, by_batch = step_times(rows), {r["batch_size"]: dict(r) for r in rows}
     for b in (int(f) * max_batch for f in factors):
         t, k, micro = hardware.accumulated_step_time(times, b, max_batch)
-        row = by_batch.setdefault(b, {"batch_size": b, "fits": False, "predicted_bytes": None})
+        # A size above the range was never tried for memory: its fits is unknown (None).
+        row = by_batch.setdefault(b, {"batch_size": b, "fits": None, "predicted_bytes": None})
         note = f"gradient accumulation {k} x {micro}: its time computed from batch {micro}'s"
         reason = "; ".join(filter(None, (row.get("reason"), note)))
         row.update(
