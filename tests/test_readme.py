@@ -96,8 +96,8 @@ def test_end_to_end_script_continues_the_pilot_and_adds_up(
     assert "--eval_every=0" in capsys.readouterr().err
     if "--task=lm" in task_flags:  # no default target in bits per byte (0.47 is an accuracy)
         with pytest.raises(SystemExit):
-            e2e.parse_args(["--smoke", "--task=lm"])
-        assert "--target is required with --task=lm" in capsys.readouterr().err
+            e2e.main(["--smoke", "--task=lm"])
+        assert "--task=lm needs --target" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["--model=cnn", "--model=mlp", "--task=lm"])
