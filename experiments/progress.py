@@ -26,11 +26,16 @@ def format_duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+# tqdm's default bar without the time remaining (a run that stops before its total).
+_NO_ETA = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+
 class Progress:
     """A tqdm bar when ``bar`` and ``stream`` (stderr) is a terminal, else a log line every
     ``every_s`` (default :func:`experiments.cli.progress_every_s`; 0: none) of the ``total``
     (``None``: unknown) ``unit`` done (``initial`` at the start), headed ``desc``;
-    ``rate=False`` leaves out the rate and the ETA (for units of very different lengths)."""
+    ``rate=False`` leaves out the rate and the ETA (for units of very different lengths),
+    ``eta=False`` the ETA (for a run that a target or a time limit may stop first)."""
 
     def __init__(
         self,
@@ -43,9 +48,10 @@ class Progress:
         every_s: float | None = None,
         stream=None,
         rate: bool = True,
+        eta: bool = True,
     ):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
-        self.show_rate, self._start = rate, time.perf_counter()
+        self.show_rate, self.show_eta, self._start = rate, rate and eta, time.perf_counter()
         self.fields: dict[str, object] = {}
         self._t0, self._n0 = None, initial  # from the first update (after compiling)
         self._bar = None
@@ -57,6 +63,7 @@ class Progress:
                 unit=unit,
                 dynamic_ncols=True,
                 unit_scale=unit in ("examples", "bytes"),
+                bar_format=None if self.show_eta else _NO_ETA,
             )
             self._clear = _ClearBar(self._bar)  # a log line gets a line of its own
             logging.get_absl_handler().addFilter(self._clear)
@@ -98,7 +105,7 @@ class Progress:
         ]
         if self.show_rate:
             parts.append(f"{rate:,.1f} {self.unit}/s" if rate == rate else f"- {self.unit}/s")
-            if self.total:
+            if self.total and self.show_eta:
                 parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
         parts.append(f"elapsed {format_duration(time.perf_counter() - self._start)}")
         parts += [f"{k} {v}" for k, v in self.fields.items() if k != "phase"]

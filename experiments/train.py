@@ -679,6 +679,7 @@ def _train(config, ds, setup: Setup, state, log: runlog.RunLog, ckpt, interrupte
         unit="examples",
         initial=log.examples_seen,
         bar=config.progress_bar,
+        eta=setup.task.target(config) is None and config.max_wall_time_s is None,
     )
     stop, pending = None, []  # pending: the device metrics since the last row
 

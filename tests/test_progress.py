@@ -62,6 +62,17 @@ def test_stages_show_elapsed_without_a_rate():
     bar.close()
 
 
+def test_a_run_a_target_may_stop_shows_its_rate_but_no_eta():
+    bar = progress.Progress(100, desc="train", unit="examples", every_s=0, eta=False)
+    bar.update(10)
+    time.sleep(0.01)
+    bar.update(10)
+    assert re.fullmatch(
+        r"train: 20/100 examples \(20%\), [\d.,]+ examples/s, elapsed \S+", bar.line()
+    )
+    bar.close()
+
+
 def test_the_interval_comes_from_the_environment_and_a_bad_one_is_named(monkeypatch):
     monkeypatch.setenv("GNS_PROGRESS_EVERY_S", "0.5")
     assert cli.progress_every_s() == 0.5
