@@ -197,6 +197,18 @@ class QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or not chatty
 
 
+def _leave_the_cluster() -> None:
+    """Leave a ``jax.distributed`` cluster with the others (its shutdown barrier): process 0
+    hosts the coordinator, and a process 0 that exits on a mistake that every process makes
+    would abort the others before they can say it too."""
+    jax = sys.modules.get("jax")  # loaded by the main; never imported here for a mistake
+    if jax is not None and jax.distributed.is_initialized():
+        try:
+            jax.distributed.shutdown()
+        except Exception:  # noqa: BLE001 (a process that does not follow: leave anyway)
+            pass
+
+
 def main(fn: Main) -> Main:
     """Wrap an absl ``main(argv)``: a user error prints ``error: ...`` (and ``hint: ...``) on
     stderr and exits with code 2; Ctrl-C exits with 130 and one line."""
@@ -212,6 +224,7 @@ def main(fn: Main) -> Main:
             user = isinstance(e, _USER_FAULTS) or write_fault(e) or out_of_memory(e)
             if _verbose(argv) or not user:
                 raise
+            _leave_the_cluster()
             _exit(_one_line(e), getattr(e, "hint", None) or _fault_hint(e))
 
     return wrapped

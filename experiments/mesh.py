@@ -42,7 +42,7 @@ def initialize_distributed(enabled: bool, timeout_s: int = 300) -> None:
             initialization_timeout=timeout_s,
             **kwargs,
             heartbeat_timeout_seconds=timeout_s,
-            shutdown_timeout_seconds=timeout_s,
+            shutdown_timeout_seconds=min(timeout_s, 60),  # the processes end together
         )
     except (ValueError, RuntimeError) as e:
         raise UserError(

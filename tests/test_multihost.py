@@ -191,3 +191,27 @@ def test_smoke_training_on_two_processes_matches_one_process_with_four_devices(j
     for key in ("test_accuracy", "test_loss", "steps", "examples"):
         _close(results[0]["summary"][key], single[key], key)
         _close(results[1]["summary"][key], single[key], f"process 1 {key}")
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_a_mistake_every_process_makes_is_one_error_line_on_each(tmp_path):
+    """Process 0 hosts the coordinator: leaving at once on a config mistake aborted process 1
+    (JAX's "distributed service detected fatal errors") before it could report it too, when
+    process 1 was the slower to start (2 of 5 tries on a loaded machine; on an idle one both
+    report it either way)."""
+    port, procs = _free_port(), []
+    for pid in range(NUM_PROCESSES):
+        env = _worker_env() | {
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": str(NUM_PROCESSES),
+            "JAX_PROCESS_ID": str(pid),
+        }
+        cmd = [sys.executable, "-m", "experiments.run", "--config=configs/teacher.py:smoke",
+               f"--workdir={tmp_path / 'run'}", "--config.num_devices=3"]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
+    for p, err in zip(procs, errors, strict=True):
+        assert p.returncode == 2, err[-3000:]
+        assert "error: config.num_devices=3 is not available" in err and "Fatal" not in err
+    assert not (tmp_path / "run").exists()
