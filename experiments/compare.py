@@ -252,6 +252,16 @@ def _best_measured(config, workdir: str) -> int | None:
             hint="point config.compare.tradeoff_summary at WORKDIR/summary.json of "
             "--config.mode=tradeoff",
         )
+    beside = os.path.join(os.path.dirname(path), runlog.CONFIG_FILE)  # the run's config
+    if os.path.exists(beside):
+        keys, theirs = ("task", "model", "optimizer"), runlog.read_json(beside)
+        mine = config.to_dict()
+        if diffs := runlog.differing_fields(*({k: c.get(k) for k in keys} for c in (theirs, mine))):
+            raise UserError(
+                f"{path} is a tradeoff run of another setup ({'; '.join(diffs[:3])})",
+                hint="point config.compare.tradeoff_summary at a tradeoff run of this task, "
+                "model and optimizer",
+            )
     return s["check"]["best_batch_size"]
 
 

@@ -441,6 +441,12 @@ def test_policies_each_train_once_to_the_smoothed_target_with_best_measured(
     assert not os.path.exists(os.path.join(workdir, "sweep", "tradeoff.png"))
     with open(os.path.join(workdir, compare.SUMMARY_FILE)) as f:  # strict: no NaN/Infinity
         assert json.loads(f.read(), parse_constant=pytest.fail) == s
+    other = copy.deepcopy(c)  # the tradeoff run of another model is not this one's best
+    other.model.widths = (8,)
+    with pytest.raises(UserError, match=r"another setup \(model.widths: \[16\] -> \[8\]\)"):
+        compare.plan_policies(
+            other, workdir, runlog.read_json(os.path.join(workdir, "sweep", sweep.SWEEP_FILE))
+        )
     # best_measured: the tradeoff point with the least device time; every rate by one rule.
     reached = [p for p in trade["points"] if p["reached"]]
     if reached:
