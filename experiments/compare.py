@@ -15,6 +15,7 @@ import copy
 import itertools
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 
@@ -220,6 +221,23 @@ FROM_COMPARE = {
     "learning_rate": "baseline_learning_rate",
     **{k: k for k in ("schedule", "warmup_steps", "eval_examples")},
 }
+
+
+@contextlib.contextmanager
+def _compare_names(config):
+    """A mistake in a training field that a compare field sets (:data:`FROM_COMPARE`) is
+    named by the compare field, the one the user set."""
+    try:
+        yield
+    except UserError as e:
+        text, hint = str(e), e.hint
+        for k, f in FROM_COMPARE.items():
+            if k != f and config.compare[f] is not None:
+                text = re.sub(rf"config\.{k}\b", f"config.compare.{f}", text)
+                hint = hint and re.sub(rf"config\.{k}\b", f"config.compare.{f}", hint)
+        if (text, hint) == (str(e), e.hint):
+            raise
+        raise type(e)(text, hint) from e
 
 
 def _train_config(config):
@@ -463,7 +481,7 @@ def _mode(config, workdir: str, mode: str):
     kind = f"{task.name} {mode}"
     runlog.check_workdir(workdir, kind)  # a wrong workdir, said before the data's load
     ds = task.load(config)  # before the lock: bad data leaves the workdir untouched
-    with runlog.workdir_lock(workdir, kind):
+    with _compare_names(config), runlog.workdir_lock(workdir, kind):
         _check_resume(config, workdir, mode)
         runlog.write_json(os.path.join(workdir, runlog.CONFIG_FILE), config.to_dict())
         swept = sweep.run_sweep(
@@ -532,7 +550,8 @@ def run_compare(config, workdir: str) -> dict:
         probe = _train_config(config)
         probe.gns_every, probe.adaptive.enabled = config.gns_every, True
         probe.adaptive.initial_noise_scale = 1.0  # a stand-in: the measurement's, later
-        train.validate_config(probe)
+        with _compare_names(config):
+            train.validate_config(probe)
     if "best_measured" in cmp.policies and cmp.tradeoff_summary:
         _best_measured(config, workdir)  # a wrong file, said before anything is measured
     if cmp.setup:  # which setup this is, before the minutes it takes
