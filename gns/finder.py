@@ -1755,6 +1755,16 @@ def _check_sizes(a: dict, ref: int) -> tuple[list[int], list[int] | None, tuple]
     return exps, cands, limits
 
 
+def _check_transformation(optimizer) -> None:
+    """A ``ValueError`` unless ``optimizer`` is an optax ``GradientTransformation`` (before its
+    ``init``; :func:`_check_optimizer` then checks its state and rate)."""
+    if not all(callable(getattr(optimizer, f, None)) for f in ("init", "update")):
+        raise ValueError(
+            f"optimizer must be an optax.GradientTransformation (init and update), got "
+            f"{optimizer!r}: pass e.g. optax.adam(1e-3) (its name goes in optimizer_name)."
+        )
+
+
 def _check_arguments(a: dict) -> dict:
     """Every argument of :func:`find_batch_size` (``a``: its locals), before any work.
 
@@ -2181,13 +2191,7 @@ def find_batch_size(
     Reference: McCandlish et al. (2018); Merrill et al. (2025), arXiv 2505.23971.
     """
     t_start = time.perf_counter()
-    if not (
-        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
-    ):
-        raise ValueError(
-            f"optimizer must be an optax.GradientTransformation (init and update), got "
-            f"{optimizer!r}: pass e.g. optax.adam(1e-3) (its name goes in optimizer_name)."
-        )
+    _check_transformation(optimizer)
     # A given state (a run's, fine-tuned on) trains at `optimizer`'s injected rate, not its own.
     opt_state = (
         optimizer.init(params) if opt_state is None else _with_rate_of(optimizer, opt_state, params)
